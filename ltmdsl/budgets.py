@@ -1,0 +1,223 @@
+"""Syntax tree to IR for `budget` and `gpu` blocks: structure, types and parallel-plan consistency.
+
+This module only validates what a budget says; the memory model (`ltmdsl.memory`) evaluates whether
+it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ltmdsl import ast
+from ltmdsl.errors import Reporter
+from ltmdsl.evaluate import EvalError, Scope, Word, as_int, describe, did_you_mean, evaluate
+from ltmdsl.hardware import CATALOGUE, lookup as lookup_gpu
+from ltmdsl.ir import AttentionConfig, BudgetIR, GpuSpec, LimitIR, ModelIR, MoEConfig, ParallelPlan
+from ltmdsl.units import DTYPES, dtype as lookup_dtype
+
+#: Names a `require` line may limit.
+COMPONENTS = ("weights", "kv_cache", "recurrent_state", "activations", "logits", "gradients", "optimizer",
+              "total", "per_gpu")
+
+_MODE_KEYS = {
+    "context": "int", "batch": "int", "chunk": "int", "dtype": "dtype", "kv_dtype": "dtype", "state_dtype": "dtype",
+    "grad_dtype": "dtype", "optimizer": ("adamw", "sgd", "none"), "optimizer_bytes": "int",
+    "recompute": ("none", "selective", "full"), "flash_attention": "bool", "chunked_loss": "bool",
+    "conv_taps": ("full", "minus_one"),
+}
+_PLAN_KEYS = {
+    "tp": "int", "pp": "int", "cp": "int", "dp": "int", "ep": "int", "zero": "int", "sp": "bool",
+    "distributed_optimizer": "bool", "microbatches": "int", "interleave": "int",
+}
+_GPU_KEYS = {"memory": "int", "bf16_tflops": "float", "bandwidth": "int"}
+
+
+def _value(kw: ast.KwArg, kind: Any, scope: Scope, owner: str) -> Any:
+    v = evaluate(kw.value, scope)
+    what = f"{owner} {kw.name}"
+    if kind == "int":
+        return as_int(v, kw.value.pos, what, 0)
+    if kind == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise EvalError(kw.value.pos, f"{what} must be a positive number, got {describe(v)}")
+        return float(v)
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise EvalError(kw.value.pos, f"{what} must be true or false, got {describe(v)}")
+        return v
+    if kind == "dtype":
+        d = lookup_dtype(v.name) if isinstance(v, Word) else None
+        if d is None:
+            got = v.name if isinstance(v, Word) else describe(v)
+            raise EvalError(kw.value.pos, f"{what} must be a dtype ({', '.join(DTYPES)}, fp8); got '{got}'"
+                            f"{did_you_mean(got, DTYPES)}")
+        return d
+    if isinstance(kind, tuple):
+        if not isinstance(v, Word) or v.name not in kind:
+            got = v.name if isinstance(v, Word) else describe(v)
+            raise EvalError(kw.value.pos, f"{what} must be one of {', '.join(kind)}; got '{got}'{did_you_mean(got, kind)}")
+        return v.name
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _kwargs(kwargs, table: dict[str, Any], scope: Scope, owner: str, rep: Reporter) -> dict[str, tuple[Any, Any]]:
+    """name -> (value, pos) for known keys; unknown or repeated keys are reported."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for kw in kwargs:
+        if kw.name not in table:
+            rep.at(kw.pos, f"unknown {owner} setting '{kw.name}'{did_you_mean(kw.name, table)}"
+                   f" (settings: {', '.join(table)})")
+            continue
+        if kw.name in out:
+            rep.at(kw.pos, f"'{kw.name}' given twice")
+            continue
+        try:
+            out[kw.name] = (_value(kw, table[kw.name], scope, owner), kw.value.pos)
+        except EvalError as e:
+            rep.at(e.pos, e.message)
+    return out
+
+
+def resolve_gpu(node: ast.GpuDef, scope: Scope, rep: Reporter) -> GpuSpec | None:
+    """`gpu NAME { memory = 96 GB, bf16_tflops = 1000, bandwidth = 4 TB }` (bandwidth per second)."""
+    vals = _kwargs(node.kwargs, _GPU_KEYS, scope, "gpu", rep)
+    if "memory" not in vals:
+        rep.at(node.pos, f"gpu '{node.name}' needs 'memory = ...' (for example 96 GB)")
+        return None
+    mem = vals["memory"][0]
+    if mem <= 0:
+        rep.at(vals["memory"][1], "gpu memory must be positive")
+        return None
+    return GpuSpec(node.name, mem, vals.get("bf16_tflops", (0.0, None))[0] * 1e12,
+                   float(vals.get("bandwidth", (0, None))[0]), node.pos)
+
+
+def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpus: dict[str, GpuSpec],
+                   rep: Reporter) -> BudgetIR | None:
+    """Validate one budget against its model; None (with diagnostics) when it is not usable."""
+    modes = [s for s in node.body if isinstance(s, ast.ModeStmt)]
+    ons = [s for s in node.body if isinstance(s, ast.OnStmt)]
+    requires = [s for s in node.body if isinstance(s, ast.Require)]
+    errors_before = len(rep.errors) if hasattr(rep, "errors") else sum(d.severity == "error" for d in rep.diagnostics)
+    if not modes:
+        rep.at(node.pos, f"budget '{node.name}' needs a mode line: 'inference context = ...' or 'training context = ...'")
+        return None
+    for extra in modes[1:]:
+        rep.at(extra.pos, "a budget has one mode line (inference or training)")
+    for extra in ons[1:]:
+        rep.at(extra.pos, "a budget has one 'on' line")
+    mode = modes[0]
+    vals = _kwargs(mode.kwargs, _MODE_KEYS, scope, mode.mode, rep)
+    if "context" not in vals:
+        rep.at(mode.pos, f"the {mode.mode} line needs 'context = ...'")
+        return None
+
+    def get(key, default):
+        return vals[key][0] if key in vals else default
+
+    context = get("context", 0)
+    batch = get("batch", 1)
+    for key in ("context", "batch"):
+        if key in vals and vals[key][0] < 1:
+            rep.at(vals[key][1], f"{key} must be at least 1")
+    chunk = get("chunk", min(context, 8192) if context else 1)
+    if "chunk" in vals and not 1 <= chunk:
+        rep.at(vals["chunk"][1], "chunk must be at least 1")
+
+    gpu = lookup_gpu("H100")
+    count, plan_vals = 1, {}
+    if ons:
+        on = ons[0]
+        try:
+            count = as_int(evaluate(on.count, scope), on.count.pos, "GPU count", 1)
+        except EvalError as e:
+            rep.at(e.pos, e.message)
+        found = lookup_gpu(on.gpu, gpus)
+        if found is None:
+            names = list(gpus) + list(CATALOGUE)
+            rep.at(on.gpu_pos, f"unknown GPU '{on.gpu}'{did_you_mean(on.gpu, names)} (known: {', '.join(names)};"
+                   " define others with gpu NAME { memory = ... })")
+        else:
+            gpu = found
+        plan_vals = _kwargs(on.kwargs, _PLAN_KEYS, scope, "parallel", rep)
+
+    def plan(key, default):
+        return plan_vals[key][0] if key in plan_vals else default
+
+    tp, pp, cp, ep = plan("tp", 1), plan("pp", 1), plan("cp", 1), plan("ep", 1)
+    for key in ("tp", "pp", "cp", "ep", "microbatches", "interleave"):
+        if key in plan_vals and plan_vals[key][0] < 1:
+            rep.at(plan_vals[key][1], f"{key} must be at least 1")
+            return None
+    zero = plan("zero", 0)
+    if "zero" in plan_vals and zero > 3:
+        rep.at(plan_vals["zero"][1], f"zero is a ZeRO stage 0 to 3, got {zero}")
+    model_par = tp * pp * cp
+    where = ons[0].pos if ons else node.pos
+    if "dp" in plan_vals:
+        dp = plan_vals["dp"][0]
+        if dp < 1 or model_par * dp != count:
+            rep.at(plan_vals["dp"][1], f"tp*pp*cp*dp = {model_par}*{dp} = {model_par * dp} must equal the GPU count {count}")
+    elif count % model_par:
+        rep.at(where, f"the GPU count {count} is not divisible by tp*pp*cp = {model_par}")
+        dp = 1
+    else:
+        dp = count // model_par
+    if model is not None:
+        _check_plan(model, tp, pp, ep, dp, plan_vals, where, rep)
+        for layer in model.layers:
+            m = layer.mixer
+            if isinstance(m, AttentionConfig) and m.window is not None and m.window > context:
+                rep.at(vals["context"][1], f"layer '{layer.definition}' has window {m.window}, larger than this "
+                       f"budget's context {context}")
+                break
+
+    limits = []
+    for r in requires:
+        if r.component not in COMPONENTS:
+            rep.at(r.pos, f"unknown component '{r.component}'{did_you_mean(r.component, COMPONENTS)}"
+                   f" (components: {', '.join(COMPONENTS)})")
+            continue
+        try:
+            limit = as_int(evaluate(r.limit, scope), r.limit.pos, "limit", 1)
+        except EvalError as e:
+            rep.at(e.pos, e.message)
+            continue
+        limits.append(LimitIR(r.component, limit - 1 if r.op == "<" else limit, r.pos))
+
+    errors_after = sum(d.severity == "error" for d in rep.diagnostics)
+    if errors_after > errors_before or model is None:
+        return None
+    weight_dtype = get("dtype", model.dtype)
+    return BudgetIR(
+        name=node.name, model=node.model, mode=mode.mode, context=context, batch=batch, chunk=chunk, gpu=gpu,
+        gpus=count,
+        parallel=ParallelPlan(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, zero=zero,
+                              distributed_optimizer=plan("distributed_optimizer", False),
+                              sequence_parallel=plan("sp", False), microbatches=plan("microbatches", 1),
+                              interleave=plan("interleave", 1)),
+        weight_dtype=weight_dtype, kv_dtype=get("kv_dtype", weight_dtype), state_dtype=get("state_dtype", weight_dtype),
+        grad_dtype=get("grad_dtype", weight_dtype),
+        optimizer=get("optimizer", "adamw" if mode.mode == "training" else "none"),
+        optimizer_bytes_per_param=get("optimizer_bytes", 12), recompute=get("recompute", "none"),
+        flash_attention=get("flash_attention", True), chunked_loss=get("chunked_loss", False),
+        conv_taps=get("conv_taps", "full"), limits=tuple(limits), pos=node.pos,
+    )
+
+
+def _check_plan(model: ModelIR, tp: int, pp: int, ep: int, dp: int, plan_vals, where, rep: Reporter) -> None:
+    at = {k: v[1] for k, v in plan_vals.items()}
+    for layer in model.layers:
+        m = layer.mixer
+        if isinstance(m, AttentionConfig) and m.heads % tp:
+            rep.at(at.get("tp", where), f"tp = {tp} does not divide the {m.heads} heads of layer '{layer.definition}'")
+            break
+    experts = {layer.mixer.experts for layer in model.layers if isinstance(layer.mixer, MoEConfig)}
+    if ep > 1 and not experts:
+        rep.at(at.get("ep", where), "ep > 1 but the model has no MoE layers")
+    for e in sorted(experts):
+        if e % ep:
+            rep.at(at.get("ep", where), f"ep = {ep} does not divide {e} experts")
+            break
+    if pp > len(model.layers):
+        rep.at(at.get("pp", where), f"pp = {pp} exceeds the {len(model.layers)} sub-layers")

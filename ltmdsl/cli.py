@@ -1,0 +1,71 @@
+"""The `ltmdsl` command line: one sub-command per module in `ltmdsl/commands`, imported only when used.
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Exit codes: 0 success,
+1 invalid spec or failed operation, 2 usage error, 3 a declared budget does not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ltmdsl import __version__
+
+#: name -> (module under ltmdsl.commands, one-line help). Importing is deferred so that `check` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("check", "validate specs and evaluate their budgets"),
+    "show": ("show", "print the resolved layer stack with parameter counts"),
+    "fmt": ("fmt", "print a spec in canonical form"),
+    "memory": ("memory", "memory and compute report: will it fit, on how many GPUs"),
+    "stream": ("stream", "stream synthetic tokens through a model built from a spec"),
+    "compile": ("compile", "write the generated Triton kernels of a spec to a directory"),
+    "emit": ("emit", "print one generated Triton kernel"),
+    "import-hf": ("import_hf", "write a spec from a Hugging Face config.json"),
+    "export-hf": ("export_hf", "write a Hugging Face folder (config + safetensors) from a spec or checkpoint"),
+}
+
+
+def _chosen(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ltmdsl",
+        description="ltmdsl: define long-context hybrid models, check their memory, compile and run them.",
+        epilog="Run 'ltmdsl COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"ltmdsl {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = _chosen(argv)
+    for name, (module, help_text) in COMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(f"ltmdsl.commands.{module}").add_arguments(sub)
+            sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    module = importlib.import_module(f"ltmdsl.commands.{args._module}")
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("ltmdsl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `ltmdsl show big.ltm | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""What every command shares: loading specs with rendered diagnostics, exit codes, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+from ltmdsl.errors import SpecError
+from ltmdsl.loader import Spec, load
+
+EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_BUDGET = 0, 1, 2, 3
+
+
+def load_or_report(path: str, show_warnings: bool = True) -> tuple[Spec | None, int]:
+    """(spec, 0), or (None, exit code) after printing every diagnostic to stderr."""
+    try:
+        spec = load(path)
+    except SpecError as e:
+        print(e.render(), file=sys.stderr)
+        usage = all(d.line == 0 for d in e.diagnostics)  # a missing file or a directory
+        return None, EXIT_USAGE if usage else EXIT_SPEC
+    if show_warnings:
+        for w in spec.warnings:
+            print(w.render(), file=sys.stderr)
+    return spec, EXIT_OK
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a part."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".ltmdsl-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

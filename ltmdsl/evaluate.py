@@ -1,0 +1,233 @@
+"""Evaluating spec expressions exactly: integers stay integers, division must be exact, sizes are bounded.
+
+Values are Python ints, floats, bools, None, `Word` (a bare identifier that is not a constant, such as
+`swiglu` or `bf16`, whose meaning the parameter decides) and `NormValue` (`rmsnorm(eps = 1e-5)`).
+Problems are reported through an `EvalError` carrying the position to point at.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable
+
+from ltmdsl import ast
+from ltmdsl.ir import SourcePos
+from ltmdsl.units import BYTE_UNITS, COUNT_SUFFIXES
+
+MAX_MAGNITUDE = 2**100  # larger than any byte count a model could need, small enough to stay fast
+
+
+class EvalError(Exception):
+    """An expression could not be evaluated; `pos` is where to point."""
+
+    def __init__(self, pos: SourcePos, message: str):
+        super().__init__(message)
+        self.pos = pos
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Word:
+    """A bare identifier with no constant behind it: an enum value like `swiglu`, or a typo."""
+
+    name: str
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class NormValue:
+    kind: str
+    eps: float
+
+
+def did_you_mean(name: str, candidates) -> str:
+    """' (did you mean 'x'?)' for the closest candidate, or ''."""
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def parse_number(node: ast.Num) -> int | float:
+    """The value of a literal: suffixes and byte units give exact integers; `1e-5` and `0.5` give floats."""
+    text = node.text.replace("_", "")
+    suffix = ""
+    for s in sorted(COUNT_SUFFIXES, key=len, reverse=True):
+        if text.endswith(s):
+            suffix, text = s, text[: -len(s)]
+            break
+    scale = COUNT_SUFFIXES.get(suffix, 1) * (BYTE_UNITS[node.unit] if node.unit else 1)
+    is_real = "." in text or "e" in text.lower()
+    try:
+        exact = Fraction(text) * scale
+    except (ValueError, ZeroDivisionError):
+        raise EvalError(node.pos, f"malformed number '{node.text}'") from None
+    if abs(exact) > MAX_MAGNITUDE:
+        raise EvalError(node.pos, f"number '{node.text}' is too large")
+    if is_real and scale == 1:
+        return float(exact)
+    if exact.denominator != 1:
+        raise EvalError(node.pos, f"'{node.text}{node.unit or ''}' is not a whole number")
+    return int(exact)
+
+
+def _check_size(value: Any, pos: SourcePos) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_MAGNITUDE:
+        raise EvalError(pos, "value is too large")
+    return value
+
+
+def _numeric(value: Any, pos: SourcePos, what: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, Word):
+            raise EvalError(value.pos, f"unknown name '{value.name}'")
+        raise EvalError(pos, f"{what} needs numbers, got {describe(value)}")
+    return value
+
+
+def describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "none"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value:g}"
+    if isinstance(value, Word):
+        return f"'{value.name}'"
+    if isinstance(value, NormValue):
+        return f"a {value.kind}"
+    return type(value).__name__
+
+
+def _binop(op: str, a: Any, b: Any, pos: SourcePos) -> Any:
+    a = _numeric(a, pos, f"'{op}'")
+    b = _numeric(b, pos, f"'{op}'")
+    both_int = isinstance(a, int) and isinstance(b, int)
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op in ("/", "//", "%") and b == 0:
+        raise EvalError(pos, "division by zero")
+    if op == "/":
+        if both_int:
+            if a % b:
+                raise EvalError(pos, f"{a} / {b} is not an integer (use // to round down or cdiv() to round up)")
+            return a // b
+        return a / b
+    if op == "//":
+        return a // b if both_int else float(a // b)
+    if op == "%":
+        return a % b
+    if op == "**":
+        if both_int and b < 0:
+            raise EvalError(pos, "negative integer exponent")
+        if abs(a) > 1 and abs(b) * max(abs(a), 2).bit_length() > MAX_MAGNITUDE.bit_length():
+            raise EvalError(pos, "value is too large")
+        return a**b
+    raise EvalError(pos, f"unknown operator {op}")  # pragma: no cover - the grammar has no other
+
+
+class Scope:
+    """Names visible to an expression: a dict of lazily evaluated constants chained to a parent scope."""
+
+    def __init__(self, exprs: dict[str, ast.Expr], parent: "Scope | None" = None,
+                 fixed: dict[str, Any] | None = None):
+        self.exprs = exprs
+        self.parent = parent
+        self.values: dict[str, Any] = dict(fixed or {})
+        self._active: set[str] = set()
+        self.used: set[str] = set()
+
+    def names(self) -> set[str]:
+        own = set(self.exprs) | set(self.values)
+        return own | (self.parent.names() if self.parent else set())
+
+    def lookup(self, name: str, pos: SourcePos) -> Any:
+        if name in self.values:
+            self.used.add(name)
+            return self.values[name]
+        if name in self.exprs:
+            self.used.add(name)
+            if name in self._active:
+                raise EvalError(pos, f"constant '{name}' is defined in terms of itself")
+            self._active.add(name)
+            try:
+                value = evaluate(self.exprs[name], self)
+            finally:
+                self._active.discard(name)
+            self.values[name] = value
+            return value
+        if self.parent is not None:
+            return self.parent.lookup(name, pos)
+        return Word(name, pos)
+
+
+def _call(node: ast.Call, scope: Scope) -> Any:
+    args = [evaluate(a, scope) for a in node.args]
+    kwargs = {k.name: (evaluate(k.value, scope), k.pos) for k in node.kwargs}
+    if node.func in ("rmsnorm", "layernorm"):
+        if args:
+            raise EvalError(node.pos, f"{node.func}() takes only eps = ...")
+        for k, (_, kpos) in kwargs.items():
+            if k != "eps":
+                raise EvalError(kpos, f"unknown parameter '{k}' of {node.func}(){did_you_mean(k, ['eps'])}")
+        eps = kwargs.get("eps", (1e-5, node.pos))[0]
+        eps = _numeric(eps, node.pos, "eps")
+        if not 0 < eps < 1:
+            raise EvalError(node.pos, f"eps must be between 0 and 1, got {eps:g}")
+        return NormValue(node.func, float(eps))
+    fns: dict[str, tuple[int, Callable]] = {
+        "cdiv": (2, lambda a, b: -(-a // b)),
+        "min": (-1, min),
+        "max": (-1, max),
+    }
+    if node.func not in fns:
+        raise EvalError(node.pos, f"unknown function '{node.func}'"
+                        f"{did_you_mean(node.func, list(fns) + ['rmsnorm', 'layernorm'])}")
+    arity, fn = fns[node.func]
+    if kwargs:
+        raise EvalError(node.pos, f"{node.func}() takes positional arguments only")
+    if (arity >= 0 and len(args) != arity) or (arity < 0 and not args):
+        raise EvalError(node.pos, f"{node.func}() takes {arity if arity >= 0 else 'one or more'} arguments")
+    nums = [_numeric(a, node.pos, f"{node.func}()") for a in args]
+    if node.func == "cdiv":
+        if not all(isinstance(n, int) for n in nums):
+            raise EvalError(node.pos, "cdiv() needs integers")
+        if nums[1] == 0:
+            raise EvalError(node.pos, "division by zero")
+    return fn(*nums)
+
+
+def evaluate(node: ast.Expr, scope: Scope) -> Any:
+    """The value of an expression in a scope; raises EvalError with a position."""
+    if isinstance(node, ast.Num):
+        return parse_number(node)
+    if isinstance(node, ast.Lit):
+        return node.value
+    if isinstance(node, ast.Name):
+        return scope.lookup(node.id, node.pos)
+    if isinstance(node, ast.Neg):
+        return -_numeric(evaluate(node.operand, scope), node.pos, "'-'")
+    if isinstance(node, ast.BinOp):
+        return _check_size(_binop(node.op, evaluate(node.left, scope), evaluate(node.right, scope), node.pos), node.pos)
+    if isinstance(node, ast.Call):
+        return _call(node, scope)
+    raise EvalError(node.pos, f"cannot evaluate {type(node).__name__}")  # pragma: no cover
+
+
+def as_int(value: Any, pos: SourcePos, what: str, minimum: int | None = None) -> int:
+    """An integer parameter: ints, or floats with an exact integer value (`1e6`)."""
+    if isinstance(value, Word):
+        raise EvalError(value.pos, f"unknown name '{value.name}' for {what}")
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EvalError(pos, f"{what} must be an integer, got {describe(value)}")
+    if minimum is not None and value < minimum:
+        raise EvalError(pos, f"{what} must be at least {minimum}, got {value}")
+    return value

@@ -1,0 +1,382 @@
+"""The intermediate representation: the single source of truth for every back end.
+
+A spec file is parsed and resolved into one `ModelIR` per `model` block and one `BudgetIR` per `budget`
+block. Every dimension is a plain int, every dtype a `Dtype`, and every object remembers where in the
+source it came from (`SourcePos`). The memory model, the PyTorch runtime and the Triton code generator
+all read these frozen dataclasses and nothing else, so predicted bytes equal allocated bytes.
+
+The stack is flat: one `SubLayer` per mixer or feed-forward network, each with its own pre-norm and
+residual (x = x + f(norm(x))). A Jamba "decoder layer" is therefore two sub-layers: a mixer and an FFN.
+
+Axis names follow the glossary in REFERENCE.md: H, Hkv, D, Dv, W, N, P, E, k, C, V, d.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+
+@dataclass(frozen=True)
+class SourcePos:
+    """Where a construct starts in its spec file (1-based line and column)."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class Dtype:
+    """A storage dtype: its spec name (`bf16`, `fp8_e4m3`, ...) and its size in bytes."""
+
+    name: str
+    bytes: int
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """Normalisation before a sub-layer (and at the end of the stack): rmsnorm or layernorm."""
+
+    kind: str  # "rmsnorm" | "layernorm"
+    eps: float
+
+    @property
+    def params_per_channel(self) -> int:
+        """Learned scalars per channel: a weight, plus a bias for layernorm."""
+        return 2 if self.kind == "layernorm" else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixers and feed-forward networks. `kind` is the registry key shared by every back end.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Multi-head / grouped-query / multi-query softmax attention, optionally windowed.
+
+    q: d -> H*D, k: d -> Hkv*D, v: d -> Hkv*Dv, o: H*Dv -> d. `window` None means global attention;
+    otherwise each query sees the last W keys including itself. `rope_theta` None means no RoPE.
+    """
+
+    heads: int  # H
+    kv_heads: int  # Hkv
+    head_dim: int  # D
+    v_head_dim: int  # Dv
+    window: int | None  # W
+    rope_theta: float | None
+    causal: bool
+    qkv_bias: bool
+    out_bias: bool
+    qk_norm: bool  # per-head RMSNorm on q and k (Qwen3); eps is the sub-layer norm's eps
+    kind: str = field(default="attention", init=False)
+
+    @property
+    def group_size(self) -> int:
+        """G = H / Hkv query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    """Mamba-1 selective SSM (Gu & Dao 2023), as in state-spaces/mamba and Jamba.
+
+    in_proj: d -> 2*d_inner; depthwise causal conv of `d_conv` taps; x_proj: d_inner -> dt_rank + 2N;
+    dt_proj: dt_rank -> d_inner; A: (d_inner, N); out_proj: d_inner -> d. `inner_norms` adds Jamba's
+    RMSNorms on dt, B and C.
+    """
+
+    d_state: int  # N
+    d_conv: int
+    expand: int
+    d_inner: int
+    dt_rank: int
+    conv_bias: bool
+    proj_bias: bool  # bias on in_proj and out_proj
+    inner_norms: bool
+    kind: str = field(default="mamba", init=False)
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    """Mamba-2 SSD layer (Dao & Gu 2024), as in state-spaces/mamba's Mamba2.
+
+    in_proj: d -> 2*d_inner + 2*G*N + heads (z, x, B, C, dt); depthwise conv over x, B, C;
+    heads = d_inner / P; gated RMSNorm over d_inner (grouped by `n_groups`); out_proj: d_inner -> d.
+    """
+
+    d_state: int  # N
+    head_dim: int  # P
+    heads: int
+    n_groups: int
+    expand: int
+    d_inner: int
+    d_conv: int
+    chunk: int  # C
+    conv_bias: bool
+    proj_bias: bool
+    kind: str = field(default="mamba2", init=False)
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels that pass through the causal conv: x, B and C."""
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Dense feed-forward network. swiglu/geglu: gate, up, down; gelu/relu2/relu: up, down."""
+
+    d_ff: int
+    activation: str  # "swiglu" | "geglu" | "gelu" | "relu2" | "relu"
+    bias: bool
+    kind: str = field(default="mlp", init=False)
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse mixture of experts: a linear router over E experts, top-k per token.
+
+    routing "softmax_topk_renorm" (Mixtral): softmax over all experts, keep top-k, renormalise to sum 1.
+    routing "softmax_topk" (Jamba): softmax over all experts, keep top-k, no renormalisation.
+    routing "topk_softmax": keep top-k logits, softmax over those (equivalent to Mixtral's, kept for clarity).
+    """
+
+    experts: int  # E
+    top_k: int  # k
+    d_ff: int
+    activation: str
+    routing: str
+    kind: str = field(default="moe", init=False)
+
+
+MixerConfig = Union[AttentionConfig, MambaConfig, Mamba2Config, MLPConfig, MoEConfig]
+
+
+@dataclass(frozen=True)
+class SubLayer:
+    """One residual sub-layer of the stack: x = x + mixer(norm(x)).
+
+    `definition` is the spec's layer name (`attn`, `ssm`); `tie_group` names the shared block whose
+    weights this sub-layer reuses (Zamba-style), None when it owns its weights. `params` counts the
+    mixer and its norm; sub-layers of one tie group with the same `tie_slot` share those parameters.
+    """
+
+    index: int
+    definition: str
+    norm: NormConfig
+    mixer: MixerConfig
+    params: int
+    pos: SourcePos
+    tie_group: str | None = None
+    tie_slot: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.mixer.kind
+
+    @property
+    def is_ffn(self) -> bool:
+        return self.mixer.kind in ("mlp", "moe")
+
+
+@dataclass(frozen=True)
+class ModelIR:
+    """A resolved model: embedding, the flat stack of sub-layers, the final norm and the output head."""
+
+    name: str
+    vocab: int  # V
+    d_model: int  # d
+    dtype: Dtype
+    final_norm: NormConfig
+    tie_embeddings: bool
+    layers: tuple[SubLayer, ...]
+    pos: SourcePos
+    source_hash: str  # sha256 of the source text(s) the model came from
+    source_text: str = ""  # the spec text this model came from (for self-describing checkpoints)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.d_model
+
+    @property
+    def head_params(self) -> int:
+        return 0 if self.tie_embeddings else self.vocab * self.d_model
+
+    @property
+    def final_norm_params(self) -> int:
+        return self.final_norm.params_per_channel * self.d_model
+
+    def unique_layers(self) -> tuple[SubLayer, ...]:
+        """Sub-layers that own parameters: every untied one and the first of each tie slot."""
+        seen: set[tuple[str, int]] = set()
+        out = []
+        for layer in self.layers:
+            if layer.tie_group is not None:
+                key = (layer.tie_group, layer.tie_slot or 0)
+                if key in seen:
+                    continue
+                seen.add(key)
+            out.append(layer)
+        return tuple(out)
+
+    @property
+    def params_total(self) -> int:
+        """Every learned scalar, counted once (tied weights once), as `transformers` counts them."""
+        return (
+            self.embedding_params
+            + self.head_params
+            + self.final_norm_params
+            + sum(layer.params for layer in self.unique_layers())
+        )
+
+    @property
+    def params_active(self) -> int:
+        """Parameters one token touches: MoE layers count the router and top-k experts only."""
+        total = self.params_total
+        for layer in self.unique_layers():
+            m = layer.mixer
+            if isinstance(m, MoEConfig):
+                per_expert = (3 if m.activation in ("swiglu", "geglu") else 2) * self.d_model * m.d_ff
+                total -= (m.experts - m.top_k) * per_expert
+        return total
+
+    def layers_of(self, kind: str) -> tuple[SubLayer, ...]:
+        return tuple(layer for layer in self.layers if layer.kind == kind)
+
+    def to_json(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets and hardware.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """An accelerator: usable memory in bytes, dense bf16 FLOP/s and HBM bandwidth in bytes/s."""
+
+    name: str
+    memory_bytes: int
+    bf16_flops: float
+    hbm_bytes_per_s: float
+    pos: SourcePos | None = None
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Degrees of parallelism. dp = gpus / (tp*pp*cp) unless given; ep splits experts within dp*tp."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    ep: int = 1
+    zero: int = 0  # ZeRO stage 0..3
+    distributed_optimizer: bool = False  # Megatron's, shards the optimizer over dp (like ZeRO-1)
+    sequence_parallel: bool = False
+    microbatches: int = 1  # m, pipeline micro-batches per step
+    interleave: int = 1  # virtual pipeline stages per GPU
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+
+@dataclass(frozen=True)
+class LimitIR:
+    """`require COMPONENT <= BYTES`: COMPONENT is a memory component name, `total` or `per_gpu`."""
+
+    component: str
+    max_bytes: int
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class BudgetIR:
+    """Where and how a model runs, and the limits its memory must respect."""
+
+    name: str
+    model: str
+    mode: str  # "inference" | "training"
+    context: int  # T
+    batch: int  # B
+    chunk: int  # C: prefill chunk (inference) or micro-batch sequence chunk for the loss (training)
+    gpu: GpuSpec
+    gpus: int
+    parallel: ParallelPlan
+    weight_dtype: Dtype
+    kv_dtype: Dtype
+    state_dtype: Dtype
+    grad_dtype: Dtype
+    optimizer: str  # "adamw" | "sgd" | "none"
+    optimizer_bytes_per_param: int  # 12 for AdamW fp32 master + m + v
+    recompute: str  # "none" | "selective" | "full"
+    flash_attention: bool
+    chunked_loss: bool
+    conv_taps: str  # "full" (keep K taps, state-spaces/mamba) | "minus_one" (K-1, vLLM)
+    limits: tuple[LimitIR, ...]
+    pos: SourcePos
+
+    def to_json(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+
+@dataclass(frozen=True)
+class SpecIR:
+    """Everything one spec file (and the files it `use`s) defines after resolution."""
+
+    models: tuple[ModelIR, ...]
+    budgets: tuple[BudgetIR, ...]
+    gpus: tuple[GpuSpec, ...]
+    file: str
+
+    def model(self, name: str | None = None) -> ModelIR:
+        """The named model, or the only/last model in the file when no name is given."""
+        if name is None:
+            return self.models[-1]
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def budgets_for(self, model: str) -> tuple[BudgetIR, ...]:
+        return tuple(b for b in self.budgets if b.model == model)
+
+    def to_json(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Frozen dataclasses to plain JSON values, with `kind` fields and derived totals included."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, ModelIR):
+            out.pop("source_text", None)
+            out["params_total"] = obj.params_total
+            out["params_active"] = obj.params_active
+        if isinstance(obj, SubLayer):
+            out["kind"] = obj.kind
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """Stable JSON text of any IR object."""
+    return json.dumps(_jsonable(obj), indent=2, sort_keys=True)

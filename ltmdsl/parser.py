@@ -1,0 +1,331 @@
+"""Text to syntax tree: Lark (LALR, contextual lexer) with friendly errors and guards against hostile input.
+
+Every failure becomes a `SpecError` with `file:line:col` and a caret; nothing here raises anything else.
+Guards run before Lark sees the text: size, UTF-8, nesting depth, literal and identifier lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from ltmdsl import ast
+from ltmdsl.errors import Diagnostic, SpecError
+from ltmdsl.ir import SourcePos
+
+MAX_FILE_BYTES = 4 * 2**20
+MAX_NESTING = 64
+MAX_NAME_LEN = 128
+MAX_NUMBER_LEN = 40
+MAX_OPERATOR_RUN = 64
+
+#: Terminal names as a user would write them, for "expected ..." messages.
+_TERMINAL_TEXT = {
+    "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "EQUAL": "'='", "COMMA": "','",
+    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "PERCENT": "'%'", "NAME": "a name",
+    "NUMBER": "a number", "STRING": "a string", "UNIT": "a byte unit", "CMP": "'<='", "MODE": "inference or training",
+    "__ANON_0": "'//'", "__ANON_1": "'**'", "SHARED": "'shared'", "$END": "end of file",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _lark() -> Lark:
+    grammar = resources.files("ltmdsl.grammar").joinpath("ltm.lark").read_text(encoding="utf-8")
+    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=True)
+
+
+def decode(data: bytes, path: str) -> str:
+    """UTF-8 text of a spec file, or a SpecError pointing at the first invalid byte."""
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError(Diagnostic(path, 0, 0, f"file is {len(data)} bytes; specs are limited to {MAX_FILE_BYTES} bytes"))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line = before.count(b"\n") + 1
+        col = e.start - (before.rfind(b"\n") + 1) + 1
+        raise SpecError(Diagnostic(path, line, col, f"invalid UTF-8 (byte 0x{data[e.start]:02x}); a spec must be UTF-8 text")) from None
+
+
+_GUARD_RE = re.compile(r'#[^\n]*|"[^"\n]*"|[(){}]|[A-Za-z_][A-Za-z0-9_]*|[0-9][0-9_.eE]*|[-+*/]+')
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _guard(text: str, path: str) -> None:
+    """Refuse input that would make the parser or tree walkers slow or recursive, before parsing."""
+    depth = 0
+    for m in _GUARD_RE.finditer(text):
+        tok = m.group()
+        c = tok[0]
+        problem = None
+        if c in "({":
+            depth += 1
+            if depth > MAX_NESTING:
+                problem = f"nesting deeper than {MAX_NESTING} levels"
+        elif c in ")}":
+            depth -= 1
+        elif c.isalpha() or c == "_":
+            if len(tok) > MAX_NAME_LEN:
+                problem = f"identifier of {len(tok)} characters (at most {MAX_NAME_LEN})"
+        elif c.isdigit():
+            if len(tok) > MAX_NUMBER_LEN:
+                problem = f"number literal of {len(tok)} characters (at most {MAX_NUMBER_LEN})"
+        elif c in "-+*/" and len(tok.replace("**", "*").replace("//", "/")) > MAX_OPERATOR_RUN:
+            problem = f"a run of {len(tok)} operators"
+        if problem:
+            line, col = _line_col(text, m.start())
+            src = text.splitlines()[line - 1] if text else ""
+            raise SpecError(Diagnostic(path, line, col, problem, source_line=src))
+
+
+def _describe(token: Token) -> str:
+    if token.type == "$END":
+        return "end of file"
+    value = str(token)
+    return f"'{value[:40]}'" + ("..." if len(value) > 40 else "")
+
+
+def _expected(names) -> str:
+    words = sorted({_TERMINAL_TEXT.get(n, f"'{n.lower()}'") for n in names})
+    if len(words) > 8:
+        words = words[:8] + ["..."]
+    return ", ".join(words)
+
+
+def _syntax_error(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
+    lines = text.splitlines()
+    if isinstance(e, UnexpectedCharacters):
+        ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
+        what = f"unexpected character {ch!r}" if ch.isprintable() else f"unexpected character U+{ord(ch):04X}"
+        line, col = e.line, e.column
+    elif isinstance(e, UnexpectedToken):
+        tok = e.token
+        what = f"unexpected {_describe(tok)}"
+        if tok.type == "$END":
+            line = len(lines) or 1
+            col = len(lines[-1]) + 1 if lines else 1
+        else:
+            line, col = tok.line, tok.column
+        if e.expected:
+            what += f"; expected {_expected(e.expected)}"
+    elif isinstance(e, UnexpectedEOF):
+        line = len(lines) or 1
+        col = len(lines[-1]) + 1 if lines else 1
+        what = "unexpected end of file"
+    else:  # pragma: no cover - lark has no other UnexpectedInput subclasses
+        line, col, what = getattr(e, "line", 1), getattr(e, "column", 1), str(e)
+    line = max(int(line), 1)
+    col = max(int(col), 1)
+    src = lines[line - 1] if 0 < line <= len(lines) else ""
+    return Diagnostic(path, line, col, what, source_line=src)
+
+
+class _ToAst(Transformer):
+    """Lark tree → ltmdsl.ast nodes, each with its SourcePos."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def _pos(self, meta) -> SourcePos:
+        return SourcePos(self.path, getattr(meta, "line", 1), getattr(meta, "column", 1))
+
+    def _tpos(self, tok: Token) -> SourcePos:
+        return SourcePos(self.path, tok.line, tok.column)
+
+    def _end(self, meta) -> int:
+        return getattr(meta, "end_line", getattr(meta, "line", 1))
+
+    # ---- expressions
+    @v_args(meta=True)
+    def number(self, meta, children):
+        num, unit = children
+        return ast.Num(self._pos(meta), self._end(meta), str(num), str(unit) if unit is not None else None)
+
+    @v_args(meta=True)
+    def name(self, meta, children):
+        return ast.Name(self._pos(meta), self._end(meta), str(children[0]))
+
+    @v_args(meta=True)
+    def true(self, meta, _):
+        return ast.Lit(self._pos(meta), self._end(meta), True)
+
+    @v_args(meta=True)
+    def false(self, meta, _):
+        return ast.Lit(self._pos(meta), self._end(meta), False)
+
+    @v_args(meta=True)
+    def none(self, meta, _):
+        return ast.Lit(self._pos(meta), self._end(meta), None)
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        func, args = children
+        args = args or ()
+        pos_args = tuple(a for a in args if not isinstance(a, ast.KwArg))
+        kwargs = tuple(a for a in args if isinstance(a, ast.KwArg))
+        return ast.Call(self._pos(meta), self._end(meta), str(func), pos_args, kwargs)
+
+    def args(self, children):
+        return tuple(c for c in children if c is not None)
+
+    def kwargs(self, children):
+        return tuple(c for c in children if c is not None)
+
+    @v_args(meta=True)
+    def kwarg(self, meta, children):
+        name, value = children
+        return ast.KwArg(self._tpos(name), self._end(meta), str(name), value)
+
+    def _bin(op):  # noqa: N805 - a small factory for the binary operator rules
+        @v_args(meta=True)
+        def rule(self, meta, children):
+            left, right = children
+            return ast.BinOp(self._pos(meta), self._end(meta), op, left, right)
+
+        return rule
+
+    add = _bin("+")
+    sub = _bin("-")
+    mul = _bin("*")
+    div = _bin("/")
+    floordiv = _bin("//")
+    mod = _bin("%")
+    pow = _bin("**")
+
+    @v_args(meta=True)
+    def neg(self, meta, children):
+        return ast.Neg(self._pos(meta), self._end(meta), children[0])
+
+    # ---- stack items
+    @v_args(meta=True)
+    def ref(self, meta, children):
+        name, kwargs = children
+        return ast.Ref(self._pos(meta), self._end(meta), str(name), kwargs)
+
+    @v_args(meta=True)
+    def repeat(self, meta, children):
+        return ast.Repeat(self._pos(meta), self._end(meta), children[0], tuple(children[1:]))
+
+    @v_args(meta=True)
+    def pattern(self, meta, children):
+        return ast.Pattern(self._pos(meta), self._end(meta), str(children[0])[1:-1])
+
+    # ---- definitions
+    @v_args(meta=True)
+    def use_stmt(self, meta, children):
+        return ast.Use(self._pos(meta), self._end(meta), str(children[0])[1:-1])
+
+    @v_args(meta=True)
+    def const_def(self, meta, children):
+        return ast.ConstDef(self._pos(meta), self._end(meta), str(children[0]), children[1])
+
+    @v_args(meta=True)
+    def layer_def(self, meta, children):
+        name, kind, kwargs = children
+        return ast.LayerDef(self._pos(meta), self._end(meta), str(name), str(kind), self._tpos(kind), kwargs or ())
+
+    @v_args(meta=True)
+    def block_def(self, meta, children):
+        shared, name, *items = children
+        return ast.BlockDef(self._pos(meta), self._end(meta), str(name), shared is not None, tuple(items))
+
+    @v_args(meta=True)
+    def gpu_def(self, meta, children):
+        name, kwargs = children
+        return ast.GpuDef(self._pos(meta), self._end(meta), str(name), kwargs or ())
+
+    @v_args(meta=True)
+    def assign(self, meta, children):
+        return ast.Assign(self._pos(meta), self._end(meta), str(children[0]), children[1])
+
+    @v_args(meta=True)
+    def legend_entry(self, meta, children):
+        sym, target = children
+        text = str(sym)
+        if sym.type == "STRING":
+            text = text[1:-1]
+        return ast.LegendEntry(self._pos(meta), self._end(meta), text, str(target))
+
+    @v_args(meta=True)
+    def legend(self, meta, children):
+        return ast.Legend(self._pos(meta), self._end(meta), tuple(c for c in children if c is not None))
+
+    @v_args(meta=True)
+    def stack(self, meta, children):
+        return ast.Stack(self._pos(meta), self._end(meta), tuple(children))
+
+    @v_args(meta=True)
+    def override(self, meta, children):
+        index, kwargs = children
+        return ast.Override(self._pos(meta), self._end(meta), index, kwargs or ())
+
+    @v_args(meta=True)
+    def model_def(self, meta, children):
+        return ast.ModelDef(self._pos(meta), self._end(meta), str(children[0]), tuple(children[1:]))
+
+    @v_args(meta=True)
+    def mode_stmt(self, meta, children):
+        mode, kwargs = children
+        return ast.ModeStmt(self._pos(meta), self._end(meta), str(mode), kwargs or ())
+
+    @v_args(meta=True)
+    def on_stmt(self, meta, children):
+        count, x_word, gpu, kwargs = children
+        if str(x_word) != "x":
+            raise _ExpectedX(self._tpos(x_word), str(x_word))
+        return ast.OnStmt(self._pos(meta), self._end(meta), count, str(gpu), self._tpos(gpu), kwargs or ())
+
+    @v_args(meta=True)
+    def require_stmt(self, meta, children):
+        comp, op, limit = children
+        return ast.Require(self._pos(meta), self._end(meta), str(comp), str(op), limit)
+
+    @v_args(meta=True)
+    def budget_def(self, meta, children):
+        name, model, *body = children
+        return ast.BudgetDef(self._pos(meta), self._end(meta), str(name), str(model), self._tpos(model), tuple(body))
+
+    def start(self, children):
+        return tuple(children)
+
+
+class _ExpectedX(Exception):
+    def __init__(self, pos: SourcePos, got: str):
+        self.pos, self.got = pos, got
+
+
+def parse(text: str, path: str = "<string>") -> ast.SpecFile:
+    """Parse spec text into a SpecFile; raises SpecError (never anything else) on bad input."""
+    _guard(text, path)
+    comments: list[ast.Comment] = []
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as e:
+        raise SpecError(_syntax_error(e, text, path)) from None
+    except LarkError as e:  # pragma: no cover - defensive: any other Lark failure
+        raise SpecError(Diagnostic(path, 1, 1, f"could not parse: {e}")) from None
+    try:
+        items = _ToAst(path).transform(tree)
+    except VisitError as e:
+        if isinstance(e.orig_exc, _ExpectedX):
+            p = e.orig_exc.pos
+            src = text.splitlines()[p.line - 1]
+            raise SpecError(Diagnostic(path, p.line, p.col, f"expected 'x' in 'on COUNT x GPU', got '{e.orig_exc.got}'",
+                                       source_line=src)) from None
+        raise
+    except RecursionError:
+        raise SpecError(Diagnostic(path, 1, 1, "expression nested too deeply")) from None
+    for m in re.finditer(r'"[^"\n]*"|#[^\n]*', text):
+        if m.group().startswith("#"):
+            line, col = _line_col(text, m.start())
+            comments.append(ast.Comment(line, col, m.group().rstrip()))
+    return ast.SpecFile(path, text, items, tuple(comments))

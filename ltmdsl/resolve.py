@@ -1,0 +1,393 @@
+"""Syntax tree to IR for models: scopes, layer definitions, stack expansion, overrides and shared blocks.
+
+All problems are collected in a `Reporter` so that one run shows every error. A definition that fails
+is reported once, at its definition, not at each of its uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ltmdsl import ast
+from ltmdsl.errors import Reporter
+from ltmdsl.evaluate import EvalError, NormValue, Scope, Word, as_int, describe, did_you_mean, evaluate
+from ltmdsl.ir import Dtype, ModelIR, NormConfig, SourcePos, SubLayer
+from ltmdsl.layers import NORM_PARAM, REGISTRY, CheckError, LayerKind, ModelContext, Param
+from ltmdsl.units import DTYPE_ALIASES, DTYPES, dtype as lookup_dtype
+
+MAX_SUBLAYERS = 100_000
+MODEL_SETTINGS = ("vocab", "d_model", "dtype", "norm", "head")
+DEFAULT_NORM = NormConfig("rmsnorm", 1e-5)
+
+
+@dataclass
+class Globals:
+    """Top-level definitions visible to every model of a load: from this file and the files it uses."""
+
+    scope: Scope
+    layers: dict[str, ast.LayerDef]
+    blocks: dict[str, ast.BlockDef]
+    local_files: set[str]  # files whose unused definitions deserve a warning
+
+
+class _Unresolved(Exception):
+    """A layer definition already reported as broken; its uses are skipped silently."""
+
+
+def coerce(value: Any, p: Param, pos: SourcePos, scope: Scope, owner: str) -> Any:
+    """Check and convert one parameter value against its declared type; raises EvalError."""
+    what = f"{owner}'s {p.name}"
+    if value is None:
+        if p.nullable:
+            return None
+        raise EvalError(pos, f"{what} cannot be none")
+    if isinstance(value, Word) and p.type != "enum":
+        raise EvalError(value.pos, f"unknown name '{value.name}'{did_you_mean(value.name, scope.names())}")
+    if p.type == "int":
+        return as_int(value, pos, what, int(p.min) if p.min is not None else None)
+    if p.type == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EvalError(pos, f"{what} must be a number, got {describe(value)}")
+        if p.min is not None and value < p.min:
+            raise EvalError(pos, f"{what} must be positive, got {value}")
+        return float(value)
+    if p.type == "bool":
+        if not isinstance(value, bool):
+            raise EvalError(pos, f"{what} must be true or false, got {describe(value)}")
+        return value
+    if p.type == "enum":
+        if not isinstance(value, Word) or value.name not in p.choices:
+            got = value.name if isinstance(value, Word) else describe(value)
+            raise EvalError(pos, f"{what} must be one of {', '.join(p.choices)}; got '{got}'"
+                            f"{did_you_mean(got, p.choices)}")
+        return value.name
+    if p.type == "norm":
+        if isinstance(value, Word) and value.name in ("rmsnorm", "layernorm"):
+            return NormConfig(value.name, 1e-5)
+        if not isinstance(value, NormValue):
+            raise EvalError(pos, f"{what} must be rmsnorm(eps = ...) or layernorm(eps = ...), got {describe(value)}")
+        return NormConfig(value.kind, value.eps)
+    raise AssertionError(p.type)  # pragma: no cover
+
+
+class ModelResolver:
+    """Resolves one `model` block into a ModelIR, reporting problems to `rep`."""
+
+    def __init__(self, node: ast.ModelDef, g: Globals, rep: Reporter, source_hash: str, source_text: str):
+        self.node, self.g, self.rep = node, g, rep
+        self.source_hash, self.source_text = source_hash, source_text
+        assigns: dict[str, ast.Expr] = {}
+        self.layer_defs: dict[str, ast.LayerDef] = {}
+        self.block_defs: dict[str, ast.BlockDef] = {}
+        self.legend: dict[str, tuple[str, SourcePos]] = {}
+        self.stacks: list[ast.Stack] = []
+        self.overrides: list[ast.Override] = []
+        self.assign_pos: dict[str, SourcePos] = {}
+        for stmt in node.body:
+            self._collect(stmt, assigns)
+        self.scope = Scope(assigns, parent=g.scope)
+        self._built: dict[tuple, tuple[Any, NormConfig, int]] = {}
+        self._broken: set[str] = set()
+        self.used_defs: set[str] = set()
+
+    # ---- collection ---------------------------------------------------------------------------
+
+    def _dup(self, kind: str, name: str, pos: SourcePos, seen: dict) -> bool:
+        if name in seen:
+            first = seen[name].pos if hasattr(seen[name], "pos") else seen[name]
+            self.rep.at(pos, f"duplicate {kind} '{name}' (first defined at line {first.line})")
+            return True
+        return False
+
+    def _collect(self, stmt: Any, assigns: dict[str, ast.Expr]) -> None:
+        if isinstance(stmt, ast.Assign):
+            if not self._dup("setting", stmt.name, stmt.pos, self.assign_pos):
+                assigns[stmt.name] = stmt.value
+                self.assign_pos[stmt.name] = stmt.pos
+        elif isinstance(stmt, ast.LayerDef):
+            if not self._dup("layer", stmt.name, stmt.pos, {**self.layer_defs, **self.block_defs}):
+                self.layer_defs[stmt.name] = stmt
+        elif isinstance(stmt, ast.BlockDef):
+            if not self._dup("block", stmt.name, stmt.pos, {**self.layer_defs, **self.block_defs}):
+                self.block_defs[stmt.name] = stmt
+        elif isinstance(stmt, ast.Legend):
+            for e in stmt.entries:
+                if len(e.symbol) != 1 or e.symbol.isspace():
+                    self.rep.at(e.pos, f"legend symbols are single characters, got '{e.symbol}'")
+                elif e.symbol in self.legend:
+                    self.rep.at(e.pos, f"duplicate legend symbol '{e.symbol}'")
+                else:
+                    self.legend[e.symbol] = (e.target, e.pos)
+        elif isinstance(stmt, ast.Stack):
+            self.stacks.append(stmt)
+        elif isinstance(stmt, ast.Override):
+            self.overrides.append(stmt)
+
+    # ---- settings -----------------------------------------------------------------------------
+
+    def _setting(self, name: str, default: Any = None, required: bool = False) -> tuple[Any, SourcePos]:
+        pos = self.assign_pos.get(name, self.node.pos)
+        if name not in self.assign_pos:
+            if required:
+                self.rep.at(self.node.pos, f"model '{self.node.name}' needs '{name} = ...'")
+            return default, pos
+        try:
+            return self.scope.lookup(name, pos), pos
+        except EvalError as e:
+            self.rep.at(e.pos, e.message)
+            return None, pos
+
+    def _settings(self) -> tuple[int, int, Dtype, NormConfig, bool] | None:
+        ok = True
+        vocab, vpos = self._setting("vocab", required=True)
+        d_model, dpos = self._setting("d_model", required=True)
+        try:
+            vocab = as_int(vocab, vpos, "vocab", 1) if vocab is not None else None
+        except EvalError as e:
+            self.rep.at(e.pos, e.message)
+            vocab = None
+        try:
+            d_model = as_int(d_model, dpos, "d_model", 1) if d_model is not None else None
+        except EvalError as e:
+            self.rep.at(e.pos, e.message)
+            d_model = None
+        dt, tpos = self._setting("dtype", Word("bf16", self.node.pos))
+        dtype = lookup_dtype(dt.name) if isinstance(dt, Word) else None
+        if dtype is None and dt is not None:
+            got = dt.name if isinstance(dt, Word) else describe(dt)
+            self.rep.at(tpos, f"dtype must be one of {', '.join(list(DTYPES) + ['fp8'])}; got '{got}'"
+                        f"{did_you_mean(got, list(DTYPES) + list(DTYPE_ALIASES))}")
+            ok = False
+        nv, npos = self._setting("norm", NormValue("rmsnorm", 1e-5))
+        try:
+            norm = coerce(nv, NORM_PARAM, npos, self.scope, "model") if nv is not None else DEFAULT_NORM
+        except EvalError as e:
+            self.rep.at(e.pos, e.message)
+            norm, ok = DEFAULT_NORM, False
+        hv, hpos = self._setting("head", Word("untied", self.node.pos))
+        if not (isinstance(hv, Word) and hv.name in ("tied", "untied")):
+            got = hv.name if isinstance(hv, Word) else describe(hv)
+            self.rep.at(hpos, f"head must be tied or untied; got '{got}'{did_you_mean(got, ['tied', 'untied'])}")
+            ok = False
+        if vocab is None or d_model is None or not ok:
+            return None
+        return vocab, d_model, dtype, norm, hv.name == "tied"
+
+    # ---- layer definitions --------------------------------------------------------------------
+
+    def _find_layer(self, name: str) -> ast.LayerDef | None:
+        return self.layer_defs.get(name) or self.g.layers.get(name)
+
+    def _find_block(self, name: str) -> ast.BlockDef | None:
+        return self.block_defs.get(name) or self.g.blocks.get(name)
+
+    def _values(self, kind: LayerKind, kwargs, owner: str, ctx: ModelContext,
+                report_missing: bool) -> dict[str, Any]:
+        """Evaluate and type-check keyword arguments; missing required ones are reported."""
+        values: dict[str, Any] = {}
+        for kw in kwargs:
+            p = NORM_PARAM if kw.name == "norm" else kind.param_index.get(kw.name)
+            if p is None:
+                names = list(kind.param_index) + ["norm"]
+                raise EvalError(kw.pos, f"unknown parameter '{kw.name}' of {kind.name}{did_you_mean(kw.name, names)}"
+                                f" (parameters: {', '.join(names)})")
+            if kw.name in values:
+                raise EvalError(kw.pos, f"parameter '{kw.name}' given twice")
+            values[kw.name] = coerce(evaluate(kw.value, self.scope), p, kw.value.pos, self.scope, owner)
+        return values
+
+    def _build(self, name: str, overrides: tuple[ast.KwArg, ...], ctx: ModelContext, pos: SourcePos):
+        """(config, norm, params) of layer `name` with per-position overrides; memoised."""
+        key = (name, tuple((k.name, k.value) for k in overrides))
+        if key in self._built:
+            return self._built[key]
+        if name in self._broken:
+            raise _Unresolved()
+        d = self._find_layer(name)
+        kind = REGISTRY[d.kind]
+        try:
+            base = self._values(kind, d.kwargs, f"layer '{name}'", ctx, True)
+        except EvalError as e:
+            self._broken.add(name)
+            self.rep.at(e.pos, e.message)
+            raise _Unresolved() from None
+        missing = [p.name for p in kind.params if p.required and p.name not in base]
+        if missing:
+            self._broken.add(name)
+            self.rep.at(d.kind_pos, f"{kind.name} layer '{name}' is missing required parameter"
+                        f"{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+            raise _Unresolved()
+        try:
+            extra = self._values(kind, overrides, f"layer '{name}'", ctx, False)
+        except EvalError as e:
+            self.rep.at(e.pos, e.message)
+            raise _Unresolved() from None
+        values = {**base, **extra}
+        full = {p.name: values.get(p.name, p.default) for p in kind.params}
+        try:
+            config = kind.build(full, ctx)
+        except CheckError as e:
+            where = next((k.pos for k in (*overrides, *d.kwargs) if k.name == e.param), d.kind_pos)
+            if not overrides:
+                self._broken.add(name)
+            self.rep.at(where, f"layer '{name}': {e}")
+            raise _Unresolved() from None
+        norm = values.get("norm", ctx.norm)
+        params = kind.count(config, ctx.d_model) + norm.params_per_channel * ctx.d_model
+        self._built[key] = (config, norm, params)
+        return self._built[key]
+
+    # ---- stack expansion ----------------------------------------------------------------------
+
+    def _expand(self, items, out: list, tie: tuple[str, list[int]] | None, blocks_active: list[str]) -> None:
+        """Append (name, overrides, pos, tie_group, tie_slot) for each sub-layer of `items`."""
+        for item in items:
+            if len(out) > MAX_SUBLAYERS:
+                return
+            if isinstance(item, ast.Repeat):
+                try:
+                    n = as_int(evaluate(item.count, self.scope), item.count.pos, "repeat count", 0)
+                except EvalError as e:
+                    self.rep.at(e.pos, e.message)
+                    continue
+                if n > MAX_SUBLAYERS:
+                    self.rep.at(item.count.pos, f"repeat count {n} exceeds {MAX_SUBLAYERS}")
+                    continue
+                start = len(out)
+                self._expand(item.items, out, tie, blocks_active)
+                body = out[start:]
+                del out[start:]
+                if tie is not None:
+                    tie[1][0] -= len(body)
+                for _ in range(n):
+                    if len(out) + len(body) > MAX_SUBLAYERS + 1:
+                        out.extend(body[: MAX_SUBLAYERS + 1 - len(out)])
+                        break
+                    for name, ov, pos, group, _slot in body:
+                        slot = None
+                        if tie is not None:  # inside a shared block every copy gets its own weights slot
+                            slot = tie[1][0]
+                            tie[1][0] += 1
+                        out.append((name, ov, pos, group, slot))
+            elif isinstance(item, ast.Pattern):
+                for off, ch in enumerate(item.text):
+                    if ch.isspace():
+                        continue
+                    pos = SourcePos(item.pos.file, item.pos.line, item.pos.col + len("pattern \"") + off)
+                    if ch not in self.legend:
+                        known = "".join(sorted(self.legend)) or "none defined"
+                        self.rep.at(pos, f"pattern symbol '{ch}' is not in the legend (symbols: {known})")
+                        continue
+                    target, _ = self.legend[ch]
+                    self._use(target, None, pos, out, tie, blocks_active)
+            else:
+                self._use(item.name, item.kwargs, item.pos, out, tie, blocks_active)
+
+    def _use(self, name: str, kwargs, pos: SourcePos, out: list, tie, blocks_active: list[str]) -> None:
+        self.used_defs.add(name)
+        if self._find_layer(name) is not None:
+            if name in self.g.layers and name not in self.layer_defs:
+                self.g.scope.used.add(f"layer:{name}")
+            slot = None
+            group = None
+            if tie is not None:
+                group, counter = tie
+                slot = counter[0]
+                counter[0] += 1
+            out.append((name, tuple(kwargs or ()), pos, group, slot))
+            return
+        block = self._find_block(name)
+        if block is None:
+            candidates = list(self.layer_defs) + list(self.block_defs) + list(self.g.layers) + list(self.g.blocks)
+            self.rep.at(pos, f"unknown layer or block '{name}'{did_you_mean(name, candidates)}")
+            return
+        if name not in self.block_defs:
+            self.g.scope.used.add(f"block:{name}")
+        if kwargs:
+            self.rep.at(pos, f"'{name}' is a block; parameters can only be overridden on layers")
+            return
+        if name in blocks_active:
+            self.rep.at(pos, f"block '{name}' uses itself ({' -> '.join(blocks_active + [name])})")
+            return
+        inner_tie = tie
+        if block.shared and tie is None:
+            inner_tie = (name, [0])
+        self._expand(block.items, out, inner_tie, blocks_active + [name])
+
+    # ---- the whole model ----------------------------------------------------------------------
+
+    def resolve(self) -> ModelIR | None:
+        settings = self._settings()
+        for name, d in self.layer_defs.items():
+            if d.kind not in REGISTRY:
+                self.rep.at(d.kind_pos, f"unknown layer kind '{d.kind}'{did_you_mean(d.kind, REGISTRY)}"
+                            f" (kinds: {', '.join(REGISTRY)})")
+                self._broken.add(name)
+        for name, d in self.g.layers.items():
+            if d.kind not in REGISTRY:
+                self._broken.add(name)  # reported once by the loader
+        for sym, (target, pos) in self.legend.items():
+            if self._find_layer(target) is None and self._find_block(target) is None:
+                cands = list(self.layer_defs) + list(self.block_defs) + list(self.g.layers) + list(self.g.blocks)
+                self.rep.at(pos, f"legend symbol '{sym}' names unknown layer '{target}'{did_you_mean(target, cands)}")
+        if not self.stacks:
+            self.rep.at(self.node.pos, f"model '{self.node.name}' has no stack {{ ... }}")
+            return None
+        for extra in self.stacks[1:]:
+            self.rep.at(extra.pos, "a model has one stack; merge the items into the first")
+        entries: list = []
+        self._expand(self.stacks[0].items, entries, None, [])
+        if len(entries) > MAX_SUBLAYERS:
+            self.rep.at(self.stacks[0].pos, f"the stack expands to more than {MAX_SUBLAYERS} sub-layers")
+            return None
+        if not entries and not self.rep.has_errors:
+            self.rep.at(self.stacks[0].pos, "the stack is empty")
+        overrides: dict[int, ast.Override] = {}
+        for ov in self.overrides:
+            try:
+                i = as_int(evaluate(ov.index, self.scope), ov.index.pos, "override index", 0)
+            except EvalError as e:
+                self.rep.at(e.pos, e.message)
+                continue
+            if i >= len(entries):
+                self.rep.at(ov.index.pos, f"override index {i} is past the last sub-layer ({len(entries) - 1})")
+            elif entries[i][3] is not None:
+                self.rep.at(ov.pos, f"sub-layer {i} belongs to shared block '{entries[i][3]}'; its weights are tied,"
+                            " so it cannot be overridden alone")
+            elif i in overrides:
+                self.rep.at(ov.pos, f"sub-layer {i} is overridden twice")
+            else:
+                overrides[i] = ov
+        if settings is None:
+            self._warn_unused()
+            return None
+        vocab, d_model, dtype, norm, tied = settings
+        ctx = ModelContext(d_model, norm)
+        layers = []
+        tied_configs: dict[tuple[str, int], tuple] = {}
+        for i, (name, kw, pos, group, slot) in enumerate(entries):
+            if i in overrides:
+                kw = kw + overrides[i].kwargs
+            try:
+                config, lnorm, params = self._build(name, kw, ctx, pos)
+            except _Unresolved:
+                continue
+            if group is not None:
+                first = tied_configs.setdefault((group, slot), (config, lnorm, name))
+                if first[:2] != (config, lnorm):
+                    self.rep.at(pos, f"shared block '{group}': slot {slot} differs between uses")
+            layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot))
+        self._warn_unused()
+        if self.rep.has_errors:
+            return None
+        return ModelIR(self.node.name, vocab, d_model, dtype, norm, tied, tuple(layers), self.node.pos,
+                       self.source_hash, self.source_text)
+
+    def _warn_unused(self) -> None:
+        for name, d in {**self.layer_defs, **self.block_defs}.items():
+            if name not in self.used_defs:
+                self.rep.at(d.pos, f"'{name}' is defined but never used in the stack", "warning")
+        for name, pos in self.assign_pos.items():
+            if name not in MODEL_SETTINGS and name not in self.scope.used:
+                self.rep.at(pos, f"constant '{name}' is never used", "warning")
