@@ -86,8 +86,10 @@ class Reporter:
         return any(d.severity == "error" for d in self.diagnostics)
 
     def raise_if_errors(self) -> None:
+        """Raise every diagnostic so far, in source order, if any is an error."""
         if self.has_errors:
-            raise SpecError(self.diagnostics)
+            files = list(dict.fromkeys(d.file for d in self.diagnostics))
+            raise SpecError(sorted(self.diagnostics, key=lambda d: (files.index(d.file), d.line, d.col)))
 
     @property
     def warnings(self) -> list[Diagnostic]:

@@ -37,7 +37,7 @@ class _Unresolved(Exception):
 
 def coerce(value: Any, p: Param, pos: SourcePos, scope: Scope, owner: str) -> Any:
     """Check and convert one parameter value against its declared type; raises EvalError."""
-    what = f"{owner}'s {p.name}"
+    what = f"{p.name} of {owner}"
     if value is None:
         if p.nullable:
             return None
@@ -138,7 +138,8 @@ class ModelResolver:
             self.rep.at(e.pos, e.message)
             return None, pos
 
-    def _settings(self) -> tuple[int, int, Dtype, NormConfig, bool] | None:
+    def _settings(self) -> tuple[int | None, int | None, Dtype | None, NormConfig, bool, bool]:
+        """(vocab, d_model, dtype, norm, tied, ok); problems are reported and leave ok False."""
         ok = True
         vocab, vpos = self._setting("vocab", required=True)
         d_model, dpos = self._setting("d_model", required=True)
@@ -170,9 +171,8 @@ class ModelResolver:
             got = hv.name if isinstance(hv, Word) else describe(hv)
             self.rep.at(hpos, f"head must be tied or untied; got '{got}'{did_you_mean(got, ['tied', 'untied'])}")
             ok = False
-        if vocab is None or d_model is None or not ok:
-            return None
-        return vocab, d_model, dtype, norm, hv.name == "tied"
+        ok = ok and vocab is not None and d_model is not None
+        return vocab, d_model, dtype, norm, isinstance(hv, Word) and hv.name == "tied", ok
 
     # ---- layer definitions --------------------------------------------------------------------
 
@@ -359,10 +359,10 @@ class ModelResolver:
                 self.rep.at(ov.pos, f"sub-layer {i} is overridden twice")
             else:
                 overrides[i] = ov
-        if settings is None:
+        vocab, d_model, dtype, norm, tied, settings_ok = settings
+        if d_model is None:  # without a width no layer can be checked
             self._warn_unused()
             return None
-        vocab, d_model, dtype, norm, tied = settings
         ctx = ModelContext(d_model, norm)
         layers = []
         tied_configs: dict[tuple[str, int], tuple] = {}
@@ -378,8 +378,14 @@ class ModelResolver:
                 if first[:2] != (config, lnorm):
                     self.rep.at(pos, f"shared block '{group}': slot {slot} differs between uses")
             layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot))
+        for name, d in self.layer_defs.items():  # unused definitions are still checked
+            if name not in self.used_defs and d.kind in REGISTRY:
+                try:
+                    self._build(name, (), ctx, d.pos)
+                except _Unresolved:
+                    pass
         self._warn_unused()
-        if self.rep.has_errors:
+        if self.rep.has_errors or not settings_ok:
             return None
         return ModelIR(self.node.name, vocab, d_model, dtype, norm, tied, tuple(layers), self.node.pos,
                        self.source_hash, self.source_text)

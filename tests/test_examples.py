@@ -1,0 +1,69 @@
+"""Every bundled example loads cleanly, and published models count exactly what transformers counts."""
+
+import pytest
+
+import ltmdsl
+from conftest import EXAMPLES
+
+EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.ltm"))
+
+# Parameter counts that transformers gives on the meta device for the same configs (REFERENCE.md §2),
+# and Nemotron-H-8B's published 8,100,852,736.
+PUBLISHED = {
+    "llama-3.1-8b.ltm": 8_030_261_248,
+    "llama-3.1-405b.ltm": 405_853_388_800,
+    "llama-2-7b.ltm": 6_738_415_616,
+    "mistral-7b-v0.1.ltm": 7_241_732_096,
+    "mixtral-8x7b.ltm": 46_702_792_704,
+    "jamba-v0.1.ltm": 51_570_323_328,
+    "mamba-2.8b.ltm": 2_768_345_600,
+    "mamba2-2.7b.ltm": 2_702_599_680,
+    "nemotron-h-8b.ltm": 8_100_852_736,
+}
+
+REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm", "stream-hybrid.ltm"}
+
+
+def test_required_examples_exist():
+    assert REQUIRED <= set(EXAMPLE_FILES)
+    assert len(EXAMPLE_FILES) >= len(REQUIRED) + 2  # at least two more published hybrids
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_loads_without_warnings(name):
+    spec = ltmdsl.load(EXAMPLES / name)
+    assert spec.warnings == []
+    assert spec.model.layers
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_count(name):
+    assert ltmdsl.load(EXAMPLES / name).model.params_total == PUBLISHED[name]
+
+
+def test_mixtral_active_parameters():
+    # 2 of 8 experts per token: 46.7B total, 12.9B active (Mistral AI's "12.9B active").
+    m = ltmdsl.load(EXAMPLES / "mixtral-8x7b.ltm").model
+    assert m.params_active == 12_879_925_248
+
+
+def test_tiny_hybrid_covers_every_mixer():
+    m = ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm").model
+    assert {layer.kind for layer in m.layers} == {"attention", "mamba", "mamba2", "mlp", "moe"}
+    assert 64 <= m.vocab <= 512 and m.d_model <= 128
+    windows = [layer.mixer.window for layer in m.layers_of("attention")]
+    assert None in windows and any(w is not None and w <= 16 for w in windows)
+
+
+def test_stream_hybrid_is_constant_memory():
+    m = ltmdsl.load(EXAMPLES / "stream-hybrid.ltm").model
+    for layer in m.layers_of("attention"):
+        assert layer.mixer.window is not None
+
+
+def test_jamba_layout():
+    m = ltmdsl.load(EXAMPLES / "jamba-v0.1.ltm").model
+    mixers = [layer for layer in m.layers if not layer.is_ffn]
+    ffns = [layer for layer in m.layers if layer.is_ffn]
+    assert [i for i, layer in enumerate(mixers) if layer.kind == "attention"] == [4, 12, 20, 28]
+    assert [i for i, layer in enumerate(ffns) if layer.kind == "moe"] == list(range(1, 32, 2))

@@ -1,0 +1,96 @@
+"""Literals, units and hostile input: the parser either returns a tree or raises SpecError, fast."""
+
+import os
+import time
+
+import pytest
+
+import ltmdsl
+from ltmdsl import SpecError
+from ltmdsl.evaluate import Scope, evaluate
+from ltmdsl.parser import parse
+
+BASE = "model m {{\n    vocab = 256\n    d_model = {d}\n    layer ffn = mlp(d_ff = 8)\n    stack {{ ffn }}\n}}\n"
+
+
+def value(text: str):
+    spec = parse(f"const x = {text}\n", "<t>")
+    return evaluate(spec.items[0].value, Scope({}))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("100M", 100_000_000), ("128Ki", 131_072), ("4K", 4_000), ("2Gi", 2**31), ("1T", 10**12),
+        ("80 GB", 80 * 10**9), ("80GB", 80 * 10**9), ("40GiB", 40 * 2**30), ("512 MiB", 2**29), ("1 TiB", 2**40),
+        ("1.5Ki", 1536), ("2.5K", 2500), ("1_000", 1000), ("1e-5", 1e-5), ("5e5", 500000.0),
+        ("4096 / 32", 128), ("7 // 2", 3), ("cdiv(2560, 16)", 160), ("min(3, 1, 2)", 1), ("2 ** 10", 1024),
+        ("-3 ** 2", -9), ("(1 + 2) * 3", 9), ("10 % 4", 2), ("true", True), ("none", None),
+    ],
+    ids=lambda v: str(v),
+)
+def test_literal_values(text, expected):
+    got = value(text)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("10 / 3", "is not an integer"),
+    ("1.0001K", "not a whole number"),
+    ("1 / 0", "division by zero"),
+    ("2 ** 2 ** 2 ** 2 ** 2", "too large"),
+    ("cdiv(1.5, 2)", "integers"),
+    ("nope(3)", "unknown function"),
+])
+def test_expression_errors(text, message):
+    with pytest.raises(SpecError, match=message):
+        ltmdsl.load(BASE.format(d=text))
+
+
+HOSTILE = {
+    "binary_junk": bytes(range(256)) * 20,
+    "invalid_utf8": b"model m {\n  vocab = \xff\xfe\n}\n",
+    "nul_bytes": b"model m {\x00}",
+    "deep_nesting": b"model m { vocab = " + b"(" * 100_000 + b"1" + b")" * 100_000 + b" }",
+    "deep_braces": b"{" * 100_000,
+    "long_number": b"model m { vocab = " + b"9" * 5000 + b" }",
+    "megabyte_identifier": b"model " + b"a" * 2**20 + b" { }",
+    "long_sum": b"model m { vocab = 1" + b" + 1" * 20_000 + b" }",
+    "unary_chain": b"model m { vocab = " + b"- " * 20_000 + b"1 }",
+    "huge_power": b"model m { vocab = 9 ** 9 ** 9 ** 9 }",
+    "huge_repeat": BASE.format(d=64).replace("{ ffn }", "{ repeat 10G { ffn } }").encode(),
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_input_is_refused_cleanly(name, tmp_path):
+    path = tmp_path / "hostile.ltm"
+    path.write_bytes(HOSTILE[name])
+    before = set(os.listdir(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(SpecError) as info:
+        ltmdsl.load(path)
+    assert time.perf_counter() - start < 5.0, "hostile input must not hang the parser"
+    assert set(os.listdir(tmp_path)) == before, "nothing is written"
+    assert info.value.diagnostics and info.value.render()
+
+
+@pytest.mark.parametrize("target", ["missing", "directory"])
+def test_missing_path_and_directory(target, tmp_path):
+    path = tmp_path / "nope.ltm" if target == "missing" else tmp_path
+    with pytest.raises(SpecError, match="no such file|is a directory"):
+        ltmdsl.load(path)
+
+
+def test_syntax_error_has_position_and_caret():
+    with pytest.raises(SpecError) as info:
+        ltmdsl.load("model m {\n    vocab = 256 @ 2\n}\n")
+    d = info.value.diagnostics[0]
+    assert (d.line, d.col) == (2, 17)
+    assert info.value.render().splitlines()[-1].strip() == "^"
+
+
+def test_identifier_named_x_is_allowed():
+    spec = ltmdsl.load(BASE.format(d="x").replace("    vocab = 256\n", "    vocab = 256\n    x = 64\n"))
+    assert spec.model.d_model == 64

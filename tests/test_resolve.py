@@ -1,0 +1,149 @@
+"""Resolution of the language's composition features into the flat IR stack, and of budgets."""
+
+import pytest
+
+import ltmdsl
+from ltmdsl import SpecError
+from ltmdsl.ir import AttentionConfig
+
+HEAD = """
+model m {
+    vocab = 256
+    d_model = 64
+    layer attn = attention(heads = 4, kv_heads = 2)
+    layer swa = attention(heads = 4, window = 16)
+    layer ssm = mamba2(d_state = 16, head_dim = 16)
+    layer ffn = mlp(d_ff = 128)
+"""
+
+
+def load(body: str, extra: str = ""):
+    return ltmdsl.load(HEAD + body + "\n}\n" + extra)
+
+
+def kinds(spec):
+    return [layer.definition for layer in spec.model.layers]
+
+
+def test_repeat_and_sequence():
+    spec = load("stack { repeat 2 { ssm ffn } attn ffn }")
+    assert kinds(spec) == ["ssm", "ffn", "ssm", "ffn", "attn", "ffn"]
+    assert [layer.index for layer in spec.model.layers] == list(range(6))
+
+
+def test_nested_repeat_and_blocks():
+    spec = load("block pair { ssm ffn }\n stack { repeat 2 { repeat 2 { pair } swa ffn } }")
+    assert kinds(spec) == (["ssm", "ffn"] * 2 + ["swa", "ffn"]) * 2
+
+
+def test_pattern_with_legend_ignores_spaces():
+    spec = load('legend { M = ssm, "*" = attn, "-" = ffn }\n stack { pattern "M- M- *-" }')
+    assert kinds(spec) == ["ssm", "ffn", "ssm", "ffn", "attn", "ffn"]
+
+
+def test_inline_and_indexed_overrides():
+    spec = load("stack { swa(window = 8) ffn swa ffn }\n override 2 (window = 4)")
+    windows = [layer.mixer.window for layer in spec.model.layers if isinstance(layer.mixer, AttentionConfig)]
+    assert windows == [8, 4]
+
+
+def test_shared_block_counts_weights_once():
+    plain = load("stack { attn ffn attn ffn }").model
+    shared = load("shared block z { attn ffn }\n stack { z z }").model
+    assert [layer.tie_group for layer in shared.layers] == ["z"] * 4
+    assert [layer.tie_slot for layer in shared.layers] == [0, 1, 0, 1]
+    per_pair = plain.layers[0].params + plain.layers[1].params
+    assert plain.params_total - shared.params_total == per_pair
+
+
+def test_repeat_inside_shared_block_gets_own_slots():
+    m = load("shared block z { repeat 2 { ffn } }\n stack { z z }").model
+    assert [layer.tie_slot for layer in m.layers] == [0, 1, 0, 1]
+
+
+def test_constants_and_expressions():
+    spec = ltmdsl.load("""
+const width = 32 * 2
+model m {
+    vocab = 2 ** 8
+    d_model = width
+    heads = 4
+    layer attn = attention(heads = heads, head_dim = d_model / heads / 2)
+    stack { attn }
+}
+""")
+    assert spec.model.d_model == 64 and spec.model.layers[0].mixer.head_dim == 8
+
+
+def test_use_imports_definitions(tmp_path):
+    (tmp_path / "common.ltm").write_text("const width = 64\nlayer ffn = mlp(d_ff = 2 * d_model)\n")
+    main = tmp_path / "main.ltm"
+    main.write_text('use "common.ltm"\nmodel m {\n vocab = 256\n d_model = width\n stack { ffn ffn }\n}\n')
+    spec = ltmdsl.load(main)
+    assert [layer.mixer.d_ff for layer in spec.model.layers] == [128, 128]
+
+
+def test_duplicate_across_import_is_an_error(tmp_path):
+    (tmp_path / "a.ltm").write_text("const width = 64\n")
+    main = tmp_path / "main.ltm"
+    main.write_text('use "a.ltm"\nconst width = 32\nmodel m { vocab = 2 d_model = width layer f = mlp(d_ff = 2) stack { f } }\n')
+    with pytest.raises(SpecError, match="duplicate definition 'width'"):
+        ltmdsl.load(main)
+
+
+def test_norm_and_head_settings():
+    spec = ltmdsl.load("""
+model m {
+    vocab = 256
+    d_model = 64
+    norm = layernorm(eps = 1e-6)
+    head = tied
+    layer ffn = mlp(d_ff = 128, act = gelu, bias = true)
+    layer attn = attention(heads = 4, norm = rmsnorm(eps = 1e-5))
+    stack { attn ffn }
+}
+""")
+    m = spec.model
+    assert m.tie_embeddings and m.head_params == 0
+    assert m.final_norm.kind == "layernorm" and m.final_norm.eps == 1e-6
+    assert m.layers[0].norm.kind == "rmsnorm" and m.layers[1].norm.kind == "layernorm"
+    # gelu MLP with bias: 2*d*F + F + d, plus a layernorm weight and bias
+    assert m.layers[1].params == 2 * 64 * 128 + 128 + 64 + 2 * 64
+
+
+BUDGET_MODEL = HEAD + "    stack { attn ffn ssm ffn }\n}\n"
+
+
+def test_budget_defaults_and_plan():
+    spec = ltmdsl.load(BUDGET_MODEL + """
+gpu big { memory = 96 GB, bf16_tflops = 1000, bandwidth = 4 TB }
+budget train for m {
+    training context = 1Mi, batch = 8, recompute = selective
+    on 64 x big with tp = 2, cp = 4, zero = 1
+    require per_gpu <= 80 GB
+    require activations < 10 GiB
+}
+""")
+    b = spec.budget("train")
+    assert b.mode == "training" and b.context == 2**20 and b.batch == 8
+    assert b.gpu.name == "big" and b.gpu.memory_bytes == 96 * 10**9
+    assert (b.parallel.tp, b.parallel.cp, b.parallel.dp, b.parallel.zero) == (2, 4, 8, 1)
+    assert b.optimizer == "adamw" and b.recompute == "selective"
+    assert b.kv_dtype.name == "bf16"
+    assert [(lim.component, lim.max_bytes) for lim in b.limits] == [("per_gpu", 80 * 10**9), ("activations", 10 * 2**30 - 1)]
+
+
+def test_budget_needs_mode_line():
+    with pytest.raises(SpecError, match="needs a mode line"):
+        ltmdsl.load(BUDGET_MODEL + "budget b for m { on 1 x H100 }\n")
+
+
+def test_explicit_dp_must_match_gpu_count():
+    with pytest.raises(SpecError, match="must equal the GPU count"):
+        ltmdsl.load(BUDGET_MODEL + "budget b for m { inference context = 1K\n on 8 x H100 with tp = 2, dp = 2 }\n")
+
+
+def test_errors_are_all_reported_at_once():
+    with pytest.raises(SpecError) as info:
+        load("stack { atn fn }")
+    assert len(info.value.errors) == 2
