@@ -1,0 +1,86 @@
+"""The command line: exit codes, JSON output, atomic fmt, and the promise that check never loads torch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import EXAMPLES, ROOT
+from ltmdsl.cli import main
+
+TINY = str(EXAMPLES / "tiny-hybrid.ltm")
+
+
+def test_check_valid_file_exits_zero(capsys):
+    assert main(["check", "--no-budgets", TINY]) == 0
+    assert "ok: model tiny_hybrid: 8 sub-layers" in capsys.readouterr().out
+
+
+def test_check_invalid_file_exits_one(tmp_path, capsys):
+    bad = tmp_path / "bad.ltm"
+    bad.write_text("model m {\n  vocab = 1\n  d_model = 8\n  stack { nope }\n}\n")
+    assert main(["check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:4:11: error: unknown layer or block 'nope'" in err
+
+
+def test_usage_errors_exit_two(tmp_path):
+    assert main(["check", str(tmp_path / "missing.ltm")]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["check"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_show_json_has_the_promised_fields(capsys):
+    assert main(["show", "--json", str(EXAMPLES / "mixtral-8x7b.ltm")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["name"] == "mixtral_8x7b"
+    assert data["params_total"] == 46_702_792_704 and data["params_active"] < data["params_total"]
+    assert len(data["layers"]) == 64
+    assert {"index", "kind", "params"} <= set(data["layers"][0])
+
+
+def test_show_table_totals(capsys):
+    assert main(["show", str(EXAMPLES / "llama-3.1-8b.ltm")]) == 0
+    out = capsys.readouterr().out
+    assert "params_total" in out and "8,030,261,248" in out
+
+
+def test_fmt_check_and_write(tmp_path, capsys):
+    path = tmp_path / "m.ltm"
+    path.write_text("model m{vocab=4 d_model=8 layer f=mlp(d_ff=2) stack{f}}\n")
+    assert main(["fmt", "--check", str(path)]) == 1
+    assert main(["fmt", "-w", str(path)]) == 0
+    assert main(["fmt", "--check", str(path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ltm"], "no temporary files left behind"
+
+
+def test_fmt_of_invalid_syntax_writes_nothing(tmp_path):
+    path = tmp_path / "m.ltm"
+    path.write_text("model m {\n")
+    assert main(["fmt", "-w", str(path)]) == 1
+    assert path.read_text() == "model m {\n"
+
+
+def test_check_and_memory_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from ltmdsl.cli import main\n"
+        f"main(['check', {str(EXAMPLES / 'llama-3.1-405b.ltm')!r}])\n"
+        f"main(['memory', {str(EXAMPLES / 'ltm-100m.ltm')!r}, '--json'])\n"
+        "bad = [m for m in ('torch', 'triton') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_console_script_help():
+    proc = subprocess.run([sys.executable, "-m", "ltmdsl.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for command in ("check", "show", "fmt", "memory", "stream", "compile", "import-hf"):
+        assert command in proc.stdout
