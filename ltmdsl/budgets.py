@@ -98,7 +98,7 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
     modes = [s for s in node.body if isinstance(s, ast.ModeStmt)]
     ons = [s for s in node.body if isinstance(s, ast.OnStmt)]
     requires = [s for s in node.body if isinstance(s, ast.Require)]
-    errors_before = len(rep.errors) if hasattr(rep, "errors") else sum(d.severity == "error" for d in rep.diagnostics)
+    errors_before = sum(d.severity == "error" for d in rep.diagnostics)
     if not modes:
         rep.at(node.pos, f"budget '{node.name}' needs a mode line: 'inference context = ...' or 'training context = ...'")
         return None
@@ -197,7 +197,7 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
                               sequence_parallel=plan("sp", False), microbatches=plan("microbatches", 1),
                               interleave=plan("interleave", 1)),
         weight_dtype=weight_dtype, kv_dtype=get("kv_dtype", weight_dtype), state_dtype=get("state_dtype", weight_dtype),
-        grad_dtype=get("grad_dtype", weight_dtype),
+        grad_dtype=get("grad_dtype", lookup_dtype("fp32")),  # Megatron's mixed precision: fp32 gradients
         optimizer=get("optimizer", "adamw" if mode.mode == "training" else "none"),
         optimizer_bytes_per_param=get("optimizer_bytes", 12), recompute=get("recompute", "none"),
         flash_attention=get("flash_attention", True), chunked_loss=get("chunked_loss", False),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,7 @@ class _Loader:
         scope = Scope(consts)
         g = Globals(scope, layers, blocks, {root})
         digest = hashlib.sha256("\0".join(self.files[k].text for k in self.order).encode()).hexdigest()
+        standalone = self._standalone() if len(self.order) > 1 else root_text
 
         gpus: dict[str, GpuSpec] = {}
         for name, node in gpu_defs.items():
@@ -169,7 +171,7 @@ class _Loader:
         to_resolve = root_models + [m for n, m in models.items() if n in wanted and m.pos.file != root]
         resolved: dict[str, ModelIR] = {}
         for node in to_resolve:
-            ir = ModelResolver(node, g, self.rep, digest, root_text).resolve()
+            ir = ModelResolver(node, g, self.rep, digest, standalone).resolve()
             if ir is not None:
                 resolved[node.name] = ir
         if not root_models and not budgets and not self.rep.has_errors:
@@ -198,6 +200,23 @@ class _Loader:
         self.rep.raise_if_errors()
         ordered = tuple(resolved[m.name] for m in to_resolve if m.name in resolved)
         return SpecIR(ordered, tuple(budget_irs), tuple(gpus.values()), root)
+
+    def _standalone(self) -> str:
+        """One spec text equivalent to the root and its imports: the files in order, `use` lines removed.
+
+        Definitions are unique across files (duplicates are errors), so the concatenation loads alone;
+        checkpoints embed it so that they describe themselves.
+        """
+        parts = []
+        for key in self.order:
+            spec_file = self.files[key]
+            lines = spec_file.text.splitlines()
+            for item in spec_file.items:
+                if isinstance(item, ast.Use):
+                    i = item.pos.line - 1
+                    lines[i] = re.sub(r'\buse\s+"[^"\n]*"', "", lines[i], count=1)
+            parts.append(f"# from {os.path.basename(key)}\n" + "\n".join(lines))
+        return "\n\n".join(parts) + "\n"
 
     def _warn_unused_globals(self, root, layers, blocks, consts, scope: Scope) -> None:
         for name, d in layers.items():

@@ -147,3 +147,12 @@ def test_errors_are_all_reported_at_once():
     with pytest.raises(SpecError) as info:
         load("stack { atn fn }")
     assert len(info.value.errors) == 2
+
+
+def test_source_text_of_an_importing_spec_loads_alone(tmp_path):
+    (tmp_path / "common.ltm").write_text("const width = 64\nlayer ffn = mlp(d_ff = 2 * d_model)\n")
+    main = tmp_path / "main.ltm"
+    main.write_text('use "common.ltm"\nmodel m {\n vocab = 256\n d_model = width\n stack { ffn ffn }\n}\n')
+    spec = ltmdsl.load(main)
+    again = ltmdsl.load(spec.model.source_text)
+    assert again.model.params_total == spec.model.params_total

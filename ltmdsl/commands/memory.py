@@ -1,0 +1,105 @@
+"""`ltmdsl memory FILE... [options]`: how much memory a model needs, on how many GPUs, and why.
+
+Prints, per spec, a table of components (one replica and the most loaded GPU, in GiB = 2^30 B and
+GB = 10^9 B, each labelled as what it is) with the formula of each component in T, B and C, then the
+verdict, the GPU count, the largest context and batch that fit, the dominant component and the FLOPs
+per decoded token. `--json` prints MemoryReport.to_json() (a list for several files); `--plot` draws
+bytes against context for every spec side by side. Without --budget the model's first budget is used,
+else the defaults of ltmdsl.memory.settings (inference, T = 128Ki, B = 1, H100 count derived).
+
+Exit codes: 0 report printed, 1 invalid spec, 2 usage error (unknown budget, GPU, bad number).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from ltmdsl.units import COUNT_SUFFIXES
+
+_NUMBER = re.compile(r"^\s*(\d[\d_,]*)\s*(" + "|".join(sorted(COUNT_SUFFIXES, key=len, reverse=True)) + r")?\s*$")
+
+
+def parse_count(text: str) -> int:
+    """`100M` -> 100_000_000, `128Ki` -> 131072, `4096` -> 4096 (the spec's suffixes); ValueError."""
+    m = _NUMBER.match(text)
+    if not m:
+        raise ValueError(f"not a count: {text!r} (use an integer with an optional K/M/G/T/Ki/Mi/Gi/Ti suffix)")
+    value = int(m.group(1).replace("_", "").replace(",", "")) * COUNT_SUFFIXES.get(m.group(2) or "", 1)
+    if value < 1:
+        raise ValueError(f"must be positive: {text!r}")
+    return value
+
+
+def add_arguments(p) -> None:
+    p.add_argument("files", nargs="+", metavar="FILE", help="spec file(s); several are plotted side by side")
+    p.add_argument("--budget", help="evaluate this budget (default: the model's first budget, if any)")
+    p.add_argument("--mode", choices=("inference", "training"), help="override the budget's mode")
+    p.add_argument("--context", help="context T, with the spec's suffixes (100M, 128Ki)")
+    p.add_argument("--batch", help="batch B (sequences)")
+    p.add_argument("--gpu", help="GPU kind: H100 (default), H200, A100_80GB, A100_40GB, B200 or one the spec defines")
+    p.add_argument("--gpus", help="number of GPUs (default: the budget's, else derived)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", metavar="PNG", help="write a log-log plot of bytes against context")
+
+
+def _error(where: str, message: str) -> int:
+    print(f"{where}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+    from ltmdsl.commands.common import EXIT_OK, load_or_report
+
+    overrides = {}
+    try:
+        for name in ("context", "batch", "gpus"):
+            value = getattr(args, name, None)
+            if value is not None:
+                overrides[name] = parse_count(value)
+    except ValueError as e:
+        return _error("ltmdsl memory", str(e))
+    if args.mode:
+        overrides["mode"] = args.mode
+    from ltmdsl.memory import report  # sympy only once the arguments are known to be sane
+
+    reports = []
+    for path in args.files:
+        spec, code = load_or_report(path, show_warnings=not args.json)
+        if spec is None:
+            return code
+        model = spec.model
+        budget = None
+        if args.budget:
+            matches = [b for b in spec.budgets if b.name == args.budget]
+            if not matches:
+                known = ", ".join(b.name for b in spec.budgets) or "none"
+                return _error(path, f"no budget named {args.budget!r} (budgets: {known})")
+            budget = matches[0]
+            model = spec.ir.model(budget.model)
+        else:
+            own = spec.ir.budgets_for(model.name)
+            budget = own[0] if own else None
+        extra = dict(overrides)
+        if args.gpu:
+            extra["gpu"] = args.gpu
+        try:
+            reports.append(report(model, budget, user_gpus={g.name: g for g in spec.ir.gpus}, **extra))
+        except ValueError as e:
+            return _error(path, str(e))
+    if args.plot:
+        from ltmdsl.memory.plot import plot_reports
+
+        try:
+            plot_reports(reports, args.plot)
+        except OSError as e:
+            return _error(args.plot, f"cannot write the plot: {e.strerror or e}")
+    if args.json:
+        data = [r.to_json() for r in reports]
+        print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+    else:
+        print("\n\n".join(r.to_text() for r in reports))
+        if args.plot:
+            print(f"\nwrote {args.plot}")
+    return EXIT_OK

@@ -1,0 +1,153 @@
+"""Assemble per-layer formulas into per-stage, per-kind, per-component expressions.
+
+A model may have a thousand sub-layers but only a handful of distinct configurations. Sub-layers are
+grouped by (mixer config, norm); each group's formula is built once and multiplied by its count, so the
+cost is independent of depth. Pipeline parallelism cuts the flat stack into `pp` contiguous stages
+(the first `n mod pp` stages take one extra sub-layer); each stage is one `StageExprs`. Without
+pipelining there is one stage.
+
+Components (JSON names):
+    inference  weights, kv_cache, recurrent_state, activations, logits
+    training   weights, gradients, optimizer, activations, logits
+Kinds: the sub-layer kinds (attention, mamba, mamba2, mlp, moe) plus `embedding` and `head` (final norm
+and output projection) for weights; `mamba/conv` and `mamba/ssm` style parts for recurrent state;
+`residual` for the inference residual stream. Inference activations are not a sum over kinds: layers run
+one at a time, so the component is residual + max over kinds of one sub-layer's workspace (by_kind
+lists each kind's workspace). In training, full recompute adds a `working set` entry: the largest
+mixer's plus the largest FFN's un-recomputed activations, live while one checkpoint back-propagates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from ltmdsl.ir import AttentionConfig, ModelIR
+from ltmdsl.memory import activations, inference, training
+from ltmdsl.memory.settings import Settings
+
+INFERENCE_COMPONENTS = ("weights", "kv_cache", "recurrent_state", "activations", "logits")
+TRAINING_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits")
+
+ZERO = sympy.Integer(0)
+
+
+def components_for(mode: str) -> tuple[str, ...]:
+    return TRAINING_COMPONENTS if mode == "training" else INFERENCE_COMPONENTS
+
+
+@dataclass
+class StageExprs:
+    """One pipeline stage: component -> kind -> sympy expression (bytes on one GPU of the stage)."""
+
+    index: int
+    layers: range
+    by_kind: dict[str, dict[str, sympy.Expr]] = field(default_factory=dict)
+    combined: dict[str, sympy.Expr] = field(default_factory=dict)  # component -> total expression
+
+    def add(self, component: str, kind: str, expr) -> None:
+        parts = self.by_kind.setdefault(component, {})
+        parts[kind] = parts.get(kind, ZERO) + expr
+
+
+def stage_ranges(n_layers: int, pp: int) -> list[range]:
+    """Contiguous sub-layer ranges of the pp stages; the first n mod pp stages take one more."""
+    if pp > n_layers:
+        raise ValueError(f"pipeline degree {pp} exceeds the {n_layers} sub-layers of the model")
+    base, extra = divmod(n_layers, pp)
+    out, start = [], 0
+    for i in range(pp):
+        size = base + (1 if i < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def _groups(model: ModelIR, layers: range) -> tuple[dict, dict, int]:
+    """(mixer,norm) -> count; owner params per kind (dense, expert); number of recompute checkpoints."""
+    counts: dict = {}
+    params: dict[str, list[int]] = {}
+    seen: set = set()
+    checkpoints = 0
+    for i in layers:
+        layer = model.layers[i]
+        key = (layer.mixer, layer.norm)
+        counts[key] = counts.get(key, 0) + 1
+        prev_is_mixer = i > 0 and not model.layers[i - 1].is_ffn
+        if not (layer.is_ffn and prev_is_mixer and i - 1 in layers):
+            checkpoints += 1
+        owner = (layer.tie_group, layer.tie_slot or 0) if layer.tie_group is not None else i
+        if owner in seen:
+            continue
+        seen.add(owner)
+        dense, expert = training.split_params(layer, model)
+        acc = params.setdefault(layer.kind, [0, 0])
+        acc[0] += dense
+        acc[1] += expert
+    return counts, params, checkpoints
+
+
+def assemble(model: ModelIR, s: Settings) -> list[StageExprs]:
+    """Every component of every pipeline stage as sympy expressions in T, B, C (module docstring)."""
+    ranges = stage_ranges(len(model.layers), s.pp)
+    stages = []
+    for index, layers in enumerate(ranges):
+        st = StageExprs(index, layers)
+        first, last = index == 0, index == len(ranges) - 1
+        counts, params, checkpoints = _groups(model, layers)
+        _weights(st, model, s, params, first, last)
+        if s.mode == "inference":
+            _inference(st, model, s, counts, last)
+        else:
+            _training(st, model, s, counts, checkpoints, last)
+        for comp in components_for(s.mode):
+            if comp not in st.combined:
+                st.combined[comp] = sympy.Add(*st.by_kind.get(comp, {}).values())
+        stages.append(st)
+    return stages
+
+
+def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: bool, last: bool) -> None:
+    for kind, (dense, expert) in params.items():
+        for comp, expr in training.model_states(dense, expert, s).items():
+            st.add(comp, kind, expr)
+    if first or (last and model.tie_embeddings):
+        for comp, expr in training.model_states(model.embedding_params, 0, s).items():
+            st.add(comp, "embedding", expr)
+    if last:
+        head = model.head_params + model.final_norm_params
+        for comp, expr in training.model_states(head, 0, s).items():
+            st.add(comp, "head", expr)
+
+
+def _inference(st: StageExprs, model: ModelIR, s: Settings, counts: dict, last: bool) -> None:
+    workspaces: dict[str, sympy.Expr] = {}
+    for (mixer, _norm), n in counts.items():
+        if isinstance(mixer, AttentionConfig):
+            st.add("kv_cache", "attention", n * inference.kv_cache(mixer, s))
+        for part, expr in inference.recurrent_state(mixer, s).items():
+            st.add("recurrent_state", f"{mixer.kind}/{part}", n * expr)
+        ws = inference.prefill_workspace(mixer, model, s)
+        workspaces[mixer.kind] = sympy.Max(workspaces[mixer.kind], ws) if mixer.kind in workspaces else ws
+    residual = inference.residual_workspace(model, s)
+    st.by_kind["activations"] = {"residual": residual, **workspaces}
+    st.combined["activations"] = residual + (sympy.Max(*workspaces.values()) if workspaces else ZERO)
+    if last:
+        st.add("logits", "head", inference.logits(model, s))
+
+
+def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpoints: int,
+              last: bool) -> None:
+    flight = training.in_flight(st.index, s)
+    if s.recompute == "full":
+        st.add("activations", "checkpoints", flight * checkpoints * activations.checkpoint(model, s))
+        mixers = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if m.kind not in ("mlp", "moe")]
+        ffns = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if m.kind in ("mlp", "moe")]
+        working = (sympy.Max(*mixers) if mixers else ZERO) + (sympy.Max(*ffns) if ffns else ZERO)
+        st.add("activations", "working set", working)
+    else:
+        for (mixer, _norm), n in counts.items():
+            st.add("activations", mixer.kind, flight * n * activations.stored(mixer, model, s))
+    if last:
+        st.add("logits", "head", training.loss_logits(model, s))

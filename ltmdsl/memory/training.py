@@ -1,0 +1,109 @@
+"""Training model states (weights, gradients, optimizer), the loss logits and pipeline in-flight counts.
+
+Model states per GPU, for P parameters held by a pipeline stage (dense ones split over t, expert ones
+over t*ep), with w, g, o the weight, gradient and optimizer bytes per parameter:
+
+    weights    P*w / (N if ZeRO-3 else 1)
+    gradients  P*g / (N if ZeRO >= 2 else 1)
+    optimizer  P*o / (N if ZeRO >= 1 or Megatron's distributed optimizer else 1)
+
+N = dp*c for dense parameters (Megatron shards the distributed optimizer over the data- and
+context-parallel ranks, which hold identical weights) and max(1, dp*c/ep) for expert parameters.
+Bytes-per-parameter conventions (AdamW, mixed precision):
+
+    16  ZeRO paper: fp16 weights and gradients (w = g = 2) + fp32 master, m, v (o = 12)
+    18  Megatron, bf16 weights with fp32 main gradients (w = 2, g = 4, o = 12)   <- the default
+    20  Megatron fp16: fp16 gradients plus an fp32 copy in the optimizer (w = 2, g = 2, o = 16)
+
+Megatron's distributed optimizer gives 6 + 12/dp for the default: only o is sharded.
+ZeRO figure 1 check (P = 7.5e9, N = 64, w = g = 2, o = 12): 120, 31.4, 16.6, 1.9 GB for stages 0-3.
+
+Logits: the output layer's fp32 logits, 4*b*s*V/t (vocab-parallel), per micro-batch on the last stage.
+At long context they dominate (V = 128256, s = 1Mi: 538 GB per sequence), hence the option of a
+chunked loss (`chunked_loss`): logits for min(C, s) tokens at a time, 4*b*min(C, s)*V/t.
+
+Pipeline: with 1F1B, stage i keeps min(p - i, m) micro-batches in flight, so the first stage holds
+p micro-batches of L/p layers: L layers' worth. Interleaving (v > 1 virtual stages) multiplies the
+first stage's activations by 1 + (p - 1)/(p*m) (Korthikanti et al.).
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from ltmdsl.ir import ModelIR, MoEConfig, SubLayer
+from ltmdsl.memory.settings import Settings
+from ltmdsl.memory.symbols import B, C, T, per_replica, q
+
+R = sympy.Rational
+
+
+def split_params(layer: SubLayer, model: ModelIR) -> tuple[int, int]:
+    """(dense, expert) parameters of a sub-layer: experts are what expert parallelism shards."""
+    m = layer.mixer
+    if isinstance(m, MoEConfig):
+        expert = m.experts * (3 if m.activation in ("swiglu", "geglu") else 2) * model.d_model * m.d_ff
+        return layer.params - expert, expert
+    return layer.params, 0
+
+
+def _shards(s: Settings, expert: bool):
+    """How many ranks share one copy of a parameter's ZeRO-sharded state (see module docstring)."""
+    n = q(s.dp) * s.cp
+    if expert:
+        n = sympy.Max(1, n / s.ep)
+    return n
+
+
+def model_states(dense: int, expert: int, s: Settings) -> dict[str, sympy.Expr]:
+    """{"weights", "gradients", "optimizer"} bytes per GPU for parameters held by one stage.
+
+    In inference only "weights" is returned and nothing is sharded over data-parallel ranks.
+    """
+    p_dense = R(dense, s.tp)
+    p_expert = R(expert, s.tp * s.ep)
+    w = s.weight_dtype.bytes
+    if s.mode == "inference":
+        return {"weights": (p_dense + p_expert) * w}
+    z = s.parallel.zero
+    g = s.grad_dtype.bytes
+    o = 0 if s.optimizer == "none" else s.optimizer_bytes_per_param
+
+    def per_gpu(bytes_per_param: int, sharded: bool):
+        if not sharded:
+            return (p_dense + p_expert) * bytes_per_param
+        return (p_dense / _shards(s, False) + p_expert / _shards(s, True)) * bytes_per_param
+
+    return {
+        "weights": per_gpu(w, z >= 3),
+        "gradients": per_gpu(g, z >= 2),
+        "optimizer": per_gpu(o, z >= 1 or s.parallel.distributed_optimizer),
+    }
+
+
+def loss_logits(model: ModelIR, s: Settings):
+    """fp32 logits of one micro-batch on the last stage: 4*b*(min(C, s) if chunked else s)*V/t."""
+    p = s.parallel
+    b = per_replica(B, q(p.dp) * p.microbatches)
+    tokens = T / R(p.cp)
+    if s.chunked_loss:
+        tokens = sympy.Min(C, tokens)
+    return 4 * b * tokens * model.vocab / R(p.tp)
+
+
+def in_flight(stage: int, s: Settings):
+    """Micro-batches whose activations stage `stage` holds at the 1F1B peak (module docstring)."""
+    p, m = s.parallel.pp, s.parallel.microbatches
+    n = R(min(p - stage, m))
+    if stage == 0 and p > 1 and s.parallel.interleave > 1:
+        n *= 1 + R(p - 1, p * m)
+    return n
+
+
+def chunked_loss_advice(logits_bytes: int, capacity: int, other_bytes: int) -> str | None:
+    """A note when the un-chunked fp32 logits are the problem: they exceed a quarter of the GPU or
+    every other component together. None when the logits are harmless."""
+    if logits_bytes > capacity // 4 or logits_bytes > other_bytes:
+        return ("fp32 logits take {:.1f}% of the GPU: use a chunked loss (chunked_loss = true) "
+                "to keep only a chunk of C tokens' logits").format(100 * logits_bytes / capacity)
+    return None
