@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import EXAMPLES, ROOT
+from paths import EXAMPLES, ROOT
 from ltmdsl.cli import main
 
 TINY = str(EXAMPLES / "tiny-hybrid.ltm")

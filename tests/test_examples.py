@@ -3,7 +3,7 @@
 import pytest
 
 import ltmdsl
-from conftest import EXAMPLES
+from paths import EXAMPLES
 
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.ltm"))
 

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ltmdsl
-from conftest import EXAMPLES
+from paths import EXAMPLES
 from ltmdsl import SpecError
 from ltmdsl.fmt import format_spec
 from ltmdsl.parser import parse

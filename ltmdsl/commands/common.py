@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 
+from ltmdsl import atomic
 from ltmdsl.errors import SpecError
 from ltmdsl.loader import Spec, load
 
@@ -28,13 +27,4 @@ def load_or_report(path: str, show_warnings: bool = True) -> tuple[Spec | None, 
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a part."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".ltmdsl-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_text(path, text)

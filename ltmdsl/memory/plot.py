@@ -9,8 +9,8 @@ never sees half an image.
 
 from __future__ import annotations
 
-import os
-import tempfile
+from ltmdsl import atomic
+
 
 from ltmdsl.memory.report import MemoryReport
 
@@ -56,15 +56,8 @@ def plot_reports(reports: list[MemoryReport], path: str) -> None:
         ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("bytes (one replica)")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".ltmdsl-plot-", suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic.temporary_sibling(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
