@@ -1,0 +1,48 @@
+"""Cold-start latency of the commands that must answer in well under a second (no torch, no triton).
+
+    python benchmarks/cli_latency.py [--repeat 5]
+
+Runs each command in a fresh interpreter, as a user would, and prints the best and median wall time,
+with `python -c pass` measured in the same run as the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = {
+    "python -c pass (baseline)": [sys.executable, "-c", "pass"],
+    "check llama-3.1-405b": [sys.executable, "-m", "ltmdsl.cli", "check", "examples/llama-3.1-405b.ltm"],
+    "check --no-budgets llama-3.1-405b": [sys.executable, "-m", "ltmdsl.cli", "check", "--no-budgets",
+                                          "examples/llama-3.1-405b.ltm"],
+    "show jamba-v0.1": [sys.executable, "-m", "ltmdsl.cli", "show", "examples/jamba-v0.1.ltm"],
+    "memory ltm-100m": [sys.executable, "-m", "ltmdsl.cli", "memory", "examples/ltm-100m.ltm"],
+    "memory llama-3.1-405b --json": [sys.executable, "-m", "ltmdsl.cli", "memory", "--json",
+                                     "examples/llama-3.1-405b.ltm"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    times: dict[str, list[float]] = {}
+    for name, cmd in COMMANDS.items():
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            times.setdefault(name, []).append(time.perf_counter() - start)
+    base = min(times["python -c pass (baseline)"])
+    print(f"{'command':40s} {'best s':>8s} {'median s':>9s} {'best - baseline':>16s}")
+    for name, ts in times.items():
+        print(f"{name:40s} {min(ts):8.3f} {statistics.median(ts):9.3f} {min(ts) - base:16.3f}")
+
+
+if __name__ == "__main__":
+    main()
