@@ -1,0 +1,535 @@
+"""Hugging Face `config.json` -> `Plan` (see spec.py), one reader function per model family.
+
+We read the JSON ourselves (no `transformers` needed) with the defaults of the transformers 5 config classes,
+and account for every key: a key is either mapped, known not to change the forward pass (metadata, token ids,
+initialisation and training-only settings: `HARMLESS_KEYS`), or an error that lists what is supported.
+`ignore=` names keys the caller explicitly accepts to drop (e.g. `rope_scaling` to count a Llama-3.1's
+parameters); each dropped key is recorded as a NOTE comment in the spec. Layer pattern conventions: Jamba
+places attention/experts where `i % period == offset` with 0-based i; Qwen2/3 slide from layer
+`max_window_layers` on or follow `layer_types`; Nemotron-H spells one character per layer (M, *, -).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable
+
+from ltmdsl.hf import HFError
+from ltmdsl.hf.spec import (Plan, attention_call, mamba2_call, mamba_call, mlp_call, moe_call, safe_text,
+                            sanitize_name, show_value)
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h")
+
+#: Families we know of but cannot express exactly, and why (shown in the error).
+UNSUPPORTED_REASONS = {
+    "bamba": "its attention applies RoPE to half of each head (partial_rotary_factor 0.5), "
+             "which ltmdsl attention cannot express",
+    "zamba2": "its shared transformer blocks take the concatenation of the hidden state and the embeddings "
+              "and carry per-use LoRA adapters",
+    "falcon_h1": "it scales every branch with muP multipliers and runs attention and Mamba-2 in parallel",
+    "recurrent_gemma": "its RG-LRU recurrent blocks and local attention with partial RoPE have no ltmdsl layer",
+}
+
+#: Keys that never change what the forward pass computes: metadata, token ids, initialisation, training-only
+#: settings (dropout, router losses and jitter), kernel selection and precision hints.
+HARMLESS_KEYS = frozenset({
+    "architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "name_or_path",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "initializer_range", "use_cache", "max_position_embeddings", "attention_dropout", "hidden_dropout",
+    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "z_loss_coefficient",
+    "rescale_prenorm_residual", "time_step_min", "time_step_max", "time_step_floor", "time_step_init_scheme",
+    "time_step_scale", "residual_in_fp32", "use_mamba_kernels", "use_mambapy", "use_associative_scan",
+    "fused_add_norm", "num_logits_to_keep", "calc_logits_for_entire_prompt", "return_dict",
+    "output_attentions", "output_hidden_states", "tokenizer_class", "pretraining_tp", "quantization_config",
+    "torchscript", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "id2label", "label2id",
+    "task_specific_params", "tie_encoder_decoder", "prefix", "finetuning_task", "mamba_ssm_cache_dtype",
+})
+
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
+           "fp32": "fp32", "half": "fp16", "float": "fp32"}
+_MISSING = object()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the JSON: every access is typed, validated and recorded.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed access to a config dict that remembers which keys were read; `finish` rejects the rest."""
+
+    def __init__(self, cfg: dict, family: str, source: str, ignore: frozenset[str]):
+        self.cfg, self.family, self.source, self.ignore = cfg, family, source, ignore
+        self.used: set[str] = set()
+        self.notes: list[str] = []
+
+    def fail(self, message: str) -> HFError:
+        return HFError(f"{self.family}: {message}", self.source)
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        self.used.add(key)
+        value = self.cfg.get(key, None)
+        if value is None:
+            if default is _MISSING:
+                raise self.fail(f"config has no '{key}'")
+            return default
+        return value
+
+    def present(self, key: str) -> bool:
+        return self.cfg.get(key) is not None
+
+    def int(self, key: str, default: Any = _MISSING, *, minimum: int = 1) -> int:
+        value = self.raw(key, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**53:
+            raise self.fail(f"'{key}' must be an integer >= {minimum}, got {show_value(value)}")
+        return value
+
+    def opt_int(self, key: str, default: int | None) -> int | None:
+        return self.int(key, default) if self.present(key) or default is not None else self.raw(key, None)
+
+    def float(self, key: str, default: Any = _MISSING) -> float:
+        value = self.raw(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise self.fail(f"'{key}' must be a positive finite number, got {show_value(value)}")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"'{key}' must be true or false, got {show_value(value)}")
+        return value
+
+    def expect(self, key: str, ok: Callable[[Any], bool], supported: str, default: Any = None) -> None:
+        """A key whose only supported values are those `ok` accepts (others change the computation)."""
+        value = self.raw(key, default)
+        if ok(value):
+            return
+        if key in self.ignore:
+            self.notes.append(safe_text(f"'{key}' ignored on request (outputs differ from the original): "
+                                    f"{show_value(value)}", 200))
+            return
+        raise self.fail(f"'{key}' = {show_value(value)} is not supported (supported: {supported}); "
+                        f"pass ignore=['{key}'] / --ignore {key} to drop it knowingly")
+
+    def act(self, key: str = "hidden_act", default: str = "silu") -> None:
+        self.expect(key, lambda v: v == "silu", "'silu'", default)
+
+    def finish(self) -> tuple[str, ...]:
+        unknown = sorted(k for k in self.cfg if k not in self.used and k not in HARMLESS_KEYS
+                         and not k.endswith("_dropout") and k not in ("torch_dtype", "dtype"))
+        dropped = [k for k in unknown if k in self.ignore]
+        unknown = [k for k in unknown if k not in self.ignore]
+        if unknown:
+            raise self.fail("unknown config keys that may change the computation: "
+                            + ", ".join(safe_text(k) for k in unknown)
+                            + "; pass ignore=[...] / --ignore KEY for each one to import without them")
+        self.notes.extend(f"'{safe_text(k)}' ignored on request" for k in dropped)
+        return tuple(self.notes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared pieces of the readers.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rope_theta(r: _Reader, default: float) -> float:
+    """The RoPE base; plain RoPE only (rope_type default, full rotary dimension)."""
+    plain = "rope_type 'default' (no scaling)"
+    theta = r.float("rope_theta", default)
+    if r.present("rope_parameters"):
+        rp = r.raw("rope_parameters")
+        if not isinstance(rp, dict) or any(isinstance(v, dict) for v in rp.values()):
+            r.expect("rope_parameters", lambda v: False, "one dict with rope_type 'default'")
+            return theta
+        r.expect("rope_parameters", lambda v: v.get("rope_type", v.get("type", "default")) == "default", plain)
+        prf = rp.get("partial_rotary_factor", 1.0)
+        r.expect("rope_parameters", lambda v: prf in (1, 1.0), "partial_rotary_factor 1.0")
+        if "rope_theta" in rp:
+            value = rp["rope_theta"]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value <= 0:
+                raise r.fail(f"'rope_parameters.rope_theta' must be a positive number, got {show_value(value)}")
+            theta = float(value)
+    r.expect("rope_scaling", lambda v: v is None or (isinstance(v, dict)
+             and v.get("rope_type", v.get("type", "default")) == "default"), f"null or {plain}")
+    r.expect("partial_rotary_factor", lambda v: v in (None, 1, 1.0), "1.0")
+    return theta
+
+
+def _dtype(cfg: dict) -> str:
+    value = cfg.get("torch_dtype", cfg.get("dtype")) or "float32"
+    if not isinstance(value, str) or value not in _DTYPES:
+        return "fp32"
+    return _DTYPES[value]
+
+
+def _dims(r: _Reader, d: int, heads: int, head_dim_default: int | None,
+          kv_default: int | None = None) -> tuple[int, int]:
+    """(kv_heads, head_dim) with HF's defaults (kv = heads and head_dim = d / heads unless the family fixes them)."""
+    kv = r.int("num_key_value_heads", kv_default or heads)
+    if heads % kv:
+        raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if head_dim_default is None:
+        if d % heads:
+            raise r.fail(f"hidden_size {d} is not a multiple of num_attention_heads {heads}; set head_dim")
+        head_dim_default = d // heads
+    return kv, r.int("head_dim", head_dim_default)
+
+
+def _window_types(r: _Reader, layers: int, default_window: int | None) -> list[int | None]:
+    """Qwen2/Qwen3: the window of each layer from layer_types or use_sliding_window + max_window_layers."""
+    use = r.bool("use_sliding_window", False)
+    window = r.int("sliding_window", default_window) if use else None
+    r.raw("sliding_window", None)
+    first = r.int("max_window_layers", 28, minimum=0)
+    types = r.raw("layer_types", None)
+    if types is None:
+        return [window if window is not None and i >= first else None for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or \
+            any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise r.fail(f"'layer_types' must list {layers} of 'full_attention' / 'sliding_attention'")
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def _attention_windows(r: _Reader, windows: list[int | None], make: Callable[[int | None], tuple[str, str]],
+                       ffn: tuple[str, str], ffn_symbol: str) -> tuple[dict, dict, tuple[str, ...]]:
+    """Definitions, legend and tokens for an attention + FFN stack whose layers differ only by window."""
+    definitions: dict[str, tuple[str, str]] = {}
+    legend: dict[str, str] = {}
+    distinct = list(dict.fromkeys(windows))
+    symbols = {}
+    for w in distinct:
+        if w is None:
+            name, symbol = "attn", "A"
+        else:
+            name, symbol = ("swa", "S") if len([x for x in distinct if x is not None]) == 1 else (f"swa{w}", None)
+            if symbol is None:
+                symbol = "SWXYZUVT"[len([x for x in symbols if x is not None]) % 8]
+        definitions[name] = make(w)
+        legend[symbol] = name
+        symbols[w] = symbol
+    ffn_name = "moe" if ffn[0] == "moe" else "ffn"
+    definitions[ffn_name] = ffn
+    legend[ffn_symbol] = ffn_name
+    return definitions, legend, tuple(symbols[w] + ffn_symbol for w in windows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One reader per family.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _transformer(r: _Reader) -> dict:
+    """Llama, Mistral, Mixtral, Qwen2, Qwen3: attention + (MLP or MoE) per HF layer, RoPE, RMSNorm."""
+    fam = r.family
+    defaults = {
+        "llama": (32000, 4096, 11008, 32, 32, 1e-6),
+        "mistral": (32000, 4096, 14336, 32, 32, 1e-6),
+        "mixtral": (32000, 4096, 14336, 32, 32, 1e-5),
+        "qwen2": (151936, 4096, 22016, 32, 32, 1e-6),
+        "qwen3": (151936, 4096, 22016, 32, 32, 1e-6),
+    }[fam]
+    vocab = r.int("vocab_size", defaults[0])
+    d = r.int("hidden_size", defaults[1])
+    d_ff = r.int("intermediate_size", defaults[2])
+    layers = r.int("num_hidden_layers", defaults[3])
+    heads = r.int("num_attention_heads", defaults[4])
+    eps = r.float("rms_norm_eps", defaults[5])
+    tied = r.bool("tie_word_embeddings", False)
+    kv, head_dim = _dims(r, d, heads, 128 if fam == "qwen3" else None,
+                         {"mistral": 8, "mixtral": 8, "qwen2": 32, "qwen3": 32}.get(fam))
+    theta = _rope_theta(r, 1e6 if fam == "mixtral" else 10000.0)
+    r.act()
+    qkv_bias = out_bias = mlp_bias = False
+    if fam in ("llama", "qwen3"):
+        qkv_bias = out_bias = r.bool("attention_bias", False)
+    if fam == "llama":
+        mlp_bias = r.bool("mlp_bias", False)
+    if fam == "qwen2":
+        qkv_bias = True
+    if fam in ("qwen2", "qwen3"):
+        windows = _window_types(r, layers, 4096)
+    else:
+        window = r.opt_int("sliding_window", 4096 if fam == "mistral" else None)
+        windows = [window] * layers
+    if fam == "mixtral":
+        experts = r.int("num_local_experts", 8)
+        top_k = r.int("num_experts_per_tok", 2)
+        if top_k > experts:
+            raise r.fail(f"num_experts_per_tok {top_k} > num_local_experts {experts}")
+        ffn, symbol = moe_call(experts, top_k, d_ff, "softmax_topk_renorm"), "E"
+    else:
+        ffn, symbol = mlp_call(d_ff, "swiglu", mlp_bias), "-"
+
+    def make(w: int | None) -> tuple[str, str]:
+        return attention_call(heads, kv, head_dim, theta, window=w, qkv_bias=qkv_bias, out_bias=out_bias,
+                          qk_norm=fam == "qwen3")
+
+    definitions, legend, tokens = _attention_windows(r, windows, make, ffn, symbol)
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=tied, definitions=definitions, legend=legend,
+                tokens=tokens)
+
+
+def _mamba_family(r: _Reader) -> dict:
+    """Mamba-1 (state-spaces/mamba-*-hf): one Mamba mixer with an RMSNorm per HF layer, no FFN."""
+    vocab = r.int("vocab_size", 50280)
+    d = r.int("hidden_size", 768)
+    layers = r.int("num_hidden_layers", 32)
+    if r.present("n_layer") and r.int("n_layer") != layers:
+        raise r.fail("'n_layer' disagrees with 'num_hidden_layers'")
+    eps = r.float("layer_norm_epsilon", 1e-5)
+    expand = _int_expand(r, "expand", 2)
+    if r.present("intermediate_size") and r.int("intermediate_size") != expand * d:
+        raise r.fail(f"'intermediate_size' {r.cfg['intermediate_size']} != expand * hidden_size = {expand * d}")
+    dt_rank = r.raw("time_step_rank", "auto")
+    dt_rank = math.ceil(d / 16) if dt_rank == "auto" else r.int("time_step_rank")
+    r.act()
+    r.expect("rms_norm", lambda v: v is True, "true", True)
+    mixer = mamba_call(r.int("state_size", 16), r.int("conv_kernel", 4), expand, dt_rank,
+                   r.bool("use_conv_bias", True), r.bool("use_bias", False), False)
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=r.bool("tie_word_embeddings", True),
+                definitions={"ssm": mixer}, legend={"M": "ssm"}, tokens=("M",) * layers)
+
+
+def _int_expand(r: _Reader, key: str, default: int) -> int:
+    value = r.raw(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise r.fail(f"'{key}' = {show_value(value)} is not supported (ltmdsl needs an integer expansion factor)")
+    return value
+
+
+def _json_float(value: Any) -> Any:
+    """Numbers as transformers 5 writes the non-finite ones: `{"__float__": "Infinity"}`."""
+    if isinstance(value, dict) and set(value) == {"__float__"} \
+            and value["__float__"] in ("Infinity", "-Infinity", "NaN"):
+        return float(value["__float__"].replace("Infinity", "inf"))
+    return value
+
+
+def _time_step_limit_ok(value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return False
+    low, high = (_json_float(v) for v in value)
+    return low == 0 and high == float("inf")
+
+
+def _mamba2_family(r: _Reader) -> dict:
+    """Mamba-2 (transformers' Mamba2ForCausalLM): one SSD mixer with an RMSNorm per HF layer, no FFN."""
+    vocab = r.int("vocab_size", 32768)
+    d = r.int("hidden_size", 4096)
+    layers = r.int("num_hidden_layers", 64)
+    eps = r.float("layer_norm_epsilon", 1e-5)
+    heads, head_dim = r.int("num_heads", 128), r.int("head_dim", 64)
+    expand = _int_expand(r, "expand", 2)
+    groups = r.int("n_groups", 8)
+    if heads * head_dim != expand * d:
+        raise r.fail(f"num_heads * head_dim = {heads * head_dim} != expand * hidden_size = {expand * d}")
+    if heads % groups:
+        raise r.fail(f"num_heads {heads} is not a multiple of n_groups {groups}")
+    r.act()
+    r.expect("rms_norm", lambda v: v is True, "true", True)
+    r.expect("norm_before_gate", lambda v: v is False, "false", False)
+    r.expect("time_step_limit", _time_step_limit_ok, "[0.0, inf]")
+    r.raw("time_step_rank", None)  # unused by the Mamba-2 forward pass
+    mixer = mamba2_call(r.int("state_size", 128), head_dim, groups, expand, r.int("conv_kernel", 4),
+                    r.int("chunk_size", 256), r.bool("use_conv_bias", True), r.bool("use_bias", False))
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=r.bool("tie_word_embeddings", False),
+                definitions={"ssm": mixer}, legend={"M": "ssm"}, tokens=("M",) * layers)
+
+
+def _jamba(r: _Reader) -> dict:
+    """Jamba: attention (no RoPE) on layers i % attn_layer_period == attn_layer_offset, Mamba-1 elsewhere;
+    MoE on layers i % expert_layer_period == expert_layer_offset, a SwiGLU MLP elsewhere (0-based i)."""
+    vocab = r.int("vocab_size", 65536)
+    d = r.int("hidden_size", 4096)
+    d_ff = r.int("intermediate_size", 14336)
+    layers = r.int("num_hidden_layers", 32)
+    heads = r.int("num_attention_heads", 32)
+    kv = r.int("num_key_value_heads", 8)
+    if d % heads or heads % kv:
+        raise r.fail(f"hidden_size {d}, num_attention_heads {heads} and num_key_value_heads {kv} do not divide")
+    eps = r.float("rms_norm_eps", 1e-6)
+    experts = r.int("num_experts", r.cfg.get("num_local_experts", 16))
+    r.raw("num_local_experts", None)
+    top_k = r.int("num_experts_per_tok", 2)
+    a_period, a_offset = r.int("attn_layer_period", 8), r.int("attn_layer_offset", 4, minimum=0)
+    e_period, e_offset = r.int("expert_layer_period", 2), r.int("expert_layer_offset", 1, minimum=0)
+    if a_offset >= a_period or e_offset >= e_period:
+        raise r.fail("layer offsets must be smaller than their periods")
+    if top_k > experts:
+        raise r.fail(f"num_experts_per_tok {top_k} > num_experts {experts}")
+    r.act()
+    r.expect("mamba_inner_layernorms", lambda v: v is True, "true", True)
+    r.expect("sliding_window", lambda v: v is None, "null")
+    dt_rank = r.raw("mamba_dt_rank", "auto")
+    dt_rank = math.ceil(d / 16) if dt_rank == "auto" else r.int("mamba_dt_rank")
+    mamba = mamba_call(r.int("mamba_d_state", 16), r.int("mamba_d_conv", 4), _int_expand(r, "mamba_expand", 2),
+                   dt_rank, r.bool("mamba_conv_bias", True), r.bool("mamba_proj_bias", False), True)
+    definitions = {}
+    legend = {}
+    kinds = [i % a_period == a_offset for i in range(layers)]
+    moes = [experts > 1 and i % e_period == e_offset for i in range(layers)]
+    if not all(kinds):
+        definitions["ssm"], legend["M"] = mamba, "ssm"
+    if any(kinds):
+        definitions["attn"], legend["A"] = attention_call(heads, kv, d // heads, None), "attn"
+    if not all(moes):
+        definitions["ffn"], legend["-"] = mlp_call(d_ff, "swiglu"), "ffn"
+    if any(moes):
+        definitions["moe"], legend["E"] = moe_call(experts, top_k, d_ff, "softmax_topk"), "moe"
+    tokens = tuple(("A" if a else "M") + ("E" if e else "-") for a, e in zip(kinds, moes))
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=r.bool("tie_word_embeddings", False),
+                definitions=definitions, legend=legend, tokens=tokens,
+                hf=dict(attn_layer_period=a_period, attn_layer_offset=a_offset,
+                        expert_layer_period=e_period, expert_layer_offset=e_offset))
+
+
+_NEMOTRON_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+
+
+def _nemotron_h(r: _Reader) -> dict:
+    """Nemotron-H (dense): one block per HF layer, Mamba-2 (M), attention without RoPE (*) or a relu2 MLP (-),
+    from `hybrid_override_pattern` (one character per layer) or `layers_block_type`."""
+    vocab = r.int("vocab_size", 131072)
+    d = r.int("hidden_size", 4096)
+    eps = r.float("layer_norm_epsilon", 1e-5)
+    if r.present("hybrid_override_pattern"):
+        pattern = r.raw("hybrid_override_pattern")
+        if not isinstance(pattern, str) or any(c not in _NEMOTRON_TYPES for c in pattern) or not pattern:
+            raise r.fail("'hybrid_override_pattern' must be a string of M, *, - and E")
+        types = [_NEMOTRON_TYPES[c] for c in pattern]
+        r.raw("layers_block_type", None)
+        r.raw("layer_types", None)
+    else:
+        types = r.raw("layers_block_type", None) or r.raw("layer_types", None)
+        r.used.update({"layers_block_type", "layer_types"})
+        if not isinstance(types, list) or not types or any(t not in _NEMOTRON_TYPES.values() for t in types):
+            raise r.fail("needs 'hybrid_override_pattern' or 'layers_block_type' (a list of linear_attention, "
+                         "full_attention, mlp)")
+    if r.present("num_hidden_layers") and r.int("num_hidden_layers") != len(types):
+        raise r.fail(f"'num_hidden_layers' {r.cfg['num_hidden_layers']} != {len(types)} layers in the pattern")
+    if "moe" in types:
+        raise r.fail("MoE layers ('E') are not supported: Nemotron-H experts add a shared expert and "
+                     "grouped routing that ltmdsl's moe cannot express (supported: M, * and -)")
+    for key in ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+                "moe_latent_size", "moe_shared_expert_overlap", "num_experts_per_tok", "routed_scaling_factor",
+                "n_group", "topk_group", "norm_topk_prob", "mtp_layers_block_type", "mtp_hybrid_override_pattern"):
+        r.raw(key, None)  # MoE/MTP settings: unused by dense layers
+    r.expect("num_nextn_predict_layers", lambda v: v in (None, 0), "0")
+    heads = r.int("num_attention_heads", 32)
+    kv, head_dim = _dims(r, d, heads, 128, 8)
+    r.expect("sliding_window", lambda v: v is None, "null")
+    attn_bias = r.bool("attention_bias", False)
+    heads_m, head_dim_m = r.int("mamba_num_heads", 128), r.int("mamba_head_dim", 64)
+    expand = _int_expand(r, "mamba_expand", r.cfg.get("expand", 2))
+    r.raw("expand", None)
+    groups = r.int("mamba_n_groups", r.cfg.get("n_groups", 8))
+    r.raw("n_groups", None)
+    if heads_m * head_dim_m != expand * d:
+        raise r.fail(f"mamba_num_heads * mamba_head_dim = {heads_m * head_dim_m} != expand * hidden_size "
+                     f"= {expand * d} (ltmdsl's mamba2 needs d_inner = expand * d_model)")
+    r.act("mamba_hidden_act", "silu")
+    r.expect("mlp_hidden_act", lambda v: v == "relu2", "'relu2'", "relu2")
+    r.expect("time_step_limit", _time_step_limit_ok, "[0.0, inf]")
+    r.expect("mamba_dt_limit", _time_step_limit_ok, "[0.0, inf]")
+    for alias in ("mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor"):
+        r.raw(alias, None)
+    conv = r.int("mamba_d_conv", r.cfg.get("conv_kernel", 4))
+    r.raw("conv_kernel", None)
+    chunk = r.int("mamba_chunk_size", r.cfg.get("chunk_size", 128))
+    r.raw("chunk_size", None)
+    conv_bias = r.bool("mamba_conv_bias", r.cfg.get("use_conv_bias", True))
+    r.raw("use_conv_bias", None)
+    mamba = mamba2_call(r.int("ssm_state_size", 128), head_dim_m, groups, expand, conv, chunk, conv_bias,
+                    r.bool("use_bias", False))
+    r.expect("mamba_proj_bias", lambda v: v in (None, False), "false")
+    definitions, legend = {}, {}
+    symbol = {"linear_attention": "M", "full_attention": "A", "mlp": "-"}
+    if "linear_attention" in types:
+        definitions["ssm"], legend["M"] = mamba, "ssm"
+    if "full_attention" in types:
+        definitions["attn"] = attention_call(heads, kv, head_dim, None, qkv_bias=attn_bias, out_bias=attn_bias)
+        legend["A"] = "attn"
+    if "mlp" in types:
+        definitions["ffn"], legend["-"] = mlp_call(r.int("intermediate_size", 21504), "relu2",
+                                               r.bool("mlp_bias", False)), "ffn"
+    r.raw("intermediate_size", None)
+    r.raw("mlp_bias", None)
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=r.bool("tie_word_embeddings", False),
+                definitions=definitions, legend=legend, tokens=tuple(symbol[t] for t in types))
+
+
+_READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transformer, "qwen2": _transformer,
+            "qwen3": _transformer, "mamba": _mamba_family, "mamba2": _mamba2_family, "jamba": _jamba,
+            "nemotron_h": _nemotron_h}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry points.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_config(path) -> tuple[dict, str]:
+    """The config dict of a checkpoint folder (its config.json) or of a config file, and the file's path."""
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(cfg_path, "rb") as f:
+            raw = f.read(16 * 2**20 + 1)
+    except OSError as e:
+        raise HFError(f"cannot read config: {e.strerror or e}", cfg_path) from None
+    if len(raw) > 16 * 2**20:
+        raise HFError("config file larger than 16 MiB", cfg_path)
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFError(f"not a JSON config: {e}", cfg_path) from None
+    if not isinstance(cfg, dict):
+        raise HFError("config.json must hold a JSON object", cfg_path)
+    return cfg, cfg_path
+
+
+def plan_from_config(cfg: dict, *, name: str | None = None, source: str = "",
+                     ignore=()) -> Plan:
+    """Resolve an HF config dict into a `Plan`; raises HFError naming every unsupported setting."""
+    family = cfg.get("model_type")
+    if family in UNSUPPORTED_REASONS:
+        raise HFError(f"model_type '{family}' is not supported: {UNSUPPORTED_REASONS[family]} "
+                      f"(supported: {', '.join(SUPPORTED_FAMILIES)})", source or None)
+    if family not in _READERS:
+        raise HFError(f"model_type {show_value(family)} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})",
+                      source or None)
+    r = _Reader(cfg, family, source or "<config>", frozenset(ignore))
+    fields = _READERS[family](r)
+    notes = r.finish()
+    if name is None:
+        name = default_name(cfg, source)
+    hf = fields.pop("hf", {})
+    return Plan(family=family, name=sanitize_name(name), dtype=_dtype(cfg), notes=notes, source=source,
+                hf=hf, **fields)
+
+
+def default_name(cfg: dict, source: str = "") -> str:
+    """The model's name: `_name_or_path`'s last part, else the checkpoint folder's or the JSON file's name."""
+    base = cfg.get("_name_or_path")
+    if not isinstance(base, str) or not base.strip("/"):
+        if source and os.path.basename(source) == "config.json":
+            base = os.path.basename(os.path.dirname(os.path.abspath(source)))
+        elif source:
+            base = os.path.splitext(os.path.basename(source))[0]
+        else:
+            base = str(cfg.get("model_type") or "model")
+    return base.rstrip("/").split("/")[-1]
+
+
+def spec_from_config(cfg: dict, *, name: str | None = None, source: str = "", ignore=()) -> str:
+    """Spec text for an HF config dict (see `plan_from_config`)."""
+    return plan_from_config(cfg, name=name, source=source, ignore=ignore).spec_text()

@@ -1,0 +1,128 @@
+"""`ltmdsl.from_hf`: a Hugging Face checkpoint folder -> a runtime model holding its weights.
+
+    model = ltmdsl.from_hf("ckpt/", dtype=torch.float32)    # config.json + model.safetensors[.index.json]
+
+The config becomes spec text (configs.py), which `ltmdsl.load` resolves and `ltmdsl.build` compiles without
+initialising weights; then every runtime parameter is filled from the checkpoint through the name mapping of
+weights.py. Reading is lazy (safetensors memory maps), shard by shard for `model.safetensors.index.json`.
+Every checkpoint tensor must be used and every parameter filled with the right shape: anything else is an
+`HFError` naming the tensor, never a KeyError traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ltmdsl.hf import HFError
+from ltmdsl.hf.configs import plan_from_config, read_config
+from ltmdsl.hf.spec import Plan
+from ltmdsl.hf.weights import expert_counts, gather, source_of
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    """The tensors of a checkpoint folder: one `model.safetensors` or the shards its index lists."""
+
+    def __init__(self, folder: str):
+        from safetensors import safe_open
+
+        self.folder = folder
+        self._files: dict[str, object] = {}
+        self._where: dict[str, str] = {}
+        index_path = os.path.join(folder, INDEX)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise HFError(f"unreadable shard index: {e}", index_path) from None
+            if not isinstance(weight_map, dict):
+                raise HFError("'weight_map' must map tensor names to shard files", index_path)
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str) or os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
+                    raise HFError(f"tensor {name}: shard {shard!r} is not a .safetensors file in the folder",
+                                  index_path)
+                self._where[name] = shard
+            shards = sorted(set(self._where.values()))
+        elif os.path.isfile(os.path.join(folder, SINGLE)):
+            shards = [SINGLE]
+        else:
+            others = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+                      if os.path.exists(os.path.join(folder, f))]
+            hint = f" (found {', '.join(others)}: convert it to safetensors first)" if others else ""
+            raise HFError(f"no {SINGLE} or {INDEX}{hint}", folder)
+        for shard in shards:
+            path = os.path.join(folder, shard)
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise HFError(f"cannot open safetensors file: {e}", path) from None
+            self._files[shard] = handle
+            for name in handle.keys():
+                owner = self._where.setdefault(name, shard)
+                if owner != shard:
+                    raise HFError(f"tensor {name} is listed in {owner} but stored in {shard}", path)
+        missing_files = [n for n, s in self._where.items() if s not in self._files]
+        if missing_files:
+            raise HFError(f"tensor {missing_files[0]} listed in the index is in no shard", index_path)
+        for name, shard in self._where.items():
+            if name not in self._files[shard].keys():
+                raise HFError(f"the index places tensor {name} in {shard}, which does not hold it", folder)
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def read(self, name: str):
+        """One tensor (raises KeyError with the name when absent)."""
+        if name not in self._where:
+            raise KeyError(name)
+        return self._files[self._where[name]].get_tensor(name)
+
+
+def load_weights(model, plan: Plan, folder: str) -> None:
+    """Fill every parameter of a runtime `model` built from `plan` with the checkpoint's tensors."""
+    import torch
+
+    ckpt = Checkpoint(folder)
+    available = ckpt.names
+    params = dict(model.named_parameters())  # tied weights appear once
+    experts = expert_counts(model.ir)
+    sources = {name: source_of(plan, name, experts, available) for name in params}
+    used = {n for src in sources.values() for n in src.names}
+    allowed = {"lm_head.weight"} if model.ir.tie_embeddings else set()  # some tied checkpoints repeat it
+    unexpected = sorted(available - used - allowed)
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise HFError(f"unexpected tensor{'s' if len(unexpected) > 1 else ''} {', '.join(unexpected[:5])}{more} "
+                      f"(not part of a {plan.family} model with this config)", folder)
+    try:
+        tensors = gather(sources, ckpt.read, {n: tuple(p.shape) for n, p in params.items()})
+    except HFError as e:
+        raise HFError(e.message, folder) from None
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+
+
+def from_hf(path, dtype=None, *, ignore=(), name: str | None = None, device="cpu", backend: str = "torch"):
+    """A runtime model with the weights of the checkpoint at `path` (a folder, or its config.json).
+
+    `dtype` defaults to torch.float32. `ignore` names config keys to drop knowingly (see configs.py); the
+    spec the model was built from is `model.ir.source_text`.
+    """
+    import torch
+
+    import ltmdsl
+
+    cfg, cfg_path = read_config(path)
+    folder = os.path.dirname(cfg_path) or "."
+    plan = plan_from_config(cfg, name=name, source=cfg_path, ignore=ignore)
+    spec = ltmdsl.load(plan.spec_text())
+    model = ltmdsl.build(spec, backend=backend, dtype=dtype or torch.float32, device=device, init=False)
+    load_weights(model, plan, folder)
+    model.eval()
+    return model

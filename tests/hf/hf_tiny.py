@@ -1,0 +1,93 @@
+"""Tiny random Hugging Face models of every supported family, built and saved locally (nothing downloads).
+
+Sizes are odd on purpose (d_model 36, vocab 61, d_ff 50, GQA 3:1 and 2:1, windows shorter than the prompt)
+and weights have non-trivial scale: norms around 1 +- 0.3, biases +- 0.3, A_log ~ N(0, 0.5), matrices with
+unit-variance outputs, so a wrong name, transpose or routing rule shows up in the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(vocab_size=61, hidden_size=36, intermediate_size=50)
+ATTN = dict(num_attention_heads=6, num_key_value_heads=2)
+
+#: case id -> (model_type, config kwargs, save fused experts?)
+CASES = {
+    "llama": ("llama", {**COMMON, **ATTN, "num_hidden_layers": 3, "rope_theta": 500.0}, False),
+    "llama_bias": ("llama", {**COMMON, **ATTN, "num_hidden_layers": 2, "attention_bias": True, "mlp_bias": True,
+                             "head_dim": 10}, False),
+    "mistral": ("mistral", {**COMMON, **ATTN, "num_hidden_layers": 3, "sliding_window": 5, "head_dim": 10}, False),
+    "mixtral": ("mixtral", {**COMMON, "num_attention_heads": 6, "num_key_value_heads": 3, "num_hidden_layers": 3,
+                            "num_local_experts": 5, "num_experts_per_tok": 2}, False),
+    "mixtral_fused": ("mixtral", {**COMMON, "num_attention_heads": 6, "num_key_value_heads": 3,
+                                  "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 3}, True),
+    "qwen2": ("qwen2", {**COMMON, **ATTN, "num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 4,
+                        "max_window_layers": 2}, False),
+    "qwen3": ("qwen3", {**COMMON, "num_attention_heads": 6, "num_key_value_heads": 3, "num_hidden_layers": 3,
+                        "head_dim": 10, "tie_word_embeddings": True}, False),
+    "mamba": ("mamba", {"vocab_size": 61, "hidden_size": 36, "num_hidden_layers": 3, "state_size": 6,
+                        "conv_kernel": 3, "time_step_rank": 5}, False),
+    "mamba2": ("mamba2", {"vocab_size": 61, "hidden_size": 36, "num_hidden_layers": 3, "state_size": 6,
+                          "conv_kernel": 3, "num_heads": 6, "head_dim": 12, "n_groups": 2, "chunk_size": 8}, False),
+    "jamba": ("jamba", {**COMMON, **ATTN, "num_hidden_layers": 4, "num_experts": 5, "num_experts_per_tok": 2,
+                        "attn_layer_period": 3, "attn_layer_offset": 1, "expert_layer_period": 2,
+                        "expert_layer_offset": 0, "mamba_dt_rank": 7, "mamba_d_state": 6, "mamba_d_conv": 3}, False),
+    "jamba_fused": ("jamba", {**COMMON, **ATTN, "num_hidden_layers": 2, "num_experts": 3, "num_experts_per_tok": 2,
+                              "attn_layer_period": 2, "attn_layer_offset": 0, "expert_layer_period": 2,
+                              "expert_layer_offset": 1, "mamba_dt_rank": 4, "mamba_d_state": 5}, True),
+    "nemotron_h": ("nemotron_h", {**COMMON, **ATTN, "hybrid_override_pattern": "M*-M-*", "head_dim": 8,
+                                  "mamba_num_heads": 6, "mamba_head_dim": 12, "n_groups": 2, "ssm_state_size": 6,
+                                  "conv_kernel": 3, "chunk_size": 8}, False),
+}
+
+
+def randomize(model, seed: int = 0) -> None:
+    """Non-trivial weights (see the module docstring), deterministic for a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 1 and ("norm" in name or name.endswith(".D")):
+                p.copy_(1 + 0.3 * noise)
+            elif name.endswith("A_log"):
+                p.copy_(0.5 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.3 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5)
+
+
+def hf_model(model_type: str, kwargs: dict, seed: int = 0):
+    """A float32 transformers model of the family with random weights (eager experts: odd sizes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    extra = {"experts_implementation": "eager"} if model_type in ("mixtral", "jamba") else {}
+    model = AutoModelForCausalLM.from_config(cfg, **extra).float().eval()
+    randomize(model, seed)
+    return model
+
+
+def save_case(case: str, folder, seed: int = 0, **save_kwargs):
+    """Build, randomise and save one case; returns the in-memory transformers model."""
+    model_type, kwargs, fused = CASES[case]
+    model = hf_model(model_type, kwargs, seed)
+    model.save_pretrained(folder, save_original_format=not fused, **save_kwargs)
+    return model
+
+
+def load_hf(folder):
+    """A saved folder back through transformers (eager experts)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager").float().eval()
+
+
+def greedy_no_cache(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """The plainest greedy decoding: re-run the whole sequence for every token (no cache anywhere)."""
+    seq = ids
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq

@@ -1,0 +1,202 @@
+"""config.json -> spec: published configs count exactly what transformers counts, caches match the memory
+model and the HF config, layer patterns read right, and every unsupported or hostile input is a clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import ltmdsl
+from ltmdsl.hf import HFError
+from ltmdsl.hf.configs import SUPPORTED_FAMILIES, plan_from_config, spec_from_config
+from ltmdsl.hf.spec import compress, sanitize_name
+from ltmdsl.ir import Dtype
+
+CONFIGS = Path(__file__).parent / "configs"
+#: published name -> parameters as transformers counts them (REFERENCE.md §2)
+PUBLISHED = {
+    "Llama-3.1-8B": 8_030_261_248,
+    "Llama-3.1-405B": 405_853_388_800,
+    "Mistral-7B-v0.1": 7_241_732_096,
+    "Mixtral-8x7B-v0.1": 46_702_792_704,
+    "Jamba-v0.1": 51_570_323_328,
+    "mamba-2.8b-hf": 2_768_345_600,
+    "mamba2-2.7b": 2_702_599_680,
+}
+BF16 = Dtype("bf16", 2)
+
+
+def published(name: str) -> dict:
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+def imported(cfg: dict, **kw):
+    """The ModelIR of an imported config (Llama 3.1's rope_scaling dropped knowingly: counts only)."""
+    return ltmdsl.load(spec_from_config(cfg, ignore=["rope_scaling"], **kw)).model
+
+
+def transformers_count(cfg: dict) -> int:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_counts(name):
+    cfg = published(name)
+    ir = imported(cfg)
+    assert ir.params_total == PUBLISHED[name]
+    assert ir.params_total == transformers_count(cfg)
+
+
+@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_family_defaults_match_transformers(family):
+    """A config that states nothing but model_type must get the defaults of transformers' config class."""
+    cfg = {"model_type": family}
+    if family == "nemotron_h":  # its default layer list contains MoE, which we do not import
+        cfg["hybrid_override_pattern"] = "M*-M"
+    assert imported(cfg).params_total == transformers_count(cfg)
+
+
+def _expected_cache(cfg: dict, T: int, B: int = 1, taps: str = "full") -> dict:
+    """KV and recurrent-state bytes straight from the HF config (REFERENCE.md §3), bf16."""
+    fam, d = cfg["model_type"], cfg["hidden_size"]
+    kv = state = 0
+    if fam in ("llama", "mistral", "mixtral", "jamba"):
+        heads, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        D = d // heads
+        n_attn = cfg["num_hidden_layers"]
+        if fam == "jamba":
+            n_attn = sum(i % cfg["attn_layer_period"] == cfg["attn_layer_offset"] for i in range(n_attn))
+        held = min(T, cfg.get("sliding_window") or T)
+        kv = n_attn * 2 * B * kvh * D * held * 2
+    if fam in ("mamba", "jamba"):
+        Di = 2 * d
+        K, N = cfg.get("conv_kernel", cfg.get("mamba_d_conv")), cfg.get("state_size", cfg.get("mamba_d_state"))
+        n = cfg["num_hidden_layers"] - (kv and n_attn)
+        state = n * B * Di * ((K if taps == "full" else K - 1) + N) * 2
+    if fam == "mamba2":
+        Di, G, N, K = 2 * d, cfg["n_groups"], cfg["state_size"], cfg["conv_kernel"]
+        state = cfg["num_hidden_layers"] * B * ((Di + 2 * G * N) * K + cfg["num_heads"] * cfg["head_dim"] * N) * 2
+    return {"kv_cache": kv, "recurrent_state": state}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("context", [1, 4099, 262_144])
+def test_published_cache_bytes(name, context):
+    memory = pytest.importorskip("ltmdsl.memory")
+    cfg = published(name)
+    got = memory.cache_bytes(imported(cfg), batch=1, context=context, kv_dtype=BF16, state_dtype=BF16)
+    assert got == _expected_cache(cfg, context)
+
+
+def test_published_cache_figures():
+    """Figures quoted in REFERENCE.md §3 (Jamba paper at 256K; Magic.dev's 405B at 100M; Mamba-2.8B state)."""
+    memory = pytest.importorskip("ltmdsl.memory")
+
+    def kv(name, T):
+        return memory.cache_bytes(imported(published(name)), batch=1, context=T, kv_dtype=BF16,
+                                  state_dtype=BF16)
+
+    assert kv("Jamba-v0.1", 262_144)["kv_cache"] == 4 * 2**30
+    assert kv("Mixtral-8x7B-v0.1", 262_144)["kv_cache"] == 32 * 2**30
+    assert kv("Mistral-7B-v0.1", 262_144)["kv_cache"] == 32 * 2**30 * 4096 // 262_144  # window held
+    assert kv("Llama-3.1-405B", 10**8)["kv_cache"] == 51_609_600_000_000
+    mamba = memory.cache_bytes(imported(published("mamba-2.8b-hf")), batch=1, context=10, kv_dtype=BF16,
+                               state_dtype=BF16, conv_taps="minus_one")
+    assert mamba["recurrent_state"] == 10_485_760 + 1_966_080
+
+
+def test_specs_are_readable():
+    text = spec_from_config(published("Llama-3.1-405B"), ignore=["rope_scaling"])
+    assert 'repeat 126 { pattern "A-" }' in text and len(text.splitlines()) < 20
+    assert "# NOTE: 'rope_scaling' ignored on request" in text
+    jamba = spec_from_config(published("Jamba-v0.1"))
+    assert 'repeat 4 { pattern "M- ME M- ME A- ME M- ME" }' in jamba
+    assert "model Jamba_v0_1 {" in spec_from_config(published("Jamba-v0.1"), source="x/Jamba-v0.1.json")
+
+
+def test_jamba_pattern_is_zero_based():
+    """attention where i % attn_layer_period == attn_layer_offset, experts likewise, i counting from 0."""
+    ir = imported(published("Jamba-v0.1"))
+    assert [layer.index for layer in ir.layers if layer.kind == "attention"] == [8, 24, 40, 56]
+    assert [layer.index // 2 for layer in ir.layers if layer.kind == "moe"] == list(range(1, 32, 2))
+    cfg = {**published("Jamba-v0.1"), "attn_layer_period": 3, "attn_layer_offset": 0, "num_hidden_layers": 7}
+    assert [layer.index // 2 for layer in imported(cfg).layers if layer.kind == "attention"] == [0, 3, 6]
+
+
+def test_nemotron_h_pattern_and_list():
+    base = {"model_type": "nemotron_h", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16,
+            "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 2, "vocab_size": 100}
+    kinds = [layer.kind for layer in imported({**base, "hybrid_override_pattern": "M-M*-M"}).layers]
+    assert kinds == ["mamba2", "mlp", "mamba2", "attention", "mlp", "mamba2"]
+    listed = {**base, "layers_block_type": ["linear_attention", "full_attention", "mlp"]}
+    assert [layer.kind for layer in imported(listed).layers] == ["mamba2", "attention", "mlp"]
+    assert imported(listed).layers[1].mixer.rope_theta is None
+    with pytest.raises(HFError, match="MoE layers"):
+        imported({**base, "hybrid_override_pattern": "ME"})
+
+
+def test_qwen2_window_layers():
+    cfg = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "intermediate_size": 96, "vocab_size": 100, "num_hidden_layers": 5, "use_sliding_window": True,
+           "sliding_window": 16, "max_window_layers": 3}
+    ir = imported(cfg)
+    assert [layer.mixer.window for layer in ir.layers if layer.kind == "attention"] == [None] * 3 + [16] * 2
+    assert all(layer.mixer.qkv_bias and not layer.mixer.out_bias for layer in ir.layers if layer.kind == "attention")
+    assert [layer.mixer.window for layer in imported({**cfg, "use_sliding_window": False}).layers
+            if layer.kind == "attention"] == [None] * 5
+
+
+def test_compress():
+    assert compress(["A-"] * 3) == ['repeat 3 { pattern "A-" }']
+    assert compress(["A-", "S-", "S-", "M"]) == ['pattern "A-"', 'repeat 2 { pattern "S-" }', 'pattern "M"']
+    assert compress(["M", "A", "M", "A", "M"]) == ['repeat 2 { pattern "M A" }', 'pattern "M"']
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"model_type": "bamba"}, "partial_rotary_factor 0.5"),
+    ({"model_type": "gpt2"}, "supported: llama, mistral"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported .*'silu'"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters"),
+    ({"model_type": "llama", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"model_type": "llama", "some_new_switch": True}, "unknown config keys .*some_new_switch"),
+    ({"model_type": "llama", "hidden_size": "4096\n}\nmodel evil {"}, "'hidden_size' must be an integer"),
+    ({"model_type": "llama", "hidden_size": True}, "'hidden_size' must be an integer"),
+    ({"model_type": "llama", "rms_norm_eps": float("nan")}, "'rms_norm_eps' must be a positive finite"),
+    ({"model_type": "mamba", "expand": 1.5}, "integer expansion factor"),
+    ({"model_type": "mamba2", "time_step_limit": [0.0, 10.0]}, "time_step_limit"),
+    ({"model_type": "jamba", "mamba_inner_layernorms": False}, "mamba_inner_layernorms"),
+    ({"model_type": "mistral", "hidden_size": 100, "num_attention_heads": 3}, "not a multiple"),
+])
+def test_unsupported_or_bad_configs_are_clear_errors(cfg, message):
+    with pytest.raises(HFError, match=message):
+        spec_from_config(cfg)
+
+
+def test_ignore_is_explicit_and_recorded():
+    text = spec_from_config({"model_type": "llama", "some_new_switch": True}, ignore=["some_new_switch"])
+    assert "# NOTE: 'some_new_switch' ignored on request" in text
+    ltmdsl.load(text)
+
+
+def test_hostile_names_and_values_cannot_inject_spec_text():
+    cfg = {"model_type": "llama", "_name_or_path": 'org/x"}\nmodel evil { vocab = 1 }\n#',
+           "num_hidden_layers": 2, "torch_dtype": "bfloat16\nmodel evil {"}
+    text = spec_from_config(cfg)
+    spec = ltmdsl.load(text)
+    assert len(spec.ir.models) == 1 and spec.model.name.startswith("x_")
+    assert sanitize_name("3.1-8B") == "m_3_1_8B" and sanitize_name("model") == "model_hf"
+    assert sanitize_name("  ") == "model_hf" and len(sanitize_name("a" * 500)) <= 64
+
+
+def test_transformers5_infinity_encoding():
+    cfg = {"model_type": "mamba2", "time_step_limit": [0.0, {"__float__": "Infinity"}]}
+    assert plan_from_config(cfg).family == "mamba2"

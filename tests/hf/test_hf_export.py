@@ -1,0 +1,115 @@
+"""HF -> ltmdsl -> HF: identical tensors and a config transformers loads to the same logits; the two
+commands (`import-hf`, `export-hf`) with their atomic writes and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import ltmdsl  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from hf_tiny import CASES, load_hf, save_case  # noqa: E402
+
+from ltmdsl.cli import main  # noqa: E402
+from ltmdsl.hf import HFError  # noqa: E402
+from ltmdsl.hf.export import config_from_ir, export_hf  # noqa: E402
+
+
+def _tensors(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_is_exact(case, tmp_path):
+    hf = save_case(case, tmp_path / "src")
+    model = ltmdsl.from_hf(tmp_path / "src")
+    out = export_hf(model, tmp_path / "out", fused=CASES[case][2])
+    before, after = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
+    assert sorted(before) == sorted(after)
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name
+    again = load_hf(out)
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(again(ids).logits, hf(ids).logits, 1e-5, f"{case} exported logits")
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]  # no temporary left behind
+
+
+def test_export_from_spec_and_runtime_checkpoint(tmp_path):
+    from ltmdsl.runtime import checkpoint
+
+    save_case("jamba", tmp_path / "src")
+    assert main(["import-hf", str(tmp_path / "src"), "-o", str(tmp_path / "j.ltm"), "--name", "tiny"]) == 0
+    assert main(["export-hf", str(tmp_path / "j.ltm"), str(tmp_path / "fromspec"), "--seed", "5"]) == 0
+    built = ltmdsl.build(ltmdsl.load(tmp_path / "j.ltm"), seed=5)
+    ids = torch.randint(0, 61, (1, 9))
+    with torch.no_grad():
+        assert_close(load_hf(tmp_path / "fromspec")(ids).logits, built(ids), 1e-4, "spec export")
+    model = ltmdsl.from_hf(tmp_path / "src")
+    checkpoint.save(model, tmp_path / "m.safetensors")
+    assert main(["export-hf", str(tmp_path / "m.safetensors"), str(tmp_path / "fromckpt"), "--fused-experts"]) == 0
+    with torch.no_grad():
+        assert_close(load_hf(tmp_path / "fromckpt")(ids).logits, model(ids), 1e-4, "checkpoint export")
+
+
+def test_models_without_a_counterpart_are_refused(tmp_path, capsys):
+    spec = tmp_path / "odd.ltm"
+    spec.write_text("""model odd {
+    vocab = 40
+    d_model = 16
+    norm = layernorm(eps = 1e-5)
+    layer attn = attention(heads = 2)
+    layer ffn = mlp(d_ff = 24, act = gelu)
+    stack { attn ffn }
+}
+""")
+    assert main(["export-hf", str(spec), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: layernorm has no Hugging Face counterpart" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["odd.ltm"]
+    with pytest.raises(HFError, match="activation gelu"):
+        config_from_ir(ltmdsl.load(spec.read_text().replace("layernorm", "rmsnorm")).model)
+
+
+def test_export_refuses_to_clobber(tmp_path, capsys):
+    save_case("llama", tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["import-hf", str(tmp_path / "src"), "-o", str(tmp_path / "l.ltm")]) == 0
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out"), "--force"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+
+
+def test_import_command(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "mamba", "hidden_size": 24, "num_hidden_layers": 5, "vocab_size": 50}))
+    out = tmp_path / "m.ltm"
+    assert main(["import-hf", str(cfg), "-o", str(out)]) == 0
+    assert ltmdsl.load(out).model.params_total > 0
+    assert main(["show", str(out)]) == 0
+    # bad input: exit 1, a one-line message, nothing written, the previous output untouched
+    before = out.read_text()
+    cfg.write_text(json.dumps({"model_type": "mamba", "hidden_act": "gelu"}))
+    capsys.readouterr()
+    assert main(["import-hf", str(cfg), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{cfg}: error: mamba: 'hidden_act'") and "Traceback" not in err
+    assert out.read_text() == before
+    cfg.write_text("{not json")
+    assert main(["import-hf", str(cfg), "-o", str(tmp_path / "n.ltm")]) == 1
+    assert "not a JSON config" in capsys.readouterr().err and not (tmp_path / "n.ltm").exists()
+    assert main(["import-hf", str(tmp_path / "absent"), "-o", str(tmp_path / "n.ltm")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["import-hf", str(tmp_path / "empty"), "-o", str(tmp_path / "n.ltm")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "empty", "m.ltm"]
