@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
+from ltmdsl import atomic
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
 from ltmdsl.hf.spec import Plan
@@ -284,22 +283,9 @@ def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite:
     dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
     if len(dtypes) == 1:
         cfg["torch_dtype"] = dtypes.pop()
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+    with atomic.directory(out_dir, overwrite=True) as tmp:
+        with open(tmp / "config.json", "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
             f.write("\n")
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if os.path.lexists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return out_dir
