@@ -1,0 +1,147 @@
+"""`ltmdsl stream FILE --tokens N [--chunk C] [--batch B] [--json]`: push N synthetic tokens through a model.
+
+The model is built from the spec (seeded random weights) and fed N random tokens per sequence in chunks
+of C under `torch.inference_mode`, one cache allocated up front for N tokens. Only the last position's
+logits are computed per chunk, so nothing of size N x V is ever materialised, and tokens are drawn chunk
+by chunk. Reports tokens, seconds, tokens_per_s (all sequences together), peak_rss_bytes,
+cache_bytes_measured (what the cache holds) and cache_bytes_predicted (ltmdsl.memory.cache_bytes).
+
+Before allocating anything, predicted cache + weights are compared with MemAvailable from /proc/meminfo:
+when they would not fit (a global-attention KV cache at a long N does not), the command refuses with exit
+code 3. Exit codes: 0 done, 1 invalid spec, 2 usage error, 3 would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import sys
+import time
+
+from ltmdsl.commands.common import EXIT_BUDGET, EXIT_OK, EXIT_USAGE, load_or_report
+from ltmdsl.units import format_bytes
+
+SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def count(text: str) -> int:
+    """'4096', '100M', '64Ki', '1e6' -> a positive int (argparse type)."""
+    import argparse
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([kKmMgG]i?)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (try 4096, 1M or 64Ki)")
+    value = float(m.group(1)) * SUFFIXES[(m.group(2) or "").lower()]
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"not a positive whole count: {text!r}")
+    return int(value)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("file", metavar="FILE", help="spec file (.ltm)")
+    p.add_argument("--tokens", type=count, required=True, metavar="N", help="tokens per sequence (e.g. 1M)")
+    p.add_argument("--chunk", type=count, default=1024, metavar="C", help="tokens per forward call (default 1024)")
+    p.add_argument("--batch", type=count, default=1, metavar="B", help="sequences streamed together (default 1)")
+    p.add_argument("--model", help="which model of the file (default: the last one)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: the spec's)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the weights and the tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (ru_maxrss is KiB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def run(args) -> int:
+    spec, code = load_or_report(args.file, show_warnings=not args.json)
+    if spec is None:
+        return code
+    try:
+        ir = spec.ir.model(args.model)
+    except KeyError:
+        print(f"ltmdsl stream: no model {args.model!r} in {args.file}", file=sys.stderr)
+        return EXIT_USAGE
+    from ltmdsl.memory import cache_bytes, weights_bytes
+    from ltmdsl.units import DTYPES
+
+    dname = args.dtype or ir.dtype.name
+    if dname not in ("fp32", "bf16", "fp16"):
+        print(f"ltmdsl stream: model {ir.name} stores {dname} weights; pass --dtype bf16", file=sys.stderr)
+        return EXIT_USAGE
+    dt = DTYPES[dname]
+    N, B, C = args.tokens, args.batch, min(args.chunk, args.tokens)
+    predicted = cache_bytes(ir, batch=B, context=N, kv_dtype=dt, state_dtype=dt, conv_taps="full")
+    cache_pred = sum(predicted.values())
+    weights = weights_bytes(ir, dt)
+    grows = cache_bytes(ir, batch=B, context=2 * N, kv_dtype=dt, state_dtype=dt)["kv_cache"] > predicted["kv_cache"]
+    avail = mem_available()
+    if avail is not None and cache_pred + weights > avail:
+        why = "its KV cache grows with the context" if grows else "its weights and state are too large"
+        print(
+            f"ltmdsl stream: refusing: {ir.name} at {N:,} tokens x batch {B} needs "
+            f"{format_bytes(cache_pred)} of cache + {format_bytes(weights)} of weights = "
+            f"{format_bytes(cache_pred + weights)}, but only {format_bytes(avail)} is available ({why}).",
+            file=sys.stderr,
+        )
+        return EXIT_BUDGET
+
+    import torch
+    from tqdm import tqdm
+
+    from ltmdsl.runtime.build import TORCH_DTYPES, build
+
+    model = build(ir, dtype=TORCH_DTYPES[dname], seed=args.seed).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    show = not args.json and sys.stderr.isatty()
+    with torch.inference_mode():
+        cache = model.new_cache(B, N)
+        bar = tqdm(total=N, unit="tok", unit_scale=True, disable=not show, file=sys.stderr, desc=ir.name)
+        start = time.perf_counter()
+        done = 0
+        logits = None
+        while done < N:
+            c = min(C, N - done)
+            ids = torch.randint(0, ir.vocab, (B, c), generator=gen)  # [B, c], drawn per chunk
+            logits = model(ids, cache, output="last")  # [B, 1, V]: the head runs on one position only
+            done += c
+            bar.update(c)
+        seconds = time.perf_counter() - start
+        bar.close()
+        finite = bool(torch.isfinite(logits).all())
+    report = {
+        "model": ir.name,
+        "tokens": N,
+        "batch": B,
+        "chunk": C,
+        "dtype": dname,
+        "seconds": round(seconds, 6),
+        "tokens_per_s": round(N * B / seconds, 3) if seconds > 0 else None,
+        "peak_rss_bytes": peak_rss(),
+        "cache_bytes_measured": cache.nbytes(),
+        "cache_bytes_predicted": cache_pred,
+        "cache_grows_with_tokens": grows,
+        "weights_bytes": model.parameter_bytes(),
+        "last_logits_finite": finite,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{ir.name}: {N:,} tokens x batch {B} in {seconds:.2f} s = {report['tokens_per_s']:,.0f} tokens/s")
+        print(f"  cache {format_bytes(cache.nbytes())} (predicted {format_bytes(cache_pred)}), "
+              f"weights {format_bytes(report['weights_bytes'])}, peak RSS {format_bytes(report['peak_rss_bytes'])}")
+    return EXIT_OK if finite else 1

@@ -1,0 +1,108 @@
+"""Softmax attention sub-layer: MHA / GQA / MQA, RoPE, causal or not, optional sliding window and qk-norm.
+
+    q = q_proj(x) [B,T,H,D]   k = k_proj(x) [B,T,Hkv,D]   v = v_proj(x) [B,T,Hkv,Dv]
+    (Qwen3 qk-norm: RMSNorm over D per head, before RoPE) -> RoPE(q, k) at positions pos0 + t
+    o = attention(q, k, v) [B,T,H,Dv] -> o_proj -> [B,T,d]
+
+With a cache, keys and values are written where their positions say: slot p for global attention, slot
+p % S of a ring buffer for a window (S = min(max_context, W)). Chunked prefill reads the cached keys back
+in time order and attends over [cached ; new]; the one-token `step` uses `attention_decode` over the slots.
+Mirrors transformers' LlamaAttention (and Qwen3Attention for qk-norm, MistralAttention for the window).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ltmdsl.ir import AttentionConfig
+from ltmdsl.runtime import initializers as init
+from ltmdsl.runtime.cache import KVCache
+from ltmdsl.runtime.kernels import Kernels
+from ltmdsl.runtime.norm import RMSNorm
+from ltmdsl.runtime.ops_attention import apply_rope, rope_cos_sin
+
+
+class Attention(nn.Module):
+    """forward(x [B,T,d], state: KVCache | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
+
+    def __init__(self, cfg: AttentionConfig, d: int, eps: float, kernels: Kernels):
+        super().__init__()
+        self.cfg, self.kernels = cfg, kernels
+        H, Hkv, D, Dv = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
+        self.scale = D**-0.5
+        self.q_proj = nn.Linear(d, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, Hkv * Dv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * Dv, d, bias=cfg.out_bias)
+        self.q_norm = RMSNorm(D, eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, eps) if cfg.qk_norm else None
+
+    def init_weights(self, gen: torch.Generator) -> None:
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            init.linear_(lin, gen)
+        for n in (self.q_norm, self.k_norm):
+            if n is not None:
+                n.init_weights(gen)
+
+    def _qkv(self, x: torch.Tensor, pos0: int):
+        """x [B,T,d] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] with qk-norm and RoPE applied."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.heads, cfg.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.v_head_dim)  # [B, T, Hkv, Dv]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.rope_theta is not None:
+            positions = torch.arange(pos0, pos0 + T, device=x.device)  # [T]
+            cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, q.dtype)  # [T, D]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, state: KVCache | None = None, pos0: int = 0) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, pos0)
+        if state is not None:
+            k, v = self._write_and_read(state, k, v, pos0)  # [B, Tk, Hkv, D] with Tk >= T
+        o = self.kernels.attention(q, k, v, causal=cfg.causal, window=cfg.window, scale=self.scale)
+        return self.o_proj(o.reshape(B, T, cfg.heads * cfg.v_head_dim))  # [B, T, d]
+
+    def _write_and_read(self, state: KVCache, k: torch.Tensor, v: torch.Tensor, pos0: int):
+        """Store the new keys/values; return [earlier keys in time order ; new keys] (and values)."""
+        T, S = k.shape[1], state.slots
+        kc, vc = state.k, state.v
+        if state.window is None:  # global: slot = position
+            end = pos0 + T
+            if end > S:
+                raise ValueError(f"cache holds {S} tokens; this call would reach position {end}")
+            kc[:, pos0:end] = k
+            vc[:, pos0:end] = v
+            return kc[:, :end].to(k.dtype), vc[:, :end].to(v.dtype)
+        # Ring buffer: the last min(pos0, S) positions are still held, at slots p % S.
+        kept = min(pos0, S)
+        slots = torch.arange(pos0 - kept, pos0, device=k.device) % S  # [kept], time order
+        k_all = torch.cat([kc[:, slots].to(k.dtype), k], dim=1)  # [B, kept + T, Hkv, D]
+        v_all = torch.cat([vc[:, slots].to(v.dtype), v], dim=1)
+        m = min(T, S)  # only the newest S tokens survive the write
+        new_slots = torch.arange(pos0 + T - m, pos0 + T, device=k.device) % S  # [m]
+        kc[:, new_slots] = k[:, T - m :].to(kc.dtype)
+        vc[:, new_slots] = v[:, T - m :].to(vc.dtype)
+        return k_all, v_all
+
+    def step(self, x: torch.Tensor, state: KVCache, pos0: int) -> torch.Tensor:
+        """One token per sequence at position pos0: x [B,d] -> [B,d]; writes its key/value into the cache."""
+        cfg = self.cfg
+        B = x.shape[0]
+        q, k, v = self._qkv(x[:, None], pos0)  # [B, 1, H|Hkv, D]
+        S = state.slots
+        if state.window is None and pos0 >= S:
+            raise ValueError(f"cache holds {S} tokens; this step is at position {pos0}")
+        slot = pos0 % S
+        state.k[:, slot] = k[:, 0].to(state.k.dtype)
+        state.v[:, slot] = v[:, 0].to(state.v.dtype)
+        o = self.kernels.attention_decode(
+            q[:, 0], state.k.to(q.dtype), state.v.to(v.dtype), n_valid=min(pos0 + 1, S), scale=self.scale
+        )  # [B, H, Dv]
+        return self.o_proj(o.reshape(B, cfg.heads * cfg.v_head_dim))

@@ -1,0 +1,49 @@
+"""Seeded weight initialisation helpers; every module's `init_weights(gen)` uses these.
+
+All draws come from an explicit `torch.Generator` (no global RNG state is touched), in fp32 on the CPU,
+so one seed gives the same weights on every machine and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STD = 0.02  # normal(0, 0.02) for linear and embedding weights, as GPT-2 / Llama do
+
+
+@torch.no_grad()
+def normal_(p: torch.Tensor, gen: torch.Generator, std: float = STD) -> None:
+    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@torch.no_grad()
+def uniform_(p: torch.Tensor, gen: torch.Generator, bound: float) -> None:
+    p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+
+
+@torch.no_grad()
+def ones_(p: torch.Tensor) -> None:
+    p.fill_(1.0)
+
+
+@torch.no_grad()
+def zeros_(p: torch.Tensor | None) -> None:
+    if p is not None:
+        p.zero_()
+
+
+@torch.no_grad()
+def linear_(lin: torch.nn.Linear, gen: torch.Generator, std: float = STD) -> None:
+    """normal(0, std) weight, zero bias."""
+    normal_(lin.weight, gen, std)
+    zeros_(lin.bias)
+
+
+@torch.no_grad()
+def dt_bias_(p: torch.Tensor, gen: torch.Generator, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+    """Mamba's time-step init: dt log-uniform in [dt_min, dt_max], stored as softplus^-1(dt)."""
+    u = torch.rand(p.shape, generator=gen)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+    p.copy_(dt + torch.log(-torch.expm1(-dt)))

@@ -1,0 +1,126 @@
+"""Mamba-1 selective SSM sub-layer (Gu & Dao 2023), optionally with Jamba's inner RMSNorms on dt, B, C.
+
+    x, z = in_proj(u).chunk(2)                 [B,T,Di] each
+    x = silu(causal_conv1d(x))                 depthwise, K = d_conv taps
+    dt, Bm, Cm = x_proj(x).split([R, N, N])    (Jamba: dt, Bm, Cm each RMSNorm'ed)
+    delta = softplus(dt_proj(dt))              [B,T,Di]    A = -exp(A_log) [Di,N]
+    y = selective_scan(x, delta, A, Bm, Cm) + D * x;  y = y * silu(z);  out_proj(y) -> [B,T,d]
+
+Mirrors transformers' MambaMixer and JambaMambaMixer (the slow torch path) term by term. With a cache
+the conv taps and the SSM state carry over between calls; `step` is the one-token recurrence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltmdsl.ir import MambaConfig
+from ltmdsl.runtime import initializers as init
+from ltmdsl.runtime.cache import SSMState
+from ltmdsl.runtime.kernels import Kernels
+from ltmdsl.runtime.norm import RMSNorm
+
+
+def conv_with_state(kernels: Kernels, x: torch.Tensor, conv: nn.Conv1d, state: SSMState | None) -> torch.Tensor:
+    """silu(causal conv) of x [B,T,C], continuing from the cached taps and leaving the newest taps there."""
+    K = conv.weight.shape[-1]
+    prev = None
+    if state is not None and K > 1:
+        prev = state.conv[:, :, -(K - 1) :]  # [B, C, K-1]: the K-1 inputs before x
+    y = kernels.causal_conv1d(x, conv.weight[:, 0], conv.bias, prev=prev, silu=True)  # [B, T, C]
+    if state is not None and state.conv.shape[-1]:
+        taps = state.conv.shape[-1]
+        state.conv.copy_(torch.cat([state.conv, x.transpose(1, 2).to(state.conv.dtype)], dim=-1)[..., -taps:])
+    return y
+
+
+def conv_step_with_state(kernels: Kernels, x: torch.Tensor, conv: nn.Conv1d, state: SSMState) -> torch.Tensor:
+    """One token x [B,C] -> silu(conv) [B,C]; K cached taps use the in-place `conv_step` kernel, K-1 taps
+    (vLLM's layout) convolve [taps ; x] and shift."""
+    K = conv.weight.shape[-1]
+    if state.conv.shape[-1] == K:
+        return kernels.conv_step(x, state.conv, conv.weight[:, 0], conv.bias, silu=True)
+    y = conv_with_state(kernels, x[:, None], conv, state)  # [B, 1, C]
+    return y[:, 0]
+
+
+class Mamba(nn.Module):
+    """forward(x [B,T,d], state: SSMState | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
+
+    def __init__(self, cfg: MambaConfig, d: int, eps: float, kernels: Kernels):
+        super().__init__()
+        self.cfg, self.kernels = cfg, kernels
+        Di, N, R, K = cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+        self.in_proj = nn.Linear(d, 2 * Di, bias=cfg.proj_bias)
+        self.conv1d = nn.Conv1d(Di, Di, K, groups=Di, padding=K - 1, bias=cfg.conv_bias)  # weight [Di, 1, K]
+        self.x_proj = nn.Linear(Di, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, Di, bias=True)
+        self.A_log = nn.Parameter(torch.empty(Di, N))
+        self.D = nn.Parameter(torch.empty(Di))
+        self.out_proj = nn.Linear(Di, d, bias=cfg.proj_bias)
+        if cfg.inner_norms:
+            self.dt_layernorm = RMSNorm(R, eps)
+            self.b_layernorm = RMSNorm(N, eps)
+            self.c_layernorm = RMSNorm(N, eps)
+        else:
+            self.dt_layernorm = self.b_layernorm = self.c_layernorm = None
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator) -> None:
+        """Like state-spaces/mamba: S4D-real A = -(1..N), D = 1, dt log-uniform in [1e-3, 0.1]."""
+        cfg = self.cfg
+        init.linear_(self.in_proj, gen)
+        init.uniform_(self.conv1d.weight, gen, 1.0 / math.sqrt(cfg.d_conv))
+        init.zeros_(self.conv1d.bias)
+        init.linear_(self.x_proj, gen)
+        init.uniform_(self.dt_proj.weight, gen, cfg.dt_rank**-0.5)
+        init.dt_bias_(self.dt_proj.bias, gen)
+        self.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(cfg.d_inner, -1))
+        init.ones_(self.D)
+        init.linear_(self.out_proj, gen)
+        for n in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
+            if n is not None:
+                n.init_weights(gen)
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x [..., Di] (after conv) -> delta [..., Di] (fp32, softplus'ed), Bm [..., N], Cm [..., N]."""
+        cfg = self.cfg
+        dt, Bm, Cm = self.x_proj(x).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        if self.dt_layernorm is not None:
+            dt, Bm, Cm = self.dt_layernorm(dt), self.b_layernorm(Bm), self.c_layernorm(Cm)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dt = F.linear(dt, self.dt_proj.weight).to(work) + self.dt_proj.bias.to(work)  # [..., Di]
+        return F.softplus(dt), Bm, Cm
+
+    def _A(self, like: torch.Tensor) -> torch.Tensor:
+        work = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return -torch.exp(self.A_log.to(work))  # [Di, N]
+
+    def _gate_out(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y [..., Di] -> out_proj((y + D x) * silu(z)) [..., d], the skip and gate in fp32 like HF."""
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = (y.to(work) + x.to(work) * self.D.to(work)) * F.silu(z.to(work))
+        return self.out_proj(y.to(x.dtype))
+
+    def forward(self, u: torch.Tensor, state: SSMState | None = None, pos0: int = 0) -> torch.Tensor:
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # [B, T, Di] each
+        x = conv_with_state(self.kernels, x, self.conv1d, state)  # [B, T, Di]
+        delta, Bm, Cm = self._ssm_inputs(x)  # [B,T,Di], [B,T,N], [B,T,N]
+        y, h = self.kernels.selective_scan(
+            x, delta, self._A(x), Bm, Cm, state=None if state is None else state.ssm
+        )  # [B, T, Di], [B, Di, N]
+        if state is not None:
+            state.ssm.copy_(h)
+        return self._gate_out(y, x, z)  # [B, T, d]
+
+    def step(self, u: torch.Tensor, state: SSMState, pos0: int) -> torch.Tensor:
+        """One token: u [B,d] -> [B,d], advancing the conv taps and SSM state in place."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # [B, Di] each
+        x = conv_step_with_state(self.kernels, x, self.conv1d, state)  # [B, Di]
+        delta, Bm, Cm = self._ssm_inputs(x)  # [B, Di], [B, N], [B, N]
+        y = self.kernels.selective_step(x, delta, self._A(x), Bm, Cm, state.ssm)  # [B, Di]
+        return self._gate_out(y, x, z)

@@ -1,0 +1,111 @@
+"""Mamba-2 SSD sub-layer (Dao & Gu 2024), as transformers' Mamba2Mixer computes it.
+
+    z, xBC, dt = in_proj(u).split([Di, Di + 2GN, Hs])
+    xBC = silu(causal_conv1d(xBC));  x, Bm, Cm = xBC.split([Di, GN, GN])
+    dt = softplus(dt + dt_bias) [B,T,Hs];  A = -exp(A_log) [Hs]
+    y = ssd_scan(x [B,T,Hs,P], dt, A, Bm [B,T,G,N], Cm) + D * x
+    y = rmsnorm_grouped(y * silu(z)) * norm.weight   (group size Di / G);  out_proj(y) -> [B,T,d]
+
+With a cache the conv taps and the SSM state [B,Hs,P,N] carry over; `step` is the one-token recurrence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltmdsl.ir import Mamba2Config
+from ltmdsl.runtime import initializers as init
+from ltmdsl.runtime.cache import SSMState
+from ltmdsl.runtime.kernels import Kernels
+from ltmdsl.runtime.mamba import conv_step_with_state, conv_with_state
+from ltmdsl.runtime.ops_norm import gated_rmsnorm
+
+
+class GatedNormWeight(nn.Module):
+    """Holds `norm.weight` [Di] of the gated RMSNorm (the math lives in ops_norm.gated_rmsnorm)."""
+
+    def __init__(self, Di: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(Di))
+
+
+class Mamba2(nn.Module):
+    """forward(x [B,T,d], state: SSMState | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
+
+    def __init__(self, cfg: Mamba2Config, d: int, eps: float, kernels: Kernels):
+        super().__init__()
+        self.cfg, self.kernels, self.eps = cfg, kernels, eps
+        Di, Hs, K = cfg.d_inner, cfg.heads, cfg.d_conv
+        self.in_proj = nn.Linear(d, 2 * Di + 2 * cfg.n_groups * cfg.d_state + Hs, bias=cfg.proj_bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, K, groups=cfg.conv_dim, padding=K - 1, bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(Hs))
+        self.A_log = nn.Parameter(torch.empty(Hs))
+        self.D = nn.Parameter(torch.empty(Hs))
+        self.norm = GatedNormWeight(Di)
+        self.out_proj = nn.Linear(Di, d, bias=cfg.proj_bias)
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator) -> None:
+        """Like state-spaces/mamba's Mamba2: A uniform in [1, 16], D = 1, dt log-uniform in [1e-3, 0.1]."""
+        cfg = self.cfg
+        init.linear_(self.in_proj, gen)
+        init.uniform_(self.conv1d.weight, gen, 1.0 / math.sqrt(cfg.d_conv))
+        init.zeros_(self.conv1d.bias)
+        init.dt_bias_(self.dt_bias, gen)
+        self.A_log.copy_(torch.log(1 + 15 * torch.rand(cfg.heads, generator=gen)))
+        init.ones_(self.D)
+        init.ones_(self.norm.weight)
+        init.linear_(self.out_proj, gen)
+
+    def _split(self, zxbcdt: torch.Tensor):
+        cfg = self.cfg
+        GN = cfg.n_groups * cfg.d_state
+        return zxbcdt.split([cfg.d_inner, cfg.d_inner + 2 * GN, cfg.heads], dim=-1)
+
+    def _dt_A(self, dt: torch.Tensor):
+        """dt [..., Hs] -> softplus(dt + dt_bias) and A = -exp(A_log), in fp32 (fp64 for fp64 inputs)."""
+        work = torch.float64 if dt.dtype == torch.float64 else torch.float32
+        return F.softplus(dt.to(work) + self.dt_bias.to(work)), -torch.exp(self.A_log.to(work))
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, x [..., Hs, P], z [..., Di] -> out_proj(gated_norm(y + D x, z)) [..., d]."""
+        cfg = self.cfg
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = y.to(work) + x.to(work) * self.D.to(work)[:, None]  # [..., Hs, P]
+        y = y.reshape(*y.shape[:-2], cfg.d_inner)  # [..., Di]
+        y = gated_rmsnorm(y, z, self.norm.weight.to(work), group_size=cfg.d_inner // cfg.n_groups, eps=self.eps)
+        return self.out_proj(y.to(x.dtype))
+
+    def forward(self, u: torch.Tensor, state: SSMState | None = None, pos0: int = 0) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = u.shape
+        G, N = cfg.n_groups, cfg.d_state
+        z, xBC, dt = self._split(self.in_proj(u))  # [B,T,Di], [B,T,Di+2GN], [B,T,Hs]
+        xBC = conv_with_state(self.kernels, xBC, self.conv1d, state)
+        x, Bm, Cm = xBC.split([cfg.d_inner, G * N, G * N], dim=-1)
+        x = x.reshape(B, T, cfg.heads, cfg.head_dim)  # [B, T, Hs, P]
+        dt, A = self._dt_A(dt)  # [B, T, Hs], [Hs]
+        y, h = self.kernels.ssd_scan(
+            x, dt, A, Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N),
+            chunk=cfg.chunk, state=None if state is None else state.ssm,
+        )  # [B, T, Hs, P], [B, Hs, P, N]
+        if state is not None:
+            state.ssm.copy_(h)
+        return self._finish(y, x, z)  # [B, T, d]
+
+    def step(self, u: torch.Tensor, state: SSMState, pos0: int) -> torch.Tensor:
+        """One token: u [B,d] -> [B,d], advancing the conv taps and SSM state in place."""
+        cfg = self.cfg
+        B = u.shape[0]
+        G, N = cfg.n_groups, cfg.d_state
+        z, xBC, dt = self._split(self.in_proj(u))  # [B, Di], [B, Di+2GN], [B, Hs]
+        xBC = conv_step_with_state(self.kernels, xBC, self.conv1d, state)
+        x, Bm, Cm = xBC.split([cfg.d_inner, G * N, G * N], dim=-1)
+        x = x.reshape(B, cfg.heads, cfg.head_dim)  # [B, Hs, P]
+        dt, A = self._dt_A(dt)  # [B, Hs], [Hs]
+        y = self.kernels.ssd_step(x, dt, A, Bm.reshape(B, G, N), Cm.reshape(B, G, N), state.ssm)  # [B, Hs, P]
+        return self._finish(y, x, z)

@@ -1,0 +1,215 @@
+"""The runnable model: embedding, the flat stack of pre-norm residual sub-layers, final norm, LM head.
+
+    h = embed(ids)                                   [B, T, d]
+    for each sub-layer i:  h = h + mixer_i(norm_i(h))   (the residual add is fused into the next norm)
+    logits = lm_head(final_norm(h))                  [B, T, V]   (tied: embed.weight is the head)
+
+`forward(ids, cache=None, output="logits")` runs prefill, chunked prefill or decode: with a cache, each
+call continues at position `cache.seen` and advances it; a one-token call uses each mixer's `step`.
+`output="last"` computes logits for the last position only and `output="hidden"` skips the head, so long
+streams never materialise [B, T, V]. Modules hold no global state: the kernels arrive at construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ltmdsl.ir import AttentionConfig, Mamba2Config, MambaConfig, MLPConfig, ModelIR, MoEConfig, SubLayer
+from ltmdsl.runtime import initializers as init
+from ltmdsl.runtime.attention import Attention
+from ltmdsl.runtime.cache import Cache, allocate
+from ltmdsl.runtime.ffn import MLP, MoE
+from ltmdsl.runtime.kernels import Kernels
+from ltmdsl.runtime.mamba import Mamba
+from ltmdsl.runtime.mamba2 import Mamba2
+from ltmdsl.runtime.norm import Norm
+
+OUTPUTS = ("logits", "last", "hidden")
+
+
+def build_mixer(layer: SubLayer, d: int, kernels: Kernels) -> nn.Module:
+    """The module for one sub-layer's mixer config (the registry keyed by `layer.kind`)."""
+    m, eps = layer.mixer, layer.norm.eps
+    if isinstance(m, AttentionConfig):
+        return Attention(m, d, eps, kernels)
+    if isinstance(m, MambaConfig):
+        return Mamba(m, d, eps, kernels)
+    if isinstance(m, Mamba2Config):
+        return Mamba2(m, d, eps, kernels)
+    if isinstance(m, MLPConfig):
+        return MLP(m, d)
+    if isinstance(m, MoEConfig):
+        return MoE(m, d)
+    raise TypeError(f"no runtime module for mixer kind {layer.kind!r}")
+
+
+class Block(nn.Module):
+    """One residual sub-layer: `norm` (pre-norm, fused with the pending residual add) and `mixer`."""
+
+    def __init__(self, layer: SubLayer, d: int, kernels: Kernels):
+        super().__init__()
+        self.norm = Norm(layer.norm, d, kernels)
+        self.mixer = build_mixer(layer, d, kernels)
+
+    def init_weights(self, gen: torch.Generator) -> None:
+        self.norm.init_weights(gen)
+        self.mixer.init_weights(gen)
+
+
+class LTModel(nn.Module):
+    """A ModelIR made runnable. Parameter names follow docs/CONTRACTS.md."""
+
+    def __init__(self, ir: ModelIR, kernels: Kernels):
+        super().__init__()
+        self.ir, self.kernels = ir, kernels
+        d = ir.d_model
+        self.embed = nn.Embedding(ir.vocab, d)
+        owners: dict[tuple[str, int], Block] = {}
+        blocks = []
+        for layer in ir.layers:
+            if layer.tie_group is None:
+                blocks.append(Block(layer, d, kernels))
+                continue
+            key = (layer.tie_group, layer.tie_slot or 0)
+            if key not in owners:  # the first sub-layer of a tie slot owns the weights
+                owners[key] = Block(layer, d, kernels)
+            blocks.append(owners[key])  # later ones share the very same module objects
+        self.layers = nn.ModuleList(blocks)
+        self.final_norm = Norm(ir.final_norm, d, kernels)
+        self.lm_head = None if ir.tie_embeddings else nn.Linear(d, ir.vocab, bias=False)
+
+    # -- weights ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Seeded init (fp32 draws on the CPU, copied into the parameters whatever their dtype/device)."""
+        gen = torch.Generator().manual_seed(seed)
+        init.normal_(self.embed.weight, gen)
+        done: set[int] = set()
+        for block in self.layers:
+            if id(block) not in done:  # tied blocks are initialised once
+                done.add(id(block))
+                block.init_weights(gen)
+        self.final_norm.init_weights(gen)
+        if self.lm_head is not None:
+            init.normal_(self.lm_head.weight, gen)
+
+    def num_parameters(self) -> int:
+        """Unique parameters (tied blocks counted once): equals `ir.params_total`."""
+        return sum(p.numel() for p in self.parameters())
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # -- cache --------------------------------------------------------------------------------
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_context: int,
+        dtype: torch.dtype | None = None,
+        conv_taps: str = "full",
+        state_dtype: torch.dtype | None = None,
+    ) -> Cache:
+        """A zeroed cache: KV for attention (ring buffers for windows), conv taps and SSM state for Mamba.
+
+        `dtype` is the KV dtype and, unless `state_dtype` is given, the recurrent-state dtype; both
+        default to the model's dtype. Bytes equal ltmdsl.memory.cache_bytes(...) for the same arguments.
+        """
+        kv = dtype or self.dtype
+        return allocate(
+            self.ir, batch_size=batch_size, max_context=max_context, kv_dtype=kv,
+            state_dtype=state_dtype or kv, conv_taps=conv_taps, device=self.device,
+        )
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Normalised hidden states [..., d] -> logits [..., V]."""
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return h @ w.t()
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, output: str = "logits") -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] ("logits"), [B, 1, V] ("last") or hidden [B, T, d] ("hidden")."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}")
+        B, T = input_ids.shape
+        pos0 = 0 if cache is None else cache.seen
+        if cache is not None and B != cache.batch_size:
+            raise ValueError(f"cache was allocated for batch {cache.batch_size}, got {B}")
+        decode = cache is not None and T == 1
+        h = self.embed(input_ids)  # [B, T, d]
+        pending = None  # the previous mixer's output, added into h by the next norm
+        for i, block in enumerate(self.layers):
+            normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)
+            state = None if cache is None else cache.layers[i]
+            if decode:
+                pending = block.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
+            else:
+                pending = block.mixer(normed, state, pos0)  # [B, T, d]
+        normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
+        if cache is not None:
+            cache.seen += T
+        if output == "hidden":
+            return normed
+        if output == "last":
+            return self.head(normed[:, -1:])
+        return self.head(normed)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy: logits of input_ids [B, T] against targets [B, T] (fp32 softmax)."""
+        logits = self(input_ids)  # [B, T, V]
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Prefill the prompt [B, T] then decode `max_new_tokens` one at a time -> [B, T + max_new_tokens].
+
+        temperature 0 is greedy; otherwise sample from softmax(logits / temperature), restricted to the
+        `top_k` most likely tokens when given, with a generator seeded by `seed`.
+        """
+        B, T = input_ids.shape
+        if cache is None:
+            cache = self.new_cache(B, T + max_new_tokens)
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=input_ids.device)
+            gen.manual_seed(0 if seed is None else seed)
+        logits = self(input_ids, cache, output="last")[:, -1]  # [B, V]
+        out = [input_ids]
+        for i in range(max_new_tokens):
+            nxt = _pick(logits, temperature, top_k, gen)  # [B]
+            out.append(nxt[:, None])
+            if i + 1 < max_new_tokens:
+                logits = self(nxt[:, None], cache, output="last")[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row of logits [B, V]: argmax, or a sample at `temperature` (optionally top-k)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scaled = logits.float() / temperature
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen)[:, 0]

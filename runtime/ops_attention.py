@@ -1,0 +1,137 @@
+"""Attention ops: rotary embeddings, the SDPA-backed attention kernel and its plain reference.
+
+Layouts keep the sequence dimension explicit (docs/CONTRACTS.md):
+    q [B, Tq, H, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv]  ->  o [B, Tq, H, Dv]
+Query i sits at key position Tk - Tq + i (keys end where the queries end), so one call covers full prefill,
+chunked prefill over cached keys and decode. A window W lets a query at position p see keys in (p - W, p].
+
+`attention` (torch SDPA) is the fast path; `attention_reference` is its oracle (explicit softmax, repeated
+KV heads) and each docstring names the other. `attention_decode` scores one query against unordered cache
+slots (a ring buffer); its oracle is `attention_reference` over the same keys in time order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings (Hugging Face Llama convention: rotate_half, inv_freq = 1/theta^(2i/D)).
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_cos_sin(positions: torch.Tensor, D: int, theta: float, dtype: torch.dtype):
+    """positions [T] (int) -> (cos, sin) each [T, D] in `dtype`.
+
+    Frequencies are computed in fp32 (fp64 for fp64 inputs) and cast, as LlamaRotaryEmbedding does.
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    i = torch.arange(0, D, 2, dtype=torch.int64, device=positions.device).to(work)  # [D/2]
+    inv_freq = 1.0 / (theta ** (i / D))  # [D/2]
+    freqs = positions.to(work)[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [-x2, x1] with x1, x2 the two halves of the last axis."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D], cos/sin [T, D] -> x rotated by position, [B, T, H, D]."""
+    return x * cos[None, :, None, :] + rotate_half(x) * sin[None, :, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------
+
+
+def visibility_mask(Tq: int, Tk: int, *, causal: bool, window: int | None, device) -> torch.Tensor | None:
+    """Boolean [Tq, Tk] mask, True where query i may see key j; None when every key is visible.
+
+    Query i sits at key position p = Tk - Tq + i; causal keeps j <= p, a window W keeps j > p - W.
+    """
+    if not causal and window is None:
+        return None
+    p = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # [Tq, 1]
+    j = torch.arange(Tk, device=device)[None, :]  # [1, Tk]
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        mask &= j <= p
+    if window is not None:
+        mask &= j > p - window
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None, scale: float
+) -> torch.Tensor:
+    """Softmax attention via torch SDPA: q [B,Tq,H,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv] -> [B,Tq,H,Dv].
+
+    GQA/MQA through SDPA's `enable_gqa`; the oracle is `attention_reference`. With a window W and many
+    queries, queries go in blocks of max(W, 128), each against only the keys its window can reach, so a
+    long chunk costs O(Tq * (block + W)) instead of O(Tq * Tk).
+    """
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if window is not None and Tq > 2 * max(window, 128):
+        blk, shift, outs = max(window, 128), Tk - Tq, []
+        for q0 in range(0, Tq, blk):
+            q1 = min(q0 + blk, Tq)
+            k0, k1 = max(0, shift + q0 - window + 1), shift + q1  # keys ending where this block's queries end
+            outs.append(attention(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], causal=causal, window=window, scale=scale))
+        return torch.cat(outs, dim=1)  # [B, Tq, H, Dv]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T, D]
+    if causal and window is None and Tq == Tk:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=H != Hkv)
+    else:
+        mask = visibility_mask(Tq, Tk, causal=causal, window=window, device=q.device)  # [Tq, Tk] | None
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+    return o.transpose(1, 2)  # [B, Tq, H, Dv]
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None, scale: float
+) -> torch.Tensor:
+    """The plain oracle of `attention` (same signature): repeat KV heads, explicit masked softmax."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    kr = k.repeat_interleave(G, dim=2)  # [B, Tk, H, D]
+    vr = v.repeat_interleave(G, dim=2)  # [B, Tk, H, Dv]
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale  # [B, H, Tq, Tk]
+    mask = visibility_mask(Tq, Tk, causal=causal, window=window, device=q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s.float() if s.dtype != torch.float64 else s, dim=-1).to(v.dtype)  # [B, H, Tq, Tk]
+    return torch.einsum("bhqk,bkhd->bqhd", p, vr)  # [B, Tq, H, Dv]
+
+
+def attention_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, n_valid: int, scale: float
+) -> torch.Tensor:
+    """One query per sequence over cache slots [0, n_valid): q [B,H,D], k_cache [B,S,Hkv,D],
+    v_cache [B,S,Hkv,Dv] -> [B,H,Dv].
+
+    Slots may be in any order (a ring buffer): RoPE was applied when keys were written and a window is
+    enforced by the ring's size, so no mask is needed. Oracle: `attention_reference` with Tq = 1.
+    """
+    B, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = H // Hkv
+    k = k_cache[:, :n_valid]  # [B, S', Hkv, D]
+    v = v_cache[:, :n_valid]  # [B, S', Hkv, Dv]
+    qg = q.view(B, Hkv, G, D)  # [B, Hkv, G, D]
+    s = torch.einsum("bhgd,bshd->bhgs", qg, k) * scale  # [B, Hkv, G, S']
+    p = torch.softmax(s.float() if s.dtype != torch.float64 else s, dim=-1).to(v.dtype)
+    o = torch.einsum("bhgs,bshd->bhgd", p, v)  # [B, Hkv, G, Dv]
+    return o.reshape(B, H, v.shape[-1])

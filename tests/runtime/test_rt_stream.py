@@ -1,0 +1,82 @@
+"""`ltmdsl stream`: measured cache bytes equal the memory model's, a constant-memory spec keeps its cache
+and peak RSS flat as N grows, a growing cache that would not fit is refused with exit 3 before anything
+is allocated, and token counts accept unit suffixes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+from paths import EXAMPLES
+
+from ltmdsl.commands import stream
+
+STREAM = str(EXAMPLES / "stream-hybrid.ltm")
+TINY = str(EXAMPLES / "tiny-hybrid.ltm")
+
+
+def run(argv, capsys):
+    p = argparse.ArgumentParser()
+    stream.add_arguments(p)
+    code = stream.run(p.parse_args(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_report(capsys):
+    code, out, err = run([STREAM, "--tokens", "3000", "--chunk", "512", "--batch", "2", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["tokens"] == 3000 and r["batch"] == 2 and r["last_logits_finite"]
+    assert r["cache_bytes_measured"] == r["cache_bytes_predicted"] > 0
+    assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0 and not r["cache_grows_with_tokens"]
+    assert err == ""  # no progress bar with --json
+
+
+def test_constant_memory_cache_does_not_grow(capsys):
+    sizes = []
+    for n in ("1000", "8Ki"):
+        code, out, _ = run([STREAM, "--tokens", n, "--chunk", "700", "--json"], capsys)
+        assert code == 0
+        sizes.append(json.loads(out)["cache_bytes_measured"])
+    assert sizes[0] == sizes[1]
+
+
+def test_growing_cache_that_cannot_fit_is_refused(capsys):
+    code, out, err = run([TINY, "--tokens", "10G", "--json"], capsys)
+    assert code == 3
+    assert "refusing" in err and "KV cache grows" in err and out == ""
+
+
+def test_tiny_hybrid_streams_with_a_growing_cache(capsys):
+    code, out, _ = run([TINY, "--tokens", "600", "--chunk", "256", "--json"], capsys)
+    r = json.loads(out)
+    assert code == 0 and r["cache_grows_with_tokens"]
+    assert r["cache_bytes_measured"] == r["cache_bytes_predicted"]
+
+
+def test_peak_rss_flat_for_constant_memory_spec():
+    """Peak RSS in fresh processes at N = 2K and N = 64K differs by less than 16 MiB."""
+    peaks = []
+    for n in ("2000", "64Ki"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ltmdsl.cli", "stream", STREAM, "--tokens", n, "--chunk", "1024", "--json"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        peaks.append(json.loads(proc.stdout)["peak_rss_bytes"])
+    assert abs(peaks[1] - peaks[0]) < 16 * 2**20, f"peak RSS {peaks}"
+
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("1M", 10**6), ("64Ki", 65536), ("1e3", 1000)])
+def test_count_parser(text, value):
+    assert stream.count(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "1.5", "lots"])
+def test_count_parser_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        stream.count(text)
