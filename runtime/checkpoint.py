@@ -11,7 +11,6 @@ ltmdsl.model (its name), ltmdsl.source_hash, ltmdsl.version, ltmdsl.dtype.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ltmdsl
+from ltmdsl import atomic
 from ltmdsl.runtime.build import build
 from ltmdsl.runtime.model import LTModel
 
@@ -39,14 +39,8 @@ def save(model: LTModel, path: str | os.PathLike) -> Path:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.temporary_sibling(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
