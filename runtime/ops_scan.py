@@ -92,7 +92,7 @@ def selective_scan_reference(
     """Token-loop oracle of `selective_scan` / `selective_step`, computed in the inputs' dtype."""
     Bsz, T, Di = u.shape
     N = A.shape[1]
-    h = torch.zeros(Bsz, Di, N, dtype=u.dtype) if state is None else state.clone().to(u.dtype)
+    h = torch.zeros(Bsz, Di, N, dtype=u.dtype, device=u.device) if state is None else state.clone().to(u.dtype)
     ys = []
     for t in range(T):
         h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * Bm[:, t, None, :]

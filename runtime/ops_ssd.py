@@ -112,7 +112,7 @@ def ssd_scan_reference(
     N = Bm.shape[-1]
     b = _per_head(Bm, Hs)  # [B, T, Hs, N]
     c = _per_head(Cm, Hs)
-    h = torch.zeros(Bsz, Hs, P, N, dtype=x.dtype) if state is None else state.clone().to(x.dtype)
+    h = torch.zeros(Bsz, Hs, P, N, dtype=x.dtype, device=x.device) if state is None else state.clone().to(x.dtype)
     ys = []
     for t in range(T):
         decay = torch.exp(dt[:, t] * A)[..., None, None]  # [B, Hs, 1, 1]

@@ -1,0 +1,135 @@
+"""`ltmdsl compile FILE -o DIR`: write a model's generated Triton kernels and a manifest for inspection.
+
+Every distinct layer configuration of the model becomes one kernel module (codegen/kernelspec.py); each
+is rendered, linted (codegen/lint.py) and written as DIR/<name>.py, and DIR/manifest.json lists them with
+their spec hash, cache key, parameters, launch META and the lint's shared-memory estimate. The output is
+built in a temporary directory beside DIR and renamed into place, so DIR holds the old complete output
+or the new one, never a part. An existing DIR is replaced only if it holds an earlier manifest.json.
+Nothing here imports triton: compiling works on machines without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_or_report
+
+
+def add_arguments(p) -> None:
+    p.add_argument("file", metavar="FILE", help="spec file (.ltm)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write the kernels into")
+    p.add_argument("--model", help="which model of the file (default: the last one)")
+    add_target_arguments(p)
+
+
+def add_target_arguments(p) -> None:
+    """--dtype and --target, shared with `ltmdsl emit`."""
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                   help="activation dtype of the kernels (default: the model's dtype, fp32 if it has none)")
+    p.add_argument("--target", choices=("gpu", "interpreter"), default="gpu",
+                   help="gpu: native dtypes in tl.dot; interpreter: upcast to fp32 (TRITON_INTERPRET=1)")
+
+
+def select_model(spec, name: str | None):
+    """The named model of a loaded spec (or the last one); None after printing the choices."""
+    try:
+        return spec.ir.model(name)
+    except KeyError:
+        names = ", ".join(m.name for m in spec.ir.models)
+        print(f"error: no model {name!r} in {spec.path or 'the spec'}; models: {names}", file=sys.stderr)
+        return None
+
+
+def rendered_kernels(model, dtype: str | None, target: str) -> list[dict]:
+    """[{spec, source, key, reports}] for every kernel module of `model`, linted."""
+    from ltmdsl.codegen.cache import kernel_key
+    from ltmdsl.codegen.kernelspec import specs_for_model
+    from ltmdsl.codegen.lint import lint_or_raise
+    from ltmdsl.codegen.render import render
+
+    out = []
+    for spec in specs_for_model(model, dtype=dtype, upcast=target == "interpreter"):
+        source = render(spec)
+        reports = lint_or_raise(source, spec)
+        out.append({"spec": spec, "source": source, "key": kernel_key(source), "reports": reports})
+    return out
+
+
+def manifest(model, items: list[dict], dtype: str | None, target: str) -> dict:
+    from ltmdsl import __version__
+    from ltmdsl.codegen.cache import _triton_version
+
+    return {
+        "ltmdsl_version": __version__,
+        "triton_version": _triton_version(),
+        "model": model.name,
+        "source_hash": model.source_hash,
+        "dtype": items[0]["spec"]["dtype"] if items else dtype,
+        "target": target,
+        "kernels": [
+            {
+                "name": it["spec"].name,
+                "file": it["spec"].name + ".py",
+                "family": it["spec"].family,
+                "spec_hash": it["spec"].spec_hash,
+                "key": it["key"],
+                "params": dict(it["spec"].params),
+                "functions": {fn: {"smem_bytes_estimate": r.smem_bytes} for fn, r in it["reports"].items()},
+            }
+            for it in items
+        ],
+    }
+
+
+def _replace_dir(tmp: str, dest: str) -> None:
+    """Move the finished tmp directory to dest, replacing an earlier output directory."""
+    if not os.path.exists(dest):
+        os.rename(tmp, dest)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.old-", dir=os.path.dirname(dest))
+    os.rmdir(old)
+    os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run(args) -> int:
+    spec, code = load_or_report(args.file)
+    if spec is None:
+        return code
+    model = select_model(spec, args.model)
+    if model is None:
+        return EXIT_USAGE
+    dest = os.path.abspath(args.output)
+    if os.path.exists(dest) and (not os.path.isdir(dest) or (os.listdir(dest)
+                                 and not os.path.exists(os.path.join(dest, "manifest.json")))):
+        print(f"error: {args.output} exists and is not an earlier `ltmdsl compile` output; refusing to replace it",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        items = rendered_kernels(model, args.dtype, args.target)
+    except Exception as e:  # a lint or spec failure: report, write nothing
+        print(f"error: code generation failed: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
+    try:
+        for it in items:
+            with open(os.path.join(tmp, it["spec"].name + ".py"), "w", encoding="utf-8") as f:
+                f.write(it["source"])
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest(model, items, args.dtype, args.target), f, indent=2, sort_keys=True)
+            f.write("\n")
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for it in items:
+        print(f"{it['spec'].name}.py  ({it['spec'].family}, key {it['key'][:16]})")
+    print(f"wrote {len(items)} kernel modules and manifest.json to {args.output}")
+    return EXIT_OK
