@@ -16,12 +16,12 @@ import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from ltmdsl import atomic
 from ltmdsl.codegen.kernelspec import KernelSpec
 from ltmdsl.codegen.lint import lint_or_raise
 from ltmdsl.codegen.render import render
@@ -62,19 +62,7 @@ def write_atomic(path: Path, text: str) -> None:
                 return
         except OSError:
             pass
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic.write_text(path, text)
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 
+from ltmdsl import atomic
 from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_or_report
 
 
@@ -85,18 +84,6 @@ def manifest(model, items: list[dict], dtype: str | None, target: str) -> dict:
     }
 
 
-def _replace_dir(tmp: str, dest: str) -> None:
-    """Move the finished tmp directory to dest, replacing an earlier output directory."""
-    if not os.path.exists(dest):
-        os.rename(tmp, dest)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.old-", dir=os.path.dirname(dest))
-    os.rmdir(old)
-    os.rename(dest, old)
-    os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run(args) -> int:
     spec, code = load_or_report(args.file)
     if spec is None:
@@ -115,20 +102,12 @@ def run(args) -> int:
     except Exception as e:  # a lint or spec failure: report, write nothing
         print(f"error: code generation failed: {e}", file=sys.stderr)
         return EXIT_SPEC
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
-    try:
+    with atomic.directory(dest, overwrite=True) as tmp:
         for it in items:
-            with open(os.path.join(tmp, it["spec"].name + ".py"), "w", encoding="utf-8") as f:
-                f.write(it["source"])
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(manifest(model, items, args.dtype, args.target), f, indent=2, sort_keys=True)
-            f.write("\n")
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (tmp / f"{it['spec'].name}.py").write_text(it["source"], encoding="utf-8")
+        (tmp / "manifest.json").write_text(
+            json.dumps(manifest(model, items, args.dtype, args.target), indent=2, sort_keys=True) + "\n",
+            encoding="utf-8")
     for it in items:
         print(f"{it['spec'].name}.py  ({it['spec'].family}, key {it['key'][:16]})")
     print(f"wrote {len(items)} kernel modules and manifest.json to {args.output}")
