@@ -1,7 +1,9 @@
 """Evaluating spec expressions exactly: integers stay integers, division must be exact, sizes are bounded.
 
 Values are Python ints, floats, bools, None, `Word` (a bare identifier that is not a constant, such as
-`swiglu` or `bf16`, whose meaning the parameter decides) and `NormValue` (`rmsnorm(eps = 1e-5)`).
+`swiglu` or `bf16`, whose meaning the parameter decides), `NormValue` (`rmsnorm(eps = 1e-5)`) and
+`RopeScaling` (`llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)`,
+checked here so that a constant holding one is already valid).
 Problems are reported through an `EvalError` carrying the position to point at.
 """
 
@@ -13,7 +15,7 @@ from fractions import Fraction
 from typing import Any, Callable
 
 from ltmdsl import ast
-from ltmdsl.ir import SourcePos
+from ltmdsl.ir import RopeScaling, SourcePos
 from ltmdsl.units import BYTE_UNITS, COUNT_SUFFIXES
 
 MAX_MAGNITUDE = 2**100  # larger than any byte count a model could need, small enough to stay fast
@@ -98,6 +100,8 @@ def describe(value: Any) -> str:
         return f"'{value.name}'"
     if isinstance(value, NormValue):
         return f"a {value.kind}"
+    if isinstance(value, RopeScaling):
+        return f"a {value.kind}() rope scaling"
     return type(value).__name__
 
 
@@ -167,7 +171,58 @@ class Scope:
         return Word(name, pos)
 
 
+#: The keyword parameters of `llama3(...)`, all required, in the order they are documented.
+LLAMA3_PARAMS = ("factor", "low_freq_factor", "high_freq_factor", "original_context")
+
+
+def _llama3(node: ast.Call, scope: Scope) -> RopeScaling:
+    """`llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)`.
+
+    Llama 3.1's RoPE frequency scaling (see `RopeScaling`). All four keywords are required and checked:
+    factor >= 1 (1 leaves every frequency unchanged), 0 < low_freq_factor < high_freq_factor (the wavelength
+    thresholds original_context / low_freq_factor and original_context / high_freq_factor must be ordered, or
+    the interpolation divides by zero), original_context a whole number of tokens >= 1. Errors point at the
+    offending keyword or value.
+    """
+    usage = f"llama3({', '.join(f'{n} = ...' for n in LLAMA3_PARAMS)})"
+    if node.args:
+        raise EvalError(node.args[0].pos, f"llama3() takes keyword arguments only: {usage}")
+    given: dict[str, tuple[Any, SourcePos]] = {}
+    for k in node.kwargs:
+        if k.name not in LLAMA3_PARAMS:
+            raise EvalError(k.pos, f"unknown parameter '{k.name}' of llama3(){did_you_mean(k.name, LLAMA3_PARAMS)}"
+                            f" (parameters: {', '.join(LLAMA3_PARAMS)})")
+        if k.name in given:
+            raise EvalError(k.pos, f"parameter '{k.name}' of llama3() given twice")
+        given[k.name] = (evaluate(k.value, scope), k.value.pos)
+    missing = [n for n in LLAMA3_PARAMS if n not in given]
+    if missing:
+        raise EvalError(node.pos, f"llama3() is missing {', '.join(missing)} (it needs all four: {usage})")
+
+    def number(name: str) -> int | float:
+        value, pos = given[name]
+        if isinstance(value, Word):
+            raise EvalError(value.pos, f"unknown name '{value.name}'{did_you_mean(value.name, scope.names())}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EvalError(pos, f"llama3() {name} must be a number, got {describe(value)}")
+        return value
+
+    factor, low, high = number("factor"), number("low_freq_factor"), number("high_freq_factor")
+    if factor < 1:
+        raise EvalError(given["factor"][1], f"llama3() factor must be at least 1, got {factor:g}")
+    if low <= 0:
+        raise EvalError(given["low_freq_factor"][1], f"llama3() low_freq_factor must be positive, got {low:g}")
+    if high <= low:
+        raise EvalError(given["high_freq_factor"][1], f"llama3() high_freq_factor ({high:g}) must be greater than "
+                        f"low_freq_factor ({low:g})")
+    context, cpos = given["original_context"]
+    context = as_int(context, cpos, "llama3() original_context", 1)
+    return RopeScaling("llama3", float(factor), float(low), float(high), context)
+
+
 def _call(node: ast.Call, scope: Scope) -> Any:
+    if node.func == "llama3":
+        return _llama3(node, scope)
     args = [evaluate(a, scope) for a in node.args]
     kwargs = {k.name: (evaluate(k.value, scope), k.pos) for k in node.kwargs}
     if node.func in ("rmsnorm", "layernorm"):
@@ -188,7 +243,7 @@ def _call(node: ast.Call, scope: Scope) -> Any:
     }
     if node.func not in fns:
         raise EvalError(node.pos, f"unknown function '{node.func}'"
-                        f"{did_you_mean(node.func, list(fns) + ['rmsnorm', 'layernorm'])}")
+                        f"{did_you_mean(node.func, list(fns) + ['rmsnorm', 'layernorm', 'llama3'])}")
     arity, fn = fns[node.func]
     if kwargs:
         raise EvalError(node.pos, f"{node.func}() takes positional arguments only")

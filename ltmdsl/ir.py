@@ -61,11 +61,30 @@ class NormConfig:
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for contexts longer than the one a model was pre-trained on.
+
+    kind "llama3" (Llama 3.1, transformers' `rope_type: llama3`): with inv_freq = 1 / theta^(2i/D) and
+    wavelength 2*pi / inv_freq, frequencies whose wavelength is shorter than original_context /
+    high_freq_factor are kept, those longer than original_context / low_freq_factor are divided by `factor`,
+    and those in between are interpolated smoothly. cos and sin are not rescaled (transformers' attention
+    factor is 1 for llama3). Only the rotation angles change: no parameters, no cache bytes.
+    """
+
+    kind: str  # "llama3"
+    factor: float  # >= 1
+    low_freq_factor: float  # > 0
+    high_freq_factor: float  # > low_freq_factor
+    original_context: int  # the pre-training context (transformers' original_max_position_embeddings)
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     """Multi-head / grouped-query / multi-query softmax attention, optionally windowed.
 
     q: d -> H*D, k: d -> Hkv*D, v: d -> Hkv*Dv, o: H*Dv -> d. `window` None means global attention;
-    otherwise each query sees the last W keys including itself. `rope_theta` None means no RoPE.
+    otherwise each query sees the last W keys including itself. `rope_theta` None means no RoPE;
+    `rope_scaling` (only with RoPE) rescales its frequencies, None means plain RoPE.
     """
 
     heads: int  # H
@@ -78,6 +97,7 @@ class AttentionConfig:
     qkv_bias: bool
     out_bias: bool
     qk_norm: bool  # per-head RMSNorm on q and k (Qwen3); eps is the sub-layer norm's eps
+    rope_scaling: RopeScaling | None = None  # last and defaulted, so positional constructors keep working
     kind: str = field(default="attention", init=False)
 
     @property

@@ -21,7 +21,8 @@ NORM_KINDS = ("rmsnorm", "layernorm")
 class Param:
     """One typed parameter of a layer kind.
 
-    type: "int" | "float" | "bool" | "enum" | "norm"; `nullable` admits `none`.
+    type: "int" | "float" | "bool" | "enum" | "norm" | "rope_scaling" (a `llama3(...)` call); `nullable`
+    admits `none`.
     default: a value, a callable (values so far, ModelContext) -> value, or REQUIRED.
     """
 
@@ -84,10 +85,13 @@ def _build_attention(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
     if head_dim is None:
         head_dim = _div(ctx.d_model, heads, "head_dim defaults to d_model / heads, but d_model", "heads")
     v_head_dim = v["v_head_dim"] if v["v_head_dim"] is not None else head_dim
+    if v["rope_scaling"] is not None and v["rope_theta"] is None:
+        raise CheckError("rope_scaling rescales RoPE frequencies, but rope_theta = none turns RoPE off; "
+                         "give rope_theta or drop rope_scaling", "rope_scaling")
     return AttentionConfig(
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, window=v["window"],
         rope_theta=float(v["rope_theta"]) if v["rope_theta"] is not None else None, causal=v["causal"],
-        qkv_bias=v["qkv_bias"], out_bias=v["out_bias"], qk_norm=v["qk_norm"],
+        qkv_bias=v["qkv_bias"], out_bias=v["out_bias"], qk_norm=v["qk_norm"], rope_scaling=v["rope_scaling"],
     )
 
 
@@ -109,6 +113,9 @@ ATTENTION = LayerKind(
         Param("v_head_dim", "int", nullable=True, min=1, doc="Dv (default: head_dim)"),
         Param("window", "int", nullable=True, min=1, doc="sliding window W in tokens (default: none = global)"),
         Param("rope_theta", "float", 10000.0, nullable=True, min=1e-9, doc="RoPE base; none disables RoPE"),
+        Param("rope_scaling", "rope_scaling", None, nullable=True,
+              doc="RoPE frequency scaling: llama3(factor = ..., low_freq_factor = ..., high_freq_factor = ..., "
+                  "original_context = ...) (default: none = plain RoPE)"),
         Param("causal", "bool", True),
         Param("qkv_bias", "bool", False),
         Param("out_bias", "bool", False),

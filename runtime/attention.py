@@ -2,6 +2,7 @@
 
     q = q_proj(x) [B,T,H,D]   k = k_proj(x) [B,T,Hkv,D]   v = v_proj(x) [B,T,Hkv,Dv]
     (Qwen3 qk-norm: RMSNorm over D per head, before RoPE) -> RoPE(q, k) at positions pos0 + t
+    (frequencies rescaled by `rope_scaling`, e.g. Llama 3.1's llama3 scaling)
     o = attention(q, k, v) [B,T,H,Dv] -> o_proj -> [B,T,d]
 
 With a cache, keys and values are written where their positions say: slot p for global attention, slot
@@ -56,7 +57,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.rope_theta is not None:
             positions = torch.arange(pos0, pos0 + T, device=x.device)  # [T]
-            cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, q.dtype)  # [T, D]
+            cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling)  # [T, D]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 

@@ -12,8 +12,12 @@ slots (a ring buffer); its oracle is `attention_reference` over the same keys in
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from ltmdsl.ir import RopeScaling
 
 
 # ---------------------------------------------------------------------------------------------
@@ -21,14 +25,42 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_cos_sin(positions: torch.Tensor, D: int, theta: float, dtype: torch.dtype):
-    """positions [T] (int) -> (cos, sin) each [T, D] in `dtype`.
+def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """The D/2 rotation frequencies [D/2] in `dtype`: 1/theta^(2i/D), then `scaling` if given.
 
-    Frequencies are computed in fp32 (fp64 for fp64 inputs) and cast, as LlamaRotaryEmbedding does.
+    llama3 (Llama 3.1) follows transformers' `_compute_llama3_parameters` operation for operation, so in fp32
+    the frequencies are bitwise those of LlamaRotaryEmbedding: with wavelength 2*pi / inv_freq, frequencies
+    whose wavelength exceeds original_context / low_freq_factor are divided by `factor`, those below
+    original_context / high_freq_factor are kept, and in between
+        smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    """
+    i = torch.arange(0, D, 2, dtype=torch.int64, device=device).to(dtype)  # [D/2]
+    inv_freq = 1.0 / (theta ** (i / D))  # [D/2]
+    if scaling is None:
+        return inv_freq
+    if scaling.kind != "llama3":
+        raise ValueError(f"unknown rope scaling kind {scaling.kind!r} (supported: llama3)")
+    factor, low, high, ctx = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_context
+    low_freq_wavelen = ctx / low  # longer wavelengths: divided by factor
+    high_freq_wavelen = ctx / high  # shorter wavelengths: unchanged
+    wavelen = 2 * math.pi / inv_freq  # [D/2]
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)  # [D/2]
+    smooth = (ctx / wavelen - low) / (high - low)  # [D/2], in [0, 1] for the medium band
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled  # [D/2]
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)  # [D/2]
+    return torch.where(medium, smoothed, scaled)  # [D/2]
+
+
+def rope_cos_sin(positions: torch.Tensor, D: int, theta: float, dtype: torch.dtype,
+                 scaling: RopeScaling | None = None):
+    """positions [T] (int) -> (cos, sin) each [T, D] in `dtype`; `scaling` rescales the frequencies.
+
+    Frequencies are computed in fp32 (fp64 for fp64 inputs) and cast, as LlamaRotaryEmbedding does
+    (see `rope_inv_freq`; llama3 scaling keeps the attention factor at 1, so cos and sin are not rescaled).
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    i = torch.arange(0, D, 2, dtype=torch.int64, device=positions.device).to(work)  # [D/2]
-    inv_freq = 1.0 / (theta ** (i / D))  # [D/2]
+    inv_freq = rope_inv_freq(D, theta, scaling, work, positions.device)  # [D/2]
     freqs = positions.to(work)[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -48,6 +48,7 @@ def test_show_table_totals(capsys):
     assert main(["show", str(EXAMPLES / "llama-3.1-8b.ltm")]) == 0
     out = capsys.readouterr().out
     assert "params_total" in out and "8,030,261,248" in out
+    assert "rope=500000 llama3x8@8192" in out  # Llama 3.1's rope scaling: 8x the 8192-token context
 
 
 def test_fmt_check_and_write(tmp_path, capsys):

@@ -156,3 +156,72 @@ def test_source_text_of_an_importing_spec_loads_alone(tmp_path):
     spec = ltmdsl.load(main)
     again = ltmdsl.load(spec.model.source_text)
     assert again.model.params_total == spec.model.params_total
+
+
+# ---- rope_scaling = llama3(...) ---------------------------------------------------------------
+
+LLAMA3 = "llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8Ki)"
+
+
+def test_llama3_rope_scaling_resolves():
+    """Values become floats (original_context an int); the default is none; counts do not change; a constant
+    can hold the call; overrides can set and clear it per position."""
+    from ltmdsl.ir import RopeScaling
+
+    spec = ltmdsl.load(f"""model m {{
+    vocab = 256
+    d_model = 64
+    s = {LLAMA3}
+    layer attn = attention(heads = 4, rope_theta = 5e5, rope_scaling = s)
+    layer plain = attention(heads = 4, rope_theta = 5e5)
+    stack {{ attn plain attn(rope_scaling = none) }}
+    override 1 (rope_scaling = llama3(factor = 2, low_freq_factor = 0.5, high_freq_factor = 1.5,
+                                      original_context = 4096))
+}}""")
+    a, b, c = (layer.mixer for layer in spec.model.layers)
+    assert a.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    assert isinstance(a.rope_scaling.factor, float) and isinstance(a.rope_scaling.original_context, int)
+    assert b.rope_scaling == RopeScaling("llama3", 2.0, 0.5, 1.5, 4096) and c.rope_scaling is None
+    assert len({layer.params for layer in spec.model.layers}) == 1
+    assert spec.model.to_json()["layers"][0]["mixer"]["rope_scaling"] == {
+        "kind": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context": 8192}
+    assert load("stack { attn }").model.layers[0].mixer.rope_scaling is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, orig_context = 8192)",
+     r"unknown parameter 'orig_context' of llama3\(\); did you mean 'original_context'\?"),
+    ("llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4)",
+     r"llama3\(\) is missing original_context \(it needs all four"),
+    ("llama3(8, 1, 4, 8192)", r"llama3\(\) takes keyword arguments only"),
+    ("llama3(factor = 8, factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)",
+     r"parameter 'factor' of llama3\(\) given twice"),
+    ("llama3(factor = 0.5, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)",
+     r"llama3\(\) factor must be at least 1, got 0.5"),
+    ("llama3(factor = 8, low_freq_factor = 0, high_freq_factor = 4, original_context = 8192)",
+     r"llama3\(\) low_freq_factor must be positive, got 0"),
+    ("llama3(factor = 8, low_freq_factor = 4, high_freq_factor = 4, original_context = 8192)",
+     r"llama3\(\) high_freq_factor \(4\) must be greater than low_freq_factor \(4\)"),
+    ("llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192.5)",
+     r"llama3\(\) original_context must be an integer, got the number 8192.5"),
+    ("llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 0)",
+     r"llama3\(\) original_context must be at least 1, got 0"),
+    ("llama3(factor = true, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)",
+     r"llama3\(\) factor must be a number, got a boolean"),
+    ("llama3(factor = eigth, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)",
+     "unknown name 'eigth'; did you mean 'eight'?"),
+    ("llama3", r"llama3 needs its parameters: llama3\(factor = \.\.\."),
+    ("llama(factor = 8)", "unknown function 'llama'; did you mean 'llama3'?"),
+    ("rmsnorm(eps = 1e-5)", r"rope_scaling of layer 'attn' must be llama3\(.*\) or none, got a rmsnorm"),
+    ("8", r"rope_scaling of layer 'attn' must be llama3\(.*\) or none, got the integer 8"),
+])
+def test_llama3_rope_scaling_errors(value, message):
+    with pytest.raises(SpecError, match=message):
+        ltmdsl.load(f"model m {{\n vocab = 2\n d_model = 64\n eight = 8\n"
+                    f" layer attn = attention(heads = 4, rope_scaling = {value})\n stack {{ attn }}\n"
+                    f" override 0 (window = eight)\n}}\n")
+
+
+def test_rope_scaling_needs_rope():
+    with pytest.raises(SpecError, match="rope_scaling rescales RoPE frequencies, but rope_theta = none"):
+        load(f"layer nope = attention(heads = 4, rope_theta = none, rope_scaling = {LLAMA3})\n stack {{ nope }}")

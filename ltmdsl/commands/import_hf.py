@@ -18,8 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", metavar="OUT.ltm", help="spec file to write (default: print to stdout)")
     p.add_argument("--name", help="model name in the spec (default: from the config's name or the folder)")
     p.add_argument("--ignore", action="append", default=[], metavar="KEY",
-                   help="drop this config key knowingly (e.g. rope_scaling); recorded as a NOTE in the spec; "
-                        "repeatable")
+                   help="drop this config key knowingly (e.g. a rope_scaling of type yarn); recorded as a NOTE "
+                        "in the spec; repeatable")
 
 
 def run(args) -> int:

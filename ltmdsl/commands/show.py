@@ -22,6 +22,9 @@ def dims(m) -> str:
         text += f" Dv={m.v_head_dim}" if m.v_head_dim != m.head_dim else ""
         text += f" W={m.window}" if m.window else " global"
         text += f" rope={m.rope_theta:g}" if m.rope_theta else " nope"
+        if m.rope_scaling is not None:  # e.g. "llama3x8@8192": frequencies scaled for 8x the 8192-token context
+            s = m.rope_scaling
+            text += f" {s.kind}x{s.factor:g}@{s.original_context}"
         return text
     if isinstance(m, MambaConfig):
         return f"N={m.d_state} K={m.d_conv} d_inner={m.d_inner} dt_rank={m.dt_rank}" + (" +norms" if m.inner_norms else "")

@@ -3,10 +3,11 @@
 We read the JSON ourselves (no `transformers` needed) with the defaults of the transformers 5 config classes,
 and account for every key: a key is either mapped, known not to change the forward pass (metadata, token ids,
 initialisation and training-only settings: `HARMLESS_KEYS`), or an error that lists what is supported.
-`ignore=` names keys the caller explicitly accepts to drop (e.g. `rope_scaling` to count a Llama-3.1's
-parameters); each dropped key is recorded as a NOTE comment in the spec. Layer pattern conventions: Jamba
-places attention/experts where `i % period == offset` with 0-based i; Qwen2/3 slide from layer
-`max_window_layers` on or follow `layer_types`; Nemotron-H spells one character per layer (M, *, -).
+`ignore=` names keys the caller explicitly accepts to drop (e.g. a `rope_scaling` of type yarn, to count a
+model's parameters); each dropped key is recorded as a NOTE comment in the spec. RoPE is plain or scaled as
+Llama 3.1 does (`rope_type: llama3`, written `rope_scaling = llama3(...)` in the spec). Layer pattern
+conventions: Jamba places attention/experts where `i % period == offset` with 0-based i; Qwen2/3 slide from
+layer `max_window_layers` on or follow `layer_types`; Nemotron-H spells one character per layer (M, *, -).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Callable
 from ltmdsl.hf import HFError
 from ltmdsl.hf.spec import (Plan, attention_call, mamba2_call, mamba_call, mlp_call, moe_call, safe_text,
                             sanitize_name, show_value)
+from ltmdsl.ir import RopeScaling
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h")
 
@@ -106,8 +108,12 @@ class _Reader:
     def expect(self, key: str, ok: Callable[[Any], bool], supported: str, default: Any = None) -> None:
         """A key whose only supported values are those `ok` accepts (others change the computation)."""
         value = self.raw(key, default)
-        if ok(value):
-            return
+        if not ok(value):
+            self.unsupported(key, supported, default)
+
+    def unsupported(self, key: str, supported: str, default: Any = None) -> None:
+        """`key`'s value cannot be expressed: dropped with a NOTE when the caller ignores the key, else an error."""
+        value = self.raw(key, default)
         if key in self.ignore:
             self.notes.append(safe_text(f"'{key}' ignored on request (outputs differ from the original): "
                                     f"{show_value(value)}", 200))
@@ -136,28 +142,82 @@ class _Reader:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _rope_theta(r: _Reader, default: float) -> float:
-    """The RoPE base; plain RoPE only (rope_type default, full rotary dimension)."""
-    plain = "rope_type 'default' (no scaling)"
+#: What `rope_scaling` / `rope_parameters` may say, for error messages.
+ROPE_SUPPORTED = ("rope_type 'default' (plain RoPE) or 'llama3' (Llama 3.1 frequency scaling: factor, "
+                  "low_freq_factor, high_freq_factor, original_max_position_embeddings); linear, dynamic, yarn, "
+                  "longrope and other rope types are not supported")
+_LLAMA3_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "low_freq_factor",
+                "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_number(r: _Reader, rp: dict, key: str, name: str, minimum: float, strict: bool) -> float:
+    """`rp[name]` as a finite number >= minimum (> minimum when strict); a missing or bad value is an error."""
+    value = rp.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or value < minimum or (strict and value == minimum):
+        raise r.fail(f"'{key}.{name}' must be a number {'>' if strict else '>='} {minimum:g}, got {show_value(value)}")
+    return float(value)
+
+
+def _llama3(r: _Reader, key: str, rp: dict) -> RopeScaling | None:
+    """Llama 3.1's scaling from a checked `rope_type: llama3` dict; None when it was dropped on request."""
+    unknown = sorted(str(k) for k in rp if k not in _LLAMA3_KEYS)
+    if unknown:
+        r.unsupported(key, f"for rope_type 'llama3' the keys {', '.join(_LLAMA3_KEYS)}; not "
+                           f"{', '.join(safe_text(k) for k in unknown)}")
+        return None
+    factor = _rope_number(r, rp, key, "factor", 1, False)
+    low = _rope_number(r, rp, key, "low_freq_factor", 0, True)
+    high = _rope_number(r, rp, key, "high_freq_factor", low, True)
+    # transformers falls back to max_position_embeddings (standardize_rope_params); a config stating neither
+    # relies on a family default we would only guess, so it is an error here
+    where, context = f"{key}.original_max_position_embeddings", rp.get("original_max_position_embeddings")
+    if context is None:
+        where, context = "max_position_embeddings", r.cfg.get("max_position_embeddings")
+    if isinstance(context, float) and context.is_integer():
+        context = int(context)
+    if not isinstance(context, int) or isinstance(context, bool) or not 1 <= context < 2**53:
+        raise r.fail(f"'{where}' must be an integer >= 1 for rope_type 'llama3', got {show_value(context)}")
+    return RopeScaling("llama3", factor, low, high, context)
+
+
+def _rope(r: _Reader, default: float) -> tuple[float, RopeScaling | None]:
+    """The RoPE base and its frequency scaling (plain, or Llama 3.1's llama3), full rotary dimension only.
+
+    transformers 4 configs say `rope_theta` and `rope_scaling`; transformers 5 writes one `rope_parameters`
+    dict that holds rope_theta too. As transformers 5 does (`convert_rope_params_to_dict`), `rope_scaling`
+    is read when it is set and `rope_parameters` otherwise, and a rope_theta inside the dict wins over the
+    top-level one. Other rope types (linear, dynamic, yarn, longrope, ...) are refused, or dropped with a
+    NOTE when the key is ignored.
+    """
     theta = r.float("rope_theta", default)
-    if r.present("rope_parameters"):
-        rp = r.raw("rope_parameters")
-        if not isinstance(rp, dict) or any(isinstance(v, dict) for v in rp.values()):
-            r.expect("rope_parameters", lambda v: False, "one dict with rope_type 'default'")
-            return theta
-        r.expect("rope_parameters", lambda v: v.get("rope_type", v.get("type", "default")) == "default", plain)
-        prf = rp.get("partial_rotary_factor", 1.0)
-        r.expect("rope_parameters", lambda v: prf in (1, 1.0), "partial_rotary_factor 1.0")
-        if "rope_theta" in rp:
-            value = rp["rope_theta"]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                    or value <= 0:
-                raise r.fail(f"'rope_parameters.rope_theta' must be a positive number, got {show_value(value)}")
-            theta = float(value)
-    r.expect("rope_scaling", lambda v: v is None or (isinstance(v, dict)
-             and v.get("rope_type", v.get("type", "default")) == "default"), f"null or {plain}")
     r.expect("partial_rotary_factor", lambda v: v in (None, 1, 1.0), "1.0")
-    return theta
+    scaling, params = r.raw("rope_scaling", None), r.raw("rope_parameters", None)
+    if scaling and params and isinstance(scaling, dict) and isinstance(params, dict) and \
+            scaling != {k: v for k, v in params.items() if k != "rope_theta" or "rope_theta" in scaling}:
+        raise r.fail("'rope_scaling' and 'rope_parameters' disagree (transformers 5 reads only 'rope_scaling'); "
+                     "keep one of them")
+    key, rp = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
+    if not rp:  # absent, null or {}
+        return theta, None
+    if not isinstance(rp, dict) or any(isinstance(v, dict) for v in rp.values()):
+        r.unsupported(key, f"one dict for all layers with {ROPE_SUPPORTED}")
+        return theta, None
+    if rp.get("partial_rotary_factor", 1.0) not in (1, 1.0):
+        r.unsupported(key, "partial_rotary_factor 1.0")
+        return theta, None
+    if "rope_theta" in rp:
+        value = rp["rope_theta"]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise r.fail(f"'{key}.rope_theta' must be a positive number, got {show_value(value)}")
+        theta = float(value)
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        return theta, _llama3(r, key, rp)
+    r.unsupported(key, ROPE_SUPPORTED)
+    return theta, None
 
 
 def _dtype(cfg: dict) -> str:
@@ -242,7 +302,7 @@ def _transformer(r: _Reader) -> dict:
     tied = r.bool("tie_word_embeddings", False)
     kv, head_dim = _dims(r, d, heads, 128 if fam == "qwen3" else None,
                          {"mistral": 8, "mixtral": 8, "qwen2": 32, "qwen3": 32}.get(fam))
-    theta = _rope_theta(r, 1e6 if fam == "mixtral" else 10000.0)
+    theta, scaling = _rope(r, 1e6 if fam == "mixtral" else 10000.0)
     r.act()
     qkv_bias = out_bias = mlp_bias = False
     if fam in ("llama", "qwen3"):
@@ -267,7 +327,7 @@ def _transformer(r: _Reader) -> dict:
 
     def make(w: int | None) -> tuple[str, str]:
         return attention_call(heads, kv, head_dim, theta, window=w, qkv_bias=qkv_bias, out_bias=out_bias,
-                          qk_norm=fam == "qwen3")
+                          qk_norm=fam == "qwen3", rope_scaling=scaling)
 
     definitions, legend, tokens = _attention_windows(r, windows, make, ffn, symbol)
     return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=tied, definitions=definitions, legend=legend,

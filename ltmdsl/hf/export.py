@@ -14,6 +14,7 @@ destination and renamed into place, so an error leaves nothing behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from ltmdsl import atomic
@@ -56,6 +57,22 @@ def _attention_fields(attn: AttentionConfig, d: int) -> dict:
     if attn.head_dim * attn.heads != d:
         out["head_dim"] = attn.head_dim
     return out
+
+
+def _rope_scaling_fields(attn: AttentionConfig) -> dict:
+    """`rope_scaling` in the transformers 4 form (`rope_theta` stays top-level), which transformers 4.43+ and 5
+    both load; plus `max_position_embeddings` = factor * original_context, the context the scaling is for,
+    because transformers warns when original_max_position_embeddings is not below max_position_embeddings
+    (and the llama3 forward pass does not read it)."""
+    s = attn.rope_scaling
+    if s is None:
+        return {}
+    if s.kind != "llama3":
+        raise HFError(f"rope scaling {s.kind} has no Hugging Face counterpart (supported: llama3)")
+    return {"rope_scaling": {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                             "high_freq_factor": s.high_freq_factor,
+                             "original_max_position_embeddings": s.original_context},
+            "max_position_embeddings": max(s.original_context + 1, math.ceil(s.factor * s.original_context))}
 
 
 def config_from_ir(ir: ModelIR) -> dict:
@@ -102,12 +119,12 @@ def config_from_ir(ir: ModelIR) -> dict:
 def _transformer_config(ir: ModelIR, base: dict, eps: float) -> dict:
     attn_layers = [layer.mixer for layer in ir.layers[0::2]]
     ffns = [layer.mixer for layer in ir.layers[1::2]]
-    _one([(a.heads, a.kv_heads, a.head_dim, a.v_head_dim, a.rope_theta, a.qkv_bias, a.out_bias, a.qk_norm,
-                   a.causal) for a in attn_layers], "attention shape")
+    _one([(a.heads, a.kv_heads, a.head_dim, a.v_head_dim, a.rope_theta, a.rope_scaling, a.qkv_bias, a.out_bias,
+           a.qk_norm, a.causal) for a in attn_layers], "attention shape")
     attn = attn_layers[0]
     windows = [a.window for a in attn_layers]
     out = {**base, "num_hidden_layers": len(attn_layers), "rms_norm_eps": eps, "hidden_act": "silu",
-           "rope_theta": attn.rope_theta, **_attention_fields(attn, ir.d_model)}
+           "rope_theta": attn.rope_theta, **_rope_scaling_fields(attn), **_attention_fields(attn, ir.d_model)}
     ffn = _one(ffns, "feed-forward settings")
     if ffn.kind == "moe":
         if ffn.routing not in ("softmax_topk_renorm", "topk_softmax") or ffn.activation != "swiglu":

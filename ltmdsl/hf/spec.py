@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ltmdsl.hf import HFError
+from ltmdsl.ir import RopeScaling
 
 _RESERVED = {"model", "layer", "stack", "repeat", "pattern", "legend", "block", "shared", "budget", "use",
              "for", "on", "with", "require", "training", "inference", "gpu", "true", "false", "none"}
@@ -170,9 +171,17 @@ def compress(tokens: tuple[str, ...] | list[str], max_unit: int = 64) -> list[st
 
 
 def attention_call(heads: int, kv_heads: int, head_dim: int, rope_theta: float | None, *, window: int | None = None,
-               qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False) -> tuple[str, str]:
+               qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
+               rope_scaling: RopeScaling | None = None) -> tuple[str, str]:
     args = [f"heads = {num(heads)}", f"kv_heads = {num(kv_heads)}", f"head_dim = {num(head_dim)}",
             f"rope_theta = {'none' if rope_theta is None else num(float(rope_theta))}"]
+    if rope_scaling is not None:
+        if rope_scaling.kind != "llama3":
+            raise HFError(f"internal: unknown rope scaling {show_value(rope_scaling.kind)}")
+        args.append(f"rope_scaling = llama3(factor = {num(float(rope_scaling.factor))}, "
+                    f"low_freq_factor = {num(float(rope_scaling.low_freq_factor))}, "
+                    f"high_freq_factor = {num(float(rope_scaling.high_freq_factor))}, "
+                    f"original_context = {num(int(rope_scaling.original_context))})")
     if window is not None:
         args.append(f"window = {num(window)}")
     if qkv_bias:

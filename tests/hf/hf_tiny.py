@@ -12,9 +12,17 @@ import torch
 COMMON = dict(vocab_size=61, hidden_size=36, intermediate_size=50)
 ATTN = dict(num_attention_heads=6, num_key_value_heads=2)
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 0.5,
+               "high_freq_factor": 2.0, "original_max_position_embeddings": 16}
+
 #: case id -> (model_type, config kwargs, save fused experts?)
 CASES = {
     "llama": ("llama", {**COMMON, **ATTN, "num_hidden_layers": 3, "rope_theta": 500.0}, False),
+    # Llama 3.1's rope scaling at toy size, in transformers 5's rope_parameters form: head_dim 10 and theta 500
+    # give wavelengths 6.3, 21.8, 75, 262, 908 tokens; ctx 16 with factors 0.5 / 2 (thresholds 32 and 8) puts
+    # them in the kept, interpolated and divided bands, and prompts of 40 tokens run past ctx.
+    "llama3_rope": ("llama", {**COMMON, **ATTN, "num_hidden_layers": 2, "head_dim": 10, "max_position_embeddings": 64,
+                              "rope_parameters": LLAMA3_ROPE}, False),
     "llama_bias": ("llama", {**COMMON, **ATTN, "num_hidden_layers": 2, "attention_bias": True, "mlp_bias": True,
                              "head_dim": 10}, False),
     "mistral": ("mistral", {**COMMON, **ATTN, "num_hidden_layers": 3, "sliding_window": 5, "head_dim": 10}, False),

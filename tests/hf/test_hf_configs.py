@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from paths import EXAMPLES
 
 import ltmdsl
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import SUPPORTED_FAMILIES, plan_from_config, spec_from_config
 from ltmdsl.hf.spec import compress, sanitize_name
-from ltmdsl.ir import Dtype
+from ltmdsl.ir import Dtype, RopeScaling
 
 CONFIGS = Path(__file__).parent / "configs"
 #: published name -> parameters as transformers counts them (REFERENCE.md §2)
@@ -33,8 +34,8 @@ def published(name: str) -> dict:
 
 
 def imported(cfg: dict, **kw):
-    """The ModelIR of an imported config (Llama 3.1's rope_scaling dropped knowingly: counts only)."""
-    return ltmdsl.load(spec_from_config(cfg, ignore=["rope_scaling"], **kw)).model
+    """The ModelIR of an imported config (nothing ignored: Llama 3.1's rope scaling is imported too)."""
+    return ltmdsl.load(spec_from_config(cfg, **kw)).model
 
 
 def transformers_count(cfg: dict) -> int:
@@ -113,9 +114,9 @@ def test_published_cache_figures():
 
 
 def test_specs_are_readable():
-    text = spec_from_config(published("Llama-3.1-405B"), ignore=["rope_scaling"])
+    text = spec_from_config(published("Llama-3.1-405B"))
     assert 'repeat 126 { pattern "A-" }' in text and len(text.splitlines()) < 20
-    assert "# NOTE: 'rope_scaling' ignored on request" in text
+    assert "# NOTE" not in text
     jamba = spec_from_config(published("Jamba-v0.1"))
     assert 'repeat 4 { pattern "M- ME M- ME A- ME M- ME" }' in jamba
     assert "model Jamba_v0_1 {" in spec_from_config(published("Jamba-v0.1"), source="x/Jamba-v0.1.json")
@@ -158,6 +159,80 @@ def test_compress():
     assert compress(["A-"] * 3) == ['repeat 3 { pattern "A-" }']
     assert compress(["A-", "S-", "S-", "M"]) == ['pattern "A-"', 'repeat 2 { pattern "S-" }', 'pattern "M"']
     assert compress(["M", "A", "M", "A", "M"]) == ['repeat 2 { pattern "M A" }', 'pattern "M"']
+
+
+LLAMA31_SCALING = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context=8192)
+
+
+@pytest.mark.parametrize("name, example", [("Llama-3.1-8B", "llama-3.1-8b.ltm"),
+                                           ("Llama-3.1-405B", "llama-3.1-405b.ltm")])
+def test_llama31_rope_scaling_is_imported(name, example):
+    """Published Llama 3.1 configs import without --ignore, rope_scaling = llama3(...) on every attention,
+    and resolve to exactly the sub-layers of the hand-written example."""
+    cfg = published(name)
+    text = spec_from_config(cfg)
+    assert ("rope_theta = 500000.0, rope_scaling = llama3(factor = 8.0, low_freq_factor = 1.0, high_freq_factor "
+            "= 4.0, original_context = 8192)") in text
+    ir = imported(cfg)
+    attn = [layer.mixer for layer in ir.layers if layer.kind == "attention"]
+    assert attn and all(a.rope_scaling == LLAMA31_SCALING and a.rope_theta == 5e5 for a in attn)
+    hand = ltmdsl.load(EXAMPLES / example).model
+    assert [(x.norm, x.mixer) for x in ir.layers] == [(x.norm, x.mixer) for x in hand.layers]
+
+
+def test_llama3_rope_parameters_form_of_transformers5():
+    """transformers 5 writes one rope_parameters dict (rope_theta inside): the same model as the v4 form; a
+    missing original_max_position_embeddings falls back to max_position_embeddings as transformers does."""
+    v4 = published("Llama-3.1-8B")
+    v5 = {k: v for k, v in v4.items() if k not in ("rope_scaling", "rope_theta")}
+    v5["rope_parameters"] = {**v4["rope_scaling"], "rope_theta": 500000.0}
+    assert imported(v5).layers == imported(v4).layers
+    both = {**v4, "rope_parameters": v5["rope_parameters"]}  # agreeing copies of the same scaling
+    assert imported(both).layers == imported(v4).layers
+    fallback = {"model_type": "llama", "max_position_embeddings": 4096,
+                "rope_scaling": {"rope_type": "llama3", "factor": 2, "low_freq_factor": 1, "high_freq_factor": 4}}
+    a = imported(fallback).layers[0].mixer
+    assert a.rope_scaling == RopeScaling("llama3", 2.0, 1.0, 4.0, 4096) and a.rope_theta == 10000.0
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "longrope", "su"])
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_other_rope_types_are_refused_listing_what_is_supported(rope_type, key):
+    cfg = {"model_type": "llama", key: {"rope_type": rope_type, "factor": 4.0}}
+    with pytest.raises(HFError, match=f"'{key}' = .*'{rope_type}'.* is not supported \\(supported: rope_type "
+                                      "'default' \\(plain RoPE\\) or 'llama3'.*linear, dynamic, yarn, longrope"):
+        spec_from_config(cfg)
+    text = spec_from_config(cfg, ignore=[key])  # still droppable knowingly, as before
+    assert f"# NOTE: '{key}' ignored on request" in text
+    assert ltmdsl.load(text).model.layers[0].mixer.rope_scaling is None
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"factor": 0.5}, r"'rope_scaling.factor' must be a number >= 1, got 0.5"),
+    ({"factor": None}, r"'rope_scaling.factor' must be a number >= 1, got None"),
+    ({"low_freq_factor": 0}, r"'rope_scaling.low_freq_factor' must be a number > 0, got 0"),
+    ({"high_freq_factor": 1.0}, r"'rope_scaling.high_freq_factor' must be a number > 1, got 1.0"),
+    ({"original_max_position_embeddings": 8192.5}, r"'rope_scaling.original_max_position_embeddings' must be an "
+                                                   r"integer >= 1 for rope_type 'llama3', got 8192.5"),
+    ({"original_max_position_embeddings": None}, r"'max_position_embeddings' must be an integer >= 1"),
+    ({"mscale": 1.0}, r"'rope_scaling' = .* is not supported \(supported: for rope_type 'llama3' the keys "
+                      r".*not mscale"),
+    ({"partial_rotary_factor": 0.5}, r"supported: partial_rotary_factor 1.0"),
+])
+def test_bad_llama3_rope_scaling_is_a_clear_error(change, message):
+    scaling = {k: v for k, v in {**LLAMA3, **change}.items() if v is not None}
+    with pytest.raises(HFError, match=message):
+        spec_from_config({"model_type": "llama", "rope_scaling": scaling})
+
+
+def test_disagreeing_rope_scaling_and_rope_parameters_are_refused():
+    cfg = {"model_type": "llama", "rope_scaling": LLAMA3, "rope_parameters": {**LLAMA3, "factor": 2.0}}
+    with pytest.raises(HFError, match="'rope_scaling' and 'rope_parameters' disagree"):
+        spec_from_config(cfg)
 
 
 @pytest.mark.parametrize("cfg, message", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,8 @@ pytest.importorskip("transformers")
 
 import ltmdsl  # noqa: E402
 from helpers import assert_close  # noqa: E402
-from hf_tiny import CASES, load_hf, save_case  # noqa: E402
+from paths import EXAMPLES  # noqa: E402
+from hf_tiny import CASES, LLAMA3_ROPE, load_hf, save_case  # noqa: E402
 
 from ltmdsl.cli import main  # noqa: E402
 from ltmdsl.hf import HFError  # noqa: E402
@@ -41,6 +43,45 @@ def test_round_trip_is_exact(case, tmp_path):
     with torch.no_grad():
         assert_close(again(ids).logits, hf(ids).logits, 1e-5, f"{case} exported logits")
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]  # no temporary left behind
+
+
+def test_llama3_rope_scaling_round_trip(tmp_path):
+    """HF (rope_parameters, transformers 5) -> ltmdsl -> HF (rope_scaling, transformers 4 form): transformers
+    reads back the same rope parameters and gives the same logits over 40 tokens; a spec with the scaling
+    exports to a folder whose logits equal the spec's own model."""
+    from transformers import AutoConfig
+
+    hf = save_case("llama3_rope", tmp_path / "src")
+    out = export_hf(ltmdsl.from_hf(tmp_path / "src"), tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["rope_scaling"] == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    assert cfg["rope_theta"] == LLAMA3_ROPE["rope_theta"]
+    assert AutoConfig.from_pretrained(out).rope_parameters == LLAMA3_ROPE
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert_close(load_hf(out)(ids).logits, hf(ids).logits, 1e-5, "llama3 exported logits")
+    spec = tmp_path / "l3.ltm"
+    assert main(["import-hf", str(tmp_path / "src"), "-o", str(spec)]) == 0
+    assert "rope_scaling = llama3(" in spec.read_text()
+    assert main(["export-hf", str(spec), str(tmp_path / "fromspec"), "--seed", "2"]) == 0
+    built = ltmdsl.build(ltmdsl.load(spec), seed=2)
+    with torch.no_grad():
+        assert_close(load_hf(tmp_path / "fromspec")(ids).logits, built(ids), 1e-4, "llama3 spec export")
+
+
+def test_llama31_example_config_is_the_published_one():
+    """The Llama 3.1 8B example's exported config carries the published rope scaling, and transformers reads it
+    to the same rope parameters as the published config.json (no weights needed: config only)."""
+    from transformers import AutoConfig
+
+    from ltmdsl.hf.export import hf_plan
+
+    published = json.loads((Path(__file__).parent / "configs" / "Llama-3.1-8B.json").read_text())
+    cfg, _ = hf_plan(ltmdsl.load(EXAMPLES / "llama-3.1-8b.ltm").model)
+    assert cfg["rope_scaling"] == published["rope_scaling"] and cfg["rope_theta"] == published["rope_theta"]
+    ours, theirs = AutoConfig.for_model(**cfg), AutoConfig.for_model(**published)
+    assert ours.rope_parameters == theirs.rope_parameters
+    assert ours.max_position_embeddings > published["rope_scaling"]["original_max_position_embeddings"]
 
 
 def test_export_from_spec_and_runtime_checkpoint(tmp_path):

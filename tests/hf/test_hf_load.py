@@ -84,6 +84,28 @@ def test_sharded_checkpoint(saved, tmp_path):
         assert_close(ours(ids), hf(ids).logits, 1e-4, "sharded jamba logits")
 
 
+def test_llama3_rope_scaling_matches_transformers_past_original_context(saved, tmp_path):
+    """Llama 3.1's rope scaling (toy: original context 16, factor 4): logits over 40 tokens (in fp32, 1e-4)
+    and greedy decoding through our cache out to position 48 equal transformers; the same weights with plain
+    RoPE differ by far more than the tolerance, so the scaling is really applied."""
+    folder, hf = saved("llama3_rope")
+    ours = ltmdsl.from_hf(folder, dtype=torch.float32)
+    assert "rope_scaling = llama3(factor = 4.0, low_freq_factor = 0.5, high_freq_factor = 2.0, original_context = 16)" \
+        in ours.ir.source_text
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref, got = hf(ids).logits, ours(ids)
+    print(f"llama3_rope, 40 tokens: logits relative error {rel_err(got, ref):.2e}")
+    assert_close(got, ref, 1e-4, "llama3-scaled logits")
+    assert ours.generate(ids[:1], 8).tolist() == greedy_no_cache(hf, ids[:1], 8).tolist()
+    shutil.copytree(folder, tmp_path / "plain")
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_parameters"]["rope_theta"]}
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
+    with torch.no_grad():
+        assert rel_err(ltmdsl.from_hf(tmp_path / "plain", dtype=torch.float32)(ids), ref) > 1e-2
+
+
 def _copy_with(src, dst, edit):
     """Copy a saved folder, rewriting its safetensors file through `edit(dict) -> dict`."""
     from safetensors.torch import load_file, save_file

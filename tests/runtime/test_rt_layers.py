@@ -1,5 +1,6 @@
 """Each layer against a float64 oracle: transformers' own modules (MambaMixer, JambaMambaMixer,
-Mamba2Mixer, LlamaAttention / Qwen3Attention / Mistral-style windows, Mixtral and Jamba MoE blocks) run
+Mamba2Mixer, LlamaAttention / Qwen3Attention / Mistral-style windows / Llama 3.1's llama3 rope scaling,
+Mixtral and Jamba MoE blocks) run
 in fp64 with our weights, plus hand-written formulas for the MLP activations and the attention window.
 Tolerances: 1e-10 relative against our own formulas (fp64 both sides); HF_TOL = 1e-6 against transformers,
 which casts A_log, D and the dt bias to fp32 even in a float64 module.
@@ -10,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, rel_err
 from rt_irs import attention, mamba, mamba2, mlp, moe
 
+from ltmdsl.ir import RopeScaling
 from ltmdsl.runtime.attention import Attention
 from ltmdsl.runtime.ffn import MLP, MoE
 from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
@@ -100,9 +102,16 @@ def hf_attention(cfg, qk_norm: bool):
         from transformers.models.llama.modeling_llama import LlamaAttention as Cls
         from transformers.models.llama.modeling_llama import LlamaConfig as Conf
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Rope
+    rope = {"max_position_embeddings": 256}
+    if cfg.rope_scaling is not None:  # transformers 5's rope_parameters form of Llama 3.1's scaling
+        s = cfg.rope_scaling
+        rope = dict(max_position_embeddings=max(256, 2 * s.original_context),
+                    rope_parameters=dict(rope_type=s.kind, rope_theta=cfg.rope_theta, factor=s.factor,
+                                         low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                                         original_max_position_embeddings=s.original_context))
     hc = Conf(hidden_size=D_MODEL, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
               head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, attention_bias=cfg.qkv_bias, rms_norm_eps=EPS,
-              num_hidden_layers=1, vocab_size=16, max_position_embeddings=256)
+              num_hidden_layers=1, vocab_size=16, **rope)
     hc._attn_implementation = "eager"
     return Cls(hc, layer_idx=0).double().eval(), Rope(hc).double()
 
@@ -135,6 +144,45 @@ def test_attention_matches_transformers(heads, kv_heads, window, qk_norm, bias, 
     with torch.no_grad():
         ref, _ = hf(x, position_embeddings=rope(x, pos), attention_mask=additive_mask(T, window))
         assert_close(layer(x), ref, HF_TOL, "attention vs transformers")
+
+
+#: Llama 3.1's rope scaling at toy sizes: with head_dim 8 and theta 100 the wavelengths are 6.3, 19.9, 62.8
+#: and 199 tokens; ctx 16 with factors 0.5 and 2 (thresholds 32 and 8) puts them in the high, medium, low
+#: and low band, so every branch of the adjustment is exercised, and 40 tokens run past ctx.
+LLAMA3_TOY = RopeScaling("llama3", factor=4.0, low_freq_factor=0.5, high_freq_factor=2.0, original_context=16)
+
+
+@pytest.mark.parametrize("kernels", [TORCH_KERNELS, REFERENCE_KERNELS], ids=["sdpa", "reference"])
+def test_attention_llama3_rope_scaling_matches_transformers(kernels):
+    """LlamaAttention + LlamaRotaryEmbedding with rope_type llama3 in fp64, 40 tokens, HF_TOL (transformers
+    computes the rotation angles in fp32 even in a float64 module; we use fp64 there). The frequencies
+    themselves equal transformers' `_compute_llama3_parameters` bit for bit in fp32, for the toy and the
+    published Llama 3.1 setting, and the scaling visibly changes the output."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ltmdsl.runtime.ops_attention import rope_inv_freq
+
+    cfg = attention(heads=4, kv_heads=2, head_dim=8, rope_theta=100.0, rope_scaling=LLAMA3_TOY)
+    layer = ours(Attention(cfg, D_MODEL, EPS, kernels))
+    perturb(layer)
+    hf, rope = hf_attention(cfg, qk_norm=False)
+    hf.load_state_dict(layer.state_dict())
+    T = 40
+    x = hidden(T=T)
+    with torch.no_grad():
+        ref, _ = hf(x, position_embeddings=rope(x, torch.arange(T)[None]), attention_mask=additive_mask(T, None))
+        got = layer(x)
+        print(f"llama3 attention vs transformers: relative error {rel_err(got, ref):.2e}")
+        assert_close(got, ref, HF_TOL, "llama3-scaled attention vs transformers")
+        plain = ours(Attention(attention(heads=4, kv_heads=2, head_dim=8, rope_theta=100.0), D_MODEL, EPS, kernels))
+        perturb(plain)
+        assert rel_err(plain(x), got) > 1000 * HF_TOL, "the scaling must matter far beyond the tolerance"
+    for c in (cfg, attention(heads=32, kv_heads=8, head_dim=128, rope_theta=5e5,
+                             rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))):
+        hc = hf_attention(c, qk_norm=False)[0].config
+        want, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](hc)
+        assert attention_factor == 1.0
+        assert torch.equal(rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, torch.float32), want)
 
 
 def test_attention_without_rope_is_position_free_for_noncausal():

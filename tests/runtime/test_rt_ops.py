@@ -7,11 +7,14 @@ Inputs are seeded random, lengths odd (1, 63, 65, 127), decays well conditioned 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
+from ltmdsl.ir import RopeScaling
 from ltmdsl.runtime import ops_attention as att
 from ltmdsl.runtime import ops_conv, ops_scan, ops_ssd
 from ltmdsl.runtime.kernels import TORCH_KERNELS, Kernels
@@ -110,6 +113,37 @@ def test_rope_matches_pairwise_rotation():
             c, s = torch.tensor(ang, dtype=F64).cos(), torch.tensor(ang, dtype=F64).sin()
             assert_close(out[0, t, :, i], a * c - b * s, 1e-12, "rope first half")
             assert_close(out[0, t, :, i + D // 2], b * c + a * s, 1e-12, "rope second half")
+
+
+def test_llama3_rope_scaling_bands():
+    """llama3 scaling by its definition, in fp64: with wavelength L = 2*pi / inv_freq, L < ctx / high keeps the
+    frequency, L > ctx / low divides it by factor, and in between it is the smooth mix of the two; factor 1
+    changes nothing. D = 16, theta 1e4 and ctx 32 (thresholds 8 and 32) put frequencies in all three bands."""
+    D, theta = 16, 10000.0
+    scaling = RopeScaling("llama3", 4.0, 1.0, 4.0, 32)
+    plain = att.rope_inv_freq(D, theta, None, F64)  # [D/2]
+    scaled = att.rope_inv_freq(D, theta, scaling, F64)  # [D/2]
+    bands = []
+    for f, g in zip(plain.tolist(), scaled.tolist()):
+        wavelen = 2 * math.pi / f
+        if wavelen < 32 / 4:
+            bands.append("high")
+            assert g == f
+        elif wavelen > 32 / 1:
+            bands.append("low")
+            assert abs(g - f / 4) <= 1e-15 * f
+        else:
+            bands.append("medium")
+            smooth = (32 / wavelen - 1) / (4 - 1)
+            assert abs(g - ((1 - smooth) * f / 4 + smooth * f)) <= 1e-15 * f and f / 4 < g < f
+    assert {"high", "medium", "low"} <= set(bands), bands
+    unit = att.rope_inv_freq(D, theta, RopeScaling("llama3", 1.0, 1.0, 4.0, 32), F64)
+    assert_close(unit, plain, 1e-15, "factor 1 is plain RoPE")
+    pos = torch.arange(40)
+    cos, sin = att.rope_cos_sin(pos, D, theta, F64, scaling)  # [T, D]
+    angle = pos.to(F64)[:, None] * scaled[None, :]  # [T, D/2]
+    assert_close(cos, torch.cat([angle, angle], -1).cos(), 1e-15, "cos of scaled angles")
+    assert_close(sin, torch.cat([angle, angle], -1).sin(), 1e-15, "sin of scaled angles")
 
 
 # ---- conv -----------------------------------------------------------------------------------
