@@ -141,8 +141,19 @@ def _block(p: _Printer, node: ast.BlockDef, indent: int) -> None:
         p.emit("}", None, indent, end_line=node.end_line)
 
 
-def _layer(node: ast.LayerDef) -> str:
-    return f"layer {node.name} = {node.kind}({kwargs(node.kwargs)})"
+_MAX_LINE = 100
+
+
+def _layer(p: _Printer, node: ast.LayerDef, indent: int) -> None:
+    """One line when it fits in _MAX_LINE columns, else one keyword argument per line."""
+    one = f"layer {node.name} = {node.kind}({kwargs(node.kwargs)})"
+    if len("    " * indent + one) <= _MAX_LINE or not node.kwargs:
+        p.emit(one, node, indent)
+        return
+    p.emit(f"layer {node.name} = {node.kind}(", node, indent, end_line=node.pos.line)
+    for kw in node.kwargs:
+        p.emit(f"{kw.name} = {expr(kw.value)},", None, indent + 1)
+    p.emit(")", None, indent, end_line=node.end_line)
 
 
 def _model(p: _Printer, node: ast.ModelDef) -> None:
@@ -156,7 +167,7 @@ def _model(p: _Printer, node: ast.ModelDef) -> None:
         if isinstance(stmt, ast.Assign):
             p.emit(f"{stmt.name} = {expr(stmt.value)}", stmt, 1)
         elif isinstance(stmt, ast.LayerDef):
-            p.emit(_layer(stmt), stmt, 1)
+            _layer(p, stmt, 1)
         elif isinstance(stmt, ast.BlockDef):
             _block(p, stmt, 1)
         elif isinstance(stmt, ast.Legend):
@@ -203,7 +214,7 @@ def format_spec(spec: ast.SpecFile) -> str:
         elif isinstance(item, ast.ConstDef):
             p.emit(f"const {item.name} = {expr(item.value)}", item, 0)
         elif isinstance(item, ast.LayerDef):
-            p.emit(_layer(item), item, 0)
+            _layer(p, item, 0)
         elif isinstance(item, ast.BlockDef):
             _block(p, item, 0)
         elif isinstance(item, ast.GpuDef):
