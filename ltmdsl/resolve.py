@@ -6,6 +6,8 @@ is reported once, at its definition, not at each of its uses.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -387,10 +389,8 @@ class ModelResolver:
             layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot))
         for name, d in self.layer_defs.items():  # unused definitions are still checked
             if name not in self.used_defs and d.kind in REGISTRY:
-                try:
+                with contextlib.suppress(_Unresolved):  # already reported
                     self._build(name, (), ctx, d.pos)
-                except _Unresolved:
-                    pass
         self._warn_unused()
         if self.rep.has_errors or not settings_ok:
             return None
