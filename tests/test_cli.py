@@ -85,3 +85,17 @@ def test_console_script_help():
     assert proc.returncode == 0
     for command in ("check", "show", "fmt", "memory", "stream", "compile", "import-hf"):
         assert command in proc.stdout
+
+
+def test_failing_budget_exits_three_and_names_what_fits(tmp_path, capsys):
+    text = (EXAMPLES / "llama-3.1-8b.ltm").read_text().replace("inference context = 128Ki", "inference context = 10M")
+    path = tmp_path / "llama.ltm"
+    path.write_text(text)
+    assert main(["check", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert "budget serve_128k" in err and "per_gpu" in err and "largest context that fits" in err
+
+
+def test_every_example_checks_with_its_budgets(capsys):
+    files = sorted(str(p) for p in EXAMPLES.glob("*.ltm"))
+    assert main(["check", *files]) == 0
