@@ -182,6 +182,14 @@ class MoEConfig:
     routing: str
     kind: str = field(default="moe", init=False)
 
+    def expert_params(self, d_model: int) -> int:
+        """Parameters of one expert (no biases): gate, up and down for gated activations."""
+        return (3 if self.activation in ("swiglu", "geglu") else 2) * d_model * self.d_ff
+
+    def inactive_params(self, d_model: int) -> int:
+        """Parameters a token does not touch: the experts it is not routed to."""
+        return (self.experts - self.top_k) * self.expert_params(d_model)
+
 
 MixerConfig = Union[AttentionConfig, MambaConfig, Mamba2Config, MLPConfig, MoEConfig]
 
@@ -266,13 +274,10 @@ class ModelIR:
     @property
     def params_active(self) -> int:
         """Parameters one token touches: MoE layers count the router and top-k experts only."""
-        total = self.params_total
-        for layer in self.unique_layers():
-            m = layer.mixer
-            if isinstance(m, MoEConfig):
-                per_expert = (3 if m.activation in ("swiglu", "geglu") else 2) * self.d_model * m.d_ff
-                total -= (m.experts - m.top_k) * per_expert
-        return total
+        return self.params_total - sum(
+            layer.mixer.inactive_params(self.d_model) for layer in self.unique_layers()
+            if isinstance(layer.mixer, MoEConfig)
+        )
 
     def layers_of(self, kind: str) -> tuple[SubLayer, ...]:
         return tuple(layer for layer in self.layers if layer.kind == kind)

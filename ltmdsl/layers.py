@@ -244,13 +244,8 @@ def _build_moe(v: dict[str, Any], ctx: ModelContext) -> MoEConfig:
     return MoEConfig(experts=v["experts"], top_k=v["top_k"], d_ff=v["d_ff"], activation=v["act"], routing=v["routing"])
 
 
-def expert_params(c: MoEConfig, d: int) -> int:
-    """Parameters of one expert (no biases)."""
-    return (3 if c.activation in ("swiglu", "geglu") else 2) * d * c.d_ff
-
-
 def _count_moe(c: MoEConfig, d: int) -> int:
-    return d * c.experts + c.experts * expert_params(c, d)
+    return d * c.experts + c.experts * c.expert_params(d)
 
 
 MOE = LayerKind(

@@ -1,7 +1,9 @@
 """Compute beside memory: FLOPs per decoded token at context T and FLOPs to prefill T tokens.
 
-Counted per sequence, 2 FLOPs per multiply-add, forward pass only (training a token costs about 3x
-its forward). Components:
+Counted per sequence, 2 FLOPs per multiply-add. Inference phases count the forward pass; the training
+step counts forward + backward (2x forward) plus what recompute runs again: nothing (none), the
+attention core (selective: Korthikanti et al. recompute the softmax block) or a whole forward (full).
+Components:
 
     projections  2 * active parameters of every sub-layer per token (MoE: router + top-k experts;
                  norm and conv weights are included, a sub-1% overcount)
@@ -50,10 +52,7 @@ def flops_exprs(model: ModelIR) -> dict[str, dict[str, sympy.Expr]]:
     for layer in model.layers:
         counts[layer.mixer] = counts.get(layer.mixer, 0) + 1
         m = layer.mixer
-        active = layer.params
-        if isinstance(m, MoEConfig):
-            per_expert = (3 if m.activation in ("swiglu", "geglu") else 2) * m.d_ff * d
-            active -= (m.experts - m.top_k) * per_expert
+        active = layer.params - (m.inactive_params(d) if isinstance(m, MoEConfig) else 0)
         proj += 2 * active
     head = 2 * model.vocab * d
     att_tok, att_pre, ssm_tok, ssm_pre = (sympy.Integer(0),) * 4
@@ -79,11 +78,21 @@ def flops_exprs(model: ModelIR) -> dict[str, dict[str, sympy.Expr]]:
     }
 
 
-def flops(model: ModelIR, context: int) -> dict:
-    """Exact FLOP counts at `context`: per_token / prefill component dicts plus their totals."""
+def training_step(prefill: dict[str, int], recompute: str) -> dict[str, int]:
+    """FLOPs of one training step on one sequence, per component, from its forward (prefill) FLOPs."""
+    extra = {"none": dict.fromkeys(prefill, 0), "full": dict(prefill),
+             "selective": {k: (v if k == "attention" else 0) for k, v in prefill.items()}}[recompute]
+    return {k: 3 * v + extra[k] for k, v in prefill.items()}
+
+
+def flops(model: ModelIR, context: int, recompute: str = "none") -> dict:
+    """Exact FLOP counts at `context`: per_token / prefill / training_step component dicts and totals."""
     out: dict = {}
     for phase, comps in flops_exprs(model).items():
         values = {k: ceil_bytes(compile_exact(e)(context, 1, 1)) for k, e in comps.items()}
         out[phase] = values
         out[f"{phase}_total"] = sum(values.values())
+    out["training_step"] = training_step(out["prefill"], recompute)
+    out["training_step_total"] = sum(out["training_step"].values())
+    out["recompute"] = recompute
     return out

@@ -198,6 +198,9 @@ class MemoryReport:
         lines.append(f"FLOPs per decoded token at T: {f['per_token_total']:.4g} "
                      f"(attention {f['per_token']['attention']:.3g}, ssm {f['per_token']['ssm']:.3g}); "
                      f"prefill of T tokens: {f['prefill_total']:.4g}")
+        if s.mode == "training":
+            lines.append(f"FLOPs per training step and sequence (forward + backward, recompute {f['recompute']}): "
+                         f"{f['training_step_total']:.4g}")
         for lim in self.limits:
             state = "ok" if lim.ok else f"FAILS by {format_bytes(lim.value - lim.max_bytes, binary=False)}"
             lines.append(f"require {lim.component} <= {format_bytes(lim.max_bytes, binary=False)}: "
@@ -263,7 +266,7 @@ def report(model: ModelIR, budget: BudgetIR | None = None, *, user_gpus: dict[st
         gpus_needed_by_component={c: -(-v // s.gpu.memory_bytes) for c, v in components.items()},
         gpus_needed_plan=gpus_plan, max_context=max_context,
         max_batch=max_batch, dominant=solve.dominant(per_gpu), growth=growth, formulas=formulas,
-        formulas_per_gpu=formulas_per_gpu, flops=compute.flops(model, T), limits=limits, evaluator=ev)
+        formulas_per_gpu=formulas_per_gpu, flops=compute.flops(model, T, s.recompute), limits=limits, evaluator=ev)
     r.notes = _notes(r)
     return r
 

@@ -212,3 +212,11 @@ def test_thousand_layers_builds_once_per_configuration(models):
     r.sweep(sweep_contexts())
     assert time.perf_counter() - t < 1.0
     assert r.components["kv_cache"] == 250 * 4 * 256 * 4096 * 2
+
+
+@pytest.mark.parametrize("recompute, extra", [("none", 0), ("selective", "attention"), ("full", "all")])
+def test_training_step_flops(models, recompute, extra):
+    f = report(models["llama-3.1-8b"], None, context=4096, mode="training", recompute=recompute).flops
+    pre = f["prefill"]
+    added = {0: 0, "attention": pre["attention"], "all": f["prefill_total"]}[extra]
+    assert f["training_step_total"] == 3 * f["prefill_total"] + added
