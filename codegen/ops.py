@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 
 import torch
 
@@ -39,25 +40,25 @@ from ltmdsl.codegen.kernelspec import (
 #: op name -> times the torch reference ran instead of a generated kernel (reason in the key)
 FALLBACKS: collections.Counter = collections.Counter()
 
-#: when True every output and scratch buffer starts as NaN, so an element a kernel forgets to write
-#: shows up in tests (REFERENCE.md section 4); tests flip it with `poisoned()`.
-POISON = False
+#: When set, every output and scratch buffer starts as NaN, so an element a kernel forgets to write shows
+#: up in tests (REFERENCE.md section 4); tests set it with `poisoned()`. A ContextVar rather than a module
+#: flag: each thread or task sees only its own setting.
+_POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("ltmdsl_poison_outputs", default=False)
 
 
 @contextlib.contextmanager
 def poisoned(flag: bool = True):
     """Within the block, allocate outputs and scratch filled with NaN."""
-    global POISON
-    old, POISON = POISON, flag
+    token = _POISON.set(flag)
     try:
         yield
     finally:
-        POISON = old
+        _POISON.reset(token)
 
 
 def _empty(*shape, dtype, device) -> torch.Tensor:
     t = torch.empty(*shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if POISON else t
+    return t.fill_(float("nan")) if _POISON.get() else t
 
 
 def _ref():

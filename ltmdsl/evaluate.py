@@ -10,6 +10,7 @@ Problems are reported through an `EvalError` carrying the position to point at.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable
@@ -71,6 +72,31 @@ def parse_number(node: ast.Num) -> int | float:
     if exact.denominator != 1:
         raise EvalError(node.pos, f"'{node.text}{node.unit or ''}' is not a whole number")
     return int(exact)
+
+
+_COUNT_RE = re.compile(r"[0-9][0-9_]*(\.[0-9]+)?([eE][+-]?[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?")
+
+
+def parse_count(text: str) -> int:
+    """A positive whole count written as in a spec (`4096`, `100M`, `128Ki`, `1_000`, `1e6`); ValueError.
+
+    Command-line options such as `--context` and `--tokens` use it, so they read numbers as specs do.
+    """
+    cleaned = text.strip()
+    if len(cleaned) > 40 or not _COUNT_RE.fullmatch(cleaned):
+        raise ValueError(f"not a count: {text!r} (an integer with an optional K/M/G/T/Ki/Mi/Gi/Ti suffix)")
+    pos = SourcePos("<argument>", 1, 1)
+    try:
+        value = parse_number(ast.Num(pos, 1, cleaned, None))
+    except EvalError as e:
+        raise ValueError(f"{text!r}: {e.message}") from None
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"not a whole count: {text!r}")
+        value = int(value)
+    if value < 1:
+        raise ValueError(f"must be at least 1: {text!r}")
+    return value
 
 
 def _check_size(value: Any, pos: SourcePos) -> Any:

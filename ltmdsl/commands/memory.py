@@ -13,24 +13,9 @@ Exit codes: 0 report printed, 1 invalid spec, 2 usage error (unknown budget, GPU
 from __future__ import annotations
 
 import json
-import re
 import sys
 
-from ltmdsl.units import COUNT_SUFFIXES
-
-_NUMBER = re.compile(r"^\s*(\d[\d_,]*)\s*(" + "|".join(sorted(COUNT_SUFFIXES, key=len, reverse=True)) + r")?\s*$")
-
-
-def parse_count(text: str) -> int:
-    """`100M` -> 100_000_000, `128Ki` -> 131072, `4096` -> 4096 (the spec's suffixes); ValueError."""
-    m = _NUMBER.match(text)
-    if not m:
-        raise ValueError(f"not a count: {text!r} (use an integer with an optional K/M/G/T/Ki/Mi/Gi/Ti suffix)")
-    value = int(m.group(1).replace("_", "").replace(",", "")) * COUNT_SUFFIXES.get(m.group(2) or "", 1)
-    if value < 1:
-        raise ValueError(f"must be positive: {text!r}")
-    return value
-
+from ltmdsl.evaluate import parse_count
 
 def add_arguments(p) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="spec file(s); several are plotted side by side")

@@ -14,28 +14,22 @@ code 3. Exit codes: 0 done, 1 invalid spec, 2 usage error, 3 would not fit in me
 from __future__ import annotations
 
 import json
-import re
 import resource
 import sys
 import time
 
 from ltmdsl.commands.common import EXIT_BUDGET, EXIT_OK, EXIT_USAGE, load_or_report
+from ltmdsl.evaluate import parse_count
 from ltmdsl.units import format_bytes
 
-SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-
-
 def count(text: str) -> int:
-    """'4096', '100M', '64Ki', '1e6' -> a positive int (argparse type)."""
+    """argparse type: a positive count written as in a spec ('4096', '100M', '64Ki', '1e6')."""
     import argparse
 
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([kKmMgG]i?)?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (try 4096, 1M or 64Ki)")
-    value = float(m.group(1)) * SUFFIXES[(m.group(2) or "").lower()]
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"not a positive whole count: {text!r}")
-    return int(value)
+    try:
+        return parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(p) -> None:
