@@ -94,3 +94,19 @@ def test_syntax_error_has_position_and_caret():
 def test_identifier_named_x_is_allowed():
     spec = ltmdsl.load(BASE.format(d="x").replace("    vocab = 256\n", "    vocab = 256\n    x = 64\n"))
     assert spec.model.d_model == 64
+
+
+@pytest.mark.parametrize("text, expected", [("4096", 4096), ("100M", 10**8), ("128Ki", 131072), ("1e6", 10**6),
+                                            ("1_000", 1000)])
+def test_command_line_counts_use_the_spec_syntax(text, expected):
+    from ltmdsl.evaluate import parse_count
+
+    assert parse_count(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "abc", "64ki", "9" * 50, "-3"])
+def test_bad_command_line_counts(text):
+    from ltmdsl.evaluate import parse_count
+
+    with pytest.raises(ValueError):
+        parse_count(text)
