@@ -84,7 +84,11 @@ class AttentionConfig:
 
     q: d -> H*D, k: d -> Hkv*D, v: d -> Hkv*Dv, o: H*Dv -> d. `window` None means global attention;
     otherwise each query sees the last W keys including itself. `rope_theta` None means no RoPE;
-    `rope_scaling` (only with RoPE) rescales its frequencies, None means plain RoPE.
+    `rope_scaling` (only with RoPE) rescales its frequencies, None means plain RoPE. `rope_dim` (only with
+    RoPE; even, 2 <= rope_dim < D) rotates just the first rope_dim channels of each q/k head, with
+    frequencies 1/theta^(2i/rope_dim), and passes the rest through (transformers' partial_rotary_factor =
+    rope_dim / D, as in Bamba and GPT-NeoX); None rotates the whole head (a spec's rope_dim = head_dim
+    resolves to None, so equal models compare equal).
     """
 
     heads: int  # H
@@ -98,12 +102,18 @@ class AttentionConfig:
     out_bias: bool
     qk_norm: bool  # per-head RMSNorm on q and k (Qwen3); eps is the sub-layer norm's eps
     rope_scaling: RopeScaling | None = None  # last and defaulted, so positional constructors keep working
+    rope_dim: int | None = None  # R: rotated channels per q/k head; None = all D (defaulted for the same reason)
     kind: str = field(default="attention", init=False)
 
     @property
     def group_size(self) -> int:
         """G = H / Hkv query heads per key/value head."""
         return self.heads // self.kv_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """R, the channels of each q/k head that RoPE rotates: rope_dim, or the whole head_dim when it is None."""
+        return self.head_dim if self.rope_dim is None else self.rope_dim
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,26 @@ def _build_attention(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, window=v["window"],
         rope_theta=float(v["rope_theta"]) if v["rope_theta"] is not None else None, causal=v["causal"],
         qkv_bias=v["qkv_bias"], out_bias=v["out_bias"], qk_norm=v["qk_norm"], rope_scaling=v["rope_scaling"],
+        rope_dim=_rope_dim(v["rope_dim"], head_dim, v["rope_theta"]),
     )
+
+
+def _rope_dim(rope_dim: int | None, head_dim: int, rope_theta: float | None) -> int | None:
+    """The checked number of rotated channels per head; None for the whole head (rope_dim = head_dim included).
+
+    RoPE rotates channel pairs (i, i + R/2), so R must be even; it cannot exceed the head, and it means nothing
+    without RoPE. (The minimum of 2 is the parameter's range, checked before this.)
+    """
+    if rope_dim is None:
+        return None
+    if rope_theta is None:
+        raise CheckError("rope_dim chooses how many channels RoPE rotates, but rope_theta = none turns RoPE off; "
+                         "give rope_theta or drop rope_dim", "rope_dim")
+    if rope_dim % 2:
+        raise CheckError(f"rope_dim must be even (RoPE rotates channels in pairs), got {rope_dim}", "rope_dim")
+    if rope_dim > head_dim:
+        raise CheckError(f"rope_dim ({rope_dim}) cannot exceed head_dim ({head_dim})", "rope_dim")
+    return None if rope_dim == head_dim else rope_dim
 
 
 def _count_attention(c: AttentionConfig, d: int) -> int:
@@ -116,6 +135,9 @@ ATTENTION = LayerKind(
         Param("rope_scaling", "rope_scaling", None, nullable=True,
               doc="RoPE frequency scaling: llama3(factor = ..., low_freq_factor = ..., high_freq_factor = ..., "
                   "original_context = ...) (default: none = plain RoPE)"),
+        Param("rope_dim", "int", nullable=True, min=2,
+              doc="channels of each q/k head that RoPE rotates, the first ones; even, at most head_dim "
+                  "(default: none = the whole head)"),
         Param("causal", "bool", True),
         Param("qkv_bias", "bool", False),
         Param("out_bias", "bool", False),

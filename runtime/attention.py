@@ -2,7 +2,8 @@
 
     q = q_proj(x) [B,T,H,D]   k = k_proj(x) [B,T,Hkv,D]   v = v_proj(x) [B,T,Hkv,Dv]
     (Qwen3 qk-norm: RMSNorm over D per head, before RoPE) -> RoPE(q, k) at positions pos0 + t
-    (frequencies rescaled by `rope_scaling`, e.g. Llama 3.1's llama3 scaling)
+    (frequencies rescaled by `rope_scaling`, e.g. Llama 3.1's llama3 scaling; with `rope_dim` R only the
+    first R channels of each head are rotated, at frequencies over R, as Bamba's partial_rotary_factor does)
     o = attention(q, k, v) [B,T,H,Dv] -> o_proj -> [B,T,d]
 
 With a cache, keys and values are written where their positions say: slot p for global attention, slot
@@ -31,6 +32,9 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.kernels = cfg, kernels
         H, Hkv, D, Dv = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
+        R = cfg.rotary_dim
+        if cfg.rope_theta is not None and (R % 2 or not 2 <= R <= D):  # IRs built by hand skip the front end
+            raise ValueError(f"rope_dim must be even and in [2, head_dim = {D}], got {R}")
         self.scale = D**-0.5
         self.q_proj = nn.Linear(d, H * D, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.qkv_bias)
@@ -57,7 +61,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.rope_theta is not None:
             positions = torch.arange(pos0, pos0 + T, device=x.device)  # [T]
-            cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling)  # [T, D]
+            cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling)  # [T, R]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 

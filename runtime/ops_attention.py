@@ -21,7 +21,8 @@ from ltmdsl.ir import RopeScaling
 
 
 # ---------------------------------------------------------------------------------------------
-# Rotary position embeddings (Hugging Face Llama convention: rotate_half, inv_freq = 1/theta^(2i/D)).
+# Rotary position embeddings (Hugging Face Llama convention: rotate_half, inv_freq = 1/theta^(2i/D)), over the
+# whole head or its first R channels (partial rotary: D is then R throughout, as transformers does).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -73,8 +74,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D], cos/sin [T, D] -> x rotated by position, [B, T, H, D]."""
-    return x * cos[None, :, None, :] + rotate_half(x) * sin[None, :, None, :]
+    """x [B, T, H, D], cos/sin [T, R] with R <= D -> x rotated by position, [B, T, H, D].
+
+    The first R channels are rotated and the other D - R pass through unchanged (partial rotary embeddings,
+    transformers' `partial_rotary_factor` = R / D as in Bamba, GPT-NeoX and Phi); rotate_half pairs channel
+    i with i + R/2 within those R, and `rope_cos_sin(positions, R, ...)` gives frequencies over R, not D.
+    """
+    R = cos.shape[-1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]  # [1, T, 1, R]
+    if R == x.shape[-1]:
+        return x * c + rotate_half(x) * s
+    rot, rest = x[..., :R], x[..., R:]  # [B, T, H, R], [B, T, H, D - R]
+    return torch.cat((rot * c + rotate_half(rot) * s, rest), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------

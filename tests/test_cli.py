@@ -49,6 +49,9 @@ def test_show_table_totals(capsys):
     out = capsys.readouterr().out
     assert "params_total" in out and "8,030,261,248" in out
     assert "rope=500000 llama3x8@8192" in out  # Llama 3.1's rope scaling: 8x the 8192-token context
+    assert main(["show", str(EXAMPLES / "bamba-9b.ltm")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("rope=10000 rope_dim=64") == 3  # Bamba's three attention layers rotate half of each head
 
 
 def test_fmt_check_and_write(tmp_path, capsys):

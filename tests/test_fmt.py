@@ -53,7 +53,8 @@ def layer_defs(draw):
         window = draw(st.sampled_from(["", ", window = 16", ", window = 2Ki"]))
         rope = draw(st.sampled_from(["", ", rope_theta = none", ", rope_theta = 5e5", ", rope_theta = 1000",
                                      ", rope_theta = 5e5, rope_scaling = llama3(factor = 8, low_freq_factor = 1, "
-                                     "high_freq_factor = 2 ** 2, original_context = 8Ki)"]))
+                                     "high_freq_factor = 2 ** 2, original_context = 8Ki)",
+                                     ", rope_theta = 1000, rope_dim = 8 // 2", ", rope_dim = none"]))
         return f"attention(heads = {heads}, kv_heads = {kv}{window}{rope})"
     if kind == "mamba":
         return f"mamba(d_state = {draw(st.sampled_from([4, 16]))}, expand = {draw(st.sampled_from([1, 2]))})"

@@ -28,6 +28,7 @@ def one(layer: str, d_model: int = 64) -> int:
     ("attention(heads = 2, head_dim = 8, v_head_dim = 4, qk_norm = true)", 64 * 16 + 64 * 16 + 64 * 8 + 8 * 64 + 16),
     ("attention(heads = 4, kv_heads = 2, rope_scaling = llama3(factor = 8, low_freq_factor = 1, "
      "high_freq_factor = 4, original_context = 8192))", 64 * 64 + 2 * 64 * 32 + 64 * 64),
+    ("attention(heads = 4, kv_heads = 2, rope_dim = 8)", 64 * 64 + 2 * 64 * 32 + 64 * 64),
     ("mlp(d_ff = 10, act = swiglu)", 3 * 64 * 10),
     ("mlp(d_ff = 10, act = relu2, bias = true)", 2 * 64 * 10 + 10 + 64),
     ("moe(experts = 3, top_k = 1, d_ff = 10)", 64 * 3 + 3 * 3 * 64 * 10),
@@ -35,6 +36,7 @@ def one(layer: str, d_model: int = 64) -> int:
      64 * 256 + 128 * 3 + 128 + 128 * (5 + 8) + 5 * 128 + 128 + 128 * 4 + 128 + 128 * 64),
     ("mamba2(d_state = 4, head_dim = 16, n_groups = 2, d_conv = 3)",
      64 * (256 + 16 + 8) + (128 + 16) * 4 + 8 * 3 + 128 + 128 * 64),
-], ids=["gqa", "biases", "dv-qknorm", "gqa-llama3-rope", "swiglu", "relu2-bias", "moe", "mamba1", "mamba2"])
+], ids=["gqa", "biases", "dv-qknorm", "gqa-llama3-rope", "gqa-rope-dim", "swiglu", "relu2-bias", "moe", "mamba1",
+        "mamba2"])
 def test_parameter_counts(layer, expected):
     assert one(layer) == expected

@@ -225,3 +225,61 @@ def test_llama3_rope_scaling_errors(value, message):
 def test_rope_scaling_needs_rope():
     with pytest.raises(SpecError, match="rope_scaling rescales RoPE frequencies, but rope_theta = none"):
         load(f"layer nope = attention(heads = 4, rope_theta = none, rope_scaling = {LLAMA3})\n stack {{ nope }}")
+
+
+# ---- rope_dim (partial rotary embeddings) ------------------------------------------------------
+
+
+def test_rope_dim_resolves():
+    """An int per sub-layer (expressions allowed), none by default; rope_dim = head_dim is the whole head and
+    resolves to none, so it equals the plain definition; overrides set and clear it; it goes with rope_scaling;
+    parameter counts do not change."""
+    spec = ltmdsl.load(f"""model m {{
+    vocab = 256
+    d_model = 64
+    layer part = attention(heads = 4, rope_dim = 16 // 2)
+    layer whole = attention(heads = 4, rope_dim = 16)
+    layer plain = attention(heads = 4)
+    layer scaled = attention(heads = 4, rope_theta = 5e5, rope_scaling = {LLAMA3}, rope_dim = 4)
+    stack {{ part whole plain plain(rope_dim = 2) part(rope_dim = none) scaled }}
+    override 2 (rope_dim = 12)
+}}""")
+    dims = [layer.mixer.rope_dim for layer in spec.model.layers]
+    assert dims == [8, None, 12, 2, None, 4]
+    assert spec.model.layers[1].mixer == spec.model.layers[4].mixer  # whole head either way
+    assert [layer.mixer.rotary_dim for layer in spec.model.layers] == [8, 16, 12, 2, 16, 4]
+    assert spec.model.layers[5].mixer.rope_scaling is not None
+    assert len({layer.params for layer in spec.model.layers}) == 1
+    assert spec.model.to_json()["layers"][0]["mixer"]["rope_dim"] == 8
+    assert load("stack { attn }").model.layers[0].mixer.rope_dim is None
+
+
+@pytest.mark.parametrize("layer, message", [
+    ("attention(heads = 4, rope_dim = 7)",
+     r"layer 'x': rope_dim must be even \(RoPE rotates channels in pairs\), got 7"),
+    ("attention(heads = 4, rope_dim = 18)", r"layer 'x': rope_dim \(18\) cannot exceed head_dim \(16\)"),
+    ("attention(heads = 4, head_dim = 4, rope_dim = 6)", r"rope_dim \(6\) cannot exceed head_dim \(4\)"),
+    ("attention(heads = 4, rope_dim = 0)", "rope_dim of layer 'x' must be at least 2, got 0"),
+    ("attention(heads = 4, rope_dim = -2)", "rope_dim of layer 'x' must be at least 2, got -2"),
+    ("attention(heads = 4, rope_dim = 8.5)", "rope_dim of layer 'x' must be an integer"),
+    ("attention(heads = 4, rope_dim = true)", "rope_dim of layer 'x' must be an integer"),
+    ("attention(heads = 4, rope_dim = eigth)", "unknown name 'eigth'; did you mean 'eight'?"),
+    ("attention(heads = 4, rope_theta = none, rope_dim = 8)",
+     "layer 'x': rope_dim chooses how many channels RoPE rotates, but rope_theta = none turns RoPE off"),
+    ("attention(heads = 4, rope_theta = none, rope_dim = 16)", "rope_theta = none turns RoPE off"),
+])
+def test_rope_dim_errors_point_at_the_parameter(layer, message):
+    """Range and type errors point at the value, the checks that need head_dim or rope_theta at `rope_dim`."""
+    text = f"model m {{\n vocab = 2\n d_model = 64\n eight = 8\n layer x = {layer}\n stack {{ x }}\n}}\n"
+    with pytest.raises(SpecError, match=message) as e:
+        ltmdsl.load(text)
+    (error,) = e.value.errors
+    line = text.splitlines()[4]
+    at_name, at_value = line.index("rope_dim") + 1, line.index("rope_dim = ") + len("rope_dim = ") + 1
+    assert (error.line, error.col) in ((5, at_name), (5, at_value)), error.render()
+
+
+def test_rope_dim_error_through_an_override_points_at_the_definition():
+    """Turning RoPE off at one position of a layer that rotates part of the head is an error there too."""
+    with pytest.raises(SpecError, match="rope_dim chooses how many channels RoPE rotates"):
+        load("layer part = attention(heads = 4, rope_dim = 8)\n stack { part part(rope_theta = none) }")

@@ -25,6 +25,8 @@ def dims(m) -> str:
         if m.rope_scaling is not None:  # e.g. "llama3x8@8192": frequencies scaled for 8x the 8192-token context
             s = m.rope_scaling
             text += f" {s.kind}x{s.factor:g}@{s.original_context}"
+        if m.rope_dim is not None:  # partial rotary embeddings: only the first rope_dim channels of D rotate
+            text += f" rope_dim={m.rope_dim}"
         return text
     if isinstance(m, MambaConfig):
         return f"N={m.d_state} K={m.d_conv} d_inner={m.d_inner} dt_rank={m.dt_rank}" + (" +norms" if m.inner_norms else "")

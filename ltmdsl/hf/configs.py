@@ -5,9 +5,11 @@ and account for every key: a key is either mapped, known not to change the forwa
 initialisation and training-only settings: `HARMLESS_KEYS`), or an error that lists what is supported.
 `ignore=` names keys the caller explicitly accepts to drop (e.g. a `rope_scaling` of type yarn, to count a
 model's parameters); each dropped key is recorded as a NOTE comment in the spec. RoPE is plain or scaled as
-Llama 3.1 does (`rope_type: llama3`, written `rope_scaling = llama3(...)` in the spec). Layer pattern
-conventions: Jamba places attention/experts where `i % period == offset` with 0-based i; Qwen2/3 slide from
-layer `max_window_layers` on or follow `layer_types`; Nemotron-H spells one character per layer (M, *, -).
+Llama 3.1 does (`rope_type: llama3`, written `rope_scaling = llama3(...)` in the spec), over the whole head or,
+where transformers honours `partial_rotary_factor` (Bamba), over its first head_dim * factor channels
+(`rope_dim`). Layer pattern conventions: Jamba places attention/experts where `i % period == offset` with
+0-based i; Qwen2/3 slide from layer `max_window_layers` on or follow `layer_types`; Nemotron-H spells one
+character per layer (M, *, -); Bamba lists its attention layers in `attn_layer_indices` (0-based).
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ from ltmdsl.hf.spec import (Plan, attention_call, mamba2_call, mamba_call, mlp_c
                             sanitize_name, show_value)
 from ltmdsl.ir import RopeScaling
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h")
+SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
+                      "bamba")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
-    "bamba": "its attention applies RoPE to half of each head (partial_rotary_factor 0.5), "
-             "which ltmdsl attention cannot express",
     "zamba2": "its shared transformer blocks take the concatenation of the hidden state and the embeddings "
               "and carry per-use LoRA adapters",
     "falcon_h1": "it scales every branch with muP multipliers and runs attention and Mamba-2 in parallel",
@@ -181,17 +182,30 @@ def _llama3(r: _Reader, key: str, rp: dict) -> RopeScaling | None:
     return RopeScaling("llama3", factor, low, high, context)
 
 
-def _rope(r: _Reader, default: float) -> tuple[float, RopeScaling | None]:
-    """The RoPE base and its frequency scaling (plain, or Llama 3.1's llama3), full rotary dimension only.
+def _rope(r: _Reader, default: float, head_dim: int,
+          partial: float | None = None) -> tuple[float, RopeScaling | None, int | None]:
+    """The RoPE base, its frequency scaling (plain, or Llama 3.1's llama3) and the rotated channels per head.
 
     transformers 4 configs say `rope_theta` and `rope_scaling`; transformers 5 writes one `rope_parameters`
     dict that holds rope_theta too. As transformers 5 does (`convert_rope_params_to_dict`), `rope_scaling`
     is read when it is set and `rope_parameters` otherwise, and a rope_theta inside the dict wins over the
     top-level one. Other rope types (linear, dynamic, yarn, longrope, ...) are refused, or dropped with a
     NOTE when the key is ignored.
+
+    `partial` is the family's partial_rotary_factor where transformers applies partial rotary embeddings
+    (Bamba: its config class always passes 0.5, which fills the dict unless the dict states its own factor);
+    then rope_dim = head_dim * factor, an even whole number, or None for the whole head. Where `partial` is
+    None the family's transformers code rotates the whole head whatever the factor says, so any factor but
+    1.0 is refused: the checkpoint's intent and transformers' computation would disagree.
     """
     theta = r.float("rope_theta", default)
-    r.expect("partial_rotary_factor", lambda v: v in (None, 1, 1.0), "1.0")
+    if partial is None:
+        r.expect("partial_rotary_factor", lambda v: v in (None, 1, 1.0), f"1.0; {_whole_head(r.family)}")
+    else:  # transformers replaces the top-level key with the family's factor, so only that value is honest
+        r.expect("partial_rotary_factor", lambda v: v is None or v == partial,
+                 f"{partial:g}, which transformers' {r.family} config class always sets at the top level; another "
+                 f"factor must go in rope_parameters.partial_rotary_factor")
+    factor, where = (1.0 if partial is None else partial), "partial_rotary_factor"
     scaling, params = r.raw("rope_scaling", None), r.raw("rope_parameters", None)
     if scaling and params and isinstance(scaling, dict) and isinstance(params, dict) and \
             scaling != {k: v for k, v in params.items() if k != "rope_theta" or "rope_theta" in scaling}:
@@ -199,13 +213,16 @@ def _rope(r: _Reader, default: float) -> tuple[float, RopeScaling | None]:
                      "keep one of them")
     key, rp = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
     if not rp:  # absent, null or {}
-        return theta, None
+        return theta, None, _rotary_dim(r, where, factor, head_dim)
     if not isinstance(rp, dict) or any(isinstance(v, dict) for v in rp.values()):
         r.unsupported(key, f"one dict for all layers with {ROPE_SUPPORTED}")
-        return theta, None
-    if rp.get("partial_rotary_factor", 1.0) not in (1, 1.0):
-        r.unsupported(key, "partial_rotary_factor 1.0")
-        return theta, None
+        return theta, None, _rotary_dim(r, where, factor, head_dim)
+    if "partial_rotary_factor" in rp:  # the dict's own factor wins (transformers only setdefaults it)
+        if partial is None and rp["partial_rotary_factor"] not in (1, 1.0):
+            r.unsupported(key, f"partial_rotary_factor 1.0; {_whole_head(r.family)}")
+            return theta, None, None
+        factor, where = rp["partial_rotary_factor"], f"{key}.partial_rotary_factor"
+    rope_dim = _rotary_dim(r, where, factor, head_dim)
     if "rope_theta" in rp:
         value = rp["rope_theta"]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
@@ -213,11 +230,33 @@ def _rope(r: _Reader, default: float) -> tuple[float, RopeScaling | None]:
         theta = float(value)
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type == "default":
-        return theta, None
+        return theta, None, rope_dim
     if rope_type == "llama3":
-        return theta, _llama3(r, key, rp)
+        return theta, _llama3(r, key, rp), rope_dim
     r.unsupported(key, ROPE_SUPPORTED)
-    return theta, None
+    return theta, None, rope_dim
+
+
+def _whole_head(family: str) -> str:
+    """Why a partial_rotary_factor below 1 is refused for a family whose transformers code ignores it."""
+    return f"transformers' {family} applies RoPE to the whole head, whatever partial_rotary_factor says"
+
+
+def _rotary_dim(r: _Reader, where: str, factor: Any, head_dim: int) -> int | None:
+    """rope_dim = head_dim * factor (None for the whole head), refused unless it is an even whole number >= 2.
+
+    transformers truncates int(head_dim * factor); a product that is not already whole is refused rather than
+    truncated, since the checkpoint's author most likely meant something else.
+    """
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+        raise r.fail(f"'{where}' must be a number in (0, 1], got {show_value(factor)}")
+    dim = head_dim * factor
+    if dim == head_dim:
+        return None
+    if not float(dim).is_integer() or int(dim) % 2 or dim < 2:
+        raise r.fail(f"'{where}' = {show_value(factor)} rotates head_dim * factor = {head_dim} * {show_value(factor)} "
+                     f"= {dim:g} channels, which is not an even whole number >= 2 (ltmdsl's rope_dim)")
+    return int(dim)
 
 
 def _dtype(cfg: dict) -> str:
@@ -233,7 +272,7 @@ def _dims(r: _Reader, d: int, heads: int, head_dim_default: int | None,
     kv = r.int("num_key_value_heads", kv_default or heads)
     if heads % kv:
         raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-    if head_dim_default is None:
+    if head_dim_default is None and not r.present("head_dim"):
         if d % heads:
             raise r.fail(f"hidden_size {d} is not a multiple of num_attention_heads {heads}; set head_dim")
         head_dim_default = d // heads
@@ -302,7 +341,7 @@ def _transformer(r: _Reader) -> dict:
     tied = r.bool("tie_word_embeddings", False)
     kv, head_dim = _dims(r, d, heads, 128 if fam == "qwen3" else None,
                          {"mistral": 8, "mixtral": 8, "qwen2": 32, "qwen3": 32}.get(fam))
-    theta, scaling = _rope(r, 1e6 if fam == "mixtral" else 10000.0)
+    theta, scaling, _ = _rope(r, 1e6 if fam == "mixtral" else 10000.0, head_dim)  # whole head: partial refused
     r.act()
     qkv_bias = out_bias = mlp_bias = False
     if fam in ("llama", "qwen3"):
@@ -527,9 +566,80 @@ def _nemotron_h(r: _Reader) -> dict:
                 definitions=definitions, legend=legend, tokens=tuple(symbol[t] for t in types))
 
 
+def _bamba(r: _Reader) -> dict:
+    """Bamba (IBM): per HF layer a Mamba-2 mixer, or attention where the 0-based index is in
+    `attn_layer_indices`, then a SwiGLU MLP. Its attention applies RoPE to the first head_dim *
+    partial_rotary_factor channels of each head (0.5: BambaConfig forces it unless rope_parameters says
+    otherwise); the Mamba-2 gated RMSNorm is grouped by mamba_n_groups and uses rms_norm_eps."""
+    vocab = r.int("vocab_size", 128000)
+    d = r.int("hidden_size", 4096)
+    d_ff = r.int("intermediate_size", 14336)
+    layers = r.int("num_hidden_layers", 32)
+    eps = r.float("rms_norm_eps", 1e-5)
+    r.act()
+    mlp_bias = r.bool("mlp_bias", False)
+    r.expect("time_step_limit", _time_step_limit_ok, "[0.0, inf]")
+    for key in ("layers_block_type", "layer_types"):
+        if key in r.cfg:
+            r.used.add(key)
+            raise r.fail(f"'{key}' cannot be set in a Bamba config (BambaConfig derives it from attn_layer_indices "
+                         "and transformers refuses to load a config that sets it); give attn_layer_indices instead")
+    indices = r.raw("attn_layer_indices", [])
+    if not isinstance(indices, list) or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < layers
+                                            for i in indices):
+        raise r.fail(f"'attn_layer_indices' must list 0-based layer indices below num_hidden_layers = {layers}, "
+                     f"got {show_value(indices)}")
+    attn_at = set(indices)
+    if attn_at:
+        heads = r.int("num_attention_heads", 32)
+        explicit_null = "num_key_value_heads" in r.cfg and r.cfg["num_key_value_heads"] is None  # BambaConfig: heads
+        kv, head_dim = _dims(r, d, heads, None, heads if explicit_null else 8)
+        theta, scaling, rope_dim = _rope(r, 10000.0, head_dim, partial=0.5)
+        if r.present("attn_rotary_emb"):  # older Bamba configs state the rotated width; transformers ignores it
+            stated = r.int("attn_rotary_emb")
+            if stated != (rope_dim or head_dim):
+                raise r.fail(f"'attn_rotary_emb' = {stated} disagrees with the {rope_dim or head_dim} channels that "
+                             f"transformers rotates (head_dim {head_dim} * partial_rotary_factor); make them agree")
+        bias = r.bool("attention_bias", False)
+        attn = attention_call(heads, kv, head_dim, theta, qkv_bias=bias, out_bias=bias, rope_scaling=scaling,
+                              rope_dim=rope_dim)
+    else:  # no attention layer: its settings, RoPE included, never reach the computation
+        r.used.update({"num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling",
+                       "rope_parameters", "partial_rotary_factor", "attn_rotary_emb", "attention_bias"})
+    n_heads = r.int("mamba_n_heads", 128)
+    expand = _int_expand(r, "mamba_expand", 2)
+    d_inner = expand * d
+    if r.raw("mamba_d_head", "auto") == "auto":  # as BambaConfig: the inner width split over the heads
+        if d_inner % n_heads:
+            raise r.fail(f"mamba_n_heads {n_heads} does not divide mamba_expand * hidden_size = {d_inner}")
+        d_head = d_inner // n_heads
+    else:
+        d_head = r.int("mamba_d_head")
+    if d_head * n_heads != d_inner:
+        raise r.fail(f"mamba_n_heads * mamba_d_head = {n_heads * d_head} != mamba_expand * hidden_size = {d_inner}")
+    groups = r.int("mamba_n_groups", 1)
+    if n_heads % groups:
+        raise r.fail(f"mamba_n_heads {n_heads} is not a multiple of mamba_n_groups {groups}")
+    definitions, legend = {}, {}
+    if len(attn_at) < layers:
+        definitions["ssm"] = mamba2_call(r.int("mamba_d_state", 256), d_head, groups, expand, r.int("mamba_d_conv", 4),
+                                         r.int("mamba_chunk_size", 256), r.bool("mamba_conv_bias", True),
+                                         r.bool("mamba_proj_bias", False))
+        legend["M"] = "ssm"
+    for key in ("mamba_d_state", "mamba_d_conv", "mamba_chunk_size", "mamba_conv_bias", "mamba_proj_bias"):
+        r.raw(key, None)  # read above when there is a Mamba layer; unused otherwise
+    if attn_at:
+        definitions["attn"], legend["A"] = attn, "attn"
+    definitions["ffn"], legend["-"] = mlp_call(d_ff, "swiglu", mlp_bias), "ffn"
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=r.bool("tie_word_embeddings", False),
+                definitions=definitions, legend=legend,
+                tokens=tuple(("A" if i in attn_at else "M") + "-" for i in range(layers)),
+                hf=dict(attn_layer_indices=sorted(attn_at)))
+
+
 _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transformer, "qwen2": _transformer,
             "qwen3": _transformer, "mamba": _mamba_family, "mamba2": _mamba2_family, "jamba": _jamba,
-            "nemotron_h": _nemotron_h}
+            "nemotron_h": _nemotron_h, "bamba": _bamba}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@
     ltmdsl.hf.export_hf("model.ltm", "out/", seed=0)   # a spec: the weights its `build(seed=...)` draws
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
-Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H) and writes its config. To be sure nothing is lost, the
-config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and sizes;
+Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba) and writes its config. To be sure nothing is lost,
+the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and sizes;
 models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...) are an
 `HFError` that says why. The folder appears atomically: it is written under a temporary name next to the
 destination and renamed into place, so an error leaves nothing behind.
@@ -27,7 +27,8 @@ from ltmdsl.ir import AttentionConfig, ModelIR
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
-         "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
+         "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
+         "bamba": "BambaForCausalLM"}
 
 
 def _one(values, what: str):
@@ -104,16 +105,27 @@ def config_from_ir(ir: ModelIR) -> dict:
                 "num_heads": m.heads, "head_dim": m.head_dim, "state_size": m.d_state, "n_groups": m.n_groups,
                 "expand": m.expand, "conv_kernel": m.d_conv, "chunk_size": m.chunk, "use_conv_bias": m.conv_bias,
                 "use_bias": m.proj_bias, "hidden_act": "silu"}
+    bamba = paired and set(kinds[0::2]) <= {"mamba2", "attention"} and set(kinds[1::2]) == {"mlp"} and \
+        all(m.activation == "swiglu" for m in mixers[1::2]) and \
+        all(m.rope_theta is not None for m in mixers[0::2] if isinstance(m, AttentionConfig))
+    if any(isinstance(m, AttentionConfig) and m.rope_dim is not None for m in mixers):
+        if bamba:  # the one supported family whose transformers code applies partial rotary embeddings
+            return _bamba_config(ir, base, norm.eps)
+        raise HFError("attention with rope_dim (partial rotary embeddings) maps back only to Bamba (Mamba-2 or "
+                      "RoPE attention, each followed by a SwiGLU MLP); transformers' Llama-style families rotate "
+                      "the whole head")
     if paired and all(isinstance(m, AttentionConfig) and m.rope_theta is not None for m in mixers[0::2]):
         return _transformer_config(ir, base, norm.eps)
     if paired and set(kinds[0::2]) <= {"mamba", "attention"} and \
             all(m.rope_theta is None for m in mixers[0::2] if isinstance(m, AttentionConfig)):
         return _jamba_config(ir, base, norm.eps)
+    if bamba:
+        return _bamba_config(ir, base, norm.eps)
     if set(kinds) <= {"mamba2", "attention", "mlp"}:
         return _nemotron_config(ir, base, norm.eps)
     raise HFError("this stack has no Hugging Face counterpart (supported: attention+MLP/MoE pairs with RoPE, "
                   "all Mamba, all Mamba-2, Jamba's Mamba/attention + MLP/MoE pairs, Nemotron-H's Mamba-2/attention/"
-                  "relu2 MLP blocks)")
+                  "relu2 MLP blocks, Bamba's Mamba-2/RoPE attention + SwiGLU MLP pairs)")
 
 
 def _transformer_config(ir: ModelIR, base: dict, eps: float) -> dict:
@@ -223,6 +235,42 @@ def _nemotron_config(ir: ModelIR, base: dict, eps: float) -> dict:
         if f.activation != "relu2":
             raise HFError("Nemotron-H MLPs use relu2")
         out.update(intermediate_size=f.d_ff, mlp_bias=f.bias)
+    return out
+
+
+def _bamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
+    """Bamba: attention (with RoPE, partial or whole-head) at `attn_layer_indices`, Mamba-2 elsewhere, a SwiGLU
+    MLP after each. rope_dim becomes rope_parameters.partial_rotary_factor = rope_dim / head_dim (transformers 5
+    form, rope_theta inside), which must give back exactly rope_dim as transformers computes it."""
+    mixers = [layer.mixer for layer in ir.layers[0::2]]
+    ffn = _one([layer.mixer for layer in ir.layers[1::2]], "MLP settings (Bamba has one intermediate_size)")
+    out = {**base, "model_type": "bamba", "num_hidden_layers": len(mixers), "rms_norm_eps": eps,
+           "hidden_act": "silu", "intermediate_size": ffn.d_ff, "mlp_bias": ffn.bias,
+           "attn_layer_indices": [i for i, m in enumerate(mixers) if m.kind == "attention"]}
+    attention = [m for m in mixers if m.kind == "attention"]
+    if attention:
+        a = _one(attention, "attention settings")
+        if a.window is not None or a.qk_norm or a.qkv_bias != a.out_bias:
+            raise HFError("Bamba attention has no window or qk_norm, and its attention_bias covers q, k, v and o alike")
+        factor = a.rotary_dim / a.head_dim
+        if a.head_dim * factor != a.rotary_dim:  # the float product transformers truncates must be exact
+            raise HFError(f"rope_dim {a.rotary_dim} of head_dim {a.head_dim} has no partial_rotary_factor that "
+                          f"transformers turns back into {a.rotary_dim} channels")
+        rope = {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": factor}
+        if a.rope_scaling is not None:
+            scaled = _rope_scaling_fields(a)
+            rope.update(scaled["rope_scaling"])
+            out["max_position_embeddings"] = scaled["max_position_embeddings"]
+        out.update(_attention_fields(a, ir.d_model), attention_bias=a.qkv_bias, rope_parameters=rope)
+    mambas = [m for m in mixers if m.kind == "mamba2"]
+    if mambas:
+        m = _one(mambas, "Mamba-2 settings")
+        if m.d_inner != m.expand * ir.d_model:
+            raise HFError(f"Bamba's Mamba-2 inner width is mamba_expand * hidden_size; heads * head_dim = {m.d_inner} "
+                          f"is not {m.expand} * {ir.d_model}")
+        out.update(mamba_n_heads=m.heads, mamba_d_head=m.head_dim, mamba_n_groups=m.n_groups, mamba_d_state=m.d_state,
+                   mamba_expand=m.expand, mamba_d_conv=m.d_conv, mamba_chunk_size=m.chunk,
+                   mamba_conv_bias=m.conv_bias, mamba_proj_bias=m.proj_bias)
     return out
 
 

@@ -172,9 +172,11 @@ def compress(tokens: tuple[str, ...] | list[str], max_unit: int = 64) -> list[st
 
 def attention_call(heads: int, kv_heads: int, head_dim: int, rope_theta: float | None, *, window: int | None = None,
                qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
-               rope_scaling: RopeScaling | None = None) -> tuple[str, str]:
+               rope_scaling: RopeScaling | None = None, rope_dim: int | None = None) -> tuple[str, str]:
     args = [f"heads = {num(heads)}", f"kv_heads = {num(kv_heads)}", f"head_dim = {num(head_dim)}",
             f"rope_theta = {'none' if rope_theta is None else num(float(rope_theta))}"]
+    if rope_dim is not None:
+        args.append(f"rope_dim = {num(int(rope_dim))}")
     if rope_scaling is not None:
         if rope_scaling.kind != "llama3":
             raise HFError(f"internal: unknown rope scaling {show_value(rope_scaling.kind)}")

@@ -47,6 +47,18 @@ CASES = {
     "nemotron_h": ("nemotron_h", {**COMMON, **ATTN, "hybrid_override_pattern": "M*-M-*", "head_dim": 8,
                                   "mamba_num_heads": 6, "mamba_head_dim": 12, "n_groups": 2, "ssm_state_size": 6,
                                   "conv_kernel": 3, "chunk_size": 8}, False),
+    # Bamba: attention at 0-based layers 1 and 3 of 5; head_dim 12 (not d / heads), so BambaConfig's forced
+    # partial_rotary_factor 0.5 rotates 6 channels (3 frequency pairs); Mamba-2 with 2 groups, chunks of 8.
+    "bamba": ("bamba", {**COMMON, **ATTN, "num_hidden_layers": 5, "attn_layer_indices": [1, 3], "head_dim": 12,
+                        "mamba_n_heads": 6, "mamba_d_head": 12, "mamba_n_groups": 2, "mamba_d_state": 6,
+                        "mamba_d_conv": 3, "mamba_chunk_size": 8}, False),
+    # Bamba with its own factor in rope_parameters (0.25 of head_dim 16: 4 channels) and Llama 3.1's scaling
+    # (prompts of 40 tokens run past the original context of 16), biases, tied embeddings, MHA.
+    "bamba_rope": ("bamba", {**COMMON, "num_attention_heads": 3, "num_key_value_heads": 3, "num_hidden_layers": 3,
+                             "attn_layer_indices": [0, 2], "head_dim": 16, "attention_bias": True, "mlp_bias": True,
+                             "tie_word_embeddings": True, "mamba_n_heads": 4, "mamba_n_groups": 1,
+                             "mamba_d_state": 5, "mamba_chunk_size": 16, "max_position_embeddings": 64,
+                             "rope_parameters": {**LLAMA3_ROPE, "partial_rotary_factor": 0.25}}, False),
 }
 
 

@@ -25,6 +25,7 @@ PUBLISHED = {
     "Jamba-v0.1": 51_570_323_328,
     "mamba-2.8b-hf": 2_768_345_600,
     "mamba2-2.7b": 2_702_599_680,
+    "Bamba-9B": 9_780_235_392,  # the model card's 9.78B
 }
 BF16 = Dtype("bf16", 2)
 
@@ -84,6 +85,12 @@ def _expected_cache(cfg: dict, T: int, B: int = 1, taps: str = "full") -> dict:
     if fam == "mamba2":
         Di, G, N, K = 2 * d, cfg["n_groups"], cfg["state_size"], cfg["conv_kernel"]
         state = cfg["num_hidden_layers"] * B * ((Di + 2 * G * N) * K + cfg["num_heads"] * cfg["head_dim"] * N) * 2
+    if fam == "bamba":  # attention at attn_layer_indices (no window), Mamba-2 elsewhere
+        n_attn = len(cfg["attn_layer_indices"])
+        kv = n_attn * 2 * B * cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"]) * T * 2
+        Di, G, N, K = cfg["mamba_expand"] * d, cfg["mamba_n_groups"], cfg["mamba_d_state"], cfg["mamba_d_conv"]
+        per_layer = (Di + 2 * G * N) * K + cfg["mamba_n_heads"] * cfg["mamba_d_head"] * N
+        state = (cfg["num_hidden_layers"] - n_attn) * B * per_layer * 2
     return {"kv_cache": kv, "recurrent_state": state}
 
 
@@ -153,6 +160,99 @@ def test_qwen2_window_layers():
     assert all(layer.mixer.qkv_bias and not layer.mixer.out_bias for layer in ir.layers if layer.kind == "attention")
     assert [layer.mixer.window for layer in imported({**cfg, "use_sliding_window": False}).layers
             if layer.kind == "attention"] == [None] * 5
+
+
+# ---- Bamba: Mamba-2 + attention with partial rotary embeddings ---------------------------------------------
+
+
+def test_bamba_9b_is_the_example():
+    """The published Bamba-9B config imports with attention at 0-based layers 9, 18 and 27, rope_dim 64 of 128,
+    and resolves to exactly the sub-layers of examples/bamba-9b.ltm."""
+    cfg = published("Bamba-9B")
+    text = spec_from_config(cfg)
+    assert "attention(heads = 32, kv_heads = 8, head_dim = 128, rope_theta = 10000.0, rope_dim = 64)" in text
+    assert "# NOTE" not in text
+    ir = imported(cfg)
+    assert [layer.index // 2 for layer in ir.layers if layer.kind == "attention"] == [9, 18, 27]
+    assert {layer.mixer.rope_dim for layer in ir.layers if layer.kind == "attention"} == {64}
+    hand = ltmdsl.load(EXAMPLES / "bamba-9b.ltm").model
+    assert [(x.norm, x.mixer) for x in ir.layers] == [(x.norm, x.mixer) for x in hand.layers]
+
+
+BAMBA = {"model_type": "bamba", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "intermediate_size": 96, "vocab_size": 100, "num_hidden_layers": 4, "attn_layer_indices": [1],
+         "mamba_n_heads": 8, "mamba_d_state": 16}
+
+
+def _transformers_rotary_dim(cfg: dict) -> int:
+    """What transformers rotates for a Bamba config: int(head_dim * rope_parameters' partial_rotary_factor)."""
+    transformers = pytest.importorskip("transformers")
+    c = transformers.AutoConfig.for_model(**cfg)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return int(head_dim * c.rope_parameters.get("partial_rotary_factor", 1.0))
+
+
+@pytest.mark.parametrize("change, rotated", [
+    ({}, 8),  # BambaConfig's forced 0.5 of head_dim 16
+    ({"partial_rotary_factor": 0.5}, 8),  # the top-level key, as older configs write it
+    ({"attn_rotary_emb": 8}, 8),  # the older spelling of the same width (transformers ignores it)
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}}, 4),
+    ({"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.75}}, 12),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0}}, 16),
+    ({"head_dim": 12}, 6),
+    ({"head_dim": 20, "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.1}}, 2),
+])
+def test_bamba_rotary_dim_is_what_transformers_rotates(change, rotated):
+    """rope_dim = head_dim * partial_rotary_factor where transformers takes the factor from: the rope dict if it
+    states one, else the 0.5 BambaConfig forces; the whole head is rope_dim none. Checked against transformers'
+    own config class for each case."""
+    cfg = {**BAMBA, **change}
+    (attn,) = [layer.mixer for layer in imported(cfg).layers if layer.kind == "attention"]
+    assert attn.rotary_dim == rotated == _transformers_rotary_dim(cfg)
+    assert attn.rope_dim == (None if rotated == attn.head_dim else rotated)
+
+
+def test_bamba_layers_and_defaults():
+    """attn_layer_indices are 0-based HF layers (duplicates once, order irrelevant); none or [] is all Mamba-2,
+    and then the attention and RoPE keys are unused; kv heads null means MHA as in BambaConfig."""
+    ir = imported({**BAMBA, "attn_layer_indices": [3, 0, 3]})
+    assert [layer.kind for layer in ir.layers] == ["attention", "mlp", "mamba2", "mlp", "mamba2", "mlp",
+                                                   "attention", "mlp"]
+    for empty in (None, []):
+        ir = imported({**BAMBA, "attn_layer_indices": empty, "rope_parameters": {"rope_type": "yarn"}})
+        assert {layer.kind for layer in ir.layers} == {"mamba2", "mlp"}
+    mha = imported({**BAMBA, "num_key_value_heads": None}).layers[2].mixer
+    assert mha.kv_heads == mha.heads == 4
+    m = imported({**BAMBA, "mamba_d_head": 16, "mamba_n_groups": 2}).layers[0].mixer
+    assert (m.heads, m.head_dim, m.n_groups, m.d_state, m.d_inner) == (8, 16, 2, 16, 128)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"partial_rotary_factor": 0.25}, r"'partial_rotary_factor' = 0.25 is not supported \(supported: 0.5, which "
+                                      r"transformers' bamba config class always sets at the top level"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.3}},
+     r"'rope_parameters.partial_rotary_factor' = 0.3 rotates head_dim \* factor = 16 \* 0.3 = 4.8 channels, "
+     r"which is not an even whole number"),
+    ({"head_dim": 10}, r"'partial_rotary_factor' = 0.5 rotates .* = 5 channels, which is not an even"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0}}, r"must be a number in \(0, 1\]"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.5}}, r"must be a number in \(0, 1\]"),
+    ({"attn_rotary_emb": 16}, r"'attn_rotary_emb' = 16 disagrees with the 8 channels that transformers rotates"),
+    ({"attn_layer_indices": [4]}, r"'attn_layer_indices' must list 0-based layer indices below num_hidden_layers"),
+    ({"attn_layer_indices": [-1]}, r"'attn_layer_indices' must list 0-based"),
+    ({"attn_layer_indices": "1"}, r"'attn_layer_indices' must list 0-based"),
+    ({"layers_block_type": ["linear_attention"] * 4}, r"'layers_block_type' cannot be set in a Bamba config"),
+    ({"layer_types": ["linear_attention"] * 4}, r"'layer_types' cannot be set in a Bamba config"),
+    ({"mamba_d_head": 20}, r"mamba_n_heads \* mamba_d_head = 160 != mamba_expand \* hidden_size = 128"),
+    ({"mamba_n_heads": 6}, r"mamba_n_heads 6 does not divide mamba_expand \* hidden_size = 128"),
+    ({"mamba_n_groups": 3}, r"mamba_n_heads 8 is not a multiple of mamba_n_groups 3"),
+    ({"hidden_act": "gelu"}, r"'hidden_act' = 'gelu' is not supported"),
+    ({"time_step_limit": [0.0, 5.0]}, r"'time_step_limit'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, r"'rope_parameters' = .*'yarn'.* is not supported"),
+    ({"use_attention_sink": True}, r"unknown config keys .*use_attention_sink"),
+])
+def test_bad_bamba_configs_are_clear_errors(change, message):
+    with pytest.raises(HFError, match=message):
+        spec_from_config({**BAMBA, **change})
 
 
 def test_compress():
@@ -236,12 +336,15 @@ def test_disagreeing_rope_scaling_and_rope_parameters_are_refused():
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"model_type": "bamba"}, "partial_rotary_factor 0.5"),
+    ({"model_type": "zamba2"}, "model_type 'zamba2' is not supported: its shared transformer blocks"),
     ({"model_type": "gpt2"}, "supported: llama, mistral"),
     ({"model_type": "llama", "hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported .*'silu'"),
     ({"model_type": "llama", "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters"),
-    ({"model_type": "llama", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"model_type": "llama", "partial_rotary_factor": 0.5},
+     "'partial_rotary_factor' = 0.5 is not supported .*transformers' llama applies RoPE to the whole head"),
+    ({"model_type": "qwen3", "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+     "supported: partial_rotary_factor 1.0; transformers' qwen3 applies RoPE to the whole head"),
     ({"model_type": "llama", "some_new_switch": True}, "unknown config keys .*some_new_switch"),
     ({"model_type": "llama", "hidden_size": "4096\n}\nmodel evil {"}, "'hidden_size' must be an integer"),
     ({"model_type": "llama", "hidden_size": True}, "'hidden_size' must be an integer"),

@@ -84,6 +84,60 @@ def test_llama31_example_config_is_the_published_one():
     assert ours.max_position_embeddings > published["rope_scaling"]["original_max_position_embeddings"]
 
 
+def test_bamba_example_config_is_the_published_one():
+    """The Bamba 9B example's exported config is, as transformers reads it, the published one: the same layer
+    types, RoPE parameters (partial_rotary_factor 0.5), Mamba-2 settings and parameter count (config only)."""
+    from transformers import AutoConfig
+
+    from ltmdsl.hf.export import hf_plan
+
+    published = json.loads((Path(__file__).parent / "configs" / "Bamba-9B.json").read_text())
+    cfg, _ = hf_plan(ltmdsl.load(EXAMPLES / "bamba-9b.ltm").model)
+    assert cfg["attn_layer_indices"] == published["attn_layer_indices"]
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    ours, theirs = AutoConfig.for_model(**cfg), AutoConfig.for_model(**published)
+    assert ours.rope_parameters == theirs.rope_parameters
+    for key in ("layers_block_type", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_expand", "mamba_d_conv",
+                "mamba_chunk_size", "mamba_conv_bias", "mamba_proj_bias", "rms_norm_eps", "tie_word_embeddings",
+                "vocab_size", "hidden_size", "attention_bias", "mlp_bias"):
+        assert getattr(ours, key) == getattr(theirs, key), key
+
+
+def test_rope_dim_exports_only_to_bamba(tmp_path):
+    """Partial RoPE exists in transformers' Bamba only (its Llama-style families rotate the whole head): an
+    attention + SwiGLU stack with rope_dim becomes a Bamba with attention at every layer, one with an MLP Bamba
+    lacks is refused; a Mamba-2 hybrid exports as Bamba, and transformers gives the spec's own logits."""
+    llama = """model m {
+    vocab = 40
+    d_model = 32
+    dtype = fp32
+    layer attn = attention(heads = 2, rope_dim = 8)
+    layer ffn = mlp(d_ff = 24)
+    stack { attn ffn attn ffn }
+}
+"""
+    cfg = config_from_ir(ltmdsl.load(llama).model)
+    assert cfg["model_type"] == "bamba" and cfg["attn_layer_indices"] == [0, 1] and "mamba_n_heads" not in cfg
+    with pytest.raises(HFError, match="rope_dim .* maps back only to Bamba"):
+        config_from_ir(ltmdsl.load(llama.replace("d_ff = 24", "d_ff = 24, act = gelu")).model)
+    spec = tmp_path / "hybrid.ltm"
+    spec.write_text(llama.replace("stack { attn ffn attn ffn }", "layer ssm = mamba2(d_state = 8, head_dim = 16, "
+                                  "chunk = 4)\n    stack { ssm ffn attn ffn ssm ffn attn(rope_dim = none) ffn }")
+                    .replace("heads = 2, rope_dim", "heads = 2, head_dim = 20, rope_dim"))
+    with pytest.raises(HFError, match="the layers differ in attention settings"):
+        export_hf(spec, tmp_path / "mixed")  # one Bamba config has one rope_dim
+    spec.write_text(spec.read_text().replace("attn(rope_dim = none)", "attn"))
+    assert main(["export-hf", str(spec), str(tmp_path / "out"), "--seed", "3"]) == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "bamba" and cfg["attn_layer_indices"] == [1, 3] and cfg["head_dim"] == 20
+    assert cfg["rope_parameters"]["partial_rotary_factor"] == 0.4
+    built = ltmdsl.build(ltmdsl.load(spec), seed=3)
+    ids = torch.randint(0, 40, (2, 11), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert_close(load_hf(tmp_path / "out")(ids).logits, built(ids), 1e-4, "bamba spec export")
+
+
 def test_export_from_spec_and_runtime_checkpoint(tmp_path):
     from ltmdsl.runtime import checkpoint
 

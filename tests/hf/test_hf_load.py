@@ -50,10 +50,11 @@ def test_logits_and_greedy_generation_match_transformers(case, saved):
 
 
 def test_transformers_generate_agrees_where_its_cache_is_reliable(saved):
-    """transformers' own cached generate equals ours for a plain and a recurrent family. (For Qwen2 with
+    """transformers' own cached generate equals ours for a plain, a recurrent and a hybrid family (Bamba: KV
+    cache with partial RoPE and Mamba-2 states). (For Qwen2 with
     both sliding and full layers, transformers 5.24's cached generate disagrees with its own uncached
     forward, so the tests above use the uncached loop as the reference.)"""
-    for case in ("llama", "mamba2"):
+    for case in ("llama", "mamba2", "bamba"):
         folder, hf = saved(case)
         ours = ltmdsl.from_hf(folder)
         ids = torch.randint(0, 61, (1, PROMPT), generator=torch.Generator().manual_seed(2))
@@ -104,6 +105,29 @@ def test_llama3_rope_scaling_matches_transformers_past_original_context(saved, t
     (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
     with torch.no_grad():
         assert rel_err(ltmdsl.from_hf(tmp_path / "plain", dtype=torch.float32)(ids), ref) > 1e-2
+
+
+def test_bamba_partial_rope_matters_and_decodes_past_the_original_context(saved, tmp_path):
+    """Bamba with rope_dim 4 of head_dim 16 and Llama 3.1's scaling (original context 16): logits over 40 tokens
+    (fp32, 1e-4) and greedy decoding through our cache to position 48 equal transformers; the same checkpoint
+    read as rotating the whole head (partial_rotary_factor 1.0) differs by far more than the tolerance."""
+    folder, hf = saved("bamba_rope")
+    ours = ltmdsl.from_hf(folder, dtype=torch.float32)
+    assert "rope_dim = 4" in ours.ir.source_text and "rope_scaling = llama3(" in ours.ir.source_text
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref, got = hf(ids).logits, ours(ids)
+    print(f"bamba_rope, 40 tokens: logits relative error {rel_err(got, ref):.2e}")
+    assert_close(got, ref, 1e-4, "bamba partial-rope logits")
+    assert ours.generate(ids[:1], 8).tolist() == greedy_no_cache(hf, ids[:1], 8).tolist()
+    shutil.copytree(folder, tmp_path / "whole")
+    cfg = json.loads((tmp_path / "whole" / "config.json").read_text())
+    cfg["rope_parameters"]["partial_rotary_factor"] = 1.0
+    (tmp_path / "whole" / "config.json").write_text(json.dumps(cfg))
+    whole = ltmdsl.from_hf(tmp_path / "whole", dtype=torch.float32)
+    assert {a.mixer.rope_dim for a in whole.ir.layers if a.kind == "attention"} == {None}
+    with torch.no_grad():
+        assert rel_err(whole(ids), ref) > 1e-2
 
 
 def _copy_with(src, dst, edit):

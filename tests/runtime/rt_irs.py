@@ -26,9 +26,9 @@ RMS = NormConfig("rmsnorm", 1e-5)
 
 
 def attention(heads=4, kv_heads=2, head_dim=8, v_head_dim=None, window=None, rope_theta=10000.0, causal=True,
-              qkv_bias=False, out_bias=False, qk_norm=False, rope_scaling=None) -> AttentionConfig:
+              qkv_bias=False, out_bias=False, qk_norm=False, rope_scaling=None, rope_dim=None) -> AttentionConfig:
     return AttentionConfig(heads, kv_heads, head_dim, v_head_dim or head_dim, window, rope_theta, causal,
-                           qkv_bias, out_bias, qk_norm, rope_scaling)
+                           qkv_bias, out_bias, qk_norm, rope_scaling, rope_dim)
 
 
 def mamba(d_model=32, d_state=8, d_conv=4, expand=2, dt_rank=None, conv_bias=True, proj_bias=False,

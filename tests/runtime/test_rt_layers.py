@@ -1,6 +1,6 @@
 """Each layer against a float64 oracle: transformers' own modules (MambaMixer, JambaMambaMixer,
 Mamba2Mixer, LlamaAttention / Qwen3Attention / Mistral-style windows / Llama 3.1's llama3 rope scaling,
-Mixtral and Jamba MoE blocks) run
+BambaAttention's partial rotary embeddings, Mixtral and Jamba MoE blocks) run
 in fp64 with our weights, plus hand-written formulas for the MLP activations and the attention window.
 Tolerances: 1e-10 relative against our own formulas (fp64 both sides); HF_TOL = 1e-6 against transformers,
 which casts A_log, D and the dt bias to fp32 even in a float64 module.
@@ -183,6 +183,67 @@ def test_attention_llama3_rope_scaling_matches_transformers(kernels):
         want, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](hc)
         assert attention_factor == 1.0
         assert torch.equal(rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, torch.float32), want)
+
+
+def hf_bamba_attention(cfg):
+    """transformers' BambaAttention + BambaRotaryEmbedding (fp64, eager) for an attention IR with rope_dim R:
+    partial_rotary_factor R / D in transformers 5's rope_parameters, with the IR's llama3 scaling if any."""
+    from transformers.models.bamba.modeling_bamba import BambaAttention, BambaConfig, BambaRotaryEmbedding
+
+    rope = dict(rope_type="default", rope_theta=cfg.rope_theta, partial_rotary_factor=cfg.rotary_dim / cfg.head_dim)
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope.update(rope_type=s.kind, factor=s.factor, low_freq_factor=s.low_freq_factor,
+                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_context)
+    hc = BambaConfig(hidden_size=D_MODEL, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                     head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, rope_parameters=rope, num_hidden_layers=1,
+                     vocab_size=16, mamba_n_heads=8, max_position_embeddings=256)
+    hc._attn_implementation = "eager"
+    return BambaAttention(hc, layer_idx=0).double().eval(), BambaRotaryEmbedding(hc).double()
+
+
+@pytest.mark.parametrize("rope_dim, scaling", [(6, None), (2, None), (4, LLAMA3_TOY)],
+                         ids=["half-of-12", "2-of-12", "third-of-12-llama3"])
+@pytest.mark.parametrize("kernels", [TORCH_KERNELS, REFERENCE_KERNELS], ids=["sdpa", "reference"])
+def test_partial_rope_attention_matches_bamba_with_cache(rope_dim, scaling, kernels):
+    """Bamba's partial rotary embeddings (only the first rope_dim of head_dim 12 channels rotate; 6 = Bamba's
+    partial_rotary_factor 0.5, with 3 frequency pairs; with llama3 scaling too) against BambaAttention in fp64
+    over 40 tokens, HF_TOL: the whole sequence at once, then a 17-token prefill + a 9-token chunk + 14 one-token
+    decode steps through our KV cache, which must give the same outputs (and ours without the cache to 1e-12).
+    The rope_dim matters far beyond the tolerance (the whole-head rotation differs)."""
+    from ltmdsl.runtime.cache import KVCache
+
+    cfg = attention(heads=4, kv_heads=2, head_dim=12, rope_theta=100.0, rope_scaling=scaling, rope_dim=rope_dim,
+                    qkv_bias=True, out_bias=True)
+    layer = ours(Attention(cfg, D_MODEL, EPS, kernels))
+    perturb(layer)
+    hf, rope = hf_bamba_attention(cfg)
+    hf.load_state_dict(layer.state_dict())
+    T = 40
+    x = hidden(T=T)
+    with torch.no_grad():
+        ref, _ = hf(x, position_embeddings=rope(x, torch.arange(T)[None]), attention_mask=additive_mask(T, None))
+        got = layer(x)
+        print(f"rope_dim {rope_dim} of 12 vs BambaAttention: relative error {rel_err(got, ref):.2e}")
+        assert_close(got, ref, HF_TOL, "partial-rope attention vs BambaAttention")
+        state = KVCache(torch.zeros(2, T, 2, 12, dtype=F64), torch.zeros(2, T, 2, 12, dtype=F64), None)
+        parts = [layer(x[:, :17], state, 0), layer(x[:, 17:26], state, 17)]
+        parts += [layer.step(x[:, t], state, t)[:, None] for t in range(26, T)]
+        cached = torch.cat(parts, dim=1)  # [B, T, d]
+        print(f"rope_dim {rope_dim}, prefill + chunk + decode: relative error {rel_err(cached, ref):.2e}")
+        assert_close(cached, ref, HF_TOL, "partial-rope attention through the cache vs BambaAttention")
+        assert_close(cached, got, 1e-12, "partial-rope attention through the cache vs without it")
+        whole = ours(Attention(attention(heads=4, kv_heads=2, head_dim=12, rope_theta=100.0, rope_scaling=scaling,
+                                         qkv_bias=True, out_bias=True), D_MODEL, EPS, kernels))
+        whole.load_state_dict(layer.state_dict())
+        assert rel_err(whole(x), got) > 1000 * HF_TOL, "rotating the whole head must differ"
+
+
+def test_attention_rejects_a_bad_rope_dim_built_by_hand():
+    """IRs built without the front end are checked too: rope_dim must be even and fit in the head."""
+    for bad in (3, 0, 10):
+        with pytest.raises(ValueError, match="rope_dim must be even and in \\[2, head_dim = 8\\]"):
+            Attention(attention(head_dim=8, rope_dim=bad), D_MODEL, EPS, TORCH_KERNELS)
 
 
 def test_attention_without_rope_is_position_free_for_noncausal():

@@ -115,6 +115,28 @@ def test_rope_matches_pairwise_rotation():
             assert_close(out[0, t, :, i + D // 2], b * c + a * s, 1e-12, "rope second half")
 
 
+def test_partial_rope_rotates_the_first_channels_only():
+    """rope_dim R < D: dims (i, i + R/2) for i < R/2 rotate by pos * theta^(-2i/R) (frequencies over R, not D),
+    dims R..D pass through bit for bit; R = D is plain RoPE."""
+    g = gen(6)
+    D, R, theta = 12, 4, 100.0
+    x = randn(2, 5, 3, D, g=g)
+    pos = torch.arange(7, 12)
+    cos, sin = att.rope_cos_sin(pos, R, theta, F64)  # [T, R]
+    assert cos.shape == (5, R)
+    out = att.apply_rope(x, cos, sin)  # [B, T, H, D]
+    assert torch.equal(out[..., R:], x[..., R:])
+    for t in range(5):
+        for i in range(R // 2):
+            ang = torch.tensor(pos[t].item() * theta ** (-2 * i / R), dtype=F64)
+            a, b = x[:, t, :, i], x[:, t, :, i + R // 2]
+            assert_close(out[:, t, :, i], a * ang.cos() - b * ang.sin(), 1e-12, "partial rope first half")
+            assert_close(out[:, t, :, i + R // 2], b * ang.cos() + a * ang.sin(), 1e-12, "partial rope second half")
+    full = att.rope_cos_sin(pos, D, theta, F64)
+    assert_close(att.apply_rope(x, *full), x * full[0][None, :, None] + att.rotate_half(x) * full[1][None, :, None],
+                 1e-15, "R = D")
+
+
 def test_llama3_rope_scaling_bands():
     """llama3 scaling by its definition, in fp64: with wavelength L = 2*pi / inv_freq, L < ctx / high keeps the
     frequency, L > ctx / low divides it by factor, and in between it is the smooth mix of the two; factor 1
