@@ -12,6 +12,7 @@ before it is imported; LTMDSL_PRINT_CODE=1 prints each source to stderr as it is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -56,12 +57,9 @@ def kernel_key(source: str) -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` via a temp file in the same directory and os.replace (atomic on POSIX)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        try:
-            if path.read_text() == text:
-                return
-        except OSError:
-            pass
+    with contextlib.suppress(OSError):  # unreadable: rewrite it
+        if path.exists() and path.read_text() == text:
+            return
     atomic.write_text(path, text)
 
 

@@ -25,6 +25,16 @@ def load_or_report(path: str, show_warnings: bool = True) -> tuple[Spec | None, 
     return spec, EXIT_OK
 
 
+def select_model(spec: Spec, name: str | None):
+    """The named model of a loaded spec (the last one when no name is given); None after printing the choices."""
+    try:
+        return spec.ir.model(name)
+    except KeyError:
+        names = ", ".join(m.name for m in spec.ir.models)
+        print(f"{spec.path}: error: no model '{name}' (models: {names})", file=sys.stderr)
+        return None
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a part."""
     atomic.write_text(path, text)

@@ -15,7 +15,7 @@ import os
 import sys
 
 from ltmdsl import atomic
-from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_or_report
+from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_or_report, select_model
 
 
 def add_arguments(p) -> None:
@@ -31,16 +31,6 @@ def add_target_arguments(p) -> None:
                    help="activation dtype of the kernels (default: the model's dtype, fp32 if it has none)")
     p.add_argument("--target", choices=("gpu", "interpreter"), default="gpu",
                    help="gpu: native dtypes in tl.dot; interpreter: upcast to fp32 (TRITON_INTERPRET=1)")
-
-
-def select_model(spec, name: str | None):
-    """The named model of a loaded spec (or the last one); None after printing the choices."""
-    try:
-        return spec.ir.model(name)
-    except KeyError:
-        names = ", ".join(m.name for m in spec.ir.models)
-        print(f"error: no model {name!r} in {spec.path or 'the spec'}; models: {names}", file=sys.stderr)
-        return None
 
 
 def rendered_kernels(model, dtype: str | None, target: str) -> list[dict]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 
 from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_or_report
-from ltmdsl.commands.compile import add_target_arguments, select_model
+from ltmdsl.commands.common import select_model
+from ltmdsl.commands.compile import add_target_arguments
 
 
 def add_arguments(p) -> None:

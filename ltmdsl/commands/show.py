@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ltmdsl.commands.common import EXIT_USAGE, load_or_report
+from ltmdsl.commands.common import EXIT_USAGE, load_or_report, select_model
 from ltmdsl.ir import AttentionConfig, Mamba2Config, MambaConfig, MLPConfig, MoEConfig, ModelIR
 from ltmdsl.units import format_count
 
@@ -70,13 +70,8 @@ def run(args) -> int:
     spec, code = load_or_report(args.file, show_warnings=not args.json)
     if spec is None:
         return code
-    try:
-        model = spec.ir.model(args.model)
-    except KeyError:
-        import sys
-
-        print(f"{args.file}: error: no model '{args.model}' (models: {', '.join(m.name for m in spec.models)})",
-              file=sys.stderr)
+    model = select_model(spec, args.model)
+    if model is None:
         return EXIT_USAGE
     if args.json:
         data = model.to_json()

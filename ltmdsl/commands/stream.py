@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 
-from ltmdsl.commands.common import EXIT_BUDGET, EXIT_OK, EXIT_USAGE, load_or_report
+from ltmdsl.commands.common import EXIT_BUDGET, EXIT_OK, EXIT_USAGE, load_or_report, select_model
 from ltmdsl.evaluate import parse_count
 from ltmdsl.units import format_bytes
 
@@ -65,10 +65,8 @@ def run(args) -> int:
     spec, code = load_or_report(args.file, show_warnings=not args.json)
     if spec is None:
         return code
-    try:
-        ir = spec.ir.model(args.model)
-    except KeyError:
-        print(f"ltmdsl stream: no model {args.model!r} in {args.file}", file=sys.stderr)
+    ir = select_model(spec, args.model)
+    if ir is None:
         return EXIT_USAGE
     from ltmdsl.memory import cache_bytes, weights_bytes
     from ltmdsl.units import DTYPES
