@@ -35,6 +35,18 @@ def select_model(spec: Spec, name: str | None):
         return None
 
 
+def load_model(path: str, name: str | None, show_warnings: bool = True):
+    """(spec, model, 0) for the named (or last) model of a spec file, or (None, None, exit code) after
+    printing why: what `show`, `stream`, `compile` and `emit` all start with."""
+    spec, code = load_or_report(path, show_warnings)
+    if spec is None:
+        return None, None, code
+    model = select_model(spec, name)
+    if model is None:
+        return None, None, EXIT_USAGE
+    return spec, model, EXIT_OK
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a part."""
     atomic.write_text(path, text)

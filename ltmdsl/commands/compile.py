@@ -15,7 +15,7 @@ import os
 import sys
 
 from ltmdsl import atomic
-from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_or_report, select_model
+from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_model
 
 
 def add_arguments(p) -> None:
@@ -75,12 +75,9 @@ def manifest(model, items: list[dict], dtype: str | None, target: str) -> dict:
 
 
 def run(args) -> int:
-    spec, code = load_or_report(args.file)
-    if spec is None:
-        return code
-    model = select_model(spec, args.model)
+    _, model, code = load_model(args.file, args.model)
     if model is None:
-        return EXIT_USAGE
+        return code
     dest = os.path.abspath(args.output)
     if os.path.exists(dest) and (not os.path.isdir(dest) or (os.listdir(dest)
                                  and not os.path.exists(os.path.join(dest, "manifest.json")))):

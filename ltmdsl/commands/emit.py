@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_or_report
-from ltmdsl.commands.common import select_model
+from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_model
 from ltmdsl.commands.compile import add_target_arguments
 
 
@@ -25,12 +24,9 @@ def run(args) -> int:
     from ltmdsl.codegen.lint import lint_or_raise
     from ltmdsl.codegen.render import render
 
-    spec, code = load_or_report(args.file)
-    if spec is None:
-        return code
-    model = select_model(spec, args.model)
+    _, model, code = load_model(args.file, args.model)
     if model is None:
-        return EXIT_USAGE
+        return code
     specs = {s.name: s for s in specs_for_model(model, dtype=args.dtype, upcast=args.target == "interpreter")}
     chosen = specs.get(args.kernel)
     if chosen is None:

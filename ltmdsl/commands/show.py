@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ltmdsl.commands.common import EXIT_USAGE, load_or_report, select_model
+from ltmdsl.commands.common import load_model
 from ltmdsl.ir import AttentionConfig, Mamba2Config, MambaConfig, MLPConfig, MoEConfig, ModelIR
 from ltmdsl.units import format_count
 
@@ -67,12 +67,9 @@ def table(model: ModelIR) -> str:
 
 
 def run(args) -> int:
-    spec, code = load_or_report(args.file, show_warnings=not args.json)
-    if spec is None:
-        return code
-    model = select_model(spec, args.model)
+    _, model, code = load_model(args.file, args.model, show_warnings=not args.json)
     if model is None:
-        return EXIT_USAGE
+        return code
     if args.json:
         data = model.to_json()
         data["layers"] = [{**layer, "params": layer["params"]} for layer in data["layers"]]

@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 
-from ltmdsl.commands.common import EXIT_BUDGET, EXIT_OK, EXIT_USAGE, load_or_report, select_model
+from ltmdsl.commands.common import EXIT_BUDGET, EXIT_OK, EXIT_USAGE, load_model
 from ltmdsl.evaluate import parse_count
 from ltmdsl.units import format_bytes
 
@@ -62,12 +62,9 @@ def peak_rss() -> int:
 
 
 def run(args) -> int:
-    spec, code = load_or_report(args.file, show_warnings=not args.json)
-    if spec is None:
-        return code
-    ir = select_model(spec, args.model)
+    _, ir, code = load_model(args.file, args.model, show_warnings=not args.json)
     if ir is None:
-        return EXIT_USAGE
+        return code
     from ltmdsl.memory import cache_bytes, weights_bytes
     from ltmdsl.units import DTYPES
 

@@ -45,7 +45,7 @@ from ltmdsl.ir import (
     MoEConfig,
 )
 from ltmdsl.memory.settings import Settings
-from ltmdsl.memory.symbols import B, C, T, cdiv, ceil_bytes, compile_exact, per_replica, q
+from ltmdsl.memory.symbols import B, C, T, cdiv, ceil_bytes, compile_exact, per_replica
 
 R = sympy.Rational
 

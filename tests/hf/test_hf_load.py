@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 import ltmdsl  # noqa: E402
 from helpers import assert_close, rel_err  # noqa: E402
-from hf_tiny import CASES, greedy_no_cache, load_hf, save_case  # noqa: E402
+from hf_tiny import CASES, greedy_no_cache, save_case  # noqa: E402
 
 from ltmdsl.hf import HFError  # noqa: E402
 
