@@ -1,0 +1,219 @@
+"""The gated delta rule (Gated DeltaNet, and KDA's per-channel form): chunked form, one-token step, oracle.
+
+Per value head h, with key head h // (Hv / Hk) supplying q_t and k_t (each key head serves Hv / Hk
+consecutive value heads), state S [Dk, Dv]:
+    S  <- diag(exp(g_t)) S                           decay first (a per-head scalar, or one per key channel)
+    d_t = beta_t * (v_t - S^T k_t)                   the delta-rule correction, after the decay
+    S  <- S + k_t d_t^T
+    o_t = S^T q_t                                    o [B, T, Hv, Dv]
+q_t and k_t are optionally L2-normalised (x / sqrt(sum x^2 + 1e-6), as flash-linear-attention does), then
+q_t is scaled by `scale` (default Dk^-0.5).
+
+Two decays, one rule:
+- Gated DeltaNet (Yang, Kautz & Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with Delta Rule",
+  ICLR 2025; Qwen3-Next, Qwen3.5): g [B, T, Hv], one log-decay <= 0 per token and value head.
+- KDA, Kimi Delta Attention (Kimi Team, "Kimi Linear: An Expressive, Efficient Attention Architecture",
+  2025): g [B, T, Hv, Dk], one log-decay <= 0 per key channel: row c of S decays by exp(g_t[c]).
+With decay 1 (g = 0) both reduce to DeltaNet (Yang et al., "Parallelizing Linear Transformers with the
+Delta Rule over Sequence Length", NeurIPS 2024), whose chunked form is used here.
+
+`gated_delta_chunked`, the WY / UT-transform form. Inside a chunk of C tokens, with gamma_r the cumulative
+log-decay from the chunk start to position r (a vector over Dk for KDA) and S0 the chunk's start state,
+unrolling the recurrence gives, for the corrections D = [d_1 .. d_C] [C, Dv]:
+    (I + L) D = beta * (V - Kg S0),     L[r, s] = beta_r sum_c k_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c]), s < r
+where Kg has rows k_r * exp(gamma_r). L is strictly lower triangular, so one unit-lower-triangular solve per
+chunk gives U = (I + L)^-1 (beta V) and W = (I + L)^-1 (beta Kg), and D = U - W S0. Then
+    o_r  = S0^T (q_r * exp(gamma_r)) + sum_{s <= r} Q[r, s] d_s,  Q[r, s] = sum_c q_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c])
+    S_C  = exp(gamma_C) * S0 + sum_s (k_s * exp(gamma_C - gamma_s)) d_s^T
+Every exponent is <= 0, so nothing overflows whatever the decay. The solves and the intra-chunk products
+are batched over all chunks; only the state crosses chunks, in a loop of T / C steps (never T). The scalar
+decay keeps its decay matrix [C, C]; the per-channel one needs [C, C, Dk].
+
+`gated_delta_step` is the decode form (one token, state updated in place); `gated_delta_reference` is the
+token-loop oracle of both (the plain recurrence above, in the inputs' dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+L2NORM_EPS = 1e-6  # flash-linear-attention's (and transformers') l2norm epsilon, added to the squared norm
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The rule runs in fp32, or fp64 when given fp64 (the oracle precision)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> None:
+    """q, k [..., Hk, Dk], v [..., Hv, Dv], g [..., Hv] or [..., Hv, Dk], beta [..., Hv]: one clear error if not."""
+    lead, (Hk, Dk), Hv = v.shape[:-2], q.shape[-2:], v.shape[-2]
+    problems = []
+    if k.shape != q.shape:
+        problems.append(f"k {tuple(k.shape)} must have q's shape {tuple(q.shape)}")
+    if q.shape[:-2] != lead:
+        problems.append(f"q {tuple(q.shape)} and v {tuple(v.shape)} disagree before the head axis")
+    if Hv % Hk:
+        problems.append(f"value heads Hv={Hv} must be a multiple of key heads Hk={Hk}")
+    if g.shape not in (lead + (Hv,), lead + (Hv, Dk)):
+        problems.append(f"g {tuple(g.shape)} must be {tuple(lead + (Hv,))} (per head) or {tuple(lead + (Hv, Dk))} (per channel)")
+    if beta.shape != lead + (Hv,):
+        problems.append(f"beta {tuple(beta.shape)} must be {tuple(lead + (Hv,))}")
+    if problems:
+        raise ValueError("gated delta rule: " + "; ".join(problems))
+
+
+def _prepare_qk(
+    q: torch.Tensor, k: torch.Tensor, Hv: int, *, l2norm: bool, scale: float | None, work: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [..., Hk, Dk] -> per value head [..., Hv, Dk] in the work dtype, optionally L2-normalised, q scaled."""
+    q, k = q.to(work), k.to(work)
+    if l2norm:
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2NORM_EPS)
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2NORM_EPS)
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    group = Hv // q.shape[-2]  # value heads per key head
+    return q.repeat_interleave(group, dim=-2), k.repeat_interleave(group, dim=-2)
+
+
+def _decayed_scores(a: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """sum_c a_r[c] b_s[c] exp(gamma_r[c] - gamma_s[c]) on the causal (r, s) pairs, 0 elsewhere.
+
+    a, b [..., C, Dk]; gamma [..., C] (scalar decay) or [..., C, Dk] (per channel); causal [C, C] bool
+    -> [..., C, C]. Exponents are masked before exp, so only gamma_r - gamma_s <= 0 is ever exponentiated.
+    """
+    if gamma.dim() == a.dim() - 1:  # scalar decay per head: a [C, C] decay matrix
+        seg = gamma[..., :, None] - gamma[..., None, :]  # [..., C, C]
+        decay = seg.masked_fill(~causal, float("-inf")).exp()
+        return (a @ b.transpose(-1, -2)) * decay
+    seg = gamma[..., :, None, :] - gamma[..., None, :, :]  # [..., C, C, Dk]
+    decay = seg.masked_fill(~causal[..., None], float("-inf")).exp()
+    return torch.einsum("...rc,...sc,...rsc->...rs", a, b, decay)
+
+
+def gated_delta_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    chunk: int,
+    state: torch.Tensor | None,
+    l2norm: bool,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule (WY / UT transform per chunk, one pass over chunks carrying the state).
+
+    q, k [B,T,Hk,Dk]; v [B,T,Hv,Dv]; g [B,T,Hv] (Gated DeltaNet) or [B,T,Hv,Dk] (KDA), log-decays <= 0;
+    beta [B,T,Hv]; state [B,Hv,Dk,Dv] | None (zeros); any chunk >= 1 (T need not be a multiple)
+    -> (o [B,T,Hv,Dv] in q's dtype, final_state [B,Hv,Dk,Dv] in the work dtype). Oracle: `gated_delta_reference`.
+    """
+    _check_shapes(q, k, v, g, beta)
+    if chunk < 1:
+        raise ValueError(f"gated delta rule: chunk must be >= 1, got {chunk}")
+    work = _work_dtype(q)
+    Bsz, T, Hv, Dv = v.shape
+    Dk = q.shape[-1]
+    qh, kh = _prepare_qk(q, k, Hv, l2norm=l2norm, scale=scale, work=work)  # [B, T, Hv, Dk]
+    C = chunk
+    pad = (C - T % C) % C  # zero padding: k = 0, beta = 0, g = 0 leave the state untouched
+    nc = (T + pad) // C
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:
+        """[B, T, Hv, ...] -> [B, Hv, nc, C, ...], zero-padded to nc * C tokens."""
+        t = F.pad(t.to(work), (0, 0) * (t.dim() - 2) + (0, pad))
+        t = t.reshape(Bsz, nc, C, *t.shape[2:])
+        return t.movedim(3, 1) if t.dim() > 4 else t.permute(0, 3, 1, 2)
+
+    qc, kc, vc = chunks(qh), chunks(kh), chunks(v)  # [B, Hv, nc, C, Dk | Dv]
+    bc = chunks(beta)[..., None]  # [B, Hv, nc, C, 1]
+    gamma = torch.cumsum(chunks(g), dim=3)  # [B, Hv, nc, C] or [B, Hv, nc, C, Dk]   cumulative log-decay
+    gamma_k = gamma[..., None] if g.dim() == 3 else gamma  # [B, Hv, nc, C, 1 | Dk]   broadcast over Dk
+    gamma_end = gamma_k[:, :, :, -1:]  # [B, Hv, nc, 1, 1 | Dk]
+
+    # The UT transform: (I + L) [U | W] = [beta V | beta Kg], one unit-lower-triangular solve per chunk.
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # [C(r), C(s)]
+    strict = causal.tril(-1)
+    eye = torch.eye(C, dtype=work, device=q.device)
+    lower = bc * _decayed_scores(kc, kc, gamma, causal).masked_fill(~strict, 0.0)  # [B, Hv, nc, C, C]
+    rhs = torch.cat([bc * vc, bc * kc * gamma_k.exp()], dim=-1)  # [B, Hv, nc, C, Dv + Dk]
+    uw = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
+    u, w = uw.split([Dv, Dk], dim=-1)  # [B, Hv, nc, C, Dv], [B, Hv, nc, C, Dk]
+
+    intra = _decayed_scores(qc, kc, gamma, causal)  # [B, Hv, nc, C, C]   Q[r, s], s <= r
+    q_in = qc * gamma_k.exp()  # [B, Hv, nc, C, Dk]   queries reading the chunk's start state
+    k_out = kc * (gamma_end - gamma_k).exp()  # [B, Hv, nc, C, Dk]   keys written into the chunk's end state
+    end_decay = gamma_end.exp().transpose(-1, -2)  # [B, Hv, nc, 1 | Dk, 1]
+
+    s = torch.zeros(Bsz, Hv, Dk, Dv, dtype=work, device=q.device) if state is None else state.to(work)
+    outs = []
+    for c in range(nc):
+        d = u[:, :, c] - w[:, :, c] @ s  # [B, Hv, C, Dv]   the corrections d_r
+        outs.append(q_in[:, :, c] @ s + intra[:, :, c] @ d)  # [B, Hv, C, Dv]
+        s = end_decay[:, :, c] * s + k_out[:, :, c].transpose(-1, -2) @ d  # [B, Hv, Dk, Dv]
+    o = torch.stack(outs, dim=2).reshape(Bsz, Hv, nc * C, Dv)[:, :, :T]  # [B, Hv, T, Dv]
+    return o.transpose(1, 2).to(q.dtype), s
+
+
+def gated_delta_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    l2norm: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """One token: q, k [B,Hk,Dk]; v [B,Hv,Dv]; g [B,Hv] or [B,Hv,Dk]; beta [B,Hv];
+    state [B,Hv,Dk,Dv] (updated in place) -> o [B,Hv,Dv] in q's dtype. Oracle: `gated_delta_reference`."""
+    _check_shapes(q, k, v, g, beta)
+    work = _work_dtype(q)
+    Hv = v.shape[1]
+    qh, kh = _prepare_qk(q, k, Hv, l2norm=l2norm, scale=scale, work=work)  # [B, Hv, Dk]
+    decay = g.to(work).exp()  # [B, Hv] or [B, Hv, Dk]
+    decay = decay[..., None, None] if g.dim() == 2 else decay[..., None]  # [B, Hv, 1 | Dk, 1]
+    s = state.to(work) * decay  # [B, Hv, Dk, Dv]
+    d = beta.to(work)[..., None] * (v.to(work) - torch.einsum("bhkv,bhk->bhv", s, kh))  # [B, Hv, Dv]
+    s = s + kh[..., None] * d[..., None, :]
+    state.copy_(s)
+    return torch.einsum("bhkv,bhk->bhv", s, qh).to(q.dtype)
+
+
+def gated_delta_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    state: torch.Tensor | None,
+    l2norm: bool,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-loop oracle of `gated_delta_chunked` / `gated_delta_step`, computed in the inputs' dtype.
+
+    Same arguments as `gated_delta_chunked` minus `chunk`; returns (o [B,T,Hv,Dv], final_state [B,Hv,Dk,Dv]).
+    """
+    _check_shapes(q, k, v, g, beta)
+    Bsz, T, Hv, Dv = v.shape
+    Hk, Dk = q.shape[-2:]
+    if l2norm:
+        q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + L2NORM_EPS)
+        k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + L2NORM_EPS)
+    q = q * (Dk**-0.5 if scale is None else scale)
+    kv_head = torch.arange(Hv, device=v.device) // (Hv // Hk)  # [Hv]   the key head serving each value head
+    q, k = q[:, :, kv_head], k[:, :, kv_head]  # [B, T, Hv, Dk]
+    a = g.exp()  # [B, T, Hv] or [B, T, Hv, Dk]
+    a = a[..., None, None] if g.dim() == 3 else a[..., None]  # [B, T, Hv, 1 | Dk, 1]
+    s = torch.zeros(Bsz, Hv, Dk, Dv, dtype=v.dtype, device=v.device) if state is None else state.clone().to(v.dtype)
+    outs = []
+    for t in range(T):
+        s = a[:, t] * s  # [B, Hv, Dk, Dv]   decay first
+        d = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", s, k[:, t]))  # [B, Hv, Dv]
+        s = s + k[:, t, :, :, None] * d[:, :, None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", s, q[:, t]))  # [B, Hv, Dv]
+    return torch.stack(outs, dim=1), s
