@@ -22,15 +22,17 @@ log-decay from the chunk start to position r (a vector over Dk for KDA) and S0 t
 unrolling the recurrence gives, for the corrections D = [d_1 .. d_C] [C, Dv]:
     (I + L) D = beta * (V - Kg S0),     L[r, s] = beta_r sum_c k_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c]), s < r
 where Kg has rows k_r * exp(gamma_r). L is strictly lower triangular, so one unit-lower-triangular solve per
-chunk gives U = (I + L)^-1 (beta V) and W = (I + L)^-1 (beta Kg), and D = U - W S0. Then
-    o_r  = S0^T (q_r * exp(gamma_r)) + sum_{s <= r} Q[r, s] d_s,  Q[r, s] = sum_c q_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c])
+chunk (the UT transform of Joffrain et al. 2006, a compact WY representation) gives U = (I + L)^-1 (beta V) and W = (I + L)^-1 (beta Kg), and D = U - W S0. Then
+    o_r  = S0^T (q_r * exp(gamma_r)) + sum_{s <= r} Q[r, s] d_s
     S_C  = exp(gamma_C) * S0 + sum_s (k_s * exp(gamma_C - gamma_s)) d_s^T
+with Q[r, s] = sum_c q_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c]).
 Every exponent is <= 0, so nothing overflows whatever the decay. The solves and the intra-chunk products
 are batched over all chunks; only the state crosses chunks, in a loop of T / C steps (never T). The scalar
 decay keeps its decay matrix [C, C]; the per-channel one needs [C, C, Dk].
 
 `gated_delta_step` is the decode form (one token, state updated in place); `gated_delta_reference` is the
-token-loop oracle of both (the plain recurrence above, in the inputs' dtype).
+token-loop oracle of both (the plain recurrence above, in the inputs' dtype). The tests also hold all three
+to transformers' `torch_chunk_gated_delta_rule` (qwen3_next) and `chunk_kimi_delta_attention` (kimi_linear).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     if Hv % Hk:
         problems.append(f"value heads Hv={Hv} must be a multiple of key heads Hk={Hk}")
     if g.shape not in (lead + (Hv,), lead + (Hv, Dk)):
-        problems.append(f"g {tuple(g.shape)} must be {tuple(lead + (Hv,))} (per head) or {tuple(lead + (Hv, Dk))} (per channel)")
+        per_head, per_channel = tuple(lead + (Hv,)), tuple(lead + (Hv, Dk))
+        problems.append(f"g {tuple(g.shape)} must be {per_head} (per head) or {per_channel} (per channel)")
     if beta.shape != lead + (Hv,):
         problems.append(f"beta {tuple(beta.shape)} must be {tuple(lead + (Hv,))}")
     if problems:

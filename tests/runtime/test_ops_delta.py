@@ -106,6 +106,20 @@ def test_chunked_continues_from_its_own_state(decay, split):
     assert_close(s2, s, 1e-10, "state")
 
 
+@pytest.mark.parametrize("decay", DECAYS)
+def test_chunked_survives_strong_decays(decay):
+    """Log-decays of -100 on ~30% of tokens (over a chunk of 32: ~-1000, beyond exp(+-709)) beside ones near 0:
+    the chunked form only exponentiates differences <= 0, so it stays finite and equal to the token loop."""
+    args, s0 = make_inputs(2, 65, 2, 4, decay, seed=19)
+    gen = torch.Generator().manual_seed(20)
+    strong = torch.rand(args[3].shape, generator=gen, dtype=F64) < 0.3
+    args[3] = torch.where(strong, -100.0, args[3] / 50)
+    o, s = gated_delta_chunked(*args, chunk=32, state=s0, l2norm=True, scale=None)
+    ro, rs = gated_delta_reference(*args, state=s0, l2norm=True, scale=None)
+    assert_close(o, ro, 1e-10, "output")
+    assert_close(s, rs, 1e-10, "state")
+
+
 # ---- decode -------------------------------------------------------------------------------------
 
 
@@ -163,6 +177,23 @@ def test_fp32_vs_fp64_oracle(decay):
     assert_close(state, rs, 1e-4, "fp32 step state")
 
 
+@pytest.mark.parametrize("decay", DECAYS)
+def test_chunked_gradients_match_the_token_loop(decay):
+    """Training differentiates the chunked form: its gradients (inputs and start state) equal the oracle's."""
+    args, s0 = make_inputs(1, 13, 1, 2, decay, seed=9)
+    weights = make_inputs(1, 13, 1, 2, decay, seed=10)[0][2]  # a random cotangent for o
+
+    def grads(fn, **kw):
+        leaves = [t.clone().requires_grad_() for t in (*args, s0)]
+        o, s = fn(*leaves[:5], state=leaves[5], l2norm=True, scale=None, **kw)
+        ((o * weights).sum() + s.sum()).backward()
+        return [t.grad for t in leaves]
+
+    chunked, looped = grads(gated_delta_chunked, chunk=4), grads(gated_delta_reference)
+    for name, gc, gr in zip(["q", "k", "v", "g", "beta", "state"], chunked, looped):
+        assert_close(gc, gr, 1e-10, f"d/d{name}")
+
+
 # ---- the decay and the gate matter --------------------------------------------------------------
 
 
@@ -188,7 +219,8 @@ def test_decay_and_beta_change_the_result(decay):
     args, s0 = make_inputs(2, 40, 2, 4, decay, seed=4)
     q, k, v, g, beta = args
     o, _ = gated_delta_chunked(*args, chunk=16, state=s0, l2norm=True, scale=None)
-    for name, variant in [("no decay", [q, k, v, torch.zeros_like(g), beta]), ("beta = 1", [q, k, v, g, torch.ones_like(beta)])]:
+    variants = [("no decay", [q, k, v, torch.zeros_like(g), beta]), ("beta = 1", [q, k, v, g, torch.ones_like(beta)])]
+    for name, variant in variants:
         ov, _ = gated_delta_chunked(*variant, chunk=16, state=s0, l2norm=True, scale=None)
         rv, _ = gated_delta_reference(*variant, state=s0, l2norm=True, scale=None)
         assert_close(ov, rv, 1e-10, name)
