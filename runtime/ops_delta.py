@@ -22,7 +22,8 @@ log-decay from the chunk start to position r (a vector over Dk for KDA) and S0 t
 unrolling the recurrence gives, for the corrections D = [d_1 .. d_C] [C, Dv]:
     (I + L) D = beta * (V - Kg S0),     L[r, s] = beta_r sum_c k_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c]), s < r
 where Kg has rows k_r * exp(gamma_r). L is strictly lower triangular, so one unit-lower-triangular solve per
-chunk (the UT transform of Joffrain et al. 2006, a compact WY representation) gives U = (I + L)^-1 (beta V) and W = (I + L)^-1 (beta Kg), and D = U - W S0. Then
+chunk (the UT transform of Joffrain et al. 2006, a compact WY representation) gives U = (I + L)^-1 (beta V)
+and W = (I + L)^-1 (beta Kg), and D = U - W S0. Then
     o_r  = S0^T (q_r * exp(gamma_r)) + sum_{s <= r} Q[r, s] d_s
     S_C  = exp(gamma_C) * S0 + sum_s (k_s * exp(gamma_C - gamma_s)) d_s^T
 with Q[r, s] = sum_c q_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c]).
