@@ -28,8 +28,9 @@ and W = (I + L)^-1 (beta Kg), and D = U - W S0. Then
     S_C  = exp(gamma_C) * S0 + sum_s (k_s * exp(gamma_C - gamma_s)) d_s^T
 with Q[r, s] = sum_c q_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c]).
 Every exponent is <= 0, so nothing overflows whatever the decay. The solves and the intra-chunk products
-are batched over all chunks; only the state crosses chunks, in a loop of T / C steps (never T). The scalar
-decay keeps its decay matrix [C, C]; the per-channel one needs [C, C, Dk].
+are batched over groups of chunks; only the state crosses chunks, in a loop of T / C steps (never T). The
+scalar decay keeps its decay matrix [C, C]; the per-channel one needs [C, C, Dk], which is why chunks are
+prepared in groups of at most GROUP_ELEMENTS decay entries: the working memory does not grow with T.
 
 `gated_delta_step` is the decode form (one token, state updated in place); `gated_delta_reference` is the
 token-loop oracle of both (the plain recurrence above, in the inputs' dtype). The tests also hold all three
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 L2NORM_EPS = 1e-6  # flash-linear-attention's (and transformers') l2norm epsilon, added to the squared norm
+GROUP_ELEMENTS = 1 << 22  # chunks are prepared in groups whose decay tensor stays under this many elements
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -96,6 +98,33 @@ def _decayed_scores(a: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, causa
     return torch.einsum("...rc,...sc,...rsc->...rs", a, b, decay)
 
 
+def _within_chunks(
+    qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, bc: torch.Tensor, gamma: torch.Tensor, causal: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Everything a group of n chunks needs before the state arrives, batched over the group.
+
+    qc, kc [B,Hv,n,C,Dk]; vc [B,Hv,n,C,Dv]; bc [B,Hv,n,C,1]; gamma [B,Hv,n,C] or [B,Hv,n,C,Dk]; causal [C,C]
+    -> u [B,Hv,n,C,Dv], w [B,Hv,n,C,Dk] (the UT transform), intra [B,Hv,n,C,C] (Q[r, s]),
+       q_in, k_out [B,Hv,n,C,Dk] (queries reading, keys writing the carried state), end_decay [B,Hv,n,1|Dk,1].
+    """
+    Dv = vc.shape[-1]
+    gamma_k = gamma[..., None] if gamma.dim() == qc.dim() - 1 else gamma  # [B, Hv, n, C, 1 | Dk]
+    gamma_end = gamma_k[:, :, :, -1:]  # [B, Hv, n, 1, 1 | Dk]
+
+    # The UT transform: (I + L) [U | W] = [beta V | beta Kg], one unit-lower-triangular solve per chunk.
+    eye = torch.eye(causal.shape[0], dtype=qc.dtype, device=qc.device)
+    lower = bc * _decayed_scores(kc, kc, gamma, causal).masked_fill(~causal.tril(-1), 0.0)  # [B, Hv, n, C, C]
+    rhs = torch.cat([bc * vc, bc * kc * gamma_k.exp()], dim=-1)  # [B, Hv, n, C, Dv + Dk]
+    uw = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
+    u, w = uw.split([Dv, qc.shape[-1]], dim=-1)  # [B, Hv, n, C, Dv], [B, Hv, n, C, Dk]
+
+    intra = _decayed_scores(qc, kc, gamma, causal)  # [B, Hv, n, C, C]   Q[r, s], s <= r
+    q_in = qc * gamma_k.exp()  # [B, Hv, n, C, Dk]
+    k_out = kc * (gamma_end - gamma_k).exp()  # [B, Hv, n, C, Dk]
+    end_decay = gamma_end.exp().transpose(-1, -2)  # [B, Hv, n, 1 | Dk, 1]
+    return u, w, intra, q_in, k_out, end_decay
+
+
 def gated_delta_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -134,29 +163,21 @@ def gated_delta_chunked(
     qc, kc, vc = chunks(qh), chunks(kh), chunks(v)  # [B, Hv, nc, C, Dk | Dv]
     bc = chunks(beta)[..., None]  # [B, Hv, nc, C, 1]
     gamma = torch.cumsum(chunks(g), dim=3)  # [B, Hv, nc, C] or [B, Hv, nc, C, Dk]   cumulative log-decay
-    gamma_k = gamma[..., None] if g.dim() == 3 else gamma  # [B, Hv, nc, C, 1 | Dk]   broadcast over Dk
-    gamma_end = gamma_k[:, :, :, -1:]  # [B, Hv, nc, 1, 1 | Dk]
-
-    # The UT transform: (I + L) [U | W] = [beta V | beta Kg], one unit-lower-triangular solve per chunk.
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # [C(r), C(s)]
-    strict = causal.tril(-1)
-    eye = torch.eye(C, dtype=work, device=q.device)
-    lower = bc * _decayed_scores(kc, kc, gamma, causal).masked_fill(~strict, 0.0)  # [B, Hv, nc, C, C]
-    rhs = torch.cat([bc * vc, bc * kc * gamma_k.exp()], dim=-1)  # [B, Hv, nc, C, Dv + Dk]
-    uw = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
-    u, w = uw.split([Dv, Dk], dim=-1)  # [B, Hv, nc, C, Dv], [B, Hv, nc, C, Dk]
-
-    intra = _decayed_scores(qc, kc, gamma, causal)  # [B, Hv, nc, C, C]   Q[r, s], s <= r
-    q_in = qc * gamma_k.exp()  # [B, Hv, nc, C, Dk]   queries reading the chunk's start state
-    k_out = kc * (gamma_end - gamma_k).exp()  # [B, Hv, nc, C, Dk]   keys written into the chunk's end state
-    end_decay = gamma_end.exp().transpose(-1, -2)  # [B, Hv, nc, 1 | Dk, 1]
+    per_chunk = Bsz * Hv * C * C * (Dk if g.dim() == 4 else 1)  # elements of one chunk's decay tensor
+    group = max(1, GROUP_ELEMENTS // per_chunk)  # chunks whose local terms are built at once
 
     s = torch.zeros(Bsz, Hv, Dk, Dv, dtype=work, device=q.device) if state is None else state.to(work)
     outs = []
-    for c in range(nc):
-        d = u[:, :, c] - w[:, :, c] @ s  # [B, Hv, C, Dv]   the corrections d_r
-        outs.append(q_in[:, :, c] @ s + intra[:, :, c] @ d)  # [B, Hv, C, Dv]
-        s = end_decay[:, :, c] * s + k_out[:, :, c].transpose(-1, -2) @ d  # [B, Hv, Dk, Dv]
+    for lo in range(0, nc, group):
+        part = slice(lo, lo + group)
+        u, w, intra, q_in, k_out, end_decay = _within_chunks(
+            qc[:, :, part], kc[:, :, part], vc[:, :, part], bc[:, :, part], gamma[:, :, part], causal
+        )
+        for c in range(u.shape[2]):
+            d = u[:, :, c] - w[:, :, c] @ s  # [B, Hv, C, Dv]   the corrections d_r
+            outs.append(q_in[:, :, c] @ s + intra[:, :, c] @ d)  # [B, Hv, C, Dv]
+            s = end_decay[:, :, c] * s + k_out[:, :, c].transpose(-1, -2) @ d  # [B, Hv, Dk, Dv]
     o = torch.stack(outs, dim=2).reshape(Bsz, Hv, nc * C, Dv)[:, :, :T]  # [B, Hv, T, Dv]
     return o.transpose(1, 2).to(q.dtype), s
 

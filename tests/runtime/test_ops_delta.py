@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, rel_err
 
+from ltmdsl.runtime import ops_delta
 from ltmdsl.runtime.ops_delta import gated_delta_chunked, gated_delta_reference, gated_delta_step
 
 F64 = torch.float64
@@ -92,6 +93,21 @@ def test_chunk_sizes_agree(decay, chunk):
     o, s = gated_delta_chunked(*args, chunk=chunk, state=s0, l2norm=True, scale=None)
     assert_close(o, o16, 1e-10, f"output, chunk {chunk} vs 16")
     assert_close(s, s16, 1e-10, f"state, chunk {chunk} vs 16")
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("budget", [1, 3], ids=["one-chunk-groups", "three-chunk-groups"])
+def test_chunk_groups_do_not_change_the_result(decay, budget, monkeypatch):
+    """Chunks are prepared in groups bounded by GROUP_ELEMENTS; groups of 1 and of 3 (5 chunks: 3 + 2) give
+    the one-group result."""
+    args, s0 = make_inputs(2, 65, 2, 4, decay, seed=12)
+    o, s = gated_delta_chunked(*args, chunk=16, state=s0, l2norm=True, scale=None)
+    per_chunk = 2 * 4 * 16 * 16 * (DK if decay == "kda" else 1)
+    assert ops_delta.GROUP_ELEMENTS >= 5 * per_chunk  # the default prepares all five chunks at once
+    monkeypatch.setattr(ops_delta, "GROUP_ELEMENTS", budget * per_chunk)
+    og, sg = gated_delta_chunked(*args, chunk=16, state=s0, l2norm=True, scale=None)
+    assert_close(og, o, 1e-12, "output")
+    assert_close(sg, s, 1e-12, "state")
 
 
 @pytest.mark.parametrize("decay", DECAYS)
