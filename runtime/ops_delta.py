@@ -29,8 +29,9 @@ and W = (I + L)^-1 (beta Kg), and D = U - W S0. Then
 with Q[r, s] = sum_c q_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c]).
 Every exponent is <= 0, so nothing overflows whatever the decay. The solves and the intra-chunk products
 are batched over groups of chunks; only the state crosses chunks, in a loop of T / C steps (never T). The
-scalar decay keeps its decay matrix [C, C]; the per-channel one needs [C, C, Dk], which is why chunks are
-prepared in groups of at most GROUP_ELEMENTS decay entries: the working memory does not grow with T.
+scalar decay keeps its decay matrix [C, C]; the per-channel one takes exact [SUB, SUB, Dk] decays on the
+diagonal and matmuls below it (see `_decayed_scores_per_channel`). Chunks are prepared in groups of at most
+GROUP_ELEMENTS decay entries, so the working memory does not grow with T.
 
 `gated_delta_step` is the decode form (one token, state updated in place); `gated_delta_reference` is the
 token-loop oracle of both (the plain recurrence above, in the inputs' dtype). The tests also hold all three
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 L2NORM_EPS = 1e-6  # flash-linear-attention's (and transformers') l2norm epsilon, added to the squared norm
+SUB = 16  # row block of the per-channel decay: its exact decay tensor is [SUB, SUB, Dk]
 GROUP_ELEMENTS = 1 << 22  # chunks are prepared in groups whose decay tensor stays under this many elements
 
 
@@ -86,16 +88,40 @@ def _prepare_qk(
 def _decayed_scores(a: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
     """sum_c a_r[c] b_s[c] exp(gamma_r[c] - gamma_s[c]) on the causal (r, s) pairs, 0 elsewhere.
 
-    a, b [..., C, Dk]; gamma [..., C] (scalar decay) or [..., C, Dk] (per channel); causal [C, C] bool
-    -> [..., C, C]. Exponents are masked before exp, so only gamma_r - gamma_s <= 0 is ever exponentiated.
+    a [(A,) ..., C, Dk] (a leading axis A scores several a against one b, sharing the decay); b [..., C, Dk];
+    gamma [..., C] (scalar decay) or [..., C, Dk] (per channel); causal [C, C] bool -> [(A,) ..., C, C].
+    Only exponents <= 0 are ever taken (gamma never increases along a chunk).
     """
-    if gamma.dim() == a.dim() - 1:  # scalar decay per head: a [C, C] decay matrix
+    if gamma.dim() == b.dim() - 1:  # scalar decay per head: a [C, C] decay matrix
         seg = gamma[..., :, None] - gamma[..., None, :]  # [..., C, C]
         decay = seg.masked_fill(~causal, float("-inf")).exp()
         return (a @ b.transpose(-1, -2)) * decay
-    seg = gamma[..., :, None, :] - gamma[..., None, :, :]  # [..., C, C, Dk]
-    decay = seg.masked_fill(~causal[..., None], float("-inf")).exp()
-    return torch.einsum("...rc,...sc,...rsc->...rs", a, b, decay)
+    return _decayed_scores_per_channel(a, b, gamma, causal)
+
+
+def _decayed_scores_per_channel(
+    a: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, causal: torch.Tensor
+) -> torch.Tensor:
+    """`_decayed_scores` for a decay per channel, by blocks of SUB rows.
+
+    The diagonal blocks take the exact [SUB, SUB, Dk] decay tensor. Below them, for rows r of a block starting
+    at i and every column s < i, the decay factors through the last position before the block,
+    exp(gamma_r - gamma_s) = exp(gamma_r - gamma_{i-1}) exp(gamma_{i-1} - gamma_s), both exponents <= 0: one
+    matmul per block, and [C, SUB, Dk] work instead of [C, C, Dk].
+    """
+    C = a.shape[-2]
+    out = a.new_zeros(*a.shape[:-1], C)  # [..., C, C]
+    for i in range(0, C, SUB):
+        rows = slice(i, min(i + SUB, C))
+        seg = gamma[..., rows, None, :] - gamma[..., None, rows, :]  # [..., sub, sub, Dk]
+        decay = seg.masked_fill(~causal[rows, rows, None], float("-inf")).exp()
+        out[..., rows, rows] = torch.einsum("...rc,...sc,...rsc->...rs", a[..., rows, :], b[..., rows, :], decay)
+        if i > 0:
+            pivot = gamma[..., i - 1 : i, :]  # [..., 1, Dk]   log-decay at the last position before the block
+            left = a[..., rows, :] * (gamma[..., rows, :] - pivot).exp()  # [..., sub, Dk]
+            right = b[..., :i, :] * (pivot - gamma[..., :i, :]).exp()  # [..., i, Dk]
+            out[..., rows, :i] = left @ right.transpose(-1, -2)
+    return out
 
 
 def _within_chunks(
@@ -113,12 +139,12 @@ def _within_chunks(
 
     # The UT transform: (I + L) [U | W] = [beta V | beta Kg], one unit-lower-triangular solve per chunk.
     eye = torch.eye(causal.shape[0], dtype=qc.dtype, device=qc.device)
-    lower = bc * _decayed_scores(kc, kc, gamma, causal).masked_fill(~causal.tril(-1), 0.0)  # [B, Hv, n, C, C]
+    kk, intra = _decayed_scores(torch.stack([kc, qc]), kc, gamma, causal)  # [B, Hv, n, C, C] each, one decay
+    lower = bc * kk.masked_fill(~causal.tril(-1), 0.0)  # [B, Hv, n, C, C]   L[r, s], s < r
     rhs = torch.cat([bc * vc, bc * kc * gamma_k.exp()], dim=-1)  # [B, Hv, n, C, Dv + Dk]
     uw = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
     u, w = uw.split([Dv, qc.shape[-1]], dim=-1)  # [B, Hv, n, C, Dv], [B, Hv, n, C, Dk]
-
-    intra = _decayed_scores(qc, kc, gamma, causal)  # [B, Hv, n, C, C]   Q[r, s], s <= r
+    # intra [B, Hv, n, C, C] is Q[r, s], s <= r
     q_in = qc * gamma_k.exp()  # [B, Hv, n, C, Dk]
     k_out = kc * (gamma_end - gamma_k).exp()  # [B, Hv, n, C, Dk]
     end_decay = gamma_end.exp().transpose(-1, -2)  # [B, Hv, n, 1 | Dk, 1]

@@ -85,7 +85,7 @@ def test_chunked_matches_token_loop_without_l2norm_or_default_scale(decay, l2nor
 
 
 @pytest.mark.parametrize("decay", DECAYS)
-@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 128], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("chunk", [1, 3, 7, 40, 64, 128], ids=lambda c: f"C{c}")
 def test_chunk_sizes_agree(decay, chunk):
     """T = 65 is a multiple of none of these except 1; every chunk size gives chunk 16's result."""
     args, s0 = make_inputs(2, 65, 2, 4, decay, seed=11)
@@ -195,9 +195,10 @@ def test_fp32_vs_fp64_oracle(decay):
 
 @pytest.mark.parametrize("decay", DECAYS)
 def test_chunked_gradients_match_the_token_loop(decay):
-    """Training differentiates the chunked form: its gradients (inputs and start state) equal the oracle's."""
-    args, s0 = make_inputs(1, 13, 1, 2, decay, seed=9)
-    weights = make_inputs(1, 13, 1, 2, decay, seed=10)[0][2]  # a random cotangent for o
+    """Training differentiates the chunked form: its gradients (inputs and start state) equal the oracle's,
+    through both the exact diagonal blocks and the factored ones below them (chunk 20 > SUB = 16)."""
+    args, s0 = make_inputs(1, 23, 1, 2, decay, seed=9)
+    weights = make_inputs(1, 23, 1, 2, decay, seed=10)[0][2]  # a random cotangent for o
 
     def grads(fn, **kw):
         leaves = [t.clone().requires_grad_() for t in (*args, s0)]
@@ -205,7 +206,7 @@ def test_chunked_gradients_match_the_token_loop(decay):
         ((o * weights).sum() + s.sum()).backward()
         return [t.grad for t in leaves]
 
-    chunked, looped = grads(gated_delta_chunked, chunk=4), grads(gated_delta_reference)
+    chunked, looped = grads(gated_delta_chunked, chunk=20), grads(gated_delta_reference)  # 2 chunks, > SUB rows
     for name, gc, gr in zip(["q", "k", "v", "g", "beta", "state"], chunked, looped):
         assert_close(gc, gr, 1e-10, f"d/d{name}")
 
