@@ -34,8 +34,8 @@ diagonal and matmuls below it (see `_decayed_scores_per_channel`). Chunks are pr
 GROUP_ELEMENTS decay entries, so the working memory does not grow with T.
 
 `gated_delta_step` is the decode form (one token, state updated in place); `gated_delta_reference` is the
-token-loop oracle of both (the plain recurrence above, in the inputs' dtype). The tests also hold all three
-to transformers' `torch_chunk_gated_delta_rule` (qwen3_next) and `chunk_kimi_delta_attention` (kimi_linear).
+token-loop oracle of both (the plain recurrence above, in the inputs' dtype). The tests also hold these
+to transformers' chunked and recurrent gated delta rule (qwen3_next) and KDA (kimi_linear) functions.
 """
 
 from __future__ import annotations
