@@ -167,7 +167,8 @@ def test_matches_transformers_minimax_decode():
     cache = MiniMaxCache()
     with torch.no_grad():
         refs = [mod(x[:, :21], position_embeddings=None, attention_mask=None, cache=cache)[0]]
-        refs += [mod(x[:, t : t + 1], position_embeddings=None, attention_mask=None, cache=cache)[0] for t in range(21, 26)]
+        for t in range(21, 26):
+            refs.append(mod(x[:, t : t + 1], position_embeddings=None, attention_mask=None, cache=cache)[0])
         ours, state = _our_layer(mod, x, None, steps=5)
     assert_close(ours, torch.cat(refs, dim=1), 1e-6, "prefill + decode outputs")
     assert_close(state, cache.get_linear_cache(2), 1e-6, "cached state")
