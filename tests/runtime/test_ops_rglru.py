@@ -123,6 +123,25 @@ def test_fp32_vs_fp64_oracle():
     assert_close(h, h_ref, 1e-4, "fp32 state")
 
 
+def _grads(fn, args):
+    """Gradients of sum(w * fn(args)) for a fixed seeded weight w: one per floating input."""
+    leaves = [a.clone().requires_grad_() for a in args]
+    out = fn(*leaves)
+    w = torch.randn(out.shape, generator=gen(99), dtype=out.dtype)
+    (out * w).sum().backward()
+    return [a.grad for a in leaves]
+
+
+def test_gradients_match_token_loop():
+    """Training differentiates the chunked scan under autograd: its gradients equal the token loop's."""
+    x, gx, ga, ap = inputs(2, 21, 6, gen(12))
+    reset = start_reset(2, 21)
+    ours = _grads(lambda *a: rg.rglru_scan(*a, reset=reset, state=None, chunk=8)[0], [x, gx, ga, ap])
+    ref = _grads(lambda *a: rg.rglru_scan_reference(*a, reset=reset, state=None)[0], [x, gx, ga, ap])
+    for name, a, e in zip(("x", "gate_x", "gate_a", "a_param"), ours, ref):
+        assert_close(a, e, 1e-10, f"d/d{name}")
+
+
 def test_gates_known_answer():
     """One input at t = 3 (no reset): h_3 = sqrt(1 - a_3^2) i_3 x_3, then h_t = a_t h_{t-1} with
     a_t = sigma(Lambda)^(8 r_t). Dropping the recurrence gate, the input gate or the sqrt(1 - a^2)
@@ -162,12 +181,10 @@ def test_rejects_bad_chunk():
 def _rglru_module(W=12, heads=3):
     """transformers' RG-LRU module, float64, with random gates and Griffin's a initialisation; its scan's
     accumulation dtype (fp32 by default even for fp64 inputs) raised to fp64 so 1e-6 compares the math."""
-    from transformers.models.recurrent_gemma.configuration_recurrent_gemma import RecurrentGemmaConfig
-    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
-
-    cfg = RecurrentGemmaConfig(hidden_size=W, lru_width=W, num_attention_heads=heads, num_hidden_layers=3,
+    hf = pytest.importorskip("transformers.models.recurrent_gemma.modeling_recurrent_gemma")
+    cfg = hf.RecurrentGemmaConfig(hidden_size=W, lru_width=W, num_attention_heads=heads, num_hidden_layers=3,
                                vocab_size=32, intermediate_size=24)
-    mod = RecurrentGemmaRglru(cfg).double()
+    mod = hf.RecurrentGemmaRglru(cfg).double()
     g = gen(9)
     bw = W // heads
     with torch.no_grad():
