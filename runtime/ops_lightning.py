@@ -8,8 +8,8 @@ i.e. o_t = sum_{j<=t} lambda_h^(t-j) (q_t . k_j) v_j + lambda_h^t q_t . S_0, wit
 gate after it, and SiLU to q, k, v before it: the layer's work).
 
 `lightning_attention` is the block form of Lightning Attention-2 (Qin et al. 2024, "Lightning Attention-2:
-A Free Lunch for Handling Unlimited Sequence Lengths in Large Language Models"; used by MiniMax-01,
-MiniMax 2025): the sequence is cut into blocks of C tokens; inside a block the output is a masked
+A Free Lunch for Handling Unlimited Sequence Lengths in Large Language Models"; used by MiniMax 2025,
+"MiniMax-01: Scaling Foundation Models with Lightning Attention"): the sequence is cut into blocks of C tokens; inside a block the output is a masked
 quadratic product with the decay mask lambda^(i-j) (i >= j), across blocks it goes through the carried
 state, decayed to each position (lambda^(i+1) for the i-th token of a block). Every decay factor is
 lambda to a power >= 0, so nothing overflows whatever the slope or block length. The intra-block

@@ -7,11 +7,13 @@ forget gate, the pre-activation itself for an exponential one), kept stabilised 
     C_t = exp(log_f_t + m_{t-1} - m_t) C_{t-1} + exp(i_gate_t - m_t) k_t (outer) v_t    C [B, H, D, Dv]
     n_t = exp(log_f_t + m_{t-1} - m_t) n_{t-1} + exp(i_gate_t - m_t) k_t                n [B, H, D]
     h_t = (q~_t . C_t) / (max(|q~_t . n_t|, exp(-m_t)) + eps),   q~_t = scale * q_t     h [B, H, Dv]
-(Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory", eq. 19-27; the stabilised form and the
+(Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory", the mLSTM cell; the stabilised form and the
 max(|.|, exp(-m)) + eps denominator of xLSTM-7B, Beck et al. 2025, "xLSTM 7B: A Recurrent LLM for Fast and
 Efficient Inference", and its kernels "Tiled Flash Linear Attention"). C and n are stored divided by
 exp(m): the true memory is exp(m) C. The empty state is C = 0, n = 0, m = 0, as in the xLSTM kernels;
 m is part of the state's meaning, since eps is added to the denominator at the scale exp(-m).
+Since m_t >= i_gate_t, exp(-m_t) stays finite in fp32 while the input gate is above -88 (soft-capped
+gates are above -15).
 scale defaults to D^-1/2. Gate soft-capping (xLSTM-7B: 15 tanh(x / 15) on both pre-activations), the
 output gate and the per-head norm are the layer's work.
 

@@ -6,7 +6,7 @@ block-diagonal projections of x; Griffin's W_x, W_a):
     h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)     h [B, W]
     y_t = h_t
 with c = 8 (De et al. 2024, "Griffin: Mixing Gated Linear Recurrences with Local Attention for Efficient
-Language Models", eq. 1-4; RecurrentGemma). a_t is formed in log space and 1 - a_t^2 as -expm1(2 log a_t),
+Language Models", section 2.4; RecurrentGemma). a_t is formed in log space and 1 - a_t^2 as -expm1(2 log a_t),
 exact where a_t is close to 1. `a_param` is the checkpoint's parameter (transformers'
 `RecurrentGemmaRglru.recurrent_param`), stored so that softplus(a_param) = -log sigma(Lambda).
 
