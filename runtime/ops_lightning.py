@@ -9,9 +9,10 @@ gate after it, and SiLU to q, k, v before it: the layer's work).
 
 `lightning_attention` is the block form of Lightning Attention-2 (Qin et al. 2024, "Lightning Attention-2:
 A Free Lunch for Handling Unlimited Sequence Lengths in Large Language Models"; used by MiniMax 2025,
-"MiniMax-01: Scaling Foundation Models with Lightning Attention"): the sequence is cut into blocks of C tokens; inside a block the output is a masked
-quadratic product with the decay mask lambda^(i-j) (i >= j), across blocks it goes through the carried
-state, decayed to each position (lambda^(i+1) for the i-th token of a block). Every decay factor is
+"MiniMax-01: Scaling Foundation Models with Lightning Attention"): the sequence is cut into blocks of C
+tokens; inside a block the output is a masked quadratic product with the decay mask lambda^(i-j)
+(i >= j), across blocks it goes through the carried state, decayed to each position (lambda^(i+1) for
+the i-th token of a block). Every decay factor is
 lambda to a power >= 0, so nothing overflows whatever the slope or block length. The intra-block
 products of all blocks are one batched matmul; the state crosses block boundaries once per block
 (T/C Python steps, never T).
