@@ -6,8 +6,8 @@ lowercase key and a random number, hidden among the passkey test's filler senten
 haystack; VALUE is the answer. With several needles the others are distractors of the same form, and
 `queries` of them (the first ones) are asked in turn.
 
-`depth` places needle 0 after that fraction of the haystack (0 = its start, 1 = its end), at the nearest
-sentence boundary, which is what a depth-by-length heat map varies; the other needles, and needle 0 when
+`depth` places needle 0 after that fraction of the filler (0 = the haystack's start, 1 = its end), at the
+nearest sentence boundary, which is what a depth-by-length heat map varies; the other needles, and needle 0 when
 `depth` is none, go at random sentence boundaries. Too easy alone (RULER's point), it is kept as a sanity
 check.
 """
@@ -84,17 +84,19 @@ def generate(options: NiahOptions, seed: int, index: int) -> Sample:
     if options.depth is not None:
         slots[0] = int(options.depth * len(sentences) + 0.5)  # nearest boundary, halves up
     pieces: list[str] = []
-    needle_at = [0] * options.needles
-    at = 0
+    needle_at = [0] * options.needles  # character offset of each needle in the haystack
+    filler_before = [0] * options.needles  # filler characters before it: its depth's numerator
+    at = filler_at = 0
     for slot in range(len(sentences) + 1):
         for n in range(options.needles):
             if slots[n] == slot:
-                needle_at[n] = at
+                needle_at[n], filler_before[n] = at, filler_at
                 pieces.append(_needle(keys[n], values[n]))
                 at += len(pieces[-1])
         if slot < len(sentences):
             pieces.append(sentences[slot])
             at += len(sentences[slot])
+            filler_at += len(sentences[slot])
     haystack = "".join(pieces)
     text, spans = haystack, []
     for n in range(options.queries):
@@ -105,7 +107,7 @@ def generate(options: NiahOptions, seed: int, index: int) -> Sample:
     return char_sample("niah", text, spans, options.context, {
         "task": "niah", "seed": seed, "index": index, "keys": tuple(keys), "values": tuple(values),
         "needle_offsets": tuple(needle_at), "haystack_chars": len(haystack),
-        "depths": tuple(a / len(haystack) for a in needle_at)})
+        "depths": tuple(f / max(filler_at, 1) for f in filler_before)})
 
 
 def tokenizer(options: NiahOptions) -> CharTokenizer:
