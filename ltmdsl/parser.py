@@ -10,11 +10,11 @@ import functools
 import re
 from importlib import resources
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from ltmdsl import ast
-from ltmdsl.errors import Diagnostic, SpecError
+from ltmdsl.errors import Diagnostic, SpecError, source_line, split_lines
 from ltmdsl.ir import SourcePos
 
 MAX_FILE_BYTES = 4 * 2**20
@@ -22,6 +22,7 @@ MAX_NESTING = 64
 MAX_NAME_LEN = 128
 MAX_NUMBER_LEN = 40
 MAX_OPERATOR_RUN = 64
+MAX_TREE_DEPTH = 120  # statement levels plus expression nesting; real specs stay under 20
 
 #: Terminal names as a user would write them, for "expected ..." messages.
 _TERMINAL_TEXT = {
@@ -43,12 +44,20 @@ def decode(data: bytes, path: str) -> str:
     if len(data) > MAX_FILE_BYTES:
         raise SpecError(Diagnostic(path, 0, 0, f"file is {len(data)} bytes; specs are limited to {MAX_FILE_BYTES} bytes"))
     try:
-        return data.decode("utf-8")
+        return strip_bom(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         before = data[: e.start]
         line = before.count(b"\n") + 1
         col = e.start - (before.rfind(b"\n") + 1) + 1
         raise SpecError(Diagnostic(path, line, col, f"invalid UTF-8 (byte 0x{data[e.start]:02x}); a spec must be UTF-8 text")) from None
+
+
+BOM = "\ufeff"
+
+
+def strip_bom(text: str) -> str:
+    """Text without a leading UTF-8 byte order mark, which some Windows editors write; specs accept it."""
+    return text[1:] if text.startswith(BOM) else text
 
 
 _GUARD_RE = re.compile(r'#[^\n]*|"[^"\n]*"|[(){}]|[A-Za-z_][A-Za-z0-9_]*|[0-9][0-9_.eE]*|[-+*/]+')
@@ -82,8 +91,7 @@ def _guard(text: str, path: str) -> None:
             problem = f"a run of {len(tok)} operators"
         if problem:
             line, col = _line_col(text, m.start())
-            src = text.splitlines()[line - 1] if text else ""
-            raise SpecError(Diagnostic(path, line, col, problem, source_line=src))
+            raise SpecError(Diagnostic(path, line, col, problem, source_line=source_line(text, line)))
 
 
 def _describe(token: Token) -> str:
@@ -101,7 +109,7 @@ def _expected(names) -> str:
 
 
 def _syntax_error(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
-    lines = text.splitlines()
+    lines = split_lines(text.rstrip("\n"))
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
         what = f"unexpected character {ch!r}" if ch.isprintable() else f"unexpected character U+{ord(ch):04X}"
@@ -298,6 +306,25 @@ class _ToAst(Transformer):
         return tuple(children)
 
 
+def _check_depth(tree, path: str, text: str) -> None:
+    """Refuse a syntax tree deeper than MAX_TREE_DEPTH, found without recursion.
+
+    Operator chains (`1 + 1 + ... + 1`, `2 ** 2 ** ... ** 2`) nest one level per operator without any
+    parenthesis, so the guard cannot see them; the tree walkers that follow (the AST transformer, the
+    evaluator, fmt) recurse once per level and must never meet a RecursionError.
+    """
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            meta = node.meta
+            line, col = getattr(meta, "line", 1), getattr(meta, "column", 1)
+            raise SpecError(Diagnostic(path, line, col, f"expression nested too deeply (more than {MAX_TREE_DEPTH} "
+                                       "levels of operators and brackets); split it into constants",
+                                       source_line=source_line(text, line)))
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+
+
 class _ExpectedX(Exception):
     def __init__(self, pos: SourcePos, got: str):
         self.pos, self.got = pos, got
@@ -305,6 +332,7 @@ class _ExpectedX(Exception):
 
 def parse(text: str, path: str = "<string>") -> ast.SpecFile:
     """Parse spec text into a SpecFile; raises SpecError (never anything else) on bad input."""
+    text = strip_bom(text)
     _guard(text, path)
     comments: list[ast.Comment] = []
     try:
@@ -313,12 +341,13 @@ def parse(text: str, path: str = "<string>") -> ast.SpecFile:
         raise SpecError(_syntax_error(e, text, path)) from None
     except LarkError as e:  # pragma: no cover - defensive: any other Lark failure
         raise SpecError(Diagnostic(path, 1, 1, f"could not parse: {e}")) from None
+    _check_depth(tree, path, text)
     try:
         items = _ToAst(path).transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, _ExpectedX):
             p = e.orig_exc.pos
-            src = text.splitlines()[p.line - 1]
+            src = source_line(text, p.line)
             raise SpecError(Diagnostic(path, p.line, p.col, f"expected 'x' in 'on COUNT x GPU', got '{e.orig_exc.got}'",
                                        source_line=src)) from None
         raise
