@@ -96,6 +96,7 @@ class Reporter:
     def __init__(self) -> None:
         self.diagnostics: list[Diagnostic] = []
         self._texts: dict[str, list[str]] = {}
+        self._seen: set[tuple] = set()
 
     def add_source(self, file: str, text: str) -> None:
         self._texts[file] = split_lines(text.removeprefix("\ufeff"))  # the parser drops a BOM too
@@ -104,11 +105,22 @@ class Reporter:
         lines = self._texts.get(file, [])
         return lines[line - 1] if 0 < line <= len(lines) else ""
 
+    def _add(self, d: Diagnostic) -> None:
+        """Keep `d` unless the same message at the same place is already kept.
+
+        A definition can be reached along several paths (a layer used with and without per-position
+        overrides, a global layer used by two models); the user needs to read each problem once.
+        """
+        key = (d.file, d.line, d.col, d.severity, d.message)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.diagnostics.append(d)
+
     def error(self, file: str, line: int, col: int, message: str) -> None:
-        self.diagnostics.append(Diagnostic(file, line, col, message, "error", self._line(file, line)))
+        self._add(Diagnostic(file, line, col, message, "error", self._line(file, line)))
 
     def warning(self, file: str, line: int, col: int, message: str) -> None:
-        self.diagnostics.append(Diagnostic(file, line, col, message, "warning", self._line(file, line)))
+        self._add(Diagnostic(file, line, col, message, "warning", self._line(file, line)))
 
     def at(self, pos, message: str, severity: str = "error") -> None:
         """Report at a SourcePos-like object (file, line, col)."""
