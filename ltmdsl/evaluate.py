@@ -182,7 +182,7 @@ def _power(a: int | float, b: int | float, pos: SourcePos) -> int | float:
     if x == 0 and y < 0:
         raise EvalError(pos, "division by zero (zero to a negative power)")
     if x < 0 and not y.is_integer():
-        raise EvalError(pos, f"{a:g} ** {b:g} is not a real number (a negative base needs a whole exponent)")
+        raise EvalError(pos, f"({a:g}) ** {b:g} is not a real number (a negative base needs a whole exponent)")
     if x != 0 and abs(x) != 1:
         # log2 of the result's magnitude; refuse before computing what cannot be represented
         if y * math.log2(abs(x)) > MAX_MAGNITUDE.bit_length():

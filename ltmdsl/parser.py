@@ -108,7 +108,81 @@ def _expected(names) -> str:
     return ", ".join(words)
 
 
-def _syntax_error(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
+_BRACE_RE = re.compile(r'#[^\n]*|"[^"\n]*"|[{}]')
+_TOP_LEVEL_RE = re.compile(r"^[ \t]*(use|const|gpu|model|budget)\b", re.MULTILINE)
+
+
+def _unclosed_block(text: str, offset: int, path: str, at_end: bool) -> list[Diagnostic] | None:
+    """An error and a note when a syntax error at `offset` comes from a block left open, else None.
+
+    A missing `}` only shows up later, often as a puzzling "unexpected NAME" inside the next definition
+    (`budget` lexes as a setting name inside a model). When a `{` is still open at the error, and either the
+    file ended or a top-level keyword starts a line since that `{`, the user needs to hear which block is
+    unclosed and where it opened.
+    """
+    opened: list[int] = []
+    for m in _BRACE_RE.finditer(text, 0, offset):
+        if m.group() == "{":
+            opened.append(m.start())
+        elif m.group() == "}" and opened:
+            opened.pop()
+    if not opened:
+        return None
+    brace = opened[-1]
+    line_start = text.rfind("\n", 0, brace) + 1
+    header = " ".join(text[line_start:brace].split())
+    header = (header[:40] + "...") if len(header) > 40 else header
+    what = f"'{header} {{'" if header else "the '{'"
+    open_line, open_col = _line_col(text, brace)
+    note = Diagnostic(path, open_line, open_col, f"{what} opens here", "note", source_line(text, open_line))
+    keyword = _TOP_LEVEL_RE.search(text, brace, offset)
+    if keyword is not None:
+        line, col = _line_col(text, keyword.start(1))
+        message = f"missing '}}': {what} from line {open_line} is still open at this '{keyword.group(1)}'"
+    elif at_end:
+        body = text.rstrip()
+        line, col = _line_col(text, len(body))  # just after the last character
+        message = f"unexpected end of file: missing '}}' to close {what} from line {open_line}"
+    else:
+        return None
+    return [Diagnostic(path, line, col, message, source_line=source_line(text, line)), note]
+
+
+def _syntax_error(e: UnexpectedInput, text: str, path: str) -> list[Diagnostic]:
+    """The diagnostics for a Lark parse error: an unclosed block if that explains it, else what was unexpected."""
+    at_end = isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END")
+    if isinstance(e, UnexpectedToken) and not at_end:
+        offset = e.token.start_pos
+    elif isinstance(e, UnexpectedCharacters):
+        offset = e.pos_in_stream
+    else:
+        offset = len(text)
+    unclosed = _unclosed_block(text, offset or 0, path, at_end)
+    return unclosed if unclosed is not None else [_unexpected(e, text, path)]
+
+
+_SUFFIXES = ("K", "M", "G", "T", "Ki", "Mi", "Gi", "Ti")
+_UNITS = ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
+_NUMBER_BEFORE_RE = re.compile(r"[0-9][0-9_]*(\.[0-9]+)?([eE][+-]?[0-9]+)?$")
+
+
+def _suffix_hint(tok: Token, text: str) -> str:
+    """'; did you mean '100M'?...' when a name glued to a number is a suffix or unit in the wrong case."""
+    if tok.type != "NAME" or tok.start_pos is None:
+        return ""
+    number = _NUMBER_BEFORE_RE.search(text, max(0, tok.start_pos - MAX_NUMBER_LEN), tok.start_pos)
+    if number is None:
+        return ""
+    word = str(tok)
+    for options, kind in ((_SUFFIXES, "count suffixes"), (_UNITS, "byte units")):
+        for option in options:
+            if word.lower() == option.lower():
+                return (f"; did you mean '{number.group()}{option}'? ({kind} are case-sensitive: "
+                        f"{' '.join(options)})")
+    return ""
+
+
+def _unexpected(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
     lines = split_lines(text.rstrip("\n"))
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
@@ -124,6 +198,7 @@ def _syntax_error(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
             line, col = tok.line, tok.column
         if e.expected:
             what += f"; expected {_expected(e.expected)}"
+        what += _suffix_hint(tok, text)
     elif isinstance(e, UnexpectedEOF):
         line = len(lines) or 1
         col = len(lines[-1]) + 1 if lines else 1
