@@ -156,3 +156,44 @@ def test_memory_refuses_non_integer_counts(value, capsys):
 def test_gpu_names_have_one_spelling(gpu, capsys):
     assert main(["memory", TINY, "--gpu", gpu]) == 2
     assert "unknown GPU" in capsys.readouterr().err
+
+
+FMT_INPUT = "model m{vocab=4 d_model=8 layer f=mlp(d_ff=2) stack{f}}\n"
+
+
+def test_fmt_write_goes_through_a_symlink(tmp_path):
+    target = tmp_path / "real.ltm"
+    target.write_text(FMT_INPUT)
+    link = tmp_path / "link.ltm"
+    link.symlink_to(target)
+    assert main(["fmt", "-w", str(link)]) == 0
+    assert link.is_symlink(), "the link stays a link"
+    assert main(["fmt", "--check", str(target)]) == 0
+
+
+def test_fmt_write_keeps_the_mode(tmp_path):
+    path = tmp_path / "secret.ltm"
+    path.write_text(FMT_INPUT)
+    path.chmod(0o600)
+    assert main(["fmt", "-w", str(path)]) == 0
+    assert main(["fmt", "--check", str(path)]) == 0
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_fmt_write_refuses_a_read_only_file(tmp_path, capsys):
+    path = tmp_path / "ro.ltm"
+    path.write_text(FMT_INPUT)
+    path.chmod(0o444)
+    assert main(["fmt", "-w", str(path)]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert path.read_text() == FMT_INPUT
+
+
+def test_fmt_takes_several_files(tmp_path, capsys):
+    paths = [tmp_path / f"{n}.ltm" for n in "ab"]
+    for p in paths:
+        p.write_text(FMT_INPUT)
+    assert main(["fmt", "--check", *map(str, paths)]) == 1
+    assert capsys.readouterr().err.count("not in canonical form") == 2
+    assert main(["fmt", "-w", *map(str, paths)]) == 0
+    assert main(["fmt", "--check", *map(str, paths)]) == 0
