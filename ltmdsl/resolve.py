@@ -124,7 +124,8 @@ class ModelResolver:
         elif isinstance(stmt, ast.Legend):
             for e in stmt.entries:
                 if len(e.symbol) != 1 or e.symbol.isspace():
-                    self.rep.at(e.pos, f"legend symbols are single characters, got '{e.symbol}'")
+                    shown = e.symbol if len(e.symbol) <= 20 else e.symbol[:20] + "..."
+                    self.rep.at(e.pos, f"legend symbols are single characters, got '{shown}' ({len(e.symbol)} characters)")
                     self.bad_symbols.add(e.symbol)
                 elif e.symbol in self.legend:
                     self.rep.at(e.pos, f"duplicate legend symbol '{e.symbol}'")

@@ -105,3 +105,8 @@ def test_a_broken_layer_is_reported_once_whatever_the_path_to_it():
                         ).replace("stack { f }", "stack { a(window = 8) a f }")
     (d,) = errors_of(text)
     assert "multiple of kv_heads (5)" in d.message
+
+
+def test_a_long_legend_symbol_is_not_echoed_in_full():
+    (d,) = errors_of(GOOD.replace("stack { f }", 'legend { "' + "Z" * 100_000 + '" = f }\n    stack { f }'))
+    assert "(100000 characters)" in d.message and len(d.message) < 200
