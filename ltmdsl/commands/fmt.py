@@ -8,7 +8,7 @@ import sys
 
 from ltmdsl import atomic
 from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE
-from ltmdsl.errors import SpecError
+from ltmdsl.errors import SpecError, escape
 from ltmdsl.fmt import format_spec
 from ltmdsl.loader import read_spec_file
 from ltmdsl.parser import parse
@@ -27,12 +27,12 @@ def _rewrite(path: str, text: str) -> int:
     target = os.path.realpath(path)
     st = os.stat(target)
     if not os.access(target, os.W_OK) or not st.st_mode & 0o222:
-        print(f"{path}: error: the file is read-only; not rewriting it", file=sys.stderr)
+        print(f"{escape(path)}: error: the file is read-only; not rewriting it", file=sys.stderr)
         return EXIT_USAGE
     try:
         atomic.write_text(target, text, mode=stat.S_IMODE(st.st_mode))
     except OSError as e:
-        print(f"{path}: error: cannot write: {e.strerror or e}", file=sys.stderr)
+        print(f"{escape(path)}: error: cannot write: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 
@@ -51,7 +51,7 @@ def _one(path: str, args) -> int:
         return EXIT_USAGE if all(d.line == 0 for d in e.diagnostics) else EXIT_SPEC
     if args.check:
         if out != text:
-            print(f"{path}: not in canonical form (run 'ltmdsl fmt -w {path}')", file=sys.stderr)
+            print(f"{escape(path)}: not in canonical form (run 'ltmdsl fmt -w {escape(path)}')", file=sys.stderr)
             return EXIT_SPEC
         return EXIT_OK
     if args.write:
