@@ -92,7 +92,12 @@ def parse_count(text: str) -> int:
     """
     cleaned = text.strip()
     if len(cleaned) > 40 or not _COUNT_RE.fullmatch(cleaned):
-        raise ValueError(f"not a count: {text!r} (an integer with an optional K/M/G/T/Ki/Mi/Gi/Ti suffix)")
+        hint = ""
+        m = re.fullmatch(r"([0-9][0-9_.eE+-]*?)([A-Za-z]+)", cleaned)
+        if m and _COUNT_RE.fullmatch(m.group(1)):
+            fixed = next((s for s in COUNT_SUFFIXES if s.lower() == m.group(2).lower()), None)
+            hint = f"; did you mean {m.group(1)}{fixed}? (suffixes are case-sensitive)" if fixed else ""
+        raise ValueError(f"not a count: {text!r} (an integer with an optional K/M/G/T/Ki/Mi/Gi/Ti suffix){hint}")
     pos = SourcePos("<argument>", 1, 1)
     try:
         exact, _ = _exact_number(ast.Num(pos, 1, cleaned, None))

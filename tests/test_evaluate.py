@@ -99,3 +99,9 @@ def test_counts_are_exact(text, expected):
 def test_non_integer_or_out_of_range_counts_are_refused(text):
     with pytest.raises(ValueError):
         parse_count(text)
+
+
+@pytest.mark.parametrize("text, hint", [("100m", "100M"), ("128ki", "128Ki"), ("1e3k", "1e3K")], ids=str)
+def test_count_suffix_case_gets_a_hint(text, hint):
+    with pytest.raises(ValueError, match=f"did you mean {hint}\\?"):
+        parse_count(text)
