@@ -20,8 +20,12 @@ def _umask_mode(mode: int) -> int:
     return mode & ~mask
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (same-directory temp file, fsync, os.replace)."""
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to `path` atomically (same-directory temp file, fsync, os.replace).
+
+    `mode` gives the new file's permission bits (to keep those of a file being rewritten); by default it is
+    an ordinary file under the umask.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -29,7 +33,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode(0o666))  # mkstemp creates 0600; a user expects an ordinary file
+        os.chmod(tmp, _umask_mode(0o666) if mode is None else mode)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -37,8 +41,8 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+def write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    write_bytes(path, text.encode("utf-8"), mode)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import Any
 from ltmdsl import ast
 from ltmdsl.errors import Reporter
 from ltmdsl.evaluate import EvalError, Scope, Word, as_int, describe, did_you_mean, evaluate
-from ltmdsl.hardware import CATALOGUE, lookup as lookup_gpu
+from ltmdsl.hardware import AMBIGUOUS, CATALOGUE, lookup as lookup_gpu
 from ltmdsl.ir import AttentionConfig, BudgetIR, GpuSpec, LimitIR, ModelIR, MoEConfig, ParallelPlan
 from ltmdsl.units import DTYPES, dtype as lookup_dtype
 
@@ -60,6 +60,33 @@ def _value(kw: ast.KwArg, kind: Any, scope: Scope, owner: str) -> Any:
     raise AssertionError(kind)  # pragma: no cover
 
 
+def has_unit(node: ast.Expr, scope: Scope, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether an expression states a byte unit: a literal such as `80 GB`, or a constant defined with one."""
+    if isinstance(node, ast.Num):
+        return node.unit is not None
+    if isinstance(node, ast.Name):
+        s: Scope | None = scope
+        while s is not None and node.id not in s.exprs:
+            s = s.parent
+        return s is not None and node.id not in seen and has_unit(s.exprs[node.id], s, seen | {node.id})
+    if isinstance(node, ast.Neg):
+        return has_unit(node.operand, scope, seen)
+    if isinstance(node, ast.BinOp):
+        return has_unit(node.left, scope, seen) or has_unit(node.right, scope, seen)
+    if isinstance(node, ast.Call):
+        return any(has_unit(a, scope, seen) for a in node.args)
+    return False
+
+
+def require_bytes(node: ast.Expr, value: int, scope: Scope, what: str) -> None:
+    """Refuse a byte amount written without a unit: `require per_gpu <= 80` would silently mean 80 bytes."""
+    if not has_unit(node, scope):
+        units = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+        if value < 10**4:  # surely not meant as bytes
+            raise EvalError(node.pos, f"{what} has no byte unit; did you mean {value} GB? (units: {units})")
+        raise EvalError(node.pos, f"{what} has no byte unit; write {value} B, or use a larger unit ({units})")
+
+
 def _kwargs(kwargs, table: dict[str, Any], scope: Scope, owner: str, rep: Reporter) -> dict[str, tuple[Any, Any]]:
     """name -> (value, pos) for known keys; unknown or repeated keys are reported."""
     out: dict[str, tuple[Any, Any]] = {}
@@ -85,6 +112,19 @@ def resolve_gpu(node: ast.GpuDef, scope: Scope, rep: Reporter) -> GpuSpec | None
         rep.at(node.pos, f"gpu '{node.name}' needs 'memory = ...' (for example 96 GB)")
         return None
     mem = vals["memory"][0]
+    mem_kw = next(kw for kw in node.kwargs if kw.name == "memory")
+    try:
+        require_bytes(mem_kw.value, mem, scope, f"memory of gpu '{node.name}'")
+    except EvalError as e:
+        rep.at(e.pos, e.message)
+        return None
+    bw = next((kw for kw in node.kwargs if kw.name == "bandwidth"), None)
+    if bw is not None and "bandwidth" in vals:
+        try:
+            require_bytes(bw.value, vals["bandwidth"][0], scope, f"bandwidth of gpu '{node.name}' (bytes per second)")
+        except EvalError as e:
+            rep.at(e.pos, e.message)
+            return None
     if mem <= 0:
         rep.at(vals["memory"][1], "gpu memory must be positive")
         return None
@@ -135,7 +175,8 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
         found = lookup_gpu(on.gpu, gpus)
         if found is None:
             names = list(gpus) + list(CATALOGUE)
-            rep.at(on.gpu_pos, f"unknown GPU '{on.gpu}'{did_you_mean(on.gpu, names)} (known: {', '.join(names)};"
+            hint = f"; write {AMBIGUOUS[on.gpu]}" if on.gpu in AMBIGUOUS else did_you_mean(on.gpu, names)
+            rep.at(on.gpu_pos, f"unknown GPU '{on.gpu}'{hint} (known: {', '.join(names)};"
                    " define others with gpu NAME { memory = ... })")
         else:
             gpu = found
@@ -180,6 +221,7 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
             continue
         try:
             limit = as_int(evaluate(r.limit, scope), r.limit.pos, "limit", 1)
+            require_bytes(r.limit, limit, scope, f"the limit of {r.component}")
         except EvalError as e:
             rep.at(e.pos, e.message)
             continue

@@ -8,6 +8,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_MESSAGE = 400  # characters of a rendered message; user text inside is shortened, never echoed in bulk
+SOURCE_WINDOW = 100  # characters of the quoted source line shown on each side of the caret
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a spec: a line ends at LF (`\\n`) and nowhere else.
+
+    This is the lexer's definition (Lark counts LF only), so a lone CR, a form feed or U+2028 inside a
+    comment does not shift the line a diagnostic quotes; `str.splitlines` would split at all of them.
+    A CR before the LF (Windows line ends) stays on the line and is dropped when the line is shown.
+    """
+    return text.split("\n")
+
+
+def source_line(text: str, line: int) -> str:
+    """Line `line` (1-based) of `text` by `split_lines`, or '' past the end."""
+    lines = split_lines(text)
+    return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+def escape(text: str) -> str:
+    """`text` safe for a terminal: control and other non-printable characters become `\\x1b`-style escapes.
+
+    A spec, a file name or a legend symbol may hold terminal escape sequences; diagnostics show them
+    as text instead of letting them act on the user's terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -21,18 +51,21 @@ class Diagnostic:
     source_line: str = ""
 
     def render(self) -> str:
-        where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file
-        out = f"{where}: {self.severity}: {self.message}"
+        where = f"{escape(self.file)}:{self.line}:{self.col}" if self.line else escape(self.file)
+        message = escape(self.message)
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 3] + "..."
+        out = f"{where}: {self.severity}: {message}"
         if self.line and self.source_line:
-            text = self.source_line.rstrip("\n")
-            if len(text) > 200:  # keep hostile one-line inputs readable
-                start = max(0, self.col - 100)
-                text = text[start:start + 200]
-                col = self.col - start
-            else:
-                col = self.col
-            text = text.replace("\t", " ")
-            out += f"\n    {text}\n    {' ' * max(col - 1, 0)}^"
+            text = self.source_line.removesuffix("\r").replace("\t", " ")
+            left, right = escape(text[: max(self.col - 1, 0)]), escape(text[max(self.col - 1, 0):])
+            if len(left) + len(right) > 2 * SOURCE_WINDOW:  # a window around the caret for long lines
+                keep_left = max(SOURCE_WINDOW, 2 * SOURCE_WINDOW - len(right))
+                if len(left) > keep_left:
+                    left = "..." + left[-(keep_left - 3):]
+                if len(right) > 2 * SOURCE_WINDOW - len(left):
+                    right = right[: max(2 * SOURCE_WINDOW - len(left) - 3, 1)] + "..."
+            out += f"\n    {left}{right}\n    {' ' * len(left)}^"
         return out
 
     def to_json(self) -> dict:
@@ -63,19 +96,31 @@ class Reporter:
     def __init__(self) -> None:
         self.diagnostics: list[Diagnostic] = []
         self._texts: dict[str, list[str]] = {}
+        self._seen: set[tuple] = set()
 
     def add_source(self, file: str, text: str) -> None:
-        self._texts[file] = text.splitlines()
+        self._texts[file] = split_lines(text.removeprefix("\ufeff"))  # the parser drops a BOM too
 
     def _line(self, file: str, line: int) -> str:
         lines = self._texts.get(file, [])
         return lines[line - 1] if 0 < line <= len(lines) else ""
 
+    def _add(self, d: Diagnostic) -> None:
+        """Keep `d` unless the same message at the same place is already kept.
+
+        A definition can be reached along several paths (a layer used with and without per-position
+        overrides, a global layer used by two models); the user needs to read each problem once.
+        """
+        key = (d.file, d.line, d.col, d.severity, d.message)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.diagnostics.append(d)
+
     def error(self, file: str, line: int, col: int, message: str) -> None:
-        self.diagnostics.append(Diagnostic(file, line, col, message, "error", self._line(file, line)))
+        self._add(Diagnostic(file, line, col, message, "error", self._line(file, line)))
 
     def warning(self, file: str, line: int, col: int, message: str) -> None:
-        self.diagnostics.append(Diagnostic(file, line, col, message, "warning", self._line(file, line)))
+        self._add(Diagnostic(file, line, col, message, "warning", self._line(file, line)))
 
     def at(self, pos, message: str, severity: str = "error") -> None:
         """Report at a SourcePos-like object (file, line, col)."""

@@ -10,6 +10,7 @@ Problems are reported through an `EvalError` carrying the position to point at.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -51,8 +52,8 @@ def did_you_mean(name: str, candidates) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def parse_number(node: ast.Num) -> int | float:
-    """The value of a literal: suffixes and byte units give exact integers; `1e-5` and `0.5` give floats."""
+def _exact_number(node: ast.Num) -> tuple[Fraction, bool]:
+    """(exact value, written as a real) of a literal: `1e23` is exactly 10**23 here, whatever float says."""
     text = node.text.replace("_", "")
     suffix = ""
     for s in sorted(COUNT_SUFFIXES, key=len, reverse=True):
@@ -67,7 +68,13 @@ def parse_number(node: ast.Num) -> int | float:
         raise EvalError(node.pos, f"malformed number '{node.text}'") from None
     if abs(exact) > MAX_MAGNITUDE:
         raise EvalError(node.pos, f"number '{node.text}' is too large")
-    if is_real and scale == 1:
+    return exact, is_real and scale == 1
+
+
+def parse_number(node: ast.Num) -> int | float:
+    """The value of a literal: suffixes and byte units give exact integers; `1e-5` and `0.5` give floats."""
+    exact, real = _exact_number(node)
+    if real:
         return float(exact)
     if exact.denominator != 1:
         raise EvalError(node.pos, f"'{node.text}{node.unit or ''}' is not a whole number")
@@ -80,23 +87,27 @@ _COUNT_RE = re.compile(r"[0-9][0-9_]*(\.[0-9]+)?([eE][+-]?[0-9]+)?(Ki|Mi|Gi|Ti|K
 def parse_count(text: str) -> int:
     """A positive whole count written as in a spec (`4096`, `100M`, `128Ki`, `1_000`, `1e6`); ValueError.
 
-    Command-line options such as `--context` and `--tokens` use it, so they read numbers as specs do.
+    Command-line options such as `--context` and `--tokens` use it, so they read numbers as specs do. The
+    value is exact: `1e23` is 10**23, never the float nearest to it, and `1.5` or `1e-3` is refused.
     """
     cleaned = text.strip()
     if len(cleaned) > 40 or not _COUNT_RE.fullmatch(cleaned):
-        raise ValueError(f"not a count: {text!r} (an integer with an optional K/M/G/T/Ki/Mi/Gi/Ti suffix)")
+        hint = ""
+        m = re.fullmatch(r"([0-9][0-9_.eE+-]*?)([A-Za-z]+)", cleaned)
+        if m and _COUNT_RE.fullmatch(m.group(1)):
+            fixed = next((s for s in COUNT_SUFFIXES if s.lower() == m.group(2).lower()), None)
+            hint = f"; did you mean {m.group(1)}{fixed}? (suffixes are case-sensitive)" if fixed else ""
+        raise ValueError(f"not a count: {text!r} (an integer with an optional K/M/G/T/Ki/Mi/Gi/Ti suffix){hint}")
     pos = SourcePos("<argument>", 1, 1)
     try:
-        value = parse_number(ast.Num(pos, 1, cleaned, None))
+        exact, _ = _exact_number(ast.Num(pos, 1, cleaned, None))
     except EvalError as e:
         raise ValueError(f"{text!r}: {e.message}") from None
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"not a whole count: {text!r}")
-        value = int(value)
-    if value < 1:
+    if exact.denominator != 1:
+        raise ValueError(f"not a whole count: {text!r}")
+    if exact < 1:
         raise ValueError(f"must be at least 1: {text!r}")
-    return value
+    return int(exact)
 
 
 def _check_size(value: Any, pos: SourcePos) -> Any:
@@ -154,12 +165,37 @@ def _binop(op: str, a: Any, b: Any, pos: SourcePos) -> Any:
     if op == "%":
         return a % b
     if op == "**":
-        if both_int and b < 0:
-            raise EvalError(pos, "negative integer exponent")
-        if abs(a) > 1 and abs(b) * max(abs(a), 2).bit_length() > MAX_MAGNITUDE.bit_length():
-            raise EvalError(pos, "value is too large")
-        return a**b
+        return _power(a, b, pos)
     raise EvalError(pos, f"unknown operator {op}")  # pragma: no cover - the grammar has no other
+
+
+def _power(a: int | float, b: int | float, pos: SourcePos) -> int | float:
+    """`a ** b` without ever raising anything but EvalError: exact for integers, bounded for floats.
+
+    Python's own `**` raises OverflowError (`0.5 ** -10000`), ZeroDivisionError (`0.0 ** -1`), returns a
+    complex number (`(-8) ** 0.5`) or builds a huge integer first; each case is refused here before it can.
+    """
+    if isinstance(a, int) and isinstance(b, int):
+        if b < 0:
+            raise EvalError(pos, f"{a} ** {b}: a negative integer exponent is not a whole number "
+                            "(write the base as a float, such as 2.0, for a fraction)")
+        # |a| >= 2**(bit_length - 1): past this the result is surely too large; below it, it is cheap to compute
+        if abs(a) > 1 and b * (abs(a).bit_length() - 1) > MAX_MAGNITUDE.bit_length():
+            raise EvalError(pos, "value is too large")
+        return _check_size(a**b, pos)
+    x, y = float(a), float(b)
+    if x == 0 and y < 0:
+        raise EvalError(pos, "division by zero (zero to a negative power)")
+    if x < 0 and not y.is_integer():
+        raise EvalError(pos, f"({a:g}) ** {b:g} is not a real number (a negative base needs a whole exponent)")
+    if x != 0 and abs(x) != 1:
+        # log2 of the result's magnitude; refuse before computing what cannot be represented
+        if y * math.log2(abs(x)) > MAX_MAGNITUDE.bit_length():
+            raise EvalError(pos, "value is too large")
+    try:
+        return x**y
+    except (OverflowError, ZeroDivisionError, ValueError):  # pragma: no cover - excluded by the checks above
+        raise EvalError(pos, f"{a:g} ** {b:g} cannot be computed") from None
 
 
 class Scope:

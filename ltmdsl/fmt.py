@@ -6,6 +6,8 @@ at the end of that statement's line. Parsing the output gives the same IR (a tes
 
 from __future__ import annotations
 
+import re
+
 from ltmdsl import ast
 
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2, "**": 4}
@@ -28,7 +30,8 @@ def expr(node: ast.Expr, parent_prec: int = 0, right: bool = False) -> str:
         return f"{node.func}({', '.join(parts)})"
     if isinstance(node, ast.Neg):
         inner = expr(node.operand, 3)
-        text = f"-{inner}"
+        # `- -x`, not `--x`: a run of operators is refused by the parser's guard past a length
+        text = f"- {inner}" if inner.startswith("-") else f"-{inner}"
         return f"({text})" if parent_prec > 3 else text
     if isinstance(node, ast.BinOp):
         p = _PREC[node.op]
@@ -70,6 +73,11 @@ class _Printer:
 
     def rest(self, indent: int = 0) -> None:
         self._before(10**12, indent)
+
+    def close(self, indent: int, end_line: int, text: str = "}") -> None:
+        """The closing line of a block: comments written before it stay inside the block, one level in."""
+        self._before(end_line, indent + 1)
+        self.emit(text, None, indent, end_line=end_line)
 
     def blank(self) -> None:
         if self.lines and self.lines[-1] != "":
@@ -117,7 +125,7 @@ def _items(p: _Printer, items, indent: int) -> None:
             else:
                 p.emit(f"repeat {expr(it.count)} {{", it, indent, end_line=it.pos.line)
                 _items(p, it.items, indent + 1)
-                p.emit("}", None, indent, end_line=it.end_line)
+                p.close(indent, it.end_line)
             i += 1
             continue
         group = [it]
@@ -138,7 +146,7 @@ def _block(p: _Printer, node: ast.BlockDef, indent: int) -> None:
     else:
         p.emit(f"{head} {{", node, indent, end_line=node.pos.line)
         _items(p, node.items, indent + 1)
-        p.emit("}", None, indent, end_line=node.end_line)
+        p.close(indent, node.end_line)
 
 
 _MAX_LINE = 100
@@ -152,8 +160,16 @@ def _layer(p: _Printer, node: ast.LayerDef, indent: int) -> None:
         return
     p.emit(f"layer {node.name} = {node.kind}(", node, indent, end_line=node.pos.line)
     for kw in node.kwargs:
-        p.emit(f"{kw.name} = {expr(kw.value)},", None, indent + 1)
-    p.emit(")", None, indent, end_line=node.end_line)
+        p.emit(f"{kw.name} = {expr(kw.value)},", kw, indent + 1)
+    p.close(indent, node.end_line, ")")
+
+
+_BARE_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _symbol(symbol: str) -> str:
+    """A legend symbol as the grammar reads it: bare only when it lexes as a NAME (ASCII), else quoted."""
+    return symbol if _BARE_SYMBOL.fullmatch(symbol) else f'"{symbol}"'
 
 
 def _model(p: _Printer, node: ast.ModelDef) -> None:
@@ -171,17 +187,15 @@ def _model(p: _Printer, node: ast.ModelDef) -> None:
         elif isinstance(stmt, ast.BlockDef):
             _block(p, stmt, 1)
         elif isinstance(stmt, ast.Legend):
-            entries = ", ".join(f'{e.symbol if e.symbol.isidentifier() else chr(34) + e.symbol + chr(34)} = {e.target}'
-                                for e in stmt.entries)
+            entries = ", ".join(f"{_symbol(e.symbol)} = {e.target}" for e in stmt.entries)
             p.emit(f"legend {{ {entries} }}", stmt, 1)
         elif isinstance(stmt, ast.Stack):
             p.emit("stack {", stmt, 1, end_line=stmt.pos.line)
             _items(p, stmt.items, 2)
-            p.emit("}", None, 1, end_line=stmt.end_line)
+            p.close(1, stmt.end_line)
         elif isinstance(stmt, ast.Override):
             p.emit(f"override {expr(stmt.index)} ({kwargs(stmt.kwargs)})", stmt, 1)
-    p.rest(1)
-    p.emit("}", None, 0, end_line=node.end_line)
+    p.close(0, node.end_line)
 
 
 def _budget(p: _Printer, node: ast.BudgetDef) -> None:
@@ -196,8 +210,7 @@ def _budget(p: _Printer, node: ast.BudgetDef) -> None:
             p.emit(text, stmt, 1)
         elif isinstance(stmt, ast.Require):
             p.emit(f"require {stmt.component} {stmt.op} {expr(stmt.limit)}", stmt, 1)
-    p.rest(1)
-    p.emit("}", None, 0, end_line=node.end_line)
+    p.close(0, node.end_line)
 
 
 def format_spec(spec: ast.SpecFile) -> str:

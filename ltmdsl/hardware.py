@@ -25,20 +25,21 @@ CATALOGUE: dict[str, GpuSpec] = {
     )
 }
 
-ALIASES = {"A100": "A100_80GB", "A100-80GB": "A100_80GB", "A100-40GB": "A100_40GB"}
-
 DEFAULT_GPU = "H100"
+
+#: Names that look like a catalogue GPU but are refused because they are ambiguous, with what to write.
+AMBIGUOUS = {"A100": "A100_80GB or A100_40GB (the A100 comes with 40 GB and with 80 GB)"}
 
 
 def lookup(name: str, user_defined: dict[str, GpuSpec] | None = None) -> GpuSpec | None:
-    """A GPU by name: user-defined ones first, then the catalogue (case-insensitive), else None."""
+    """A GPU by its exact name: user-defined ones first, then the catalogue; else None.
+
+    Names are case-sensitive and have one spelling each, like every other name in a spec: `h100` and
+    `A100` are refused (with a suggestion) rather than guessed, so a spec means one thing to every reader.
+    """
     if user_defined and name in user_defined:
         return user_defined[name]
-    name = ALIASES.get(name, name)
-    for key, spec in CATALOGUE.items():
-        if key.lower() == name.lower():
-            return spec
-    return None
+    return CATALOGUE.get(name)
 
 
 def names() -> list[str]:

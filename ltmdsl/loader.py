@@ -196,6 +196,7 @@ class _Loader:
             if ir is not None:
                 budget_irs.append(ir)
 
+        self._check_constants(root, seen, scope)
         self._warn_unused_globals(root, layers, blocks, consts, scope)
         self.rep.raise_if_errors()
         ordered = tuple(resolved[m.name] for m in to_resolve if m.name in resolved)
@@ -217,6 +218,24 @@ class _Loader:
                     lines[i] = re.sub(r'\buse\s+"[^"\n]*"', "", lines[i], count=1)
             parts.append(f"# from {os.path.basename(key)}\n" + "\n".join(lines))
         return "\n\n".join(parts) + "\n"
+
+    def _check_constants(self, root: str, defs: dict[str, object], scope: Scope) -> None:
+        """Evaluate every top-level constant, used or not, and warn about the root file's unused ones.
+
+        Constants are evaluated lazily where they are used; an unused `const w = 10 / 3` would otherwise
+        escape both its error and the warning that it is unused.
+        """
+        unused = [d for name, d in defs.items() if isinstance(d, ast.ConstDef) and name not in scope.used]
+        broken = set()
+        for d in (d for d in defs.values() if isinstance(d, ast.ConstDef)):
+            try:
+                scope.lookup(d.name, d.pos)
+            except EvalError as e:
+                self.rep.at(e.pos, e.message)
+                broken.add(d.name)
+        for d in unused:
+            if d.pos.file == root and d.name not in broken:  # a broken one has its error; that is enough
+                self.rep.at(d.pos, f"constant '{d.name}' is never used", "warning")
 
     def _warn_unused_globals(self, root, layers, blocks, consts, scope: Scope) -> None:
         for name, d in layers.items():

@@ -10,11 +10,11 @@ import functools
 import re
 from importlib import resources
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from ltmdsl import ast
-from ltmdsl.errors import Diagnostic, SpecError
+from ltmdsl.errors import Diagnostic, SpecError, source_line, split_lines
 from ltmdsl.ir import SourcePos
 
 MAX_FILE_BYTES = 4 * 2**20
@@ -22,6 +22,7 @@ MAX_NESTING = 64
 MAX_NAME_LEN = 128
 MAX_NUMBER_LEN = 40
 MAX_OPERATOR_RUN = 64
+MAX_TREE_DEPTH = 120  # statement levels plus expression nesting; real specs stay under 20
 
 #: Terminal names as a user would write them, for "expected ..." messages.
 _TERMINAL_TEXT = {
@@ -43,12 +44,20 @@ def decode(data: bytes, path: str) -> str:
     if len(data) > MAX_FILE_BYTES:
         raise SpecError(Diagnostic(path, 0, 0, f"file is {len(data)} bytes; specs are limited to {MAX_FILE_BYTES} bytes"))
     try:
-        return data.decode("utf-8")
+        return strip_bom(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         before = data[: e.start]
         line = before.count(b"\n") + 1
         col = e.start - (before.rfind(b"\n") + 1) + 1
         raise SpecError(Diagnostic(path, line, col, f"invalid UTF-8 (byte 0x{data[e.start]:02x}); a spec must be UTF-8 text")) from None
+
+
+BOM = "\ufeff"
+
+
+def strip_bom(text: str) -> str:
+    """Text without a leading UTF-8 byte order mark, which some Windows editors write; specs accept it."""
+    return text[1:] if text.startswith(BOM) else text
 
 
 _GUARD_RE = re.compile(r'#[^\n]*|"[^"\n]*"|[(){}]|[A-Za-z_][A-Za-z0-9_]*|[0-9][0-9_.eE]*|[-+*/]+')
@@ -82,8 +91,7 @@ def _guard(text: str, path: str) -> None:
             problem = f"a run of {len(tok)} operators"
         if problem:
             line, col = _line_col(text, m.start())
-            src = text.splitlines()[line - 1] if text else ""
-            raise SpecError(Diagnostic(path, line, col, problem, source_line=src))
+            raise SpecError(Diagnostic(path, line, col, problem, source_line=source_line(text, line)))
 
 
 def _describe(token: Token) -> str:
@@ -100,8 +108,82 @@ def _expected(names) -> str:
     return ", ".join(words)
 
 
-def _syntax_error(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
-    lines = text.splitlines()
+_BRACE_RE = re.compile(r'#[^\n]*|"[^"\n]*"|[{}]')
+_TOP_LEVEL_RE = re.compile(r"^[ \t]*(use|const|gpu|model|budget)\b", re.MULTILINE)
+
+
+def _unclosed_block(text: str, offset: int, path: str, at_end: bool) -> list[Diagnostic] | None:
+    """An error and a note when a syntax error at `offset` comes from a block left open, else None.
+
+    A missing `}` only shows up later, often as a puzzling "unexpected NAME" inside the next definition
+    (`budget` lexes as a setting name inside a model). When a `{` is still open at the error, and either the
+    file ended or a top-level keyword starts a line since that `{`, the user needs to hear which block is
+    unclosed and where it opened.
+    """
+    opened: list[int] = []
+    for m in _BRACE_RE.finditer(text, 0, offset):
+        if m.group() == "{":
+            opened.append(m.start())
+        elif m.group() == "}" and opened:
+            opened.pop()
+    if not opened:
+        return None
+    brace = opened[-1]
+    line_start = text.rfind("\n", 0, brace) + 1
+    header = " ".join(text[line_start:brace].split())
+    header = (header[:40] + "...") if len(header) > 40 else header
+    what = f"'{header} {{'" if header else "the '{'"
+    open_line, open_col = _line_col(text, brace)
+    note = Diagnostic(path, open_line, open_col, f"{what} opens here", "note", source_line(text, open_line))
+    keyword = _TOP_LEVEL_RE.search(text, brace, offset)
+    if keyword is not None:
+        line, col = _line_col(text, keyword.start(1))
+        message = f"missing '}}': {what} from line {open_line} is still open at this '{keyword.group(1)}'"
+    elif at_end:
+        body = text.rstrip()
+        line, col = _line_col(text, len(body))  # just after the last character
+        message = f"unexpected end of file: missing '}}' to close {what} from line {open_line}"
+    else:
+        return None
+    return [Diagnostic(path, line, col, message, source_line=source_line(text, line)), note]
+
+
+def _syntax_error(e: UnexpectedInput, text: str, path: str) -> list[Diagnostic]:
+    """The diagnostics for a Lark parse error: an unclosed block if that explains it, else what was unexpected."""
+    at_end = isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END")
+    if isinstance(e, UnexpectedToken) and not at_end:
+        offset = e.token.start_pos
+    elif isinstance(e, UnexpectedCharacters):
+        offset = e.pos_in_stream
+    else:
+        offset = len(text)
+    unclosed = _unclosed_block(text, offset or 0, path, at_end)
+    return unclosed if unclosed is not None else [_unexpected(e, text, path)]
+
+
+_SUFFIXES = ("K", "M", "G", "T", "Ki", "Mi", "Gi", "Ti")
+_UNITS = ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
+_NUMBER_BEFORE_RE = re.compile(r"[0-9][0-9_]*(\.[0-9]+)?([eE][+-]?[0-9]+)?$")
+
+
+def _suffix_hint(tok: Token, text: str) -> str:
+    """'; did you mean '100M'?...' when a name glued to a number is a suffix or unit in the wrong case."""
+    if tok.type != "NAME" or tok.start_pos is None:
+        return ""
+    number = _NUMBER_BEFORE_RE.search(text, max(0, tok.start_pos - MAX_NUMBER_LEN), tok.start_pos)
+    if number is None:
+        return ""
+    word = str(tok)
+    for options, kind in ((_SUFFIXES, "count suffixes"), (_UNITS, "byte units")):
+        for option in options:
+            if word.lower() == option.lower():
+                return (f"; did you mean '{number.group()}{option}'? ({kind} are case-sensitive: "
+                        f"{' '.join(options)})")
+    return ""
+
+
+def _unexpected(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
+    lines = split_lines(text.rstrip("\n"))
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
         what = f"unexpected character {ch!r}" if ch.isprintable() else f"unexpected character U+{ord(ch):04X}"
@@ -116,6 +198,7 @@ def _syntax_error(e: UnexpectedInput, text: str, path: str) -> Diagnostic:
             line, col = tok.line, tok.column
         if e.expected:
             what += f"; expected {_expected(e.expected)}"
+        what += _suffix_hint(tok, text)
     elif isinstance(e, UnexpectedEOF):
         line = len(lines) or 1
         col = len(lines[-1]) + 1 if lines else 1
@@ -298,6 +381,25 @@ class _ToAst(Transformer):
         return tuple(children)
 
 
+def _check_depth(tree, path: str, text: str) -> None:
+    """Refuse a syntax tree deeper than MAX_TREE_DEPTH, found without recursion.
+
+    Operator chains (`1 + 1 + ... + 1`, `2 ** 2 ** ... ** 2`) nest one level per operator without any
+    parenthesis, so the guard cannot see them; the tree walkers that follow (the AST transformer, the
+    evaluator, fmt) recurse once per level and must never meet a RecursionError.
+    """
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            meta = node.meta
+            line, col = getattr(meta, "line", 1), getattr(meta, "column", 1)
+            raise SpecError(Diagnostic(path, line, col, f"expression nested too deeply (more than {MAX_TREE_DEPTH} "
+                                       "levels of operators and brackets); split it into constants",
+                                       source_line=source_line(text, line)))
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+
+
 class _ExpectedX(Exception):
     def __init__(self, pos: SourcePos, got: str):
         self.pos, self.got = pos, got
@@ -305,6 +407,7 @@ class _ExpectedX(Exception):
 
 def parse(text: str, path: str = "<string>") -> ast.SpecFile:
     """Parse spec text into a SpecFile; raises SpecError (never anything else) on bad input."""
+    text = strip_bom(text)
     _guard(text, path)
     comments: list[ast.Comment] = []
     try:
@@ -313,12 +416,13 @@ def parse(text: str, path: str = "<string>") -> ast.SpecFile:
         raise SpecError(_syntax_error(e, text, path)) from None
     except LarkError as e:  # pragma: no cover - defensive: any other Lark failure
         raise SpecError(Diagnostic(path, 1, 1, f"could not parse: {e}")) from None
+    _check_depth(tree, path, text)
     try:
         items = _ToAst(path).transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, _ExpectedX):
             p = e.orig_exc.pos
-            src = text.splitlines()[p.line - 1]
+            src = source_line(text, p.line)
             raise SpecError(Diagnostic(path, p.line, p.col, f"expected 'x' in 'on COUNT x GPU', got '{e.orig_exc.got}'",
                                        source_line=src)) from None
         raise

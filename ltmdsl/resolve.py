@@ -90,6 +90,7 @@ class ModelResolver:
         self.layer_defs: dict[str, ast.LayerDef] = {}
         self.block_defs: dict[str, ast.BlockDef] = {}
         self.legend: dict[str, tuple[str, SourcePos]] = {}
+        self.bad_symbols: set[str] = set()  # legend symbols already reported as broken
         self.stacks: list[ast.Stack] = []
         self.overrides: list[ast.Override] = []
         self.assign_pos: dict[str, SourcePos] = {}
@@ -123,7 +124,9 @@ class ModelResolver:
         elif isinstance(stmt, ast.Legend):
             for e in stmt.entries:
                 if len(e.symbol) != 1 or e.symbol.isspace():
-                    self.rep.at(e.pos, f"legend symbols are single characters, got '{e.symbol}'")
+                    shown = e.symbol if len(e.symbol) <= 20 else e.symbol[:20] + "..."
+                    self.rep.at(e.pos, f"legend symbols are single characters, got '{shown}' ({len(e.symbol)} characters)")
+                    self.bad_symbols.add(e.symbol)
                 elif e.symbol in self.legend:
                     self.rep.at(e.pos, f"duplicate legend symbol '{e.symbol}'")
                 else:
@@ -280,18 +283,38 @@ class ModelResolver:
                             tie[1][0] += 1
                         out.append((name, ov, pos, group, slot))
             elif isinstance(item, ast.Pattern):
-                for off, ch in enumerate(item.text):
-                    if ch.isspace():
-                        continue
-                    pos = SourcePos(item.pos.file, item.pos.line, item.pos.col + len("pattern \"") + off)
-                    if ch not in self.legend:
-                        known = "".join(sorted(self.legend)) or "none defined"
-                        self.rep.at(pos, f"pattern symbol '{ch}' is not in the legend (symbols: {known})")
-                        continue
-                    target, _ = self.legend[ch]
-                    self._use(target, None, pos, out, tie, blocks_active)
+                self._pattern(item, out, tie, blocks_active)
             else:
                 self._use(item.name, item.kwargs, item.pos, out, tie, blocks_active)
+
+    def _pattern(self, item: ast.Pattern, out: list, tie, blocks_active: list[str]) -> None:
+        """Each symbol of a pattern string through the legend; linear in the pattern, bounded output.
+
+        An unknown symbol is reported once per pattern (at its first use, with how often it occurs), and a
+        symbol whose legend entry is already reported as broken is skipped silently, so one typo gives one
+        error. Expansion stops past MAX_SUBLAYERS, which the caller reports.
+        """
+        unknown: dict[str, list[int]] = {}  # symbol -> [first offset, occurrences]
+        start_col = item.pos.col + len('pattern "')
+        stopped = False
+        for off, ch in enumerate(item.text):
+            if ch in self.bad_symbols:
+                continue
+            if ch in self.legend:
+                if len(out) > MAX_SUBLAYERS:
+                    stopped = True
+                    break
+                pos = SourcePos(item.pos.file, item.pos.line, start_col + off)
+                self._use(self.legend[ch][0], None, pos, out, tie, blocks_active)
+            elif ch in unknown:
+                unknown[ch][1] += 1
+            elif not ch.isspace():
+                unknown[ch] = [off, 1]
+        known = "".join(sorted(self.legend)) or "none defined"
+        for ch, (off, n) in unknown.items():
+            times = f" ({'at least ' if stopped else ''}{n} times in this pattern)" if n > 1 else ""
+            self.rep.at(SourcePos(item.pos.file, item.pos.line, start_col + off),
+                        f"pattern symbol '{ch}' is not in the legend{times} (symbols: {known})")
 
     def _use(self, name: str, kwargs, pos: SourcePos, out: list, tie, blocks_active: list[str]) -> None:
         self.used_defs.add(name)
@@ -340,6 +363,7 @@ class ModelResolver:
             if self._find_layer(target) is None and self._find_block(target) is None:
                 cands = list(self.layer_defs) + list(self.block_defs) + list(self.g.layers) + list(self.g.blocks)
                 self.rep.at(pos, f"legend symbol '{sym}' names unknown layer '{target}'{did_you_mean(target, cands)}")
+                self.bad_symbols.add(sym)  # reported here once; its uses in patterns are skipped
         if not self.stacks:
             self.rep.at(self.node.pos, f"model '{self.node.name}' has no stack {{ ... }}")
             return None

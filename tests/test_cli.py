@@ -102,3 +102,98 @@ def test_failing_budget_exits_three_and_names_what_fits(tmp_path, capsys):
 def test_every_example_checks_with_its_budgets(capsys):
     files = sorted(str(p) for p in EXAMPLES.glob("*.ltm"))
     assert main(["check", *files]) == 0
+
+
+BUDGET_SPEC = """model m {
+    vocab = 256
+    d_model = 4096
+    layer attn = attention(heads = 32)
+    stack { repeat 32 { attn } }
+}
+budget serve for m {
+    inference context = 100M, batch = 1
+    on 1 x H100
+    require per_gpu <= 80 GB
+}
+"""
+
+
+def test_budget_failure_is_printed_once_with_its_line_and_caret(tmp_path, capsys):
+    path = tmp_path / "b.ltm"
+    path.write_text(BUDGET_SPEC)
+    assert main(["check", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1, err  # the capacity check adds nothing to a stricter require per_gpu
+    lines = err.splitlines()
+    assert lines[0].startswith(f"{path}:10:5: error: budget serve (context 100,000,000): per_gpu is")
+    assert lines[1] == "        require per_gpu <= 80 GB"
+    assert lines[2] == "        ^"
+    assert err.count("largest context") == 1
+
+
+def test_a_looser_require_still_gets_the_capacity_check(tmp_path, capsys):
+    path = tmp_path / "b.ltm"
+    path.write_text(BUDGET_SPEC.replace("per_gpu <= 80 GB", "per_gpu <= 100 TB"))
+    assert main(["check", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "per_gpu (H100 capacity)" in err
+    assert "    budget serve for m {" in err.splitlines()
+
+
+@pytest.mark.parametrize("value, shown", [("1e23", "100,000,000,000,000,000,000,000"), ("2.5e3", "2,500")], ids=str)
+def test_memory_counts_are_exact(value, shown, capsys):
+    assert main(["memory", TINY, "--context", value]) == 0
+    assert f"context {shown} tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["1.5", "1e-3", "4096.5"], ids=str)
+def test_memory_refuses_non_integer_counts(value, capsys):
+    assert main(["memory", TINY, "--context", value]) == 2
+    assert "ltmdsl memory: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpu", ["h100", "A100", "a100_80gb"])
+def test_gpu_names_have_one_spelling(gpu, capsys):
+    assert main(["memory", TINY, "--gpu", gpu]) == 2
+    assert "unknown GPU" in capsys.readouterr().err
+
+
+FMT_INPUT = "model m{vocab=4 d_model=8 layer f=mlp(d_ff=2) stack{f}}\n"
+
+
+def test_fmt_write_goes_through_a_symlink(tmp_path):
+    target = tmp_path / "real.ltm"
+    target.write_text(FMT_INPUT)
+    link = tmp_path / "link.ltm"
+    link.symlink_to(target)
+    assert main(["fmt", "-w", str(link)]) == 0
+    assert link.is_symlink(), "the link stays a link"
+    assert main(["fmt", "--check", str(target)]) == 0
+
+
+def test_fmt_write_keeps_the_mode(tmp_path):
+    path = tmp_path / "secret.ltm"
+    path.write_text(FMT_INPUT)
+    path.chmod(0o600)
+    assert main(["fmt", "-w", str(path)]) == 0
+    assert main(["fmt", "--check", str(path)]) == 0
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_fmt_write_refuses_a_read_only_file(tmp_path, capsys):
+    path = tmp_path / "ro.ltm"
+    path.write_text(FMT_INPUT)
+    path.chmod(0o444)
+    assert main(["fmt", "-w", str(path)]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert path.read_text() == FMT_INPUT
+
+
+def test_fmt_takes_several_files(tmp_path, capsys):
+    paths = [tmp_path / f"{n}.ltm" for n in "ab"]
+    for p in paths:
+        p.write_text(FMT_INPUT)
+    assert main(["fmt", "--check", *map(str, paths)]) == 1
+    assert capsys.readouterr().err.count("not in canonical form") == 2
+    assert main(["fmt", "-w", *map(str, paths)]) == 0
+    assert main(["fmt", "--check", *map(str, paths)]) == 0

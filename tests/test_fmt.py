@@ -69,6 +69,10 @@ def layer_defs(draw):
 @st.composite
 def specs(draw):
     names = draw(st.lists(_names, min_size=1, max_size=4, unique=True))
+    other = draw(st.sampled_from(["B", "é", "Ω", "中", "ß", "_", "1"]))  # non-ASCII symbols must stay quoted
+    minuses = draw(st.integers(0, 80))  # runs of unary minus, written spaced or glued (the guard allows 64)
+    glued = minuses <= 60 and draw(st.booleans())
+    run = "-" * minuses if glued else "- " * minuses
     defs = {n: draw(layer_defs()) for n in names}
     sep = draw(st.sampled_from([" ", "\n        ", "  "]))
 
@@ -81,13 +85,14 @@ def specs(draw):
             elif choice == 1:
                 out.append(f"repeat {draw(st.integers(1, 3))} {{ {' '.join(items(depth + 1))} }}")
             else:
-                out.append('pattern "' + "".join(draw(st.lists(st.sampled_from("AB"), min_size=1, max_size=5))) + '"')
+                out.append('pattern "' + "".join(draw(st.lists(st.sampled_from("A" + other), min_size=1, max_size=5)))
+                           + '"')
         return out
 
-    lines = ["# generated", "model gen {", f"    vocab = {draw(st.integers(2, 600))}",
+    lines = ["# generated", f"const sign = {run}1", "model gen {", f"    vocab = {draw(st.integers(2, 600))} * sign * sign",
              f"    d_model = {draw(st.sampled_from(['64', '32 * 2', '2 ** 6', '128 / 2']))}"]
     lines += [f"    layer {n} = {d}  # {n}" for n, d in defs.items()]
-    lines.append(f'    legend {{ A = {names[0]}, "B" = {names[-1]} }}')
+    lines.append(f'    legend {{ A = {names[0]}, "{other}" = {names[-1]} }}')
     lines.append("    stack {" + sep + sep.join(items(0)) + sep + "}")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -123,3 +128,30 @@ def test_garbage_only_raises_spec_error(text):
 def test_token_soup_only_raises_spec_error(tokens):
     with contextlib.suppress(SpecError):
         ltmdsl.load(" ".join(tokens) + "\n")
+
+
+def test_fmt_output_parses_for_non_ascii_symbols_and_minus_runs():
+    text = 'const a = ' + "- " * 70 + '1\nmodel m { vocab = 256 d_model = 64 layer f = mlp(d_ff = 8) legend { "é" = f }' \
+           ' stack { pattern "éé" } }\n'
+    out = fmt_text(text)
+    assert '"é" = f' in out and "--" not in out
+    assert ir_meaning(ltmdsl.load(out).ir) == ir_meaning(ltmdsl.load(text).ir)
+    assert fmt_text(out) == out
+
+
+def test_comments_stay_in_their_block():
+    text = ("model m {\n    vocab = 256\n    d_model = 64\n    layer f = mlp(d_ff = 8)\n    stack {\n        f\n"
+            "        # end of stack\n    }\n    # end of model\n}\n\n# about the budget\nbudget b for m {\n"
+            "    inference context = 4Ki\n    # end of budget\n}\n")
+    lines = fmt_text(text).splitlines()
+    assert lines.index("# about the budget") == lines.index("budget b for m {") - 1
+    assert lines.index("        # end of stack") < lines.index("    }") < lines.index("    # end of model")
+    assert lines[lines.index("    # end of budget") + 1] == "}"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.ltm")))
+def test_every_example_is_canonical(name, capsys):
+    """CI runs `ltmdsl fmt --check` on every bundled example through this test."""
+    from ltmdsl.cli import main
+
+    assert main(["fmt", "--check", str(EXAMPLES / name)]) == 0, capsys.readouterr().err

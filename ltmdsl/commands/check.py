@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 from ltmdsl.commands.common import EXIT_BUDGET, EXIT_OK, load_or_report
+from ltmdsl.errors import source_line
 from ltmdsl.units import format_count
 
 
@@ -49,8 +51,10 @@ def run(args) -> int:
             print(f"{path}: ok: model {m.name}: {len(m.layers)} sub-layers ({mix}), "
                   f"{format_count(m.params_total)} parameters ({m.params_total:,})")
         for r in results:
-            stream = sys.stdout if r.ok else sys.stderr
-            print(r.message, file=stream)
+            if r.ok:
+                print(r.message)
+            for d in r.diagnostics:  # each failure once, with its line and a caret
+                print(replace(d, source_line=source_line(spec.text, d.line)).render(), file=sys.stderr)
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     return worst

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ltmdsl.errors import Diagnostic
 from ltmdsl.ir import BudgetIR, SourcePos, SpecIR
 from ltmdsl.memory import solve
 from ltmdsl.memory.report import MemoryReport, report
@@ -50,6 +51,9 @@ class BudgetResult:
     message: str = ""
     pos: SourcePos | None = None
     report: MemoryReport | None = field(default=None, repr=False)
+    #: one error per failure, at its `require` line (or the budget, for the GPU's capacity), to render with
+    #: the source line and a caret; `message` is the same text as plain `file:line:col: error:` lines
+    diagnostics: tuple[Diagnostic, ...] = ()
 
     def to_json(self) -> dict:
         return {
@@ -82,7 +86,9 @@ def check_budget(spec_ir: SpecIR, budget: BudgetIR) -> BudgetResult:
             mc = solve.largest_true(lambda t, lim=lim: ev.value(lim.component, t, B) <= lim.max_bytes)
             failures.append(LimitFailure(lim.component, value, lim.max_bytes, lim.pos, mc))
     cap = r.settings.gpu.memory_bytes
-    if r.per_gpu_bytes > cap:
+    # an explicit `require per_gpu <= X` with X <= capacity already says everything the capacity check would
+    stricter = any(lim.component == "per_gpu" and lim.max_bytes <= cap for lim in budget.limits)
+    if r.per_gpu_bytes > cap and not stricter:
         mc = solve.largest_true(lambda t: ev.per_gpu_bytes(t, B) <= cap)
         failures.append(LimitFailure(f"per_gpu ({r.settings.gpu.name} capacity)", r.per_gpu_bytes, cap,
                                      budget.pos, mc))
@@ -93,11 +99,13 @@ def check_budget(spec_ir: SpecIR, budget: BudgetIR) -> BudgetResult:
         overall = ("no context fits" if r.max_context == 0 else
                    f"the largest context that fits every limit is {r.max_context:,} tokens"
                    if r.max_context is not None else "")
-        lines = [f"{f.pos}: error: budget {budget.name} (context {T:,}): {f.describe()}" for f in failures]
-        if overall:
-            lines[-1] += f"; {overall}"
-        msg = "\n".join(lines)
-    return BudgetResult(budget.name, model.name, not failures, failures, msg, budget.pos, r)
+        texts = [f"budget {budget.name} (context {T:,}): {f.describe()}" for f in failures]
+        if overall and (len(failures) > 1 or failures[0].max_context != r.max_context):
+            texts[-1] += f"; {overall}"
+        diagnostics = tuple(Diagnostic(f.pos.file, f.pos.line, f.pos.col, text) for f, text in zip(failures, texts))
+        msg = "\n".join(f"{f.pos}: error: {text}" for f, text in zip(failures, texts))
+        return BudgetResult(budget.name, model.name, False, failures, msg, budget.pos, r, diagnostics)
+    return BudgetResult(budget.name, model.name, True, failures, msg, budget.pos, r)
 
 
 def check_budgets(spec_ir: SpecIR) -> list[BudgetResult]:

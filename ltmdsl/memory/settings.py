@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ltmdsl import hardware, units
+from ltmdsl.evaluate import did_you_mean
 from ltmdsl.ir import BudgetIR, Dtype, GpuSpec, ModelIR, ParallelPlan
 
 DEFAULT_CONTEXT = 128 * 1024
@@ -115,7 +116,8 @@ def as_gpu(value: GpuSpec | str, user_defined: dict[str, GpuSpec] | None = None)
     g = hardware.lookup(str(value), user_defined)
     if g is None:
         known = list(user_defined or {}) + hardware.names()
-        raise ValueError(f"unknown GPU {value!r} (known: {', '.join(known)})")
+        hint = f"; write {hardware.AMBIGUOUS[value]}" if value in hardware.AMBIGUOUS else did_you_mean(str(value), known)
+        raise ValueError(f"unknown GPU {value!r}{hint} (known: {', '.join(known)})")
     return g
 
 
