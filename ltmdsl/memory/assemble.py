@@ -9,8 +9,9 @@ pipelining there is one stage.
 Components (JSON names):
     inference  weights, kv_cache, recurrent_state, activations, logits
     training   weights, gradients, optimizer, activations, logits
-Kinds: the sub-layer kinds (attention, mamba, mamba2, mlp, moe) plus `embedding` and `head` (final norm
-and output projection) for weights; `mamba/conv` and `mamba/ssm` style parts for recurrent state;
+Kinds: the registered sub-layer kinds (ltmdsl.kinds.REGISTRY; every per-layer term comes from the
+kind's facets) plus `embedding` and `head` (final norm and output projection) for weights; a cache term's
+part gives `mamba/conv` and `mamba/ssm` style labels;
 `residual` for the inference residual stream. Inference activations are not a sum over kinds: layers run
 one at a time, so the component is residual + max over kinds of one sub-layer's workspace (by_kind
 lists each kind's workspace). In training, full recompute adds a `working set` entry: the largest
