@@ -35,6 +35,8 @@ from ltmdsl.ir import Dtype, LayerConfig, NormConfig
 #: Activations of dense and expert MLPs; the first two are gated (gate, up, down).
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2", "relu")
 GATED = ("swiglu", "geglu")
+#: The memory components a layer's cache and state belong to (the runtime's per-layer `component`).
+CACHE_COMPONENTS = ("kv_cache", "recurrent_state")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,11 @@ class CacheTerm:
     part: str | None
     dtype: Dtype
     bytes: sympy.Expr
+
+    def __post_init__(self) -> None:
+        if self.component not in CACHE_COMPONENTS:  # any other name would fall outside every memory total
+            raise ValueError(f"cache term component must be one of {', '.join(CACHE_COMPONENTS)}, "
+                             f"not {self.component!r}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import sympy
 
 from ltmdsl import kinds
 from ltmdsl.ir import Dtype, ModelIR
+from ltmdsl.kinds.base import CACHE_COMPONENTS
 from ltmdsl.memory.settings import Settings
 from ltmdsl.memory.symbols import B, C, T, ceil_bytes, compile_exact, per_replica
 
@@ -48,7 +49,7 @@ def cache_bytes(model: ModelIR, *, batch: int, context: int, kv_dtype: Dtype, st
 
     s = resolve(model, None, batch=batch, context=context, kv_dtype=kv_dtype, state_dtype=state_dtype,
                 conv_taps=conv_taps)
-    totals = {"kv_cache": sympy.Integer(0), "recurrent_state": sympy.Integer(0)}
+    totals = dict.fromkeys(CACHE_COMPONENTS, sympy.Integer(0))
     counts: dict = {}
     for layer in model.layers:
         counts[layer.mixer] = counts.get(layer.mixer, 0) + 1

@@ -135,6 +135,11 @@ def test_facets_work_on_random_small_configs(name, seed):
     assert name in show.table(model)
 
 
+def test_a_cache_term_outside_the_memory_components_is_refused():
+    with pytest.raises(ValueError, match="kv_cache, recurrent_state"):
+        CacheTerm("state_cache", None, DTYPES["bf16"], sympy.Integer(1))
+
+
 @dataclass(frozen=True)
 class UnregisteredConfig(LayerConfig):
     """A kind nobody registered (as a new mixer would be before its registry line)."""
