@@ -12,7 +12,8 @@ from ltmdsl import ast
 from ltmdsl.errors import Reporter
 from ltmdsl.evaluate import EvalError, Scope, Word, as_int, describe, did_you_mean, evaluate
 from ltmdsl.hardware import AMBIGUOUS, CATALOGUE, lookup as lookup_gpu
-from ltmdsl.ir import AttentionConfig, BudgetIR, GpuSpec, LimitIR, ModelIR, MoEConfig, ParallelPlan
+from ltmdsl.ir import BudgetIR, GpuSpec, LimitIR, ModelIR, ParallelPlan
+from ltmdsl.kinds import kind_of
 from ltmdsl.units import DTYPES, dtype as lookup_dtype
 
 #: Names a `require` line may limit.
@@ -32,32 +33,32 @@ _PLAN_KEYS = {
 _GPU_KEYS = {"memory": "int", "bf16_tflops": "float", "bandwidth": "int"}
 
 
-def _value(kw: ast.KwArg, kind: Any, scope: Scope, owner: str) -> Any:
+def _value(kw: ast.KwArg, value_type: Any, scope: Scope, owner: str) -> Any:
     v = evaluate(kw.value, scope)
     what = f"{owner} {kw.name}"
-    if kind == "int":
+    if value_type == "int":
         return as_int(v, kw.value.pos, what, 0)
-    if kind == "float":
+    if value_type == "float":
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise EvalError(kw.value.pos, f"{what} must be a positive number, got {describe(v)}")
         return float(v)
-    if kind == "bool":
+    if value_type == "bool":
         if not isinstance(v, bool):
             raise EvalError(kw.value.pos, f"{what} must be true or false, got {describe(v)}")
         return v
-    if kind == "dtype":
+    if value_type == "dtype":
         d = lookup_dtype(v.name) if isinstance(v, Word) else None
         if d is None:
             got = v.name if isinstance(v, Word) else describe(v)
             raise EvalError(kw.value.pos, f"{what} must be a dtype ({', '.join(DTYPES)}, fp8); got '{got}'"
                             f"{did_you_mean(got, DTYPES)}")
         return d
-    if isinstance(kind, tuple):
-        if not isinstance(v, Word) or v.name not in kind:
+    if isinstance(value_type, tuple):
+        if not isinstance(v, Word) or v.name not in value_type:
             got = v.name if isinstance(v, Word) else describe(v)
-            raise EvalError(kw.value.pos, f"{what} must be one of {', '.join(kind)}; got '{got}'{did_you_mean(got, kind)}")
+            raise EvalError(kw.value.pos, f"{what} must be one of {', '.join(value_type)}; got '{got}'{did_you_mean(got, value_type)}")
         return v.name
-    raise AssertionError(kind)  # pragma: no cover
+    raise AssertionError(value_type)  # pragma: no cover
 
 
 def has_unit(node: ast.Expr, scope: Scope, seen: frozenset[str] = frozenset()) -> bool:
@@ -207,10 +208,9 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
     if model is not None:
         _check_plan(model, tp, pp, ep, dp, plan_vals, where, rep)
         for layer in model.layers:
-            m = layer.mixer
-            if isinstance(m, AttentionConfig) and m.window is not None and m.window > context:
-                rep.at(vals["context"][1], f"layer '{layer.definition}' has window {m.window}, larger than this "
-                       f"budget's context {context}")
+            problem = kind_of(layer.mixer).context_check(layer.mixer, context)
+            if problem is not None:
+                rep.at(vals["context"][1], f"layer '{layer.definition}' {problem}")
                 break
 
     limits = []
@@ -248,18 +248,19 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
 
 
 def _check_plan(model: ModelIR, tp: int, pp: int, ep: int, dp: int, plan_vals, where, rep: Reporter) -> None:
+    """tp must divide what each layer's `split` facet says it splits (attention heads), ep what expert
+    parallelism shards (MoE experts); pp cannot exceed the stack. One message per parallel setting."""
     at = {k: v[1] for k, v in plan_vals.items()}
-    for layer in model.layers:
-        m = layer.mixer
-        if isinstance(m, AttentionConfig) and m.heads % tp:
-            rep.at(at.get("tp", where), f"tp = {tp} does not divide the {m.heads} heads of layer '{layer.definition}'")
-            break
-    experts = {layer.mixer.experts for layer in model.layers if isinstance(layer.mixer, MoEConfig)}
-    if ep > 1 and not experts:
-        rep.at(at.get("ep", where), "ep > 1 but the model has no MoE layers")
-    for e in sorted(experts):
-        if e % ep:
-            rep.at(at.get("ep", where), f"ep = {ep} does not divide {e} experts")
-            break
+    splits = [(layer, kind_of(layer.mixer).split(layer.mixer, model.d_model)) for layer in model.layers]
+    bad_tp = next(((layer, what, n) for layer, sp in splits for what, n in sp.tp if n % tp), None)
+    if bad_tp is not None:
+        layer, what, n = bad_tp
+        rep.at(at.get("tp", where), f"tp = {tp} does not divide the {n} {what} of layer '{layer.definition}'")
+    sharded = sorted({(n, what) for _layer, sp in splits for what, n in sp.ep})
+    if ep > 1 and not sharded:
+        rep.at(at.get("ep", where), "ep > 1 but the model has no MoE layers (no layer splits over expert parallelism)")
+    bad_ep = next(((n, what) for n, what in sharded if n % ep), None)
+    if bad_ep is not None:
+        rep.at(at.get("ep", where), f"ep = {ep} does not divide {bad_ep[0]} {bad_ep[1]}")
     if pp > len(model.layers):
         rep.at(at.get("pp", where), f"pp = {pp} exceeds the {len(model.layers)} sub-layers")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,18 @@ class NormConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Mixers and feed-forward networks. `kind` is the registry key shared by every back end.
+# Mixers and feed-forward networks. Each kind's config lives with its facets in ltmdsl/kinds/<kind>.py;
+# `kind` is the registry key shared by every back end.
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Base class of every layer kind's frozen IR config (ltmdsl/kinds/<kind>.py).
+
+    A subclass declares its fields and, last, `kind: str = field(default="<name>", init=False)`: the
+    registry key (`ltmdsl.kinds.REGISTRY`) every back end dispatches on. The IR itself knows no kind.
+    """
 
 
 @dataclass(frozen=True)
@@ -79,132 +89,6 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
-class AttentionConfig:
-    """Multi-head / grouped-query / multi-query softmax attention, optionally windowed.
-
-    q: d -> H*D, k: d -> Hkv*D, v: d -> Hkv*Dv, o: H*Dv -> d. `window` None means global attention;
-    otherwise each query sees the last W keys including itself. `rope_theta` None means no RoPE;
-    `rope_scaling` (only with RoPE) rescales its frequencies, None means plain RoPE. `rope_dim` (only with
-    RoPE; even, 2 <= rope_dim < D) rotates just the first rope_dim channels of each q/k head, with
-    frequencies 1/theta^(2i/rope_dim), and passes the rest through (transformers' partial_rotary_factor =
-    rope_dim / D, as in Bamba and GPT-NeoX); None rotates the whole head (a spec's rope_dim = head_dim
-    resolves to None, so equal models compare equal).
-    """
-
-    heads: int  # H
-    kv_heads: int  # Hkv
-    head_dim: int  # D
-    v_head_dim: int  # Dv
-    window: int | None  # W
-    rope_theta: float | None
-    causal: bool
-    qkv_bias: bool
-    out_bias: bool
-    qk_norm: bool  # per-head RMSNorm on q and k (Qwen3); eps is the sub-layer norm's eps
-    rope_scaling: RopeScaling | None = None  # last and defaulted, so positional constructors keep working
-    rope_dim: int | None = None  # R: rotated channels per q/k head; None = all D (defaulted for the same reason)
-    kind: str = field(default="attention", init=False)
-
-    @property
-    def group_size(self) -> int:
-        """G = H / Hkv query heads per key/value head."""
-        return self.heads // self.kv_heads
-
-    @property
-    def rotary_dim(self) -> int:
-        """R, the channels of each q/k head that RoPE rotates: rope_dim, or the whole head_dim when it is None."""
-        return self.head_dim if self.rope_dim is None else self.rope_dim
-
-
-@dataclass(frozen=True)
-class MambaConfig:
-    """Mamba-1 selective SSM (Gu & Dao 2023), as in state-spaces/mamba and Jamba.
-
-    in_proj: d -> 2*d_inner; depthwise causal conv of `d_conv` taps; x_proj: d_inner -> dt_rank + 2N;
-    dt_proj: dt_rank -> d_inner; A: (d_inner, N); out_proj: d_inner -> d. `inner_norms` adds Jamba's
-    RMSNorms on dt, B and C.
-    """
-
-    d_state: int  # N
-    d_conv: int
-    expand: int
-    d_inner: int
-    dt_rank: int
-    conv_bias: bool
-    proj_bias: bool  # bias on in_proj and out_proj
-    inner_norms: bool
-    kind: str = field(default="mamba", init=False)
-
-
-@dataclass(frozen=True)
-class Mamba2Config:
-    """Mamba-2 SSD layer (Dao & Gu 2024), as in state-spaces/mamba's Mamba2.
-
-    in_proj: d -> 2*d_inner + 2*G*N + heads (z, x, B, C, dt); depthwise conv over x, B, C;
-    heads = d_inner / P; gated RMSNorm over d_inner (grouped by `n_groups`); out_proj: d_inner -> d.
-    """
-
-    d_state: int  # N
-    head_dim: int  # P
-    heads: int
-    n_groups: int
-    expand: int
-    d_inner: int
-    d_conv: int
-    chunk: int  # C
-    conv_bias: bool
-    proj_bias: bool
-    kind: str = field(default="mamba2", init=False)
-
-    @property
-    def conv_dim(self) -> int:
-        """Channels that pass through the causal conv: x, B and C."""
-        return self.d_inner + 2 * self.n_groups * self.d_state
-
-
-@dataclass(frozen=True)
-class MLPConfig:
-    """Dense feed-forward network. swiglu/geglu: gate, up, down; gelu/relu2/relu: up, down."""
-
-    d_ff: int
-    activation: str  # "swiglu" | "geglu" | "gelu" | "relu2" | "relu"
-    bias: bool
-    kind: str = field(default="mlp", init=False)
-
-    @property
-    def gated(self) -> bool:
-        return self.activation in ("swiglu", "geglu")
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    """Sparse mixture of experts: a linear router over E experts, top-k per token.
-
-    routing "softmax_topk_renorm" (Mixtral): softmax over all experts, keep top-k, renormalise to sum 1.
-    routing "softmax_topk" (Jamba): softmax over all experts, keep top-k, no renormalisation.
-    routing "topk_softmax": keep top-k logits, softmax over those (equivalent to Mixtral's, kept for clarity).
-    """
-
-    experts: int  # E
-    top_k: int  # k
-    d_ff: int
-    activation: str
-    routing: str
-    kind: str = field(default="moe", init=False)
-
-    def expert_params(self, d_model: int) -> int:
-        """Parameters of one expert (no biases): gate, up and down for gated activations."""
-        return (3 if self.activation in ("swiglu", "geglu") else 2) * d_model * self.d_ff
-
-    def inactive_params(self, d_model: int) -> int:
-        """Parameters a token does not touch: the experts it is not routed to."""
-        return (self.experts - self.top_k) * self.expert_params(d_model)
-
-
-MixerConfig = Union[AttentionConfig, MambaConfig, Mamba2Config, MLPConfig, MoEConfig]
-
-
-@dataclass(frozen=True)
 class SubLayer:
     """One residual sub-layer of the stack: x = x + mixer(norm(x)).
 
@@ -216,7 +100,7 @@ class SubLayer:
     index: int
     definition: str
     norm: NormConfig
-    mixer: MixerConfig
+    mixer: LayerConfig
     params: int
     pos: SourcePos
     tie_group: str | None = None
@@ -228,7 +112,10 @@ class SubLayer:
 
     @property
     def is_ffn(self) -> bool:
-        return self.mixer.kind in ("mlp", "moe")
+        """A feed-forward sub-layer (mlp, moe) rather than a sequence mixer, as its registered kind says."""
+        from ltmdsl.kinds import kind_of  # the registry imports this module
+
+        return kind_of(self.mixer).is_ffn
 
 
 @dataclass(frozen=True)
@@ -284,9 +171,10 @@ class ModelIR:
     @property
     def params_active(self) -> int:
         """Parameters one token touches: MoE layers count the router and top-k experts only."""
+        from ltmdsl.kinds import kind_of  # the registry imports this module
+
         return self.params_total - sum(
-            layer.mixer.inactive_params(self.d_model) for layer in self.unique_layers()
-            if isinstance(layer.mixer, MoEConfig)
+            kind_of(layer.mixer).inactive(layer.mixer, self.d_model) for layer in self.unique_layers()
         )
 
     def layers_of(self, kind: str) -> tuple[SubLayer, ...]:

@@ -17,7 +17,7 @@ from ltmdsl.budgets import resolve_budget, resolve_gpu
 from ltmdsl.errors import Diagnostic, Reporter, SpecError
 from ltmdsl.evaluate import EvalError, Scope, did_you_mean
 from ltmdsl.ir import BudgetIR, GpuSpec, ModelIR, SpecIR
-from ltmdsl.layers import REGISTRY
+from ltmdsl.kinds import REGISTRY
 from ltmdsl.parser import decode, parse
 from ltmdsl.resolve import Globals, ModelResolver
 

@@ -15,7 +15,7 @@ from ltmdsl import ast
 from ltmdsl.errors import Reporter
 from ltmdsl.evaluate import EvalError, NormValue, Scope, Word, as_int, describe, did_you_mean, evaluate
 from ltmdsl.ir import Dtype, ModelIR, NormConfig, RopeScaling, SourcePos, SubLayer
-from ltmdsl.layers import NORM_PARAM, REGISTRY, CheckError, LayerKind, ModelContext, Param
+from ltmdsl.kinds import NORM_PARAM, REGISTRY, CheckError, Kind, ModelContext, Param
 from ltmdsl.units import DTYPE_ALIASES, DTYPES, dtype as lookup_dtype
 
 MAX_SUBLAYERS = 100_000
@@ -194,7 +194,7 @@ class ModelResolver:
     def _find_block(self, name: str) -> ast.BlockDef | None:
         return self.block_defs.get(name) or self.g.blocks.get(name)
 
-    def _values(self, kind: LayerKind, kwargs, owner: str, ctx: ModelContext,
+    def _values(self, kind: Kind, kwargs, owner: str, ctx: ModelContext,
                 report_missing: bool) -> dict[str, Any]:
         """Evaluate and type-check keyword arguments; missing required ones are reported."""
         values: dict[str, Any] = {}
@@ -412,7 +412,7 @@ class ModelResolver:
                     self.rep.at(pos, f"shared block '{group}': slot {slot} differs between uses")
             layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot))
         for name, d in self.layer_defs.items():  # unused definitions are still checked
-            if name not in self.used_defs and d.kind in REGISTRY:
+            if name not in self.used_defs and REGISTRY.get(d.kind) is not None:
                 with contextlib.suppress(_Unresolved):  # already reported
                     self._build(name, (), ctx, d.pos)
         self._warn_unused()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ltmdsl.ir import AttentionConfig
+from ltmdsl.kinds.attention import AttentionConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import KVCache
 from ltmdsl.runtime.kernels import Kernels

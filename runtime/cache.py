@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ltmdsl.ir import AttentionConfig, Mamba2Config, MambaConfig, ModelIR
+from ltmdsl.ir import ModelIR
+from ltmdsl.kinds.attention import AttentionConfig
+from ltmdsl.kinds.mamba import MambaConfig
+from ltmdsl.kinds.mamba2 import Mamba2Config
 
 CONV_TAPS = ("full", "minus_one")
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltmdsl.ir import MLPConfig, MoEConfig
+from ltmdsl.kinds.mlp import MLPConfig
+from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.runtime import initializers as init
 
 GATED = ("swiglu", "geglu")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltmdsl.ir import MambaConfig
+from ltmdsl.kinds.mamba import MambaConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import SSMState
 from ltmdsl.runtime.kernels import Kernels

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltmdsl.ir import Mamba2Config
+from ltmdsl.kinds.mamba2 import Mamba2Config
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import SSMState
 from ltmdsl.runtime.kernels import Kernels

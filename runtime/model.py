@@ -15,7 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ltmdsl.ir import AttentionConfig, Mamba2Config, MambaConfig, MLPConfig, ModelIR, MoEConfig, SubLayer
+from ltmdsl.ir import ModelIR, SubLayer
+from ltmdsl.kinds.attention import AttentionConfig
+from ltmdsl.kinds.mamba import MambaConfig
+from ltmdsl.kinds.mamba2 import Mamba2Config
+from ltmdsl.kinds.mlp import MLPConfig
+from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.attention import Attention
 from ltmdsl.runtime.cache import Cache, allocate

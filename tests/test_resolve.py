@@ -4,7 +4,7 @@ import pytest
 
 import ltmdsl
 from ltmdsl import SpecError
-from ltmdsl.ir import AttentionConfig
+from ltmdsl.kinds.attention import AttentionConfig
 
 HEAD = """
 model m {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from ltmdsl.commands.common import load_model
-from ltmdsl.ir import AttentionConfig, Mamba2Config, MambaConfig, MLPConfig, MoEConfig, ModelIR
+from ltmdsl.ir import ModelIR
+from ltmdsl.kinds import kind_of
 from ltmdsl.units import format_count
 
 
@@ -16,27 +17,8 @@ def add_arguments(p) -> None:
 
 
 def dims(m) -> str:
-    """The key dimensions of a mixer, in glossary names."""
-    if isinstance(m, AttentionConfig):
-        text = f"H={m.heads} Hkv={m.kv_heads} D={m.head_dim}"
-        text += f" Dv={m.v_head_dim}" if m.v_head_dim != m.head_dim else ""
-        text += f" W={m.window}" if m.window else " global"
-        text += f" rope={m.rope_theta:g}" if m.rope_theta else " nope"
-        if m.rope_scaling is not None:  # e.g. "llama3x8@8192": frequencies scaled for 8x the 8192-token context
-            s = m.rope_scaling
-            text += f" {s.kind}x{s.factor:g}@{s.original_context}"
-        if m.rope_dim is not None:  # partial rotary embeddings: only the first rope_dim channels of D rotate
-            text += f" rope_dim={m.rope_dim}"
-        return text
-    if isinstance(m, MambaConfig):
-        return f"N={m.d_state} K={m.d_conv} d_inner={m.d_inner} dt_rank={m.dt_rank}" + (" +norms" if m.inner_norms else "")
-    if isinstance(m, Mamba2Config):
-        return f"N={m.d_state} P={m.head_dim} heads={m.heads} G={m.n_groups} K={m.d_conv} C={m.chunk}"
-    if isinstance(m, MLPConfig):
-        return f"d_ff={m.d_ff} {m.activation}"
-    if isinstance(m, MoEConfig):
-        return f"E={m.experts} k={m.top_k} d_ff={m.d_ff} {m.activation} {m.routing}"
-    return ""
+    """The key dimensions of a mixer, in glossary names (its kind's `dims` facet)."""
+    return kind_of(m).dims(m)
 
 
 def table(model: ModelIR) -> str:

@@ -22,7 +22,8 @@ from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, to_hf
-from ltmdsl.ir import AttentionConfig, ModelIR
+from ltmdsl.ir import ModelIR
+from ltmdsl.kinds.attention import AttentionConfig
 
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",

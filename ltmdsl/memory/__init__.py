@@ -7,8 +7,9 @@
 Modules, one concept each:
     symbols     the symbols T, B, C (and dp) and exact integer evaluation of sympy expressions
     settings    a budget (or the defaults) plus overrides, resolved into Settings
-    inference   KV cache, recurrent state, prefill workspace, logits; cache_bytes / weights_bytes
-    activations training activations per sub-layer kind (Korthikanti et al., Mamba-1/2, MoE)
+    inference   residual workspace and logits; cache_bytes / weights_bytes (each kind's cache facet)
+    activations the per-micro-batch quantities and `stored`, dispatching to each kind's facet
+                (the per-kind formulas live in ltmdsl/kinds/<kind>.py)
     training    weights, gradients, optimizer under ZeRO / distributed optimizer; loss logits; 1F1B
     assemble    per-kind, per-stage sums built once per distinct layer configuration
     compute     FLOPs per decoded token and per prefill

@@ -9,8 +9,9 @@ pipelining there is one stage.
 Components (JSON names):
     inference  weights, kv_cache, recurrent_state, activations, logits
     training   weights, gradients, optimizer, activations, logits
-Kinds: the sub-layer kinds (attention, mamba, mamba2, mlp, moe) plus `embedding` and `head` (final norm
-and output projection) for weights; `mamba/conv` and `mamba/ssm` style parts for recurrent state;
+Kinds: the registered sub-layer kinds (ltmdsl.kinds.REGISTRY; every per-layer term comes from the
+kind's facets) plus `embedding` and `head` (final norm and output projection) for weights; a cache term's
+part gives `mamba/conv` and `mamba/ssm` style labels;
 `residual` for the inference residual stream. Inference activations are not a sum over kinds: layers run
 one at a time, so the component is residual + max over kinds of one sub-layer's workspace (by_kind
 lists each kind's workspace). In training, full recompute adds a `working set` entry: the largest
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from ltmdsl.ir import AttentionConfig, ModelIR
+from ltmdsl import kinds
+from ltmdsl.ir import ModelIR
 from ltmdsl.memory import activations, inference, training
 from ltmdsl.memory.settings import Settings
 
@@ -124,12 +126,11 @@ def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: b
 def _inference(st: StageExprs, model: ModelIR, s: Settings, counts: dict, last: bool) -> None:
     workspaces: dict[str, sympy.Expr] = {}
     for (mixer, _norm), n in counts.items():
-        if isinstance(mixer, AttentionConfig):
-            st.add("kv_cache", "attention", n * inference.kv_cache(mixer, s))
-        for part, expr in inference.recurrent_state(mixer, s).items():
-            st.add("recurrent_state", f"{mixer.kind}/{part}", n * expr)
-        ws = inference.prefill_workspace(mixer, model, s)
-        workspaces[mixer.kind] = sympy.Max(workspaces[mixer.kind], ws) if mixer.kind in workspaces else ws
+        kind = kinds.kind_of(mixer)
+        for term in kind.cache(mixer, s):
+            st.add(term.component, kind.name if term.part is None else f"{kind.name}/{term.part}", n * term.bytes)
+        ws = kind.workspace(mixer, model.d_model, s)
+        workspaces[kind.name] = sympy.Max(workspaces[kind.name], ws) if kind.name in workspaces else ws
     residual = inference.residual_workspace(model, s)
     st.by_kind["activations"] = {"residual": residual, **workspaces}
     st.combined["activations"] = residual + (sympy.Max(*workspaces.values()) if workspaces else ZERO)
@@ -142,8 +143,8 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
     flight = training.in_flight(st.index, s)
     if s.recompute == "full":
         st.add("activations", "checkpoints", flight * checkpoints * activations.checkpoint(model, s))
-        mixers = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if m.kind not in ("mlp", "moe")]
-        ffns = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if m.kind in ("mlp", "moe")]
+        mixers = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if not kinds.kind_of(m).is_ffn]
+        ffns = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if kinds.kind_of(m).is_ffn]
         working = (sympy.Max(*mixers) if mixers else ZERO) + (sympy.Max(*ffns) if ffns else ZERO)
         st.add("activations", "working set", working)
     else:

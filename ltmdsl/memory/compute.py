@@ -8,13 +8,10 @@ Components:
     projections  2 * active parameters of every sub-layer per token (MoE: router + top-k experts;
                  norm and conv weights are included, a sub-1% overcount)
     head         2 * V * d per token (the output projection; the embedding lookup is free)
-    attention    decode: 2 * H * (D + Dv) * min(T, W) per attention sub-layer (q.k and p.v over the
-                 cached keys); prefill: the causal sum over positions i = 1..T of 2*H*(D+Dv)*min(i, W)
-                 = 2*H*(D+Dv) * (m(m+1)/2 + (T - m)*W) with m = min(T, W) (T(T+1)/2 when global)
-    ssm          decode (recurrent step): 6 * Di * N (discretise, update, read out) + 2 * conv_dim * K;
-                 prefill: Mamba-1 scans token by token (T x decode); Mamba-2 runs SSD in chunks of
-                 L = min(chunk, T): per token 2L*G*N (C.B^T) + 2L*Hs*P (masked mixing) + 4*Hs*P*N
-                 (chunk states and their read-out) + the conv
+    attention    what each kind's `flops` facet (ltmdsl/kinds/<kind>.py) adds beyond its projections:
+    ssm          attention: 2 * H * (D + Dv) * min(T, W) per decoded token, the causal sum over positions
+                 when prefilling; Mamba-1/2: a recurrent step per decoded token, a scan (Mamba-1) or
+                 chunked SSD (Mamba-2) when prefilling; nothing for feed-forward networks
 
 So a dense-attention model's decode cost grows as O(T) and its prefill as O(T^2), while SSM layers
 cost O(1) per token: this is the comparison behind Magic.dev's "1000x cheaper per decoded token".
@@ -24,24 +21,11 @@ from __future__ import annotations
 
 import sympy
 
-from ltmdsl.ir import AttentionConfig, Mamba2Config, MambaConfig, ModelIR, MoEConfig
+from ltmdsl import kinds
+from ltmdsl.ir import ModelIR
 from ltmdsl.memory.symbols import T, ceil_bytes, compile_exact
 
 FLOP_COMPONENTS = ("projections", "head", "attention", "ssm")
-
-
-def _causal_sum(window: int | None):
-    """sum_{i=1..T} min(i, W): T(T+1)/2 for global attention, piecewise-exact via Min otherwise."""
-    if window is None:
-        return T * (T + 1) / 2
-    m = sympy.Min(T, window)
-    return m * (m + 1) / 2 + (T - m) * window
-
-
-def _ssm_step(m) -> int:
-    if isinstance(m, MambaConfig):
-        return 6 * m.d_inner * m.d_state + 2 * m.d_inner * m.d_conv
-    return 6 * m.heads * m.head_dim * m.d_state + 2 * m.conv_dim * m.d_conv
 
 
 def flops_exprs(model: ModelIR) -> dict[str, dict[str, sympy.Expr]]:
@@ -52,30 +36,20 @@ def flops_exprs(model: ModelIR) -> dict[str, dict[str, sympy.Expr]]:
     for layer in model.layers:
         counts[layer.mixer] = counts.get(layer.mixer, 0) + 1
         m = layer.mixer
-        active = layer.params - (m.inactive_params(d) if isinstance(m, MoEConfig) else 0)
-        proj += 2 * active
+        proj += 2 * (layer.params - kinds.kind_of(m).inactive(m, d))
     head = 2 * model.vocab * d
-    att_tok, att_pre, ssm_tok, ssm_pre = (sympy.Integer(0),) * 4
+    per_token = {"projections": sympy.Integer(proj), "head": sympy.Integer(head),
+                 "attention": sympy.Integer(0), "ssm": sympy.Integer(0)}
+    prefill = {"projections": proj * T, "head": head * T, "attention": sympy.Integer(0), "ssm": sympy.Integer(0)}
     for m, n in counts.items():
-        if isinstance(m, AttentionConfig):
-            width = 2 * m.heads * (m.head_dim + m.v_head_dim)
-            held = T if m.window is None else sympy.Min(T, m.window)
-            att_tok += n * width * held
-            att_pre += n * width * _causal_sum(m.window)
-        elif isinstance(m, MambaConfig):
-            ssm_tok += n * _ssm_step(m)
-            ssm_pre += n * _ssm_step(m) * T
-        elif isinstance(m, Mamba2Config):
-            ssm_tok += n * _ssm_step(m)
-            L = sympy.Min(m.chunk, T)
-            per_tok = (2 * L * m.n_groups * m.d_state + 2 * L * m.heads * m.head_dim
-                       + 4 * m.heads * m.head_dim * m.d_state + 2 * m.conv_dim * m.d_conv)
-            ssm_pre += n * per_tok * T
-    return {
-        "per_token": {"projections": sympy.Integer(proj), "head": sympy.Integer(head),
-                      "attention": att_tok, "ssm": ssm_tok},
-        "prefill": {"projections": proj * T, "head": head * T, "attention": att_pre, "ssm": ssm_pre},
-    }
+        kind = kinds.kind_of(m)
+        for component, f in kind.flops(m).items():
+            if component not in ("attention", "ssm"):
+                raise ValueError(f"layer kind '{kind.name}' reports FLOPs for unknown component '{component}' "
+                                 f"(components: {', '.join(FLOP_COMPONENTS[2:])})")
+            per_token[component] += n * f.per_token
+            prefill[component] += n * f.prefill
+    return {"per_token": per_token, "prefill": prefill}
 
 
 def training_step(prefill: dict[str, int], recompute: str) -> dict[str, int]:

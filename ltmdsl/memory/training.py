@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import sympy
 
-from ltmdsl.ir import ModelIR, MoEConfig, SubLayer
+from ltmdsl import kinds
+from ltmdsl.ir import ModelIR, SubLayer
 from ltmdsl.memory.settings import Settings
 from ltmdsl.memory.symbols import B, C, T, per_replica, q
 
@@ -39,12 +40,9 @@ R = sympy.Rational
 
 
 def split_params(layer: SubLayer, model: ModelIR) -> tuple[int, int]:
-    """(dense, expert) parameters of a sub-layer: experts are what expert parallelism shards."""
-    m = layer.mixer
-    if isinstance(m, MoEConfig):
-        expert = m.experts * (3 if m.activation in ("swiglu", "geglu") else 2) * model.d_model * m.d_ff
-        return layer.params - expert, expert
-    return layer.params, 0
+    """(dense, expert) parameters of a sub-layer: experts are what expert parallelism shards (`split` facet)."""
+    expert = kinds.kind_of(layer.mixer).split(layer.mixer, model.d_model).expert_params
+    return layer.params - expert, expert
 
 
 def _shards(s: Settings, expert: bool):

@@ -6,10 +6,12 @@ Korthikanti et al. counts 12h^2 per layer as the paper does (biases and norms le
 
 from __future__ import annotations
 
-from ltmdsl.ir import (
-    AttentionConfig, BudgetIR, GpuSpec, LimitIR, Mamba2Config, MambaConfig, MLPConfig, ModelIR,
-    MoEConfig, NormConfig, ParallelPlan, SourcePos, SubLayer,
-)
+from ltmdsl.ir import BudgetIR, GpuSpec, LimitIR, ModelIR, NormConfig, ParallelPlan, SourcePos, SubLayer
+from ltmdsl.kinds.attention import AttentionConfig
+from ltmdsl.kinds.mamba import MambaConfig
+from ltmdsl.kinds.mamba2 import Mamba2Config
+from ltmdsl.kinds.mlp import MLPConfig
+from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.units import DTYPES
 
 POS = SourcePos("test.ltm", 1, 1)

@@ -6,19 +6,13 @@ mixer kind: global attention, a window of 16, Mamba-1, Mamba-2, MLP and MoE).
 
 from __future__ import annotations
 
-from ltmdsl.ir import (
-    AttentionConfig,
-    Dtype,
-    Mamba2Config,
-    MambaConfig,
-    MLPConfig,
-    ModelIR,
-    MoEConfig,
-    NormConfig,
-    SourcePos,
-    SubLayer,
-)
-from ltmdsl.layers import count_params
+from ltmdsl.ir import Dtype, ModelIR, NormConfig, SourcePos, SubLayer
+from ltmdsl.kinds import count_params
+from ltmdsl.kinds.attention import AttentionConfig
+from ltmdsl.kinds.mamba import MambaConfig
+from ltmdsl.kinds.mamba2 import Mamba2Config
+from ltmdsl.kinds.mlp import MLPConfig
+from ltmdsl.kinds.moe import MoEConfig
 
 POS = SourcePos("<runtime-test>", 1, 1)
 FP32 = Dtype("fp32", 4)

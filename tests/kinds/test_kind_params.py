@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 import ltmdsl
-from ltmdsl.layers import REGISTRY
+from ltmdsl.kinds import REGISTRY
 
-LANGUAGE_DOC = (Path(__file__).resolve().parent.parent / "docs" / "LANGUAGE.md").read_text()
+LANGUAGE_DOC = (Path(__file__).resolve().parents[2] / "docs" / "LANGUAGE.md").read_text()
 
 
 @pytest.mark.parametrize("kind", sorted(REGISTRY))

@@ -1,0 +1,199 @@
+"""What a layer kind is: the `Kind` record of facets every back end dispatches through, and its parts.
+
+A kind (attention, mamba, ...) lives in one module of this package that defines its frozen IR config and
+one `Kind` holding every pure facet (no torch): its typed parameters and how to build and check its
+config, its exact parameter count, and what the memory and compute models need (cache and state bytes,
+prefill workspace, stored training activations, FLOPs, how it splits under tp/ep) and what `show` prints.
+Every facet is a required field: a kind cannot be registered with one missing, and a config whose kind is
+not registered is refused by `ltmdsl.kinds.kind_of` rather than counted as zero. A facet that does not
+apply says so with an empty value (an MLP has no cache: `cache` returns ()).
+
+Facet signatures (c is the kind's config, d the model width d_model):
+
+    build(values, ModelContext) -> c          raises CheckError (with the parameter to point at)
+    count(c, d) -> int                        parameters of the mixer, its norm excluded
+    inactive(c, d) -> int                     parameters a token does not touch (MoE: unrouted experts)
+    split(c, d) -> Split                      what tp / ep divide, and the expert-parallel parameters
+    context_check(c, context) -> str | None   why a budget's context does not suit this layer
+    cache(c, Settings) -> tuple[CacheTerm]    per-sequence cache / state bytes on one GPU, symbolic in T, B
+    workspace(c, d, Settings) -> expr         inference prefill workspace of one sub-layer, in T, B, C
+    stored(c, MicroBatch, selective) -> expr  training activations kept for backward, per micro-batch
+    flops(c) -> dict[str, Flops]              per-token and prefill FLOPs by component, beyond projections
+    dims(c) -> str                            the key dimensions `show` prints
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sympy
+
+from ltmdsl.ir import Dtype, LayerConfig, NormConfig
+
+#: Activations of dense and expert MLPs; the first two are gated (gate, up, down).
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2", "relu")
+GATED = ("swiglu", "geglu")
+#: The memory components a layer's cache and state belong to (the runtime's per-layer `component`).
+CACHE_COMPONENTS = ("kv_cache", "recurrent_state")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One typed parameter of a layer kind.
+
+    type: "int" | "float" | "bool" | "enum" | "norm" | "rope_scaling" (a `llama3(...)` call); `nullable`
+    admits `none`. `default` is the value used when the spec does not give one; `required` ones have none.
+    """
+
+    name: str
+    type: str
+    default: Any = None
+    required: bool = False
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
+    min: float | None = None
+    doc: str = ""
+
+
+#: The parameter every kind accepts in addition to its own: the sub-layer's pre-norm.
+NORM_PARAM = Param("norm", "norm", doc="pre-norm of this sub-layer (default: the model's norm)")
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What a layer's defaults may depend on: the model width and its default norm."""
+
+    d_model: int
+    norm: NormConfig
+
+
+class CheckError(Exception):
+    """A semantic problem with one layer definition; `param` names the parameter to point at."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class KindError(LookupError):
+    """A config whose kind is not registered (or is registered for another config class)."""
+
+
+@dataclass(frozen=True)
+class CacheTerm:
+    """One tensor a sub-layer keeps between decode steps, in bytes on one GPU.
+
+    component: the memory model's component ("kv_cache" or "recurrent_state"); part: the by-kind label
+    suffix (None: the kind name alone, e.g. "attention"; "conv": "mamba/conv"); dtype: the storage dtype
+    (the budget's kv or state dtype); bytes: a sympy expression in T and B (and dp).
+    """
+
+    component: str
+    part: str | None
+    dtype: Dtype
+    bytes: sympy.Expr
+
+    def __post_init__(self) -> None:
+        if self.component not in CACHE_COMPONENTS:  # any other name would fall outside every memory total
+            raise ValueError(f"cache term component must be one of {', '.join(CACHE_COMPONENTS)}, "
+                             f"not {self.component!r}")
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of one component: per decoded token at context T, and to prefill T tokens (sympy in T)."""
+
+    per_token: sympy.Expr
+    prefill: sympy.Expr
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a sub-layer splits under parallelism.
+
+    tp: (what, count) pairs tensor parallelism must divide (attention heads); ep: the same for expert
+    parallelism (experts); expert_params: parameters sharded over tp * ep rather than tp (the experts).
+    Tensors split over tp as a real number otherwise (d_inner / t), as the memory model has always done.
+    """
+
+    tp: tuple[tuple[str, int], ...] = ()
+    ep: tuple[tuple[str, int], ...] = ()
+    expert_params: int = 0
+
+
+FACETS = ("build", "count", "inactive", "split", "context_check", "cache", "workspace", "stored", "flops", "dims")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A registered layer kind: its name, config class, parameters and every pure facet (module docstring).
+
+    All fields are required, so a kind cannot be half-registered; `__post_init__` also refuses a facet
+    that is not callable (None, say) and a config class that does not declare this kind's name.
+    """
+
+    name: str
+    doc: str
+    config: type
+    params: tuple[Param, ...]
+    is_ffn: bool
+    build: Callable[[dict[str, Any], ModelContext], Any]
+    count: Callable[[Any, int], int]
+    inactive: Callable[[Any, int], int]
+    split: Callable[[Any, int], Split]
+    context_check: Callable[[Any, int], "str | None"]
+    cache: Callable[[Any, Any], tuple[CacheTerm, ...]]
+    workspace: Callable[[Any, int, Any], sympy.Expr]
+    stored: Callable[[Any, Any, bool], sympy.Expr]
+    flops: Callable[[Any], dict[str, Flops]]
+    dims: Callable[[Any], str]
+    param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        missing = [f for f in FACETS if not callable(getattr(self, f))]
+        if missing:
+            raise TypeError(f"layer kind '{self.name}' lacks the facet{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}")
+        if not (isinstance(self.config, type) and issubclass(self.config, LayerConfig)):
+            raise TypeError(f"layer kind '{self.name}': config must be a LayerConfig dataclass")
+        declared = {f.name: f.default for f in dataclasses.fields(self.config)}.get("kind")
+        if declared != self.name:
+            raise TypeError(f"layer kind '{self.name}': {self.config.__name__}.kind is {declared!r}")
+        object.__setattr__(self, "param_index", {p.name: p for p in self.params})
+
+
+# ---- helpers several kinds share ----------------------------------------------------------------
+
+
+def divide(a: int, b: int, what: str, param: str) -> int:
+    """a / b when b divides a; a CheckError pointing at `param` otherwise."""
+    if b <= 0 or a % b:
+        raise CheckError(f"{what}: {a} is not divisible by {b}", param)
+    return a // b
+
+
+def ffn_width(activation: str, d_ff: int) -> int:
+    """Elements per token an MLP keeps: gate, up and product when gated; up and activation otherwise."""
+    return (3 if activation in GATED else 2) * d_ff
+
+
+def conv_taps(d_conv: int, convention: str) -> int:
+    """Conv taps kept per channel: K ("full", state-spaces/mamba and Megatron) or K - 1 ("minus_one", vLLM)."""
+    return d_conv if convention == "full" else d_conv - 1
+
+
+def no_cache(c: Any, s: Any) -> tuple[CacheTerm, ...]:
+    """The cache facet of a kind that keeps nothing between decode steps (feed-forward networks)."""
+    return ()
+
+
+def no_context_limit(c: Any, context: int) -> str | None:
+    """The context_check facet of a kind that suits every context."""
+    return None
+
+
+def none_inactive(c: Any, d_model: int) -> int:
+    """The inactive facet of a dense kind: every parameter is touched by every token."""
+    return 0

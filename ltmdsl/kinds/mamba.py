@@ -1,0 +1,141 @@
+"""Mamba-1 selective state-space layer (Gu & Dao 2023): its IR config and every pure facet.
+
+Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
+    conv  b * Di/t * taps * s_bytes      SSM  b * Di/t * N * s_bytes
+  taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention.
+Prefill workspace for a chunk of Cc = min(C, T) tokens: a * b * Cc/c * (5 Di/t + R + 2N)
+  (xz, conv output, delta, y; the x_proj output).
+Training activations (state-spaces/mamba `mamba_inner_fn`), per micro-batch:
+    replicated  norm input and in_proj input 2a*sbh; x_proj output a*sb*(R + 2N) (twice with Jamba's
+                inner dt/B/C norms, whose inputs are saved too)
+    split       xz 2a*sb*Di; scan output y and gated output a*sb*Di each; the scan's fp32 chunk states
+                4*b*Di*2N*ceil(s/2048) (2048-token kernel chunks); conv output and delta a*sb*Di each,
+                recomputed under selective recompute (as checkpoint_lvl=1 does)
+FLOPs: a recurrent step costs 6*Di*N (discretise, update, read out) + 2*Di*K (the conv); prefill scans
+token by token, T steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from ltmdsl.ir import LayerConfig
+from ltmdsl.kinds.base import (
+    CacheTerm, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive,
+)
+from ltmdsl.memory.symbols import B, C, T, per_replica
+
+R = sympy.Rational
+SCAN_CHUNK = 2048  # state-spaces/mamba selective_scan: tokens per saved fp32 chunk state
+
+
+@dataclass(frozen=True)
+class MambaConfig(LayerConfig):
+    """Mamba-1 selective SSM (Gu & Dao 2023), as in state-spaces/mamba and Jamba.
+
+    in_proj: d -> 2*d_inner; depthwise causal conv of `d_conv` taps; x_proj: d_inner -> dt_rank + 2N;
+    dt_proj: dt_rank -> d_inner; A: (d_inner, N); out_proj: d_inner -> d. `inner_norms` adds Jamba's
+    RMSNorms on dt, B and C.
+    """
+
+    d_state: int  # N
+    d_conv: int
+    expand: int
+    d_inner: int
+    dt_rank: int
+    conv_bias: bool
+    proj_bias: bool  # bias on in_proj and out_proj
+    inner_norms: bool
+    kind: str = field(default="mamba", init=False)
+
+
+def build(v: dict[str, Any], ctx: ModelContext) -> MambaConfig:
+    d_inner = v["expand"] * ctx.d_model
+    dt_rank = v["dt_rank"] if v["dt_rank"] is not None else -(-ctx.d_model // 16)
+    return MambaConfig(
+        d_state=v["d_state"], d_conv=v["d_conv"], expand=v["expand"], d_inner=d_inner, dt_rank=dt_rank,
+        conv_bias=v["conv_bias"], proj_bias=v["proj_bias"], inner_norms=v["inner_norms"],
+    )
+
+
+def count(c: MambaConfig, d: int) -> int:
+    di, n, r = c.d_inner, c.d_state, c.dt_rank
+    in_proj = d * 2 * di + (2 * di if c.proj_bias else 0)
+    conv = di * c.d_conv + (di if c.conv_bias else 0)
+    x_proj = di * (r + 2 * n)
+    dt_proj = r * di + di
+    out_proj = di * d + (d if c.proj_bias else 0)
+    norms = (r + 2 * n) if c.inner_norms else 0
+    return in_proj + conv + x_proj + dt_proj + di * n + di + out_proj + norms
+
+
+def split(c: MambaConfig, d: int) -> Split:
+    """d_inner splits over tp as a real number (the memory model's convention); nothing must divide."""
+    return Split()
+
+
+def cache(c: MambaConfig, s) -> tuple[CacheTerm, ...]:
+    b = per_replica(B, s.dp)
+    sb = s.state_dtype.bytes
+    di = R(c.d_inner, s.tp)
+    return (CacheTerm("recurrent_state", "conv", s.state_dtype, b * di * conv_taps(c.d_conv, s.conv_taps) * sb),
+            CacheTerm("recurrent_state", "ssm", s.state_dtype, b * di * c.d_state * sb))
+
+
+def workspace(c: MambaConfig, d: int, s):
+    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    return s.activation_dtype.bytes * tok * (5 * c.d_inner / R(s.tp) + c.dt_rank + 2 * c.d_state)
+
+
+def stored(c: MambaConfig, x, selective: bool):
+    a, tok = x.a, x.tok
+    xdbl = (c.dt_rank + 2 * c.d_state) * (2 if c.inner_norms else 1)
+    out = x.base + a * tok * xdbl + x.split(a * tok * 4 * c.d_inner)
+    out += x.split(4 * x.b * c.d_inner * 2 * c.d_state * sympy.ceiling(x.s / SCAN_CHUNK))
+    if not selective:
+        out += x.split(2 * a * tok * c.d_inner)
+    return out
+
+
+def step_flops(c: MambaConfig) -> int:
+    """One recurrent step: 6*Di*N for the SSM and 2*Di*K for the conv."""
+    return 6 * c.d_inner * c.d_state + 2 * c.d_inner * c.d_conv
+
+
+def flops(c: MambaConfig) -> dict[str, Flops]:
+    step = step_flops(c)
+    return {"ssm": Flops(sympy.Integer(step), step * T)}
+
+
+def dims(c: MambaConfig) -> str:
+    return f"N={c.d_state} K={c.d_conv} d_inner={c.d_inner} dt_rank={c.dt_rank}" + (" +norms" if c.inner_norms else "")
+
+
+KIND = Kind(
+    name="mamba",
+    doc="Mamba-1 selective state-space layer (as in Mamba and Jamba).",
+    config=MambaConfig,
+    params=(
+        Param("d_state", "int", 16, min=1, doc="SSM state size N"),
+        Param("d_conv", "int", 4, min=1, doc="causal conv taps K"),
+        Param("expand", "int", 2, min=1, doc="d_inner = expand * d_model"),
+        Param("dt_rank", "int", nullable=True, min=1, doc="rank of the dt projection (default: ceil(d_model / 16))"),
+        Param("conv_bias", "bool", True),
+        Param("proj_bias", "bool", False),
+        Param("inner_norms", "bool", False, doc="Jamba's RMSNorms on dt, B and C"),
+    ),
+    is_ffn=False,
+    build=build,
+    count=count,
+    inactive=none_inactive,
+    split=split,
+    context_check=no_context_limit,
+    cache=cache,
+    workspace=workspace,
+    stored=stored,
+    flops=flops,
+    dims=dims,
+)

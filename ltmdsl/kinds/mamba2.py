@@ -1,0 +1,159 @@
+"""Mamba-2 state-space duality layer (Dao & Gu 2024): its IR config and every pure facet.
+
+Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
+    conv  b * (Di + 2GN)/t * taps * s_bytes      SSM  b * Hs/t * P * N * s_bytes
+  taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention.
+Prefill workspace for a chunk of Cc = min(C, T) tokens:
+    a * b * Cc/c * (4 Di + 4GN + Hs)/t + 4 * b * Hs/t * P * N * ceil(Cc/chunk_ssd)
+  (zxbcdt, conv output, y; the fp32 chunk states of the SSD scan)
+Training activations (`mamba_split_conv1d_scan_combined`), per micro-batch:
+    replicated  norm input and in_proj input 2a*sbh
+    split       zxbcdt a*sb*(2Di + 2GN + Hs); scan output a*sb*Di; conv output a*sb*(Di + 2GN), fp32 dt
+                4*sb*Hs and the gated-norm output a*sb*Di, the last three recomputed under selective
+                recompute (the fused kernel saves only zxbcdt, the scan output and rstd). SSD chunk
+                states are recomputed in the backward pass: no O(T/C) term.
+FLOPs: a recurrent step costs 6*Hs*P*N + 2*conv_dim*K; prefill runs SSD in chunks of L = min(chunk, T):
+per token 2L*G*N (C.B^T) + 2L*Hs*P (masked mixing) + 4*Hs*P*N (chunk states, read-out) + the conv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from ltmdsl.ir import LayerConfig
+from ltmdsl.kinds.base import (
+    CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, divide, no_context_limit,
+    none_inactive,
+)
+from ltmdsl.memory.symbols import B, C, T, per_replica
+
+R = sympy.Rational
+
+
+@dataclass(frozen=True)
+class Mamba2Config(LayerConfig):
+    """Mamba-2 SSD layer (Dao & Gu 2024), as in state-spaces/mamba's Mamba2.
+
+    in_proj: d -> 2*d_inner + 2*G*N + heads (z, x, B, C, dt); depthwise conv over x, B, C;
+    heads = d_inner / P; gated RMSNorm over d_inner (grouped by `n_groups`); out_proj: d_inner -> d.
+    """
+
+    d_state: int  # N
+    head_dim: int  # P
+    heads: int
+    n_groups: int
+    expand: int
+    d_inner: int
+    d_conv: int
+    chunk: int  # C
+    conv_bias: bool
+    proj_bias: bool
+    kind: str = field(default="mamba2", init=False)
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels that pass through the causal conv: x, B and C."""
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+
+def build(v: dict[str, Any], ctx: ModelContext) -> Mamba2Config:
+    if v["heads"] is not None:  # Nemotron-H style: heads * head_dim need not be a multiple of d_model
+        heads, d_inner = v["heads"], v["heads"] * v["head_dim"]
+    else:
+        d_inner = v["expand"] * ctx.d_model
+        heads = divide(d_inner, v["head_dim"], f"the inner width expand * d_model = {d_inner}", "head_dim")
+    if heads % v["n_groups"]:
+        raise CheckError(f"SSM heads ({heads} = d_inner / head_dim) must be a multiple of n_groups ({v['n_groups']})",
+                         "n_groups")
+    return Mamba2Config(
+        d_state=v["d_state"], head_dim=v["head_dim"], heads=heads, n_groups=v["n_groups"], expand=v["expand"],
+        d_inner=d_inner, d_conv=v["d_conv"], chunk=v["chunk"], conv_bias=v["conv_bias"], proj_bias=v["proj_bias"],
+    )
+
+
+def count(c: Mamba2Config, d: int) -> int:
+    proj_out = 2 * c.d_inner + 2 * c.n_groups * c.d_state + c.heads
+    in_proj = d * proj_out + (proj_out if c.proj_bias else 0)
+    conv = c.conv_dim * c.d_conv + (c.conv_dim if c.conv_bias else 0)
+    out_proj = c.d_inner * d + (d if c.proj_bias else 0)
+    return in_proj + conv + 3 * c.heads + c.d_inner + out_proj
+
+
+def split(c: Mamba2Config, d: int) -> Split:
+    """Heads and channels split over tp as real numbers (the memory model's convention); nothing must divide."""
+    return Split()
+
+
+def cache(c: Mamba2Config, s) -> tuple[CacheTerm, ...]:
+    b = per_replica(B, s.dp)
+    sb = s.state_dtype.bytes
+    return (CacheTerm("recurrent_state", "conv", s.state_dtype,
+                      b * R(c.conv_dim, s.tp) * conv_taps(c.d_conv, s.conv_taps) * sb),
+            CacheTerm("recurrent_state", "ssm", s.state_dtype, b * R(c.heads, s.tp) * c.head_dim * c.d_state * sb))
+
+
+def workspace(c: Mamba2Config, d: int, s):
+    b = per_replica(B, s.dp)
+    tok = b * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    t = R(s.tp)
+    zxbcdt = 2 * c.d_inner + 2 * c.n_groups * c.d_state + c.heads
+    chunks = sympy.ceiling(sympy.Min(C, T) / c.chunk)
+    return s.activation_dtype.bytes * tok * (zxbcdt + c.conv_dim + c.d_inner) / t \
+        + 4 * b * c.heads / t * c.head_dim * c.d_state * chunks
+
+
+def stored(c: Mamba2Config, x, selective: bool):
+    a, tok = x.a, x.tok
+    zxbcdt = 2 * c.d_inner + 2 * c.n_groups * c.d_state + c.heads
+    out = x.base + x.split(a * tok * (zxbcdt + c.d_inner))
+    if not selective:
+        out += x.split(a * tok * (c.conv_dim + c.d_inner) + 4 * tok * c.heads)
+    return out
+
+
+def step_flops(c: Mamba2Config) -> int:
+    """One recurrent step: 6*Hs*P*N for the SSM and 2*conv_dim*K for the conv."""
+    return 6 * c.heads * c.head_dim * c.d_state + 2 * c.conv_dim * c.d_conv
+
+
+def flops(c: Mamba2Config) -> dict[str, Flops]:
+    L = sympy.Min(c.chunk, T)
+    per_tok = (2 * L * c.n_groups * c.d_state + 2 * L * c.heads * c.head_dim
+               + 4 * c.heads * c.head_dim * c.d_state + 2 * c.conv_dim * c.d_conv)
+    return {"ssm": Flops(sympy.Integer(step_flops(c)), per_tok * T)}
+
+
+def dims(c: Mamba2Config) -> str:
+    return f"N={c.d_state} P={c.head_dim} heads={c.heads} G={c.n_groups} K={c.d_conv} C={c.chunk}"
+
+
+KIND = Kind(
+    name="mamba2",
+    doc="Mamba-2 state-space duality (SSD) layer.",
+    config=Mamba2Config,
+    params=(
+        Param("d_state", "int", 128, min=1, doc="SSM state size N"),
+        Param("head_dim", "int", 64, min=1, doc="SSM head dim P"),
+        Param("heads", "int", nullable=True, min=1, doc="SSM heads (default: expand * d_model / head_dim)"),
+        Param("n_groups", "int", 1, min=1, doc="groups sharing B and C"),
+        Param("expand", "int", 2, min=1, doc="d_inner = expand * d_model, unless heads is given"),
+        Param("d_conv", "int", 4, min=1, doc="causal conv taps K"),
+        Param("chunk", "int", 256, min=1, doc="SSD chunk length C"),
+        Param("conv_bias", "bool", True),
+        Param("proj_bias", "bool", False),
+    ),
+    is_ffn=False,
+    build=build,
+    count=count,
+    inactive=none_inactive,
+    split=split,
+    context_check=no_context_limit,
+    cache=cache,
+    workspace=workspace,
+    stored=stored,
+    flops=flops,
+    dims=dims,
+)

@@ -1,0 +1,97 @@
+"""Dense feed-forward network (gated SwiGLU/GeGLU or plain GELU/ReLU^2/ReLU): its IR config and pure facets.
+
+It keeps nothing between decode steps (no cache), and its FLOPs are all projections (2 per parameter per
+token, counted by the compute model for every kind), so `cache` and `flops` are explicitly empty.
+Prefill workspace for a chunk of Cc = min(C, T) tokens: a * b * Cc/c * F * (3 if gated else 2)/t
+  (gate, up, product | up, activation).
+Training activations (Korthikanti et al. 2022), per micro-batch:
+    replicated  norm input and MLP input 2a*sbh, dropout mask sbh (dropout only)
+    split       gated: gate, up, product 3a*sb*F; otherwise up, activation 2a*sb*F
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from ltmdsl.ir import LayerConfig
+from ltmdsl.kinds.base import (
+    ACTIVATIONS, GATED, Flops, Kind, ModelContext, Param, Split, ffn_width, no_cache, no_context_limit,
+    none_inactive,
+)
+from ltmdsl.memory.symbols import B, C, T, per_replica
+
+R = sympy.Rational
+
+
+@dataclass(frozen=True)
+class MLPConfig(LayerConfig):
+    """Dense feed-forward network. swiglu/geglu: gate, up, down; gelu/relu2/relu: up, down."""
+
+    d_ff: int
+    activation: str  # "swiglu" | "geglu" | "gelu" | "relu2" | "relu"
+    bias: bool
+    kind: str = field(default="mlp", init=False)
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED
+
+
+def build(v: dict[str, Any], ctx: ModelContext) -> MLPConfig:
+    return MLPConfig(d_ff=v["d_ff"], activation=v["act"], bias=v["bias"])
+
+
+def count(c: MLPConfig, d: int) -> int:
+    if c.gated:
+        return 3 * d * c.d_ff + ((2 * c.d_ff + d) if c.bias else 0)
+    return 2 * d * c.d_ff + ((c.d_ff + d) if c.bias else 0)
+
+
+def split(c: MLPConfig, d: int) -> Split:
+    """d_ff splits over tp as a real number (the memory model's convention); nothing must divide."""
+    return Split()
+
+
+def workspace(c: MLPConfig, d: int, s):
+    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    return s.activation_dtype.bytes * tok * ffn_width(c.activation, c.d_ff) / R(s.tp)
+
+
+def stored(c: MLPConfig, x, selective: bool):
+    out = x.base + x.split(x.a * x.tok * ffn_width(c.activation, c.d_ff))
+    return out + (x.rep(x.tok * x.h) if x.dropout else 0)
+
+
+def flops(c: MLPConfig) -> dict[str, Flops]:
+    """Nothing beyond its projections."""
+    return {}
+
+
+def dims(c: MLPConfig) -> str:
+    return f"d_ff={c.d_ff} {c.activation}"
+
+
+KIND = Kind(
+    name="mlp",
+    doc="Dense feed-forward network.",
+    config=MLPConfig,
+    params=(
+        Param("d_ff", "int", required=True, min=1, doc="hidden width"),
+        Param("act", "enum", "swiglu", choices=ACTIVATIONS),
+        Param("bias", "bool", False),
+    ),
+    is_ffn=True,
+    build=build,
+    count=count,
+    inactive=none_inactive,
+    split=split,
+    context_check=no_context_limit,
+    cache=no_cache,
+    workspace=workspace,
+    stored=stored,
+    flops=flops,
+    dims=dims,
+)
