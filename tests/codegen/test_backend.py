@@ -45,3 +45,49 @@ def test_tiny_hybrid_logits_match_torch_backend_prefill_and_decode():
         for t in (17, 18):  # decode past the 16-slot ring of the window layer
             assert_close(fast(ids[:, t:t + 1], c_fast), ref(ids[:, t:t + 1], c_ref), 1e-4, f"decode logits {t}")
     assert sum(ops.FALLBACKS.values()) == before  # every op ran on a generated kernel
+
+
+def test_triton_bundle_overrides_only_the_ops_it_has_kernels_for():
+    from ltmdsl.runtime.kernels import TORCH_KERNELS
+
+    from ltmdsl.codegen.backend import triton_ops
+
+    k = triton_kernels()
+    assert k.names() == TORCH_KERNELS.names()
+    for op in k.names():
+        if op in triton_ops():
+            assert k.provider(op) == "triton" and k[op] is triton_ops()[op]
+        else:
+            assert k.provider(op) == "torch" and k[op] is TORCH_KERNELS[op]
+    assert set(triton_ops()) <= TORCH_KERNELS.names()
+
+
+def test_a_kind_without_a_triton_kernel_runs_its_reference_op(monkeypatch):
+    """Registering a runtime kind that declares a new op needs no codegen edit: the triton bundle carries
+    the kind's PyTorch op, and the kernel specs skip the kind."""
+    from ltmdsl.codegen.kernelspec import specs_for_layer
+    from ltmdsl.runtime import kinds
+    from ltmdsl.runtime.kinds.mlp import KIND as MLP_KIND
+
+    def new_op(x):
+        return x
+
+    newcomer = kinds.RuntimeKind(name="newcomer", module=MLP_KIND.module, build=MLP_KIND.build, new_cache=None,
+                                 ops={"newcomer_scan": new_op}, oracles={}, state_names=MLP_KIND.state_names)
+    monkeypatch.setattr(kinds, "RUNTIME_REGISTRY", {**kinds.RUNTIME_REGISTRY, "newcomer": newcomer})
+    k = triton_kernels()
+    assert k.newcomer_scan is new_op and k.provider("newcomer_scan") == "torch"
+    assert k.provider("attention") == "triton"
+
+    class Layer:  # a sub-layer of the new kind, as specs_for_layer reads it
+        kind, mixer, d_model = "newcomer", None, 64
+        norm = ltmdsl.load(TINY).model.layers[0].norm
+
+    assert [s.family for s in specs_for_layer(Layer(), "fp32", upcast=True)] == ["rmsnorm"]
+
+
+def test_kernel_spec_table_is_keyed_by_registered_kinds():
+    from ltmdsl.codegen.kernelspec import KIND_SPECS
+    from ltmdsl.layers import REGISTRY
+
+    assert set(KIND_SPECS) <= set(REGISTRY)
