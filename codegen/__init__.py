@@ -1,7 +1,8 @@
 """ltmdsl.codegen: Triton kernels generated from Jinja templates for each layer configuration of a spec.
 
-    IR (ltmdsl/ir.py) -> KernelSpec (kernelspec.py, validated) -> Jinja2 template (templates/*.jinja,
-    render.py) -> source with a header -> lint (lint.py) -> key, atomic file, import, memo (cache.py)
+    IR (ltmdsl/ir.py) -> KernelSpec (kernelspec.py, validated; `KIND_SPECS` by layer kind name)
+    -> Jinja2 template (templates/*.jinja, render.py) -> source with a header -> lint (lint.py)
+    -> key, atomic file, import, memo (cache.py)
     -> host wrappers with the Kernel interface (ops.py) -> `triton_kernels(model)` (backend.py)
 
 Kernel families, one template each: attention (prefill / chunked prefill, GQA-packed, causal, sliding

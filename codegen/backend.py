@@ -9,6 +9,10 @@ and not in the middle of a forward pass. The returned callables (codegen/ops.py)
 of docs/CONTRACTS.md; a call with a configuration not seen at build time (another dtype, say) compiles
 its kernels on first use through the same memoised cache.
 
+The bundle is the PyTorch reference (every op the runtime kinds declare) with the ops that have generated
+kernels overridden (`triton_ops`); an op without one, such as a new kind's, runs its PyTorch reference on
+this back end, and `Kernels.provider(op)` says which.
+
 `compile_model` returns the compiled modules for inspection (`ltmdsl compile`, `ltmdsl emit`).
 """
 
@@ -29,27 +33,32 @@ def compile_model(model, dtype: str | None = None, upcast: bool | None = None) -
     return [compile_spec(spec) for spec in model_specs(model, dtype, upcast)]
 
 
+def triton_ops() -> dict:
+    """The kernel ops that have generated Triton kernels: op name -> host wrapper (codegen/ops.py)."""
+    return {
+        "attention": ops.attention,
+        "attention_decode": ops.attention_decode,
+        "causal_conv1d": ops.causal_conv1d,
+        "conv_step": ops.conv_step,
+        "selective_scan": ops.selective_scan,
+        "selective_step": ops.selective_step,
+        "ssd_scan": ops.ssd_scan,
+        "ssd_step": ops.ssd_step,
+        "add_rmsnorm": ops.add_rmsnorm,
+    }
+
+
 def triton_kernels(model=None, dtypes: tuple[str, ...] | None = None):
-    """A `ltmdsl.runtime.kernels.Kernels` whose ops run on kernels generated for `model`'s layer configs.
+    """A `ltmdsl.runtime.kernels.Kernels` named "triton": the reference bundle with `triton_ops` overriding
+    the ops they cover, on kernels generated for `model`'s layer configs.
 
     `dtypes` lists the activation dtypes to compile ahead of time (default: the model's dtype, when
     Triton has kernels for it, else fp32). Backward passes recompute the PyTorch reference under
     autograd (see codegen/ops.py); dtypes without kernels (fp64) run the reference op.
     """
-    from ltmdsl.runtime.kernels import Kernels
+    from ltmdsl.runtime.kernels import reference_kernels
 
     if model is not None:
         for dtype in dtypes or (None,):
             compile_model(model, dtype)
-    return Kernels(
-        name="triton",
-        attention=ops.attention,
-        attention_decode=ops.attention_decode,
-        causal_conv1d=ops.causal_conv1d,
-        conv_step=ops.conv_step,
-        selective_scan=ops.selective_scan,
-        selective_step=ops.selective_step,
-        ssd_scan=ops.ssd_scan,
-        ssd_step=ops.ssd_step,
-        add_rmsnorm=ops.add_rmsnorm,
-    )
+    return reference_kernels().override("triton", triton_ops())

@@ -10,7 +10,8 @@ Three levels of specialisation (REFERENCE.md section 5):
   * `tl.constexpr` arguments carry block sizes and head dims (rendered into the module's META dict);
   * run-time arguments carry lengths, strides, pointers, the window length, scales and eps.
 
-`specs_for_layer` / `specs_for_model` map the IR (ltmdsl/ir.py) to the specs a model needs.
+`specs_for_layer` / `specs_for_model` map the IR (ltmdsl/ir.py) to the specs a model needs, through
+`KIND_SPECS` (kind name -> that kind's specs); kinds without kernels are simply not listed.
 """
 
 from __future__ import annotations
@@ -266,24 +267,48 @@ def rmsnorm_spec(*, d: int, residual: bool, dtype: str, upcast: bool | None = No
                            num_warps=min(16, max(1, block // 256)), num_stages=1)
 
 
+def _attention_specs(m, dtype: str, upcast: bool | None) -> list[KernelSpec]:
+    """Attention (ltmdsl.ir AttentionConfig): prefill over the GQA group, and decode."""
+    g = m.heads // m.kv_heads
+    return [attention_spec(group=g, head_dim=m.head_dim, v_head_dim=m.v_head_dim, causal=m.causal,
+                           window=m.window is not None, dtype=dtype, upcast=upcast),
+            attention_decode_spec(group=g, head_dim=m.head_dim, v_head_dim=m.v_head_dim, dtype=dtype,
+                                  upcast=upcast)]
+
+
+def _mamba_specs(m, dtype: str, upcast: bool | None) -> list[KernelSpec]:
+    """Mamba-1: the causal conv (and its step) and the selective scan (and its step)."""
+    return [conv_spec(taps=m.d_conv, bias=m.conv_bias, silu=True, dtype=dtype, upcast=upcast),
+            selective_scan_spec(d_state=m.d_state, dtype=dtype, upcast=upcast)]
+
+
+def _mamba2_specs(m, dtype: str, upcast: bool | None) -> list[KernelSpec]:
+    """Mamba-2: the causal conv (and its step) and the chunked SSD scan (and its step)."""
+    return [conv_spec(taps=m.d_conv, bias=m.conv_bias, silu=True, dtype=dtype, upcast=upcast),
+            ssd_spec(head_dim=m.head_dim, d_state=m.d_state, chunk=m.chunk, dtype=dtype, upcast=upcast)]
+
+
+#: Layer kind name (the registry key, `SubLayer.kind`) -> the kernel specs a mixer of that kind runs on.
+#: A kind that is not listed has no generated kernels: its ops run their PyTorch reference on the triton
+#: back end (ltmdsl.codegen.backend), so a new kind needs no entry here until it gets a kernel.
+KIND_SPECS = {
+    "attention": _attention_specs,
+    "mamba": _mamba_specs,
+    "mamba2": _mamba2_specs,
+}
+
+#: Norm kinds with a generated kernel (the add_rmsnorm op); others run their PyTorch op.
+NORM_KERNELS = frozenset({"rmsnorm"})
+
+
 def specs_for_layer(layer, dtype: str, upcast: bool | None = None) -> list[KernelSpec]:
     """The kernel modules one sub-layer (ltmdsl.ir.SubLayer) runs on, its pre-norm included."""
-    m = layer.mixer
     out: list[KernelSpec] = []
-    if layer.norm.kind == "rmsnorm":
+    if layer.norm.kind in NORM_KERNELS:
         out.append(rmsnorm_spec(d=_d_model_of(layer), residual=True, dtype=dtype, upcast=upcast))
-    if m.kind == "attention":
-        g = m.heads // m.kv_heads
-        out.append(attention_spec(group=g, head_dim=m.head_dim, v_head_dim=m.v_head_dim, causal=m.causal,
-                                  window=m.window is not None, dtype=dtype, upcast=upcast))
-        out.append(attention_decode_spec(group=g, head_dim=m.head_dim, v_head_dim=m.v_head_dim, dtype=dtype,
-                                         upcast=upcast))
-    elif m.kind == "mamba":
-        out.append(conv_spec(taps=m.d_conv, bias=m.conv_bias, silu=True, dtype=dtype, upcast=upcast))
-        out.append(selective_scan_spec(d_state=m.d_state, dtype=dtype, upcast=upcast))
-    elif m.kind == "mamba2":
-        out.append(conv_spec(taps=m.d_conv, bias=m.conv_bias, silu=True, dtype=dtype, upcast=upcast))
-        out.append(ssd_spec(head_dim=m.head_dim, d_state=m.d_state, chunk=m.chunk, dtype=dtype, upcast=upcast))
+    kind_specs = KIND_SPECS.get(layer.kind)
+    if kind_specs is not None:
+        out.extend(kind_specs(layer.mixer, dtype, upcast))
     return out
 
 
@@ -319,8 +344,8 @@ def specs_for_model(model, dtype: str | None = None, upcast: bool | None = None)
     for layer in model.layers:
         for spec in specs_for_layer(_Sized(layer, model.d_model), dtype, upcast):
             seen.setdefault(spec, None)
-    if any(layer.norm.kind == "rmsnorm" for layer in model.layers[:1]):  # the first norm has no residual yet
+    if any(layer.norm.kind in NORM_KERNELS for layer in model.layers[:1]):  # the first norm has no residual yet
         seen.setdefault(rmsnorm_spec(d=model.d_model, residual=False, dtype=dtype, upcast=upcast), None)
-    if model.final_norm.kind == "rmsnorm":
+    if model.final_norm.kind in NORM_KERNELS:
         seen.setdefault(rmsnorm_spec(d=model.d_model, residual=True, dtype=dtype, upcast=upcast), None)
     return list(seen)

@@ -1,102 +1,106 @@
 """Inference caches: what a model keeps between calls, allocated once up front.
 
-One entry per sub-layer of the stack (tied sub-layers share weights, never caches):
-- global attention: `KVCache` with S = max_context slots, written at positions [0, S).
-- sliding-window attention: `KVCache` as a ring buffer of S = min(max_context, W) slots; position p lives in
-  slot p % S, so memory stays flat however many tokens stream through.
-- Mamba-1 / Mamba-2: `SSMState` with the conv taps ([B, C, K] for conv_taps="full" as in state-spaces/mamba,
-  [B, C, K-1] for "minus_one" as in vLLM) and the SSM state ([B, Di, N] or [B, Hs, P, N]).
-- MLP / MoE: nothing.
+The model's cache is the list of its sub-layers' caches, one entry per sub-layer of the stack (tied
+sub-layers share weights, never caches). Each runtime kind (runtime/kinds/<kind>.py) allocates its own
+entry, a `LayerCache` that lists its tensors and names the memory-model component its bytes belong to
+("kv_cache" or "recurrent_state"); a kind that keeps nothing between calls (MLP, MoE) declares so and
+its entry is None. This module knows no concrete kind: it only sums, zeroes and copies what the entries
+report.
 
 `Cache.nbytes()` is exactly `ltmdsl.memory.cache_bytes(...)` kv_cache + recurrent_state (docs/CONTRACTS.md),
-because both follow the same formulas. The cache advances in place: `seen` counts the tokens consumed.
+because each kind's allocation and its memory facet follow the same formulas. The cache advances in
+place: `seen` counts the tokens consumed.
 """
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ltmdsl.ir import ModelIR
-from ltmdsl.kinds.attention import AttentionConfig
-from ltmdsl.kinds.mamba import MambaConfig
-from ltmdsl.kinds.mamba2 import Mamba2Config
 
 CONV_TAPS = ("full", "minus_one")
+#: The memory model's names for cache bytes (ltmdsl.memory.cache_bytes keys), in its order.
+COMPONENTS = ("kv_cache", "recurrent_state")
 
 
-@dataclass
-class KVCache:
-    """Keys and values of one attention sub-layer: k [B, S, Hkv, D], v [B, S, Hkv, Dv].
+@dataclass(frozen=True)
+class CacheRequest:
+    """What a kind needs to size its cache: batch B, max_context tokens, the two cache dtypes (KV and
+    recurrent state), the conv-tap layout ("full": K taps as state-spaces/mamba, "minus_one": K-1 as
+    vLLM) and the device."""
 
-    `window` None: slot = position (global attention, S = max_context). Otherwise a ring: slot = position % S.
-    """
+    batch_size: int
+    max_context: int
+    kv_dtype: torch.dtype
+    state_dtype: torch.dtype
+    conv_taps: str
+    device: torch.device | str
 
-    k: torch.Tensor
-    v: torch.Tensor
-    window: int | None
 
-    @property
-    def slots(self) -> int:
-        return self.k.shape[1]
+class LayerCache(abc.ABC):
+    """One sub-layer's cache. Subclasses are dataclasses whose tensor fields `tensors()` lists; the
+    class attribute `component` names the memory-model component their bytes count towards."""
 
+    component: ClassVar[str]
+
+    @abc.abstractmethod
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.k, self.v)
+        """Every tensor this entry holds."""
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
-@dataclass
-class SSMState:
-    """Conv taps conv [B, C, K or K-1] and the SSM state ssm [B, Di, N] (Mamba-1) or [B, Hs, P, N] (Mamba-2)."""
+    def zero_(self) -> None:
+        for t in self.tensors():
+            t.zero_()
 
-    conv: torch.Tensor
-    ssm: torch.Tensor
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.conv, self.ssm)
+    def clone(self) -> "LayerCache":
+        """A deep copy: every tensor field cloned, the other fields shared (they are immutable)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(
+            self, **{k: v.clone() for k, v in fields.items() if isinstance(v, torch.Tensor)}
+        )
 
 
 class Cache:
-    """Per-sub-layer cache entries plus the number of tokens already consumed (`seen`)."""
+    """Per-sub-layer cache entries (a `LayerCache` or None) plus the number of tokens consumed (`seen`)."""
 
-    def __init__(self, entries: list, batch_size: int, max_context: int):
-        self.layers = entries  # one KVCache | SSMState | None per sub-layer
+    def __init__(self, entries: list[LayerCache | None], batch_size: int, max_context: int):
+        for e in entries:
+            if e is not None and getattr(e, "component", None) not in COMPONENTS:
+                raise ValueError(f"{type(e).__name__}.component must be one of {COMPONENTS}")
+        self.layers = entries
         self.batch_size = batch_size
         self.max_context = max_context
         self.seen = 0
 
     def nbytes(self) -> int:
         """Bytes held by every cache tensor."""
-        return sum(t.numel() * t.element_size() for e in self.layers if e is not None for t in e.tensors())
+        return sum(e.nbytes() for e in self.layers if e is not None)
 
     def breakdown(self) -> dict[str, int]:
         """Bytes as the memory model names them: {"kv_cache": ..., "recurrent_state": ...}."""
-        out = {"kv_cache": 0, "recurrent_state": 0}
+        out = dict.fromkeys(COMPONENTS, 0)
         for e in self.layers:
             if e is not None:
-                key = "kv_cache" if isinstance(e, KVCache) else "recurrent_state"
-                out[key] += sum(t.numel() * t.element_size() for t in e.tensors())
+                out[e.component] += e.nbytes()
         return out
 
     def reset(self) -> None:
         """Forget every token: zero the tensors and the position counter."""
         for e in self.layers:
             if e is not None:
-                for t in e.tensors():
-                    t.zero_()
+                e.zero_()
         self.seen = 0
 
     def clone(self) -> "Cache":
         """A deep copy (used to branch a prefix, and by the tests)."""
-        entries = []
-        for e in self.layers:
-            if isinstance(e, KVCache):
-                entries.append(KVCache(e.k.clone(), e.v.clone(), e.window))
-            elif isinstance(e, SSMState):
-                entries.append(SSMState(e.conv.clone(), e.ssm.clone()))
-            else:
-                entries.append(None)
-        out = Cache(entries, self.batch_size, self.max_context)
+        out = Cache([None if e is None else e.clone() for e in self.layers], self.batch_size, self.max_context)
         out.seen = self.seen
         return out
 
@@ -114,29 +118,17 @@ def allocate(
     conv_taps: str = "full",
     device: torch.device | str = "cpu",
 ) -> Cache:
-    """Allocate a zeroed cache for `batch_size` sequences of at most `max_context` tokens."""
+    """Allocate a zeroed cache for `batch_size` sequences of at most `max_context` tokens: each sub-layer's
+    entry comes from its runtime kind (`new_cache`), None for kinds that keep no state."""
+    from ltmdsl.runtime.kinds import runtime_kind
+
     if conv_taps not in CONV_TAPS:
         raise ValueError(f"conv_taps must be one of {CONV_TAPS}, not {conv_taps!r}")
     if batch_size < 1 or max_context < 1:
         raise ValueError("batch_size and max_context must be positive")
-    B = batch_size
-    entries: list = []
+    request = CacheRequest(batch_size, max_context, kv_dtype, state_dtype, conv_taps, device)
+    entries: list[LayerCache | None] = []
     for layer in model.layers:
-        m = layer.mixer
-        if isinstance(m, AttentionConfig):
-            S = max_context if m.window is None else min(max_context, m.window)
-            k = torch.zeros(B, S, m.kv_heads, m.head_dim, dtype=kv_dtype, device=device)
-            v = torch.zeros(B, S, m.kv_heads, m.v_head_dim, dtype=kv_dtype, device=device)
-            entries.append(KVCache(k, v, m.window))
-        elif isinstance(m, (MambaConfig, Mamba2Config)):
-            taps = m.d_conv if conv_taps == "full" else m.d_conv - 1
-            if isinstance(m, MambaConfig):
-                conv = torch.zeros(B, m.d_inner, taps, dtype=state_dtype, device=device)
-                ssm = torch.zeros(B, m.d_inner, m.d_state, dtype=state_dtype, device=device)
-            else:
-                conv = torch.zeros(B, m.conv_dim, taps, dtype=state_dtype, device=device)
-                ssm = torch.zeros(B, m.heads, m.head_dim, m.d_state, dtype=state_dtype, device=device)
-            entries.append(SSMState(conv, ssm))
-        else:
-            entries.append(None)
+        new_cache = runtime_kind(layer.kind).new_cache
+        entries.append(None if new_cache is None else new_cache(layer.mixer, request))
     return Cache(entries, batch_size, max_context)

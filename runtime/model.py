@@ -8,6 +8,7 @@
 call continues at position `cache.seen` and advances it; a one-token call uses each mixer's `step`.
 `output="last"` computes logits for the last position only and `output="hidden"` skips the head, so long
 streams never materialise [B, T, V]. Modules hold no global state: the kernels arrive at construction.
+Each mixer comes from the runtime registry (runtime/kinds), so this module names no concrete kind.
 """
 
 from __future__ import annotations
@@ -16,37 +17,19 @@ import torch
 from torch import nn
 
 from ltmdsl.ir import ModelIR, SubLayer
-from ltmdsl.kinds.attention import AttentionConfig
-from ltmdsl.kinds.mamba import MambaConfig
-from ltmdsl.kinds.mamba2 import Mamba2Config
-from ltmdsl.kinds.mlp import MLPConfig
-from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.attention import Attention
 from ltmdsl.runtime.cache import Cache, allocate
-from ltmdsl.runtime.ffn import MLP, MoE
 from ltmdsl.runtime.kernels import Kernels
-from ltmdsl.runtime.mamba import Mamba
-from ltmdsl.runtime.mamba2 import Mamba2
+from ltmdsl.runtime.kinds import runtime_kind
 from ltmdsl.runtime.norm import Norm
 
 OUTPUTS = ("logits", "last", "hidden")
 
 
 def build_mixer(layer: SubLayer, d: int, kernels: Kernels) -> nn.Module:
-    """The module for one sub-layer's mixer config (the registry keyed by `layer.kind`)."""
-    m, eps = layer.mixer, layer.norm.eps
-    if isinstance(m, AttentionConfig):
-        return Attention(m, d, eps, kernels)
-    if isinstance(m, MambaConfig):
-        return Mamba(m, d, eps, kernels)
-    if isinstance(m, Mamba2Config):
-        return Mamba2(m, d, eps, kernels)
-    if isinstance(m, MLPConfig):
-        return MLP(m, d)
-    if isinstance(m, MoEConfig):
-        return MoE(m, d)
-    raise TypeError(f"no runtime module for mixer kind {layer.kind!r}")
+    """The module for one sub-layer's mixer config, from the runtime registry entry of `layer.kind`
+    (NoRuntimeModule, naming the kind, when it has none)."""
+    return runtime_kind(layer.kind).build(layer.mixer, d, layer.norm.eps, kernels)
 
 
 class Block(nn.Module):
@@ -125,7 +108,8 @@ class LTModel(nn.Module):
         conv_taps: str = "full",
         state_dtype: torch.dtype | None = None,
     ) -> Cache:
-        """A zeroed cache: KV for attention (ring buffers for windows), conv taps and SSM state for Mamba.
+        """A zeroed cache: one entry per sub-layer, each allocated by its kind (KV for attention, ring
+        buffers for windows, conv taps and SSM state for Mamba, nothing for MLP / MoE).
 
         `dtype` is the KV dtype and, unless `state_dtype` is given, the recurrent-state dtype; both
         default to the model's dtype. Bytes equal ltmdsl.memory.cache_bytes(...) for the same arguments.

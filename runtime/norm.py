@@ -1,30 +1,44 @@
 """The pre-norm of each sub-layer and the final norm: RMSNorm or LayerNorm fused with the residual add.
 
 Parameter names: `weight` [d] (and `bias` [d] for layernorm), as docs/CONTRACTS.md lists them.
+`OPS` declares the kernel op the norms call through the kernels bundle (add_rmsnorm; LayerNorm runs its
+PyTorch op directly), the way each runtime kind declares its own (runtime/kernels.py).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ltmdsl.ir import NormConfig
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.kernels import Kernels
+from ltmdsl.runtime import ops_norm
 from ltmdsl.runtime.ops_norm import add_layernorm, rmsnorm
+
+if TYPE_CHECKING:
+    from ltmdsl.runtime.kernels import Kernels
+
+#: The kernel ops the norms call through the bundle (op name -> PyTorch reference).
+OPS = {"add_rmsnorm": ops_norm.add_rmsnorm}
+#: Norm kind -> whether it has a `bias` (rmsnorm runs the add_rmsnorm op; layernorm its PyTorch op).
+HAS_BIAS = {"rmsnorm": False, "layernorm": True}
 
 
 class Norm(nn.Module):
     """residual add + norm: forward(x [..., d], residual [..., d] | None) -> (normed, summed)."""
 
-    def __init__(self, cfg: NormConfig, d: int, kernels: Kernels):
+    def __init__(self, cfg: NormConfig, d: int, kernels: "Kernels"):
         super().__init__()
+        if cfg.kind not in HAS_BIAS:
+            raise ValueError(f"no runtime norm {cfg.kind!r}; expected one of {sorted(HAS_BIAS)}")
         self.kind, self.eps, self.kernels = cfg.kind, cfg.eps, kernels
         self.weight = nn.Parameter(torch.ones(d))
-        self.bias = nn.Parameter(torch.zeros(d)) if cfg.kind == "layernorm" else None
+        self.bias = nn.Parameter(torch.zeros(d)) if HAS_BIAS[cfg.kind] else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if self.kind == "rmsnorm":
+        if self.bias is None:  # rmsnorm (HAS_BIAS)
             return self.kernels.add_rmsnorm(x, residual, self.weight, eps=self.eps)
         return add_layernorm(x, residual, self.weight, self.bias, eps=self.eps)
 

@@ -15,11 +15,12 @@ from helpers import assert_close, rel_err
 from rt_irs import attention, mamba, mamba2, mlp, moe
 
 from ltmdsl.ir import RopeScaling
-from ltmdsl.runtime.attention import Attention
-from ltmdsl.runtime.ffn import MLP, MoE
 from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
-from ltmdsl.runtime.mamba import Mamba
-from ltmdsl.runtime.mamba2 import Mamba2
+from ltmdsl.runtime.kinds.attention import Attention
+from ltmdsl.runtime.kinds.mamba import Mamba
+from ltmdsl.runtime.kinds.mamba2 import Mamba2
+from ltmdsl.runtime.kinds.mlp import MLP
+from ltmdsl.runtime.kinds.moe import MoE
 
 transformers = pytest.importorskip("transformers")
 F64 = torch.float64
@@ -211,7 +212,7 @@ def test_partial_rope_attention_matches_bamba_with_cache(rope_dim, scaling, kern
     over 40 tokens, HF_TOL: the whole sequence at once, then a 17-token prefill + a 9-token chunk + 14 one-token
     decode steps through our KV cache, which must give the same outputs (and ours without the cache to 1e-12).
     The rope_dim matters far beyond the tolerance (the whole-head rotation differs)."""
-    from ltmdsl.runtime.cache import KVCache
+    from ltmdsl.runtime.kinds.attention import KVCache
 
     cfg = attention(heads=4, kv_heads=2, head_dim=12, rope_theta=100.0, rope_scaling=scaling, rope_dim=rope_dim,
                     qkv_bias=True, out_bias=True)

@@ -20,7 +20,8 @@ from helpers import assert_close
 
 import ltmdsl
 from ltmdsl.runtime.build import build
-from ltmdsl.runtime.cache import KVCache, SSMState
+from ltmdsl.runtime.kinds.attention import KVCache
+from ltmdsl.runtime.kinds.mamba import ConvSSMState
 
 FP32_TOL = 1e-4
 
@@ -178,9 +179,9 @@ def test_window_cache_is_a_ring_of_w_slots():
     kv = [e for e in cache.layers if isinstance(e, KVCache)]
     assert sorted(e.slots for e in kv) == [16, 4096]
     assert m.new_cache(2, 8).layers[4].slots == 8  # min(max_context, W)
-    ssm = [e for e in cache.layers if isinstance(e, SSMState)]
+    ssm = [e for e in cache.layers if isinstance(e, ConvSSMState)]
     assert [e.conv.shape[-1] for e in ssm] == [4, 4]
-    assert [e.conv.shape[-1] for e in m.new_cache(2, 8, conv_taps="minus_one").layers if isinstance(e, SSMState)] == [3, 3]
+    assert [e.conv.shape[-1] for e in m.new_cache(2, 8, conv_taps="minus_one").layers if isinstance(e, ConvSSMState)] == [3, 3]
 
 
 def test_global_cache_overflow_raises():

@@ -17,7 +17,7 @@ from helpers import assert_close
 from ltmdsl.ir import RopeScaling
 from ltmdsl.runtime import ops_attention as att
 from ltmdsl.runtime import ops_conv, ops_scan, ops_ssd
-from ltmdsl.runtime.kernels import TORCH_KERNELS, Kernels
+from ltmdsl.runtime.kernels import TORCH_KERNELS, Kernels, UnknownOpError
 
 F64 = torch.float64
 
@@ -33,9 +33,30 @@ def randn(*shape, g, dtype=F64):
 def test_kernels_is_frozen_and_complete():
     names = {"attention", "attention_decode", "causal_conv1d", "conv_step", "selective_scan", "selective_step",
              "ssd_scan", "ssd_step", "add_rmsnorm"}
-    assert names <= {f for f in Kernels.__dataclass_fields__}
+    assert names <= TORCH_KERNELS.names()
     with pytest.raises(Exception):
         TORCH_KERNELS.attention = None  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        TORCH_KERNELS.ops["attention"] = None  # type: ignore[index]
+
+
+def test_unknown_op_is_a_loud_error():
+    with pytest.raises(AttributeError, match="no runtime kind declares the kernel op 'gated_delta_rule'"):
+        TORCH_KERNELS.gated_delta_rule
+    with pytest.raises(UnknownOpError, match="'gated_delta_rule'"):
+        TORCH_KERNELS["gated_delta_rule"]
+    with pytest.raises(UnknownOpError, match="cannot override"):
+        TORCH_KERNELS.override("fast", {"gated_delta_rule": lambda x: x})
+
+
+def test_override_replaces_only_the_named_ops():
+    fast = TORCH_KERNELS.override("fast", {"conv_step": ops_scan.selective_step})
+    assert fast.name == "fast" and fast.names() == TORCH_KERNELS.names()
+    assert fast.conv_step is ops_scan.selective_step and fast.provider("conv_step") == "fast"
+    assert fast.attention is TORCH_KERNELS.attention and fast.provider("attention") == "torch"
+    assert TORCH_KERNELS.conv_step is ops_conv.conv_step  # the reference bundle is unchanged
+    with pytest.raises(TypeError, match="not callable"):
+        Kernels("bad", {"attention": 3})
 
 
 # ---- attention ------------------------------------------------------------------------------

@@ -7,11 +7,16 @@
     y = rmsnorm_grouped(y * silu(z)) * norm.weight   (group size Di / G);  out_proj(y) -> [B,T,d]
 
 With a cache the conv taps and the SSM state [B,Hs,P,N] carry over; `step` is the one-token recurrence.
+
+The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `ConvSSMState` allocation (conv taps
+[B, Di + 2GN, K or K-1], SSM state [B, Hs, P, N]; the state class and conv helpers are Mamba-1's), the
+kernel ops it calls (causal_conv1d, conv_step, ssd_scan, ssd_step) and its parameter names.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +24,37 @@ from torch import nn
 
 from ltmdsl.kinds.mamba2 import Mamba2Config
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.cache import SSMState
-from ltmdsl.runtime.kernels import Kernels
-from ltmdsl.runtime.mamba import conv_step_with_state, conv_with_state
+from ltmdsl.runtime import ops_conv, ops_ssd
+from ltmdsl.runtime.cache import CacheRequest
+from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds.mamba import ConvSSMState, conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm import gated_rmsnorm
+
+if TYPE_CHECKING:
+    from ltmdsl.runtime.kernels import Kernels
+
+
+def new_cache(cfg: Mamba2Config, req: CacheRequest) -> ConvSSMState:
+    """Zeroed conv taps [B, Di + 2GN, taps] and SSM state [B, Hs, P, N] in the state dtype."""
+    B, dt, dev = req.batch_size, req.state_dtype, req.device
+    conv = torch.zeros(B, cfg.conv_dim, conv_taps(cfg.d_conv, req), dtype=dt, device=dev)  # [B, C, taps]
+    ssm = torch.zeros(B, cfg.heads, cfg.head_dim, cfg.d_state, dtype=dt, device=dev)  # [B, Hs, P, N]
+    return ConvSSMState(conv, ssm)
+
+
+def state_names(cfg: Mamba2Config) -> tuple[str, ...]:
+    """The parameters a `Mamba2` owns (transformers' Mamba2Mixer names)."""
+    names = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"]
+    if cfg.proj_bias:
+        names += ["in_proj.bias", "out_proj.bias"]
+    if cfg.conv_bias:
+        names.append("conv1d.bias")
+    return tuple(names)
+
+
+def _ssd_scan_oracle(x, dt, A, Bm, Cm, *, chunk, state):
+    """The token-loop SSD oracle behind the chunked op's signature (the oracle has no chunk length)."""
+    return ops_ssd.ssd_scan_reference(x, dt, A, Bm, Cm, state=state)
 
 
 class GatedNormWeight(nn.Module):
@@ -34,9 +66,9 @@ class GatedNormWeight(nn.Module):
 
 
 class Mamba2(nn.Module):
-    """forward(x [B,T,d], state: SSMState | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
+    """forward(x [B,T,d], state: ConvSSMState | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
 
-    def __init__(self, cfg: Mamba2Config, d: int, eps: float, kernels: Kernels):
+    def __init__(self, cfg: Mamba2Config, d: int, eps: float, kernels: "Kernels"):
         super().__init__()
         self.cfg, self.kernels, self.eps = cfg, kernels, eps
         Di, Hs, K = cfg.d_inner, cfg.heads, cfg.d_conv
@@ -80,7 +112,7 @@ class Mamba2(nn.Module):
         y = gated_rmsnorm(y, z, self.norm.weight.to(work), group_size=cfg.d_inner // cfg.n_groups, eps=self.eps)
         return self.out_proj(y.to(x.dtype))
 
-    def forward(self, u: torch.Tensor, state: SSMState | None = None, pos0: int = 0) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, state: ConvSSMState | None = None, pos0: int = 0) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = u.shape
         G, N = cfg.n_groups, cfg.d_state
@@ -97,7 +129,7 @@ class Mamba2(nn.Module):
             state.ssm.copy_(h)
         return self._finish(y, x, z)  # [B, T, d]
 
-    def step(self, u: torch.Tensor, state: SSMState, pos0: int) -> torch.Tensor:
+    def step(self, u: torch.Tensor, state: ConvSSMState, pos0: int) -> torch.Tensor:
         """One token: u [B,d] -> [B,d], advancing the conv taps and SSM state in place."""
         cfg = self.cfg
         B = u.shape[0]
@@ -109,3 +141,15 @@ class Mamba2(nn.Module):
         dt, A = self._dt_A(dt)  # [B, Hs], [Hs]
         y = self.kernels.ssd_step(x, dt, A, Bm.reshape(B, G, N), Cm.reshape(B, G, N), state.ssm)  # [B, Hs, P]
         return self._finish(y, x, z)
+
+
+KIND = RuntimeKind(
+    name="mamba2",
+    module=Mamba2,
+    build=Mamba2,
+    new_cache=new_cache,
+    ops={"causal_conv1d": ops_conv.causal_conv1d, "conv_step": ops_conv.conv_step,
+         "ssd_scan": ops_ssd.ssd_scan, "ssd_step": ops_ssd.ssd_step},
+    oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "ssd_scan": _ssd_scan_oracle},
+    state_names=state_names,
+)

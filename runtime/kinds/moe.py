@@ -1,66 +1,31 @@
-"""Feed-forward sub-layers: the dense MLP and the sparse mixture of experts.
-
-Activations (`act`): swiglu = silu(gate) * up, geglu = gelu(gate) * up (exact erf GELU), gelu = gelu(up),
-relu2 = relu(up)^2 (Primer), relu = relu(up). MLP: down(act(gate(x), up(x))) with Llama's names.
+"""Sparse mixture-of-experts feed-forward sub-layer: a router and E stacked experts, top-k per token.
 
 MoE routing over E experts, top-k per token (ir.MoEConfig):
     softmax_topk_renorm (Mixtral): p = softmax(router(x)); keep top-k; divide by their sum
     softmax_topk        (Jamba):   p = softmax(router(x)); keep top-k as they are
     topk_softmax:                  softmax over the top-k logits (equals Mixtral's)
-Expert weights are stacked: gate_proj/up_proj [E, F, d], down_proj [E, d, F] (transformers' layout).
-Every token's k experts are computed exactly (no capacity limit, no dropped tokens).
+Expert weights are stacked: gate_proj/up_proj [E, F, d], down_proj [E, d, F] (transformers' layout); the
+activations are the MLP's (runtime/kinds/mlp.py). Every token's k experts are computed exactly (no
+capacity limit, no dropped tokens).
+
+The runtime entry `KIND` (runtime/kinds/__init__.py): the module, no cache, no kernel ops and its
+parameter names.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ltmdsl.kinds.mlp import MLPConfig
 from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.runtime import initializers as init
+from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds.mlp import GATED, activate
 
-GATED = ("swiglu", "geglu")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2", "relu")
-
-
-def activate(name: str, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
-    """The hidden activation of an FFN: gate, up [..., F] (gate None when not gated) -> [..., F]."""
-    if name == "swiglu":
-        return F.silu(gate) * up
-    if name == "geglu":
-        return F.gelu(gate) * up
-    if name == "gelu":
-        return F.gelu(up)
-    if name == "relu2":
-        return torch.relu(up).square()
-    if name == "relu":
-        return torch.relu(up)
-    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
-
-
-class MLP(nn.Module):
-    """Dense FFN: x [..., d] -> [..., d]. gate_proj only for gated activations."""
-
-    def __init__(self, cfg: MLPConfig, d: int):
-        super().__init__()
-        self.cfg = cfg
-        self.gate_proj = nn.Linear(d, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
-        self.up_proj = nn.Linear(d, cfg.d_ff, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.d_ff, d, bias=cfg.bias)
-
-    def init_weights(self, gen: torch.Generator) -> None:
-        for lin in (self.gate_proj, self.up_proj, self.down_proj):
-            if lin is not None:
-                init.linear_(lin, gen)
-
-    def forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
-        gate = self.gate_proj(x) if self.gate_proj is not None else None  # [..., F]
-        return self.down_proj(activate(self.cfg.activation, gate, self.up_proj(x)))
-
-    def step(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
-        return self.forward(x)
+if TYPE_CHECKING:
+    from ltmdsl.runtime.kernels import Kernels
 
 
 class Experts(nn.Module):
@@ -125,3 +90,25 @@ class MoE(nn.Module):
 
     def step(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
         return self.forward(x)
+
+
+def build(cfg: MoEConfig, d: int, eps: float, kernels: "Kernels") -> MoE:
+    """The uniform constructor of the registry (a MoE needs neither a norm eps nor kernels)."""
+    return MoE(cfg, d)
+
+
+def state_names(cfg: MoEConfig) -> tuple[str, ...]:
+    """The parameters a `MoE` owns: the router and the stacked experts (gate_proj only when gated)."""
+    experts = (["gate_proj"] if cfg.activation in GATED else []) + ["up_proj", "down_proj"]
+    return ("router.weight", *(f"experts.{p}" for p in experts))
+
+
+KIND = RuntimeKind(
+    name="moe",
+    module=MoE,
+    build=build,
+    new_cache=None,
+    ops={},
+    oracles={},
+    state_names=state_names,
+)

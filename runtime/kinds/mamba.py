@@ -8,11 +8,18 @@
 
 Mirrors transformers' MambaMixer and JambaMambaMixer (the slow torch path) term by term. With a cache
 the conv taps and the SSM state carry over between calls; `step` is the one-token recurrence.
+
+The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `ConvSSMState` allocation (conv taps
+[B, Di, K or K-1] as state-spaces/mamba or vLLM keep them, SSM state [B, Di, N]), the kernel ops it calls
+(causal_conv1d, conv_step, selective_scan, selective_step) and its parameter names. `ConvSSMState` and the
+conv helpers are shared with Mamba-2 (runtime/kinds/mamba2.py), which keeps the same two tensors.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +27,56 @@ from torch import nn
 
 from ltmdsl.kinds.mamba import MambaConfig
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.cache import SSMState
-from ltmdsl.runtime.kernels import Kernels
+from ltmdsl.runtime import ops_conv, ops_scan
+from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.kinds import RuntimeKind
 from ltmdsl.runtime.norm import RMSNorm
 
+if TYPE_CHECKING:
+    from ltmdsl.runtime.kernels import Kernels
 
-def conv_with_state(kernels: Kernels, x: torch.Tensor, conv: nn.Conv1d, state: SSMState | None) -> torch.Tensor:
+
+@dataclass
+class ConvSSMState(LayerCache):
+    """Conv taps conv [B, C, K or K-1] and the SSM state ssm [B, Di, N] (Mamba-1) or [B, Hs, P, N] (Mamba-2)."""
+
+    component: ClassVar[str] = "recurrent_state"
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.conv, self.ssm)
+
+
+def conv_taps(d_conv: int, req: CacheRequest) -> int:
+    """Cached conv inputs: K ("full", state-spaces/mamba) or K-1 ("minus_one", vLLM)."""
+    return d_conv if req.conv_taps == "full" else d_conv - 1
+
+
+def new_cache(cfg: MambaConfig, req: CacheRequest) -> ConvSSMState:
+    """Zeroed conv taps [B, Di, taps] and SSM state [B, Di, N] in the state dtype."""
+    B, dt, dev = req.batch_size, req.state_dtype, req.device
+    conv = torch.zeros(B, cfg.d_inner, conv_taps(cfg.d_conv, req), dtype=dt, device=dev)  # [B, Di, taps]
+    ssm = torch.zeros(B, cfg.d_inner, cfg.d_state, dtype=dt, device=dev)  # [B, Di, N]
+    return ConvSSMState(conv, ssm)
+
+
+def state_names(cfg: MambaConfig) -> tuple[str, ...]:
+    """The parameters a `Mamba` owns (transformers' MambaMixer / JambaMambaMixer names)."""
+    names = ["in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D",
+             "out_proj.weight"]
+    if cfg.proj_bias:
+        names += ["in_proj.bias", "out_proj.bias"]
+    if cfg.conv_bias:
+        names.append("conv1d.bias")
+    if cfg.inner_norms:
+        names += ["dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight"]
+    return tuple(names)
+
+
+def conv_with_state(
+    kernels: "Kernels", x: torch.Tensor, conv: nn.Conv1d, state: ConvSSMState | None
+) -> torch.Tensor:
     """silu(causal conv) of x [B,T,C], continuing from the cached taps and leaving the newest taps there."""
     K = conv.weight.shape[-1]
     prev = None
@@ -38,7 +89,9 @@ def conv_with_state(kernels: Kernels, x: torch.Tensor, conv: nn.Conv1d, state: S
     return y
 
 
-def conv_step_with_state(kernels: Kernels, x: torch.Tensor, conv: nn.Conv1d, state: SSMState) -> torch.Tensor:
+def conv_step_with_state(
+    kernels: "Kernels", x: torch.Tensor, conv: nn.Conv1d, state: ConvSSMState
+) -> torch.Tensor:
     """One token x [B,C] -> silu(conv) [B,C]; K cached taps use the in-place `conv_step` kernel, K-1 taps
     (vLLM's layout) convolve [taps ; x] and shift."""
     K = conv.weight.shape[-1]
@@ -49,9 +102,9 @@ def conv_step_with_state(kernels: Kernels, x: torch.Tensor, conv: nn.Conv1d, sta
 
 
 class Mamba(nn.Module):
-    """forward(x [B,T,d], state: SSMState | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
+    """forward(x [B,T,d], state: ConvSSMState | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
 
-    def __init__(self, cfg: MambaConfig, d: int, eps: float, kernels: Kernels):
+    def __init__(self, cfg: MambaConfig, d: int, eps: float, kernels: "Kernels"):
         super().__init__()
         self.cfg, self.kernels = cfg, kernels
         Di, N, R, K = cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
@@ -106,7 +159,7 @@ class Mamba(nn.Module):
         y = (y.to(work) + x.to(work) * self.D.to(work)) * F.silu(z.to(work))
         return self.out_proj(y.to(x.dtype))
 
-    def forward(self, u: torch.Tensor, state: SSMState | None = None, pos0: int = 0) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, state: ConvSSMState | None = None, pos0: int = 0) -> torch.Tensor:
         x, z = self.in_proj(u).chunk(2, dim=-1)  # [B, T, Di] each
         x = conv_with_state(self.kernels, x, self.conv1d, state)  # [B, T, Di]
         delta, Bm, Cm = self._ssm_inputs(x)  # [B,T,Di], [B,T,N], [B,T,N]
@@ -117,10 +170,22 @@ class Mamba(nn.Module):
             state.ssm.copy_(h)
         return self._gate_out(y, x, z)  # [B, T, d]
 
-    def step(self, u: torch.Tensor, state: SSMState, pos0: int) -> torch.Tensor:
+    def step(self, u: torch.Tensor, state: ConvSSMState, pos0: int) -> torch.Tensor:
         """One token: u [B,d] -> [B,d], advancing the conv taps and SSM state in place."""
         x, z = self.in_proj(u).chunk(2, dim=-1)  # [B, Di] each
         x = conv_step_with_state(self.kernels, x, self.conv1d, state)  # [B, Di]
         delta, Bm, Cm = self._ssm_inputs(x)  # [B, Di], [B, N], [B, N]
         y = self.kernels.selective_step(x, delta, self._A(x), Bm, Cm, state.ssm)  # [B, Di]
         return self._gate_out(y, x, z)
+
+
+KIND = RuntimeKind(
+    name="mamba",
+    module=Mamba,
+    build=Mamba,
+    new_cache=new_cache,
+    ops={"causal_conv1d": ops_conv.causal_conv1d, "conv_step": ops_conv.conv_step,
+         "selective_scan": ops_scan.selective_scan, "selective_step": ops_scan.selective_step},
+    oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "selective_scan": ops_scan.selective_scan_reference},
+    state_names=state_names,
+)

@@ -10,25 +10,78 @@ With a cache, keys and values are written where their positions say: slot p for 
 p % S of a ring buffer for a window (S = min(max_context, W)). Chunked prefill reads the cached keys back
 in time order and attends over [cached ; new]; the one-token `step` uses `attention_decode` over the slots.
 Mirrors transformers' LlamaAttention (and Qwen3Attention for qk-norm, MistralAttention for the window).
+
+The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `KVCache` allocation, the kernel ops
+it calls (attention, attention_decode; the oracle is the explicit-softmax reference) and its parameter names.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from ltmdsl.kinds.attention import AttentionConfig
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.cache import KVCache
-from ltmdsl.runtime.kernels import Kernels
+from ltmdsl.runtime import ops_attention
+from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.kinds import RuntimeKind
 from ltmdsl.runtime.norm import RMSNorm
 from ltmdsl.runtime.ops_attention import apply_rope, rope_cos_sin
+
+if TYPE_CHECKING:
+    from ltmdsl.runtime.kernels import Kernels
+
+
+@dataclass
+class KVCache(LayerCache):
+    """Keys and values of one attention sub-layer: k [B, S, Hkv, D], v [B, S, Hkv, Dv].
+
+    `window` None: slot = position (global attention, S = max_context). Otherwise a ring of
+    S = min(max_context, W) slots: position p lives in slot p % S, so memory stays flat however many
+    tokens stream through.
+    """
+
+    component: ClassVar[str] = "kv_cache"
+    k: torch.Tensor
+    v: torch.Tensor
+    window: int | None
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.k, self.v)
+
+
+def new_cache(cfg: AttentionConfig, req: CacheRequest) -> KVCache:
+    """Zeroed keys and values in the KV dtype: max_context slots, or a ring of min(max_context, W)."""
+    S = req.max_context if cfg.window is None else min(req.max_context, cfg.window)
+    B = req.batch_size
+    k = torch.zeros(B, S, cfg.kv_heads, cfg.head_dim, dtype=req.kv_dtype, device=req.device)  # [B, S, Hkv, D]
+    v = torch.zeros(B, S, cfg.kv_heads, cfg.v_head_dim, dtype=req.kv_dtype, device=req.device)  # [B, S, Hkv, Dv]
+    return KVCache(k, v, cfg.window)
+
+
+def state_names(cfg: AttentionConfig) -> tuple[str, ...]:
+    """The parameters an `Attention` owns (docs/CONTRACTS.md names), biases and qk-norms as configured."""
+    names = [f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if cfg.qkv_bias:
+        names += [f"{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
+    if cfg.out_bias:
+        names.append("o_proj.bias")
+    if cfg.qk_norm:
+        names += ["q_norm.weight", "k_norm.weight"]
+    return tuple(names)
 
 
 class Attention(nn.Module):
     """forward(x [B,T,d], state: KVCache | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
 
-    def __init__(self, cfg: AttentionConfig, d: int, eps: float, kernels: Kernels):
+    def __init__(self, cfg: AttentionConfig, d: int, eps: float, kernels: "Kernels"):
         super().__init__()
         self.cfg, self.kernels = cfg, kernels
         H, Hkv, D, Dv = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
@@ -111,3 +164,14 @@ class Attention(nn.Module):
             q[:, 0], state.k.to(q.dtype), state.v.to(v.dtype), n_valid=min(pos0 + 1, S), scale=self.scale
         )  # [B, H, Dv]
         return self.o_proj(o.reshape(B, cfg.heads * cfg.v_head_dim))
+
+
+KIND = RuntimeKind(
+    name="attention",
+    module=Attention,
+    build=Attention,
+    new_cache=new_cache,
+    ops={"attention": ops_attention.attention, "attention_decode": ops_attention.attention_decode},
+    oracles={"attention": ops_attention.attention_reference},
+    state_names=state_names,
+)

@@ -1,0 +1,68 @@
+"""The runtime registry: kind name -> `RuntimeKind`, the torch side of each layer kind.
+
+Keyed by the same names as the pure registry (ltmdsl.kinds.REGISTRY), in the same order. Each entry is
+written once, in its kind's module (runtime/kinds/<kind>.py), and says everything the runtime needs:
+
+    name         the kind name (`SubLayer.kind`)
+    module       the nn.Module class (parallel `forward(x, state, pos0)` and one-token `step(x, state, pos0)`)
+    build        (config, d_model, eps, kernels) -> module instance
+    new_cache    (config, CacheRequest) -> its per-layer LayerCache; None declares "keeps no state"
+    ops          the reference kernel ops its module calls through `kernels.<op>` ({op: callable})
+    oracles      plain oracle variants of some of those ops (REFERENCE_KERNELS), {} when none
+    state_names  (config) -> the parameter names (relative to the mixer) its module owns, exactly
+
+`LTModel`, `runtime.cache.allocate` and `runtime.kernels` only look entries up here; a kind with no entry
+is refused at build with its name. Importing this package imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+from torch import nn
+
+
+class NoRuntimeModule(LookupError):
+    """A layer kind has no runtime entry: the model cannot be built or its cache allocated."""
+
+
+@dataclass(frozen=True)
+class RuntimeKind:
+    """The torch facets of one layer kind (see the module docstring for each field)."""
+
+    name: str
+    module: type[nn.Module]
+    build: Callable[..., nn.Module]
+    new_cache: Callable | None
+    ops: Mapping[str, Callable]
+    oracles: Mapping[str, Callable]
+    state_names: Callable[..., tuple[str, ...]]
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.oracles) - set(self.ops))
+        if unknown:
+            raise ValueError(f"runtime kind {self.name!r}: oracles {unknown} are not among its ops")
+        object.__setattr__(self, "ops", MappingProxyType(dict(self.ops)))
+        object.__setattr__(self, "oracles", MappingProxyType(dict(self.oracles)))
+
+
+def _registry() -> dict[str, RuntimeKind]:
+    from ltmdsl.runtime.kinds import attention, mamba, mamba2, mlp, moe
+
+    return {k.name: k for k in (attention.KIND, mamba.KIND, mamba2.KIND, mlp.KIND, moe.KIND)}
+
+
+RUNTIME_REGISTRY: Mapping[str, RuntimeKind] = MappingProxyType(_registry())
+
+
+def runtime_kind(name: str) -> RuntimeKind:
+    """The runtime entry of kind `name`; NoRuntimeModule (naming the kind) when it has none."""
+    try:
+        return RUNTIME_REGISTRY[name]
+    except KeyError:
+        raise NoRuntimeModule(
+            f"layer kind {name!r} has no runtime module (runtime kinds: {', '.join(RUNTIME_REGISTRY)}); "
+            f"add runtime/kinds/{name}.py and register it in runtime/kinds/__init__.py"
+        ) from None

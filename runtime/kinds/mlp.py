@@ -1,0 +1,87 @@
+"""Dense feed-forward sub-layer (Llama's names): down(act(gate(x), up(x))), and the FFN activations.
+
+Activations (`act`): swiglu = silu(gate) * up, geglu = gelu(gate) * up (exact erf GELU), gelu = gelu(up),
+relu2 = relu(up)^2 (Primer), relu = relu(up). gate_proj exists only for the gated ones. The MoE experts
+(runtime/kinds/moe.py) use the same activations.
+
+The runtime entry `KIND` (runtime/kinds/__init__.py): the module, no cache (an MLP keeps nothing between
+calls), no kernel ops (plain matmuls) and its parameter names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltmdsl.kinds.mlp import MLPConfig
+from ltmdsl.runtime import initializers as init
+from ltmdsl.runtime.kinds import RuntimeKind
+
+if TYPE_CHECKING:
+    from ltmdsl.runtime.kernels import Kernels
+
+GATED = ("swiglu", "geglu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2", "relu")
+
+
+def activate(name: str, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+    """The hidden activation of an FFN: gate, up [..., F] (gate None when not gated) -> [..., F]."""
+    if name == "swiglu":
+        return F.silu(gate) * up
+    if name == "geglu":
+        return F.gelu(gate) * up
+    if name == "gelu":
+        return F.gelu(up)
+    if name == "relu2":
+        return torch.relu(up).square()
+    if name == "relu":
+        return torch.relu(up)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+class MLP(nn.Module):
+    """Dense FFN: x [..., d] -> [..., d]. gate_proj only for gated activations."""
+
+    def __init__(self, cfg: MLPConfig, d: int):
+        super().__init__()
+        self.cfg = cfg
+        self.gate_proj = nn.Linear(d, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
+        self.up_proj = nn.Linear(d, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, d, bias=cfg.bias)
+
+    def init_weights(self, gen: torch.Generator) -> None:
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            if lin is not None:
+                init.linear_(lin, gen)
+
+    def forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
+        gate = self.gate_proj(x) if self.gate_proj is not None else None  # [..., F]
+        return self.down_proj(activate(self.cfg.activation, gate, self.up_proj(x)))
+
+    def step(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
+        return self.forward(x)
+
+
+def build(cfg: MLPConfig, d: int, eps: float, kernels: "Kernels") -> MLP:
+    """The uniform constructor of the registry (an MLP needs neither a norm eps nor kernels)."""
+    return MLP(cfg, d)
+
+
+def state_names(cfg: MLPConfig) -> tuple[str, ...]:
+    """The parameters an `MLP` owns: gate_proj only when gated, biases when configured."""
+    projs = (["gate_proj"] if cfg.gated else []) + ["up_proj", "down_proj"]
+    return tuple(f"{p}.{w}" for p in projs for w in (("weight", "bias") if cfg.bias else ("weight",)))
+
+
+KIND = RuntimeKind(
+    name="mlp",
+    module=MLP,
+    build=build,
+    new_cache=None,
+    ops={},
+    oracles={},
+    state_names=state_names,
+)
