@@ -117,10 +117,10 @@ def test_rope_dim_exports_only_to_bamba(tmp_path):
     stack { attn ffn attn ffn }
 }
 """
-    cfg = config_from_ir(ltmdsl.load(llama).model)
+    cfg = config_from_ir(ltmdsl.loads(llama).model)
     assert cfg["model_type"] == "bamba" and cfg["attn_layer_indices"] == [0, 1] and "mamba_n_heads" not in cfg
     with pytest.raises(HFError, match="rope_dim .* maps back only to Bamba"):
-        config_from_ir(ltmdsl.load(llama.replace("d_ff = 24", "d_ff = 24, act = gelu")).model)
+        config_from_ir(ltmdsl.loads(llama.replace("d_ff = 24", "d_ff = 24, act = gelu")).model)
     spec = tmp_path / "hybrid.ltm"
     spec.write_text(llama.replace("stack { attn ffn attn ffn }", "layer ssm = mamba2(d_state = 8, head_dim = 16, "
                                   "chunk = 4)\n    stack { ssm ffn attn ffn ssm ffn attn(rope_dim = none) ffn }")
@@ -171,7 +171,13 @@ def test_models_without_a_counterpart_are_refused(tmp_path, capsys):
     assert "error: layernorm has no Hugging Face counterpart" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["odd.ltm"]
     with pytest.raises(HFError, match="activation gelu"):
-        config_from_ir(ltmdsl.load(spec.read_text().replace("layernorm", "rmsnorm")).model)
+        config_from_ir(ltmdsl.loads(spec.read_text().replace("layernorm", "rmsnorm")).model)
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_export_refuses_to_clobber(tmp_path, capsys):
@@ -182,8 +188,16 @@ def test_export_refuses_to_clobber(tmp_path, capsys):
     assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out"), "--force"]) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    # --force replaces only an earlier ltmdsl output, never a folder holding the user's files
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out"), "--force"]) == 2
+    assert "not an earlier ltmdsl output" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    os.remove(tmp_path / "out" / "keep.txt")
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out")]) == 0  # an empty folder is fine
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out"), "--seed", "1", "--force"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == [".ltmdsl-output.json", "config.json", "model.safetensors"]
+    modes = {os.stat(tmp_path / "out" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "out")}
+    assert modes == {0o666 & ~umask()}  # the mode a plain open() gives, for every file
 
 
 def test_import_command(tmp_path, capsys):

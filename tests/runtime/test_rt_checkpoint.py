@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from paths import EXAMPLES
@@ -28,12 +30,12 @@ model shared_ckpt {
 
 @pytest.mark.parametrize("spec", [EXAMPLES / "tiny-hybrid.ltm", SHARED], ids=["tiny-hybrid", "shared-block"])
 def test_round_trip_is_exact(tmp_path, spec):
-    model = build(ltmdsl.load(spec), seed=3)
+    model = build(ltmdsl.load(spec) if isinstance(spec, Path) else ltmdsl.loads(spec), seed=3)
     path = checkpoint.save(model, tmp_path / "ckpt" / "m.safetensors")
     assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]  # no temporary file left behind
     meta = checkpoint.read_metadata(path)
     assert meta["ltmdsl.spec"] == model.ir.source_text and meta["ltmdsl.model"] == model.ir.name
-    back = checkpoint.load(path)
+    back = ltmdsl.load_checkpoint(path)
     assert back.ir.source_hash == model.ir.source_hash
     ids = torch.arange(10)[None] % model.ir.vocab
     assert torch.equal(back(ids), model(ids))
@@ -44,7 +46,7 @@ def test_round_trip_is_exact(tmp_path, spec):
 def test_tied_weights_stored_once(tmp_path):
     from safetensors import safe_open
 
-    model = build(ltmdsl.load(SHARED))
+    model = build(ltmdsl.loads(SHARED))
     path = checkpoint.save(model, tmp_path / "m.safetensors")
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
@@ -55,10 +57,10 @@ def test_tied_weights_stored_once(tmp_path):
 
 
 def test_dtype_is_kept_and_overridable(tmp_path):
-    model = build(ltmdsl.load(SHARED), dtype=torch.bfloat16)
+    model = build(ltmdsl.loads(SHARED), dtype=torch.bfloat16)
     path = checkpoint.save(model, tmp_path / "m.safetensors")
-    assert checkpoint.load(path).dtype == torch.bfloat16
-    assert checkpoint.load(path, dtype=torch.float32).dtype == torch.float32
+    assert ltmdsl.load_checkpoint(path).dtype == torch.bfloat16
+    assert ltmdsl.load_checkpoint(path, dtype=torch.float32).dtype == torch.float32
 
 
 def test_refuses_hand_built_ir_and_foreign_files(tmp_path):
@@ -68,11 +70,11 @@ def test_refuses_hand_built_ir_and_foreign_files(tmp_path):
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ValueError, match="not an ltmdsl checkpoint"):
-        checkpoint.load(tmp_path / "foreign.safetensors")
+        ltmdsl.load_checkpoint(tmp_path / "foreign.safetensors")
 
 
 def test_failed_write_leaves_old_file(tmp_path, monkeypatch):
-    model = build(ltmdsl.load(SHARED))
+    model = build(ltmdsl.loads(SHARED))
     path = checkpoint.save(model, tmp_path / "m.safetensors")
     before = path.read_bytes()
 
@@ -81,6 +83,6 @@ def test_failed_write_leaves_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save_file", boom)
     with pytest.raises(OSError):
-        checkpoint.save(build(ltmdsl.load(SHARED), seed=9), path)
+        checkpoint.save(build(ltmdsl.loads(SHARED), seed=9), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
