@@ -158,8 +158,14 @@ def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None)
 
     ckpt = ckpt or Checkpoint(folder)
     params = dict(model.named_parameters())  # tied weights appear once
-    tensors = _tensors(params, model.ir, plan, ckpt, ckpt.read, folder)
-    warn_nonfinite(tensors.items(), folder)
+    read: list[tuple[str, object]] = []  # (checkpoint name, tensor): NaN warnings name the file's tensors
+
+    def reading(name: str):
+        read.append((name, ckpt.read(name)))
+        return read[-1][1]
+
+    tensors = _tensors(params, model.ir, plan, ckpt, reading, folder)
+    warn_nonfinite(read, folder)
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].dtype))

@@ -222,3 +222,63 @@ def test_import_command(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["import-hf", str(tmp_path / "empty"), "-o", str(tmp_path / "n.ltm")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "empty", "m.ltm"]
+
+
+# ---- export-hf from hostile or odd checkpoints: clear errors, warnings, no traceback --------------------
+
+def _llama_checkpoint(tmp_path, nan=False):
+    from ltmdsl.runtime.checkpoint import save
+
+    save_case("llama", tmp_path / "src")
+    assert main(["import-hf", str(tmp_path / "src"), "-o", str(tmp_path / "l.ltm")]) == 0
+    model = ltmdsl.build(tmp_path / "l.ltm", seed=1)
+    if nan:
+        with torch.no_grad():
+            model.embed.weight[1, 2] = float("nan")
+    return save(model, tmp_path / "l.safetensors")
+
+
+def _rewrite_metadata(path, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    meta.update(changes)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"ltmdsl.dtype": ""}, "ltmdsl.dtype is ''"),
+    ({"ltmdsl.dtype": "float99"}, "ltmdsl.dtype is 'float99'"),
+    ({"ltmdsl.dtype": "int64"}, "ltmdsl.dtype is 'int64'"),
+    ({"ltmdsl.model": "other"}, "ltmdsl.model is 'other'"),
+    ({"ltmdsl.spec": "/etc/passwd"}, "error"),
+], ids=["empty-dtype", "unknown-dtype", "int-dtype", "unknown-model", "path-as-spec"])
+def test_export_of_a_bad_checkpoint_is_a_clear_error(tmp_path, capsys, changes, message):
+    path = _llama_checkpoint(tmp_path)
+    _rewrite_metadata(path, **changes)
+    capsys.readouterr()
+    assert main(["export-hf", str(path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "root:" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_warns_about_nan_weights(tmp_path, capsys):
+    path = _llama_checkpoint(tmp_path, nan=True)
+    capsys.readouterr()
+    assert main(["export-hf", str(path), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "NaN or inf in 1 tensor: embed.weight" in warnings[0]
+
+
+def test_export_to_an_unwritable_place_is_a_clear_error(tmp_path, capsys):
+    save_case("llama", tmp_path / "src")
+    assert main(["import-hf", str(tmp_path / "src"), "-o", str(tmp_path / "l.ltm")]) == 0
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "l.ltm"), "/proc/x/out"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Traceback" not in err
