@@ -160,3 +160,11 @@ def test_runtime_build_refuses_paths_and_text():
 
     with pytest.raises(TypeError, match="ModelIR"):
         build(str(EXAMPLES / "tiny-hybrid.ltm"))
+
+
+def test_check_reads_a_file_whose_name_looks_like_spec_text(tmp_path, capsys):
+    from ltmdsl.cli import main
+
+    weird = tmp_path / "we{ird}\nname.ltm"
+    weird.write_text((EXAMPLES / "tiny-hybrid.ltm").read_text())
+    assert main(["check", str(weird)]) == 0

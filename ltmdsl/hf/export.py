@@ -18,6 +18,7 @@ import math
 import os
 
 from ltmdsl import atomic
+from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
 from ltmdsl.hf.spec import Plan
@@ -301,7 +302,7 @@ def hf_plan(ir: ModelIR) -> tuple[dict, Plan]:
 
 
 def _model_of(source, seed: int):
-    """A runtime model from a model object, a spec (path or text: seeded weights) or a runtime checkpoint."""
+    """A runtime model from a model object, a spec file (seeded weights) or a runtime checkpoint (a path)."""
     if hasattr(source, "ir") and hasattr(source, "named_parameters"):
         return source
     import ltmdsl
@@ -319,14 +320,10 @@ def _model_of(source, seed: int):
         except (ValueError, OSError, SafetensorError) as e:
             raise HFError(str(e).removeprefix(f"{path}: "), path) from None
     ir = ltmdsl.load(path).model
-    need = ir.params_total * 4  # weights are drawn in fp32
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        have = None
-    if have and need > have // 2:
-        raise HFError(f"model {ir.name} has {ir.params_total:,} parameters ({need / 2**30:.1f} GiB in fp32): "
-                      f"too large to draw seeded weights on this machine ({have / 2**30:.0f} GiB of memory)", path)
+    try:  # weights are drawn in fp32, then copied once into the Hugging Face layout
+        check_fits(ir.params_total * 8, f"model {ir.name} ({ir.params_total:,} parameters, seeded weights)")
+    except TensorFileError as e:
+        raise HFError(str(e), path) from None
     return ltmdsl.build(ir, backend="torch", seed=seed)
 
 

@@ -282,3 +282,15 @@ def test_export_to_an_unwritable_place_is_a_clear_error(tmp_path, capsys):
     assert main(["export-hf", str(tmp_path / "l.ltm"), "/proc/x/out"]) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and "Traceback" not in err
+
+
+def test_export_of_a_spec_too_large_for_memory_is_refused(tmp_path, capsys, monkeypatch):
+    from ltmdsl import tensorfile
+
+    save_case("llama", tmp_path / "src")
+    assert main(["import-hf", str(tmp_path / "src"), "-o", str(tmp_path / "l.ltm")]) == 0
+    monkeypatch.setattr(tensorfile, "available_bytes", lambda: 1024)
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "GiB of memory available" in err and not (tmp_path / "out").exists()
