@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -65,8 +66,13 @@ def read_header(path: str | os.PathLike) -> Header:
     """The header of the safetensors file at `path`, validated against the file's size; reads only the header."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: a FIFO must not hang the open; anything but a regular file is refused below
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise TensorFileError(f"{p}: not a regular file")
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise TensorFileError(f"{p}: not a safetensors file ({size} bytes, no header)")

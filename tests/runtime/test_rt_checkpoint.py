@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -226,4 +227,12 @@ def test_finite_weights_do_not_warn(tmp_path):
     path = checkpoint.save(build(ltmdsl.loads(SHARED)), tmp_path / "m.safetensors")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        ltmdsl.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_non_files_are_refused_without_hanging(tmp_path, kind):
+    path = tmp_path / "x.safetensors"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    with pytest.raises(ValueError, match="not a regular file|cannot read"):
         ltmdsl.load_checkpoint(path)
