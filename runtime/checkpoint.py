@@ -45,9 +45,12 @@ def save(model: LTModel, path: str | os.PathLike) -> Path:
         "ltmdsl.dtype": str(model.dtype).removeprefix("torch."),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.temporary_sibling(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.temporary_sibling(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    except OSError as e:  # an unwritable place: say which file, keep the errno for callers
+        raise type(e)(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}") from None
     return path
 
 

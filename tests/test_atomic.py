@@ -121,16 +121,34 @@ def test_four_concurrent_compiles_into_one_folder(tmp_path):
     atomic.check_replaceable(out)  # a complete own output
 
 
+def _make_unwritable(folder):
+    """Read-only for this user; root ignores modes, so it gets the immutable attribute (chattr +i)."""
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        return lambda: os.chmod(folder, 0o755)
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder immutable here")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("command", ["compile", "export-hf"])
 @pytest.mark.parametrize("dest", ["/proc/x/out", "{ro}/out"], ids=["proc", "read-only-dir"])
-def test_unwritable_outputs_are_clear_errors(tmp_path, capsys, dest):
+def test_unwritable_outputs_are_clear_errors(tmp_path, capsys, dest, command):
     ro = tmp_path / "ro"
     ro.mkdir()
-    if os.geteuid() == 0 and dest.startswith("{ro}"):
-        pytest.skip("root writes into read-only folders")
-    os.chmod(ro, 0o555)
+    restore = _make_unwritable(ro) if dest.startswith("{ro}") else (lambda: None)
+    src = TINY
+    if command == "export-hf":
+        src = str(tmp_path / "llama.ltm")
+        (tmp_path / "llama.ltm").write_text(
+            "model l {\n vocab = 64\n d_model = 32\n norm = rmsnorm(eps = 1e-5)\n"
+            " layer a = attention(heads = 2, kv_heads = 1)\n layer f = mlp(d_ff = 64, act = swiglu)\n"
+            " stack { a f }\n}\n")
     try:
-        code = main(["compile", TINY, "-o", dest.format(ro=ro)])
+        code = main([command, src, dest.format(ro=ro)] if command == "export-hf" else
+                    [command, src, "-o", dest.format(ro=ro)])
     finally:
-        os.chmod(ro, 0o755)
+        restore()
     err = capsys.readouterr().err
     assert code == 2 and "error: cannot write" in err and "Traceback" not in err
+    assert os.listdir(ro) == []

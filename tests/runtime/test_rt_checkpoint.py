@@ -236,3 +236,9 @@ def test_non_files_are_refused_without_hanging(tmp_path, kind):
     os.mkfifo(path) if kind == "fifo" else path.mkdir()
     with pytest.raises(ValueError, match="not a regular file|cannot read"):
         ltmdsl.load_checkpoint(path)
+
+
+def test_saving_to_an_unwritable_place_names_the_file(tmp_path):
+    model = build(ltmdsl.loads(SHARED))
+    with pytest.raises(OSError, match="cannot write checkpoint /proc/x/m.safetensors"):
+        checkpoint.save(model, "/proc/x/m.safetensors")
