@@ -136,7 +136,7 @@ def check_replaceable(path: str | os.PathLike) -> None:
         raise NotOwnOutput(path, "it is not a folder")
     files = _inventory(path)
     record_path = path / OUTPUT_RECORD
-    if not files and not record_path.exists():
+    if not os.listdir(path):
         return
     if not record_path.is_file():
         raise NotOwnOutput(path, f"it has no {OUTPUT_RECORD}")
@@ -155,6 +155,12 @@ def check_replaceable(path: str | os.PathLike) -> None:
     if set(listed) != set(files):
         extra = sorted(set(files) - set(listed)) or sorted(set(listed) - set(files))
         raise NotOwnOutput(path, f"its files differ from the ones ltmdsl wrote ({', '.join(extra[:3])})")
+    parents = {parent.as_posix() for rel in files for parent in Path(rel).parents} - {"."}
+    for root, dirs, _ in os.walk(path):
+        for name in dirs:
+            rel = (Path(root) / name).relative_to(path).as_posix()
+            if rel not in parents:
+                raise NotOwnOutput(path, f"it holds a folder ltmdsl did not write, {rel}")
     for rel, p in files.items():
         if p.stat().st_size != listed[rel]["size"] or _sha256(p) != listed[rel]["sha256"]:
             raise NotOwnOutput(path, f"{rel} was changed after ltmdsl wrote it")

@@ -78,6 +78,15 @@ def test_an_edited_own_output_is_not_replaced(tmp_path, capsys):
     assert (out / "a.txt").read_text() == "my edit"
 
 
+def test_an_extra_folder_is_not_replaced(tmp_path):
+    out = tmp_path / "o"
+    _write(out, {"a.txt": "1"})
+    (out / "mine").mkdir()
+    with pytest.raises(atomic.NotOwnOutput, match="folder ltmdsl did not write, mine"):
+        _write(out, {"a.txt": "2"})
+    assert (out / "mine").is_dir()
+
+
 @pytest.mark.parametrize("where", ["inside", "target"])
 def test_symlinks_are_refused(tmp_path, where):
     out = tmp_path / "o"
