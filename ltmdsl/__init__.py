@@ -34,6 +34,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ltmdsl' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def _model_ir(spec, model: str | None):
     """The ModelIR of a path, a loaded Spec, a SpecIR or a ModelIR (the named model, else the last one).
 

@@ -175,3 +175,10 @@ def test_check_reads_a_file_whose_name_looks_like_spec_text(tmp_path, capsys):
     weird = tmp_path / "we{ird}\nname.ltm"
     weird.write_text((EXAMPLES / "tiny-hybrid.ltm").read_text())
     assert main(["check", str(weird)]) == 0
+
+
+def test_every_public_name_resolves():
+    for name in ltmdsl.__all__:
+        assert getattr(ltmdsl, name) is not None and name in dir(ltmdsl)
+    with pytest.raises(AttributeError):
+        ltmdsl.no_such_name
