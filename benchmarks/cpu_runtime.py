@@ -97,7 +97,7 @@ def best(fn, repeats: int) -> float:
 
 
 def measure(arch: str, T: int, M: int, B: int, repeats: int) -> dict:
-    ours = ltmdsl.build(ltmdsl.load(SPECS[arch]), dtype=torch.float32).eval()
+    ours = ltmdsl.build(ltmdsl.loads(SPECS[arch], name=f"<{arch}>"), dtype=torch.float32).eval()
     hf = hf_model(arch).eval()
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
     prompt = ids[:, :16]

@@ -6,16 +6,22 @@ Files live in `cache_dir()` (LTMDSL_CACHE_DIR, default ~/.cache/ltmdsl/kernels) 
 Writes are atomic (a temp file in the same directory, fsync, os.replace), so two processes compiling
 the same key at once both end with the same complete file, and a reader never sees half a file.
 Triton's JIT needs a kernel's source in a real file (inspect.getsource), which is why kernels are
-written and imported rather than exec'd from strings. Every source passes the lint (codegen/lint.py)
-before it is imported; LTMDSL_PRINT_CODE=1 prints each source to stderr as it is compiled.
+written to disk. What runs, though, is only ever the source rendered in this process: the file is read
+back and compared with it (its content hash) on every load, and a file that differs (tampered, truncated)
+is rewritten; the module is then executed from the verified text (compile + exec), with linecache primed
+with it so that triton reads the same text, never the file again. There is no bytecode cache: no
+__pycache__ is written or read. The cache directory is private (0700, owned by this user); one writable
+by others is repaired if it is ours and refused if it is not. Every source passes the lint
+(codegen/lint.py) before it is executed; LTMDSL_PRINT_CODE=1 prints each source to stderr as it is compiled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
+import linecache
 import os
+import stat
 import sys
 import threading
 from dataclasses import dataclass
@@ -54,12 +60,41 @@ def kernel_key(source: str) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same directory and os.replace (atomic on POSIX)."""
+class CacheDirError(PermissionError):
+    """A kernel cache directory that others could write into: generated code there cannot be trusted."""
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` as a 0700 directory, or check an existing one: it must be a real directory owned by
+    this user; group/world access is removed (repaired). CacheDirError otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):  # unreadable: rewrite it
-        if path.exists() and path.read_text() == text:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheDirError(f"kernel cache {path} is not a directory (a symlink or a file); refusing to use it")
+    if st.st_uid != os.getuid():
+        raise CacheDirError(f"kernel cache {path} is owned by uid {st.st_uid}, not by this user; refusing to "
+                            "execute code from it (set LTMDSL_CACHE_DIR to a directory of your own)")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Make `path` hold exactly `text`: kept if its content hash matches, else rewritten atomically
+    (a temp file in the same directory and os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError, UnicodeDecodeError):  # unreadable or undecodable: rewrite it
+        if path.is_file() and not path.is_symlink() and _digest(path.read_text(encoding="utf-8")) == _digest(text):
             return
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_symlink() or path.is_dir():
+            raise CacheDirError(f"kernel cache entry {path} is not a regular file; refusing to use it")
     atomic.write_text(path, text)
 
 
@@ -84,12 +119,18 @@ _BY_SPEC: dict[tuple[KernelSpec, str], CompiledKernel] = {}
 _LOCK = threading.RLock()
 
 
-def _import(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+def _execute(path: Path, name: str, source: str) -> ModuleType:
+    """A module `name` executed from `source` (already verified to be `path`'s content), never from bytecode.
+
+    linecache is primed with `source` (mtime None: never re-read), so inspect.getsource, which triton's JIT
+    uses, sees exactly the text that was executed even if the file changes meanwhile."""
+    filename = str(path)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    module = ModuleType(name)
+    module.__file__ = filename
     sys.modules[name] = module  # triton looks kernels' globals up through their module
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, filename, "exec", dont_inherit=True), module.__dict__)
     except BaseException:
         sys.modules.pop(name, None)
         raise
@@ -110,9 +151,9 @@ def compile_spec(spec: KernelSpec) -> CompiledKernel:
             lint_or_raise(source, spec)
             if os.environ.get("LTMDSL_PRINT_CODE", "") not in ("", "0"):
                 print(f"# ---- ltmdsl: compiling {spec.name} (key {key[:16]}) ----\n{source}", file=sys.stderr)
-            path = Path(where) / f"{spec.name}_{key[:16]}.py"
+            path = private_dir(Path(where)) / f"{spec.name}_{key[:16]}.py"
             write_atomic(path, source)
-            module = _import(path, f"_ltmdsl_kernel_{spec.name}_{key[:16]}")
+            module = _execute(path, f"_ltmdsl_kernel_{spec.name}_{key[:16]}", source)
             hit = CompiledKernel(spec, source, key, path, module)
             _MEMO[key + where] = hit
         _BY_SPEC[(spec, where)] = hit

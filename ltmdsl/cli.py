@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from ltmdsl import __version__
 
@@ -50,6 +51,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (NaN weights, ...) as one line on stderr, not Python's two-line format."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -59,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f"ltmdsl.commands.{args._module}")
     try:
-        return int(module.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("ltmdsl: interrupted", file=sys.stderr)
         return 130

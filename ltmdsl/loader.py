@@ -1,7 +1,10 @@
 """Loading a spec: read files safely, follow `use` imports, resolve models and budgets into a `Spec`.
 
-`load(path_or_text)` is the front door of the library. It never raises anything but `SpecError` for bad
-input (missing files, directories, junk, invalid specs) and never writes a file.
+`load(path)` and `loads(text)` are the front door of the library (like json.load / json.loads: one takes
+only a path, the other only spec text; nothing guesses which it was given). They never raise anything but
+`SpecError` for bad input (missing files, directories, FIFOs and devices, junk, invalid specs) and never
+write a file. Files are read only if they are regular files outside /proc and /sys, and never more than
+the spec size limit plus one byte.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +22,12 @@ from ltmdsl.errors import Diagnostic, Reporter, SpecError
 from ltmdsl.evaluate import EvalError, Scope, did_you_mean
 from ltmdsl.ir import BudgetIR, GpuSpec, ModelIR, SpecIR
 from ltmdsl.kinds import REGISTRY
-from ltmdsl.parser import decode, parse
+from ltmdsl.parser import MAX_FILE_BYTES, decode, parse
 from ltmdsl.resolve import Globals, ModelResolver
 
 MAX_IMPORT_DEPTH = 32
+#: A `use` statement as the grammar reads it: the keyword, whitespace or comments, a string.
+_USE_STATEMENT = re.compile(r'use(?:\s|#[^\n]*)*"[^"\n\\]*"')
 
 
 @dataclass
@@ -61,18 +67,47 @@ class Spec:
         return report(model, b, **overrides)
 
 
+_PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
 def read_spec_file(path: str | os.PathLike) -> str:
-    """The text of a spec file; SpecError for a missing path, a directory, unreadable or non-UTF-8 data."""
-    p = str(path)
+    """The text of a spec file; SpecError for a missing path, a directory, anything but a regular file
+    (a FIFO would block, a device never ends, /proc and /sys files are the system's, not specs),
+    unreadable or oversized data (at most MAX_FILE_BYTES + 1 bytes are read), or non-UTF-8 data.
+    The contents of a refused file are never echoed."""
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        p = os.fsdecode(p)
     if not os.path.exists(p):
         raise SpecError(Diagnostic(p, 0, 0, "no such file"))
     if os.path.isdir(p):
         raise SpecError(Diagnostic(p, 0, 0, "is a directory, not a spec file"))
+    real = os.path.realpath(p)
+    if any(real == root or real.startswith(root + os.sep) for root in _PSEUDO_FILESYSTEMS):
+        raise SpecError(Diagnostic(p, 0, 0, f"is a system file ({real}), not a spec file"))
     try:
-        with open(p, "rb") as f:
-            data = f.read(64 * 2**20 + 1)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below then refuses it.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise SpecError(Diagnostic(p, 0, 0, f"cannot read: {e.strerror or e}")) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(Diagnostic(p, 0, 0, "is not a regular file (a FIFO, socket or device), not a spec file"))
+        if st.st_size > MAX_FILE_BYTES:
+            raise SpecError(Diagnostic(p, 0, 0, f"file is {st.st_size} bytes; specs are limited to {MAX_FILE_BYTES} bytes"))
+        chunks, left = [], MAX_FILE_BYTES + 1
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+    except OSError as e:
+        raise SpecError(Diagnostic(p, 0, 0, f"cannot read: {e.strerror or e}")) from None
+    finally:
+        os.close(fd)
     return decode(data, p)
 
 
@@ -203,20 +238,31 @@ class _Loader:
         return SpecIR(ordered, tuple(budget_irs), tuple(gpus.values()), root)
 
     def _standalone(self) -> str:
-        """One spec text equivalent to the root and its imports: the files in order, `use` lines removed.
+        """One spec text equivalent to the root and its imports: the files in order, `use` statements removed.
 
         Definitions are unique across files (duplicates are errors), so the concatenation loads alone;
-        checkpoints embed it so that they describe themselves.
+        checkpoints embed it so that they describe themselves. Each file's text is kept byte for byte
+        except for its `use` statements, which are cut out at the parser's own positions (lines counted
+        at '\\n' only, as the grammar does): splitting at other line breaks (CR, U+2028, U+0085, ...)
+        would turn the rest of a comment into code.
         """
         parts = []
         for key in self.order:
             spec_file = self.files[key]
-            lines = spec_file.text.splitlines()
+            text = spec_file.text
+            starts = [0] + [m.end() for m in re.finditer("\n", text)]
+            cuts = []
             for item in spec_file.items:
                 if isinstance(item, ast.Use):
-                    i = item.pos.line - 1
-                    lines[i] = re.sub(r'\buse\s+"[^"\n]*"', "", lines[i], count=1)
-            parts.append(f"# from {os.path.basename(key)}\n" + "\n".join(lines))
+                    at = starts[item.pos.line - 1] + item.pos.col - 1
+                    m = _USE_STATEMENT.match(text, at)
+                    if m is None:  # the parser placed a `use` here; anything else is a bug worth a traceback
+                        raise AssertionError(f"no use statement at {item.pos}")
+                    cuts.append((m.start(), m.end(), "\n" * m.group().count("\n")))
+            for start, end, keep in reversed(cuts):
+                text = text[:start] + keep + text[end:]
+            label = "".join(c if c.isprintable() else "?" for c in os.path.basename(key))
+            parts.append(f"# from {label}\n" + text)
         return "\n\n".join(parts) + "\n"
 
     def _check_constants(self, root: str, defs: dict[str, object], scope: Scope) -> None:
@@ -246,21 +292,36 @@ class _Loader:
                 self.rep.at(d.pos, f"block '{name}' is defined but never used", "warning")
 
 
-def load(source: str | os.PathLike, *, name: str | None = None) -> Spec:
-    """Load a spec from a path, or from spec text (anything containing a newline or '{').
-
-    Raises SpecError with every problem found; warnings are kept on `Spec.warnings`.
-    """
-    src = os.fspath(source)
-    if isinstance(source, os.PathLike) or ("\n" not in src and "{" not in src):
-        text = read_spec_file(src)
-        key = src
-    else:
-        text = src
-        key = name or "<string>"
+def _load_text(key: str, text: str) -> Spec:
     loader = _Loader()
     try:
         ir = loader.load(key, text)
     except RecursionError:
         raise SpecError(Diagnostic(key, 1, 1, "spec nested too deeply")) from None
     return Spec(ir=ir, path=key, text=text, warnings=loader.rep.warnings)
+
+
+def load(path: str | os.PathLike) -> Spec:
+    """Load the spec file at `path` (a str or os.PathLike, never spec text: see `loads`).
+
+    Raises SpecError with every problem found; warnings are kept on `Spec.warnings`.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"ltmdsl.load takes a path (str or os.PathLike), not {type(path).__name__}; "
+                        "use ltmdsl.loads for spec text")
+    key = os.fspath(path)
+    if not isinstance(key, str):
+        key = os.fsdecode(key)
+    return _load_text(key, read_spec_file(key))
+
+
+def loads(text: str, name: str = "<string>") -> Spec:
+    """Load spec `text` (never a path: see `load`); `name` is the file name diagnostics show.
+
+    `use` statements in the text resolve against the current directory. Raises SpecError like `load`.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"ltmdsl.loads takes spec text (str), not {type(text).__name__}; use ltmdsl.load for a path")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+        raise SpecError(Diagnostic(name, 0, 0, f"spec text is larger than {MAX_FILE_BYTES} bytes"))
+    return _load_text(name, text)

@@ -2,7 +2,8 @@
 
     model = build(spec, backend="torch", dtype=torch.float32, device="cpu", seed=0)
 
-`spec` may be a loaded `Spec`, a `ModelIR`, a path or spec text. backend "torch" uses TORCH_KERNELS;
+`spec` is IR: a `ModelIR`, or a `SpecIR` / loaded `Spec` (its named model, else the last one). The runtime
+never reads files or parses text: `ltmdsl.build` (the top-level API) turns a path into IR first. backend "torch" uses TORCH_KERNELS;
 "triton" asks `ltmdsl.codegen.backend.triton_kernels(model_ir)` for a `Kernels` instance (imported only
 then, so the torch back end never needs Triton). Weights are drawn from `seed` in fp32 on the CPU and then
 cast, so one seed gives the same model on every back end, dtype and device.
@@ -10,11 +11,9 @@ cast, so one seed gives the same model on every back end, dtype and device.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from ltmdsl.ir import ModelIR
+from ltmdsl.ir import ModelIR, SpecIR
 from ltmdsl.runtime.kernels import TORCH_KERNELS, Kernels
 from ltmdsl.runtime.model import LTModel
 
@@ -23,19 +22,16 @@ BACKENDS = ("torch", "triton")
 
 
 def resolve_model(spec, model: str | None = None) -> ModelIR:
-    """A ModelIR from a Spec, a ModelIR, a path or spec text (the named model, else the last one)."""
+    """The ModelIR of a ModelIR, a SpecIR or a loaded Spec (the named model, else the last one)."""
     if isinstance(spec, ModelIR):
+        if model is not None and model != spec.name:
+            raise KeyError(f"model {model!r} requested, but the IR is model {spec.name!r}")
         return spec
-    if isinstance(spec, (str, Path)):
-        import ltmdsl
-
-        spec = ltmdsl.load(spec)
-    ir = getattr(spec, "ir", None)
-    if ir is not None and hasattr(ir, "model"):
+    ir = getattr(spec, "ir", spec)
+    if isinstance(ir, SpecIR):
         return ir.model(model)
-    if model is None and isinstance(getattr(spec, "model", None), ModelIR):
-        return spec.model
-    raise TypeError(f"cannot build from {type(spec).__name__}: expected a Spec, ModelIR, path or spec text")
+    raise TypeError(f"cannot build from {type(spec).__name__}: the runtime takes a ModelIR or SpecIR "
+                    "(use ltmdsl.build(path) or ltmdsl.loads(text) to parse a spec first)")
 
 
 def torch_dtype(ir: ModelIR, dtype: torch.dtype | str | None) -> torch.dtype:

@@ -1,16 +1,21 @@
 """Self-describing checkpoints: safetensors weights with the spec text in the metadata.
 
-    save(model, "m.safetensors")      # atomic: written to a temporary file, then os.replace
-    model = load("m.safetensors")     # re-parses the embedded spec, rebuilds, fills the weights
+    save(model, "m.safetensors")                 # atomic: written to a temporary file, then os.replace
+    model = load("m.safetensors", ir)            # the runtime half: checks the header, builds `ir`, fills it
+    model = ltmdsl.load_checkpoint("m.safetensors")   # the top-level loader: parses the embedded spec first
 
 Tensors are stored under the parameter names of docs/CONTRACTS.md, each shared (tied) tensor once, under
 the first name `named_parameters()` gives it. Metadata keys: ltmdsl.spec (the model's source text),
-ltmdsl.model (its name), ltmdsl.source_hash, ltmdsl.version, ltmdsl.dtype.
+ltmdsl.model (its name), ltmdsl.source_hash, ltmdsl.version, ltmdsl.dtype. The runtime never parses spec
+text: `load` takes the ModelIR (ltmdsl/checkpoints.py parses the embedded text and hands it over).
+Before anything is allocated, every tensor's name, shape and dtype in the header is compared with the
+model (built on the meta device, which allocates nothing) and the model's bytes with the memory available.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,8 +24,10 @@ from safetensors.torch import save_file
 
 import ltmdsl
 from ltmdsl import atomic
-from ltmdsl.runtime.build import build
+from ltmdsl.ir import ModelIR
+from ltmdsl.runtime.build import build, kernels_for
 from ltmdsl.runtime.model import LTModel
+from ltmdsl.tensorfile import TORCH_TO_SAFETENSORS, Header, TensorInfo, check_fits, check_tensors, read_header
 
 
 def save(model: LTModel, path: str | os.PathLike) -> Path:
@@ -38,47 +45,67 @@ def save(model: LTModel, path: str | os.PathLike) -> Path:
         "ltmdsl.dtype": str(model.dtype).removeprefix("torch."),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.temporary_sibling(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.temporary_sibling(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    except OSError as e:  # an unwritable place: say which file, keep the errno for callers
+        raise type(e)(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}") from None
     return path
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    """The checkpoint's metadata, read from its validated header (no tensor is read)."""
+    return read_header(path).metadata
+
+
+def expected_tensors(ir: ModelIR, stored: torch.dtype) -> dict[str, TensorInfo]:
+    """name -> (safetensors dtype, shape) of every tensor a checkpoint of `ir` stored in `stored` holds.
+
+    The model is built on the meta device: shapes without a single byte allocated.
+    """
+    with torch.device("meta"):
+        net = LTModel(ir, kernels_for("torch", ir))
+    code = TORCH_TO_SAFETENSORS[str(stored).removeprefix("torch.")]
+    return {name: TensorInfo(code, tuple(p.shape)) for name, p in net.named_parameters()}
+
+
+def warn_nonfinite(tensors, where: str) -> list[str]:
+    """Warn (one line) naming the tensors of `tensors` ((name, tensor) pairs) holding NaN or inf; returns them."""
+    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        warnings.warn(f"{where}: NaN or inf in {len(bad)} tensor{'s' if len(bad) > 1 else ''}: "
+                      f"{', '.join(bad[:8])}{more}", RuntimeWarning, stacklevel=2)
+    return bad
 
 
 def load(
     path: str | os.PathLike,
+    ir: ModelIR,
     *,
+    stored_dtype: torch.dtype = torch.float32,
     backend: str = "torch",
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    header: Header | None = None,
 ) -> LTModel:
-    """Rebuild the model from the spec text embedded in `path` and load its weights.
+    """Build `ir` and fill it with the weights of the checkpoint at `path`, saved in `stored_dtype`.
 
-    dtype defaults to the dtype the checkpoint was saved in. Raises ValueError when the file lacks the
-    spec, or when its tensors do not match the rebuilt model's names and shapes.
+    dtype (the compute dtype) defaults to `stored_dtype`. Raises ValueError (TensorFileError) when the
+    header does not hold exactly the model's tensors with their shapes and dtype, or when the model would
+    not fit in the memory available, before allocating anything. Warns when a tensor holds NaN or inf.
     """
-    meta = read_metadata(path)
-    if "ltmdsl.spec" not in meta:
-        raise ValueError(f"{path}: not an ltmdsl checkpoint (no 'ltmdsl.spec' metadata)")
-    spec = ltmdsl.load(meta["ltmdsl.spec"])
-    ir = spec.ir.model(meta.get("ltmdsl.model"))
-    if dtype is None:
-        dtype = getattr(torch, meta.get("ltmdsl.dtype", "float32"))
+    header = header or read_header(path)
+    dtype = dtype or stored_dtype
+    check_tensors(header, expected_tensors(ir, stored_dtype), what=f"model {ir.name}")
+    # the model is built in fp32 on the CPU, then cast; each tensor is read once more while copying
+    build_bytes = ir.params_total * (4 + (torch.empty((), dtype=dtype).element_size() if dtype != torch.float32 else 0))
+    check_fits(build_bytes + max((t.nbytes for t in header.tensors.values()), default=0), f"model {ir.name}")
     model = build(ir, backend=backend, device=device, dtype=dtype, init=False)
     params = dict(model.named_parameters())
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        names = set(f.keys())
-        missing, unexpected = sorted(set(params) - names), sorted(names - set(params))
-        if missing or unexpected:
-            raise ValueError(f"{path}: tensors do not match the spec (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        with torch.no_grad():
-            for name, p in params.items():
-                t = f.get_tensor(name)
-                if t.shape != p.shape:
-                    raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the spec says {tuple(p.shape)}")
-                p.copy_(t)
+    with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
+        for name, p in params.items():
+            p.copy_(f.get_tensor(name))
+    warn_nonfinite(params.items(), str(path))
     return model

@@ -41,7 +41,7 @@ def test_bad_arithmetic_is_an_eval_error(text, message):
 def test_deep_operator_chain_is_a_spec_error_with_a_position():
     for expr in (" ** ".join(["2"] * 500), " + ".join(["1"] * 5000), "-" + " - -".join(["1"] * 3000)):
         with pytest.raises(SpecError) as info:
-            ltmdsl.load(SPEC.format(expr=expr))
+            ltmdsl.loads(SPEC.format(expr=expr))
         d = info.value.errors[0]
         assert d.line == 1 and d.col > 1 and "nested too deeply" in d.message
 
@@ -66,7 +66,7 @@ def _combine(children):
 @given(st.recursive(_atoms, _combine, max_leaves=12))
 def test_random_arithmetic_gives_a_value_or_a_spec_error(expr):
     try:
-        spec = ltmdsl.load(SPEC.format(expr=expr))
+        spec = ltmdsl.loads(SPEC.format(expr=expr))
     except SpecError as e:
         assert all(d.line >= 1 and d.col >= 1 for d in e.errors), e.render()
         return

@@ -22,7 +22,7 @@ def fmt_text(text: str) -> str:
 def test_examples_round_trip(name):
     text = (EXAMPLES / name).read_text()
     out = fmt_text(text)
-    assert ir_meaning(ltmdsl.load(out).ir) == ir_meaning(ltmdsl.load(text).ir)
+    assert ir_meaning(ltmdsl.loads(out).ir) == ir_meaning(ltmdsl.loads(text).ir)
     assert fmt_text(out) == out, "fmt is idempotent"
 
 
@@ -102,14 +102,14 @@ def specs(draw):
 @given(specs())
 def test_random_specs_round_trip(text):
     try:
-        original = ltmdsl.load(text)
+        original = ltmdsl.loads(text)
     except SpecError as e:  # a generated spec may be invalid (an unused layer, say): fmt must keep that too
         with pytest.raises(SpecError) as again:
-            ltmdsl.load(fmt_text(text))
+            ltmdsl.loads(fmt_text(text))
         assert [d.message for d in again.value.errors] == [d.message for d in e.errors]
         return
     out = fmt_text(text)
-    assert ir_meaning(ltmdsl.load(out).ir) == ir_meaning(original.ir)
+    assert ir_meaning(ltmdsl.loads(out).ir) == ir_meaning(original.ir)
     assert fmt_text(out) == out
 
 
@@ -117,7 +117,7 @@ def test_random_specs_round_trip(text):
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=300).map(lambda b: b.decode("latin-1"))))
 def test_garbage_only_raises_spec_error(text):
     with contextlib.suppress(SpecError):  # anything else (a KeyError, a RecursionError) fails the test
-        ltmdsl.load(text + "\n")
+        ltmdsl.loads(text + "\n")
 
 
 @settings(max_examples=100, deadline=None)
@@ -127,7 +127,7 @@ def test_garbage_only_raises_spec_error(text):
                 max_size=40))
 def test_token_soup_only_raises_spec_error(tokens):
     with contextlib.suppress(SpecError):
-        ltmdsl.load(" ".join(tokens) + "\n")
+        ltmdsl.loads(" ".join(tokens) + "\n")
 
 
 def test_fmt_output_parses_for_non_ascii_symbols_and_minus_runs():
@@ -135,7 +135,7 @@ def test_fmt_output_parses_for_non_ascii_symbols_and_minus_runs():
            ' stack { pattern "éé" } }\n'
     out = fmt_text(text)
     assert '"é" = f' in out and "--" not in out
-    assert ir_meaning(ltmdsl.load(out).ir) == ir_meaning(ltmdsl.load(text).ir)
+    assert ir_meaning(ltmdsl.loads(out).ir) == ir_meaning(ltmdsl.loads(text).ir)
     assert fmt_text(out) == out
 
 

@@ -44,7 +44,7 @@ def test_literal_values(text, expected):
 ])
 def test_expression_errors(text, message):
     with pytest.raises(SpecError, match=message):
-        ltmdsl.load(BASE.format(d=text))
+        ltmdsl.loads(BASE.format(d=text))
 
 
 HOSTILE = {
@@ -85,14 +85,14 @@ def test_missing_path_and_directory(target, tmp_path):
 
 def test_syntax_error_has_position_and_caret():
     with pytest.raises(SpecError) as info:
-        ltmdsl.load("model m {\n    vocab = 256 @ 2\n}\n")
+        ltmdsl.loads("model m {\n    vocab = 256 @ 2\n}\n")
     d = info.value.diagnostics[0]
     assert (d.line, d.col) == (2, 17)
     assert info.value.render().splitlines()[-1].strip() == "^"
 
 
 def test_identifier_named_x_is_allowed():
-    spec = ltmdsl.load(BASE.format(d="x").replace("    vocab = 256\n", "    vocab = 256\n    x = 64\n"))
+    spec = ltmdsl.loads(BASE.format(d="x").replace("    vocab = 256\n", "    vocab = 256\n    x = 64\n"))
     assert spec.model.d_model == 64
 
 

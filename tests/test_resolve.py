@@ -18,7 +18,7 @@ model m {
 
 
 def load(body: str, extra: str = ""):
-    return ltmdsl.load(HEAD + body + "\n}\n" + extra)
+    return ltmdsl.loads(HEAD + body + "\n}\n" + extra)
 
 
 def kinds(spec):
@@ -62,7 +62,7 @@ def test_repeat_inside_shared_block_gets_own_slots():
 
 
 def test_constants_and_expressions():
-    spec = ltmdsl.load("""
+    spec = ltmdsl.loads("""
 const width = 32 * 2
 model m {
     vocab = 2 ** 8
@@ -92,7 +92,7 @@ def test_duplicate_across_import_is_an_error(tmp_path):
 
 
 def test_norm_and_head_settings():
-    spec = ltmdsl.load("""
+    spec = ltmdsl.loads("""
 model m {
     vocab = 256
     d_model = 64
@@ -115,7 +115,7 @@ BUDGET_MODEL = HEAD + "    stack { attn ffn ssm ffn }\n}\n"
 
 
 def test_budget_defaults_and_plan():
-    spec = ltmdsl.load(BUDGET_MODEL + """
+    spec = ltmdsl.loads(BUDGET_MODEL + """
 gpu big { memory = 96 GB, bf16_tflops = 1000, bandwidth = 4 TB }
 budget train for m {
     training context = 1Mi, batch = 8, recompute = selective
@@ -135,12 +135,12 @@ budget train for m {
 
 def test_budget_needs_mode_line():
     with pytest.raises(SpecError, match="needs a mode line"):
-        ltmdsl.load(BUDGET_MODEL + "budget b for m { on 1 x H100 }\n")
+        ltmdsl.loads(BUDGET_MODEL + "budget b for m { on 1 x H100 }\n")
 
 
 def test_explicit_dp_must_match_gpu_count():
     with pytest.raises(SpecError, match="must equal the GPU count"):
-        ltmdsl.load(BUDGET_MODEL + "budget b for m { inference context = 1K\n on 8 x H100 with tp = 2, dp = 2 }\n")
+        ltmdsl.loads(BUDGET_MODEL + "budget b for m { inference context = 1K\n on 8 x H100 with tp = 2, dp = 2 }\n")
 
 
 def test_errors_are_all_reported_at_once():
@@ -154,7 +154,7 @@ def test_source_text_of_an_importing_spec_loads_alone(tmp_path):
     main = tmp_path / "main.ltm"
     main.write_text('use "common.ltm"\nmodel m {\n vocab = 256\n d_model = width\n stack { ffn ffn }\n}\n')
     spec = ltmdsl.load(main)
-    again = ltmdsl.load(spec.model.source_text)
+    again = ltmdsl.loads(spec.model.source_text)
     assert again.model.params_total == spec.model.params_total
 
 
@@ -168,7 +168,7 @@ def test_llama3_rope_scaling_resolves():
     can hold the call; overrides can set and clear it per position."""
     from ltmdsl.ir import RopeScaling
 
-    spec = ltmdsl.load(f"""model m {{
+    spec = ltmdsl.loads(f"""model m {{
     vocab = 256
     d_model = 64
     s = {LLAMA3}
@@ -217,7 +217,7 @@ def test_llama3_rope_scaling_resolves():
 ])
 def test_llama3_rope_scaling_errors(value, message):
     with pytest.raises(SpecError, match=message):
-        ltmdsl.load(f"model m {{\n vocab = 2\n d_model = 64\n eight = 8\n"
+        ltmdsl.loads(f"model m {{\n vocab = 2\n d_model = 64\n eight = 8\n"
                     f" layer attn = attention(heads = 4, rope_scaling = {value})\n stack {{ attn }}\n"
                     f" override 0 (window = eight)\n}}\n")
 
@@ -234,7 +234,7 @@ def test_rope_dim_resolves():
     """An int per sub-layer (expressions allowed), none by default; rope_dim = head_dim is the whole head and
     resolves to none, so it equals the plain definition; overrides set and clear it; it goes with rope_scaling;
     parameter counts do not change."""
-    spec = ltmdsl.load(f"""model m {{
+    spec = ltmdsl.loads(f"""model m {{
     vocab = 256
     d_model = 64
     layer part = attention(heads = 4, rope_dim = 16 // 2)
@@ -272,7 +272,7 @@ def test_rope_dim_errors_point_at_the_parameter(layer, message):
     """Range and type errors point at the value, the checks that need head_dim or rope_theta at `rope_dim`."""
     text = f"model m {{\n vocab = 2\n d_model = 64\n eight = 8\n layer x = {layer}\n stack {{ x }}\n}}\n"
     with pytest.raises(SpecError, match=message) as e:
-        ltmdsl.load(text)
+        ltmdsl.loads(text)
     (error,) = e.value.errors
     line = text.splitlines()[4]
     at_name, at_value = line.index("rope_dim") + 1, line.index("rope_dim = ") + len("rope_dim = ") + 1

@@ -3,8 +3,9 @@
 Every distinct layer configuration of the model becomes one kernel module (codegen/kernelspec.py); each
 is rendered, linted (codegen/lint.py) and written as DIR/<name>.py, and DIR/manifest.json lists them with
 their spec hash, cache key, parameters, launch META and the lint's shared-memory estimate. The output is
-built in a temporary directory beside DIR and renamed into place, so DIR holds the old complete output
-or the new one, never a part. An existing DIR is replaced only if it holds an earlier manifest.json.
+built in a temporary directory beside DIR and swapped into place (ltmdsl/atomic.py), so DIR holds the old
+complete output or the new one, never a part. An existing DIR is replaced only if it is empty or provably
+an earlier ltmdsl output (its record lists exactly the files it holds); anything else is refused untouched.
 Nothing here imports triton: compiling works on machines without it.
 """
 
@@ -79,22 +80,29 @@ def run(args) -> int:
     if model is None:
         return code
     dest = os.path.abspath(args.output)
-    if os.path.exists(dest) and (not os.path.isdir(dest) or (os.listdir(dest)
-                                 and not os.path.exists(os.path.join(dest, "manifest.json")))):
-        print(f"error: {args.output} exists and is not an earlier `ltmdsl compile` output; refusing to replace it",
-              file=sys.stderr)
+    try:
+        atomic.check_replaceable(dest)
+    except OSError as e:
+        print(f"{args.output}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         items = rendered_kernels(model, args.dtype, args.target)
     except Exception as e:  # a lint or spec failure: report, write nothing
         print(f"error: code generation failed: {e}", file=sys.stderr)
         return EXIT_SPEC
-    with atomic.directory(dest, overwrite=True) as tmp:
-        for it in items:
-            (tmp / f"{it['spec'].name}.py").write_text(it["source"], encoding="utf-8")
-        (tmp / "manifest.json").write_text(
-            json.dumps(manifest(model, items, args.dtype, args.target), indent=2, sort_keys=True) + "\n",
-            encoding="utf-8")
+    try:
+        with atomic.directory(dest) as tmp:
+            for it in items:
+                (tmp / f"{it['spec'].name}.py").write_text(it["source"], encoding="utf-8")
+            (tmp / "manifest.json").write_text(
+                json.dumps(manifest(model, items, args.dtype, args.target), indent=2, sort_keys=True) + "\n",
+                encoding="utf-8")
+    except atomic.NotOwnOutput as e:
+        print(f"{args.output}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"{args.output}: error: cannot write: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
     for it in items:
         print(f"{it['spec'].name}.py  ({it['spec'].family}, key {it['key'][:16]})")
     print(f"wrote {len(items)} kernel modules and manifest.json to {args.output}")

@@ -26,7 +26,7 @@ def run(args) -> int:
     from ltmdsl.errors import SpecError
     from ltmdsl.hf import HFError
     from ltmdsl.hf.configs import plan_from_config, read_config
-    from ltmdsl.loader import load
+    from ltmdsl.loader import loads
 
     path = os.fspath(args.path)
     if not os.path.exists(path):
@@ -41,7 +41,7 @@ def run(args) -> int:
         return EXIT_USAGE if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) \
             else EXIT_SPEC
     try:
-        load(text, name=args.output or "<import-hf>")
+        loads(text, name=args.output or "<import-hf>")
     except SpecError as e:  # our output must always load; say so plainly if it does not
         print(f"{path}: error: the generated spec does not load (please report):\n{e.render()}", file=sys.stderr)
         return EXIT_SPEC

@@ -18,6 +18,7 @@ import math
 import os
 
 from ltmdsl import atomic
+from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
 from ltmdsl.hf.spec import Plan
@@ -295,14 +296,14 @@ def hf_plan(ir: ModelIR) -> tuple[dict, Plan]:
     cfg = {"architectures": None, **config_from_ir(ir)}
     cfg["architectures"] = [_ARCH[cfg["model_type"]]]
     plan = plan_from_config(cfg, name=ir.name)
-    why = _same_model(ir, ltmdsl.load(plan.spec_text()).model)
+    why = _same_model(ir, ltmdsl.loads(plan.spec_text(), name=f"<{cfg['model_type']} config>").model)
     if why:
         raise HFError(f"model {ir.name} does not map back to {cfg['model_type']} exactly: {why}")
     return cfg, plan
 
 
 def _model_of(source, seed: int):
-    """A runtime model from a model object, a spec (path or text: seeded weights) or a runtime checkpoint."""
+    """A runtime model from a model object, a spec file (seeded weights) or a runtime checkpoint (a path)."""
     if hasattr(source, "ir") and hasattr(source, "named_parameters"):
         return source
     import ltmdsl
@@ -313,21 +314,17 @@ def _model_of(source, seed: int):
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
 
-        from ltmdsl.runtime.checkpoint import load as load_checkpoint
+        from ltmdsl.checkpoints import load_checkpoint
 
         try:
             return load_checkpoint(path)
         except (ValueError, OSError, SafetensorError) as e:
             raise HFError(str(e).removeprefix(f"{path}: "), path) from None
-    ir = ltmdsl.load(source).model
-    need = ir.params_total * 4  # weights are drawn in fp32
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        have = None
-    if have and need > have // 2:
-        raise HFError(f"model {ir.name} has {ir.params_total:,} parameters ({need / 2**30:.1f} GiB in fp32): "
-                      f"too large to draw seeded weights on this machine ({have / 2**30:.0f} GiB of memory)", path)
+    ir = ltmdsl.load(path).model
+    try:  # weights are drawn in fp32, then copied once into the Hugging Face layout
+        check_fits(ir.params_total * 8, f"model {ir.name} ({ir.params_total:,} parameters, seeded weights)")
+    except TensorFileError as e:
+        raise HFError(str(e), path) from None
     return ltmdsl.build(ir, backend="torch", seed=seed)
 
 
@@ -342,14 +339,22 @@ def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite:
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise HFError("exists and is not empty (pass overwrite=True / --force to replace it)", out_dir)
+    try:
+        atomic.check_replaceable(out_dir)
+    except atomic.NotOwnOutput as e:
+        raise HFError(str(e).removeprefix(f"{out_dir} "), out_dir) from None
     model = _model_of(source, seed)
+    if hasattr(source, "ir"):  # checkpoints were checked as they loaded
+        from ltmdsl.runtime.checkpoint import warn_nonfinite
+
+        warn_nonfinite(model.named_parameters(), f"model {model.ir.name}")
     cfg, plan = hf_plan(model.ir)
     state = {name: p.detach().cpu() for name, p in model.named_parameters()}
     tensors = to_hf(plan, state, expert_counts(model.ir), fused=fused)
     dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
     if len(dtypes) == 1:
         cfg["torch_dtype"] = dtypes.pop()
-    with atomic.directory(out_dir, overwrite=True) as tmp:
+    with atomic.directory(out_dir) as tmp:
         with open(tmp / "config.json", "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
             f.write("\n")

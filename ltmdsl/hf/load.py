@@ -6,7 +6,9 @@ The config becomes spec text (configs.py), which `ltmdsl.load` resolves and `ltm
 initialising weights; then every runtime parameter is filled from the checkpoint through the name mapping of
 weights.py. Reading is lazy (safetensors memory maps), shard by shard for `model.safetensors.index.json`.
 Every checkpoint tensor must be used and every parameter filled with the right shape: anything else is an
-`HFError` naming the tensor, never a KeyError traceback.
+`HFError` naming the tensor, never a KeyError traceback. All of that is checked from the safetensors
+headers alone (ltmdsl/tensorfile.py) on a model built on the meta device, and the model's bytes are compared
+with the memory available, before a single weight is allocated.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config, read_config
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, gather, source_of
+from ltmdsl.tensorfile import TensorFileError, TensorInfo, check_fits, read_header
+
+#: safetensors dtypes a Hugging Face weight may have (the runtime casts them to the model's dtype).
+FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -32,6 +38,7 @@ class Checkpoint:
         self.folder = folder
         self._files: dict[str, object] = {}
         self._where: dict[str, str] = {}
+        self.infos: dict[str, TensorInfo] = {}  # from the validated headers
         index_path = os.path.join(folder, INDEX)
         if os.path.isfile(index_path):
             try:
@@ -56,6 +63,10 @@ class Checkpoint:
             raise HFError(f"no {SINGLE} or {INDEX}{hint}", folder)
         for shard in shards:
             path = os.path.join(folder, shard)
+            try:
+                self.infos.update(read_header(path).tensors)
+            except TensorFileError as e:
+                raise HFError(f"cannot open safetensors file: {str(e).removeprefix(f'{path}: ')}", path) from None
             try:
                 handle = safe_open(path, framework="pt")
             except Exception as e:  # safetensors raises its own error types for bad headers
@@ -83,26 +94,78 @@ class Checkpoint:
         return self._files[self._where[name]].get_tensor(name)
 
 
-def load_weights(model, plan: Plan, folder: str) -> None:
-    """Fill every parameter of a runtime `model` built from `plan` with the checkpoint's tensors."""
-    import torch
+    def read_meta(self, name: str):
+        """An empty meta-device tensor with the header's shape and dtype of `name` (KeyError when absent)."""
+        import torch
 
-    ckpt = Checkpoint(folder)
+        if name not in self._where:
+            raise KeyError(name)
+        info = self.infos[name]
+        return torch.empty(info.shape, dtype=getattr(torch, FLOAT_DTYPES[info.dtype]), device="meta")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.infos.values())
+
+
+def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) -> dict:
+    """Runtime parameter name -> tensor gathered through `read`, after checking that the names match."""
     available = ckpt.names
-    params = dict(model.named_parameters())  # tied weights appear once
-    experts = expert_counts(model.ir)
+    experts = expert_counts(ir)
     sources = {name: source_of(plan, name, experts, available) for name in params}
     used = {n for src in sources.values() for n in src.names}
-    allowed = {"lm_head.weight"} if model.ir.tie_embeddings else set()  # some tied checkpoints repeat it
+    allowed = {"lm_head.weight"} if ir.tie_embeddings else set()  # some tied checkpoints repeat it
     unexpected = sorted(available - used - allowed)
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise HFError(f"unexpected tensor{'s' if len(unexpected) > 1 else ''} {', '.join(unexpected[:5])}{more} "
                       f"(not part of a {plan.family} model with this config)", folder)
     try:
-        tensors = gather(sources, ckpt.read, {n: tuple(p.shape) for n, p in params.items()})
+        return gather(sources, read, {n: tuple(p.shape) for n, p in params.items()})
     except HFError as e:
         raise HFError(e.message, folder) from None
+
+
+def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
+    """Every check of `load_weights`, from the headers alone on a meta-device model; then whether the
+    model fits in memory. Nothing is allocated."""
+    import torch
+
+    from ltmdsl.runtime.build import kernels_for
+    from ltmdsl.runtime.model import LTModel
+
+    odd = sorted(n for n, info in ckpt.infos.items() if info.dtype not in FLOAT_DTYPES)
+    if odd:
+        raise HFError(f"tensor {odd[0]} is {ckpt.infos[odd[0]].dtype}; weights must be one of "
+                      f"{', '.join(FLOAT_DTYPES)}", ckpt.folder)
+    with torch.device("meta"):
+        params = dict(LTModel(ir, kernels_for("torch", ir)).named_parameters())
+    _tensors(params, ir, plan, ckpt, ckpt.read_meta, ckpt.folder)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # built in fp32, cast to dtype, and every checkpoint tensor read (and stacked) once while filling it
+    need = ir.params_total * (4 + (itemsize if dtype != torch.float32 else 0)) + 2 * ckpt.nbytes
+    try:
+        check_fits(need, f"model {ir.name}")
+    except TensorFileError as e:
+        raise HFError(str(e), ckpt.folder) from None
+
+
+def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None) -> None:
+    """Fill every parameter of a runtime `model` built from `plan` with the checkpoint's tensors."""
+    import torch
+
+    from ltmdsl.runtime.checkpoint import warn_nonfinite
+
+    ckpt = ckpt or Checkpoint(folder)
+    params = dict(model.named_parameters())  # tied weights appear once
+    read: list[tuple[str, object]] = []  # (checkpoint name, tensor): NaN warnings name the file's tensors
+
+    def reading(name: str):
+        read.append((name, ckpt.read(name)))
+        return read[-1][1]
+
+    tensors = _tensors(params, model.ir, plan, ckpt, reading, folder)
+    warn_nonfinite(read, folder)
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].dtype))
@@ -121,8 +184,10 @@ def from_hf(path, dtype=None, *, ignore=(), name: str | None = None, device="cpu
     cfg, cfg_path = read_config(path)
     folder = os.path.dirname(cfg_path) or "."
     plan = plan_from_config(cfg, name=name, source=cfg_path, ignore=ignore)
-    spec = ltmdsl.load(plan.spec_text())
+    spec = ltmdsl.loads(plan.spec_text(), name=f"<{cfg_path}>")
+    ckpt = Checkpoint(folder)
+    check_weights(spec.model, plan, ckpt, dtype or torch.float32)
     model = ltmdsl.build(spec, backend=backend, dtype=dtype or torch.float32, device=device, init=False)
-    load_weights(model, plan, folder)
+    load_weights(model, plan, folder, ckpt)
     model.eval()
     return model

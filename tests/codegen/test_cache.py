@@ -93,3 +93,71 @@ def test_a_kernel_failing_the_lint_is_not_written(cache_dir, monkeypatch):
     with pytest.raises(lint.LintError):
         cache.compile_spec(spec)
     assert not cache_dir.exists() or not list(cache_dir.iterdir())
+
+
+# ---- the cache executes only what this process rendered ------------------------------------------
+
+_MARKER = "LTMDSL_TEST_FORGED_CODE_RAN"
+
+
+def _evil_code(path):
+    return compile(f"import os\nos.environ[{_MARKER!r}] = '1'\nMETA = {{}}\n", str(path), "exec")
+
+
+def test_a_forged_pyc_is_never_executed(cache_dir, monkeypatch):
+    import importlib.util
+    from importlib._bootstrap_external import _code_to_timestamp_pyc
+
+    monkeypatch.delenv(_MARKER, raising=False)
+    spec = rmsnorm_spec(d=64, residual=False, dtype="fp32")
+    path = cache.compile_spec(spec).path
+    st = path.stat()
+    pyc = Path(importlib.util.cache_from_source(str(path)))
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(_code_to_timestamp_pyc(_evil_code(path), st.st_mtime, st.st_size))  # valid for the source
+    cache.clear_memo()
+    again = cache.compile_spec(spec)
+    assert _MARKER not in os.environ
+    assert again.meta["add_rmsnorm_fwd"]["BLOCK_D"] == 64
+
+
+def test_no_bytecode_is_written(cache_dir):
+    cache.compile_spec(rmsnorm_spec(d=32, residual=False, dtype="fp32"))
+    assert not (cache_dir / "__pycache__").exists()
+
+
+def test_a_tampered_source_is_rewritten_not_executed(cache_dir, monkeypatch):
+    import linecache
+    import inspect
+
+    monkeypatch.delenv(_MARKER, raising=False)
+    spec = rmsnorm_spec(d=64, residual=True, dtype="fp32")
+    ck = cache.compile_spec(spec)
+    ck.path.write_text(f"import os\nos.environ[{_MARKER!r}] = '1'\n" + ck.source)
+    linecache.clearcache()
+    cache.clear_memo()
+    again = cache.compile_spec(spec)
+    assert _MARKER not in os.environ
+    assert ck.path.read_text() == ck.source  # regenerated
+    assert _MARKER not in inspect.getsource(again.module)  # what triton reads is what ran
+
+
+def test_cache_dir_is_private(cache_dir):
+    cache.compile_spec(rmsnorm_spec(d=32, residual=False, dtype="fp32"))
+    assert cache_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_world_writable_cache_dir_of_ours_is_repaired(cache_dir):
+    cache_dir.mkdir()
+    os.chmod(cache_dir, 0o777)
+    cache.compile_spec(rmsnorm_spec(d=32, residual=False, dtype="fp32"))
+    assert cache_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_cache_dir_owned_by_someone_else_is_refused(cache_dir, monkeypatch):
+    cache_dir.mkdir()
+    owner = cache_dir.stat().st_uid
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)
+    with pytest.raises(cache.CacheDirError, match="owned by uid"):
+        cache.compile_spec(rmsnorm_spec(d=48, residual=False, dtype="fp32"))
+    assert not list(cache_dir.iterdir())

@@ -26,7 +26,7 @@ def test_compile_writes_kernels_and_manifest(tmp_path, capsys):
     assert compile_cmd.run(parse(compile_cmd, [TINY, "-o", str(out), "--dtype", "bf16"])) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == "tiny_hybrid" and manifest["dtype"] == "bf16" and manifest["target"] == "gpu"
-    files = sorted(p.name for p in out.iterdir())
+    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # the ownership record is hidden
     assert files == sorted([k["file"] for k in manifest["kernels"]] + ["manifest.json"])
     for k in manifest["kernels"]:
         ast.parse((out / k["file"]).read_text())
@@ -69,3 +69,21 @@ def test_emit_unknown_kernel_lists_names(capsys):
 @pytest.mark.parametrize("name", ["mamba2-2.7b.ltm", "jamba-v0.1.ltm", "llama-3.1-8b.ltm"])
 def test_published_architectures_compile_in_bf16(tmp_path, name, capsys):
     assert compile_cmd.run(parse(compile_cmd, [str(EXAMPLES / name), "-o", str(tmp_path / "k"), "--dtype", "bf16"])) == 0
+
+
+def test_emit_without_kernel_lists_the_kernels(capsys):
+    assert emit_cmd.run(parse(emit_cmd, [TINY])) == 0
+    names = capsys.readouterr().out.split()
+    assert "ssd_d16_n16_c16_fp32" in names and "rmsnorm_fp32" in names and len(names) == len(set(names))
+
+
+def test_emit_of_a_kernel_beyond_the_generator_is_a_clear_error(tmp_path, capsys):
+    spec = tmp_path / "huge.ltm"
+    spec.write_text("model m {\n    vocab = 256\n    d_model = 64\n"
+                    "    layer a = attention(heads = 1, head_dim = 33554432)\n    layer f = mlp(d_ff = 64)\n"
+                    "    stack { a f }\n}\n")
+    assert emit_cmd.run(parse(emit_cmd, [str(spec)])) == 1
+    err = capsys.readouterr().err
+    assert "code generation failed" in err and "head_dim=33554432 out of range" in err
+    assert compile_cmd.run(parse(compile_cmd, [str(spec), "-o", str(tmp_path / "o")])) == 1
+    assert not (tmp_path / "o").exists()

@@ -36,7 +36,7 @@ def published(name: str) -> dict:
 
 def imported(cfg: dict, **kw):
     """The ModelIR of an imported config (nothing ignored: Llama 3.1's rope scaling is imported too)."""
-    return ltmdsl.load(spec_from_config(cfg, **kw)).model
+    return ltmdsl.loads(spec_from_config(cfg, **kw)).model
 
 
 def transformers_count(cfg: dict) -> int:
@@ -304,7 +304,7 @@ def test_other_rope_types_are_refused_listing_what_is_supported(rope_type, key):
         spec_from_config(cfg)
     text = spec_from_config(cfg, ignore=[key])  # still droppable knowingly, as before
     assert f"# NOTE: '{key}' ignored on request" in text
-    assert ltmdsl.load(text).model.layers[0].mixer.rope_scaling is None
+    assert ltmdsl.loads(text).model.layers[0].mixer.rope_scaling is None
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -362,14 +362,14 @@ def test_unsupported_or_bad_configs_are_clear_errors(cfg, message):
 def test_ignore_is_explicit_and_recorded():
     text = spec_from_config({"model_type": "llama", "some_new_switch": True}, ignore=["some_new_switch"])
     assert "# NOTE: 'some_new_switch' ignored on request" in text
-    ltmdsl.load(text)
+    ltmdsl.loads(text)
 
 
 def test_hostile_names_and_values_cannot_inject_spec_text():
     cfg = {"model_type": "llama", "_name_or_path": 'org/x"}\nmodel evil { vocab = 1 }\n#',
            "num_hidden_layers": 2, "torch_dtype": "bfloat16\nmodel evil {"}
     text = spec_from_config(cfg)
-    spec = ltmdsl.load(text)
+    spec = ltmdsl.loads(text)
     assert len(spec.ir.models) == 1 and spec.model.name.startswith("x_")
     assert sanitize_name("3.1-8B") == "m_3_1_8B" and sanitize_name("model") == "model_hf"
     assert sanitize_name("  ") == "model_hf" and len(sanitize_name("a" * 500)) <= 64

@@ -117,10 +117,10 @@ def test_rope_dim_exports_only_to_bamba(tmp_path):
     stack { attn ffn attn ffn }
 }
 """
-    cfg = config_from_ir(ltmdsl.load(llama).model)
+    cfg = config_from_ir(ltmdsl.loads(llama).model)
     assert cfg["model_type"] == "bamba" and cfg["attn_layer_indices"] == [0, 1] and "mamba_n_heads" not in cfg
     with pytest.raises(HFError, match="rope_dim .* maps back only to Bamba"):
-        config_from_ir(ltmdsl.load(llama.replace("d_ff = 24", "d_ff = 24, act = gelu")).model)
+        config_from_ir(ltmdsl.loads(llama.replace("d_ff = 24", "d_ff = 24, act = gelu")).model)
     spec = tmp_path / "hybrid.ltm"
     spec.write_text(llama.replace("stack { attn ffn attn ffn }", "layer ssm = mamba2(d_state = 8, head_dim = 16, "
                                   "chunk = 4)\n    stack { ssm ffn attn ffn ssm ffn attn(rope_dim = none) ffn }")
@@ -171,7 +171,13 @@ def test_models_without_a_counterpart_are_refused(tmp_path, capsys):
     assert "error: layernorm has no Hugging Face counterpart" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["odd.ltm"]
     with pytest.raises(HFError, match="activation gelu"):
-        config_from_ir(ltmdsl.load(spec.read_text().replace("layernorm", "rmsnorm")).model)
+        config_from_ir(ltmdsl.loads(spec.read_text().replace("layernorm", "rmsnorm")).model)
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_export_refuses_to_clobber(tmp_path, capsys):
@@ -182,8 +188,16 @@ def test_export_refuses_to_clobber(tmp_path, capsys):
     assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out"), "--force"]) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    # --force replaces only an earlier ltmdsl output, never a folder holding the user's files
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out"), "--force"]) == 2
+    assert "not an earlier ltmdsl output" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    os.remove(tmp_path / "out" / "keep.txt")
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out")]) == 0  # an empty folder is fine
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out"), "--seed", "1", "--force"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == [".ltmdsl-output.json", "config.json", "model.safetensors"]
+    modes = {os.stat(tmp_path / "out" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "out")}
+    assert modes == {0o666 & ~umask()}  # the mode a plain open() gives, for every file
 
 
 def test_import_command(tmp_path, capsys):
@@ -208,3 +222,75 @@ def test_import_command(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["import-hf", str(tmp_path / "empty"), "-o", str(tmp_path / "n.ltm")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "empty", "m.ltm"]
+
+
+# ---- export-hf from hostile or odd checkpoints: clear errors, warnings, no traceback --------------------
+
+def _llama_checkpoint(tmp_path, nan=False):
+    from ltmdsl.runtime.checkpoint import save
+
+    save_case("llama", tmp_path / "src")
+    assert main(["import-hf", str(tmp_path / "src"), "-o", str(tmp_path / "l.ltm")]) == 0
+    model = ltmdsl.build(tmp_path / "l.ltm", seed=1)
+    if nan:
+        with torch.no_grad():
+            model.embed.weight[1, 2] = float("nan")
+    return save(model, tmp_path / "l.safetensors")
+
+
+def _rewrite_metadata(path, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    meta.update(changes)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"ltmdsl.dtype": ""}, "ltmdsl.dtype is ''"),
+    ({"ltmdsl.dtype": "float99"}, "ltmdsl.dtype is 'float99'"),
+    ({"ltmdsl.dtype": "int64"}, "ltmdsl.dtype is 'int64'"),
+    ({"ltmdsl.model": "other"}, "ltmdsl.model is 'other'"),
+    ({"ltmdsl.spec": "/etc/passwd"}, "error"),
+], ids=["empty-dtype", "unknown-dtype", "int-dtype", "unknown-model", "path-as-spec"])
+def test_export_of_a_bad_checkpoint_is_a_clear_error(tmp_path, capsys, changes, message):
+    path = _llama_checkpoint(tmp_path)
+    _rewrite_metadata(path, **changes)
+    capsys.readouterr()
+    assert main(["export-hf", str(path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "root:" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_warns_about_nan_weights(tmp_path, capsys):
+    path = _llama_checkpoint(tmp_path, nan=True)
+    capsys.readouterr()
+    assert main(["export-hf", str(path), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "NaN or inf in 1 tensor: embed.weight" in warnings[0]
+
+
+def test_export_to_an_unwritable_place_is_a_clear_error(tmp_path, capsys):
+    save_case("llama", tmp_path / "src")
+    assert main(["import-hf", str(tmp_path / "src"), "-o", str(tmp_path / "l.ltm")]) == 0
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "l.ltm"), "/proc/x/out"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Traceback" not in err
+
+
+def test_export_of_a_spec_too_large_for_memory_is_refused(tmp_path, capsys, monkeypatch):
+    from ltmdsl import tensorfile
+
+    save_case("llama", tmp_path / "src")
+    assert main(["import-hf", str(tmp_path / "src"), "-o", str(tmp_path / "l.ltm")]) == 0
+    monkeypatch.setattr(tensorfile, "available_bytes", lambda: 1024)
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "GiB of memory available" in err and not (tmp_path / "out").exists()

@@ -188,3 +188,51 @@ def test_bad_or_absent_weights(saved, tmp_path):
     with pytest.raises(HFError, match="cannot open safetensors"):
         ltmdsl.from_hf(tmp_path / "junk")
     assert not os.path.exists(tmp_path / "evil.safetensors")
+
+
+# ---- nothing is allocated before the headers are checked ----------------------------------------------
+
+def test_a_huge_config_with_a_tiny_file_allocates_nothing(saved, tmp_path):
+    import resource
+
+    folder, _ = saved("llama")
+    (tmp_path / "h").mkdir()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+               num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(folder / "model.safetensors", tmp_path / "h" / "model.safetensors")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(HFError, match="has shape|missing tensor|unexpected tensor"):
+        ltmdsl.from_hf(tmp_path / "h")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB, for a 1.6 TB model
+
+
+def test_from_hf_refuses_what_memory_cannot_hold(saved, tmp_path, monkeypatch):
+    from ltmdsl import tensorfile
+
+    folder, _ = saved("llama")
+    monkeypatch.setattr(tensorfile, "available_bytes", lambda: 4096)
+    with pytest.raises(HFError, match="GiB of memory available"):
+        ltmdsl.from_hf(folder)
+
+
+def test_integer_weights_are_refused(saved, tmp_path):
+    folder, _ = saved("llama")
+    name = "model.norm.weight"
+    _copy_with(folder, tmp_path / "c", lambda t: {**t, name: t[name].to(torch.int32)})
+    with pytest.raises(HFError, match=f"tensor {name} is I32"):
+        ltmdsl.from_hf(tmp_path / "c")
+
+
+def test_nan_weights_warn(saved, tmp_path):
+    folder, _ = saved("llama")
+    name = "model.norm.weight"
+
+    def poison(t):
+        t[name][0] = float("nan")
+        return t
+
+    _copy_with(folder, tmp_path / "c", poison)
+    with pytest.warns(RuntimeWarning, match=f"NaN or inf in 1 tensor: {name}"):
+        ltmdsl.from_hf(tmp_path / "c")

@@ -18,7 +18,7 @@ def test_every_parameter_is_documented(kind):
 
 
 def one(layer: str, d_model: int = 64) -> int:
-    spec = ltmdsl.load(f"model m {{\n vocab = 2\n d_model = {d_model}\n layer x = {layer}\n stack {{ x }}\n}}\n")
+    spec = ltmdsl.loads(f"model m {{\n vocab = 2\n d_model = {d_model}\n layer x = {layer}\n stack {{ x }}\n}}\n")
     return spec.model.layers[0].params - d_model  # minus the rmsnorm weight
 
 

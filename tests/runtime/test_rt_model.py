@@ -50,7 +50,9 @@ SPECS = {
 
 @pytest.fixture(scope="module", params=list(SPECS), ids=list(SPECS))
 def model(request):
-    return build(ltmdsl.load(SPECS[request.param]), dtype=torch.float32, seed=0).eval()
+    spec = SPECS[request.param]
+    loaded = ltmdsl.loads(spec) if isinstance(spec, str) else ltmdsl.load(spec)
+    return build(loaded, dtype=torch.float32, seed=0).eval()
 
 
 def tokens(model, B, T, seed=0):
@@ -122,20 +124,28 @@ def test_shapes_follow_contract():
 
 
 def test_shared_block_shares_modules_not_caches():
-    m = build(ltmdsl.load(SHARED_SPEC))
+    m = build(ltmdsl.loads(SHARED_SPEC))
     assert m.layers[1] is m.layers[4] and m.layers[2] is m.layers[5]
     assert m.layers[0] is not m.layers[3]
     cache = m.new_cache(1, 16)
     assert cache.layers[1] is not cache.layers[4] and isinstance(cache.layers[4], KVCache)
 
 
-def test_build_accepts_spec_ir_path_and_text():
+def test_build_takes_ir_and_the_top_level_takes_paths():
+    """The runtime builds IR only (a Spec, SpecIR or ModelIR); paths are resolved by `ltmdsl.build`."""
     path = SPECS["stream-hybrid"]
     ids = torch.arange(6)[None]
-    ref = build(ltmdsl.load(path))(ids)
-    for spec in (ltmdsl.load(path).model, str(path), path, path.read_text()):
-        assert_close(build(spec)(ids), ref, 0, f"build from {type(spec).__name__}")
-    assert_close(ltmdsl.build(path)(ids), ref, 0, "ltmdsl.build")
+    spec = ltmdsl.load(path)
+    ref = build(spec)(ids)
+    for ir in (spec.ir, spec.model):
+        assert_close(build(ir)(ids), ref, 0, f"build from {type(ir).__name__}")
+    for where in (str(path), path, spec, spec.model):
+        assert_close(ltmdsl.build(where)(ids), ref, 0, f"ltmdsl.build from {type(where).__name__}")
+    for bad in (str(path), path, path.read_text()):
+        with pytest.raises(TypeError, match="ModelIR"):
+            build(bad)
+    with pytest.raises(ltmdsl.SpecError, match="no such file"):  # text is never taken for a path's content
+        ltmdsl.build(path.read_text())
 
 
 def test_seed_controls_weights():

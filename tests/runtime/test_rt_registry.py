@@ -37,7 +37,7 @@ def pure_registry() -> dict:
 
 def load_text(text: str):
     """A loaded spec from spec text (the one place that knows how text is loaded)."""
-    return ltmdsl.load(text)
+    return ltmdsl.loads(text)
 
 
 # -- random small configs, one generator per kind ------------------------------------------------------

@@ -38,7 +38,7 @@ def copy_batch(gen: torch.Generator, B: int = 16, L: int = 12, S: int = 16):
 
 def test_gradients_reach_every_parameter():
     for spec in (EXAMPLES / "tiny-hybrid.ltm", SHARED):
-        model = build(ltmdsl.load(spec), seed=0)
+        model = build(ltmdsl.load(spec) if spec is not SHARED else ltmdsl.loads(spec), seed=0)
         inp, tgt = copy_batch(torch.Generator().manual_seed(0), B=8)
         model.loss(inp, tgt).backward()
         dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
