@@ -14,7 +14,7 @@ GOOD = "model m {\n    vocab = 256\n    d_model = 64\n    layer f = mlp(d_ff = 8
 
 def errors_of(text: str) -> list:
     with pytest.raises(SpecError) as info:
-        ltmdsl.load(text)
+        ltmdsl.loads(text)
     return info.value.errors
 
 
@@ -57,7 +57,7 @@ def test_a_bom_is_accepted(tmp_path):
     path = tmp_path / "bom.ltm"
     path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
     assert ltmdsl.load(path).model.d_model == 64
-    assert ltmdsl.load("\ufeff" + GOOD).model.d_model == 64
+    assert ltmdsl.loads("\ufeff" + GOOD).model.d_model == 64
     (d,) = errors_of("\ufeffmodel m { vocab = $ }\n")
     assert (d.line, d.col) == (1, 19) and d.source_line.startswith("model")
 

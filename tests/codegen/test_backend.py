@@ -100,7 +100,7 @@ def test_model_runs_on_triton_with_a_kind_whose_ops_have_no_kernel(monkeypatch):
 
     kept = {k: v for k, v in backend.triton_ops().items() if k not in ("selective_scan", "selective_step")}
     monkeypatch.setattr(backend, "triton_ops", lambda: kept)
-    spec = ltmdsl.load("""
+    spec = ltmdsl.loads("""
 model scan_on_torch {
     vocab = 32
     d_model = 32
