@@ -16,7 +16,7 @@ MLP sub-layer:
     replicated   norm input a*sbh, MLP input a*sbh, dropout mask 1*sbh (dropout only)
     split        gated (SwiGLU/GeGLU): gate, up, product 3*a*sb*F; otherwise up, activation 2*a*sb*F
   Paper (GELU, F=4h): 21sbh, with TP 5sbh + 16sbh/t. Both together: sbh(34 + 5as/h) and
-  sbh(10 + 24/t + 5as/(ht)), the formulas REFERENCE.md quotes; our default (SwiGLU, GQA, flash, no
+  sbh(10 + 24/t + 5as/(ht)), the formulas of Korthikanti et al. (2022), Table 2; our default (SwiGLU, GQA, flash, no
   dropout) changes the constants as above.
 Mamba-1 sub-layer (state-spaces/mamba `mamba_inner_fn`):
     replicated   norm input, in_proj input a*sbh; x_proj output a*sb*(R + 2N) (twice with Jamba's

@@ -16,7 +16,7 @@ from ltmdsl.hf.spec import compress, sanitize_name
 from ltmdsl.ir import Dtype, RopeScaling
 
 CONFIGS = Path(__file__).parent / "configs"
-#: published name -> parameters as transformers counts them (REFERENCE.md §2)
+#: published name -> parameters as transformers counts them (on the meta device, from the published configs)
 PUBLISHED = {
     "Llama-3.1-8B": 8_030_261_248,
     "Llama-3.1-405B": 405_853_388_800,
@@ -66,7 +66,9 @@ def test_family_defaults_match_transformers(family):
 
 
 def _expected_cache(cfg: dict, T: int, B: int = 1, taps: str = "full") -> dict:
-    """KV and recurrent-state bytes straight from the HF config (REFERENCE.md §3), bf16."""
+    """KV and recurrent-state bytes straight from the HF config, bf16: KV 2 * Hkv * D * 2 B per
+    token and attention layer; Mamba-1 conv (d_inner, K) + SSM (d_inner, N); Mamba-2 conv (d_inner + 2 * groups * N, K)
+    + SSM (heads, P, N)."""
     fam, d = cfg["model_type"], cfg["hidden_size"]
     kv = state = 0
     if fam in ("llama", "mistral", "mixtral", "jamba"):
@@ -104,7 +106,9 @@ def test_published_cache_bytes(name, context):
 
 
 def test_published_cache_figures():
-    """Figures quoted in REFERENCE.md §3 (Jamba paper at 256K; Magic.dev's 405B at 100M; Mamba-2.8B state)."""
+    """Published figures: the Jamba paper's KV caches at 256K tokens (Llama-2-7B 128 GiB, Mistral-7B and
+    Mixtral 32 GiB, Jamba 4 GiB), Llama-3.1-405B's 516,096 B per token at 100M tokens (Magic.dev's 100M-token
+    post), Mamba-2.8B's 10,485,760 B SSM state per sequence in bf16."""
     memory = pytest.importorskip("ltmdsl.memory")
 
     def kv(name, T):
