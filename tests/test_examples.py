@@ -24,7 +24,7 @@ PUBLISHED = {
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",
-                                                                    "stream-hybrid.ltm"}
+                                                                    "stream-hybrid.ltm", "tiny-jamba.ltm"}
 
 
 def test_required_examples_exist():
