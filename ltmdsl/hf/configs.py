@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import stat
 from typing import Any, Callable
 
 from ltmdsl.hf import HFError
@@ -553,9 +554,8 @@ def _nemotron_h(r: _Reader) -> dict:
         r.used.update({"layers_block_type", "layer_types"})
         if not isinstance(types, list) or not types or len(types) > MAX_HF_LAYERS or \
                 any(not isinstance(t, str) or t not in _NEMOTRON_TYPES.values() for t in types):
-            raise r.fail(f"'layers_block_type' / 'layer_types' must list at most {MAX_HF_LAYERS:,} layers; "
-                         "needs 'hybrid_override_pattern' or 'layers_block_type' (a list of linear_attention, "
-                         "full_attention, mlp)")
+            raise r.fail("needs 'hybrid_override_pattern' or 'layers_block_type' (a list of at most "
+                         f"{MAX_HF_LAYERS:,} of linear_attention, full_attention, mlp)")
     if r.present("num_hidden_layers") and r.layers("num_hidden_layers") != len(types):
         raise r.fail(f"'num_hidden_layers' {r.cfg['num_hidden_layers']} != {len(types)} layers in the pattern")
     if "moe" in types:
@@ -696,7 +696,11 @@ def read_config(path) -> tuple[dict, str]:
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
-        with open(cfg_path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; only a regular file is read
+        fd = os.open(cfg_path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise HFError("cannot read config: not a regular file", cfg_path)
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise HFError(f"cannot read config: {e.strerror or e}", cfg_path) from None

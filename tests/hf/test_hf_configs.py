@@ -4,6 +4,7 @@ model and the HF config, layer patterns read right, and every unsupported or hos
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -486,6 +487,15 @@ def test_hostile_json_is_a_clear_error(tmp_path, text, message):
     with pytest.raises(HFError, match=message) as e:
         read_config(tmp_path)
     assert e.value.path == str(path)
+
+
+def test_config_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path):
+    from ltmdsl.hf.configs import read_config
+
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    with pytest.raises(HFError, match="not a regular file"):
+        read_config(tmp_path)
 
 
 def test_import_hf_command_names_the_key_and_writes_nothing(tmp_path, capsys):
