@@ -7,7 +7,7 @@
 Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba) and writes its config. To be sure nothing is lost,
 the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and sizes;
 models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...) are an
-`HFError` that says why. The folder appears atomically: it is written under a temporary name next to the
+`HFError` that says why and names the sub-layers the closest family has no place for (`misfits`). The folder appears atomically: it is written under a temporary name next to the
 destination and renamed into place, so an error leaves nothing behind.
 """
 
