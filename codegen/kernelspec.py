@@ -5,7 +5,7 @@ tuple of parameters whose values are ints, finite floats, bools or short lower-c
 `__post_init__` checks every one against the family's schema, so no string from a spec file can reach
 generated code (the hostile-input tests in tests/codegen/test_render.py feed it injection attempts).
 
-Three levels of specialisation (REFERENCE.md section 5):
+Three levels of specialisation (the pattern of PyTorch Inductor's FlexAttention templates):
   * the template (Jinja) decides which code exists: GQA packing, window, causal, bias, SiLU, residual;
   * `tl.constexpr` arguments carry block sizes and head dims (rendered into the module's META dict);
   * run-time arguments carry lengths, strides, pointers, the window length, scales and eps.

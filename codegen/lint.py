@@ -1,7 +1,8 @@
 """The lint every generated kernel passes before it is imported: what the GPU compiler would reject.
 
 Triton's interpreter (TRITON_INTERPRET=1, the CPU test path) accepts kernels the GPU compiler refuses,
-so CPU tests alone would not catch them (REFERENCE.md section 6). The lint reads the generated source
+so CPU tests alone would not catch them (the interpreter also accepts tl.dot below 16,
+non-power-of-two tl.arange and out-of-bounds loads). The lint reads the generated source
 with `ast`, takes each kernel's constexpr values from the module's META dict, and infers tile shapes by
 following tl.arange / tl.zeros / tl.full / tl.load / broadcasting / reductions / tl.dot through the
 kernel body. It reports:

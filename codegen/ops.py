@@ -41,7 +41,7 @@ from ltmdsl.codegen.kernelspec import (
 FALLBACKS: collections.Counter = collections.Counter()
 
 #: When set, every output and scratch buffer starts as NaN, so an element a kernel forgets to write shows
-#: up in tests (REFERENCE.md section 4); tests set it with `poisoned()`. A ContextVar rather than a module
+#: up in tests; tests set it with `poisoned()`. A ContextVar rather than a module
 #: flag: each thread or task sees only its own setting.
 _POISON: contextvars.ContextVar[bool] = contextvars.ContextVar("ltmdsl_poison_outputs", default=False)
 

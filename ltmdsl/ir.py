@@ -8,7 +8,8 @@ all read these frozen dataclasses and nothing else, so predicted bytes equal all
 The stack is flat: one `SubLayer` per mixer or feed-forward network, each with its own pre-norm and
 residual (x = x + f(norm(x))). A Jamba "decoder layer" is therefore two sub-layers: a mixer and an FFN.
 
-Axis names follow the glossary in REFERENCE.md: H, Hkv, D, Dv, W, N, P, E, k, C, V, d.
+Axis names: H, Hkv query and key/value heads, D, Dv query/key and value head dims, W window, N SSM state,
+P SSM head dim, E, k experts and experts per token, C chunk, V vocabulary, d model width.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Unlike Mamba-2, Mamba-1's decay differs per state channel, so the SSD matmul for
 measured 10x faster than that segsum form on the CPU (3.5 ms vs 45 ms at T=512, Di=128, N=16). Mirrors the
 math of transformers' `mamba_selective_scan` (delta already softplus'ed, no D skip, no z gate: the layer
 adds those). `selective_step` is the decode form (like `mamba_selective_state_update`);
-`selective_scan_reference` is the token-loop oracle of both (REFERENCE.md §4).
+`selective_scan_reference` is the token-loop oracle of both (the recurrence one token at a time, the plainest truth).
 """
 
 from __future__ import annotations

@@ -118,6 +118,21 @@ budget serve for m {
 """
 
 
+FAILING_REQUIRE = """model m {
+    vocab = 256
+    d_model = 64
+    layer attn = attention(heads = 4)
+    layer ffn = mlp(d_ff = 128)
+    stack { attn ffn }
+}
+budget b for m {
+    inference context = 1M, batch = 1
+    on 1 x H100
+    require kv_cache <= 1 MiB
+}
+"""
+
+
 def test_budget_failure_is_printed_once_with_its_line_and_caret(tmp_path, capsys):
     path = tmp_path / "b.ltm"
     path.write_text(BUDGET_SPEC)
@@ -197,3 +212,39 @@ def test_fmt_takes_several_files(tmp_path, capsys):
     assert capsys.readouterr().err.count("not in canonical form") == 2
     assert main(["fmt", "-w", *map(str, paths)]) == 0
     assert main(["fmt", "--check", *map(str, paths)]) == 0
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
+@pytest.mark.parametrize("edit", [
+    pytest.param(lambda t: t, id="require-fails"),
+    pytest.param(lambda t: t.replace("require kv_cache <= 1 MiB", "").replace("1 x H100", "1 x A100_40GB")
+                 .replace("context = 1M", "context = 200M"), id="over-gpu-capacity"),
+])
+def test_memory_exits_three_like_check_when_the_budget_fails(tmp_path, capsys, edit, json_flag):
+    path = tmp_path / "m.ltm"
+    path.write_text(edit(FAILING_REQUIRE))
+    assert main(["check", str(path)]) == 3
+    capsys.readouterr()
+    assert main(["memory", str(path), *json_flag]) == 3
+    out = capsys.readouterr().out
+    assert ("FAILS by" in out or "does NOT fit" in out) if not json_flag else json.loads(out)["fits"] is False
+
+
+def test_memory_exits_zero_when_the_budget_holds(tmp_path, capsys):
+    path = tmp_path / "m.ltm"
+    path.write_text(FAILING_REQUIRE.replace("1 MiB", "1 GiB"))
+    assert main(["memory", str(path)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_memory_says_what_the_plan_needs_in_words(tmp_path, capsys):
+    """Never `under this plan: None`: a plan that no data-parallel size makes fit says so, and a count says
+    how it is made (tp*pp*cp x dp)."""
+    text = (EXAMPLES / "llama-3.1-405b.ltm").read_text()
+    assert main(["memory", str(EXAMPLES / "llama-3.1-405b.ltm")]) == 0
+    out = capsys.readouterr().out
+    assert "under this plan: 1,024 = tp*pp*cp 1,024 x dp 1, the smallest dp that fits" in out
+    path = tmp_path / "l.ltm"
+    path.write_text(text.replace("on 1024 x H100 with tp = 8, pp = 4, cp = 32", "on 8 x H100 with tp = 8"))
+    assert main(["memory", str(path)]) == 3
+    out = capsys.readouterr().out
+    assert "None" not in out
+    assert "under this plan (tp=8 pp=1 cp=1): no number of GPUs fits, since no data-parallel size does" in out

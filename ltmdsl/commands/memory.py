@@ -7,7 +7,9 @@ per decoded token. `--json` prints MemoryReport.to_json() (a list for several fi
 bytes against context for every spec side by side. Without --budget the model's first budget is used,
 else the defaults of ltmdsl.memory.settings (inference, T = 128Ki, B = 1, H100 count derived).
 
-Exit codes: 0 report printed, 1 invalid spec, 2 usage error (unknown budget, GPU, bad number).
+Exit codes, as `ltmdsl check`'s: 0 the report says it fits, 1 invalid spec, 2 usage error (unknown budget,
+GPU, bad number), 3 the report is printed but a `require` line fails or the most loaded GPU is over its
+capacity (for several files: the worst).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _error(where: str, message: str) -> int:
 
 
 def run(args) -> int:
-    from ltmdsl.commands.common import EXIT_OK, load_or_report
+    from ltmdsl.commands.common import EXIT_BUDGET, EXIT_OK, load_or_report
 
     overrides = {}
     try:
@@ -87,4 +89,4 @@ def run(args) -> int:
         print("\n\n".join(r.to_text() for r in reports))
         if args.plot:
             print(f"\nwrote {args.plot}")
-    return EXIT_OK
+    return EXIT_OK if all(r.fits for r in reports) else EXIT_BUDGET

@@ -6,9 +6,15 @@ logits are computed per chunk, so nothing of size N x V is ever materialised, an
 by chunk. Reports tokens, seconds, tokens_per_s (all sequences together), peak_rss_bytes,
 cache_bytes_measured (what the cache holds) and cache_bytes_predicted (ltmdsl.memory.cache_bytes).
 
-Before allocating anything, predicted cache + weights are compared with MemAvailable from /proc/meminfo:
-when they would not fit (a global-attention KV cache at a long N does not), the command refuses with exit
-code 3. Exit codes: 0 done, 1 invalid spec, 2 usage error, 3 would not fit in memory.
+Before allocating anything, the memory model's inference components for this run (`ltmdsl.memory.report`
+at context N, batch B, chunk C in the compute dtype: weights, KV cache, recurrent state, the prefill
+workspace of one chunk and the last position's logits) are added up and compared with MemAvailable from
+/proc/meminfo: when they would not fit (a global-attention KV cache at a long N, or a chunk whose
+activations are too large), the command refuses with exit code 3 and says which part is too large.
+
+The results (the summary lines, or one JSON object with --json) go to stdout whether or not it is a
+terminal; the progress bar goes to stderr and only when stderr is a terminal.
+Exit codes: 0 done, 1 invalid spec, 2 usage error, 3 would not fit in memory.
 """
 
 from __future__ import annotations
@@ -61,11 +67,26 @@ def peak_rss() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def refusal(name: str, N: int, B: int, C: int, need: dict[str, int], avail: int, grows: bool) -> str:
+    """Why a run does not fit: every component the memory model predicts, and what to change."""
+    parts = " + ".join(f"{format_bytes(v)} {k.replace('_', ' ')}" for k, v in need.items() if v)
+    largest = max(need, key=need.get)
+    if largest in ("activations", "logits"):
+        why = f"the activations of one {C:,}-token chunk are the largest part: pass a smaller --chunk"
+    elif largest == "kv_cache" and grows:
+        why = "its KV cache grows with the context: stream fewer tokens or use windowed attention"
+    else:
+        why = f"its {largest.replace('_', ' ')} is the largest part"
+    return (f"ltmdsl stream: refusing: {name} at {N:,} tokens x batch {B} in chunks of {C:,} needs {parts} = "
+            f"{format_bytes(sum(need.values()))}, but only {format_bytes(avail)} is available ({why}).")
+
+
 def run(args) -> int:
     _, ir, code = load_model(args.file, args.model, show_warnings=not args.json)
     if ir is None:
         return code
-    from ltmdsl.memory import cache_bytes, weights_bytes
+    from ltmdsl.memory import cache_bytes
+    from ltmdsl.memory import report as memory_report
     from ltmdsl.units import DTYPES
 
     dname = args.dtype or ir.dtype.name
@@ -76,17 +97,12 @@ def run(args) -> int:
     N, B, C = args.tokens, args.batch, min(args.chunk, args.tokens)
     predicted = cache_bytes(ir, batch=B, context=N, kv_dtype=dt, state_dtype=dt, conv_taps="full")
     cache_pred = sum(predicted.values())
-    weights = weights_bytes(ir, dt)
     grows = cache_bytes(ir, batch=B, context=2 * N, kv_dtype=dt, state_dtype=dt)["kv_cache"] > predicted["kv_cache"]
+    need = memory_report(ir, None, context=N, batch=B, chunk=C, gpus=1, weight_dtype=dt, kv_dtype=dt,
+                         state_dtype=dt, activation_dtype=dt, conv_taps="full").components
     avail = mem_available()
-    if avail is not None and cache_pred + weights > avail:
-        why = "its KV cache grows with the context" if grows else "its weights and state are too large"
-        print(
-            f"ltmdsl stream: refusing: {ir.name} at {N:,} tokens x batch {B} needs "
-            f"{format_bytes(cache_pred)} of cache + {format_bytes(weights)} of weights = "
-            f"{format_bytes(cache_pred + weights)}, but only {format_bytes(avail)} is available ({why}).",
-            file=sys.stderr,
-        )
+    if avail is not None and sum(need.values()) > avail:
+        print(refusal(ir.name, N, B, C, need, avail, grows), file=sys.stderr)
         return EXIT_BUDGET
 
     import torch
@@ -125,6 +141,7 @@ def run(args) -> int:
         "cache_bytes_predicted": cache_pred,
         "cache_grows_with_tokens": grows,
         "weights_bytes": model.parameter_bytes(),
+        "memory_predicted_bytes": need,  # what the up-front check compared with MemAvailable
         "last_logits_finite": finite,
     }
     if args.json:
@@ -133,4 +150,5 @@ def run(args) -> int:
         print(f"{ir.name}: {N:,} tokens x batch {B} in {seconds:.2f} s = {report['tokens_per_s']:,.0f} tokens/s")
         print(f"  cache {format_bytes(cache.nbytes())} (predicted {format_bytes(cache_pred)}), "
               f"weights {format_bytes(report['weights_bytes'])}, peak RSS {format_bytes(report['peak_rss_bytes'])}")
+    sys.stdout.flush()
     return EXIT_OK if finite else 1

@@ -17,12 +17,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import stat
 from typing import Any, Callable
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.spec import (Plan, attention_call, mamba2_call, mamba_call, mlp_call, moe_call, safe_text,
                             sanitize_name, show_value)
 from ltmdsl.ir import RopeScaling
+from ltmdsl.resolve import MAX_SUBLAYERS
+
+#: Bounds checked before anything is built, so that a hostile config fails fast with the key named:
+#: the file's size and nesting (HF configs nest 3 or 4 levels), every integer (widths, counts, ids: 2^31 - 1
+#: is far beyond any published model, and products of such numbers stay exact and fast), every float (below
+#: the spec language's largest number, 2^100), and the layer count (an HF layer is at most two sub-layers,
+#: a mixer and an FFN, and a spec holds at most MAX_SUBLAYERS).
+MAX_CONFIG_BYTES = 16 * 2**20
+MAX_JSON_DEPTH = 32
+MAX_INT = 2**31 - 1
+MAX_FLOAT = 1e30
+MAX_HF_LAYERS = MAX_SUBLAYERS // 2
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
                       "bamba")
@@ -83,22 +97,34 @@ class _Reader:
     def present(self, key: str) -> bool:
         return self.cfg.get(key) is not None
 
-    def int(self, key: str, default: Any = _MISSING, *, minimum: int = 1) -> int:
+    def int(self, key: str, default: Any = _MISSING, *, minimum: int = 1, maximum: int = MAX_INT) -> int:
         value = self.raw(key, default)
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
             value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**53:
-            raise self.fail(f"'{key}' must be an integer >= {minimum}, got {show_value(value)}")
+        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+            raise self.fail(f"'{key}' must be an integer from {minimum} to {maximum:,}, got {show_value(value)}")
         return value
+
+    def layers(self, key: str = "num_hidden_layers", default: Any = _MISSING) -> int:
+        """A layer count, bounded so that the spec's stack stays within MAX_SUBLAYERS."""
+        return self.int(key, default, maximum=MAX_HF_LAYERS)
 
     def opt_int(self, key: str, default: int | None) -> int | None:
         return self.int(key, default) if self.present(key) or default is not None else self.raw(key, None)
 
     def float(self, key: str, default: Any = _MISSING) -> float:
         value = self.raw(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise self.fail(f"'{key}' must be a positive finite number, got {show_value(value)}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0 \
+                or value > MAX_FLOAT:
+            raise self.fail(f"'{key}' must be a positive finite number up to {MAX_FLOAT:g}, got {show_value(value)}")
         return float(value)
+
+    def eps(self, key: str, default: Any = _MISSING) -> float:
+        """A norm's epsilon: a number strictly between 0 and 1 (what the spec's rmsnorm accepts)."""
+        value = self.float(key, default)
+        if value >= 1:
+            raise self.fail(f"'{key}' must be a norm epsilon between 0 and 1, got {show_value(value)}")
+        return value
 
     def bool(self, key: str, default: bool) -> bool:
         value = self.raw(key, default)
@@ -151,12 +177,16 @@ _LLAMA3_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "fac
                 "high_freq_factor", "original_max_position_embeddings")
 
 
-def _rope_number(r: _Reader, rp: dict, key: str, name: str, minimum: float, strict: bool) -> float:
-    """`rp[name]` as a finite number >= minimum (> minimum when strict); a missing or bad value is an error."""
+def _rope_number(r: _Reader, rp: dict, key: str, name: str, minimum: float, strict: bool,
+                 minimum_from: str | None = None) -> float:
+    """`rp[name]` as a finite number >= minimum (> minimum when strict); a missing or bad value is an error.
+    `minimum_from` names the key the minimum is read from, so that the error names both."""
     value = rp.get(name)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or value < minimum or (strict and value == minimum):
-        raise r.fail(f"'{key}.{name}' must be a number {'>' if strict else '>='} {minimum:g}, got {show_value(value)}")
+            or value < minimum or (strict and value == minimum) or value > MAX_FLOAT:
+        bound = f"{minimum:g}" if minimum_from is None else f"'{key}.{minimum_from}' ({minimum:g})"
+        raise r.fail(f"'{key}.{name}' must be a number {'>' if strict else '>='} {bound} and <= {MAX_FLOAT:g}, "
+                     f"got {show_value(value)}")
     return float(value)
 
 
@@ -169,16 +199,17 @@ def _llama3(r: _Reader, key: str, rp: dict) -> RopeScaling | None:
         return None
     factor = _rope_number(r, rp, key, "factor", 1, False)
     low = _rope_number(r, rp, key, "low_freq_factor", 0, True)
-    high = _rope_number(r, rp, key, "high_freq_factor", low, True)
+    high = _rope_number(r, rp, key, "high_freq_factor", low, True, minimum_from="low_freq_factor")
     # transformers falls back to max_position_embeddings (standardize_rope_params); a config stating neither
     # relies on a family default we would only guess, so it is an error here
     where, context = f"{key}.original_max_position_embeddings", rp.get("original_max_position_embeddings")
     if context is None:
         where, context = "max_position_embeddings", r.cfg.get("max_position_embeddings")
-    if isinstance(context, float) and context.is_integer():
+    if isinstance(context, float) and context.is_integer() and abs(context) < 2**63:
         context = int(context)
-    if not isinstance(context, int) or isinstance(context, bool) or not 1 <= context < 2**53:
-        raise r.fail(f"'{where}' must be an integer >= 1 for rope_type 'llama3', got {show_value(context)}")
+    if not isinstance(context, int) or isinstance(context, bool) or not 1 <= context <= MAX_INT:
+        raise r.fail(f"'{where}' must be an integer from 1 to {MAX_INT:,} for rope_type 'llama3', "
+                     f"got {show_value(context)}")
     return RopeScaling("llama3", factor, low, high, context)
 
 
@@ -225,8 +256,9 @@ def _rope(r: _Reader, default: float, head_dim: int,
     rope_dim = _rotary_dim(r, where, factor, head_dim)
     if "rope_theta" in rp:
         value = rp["rope_theta"]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise r.fail(f"'{key}.rope_theta' must be a positive number, got {show_value(value)}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0 \
+                or value > MAX_FLOAT:
+            raise r.fail(f"'{key}.rope_theta' must be a positive number up to {MAX_FLOAT:g}, got {show_value(value)}")
         theta = float(value)
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type == "default":
@@ -259,10 +291,15 @@ def _rotary_dim(r: _Reader, where: str, factor: Any, head_dim: int) -> int | Non
     return int(dim)
 
 
-def _dtype(cfg: dict) -> str:
-    value = cfg.get("torch_dtype", cfg.get("dtype")) or "float32"
-    if not isinstance(value, str) or value not in _DTYPES:
+def _dtype(cfg: dict, family: str, source: str) -> str:
+    """The spec dtype of `torch_dtype` (transformers 4) or `dtype` (transformers 5); float32 when neither is set."""
+    key = "torch_dtype" if cfg.get("torch_dtype") is not None else "dtype"
+    value = cfg.get(key)
+    if value is None:
         return "fp32"
+    if not isinstance(value, str) or value not in _DTYPES:
+        raise HFError(f"{family}: '{key}' = {show_value(value)} is not supported (supported: "
+                      f"{', '.join(sorted(_DTYPES))})", source or None)
     return _DTYPES[value]
 
 
@@ -335,9 +372,9 @@ def _transformer(r: _Reader) -> dict:
     vocab = r.int("vocab_size", defaults[0])
     d = r.int("hidden_size", defaults[1])
     d_ff = r.int("intermediate_size", defaults[2])
-    layers = r.int("num_hidden_layers", defaults[3])
+    layers = r.layers("num_hidden_layers", defaults[3])
     heads = r.int("num_attention_heads", defaults[4])
-    eps = r.float("rms_norm_eps", defaults[5])
+    eps = r.eps("rms_norm_eps", defaults[5])
     tied = r.bool("tie_word_embeddings", False)
     kv, head_dim = _dims(r, d, heads, 128 if fam == "qwen3" else None,
                          {"mistral": 8, "mixtral": 8, "qwen2": 32, "qwen3": 32}.get(fam))
@@ -377,10 +414,10 @@ def _mamba_family(r: _Reader) -> dict:
     """Mamba-1 (state-spaces/mamba-*-hf): one Mamba mixer with an RMSNorm per HF layer, no FFN."""
     vocab = r.int("vocab_size", 50280)
     d = r.int("hidden_size", 768)
-    layers = r.int("num_hidden_layers", 32)
-    if r.present("n_layer") and r.int("n_layer") != layers:
+    layers = r.layers("num_hidden_layers", 32)
+    if r.present("n_layer") and r.layers("n_layer") != layers:
         raise r.fail("'n_layer' disagrees with 'num_hidden_layers'")
-    eps = r.float("layer_norm_epsilon", 1e-5)
+    eps = r.eps("layer_norm_epsilon", 1e-5)
     expand = _int_expand(r, "expand", 2)
     if r.present("intermediate_size") and r.int("intermediate_size") != expand * d:
         raise r.fail(f"'intermediate_size' {r.cfg['intermediate_size']} != expand * hidden_size = {expand * d}")
@@ -396,10 +433,11 @@ def _mamba_family(r: _Reader) -> dict:
 
 def _int_expand(r: _Reader, key: str, default: int) -> int:
     value = r.raw(key, default)
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise r.fail(f"'{key}' = {show_value(value)} is not supported (ltmdsl needs an integer expansion factor)")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INT:
+        raise r.fail(f"'{key}' = {show_value(value)} is not supported (ltmdsl needs an integer expansion factor "
+                     f"from 1 to {MAX_INT:,})")
     return value
 
 
@@ -424,8 +462,8 @@ def _mamba2_family(r: _Reader) -> dict:
     """Mamba-2 (transformers' Mamba2ForCausalLM): one SSD mixer with an RMSNorm per HF layer, no FFN."""
     vocab = r.int("vocab_size", 32768)
     d = r.int("hidden_size", 4096)
-    layers = r.int("num_hidden_layers", 64)
-    eps = r.float("layer_norm_epsilon", 1e-5)
+    layers = r.layers("num_hidden_layers", 64)
+    eps = r.eps("layer_norm_epsilon", 1e-5)
     heads, head_dim = r.int("num_heads", 128), r.int("head_dim", 64)
     expand = _int_expand(r, "expand", 2)
     groups = r.int("n_groups", 8)
@@ -450,19 +488,20 @@ def _jamba(r: _Reader) -> dict:
     vocab = r.int("vocab_size", 65536)
     d = r.int("hidden_size", 4096)
     d_ff = r.int("intermediate_size", 14336)
-    layers = r.int("num_hidden_layers", 32)
+    layers = r.layers("num_hidden_layers", 32)
     heads = r.int("num_attention_heads", 32)
     kv = r.int("num_key_value_heads", 8)
     if d % heads or heads % kv:
         raise r.fail(f"hidden_size {d}, num_attention_heads {heads} and num_key_value_heads {kv} do not divide")
-    eps = r.float("rms_norm_eps", 1e-6)
+    eps = r.eps("rms_norm_eps", 1e-6)
     experts = r.int("num_experts", r.cfg.get("num_local_experts", 16))
     r.raw("num_local_experts", None)
     top_k = r.int("num_experts_per_tok", 2)
     a_period, a_offset = r.int("attn_layer_period", 8), r.int("attn_layer_offset", 4, minimum=0)
     e_period, e_offset = r.int("expert_layer_period", 2), r.int("expert_layer_offset", 1, minimum=0)
     if a_offset >= a_period or e_offset >= e_period:
-        raise r.fail("layer offsets must be smaller than their periods")
+        raise r.fail(f"'attn_layer_offset' ({a_offset}) must be smaller than 'attn_layer_period' ({a_period}) and "
+                     f"'expert_layer_offset' ({e_offset}) smaller than 'expert_layer_period' ({e_period})")
     if top_k > experts:
         raise r.fail(f"num_experts_per_tok {top_k} > num_experts {experts}")
     r.act()
@@ -499,21 +538,25 @@ def _nemotron_h(r: _Reader) -> dict:
     from `hybrid_override_pattern` (one character per layer) or `layers_block_type`."""
     vocab = r.int("vocab_size", 131072)
     d = r.int("hidden_size", 4096)
-    eps = r.float("layer_norm_epsilon", 1e-5)
+    eps = r.eps("layer_norm_epsilon", 1e-5)
     if r.present("hybrid_override_pattern"):
         pattern = r.raw("hybrid_override_pattern")
         if not isinstance(pattern, str) or any(c not in _NEMOTRON_TYPES for c in pattern) or not pattern:
             raise r.fail("'hybrid_override_pattern' must be a string of M, *, - and E")
+        if len(pattern) > MAX_HF_LAYERS:
+            raise r.fail(f"'hybrid_override_pattern' lists {len(pattern):,} layers; at most {MAX_HF_LAYERS:,} are "
+                         "supported")
         types = [_NEMOTRON_TYPES[c] for c in pattern]
         r.raw("layers_block_type", None)
         r.raw("layer_types", None)
     else:
         types = r.raw("layers_block_type", None) or r.raw("layer_types", None)
         r.used.update({"layers_block_type", "layer_types"})
-        if not isinstance(types, list) or not types or any(t not in _NEMOTRON_TYPES.values() for t in types):
-            raise r.fail("needs 'hybrid_override_pattern' or 'layers_block_type' (a list of linear_attention, "
-                         "full_attention, mlp)")
-    if r.present("num_hidden_layers") and r.int("num_hidden_layers") != len(types):
+        if not isinstance(types, list) or not types or len(types) > MAX_HF_LAYERS or \
+                any(not isinstance(t, str) or t not in _NEMOTRON_TYPES.values() for t in types):
+            raise r.fail("needs 'hybrid_override_pattern' or 'layers_block_type' (a list of at most "
+                         f"{MAX_HF_LAYERS:,} of linear_attention, full_attention, mlp)")
+    if r.present("num_hidden_layers") and r.layers("num_hidden_layers") != len(types):
         raise r.fail(f"'num_hidden_layers' {r.cfg['num_hidden_layers']} != {len(types)} layers in the pattern")
     if "moe" in types:
         raise r.fail("MoE layers ('E') are not supported: Nemotron-H experts add a shared expert and "
@@ -574,8 +617,8 @@ def _bamba(r: _Reader) -> dict:
     vocab = r.int("vocab_size", 128000)
     d = r.int("hidden_size", 4096)
     d_ff = r.int("intermediate_size", 14336)
-    layers = r.int("num_hidden_layers", 32)
-    eps = r.float("rms_norm_eps", 1e-5)
+    layers = r.layers("num_hidden_layers", 32)
+    eps = r.eps("rms_norm_eps", 1e-5)
     r.act()
     mlp_bias = r.bool("mlp_bias", False)
     r.expect("time_step_limit", _time_step_limit_ok, "[0.0, inf]")
@@ -599,7 +642,8 @@ def _bamba(r: _Reader) -> dict:
             stated = r.int("attn_rotary_emb")
             if stated != (rope_dim or head_dim):
                 raise r.fail(f"'attn_rotary_emb' = {stated} disagrees with the {rope_dim or head_dim} channels that "
-                             f"transformers rotates (head_dim {head_dim} * partial_rotary_factor); make them agree")
+                             f"transformers rotates (head_dim {head_dim}, from 'head_dim' or 'hidden_size' / "
+                             f"'num_attention_heads', times partial_rotary_factor); make them agree")
         bias = r.bool("attention_bias", False)
         attn = attention_call(heads, kv, head_dim, theta, qkv_bias=bias, out_bias=bias, rope_scaling=scaling,
                               rope_dim=rope_dim)
@@ -652,25 +696,56 @@ def read_config(path) -> tuple[dict, str]:
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
-        with open(cfg_path, "rb") as f:
-            raw = f.read(16 * 2**20 + 1)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; only a regular file is read
+        fd = os.open(cfg_path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise HFError("cannot read config: not a regular file", cfg_path)
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise HFError(f"cannot read config: {e.strerror or e}", cfg_path) from None
-    if len(raw) > 16 * 2**20:
-        raise HFError("config file larger than 16 MiB", cfg_path)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise HFError(f"config file larger than {MAX_CONFIG_BYTES // 2**20} MiB", cfg_path)
     try:
-        cfg = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HFError(f"not a JSON config: {e}", cfg_path) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HFError(f"not a JSON config: not UTF-8 text ({e.reason} at byte {e.start})", cfg_path) from None
+    if json_depth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise HFError(f"not a JSON config: arrays and objects nested more than {MAX_JSON_DEPTH} levels deep",
+                      cfg_path)
+    try:
+        cfg = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, an integer of over 4300 digits
+        raise HFError(f"not a JSON config: {safe_text(e, 200)}", cfg_path) from None
     if not isinstance(cfg, dict):
         raise HFError("config.json must hold a JSON object", cfg_path)
     return cfg, cfg_path
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str, limit: int) -> int:
+    """How deeply the arrays and objects of a JSON text nest (brackets inside strings do not count), found
+    without parsing, so that hostile nesting is refused before `json.loads` recurses; stops past `limit`."""
+    depth = deepest = 0
+    for c in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+    return deepest
 
 
 def plan_from_config(cfg: dict, *, name: str | None = None, source: str = "",
                      ignore=()) -> Plan:
     """Resolve an HF config dict into a `Plan`; raises HFError naming every unsupported setting."""
     family = cfg.get("model_type")
+    if not isinstance(family, str):
+        raise HFError(f"'model_type' must be a string naming the model family (supported: "
+                      f"{', '.join(SUPPORTED_FAMILIES)}), got {show_value(family)}", source or None)
     if family in UNSUPPORTED_REASONS:
         raise HFError(f"model_type '{family}' is not supported: {UNSUPPORTED_REASONS[family]} "
                       f"(supported: {', '.join(SUPPORTED_FAMILIES)})", source or None)
@@ -683,7 +758,7 @@ def plan_from_config(cfg: dict, *, name: str | None = None, source: str = "",
     if name is None:
         name = default_name(cfg, source)
     hf = fields.pop("hf", {})
-    return Plan(family=family, name=sanitize_name(name), dtype=_dtype(cfg), notes=notes, source=source,
+    return Plan(family=family, name=sanitize_name(name), dtype=_dtype(cfg, family, source), notes=notes, source=source,
                 hf=hf, **fields)
 
 
@@ -701,5 +776,58 @@ def default_name(cfg: dict, source: str = "") -> str:
 
 
 def spec_from_config(cfg: dict, *, name: str | None = None, source: str = "", ignore=()) -> str:
-    """Spec text for an HF config dict (see `plan_from_config`)."""
-    return plan_from_config(cfg, name=name, source=source, ignore=ignore).spec_text()
+    """Spec text for an HF config dict (see `plan_from_config`), checked to load (see `checked_spec_text`)."""
+    return checked_spec_text(plan_from_config(cfg, name=name, source=source, ignore=ignore), cfg)
+
+
+def checked_spec_text(plan: Plan, cfg: dict) -> str:
+    """The plan's spec text, loaded once to be sure that it is a valid model.
+
+    The readers check every key's type and range and the relations between keys that they know of; a value
+    the language still refuses (one of its own ranges or divisibility rules) is an HFError that names the spec
+    parameter, the config key(s) that hold its value, and the language's reason, never a spec that does not load.
+    """
+    from ltmdsl.errors import SpecError
+    from ltmdsl.loader import loads
+
+    text = plan.spec_text()
+    try:
+        loads(text, name="<import-hf>")
+    except SpecError as e:
+        errors = [d for d in e.diagnostics if d.severity == "error"] or list(e.diagnostics)
+        raise HFError(f"{plan.family}: {_explain(errors[0], text, cfg)}", plan.source or None) from None
+    return text
+
+
+_ARGUMENT = re.compile(r"([A-Za-z_]\w*)\s*=\s*([^,(){}\s]*)")
+
+
+def _explain(diagnostic, text: str, cfg: dict) -> str:
+    """A load error of generated spec text in the config's terms: the spec parameter at the error's column,
+    the config keys (top level or one level down, `rope_scaling.factor`) whose value it is, and the reason."""
+    lines = text.splitlines()
+    line = lines[diagnostic.line - 1] if 0 < diagnostic.line <= len(lines) else ""
+    args = [m for m in _ARGUMENT.finditer(line) if m.start() < max(diagnostic.col, 1)]
+    if not args:
+        return f"the config does not describe a valid model: {diagnostic.message}"
+    param, literal = args[-1].group(1), args[-1].group(2)
+    keys = _keys_holding(cfg, literal)
+    source = (f"from config key {', '.join(repr(k) for k in keys)}" if keys
+              else "derived from several config keys")
+    return f"the config sets the model's {param} = {safe_text(literal, 40)} ({source}), which is invalid: " \
+           f"{diagnostic.message}"
+
+
+def _keys_holding(cfg: dict, literal: str) -> list[str]:
+    """Config keys whose numeric value equals a spec literal (`32`, `1e-05`), nested dicts one level down."""
+    try:
+        target = float(literal)
+    except ValueError:
+        return []
+    found = []
+    for key, value in cfg.items():
+        inner = value.items() if isinstance(value, dict) else ()
+        for name, v in [(str(key), value), *((f"{key}.{k}", w) for k, w in inner)]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == target:
+                found.append(safe_text(name, 60))
+    return found[:4]

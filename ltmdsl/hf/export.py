@@ -7,7 +7,7 @@
 Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba) and writes its config. To be sure nothing is lost,
 the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and sizes;
 models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...) are an
-`HFError` that says why. The folder appears atomically: it is written under a temporary name next to the
+`HFError` that says why and names the sub-layers the closest family has no place for (`misfits`). The folder appears atomically: it is written under a temporary name next to the
 destination and renamed into place, so an error leaves nothing behind.
 """
 
@@ -79,7 +79,26 @@ def _rope_scaling_fields(attn: AttentionConfig) -> dict:
 
 
 def config_from_ir(ir: ModelIR) -> dict:
-    """The Hugging Face config.json dict of a resolved model (see the module docstring)."""
+    """The Hugging Face config.json dict of a resolved model (see the module docstring).
+
+    A refusal names the sub-layers (index, definition name, kind) that the closest supported family has no
+    place for, and why (`misfits`); where every sub-layer has a place, the reason is one the layers share
+    (they differ in a setting one config holds once, ...).
+    """
+    try:
+        return _family_config(ir)
+    except HFError as e:
+        if e.message.startswith(_NO_COUNTERPART):
+            raise
+        detail = misfits(ir)
+        raise HFError(f"{e.message}. {detail}" if detail else e.message, e.path) from None
+
+
+_NO_COUNTERPART = "this stack has no Hugging Face counterpart"
+
+
+def _family_config(ir: ModelIR) -> dict:
+    """config_from_ir without the per-layer explanation of a refusal."""
     layers = ir.layers
     if any(layer.tie_group is not None for layer in layers):
         raise HFError("shared (weight-tied) blocks have no Hugging Face counterpart among the supported families")
@@ -125,9 +144,101 @@ def config_from_ir(ir: ModelIR) -> dict:
         return _bamba_config(ir, base, norm.eps)
     if set(kinds) <= {"mamba2", "attention", "mlp"}:
         return _nemotron_config(ir, base, norm.eps)
-    raise HFError("this stack has no Hugging Face counterpart (supported: attention+MLP/MoE pairs with RoPE, "
-                  "all Mamba, all Mamba-2, Jamba's Mamba/attention + MLP/MoE pairs, Nemotron-H's Mamba-2/attention/"
-                  "relu2 MLP blocks, Bamba's Mamba-2/RoPE attention + SwiGLU MLP pairs)")
+    raise HFError(f"{_NO_COUNTERPART}. {misfits(ir) or 'Supported families: ' + '; '.join(_FAMILIES) + '.'}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Why a stack has no counterpart: the layers the closest supported family has no place for.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _llama_mixer(m) -> str | None:
+    if m.kind != "attention":
+        return "Llama-style families have attention mixers only"
+    return "this attention has no RoPE (rope_theta = none)" if m.rope_theta is None else None
+
+
+def _jamba_mixer(m) -> str | None:
+    if m.kind == "mamba":
+        return None if m.inner_norms else "Jamba's Mamba layers have inner norms (inner_norms = true)"
+    if m.kind == "attention":
+        return "Jamba attention has no RoPE and no window" if m.rope_theta is not None or m.window is not None \
+            else None
+    return "Jamba's SSM layers are Mamba-1 (mamba)"
+
+
+def _bamba_mixer(m) -> str | None:
+    if m.kind == "mamba2":
+        return None
+    if m.kind == "attention":
+        return "Bamba attention has RoPE and no window" if m.rope_theta is None or m.window is not None else None
+    return "Bamba's SSM layers are Mamba-2 (mamba2)"
+
+
+def _swiglu_ffn(moe: bool):
+    def check(m) -> str | None:
+        if m.kind not in (("mlp", "moe") if moe else ("mlp",)):
+            return "expected the " + ("MLP or MoE" if moe else "MLP") + " that follows each mixer"
+        return None if m.activation == "swiglu" else f"its activation is {m.activation}; the family uses swiglu"
+    return check
+
+
+def _nemotron_layer(m) -> str | None:
+    if m.kind == "mamba2":
+        return None
+    if m.kind == "attention":
+        return "Nemotron-H attention has no RoPE and no window" if m.rope_theta is not None or m.window is not None \
+            else None
+    if m.kind == "mlp":
+        return None if m.activation == "relu2" else f"its activation is {m.activation}; Nemotron-H MLPs use relu2"
+    return f"Nemotron-H has no {m.kind} layers (dense Mamba-2, attention and relu2 MLPs only)"
+
+
+#: family description -> (mixer + FFN pairs?, check of a mixer slot, check of an FFN slot / any layer)
+_FAMILIES = {
+    "Llama / Mistral / Mixtral / Qwen (RoPE attention, each followed by a SwiGLU MLP or MoE)":
+        (True, _llama_mixer, _swiglu_ffn(True)),
+    "Jamba (Mamba-1 with inner norms or attention without RoPE, each followed by a SwiGLU MLP or MoE)":
+        (True, _jamba_mixer, _swiglu_ffn(True)),
+    "Bamba (Mamba-2 or RoPE attention, each followed by a SwiGLU MLP)": (True, _bamba_mixer, _swiglu_ffn(False)),
+    "Nemotron-H (Mamba-2, attention without RoPE and relu2 MLPs in any order)": (False, None, _nemotron_layer),
+    "Mamba (Mamba-1 layers only)":
+        (False, None, lambda m: None if m.kind == "mamba" and not m.inner_norms else "Mamba has Mamba-1 layers only "
+                                                                                  "(without inner norms)"),
+    "Mamba-2 (Mamba-2 layers only)": (False, None, lambda m: None if m.kind == "mamba2" else "Mamba-2 has Mamba-2 "
+                                                                                           "layers only"),
+}
+
+
+def _family_misfits(ir: ModelIR, paired: bool, mixer_check, other_check) -> list[str]:
+    """`layer i 'definition' (kind): why` for each sub-layer the family has no place for."""
+    out = []
+    n = len(ir.layers)
+    for layer in ir.layers:
+        m = layer.mixer
+        if not paired:
+            why = other_check(m)
+        elif layer.index % 2 == 0:
+            why = ("expected a mixer (attention or an SSM) at an even position" if layer.is_ffn
+                   else "a mixer without the FFN that must follow it" if layer.index == n - 1 else mixer_check(m))
+        else:
+            why = f"expected the FFN after the mixer, got {m.kind}" if not layer.is_ffn else other_check(m)
+        if why:
+            out.append(f"layer {layer.index} '{layer.definition}' ({m.kind}): {why}")
+    return out
+
+
+def misfits(ir: ModelIR, shown: int = 6) -> str:
+    """The closest supported family and the layers (index, definition name, kind) it has no place for, and why;
+    "" when the closest family has a place for every layer."""
+    ranked = sorted(((len(bad), i, name, bad) for i, (name, (paired, mixer, other)) in enumerate(_FAMILIES.items())
+                     for bad in [_family_misfits(ir, paired, mixer, other)]))
+    _, _, name, bad = ranked[0]
+    if not bad:
+        return ""
+    listed = "; ".join(bad[:shown]) + (f"; and {len(bad) - shown} more" if len(bad) > shown else "")
+    return (f"The closest supported family is {name}, which has no place for {len(bad)} of its {len(ir.layers)} "
+            f"sub-layers: {listed}. Supported families: " + "; ".join(_FAMILIES) + ".")
 
 
 def _transformer_config(ir: ModelIR, base: dict, eps: float) -> dict:

@@ -188,8 +188,7 @@ class MemoryReport:
         stage = f" (pipeline stage {self.most_loaded_stage})" if s.parallel.pp > 1 else ""
         lines.append(f"most loaded GPU{stage}: {format_bytes(self.per_gpu_bytes)} of {format_bytes(cap)}: {verdict}")
         lines.append(f"dominant component: {self.dominant}")
-        lines.append(f"GPUs needed (total / capacity): {self.gpus_needed}"
-                     + (f"; under this plan: {self.gpus_needed_plan}" if s.sharding == "plan" else ""))
+        lines.append(f"GPUs needed (total / capacity): {self.gpus_needed}" + self._plan_gpus_text())
         mc = "unbounded (memory is O(1) in T)" if self.max_context is None else f"{self.max_context:,} tokens"
         lines.append(f"largest context that fits: {mc}")
         mb = "unbounded" if self.max_batch is None else f"{self.max_batch:,}"
@@ -207,6 +206,20 @@ class MemoryReport:
                          f"{format_bytes(lim.value, binary=False)} {state}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def _plan_gpus_text(self) -> str:
+        """The GPU count the budget's plan needs, in words: tp*pp*cp times the smallest data-parallel size that
+        fits (ZeRO and the batch split shrink with dp), or that no data-parallel size makes it fit."""
+        s = self.settings
+        if s.sharding != "plan":
+            return ""
+        p = s.parallel
+        if self.gpus_needed_plan is None:
+            return (f"; under this plan (tp={p.tp} pp={p.pp} cp={p.cp}): no number of GPUs fits, since no "
+                    f"data-parallel size does")
+        per_replica = p.tp * p.pp * p.cp
+        return (f"; under this plan: {self.gpus_needed_plan:,} = tp*pp*cp {per_replica:,} x dp "
+                f"{self.gpus_needed_plan // per_replica:,}, the smallest dp that fits")
 
 
 def _plan_text(s: Settings) -> str:

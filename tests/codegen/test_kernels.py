@@ -2,7 +2,7 @@
 
 Oracles run in float64 on the same inputs (bf16 cases: on the bf16-rounded inputs). Outputs and scratch
 start as NaN (ops.poisoned), so an element a kernel forgets to write fails the finite check in
-assert_close. fp32 <= 1e-4 relative, bf16 <= 1e-2 (REFERENCE.md section 4).
+assert_close. fp32 <= 1e-4 relative, bf16 <= 1e-2.
 """
 
 import pytest
@@ -240,7 +240,7 @@ def test_ssd_padded_dims_bf16_and_step():
 
 
 def test_scan_then_steps_equals_longer_scan():
-    """prefill(T) == prefill(T - 3) + 3 steps (REFERENCE.md section 4 invariant), on the kernels alone."""
+    """prefill(T) == prefill(T - 3) + 3 steps (the end-to-end invariant), on the kernels alone."""
     B, T, Hs, P, G, N = 1, 20, 2, 16, 1, 16
     x, dt, A, Bm, Cm = _ssd_inputs(B, T, Hs, P, G, N, 21)
     y_all, s_all = ops.ssd_scan(x, dt, A, Bm, Cm, chunk=16, state=None)

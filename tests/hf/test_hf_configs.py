@@ -4,6 +4,7 @@ model and the HF config, layer patterns read right, and every unsupported or hos
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from ltmdsl.hf.spec import compress, sanitize_name
 from ltmdsl.ir import Dtype, RopeScaling
 
 CONFIGS = Path(__file__).parent / "configs"
-#: published name -> parameters as transformers counts them (REFERENCE.md §2)
+#: published name -> parameters as transformers counts them (on the meta device, from the published configs)
 PUBLISHED = {
     "Llama-3.1-8B": 8_030_261_248,
     "Llama-3.1-405B": 405_853_388_800,
@@ -66,7 +67,9 @@ def test_family_defaults_match_transformers(family):
 
 
 def _expected_cache(cfg: dict, T: int, B: int = 1, taps: str = "full") -> dict:
-    """KV and recurrent-state bytes straight from the HF config (REFERENCE.md §3), bf16."""
+    """KV and recurrent-state bytes straight from the HF config, bf16: KV 2 * Hkv * D * 2 B per
+    token and attention layer; Mamba-1 conv (d_inner, K) + SSM (d_inner, N); Mamba-2 conv (d_inner + 2 * groups * N, K)
+    + SSM (heads, P, N)."""
     fam, d = cfg["model_type"], cfg["hidden_size"]
     kv = state = 0
     if fam in ("llama", "mistral", "mixtral", "jamba"):
@@ -104,7 +107,9 @@ def test_published_cache_bytes(name, context):
 
 
 def test_published_cache_figures():
-    """Figures quoted in REFERENCE.md §3 (Jamba paper at 256K; Magic.dev's 405B at 100M; Mamba-2.8B state)."""
+    """Published figures: the Jamba paper's KV caches at 256K tokens (Llama-2-7B 128 GiB, Mistral-7B and
+    Mixtral 32 GiB, Jamba 4 GiB), Llama-3.1-405B's 516,096 B per token at 100M tokens (Magic.dev's 100M-token
+    post), Mamba-2.8B's 10,485,760 B SSM state per sequence in bf16."""
     memory = pytest.importorskip("ltmdsl.memory")
 
     def kv(name, T):
@@ -312,13 +317,14 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"factor": 0.5}, r"'rope_scaling.factor' must be a number >= 1, got 0.5"),
-    ({"factor": None}, r"'rope_scaling.factor' must be a number >= 1, got None"),
-    ({"low_freq_factor": 0}, r"'rope_scaling.low_freq_factor' must be a number > 0, got 0"),
-    ({"high_freq_factor": 1.0}, r"'rope_scaling.high_freq_factor' must be a number > 1, got 1.0"),
+    ({"factor": 0.5}, r"'rope_scaling.factor' must be a number >= 1 and <= 1e\+30, got 0.5"),
+    ({"factor": None}, r"'rope_scaling.factor' must be a number >= 1 and <= 1e\+30, got None"),
+    ({"low_freq_factor": 0}, r"'rope_scaling.low_freq_factor' must be a number > 0 and <= 1e\+30, got 0"),
+    ({"high_freq_factor": 1.0}, r"'rope_scaling.high_freq_factor' must be a number > "
+                                 r"'rope_scaling.low_freq_factor' \(1\) and <= 1e\+30, got 1.0"),
     ({"original_max_position_embeddings": 8192.5}, r"'rope_scaling.original_max_position_embeddings' must be an "
-                                                   r"integer >= 1 for rope_type 'llama3', got 8192.5"),
-    ({"original_max_position_embeddings": None}, r"'max_position_embeddings' must be an integer >= 1"),
+                                                   r"integer from 1 to 2,147,483,647 for rope_type 'llama3', got 8192.5"),
+    ({"original_max_position_embeddings": None}, r"'max_position_embeddings' must be an integer from 1"),
     ({"mscale": 1.0}, r"'rope_scaling' = .* is not supported \(supported: for rope_type 'llama3' the keys "
                       r".*not mscale"),
     ({"partial_rotary_factor": 0.5}, r"supported: partial_rotary_factor 1.0"),
@@ -367,7 +373,9 @@ def test_ignore_is_explicit_and_recorded():
 
 def test_hostile_names_and_values_cannot_inject_spec_text():
     cfg = {"model_type": "llama", "_name_or_path": 'org/x"}\nmodel evil { vocab = 1 }\n#',
-           "num_hidden_layers": 2, "torch_dtype": "bfloat16\nmodel evil {"}
+           "num_hidden_layers": 2, "torch_dtype": "bfloat16"}
+    with pytest.raises(HFError, match="'torch_dtype' = 'bfloat16\\\\nmodel evil {' is not supported"):
+        spec_from_config({**cfg, "torch_dtype": "bfloat16\nmodel evil {"})
     text = spec_from_config(cfg)
     spec = ltmdsl.loads(text)
     assert len(spec.ir.models) == 1 and spec.model.name.startswith("x_")
@@ -378,3 +386,130 @@ def test_hostile_names_and_values_cannot_inject_spec_text():
 def test_transformers5_infinity_encoding():
     cfg = {"model_type": "mamba2", "time_step_limit": [0.0, {"__float__": "Infinity"}]}
     assert plan_from_config(cfg).family == "mamba2"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile values: every key the mapping reads is checked for type and range, and the error names it.
+# ---------------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+#: One-field mutations: wrong types, negative, huge, fractional, missing.
+MUTATIONS = [
+    ("a string", "x"), ("a list", [1, 2]), ("a dict", {"a": 1}), ("true", True), ("null", None),
+    ("negative", -1), ("zero", 0), ("huge int", 10**12), ("2**64", 2**64), ("1e9 float", 1e9), ("1e300", 1e300),
+    ("fraction", 0.5), ("1.5", 1.5), ("missing", _MISSING),
+]
+
+
+def _fields(cfg: dict) -> list[tuple[str, ...]]:
+    """Every top-level key, and every key of a dict one level down (`rope_scaling.factor`)."""
+    out = []
+    for key, value in cfg.items():
+        out.append((key,))
+        if isinstance(value, dict):
+            out += [(key, k) for k in value]
+    return out
+
+
+def _mutated(cfg: dict, path: tuple[str, ...], value) -> dict:
+    cfg = json.loads(json.dumps(cfg))
+    holder = cfg if len(path) == 1 else cfg[path[0]]
+    if value is _MISSING:
+        del holder[path[-1]]
+    else:
+        holder[path[-1]] = value
+    return cfg
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a dev requirement
+    given = None
+
+CONFIG_NAMES = sorted(p.stem for p in CONFIGS.glob("*.json"))
+
+
+def _check_mutation(name: str, path: tuple[str, ...], label: str, value) -> None:
+    cfg = _mutated(published(name), path, value)
+    try:
+        text = spec_from_config(cfg, source=f"{name}.json")
+    except HFError as e:
+        message = str(e)
+        assert "please report" not in message
+        assert path[-1] in message, f"{name}.json, {'.'.join(path)} = {label}: the error does not name the key: {message}"
+        assert message.startswith(f"{name}.json: "), message
+        return
+    ltmdsl.load(text)  # otherwise a valid spec (spec_from_config has loaded it once already)
+
+
+if given is not None:
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def test_one_mutated_field_gives_a_valid_spec_or_an_error_naming_the_key(data):
+        name = data.draw(st.sampled_from(CONFIG_NAMES), label="config")
+        path = data.draw(st.sampled_from(_fields(published(name))), label="field")
+        label, value = data.draw(st.sampled_from(MUTATIONS), label="mutation")
+        _check_mutation(name, path, label, value)
+
+
+@pytest.mark.parametrize("name, path, value, message", [
+    ("Llama-3.1-8B", ("model_type",), ["llama"], "'model_type' must be a string"),
+    ("Llama-3.1-8B", ("model_type",), {"a": 1}, "'model_type' must be a string"),
+    ("Llama-3.1-8B", ("num_hidden_layers",), 1e9, "'num_hidden_layers' must be an integer from 1 to 50,000"),
+    ("Llama-3.1-8B", ("vocab_size",), 2**52, "'vocab_size' must be an integer from 1 to 2,147,483,647"),
+    ("Llama-3.1-8B", ("rope_theta",), 1e308, "'rope_theta' must be a positive finite number up to 1e\\+30"),
+    ("Llama-3.1-8B", ("rope_theta",), 1e-12, "rope_theta = 1e-12 \\(from config key 'rope_theta'\\), which is invalid"),
+    ("Llama-3.1-8B", ("torch_dtype",), ["bfloat16"], "'torch_dtype' = \\['bfloat16'\\] is not supported"),
+    ("Llama-3.1-8B", ("rope_scaling", "factor"), 1e300, "'rope_scaling.factor' must be a number"),
+    ("Jamba-v0.1", ("attn_layer_period",), 2, "'attn_layer_offset' \\(4\\) must be smaller than 'attn_layer_period'"),
+], ids=lambda v: ".".join(v) if isinstance(v, tuple) else None)
+def test_hostile_values_name_their_key(name, path, value, message):
+    with pytest.raises(HFError, match=message):
+        spec_from_config(_mutated(published(name), path, value))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested more than 32 levels deep"),
+    ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested more than 32 levels deep"),
+    ('{"model_type": "llama", "vocab_size": ' + "9" * 5000 + "}", "not a JSON config"),
+    ('{"model_type": "llama", "x": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}', None),  # brackets in a string
+    ("\xff\xfe", "not UTF-8"),
+])
+def test_hostile_json_is_a_clear_error(tmp_path, text, message):
+    from ltmdsl.hf.configs import read_config
+
+    path = tmp_path / "config.json"
+    path.write_bytes(text.encode("utf-8") if not text.startswith("\xff") else b"\xff\xfe")
+    if message is None:
+        assert read_config(tmp_path)[0]["model_type"] == "llama"
+        return
+    with pytest.raises(HFError, match=message) as e:
+        read_config(tmp_path)
+    assert e.value.path == str(path)
+
+
+def test_config_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path):
+    from ltmdsl.hf.configs import read_config
+
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    with pytest.raises(HFError, match="not a regular file"):
+        read_config(tmp_path)
+
+
+def test_import_hf_command_names_the_key_and_writes_nothing(tmp_path, capsys):
+    from ltmdsl.cli import main
+
+    cfg = published("Llama-3.1-8B")
+    path = tmp_path / "config.json"
+    out = tmp_path / "out.ltm"
+    for change in ({"model_type": ["llama"]}, {"num_hidden_layers": 1e9}, {"rope_theta": 1e-12}):
+        path.write_text(json.dumps({**cfg, **change}))
+        assert main(["import-hf", str(tmp_path), "-o", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert list(change)[0] in err and "please report" not in err and "Traceback" not in err
+        assert not out.exists()
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["import-hf", str(path), "-o", str(out)]) == 1
+    assert "nested more than 32 levels" in capsys.readouterr().err and not out.exists()

@@ -294,3 +294,61 @@ def test_export_of_a_spec_too_large_for_memory_is_refused(tmp_path, capsys, monk
     assert main(["export-hf", str(tmp_path / "l.ltm"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "GiB of memory available" in err and not (tmp_path / "out").exists()
+
+
+def test_tiny_jamba_example_exports_to_a_folder_transformers_loads(tmp_path, capsys):
+    """The bundled example that exports: every kind it has (attention, Mamba-1, MLP, MoE) maps to Jamba, the
+    folder loads in transformers, and its logits equal the spec's own model with the same seed."""
+    spec = EXAMPLES / "tiny-jamba.ltm"
+    assert {layer.kind for layer in ltmdsl.load(spec).model.layers} == {"attention", "mamba", "mlp", "moe"}
+    assert main(["export-hf", str(spec), str(tmp_path / "out"), "--seed", "4"]) == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "jamba" and cfg["num_hidden_layers"] == 8
+    assert (cfg["attn_layer_period"], cfg["attn_layer_offset"]) == (4, 2)
+    built = ltmdsl.build(ltmdsl.load(spec), seed=4)
+    ids = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        assert_close(load_hf(tmp_path / "out")(ids).logits, built(ids), 1e-4, "tiny-jamba export")
+
+
+@pytest.mark.parametrize("example, expected", [
+    ("tiny-hybrid.ltm", ["layer 0 'ssm1' (mamba)", "layer 2 'ssm2' (mamba2)"]),
+    ("stream-hybrid.ltm", ["layer 0 'ssm' (mamba2)", "layer 2 's1' (mamba)"]),
+])
+def test_refusal_names_the_layers_without_a_counterpart(tmp_path, capsys, example, expected):
+    assert main(["export-hf", str(EXAMPLES / example), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "has no Hugging Face counterpart" in err and "The closest supported family is" in err
+    for layer in expected:
+        assert layer in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stack, family, misfit", [
+    ("ssm ffn attn ffn ssm2 ffn", "Jamba", "layer 4 'ssm2' (mamba2): Jamba's SSM layers are Mamba-1"),
+    ("ssm ffn rope ffn ssm ffn", "Jamba", "layer 2 'rope' (attention): Jamba attention has no RoPE and no window"),
+    ("ssm ffn attn gelu", "Jamba", "layer 3 'gelu' (mlp): its activation is gelu; the family uses swiglu"),
+    ("ssm2 attn ffn", "Nemotron-H", "layer 2 'ffn' (mlp): its activation is swiglu; Nemotron-H MLPs use relu2"),
+    ("rope ffn rope", "Llama", "layer 2 'rope' (attention): a mixer without the FFN that must follow it"),
+], ids=["mamba2-in-jamba", "rope-in-jamba", "gelu-in-jamba", "swiglu-in-nemotron", "unpaired-mixer"])
+def test_misfits_name_index_definition_kind_and_reason(stack, family, misfit):
+    from ltmdsl.hf.export import misfits
+
+    text = f"""model m {{
+    vocab = 40
+    d_model = 32
+    layer attn = attention(heads = 2, rope_theta = none)
+    layer rope = attention(heads = 2)
+    layer ssm = mamba(d_state = 4, inner_norms = true)
+    layer ssm2 = mamba2(d_state = 8, head_dim = 16, chunk = 4)
+    layer ffn = mlp(d_ff = 24)
+    layer gelu = mlp(d_ff = 24, act = gelu)
+    stack {{ {stack} }}
+}}
+"""
+    ir = ltmdsl.loads(text).model
+    message = misfits(ir)
+    assert f"The closest supported family is {family}" in message and misfit in message
+    with pytest.raises(HFError) as refused:
+        config_from_ir(ir)
+    assert misfit in refused.value.message  # the family's own reason, then the layers it has no place for

@@ -1,6 +1,7 @@
 """Hand-built ModelIR / BudgetIR for the memory tests (independent of the parser).
 
-Parameter counts follow `transformers` so that `params_total` matches REFERENCE.md §2; the GPT block of
+Parameter counts follow `transformers` so that `params_total` matches what transformers counts on the
+meta device; the GPT block of
 Korthikanti et al. counts 12h^2 per layer as the paper does (biases and norms left out).
 """
 

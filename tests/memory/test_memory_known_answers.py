@@ -1,4 +1,5 @@
-"""Published figures the memory model must reproduce exactly (REFERENCE.md §3)."""
+"""Published figures the memory model must reproduce exactly (the Jamba paper's KV
+caches at 256K tokens, Magic.dev's 100M-token post, Korthikanti et al. 2022, the ZeRO paper)."""
 
 from __future__ import annotations
 

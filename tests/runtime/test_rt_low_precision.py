@@ -1,4 +1,4 @@
-"""bf16 and fp16 models against the fp32 model with the same weights (REFERENCE.md §4 tolerances).
+"""bf16 and fp16 models against the fp32 model with the same weights.
 
 The fp32 model is the oracle here; each lower precision must agree within bf16 <= 1e-2 and
 fp16 <= 5e-3 relative (max-abs over max-abs), for a one-shot forward and for prefill + decode steps.

@@ -1,11 +1,11 @@
-"""The assembled model: parameter counts and names, the cache, and the end-to-end invariants of
-REFERENCE.md §4 on the bundled examples (tiny-hybrid has every mixer kind; stream-hybrid is SSM + window)
+"""The assembled model: parameter counts and names, the cache, and the end-to-end invariants
+on the bundled examples (tiny-hybrid has every mixer kind; stream-hybrid is SSM + window)
 and on a Zamba-style spec with a shared block, LayerNorm, a tied head and GELU.
 
     prefill(T) == prefill(T - k) + k one-token steps      (outputs and cache state)
     chunked prefill == one-shot prefill                     (outputs and cache state)
     batch of sequences == per-sequence loop
-Tolerance 1e-4 relative in fp32 (REFERENCE.md §4); exact equalities for bytes and counts.
+Tolerance 1e-4 relative (max-abs over max|ref|) in fp32; exact equalities for bytes and counts.
 """
 
 from __future__ import annotations

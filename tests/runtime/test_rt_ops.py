@@ -1,4 +1,4 @@
-"""Kernels against their oracles (REFERENCE.md §4): chunked scans vs token loops in fp64, SDPA attention vs
+"""Kernels against their oracles: chunked scans vs token loops in fp64, SDPA attention vs
 the explicit-softmax reference, conv vs a tap loop, and every one-token step vs its sequence form.
 
 Tolerances: fp64 comparisons 1e-10 (same math, different association); fp32 vs fp64 oracle 1e-4.

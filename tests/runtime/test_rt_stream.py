@@ -12,6 +12,7 @@ import sys
 import pytest
 from paths import EXAMPLES
 
+import ltmdsl
 from ltmdsl.commands import stream
 
 STREAM = str(EXAMPLES / "stream-hybrid.ltm")
@@ -49,6 +50,45 @@ def test_growing_cache_that_cannot_fit_is_refused(capsys):
     code, out, err = run([TINY, "--tokens", "10G", "--json"], capsys)
     assert code == 3
     assert "refusing" in err and "KV cache grows" in err and out == ""
+
+
+def test_chunk_whose_activations_cannot_fit_is_refused(capsys):
+    """A constant-memory spec with a 200M-token chunk: cache and weights are tiny, but the memory model's prefill
+    workspace for one such chunk is hundreds of GiB. Refused before anything is allocated, naming the chunk."""
+    code, out, err = run([STREAM, "--tokens", "200M", "--chunk", "200M"], capsys)
+    assert code == 3 and out == ""
+    assert "refusing" in err and "activations" in err and "--chunk" in err and "200,000,000-token chunk" in err
+
+
+def test_refusal_counts_the_chunk_activations_against_mem_available(capsys, monkeypatch):
+    """With 64 MiB available, a 100K-token chunk (about 160 MB of prefill workspace by the memory model) does
+    not fit although cache + weights (under 200 KiB) do; a 1K-token chunk of the same run does."""
+    from ltmdsl.memory import report
+
+    ir = ltmdsl.load(STREAM).model
+    need = report(ir, None, context=100_000, batch=1, chunk=100_000, gpus=1, conv_taps="full").components
+    avail = 64 * 2**20
+    assert need["weights"] + need["kv_cache"] + need["recurrent_state"] < avail < sum(need.values())
+    monkeypatch.setattr(stream, "mem_available", lambda: avail)
+    code, out, err = run([STREAM, "--tokens", "100K", "--chunk", "100K", "--json"], capsys)
+    assert code == 3 and out == "" and "activations" in err
+    code, out, err = run([STREAM, "--tokens", "3000", "--chunk", "1000", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["memory_predicted_bytes"]["activations"] > 0
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]], ids=["summary", "json"])
+def test_results_are_printed_when_stdout_is_not_a_terminal(flags):
+    """stdout a pipe and stderr a pipe: the results still reach stdout, and no progress bar reaches stderr."""
+    proc = subprocess.run([sys.executable, "-m", "ltmdsl.cli", "stream", STREAM, "--tokens", "2000", "--chunk",
+                           "500", *flags], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    if flags:
+        assert json.loads(proc.stdout)["tokens"] == 2000
+    else:
+        assert proc.stdout.startswith("stream_hybrid: 2,000 tokens x batch 1 in ") and "tokens/s" in proc.stdout
+        assert "cache 10.50 KiB (predicted 10.50 KiB)" in proc.stdout
+    assert proc.stderr == ""
 
 
 def test_tiny_hybrid_streams_with_a_growing_cache(capsys):
