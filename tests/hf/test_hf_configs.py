@@ -440,7 +440,7 @@ def _check_mutation(name: str, path: tuple[str, ...], label: str, value) -> None
         assert path[-1] in message, f"{name}.json, {'.'.join(path)} = {label}: the error does not name the key: {message}"
         assert message.startswith(f"{name}.json: "), message
         return
-    ltmdsl.load(text)  # otherwise a valid spec (spec_from_config has loaded it once already)
+    ltmdsl.loads(text)  # otherwise a valid spec (spec_from_config has loaded it once already)
 
 
 if given is not None:

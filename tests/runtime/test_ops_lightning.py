@@ -1,7 +1,7 @@
 """Lightning attention (runtime/ops_lightning.py): block form vs token loop, steps, and transformers' MiniMax.
 
 Tolerances: fp64 op vs op 1e-10 (same math, different association); fp32 vs the fp64 oracle 1e-4;
-against transformers' MiniMaxLightningAttention in fp64 1e-6 (REFERENCE.md §4 conventions).
+against transformers' MiniMaxLightningAttention in fp64 1e-6 (relative max-abs error).
 Inputs are seeded random, lengths odd (1, 63, 65, 127), slopes MiniMax's (decays in (0, 1)).
 """
 

@@ -1,7 +1,7 @@
 """mLSTM (runtime/ops_mlstm.py): chunked form vs token loop, steps, the stabiliser, and transformers' xLSTM.
 
 Tolerances: fp64 op vs op 1e-10 (same math, different association); fp32 vs the fp64 oracle 1e-4;
-against transformers' native xLSTM kernels and its xLSTMLayer in fp64 1e-6 (REFERENCE.md §4 conventions).
+against transformers' native xLSTM kernels and its xLSTMLayer in fp64 1e-6 (relative max-abs error).
 Inputs are seeded random, lengths odd (1, 63, 65, 127); gates as xLSTM-7B makes them: pre-activations
 soft-capped at 15, the forget gate sigmoid (log f = logsigmoid, biased towards remembering).
 """

@@ -1,7 +1,7 @@
 """RG-LRU (runtime/ops_rglru.py): chunked scan vs token loop, steps, resets, and transformers' RecurrentGemma.
 
 Tolerances: fp64 op vs op 1e-10 (same math, different association); fp32 vs the fp64 oracle 1e-4;
-against transformers' RecurrentGemmaRglru in fp64 1e-6 (REFERENCE.md §4 conventions).
+against transformers' RecurrentGemmaRglru in fp64 1e-6 (relative max-abs error).
 Inputs are seeded random, lengths odd (1, 63, 65, 127); sigma(Lambda) drawn in [0.9, 0.999] as Griffin
 initialises it, so a_t = sigma(Lambda)^(8 r_t) stays well conditioned.
 """
