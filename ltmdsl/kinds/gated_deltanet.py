@@ -15,14 +15,14 @@ Prefill workspace for a chunk of Cc = min(C, T) tokens (the chunked WY form, as 
 chunk_gated_delta_rule allocates it; L = chunk):
     a * b * Cc/c * (qkvz + 2Hv + conv_dim + Hv*Dv)/t        projections, conv output, rule output
   + a * b * Cc/c * Hv/t * (Dk + 2Dv + L)                    W, U, the corrected values and the triangular inverse
-  + 4 * b * Cc/c * Hv/t                                     the fp32 cumulative log-decay
+  + 4 * b * Cc/c * Hv/t                                     the fp32 cumulative log-decay (KDA: * Dk)
   + a * b * Hv/t * Dk * Dv * ceil(Cc/L)                     the chunk states h (in the input dtype, as fla)
 Training activations, per micro-batch (flash-linear-attention saves q, k, v, g, beta and the chunk's
 triangular inverse A; chunk states are recomputed in backward, so no O(T/L) term):
     replicated  norm input and projection input 2a*sbh
     split       projections a*sb*(qkvz + 2Hv) and the rule output a*sb*Hv*Dv, always; the conv output
                 a*sb*conv_dim, A a*sb*Hv*L, the gated-norm output a*sb*Hv*Dv and fp32 g, beta 8*sb*Hv
-                unless selective recompute recomputes them.
+                (KDA: 4*sb*Hv*(Dk + 1)) unless selective recompute recomputes them.
 FLOPs per value head: a recurrent step decays S (Dk*Dv), reads S^T k (2 Dk*Dv), writes k d^T (2 Dk*Dv) and
 reads out S^T q (2 Dk*Dv): 7*Dk*Dv, plus 2*conv_dim*K for the conv. Prefill in chunks of L = min(chunk, T),
 per token and value head: the k.k and q.k scores 4*L*Dk, the triangular solve for [U | W] L*(Dk + Dv), the
@@ -122,23 +122,25 @@ def delta_cache(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, s) -> 
             CacheTerm("recurrent_state", "delta", s.state_dtype, b * R(heads, s.tp) * dk * dv * sb))
 
 
-def delta_workspace(proj: int, conv_dim: int, heads: int, dk: int, dv: int, chunk: int, s):
-    """Prefill workspace of one chunk (module docstring); `proj` is the width of the input projections."""
+def delta_workspace(proj: int, conv_dim: int, heads: int, dk: int, dv: int, chunk: int, s, decay: int = 1):
+    """Prefill workspace of one chunk (module docstring); `proj` is the width of the input projections and
+    `decay` the log-decays per head and token (1 for a scalar decay, Dk for KDA's per-channel one)."""
     b = per_replica(B, s.dp)
     tok = b * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
     t = R(s.tp)
     chunks = sympy.ceiling(sympy.Min(C, T) / chunk)
     a = s.activation_dtype.bytes
     return (a * tok * (proj + conv_dim + heads * dv) / t + a * tok * heads / t * (dk + 2 * dv + chunk)
-            + 4 * tok * heads / t + a * b * heads / t * dk * dv * chunks)
+            + 4 * tok * heads * decay / t + a * b * heads / t * dk * dv * chunks)
 
 
-def delta_stored(proj: int, conv_dim: int, heads: int, dv: int, chunk: int, x, selective: bool):
-    """Training activations per micro-batch (module docstring); `proj` is the width of the input projections."""
+def delta_stored(proj: int, conv_dim: int, heads: int, dv: int, chunk: int, x, selective: bool, decay: int = 1):
+    """Training activations per micro-batch (module docstring); `proj` is the width of the input projections,
+    `decay` the log-decays per head and token (1 for a scalar decay, Dk for KDA's per-channel one)."""
     a, tok = x.a, x.tok
     out = x.base + x.split(a * tok * (proj + heads * dv))
     if not selective:
-        out += x.split(a * tok * (conv_dim + heads * chunk + heads * dv) + 8 * tok * heads)
+        out += x.split(a * tok * (conv_dim + heads * chunk + heads * dv) + 4 * tok * heads * (decay + 1))
     return out
 
 

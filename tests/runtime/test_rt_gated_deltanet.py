@@ -2,11 +2,16 @@
 and against itself (prefill + steps, chunked vs one-shot, batch vs per-sequence, the token-loop oracle).
 
 Tolerances: HF_TOL = 1e-6 against transformers run in float64 with our weights (its gated RMSNorm and its
-delta-rule functions compute in fp32 even in a float64 module; the gap is that cast); 1e-10 for our own
-float64 forms against each other (same math, different association); 1e-12 for batch vs per-sequence.
+delta-rule functions compute in fp32 even in a float64 module; the gap is that cast, measured <= 2.7e-7);
+EXACT = 1e-12 against the same transformers module with those fp32 casts lifted to float64
+(`transformers_in_float64`), where only the association of sums differs; 1e-10 for our own float64 forms
+against each other (same math, different association); 1e-12 for batch vs per-sequence.
 """
 
 from __future__ import annotations
+
+import contextlib
+import types
 
 import pytest
 import torch
@@ -60,6 +65,29 @@ def fresh_state(cfg, B, taps="full"):
 
 # ---- against transformers ---------------------------------------------------------------------------
 
+EXACT = 1e-12
+
+
+class _Float64Torch(types.ModuleType):
+    """`torch` as a transformers modelling module sees it, with `torch.float32` meaning float64."""
+
+    def __getattr__(self, name):
+        return torch.float64 if name == "float32" else getattr(torch, name)
+
+
+@contextlib.contextmanager
+def transformers_in_float64(module):
+    """Run a transformers modelling module with its internal fp32 casts (`.to(torch.float32)`, `.float()`)
+    made float64, so its math can be compared with ours at rounding level. Scoped to the `with` block."""
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(module, "torch", _Float64Torch("torch"))
+        mp.setattr(torch.Tensor, "float", lambda self, *args, **kwargs: self.to(torch.float64))
+        yield
+    finally:
+        mp.undo()
+
+
 def hf_layer(cfg, ours: GatedDeltaNet):
     qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
     from transformers import Qwen3NextConfig
@@ -84,6 +112,22 @@ def test_matches_transformers(Hk, Hv, Dk, Dv, T):
     x = hidden(T)
     with torch.no_grad():
         assert_close(ours(x), hf(x), HF_TOL, "vs Qwen3NextGatedDeltaNet")
+
+
+@pytest.mark.parametrize("Hk,Hv,Dk,Dv", [(2, 4, 8, 6), (1, 4, 4, 8)], ids=["gva2", "gva4"])
+def test_matches_transformers_without_its_fp32_casts(Hk, Hv, Dk, Dv):
+    """The same comparison at rounding level: transformers' module with its fp32 casts lifted to float64.
+    T = 70 crosses transformers' chunk of 64 (ours is 8 here), so both chunked forms carry a state."""
+    qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    cfg = config(key_heads=Hk, value_heads=Hv, head_dim=Dk, v_head_dim=Dv, chunk=8)
+    ours = layer(cfg)
+    hf = hf_layer(cfg, ours)
+    x = hidden(70)
+    with torch.no_grad():
+        y = ours(x)
+        with transformers_in_float64(qwen3_next):
+            ref = hf(x)
+    assert_close(y, ref, EXACT, "vs Qwen3NextGatedDeltaNet in float64 throughout")
 
 
 def test_parameter_count_equals_transformers():

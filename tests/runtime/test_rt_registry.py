@@ -72,6 +72,11 @@ def _gated_deltanet(rng: random.Random, d: int) -> str:
             f"conv_bias = {rng.choice(['true', 'false'])}, chunk = {rng.choice([4, 8])})")
 
 
+def _kda(rng: random.Random, d: int) -> str:
+    return (f"kda(heads = {rng.choice([1, 2, 3])}, head_dim = {rng.choice([4, 8])}, d_conv = {rng.randint(1, 5)}, "
+            f"conv_bias = {rng.choice(['true', 'false'])}, chunk = {rng.choice([4, 8])})")
+
+
 def _mlp(rng: random.Random, d: int) -> str:
     act = rng.choice(["swiglu", "geglu", "gelu", "relu2", "relu"])
     return f"mlp(d_ff = {rng.randint(1, 48)}, act = {act}, bias = {rng.choice(['true', 'false'])})"
@@ -84,7 +89,7 @@ def _moe(rng: random.Random, d: int) -> str:
 
 
 RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "gated_deltanet": _gated_deltanet,
-                  "mlp": _mlp, "moe": _moe}
+                  "kda": _kda, "mlp": _mlp, "moe": _moe}
 
 
 def random_spec(kind: str, seed: int) -> str:
