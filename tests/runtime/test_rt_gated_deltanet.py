@@ -284,3 +284,33 @@ def test_triton_back_end_runs_the_reference_delta_rule(monkeypatch, tmp_path):
         c_ref, c_fast = ref.new_cache(1, 10), fast.new_cache(1, 10)
         fast(ids, c_fast), ref(ids, c_ref)
         assert_close(fast(ids[:, :1], c_fast), ref(ids[:, :1], c_ref), 1e-4, "decode logits (fp32)")
+
+
+
+def test_fp32_against_float64():
+    """The layer in fp32 (gates, norm and the rule in fp32 inside) against itself in float64, prefill and
+    decode, 1e-4 relative."""
+    cfg = config(chunk=8)
+    ref = layer(cfg)
+    low = GatedDeltaNet(cfg, D_MODEL, EPS, TORCH_KERNELS).float()
+    low.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = hidden(19)
+    with torch.no_grad():
+        assert_close(low(x.float()), ref(x), 1e-4, "fp32 prefill")
+        s_ref = fresh_state(cfg, 2)
+        s_low = new_cache(cfg, CacheRequest(2, 64, torch.float32, torch.float32, "full", "cpu"))
+        ref(x[:, :18], s_ref), low(x[:, :18].float(), s_low)
+        assert_close(low.step(x[:, 18].float(), s_low, 18), ref.step(x[:, 18], s_ref, 18), 1e-4, "fp32 step")
+
+
+def test_bf16_model_against_fp32():
+    """The hybrid in bf16 against the fp32 model with the same weights, prefill then decode, bf16 <= 1e-2 on
+    the logits as for every model (tests/runtime/test_rt_low_precision.py)."""
+    spec = ltmdsl.load(SPEC)
+    ids = torch.randint(0, 40, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = ltmdsl.build(spec, dtype=torch.float32, seed=0)(ids)  # [B, T, V]
+        model = ltmdsl.build(spec, dtype=torch.bfloat16, seed=0)
+        cache = model.new_cache(2, 24)
+        out = [model(ids[:, :20], cache)] + [model(ids[:, t : t + 1], cache) for t in range(20, 24)]
+    assert_close(torch.cat(out, dim=1).float(), ref, 1e-2, "bf16 prefill + decode vs fp32")
