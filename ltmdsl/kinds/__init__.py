@@ -3,18 +3,20 @@
     from ltmdsl.kinds import REGISTRY, kind_of
     kind_of(layer.mixer).cache(layer.mixer, settings)
 
-One module per kind (attention, mamba, mamba2, mlp, moe) holds its IR config and its `Kind` (see
+One module per kind (ltmdsl/kinds/<kind>.py) holds its IR config and its `Kind` (see
 `ltmdsl.kinds.base` for the facets and their signatures). Adding a kind is one module and one line
 here; docs/ADDING_A_KIND.md walks through it. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-from ltmdsl.kinds import attention, mamba, mamba2, mlp, moe
+from ltmdsl.kinds import attention, gated_deltanet, kda, mamba, mamba2, mlp, moe
 from ltmdsl.kinds.base import NORM_PARAM, CheckError, Kind, KindError, ModelContext, Param
 
 #: Every kind a `layer NAME = KIND(...)` definition may use, in documentation order.
-REGISTRY: dict[str, Kind] = {k.name: k for k in (attention.KIND, mamba.KIND, mamba2.KIND, mlp.KIND, moe.KIND)}
+REGISTRY: dict[str, Kind] = {
+    k.name: k for k in (attention.KIND, mamba.KIND, mamba2.KIND, gated_deltanet.KIND, kda.KIND, mlp.KIND, moe.KIND)
+}
 
 
 def kind_of(config) -> Kind:

@@ -3,7 +3,9 @@ config the registry does not describe is refused loudly (never counted as zero) 
 
 import dataclasses
 import random
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import sympy
@@ -18,6 +20,7 @@ from ltmdsl.memory.compute import FLOP_COMPONENTS
 from ltmdsl.memory.symbols import B, C, T
 from ltmdsl.units import DTYPES
 
+LANGUAGE_DOC = Path(__file__).resolve().parents[2] / "docs" / "LANGUAGE.md"
 POS = SourcePos("test.ltm", 1, 1)
 RMS = NormConfig("rmsnorm", 1e-5)
 D_MODEL = 64
@@ -86,7 +89,12 @@ def test_a_kind_cannot_be_registered_without_a_facet(facet):
 
 
 def test_registry_order_and_kind_names():
-    assert list(REGISTRY) == ["attention", "mamba", "mamba2", "mlp", "moe"]
+    """The registry lists the kinds in documentation order (their `**kind**` paragraphs in docs/LANGUAGE.md),
+    the sequence mixers before the feed-forward networks; a new kind adds its paragraph, not a test edit."""
+    documented = re.findall(r"^\*\*([a-z0-9_]+)\*\*", LANGUAGE_DOC.read_text(), flags=re.MULTILINE)
+    assert [k for k in documented if k in REGISTRY] == list(REGISTRY)
+    ffn = [REGISTRY[k].is_ffn for k in REGISTRY]
+    assert ffn == sorted(ffn), "sequence mixers come before feed-forward networks"
     for name, kind in REGISTRY.items():
         assert kind.config.__module__ == f"ltmdsl.kinds.{name}"
 

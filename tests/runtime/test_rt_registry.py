@@ -65,6 +65,18 @@ def _mamba2(rng: random.Random, d: int) -> str:
             f"conv_bias = {rng.choice(['true', 'false'])}, proj_bias = {rng.choice(['true', 'false'])})")
 
 
+def _gated_deltanet(rng: random.Random, d: int) -> str:
+    key_heads = rng.choice([1, 2])
+    return (f"gated_deltanet(key_heads = {key_heads}, value_heads = {key_heads * rng.choice([1, 2, 3])}, "
+            f"head_dim = {rng.choice([4, 8])}, v_head_dim = {rng.choice([4, 6, 8])}, d_conv = {rng.randint(1, 5)}, "
+            f"conv_bias = {rng.choice(['true', 'false'])}, chunk = {rng.choice([4, 8])})")
+
+
+def _kda(rng: random.Random, d: int) -> str:
+    return (f"kda(heads = {rng.choice([1, 2, 3])}, head_dim = {rng.choice([4, 8])}, d_conv = {rng.randint(1, 5)}, "
+            f"conv_bias = {rng.choice(['true', 'false'])}, chunk = {rng.choice([4, 8])})")
+
+
 def _mlp(rng: random.Random, d: int) -> str:
     act = rng.choice(["swiglu", "geglu", "gelu", "relu2", "relu"])
     return f"mlp(d_ff = {rng.randint(1, 48)}, act = {act}, bias = {rng.choice(['true', 'false'])})"
@@ -76,7 +88,8 @@ def _moe(rng: random.Random, d: int) -> str:
     return f"moe(experts = {experts}, top_k = {rng.randint(1, experts)}, d_ff = {rng.randint(1, 24)}, act = {act})"
 
 
-RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "mlp": _mlp, "moe": _moe}
+RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "gated_deltanet": _gated_deltanet,
+                  "kda": _kda, "mlp": _mlp, "moe": _moe}
 
 
 def random_spec(kind: str, seed: int) -> str:

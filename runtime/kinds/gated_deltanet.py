@@ -1,0 +1,194 @@
+"""Gated DeltaNet sub-layer (Yang, Kautz & Hatamizadeh, ICLR 2025), as transformers' Qwen3NextGatedDeltaNet.
+
+    qkvz = in_proj_qkvz(u), grouped by key head: [q Dk | k Dk | v r*Dv | z r*Dv] per key head (r = Hv/Hk)
+    ba = in_proj_ba(u), grouped by key head: [b r | a r]
+    q, k, v = silu(causal_conv1d([q ; k ; v]))                 q, k [B,T,Hk,Dk], v [B,T,Hv,Dv]
+    g = -exp(A_log) * softplus(a + dt_bias) [B,T,Hv];  beta = sigmoid(b) [B,T,Hv]
+    o = gated delta rule (q, k L2-normalised, scale Dk^-0.5)    [B,T,Hv,Dv]
+    y = norm.weight * rmsnorm(o) * silu(z) per value head;  out_proj(y) -> [B,T,d]
+
+The grouped projection layouts are transformers' (its `fix_query_key_value_ordering`), so its weights load
+by name. With a cache the conv taps and the delta state [B, Hv, Dk, Dv] carry over; `step` is the one-token
+recurrence. The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `ConvDeltaState`
+allocation (conv taps [B, conv_dim, K or K-1], delta state [B, Hv, Dk, Dv], both in the state dtype), the
+kernel ops it calls (causal_conv1d, conv_step, gated_delta_chunked, gated_delta_step) and its parameter
+names. KDA (runtime/kinds/kda.py) shares the state class and the norm-then-gate RMSNorm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltmdsl.kinds.gated_deltanet import GatedDeltaNetConfig
+from ltmdsl.runtime import initializers as init
+from ltmdsl.runtime import ops_conv, ops_delta
+from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_taps, conv_with_state
+
+if TYPE_CHECKING:
+    from ltmdsl.runtime.kernels import Kernels
+
+
+@dataclass
+class ConvDeltaState(LayerCache):
+    """Conv taps conv [B, conv_dim, K or K-1] and the delta-rule state delta [B, Hv, Dk, Dv]."""
+
+    component: ClassVar[str] = "recurrent_state"
+    conv: torch.Tensor
+    delta: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.conv, self.delta)
+
+
+def new_delta_state(req: CacheRequest, conv_dim: int, d_conv: int, heads: int, dk: int, dv: int) -> ConvDeltaState:
+    """Zeroed conv taps [B, conv_dim, taps] and delta state [B, Hv, Dk, Dv] in the state dtype."""
+    B, dt, dev = req.batch_size, req.state_dtype, req.device
+    conv = torch.zeros(B, conv_dim, conv_taps(d_conv, req), dtype=dt, device=dev)  # [B, conv_dim, taps]
+    delta = torch.zeros(B, heads, dk, dv, dtype=dt, device=dev)  # [B, Hv, Dk, Dv]
+    return ConvDeltaState(conv, delta)
+
+
+def new_cache(cfg: GatedDeltaNetConfig, req: CacheRequest) -> ConvDeltaState:
+    return new_delta_state(req, cfg.conv_dim, cfg.d_conv, cfg.value_heads, cfg.head_dim, cfg.v_head_dim)
+
+
+def state_names(cfg: GatedDeltaNetConfig) -> tuple[str, ...]:
+    """The parameters a `GatedDeltaNet` owns (transformers' Qwen3NextGatedDeltaNet names)."""
+    names = ["in_proj_qkvz.weight", "in_proj_ba.weight", "conv1d.weight", "dt_bias", "A_log", "norm.weight",
+             "out_proj.weight"]
+    if cfg.conv_bias:
+        names.append("conv1d.bias")
+    return tuple(names)
+
+
+def gated_delta_oracle(q, k, v, g, beta, *, chunk, state, l2norm, scale):
+    """The token-loop oracle behind the chunked op's signature (the oracle has no chunk length)."""
+    return ops_delta.gated_delta_reference(q, k, v, g, beta, state=state, l2norm=l2norm, scale=scale)
+
+
+#: The reference ops the delta-rule kinds call, and the oracle of the chunked one.
+DELTA_OPS = {"causal_conv1d": ops_conv.causal_conv1d, "conv_step": ops_conv.conv_step,
+             "gated_delta_chunked": ops_delta.gated_delta_chunked, "gated_delta_step": ops_delta.gated_delta_step}
+DELTA_ORACLES = {"causal_conv1d": ops_conv.causal_conv1d_reference, "gated_delta_chunked": gated_delta_oracle}
+
+
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """Gates and norms run in fp32, or fp64 for fp64 inputs (the oracle precision)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def norm_then_gate(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                   act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """weight * rmsnorm(o) * act(gate) over the last axis (each head's Dv), statistics in fp32 (fp64 stays).
+
+    o, gate [..., Dv] -> [..., Dv] in o's dtype. Qwen3-Next's Qwen3NextRMSNormGated (act = silu) and
+    Kimi-Linear's KimiLinearRMSNormGated (act = sigmoid): the norm comes before the gate.
+    """
+    work = work_dtype(o)
+    of = o.to(work)
+    of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)  # [..., Dv]
+    return (weight.to(work) * of * act(gate.to(work))).to(o.dtype)
+
+
+class GatedNormWeight(nn.Module):
+    """Holds `norm.weight` [Dv] of the gated RMSNorm (the math lives in `norm_then_gate`)."""
+
+    def __init__(self, dv: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dv))
+
+
+class GatedDeltaNet(nn.Module):
+    """forward(x [B,T,d], state: ConvDeltaState | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
+
+    def __init__(self, cfg: GatedDeltaNetConfig, d: int, eps: float, kernels: "Kernels"):
+        super().__init__()
+        self.cfg, self.kernels, self.eps = cfg, kernels, eps
+        K = cfg.d_conv
+        self.in_proj_qkvz = nn.Linear(d, 2 * cfg.key_dim + 2 * cfg.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(d, 2 * cfg.value_heads, bias=False)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, K, groups=cfg.conv_dim, padding=K - 1,
+                                bias=cfg.conv_bias)  # weight [conv_dim, 1, K]
+        self.dt_bias = nn.Parameter(torch.empty(cfg.value_heads))
+        self.A_log = nn.Parameter(torch.empty(cfg.value_heads))
+        self.norm = GatedNormWeight(cfg.v_head_dim)
+        self.out_proj = nn.Linear(cfg.value_dim, d, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator) -> None:
+        """As transformers' Qwen3NextPreTrainedModel: linear and conv weights normal(0, 0.02), dt_bias = 1,
+        A_log = log(A) with A uniform in [0.01, 16], norm weight 1."""
+        init.linear_(self.in_proj_qkvz, gen)
+        init.linear_(self.in_proj_ba, gen)
+        init.normal_(self.conv1d.weight, gen)
+        init.zeros_(self.conv1d.bias)
+        init.ones_(self.dt_bias)
+        self.A_log.copy_(torch.log(0.01 + (16 - 0.01) * torch.rand(self.cfg.value_heads, generator=gen)))
+        init.ones_(self.norm.weight)
+        init.linear_(self.out_proj, gen)
+
+    def _project(self, u: torch.Tensor):
+        """u [..., d] -> qkv [..., conv_dim] (q, k, v concatenated for the conv), z [..., Hv, Dv], b, a [..., Hv]."""
+        cfg = self.cfg
+        lead = u.shape[:-1]
+        r = cfg.value_heads // cfg.key_heads  # value heads per key head
+        Dk, Dv = cfg.head_dim, cfg.v_head_dim
+        qkvz = self.in_proj_qkvz(u).view(*lead, cfg.key_heads, 2 * Dk + 2 * r * Dv)  # [..., Hk, 2Dk + 2rDv]
+        q, k, v, z = qkvz.split([Dk, Dk, r * Dv, r * Dv], dim=-1)
+        b, a = self.in_proj_ba(u).view(*lead, cfg.key_heads, 2 * r).split([r, r], dim=-1)  # [..., Hk, r] each
+        qkv = torch.cat([q.reshape(*lead, -1), k.reshape(*lead, -1), v.reshape(*lead, -1)], dim=-1)
+        return qkv, z.reshape(*lead, cfg.value_heads, Dv), b.reshape(*lead, -1), a.reshape(*lead, -1)
+
+    def _rule_inputs(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
+        """qkv [..., conv_dim] (after the conv) -> q, k [..., Hk, Dk], v [..., Hv, Dv], g, beta [..., Hv]."""
+        cfg = self.cfg
+        lead = qkv.shape[:-1]
+        q, k, v = qkv.split([cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)
+        work = work_dtype(qkv)
+        g = -torch.exp(self.A_log.to(work)) * F.softplus(a.to(work) + self.dt_bias.to(work))  # [..., Hv]
+        beta = torch.sigmoid(b.to(work))  # [..., Hv]
+        return (q.reshape(*lead, cfg.key_heads, cfg.head_dim), k.reshape(*lead, cfg.key_heads, cfg.head_dim),
+                v.reshape(*lead, cfg.value_heads, cfg.v_head_dim), g, beta)
+
+    def _finish(self, o: torch.Tensor, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """o, z [..., Hv, Dv] -> out_proj(norm.weight * rmsnorm(o) * silu(z)) [..., d]."""
+        y = norm_then_gate(o, z, self.norm.weight, self.eps, F.silu)  # [..., Hv, Dv]
+        return self.out_proj(y.reshape(*y.shape[:-2], self.cfg.value_dim).to(like.dtype))
+
+    def forward(self, u: torch.Tensor, state: ConvDeltaState | None = None, pos0: int = 0) -> torch.Tensor:
+        qkv, z, b, a = self._project(u)  # [B,T,conv_dim], [B,T,Hv,Dv], [B,T,Hv] x2
+        qkv = conv_with_state(self.kernels, qkv, self.conv1d, state)  # [B, T, conv_dim]
+        q, k, v, g, beta = self._rule_inputs(qkv, b, a)
+        o, s = self.kernels.gated_delta_chunked(
+            q, k, v, g, beta, chunk=self.cfg.chunk, state=None if state is None else state.delta,
+            l2norm=True, scale=None,
+        )  # [B, T, Hv, Dv], [B, Hv, Dk, Dv]
+        if state is not None:
+            state.delta.copy_(s)
+        return self._finish(o, z, u)  # [B, T, d]
+
+    def step(self, u: torch.Tensor, state: ConvDeltaState, pos0: int) -> torch.Tensor:
+        """One token: u [B,d] -> [B,d], advancing the conv taps and the delta state in place."""
+        qkv, z, b, a = self._project(u)  # [B, conv_dim], [B, Hv, Dv], [B, Hv] x2
+        qkv = conv_step_with_state(self.kernels, qkv, self.conv1d, state)  # [B, conv_dim]
+        q, k, v, g, beta = self._rule_inputs(qkv, b, a)
+        o = self.kernels.gated_delta_step(q, k, v, g, beta, state.delta, l2norm=True, scale=None)  # [B, Hv, Dv]
+        return self._finish(o, z, u)
+
+
+KIND = RuntimeKind(
+    name="gated_deltanet",
+    module=GatedDeltaNet,
+    build=GatedDeltaNet,
+    new_cache=new_cache,
+    ops=DELTA_OPS,
+    oracles=DELTA_ORACLES,
+    state_names=state_names,
+)
