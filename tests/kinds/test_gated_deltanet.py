@@ -27,7 +27,7 @@ def build(**changes):
 
 
 def one_layer(layer: str, d_model: int = 64) -> int:
-    spec = ltmdsl.load(f"model m {{\n vocab = 2\n d_model = {d_model}\n layer x = {layer}\n stack {{ x }}\n}}\n")
+    spec = ltmdsl.loads(f"model m {{\n vocab = 2\n d_model = {d_model}\n layer x = {layer}\n stack {{ x }}\n}}\n")
     return spec.model.layers[0].params - d_model  # minus the sub-layer's rmsnorm weight
 
 
@@ -74,7 +74,7 @@ def test_checks_point_at_the_parameter(changes, param, message):
 
 def test_cache_bytes_at_qwen3_next_shape_are_constant_in_the_context():
     c = build()
-    model = ltmdsl.load(f"""model m {{
+    model = ltmdsl.loads(f"""model m {{
     vocab = 2
     d_model = 2048
     dtype = bf16
@@ -96,7 +96,7 @@ def test_cache_bytes_at_qwen3_next_shape_are_constant_in_the_context():
 def test_tensor_parallel_splits_whole_key_heads():
     c = build()
     assert KIND.split(c, 2048).tp == (("key heads", 16),)
-    model = ltmdsl.load("""model m {
+    model = ltmdsl.loads("""model m {
     vocab = 2
     d_model = 2048
     dtype = bf16
@@ -122,7 +122,7 @@ def test_flops():
 
 def test_workspace_and_stored_activations():
     c = build()
-    model = ltmdsl.load("""model m {
+    model = ltmdsl.loads("""model m {
     vocab = 2
     d_model = 2048
     dtype = bf16

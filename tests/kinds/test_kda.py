@@ -34,7 +34,7 @@ def build(**changes):
 
 
 def one_layer(layer: str, d_model: int = 64) -> int:
-    spec = ltmdsl.load(f"model m {{\n vocab = 2\n d_model = {d_model}\n layer x = {layer}\n stack {{ x }}\n}}\n")
+    spec = ltmdsl.loads(f"model m {{\n vocab = 2\n d_model = {d_model}\n layer x = {layer}\n stack {{ x }}\n}}\n")
     return spec.model.layers[0].params - d_model  # minus the sub-layer's rmsnorm weight
 
 
@@ -67,7 +67,7 @@ def test_defaults_and_checks():
 
 
 def test_cache_bytes_are_constant_in_the_context():
-    model = ltmdsl.load(MODEL).model
+    model = ltmdsl.loads(MODEL).model
     for context in (1, 4096, 10**6):
         got = cache_bytes(model, batch=2, context=context, kv_dtype="bf16", state_dtype="bf16")
         # conv taps: 2 * 3*32*128 * 4 * 2 bytes; delta state: 2 * 32 * 128 * 128 * 2 bytes
@@ -79,7 +79,7 @@ def test_cache_bytes_are_constant_in_the_context():
 def test_tensor_parallel_splits_whole_heads():
     c = build()
     assert KIND.split(c, 2304).tp == (("heads", 32),)
-    model = ltmdsl.load(MODEL).model
+    model = ltmdsl.loads(MODEL).model
     one, four = resolve(model, None), resolve(model, None, tp=4, gpus=4)
     for t1, t4 in zip(KIND.cache(c, one), KIND.cache(c, four)):
         assert sympy.simplify(t1.bytes - 4 * t4.bytes) == 0, t1.part
@@ -96,7 +96,7 @@ def test_flops_equal_gated_deltanet_of_the_same_shape():
 
 
 def test_per_channel_decay_adds_its_fp32_log_decays_to_the_workspace():
-    model = ltmdsl.load(MODEL).model
+    model = ltmdsl.loads(MODEL).model
     s = resolve(model, None)
     c = build()
     ws = KIND.workspace(c, 2304, s).subs({T: 10**6, B: 1, C: 64})

@@ -235,7 +235,7 @@ model gdn_tiny {
 @pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("taps", ["full", "minus_one"])
 def test_model_cache_bytes_equal_memory_model(state_dtype, taps):
-    ir = ltmdsl.load(SPEC).model
+    ir = ltmdsl.loads(SPEC).model
     model = build(ir, init=False)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[state_dtype]
     cache = model.new_cache(3, 50, dtype=torch.float32, conv_taps=taps, state_dtype=torch_dtype)
@@ -249,7 +249,7 @@ def test_model_cache_bytes_equal_memory_model(state_dtype, taps):
 
 def test_model_decode_equals_prefill():
     """The whole hybrid in float64: prefill then greedy-style decode steps give the logits of one prefill."""
-    ir = ltmdsl.load(SPEC).model
+    ir = ltmdsl.loads(SPEC).model
     model = build(ir).double().eval()
     ids = torch.randint(0, 40, (2, 14), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_model_decode_equals_prefill():
 
 
 def test_training_gradients_flow_through_every_parameter():
-    ir = ltmdsl.load(SPEC).model
+    ir = ltmdsl.loads(SPEC).model
     model = build(ir)
     ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(6))
     model.loss(ids[:, :-1], ids[:, 1:]).backward()
@@ -273,7 +273,7 @@ def test_triton_back_end_runs_the_reference_delta_rule(monkeypatch, tmp_path):
     """No Triton kernel for the delta rule yet: backend="triton" runs the PyTorch ops for it (provider "torch"),
     its norms and conv on generated kernels, and the logits match backend="torch"."""
     monkeypatch.setenv("LTMDSL_CACHE_DIR", str(tmp_path))
-    spec = ltmdsl.load(SPEC)
+    spec = ltmdsl.loads(SPEC)
     ref = ltmdsl.build(spec, backend="torch", seed=0)
     fast = ltmdsl.build(spec, backend="triton", seed=0)
     k = fast.layers[0].mixer.kernels
@@ -306,7 +306,7 @@ def test_fp32_against_float64():
 def test_bf16_model_against_fp32():
     """The hybrid in bf16 against the fp32 model with the same weights, prefill then decode, bf16 <= 1e-2 on
     the logits as for every model (tests/runtime/test_rt_low_precision.py)."""
-    spec = ltmdsl.load(SPEC)
+    spec = ltmdsl.loads(SPEC)
     ids = torch.randint(0, 40, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = ltmdsl.build(spec, dtype=torch.float32, seed=0)(ids)  # [B, T, V]

@@ -193,7 +193,7 @@ model kda_tiny {
 
 @pytest.mark.parametrize("taps", ["full", "minus_one"])
 def test_model_cache_bytes_equal_memory_model(taps):
-    ir = ltmdsl.load(SPEC).model
+    ir = ltmdsl.loads(SPEC).model
     model = build(ir, init=False)
     cache = model.new_cache(2, 30, dtype=torch.float32, conv_taps=taps, state_dtype=torch.bfloat16)
     predicted = cache_bytes(ir, batch=2, context=30, kv_dtype=DTYPES["fp32"], state_dtype=DTYPES["bf16"],
@@ -204,7 +204,7 @@ def test_model_cache_bytes_equal_memory_model(taps):
 
 
 def test_model_decode_equals_prefill():
-    ir = ltmdsl.load(SPEC).model
+    ir = ltmdsl.loads(SPEC).model
     model = build(ir).double().eval()
     ids = torch.randint(0, 40, (2, 14), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_model_decode_equals_prefill():
 
 
 def test_training_gradients_flow_through_every_parameter():
-    model = build(ltmdsl.load(SPEC).model)
+    model = build(ltmdsl.loads(SPEC).model)
     ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(6))
     model.loss(ids[:, :-1], ids[:, 1:]).backward()
     for name, p in model.named_parameters():
@@ -243,7 +243,7 @@ def test_fp32_against_float64():
 def test_bf16_model_against_fp32():
     """The hybrid in bf16 against the fp32 model with the same weights, prefill then decode, bf16 <= 1e-2 on
     the logits as for every model (tests/runtime/test_rt_low_precision.py)."""
-    spec = ltmdsl.load(SPEC)
+    spec = ltmdsl.loads(SPEC)
     ids = torch.randint(0, 40, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = ltmdsl.build(spec, dtype=torch.float32, seed=0)(ids)  # [B, T, V]
