@@ -49,9 +49,10 @@ class RuntimeKind:
 
 
 def _registry() -> dict[str, RuntimeKind]:
-    from ltmdsl.runtime.kinds import attention, mamba, mamba2, mlp, moe
+    from ltmdsl.runtime.kinds import attention, mamba, mamba2, mlp, moe, short_conv
 
-    return {k.name: k for k in (attention.KIND, mamba.KIND, mamba2.KIND, mlp.KIND, moe.KIND)}
+    return {k.name: k for k in (attention.KIND, mamba.KIND, mamba2.KIND, mlp.KIND, moe.KIND,
+                                short_conv.KIND)}
 
 
 RUNTIME_REGISTRY: Mapping[str, RuntimeKind] = MappingProxyType(_registry())

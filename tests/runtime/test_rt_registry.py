@@ -76,7 +76,12 @@ def _moe(rng: random.Random, d: int) -> str:
     return f"moe(experts = {experts}, top_k = {rng.randint(1, experts)}, d_ff = {rng.randint(1, 24)}, act = {act})"
 
 
-RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "mlp": _mlp, "moe": _moe}
+def _short_conv(rng: random.Random, d: int) -> str:
+    return f"short_conv(kernel = {rng.randint(1, 5)}, bias = {rng.choice(['true', 'false'])})"
+
+
+RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "mlp": _mlp, "moe": _moe,
+                  "short_conv": _short_conv}
 
 
 def random_spec(kind: str, seed: int) -> str:
