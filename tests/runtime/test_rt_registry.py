@@ -21,7 +21,7 @@ from ltmdsl.memory import cache_bytes
 from ltmdsl.runtime.build import build
 from ltmdsl.runtime.cache import Cache, LayerCache, allocate
 from ltmdsl.runtime.kernels import TORCH_KERNELS
-from ltmdsl.runtime.kinds import RUNTIME_REGISTRY, NoRuntimeModule, RuntimeKind, runtime_kind
+from ltmdsl.runtime.kinds import RUNTIME_REGISTRY, NoRuntimeModule, RuntimeKind, layer_places, runtime_kind
 from ltmdsl.units import DTYPES
 
 SEEDS = range(6)
@@ -80,8 +80,13 @@ def _short_conv(rng: random.Random, d: int) -> str:
     return f"short_conv(kernel = {rng.randint(1, 5)}, bias = {rng.choice(['true', 'false'])})"
 
 
+def _lightning(rng: random.Random, d: int) -> str:
+    return (f"lightning(heads = {rng.choice([1, 2, 4])}, head_dim = {rng.choice([4, 8])}, chunk = {rng.choice([4, 16])}, "
+            f"gate = {rng.choice(['true', 'false'])}, depth_decay = {rng.choice(['true', 'false'])})")
+
+
 RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "mlp": _mlp, "moe": _moe,
-                  "short_conv": _short_conv}
+                  "short_conv": _short_conv, "lightning": _lightning}
 
 
 def random_spec(kind: str, seed: int) -> str:
@@ -173,9 +178,10 @@ def test_module_alone_owns_exactly_its_declared_names(kind):
     entry = runtime_kind(kind)
     for seed in SEEDS:
         ir = load_text(random_spec(kind, seed)).model
-        for layer in ir.layers:
+        for layer, place in zip(ir.layers, layer_places(ir.layers)):
             if layer.kind == kind:
-                module = entry.build(layer.mixer, ir.d_model, layer.norm.eps, TORCH_KERNELS)
+                extra = {"place": place} if entry.placed else {}
+                module = entry.build(layer.mixer, ir.d_model, layer.norm.eps, TORCH_KERNELS, **extra)
                 assert isinstance(module, entry.module)
                 assert sorted(module.state_dict()) == sorted(entry.state_names(layer.mixer))
 
