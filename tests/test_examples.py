@@ -21,6 +21,7 @@ PUBLISHED = {
     "nemotron-h-8b.ltm": 8_100_852_736,
     "bamba-9b.ltm": 9_780_235_392,  # transformers' meta-device count of tests/hf/configs/Bamba-9B.json
     "lfm2-700m.ltm": 742_489_344,  # transformers 5.24 on LiquidAI/LFM2-700M's config
+    "recurrentgemma-2b.ltm": 2_682_862_080,  # transformers 5.24 on google/recurrentgemma-2b's config
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",

@@ -85,8 +85,14 @@ def _lightning(rng: random.Random, d: int) -> str:
             f"gate = {rng.choice(['true', 'false'])}, depth_decay = {rng.choice(['true', 'false'])})")
 
 
+def _rg_lru(rng: random.Random, d: int) -> str:
+    heads = rng.choice([1, 2, 4])
+    return (f"rg_lru(heads = {heads}, width = {heads * rng.choice([2, 4, 8])}, d_conv = {rng.randint(1, 5)}, "
+            f"chunk = {rng.choice([4, 64])})")
+
+
 RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "mlp": _mlp, "moe": _moe,
-                  "short_conv": _short_conv, "lightning": _lightning}
+                  "short_conv": _short_conv, "lightning": _lightning, "rg_lru": _rg_lru}
 
 
 def random_spec(kind: str, seed: int) -> str:
