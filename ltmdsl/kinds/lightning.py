@@ -35,7 +35,9 @@ from typing import Any
 import sympy
 
 from ltmdsl.ir import LayerConfig
-from ltmdsl.kinds.base import CacheTerm, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive
+from ltmdsl.kinds.base import (
+    CacheTerm, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive,
+)
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
 R = sympy.Rational
@@ -130,7 +132,7 @@ KIND = Kind(
         Param("act", "enum", "silu", choices=ACTIVATIONS, doc="activation of the qkv projection"),
         Param("chunk", "int", 256, min=1, doc="block length of the parallel form (MiniMax's block_size)"),
         Param("gate", "bool", True, doc="sigmoid output gate"),
-        Param("norm_eps", "float", 1e-6, doc="eps of the output RMSNorm"),
+        Param("norm_eps", "float", 1e-6, min=0, doc="eps of the output RMSNorm"),
         Param("depth_decay", "bool", True, doc="scale the slopes by the layer's depth, as MiniMax-01"),
     ),
     is_ffn=False,

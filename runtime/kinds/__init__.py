@@ -80,10 +80,10 @@ class RuntimeKind:
 
 
 def _registry() -> dict[str, RuntimeKind]:
-    from ltmdsl.runtime.kinds import attention, lightning, mamba, mamba2, mlp, moe, rg_lru, short_conv
+    from ltmdsl.runtime.kinds import attention, lightning, mamba, mamba2, mlp, mlstm, moe, rg_lru, short_conv
 
     return {k.name: k for k in (attention.KIND, mamba.KIND, mamba2.KIND, mlp.KIND, moe.KIND,
-                                short_conv.KIND, lightning.KIND, rg_lru.KIND)}
+                                short_conv.KIND, lightning.KIND, rg_lru.KIND, mlstm.KIND)}
 
 
 RUNTIME_REGISTRY: Mapping[str, RuntimeKind] = MappingProxyType(_registry())

@@ -86,7 +86,8 @@ def test_a_kind_cannot_be_registered_without_a_facet(facet):
 
 
 def test_registry_order_and_kind_names():
-    assert list(REGISTRY) == ["attention", "mamba", "mamba2", "mlp", "moe", "short_conv", "lightning", "rg_lru"]
+    assert list(REGISTRY) == ["attention", "mamba", "mamba2", "mlp", "moe", "short_conv", "lightning", "rg_lru",
+                              "mlstm"]
     for name, kind in REGISTRY.items():
         assert kind.config.__module__ == f"ltmdsl.kinds.{name}"
 

@@ -91,8 +91,14 @@ def _rg_lru(rng: random.Random, d: int) -> str:
             f"chunk = {rng.choice([4, 64])})")
 
 
+def _mlstm(rng: random.Random, d: int) -> str:
+    heads = rng.choice([1, 2, 4])
+    return (f"mlstm(heads = {heads}, qk_dim = {heads * rng.choice([2, 4])}, v_dim = {heads * rng.choice([2, 8])}, "
+            f"bias = {rng.choice(['true', 'false'])}, chunk = {rng.choice([4, 64])})")
+
+
 RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "mlp": _mlp, "moe": _moe,
-                  "short_conv": _short_conv, "lightning": _lightning, "rg_lru": _rg_lru}
+                  "short_conv": _short_conv, "lightning": _lightning, "rg_lru": _rg_lru, "mlstm": _mlstm}
 
 
 def random_spec(kind: str, seed: int) -> str:
