@@ -8,6 +8,8 @@ both sides, only the summation order differs):
     prefill(T) == prefill(T - k) + k steps      (`check_prefill_then_steps`)
     chunked prefill == one shot                   (`check_chunked_prefill`, uneven chunk sizes)
     a batch == each sequence alone                (`check_batch_is_per_sequence`)
+
+and `check_gradients_match`: the parallel form's gradients equal the token-loop oracle's.
 """
 
 from __future__ import annotations
@@ -67,3 +69,18 @@ def check_batch_is_per_sequence(module, x: torch.Tensor) -> None:
             module(x[b : b + 1, :-1], one, 0)
             assert_close(last[b : b + 1], module.step(x[b : b + 1, -1], one, x.shape[1] - 1), TOL,
                          f"sequence {b}: cached step in a batch vs alone")
+
+
+def check_gradients_match(fast, slow, x: torch.Tensor) -> None:
+    """The parallel form and the token-loop oracle (two modules with the same weights) give the same
+    gradients of a random projection of the output, for every parameter and the input (<= TOL)."""
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)  # [B, T, d]
+    grads = []
+    for module in (fast, slow):
+        xi = x.clone().requires_grad_(True)
+        module.zero_grad()
+        (module(xi) * probe).sum().backward()
+        grads.append({"input": xi.grad, **{n: p.grad for n, p in module.named_parameters()}})
+    for name, g in grads[0].items():
+        assert g is not None and grads[1][name] is not None, f"no gradient for {name}"
+        assert_close(g, grads[1][name], TOL, f"gradient of {name}: parallel form vs token loop")

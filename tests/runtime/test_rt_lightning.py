@@ -4,7 +4,8 @@
   decay tables), at several depths of a 4-layer stack and a block length different from ours
   (HF_TOL = 1e-6 relative; ~1e-7 is seen, since MiniMaxRMSNorm normalises in fp32 even in a float64 module);
 - the token-loop oracle kernels (REFERENCE_KERNELS) against the block form (1e-10 relative);
-- the cache checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch) (1e-10);
+- the checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch; gradients of the
+  parallel form against the token-loop oracle) (1e-10);
 - the model passes each sub-layer its place among the stack's mixers, so the slopes follow the depth.
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close
-from mixer_checks import check_batch_is_per_sequence, check_chunked_prefill, check_prefill_then_steps
+from mixer_checks import (
+    check_batch_is_per_sequence, check_chunked_prefill, check_gradients_match, check_prefill_then_steps,
+)
 
 import ltmdsl
 from ltmdsl.kinds.lightning import LightningConfig
@@ -104,3 +107,8 @@ def test_model_gives_each_layer_its_depth():
         assert torch.equal(s, minimax_slopes(3, depth, 5))
     net = net.to(torch.bfloat16)  # the slopes stay float64 whatever the weights are cast to
     assert net.layers[2].mixer.slopes.dtype == F64 and torch.equal(net.layers[2].mixer.slopes, got[1])
+
+
+def test_gradients_match_token_loop_oracle():
+    cfg = config(chunk=4)
+    check_gradients_match(layer(cfg), layer(cfg, kernels=REFERENCE_KERNELS), hidden(T=11))

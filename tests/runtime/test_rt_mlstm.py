@@ -5,7 +5,8 @@
   validator (which admits 16- and 32-bit types only: its precision choices for speed, not its maths), without and with a carried state, and one decoding step
   (HF_TOL = 1e-6 relative);
 - the token-loop oracle kernels (REFERENCE_KERNELS) against the chunked form (1e-10 relative);
-- the cache checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch) (1e-10).
+- the checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch; gradients of the
+  parallel form against the token-loop oracle) (1e-10).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close
-from mixer_checks import check_batch_is_per_sequence, check_chunked_prefill, check_prefill_then_steps, fresh_cache
+from mixer_checks import (
+    check_batch_is_per_sequence, check_chunked_prefill, check_gradients_match, check_prefill_then_steps, fresh_cache,
+)
 
 from ltmdsl.kinds.mlstm import MlstmConfig
 from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
@@ -106,3 +109,8 @@ def test_cache_consistency(chunk):
     check_prefill_then_steps(m, x, k=17)
     check_chunked_prefill(m, x, [3, 8, 1, 5])
     check_batch_is_per_sequence(m, hidden(B=3, T=9))
+
+
+def test_gradients_match_token_loop_oracle():
+    cfg = config(chunk=4)
+    check_gradients_match(layer(cfg), layer(cfg, kernels=REFERENCE_KERNELS), hidden(T=11))

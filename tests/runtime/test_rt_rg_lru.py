@@ -5,7 +5,8 @@
   the comparison runs its `_rnn_scan` with acc_dtype float64: the same code, in the precision of the test
   (HF_TOL = 1e-6 relative);
 - the token-loop oracle kernels (REFERENCE_KERNELS) against the chunked scan (1e-10 relative);
-- the cache checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch) (1e-10).
+- the checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch; gradients of the
+  parallel form against the token-loop oracle) (1e-10).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import functools
 import pytest
 import torch
 from helpers import assert_close
-from mixer_checks import check_batch_is_per_sequence, check_chunked_prefill, check_prefill_then_steps
+from mixer_checks import (
+    check_batch_is_per_sequence, check_chunked_prefill, check_gradients_match, check_prefill_then_steps,
+)
 
 from ltmdsl.kinds.rg_lru import RgLruConfig
 from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
@@ -104,3 +107,7 @@ def test_cache_consistency(chunk, conv_taps):
     check_prefill_then_steps(m, x, k=15, conv_taps=conv_taps)  # position 0 (the reset) decoded as a step
     check_chunked_prefill(m, x, [1, 6, 3, 5], conv_taps=conv_taps)
     check_batch_is_per_sequence(m, hidden(B=3, T=9))
+
+
+def test_gradients_match_token_loop_oracle():
+    check_gradients_match(layer(chunk=4), layer(chunk=4, kernels=REFERENCE_KERNELS), hidden(T=11))

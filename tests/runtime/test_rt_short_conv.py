@@ -3,7 +3,8 @@
 - transformers' own Lfm2ShortConv with our weights (HF_TOL = 1e-6 relative; both fp64, so the error is
   rounding only), with and without biases;
 - a hand-written token loop of y_t = C_t * sum_j w_j (B x)_{t-L+1+j} (1e-10 relative);
-- the cache checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch), for both
+- the checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch; gradients of the
+  parallel form against the token-loop oracle), for both
   conv-tap layouts (1e-10 relative).
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close
-from mixer_checks import check_batch_is_per_sequence, check_chunked_prefill, check_prefill_then_steps
+from mixer_checks import (
+    check_batch_is_per_sequence, check_chunked_prefill, check_gradients_match, check_prefill_then_steps,
+)
 
 from ltmdsl.kinds.short_conv import ShortConvConfig
 from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
@@ -84,3 +87,8 @@ def test_cache_consistency(kernel, conv_taps):
     check_prefill_then_steps(m, x, k=13, conv_taps=conv_taps)  # all steps, from the empty cache
     check_chunked_prefill(m, x, [1, 5, 2, 5], conv_taps=conv_taps)
     check_batch_is_per_sequence(m, hidden(B=3, T=7))
+
+
+def test_gradients_match_token_loop_oracle():
+    fast, slow = layer(bias=True), layer(bias=True, kernels=REFERENCE_KERNELS)
+    check_gradients_match(fast, slow, hidden(T=9))
