@@ -3,9 +3,8 @@
 - transformers' own Lfm2ShortConv with our weights (HF_TOL = 1e-6 relative; both fp64, so the error is
   rounding only), with and without biases;
 - a hand-written token loop of y_t = C_t * sum_j w_j (B x)_{t-L+1+j} (1e-10 relative);
-- the checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch; gradients of the
-  parallel form against the token-loop oracle), for both
-  conv-tap layouts (1e-10 relative).
+- the checks of tests/runtime/mixer_checks.py (prefill + steps, chunked prefill, batch, for both conv-tap
+  layouts; gradients of the parallel form against the token-loop oracle) (1e-10 relative).
 """
 
 from __future__ import annotations
