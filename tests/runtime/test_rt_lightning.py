@@ -22,7 +22,7 @@ import ltmdsl
 from ltmdsl.kinds.lightning import LightningConfig
 from ltmdsl.runtime.build import build
 from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
-from ltmdsl.runtime.kinds import LayerPlace
+from ltmdsl.runtime.kinds import LayerPlace, layer_places
 from ltmdsl.runtime.kinds.lightning import Lightning
 from ltmdsl.runtime.ops_lightning import minimax_slopes
 
@@ -112,3 +112,12 @@ def test_model_gives_each_layer_its_depth():
 def test_gradients_match_token_loop_oracle():
     cfg = config(chunk=4)
     check_gradients_match(layer(cfg), layer(cfg, kernels=REFERENCE_KERNELS), hidden(T=11))
+
+
+def test_layer_places_count_sequence_mixers_only():
+    spec = ltmdsl.load("model m {\n vocab = 8\n d_model = 24\n layer lin = lightning(heads = 3)\n"
+                       " layer a = attention(heads = 3)\n layer f = mlp(d_ff = 8)\n stack { f lin f a lin f }\n}\n")
+    places = layer_places(spec.model.layers)
+    assert [(p.depth, p.depths) for p in places] == [(0, 3), (0, 3), (0, 3), (1, 3), (2, 3), (2, 3)]
+    with pytest.raises(ValueError, match="outside a stack of 3 mixers"):
+        LayerPlace(3, 3)
