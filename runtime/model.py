@@ -20,25 +20,29 @@ from ltmdsl.ir import ModelIR, SubLayer
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import Cache, allocate
 from ltmdsl.runtime.kernels import Kernels
-from ltmdsl.runtime.kinds import runtime_kind
+from ltmdsl.runtime.kinds import LayerPlace, layer_places, runtime_kind
 from ltmdsl.runtime.norm import Norm
 
 OUTPUTS = ("logits", "last", "hidden")
 
 
-def build_mixer(layer: SubLayer, d: int, kernels: Kernels) -> nn.Module:
+def build_mixer(layer: SubLayer, d: int, kernels: Kernels, place: LayerPlace) -> nn.Module:
     """The module for one sub-layer's mixer config, from the runtime registry entry of `layer.kind`
-    (NoRuntimeModule, naming the kind, when it has none)."""
-    return runtime_kind(layer.kind).build(layer.mixer, d, layer.norm.eps, kernels)
+    (NoRuntimeModule, naming the kind, when it has none); a kind that depends on its place in the stack
+    (`RuntimeKind.placed`) also receives `place`."""
+    entry = runtime_kind(layer.kind)
+    if entry.placed:
+        return entry.build(layer.mixer, d, layer.norm.eps, kernels, place=place)
+    return entry.build(layer.mixer, d, layer.norm.eps, kernels)
 
 
 class Block(nn.Module):
     """One residual sub-layer: `norm` (pre-norm, fused with the pending residual add) and `mixer`."""
 
-    def __init__(self, layer: SubLayer, d: int, kernels: Kernels):
+    def __init__(self, layer: SubLayer, d: int, kernels: Kernels, place: LayerPlace):
         super().__init__()
         self.norm = Norm(layer.norm, d, kernels)
-        self.mixer = build_mixer(layer, d, kernels)
+        self.mixer = build_mixer(layer, d, kernels, place)
 
     def init_weights(self, gen: torch.Generator) -> None:
         self.norm.init_weights(gen)
@@ -55,13 +59,13 @@ class LTModel(nn.Module):
         self.embed = nn.Embedding(ir.vocab, d)
         owners: dict[tuple[str, int], Block] = {}
         blocks = []
-        for layer in ir.layers:
+        for layer, place in zip(ir.layers, layer_places(ir.layers)):
             if layer.tie_group is None:
-                blocks.append(Block(layer, d, kernels))
+                blocks.append(Block(layer, d, kernels, place))
                 continue
             key = (layer.tie_group, layer.tie_slot or 0)
-            if key not in owners:  # the first sub-layer of a tie slot owns the weights
-                owners[key] = Block(layer, d, kernels)
+            if key not in owners:  # the first sub-layer of a tie slot owns the weights (and its place)
+                owners[key] = Block(layer, d, kernels, place)
             blocks.append(owners[key])  # later ones share the very same module objects
         self.layers = nn.ModuleList(blocks)
         self.final_norm = Norm(ir.final_norm, d, kernels)

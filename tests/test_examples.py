@@ -21,6 +21,10 @@ PUBLISHED = {
     "mamba2-2.7b.ltm": 2_702_599_680,
     "nemotron-h-8b.ltm": 8_100_852_736,
     "bamba-9b.ltm": 9_780_235_392,  # transformers' meta-device count of tests/hf/configs/Bamba-9B.json
+    "lfm2-700m.ltm": 742_489_344,  # transformers 5.24 on LiquidAI/LFM2-700M's config
+    "recurrentgemma-2b.ltm": 2_682_862_080,  # transformers 5.24 on google/recurrentgemma-2b's config
+    "xlstm-7b.ltm": 6_865_424_896,  # transformers 5.24, xLSTMConfig's defaults (xLSTM-7B's dimensions)
+    "minimax-text-01.ltm": 456_089_655_296,  # transformers 5.24 on MiniMax-Text-01's dimensions
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",

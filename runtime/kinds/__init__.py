@@ -10,6 +10,9 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
     ops          the reference kernel ops its module calls through `kernels.<op>` ({op: callable})
     oracles      plain oracle variants of some of those ops (REFERENCE_KERNELS), {} when none
     state_names  (config) -> the parameter names (relative to the mixer) its module owns, exactly
+    placed       True when the module depends on its place in the stack (MiniMax's lightning attention
+                 decays by depth): `build` then also takes `place=LayerPlace(...)`, which the model
+                 derives from the IR's stack (`layer_places`). False for every position-free kind.
 
 `LTModel`, `runtime.cache.allocate` and `runtime.kernels` only look entries up here; a kind with no entry
 is refused at build with its name. Importing this package imports torch.
@@ -22,6 +25,33 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerPlace:
+    """Where a sub-layer sits in the stack, counted in sequence mixers (a transformers decoder layer):
+    `depth` mixers come before it, of `depths` in the whole stack. A feed-forward sub-layer shares the
+    depth of the mixer before it."""
+
+    depth: int
+    depths: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.depth < max(self.depths, 1):
+            raise ValueError(f"layer place {self.depth} outside a stack of {self.depths} mixers")
+
+
+def layer_places(layers) -> list[LayerPlace]:
+    """The place of each sub-layer of a ModelIR's stack (`ModelIR.layers`), from the stack alone."""
+    mixers = sum(not layer.is_ffn for layer in layers)
+    places, before = [], 0
+    for layer in layers:
+        if layer.is_ffn:
+            places.append(LayerPlace(max(before - 1, 0), mixers))
+        else:
+            places.append(LayerPlace(before, mixers))
+            before += 1
+    return places
 
 
 class NoRuntimeModule(LookupError):
@@ -39,6 +69,7 @@ class RuntimeKind:
     ops: Mapping[str, Callable]
     oracles: Mapping[str, Callable]
     state_names: Callable[..., tuple[str, ...]]
+    placed: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.oracles) - set(self.ops))
@@ -49,10 +80,11 @@ class RuntimeKind:
 
 
 def _registry() -> dict[str, RuntimeKind]:
-    from ltmdsl.runtime.kinds import attention, gated_deltanet, kda, mamba, mamba2, mlp, moe
+    from ltmdsl.runtime.kinds import (attention, gated_deltanet, kda, lightning, mamba, mamba2, mlp, mlstm, moe,
+                                      rg_lru, short_conv)
 
-    return {k.name: k for k in (attention.KIND, mamba.KIND, mamba2.KIND, gated_deltanet.KIND, kda.KIND, mlp.KIND,
-                                moe.KIND)}
+    return {k.name: k for k in (attention.KIND, mamba.KIND, mamba2.KIND, gated_deltanet.KIND, kda.KIND,
+                                short_conv.KIND, lightning.KIND, rg_lru.KIND, mlstm.KIND, mlp.KIND, moe.KIND)}
 
 
 RUNTIME_REGISTRY: Mapping[str, RuntimeKind] = MappingProxyType(_registry())

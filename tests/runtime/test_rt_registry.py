@@ -21,7 +21,7 @@ from ltmdsl.memory import cache_bytes
 from ltmdsl.runtime.build import build
 from ltmdsl.runtime.cache import Cache, LayerCache, allocate
 from ltmdsl.runtime.kernels import TORCH_KERNELS
-from ltmdsl.runtime.kinds import RUNTIME_REGISTRY, NoRuntimeModule, RuntimeKind, runtime_kind
+from ltmdsl.runtime.kinds import RUNTIME_REGISTRY, NoRuntimeModule, RuntimeKind, layer_places, runtime_kind
 from ltmdsl.units import DTYPES
 
 SEEDS = range(6)
@@ -88,8 +88,30 @@ def _moe(rng: random.Random, d: int) -> str:
     return f"moe(experts = {experts}, top_k = {rng.randint(1, experts)}, d_ff = {rng.randint(1, 24)}, act = {act})"
 
 
+def _short_conv(rng: random.Random, d: int) -> str:
+    return f"short_conv(kernel = {rng.randint(1, 5)}, bias = {rng.choice(['true', 'false'])})"
+
+
+def _lightning(rng: random.Random, d: int) -> str:
+    return (f"lightning(heads = {rng.choice([1, 2, 4])}, head_dim = {rng.choice([4, 8])}, chunk = {rng.choice([4, 16])}, "
+            f"gate = {rng.choice(['true', 'false'])}, depth_decay = {rng.choice(['true', 'false'])})")
+
+
+def _rg_lru(rng: random.Random, d: int) -> str:
+    heads = rng.choice([1, 2, 4])
+    return (f"rg_lru(heads = {heads}, width = {heads * rng.choice([2, 4, 8])}, d_conv = {rng.randint(1, 5)}, "
+            f"chunk = {rng.choice([4, 64])})")
+
+
+def _mlstm(rng: random.Random, d: int) -> str:
+    heads = rng.choice([1, 2, 4])
+    return (f"mlstm(heads = {heads}, qk_dim = {heads * rng.choice([2, 4])}, v_dim = {heads * rng.choice([2, 8])}, "
+            f"bias = {rng.choice(['true', 'false'])}, chunk = {rng.choice([4, 64])})")
+
+
 RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "gated_deltanet": _gated_deltanet,
-                  "kda": _kda, "mlp": _mlp, "moe": _moe}
+                  "kda": _kda, "short_conv": _short_conv, "lightning": _lightning, "rg_lru": _rg_lru, "mlstm": _mlstm,
+                  "mlp": _mlp, "moe": _moe}
 
 
 def random_spec(kind: str, seed: int) -> str:
@@ -181,9 +203,10 @@ def test_module_alone_owns_exactly_its_declared_names(kind):
     entry = runtime_kind(kind)
     for seed in SEEDS:
         ir = load_text(random_spec(kind, seed)).model
-        for layer in ir.layers:
+        for layer, place in zip(ir.layers, layer_places(ir.layers)):
             if layer.kind == kind:
-                module = entry.build(layer.mixer, ir.d_model, layer.norm.eps, TORCH_KERNELS)
+                extra = {"place": place} if entry.placed else {}
+                module = entry.build(layer.mixer, ir.d_model, layer.norm.eps, TORCH_KERNELS, **extra)
                 assert isinstance(module, entry.module)
                 assert sorted(module.state_dict()) == sorted(entry.state_names(layer.mixer))
 

@@ -1,0 +1,149 @@
+"""MiniMax-01's lightning attention (MiniMax 2025, "MiniMax-01: Scaling Foundation Models with Lightning
+Attention"; transformers' MiniMaxLightningAttention): its IR config and every pure facet.
+
+The layer (H heads of dim D, value dim Dv = D; act = SiLU in MiniMax-01):
+    q, k, v = act(qkv_proj(u)).split per head           qkv_proj: d -> 3HD (per head [q | k | v])
+    S_t = exp(-s_h) S_{t-1} + k_t v_t^T,  o_t = q_t S_t  decayed linear attention, S [B, H, D, Dv]
+    o = RMSNorm_HD(o) * sigmoid(output_gate(u))          norm over all H*D channels (eps `norm_eps`)
+    out = out_proj(o)                                     out_proj: HD -> d
+The per-head slope s_h = 2^(-8(h+1)/H) (the ALiBi geometric sequence, Press et al. 2022), times
+(1 - l/(L-1+1e-5) + 1e-5) with `depth_decay` for the layer's place l among the L sequence mixers of the
+stack (MiniMax's layer_idx of num_hidden_layers: one mixer per decoder layer). The place is read by the
+runtime from the IR's stack order, so the config itself is position-free and shared by every use.
+
+Parameters: 3dHD + HD d + (gate) d HD + HD (the norm weight); the slopes are not learned.
+Recurrent state per sub-layer on one GPU (b = ceil(B/dp), constant in T): b * H/t * D * Dv * s_bytes.
+Prefill workspace for a chunk of Cc = min(C, T) tokens with blocks of L = min(chunk, Cc) (the block form
+of Lightning Attention-2, Qin et al. 2024): a * b * Cc/c * 5HD/t (qkv, o, gate) plus fp32 intra-block
+scores 4 * b * H/t * Cc * L and the per-block state contributions and carried states
+2 * 4 * b * H/t * D * Dv * ceil(Cc/L).
+Training activations per micro-batch:
+    replicated  norm input and qkv_proj / output_gate input 2a*sbh
+    split       qkv pre-activation 3HD, attention output HD, gate pre-activation HD, out_proj input HD
+                (a*sb each per channel) and the fp32 state at each block start 4*b*H*D*Dv*ceil(s/chunk);
+                the activated q, k, v (3HD) and the normed output (HD) recomputed under selective recompute
+FLOPs beyond the projections: a step costs 5HDDv (decay, outer product and add; read-out 2HDDv); prefill
+in blocks of L = min(chunk, T) costs per token 2L H (D + Dv) (the full L x L block products) + 4HDDv
+(inter-block read-out and the block contribution), plus 2HDDv per block for the carried state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from ltmdsl.ir import LayerConfig
+from ltmdsl.kinds.base import (
+    CacheTerm, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive,
+)
+from ltmdsl.memory.symbols import B, C, T, per_replica
+
+R = sympy.Rational
+ACTIVATIONS = ("silu", "gelu", "relu")
+
+
+@dataclass(frozen=True)
+class LightningConfig(LayerConfig):
+    """Lightning attention (MiniMax-01): H heads of dim D (value dim D), decay slopes per head (and by
+    depth with `depth_decay`), RMSNorm over H*D with eps `norm_eps`, sigmoid output gate with `gate`."""
+
+    heads: int  # H
+    head_dim: int  # D (= Dv)
+    act: str
+    chunk: int  # the block length of the parallel form
+    gate: bool
+    norm_eps: float
+    depth_decay: bool
+    kind: str = field(default="lightning", init=False)
+
+    @property
+    def inner(self) -> int:
+        """H * D, the width of q, k, v, the output and the gate."""
+        return self.heads * self.head_dim
+
+
+def build(v: dict[str, Any], ctx: ModelContext) -> LightningConfig:
+    heads = v["heads"]
+    head_dim = v["head_dim"] if v["head_dim"] is not None else divide(
+        ctx.d_model, heads, "the head dim d_model / heads", "heads")
+    return LightningConfig(heads=heads, head_dim=head_dim, act=v["act"], chunk=v["chunk"], gate=v["gate"],
+                           norm_eps=v["norm_eps"], depth_decay=v["depth_decay"])
+
+
+def count(c: LightningConfig, d: int) -> int:
+    hd = c.inner
+    return d * 3 * hd + hd * d + (d * hd if c.gate else 0) + hd
+
+
+def split(c: LightningConfig, d: int) -> Split:
+    """Heads split over tp (each head's state is indivisible)."""
+    return Split(tp=(("lightning heads", c.heads),))
+
+
+def cache(c: LightningConfig, s) -> tuple[CacheTerm, ...]:
+    b = per_replica(B, s.dp)
+    return (CacheTerm("recurrent_state", None, s.state_dtype,
+                      b * R(c.heads, s.tp) * c.head_dim * c.head_dim * s.state_dtype.bytes),)
+
+
+def workspace(c: LightningConfig, d: int, s):
+    b = per_replica(B, s.dp)
+    cc = sympy.Min(C, T) / R(s.cp)
+    L = sympy.Min(c.chunk, cc)
+    h = R(c.heads, s.tp)
+    return (s.activation_dtype.bytes * b * cc * 5 * c.inner / R(s.tp) + 4 * b * h * cc * L
+            + 8 * b * h * c.head_dim * c.head_dim * sympy.ceiling(cc / L))
+
+
+def stored(c: LightningConfig, x, selective: bool):
+    out = x.base + x.split(x.a * x.tok * 6 * c.inner)
+    out += x.split(4 * x.b * c.heads * c.head_dim * c.head_dim * sympy.ceiling(x.s / c.chunk))
+    if not selective:
+        out += x.split(x.a * x.tok * 4 * c.inner)
+    return out
+
+
+def step_flops(c: LightningConfig) -> int:
+    """One recurrent step: 3HDDv to decay the state and add k v^T, 2HDDv to read it out."""
+    return 5 * c.heads * c.head_dim * c.head_dim
+
+
+def flops(c: LightningConfig) -> dict[str, Flops]:
+    H, D = c.heads, c.head_dim
+    L = sympy.Min(c.chunk, T)
+    prefill = (2 * L * H * 2 * D + 4 * H * D * D) * T + 2 * H * D * D * sympy.ceiling(T / L)
+    return {"ssm": Flops(sympy.Integer(step_flops(c)), prefill)}
+
+
+def dims(c: LightningConfig) -> str:
+    extras = [c.act] + (["gate"] if c.gate else []) + (["depth-decay"] if c.depth_decay else [])
+    return f"H={c.heads} D={c.head_dim} C={c.chunk} " + " ".join(extras)
+
+
+KIND = Kind(
+    name="lightning",
+    doc="MiniMax-01's lightning attention: decayed linear attention with an output norm and gate.",
+    config=LightningConfig,
+    params=(
+        Param("heads", "int", required=True, min=1, doc="heads H"),
+        Param("head_dim", "int", nullable=True, min=1, doc="head dim D (default d_model / heads)"),
+        Param("act", "enum", "silu", choices=ACTIVATIONS, doc="activation of the qkv projection"),
+        Param("chunk", "int", 256, min=1, doc="block length of the parallel form (MiniMax's block_size)"),
+        Param("gate", "bool", True, doc="sigmoid output gate"),
+        Param("norm_eps", "float", 1e-6, min=0, doc="eps of the output RMSNorm"),
+        Param("depth_decay", "bool", True, doc="scale the slopes by the layer's depth, as MiniMax-01"),
+    ),
+    is_ffn=False,
+    build=build,
+    count=count,
+    inactive=none_inactive,
+    split=split,
+    context_check=no_context_limit,
+    cache=cache,
+    workspace=workspace,
+    stored=stored,
+    flops=flops,
+    dims=dims,
+)

@@ -1,0 +1,165 @@
+"""xLSTM-7B's mLSTM layer (Beck et al. 2025, "xLSTM 7B: A Recurrent LLM for Fast and Efficient Inference";
+the mLSTM cell of Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory"; transformers' xLSTMLayer with
+weight_mode "single"): its IR config and every pure facet.
+
+The layer (H heads; Qk = `qk_dim` total, Dqk = Qk/H per head; V = `v_dim`, Dv = V/H):
+    q, k = q(u), k(u) [Qk];  v = v(u) [V];  o = ogate_preact(u) [V]           (+bias with `bias`)
+    i = cap(igate_preact(u)), f = cap(fgate_preact(u)) [H]   cap(x) = s tanh(x/s), s = `soft_cap` (gates
+                                                             always have biases)
+    h = mLSTM(q, k, v, i, log sigmoid(f))                    stabilised matrix memory, q scaled by Dqk^-1/2
+    out = out_proj(sigmoid(o) * LayerNorm_per_head(h))       norm weight [V] (+bias with `bias`)
+
+Parameters: 2dQk + 2dV + 2(dH + H) + V d + V, plus 2Qk + 2V + V + d with bias.
+Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
+    C  b * H/t * Dqk * Dv * s_bytes      n  b * H/t * Dqk * s_bytes      m  b * H/t * s_bytes
+Prefill workspace for a chunk of Cc = min(C, T) tokens in mLSTM chunks of L = min(chunk, Cc):
+a * b * Cc/c * (2Qk + 3V + 2H)/t (q, k, v, o, gates, h) plus fp32 in-chunk log-weights and scores
+2 * 4 * b * H/t * Cc * L and the per-chunk states 2 * 4 * b * H/t * (Dqk Dv + Dqk + 1) * ceil(Cc/L).
+Training activations per micro-batch:
+    replicated  norm input and the projections' input 2a*sbh
+    split       q, k, v, o, the gate pre-activations, h and the out_proj input: a*sb*(2Qk + 3V + 2H) and
+                the fp32 state at each chunk start 4*b*H*(Dqk Dv + Dqk + 1)*ceil(s/chunk); the normed h
+                and sigmoid(o) (2a*sbV) recomputed under selective recompute
+FLOPs beyond the parameters' 2 per token: a step costs 5H Dqk Dv + 5H Dqk (decay and update of C and n,
+read-out of both); prefill in chunks of L = min(chunk, T) costs per token 2L H (Dqk + Dv) (in-chunk
+products) + 4H Dqk Dv + 4H Dqk (inter-chunk read-out and the chunk's own contribution), plus
+2H (Dqk Dv + Dqk) per chunk for the carried state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from ltmdsl.ir import LayerConfig
+from ltmdsl.kinds.base import (
+    CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive,
+)
+from ltmdsl.memory.symbols import B, C, T, per_replica
+
+R = sympy.Rational
+
+
+@dataclass(frozen=True)
+class MlstmConfig(LayerConfig):
+    """xLSTM-7B's mLSTM layer: H heads, total q/k width `qk_dim` and value width `v_dim`, gate soft-cap
+    (None: uncapped), biases on the projections and norm with `bias`, the kernel's `eps`, the per-head
+    LayerNorm's `norm_eps`, `chunk` tokens per chunk of the parallel form."""
+
+    heads: int  # H
+    qk_dim: int  # Qk = H * Dqk
+    v_dim: int  # V = H * Dv
+    soft_cap: float | None
+    bias: bool
+    chunk: int
+    eps: float
+    norm_eps: float
+    kind: str = field(default="mlstm", init=False)
+
+    @property
+    def dqk(self) -> int:
+        return self.qk_dim // self.heads
+
+    @property
+    def dv(self) -> int:
+        return self.v_dim // self.heads
+
+
+def build(v: dict[str, Any], ctx: ModelContext) -> MlstmConfig:
+    heads = v["heads"]
+    qk_dim = v["qk_dim"] if v["qk_dim"] is not None else divide(ctx.d_model, 2, "the default qk_dim d_model / 2",
+                                                                "qk_dim")
+    v_dim = v["v_dim"] if v["v_dim"] is not None else ctx.d_model
+    for name, width in (("qk_dim", qk_dim), ("v_dim", v_dim)):
+        if width % heads:
+            given = v[name] is not None
+            raise CheckError(f"{name} ({width}{'' if given else ', the default'}) must be a multiple of heads "
+                             f"({heads}): each head takes {name} / heads channels", name if given else "heads")
+    if v["soft_cap"] is not None and v["soft_cap"] <= 0:
+        raise CheckError(f"soft_cap must be positive (or none for uncapped gates), got {v['soft_cap']}", "soft_cap")
+    return MlstmConfig(heads=heads, qk_dim=qk_dim, v_dim=v_dim, soft_cap=v["soft_cap"], bias=v["bias"],
+                       chunk=v["chunk"], eps=v["eps"], norm_eps=v["norm_eps"])
+
+
+def count(c: MlstmConfig, d: int) -> int:
+    Qk, V, H = c.qk_dim, c.v_dim, c.heads
+    weights = 2 * d * Qk + 2 * d * V + 2 * (d * H + H) + V * d + V
+    return weights + ((2 * Qk + 2 * V + V + d) if c.bias else 0)
+
+
+def split(c: MlstmConfig, d: int) -> Split:
+    """Heads split over tp (each head's memory is indivisible)."""
+    return Split(tp=(("mLSTM heads", c.heads),))
+
+
+def cache(c: MlstmConfig, s) -> tuple[CacheTerm, ...]:
+    b = per_replica(B, s.dp)
+    sb = s.state_dtype.bytes
+    h = R(c.heads, s.tp)
+    return (CacheTerm("recurrent_state", "C", s.state_dtype, b * h * c.dqk * c.dv * sb),
+            CacheTerm("recurrent_state", "n", s.state_dtype, b * h * c.dqk * sb),
+            CacheTerm("recurrent_state", "m", s.state_dtype, b * h * sb))
+
+
+def workspace(c: MlstmConfig, d: int, s):
+    b = per_replica(B, s.dp)
+    cc = sympy.Min(C, T) / R(s.cp)
+    L = sympy.Min(c.chunk, cc)
+    h = R(c.heads, s.tp)
+    return (s.activation_dtype.bytes * b * cc * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads) / R(s.tp)
+            + 8 * b * h * cc * L + 8 * b * h * (c.dqk * c.dv + c.dqk + 1) * sympy.ceiling(cc / L))
+
+
+def stored(c: MlstmConfig, x, selective: bool):
+    out = x.base + x.split(x.a * x.tok * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads))
+    out += x.split(4 * x.b * c.heads * (c.dqk * c.dv + c.dqk + 1) * sympy.ceiling(x.s / c.chunk))
+    if not selective:
+        out += x.split(2 * x.a * x.tok * c.v_dim)
+    return out
+
+
+def step_flops(c: MlstmConfig) -> int:
+    """One recurrent step: decay and update C and n (3 each per element), read out both (2 each)."""
+    return 5 * c.heads * c.dqk * c.dv + 5 * c.heads * c.dqk
+
+
+def flops(c: MlstmConfig) -> dict[str, Flops]:
+    H, Dk, Dv = c.heads, c.dqk, c.dv
+    L = sympy.Min(c.chunk, T)
+    per_tok = 2 * L * H * (Dk + Dv) + 4 * H * Dk * Dv + 4 * H * Dk
+    return {"ssm": Flops(sympy.Integer(step_flops(c)), per_tok * T + 2 * H * (Dk * Dv + Dk) * sympy.ceiling(T / L))}
+
+
+def dims(c: MlstmConfig) -> str:
+    cap = "uncapped" if c.soft_cap is None else f"cap={c.soft_cap:g}"
+    return f"H={c.heads} Dqk={c.dqk} Dv={c.dv} C={c.chunk} {cap}" + (" +bias" if c.bias else "")
+
+
+KIND = Kind(
+    name="mlstm",
+    doc="xLSTM-7B's mLSTM layer: matrix memory with exponential input and sigmoid forget gates.",
+    config=MlstmConfig,
+    params=(
+        Param("heads", "int", required=True, min=1, doc="heads H"),
+        Param("qk_dim", "int", nullable=True, min=1, doc="total query/key width (default d_model / 2)"),
+        Param("v_dim", "int", nullable=True, min=1, doc="total value width (default d_model)"),
+        Param("soft_cap", "float", 15.0, nullable=True, doc="gate soft-cap s: s tanh(x / s); none: uncapped"),
+        Param("bias", "bool", False, doc="biases on q, k, v, the output gate, out_proj and the norm"),
+        Param("chunk", "int", 64, min=1, doc="tokens per chunk of the parallel form"),
+        Param("eps", "float", 1e-6, min=0, doc="eps of the mLSTM denominator"),
+        Param("norm_eps", "float", 1e-6, min=0, doc="eps of the per-head LayerNorm"),
+    ),
+    is_ffn=False,
+    build=build,
+    count=count,
+    inactive=none_inactive,
+    split=split,
+    context_check=no_context_limit,
+    cache=cache,
+    workspace=workspace,
+    stored=stored,
+    flops=flops,
+    dims=dims,
+)

@@ -1,0 +1,130 @@
+"""RecurrentGemma's recurrent block with the RG-LRU (De et al. 2024, "Griffin: Mixing Gated Linear Recurrences
+with Local Attention for Efficient Language Models"; transformers' RecurrentGemmaRecurrentBlock): its IR
+config and every pure facet.
+
+The block (d = d_model, W = `width` = lru_width, H = `heads` gate blocks of W/H, K = `d_conv`):
+    y = act(linear_y(u))                        linear_y: d -> W (+bias); act GeLU (tanh form)
+    x = conv_K(linear_x(u))                     linear_x: d -> W (+bias); depthwise causal conv (+bias)
+    i = sigmoid(x W_i + b_i), r = sigmoid(x W_a + b_a)     block-diagonal gates, H blocks of W/H
+    a = exp(-8 r softplus(a_param)), h_t = a h_{t-1} + sqrt(1 - a^2) (i x)   (h_t = i x at position 0)
+    out = linear_out(h * y)                     linear_out: W -> d (+bias)
+
+Parameters: 2(dW + W) + (Wd + d) + (WK + W) + W + 2(W^2/H + W).
+Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
+    conv  b * W/t * taps * s_bytes (taps = K "full" or K - 1 "minus_one", as RecurrentGemma keeps them)
+    rg_lru  b * W/t * s_bytes
+Prefill workspace for a chunk of Cc = min(C, T) tokens: a * b * Cc/c * 6W/t (y, x, conv output, the two
+gates, h) plus the fp32 scan coefficients and states 12 * b * Cc/c * W/t.
+Training activations per micro-batch:
+    replicated  norm input and the projections' input 2a*sbh
+    split       y and x pre-activation, conv output, the two gate pre-activations, h and h*y: 7a*sbW;
+                the GeLU output and the two sigmoid gates (3a*sbW) recomputed under selective recompute
+FLOPs beyond the parameters' 2 per token: a step costs 2WK (the conv) + 8W (decay, input scale, update
+and output gate); prefill counts the same work for each of the T tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from ltmdsl.ir import LayerConfig
+from ltmdsl.kinds.base import (
+    CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive,
+)
+from ltmdsl.memory.symbols import B, C, T, per_replica
+
+R = sympy.Rational
+ACTIVATIONS = ("gelu_tanh", "gelu")
+
+
+@dataclass(frozen=True)
+class RgLruConfig(LayerConfig):
+    """Griffin / RecurrentGemma recurrent block: width W, H gate blocks, conv of K taps, act on the y branch,
+    `chunk` tokens per step of the parallel scan."""
+
+    width: int  # W (lru_width)
+    heads: int  # H, blocks of the block-diagonal gates
+    d_conv: int  # K
+    act: str
+    chunk: int
+    kind: str = field(default="rg_lru", init=False)
+
+
+def build(v: dict[str, Any], ctx: ModelContext) -> RgLruConfig:
+    width = v["width"] if v["width"] is not None else ctx.d_model
+    if width % v["heads"]:
+        raise CheckError(f"the RG-LRU width ({width}) must be a multiple of heads ({v['heads']}), the blocks of "
+                         f"its block-diagonal gates", "heads")
+    return RgLruConfig(width=width, heads=v["heads"], d_conv=v["d_conv"], act=v["act"], chunk=v["chunk"])
+
+
+def count(c: RgLruConfig, d: int) -> int:
+    W = c.width
+    return 2 * (d * W + W) + (W * d + d) + (W * c.d_conv + W) + W + 2 * (W * W // c.heads + W)
+
+
+def split(c: RgLruConfig, d: int) -> Split:
+    """Gate blocks split over tp (a block-diagonal gate cannot be cut inside a block)."""
+    return Split(tp=(("RG-LRU gate blocks", c.heads),))
+
+
+def cache(c: RgLruConfig, s) -> tuple[CacheTerm, ...]:
+    b = per_replica(B, s.dp)
+    sb = s.state_dtype.bytes
+    w = R(c.width, s.tp)
+    return (CacheTerm("recurrent_state", "conv", s.state_dtype, b * w * conv_taps(c.d_conv, s.conv_taps) * sb),
+            CacheTerm("recurrent_state", "lru", s.state_dtype, b * w * sb))
+
+
+def workspace(c: RgLruConfig, d: int, s):
+    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    return (s.activation_dtype.bytes * 6 + 12) * tok * c.width / R(s.tp)
+
+
+def stored(c: RgLruConfig, x, selective: bool):
+    out = x.base + x.split(x.a * x.tok * 7 * c.width)
+    if not selective:
+        out += x.split(x.a * x.tok * 3 * c.width)
+    return out
+
+
+def step_flops(c: RgLruConfig) -> int:
+    """One token: the K-tap conv and the elementwise recurrence."""
+    return 2 * c.width * c.d_conv + 8 * c.width
+
+
+def flops(c: RgLruConfig) -> dict[str, Flops]:
+    step = step_flops(c)
+    return {"ssm": Flops(sympy.Integer(step), step * T)}
+
+
+def dims(c: RgLruConfig) -> str:
+    return f"W={c.width} H={c.heads} K={c.d_conv} {c.act}"
+
+
+KIND = Kind(
+    name="rg_lru",
+    doc="RecurrentGemma's recurrent block: conv, RG-LRU with block-diagonal gates, GeLU-gated output.",
+    config=RgLruConfig,
+    params=(
+        Param("heads", "int", required=True, min=1, doc="blocks of the block-diagonal gates (must divide width)"),
+        Param("width", "int", nullable=True, min=1, doc="RG-LRU width (default d_model; lru_width)"),
+        Param("d_conv", "int", 4, min=1, doc="temporal conv taps K (conv1d_width)"),
+        Param("act", "enum", "gelu_tanh", choices=ACTIVATIONS, doc="activation of the y branch"),
+        Param("chunk", "int", 64, min=1, doc="tokens per chunk of the parallel scan"),
+    ),
+    is_ffn=False,
+    build=build,
+    count=count,
+    inactive=none_inactive,
+    split=split,
+    context_check=no_context_limit,
+    cache=cache,
+    workspace=workspace,
+    stored=stored,
+    flops=flops,
+    dims=dims,
+)

@@ -1,0 +1,159 @@
+"""xLSTM-7B's mLSTM sub-layer, as transformers' xLSTMLayer (weight_mode "single") computes it.
+
+    q, k [B,T,H,Dqk]; v, o [B,T,H,Dv] = q(u), k(u), v(u), ogate_preact(u)
+    i, f [B,T,H] = cap(igate_preact(u)), cap(fgate_preact(u))        cap(x) = s tanh(x / s)
+    h, state = mlstm_chunked(q, k, v, i, logsigmoid(f))              runtime/ops_mlstm.py, q scaled by Dqk^-1/2
+    out_proj(sigmoid(o) * layernorm_per_head(h) * weight (+ bias)) -> [B,T,d]
+
+Gates and the per-head LayerNorm run in fp32 (fp64 for fp64 inputs), as transformers reduces them. With a
+cache the stabilised state (C [B,H,Dqk,Dv], n [B,H,Dqk], m [B,H]) carries over; `step` is the one-token
+recurrence. The empty state is zeros with m = 0, as transformers and the xLSTM kernels start.
+
+The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `MlstmCache` allocation (in the state
+dtype), the kernel ops it calls (mlstm_chunked, mlstm_step) and its parameter names (transformers').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltmdsl.kinds.mlstm import MlstmConfig
+from ltmdsl.runtime import initializers as init
+from ltmdsl.runtime import ops_mlstm
+from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.ops_mlstm import MlstmState
+
+if TYPE_CHECKING:
+    from ltmdsl.runtime.kernels import Kernels
+
+
+@dataclass
+class MlstmCache(LayerCache):
+    """The stabilised mLSTM state: C [B,H,Dqk,Dv], n [B,H,Dqk], m [B,H], in the state dtype."""
+
+    component: ClassVar[str] = "recurrent_state"
+    C: torch.Tensor
+    n: torch.Tensor
+    m: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.C, self.n, self.m)
+
+    def state(self) -> MlstmState:
+        return MlstmState(self.C, self.n, self.m)
+
+
+def new_cache(cfg: MlstmConfig, req: CacheRequest) -> MlstmCache:
+    """The empty state (zeros, m = 0) in the state dtype."""
+    s = ops_mlstm.mlstm_empty_state(req.batch_size, cfg.heads, cfg.dqk, cfg.dv, dtype=req.state_dtype,
+                                    device=req.device)
+    return MlstmCache(s.C, s.n, s.m)
+
+
+def state_names(cfg: MlstmConfig) -> tuple[str, ...]:
+    """The parameters an `Mlstm` owns (transformers' xLSTMLayer names, weight_mode "single")."""
+    names = [f"{p}.weight" for p in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact", "out_proj")]
+    names += ["igate_preact.bias", "fgate_preact.bias", "multihead_norm.weight"]
+    if cfg.bias:
+        names += [f"{p}.bias" for p in ("q", "k", "v", "ogate_preact", "out_proj", "multihead_norm")]
+    return tuple(names)
+
+
+def _mlstm_oracle(q, k, v, i_gate, log_f, *, chunk, state, scale=None, eps=1e-6):
+    """The token-loop oracle behind the chunked op's signature (the oracle has no chunk length)."""
+    return ops_mlstm.mlstm_reference(q, k, v, i_gate, log_f, state=state, scale=scale, eps=eps)
+
+
+class MultiHeadNorm(nn.Module):
+    """Holds `multihead_norm.weight` [V] (and `.bias`): a LayerNorm over each head's Dv channels."""
+
+    def __init__(self, heads: int, width: int, eps: float, bias: bool):
+        super().__init__()
+        self.heads, self.eps = heads, eps
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width)) if bias else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., H, Dv] -> [..., H*Dv]: statistics in fp32 (fp64 stays fp64), cast back, then weight (+bias)."""
+        dtype = h.dtype
+        x = h if dtype == torch.float64 else h.float()
+        x = x - x.mean(-1, keepdim=True)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # the biased variance, as LayerNorm
+        x = x.to(dtype).flatten(-2) * self.weight  # [..., V]
+        return x if self.bias is None else x + self.bias
+
+
+class Mlstm(nn.Module):
+    """forward(u [B,T,d], state: MlstmCache | None, pos0) -> [B,T,d]; step(u [B,d], state, pos0) -> [B,d]."""
+
+    def __init__(self, cfg: MlstmConfig, d: int, eps: float, kernels: "Kernels"):
+        super().__init__()
+        self.cfg, self.kernels = cfg, kernels
+        Qk, V, H = cfg.qk_dim, cfg.v_dim, cfg.heads
+        self.q = nn.Linear(d, Qk, bias=cfg.bias)
+        self.k = nn.Linear(d, Qk, bias=cfg.bias)
+        self.v = nn.Linear(d, V, bias=cfg.bias)
+        self.ogate_preact = nn.Linear(d, V, bias=cfg.bias)
+        self.igate_preact = nn.Linear(d, H, bias=True)
+        self.fgate_preact = nn.Linear(d, H, bias=True)
+        self.multihead_norm = MultiHeadNorm(H, V, cfg.norm_eps, cfg.bias)
+        self.out_proj = nn.Linear(V, d, bias=cfg.bias)
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator) -> None:
+        """Projections normal(0, 0.02); input-gate bias -10 and forget-gate bias linspace(3, 6) over the
+        heads (xLSTM-7B's initialisation: start writing little and forgetting slowly); norm weight 1."""
+        for lin in (self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact, self.out_proj):
+            init.linear_(lin, gen)
+        self.igate_preact.bias.fill_(-10.0)
+        self.fgate_preact.bias.copy_(torch.linspace(3.0, 6.0, self.cfg.heads))
+        init.ones_(self.multihead_norm.weight)
+        init.zeros_(self.multihead_norm.bias)
+
+    def _inputs(self, u: torch.Tensor):
+        """u [..., d] -> q, k [..., H, Dqk]; v, o [..., H, Dv]; i, log f [..., H] in the work dtype."""
+        cfg = self.cfg
+        work = torch.float64 if u.dtype == torch.float64 else torch.float32
+        heads = (*u.shape[:-1], cfg.heads)
+        q, k = self.q(u).reshape(*heads, cfg.dqk), self.k(u).reshape(*heads, cfg.dqk)
+        v = self.v(u).reshape(*heads, cfg.dv)
+        i, f = self.igate_preact(u).to(work), self.fgate_preact(u).to(work)  # [..., H]
+        if cfg.soft_cap is not None:
+            i, f = cfg.soft_cap * torch.tanh(i / cfg.soft_cap), cfg.soft_cap * torch.tanh(f / cfg.soft_cap)
+        return q, k, v, i, F.logsigmoid(f)
+
+    def _finish(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """h [..., H, Dv] -> out_proj(sigmoid(o) * norm(h)) [..., d]."""
+        return self.out_proj(torch.sigmoid(self.ogate_preact(u)) * self.multihead_norm(h.to(u.dtype)))
+
+    def forward(self, u: torch.Tensor, state: MlstmCache | None = None, pos0: int = 0) -> torch.Tensor:
+        q, k, v, i, log_f = self._inputs(u)  # [B, T, H, D*], [B, T, H]
+        h, last = self.kernels.mlstm_chunked(q, k, v, i, log_f, chunk=self.cfg.chunk,
+                                             state=None if state is None else state.state(), eps=self.cfg.eps)
+        if state is not None:
+            for dst, src in zip(state.tensors(), last):
+                dst.copy_(src)
+        return self._finish(h, u)  # [B, T, d]
+
+    def step(self, u: torch.Tensor, state: MlstmCache, pos0: int) -> torch.Tensor:
+        """One token: u [B,d] -> [B,d], advancing C, n and m in place."""
+        q, k, v, i, log_f = self._inputs(u)  # [B, H, D*], [B, H]
+        h = self.kernels.mlstm_step(q, k, v, i, log_f, state.state(), eps=self.cfg.eps)  # [B, H, Dv]
+        return self._finish(h, u)
+
+
+KIND = RuntimeKind(
+    name="mlstm",
+    module=Mlstm,
+    build=Mlstm,
+    new_cache=new_cache,
+    ops={"mlstm_chunked": ops_mlstm.mlstm_chunked, "mlstm_step": ops_mlstm.mlstm_step},
+    oracles={"mlstm_chunked": _mlstm_oracle},
+    state_names=state_names,
+)

@@ -1,0 +1,157 @@
+"""RecurrentGemma's recurrent block (Griffin's RG-LRU), as transformers' RecurrentGemmaRecurrentBlock computes it.
+
+    y = act(linear_y(u))                                       [B,T,W]
+    x = causal_conv1d(linear_x(u))                             depthwise, K taps, with bias, no activation
+    gate_x, gate_a = sigmoid(blockdiag(x) + bias)              H blocks of W/H (input and recurrence gates)
+    h = rglru_scan(x, gate_x, gate_a, a_param, reset at position 0)    [B,T,W]
+    linear_out(h * y) -> [B,T,d]
+
+Position 0 of a sequence is a reset, as transformers' `position_ids == 0`: the input there is not scaled by
+sqrt(1 - a^2). With a cache the conv taps and h carry over; `step` is the one-token recurrence.
+
+The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `ConvLruState` allocation (conv taps
+[B, W, K or K-1], h [B, W]), the kernel ops it calls (causal_conv1d, conv_step, rglru_scan, rglru_step)
+and its parameter names (transformers': linear_x, linear_y, linear_out, conv_1d, rg_lru.*).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltmdsl.kinds.rg_lru import RgLruConfig
+from ltmdsl.runtime import initializers as init
+from ltmdsl.runtime import ops_conv, ops_rglru
+from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds.short_conv import conv_step_with_taps, conv_with_taps, taps_for
+
+if TYPE_CHECKING:
+    from ltmdsl.runtime.kernels import Kernels
+
+ACT = {"gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}
+
+
+@dataclass
+class ConvLruState(LayerCache):
+    """The conv taps conv [B, W, K or K-1] and the RG-LRU state h [B, W], in the state dtype."""
+
+    component: ClassVar[str] = "recurrent_state"
+    conv: torch.Tensor
+    h: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.conv, self.h)
+
+
+def new_cache(cfg: RgLruConfig, req: CacheRequest) -> ConvLruState:
+    """Zeroed conv taps [B, W, taps] and h [B, W] in the state dtype."""
+    B, dt, dev = req.batch_size, req.state_dtype, req.device
+    conv = torch.zeros(B, cfg.width, taps_for(cfg.d_conv, req), dtype=dt, device=dev)  # [B, W, taps]
+    return ConvLruState(conv, torch.zeros(B, cfg.width, dtype=dt, device=dev))  # h [B, W]
+
+
+def state_names(cfg: RgLruConfig) -> tuple[str, ...]:
+    """The parameters a `RecurrentBlock` owns (transformers' RecurrentGemmaRecurrentBlock names)."""
+    linears = [f"{n}.{w}" for n in ("linear_y", "linear_x", "linear_out") for w in ("weight", "bias")]
+    lru = [f"rg_lru.{n}" for n in ("recurrent_param", "input_gate_weight", "input_gate_bias",
+                                    "recurrent_gate_weight", "recurrent_gate_bias")]
+    return tuple(linears + ["conv_1d.weight", "conv_1d.bias"] + lru)
+
+
+def _rglru_oracle(x, gate_x, gate_a, a_param, *, reset, state, chunk):
+    """The token-loop oracle behind the chunked op's signature (the oracle has no chunk length)."""
+    return ops_rglru.rglru_scan_reference(x, gate_x, gate_a, a_param, reset=reset, state=state)
+
+
+class RgLru(nn.Module):
+    """Holds the RG-LRU's parameters (a_param and the block-diagonal gates) under transformers' names."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        bw = width // heads
+        self.heads = heads
+        self.recurrent_param = nn.Parameter(torch.empty(width))  # [W]
+        self.input_gate_weight = nn.Parameter(torch.empty(heads, bw, bw))  # [H, W/H, W/H]
+        self.input_gate_bias = nn.Parameter(torch.empty(heads, bw))  # [H, W/H]
+        self.recurrent_gate_weight = nn.Parameter(torch.empty(heads, bw, bw))
+        self.recurrent_gate_bias = nn.Parameter(torch.empty(heads, bw))
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., W] -> (input gate, recurrence gate) [..., W]: sigmoid of each block's x_h W_h + b_h."""
+        xb = x.reshape(*x.shape[:-1], self.heads, self.input_gate_bias.shape[-1])  # [..., H, W/H]
+        gx = torch.einsum("...hi,hij->...hj", xb, self.input_gate_weight) + self.input_gate_bias
+        ga = torch.einsum("...hi,hij->...hj", xb, self.recurrent_gate_weight) + self.recurrent_gate_bias
+        return torch.sigmoid(gx).flatten(-2), torch.sigmoid(ga).flatten(-2)
+
+
+class RecurrentBlock(nn.Module):
+    """forward(u [B,T,d], state: ConvLruState | None, pos0) -> [B,T,d]; step(u [B,d], state, pos0) -> [B,d]."""
+
+    def __init__(self, cfg: RgLruConfig, d: int, eps: float, kernels: "Kernels"):
+        super().__init__()
+        self.cfg, self.kernels = cfg, kernels
+        W, K = cfg.width, cfg.d_conv
+        self.linear_y = nn.Linear(d, W)
+        self.linear_x = nn.Linear(d, W)
+        self.linear_out = nn.Linear(W, d)
+        self.conv_1d = nn.Conv1d(W, W, K, groups=W, padding=K - 1)  # weight [W, 1, K]
+        self.rg_lru = RgLru(W, cfg.heads)
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator) -> None:
+        """Linears normal(0, 0.02), gate blocks normal with std (W/H)^-1/2, biases zero, the conv uniform in
+        +-1/sqrt(K); a_param as transformers' RecurrentGemma initialises it: sigma(Lambda) =
+        exp(-softplus(a_param)) = sqrt(u) with u uniform in [0.9^2, 0.999^2]."""
+        for lin in (self.linear_y, self.linear_x, self.linear_out):
+            init.linear_(lin, gen)
+        init.uniform_(self.conv_1d.weight, gen, 1.0 / math.sqrt(self.cfg.d_conv))
+        init.zeros_(self.conv_1d.bias)
+        lru = self.rg_lru
+        std = (self.cfg.width // self.cfg.heads) ** -0.5
+        init.normal_(lru.input_gate_weight, gen, std)
+        init.normal_(lru.recurrent_gate_weight, gen, std)
+        init.zeros_(lru.input_gate_bias)
+        init.zeros_(lru.recurrent_gate_bias)
+        u = 0.9**2 + 1e-8 + (0.999**2 - 0.9**2) * torch.rand(self.cfg.width, generator=gen, dtype=torch.float64)
+        lru.recurrent_param.copy_(torch.log(u.pow(-0.5) - 1.0))
+
+    def forward(self, u: torch.Tensor, state: ConvLruState | None = None, pos0: int = 0) -> torch.Tensor:
+        cfg = self.cfg
+        Bsz, T, _ = u.shape
+        y = ACT[cfg.act](self.linear_y(u))  # [B, T, W]
+        x = conv_with_taps(self.kernels, self.linear_x(u), self.conv_1d, None if state is None else state.conv,
+                           silu=False)  # [B, T, W]
+        gate_x, gate_a = self.rg_lru.gates(x)  # [B, T, W] each
+        reset = (pos0 + torch.arange(T, device=u.device) == 0).expand(Bsz, T)  # [B, T]
+        h, last = self.kernels.rglru_scan(x, gate_x, gate_a, self.rg_lru.recurrent_param, reset=reset,
+                                          state=None if state is None else state.h, chunk=cfg.chunk)  # [B,T,W]
+        if state is not None:
+            state.h.copy_(last)
+        return self.linear_out(h * y)
+
+    def step(self, u: torch.Tensor, state: ConvLruState, pos0: int) -> torch.Tensor:
+        """One token: u [B,d] -> [B,d], advancing the conv taps and h in place."""
+        y = ACT[self.cfg.act](self.linear_y(u))  # [B, W]
+        x = conv_step_with_taps(self.kernels, self.linear_x(u), self.conv_1d, state.conv, silu=False)  # [B, W]
+        gate_x, gate_a = self.rg_lru.gates(x)
+        reset = torch.full((u.shape[0],), pos0 == 0, device=u.device)  # [B]
+        h = self.kernels.rglru_step(x, gate_x, gate_a, self.rg_lru.recurrent_param, state.h, reset=reset)
+        return self.linear_out(h * y)
+
+
+KIND = RuntimeKind(
+    name="rg_lru",
+    module=RecurrentBlock,
+    build=RecurrentBlock,
+    new_cache=new_cache,
+    ops={"causal_conv1d": ops_conv.causal_conv1d, "conv_step": ops_conv.conv_step,
+         "rglru_scan": ops_rglru.rglru_scan, "rglru_step": ops_rglru.rglru_step},
+    oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "rglru_scan": _rglru_oracle},
+    state_names=state_names,
+)
