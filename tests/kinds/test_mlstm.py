@@ -14,7 +14,7 @@ from ltmdsl.memory.symbols import T
 
 def model(layer: str, d_model: int = 64, stack: str = "x"):
     text = f"model m {{\n vocab = 2\n d_model = {d_model}\n layer x = {layer}\n stack {{ {stack} }}\n}}\n"
-    return ltmdsl.load(text).model
+    return ltmdsl.loads(text).model
 
 
 @pytest.mark.parametrize("args, qk_factor, v_factor, bias", [

@@ -99,7 +99,7 @@ def test_cache_consistency(chunk):
 
 
 def test_model_gives_each_layer_its_depth():
-    spec = ltmdsl.load("model m {\n vocab = 8\n d_model = 24\n layer lin = lightning(heads = 3)\n"
+    spec = ltmdsl.loads("model m {\n vocab = 8\n d_model = 24\n layer lin = lightning(heads = 3)\n"
                        " layer f = mlp(d_ff = 8)\n stack { repeat 5 { lin f } }\n}\n")
     net = build(spec.model, init=False)
     got = [block.mixer.slopes for block in net.layers[0::2]]
@@ -115,7 +115,7 @@ def test_gradients_match_token_loop_oracle():
 
 
 def test_layer_places_count_sequence_mixers_only():
-    spec = ltmdsl.load("model m {\n vocab = 8\n d_model = 24\n layer lin = lightning(heads = 3)\n"
+    spec = ltmdsl.loads("model m {\n vocab = 8\n d_model = 24\n layer lin = lightning(heads = 3)\n"
                        " layer a = attention(heads = 3)\n layer f = mlp(d_ff = 8)\n stack { f lin f a lin f }\n}\n")
     places = layer_places(spec.model.layers)
     assert [(p.depth, p.depths) for p in places] == [(0, 3), (0, 3), (0, 3), (1, 3), (2, 3), (2, 3)]
