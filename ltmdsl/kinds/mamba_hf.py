@@ -77,4 +77,5 @@ def traits(m) -> frozenset[str]:
 
 
 HF = HFFacet(name="mamba", label="Mamba", families=("mamba", "jamba"),
-             modules={"mamba": ("mixer",), "jamba": ("mamba",)}, read=read, call=call, write=write, misfit=misfit, traits=traits)
+             modules={"mamba": ("mixer",), "jamba": ("mamba",)},
+             read=read, call=call, write=write, misfit=misfit, traits=traits)
