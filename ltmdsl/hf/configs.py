@@ -1,5 +1,9 @@
 """Hugging Face `config.json` -> `Plan` (see spec.py), one reader function per model family.
 
+A family's reader owns its stack layout (which HF layer holds which kind) and its model-level fields
+(vocab, width, norm, tying); each layer kind reads its own keys and writes its spec text through its HF
+facet (ltmdsl/kinds/<kind>_hf.py, `read` and `call`), all through one `reader.Reader`.
+
 We read the JSON ourselves (no `transformers` needed) with the defaults of the transformers 5 config classes,
 and account for every key: a key is either mapped, known not to change the forward pass (metadata, token ids,
 initialisation and training-only settings: `HARMLESS_KEYS`), or an error that lists what is supported.
@@ -22,8 +26,8 @@ from typing import Callable
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import ReadContext
-from ltmdsl.hf.reader import (HARMLESS_KEYS, MAX_CONFIG_BYTES, MAX_FLOAT, MAX_HF_LAYERS, MAX_INT,  # noqa: F401
-                              MAX_JSON_DEPTH, Reader)
+from ltmdsl.hf.reader import (HARMLESS_KEYS, MAX_CONFIG_BYTES, MAX_FLOAT, MAX_HF_LAYERS,  # noqa: F401 (re-exported)
+                              MAX_INT, MAX_JSON_DEPTH, Reader)
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
 
