@@ -6,7 +6,7 @@ facet (ltmdsl/kinds/<kind>_hf.py, `read` and `call`), all through one `reader.Re
 
 We read the JSON ourselves (no `transformers` needed) with the defaults of the transformers 5 config classes,
 and account for every key: a key is either mapped, known not to change the forward pass (metadata, token ids,
-initialisation and training-only settings: `HARMLESS_KEYS`), or an error that lists what is supported.
+initialisation and training-only settings: `reader.HARMLESS_KEYS`), or an error that lists what is supported.
 `ignore=` names keys the caller explicitly accepts to drop (e.g. a `rope_scaling` of type yarn, to count a
 model's parameters); each dropped key is recorded as a NOTE comment in the spec. RoPE is plain or scaled as
 Llama 3.1 does (`rope_type: llama3`, written `rope_scaling = llama3(...)` in the spec), over the whole head or,
@@ -26,8 +26,7 @@ from typing import Callable
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import ReadContext
-from ltmdsl.hf.reader import (HARMLESS_KEYS, MAX_CONFIG_BYTES, MAX_FLOAT, MAX_HF_LAYERS,  # noqa: F401 (re-exported)
-                              MAX_INT, MAX_JSON_DEPTH, Reader)
+from ltmdsl.hf.reader import MAX_CONFIG_BYTES, MAX_HF_LAYERS, MAX_JSON_DEPTH, Reader
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
 
