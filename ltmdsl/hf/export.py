@@ -181,10 +181,10 @@ def _family_config(ir: ModelIR) -> dict:
     mixers = [layer.mixer for layer in layers]
     n, d = len(layers), ir.d_model
 
-    for family, label in (("mamba", "Mamba"), ("mamba2", "Mamba-2")):  # one SSM kind, no FFN
+    for family in ("mamba", "mamba2"):  # one SSM kind, no FFN
         if LAYOUTS[family].holds(ir):
             return {**base, "model_type": family, "num_hidden_layers": n, "layer_norm_epsilon": norm.eps,
-                    **_write(_one(mixers, f"{label} settings"), family, d)}
+                    **_kind_fields(mixers, family, d)}
     paired = _paired(ir)
     heads, ffns = (_traits(mixers[0::2]), _traits(mixers[1::2])) if paired else (set(), set())
     bamba = LAYOUTS["bamba"].holds(ir) and all("swiglu" in _traits([f]) for f in mixers[1::2]) and \
