@@ -12,6 +12,7 @@ lazily (module `__getattr__`), so `import ltmdsl.runtime` or `import ltmdsl.code
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 __version__ = "0.1.0"
@@ -36,6 +37,20 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+@contextlib.contextmanager
+def _extras():
+    """A missing optional package (torch, triton, ...) as an error that names the extra to install."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        from ltmdsl.cli import missing_extra
+
+        message = missing_extra(e)
+        if message is None:
+            raise
+        raise ModuleNotFoundError(message, name=e.name) from None
 
 
 def _model_ir(spec, model: str | None):
@@ -65,23 +80,27 @@ def build(spec, backend: str = "torch", *, model: str | None = None, **kwargs):
 
     See ltmdsl.runtime.build for the keyword arguments (dtype, device, seed, init).
     """
-    from ltmdsl.runtime.build import build as _build
+    ir = _model_ir(spec, model)
+    with _extras():
+        from ltmdsl.runtime.build import build as _build
 
-    return _build(_model_ir(spec, model), backend=backend, **kwargs)
+        return _build(ir, backend=backend, **kwargs)
 
 
 def load_checkpoint(path, **kwargs):
     """A runtime model from a checkpoint written by ltmdsl.runtime.checkpoint.save; see ltmdsl.checkpoints."""
-    from ltmdsl.checkpoints import load_checkpoint as _load
+    with _extras():
+        from ltmdsl.checkpoints import load_checkpoint as _load
 
-    return _load(path, **kwargs)
+        return _load(path, **kwargs)
 
 
 def from_hf(path, **kwargs):
     """A runtime model with the weights of a Hugging Face checkpoint folder; see ltmdsl.hf."""
-    from ltmdsl.hf.load import from_hf as _from_hf
+    with _extras():
+        from ltmdsl.hf.load import from_hf as _from_hf
 
-    return _from_hf(path, **kwargs)
+        return _from_hf(path, **kwargs)
 
 
 __all__ = ["Diagnostic", "Spec", "SpecError", "build", "from_hf", "load", "load_checkpoint", "loads", "__version__"]

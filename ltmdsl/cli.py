@@ -1,7 +1,12 @@
 """The `ltmdsl` command line: one sub-command per module in `ltmdsl/commands`, imported only when used.
 
 Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Exit codes: 0 success,
-1 invalid spec or failed operation, 2 usage error, 3 a declared budget does not hold.
+1 invalid spec or failed operation, 2 usage error (a missing optional extra included), 3 a declared budget
+does not hold.
+
+`pip install ltmdsl` gives check, show, fmt, memory and import-hf (lark, sympy, jinja2); the rest comes with
+extras (pyproject.toml). A command that reaches for a package of a missing extra stops with one line naming
+the extra to install (`missing_extra`), exit 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +30,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("import_hf", "write a spec from a Hugging Face config.json"),
     "export-hf": ("export_hf", "write a Hugging Face folder (config + safetensors) from a spec or checkpoint"),
 }
+
+
+#: optional package (top-level import name) -> the extra that installs it, as pyproject.toml declares.
+EXTRAS: dict[str, str] = {"torch": "runtime", "safetensors": "runtime", "numpy": "runtime", "tqdm": "runtime",
+                          "triton": "triton", "matplotlib": "plot"}
+
+
+def missing_extra(error: ImportError) -> str | None:
+    """The message for an import of an optional package that is not installed; None for any other error."""
+    name = getattr(error, "name", None) or ""
+    root = name.split(".")[0]
+    if not isinstance(error, ModuleNotFoundError) or root not in EXTRAS:
+        return None
+    extra = EXTRAS[root]
+    return (f"this needs {root}, which is not installed; install the '{extra}' extra: "
+            f"pip install 'ltmdsl[{extra}]'")
 
 
 def _chosen(argv: list[str]) -> str | None:
@@ -58,16 +79,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help(sys.stderr)
-        return 2
-    module = importlib.import_module(f"ltmdsl.commands.{args._module}")
     try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help(sys.stderr)
+            return 2
+        module = importlib.import_module(f"ltmdsl.commands.{args._module}")
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return int(module.run(args) or 0)
+    except ModuleNotFoundError as e:
+        message = missing_extra(e)
+        if message is None:
+            raise
+        command = _chosen(argv)
+        print(f"ltmdsl {command}: error: {message}" if command else f"ltmdsl: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ltmdsl: interrupted", file=sys.stderr)
         return 130

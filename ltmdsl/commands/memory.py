@@ -49,6 +49,8 @@ def run(args) -> int:
         return _error("ltmdsl memory", str(e))
     if args.mode:
         overrides["mode"] = args.mode
+    if args.plot:  # refuse before any work when the 'plot' extra is missing (the CLI names it)
+        import matplotlib  # noqa: F401
     from ltmdsl.memory import report  # sympy only once the arguments are known to be sane
 
     reports = []

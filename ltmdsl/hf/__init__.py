@@ -4,9 +4,12 @@
     model = ltmdsl.from_hf("path/to/folder")                # + the checkpoint's weights (load.py)
     ltmdsl.hf.export_hf(model, "out/")                      # runtime model -> HF folder (export.py)
 
-Modules: `configs` (each family's config.json -> a `Plan`), `spec` (the `Plan` and its spec text),
-`weights` (HF tensor names <-> runtime parameter names, both expert layouts), `load` (checkpoint reading and
-`from_hf`), `export` (runtime model -> config.json + model.safetensors). Only `load` and `export` need torch.
+Modules, by model family: `configs` (each family's config.json -> a `Plan`: stack layout and model-level
+fields), `export` (runtime model -> config.json + model.safetensors), `weights` (HF tensor names <-> runtime
+parameter names), `load` (checkpoint reading and `from_hf`); shared: `reader` (typed config access), `spec`
+(the `Plan` and its spec text), `facet` (the `HFFacet` record). What belongs to one layer kind (its config
+keys, spec text, export fields, tensor names and their transforms) is its HF facet, beside the kind in
+`ltmdsl/kinds/<kind>_hf.py`, found through `ltmdsl.kinds.hf.hf_facet`. Only `load` and `export` need torch.
 
 Every problem with the input (an unsupported family or field, a missing tensor, a shape mismatch) raises
 `HFError`, which names the file and says what is supported.

@@ -4,18 +4,20 @@
     ltmdsl.hf.export_hf("model.ltm", "out/", seed=0)   # a spec: the weights its `build(seed=...)` draws
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
-Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba) and writes its config. To be sure nothing is lost,
-the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and sizes;
-models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...) are an
-`HFError` that says why and names the sub-layers the closest family has no place for (`misfits`). The folder appears atomically: it is written under a temporary name next to the
-destination and renamed into place, so an error leaves nothing behind.
+Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba: `LAYOUTS`) and writes its model-level fields; each
+sub-layer's kind writes its own fields through its HF facet (ltmdsl/kinds/<kind>_hf.py). To be sure nothing
+is lost, the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and
+sizes; models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...)
+are an `HFError` that says why and names the sub-layers the closest family has no place for (`misfits`); a
+kind without an HF facet is named as such. The folder appears atomically: it is written under a temporary
+name next to the destination and renamed into place, so an error leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+from dataclasses import dataclass
 
 from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
@@ -24,7 +26,7 @@ from ltmdsl.hf.configs import plan_from_config
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, to_hf
 from ltmdsl.ir import ModelIR
-from ltmdsl.kinds.attention import AttentionConfig
+from ltmdsl.kinds.hf import hf_facet
 
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
@@ -53,29 +55,92 @@ def _period(positions: list[bool]) -> tuple[int, int] | None:
     return None
 
 
-def _attention_fields(attn: AttentionConfig, d: int) -> dict:
-    if attn.v_head_dim != attn.head_dim or not attn.causal:
-        raise HFError("attention with v_head_dim != head_dim or causal = false has no Hugging Face counterpart")
-    out = {"num_attention_heads": attn.heads, "num_key_value_heads": attn.kv_heads}
-    if attn.head_dim * attn.heads != d:
-        out["head_dim"] = attn.head_dim
+# ---------------------------------------------------------------------------------------------------------
+# The families' layouts: which kinds each slot of the stack may hold, and why another has no place there.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One family's stack: mixer + FFN pairs (`paired`, kinds per slot) or layers in any order (`ffns` then
+    lists every kind it has). `family` is the model_type whose naming the kinds' `misfit` and `write` use;
+    `not_mixer` / `not_ffn` say why a kind outside the slot has no place there (`{kind}` is filled in)."""
+
+    description: str
+    family: str
+    paired: bool
+    mixers: tuple[str, ...]
+    ffns: tuple[str, ...]
+    not_mixer: str
+    not_ffn: str
+
+    def holds(self, ir: ModelIR) -> bool:
+        """Whether every sub-layer's kind has a slot here (the kinds' own settings are not checked)."""
+        if not self.paired:
+            return all(layer.kind in self.ffns for layer in ir.layers)
+        return _paired(ir) and all(layer.kind in (self.ffns if i % 2 else self.mixers)
+                                   for i, layer in enumerate(ir.layers))
+
+    def misfit(self, c, kinds: tuple[str, ...], otherwise: str) -> str | None:
+        if c.kind not in kinds:
+            return otherwise.format(kind=c.kind)
+        return hf_facet(c.kind).misfit(c, self.family)
+
+
+_SWIGLU_FFN = "expected the MLP or MoE that follows each mixer"
+LAYOUTS = {
+    "llama": Layout("Llama / Mistral / Mixtral / Qwen (RoPE attention, each followed by a SwiGLU MLP or MoE)",
+                    "llama", True, ("attention",), ("mlp", "moe"), "Llama-style families have attention mixers only",
+                    _SWIGLU_FFN),
+    "jamba": Layout("Jamba (Mamba-1 with inner norms or attention without RoPE, each followed by a SwiGLU MLP or "
+                    "MoE)", "jamba", True, ("mamba", "attention"), ("mlp", "moe"),
+                    "Jamba's SSM layers are Mamba-1 (mamba)", _SWIGLU_FFN),
+    "bamba": Layout("Bamba (Mamba-2 or RoPE attention, each followed by a SwiGLU MLP)", "bamba", True,
+                    ("mamba2", "attention"), ("mlp",), "Bamba's SSM layers are Mamba-2 (mamba2)",
+                    "expected the MLP that follows each mixer"),
+    "nemotron_h": Layout("Nemotron-H (Mamba-2, attention without RoPE and relu2 MLPs in any order)", "nemotron_h",
+                         False, (), ("mamba2", "attention", "mlp"), "",
+                         "Nemotron-H has no {kind} layers (dense Mamba-2, attention and relu2 MLPs only)"),
+    "mamba": Layout("Mamba (Mamba-1 layers only)", "mamba", False, (), ("mamba",), "",
+                    "Mamba has Mamba-1 layers only (without inner norms)"),
+    "mamba2": Layout("Mamba-2 (Mamba-2 layers only)", "mamba2", False, (), ("mamba2",), "",
+                     "Mamba-2 has Mamba-2 layers only"),
+}
+
+
+def _paired(ir: ModelIR) -> bool:
+    """Mixer + FFN pairs, the shape of every family whose HF layer holds both."""
+    layers, n = ir.layers, len(ir.layers)
+    return n % 2 == 0 and all(not layers[i].is_ffn and layers[i + 1].is_ffn for i in range(0, n, 2))
+
+
+def _traits(configs) -> set[str]:
+    """The union of the configs' HF traits (what the family choice selects on)."""
+    return set().union(*(hf_facet(c.kind).traits(c) for c in configs))
+
+
+def _write(c, family: str, d: int) -> dict:
+    return hf_facet(c.kind).write(c, family, d)
+
+
+def _groups(configs) -> dict[str, list]:
+    """Configs by kind, in order of first appearance."""
+    out: dict[str, list] = {}
+    for c in configs:
+        out.setdefault(c.kind, []).append(c)
     return out
 
 
-def _rope_scaling_fields(attn: AttentionConfig) -> dict:
-    """`rope_scaling` in the transformers 4 form (`rope_theta` stays top-level), which transformers 4.43+ and 5
-    both load; plus `max_position_embeddings` = factor * original_context, the context the scaling is for,
-    because transformers warns when original_max_position_embeddings is not below max_position_embeddings
-    (and the llama3 forward pass does not read it)."""
-    s = attn.rope_scaling
-    if s is None:
-        return {}
-    if s.kind != "llama3":
-        raise HFError(f"rope scaling {s.kind} has no Hugging Face counterpart (supported: llama3)")
-    return {"rope_scaling": {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                             "high_freq_factor": s.high_freq_factor,
-                             "original_max_position_embeddings": s.original_context},
-            "max_position_embeddings": max(s.original_context + 1, math.ceil(s.factor * s.original_context))}
+def _kind_fields(configs, family: str, d: int) -> dict:
+    """Each kind's fields, from the one setting its layers share (a config holds one per kind)."""
+    out = {}
+    for kind, group in _groups(configs).items():
+        out.update(_write(_one(group, f"{hf_facet(kind).label} settings"), family, d))
+    return out
+
+
+def _at(configs, kinds: tuple[str, ...]) -> list[bool]:
+    return [c.kind in kinds for c in configs]
 
 
 def config_from_ir(ir: ModelIR) -> dict:
@@ -83,8 +148,14 @@ def config_from_ir(ir: ModelIR) -> dict:
 
     A refusal names the sub-layers (index, definition name, kind) that the closest supported family has no
     place for, and why (`misfits`); where every sub-layer has a place, the reason is one the layers share
-    (they differ in a setting one config holds once, ...).
+    (they differ in a setting one config holds once, ...). A kind without an HF facet, or one that declares
+    no Hugging Face counterpart, is named first.
     """
+    for layer in ir.layers:
+        try:
+            hf_facet(layer.kind)
+        except HFError as e:
+            raise HFError(f"layer {layer.index} '{layer.definition}': {e.message}") from None
     try:
         return _family_config(ir)
     except HFError as e:
@@ -107,44 +178,33 @@ def _family_config(ir: ModelIR) -> dict:
         raise HFError(f"{norm.kind} has no Hugging Face counterpart among the supported families (all use rmsnorm)")
     base = {"vocab_size": ir.vocab, "hidden_size": ir.d_model, "tie_word_embeddings": ir.tie_embeddings,
             "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16")}
-    kinds = [layer.kind for layer in layers]
     mixers = [layer.mixer for layer in layers]
-    n = len(layers)
-    paired = n % 2 == 0 and all(not layers[i].is_ffn and layers[i + 1].is_ffn for i in range(0, n, 2))
+    n, d = len(layers), ir.d_model
 
-    if set(kinds) == {"mamba"}:
-        m = _one(mixers, "Mamba settings")
-        if m.inner_norms:
-            raise HFError("Mamba layers with inner_norms exist in Hugging Face only inside Jamba")
-        return {**base, "model_type": "mamba", "num_hidden_layers": n, "layer_norm_epsilon": norm.eps,
-                "state_size": m.d_state, "conv_kernel": m.d_conv, "expand": m.expand, "time_step_rank": m.dt_rank,
-                "use_conv_bias": m.conv_bias, "use_bias": m.proj_bias, "hidden_act": "silu",
-                "intermediate_size": m.d_inner}
-    if set(kinds) == {"mamba2"}:
-        m = _one(mixers, "Mamba-2 settings")
-        return {**base, "model_type": "mamba2", "num_hidden_layers": n, "layer_norm_epsilon": norm.eps,
-                "num_heads": m.heads, "head_dim": m.head_dim, "state_size": m.d_state, "n_groups": m.n_groups,
-                "expand": m.expand, "conv_kernel": m.d_conv, "chunk_size": m.chunk, "use_conv_bias": m.conv_bias,
-                "use_bias": m.proj_bias, "hidden_act": "silu"}
-    bamba = paired and set(kinds[0::2]) <= {"mamba2", "attention"} and set(kinds[1::2]) == {"mlp"} and \
-        all(m.activation == "swiglu" for m in mixers[1::2]) and \
-        all(m.rope_theta is not None for m in mixers[0::2] if isinstance(m, AttentionConfig))
-    if any(isinstance(m, AttentionConfig) and m.rope_dim is not None for m in mixers):
+    for family in ("mamba", "mamba2"):  # one SSM kind, no FFN
+        if LAYOUTS[family].holds(ir):
+            return {**base, "model_type": family, "num_hidden_layers": n, "layer_norm_epsilon": norm.eps,
+                    **_kind_fields(mixers, family, d)}
+    paired = _paired(ir)
+    heads, ffns = (_traits(mixers[0::2]), _traits(mixers[1::2])) if paired else (set(), set())
+    bamba = LAYOUTS["bamba"].holds(ir) and all("swiglu" in _traits([f]) for f in mixers[1::2]) and \
+        "no_rope" not in heads
+    if "partial_rope" in _traits(mixers):
         if bamba:  # the one supported family whose transformers code applies partial rotary embeddings
             return _bamba_config(ir, base, norm.eps)
         raise HFError("attention with rope_dim (partial rotary embeddings) maps back only to Bamba (Mamba-2 or "
                       "RoPE attention, each followed by a SwiGLU MLP); transformers' Llama-style families rotate "
                       "the whole head")
-    if paired and all(isinstance(m, AttentionConfig) and m.rope_theta is not None for m in mixers[0::2]):
+    if LAYOUTS["llama"].holds(ir) and "no_rope" not in heads:
         return _transformer_config(ir, base, norm.eps)
-    if paired and set(kinds[0::2]) <= {"mamba", "attention"} and \
-            all(m.rope_theta is None for m in mixers[0::2] if isinstance(m, AttentionConfig)):
+    if LAYOUTS["jamba"].holds(ir) and "rope" not in heads:
         return _jamba_config(ir, base, norm.eps)
     if bamba:
         return _bamba_config(ir, base, norm.eps)
-    if set(kinds) <= {"mamba2", "attention", "mlp"}:
+    if LAYOUTS["nemotron_h"].holds(ir):
         return _nemotron_config(ir, base, norm.eps)
-    raise HFError(f"{_NO_COUNTERPART}. {misfits(ir) or 'Supported families: ' + '; '.join(_FAMILIES) + '.'}")
+    descriptions = "; ".join(layout.description for layout in LAYOUTS.values())
+    raise HFError(f"{_NO_COUNTERPART}. {misfits(ir) or 'Supported families: ' + descriptions + '.'}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,77 +212,21 @@ def _family_config(ir: ModelIR) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _llama_mixer(m) -> str | None:
-    if m.kind != "attention":
-        return "Llama-style families have attention mixers only"
-    return "this attention has no RoPE (rope_theta = none)" if m.rope_theta is None else None
-
-
-def _jamba_mixer(m) -> str | None:
-    if m.kind == "mamba":
-        return None if m.inner_norms else "Jamba's Mamba layers have inner norms (inner_norms = true)"
-    if m.kind == "attention":
-        return "Jamba attention has no RoPE and no window" if m.rope_theta is not None or m.window is not None \
-            else None
-    return "Jamba's SSM layers are Mamba-1 (mamba)"
-
-
-def _bamba_mixer(m) -> str | None:
-    if m.kind == "mamba2":
-        return None
-    if m.kind == "attention":
-        return "Bamba attention has RoPE and no window" if m.rope_theta is None or m.window is not None else None
-    return "Bamba's SSM layers are Mamba-2 (mamba2)"
-
-
-def _swiglu_ffn(moe: bool):
-    def check(m) -> str | None:
-        if m.kind not in (("mlp", "moe") if moe else ("mlp",)):
-            return "expected the " + ("MLP or MoE" if moe else "MLP") + " that follows each mixer"
-        return None if m.activation == "swiglu" else f"its activation is {m.activation}; the family uses swiglu"
-    return check
-
-
-def _nemotron_layer(m) -> str | None:
-    if m.kind == "mamba2":
-        return None
-    if m.kind == "attention":
-        return "Nemotron-H attention has no RoPE and no window" if m.rope_theta is not None or m.window is not None \
-            else None
-    if m.kind == "mlp":
-        return None if m.activation == "relu2" else f"its activation is {m.activation}; Nemotron-H MLPs use relu2"
-    return f"Nemotron-H has no {m.kind} layers (dense Mamba-2, attention and relu2 MLPs only)"
-
-
-#: family description -> (mixer + FFN pairs?, check of a mixer slot, check of an FFN slot / any layer)
-_FAMILIES = {
-    "Llama / Mistral / Mixtral / Qwen (RoPE attention, each followed by a SwiGLU MLP or MoE)":
-        (True, _llama_mixer, _swiglu_ffn(True)),
-    "Jamba (Mamba-1 with inner norms or attention without RoPE, each followed by a SwiGLU MLP or MoE)":
-        (True, _jamba_mixer, _swiglu_ffn(True)),
-    "Bamba (Mamba-2 or RoPE attention, each followed by a SwiGLU MLP)": (True, _bamba_mixer, _swiglu_ffn(False)),
-    "Nemotron-H (Mamba-2, attention without RoPE and relu2 MLPs in any order)": (False, None, _nemotron_layer),
-    "Mamba (Mamba-1 layers only)":
-        (False, None, lambda m: None if m.kind == "mamba" and not m.inner_norms else "Mamba has Mamba-1 layers only "
-                                                                                  "(without inner norms)"),
-    "Mamba-2 (Mamba-2 layers only)": (False, None, lambda m: None if m.kind == "mamba2" else "Mamba-2 has Mamba-2 "
-                                                                                           "layers only"),
-}
-
-
-def _family_misfits(ir: ModelIR, paired: bool, mixer_check, other_check) -> list[str]:
+def _family_misfits(ir: ModelIR, layout: Layout) -> list[str]:
     """`layer i 'definition' (kind): why` for each sub-layer the family has no place for."""
     out = []
     n = len(ir.layers)
     for layer in ir.layers:
         m = layer.mixer
-        if not paired:
-            why = other_check(m)
+        if not layout.paired:
+            why = layout.misfit(m, layout.ffns, layout.not_ffn)
         elif layer.index % 2 == 0:
             why = ("expected a mixer (attention or an SSM) at an even position" if layer.is_ffn
-                   else "a mixer without the FFN that must follow it" if layer.index == n - 1 else mixer_check(m))
+                   else "a mixer without the FFN that must follow it" if layer.index == n - 1
+                   else layout.misfit(m, layout.mixers, layout.not_mixer))
         else:
-            why = f"expected the FFN after the mixer, got {m.kind}" if not layer.is_ffn else other_check(m)
+            why = f"expected the FFN after the mixer, got {m.kind}" if not layer.is_ffn \
+                else layout.misfit(m, layout.ffns, layout.not_ffn)
         if why:
             out.append(f"layer {layer.index} '{layer.definition}' ({m.kind}): {why}")
     return out
@@ -231,92 +235,78 @@ def _family_misfits(ir: ModelIR, paired: bool, mixer_check, other_check) -> list
 def misfits(ir: ModelIR, shown: int = 6) -> str:
     """The closest supported family and the layers (index, definition name, kind) it has no place for, and why;
     "" when the closest family has a place for every layer."""
-    ranked = sorted(((len(bad), i, name, bad) for i, (name, (paired, mixer, other)) in enumerate(_FAMILIES.items())
-                     for bad in [_family_misfits(ir, paired, mixer, other)]))
+    ranked = sorted(((len(bad), i, layout.description, bad) for i, layout in enumerate(LAYOUTS.values())
+                     for bad in [_family_misfits(ir, layout)]))
     _, _, name, bad = ranked[0]
     if not bad:
         return ""
     listed = "; ".join(bad[:shown]) + (f"; and {len(bad) - shown} more" if len(bad) > shown else "")
     return (f"The closest supported family is {name}, which has no place for {len(bad)} of its {len(ir.layers)} "
-            f"sub-layers: {listed}. Supported families: " + "; ".join(_FAMILIES) + ".")
+            f"sub-layers: {listed}. Supported families: "
+            + "; ".join(layout.description for layout in LAYOUTS.values()) + ".")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One writer per family: the model-level fields and the layout; each kind writes its own fields.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _attention_shape(a, d: int) -> tuple:
+    """What Llama-style layers must share (everything but the window), from the attention facet's fields."""
+    fields = {k: v for k, v in _write(a, "qwen3", d).items() if k != "sliding_window"}
+    return json.dumps(fields, sort_keys=True), frozenset(hf_facet(a.kind).traits(a) - {"window"})
 
 
 def _transformer_config(ir: ModelIR, base: dict, eps: float) -> dict:
     attn_layers = [layer.mixer for layer in ir.layers[0::2]]
     ffns = [layer.mixer for layer in ir.layers[1::2]]
-    _one([(a.heads, a.kv_heads, a.head_dim, a.v_head_dim, a.rope_theta, a.rope_scaling, a.qkv_bias, a.out_bias,
-           a.qk_norm, a.causal) for a in attn_layers], "attention shape")
+    d = ir.d_model
+    _one([_attention_shape(a, d) for a in attn_layers], "attention shape")
     attn = attn_layers[0]
-    windows = [a.window for a in attn_layers]
-    out = {**base, "num_hidden_layers": len(attn_layers), "rms_norm_eps": eps, "hidden_act": "silu",
-           "rope_theta": attn.rope_theta, **_rope_scaling_fields(attn), **_attention_fields(attn, ir.d_model)}
+    windows = [_write(a, "mistral", d)["sliding_window"] for a in attn_layers]
+    out = {**base, "num_hidden_layers": len(attn_layers), "rms_norm_eps": eps, "hidden_act": "silu"}
     ffn = _one(ffns, "feed-forward settings")
-    if ffn.kind == "moe":
-        if ffn.routing not in ("softmax_topk_renorm", "topk_softmax") or ffn.activation != "swiglu":
-            raise HFError("MoE after RoPE attention maps to Mixtral only with swiglu and softmax_topk_renorm routing")
-        if attn.qkv_bias or attn.out_bias or attn.qk_norm:
-            raise HFError("Mixtral attention has no biases and no qk_norm")
-        return {**out, "model_type": "mixtral", "intermediate_size": ffn.d_ff, "num_local_experts": ffn.experts,
-                "num_experts_per_tok": ffn.top_k, "sliding_window": _one(windows, "attention window")}
-    if ffn.activation != "swiglu":
-        raise HFError(f"MLP activation {ffn.activation} has no counterpart in Llama-style families (swiglu only)")
-    out["intermediate_size"] = ffn.d_ff
-    mixed = len(set(windows)) > 1
-    if attn.qk_norm or (attn.qkv_bias and not attn.out_bias):
-        if ffn.bias or (attn.qk_norm and attn.qkv_bias != attn.out_bias):
+    a, f = _traits([attn]), _traits([ffn])
+    if "experts" in f:
+        ffn_fields = _write(ffn, "mixtral", d)
+        return {**out, **_write(attn, "mixtral", d), **ffn_fields, "model_type": "mixtral",
+                "sliding_window": _one(windows, "attention window")}
+    ffn_fields = _write(ffn, "llama", d)  # refuses any activation but swiglu
+    if "qk_norm" in a or ("qkv_bias" in a and "out_bias" not in a):
+        if "bias" in f or ("qk_norm" in a and ("qkv_bias" in a) != ("out_bias" in a)):
             raise HFError("Qwen2/Qwen3 have no MLP bias, and Qwen3's attention_bias covers q, k, v and o alike")
         w = [x for x in windows if x is not None]
         if len(set(w)) > 1:
             raise HFError("Qwen sliding layers share one window size")
-        out.update(model_type="qwen3" if attn.qk_norm else "qwen2", use_sliding_window=bool(w),
-                   sliding_window=w[0] if w else None, max_window_layers=len(windows),
-                   layer_types=["sliding_attention" if x is not None else "full_attention" for x in windows])
-        if attn.qk_norm:
-            out.update(head_dim=attn.head_dim, attention_bias=attn.qkv_bias)
-        return out
-    if attn.qkv_bias != attn.out_bias:
+        family = "qwen3" if "qk_norm" in a else "qwen2"
+        return {**out, **_write(attn, family, d), **_write(ffn, family, d), "model_type": family,
+                "use_sliding_window": bool(w), "sliding_window": w[0] if w else None,
+                "max_window_layers": len(windows),
+                "layer_types": ["sliding_attention" if x is not None else "full_attention" for x in windows]}
+    if ("qkv_bias" in a) != ("out_bias" in a):
         raise HFError("Llama's attention_bias covers q, k, v and o alike")
-    if mixed:
+    if len(set(windows)) > 1:
         raise HFError("layers with different attention windows map back only to Qwen2/Qwen3 (with their biases)")
     if windows[0] is not None:
-        if attn.qkv_bias or ffn.bias:
+        if "qkv_bias" in a or "bias" in f:
             raise HFError("Mistral (sliding window) has no attention or MLP biases")
-        return {**out, "model_type": "mistral", "sliding_window": windows[0]}
-    return {**out, "model_type": "llama", "attention_bias": attn.qkv_bias, "mlp_bias": ffn.bias}
+        return {**out, **_write(attn, "mistral", d), **_write(ffn, "mistral", d), "model_type": "mistral"}
+    return {**out, **_write(attn, "llama", d), **ffn_fields, "model_type": "llama"}
 
 
 def _jamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
     mixers = [layer.mixer for layer in ir.layers[0::2]]
     ffns = [layer.mixer for layer in ir.layers[1::2]]
-    attn_at = [m.kind == "attention" for m in mixers]
-    moe_at = [f.kind == "moe" for f in ffns]
-    out = {**base, "model_type": "jamba", "num_hidden_layers": len(mixers), "rms_norm_eps": eps, "hidden_act": "silu"}
-    attention = [m for m in mixers if m.kind == "attention"]
-    if attention:
-        a = _one(attention, "attention settings")
-        if a.window is not None or a.qkv_bias or a.out_bias or a.qk_norm or a.head_dim * a.heads != ir.d_model:
-            raise HFError("Jamba attention has no window, biases, qk_norm or head_dim override")
-        out.update(_attention_fields(a, ir.d_model))
-    mambas = [m for m in mixers if m.kind == "mamba"]
-    if mambas:
-        m = _one(mambas, "Mamba settings")
-        if not m.inner_norms:
-            raise HFError("Jamba's Mamba layers have inner norms (inner_norms = true)")
-        out.update(mamba_d_state=m.d_state, mamba_d_conv=m.d_conv, mamba_expand=m.expand, mamba_dt_rank=m.dt_rank,
-                   mamba_conv_bias=m.conv_bias, mamba_proj_bias=m.proj_bias)
-    d_ff = _one([f.d_ff for f in ffns], "d_ff (Jamba has one intermediate_size)")
-    if any(f.activation != "swiglu" for f in ffns):
-        raise HFError("Jamba's MLPs and experts use swiglu")
-    out["intermediate_size"] = d_ff
-    moes = [f for f in ffns if f.kind == "moe"]
-    if moes:
-        e = _one([(f.experts, f.top_k, f.routing) for f in moes], "MoE settings")
-        if e[2] != "softmax_topk":
-            raise HFError("Jamba routes with softmax_topk (no renormalisation)")
-        out.update(num_experts=e[0], num_experts_per_tok=e[1])
-    else:
-        out.update(num_experts=1, num_experts_per_tok=1)
-    a_period, e_period = _period(attn_at), _period(moe_at)
+    d = ir.d_model
+    out = {**base, "model_type": "jamba", "num_hidden_layers": len(mixers), "rms_norm_eps": eps, "hidden_act": "silu",
+           **_kind_fields(mixers, "jamba", d)}
+    ffn_fields = [_write(f, "jamba", d) for f in ffns]
+    out["intermediate_size"] = _one([x["intermediate_size"] for x in ffn_fields],
+                                    "d_ff (Jamba has one intermediate_size)")
+    moe_at = ["experts" in _traits([f]) for f in ffns]
+    moes = [json.dumps(x, sort_keys=True) for x, e in zip(ffn_fields, moe_at) if e]
+    out.update(json.loads(_one(moes, "MoE settings")) if moes else {"num_experts": 1, "num_experts_per_tok": 1})
+    a_period, e_period = _period(_at(mixers, ("attention",))), _period(moe_at)
     if a_period is None or e_period is None:
         raise HFError("Jamba places attention and MoE layers by period and offset; this stack has no such period")
     out.update(attn_layer_period=a_period[0], attn_layer_offset=a_period[1],
@@ -324,67 +314,26 @@ def _jamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
     return out
 
 
+#: Nemotron-H's pattern character of each kind it has.
+_NEMOTRON_SYMBOL = {"mamba2": "M", "attention": "*", "mlp": "-"}
+
+
 def _nemotron_config(ir: ModelIR, base: dict, eps: float) -> dict:
-    symbol = {"mamba2": "M", "attention": "*", "mlp": "-"}
-    out = {**base, "model_type": "nemotron_h", "layer_norm_epsilon": eps,
-           "hybrid_override_pattern": "".join(symbol[layer.kind] for layer in ir.layers),
-           "num_hidden_layers": len(ir.layers)}
-    attention = [layer.mixer for layer in ir.layers if layer.kind == "attention"]
-    if attention:
-        a = _one(attention, "attention settings")
-        if a.rope_theta is not None or a.window is not None or a.qk_norm or a.qkv_bias != a.out_bias:
-            raise HFError("Nemotron-H attention has no RoPE, window or qk_norm")
-        out.update(num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.head_dim,
-                   attention_bias=a.qkv_bias)
-    mambas = [layer.mixer for layer in ir.layers if layer.kind == "mamba2"]
-    if mambas:
-        m = _one(mambas, "Mamba-2 settings")
-        out.update(mamba_num_heads=m.heads, mamba_head_dim=m.head_dim, ssm_state_size=m.d_state,
-                   n_groups=m.n_groups, expand=m.expand, conv_kernel=m.d_conv, chunk_size=m.chunk,
-                   use_conv_bias=m.conv_bias, use_bias=m.proj_bias)
-    mlps = [layer.mixer for layer in ir.layers if layer.kind == "mlp"]
-    if mlps:
-        f = _one(mlps, "MLP settings")
-        if f.activation != "relu2":
-            raise HFError("Nemotron-H MLPs use relu2")
-        out.update(intermediate_size=f.d_ff, mlp_bias=f.bias)
-    return out
+    return {**base, "model_type": "nemotron_h", "layer_norm_epsilon": eps,
+            "hybrid_override_pattern": "".join(_NEMOTRON_SYMBOL[layer.kind] for layer in ir.layers),
+            "num_hidden_layers": len(ir.layers),
+            **_kind_fields([layer.mixer for layer in ir.layers], "nemotron_h", ir.d_model)}
 
 
 def _bamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
     """Bamba: attention (with RoPE, partial or whole-head) at `attn_layer_indices`, Mamba-2 elsewhere, a SwiGLU
-    MLP after each. rope_dim becomes rope_parameters.partial_rotary_factor = rope_dim / head_dim (transformers 5
-    form, rope_theta inside), which must give back exactly rope_dim as transformers computes it."""
+    MLP after each. The attention facet writes rope_dim as rope_parameters.partial_rotary_factor."""
     mixers = [layer.mixer for layer in ir.layers[0::2]]
     ffn = _one([layer.mixer for layer in ir.layers[1::2]], "MLP settings (Bamba has one intermediate_size)")
-    out = {**base, "model_type": "bamba", "num_hidden_layers": len(mixers), "rms_norm_eps": eps,
-           "hidden_act": "silu", "intermediate_size": ffn.d_ff, "mlp_bias": ffn.bias,
-           "attn_layer_indices": [i for i, m in enumerate(mixers) if m.kind == "attention"]}
-    attention = [m for m in mixers if m.kind == "attention"]
-    if attention:
-        a = _one(attention, "attention settings")
-        if a.window is not None or a.qk_norm or a.qkv_bias != a.out_bias:
-            raise HFError("Bamba attention has no window or qk_norm, and its attention_bias covers q, k, v and o alike")
-        factor = a.rotary_dim / a.head_dim
-        if a.head_dim * factor != a.rotary_dim:  # the float product transformers truncates must be exact
-            raise HFError(f"rope_dim {a.rotary_dim} of head_dim {a.head_dim} has no partial_rotary_factor that "
-                          f"transformers turns back into {a.rotary_dim} channels")
-        rope = {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": factor}
-        if a.rope_scaling is not None:
-            scaled = _rope_scaling_fields(a)
-            rope.update(scaled["rope_scaling"])
-            out["max_position_embeddings"] = scaled["max_position_embeddings"]
-        out.update(_attention_fields(a, ir.d_model), attention_bias=a.qkv_bias, rope_parameters=rope)
-    mambas = [m for m in mixers if m.kind == "mamba2"]
-    if mambas:
-        m = _one(mambas, "Mamba-2 settings")
-        if m.d_inner != m.expand * ir.d_model:
-            raise HFError(f"Bamba's Mamba-2 inner width is mamba_expand * hidden_size; heads * head_dim = {m.d_inner} "
-                          f"is not {m.expand} * {ir.d_model}")
-        out.update(mamba_n_heads=m.heads, mamba_d_head=m.head_dim, mamba_n_groups=m.n_groups, mamba_d_state=m.d_state,
-                   mamba_expand=m.expand, mamba_d_conv=m.d_conv, mamba_chunk_size=m.chunk,
-                   mamba_conv_bias=m.conv_bias, mamba_proj_bias=m.proj_bias)
-    return out
+    return {**base, "model_type": "bamba", "num_hidden_layers": len(mixers), "rms_norm_eps": eps,
+            "hidden_act": "silu", **_write(ffn, "bamba", ir.d_model),
+            "attn_layer_indices": [i for i, at in enumerate(_at(mixers, ("attention",))) if at],
+            **_kind_fields(mixers, "bamba", ir.d_model)}
 
 
 def _same_model(a: ModelIR, b: ModelIR) -> str | None:

@@ -2,6 +2,7 @@
 
 `configs.py` reads a Hugging Face config into a `Plan`: model-level settings, layer definitions, a legend
 and one token of legend symbols per HF decoder layer (`"A-"`: attention then MLP; `"M"`: one Mamba mixer).
+The layer definitions' call texts come from each kind's HF facet (ltmdsl/kinds/<kind>_hf.py, `call`).
 `Plan.spec_text()` renders it, turning runs of tokens into `repeat N { pattern "..." }` items (`compress`),
 so a 126-layer Llama is one line of stack; the flat order of the symbols is exactly `model.layers` of the
 loaded spec, which `weights.py` relies on (`Plan.sublayers`). Every literal that reaches the text passes
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ltmdsl.hf import HFError
-from ltmdsl.ir import RopeScaling
 
 _RESERVED = {"model", "layer", "stack", "repeat", "pattern", "legend", "block", "shared", "budget", "use",
              "for", "on", "with", "require", "training", "inference", "gpu", "true", "false", "none"}
@@ -76,7 +76,7 @@ class SubLayerMap:
     index: int
     hf_layer: int
     role: str  # "mixer" | "ffn"
-    kind: str  # "attention" | "mamba" | "mamba2" | "mlp" | "moe"
+    kind: str  # the registered kind name (ltmdsl.kinds.REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Plan:
     dtype: str
     norm_eps: float
     tied: bool
-    definitions: dict[str, tuple[str, str]]  # layer name -> (kind, call text)
+    definitions: dict[str, tuple[str, str]]  # layer name -> (kind, call text from the kind's HF facet)
     legend: dict[str, str]  # symbol -> layer name
     tokens: tuple[str, ...]  # the symbols of each HF decoder layer, mixer first
     notes: tuple[str, ...] = ()
@@ -99,11 +99,13 @@ class Plan:
 
     @property
     def sublayers(self) -> tuple[SubLayerMap, ...]:
+        from ltmdsl.kinds import REGISTRY
+
         out = []
         for hf_layer, token in enumerate(self.tokens):
             for j, symbol in enumerate(token):
                 kind = self.definitions[self.legend[symbol]][0]
-                role = "ffn" if kind in ("mlp", "moe") else "mixer"
+                role = "ffn" if REGISTRY[kind].is_ffn else "mixer"
                 out.append(SubLayerMap(len(out), hf_layer, role, kind))
         return tuple(out)
 
@@ -163,56 +165,3 @@ def compress(tokens: tuple[str, ...] | list[str], max_unit: int = 64) -> list[st
     if literal:
         out.append(f'pattern "{" ".join(literal)}"')
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Layer definition texts (validated values only).
-# ---------------------------------------------------------------------------------------------------------
-
-
-def attention_call(heads: int, kv_heads: int, head_dim: int, rope_theta: float | None, *, window: int | None = None,
-               qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
-               rope_scaling: RopeScaling | None = None, rope_dim: int | None = None) -> tuple[str, str]:
-    args = [f"heads = {num(heads)}", f"kv_heads = {num(kv_heads)}", f"head_dim = {num(head_dim)}",
-            f"rope_theta = {'none' if rope_theta is None else num(float(rope_theta))}"]
-    if rope_dim is not None:
-        args.append(f"rope_dim = {num(int(rope_dim))}")
-    if rope_scaling is not None:
-        if rope_scaling.kind != "llama3":
-            raise HFError(f"internal: unknown rope scaling {show_value(rope_scaling.kind)}")
-        args.append(f"rope_scaling = llama3(factor = {num(float(rope_scaling.factor))}, "
-                    f"low_freq_factor = {num(float(rope_scaling.low_freq_factor))}, "
-                    f"high_freq_factor = {num(float(rope_scaling.high_freq_factor))}, "
-                    f"original_context = {num(int(rope_scaling.original_context))})")
-    if window is not None:
-        args.append(f"window = {num(window)}")
-    if qkv_bias:
-        args.append("qkv_bias = true")
-    if out_bias:
-        args.append("out_bias = true")
-    if qk_norm:
-        args.append("qk_norm = true")
-    return "attention", f"attention({', '.join(args)})"
-
-
-def mlp_call(d_ff: int, act: str, bias: bool = False) -> tuple[str, str]:
-    return "mlp", f"mlp(d_ff = {num(d_ff)}, act = {act}{', bias = true' if bias else ''})"
-
-
-def moe_call(experts: int, top_k: int, d_ff: int, routing: str) -> tuple[str, str]:
-    return "moe", (f"moe(experts = {num(experts)}, top_k = {num(top_k)}, d_ff = {num(d_ff)}, act = swiglu, "
-                   f"routing = {routing})")
-
-
-def mamba_call(d_state: int, d_conv: int, expand: int, dt_rank: int, conv_bias: bool, proj_bias: bool,
-           inner_norms: bool) -> tuple[str, str]:
-    return "mamba", (f"mamba(d_state = {num(d_state)}, d_conv = {num(d_conv)}, expand = {num(expand)}, "
-                     f"dt_rank = {num(dt_rank)}, conv_bias = {boolean(conv_bias)}, proj_bias = {boolean(proj_bias)}, "
-                     f"inner_norms = {boolean(inner_norms)})")
-
-
-def mamba2_call(d_state: int, head_dim: int, n_groups: int, expand: int, d_conv: int, chunk: int, conv_bias: bool,
-            proj_bias: bool) -> tuple[str, str]:
-    return "mamba2", (f"mamba2(d_state = {num(d_state)}, head_dim = {num(head_dim)}, n_groups = {num(n_groups)}, "
-                      f"expand = {num(expand)}, d_conv = {num(d_conv)}, chunk = {num(chunk)}, "
-                      f"conv_bias = {boolean(conv_bias)}, proj_bias = {boolean(proj_bias)})")

@@ -1,19 +1,14 @@
-"""Tensor names: Hugging Face checkpoints <-> the runtime's parameters (docs/CONTRACTS.md), both expert layouts.
+"""Tensor names: Hugging Face checkpoints <-> the runtime's parameters (docs/CONTRACTS.md).
 
 HF decoder layer i holds a mixer and usually an FFN, each with its own pre-norm; the runtime's flat stack has
 one sub-layer per mixer or FFN (`spec.Plan.sublayers` says which HF layer and part each one is). So for
 Llama, HF `model.layers.{i}.self_attn.q_proj.weight` is runtime `layers.{2i}.mixer.q_proj.weight` and
 `post_attention_layernorm` is the norm of runtime layer 2i+1; for Mamba, HF layer i is runtime layer i.
 
-Mixture-of-experts weights come in two layouts, and we read both:
-- per expert, as published checkpoints and `save_pretrained` (by default) store them: Mixtral
-  `block_sparse_moe.experts.{j}.w1/w3/w2.weight` (gate/up/down) and `block_sparse_moe.gate.weight`,
-  Jamba `feed_forward.experts.{j}.gate_proj/up_proj/down_proj.weight` and `feed_forward.router.weight`;
-- fused, as transformers 5 keeps them in memory and writes them with `save_pretrained(...,
-  save_original_format=False)`: `experts.gate_up_proj [E, 2F, d]` (gate rows first, then up) and
-  `experts.down_proj [E, d, F]`, with Mixtral's block renamed `mlp`.
-The runtime stores `experts.gate_proj/up_proj [E, F, d]` and `experts.down_proj [E, d, F]`, so per-expert
-tensors are stacked and the fused gate_up is split in halves. Export writes the per-expert layout by default.
+The family's `Naming` holds the model-level names (prefix, embeddings, final norm, the two pre-norms); what
+sits inside a sub-layer belongs to its kind's HF facet (ltmdsl/kinds/<kind>_hf.py: `modules` and `tensors`),
+which returns a `Source` whose `op` declares the transform (copy, stack experts, halves of a fused tensor).
+`gather` applies those transforms on import and `to_hf` their inverses on export.
 """
 
 from __future__ import annotations
@@ -22,60 +17,33 @@ import re
 from dataclasses import dataclass
 
 from ltmdsl.hf import HFError
+from ltmdsl.hf.facet import Site, Source
 from ltmdsl.hf.spec import Plan, SubLayerMap
+from ltmdsl.kinds.hf import hf_facet
 
 
 @dataclass(frozen=True)
 class Naming:
-    """Where a family keeps its tensors; the first of several candidates is what export writes."""
+    """Where a family keeps its model-level tensors; the first of several prefixes is what export writes."""
 
     prefixes: tuple[str, ...]  # "model." or "backbone."
     embed: str
     final_norm: str
-    mixer_module: dict  # kind -> module name inside the HF layer
     mixer_norm: str
-    ffn_modules: tuple[str, ...]  # FFN / MoE block names (Mixtral: block_sparse_moe, then mlp)
     ffn_norm: str
-    router: str  # router module inside the MoE block
-    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
 
 
-_TRANSFORMER = dict(prefixes=("model.",), embed="embed_tokens", final_norm="norm",
-                    mixer_module={"attention": "self_attn"}, mixer_norm="input_layernorm",
-                    ffn_modules=("mlp",), ffn_norm="post_attention_layernorm", router="gate")
+_TRANSFORMER = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="norm", mixer_norm="input_layernorm",
+                      ffn_norm="post_attention_layernorm")
+_HYBRID = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
+                 mixer_norm="input_layernorm", ffn_norm="pre_ff_layernorm")
+_SSM = Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f", mixer_norm="norm", ffn_norm="")
 NAMINGS = {
-    "llama": Naming(**_TRANSFORMER),
-    "mistral": Naming(**_TRANSFORMER),
-    "qwen2": Naming(**_TRANSFORMER),
-    "qwen3": Naming(**_TRANSFORMER),
-    "mixtral": Naming(**{**_TRANSFORMER, "ffn_modules": ("block_sparse_moe", "mlp")},
-                      expert_names=("w1", "w3", "w2")),
-    "jamba": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
-                    mixer_module={"attention": "self_attn", "mamba": "mamba"}, mixer_norm="input_layernorm",
-                    ffn_modules=("feed_forward",), ffn_norm="pre_ff_layernorm", router="router"),
-    "bamba": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
-                    mixer_module={"attention": "self_attn", "mamba2": "mamba"}, mixer_norm="input_layernorm",
-                    ffn_modules=("feed_forward",), ffn_norm="pre_ff_layernorm", router=""),
-    "mamba": Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f",
-                    mixer_module={"mamba": "mixer"}, mixer_norm="norm", ffn_modules=(), ffn_norm="", router=""),
-    "mamba2": Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f",
-                     mixer_module={"mamba2": "mixer"}, mixer_norm="norm", ffn_modules=(), ffn_norm="", router=""),
+    "llama": _TRANSFORMER, "mistral": _TRANSFORMER, "qwen2": _TRANSFORMER, "qwen3": _TRANSFORMER,
+    "mixtral": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM, "mamba2": _SSM,
     "nemotron_h": Naming(prefixes=("backbone.", "model."), embed="embeddings", final_norm="norm_f",
-                         mixer_module={"attention": "mixer", "mamba2": "mixer"}, mixer_norm="norm",
-                         ffn_modules=("mixer",), ffn_norm="norm", router=""),
+                         mixer_norm="norm", ffn_norm="norm"),
 }
-
-
-@dataclass(frozen=True)
-class Source:
-    """How one runtime tensor is made from checkpoint tensors.
-
-    op "copy": the one tensor as is; "stack": per-expert tensors stacked on a new dim 0; "first_half" /
-    "second_half": the halves of a fused tensor along dim 1 (gate, up).
-    """
-
-    names: tuple[str, ...]
-    op: str = "copy"
 
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(norm|mixer)\.(.+)$")
@@ -88,17 +56,6 @@ def _prefix(naming: Naming, available: set[str] | None) -> str:
             if f"{p}{naming.embed}.weight" in available:
                 return p
     return naming.prefixes[0]
-
-
-def _moe_layout(naming: Naming, base: str, available: set[str] | None) -> tuple[str, bool]:
-    """(block module, fused?) of one HF layer's MoE in the checkpoint; per-expert under the first name if unknown."""
-    if available is not None:
-        for module in naming.ffn_modules:
-            if f"{base}{module}.experts.gate_up_proj" in available:
-                return module, True
-            if f"{base}{module}.experts.0.{naming.expert_names[0]}.weight" in available:
-                return module, False
-    return naming.ffn_modules[0], False
 
 
 def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str] | None = None,
@@ -125,31 +82,26 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
     base = f"{prefix}layers.{sub.hf_layer}."
     if part == "norm":
         return Source((f"{base}{naming.mixer_norm if sub.role == 'mixer' else naming.ffn_norm}.{rest}",))
-    if sub.role == "mixer":
-        return Source((f"{base}{naming.mixer_module[sub.kind]}.{rest}",))
-    if sub.kind == "mlp":
-        return Source((f"{base}{naming.ffn_modules[0]}.{rest}",))
-    module, is_fused = _moe_layout(naming, base, available)
-    if fused is not None:
-        is_fused = fused
-        module = naming.ffn_modules[-1] if fused else naming.ffn_modules[0]
-    block = f"{base}{module}."
-    if rest.startswith("router."):
-        return Source((f"{block}{naming.router}.{rest.split('.', 1)[1]}",))
-    which = {"experts.gate_proj": 0, "experts.up_proj": 1, "experts.down_proj": 2}.get(rest)
-    if which is None:
+    facet = hf_facet(sub.kind)
+    if plan.family not in facet.modules:
+        raise HFError(f"runtime parameter '{name}': {plan.family} has no {sub.kind} layers")
+    src = facet.source(rest, Site(plan.family, base, available, experts.get(sub.index, 0), fused))
+    if src is None:
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
-    if is_fused:
-        if which == 2:
-            return Source((f"{block}experts.down_proj",))
-        return Source((f"{block}experts.gate_up_proj",), "first_half" if which == 0 else "second_half")
-    n = experts[sub.index]
-    return Source(tuple(f"{block}experts.{j}.{naming.expert_names[which]}.weight" for j in range(n)), "stack")
+    return src
 
 
 def expert_counts(ir_model) -> dict[int, int]:
-    """Sub-layer index -> number of experts, for the MoE sub-layers of a resolved model."""
-    return {layer.index: layer.mixer.experts for layer in ir_model.layers if layer.kind == "moe"}
+    """Sub-layer index -> number of experts, for the sub-layers whose kind splits experts over expert
+    parallelism (its `split` facet's `ep` says how many there are)."""
+    from ltmdsl.kinds import kind_of
+
+    out = {}
+    for layer in ir_model.layers:
+        split = dict(kind_of(layer.mixer).split(layer.mixer, ir_model.d_model).ep)
+        if "experts" in split:
+            out[layer.index] = split["experts"]
+    return out
 
 
 def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]]) -> dict:

@@ -1,5 +1,6 @@
 """Registry coverage: every kind has every pure facet, each facet works on random small configs, and a
-config the registry does not describe is refused loudly (never counted as zero) by memory, compute and show."""
+config the registry does not describe is refused loudly (never counted as zero) by memory, compute and show.
+Every kind also has a Hugging Face facet or declares explicitly that it has no counterpart."""
 
 import dataclasses
 import random
@@ -11,9 +12,14 @@ import pytest
 import sympy
 
 from ltmdsl.commands import show
+from ltmdsl.hf import HFError
+from ltmdsl.hf.configs import SUPPORTED_FAMILIES
+from ltmdsl.hf.export import config_from_ir
+from ltmdsl.hf.facet import HFFacet, NoHFCounterpart, Site, Source
 from ltmdsl.ir import LayerConfig, ModelIR, NormConfig, RopeScaling, SourcePos, SubLayer
 from ltmdsl.kinds import REGISTRY, CheckError, Kind, KindError, ModelContext, kind_of
 from ltmdsl.kinds.base import FACETS, CacheTerm, Flops, Split
+from ltmdsl.kinds.hf import HF_REGISTRY, hf_facet
 from ltmdsl.memory import cache_bytes, flops, report, resolve
 from ltmdsl.memory.activations import MicroBatch
 from ltmdsl.memory.compute import FLOP_COMPONENTS
@@ -180,3 +186,72 @@ def test_unregistered_config_is_refused_loudly(config, use):
     }
     with pytest.raises(KindError, match=type(config).__name__):
         calls[use]()
+
+
+# ---- the Hugging Face facet: every kind has one, or says explicitly that it has no counterpart --------------
+
+
+def hf_coverage_problem(name: str) -> str | None:
+    """Why kind `name` is not covered by the HF registry (None when it is)."""
+    facet = HF_REGISTRY.get(name)
+    if isinstance(facet, NoHFCounterpart):
+        return None if facet.name == name and facet.reason.strip() else f"{name}: a no-counterpart entry needs a reason"
+    if not isinstance(facet, HFFacet):
+        return f"{name} has no HF facet: add ltmdsl/kinds/{name}_hf.py (or NoHFCounterpart) to ltmdsl/kinds/hf.py"
+    if facet.name != name:
+        return f"{name}: its HF facet is registered as {facet.name!r}"
+    unknown = [f for f in facet.families if f not in SUPPORTED_FAMILIES]
+    return f"{name}: unknown families {unknown}" if unknown or not facet.families else None
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_kind_has_an_hf_facet_or_says_it_has_no_counterpart(name):
+    assert hf_coverage_problem(name) is None, hf_coverage_problem(name)
+
+
+def test_hf_registry_names_only_registered_kinds():
+    assert set(HF_REGISTRY) <= set(REGISTRY)
+
+
+def test_a_kind_without_an_hf_facet_fails_coverage_and_export(monkeypatch):
+    """The coverage check above names a kind with no HF entry; export-hf names the layer and the missing facet,
+    and a kind that declares no counterpart gives its reason."""
+    monkeypatch.delitem(HF_REGISTRY, "mamba")
+    assert "mamba has no HF facet" in hf_coverage_problem("mamba")
+    model = model_of(random_config(REGISTRY["mamba"], 0))
+    with pytest.raises(HFError, match=r"layer 0 'l0': layer kind 'mamba' has no HF facet .*ltmdsl/kinds/mamba_hf.py"):
+        config_from_ir(model)
+    monkeypatch.setitem(HF_REGISTRY, "mamba", NoHFCounterpart("mamba", "no family has it (for this test)"))
+    assert hf_coverage_problem("mamba") is None
+    with pytest.raises(HFError, match=r"layer 0 'l0': layer kind 'mamba' has no Hugging Face counterpart: no family"):
+        config_from_ir(model)
+
+
+def test_an_hf_facet_cannot_be_registered_without_a_function():
+    facet = HF_REGISTRY["mlp"]
+    with pytest.raises(TypeError, match="lacks write"):
+        dataclasses.replace(facet, write=None)
+    with pytest.raises(TypeError, match="names no tensor module for llama, .*nemotron_h"):
+        dataclasses.replace(facet, modules={})
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4], ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("name", list(HF_REGISTRY))
+def test_hf_facet_works_on_random_small_configs(name, seed):
+    """Every family the facet names: a misfit reason or None, written fields or an HFError (never another
+    exception), string traits, and a checkpoint source for each runtime parameter it owns."""
+    facet = hf_facet(name)
+    c = random_config(REGISTRY[name], seed)
+    assert all(isinstance(t, str) for t in facet.traits(c))
+    for family in facet.families:
+        why = facet.misfit(c, family)
+        assert why is None or (isinstance(why, str) and why)
+        try:
+            fields = facet.write(c, family, D_MODEL)
+        except HFError as e:
+            assert e.message
+        else:
+            assert fields and all(isinstance(k, str) for k in fields)
+        src = facet.source("router.weight" if name == "moe" else "out_proj.weight",
+                           Site(family, "model.layers.3.", None, 4, None))
+        assert isinstance(src, Source) and all(n.startswith("model.layers.3.") for n in src.names)

@@ -1,0 +1,183 @@
+"""The Hugging Face facet of attention (see ltmdsl.hf.facet): config keys, tensor names and export fields.
+
+Attention appears in Llama, Mistral, Mixtral, Qwen2 and Qwen3 (RoPE over the whole head, optional Llama 3.1
+frequency scaling, per-family biases and windows, Qwen3's qk_norm), Jamba and Nemotron-H (no RoPE), and
+Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `rope_dim`). Its tensors are
+`q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) under `self_attn` (Nemotron-H: `mixer`), the
+same names as the runtime's, so they are copied as they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ltmdsl.hf import HFError
+from ltmdsl.hf.facet import HFFacet, ReadContext
+from ltmdsl.hf.reader import Reader, dims, rope
+from ltmdsl.hf.spec import num
+
+TRANSFORMERS = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+NO_ROPE = ("jamba", "nemotron_h")
+
+
+def read(r: Reader, ctx: ReadContext) -> dict:
+    """Spec values of the family's attention (its window, per layer, is the family's: `window` is left out)."""
+    fam, d = ctx.family, ctx.d_model
+    if fam in TRANSFORMERS:
+        heads = r.int("num_attention_heads", 32)
+        kv, head_dim = dims(r, d, heads, 128 if fam == "qwen3" else None,
+                            {"mistral": 8, "mixtral": 8, "qwen2": 32, "qwen3": 32}.get(fam))
+        theta, scaling, _ = rope(r, 1e6 if fam == "mixtral" else 10000.0, head_dim)  # whole head: partial refused
+        bias = r.bool("attention_bias", False) if fam in ("llama", "qwen3") else False
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+                    qkv_bias=bias or fam == "qwen2", out_bias=bias, qk_norm=fam == "qwen3")
+    if fam == "jamba":
+        heads = r.int("num_attention_heads", 32)
+        kv = r.int("num_key_value_heads", 8)
+        if d % heads or heads % kv:
+            raise r.fail(f"hidden_size {d}, num_attention_heads {heads} and num_key_value_heads {kv} do not divide")
+        r.expect("sliding_window", lambda v: v is None, "null")
+        return dict(heads=heads, kv_heads=kv, head_dim=d // heads, rope_theta=None)
+    if fam == "nemotron_h":
+        heads = r.int("num_attention_heads", 32)
+        kv, head_dim = dims(r, d, heads, 128, 8)
+        r.expect("sliding_window", lambda v: v is None, "null")
+        bias = r.bool("attention_bias", False)
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=None, qkv_bias=bias, out_bias=bias)
+    if fam == "bamba":
+        if not ctx.present:  # no attention layer: its settings, RoPE included, never reach the computation
+            r.used.update({"num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling",
+                           "rope_parameters", "partial_rotary_factor", "attn_rotary_emb", "attention_bias"})
+            return {}
+        heads = r.int("num_attention_heads", 32)
+        explicit_null = "num_key_value_heads" in r.cfg and r.cfg["num_key_value_heads"] is None  # BambaConfig: heads
+        kv, head_dim = dims(r, d, heads, None, heads if explicit_null else 8)
+        theta, scaling, rope_dim = rope(r, 10000.0, head_dim, partial=0.5)
+        if r.present("attn_rotary_emb"):  # older Bamba configs state the rotated width; transformers ignores it
+            stated = r.int("attn_rotary_emb")
+            if stated != (rope_dim or head_dim):
+                raise r.fail(f"'attn_rotary_emb' = {stated} disagrees with the {rope_dim or head_dim} channels that "
+                             f"transformers rotates (head_dim {head_dim}, from 'head_dim' or 'hidden_size' / "
+                             f"'num_attention_heads', times partial_rotary_factor); make them agree")
+        bias = r.bool("attention_bias", False)
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, qkv_bias=bias, out_bias=bias,
+                    rope_scaling=scaling, rope_dim=rope_dim)
+    raise HFError(f"internal: attention has no reader for {fam}")
+
+
+def call(v: dict) -> str:
+    """`attention(...)` from validated values (defaults left out)."""
+    args = [f"heads = {num(v['heads'])}", f"kv_heads = {num(v['kv_heads'])}", f"head_dim = {num(v['head_dim'])}",
+            f"rope_theta = {'none' if v.get('rope_theta') is None else num(float(v['rope_theta']))}"]
+    if v.get("rope_dim") is not None:
+        args.append(f"rope_dim = {num(int(v['rope_dim']))}")
+    s = v.get("rope_scaling")
+    if s is not None:
+        if s.kind != "llama3":
+            raise HFError(f"internal: unknown rope scaling {s.kind!r}")
+        args.append(f"rope_scaling = llama3(factor = {num(float(s.factor))}, "
+                    f"low_freq_factor = {num(float(s.low_freq_factor))}, "
+                    f"high_freq_factor = {num(float(s.high_freq_factor))}, "
+                    f"original_context = {num(int(s.original_context))})")
+    if v.get("window") is not None:
+        args.append(f"window = {num(v['window'])}")
+    for flag in ("qkv_bias", "out_bias", "qk_norm"):
+        if v.get(flag):
+            args.append(f"{flag} = true")
+    return f"attention({', '.join(args)})"
+
+
+def _heads(a, d: int) -> dict:
+    if a.v_head_dim != a.head_dim or not a.causal:
+        raise HFError("attention with v_head_dim != head_dim or causal = false has no Hugging Face counterpart")
+    out = {"num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads}
+    if a.head_dim * a.heads != d:
+        out["head_dim"] = a.head_dim
+    return out
+
+
+def rope_scaling_fields(a) -> dict:
+    """`rope_scaling` in the transformers 4 form (`rope_theta` stays top-level), which transformers 4.43+ and 5
+    both load; plus `max_position_embeddings` = factor * original_context, the context the scaling is for,
+    because transformers warns when original_max_position_embeddings is not below max_position_embeddings
+    (and the llama3 forward pass does not read it)."""
+    s = a.rope_scaling
+    if s is None:
+        return {}
+    if s.kind != "llama3":
+        raise HFError(f"rope scaling {s.kind} has no Hugging Face counterpart (supported: llama3)")
+    return {"rope_scaling": {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                             "high_freq_factor": s.high_freq_factor,
+                             "original_max_position_embeddings": s.original_context},
+            "max_position_embeddings": max(s.original_context + 1, math.ceil(s.factor * s.original_context))}
+
+
+def write(a, fam: str, d: int) -> dict:
+    """The family's attention fields (one attention setting per config: the family checks they agree)."""
+    if fam in TRANSFORMERS:
+        out = {"rope_theta": a.rope_theta, **rope_scaling_fields(a), **_heads(a, d)}
+        if fam != "llama":  # per layer: the family checks that its layers' windows fit its one setting
+            out["sliding_window"] = a.window
+        if fam == "mixtral" and (a.qkv_bias or a.out_bias or a.qk_norm):
+            raise HFError("Mixtral attention has no biases and no qk_norm")
+        if fam == "qwen3":
+            out.update(head_dim=a.head_dim, attention_bias=a.qkv_bias)
+        if fam == "llama":
+            out["attention_bias"] = a.qkv_bias
+        return out
+    if fam == "jamba":
+        if a.window is not None or a.qkv_bias or a.out_bias or a.qk_norm or a.head_dim * a.heads != d:
+            raise HFError("Jamba attention has no window, biases, qk_norm or head_dim override")
+        return _heads(a, d)
+    if fam == "nemotron_h":
+        if a.rope_theta is not None or a.window is not None or a.qk_norm or a.qkv_bias != a.out_bias:
+            raise HFError("Nemotron-H attention has no RoPE, window or qk_norm")
+        return dict(num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.head_dim,
+                    attention_bias=a.qkv_bias)
+    if fam == "bamba":
+        if a.window is not None or a.qk_norm or a.qkv_bias != a.out_bias:
+            raise HFError("Bamba attention has no window or qk_norm, and its attention_bias covers q, k, v and o alike")
+        factor = a.rotary_dim / a.head_dim
+        if a.head_dim * factor != a.rotary_dim:  # the float product transformers truncates must be exact
+            raise HFError(f"rope_dim {a.rotary_dim} of head_dim {a.head_dim} has no partial_rotary_factor that "
+                          f"transformers turns back into {a.rotary_dim} channels")
+        out = {}
+        rope_parameters = {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": factor}
+        if a.rope_scaling is not None:
+            scaled = rope_scaling_fields(a)
+            rope_parameters.update(scaled["rope_scaling"])
+            out["max_position_embeddings"] = scaled["max_position_embeddings"]
+        return {**out, **_heads(a, d), "attention_bias": a.qkv_bias, "rope_parameters": rope_parameters}
+    raise HFError(f"{fam} has no attention layers")
+
+
+def misfit(a, fam: str) -> str | None:
+    """Why family `fam` (its representative model_type) has no place for this attention."""
+    if fam in TRANSFORMERS:
+        return "this attention has no RoPE (rope_theta = none)" if a.rope_theta is None else None
+    if fam == "jamba":
+        return "Jamba attention has no RoPE and no window" if a.rope_theta is not None or a.window is not None \
+            else None
+    if fam == "bamba":
+        return "Bamba attention has RoPE and no window" if a.rope_theta is None or a.window is not None else None
+    if fam == "nemotron_h":
+        return "Nemotron-H attention has no RoPE and no window" if a.rope_theta is not None or a.window is not None \
+            else None
+    return f"{fam} has no attention layers"
+
+
+def traits(a) -> frozenset[str]:
+    """What families select on: RoPE or none, partial RoPE (Bamba's transformers code alone applies it), a
+    window, biases and qk_norm (which pick Llama, Mistral, Qwen2 or Qwen3)."""
+    flags = {"rope" if a.rope_theta is not None else "no_rope"}
+    flags |= {name for name, on in (("partial_rope", a.rope_dim is not None), ("window", a.window is not None),
+                                     ("qkv_bias", a.qkv_bias), ("out_bias", a.out_bias), ("qk_norm", a.qk_norm)) if on}
+    return frozenset(flags)
+
+
+HF = HFFacet(
+    name="attention", label="attention",
+    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba"),
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba")}, "nemotron_h": ("mixer",)},
+    read=read, call=call, write=write, misfit=misfit, traits=traits,
+)
