@@ -80,6 +80,18 @@ class NoHFCounterpart:
     reason: str
 
 
+@dataclass(frozen=True)
+class HFNotMappedYet:
+    """A kind that transformers has (in `model_types`) but whose mapping ltmdsl has not built yet.
+
+    Distinct from `NoHFCounterpart` so that nobody reads "not built" as "does not exist": export-hf and
+    import-hf refuse these stacks naming the model types that a mapping would serve.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+
+
 def copy_tensor(facet: "HFFacet", rest: str, site: Site) -> Source:
     """The tensors of a kind that names its parameters as transformers does: `<block><module>.<rest>`."""
     return Source((f"{site.block}{facet.modules[site.family][0]}.{rest}",))

@@ -3,20 +3,28 @@
     from ltmdsl.kinds.hf import hf_facet
     hf_facet(layer.kind).write(layer.mixer, "jamba", d_model)
 
-One line per kind, beside `ltmdsl.kinds.REGISTRY`: an `HFFacet` (see ltmdsl.hf.facet) or, for a kind no
-supported Hugging Face family has, `NoHFCounterpart(name, reason)`. tests/kinds/test_registry.py fails for a
-registered kind with neither. Pure: `ltmdsl import-hf` of a config needs no torch.
+One line per kind, beside `ltmdsl.kinds.REGISTRY`: an `HFFacet` (see ltmdsl.hf.facet); for a kind no
+Hugging Face family has, `NoHFCounterpart(name, reason)`; for a kind transformers has but ltmdsl does not map
+yet, `HFNotMappedYet(name, model_types)`. tests/kinds/test_registry.py fails for a registered kind with none. Pure: `ltmdsl import-hf` of a config needs no torch.
 """
 
 from __future__ import annotations
 
 from ltmdsl.hf import HFError
-from ltmdsl.hf.facet import HFFacet, NoHFCounterpart
+from ltmdsl.hf.facet import HFFacet, HFNotMappedYet, NoHFCounterpart
 from ltmdsl.kinds import attention_hf, mamba2_hf, mamba_hf, mlp_hf, moe_hf
 
 #: kind name -> its HF facet, or the explicit statement that it has no Hugging Face counterpart.
-HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart] = {
-    f.name: f for f in (attention_hf.HF, mamba_hf.HF, mamba2_hf.HF, mlp_hf.HF, moe_hf.HF)
+HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
+    f.name: f for f in (
+        attention_hf.HF, mamba_hf.HF, mamba2_hf.HF, mlp_hf.HF, moe_hf.HF,
+        HFNotMappedYet("gated_deltanet", ("qwen3_next", "qwen3_5", "qwen3_5_moe")),
+        HFNotMappedYet("kda", ("kimi_linear",)),
+        HFNotMappedYet("short_conv", ("lfm2",)),
+        HFNotMappedYet("lightning", ("minimax",)),
+        HFNotMappedYet("rg_lru", ("recurrent_gemma",)),
+        HFNotMappedYet("mlstm", ("xlstm",)),
+    )
 }
 
 
@@ -27,6 +35,9 @@ def hf_facet(kind: str) -> HFFacet:
         return facet
     if isinstance(facet, NoHFCounterpart):
         raise HFError(f"layer kind '{kind}' has no Hugging Face counterpart: {facet.reason}")
+    if isinstance(facet, HFNotMappedYet):
+        raise HFError(f"layer kind '{kind}' has Hugging Face counterparts (model types "
+                      f"{', '.join(facet.model_types)}), but ltmdsl does not map them yet")
     raise HFError(f"layer kind '{kind}' has no HF facet (the Hugging Face mapping of its weights and config "
                   f"fields); add ltmdsl/kinds/{kind}_hf.py and register it in ltmdsl/kinds/hf.py")
 
