@@ -3,7 +3,8 @@
 Values are Python ints, floats, bools, None, `Word` (a bare identifier that is not a constant, such as
 `swiglu` or `bf16`, whose meaning the parameter decides), `NormValue` (`rmsnorm(eps = 1e-5)`) and
 `RopeScaling` (`llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)`,
-`linear(factor = 8)`, `yarn(factor = 40, original_context = 4096, ...)`, checked here so that a constant holding one is already valid).
+`linear(factor = 8)`, `yarn(factor = 40, original_context = 4096, ...)`, checked here so that a constant
+holding one is already valid).
 Problems are reported through an `EvalError` carrying the position to point at.
 """
 

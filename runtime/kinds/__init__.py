@@ -49,9 +49,9 @@ class RuntimeKind:
 
 
 def _registry() -> dict[str, RuntimeKind]:
-    from ltmdsl.runtime.kinds import attention, gated_deltanet, kda, mamba, mamba2, mlp, moe
+    from ltmdsl.runtime.kinds import attention, gated_deltanet, kda, mamba, mamba2, mla, mlp, moe
 
-    return {k.name: k for k in (attention.KIND, mamba.KIND, mamba2.KIND, gated_deltanet.KIND, kda.KIND, mlp.KIND,
+    return {k.name: k for k in (attention.KIND, mla.KIND, mamba.KIND, mamba2.KIND, gated_deltanet.KIND, kda.KIND, mlp.KIND,
                                 moe.KIND)}
 
 
