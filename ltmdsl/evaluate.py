@@ -3,8 +3,8 @@
 Values are Python ints, floats, bools, None, `Word` (a bare identifier that is not a constant, such as
 `swiglu` or `bf16`, whose meaning the parameter decides), `NormValue` (`rmsnorm(eps = 1e-5)`) and
 `RopeScaling` (`llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)`,
-`linear(factor = 8)`, `yarn(factor = 40, original_context = 4096, ...)`, checked here so that a constant
-holding one is already valid).
+`linear(factor = 8)`, `dynamic(...)`, `yarn(factor = 40, original_context = 4096, ...)`, checked here so that a
+constant holding one is already valid).
 Problems are reported through an `EvalError` carrying the position to point at.
 """
 
@@ -238,6 +238,7 @@ class Scope:
 ROPE_SCALINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_context"), ()),
     "linear": (("factor",), ()),
+    "dynamic": (("factor", "original_context"), ()),
     "yarn": (("factor", "original_context"),
              ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")),
 }
@@ -252,7 +253,7 @@ def rope_scaling_usage(name: str) -> str:
 
 
 def _rope_scaling(node: ast.Call, scope: Scope) -> RopeScaling:
-    """`llama3(...)`, `linear(factor = 8)` or `yarn(factor = 40, original_context = 4096, ...)`.
+    """`llama3(...)`, `linear(factor = 8)`, `dynamic(factor = 2, original_context = 4096)` or `yarn(...)`.
 
     The RoPE frequency scalings of `RopeScaling`. Keywords only; the required ones must all be given and each is
     checked, errors pointing at the offending keyword or value: factor >= 1 (1 leaves every frequency unchanged);
@@ -299,6 +300,8 @@ def _rope_scaling(node: ast.Call, scope: Scope) -> RopeScaling:
         context = as_int(given["original_context"][0], given["original_context"][1], f"{name}() original_context", 1)
     if name == "linear":
         return RopeScaling("linear", factor)
+    if name == "dynamic":
+        return RopeScaling("dynamic", factor, original_context=context)
     if name == "llama3":
         low, high = number("low_freq_factor"), number("high_freq_factor", -math.inf)
         if high <= low:

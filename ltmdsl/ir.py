@@ -83,6 +83,9 @@ class RopeScaling:
         are interpolated smoothly. cos and sin are not rescaled.
     "linear" (position interpolation, Chen et al. 2023; Gemma-3's global layers): every frequency is divided by
         `factor`. cos and sin are not rescaled.
+    "dynamic" (dynamic NTK scaling, transformers' `rope_type: dynamic`): when a call reaches L > original_context
+        tokens the base becomes theta * (factor * L / original_context - (factor - 1))^(R / (R - 2)); below the
+        original context RoPE is plain. cos and sin are not rescaled.
     "yarn" (YaRN, Peng et al. 2023; DeepSeek-V2/V3, gpt-oss, Qwen): with the correction range [lo, hi] of the
         dimensions that turn beta_fast and beta_slow times over original_context tokens (floored / ceiled when
         `truncate`), frequency i is extrapolated (kept) below lo, interpolated (divided by `factor`) above hi and
@@ -94,11 +97,11 @@ class RopeScaling:
     kind does not use are None.
     """
 
-    kind: str  # "llama3" | "linear" | "yarn"
+    kind: str  # "llama3" | "linear" | "dynamic" | "yarn"
     factor: float  # >= 1: the context is extended `factor` times
     low_freq_factor: float | None = None  # llama3: > 0
     high_freq_factor: float | None = None  # llama3: > low_freq_factor
-    original_context: int | None = None  # llama3, yarn: the pre-training context (original_max_position_embeddings)
+    original_context: int | None = None  # llama3, dynamic, yarn: the pre-training context
     beta_fast: float | None = None  # yarn: rotations bounding the extrapolated band (transformers' default 32)
     beta_slow: float | None = None  # yarn: rotations bounding the interpolated band (default 1)
     mscale: float | None = None  # yarn: DeepSeek's mscale

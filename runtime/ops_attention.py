@@ -27,7 +27,8 @@ from ltmdsl.kinds.attention import rope_attention_factor
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torch.dtype, device=None) -> torch.Tensor:
+def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torch.dtype, device=None,
+                  seq_len: int | None = None) -> torch.Tensor:
     """The D/2 rotation frequencies [D/2] in `dtype`: 1/theta^(2i/D), then `scaling` if given.
 
     Each scaling follows transformers' modeling_rope_utils operation for operation, so in fp32 the frequencies
@@ -40,7 +41,15 @@ def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torc
     linear (`_compute_linear_scaling_rope_parameters`): inv_freq / factor.
     yarn (`_compute_yarn_parameters`): a linear ramp over the correction range blends extrapolation
     (inv_freq) and interpolation (inv_freq / factor); its cos/sin factor is `rope_attention_factor`.
+    dynamic (`_compute_dynamic_ntk_parameters`, dynamic NTK): with L = max(seq_len, original_context) the base
+    becomes theta * (factor * L / original_context - (factor - 1))^(D / (D - 2)); `seq_len` is the length the
+    call reaches (its last position + 1), so below the original context nothing changes.
     """
+    if scaling is not None and scaling.kind == "dynamic":
+        M = scaling.original_context
+        L = torch.tensor(max(seq_len or M, M), dtype=torch.int64, device=device)
+        theta = theta * ((scaling.factor * L / M).to(dtype) - (scaling.factor - 1)) ** (D / (D - 2))  # 0-d tensor
+        scaling = None
     i = torch.arange(0, D, 2, dtype=torch.int64, device=device).to(dtype)  # [D/2]
     inv_freq = 1.0 / (theta ** (i / D))  # [D/2]
     if scaling is None:
@@ -50,7 +59,7 @@ def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torc
     if scaling.kind == "yarn":
         return _yarn_inv_freq(D, theta, scaling, dtype, device)
     if scaling.kind != "llama3":
-        raise ValueError(f"unknown rope scaling kind {scaling.kind!r} (supported: llama3, linear, yarn)")
+        raise ValueError(f"unknown rope scaling kind {scaling.kind!r} (supported: llama3, linear, yarn, dynamic)")
     factor, low, high, ctx = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_context
     low_freq_wavelen = ctx / low  # longer wavelengths: divided by factor
     high_freq_wavelen = ctx / high  # shorter wavelengths: unchanged
@@ -95,10 +104,13 @@ def rope_cos_sin(positions: torch.Tensor, D: int, theta: float, dtype: torch.dty
     """positions [T] (int) -> (cos, sin) each [T, D] in `dtype`; `scaling` rescales the frequencies.
 
     Frequencies are computed in fp32 (fp64 for fp64 inputs) and cast, as LlamaRotaryEmbedding does (see
-    `rope_inv_freq`); cos and sin are multiplied by the scaling's attention factor (1 except for yarn).
+    `rope_inv_freq`); cos and sin are multiplied by the scaling's attention factor (1 except for yarn). Dynamic
+    NTK takes the frequencies of the last position given, as transformers' rotary embedding does for a sequence
+    processed left to right (a cached key keeps the rotation of the call that wrote it).
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = rope_inv_freq(D, theta, scaling, work, positions.device)  # [D/2]
+    seq_len = int(positions.max()) + 1 if scaling is not None and scaling.kind == "dynamic" else None
+    inv_freq = rope_inv_freq(D, theta, scaling, work, positions.device, seq_len)  # [D/2]
     freqs = positions.to(work)[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     factor = rope_attention_factor(scaling)

@@ -290,8 +290,8 @@ KIND = Kind(
         Param("rope_theta", "float", 10000.0, nullable=True, min=1e-9, doc="RoPE base; none disables RoPE"),
         Param("rope_scaling", "rope_scaling", None, nullable=True,
               doc="RoPE frequency scaling: llama3(factor = ..., low_freq_factor = ..., high_freq_factor = ..., "
-                  "original_context = ...), linear(factor = ...) or yarn(factor = ..., original_context = ..., "
-                  "...) (default: none = plain RoPE)"),
+                  "original_context = ...), linear(factor = ...), dynamic(factor = ..., original_context = ...) or "
+                  "yarn(factor = ..., original_context = ..., ...) (default: none = plain RoPE)"),
         Param("rope_dim", "int", nullable=True, min=2,
               doc="channels of each q/k head that RoPE rotates, the first ones; even, at most head_dim "
                   "(default: none = the whole head)"),

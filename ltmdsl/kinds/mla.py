@@ -173,7 +173,7 @@ KIND = Kind(
         Param("v_head_dim", "int", 128, min=1, doc="value channels per head"),
         Param("rope_theta", "float", 10000.0, min=1e-9, doc="RoPE base"),
         Param("rope_scaling", "rope_scaling", None, nullable=True,
-              doc="llama3(...), linear(...) or yarn(...) (default: none = plain RoPE)"),
+              doc="llama3(...), linear(...), dynamic(...) or yarn(...) (default: none = plain RoPE)"),
         Param("bias", "bool", False, doc="biases on q_a_proj, kv_a_proj_with_mqa and o_proj"),
         Param("latent_eps", "float", 1e-6, min=1e-30, doc="eps of the latent RMSNorms"),
     ),

@@ -43,12 +43,16 @@ PUBLISHED = [
     (128, 1e6, RopeScaling("linear", 8.0)),
 ]
 
+DYNAMIC = RopeScaling("dynamic", 2.0, original_context=16)
+
 
 def rope_parameters(theta: float, s: RopeScaling | None) -> dict:
     """transformers 5's rope_parameters dict for our scaling."""
     if s is None:
         return dict(rope_type="default", rope_theta=theta)
     out = dict(rope_type=s.kind, rope_theta=theta, factor=s.factor)
+    if s.kind == "dynamic":  # transformers reads the original context from max_position_embeddings
+        return out
     if s.kind == "yarn":
         out["original_max_position_embeddings"] = s.original_context
         for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"):
@@ -74,6 +78,70 @@ def test_rope_frequencies_equal_transformers_init_functions(dim, theta, scaling)
     assert rope_attention_factor(scaling) == factor
     plain = rope_inv_freq(dim, theta, None, torch.float32)
     assert not torch.equal(got, plain), "the scaling must change the frequencies"
+
+
+@pytest.mark.parametrize("seq_len", [1, 16, 17, 40, 5000])
+def test_dynamic_ntk_frequencies_equal_transformers(seq_len):
+    """Dynamic NTK's frequencies for a call reaching seq_len tokens, bitwise in fp32, against
+    ROPE_INIT_FUNCTIONS["dynamic"] with seq_len as its rotary embedding passes it (a tensor)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hc = LlamaConfig(hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=1, vocab_size=16,
+                     max_position_embeddings=DYNAMIC.original_context, rope_parameters=rope_parameters(100.0, DYNAMIC))
+    want, _ = ROPE_INIT_FUNCTIONS["dynamic"](hc, seq_len=torch.tensor(seq_len))
+    got = rope_inv_freq(16, 100.0, DYNAMIC, torch.float32, seq_len=seq_len)
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max().item():.3e}"
+    plain = rope_inv_freq(16, 100.0, None, torch.float32)
+    assert torch.equal(got, plain) == (seq_len <= DYNAMIC.original_context)
+
+
+def causal_mask(Tq, Tk):
+    """Additive [1, 1, Tq, Tk] causal mask for queries at the last Tq of Tk positions."""
+    i = torch.arange(Tq)[:, None] + Tk - Tq
+    ok = torch.arange(Tk)[None, :] <= i
+    return torch.zeros(Tq, Tk, dtype=F64).masked_fill(~ok, float("-inf"))[None, None]
+
+
+@KERNELS
+def test_dynamic_ntk_attention_matches_llama_generation(kernels):
+    """Dynamic NTK (2x over 16 tokens) against LlamaAttention with its DynamicCache and stateful rotary embedding in
+    fp64, HF_TOL: the whole 40 tokens at once, and prefill 12 (within the original context: plain RoPE) + chunk 9
+    (reaching 21: rescaled) + 19 one-token steps (rescaled further at every step), as transformers generates."""
+    from transformers import DynamicCache
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaConfig, LlamaRotaryEmbedding
+
+    cfg = attention(heads=4, kv_heads=2, head_dim=16, rope_theta=100.0, rope_scaling=DYNAMIC)
+    layer = ours(Attention(cfg, D_MODEL, EPS, kernels))
+
+    def hf_pair():
+        hc = LlamaConfig(hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_hidden_layers=1, vocab_size=16, max_position_embeddings=DYNAMIC.original_context,
+                         rope_parameters=rope_parameters(100.0, DYNAMIC))
+        hc._attn_implementation = "eager"
+        hf = LlamaAttention(hc, layer_idx=0).double().eval()
+        hf.load_state_dict(layer.state_dict())
+        return hf, LlamaRotaryEmbedding(hc).double(), hc
+
+    T = 40
+    x = hidden(T=T)
+    with torch.no_grad():
+        hf, rope, _ = hf_pair()
+        ref, _ = hf(x, position_embeddings=rope(x, torch.arange(T)[None]), attention_mask=causal_mask(T, T))
+        assert_close(layer(x), ref, HF_TOL, "dynamic NTK vs LlamaAttention, whole sequence")
+        hf, rope, hc = hf_pair()
+        cache = DynamicCache(config=hc)
+        outs = []
+        for a, b in [(0, 12), (12, 21)] + [(t, t + 1) for t in range(21, T)]:
+            pos = torch.arange(a, b)[None]
+            o, _ = hf(x[:, a:b], position_embeddings=rope(x[:, a:b], pos), attention_mask=causal_mask(b - a, b),
+                      cache=cache)
+            outs.append(o)
+        want = torch.cat(outs, dim=1)
+        assert rel_err(want, ref) > 1000 * HF_TOL, "generation rotates earlier keys differently from one pass"
+        got = through_cache(layer, x, cfg, splits=(12, 21))
+        print(f"dynamic NTK through the cache vs transformers' generation: {rel_err(got, want):.2e}")
+        assert_close(got, want, HF_TOL, "dynamic NTK through the cache vs LlamaAttention with DynamicCache")
 
 
 def hf_llama(cfg):
