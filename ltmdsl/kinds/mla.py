@@ -5,7 +5,8 @@ Dr = qk_rope_head_dim, Dqk = Dn + Dr, Dv = v_head_dim, Rkv = kv_lora_rank and Rq
     q      = q_proj(x)  or, with Rq,  q_b_proj(rmsnorm(q_a_proj(x)))          [H, Dqk]: q_nope [H, Dn], q_rot [H, Dr]
     c, kr  = kv_a_proj_with_mqa(x)                                             [Rkv + Dr]; c = rmsnorm(c)
     k_nope, v = kv_b_proj(c)                                                   [H, Dn], [H, Dv]
-    RoPE (decoupled: only q_rot and the one shared kr rotate; DeepSeek's interleaved channel pairs)
+    RoPE (decoupled: only q_rot and the one shared kr rotate; DeepSeek's interleaved channel pairs); with
+    rope_theta none nothing rotates (Kimi-Linear's MLA layers are NoPE: KimiLinearAttention)
     k = [k_nope ; kr] per head; softmax(q.k * scale) v; o_proj: H*Dv -> d
     scale = Dqk^-1/2, times mscale(factor, mscale_all_dim)^2 under a yarn scaling with mscale_all_dim.
 The latent norms have their own eps (`latent_eps`, 1e-6 as DeepSeek's). Biases (`bias`) on q_a_proj,
@@ -56,7 +57,7 @@ class MLAConfig(LayerConfig):
     qk_nope_head_dim: int  # Dn
     qk_rope_head_dim: int  # Dr
     v_head_dim: int  # Dv
-    rope_theta: float
+    rope_theta: float | None  # None: no RoPE (NoPE), as Kimi-Linear
     rope_scaling: RopeScaling | None
     bias: bool
     latent_eps: float
@@ -87,10 +88,14 @@ def build(v: dict[str, Any], ctx: ModelContext) -> MLAConfig:
     if v["qk_rope_head_dim"] % 2:
         raise CheckError(f"qk_rope_head_dim must be even (RoPE rotates channel pairs), got {v['qk_rope_head_dim']}",
                          "qk_rope_head_dim")
+    if v["rope_scaling"] is not None and v["rope_theta"] is None:
+        raise CheckError("rope_scaling rescales RoPE frequencies, but rope_theta = none turns RoPE off; "
+                         "give rope_theta or drop rope_scaling", "rope_scaling")
     return MLAConfig(
         heads=v["heads"], q_lora_rank=v["q_lora_rank"], kv_lora_rank=v["kv_lora_rank"],
         qk_nope_head_dim=v["qk_nope_head_dim"], qk_rope_head_dim=v["qk_rope_head_dim"], v_head_dim=v["v_head_dim"],
-        rope_theta=float(v["rope_theta"]), rope_scaling=v["rope_scaling"], bias=v["bias"],
+        rope_theta=float(v["rope_theta"]) if v["rope_theta"] is not None else None,
+        rope_scaling=v["rope_scaling"], bias=v["bias"],
         latent_eps=float(v["latent_eps"]),
     )
 
@@ -152,7 +157,8 @@ def flops(c: MLAConfig) -> dict[str, Flops]:
 
 def dims(c: MLAConfig) -> str:
     text = f"H={c.heads} q_lora={c.q_lora_rank or 'none'} kv_lora={c.kv_lora_rank} nope={c.qk_nope_head_dim} "
-    text += f"rope={c.qk_rope_head_dim} Dv={c.v_head_dim} latent={c.latent}/token theta={c.rope_theta:g}"
+    text += f"rope={c.qk_rope_head_dim} Dv={c.v_head_dim} latent={c.latent}/token "
+    text += f"theta={c.rope_theta:g}" if c.rope_theta is not None else "nope"
     if c.rope_scaling is not None:
         sc = c.rope_scaling
         text += f" {sc.kind}x{sc.factor:g}" + (f"@{sc.original_context}" if sc.original_context else "")
@@ -171,7 +177,8 @@ KIND = Kind(
         Param("qk_nope_head_dim", "int", 128, min=1, doc="query/key channels per head without RoPE"),
         Param("qk_rope_head_dim", "int", 64, min=2, doc="query/key channels per head with RoPE (one shared key)"),
         Param("v_head_dim", "int", 128, min=1, doc="value channels per head"),
-        Param("rope_theta", "float", 10000.0, min=1e-9, doc="RoPE base"),
+        Param("rope_theta", "float", 10000.0, nullable=True, min=1e-9,
+              doc="RoPE base; none: no RoPE (Kimi-Linear's NoPE MLA)"),
         Param("rope_scaling", "rope_scaling", None, nullable=True,
               doc="llama3(...), linear(...), dynamic(...) or yarn(...) (default: none = plain RoPE)"),
         Param("bias", "bool", False, doc="biases on q_a_proj, kv_a_proj_with_mqa and o_proj"),

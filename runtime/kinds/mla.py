@@ -2,7 +2,8 @@
 
     q = q_proj(x) or q_b_proj(q_a_layernorm(q_a_proj(x)))  [B,T,H,Dn+Dr] -> q_nope [B,T,H,Dn], q_rot [B,T,H,Dr]
     c, kr = kv_a_proj_with_mqa(x) [B,T,Rkv], [B,T,Dr];  c = kv_a_layernorm(c)
-    RoPE on q_rot and the one shared kr (DeepSeek's interleaved pairs; yarn's cos/sin factor included)
+    RoPE on q_rot and the one shared kr (DeepSeek's interleaved pairs; yarn's cos/sin factor included); none
+    with rope_theta none (Kimi-Linear's NoPE MLA, KimiLinearAttention)
     prefill: k_nope, v = kv_b_proj(c) [B,Tk,H,Dn], [B,Tk,H,Dv]; k = [k_nope ; kr]; attention; o_proj
     decode:  absorbed (`ops_mla.mla_decode`) over the cached latent, no keys or values materialised
 
@@ -111,9 +112,10 @@ class MLA(nn.Module):
         q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         c, kr = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         c = self.kv_a_layernorm(c)  # [B, T, Rkv]
-        cos, sin = self._rope(T, pos0, x.dtype, x.device)
-        q_rot = rope_interleaved(q_rot, cos, sin)  # [B, T, H, Dr]
-        kr = rope_interleaved(kr[:, :, None], cos, sin)[:, :, 0]  # [B, T, Dr]
+        if cfg.rope_theta is not None:  # NoPE (Kimi-Linear): the "rope" channels stay as they are
+            cos, sin = self._rope(T, pos0, x.dtype, x.device)
+            q_rot = rope_interleaved(q_rot, cos, sin)  # [B, T, H, Dr]
+            kr = rope_interleaved(kr[:, :, None], cos, sin)[:, :, 0]  # [B, T, Dr]
         return q_nope, q_rot, c, kr
 
     def _up(self):

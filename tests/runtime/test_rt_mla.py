@@ -77,6 +77,38 @@ def test_mla_matches_deepseek_v3_with_latent_cache(cfg, kernels):
         assert_close(cached, got, 1e-12, "mla through the latent cache vs without")
 
 
+@KERNELS
+def test_nope_mla_matches_kimi_linear(kernels):
+    """Kimi-Linear's MLA layers have no RoPE: rope_theta = none against KimiLinearAttention in fp64 (HF_TOL), whole
+    and through the latent cache; a rotated layer with the same weights differs."""
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearAttention, KimiLinearConfig
+
+    cfg = mla(theta=None, q_lora_rank=None)
+    layer = ours(MLA(cfg, D_MODEL, 1e-5, kernels))
+    perturb(layer)
+    hc = KimiLinearConfig(hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                          kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+                          qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, num_hidden_layers=1,
+                          vocab_size=16, layer_types=["full_attention"], mlp_layer_types=["dense"])
+    hc._attn_implementation = "eager"
+    hf = KimiLinearAttention(hc, layer_idx=0).double().eval()
+    hf.load_state_dict(layer.state_dict())
+    assert count(cfg, D_MODEL) == sum(p.numel() for p in hf.parameters())
+    T, B = 30, 2
+    x = hidden(T=T, B=B)
+    with torch.no_grad():
+        ref, _ = hf(x, attention_mask=additive_mask(T, None))
+        got = layer(x)
+        assert_close(got, ref, HF_TOL, "NoPE mla vs KimiLinearAttention")
+        state = LatentCache(torch.zeros(B, T, cfg.kv_lora_rank, dtype=F64), torch.zeros(B, T, cfg.qk_rope_head_dim,
+                                                                                          dtype=F64))
+        parts = [layer(x[:, :11], state, 0)] + [layer.step(x[:, t], state, t)[:, None] for t in range(11, T)]
+        assert_close(torch.cat(parts, dim=1), ref, HF_TOL, "NoPE mla through the latent cache")
+        roped = ours(MLA(mla(q_lora_rank=None), D_MODEL, 1e-5, kernels))
+        roped.load_state_dict(layer.state_dict())
+        assert rel_err(roped(x), ref) > 1000 * HF_TOL
+
+
 def test_absorbed_decode_equals_its_oracle():
     g = torch.Generator().manual_seed(0)
     B, H, Dn, Dr, Dv, Rkv, S = 2, 3, 5, 4, 6, 7, 11

@@ -63,7 +63,8 @@ def _mla(rng: random.Random, d: int) -> str:
     q_lora = rng.choice(["none", "6", "12"])
     return (f"mla(heads = {rng.choice([1, 2, 4])}, q_lora_rank = {q_lora}, kv_lora_rank = {rng.randint(1, 12)}, "
             f"qk_nope_head_dim = {rng.randint(1, 8)}, qk_rope_head_dim = {rng.choice([2, 4, 6])}, "
-            f"v_head_dim = {rng.randint(1, 8)}, bias = {rng.choice(['true', 'false'])})")
+            f"v_head_dim = {rng.randint(1, 8)}, bias = {rng.choice(['true', 'false'])}, "
+            f"rope_theta = {rng.choice(['none', '100'])})")
 
 
 def _mamba(rng: random.Random, d: int) -> str:
