@@ -52,7 +52,8 @@ class AttentionConfig(LayerConfig):
     `softcap` (Gemma-2) maps the scaled scores s to softcap * tanh(s / softcap) before the mask; `qk_l2_norm`
     (Llama-4) divides each q and k head by its root mean square (sqrt(mean(x^2) + eps), no weights, before RoPE,
     which does not change it); `chunk` C (Llama-4's chunked attention) lets query p see keys j <= p with
-    floor(j / C) = floor(p / C), and the cache keeps the last min(T, C) tokens like a window of C.
+    floor(j / C) = floor(p / C), and the cache keeps the last min(T, C) tokens like a window of C;
+    `query_pre_attn_scalar` s (Gemma-2/3) makes the softmax scale s^-1/2 instead of D^-1/2.
     """
 
     heads: int  # H
@@ -72,12 +73,18 @@ class AttentionConfig(LayerConfig):
     softcap: float | None = None  # Gemma-2: scores become softcap * tanh(scores / softcap)
     qk_l2_norm: bool = False  # Llama-4: q and k divided by their root mean square per head, no weights
     chunk: int | None = None  # Llama-4: attention only within aligned chunks of this many tokens
+    query_pre_attn_scalar: float | None = None  # Gemma-2/3: softmax scale s^-1/2 instead of D^-1/2
     kind: str = field(default="attention", init=False)
 
     @property
     def plain_softmax(self) -> bool:
         """True when the scores go straight into a softmax (no sinks, no soft cap): the SDPA kernels apply."""
         return not self.sinks and self.softcap is None
+
+    @property
+    def scale(self) -> float:
+        """The softmax scale: query_pre_attn_scalar^-1/2 when given (Gemma-2/3), else head_dim^-1/2."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def span(self) -> int | None:
@@ -152,6 +159,7 @@ def build(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
         rope_dim=rope_dim, gate=v["gate"], sinks=v["sinks"],
         softcap=float(v["softcap"]) if v["softcap"] is not None else None, qk_l2_norm=v["qk_l2_norm"],
         chunk=v["chunk"],
+        query_pre_attn_scalar=float(v["query_pre_attn_scalar"]) if v["query_pre_attn_scalar"] is not None else None,
     )
 
 
@@ -274,6 +282,7 @@ def dims(c: AttentionConfig) -> str:
     text += " sinks" if c.sinks else ""
     text += f" softcap={c.softcap:g}" if c.softcap is not None else ""
     text += " qk_l2" if c.qk_l2_norm else ""
+    text += f" scale=1/sqrt({c.query_pre_attn_scalar:g})" if c.query_pre_attn_scalar is not None else ""
     return text
 
 
@@ -307,6 +316,8 @@ KIND = Kind(
                                                "(Llama-4)"),
         Param("chunk", "int", None, nullable=True, min=1,
               doc="chunked attention (Llama-4): queries see only the earlier keys of their chunk (default: none)"),
+        Param("query_pre_attn_scalar", "float", None, nullable=True, min=1e-9,
+              doc="softmax scale query_pre_attn_scalar^-1/2 (Gemma-2/3; default: none = head_dim)"),
     ),
     is_ffn=False,
     build=build,

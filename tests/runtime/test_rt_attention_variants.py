@@ -238,16 +238,16 @@ def test_sinks_with_yarn_match_gpt_oss(window, kernels):
 
 @KERNELS
 def test_softcap_matches_gemma2(kernels):
-    """Gemma2Attention (attn_logit_softcapping 2, query_pre_attn_scalar = head_dim, global) in fp64; the cap is
-    small so that it matters."""
+    """Gemma2Attention (attn_logit_softcapping 2, query_pre_attn_scalar 5 against head_dim 8, global) in fp64; the
+    cap is small so that it matters."""
     from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2Config, Gemma2RotaryEmbedding
 
-    cfg = replace(attention(heads=4, kv_heads=2, head_dim=8, rope_theta=100.0), softcap=2.0)
+    cfg = replace(attention(heads=4, kv_heads=2, head_dim=8, rope_theta=100.0), softcap=2.0, query_pre_attn_scalar=5.0)
     layer = ours(Attention(cfg, D_MODEL, EPS, kernels))
     with torch.no_grad():
         layer.q_proj.weight.mul_(20)  # scores well beyond the cap
     hc = Gemma2Config(hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      query_pre_attn_scalar=8, attn_logit_softcapping=2.0, num_hidden_layers=1, vocab_size=16,
+                      query_pre_attn_scalar=5, attn_logit_softcapping=2.0, num_hidden_layers=1, vocab_size=16,
                       layer_types=["full_attention"], max_position_embeddings=64,
                       rope_parameters=rope_parameters(100.0, None))
     hc._attn_implementation = "eager"
@@ -262,6 +262,41 @@ def test_softcap_matches_gemma2(kernels):
     plain.load_state_dict(layer.state_dict())
     with torch.no_grad():
         assert rel_err(plain(x), ref) > 1000 * HF_TOL, "the cap must matter"
+
+
+@pytest.mark.parametrize("layer_type", ["sliding_attention", "full_attention"], ids=["local", "global"])
+@KERNELS
+def test_gemma3_local_and_global_layers_match(layer_type, kernels):
+    """Gemma3Attention in fp64 for both of Gemma-3's layer types, each one attention definition of ours: local
+    (window 8, rope_theta 100) and global (rope_theta 1000, linear 8x); qk-norm (zero-centred there: weight - 1),
+    query_pre_attn_scalar 6 against head_dim 16."""
+    from transformers.models.gemma3.modeling_gemma3 import (
+        Gemma3Attention, Gemma3RotaryEmbedding, Gemma3TextConfig,
+    )
+
+    local = layer_type == "sliding_attention"
+    theta, scaling = (100.0, None) if local else (1000.0, RopeScaling("linear", 8.0))
+    cfg = replace(attention(heads=4, kv_heads=2, head_dim=16, window=8 if local else None, rope_theta=theta,
+                            rope_scaling=scaling, qk_norm=True), query_pre_attn_scalar=6.0)
+    layer = ours(Attention(cfg, D_MODEL, EPS, kernels))
+    perturb(layer)
+    hc = Gemma3TextConfig(hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          query_pre_attn_scalar=6, sliding_window=8, num_hidden_layers=2, vocab_size=16,
+                          rms_norm_eps=EPS, max_position_embeddings=64,
+                          layer_types=["sliding_attention", "full_attention"],
+                          rope_parameters={"sliding_attention": rope_parameters(100.0, None),
+                                           "full_attention": rope_parameters(1000.0, RopeScaling("linear", 8.0))})
+    hc._attn_implementation = "eager"
+    hf = Gemma3Attention(hc, layer_idx=0 if local else 1).double().eval()
+    rope = Gemma3RotaryEmbedding(hc).double()
+    sd = dict(layer.state_dict())
+    sd["q_norm.weight"], sd["k_norm.weight"] = sd["q_norm.weight"] - 1, sd["k_norm.weight"] - 1  # 1 + w there
+    hf.load_state_dict(sd)
+    x = hidden(T=40)
+    with torch.no_grad():
+        pe = rope(x, torch.arange(40)[None], layer_type=layer_type)
+        ref, _ = hf(x, position_embeddings=pe, attention_mask=additive_mask(40, cfg.window))
+    check_layer(layer, x, ref, cfg, f"Gemma-3 {layer_type} vs Gemma3Attention", hf)
 
 
 @KERNELS
