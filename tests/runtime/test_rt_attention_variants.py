@@ -5,8 +5,11 @@ attention sinks with yarn RoPE through GptOssAttention (gpt-oss: biases, truncat
 through Gemma2Attention, the gated output with qk-norm and partial RoPE through Qwen3NextAttention; each also
 through our KV cache (prefill + chunk + one-token decode). The frequencies and attention factors equal
 transformers' rope init functions (modeling_rope_utils) bit for bit in fp32 at DeepSeek-V3's, gpt-oss's and
-Qwen's published settings. The L2 qk-norm and chunked attention (no transformers module runs them as a layer
-alone) are checked against `token_loop`, a float64 per-query loop written here, to 1e-12.
+Qwen's published settings; dynamic NTK also against LlamaAttention generating with a DynamicCache; Gemma-3's
+local and global layers (qk-norm, query_pre_attn_scalar, linear RoPE) against Gemma3Attention. The L2 qk-norm
+and chunked attention (no transformers module runs them as a layer alone) are checked against `token_loop`, a
+float64 per-query loop written here, to 1e-12. A whole model of variants decodes as it prefills (1e-10) and
+allocates the memory model's cache bytes; bf16 (1e-2) and fp16 (5e-3) against fp32; gradcheck for training.
 """
 
 from __future__ import annotations
@@ -447,3 +450,47 @@ def test_model_with_variants_decodes_as_it_prefills_and_counts_its_cache():
     cache = model.new_cache(3, 20, dtype=torch.float32)
     assert cache.breakdown() == cache_bytes(ir, batch=3, context=20, kv_dtype=DTYPES["fp32"],
                                             state_dtype=DTYPES["fp32"])
+
+
+LOW_PRECISION_SPEC = VARIANT_SPEC.replace("stack { chunked ffn sink ffn gated ffn }", """layer lat = mla(heads = 4,
+        q_lora_rank = 12, kv_lora_rank = 10, qk_nope_head_dim = 8, qk_rope_head_dim = 4, v_head_dim = 6,
+        rope_scaling = yarn(factor = 4, original_context = 8, mscale = 1, mscale_all_dim = 1))
+    stack { chunked ffn sink ffn gated ffn lat ffn }""")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
+def test_variants_and_mla_in_low_precision_match_fp32(dtype, tol):
+    """The variant layers and an mla layer in bf16 (1e-2) and fp16 (5e-3) against the fp32 model with the same
+    weights: one forward, and prefill 14 + 10 steps through the caches."""
+    import ltmdsl
+
+    spec = ltmdsl.loads(LOW_PRECISION_SPEC)
+    ids = torch.randint(0, 40, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ltmdsl.build(spec, dtype=torch.float32, seed=0)(ids)
+        model = ltmdsl.build(spec, dtype=dtype, seed=0)
+        full = model(ids)
+        cache = model.new_cache(batch_size=2, max_context=24)
+        parts = [model(ids[:, :14], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(14, 24)]
+    assert full.dtype == dtype
+    assert_close(full.float(), ref, tol, f"{dtype} forward vs fp32")
+    assert_close(torch.cat(parts, dim=1).float(), ref, tol, f"{dtype} decode vs fp32")
+
+
+def test_sinks_softcap_and_mla_gradients_match_finite_differences():
+    """Training goes through the explicit-softmax path and the mla prefill: torch.autograd.gradcheck (fp64) of the
+    output with respect to the input and the sink logits, on tiny layers."""
+    from ltmdsl.runtime.kinds.mla import MLA
+    from test_rt_mla import mla
+
+    cfg = replace(attention(heads=2, kv_heads=1, head_dim=4, rope_theta=100.0), sinks=True, softcap=2.0, chunk=3)
+    layer = ours(Attention(cfg, D_MODEL, EPS, TORCH_KERNELS))
+    x = hidden(T=7, B=1).requires_grad_()
+    sinks = layer.sinks.detach().clone().requires_grad_()
+
+    def f(inp, s):
+        return torch.func.functional_call(layer, {**dict(layer.named_parameters()), "sinks": s}, (inp,))
+
+    assert torch.autograd.gradcheck(f, (x, sinks))
+    lat = ours(MLA(mla(heads=2, q_lora_rank=3, kv_lora_rank=4, nope=2, rope=2, v=3), D_MODEL, 1e-6, TORCH_KERNELS))
+    assert torch.autograd.gradcheck(lambda inp: lat(inp), (x,))
