@@ -270,14 +270,13 @@ def flops(c: AttentionConfig) -> dict[str, Flops]:
 def dims(c: AttentionConfig) -> str:
     text = f"H={c.heads} Hkv={c.kv_heads} D={c.head_dim}"
     text += f" Dv={c.v_head_dim}" if c.v_head_dim != c.head_dim else ""
-    text += f" W={c.window}" if c.window else " global"
+    text += f" W={c.window}" if c.window else f" chunk={c.chunk}" if c.chunk else " global"
     text += f" rope={c.rope_theta:g}" if c.rope_theta else " nope"
     if c.rope_scaling is not None:  # e.g. "llama3x8@8192": frequencies scaled for 8x the 8192-token context
         sc = c.rope_scaling
         text += f" {sc.kind}x{sc.factor:g}" + (f"@{sc.original_context}" if sc.original_context else "")
     if c.rope_dim is not None:  # partial rotary embeddings: only the first rope_dim channels of D rotate
         text += f" rope_dim={c.rope_dim}"
-    text += f" chunk={c.chunk}" if c.chunk else ""
     text += " gate" if c.gate else ""
     text += " sinks" if c.sinks else ""
     text += f" softcap={c.softcap:g}" if c.softcap is not None else ""
