@@ -3,8 +3,8 @@
 Values are Python ints, floats, bools, None, `Word` (a bare identifier that is not a constant, such as
 `swiglu` or `bf16`, whose meaning the parameter decides), `NormValue` (`rmsnorm(eps = 1e-5)`) and
 `RopeScaling` (`llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)`,
-`linear(factor = 8)`, `dynamic(...)`, `yarn(factor = 40, original_context = 4096, ...)`, checked here so that a
-constant holding one is already valid).
+`linear(factor = 8)`, `dynamic(...)`, `yarn(factor = 40, original_context = 4096, ...)`, `longrope(...)` with its
+`factors(...)` lists (tuples of floats), checked here so that a constant holding one is already valid).
 Problems are reported through an `EvalError` carrying the position to point at.
 """
 
@@ -140,6 +140,8 @@ def describe(value: Any) -> str:
         return f"a {value.kind}"
     if isinstance(value, RopeScaling):
         return f"a {value.kind}() rope scaling"
+    if isinstance(value, tuple):
+        return f"a list of {len(value)} factors"
     return type(value).__name__
 
 
@@ -239,6 +241,7 @@ ROPE_SCALINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_context"), ()),
     "linear": (("factor",), ()),
     "dynamic": (("factor", "original_context"), ()),
+    "longrope": (("factor", "original_context", "short_factor", "long_factor"), ("attention_factor",)),
     "yarn": (("factor", "original_context"),
              ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")),
 }
@@ -302,6 +305,20 @@ def _rope_scaling(node: ast.Call, scope: Scope) -> RopeScaling:
         return RopeScaling("linear", factor)
     if name == "dynamic":
         return RopeScaling("dynamic", factor, original_context=context)
+    if name == "longrope":
+        lists = {}
+        for key in ("short_factor", "long_factor"):
+            value, pos = given[key]
+            if not isinstance(value, tuple):
+                raise EvalError(pos, f"longrope() {key} must be factors(...), one positive number per rotated "
+                                f"channel pair, got {describe(value)}")
+            lists[key] = value
+        if len(lists["short_factor"]) != len(lists["long_factor"]):
+            raise EvalError(given["long_factor"][1], f"longrope() long_factor has {len(lists['long_factor'])} "
+                            f"factors but short_factor has {len(lists['short_factor'])}; both need one per rotated "
+                            "channel pair")
+        return RopeScaling("longrope", factor, original_context=context, attention_factor=number("attention_factor"),
+                           short_factor=lists["short_factor"], long_factor=lists["long_factor"])
     if name == "llama3":
         low, high = number("low_freq_factor"), number("high_freq_factor", -math.inf)
         if high <= low:
@@ -323,9 +340,26 @@ def _rope_scaling(node: ast.Call, scope: Scope) -> RopeScaling:
                        attention_factor=number("attention_factor"), truncate=truncate)
 
 
+def _factors(node: ast.Call, scope: Scope) -> tuple[float, ...]:
+    """`factors(1, 1.05, 1.2)`: LongRoPE's per-frequency rescale factors, positive numbers, at least one."""
+    if node.kwargs:
+        raise EvalError(node.kwargs[0].pos, "factors() takes numbers only: factors(1.0, 1.05, ...)")
+    if not node.args:
+        raise EvalError(node.pos, "factors() needs at least one number")
+    out = []
+    for a in node.args:
+        value = evaluate(a, scope)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise EvalError(a.pos, f"factors() takes positive numbers, got {describe(value)}")
+        out.append(float(value))
+    return tuple(out)
+
+
 def _call(node: ast.Call, scope: Scope) -> Any:
     if node.func in ROPE_SCALINGS:
         return _rope_scaling(node, scope)
+    if node.func == "factors":
+        return _factors(node, scope)
     args = [evaluate(a, scope) for a in node.args]
     kwargs = {k.name: (evaluate(k.value, scope), k.pos) for k in node.kwargs}
     if node.func in ("rmsnorm", "layernorm"):
@@ -346,7 +380,7 @@ def _call(node: ast.Call, scope: Scope) -> Any:
     }
     if node.func not in fns:
         raise EvalError(node.pos, f"unknown function '{node.func}'"
-                        f"{did_you_mean(node.func, list(fns) + ['rmsnorm', 'layernorm', *ROPE_SCALINGS])}")
+                        f"{did_you_mean(node.func, list(fns) + ['rmsnorm', 'layernorm', 'factors', *ROPE_SCALINGS])}")
     arity, fn = fns[node.func]
     if kwargs:
         raise EvalError(node.pos, f"{node.func}() takes positional arguments only")

@@ -93,11 +93,15 @@ class RopeScaling:
         given, else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are given (DeepSeek), else
         mscale(factor, 1), where mscale(s, m) = 0.1 * m * ln(s) + 1 for s > 1 and 1 otherwise.
 
-    Only the rotation angles (and for yarn the cos/sin magnitude) change: no parameters, no cache bytes. Fields a
-    kind does not use are None.
+    "longrope" (LongRoPE, Ding et al. 2024; Phi-3): frequency i is divided by short_factor[i] while a call stays
+        within original_context tokens and by long_factor[i] beyond; cos and sin are multiplied by
+        `attention_factor` if given, else sqrt(1 + ln(factor) / ln(original_context)) (1 for factor <= 1).
+
+    Only the rotation angles (and for yarn and longrope the cos/sin magnitude) change: no parameters, no cache
+    bytes. Fields a kind does not use are None.
     """
 
-    kind: str  # "llama3" | "linear" | "dynamic" | "yarn"
+    kind: str  # "llama3" | "linear" | "dynamic" | "yarn" | "longrope"
     factor: float  # >= 1: the context is extended `factor` times
     low_freq_factor: float | None = None  # llama3: > 0
     high_freq_factor: float | None = None  # llama3: > low_freq_factor
@@ -106,8 +110,10 @@ class RopeScaling:
     beta_slow: float | None = None  # yarn: rotations bounding the interpolated band (default 1)
     mscale: float | None = None  # yarn: DeepSeek's mscale
     mscale_all_dim: float | None = None  # yarn: DeepSeek's mscale_all_dim
-    attention_factor: float | None = None  # yarn: explicit cos/sin factor, overriding the mscale formula
+    attention_factor: float | None = None  # yarn, longrope: explicit cos/sin factor, overriding the formula
     truncate: bool | None = None  # yarn: round the correction range to whole dimensions (default true)
+    short_factor: tuple[float, ...] | None = None  # longrope: R/2 divisors of the frequencies within the context
+    long_factor: tuple[float, ...] | None = None  # longrope: R/2 divisors beyond original_context
 
 
 @dataclass(frozen=True)

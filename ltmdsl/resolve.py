@@ -23,7 +23,7 @@ from ltmdsl.units import DTYPE_ALIASES, DTYPES, dtype as lookup_dtype
 MAX_SUBLAYERS = 100_000
 MODEL_SETTINGS = ("vocab", "d_model", "dtype", "norm", "head")
 DEFAULT_NORM = NormConfig("rmsnorm", 1e-5)
-ROPE_SCALING_USAGE = "llama3(...), linear(...), dynamic(...) or yarn(...)"
+ROPE_SCALING_USAGE = "llama3(...), linear(...), dynamic(...), yarn(...) or longrope(...)"
 
 
 @dataclass

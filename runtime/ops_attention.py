@@ -44,7 +44,15 @@ def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torc
     dynamic (`_compute_dynamic_ntk_parameters`, dynamic NTK): with L = max(seq_len, original_context) the base
     becomes theta * (factor * L / original_context - (factor - 1))^(D / (D - 2)); `seq_len` is the length the
     call reaches (its last position + 1), so below the original context nothing changes.
+    longrope (`_compute_longrope_parameters`): 1 / (ext_i * theta^(2i/D)), ext the long factors when the call
+    reaches beyond original_context, the short ones otherwise.
     """
+    if scaling is not None and scaling.kind == "longrope":  # `_compute_longrope_parameters`
+        long = seq_len is not None and seq_len > scaling.original_context
+        ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32,
+                           device=device).to(dtype)  # [D/2]
+        shape = torch.arange(0, D, 2, dtype=torch.int64, device=device).to(dtype) / D  # [D/2]
+        return 1.0 / (ext * theta**shape)  # [D/2]
     if scaling is not None and scaling.kind == "dynamic":
         M = scaling.original_context
         L = torch.tensor(max(seq_len or M, M), dtype=torch.int64, device=device)
@@ -59,7 +67,8 @@ def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torc
     if scaling.kind == "yarn":
         return _yarn_inv_freq(D, theta, scaling, dtype, device)
     if scaling.kind != "llama3":
-        raise ValueError(f"unknown rope scaling kind {scaling.kind!r} (supported: llama3, linear, yarn, dynamic)")
+        raise ValueError(f"unknown rope scaling kind {scaling.kind!r} "
+                         "(supported: llama3, linear, yarn, dynamic, longrope)")
     factor, low, high, ctx = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_context
     low_freq_wavelen = ctx / low  # longer wavelengths: divided by factor
     high_freq_wavelen = ctx / high  # shorter wavelengths: unchanged
@@ -104,12 +113,14 @@ def rope_cos_sin(positions: torch.Tensor, D: int, theta: float, dtype: torch.dty
     """positions [T] (int) -> (cos, sin) each [T, D] in `dtype`; `scaling` rescales the frequencies.
 
     Frequencies are computed in fp32 (fp64 for fp64 inputs) and cast, as LlamaRotaryEmbedding does (see
-    `rope_inv_freq`); cos and sin are multiplied by the scaling's attention factor (1 except for yarn). Dynamic
-    NTK takes the frequencies of the last position given, as transformers' rotary embedding does for a sequence
-    processed left to right (a cached key keeps the rotation of the call that wrote it).
+    `rope_inv_freq`); cos and sin are multiplied by the scaling's attention factor (1 except for yarn and
+    longrope). Dynamic NTK and LongRoPE take the frequencies of the last position given, as transformers' rotary
+    embedding does for a sequence processed left to right (a cached key keeps the rotation of the call that
+    wrote it).
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    seq_len = int(positions.max()) + 1 if scaling is not None and scaling.kind == "dynamic" else None
+    by_length = scaling is not None and scaling.kind in ("dynamic", "longrope")
+    seq_len = int(positions.max()) + 1 if by_length else None
     inv_freq = rope_inv_freq(D, theta, scaling, work, positions.device, seq_len)  # [D/2]
     freqs = positions.to(work)[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]

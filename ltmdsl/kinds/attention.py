@@ -108,13 +108,17 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def rope_attention_factor(s: RopeScaling | None) -> float:
-    """The factor on cos and sin (transformers' attention_factor): 1 except for yarn, where it is the explicit
-    attention_factor, else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are given (and
-    nonzero), else mscale(factor) (`_compute_yarn_parameters`)."""
-    if s is None or s.kind != "yarn":
+    """The factor on cos and sin (transformers' attention_factor), 1 except for two scalings. longrope: the
+    explicit attention_factor, else sqrt(1 + ln(factor) / ln(original_context)) for factor > 1
+    (`_compute_longrope_parameters`). yarn: the explicit attention_factor, else mscale(factor, mscale) /
+    mscale(factor, mscale_all_dim) when both are given (and nonzero), else mscale(factor)
+    (`_compute_yarn_parameters`)."""
+    if s is None or s.kind not in ("yarn", "longrope"):
         return 1.0
     if s.attention_factor is not None:
         return s.attention_factor
+    if s.kind == "longrope":  # `_compute_longrope_parameters`
+        return 1.0 if s.factor <= 1 else math.sqrt(1 + math.log(s.factor) / math.log(s.original_context))
     if s.mscale and s.mscale_all_dim:
         return yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
     return yarn_mscale(s.factor)
@@ -135,6 +139,7 @@ def build(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
         raise CheckError("rope_scaling rescales RoPE frequencies, but rope_theta = none turns RoPE off; "
                          "give rope_theta or drop rope_scaling", "rope_scaling")
     rope_dim = _rope_dim(v["rope_dim"], head_dim, v["rope_theta"])
+    check_longrope(v["rope_scaling"], rope_dim or head_dim)
     if v["rope_theta"] is not None and rope_dim is None and head_dim % 2:
         raise CheckError(f"RoPE rotates channels in pairs, so the rotated head_dim must be even, got {head_dim}; "
                          "use an even head_dim, an even rope_dim < head_dim, or rope_theta = none",
@@ -161,6 +166,13 @@ def build(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
         chunk=v["chunk"],
         query_pre_attn_scalar=float(v["query_pre_attn_scalar"]) if v["query_pre_attn_scalar"] is not None else None,
     )
+
+
+def check_longrope(s: RopeScaling | None, rotated: int) -> None:
+    """LongRoPE gives one factor per rotated channel pair: both lists must have rotated / 2 entries."""
+    if s is not None and s.kind == "longrope" and len(s.short_factor) != rotated // 2:
+        raise CheckError(f"longrope() has {len(s.short_factor)} factors per list, but RoPE rotates {rotated} channels "
+                         f"here, {rotated // 2} pairs: give one factor per pair", "rope_scaling")
 
 
 def _rope_dim(rope_dim: int | None, head_dim: int, rope_theta: float | None) -> int | None:
@@ -298,8 +310,9 @@ KIND = Kind(
         Param("rope_theta", "float", 10000.0, nullable=True, min=1e-9, doc="RoPE base; none disables RoPE"),
         Param("rope_scaling", "rope_scaling", None, nullable=True,
               doc="RoPE frequency scaling: llama3(factor = ..., low_freq_factor = ..., high_freq_factor = ..., "
-                  "original_context = ...), linear(factor = ...), dynamic(factor = ..., original_context = ...) or "
-                  "yarn(factor = ..., original_context = ..., ...) (default: none = plain RoPE)"),
+                  "original_context = ...), linear(factor = ...), dynamic(factor = ..., original_context = ...), "
+                  "yarn(factor = ..., original_context = ..., ...) or longrope(factor = ..., original_context = ..., "
+                  "short_factor = factors(...), long_factor = factors(...)) (default: none = plain RoPE)"),
         Param("rope_dim", "int", nullable=True, min=2,
               doc="channels of each q/k head that RoPE rotates, the first ones; even, at most head_dim "
                   "(default: none = the whole head)"),

@@ -39,7 +39,7 @@ from typing import Any
 import sympy
 
 from ltmdsl.ir import LayerConfig, RopeScaling
-from ltmdsl.kinds.attention import yarn_mscale
+from ltmdsl.kinds.attention import check_longrope, yarn_mscale
 from ltmdsl.kinds.base import CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_inactive
 from ltmdsl.kinds.base import no_context_limit
 from ltmdsl.memory.symbols import B, C, T, per_replica
@@ -91,6 +91,7 @@ def build(v: dict[str, Any], ctx: ModelContext) -> MLAConfig:
     if v["rope_scaling"] is not None and v["rope_theta"] is None:
         raise CheckError("rope_scaling rescales RoPE frequencies, but rope_theta = none turns RoPE off; "
                          "give rope_theta or drop rope_scaling", "rope_scaling")
+    check_longrope(v["rope_scaling"], v["qk_rope_head_dim"])
     return MLAConfig(
         heads=v["heads"], q_lora_rank=v["q_lora_rank"], kv_lora_rank=v["kv_lora_rank"],
         qk_nope_head_dim=v["qk_nope_head_dim"], qk_rope_head_dim=v["qk_rope_head_dim"], v_head_dim=v["v_head_dim"],
@@ -180,7 +181,7 @@ KIND = Kind(
         Param("rope_theta", "float", 10000.0, nullable=True, min=1e-9,
               doc="RoPE base; none: no RoPE (Kimi-Linear's NoPE MLA)"),
         Param("rope_scaling", "rope_scaling", None, nullable=True,
-              doc="llama3(...), linear(...), dynamic(...) or yarn(...) (default: none = plain RoPE)"),
+              doc="llama3(...), linear(...), dynamic(...), yarn(...) or longrope(...) (default: none = plain RoPE)"),
         Param("bias", "bool", False, doc="biases on q_a_proj, kv_a_proj_with_mqa and o_proj"),
         Param("latent_eps", "float", 1e-6, min=1e-30, doc="eps of the latent RMSNorms"),
     ),

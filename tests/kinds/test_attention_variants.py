@@ -28,6 +28,14 @@ def test_yarn_and_linear_parse_to_their_scalings():
     assert dims(layer.mixer).endswith("rope=10000 linearx8")
 
 
+def test_longrope_parses_with_its_factor_lists():
+    _, layer = layer_of("attention(heads = 4, head_dim = 8, rope_scaling = longrope(factor = 32, original_context = 4Ki,"
+                        " short_factor = factors(1, 1, 1.5, 2), long_factor = factors(1, 2, 4, 8)))")
+    assert layer.mixer.rope_scaling == RopeScaling("longrope", 32.0, original_context=4096,
+                                                   short_factor=(1.0, 1.0, 1.5, 2.0), long_factor=(1.0, 2.0, 4.0, 8.0))
+    assert rope_attention_factor(layer.mixer.rope_scaling) == (1 + 3.4657359027997265 / 8.317766166719343) ** 0.5
+
+
 @pytest.mark.parametrize("scaling, factor", [
     (RopeScaling("yarn", 40.0, original_context=4096, mscale=1.0, mscale_all_dim=1.0), 1.0),  # DeepSeek-V3
     (RopeScaling("yarn", 32.0, original_context=4096), 0.1 * 3.4657359027997265 + 1),  # gpt-oss: 1 + 0.1 ln 32

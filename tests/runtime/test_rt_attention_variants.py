@@ -47,6 +47,15 @@ PUBLISHED = [
 ]
 
 DYNAMIC = RopeScaling("dynamic", 2.0, original_context=16)
+#: LongRoPE at toy size (Phi-3's form: head_dim 16, 8 factors per list, 4x of 16 tokens)
+LONGROPE = RopeScaling("longrope", 4.0, original_context=16,
+                       short_factor=(1.0, 1.0, 1.05, 1.1, 1.3, 1.6, 2.0, 2.5),
+                       long_factor=(1.0, 1.2, 1.9, 3.0, 4.5, 6.0, 9.0, 12.0))
+
+
+def hf_max_positions(s: RopeScaling) -> int:
+    """transformers' max_position_embeddings: dynamic reads the original context from it; longrope its factor."""
+    return s.original_context if s.kind == "dynamic" else int(s.factor * s.original_context)
 
 
 def rope_parameters(theta: float, s: RopeScaling | None) -> dict:
@@ -55,6 +64,12 @@ def rope_parameters(theta: float, s: RopeScaling | None) -> dict:
         return dict(rope_type="default", rope_theta=theta)
     out = dict(rope_type=s.kind, rope_theta=theta, factor=s.factor)
     if s.kind == "dynamic":  # transformers reads the original context from max_position_embeddings
+        return out
+    if s.kind == "longrope":
+        out.update(original_max_position_embeddings=s.original_context, short_factor=list(s.short_factor),
+                   long_factor=list(s.long_factor))
+        if s.attention_factor is not None:
+            out["attention_factor"] = s.attention_factor
         return out
     if s.kind == "yarn":
         out["original_max_position_embeddings"] = s.original_context
@@ -83,20 +98,27 @@ def test_rope_frequencies_equal_transformers_init_functions(dim, theta, scaling)
     assert not torch.equal(got, plain), "the scaling must change the frequencies"
 
 
+@pytest.mark.parametrize("scaling", [DYNAMIC, LONGROPE, replace(LONGROPE, attention_factor=1.25)],
+                         ids=["dynamic", "longrope", "longrope-attention-factor"])
 @pytest.mark.parametrize("seq_len", [1, 16, 17, 40, 5000])
-def test_dynamic_ntk_frequencies_equal_transformers(seq_len):
-    """Dynamic NTK's frequencies for a call reaching seq_len tokens, bitwise in fp32, against
-    ROPE_INIT_FUNCTIONS["dynamic"] with seq_len as its rotary embedding passes it (a tensor)."""
+def test_length_dependent_frequencies_equal_transformers(scaling, seq_len):
+    """Dynamic NTK's and LongRoPE's frequencies for a call reaching seq_len tokens, bitwise in fp32, against
+    ROPE_INIT_FUNCTIONS with seq_len as the rotary embedding passes it (a tensor); the attention factors equal."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hc = LlamaConfig(hidden_size=32, num_attention_heads=2, head_dim=16, num_hidden_layers=1, vocab_size=16,
-                     max_position_embeddings=DYNAMIC.original_context, rope_parameters=rope_parameters(100.0, DYNAMIC))
-    want, _ = ROPE_INIT_FUNCTIONS["dynamic"](hc, seq_len=torch.tensor(seq_len))
-    got = rope_inv_freq(16, 100.0, DYNAMIC, torch.float32, seq_len=seq_len)
+                     max_position_embeddings=hf_max_positions(scaling), rope_parameters=rope_parameters(100.0, scaling))
+    want, factor = ROPE_INIT_FUNCTIONS[scaling.kind](hc, seq_len=torch.tensor(seq_len))
+    got = rope_inv_freq(16, 100.0, scaling, torch.float32, seq_len=seq_len)
     assert torch.equal(got, want), f"max diff {(got - want).abs().max().item():.3e}"
+    assert rope_attention_factor(scaling) == factor
     plain = rope_inv_freq(16, 100.0, None, torch.float32)
-    assert torch.equal(got, plain) == (seq_len <= DYNAMIC.original_context)
+    if scaling.kind == "dynamic":
+        assert torch.equal(got, plain) == (seq_len <= scaling.original_context)
+    else:
+        short = rope_inv_freq(16, 100.0, scaling, torch.float32)
+        assert torch.equal(got, short) == (seq_len <= scaling.original_context)
 
 
 def causal_mask(Tq, Tk):
@@ -106,21 +128,23 @@ def causal_mask(Tq, Tk):
     return torch.zeros(Tq, Tk, dtype=F64).masked_fill(~ok, float("-inf"))[None, None]
 
 
+@pytest.mark.parametrize("scaling", [DYNAMIC, LONGROPE], ids=["dynamic", "longrope"])
 @KERNELS
-def test_dynamic_ntk_attention_matches_llama_generation(kernels):
-    """Dynamic NTK (2x over 16 tokens) against LlamaAttention with its DynamicCache and stateful rotary embedding in
-    fp64, HF_TOL: the whole 40 tokens at once, and prefill 12 (within the original context: plain RoPE) + chunk 9
-    (reaching 21: rescaled) + 19 one-token steps (rescaled further at every step), as transformers generates."""
+def test_length_dependent_rope_matches_llama_generation(scaling, kernels):
+    """Dynamic NTK (2x over 16 tokens) and LongRoPE against LlamaAttention with its DynamicCache and stateful
+    rotary embedding in fp64, HF_TOL: the whole 40 tokens at once, and prefill 12 (within the original context:
+    plain / short factors) + chunk 9 (reaching 21: rescaled / long factors) + 19 one-token steps, as transformers
+    generates."""
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaConfig, LlamaRotaryEmbedding
 
-    cfg = attention(heads=4, kv_heads=2, head_dim=16, rope_theta=100.0, rope_scaling=DYNAMIC)
+    cfg = attention(heads=4, kv_heads=2, head_dim=16, rope_theta=100.0, rope_scaling=scaling)
     layer = ours(Attention(cfg, D_MODEL, EPS, kernels))
 
     def hf_pair():
         hc = LlamaConfig(hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         num_hidden_layers=1, vocab_size=16, max_position_embeddings=DYNAMIC.original_context,
-                         rope_parameters=rope_parameters(100.0, DYNAMIC))
+                         num_hidden_layers=1, vocab_size=16, max_position_embeddings=hf_max_positions(scaling),
+                         rope_parameters=rope_parameters(100.0, scaling))
         hc._attn_implementation = "eager"
         hf = LlamaAttention(hc, layer_idx=0).double().eval()
         hf.load_state_dict(layer.state_dict())
@@ -131,7 +155,7 @@ def test_dynamic_ntk_attention_matches_llama_generation(kernels):
     with torch.no_grad():
         hf, rope, _ = hf_pair()
         ref, _ = hf(x, position_embeddings=rope(x, torch.arange(T)[None]), attention_mask=causal_mask(T, T))
-        assert_close(layer(x), ref, HF_TOL, "dynamic NTK vs LlamaAttention, whole sequence")
+        assert_close(layer(x), ref, HF_TOL, f"{scaling.kind} vs LlamaAttention, whole sequence")
         hf, rope, hc = hf_pair()
         cache = DynamicCache(config=hc)
         outs = []
@@ -143,8 +167,8 @@ def test_dynamic_ntk_attention_matches_llama_generation(kernels):
         want = torch.cat(outs, dim=1)
         assert rel_err(want, ref) > 1000 * HF_TOL, "generation rotates earlier keys differently from one pass"
         got = through_cache(layer, x, cfg, splits=(12, 21))
-        print(f"dynamic NTK through the cache vs transformers' generation: {rel_err(got, want):.2e}")
-        assert_close(got, want, HF_TOL, "dynamic NTK through the cache vs LlamaAttention with DynamicCache")
+        print(f"{scaling.kind} through the cache vs transformers' generation: {rel_err(got, want):.2e}")
+        assert_close(got, want, HF_TOL, f"{scaling.kind} through the cache vs LlamaAttention with DynamicCache")
 
 
 def hf_llama(cfg):
