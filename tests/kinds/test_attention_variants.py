@@ -29,8 +29,9 @@ def test_yarn_and_linear_parse_to_their_scalings():
 
 
 def test_longrope_parses_with_its_factor_lists():
-    _, layer = layer_of("attention(heads = 4, head_dim = 8, rope_scaling = longrope(factor = 32, original_context = 4Ki,"
-                        " short_factor = factors(1, 1, 1.5, 2), long_factor = factors(1, 2, 4, 8)))")
+    _, layer = layer_of("attention(heads = 4, head_dim = 8, rope_scaling = longrope(factor = 32, "
+                        "original_context = 4Ki, short_factor = factors(1, 1, 1.5, 2), "
+                        "long_factor = factors(1, 2, 4, 8)))")
     assert layer.mixer.rope_scaling == RopeScaling("longrope", 32.0, original_context=4096,
                                                    short_factor=(1.0, 1.0, 1.5, 2.0), long_factor=(1.0, 2.0, 4.0, 8.0))
     assert rope_attention_factor(layer.mixer.rope_scaling) == (1 + 3.4657359027997265 / 8.317766166719343) ** 0.5
