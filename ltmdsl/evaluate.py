@@ -3,7 +3,8 @@
 Values are Python ints, floats, bools, None, `Word` (a bare identifier that is not a constant, such as
 `swiglu` or `bf16`, whose meaning the parameter decides), `NormValue` (`rmsnorm(eps = 1e-5)`) and
 `RopeScaling` (`llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)`,
-checked here so that a constant holding one is already valid).
+`linear(factor = 8)`, `dynamic(...)`, `yarn(factor = 40, original_context = 4096, ...)`, `longrope(...)` with its
+`factors(...)` lists (tuples of floats), checked here so that a constant holding one is already valid).
 Problems are reported through an `EvalError` carrying the position to point at.
 """
 
@@ -139,6 +140,8 @@ def describe(value: Any) -> str:
         return f"a {value.kind}"
     if isinstance(value, RopeScaling):
         return f"a {value.kind}() rope scaling"
+    if isinstance(value, tuple):
+        return f"a list of {len(value)} factors"
     return type(value).__name__
 
 
@@ -233,58 +236,130 @@ class Scope:
         return Word(name, pos)
 
 
+#: The RoPE scalings a spec can call, each with its required and optional keyword parameters (see `RopeScaling`).
+ROPE_SCALINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_context"), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor", "original_context"), ()),
+    "longrope": (("factor", "original_context", "short_factor", "long_factor"), ("attention_factor",)),
+    "yarn": (("factor", "original_context"),
+             ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")),
+}
 #: The keyword parameters of `llama3(...)`, all required, in the order they are documented.
-LLAMA3_PARAMS = ("factor", "low_freq_factor", "high_freq_factor", "original_context")
+LLAMA3_PARAMS = ROPE_SCALINGS["llama3"][0]
 
 
-def _llama3(node: ast.Call, scope: Scope) -> RopeScaling:
-    """`llama3(factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_context = 8192)`.
+def rope_scaling_usage(name: str) -> str:
+    """`yarn(factor = ..., original_context = ..., [beta_fast = ...], ...)`: the call with its keywords."""
+    required, optional = ROPE_SCALINGS[name]
+    return f"{name}({', '.join([f'{n} = ...' for n in required] + [f'[{n} = ...]' for n in optional])})"
 
-    Llama 3.1's RoPE frequency scaling (see `RopeScaling`). All four keywords are required and checked:
-    factor >= 1 (1 leaves every frequency unchanged), 0 < low_freq_factor < high_freq_factor (the wavelength
-    thresholds original_context / low_freq_factor and original_context / high_freq_factor must be ordered, or
-    the interpolation divides by zero), original_context a whole number of tokens >= 1. Errors point at the
-    offending keyword or value.
+
+def _rope_scaling(node: ast.Call, scope: Scope) -> RopeScaling:
+    """`llama3(...)`, `linear(factor = 8)`, `dynamic(factor = 2, original_context = 4096)` or `yarn(...)`.
+
+    The RoPE frequency scalings of `RopeScaling`. Keywords only; the required ones must all be given and each is
+    checked, errors pointing at the offending keyword or value: factor >= 1 (1 leaves every frequency unchanged);
+    llama3: 0 < low_freq_factor < high_freq_factor (the wavelength thresholds original_context / low_freq_factor
+    and original_context / high_freq_factor must be ordered, or the interpolation divides by zero); yarn:
+    beta_fast > beta_slow > 0 (the extrapolated band must lie above the interpolated one), mscale and
+    mscale_all_dim > 0, attention_factor > 0, truncate true or false; original_context a whole number >= 1.
     """
-    usage = f"llama3({', '.join(f'{n} = ...' for n in LLAMA3_PARAMS)})"
+    name = node.func
+    required, optional = ROPE_SCALINGS[name]
+    known = required + optional
+    usage = rope_scaling_usage(name)
     if node.args:
-        raise EvalError(node.args[0].pos, f"llama3() takes keyword arguments only: {usage}")
+        raise EvalError(node.args[0].pos, f"{name}() takes keyword arguments only: {usage}")
     given: dict[str, tuple[Any, SourcePos]] = {}
     for k in node.kwargs:
-        if k.name not in LLAMA3_PARAMS:
-            raise EvalError(k.pos, f"unknown parameter '{k.name}' of llama3(){did_you_mean(k.name, LLAMA3_PARAMS)}"
-                            f" (parameters: {', '.join(LLAMA3_PARAMS)})")
+        if k.name not in known:
+            raise EvalError(k.pos, f"unknown parameter '{k.name}' of {name}(){did_you_mean(k.name, known)}"
+                            f" (parameters: {', '.join(known)})")
         if k.name in given:
-            raise EvalError(k.pos, f"parameter '{k.name}' of llama3() given twice")
+            raise EvalError(k.pos, f"parameter '{k.name}' of {name}() given twice")
         given[k.name] = (evaluate(k.value, scope), k.value.pos)
-    missing = [n for n in LLAMA3_PARAMS if n not in given]
+    missing = [n for n in required if n not in given]
     if missing:
-        raise EvalError(node.pos, f"llama3() is missing {', '.join(missing)} (it needs all four: {usage})")
+        needs = "all four" if name == "llama3" else ", ".join(required)
+        raise EvalError(node.pos, f"{name}() is missing {', '.join(missing)} (it needs {needs}: {usage})")
 
-    def number(name: str) -> int | float:
-        value, pos = given[name]
+    def number(key: str, low: float = 0.0, strict: bool = True) -> float | None:
+        if key not in given:
+            return None
+        value, pos = given[key]
         if isinstance(value, Word):
             raise EvalError(value.pos, f"unknown name '{value.name}'{did_you_mean(value.name, scope.names())}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EvalError(pos, f"llama3() {name} must be a number, got {describe(value)}")
-        return value
+            raise EvalError(pos, f"{name}() {key} must be a number, got {describe(value)}")
+        if (value <= low) if strict else (value < low):
+            raise EvalError(pos, f"{name}() {key} must be {'positive' if low == 0 else f'at least {low:g}'}, "
+                            f"got {value:g}")
+        return float(value)
 
-    factor, low, high = number("factor"), number("low_freq_factor"), number("high_freq_factor")
-    if factor < 1:
-        raise EvalError(given["factor"][1], f"llama3() factor must be at least 1, got {factor:g}")
-    if low <= 0:
-        raise EvalError(given["low_freq_factor"][1], f"llama3() low_freq_factor must be positive, got {low:g}")
-    if high <= low:
-        raise EvalError(given["high_freq_factor"][1], f"llama3() high_freq_factor ({high:g}) must be greater than "
-                        f"low_freq_factor ({low:g})")
-    context, cpos = given["original_context"]
-    context = as_int(context, cpos, "llama3() original_context", 1)
-    return RopeScaling("llama3", float(factor), float(low), float(high), context)
+    factor = number("factor", 1.0, strict=False)
+    context = None
+    if "original_context" in given:
+        context = as_int(given["original_context"][0], given["original_context"][1], f"{name}() original_context", 1)
+    if name == "linear":
+        return RopeScaling("linear", factor)
+    if name == "dynamic":
+        return RopeScaling("dynamic", factor, original_context=context)
+    if name == "longrope":
+        lists = {}
+        for key in ("short_factor", "long_factor"):
+            value, pos = given[key]
+            if not isinstance(value, tuple):
+                raise EvalError(pos, f"longrope() {key} must be factors(...), one positive number per rotated "
+                                f"channel pair, got {describe(value)}")
+            lists[key] = value
+        if len(lists["short_factor"]) != len(lists["long_factor"]):
+            raise EvalError(given["long_factor"][1], f"longrope() long_factor has {len(lists['long_factor'])} "
+                            f"factors but short_factor has {len(lists['short_factor'])}; both need one per rotated "
+                            "channel pair")
+        return RopeScaling("longrope", factor, original_context=context, attention_factor=number("attention_factor"),
+                           short_factor=lists["short_factor"], long_factor=lists["long_factor"])
+    if name == "llama3":
+        low, high = number("low_freq_factor"), number("high_freq_factor", -math.inf)
+        if high <= low:
+            raise EvalError(given["high_freq_factor"][1], f"llama3() high_freq_factor ({high:g}) must be greater "
+                            f"than low_freq_factor ({low:g})")
+        return RopeScaling("llama3", factor, low, high, context)
+    fast, slow = number("beta_fast"), number("beta_slow")
+    if (fast if fast is not None else 32.0) <= (slow if slow is not None else 1.0):
+        key = "beta_fast" if fast is not None else "beta_slow"
+        raise EvalError(given[key][1], f"yarn() beta_fast ({fast if fast is not None else 32:g}) must be greater "
+                        f"than beta_slow ({slow if slow is not None else 1:g})")
+    truncate = None
+    if "truncate" in given:
+        truncate, tpos = given["truncate"]
+        if not isinstance(truncate, bool):
+            raise EvalError(tpos, f"yarn() truncate must be true or false, got {describe(truncate)}")
+    return RopeScaling("yarn", factor, original_context=context, beta_fast=fast, beta_slow=slow,
+                       mscale=number("mscale"), mscale_all_dim=number("mscale_all_dim"),
+                       attention_factor=number("attention_factor"), truncate=truncate)
+
+
+def _factors(node: ast.Call, scope: Scope) -> tuple[float, ...]:
+    """`factors(1, 1.05, 1.2)`: LongRoPE's per-frequency rescale factors, positive numbers, at least one."""
+    if node.kwargs:
+        raise EvalError(node.kwargs[0].pos, "factors() takes numbers only: factors(1.0, 1.05, ...)")
+    if not node.args:
+        raise EvalError(node.pos, "factors() needs at least one number")
+    out = []
+    for a in node.args:
+        value = evaluate(a, scope)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise EvalError(a.pos, f"factors() takes positive numbers, got {describe(value)}")
+        out.append(float(value))
+    return tuple(out)
 
 
 def _call(node: ast.Call, scope: Scope) -> Any:
-    if node.func == "llama3":
-        return _llama3(node, scope)
+    if node.func in ROPE_SCALINGS:
+        return _rope_scaling(node, scope)
+    if node.func == "factors":
+        return _factors(node, scope)
     args = [evaluate(a, scope) for a in node.args]
     kwargs = {k.name: (evaluate(k.value, scope), k.pos) for k in node.kwargs}
     if node.func in ("rmsnorm", "layernorm"):
@@ -305,7 +380,7 @@ def _call(node: ast.Call, scope: Scope) -> Any:
     }
     if node.func not in fns:
         raise EvalError(node.pos, f"unknown function '{node.func}'"
-                        f"{did_you_mean(node.func, list(fns) + ['rmsnorm', 'layernorm', 'llama3'])}")
+                        f"{did_you_mean(node.func, list(fns) + ['rmsnorm', 'layernorm', 'factors', *ROPE_SCALINGS])}")
     arity, fn = fns[node.func]
     if kwargs:
         raise EvalError(node.pos, f"{node.func}() takes positional arguments only")

@@ -75,18 +75,45 @@ class LayerConfig:
 class RopeScaling:
     """RoPE frequency scaling for contexts longer than the one a model was pre-trained on.
 
-    kind "llama3" (Llama 3.1, transformers' `rope_type: llama3`): with inv_freq = 1 / theta^(2i/D) and
-    wavelength 2*pi / inv_freq, frequencies whose wavelength is shorter than original_context /
-    high_freq_factor are kept, those longer than original_context / low_freq_factor are divided by `factor`,
-    and those in between are interpolated smoothly. cos and sin are not rescaled (transformers' attention
-    factor is 1 for llama3). Only the rotation angles change: no parameters, no cache bytes.
+    With the plain frequencies inv_freq_i = 1 / theta^(2i/R) (R the rotated channels) and wavelengths
+    2*pi / inv_freq_i, `kind` says how they change (transformers' `rope_type`, modeling_rope_utils):
+
+    "llama3" (Llama 3.1): wavelengths shorter than original_context / high_freq_factor keep their frequency,
+        those longer than original_context / low_freq_factor have it divided by `factor`, and those in between
+        are interpolated smoothly. cos and sin are not rescaled.
+    "linear" (position interpolation, Chen et al. 2023; Gemma-3's global layers): every frequency is divided by
+        `factor`. cos and sin are not rescaled.
+    "dynamic" (dynamic NTK scaling, transformers' `rope_type: dynamic`): when a call reaches L > original_context
+        tokens the base becomes theta * (factor * L / original_context - (factor - 1))^(R / (R - 2)); below the
+        original context RoPE is plain. cos and sin are not rescaled.
+    "yarn" (YaRN, Peng et al. 2023; DeepSeek-V2/V3, gpt-oss, Qwen): with the correction range [lo, hi] of the
+        dimensions that turn beta_fast and beta_slow times over original_context tokens (floored / ceiled when
+        `truncate`), frequency i is extrapolated (kept) below lo, interpolated (divided by `factor`) above hi and
+        blended linearly in between; cos and sin are multiplied by the attention factor: `attention_factor` if
+        given, else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are given (DeepSeek), else
+        mscale(factor, 1), where mscale(s, m) = 0.1 * m * ln(s) + 1 for s > 1 and 1 otherwise.
+
+    "longrope" (LongRoPE, Ding et al. 2024; Phi-3): frequency i is divided by short_factor[i] while a call stays
+        within original_context tokens and by long_factor[i] beyond; cos and sin are multiplied by
+        `attention_factor` if given, else sqrt(1 + ln(factor) / ln(original_context)) (1 for factor <= 1).
+
+    Only the rotation angles (and for yarn and longrope the cos/sin magnitude) change: no parameters, no cache
+    bytes. Fields a kind does not use are None.
     """
 
-    kind: str  # "llama3"
-    factor: float  # >= 1
-    low_freq_factor: float  # > 0
-    high_freq_factor: float  # > low_freq_factor
-    original_context: int  # the pre-training context (transformers' original_max_position_embeddings)
+    kind: str  # "llama3" | "linear" | "dynamic" | "yarn" | "longrope"
+    factor: float  # >= 1: the context is extended `factor` times
+    low_freq_factor: float | None = None  # llama3: > 0
+    high_freq_factor: float | None = None  # llama3: > low_freq_factor
+    original_context: int | None = None  # llama3, dynamic, yarn: the pre-training context
+    beta_fast: float | None = None  # yarn: rotations bounding the extrapolated band (transformers' default 32)
+    beta_slow: float | None = None  # yarn: rotations bounding the interpolated band (default 1)
+    mscale: float | None = None  # yarn: DeepSeek's mscale
+    mscale_all_dim: float | None = None  # yarn: DeepSeek's mscale_all_dim
+    attention_factor: float | None = None  # yarn, longrope: explicit cos/sin factor, overriding the formula
+    truncate: bool | None = None  # yarn: round the correction range to whole dimensions (default true)
+    short_factor: tuple[float, ...] | None = None  # longrope: R/2 divisors of the frequencies within the context
+    long_factor: tuple[float, ...] | None = None  # longrope: R/2 divisors beyond original_context
 
 
 @dataclass(frozen=True)
@@ -295,6 +322,8 @@ def _jsonable(obj: Any) -> Any:
             out["params_active"] = obj.params_active
         if isinstance(obj, SubLayer):
             out["kind"] = obj.kind
+        if isinstance(obj, RopeScaling):  # only the fields its kind uses (the others are None)
+            out = {k: v for k, v in out.items() if v is not None}
         return out
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]

@@ -13,7 +13,9 @@ from typing import Any
 
 from ltmdsl import ast
 from ltmdsl.errors import Reporter
-from ltmdsl.evaluate import EvalError, NormValue, Scope, Word, as_int, describe, did_you_mean, evaluate
+from ltmdsl.evaluate import (
+    ROPE_SCALINGS, EvalError, NormValue, Scope, Word, as_int, describe, did_you_mean, evaluate, rope_scaling_usage,
+)
 from ltmdsl.ir import Dtype, ModelIR, NormConfig, RopeScaling, SourcePos, SubLayer
 from ltmdsl.kinds import NORM_PARAM, REGISTRY, CheckError, Kind, ModelContext, Param
 from ltmdsl.units import DTYPE_ALIASES, DTYPES, dtype as lookup_dtype
@@ -21,7 +23,7 @@ from ltmdsl.units import DTYPE_ALIASES, DTYPES, dtype as lookup_dtype
 MAX_SUBLAYERS = 100_000
 MODEL_SETTINGS = ("vocab", "d_model", "dtype", "norm", "head")
 DEFAULT_NORM = NormConfig("rmsnorm", 1e-5)
-ROPE_SCALING_USAGE = "llama3(factor = ..., low_freq_factor = ..., high_freq_factor = ..., original_context = ...)"
+ROPE_SCALING_USAGE = "llama3(...), linear(...), dynamic(...), yarn(...) or longrope(...)"
 
 
 @dataclass
@@ -45,8 +47,8 @@ def coerce(value: Any, p: Param, pos: SourcePos, scope: Scope, owner: str) -> An
         if p.nullable:
             return None
         raise EvalError(pos, f"{what} cannot be none")
-    if p.type == "rope_scaling" and isinstance(value, Word) and value.name == "llama3":
-        raise EvalError(value.pos, f"{what}: llama3 needs its parameters: {ROPE_SCALING_USAGE}")
+    if p.type == "rope_scaling" and isinstance(value, Word) and value.name in ROPE_SCALINGS:
+        raise EvalError(value.pos, f"{what}: {value.name} needs its parameters: {rope_scaling_usage(value.name)}")
     if isinstance(value, Word) and p.type != "enum":
         raise EvalError(value.pos, f"unknown name '{value.name}'{did_you_mean(value.name, scope.names())}")
     if p.type == "int":
@@ -73,7 +75,7 @@ def coerce(value: Any, p: Param, pos: SourcePos, scope: Scope, owner: str) -> An
         if not isinstance(value, NormValue):
             raise EvalError(pos, f"{what} must be rmsnorm(eps = ...) or layernorm(eps = ...), got {describe(value)}")
         return NormConfig(value.kind, value.eps)
-    if p.type == "rope_scaling":  # the call was already checked when it was evaluated (evaluate._llama3)
+    if p.type == "rope_scaling":  # the call was already checked when it was evaluated (evaluate._rope_scaling)
         if not isinstance(value, RopeScaling):
             raise EvalError(pos, f"{what} must be {ROPE_SCALING_USAGE} or none, got {describe(value)}")
         return value

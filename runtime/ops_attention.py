@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ltmdsl.ir import RopeScaling
+from ltmdsl.kinds.attention import rope_attention_factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,22 +27,48 @@ from ltmdsl.ir import RopeScaling
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torch.dtype, device=None) -> torch.Tensor:
+def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torch.dtype, device=None,
+                  seq_len: int | None = None) -> torch.Tensor:
     """The D/2 rotation frequencies [D/2] in `dtype`: 1/theta^(2i/D), then `scaling` if given.
 
-    llama3 (Llama 3.1) follows transformers' `_compute_llama3_parameters` operation for operation, so in fp32
-    the frequencies are bitwise those of LlamaRotaryEmbedding: with wavelength 2*pi / inv_freq, frequencies
-    whose wavelength exceeds original_context / low_freq_factor are divided by `factor`, those below
-    original_context / high_freq_factor are kept, and in between
+    Each scaling follows transformers' modeling_rope_utils operation for operation, so in fp32 the frequencies
+    are bitwise those of its rotary embeddings (see `RopeScaling` for the formulas):
+    llama3 (`_compute_llama3_parameters`), with wavelength 2*pi / inv_freq: frequencies whose wavelength exceeds
+    original_context / low_freq_factor are divided by `factor`, those below original_context / high_freq_factor
+    are kept, and in between
         smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    linear (`_compute_linear_scaling_rope_parameters`): inv_freq / factor.
+    yarn (`_compute_yarn_parameters`): a linear ramp over the correction range blends extrapolation
+    (inv_freq) and interpolation (inv_freq / factor); its cos/sin factor is `rope_attention_factor`.
+    dynamic (`_compute_dynamic_ntk_parameters`, dynamic NTK): with L = max(seq_len, original_context) the base
+    becomes theta * (factor * L / original_context - (factor - 1))^(D / (D - 2)); `seq_len` is the length the
+    call reaches (its last position + 1), so below the original context nothing changes.
+    longrope (`_compute_longrope_parameters`): 1 / (ext_i * theta^(2i/D)), ext the long factors when the call
+    reaches beyond original_context, the short ones otherwise.
     """
+    if scaling is not None and scaling.kind == "longrope":  # `_compute_longrope_parameters`
+        long = seq_len is not None and seq_len > scaling.original_context
+        ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32,
+                           device=device).to(dtype)  # [D/2]
+        shape = torch.arange(0, D, 2, dtype=torch.int64, device=device).to(dtype) / D  # [D/2]
+        return 1.0 / (ext * theta**shape)  # [D/2]
+    if scaling is not None and scaling.kind == "dynamic":
+        M = scaling.original_context
+        L = torch.tensor(max(seq_len or M, M), dtype=torch.int64, device=device)
+        theta = theta * ((scaling.factor * L / M).to(dtype) - (scaling.factor - 1)) ** (D / (D - 2))  # 0-d tensor
+        scaling = None
     i = torch.arange(0, D, 2, dtype=torch.int64, device=device).to(dtype)  # [D/2]
     inv_freq = 1.0 / (theta ** (i / D))  # [D/2]
     if scaling is None:
         return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "yarn":
+        return _yarn_inv_freq(D, theta, scaling, dtype, device)
     if scaling.kind != "llama3":
-        raise ValueError(f"unknown rope scaling kind {scaling.kind!r} (supported: llama3)")
+        raise ValueError(f"unknown rope scaling kind {scaling.kind!r} "
+                         "(supported: llama3, linear, yarn, dynamic, longrope)")
     factor, low, high, ctx = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_context
     low_freq_wavelen = ctx / low  # longer wavelengths: divided by factor
     high_freq_wavelen = ctx / high  # shorter wavelengths: unchanged
@@ -53,18 +80,52 @@ def rope_inv_freq(D: int, theta: float, scaling: RopeScaling | None, dtype: torc
     return torch.where(medium, smoothed, scaled)  # [D/2]
 
 
+def _yarn_inv_freq(D: int, theta: float, s: RopeScaling, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """YaRN's frequencies [D/2] (Peng et al. 2023, as transformers' `_compute_yarn_parameters`).
+
+    The dimension that turns r times over the original context L is d(r) = D * ln(L / (2*pi*r)) / (2 ln theta);
+    lo = d(beta_fast), hi = d(beta_slow) (floored / ceiled when truncating), clamped to [0, D - 1]; the ramp
+    (i - lo) / (hi - lo) clamped to [0, 1] takes frequency i from extrapolated (kept) to interpolated (/ factor).
+    """
+    fast = 32.0 if s.beta_fast is None else s.beta_fast
+    slow = 1.0 if s.beta_slow is None else s.beta_slow
+    L = s.original_context
+
+    def correction_dim(rotations: float) -> float:
+        return (D * math.log(L / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    lo, hi = correction_dim(fast), correction_dim(slow)
+    if s.truncate is None or s.truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, D - 1)
+    if lo == hi:
+        hi += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = theta ** (torch.arange(0, D, 2, device=device).to(dtype) / D)  # [D/2]
+    extrapolation = 1.0 / pos_freqs  # [D/2]
+    interpolation = 1.0 / (s.factor * pos_freqs)  # [D/2]
+    ramp = torch.clamp((torch.arange(D // 2, dtype=torch.float32, device=device) - lo) / (hi - lo), 0, 1)  # [D/2]
+    keep = (1 - ramp).to(dtype)  # [D/2], 1 where frequencies are extrapolated
+    return interpolation * (1 - keep) + extrapolation * keep  # [D/2]
+
+
 def rope_cos_sin(positions: torch.Tensor, D: int, theta: float, dtype: torch.dtype,
                  scaling: RopeScaling | None = None):
     """positions [T] (int) -> (cos, sin) each [T, D] in `dtype`; `scaling` rescales the frequencies.
 
-    Frequencies are computed in fp32 (fp64 for fp64 inputs) and cast, as LlamaRotaryEmbedding does
-    (see `rope_inv_freq`; llama3 scaling keeps the attention factor at 1, so cos and sin are not rescaled).
+    Frequencies are computed in fp32 (fp64 for fp64 inputs) and cast, as LlamaRotaryEmbedding does (see
+    `rope_inv_freq`); cos and sin are multiplied by the scaling's attention factor (1 except for yarn and
+    longrope). Dynamic NTK and LongRoPE take the frequencies of the last position given, as transformers' rotary
+    embedding does for a sequence processed left to right (a cached key keeps the rotation of the call that
+    wrote it).
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = rope_inv_freq(D, theta, scaling, work, positions.device)  # [D/2]
+    by_length = scaling is not None and scaling.kind in ("dynamic", "longrope")
+    seq_len = int(positions.max()) + 1 if by_length else None
+    inv_freq = rope_inv_freq(D, theta, scaling, work, positions.device, seq_len)  # [D/2]
     freqs = positions.to(work)[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    factor = rope_attention_factor(scaling)
+    return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -93,12 +154,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 
 
-def visibility_mask(Tq: int, Tk: int, *, causal: bool, window: int | None, device) -> torch.Tensor | None:
+def visibility_mask(Tq: int, Tk: int, *, causal: bool, window: int | None, device,
+                    chunk: int | None = None) -> torch.Tensor | None:
     """Boolean [Tq, Tk] mask, True where query i may see key j; None when every key is visible.
 
-    Query i sits at key position p = Tk - Tq + i; causal keeps j <= p, a window W keeps j > p - W.
+    Query i sits at key position p = Tk - Tq + i; causal keeps j <= p, a window W keeps j > p - W, chunks of
+    C keep floor(j / C) = floor(p / C) (key 0 must start a chunk).
     """
-    if not causal and window is None:
+    if not causal and window is None and chunk is None:
         return None
     p = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # [Tq, 1]
     j = torch.arange(Tk, device=device)[None, :]  # [1, Tk]
@@ -107,6 +170,8 @@ def visibility_mask(Tq: int, Tk: int, *, causal: bool, window: int | None, devic
         mask &= j <= p
     if window is not None:
         mask &= j > p - window
+    if chunk is not None:
+        mask &= j // chunk == p // chunk
     return mask
 
 
@@ -178,3 +243,68 @@ def attention_decode(
     p = torch.softmax(s.float() if s.dtype != torch.float64 else s, dim=-1).to(v.dtype)
     o = torch.einsum("bhgs,bshd->bhgd", p, v)  # [B, Hkv, G, Dv]
     return o.reshape(B, H, v.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants the SDPA kernels cannot express: attention sinks (gpt-oss), logit soft caps (Gemma-2), chunks
+# (Llama-4). Explicit scores, in fp32 (fp64 for fp64 inputs).
+# ---------------------------------------------------------------------------------------------
+
+
+def _softmax_with_variants(s: torch.Tensor, mask: torch.Tensor | None, softcap: float | None,
+                           sinks: torch.Tensor | None) -> torch.Tensor:
+    """scores s [B, H, Tq, Tk] (scaled) -> probabilities [B, H, Tq, Tk] in s's dtype.
+
+    softcap: s -> softcap * tanh(s / softcap), before the mask (Gemma2Attention). sinks [H]: one more logit per
+    head in every row's denominator, whose probability is dropped (GptOssAttention):
+        p_j = exp(s_j) / (exp(sink_h) + sum_k exp(s_k))
+    """
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        return torch.softmax(s, dim=-1)
+    sink = sinks.to(s.dtype)[None, :, None, None].expand(*s.shape[:3], 1)  # [B, H, Tq, 1]
+    both = torch.cat([s, sink], dim=-1)  # [B, H, Tq, Tk + 1]
+    both = both - both.amax(dim=-1, keepdim=True)
+    return torch.softmax(both, dim=-1)[..., :-1]  # [B, H, Tq, Tk]
+
+
+def attention_variant(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None, chunk: int | None,
+    scale: float, softcap: float | None, sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention with sinks, a soft cap or chunks: q [B,Tq,H,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv] -> [B,Tq,H,Dv].
+
+    Queries end where the keys end (as `attention`); with chunks, key 0 must start a chunk. Explicit scores per
+    query block of 256, so memory is O(256 * Tk) per head. The oracle is the float64 token loop of the tests
+    (tests/runtime/test_rt_attention_variants.py) and transformers' GptOssAttention / Gemma2Attention.
+    """
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kr = k.repeat_interleave(H // Hkv, dim=2).to(work)  # [B, Tk, H, D]
+    vr = v.repeat_interleave(H // Hkv, dim=2).to(work)  # [B, Tk, H, Dv]
+    full = visibility_mask(Tq, Tk, causal=causal, window=window, chunk=chunk, device=q.device)  # [Tq, Tk] | None
+    outs = []
+    for q0 in range(0, Tq, 256):
+        q1 = min(q0 + 256, Tq)
+        s = torch.einsum("bqhd,bkhd->bhqk", q[:, q0:q1].to(work), kr) * scale  # [B, H, q1-q0, Tk]
+        p = _softmax_with_variants(s, None if full is None else full[q0:q1], softcap, sinks)
+        outs.append(torch.einsum("bhqk,bkhd->bqhd", p, vr))  # [B, q1-q0, H, Dv]
+    return torch.cat(outs, dim=1).to(q.dtype)  # [B, Tq, H, Dv]
+
+
+def attention_variant_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, n_valid: int, scale: float,
+    softcap: float | None, sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """`attention_decode` with a soft cap and sinks: q [B,H,D] over slots [0, n_valid) -> [B,H,Dv].
+
+    Slots may be in any order (a ring); the cache's size enforces a window, and for chunks the first n_valid
+    slots are the current chunk. Oracle: `attention_variant` with Tq = 1 over the same keys in time order.
+    """
+    o = attention_variant(q[:, None], k_cache[:, :n_valid], v_cache[:, :n_valid], causal=False, window=None,
+                          chunk=None, scale=scale, softcap=softcap, sinks=sinks)  # [B, 1, H, Dv]
+    return o[:, 0]  # [B, H, Dv]

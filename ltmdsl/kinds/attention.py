@@ -19,6 +19,7 @@ positions i = 1..T of 2*H*(D + Dv)*min(i, W).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,15 @@ class AttentionConfig(LayerConfig):
     frequencies 1/theta^(2i/rope_dim), and passes the rest through (transformers' partial_rotary_factor =
     rope_dim / D, as in Bamba and GPT-NeoX); None rotates the whole head (a spec's rope_dim = head_dim
     resolves to None, so equal models compare equal).
+
+    Variants (docs/LANGUAGE.md): `gate` (Qwen3-Next) widens q_proj to H*2D, each head's D query channels followed
+    by its D gate channels, and multiplies the attention output by sigmoid(gate) before o_proj (needs Dv = D);
+    `sinks` (gpt-oss) adds one learned logit per head to every softmax denominator (H parameters, `sinks`);
+    `softcap` (Gemma-2) maps the scaled scores s to softcap * tanh(s / softcap) before the mask; `qk_l2_norm`
+    (Llama-4) divides each q and k head by its root mean square (sqrt(mean(x^2) + eps), no weights, before RoPE,
+    which does not change it); `chunk` C (Llama-4's chunked attention) lets query p see keys j <= p with
+    floor(j / C) = floor(p / C), and the cache keeps the last min(T, C) tokens like a window of C;
+    `query_pre_attn_scalar` s (Gemma-2/3) makes the softmax scale s^-1/2 instead of D^-1/2.
     """
 
     heads: int  # H
@@ -58,7 +68,28 @@ class AttentionConfig(LayerConfig):
     qk_norm: bool  # per-head RMSNorm on q and k (Qwen3); eps is the sub-layer norm's eps
     rope_scaling: RopeScaling | None = None  # last and defaulted, so positional constructors keep working
     rope_dim: int | None = None  # R: rotated channels per q/k head; None = all D (defaulted for the same reason)
+    gate: bool = False  # Qwen3-Next: q_proj also emits a per-channel gate, output * sigmoid(gate)
+    sinks: bool = False  # gpt-oss: a learned logit per head in every softmax denominator
+    softcap: float | None = None  # Gemma-2: scores become softcap * tanh(scores / softcap)
+    qk_l2_norm: bool = False  # Llama-4: q and k divided by their root mean square per head, no weights
+    chunk: int | None = None  # Llama-4: attention only within aligned chunks of this many tokens
+    query_pre_attn_scalar: float | None = None  # Gemma-2/3: softmax scale s^-1/2 instead of D^-1/2
     kind: str = field(default="attention", init=False)
+
+    @property
+    def plain_softmax(self) -> bool:
+        """True when the scores go straight into a softmax (no sinks, no soft cap): the SDPA kernels apply."""
+        return not self.sinks and self.softcap is None
+
+    @property
+    def scale(self) -> float:
+        """The softmax scale: query_pre_attn_scalar^-1/2 when given (Gemma-2/3), else head_dim^-1/2."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def span(self) -> int | None:
+        """The most keys a query can see (and the cache holds): the window or the chunk; None when global."""
+        return self.window if self.window is not None else self.chunk
 
     @property
     def group_size(self) -> int:
@@ -69,6 +100,28 @@ class AttentionConfig(LayerConfig):
     def rotary_dim(self) -> int:
         """R, the channels of each q/k head that RoPE rotates: rope_dim, or the whole head_dim when it is None."""
         return self.head_dim if self.rope_dim is None else self.rope_dim
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1), as transformers' get_mscale."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(s: RopeScaling | None) -> float:
+    """The factor on cos and sin (transformers' attention_factor), 1 except for two scalings. longrope: the
+    explicit attention_factor, else sqrt(1 + ln(factor) / ln(original_context)) for factor > 1
+    (`_compute_longrope_parameters`). yarn: the explicit attention_factor, else mscale(factor, mscale) /
+    mscale(factor, mscale_all_dim) when both are given (and nonzero), else mscale(factor)
+    (`_compute_yarn_parameters`)."""
+    if s is None or s.kind not in ("yarn", "longrope"):
+        return 1.0
+    if s.attention_factor is not None:
+        return s.attention_factor
+    if s.kind == "longrope":  # `_compute_longrope_parameters`
+        return 1.0 if s.factor <= 1 else math.sqrt(1 + math.log(s.factor) / math.log(s.original_context))
+    if s.mscale and s.mscale_all_dim:
+        return yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    return yarn_mscale(s.factor)
 
 
 # ---- front end ----------------------------------------------------------------------------------
@@ -86,16 +139,40 @@ def build(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
         raise CheckError("rope_scaling rescales RoPE frequencies, but rope_theta = none turns RoPE off; "
                          "give rope_theta or drop rope_scaling", "rope_scaling")
     rope_dim = _rope_dim(v["rope_dim"], head_dim, v["rope_theta"])
+    check_longrope(v["rope_scaling"], rope_dim or head_dim)
     if v["rope_theta"] is not None and rope_dim is None and head_dim % 2:
         raise CheckError(f"RoPE rotates channels in pairs, so the rotated head_dim must be even, got {head_dim}; "
                          "use an even head_dim, an even rope_dim < head_dim, or rope_theta = none",
                          "head_dim" if v["head_dim"] is not None else "heads")
+    if v["gate"] and v_head_dim != head_dim:
+        raise CheckError(f"gate multiplies each output channel by a gate channel emitted beside the query, so it needs "
+                         f"v_head_dim = head_dim, got {v_head_dim} and {head_dim}", "gate")
+    if v["qk_l2_norm"] and v["qk_norm"]:
+        raise CheckError("qk_l2_norm and qk_norm both normalise q and k; choose one", "qk_l2_norm")
+    if v["chunk"] is not None and v["window"] is not None:
+        raise CheckError("chunk and window both limit the keys a query sees; a layer takes one of them", "chunk")
+    if v["chunk"] is not None and not v["causal"]:
+        raise CheckError("chunked attention is causal (a query sees the earlier keys of its chunk); "
+                         "drop chunk or causal = false", "chunk")
+    if v["sinks"] and not v["causal"]:
+        raise CheckError("attention sinks are implemented for causal attention only; drop sinks or causal = false",
+                         "sinks")
     return AttentionConfig(
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, window=v["window"],
         rope_theta=float(v["rope_theta"]) if v["rope_theta"] is not None else None, causal=v["causal"],
         qkv_bias=v["qkv_bias"], out_bias=v["out_bias"], qk_norm=v["qk_norm"], rope_scaling=v["rope_scaling"],
-        rope_dim=rope_dim,
+        rope_dim=rope_dim, gate=v["gate"], sinks=v["sinks"],
+        softcap=float(v["softcap"]) if v["softcap"] is not None else None, qk_l2_norm=v["qk_l2_norm"],
+        chunk=v["chunk"],
+        query_pre_attn_scalar=float(v["query_pre_attn_scalar"]) if v["query_pre_attn_scalar"] is not None else None,
     )
+
+
+def check_longrope(s: RopeScaling | None, rotated: int) -> None:
+    """LongRoPE gives one factor per rotated channel pair: both lists must have rotated / 2 entries."""
+    if s is not None and s.kind == "longrope" and len(s.short_factor) != rotated // 2:
+        raise CheckError(f"longrope() has {len(s.short_factor)} factors per list, but RoPE rotates {rotated} channels "
+                         f"here, {rotated // 2} pairs: give one factor per pair", "rope_scaling")
 
 
 def _rope_dim(rope_dim: int | None, head_dim: int, rope_theta: float | None) -> int | None:
@@ -117,11 +194,12 @@ def _rope_dim(rope_dim: int | None, head_dim: int, rope_theta: float | None) -> 
 
 
 def count(c: AttentionConfig, d: int) -> int:
-    q = d * c.heads * c.head_dim + (c.heads * c.head_dim if c.qkv_bias else 0)
+    qw = c.heads * c.head_dim * (2 if c.gate else 1)  # the gate doubles q_proj's outputs
+    q = d * qw + (qw if c.qkv_bias else 0)
     k = d * c.kv_heads * c.head_dim + (c.kv_heads * c.head_dim if c.qkv_bias else 0)
     v = d * c.kv_heads * c.v_head_dim + (c.kv_heads * c.v_head_dim if c.qkv_bias else 0)
     o = c.heads * c.v_head_dim * d + (d if c.out_bias else 0)
-    return q + k + v + o + (2 * c.head_dim if c.qk_norm else 0)
+    return q + k + v + o + (2 * c.head_dim if c.qk_norm else 0) + (c.heads if c.sinks else 0)
 
 
 def split(c: AttentionConfig, d: int) -> Split:
@@ -132,6 +210,8 @@ def split(c: AttentionConfig, d: int) -> Split:
 def context_check(c: AttentionConfig, context: int) -> str | None:
     if c.window is not None and c.window > context:
         return f"has window {c.window}, larger than this budget's context {context}"
+    if c.chunk is not None and c.chunk > context:
+        return f"has chunk {c.chunk}, larger than this budget's context {context}"
     return None
 
 
@@ -139,8 +219,8 @@ def context_check(c: AttentionConfig, context: int) -> str | None:
 
 
 def tokens_held(c: AttentionConfig):
-    """Tokens an attention layer keeps in its cache at context T: min(T, W), or T when global."""
-    return T if c.window is None else sympy.Min(T, c.window)
+    """Tokens an attention layer keeps in its cache at context T: min(T, W) (or the chunk C), T when global."""
+    return T if c.span is None else sympy.Min(T, c.span)
 
 
 def cache(c: AttentionConfig, s) -> tuple[CacheTerm, ...]:
@@ -153,9 +233,10 @@ def workspace(c: AttentionConfig, d: int, s):
     a = s.activation_dtype.bytes
     tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
     t = R(s.tp)
-    qkvo = c.heads * c.head_dim + c.kv_heads * (c.head_dim + c.v_head_dim) + c.heads * c.v_head_dim
+    qkvo = c.heads * c.head_dim * (2 if c.gate else 1) + c.kv_heads * (c.head_dim + c.v_head_dim)
+    qkvo += c.heads * c.v_head_dim
     out = a * tok * qkvo / t + 4 * tok * c.heads / t
-    if not s.flash_attention:
+    if not s.flash_attention or not c.plain_softmax:  # sinks and soft caps run the explicit-softmax path
         out += (a + 4) * tok * c.heads / t * tokens_held(c)
     return out
 
@@ -164,9 +245,11 @@ def stored(c: AttentionConfig, x, selective: bool):
     a, tok = x.a, x.tok
     out = x.base + x.split(a * tok * (c.heads * c.head_dim + c.kv_heads * (c.head_dim + c.v_head_dim)))
     out += x.split(a * tok * c.heads * c.v_head_dim)
+    if c.gate:  # the gate and the gated output, beside the attention output
+        out += x.split(2 * a * tok * c.heads * c.v_head_dim)
     if x.dropout:
         out += x.rep(tok * x.h)
-    if x.flash_attention:
+    if x.flash_attention and c.plain_softmax:
         out += x.split(4 * tok * c.heads)
     elif not selective:
         scores = x.b * x.s * T * c.heads
@@ -174,8 +257,14 @@ def stored(c: AttentionConfig, x, selective: bool):
     return out
 
 
-def _causal_sum(window: int | None):
-    """sum_{i=1..T} min(i, W): T(T+1)/2 for global attention, piecewise-exact via Min otherwise."""
+def _causal_sum(window: int | None, chunk: int | None = None):
+    """Keys summed over the T queries: sum_{i=1..T} min(i, W) (T(T+1)/2 for global attention, piecewise-exact
+    via Min otherwise); with chunks of C, floor(T/C) full chunks of C(C+1)/2 plus r(r+1)/2 for the r = T mod C
+    queries of the last, partial one."""
+    if chunk is not None:
+        full = sympy.floor(T / chunk)
+        r = T - chunk * full  # T mod C, written with floor so the evaluator stays exact
+        return full * chunk * (chunk + 1) / 2 + r * (r + 1) / 2
     if window is None:
         return T * (T + 1) / 2
     m = sympy.Min(T, window)
@@ -184,19 +273,27 @@ def _causal_sum(window: int | None):
 
 def flops(c: AttentionConfig) -> dict[str, Flops]:
     width = 2 * c.heads * (c.head_dim + c.v_head_dim)
-    return {"attention": Flops(width * tokens_held(c), width * _causal_sum(c.window))}
+    per_token = T if c.window is None else sympy.Min(T, c.window)  # decode: the keys of the newest query
+    if c.chunk is not None:  # the newest query at position T - 1 sees (T - 1) mod C + 1 keys
+        per_token = T - c.chunk * sympy.floor((T - 1) / c.chunk)
+    return {"attention": Flops(width * per_token, width * _causal_sum(c.window, c.chunk))}
 
 
 def dims(c: AttentionConfig) -> str:
     text = f"H={c.heads} Hkv={c.kv_heads} D={c.head_dim}"
     text += f" Dv={c.v_head_dim}" if c.v_head_dim != c.head_dim else ""
-    text += f" W={c.window}" if c.window else " global"
+    text += f" W={c.window}" if c.window else f" chunk={c.chunk}" if c.chunk else " global"
     text += f" rope={c.rope_theta:g}" if c.rope_theta else " nope"
     if c.rope_scaling is not None:  # e.g. "llama3x8@8192": frequencies scaled for 8x the 8192-token context
         sc = c.rope_scaling
-        text += f" {sc.kind}x{sc.factor:g}@{sc.original_context}"
+        text += f" {sc.kind}x{sc.factor:g}" + (f"@{sc.original_context}" if sc.original_context else "")
     if c.rope_dim is not None:  # partial rotary embeddings: only the first rope_dim channels of D rotate
         text += f" rope_dim={c.rope_dim}"
+    text += " gate" if c.gate else ""
+    text += " sinks" if c.sinks else ""
+    text += f" softcap={c.softcap:g}" if c.softcap is not None else ""
+    text += " qk_l2" if c.qk_l2_norm else ""
+    text += f" scale=1/sqrt({c.query_pre_attn_scalar:g})" if c.query_pre_attn_scalar is not None else ""
     return text
 
 
@@ -213,7 +310,9 @@ KIND = Kind(
         Param("rope_theta", "float", 10000.0, nullable=True, min=1e-9, doc="RoPE base; none disables RoPE"),
         Param("rope_scaling", "rope_scaling", None, nullable=True,
               doc="RoPE frequency scaling: llama3(factor = ..., low_freq_factor = ..., high_freq_factor = ..., "
-                  "original_context = ...) (default: none = plain RoPE)"),
+                  "original_context = ...), linear(factor = ...), dynamic(factor = ..., original_context = ...), "
+                  "yarn(factor = ..., original_context = ..., ...) or longrope(factor = ..., original_context = ..., "
+                  "short_factor = factors(...), long_factor = factors(...)) (default: none = plain RoPE)"),
         Param("rope_dim", "int", nullable=True, min=2,
               doc="channels of each q/k head that RoPE rotates, the first ones; even, at most head_dim "
                   "(default: none = the whole head)"),
@@ -221,6 +320,16 @@ KIND = Kind(
         Param("qkv_bias", "bool", False),
         Param("out_bias", "bool", False),
         Param("qk_norm", "bool", False, doc="per-head RMSNorm on q and k (Qwen3)"),
+        Param("gate", "bool", False, doc="gated output (Qwen3-Next): q_proj also emits a gate, output * sigmoid(gate)"),
+        Param("sinks", "bool", False, doc="attention sinks (gpt-oss): a learned logit per head in the softmax"),
+        Param("softcap", "float", None, nullable=True, min=1e-9,
+              doc="attention-logit soft cap (Gemma-2): scores -> softcap * tanh(scores / softcap) (default: none)"),
+        Param("qk_l2_norm", "bool", False, doc="q and k divided by their root mean square per head, no weights "
+                                               "(Llama-4)"),
+        Param("chunk", "int", None, nullable=True, min=1,
+              doc="chunked attention (Llama-4): queries see only the earlier keys of their chunk (default: none)"),
+        Param("query_pre_attn_scalar", "float", None, nullable=True, min=1e-9,
+              doc="softmax scale query_pre_attn_scalar^-1/2 (Gemma-2/3; default: none = head_dim)"),
     ),
     is_ffn=False,
     build=build,

@@ -18,6 +18,7 @@ from ltmdsl.kinds import attention_hf, mamba2_hf, mamba_hf, mlp_hf, moe_hf
 HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
     f.name: f for f in (
         attention_hf.HF, mamba_hf.HF, mamba2_hf.HF, mlp_hf.HF, moe_hf.HF,
+        HFNotMappedYet("mla", ("deepseek_v2", "deepseek_v3", "kimi_linear")),
         HFNotMappedYet("gated_deltanet", ("qwen3_next", "qwen3_5", "qwen3_5_moe")),
         HFNotMappedYet("kda", ("kimi_linear",)),
         HFNotMappedYet("short_conv", ("lfm2",)),

@@ -6,6 +6,12 @@
     first R channels of each head are rotated, at frequencies over R, as Bamba's partial_rotary_factor does)
     o = attention(q, k, v) [B,T,H,Dv] -> o_proj -> [B,T,d]
 
+Variants: `gate` (Qwen3NextAttention) splits q_proj's [B,T,H,2D] into q and a gate, o * sigmoid(gate);
+`qk_l2_norm` (Llama4TextL2Norm) scales q and k by rsqrt(mean(x^2) + eps) per head; `sinks` (GptOssAttention),
+`softcap` (Gemma2Attention) and `chunk` (Llama-4's chunked attention) run `attention_variant` /
+`attention_variant_decode` instead of the SDPA kernels. A chunked layer's cache is a ring of min(max_context, C)
+slots whose first p mod C + 1 slots hold the current chunk at position p.
+
 With a cache, keys and values are written where their positions say: slot p for global attention, slot
 p % S of a ring buffer for a window (S = min(max_context, W)). Chunked prefill reads the cached keys back
 in time order and attends over [cached ; new]; the one-token `step` uses `attention_decode` over the slots.
@@ -47,7 +53,8 @@ class KVCache(LayerCache):
     component: ClassVar[str] = "kv_cache"
     k: torch.Tensor
     v: torch.Tensor
-    window: int | None
+    window: int | None  # the ring's span: the window W, or the chunk C (then `chunk` is set too)
+    chunk: int | None = None
 
     @property
     def slots(self) -> int:
@@ -59,11 +66,11 @@ class KVCache(LayerCache):
 
 def new_cache(cfg: AttentionConfig, req: CacheRequest) -> KVCache:
     """Zeroed keys and values in the KV dtype: max_context slots, or a ring of min(max_context, W)."""
-    S = req.max_context if cfg.window is None else min(req.max_context, cfg.window)
+    S = req.max_context if cfg.span is None else min(req.max_context, cfg.span)
     B = req.batch_size
     k = torch.zeros(B, S, cfg.kv_heads, cfg.head_dim, dtype=req.kv_dtype, device=req.device)  # [B, S, Hkv, D]
     v = torch.zeros(B, S, cfg.kv_heads, cfg.v_head_dim, dtype=req.kv_dtype, device=req.device)  # [B, S, Hkv, Dv]
-    return KVCache(k, v, cfg.window)
+    return KVCache(k, v, cfg.span, cfg.chunk)
 
 
 def state_names(cfg: AttentionConfig) -> tuple[str, ...]:
@@ -75,6 +82,8 @@ def state_names(cfg: AttentionConfig) -> tuple[str, ...]:
         names.append("o_proj.bias")
     if cfg.qk_norm:
         names += ["q_norm.weight", "k_norm.weight"]
+    if cfg.sinks:
+        names.append("sinks")
     return tuple(names)
 
 
@@ -88,13 +97,17 @@ class Attention(nn.Module):
         R = cfg.rotary_dim
         if cfg.rope_theta is not None and (R % 2 or not 2 <= R <= D):  # IRs built by hand skip the front end
             raise ValueError(f"rope_dim must be even and in [2, head_dim = {D}], got {R}")
-        self.scale = D**-0.5
-        self.q_proj = nn.Linear(d, H * D, bias=cfg.qkv_bias)
+        self.scale = cfg.scale  # D^-1/2, or query_pre_attn_scalar^-1/2
+        if cfg.gate and Dv != D:
+            raise ValueError(f"gate needs v_head_dim = head_dim, got {Dv} and {D}")
+        self.q_proj = nn.Linear(d, H * D * (2 if cfg.gate else 1), bias=cfg.qkv_bias)  # [q_h ; gate_h] per head
         self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, Hkv * Dv, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * Dv, d, bias=cfg.out_bias)
         self.q_norm = RMSNorm(D, eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, eps) if cfg.qk_norm else None
+        self.eps = eps
+        self.sinks = nn.Parameter(torch.zeros(H)) if cfg.sinks else None  # [H] sink logits
 
     def init_weights(self, gen: torch.Generator) -> None:
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
@@ -102,30 +115,53 @@ class Attention(nn.Module):
         for n in (self.q_norm, self.k_norm):
             if n is not None:
                 n.init_weights(gen)
+        if self.sinks is not None:
+            init.normal_(self.sinks, gen)
 
     def _qkv(self, x: torch.Tensor, pos0: int):
-        """x [B,T,d] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] with qk-norm and RoPE applied."""
+        """x [B,T,d] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] with qk-norm and RoPE applied, and the
+        output gate [B,T,H*D] (None without `gate`)."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.heads, cfg.head_dim)  # [B, T, H, D]
+        gate = None
+        if cfg.gate:
+            q, gate = self.q_proj(x).view(B, T, cfg.heads, 2 * cfg.head_dim).chunk(2, dim=-1)  # [B, T, H, D] each
+            gate = gate.reshape(B, T, cfg.heads * cfg.head_dim)  # [B, T, H*D]
+        else:
+            q = self.q_proj(x).view(B, T, cfg.heads, cfg.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
         v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.v_head_dim)  # [B, T, Hkv, Dv]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.qk_l2_norm:  # rotations keep the mean square, so before or after RoPE is the same
+            q, k = self._l2(q), self._l2(k)
         if cfg.rope_theta is not None:
             positions = torch.arange(pos0, pos0 + T, device=x.device)  # [T]
             cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling)  # [T, R]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
+        return q, k, v, gate
+
+    def _l2(self, x: torch.Tensor) -> torch.Tensor:
+        """Llama-4's weightless qk norm: x [..., D] * rsqrt(mean(x^2) + eps), computed in fp32 (or fp64)."""
+        work = x.float() if x.dtype != torch.float64 else x
+        return (work * torch.rsqrt(work.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def _out(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """o [..., H*Dv] -> o_proj(o * sigmoid(gate)) [..., d] (no gate: o_proj(o))."""
+        return self.o_proj(o if gate is None else o * torch.sigmoid(gate))
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None, pos0: int = 0) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = self._qkv(x, pos0)
+        q, k, v, gate = self._qkv(x, pos0)
         if state is not None:
             k, v = self._write_and_read(state, k, v, pos0)  # [B, Tk, Hkv, D] with Tk >= T
-        o = self.kernels.attention(q, k, v, causal=cfg.causal, window=cfg.window, scale=self.scale)
-        return self.o_proj(o.reshape(B, T, cfg.heads * cfg.v_head_dim))  # [B, T, d]
+        if cfg.plain_softmax and cfg.chunk is None:
+            o = self.kernels.attention(q, k, v, causal=cfg.causal, window=cfg.window, scale=self.scale)
+        else:
+            o = self.kernels.attention_variant(q, k, v, causal=cfg.causal, window=cfg.window, chunk=cfg.chunk,
+                                               scale=self.scale, softcap=cfg.softcap, sinks=self.sinks)
+        return self._out(o.reshape(B, T, cfg.heads * cfg.v_head_dim), gate)  # [B, T, d]
 
     def _write_and_read(self, state: KVCache, k: torch.Tensor, v: torch.Tensor, pos0: int):
         """Store the new keys/values; return [earlier keys in time order ; new keys] (and values)."""
@@ -138,8 +174,9 @@ class Attention(nn.Module):
             kc[:, pos0:end] = k
             vc[:, pos0:end] = v
             return kc[:, :end].to(k.dtype), vc[:, :end].to(v.dtype)
-        # Ring buffer: the last min(pos0, S) positions are still held, at slots p % S.
-        kept = min(pos0, S)
+        # Ring buffer: the last min(pos0, S) positions are still held, at slots p % S; with chunks only those of
+        # the current chunk, pos0 mod C of them.
+        kept = min(pos0, S) if state.chunk is None else pos0 % state.chunk
         slots = torch.arange(pos0 - kept, pos0, device=k.device) % S  # [kept], time order
         k_all = torch.cat([kc[:, slots].to(k.dtype), k], dim=1)  # [B, kept + T, Hkv, D]
         v_all = torch.cat([vc[:, slots].to(v.dtype), v], dim=1)
@@ -153,17 +190,23 @@ class Attention(nn.Module):
         """One token per sequence at position pos0: x [B,d] -> [B,d]; writes its key/value into the cache."""
         cfg = self.cfg
         B = x.shape[0]
-        q, k, v = self._qkv(x[:, None], pos0)  # [B, 1, H|Hkv, D]
+        q, k, v, gate = self._qkv(x[:, None], pos0)  # [B, 1, H|Hkv, D]
         S = state.slots
         if state.window is None and pos0 >= S:
             raise ValueError(f"cache holds {S} tokens; this step is at position {pos0}")
         slot = pos0 % S
         state.k[:, slot] = k[:, 0].to(state.k.dtype)
         state.v[:, slot] = v[:, 0].to(state.v.dtype)
-        o = self.kernels.attention_decode(
-            q[:, 0], state.k.to(q.dtype), state.v.to(v.dtype), n_valid=min(pos0 + 1, S), scale=self.scale
-        )  # [B, H, Dv]
-        return self.o_proj(o.reshape(B, cfg.heads * cfg.v_head_dim))
+        n_valid = min(pos0 + 1, S) if cfg.chunk is None else pos0 % cfg.chunk + 1  # the chunk: slots 0..p mod C
+        if cfg.plain_softmax:
+            o = self.kernels.attention_decode(
+                q[:, 0], state.k.to(q.dtype), state.v.to(v.dtype), n_valid=n_valid, scale=self.scale
+            )  # [B, H, Dv]
+        else:
+            o = self.kernels.attention_variant_decode(q[:, 0], state.k.to(q.dtype), state.v.to(v.dtype),
+                                                      n_valid=n_valid, scale=self.scale, softcap=cfg.softcap,
+                                                      sinks=self.sinks)  # [B, H, Dv]
+        return self._out(o.reshape(B, cfg.heads * cfg.v_head_dim), None if gate is None else gate[:, 0])
 
 
 KIND = RuntimeKind(
@@ -171,7 +214,9 @@ KIND = RuntimeKind(
     module=Attention,
     build=Attention,
     new_cache=new_cache,
-    ops={"attention": ops_attention.attention, "attention_decode": ops_attention.attention_decode},
+    ops={"attention": ops_attention.attention, "attention_decode": ops_attention.attention_decode,
+         "attention_variant": ops_attention.attention_variant,
+         "attention_variant_decode": ops_attention.attention_variant_decode},
     oracles={"attention": ops_attention.attention_reference},
     state_names=state_names,
 )

@@ -360,3 +360,21 @@ def test_misfits_name_index_definition_kind_and_reason(stack, family, misfit):
     with pytest.raises(HFError) as refused:
         config_from_ir(ir)
     assert misfit in refused.value.message  # the family's own reason, then the layers it has no place for
+
+
+@pytest.mark.parametrize("variant", ["gate = true", "sinks = true", "softcap = 30.0", "qk_l2_norm = true",
+                                     "chunk = 8", "query_pre_attn_scalar = 16.0",
+                                     "rope_scaling = linear(factor = 2.0)"],
+                         ids=["gate", "sinks", "softcap", "qk_l2_norm", "chunk", "query_scalar", "linear-rope"])
+def test_attention_variants_are_refused_not_exported_as_plain_attention(variant):
+    """An attention variant no supported family carries is refused by name, never written as plain attention."""
+    text = f"""model m {{
+    vocab = 40
+    d_model = 32
+    layer attn = attention(heads = 2, {variant})
+    layer ffn = mlp(d_ff = 24)
+    stack {{ attn ffn }}
+}}
+"""
+    with pytest.raises(HFError, match="not mapped to Hugging Face yet"):
+        config_from_ir(ltmdsl.loads(text).model)

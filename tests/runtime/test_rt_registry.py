@@ -48,8 +48,23 @@ def _attention(rng: random.Random, d: int) -> str:
             f"v_head_dim = {rng.choice([4, 6, 8])}", f"qkv_bias = {rng.choice(['true', 'false'])}",
             f"out_bias = {rng.choice(['true', 'false'])}", f"qk_norm = {rng.choice(['true', 'false'])}"]
     if rng.random() < 0.5:
-        args.append(f"window = {rng.randint(1, 40)}")
+        args.append(f"{rng.choice(['window', 'chunk'])} = {rng.randint(1, 40)}")
+    if "qk_norm = false" in args and rng.random() < 0.5:
+        args.append("qk_l2_norm = true")
+    if args[2].split()[-1] == args[3].split()[-1] and rng.random() < 0.5:  # head_dim = v_head_dim
+        args.append("gate = true")
+    args.append(f"sinks = {rng.choice(['true', 'false'])}")
+    if rng.random() < 0.5:
+        args.append(f"softcap = {rng.randint(1, 30)}")
     return f"attention({', '.join(args)})"
+
+
+def _mla(rng: random.Random, d: int) -> str:
+    q_lora = rng.choice(["none", "6", "12"])
+    return (f"mla(heads = {rng.choice([1, 2, 4])}, q_lora_rank = {q_lora}, kv_lora_rank = {rng.randint(1, 12)}, "
+            f"qk_nope_head_dim = {rng.randint(1, 8)}, qk_rope_head_dim = {rng.choice([2, 4, 6])}, "
+            f"v_head_dim = {rng.randint(1, 8)}, bias = {rng.choice(['true', 'false'])}, "
+            f"rope_theta = {rng.choice(['none', '100'])})")
 
 
 def _mamba(rng: random.Random, d: int) -> str:
@@ -109,7 +124,7 @@ def _mlstm(rng: random.Random, d: int) -> str:
             f"bias = {rng.choice(['true', 'false'])}, chunk = {rng.choice([4, 64])})")
 
 
-RANDOM_CONFIGS = {"attention": _attention, "mamba": _mamba, "mamba2": _mamba2, "gated_deltanet": _gated_deltanet,
+RANDOM_CONFIGS = {"attention": _attention, "mla": _mla, "mamba": _mamba, "mamba2": _mamba2, "gated_deltanet": _gated_deltanet,
                   "kda": _kda, "short_conv": _short_conv, "lightning": _lightning, "rg_lru": _rg_lru, "mlstm": _mlstm,
                   "mlp": _mlp, "moe": _moe}
 

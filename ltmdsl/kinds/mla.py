@@ -1,0 +1,199 @@
+"""Multi-head latent attention (DeepSeek-AI, "DeepSeek-V2", 2024; DeepSeek-V3, Kimi-Linear): IR config and facets.
+
+The layer, as transformers' DeepseekV3Attention computes it, with H heads, Dn = qk_nope_head_dim,
+Dr = qk_rope_head_dim, Dqk = Dn + Dr, Dv = v_head_dim, Rkv = kv_lora_rank and Rq = q_lora_rank:
+    q      = q_proj(x)  or, with Rq,  q_b_proj(rmsnorm(q_a_proj(x)))          [H, Dqk]: q_nope [H, Dn], q_rot [H, Dr]
+    c, kr  = kv_a_proj_with_mqa(x)                                             [Rkv + Dr]; c = rmsnorm(c)
+    k_nope, v = kv_b_proj(c)                                                   [H, Dn], [H, Dv]
+    RoPE (decoupled: only q_rot and the one shared kr rotate; DeepSeek's interleaved channel pairs); with
+    rope_theta none nothing rotates (Kimi-Linear's MLA layers are NoPE: KimiLinearAttention)
+    k = [k_nope ; kr] per head; softmax(q.k * scale) v; o_proj: H*Dv -> d
+    scale = Dqk^-1/2, times mscale(factor, mscale_all_dim)^2 under a yarn scaling with mscale_all_dim.
+The latent norms have their own eps (`latent_eps`, 1e-6 as DeepSeek's). Biases (`bias`) on q_a_proj,
+kv_a_proj_with_mqa and o_proj, as transformers' attention_bias.
+Parameters: d*H*Dqk (no Rq) or d*Rq + Rq + Rq*H*Dqk (with Rq), + d*(Rkv + Dr) + Rkv + Rkv*H*(Dn + Dv) + H*Dv*d,
+plus the biases.
+
+Cache: the latent, not the keys and values: c and kr, (Rkv + Dr) values per token per layer, in the KV dtype:
+    b * (Rkv + Dr) * T / c * kv_bytes
+on every tensor-parallel rank (the latent is shared by all heads, so tp does not split it).
+Decode absorbs the up-projections (DeepSeek-V2, section 2.1.2): q_lat = W_uk^T q_nope [H, Rkv] scores against
+the cached c, and the output (sum_j p_j c_j) goes through W_uv, so no key or value is ever materialised.
+Prefill (and chunked prefill) up-projects the latent of every key it attends to.
+Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes, b sequences): the chunk's q and
+output, the keys and values of all T tokens it sees, the latents, and the fp32 log-sum-exp:
+    a * b * (Cc*(H*Dqk + H*Dv) + T*(H*Dqk + H*Dv)) / c / t + a * b * Cc/c * (Rkv + Dr + Rq) + 4 * b * Cc/c * H/t
+    without flash attention add the scores (a + 4) * b * H/t * Cc/c * T.
+Training activations (per micro-batch; Korthikanti et al. 2022 as for attention): replicated the latents
+a*sb*(Rq + Rkv + Dr) (and the norm inputs); split q, k, v a*sb*H*(2*Dqk + Dv) and the output a*sb*H*Dv; core
+flash 4*sb*H, or eager a*H*b*s*T (with dropout (1 + a)*H*b*s*T more), dropped by selective recompute.
+FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scores) + 2*H*Rkv*T (p.c);
+prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from ltmdsl.ir import LayerConfig, RopeScaling
+from ltmdsl.kinds.attention import check_longrope, yarn_mscale
+from ltmdsl.kinds.base import CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_inactive
+from ltmdsl.kinds.base import no_context_limit
+from ltmdsl.memory.symbols import B, C, T, per_replica
+
+R = sympy.Rational
+
+
+@dataclass(frozen=True)
+class MLAConfig(LayerConfig):
+    """Multi-head latent attention as transformers' DeepseekV3Attention computes it (module docstring)."""
+
+    heads: int  # H
+    q_lora_rank: int | None  # Rq; None: a full-rank q_proj
+    kv_lora_rank: int  # Rkv
+    qk_nope_head_dim: int  # Dn
+    qk_rope_head_dim: int  # Dr
+    v_head_dim: int  # Dv
+    rope_theta: float | None  # None: no RoPE (NoPE), as Kimi-Linear
+    rope_scaling: RopeScaling | None
+    bias: bool
+    latent_eps: float
+    kind: str = field(default="mla", init=False)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Dqk = Dn + Dr, the query/key head dim."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent(self) -> int:
+        """Rkv + Dr, the cached values per token."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def scale(self) -> float:
+        """The softmax scale: Dqk^-1/2, times mscale(factor, mscale_all_dim)^2 under yarn with mscale_all_dim."""
+        s = self.qk_head_dim ** -0.5
+        r = self.rope_scaling
+        if r is not None and r.kind == "yarn" and r.mscale_all_dim:
+            m = yarn_mscale(r.factor, r.mscale_all_dim)
+            s = s * m * m
+        return s
+
+
+def build(v: dict[str, Any], ctx: ModelContext) -> MLAConfig:
+    if v["qk_rope_head_dim"] % 2:
+        raise CheckError(f"qk_rope_head_dim must be even (RoPE rotates channel pairs), got {v['qk_rope_head_dim']}",
+                         "qk_rope_head_dim")
+    if v["rope_scaling"] is not None and v["rope_theta"] is None:
+        raise CheckError("rope_scaling rescales RoPE frequencies, but rope_theta = none turns RoPE off; "
+                         "give rope_theta or drop rope_scaling", "rope_scaling")
+    check_longrope(v["rope_scaling"], v["qk_rope_head_dim"])
+    return MLAConfig(
+        heads=v["heads"], q_lora_rank=v["q_lora_rank"], kv_lora_rank=v["kv_lora_rank"],
+        qk_nope_head_dim=v["qk_nope_head_dim"], qk_rope_head_dim=v["qk_rope_head_dim"], v_head_dim=v["v_head_dim"],
+        rope_theta=float(v["rope_theta"]) if v["rope_theta"] is not None else None,
+        rope_scaling=v["rope_scaling"], bias=v["bias"],
+        latent_eps=float(v["latent_eps"]),
+    )
+
+
+def count(c: MLAConfig, d: int) -> int:
+    H, b = c.heads, c.bias
+    if c.q_lora_rank is None:
+        q = d * H * c.qk_head_dim
+    else:
+        q = d * c.q_lora_rank + (c.q_lora_rank if b else 0) + c.q_lora_rank + c.q_lora_rank * H * c.qk_head_dim
+    kv = d * c.latent + (c.latent if b else 0) + c.kv_lora_rank  # kv_a_proj_with_mqa and kv_a_layernorm
+    kv += c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim)  # kv_b_proj
+    return q + kv + H * c.v_head_dim * d + (d if b else 0)
+
+
+def split(c: MLAConfig, d: int) -> Split:
+    """Tensor parallelism splits the heads; the latent is replicated."""
+    return Split(tp=(("heads", c.heads),))
+
+
+def cache(c: MLAConfig, s) -> tuple[CacheTerm, ...]:
+    b = per_replica(B, s.dp)
+    return (CacheTerm("kv_cache", None, s.kv_dtype, b * c.latent * T / R(s.cp) * s.kv_dtype.bytes),)
+
+
+def workspace(c: MLAConfig, d: int, s):
+    a = s.activation_dtype.bytes
+    b = per_replica(B, s.dp)
+    cc = sympy.Min(C, T) / R(s.cp)
+    t = R(s.tp)
+    heads = c.heads * (c.qk_head_dim + c.v_head_dim)
+    out = a * b * (cc + T / R(s.cp)) * heads / t + a * b * cc * (c.latent + (c.q_lora_rank or 0))
+    out += 4 * b * cc * c.heads / t
+    if not s.flash_attention:
+        out += (a + 4) * b * cc * c.heads / t * T
+    return out
+
+
+def stored(c: MLAConfig, x, selective: bool):
+    a, tok = x.a, x.tok
+    out = x.base + x.rep(a * tok * (c.latent + (c.q_lora_rank or 0)))
+    out += x.split(a * tok * c.heads * (2 * c.qk_head_dim + c.v_head_dim))
+    out += x.split(a * tok * c.heads * c.v_head_dim)
+    if x.dropout:
+        out += x.rep(tok * x.h)
+    if x.flash_attention:
+        out += x.split(4 * tok * c.heads)
+    elif not selective:
+        scores = x.b * x.s * T * c.heads
+        out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))
+    return out
+
+
+def flops(c: MLAConfig) -> dict[str, Flops]:
+    decode = 2 * c.heads * (c.latent + c.kv_lora_rank) * T  # absorbed: q_lat.c + q_rot.kr, then p.c
+    prefill = 2 * c.heads * (c.qk_head_dim + c.v_head_dim) * T * (T + 1) / 2
+    return {"attention": Flops(decode, prefill)}
+
+
+def dims(c: MLAConfig) -> str:
+    text = f"H={c.heads} q_lora={c.q_lora_rank or 'none'} kv_lora={c.kv_lora_rank} nope={c.qk_nope_head_dim} "
+    text += f"rope={c.qk_rope_head_dim} Dv={c.v_head_dim} latent={c.latent}/token "
+    text += f"theta={c.rope_theta:g}" if c.rope_theta is not None else "nope"
+    if c.rope_scaling is not None:
+        sc = c.rope_scaling
+        text += f" {sc.kind}x{sc.factor:g}" + (f"@{sc.original_context}" if sc.original_context else "")
+    return text
+
+
+KIND = Kind(
+    name="mla",
+    doc="Multi-head latent attention (DeepSeek-V2/V3, Kimi-Linear): a cached low-rank latent with decoupled RoPE.",
+    config=MLAConfig,
+    params=(
+        Param("heads", "int", required=True, min=1, doc="query heads H"),
+        Param("q_lora_rank", "int", None, nullable=True, min=1,
+              doc="rank Rq of the query's low-rank projection (default: none = a full-rank q_proj)"),
+        Param("kv_lora_rank", "int", 512, min=1, doc="rank Rkv of the cached key/value latent"),
+        Param("qk_nope_head_dim", "int", 128, min=1, doc="query/key channels per head without RoPE"),
+        Param("qk_rope_head_dim", "int", 64, min=2, doc="query/key channels per head with RoPE (one shared key)"),
+        Param("v_head_dim", "int", 128, min=1, doc="value channels per head"),
+        Param("rope_theta", "float", 10000.0, nullable=True, min=1e-9,
+              doc="RoPE base; none: no RoPE (Kimi-Linear's NoPE MLA)"),
+        Param("rope_scaling", "rope_scaling", None, nullable=True,
+              doc="llama3(...), linear(...), dynamic(...), yarn(...) or longrope(...) (default: none = plain RoPE)"),
+        Param("bias", "bool", False, doc="biases on q_a_proj, kv_a_proj_with_mqa and o_proj"),
+        Param("latent_eps", "float", 1e-6, min=1e-30, doc="eps of the latent RMSNorms"),
+    ),
+    is_ffn=False,
+    build=build,
+    count=count,
+    inactive=none_inactive,
+    split=split,
+    context_check=no_context_limit,
+    cache=cache,
+    workspace=workspace,
+    stored=stored,
+    flops=flops,
+    dims=dims,
+)
