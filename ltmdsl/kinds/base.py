@@ -34,7 +34,7 @@ from ltmdsl.ir import Dtype, LayerConfig, NormConfig
 
 #: Activations of dense and expert MLPs; the first two are gated (gate, up, down).
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2", "relu")
-GATED = ("swiglu", "geglu")
+GATED = ("swiglu", "geglu", "swiglu_clamped")  # the last: MoE experts only (gpt-oss)
 #: The memory components a layer's cache and state belong to (the runtime's per-layer `component`).
 CACHE_COMPONENTS = ("kv_cache", "recurrent_state")
 
