@@ -11,7 +11,7 @@ here; docs/ADDING_A_KIND.md walks through it. Nothing here imports torch.
 from __future__ import annotations
 
 from ltmdsl.kinds import attention, gated_deltanet, kda, mamba, mamba2, mlp, moe
-from ltmdsl.kinds.base import NORM_PARAM, CheckError, Kind, KindError, ModelContext, Param
+from ltmdsl.kinds.base import NORM_PARAM, POST_NORM_PARAM, CheckError, Kind, KindError, ModelContext, Param
 
 #: Every kind a `layer NAME = KIND(...)` definition may use, in documentation order.
 REGISTRY: dict[str, Kind] = {
@@ -35,5 +35,5 @@ def count_params(config, d_model: int) -> int:
     return kind_of(config).count(config, d_model)
 
 
-__all__ = ["NORM_PARAM", "REGISTRY", "CheckError", "Kind", "KindError", "ModelContext", "Param", "count_params",
+__all__ = ["NORM_PARAM", "POST_NORM_PARAM", "REGISTRY", "CheckError", "Kind", "KindError", "ModelContext", "Param", "count_params",
            "kind_of"]

@@ -59,6 +59,8 @@ class Param:
 
 #: The parameter every kind accepts in addition to its own: the sub-layer's pre-norm.
 NORM_PARAM = Param("norm", "norm", doc="pre-norm of this sub-layer (default: the model's norm)")
+#: ... and its post-norm, applied to the sub-layer's output before the residual add (Gemma-3's sandwich norms).
+POST_NORM_PARAM = Param("post_norm", "norm", nullable=True, doc="post-norm of this sub-layer's output (default: none)")
 
 
 @dataclass(frozen=True)
