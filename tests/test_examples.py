@@ -21,6 +21,7 @@ PUBLISHED = {
     "mamba2-2.7b.ltm": 2_702_599_680,
     "nemotron-h-8b.ltm": 8_100_852_736,
     "bamba-9b.ltm": 9_780_235_392,  # transformers' meta-device count of tests/hf/configs/Bamba-9B.json
+    "qwen1.5-moe-a2.7b.ltm": 14_315_784_192,  # transformers' Qwen2MoeConfig() defaults: this model's sizes
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",
@@ -48,6 +49,14 @@ def test_mixtral_active_parameters():
     # 2 of 8 experts per token: 46.7B total, 12.9B active (Mistral AI's "12.9B active").
     m = ltmdsl.load(EXAMPLES / "mixtral-8x7b.ltm").model
     assert m.params_active == 12_879_925_248
+
+
+def test_qwen_moe_active_parameters():
+    # 4 of 60 routed experts per token; the router, the shared expert and its gate are always active:
+    # 2.69B active of 14.3B (Qwen's "A2.7B").
+    m = ltmdsl.load(EXAMPLES / "qwen1.5-moe-a2.7b.ltm").model
+    assert m.params_total - m.params_active == 24 * (60 - 4) * 3 * 2048 * 1408
+    assert m.params_active == 2_689_173_504
 
 
 def test_tiny_hybrid_covers_every_mixer():

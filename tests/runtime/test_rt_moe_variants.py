@@ -327,3 +327,65 @@ def test_counts_equal_transformers_at_published_sizes(family):
         hf = block(hc)
     assert MOE_KIND.count(cfg, hc.hidden_size) == sum(p.numel() for p in hf.parameters())
     assert cfg.experts > cfg.top_k  # a real sparse block: some parameters are inactive
+
+
+QWEN2_MOE = """
+model qwen2_moe_tiny {
+    vocab = 48
+    d_model = 32
+    dtype = fp32
+    norm = rmsnorm(eps = 1e-6)
+    layer attn = attention(heads = 4, kv_heads = 2, qkv_bias = true)
+    layer dense = mlp(d_ff = 40)
+    layer moe = moe(experts = 6, top_k = 2, d_ff = 12, routing = softmax_topk, shared_d_ff = 20, shared_gate = true)
+    stack { attn dense repeat 2 { attn moe } }
+}
+"""
+
+
+def test_qwen2_moe_model_with_a_dense_first_layer_matches_transformers():
+    """A whole model: a dense first layer (mlp_only_layers, like DeepSeek's first_k_dense_replace), then
+    shared-expert MoE layers, against Qwen2MoeForCausalLM in float64 (its RMSNorms normalise in fp32)."""
+    import ltmdsl
+    from ltmdsl.runtime.build import build
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    m = build(ltmdsl.loads(QWEN2_MOE), seed=0).double().eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in m.named_parameters():  # norm weights around 1, everything else around 0
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=F64) + (1.0 if "norm" in name else 0.0))
+    hc = Qwen2MoeConfig(vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=12,
+                        shared_expert_intermediate_size=20, norm_topk_prob=False, mlp_only_layers=[0],
+                        rms_norm_eps=1e-6, tie_word_embeddings=False, attn_implementation="eager",
+                        experts_implementation="eager")  # the per-expert loop (grouped_mm has no float64)
+    hf = Qwen2MoeForCausalLM(hc)
+    w = {"model.embed_tokens.weight": m.embed.weight, "model.norm.weight": m.final_norm.weight,
+         "lm_head.weight": m.lm_head.weight}
+    for j in range(3):
+        a, f = m.layers[2 * j], m.layers[2 * j + 1]
+        p = f"model.layers.{j}."
+        w[p + "input_layernorm.weight"] = a.norm.weight
+        w[p + "post_attention_layernorm.weight"] = f.norm.weight
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            w[p + f"self_attn.{n}.weight"] = getattr(a.mixer, n).weight
+            if n != "o_proj":
+                w[p + f"self_attn.{n}.bias"] = getattr(a.mixer, n).bias
+        if j == 0:
+            w.update({p + f"mlp.{n}.weight": getattr(f.mixer, n).weight for n in ("gate_proj", "up_proj", "down_proj")})
+        else:
+            ex = f.mixer.experts
+            w.update({p + "mlp.gate.weight": f.mixer.router.weight,
+                      p + "mlp.experts.gate_up_proj": torch.cat([ex.gate_proj, ex.up_proj], 1),
+                      p + "mlp.experts.down_proj": ex.down_proj,
+                      p + "mlp.shared_expert_gate.weight": f.mixer.shared_gate.weight,
+                      **{p + f"mlp.shared_expert.{n}.weight": getattr(f.mixer.shared, n).weight
+                         for n in ("gate_proj", "up_proj", "down_proj")}})
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in w.items()}, strict=False)
+    assert not unexpected and not [n for n in missing if "rotary" not in n], (missing, unexpected)
+    hf = hf.double().eval()
+    assert sum(p.numel() for p in hf.parameters()) == m.ir.params_total
+    ids = torch.tensor([[3, 17, 5, 40, 9, 22, 31, 0, 12, 47, 8]])
+    with torch.no_grad():
+        assert_close(m(ids), hf(ids).logits, HF_TOL, "Qwen2MoeForCausalLM")
