@@ -7,6 +7,10 @@ routers compute their logits and scores in fp32 even in a float64 module):
     GptOssMLP       router bias, topk_softmax, expert biases, clamped SwiGLU
     Qwen3NextSparseMoeBlock  softmax renorm, a shared expert of its own width behind a sigmoid gate
     Llama4TextMoe   top-1 sigmoid routing that weighs the expert input, plus a shared expert
+    NemotronHMoE    relu2 experts, sigmoid + selection bias in groups, renorm, scaling, a relu2 shared expert
+    GraniteMoeHybridMoE + GraniteMoeHybridMLP   topk_softmax experts plus a shared expert of its own width
+    Qwen2MoeForCausalLM  a whole model: a dense first layer, then gated shared-expert MoE layers
+and, for each family, the block transformers builds at its published sizes (meta device) has exactly our count.
 The token loop (`oracle`) recomputes every routing rule one token at a time in plain Python (sorting
 instead of topk, explicit group masks) with dense per-expert MLPs; tolerance 1e-12 (float64 both sides).
 """
@@ -389,3 +393,45 @@ def test_qwen2_moe_model_with_a_dense_first_layer_matches_transformers():
     ids = torch.tensor([[3, 17, 5, 40, 9, 22, 31, 0, 12, 47, 8]])
     with torch.no_grad():
         assert_close(m(ids), hf(ids).logits, HF_TOL, "Qwen2MoeForCausalLM")
+
+
+def test_nemotron_h_moe_matches_transformers():
+    """Nemotron-3's MoE: relu2 experts (up and down only), sigmoid scores with a selection bias in groups,
+    renormalised and scaled, plus a relu2 shared expert (NemotronHMoE, no latent projection)."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE
+
+    m = ours(cfg_of(**ORACLE_CASES["nemotron3-relu2"]), std=0.3)
+    hc = NemotronHConfig(hidden_size=D, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=12,
+                         moe_shared_expert_intermediate_size=16, n_group=2, topk_group=1, norm_topk_prob=True,
+                         routed_scaling_factor=2.5, mlp_hidden_act="relu2", vocab_size=16)
+    hf = _load(NemotronHMoE(hc), {"gate.weight": m.router.weight, "gate.e_score_correction_bias": m.selection_bias,
+                                  "experts.up_proj": m.experts.up_proj, "experts.down_proj": m.experts.down_proj,
+                                  "shared_experts.up_proj.weight": m.shared.up_proj.weight,
+                                  "shared_experts.down_proj.weight": m.shared.down_proj.weight})
+    assert sum(p.numel() for p in hf.parameters()) == MOE_KIND.count(m.cfg, D)
+    x = hidden(T=23)
+    with torch.no_grad():
+        assert_close(m(x), hf(x), HF_TOL, "NemotronHMoE")
+
+
+def test_granite_moe_hybrid_matches_transformers():
+    """Granite-4.0-H's FFN: block_sparse_moe (softmax over the top-k logits) plus shared_mlp, summed in its
+    decoder layer; the shared MLP keeps gate and up in one input_linear [2Fs, d] (gate first)."""
+    from transformers import GraniteMoeHybridConfig
+    from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMLP, GraniteMoeHybridMoE
+
+    m = ours(cfg_of(experts=6, top_k=2, d_ff=12, routing="topk_softmax", shared_d_ff=20), std=0.3)
+    hc = GraniteMoeHybridConfig(hidden_size=D, num_local_experts=6, num_experts_per_tok=2, intermediate_size=12,
+                                shared_intermediate_size=20, vocab_size=16, mamba_n_heads=4,
+                                mamba_d_head=16)  # mamba sizes only to pass its config checks
+    ex, sh = m.experts, m.shared
+    moe = _load(GraniteMoeHybridMoE(hc), {"router.weight": m.router.weight,
+                                          "experts.gate_up_proj": torch.cat([ex.gate_proj, ex.up_proj], 1),
+                                          "experts.down_proj": ex.down_proj})
+    shared = _load(GraniteMoeHybridMLP(hc), {"input_linear.weight": torch.cat([sh.gate_proj.weight, sh.up_proj.weight]),
+                                             "output_linear.weight": sh.down_proj.weight})
+    assert sum(p.numel() for p in (*moe.parameters(), *shared.parameters())) == MOE_KIND.count(m.cfg, D)
+    x = hidden(T=23)
+    with torch.no_grad():
+        assert_close(m(x), moe(x) + shared(x), HF_TOL, "GraniteMoeHybridMoE + shared_mlp")
