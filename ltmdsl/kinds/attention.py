@@ -59,6 +59,12 @@ class AttentionConfig(LayerConfig):
     rope_scaling: RopeScaling | None = None  # last and defaulted, so positional constructors keep working
     rope_dim: int | None = None  # R: rotated channels per q/k head; None = all D (defaulted for the same reason)
     kind: str = field(default="attention", init=False)
+    scale: float | None = None  # the score scale; None = 1/sqrt(D) (Granite's attention_multiplier otherwise)
+
+    @property
+    def score_scale(self) -> float:
+        """What q.k is multiplied by before the softmax: `scale`, or 1/sqrt(D)."""
+        return self.scale if self.scale is not None else self.head_dim ** -0.5
 
     @property
     def group_size(self) -> int:
@@ -94,7 +100,7 @@ def build(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, window=v["window"],
         rope_theta=float(v["rope_theta"]) if v["rope_theta"] is not None else None, causal=v["causal"],
         qkv_bias=v["qkv_bias"], out_bias=v["out_bias"], qk_norm=v["qk_norm"], rope_scaling=v["rope_scaling"],
-        rope_dim=rope_dim,
+        rope_dim=rope_dim, scale=float(v["scale"]) if v["scale"] is not None else None,
     )
 
 
@@ -197,6 +203,8 @@ def dims(c: AttentionConfig) -> str:
         text += f" {sc.kind}x{sc.factor:g}@{sc.original_context}"
     if c.rope_dim is not None:  # partial rotary embeddings: only the first rope_dim channels of D rotate
         text += f" rope_dim={c.rope_dim}"
+    if c.scale is not None:
+        text += f" scale={c.scale:g}"
     return text
 
 
@@ -221,6 +229,8 @@ KIND = Kind(
         Param("qkv_bias", "bool", False),
         Param("out_bias", "bool", False),
         Param("qk_norm", "bool", False, doc="per-head RMSNorm on q and k (Qwen3)"),
+        Param("scale", "float", None, nullable=True, min=1e-9,
+              doc="attention score scale (default: none = 1/sqrt(head_dim)); Granite's attention_multiplier"),
     ),
     is_ffn=False,
     build=build,

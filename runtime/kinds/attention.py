@@ -88,7 +88,7 @@ class Attention(nn.Module):
         R = cfg.rotary_dim
         if cfg.rope_theta is not None and (R % 2 or not 2 <= R <= D):  # IRs built by hand skip the front end
             raise ValueError(f"rope_dim must be even and in [2, head_dim = {D}], got {R}")
-        self.scale = D**-0.5
+        self.scale = cfg.score_scale  # 1/sqrt(D) unless the config gives its own (muP: Granite)
         self.q_proj = nn.Linear(d, H * D, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, Hkv * Dv, bias=cfg.qkv_bias)

@@ -3,7 +3,8 @@
 Against transformers' own models in float64 with our weights:
     Gemma2ForCausalLM   embedding * sqrt(d), (1 + w) RMSNorms, pre and post norms around attention and MLP,
                         tied head, final-logit soft cap (exact-erf GELU chosen so the MLPs agree)
-    GraniteForCausalLM  embedding_multiplier, residual_multiplier, logits_scaling
+    GraniteForCausalLM  embedding_multiplier, residual_multiplier, attention_multiplier (attention `scale`),
+                        logits_scaling
 transformers' RMSNorms normalise in fp32 even in a float64 model (measured: Gemma-2 6.8e-7, Granite 1.1e-7);
 Gemma's (1 + w) in fp32 as well, so its comparisons are held to GEMMA_TOL = 1e-5 and Granite's to HF_TOL = 1e-6. A float64 loop over the formulas of
 runtime/model.py checks prefill and decode (ORACLE_TOL = 1e-12).
@@ -185,7 +186,7 @@ model granite_tiny {{
     embed_scale = 12.0
     residual_scale = 0.22
     logit_scale = 1 / 8.0
-    layer attn = attention(heads = 2, kv_heads = 1)
+    layer attn = attention(heads = 2, kv_heads = 1, scale = 0.3)
     layer ffn = mlp(d_ff = 24)
     stack {{ repeat 2 {{ attn ffn }} }}
 }}
@@ -198,7 +199,7 @@ def test_granite_matches_transformers():
     m = model_of(GRANITE)
     hc = GraniteConfig(vocab_size=V, hidden_size=D, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
-                       attention_multiplier=8 ** -0.5, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       attention_multiplier=0.3, rms_norm_eps=1e-6, tie_word_embeddings=False,
                        attn_implementation="eager")
     hf = GraniteForCausalLM(hc)
     w = {"model.embed_tokens.weight": m.embed.weight, "model.norm.weight": m.final_norm.weight,
@@ -212,6 +213,16 @@ def test_granite_matches_transformers():
     hf = _load(hf, {k: v.detach().clone() for k, v in w.items()})
     with torch.no_grad():
         assert_close(m(IDS), hf(IDS).logits, HF_TOL, "GraniteForCausalLM")
+
+
+def test_attention_scale_changes_the_scores():
+    """`scale` replaces 1/sqrt(D); none is 1/sqrt(D) exactly."""
+    plain = model_of(GRANITE.replace(", scale = 0.3", ""))
+    same = model_of(GRANITE.replace("scale = 0.3", f"scale = {8 ** -0.5!r}"))
+    other = model_of(GRANITE)
+    with torch.no_grad():
+        assert torch.equal(plain(IDS), same(IDS))
+        assert (plain(IDS) - other(IDS)).abs().max() > 1e-3
 
 
 def test_zero_centred_rmsnorm_matches_gemma3():
