@@ -7,6 +7,7 @@ routers compute their logits and scores in fp32 even in a float64 module):
     GptOssMLP       router bias, topk_softmax, expert biases, clamped SwiGLU
     Qwen3NextSparseMoeBlock  softmax renorm, a shared expert of its own width behind a sigmoid gate
     Llama4TextMoe   top-1 sigmoid routing that weighs the expert input, plus a shared expert
+    KimiLinearMoE   DeepSeek-V3 routing with n_shared shared experts (Kimi-Linear)
     NemotronHMoE    relu2 experts, sigmoid + selection bias in groups, renorm, scaling, a relu2 shared expert
     GraniteMoeHybridMoE + GraniteMoeHybridMLP   topk_softmax experts plus a shared expert of its own width
     Qwen2MoeForCausalLM  a whole model: a dense first layer, then gated shared-expert MoE layers
@@ -435,3 +436,25 @@ def test_granite_moe_hybrid_matches_transformers():
     x = hidden(T=23)
     with torch.no_grad():
         assert_close(m(x), moe(x) + shared(x), HF_TOL, "GraniteMoeHybridMoE + shared_mlp")
+
+
+def test_kimi_linear_moe_matches_transformers():
+    """Kimi-Linear's MoE routes as DeepSeek-V3 (sigmoid, selection bias, groups, renorm, 2.446 scaling) with
+    shared experts of n_shared * moe_intermediate_size."""
+    from transformers import KimiLinearConfig
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearMoE
+
+    cfg = cfg_of(experts=8, top_k=2, d_ff=12, routing="sigmoid_topk_renorm", groups=4, top_groups=2,
+                 selection_bias=True, routed_scale=2.446, shared_d_ff=24)
+    m = ours(cfg, std=0.3)
+    hc = KimiLinearConfig(hidden_size=D, num_experts=8, num_experts_per_token=2, moe_intermediate_size=12,
+                          num_shared_experts=2, num_expert_group=4, topk_group=2, moe_renormalize=True,
+                          routed_scaling_factor=2.446, vocab_size=16, num_hidden_layers=1)
+    ex = m.experts
+    hf = _load(KimiLinearMoE(hc), {"gate.weight": m.router.weight, "gate.e_score_correction_bias": m.selection_bias,
+                                   "experts.gate_up_proj": torch.cat([ex.gate_proj, ex.up_proj], 1),
+                                   "experts.down_proj": ex.down_proj, **_shared(m, "shared_experts")})
+    assert sum(p.numel() for p in hf.parameters()) == MOE_KIND.count(cfg, D)
+    x = hidden(T=23)
+    with torch.no_grad():
+        assert_close(m(x), hf(x), HF_TOL, "KimiLinearMoE")
