@@ -208,7 +208,6 @@ def test_deepseek_v3_moe_matches_transformers():
     hc = DeepseekV3Config(hidden_size=D, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=2,
                           n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
                           norm_topk_prob=True, hidden_act="silu", num_hidden_layers=1, vocab_size=16)
-    hc.moe_intermediate_size = 12
     hf = DeepseekV3MoE(hc)
     hf.shared_experts = type(hf.shared_experts)(hc, intermediate_size=20)  # Fs = 20: a width of its own
     ex = m.experts
