@@ -45,6 +45,7 @@ class Word:
 class NormValue:
     kind: str
     eps: float
+    zero_centred: bool = False
 
 
 def did_you_mean(name: str, candidates) -> str:
@@ -363,16 +364,21 @@ def _call(node: ast.Call, scope: Scope) -> Any:
     args = [evaluate(a, scope) for a in node.args]
     kwargs = {k.name: (evaluate(k.value, scope), k.pos) for k in node.kwargs}
     if node.func in ("rmsnorm", "layernorm"):
+        allowed = ["eps", "zero_centred"] if node.func == "rmsnorm" else ["eps"]
         if args:
-            raise EvalError(node.pos, f"{node.func}() takes only eps = ...")
+            raise EvalError(node.pos, f"{node.func}() takes only {' = ..., '.join(allowed)} = ...")
         for k, (_, kpos) in kwargs.items():
-            if k != "eps":
-                raise EvalError(kpos, f"unknown parameter '{k}' of {node.func}(){did_you_mean(k, ['eps'])}")
+            if k not in allowed:
+                extra = " (zero_centred is an rmsnorm setting)" if k == "zero_centred" else ""
+                raise EvalError(kpos, f"unknown parameter '{k}' of {node.func}(){did_you_mean(k, allowed)}{extra}")
         eps = kwargs.get("eps", (1e-5, node.pos))[0]
         eps = _numeric(eps, node.pos, "eps")
         if not 0 < eps < 1:
             raise EvalError(node.pos, f"eps must be between 0 and 1, got {eps:g}")
-        return NormValue(node.func, float(eps))
+        centred, cpos = kwargs.get("zero_centred", (False, node.pos))
+        if not isinstance(centred, bool):
+            raise EvalError(cpos, f"zero_centred must be true or false, got {describe(centred)}")
+        return NormValue(node.func, float(eps), centred)
     fns: dict[str, tuple[int, Callable]] = {
         "cdiv": (2, lambda a, b: -(-a // b)),
         "min": (-1, min),

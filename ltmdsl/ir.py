@@ -45,10 +45,15 @@ class Dtype:
 
 @dataclass(frozen=True)
 class NormConfig:
-    """Normalisation before a sub-layer (and at the end of the stack): rmsnorm or layernorm."""
+    """Normalisation before a sub-layer (and at the end of the stack): rmsnorm or layernorm.
+
+    zero_centred (rmsnorm only; Gemma, Qwen3-Next): the learned weight w is stored centred on zero and the
+    norm scales by (1 + w), so a zero-initialised weight is the identity scale. Same parameter count.
+    """
 
     kind: str  # "rmsnorm" | "layernorm"
     eps: float
+    zero_centred: bool = False
 
     @property
     def params_per_channel(self) -> int:
@@ -118,11 +123,12 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class SubLayer:
-    """One residual sub-layer of the stack: x = x + mixer(norm(x)).
+    """One residual sub-layer of the stack: x = x + mixer(norm(x)), or with a post-norm (Gemma-3's sandwich
+    norms) x = x + post_norm(mixer(norm(x))); the model's residual_scale multiplies what is added.
 
     `definition` is the spec's layer name (`attn`, `ssm`); `tie_group` names the shared block whose
     weights this sub-layer reuses (Zamba-style), None when it owns its weights. `params` counts the
-    mixer and its norm; sub-layers of one tie group with the same `tie_slot` share those parameters.
+    mixer and its norms; sub-layers of one tie group with the same `tie_slot` share those parameters.
     """
 
     index: int
@@ -133,6 +139,7 @@ class SubLayer:
     pos: SourcePos
     tie_group: str | None = None
     tie_slot: int | None = None
+    post_norm: NormConfig | None = None
 
     @property
     def kind(self) -> str:
@@ -148,7 +155,14 @@ class SubLayer:
 
 @dataclass(frozen=True)
 class ModelIR:
-    """A resolved model: embedding, the flat stack of sub-layers, the final norm and the output head."""
+    """A resolved model: embedding, the flat stack of sub-layers, the final norm and the output head.
+
+    Model-level scalars (none adds a parameter), in the order they act:
+        h = embed(ids) * embed_scale            Gemma: sqrt(d_model); muP embedding multipliers (Granite)
+        h = h + residual_scale * branch         every sub-layer's output (Granite's residual_multiplier)
+        z = head(final_norm(h)) * logit_scale   Granite: 1 / logits_scaling; Falcon-H1: lm_head_multiplier
+        z = logit_cap * tanh(z / logit_cap)     final-logit soft cap (Gemma-2, RecurrentGemma); none: no cap
+    """
 
     name: str
     vocab: int  # V
@@ -160,6 +174,10 @@ class ModelIR:
     pos: SourcePos
     source_hash: str  # sha256 of the source text(s) the model came from
     source_text: str = ""  # the spec text this model came from (for self-describing checkpoints)
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0
+    logit_cap: float | None = None
 
     @property
     def embedding_params(self) -> int:

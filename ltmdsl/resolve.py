@@ -17,11 +17,14 @@ from ltmdsl.evaluate import (
     ROPE_SCALINGS, EvalError, NormValue, Scope, Word, as_int, describe, did_you_mean, evaluate, rope_scaling_usage,
 )
 from ltmdsl.ir import Dtype, ModelIR, NormConfig, RopeScaling, SourcePos, SubLayer
-from ltmdsl.kinds import NORM_PARAM, REGISTRY, CheckError, Kind, ModelContext, Param
+from ltmdsl.kinds import NORM_PARAM, POST_NORM_PARAM, REGISTRY, CheckError, Kind, ModelContext, Param
 from ltmdsl.units import DTYPE_ALIASES, DTYPES, dtype as lookup_dtype
 
 MAX_SUBLAYERS = 100_000
-MODEL_SETTINGS = ("vocab", "d_model", "dtype", "norm", "head")
+MODEL_SETTINGS = ("vocab", "d_model", "dtype", "norm", "head", "embed_scale", "residual_scale", "logit_scale",
+                  "logit_cap")
+#: Model-level scalars (ModelIR): name -> default; a number > 0 each (logit_cap: none = no cap).
+MODEL_SCALARS = {"embed_scale": 1.0, "residual_scale": 1.0, "logit_scale": 1.0, "logit_cap": None}
 DEFAULT_NORM = NormConfig("rmsnorm", 1e-5)
 ROPE_SCALING_USAGE = "llama3(...), linear(...), dynamic(...), yarn(...) or longrope(...)"
 
@@ -74,7 +77,7 @@ def coerce(value: Any, p: Param, pos: SourcePos, scope: Scope, owner: str) -> An
             return NormConfig(value.name, 1e-5)
         if not isinstance(value, NormValue):
             raise EvalError(pos, f"{what} must be rmsnorm(eps = ...) or layernorm(eps = ...), got {describe(value)}")
-        return NormConfig(value.kind, value.eps)
+        return NormConfig(value.kind, value.eps, value.zero_centred)
     if p.type == "rope_scaling":  # the call was already checked when it was evaluated (evaluate._rope_scaling)
         if not isinstance(value, RopeScaling):
             raise EvalError(pos, f"{what} must be {ROPE_SCALING_USAGE} or none, got {describe(value)}")
@@ -188,6 +191,23 @@ class ModelResolver:
         ok = ok and vocab is not None and d_model is not None
         return vocab, d_model, dtype, norm, isinstance(hv, Word) and hv.name == "tied", ok
 
+    def _scalars(self) -> tuple[dict[str, float | None], bool]:
+        """The model-level scalars (MODEL_SCALARS), each a positive number; (values, ok)."""
+        out, ok = {}, True
+        for name, default in MODEL_SCALARS.items():
+            value, pos = self._setting(name, default)
+            if value is None and name == "logit_cap":
+                out[name] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or value == float("inf"):
+                self.rep.at(pos, f"{name} must be a positive number{' or none' if name == 'logit_cap' else ''}, "
+                            f"got {describe(value)}")
+                ok = False
+                continue
+            out[name] = float(value)
+        return out, ok
+
     # ---- layer definitions --------------------------------------------------------------------
 
     def _find_layer(self, name: str) -> ast.LayerDef | None:
@@ -201,9 +221,9 @@ class ModelResolver:
         """Evaluate and type-check keyword arguments; missing required ones are reported."""
         values: dict[str, Any] = {}
         for kw in kwargs:
-            p = NORM_PARAM if kw.name == "norm" else kind.param_index.get(kw.name)
+            p = {"norm": NORM_PARAM, "post_norm": POST_NORM_PARAM}.get(kw.name) or kind.param_index.get(kw.name)
             if p is None:
-                names = list(kind.param_index) + ["norm"]
+                names = list(kind.param_index) + ["norm", "post_norm"]
                 raise EvalError(kw.pos, f"unknown parameter '{kw.name}' of {kind.name}{did_you_mean(kw.name, names)}"
                                 f" (parameters: {', '.join(names)})")
             if kw.name in values:
@@ -212,7 +232,7 @@ class ModelResolver:
         return values
 
     def _build(self, name: str, overrides: tuple[ast.KwArg, ...], ctx: ModelContext, pos: SourcePos):
-        """(config, norm, params) of layer `name` with per-position overrides; memoised."""
+        """(config, norm, post_norm, params) of layer `name` with per-position overrides; memoised."""
         key = (name, tuple((k.name, k.value) for k in overrides))
         if key in self._built:
             return self._built[key]
@@ -248,8 +268,10 @@ class ModelResolver:
             self.rep.at(where, f"layer '{name}': {e}")
             raise _Unresolved() from None
         norm = values.get("norm", ctx.norm)
+        post = values.get("post_norm")
         params = kind.count(config, ctx.d_model) + norm.params_per_channel * ctx.d_model
-        self._built[key] = (config, norm, params)
+        params += post.params_per_channel * ctx.d_model if post is not None else 0
+        self._built[key] = (config, norm, post, params)
         return self._built[key]
 
     # ---- stack expansion ----------------------------------------------------------------------
@@ -395,6 +417,8 @@ class ModelResolver:
             else:
                 overrides[i] = ov
         vocab, d_model, dtype, norm, tied, settings_ok = settings
+        scalars, scalars_ok = self._scalars()
+        settings_ok = settings_ok and scalars_ok
         if d_model is None:  # without a width no layer can be checked
             self._warn_unused()
             return None
@@ -405,14 +429,14 @@ class ModelResolver:
             if i in overrides:
                 kw = kw + overrides[i].kwargs
             try:
-                config, lnorm, params = self._build(name, kw, ctx, pos)
+                config, lnorm, post, params = self._build(name, kw, ctx, pos)
             except _Unresolved:
                 continue
             if group is not None:
-                first = tied_configs.setdefault((group, slot), (config, lnorm, name))
-                if first[:2] != (config, lnorm):
+                first = tied_configs.setdefault((group, slot), (config, lnorm, post, name))
+                if first[:3] != (config, lnorm, post):
                     self.rep.at(pos, f"shared block '{group}': slot {slot} differs between uses")
-            layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot))
+            layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot, post))
         for name, d in self.layer_defs.items():  # unused definitions are still checked
             if name not in self.used_defs and REGISTRY.get(d.kind) is not None:
                 with contextlib.suppress(_Unresolved):  # already reported
@@ -421,7 +445,7 @@ class ModelResolver:
         if self.rep.has_errors or not settings_ok:
             return None
         return ModelIR(self.node.name, vocab, d_model, dtype, norm, tied, tuple(layers), self.node.pos,
-                       self.source_hash, self.source_text)
+                       self.source_hash, self.source_text, **scalars)
 
     def _warn_unused(self) -> None:
         for name, d in {**self.layer_defs, **self.block_defs}.items():

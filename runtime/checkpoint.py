@@ -5,7 +5,8 @@
     model = ltmdsl.load_checkpoint("m.safetensors")   # the top-level loader: parses the embedded spec first
 
 Tensors are stored under the parameter names of docs/CONTRACTS.md, each shared (tied) tensor once, under
-the first name `named_parameters()` gives it. Metadata keys: ltmdsl.spec (the model's source text),
+the first name `named_parameters()` gives it, and persistent buffers beside them (the MoE's selection bias: state
+that is not a parameter, as transformers counts it, yet part of the model). Metadata keys: ltmdsl.spec (the model's source text),
 ltmdsl.model (its name), ltmdsl.source_hash, ltmdsl.version, ltmdsl.dtype. The runtime never parses spec
 text: `load` takes the ModelIR (ltmdsl/checkpoints.py parses the embedded text and hands it over).
 Before anything is allocated, every tensor's name, shape and dtype in the header is compared with the
@@ -30,13 +31,20 @@ from ltmdsl.runtime.model import LTModel
 from ltmdsl.tensorfile import TORCH_TO_SAFETENSORS, Header, TensorInfo, check_fits, check_tensors, read_header
 
 
+def stored_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> tensor of everything a checkpoint holds: the parameters (each shared one once) and the
+    persistent buffers (those `state_dict` keeps), in `named_parameters()` / `named_buffers()` order."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in persistent}}
+
+
 def save(model: LTModel, path: str | os.PathLike) -> Path:
     """Write `model`'s weights and spec text to `path` atomically; returns the path."""
     ir = model.ir
     if not ir.source_text:
         raise ValueError(f"model {ir.name!r} has no source_text (built from a hand-made IR?): "
                          "a checkpoint must carry its spec; build it from ltmdsl.load(...)")
-    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}
+    tensors = {name: p.detach().contiguous().cpu() for name, p in stored_tensors(model).items()}
     meta = {
         "ltmdsl.spec": ir.source_text,
         "ltmdsl.model": ir.name,
@@ -67,7 +75,7 @@ def expected_tensors(ir: ModelIR, stored: torch.dtype) -> dict[str, TensorInfo]:
     with torch.device("meta"):
         net = LTModel(ir, kernels_for("torch", ir))
     code = TORCH_TO_SAFETENSORS[str(stored).removeprefix("torch.")]
-    return {name: TensorInfo(code, tuple(p.shape)) for name, p in net.named_parameters()}
+    return {name: TensorInfo(code, tuple(p.shape)) for name, p in stored_tensors(net).items()}
 
 
 def warn_nonfinite(tensors, where: str) -> list[str]:
@@ -103,7 +111,7 @@ def load(
     build_bytes = ir.params_total * (4 + (torch.empty((), dtype=dtype).element_size() if dtype != torch.float32 else 0))
     check_fits(build_bytes + max((t.nbytes for t in header.tensors.values()), default=0), f"model {ir.name}")
     model = build(ir, backend=backend, device=device, dtype=dtype, init=False)
-    params = dict(model.named_parameters())
+    params = stored_tensors(model)
     with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
         for name, p in params.items():
             p.copy_(f.get_tensor(name))

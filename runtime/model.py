@@ -1,8 +1,10 @@
 """The runnable model: embedding, the flat stack of pre-norm residual sub-layers, final norm, LM head.
 
-    h = embed(ids)                                   [B, T, d]
-    for each sub-layer i:  h = h + mixer_i(norm_i(h))   (the residual add is fused into the next norm)
-    logits = lm_head(final_norm(h))                  [B, T, V]   (tied: embed.weight is the head)
+    h = embed(ids) * embed_scale                     [B, T, d]
+    for each sub-layer i:  h = h + residual_scale * post_norm_i(mixer_i(norm_i(h)))
+                           (post_norm only where the layer has one; the add is fused into the next norm)
+    logits = lm_head(final_norm(h)) * logit_scale    [B, T, V]   (tied: embed.weight is the head)
+    logits = logit_cap * tanh(logits / logit_cap)    when the model has a final-logit soft cap
 
 `forward(ids, cache=None, output="logits")` runs prefill, chunked prefill or decode: with a cache, each
 call continues at position `cache.seen` and advances it; a one-token call uses each mixer's `step`.
@@ -37,16 +39,26 @@ def build_mixer(layer: SubLayer, d: int, kernels: Kernels, place: LayerPlace) ->
 
 
 class Block(nn.Module):
-    """One residual sub-layer: `norm` (pre-norm, fused with the pending residual add) and `mixer`."""
+    """One residual sub-layer: `norm` (pre-norm, fused with the pending residual add), `mixer`, and
+    `post_norm` on the mixer's output when the layer has one (sandwich norms)."""
 
     def __init__(self, layer: SubLayer, d: int, kernels: Kernels, place: LayerPlace):
         super().__init__()
         self.norm = Norm(layer.norm, d, kernels)
         self.mixer = build_mixer(layer, d, kernels, place)
+        self.post_norm = Norm(layer.post_norm, d, kernels) if layer.post_norm is not None else None
 
     def init_weights(self, gen: torch.Generator) -> None:
         self.norm.init_weights(gen)
         self.mixer.init_weights(gen)
+        if self.post_norm is not None:
+            self.post_norm.init_weights(gen)
+
+    def branch(self, out: torch.Tensor, residual_scale: float) -> torch.Tensor:
+        """What the sub-layer adds to the residual stream: residual_scale * post_norm(mixer output) [..., d]."""
+        if self.post_norm is not None:
+            out = self.post_norm(out, None)[0]
+        return out * residual_scale if residual_scale != 1.0 else out
 
 
 class LTModel(nn.Module):
@@ -127,9 +139,14 @@ class LTModel(nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Normalised hidden states [..., d] -> logits [..., V]."""
+        """Normalised hidden states [..., d] -> logits [..., V], scaled and soft-capped as the model says."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return h @ w.t()
+        logits = h @ w.t()  # [..., V]
+        if self.ir.logit_scale != 1.0:
+            logits = logits * self.ir.logit_scale
+        if self.ir.logit_cap is not None:
+            logits = self.ir.logit_cap * torch.tanh(logits / self.ir.logit_cap)
+        return logits
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, output: str = "logits") -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] ("logits"), [B, 1, V] ("last") or hidden [B, T, d] ("hidden")."""
@@ -141,6 +158,8 @@ class LTModel(nn.Module):
             raise ValueError(f"cache was allocated for batch {cache.batch_size}, got {B}")
         decode = cache is not None and T == 1
         h = self.embed(input_ids)  # [B, T, d]
+        if self.ir.embed_scale != 1.0:
+            h = h * self.ir.embed_scale
         pending = None  # the previous mixer's output, added into h by the next norm
         for i, block in enumerate(self.layers):
             normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)
@@ -149,6 +168,7 @@ class LTModel(nn.Module):
                 pending = block.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
             else:
                 pending = block.mixer(normed, state, pos0)  # [B, T, d]
+            pending = block.branch(pending, self.ir.residual_scale)  # [B, T, d]
         normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
         if cache is not None:
             cache.seen += T

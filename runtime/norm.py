@@ -1,6 +1,8 @@
 """The pre-norm of each sub-layer and the final norm: RMSNorm or LayerNorm fused with the residual add.
 
-Parameter names: `weight` [d] (and `bias` [d] for layernorm), as docs/CONTRACTS.md lists them.
+Parameter names: `weight` [d] (and `bias` [d] for layernorm), as docs/CONTRACTS.md lists them. A zero-centred
+RMSNorm (Gemma, Qwen3-Next: NormConfig.zero_centred) stores w centred on zero, initialised to 0, and scales by
+(1 + w), computed in the weight's dtype.
 `OPS` declares the kernel op the norms call through the kernels bundle (add_rmsnorm; LayerNorm runs its
 PyTorch op directly), the way each runtime kind declares its own (runtime/kernels.py).
 """
@@ -33,17 +35,21 @@ class Norm(nn.Module):
         super().__init__()
         if cfg.kind not in HAS_BIAS:
             raise ValueError(f"no runtime norm {cfg.kind!r}; expected one of {sorted(HAS_BIAS)}")
+        if cfg.zero_centred and cfg.kind != "rmsnorm":
+            raise ValueError(f"zero_centred is an rmsnorm setting, not {cfg.kind!r}")
         self.kind, self.eps, self.kernels = cfg.kind, cfg.eps, kernels
-        self.weight = nn.Parameter(torch.ones(d))
+        self.zero_centred = cfg.zero_centred
+        self.weight = nn.Parameter(torch.zeros(d) if cfg.zero_centred else torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if HAS_BIAS[cfg.kind] else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if self.bias is None:  # rmsnorm (HAS_BIAS)
-            return self.kernels.add_rmsnorm(x, residual, self.weight, eps=self.eps)
+            weight = 1 + self.weight if self.zero_centred else self.weight  # [d]
+            return self.kernels.add_rmsnorm(x, residual, weight, eps=self.eps)
         return add_layernorm(x, residual, self.weight, self.bias, eps=self.eps)
 
     def init_weights(self, gen: torch.Generator) -> None:
-        init.ones_(self.weight)
+        (init.zeros_ if self.zero_centred else init.ones_)(self.weight)
         init.zeros_(self.bias)
 
 

@@ -54,6 +54,19 @@ def test_show_table_totals(capsys):
     assert out.count("rope=10000 rope_dim=64") == 3  # Bamba's three attention layers rotate half of each head
 
 
+def test_show_names_moe_variants_norms_and_scalars(tmp_path, capsys):
+    path = tmp_path / "g.ltm"
+    path.write_text("model g { vocab = 64 d_model = 16 norm = rmsnorm(eps = 1e-6, zero_centred = true)\n"
+                    "embed_scale = d_model ** 0.5 logit_cap = 30.0\n"
+                    "layer a = attention(heads = 2, post_norm = rmsnorm(eps = 1e-6, zero_centred = true))\n"
+                    "layer e = moe(experts = 4, d_ff = 8, shared_d_ff = 8, shared_gate = true)\n"
+                    "stack { a e } }\n")
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "post_norm=rmsnorm (1+w)" in out and "final   rmsnorm (1+w)" in out
+    assert "shared=8 gated" in out and "embed_scale=4 logit_cap=30" in out
+
+
 def test_fmt_check_and_write(tmp_path, capsys):
     path = tmp_path / "m.ltm"
     path.write_text("model m{vocab=4 d_model=8 layer f=mlp(d_ff=2) stack{f}}\n")

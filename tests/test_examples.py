@@ -26,6 +26,7 @@ PUBLISHED = {
     "recurrentgemma-2b.ltm": 2_682_862_080,  # transformers 5.24 on google/recurrentgemma-2b's config
     "xlstm-7b.ltm": 6_865_424_896,  # transformers 5.24, xLSTMConfig's defaults (xLSTM-7B's dimensions)
     "minimax-text-01.ltm": 456_089_655_296,  # transformers 5.24 on MiniMax-Text-01's dimensions
+    "qwen1.5-moe-a2.7b.ltm": 14_315_784_192,  # transformers' Qwen2MoeConfig() defaults: this model's sizes
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",
@@ -53,6 +54,14 @@ def test_mixtral_active_parameters():
     # 2 of 8 experts per token: 46.7B total, 12.9B active (Mistral AI's "12.9B active").
     m = ltmdsl.load(EXAMPLES / "mixtral-8x7b.ltm").model
     assert m.params_active == 12_879_925_248
+
+
+def test_qwen_moe_active_parameters():
+    # 4 of 60 routed experts per token; the router, the shared expert and its gate are always active:
+    # 2.69B active of 14.3B (Qwen's "A2.7B").
+    m = ltmdsl.load(EXAMPLES / "qwen1.5-moe-a2.7b.ltm").model
+    assert m.params_total - m.params_active == 24 * (60 - 4) * 3 * 2048 * 1408
+    assert m.params_active == 2_689_173_504
 
 
 def test_tiny_hybrid_covers_every_mixer():

@@ -21,13 +21,27 @@ def dims(m) -> str:
     return kind_of(m).dims(m)
 
 
+def norm_text(n) -> str:
+    """A norm as the table shows it: its kind, `(1+w)` when zero-centred."""
+    return n.kind + (" (1+w)" if n.zero_centred else "")
+
+
+def scalars(model: ModelIR) -> str:
+    """The model-level scalars that differ from their defaults, e.g. `embed_scale=8 logit_cap=30`."""
+    given = [(n, getattr(model, n)) for n in ("embed_scale", "residual_scale", "logit_scale")
+             if getattr(model, n) != 1.0] + ([("logit_cap", model.logit_cap)] if model.logit_cap is not None else [])
+    return " ".join(f"{n}={v:g}" for n, v in given)
+
+
 def table(model: ModelIR) -> str:
     rows = [("#", "kind", "layer", "dims", "params")]
     rows.append(("", "embed", "", f"V={model.vocab} d={model.d_model}", f"{model.embedding_params:,}"))
     for layer in model.layers:
         tied = f" (tied: {layer.tie_group})" if layer.tie_group and layer not in model.unique_layers() else ""
-        rows.append((str(layer.index), layer.kind, layer.definition, dims(layer.mixer) + tied, f"{layer.params:,}"))
-    rows.append(("", "norm", "final", model.final_norm.kind, f"{model.final_norm_params:,}"))
+        post = f" post_norm={norm_text(layer.post_norm)}" if layer.post_norm is not None else ""
+        rows.append((str(layer.index), layer.kind, layer.definition, dims(layer.mixer) + post + tied,
+                     f"{layer.params:,}"))
+    rows.append(("", "norm", "final", norm_text(model.final_norm), f"{model.final_norm_params:,}"))
     rows.append(("", "head", "tied" if model.tie_embeddings else "untied", "", f"{model.head_params:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = []
@@ -41,7 +55,8 @@ def table(model: ModelIR) -> str:
         kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
     lines.append("")
     lines.append(f"model {model.name}: {len(model.layers)} sub-layers ("
-                 + ", ".join(f"{n} {k}" for k, n in kinds.items()) + f"), dtype {model.dtype}")
+                 + ", ".join(f"{n} {k}" for k, n in kinds.items()) + f"), dtype {model.dtype}"
+                 + (f", {scalars(model)}" if scalars(model) else ""))
     lines.append(f"params_total  {model.params_total:>18,}  ({format_count(model.params_total)})")
     if model.params_active != model.params_total:
         lines.append(f"params_active {model.params_active:>18,}  ({format_count(model.params_active)}, per token)")

@@ -75,16 +75,20 @@ class AttentionConfig(LayerConfig):
     chunk: int | None = None  # Llama-4: attention only within aligned chunks of this many tokens
     query_pre_attn_scalar: float | None = None  # Gemma-2/3: softmax scale s^-1/2 instead of D^-1/2
     kind: str = field(default="attention", init=False)
+    scale: float | None = None  # the score scale; None = 1/sqrt(D) (Granite's attention_multiplier otherwise)
+
+    @property
+    def score_scale(self) -> float:
+        """What q.k is multiplied by before the softmax: `scale` (Granite's attention_multiplier), else
+        query_pre_attn_scalar^-1/2 (Gemma-2/3), else head_dim^-1/2."""
+        if self.scale is not None:
+            return self.scale
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def plain_softmax(self) -> bool:
         """True when the scores go straight into a softmax (no sinks, no soft cap): the SDPA kernels apply."""
         return not self.sinks and self.softcap is None
-
-    @property
-    def scale(self) -> float:
-        """The softmax scale: query_pre_attn_scalar^-1/2 when given (Gemma-2/3), else head_dim^-1/2."""
-        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def span(self) -> int | None:
@@ -157,11 +161,14 @@ def build(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
     if v["sinks"] and not v["causal"]:
         raise CheckError("attention sinks are implemented for causal attention only; drop sinks or causal = false",
                          "sinks")
+    if v["scale"] is not None and v["query_pre_attn_scalar"] is not None:
+        raise CheckError("scale and query_pre_attn_scalar both set the softmax scale; give one", "scale")
     return AttentionConfig(
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, window=v["window"],
         rope_theta=float(v["rope_theta"]) if v["rope_theta"] is not None else None, causal=v["causal"],
         qkv_bias=v["qkv_bias"], out_bias=v["out_bias"], qk_norm=v["qk_norm"], rope_scaling=v["rope_scaling"],
-        rope_dim=rope_dim, gate=v["gate"], sinks=v["sinks"],
+        rope_dim=rope_dim, scale=float(v["scale"]) if v["scale"] is not None else None, gate=v["gate"],
+        sinks=v["sinks"],
         softcap=float(v["softcap"]) if v["softcap"] is not None else None, qk_l2_norm=v["qk_l2_norm"],
         chunk=v["chunk"],
         query_pre_attn_scalar=float(v["query_pre_attn_scalar"]) if v["query_pre_attn_scalar"] is not None else None,
@@ -294,6 +301,8 @@ def dims(c: AttentionConfig) -> str:
     text += f" softcap={c.softcap:g}" if c.softcap is not None else ""
     text += " qk_l2" if c.qk_l2_norm else ""
     text += f" scale=1/sqrt({c.query_pre_attn_scalar:g})" if c.query_pre_attn_scalar is not None else ""
+    if c.scale is not None:
+        text += f" scale={c.scale:g}"
     return text
 
 
@@ -330,6 +339,8 @@ KIND = Kind(
               doc="chunked attention (Llama-4): queries see only the earlier keys of their chunk (default: none)"),
         Param("query_pre_attn_scalar", "float", None, nullable=True, min=1e-9,
               doc="softmax scale query_pre_attn_scalar^-1/2 (Gemma-2/3; default: none = head_dim)"),
+        Param("scale", "float", None, nullable=True, min=1e-9,
+              doc="attention score scale (default: none = 1/sqrt(head_dim)); Granite's attention_multiplier"),
     ),
     is_ffn=False,
     build=build,

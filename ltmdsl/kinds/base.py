@@ -34,7 +34,7 @@ from ltmdsl.ir import Dtype, LayerConfig, NormConfig
 
 #: Activations of dense and expert MLPs; the first two are gated (gate, up, down).
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2", "relu")
-GATED = ("swiglu", "geglu")
+GATED = ("swiglu", "geglu", "swiglu_clamped")  # the last: MoE experts only (gpt-oss)
 #: The memory components a layer's cache and state belong to (the runtime's per-layer `component`).
 CACHE_COMPONENTS = ("kv_cache", "recurrent_state")
 
@@ -59,6 +59,8 @@ class Param:
 
 #: The parameter every kind accepts in addition to its own: the sub-layer's pre-norm.
 NORM_PARAM = Param("norm", "norm", doc="pre-norm of this sub-layer (default: the model's norm)")
+#: ... and its post-norm, applied to the sub-layer's output before the residual add (Gemma-3's sandwich norms).
+POST_NORM_PARAM = Param("post_norm", "norm", nullable=True, doc="post-norm of this sub-layer's output (default: none)")
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,42 @@
-"""Sparse mixture of experts with a linear top-k router: its IR config and every pure facet.
+"""Sparse mixture of experts: a linear router over E experts, top-k per token, optional shared experts.
 
-Parameters: the router d*E and E experts (no biases); a token touches the router and k experts, so the
-other E - k experts are `inactive`. Expert parallelism shards the experts (ep must divide E).
+What a token computes (M tokens, router logits l = x W_r^T (+ b_r) [M, E]):
+    scores     s = softmax(l) or sigmoid(l)                    (routing *_topk*: softmax; sigmoid_*: sigmoid)
+    selection  c = s (+ selection_bias, DeepSeek-V3's `e_score_correction_bias`: used to choose, never to weigh);
+               with `groups` G > 1 (DeepSeek's n_group) the experts form G groups of E/G, each group scored
+               by the sum of its two best c (`group_score = top2_sum`, DeepSeek-V3) or its best c (`max`,
+               DeepSeek-V2), and only the `top_groups` best groups (topk_group) stay eligible
+    weights    w = s at the k chosen experts, divided by their sum when the routing renormalises
+               (`*_renorm`), times `routed_scale` (DeepSeek's routed_scaling_factor);
+               topk_softmax (gpt-oss, Granite) is a softmax over the k chosen logits instead
+    output     sum_j w_j * expert_j(x)   or, with `weight_input` (Llama-4),  sum_j expert_j(w_j * x)
+               + shared(x), times sigmoid(x . g) with `shared_gate` (Qwen2-MoE / Qwen3-Next)
+Experts are MLPs with the model's activations or gpt-oss's clamped SwiGLU
+    swiglu_clamped: g = min(gate, limit); u = clamp(up, -limit, limit); h = g * sigmoid(alpha * g) * (u + 1)
+and optional biases (`expert_bias`, gpt-oss: gate and up [F], down [d] per expert). The shared expert is
+one dense MLP of width `shared_d_ff` (DeepSeek's moe_intermediate_size * n_shared_experts), no biases.
+
+Parameters (exactly as `transformers` counts them; the selection bias is a buffer there, not a parameter,
+so it is stored but not counted):
+    router d*E (+ E router bias) + E * expert + shared (3|2)*d*Fs (+ d for the shared gate)
+    expert = (3|2)*d*F (+ 2F + d | F + d with expert_bias)
+A token touches the router, the shared expert and k experts: the other E - k experts are `inactive`.
+Expert parallelism shards the routed experts (ep must divide E); the router and the shared expert are dense.
 It keeps nothing between decode steps (no cache), and its FLOPs are projections only.
-Prefill workspace for a chunk of Cc = min(C, T) tokens:
-    a * b * Cc/c * k * (2d + F*(3|2)/t) + 4 * b * Cc/c * E   (dispatch + expert MLPs + fp32 router)
+Prefill workspace for a chunk of Cc = min(C, T) tokens (n = b * Cc/c tokens):
+    a * n * (k * (2d + F*(3|2)/t) + Fs*(3|2)/t) + 4 * n * E * (2 if the selection scores differ else 1)
+    (dispatch + expert MLPs + shared MLP + fp32 router scores, and fp32 selection scores)
 Training activations (dropless top-k, perfectly balanced routing so expert parallelism moves tokens but
 not bytes), per micro-batch:
     replicated  norm input and router input 2a*sbh; router logits and probabilities fp32 8*sb*E;
-                k dispatched copies of the input and k expert outputs 2k*a*sbh
-    split       each of the k expert MLPs as a dense MLP: k * (3|2) * a*sb*F
+                k dispatched copies of the input and k expert outputs 2k*a*sbh; with weight_input the
+                k weighted copies k*a*sbh; with shared_gate the shared output and the gate a*sb*(h + 1)
+    split       each of the k expert MLPs as a dense MLP: k * (3|2) * a*sb*F; the shared MLP (3|2) * a*sb*Fs
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,16 +49,24 @@ from ltmdsl.kinds.base import (
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
 R = sympy.Rational
-ROUTINGS = ("softmax_topk_renorm", "softmax_topk", "topk_softmax")
+ROUTINGS = ("softmax_topk_renorm", "softmax_topk", "topk_softmax", "sigmoid_topk_renorm", "sigmoid_topk")
+#: The experts' activations: the MLP's, plus gpt-oss's clamped SwiGLU (gated: gate, up and down).
+EXPERT_ACTIVATIONS = (*ACTIVATIONS, "swiglu_clamped")
+GROUP_SCORES = ("top2_sum", "max")
+#: gpt-oss's clamped SwiGLU constants (transformers' GptOssConfig swiglu_limit, GptOssExperts alpha).
+SWIGLU_LIMIT, SWIGLU_ALPHA = 7.0, 1.702
 
 
 @dataclass(frozen=True)
 class MoEConfig(LayerConfig):
-    """Sparse mixture of experts: a linear router over E experts, top-k per token.
+    """Sparse mixture of experts: a linear router over E experts, top-k per token (module docstring).
 
-    routing "softmax_topk_renorm" (Mixtral): softmax over all experts, keep top-k, renormalise to sum 1.
-    routing "softmax_topk" (Jamba): softmax over all experts, keep top-k, no renormalisation.
-    routing "topk_softmax": keep top-k logits, softmax over those (equivalent to Mixtral's, kept for clarity).
+    routing "softmax_topk_renorm" (Mixtral, Qwen3): softmax over all experts, keep top-k, renormalise.
+    routing "softmax_topk" (Jamba, DeepSeek-V2): softmax over all experts, keep top-k, no renormalisation.
+    routing "topk_softmax" (gpt-oss, Granite): softmax over the top-k logits (equals Mixtral's).
+    routing "sigmoid_topk_renorm" (DeepSeek-V3, Kimi, Nemotron-3): sigmoid scores, keep top-k, renormalise.
+    routing "sigmoid_topk" (Llama-4): sigmoid scores, keep top-k as they are.
+    Defaults of the fields after `kind` leave a plain Mixtral-style MoE.
     """
 
     experts: int  # E
@@ -44,24 +75,107 @@ class MoEConfig(LayerConfig):
     activation: str
     routing: str
     kind: str = field(default="moe", init=False)
+    groups: int = 1  # G, DeepSeek's n_group
+    top_groups: int = 1  # groups kept per token (topk_group); == groups when not grouped
+    group_score: str = "top2_sum"  # "top2_sum" | "max"; meaningful only when groups > 1
+    selection_bias: bool = False  # a per-expert bias [E] added to the scores for selection only
+    routed_scale: float = 1.0  # routed_scaling_factor
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float = SWIGLU_LIMIT  # swiglu_clamped only
+    swiglu_alpha: float = SWIGLU_ALPHA  # swiglu_clamped only
+    shared_d_ff: int = 0  # Fs, 0: no shared expert
+    shared_gate: bool = False  # sigmoid(x . g) scales the shared expert's output
+    weight_input: bool = False  # the routing weight scales each expert's input (Llama-4), not its output
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED
+
+    @property
+    def renormalise(self) -> bool:
+        return self.routing.endswith("_renorm")
+
+    @property
+    def score(self) -> str:
+        """The function of the logits the weights come from: softmax, sigmoid or (topk_softmax) none."""
+        return "logits" if self.routing == "topk_softmax" else self.routing.split("_")[0]
+
+    def variants(self) -> tuple[str, ...]:
+        """The settings beyond a plain Mixtral/Jamba-style MoE that this config uses (fields off their
+        defaults), so a mapping that knows only plain MoEs can refuse the others by name."""
+        plain = MoEConfig(self.experts, self.top_k, self.d_ff, self.activation, self.routing)
+        return tuple(f.name for f in dataclasses.fields(self)
+                     if f.name not in ("experts", "top_k", "d_ff", "activation", "routing", "kind")
+                     and getattr(self, f.name) != getattr(plain, f.name)
+                     and not (f.name.startswith("swiglu_") and self.activation != "swiglu_clamped"))
 
     def expert_params(self, d_model: int) -> int:
-        """Parameters of one expert (no biases): gate, up and down for gated activations."""
-        return (3 if self.activation in GATED else 2) * d_model * self.d_ff
+        """Parameters of one routed expert: gate, up and down for gated activations, and their biases."""
+        bias = ((2 * self.d_ff if self.gated else self.d_ff) + d_model) if self.expert_bias else 0
+        return (3 if self.gated else 2) * d_model * self.d_ff + bias
+
+    def shared_params(self, d_model: int) -> int:
+        """Parameters of the shared expert and its gate (0 without one)."""
+        return (3 if self.gated else 2) * d_model * self.shared_d_ff + (d_model if self.shared_gate else 0)
 
     def inactive_params(self, d_model: int) -> int:
-        """Parameters a token does not touch: the experts it is not routed to."""
+        """Parameters a token does not touch: the routed experts it is not routed to."""
         return (self.experts - self.top_k) * self.expert_params(d_model)
 
 
 def build(v: dict[str, Any], ctx: ModelContext) -> MoEConfig:
-    if v["top_k"] > v["experts"]:
-        raise CheckError(f"top_k ({v['top_k']}) exceeds experts ({v['experts']})", "top_k")
-    return MoEConfig(experts=v["experts"], top_k=v["top_k"], d_ff=v["d_ff"], activation=v["act"], routing=v["routing"])
+    E, k, routing = v["experts"], v["top_k"], v["routing"]
+    if k > E:
+        raise CheckError(f"top_k ({k}) exceeds experts ({E})", "top_k")
+    G = v["groups"]
+    if G > 1:
+        if routing == "topk_softmax":
+            raise CheckError("grouped selection needs scores; topk_softmax has none (softmax_topk_renorm routes "
+                             "identically)", "groups")
+        if E % G:
+            raise CheckError(f"experts ({E}) must be a multiple of groups ({G})", "groups")
+    top_groups = v["top_groups"] if v["top_groups"] is not None else G
+    if v["top_groups"] is not None and G == 1:
+        raise CheckError("top_groups needs groups > 1", "top_groups")
+    if top_groups > G:
+        raise CheckError(f"top_groups ({top_groups}) exceeds groups ({G})", "top_groups")
+    if v["group_score"] is not None and G == 1:
+        raise CheckError("group_score needs groups > 1", "group_score")
+    group_score = v["group_score"] or "top2_sum"
+    if G > 1 and group_score == "top2_sum" and E // G < 2:
+        raise CheckError(f"group_score top2_sum needs at least 2 experts per group, got {E // G}",
+                         "group_score" if v["group_score"] else "groups")
+    if k > top_groups * (E // G):
+        raise CheckError(f"top_k ({k}) exceeds the {top_groups * (E // G)} experts of the top_groups "
+                         f"({top_groups} of {G} groups of {E // G})", "top_k")
+    if v["selection_bias"] and routing == "topk_softmax":
+        raise CheckError("selection_bias needs scores; topk_softmax has none (softmax_topk_renorm routes "
+                         "identically)", "selection_bias")
+    act = v["act"]
+    limit, alpha = v["swiglu_limit"], v["swiglu_alpha"]
+    if act != "swiglu_clamped":
+        for name in ("swiglu_limit", "swiglu_alpha"):
+            if v[name] is not None:
+                raise CheckError(f"{name} applies to act = swiglu_clamped only (act is {act})", name)
+    if v["shared_gate"] and v["shared_d_ff"] == 0:
+        raise CheckError("shared_gate needs a shared expert (shared_d_ff > 0)", "shared_gate")
+    if v["shared_d_ff"] and act == "swiglu_clamped":
+        raise CheckError("a shared expert uses the MLP activations; swiglu_clamped is for routed experts only",
+                         "shared_d_ff")
+    return MoEConfig(
+        experts=E, top_k=k, d_ff=v["d_ff"], activation=act, routing=routing, groups=G, top_groups=top_groups,
+        group_score=group_score, selection_bias=v["selection_bias"], routed_scale=float(v["routed_scale"]),
+        router_bias=v["router_bias"], expert_bias=v["expert_bias"],
+        swiglu_limit=SWIGLU_LIMIT if limit is None else float(limit),
+        swiglu_alpha=SWIGLU_ALPHA if alpha is None else float(alpha),
+        shared_d_ff=v["shared_d_ff"], shared_gate=v["shared_gate"], weight_input=v["weight_input"],
+    )
 
 
 def count(c: MoEConfig, d: int) -> int:
-    return d * c.experts + c.experts * c.expert_params(d)
+    router = d * c.experts + (c.experts if c.router_bias else 0)
+    return router + c.experts * c.expert_params(d) + c.shared_params(d)
 
 
 def inactive(c: MoEConfig, d: int) -> int:
@@ -69,42 +183,82 @@ def inactive(c: MoEConfig, d: int) -> int:
 
 
 def split(c: MoEConfig, d: int) -> Split:
-    """Expert parallelism shards the experts (ep must divide E); the router is dense."""
+    """Expert parallelism shards the routed experts (ep must divide E); the router and shared expert are dense."""
     return Split(ep=(("experts", c.experts),), expert_params=c.experts * c.expert_params(d))
+
+
+def _second_scores(c: MoEConfig) -> bool:
+    """Whether selection works on scores other than the weights' (a bias or a group mask)."""
+    return c.selection_bias or c.groups > 1
 
 
 def workspace(c: MoEConfig, d: int, s):
     tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
     a = s.activation_dtype.bytes
-    return a * tok * c.top_k * (2 * d + ffn_width(c.activation, c.d_ff) / R(s.tp)) + 4 * tok * c.experts
+    width = c.top_k * (2 * d + ffn_width(c.activation, c.d_ff) / R(s.tp)) + ffn_width(c.activation, c.shared_d_ff) / R(s.tp)
+    return a * tok * width + 4 * tok * c.experts * (2 if _second_scores(c) else 1)
 
 
 def stored(c: MoEConfig, x, selective: bool):
     a, tok = x.a, x.tok
-    return (x.base + x.rep(8 * tok * c.experts + 2 * c.top_k * a * tok * x.h)
-            + x.split(c.top_k * a * tok * ffn_width(c.activation, c.d_ff)))
+    rep = 8 * tok * c.experts + 2 * c.top_k * a * tok * x.h
+    if c.weight_input:
+        rep += c.top_k * a * tok * x.h
+    if c.shared_gate:
+        rep += a * tok * (x.h + 1)
+    split_ = c.top_k * a * tok * ffn_width(c.activation, c.d_ff) + a * tok * ffn_width(c.activation, c.shared_d_ff)
+    return x.base + x.rep(rep) + x.split(split_)
 
 
 def flops(c: MoEConfig) -> dict[str, Flops]:
-    """Nothing beyond its projections (the router and the k routed experts, counted as active parameters)."""
+    """Nothing beyond its projections (router, shared expert and the k routed experts: active parameters)."""
     return {}
 
 
 def dims(c: MoEConfig) -> str:
-    return f"E={c.experts} k={c.top_k} d_ff={c.d_ff} {c.activation} {c.routing}"
+    parts = [f"E={c.experts} k={c.top_k} d_ff={c.d_ff} {c.activation} {c.routing}"]
+    if c.groups > 1:
+        parts.append(f"groups={c.top_groups}/{c.groups} {c.group_score}")
+    if c.selection_bias:
+        parts.append("selection_bias")
+    if c.routed_scale != 1.0:
+        parts.append(f"scale={c.routed_scale:g}")
+    if c.router_bias or c.expert_bias:
+        parts.append("bias=" + "+".join(n for n, on in (("router", c.router_bias), ("experts", c.expert_bias)) if on))
+    if c.activation == "swiglu_clamped":
+        parts.append(f"limit={c.swiglu_limit:g} alpha={c.swiglu_alpha:g}")
+    if c.shared_d_ff:
+        parts.append(f"shared={c.shared_d_ff}" + (" gated" if c.shared_gate else ""))
+    if c.weight_input:
+        parts.append("weight_input")
+    return " ".join(parts)
 
 
 KIND = Kind(
     name="moe",
-    doc="Sparse mixture of experts with a linear top-k router.",
+    doc="Sparse mixture of experts with a linear top-k router and optional shared experts.",
     config=MoEConfig,
     params=(
         Param("experts", "int", required=True, min=1, doc="E"),
         Param("top_k", "int", 2, min=1, doc="experts per token k"),
         Param("d_ff", "int", required=True, min=1, doc="hidden width of each expert"),
-        Param("act", "enum", "swiglu", choices=ACTIVATIONS),
+        Param("act", "enum", "swiglu", choices=EXPERT_ACTIVATIONS),
         Param("routing", "enum", "softmax_topk_renorm", choices=ROUTINGS,
-              doc="softmax_topk_renorm (Mixtral), softmax_topk (Jamba), topk_softmax"),
+              doc="softmax_topk_renorm (Mixtral), softmax_topk (Jamba), topk_softmax, sigmoid_topk_renorm "
+                  "(DeepSeek-V3), sigmoid_topk (Llama-4)"),
+        Param("groups", "int", 1, min=1, doc="expert groups G for group-limited selection (n_group)"),
+        Param("top_groups", "int", None, nullable=True, min=1, doc="groups kept per token (topk_group; default G)"),
+        Param("group_score", "enum", None, nullable=True, choices=GROUP_SCORES,
+              doc="how a group is scored: top2_sum (DeepSeek-V3, default) or max (DeepSeek-V2)"),
+        Param("selection_bias", "bool", False, doc="per-expert bias added for selection only (noaux_tc)"),
+        Param("routed_scale", "float", 1.0, min=1e-9, doc="factor on the routing weights"),
+        Param("router_bias", "bool", False),
+        Param("expert_bias", "bool", False, doc="biases on every expert projection (gpt-oss)"),
+        Param("swiglu_limit", "float", None, nullable=True, min=1e-9, doc="swiglu_clamped clamp (default 7)"),
+        Param("swiglu_alpha", "float", None, nullable=True, min=1e-9, doc="swiglu_clamped slope (default 1.702)"),
+        Param("shared_d_ff", "int", 0, min=0, doc="width of the shared expert (0: none)"),
+        Param("shared_gate", "bool", False, doc="sigmoid gate on the shared expert (Qwen)"),
+        Param("weight_input", "bool", False, doc="routing weights scale the expert input (Llama-4)"),
     ),
     is_ffn=True,
     build=build,

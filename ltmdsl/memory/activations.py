@@ -8,7 +8,8 @@ replicated ones are split along the sequence too, so everything is /t.
 Each layer kind states what its sub-layer stores (the `stored` facet in ltmdsl/kinds/<kind>.py, given
 a `MicroBatch` from here): attention after Korthikanti et al. 2022 section 4.1 (generalised to GQA and
 Dv), the MLP and MoE likewise, Mamba-1 after `mamba_inner_fn`, Mamba-2 after its fused kernel. Every
-sub-layer stores its norm input and the norm output fed to the mixer, 2a*sbh (replicated): `MicroBatch.base`.
+sub-layer stores its norm input and the norm output fed to the mixer, 2a*sbh (replicated): `MicroBatch.base`;
+one with a post-norm (Gemma-3's sandwich norms) also the post-norm's input, a*sbh (replicated).
 The paper's GPT block (MHA, a=2, dropout, no flash) is 13sbh + 5as^2b for attention and 21sbh for the
 GELU MLP; both together sbh(34 + 5as/h), with TP sbh(10 + 24/t + 5as/(ht)) (`korthikanti_per_layer`).
 Recompute:
@@ -66,13 +67,16 @@ class MicroBatch:
         return self.rep(2 * self.a * self.tok * self.h)
 
 
-def stored(m, model: ModelIR, s: Settings, recompute: str | None = None):
+def stored(m, model: ModelIR, s: Settings, recompute: str | None = None, post_norm=None):
     """Bytes one sub-layer stores for backward, per micro-batch, under `recompute` none|selective.
 
+    A sub-layer with a post-norm (sandwich norms) also stores that norm's input, a*sbh (replicated).
     Full recompute is handled by `checkpoint` and the working set; pass none or selective here.
     """
     recompute = recompute or s.recompute
-    return kinds.kind_of(m).stored(m, MicroBatch(model, s), recompute != "none")
+    x = MicroBatch(model, s)
+    post = x.rep(x.a * x.tok * x.h) if post_norm is not None else 0
+    return kinds.kind_of(m).stored(m, x, recompute != "none") + post
 
 
 def checkpoint(model: ModelIR, s: Settings):

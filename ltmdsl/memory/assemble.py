@@ -67,14 +67,14 @@ def stage_ranges(n_layers: int, pp: int) -> list[range]:
 
 
 def _groups(model: ModelIR, layers: range) -> tuple[dict, dict, int]:
-    """(mixer,norm) -> count; owner params per kind (dense, expert); number of recompute checkpoints."""
+    """(mixer, norm, post_norm) -> count; owner params per kind (dense, expert); number of recompute checkpoints."""
     counts: dict = {}
     params: dict[str, list[int]] = {}
     seen: set = set()
     checkpoints = 0
     for i in layers:
         layer = model.layers[i]
-        key = (layer.mixer, layer.norm)
+        key = (layer.mixer, layer.norm, layer.post_norm)
         counts[key] = counts.get(key, 0) + 1
         prev_is_mixer = i > 0 and not model.layers[i - 1].is_ffn
         if not (layer.is_ffn and prev_is_mixer and i - 1 in layers):
@@ -125,7 +125,7 @@ def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: b
 
 def _inference(st: StageExprs, model: ModelIR, s: Settings, counts: dict, last: bool) -> None:
     workspaces: dict[str, sympy.Expr] = {}
-    for (mixer, _norm), n in counts.items():
+    for (mixer, _norm, _post), n in counts.items():
         kind = kinds.kind_of(mixer)
         for term in kind.cache(mixer, s):
             st.add(term.component, kind.name if term.part is None else f"{kind.name}/{term.part}", n * term.bytes)
@@ -143,12 +143,14 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
     flight = training.in_flight(st.index, s)
     if s.recompute == "full":
         st.add("activations", "checkpoints", flight * checkpoints * activations.checkpoint(model, s))
-        mixers = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if not kinds.kind_of(m).is_ffn]
-        ffns = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if kinds.kind_of(m).is_ffn]
+        mixers = [activations.stored(m, model, s, "none", post) for (m, _, post), _n in counts.items()
+                  if not kinds.kind_of(m).is_ffn]
+        ffns = [activations.stored(m, model, s, "none", post) for (m, _, post), _n in counts.items()
+                if kinds.kind_of(m).is_ffn]
         working = (sympy.Max(*mixers) if mixers else ZERO) + (sympy.Max(*ffns) if ffns else ZERO)
         st.add("activations", "working set", working)
     else:
-        for (mixer, _norm), n in counts.items():
-            st.add("activations", mixer.kind, flight * n * activations.stored(mixer, model, s))
+        for (mixer, _norm, post), n in counts.items():
+            st.add("activations", mixer.kind, flight * n * activations.stored(mixer, model, s, post_norm=post))
     if last:
         st.add("logits", "head", training.loss_logits(model, s))

@@ -80,13 +80,16 @@ def model_states(dense: int, expert: int, s: Settings) -> dict[str, sympy.Expr]:
 
 
 def loss_logits(model: ModelIR, s: Settings):
-    """fp32 logits of one micro-batch on the last stage: 4*b*(min(C, s) if chunked else s)*V/t."""
+    """fp32 logits of one micro-batch on the last stage: 4*b*(min(C, s) if chunked else s)*V/t, twice with a
+    final-logit soft cap (its tanh output is kept for backward beside the capped logits the loss keeps;
+    measured with autograd's saved-tensor hooks: 2.00 logits-sized tensors instead of 1.00)."""
     p = s.parallel
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
     if s.chunked_loss:
         tokens = sympy.Min(C, tokens)
-    return 4 * b * tokens * model.vocab / R(p.tp)
+    copies = 2 if model.logit_cap is not None else 1
+    return copies * 4 * b * tokens * model.vocab / R(p.tp)
 
 
 def in_flight(stage: int, s: Settings):

@@ -97,7 +97,7 @@ class Attention(nn.Module):
         R = cfg.rotary_dim
         if cfg.rope_theta is not None and (R % 2 or not 2 <= R <= D):  # IRs built by hand skip the front end
             raise ValueError(f"rope_dim must be even and in [2, head_dim = {D}], got {R}")
-        self.scale = cfg.scale  # D^-1/2, or query_pre_attn_scalar^-1/2
+        self.scale = cfg.score_scale  # `scale`, query_pre_attn_scalar^-1/2 or D^-1/2
         if cfg.gate and Dv != D:
             raise ValueError(f"gate needs v_head_dim = head_dim, got {Dv} and {D}")
         self.q_proj = nn.Linear(d, H * D * (2 if cfg.gate else 1), bias=cfg.qkv_bias)  # [q_h ; gate_h] per head

@@ -1,12 +1,16 @@
-"""Sparse mixture-of-experts feed-forward sub-layer: a router and E stacked experts, top-k per token.
+"""Sparse mixture-of-experts feed-forward sub-layer: a router, E stacked experts and an optional shared expert.
 
-MoE routing over E experts, top-k per token (ir.MoEConfig):
-    softmax_topk_renorm (Mixtral): p = softmax(router(x)); keep top-k; divide by their sum
-    softmax_topk        (Jamba):   p = softmax(router(x)); keep top-k as they are
-    topk_softmax:                  softmax over the top-k logits (equals Mixtral's)
-Expert weights are stacked: gate_proj/up_proj [E, F, d], down_proj [E, d, F] (transformers' layout); the
-activations are the MLP's (runtime/kinds/mlp.py). Every token's k experts are computed exactly (no
-capacity limit, no dropped tokens).
+Routing (ltmdsl/kinds/moe.py states it in full): scores s = softmax or sigmoid of the router logits; the
+k experts are chosen on s (+ the selection bias), within the `top_groups` best of `groups` expert groups;
+their weights are s at those experts, renormalised when the routing says so, times `routed_scale`
+(topk_softmax: a softmax over the k chosen logits). The weighted expert outputs (or, with `weight_input`,
+the outputs of the weighted inputs) are summed, plus the shared expert, gated by sigmoid(shared_gate(x))
+when it has a gate.
+Expert weights are stacked: gate_proj/up_proj [E, F, d], down_proj [E, d, F] (transformers' layout), with
+biases gate_bias/up_bias [E, F] and down_bias [E, d] when `expert_bias`; the activations are the MLP's
+(runtime/kinds/mlp.py) plus gpt-oss's clamped SwiGLU. The selection bias is a buffer `selection_bias` [E]
+(in the state dict, not a parameter: transformers does not count it either). Every token's k experts are
+computed exactly (no capacity limit, no dropped tokens).
 
 The runtime entry `KIND` (runtime/kinds/__init__.py): the module, no cache, no kernel ops and its
 parameter names.
@@ -19,73 +23,134 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ltmdsl.kinds.mlp import MLPConfig
 from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.kinds import RuntimeKind
-from ltmdsl.runtime.kinds.mlp import GATED, activate
+from ltmdsl.runtime.kinds.mlp import MLP, activate
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
 
 
-class Experts(nn.Module):
-    """Stacked expert weights: gate_proj [E,F,d] (gated only), up_proj [E,F,d], down_proj [E,d,F]."""
+def expert_activation(cfg: MoEConfig, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [m, F] -> [m, F]: the MLP activations, or gpt-oss's clamped SwiGLU
+    g = min(gate, limit), u = clamp(up, -limit, limit), g * sigmoid(alpha * g) * (u + 1)."""
+    if cfg.activation != "swiglu_clamped":
+        return activate(cfg.activation, gate, up)
+    g = gate.clamp(max=cfg.swiglu_limit)  # [m, F]
+    u = up.clamp(-cfg.swiglu_limit, cfg.swiglu_limit)  # [m, F]
+    return g * torch.sigmoid(cfg.swiglu_alpha * g) * (u + 1)
 
-    def __init__(self, E: int, F_: int, d: int, gated: bool):
+
+class Experts(nn.Module):
+    """Stacked expert weights: gate_proj [E,F,d] (gated only), up_proj [E,F,d], down_proj [E,d,F], and biases."""
+
+    def __init__(self, E: int, F_: int, d: int, gated: bool, bias: bool):
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(E, F_, d)) if gated else None
         self.up_proj = nn.Parameter(torch.empty(E, F_, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, F_))
+        self.gate_bias = nn.Parameter(torch.empty(E, F_)) if gated and bias else None
+        self.up_bias = nn.Parameter(torch.empty(E, F_)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(E, d)) if bias else None
 
     def init_weights(self, gen: torch.Generator) -> None:
         for p in (self.gate_proj, self.up_proj, self.down_proj):
             if p is not None:
                 init.normal_(p, gen)
+        for p in (self.gate_bias, self.up_bias, self.down_bias):
+            if p is not None:
+                init.zeros_(p)
+
+    def one(self, cfg: MoEConfig, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x [m, d] -> [m, d]."""
+        gate = x @ self.gate_proj[e].t() if self.gate_proj is not None else None  # [m, F]
+        up = x @ self.up_proj[e].t()  # [m, F]
+        if self.up_bias is not None:
+            up = up + self.up_bias[e]
+            gate = gate + self.gate_bias[e] if gate is not None else None
+        out = expert_activation(cfg, gate, up) @ self.down_proj[e].t()  # [m, d]
+        return out + self.down_bias[e] if self.down_bias is not None else out
 
 
-def route(logits: torch.Tensor, top_k: int, routing: str) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, cfg: MoEConfig,
+          selection_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [M, E] -> (weights [M, k] in the logits' work dtype, expert indices [M, k])."""
     work = logits.double() if logits.dtype == torch.float64 else logits.float()
-    if routing == "topk_softmax":
-        top, idx = torch.topk(work, top_k, dim=-1)
-        return torch.softmax(top, dim=-1), idx
-    probs = torch.softmax(work, dim=-1)  # [M, E]
-    w, idx = torch.topk(probs, top_k, dim=-1)  # [M, k]
-    if routing == "softmax_topk_renorm":
+    k = cfg.top_k
+    if cfg.routing == "topk_softmax":
+        top, idx = torch.topk(work, k, dim=-1)  # [M, k]
+        return torch.softmax(top, dim=-1) * cfg.routed_scale, idx
+    if cfg.score == "softmax":
+        scores = torch.softmax(work, dim=-1)  # [M, E]
+    elif cfg.score == "sigmoid":
+        scores = torch.sigmoid(work)  # [M, E]
+    else:
+        raise ValueError(f"unknown MoE routing {cfg.routing!r}")
+    choice = scores if selection_bias is None else scores + selection_bias.to(work.dtype)  # [M, E]
+    if cfg.groups > 1:
+        M, G = choice.shape[0], cfg.groups
+        grouped = choice.view(M, G, -1)  # [M, G, E/G]
+        if cfg.group_score == "top2_sum":
+            gscore = grouped.topk(2, dim=-1).values.sum(-1)  # [M, G]
+        else:
+            gscore = grouped.max(dim=-1).values  # [M, G]
+        keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gscore.topk(cfg.top_groups, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep[:, :, None].expand_as(grouped).reshape_as(choice), float("-inf"))
+    idx = torch.topk(choice, k, dim=-1).indices  # [M, k]
+    w = scores.gather(1, idx)  # [M, k]
+    if cfg.renormalise:
         w = w / w.sum(-1, keepdim=True)
-    elif routing != "softmax_topk":
-        raise ValueError(f"unknown MoE routing {routing!r}")
-    return w, idx
+    return w * cfg.routed_scale, idx
 
 
 class MoE(nn.Module):
-    """Top-k mixture of experts: x [..., d] -> [..., d]; names router.weight [E,d] and experts.*."""
+    """Top-k mixture of experts: x [..., d] -> [..., d]; names router.*, experts.*, shared.*, shared_gate.weight."""
 
     def __init__(self, cfg: MoEConfig, d: int):
         super().__init__()
         self.cfg = cfg
-        self.router = nn.Linear(d, cfg.experts, bias=False)
-        self.experts = Experts(cfg.experts, cfg.d_ff, d, cfg.activation in GATED)
+        self.router = nn.Linear(d, cfg.experts, bias=cfg.router_bias)
+        self.experts = Experts(cfg.experts, cfg.d_ff, d, cfg.gated, cfg.expert_bias)
+        if cfg.selection_bias:
+            self.register_buffer("selection_bias", torch.zeros(cfg.experts))
+        else:
+            self.selection_bias = None
+        self.shared = MLP(MLPConfig(cfg.shared_d_ff, cfg.activation, False), d) if cfg.shared_d_ff else None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if cfg.shared_gate else None
 
     def init_weights(self, gen: torch.Generator) -> None:
         init.linear_(self.router, gen)
         self.experts.init_weights(gen)
+        if self.selection_bias is not None:
+            init.zeros_(self.selection_bias)
+        if self.shared is not None:
+            self.shared.init_weights(gen)
+        if self.shared_gate is not None:
+            init.linear_(self.shared_gate, gen)
 
     def forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
         cfg = self.cfg
         shape = x.shape
         xf = x.reshape(-1, shape[-1])  # [M, d]
-        w, idx = route(self.router(xf), cfg.top_k, cfg.routing)  # [M, k], [M, k]
+        w, idx = route(self.router(xf), cfg, self.selection_bias)  # [M, k], [M, k]
         out = torch.zeros_like(xf)  # [M, d]
-        ex = self.experts
         for e in range(cfg.experts):
             tok, slot = torch.where(idx == e)  # tokens routed to expert e, and which of their k slots
             if tok.numel() == 0:
                 continue
-            xe = xf[tok]  # [m, d]
-            gate = xe @ ex.gate_proj[e].t() if ex.gate_proj is not None else None  # [m, F]
-            he = activate(cfg.activation, gate, xe @ ex.up_proj[e].t()) @ ex.down_proj[e].t()  # [m, d]
-            out.index_add_(0, tok, (he * w[tok, slot, None].to(he.dtype)).to(out.dtype))
+            we = w[tok, slot, None].to(xf.dtype)  # [m, 1]
+            if cfg.weight_input:
+                he = self.experts.one(cfg, e, xf[tok] * we)  # [m, d]
+            else:
+                he = self.experts.one(cfg, e, xf[tok]) * we  # [m, d]
+            out.index_add_(0, tok, he.to(out.dtype))
+        if self.shared is not None:
+            shared = self.shared(xf)  # [M, d]
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(xf)) * shared  # [M, 1] * [M, d]
+            out = out + shared
         return out.view(shape)
 
     def step(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
@@ -98,9 +163,19 @@ def build(cfg: MoEConfig, d: int, eps: float, kernels: "Kernels") -> MoE:
 
 
 def state_names(cfg: MoEConfig) -> tuple[str, ...]:
-    """The parameters a `MoE` owns: the router and the stacked experts (gate_proj only when gated)."""
-    experts = (["gate_proj"] if cfg.activation in GATED else []) + ["up_proj", "down_proj"]
-    return ("router.weight", *(f"experts.{p}" for p in experts))
+    """The state a `MoE` owns: the router (and its bias), the stacked experts (gate_proj only when gated,
+    biases with expert_bias), the selection-bias buffer, the shared expert and its gate."""
+    experts = (["gate_proj"] if cfg.gated else []) + ["up_proj", "down_proj"]
+    if cfg.expert_bias:
+        experts += (["gate_bias"] if cfg.gated else []) + ["up_bias", "down_bias"]
+    names = ["router.weight", *(["router.bias"] if cfg.router_bias else []), *(f"experts.{p}" for p in experts)]
+    if cfg.selection_bias:
+        names.append("selection_bias")
+    if cfg.shared_d_ff:
+        names += [f"shared.{p}.weight" for p in (["gate_proj"] if cfg.gated else []) + ["up_proj", "down_proj"]]
+    if cfg.shared_gate:
+        names.append("shared_gate.weight")
+    return tuple(names)
 
 
 KIND = RuntimeKind(

@@ -242,3 +242,29 @@ def test_saving_to_an_unwritable_place_names_the_file(tmp_path):
     model = build(ltmdsl.loads(SHARED))
     with pytest.raises(OSError, match="cannot write checkpoint /proc/x/m.safetensors"):
         checkpoint.save(model, "/proc/x/m.safetensors")
+
+
+SELECTION_BIAS = """
+model biased_moe {
+    vocab = 32
+    d_model = 16
+    dtype = fp32
+    layer a = attention(heads = 2)
+    layer e = moe(experts = 4, top_k = 1, d_ff = 8, routing = sigmoid_topk_renorm, selection_bias = true,
+                  shared_d_ff = 8)
+    stack { a e }
+}
+"""
+
+
+def test_selection_bias_buffer_round_trips(tmp_path):
+    """The MoE's selection bias is a buffer (not a parameter, as transformers counts it) and is saved too."""
+    model = build(ltmdsl.loads(SELECTION_BIAS), seed=3)
+    bias = model.layers[1].mixer.selection_bias
+    with torch.no_grad():
+        bias.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0]))  # every token now chooses expert 1
+    back = ltmdsl.load_checkpoint(checkpoint.save(model, tmp_path / "m.safetensors"))
+    assert torch.equal(back.layers[1].mixer.selection_bias, bias)
+    assert back.num_parameters() == model.ir.params_total  # the buffer is stored, not counted
+    ids = torch.arange(10)[None] % 32
+    assert torch.equal(back(ids), model(ids))
