@@ -97,9 +97,9 @@ def test_variants_in_dims():
 def test_query_pre_attn_scalar_sets_the_softmax_scale():
     """Gemma-3-27B: head_dim 128, query_pre_attn_scalar 168: scale 168^-1/2; without it head_dim^-1/2."""
     _, layer = layer_of("attention(heads = 32, kv_heads = 16, head_dim = 128, query_pre_attn_scalar = 168)", 5376)
-    assert layer.mixer.scale == 168 ** -0.5 and "scale=1/sqrt(168)" in dims(layer.mixer)
+    assert layer.mixer.score_scale == 168 ** -0.5 and "scale=1/sqrt(168)" in dims(layer.mixer)
     _, plain = layer_of("attention(heads = 32, kv_heads = 16, head_dim = 128)", 5376)
-    assert plain.mixer.scale == 128 ** -0.5 and plain.params == layer.params
+    assert plain.mixer.score_scale == 128 ** -0.5 and plain.params == layer.params
 
 
 def test_gemma3_local_global_is_two_definitions():
