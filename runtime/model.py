@@ -122,10 +122,13 @@ class LTModel(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight [V, d] (the embedding's when tied): what a chunked loss multiplies by."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Normalised hidden states [..., d] -> logits [..., V]."""
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return h @ w.t()
+        return h @ self.head_weight().t()
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, output: str = "logits") -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] ("logits"), [B, 1, V] ("last") or hidden [B, T, d] ("hidden")."""
