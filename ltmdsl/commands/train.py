@@ -52,7 +52,7 @@ def run(args) -> int:
 
     from ltmdsl.evals import TaskError, VocabError
     from ltmdsl.train import metrics
-    from ltmdsl.train.loop import TrainConfig, train
+    from ltmdsl.train.loop import TrainConfig, task_data, train
     from ltmdsl.train.state import CheckpointError
 
     options = given_options(args)
@@ -67,6 +67,16 @@ def run(args) -> int:
     except ValueError as e:
         print(f"ltmdsl train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    from ltmdsl.train.recall import recall_warning
+
+    try:
+        context = task_data(config).options.context
+    except (TaskError, VocabError) as e:
+        print(f"ltmdsl train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    warning = recall_warning(ir, args.task, context)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     show = not args.json and sys.stderr.isatty()
     bar = tqdm(total=args.stop_after or args.steps, unit="step", disable=not show, file=sys.stderr, desc=ir.name)
     last = None
