@@ -43,10 +43,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         work = rows.dtype
         with torch.autocast(device_type=rows.device.type, enabled=False):
             w = weight.to(work)  # [V, d]
+            acc = torch.float64 if work == torch.float64 else torch.float32  # the softmax's dtype
             grad_rows = torch.empty_like(rows)  # [N, d]
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, d] fp32
-            total = torch.zeros((), dtype=torch.float64 if work == torch.float64 else torch.float32,
-                                device=rows.device)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)  # [V, d] fp32 (fp64)
+            total = torch.zeros((), dtype=acc, device=rows.device)
             correct = torch.zeros((), dtype=torch.int64, device=rows.device)
             for start in range(0, rows.shape[0], chunk):
                 h = rows[start:start + chunk]  # [c, d]
@@ -59,7 +59,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 probs = torch.exp(logits - lse[:, None])  # [c, V]: d loss / d logits = softmax - one_hot
                 probs.scatter_add_(1, t[:, None], torch.full_like(picked[:, None], -1.0))
                 grad_rows[start:start + chunk] = (probs.to(work) @ w).to(rows.dtype)  # [c, d]
-                grad_w += (probs.t() @ h.to(probs.dtype)).float()  # [V, d]
+                grad_w += probs.t() @ h.to(acc)  # [V, d]
         ctx.save_for_backward(grad_rows, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)
