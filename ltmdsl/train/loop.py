@@ -94,6 +94,9 @@ def run_record(ir: ModelIR, config: TrainConfig, data: TaskData) -> dict:
 
 
 def _check_resume(saved: dict, current: dict, out: str) -> None:
+    if saved.get("spec_hash") != current.get("spec_hash"):
+        raise state.CheckpointError(f"{out}: the run was trained from another spec (model {saved.get('model')!r}, "
+                                    f"source hash {saved.get('spec_hash')}); resume it with that spec")
     differ = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
     if differ:
         detail = "; ".join(f"{k}: run has {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
