@@ -101,3 +101,16 @@ def test_train_on_a_text_file(tmp_path, capsys):
     assert main(["train", str(spec), "--task", "text", "--data", str(data), "--context", "32", "--steps", "2",
                  "--out", str(tmp_path / "r2")]) == 2
     assert "byte tokenizer needs 259" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains(spec, tmp_path, capsys):
+    assert main(train_args(spec, tmp_path / "r", "--dtype", "bf16", "--json")) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(0 < r["loss"] < 10 for r in lines)
+
+
+def test_without_matplotlib_the_run_says_so(spec, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(metrics, "have_matplotlib", lambda: False)
+    assert main(train_args(spec, tmp_path / "r")) == 0
+    assert "matplotlib is not installed, so no plot was drawn" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "training.png").exists()
