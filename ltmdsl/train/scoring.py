@@ -6,6 +6,9 @@ decoded greedily, one token per step, each predicted token fed back as the next 
 user's generation would. The context between answers is the sample's own; the model's answers stay in the
 cache (a later question sees what the model said, not the truth). The score of a sample is the task's
 `accuracy` on the decoded answer tokens: the fraction of answers right in every token.
+
+`text` is the exception: its answer is the whole window and its score next-byte accuracy, so there the
+sample's own bytes are fed after each guess (teacher forcing) instead of the model's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import torch
 
 from ltmdsl.evals import Sample, Task
 
+#: tasks scored on next-token accuracy with the true context (see the module docstring)
+TEACHER_FORCED = ("text",)
+
 
 @dataclass(frozen=True)
 class Score:
@@ -29,8 +35,10 @@ class Score:
 
 
 @torch.inference_mode()
-def decode_answers(model, sample: Sample, chunk: int = 4096) -> np.ndarray:
-    """The model's greedy answer tokens for `sample`, concatenated in span order ([n_answer] int64)."""
+def decode_answers(model, sample: Sample, chunk: int = 4096, teacher_forced: bool = False) -> np.ndarray:
+    """The model's greedy answer tokens for `sample`, concatenated in span order ([n_answer] int64).
+
+    `teacher_forced` feeds the sample's own token after each guess instead of the guess."""
     tokens = torch.from_numpy(sample.tokens.astype(np.int64))[None].to(model.device)  # [1, T]
     last_span_end = sample.answer_spans[-1][1]
     cache = model.new_cache(1, last_span_end)
@@ -46,7 +54,8 @@ def decode_answers(model, sample: Sample, chunk: int = 4096) -> np.ndarray:
             guess = int(logits[0, -1].argmax())
             answers.append(guess)
             if t + 1 < end or end < last_span_end:
-                logits = model(torch.tensor([[guess]], device=model.device), cache, output="last")  # [1, 1, V]
+                fed_token = tokens[:, t:t + 1] if teacher_forced else torch.tensor([[guess]], device=model.device)
+                logits = model(fed_token, cache, output="last")  # [1, 1, V]
                 fed += 1
     return np.asarray(answers, dtype=np.int64)
 
@@ -59,7 +68,8 @@ def score(model, task: Task, options: Any, seed: int, samples: int, chunk: int =
         per = []
         for index in range(samples):
             sample = task.generate(options, seed, index)
-            per.append(float(task.accuracy(decode_answers(model, sample, chunk), sample)))
+            answers = decode_answers(model, sample, chunk, teacher_forced=task.name in TEACHER_FORCED)
+            per.append(float(task.accuracy(answers, sample)))
     finally:
         model.train(was_training)
     return Score(accuracy=float(np.mean(per)), samples=samples, per_sample=tuple(per))

@@ -48,3 +48,14 @@ def test_score_is_mean_exact_match():
     expected = [t.accuracy(decode_answers(model, t.generate(options, 1, i)), t.generate(options, 1, i))
                 for i in range(3)]
     assert result.per_sample == tuple(expected) and result.accuracy == pytest.approx(np.mean(expected))
+
+
+def test_teacher_forced_decoding_equals_argmax_of_one_forward():
+    model = ltmdsl.build(tiny_spec(), dtype=torch.float64, seed=2)
+    t = get_task("copy")
+    sample = t.generate(t.make_options(context=24, vocab_size=16), 0, 0)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(sample.tokens.astype(np.int64))[None])  # [1, T, V]
+    start, end = sample.answer_spans[0]
+    expected = logits[0, start - 1:end - 1].argmax(-1).numpy()
+    np.testing.assert_array_equal(decode_answers(model, sample, chunk=7, teacher_forced=True), expected)
