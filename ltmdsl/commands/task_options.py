@@ -31,7 +31,7 @@ def add_task_arguments(p, multi: tuple[str, ...] = ()) -> None:
         if name in OWN:
             continue
         flag = "--" + name.replace("_", "-")
-        group.add_argument(flag, dest=f"task_{name}", metavar="V" if name not in multi else "V",
+        group.add_argument(flag, dest=f"task_{name}", metavar="V",
                            nargs="+" if name in multi else None, help=", ".join(tasks))
 
 
