@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "emit": ("emit", "print one generated Triton kernel"),
     "import-hf": ("import_hf", "write a spec from a Hugging Face config.json"),
     "export-hf": ("export_hf", "write a Hugging Face folder (config + safetensors) from a spec or checkpoint"),
+    "train": ("train", "train a spec's model on an eval task (checkpoints, metrics, plot)"),
+    "eval": ("eval", "exact-match accuracy of trained checkpoints on the eval tasks, through the cache"),
 }
 
 

@@ -138,10 +138,13 @@ class LTModel(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight [V, d] (the embedding's when tied): what a chunked loss multiplies by."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Normalised hidden states [..., d] -> logits [..., V], scaled and soft-capped as the model says."""
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = h @ w.t()  # [..., V]
+        logits = h @ self.head_weight().t()  # [..., V]
         if self.ir.logit_scale != 1.0:
             logits = logits * self.ir.logit_scale
         if self.ir.logit_cap is not None:

@@ -1,0 +1,105 @@
+"""`ltmdsl train SPEC --task NAME [task options] --steps N --batch B --context T --out DIR`: train on a task.
+
+Builds the spec's model (fp32 weights; `--dtype bf16` runs the forward under bf16 autocast), trains it with
+AdamW on the task's answer tokens (ltmdsl.train) and writes checkpoints, DIR/metrics.jsonl and a plot to
+DIR. `--resume` continues the run in DIR from its latest checkpoint exactly as if it had not stopped.
+A progress bar goes to stderr when it is a terminal; `--json` prints each step's metrics as a JSON line.
+
+Exit codes: 0 trained, 1 invalid spec, a checkpoint that cannot be resumed or a failed run,
+2 usage errors (unknown task or option, vocab too small, bad values).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_model
+from ltmdsl.commands.stream import count
+from ltmdsl.commands.task_options import add_task_arguments, given_options
+
+
+def add_arguments(p) -> None:
+    p.add_argument("file", metavar="SPEC", help="spec file (.ltm)")
+    p.add_argument("--task", required=True, help="task to train on (hashhop, niah, mqar, vt, copy, induction, text)")
+    p.add_argument("--steps", type=count, required=True, metavar="N", help="optimizer steps")
+    p.add_argument("--batch", type=count, default=16, metavar="B", help="samples per micro-batch (default 16)")
+    p.add_argument("--context", type=count, metavar="T", help="tokens per sample (default: the task's)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, metrics, plot")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps (default 10), then cosine")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0; 0 = none)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (default 0.1)")
+    p.add_argument("--accum", type=count, default=1, metavar="K", help="micro-batches per step (default 1)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype (default fp32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
+    p.add_argument("--loss-chunk", type=count, default=1024, metavar="N", help="answer rows per loss chunk")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--stop-after", type=count, metavar="K", help="stop after K of the N steps (checkpointed; --resume continues)")
+    p.add_argument("--resume", action="store_true", help="continue the run in DIR from its latest checkpoint")
+    p.add_argument("--model", help="which model of the file (default: the last one)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--json", action="store_true", help="print each step's metrics as one JSON line")
+    add_task_arguments(p)
+
+
+def run(args) -> int:
+    _, ir, code = load_model(args.file, args.model, show_warnings=not args.json)
+    if ir is None:
+        return code
+    import json
+
+    from tqdm import tqdm
+
+    from ltmdsl.evals import TaskError, VocabError
+    from ltmdsl.train import metrics
+    from ltmdsl.train.loop import TrainConfig, task_data, train
+    from ltmdsl.train.state import CheckpointError
+
+    options = given_options(args)
+    if args.context is not None:
+        options["context"] = args.context
+    try:
+        config = TrainConfig(task=args.task, out=args.out, steps=args.steps, batch=args.batch, options=options,
+                             accum=args.accum, lr=args.lr, warmup=args.warmup, clip=args.clip,
+                             weight_decay=args.weight_decay, dtype=args.dtype, seed=args.seed,
+                             loss_chunk=args.loss_chunk, save_every=args.save_every, stop_after=args.stop_after,
+                             resume=args.resume, device=args.device)
+    except ValueError as e:
+        print(f"ltmdsl train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    from ltmdsl.train.recall import recall_warning
+
+    try:
+        context = task_data(config).options.context
+    except (TaskError, VocabError) as e:
+        print(f"ltmdsl train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    warning = recall_warning(ir, args.task, context)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    show = not args.json and sys.stderr.isatty()
+    bar = tqdm(total=args.stop_after or args.steps, unit="step", disable=not show, file=sys.stderr, desc=ir.name)
+    last = None
+    try:
+        for record in train(ir, config):
+            last = record
+            if bar.n == 0 and record["step"] > 1:
+                bar.update(record["step"] - 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['answer_token_acc']:.3f}")
+            if args.json:
+                print(json.dumps(record), flush=True)
+    except (TaskError, VocabError) as e:
+        print(f"ltmdsl train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as e:
+        print(f"ltmdsl train: error: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    finally:
+        bar.close()
+    if not metrics.have_matplotlib():
+        print(f"ltmdsl train: note: {metrics.MISSING_MATPLOTLIB}", file=sys.stderr)
+    if last is not None and not args.json:
+        print(f"{ir.name}: step {last['step']}/{args.steps}, loss {last['loss']:.4f}, answer-token accuracy "
+              f"{last['answer_token_acc']:.3f}, {last['seconds']:.1f} s; checkpoints in {args.out}")
+    return EXIT_OK

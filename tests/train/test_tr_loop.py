@@ -1,0 +1,104 @@
+"""The training loop: resume is bit-for-bit, accumulation matches a big batch, checkpoints are whole.
+
+Everything runs a tiny model (train_specs.TINY, every stateful kind) for a handful of steps.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ltmdsl.evals import VocabError
+from ltmdsl.train import state
+from ltmdsl.train.loop import TrainConfig, train
+from train_specs import MQAR, tiny_spec
+
+IR = tiny_spec().model
+
+
+def run(out, **kw):
+    settings = dict(task="mqar", out=str(out), steps=4, batch=2, options=MQAR, warmup=2, lr=1e-2)
+    settings.update(kw)
+    return list(train(IR, TrainConfig(**settings)))
+
+
+def weights(out):
+    step, where = state.latest(out)
+    return step, load_file(str(where / state.MODEL))
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    straight = run(tmp_path / "a")
+    first = run(tmp_path / "b", stop_after=2)
+    rest = run(tmp_path / "b", resume=True)
+    assert [r["step"] for r in first + rest] == [1, 2, 3, 4]
+    assert without_time(first + rest) == without_time(straight)
+    (sa, wa), (sb, wb) = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert sa == sb == 4 and wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name  # identical, not merely close
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    # every MQAR sample has the same number of answers, so the mean of micro-batch means is the batch mean
+    big = run(tmp_path / "big", steps=1, batch=4, clip=0.0)
+    acc = run(tmp_path / "acc", steps=1, batch=2, accum=2, clip=0.0)
+    assert acc[0]["loss"] == pytest.approx(big[0]["loss"], rel=1e-6)
+    (_, wa), (_, wb) = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=0, atol=1e-6), name  # fp32 sums in another order
+
+
+def test_loss_falls_on_the_answers(tmp_path):
+    records = run(tmp_path / "r", steps=12, batch=8, lr=3e-2)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_resume_refuses_other_settings_and_specs(tmp_path):
+    run(tmp_path / "r", steps=4, stop_after=2)
+    with pytest.raises(state.CheckpointError, match="different settings .*lr"):
+        run(tmp_path / "r", steps=4, lr=5e-3, resume=True)
+    other = tiny_spec(tiny_spec().text.replace("d_ff = 32", "d_ff = 24")).model
+    with pytest.raises(state.CheckpointError, match="another spec"):
+        list(train(other, TrainConfig(task="mqar", out=str(tmp_path / "r"), steps=4, batch=2, options=MQAR,
+                                      warmup=2, lr=1e-2, resume=True)))
+    with pytest.raises(state.CheckpointError, match="already holds a training run"):
+        run(tmp_path / "r")
+
+
+def test_resume_refuses_a_corrupt_checkpoint(tmp_path):
+    run(tmp_path / "r", stop_after=2)
+    _, where = state.latest(tmp_path / "r")
+    (where / state.TRAINER).write_bytes(b"not a torch file")
+    with pytest.raises(state.CheckpointError, match="corrupt trainer state"):
+        run(tmp_path / "r", resume=True)
+    (where / state.MODEL).write_bytes(b"\x00" * 16)
+    with pytest.raises(state.CheckpointError, match="corrupt checkpoint"):
+        run(tmp_path / "r", resume=True)
+
+
+def test_a_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
+    run(tmp_path / "r", stop_after=2)
+    before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state.torch, "save", broken)
+    with pytest.raises(OSError):
+        run(tmp_path / "r", resume=True)
+    after = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+    assert [n for n in after if n != "metrics.jsonl"] == [n for n in before if n != "metrics.jsonl"]
+    assert state.latest(tmp_path / "r")[0] == 2
+
+
+def test_vocab_too_small_names_both_numbers(tmp_path):
+    with pytest.raises(VocabError, match="vocab is 32 but the hashhop task's character tokenizer needs 99"):
+        run(tmp_path / "r", task="hashhop", options={"context": 128, "hash_length": 2, "hops": 1})
