@@ -49,7 +49,9 @@ def test_constant_memory_cache_does_not_grow(capsys):
 def test_growing_cache_that_cannot_fit_is_refused(capsys):
     code, out, err = run([TINY, "--tokens", "10G", "--json"], capsys)
     assert code == 3
-    assert "refusing" in err and "KV cache grows" in err and out == ""
+    # tiny-hybrid's global attention grows its KV cache, and its MLA layer's prefill up-projects the whole
+    # cached context per chunk: either can be the largest part at 10G tokens, and the refusal names it
+    assert "refusing" in err and ("KV cache grows" in err or "activations of one" in err) and out == ""
 
 
 def test_chunk_whose_activations_cannot_fit_is_refused(capsys):
