@@ -10,6 +10,10 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
     ops          the reference kernel ops its module calls through `kernels.<op>` ({op: callable})
     oracles      plain oracle variants of some of those ops (REFERENCE_KERNELS), {} when none
     state_names  (config) -> the parameter names (relative to the mixer) its module owns, exactly
+    tp_plan      (config, tp) -> {submodule name: torch ParallelStyle}, how tensor parallelism splits its
+                 module (ltmdsl.distributed.tensor_parallel applies it); raises TensorParallelUnsupported
+                 for a config it cannot split. None declares "no tensor-parallel plan": tp > 1 is refused
+                 naming the kind.
 
 `LTModel`, `runtime.cache.allocate` and `runtime.kernels` only look entries up here; a kind with no entry
 is refused at build with its name. Importing this package imports torch.
@@ -19,13 +23,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
 
 class NoRuntimeModule(LookupError):
     """A layer kind has no runtime entry: the model cannot be built or its cache allocated."""
+
+
+class TensorParallelUnsupported(ValueError):
+    """A kind (or one config of it) that tensor parallelism cannot split; the message names it and why."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class RuntimeKind:
     ops: Mapping[str, Callable]
     oracles: Mapping[str, Callable]
     state_names: Callable[..., tuple[str, ...]]
+    tp_plan: Callable[..., Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.oracles) - set(self.ops))

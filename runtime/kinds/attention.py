@@ -12,7 +12,9 @@ in time order and attends over [cached ; new]; the one-token `step` uses `attent
 Mirrors transformers' LlamaAttention (and Qwen3Attention for qk-norm, MistralAttention for the window).
 
 The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `KVCache` allocation, the kernel ops
-it calls (attention, attention_decode; the oracle is the explicit-softmax reference) and its parameter names.
+it calls (attention, attention_decode; the oracle is the explicit-softmax reference), its parameter names
+and its tensor-parallel plan (heads split over ranks; the module reads its local head count off the
+projections' output, so the same code runs whole or as one rank's heads).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ltmdsl.kinds.attention import AttentionConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_attention
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
 from ltmdsl.runtime.ops_attention import apply_rope, rope_cos_sin
 
@@ -107,9 +109,10 @@ class Attention(nn.Module):
         """x [B,T,d] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] with qk-norm and RoPE applied."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.heads, cfg.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.v_head_dim)  # [B, T, Hkv, Dv]
+        # Head counts come from the projections (H/t and Hkv/t on one tensor-parallel rank).
+        q = self.q_proj(x).view(B, T, -1, cfg.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(B, T, -1, cfg.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, -1, cfg.v_head_dim)  # [B, T, Hkv, Dv]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.rope_theta is not None:
@@ -125,7 +128,7 @@ class Attention(nn.Module):
         if state is not None:
             k, v = self._write_and_read(state, k, v, pos0)  # [B, Tk, Hkv, D] with Tk >= T
         o = self.kernels.attention(q, k, v, causal=cfg.causal, window=cfg.window, scale=self.scale)
-        return self.o_proj(o.reshape(B, T, cfg.heads * cfg.v_head_dim))  # [B, T, d]
+        return self.o_proj(o.reshape(B, T, -1))  # [B, T, d] (o: [B, T, H*Dv], or H/t heads per tp rank)
 
     def _write_and_read(self, state: KVCache, k: torch.Tensor, v: torch.Tensor, pos0: int):
         """Store the new keys/values; return [earlier keys in time order ; new keys] (and values)."""
@@ -166,6 +169,24 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(B, cfg.heads * cfg.v_head_dim))
 
 
+def tp_plan(cfg: AttentionConfig, tp: int) -> dict:
+    """Megatron's attention split: q/k/v column-wise (H/t query and Hkv/t KV heads per rank, biases with
+    them), o_proj row-wise (one all-reduce). KV heads that tp does not divide (MQA at t > 1) would need
+    replicated K/V projections whose gradients sum over ranks, and qk-norm weights are shared by heads on
+    different ranks: both are refused rather than run with per-rank partial gradients."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.heads % tp or cfg.kv_heads % tp:
+        raise TensorParallelUnsupported(
+            f"tp = {tp} must divide the attention's {cfg.heads} heads and {cfg.kv_heads} kv heads "
+            "(replicated KV heads under tensor parallelism are not implemented)")
+    if cfg.qk_norm:
+        raise TensorParallelUnsupported("qk_norm attention has no tensor-parallel plan yet (its norm weights "
+                                        "are shared by heads on different ranks)")
+    return {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
+            "o_proj": RowwiseParallel()}
+
+
 KIND = RuntimeKind(
     name="attention",
     module=Attention,
@@ -174,4 +195,5 @@ KIND = RuntimeKind(
     ops={"attention": ops_attention.attention, "attention_decode": ops_attention.attention_decode},
     oracles={"attention": ops_attention.attention_reference},
     state_names=state_names,
+    tp_plan=tp_plan,
 )

@@ -132,7 +132,7 @@ class Mamba(nn.Module):
         init.linear_(self.x_proj, gen)
         init.uniform_(self.dt_proj.weight, gen, cfg.dt_rank**-0.5)
         init.dt_bias_(self.dt_proj.bias, gen)
-        self.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(cfg.d_inner, -1))
+        init.assign_(self.A_log, torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(cfg.d_inner, -1))
         init.ones_(self.D)
         init.linear_(self.out_proj, gen)
         for n in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):

@@ -88,7 +88,7 @@ class Mamba2(nn.Module):
         init.uniform_(self.conv1d.weight, gen, 1.0 / math.sqrt(cfg.d_conv))
         init.zeros_(self.conv1d.bias)
         init.dt_bias_(self.dt_bias, gen)
-        self.A_log.copy_(torch.log(1 + 15 * torch.rand(cfg.heads, generator=gen)))
+        init.assign_(self.A_log, torch.log(1 + 15 * torch.rand(cfg.heads, generator=gen)))
         init.ones_(self.D)
         init.ones_(self.norm.weight)
         init.linear_(self.out_proj, gen)

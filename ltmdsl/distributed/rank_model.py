@@ -1,0 +1,63 @@
+"""One rank's share of a model under a plan: check, mesh, meta build, tp split, FSDP, materialise.
+
+    ranked = parallelize(ir, plan, seed=0)        # inside a worker (launch / torchrun), group initialised
+    ranked.model, ranked.optimizer(lr=1e-3), ranked.mesh
+
+Order matters: the model is built on the meta device, split by tensor parallelism, wrapped by FSDP2 (ZeRO
+2/3), and only then materialised, so each rank allocates exactly its shards (materialize.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ltmdsl.distributed.data_parallel import FSDP_STAGES, apply_fsdp, make_optimizer
+from ltmdsl.distributed.materialize import build_meta, materialize
+from ltmdsl.distributed.mesh import device_mesh, device_type
+from ltmdsl.distributed.plan import check_plan
+from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel, tp_plans
+from ltmdsl.ir import ModelIR, ParallelPlan
+
+
+@dataclass(frozen=True)
+class RankModel:
+    """This rank's model shard, the plan it runs and the (dp, tp) device mesh."""
+
+    model: torch.nn.Module
+    plan: ParallelPlan
+    mesh: object  # torch DeviceMesh ("dp", "tp")
+
+    @property
+    def dp_mesh(self):
+        return self.mesh["dp"]
+
+    @property
+    def tp_mesh(self):
+        return self.mesh["tp"]
+
+    def optimizer(self, lr: float, **adamw) -> torch.optim.Optimizer:
+        """AdamW on this rank's parameters, sharded over dp as the plan's ZeRO stage says."""
+        return make_optimizer(self.model, self.plan.zero, self.dp_mesh, lr, **adamw)
+
+
+def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                device: str | torch.device | None = None) -> RankModel:
+    """This rank's model for `plan` (the process group must be up: launch() or init_from_env())."""
+    import torch.distributed as dist
+
+    check_plan(ir, plan, dist.get_world_size())
+    if plan.tp > 1:
+        tp_plans(ir, plan.tp)  # refuse an unsplittable kind before building anything
+    kind = device_type()
+    mesh = device_mesh(plan, kind)
+    model = build_meta(ir, dtype)
+    if plan.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if plan.zero in FSDP_STAGES:
+        apply_fsdp(model, mesh["dp"], plan.zero)
+    if device is None:
+        device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+    materialize(model, device, seed)
+    return RankModel(model, plan, mesh)
