@@ -21,6 +21,7 @@ Modules, one concept each:
     data_parallel    ZeRO 0-3: gradient all-reduce, ZeroRedundancyOptimizer, FSDP2 fully_shard
     rank_model       one rank's model under a plan (the above, in order)
     step             train_step, shard_batch and full tensors gathered from shards
+    checkpoint       DCP save / load under any plan (resharding), export to the single-file checkpoint
     memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
 
 Runs today: dp with zero 0-3, tp (attention and MLP kinds), dp x tp. Refused with a message: pp, cp, ep.
