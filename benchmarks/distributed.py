@@ -65,7 +65,7 @@ def _rank(ir, plan, steps: int, batch: int, seq: int):
     opt = ranked.optimizer(lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, ir.vocab, (batch, seq + 1), generator=gen)
-    ids, tgt = shard_batch(data[:, :-1], ranked.dp_mesh), shard_batch(data[:, 1:], ranked.dp_mesh)
+    ids, tgt = shard_batch(data[:, :-1], ranked), shard_batch(data[:, 1:], ranked)
     train_step(ranked, opt, ids, tgt)  # warm-up
     torch.distributed.barrier()
     start = time.perf_counter()

@@ -5,8 +5,8 @@
     def worker(ir, plan):                        # runs on every rank, process group already up
         ranked = parallelize(ir, plan, seed=0)    # meta build, tp split, FSDP, shard-by-shard init
         opt = ranked.optimizer(lr=1e-3)
-        ids = shard_batch(all_ids, ranked.dp_mesh)
-        return train_step(ranked, opt, ids, shard_batch(all_targets, ranked.dp_mesh))
+        ids = shard_batch(all_ids, ranked)
+        return train_step(ranked, opt, ids, shard_batch(all_targets, ranked))
 
     plan = plan_from(budget)                      # or plan_from(world=2, dp=2, zero=3)
     check_plan(ir, plan, world=2)                 # refused before any worker starts

@@ -1,18 +1,25 @@
-"""The device mesh of a plan: ranks arranged as (dp, tp), tp innermost so a tensor-parallel group is
-neighbouring ranks (on one node, where its frequent all-reduces are cheapest), as Megatron orders them."""
+"""The device mesh of a plan: ranks arranged as (dp, cp, tp), tp innermost so a tensor-parallel group is
+neighbouring ranks (on one node, where its frequent all-reduces are cheapest), then cp, as Megatron
+orders them. Weights are replicated over dp and cp alike, so gradients are averaged (and ZeRO state
+sharded) over the flattened dp x cp "replica" mesh."""
 
 from __future__ import annotations
 
 from ltmdsl.ir import ParallelPlan
 
-MESH_DIMS = ("dp", "tp")
+MESH_DIMS = ("dp", "cp", "tp")
 
 
 def device_mesh(plan: ParallelPlan, device_type: str = "cpu"):
-    """A 2-D DeviceMesh ("dp", "tp") of shape (plan.dp, plan.tp) over the current process group."""
+    """A 3-D DeviceMesh ("dp", "cp", "tp") of shape (plan.dp, plan.cp, plan.tp) over the process group."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (plan.dp, plan.tp), mesh_dim_names=MESH_DIMS)
+    return init_device_mesh(device_type, (plan.dp, plan.cp, plan.tp), mesh_dim_names=MESH_DIMS)
+
+
+def replica_mesh(mesh, plan: ParallelPlan):
+    """The ranks holding the same weights (dp x cp, flattened): gradient averaging and ZeRO sharding."""
+    return mesh["dp"] if plan.cp == 1 else mesh["dp", "cp"]._flatten("dp_cp")
 
 
 def device_type() -> str:

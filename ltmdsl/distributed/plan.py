@@ -20,7 +20,7 @@ from ltmdsl.budgets import plan_problems
 from ltmdsl.ir import BudgetIR, ModelIR, ParallelPlan
 
 #: Degrees the distributed runtime executes today (a degree above 1 of any other axis is refused).
-RUNS = ("dp", "tp")
+RUNS = ("dp", "tp", "cp")
 
 
 class PlanError(ValueError):
@@ -62,17 +62,18 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"ep = {plan.ep} does not divide dp*tp = {plan.dp * plan.tp} (experts split within dp*tp)")
     if batch is not None and batch % plan.dp:
         errors.append(f"dp = {plan.dp} does not divide the batch of {batch} sequences")
-    if seq_len is not None and plan.cp > 1 and seq_len % (2 * plan.cp):
-        errors.append(f"cp = {plan.cp} does not divide the sequence of {seq_len} tokens into 2*cp = "
-                      f"{2 * plan.cp} equal chunks (the causal load-balanced split)")
+    if seq_len is not None and seq_len % plan.cp:
+        errors.append(f"cp = {plan.cp} does not divide the sequence of {seq_len} tokens")
+    if plan.cp > 1 and (plan.tp > 1 or plan.zero >= 2):
+        errors.append(f"cp = {plan.cp} runs with tp = 1 and zero 0 or 1 so far (each kind's context-parallel "
+                      "form calls its submodules directly, past FSDP's and DTensor's module hooks)")
     if plan.zero == 1 and plan.tp > 1 and plan.dp > 1:
         errors.append("zero = 1 with tp > 1: torch's ZeroRedundancyOptimizer cannot broadcast tensor-parallel "
                       "(DTensor) parameters; use zero = 2 or 3 (FSDP2) with tensor parallelism")
     missing = [f"{name} = {getattr(plan, name)}" for name in ("pp", "cp", "ep") if getattr(plan, name) > 1
                and name not in RUNS]
     if missing:
-        errors.append(f"{', '.join(missing)}: ltmdsl.distributed runs only {' and '.join(RUNS)} (with zero 0-3) "
-                      "so far")
+        errors.append(f"{', '.join(missing)}: ltmdsl.distributed runs only {', '.join(RUNS)} so far")
     return errors
 
 

@@ -3,7 +3,8 @@
     ranked = parallelize(ir, plan, seed=0)        # inside a worker (launch / torchrun), group initialised
     ranked.model, ranked.optimizer(lr=1e-3), ranked.mesh
 
-Order matters: the model is built on the meta device, split by tensor parallelism, wrapped by FSDP2 (ZeRO
+The (dp, cp, tp) mesh: tp splits each mixer, cp splits the sequence (context_parallel.py), and ZeRO
+shards over the dp x cp ranks that hold the same weights. Order matters: the model is built on the meta device, split by tensor parallelism, wrapped by FSDP2 (ZeRO
 2/3), and only then materialised, so each rank allocates exactly its shards (materialize.py).
 """
 
@@ -15,7 +16,8 @@ import torch
 
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, apply_fsdp, make_optimizer
 from ltmdsl.distributed.materialize import build_meta, materialize
-from ltmdsl.distributed.mesh import device_mesh, device_type
+from ltmdsl.distributed.context_parallel import cp_forwards
+from ltmdsl.distributed.mesh import device_mesh, device_type, replica_mesh
 from ltmdsl.distributed.plan import check_plan
 from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel, tp_plans
 from ltmdsl.ir import ModelIR, ParallelPlan
@@ -31,7 +33,18 @@ class RankModel:
 
     @property
     def dp_mesh(self):
+        """The data-parallel ranks: each takes B/dp sequences."""
         return self.mesh["dp"]
+
+    @property
+    def cp_mesh(self):
+        """The context-parallel ranks: each takes T/cp tokens of its sequences."""
+        return self.mesh["cp"]
+
+    @property
+    def replica_mesh(self):
+        """The ranks with the same weights (dp x cp): gradients averaged, ZeRO state sharded over them."""
+        return replica_mesh(self.mesh, self.plan)
 
     @property
     def tp_mesh(self):
@@ -39,7 +52,7 @@ class RankModel:
 
     def optimizer(self, lr: float, **adamw) -> torch.optim.Optimizer:
         """AdamW on this rank's parameters, sharded over dp as the plan's ZeRO stage says."""
-        return make_optimizer(self.model, self.plan.zero, self.dp_mesh, lr, **adamw)
+        return make_optimizer(self.model, self.plan.zero, self.replica_mesh, lr, **adamw)
 
 
 def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -50,13 +63,15 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
     check_plan(ir, plan, dist.get_world_size())
     if plan.tp > 1:
         tp_plans(ir, plan.tp)  # refuse an unsplittable kind before building anything
+    if plan.cp > 1:
+        cp_forwards(ir)  # likewise a kind with no context-parallel form
     kind = device_type()
     mesh = device_mesh(plan, kind)
     model = build_meta(ir, dtype)
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if plan.zero in FSDP_STAGES:
-        apply_fsdp(model, mesh["dp"], plan.zero)
+        apply_fsdp(model, replica_mesh(mesh, plan), plan.zero)
     if device is None:
         device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
     materialize(model, device, seed)

@@ -1,42 +1,60 @@
 """One training step of a rank, the batch split it needs, and full tensors gathered back from shards.
 
-    ids, tgt = shard_batch(ids, ranked.dp_mesh), shard_batch(tgt, ranked.dp_mesh)   # this dp rank's rows
+    ids, tgt = shard_batch(ids, ranked), shard_batch(tgt, ranked)   # this rank's rows (dp) and tokens (cp)
     loss = train_step(ranked, optimizer, ids, tgt)                                  # the global mean loss
 
 The loss of a step is the mean next-token cross-entropy over the global batch: each dp rank takes B/dp
-whole sequences, and the mean of the ranks' means (equal token counts) is returned on every rank.
-Gradients are averaged over dp by FSDP2's reduce-scatter (ZeRO 2/3) or `sync_gradients` (ZeRO 0/1), so
-they equal the single-process gradients of the global batch.
+sequences, each cp rank T/cp of their tokens, and the mean of the ranks' means (equal token counts) is
+returned on every rank. Gradients are averaged over the dp x cp ranks by FSDP2's reduce-scatter (ZeRO
+2/3) or `sync_gradients` (ZeRO 0/1), so they equal the single-process gradients of the global batch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ltmdsl.distributed.context_parallel import ContextShard, cp_loss, shard_sequence
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, sync_gradients
 
 
-def shard_batch(batch: torch.Tensor, dp_mesh) -> torch.Tensor:
-    """This data-parallel rank's B/dp rows of batch [B, ...] (tensor-parallel peers get the same rows)."""
-    n, r = dp_mesh.size(), dp_mesh.get_local_rank()
+def shard_batch(batch: torch.Tensor, ranked) -> torch.Tensor:
+    """This rank's part of batch [B, T, ...]: its dp rank's B/dp rows and its cp rank's T/cp tokens
+    (tensor-parallel peers get the same)."""
+    n, r = ranked.dp_mesh.size(), ranked.dp_mesh.get_local_rank()
     if batch.shape[0] % n:
         raise ValueError(f"dp = {n} does not divide the batch of {batch.shape[0]} sequences")
     rows = batch.shape[0] // n
-    return batch[r * rows:(r + 1) * rows]
+    batch = batch[r * rows:(r + 1) * rows]
+    if ranked.plan.cp > 1:
+        batch = shard_sequence(batch, context_shard(ranked, batch.shape[1]))
+    return batch
+
+
+def context_shard(ranked, seq_len: int) -> ContextShard:
+    """This rank's ContextShard for sequences of seq_len tokens."""
+    c = ranked.plan.cp
+    if seq_len % c:
+        raise ValueError(f"cp = {c} does not divide the sequence of {seq_len} tokens")
+    return ContextShard(ranked.cp_mesh, ranked.cp_mesh.get_local_rank(), c, seq_len // c)
 
 
 def forward_backward(ranked, input_ids: torch.Tensor, targets: torch.Tensor) -> float:
-    """Loss and dp-averaged gradients (accumulated into .grad) of this rank's rows [B/dp, T]; returns
-    the global batch's mean loss (identical on every rank)."""
+    """Loss and averaged gradients (accumulated into .grad) of this rank's part [B/dp, T/cp]; returns the
+    global batch's mean loss (identical on every rank)."""
     import torch.distributed as dist
 
-    loss = ranked.model.loss(input_ids, targets)  # this rank's mean over its B/dp sequences
+    if ranked.plan.cp > 1:
+        cp = context_shard(ranked, input_ids.shape[1] * ranked.plan.cp)
+        loss = cp_loss(ranked.model, input_ids, targets, cp)  # this rank's mean over its tokens
+    else:
+        loss = ranked.model.loss(input_ids, targets)  # this rank's mean over its B/dp sequences
     loss.backward()
+    replicas = ranked.replica_mesh
     if ranked.plan.zero not in FSDP_STAGES:
-        sync_gradients(ranked.model, ranked.dp_mesh)
+        sync_gradients(ranked.model, replicas)
     total = loss.detach().clone()
-    dist.all_reduce(total, group=ranked.dp_mesh.get_group())
-    return total.item() / ranked.dp_mesh.size()
+    dist.all_reduce(total, group=replicas.get_group())
+    return total.item() / replicas.size()
 
 
 def train_step(ranked, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor, targets: torch.Tensor) -> float:

@@ -14,6 +14,9 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
                  module (ltmdsl.distributed.tensor_parallel applies it); raises TensorParallelUnsupported
                  for a config it cannot split. None declares "no tensor-parallel plan": tp > 1 is refused
                  naming the kind.
+    cp_forward   (module, x [B, T/cp, d], cp) -> [B, T/cp, d]: the module's forward on one context-parallel
+                 rank's tokens, exchanging what crosses the cut through `cp` (ltmdsl.distributed.
+                 context_parallel.ContextShard). None: cp > 1 is refused naming the kind.
 
 `LTModel`, `runtime.cache.allocate` and `runtime.kernels` only look entries up here; a kind with no entry
 is refused at build with its name. Importing this package imports torch.
@@ -48,6 +51,7 @@ class RuntimeKind:
     oracles: Mapping[str, Callable]
     state_names: Callable[..., tuple[str, ...]]
     tp_plan: Callable[..., Mapping[str, Any]] | None = None
+    cp_forward: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.oracles) - set(self.ops))

@@ -89,6 +89,11 @@ def tp_plan(cfg: MLPConfig, tp: int) -> dict:
     return plan
 
 
+def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
+    """Token-local: each context-parallel rank runs its own tokens, nothing crosses ranks."""
+    return module(x)
+
+
 KIND = RuntimeKind(
     name="mlp",
     module=MLP,
@@ -98,4 +103,5 @@ KIND = RuntimeKind(
     oracles={},
     state_names=state_names,
     tp_plan=tp_plan,
+    cp_forward=cp_forward,
 )

@@ -103,6 +103,11 @@ def state_names(cfg: MoEConfig) -> tuple[str, ...]:
     return ("router.weight", *(f"experts.{p}" for p in experts))
 
 
+def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
+    """Token-local: each context-parallel rank runs its own tokens, nothing crosses ranks."""
+    return module(x)
+
+
 KIND = RuntimeKind(
     name="moe",
     module=MoE,
@@ -111,4 +116,5 @@ KIND = RuntimeKind(
     ops={},
     oracles={},
     state_names=state_names,
+    cp_forward=cp_forward,
 )

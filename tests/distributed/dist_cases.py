@@ -79,7 +79,7 @@ def rank_run(ir: ModelIR, plan: ParallelPlan, steps: int = STEPS):
     opt = ranked.optimizer(lr=LR)
     losses, grads = [], None
     for i, (ids, tgt) in enumerate(batches(ir.vocab, steps)):
-        ids, tgt = shard_batch(ids, ranked.dp_mesh), shard_batch(tgt, ranked.dp_mesh)
+        ids, tgt = shard_batch(ids, ranked), shard_batch(tgt, ranked)
         opt.zero_grad(set_to_none=True)
         losses.append(forward_backward(ranked, ids, tgt))
         if i == 0:  # gathered before the optimizer moves the weights (a collective: every rank calls it)

@@ -21,7 +21,7 @@ def _steps(ranked, opt, which):
     out = []
     for i, (ids, tgt) in enumerate(batches(ranked.model.ir.vocab, 3)):
         if i in which:
-            out.append(train_step(ranked, opt, shard_batch(ids, ranked.dp_mesh), shard_batch(tgt, ranked.dp_mesh)))
+            out.append(train_step(ranked, opt, shard_batch(ids, ranked), shard_batch(tgt, ranked)))
     return out
 
 

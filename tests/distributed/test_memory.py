@@ -23,7 +23,7 @@ def _measure(ir, plan):
     ranked = parallelize(ir, plan, seed=0)
     opt = ranked.optimizer(lr=LR)
     ids, tgt = batches(ir.vocab, 1)[0]
-    train_step(ranked, opt, shard_batch(ids, ranked.dp_mesh), shard_batch(tgt, ranked.dp_mesh))
+    train_step(ranked, opt, shard_batch(ids, ranked), shard_batch(tgt, ranked))
     biggest = max(p.numel() for p in ranked.model.parameters())
     return rank_state_bytes(ranked.model, opt), biggest
 

@@ -44,8 +44,9 @@ CASES = {
     "ep-experts": (tiny_hybrid, ParallelPlan(dp=3, ep=3), 3, {}, "ep = 3 does not divide 4 experts"),
     "pp-layers": (tp_small, ParallelPlan(pp=8), 8, {}, "pp = 8 exceeds the 4 sub-layers"),
     "batch": (tp_small, ParallelPlan(dp=2), 2, {"batch": 3}, "dp = 2 does not divide the batch of 3 sequences"),
-    "sequence": (tp_small, ParallelPlan(cp=2), 2, {"seq_len": 30}, "cp = 2 does not divide the sequence of 30"),
-    "not-run-yet": (tiny_hybrid, ParallelPlan(pp=2), 2, {}, "pp = 2: ltmdsl.distributed runs only dp and tp"),
+    "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),
+    "cp-with-fsdp": (tp_small, ParallelPlan(cp=2, zero=3), 2, {}, "cp = 2 runs with tp = 1 and zero 0 or 1"),
+    "not-run-yet": (tiny_hybrid, ParallelPlan(pp=2), 2, {}, "pp = 2: ltmdsl.distributed runs only dp, tp, cp"),
     "zero1-tp": (tp_small, ParallelPlan(tp=2, dp=2, zero=1), 4, {}, "zero = 1 with tp > 1"),
     "zero-stage": (tp_small, ParallelPlan(dp=2, zero=4), 2, {}, "zero is a ZeRO stage 0 to 3, got 4"),
 }
