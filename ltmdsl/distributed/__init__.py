@@ -18,13 +18,15 @@ Modules, one concept each:
     mesh             the (dp, tp) device mesh
     materialize      meta-device build, shard-by-shard seeded init
     tensor_parallel  DTensor parallelize_module with each kind's tp_plan
+    context_parallel the sequence split over cp ranks; collectives for each kind's cp_forward
     data_parallel    ZeRO 0-3: gradient all-reduce, ZeroRedundancyOptimizer, FSDP2 fully_shard
     rank_model       one rank's model under a plan (the above, in order)
     step             train_step, shard_batch and full tensors gathered from shards
     checkpoint       DCP save / load under any plan (resharding), export to the single-file checkpoint
     memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
 
-Runs today: dp with zero 0-3, tp (attention and MLP kinds), dp x tp. Refused with a message: pp, cp, ep.
+Runs today: dp with zero 0-3, tp (attention and MLP kinds), dp x tp, cp (attention, Mamba-1/2, MLP, MoE;
+zero 0/1), dp x cp. Refused with a message: pp, ep (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
