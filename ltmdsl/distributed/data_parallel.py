@@ -40,9 +40,11 @@ def apply_fsdp(model, dp_mesh, zero: int) -> None:
 
 
 @torch.no_grad()
-def sync_gradients(model, dp_mesh) -> None:
+def sync_gradients(model, dp_mesh, dp_sharded: frozenset[int] = frozenset()) -> None:
     """Average every gradient over the data-parallel ranks (ZeRO 0/1: replicated weights). A DTensor
-    gradient (tensor parallelism) is averaged shard by shard: its dp peers hold the same shard."""
+    gradient (tensor parallelism) is averaged shard by shard: its dp peers hold the same shard. A
+    parameter split over dp (`dp_sharded`: experts under ep) already holds every rank's contribution
+    and is only divided by dp."""
     import torch.distributed as dist
 
     n = dp_mesh.size()
@@ -53,7 +55,8 @@ def sync_gradients(model, dp_mesh) -> None:
         if p.grad is None:
             continue
         g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group)  # AVG is NCCL-only; gloo sums
+        if id(p) not in dp_sharded:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group)  # AVG is NCCL-only; gloo sums
         g.div_(n)
 
 

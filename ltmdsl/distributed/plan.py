@@ -20,7 +20,7 @@ from ltmdsl.budgets import plan_problems
 from ltmdsl.ir import BudgetIR, ModelIR, ParallelPlan
 
 #: Degrees the distributed runtime executes today (a degree above 1 of any other axis is refused).
-RUNS = ("dp", "tp", "cp")
+RUNS = ("dp", "tp", "cp", "ep")
 
 
 class PlanError(ValueError):
@@ -67,6 +67,10 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
     if plan.cp > 1 and (plan.tp > 1 or plan.zero >= 2):
         errors.append(f"cp = {plan.cp} runs with tp = 1 and zero 0 or 1 so far (each kind's context-parallel "
                       "form calls its submodules directly, past FSDP's and DTensor's module hooks)")
+    if plan.ep > 1 and (plan.ep != plan.dp or plan.tp > 1 or plan.cp > 1 or plan.zero > 0):
+        errors.append(f"ep = {plan.ep} runs as ep = dp with tp = 1, cp = 1 and zero 0 so far (experts split over "
+                      f"the data-parallel ranks); this plan has dp = {plan.dp}, tp = {plan.tp}, cp = {plan.cp}, "
+                      f"zero = {plan.zero}")
     if plan.zero == 1 and plan.tp > 1 and plan.dp > 1:
         errors.append("zero = 1 with tp > 1: torch's ZeroRedundancyOptimizer cannot broadcast tensor-parallel "
                       "(DTensor) parameters; use zero = 2 or 3 (FSDP2) with tensor parallelism")

@@ -3,7 +3,7 @@
     ranked = parallelize(ir, plan, seed=0)        # inside a worker (launch / torchrun), group initialised
     ranked.model, ranked.optimizer(lr=1e-3), ranked.mesh
 
-The (dp, cp, tp) mesh: tp splits each mixer, cp splits the sequence (context_parallel.py), and ZeRO
+The (dp, cp, tp) mesh: tp splits each mixer, ep splits the experts over the dp ranks, cp splits the sequence (context_parallel.py), and ZeRO
 shards over the dp x cp ranks that hold the same weights. Order matters: the model is built on the meta device, split by tensor parallelism, wrapped by FSDP2 (ZeRO
 2/3), and only then materialised, so each rank allocates exactly its shards (materialize.py).
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, apply_fsdp, make_optimizer
+from ltmdsl.distributed.expert_parallel import apply_expert_parallel
 from ltmdsl.distributed.materialize import build_meta, materialize
 from ltmdsl.distributed.context_parallel import cp_forwards
 from ltmdsl.distributed.mesh import device_mesh, device_type, replica_mesh
@@ -29,7 +30,8 @@ class RankModel:
 
     model: torch.nn.Module
     plan: ParallelPlan
-    mesh: object  # torch DeviceMesh ("dp", "tp")
+    mesh: object  # torch DeviceMesh ("dp", "cp", "tp")
+    dp_sharded: frozenset[int] = frozenset()  # ids of parameters split over dp (experts under ep)
 
     @property
     def dp_mesh(self):
@@ -70,9 +72,12 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
     model = build_meta(ir, dtype)
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
+    dp_sharded: set[int] = set()
+    if plan.ep > 1:
+        dp_sharded = apply_expert_parallel(model, mesh["dp"])
     if plan.zero in FSDP_STAGES:
         apply_fsdp(model, replica_mesh(mesh, plan), plan.zero)
     if device is None:
         device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
     materialize(model, device, seed)
-    return RankModel(model, plan, mesh)
+    return RankModel(model, plan, mesh, frozenset(dp_sharded))

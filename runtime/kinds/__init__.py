@@ -17,6 +17,8 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
     cp_forward   (module, x [B, T/cp, d], cp) -> [B, T/cp, d]: the module's forward on one context-parallel
                  rank's tokens, exchanging what crosses the cut through `cp` (ltmdsl.distributed.
                  context_parallel.ContextShard). None: cp > 1 is refused naming the kind.
+    ep_forward   (module, x, ep) -> out: the forward with the experts split over the ep ranks (ltmdsl.
+                 distributed.expert_parallel); None for kinds without experts.
 
 `LTModel`, `runtime.cache.allocate` and `runtime.kernels` only look entries up here; a kind with no entry
 is refused at build with its name. Importing this package imports torch.
@@ -52,6 +54,7 @@ class RuntimeKind:
     state_names: Callable[..., tuple[str, ...]]
     tp_plan: Callable[..., Mapping[str, Any]] | None = None
     cp_forward: Callable[..., Any] | None = None
+    ep_forward: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.oracles) - set(self.ops))

@@ -33,3 +33,4 @@ def test_dp_matches_one_process(hybrid, zero):
     assert set(grads) == set(ref_grads)
     for name, g in ref_grads.items():
         assert_close(grads[name], g, RTOL, f"gradient of {name}")
+

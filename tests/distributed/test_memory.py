@@ -6,6 +6,7 @@ Where torch's implementation and the memory model differ, the test says so rathe
   zero 1  ZeroRedundancyOptimizer assigns whole parameters to ranks, so one rank's optimizer bytes are
           not P*o/N; their sum over ranks is P*o exactly and the split is checked to be within the
           largest parameter of even
+  ep      (ep = dp = 2, zero 0) each rank holds the dense parameters and half the experts: exact
   zero 2  FSDP2 keeps only the weight shard between steps (P*w/N) where the ZeRO paper keeps P*w
 """
 
@@ -29,7 +30,7 @@ def _measure(ir, plan):
 
 
 def _predicted(ir, plan) -> dict[str, int]:
-    r = report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, zero=plan.zero,
+    r = report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, ep=plan.ep, zero=plan.zero,
                weight_dtype="fp32", grad_dtype="fp32", optimizer_bytes_per_param=8, context=64, batch=2)
     return {c: r.per_gpu_components[c] for c in COMPONENTS}
 
@@ -56,3 +57,11 @@ def test_rank_bytes_equal_the_memory_model(zero):
         assert total == 2 * want["optimizer"] == 8 * P
         biggest = measured[0][1]
         assert all(abs(g["optimizer"] - want["optimizer"]) <= 8 * biggest for g in per_rank)
+
+
+def test_rank_bytes_under_ep_equal_the_memory_model():
+    ir = tiny_hybrid()
+    plan = plan_from(world=2, ep=2)
+    want = _predicted(ir, plan)
+    for got, _ in launch(_measure, 2, (ir, plan)):
+        assert got == want

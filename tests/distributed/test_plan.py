@@ -42,6 +42,7 @@ CASES = {
     "tp-heads": (tp_small, ParallelPlan(tp=3, dp=1), 3, {}, "tp = 3 does not divide the 4 heads of layer 'attn'"),
     "ep-no-moe": (tp_small, ParallelPlan(dp=2, ep=2), 2, {}, "ep > 1 but the model has no MoE layers"),
     "ep-experts": (tiny_hybrid, ParallelPlan(dp=3, ep=3), 3, {}, "ep = 3 does not divide 4 experts"),
+    "ep-not-dp": (tiny_hybrid, ParallelPlan(dp=2, tp=1, ep=2, zero=3), 2, {}, "ep = 2 runs as ep = dp with tp = 1"),
     "pp-layers": (tp_small, ParallelPlan(pp=8), 8, {}, "pp = 8 exceeds the 4 sub-layers"),
     "batch": (tp_small, ParallelPlan(dp=2), 2, {"batch": 3}, "dp = 2 does not divide the batch of 3 sequences"),
     "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),
