@@ -1,4 +1,4 @@
-"""The device mesh of a plan: ranks arranged as (dp, cp, tp), tp innermost so a tensor-parallel group is
+"""The device mesh of a plan: ranks arranged as (pp, dp, cp, tp), pipeline stages outermost, tp innermost so a tensor-parallel group is
 neighbouring ranks (on one node, where its frequent all-reduces are cheapest), then cp, as Megatron
 orders them. Weights are replicated over dp and cp alike, so gradients are averaged (and ZeRO state
 sharded) over the flattened dp x cp "replica" mesh."""
@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from ltmdsl.ir import ParallelPlan
 
-MESH_DIMS = ("dp", "cp", "tp")
+MESH_DIMS = ("pp", "dp", "cp", "tp")
 
 
 def device_mesh(plan: ParallelPlan, device_type: str = "cpu"):
-    """A 3-D DeviceMesh ("dp", "cp", "tp") of shape (plan.dp, plan.cp, plan.tp) over the process group."""
+    """A 4-D DeviceMesh ("pp", "dp", "cp", "tp") of shape (pp, dp, cp, tp) over the process group."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (plan.dp, plan.cp, plan.tp), mesh_dim_names=MESH_DIMS)
+    return init_device_mesh(device_type, (plan.pp, plan.dp, plan.cp, plan.tp), mesh_dim_names=MESH_DIMS)
 
 
 def replica_mesh(mesh, plan: ParallelPlan):

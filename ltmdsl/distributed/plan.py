@@ -7,7 +7,7 @@ world size when not given. `check_plan` refuses, with every problem in one messa
   - does not multiply to the world size (tp*pp*cp*dp),
   - does not divide the model (heads, experts, layers: the memory model's own words, budgets.plan_problems),
   - does not divide the batch over dp or the sequence over cp,
-  - asks for a degree ltmdsl.distributed does not run yet (RUNS lists what does).
+  - combines degrees ltmdsl.distributed does not run together yet (docs/DISTRIBUTED.md).
 
 Pure: importing this module imports no torch, so a launcher can refuse a plan without starting anything.
 """
@@ -18,10 +18,6 @@ import dataclasses
 
 from ltmdsl.budgets import plan_problems
 from ltmdsl.ir import BudgetIR, ModelIR, ParallelPlan
-
-#: Degrees the distributed runtime executes today (a degree above 1 of any other axis is refused).
-RUNS = ("dp", "tp", "cp", "ep")
-
 
 class PlanError(ValueError):
     """A parallel plan that cannot run this model on this many workers (the message lists every reason)."""
@@ -71,13 +67,15 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"ep = {plan.ep} runs as ep = dp with tp = 1, cp = 1 and zero 0 so far (experts split over "
                       f"the data-parallel ranks); this plan has dp = {plan.dp}, tp = {plan.tp}, cp = {plan.cp}, "
                       f"zero = {plan.zero}")
+    if plan.pp > 1 and (plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.zero > 0):
+        errors.append(f"pp = {plan.pp} runs with dp and zero 0 only so far (this plan: tp = {plan.tp}, cp = {plan.cp}, "
+                      f"ep = {plan.ep}, zero = {plan.zero})")
+    if plan.pp > 1 and batch is not None and (batch // max(plan.dp, 1)) % plan.microbatches:
+        errors.append(f"{plan.microbatches} micro-batches do not divide the {batch // plan.dp} sequences of a "
+                      "data-parallel rank")
     if plan.zero == 1 and plan.tp > 1 and plan.dp > 1:
         errors.append("zero = 1 with tp > 1: torch's ZeroRedundancyOptimizer cannot broadcast tensor-parallel "
                       "(DTensor) parameters; use zero = 2 or 3 (FSDP2) with tensor parallelism")
-    missing = [f"{name} = {getattr(plan, name)}" for name in ("pp", "cp", "ep") if getattr(plan, name) > 1
-               and name not in RUNS]
-    if missing:
-        errors.append(f"{', '.join(missing)}: ltmdsl.distributed runs only {', '.join(RUNS)} so far")
     return errors
 
 

@@ -3,7 +3,7 @@
     ranked = parallelize(ir, plan, seed=0)        # inside a worker (launch / torchrun), group initialised
     ranked.model, ranked.optimizer(lr=1e-3), ranked.mesh
 
-The (dp, cp, tp) mesh: tp splits each mixer, ep splits the experts over the dp ranks, cp splits the sequence (context_parallel.py), and ZeRO
+The (pp, dp, cp, tp) mesh: pp cuts the stack into stages (pipeline.py), tp splits each mixer, ep splits the experts over the dp ranks, cp splits the sequence (context_parallel.py), and ZeRO
 shards over the dp x cp ranks that hold the same weights. Order matters: the model is built on the meta device, split by tensor parallelism, wrapped by FSDP2 (ZeRO
 2/3), and only then materialised, so each rank allocates exactly its shards (materialize.py).
 """
@@ -19,6 +19,7 @@ from ltmdsl.distributed.expert_parallel import apply_expert_parallel
 from ltmdsl.distributed.materialize import build_meta, materialize
 from ltmdsl.distributed.context_parallel import cp_forwards
 from ltmdsl.distributed.mesh import device_mesh, device_type, replica_mesh
+from ltmdsl.distributed.pipeline import build_stage, check_pipeline
 from ltmdsl.distributed.plan import check_plan
 from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel, tp_plans
 from ltmdsl.ir import ModelIR, ParallelPlan
@@ -32,6 +33,12 @@ class RankModel:
     plan: ParallelPlan
     mesh: object  # torch DeviceMesh ("dp", "cp", "tp")
     dp_sharded: frozenset[int] = frozenset()  # ids of parameters split over dp (experts under ep)
+    schedule: object = None  # the 1F1B schedule when pp > 1 (then `model` is this rank's pipeline Stage)
+
+    @property
+    def pp_mesh(self):
+        """The pipeline stages' ranks."""
+        return self.mesh["pp"]
 
     @property
     def dp_mesh(self):
@@ -67,6 +74,8 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
         tp_plans(ir, plan.tp)  # refuse an unsplittable kind before building anything
     if plan.cp > 1:
         cp_forwards(ir)  # likewise a kind with no context-parallel form
+    if plan.pp > 1:
+        check_pipeline(ir, plan.pp)
     kind = device_type()
     mesh = device_mesh(plan, kind)
     model = build_meta(ir, dtype)
@@ -79,5 +88,10 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
         apply_fsdp(model, replica_mesh(mesh, plan), plan.zero)
     if device is None:
         device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+    if plan.pp > 1:
+        stage, make_schedule = build_stage(model, mesh["pp"], plan.microbatches)
+        stage.to_empty(device=device)  # only this stage's weights exist; the rest stay on meta
+        model.init_weights(seed)  # the whole draw order, kept where allocated
+        return RankModel(stage, plan, mesh, frozenset(dp_sharded), make_schedule(device))
     materialize(model, device, seed)
     return RankModel(model, plan, mesh, frozenset(dp_sharded))

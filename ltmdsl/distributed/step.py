@@ -15,6 +15,7 @@ import torch
 
 from ltmdsl.distributed.context_parallel import ContextShard, cp_loss, shard_sequence
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, sync_gradients
+from ltmdsl.distributed.pipeline import pipeline_loss
 
 
 def shard_batch(batch: torch.Tensor, ranked) -> torch.Tensor:
@@ -43,12 +44,15 @@ def forward_backward(ranked, input_ids: torch.Tensor, targets: torch.Tensor) -> 
     global batch's mean loss (identical on every rank)."""
     import torch.distributed as dist
 
-    if ranked.plan.cp > 1:
-        cp = context_shard(ranked, input_ids.shape[1] * ranked.plan.cp)
-        loss = cp_loss(ranked.model, input_ids, targets, cp)  # this rank's mean over its tokens
+    if ranked.plan.pp > 1:  # the schedule runs forward and backward of every micro-batch
+        loss = pipeline_loss(ranked.schedule, ranked.model, ranked.pp_mesh, input_ids, targets)
     else:
-        loss = ranked.model.loss(input_ids, targets)  # this rank's mean over its B/dp sequences
-    loss.backward()
+        if ranked.plan.cp > 1:
+            cp = context_shard(ranked, input_ids.shape[1] * ranked.plan.cp)
+            loss = cp_loss(ranked.model, input_ids, targets, cp)  # this rank's mean over its tokens
+        else:
+            loss = ranked.model.loss(input_ids, targets)  # this rank's mean over its B/dp sequences
+        loss.backward()
     replicas = ranked.replica_mesh
     if ranked.plan.zero not in FSDP_STAGES:
         sync_gradients(ranked.model, replicas, ranked.dp_sharded)

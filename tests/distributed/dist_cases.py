@@ -69,7 +69,8 @@ def reference_run(ir: ModelIR, steps: int = STEPS):
 
 
 def rank_run(ir: ModelIR, plan: ParallelPlan, steps: int = STEPS):
-    """On every rank: the same steps under `plan`; (losses, first-step full gradients on rank 0 else None)."""
+    """On every rank: the same steps under `plan`; (losses, first-step full gradients on rank 0 else None;
+    under pp every rank returns its stage's)."""
     import torch.distributed as dist
 
     from ltmdsl.distributed import parallelize, shard_batch
@@ -84,6 +85,6 @@ def rank_run(ir: ModelIR, plan: ParallelPlan, steps: int = STEPS):
         losses.append(forward_backward(ranked, ids, tgt))
         if i == 0:  # gathered before the optimizer moves the weights (a collective: every rank calls it)
             g = full_gradients(ranked.model)
-            grads = g if dist.get_rank() == 0 else None
+            grads = g if dist.get_rank() == 0 or plan.pp > 1 else None  # pp: each stage its own
         opt.step()
     return losses, grads
