@@ -5,9 +5,9 @@
 For every plan: the global tokens per second of full training steps (forward, backward, gradient
 averaging, AdamW) after one warm-up step, and on each rank the bytes of weights, gradients and optimizer
 state it holds (ltmdsl.distributed.memory) beside the memory model's per-GPU prediction for the same
-plan, plus the rank's peak resident memory. tiny-hybrid (every mixer kind) runs the data-parallel plans;
-tensor parallelism runs on an attention + MLP model (the kinds with a tensor-parallel plan). On a CPU
-the numbers measure overheads, not speed-ups: ranks share the same few cores.
+plan, plus the rank's peak resident memory. tiny-hybrid (every mixer kind) runs the data-, context-,
+expert- and pipeline-parallel plans; tensor parallelism runs on an attention + MLP model (the kinds with
+a tensor-parallel plan). On a CPU the numbers measure overheads, not speed-ups: ranks share the cores.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ PLANS = [  # (model, world, degrees)
     ("tiny-hybrid", 2, {"zero": 1}),
     ("tiny-hybrid", 2, {"zero": 2}),
     ("tiny-hybrid", 2, {"zero": 3}),
+    ("tiny-hybrid", 2, {"cp": 2}),
+    ("tiny-hybrid", 2, {"ep": 2}),
+    ("tiny-hybrid", 2, {"pp": 2, "microbatches": 2}),
     ("tp-bench", 1, {}),
     ("tp-bench", 2, {"tp": 2}),
     ("tp-bench", 2, {"zero": 3}),
@@ -65,7 +68,7 @@ def _rank(ir, plan, steps: int, batch: int, seq: int):
     opt = ranked.optimizer(lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, ir.vocab, (batch, seq + 1), generator=gen)
-    ids, tgt = shard_batch(data[:, :-1], ranked), shard_batch(data[:, 1:], ranked)
+    ids, tgt = shard_batch(data[:, :-1], ranked), shard_batch(data[:, 1:], ranked)  # rows (dp), tokens (cp)
     train_step(ranked, opt, ids, tgt)  # warm-up
     torch.distributed.barrier()
     start = time.perf_counter()
@@ -79,7 +82,8 @@ def _rank(ir, plan, steps: int, batch: int, seq: int):
 def _predicted(ir, plan, seq: int, batch: int) -> dict[str, int]:
     from ltmdsl.memory import report
 
-    r = report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, zero=plan.zero,
+    r = report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, cp=plan.cp, ep=plan.ep,
+               pp=plan.pp, microbatches=plan.microbatches, zero=plan.zero,
                weight_dtype="fp32", grad_dtype="fp32", optimizer_bytes_per_param=8, context=seq, batch=batch)
     return {c: r.per_gpu_components[c] for c in ("weights", "gradients", "optimizer")}
 

@@ -19,6 +19,8 @@ Modules, one concept each:
     materialize      meta-device build, shard-by-shard seeded init
     tensor_parallel  DTensor parallelize_module with each kind's tp_plan
     context_parallel the sequence split over cp ranks; collectives for each kind's cp_forward
+    expert_parallel  experts split over the dp ranks, all-to-all token exchange for the moe's ep_forward
+    pipeline         stages at the memory model's cuts, torch.distributed.pipelining 1F1B
     data_parallel    ZeRO 0-3: gradient all-reduce, ZeroRedundancyOptimizer, FSDP2 fully_shard
     rank_model       one rank's model under a plan (the above, in order)
     step             train_step, shard_batch and full tensors gathered from shards
@@ -26,7 +28,8 @@ Modules, one concept each:
     memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
 
 Runs today: dp with zero 0-3, tp (attention and MLP kinds), dp x tp, cp (attention, Mamba-1/2, MLP, MoE;
-zero 0/1), dp x cp. Refused with a message: pp, ep (docs/DISTRIBUTED.md).
+zero 0/1), dp x cp, ep = dp (zero 0), pp (1F1B) and pp x dp (zero 0). Other combinations are refused with
+a message (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
