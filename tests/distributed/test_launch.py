@@ -60,3 +60,28 @@ def test_init_from_env_refuses_without_a_launcher(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(WorkerError, match="not started by torchrun"):
         init_from_env()
+
+
+TORCHRUN_WORKER = """
+import torch
+from ltmdsl.distributed import init_from_env
+rank, world = init_from_env()
+t = torch.tensor([float(rank + 1)])
+torch.distributed.all_reduce(t)
+print(f"rank {rank} of {world}: {t.item()}")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_torchrun_started_workers_join_from_the_environment(tmp_path):
+    """The same group under torchrun (--standalone: its own rendezvous on a free port)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(TORCHRUN_WORKER)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rank 0 of 2: 3.0" in out.stdout and "rank 1 of 2: 3.0" in out.stdout
