@@ -10,7 +10,7 @@ import torch
 from dist_cases import LR, TP_SPEC, batches, reference_run, tp_small
 
 import ltmdsl
-from ltmdsl.distributed import launch, parallelize, plan_from, shard_batch, train_step
+from ltmdsl.distributed import WorkerError, launch, parallelize, plan_from, shard_batch, train_step
 from ltmdsl.distributed import checkpoint as dcp_ckpt
 from ltmdsl.distributed.step import full_parameters
 
@@ -69,3 +69,29 @@ def test_checkpoint_of_another_spec_is_refused(tmp_path):
     other = ltmdsl.loads(TP_SPEC.replace("vocab = 96", "vocab = 97")).ir.model()
     with pytest.raises(dcp_ckpt.CheckpointError, match="not of model 'tp_small'"):
         dcp_ckpt.read_info(path, other)
+
+
+def _die_while_saving_again(ir, plan, path):
+    import os
+
+    import torch.distributed as dist
+
+    ranked = parallelize(ir, plan, seed=0)
+    opt = ranked.optimizer(lr=LR)
+    _steps(ranked, opt, {0})
+    dcp_ckpt.save(ranked, opt, path, step=1)
+    _steps(ranked, opt, {1})
+    if dist.get_rank() == 1:
+        os._exit(5)  # dies before its shards of the next checkpoint exist
+    dcp_ckpt.save(ranked, opt, path, step=2)  # rank 0 waits for a dead peer
+    return "unreachable"
+
+
+def test_a_rank_dying_mid_save_leaves_the_last_checkpoint_intact(tmp_path):
+    ir = tp_small()
+    path = tmp_path / "latest"
+    with pytest.raises(WorkerError, match=r"rank 1 died|rank 0 failed"):  # whichever the parent hears first
+        launch(_die_while_saving_again, 2, (ir, plan_from(world=2, zero=3), path), timeout_s=20)
+    assert dcp_ckpt.read_info(path, ir)["step"] == 1
+    step, _ = launch(_resume, 2, (ir, plan_from(world=2, zero=3), path))[0]
+    assert step == 1

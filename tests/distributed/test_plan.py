@@ -48,6 +48,7 @@ CASES = {
     "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),
     "cp-with-fsdp": (tp_small, ParallelPlan(cp=2, zero=3), 2, {}, "cp = 2 runs with tp = 1 and zero 0 or 1"),
     "pp-with-tp": (tp_small, ParallelPlan(pp=2, tp=2), 4, {}, "pp = 2 runs with dp and zero 0 only so far"),
+    "interleave": (tiny_hybrid, ParallelPlan(pp=2, interleave=2), 2, {}, "interleaved pipeline schedules are not run"),
     "microbatches": (tp_small, ParallelPlan(pp=2, microbatches=3), 2, {"batch": 4}, "3 micro-batches do not divide"),
     "zero1-tp": (tp_small, ParallelPlan(tp=2, dp=2, zero=1), 4, {}, "zero = 1 with tp > 1"),
     "zero-stage": (tp_small, ParallelPlan(dp=2, zero=4), 2, {}, "zero is a ZeRO stage 0 to 3, got 4"),
