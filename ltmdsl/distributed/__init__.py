@@ -27,8 +27,8 @@ Modules, one concept each:
     checkpoint       DCP save / load under any plan (resharding), export to the single-file checkpoint
     memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
 
-Runs today: dp with zero 0-3, tp (attention and MLP kinds), dp x tp, cp (attention, Mamba-1/2, MLP, MoE;
-zero 0/1), dp x cp, ep = dp (zero 0), pp (1F1B) and pp x dp (zero 0). Other combinations are refused with
+Runs today: dp with zero 0-3, tp (attention and MLP kinds), dp x tp, cp (attention, Mamba-1/2, MLP, MoE),
+dp x cp, tp x cp, ep = dp (zero 0), pp (1F1B) and pp x dp (zero 0). Other combinations are refused with
 a message (docs/DISTRIBUTED.md).
 """
 

@@ -3,7 +3,9 @@
 Each cp rank holds T/cp consecutive tokens (a contiguous split: rank r has positions [r*T/cp, (r+1)*T/cp)),
 runs every sub-layer on them and computes the loss of its tokens. What crosses ranks is each kind's
 business, declared as `cp_forward(module, x, cp)` on its runtime kind (runtime/kinds/<kind>.py) in terms
-of the `ContextShard` collectives below:
+of the `ContextShard` collectives below. `apply_context_parallel` makes each mixer's forward its
+cp_forward, so LTModel.forward and loss run unchanged on a rank's tokens, and FSDP's and DTensor's module
+hooks still fire around every mixer (cp composes with ZeRO 2/3 and tensor parallelism):
 
     gather(t)             all ranks' pieces of t [B, T/cp, ...] -> [B, T, ...] (global attention's K/V)
     previous_tail(t, n)   the last n tokens of the previous rank's t (a convolution's K-1 halo)
@@ -31,17 +33,15 @@ class ContextParallelUnsupported(ValueError):
 
 @dataclass(frozen=True)
 class ContextShard:
-    """This rank's place in the sequence and the collectives of its cp group."""
+    """This rank's place among the cp ranks and the collectives of its group."""
 
     mesh: object  # 1-D DeviceMesh of the cp ranks
     rank: int
     size: int
-    tokens: int  # T/cp local tokens
 
-    @property
-    def offset(self) -> int:
-        """Position of this rank's first token."""
-        return self.rank * self.tokens
+    def offset(self, tokens: int) -> int:
+        """Position of this rank's first token when each rank holds `tokens`."""
+        return self.rank * tokens
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """t [B, T/cp, ...] from every rank -> [B, T, ...] in rank order (autograd: grads reduce-scattered)."""
@@ -82,20 +82,29 @@ def cp_forwards(ir) -> list:
     return out
 
 
-def cp_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, cp: ContextShard) -> torch.Tensor:
-    """Mean cross-entropy of this rank's tokens: input_ids, targets [B, T/cp], the model's forward with each
-    mixer's cp_forward (the same residual / fused-norm structure as LTModel.forward)."""
-    forwards = cp_forwards(model.ir)
-    h = model.embed(input_ids)  # [B, T/cp, d]
-    pending = None
-    for block, fwd in zip(model.layers, forwards):
-        normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)
-        pending = fwd(block.mixer, normed, cp)  # [B, T/cp, d]
-    normed, _ = model.final_norm(pending, h)
-    logits = model.head(normed)  # [B, T/cp, V]
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def apply_context_parallel(model, cp_mesh) -> None:
+    """Make every mixer of `model` run its kind's cp_forward on this rank's tokens (ContextParallelUnsupported
+    naming the first kind without one). The model then takes [B, T/cp] inputs; caches are refused."""
+    shard = ContextShard(cp_mesh, cp_mesh.get_local_rank(), cp_mesh.size())
+    done: set[int] = set()
+    for block, fwd in zip(model.layers, cp_forwards(model.ir)):
+        if id(block) not in done:  # tied blocks: one module
+            done.add(id(block))
+            block.mixer.forward = _cp_call(block.mixer, fwd, shard)
 
 
-def shard_sequence(t: torch.Tensor, cp: ContextShard) -> torch.Tensor:
-    """This rank's tokens of t [B, T, ...] -> [B, T/cp, ...]."""
-    return t[:, cp.offset:cp.offset + cp.tokens]
+def _cp_call(module, fwd, shard: ContextShard):
+    def forward(x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
+        if state is not None or pos0:
+            raise ValueError("a context-parallel model runs whole training sequences: no cache, pos0 = 0")
+        return fwd(module, x, shard)
+
+    return forward
+
+
+def shard_sequence(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s tokens of t [B, T, ...] -> [B, T/size, ...]; T must divide."""
+    if t.shape[1] % size:
+        raise ValueError(f"cp = {size} does not divide the sequence of {t.shape[1]} tokens")
+    n = t.shape[1] // size
+    return t[:, rank * n:(rank + 1) * n]

@@ -60,9 +60,6 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"dp = {plan.dp} does not divide the batch of {batch} sequences")
     if seq_len is not None and seq_len % plan.cp:
         errors.append(f"cp = {plan.cp} does not divide the sequence of {seq_len} tokens")
-    if plan.cp > 1 and (plan.tp > 1 or plan.zero >= 2):
-        errors.append(f"cp = {plan.cp} runs with tp = 1 and zero 0 or 1 so far (each kind's context-parallel "
-                      "form calls its submodules directly, past FSDP's and DTensor's module hooks)")
     if plan.ep > 1 and (plan.ep != plan.dp or plan.tp > 1 or plan.cp > 1 or plan.zero > 0):
         errors.append(f"ep = {plan.ep} runs as ep = dp with tp = 1, cp = 1 and zero 0 so far (experts split over "
                       f"the data-parallel ranks); this plan has dp = {plan.dp}, tp = {plan.tp}, cp = {plan.cp}, "

@@ -17,7 +17,7 @@ import torch
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, apply_fsdp, make_optimizer
 from ltmdsl.distributed.expert_parallel import apply_expert_parallel
 from ltmdsl.distributed.materialize import build_meta, materialize
-from ltmdsl.distributed.context_parallel import cp_forwards
+from ltmdsl.distributed.context_parallel import apply_context_parallel, cp_forwards
 from ltmdsl.distributed.mesh import device_mesh, device_type, replica_mesh
 from ltmdsl.distributed.pipeline import build_stage, check_pipeline
 from ltmdsl.distributed.plan import check_plan
@@ -81,6 +81,8 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
     model = build_meta(ir, dtype)
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
+    if plan.cp > 1:
+        apply_context_parallel(model, mesh["cp"])
     dp_sharded: set[int] = set()
     if plan.ep > 1:
         dp_sharded = apply_expert_parallel(model, mesh["dp"])

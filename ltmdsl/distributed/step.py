@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ltmdsl.distributed.context_parallel import ContextShard, cp_loss, shard_sequence
+from ltmdsl.distributed.context_parallel import shard_sequence
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, sync_gradients
 from ltmdsl.distributed.pipeline import pipeline_loss
 
@@ -27,16 +27,8 @@ def shard_batch(batch: torch.Tensor, ranked) -> torch.Tensor:
     rows = batch.shape[0] // n
     batch = batch[r * rows:(r + 1) * rows]
     if ranked.plan.cp > 1:
-        batch = shard_sequence(batch, context_shard(ranked, batch.shape[1]))
+        batch = shard_sequence(batch, ranked.cp_mesh.get_local_rank(), ranked.plan.cp)
     return batch
-
-
-def context_shard(ranked, seq_len: int) -> ContextShard:
-    """This rank's ContextShard for sequences of seq_len tokens."""
-    c = ranked.plan.cp
-    if seq_len % c:
-        raise ValueError(f"cp = {c} does not divide the sequence of {seq_len} tokens")
-    return ContextShard(ranked.cp_mesh, ranked.cp_mesh.get_local_rank(), c, seq_len // c)
 
 
 def forward_backward(ranked, input_ids: torch.Tensor, targets: torch.Tensor) -> float:
@@ -47,11 +39,7 @@ def forward_backward(ranked, input_ids: torch.Tensor, targets: torch.Tensor) -> 
     if ranked.plan.pp > 1:  # the schedule runs forward and backward of every micro-batch
         loss = pipeline_loss(ranked.schedule, ranked.model, ranked.pp_mesh, input_ids, targets)
     else:
-        if ranked.plan.cp > 1:
-            cp = context_shard(ranked, input_ids.shape[1] * ranked.plan.cp)
-            loss = cp_loss(ranked.model, input_ids, targets, cp)  # this rank's mean over its tokens
-        else:
-            loss = ranked.model.loss(input_ids, targets)  # this rank's mean over its B/dp sequences
+        loss = ranked.model.loss(input_ids, targets)  # this rank's mean over its B/dp rows, T/cp tokens
         loss.backward()
     replicas = ranked.replica_mesh
     if ranked.plan.zero not in FSDP_STAGES:

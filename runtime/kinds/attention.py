@@ -188,15 +188,16 @@ def tp_plan(cfg: AttentionConfig, tp: int) -> dict:
 
 
 def cp_forward(module: Attention, x: torch.Tensor, cp) -> torch.Tensor:
-    """One context-parallel rank's tokens x [B, T/cp, d] at positions cp.offset + t: the keys and values
+    """One context-parallel rank's tokens x [B, T/cp, d] at positions cp.offset(T/cp) + t: the keys and values
     of every rank are all-gathered (as Megatron-LM's context parallelism does) and this rank's queries
     attend over those up to its last token, causal and windowed as configured, exactly as in one process."""
     cfg = module.cfg
     B, T, _ = x.shape
     if not cfg.causal:
         raise ValueError("context parallelism supports causal attention only")
-    q, k, v = module._qkv(x, cp.offset)  # [B, T, H|Hkv, D]
-    end = cp.offset + T
+    offset = cp.offset(T)  # this rank's first position
+    q, k, v = module._qkv(x, offset)  # [B, T, H|Hkv, D]
+    end = offset + T
     k_all, v_all = cp.gather(k)[:, :end], cp.gather(v)[:, :end]  # [B, end, Hkv, D]: every earlier key
     o = module.kernels.attention(q, k_all, v_all, causal=True, window=cfg.window, scale=module.scale)
     return module.o_proj(o.reshape(B, T, -1))  # [B, T, d]

@@ -90,8 +90,9 @@ def tp_plan(cfg: MLPConfig, tp: int) -> dict:
 
 
 def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
-    """Token-local: each context-parallel rank runs its own tokens, nothing crosses ranks."""
-    return module(x)
+    """Token-local: each context-parallel rank runs its own tokens, nothing crosses ranks. (The class's
+    forward, not the instance's: under cp the instance's forward is this function.)"""
+    return type(module).forward(module, x)
 
 
 KIND = RuntimeKind(

@@ -141,8 +141,9 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
 
 
 def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
-    """Token-local: each context-parallel rank runs its own tokens, nothing crosses ranks."""
-    return module(x)
+    """Token-local: each context-parallel rank runs its own tokens, nothing crosses ranks. (The class's
+    forward, not the instance's: under cp the instance's forward is this function.)"""
+    return type(module).forward(module, x)
 
 
 KIND = RuntimeKind(

@@ -46,7 +46,6 @@ CASES = {
     "pp-layers": (tp_small, ParallelPlan(pp=8), 8, {}, "pp = 8 exceeds the 4 sub-layers"),
     "batch": (tp_small, ParallelPlan(dp=2), 2, {"batch": 3}, "dp = 2 does not divide the batch of 3 sequences"),
     "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),
-    "cp-with-fsdp": (tp_small, ParallelPlan(cp=2, zero=3), 2, {}, "cp = 2 runs with tp = 1 and zero 0 or 1"),
     "pp-with-tp": (tp_small, ParallelPlan(pp=2, tp=2), 4, {}, "pp = 2 runs with dp and zero 0 only so far"),
     "interleave": (tiny_hybrid, ParallelPlan(pp=2, interleave=2), 2, {}, "interleaved pipeline schedules are not run"),
     "microbatches": (tp_small, ParallelPlan(pp=2, microbatches=3), 2, {"batch": 4}, "3 micro-batches do not divide"),
