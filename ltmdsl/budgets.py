@@ -248,19 +248,29 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
 
 
 def _check_plan(model: ModelIR, tp: int, pp: int, ep: int, dp: int, plan_vals, where, rep: Reporter) -> None:
-    """tp must divide what each layer's `split` facet says it splits (attention heads), ep what expert
-    parallelism shards (MoE experts); pp cannot exceed the stack. One message per parallel setting."""
+    """Report each of `plan_problems` at the position of its plan key (else the `on` line)."""
     at = {k: v[1] for k, v in plan_vals.items()}
+    for key, message in plan_problems(model, tp, pp, ep):
+        rep.at(at.get(key, where), message)
+
+
+def plan_problems(model: ModelIR, tp: int, pp: int, ep: int) -> list[tuple[str, str]]:
+    """(plan key, message) for each way the degrees do not fit the model: tp must divide what each layer's
+    `split` facet says it splits (attention heads), ep what expert parallelism shards (MoE experts); pp
+    cannot exceed the stack. One message per parallel setting. Also used by ltmdsl.distributed to refuse a
+    plan before launching workers, with the same words."""
+    problems = []
     splits = [(layer, kind_of(layer.mixer).split(layer.mixer, model.d_model)) for layer in model.layers]
     bad_tp = next(((layer, what, n) for layer, sp in splits for what, n in sp.tp if n % tp), None)
     if bad_tp is not None:
         layer, what, n = bad_tp
-        rep.at(at.get("tp", where), f"tp = {tp} does not divide the {n} {what} of layer '{layer.definition}'")
+        problems.append(("tp", f"tp = {tp} does not divide the {n} {what} of layer '{layer.definition}'"))
     sharded = sorted({(n, what) for _layer, sp in splits for what, n in sp.ep})
     if ep > 1 and not sharded:
-        rep.at(at.get("ep", where), "ep > 1 but the model has no MoE layers (no layer splits over expert parallelism)")
+        problems.append(("ep", "ep > 1 but the model has no MoE layers (no layer splits over expert parallelism)"))
     bad_ep = next(((n, what) for n, what in sharded if n % ep), None)
     if bad_ep is not None:
-        rep.at(at.get("ep", where), f"ep = {ep} does not divide {bad_ep[0]} {bad_ep[1]}")
+        problems.append(("ep", f"ep = {ep} does not divide {bad_ep[0]} {bad_ep[1]}"))
     if pp > len(model.layers):
-        rep.at(at.get("pp", where), f"pp = {pp} exceeds the {len(model.layers)} sub-layers")
+        problems.append(("pp", f"pp = {pp} exceeds the {len(model.layers)} sub-layers"))
+    return problems

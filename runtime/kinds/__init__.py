@@ -13,6 +13,15 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
     placed       True when the module depends on its place in the stack (MiniMax's lightning attention
                  decays by depth): `build` then also takes `place=LayerPlace(...)`, which the model
                  derives from the IR's stack (`layer_places`). False for every position-free kind.
+    tp_plan      (config, tp) -> {submodule name: torch ParallelStyle}, how tensor parallelism splits its
+                 module (ltmdsl.distributed.tensor_parallel applies it); raises TensorParallelUnsupported
+                 for a config it cannot split. None declares "no tensor-parallel plan": tp > 1 is refused
+                 naming the kind.
+    cp_forward   (module, x [B, T/cp, d], cp) -> [B, T/cp, d]: the module's forward on one context-parallel
+                 rank's tokens, exchanging what crosses the cut through `cp` (ltmdsl.distributed.
+                 context_parallel.ContextShard). None: cp > 1 is refused naming the kind.
+    ep_forward   (module, x, ep) -> out: the forward with the experts split over the ep ranks (ltmdsl.
+                 distributed.expert_parallel); None for kinds without experts.
 
 `LTModel`, `runtime.cache.allocate` and `runtime.kernels` only look entries up here; a kind with no entry
 is refused at build with its name. Importing this package imports torch.
@@ -22,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -58,6 +67,10 @@ class NoRuntimeModule(LookupError):
     """A layer kind has no runtime entry: the model cannot be built or its cache allocated."""
 
 
+class TensorParallelUnsupported(ValueError):
+    """A kind (or one config of it) that tensor parallelism cannot split; the message names it and why."""
+
+
 @dataclass(frozen=True)
 class RuntimeKind:
     """The torch facets of one layer kind (see the module docstring for each field)."""
@@ -70,6 +83,9 @@ class RuntimeKind:
     oracles: Mapping[str, Callable]
     state_names: Callable[..., tuple[str, ...]]
     placed: bool = False
+    tp_plan: Callable[..., Mapping[str, Any]] | None = None
+    cp_forward: Callable[..., Any] | None = None
+    ep_forward: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.oracles) - set(self.ops))

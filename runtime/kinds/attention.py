@@ -18,7 +18,9 @@ in time order and attends over [cached ; new]; the one-token `step` uses `attent
 Mirrors transformers' LlamaAttention (and Qwen3Attention for qk-norm, MistralAttention for the window).
 
 The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `KVCache` allocation, the kernel ops
-it calls (attention, attention_decode; the oracle is the explicit-softmax reference) and its parameter names.
+it calls (attention, attention_decode; the oracle is the explicit-softmax reference), its parameter names
+and its tensor-parallel plan (heads split over ranks; the module reads its local head count off the
+projections' output, so the same code runs whole or as one rank's heads).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ltmdsl.kinds.attention import AttentionConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_attention
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
 from ltmdsl.runtime.ops_attention import apply_rope, rope_cos_sin
 
@@ -125,12 +127,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         gate = None
         if cfg.gate:
-            q, gate = self.q_proj(x).view(B, T, cfg.heads, 2 * cfg.head_dim).chunk(2, dim=-1)  # [B, T, H, D] each
-            gate = gate.reshape(B, T, cfg.heads * cfg.head_dim)  # [B, T, H*D]
+            q, gate = self.q_proj(x).view(B, T, -1, 2 * cfg.head_dim).chunk(2, dim=-1)  # [B, T, H, D] each
+            gate = gate.reshape(B, T, -1)  # [B, T, H*D] (H/t heads per tp rank)
         else:
-            q = self.q_proj(x).view(B, T, cfg.heads, cfg.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.v_head_dim)  # [B, T, Hkv, Dv]
+            q = self.q_proj(x).view(B, T, -1, cfg.head_dim)  # [B, T, H, D] (H/t on a tp rank)
+        k = self.k_proj(x).view(B, T, -1, cfg.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, -1, cfg.v_head_dim)  # [B, T, Hkv, Dv]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.qk_l2_norm:  # rotations keep the mean square, so before or after RoPE is the same
@@ -161,7 +163,7 @@ class Attention(nn.Module):
         else:
             o = self.kernels.attention_variant(q, k, v, causal=cfg.causal, window=cfg.window, chunk=cfg.chunk,
                                                scale=self.scale, softcap=cfg.softcap, sinks=self.sinks)
-        return self._out(o.reshape(B, T, cfg.heads * cfg.v_head_dim), gate)  # [B, T, d]
+        return self._out(o.reshape(B, T, -1), gate)  # [B, T, d] (o: [B, T, H*Dv], or H/t heads per tp rank)
 
     def _write_and_read(self, state: KVCache, k: torch.Tensor, v: torch.Tensor, pos0: int):
         """Store the new keys/values; return [earlier keys in time order ; new keys] (and values)."""
@@ -209,6 +211,40 @@ class Attention(nn.Module):
         return self._out(o.reshape(B, cfg.heads * cfg.v_head_dim), None if gate is None else gate[:, 0])
 
 
+def tp_plan(cfg: AttentionConfig, tp: int) -> dict:
+    """Megatron's attention split: q/k/v column-wise (H/t query and Hkv/t KV heads per rank, biases with
+    them), o_proj row-wise (one all-reduce). KV heads that tp does not divide (MQA at t > 1) would need
+    replicated K/V projections whose gradients sum over ranks, and qk-norm weights are shared by heads on
+    different ranks: both are refused rather than run with per-rank partial gradients."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.heads % tp or cfg.kv_heads % tp:
+        raise TensorParallelUnsupported(
+            f"tp = {tp} must divide the attention's {cfg.heads} heads and {cfg.kv_heads} kv heads "
+            "(replicated KV heads under tensor parallelism are not implemented)")
+    if cfg.qk_norm:
+        raise TensorParallelUnsupported("qk_norm attention has no tensor-parallel plan yet (its norm weights "
+                                        "are shared by heads on different ranks)")
+    return {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
+            "o_proj": RowwiseParallel()}
+
+
+def cp_forward(module: Attention, x: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens x [B, T/cp, d] at positions cp.offset(T/cp) + t: the keys and values
+    of every rank are all-gathered (as Megatron-LM's context parallelism does) and this rank's queries
+    attend over those up to its last token, causal and windowed as configured, exactly as in one process."""
+    cfg = module.cfg
+    B, T, _ = x.shape
+    if not cfg.causal:
+        raise ValueError("context parallelism supports causal attention only")
+    offset = cp.offset(T)  # this rank's first position
+    q, k, v = module._qkv(x, offset)  # [B, T, H|Hkv, D]
+    end = offset + T
+    k_all, v_all = cp.gather(k)[:, :end], cp.gather(v)[:, :end]  # [B, end, Hkv, D]: every earlier key
+    o = module.kernels.attention(q, k_all, v_all, causal=True, window=cfg.window, scale=module.scale)
+    return module.o_proj(o.reshape(B, T, -1))  # [B, T, d]
+
+
 KIND = RuntimeKind(
     name="attention",
     module=Attention,
@@ -219,4 +255,6 @@ KIND = RuntimeKind(
          "attention_variant_decode": ops_attention.attention_variant_decode},
     oracles={"attention": ops_attention.attention_reference},
     state_names=state_names,
+    tp_plan=tp_plan,
+    cp_forward=cp_forward,
 )

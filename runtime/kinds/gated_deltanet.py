@@ -130,7 +130,7 @@ class GatedDeltaNet(nn.Module):
         init.normal_(self.conv1d.weight, gen)
         init.zeros_(self.conv1d.bias)
         init.ones_(self.dt_bias)
-        self.A_log.copy_(torch.log(0.01 + (16 - 0.01) * torch.rand(self.cfg.value_heads, generator=gen)))
+        init.assign_(self.A_log, torch.log(0.01 + (16 - 0.01) * torch.rand(self.cfg.value_heads, generator=gen)))
         init.ones_(self.norm.weight)
         init.linear_(self.out_proj, gen)
 

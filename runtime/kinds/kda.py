@@ -99,7 +99,7 @@ class KDA(nn.Module):
             init.linear_(lin, gen)
         init.normal_(self.conv1d.weight, gen)
         init.zeros_(self.conv1d.bias)
-        self.forget_gate.A_log.copy_(torch.log(1 + 15 * torch.rand(self.forget_gate.A_log.shape, generator=gen)))
+        init.assign_(self.forget_gate.A_log, torch.log(1 + 15 * torch.rand(self.forget_gate.A_log.shape, generator=gen)))
         init.dt_bias_(self.forget_gate.dt_bias, gen)
         init.ones_(self.o_norm.weight)
 

@@ -132,7 +132,7 @@ class Mamba(nn.Module):
         init.linear_(self.x_proj, gen)
         init.uniform_(self.dt_proj.weight, gen, cfg.dt_rank**-0.5)
         init.dt_bias_(self.dt_proj.bias, gen)
-        self.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(cfg.d_inner, -1))
+        init.assign_(self.A_log, torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(cfg.d_inner, -1))
         init.ones_(self.D)
         init.linear_(self.out_proj, gen)
         for n in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
@@ -179,6 +179,23 @@ class Mamba(nn.Module):
         return self._gate_out(y, x, z)
 
 
+def cp_forward(module: Mamba, u: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens u [B, T/cp, d]: the conv's K-1 halo from the previous rank, then
+    the selective scan from a zero state (this rank's final state and total decay exp(A * sum delta)), and
+    again from the state the earlier ranks carry in (`cp.carry`): exact, as one process."""
+    K = module.conv1d.weight.shape[-1]
+    x, z = module.in_proj(u).chunk(2, dim=-1)  # [B, T, Di] each
+    prev = cp.previous_tail(x, K - 1).transpose(1, 2) if K > 1 else None  # [B, Di, K-1]
+    x = module.kernels.causal_conv1d(x, module.conv1d.weight[:, 0], module.conv1d.bias, prev=prev, silu=True)
+    delta, Bm, Cm = module._ssm_inputs(x)  # [B,T,Di], [B,T,N], [B,T,N]
+    A = module._A(x)  # [Di, N]
+    _, h = module.kernels.selective_scan(x, delta, A, Bm, Cm, state=None)  # h [B, Di, N]
+    decay = torch.exp(delta.sum(1).to(h.dtype)[..., None] * A.to(h.dtype))  # [B, Di, N]
+    start = cp.carry(h, decay)
+    y, _ = module.kernels.selective_scan(x, delta, A, Bm, Cm, state=start)  # [B, T, Di]
+    return module._gate_out(y, x, z)  # [B, T, d]
+
+
 KIND = RuntimeKind(
     name="mamba",
     module=Mamba,
@@ -188,4 +205,5 @@ KIND = RuntimeKind(
          "selective_scan": ops_scan.selective_scan, "selective_step": ops_scan.selective_step},
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "selective_scan": ops_scan.selective_scan_reference},
     state_names=state_names,
+    cp_forward=cp_forward,
 )

@@ -88,7 +88,7 @@ class Mamba2(nn.Module):
         init.uniform_(self.conv1d.weight, gen, 1.0 / math.sqrt(cfg.d_conv))
         init.zeros_(self.conv1d.bias)
         init.dt_bias_(self.dt_bias, gen)
-        self.A_log.copy_(torch.log(1 + 15 * torch.rand(cfg.heads, generator=gen)))
+        init.assign_(self.A_log, torch.log(1 + 15 * torch.rand(cfg.heads, generator=gen)))
         init.ones_(self.D)
         init.ones_(self.norm.weight)
         init.linear_(self.out_proj, gen)
@@ -143,6 +143,28 @@ class Mamba2(nn.Module):
         return self._finish(y, x, z)
 
 
+def cp_forward(module: Mamba2, u: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens u [B, T/cp, d]: the causal conv takes the previous rank's last
+    K-1 inputs as its halo; the SSD scan runs twice, first from a zero state to get this rank's final state
+    and total decay exp(A * sum dt), then from the state the earlier ranks carry into it (`cp.carry`, the
+    scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t composed over ranks): exact, as one process."""
+    cfg = module.cfg
+    B, T, _ = u.shape
+    G, N, K = cfg.n_groups, cfg.d_state, cfg.d_conv
+    z, xBC, dt = module._split(module.in_proj(u))  # [B,T,Di], [B,T,Di+2GN], [B,T,Hs]
+    prev = cp.previous_tail(xBC, K - 1).transpose(1, 2) if K > 1 else None  # [B, C, K-1]
+    xBC = module.kernels.causal_conv1d(xBC, module.conv1d.weight[:, 0], module.conv1d.bias, prev=prev, silu=True)
+    x, Bm, Cm = xBC.split([cfg.d_inner, G * N, G * N], dim=-1)
+    x = x.reshape(B, T, cfg.heads, cfg.head_dim)  # [B, T, Hs, P]
+    dt, A = module._dt_A(dt)  # [B, T, Hs], [Hs]
+    Bm, Cm = Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N)
+    _, h = module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=None)  # h [B, Hs, P, N]
+    decay = torch.exp(A * dt.sum(1))[..., None, None]  # [B, Hs, 1, 1]
+    start = cp.carry(h, decay)  # [B, Hs, P, N]
+    y, _ = module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=start)  # [B, T, Hs, P]
+    return module._finish(y, x, z)  # [B, T, d]
+
+
 KIND = RuntimeKind(
     name="mamba2",
     module=Mamba2,
@@ -152,4 +174,5 @@ KIND = RuntimeKind(
          "ssd_scan": ops_ssd.ssd_scan, "ssd_step": ops_ssd.ssd_step},
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "ssd_scan": _ssd_scan_oracle},
     state_names=state_names,
+    cp_forward=cp_forward,
 )

@@ -5,7 +5,8 @@ relu2 = relu(up)^2 (Primer), relu = relu(up). gate_proj exists only for the gate
 (runtime/kinds/moe.py) use the same activations.
 
 The runtime entry `KIND` (runtime/kinds/__init__.py): the module, no cache (an MLP keeps nothing between
-calls), no kernel ops (plain matmuls) and its parameter names.
+calls), no kernel ops (plain matmuls), its parameter names and its tensor-parallel plan (Megatron's: gate
+and up split by output columns, down by input rows, one all-reduce after down).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from ltmdsl.kinds.mlp import MLPConfig
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -76,6 +77,24 @@ def state_names(cfg: MLPConfig) -> tuple[str, ...]:
     return tuple(f"{p}.{w}" for p in projs for w in (("weight", "bias") if cfg.bias else ("weight",)))
 
 
+def tp_plan(cfg: MLPConfig, tp: int) -> dict:
+    """d_ff split over tp: gate_proj / up_proj column-wise ([d, F/t] each), down_proj row-wise ([F/t, d])."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.d_ff % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} does not divide the mlp's d_ff = {cfg.d_ff}")
+    plan = {"up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
+    if cfg.gated:
+        plan["gate_proj"] = ColwiseParallel()
+    return plan
+
+
+def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
+    """Token-local: each context-parallel rank runs its own tokens, nothing crosses ranks. (The class's
+    forward, not the instance's: under cp the instance's forward is this function.)"""
+    return type(module).forward(module, x)
+
+
 KIND = RuntimeKind(
     name="mlp",
     module=MLP,
@@ -84,4 +103,6 @@ KIND = RuntimeKind(
     ops={},
     oracles={},
     state_names=state_names,
+    tp_plan=tp_plan,
+    cp_forward=cp_forward,
 )

@@ -119,6 +119,7 @@ class MoE(nn.Module):
             self.selection_bias = None
         self.shared = MLP(MLPConfig(cfg.shared_d_ff, cfg.activation, False), d) if cfg.shared_d_ff else None
         self.shared_gate = nn.Linear(d, 1, bias=False) if cfg.shared_gate else None
+        self.expert_parallel = None  # set by ltmdsl.distributed.expert_parallel: forward runs ep_forward
 
     def init_weights(self, gen: torch.Generator) -> None:
         init.linear_(self.router, gen)
@@ -131,6 +132,8 @@ class MoE(nn.Module):
             init.linear_(self.shared_gate, gen)
 
     def forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
+        if self.expert_parallel is not None:
+            return ep_forward(self, x, self.expert_parallel)
         cfg = self.cfg
         shape = x.shape
         xf = x.reshape(-1, shape[-1])  # [M, d]
@@ -178,6 +181,49 @@ def state_names(cfg: MoEConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
+def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
+    """Expert parallelism (ltmdsl.distributed.expert_parallel.ExpertShard `ep`): x [..., d] -> [..., d].
+    Each (token, slot) goes to the rank holding its expert, sorted by expert; that rank runs its E/ep
+    experts and returns the rows; they are weighted and summed per token in expert order, as forward does."""
+    cfg = module.cfg
+    if cfg.variants() or cfg.activation == "swiglu_clamped":
+        raise ValueError(f"expert parallelism runs plain MoEs only; this one uses "
+                         f"{', '.join(cfg.variants()) or cfg.activation}")
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])  # [M, d]
+    M, k = xf.shape[0], cfg.top_k
+    w, idx = route(module.router(xf), cfg, module.selection_bias)  # [M, k], [M, k]
+    per = cfg.experts // ep.size
+    order = torch.argsort(idx.flatten(), stable=True)  # assignments grouped by expert (hence by rank)
+    expert = idx.flatten()[order]  # [M*k]
+    tok = torch.arange(M, device=x.device).repeat_interleave(k)[order]  # [M*k]
+    send = torch.bincount(expert // per, minlength=ep.size)  # [ep]
+    recv = ep.counts(send)
+    send_l, recv_l = send.tolist(), recv.tolist()
+    rx = ep.exchange(xf[tok], send_l, recv_l)  # [R, d] rows for this rank's experts
+    re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
+    gate_w = None if module.experts.gate_proj is None else ep.local(module.experts.gate_proj)  # [E/ep, F, d]
+    up_w, down_w = ep.local(module.experts.up_proj), ep.local(module.experts.down_proj)
+    ry = torch.zeros_like(rx)  # [R, d]
+    for e in range(per):
+        rows = torch.where(re == e)[0]
+        if rows.numel() == 0:
+            continue
+        xe = rx[rows]  # [m, d]
+        gate = xe @ gate_w[e].t() if gate_w is not None else None  # [m, F]
+        ry = ry.index_add(0, rows, activate(cfg.activation, gate, xe @ up_w[e].t()) @ down_w[e].t())
+    back = ep.exchange(ry, recv_l, send_l)  # [M*k, d] in `order`
+    slot_w = w.flatten()[order, None].to(back.dtype)  # [M*k, 1]
+    out = torch.zeros_like(xf).index_add(0, tok, (back * slot_w).to(xf.dtype))  # [M, d]
+    return out.view(shape)
+
+
+def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
+    """Token-local: each context-parallel rank runs its own tokens, nothing crosses ranks. (The class's
+    forward, not the instance's: under cp the instance's forward is this function.)"""
+    return type(module).forward(module, x)
+
+
 KIND = RuntimeKind(
     name="moe",
     module=MoE,
@@ -186,4 +232,6 @@ KIND = RuntimeKind(
     ops={},
     oracles={},
     state_names=state_names,
+    cp_forward=cp_forward,
+    ep_forward=ep_forward,
 )

@@ -1,0 +1,128 @@
+"""Training throughput and per-rank memory of each runnable parallel plan, on forked local gloo workers.
+
+    python benchmarks/distributed.py [--steps 5] [--batch 8] [--seq 256] [--json]
+
+For every plan: the global tokens per second of full training steps (forward, backward, gradient
+averaging, AdamW) after one warm-up step, and on each rank the bytes of weights, gradients and optimizer
+state it holds (ltmdsl.distributed.memory) beside the memory model's per-GPU prediction for the same
+plan, plus the rank's peak resident memory. tiny-hybrid (every mixer kind) runs the data-, context-,
+expert- and pipeline-parallel plans; tensor parallelism runs on an attention + MLP model (the kinds with
+a tensor-parallel plan). On a CPU the numbers measure overheads, not speed-ups: ranks share the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TP_SPEC = """
+model tp_bench {
+    vocab = 512
+    d_model = 128
+    dtype = fp32
+    norm = rmsnorm(eps = 1e-5)
+    head = untied
+    layer attn = attention(heads = 8, kv_heads = 4, rope_theta = 10000)
+    layer ffn = mlp(d_ff = 512, act = swiglu)
+    stack { attn ffn attn ffn }
+}
+"""
+
+PLANS = [  # (model, world, degrees)
+    ("tiny-hybrid", 1, {}),
+    ("tiny-hybrid", 2, {"zero": 0}),
+    ("tiny-hybrid", 2, {"zero": 1}),
+    ("tiny-hybrid", 2, {"zero": 2}),
+    ("tiny-hybrid", 2, {"zero": 3}),
+    ("tiny-hybrid", 2, {"cp": 2}),
+    ("tiny-hybrid", 2, {"ep": 2}),
+    ("tiny-hybrid", 2, {"pp": 2, "microbatches": 2}),
+    ("tp-bench", 1, {}),
+    ("tp-bench", 2, {"tp": 2}),
+    ("tp-bench", 2, {"zero": 3}),
+    ("tp-bench", 4, {"tp": 2, "zero": 3}),
+]
+
+
+def _model(name: str):
+    import ltmdsl
+
+    if name == "tiny-hybrid":
+        return ltmdsl.load(ROOT / "examples" / "tiny-hybrid.ltm").ir.model()
+    return ltmdsl.loads(TP_SPEC).ir.model()
+
+
+def _rank(ir, plan, steps: int, batch: int, seq: int):
+    from ltmdsl.distributed import parallelize, shard_batch, train_step
+    from ltmdsl.distributed.memory import rank_state_bytes
+
+    ranked = parallelize(ir, plan, seed=0)
+    opt = ranked.optimizer(lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, ir.vocab, (batch, seq + 1), generator=gen)
+    ids, tgt = shard_batch(data[:, :-1], ranked), shard_batch(data[:, 1:], ranked)  # rows (dp), tokens (cp)
+    train_step(ranked, opt, ids, tgt)  # warm-up
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(ranked, opt, ids, tgt)
+    torch.distributed.barrier()
+    seconds = time.perf_counter() - start
+    return seconds, rank_state_bytes(ranked.model, opt), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _predicted(ir, plan, seq: int, batch: int) -> dict[str, int]:
+    from ltmdsl.memory import report
+
+    r = report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, cp=plan.cp, ep=plan.ep,
+               pp=plan.pp, microbatches=plan.microbatches, zero=plan.zero,
+               weight_dtype="fp32", grad_dtype="fp32", optimizer_bytes_per_param=8, context=seq, batch=batch)
+    return {c: r.per_gpu_components[c] for c in ("weights", "gradients", "optimizer")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    from ltmdsl.distributed import launch, plan_from
+    from ltmdsl.distributed.plan import describe
+
+    rows = []
+    for name, world, degrees in PLANS:
+        ir = _model(name)
+        plan = plan_from(world=world, **degrees)
+        results = launch(_rank, world, (ir, plan, args.steps, args.batch, args.seq), timeout_s=600)
+        seconds = max(r[0] for r in results)
+        rows.append({
+            "model": name, "world": world, "plan": describe(plan),
+            "tokens_per_s": args.steps * args.batch * args.seq / seconds,
+            "rank_bytes": [r[1] for r in results], "predicted_bytes": _predicted(ir, plan, args.seq, args.batch),
+            "peak_rss": [r[2] for r in results],
+        })
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    mib = 2**20
+    print(f"{'model':12} {'N':>2} {'plan':40} {'tok/s':>8}  rank 0 weights/grads/optim MiB (memory model)  peak RSS MiB")
+    for r in rows:
+        b, p = r["rank_bytes"][0], r["predicted_bytes"]
+        held = "/".join(f"{b[c] / mib:.2f}" for c in ("weights", "gradients", "optimizer"))
+        pred = "/".join(f"{p[c] / mib:.2f}" for c in ("weights", "gradients", "optimizer"))
+        print(f"{r['model']:12} {r['world']:>2} {r['plan']:40} {r['tokens_per_s']:8.0f}  {held:>20} ({pred})"
+              f"  {max(r['peak_rss']) / mib:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

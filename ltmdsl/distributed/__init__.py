@@ -1,0 +1,54 @@
+"""Distributed training on torch.distributed: a budget's parallel plan run by N workers.
+
+    from ltmdsl.distributed import launch, parallelize, plan_from, shard_batch, train_step
+
+    def worker(ir, plan):                        # runs on every rank, process group already up
+        ranked = parallelize(ir, plan, seed=0)    # meta build, tp split, FSDP, shard-by-shard init
+        opt = ranked.optimizer(lr=1e-3)
+        ids = shard_batch(all_ids, ranked)
+        return train_step(ranked, opt, ids, shard_batch(all_targets, ranked))
+
+    plan = plan_from(budget)                      # or plan_from(world=2, dp=2, zero=3)
+    check_plan(ir, plan, world=2)                 # refused before any worker starts
+    losses = launch(worker, nproc=2, args=(ir, plan))
+
+Modules, one concept each:
+    plan             the plan (the IR's ParallelPlan) from a budget or degrees; refusal with reasons (no torch)
+    launch           N forked workers over a FileStore, or the group of a torchrun-started process
+    mesh             the (dp, tp) device mesh
+    materialize      meta-device build, shard-by-shard seeded init
+    tensor_parallel  DTensor parallelize_module with each kind's tp_plan
+    context_parallel the sequence split over cp ranks; collectives for each kind's cp_forward
+    expert_parallel  experts split over the dp ranks, all-to-all token exchange for the moe's ep_forward
+    pipeline         stages at the memory model's cuts, torch.distributed.pipelining 1F1B
+    data_parallel    ZeRO 0-3: gradient all-reduce, ZeroRedundancyOptimizer, FSDP2 fully_shard
+    rank_model       one rank's model under a plan (the above, in order)
+    step             train_step, shard_batch and full tensors gathered from shards
+    checkpoint       DCP save / load under any plan (resharding), export to the single-file checkpoint
+    memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
+
+Runs today: dp with zero 0-3, tp (attention and MLP kinds), dp x tp, cp (attention, Mamba-1/2, MLP, MoE),
+dp x cp, tp x cp, ep = dp (zero 0), pp (1F1B) and pp x dp (zero 0). Other combinations are refused with
+a message (docs/DISTRIBUTED.md).
+"""
+
+from __future__ import annotations
+
+from ltmdsl.distributed.launch import WorkerError, init_from_env, launch
+from ltmdsl.distributed.plan import PlanError, check_plan, plan_errors, plan_from
+
+__all__ = ["PlanError", "WorkerError", "check_plan", "init_from_env", "launch", "parallelize", "plan_errors",
+           "plan_from", "shard_batch", "train_step"]
+
+
+def __getattr__(name: str):
+    """The torch-side entry points, imported on first use so `plan` checks never import torch."""
+    if name == "parallelize":
+        from ltmdsl.distributed.rank_model import parallelize
+
+        return parallelize
+    if name in ("shard_batch", "train_step"):
+        from ltmdsl.distributed import step
+
+        return getattr(step, name)
+    raise AttributeError(f"module 'ltmdsl.distributed' has no attribute {name!r}")

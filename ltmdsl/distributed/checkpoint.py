@@ -1,0 +1,103 @@
+"""Distributed checkpoints (torch.distributed.checkpoint): each rank writes its shards, any plan reads.
+
+    save(ranked, optimizer, "ckpt/step-100", step=100)     # collective; atomic (a complete directory or none)
+    step = load(ranked, optimizer, "ckpt/step-100")          # under the same plan or another one (resharding)
+    export("ckpt/step-100", ir, "model.safetensors")         # one process, no group: the ordinary checkpoint
+
+The state is the model's and the optimizer's state dicts in torch's plan-independent form
+(`get_state_dict`: full parameter names, DTensor shards), so DCP reshards on load from whatever plan wrote
+them. Beside the shards, `ltmdsl.json` records the model name, its source hash, the step and the plan;
+`load` refuses a checkpoint of another spec before reading a tensor. A save goes to a temporary sibling
+directory renamed into place by rank 0 after every rank finished, so a rank dying mid-save leaves the
+previous checkpoint as it was. ZeRO 1 (ZeroRedundancyOptimizer) keeps its state outside torch's state-dict
+API and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ltmdsl.distributed.plan import describe
+
+INFO = "ltmdsl.json"
+
+
+class CheckpointError(ValueError):
+    """A distributed checkpoint that cannot be written or read here (the message says why)."""
+
+
+def _state(ranked, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if ranked.plan.zero == 1 and ranked.dp_mesh.size() > 1:
+        raise CheckpointError("zero = 1 (ZeroRedundancyOptimizer) has no distributed checkpoint: its state is "
+                              "outside torch's state-dict API; use zero 0, 2 or 3")
+    model_sd, optim_sd = get_state_dict(ranked.model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def save(ranked, optimizer, path: str | os.PathLike, *, step: int) -> Path:
+    """Write this rank's shards of model and optimizer to directory `path` (every rank calls it)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    state = _state(ranked, optimizer)
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=str(tmp))
+    if dist.get_rank() == 0:
+        ir = ranked.model.ir
+        info = {"model": ir.name, "source_hash": ir.source_hash, "step": step, "plan": describe(ranked.plan)}
+        (tmp / INFO).write_text(json.dumps(info, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    dist.barrier()
+    return path
+
+
+def read_info(path: str | os.PathLike, ir) -> dict:
+    """The checkpoint's ltmdsl.json, checked against model `ir`; CheckpointError when it is not one of its."""
+    info_path = Path(path) / INFO
+    if not info_path.is_file():
+        raise CheckpointError(f"{path}: not a complete ltmdsl distributed checkpoint (no {INFO})")
+    info = json.loads(info_path.read_text())
+    if info.get("source_hash") != ir.source_hash or info.get("model") != ir.name:
+        raise CheckpointError(f"{path}: a checkpoint of model '{info.get('model')}' (spec hash "
+                              f"{str(info.get('source_hash'))[:12]}), not of model '{ir.name}' (spec hash "
+                              f"{ir.source_hash[:12]})")
+    return info
+
+
+def load(ranked, optimizer, path: str | os.PathLike) -> int:
+    """Fill this rank's model and optimizer shards from `path`, written under any plan; returns its step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    info = read_info(path, ranked.model.ir)
+    state = _state(ranked, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(ranked.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return int(info["step"])
+
+
+def export(path: str | os.PathLike, ir, out: str | os.PathLike) -> Path:
+    """The weights of distributed checkpoint `path` as the ordinary single-file checkpoint `out`
+    (runtime/checkpoint.py), in one process without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    from ltmdsl.runtime import checkpoint
+    from ltmdsl.runtime.build import build
+
+    read_info(path, ir)
+    model = build(ir, init=False)
+    state = {"model": dict(model.state_dict())}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(state["model"])
+    return checkpoint.save(model, out)

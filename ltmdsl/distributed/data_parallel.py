@@ -1,0 +1,71 @@
+"""Data parallelism and ZeRO: how each `zero` stage of a plan maps onto torch.distributed.
+
+    zero 0  replicated weights, gradients averaged over the dp ranks by an all-reduce after backward
+            (what DDP does, without its bucketing), a full optimizer on every rank
+    zero 1  as zero 0, optimizer state sharded: torch's ZeroRedundancyOptimizer (parameters assigned
+            whole to ranks, each rank steps its own and broadcasts them)
+    zero 2  FSDP2 fully_shard(reshard_after_forward=False): weights gathered once per step and kept
+            gathered through backward (no second all-gather), gradients reduce-scattered, optimizer on
+            the shard. At rest (between steps) FSDP2 keeps only the weight shard: it has no mode holding
+            full weights while sharding gradients, so weights at rest are 1/N, not the ZeRO paper's full copy
+    zero 3  FSDP2 fully_shard(reshard_after_forward=True): weights, gradients and optimizer state sharded,
+            weights re-gathered for backward
+
+FSDP2 wraps each sub-layer's mixer (one all-gather and one reduce-scatter per mixer: LTModel calls a
+block's norm and mixer directly, so the mixer is the unit whose forward hooks run), then the root
+(embedding, the small norms, final norm, head). With tensor parallelism the dp mesh is the outer axis of a 2-D mesh and
+FSDP shards the tensor-parallel shards again (FSDP2 + DTensor "2-D").
+"""
+
+from __future__ import annotations
+
+import torch
+
+FSDP_STAGES = (2, 3)
+
+
+def apply_fsdp(model, dp_mesh, zero: int) -> None:
+    """Shard `model` (an LTModel, best still on the meta device) with FSDP2 for ZeRO stage 2 or 3."""
+    from torch.distributed.fsdp import fully_shard
+
+    if zero not in FSDP_STAGES:
+        raise ValueError(f"FSDP2 implements ZeRO stages {FSDP_STAGES}; stage {zero} uses sync_gradients")
+    reshard = zero == 3
+    done: set[int] = set()
+    for block in model.layers:
+        if id(block) not in done:  # tied blocks are one module, sharded once
+            done.add(id(block))
+            fully_shard(block.mixer, mesh=dp_mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+
+
+@torch.no_grad()
+def sync_gradients(model, dp_mesh, dp_sharded: frozenset[int] = frozenset()) -> None:
+    """Average every gradient over the data-parallel ranks (ZeRO 0/1: replicated weights). A DTensor
+    gradient (tensor parallelism) is averaged shard by shard: its dp peers hold the same shard. A
+    parameter split over dp (`dp_sharded`: experts under ep) already holds every rank's contribution
+    and is only divided by dp."""
+    import torch.distributed as dist
+
+    n = dp_mesh.size()
+    if n == 1:
+        return
+    group = dp_mesh.get_group()
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if id(p) not in dp_sharded:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group)  # AVG is NCCL-only; gloo sums
+        g.div_(n)
+
+
+def make_optimizer(model, zero: int, dp_mesh, lr: float, **adamw) -> torch.optim.Optimizer:
+    """AdamW over the model's (local) parameters; for ZeRO 1 wrapped by ZeroRedundancyOptimizer over dp."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if zero == 1 and dp_mesh.size() > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
+                                       process_group=dp_mesh.get_group(), lr=lr, **adamw)
+    return torch.optim.AdamW(params, lr=lr, **adamw)

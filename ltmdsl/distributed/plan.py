@@ -1,0 +1,92 @@
+"""The parallel plan a distributed run executes, and its refusal before any worker starts.
+
+A plan is the IR's own `ParallelPlan` (tp, pp, cp, dp, ep, zero, ...): taken from a budget
+(`BudgetIR.parallel`, so what was planned is what runs) or from explicit degrees, with dp derived from the
+world size when not given. `check_plan` refuses, with every problem in one message, a plan that
+
+  - does not multiply to the world size (tp*pp*cp*dp),
+  - does not divide the model (heads, experts, layers: the memory model's own words, budgets.plan_problems),
+  - does not divide the batch over dp or the sequence over cp,
+  - combines degrees ltmdsl.distributed does not run together yet (docs/DISTRIBUTED.md).
+
+Pure: importing this module imports no torch, so a launcher can refuse a plan without starting anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ltmdsl.budgets import plan_problems
+from ltmdsl.ir import BudgetIR, ModelIR, ParallelPlan
+
+class PlanError(ValueError):
+    """A parallel plan that cannot run this model on this many workers (the message lists every reason)."""
+
+
+def plan_from(budget: BudgetIR | None = None, *, world: int | None = None, **degrees) -> ParallelPlan:
+    """The plan of `budget` (its `parallel`), or ParallelPlan(**degrees) with dp = world / (tp*pp*cp)
+    when dp is not given. Degrees given next to a budget override its plan (`zero=3`, ...)."""
+    unknown = set(degrees) - {f.name for f in dataclasses.fields(ParallelPlan)}
+    if unknown:
+        raise PlanError(f"unknown plan field(s): {', '.join(sorted(unknown))}")
+    base = budget.parallel if budget is not None else ParallelPlan()
+    plan = dataclasses.replace(base, **degrees)
+    rederive = budget is None or any(k in degrees for k in ("tp", "pp", "cp"))
+    if "dp" not in degrees and world is not None and rederive:
+        model_par = plan.tp * plan.pp * plan.cp
+        if world % model_par == 0:  # otherwise check_plan reports the mismatch
+            plan = dataclasses.replace(plan, dp=world // model_par)
+    return plan
+
+
+def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | None = None,
+                seq_len: int | None = None) -> list[str]:
+    """Every reason `plan` cannot run `model` on `world` workers (empty when it can)."""
+    errors = []
+    for name in ("tp", "pp", "cp", "dp", "ep", "microbatches", "interleave"):
+        if getattr(plan, name) < 1:
+            errors.append(f"{name} must be at least 1, got {getattr(plan, name)}")
+    if errors:
+        return errors
+    if plan.zero not in (0, 1, 2, 3):
+        errors.append(f"zero is a ZeRO stage 0 to 3, got {plan.zero}")
+    if plan.world != world:
+        errors.append(f"tp*pp*cp*dp = {plan.tp}*{plan.pp}*{plan.cp}*{plan.dp} = {plan.world} "
+                      f"must equal the world size {world}")
+    errors += [message for _key, message in plan_problems(model, plan.tp, plan.pp, plan.ep)]
+    if plan.ep > 1 and (plan.dp * plan.tp) % plan.ep:
+        errors.append(f"ep = {plan.ep} does not divide dp*tp = {plan.dp * plan.tp} (experts split within dp*tp)")
+    if batch is not None and batch % plan.dp:
+        errors.append(f"dp = {plan.dp} does not divide the batch of {batch} sequences")
+    if seq_len is not None and seq_len % plan.cp:
+        errors.append(f"cp = {plan.cp} does not divide the sequence of {seq_len} tokens")
+    if plan.ep > 1 and (plan.ep != plan.dp or plan.tp > 1 or plan.cp > 1 or plan.zero > 0):
+        errors.append(f"ep = {plan.ep} runs as ep = dp with tp = 1, cp = 1 and zero 0 so far (experts split over "
+                      f"the data-parallel ranks); this plan has dp = {plan.dp}, tp = {plan.tp}, cp = {plan.cp}, "
+                      f"zero = {plan.zero}")
+    if plan.pp > 1 and (plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.zero > 0):
+        errors.append(f"pp = {plan.pp} runs with dp and zero 0 only so far (this plan: tp = {plan.tp}, cp = {plan.cp}, "
+                      f"ep = {plan.ep}, zero = {plan.zero})")
+    if plan.pp > 1 and batch is not None and (batch // max(plan.dp, 1)) % plan.microbatches:
+        errors.append(f"{plan.microbatches} micro-batches do not divide the {batch // plan.dp} sequences of a "
+                      "data-parallel rank")
+    if plan.interleave > 1:
+        errors.append(f"interleave = {plan.interleave}: interleaved pipeline schedules are not run yet (pp uses 1F1B)")
+    if plan.zero == 1 and plan.tp > 1 and plan.dp > 1:
+        errors.append("zero = 1 with tp > 1: torch's ZeroRedundancyOptimizer cannot broadcast tensor-parallel "
+                      "(DTensor) parameters; use zero = 2 or 3 (FSDP2) with tensor parallelism")
+    return errors
+
+
+def check_plan(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | None = None,
+               seq_len: int | None = None) -> None:
+    """Raise PlanError listing every problem of `plan_errors`; return None when the plan runs."""
+    errors = plan_errors(model, plan, world, batch=batch, seq_len=seq_len)
+    if errors:
+        raise PlanError(f"plan {describe(plan)} cannot run model '{model.name}' on {world} workers:\n  "
+                        + "\n  ".join(errors))
+
+
+def describe(plan: ParallelPlan) -> str:
+    """'dp=2 tp=1 ... zero=3': the degrees of a plan, for messages and benchmark rows."""
+    return " ".join(f"{k}={getattr(plan, k)}" for k in ("dp", "tp", "cp", "pp", "ep", "zero"))

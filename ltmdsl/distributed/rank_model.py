@@ -1,0 +1,99 @@
+"""One rank's share of a model under a plan: check, mesh, meta build, tp split, FSDP, materialise.
+
+    ranked = parallelize(ir, plan, seed=0)        # inside a worker (launch / torchrun), group initialised
+    ranked.model, ranked.optimizer(lr=1e-3), ranked.mesh
+
+The (pp, dp, cp, tp) mesh: pp cuts the stack into stages (pipeline.py), tp splits each mixer, ep splits the experts over the dp ranks, cp splits the sequence (context_parallel.py), and ZeRO
+shards over the dp x cp ranks that hold the same weights. Order matters: the model is built on the meta device, split by tensor parallelism, wrapped by FSDP2 (ZeRO
+2/3), and only then materialised, so each rank allocates exactly its shards (materialize.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ltmdsl.distributed.data_parallel import FSDP_STAGES, apply_fsdp, make_optimizer
+from ltmdsl.distributed.expert_parallel import apply_expert_parallel
+from ltmdsl.distributed.materialize import build_meta, materialize
+from ltmdsl.distributed.context_parallel import apply_context_parallel, cp_forwards
+from ltmdsl.distributed.mesh import device_mesh, device_type, replica_mesh
+from ltmdsl.distributed.pipeline import build_stage, check_pipeline
+from ltmdsl.distributed.plan import check_plan
+from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel, tp_plans
+from ltmdsl.ir import ModelIR, ParallelPlan
+
+
+@dataclass(frozen=True)
+class RankModel:
+    """This rank's model shard, the plan it runs and the (dp, tp) device mesh."""
+
+    model: torch.nn.Module
+    plan: ParallelPlan
+    mesh: object  # torch DeviceMesh ("dp", "cp", "tp")
+    dp_sharded: frozenset[int] = frozenset()  # ids of parameters split over dp (experts under ep)
+    schedule: object = None  # the 1F1B schedule when pp > 1 (then `model` is this rank's pipeline Stage)
+
+    @property
+    def pp_mesh(self):
+        """The pipeline stages' ranks."""
+        return self.mesh["pp"]
+
+    @property
+    def dp_mesh(self):
+        """The data-parallel ranks: each takes B/dp sequences."""
+        return self.mesh["dp"]
+
+    @property
+    def cp_mesh(self):
+        """The context-parallel ranks: each takes T/cp tokens of its sequences."""
+        return self.mesh["cp"]
+
+    @property
+    def replica_mesh(self):
+        """The ranks with the same weights (dp x cp): gradients averaged, ZeRO state sharded over them."""
+        return replica_mesh(self.mesh, self.plan)
+
+    @property
+    def tp_mesh(self):
+        return self.mesh["tp"]
+
+    def optimizer(self, lr: float, **adamw) -> torch.optim.Optimizer:
+        """AdamW on this rank's parameters, sharded over dp as the plan's ZeRO stage says."""
+        return make_optimizer(self.model, self.plan.zero, self.replica_mesh, lr, **adamw)
+
+
+def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                device: str | torch.device | None = None) -> RankModel:
+    """This rank's model for `plan` (the process group must be up: launch() or init_from_env())."""
+    import torch.distributed as dist
+
+    check_plan(ir, plan, dist.get_world_size())
+    if plan.tp > 1:
+        tp_plans(ir, plan.tp)  # refuse an unsplittable kind before building anything
+    if plan.cp > 1:
+        cp_forwards(ir)  # likewise a kind with no context-parallel form
+    if plan.pp > 1:
+        check_pipeline(ir, plan.pp)
+    kind = device_type()
+    mesh = device_mesh(plan, kind)
+    model = build_meta(ir, dtype)
+    if plan.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if plan.cp > 1:
+        apply_context_parallel(model, mesh["cp"])
+    dp_sharded: set[int] = set()
+    if plan.ep > 1:
+        dp_sharded = apply_expert_parallel(model, mesh["dp"])
+    if plan.zero in FSDP_STAGES:
+        apply_fsdp(model, replica_mesh(mesh, plan), plan.zero)
+    if device is None:
+        device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+    if plan.pp > 1:
+        stage, make_schedule = build_stage(model, mesh["pp"], plan.microbatches)
+        stage.to_empty(device=device)  # only this stage's weights exist; the rest stay on meta
+        model.init_weights(seed)  # the whole draw order, kept where allocated
+        return RankModel(stage, plan, mesh, frozenset(dp_sharded), make_schedule(device))
+    materialize(model, device, seed)
+    return RankModel(model, plan, mesh, frozenset(dp_sharded))

@@ -1,0 +1,72 @@
+"""One training step of a rank, the batch split it needs, and full tensors gathered back from shards.
+
+    ids, tgt = shard_batch(ids, ranked), shard_batch(tgt, ranked)   # this rank's rows (dp) and tokens (cp)
+    loss = train_step(ranked, optimizer, ids, tgt)                                  # the global mean loss
+
+The loss of a step is the mean next-token cross-entropy over the global batch: each dp rank takes B/dp
+sequences, each cp rank T/cp of their tokens, and the mean of the ranks' means (equal token counts) is
+returned on every rank. Gradients are averaged over the dp x cp ranks by FSDP2's reduce-scatter (ZeRO
+2/3) or `sync_gradients` (ZeRO 0/1), so they equal the single-process gradients of the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ltmdsl.distributed.context_parallel import shard_sequence
+from ltmdsl.distributed.data_parallel import FSDP_STAGES, sync_gradients
+from ltmdsl.distributed.pipeline import pipeline_loss
+
+
+def shard_batch(batch: torch.Tensor, ranked) -> torch.Tensor:
+    """This rank's part of batch [B, T, ...]: its dp rank's B/dp rows and its cp rank's T/cp tokens
+    (tensor-parallel peers get the same)."""
+    n, r = ranked.dp_mesh.size(), ranked.dp_mesh.get_local_rank()
+    if batch.shape[0] % n:
+        raise ValueError(f"dp = {n} does not divide the batch of {batch.shape[0]} sequences")
+    rows = batch.shape[0] // n
+    batch = batch[r * rows:(r + 1) * rows]
+    if ranked.plan.cp > 1:
+        batch = shard_sequence(batch, ranked.cp_mesh.get_local_rank(), ranked.plan.cp)
+    return batch
+
+
+def forward_backward(ranked, input_ids: torch.Tensor, targets: torch.Tensor) -> float:
+    """Loss and averaged gradients (accumulated into .grad) of this rank's part [B/dp, T/cp]; returns the
+    global batch's mean loss (identical on every rank)."""
+    import torch.distributed as dist
+
+    if ranked.plan.pp > 1:  # the schedule runs forward and backward of every micro-batch
+        loss = pipeline_loss(ranked.schedule, ranked.model, ranked.pp_mesh, input_ids, targets)
+    else:
+        loss = ranked.model.loss(input_ids, targets)  # this rank's mean over its B/dp rows, T/cp tokens
+        loss.backward()
+    replicas = ranked.replica_mesh
+    if ranked.plan.zero not in FSDP_STAGES:
+        sync_gradients(ranked.model, replicas, ranked.dp_sharded)
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=replicas.get_group())
+    return total.item() / replicas.size()
+
+
+def train_step(ranked, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor, targets: torch.Tensor) -> float:
+    """zero_grad, forward_backward, optimizer step; returns the global batch's mean loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = forward_backward(ranked, input_ids, targets)
+    optimizer.step()
+    return loss
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter or gradient, on every rank (collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_gradients(model) -> dict[str, torch.Tensor]:
+    """name -> the full gradient of every parameter (a collective: every rank must call it)."""
+    return {n: full_tensor(p.grad).detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def full_parameters(model) -> dict[str, torch.Tensor]:
+    """name -> the full value of every parameter (a collective: every rank must call it)."""
+    return {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters()}

@@ -1,0 +1,44 @@
+"""Tensor parallelism with DTensor's `parallelize_module`: each mixer split as its kind's `tp_plan` says.
+
+Every sub-layer's mixer is split by the plan its runtime kind declares (runtime/kinds/<kind>.py,
+`RuntimeKind.tp_plan`): attention heads and MLP widths column-wise in, row-wise out (Megatron-LM's split,
+one all-reduce per mixer in forward and one in backward). A kind without a plan, or a config its plan
+cannot split, is refused before any weight exists, naming the kind. Embedding, norms and the LM head stay
+replicated on the tensor-parallel ranks (they see the full, all-reduced activations, so their gradients
+agree on every rank without communication).
+"""
+
+from __future__ import annotations
+
+from ltmdsl.ir import ModelIR
+from ltmdsl.runtime.kinds import TensorParallelUnsupported, runtime_kind
+
+
+def tp_plans(ir: ModelIR, tp: int) -> list[dict]:
+    """The tensor-parallel plan of each sub-layer's mixer (in stack order); TensorParallelUnsupported
+    naming the layer and kind when one has none."""
+    plans = []
+    for layer in ir.layers:
+        kind = runtime_kind(layer.kind)
+        if kind.tp_plan is None:
+            raise TensorParallelUnsupported(
+                f"no tensor-parallel plan for kind {layer.kind!r} (layer '{layer.definition}'); "
+                f"run it with tp = 1, or declare tp_plan in runtime/kinds/{layer.kind}.py")
+        try:
+            plans.append(kind.tp_plan(layer.mixer, tp))
+        except TensorParallelUnsupported as e:
+            raise TensorParallelUnsupported(f"layer '{layer.definition}': {e}") from None
+    return plans
+
+
+def apply_tensor_parallel(model, tp_mesh) -> None:
+    """Split every mixer of `model` (an LTModel, meta or materialised) over the 1-D mesh `tp_mesh`."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    plans = tp_plans(model.ir, tp_mesh.size())
+    done: set[int] = set()
+    for block, plan in zip(model.layers, plans):
+        if id(block) in done:  # a tied block is one module: split it once
+            continue
+        done.add(id(block))
+        parallelize_module(block.mixer, tp_mesh, plan)

@@ -1,0 +1,90 @@
+"""Shared cases for the distributed tests: the models, a fixed batch, and the same training steps run in
+one process (the reference) and on N forked ranks under a plan.
+
+Two models: tiny-hybrid (every mixer kind; data parallelism) and a small attention + MLP model with the
+shapes tensor parallelism splits (heads and kv heads divisible by 2, a window, an untied head).
+"""
+
+from __future__ import annotations
+
+import torch
+from paths import EXAMPLES
+
+import ltmdsl
+from ltmdsl.ir import ModelIR, ParallelPlan
+
+TP_SPEC = """
+model tp_small {
+    vocab = 96
+    d_model = 32
+    dtype = fp32
+    norm = rmsnorm(eps = 1e-5)
+    head = untied
+    layer attn = attention(heads = 4, kv_heads = 2, rope_theta = 10000)
+    layer swa = attention(heads = 4, kv_heads = 2, window = 8, qkv_bias = true)
+    layer ffn = mlp(d_ff = 64, act = swiglu)
+    layer gelu = mlp(d_ff = 48, act = gelu, bias = true)
+    stack { attn ffn swa gelu }
+}
+"""
+
+STEPS, LR, B, T = 3, 1e-2, 4, 24
+
+
+def tiny_hybrid() -> ModelIR:
+    return ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm").ir.model()
+
+
+def tp_small() -> ModelIR:
+    return ltmdsl.loads(TP_SPEC).ir.model()
+
+
+def batches(vocab: int, steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` fixed batches of ids [B, T] and next-token targets [B, T]."""
+    gen = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(steps):
+        seq = torch.randint(0, vocab, (B, T + 1), generator=gen)
+        out.append((seq[:, :-1], seq[:, 1:]))
+    return out
+
+
+def reference_run(ir: ModelIR, steps: int = STEPS):
+    """Single process: (losses of each step, gradients of the first step {name: tensor})."""
+    from ltmdsl.runtime.build import build
+
+    torch.manual_seed(0)
+    model = build(ir, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, grads = [], {}
+    for i, (ids, tgt) in enumerate(batches(ir.vocab, steps)):
+        opt.zero_grad(set_to_none=True)
+        loss = model.loss(ids, tgt)
+        loss.backward()
+        if i == 0:
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        losses.append(loss.item())
+    return losses, grads
+
+
+def rank_run(ir: ModelIR, plan: ParallelPlan, steps: int = STEPS):
+    """On every rank: the same steps under `plan`; (losses, first-step full gradients on rank 0 else None;
+    under pp every rank returns its stage's)."""
+    import torch.distributed as dist
+
+    from ltmdsl.distributed import parallelize, shard_batch
+    from ltmdsl.distributed.step import forward_backward, full_gradients
+
+    ranked = parallelize(ir, plan, seed=0)
+    opt = ranked.optimizer(lr=LR)
+    losses, grads = [], None
+    for i, (ids, tgt) in enumerate(batches(ir.vocab, steps)):
+        ids, tgt = shard_batch(ids, ranked), shard_batch(tgt, ranked)
+        opt.zero_grad(set_to_none=True)
+        losses.append(forward_backward(ranked, ids, tgt))
+        if i == 0:  # gathered before the optimizer moves the weights (a collective: every rank calls it)
+            g = full_gradients(ranked.model)
+            grads = g if dist.get_rank() == 0 or plan.pp > 1 else None  # pp: each stage its own
+        opt.step()
+    return losses, grads

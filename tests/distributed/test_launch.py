@@ -1,0 +1,87 @@
+"""The launcher: N forked workers in one gloo group over a FileStore (no port), results back in rank
+order, a raising or dying rank turned into a WorkerError naming it within the timeout, and the
+torchrun entry refusing a process nobody launched."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from ltmdsl.distributed import WorkerError, init_from_env, launch
+
+
+def _sum_of_ranks():
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return dist.get_rank(), dist.get_world_size(), t.item(), os.environ["RANK"]
+
+
+def test_workers_form_one_group():
+    assert launch(_sum_of_ranks, 2) == [(0, 2, 3.0, "0"), (1, 2, 3.0, "1")]
+
+
+def _raise_on_rank_1():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("bad shard on purpose")
+    return "fine"
+
+
+def test_a_raising_rank_is_named():
+    with pytest.raises(WorkerError, match=r"rank 1 failed:(.|\n)*bad shard on purpose"):
+        launch(_raise_on_rank_1, 2)
+
+
+def _die_mid_step():
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os._exit(3)  # a rank dying: no error message, no collective
+    dist.all_reduce(torch.ones(1))  # rank 0 waits for a peer that never comes
+    return "unreachable"
+
+
+def test_a_dying_rank_ends_the_run_without_a_hang():
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank (1 died without a result \(exit code 3\)|0 failed)"):
+        launch(_die_mid_step, 2, timeout_s=20)
+    assert time.monotonic() - start < 20
+
+
+def test_init_from_env_refuses_without_a_launcher(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(WorkerError, match="not started by torchrun"):
+        init_from_env()
+
+
+TORCHRUN_WORKER = """
+import torch
+from ltmdsl.distributed import init_from_env
+rank, world = init_from_env()
+t = torch.tensor([float(rank + 1)])
+torch.distributed.all_reduce(t)
+print(f"rank {rank} of {world}: {t.item()}")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_torchrun_started_workers_join_from_the_environment(tmp_path):
+    """The same group under torchrun (--standalone: its own rendezvous on a free port)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(TORCHRUN_WORKER)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rank 0 of 2: 3.0" in out.stdout and "rank 1 of 2: 3.0" in out.stdout

@@ -1,0 +1,76 @@
+"""Plans from budgets and degrees, and every refusal before launch (pure: no worker, no torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from dist_cases import TP_SPEC, tiny_hybrid, tp_small
+
+import ltmdsl
+from ltmdsl.distributed.plan import PlanError, check_plan, plan_errors, plan_from
+from ltmdsl.ir import ParallelPlan
+
+BUDGET = TP_SPEC + """
+budget train4 for tp_small {
+    training context = 64, batch = 8
+    on 4 x H100 with tp = 2, zero = 3
+}
+"""
+
+
+def test_plan_from_budget_is_the_budgets_plan():
+    spec = ltmdsl.loads(BUDGET)
+    budget = spec.budget("train4")
+    plan = plan_from(budget)
+    assert plan == budget.parallel
+    assert (plan.dp, plan.tp, plan.zero, plan.world) == (2, 2, 3, 4)
+    check_plan(spec.model, plan, 4, batch=budget.batch, seq_len=budget.context)
+    assert plan_from(budget, zero=2).zero == 2  # an override keeps the budget's degrees
+
+
+def test_plan_from_degrees_derives_dp():
+    assert plan_from(world=4, tp=2) == ParallelPlan(tp=2, dp=2)
+    assert plan_from(world=2, zero=3) == ParallelPlan(dp=2, zero=3)
+    with pytest.raises(PlanError, match="unknown plan field"):
+        plan_from(world=2, tpp=2)
+
+
+CASES = {
+    "world-mismatch": (tp_small, ParallelPlan(tp=2, dp=1), 4, {}, "tp*pp*cp*dp = 2*1*1*1 = 2 must equal the world size 4"),
+    "tp-heads": (tp_small, ParallelPlan(tp=3, dp=1), 3, {}, "tp = 3 does not divide the 4 heads of layer 'attn'"),
+    "ep-no-moe": (tp_small, ParallelPlan(dp=2, ep=2), 2, {}, "ep > 1 but the model has no MoE layers"),
+    "ep-experts": (tiny_hybrid, ParallelPlan(dp=3, ep=3), 3, {}, "ep = 3 does not divide 4 experts"),
+    "ep-not-dp": (tiny_hybrid, ParallelPlan(dp=2, tp=1, ep=2, zero=3), 2, {}, "ep = 2 runs as ep = dp with tp = 1"),
+    "pp-layers": (tp_small, ParallelPlan(pp=8), 8, {}, "pp = 8 exceeds the 4 sub-layers"),
+    "batch": (tp_small, ParallelPlan(dp=2), 2, {"batch": 3}, "dp = 2 does not divide the batch of 3 sequences"),
+    "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),
+    "pp-with-tp": (tp_small, ParallelPlan(pp=2, tp=2), 4, {}, "pp = 2 runs with dp and zero 0 only so far"),
+    "interleave": (tiny_hybrid, ParallelPlan(pp=2, interleave=2), 2, {}, "interleaved pipeline schedules are not run"),
+    "microbatches": (tp_small, ParallelPlan(pp=2, microbatches=3), 2, {"batch": 4}, "3 micro-batches do not divide"),
+    "zero1-tp": (tp_small, ParallelPlan(tp=2, dp=2, zero=1), 4, {}, "zero = 1 with tp > 1"),
+    "zero-stage": (tp_small, ParallelPlan(dp=2, zero=4), 2, {}, "zero is a ZeRO stage 0 to 3, got 4"),
+}
+
+
+@pytest.mark.parametrize("model, plan, world, kw, message", CASES.values(), ids=CASES.keys())
+def test_refused_with_a_reason(model, plan, world, kw, message):
+    ir = model()
+    assert any(message in e for e in plan_errors(ir, plan, world, **kw)), plan_errors(ir, plan, world, **kw)
+    with pytest.raises(PlanError, match="cannot run model"):
+        check_plan(ir, plan, world, **kw)
+
+
+def test_tp_refusal_is_the_memory_models_message():
+    """`ltmdsl check` on the same plan in a budget says the very same words."""
+    bad = TP_SPEC + "budget b for tp_small {\n training context = 64, batch = 8\n on 3 x H100 with tp = 3\n}\n"
+    with pytest.raises(ltmdsl.SpecError) as err:
+        ltmdsl.loads(bad)
+    ours = plan_errors(tp_small(), ParallelPlan(tp=3), 3)
+    assert ours[0] in str(err.value)
+
+
+def test_plan_module_imports_no_torch():
+    code = "import sys, ltmdsl.distributed, ltmdsl.distributed.plan; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
