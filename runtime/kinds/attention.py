@@ -237,12 +237,14 @@ def cp_forward(module: Attention, x: torch.Tensor, cp) -> torch.Tensor:
     B, T, _ = x.shape
     if not cfg.causal:
         raise ValueError("context parallelism supports causal attention only")
+    if not cfg.plain_softmax or cfg.chunk is not None:
+        raise ValueError("context parallelism supports plain softmax attention only (no sinks, soft cap or chunks)")
     offset = cp.offset(T)  # this rank's first position
-    q, k, v = module._qkv(x, offset)  # [B, T, H|Hkv, D]
+    q, k, v, gate = module._qkv(x, offset)  # [B, T, H|Hkv, D], gate [B, T, H*D] or None
     end = offset + T
     k_all, v_all = cp.gather(k)[:, :end], cp.gather(v)[:, :end]  # [B, end, Hkv, D]: every earlier key
     o = module.kernels.attention(q, k_all, v_all, causal=True, window=cfg.window, scale=module.scale)
-    return module.o_proj(o.reshape(B, T, -1))  # [B, T, d]
+    return module._out(o.reshape(B, T, -1), gate)  # [B, T, d]
 
 
 KIND = RuntimeKind(
