@@ -143,12 +143,12 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
     flight = training.in_flight(st.index, s)
     if s.recompute == "full":
         st.add("activations", "checkpoints", flight * checkpoints * activations.checkpoint(model, s))
-        mixers = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if not kinds.kind_of(m).is_ffn]
-        ffns = [activations.stored(m, model, s, "none") for (m, _), _n in counts.items() if kinds.kind_of(m).is_ffn]
+        mixers = [activations.stored(m, model, s, "none", nm) for (m, nm), _n in counts.items() if not kinds.kind_of(m).is_ffn]
+        ffns = [activations.stored(m, model, s, "none", nm) for (m, nm), _n in counts.items() if kinds.kind_of(m).is_ffn]
         working = (sympy.Max(*mixers) if mixers else ZERO) + (sympy.Max(*ffns) if ffns else ZERO)
         st.add("activations", "working set", working)
     else:
-        for (mixer, _norm), n in counts.items():
-            st.add("activations", mixer.kind, flight * n * activations.stored(mixer, model, s))
+        for (mixer, norm), n in counts.items():
+            st.add("activations", mixer.kind, flight * n * activations.stored(mixer, model, s, norm=norm))
     if last:
         st.add("logits", "head", training.loss_logits(model, s))
