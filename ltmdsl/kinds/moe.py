@@ -22,6 +22,7 @@ import sympy
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     ACTIVATIONS, GATED, CheckError, Flops, Kind, ModelContext, Param, Split, ffn_width, no_cache, no_context_limit,
+    saved_ffn_width,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
@@ -82,7 +83,7 @@ def workspace(c: MoEConfig, d: int, s):
 def stored(c: MoEConfig, x, selective: bool):
     a, tok = x.a, x.tok
     return (x.base + x.rep(8 * tok * c.experts + 2 * c.top_k * a * tok * x.h)
-            + x.split(c.top_k * a * tok * ffn_width(c.activation, c.d_ff)))
+            + x.split(c.top_k * a * tok * saved_ffn_width(c.activation, c.d_ff, x.eager)))
 
 
 def flops(c: MoEConfig) -> dict[str, Flops]:

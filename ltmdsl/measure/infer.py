@@ -90,16 +90,18 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
     else:
         ids = torch.zeros(b, Cc, ir.d_model, dtype=dtype)  # [b, Cc, d] received hidden states
     pre, start, y = _phase(stage, cache, ids, T - Cc)
-    peaks["prefill"] = start + pre
-    if stage.last:  # the fp32 logits sampling reads
+    peaks["prefill"] = start + pre  # the last position's logits are part of the prefill's peak
+    if stage.last:  # the fp32 logits sampling reads, the model-dtype ones released
         lt = MemTracker()
         lt.track_external(y)
         with lt:
-            t0 = Timeline(lt).live()
             lg = y.float()  # [b, 1, V]
-            out["logits"] = Timeline(lt).live() - t0
+            del y
+            out["logits"] = Timeline(lt).live()
             del lg
-    del y, ids
+    else:
+        del y
+    del ids
     one = torch.zeros(b, 1, dtype=torch.long) if stage.first else torch.zeros(b, 1, ir.d_model, dtype=dtype)
     dec, start, y = _phase(stage, cache, one, T - 1)
     peaks["decode"] = start + dec

@@ -8,6 +8,7 @@ Its "peak" snapshot is monotonic, so the phase of the peak is the last phase aft
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 TOTAL = "Total"  # MemTracker's key for all categories together
@@ -25,6 +26,8 @@ class Timeline:
     marks: list[tuple[str, int, int]] = field(default_factory=list)  # (phase, live bytes, peak so far)
 
     def live(self) -> int:
+        """Live bytes now, after collecting unreachable graphs (their storages are freed then, not later)."""
+        gc.collect()
         return _total(self.tracker.get_tracker_snapshot("current"))
 
     def peak(self) -> int:

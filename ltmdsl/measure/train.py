@@ -109,6 +109,8 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     chunk = s.chunk if s.chunked_loss else None
     pending_backward = []
     act, logits = 0, 0
+    # full recompute: the working set, traced first (its modules' stats are reset by the step's forward)
+    working = _working_set(stage, b, seq, dtype, tl) if s.recompute == "full" else 0
     for k in range(flight):
         before = tl.mark(f"micro-batch {k}: inputs")
         if stage.first:
@@ -116,6 +118,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
         else:
             x = torch.zeros(b, seq, ir.d_model, dtype=dtype, requires_grad=True)  # [b, s, d] received
         start = tl.mark(f"micro-batch {k}: inputs ready")
+        tl.tracker.reset_mod_stats()  # MemTracker refuses a second top-level call of a module otherwise
         h, pending = stack_forward(stage, x, s.recompute)
         if stage.last:
             normed, _ = stage.net.final_norm(h, None) if pending is None else stage.net.final_norm(pending, h)
@@ -140,9 +143,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
         probe = _chunk_loss(stage.net, normed[:, :chunk].detach(), targets[:, :chunk])
         logits = tl.mark("loss chunk: forward") - t0
         del probe
-    if s.recompute == "full":
-        act += _working_set(stage, b, seq, dtype, tl)
-    out["activations"] = act
+    out["activations"] = act + working
     out["logits"] = logits if stage.last else 0
     for k, (y, grad) in enumerate(pending_backward):
         torch.autograd.backward(y, grad)
@@ -158,20 +159,39 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     return out
 
 
+def saved_bytes(fn, *args, exclude=()) -> tuple[int, object]:
+    """Run fn(*args) and count what autograd keeps for its backward: the unique storages packed by saved-tensor
+    hooks, leaving out `exclude` (the parameters). Returns (bytes, fn's output)."""
+    skip = {id(t.untyped_storage()) for t in exclude}
+    kept: dict[int, object] = {}  # id -> storage, held so that ids stay unique while counting
+
+    def pack(t):
+        st_ = t.untyped_storage()
+        if id(st_) not in skip:
+            kept[id(st_)] = st_
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return sum(x.nbytes() for x in kept.values()), out
+
+
 def _working_set(stage: Stage, b: int, seq: int, dtype: torch.dtype, tl: Timeline) -> int:
-    """Full recompute: the largest unit's activations, traced by running each distinct unit once without its
-    checkpoint from a fresh input (what is live again while that unit back-propagates)."""
+    """Full recompute: the largest unit's activations (what is live again while it back-propagates), traced by
+    running each distinct unit once without its checkpoint and counting what autograd keeps (saved-tensor
+    hooks)."""
     d = stage.net.ir.d_model
+    params = stage.params()
     best, seen = 0, set()
     for unit in stage.units:
-        key = tuple(id(stage.net.layers[i]) for i in unit)
         sig = tuple((stage.net.ir.layers[i].mixer, stage.net.ir.layers[i].norm) for i in unit)
         if sig in seen:
             continue
         seen.add(sig)
         h = torch.zeros(b, seq, d, dtype=dtype, requires_grad=True)  # [b, s, d]
-        t0 = tl.mark("working set: input")
-        y = _run_unit(stage, unit, h)
-        best = max(best, tl.mark("working set: unit") - t0 - y.numel() * y.element_size())
-        del y, h, key
+        tl.tracker.reset_mod_stats()
+        kept, y = saved_bytes(_run_unit, stage, unit, h, exclude=params)
+        best = max(best, kept)
+        del y, h
+    tl.mark("working set")
     return best
