@@ -38,6 +38,10 @@ from ltmdsl.memory.training import in_flight
 from ltmdsl.runtime.build import TORCH_DTYPES
 
 
+#: what a loss call keeps besides its logits: its fp32 value and nll_loss's fp32 total weight
+LOSS_SCALARS = 8
+
+
 def _run_unit(stage: Stage, unit: list[int], h: torch.Tensor) -> torch.Tensor:
     """One checkpoint unit from a materialised residual h [b, s, d] to the next one [b, s, d]."""
     pending = None
@@ -127,7 +131,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
             targets = torch.zeros(b, seq, dtype=torch.long)  # [b, s]
             t0 = tl.mark(f"micro-batch {k}: targets")
             loss = loss_forward(stage.net, normed, targets, chunk)
-            logits = max(logits, tl.mark(f"micro-batch {k}: loss") - t0)
+            logits = max(logits, tl.mark(f"micro-batch {k}: loss") - t0 - (0 if chunk else LOSS_SCALARS))
             pending_backward.append((loss, None))
         else:
             y = h if pending is None else h + pending  # [b, s, d] sent to the next stage
@@ -141,7 +145,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     if stage.last and chunk is not None:  # one chunk's logits, as its backward recomputes them
         t0 = tl.mark("loss chunk: start")
         probe = _chunk_loss(stage.net, normed[:, :chunk].detach(), targets[:, :chunk])
-        logits = tl.mark("loss chunk: forward") - t0
+        logits = tl.mark("loss chunk: forward") - t0 - LOSS_SCALARS
         del probe
     out["activations"] = act + working
     out["logits"] = logits if stage.last else 0
