@@ -10,6 +10,8 @@ not bytes), per micro-batch:
     replicated  norm input and router input 2a*sbh; router logits and probabilities fp32 8*sb*E;
                 k dispatched copies of the input and k expert outputs 2k*a*sbh
     split       each of the k expert MLPs as a dense MLP: k * (3|2) * a*sb*F
+    saved_by = "eager" (ltmdsl's runtime under autograd): the expert MLPs keep act(gate) too (4F gated), and
+                the scatter-add of the router-weighted expert outputs keeps its source, k*a*sbh more
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def workspace(c: MoEConfig, d: int, s):
 
 def stored(c: MoEConfig, x, selective: bool):
     a, tok = x.a, x.tok
-    return (x.base + x.rep(8 * tok * c.experts + 2 * c.top_k * a * tok * x.h)
+    copies = 3 if x.eager else 2  # dispatched inputs, expert outputs (and eager: the weighted outputs)
+    return (x.base + x.rep(8 * tok * c.experts + copies * c.top_k * a * tok * x.h)
             + x.split(c.top_k * a * tok * saved_ffn_width(c.activation, c.d_ff, x.eager)))
 
 

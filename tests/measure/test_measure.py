@@ -106,6 +106,20 @@ def test_every_kind_of_the_tiny_hybrid_traces_its_caches_exactly():
     assert any("balanced routing" in n for n in m.notes)
 
 
+MOE = DENSE.replace("model dense", "model sparse").replace("for dense", "for sparse").replace(
+    "layer ffn = mlp(d_ff = 176, act = swiglu)", "layer ffn = moe(experts = 4, top_k = 2, d_ff = 64)")
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_moe_activations_within_5_percent_with_balanced_routing(recompute):
+    spec = ltmdsl.loads(MOE)
+    m = measure(spec.model, _budget(spec, "train"), recompute=recompute)
+    for component in ("weights", "gradients", "optimizer", "logits"):
+        assert m.measured[component] == m.predicted[component], component
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    assert any("balanced routing" in n for n in m.notes)
+
+
 def test_moe_training_states_exact_with_balanced_routing():
     spec = ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm")
     attn_moe = spec.model  # every kind; MoE dispatch static
