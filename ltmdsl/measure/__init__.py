@@ -57,6 +57,8 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
     from ltmdsl.memory import report
     from ltmdsl.measure import cost, fakesafe
 
+    # one rank of a plan: without a budget the memory model would otherwise spread every byte evenly ("ideal")
+    overrides.setdefault("sharding", "plan")
     r = report(model, budget, user_gpus=user_gpus, **overrides)
     s = r.settings
     notes = fakesafe.check(model)
