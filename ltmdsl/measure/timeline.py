@@ -8,7 +8,6 @@ Its "peak" snapshot is monotonic, so the phase of the peak is the last phase aft
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 
 TOTAL = "Total"  # MemTracker's key for all categories together
@@ -26,8 +25,7 @@ class Timeline:
     marks: list[tuple[str, int, int]] = field(default_factory=list)  # (phase, live bytes, peak so far)
 
     def live(self) -> int:
-        """Live bytes now, after collecting unreachable graphs (their storages are freed then, not later)."""
-        gc.collect()
+        """Live bytes now (storages are dropped when their last reference goes, so no collection is needed)."""
         return _total(self.tracker.get_tracker_snapshot("current"))
 
     def peak(self) -> int:
