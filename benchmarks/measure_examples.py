@@ -23,6 +23,8 @@ CASES = [
     ("mistral-7b-v0.1.ltm", None, {}, "mistral-7b first budget"),
     ("llama-3.1-405b.ltm", None, {}, "llama-3.1-405b first budget"),
     ("jamba-v0.1.ltm", None, {}, "jamba-v0.1 first budget"),
+    ("llama-3.1-405b.ltm", None, dict(context=131072), "llama-3.1-405b 128K, one rank without tp"),
+    ("jamba-v0.1.ltm", None, dict(context=262144), "jamba-v0.1 256K, one rank without tp"),
     ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, recompute="none"), "8b train 4K none"),
     ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, recompute="selective"), "8b train 4K selective"),
     ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, recompute="full"), "8b train 4K full"),
