@@ -7,13 +7,20 @@ never reads files or parses text: `ltmdsl.build` (the top-level API) turns a pat
 "triton" asks `ltmdsl.codegen.backend.triton_kernels(model_ir)` for a `Kernels` instance (imported only
 then, so the torch back end never needs Triton). Weights are drawn from `seed` in fp32 on the CPU and then
 cast, so one seed gives the same model on every back end, dtype and device.
+
+Nothing is allocated before it is needed: the modules are constructed on the meta device, cast to the compute
+dtype there, and only then given storage on the target device (`to_empty`) and initialised tensor by tensor.
+`device="meta"` stops before storage: a 405B model builds in seconds with 0 bytes allocated (shapes, dtypes and
+parameter counts are all there, for the memory tools). On any other device `build` first asks the memory model
+how many bytes the weights take and refuses (`ModelTooLarge`) a model that would not fit in the memory the
+machine has available (Linux MemAvailable for the CPU, the free memory of a CUDA device), before allocating.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ltmdsl.ir import ModelIR, SpecIR
+from ltmdsl.ir import Dtype, ModelIR, SpecIR
 from ltmdsl.runtime.kernels import TORCH_KERNELS, Kernels
 from ltmdsl.runtime.model import LTModel
 
@@ -66,6 +73,60 @@ def kernels_for(backend: str, ir: ModelIR) -> Kernels:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+class ModelTooLarge(MemoryError):
+    """The memory model says the weights alone exceed the memory available on the target device."""
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes the target device can still give: MemAvailable (/proc/meminfo) for the CPU, the free memory of a
+    CUDA device; None when unknown (another OS, another device type), in which case nothing is refused."""
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
+        except OSError:
+            return None
+        return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def dtype_ir(dtype: torch.dtype) -> Dtype:
+    """The memory model's Dtype of a torch compute dtype."""
+    from ltmdsl import units
+
+    name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
+    return units.DTYPES[name]
+
+
+def check_fits(ir: ModelIR, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse (ModelTooLarge) a model whose weights, as the memory model counts them, exceed what `device` has
+    available; the initialiser's largest fp32 draw is added (init draws one tensor at a time)."""
+    free = available_bytes(device)
+    if free is None:
+        return
+    from ltmdsl.memory import weights_bytes
+    from ltmdsl.units import format_bytes
+
+    need = weights_bytes(ir, dtype_ir(dtype))
+    if need > free:
+        raise ModelTooLarge(
+            f"model {ir.name!r} needs {format_bytes(need)} of {dtype_ir(dtype).name} weights, but {device} has "
+            f"{format_bytes(free)} available; build it with device='meta' (no storage) to inspect it, or choose "
+            "a smaller dtype, model or another device"
+        )
+
+
+def construct(ir: ModelIR, kernels: Kernels, dtype: torch.dtype) -> LTModel:
+    """The model on the meta device in `dtype`: shapes and dtypes only, no storage and no draws."""
+    with torch.device("meta"):
+        net = LTModel(ir, kernels)
+    return net.to(dtype=dtype)  # on meta: no storage, no copy
+
+
 def build(
     spec,
     backend: str = "torch",
@@ -76,10 +137,18 @@ def build(
     model: str | None = None,
     init: bool = True,
 ) -> LTModel:
-    """Build the model of `spec` (see module docstring); `init=False` leaves weights for a checkpoint to fill."""
+    """Build the model of `spec` (see module docstring); `init=False` leaves weights for a checkpoint to fill
+    (their storage is allocated but not written). `device="meta"` allocates nothing and draws nothing."""
     ir = resolve_model(spec, model)
     kernels = kernels_for(backend, ir)
-    net = LTModel(ir, kernels)
+    dt = torch_dtype(ir, dtype)
+    device = torch.device(device)
+    if device.type != "meta":
+        check_fits(ir, dt, device)
+    net = construct(ir, kernels, dt)
+    if device.type == "meta":
+        return net
+    net = net.to_empty(device=device)
     if init:
         net.init_weights(seed)
-    return net.to(device=device, dtype=torch_dtype(ir, dtype))
+    return net

@@ -7,9 +7,15 @@ per decoded token. `--json` prints MemoryReport.to_json() (a list for several fi
 bytes against context for every spec side by side. Without --budget the model's first budget is used,
 else the defaults of ltmdsl.memory.settings (inference, T = 128Ki, B = 1, H100 count derived).
 
+`--measure` runs the budget's step at full size on fake tensors (ltmdsl.measure: imports torch, nothing is
+allocated) and prints, per component, the predicted bytes, the traced bytes and their relative difference,
+plus the traced peak and the phase in which it happens; with --json the keys `predicted` and `measured`
+({component: bytes}) and `peak_bytes`. Without --measure torch is never imported.
+
 Exit codes, as `ltmdsl check`'s: 0 the report says it fits, 1 invalid spec, 2 usage error (unknown budget,
 GPU, bad number), 3 the report is printed but a `require` line fails or the most loaded GPU is over its
-capacity (for several files: the worst).
+capacity (for several files: the worst), or (--measure) the model cannot be traced (a kind without a
+fake-tensor path, an untraced plan, a step too large to trace).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--gpus", help="number of GPUs (default: the budget's, else derived)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a log-log plot of bytes against context")
+    p.add_argument("--measure", action="store_true",
+                   help="trace the budget's step on fake tensors and compare with the prediction (imports torch)")
 
 
 def _error(where: str, message: str) -> int:
@@ -73,10 +81,17 @@ def run(args) -> int:
         extra = dict(overrides)
         if args.gpu:
             extra["gpu"] = args.gpu
+        if getattr(args, "measure", False):
+            code = _measure(path, spec, model, budget, extra, args.json)
+            if code:
+                return code
+            continue
         try:
             reports.append(report(model, budget, user_gpus={g.name: g for g in spec.ir.gpus}, **extra))
         except ValueError as e:
             return _error(path, str(e))
+    if getattr(args, "measure", False):
+        return EXIT_OK
     if args.plot:
         from ltmdsl.memory.plot import plot_reports
 
@@ -92,3 +107,18 @@ def run(args) -> int:
         if args.plot:
             print(f"\nwrote {args.plot}")
     return EXIT_OK if all(r.fits for r in reports) else EXIT_BUDGET
+
+
+def _measure(path, spec, model, budget, overrides: dict, as_json: bool) -> int:
+    """`--measure`: trace and print one spec's comparison (module docstring); 0, or the exit code of a refusal."""
+    from ltmdsl.measure import NotTraceable, TooLargeToTrace, measure
+
+    try:
+        m = measure(model, budget, user_gpus={g.name: g for g in spec.ir.gpus}, **overrides)
+    except (NotTraceable, TooLargeToTrace) as e:
+        print(f"{path}: error: {e}", file=sys.stderr)
+        return 3
+    except ValueError as e:
+        return _error(path, str(e))
+    print(json.dumps(m.to_json(), indent=2) if as_json else m.to_text())
+    return 0

@@ -13,6 +13,10 @@ Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA a
     split       q, k, v a*sb*(H*D + Hkv*D + Hkv*Dv); attention output a*sb*H*Dv
     core        flash: fp32 log-sum-exp 4*sb*H; eager: softmax output a*H*b*s*T, with dropout also its
                 mask and output (1 + a)*H*b*s*T; selective recompute drops the eager core.
+    saved_by = "eager" (ltmdsl's runtime under autograd) adds: RoPE's cos and sin 2a*s*R per layer (one copy
+                for the batch); without flash attention the explicit-softmax kernel's fp32 softmax 4*H*b*s*T,
+                its boolean mask s*T (one for the batch and heads) and the KV heads repeated to H,
+                a*sb*(H - Hkv)*(D + Dv).
 FLOPs: decode 2*H*(D + Dv)*min(T, W) (q.k and p.v over the cached keys); prefill the causal sum over
 positions i = 1..T of 2*H*(D + Dv)*min(i, W).
 """
@@ -256,11 +260,16 @@ def stored(c: AttentionConfig, x, selective: bool):
         out += x.split(2 * a * tok * c.heads * c.v_head_dim)
     if x.dropout:
         out += x.rep(tok * x.h)
+    if x.eager and c.rope_theta is not None:
+        out += 2 * a * x.s * c.rotary_dim
     if x.flash_attention and c.plain_softmax:
         out += x.split(4 * tok * c.heads)
     elif not selective:
         scores = x.b * x.s * T * c.heads
         out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))
+        if x.eager:
+            out += x.split(4 * scores + a * tok * (c.heads - c.kv_heads) * (c.head_dim + c.v_head_dim))
+            out += x.s * T
     return out
 
 

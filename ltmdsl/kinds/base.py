@@ -181,6 +181,17 @@ def ffn_width(activation: str, d_ff: int) -> int:
     return (3 if activation in GATED else 2) * d_ff
 
 
+def saved_ffn_width(activation: str, d_ff: int, eager: bool) -> int:
+    """Elements per token an FFN keeps for backward. Fused (Korthikanti et al.): `ffn_width`. Eager PyTorch
+    autograd: gated keeps gate, up, act(gate) and the product (4F); relu keeps its output once, shared by the
+    down projection (F); gelu keeps up and gelu(up), relu2 relu(up) and its square (2F)."""
+    if not eager:
+        return ffn_width(activation, d_ff)
+    if activation in GATED:
+        return 4 * d_ff
+    return d_ff if activation == "relu" else 2 * d_ff
+
+
 def conv_taps(d_conv: int, convention: str) -> int:
     """Conv taps kept per channel: K ("full", state-spaces/mamba and Megatron) or K - 1 ("minus_one", vLLM)."""
     return d_conv if convention == "full" else d_conv - 1

@@ -6,7 +6,8 @@ Prefill workspace for a chunk of Cc = min(C, T) tokens: a * b * Cc/c * F * (3 if
   (gate, up, product | up, activation).
 Training activations (Korthikanti et al. 2022), per micro-batch:
     replicated  norm input and MLP input 2a*sbh, dropout mask sbh (dropout only)
-    split       gated: gate, up, product 3a*sb*F; otherwise up, activation 2a*sb*F
+    split       gated: gate, up, product 3a*sb*F; otherwise up, activation 2a*sb*F (Settings.saved_by = "fused");
+                eager autograd also keeps act(gate): 4a*sb*F gated, a*sb*F for relu (`saved_ffn_width`)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sympy
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     ACTIVATIONS, GATED, Flops, Kind, ModelContext, Param, Split, ffn_width, no_cache, no_context_limit,
-    none_inactive,
+    none_inactive, saved_ffn_width,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
@@ -61,7 +62,7 @@ def workspace(c: MLPConfig, d: int, s):
 
 
 def stored(c: MLPConfig, x, selective: bool):
-    out = x.base + x.split(x.a * x.tok * ffn_width(c.activation, c.d_ff))
+    out = x.base + x.split(x.a * x.tok * saved_ffn_width(c.activation, c.d_ff, x.eager))
     return out + (x.rep(x.tok * x.h) if x.dropout else 0)
 
 

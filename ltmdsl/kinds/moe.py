@@ -32,6 +32,8 @@ not bytes), per micro-batch:
                 k dispatched copies of the input and k expert outputs 2k*a*sbh; with weight_input the
                 k weighted copies k*a*sbh; with shared_gate the shared output and the gate a*sb*(h + 1)
     split       each of the k expert MLPs as a dense MLP: k * (3|2) * a*sb*F; the shared MLP (3|2) * a*sb*Fs
+    saved_by = "eager" (ltmdsl's runtime under autograd): the expert MLPs keep act(gate) too (4F gated), and
+                the scatter-add of the router-weighted expert outputs keeps its source, k*a*sbh more
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import sympy
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     ACTIVATIONS, GATED, CheckError, Flops, Kind, ModelContext, Param, Split, ffn_width, no_cache, no_context_limit,
+    saved_ffn_width,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
@@ -201,12 +204,14 @@ def workspace(c: MoEConfig, d: int, s):
 
 def stored(c: MoEConfig, x, selective: bool):
     a, tok = x.a, x.tok
-    rep = 8 * tok * c.experts + 2 * c.top_k * a * tok * x.h
+    copies = 3 if x.eager else 2  # dispatched inputs, expert outputs (and eager: the weighted outputs)
+    rep = 8 * tok * c.experts + copies * c.top_k * a * tok * x.h
     if c.weight_input:
         rep += c.top_k * a * tok * x.h
     if c.shared_gate:
         rep += a * tok * (x.h + 1)
-    split_ = c.top_k * a * tok * ffn_width(c.activation, c.d_ff) + a * tok * ffn_width(c.activation, c.shared_d_ff)
+    split_ = (c.top_k * a * tok * saved_ffn_width(c.activation, c.d_ff, x.eager)
+              + a * tok * saved_ffn_width(c.activation, c.shared_d_ff, x.eager))
     return x.base + x.rep(rep) + x.split(split_)
 
 

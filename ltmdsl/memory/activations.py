@@ -8,8 +8,17 @@ replicated ones are split along the sequence too, so everything is /t.
 Each layer kind states what its sub-layer stores (the `stored` facet in ltmdsl/kinds/<kind>.py, given
 a `MicroBatch` from here): attention after Korthikanti et al. 2022 section 4.1 (generalised to GQA and
 Dv), the MLP and MoE likewise, Mamba-1 after `mamba_inner_fn`, Mamba-2 after its fused kernel. Every
-sub-layer stores its norm input and the norm output fed to the mixer, 2a*sbh (replicated): `MicroBatch.base`;
-one with a post-norm (Gemma-3's sandwich norms) also the post-norm's input, a*sbh (replicated).
+sub-layer stores what its pre-norm keeps plus the norm output fed to the mixer (replicated): `MicroBatch.base`.
+Two conventions (Settings.saved_by):
+    fused  a fused norm keeps its input: 2a*sbh in all (Korthikanti's constant)
+    eager  ltmdsl's runtime norms compute their statistics in fp32 (as transformers does), and autograd keeps
+           that fp32 copy of the input (the input itself when it is fp32 already: f = max(4, a) bytes) plus
+           4 bytes per token of statistics:
+               rmsnorm    f*sbh + 4*sb (rsqrt) + a*sbh (normalised, before the weight) + a*sbh (output)
+               layernorm  f*sbh + 8*sb (mean, rstd)                               + a*sbh (output)
+           and a gated FFN keeps act(gate) for the product's backward (4F per token, not 3F; ltmdsl.kinds.base
+           `saved_ffn_width`). This is the default: `ltmdsl memory --measure` traces these bytes.
+A sub-layer with a post-norm (Gemma-3's sandwich norms) also stores the post-norm's input, a*sbh (replicated).
 The paper's GPT block (MHA, a=2, dropout, no flash) is 13sbh + 5as^2b for attention and 21sbh for the
 GELU MLP; both together sbh(34 + 5as/h), with TP sbh(10 + 24/t + 5as/(ht)) (`korthikanti_per_layer`).
 Recompute:
@@ -27,7 +36,7 @@ from __future__ import annotations
 import sympy
 
 from ltmdsl import kinds
-from ltmdsl.ir import ModelIR
+from ltmdsl.ir import ModelIR, NormConfig
 from ltmdsl.memory.settings import Settings
 from ltmdsl.memory.symbols import B, T, per_replica, q
 
@@ -41,7 +50,7 @@ class MicroBatch:
     replicated tensors are split along the sequence, h = d_model, dropout, flash_attention.
     """
 
-    def __init__(self, model: ModelIR, s: Settings):
+    def __init__(self, model: ModelIR, s: Settings, norm: NormConfig | None = None):
         p = s.parallel
         self.a = s.activation_dtype.bytes
         self.b = per_replica(B, q(p.dp) * p.microbatches)
@@ -52,6 +61,8 @@ class MicroBatch:
         self.h = model.d_model
         self.dropout = s.dropout
         self.flash_attention = s.flash_attention
+        self.eager = s.saved_by == "eager"
+        self.norm = norm.kind if norm is not None else model.final_norm.kind
 
     def rep(self, x):
         """A tensor tensor-parallelism replicates (split along the sequence under SP)."""
@@ -63,18 +74,26 @@ class MicroBatch:
 
     @property
     def base(self):
-        """What every sub-layer stores: its norm input and the norm output fed to the mixer, 2a*sbh."""
-        return self.rep(2 * self.a * self.tok * self.h)
+        """What every sub-layer's pre-norm keeps and the norm output fed to the mixer (module docstring):
+        2a*sbh fused; eager rmsnorm (f + 2a)*sbh + 4*sb, eager layernorm (f + a)*sbh + 8*sb, f = max(4, a)."""
+        if not self.eager:
+            return self.rep(2 * self.a * self.tok * self.h)
+        f = max(4, self.a)
+        if self.norm == "layernorm":
+            return self.rep((f + self.a) * self.tok * self.h + 8 * self.tok)
+        return self.rep((f + 2 * self.a) * self.tok * self.h + 4 * self.tok)
 
 
-def stored(m, model: ModelIR, s: Settings, recompute: str | None = None, post_norm=None):
-    """Bytes one sub-layer stores for backward, per micro-batch, under `recompute` none|selective.
+def stored(m, model: ModelIR, s: Settings, recompute: str | None = None, norm: NormConfig | None = None,
+           post_norm=None):
+    """Bytes one sub-layer (mixer config `m`, pre-norm `norm`; default the model's norm kind) stores for
+    backward, per micro-batch, under `recompute` none|selective.
 
     A sub-layer with a post-norm (sandwich norms) also stores that norm's input, a*sbh (replicated).
     Full recompute is handled by `checkpoint` and the working set; pass none or selective here.
     """
     recompute = recompute or s.recompute
-    x = MicroBatch(model, s)
+    x = MicroBatch(model, s, norm)
     post = x.rep(x.a * x.tok * x.h) if post_norm is not None else 0
     return kinds.kind_of(m).stored(m, x, recompute != "none") + post
 

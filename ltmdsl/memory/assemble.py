@@ -15,7 +15,8 @@ part gives `mamba/conv` and `mamba/ssm` style labels;
 `residual` for the inference residual stream. Inference activations are not a sum over kinds: layers run
 one at a time, so the component is residual + max over kinds of one sub-layer's workspace (by_kind
 lists each kind's workspace). In training, full recompute adds a `working set` entry: the largest
-mixer's plus the largest FFN's un-recomputed activations, live while one checkpoint back-propagates.
+mixer's plus the largest FFN's un-recomputed activations, live while one checkpoint back-propagates; the
+last stage adds a `head` entry under saved_by = "eager", what the final norm keeps (as a pre-norm does).
 """
 
 from __future__ import annotations
@@ -143,14 +144,19 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
     flight = training.in_flight(st.index, s)
     if s.recompute == "full":
         st.add("activations", "checkpoints", flight * checkpoints * activations.checkpoint(model, s))
-        mixers = [activations.stored(m, model, s, "none", post) for (m, _, post), _n in counts.items()
+        mixers = [activations.stored(m, model, s, "none", nm, post) for (m, nm, post), _n in counts.items()
                   if not kinds.kind_of(m).is_ffn]
-        ffns = [activations.stored(m, model, s, "none", post) for (m, _, post), _n in counts.items()
+        ffns = [activations.stored(m, model, s, "none", nm, post) for (m, nm, post), _n in counts.items()
                 if kinds.kind_of(m).is_ffn]
         working = (sympy.Max(*mixers) if mixers else ZERO) + (sympy.Max(*ffns) if ffns else ZERO)
         st.add("activations", "working set", working)
     else:
-        for (mixer, _norm, post), n in counts.items():
-            st.add("activations", mixer.kind, flight * n * activations.stored(mixer, model, s, post_norm=post))
+        for (mixer, norm, post), n in counts.items():
+            st.add("activations", mixer.kind,
+                   flight * n * activations.stored(mixer, model, s, norm=norm, post_norm=post))
+    if last and s.saved_by == "eager":
+        # the final norm keeps what a sub-layer's pre-norm keeps, its output being the head's input (the
+        # "fused" convention reproduces Korthikanti et al., whose count stops at the last layer)
+        st.add("activations", "head", flight * activations.MicroBatch(model, s, model.final_norm).base)
     if last:
         st.add("logits", "head", training.loss_logits(model, s))

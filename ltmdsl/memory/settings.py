@@ -8,7 +8,13 @@ and `check_budgets()` agree. Defaults without a budget (issue 3):
     K conv taps ("full", as state-spaces/mamba allocates), one H100, no parallelism.
 
 Conventions that are not BudgetIR fields are overrides: `dropout` (1-byte masks, Korthikanti's "paper"
-convention; default False), `activation_dtype` (default: the model dtype) and `sharding`:
+convention; default False), `activation_dtype` (default: the model dtype), `saved_by` and `sharding`:
+
+    saved_by "eager"  training activations are what PyTorch autograd keeps when ltmdsl's runtime runs eagerly
+                      (the default; checked against traced steps by `ltmdsl memory --measure`): a norm keeps an
+                      fp32 copy of its input for its statistics, a gated FFN keeps act(gate) besides gate and up;
+             "fused"  what fused kernels keep (Korthikanti et al. 2022, Megatron): a norm keeps its input and
+                      output only, a gated FFN gate, up and the product (ltmdsl/memory/activations.py);
 
     "plan"  the budget's ParallelPlan decides what each GPU holds (the most loaded GPU is reported);
     "ideal" no plan was given: every byte is spread evenly over the GPUs (the Magic.dev style count).
@@ -30,6 +36,7 @@ DEFAULT_CHUNK = 4096
 MODES = ("inference", "training")
 RECOMPUTE = ("none", "selective", "full")
 CONV_TAPS = ("full", "minus_one")
+SAVED_BY = ("eager", "fused")
 _PLAN_FIELDS = {f.name for f in dataclasses.fields(ParallelPlan)}
 
 
@@ -58,6 +65,7 @@ class Settings:
     dropout: bool
     sharding: str  # "plan" | "ideal"
     budget: str | None = None
+    saved_by: str = "eager"  # "eager" | "fused": what training activations keep (module docstring)
 
     @property
     def single(self) -> "Settings":
@@ -96,6 +104,7 @@ class Settings:
             "optimizer": self.optimizer, "optimizer_bytes_per_param": self.optimizer_bytes_per_param,
             "recompute": self.recompute, "flash_attention": self.flash_attention,
             "chunked_loss": self.chunked_loss, "conv_taps": self.conv_taps, "dropout": self.dropout,
+            "saved_by": self.saved_by,
         }
 
 
@@ -139,6 +148,7 @@ def defaults(model: ModelIR) -> dict:
         grad_dtype=units.DTYPES["fp32"], activation_dtype=model.dtype, optimizer="adamw",
         optimizer_bytes_per_param=12, recompute="selective", flash_attention=True,
         chunked_loss=False, conv_taps="full", dropout=False, sharding="ideal", budget=None,
+        saved_by="eager",
     )
 
 
@@ -190,6 +200,8 @@ def _validate(s: Settings) -> None:
         raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, not {s.recompute!r}")
     if s.conv_taps not in CONV_TAPS:
         raise ValueError(f"conv_taps must be one of {', '.join(CONV_TAPS)}, not {s.conv_taps!r}")
+    if s.saved_by not in SAVED_BY:
+        raise ValueError(f"saved_by must be one of {', '.join(SAVED_BY)}, not {s.saved_by!r}")
     if s.sharding not in ("plan", "ideal"):
         raise ValueError(f"sharding must be 'plan' or 'ideal', not {s.sharding!r}")
     for name in ("context", "batch", "chunk", "gpus"):

@@ -1,0 +1,89 @@
+"""Predicted against traced for the published examples' budgets and a set of training budgets: each budget's step
+run at full size on fake tensors (ltmdsl.measure), one rank. Prints a Markdown table (the README's
+"Predicted against traced" table) and, with --json FILE, writes every Measurement.
+
+Run: python benchmarks/measure_examples.py [--only NAME ...] [--json out.json]
+A budget that cannot be traced (a refused plan, a step too large to trace) gets a row saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+#: (spec, budget or None, overrides, label): every example budget, then training budgets on Llama-3.1-8B
+CASES = [
+    ("tiny-hybrid.ltm", "cpu_test", {}, "tiny-hybrid cpu_test"),
+    ("llama-3.1-8b.ltm", "serve_128k", {}, "llama-3.1-8b serve_128k"),
+    ("mistral-7b-v0.1.ltm", None, {}, "mistral-7b first budget"),
+    ("llama-3.1-405b.ltm", None, {}, "llama-3.1-405b first budget"),
+    ("jamba-v0.1.ltm", None, {}, "jamba-v0.1 first budget"),
+    ("llama-3.1-405b.ltm", None, dict(context=131072), "llama-3.1-405b 128K, one rank without tp"),
+    ("jamba-v0.1.ltm", None, dict(context=262144), "jamba-v0.1 256K, one rank without tp"),
+    ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, recompute="none"), "8b train 4K none"),
+    ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, recompute="selective"), "8b train 4K selective"),
+    ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, recompute="full"), "8b train 4K full"),
+    ("llama-3.1-8b.ltm", None, dict(mode="training", context=2048, recompute="none", flash_attention=False),
+     "8b train 2K none, no flash"),
+    ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, pp=4, microbatches=8, gpus=4),
+     "8b train 4K pp4 m8 (stage 0)"),
+    ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, zero=1, gpus=8), "8b train 4K zero1 dp8"),
+    ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, chunked_loss=True, chunk=1024),
+     "8b train 4K chunked loss"),
+]
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:+.2f}%"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="labels (substrings) to run")
+    ap.add_argument("--json", help="write the measurements here")
+    args = ap.parse_args(argv)
+    import ltmdsl
+    from ltmdsl.measure import NotTraceable, TooLargeToTrace, measure
+    from ltmdsl.units import format_bytes
+
+    rows, out = [], []
+    for spec_name, budget_name, overrides, label in CASES:
+        if args.only and not any(o in label for o in args.only):
+            continue
+        spec = ltmdsl.load(EXAMPLES / spec_name)
+        budget = next((b for b in spec.budgets if b.name == budget_name), None) if budget_name else (
+            spec.budgets[0] if spec.budgets and not overrides else None)
+        model = spec.ir.model(budget.model) if budget else spec.model
+        try:
+            m = measure(model, budget, **overrides)
+        except (NotTraceable, TooLargeToTrace) as e:
+            rows.append(f"| {label} | not traced: {e} |||||||")
+            print(rows[-1], file=sys.stderr)
+            continue
+        out.append({"label": label, **m.to_json()})
+        cache = m.measured.get("kv_cache", 0) + m.measured.get("recurrent_state", 0)
+        cache_p = m.predicted.get("kv_cache", 0) + m.predicted.get("recurrent_state", 0)
+        states_ok = all(m.measured[c] == m.predicted[c] for c in ("weights", "gradients", "optimizer") if c in m.predicted)
+        rows.append(
+            f"| {label} | {'exact' if states_ok else 'differ'} | "
+            f"{'exact' if cache == cache_p else _pct((cache - cache_p) / cache_p) if cache_p else '-'} | "
+            f"{format_bytes(m.predicted['activations'])} | {format_bytes(m.measured['activations'])} | "
+            f"{_pct(m.relative['activations'])} | {format_bytes(m.predicted_per_gpu)} | "
+            f"{format_bytes(m.peak_bytes)} ({m.peak_phase}) | {_pct(m.peak_relative)} | {m.seconds:.0f} s |")
+        print(rows[-1], file=sys.stderr)
+    print("| budget | weights, grads, optimizer | caches | activations predicted | traced | diff | "
+          "per-GPU predicted | traced peak (phase) | diff | trace time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

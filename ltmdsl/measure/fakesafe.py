@@ -1,0 +1,82 @@
+"""Which layer kinds can run on fake tensors, and the static-shape paths some of them need for tracing.
+
+A fake tensor has a shape but no values, so nothing may depend on the data: no `nonzero`/`torch.where(mask)`
+whose output size depends on values, no Python branch on a tensor's contents. Attention, the MLP and the
+Mamba kinds satisfy this as they are. The MoE's token dispatch (`torch.where(idx == e)`) does not: for tracing
+its forward is replaced by a *balanced* dispatch with static shapes, the router still runs (its logits,
+softmax and top-k are traced) but assignment j = token*k + slot of the M*k goes to expert j mod E, so each
+expert receives ceil((M*k - e)/E) tokens: the memory of perfectly balanced routing, with no dropped tokens.
+
+Kinds not listed in TRACE_PATHS have no known fake-safe path and are refused by `check`, naming the kind.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from ltmdsl.ir import ModelIR
+
+
+class NotTraceable(ValueError):
+    """The spec's model cannot be traced on fake tensors (a kind without a fake-safe path, an unsupported plan)."""
+
+
+def _balanced_moe_forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
+    """The MoE forward with static-shape balanced dispatch (module docstring); same maths per expert."""
+    from ltmdsl.runtime.kinds.mlp import activate
+    from ltmdsl.runtime.kinds.moe import route
+
+    cfg = self.cfg
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])  # [M, d]
+    M, k, E = xf.shape[0], cfg.top_k, cfg.experts
+    w, _idx = route(self.router(xf), k, cfg.routing)  # [M, k]; the indices are replaced by the balanced plan
+    out = torch.zeros_like(xf)  # [M, d]
+    ex = self.experts
+    j = torch.arange(M * k, device=x.device)  # [M*k] assignments
+    for e in range(E):
+        sel = j[e::E]  # [m] static: ceil((M*k - e)/E) assignments
+        tok, slot = sel // k, sel % k  # [m], [m]
+        xe = xf[tok]  # [m, d]
+        gate = xe @ ex.gate_proj[e].t() if ex.gate_proj is not None else None  # [m, F]
+        he = activate(cfg.activation, gate, xe @ ex.up_proj[e].t()) @ ex.down_proj[e].t()  # [m, d]
+        out.index_add_(0, tok, (he * w[tok, slot, None].to(he.dtype)).to(out.dtype))
+    return out.view(shape)
+
+
+#: kind -> None (fake-safe as it is) or a forward to bind on its module for tracing.
+TRACE_PATHS = {
+    "attention": None,
+    "mlp": None,
+    "mamba": None,
+    "mamba2": None,
+    "moe": _balanced_moe_forward,
+}
+
+#: What the report says about each substitution.
+TRACE_NOTES = {
+    "moe": "MoE dispatch traced with balanced routing: token-slot j goes to expert j mod E (static shapes)",
+}
+
+
+def check(ir: ModelIR) -> list[str]:
+    """Refuse (NotTraceable, naming the kind) a model with a kind that has no fake-safe path; return the notes
+    of the substitutions that tracing this model makes."""
+    kinds = list(dict.fromkeys(layer.kind for layer in ir.layers))
+    missing = [k for k in kinds if k not in TRACE_PATHS]
+    if missing:
+        raise NotTraceable(
+            f"layer kind {missing[0]!r} has no fake-tensor path, so model {ir.name!r} cannot be traced "
+            f"(traceable kinds: {', '.join(TRACE_PATHS)})"
+        )
+    return [TRACE_NOTES[k] for k in kinds if k in TRACE_NOTES]
+
+
+def prepare(blocks) -> None:
+    """Bind the tracing forward of every mixer whose kind needs one (blocks: the LTModel's Block modules)."""
+    for block in blocks:
+        path = TRACE_PATHS[block.mixer.cfg.kind]
+        if path is not None:
+            block.mixer.forward = types.MethodType(path, block.mixer)

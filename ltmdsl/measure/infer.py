@@ -1,0 +1,109 @@
+"""The traced inference step of one rank: the cache of the budget's context, one prefill chunk and one decode
+step, on fake tensors.
+
+    cache      each held sub-layer's cache entry for b = ceil(B/dp) sequences of T tokens, allocated by its
+               runtime kind; traced bytes per component (kv_cache, recurrent_state)
+    prefill    the last chunk of Cc = min(C, T) tokens, at positions T - Cc .. T - 1, against the cache (the
+               attention reads every cached key); logits for the last position only
+    decode     one token at position T - 1
+    logits     the fp32 logits of the last position, 4*b*V
+
+Each phase has its own MemTracker (the weights and the cache given as external tensors), so the traced
+activations are that phase's peak above the weights and cache; the component is the larger of the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from ltmdsl.measure.stage import Stage
+from ltmdsl.measure.timeline import Timeline
+from ltmdsl.memory.settings import Settings
+from ltmdsl.runtime.build import TORCH_DTYPES
+from ltmdsl.runtime.cache import Cache, CacheRequest, COMPONENTS
+
+
+def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tensor:
+    """LTModel.forward for the held sub-layers: ids [b, t] or hidden [b, t, d] -> last position's logits [b, 1, V]
+    (last stage) or the hidden states [b, t, d]."""
+    net = stage.net
+    decode = x.shape[1] == 1
+    h = net.embed(x) if stage.first else x  # [b, t, d]
+    pending = None
+    for i in stage.layers:
+        block = net.layers[i]
+        normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)  # [b, t, d]
+        state = cache.layers[i - stage.layers.start]
+        if decode:
+            pending = block.mixer.step(normed[:, 0], state, pos0)[:, None]  # [b, 1, d]
+        else:
+            pending = block.mixer(normed, state, pos0)  # [b, t, d]
+    if not stage.last:
+        return h + pending
+    normed, _ = net.final_norm(pending, h)
+    return net.head(normed[:, -1:])  # [b, 1, V]
+
+
+def _phase(stage: Stage, cache: Cache, x: torch.Tensor, pos0: int) -> tuple[int, int, torch.Tensor]:
+    """(peak above the live start, live start, output) of one forward under its own tracker."""
+    mt = MemTracker()
+    mt.track_external(*stage.held(), *[t for e in cache.layers if e is not None for t in e.tensors()], x)
+    with mt:
+        tl = Timeline(mt)
+        start = tl.mark("start")
+        with torch.no_grad():
+            y = _stack(stage, x, cache, pos0)
+        tl.mark("end")
+        return tl.peak() - start, start, y
+
+
+def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, list[tuple[str, int]]]:
+    """Traced components, the phase peaks {phase: total live bytes at its peak} and the phase marks."""
+    b = math.ceil(s.batch / s.dp)
+    T, Cc = s.context, min(s.chunk, s.context)
+    from ltmdsl.runtime.kinds import runtime_kind
+
+    mt = MemTracker()
+    mt.track_external(*stage.held())
+    out = dict.fromkeys(("weights", *COMPONENTS, "activations", "logits"), 0)
+    with mt:
+        tl = Timeline(mt)
+        out["weights"] = tl.mark("weights")
+        req = CacheRequest(b, T, TORCH_DTYPES[s.kv_dtype.name], TORCH_DTYPES[s.state_dtype.name], s.conv_taps, "cpu")
+        entries = []
+        for i in stage.layers:
+            layer = ir.layers[i]
+            new = runtime_kind(layer.kind).new_cache
+            before = tl.live()
+            entry = None if new is None else new(layer.mixer, req)
+            if entry is not None:
+                out[entry.component] += tl.live() - before
+            entries.append(entry)
+        tl.mark("cache")
+    cache = Cache(entries, b, T)
+    peaks = {}
+    if stage.first:
+        ids = torch.zeros(b, Cc, dtype=torch.long)  # [b, Cc]
+    else:
+        ids = torch.zeros(b, Cc, ir.d_model, dtype=dtype)  # [b, Cc, d] received hidden states
+    pre, start, y = _phase(stage, cache, ids, T - Cc)
+    peaks["prefill"] = start + pre  # the last position's logits are part of the prefill's peak
+    if stage.last:  # the fp32 logits sampling reads, the model-dtype ones released
+        lt = MemTracker()
+        lt.track_external(y)
+        with lt:
+            lg = y.float()  # [b, 1, V]
+            del y
+            out["logits"] = Timeline(lt).live()
+            del lg
+    else:
+        del y
+    del ids
+    one = torch.zeros(b, 1, dtype=torch.long) if stage.first else torch.zeros(b, 1, ir.d_model, dtype=dtype)
+    dec, start, y = _phase(stage, cache, one, T - 1)
+    peaks["decode"] = start + dec
+    out["activations"] = max(pre, dec)
+    return out, peaks, tl.marks

@@ -1,0 +1,94 @@
+"""The part of the model one rank holds, as the memory model assumes it (ltmdsl/memory/assemble.py).
+
+Pipeline parallelism: the rank of the memory model's most loaded stage holds the contiguous sub-layers of
+that stage (`stage_ranges`), the embedding when it is the first stage (or the last one with tied embeddings)
+and the final norm and head when it is the last. Everything else stays on the meta device (no storage).
+Full recompute checkpoints a mixer sub-layer together with the FFN right after it, the units the memory
+model counts (`_groups`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ltmdsl.ir import ModelIR
+from ltmdsl.memory.assemble import stage_ranges
+from ltmdsl.measure import fakesafe
+
+
+@dataclass
+class Stage:
+    """The modules one rank holds and runs."""
+
+    net: nn.Module  # the LTModel (its unheld modules stay on meta)
+    index: int
+    layers: range
+    first: bool
+    last: bool
+    units: list[list[int]]  # checkpoint units: sub-layer indices (a mixer and the FFN that follows it)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [self.net.layers[i] for i in self.layers]
+
+    def held(self) -> list[nn.Module]:
+        """The modules with storage on this rank, each once."""
+        out: list[nn.Module] = []
+        if self.first or (self.last and self.net.lm_head is None):
+            out.append(self.net.embed)
+        out += self.blocks
+        if self.last:
+            out.append(self.net.final_norm)
+            if self.net.lm_head is not None:
+                out.append(self.net.lm_head)
+        seen, unique = set(), []
+        for m in out:
+            if id(m) not in seen:
+                seen.add(id(m))
+                unique.append(m)
+        return unique
+
+    def params(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for m in self.held():
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def expert_params(self) -> set[int]:
+        """ids of the parameters expert parallelism shards (the MoE's stacked experts)."""
+        out = set()
+        for block in self.blocks:
+            experts = getattr(block.mixer, "experts", None)
+            if isinstance(experts, nn.Module):
+                out |= {id(p) for p in experts.parameters()}
+        return out
+
+
+def checkpoint_units(ir: ModelIR, layers: range) -> list[list[int]]:
+    """A mixer sub-layer and the FFN right after it (in the same stage) form one unit; any other sub-layer is
+    a unit of its own (as the memory model's `_groups` counts checkpoints)."""
+    units: list[list[int]] = []
+    for i in layers:
+        prev_is_mixer = i > 0 and not ir.layers[i - 1].is_ffn
+        if ir.layers[i].is_ffn and prev_is_mixer and i - 1 in layers and units:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return units
+
+
+def materialise(net: nn.Module, ir: ModelIR, pp: int, index: int) -> Stage:
+    """Give the modules of stage `index` storage (fake, under the caller's FakeTensorMode) and bind the
+    tracing paths of the kinds that need one."""
+    layers = stage_ranges(len(ir.layers), pp)[index]
+    stage = Stage(net, index, layers, index == 0, index == pp - 1, checkpoint_units(ir, layers))
+    for m in stage.held():
+        m.to_empty(device=torch.device("cpu"), recurse=True)
+    fakesafe.prepare(stage.blocks)
+    return stage

@@ -1,0 +1,201 @@
+"""The traced training step of one rank: forward, backward and optimizer step on fake tensors.
+
+    setup      the stage's weights (traced as they are given storage), the main gradients, the optimizer states
+    forward    the in-flight micro-batches (1F1B: min(pp - stage, m) on this stage), each [b, s] tokens,
+               b = ceil(B/(dp*m)), s = T; the stack under the budget's recompute policy
+    loss       (last stage) head and cross-entropy, chunked when the budget says so
+    backward   every in-flight micro-batch, gradients added into the main-gradient buffer
+    optimizer  one AdamW step on the local shard
+
+Recompute, as the memory model defines it (ltmdsl/memory/activations.py):
+    none       plain autograd
+    selective  without flash attention the attention core runs under torch.utils.checkpoint (its s*T scores
+               are recomputed); with flash there is nothing to drop. Mamba's and Mamba-2's internal
+               selective recompute is not simulated (traced as `none`, said in the notes)
+    full       each unit (a mixer and the FFN after it) runs under torch.utils.checkpoint, which keeps only
+               the unit's input; the working set (one unit's activations, live again while it back-propagates)
+               is traced by running the largest unit once without the checkpoint
+Chunked loss: each chunk of C tokens computes its logits and loss under a checkpoint, so only one chunk's
+logits exist at a time (in the backward); the traced logits are then one chunk's loss run without checkpoint.
+
+Traced components are differences of live bytes (`Timeline`): weights at setup, gradients and optimizer as
+their buffers are allocated, activations over the stack's forward, logits over the loss's forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ltmdsl.measure import states as st
+from ltmdsl.measure.stage import Stage
+from ltmdsl.measure.timeline import Timeline
+from ltmdsl.memory.settings import Settings
+from ltmdsl.memory.training import in_flight
+from ltmdsl.runtime.build import TORCH_DTYPES
+
+
+#: what a loss call keeps besides its logits: its fp32 value and nll_loss's fp32 total weight
+LOSS_SCALARS = 8
+
+
+def _run_unit(stage: Stage, unit: list[int], h: torch.Tensor) -> torch.Tensor:
+    """One checkpoint unit from a materialised residual h [b, s, d] to the next one [b, s, d]."""
+    pending = None
+    for i in unit:
+        block = stage.net.layers[i]
+        normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)  # [b, s, d] each
+        pending = block.mixer(normed, None, 0)  # [b, s, d]
+    return h + pending
+
+
+def stack_forward(stage: Stage, x: torch.Tensor, recompute: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: token ids [b, s] (first stage) or the received hidden states [b, s, d] -> (h, pending), the residual
+    and the last mixer's output not yet added (LTModel.forward's fused residual, unit by unit under full)."""
+    net = stage.net
+    h = net.embed(x) if stage.first else x  # [b, s, d]
+    pending = None
+    for unit in stage.units:
+        if recompute == "full":
+            if pending is not None:
+                h, pending = h + pending, None
+            h = checkpoint(_run_unit, stage, unit, h, use_reentrant=False)  # [b, s, d]
+            continue
+        for i in unit:
+            block = net.layers[i]
+            normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)  # [b, s, d]
+            pending = block.mixer(normed, None, 0)  # [b, s, d]
+    return h, pending
+
+
+def _chunk_loss(net, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one chunk: normed [b, c, d], targets [b, c] -> [] (fp32 logits, as LTModel.loss)."""
+    logits = net.head(normed)  # [b, c, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def loss_forward(net, normed: torch.Tensor, targets: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Mean next-token loss; with `chunk`, chunk by chunk under checkpoints (module docstring)."""
+    n = targets.numel()
+    if chunk is None or chunk >= normed.shape[1]:
+        return _chunk_loss(net, normed, targets) / n
+    total = None
+    for c0 in range(0, normed.shape[1], chunk):
+        part = checkpoint(_chunk_loss, net, normed[:, c0:c0 + chunk], targets[:, c0:c0 + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total / n
+
+
+def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict:
+    """The traced step (module docstring); returns the traced components, in bytes, and notes."""
+    p = s.parallel
+    b = math.ceil(s.batch / (p.dp * p.microbatches))
+    seq = s.context
+    flight = int(in_flight(stage.index, s))
+    out: dict[str, int] = {}
+    base = tl.mark("start")
+    params = stage.params()
+    out["weights"] = base  # the held parameters are all that is live before setup
+    experts = stage.expert_params()
+    for prm in params:
+        prm.requires_grad_(True)
+    grad_dtype = TORCH_DTYPES[s.grad_dtype.name]
+    groups = st.allocate([q for q in params if id(q) not in experts], [q for q in params if id(q) in experts], s,
+                         grad_dtype)
+    after_grads = sum(g.grads.numel() * g.grads.element_size() for g in groups)
+    live = tl.mark("gradients")
+    out["gradients"] = after_grads
+    out["optimizer"] = live - base - after_grads
+    handles = st.install_grad_hooks(groups)
+    chunk = s.chunk if s.chunked_loss else None
+    pending_backward = []
+    act, logits = 0, 0
+    # full recompute: the working set, traced first (its modules' stats are reset by the step's forward)
+    working = _working_set(stage, b, seq, dtype, tl) if s.recompute == "full" else 0
+    for k in range(flight):
+        before = tl.mark(f"micro-batch {k}: inputs")
+        if stage.first:
+            x = torch.zeros(b, seq, dtype=torch.long)  # [b, s] token ids
+        else:
+            x = torch.zeros(b, seq, ir.d_model, dtype=dtype, requires_grad=True)  # [b, s, d] received
+        start = tl.mark(f"micro-batch {k}: inputs ready")
+        tl.tracker.reset_mod_stats()  # MemTracker refuses a second top-level call of a module otherwise
+        h, pending = stack_forward(stage, x, s.recompute)
+        if stage.last:
+            normed, _ = stage.net.final_norm(h, None) if pending is None else stage.net.final_norm(pending, h)
+            del h, pending
+            stacked = tl.mark(f"micro-batch {k}: forward")
+            targets = torch.zeros(b, seq, dtype=torch.long)  # [b, s]
+            t0 = tl.mark(f"micro-batch {k}: targets")
+            loss = loss_forward(stage.net, normed, targets, chunk)
+            logits = max(logits, tl.mark(f"micro-batch {k}: loss") - t0 - (0 if chunk else LOSS_SCALARS))
+            pending_backward.append((loss, None))
+        else:
+            y = h if pending is None else h + pending  # [b, s, d] sent to the next stage
+            del h, pending
+            stacked = tl.mark(f"micro-batch {k}: forward")
+            pending_backward.append((y, torch.zeros_like(y)))
+        act += stacked - start
+        del x
+        tl.mark(f"micro-batch {k}: inputs released")
+        _ = before
+    if stage.last and chunk is not None:  # one chunk's logits, as its backward recomputes them
+        t0 = tl.mark("loss chunk: start")
+        probe = _chunk_loss(stage.net, normed[:, :chunk].detach(), targets[:, :chunk])
+        logits = tl.mark("loss chunk: forward") - t0 - LOSS_SCALARS
+        del probe
+    out["activations"] = act + working
+    out["logits"] = logits if stage.last else 0
+    for k, (y, grad) in enumerate(pending_backward):
+        torch.autograd.backward(y, grad)
+        tl.mark(f"micro-batch {k}: backward")
+    del pending_backward, y, grad
+    if stage.last:
+        del normed, loss, targets
+    tl.mark("backward done")
+    st.adamw_step(groups)
+    tl.mark("optimizer step")
+    for hd in handles:
+        hd.remove()
+    return out
+
+
+def saved_bytes(fn, *args, exclude=()) -> tuple[int, object]:
+    """Run fn(*args) and count what autograd keeps for its backward: the unique storages packed by saved-tensor
+    hooks, leaving out `exclude` (the parameters). Returns (bytes, fn's output)."""
+    skip = {id(t.untyped_storage()) for t in exclude}
+    kept: dict[int, object] = {}  # id -> storage, held so that ids stay unique while counting
+
+    def pack(t):
+        st_ = t.untyped_storage()
+        if id(st_) not in skip:
+            kept[id(st_)] = st_
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return sum(x.nbytes() for x in kept.values()), out
+
+
+def _working_set(stage: Stage, b: int, seq: int, dtype: torch.dtype, tl: Timeline) -> int:
+    """Full recompute: the largest unit's activations (what is live again while it back-propagates), traced by
+    running each distinct unit once without its checkpoint and counting what autograd keeps (saved-tensor
+    hooks)."""
+    d = stage.net.ir.d_model
+    params = stage.params()
+    best, seen = 0, set()
+    for unit in stage.units:
+        sig = tuple((stage.net.ir.layers[i].mixer, stage.net.ir.layers[i].norm) for i in unit)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        h = torch.zeros(b, seq, d, dtype=dtype, requires_grad=True)  # [b, s, d]
+        tl.tracker.reset_mod_stats()
+        kept, y = saved_bytes(_run_unit, stage, unit, h, exclude=params)
+        best = max(best, kept)
+        del y, h
+    tl.mark("working set")
+    return best
