@@ -95,11 +95,12 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def dtype_ir(dtype: torch.dtype) -> Dtype:
-    """The memory model's Dtype of a torch compute dtype."""
+    """The memory model's Dtype of a torch compute dtype (fp64, a test and oracle dtype the spec language does
+    not name, by its element size)."""
     from ltmdsl import units
 
     name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
-    return units.DTYPES[name]
+    return units.DTYPES.get(name) or Dtype(name, torch.empty((), dtype=dtype).element_size())
 
 
 def check_fits(ir: ModelIR, dtype: torch.dtype, device: torch.device) -> None:

@@ -32,7 +32,7 @@ def _balanced_moe_forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> t
     shape = x.shape
     xf = x.reshape(-1, shape[-1])  # [M, d]
     M, k, E = xf.shape[0], cfg.top_k, cfg.experts
-    w, _idx = route(self.router(xf), k, cfg.routing)  # [M, k]; the indices are replaced by the balanced plan
+    w, _idx = route(self.router(xf), cfg, self.selection_bias)  # [M, k]; indices replaced by the balanced plan
     out = torch.zeros_like(xf)  # [M, d]
     ex = self.experts
     j = torch.arange(M * k, device=x.device)  # [M*k] assignments
@@ -71,6 +71,11 @@ def check(ir: ModelIR) -> list[str]:
             f"layer kind {missing[0]!r} has no fake-tensor path, so model {ir.name!r} cannot be traced "
             f"(traceable kinds: {', '.join(TRACE_PATHS)})"
         )
+    for layer in ir.layers:  # the balanced dispatch runs plain MoEs (no shared experts, biases, clamps)
+        variants = getattr(layer.mixer, "variants", lambda: ())()
+        if layer.kind == "moe" and (variants or layer.mixer.activation == "swiglu_clamped"):
+            raise NotTraceable(f"layer {layer.index} '{layer.definition}': the traced MoE dispatch runs plain MoEs; "
+                               f"this one uses {', '.join(variants) or layer.mixer.activation}")
     return [TRACE_NOTES[k] for k in kinds if k in TRACE_NOTES]
 
 
