@@ -54,6 +54,8 @@ def _value(kw: ast.KwArg, value_type: Any, scope: Scope, owner: str) -> Any:
                             f"{did_you_mean(got, DTYPES)}")
         return d
     if isinstance(value_type, tuple):
+        if v is None and "none" in value_type:  # the keyword `none` evaluates to None; here it is a choice
+            return "none"
         if not isinstance(v, Word) or v.name not in value_type:
             got = v.name if isinstance(v, Word) else describe(v)
             raise EvalError(kw.value.pos, f"{what} must be one of {', '.join(value_type)}; got '{got}'{did_you_mean(got, value_type)}")

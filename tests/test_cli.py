@@ -262,3 +262,12 @@ def test_memory_says_what_the_plan_needs_in_words(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "None" not in out
     assert "under this plan (tp=8 pp=1 cp=1): no number of GPUs fits, since no data-parallel size does" in out
+
+
+def test_recompute_none_is_accepted(tmp_path, capsys):
+    """`none` is a keyword (it evaluates to no value) and also one of recompute's choices."""
+    path = tmp_path / "r.ltm"
+    path.write_text(FAILING_REQUIRE.replace("inference context = 1M, batch = 1",
+                                            "training context = 1024, batch = 1, recompute = none")
+                    .replace("require kv_cache <= 1 MiB", "require per_gpu <= 80 GB"))
+    assert main(["check", str(path)]) == 0, capsys.readouterr().err
