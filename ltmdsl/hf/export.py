@@ -338,13 +338,14 @@ def _bamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
 
 def _same_model(a: ModelIR, b: ModelIR) -> str | None:
     """Why two resolved models differ in anything that matters for weights and outputs; None if they agree."""
-    for what in ("vocab", "d_model", "tie_embeddings", "final_norm"):
+    for what in ("vocab", "d_model", "tie_embeddings", "final_norm", "embed_scale", "residual_scale", "logit_scale",
+                 "logit_cap"):
         if getattr(a, what) != getattr(b, what):
             return f"{what} {getattr(a, what)} != {getattr(b, what)}"
     if len(a.layers) != len(b.layers):
         return f"{len(a.layers)} sub-layers != {len(b.layers)}"
     for x, y in zip(a.layers, b.layers):
-        if (x.norm, x.mixer) != (y.norm, y.mixer):
+        if (x.norm, x.mixer, x.post_norm) != (y.norm, y.mixer, y.post_norm):
             return f"sub-layer {x.index}: {x.mixer} != {y.mixer}"
     return None
 

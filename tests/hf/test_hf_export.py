@@ -378,3 +378,22 @@ def test_attention_variants_are_refused_not_exported_as_plain_attention(variant)
 """
     with pytest.raises(HFError, match="not mapped to Hugging Face yet"):
         config_from_ir(ltmdsl.loads(text).model)
+
+
+@pytest.mark.parametrize("setting", ["embed_scale = 8.0", "residual_scale = 0.5", "logit_scale = 0.25",
+                                     "logit_cap = 30.0"])
+def test_model_scalars_are_refused_not_exported_as_plain_llama(setting):
+    """A model-level scalar no supported family carries makes the export fail its round trip, by name."""
+    from ltmdsl.hf.export import hf_plan
+
+    text = f"""model m {{
+    vocab = 40
+    d_model = 32
+    {setting}
+    layer attn = attention(heads = 2)
+    layer ffn = mlp(d_ff = 24)
+    stack {{ attn ffn }}
+}}
+"""
+    with pytest.raises(HFError, match=f"does not map back .* {setting.split()[0]}"):
+        hf_plan(ltmdsl.loads(text).model)
