@@ -2,9 +2,11 @@
 
 Attention appears in Llama, Mistral, Mixtral, Qwen2 and Qwen3 (RoPE over the whole head, optional Llama 3.1
 frequency scaling, per-family biases and windows, Qwen3's qk_norm), Jamba and Nemotron-H (no RoPE), and
-Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `rope_dim`). Its tensors are
+Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `rope_dim`), and Qwen3-Next
+(partial RoPE, qk_norm and the output gate `gate`: q_proj emits each head's queries then its gate). Its tensors are
 `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) under `self_attn` (Nemotron-H: `mixer`), the
-same names as the runtime's, so they are copied as they are.
+same names as the runtime's, so they are copied as they are; except Qwen3-Next's q_norm / k_norm, which are
+zero-centred (they scale by 1 + w) where the runtime's scale by w: op "plus_one" adds 1 on import.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import math
 
 from ltmdsl.hf import HFError
-from ltmdsl.hf.facet import HFFacet, ReadContext
+from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source, copy_tensor
 from ltmdsl.hf.reader import Reader, dims, rope
-from ltmdsl.hf.spec import num
+from ltmdsl.hf.spec import num, show_value
 
 TRANSFORMERS = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 NO_ROPE = ("jamba", "nemotron_h")
@@ -62,6 +64,17 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         bias = r.bool("attention_bias", False)
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, qkv_bias=bias, out_bias=bias,
                     rope_scaling=scaling, rope_dim=rope_dim)
+    if fam == "qwen3_next":
+        heads = r.int("num_attention_heads", 16)
+        kv, head_dim = dims(r, d, heads, 256, 2)
+        factor = r.cfg.get("partial_rotary_factor", 0.25)  # Qwen3NextConfig setdefaults 0.25 and honours another
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+            r.used.add("partial_rotary_factor")
+            raise r.fail(f"'partial_rotary_factor' must be a number in (0, 1], got {show_value(factor)}")
+        theta, scaling, rope_dim = rope(r, 10000.0, head_dim, partial=float(factor))
+        bias = r.bool("attention_bias", False)
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+                    rope_dim=rope_dim, qkv_bias=bias, out_bias=bias, qk_norm=True, gate=True)
     raise HFError(f"internal: attention has no reader for {fam}")
 
 
@@ -81,7 +94,7 @@ def call(v: dict) -> str:
                     f"original_context = {num(int(s.original_context))})")
     if v.get("window") is not None:
         args.append(f"window = {num(v['window'])}")
-    for flag in ("qkv_bias", "out_bias", "qk_norm"):
+    for flag in ("qkv_bias", "out_bias", "qk_norm", "gate"):
         if v.get(flag):
             args.append(f"{flag} = true")
     return f"attention({', '.join(args)})"
@@ -193,9 +206,18 @@ def traits(a) -> frozenset[str]:
     return frozenset(flags)
 
 
+def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
+    """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one"."""
+    src = copy_tensor(facet, rest, site)
+    if site.family == "qwen3_next" and rest in ("q_norm.weight", "k_norm.weight"):
+        return Source(src.names, "plus_one")
+    return src
+
+
 HF = HFFacet(
     name="attention", label="attention",
-    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba")}, "nemotron_h": ("mixer",)},
-    read=read, call=call, write=write, misfit=misfit, traits=traits,
+    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next"),
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next")},
+             "nemotron_h": ("mixer",)},
+    read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )
