@@ -125,8 +125,31 @@ def rope_scaling_fields(a) -> dict:
             "max_position_embeddings": max(s.original_context + 1, math.ceil(s.factor * s.original_context))}
 
 
+def _qwen3_next_fields(a, d: int) -> dict:
+    """Qwen3-Next's attention: output gate, qk_norm and RoPE (partial or whole-head), no window."""
+    other = [v for v in unmapped_variants(a) if v != "gate"]
+    if not a.gate or not a.qk_norm or a.rope_theta is None or a.window is not None or other \
+            or a.qkv_bias != a.out_bias:
+        raise HFError("Qwen3-Next attention has the output gate, qk_norm and RoPE, no window and no other "
+                      "variant, and its attention_bias covers q, k, v and o alike")
+    factor = a.rotary_dim / a.head_dim
+    if a.head_dim * factor != a.rotary_dim:  # the float product transformers truncates must be exact
+        raise HFError(f"rope_dim {a.rotary_dim} of head_dim {a.head_dim} has no partial_rotary_factor that "
+                      f"transformers turns back into {a.rotary_dim} channels")
+    out = {}
+    rope_parameters = {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": factor}
+    if a.rope_scaling is not None:
+        scaled = rope_scaling_fields(a)
+        rope_parameters.update(scaled["rope_scaling"])
+        out["max_position_embeddings"] = scaled["max_position_embeddings"]
+    return {**out, **_heads(a, d), "head_dim": a.head_dim, "attention_bias": a.qkv_bias,
+            "partial_rotary_factor": factor, "rope_parameters": rope_parameters}
+
+
 def write(a, fam: str, d: int) -> dict:
     """The family's attention fields (one attention setting per config: the family checks they agree)."""
+    if fam == "qwen3_next":
+        return _qwen3_next_fields(a, d)
     variants = unmapped_variants(a)
     if variants:
         raise HFError(f"attention variants ({', '.join(variants)}) are not mapped to Hugging Face yet")
@@ -181,6 +204,12 @@ def unmapped_variants(a) -> list[str]:
 
 def misfit(a, fam: str) -> str | None:
     """Why family `fam` (its representative model_type) has no place for this attention."""
+    if fam == "qwen3_next":
+        try:
+            _qwen3_next_fields(a, 1)
+        except HFError as e:
+            return e.message
+        return None
     variants = unmapped_variants(a)
     if variants:
         return f"its attention variants ({', '.join(variants)}) are not mapped to Hugging Face yet"
@@ -202,7 +231,8 @@ def traits(a) -> frozenset[str]:
     window, biases and qk_norm (which pick Llama, Mistral, Qwen2 or Qwen3)."""
     flags = {"rope" if a.rope_theta is not None else "no_rope"}
     flags |= {name for name, on in (("partial_rope", a.rope_dim is not None), ("window", a.window is not None),
-                                     ("qkv_bias", a.qkv_bias), ("out_bias", a.out_bias), ("qk_norm", a.qk_norm)) if on}
+                                     ("qkv_bias", a.qkv_bias), ("out_bias", a.out_bias), ("qk_norm", a.qk_norm),
+                                     ("gate", a.gate)) if on}
     return frozenset(flags)
 
 

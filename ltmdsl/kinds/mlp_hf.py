@@ -50,6 +50,10 @@ def write(f, fam: str, d: int) -> dict:
         if fam in ("llama", "bamba"):
             out["mlp_bias"] = f.bias
         return out
+    if fam == "qwen3_next":
+        if f.activation != "swiglu" or f.bias:
+            raise HFError("Qwen3-Next's MLPs use swiglu without biases")
+        return {"intermediate_size": f.d_ff}
     if fam == "nemotron_h":
         if f.activation != "relu2":
             raise HFError("Nemotron-H MLPs use relu2")
@@ -58,6 +62,8 @@ def write(f, fam: str, d: int) -> dict:
 
 
 def misfit(f, fam: str) -> str | None:
+    if fam == "qwen3_next":
+        return None if f.activation == "swiglu" and not f.bias else "Qwen3-Next's MLPs use swiglu without biases"
     if fam == "nemotron_h":
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
     if fam in (*SWIGLU_FAMILIES, "mixtral"):

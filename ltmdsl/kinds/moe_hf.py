@@ -41,7 +41,8 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         r.raw("num_local_experts", None)
         top_k, key, routing = r.int("num_experts_per_tok", 2), "num_experts", "softmax_topk"
     elif ctx.family == "qwen3_next":
-        experts, top_k, key = r.int("num_experts", 512), r.int("num_experts_per_tok", 10), "num_experts"
+        experts = r.int("num_experts", 512, minimum=1 if ctx.present else 0)  # 0: no expert layers
+        top_k, key = r.int("num_experts_per_tok", 10), "num_experts"
         routing = "softmax_topk_renorm" if r.bool("norm_topk_prob", True) else "softmax_topk"
         d_ff, shared = r.int("moe_intermediate_size", 512), r.int("shared_expert_intermediate_size", 512)
         if ctx.present and top_k > experts:
@@ -62,6 +63,12 @@ def call(v: dict) -> str:
 
 
 def write(f, fam: str, d: int) -> dict:
+    if fam == "qwen3_next":
+        if f.activation != "swiglu" or f.routing not in ("softmax_topk_renorm", "softmax_topk") \
+                or not f.shared_d_ff or not f.shared_gate:
+            raise HFError("Qwen3-Next's experts use swiglu, softmax_topk(_renorm) routing and a gated shared expert")
+        return {"num_experts": f.experts, "num_experts_per_tok": f.top_k, "moe_intermediate_size": f.d_ff,
+                "shared_expert_intermediate_size": f.shared_d_ff, "norm_topk_prob": f.renormalise}
     if fam == "mixtral":
         if f.routing not in ("softmax_topk_renorm", "topk_softmax") or f.activation != "swiglu":
             raise HFError("MoE after RoPE attention maps to Mixtral only with swiglu and softmax_topk_renorm routing")
@@ -76,6 +83,12 @@ def write(f, fam: str, d: int) -> dict:
 
 
 def misfit(f, fam: str) -> str | None:
+    if fam == "qwen3_next":
+        try:
+            write(f, fam, 1)
+        except HFError as e:
+            return e.message
+        return None
     if fam in ("llama", "mixtral", "jamba"):
         return None if f.activation == "swiglu" else f"its activation is {f.activation}; the family uses swiglu"
     return f"{fam} has no mixture-of-experts layers"

