@@ -79,6 +79,17 @@ CASES = {
                                         "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 3,
                                         "norm_topk_prob": False, "moe_intermediate_size": 12,
                                         "shared_expert_intermediate_size": 8, "rope_theta": 300.0}, True),
+    # Qwen3-Next with attention biases (q_proj's bias interleaves queries and gates as its weight does), tied
+    # embeddings, and the rotary factor inside transformers 5's rope_parameters (half of head_dim 16).
+    "qwen3_next_bias": ("qwen3_next", {**COMMON, "num_attention_heads": 3, "num_key_value_heads": 1,
+                                       "num_hidden_layers": 2, "head_dim": 16, "full_attention_interval": 2,
+                                       "attention_bias": True, "tie_word_embeddings": True,
+                                       "rope_parameters": {"rope_type": "default", "rope_theta": 300.0,
+                                                           "partial_rotary_factor": 0.5},
+                                       "linear_num_key_heads": 1, "linear_num_value_heads": 2,
+                                       "linear_key_head_dim": 8, "linear_value_head_dim": 6, "num_experts": 3,
+                                       "num_experts_per_tok": 1, "moe_intermediate_size": 10,
+                                       "shared_expert_intermediate_size": 6}, False),
 }
 
 
