@@ -10,11 +10,12 @@ initialisation and training-only settings: `reader.HARMLESS_KEYS`), or an error 
 `ignore=` names keys the caller explicitly accepts to drop (e.g. a `rope_scaling` of type yarn, to count a
 model's parameters); each dropped key is recorded as a NOTE comment in the spec. RoPE is plain or scaled as
 Llama 3.1 does (`rope_type: llama3`, written `rope_scaling = llama3(...)` in the spec), over the whole head or,
-where transformers honours `partial_rotary_factor` (Bamba), over its first head_dim * factor channels
+where transformers honours `partial_rotary_factor` (Bamba, Qwen3-Next), over its first head_dim * factor channels
 (`rope_dim`). Layer pattern conventions: Jamba places attention/experts where `i % period == offset` with
 0-based i; Qwen2/3 slide from layer `max_window_layers` on or follow `layer_types`; Nemotron-H spells one
-character per layer (M, *, -); Bamba lists its attention layers in `attn_layer_indices` (0-based); Qwen3-Next names each layer's mixer in
-`layer_types` (or puts attention on every `full_attention_interval`-th layer, 1-based).
+character per layer (M, *, -); Bamba lists its attention layers in `attn_layer_indices` (0-based);
+Qwen3-Next names each layer's mixer in `layer_types` (or puts attention on every
+`full_attention_interval`-th layer, 1-based).
 """
 
 from __future__ import annotations

@@ -191,9 +191,10 @@ def write(a, fam: str, d: int) -> dict:
 
 
 def unmapped_variants(a) -> list[str]:
-    """The attention variants the supported families cannot carry (their model types, e.g. qwen3_next's gate,
-    gpt_oss's sinks, gemma's soft cap and query_pre_attn_scalar, llama4's L2 qk-norm and chunks, are not mapped
-    yet); export refuses them rather than writing plain attention."""
+    """The attention variants the Llama-style and SSM-hybrid families cannot carry (the gate maps only to
+    qwen3_next, see `_qwen3_next_fields`; the model types of the others, e.g. gpt_oss's sinks, gemma's soft
+    cap and query_pre_attn_scalar, llama4's L2 qk-norm and chunks, are not mapped yet); export refuses them
+    rather than writing plain attention."""
     out = [name for name, on in (("gate", a.gate), ("sinks", a.sinks), ("softcap", a.softcap is not None),
                                  ("qk_l2_norm", a.qk_l2_norm), ("chunk", a.chunk is not None),
                                  ("query_pre_attn_scalar", a.query_pre_attn_scalar is not None)) if on]
