@@ -10,10 +10,12 @@ initialisation and training-only settings: `reader.HARMLESS_KEYS`), or an error 
 `ignore=` names keys the caller explicitly accepts to drop (e.g. a `rope_scaling` of type yarn, to count a
 model's parameters); each dropped key is recorded as a NOTE comment in the spec. RoPE is plain or scaled as
 Llama 3.1 does (`rope_type: llama3`, written `rope_scaling = llama3(...)` in the spec), over the whole head or,
-where transformers honours `partial_rotary_factor` (Bamba), over its first head_dim * factor channels
+where transformers honours `partial_rotary_factor` (Bamba, Qwen3-Next), over its first head_dim * factor channels
 (`rope_dim`). Layer pattern conventions: Jamba places attention/experts where `i % period == offset` with
 0-based i; Qwen2/3 slide from layer `max_window_layers` on or follow `layer_types`; Nemotron-H spells one
-character per layer (M, *, -); Bamba lists its attention layers in `attn_layer_indices` (0-based).
+character per layer (M, *, -); Bamba lists its attention layers in `attn_layer_indices` (0-based);
+Qwen3-Next names each layer's mixer in `layer_types` (or puts attention on every
+`full_attention_interval`-th layer, 1-based).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
-                      "bamba")
+                      "bamba", "qwen3_next")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
@@ -286,9 +288,61 @@ def _bamba(r: Reader) -> dict:
                 hf=dict(attn_layer_indices=sorted(attn_at)))
 
 
+#: Qwen3-Next's layer types -> (kind, definition name, legend symbol) of the mixer.
+_QWEN3_NEXT_MIXERS = {"linear_attention": ("gated_deltanet", "gdn", "L"), "full_attention": ("attention", "attn", "A")}
+
+
+def _qwen3_next(r: Reader) -> dict:
+    """Qwen3-Next: per HF layer a Gated DeltaNet (`linear_attention`) or gated attention (`full_attention`),
+    from `layer_types` or, when it is absent, attention on layers (i + 1) % full_attention_interval == 0;
+    then the sparse MoE block (routed experts and a gated shared expert) where num_experts > 0, i is not in
+    `mlp_only_layers` and (i + 1) % decoder_sparse_step == 0, a dense SwiGLU MLP elsewhere (0-based i). Every
+    RMSNorm but the Gated DeltaNet's gated norm is zero-centred (it scales by 1 + w)."""
+    vocab = r.int("vocab_size", 151936)
+    d = r.int("hidden_size", 2048)
+    layers = r.layers("num_hidden_layers", 48)
+    eps = r.eps("rms_norm_eps", 1e-6)
+    r.act()
+    types = r.raw("layer_types", None)
+    if types is None:
+        interval = r.int("full_attention_interval", 4)
+        types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
+    else:
+        r.raw("full_attention_interval", None)  # Qwen3NextConfig reads it only without layer_types
+        if not isinstance(types, list) or len(types) != layers or \
+                any(not isinstance(t, str) or t not in _QWEN3_NEXT_MIXERS for t in types):
+            raise r.fail(f"'layer_types' must list num_hidden_layers = {layers} of 'linear_attention' / "
+                         f"'full_attention', got {show_value(types)}")
+    r.expect("use_sliding_window", lambda v: v in (None, False), "false (Qwen3-Next attention has no window)")
+    r.expect("sliding_window", lambda v: v is None, "null (Qwen3-Next attention has no window)")
+    experts = r.int("num_experts", 512, minimum=0)
+    step = r.int("decoder_sparse_step", 1)
+    only = r.raw("mlp_only_layers", None) or []
+    if not isinstance(only, list) or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < layers
+                                         for i in only):
+        raise r.fail(f"'mlp_only_layers' must list 0-based layer indices below num_hidden_layers = {layers}, "
+                     f"got {show_value(only)}")
+    moe_at = [experts > 0 and i not in only and (i + 1) % step == 0 for i in range(layers)]
+    values = {t: _layer(kind, r, d, present=t in types) for t, (kind, _, _) in _QWEN3_NEXT_MIXERS.items()}
+    moe = _layer("moe", r, d, present=any(moe_at))
+    mlp = _layer("mlp", r, d, present=not all(moe_at))
+    definitions, legend = {}, {}
+    for t, (kind, name, symbol) in _QWEN3_NEXT_MIXERS.items():
+        if t in types:
+            definitions[name], legend[symbol] = _define(kind, values[t]), name
+    if any(moe_at):
+        definitions["moe"], legend["E"] = _define("moe", moe), "moe"
+    if not all(moe_at):
+        definitions["ffn"], legend["-"] = _define("mlp", mlp), "ffn"
+    tokens = tuple(_QWEN3_NEXT_MIXERS[t][2] + ("E" if e else "-") for t, e in zip(types, moe_at))
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=r.bool("tie_word_embeddings", False),
+                definitions=definitions, legend=legend, tokens=tokens, norm_zero_centred=True,
+                hf=dict(layer_types=list(types), mlp_only_layers=sorted(set(only)), decoder_sparse_step=step))
+
+
 _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transformer, "qwen2": _transformer,
             "qwen3": _transformer, "mamba": _mamba_family, "mamba2": _mamba2_family, "jamba": _jamba,
-            "nemotron_h": _nemotron_h, "bamba": _bamba}
+            "nemotron_h": _nemotron_h, "bamba": _bamba, "qwen3_next": _qwen3_next}
 
 
 # ---------------------------------------------------------------------------------------------------------

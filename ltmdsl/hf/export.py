@@ -4,7 +4,7 @@
     ltmdsl.hf.export_hf("model.ltm", "out/", seed=0)   # a spec: the weights its `build(seed=...)` draws
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
-Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba: `LAYOUTS`) and writes its model-level fields; each
+Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, Qwen3-Next: `LAYOUTS`) and writes its model-level fields; each
 sub-layer's kind writes its own fields through its HF facet (ltmdsl/kinds/<kind>_hf.py). To be sure nothing
 is lost, the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and
 sizes; models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...)
@@ -32,7 +32,7 @@ _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
-         "bamba": "BambaForCausalLM"}
+         "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
 
 
 def _one(values, what: str):
@@ -105,6 +105,10 @@ LAYOUTS = {
                     "Mamba has Mamba-1 layers only (without inner norms)"),
     "mamba2": Layout("Mamba-2 (Mamba-2 layers only)", "mamba2", False, (), ("mamba2",), "",
                      "Mamba-2 has Mamba-2 layers only"),
+    "qwen3_next": Layout("Qwen3-Next (Gated DeltaNet or gated attention, each followed by a SwiGLU MLP or MoE with a "
+                         "gated shared expert; zero-centred norms)", "qwen3_next", True,
+                         ("gated_deltanet", "attention"), ("mlp", "moe"),
+                         "Qwen3-Next's mixers are Gated DeltaNet and gated attention", _SWIGLU_FFN),
 }
 
 
@@ -176,6 +180,11 @@ def _family_config(ir: ModelIR) -> dict:
     norm = _one([layer.norm for layer in layers] + [ir.final_norm], "norm")
     if norm.kind != "rmsnorm":
         raise HFError(f"{norm.kind} has no Hugging Face counterpart among the supported families (all use rmsnorm)")
+    if norm.zero_centred or any(layer.kind == "gated_deltanet" for layer in layers):
+        if not norm.zero_centred or not LAYOUTS["qwen3_next"].holds(ir):
+            raise HFError("zero-centred norms and Gated DeltaNet map back only to Qwen3-Next (zero-centred rmsnorm, "
+                          "Gated DeltaNet or gated attention, each followed by a SwiGLU MLP or MoE)")
+        return _qwen3_next_config(ir, norm.eps)
     base = {"vocab_size": ir.vocab, "hidden_size": ir.d_model, "tie_word_embeddings": ir.tie_embeddings,
             "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16")}
     mixers = [layer.mixer for layer in layers]
@@ -334,6 +343,24 @@ def _bamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
             "hidden_act": "silu", **_write(ffn, "bamba", ir.d_model),
             "attn_layer_indices": [i for i, at in enumerate(_at(mixers, ("attention",))) if at],
             **_kind_fields(mixers, "bamba", ir.d_model)}
+
+
+def _qwen3_next_config(ir: ModelIR, eps: float) -> dict:
+    """Qwen3-Next: `layer_types` names each mixer; MoE blocks everywhere but `mlp_only_layers` (a dense SwiGLU
+    MLP there), with decoder_sparse_step 1; num_experts 0 when there are no expert layers."""
+    mixers = [layer.mixer for layer in ir.layers[0::2]]
+    ffns = [layer.mixer for layer in ir.layers[1::2]]
+    d = ir.d_model
+    moe_at = _at(ffns, ("moe",))
+    out = {"vocab_size": ir.vocab, "hidden_size": d, "tie_word_embeddings": ir.tie_embeddings,
+           "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16"), "model_type": "qwen3_next",
+           "num_hidden_layers": len(mixers), "rms_norm_eps": eps, "hidden_act": "silu",
+           "layer_types": ["full_attention" if m.kind == "attention" else "linear_attention" for m in mixers],
+           "decoder_sparse_step": 1, "mlp_only_layers": [i for i, e in enumerate(moe_at) if not e],
+           **_kind_fields(mixers, "qwen3_next", d), **_kind_fields(ffns, "qwen3_next", d)}
+    if not any(moe_at):
+        out["num_experts"] = 0
+    return out
 
 
 def _same_model(a: ModelIR, b: ModelIR) -> str | None:

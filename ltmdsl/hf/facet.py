@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 #: The transforms a checkpoint tensor may go through on its way to a runtime parameter (and back on export).
-OPS = ("copy", "stack", "first_half", "second_half")
+OPS = ("copy", "stack", "first_half", "second_half", "plus_one")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class Source:
     """How one runtime tensor is made from checkpoint tensors.
 
     op "copy": the one tensor as is; "stack": per-expert tensors stacked on a new dim 0; "first_half" /
-    "second_half": the halves of a fused tensor along dim 1 (gate, up). Export applies the inverse.
+    "second_half": the halves of a fused tensor along dim 1 (gate, up); "plus_one": the tensor + 1 (a
+    zero-centred norm weight, which scales by 1 + w, into a plain one). Export applies the inverse.
     """
 
     names: tuple[str, ...]

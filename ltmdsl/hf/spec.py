@@ -96,6 +96,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     source: str = ""
     hf: dict = field(default_factory=dict)  # resolved HF settings export and tests use (periods, ...)
+    norm_zero_centred: bool = False  # every pre-norm and the final norm scale by 1 + w (Qwen3-Next)
 
     @property
     def sublayers(self) -> tuple[SubLayerMap, ...]:
@@ -120,7 +121,8 @@ class Plan:
         lines.append(f"    vocab = {num(self.vocab)}")
         lines.append(f"    d_model = {num(self.d_model)}")
         lines.append(f"    dtype = {self.dtype}")
-        lines.append(f"    norm = rmsnorm(eps = {num(self.norm_eps)})")
+        centred = ", zero_centred = true" if self.norm_zero_centred else ""
+        lines.append(f"    norm = rmsnorm(eps = {num(self.norm_eps)}{centred})")
         lines.append(f"    head = {'tied' if self.tied else 'untied'}")
         lines.append("")
         width = max(len(n) for n in self.definitions)

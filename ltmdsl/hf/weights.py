@@ -40,7 +40,8 @@ _HYBRID = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_l
 _SSM = Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f", mixer_norm="norm", ffn_norm="")
 NAMINGS = {
     "llama": _TRANSFORMER, "mistral": _TRANSFORMER, "qwen2": _TRANSFORMER, "qwen3": _TRANSFORMER,
-    "mixtral": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM, "mamba2": _SSM,
+    "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
+    "mamba2": _SSM,
     "nemotron_h": Naming(prefixes=("backbone.", "model."), embed="embeddings", final_norm="norm_f",
                          mixer_norm="norm", ffn_norm="norm"),
 }
@@ -129,6 +130,8 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
                               "expected [experts, 2 * d_ff, d_model]")
             half = fused.shape[1] // 2
             tensor = fused[:, :half] if src.op == "first_half" else fused[:, half:]
+        elif src.op == "plus_one":  # a zero-centred (1 + w) norm weight as a plain one
+            tensor = 1 + parts[0]
         else:
             tensor = parts[0]
         want = tuple(shapes[target])
@@ -150,6 +153,8 @@ def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = Fal
         src = source_of(plan, name, experts, None, fused=fused)
         if src.op == "copy":
             out[src.names[0]] = tensor
+        elif src.op == "plus_one":
+            out[src.names[0]] = tensor - 1
         elif src.op == "stack":
             for j, hf_name in enumerate(src.names):
                 out[hf_name] = tensor[j]

@@ -2,9 +2,11 @@
 
 Attention appears in Llama, Mistral, Mixtral, Qwen2 and Qwen3 (RoPE over the whole head, optional Llama 3.1
 frequency scaling, per-family biases and windows, Qwen3's qk_norm), Jamba and Nemotron-H (no RoPE), and
-Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `rope_dim`). Its tensors are
+Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `rope_dim`), and Qwen3-Next
+(partial RoPE, qk_norm and the output gate `gate`: q_proj emits each head's queries then its gate). Its tensors are
 `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) under `self_attn` (Nemotron-H: `mixer`), the
-same names as the runtime's, so they are copied as they are.
+same names as the runtime's, so they are copied as they are; except Qwen3-Next's q_norm / k_norm, which are
+zero-centred (they scale by 1 + w) where the runtime's scale by w: op "plus_one" adds 1 on import.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import math
 
 from ltmdsl.hf import HFError
-from ltmdsl.hf.facet import HFFacet, ReadContext
+from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source, copy_tensor
 from ltmdsl.hf.reader import Reader, dims, rope
-from ltmdsl.hf.spec import num
+from ltmdsl.hf.spec import num, show_value
 
 TRANSFORMERS = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 NO_ROPE = ("jamba", "nemotron_h")
@@ -62,6 +64,17 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         bias = r.bool("attention_bias", False)
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, qkv_bias=bias, out_bias=bias,
                     rope_scaling=scaling, rope_dim=rope_dim)
+    if fam == "qwen3_next":
+        heads = r.int("num_attention_heads", 16)
+        kv, head_dim = dims(r, d, heads, 256, 2)
+        factor = r.cfg.get("partial_rotary_factor", 0.25)  # Qwen3NextConfig setdefaults 0.25 and honours another
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+            r.used.add("partial_rotary_factor")
+            raise r.fail(f"'partial_rotary_factor' must be a number in (0, 1], got {show_value(factor)}")
+        theta, scaling, rope_dim = rope(r, 10000.0, head_dim, partial=float(factor))
+        bias = r.bool("attention_bias", False)
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+                    rope_dim=rope_dim, qkv_bias=bias, out_bias=bias, qk_norm=True, gate=True)
     raise HFError(f"internal: attention has no reader for {fam}")
 
 
@@ -81,7 +94,7 @@ def call(v: dict) -> str:
                     f"original_context = {num(int(s.original_context))})")
     if v.get("window") is not None:
         args.append(f"window = {num(v['window'])}")
-    for flag in ("qkv_bias", "out_bias", "qk_norm"):
+    for flag in ("qkv_bias", "out_bias", "qk_norm", "gate"):
         if v.get(flag):
             args.append(f"{flag} = true")
     return f"attention({', '.join(args)})"
@@ -112,8 +125,31 @@ def rope_scaling_fields(a) -> dict:
             "max_position_embeddings": max(s.original_context + 1, math.ceil(s.factor * s.original_context))}
 
 
+def _qwen3_next_fields(a, d: int) -> dict:
+    """Qwen3-Next's attention: output gate, qk_norm and RoPE (partial or whole-head), no window."""
+    other = [v for v in unmapped_variants(a) if v != "gate"]
+    if not a.gate or not a.qk_norm or a.rope_theta is None or a.window is not None or other \
+            or a.qkv_bias != a.out_bias:
+        raise HFError("Qwen3-Next attention has the output gate, qk_norm and RoPE, no window and no other "
+                      "variant, and its attention_bias covers q, k, v and o alike")
+    factor = a.rotary_dim / a.head_dim
+    if a.head_dim * factor != a.rotary_dim:  # the float product transformers truncates must be exact
+        raise HFError(f"rope_dim {a.rotary_dim} of head_dim {a.head_dim} has no partial_rotary_factor that "
+                      f"transformers turns back into {a.rotary_dim} channels")
+    out = {}
+    rope_parameters = {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": factor}
+    if a.rope_scaling is not None:
+        scaled = rope_scaling_fields(a)
+        rope_parameters.update(scaled["rope_scaling"])
+        out["max_position_embeddings"] = scaled["max_position_embeddings"]
+    return {**out, **_heads(a, d), "head_dim": a.head_dim, "attention_bias": a.qkv_bias,
+            "partial_rotary_factor": factor, "rope_parameters": rope_parameters}
+
+
 def write(a, fam: str, d: int) -> dict:
     """The family's attention fields (one attention setting per config: the family checks they agree)."""
+    if fam == "qwen3_next":
+        return _qwen3_next_fields(a, d)
     variants = unmapped_variants(a)
     if variants:
         raise HFError(f"attention variants ({', '.join(variants)}) are not mapped to Hugging Face yet")
@@ -155,9 +191,10 @@ def write(a, fam: str, d: int) -> dict:
 
 
 def unmapped_variants(a) -> list[str]:
-    """The attention variants the supported families cannot carry (their model types, e.g. qwen3_next's gate,
-    gpt_oss's sinks, gemma's soft cap and query_pre_attn_scalar, llama4's L2 qk-norm and chunks, are not mapped
-    yet); export refuses them rather than writing plain attention."""
+    """The attention variants the Llama-style and SSM-hybrid families cannot carry (the gate maps only to
+    qwen3_next, see `_qwen3_next_fields`; the model types of the others, e.g. gpt_oss's sinks, gemma's soft
+    cap and query_pre_attn_scalar, llama4's L2 qk-norm and chunks, are not mapped yet); export refuses them
+    rather than writing plain attention."""
     out = [name for name, on in (("gate", a.gate), ("sinks", a.sinks), ("softcap", a.softcap is not None),
                                  ("qk_l2_norm", a.qk_l2_norm), ("chunk", a.chunk is not None),
                                  ("query_pre_attn_scalar", a.query_pre_attn_scalar is not None)) if on]
@@ -168,6 +205,12 @@ def unmapped_variants(a) -> list[str]:
 
 def misfit(a, fam: str) -> str | None:
     """Why family `fam` (its representative model_type) has no place for this attention."""
+    if fam == "qwen3_next":
+        try:
+            _qwen3_next_fields(a, 1)
+        except HFError as e:
+            return e.message
+        return None
     variants = unmapped_variants(a)
     if variants:
         return f"its attention variants ({', '.join(variants)}) are not mapped to Hugging Face yet"
@@ -189,13 +232,23 @@ def traits(a) -> frozenset[str]:
     window, biases and qk_norm (which pick Llama, Mistral, Qwen2 or Qwen3)."""
     flags = {"rope" if a.rope_theta is not None else "no_rope"}
     flags |= {name for name, on in (("partial_rope", a.rope_dim is not None), ("window", a.window is not None),
-                                     ("qkv_bias", a.qkv_bias), ("out_bias", a.out_bias), ("qk_norm", a.qk_norm)) if on}
+                                     ("qkv_bias", a.qkv_bias), ("out_bias", a.out_bias), ("qk_norm", a.qk_norm),
+                                     ("gate", a.gate)) if on}
     return frozenset(flags)
+
+
+def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
+    """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one"."""
+    src = copy_tensor(facet, rest, site)
+    if site.family == "qwen3_next" and rest in ("q_norm.weight", "k_norm.weight"):
+        return Source(src.names, "plus_one")
+    return src
 
 
 HF = HFFacet(
     name="attention", label="attention",
-    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba")}, "nemotron_h": ("mixer",)},
-    read=read, call=call, write=write, misfit=misfit, traits=traits,
+    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next"),
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next")},
+             "nemotron_h": ("mixer",)},
+    read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

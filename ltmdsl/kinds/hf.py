@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, HFNotMappedYet, NoHFCounterpart
-from ltmdsl.kinds import attention_hf, mamba2_hf, mamba_hf, mlp_hf, moe_hf
+from ltmdsl.kinds import attention_hf, gated_deltanet_hf, mamba2_hf, mamba_hf, mlp_hf, moe_hf
 
 #: kind name -> its HF facet, or the explicit statement that it has no Hugging Face counterpart.
 HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
     f.name: f for f in (
         attention_hf.HF, mamba_hf.HF, mamba2_hf.HF, mlp_hf.HF, moe_hf.HF,
         HFNotMappedYet("mla", ("deepseek_v2", "deepseek_v3", "kimi_linear")),
-        HFNotMappedYet("gated_deltanet", ("qwen3_next", "qwen3_5", "qwen3_5_moe")),
+        gated_deltanet_hf.HF,  # qwen3_next; qwen3_5 and qwen3_5_moe are not mapped yet
         HFNotMappedYet("kda", ("kimi_linear",)),
         HFNotMappedYet("short_conv", ("lfm2",)),
         HFNotMappedYet("lightning", ("minimax",)),

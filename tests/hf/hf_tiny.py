@@ -59,6 +59,37 @@ CASES = {
                              "tie_word_embeddings": True, "mamba_n_heads": 4, "mamba_n_groups": 1,
                              "mamba_d_state": 5, "mamba_chunk_size": 16, "max_position_embeddings": 64,
                              "rope_parameters": {**LLAMA3_ROPE, "partial_rotary_factor": 0.25}}, False),
+    # Qwen3-Next: Gated DeltaNet (2 key heads of 8, 4 value heads of 6, conv of 3) and gated attention with RoPE
+    # on half of head_dim 12, in the order layer_types gives; MoE (5 experts, top 2, renormalised, gated shared
+    # expert of 10) everywhere but mlp_only_layers [2], which has the dense MLP of 50; per-expert tensors.
+    "qwen3_next": ("qwen3_next", {**COMMON, **ATTN, "num_hidden_layers": 4, "head_dim": 12,
+                                  "layer_types": ["linear_attention", "full_attention", "linear_attention",
+                                                  "full_attention"],
+                                  "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                                  "linear_value_head_dim": 6, "linear_conv_kernel_dim": 3, "num_experts": 5,
+                                  "num_experts_per_tok": 2, "moe_intermediate_size": 14,
+                                  "shared_expert_intermediate_size": 10, "mlp_only_layers": [2],
+                                  "partial_rotary_factor": 0.5, "rope_theta": 500.0}, False),
+    # Qwen3-Next from full_attention_interval 3 (attention on 0-based layer 2), top-k without renormalising,
+    # Hv = Hk, RoPE on a quarter of head_dim 16 (the default factor), fused experts.
+    "qwen3_next_fused": ("qwen3_next", {**COMMON, "num_attention_heads": 3, "num_key_value_heads": 1,
+                                        "num_hidden_layers": 3, "head_dim": 16, "full_attention_interval": 3,
+                                        "linear_num_key_heads": 3, "linear_num_value_heads": 3,
+                                        "linear_key_head_dim": 6, "linear_value_head_dim": 10,
+                                        "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 3,
+                                        "norm_topk_prob": False, "moe_intermediate_size": 12,
+                                        "shared_expert_intermediate_size": 8, "rope_theta": 300.0}, True),
+    # Qwen3-Next with attention biases (q_proj's bias interleaves queries and gates as its weight does), tied
+    # embeddings, and the rotary factor inside transformers 5's rope_parameters (half of head_dim 16).
+    "qwen3_next_bias": ("qwen3_next", {**COMMON, "num_attention_heads": 3, "num_key_value_heads": 1,
+                                       "num_hidden_layers": 2, "head_dim": 16, "full_attention_interval": 2,
+                                       "attention_bias": True, "tie_word_embeddings": True,
+                                       "rope_parameters": {"rope_type": "default", "rope_theta": 300.0,
+                                                           "partial_rotary_factor": 0.5},
+                                       "linear_num_key_heads": 1, "linear_num_value_heads": 2,
+                                       "linear_key_head_dim": 8, "linear_value_head_dim": 6, "num_experts": 3,
+                                       "num_experts_per_tok": 1, "moe_intermediate_size": 10,
+                                       "shared_expert_intermediate_size": 6}, False),
 }
 
 
@@ -83,7 +114,7 @@ def hf_model(model_type: str, kwargs: dict, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(model_type, **kwargs)
-    extra = {"experts_implementation": "eager"} if model_type in ("mixtral", "jamba") else {}
+    extra = {"experts_implementation": "eager"} if model_type in ("mixtral", "jamba", "qwen3_next") else {}
     model = AutoModelForCausalLM.from_config(cfg, **extra).float().eval()
     randomize(model, seed)
     return model

@@ -27,6 +27,7 @@ PUBLISHED = {
     "mamba-2.8b-hf": 2_768_345_600,
     "mamba2-2.7b": 2_702_599_680,
     "Bamba-9B": 9_780_235_392,  # the model card's 9.78B
+    "Qwen3-Next-80B-A3B-Instruct": 79_674_391_296,  # transformers 5.24 on the meta device
 }
 BF16 = Dtype("bf16", 2)
 
@@ -94,6 +95,14 @@ def _expected_cache(cfg: dict, T: int, B: int = 1, taps: str = "full") -> dict:
         Di, G, N, K = cfg["mamba_expand"] * d, cfg["mamba_n_groups"], cfg["mamba_d_state"], cfg["mamba_d_conv"]
         per_layer = (Di + 2 * G * N) * K + cfg["mamba_n_heads"] * cfg["mamba_d_head"] * N
         state = (cfg["num_hidden_layers"] - n_attn) * B * per_layer * 2
+    if fam == "qwen3_next":  # attention every full_attention_interval-th layer (1-based), Gated DeltaNet elsewhere
+        n = cfg["num_hidden_layers"]
+        n_attn = sum((i + 1) % cfg["full_attention_interval"] == 0 for i in range(n))
+        kv = n_attn * 2 * B * cfg["num_key_value_heads"] * cfg["head_dim"] * T * 2
+        Hk, Hv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+        Dk, Dv, K = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"], cfg["linear_conv_kernel_dim"]
+        per_layer = (2 * Hk * Dk + Hv * Dv) * (K if taps == "full" else K - 1) + Hv * Dk * Dv  # conv taps + delta state
+        state = (n - n_attn) * B * per_layer * 2
     return {"kv_cache": kv, "recurrent_state": state}
 
 

@@ -50,11 +50,11 @@ def test_logits_and_greedy_generation_match_transformers(case, saved):
 
 
 def test_transformers_generate_agrees_where_its_cache_is_reliable(saved):
-    """transformers' own cached generate equals ours for a plain, a recurrent and a hybrid family (Bamba: KV
-    cache with partial RoPE and Mamba-2 states). (For Qwen2 with
+    """transformers' own cached generate equals ours for a plain, a recurrent and hybrid families (Bamba: KV
+    cache with partial RoPE and Mamba-2 states; Qwen3-Next: KV cache, conv taps and delta-rule states). (For Qwen2 with
     both sliding and full layers, transformers 5.24's cached generate disagrees with its own uncached
     forward, so the tests above use the uncached loop as the reference.)"""
-    for case in ("llama", "mamba2", "bamba"):
+    for case in ("llama", "mamba2", "bamba", "qwen3_next"):
         folder, hf = saved(case)
         ours = ltmdsl.from_hf(folder)
         ids = torch.randint(0, 61, (1, PROMPT), generator=torch.Generator().manual_seed(2))
