@@ -13,7 +13,8 @@ Llama 3.1 does (`rope_type: llama3`, written `rope_scaling = llama3(...)` in the
 where transformers honours `partial_rotary_factor` (Bamba), over its first head_dim * factor channels
 (`rope_dim`). Layer pattern conventions: Jamba places attention/experts where `i % period == offset` with
 0-based i; Qwen2/3 slide from layer `max_window_layers` on or follow `layer_types`; Nemotron-H spells one
-character per layer (M, *, -); Bamba lists its attention layers in `attn_layer_indices` (0-based).
+character per layer (M, *, -); Bamba lists its attention layers in `attn_layer_indices` (0-based); LFM2 names
+each layer's type in `layer_types` ("conv" or "full_attention"), or its attention layers in `full_attn_idxs`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
-                      "bamba")
+                      "bamba", "lfm2")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
@@ -286,9 +287,57 @@ def _bamba(r: Reader) -> dict:
                 hf=dict(attn_layer_indices=sorted(attn_at)))
 
 
+def _lfm2_types(r: Reader, layers: int) -> list[bool]:
+    """LFM2: whether each layer is attention, from `layer_types` (which wins, as in Lfm2Config) or
+    `full_attn_idxs` (0-based; every layer when neither is set)."""
+    types, idxs = r.raw("layer_types", None), r.raw("full_attn_idxs", None)
+    if idxs is not None and (not isinstance(idxs, list) or any(
+            not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < layers for i in idxs)):
+        raise r.fail(f"'full_attn_idxs' must list 0-based layer indices below num_hidden_layers = {layers}, "
+                     f"got {show_value(idxs)}")
+    if types is None:
+        return [idxs is None or i in idxs for i in range(layers)]
+    if not isinstance(types, list) or any(t not in ("conv", "full_attention") for t in types):
+        raise r.fail(f"'layer_types' must be a list of 'conv' / 'full_attention', got {show_value(types)}")
+    if len(types) != layers:
+        raise r.fail(f"'layer_types' lists {len(types)} layers but 'num_hidden_layers' is {layers}")
+    attn = [t == "full_attention" for t in types]
+    if idxs is not None and sorted(set(idxs)) != [i for i, a in enumerate(attn) if a]:
+        raise r.fail(f"'full_attn_idxs' {show_value(idxs)} disagrees with the attention layers of 'layer_types'")
+    return attn
+
+
+def _lfm2(r: Reader) -> dict:
+    """LFM2 (Liquid AI): per HF layer a gated short convolution ("conv") or GQA attention with per-head q/k
+    RMSNorm ("full_attention"), then a SwiGLU MLP; the final norm is called embedding_norm. The original
+    configs' aliases (block_dim, block_norm_eps, tie_embedding) are read and checked as Lfm2Config reads them."""
+    vocab = r.int("vocab_size", 65536)
+    d = r.int("hidden_size", 2560)
+    r.expect("block_dim", lambda v: v in (None, d), f"null or hidden_size ({d}); transformers' LFM2 uses hidden_size")
+    layers = r.layers("num_hidden_layers", 32)
+    eps = r.eps("norm_eps", 1e-5)
+    r.raw("block_norm_eps", None)  # the original configs' copy of norm_eps; transformers reads only norm_eps
+    tied = r.bool("tie_word_embeddings", True)
+    if r.present("tie_embedding"):  # Lfm2Config pops it into tie_word_embeddings
+        tied = r.bool("tie_embedding", True)
+    r.raw("tie_embedding", None)
+    attn_at = _lfm2_types(r, layers)
+    attention = _layer("attention", r, d, present=any(attn_at))
+    conv = _layer("short_conv", r, d, present=not all(attn_at))
+    ffn = _layer("mlp", r, d)
+    definitions, legend = {}, {}
+    if not all(attn_at):
+        definitions["conv"], legend["C"] = _define("short_conv", conv), "conv"
+    if any(attn_at):
+        definitions["attn"], legend["A"] = _define("attention", attention), "attn"
+    definitions["ffn"], legend["-"] = _define("mlp", ffn), "ffn"
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=tied, definitions=definitions, legend=legend,
+                tokens=tuple(("A" if a else "C") + "-" for a in attn_at))
+
+
 _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transformer, "qwen2": _transformer,
             "qwen3": _transformer, "mamba": _mamba_family, "mamba2": _mamba2_family, "jamba": _jamba,
-            "nemotron_h": _nemotron_h, "bamba": _bamba}
+            "nemotron_h": _nemotron_h, "bamba": _bamba, "lfm2": _lfm2}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     ltmdsl.hf.export_hf("model.ltm", "out/", seed=0)   # a spec: the weights its `build(seed=...)` draws
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
-Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba: `LAYOUTS`) and writes its model-level fields; each
+Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, LFM2: `LAYOUTS`) and writes its model-level fields; each
 sub-layer's kind writes its own fields through its HF facet (ltmdsl/kinds/<kind>_hf.py). To be sure nothing
 is lost, the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and
 sizes; models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...)
@@ -32,7 +32,7 @@ _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
-         "bamba": "BambaForCausalLM"}
+         "bamba": "BambaForCausalLM", "lfm2": "Lfm2ForCausalLM"}
 
 
 def _one(values, what: str):
@@ -101,6 +101,9 @@ LAYOUTS = {
     "nemotron_h": Layout("Nemotron-H (Mamba-2, attention without RoPE and relu2 MLPs in any order)", "nemotron_h",
                          False, (), ("mamba2", "attention", "mlp"), "",
                          "Nemotron-H has no {kind} layers (dense Mamba-2, attention and relu2 MLPs only)"),
+    "lfm2": Layout("LFM2 (short convolutions or RoPE attention with qk_norm, each followed by a SwiGLU MLP)", "lfm2",
+                   True, ("short_conv", "attention"), ("mlp",), "LFM2's mixers are short convolutions and attention",
+                   "expected the MLP that follows each mixer"),
     "mamba": Layout("Mamba (Mamba-1 layers only)", "mamba", False, (), ("mamba",), "",
                     "Mamba has Mamba-1 layers only (without inner norms)"),
     "mamba2": Layout("Mamba-2 (Mamba-2 layers only)", "mamba2", False, (), ("mamba2",), "",
@@ -203,6 +206,8 @@ def _family_config(ir: ModelIR) -> dict:
         return _bamba_config(ir, base, norm.eps)
     if LAYOUTS["nemotron_h"].holds(ir):
         return _nemotron_config(ir, base, norm.eps)
+    if LAYOUTS["lfm2"].holds(ir):  # after Llama/Qwen3: attention-only LFM2 stacks are Qwen3's
+        return _lfm2_config(ir, base, norm.eps)
     descriptions = "; ".join(layout.description for layout in LAYOUTS.values())
     raise HFError(f"{_NO_COUNTERPART}. {misfits(ir) or 'Supported families: ' + descriptions + '.'}")
 
@@ -334,6 +339,16 @@ def _bamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
             "hidden_act": "silu", **_write(ffn, "bamba", ir.d_model),
             "attn_layer_indices": [i for i, at in enumerate(_at(mixers, ("attention",))) if at],
             **_kind_fields(mixers, "bamba", ir.d_model)}
+
+
+def _lfm2_config(ir: ModelIR, base: dict, eps: float) -> dict:
+    """LFM2: `layer_types` says conv or full_attention per HF layer, a SwiGLU MLP after each (its width written
+    as is: block_auto_adjust_ff_dim false)."""
+    mixers = [layer.mixer for layer in ir.layers[0::2]]
+    ffn = _one([layer.mixer for layer in ir.layers[1::2]], "MLP settings (LFM2 has one intermediate_size)")
+    return {**base, "model_type": "lfm2", "num_hidden_layers": len(mixers), "norm_eps": eps,
+            **_write(ffn, "lfm2", ir.d_model), **_kind_fields(mixers, "lfm2", ir.d_model),
+            "layer_types": ["full_attention" if m.kind == "attention" else "conv" for m in mixers]}
 
 
 def _same_model(a: ModelIR, b: ModelIR) -> str | None:

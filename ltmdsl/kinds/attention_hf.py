@@ -2,9 +2,10 @@
 
 Attention appears in Llama, Mistral, Mixtral, Qwen2 and Qwen3 (RoPE over the whole head, optional Llama 3.1
 frequency scaling, per-family biases and windows, Qwen3's qk_norm), Jamba and Nemotron-H (no RoPE), and
-Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `rope_dim`). Its tensors are
-`q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) under `self_attn` (Nemotron-H: `mixer`), the
-same names as the runtime's, so they are copied as they are.
+Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `rope_dim`), and LFM2 (RoPE,
+no biases, always a per-head RMSNorm on q and k: qk_norm). Its tensors are `q_proj`, `k_proj`, `v_proj`,
+`o_proj` (and `q_norm`, `k_norm`) under `self_attn` (Nemotron-H: `mixer`), the same names as the runtime's,
+so they are copied as they are; LFM2 names the output `out_proj` and the norms `q_layernorm`, `k_layernorm`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 
 from ltmdsl.hf import HFError
-from ltmdsl.hf.facet import HFFacet, ReadContext
+from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source, copy_tensor
 from ltmdsl.hf.reader import Reader, dims, rope
 from ltmdsl.hf.spec import num
 
@@ -62,6 +63,16 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         bias = r.bool("attention_bias", False)
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, qkv_bias=bias, out_bias=bias,
                     rope_scaling=scaling, rope_dim=rope_dim)
+    if fam == "lfm2":
+        heads = r.int("num_attention_heads", 32)
+        if r.present("num_heads") and r.int("num_heads") != heads:  # the original config's alias
+            raise r.fail(f"'num_heads' = {r.cfg['num_heads']} disagrees with 'num_attention_heads' = {heads}")
+        r.raw("num_heads", None)
+        kv, head_dim = dims(r, d, heads, None, 8)
+        theta, scaling, _ = rope(r, 1e6, head_dim)  # Lfm2Attention rotates the whole head
+        r.expect("use_pos_enc", lambda v: v in (None, True), "true (transformers' LFM2 always applies RoPE)")
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+                    qk_norm=True)
     raise HFError(f"internal: attention has no reader for {fam}")
 
 
@@ -151,7 +162,20 @@ def write(a, fam: str, d: int) -> dict:
             rope_parameters.update(scaled["rope_scaling"])
             out["max_position_embeddings"] = scaled["max_position_embeddings"]
         return {**out, **_heads(a, d), "attention_bias": a.qkv_bias, "rope_parameters": rope_parameters}
+    if fam == "lfm2":
+        why = _lfm2_misfit(a)
+        if why:
+            raise HFError(why)
+        return {"rope_theta": a.rope_theta, **rope_scaling_fields(a), **_heads(a, d)}
     raise HFError(f"{fam} has no attention layers")
+
+
+def _lfm2_misfit(a) -> str | None:
+    if a.rope_theta is None or a.rope_dim is not None or a.window is not None:
+        return "LFM2 attention has RoPE over the whole head and no window"
+    if not a.qk_norm or a.qkv_bias or a.out_bias:
+        return "LFM2 attention has qk_norm and no biases"
+    return None
 
 
 def unmapped_variants(a) -> list[str]:
@@ -181,6 +205,8 @@ def misfit(a, fam: str) -> str | None:
     if fam == "nemotron_h":
         return "Nemotron-H attention has no RoPE and no window" if a.rope_theta is not None or a.window is not None \
             else None
+    if fam == "lfm2":
+        return _lfm2_misfit(a)
     return f"{fam} has no attention layers"
 
 
@@ -193,9 +219,21 @@ def traits(a) -> frozenset[str]:
     return frozenset(flags)
 
 
+#: LFM2's names for the runtime's attention tensors (the rest are the same).
+_LFM2_NAMES = {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layernorm"}
+
+
+def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
+    """`<block>self_attn.<rest>`, LFM2's `out_proj` / `q_layernorm` / `k_layernorm` renamed."""
+    if site.family == "lfm2":
+        module, _, tail = rest.partition(".")
+        rest = f"{_LFM2_NAMES.get(module, module)}.{tail}"
+    return copy_tensor(facet, rest, site)
+
+
 HF = HFFacet(
     name="attention", label="attention",
-    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba")}, "nemotron_h": ("mixer",)},
-    read=read, call=call, write=write, misfit=misfit, traits=traits,
+    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "lfm2"),
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "lfm2")}, "nemotron_h": ("mixer",)},
+    read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, HFNotMappedYet, NoHFCounterpart
-from ltmdsl.kinds import attention_hf, mamba2_hf, mamba_hf, mlp_hf, moe_hf
+from ltmdsl.kinds import attention_hf, mamba2_hf, mamba_hf, mlp_hf, moe_hf, short_conv_hf
 
 #: kind name -> its HF facet, or the explicit statement that it has no Hugging Face counterpart.
 HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
@@ -21,7 +21,7 @@ HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
         HFNotMappedYet("mla", ("deepseek_v2", "deepseek_v3", "kimi_linear")),
         HFNotMappedYet("gated_deltanet", ("qwen3_next", "qwen3_5", "qwen3_5_moe")),
         HFNotMappedYet("kda", ("kimi_linear",)),
-        HFNotMappedYet("short_conv", ("lfm2",)),
+        short_conv_hf.HF,
         HFNotMappedYet("lightning", ("minimax",)),
         HFNotMappedYet("rg_lru", ("recurrent_gemma",)),
         HFNotMappedYet("mlstm", ("xlstm",)),

@@ -5,14 +5,20 @@ Llama's and Bamba's `mlp_bias`), and is a layer of its own in Nemotron-H (relu2,
 Llama-style families and Jamba share `intermediate_size` with their experts, so the family reads it once
 (`ReadContext.shared["d_ff"]`). Its tensors `gate_proj`, `up_proj`, `down_proj` keep the runtime's names
 under `mlp` (Jamba, Bamba: `feed_forward`; Nemotron-H: `mixer`).
+
+LFM2 (SwiGLU after every mixer, no bias) sizes its MLP as transformers' Lfm2MLP does: with
+`block_auto_adjust_ff_dim` (default true), d_ff = int(2 * intermediate_size / 3), then, when
+`block_ffn_dim_multiplier` is not null, int(multiplier * d_ff) rounded up to a multiple of `block_multiple_of`;
+`block_ff_dim` (the original configs' name) replaces intermediate_size as Lfm2Config does. Its tensors sit
+under `feed_forward` as `w1` (gate), `w3` (up) and `w2` (down).
 """
 
 from __future__ import annotations
 
 from ltmdsl.hf import HFError
-from ltmdsl.hf.facet import HFFacet, ReadContext
+from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source, copy_tensor
 from ltmdsl.hf.reader import Reader
-from ltmdsl.hf.spec import num
+from ltmdsl.hf.spec import num, show_value
 
 SWIGLU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "jamba", "bamba")
 
@@ -30,7 +36,34 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         r.raw("intermediate_size", None)
         r.raw("mlp_bias", None)
         return values
+    if fam == "lfm2":
+        return dict(d_ff=_lfm2_d_ff(r), act="swiglu", bias=False)
     raise HFError(f"internal: mlp has no reader for {fam}")
+
+
+def _lfm2_d_ff(r: Reader) -> int:
+    """Lfm2MLP's width from intermediate_size (or block_ff_dim) and the block_* sizing keys."""
+    size = r.int("intermediate_size", 12288)
+    if r.present("block_ff_dim"):  # Lfm2Config pops it into intermediate_size
+        size = r.int("block_ff_dim")
+    r.raw("block_ff_dim", None)
+    r.expect("block_use_swiglu", lambda v: v in (None, True), "true (transformers' Lfm2MLP is SwiGLU)")
+    for key in ("block_mlp_init_scale", "block_out_init_scale", "block_use_xavier_init"):
+        r.raw(key, None)  # initialisation only
+    multiple = r.int("block_multiple_of", 256)
+    # null turns the multiplier and the rounding off (as in Lfm2MLP); a number is typed and bounded
+    multiplier = r.float("block_ffn_dim_multiplier", 1.0) if r.present("block_ffn_dim_multiplier") \
+        or "block_ffn_dim_multiplier" not in r.cfg else r.raw("block_ffn_dim_multiplier", None)
+    if not r.bool("block_auto_adjust_ff_dim", True):
+        return size
+    d_ff = int(2 * size / 3)
+    if multiplier is not None:
+        d_ff = int(multiplier * d_ff)
+        d_ff = multiple * ((d_ff + multiple - 1) // multiple)
+    if not 1 <= d_ff <= 2**31 - 1:
+        raise r.fail(f"the MLP width from 'intermediate_size' {size}, 'block_ffn_dim_multiplier' "
+                     f"{show_value(multiplier)} and 'block_multiple_of' {multiple} is {d_ff}, not a positive size")
+    return d_ff
 
 
 def call(v: dict) -> str:
@@ -38,6 +71,10 @@ def call(v: dict) -> str:
 
 
 def write(f, fam: str, d: int) -> dict:
+    if fam == "lfm2":
+        if f.activation != "swiglu" or f.bias:
+            raise HFError("LFM2's MLPs use swiglu without bias")
+        return {"intermediate_size": f.d_ff, "block_auto_adjust_ff_dim": False}
     if fam in SWIGLU_FAMILIES:
         if f.activation != "swiglu":
             raise HFError("Jamba's MLPs and experts use swiglu" if fam == "jamba" else "Bamba's MLPs use swiglu"
@@ -57,6 +94,8 @@ def write(f, fam: str, d: int) -> dict:
 def misfit(f, fam: str) -> str | None:
     if fam == "nemotron_h":
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
+    if fam == "lfm2":
+        return None if f.activation == "swiglu" and not f.bias else "LFM2's MLPs use swiglu without bias"
     if fam in (*SWIGLU_FAMILIES, "mixtral"):
         return None if f.activation == "swiglu" else f"its activation is {f.activation}; the family uses swiglu"
     return f"{fam} has no dense MLP layers"
@@ -66,7 +105,20 @@ def traits(f) -> frozenset[str]:
     return frozenset({f.activation} | ({"bias"} if f.bias else set()))
 
 
-HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h",),
+#: LFM2's names for the runtime's MLP tensors.
+_LFM2_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
+    """`<block><module>.<rest>`; LFM2's `feed_forward.w1` / `w3` / `w2` for gate, up and down."""
+    if site.family == "lfm2":
+        module, _, tail = rest.partition(".")
+        rest = f"{_LFM2_NAMES.get(module, module)}.{tail}"
+    return copy_tensor(facet, rest, site)
+
+
+HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "lfm2"),
              modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3")},
-                      "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",)},
-             read=read, call=call, write=write, misfit=misfit, traits=traits)
+                      "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
+                      "lfm2": ("feed_forward",)},
+             read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)
