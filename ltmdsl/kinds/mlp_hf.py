@@ -7,8 +7,9 @@ Llama-style families and Jamba share `intermediate_size` with their experts, so 
 under `mlp` (Jamba, Bamba: `feed_forward`; Nemotron-H: `mixer`).
 
 LFM2 (SwiGLU after every mixer, no bias) sizes its MLP as transformers' Lfm2MLP does: with
-`block_auto_adjust_ff_dim` (default true), d_ff = int(2 * intermediate_size / 3), then, when
-`block_ffn_dim_multiplier` is not null, int(multiplier * d_ff) rounded up to a multiple of `block_multiple_of`;
+`block_auto_adjust_ff_dim` (default true), d_ff = int(2 * intermediate_size / 3), then
+int(block_ffn_dim_multiplier * d_ff) rounded up to a multiple of `block_multiple_of` (a null multiplier, which
+would skip both, is refused as transformers 5 refuses it);
 `block_ff_dim` (the original configs' name) replaces intermediate_size as Lfm2Config does. Its tensors sit
 under `feed_forward` as `w1` (gate), `w3` (up) and `w2` (down).
 """
@@ -51,15 +52,14 @@ def _lfm2_d_ff(r: Reader) -> int:
     for key in ("block_mlp_init_scale", "block_out_init_scale", "block_use_xavier_init"):
         r.raw(key, None)  # initialisation only
     multiple = r.int("block_multiple_of", 256)
-    # null turns the multiplier and the rounding off (as in Lfm2MLP); a number is typed and bounded
-    multiplier = r.float("block_ffn_dim_multiplier", 1.0) if r.present("block_ffn_dim_multiplier") \
-        or "block_ffn_dim_multiplier" not in r.cfg else r.raw("block_ffn_dim_multiplier", None)
+    if "block_ffn_dim_multiplier" in r.cfg and r.cfg["block_ffn_dim_multiplier"] is None:
+        r.used.add("block_ffn_dim_multiplier")  # Lfm2MLP would skip the rounding; transformers 5 refuses null
+        raise r.fail("'block_ffn_dim_multiplier' must be a number (transformers' Lfm2Config refuses null)")
+    multiplier = r.float("block_ffn_dim_multiplier", 1.0)
     if not r.bool("block_auto_adjust_ff_dim", True):
         return size
-    d_ff = int(2 * size / 3)
-    if multiplier is not None:
-        d_ff = int(multiplier * d_ff)
-        d_ff = multiple * ((d_ff + multiple - 1) // multiple)
+    d_ff = int(multiplier * int(2 * size / 3))
+    d_ff = multiple * ((d_ff + multiple - 1) // multiple)
     if not 1 <= d_ff <= 2**31 - 1:
         raise r.fail(f"the MLP width from 'intermediate_size' {size}, 'block_ffn_dim_multiplier' "
                      f"{show_value(multiplier)} and 'block_multiple_of' {multiple} is {d_ff}, not a positive size")

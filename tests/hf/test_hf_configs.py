@@ -27,6 +27,7 @@ PUBLISHED = {
     "mamba-2.8b-hf": 2_768_345_600,
     "mamba2-2.7b": 2_702_599_680,
     "Bamba-9B": 9_780_235_392,  # the model card's 9.78B
+    "LFM2-700M": 742_489_344,
 }
 BF16 = Dtype("bf16", 2)
 
@@ -94,6 +95,11 @@ def _expected_cache(cfg: dict, T: int, B: int = 1, taps: str = "full") -> dict:
         Di, G, N, K = cfg["mamba_expand"] * d, cfg["mamba_n_groups"], cfg["mamba_d_state"], cfg["mamba_d_conv"]
         per_layer = (Di + 2 * G * N) * K + cfg["mamba_n_heads"] * cfg["mamba_d_head"] * N
         state = (cfg["num_hidden_layers"] - n_attn) * B * per_layer * 2
+    if fam == "lfm2":  # attention where layer_types says so (no window), a short conv of conv_L_cache taps elsewhere
+        n_attn = cfg["layer_types"].count("full_attention")
+        kv = n_attn * 2 * B * cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"]) * T * 2
+        K = cfg["conv_L_cache"]
+        state = (cfg["num_hidden_layers"] - n_attn) * B * d * (K if taps == "full" else K - 1) * 2
     return {"kv_cache": kv, "recurrent_state": state}
 
 
