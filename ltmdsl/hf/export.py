@@ -4,7 +4,7 @@
     ltmdsl.hf.export_hf("model.ltm", "out/", seed=0)   # a spec: the weights its `build(seed=...)` draws
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
-Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, LFM2: `LAYOUTS`) and writes its model-level fields; each
+Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, LFM2, RecurrentGemma: `LAYOUTS`) and writes its model-level fields; each
 sub-layer's kind writes its own fields through its HF facet (ltmdsl/kinds/<kind>_hf.py). To be sure nothing
 is lost, the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and
 sizes; models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...)
@@ -32,7 +32,8 @@ _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
-         "bamba": "BambaForCausalLM", "lfm2": "Lfm2ForCausalLM"}
+         "bamba": "BambaForCausalLM", "lfm2": "Lfm2ForCausalLM",
+         "recurrent_gemma": "RecurrentGemmaForCausalLM"}
 
 
 def _one(values, what: str):
@@ -104,6 +105,10 @@ LAYOUTS = {
     "lfm2": Layout("LFM2 (short convolutions or RoPE attention with qk_norm, each followed by a SwiGLU MLP)", "lfm2",
                    True, ("short_conv", "attention"), ("mlp",), "LFM2's mixers are short convolutions and attention",
                    "expected the MLP that follows each mixer"),
+    "recurrent_gemma": Layout("RecurrentGemma (RG-LRU or local attention with half-head RoPE, each followed by a "
+                              "GeGLU MLP with biases; zero-centred norms)", "recurrent_gemma", True,
+                              ("rg_lru", "attention"), ("mlp",), "RecurrentGemma's mixers are RG-LRU blocks and "
+                              "local attention", "expected the MLP that follows each mixer"),
     "mamba": Layout("Mamba (Mamba-1 layers only)", "mamba", False, (), ("mamba",), "",
                     "Mamba has Mamba-1 layers only (without inner norms)"),
     "mamba2": Layout("Mamba-2 (Mamba-2 layers only)", "mamba2", False, (), ("mamba2",), "",
@@ -192,6 +197,8 @@ def _family_config(ir: ModelIR) -> dict:
     heads, ffns = (_traits(mixers[0::2]), _traits(mixers[1::2])) if paired else (set(), set())
     bamba = LAYOUTS["bamba"].holds(ir) and all("swiglu" in _traits([f]) for f in mixers[1::2]) and \
         "no_rope" not in heads
+    if norm.zero_centred and LAYOUTS["recurrent_gemma"].holds(ir):  # the one family with (1 + w) norms
+        return _recurrent_gemma_config(ir, base, norm.eps)
     if "partial_rope" in _traits(mixers):
         if bamba:  # the one supported family whose transformers code applies partial rotary embeddings
             return _bamba_config(ir, base, norm.eps)
@@ -339,6 +346,23 @@ def _bamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
             "hidden_act": "silu", **_write(ffn, "bamba", ir.d_model),
             "attn_layer_indices": [i for i, at in enumerate(_at(mixers, ("attention",))) if at],
             **_kind_fields(mixers, "bamba", ir.d_model)}
+
+
+def _recurrent_gemma_config(ir: ModelIR, base: dict, eps: float) -> dict:
+    """RecurrentGemma: `block_types` is the shortest unit whose repeats give the mixers (recurrent or attention);
+    one GeGLU MLP setting; the soft cap written as logits_soft_cap (the embedding scale and the zero-centred
+    norms are the family's own: the round trip checks them)."""
+    mixers = [layer.mixer for layer in ir.layers[0::2]]
+    ffn = _one([layer.mixer for layer in ir.layers[1::2]], "MLP settings (RecurrentGemma has one intermediate_size)")
+    if ir.logit_cap is None:
+        raise HFError("RecurrentGemma soft-caps its logits (logits_soft_cap); this model has no logit_cap")
+    types = ["attention" if m.kind == "attention" else "recurrent" for m in mixers]
+    period = next(p for p in range(1, len(types) + 1) if all(t == types[i % p] for i, t in enumerate(types)))
+    out = {**base, "model_type": "recurrent_gemma", "num_hidden_layers": len(mixers), "rms_norm_eps": eps,
+           "logits_soft_cap": ir.logit_cap, "block_types": types[:period], **_write(ffn, "recurrent_gemma", ir.d_model),
+           "hidden_activation": "gelu_pytorch_tanh" if ffn.activation == "geglu_tanh" else "gelu",
+           **_kind_fields(mixers, "recurrent_gemma", ir.d_model)}
+    return out
 
 
 def _lfm2_config(ir: ModelIR, base: dict, eps: float) -> dict:

@@ -6,6 +6,9 @@ Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `r
 no biases, always a per-head RMSNorm on q and k: qk_norm). Its tensors are `q_proj`, `k_proj`, `v_proj`,
 `o_proj` (and `q_norm`, `k_norm`) under `self_attn` (Nemotron-H: `mixer`), the same names as the runtime's,
 so they are copied as they are; LFM2 names the output `out_proj` and the norms `q_layernorm`, `k_layernorm`.
+RecurrentGemma's local attention (`temporal_block`): a window (`attention_window_size`), RoPE on the first
+half of each head (partial_rotary_factor 0.5, as its config class sets), head_dim = hidden_size // heads, a
+q/k/v bias from `attention_bias` and always one on o_proj.
 """
 
 from __future__ import annotations
@@ -73,6 +76,20 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         r.expect("use_pos_enc", lambda v: v in (None, True), "true (transformers' LFM2 always applies RoPE)")
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
                     qk_norm=True)
+    if fam == "recurrent_gemma":  # local attention: RecurrentGemmaConfig fixes head_dim = hidden_size // heads
+        heads = r.int("num_attention_heads", 10)
+        if d % heads:
+            raise r.fail(f"hidden_size {d} is not a multiple of num_attention_heads {heads}")
+        head_dim = d // heads
+        r.expect("head_dim", lambda v: v in (None, head_dim), f"null or hidden_size // num_attention_heads = "
+                 f"{head_dim} (RecurrentGemmaConfig overwrites it)")
+        kv = r.int("num_key_value_heads", heads)
+        if heads % kv:
+            raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        theta, scaling, rope_dim = rope(r, 10000.0, head_dim, partial=0.5)
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+                    rope_dim=rope_dim, window=r.int("attention_window_size", 2048),
+                    qkv_bias=r.bool("attention_bias", False), out_bias=True)
     raise HFError(f"internal: attention has no reader for {fam}")
 
 
@@ -162,12 +179,33 @@ def write(a, fam: str, d: int) -> dict:
             rope_parameters.update(scaled["rope_scaling"])
             out["max_position_embeddings"] = scaled["max_position_embeddings"]
         return {**out, **_heads(a, d), "attention_bias": a.qkv_bias, "rope_parameters": rope_parameters}
+    if fam == "recurrent_gemma":
+        why = _recurrent_gemma_misfit(a, d)
+        if why:
+            raise HFError(why)
+        factor = a.rotary_dim / a.head_dim
+        if a.head_dim * factor != a.rotary_dim:
+            raise HFError(f"rope_dim {a.rotary_dim} of head_dim {a.head_dim} has no partial_rotary_factor that "
+                          f"transformers turns back into {a.rotary_dim} channels")
+        return {"num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads, "attention_bias": a.qkv_bias,
+                "attention_window_size": a.window,
+                "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": factor}}
     if fam == "lfm2":
         why = _lfm2_misfit(a)
         if why:
             raise HFError(why)
         return {"rope_theta": a.rope_theta, **rope_scaling_fields(a), **_heads(a, d)}
     raise HFError(f"{fam} has no attention layers")
+
+
+def _recurrent_gemma_misfit(a, d: int | None = None) -> str | None:
+    if a.rope_theta is None or a.rope_scaling is not None or a.window is None:
+        return "RecurrentGemma attention is local (a window) with plain RoPE"
+    if a.qk_norm or not a.out_bias:
+        return "RecurrentGemma attention has no qk_norm and always a bias on its output projection"
+    if d is not None and a.head_dim * a.heads != d:
+        return f"RecurrentGemma's head_dim is hidden_size // heads ({d} // {a.heads}), not {a.head_dim}"
+    return None
 
 
 def _lfm2_misfit(a) -> str | None:
@@ -207,6 +245,8 @@ def misfit(a, fam: str) -> str | None:
             else None
     if fam == "lfm2":
         return _lfm2_misfit(a)
+    if fam == "recurrent_gemma":
+        return _recurrent_gemma_misfit(a)
     return f"{fam} has no attention layers"
 
 
@@ -233,7 +273,8 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 
 HF = HFFacet(
     name="attention", label="attention",
-    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "lfm2"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "lfm2")}, "nemotron_h": ("mixer",)},
+    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "lfm2", "recurrent_gemma"),
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "lfm2")}, "nemotron_h": ("mixer",),
+             "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

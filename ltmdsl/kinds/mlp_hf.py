@@ -11,7 +11,8 @@ LFM2 (SwiGLU after every mixer, no bias) sizes its MLP as transformers' Lfm2MLP 
 int(block_ffn_dim_multiplier * d_ff) rounded up to a multiple of `block_multiple_of` (a null multiplier, which
 would skip both, is refused as transformers 5 refuses it);
 `block_ff_dim` (the original configs' name) replaces intermediate_size as Lfm2Config does. Its tensors sit
-under `feed_forward` as `w1` (gate), `w3` (up) and `w2` (down).
+under `feed_forward` as `w1` (gate), `w3` (up) and `w2` (down). RecurrentGemma's MLP (`mlp_block`) is a GeGLU
+with biases, intermediate_size // 2 wide, whose GELU is `hidden_activation` (tanh form: geglu_tanh).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return values
     if fam == "lfm2":
         return dict(d_ff=_lfm2_d_ff(r), act="swiglu", bias=False)
+    if fam == "recurrent_gemma":  # RecurrentGemmaMlp: intermediate_size // 2 wide, biases, hidden_activation
+        return dict(d_ff=r.int("intermediate_size", 3 * 2560, minimum=2) // 2, act=ctx.shared["act"], bias=True)
     raise HFError(f"internal: mlp has no reader for {fam}")
 
 
@@ -71,6 +74,11 @@ def call(v: dict) -> str:
 
 
 def write(f, fam: str, d: int) -> dict:
+    if fam == "recurrent_gemma":
+        why = misfit(f, fam)
+        if why:
+            raise HFError(why)
+        return {"intermediate_size": 2 * f.d_ff}
     if fam == "lfm2":
         if f.activation != "swiglu" or f.bias:
             raise HFError("LFM2's MLPs use swiglu without bias")
@@ -96,6 +104,9 @@ def misfit(f, fam: str) -> str | None:
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
     if fam == "lfm2":
         return None if f.activation == "swiglu" and not f.bias else "LFM2's MLPs use swiglu without bias"
+    if fam == "recurrent_gemma":
+        return None if f.activation in ("geglu_tanh", "geglu") and f.bias else \
+            "RecurrentGemma's MLPs are GeGLU (geglu_tanh or geglu) with biases"
     if fam in (*SWIGLU_FAMILIES, "mixtral"):
         return None if f.activation == "swiglu" else f"its activation is {f.activation}; the family uses swiglu"
     return f"{fam} has no dense MLP layers"
@@ -117,8 +128,8 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     return copy_tensor(facet, rest, site)
 
 
-HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "lfm2"),
+HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "lfm2", "recurrent_gemma"),
              modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3")},
                       "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
-                      "lfm2": ("feed_forward",)},
+                      "lfm2": ("feed_forward",), "recurrent_gemma": ("mlp_block",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)
