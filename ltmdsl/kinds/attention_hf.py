@@ -87,7 +87,11 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         if heads % kv:
             raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         theta, scaling, rope_dim = rope(r, 10000.0, head_dim, partial=0.5)
-        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+        if scaling is not None:  # RecurrentGemmaConfig has no max_position_embeddings for a scaled RoPE to use
+            key = "rope_scaling" if r.present("rope_scaling") else "rope_parameters"
+            r.unsupported(key, "rope_type 'default' (transformers' RecurrentGemma builds no scaled RoPE)")
+            scaling = None
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta,
                     rope_dim=rope_dim, window=r.int("attention_window_size", 2048),
                     qkv_bias=r.bool("attention_bias", False), out_bias=True)
     raise HFError(f"internal: attention has no reader for {fam}")

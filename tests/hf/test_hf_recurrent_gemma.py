@@ -118,6 +118,8 @@ BAD = [
     ({"partial_rotary_factor": 0.25}, "'partial_rotary_factor' = 0.25 is not supported"),
     ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.3}}, "rotates head_dim \\* factor"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "'rope_parameters' = .* is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 16}}, "builds no scaled RoPE"),
     ({"final_logit_softcapping": 30.0}, "unknown config keys that may change the computation: final_logit_soft"),
 ]
 
