@@ -23,7 +23,7 @@ ACTIVATIONS = {"gelu_pytorch_tanh": ("gelu_tanh", "geglu_tanh"), "gelu": ("gelu"
 def hidden_activation(r: Reader) -> tuple[str, str]:
     """(rg_lru act, mlp act) from `hidden_activation`, which both blocks apply."""
     value = r.raw("hidden_activation", "gelu_pytorch_tanh")
-    if value not in ACTIVATIONS:
+    if not isinstance(value, str) or value not in ACTIVATIONS:
         r.unsupported("hidden_activation", " or ".join(repr(k) for k in ACTIVATIONS), "gelu_pytorch_tanh")
         value = "gelu_pytorch_tanh"
     return ACTIVATIONS[value]
