@@ -15,15 +15,19 @@ where transformers honours `partial_rotary_factor` (Bamba, Qwen3-Next), over its
 0-based i; Qwen2/3 slide from layer `max_window_layers` on or follow `layer_types`; Nemotron-H spells one
 character per layer (M, *, -); Bamba lists its attention layers in `attn_layer_indices` (0-based);
 Qwen3-Next names each layer's mixer in `layer_types` (or puts attention on every
-`full_attention_interval`-th layer, 1-based).
+`full_attention_interval`-th layer, 1-based); LFM2 names each layer's type in `layer_types` ("conv" or
+"full_attention"), or its attention layers in `full_attn_idxs`; RecurrentGemma repeats `block_types`
+("recurrent", "attention") over its layers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
+import struct
 from typing import Callable
 
 from ltmdsl.hf import HFError
@@ -31,16 +35,16 @@ from ltmdsl.hf.facet import ReadContext
 from ltmdsl.hf.reader import MAX_CONFIG_BYTES, MAX_HF_LAYERS, MAX_JSON_DEPTH, Reader
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
+from ltmdsl.kinds.rg_lru_hf import hidden_activation
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
-                      "bamba", "qwen3_next")
+                      "bamba", "qwen3_next", "lfm2", "recurrent_gemma")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
     "zamba2": "its shared transformer blocks take the concatenation of the hidden state and the embeddings "
               "and carry per-use LoRA adapters",
     "falcon_h1": "it scales every branch with muP multipliers and runs attention and Mamba-2 in parallel",
-    "recurrent_gemma": "its RG-LRU recurrent blocks and local attention with partial RoPE have no ltmdsl layer",
 }
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
@@ -336,13 +340,112 @@ def _qwen3_next(r: Reader) -> dict:
         definitions["ffn"], legend["-"] = _define("mlp", mlp), "ffn"
     tokens = tuple(_QWEN3_NEXT_MIXERS[t][2] + ("E" if e else "-") for t, e in zip(types, moe_at))
     return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=r.bool("tie_word_embeddings", False),
-                definitions=definitions, legend=legend, tokens=tokens, norm_zero_centred=True,
+                definitions=definitions, legend=legend, tokens=tokens, zero_centred=True,
                 hf=dict(layer_types=list(types), mlp_only_layers=sorted(set(only)), decoder_sparse_step=step))
+
+
+def _lfm2_types(r: Reader, layers: int) -> list[bool]:
+    """LFM2: whether each layer is attention, from `layer_types` (which wins, as in Lfm2Config) or
+    `full_attn_idxs` (0-based; every layer when neither is set)."""
+    types, idxs = r.raw("layer_types", None), r.raw("full_attn_idxs", None)
+    if idxs is not None and (not isinstance(idxs, list) or any(
+            not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < layers for i in idxs)):
+        raise r.fail(f"'full_attn_idxs' must list 0-based layer indices below num_hidden_layers = {layers}, "
+                     f"got {show_value(idxs)}")
+    if types is None:
+        return [idxs is None or i in idxs for i in range(layers)]
+    if not isinstance(types, list) or any(t not in ("conv", "full_attention") for t in types):
+        raise r.fail(f"'layer_types' must be a list of 'conv' / 'full_attention', got {show_value(types)}")
+    if len(types) != layers:
+        raise r.fail(f"'layer_types' lists {len(types)} layers but 'num_hidden_layers' is {layers}")
+    attn = [t == "full_attention" for t in types]
+    if idxs is not None and sorted(set(idxs)) != [i for i, a in enumerate(attn) if a]:
+        raise r.fail(f"'full_attn_idxs' {show_value(idxs)} disagrees with the attention layers of 'layer_types'")
+    return attn
+
+
+def _lfm2(r: Reader) -> dict:
+    """LFM2 (Liquid AI): per HF layer a gated short convolution ("conv") or GQA attention with per-head q/k
+    RMSNorm ("full_attention"), then a SwiGLU MLP; the final norm is called embedding_norm. The original
+    configs' aliases (block_dim, block_norm_eps, tie_embedding) are read and checked as Lfm2Config reads them."""
+    vocab = r.int("vocab_size", 65536)
+    d = r.int("hidden_size", 2560)
+    r.expect("block_dim", lambda v: v in (None, d), f"null or hidden_size ({d}); transformers' LFM2 uses hidden_size")
+    layers = r.layers("num_hidden_layers", 32)
+    eps = r.eps("norm_eps", 1e-5)
+    r.raw("block_norm_eps", None)  # the original configs' copy of norm_eps; transformers reads only norm_eps
+    tied = r.bool("tie_word_embeddings", True)
+    if r.present("tie_embedding"):  # Lfm2Config pops it into tie_word_embeddings
+        tied = r.bool("tie_embedding", True)
+    r.raw("tie_embedding", None)
+    attn_at = _lfm2_types(r, layers)
+    attention = _layer("attention", r, d, present=any(attn_at))
+    conv = _layer("short_conv", r, d, present=not all(attn_at))
+    ffn = _layer("mlp", r, d)
+    definitions, legend = {}, {}
+    if not all(attn_at):
+        definitions["conv"], legend["C"] = _define("short_conv", conv), "conv"
+    if any(attn_at):
+        definitions["attn"], legend["A"] = _define("attention", attention), "attn"
+    definitions["ffn"], legend["-"] = _define("mlp", ffn), "ffn"
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=tied, definitions=definitions, legend=legend,
+                tokens=tuple(("A" if a else "C") + "-" for a in attn_at))
+
+
+def bf16(x: float) -> float:
+    """x rounded to bfloat16 (through float32, to nearest even), as torch.tensor(x, dtype=torch.bfloat16) does."""
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _recurrent_gemma(r: Reader) -> dict:
+    """RecurrentGemma (Griffin): per HF layer an RG-LRU recurrent block or local attention, as `block_types`
+    repeats over the layers, then a GeGLU MLP with biases. Its norms scale by (1 + w) (zero_centred), the
+    embeddings by sqrt(hidden_size) rounded to bfloat16 (transformers' `normalizer` buffer), and the logits
+    are soft-capped at `logits_soft_cap`."""
+    vocab = r.int("vocab_size", 256000)
+    d = r.int("hidden_size", 2560)
+    layers = r.layers("num_hidden_layers", 26)
+    eps = r.eps("rms_norm_eps", 1e-6)
+    cap = r.float("logits_soft_cap", 30.0)
+    r.expect("embeddings_scale_by_sqrt_dim", lambda v: v in (None, True),
+             "true (transformers' RecurrentGemma always scales the embeddings)")
+    for key in ("w_init_variance_scale", "final_w_init_variance_scale"):
+        r.raw(key, None)  # initialisation only
+    types = r.raw("block_types", ["recurrent", "recurrent", "attention"])
+    if not isinstance(types, list) or not types or any(t not in ("recurrent", "attention") for t in types):
+        raise r.fail(f"'block_types' must be a non-empty list of 'recurrent' / 'attention', got {show_value(types)}")
+    if layers > 100 * len(types):  # RecurrentGemmaConfig repeats block_types 100 times
+        raise r.fail(f"'num_hidden_layers' {layers} is more than transformers' 100 repeats of the {len(types)} "
+                     "'block_types'")
+    attn_at = [(types * 100)[i] == "attention" for i in range(layers)]
+    for key in ("layers_block_type", "layer_types"):  # derived by RecurrentGemmaConfig; stated, they must agree
+        if r.present(key):
+            stated = r.raw(key)
+            want = ["sliding_attention" if a else "linear_attention" for a in attn_at]
+            if stated != want and stated != [("attention" if a else "recurrent") for a in attn_at]:
+                raise r.fail(f"'{key}' disagrees with the layers 'block_types' and 'num_hidden_layers' give")
+        r.raw(key, None)
+    act = hidden_activation(r)[1]  # the MLP's GeGLU form of the activation both blocks apply
+    rec = _layer("rg_lru", r, d, present=not all(attn_at))
+    attention = _layer("attention", r, d, present=any(attn_at))
+    ffn = _layer("mlp", r, d, act=act)
+    definitions, legend = {}, {}
+    if not all(attn_at):
+        definitions["rec"], legend["R"] = _define("rg_lru", rec), "rec"
+    if any(attn_at):
+        definitions["local"], legend["L"] = _define("attention", attention), "local"
+    definitions["ffn"], legend["-"] = _define("mlp", ffn), "ffn"
+    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=r.bool("tie_word_embeddings", True),
+                definitions=definitions, legend=legend, tokens=tuple(("L" if a else "R") + "-" for a in attn_at),
+                zero_centred=True, embed_scale=bf16(math.sqrt(d)), logit_cap=cap)
 
 
 _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transformer, "qwen2": _transformer,
             "qwen3": _transformer, "mamba": _mamba_family, "mamba2": _mamba2_family, "jamba": _jamba,
-            "nemotron_h": _nemotron_h, "bamba": _bamba, "qwen3_next": _qwen3_next}
+            "nemotron_h": _nemotron_h, "bamba": _bamba, "qwen3_next": _qwen3_next,
+            "lfm2": _lfm2, "recurrent_gemma": _recurrent_gemma}
 
 
 # ---------------------------------------------------------------------------------------------------------

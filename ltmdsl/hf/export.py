@@ -4,7 +4,8 @@
     ltmdsl.hf.export_hf("model.ltm", "out/", seed=0)   # a spec: the weights its `build(seed=...)` draws
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
-Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, Qwen3-Next: `LAYOUTS`) and writes its model-level fields; each
+Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, Qwen3-Next, LFM2,
+RecurrentGemma: `LAYOUTS`) and writes its model-level fields; each
 sub-layer's kind writes its own fields through its HF facet (ltmdsl/kinds/<kind>_hf.py). To be sure nothing
 is lost, the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and
 sizes; models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...)
@@ -32,7 +33,8 @@ _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
-         "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
+         "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
+         "recurrent_gemma": "RecurrentGemmaForCausalLM"}
 
 
 def _one(values, what: str):
@@ -101,6 +103,13 @@ LAYOUTS = {
     "nemotron_h": Layout("Nemotron-H (Mamba-2, attention without RoPE and relu2 MLPs in any order)", "nemotron_h",
                          False, (), ("mamba2", "attention", "mlp"), "",
                          "Nemotron-H has no {kind} layers (dense Mamba-2, attention and relu2 MLPs only)"),
+    "lfm2": Layout("LFM2 (short convolutions or RoPE attention with qk_norm, each followed by a SwiGLU MLP)", "lfm2",
+                   True, ("short_conv", "attention"), ("mlp",), "LFM2's mixers are short convolutions and attention",
+                   "expected the MLP that follows each mixer"),
+    "recurrent_gemma": Layout("RecurrentGemma (RG-LRU or local attention with half-head RoPE, each followed by a "
+                              "GeGLU MLP with biases; zero-centred norms)", "recurrent_gemma", True,
+                              ("rg_lru", "attention"), ("mlp",), "RecurrentGemma's mixers are RG-LRU blocks and "
+                              "local attention", "expected the MLP that follows each mixer"),
     "mamba": Layout("Mamba (Mamba-1 layers only)", "mamba", False, (), ("mamba",), "",
                     "Mamba has Mamba-1 layers only (without inner norms)"),
     "mamba2": Layout("Mamba-2 (Mamba-2 layers only)", "mamba2", False, (), ("mamba2",), "",
@@ -180,13 +189,18 @@ def _family_config(ir: ModelIR) -> dict:
     norm = _one([layer.norm for layer in layers] + [ir.final_norm], "norm")
     if norm.kind != "rmsnorm":
         raise HFError(f"{norm.kind} has no Hugging Face counterpart among the supported families (all use rmsnorm)")
-    if norm.zero_centred or any(layer.kind == "gated_deltanet" for layer in layers):
-        if not norm.zero_centred or not LAYOUTS["qwen3_next"].holds(ir):
-            raise HFError("zero-centred norms and Gated DeltaNet map back only to Qwen3-Next (zero-centred rmsnorm, "
-                          "Gated DeltaNet or gated attention, each followed by a SwiGLU MLP or MoE)")
-        return _qwen3_next_config(ir, norm.eps)
     base = {"vocab_size": ir.vocab, "hidden_size": ir.d_model, "tie_word_embeddings": ir.tie_embeddings,
             "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16")}
+    gdn = any(layer.kind == "gated_deltanet" for layer in layers)
+    if norm.zero_centred and not gdn and ir.logit_cap is not None and LAYOUTS["recurrent_gemma"].holds(ir):
+        return _recurrent_gemma_config(ir, base, norm.eps)  # the zero-centred family that soft-caps its logits
+    if norm.zero_centred or gdn:
+        if not norm.zero_centred or not LAYOUTS["qwen3_next"].holds(ir):
+            raise HFError("zero-centred norms and Gated DeltaNet map back only to Qwen3-Next (zero-centred rmsnorm, "
+                          "Gated DeltaNet or gated attention, each followed by a SwiGLU MLP or MoE) or RecurrentGemma "
+                          "(zero-centred rmsnorm, RG-LRU or local attention, each followed by a GeGLU MLP, and a "
+                          "logit_cap)")
+        return _qwen3_next_config(ir, norm.eps)
     mixers = [layer.mixer for layer in layers]
     n, d = len(layers), ir.d_model
 
@@ -212,6 +226,8 @@ def _family_config(ir: ModelIR) -> dict:
         return _bamba_config(ir, base, norm.eps)
     if LAYOUTS["nemotron_h"].holds(ir):
         return _nemotron_config(ir, base, norm.eps)
+    if LAYOUTS["lfm2"].holds(ir):  # after Llama/Qwen3: attention-only LFM2 stacks are Qwen3's
+        return _lfm2_config(ir, base, norm.eps)
     descriptions = "; ".join(layout.description for layout in LAYOUTS.values())
     raise HFError(f"{_NO_COUNTERPART}. {misfits(ir) or 'Supported families: ' + descriptions + '.'}")
 
@@ -361,6 +377,33 @@ def _qwen3_next_config(ir: ModelIR, eps: float) -> dict:
     if not any(moe_at):
         out["num_experts"] = 0
     return out
+
+
+def _recurrent_gemma_config(ir: ModelIR, base: dict, eps: float) -> dict:
+    """RecurrentGemma: `block_types` is the shortest unit whose repeats give the mixers (recurrent or attention);
+    one GeGLU MLP setting; the soft cap written as logits_soft_cap (the embedding scale and the zero-centred
+    norms are the family's own: the round trip checks them)."""
+    mixers = [layer.mixer for layer in ir.layers[0::2]]
+    ffn = _one([layer.mixer for layer in ir.layers[1::2]], "MLP settings (RecurrentGemma has one intermediate_size)")
+    if ir.logit_cap is None:
+        raise HFError("RecurrentGemma soft-caps its logits (logits_soft_cap); this model has no logit_cap")
+    types = ["attention" if m.kind == "attention" else "recurrent" for m in mixers]
+    period = next(p for p in range(1, len(types) + 1) if all(t == types[i % p] for i, t in enumerate(types)))
+    out = {**base, "model_type": "recurrent_gemma", "num_hidden_layers": len(mixers), "rms_norm_eps": eps,
+           "logits_soft_cap": ir.logit_cap, "block_types": types[:period], **_write(ffn, "recurrent_gemma", ir.d_model),
+           "hidden_activation": "gelu_pytorch_tanh" if ffn.activation == "geglu_tanh" else "gelu",
+           **_kind_fields(mixers, "recurrent_gemma", ir.d_model)}
+    return out
+
+
+def _lfm2_config(ir: ModelIR, base: dict, eps: float) -> dict:
+    """LFM2: `layer_types` says conv or full_attention per HF layer, a SwiGLU MLP after each (its width written
+    as is: block_auto_adjust_ff_dim false)."""
+    mixers = [layer.mixer for layer in ir.layers[0::2]]
+    ffn = _one([layer.mixer for layer in ir.layers[1::2]], "MLP settings (LFM2 has one intermediate_size)")
+    return {**base, "model_type": "lfm2", "num_hidden_layers": len(mixers), "norm_eps": eps,
+            **_write(ffn, "lfm2", ir.d_model), **_kind_fields(mixers, "lfm2", ir.d_model),
+            "layer_types": ["full_attention" if m.kind == "attention" else "conv" for m in mixers]}
 
 
 def _same_model(a: ModelIR, b: ModelIR) -> str | None:

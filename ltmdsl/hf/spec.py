@@ -96,7 +96,9 @@ class Plan:
     notes: tuple[str, ...] = ()
     source: str = ""
     hf: dict = field(default_factory=dict)  # resolved HF settings export and tests use (periods, ...)
-    norm_zero_centred: bool = False  # every pre-norm and the final norm scale by 1 + w (Qwen3-Next)
+    zero_centred: bool = False  # every norm scales by (1 + w) (Qwen3-Next, RecurrentGemma)
+    embed_scale: float | None = None  # h = embed(ids) * embed_scale (RecurrentGemma: sqrt(d) rounded to bf16)
+    logit_cap: float | None = None  # logits = cap * tanh(logits / cap) (RecurrentGemma: logits_soft_cap)
 
     @property
     def sublayers(self) -> tuple[SubLayerMap, ...]:
@@ -121,9 +123,12 @@ class Plan:
         lines.append(f"    vocab = {num(self.vocab)}")
         lines.append(f"    d_model = {num(self.d_model)}")
         lines.append(f"    dtype = {self.dtype}")
-        centred = ", zero_centred = true" if self.norm_zero_centred else ""
+        centred = ", zero_centred = true" if self.zero_centred else ""
         lines.append(f"    norm = rmsnorm(eps = {num(self.norm_eps)}{centred})")
         lines.append(f"    head = {'tied' if self.tied else 'untied'}")
+        for setting in ("embed_scale", "logit_cap"):
+            if getattr(self, setting) is not None:
+                lines.append(f"    {setting} = {num(float(getattr(self, setting)))}")
         lines.append("")
         width = max(len(n) for n in self.definitions)
         for name, (_, call) in self.definitions.items():

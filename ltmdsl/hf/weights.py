@@ -44,6 +44,10 @@ NAMINGS = {
     "mamba2": _SSM,
     "nemotron_h": Naming(prefixes=("backbone.", "model."), embed="embeddings", final_norm="norm_f",
                          mixer_norm="norm", ffn_norm="norm"),
+    "recurrent_gemma": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_norm",
+                              mixer_norm="temporal_pre_norm", ffn_norm="channel_pre_norm"),
+    "lfm2": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="embedding_norm",
+                   mixer_norm="operator_norm", ffn_norm="ffn_norm"),
 }
 
 

@@ -2,11 +2,16 @@
 
 Attention appears in Llama, Mistral, Mixtral, Qwen2 and Qwen3 (RoPE over the whole head, optional Llama 3.1
 frequency scaling, per-family biases and windows, Qwen3's qk_norm), Jamba and Nemotron-H (no RoPE), and
-Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `rope_dim`), and Qwen3-Next
-(partial RoPE, qk_norm and the output gate `gate`: q_proj emits each head's queries then its gate). Its tensors are
-`q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) under `self_attn` (Nemotron-H: `mixer`), the
-same names as the runtime's, so they are copied as they are; except Qwen3-Next's q_norm / k_norm, which are
-zero-centred (they scale by 1 + w) where the runtime's scale by w: op "plus_one" adds 1 on import.
+Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `rope_dim`), Qwen3-Next
+(partial RoPE, qk_norm and the output gate `gate`: q_proj emits each head's queries then its gate), and LFM2
+(RoPE, no biases, always a per-head RMSNorm on q and k: qk_norm). Its tensors are `q_proj`, `k_proj`,
+`v_proj`, `o_proj` (and `q_norm`, `k_norm`) under `self_attn` (Nemotron-H: `mixer`), the same names as the
+runtime's, so they are copied as they are; except Qwen3-Next's q_norm / k_norm, which are zero-centred
+(they scale by 1 + w) where the runtime's scale by w: op "plus_one" adds 1 on import; and LFM2's, which
+names the output `out_proj` and the norms `q_layernorm`, `k_layernorm`.
+RecurrentGemma's local attention (`temporal_block`): a window (`attention_window_size`), RoPE on the first
+half of each head (partial_rotary_factor 0.5, as its config class sets), head_dim = hidden_size // heads, a
+q/k/v bias from `attention_bias` and always one on o_proj.
 """
 
 from __future__ import annotations
@@ -75,6 +80,34 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         bias = r.bool("attention_bias", False)
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
                     rope_dim=rope_dim, qkv_bias=bias, out_bias=bias, qk_norm=True, gate=True)
+    if fam == "lfm2":
+        heads = r.int("num_attention_heads", 32)
+        if r.present("num_heads") and r.int("num_heads") != heads:  # the original config's alias
+            raise r.fail(f"'num_heads' = {r.cfg['num_heads']} disagrees with 'num_attention_heads' = {heads}")
+        r.raw("num_heads", None)
+        kv, head_dim = dims(r, d, heads, None, 8)
+        theta, scaling, _ = rope(r, 1e6, head_dim)  # Lfm2Attention rotates the whole head
+        r.expect("use_pos_enc", lambda v: v in (None, True), "true (transformers' LFM2 always applies RoPE)")
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+                    qk_norm=True)
+    if fam == "recurrent_gemma":  # local attention: RecurrentGemmaConfig fixes head_dim = hidden_size // heads
+        heads = r.int("num_attention_heads", 10)
+        if d % heads:
+            raise r.fail(f"hidden_size {d} is not a multiple of num_attention_heads {heads}")
+        head_dim = d // heads
+        r.expect("head_dim", lambda v: v in (None, head_dim), f"null or hidden_size // num_attention_heads = "
+                 f"{head_dim} (RecurrentGemmaConfig overwrites it)")
+        kv = r.int("num_key_value_heads", heads)
+        if heads % kv:
+            raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        theta, scaling, rope_dim = rope(r, 10000.0, head_dim, partial=0.5)
+        if scaling is not None:  # RecurrentGemmaConfig has no max_position_embeddings for a scaled RoPE to use
+            key = "rope_scaling" if r.present("rope_scaling") else "rope_parameters"
+            r.unsupported(key, "rope_type 'default' (transformers' RecurrentGemma builds no scaled RoPE)")
+            scaling = None
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta,
+                    rope_dim=rope_dim, window=r.int("attention_window_size", 2048),
+                    qkv_bias=r.bool("attention_bias", False), out_bias=True)
     raise HFError(f"internal: attention has no reader for {fam}")
 
 
@@ -187,7 +220,41 @@ def write(a, fam: str, d: int) -> dict:
             rope_parameters.update(scaled["rope_scaling"])
             out["max_position_embeddings"] = scaled["max_position_embeddings"]
         return {**out, **_heads(a, d), "attention_bias": a.qkv_bias, "rope_parameters": rope_parameters}
+    if fam == "recurrent_gemma":
+        why = _recurrent_gemma_misfit(a, d)
+        if why:
+            raise HFError(why)
+        factor = a.rotary_dim / a.head_dim
+        if a.head_dim * factor != a.rotary_dim:
+            raise HFError(f"rope_dim {a.rotary_dim} of head_dim {a.head_dim} has no partial_rotary_factor that "
+                          f"transformers turns back into {a.rotary_dim} channels")
+        return {"num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads, "attention_bias": a.qkv_bias,
+                "attention_window_size": a.window,
+                "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": factor}}
+    if fam == "lfm2":
+        why = _lfm2_misfit(a)
+        if why:
+            raise HFError(why)
+        return {"rope_theta": a.rope_theta, **rope_scaling_fields(a), **_heads(a, d)}
     raise HFError(f"{fam} has no attention layers")
+
+
+def _recurrent_gemma_misfit(a, d: int | None = None) -> str | None:
+    if a.rope_theta is None or a.rope_scaling is not None or a.window is None:
+        return "RecurrentGemma attention is local (a window) with plain RoPE"
+    if a.qk_norm or not a.out_bias:
+        return "RecurrentGemma attention has no qk_norm and always a bias on its output projection"
+    if d is not None and a.head_dim * a.heads != d:
+        return f"RecurrentGemma's head_dim is hidden_size // heads ({d} // {a.heads}), not {a.head_dim}"
+    return None
+
+
+def _lfm2_misfit(a) -> str | None:
+    if a.rope_theta is None or a.rope_dim is not None or a.window is not None:
+        return "LFM2 attention has RoPE over the whole head and no window"
+    if not a.qk_norm or a.qkv_bias or a.out_bias:
+        return "LFM2 attention has qk_norm and no biases"
+    return None
 
 
 def unmapped_variants(a) -> list[str]:
@@ -224,6 +291,10 @@ def misfit(a, fam: str) -> str | None:
     if fam == "nemotron_h":
         return "Nemotron-H attention has no RoPE and no window" if a.rope_theta is not None or a.window is not None \
             else None
+    if fam == "lfm2":
+        return _lfm2_misfit(a)
+    if fam == "recurrent_gemma":
+        return _recurrent_gemma_misfit(a)
     return f"{fam} has no attention layers"
 
 
@@ -237,18 +308,25 @@ def traits(a) -> frozenset[str]:
     return frozenset(flags)
 
 
+#: LFM2's names for the runtime's attention tensors (the rest are the same).
+_LFM2_NAMES = {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layernorm"}
+
+
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
-    """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one"."""
-    src = copy_tensor(facet, rest, site)
+    """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one";
+    LFM2's `out_proj` / `q_layernorm` / `k_layernorm` renamed."""
     if site.family == "qwen3_next" and rest in ("q_norm.weight", "k_norm.weight"):
-        return Source(src.names, "plus_one")
-    return src
+        return Source(copy_tensor(facet, rest, site).names, "plus_one")
+    if site.family == "lfm2":
+        module, _, tail = rest.partition(".")
+        rest = f"{_LFM2_NAMES.get(module, module)}.{tail}"
+    return copy_tensor(facet, rest, site)
 
 
 HF = HFFacet(
     name="attention", label="attention",
-    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next")},
-             "nemotron_h": ("mixer",)},
+    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next", "lfm2", "recurrent_gemma"),
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next", "lfm2")},
+             "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

@@ -32,9 +32,9 @@ import sympy
 
 from ltmdsl.ir import Dtype, LayerConfig, NormConfig
 
-#: Activations of dense and expert MLPs; the first two are gated (gate, up, down).
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2", "relu")
-GATED = ("swiglu", "geglu", "swiglu_clamped")  # the last: MoE experts only (gpt-oss)
+#: Activations of dense and expert MLPs; swiglu, geglu and geglu_tanh are gated (gate, up, down).
+ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "gelu", "relu2", "relu")
+GATED = ("swiglu", "geglu", "geglu_tanh", "swiglu_clamped")  # the last: MoE experts only (gpt-oss)
 #: The memory components a layer's cache and state belong to (the runtime's per-layer `component`).
 CACHE_COMPONENTS = ("kv_cache", "recurrent_state")
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, HFNotMappedYet, NoHFCounterpart
-from ltmdsl.kinds import attention_hf, gated_deltanet_hf, mamba2_hf, mamba_hf, mlp_hf, moe_hf
+from ltmdsl.kinds import (attention_hf, gated_deltanet_hf, mamba2_hf, mamba_hf, mlp_hf, moe_hf, rg_lru_hf,
+                          short_conv_hf)
 
 #: kind name -> its HF facet, or the explicit statement that it has no Hugging Face counterpart.
 HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
@@ -21,9 +22,9 @@ HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
         HFNotMappedYet("mla", ("deepseek_v2", "deepseek_v3", "kimi_linear")),
         gated_deltanet_hf.HF,  # qwen3_next; qwen3_5 and qwen3_5_moe are not mapped yet
         HFNotMappedYet("kda", ("kimi_linear",)),
-        HFNotMappedYet("short_conv", ("lfm2",)),
+        short_conv_hf.HF,
         HFNotMappedYet("lightning", ("minimax",)),
-        HFNotMappedYet("rg_lru", ("recurrent_gemma",)),
+        rg_lru_hf.HF,
         HFNotMappedYet("mlstm", ("xlstm",)),
     )
 }

@@ -1,4 +1,4 @@
-"""Dense feed-forward network (gated SwiGLU/GeGLU or plain GELU/ReLU^2/ReLU): its IR config and pure facets.
+"""Dense feed-forward network (gated SwiGLU/GeGLU, GeGLU with tanh GELU, or plain GELU/ReLU^2/ReLU): its IR config and pure facets.
 
 It keeps nothing between decode steps (no cache), and its FLOPs are all projections (2 per parameter per
 token, counted by the compute model for every kind), so `cache` and `flops` are explicitly empty.
@@ -29,10 +29,10 @@ R = sympy.Rational
 
 @dataclass(frozen=True)
 class MLPConfig(LayerConfig):
-    """Dense feed-forward network. swiglu/geglu: gate, up, down; gelu/relu2/relu: up, down."""
+    """Dense feed-forward network. swiglu/geglu/geglu_tanh: gate, up, down; gelu/relu2/relu: up, down."""
 
     d_ff: int
-    activation: str  # "swiglu" | "geglu" | "gelu" | "relu2" | "relu"
+    activation: str  # "swiglu" | "geglu" | "geglu_tanh" | "gelu" | "relu2" | "relu"
     bias: bool
     kind: str = field(default="mlp", init=False)
 

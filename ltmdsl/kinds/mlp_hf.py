@@ -6,14 +6,22 @@ Llama-style families and Jamba share `intermediate_size` with their experts, so 
 (`ReadContext.shared["d_ff"]`). Its tensors `gate_proj`, `up_proj`, `down_proj` keep the runtime's names
 under `mlp` (Jamba, Bamba: `feed_forward`; Nemotron-H: `mixer`). Qwen3-Next's dense MLP (its layers without
 experts) reads `intermediate_size` itself.
+
+LFM2 (SwiGLU after every mixer, no bias) sizes its MLP as transformers' Lfm2MLP does: with
+`block_auto_adjust_ff_dim` (default true), d_ff = int(2 * intermediate_size / 3), then
+int(block_ffn_dim_multiplier * d_ff) rounded up to a multiple of `block_multiple_of` (a null multiplier, which
+would skip both, is refused as transformers 5 refuses it);
+`block_ff_dim` (the original configs' name) replaces intermediate_size as Lfm2Config does. Its tensors sit
+under `feed_forward` as `w1` (gate), `w3` (up) and `w2` (down). RecurrentGemma's MLP (`mlp_block`) is a GeGLU
+with biases, intermediate_size // 2 wide, whose GELU is `hidden_activation` (tanh form: geglu_tanh).
 """
 
 from __future__ import annotations
 
 from ltmdsl.hf import HFError
-from ltmdsl.hf.facet import HFFacet, ReadContext
+from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source, copy_tensor
 from ltmdsl.hf.reader import Reader
-from ltmdsl.hf.spec import num
+from ltmdsl.hf.spec import num, show_value
 
 SWIGLU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "jamba", "bamba")
 
@@ -33,7 +41,35 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         r.raw("intermediate_size", None)
         r.raw("mlp_bias", None)
         return values
+    if fam == "lfm2":
+        return dict(d_ff=_lfm2_d_ff(r), act="swiglu", bias=False)
+    if fam == "recurrent_gemma":  # RecurrentGemmaMlp: intermediate_size // 2 wide, biases, hidden_activation
+        return dict(d_ff=r.int("intermediate_size", 3 * 2560, minimum=2) // 2, act=ctx.shared["act"], bias=True)
     raise HFError(f"internal: mlp has no reader for {fam}")
+
+
+def _lfm2_d_ff(r: Reader) -> int:
+    """Lfm2MLP's width from intermediate_size (or block_ff_dim) and the block_* sizing keys."""
+    size = r.int("intermediate_size", 12288)
+    if r.present("block_ff_dim"):  # Lfm2Config pops it into intermediate_size
+        size = r.int("block_ff_dim")
+    r.raw("block_ff_dim", None)
+    r.expect("block_use_swiglu", lambda v: v in (None, True), "true (transformers' Lfm2MLP is SwiGLU)")
+    for key in ("block_mlp_init_scale", "block_out_init_scale", "block_use_xavier_init"):
+        r.raw(key, None)  # initialisation only
+    multiple = r.int("block_multiple_of", 256)
+    if "block_ffn_dim_multiplier" in r.cfg and r.cfg["block_ffn_dim_multiplier"] is None:
+        r.used.add("block_ffn_dim_multiplier")  # Lfm2MLP would skip the rounding; transformers 5 refuses null
+        raise r.fail("'block_ffn_dim_multiplier' must be a number (transformers' Lfm2Config refuses null)")
+    multiplier = r.float("block_ffn_dim_multiplier", 1.0)
+    if not r.bool("block_auto_adjust_ff_dim", True):
+        return size
+    d_ff = int(multiplier * int(2 * size / 3))
+    d_ff = multiple * ((d_ff + multiple - 1) // multiple)
+    if not 1 <= d_ff <= 2**31 - 1:
+        raise r.fail(f"the MLP width from 'intermediate_size' {size}, 'block_ffn_dim_multiplier' "
+                     f"{show_value(multiplier)} and 'block_multiple_of' {multiple} is {d_ff}, not a positive size")
+    return d_ff
 
 
 def call(v: dict) -> str:
@@ -41,6 +77,15 @@ def call(v: dict) -> str:
 
 
 def write(f, fam: str, d: int) -> dict:
+    if fam == "recurrent_gemma":
+        why = misfit(f, fam)
+        if why:
+            raise HFError(why)
+        return {"intermediate_size": 2 * f.d_ff}
+    if fam == "lfm2":
+        if f.activation != "swiglu" or f.bias:
+            raise HFError("LFM2's MLPs use swiglu without bias")
+        return {"intermediate_size": f.d_ff, "block_auto_adjust_ff_dim": False}
     if fam in SWIGLU_FAMILIES:
         if f.activation != "swiglu":
             raise HFError("Jamba's MLPs and experts use swiglu" if fam == "jamba" else "Bamba's MLPs use swiglu"
@@ -66,6 +111,11 @@ def misfit(f, fam: str) -> str | None:
         return None if f.activation == "swiglu" and not f.bias else "Qwen3-Next's MLPs use swiglu without biases"
     if fam == "nemotron_h":
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
+    if fam == "lfm2":
+        return None if f.activation == "swiglu" and not f.bias else "LFM2's MLPs use swiglu without bias"
+    if fam == "recurrent_gemma":
+        return None if f.activation in ("geglu_tanh", "geglu") and f.bias else \
+            "RecurrentGemma's MLPs are GeGLU (geglu_tanh or geglu) with biases"
     if fam in (*SWIGLU_FAMILIES, "mixtral"):
         return None if f.activation == "swiglu" else f"its activation is {f.activation}; the family uses swiglu"
     return f"{fam} has no dense MLP layers"
@@ -75,7 +125,20 @@ def traits(f) -> frozenset[str]:
     return frozenset({f.activation} | ({"bias"} if f.bias else set()))
 
 
-HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next"),
+#: LFM2's names for the runtime's MLP tensors.
+_LFM2_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
+    """`<block><module>.<rest>`; LFM2's `feed_forward.w1` / `w3` / `w2` for gate, up and down."""
+    if site.family == "lfm2":
+        module, _, tail = rest.partition(".")
+        rest = f"{_LFM2_NAMES.get(module, module)}.{tail}"
+    return copy_tensor(facet, rest, site)
+
+
+HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "lfm2", "recurrent_gemma"),
              modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")},
-                      "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",)},
-             read=read, call=call, write=write, misfit=misfit, traits=traits)
+                      "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
+                      "lfm2": ("feed_forward",), "recurrent_gemma": ("mlp_block",)},
+             read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

@@ -1,6 +1,7 @@
 """Dense feed-forward sub-layer (Llama's names): down(act(gate(x), up(x))), and the FFN activations.
 
-Activations (`act`): swiglu = silu(gate) * up, geglu = gelu(gate) * up (exact erf GELU), gelu = gelu(up),
+Activations (`act`): swiglu = silu(gate) * up, geglu = gelu(gate) * up (exact erf GELU), geglu_tanh = the
+same with GELU's tanh approximation (RecurrentGemma, transformers' gelu_pytorch_tanh), gelu = gelu(up),
 relu2 = relu(up)^2 (Primer), relu = relu(up). gate_proj exists only for the gated ones. The MoE experts
 (runtime/kinds/moe.py) use the same activations.
 
@@ -24,8 +25,8 @@ from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
 
-GATED = ("swiglu", "geglu")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2", "relu")
+GATED = ("swiglu", "geglu", "geglu_tanh")
+ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "gelu", "relu2", "relu")
 
 
 def activate(name: str, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
@@ -34,6 +35,8 @@ def activate(name: str, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Te
         return F.silu(gate) * up
     if name == "geglu":
         return F.gelu(gate) * up
+    if name == "geglu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
     if name == "gelu":
         return F.gelu(up)
     if name == "relu2":

@@ -47,6 +47,32 @@ CASES = {
     "nemotron_h": ("nemotron_h", {**COMMON, **ATTN, "hybrid_override_pattern": "M*-M-*", "head_dim": 8,
                                   "mamba_num_heads": 6, "mamba_head_dim": 12, "n_groups": 2, "ssm_state_size": 6,
                                   "conv_kernel": 3, "chunk_size": 8}, False),
+    # LFM2: short convolutions (3 taps) and attention with q/k RMSNorm at 0-based layers 1 and 3 of 5; d_ff 50 is
+    # written as is (block_auto_adjust_ff_dim false); lfm2_adjusted sizes its MLP as Lfm2MLP does (2/3 of 90,
+    # times 1.5, rounded up to a multiple of 16: 96) with conv biases, 4 taps, untied embeddings, head_dim 12.
+    "lfm2": ("lfm2", {**COMMON, **ATTN, "num_hidden_layers": 5, "layer_types": ["conv", "full_attention", "conv",
+                                                                                "full_attention", "conv"],
+                      "block_auto_adjust_ff_dim": False, "rope_parameters": {"rope_type": "default",
+                                                                              "rope_theta": 500.0}}, False),
+    "lfm2_adjusted": ("lfm2", {"vocab_size": 61, "hidden_size": 36, "intermediate_size": 90, "num_hidden_layers": 3,
+                               "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 12,
+                               "full_attn_idxs": [2], "conv_L_cache": 4, "conv_bias": True,
+                               "block_ffn_dim_multiplier": 1.5, "block_multiple_of": 16,
+                               "tie_word_embeddings": False}, False),
+    # RecurrentGemma: R R L R (block_types' default), d 48 so that the embedding scale sqrt(48) rounds in bf16
+    # (6.9375), RoPE on 6 of 12 channels, a window of 5, a soft cap of 3 that random logits reach, zero-centred
+    # norms; recurrent_gemma_exact: exact GELU, q/k/v biases, MHA, (recurrent, attention) blocks, untied.
+    "recurrent_gemma": ("recurrent_gemma", {"vocab_size": 61, "hidden_size": 48, "intermediate_size": 100,
+                                            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1,
+                                            "attention_window_size": 5, "conv1d_width": 3, "logits_soft_cap": 3.0},
+                        False),
+    "recurrent_gemma_exact": ("recurrent_gemma", {"vocab_size": 61, "hidden_size": 40, "intermediate_size": 60,
+                                                  "num_hidden_layers": 3, "num_attention_heads": 2,
+                                                  "lru_width": 24, "block_types": ["recurrent", "attention"],
+                                                  "attention_window_size": 4, "attention_bias": True,
+                                                  "hidden_activation": "gelu", "tie_word_embeddings": False,
+                                                  "rope_parameters": {"rope_type": "default", "rope_theta": 300.0,
+                                                                      "partial_rotary_factor": 0.5}}, False),
     # Bamba: attention at 0-based layers 1 and 3 of 5; head_dim 12 (not d / heads), so BambaConfig's forced
     # partial_rotary_factor 0.5 rotates 6 channels (3 frequency pairs); Mamba-2 with 2 groups, chunks of 8.
     "bamba": ("bamba", {**COMMON, **ATTN, "num_hidden_layers": 5, "attn_layer_indices": [1, 3], "head_dim": 12,

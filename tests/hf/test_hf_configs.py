@@ -28,6 +28,8 @@ PUBLISHED = {
     "mamba2-2.7b": 2_702_599_680,
     "Bamba-9B": 9_780_235_392,  # the model card's 9.78B
     "Qwen3-Next-80B-A3B-Instruct": 79_674_391_296,  # transformers 5.24 on the meta device
+    "LFM2-700M": 742_489_344,
+    "recurrentgemma-2b": 2_682_862_080,
 }
 BF16 = Dtype("bf16", 2)
 
@@ -103,6 +105,18 @@ def _expected_cache(cfg: dict, T: int, B: int = 1, taps: str = "full") -> dict:
         Dk, Dv, K = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"], cfg["linear_conv_kernel_dim"]
         per_layer = (2 * Hk * Dk + Hv * Dv) * (K if taps == "full" else K - 1) + Hv * Dk * Dv  # conv taps + delta state
         state = (n - n_attn) * B * per_layer * 2
+    if fam == "lfm2":  # attention where layer_types says so (no window), a short conv of conv_L_cache taps elsewhere
+        n_attn = cfg["layer_types"].count("full_attention")
+        kv = n_attn * 2 * B * cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"]) * T * 2
+        K = cfg["conv_L_cache"]
+        state = (cfg["num_hidden_layers"] - n_attn) * B * d * (K if taps == "full" else K - 1) * 2
+    if fam == "recurrent_gemma":  # block_types repeated: windowed MQA, or an RG-LRU (conv taps + one state)
+        types = (cfg["block_types"] * 100)[:cfg["num_hidden_layers"]]
+        n_attn = types.count("attention")
+        kv = n_attn * 2 * B * cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"]) \
+            * min(T, cfg["attention_window_size"]) * 2
+        K, W = cfg["conv1d_width"], cfg["lru_width"]
+        state = (len(types) - n_attn) * B * W * ((K if taps == "full" else K - 1) + 1) * 2
     return {"kv_cache": kv, "recurrent_state": state}
 
 

@@ -8,6 +8,8 @@ which casts A_log, D and the dt bias to fp32 even in a float64 module.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,7 +262,7 @@ def test_attention_without_rope_is_position_free_for_noncausal():
 # ---- feed-forward ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("act", ["swiglu", "geglu", "gelu", "relu2", "relu"])
+@pytest.mark.parametrize("act", ["swiglu", "geglu", "geglu_tanh", "gelu", "relu2", "relu"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_mlp_formula(act, bias):
     layer = ours(MLP(mlp(d_ff=48, act=act, bias=bias), D_MODEL))
@@ -268,11 +270,14 @@ def test_mlp_formula(act, bias):
     x = hidden(T=5)
     up = F.linear(x, layer.up_proj.weight, layer.up_proj.bias)
     gate = F.linear(x, layer.gate_proj.weight, layer.gate_proj.bias) if layer.gate_proj is not None else None
-    h = {"swiglu": lambda: F.silu(gate) * up, "geglu": lambda: F.gelu(gate) * up, "gelu": lambda: F.gelu(up),
+    tanh_gelu = 0.5 * gate * (1 + torch.tanh((2 / math.pi) ** 0.5 * (gate + 0.044715 * gate ** 3))) \
+        if gate is not None else None  # GELU's tanh approximation written out (Hendrycks & Gimpel 2016)
+    h = {"swiglu": lambda: F.silu(gate) * up, "geglu": lambda: F.gelu(gate) * up, "geglu_tanh": lambda: tanh_gelu * up,
+         "gelu": lambda: F.gelu(up),
          "relu2": lambda: F.relu(up) ** 2, "relu": lambda: F.relu(up)}[act]()
     with torch.no_grad():
         assert_close(layer(x), F.linear(h, layer.down_proj.weight, layer.down_proj.bias), 1e-12, act)
-    assert (layer.gate_proj is not None) == (act in ("swiglu", "geglu"))
+    assert (layer.gate_proj is not None) == (act in ("swiglu", "geglu", "geglu_tanh"))
 
 
 @pytest.mark.parametrize("routing", ["softmax_topk_renorm", "softmax_topk"], ids=["mixtral", "jamba"])
