@@ -192,8 +192,9 @@ def _family_config(ir: ModelIR) -> dict:
     base = {"vocab_size": ir.vocab, "hidden_size": ir.d_model, "tie_word_embeddings": ir.tie_embeddings,
             "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16")}
     gdn = any(layer.kind == "gated_deltanet" for layer in layers)
-    if norm.zero_centred and not gdn and ir.logit_cap is not None and LAYOUTS["recurrent_gemma"].holds(ir):
-        return _recurrent_gemma_config(ir, base, norm.eps)  # the zero-centred family that soft-caps its logits
+    griffin = ir.logit_cap is not None or any(layer.kind == "rg_lru" for layer in layers)
+    if norm.zero_centred and not gdn and griffin and LAYOUTS["recurrent_gemma"].holds(ir):
+        return _recurrent_gemma_config(ir, base, norm.eps)  # the zero-centred family of RG-LRU and soft caps
     if norm.zero_centred or gdn:
         if not norm.zero_centred or not LAYOUTS["qwen3_next"].holds(ir):
             raise HFError("zero-centred norms and Gated DeltaNet map back only to Qwen3-Next (zero-centred rmsnorm, "
