@@ -81,14 +81,9 @@ def available_bytes(device: torch.device) -> int | None:
     """Bytes the target device can still give: MemAvailable (/proc/meminfo) for the CPU, the free memory of a
     CUDA device; None when unknown (another OS, another device type), in which case nothing is refused."""
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
-        except OSError:
-            return None
-        return None
+        from ltmdsl.tensorfile import available_bytes as machine_bytes
+
+        return machine_bytes()
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.mem_get_info(device)[0]
     return None

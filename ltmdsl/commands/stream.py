@@ -50,15 +50,10 @@ def add_arguments(p) -> None:
 
 
 def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes; None where there is no such file."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """Bytes this machine can still give (ltmdsl.tensorfile.available_bytes: MemAvailable); None if unknown."""
+    from ltmdsl.tensorfile import available_bytes
+
+    return available_bytes()
 
 
 def peak_rss() -> int:
