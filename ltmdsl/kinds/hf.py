@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, HFNotMappedYet, NoHFCounterpart
-from ltmdsl.kinds import (attention_hf, gated_deltanet_hf, mamba2_hf, mamba_hf, mlp_hf, moe_hf, rg_lru_hf,
+from ltmdsl.kinds import (attention_hf, gated_deltanet_hf, mamba2_hf, mamba_hf, mlp_hf, mlstm_hf, moe_hf, rg_lru_hf,
                           short_conv_hf)
 
 #: kind name -> its HF facet, or the explicit statement that it has no Hugging Face counterpart.
@@ -25,7 +25,7 @@ HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
         short_conv_hf.HF,
         HFNotMappedYet("lightning", ("minimax",)),
         rg_lru_hf.HF,
-        HFNotMappedYet("mlstm", ("xlstm",)),
+        mlstm_hf.HF,
     )
 }
 

@@ -45,7 +45,20 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return dict(d_ff=_lfm2_d_ff(r), act="swiglu", bias=False)
     if fam == "recurrent_gemma":  # RecurrentGemmaMlp: intermediate_size // 2 wide, biases, hidden_activation
         return dict(d_ff=r.int("intermediate_size", 3 * 2560, minimum=2) // 2, act=ctx.shared["act"], bias=True)
+    if fam == "xlstm":  # xLSTMFeedForward: SiLU-gated, hidden_size * ffn_proj_factor rounded up
+        return dict(d_ff=_xlstm_d_ff(r, ctx.d_model), act="swiglu", bias=ctx.shared["bias"])
     raise HFError(f"internal: mlp has no reader for {fam}")
+
+
+def _xlstm_d_ff(r: Reader, d: int) -> int:
+    """xLSTMFeedForward's up_proj_dim: hidden_size * ffn_proj_factor rounded up to ffn_round_up_to_multiple_of."""
+    factor = r.float("ffn_proj_factor", 2.667)
+    multiple = r.int("ffn_round_up_to_multiple_of", 64, maximum=1 << 20)
+    d_ff = int(((d * factor + multiple - 1) // multiple) * multiple)
+    if not 1 <= d_ff <= 2**31 - 1:
+        raise r.fail(f"the MLP width from 'ffn_proj_factor' {show_value(factor)} and 'ffn_round_up_to_multiple_of' "
+                     f"{multiple} is {d_ff}, not a positive size")
+    return d_ff
 
 
 def _lfm2_d_ff(r: Reader) -> int:

@@ -1,0 +1,106 @@
+"""xLSTM (model_type xlstm): xLSTMConfig's defaults (xLSTM-7B's dimensions, tests/hf/configs/xLSTM-7b.json)
+import to examples/xlstm-7b.ltm, the widths round as xLSTMConfig / xLSTMFeedForward round them, and every bad
+or unexpressible field is an error naming its key.
+
+(Weight loading, logits parity, cached generation and export of xLSTM are not implemented yet.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from paths import EXAMPLES
+
+import ltmdsl
+from ltmdsl.hf import HFError
+from ltmdsl.hf.configs import spec_from_config
+
+CONFIGS = Path(__file__).parent / "configs"
+TINY = {"model_type": "xlstm", "vocab_size": 61, "hidden_size": 48, "num_hidden_layers": 3, "num_heads": 4,
+        "qk_dim_factor": 0.5, "v_dim_factor": 1.0}
+
+
+def _imported(cfg: dict):
+    return ltmdsl.loads(spec_from_config(cfg)).model
+
+
+def test_xlstm_7b_config_is_the_example():
+    """xLSTMConfig's defaults resolve to exactly the example's sub-layers, norms and logit cap:
+    6,865,424,896 parameters."""
+    cfg = json.loads((CONFIGS / "xLSTM-7b.json").read_text())
+    text = spec_from_config(cfg)
+    assert "# NOTE" not in text
+    ir, hand = _imported(cfg), ltmdsl.load(EXAMPLES / "xlstm-7b.ltm").model
+    assert [(x.norm, x.mixer, x.post_norm) for x in ir.layers] == [(x.norm, x.mixer, x.post_norm) for x in hand.layers]
+    for what in ("vocab", "d_model", "dtype", "tie_embeddings", "final_norm", "embed_scale", "logit_cap"):
+        assert getattr(ir, what) == getattr(hand, what), what
+    assert ir.logit_cap == 30.0
+    assert ir.params_total == hand.params_total == 6_865_424_896
+
+
+TINY = {**TINY, "hidden_size": 128, "num_heads": 2}
+
+
+@pytest.mark.parametrize("d, qk_factor, v_factor, ffn_factor, multiple", [
+    (128, 0.5, 1.0, 2.667, 64), (128, 1.0, 0.5, 1.3, 32), (256, 0.25, 1.5, 3.0, 1)], ids=["defaults", "narrow", "wide"])
+def test_widths_are_transformers_module_widths(d, qk_factor, v_factor, ffn_factor, multiple):
+    """The q/k, value and MLP widths are the ones transformers' xLSTMLayer and xLSTMFeedForward build."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.xLSTMConfig(vocab_size=61, hidden_size=d, num_hidden_layers=1, num_heads=2,
+                                      qk_dim_factor=qk_factor, v_dim_factor=v_factor, ffn_proj_factor=ffn_factor,
+                                      ffn_round_up_to_multiple_of=multiple)
+    block = transformers.xLSTMModel(hf_cfg).blocks[0]
+    ir = _imported({**TINY, "hidden_size": d, "num_hidden_layers": 1, "qk_dim_factor": qk_factor,
+                    "v_dim_factor": v_factor, "ffn_proj_factor": ffn_factor, "ffn_round_up_to_multiple_of": multiple})
+    cell, ffn = ir.layers[0].mixer, ir.layers[1].mixer
+    assert (cell.qk_dim, cell.v_dim, ffn.d_ff) == (block.mlstm_layer.qk_dim, block.mlstm_layer.v_dim,
+                                                    block.ffn.up_proj_dim)
+    assert (hf_cfg.qk_dim, hf_cfg.v_dim) == (cell.qk_dim, cell.v_dim)  # the cache's widths agree
+
+
+def test_uncapped_gates_and_logits():
+    """null gate_soft_cap / output_logit_soft_cap: transformers' soft_cap is then the identity."""
+    ir = _imported({**TINY, "gate_soft_cap": None, "output_logit_soft_cap": None})
+    assert ir.layers[0].mixer.soft_cap is None and ir.logit_cap is None
+
+
+def test_aliases_agree():
+    """embedding_dim / num_blocks stand for hidden_size / num_hidden_layers; both given, they must agree."""
+    base = {k: v for k, v in TINY.items() if k not in ("hidden_size", "num_hidden_layers")}
+    ir = _imported({**base, "embedding_dim": 128, "num_blocks": 2})
+    assert (ir.d_model, len(ir.layers)) == (128, 4)
+    with pytest.raises(HFError, match="'num_blocks' 5 disagrees with 'num_hidden_layers' 3"):
+        spec_from_config({**TINY, "num_blocks": 5})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("use_bias", True, "'use_bias' = True is not supported"),
+    ("add_out_norm", False, "'add_out_norm' = False is not supported"),
+    ("weight_mode", "packed", "'weight_mode'"),
+    ("chunkwise_kernel", "triton", "'chunkwise_kernel'"),
+    ("mode", 3, "'mode'"),
+    ("qk_dim_factor", 0.3, "'qk_dim_factor' = 0.3 makes transformers' xLSTMLayer 38 wide but its cache 64"),
+    ("v_dim_factor", -1, "'v_dim_factor' must be a positive finite number"),
+    ("num_heads", 3, "from 'qk_dim_factor' is not a multiple of 'num_heads' 3"),
+    ("num_heads", 0, "'num_heads'"),
+    ("gate_soft_cap", "15", "'gate_soft_cap'"),
+    ("output_logit_soft_cap", float("inf"), "'output_logit_soft_cap'"),
+    ("ffn_proj_factor", True, "'ffn_proj_factor'"),
+    ("ffn_round_up_to_multiple_of", 0, "'ffn_round_up_to_multiple_of'"),
+    ("chunk_size", 0, "'chunk_size'"),
+    ("eps", 1.5, "'eps' must be a norm epsilon"),
+    ("norm_eps", 0, "'norm_eps'"),
+    ("layer_types", ["mlstm"] * 2, "'layer_types' must list 'mlstm' for each of the 3 layers"),
+    ("layer_types", ["attention"] * 3, "'layer_types'"),
+    ("norm_reduction_force_float32", "yes", "'norm_reduction_force_float32'"),
+    ("slstm_at", [1], "unknown config keys that may change the computation: slstm_at"),
+], ids=lambda x: str(x)[:24])
+def test_bad_fields_name_the_key(key, value, message):
+    with pytest.raises(HFError) as e:
+        spec_from_config({**TINY, key: value})
+    assert message in str(e.value)
+
+
+def test_layer_types_of_the_right_length():
+    assert len(_imported({**TINY, "layer_types": ["mlstm"] * 3}).layers) == 6
