@@ -31,6 +31,7 @@ class Naming:
     final_norm: str
     mixer_norm: str
     ffn_norm: str
+    layers: str = "layers"  # the decoder layers' module list (xLSTM: blocks)
 
 
 _TRANSFORMER = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="norm", mixer_norm="input_layernorm",
@@ -48,6 +49,8 @@ NAMINGS = {
                               mixer_norm="temporal_pre_norm", ffn_norm="channel_pre_norm"),
     "lfm2": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="embedding_norm",
                    mixer_norm="operator_norm", ffn_norm="ffn_norm"),
+    "xlstm": Naming(prefixes=("backbone.",), embed="embeddings", final_norm="out_norm", mixer_norm="norm_mlstm",
+                    ffn_norm="norm_ffn", layers="blocks"),
 }
 
 
@@ -84,7 +87,7 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
     sub: SubLayerMap = subs[int(m.group(1))]
     part, rest = m.group(2), m.group(3)
-    base = f"{prefix}layers.{sub.hf_layer}."
+    base = f"{prefix}{naming.layers}.{sub.hf_layer}."
     if part == "norm":
         return Source((f"{base}{naming.mixer_norm if sub.role == 'mixer' else naming.ffn_norm}.{rest}",))
     facet = hf_facet(sub.kind)

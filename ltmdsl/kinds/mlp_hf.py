@@ -126,6 +126,8 @@ def misfit(f, fam: str) -> str | None:
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
     if fam == "lfm2":
         return None if f.activation == "swiglu" and not f.bias else "LFM2's MLPs use swiglu without bias"
+    if fam == "xlstm":
+        return None if f.activation == "swiglu" and not f.bias else "xLSTM's MLPs use swiglu without bias"
     if fam == "recurrent_gemma":
         return None if f.activation in ("geglu_tanh", "geglu") and f.bias else \
             "RecurrentGemma's MLPs are GeGLU (geglu_tanh or geglu) with biases"
@@ -138,20 +140,23 @@ def traits(f) -> frozenset[str]:
     return frozenset({f.activation} | ({"bias"} if f.bias else set()))
 
 
-#: LFM2's names for the runtime's MLP tensors.
-_LFM2_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+#: LFM2's and xLSTM's names for the runtime's MLP tensors.
+_NAMES = {"lfm2": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
+          "xlstm": {"gate_proj": "proj_up_gate", "up_proj": "proj_up", "down_proj": "proj_down"}}
 
 
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
-    """`<block><module>.<rest>`; LFM2's `feed_forward.w1` / `w3` / `w2` for gate, up and down."""
-    if site.family == "lfm2":
+    """`<block><module>.<rest>`; LFM2's `feed_forward.w1` / `w3` / `w2` and xLSTM's `ffn.proj_up_gate` /
+    `proj_up` / `proj_down` for gate, up and down."""
+    if site.family in _NAMES:
         module, _, tail = rest.partition(".")
-        rest = f"{_LFM2_NAMES.get(module, module)}.{tail}"
+        rest = f"{_NAMES[site.family].get(module, module)}.{tail}"
     return copy_tensor(facet, rest, site)
 
 
-HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "lfm2", "recurrent_gemma"),
+HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "lfm2", "recurrent_gemma",
+                                                                 "xlstm"),
              modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")},
                       "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
-                      "lfm2": ("feed_forward",), "recurrent_gemma": ("mlp_block",)},
+                      "lfm2": ("feed_forward",), "recurrent_gemma": ("mlp_block",), "xlstm": ("ffn",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)
