@@ -34,7 +34,7 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
-         "recurrent_gemma": "RecurrentGemmaForCausalLM"}
+         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM"}
 
 
 def _one(values, what: str):
@@ -110,6 +110,8 @@ LAYOUTS = {
                               "GeGLU MLP with biases; zero-centred norms)", "recurrent_gemma", True,
                               ("rg_lru", "attention"), ("mlp",), "RecurrentGemma's mixers are RG-LRU blocks and "
                               "local attention", "expected the MLP that follows each mixer"),
+    "xlstm": Layout("xLSTM (mLSTM layers, each followed by a SwiGLU MLP; soft-capped logits)", "xlstm", True,
+                    ("mlstm",), ("mlp",), "xLSTM's mixers are mLSTM layers", "expected the MLP that follows each mixer"),
     "mamba": Layout("Mamba (Mamba-1 layers only)", "mamba", False, (), ("mamba",), "",
                     "Mamba has Mamba-1 layers only (without inner norms)"),
     "mamba2": Layout("Mamba-2 (Mamba-2 layers only)", "mamba2", False, (), ("mamba2",), "",
@@ -204,6 +206,8 @@ def _family_config(ir: ModelIR) -> dict:
         return _qwen3_next_config(ir, norm.eps)
     mixers = [layer.mixer for layer in layers]
     n, d = len(layers), ir.d_model
+    if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
+        return _xlstm_config(ir, base, norm.eps)
 
     for family in ("mamba", "mamba2"):  # one SSM kind, no FFN
         if LAYOUTS[family].holds(ir):
@@ -395,6 +399,19 @@ def _recurrent_gemma_config(ir: ModelIR, base: dict, eps: float) -> dict:
            "hidden_activation": "gelu_pytorch_tanh" if ffn.activation == "geglu_tanh" else "gelu",
            **_kind_fields(mixers, "recurrent_gemma", ir.d_model)}
     return out
+
+
+def _xlstm_config(ir: ModelIR, base: dict, eps: float) -> dict:
+    """xLSTM: one mLSTM and one MLP setting for every block; norm_eps is both the block norms' and the mLSTM's
+    per-head LayerNorm's; output_logit_soft_cap null when the model has no logit_cap."""
+    cell = _one([layer.mixer for layer in ir.layers[0::2]], "mLSTM settings (xLSTM has one of each)")
+    ffn = _one([layer.mixer for layer in ir.layers[1::2]], "MLP settings (xLSTM has one ffn_proj_factor)")
+    if cell.norm_eps != eps:
+        raise HFError(f"xLSTM has one norm_eps for its block norms and the mLSTM's per-head norm; this model has "
+                      f"{eps} and {cell.norm_eps}")
+    return {**base, "model_type": "xlstm", "num_hidden_layers": len(ir.layers) // 2,
+            "output_logit_soft_cap": ir.logit_cap, "add_out_norm": True, "weight_mode": "single",
+            **_write(ffn, "xlstm", ir.d_model), **_write(cell, "xlstm", ir.d_model)}
 
 
 def _lfm2_config(ir: ModelIR, base: dict, eps: float) -> dict:

@@ -99,6 +99,11 @@ def write(f, fam: str, d: int) -> dict:
         if f.activation != "swiglu" or f.bias:
             raise HFError("LFM2's MLPs use swiglu without bias")
         return {"intermediate_size": f.d_ff, "block_auto_adjust_ff_dim": False}
+    if fam == "xlstm":
+        why = misfit(f, fam)
+        if why:
+            raise HFError(why)
+        return _xlstm_ffn(f.d_ff, d)
     if fam in SWIGLU_FAMILIES:
         if f.activation != "swiglu":
             raise HFError("Jamba's MLPs and experts use swiglu" if fam == "jamba" else "Bamba's MLPs use swiglu"
@@ -117,6 +122,15 @@ def write(f, fam: str, d: int) -> dict:
             raise HFError("Nemotron-H MLPs use relu2")
         return {"intermediate_size": f.d_ff, "mlp_bias": f.bias}
     raise HFError(f"{fam} has no dense MLP layers")
+
+
+def _xlstm_ffn(d_ff: int, d: int) -> dict:
+    """xLSTM's ffn_proj_factor and ffn_round_up_to_multiple_of that give d_ff (xLSTMFeedForward's rounding)."""
+    factor = d_ff / d
+    for multiple in (64, 16, 1):
+        if int(((d * factor + multiple - 1) // multiple) * multiple) == d_ff:
+            return {"ffn_proj_factor": factor, "ffn_round_up_to_multiple_of": multiple}
+    raise HFError(f"xLSTM's ffn_proj_factor cannot give an MLP width of {d_ff} for hidden_size {d}")
 
 
 def misfit(f, fam: str) -> str | None:

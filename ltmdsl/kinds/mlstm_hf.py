@@ -72,14 +72,30 @@ def call(v: dict) -> str:
             f"{'' if v['norm_eps'] == 1e-6 else ', norm_eps = ' + num(v['norm_eps'])})")
 
 
+def factor_for(width: int, d: int, key: str) -> float:
+    """The `key` factor that makes transformers' xLSTMLayer (and xLSTMCache) `width` wide for hidden_size d."""
+    factor = width / d
+    if int(d * factor) != width or round_up(d * factor, WIDTH_MULTIPLE) != width:
+        raise HFError(f"xLSTM's {key} cannot give a width of {width} for hidden_size {d}: transformers' xLSTM "
+                      f"takes widths that are multiples of {WIDTH_MULTIPLE}")
+    return factor
+
+
 def write(c, fam: str, d: int) -> dict:
-    if fam != "xlstm":
-        raise HFError(f"{fam} has no mLSTM layers")
-    raise HFError("export-hf of xLSTM (mLSTM layers) is not implemented yet")
+    why = misfit(c, fam)
+    if why:
+        raise HFError(why)
+    if c.eps >= 1:
+        raise HFError(f"xLSTM's eps must be below 1, got {c.eps}")
+    return {"num_heads": c.heads, "qk_dim_factor": factor_for(c.qk_dim, d, "qk_dim_factor"),
+            "v_dim_factor": factor_for(c.v_dim, d, "v_dim_factor"), "gate_soft_cap": c.soft_cap,
+            "chunk_size": c.chunk, "eps": c.eps, "norm_eps": c.norm_eps, "use_bias": False}
 
 
 def misfit(c, fam: str) -> str | None:
-    return None if fam == "xlstm" else f"{fam} has no mLSTM layers (xLSTM has)"
+    if fam != "xlstm":
+        return f"{fam} has no mLSTM layers (xLSTM has)"
+    return "xLSTM's use_bias would also give its block norms biases, which ltmdsl's norms lack" if c.bias else None
 
 
 def traits(c) -> frozenset[str]:

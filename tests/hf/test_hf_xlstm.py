@@ -4,7 +4,7 @@ or unexpressible field is an error naming its key.
 
 A tiny random transformers xLSTM (float32 native kernels) loads through from_hf with logits within 1e-4
 relative of transformers' and the same greedy tokens through our cache as transformers' uncached decoding.
-(export-hf of xLSTM is not implemented yet.)"""
+export-hf writes it back tensor for tensor, and the 7B example's config is xLSTMConfig's dimensions."""
 
 from __future__ import annotations
 
@@ -131,3 +131,50 @@ def test_logits_and_greedy_generation_match_transformers(tmp_path):
         want, got = hf(ids).logits, ours(ids)
     assert_close(got, want, 1e-4, "xLSTM logits")
     assert ours.generate(ids[:1], 10).tolist() == greedy_no_cache(hf, ids[:1], 10).tolist()
+
+
+def test_round_trip_is_exact(tmp_path):
+    """HF -> ltmdsl -> HF: the same tensors bit for bit, and transformers loads the export to the same logits."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from hf_tiny import hf_model, load_hf
+    from ltmdsl.hf.export import export_hf
+
+    hf = hf_model("xlstm", HF_TINY)
+    hf.save_pretrained(tmp_path / "src")
+    export_hf(ltmdsl.from_hf(tmp_path / "src"), tmp_path / "out")
+    before, after = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(load_hf(tmp_path / "out")(ids).logits, hf(ids).logits, 1e-5, "exported xLSTM logits")
+
+
+def test_example_exports_to_xlstm_7b_dimensions():
+    """export of examples/xlstm-7b.ltm gives a config transformers' xLSTM builds at xLSTM-7B's widths, and it
+    imports back to the example."""
+    from ltmdsl.hf.export import config_from_ir
+
+    hand = ltmdsl.load(EXAMPLES / "xlstm-7b.ltm").model
+    cfg = config_from_ir(hand)
+    assert cfg["model_type"] == "xlstm" and cfg["output_logit_soft_cap"] == 30.0
+    ir = _imported(cfg)
+    assert [(x.norm, x.mixer) for x in ir.layers] == [(x.norm, x.mixer) for x in hand.layers]
+    assert ir.params_total == 6_865_424_896
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mlstm(heads = 2, qk_dim = 48, v_dim = 128)", "multiples of 64"),
+    ("mlstm(heads = 2, qk_dim = 64, v_dim = 128, bias = true)", "use_bias"),
+    ("mlstm(heads = 2, qk_dim = 64, v_dim = 128, norm_eps = 1e-5)", "one norm_eps"),
+], ids=["width", "bias", "norm_eps"])
+def test_export_refuses_what_xlstm_cannot_hold(spec, message):
+    from ltmdsl.hf.export import config_from_ir
+
+    text = (f"model m {{ vocab = 61 d_model = 128 norm = rmsnorm(eps = 1e-6) layer c = {spec} "
+            f"layer f = mlp(d_ff = 176, act = swiglu) stack {{ repeat 2 {{ c f }} }} }}")
+    with pytest.raises(HFError, match=message):
+        config_from_ir(ltmdsl.loads(text).model)
