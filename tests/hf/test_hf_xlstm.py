@@ -170,11 +170,12 @@ def test_example_exports_to_xlstm_7b_dimensions():
     ("mlstm(heads = 2, qk_dim = 48, v_dim = 128)", "multiples of 64"),
     ("mlstm(heads = 2, qk_dim = 64, v_dim = 128, bias = true)", "use_bias"),
     ("mlstm(heads = 2, qk_dim = 64, v_dim = 128, norm_eps = 1e-5)", "one norm_eps"),
-], ids=["width", "bias", "norm_eps"])
+    ("mlstm(heads = 2, qk_dim = 64, v_dim = 128) embed_scale = 2", "does not map back to xlstm exactly: embed_scale"),
+], ids=["width", "bias", "norm_eps", "embed_scale"])
 def test_export_refuses_what_xlstm_cannot_hold(spec, message):
-    from ltmdsl.hf.export import config_from_ir
+    from ltmdsl.hf.export import hf_plan
 
     text = (f"model m {{ vocab = 61 d_model = 128 norm = rmsnorm(eps = 1e-6) layer c = {spec} "
             f"layer f = mlp(d_ff = 176, act = swiglu) stack {{ repeat 2 {{ c f }} }} }}")
     with pytest.raises(HFError, match=message):
-        config_from_ir(ltmdsl.loads(text).model)
+        hf_plan(ltmdsl.loads(text).model)
