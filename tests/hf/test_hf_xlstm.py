@@ -133,6 +133,19 @@ def test_logits_and_greedy_generation_match_transformers(tmp_path):
     assert ours.generate(ids[:1], 10).tolist() == greedy_no_cache(hf, ids[:1], 10).tolist()
 
 
+def test_transformers_cached_generate_agrees(tmp_path):
+    """transformers' own generate, through its xLSTMCache, equals ours (12 greedy tokens)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from hf_tiny import hf_model
+
+    hf = hf_model("xlstm", HF_TINY)
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(6))
+    want = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ltmdsl.from_hf(tmp_path).generate(ids, 12).tolist() == want.tolist()
+
+
 def test_round_trip_is_exact(tmp_path):
     """HF -> ltmdsl -> HF: the same tensors bit for bit, and transformers loads the export to the same logits."""
     torch = pytest.importorskip("torch")
