@@ -113,6 +113,10 @@ class MoEConfig(LayerConfig):
                      and getattr(self, f.name) != getattr(plain, f.name)
                      and not (f.name.startswith("swiglu_") and self.activation != "swiglu_clamped"))
 
+    def beyond_plain(self) -> tuple[str, ...]:
+        """What a path that runs only plain MoEs must refuse: the variants, and a clamped SwiGLU by name."""
+        return self.variants() + (("act = swiglu_clamped",) if self.activation == "swiglu_clamped" else ())
+
     def expert_params(self, d_model: int) -> int:
         """Parameters of one routed expert: gate, up and down for gated activations, and their biases."""
         bias = ((2 * self.d_ff if self.gated else self.d_ff) + d_model) if self.expert_bias else 0

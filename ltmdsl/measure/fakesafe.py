@@ -72,10 +72,10 @@ def check(ir: ModelIR) -> list[str]:
             f"(traceable kinds: {', '.join(TRACE_PATHS)})"
         )
     for layer in ir.layers:  # the balanced dispatch runs plain MoEs (no shared experts, biases, clamps)
-        variants = getattr(layer.mixer, "variants", lambda: ())()
-        if layer.kind == "moe" and (variants or layer.mixer.activation == "swiglu_clamped"):
+        beyond = layer.mixer.beyond_plain() if TRACE_PATHS.get(layer.kind) is _balanced_moe_forward else ()
+        if beyond:
             raise NotTraceable(f"layer {layer.index} '{layer.definition}': the traced MoE dispatch runs plain MoEs; "
-                               f"this one uses {', '.join(variants) or layer.mixer.activation}")
+                               f"this one uses {', '.join(beyond)}")
     return [TRACE_NOTES[k] for k in kinds if k in TRACE_NOTES]
 
 

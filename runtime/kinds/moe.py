@@ -186,9 +186,8 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     Each (token, slot) goes to the rank holding its expert, sorted by expert; that rank runs its E/ep
     experts and returns the rows; they are weighted and summed per token in expert order, as forward does."""
     cfg = module.cfg
-    if cfg.variants() or cfg.activation == "swiglu_clamped":
-        raise ValueError(f"expert parallelism runs plain MoEs only; this one uses "
-                         f"{', '.join(cfg.variants()) or cfg.activation}")
+    if cfg.beyond_plain():
+        raise ValueError(f"expert parallelism runs plain MoEs only; this one uses {', '.join(cfg.beyond_plain())}")
     shape = x.shape
     xf = x.reshape(-1, shape[-1])  # [M, d]
     M, k = xf.shape[0], cfg.top_k
