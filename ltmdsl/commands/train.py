@@ -39,11 +39,23 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="which model of the file (default: the last one)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="print each step's metrics as one JSON line")
+    dist = p.add_argument_group(
+        "distributed", "train on N ranks of torch.distributed (gloo on CPUs, NCCL with --device cuda). Under "
+        "torchrun or a cluster launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) the same command "
+        "runs as one rank of that group. The plan is the budget's (--budget, or the spec's training budget "
+        "for that many GPUs when it has one), else data parallel over every rank; degrees given override it")
+    dist.add_argument("--nproc", type=count, metavar="N", help="start N local workers")
+    dist.add_argument("--budget", metavar="NAME", help="take the parallel plan of this budget of the spec")
+    for degree, what in (("tp", "tensor"), ("pp", "pipeline"), ("cp", "context"), ("dp", "data"),
+                         ("ep", "expert")):
+        dist.add_argument(f"--{degree}", type=count, metavar="N", help=f"{what}-parallel degree")
+    dist.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (0-3)")
+    dist.add_argument("--microbatches", type=count, metavar="M", help="pipeline micro-batches per step")
     add_task_arguments(p)
 
 
 def run(args) -> int:
-    _, ir, code = load_model(args.file, args.model, show_warnings=not args.json)
+    spec, ir, code = load_model(args.file, args.model, show_warnings=not args.json)
     if ir is None:
         return code
     import json
@@ -78,6 +90,10 @@ def run(args) -> int:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     show = not args.json and sys.stderr.isatty()
+    from ltmdsl.train.parallel import launched_by_torchrun
+
+    if args.nproc is not None or launched_by_torchrun():
+        return _run_distributed(args, spec, ir, config, context, show)
     bar = tqdm(total=args.stop_after or args.steps, unit="step", disable=not show, file=sys.stderr, desc=ir.name)
     last = None
     try:
@@ -102,4 +118,74 @@ def run(args) -> int:
     if last is not None and not args.json:
         print(f"{ir.name}: step {last['step']}/{args.steps}, loss {last['loss']:.4f}, answer-token accuracy "
               f"{last['answer_token_acc']:.3f}, {last['seconds']:.1f} s; checkpoints in {args.out}")
+    return EXIT_OK
+
+
+_DEGREES = ("tp", "pp", "cp", "dp", "ep", "zero", "microbatches")
+
+
+def plan_of(args, spec, ir, world: int):
+    """(plan, where it came from): --budget's plan, else the spec's one training budget of `world` GPUs
+    for this model, else data parallel over `world`; degrees given on the command line override it."""
+    from ltmdsl.distributed.plan import PlanError, plan_from
+
+    given = {k: getattr(args, k) for k in _DEGREES if getattr(args, k) is not None}
+    budget = None
+    if args.budget is not None:
+        budgets = {b.name: b for b in spec.ir.budgets if b.model == ir.name}
+        if args.budget not in budgets:
+            raise PlanError(f"no budget '{args.budget}' for model '{ir.name}' (budgets: "
+                            f"{', '.join(budgets) or 'none'})")
+        budget = budgets[args.budget]
+    elif not given:
+        fitting = [b for b in spec.ir.budgets if b.model == ir.name and b.mode == "training"
+                   and b.parallel.world == world]
+        if len(fitting) == 1:
+            budget = fitting[0]
+    if budget is not None:
+        return plan_from(budget, world=world, **given), f"budget '{budget.name}'"
+    return plan_from(world=world, **given), "the command line" if given else "data parallel (default)"
+
+
+def _run_distributed(args, spec, ir, config, context: int, show: bool) -> int:
+    """`--nproc N` (local workers) or one rank of a torchrun group: check the plan, then train."""
+    import os
+
+    from ltmdsl.distributed.launch import WorkerError
+    from ltmdsl.distributed.plan import PlanError, describe
+    from ltmdsl.evals import TaskError, VocabError
+    from ltmdsl.train import parallel
+    from ltmdsl.train.state import CheckpointError
+
+    under_torchrun = parallel.launched_by_torchrun()
+    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.nproc
+    if under_torchrun and args.nproc is not None and args.nproc != world:
+        print(f"ltmdsl train: error: --nproc {args.nproc} inside a group of WORLD_SIZE={world} (started by "
+              "torchrun or a launcher): drop --nproc", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        plan, source = plan_of(args, spec, ir, world)
+        parallel.check(ir, plan, world, batch=config.batch, context=context)
+    except PlanError as e:
+        print(f"ltmdsl train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    rank0 = not under_torchrun or os.environ.get("RANK") == "0"
+    if rank0 and not args.json:
+        print(f"{ir.name}: {world} ranks, plan {describe(plan)} (from {source})", file=sys.stderr)
+    try:
+        last = parallel.run(ir, config, plan, None if under_torchrun else world, json_lines=args.json,
+                            progress=show)
+    except (TaskError, VocabError) as e:
+        print(f"ltmdsl train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as e:
+        print(f"ltmdsl train: error: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    except WorkerError as e:
+        print(f"ltmdsl train: error: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    if last is not None and not args.json:
+        print(f"{ir.name}: step {last['step']}/{args.steps}, loss {last['loss']:.4f}, answer-token accuracy "
+              f"{last['answer_token_acc']:.3f}, {last['seconds']:.1f} s on {world} ranks; checkpoints in "
+              f"{args.out}")
     return EXIT_OK

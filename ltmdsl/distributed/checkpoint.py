@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from ltmdsl.distributed.plan import describe
@@ -98,6 +99,8 @@ def export(path: str | os.PathLike, ir, out: str | os.PathLike) -> Path:
     read_info(path, ir)
     model = build(ir, init=False)
     state = {"model": dict(model.state_dict())}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # called inside a group too (train --nproc): no_dist is meant here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(state["model"])
     return checkpoint.save(model, out)

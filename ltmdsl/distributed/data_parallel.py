@@ -36,7 +36,10 @@ def apply_fsdp(model, dp_mesh, zero: int) -> None:
         if id(block) not in done:  # tied blocks are one module, sharded once
             done.add(id(block))
             fully_shard(block.mixer, mesh=dp_mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+    # The root (embedding, norms, head) stays gathered after forward under zero 3 too: backward needs it
+    # at once, and a loss that multiplies by the head weight outside forward (the chunked answer loss)
+    # must see the whole weight, not its shard.
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
 
 
 @torch.no_grad()
@@ -60,9 +63,11 @@ def sync_gradients(model, dp_mesh, dp_sharded: frozenset[int] = frozenset()) -> 
         g.div_(n)
 
 
-def make_optimizer(model, zero: int, dp_mesh, lr: float, **adamw) -> torch.optim.Optimizer:
-    """AdamW over the model's (local) parameters; for ZeRO 1 wrapped by ZeroRedundancyOptimizer over dp."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model, zero: int, dp_mesh, lr: float, params=None, **adamw) -> torch.optim.Optimizer:
+    """AdamW over the model's (local) parameters, or over `params` (a list of tensors or of parameter
+    groups); for ZeRO 1 wrapped by ZeroRedundancyOptimizer over dp."""
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     if zero == 1 and dp_mesh.size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 

@@ -24,6 +24,32 @@ class PipelineUnsupported(ValueError):
     """A model the pipeline cannot cut under this plan (the message says why)."""
 
 
+#: Target of a position that predicts nothing (cross_entropy's ignore_index).
+IGNORE_INDEX = -100
+
+
+class ScheduleLoss:
+    """The loss the 1F1B schedule applies to a micro-batch's logits [b, T, V] and targets [b, T].
+
+    By default the micro-batch's mean cross-entropy (fp32 softmax), as LTModel.loss; the schedule averages
+    them. `pipeline_step` switches it to `weight` times the summed cross-entropy of the targets that are
+    not IGNORE_INDEX (the training loop's answer-only loss), and counts loss and correct answers."""
+
+    def __init__(self, microbatches: int):
+        self.microbatches = microbatches
+        self.weight: float | None = None
+        self.calls: list[tuple[float, int]] = []  # (summed loss, correct) of each call since the last reset
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        flat, t = logits.float().flatten(0, 1), targets.flatten()  # [b*T, V], [b*T]
+        if self.weight is None:
+            return nn.functional.cross_entropy(flat, t)
+        summed = nn.functional.cross_entropy(flat, t, ignore_index=IGNORE_INDEX, reduction="sum")
+        keep = t != IGNORE_INDEX
+        self.calls.append((float(summed.detach()), int((flat[keep].argmax(-1) == t[keep]).sum())))
+        return summed * (self.weight * self.microbatches)  # the schedule (scale_grads) divides by micro-batches
+
+
 class Stage(nn.Module):
     """Sub-layers `layers` of `model` (first stage: from token ids; last: to logits)."""
 
@@ -74,14 +100,10 @@ def build_stage(model, pp_mesh, microbatches: int):
     ranges = check_pipeline(model.ir, pp_mesh.size())
     i = pp_mesh.get_local_rank()
     stage = Stage(model, ranges[i], first=i == 0, last=i == len(ranges) - 1)
+    stage.loss = ScheduleLoss(microbatches)
     return stage, lambda device: Schedule1F1B(
         PipelineStage(stage, i, len(ranges), device, group=pp_mesh.get_group()), microbatches,
-        loss_fn=_loss, scale_grads=True)
-
-
-def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """A micro-batch's mean cross-entropy (fp32 softmax), as LTModel.loss; the schedule averages them."""
-    return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss_fn=stage.loss, scale_grads=True)
 
 
 def pipeline_loss(schedule, stage: Stage, pp_mesh, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -102,3 +124,26 @@ def pipeline_loss(schedule, stage: Stage, pp_mesh, input_ids: torch.Tensor, targ
     last = dist.get_global_rank(pp_mesh.get_group(), pp_mesh.size() - 1)
     dist.broadcast(loss, src=last, group=pp_mesh.get_group())
     return loss
+
+
+def pipeline_step(schedule, stage: Stage, input_ids: torch.Tensor, targets: torch.Tensor,
+                  weight: float) -> torch.Tensor:
+    """Forward and backward of one batch whose loss is `weight` times the summed cross-entropy of the
+    targets that are not IGNORE_INDEX; returns [summed loss, correct answers] (float64), non-zero on the
+    last stage only."""
+    if stage.first and stage.last:
+        raise PipelineUnsupported("one stage is not a pipeline")
+    stage.loss.weight, stage.loss.calls = weight, []
+    try:
+        if stage.first:
+            schedule.step(input_ids)
+        elif stage.last:
+            schedule.step(target=targets, losses=[])
+        else:
+            schedule.step()
+        # The schedule's first step also runs the loss once while it infers shapes (on uninitialised
+        # tensors); this step's micro-batches are the last `microbatches` calls.
+        calls = stage.loss.calls[-stage.loss.microbatches:] if stage.last else []
+        return torch.tensor([sum(c[0] for c in calls), sum(c[1] for c in calls)], dtype=torch.float64)
+    finally:
+        stage.loss.weight = None

@@ -93,7 +93,7 @@ def run_record(ir: ModelIR, config: TrainConfig, data: TaskData) -> dict:
     return json.loads(json.dumps(record))  # what reading it back gives (tuples become lists)
 
 
-def _check_resume(saved: dict, current: dict, out: str) -> None:
+def check_resume(saved: dict, current: dict, out: str) -> None:
     if saved.get("spec_hash") != current.get("spec_hash"):
         raise state.CheckpointError(f"{out}: the run was trained from another spec (model {saved.get('model')!r}, "
                                     f"source hash {saved.get('spec_hash')}); resume it with that spec")
@@ -118,11 +118,14 @@ def train(ir: ModelIR, config: TrainConfig) -> Iterator[dict]:
     sched = schedule.scheduler(optimizer, config.warmup, config.steps, config.min_lr_ratio)
     start = 0
     if config.resume:
-        _check_resume(state.read_run(out), current, str(out))
+        check_resume(state.read_run(out), current, str(out))
         found = state.latest(out)
         if found is None:
             raise state.CheckpointError(f"{out}: nothing to resume (no checkpoint yet)")
         start, where = found
+        if (where / "dcp").is_dir():
+            raise state.CheckpointError(f"{where}: written by a distributed run (--nproc); resume it with --nproc "
+                                        "(under any plan)")
         state.load_weights(model, where)
         trainer = state.load_trainer(where)
         if trainer.step != start:
