@@ -9,8 +9,10 @@ hooks still fire around every mixer (cp composes with ZeRO 2/3 and tensor parall
 
     gather(t)             all ranks' pieces of t [B, T/cp, ...] -> [B, T, ...] (global attention's K/V)
     previous_tail(t, n)   the last n tokens of the previous rank's t (a convolution's K-1 halo)
+    causal_conv(...)      a depthwise causal conv continuing from previous_tail's K-1 halo
     carry(h, decay)       the state entering this rank of a linear recurrence S_t = a_t S_{t-1} + u_t,
                           from every rank's zero-start final state h and total decay: a scan over ranks
+    carry_linear(h, m)    the same with matrix transitions (the delta rule's (I - beta k k^T) diag(exp g))
 
 All three are autograd all-gathers (torch.distributed functional collectives), so gradients cross ranks
 in backward, and every rank keeps what it received in its graph (a rank that does not use its gather
@@ -55,6 +57,24 @@ class ContextShard:
         if self.rank == 0:
             return torch.zeros_like(t[:, :n]) + 0 * every.sum()  # keep the gather in this rank's graph
         return every[:, (self.rank - 1) * n:self.rank * n]
+
+    def causal_conv(self, kernels, x: torch.Tensor, conv, *, silu: bool) -> torch.Tensor:
+        """The depthwise causal conv (nn.Conv1d `conv`, K taps) of this rank's x [B, T/cp, C], continuing
+        from the previous rank's last K-1 inputs (its halo): what one process computes at these positions."""
+        K = conv.weight.shape[-1]
+        prev = self.previous_tail(x, K - 1).transpose(1, 2) if K > 1 else None  # [B, C, K-1]
+        return kernels.causal_conv1d(x, conv.weight[:, 0], conv.bias, prev=prev, silu=silu)  # [B, T/cp, C]
+
+    def carry_linear(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """State entering this rank of a recurrence with matrix transitions, S_t = A_t S_{t-1} + U_t (the
+        delta rule): h [B, ..., Dk, Dv] is each rank's final state started from zero, m [B, ..., Dk, Dk] its
+        composed transition A_n ... A_1, so the state leaving rank j is m_j S + h_j. Zeros on rank 0."""
+        hs = self.gather(h[:, None])  # [B, cp, ..., Dk, Dv]
+        ms = self.gather(m[:, None])  # [B, cp, ..., Dk, Dk]
+        state = torch.zeros_like(h) + 0 * (hs.sum() + ms.sum())
+        for j in range(self.rank):
+            state = ms[:, j] @ state + hs[:, j]
+        return state
 
     def carry(self, h: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
         """State entering this rank: sum over earlier ranks j of (prod of decays of ranks j+1..r-1) h_j.

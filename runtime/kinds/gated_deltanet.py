@@ -183,6 +183,33 @@ class GatedDeltaNet(nn.Module):
         return self._finish(o, z, u)
 
 
+def carried_delta_state(kernels, q, k, v, g, beta, chunk: int, cp) -> torch.Tensor:
+    """The delta-rule state entering a context-parallel rank (Gated DeltaNet and KDA).
+
+    The rule is linear in its state: after the decay and the correction, S_t = A_t S_{t-1} + beta_t k_t v_t^T
+    with A_t = (I - beta_t k_t k_t^T) diag(exp g_t), so a rank's final state is M S_0 + H with M = A_n ... A_1.
+    H is the chunked rule run from zero; M the same rule run on the identity with zero values (its state is
+    then M I); `cp.carry_linear` composes them over the earlier ranks -> [B, Hv, Dk, Dv]."""
+    B, _, Hv, _ = v.shape
+    Dk = k.shape[-1]
+    _, h = kernels.gated_delta_chunked(q, k, v, g, beta, chunk=chunk, state=None, l2norm=True, scale=None)
+    eye = torch.eye(Dk, dtype=h.dtype, device=h.device).expand(B, Hv, Dk, Dk)  # [B, Hv, Dk, Dk]
+    no_values = torch.zeros(*v.shape[:-1], Dk, dtype=v.dtype, device=v.device)  # [B, T, Hv, Dk]
+    _, m = kernels.gated_delta_chunked(q, k, no_values, g, beta, chunk=chunk, state=eye, l2norm=True, scale=None)
+    return cp.carry_linear(h, m)  # [B, Hv, Dk, Dv]
+
+
+def cp_forward(module: GatedDeltaNet, u: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens u [B, T/cp, d]: the conv continues from the previous rank's K-1
+    inputs, and the delta rule from the state the earlier ranks carry in (`carried_delta_state`): exact."""
+    qkv, z, b, a = module._project(u)  # [B,T,conv_dim], [B,T,Hv,Dv], [B,T,Hv] x2
+    qkv = cp.causal_conv(module.kernels, qkv, module.conv1d, silu=True)  # [B, T, conv_dim]
+    q, k, v, g, beta = module._rule_inputs(qkv, b, a)
+    start = carried_delta_state(module.kernels, q, k, v, g, beta, module.cfg.chunk, cp)
+    o, _ = module.kernels.gated_delta_chunked(q, k, v, g, beta, chunk=module.cfg.chunk, state=start,
+                                              l2norm=True, scale=None)  # [B, T, Hv, Dv]
+    return module._finish(o, z, u)  # [B, T, d]
+
 KIND = RuntimeKind(
     name="gated_deltanet",
     module=GatedDeltaNet,
@@ -191,4 +218,5 @@ KIND = RuntimeKind(
     ops=DELTA_OPS,
     oracles=DELTA_ORACLES,
     state_names=state_names,
+    cp_forward=cp_forward,
 )

@@ -26,7 +26,8 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import CacheRequest
 from ltmdsl.runtime.kinds import RuntimeKind
 from ltmdsl.runtime.kinds.gated_deltanet import (
-    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, new_delta_state, norm_then_gate, work_dtype,
+    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state, norm_then_gate,
+    work_dtype,
 )
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_with_state
 
@@ -140,6 +141,16 @@ class KDA(nn.Module):
         return self._finish(o, u)
 
 
+def cp_forward(module: KDA, u: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens u [B, T/cp, d]: the conv continues from the previous rank's K-1
+    inputs, and the per-channel delta rule from the state the earlier ranks carry in: exact."""
+    qkv = cp.causal_conv(module.kernels, module._qkv(u), module.conv1d, silu=True)  # [B, T, 3*H*Dh]
+    q, k, v, g, beta = module._rule_inputs(qkv, u)
+    start = carried_delta_state(module.kernels, q, k, v, g, beta, module.cfg.chunk, cp)
+    o, _ = module.kernels.gated_delta_chunked(q, k, v, g, beta, chunk=module.cfg.chunk, state=start,
+                                              l2norm=True, scale=None)  # [B, T, H, Dh]
+    return module._finish(o, u)  # [B, T, d]
+
 KIND = RuntimeKind(
     name="kda",
     module=KDA,
@@ -148,4 +159,5 @@ KIND = RuntimeKind(
     ops=DELTA_OPS,
     oracles=DELTA_ORACLES,
     state_names=state_names,
+    cp_forward=cp_forward,
 )

@@ -127,6 +127,19 @@ class Lightning(nn.Module):
         return self._finish(o, u)
 
 
+def cp_forward(module: Lightning, u: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens u [B, T/cp, d]: the block form runs twice, from a zero state to
+    get this rank's final state, then from the state the earlier ranks carry into it; each head's state
+    decays by exp(-s_h) a token, so over the rank's n tokens by exp(-s_h n) (`cp.carry`): exact."""
+    q, k, v = module._qkv(u)  # [B, T, H, D] each
+    B, T = u.shape[:2]
+    _, h = module.kernels.lightning_attention(q, k, v, module.slopes, chunk=module.cfg.chunk, state=None)
+    decay = torch.exp(-module.slopes * T).to(h.dtype)[None, :, None, None]  # [1, H, 1, 1]
+    start = cp.carry(h, decay.expand(B, -1, -1, -1))  # [B, H, D, D]
+    o, _ = module.kernels.lightning_attention(q, k, v, module.slopes, chunk=module.cfg.chunk, state=start)
+    return module._finish(o, u)  # [B, T, d]
+
+
 KIND = RuntimeKind(
     name="lightning",
     module=Lightning,
@@ -135,5 +148,6 @@ KIND = RuntimeKind(
     ops={"lightning_attention": ops_lightning.lightning_attention, "lightning_step": ops_lightning.lightning_step},
     oracles={"lightning_attention": _lightning_oracle},
     state_names=state_names,
+    cp_forward=cp_forward,
     placed=True,
 )

@@ -158,6 +158,23 @@ class MLA(nn.Module):
         return self.o_proj(o.reshape(B, cfg.heads * cfg.v_head_dim))
 
 
+def cp_forward(module: MLA, x: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens x [B, T/cp, d] at positions cp.offset(T/cp) + t: the latent and the
+    RoPE key of every rank are all-gathered (the cache MLA keeps is what travels) and this rank's queries
+    attend over them up to its last token, exactly as in one process."""
+    cfg = module.cfg
+    B, T, _ = x.shape
+    offset = cp.offset(T)
+    q_nope, q_rot, c, kr = module._q_and_latent(x, offset)
+    end = offset + T
+    c, kr = cp.gather(c)[:, :end], cp.gather(kr)[:, :end]  # [B, end, ...]: every earlier token's latent
+    kv = module.kv_b_proj(c).view(B, end, cfg.heads, cfg.qk_nope_head_dim + cfg.v_head_dim)  # [B, end, H, Dn+Dv]
+    k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+    k = torch.cat([k_nope, kr[:, :, None].expand(-1, -1, cfg.heads, -1)], dim=-1)  # [B, end, H, Dqk]
+    q = torch.cat([q_nope, q_rot], dim=-1)  # [B, T, H, Dqk]
+    o = module.kernels.attention(q, k, v.contiguous(), causal=True, window=None, scale=cfg.scale)  # [B, T, H, Dv]
+    return module.o_proj(o.reshape(B, T, cfg.heads * cfg.v_head_dim))  # [B, T, d]
+
 KIND = RuntimeKind(
     name="mla",
     module=MLA,
@@ -166,4 +183,5 @@ KIND = RuntimeKind(
     ops={"attention": ops_attention.attention, "mla_decode": ops_mla.mla_decode},
     oracles={"attention": ops_attention.attention_reference, "mla_decode": ops_mla.mla_decode_reference},
     state_names=state_names,
+    cp_forward=cp_forward,
 )

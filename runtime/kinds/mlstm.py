@@ -148,6 +148,41 @@ class Mlstm(nn.Module):
         return self._finish(h, u)
 
 
+def cp_forward(module: Mlstm, u: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens u [B, T/cp, d], exact as one process, the stabiliser included.
+
+    The true memory exp(m) C (and exp(m) n) is linear: leaving rank j it is exp(F_j) times the entering
+    one plus what rank j wrote, F_j the sum of its log forget gates. Each rank first runs from an empty
+    memory with m = -inf (so m_t is the running max of what it wrote alone), then the stabilised states
+    are composed over the earlier ranks in log space, starting from the model's empty state (C, n, m = 0):
+    m' = max(m + F_j, m_j), C' = exp(m + F_j - m') C + exp(m_j - m') C_j. Since max and + commute, the
+    composed m equals the one-process m, which matters: eps enters the denominator at the scale exp(-m)."""
+    q, k, v, i, log_f = module._inputs(u)  # [B, T, H, Dqk|Dv], [B, T, H]
+    Bsz, _, H, Dk = q.shape
+    Dv = v.shape[-1]
+    work = i.dtype
+    fresh = ops_mlstm.MlstmState(C=torch.zeros(Bsz, H, Dk, Dv, dtype=work, device=u.device),
+                       n=torch.zeros(Bsz, H, Dk, dtype=work, device=u.device),
+                       m=torch.full((Bsz, H), float("-inf"), dtype=work, device=u.device))
+    run = module.kernels.mlstm_chunked
+    _, last = run(q, k, v, i, log_f, chunk=module.cfg.chunk, state=fresh, eps=module.cfg.eps)
+    Cs, ns, ms = (cp.gather(t[:, None]) for t in last)  # [B, cp, H, ...] every rank's own writing
+    Fs = cp.gather(log_f.sum(1)[:, None])  # [B, cp, H]
+    keep = 0 * (Cs.sum() + ns.sum() + ms.sum() + Fs.sum())  # every gather stays in this rank's graph
+    C = torch.zeros_like(last.C) + keep
+    n = torch.zeros_like(last.n)
+    m = torch.zeros_like(last.m)
+    for j in range(cp.rank):
+        decayed = m + Fs[:, j]  # [B, H]
+        m_new = torch.maximum(decayed, ms[:, j])
+        old, new = torch.exp(decayed - m_new), torch.exp(ms[:, j] - m_new)  # [B, H]
+        C = old[..., None, None] * C + new[..., None, None] * Cs[:, j]
+        n = old[..., None] * n + new[..., None] * ns[:, j]
+        m = m_new
+    h, _ = run(q, k, v, i, log_f, chunk=module.cfg.chunk, state=ops_mlstm.MlstmState(C, n, m), eps=module.cfg.eps)
+    return module._finish(h, u)  # [B, T, d]
+
+
 KIND = RuntimeKind(
     name="mlstm",
     module=Mlstm,
@@ -156,4 +191,5 @@ KIND = RuntimeKind(
     ops={"mlstm_chunked": ops_mlstm.mlstm_chunked, "mlstm_step": ops_mlstm.mlstm_step},
     oracles={"mlstm_chunked": _mlstm_oracle},
     state_names=state_names,
+    cp_forward=cp_forward,
 )

@@ -145,6 +145,25 @@ class RecurrentBlock(nn.Module):
         return self.linear_out(h * y)
 
 
+def cp_forward(module: RecurrentBlock, u: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens u [B, T/cp, d]: the conv continues from the previous rank's K-1
+    inputs; the RG-LRU h_t = a_t h_{t-1} + b_t runs from zero (this rank's final state), then from the state
+    the earlier ranks carry in (`cp.carry`, with the rank's total decay prod a_t: the same scan run on zero
+    inputs from a state of ones). Only global position 0 resets (rank 0's first token)."""
+    cfg, lru = module.cfg, module.rg_lru
+    Bsz, T, _ = u.shape
+    y = ACT[cfg.act](module.linear_y(u))  # [B, T, W]
+    x = cp.causal_conv(module.kernels, module.linear_x(u), module.conv_1d, silu=False)  # [B, T, W]
+    gate_x, gate_a = lru.gates(x)  # [B, T, W] each
+    reset = (cp.offset(T) + torch.arange(T, device=u.device) == 0).expand(Bsz, T)  # [B, T]
+    scan = module.kernels.rglru_scan
+    _, h = scan(x, gate_x, gate_a, lru.recurrent_param, reset=reset, state=None, chunk=cfg.chunk)  # [B, W]
+    _, decay = scan(torch.zeros_like(x), gate_x, gate_a, lru.recurrent_param, reset=reset,
+                    state=torch.ones_like(h), chunk=cfg.chunk)  # [B, W]: prod of a_t
+    start = cp.carry(h, decay)  # [B, W]
+    out, _ = scan(x, gate_x, gate_a, lru.recurrent_param, reset=reset, state=start, chunk=cfg.chunk)
+    return module.linear_out(out * y)  # [B, T, d]
+
 KIND = RuntimeKind(
     name="rg_lru",
     module=RecurrentBlock,
@@ -154,4 +173,5 @@ KIND = RuntimeKind(
          "rglru_scan": ops_rglru.rglru_scan, "rglru_step": ops_rglru.rglru_step},
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "rglru_scan": _rglru_oracle},
     state_names=state_names,
+    cp_forward=cp_forward,
 )

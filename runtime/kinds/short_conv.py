@@ -120,6 +120,17 @@ class ShortConv(nn.Module):
         return self.out_proj(Cg * y)
 
 
+def cp_forward(module: ShortConv, u: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens u [B, T/cp, d]: the gated input's causal conv takes the previous
+    rank's last L-1 gated inputs as its halo (`cp.previous_tail`); everything else is token-local."""
+    Bg, Cg, x = module.in_proj(u).chunk(3, dim=-1)  # [B, T, W] each
+    bx = Bg * x  # [B, T, W]
+    L = module.cfg.kernel
+    prev = cp.previous_tail(bx, L - 1).transpose(1, 2) if L > 1 else None  # [B, W, L-1]
+    y = module.kernels.causal_conv1d(bx, module.conv.weight[:, 0], module.conv.bias, prev=prev, silu=False)
+    return module.out_proj(Cg * y)  # [B, T, d]
+
+
 KIND = RuntimeKind(
     name="short_conv",
     module=ShortConv,
@@ -128,4 +139,5 @@ KIND = RuntimeKind(
     ops={"causal_conv1d": ops_conv.causal_conv1d, "conv_step": ops_conv.conv_step},
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference},
     state_names=state_names,
+    cp_forward=cp_forward,
 )

@@ -1,10 +1,10 @@
 """Shared cases for the distributed tests: the models, a fixed batch, and the same training steps run in
 one process (the reference) and on N forked ranks under a plan.
 
-Two models: tiny-hybrid's layers of the kinds the distributed layer supports today (attention global and
-windowed, Mamba-1, Mamba-2, MLP, MoE: `DIST_STACK`; the kinds added since have no context-parallel form
-yet and are refused by name, see docs/DISTRIBUTED.md) and a small attention + MLP model with the shapes
-tensor parallelism splits (heads and kv heads divisible by 2, a window, an untied head).
+Two models: tiny-hybrid's first-release layers (attention global and windowed, Mamba-1, Mamba-2, MLP, MoE:
+`DIST_STACK`, small enough for the many plan combinations; the context-parallel tests also run tiny-hybrid
+with every kind) and a small attention + MLP model with the shapes tensor parallelism splits (heads and kv
+heads divisible by 2, a window, an untied head).
 """
 
 from __future__ import annotations
