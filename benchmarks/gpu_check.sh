@@ -35,4 +35,6 @@ if [ $status -eq 124 ]; then
     echo "gpu_check: timed out after 340 s"
     if [ -n "${OUT:-}" ]; then echo "gpu_check: timed out after 340 s" >>"$OUT/gpu_check.txt"; fi
 fi
+# torch.distributed on the GPU: `ltmdsl train --nproc 1 --device cuda` (NCCL) against one process.
+timeout 120 "$PY" benchmarks/nccl_check.py | tee ${OUT:+-a "$OUT/gpu_check.txt"}
 exit $status
