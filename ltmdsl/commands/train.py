@@ -51,6 +51,8 @@ def add_arguments(p) -> None:
         dist.add_argument(f"--{degree}", type=count, metavar="N", help=f"{what}-parallel degree")
     dist.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (0-3)")
     dist.add_argument("--microbatches", type=count, metavar="M", help="pipeline micro-batches per step")
+    dist.add_argument("--interleave", type=count, metavar="V",
+                      help="virtual pipeline stages per rank (interleaved 1F1B; default 1)")
     add_task_arguments(p)
 
 
@@ -121,7 +123,7 @@ def run(args) -> int:
     return EXIT_OK
 
 
-_DEGREES = ("tp", "pp", "cp", "dp", "ep", "zero", "microbatches")
+_DEGREES = ("tp", "pp", "cp", "dp", "ep", "zero", "microbatches", "interleave")
 
 
 def plan_of(args, spec, ir, world: int):

@@ -20,7 +20,7 @@ Modules, one concept each:
     tensor_parallel  DTensor parallelize_module with each kind's tp_plan
     context_parallel the sequence split over cp ranks; collectives for each kind's cp_forward
     expert_parallel  experts split over the dp ranks, all-to-all token exchange for the moe's ep_forward
-    pipeline         stages at the memory model's cuts, torch.distributed.pipelining 1F1B
+    pipeline         stages at the memory model's cuts, torch.distributed.pipelining 1F1B (interleaved)
     data_parallel    ZeRO 0-3: gradient all-reduce, ZeroRedundancyOptimizer, FSDP2 fully_shard
     rank_model       one rank's model under a plan (the above, in order)
     step             train_step, shard_batch and full tensors gathered from shards

@@ -9,7 +9,11 @@ forward. Parameter names stay the model's (`layers.<i>.…`), so optimizers, gra
 line up with the single-process model. A stage is materialised alone: the other stages' parameters
 stay on the meta device while the seeded init runs over the whole model, so weights equal one process.
 
-Refused: tied embeddings and tie groups spanning stages (one parameter on two ranks).
+With `interleave` = v > 1 the stack is cut into pp * v virtual stages, stage s on rank s mod pp (Megatron's
+interleaved schedule), run by torch's ScheduleInterleaved1F1B; a rank's stages are one module for the
+optimizer and checkpoints (`RankStages`).
+
+Refused: tied embeddings and tie groups spanning ranks (one parameter on two ranks).
 """
 
 from __future__ import annotations
@@ -76,34 +80,72 @@ class Stage(nn.Module):
         return h if pending is None else pending + h  # the residual add the next stage's norm would do
 
 
-def check_pipeline(ir, pp: int) -> list[range]:
-    """The stage ranges; PipelineUnsupported for tied embeddings or a tie group across stages."""
+def check_pipeline(ir, pp: int, interleave: int = 1) -> list[range]:
+    """The ranges of the pp * interleave (virtual) stages, virtual stage s on pp rank s mod pp;
+    PipelineUnsupported for tied embeddings, a tie group across ranks, or more stages than sub-layers."""
     if ir.tie_embeddings and pp > 1:
         raise PipelineUnsupported("pp > 1 with tied embeddings (the head is the first stage's embedding) is not "
                                   "supported yet")
-    ranges = stage_ranges(len(ir.layers), pp)
-    stage_of = {i: s for s, r in enumerate(ranges) for i in r}
+    stages = pp * interleave
+    if stages > len(ir.layers):
+        raise PipelineUnsupported(f"pp = {pp} x interleave = {interleave} stages exceed the {len(ir.layers)} "
+                                  "sub-layers of the model")
+    ranges = stage_ranges(len(ir.layers), stages)
+    rank_of = {i: s % pp for s, r in enumerate(ranges) for i in r}
     groups: dict = {}
     for layer in ir.layers:
         if layer.tie_group is not None:
-            groups.setdefault((layer.tie_group, layer.tie_slot), set()).add(stage_of[layer.index])
-    spread = [g for g, stages in groups.items() if len(stages) > 1]
+            groups.setdefault((layer.tie_group, layer.tie_slot), set()).add(rank_of[layer.index])
+    spread = [g for g, ranks in groups.items() if len(ranks) > 1]
     if spread:
         raise PipelineUnsupported(f"tie group '{spread[0][0]}' spans pipeline stages (one weight on two ranks)")
     return ranges
 
 
-def build_stage(model, pp_mesh, microbatches: int):
-    """(Stage module of this pp rank, its 1F1B schedule). `model` is the meta LTModel."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+class RankStages(nn.Module):
+    """The virtual stages one pp rank holds under an interleaved schedule (stages r, r + pp, ...), under
+    the model's parameter names (embed, layers.<i>, final_norm, lm_head), so optimizers and checkpoints
+    see one module; the schedule runs the stages themselves."""
 
-    ranges = check_pipeline(model.ir, pp_mesh.size())
-    i = pp_mesh.get_local_rank()
-    stage = Stage(model, ranges[i], first=i == 0, last=i == len(ranges) - 1)
-    stage.loss = ScheduleLoss(microbatches)
-    return stage, lambda device: Schedule1F1B(
-        PipelineStage(stage, i, len(ranges), device, group=pp_mesh.get_group()), microbatches,
-        loss_fn=stage.loss, scale_grads=True)
+    def __init__(self, stages: list[Stage]):
+        super().__init__()
+        self.ir = stages[0].ir
+        self.stages = stages  # a plain list: the parameters are registered below, once, under model names
+        self.first, self.last = stages[0].first, stages[-1].last
+        self.embed = stages[0].embed
+        self.layers = nn.ModuleDict({k: v for st in stages for k, v in st.layers.items()})
+        self.final_norm = stages[-1].final_norm
+        self.lm_head = stages[-1].lm_head
+        self.loss = stages[-1].loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the pipeline schedule runs a rank's stages; call schedule.step, not the module")
+
+
+def build_stage(model, pp_mesh, microbatches: int, interleave: int = 1):
+    """(this pp rank's module, a function device -> its schedule). `model` is the meta LTModel. One stage
+    per rank runs 1F1B; `interleave` > 1 gives each rank `interleave` virtual stages (stage s on rank
+    s mod pp, Megatron's interleaving) run by torch's interleaved 1F1B."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+    pp = pp_mesh.size()
+    ranges = check_pipeline(model.ir, pp, interleave)
+    r, n = pp_mesh.get_local_rank(), len(ranges)
+    loss = ScheduleLoss(microbatches)
+    if interleave == 1:
+        stage = Stage(model, ranges[r], first=r == 0, last=r == n - 1)
+        stage.loss = loss
+        return stage, lambda device: Schedule1F1B(
+            PipelineStage(stage, r, n, device, group=pp_mesh.get_group()), microbatches,
+            loss_fn=loss, scale_grads=True)
+    ids = list(range(r, n, pp))
+    stages = [Stage(model, ranges[s], first=s == 0, last=s == n - 1) for s in ids]
+    for stage in stages:
+        stage.loss = loss
+    held = RankStages(stages)
+    return held, lambda device: ScheduleInterleaved1F1B(
+        [PipelineStage(stage, s, n, device, group=pp_mesh.get_group()) for stage, s in zip(stages, ids)],
+        microbatches, loss_fn=loss, scale_grads=True)
 
 
 def pipeline_loss(schedule, stage: Stage, pp_mesh, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,8 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
     if plan.pp > 1 and batch is not None and (batch // max(plan.dp, 1)) % plan.microbatches:
         errors.append(f"{plan.microbatches} micro-batches do not divide the {batch // plan.dp} sequences of a "
                       "data-parallel rank")
-    if plan.interleave > 1:
-        errors.append(f"interleave = {plan.interleave}: interleaved pipeline schedules are not run yet (pp uses 1F1B)")
+    if plan.interleave > 1 and plan.pp == 1:
+        errors.append(f"interleave = {plan.interleave} needs a pipeline (pp > 1)")
     if plan.zero == 1 and plan.tp > 1 and plan.dp > 1:
         errors.append("zero = 1 with tp > 1: torch's ZeroRedundancyOptimizer cannot broadcast tensor-parallel "
                       "(DTensor) parameters; use zero = 2 or 3 (FSDP2) with tensor parallelism")

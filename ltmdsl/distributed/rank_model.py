@@ -75,7 +75,7 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
     if plan.cp > 1:
         cp_forwards(ir)  # likewise a kind with no context-parallel form
     if plan.pp > 1:
-        check_pipeline(ir, plan.pp)
+        check_pipeline(ir, plan.pp, plan.interleave)
     kind = device_type()
     mesh = device_mesh(plan, kind)
     model = build_meta(ir, dtype)
@@ -91,7 +91,7 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
     if device is None:
         device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
     if plan.pp > 1:
-        stage, make_schedule = build_stage(model, mesh["pp"], plan.microbatches)
+        stage, make_schedule = build_stage(model, mesh["pp"], plan.microbatches, plan.interleave)
         stage.to_empty(device=device)  # only this stage's weights exist; the rest stay on meta
         model.init_weights(seed)  # the whole draw order, kept where allocated
         return RankModel(stage, plan, mesh, frozenset(dp_sharded), make_schedule(device))

@@ -21,7 +21,8 @@ def hybrid():
     return ir, reference_run(ir)
 
 
-PLANS = {"pp2-m2": (2, {"pp": 2, "microbatches": 2}), "pp2-dp2-m2": (4, {"pp": 2, "dp": 2, "microbatches": 2})}
+PLANS = {"pp2-m2": (2, {"pp": 2, "microbatches": 2}), "pp2-dp2-m2": (4, {"pp": 2, "dp": 2, "microbatches": 2}),
+         "pp2-interleave2-m2": (2, {"pp": 2, "interleave": 2, "microbatches": 2})}
 
 
 @pytest.mark.parametrize("world, degrees", PLANS.values(), ids=PLANS.keys())

@@ -47,7 +47,7 @@ CASES = {
     "batch": (tp_small, ParallelPlan(dp=2), 2, {"batch": 3}, "dp = 2 does not divide the batch of 3 sequences"),
     "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),
     "pp-with-tp": (tp_small, ParallelPlan(pp=2, tp=2), 4, {}, "pp = 2 runs with dp and zero 0 only so far"),
-    "interleave": (tiny_hybrid, ParallelPlan(pp=2, interleave=2), 2, {}, "interleaved pipeline schedules are not run"),
+    "interleave-without-pp": (tiny_hybrid, ParallelPlan(dp=2, interleave=2), 2, {}, "needs a pipeline"),
     "microbatches": (tp_small, ParallelPlan(pp=2, microbatches=3), 2, {"batch": 4}, "3 micro-batches do not divide"),
     "zero1-tp": (tp_small, ParallelPlan(tp=2, dp=2, zero=1), 4, {}, "zero = 1 with tp > 1"),
     "zero-stage": (tp_small, ParallelPlan(dp=2, zero=4), 2, {}, "zero is a ZeRO stage 0 to 3, got 4"),

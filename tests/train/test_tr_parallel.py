@@ -61,6 +61,7 @@ def assert_same_steps(got: list[dict], want: list[dict], rtol: float = 1e-5) -> 
     pytest.param({"zero": 3}, id="dp2-zero3"),
     pytest.param({"cp": 2}, id="cp2"),
     pytest.param({"pp": 2, "microbatches": 2}, id="pp2-mb2"),
+    pytest.param({"pp": 2, "microbatches": 2, "interleave": 2}, id="pp2-interleave2"),
     pytest.param({"ep": 2}, id="ep2"),
 ])
 def test_two_ranks_equal_one_process(tmp_path, degrees):
