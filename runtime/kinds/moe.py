@@ -26,7 +26,7 @@ from torch import nn
 from ltmdsl.kinds.mlp import MLPConfig
 from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mlp import MLP, activate
 
 if TYPE_CHECKING:
@@ -63,15 +63,69 @@ class Experts(nn.Module):
             if p is not None:
                 init.zeros_(p)
 
+    tp_mesh = None  # set by ExpertWidthParallel: the weights are this tp rank's F/t slice of every expert
+
     def one(self, cfg: MoEConfig, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its tokens x [m, d] -> [m, d]."""
-        gate = x @ self.gate_proj[e].t() if self.gate_proj is not None else None  # [m, F]
-        up = x @ self.up_proj[e].t()  # [m, F]
+        """Expert e on its tokens x [m, d] -> [m, d] (under tensor parallelism: this rank's part of the sum
+        over the expert's width, reduced by `MoE.forward`)."""
+        gate = x @ _local(self.gate_proj)[e].t() if self.gate_proj is not None else None  # [m, F]
+        up = x @ _local(self.up_proj)[e].t()  # [m, F]
         if self.up_bias is not None:
             up = up + self.up_bias[e]
             gate = gate + self.gate_bias[e] if gate is not None else None
-        out = expert_activation(cfg, gate, up) @ self.down_proj[e].t()  # [m, d]
+        out = expert_activation(cfg, gate, up) @ _local(self.down_proj)[e].t()  # [m, d]
         return out + self.down_bias[e] if self.down_bias is not None else out
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a tensor-parallel (DTensor) weight, differentiably; a plain tensor as it is."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def expert_width_parallel():
+    """torch's ParallelStyle splitting every expert's width F over the tp ranks (Megatron's MoE tensor
+    parallelism): gate_proj and up_proj [E, F, d] by F (Shard(1)), down_proj [E, d, F] by F (Shard(2)).
+    Each rank then computes a partial sum of every expert's output, which `MoE.forward` reduces once."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class ExpertWidthParallel(ParallelStyle):
+        def _apply(self, module: Experts, device_mesh):
+            for name, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
+                p = getattr(module, name)
+                if p is not None:
+                    setattr(module, name, nn.Parameter(distribute_tensor(p, device_mesh, [Shard(dim)]),
+                                                       requires_grad=p.requires_grad))
+            module.tp_mesh = device_mesh
+            return module
+
+    return ExpertWidthParallel()
+
+
+class _CopyToTp(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the tp ranks (Megatron's copy to the tensor-parallel
+    region): what enters the split experts gets only this rank's part of its gradient from them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _sum_over_tp(partial: torch.Tensor, mesh) -> torch.Tensor:
+    """The sum of every tp rank's partial output [M, d], on every rank. Through DTensor (Partial ->
+    Replicate), so backward hands each rank the whole output gradient, as Megatron's reduce region does."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    return DTensor.from_local(partial, mesh, [Partial()]).redistribute(mesh, [Replicate()]).to_local()
 
 
 def route(logits: torch.Tensor, cfg: MoEConfig,
@@ -138,6 +192,10 @@ class MoE(nn.Module):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])  # [M, d]
         w, idx = route(self.router(xf), cfg, self.selection_bias)  # [M, k], [M, k]
+        xe = xf
+        if self.experts.tp_mesh is not None:  # the experts' inputs get partial gradients from each rank
+            group = self.experts.tp_mesh.get_group()
+            xe, w = _CopyToTp.apply(xf, group), _CopyToTp.apply(w, group)
         out = torch.zeros_like(xf)  # [M, d]
         for e in range(cfg.experts):
             tok, slot = torch.where(idx == e)  # tokens routed to expert e, and which of their k slots
@@ -145,10 +203,12 @@ class MoE(nn.Module):
                 continue
             we = w[tok, slot, None].to(xf.dtype)  # [m, 1]
             if cfg.weight_input:
-                he = self.experts.one(cfg, e, xf[tok] * we)  # [m, d]
+                he = self.experts.one(cfg, e, xe[tok] * we)  # [m, d]
             else:
-                he = self.experts.one(cfg, e, xf[tok]) * we  # [m, d]
+                he = self.experts.one(cfg, e, xe[tok]) * we  # [m, d]
             out.index_add_(0, tok, he.to(out.dtype))
+        if self.experts.tp_mesh is not None:
+            out = _sum_over_tp(out, self.experts.tp_mesh)  # [M, d]
         if self.shared is not None:
             shared = self.shared(xf)  # [M, d]
             if self.shared_gate is not None:
@@ -179,6 +239,26 @@ def state_names(cfg: MoEConfig) -> tuple[str, ...]:
     if cfg.shared_gate:
         names.append("shared_gate.weight")
     return tuple(names)
+
+
+def tp_plan(cfg: MoEConfig, tp: int) -> dict:
+    """Every expert's width split over tp (`expert_width_parallel`), the shared expert split as an MLP
+    (column-wise in, row-wise out); router and shared gate replicated (same input, same gradient on every
+    rank). Expert biases are refused: the down bias would be added once per rank."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.d_ff % tp or (cfg.shared_d_ff and cfg.shared_d_ff % tp):
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the moe's expert width d_ff = {cfg.d_ff}"
+                                        + (f" and shared_d_ff = {cfg.shared_d_ff}" if cfg.shared_d_ff else ""))
+    if cfg.expert_bias:
+        raise TensorParallelUnsupported("a moe with expert biases has no tensor-parallel plan yet (the down "
+                                        "bias would be added on every rank)")
+    plan = {"experts": expert_width_parallel()}
+    if cfg.shared_d_ff:
+        plan |= {"shared.up_proj": ColwiseParallel(), "shared.down_proj": RowwiseParallel()}
+        if cfg.gated:
+            plan["shared.gate_proj"] = ColwiseParallel()
+    return plan
 
 
 def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
@@ -233,4 +313,5 @@ KIND = RuntimeKind(
     state_names=state_names,
     cp_forward=cp_forward,
     ep_forward=ep_forward,
+    tp_plan=tp_plan,
 )

@@ -38,6 +38,34 @@ def test_tp_matches_one_process(small, world, degrees):
         assert_close(grads[name], g, RTOL, f"gradient of {name}")
 
 
+MOE_SPEC = """
+model tp_moe {
+    vocab = 96
+    d_model = 32
+    dtype = fp32
+    norm = rmsnorm(eps = 1e-5)
+    head = untied
+    layer attn = attention(heads = 4, kv_heads = 2, rope_theta = 10000)
+    layer moe = moe(experts = 4, top_k = 2, d_ff = 16, shared_d_ff = 24, shared_gate = true)
+    layer gmoe = moe(experts = 4, top_k = 3, d_ff = 16, act = gelu)
+    stack { attn moe attn gmoe }
+}
+"""
+
+
+@pytest.mark.parametrize("world, degrees", [(2, {"tp": 2}), (4, {"tp": 2, "zero": 3})], ids=["tp2", "dp2-tp2-zero3"])
+def test_moe_tp_matches_one_process(world, degrees):
+    """Every expert's width split over tp (and the shared expert as an MLP): the partial expert sums are
+    reduced once per MoE, so loss and gradients equal one process (1e-5)."""
+    ir = ltmdsl.loads(MOE_SPEC).ir.model()
+    ref_losses, ref_grads = reference_run(ir)
+    losses, grads = launch(rank_run, world, (ir, plan_from(world=world, **degrees)))[0]
+    for i, (got, want) in enumerate(zip(losses, ref_losses)):
+        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
+    for name, g in ref_grads.items():
+        assert_close(grads[name], g, RTOL, f"gradient of {name}")
+
+
 def test_kind_without_a_plan_is_named():
     with pytest.raises(TensorParallelUnsupported, match="no tensor-parallel plan for kind 'mamba'"):
         tp_plans(tiny_hybrid(), 2)
@@ -47,8 +75,10 @@ def test_kind_without_a_plan_is_named():
     ("attention(heads = 4, kv_heads = 1)", "layer 'a': tp = 2 must divide the attention's 4 heads and 1 kv heads"),
     ("attention(heads = 4, kv_heads = 2, qk_norm = true)", "qk_norm attention has no tensor-parallel plan"),
     ("mlp(d_ff = 30)", "tp = 4 does not divide the mlp's d_ff = 30"),
-], ids=["mqa-kv-heads", "qk-norm", "mlp-width"])
+    ("moe(experts = 4, d_ff = 30)", "tp = 4 must divide the moe's expert width d_ff = 30"),
+    ("moe(experts = 4, d_ff = 32, expert_bias = true)", "expert biases has no tensor-parallel plan"),
+], ids=["mqa-kv-heads", "qk-norm", "mlp-width", "moe-width", "moe-expert-bias"])
 def test_unsplittable_config_is_refused(layer, message):
     ir = ltmdsl.loads(f"model m {{\n vocab = 32\n d_model = 16\n layer a = {layer}\n stack {{ a }}\n}}\n").ir.model()
     with pytest.raises(TensorParallelUnsupported, match=message):
-        tp_plans(ir, 4 if "mlp" in layer else 2)
+        tp_plans(ir, 4 if "mlp" in layer or "moe" in layer else 2)
