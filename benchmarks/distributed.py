@@ -6,7 +6,7 @@ For every plan: the global tokens per second of full training steps (forward, ba
 averaging, AdamW) after one warm-up step, and on each rank the bytes of weights, gradients and optimizer
 state it holds (ltmdsl.distributed.memory) beside the memory model's per-GPU prediction for the same
 plan, plus the rank's peak resident memory. tiny-hybrid (every mixer kind) runs the data-, context-,
-expert- and pipeline-parallel plans; tensor parallelism runs on an attention + MLP model (the kinds with
+expert- and pipeline-parallel plans; tensor parallelism runs on an attention + MLP + MoE model (the kinds with
 a tensor-parallel plan). On a CPU the numbers measure overheads, not speed-ups: ranks share the cores.
 """
 
@@ -32,7 +32,8 @@ model tp_bench {
     head = untied
     layer attn = attention(heads = 8, kv_heads = 4, rope_theta = 10000)
     layer ffn = mlp(d_ff = 512, act = swiglu)
-    stack { attn ffn attn ffn }
+    layer moe = moe(experts = 4, top_k = 2, d_ff = 256, shared_d_ff = 256)
+    stack { attn ffn attn moe }
 }
 """
 
@@ -45,6 +46,7 @@ PLANS = [  # (model, world, degrees)
     ("tiny-hybrid", 2, {"cp": 2}),
     ("tiny-hybrid", 2, {"ep": 2}),
     ("tiny-hybrid", 2, {"pp": 2, "microbatches": 2}),
+    ("tiny-hybrid", 2, {"pp": 2, "microbatches": 2, "interleave": 2}),
     ("tp-bench", 1, {}),
     ("tp-bench", 2, {"tp": 2}),
     ("tp-bench", 2, {"zero": 3}),
