@@ -14,6 +14,7 @@ import pytest
 import ltmdsl
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import spec_from_config
+from paths import EXAMPLES
 
 CONFIGS = Path(__file__).parent / "configs"
 #: published config -> transformers' parameter count (DeepSeek-V3's leaves out its multi-token-prediction module)
@@ -132,6 +133,53 @@ def test_deepseek_v2_lite_reads_every_published_setting():
     assert (mla.heads, mla.q_lora_rank, mla.rope_scaling.mscale_all_dim) == (16, None, 0.707)
     assert (moe.experts, moe.top_k, moe.routing, moe.groups, moe.shared_d_ff, moe.selection_bias) == \
         (64, 6, "softmax_topk", 1, 2816, False)
+
+
+@pytest.mark.parametrize("name, example", [("DeepSeek-V3", "deepseek-v3.ltm"),
+                                           ("DeepSeek-V2-Lite", "deepseek-v2-lite.ltm")])
+def test_published_config_is_the_example(name, example):
+    """The examples are `ltmdsl import-hf` of the committed configs."""
+    ir = ltmdsl.loads(spec_from_config(json.loads((CONFIGS / f"{name}.json").read_text()))).model
+    ex = ltmdsl.load(EXAMPLES / example).model
+    assert [(x.mixer, x.norm) for x in ir.layers] == [(x.mixer, x.norm) for x in ex.layers]
+    assert (ir.vocab, ir.d_model, ir.final_norm, ir.tie_embeddings) == (ex.vocab, ex.d_model, ex.final_norm,
+                                                                        ex.tie_embeddings)
+
+
+def _kv_cache_at_128k(tmp_path, capsys, mixer: str | None) -> dict:
+    """`ltmdsl memory --context 128K --json`'s KV cache of DeepSeek-V3, or of it with another mixer."""
+    from ltmdsl.cli import main
+
+    path = EXAMPLES / "deepseek-v3.ltm"
+    if mixer is not None:
+        text = path.read_text()
+        start = text.index("    layer attn = mla(")
+        end = text.index("    )\n", start) + len("    )\n")
+        path = tmp_path / "variant.ltm"
+        path.write_text(f"{text[:start]}    layer attn = {mixer}\n{text[end:]}")
+    assert main(["memory", str(path), "--context", "128K", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["by_kind"]["kv_cache"]
+
+
+def test_memory_counts_mla_latent_cache_and_readme_comparison(tmp_path, capsys):
+    """DeepSeek-V3 at 128K tokens caches 61 layers x (512 + 64) latent values x 2 B per token; the same 128
+    heads with ordinary keys (192 channels) and values (128) would cache 61 x 128 x 320 x 2 B, or with 8 KV
+    heads 61 x 8 x 320 x 2 B: the numbers of README's table."""
+    T = 128_000
+    assert _kv_cache_at_128k(tmp_path, capsys, None) == {"mla": 61 * (512 + 64) * 2 * T} == {"mla": 8_994_816_000}
+    heads = "heads = 128, head_dim = 192, v_head_dim = 128, rope_theta = 10000.0"
+    assert _kv_cache_at_128k(tmp_path, capsys, f"attention({heads}, kv_heads = 128)") == \
+        {"attention": 61 * 128 * (192 + 128) * 2 * T} == {"attention": 639_631_360_000}
+    assert _kv_cache_at_128k(tmp_path, capsys, f"attention({heads}, kv_heads = 8)") == \
+        {"attention": 61 * 8 * (192 + 128) * 2 * T} == {"attention": 39_976_960_000}
+    from ltmdsl.cli import main
+
+    assert main(["memory", str(EXAMPLES / "deepseek-v3.ltm"), "--context", "128K"]) == 0
+    assert "kv_cache            8.38 GiB    8.99 GB" in capsys.readouterr().out
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    for row in ("| 576 values | 70,272 B | 8.99 GB |", "| 2,560 values | 312,320 B | 39.98 GB |",
+                "| 40,960 values | 4,997,120 B | 639.63 GB |"):
+        assert row in readme
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
