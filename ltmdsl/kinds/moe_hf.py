@@ -66,9 +66,9 @@ DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 #: n_shared_experts, routed_scaling_factor, and the alias transformers' attribute_map gives n_routed_experts.
 _DEEPSEEK_DEFAULTS = {"deepseek_v2": (64, None, 1407, 2, 1.0, "num_experts"),
                       "deepseek_v3": (256, 8, 2048, 1, 2.5, "num_local_experts")}
-_DEEPSEEK_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-                  "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "norm_topk_prob",
-                  "scoring_func")
+_DEEPSEEK_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "num_experts_per_tok",
+                  "moe_intermediate_size", "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group",
+                  "topk_method", "norm_topk_prob", "scoring_func")
 
 
 def _deepseek(r: Reader, ctx: ReadContext) -> dict:
