@@ -14,6 +14,10 @@ Qwen3-Next (`num_experts`, `num_experts_per_tok`, `moe_intermediate_size`; softm
 renormalised when `norm_topk_prob`) adds a shared SwiGLU expert of `shared_expert_intermediate_size` gated by
 sigmoid(x . shared_expert_gate): `mlp.gate.weight`, `mlp.experts.{j}.gate_proj/up_proj/down_proj.weight` (or
 fused as above), `mlp.shared_expert.*` and `mlp.shared_expert_gate.weight`.
+DeepSeek-V2 / V3 (`n_routed_experts`, `num_experts_per_tok`, `moe_intermediate_size`, `n_shared_experts`,
+`routed_scaling_factor`, and their routers' keys: `_deepseek`) keep the same per-expert or fused layout under
+`mlp`, with `mlp.gate.weight`, the shared experts as one MLP `mlp.shared_experts.*` and DeepSeek-V3's selection
+bias `mlp.gate.e_score_correction_bias` (the runtime's `selection_bias` buffer).
 The runtime stores `experts.gate_proj/up_proj [E, F, d]`, `experts.down_proj [E, d, F]` and `router.weight`
 (and `shared.*`, `shared_gate.weight`).
 Export writes the per-expert layout unless asked for the fused one.
