@@ -194,6 +194,9 @@ _NO_COUNTERPART = "this stack has no Hugging Face counterpart"
 def _family_config(ir: ModelIR) -> dict:
     """config_from_ir without the per-layer explanation of a refusal."""
     layers = ir.layers
+    if ir.mtp is not None:
+        raise HFError("multi-token-prediction modules (mtp) have no transformers counterpart (its DeepSeek-V3 "
+                      "builds none); drop the model's mtp setting to export the main model")
     if any(layer.tie_group is not None for layer in layers):
         raise HFError("shared (weight-tied) blocks have no Hugging Face counterpart among the supported families")
     norm = _one([layer.norm for layer in layers] + [ir.final_norm], "norm")

@@ -335,3 +335,15 @@ def test_mla_is_refused_outside_deepseek_and_without_rope(tmp_path):
     assert config_from_ir(ir)["model_type"] == "deepseek_v2"
     with pytest.raises(HFError, match="DeepSeek's MLA always applies RoPE"):
         config_from_ir(ltmdsl.loads(spec.format(theta="none")).model)
+
+
+def test_deepseek_v3_mtp_module_counts_apart_from_the_total():
+    """DeepSeek-V3 with its one MTP module (`mtp = mtp(depth = 1, mixer = attn, ffn = moe)`): the total stays
+    transformers' 671,026,404,352; the module adds 3 norms of 7168, the [7168, 14336] projection and one MLA +
+    MoE layer: 11,610,067,968 (docs/LANGUAGE.md)."""
+    text = (EXAMPLES / "deepseek-v3.ltm").read_text().replace(
+        "    legend {", "    mtp = mtp(depth = 1, mixer = attn, ffn = moe)\n\n    legend {")
+    ir = ltmdsl.loads(text).model
+    d = 7168
+    assert ir.params_total == 671_026_404_352
+    assert ir.params_mtp == 3 * d + 2 * d * d + ir.layers[-2].params + ir.layers[-1].params == 11_610_067_968
