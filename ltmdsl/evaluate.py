@@ -48,6 +48,17 @@ class NormValue:
     zero_centred: bool = False
 
 
+@dataclass(frozen=True)
+class MTPValue:
+    """`mtp(depth = 1, mixer = attn, ffn = moe)`: DeepSeek-V3's multi-token-prediction modules, whose block is
+    the named layer definitions (checked by the model that uses it)."""
+
+    depth: int
+    mixer: Word
+    ffn: Word
+    pos: SourcePos
+
+
 def did_you_mean(name: str, candidates) -> str:
     """' (did you mean 'x'?)' for the closest candidate, or ''."""
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
@@ -356,6 +367,31 @@ def _factors(node: ast.Call, scope: Scope) -> tuple[float, ...]:
     return tuple(out)
 
 
+MTP_PARAMS = ("depth", "mixer", "ffn")
+
+
+def _mtp(node: ast.Call, args: list, kwargs: dict) -> MTPValue:
+    """`mtp(depth = N, mixer = NAME, ffn = NAME)`: depth (default 1) a whole number >= 1, mixer and ffn the
+    names of layer definitions (bare names: the model resolves them)."""
+    if args:
+        raise EvalError(node.pos, "mtp() takes only depth = ..., mixer = ..., ffn = ...")
+    for k, (_, kpos) in kwargs.items():
+        if k not in MTP_PARAMS:
+            raise EvalError(kpos, f"unknown parameter '{k}' of mtp(){did_you_mean(k, MTP_PARAMS)} "
+                            f"(parameters: {', '.join(MTP_PARAMS)})")
+    for k in ("mixer", "ffn"):
+        if k not in kwargs:
+            raise EvalError(node.pos, f"mtp() needs {k} = the name of a layer definition")
+        value, kpos = kwargs[k]
+        if not isinstance(value, Word):
+            raise EvalError(kpos, f"mtp() {k} must name a layer definition, got {describe(value)}")
+    depth, dpos = kwargs.get("depth", (1, node.pos))
+    depth = as_int(depth, dpos, "mtp() depth", 1)
+    if depth > 64:
+        raise EvalError(dpos, f"mtp() depth must be at most 64, got {depth}")
+    return MTPValue(depth, kwargs["mixer"][0], kwargs["ffn"][0], node.pos)
+
+
 def _call(node: ast.Call, scope: Scope) -> Any:
     if node.func in ROPE_SCALINGS:
         return _rope_scaling(node, scope)
@@ -363,6 +399,8 @@ def _call(node: ast.Call, scope: Scope) -> Any:
         return _factors(node, scope)
     args = [evaluate(a, scope) for a in node.args]
     kwargs = {k.name: (evaluate(k.value, scope), k.pos) for k in node.kwargs}
+    if node.func == "mtp":
+        return _mtp(node, args, kwargs)
     if node.func in ("rmsnorm", "layernorm"):
         allowed = ["eps", "zero_centred"] if node.func == "rmsnorm" else ["eps"]
         if args:
@@ -386,7 +424,7 @@ def _call(node: ast.Call, scope: Scope) -> Any:
     }
     if node.func not in fns:
         raise EvalError(node.pos, f"unknown function '{node.func}'"
-                        f"{did_you_mean(node.func, list(fns) + ['rmsnorm', 'layernorm', 'factors', *ROPE_SCALINGS])}")
+                        f"{did_you_mean(node.func, [*fns, 'rmsnorm', 'layernorm', 'factors', 'mtp', *ROPE_SCALINGS])}")
     arity, fn = fns[node.func]
     if kwargs:
         raise EvalError(node.pos, f"{node.func}() takes positional arguments only")

@@ -154,6 +154,29 @@ class SubLayer:
 
 
 @dataclass(frozen=True)
+class MTPConfig:
+    """DeepSeek-V3's multi-token prediction (DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024, section 2.2):
+    `depth` sequential modules; module k (1-based) predicts token i + k + 1 from position i:
+        h'_i = M_k [norm_h(h_i) ; norm_e(embed(t_{i+k}))]         M_k: a [d, 2d] linear, no bias
+        h''  = block_k(h')                                          one transformer block (mixer, FFN), causal
+        logits_i = head(norm_o(h''_i))                               the main model's (shared) head
+    with h the main model's final hidden states (after its final norm) for k = 1 and module k-1's h'' after.
+    Each module owns its norms (norm_h, norm_e, norm_o: the model's norm), M_k and its block; the embedding
+    and the head are the main model's. Its parameters are counted apart from the main model's total
+    (`ModelIR.params_mtp`), as transformers (whose DeepSeek-V3 has no MTP module) counts the total."""
+
+    depth: int
+    block: tuple[SubLayer, ...]  # one module's block: the mixer then the FFN sub-layer, as in the stack
+    norm: NormConfig
+    pos: SourcePos
+
+    def params(self, d_model: int) -> int:
+        """Parameters of all `depth` modules: per module 3 norms, M_k (2d * d) and the block."""
+        one = 3 * self.norm.params_per_channel * d_model + 2 * d_model * d_model + sum(x.params for x in self.block)
+        return self.depth * one
+
+
+@dataclass(frozen=True)
 class ModelIR:
     """A resolved model: embedding, the flat stack of sub-layers, the final norm and the output head.
 
@@ -178,6 +201,12 @@ class ModelIR:
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     logit_cap: float | None = None
+    mtp: MTPConfig | None = None  # multi-token-prediction modules (DeepSeek-V3); outside params_total
+
+    @property
+    def params_mtp(self) -> int:
+        """Parameters of the multi-token-prediction modules (0 without): not part of `params_total`."""
+        return 0 if self.mtp is None else self.mtp.params(self.d_model)
 
     @property
     def embedding_params(self) -> int:
@@ -338,6 +367,10 @@ def _jsonable(obj: Any) -> Any:
             out.pop("source_text", None)
             out["params_total"] = obj.params_total
             out["params_active"] = obj.params_active
+            if obj.mtp is None:  # the JSON of a model without MTP modules stays as it was
+                out.pop("mtp", None)
+            else:
+                out["params_mtp"] = obj.params_mtp
         if isinstance(obj, SubLayer):
             out["kind"] = obj.kind
         if isinstance(obj, RopeScaling):  # only the fields its kind uses (the others are None)

@@ -14,15 +14,16 @@ from typing import Any
 from ltmdsl import ast
 from ltmdsl.errors import Reporter
 from ltmdsl.evaluate import (
-    ROPE_SCALINGS, EvalError, NormValue, Scope, Word, as_int, describe, did_you_mean, evaluate, rope_scaling_usage,
+    ROPE_SCALINGS, EvalError, MTPValue, NormValue, Scope, Word, as_int, describe, did_you_mean, evaluate,
+    rope_scaling_usage,
 )
-from ltmdsl.ir import Dtype, ModelIR, NormConfig, RopeScaling, SourcePos, SubLayer
+from ltmdsl.ir import Dtype, ModelIR, MTPConfig, NormConfig, RopeScaling, SourcePos, SubLayer
 from ltmdsl.kinds import NORM_PARAM, POST_NORM_PARAM, REGISTRY, CheckError, Kind, ModelContext, Param
 from ltmdsl.units import DTYPE_ALIASES, DTYPES, dtype as lookup_dtype
 
 MAX_SUBLAYERS = 100_000
 MODEL_SETTINGS = ("vocab", "d_model", "dtype", "norm", "head", "embed_scale", "residual_scale", "logit_scale",
-                  "logit_cap")
+                  "logit_cap", "mtp")
 #: Model-level scalars (ModelIR): name -> default; a number > 0 each (logit_cap: none = no cap).
 MODEL_SCALARS = {"embed_scale": 1.0, "residual_scale": 1.0, "logit_scale": 1.0, "logit_cap": None}
 DEFAULT_NORM = NormConfig("rmsnorm", 1e-5)
@@ -207,6 +208,34 @@ class ModelResolver:
                 continue
             out[name] = float(value)
         return out, ok
+
+    def _mtp(self, ctx: ModelContext) -> tuple[MTPConfig | None, bool]:
+        """The `mtp = mtp(depth, mixer, ffn)` setting: its block built from the named layer definitions (the
+        mixer a sequence mixer, the ffn a feed-forward kind); (config or None, ok)."""
+        value, pos = self._setting("mtp", None)
+        if value is None:
+            return None, True
+        if not isinstance(value, MTPValue):
+            self.rep.at(pos, f"mtp must be mtp(depth = ..., mixer = ..., ffn = ...) or none, got {describe(value)}")
+            return None, False
+        block = []
+        for j, (role, word) in enumerate((("mixer", value.mixer), ("ffn", value.ffn))):
+            if self._find_layer(word.name) is None:
+                cands = list(self.layer_defs) + list(self.g.layers)
+                self.rep.at(word.pos, f"mtp() {role} names unknown layer '{word.name}'{did_you_mean(word.name, cands)}")
+                return None, False
+            self.used_defs.add(word.name)
+            try:
+                config, lnorm, post, params = self._build(word.name, (), ctx, word.pos)
+            except _Unresolved:
+                return None, False
+            sub = SubLayer(j, word.name, lnorm, config, params, word.pos, post_norm=post)
+            if sub.is_ffn != (role == "ffn"):
+                want = "feed-forward" if role == "ffn" else "sequence-mixer"
+                self.rep.at(word.pos, f"mtp() {role} must name a {want} layer; '{word.name}' is {config.kind}")
+                return None, False
+            block.append(sub)
+        return MTPConfig(value.depth, tuple(block), ctx.norm, value.pos), True
 
     # ---- layer definitions --------------------------------------------------------------------
 
@@ -437,6 +466,8 @@ class ModelResolver:
                 if first[:3] != (config, lnorm, post):
                     self.rep.at(pos, f"shared block '{group}': slot {slot} differs between uses")
             layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot, post))
+        mtp, mtp_ok = self._mtp(ctx)
+        settings_ok = settings_ok and mtp_ok
         for name, d in self.layer_defs.items():  # unused definitions are still checked
             if name not in self.used_defs and REGISTRY.get(d.kind) is not None:
                 with contextlib.suppress(_Unresolved):  # already reported
@@ -445,7 +476,7 @@ class ModelResolver:
         if self.rep.has_errors or not settings_ok:
             return None
         return ModelIR(self.node.name, vocab, d_model, dtype, norm, tied, tuple(layers), self.node.pos,
-                       self.source_hash, self.source_text, **scalars)
+                       self.source_hash, self.source_text, **scalars, mtp=mtp)
 
     def _warn_unused(self) -> None:
         for name, d in {**self.layer_defs, **self.block_defs}.items():

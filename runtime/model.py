@@ -82,6 +82,11 @@ class LTModel(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.final_norm = Norm(ir.final_norm, d, kernels)
         self.lm_head = None if ir.tie_embeddings else nn.Linear(d, ir.vocab, bias=False)
+        self.mtp = None  # DeepSeek-V3's multi-token-prediction modules (runtime/mtp.py), where the spec has them
+        if ir.mtp is not None:
+            from ltmdsl.runtime.mtp import MTPModule
+
+            self.mtp = nn.ModuleList(MTPModule(ir.mtp, d, ir.residual_scale, kernels) for _ in range(ir.mtp.depth))
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -98,9 +103,12 @@ class LTModel(nn.Module):
         self.final_norm.init_weights(gen)
         if self.lm_head is not None:
             init.normal_(self.lm_head.weight, gen)
+        for module in self.mtp or ():
+            module.init_weights(gen)
 
     def num_parameters(self) -> int:
-        """Unique parameters (tied blocks counted once): equals `ir.params_total`."""
+        """Unique parameters (tied blocks counted once): equals `ir.params_total` (+ `ir.params_mtp` where the
+        model has multi-token-prediction modules)."""
         return sum(p.numel() for p in self.parameters())
 
     def parameter_bytes(self) -> int:
@@ -180,6 +188,12 @@ class LTModel(nn.Module):
         if output == "last":
             return self.head(normed[:, -1:])
         return self.head(normed)
+
+    def mtp_logits(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """The multi-token-prediction modules' logits, one [B, T - k, V] per depth k (runtime/mtp.py)."""
+        from ltmdsl.runtime.mtp import mtp_logits
+
+        return mtp_logits(self, input_ids)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy: logits of input_ids [B, T] against targets [B, T] (fp32 softmax)."""

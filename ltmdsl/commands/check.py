@@ -38,7 +38,8 @@ def run(args) -> int:
             reports.append({
                 "file": path, "ok": not failed, "exit": code,
                 "models": [{"name": m.name, "sublayers": len(m.layers), "params_total": m.params_total,
-                            "params_active": m.params_active} for m in spec.models],
+                            "params_active": m.params_active, **({"params_mtp": m.params_mtp} if m.mtp else {})}
+                           for m in spec.models],
                 "budgets": [r.to_json() for r in results],
                 "warnings": [w.to_json() for w in spec.warnings],
             })
@@ -50,6 +51,9 @@ def run(args) -> int:
             mix = ", ".join(f"{n} {k}" for k, n in kinds.items())
             print(f"{path}: ok: model {m.name}: {len(m.layers)} sub-layers ({mix}), "
                   f"{format_count(m.params_total)} parameters ({m.params_total:,})")
+            if m.mtp is not None:  # on its own line: the total is the main model's (transformers' count)
+                print(f"{path}: ok: model {m.name}: multi-token prediction (depth {m.mtp.depth}): "
+                      f"{format_count(m.params_mtp)} parameters ({m.params_mtp:,}) besides the total")
         for r in results:
             if r.ok:
                 print(r.message)

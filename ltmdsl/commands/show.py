@@ -60,6 +60,9 @@ def table(model: ModelIR) -> str:
     lines.append(f"params_total  {model.params_total:>18,}  ({format_count(model.params_total)})")
     if model.params_active != model.params_total:
         lines.append(f"params_active {model.params_active:>18,}  ({format_count(model.params_active)}, per token)")
+    if model.mtp is not None:
+        lines.append(f"params_mtp    {model.params_mtp:>18,}  ({format_count(model.params_mtp)}, multi-token "
+                     f"prediction depth {model.mtp.depth}, besides params_total)")
     return "\n".join(lines)
 
 

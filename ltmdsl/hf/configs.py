@@ -18,6 +18,7 @@ Qwen3-Next names each layer's mixer in `layer_types` (or puts attention on every
 `full_attention_interval`-th layer, 1-based); LFM2 names each layer's type in `layer_types` ("conv" or
 "full_attention"), or its attention layers in `full_attn_idxs`; RecurrentGemma repeats `block_types`
 ("recurrent", "attention") over its layers; xLSTM repeats one mLSTM block over `num_hidden_layers` (`num_blocks`).
+Families added since read in their own modules (ltmdsl/hf/families/<model_type>.py: DeepSeek-V2 / V3).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Callable
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import ReadContext
+from ltmdsl.hf.families import deepseek_v2, deepseek_v3
 from ltmdsl.hf.reader import MAX_CONFIG_BYTES, MAX_HF_LAYERS, MAX_JSON_DEPTH, Reader
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
@@ -39,7 +41,8 @@ from ltmdsl.kinds.mlstm_hf import soft_cap
 from ltmdsl.kinds.rg_lru_hf import hidden_activation
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
-                      "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm")
+                      "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm",
+                      "deepseek_v2", "deepseek_v3")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
@@ -499,7 +502,8 @@ def _xlstm(r: Reader) -> dict:
 _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transformer, "qwen2": _transformer,
             "qwen3": _transformer, "mamba": _mamba_family, "mamba2": _mamba2_family, "jamba": _jamba,
             "nemotron_h": _nemotron_h, "bamba": _bamba, "qwen3_next": _qwen3_next,
-            "lfm2": _lfm2, "recurrent_gemma": _recurrent_gemma, "xlstm": _xlstm}
+            "lfm2": _lfm2, "recurrent_gemma": _recurrent_gemma, "xlstm": _xlstm,
+            "deepseek_v2": deepseek_v2.read, "deepseek_v3": deepseek_v3.read}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
 Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, Qwen3-Next, LFM2,
-RecurrentGemma: `LAYOUTS`) and writes its model-level fields; each
+RecurrentGemma, DeepSeek-V2 / V3: `LAYOUTS`) and writes its model-level fields; each
 sub-layer's kind writes its own fields through its HF facet (ltmdsl/kinds/<kind>_hf.py). To be sure nothing
 is lost, the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and
 sizes; models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...)
@@ -24,6 +24,7 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
+from ltmdsl.hf.families import deepseek_v2, deepseek_v3
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, to_hf
 from ltmdsl.ir import ModelIR
@@ -34,7 +35,8 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
-         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM"}
+         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM",
+         "deepseek_v2": deepseek_v2.ARCH, "deepseek_v3": deepseek_v3.ARCH}
 
 
 def _one(values, what: str):
@@ -120,6 +122,12 @@ LAYOUTS = {
                          "gated shared expert; zero-centred norms)", "qwen3_next", True,
                          ("gated_deltanet", "attention"), ("mlp", "moe"),
                          "Qwen3-Next's mixers are Gated DeltaNet and gated attention", _SWIGLU_FFN),
+    **{f.FAMILY: Layout(f"{name} (multi-head latent attention, each followed by a SwiGLU MLP on the first "
+                        f"first_k_dense_replace layers and {moe} MoE with shared experts after)", f.FAMILY, True,
+                        ("mla",), ("mlp", "moe"), "DeepSeek's mixers are multi-head latent attention (mla)",
+                        _SWIGLU_FFN)
+       for f, name, moe in ((deepseek_v2, "DeepSeek-V2", "a softmax-routed"),
+                            (deepseek_v3, "DeepSeek-V3", "a sigmoid-routed, bias-corrected"))},
 }
 
 
@@ -186,6 +194,9 @@ _NO_COUNTERPART = "this stack has no Hugging Face counterpart"
 def _family_config(ir: ModelIR) -> dict:
     """config_from_ir without the per-layer explanation of a refusal."""
     layers = ir.layers
+    if ir.mtp is not None:
+        raise HFError("multi-token-prediction modules (mtp) have no transformers counterpart (its DeepSeek-V3 "
+                      "builds none); drop the model's mtp setting to export the main model")
     if any(layer.tie_group is not None for layer in layers):
         raise HFError("shared (weight-tied) blocks have no Hugging Face counterpart among the supported families")
     norm = _one([layer.norm for layer in layers] + [ir.final_norm], "norm")
@@ -206,6 +217,8 @@ def _family_config(ir: ModelIR) -> dict:
         return _qwen3_next_config(ir, norm.eps)
     mixers = [layer.mixer for layer in layers]
     n, d = len(layers), ir.d_model
+    if any(layer.kind == "mla" for layer in layers) and LAYOUTS["deepseek_v2"].holds(ir):
+        return (deepseek_v3 if deepseek_v3.claims(ir) else deepseek_v2).config(ir, base, norm.eps)
     if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
         return _xlstm_config(ir, base, norm.eps)
 
@@ -498,7 +511,9 @@ def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite:
 
         warn_nonfinite(model.named_parameters(), f"model {model.ir.name}")
     cfg, plan = hf_plan(model.ir)
-    state = {name: p.detach().cpu() for name, p in model.named_parameters()}
+    from ltmdsl.runtime.checkpoint import stored_tensors
+
+    state = {name: p.detach().cpu() for name, p in stored_tensors(model).items()}  # a selection bias too
     tensors = to_hf(plan, state, expert_counts(model.ir), fused=fused)
     dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
     if len(dtypes) == 1:

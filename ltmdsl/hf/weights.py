@@ -42,6 +42,7 @@ _SSM = Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f", 
 NAMINGS = {
     "llama": _TRANSFORMER, "mistral": _TRANSFORMER, "qwen2": _TRANSFORMER, "qwen3": _TRANSFORMER,
     "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
+    "deepseek_v2": _TRANSFORMER, "deepseek_v3": _TRANSFORMER,
     "mamba2": _SSM,
     "nemotron_h": Naming(prefixes=("backbone.", "model."), embed="embeddings", final_norm="norm_f",
                          mixer_norm="norm", ffn_norm="norm"),

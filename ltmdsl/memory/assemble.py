@@ -122,6 +122,11 @@ def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: b
         head = model.head_params + model.final_norm_params
         for comp, expr in training.model_states(head, 0, s).items():
             st.add(comp, "head", expr)
+    if last and model.mtp is not None:  # DeepSeek-V3's multi-token-prediction modules, held beside the head
+        d = model.d_model
+        expert = model.mtp.depth * sum(kinds.kind_of(x.mixer).split(x.mixer, d).expert_params for x in model.mtp.block)
+        for comp, expr in training.model_states(model.params_mtp - expert, expert, s).items():
+            st.add(comp, "mtp", expr)
 
 
 def _inference(st: StageExprs, model: ModelIR, s: Settings, counts: dict, last: bool) -> None:

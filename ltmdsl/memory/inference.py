@@ -60,7 +60,8 @@ def cache_bytes(model: ModelIR, *, batch: int, context: int, kv_dtype: Dtype, st
 
 
 def weights_bytes(model: ModelIR, dtype: Dtype | str) -> int:
-    """params_total * dtype.bytes (tied weights counted once)."""
+    """(params_total + params_mtp) * dtype.bytes (tied weights counted once; the multi-token-prediction
+    modules, where the model declares them, are held beside the main model)."""
     from ltmdsl.memory.settings import as_dtype
 
-    return model.params_total * as_dtype(dtype).bytes
+    return (model.params_total + model.params_mtp) * as_dtype(dtype).bytes
