@@ -19,7 +19,7 @@ import os
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config, read_config
 from ltmdsl.hf.spec import Plan
-from ltmdsl.hf.weights import expert_counts, gather, source_of
+from ltmdsl.hf.weights import NAMINGS, expert_counts, gather, layer_configs, source_of
 from ltmdsl.tensorfile import TensorFileError, TensorInfo, check_fits, read_header
 
 #: safetensors dtypes a Hugging Face weight may have (the runtime casts them to the model's dtype).
@@ -112,9 +112,11 @@ def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) 
     """Runtime parameter name -> tensor gathered through `read`, after checking that the names match."""
     available = ckpt.names
     experts = expert_counts(ir)
-    sources = {name: source_of(plan, name, experts, available) for name in params}
+    layers = layer_configs(ir)
+    sources = {name: source_of(plan, name, experts, available, layers=layers) for name in params}
     used = {n for src in sources.values() for n in src.names}
     allowed = {"lm_head.weight"} if ir.tie_embeddings else set()  # some tied checkpoints repeat it
+    allowed |= {n for n in available if n.startswith(NAMINGS[plan.family].unused)}  # e.g. a vision tower
     unexpected = sorted(available - used - allowed)
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""

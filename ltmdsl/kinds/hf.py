@@ -20,7 +20,7 @@ HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
     f.name: f for f in (
         attention_hf.HF, mamba_hf.HF, mamba2_hf.HF, mlp_hf.HF, moe_hf.HF,
         HFNotMappedYet("mla", ("deepseek_v2", "deepseek_v3", "kimi_linear")),
-        gated_deltanet_hf.HF,  # qwen3_next; qwen3_5 and qwen3_5_moe are not mapped yet
+        gated_deltanet_hf.HF,  # qwen3_next, qwen3_5, qwen3_5_moe
         HFNotMappedYet("kda", ("kimi_linear",)),
         short_conv_hf.HF,
         HFNotMappedYet("lightning", ("minimax",)),

@@ -32,7 +32,7 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return dict(d_ff=ctx.shared["d_ff"], act="swiglu", bias=r.bool("mlp_bias", False) if fam == "llama" else False)
     if fam == "bamba":
         return dict(d_ff=r.int("intermediate_size", 14336), act="swiglu", bias=r.bool("mlp_bias", False))
-    if fam == "qwen3_next":  # the dense MLP of mlp_only_layers and of layers off decoder_sparse_step
+    if fam in ("qwen3_next", "qwen3_5"):  # Qwen3-Next's mlp_only_layers / off decoder_sparse_step; Qwen3.5's
         return dict(d_ff=r.int("intermediate_size", 5632), act="swiglu", bias=False)
     if fam == "nemotron_h":
         r.expect("mlp_hidden_act", lambda v: v == "relu2", "'relu2'", "relu2")
@@ -113,7 +113,7 @@ def write(f, fam: str, d: int) -> dict:
         if fam in ("llama", "bamba"):
             out["mlp_bias"] = f.bias
         return out
-    if fam == "qwen3_next":
+    if fam in ("qwen3_next", "qwen3_5"):
         if f.activation != "swiglu" or f.bias:
             raise HFError("Qwen3-Next's MLPs use swiglu without biases")
         return {"intermediate_size": f.d_ff}
@@ -134,7 +134,7 @@ def _xlstm_ffn(d_ff: int, d: int) -> dict:
 
 
 def misfit(f, fam: str) -> str | None:
-    if fam == "qwen3_next":
+    if fam in ("qwen3_next", "qwen3_5"):
         return None if f.activation == "swiglu" and not f.bias else "Qwen3-Next's MLPs use swiglu without biases"
     if fam == "nemotron_h":
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
@@ -168,9 +168,9 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     return copy_tensor(facet, rest, site)
 
 
-HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "lfm2", "recurrent_gemma",
+HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "qwen3_5", "lfm2", "recurrent_gemma",
                                                                  "xlstm"),
-             modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")},
+             modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_5")},
                       "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
                       "lfm2": ("feed_forward",), "recurrent_gemma": ("mlp_block",), "xlstm": ("ffn",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

@@ -28,7 +28,8 @@ from ltmdsl.hf.spec import num
 
 #: family -> (router module inside the MoE block, per-expert gate / up / down names)
 NAMES = {"mixtral": ("gate", ("w1", "w3", "w2")), "jamba": ("router", ("gate_proj", "up_proj", "down_proj")),
-         "qwen3_next": ("gate", ("gate_proj", "up_proj", "down_proj"))}
+         "qwen3_next": ("gate", ("gate_proj", "up_proj", "down_proj")),
+         "qwen3_5_moe": ("gate", ("gate_proj", "up_proj", "down_proj"))}
 _WHICH = {"experts.gate_proj": 0, "experts.up_proj": 1, "experts.down_proj": 2}
 
 
@@ -40,10 +41,15 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         experts = r.int("num_experts", r.cfg.get("num_local_experts", 16))
         r.raw("num_local_experts", None)
         top_k, key, routing = r.int("num_experts_per_tok", 2), "num_experts", "softmax_topk"
-    elif ctx.family == "qwen3_next":
+    elif ctx.family in ("qwen3_next", "qwen3_5_moe"):
         experts = r.int("num_experts", 512, minimum=1 if ctx.present else 0)  # 0: no expert layers
         top_k, key = r.int("num_experts_per_tok", 10), "num_experts"
-        routing = "softmax_topk_renorm" if r.bool("norm_topk_prob", True) else "softmax_topk"
+        if ctx.family == "qwen3_5_moe":  # Qwen3_5MoeTopKRouter always renormalises; its config has no such key
+            r.expect("norm_topk_prob", lambda v: v in (None, True), "true (transformers' Qwen3.5 router always "
+                     "renormalises the top-k weights)")
+            routing = "softmax_topk_renorm"
+        else:
+            routing = "softmax_topk_renorm" if r.bool("norm_topk_prob", True) else "softmax_topk"
         d_ff, shared = r.int("moe_intermediate_size", 512), r.int("shared_expert_intermediate_size", 512)
         if ctx.present and top_k > experts:
             raise r.fail(f"num_experts_per_tok {top_k} > {key} {experts}")
@@ -63,6 +69,12 @@ def call(v: dict) -> str:
 
 
 def write(f, fam: str, d: int) -> dict:
+    if fam == "qwen3_5_moe":
+        if f.activation != "swiglu" or f.routing != "softmax_topk_renorm" or not f.shared_d_ff or not f.shared_gate \
+                or set(f.variants()) - {"shared_d_ff", "shared_gate"}:
+            raise HFError("Qwen3.5's experts use swiglu, softmax_topk_renorm routing and a gated shared expert")
+        return {"num_experts": f.experts, "num_experts_per_tok": f.top_k, "moe_intermediate_size": f.d_ff,
+                "shared_expert_intermediate_size": f.shared_d_ff}
     if fam == "qwen3_next":
         if f.activation != "swiglu" or f.routing not in ("softmax_topk_renorm", "softmax_topk") \
                 or not f.shared_d_ff or not f.shared_gate:
@@ -83,7 +95,7 @@ def write(f, fam: str, d: int) -> dict:
 
 
 def misfit(f, fam: str) -> str | None:
-    if fam == "qwen3_next":
+    if fam in ("qwen3_next", "qwen3_5_moe"):
         try:
             write(f, fam, 1)
         except HFError as e:
@@ -117,7 +129,7 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
     block = f"{site.block}{module}."
     if rest.startswith("router."):
         return Source((f"{block}{router}.{rest.split('.', 1)[1]}",))
-    if site.family == "qwen3_next" and rest.startswith(("shared.", "shared_gate.")):
+    if site.family in ("qwen3_next", "qwen3_5_moe") and rest.startswith(("shared.", "shared_gate.")):
         head, tail = rest.split(".", 1)
         return Source((f"{block}{'shared_expert' if head == 'shared' else 'shared_expert_gate'}.{tail}",))
     which = _WHICH.get(rest)
@@ -130,6 +142,7 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
     return Source(tuple(f"{block}experts.{j}.{names[which]}.weight" for j in range(site.experts)), "stack")
 
 
-HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next"),
-             modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",)},
+HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next", "qwen3_5_moe"),
+             modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
+                      "qwen3_5_moe": ("mlp",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)
