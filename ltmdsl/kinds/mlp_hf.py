@@ -13,7 +13,8 @@ int(block_ffn_dim_multiplier * d_ff) rounded up to a multiple of `block_multiple
 would skip both, is refused as transformers 5 refuses it);
 `block_ff_dim` (the original configs' name) replaces intermediate_size as Lfm2Config does. Its tensors sit
 under `feed_forward` as `w1` (gate), `w3` (up) and `w2` (down). RecurrentGemma's MLP (`mlp_block`) is a GeGLU
-with biases, intermediate_size // 2 wide, whose GELU is `hidden_activation` (tanh form: geglu_tanh).
+with biases, intermediate_size // 2 wide, whose GELU is `hidden_activation` (tanh form: geglu_tanh). DeepSeek-V2 / V3's
+dense first layers (first_k_dense_replace) have a SwiGLU MLP of `intermediate_size` under `mlp`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from ltmdsl.hf.reader import Reader
 from ltmdsl.hf.spec import num, show_value
 
 SWIGLU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "jamba", "bamba")
+#: DeepSeek-V2 / V3 (DeepseekV2MLP / DeepseekV3MLP under `mlp`; mlp_bias refused by the family) -> the default
+#: intermediate_size of its config class.
+DEEPSEEK = {"deepseek_v2": 11008, "deepseek_v3": 18432}
 
 
 def read(r: Reader, ctx: ReadContext) -> dict:
@@ -34,6 +38,8 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return dict(d_ff=r.int("intermediate_size", 14336), act="swiglu", bias=r.bool("mlp_bias", False))
     if fam in ("qwen3_next", "qwen3_5"):  # Qwen3-Next's mlp_only_layers / off decoder_sparse_step; Qwen3.5's
         return dict(d_ff=r.int("intermediate_size", 5632), act="swiglu", bias=False)
+    if fam in DEEPSEEK:  # the dense MLP of the first first_k_dense_replace layers
+        return dict(d_ff=r.int("intermediate_size", DEEPSEEK[fam]), act="swiglu", bias=False)
     if fam == "nemotron_h":
         r.expect("mlp_hidden_act", lambda v: v == "relu2", "'relu2'", "relu2")
         values = dict(d_ff=r.int("intermediate_size", 21504), act="relu2", bias=r.bool("mlp_bias", False)) \
@@ -117,6 +123,10 @@ def write(f, fam: str, d: int) -> dict:
         if f.activation != "swiglu" or f.bias:
             raise HFError("Qwen3-Next's MLPs use swiglu without biases")
         return {"intermediate_size": f.d_ff}
+    if fam in DEEPSEEK:
+        if f.activation != "swiglu" or f.bias:
+            raise HFError("DeepSeek's MLPs use swiglu without biases")
+        return {"intermediate_size": f.d_ff}
     if fam == "nemotron_h":
         if f.activation != "relu2":
             raise HFError("Nemotron-H MLPs use relu2")
@@ -136,6 +146,8 @@ def _xlstm_ffn(d_ff: int, d: int) -> dict:
 def misfit(f, fam: str) -> str | None:
     if fam in ("qwen3_next", "qwen3_5"):
         return None if f.activation == "swiglu" and not f.bias else "Qwen3-Next's MLPs use swiglu without biases"
+    if fam in DEEPSEEK:
+        return None if f.activation == "swiglu" and not f.bias else "DeepSeek's MLPs use swiglu without biases"
     if fam == "nemotron_h":
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
     if fam == "lfm2":
@@ -168,9 +180,9 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     return copy_tensor(facet, rest, site)
 
 
-HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "qwen3_5", "lfm2", "recurrent_gemma",
-                                                                 "xlstm"),
-             modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_5")},
+HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "qwen3_5", "lfm2",
+                                                                 "recurrent_gemma", "xlstm", *DEEPSEEK),
+             modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_5", *DEEPSEEK)},
                       "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
                       "lfm2": ("feed_forward",), "recurrent_gemma": ("mlp_block",), "xlstm": ("ffn",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

@@ -29,7 +29,8 @@ from ltmdsl.hf.spec import num
 #: family -> (router module inside the MoE block, per-expert gate / up / down names)
 NAMES = {"mixtral": ("gate", ("w1", "w3", "w2")), "jamba": ("router", ("gate_proj", "up_proj", "down_proj")),
          "qwen3_next": ("gate", ("gate_proj", "up_proj", "down_proj")),
-         "qwen3_5_moe": ("gate", ("gate_proj", "up_proj", "down_proj"))}
+         "qwen3_5_moe": ("gate", ("gate_proj", "up_proj", "down_proj")),
+         **{f: ("gate", ("gate_proj", "up_proj", "down_proj")) for f in ("deepseek_v2", "deepseek_v3")}}
 _WHICH = {"experts.gate_proj": 0, "experts.up_proj": 1, "experts.down_proj": 2}
 
 
@@ -54,6 +55,8 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         if ctx.present and top_k > experts:
             raise r.fail(f"num_experts_per_tok {top_k} > {key} {experts}")
         return dict(experts=experts, top_k=top_k, d_ff=d_ff, routing=routing, shared_d_ff=shared, shared_gate=True)
+    elif ctx.family in DEEPSEEK:
+        return _deepseek(r, ctx)
     else:
         raise HFError(f"internal: moe has no reader for {ctx.family}")
     if top_k > experts:
@@ -61,14 +64,120 @@ def read(r: Reader, ctx: ReadContext) -> dict:
     return dict(experts=experts, top_k=top_k, d_ff=ctx.shared["d_ff"], routing=routing)
 
 
+#: DeepSeek-V2 / V3 (DeepseekV2Moe / DeepseekV3MoE under `mlp`): routed experts, `n_shared_experts` shared
+#: experts fused into one MLP of moe_intermediate_size * n_shared_experts (`shared_experts.*`), the router
+#: `gate.weight`, and DeepSeek-V3's selection bias `gate.e_score_correction_bias`.
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+#: model_type -> its config class's defaults: n_routed_experts, num_experts_per_tok, moe_intermediate_size,
+#: n_shared_experts, routed_scaling_factor, and the alias transformers' attribute_map gives n_routed_experts.
+_DEEPSEEK_DEFAULTS = {"deepseek_v2": (64, None, 1407, 2, 1.0, "num_experts"),
+                      "deepseek_v3": (256, 8, 2048, 1, 2.5, "num_local_experts")}
+_DEEPSEEK_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                  "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "norm_topk_prob",
+                  "scoring_func")
+
+
+def _deepseek(r: Reader, ctx: ReadContext) -> dict:
+    """DeepSeek's MoE as transformers computes it.
+
+    V2 (DeepseekV2TopkRouter): softmax scores; `topk_method` "greedy" (top-k of all experts) or
+    "group_limited_greedy" (`n_group` groups scored by their best expert, the `topk_group` best eligible); the
+    weights are not renormalised (transformers ignores norm_topk_prob, so true is refused), times
+    routed_scaling_factor. V3 (DeepseekV3TopkRouter): sigmoid scores, the selection bias added to choose, groups
+    scored by their two best (n_group, topk_group), renormalised when norm_topk_prob, times routed_scaling_factor;
+    transformers always routes so, so only topk_method "noaux_tc" and scoring_func "sigmoid" are accepted.
+    """
+    fam = ctx.family
+    experts_d, top_k_d, d_ff_d, shared_d, scale_d, alias = _DEEPSEEK_DEFAULTS[fam]
+    if not ctx.present:  # no expert layer (first_k_dense_replace >= num_hidden_layers): the keys are unused
+        r.used.update(_DEEPSEEK_KEYS)
+        return {}
+    experts = r.int("n_routed_experts", experts_d)
+    if r.present(alias) and r.int(alias) != experts:
+        raise r.fail(f"'{alias}' ({r.cfg[alias]}) disagrees with 'n_routed_experts' ({experts}); it is an alias")
+    r.raw(alias, None)
+    # DeepseekV2Config's default is None, which its router cannot run: then the key must be stated
+    top_k = r.int("num_experts_per_tok") if top_k_d is None else r.int("num_experts_per_tok", top_k_d)
+    if top_k > experts:
+        raise r.fail(f"num_experts_per_tok {top_k} > n_routed_experts {experts}")
+    d_ff = r.int("moe_intermediate_size", d_ff_d)
+    shared = r.int("n_shared_experts", shared_d, minimum=0)
+    scale = r.float("routed_scaling_factor", scale_d)
+    v = dict(experts=experts, top_k=top_k, d_ff=d_ff, shared_d_ff=shared * d_ff, routed_scale=scale)
+    if fam == "deepseek_v2":
+        r.expect("scoring_func", lambda x: x in (None, "softmax"), "'softmax' (transformers' DeepSeek-V2 router)")
+        r.expect("norm_topk_prob", lambda x: x in (None, False),
+                 "false (transformers' DeepSeek-V2 router never renormalises the top-k weights)")
+        method = r.raw("topk_method", "greedy")
+        v["routing"] = "softmax_topk"
+        if method == "group_limited_greedy":
+            v.update(groups=r.int("n_group"), top_groups=r.int("topk_group"), group_score="max")
+        elif method == "greedy":
+            r.raw("n_group", None)
+            r.raw("topk_group", None)  # unused by greedy selection
+        else:
+            r.unsupported("topk_method", "'greedy' or 'group_limited_greedy' (transformers' DeepSeek-V2 router)")
+        return v
+    r.expect("scoring_func", lambda x: x in (None, "sigmoid"), "'sigmoid' (transformers' DeepSeek-V3 router)")
+    r.expect("topk_method", lambda x: x in (None, "noaux_tc"), "'noaux_tc' (transformers' DeepSeek-V3 router)")
+    groups, top_groups = r.int("n_group", 8), r.int("topk_group", 4)
+    if groups == 1 and top_groups != 1:
+        raise r.fail(f"'topk_group' ({top_groups}) must be 1 when 'n_group' is 1")
+    if groups > 1:
+        v.update(groups=groups, top_groups=top_groups, group_score="top2_sum")
+    v.update(routing="sigmoid_topk_renorm" if r.bool("norm_topk_prob", True) else "sigmoid_topk", selection_bias=True)
+    return v
+
+
+def _routing_text(v: dict) -> str:
+    """The routing variants' keywords (DeepSeek's groups, selection bias, scale), those off their defaults."""
+    out = ""
+    if v.get("groups", 1) > 1:
+        out += f", groups = {num(v['groups'])}, top_groups = {num(v['top_groups'])}, group_score = {v['group_score']}"
+    if v.get("selection_bias"):
+        out += ", selection_bias = true"
+    if v.get("routed_scale", 1.0) != 1.0:
+        out += f", routed_scale = {num(float(v['routed_scale']))}"
+    return out
+
+
+def _deepseek_fields(f, fam: str) -> dict:
+    """DeepSeek-V2 / V3 config fields of an MoE, or HFError saying what the family's router cannot do."""
+    other = [x for x in f.beyond_plain() if x not in ("groups", "top_groups", "group_score", "selection_bias",
+                                                       "routed_scale", "shared_d_ff")]
+    if f.activation != "swiglu" or other:
+        raise HFError(f"DeepSeek's experts are SwiGLU without biases, gates or input weighting (this MoE has "
+                      f"{', '.join(other) or 'act = ' + f.activation})")
+    if f.shared_d_ff % f.d_ff:
+        raise HFError(f"DeepSeek's shared experts are n_shared_experts * moe_intermediate_size wide; shared_d_ff "
+                      f"{f.shared_d_ff} is not a multiple of d_ff {f.d_ff}")
+    out = {"n_routed_experts": f.experts, "num_experts_per_tok": f.top_k, "moe_intermediate_size": f.d_ff,
+           "n_shared_experts": f.shared_d_ff // f.d_ff, "routed_scaling_factor": f.routed_scale}
+    if fam == "deepseek_v2":
+        if f.routing != "softmax_topk" or f.selection_bias or (f.groups > 1 and f.group_score != "max"):
+            raise HFError("DeepSeek-V2 routes with softmax_topk (no renormalisation, no selection bias), in groups "
+                          "scored by their best expert (group_score max)")
+        grouped = f.groups > 1
+        return {**out, "topk_method": "group_limited_greedy" if grouped else "greedy", "norm_topk_prob": False,
+                "n_group": f.groups if grouped else None, "topk_group": f.top_groups if grouped else None}
+    if f.routing not in ("sigmoid_topk_renorm", "sigmoid_topk") or not f.selection_bias or \
+            (f.groups > 1 and f.group_score != "top2_sum"):
+        raise HFError("DeepSeek-V3 routes with sigmoid scores and a selection bias (sigmoid_topk_renorm or "
+                      "sigmoid_topk, selection_bias = true), in groups scored by their two best (top2_sum)")
+    return {**out, "n_group": f.groups, "topk_group": f.top_groups, "norm_topk_prob": f.renormalise}
+
+
 def call(v: dict) -> str:
     shared = f", shared_d_ff = {num(v['shared_d_ff'])}" if v.get("shared_d_ff") else ""
     shared += ", shared_gate = true" if v.get("shared_gate") else ""
+    shared = _routing_text(v) + shared
     return (f"moe(experts = {num(v['experts'])}, top_k = {num(v['top_k'])}, d_ff = {num(v['d_ff'])}, act = swiglu, "
             f"routing = {v['routing']}{shared})")
 
 
 def write(f, fam: str, d: int) -> dict:
+    if fam in DEEPSEEK:
+        return _deepseek_fields(f, fam)
     if fam == "qwen3_5_moe":
         if f.activation != "swiglu" or f.routing != "softmax_topk_renorm" or not f.shared_d_ff or not f.shared_gate \
                 or set(f.variants()) - {"shared_d_ff", "shared_gate"}:
@@ -95,7 +204,7 @@ def write(f, fam: str, d: int) -> dict:
 
 
 def misfit(f, fam: str) -> str | None:
-    if fam in ("qwen3_next", "qwen3_5_moe"):
+    if fam in ("qwen3_next", "qwen3_5_moe") or fam in DEEPSEEK:
         try:
             write(f, fam, 1)
         except HFError as e:
@@ -129,6 +238,10 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
     block = f"{site.block}{module}."
     if rest.startswith("router."):
         return Source((f"{block}{router}.{rest.split('.', 1)[1]}",))
+    if site.family in DEEPSEEK and rest.startswith("shared."):
+        return Source((f"{block}shared_experts.{rest.split('.', 1)[1]}",))
+    if rest == "selection_bias":
+        return Source((f"{block}{router}.e_score_correction_bias",))
     if site.family in ("qwen3_next", "qwen3_5_moe") and rest.startswith(("shared.", "shared_gate.")):
         head, tail = rest.split(".", 1)
         return Source((f"{block}{'shared_expert' if head == 'shared' else 'shared_expert_gate'}.{tail}",))
@@ -142,7 +255,7 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
     return Source(tuple(f"{block}experts.{j}.{names[which]}.weight" for j in range(site.experts)), "stack")
 
 
-HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next", "qwen3_5_moe"),
+HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next", *DEEPSEEK, "qwen3_5_moe"),
              modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
-                      "qwen3_5_moe": ("mlp",)},
+                      **{f: ("mlp",) for f in DEEPSEEK}, "qwen3_5_moe": ("mlp",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)
