@@ -24,7 +24,7 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import qwen3_5
+from ltmdsl.hf.families import kimi_linear, qwen3_5
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, layer_configs, to_hf
 from ltmdsl.ir import ModelIR
@@ -36,7 +36,7 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
          "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM",
-         **dict(qwen3_5.ARCHITECTURES.values())}
+         **dict(qwen3_5.ARCHITECTURES.values()), "kimi_linear": kimi_linear.ARCH}
 
 
 def _one(values, what: str):
@@ -127,6 +127,9 @@ LAYOUTS = {
                  "Qwen3.5's mixers are Gated DeltaNet and gated attention", f"expected the {kind} after each mixer")
        for f, name, kind, ffn in (("qwen3_5", "Qwen3.5", "mlp", "SwiGLU MLP"),
                                   ("qwen3_5_moe", "Qwen3.5-MoE", "moe", "MoE with a gated shared expert"))},
+    "kimi_linear": Layout("Kimi-Linear (KDA or MLA without RoPE, each followed by a SwiGLU MLP or a MoE with DeepSeek-V3's "
+                          "router and shared experts)", "kimi_linear", True, ("kda", "mla"), ("mlp", "moe"),
+                          "Kimi-Linear's mixers are KDA and MLA without RoPE", _SWIGLU_FFN),
 }
 
 
@@ -230,6 +233,9 @@ def _family_config(ir: ModelIR, family: str | None = None) -> dict:
     n, d = len(layers), ir.d_model
     if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
         return _xlstm_config(ir, base, norm.eps)
+    if LAYOUTS["kimi_linear"].holds(ir) and (any(layer.kind == "kda" for layer in layers) or all(
+            m.rope_theta is None for m in mixers if m.kind == "mla")):  # KDA, or MLA without RoPE
+        return kimi_linear.config(ir, base, norm.eps)
 
     for family in ("mamba", "mamba2"):  # one SSM kind, no FFN
         if LAYOUTS[family].holds(ir):
@@ -523,7 +529,9 @@ def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite:
 
         warn_nonfinite(model.named_parameters(), f"model {model.ir.name}")
     cfg, plan = hf_plan(model.ir, family)
-    state = {name: p.detach().cpu() for name, p in model.named_parameters()}
+    from ltmdsl.runtime.checkpoint import stored_tensors
+
+    state = {name: p.detach().cpu() for name, p in stored_tensors(model).items()}  # with the persistent buffers
     tensors = to_hf(plan, state, expert_counts(model.ir), fused=fused, layers=layer_configs(model.ir))
     dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
     if len(dtypes) == 1:

@@ -134,6 +134,7 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
     import torch
 
     from ltmdsl.runtime.build import kernels_for
+    from ltmdsl.runtime.checkpoint import stored_tensors
     from ltmdsl.runtime.model import LTModel
 
     odd = sorted(n for n, info in ckpt.infos.items() if info.dtype not in FLOAT_DTYPES)
@@ -141,7 +142,7 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
         raise HFError(f"tensor {odd[0]} is {ckpt.infos[odd[0]].dtype}; weights must be one of "
                       f"{', '.join(FLOAT_DTYPES)}", ckpt.folder)
     with torch.device("meta"):
-        params = dict(LTModel(ir, kernels_for("torch", ir)).named_parameters())
+        params = stored_tensors(LTModel(ir, kernels_for("torch", ir)))  # parameters and persistent buffers
     _tensors(params, ir, plan, ckpt, ckpt.read_meta, ckpt.folder)
     itemsize = torch.empty((), dtype=dtype).element_size()
     # built in fp32, cast to dtype, and every checkpoint tensor read (and stacked) once while filling it
@@ -153,13 +154,14 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
 
 
 def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None) -> None:
-    """Fill every parameter of a runtime `model` built from `plan` with the checkpoint's tensors."""
+    """Fill every parameter and persistent buffer of a runtime `model` built from `plan` with the checkpoint's
+    tensors."""
     import torch
 
-    from ltmdsl.runtime.checkpoint import warn_nonfinite
+    from ltmdsl.runtime.checkpoint import stored_tensors, warn_nonfinite
 
     ckpt = ckpt or Checkpoint(folder)
-    params = dict(model.named_parameters())  # tied weights appear once
+    params = stored_tensors(model)  # tied weights appear once; persistent buffers (a MoE's selection bias) too
     read: list[tuple[str, object]] = []  # (checkpoint name, tensor): NaN warnings name the file's tensors
 
     def reading(name: str):

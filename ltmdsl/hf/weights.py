@@ -52,6 +52,7 @@ NAMINGS = {
                    mixer_norm="operator_norm", ffn_norm="ffn_norm"),
     "xlstm": Naming(prefixes=("backbone.",), embed="embeddings", final_norm="out_norm", mixer_norm="norm_mlstm",
                     ffn_norm="norm_ffn", layers="blocks"),
+    "kimi_linear": _TRANSFORMER,
     **dict.fromkeys(("qwen3_5", "qwen3_5_moe"), Naming(  # published: under model.language_model, beside a vision tower
         ("model.", "model.language_model."), "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm",
         unused=("model.visual.", "mtp."))),

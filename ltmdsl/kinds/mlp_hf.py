@@ -40,6 +40,8 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return dict(d_ff=r.int("intermediate_size", 5632), act="swiglu", bias=False)
     if fam in DEEPSEEK:  # the dense MLP of the first first_k_dense_replace layers
         return dict(d_ff=r.int("intermediate_size", DEEPSEEK[fam]), act="swiglu", bias=False)
+    if fam == "kimi_linear":  # KimiLinearMLP of the "dense" mlp_layer_types
+        return dict(d_ff=r.int("intermediate_size", 9216), act="swiglu", bias=False)
     if fam == "nemotron_h":
         r.expect("mlp_hidden_act", lambda v: v == "relu2", "'relu2'", "relu2")
         values = dict(d_ff=r.int("intermediate_size", 21504), act="relu2", bias=r.bool("mlp_bias", False)) \
@@ -123,9 +125,9 @@ def write(f, fam: str, d: int) -> dict:
         if f.activation != "swiglu" or f.bias:
             raise HFError("Qwen3-Next's MLPs use swiglu without biases")
         return {"intermediate_size": f.d_ff}
-    if fam in DEEPSEEK:
+    if fam in DEEPSEEK or fam == "kimi_linear":
         if f.activation != "swiglu" or f.bias:
-            raise HFError("DeepSeek's MLPs use swiglu without biases")
+            raise HFError("DeepSeek's and Kimi-Linear's MLPs use swiglu without biases")
         return {"intermediate_size": f.d_ff}
     if fam == "nemotron_h":
         if f.activation != "relu2":
@@ -146,8 +148,9 @@ def _xlstm_ffn(d_ff: int, d: int) -> dict:
 def misfit(f, fam: str) -> str | None:
     if fam in ("qwen3_next", "qwen3_5"):
         return None if f.activation == "swiglu" and not f.bias else "Qwen3-Next's MLPs use swiglu without biases"
-    if fam in DEEPSEEK:
-        return None if f.activation == "swiglu" and not f.bias else "DeepSeek's MLPs use swiglu without biases"
+    if fam in DEEPSEEK or fam == "kimi_linear":
+        return None if f.activation == "swiglu" and not f.bias else \
+            "DeepSeek's and Kimi-Linear's MLPs use swiglu without biases"
     if fam == "nemotron_h":
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
     if fam == "lfm2":
@@ -177,12 +180,16 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     if site.family in _NAMES:
         module, _, tail = rest.partition(".")
         rest = f"{_NAMES[site.family].get(module, module)}.{tail}"
+    if site.family == "kimi_linear":  # its original layout puts the dense MLP under block_sparse_moe too
+        own = site.fused if site.available is None else f"{site.block}mlp.{rest}" in site.available
+        return Source((f"{site.block}{'mlp' if own else 'block_sparse_moe'}.{rest}",))
     return copy_tensor(facet, rest, site)
 
 
 HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "qwen3_5", "lfm2",
-                                                                 "recurrent_gemma", "xlstm", *DEEPSEEK),
-             modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_5", *DEEPSEEK)},
+                                                                 "recurrent_gemma", "xlstm", *DEEPSEEK, "kimi_linear"),
+             modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_5", *DEEPSEEK,
+                                               "kimi_linear")},
                       "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
                       "lfm2": ("feed_forward",), "recurrent_gemma": ("mlp_block",), "xlstm": ("ffn",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)
