@@ -230,7 +230,10 @@ def write(f, fam: str, d: int) -> dict:
     if fam in DEEPSEEK:
         return _deepseek_fields(f, fam)
     if fam == "kimi_linear":  # DeepSeek-V3's router and shared experts, in KimiLinearConfig's saved key names
-        fields = _deepseek_fields(f, "deepseek_v3")
+        try:
+            fields = _deepseek_fields(f, "deepseek_v3")
+        except HFError as e:
+            raise HFError(f"Kimi-Linear's MoE is DeepSeek-V3's: {e.message}") from None
         return {"num_experts": f.experts, "num_experts_per_token": f.top_k, "moe_intermediate_size": f.d_ff,
                 "num_shared_experts": fields["n_shared_experts"], "routed_scaling_factor": f.routed_scale,
                 "num_expert_group": f.groups, "topk_group": f.top_groups, "moe_renormalize": f.renormalise}

@@ -27,6 +27,8 @@ from ltmdsl.kinds.kda_hf import linear_attn_config
 
 FAMILY = "kimi_linear"
 ARCH = "KimiLinearForCausalLM"
+#: KimiLinearConfig's default pad_token_id (the padding row only affects training: harmless to the logits).
+PAD_TOKEN = 163839
 #: layer type -> (kind, definition name, legend symbol); mixers first, then feed-forwards.
 MIXERS = {"linear_attention": ("kda", "kda", "K"), "full_attention": ("mla", "attn", "A")}
 FFNS = {"dense": ("mlp", "dense", "-"), "sparse": ("moe", "moe", "E")}
@@ -70,6 +72,7 @@ def _ffn_types(r: Reader, layers: int) -> list[str]:
         if stated is not None and stated != derived:
             raise r.fail(f"'mlp_layer_types' disagrees with 'first_k_dense_replace' ({first})")
         return derived
+    r.raw("first_k_dense_replace", None)  # null: mlp_layer_types decides
     return stated
 
 
@@ -111,6 +114,8 @@ def config(ir, base: dict, eps: float) -> dict:
     mixers = [layer.mixer for layer in ir.layers[0::2]]
     ffns = [layer.mixer for layer in ir.layers[1::2]]
     out = {**base, "model_type": FAMILY, "num_hidden_layers": len(mixers), "rms_norm_eps": eps, "hidden_act": "silu",
+           # the default padding id 163839 must be a token: transformers refuses a smaller vocabulary with it
+           **({"pad_token_id": None} if ir.vocab <= PAD_TOKEN else {}),
            "layer_types": [t for m in mixers for t, (kind, _, _) in MIXERS.items() if kind == m.kind],
            "mlp_layer_types": [t for f in ffns for t, (kind, _, _) in FFNS.items() if kind == f.kind]}
     for kind in dict.fromkeys(c.kind for c in mixers + ffns):
