@@ -251,3 +251,25 @@ def test_export_family_choice(saved, tmp_path, capsys):
     spec.write_text(spec_from_config(SMALL))
     assert main(["export-hf", str(spec), str(tmp_path / "out"), "--family", "qwen3_5"]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Qwen3_5ForCausalLM"]
+
+
+def test_only_the_vision_tower_and_mtp_head_are_skipped(saved, tmp_path):
+    """A published checkpoint's multi-token-prediction head (mtp.*) is skipped like its vision tower; any other
+    tensor the language model has no place for is still an error naming it."""
+    torch = pytest.importorskip("torch")
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, hf = saved("qwen3_5")
+    tensors = load_file(folder / "model.safetensors")
+    assert any(name.startswith("model.visual.") for name in tensors)
+    for extra, ok in (("mtp.fc.weight", True), ("model.language_model.extra.weight", False)):
+        copy = tmp_path / extra
+        shutil.copytree(folder, copy)
+        save_file({**tensors, extra: torch.zeros(2, 2)}, str(copy / "model.safetensors"), metadata={"format": "pt"})
+        if ok:
+            ltmdsl.from_hf(copy)
+        else:
+            with pytest.raises(HFError, match=f"unexpected tensor {extra}"):
+                ltmdsl.from_hf(copy)
