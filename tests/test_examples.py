@@ -28,6 +28,8 @@ PUBLISHED = {
     "minimax-text-01.ltm": 456_089_655_296,  # transformers 5.24 on MiniMax-Text-01's dimensions
     "qwen1.5-moe-a2.7b.ltm": 14_315_784_192,  # transformers' Qwen2MoeConfig() defaults: this model's sizes
     "qwen3-next-80b-a3b.ltm": 79_674_391_296,  # transformers 5.24 on tests/hf/configs/Qwen3-Next-80B-A3B-Instruct.json
+    "deepseek-v3.ltm": 671_026_404_352,  # transformers 5.24 on tests/hf/configs/DeepSeek-V3.json (no MTP module)
+    "deepseek-v2-lite.ltm": 15_706_484_224,  # transformers 5.24 on tests/hf/configs/DeepSeek-V2-Lite.json
     "kimi-linear-48b-a3b.ltm": 49_133_074_464,  # transformers 5.24, KimiLinearConfig's defaults (tests/hf/configs)
 }
 

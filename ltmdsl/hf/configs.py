@@ -18,6 +18,7 @@ Qwen3-Next names each layer's mixer in `layer_types` (or puts attention on every
 `full_attention_interval`-th layer, 1-based); LFM2 names each layer's type in `layer_types` ("conv" or
 "full_attention"), or its attention layers in `full_attn_idxs`; RecurrentGemma repeats `block_types`
 ("recurrent", "attention") over its layers; xLSTM repeats one mLSTM block over `num_hidden_layers` (`num_blocks`).
+Families added since read in their own modules (ltmdsl/hf/families/<model_type>.py: DeepSeek-V2 / V3).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
 Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, Qwen3-Next, LFM2,
-RecurrentGemma: `LAYOUTS`) and writes its model-level fields; each
+RecurrentGemma, DeepSeek-V2 / V3: `LAYOUTS`) and writes its model-level fields; each
 sub-layer's kind writes its own fields through its HF facet (ltmdsl/kinds/<kind>_hf.py). To be sure nothing
 is lost, the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and
 sizes; models with no exact Hugging Face counterpart (shared blocks, mixed attention shapes, layernorm, ...)
@@ -24,7 +24,7 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import kimi_linear, qwen3_5
+from ltmdsl.hf.families import deepseek_v2, deepseek_v3, kimi_linear, qwen3_5
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, layer_configs, to_hf
 from ltmdsl.ir import ModelIR
@@ -36,6 +36,7 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
          "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM",
+         "deepseek_v2": deepseek_v2.ARCH, "deepseek_v3": deepseek_v3.ARCH,
          **dict(qwen3_5.ARCHITECTURES.values()), "kimi_linear": kimi_linear.ARCH}
 
 
@@ -122,6 +123,12 @@ LAYOUTS = {
                          "gated shared expert; zero-centred norms)", "qwen3_next", True,
                          ("gated_deltanet", "attention"), ("mlp", "moe"),
                          "Qwen3-Next's mixers are Gated DeltaNet and gated attention", _SWIGLU_FFN),
+    **{f.FAMILY: Layout(f"{name} (multi-head latent attention, each followed by a SwiGLU MLP on the first "
+                        f"first_k_dense_replace layers and {moe} MoE with shared experts after)", f.FAMILY, True,
+                        ("mla",), ("mlp", "moe"), "DeepSeek's mixers are multi-head latent attention (mla)",
+                        _SWIGLU_FFN)
+       for f, name, moe in ((deepseek_v2, "DeepSeek-V2", "a softmax-routed"),
+                            (deepseek_v3, "DeepSeek-V3", "a sigmoid-routed, bias-corrected"))},
     **{f: Layout(f"{name}, with --family {f} (Gated DeltaNet or gated attention, each followed by a {ffn}; "
                  "zero-centred norms)", f, True, ("gated_deltanet", "attention"), (kind,),
                  "Qwen3.5's mixers are Gated DeltaNet and gated attention", f"expected the {kind} after each mixer")
@@ -231,11 +238,13 @@ def _family_config(ir: ModelIR, family: str | None = None) -> dict:
         return _qwen3_next_config(ir, norm.eps)
     mixers = [layer.mixer for layer in layers]
     n, d = len(layers), ir.d_model
-    if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
-        return _xlstm_config(ir, base, norm.eps)
     if LAYOUTS["kimi_linear"].holds(ir) and (any(layer.kind == "kda" for layer in layers) or all(
             m.rope_theta is None for m in mixers if m.kind == "mla")):  # KDA, or MLA without RoPE
         return kimi_linear.config(ir, base, norm.eps)
+    if any(layer.kind == "mla" for layer in layers) and LAYOUTS["deepseek_v2"].holds(ir):
+        return (deepseek_v3 if deepseek_v3.claims(ir) else deepseek_v2).config(ir, base, norm.eps)
+    if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
+        return _xlstm_config(ir, base, norm.eps)
 
     for family in ("mamba", "mamba2"):  # one SSM kind, no FFN
         if LAYOUTS[family].holds(ir):

@@ -19,7 +19,7 @@ import os
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config, read_config
 from ltmdsl.hf.spec import Plan
-from ltmdsl.hf.weights import NAMINGS, expert_counts, gather, layer_configs, source_of
+from ltmdsl.hf.weights import expert_counts, gather, layer_configs, source_of
 from ltmdsl.tensorfile import TensorFileError, TensorInfo, check_fits, read_header
 
 #: safetensors dtypes a Hugging Face weight may have (the runtime casts them to the model's dtype).
@@ -116,7 +116,8 @@ def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) 
     sources = {name: source_of(plan, name, experts, available, layers=layers) for name in params}
     used = {n for src in sources.values() for n in src.names}
     allowed = {"lm_head.weight"} if ir.tie_embeddings else set()  # some tied checkpoints repeat it
-    allowed |= {n for n in available if n.startswith(NAMINGS[plan.family].unused)}  # e.g. a vision tower
+    skipped = tuple(plan.hf.get("unloaded", ()))  # modules transformers does not load either (DeepSeek-V3's MTP)
+    allowed |= {n for n in available if skipped and n.startswith(skipped)}
     unexpected = sorted(available - used - allowed)
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -142,7 +143,7 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
         raise HFError(f"tensor {odd[0]} is {ckpt.infos[odd[0]].dtype}; weights must be one of "
                       f"{', '.join(FLOAT_DTYPES)}", ckpt.folder)
     with torch.device("meta"):
-        params = stored_tensors(LTModel(ir, kernels_for("torch", ir)))  # parameters and persistent buffers
+        params = stored_tensors(LTModel(ir, kernels_for("torch", ir)))
     _tensors(params, ir, plan, ckpt, ckpt.read_meta, ckpt.folder)
     itemsize = torch.empty((), dtype=dtype).element_size()
     # built in fp32, cast to dtype, and every checkpoint tensor read (and stacked) once while filling it

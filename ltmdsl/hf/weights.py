@@ -32,7 +32,6 @@ class Naming:
     mixer_norm: str
     ffn_norm: str
     layers: str = "layers"  # the decoder layers' module list (xLSTM: blocks)
-    unused: tuple[str, ...] = ()  # prefixes of checkpoint tensors outside the language model (a vision tower)
 
 
 _TRANSFORMER = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="norm", mixer_norm="input_layernorm",
@@ -43,6 +42,7 @@ _SSM = Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f", 
 NAMINGS = {
     "llama": _TRANSFORMER, "mistral": _TRANSFORMER, "qwen2": _TRANSFORMER, "qwen3": _TRANSFORMER,
     "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
+    "deepseek_v2": _TRANSFORMER, "deepseek_v3": _TRANSFORMER,
     "mamba2": _SSM,
     "nemotron_h": Naming(prefixes=("backbone.", "model."), embed="embeddings", final_norm="norm_f",
                          mixer_norm="norm", ffn_norm="norm"),
@@ -54,8 +54,7 @@ NAMINGS = {
                     ffn_norm="norm_ffn", layers="blocks"),
     "kimi_linear": _TRANSFORMER,
     **dict.fromkeys(("qwen3_5", "qwen3_5_moe"), Naming(  # published: under model.language_model, beside a vision tower
-        ("model.", "model.language_model."), "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm",
-        unused=("model.visual.", "mtp."))),
+        ("model.", "model.language_model."), "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm")),
 }
 
 

@@ -197,7 +197,8 @@ def scaling_text(s: RopeScaling) -> str:
     """`yarn(...)` / `llama3(...)` spec text of a validated scaling (optional yarn keywords only when set)."""
     if s.kind == "llama3":
         return (f"llama3(factor = {num(float(s.factor))}, low_freq_factor = {num(float(s.low_freq_factor))}, "
-                f"high_freq_factor = {num(float(s.high_freq_factor))}, original_context = {num(int(s.original_context))})")
+                f"high_freq_factor = {num(float(s.high_freq_factor))}, "
+                f"original_context = {num(int(s.original_context))})")
     if s.kind != "yarn":
         raise HFError(f"internal: unknown rope scaling {s.kind!r}")
     args = [f"factor = {num(float(s.factor))}", f"original_context = {num(int(s.original_context))}"]

@@ -14,6 +14,10 @@ Qwen3-Next (`num_experts`, `num_experts_per_tok`, `moe_intermediate_size`; softm
 renormalised when `norm_topk_prob`) adds a shared SwiGLU expert of `shared_expert_intermediate_size` gated by
 sigmoid(x . shared_expert_gate): `mlp.gate.weight`, `mlp.experts.{j}.gate_proj/up_proj/down_proj.weight` (or
 fused as above), `mlp.shared_expert.*` and `mlp.shared_expert_gate.weight`.
+DeepSeek-V2 / V3 (`n_routed_experts`, `num_experts_per_tok`, `moe_intermediate_size`, `n_shared_experts`,
+`routed_scaling_factor`, and their routers' keys: `_deepseek`) keep the same per-expert or fused layout under
+`mlp`, with `mlp.gate.weight`, the shared experts as one MLP `mlp.shared_experts.*` and DeepSeek-V3's selection
+bias `mlp.gate.e_score_correction_bias` (the runtime's `selection_bias` buffer).
 The runtime stores `experts.gate_proj/up_proj [E, F, d]`, `experts.down_proj [E, d, F]` and `router.weight`
 (and `shared.*`, `shared_gate.weight`).
 Export writes the per-expert layout unless asked for the fused one.
@@ -74,9 +78,9 @@ DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 #: n_shared_experts, routed_scaling_factor, and the alias transformers' attribute_map gives n_routed_experts.
 _DEEPSEEK_DEFAULTS = {"deepseek_v2": (64, None, 1407, 2, 1.0, "num_experts"),
                       "deepseek_v3": (256, 8, 2048, 1, 2.5, "num_local_experts")}
-_DEEPSEEK_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-                  "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "norm_topk_prob",
-                  "scoring_func")
+_DEEPSEEK_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "num_experts_per_tok",
+                  "moe_intermediate_size", "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group",
+                  "topk_method", "norm_topk_prob", "scoring_func")
 
 
 def _deepseek(r: Reader, ctx: ReadContext) -> dict:

@@ -35,7 +35,7 @@ def read(r: Reader) -> dict:
         r.notes.append(f"num_nextn_predict_layers = {mtp}: the multi-token-prediction module{'s' if mtp > 1 else ''} "
                        f"({where} in the checkpoint) {'are' if mtp > 1 else 'is'} not part of transformers' model "
                        "and not loaded")
-    fields["hf"].update(skipped_layers=list(range(n, n + mtp)))
+    fields["hf"].update(unloaded=[f"model.layers.{i}." for i in range(n, n + mtp)])
     return fields
 
 

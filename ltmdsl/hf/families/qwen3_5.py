@@ -64,6 +64,10 @@ _DROPPED = {"qwen3_5": {"num_experts": None, "num_experts_per_tok": None, "moe_i
                         "mlp_only_layers": None},
             "qwen3_5_moe": {"intermediate_size": None, "decoder_sparse_step": 1, "mlp_only_layers": []}}
 
+#: Checkpoint tensors outside the language model, which transformers' Qwen3_5ForCausalLM skips on load too:
+#: the vision tower and the multi-token-prediction head.
+UNLOADED = ("model.visual.", "mtp.")
+
 #: layer type -> (kind, definition name, legend symbol) of the mixer.
 _MIXERS = {"linear_attention": ("gated_deltanet", "gdn", "L"), "full_attention": ("attention", "attn", "A")}
 
@@ -159,7 +163,7 @@ def read(r: Reader) -> dict:
     definitions[ffn_name], legend[ffn_symbol] = (ffn_kind, hf_facet(ffn_kind).call(ffn)), ffn_name
     return dict(family=family, vocab=vocab, d_model=d, norm_eps=eps, tied=tied, definitions=definitions,
                 legend=legend, tokens=tuple(_MIXERS[x][2] + ffn_symbol for x in types), zero_centred=True,
-                hf=dict(layer_types=list(types)))
+                hf=dict(layer_types=list(types), unloaded=list(UNLOADED)))
 
 
 def config(ir, base: dict, eps: float) -> dict:
