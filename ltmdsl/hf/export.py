@@ -134,8 +134,8 @@ LAYOUTS = {
                  "Qwen3.5's mixers are Gated DeltaNet and gated attention", f"expected the {kind} after each mixer")
        for f, name, kind, ffn in (("qwen3_5", "Qwen3.5", "mlp", "SwiGLU MLP"),
                                   ("qwen3_5_moe", "Qwen3.5-MoE", "moe", "MoE with a gated shared expert"))},
-    "kimi_linear": Layout("Kimi-Linear (KDA or MLA without RoPE, each followed by a SwiGLU MLP or a MoE with DeepSeek-V3's "
-                          "router and shared experts)", "kimi_linear", True, ("kda", "mla"), ("mlp", "moe"),
+    "kimi_linear": Layout("Kimi-Linear (KDA or MLA without RoPE, each followed by a SwiGLU MLP or a MoE with "
+                          "DeepSeek-V3's router and shared experts)", "kimi_linear", True, ("kda", "mla"), ("mlp", "moe"),
                           "Kimi-Linear's mixers are KDA and MLA without RoPE", _SWIGLU_FFN),
 }
 

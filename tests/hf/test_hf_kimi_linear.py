@@ -1,5 +1,5 @@
-"""Kimi-Linear (model_type kimi_linear): KimiLinearConfig's defaults (tests/hf/configs/Kimi-Linear-48B-A3B-Instruct.json)
-import to examples/kimi-linear-48b-a3b.ltm with transformers' exact count; the layer placement, the MoE keys under
+"""Kimi-Linear (model_type kimi_linear): KimiLinearConfig's defaults
+(tests/hf/configs/Kimi-Linear-48B-A3B-Instruct.json) import to examples/kimi-linear-48b-a3b.ltm with transformers' exact count; the layer placement, the MoE keys under
 their saved names and aliases, and every bad field an error naming its key.
 
 Tiny random transformers models (KDA, NoPE MLA with and without a q low-rank, dense MLPs, experts with grouped

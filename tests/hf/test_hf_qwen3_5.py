@@ -273,3 +273,24 @@ def test_only_the_vision_tower_and_mtp_head_are_skipped(saved, tmp_path):
         else:
             with pytest.raises(HFError, match=f"unexpected tensor {extra}"):
                 ltmdsl.from_hf(copy)
+
+
+def test_row_blocks_must_tile_each_tensor():
+    """op "rows" declares row blocks that cover each checkpoint tensor exactly once (else export could not
+    invert it); gather refuses a tensor with the wrong number of rows, naming it."""
+    torch = pytest.importorskip("torch")
+    from ltmdsl.hf.facet import Source
+    from ltmdsl.hf.weights import gather
+
+    src = Source(("a", "b"), "rows", ((0, 0, 2), (1, 0, 1), (0, 2, 3)))
+    assert (src.part_rows(0), src.part_rows(1)) == (3, 1)
+    for rows in (((0, 0, 2), (1, 0, 1), (0, 1, 3)), ((0, 1, 3), (1, 0, 1)), ((0, 0, 3),)):
+        with pytest.raises(ValueError, match="must tile its rows from 0"):
+            Source(("a", "b"), "rows", rows)
+    with pytest.raises(ValueError, match="row blocks go with op 'rows'"):
+        Source(("a",), "copy", ((0, 0, 1),))
+    a, b = torch.arange(6.0).view(3, 2), torch.full((1, 2), -1.0)
+    got = gather({"t": src}, {"a": a, "b": b}.__getitem__, {"t": (4, 2)})["t"]
+    assert torch.equal(got, torch.cat([a[:2], b, a[2:]]))
+    with pytest.raises(HFError, match="tensor b has shape \\[2, 2\\], expected 1 rows"):
+        gather({"t": src}, {"a": a, "b": torch.zeros(2, 2)}.__getitem__, {"t": (4, 2)})
