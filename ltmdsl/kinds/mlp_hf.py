@@ -14,7 +14,8 @@ would skip both, is refused as transformers 5 refuses it);
 `block_ff_dim` (the original configs' name) replaces intermediate_size as Lfm2Config does. Its tensors sit
 under `feed_forward` as `w1` (gate), `w3` (up) and `w2` (down). RecurrentGemma's MLP (`mlp_block`) is a GeGLU
 with biases, intermediate_size // 2 wide, whose GELU is `hidden_activation` (tanh form: geglu_tanh). DeepSeek-V2 / V3's
-dense first layers (first_k_dense_replace) have a SwiGLU MLP of `intermediate_size` under `mlp`.
+dense first layers (first_k_dense_replace) have a SwiGLU MLP of `intermediate_size` under `mlp`; so do
+Qwen3.5's layers and Kimi-Linear's dense ones, which its published layout keeps under `block_sparse_moe`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ DeepSeek-V2 / V3 (`n_routed_experts`, `num_experts_per_tok`, `moe_intermediate_s
 `routed_scaling_factor`, and their routers' keys: `_deepseek`) keep the same per-expert or fused layout under
 `mlp`, with `mlp.gate.weight`, the shared experts as one MLP `mlp.shared_experts.*` and DeepSeek-V3's selection
 bias `mlp.gate.e_score_correction_bias` (the runtime's `selection_bias` buffer).
+Qwen3.5-MoE is Qwen3-Next's block with the top k always renormalised (its router has no `norm_topk_prob`).
+Kimi-Linear's MoE (`_kimi`: KimiLinearConfig's saved names `num_experts`, `num_experts_per_token`,
+`num_shared_experts`, `num_expert_group`, `moe_renormalize`, or their aliases) routes as DeepSeek-V3 does and
+is laid out as Mixtral's: per expert `block_sparse_moe.experts.{j}.w1/w3/w2.weight` or fused under `mlp`, with
+`gate.weight`, `gate.e_score_correction_bias` and `shared_experts.*`.
 The runtime stores `experts.gate_proj/up_proj [E, F, d]`, `experts.down_proj [E, d, F]` and `router.weight`
 (and `shared.*`, `shared_gate.weight`).
 Export writes the per-expert layout unless asked for the fused one.
