@@ -30,6 +30,7 @@ PUBLISHED = {
     "qwen3-next-80b-a3b.ltm": 79_674_391_296,  # transformers 5.24 on tests/hf/configs/Qwen3-Next-80B-A3B-Instruct.json
     "deepseek-v3.ltm": 671_026_404_352,  # transformers 5.24 on tests/hf/configs/DeepSeek-V3.json (no MTP module)
     "deepseek-v2-lite.ltm": 15_706_484_224,  # transformers 5.24 on tests/hf/configs/DeepSeek-V2-Lite.json
+    "kimi-linear-48b-a3b.ltm": 49_133_074_464,  # transformers 5.24, KimiLinearConfig's defaults (tests/hf/configs)
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",

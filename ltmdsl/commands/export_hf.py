@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
                    help="write MoE experts in transformers 5's fused layout (default: one tensor per expert)")
     p.add_argument("--seed", type=int, default=0, help="weight seed when SOURCE is a spec (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--family", metavar="MODEL_TYPE", default=None,
+                   help="the family to write where several hold the model: qwen3_5 or qwen3_5_moe for a stack "
+                        "that is also Qwen3-Next's (default: the one export picks)")
 
 
 def run(args) -> int:
@@ -33,7 +36,7 @@ def run(args) -> int:
         print(f"{src}: error: no such file or folder", file=sys.stderr)
         return EXIT_USAGE
     try:
-        export_hf(src, args.out, fused=args.fused_experts, seed=args.seed, overwrite=args.force)
+        export_hf(src, args.out, fused=args.fused_experts, seed=args.seed, overwrite=args.force, family=args.family)
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return EXIT_SPEC

@@ -33,7 +33,7 @@ from typing import Callable
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import ReadContext
-from ltmdsl.hf.families import deepseek_v2, deepseek_v3
+from ltmdsl.hf.families import deepseek_v2, deepseek_v3, kimi_linear, qwen3_5
 from ltmdsl.hf.reader import MAX_CONFIG_BYTES, MAX_HF_LAYERS, MAX_JSON_DEPTH, Reader
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
@@ -42,7 +42,7 @@ from ltmdsl.kinds.rg_lru_hf import hidden_activation
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
                       "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm",
-                      "deepseek_v2", "deepseek_v3")
+                      "deepseek_v2", "deepseek_v3", *qwen3_5.MODEL_TYPES, "kimi_linear")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
@@ -503,7 +503,8 @@ _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transfor
             "qwen3": _transformer, "mamba": _mamba_family, "mamba2": _mamba2_family, "jamba": _jamba,
             "nemotron_h": _nemotron_h, "bamba": _bamba, "qwen3_next": _qwen3_next,
             "lfm2": _lfm2, "recurrent_gemma": _recurrent_gemma, "xlstm": _xlstm,
-            "deepseek_v2": deepseek_v2.read, "deepseek_v3": deepseek_v3.read}
+            "deepseek_v2": deepseek_v2.read, "deepseek_v3": deepseek_v3.read,
+            **dict.fromkeys(qwen3_5.MODEL_TYPES, qwen3_5.read), "kimi_linear": kimi_linear.read}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -578,6 +579,7 @@ def plan_from_config(cfg: dict, *, name: str | None = None, source: str = "",
     if name is None:
         name = default_name(cfg, source)
     hf = fields.pop("hf", {})
+    family = fields.pop("family", family)  # one family for several model types (qwen3_5_text is qwen3_5)
     return Plan(family=family, name=sanitize_name(name), dtype=_dtype(cfg, family, source), notes=notes, source=source,
                 hf=hf, **fields)
 

@@ -24,9 +24,9 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import deepseek_v2, deepseek_v3
+from ltmdsl.hf.families import deepseek_v2, deepseek_v3, kimi_linear, qwen3_5
 from ltmdsl.hf.spec import Plan
-from ltmdsl.hf.weights import expert_counts, to_hf
+from ltmdsl.hf.weights import expert_counts, layer_configs, to_hf
 from ltmdsl.ir import ModelIR
 from ltmdsl.kinds.hf import hf_facet
 
@@ -36,7 +36,8 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
          "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM",
-         "deepseek_v2": deepseek_v2.ARCH, "deepseek_v3": deepseek_v3.ARCH}
+         "deepseek_v2": deepseek_v2.ARCH, "deepseek_v3": deepseek_v3.ARCH,
+         **dict(qwen3_5.ARCHITECTURES.values()), "kimi_linear": kimi_linear.ARCH}
 
 
 def _one(values, what: str):
@@ -128,6 +129,14 @@ LAYOUTS = {
                         _SWIGLU_FFN)
        for f, name, moe in ((deepseek_v2, "DeepSeek-V2", "a softmax-routed"),
                             (deepseek_v3, "DeepSeek-V3", "a sigmoid-routed, bias-corrected"))},
+    **{f: Layout(f"{name}, with --family {f} (Gated DeltaNet or gated attention, each followed by a {ffn}; "
+                 "zero-centred norms)", f, True, ("gated_deltanet", "attention"), (kind,),
+                 "Qwen3.5's mixers are Gated DeltaNet and gated attention", f"expected the {kind} after each mixer")
+       for f, name, kind, ffn in (("qwen3_5", "Qwen3.5", "mlp", "SwiGLU MLP"),
+                                  ("qwen3_5_moe", "Qwen3.5-MoE", "moe", "MoE with a gated shared expert"))},
+    "kimi_linear": Layout("Kimi-Linear (KDA or MLA without RoPE, each followed by a SwiGLU MLP or a MoE with "
+                          "DeepSeek-V3's router and shared experts)", "kimi_linear", True, ("kda", "mla"), ("mlp", "moe"),
+                          "Kimi-Linear's mixers are KDA and MLA without RoPE", _SWIGLU_FFN),
 }
 
 
@@ -166,8 +175,11 @@ def _at(configs, kinds: tuple[str, ...]) -> list[bool]:
     return [c.kind in kinds for c in configs]
 
 
-def config_from_ir(ir: ModelIR) -> dict:
+def config_from_ir(ir: ModelIR, family: str | None = None) -> dict:
     """The Hugging Face config.json dict of a resolved model (see the module docstring).
+
+    `family` picks the model_type where several hold the same computation (a Qwen3-Next-shaped stack is also
+    Qwen3.5's: `qwen3_5` / `qwen3_5_moe`); an HFError when the model is not that family's.
 
     A refusal names the sub-layers (index, definition name, kind) that the closest supported family has no
     place for, and why (`misfits`); where every sub-layer has a place, the reason is one the layers share
@@ -179,19 +191,28 @@ def config_from_ir(ir: ModelIR) -> dict:
             hf_facet(layer.kind)
         except HFError as e:
             raise HFError(f"layer {layer.index} '{layer.definition}': {e.message}") from None
+    if family is not None and family not in _FAMILY_CHOICES:
+        raise HFError(f"--family {family!r} is not a family to choose (choices: {', '.join(_FAMILY_CHOICES)})")
     try:
-        return _family_config(ir)
+        cfg = _family_config(ir, family)
     except HFError as e:
         if e.message.startswith(_NO_COUNTERPART):
             raise
         detail = misfits(ir)
         raise HFError(f"{e.message}. {detail}" if detail else e.message, e.path) from None
+    chosen = qwen3_5.MODEL_TYPES.get(cfg["model_type"], (cfg["model_type"],))[0]
+    if family is not None and chosen != family:
+        raise HFError(f"this model maps to {cfg['model_type']}, not to {family}")
+    return cfg
 
+
+#: The families `config_from_ir(family=...)` may be asked for, beside the one it would pick.
+_FAMILY_CHOICES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 
 _NO_COUNTERPART = "this stack has no Hugging Face counterpart"
 
 
-def _family_config(ir: ModelIR) -> dict:
+def _family_config(ir: ModelIR, family: str | None = None) -> dict:
     """config_from_ir without the per-layer explanation of a refusal."""
     layers = ir.layers
     if ir.mtp is not None:
@@ -211,12 +232,18 @@ def _family_config(ir: ModelIR) -> dict:
     if norm.zero_centred or gdn:
         if not norm.zero_centred or not LAYOUTS["qwen3_next"].holds(ir):
             raise HFError("zero-centred norms and Gated DeltaNet map back only to Qwen3-Next (zero-centred rmsnorm, "
-                          "Gated DeltaNet or gated attention, each followed by a SwiGLU MLP or MoE) or RecurrentGemma "
+                          "Gated DeltaNet or gated attention, each followed by a SwiGLU MLP or MoE; or Qwen3.5 with "
+                          "--family qwen3_5 / qwen3_5_moe) or RecurrentGemma "
                           "(zero-centred rmsnorm, RG-LRU or local attention, each followed by a GeGLU MLP, and a "
                           "logit_cap)")
+        if family in ("qwen3_5", "qwen3_5_moe") and LAYOUTS[family].holds(ir):
+            return qwen3_5.config(ir, base, norm.eps)
         return _qwen3_next_config(ir, norm.eps)
     mixers = [layer.mixer for layer in layers]
     n, d = len(layers), ir.d_model
+    if LAYOUTS["kimi_linear"].holds(ir) and (any(layer.kind == "kda" for layer in layers) or all(
+            m.rope_theta is None for m in mixers if m.kind == "mla")):  # KDA, or MLA without RoPE
+        return kimi_linear.config(ir, base, norm.eps)
     if any(layer.kind == "mla" for layer in layers) and LAYOUTS["deepseek_v2"].holds(ir):
         return (deepseek_v3 if deepseek_v3.claims(ir) else deepseek_v2).config(ir, base, norm.eps)
     if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
@@ -451,11 +478,12 @@ def _same_model(a: ModelIR, b: ModelIR) -> str | None:
     return None
 
 
-def hf_plan(ir: ModelIR) -> tuple[dict, Plan]:
-    """The config dict and its import plan, checked to resolve back to exactly `ir`."""
+def hf_plan(ir: ModelIR, family: str | None = None) -> tuple[dict, Plan]:
+    """The config dict and its import plan (of `family`, see `config_from_ir`), checked to resolve back to
+    exactly `ir`."""
     import ltmdsl
 
-    cfg = {"architectures": None, **config_from_ir(ir)}
+    cfg = {"architectures": None, **config_from_ir(ir, family)}
     cfg["architectures"] = [_ARCH[cfg["model_type"]]]
     plan = plan_from_config(cfg, name=ir.name)
     why = _same_model(ir, ltmdsl.loads(plan.spec_text(), name=f"<{cfg['model_type']} config>").model)
@@ -490,11 +518,13 @@ def _model_of(source, seed: int):
     return ltmdsl.build(ir, backend="torch", seed=seed)
 
 
-def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite: bool = False) -> str:
+def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite: bool = False,
+              family: str | None = None) -> str:
     """Write `source` (see `_model_of`) as a Hugging Face folder at `out_dir`; returns the folder's path.
 
     Experts are written per expert as published checkpoints are, or in transformers 5's fused layout
-    with `fused=True`. An existing non-empty `out_dir` is replaced only with `overwrite=True`.
+    with `fused=True`. An existing non-empty `out_dir` is replaced only with `overwrite=True`. `family`
+    picks the model_type where several fit (see `config_from_ir`).
     """
     from safetensors.torch import save_file
 
@@ -510,11 +540,11 @@ def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite:
         from ltmdsl.runtime.checkpoint import warn_nonfinite
 
         warn_nonfinite(model.named_parameters(), f"model {model.ir.name}")
-    cfg, plan = hf_plan(model.ir)
+    cfg, plan = hf_plan(model.ir, family)
     from ltmdsl.runtime.checkpoint import stored_tensors
 
-    state = {name: p.detach().cpu() for name, p in stored_tensors(model).items()}  # a selection bias too
-    tensors = to_hf(plan, state, expert_counts(model.ir), fused=fused)
+    state = {name: p.detach().cpu() for name, p in stored_tensors(model).items()}  # with the persistent buffers
+    tensors = to_hf(plan, state, expert_counts(model.ir), fused=fused, layers=layer_configs(model.ir))
     dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
     if len(dtypes) == 1:
         cfg["torch_dtype"] = dtypes.pop()

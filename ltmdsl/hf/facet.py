@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 #: The transforms a checkpoint tensor may go through on its way to a runtime parameter (and back on export).
-OPS = ("copy", "stack", "first_half", "second_half", "plus_one")
+OPS = ("copy", "stack", "first_half", "second_half", "plus_one", "rows")
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,30 @@ class Source:
 
     op "copy": the one tensor as is; "stack": per-expert tensors stacked on a new dim 0; "first_half" /
     "second_half": the halves of a fused tensor along dim 1 (gate, up); "plus_one": the tensor + 1 (a
-    zero-centred norm weight, which scales by 1 + w, into a plain one). Export applies the inverse.
+    zero-centred norm weight, which scales by 1 + w, into a plain one); "rows": the runtime tensor is the
+    concatenation along dim 0 of the row blocks `rows` = ((part, start, stop), ...) of the tensors `names`
+    (Qwen3.5's separate q/k/v and z projections regrouped by key head, Kimi's three convs as one), which
+    must cover each part's rows exactly once. Export applies the inverse.
     """
 
     names: tuple[str, ...]
     op: str = "copy"
+    rows: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"tensor transform must be one of {', '.join(OPS)}, not {self.op!r}")
+        if (self.op == "rows") != bool(self.rows):
+            raise ValueError("row blocks go with op 'rows', and op 'rows' needs them")
+        for part in range(len(self.names) if self.rows else 0):
+            blocks = sorted((a, b) for i, a, b in self.rows if i == part)
+            ends = [0] + [b for _, b in blocks]
+            if not blocks or any(a != end or b <= a for (a, b), end in zip(blocks, ends)):
+                raise ValueError(f"row blocks of {self.names[part]} must tile its rows from 0, got {blocks}")
+
+    def part_rows(self, part: int) -> int:
+        """How many rows checkpoint tensor `names[part]` has under op "rows"."""
+        return max(b for i, _, b in self.rows if i == part)
 
 
 @dataclass(frozen=True)
@@ -51,7 +66,8 @@ class Site:
 
     family: the model_type; block: the HF decoder layer's prefix (`model.layers.3.`); available: the
     checkpoint's tensor names (None on export: write the first layout); experts: the sub-layer's expert
-    count (0 for a dense kind); fused: a forced expert layout (export), None to detect it from `available`.
+    count (0 for a dense kind); fused: a forced expert layout (export), None to detect it from `available`;
+    layer: the sub-layer's IR config, for transforms that depend on its shape (None where it is not known).
     """
 
     family: str
@@ -59,6 +75,7 @@ class Site:
     available: frozenset[str] | set[str] | None = None
     experts: int = 0
     fused: bool | None = None
+    layer: Any = None
 
 
 @dataclass(frozen=True)

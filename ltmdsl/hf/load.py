@@ -19,7 +19,7 @@ import os
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config, read_config
 from ltmdsl.hf.spec import Plan
-from ltmdsl.hf.weights import expert_counts, gather, source_of
+from ltmdsl.hf.weights import expert_counts, gather, layer_configs, source_of
 from ltmdsl.tensorfile import TensorFileError, TensorInfo, check_fits, read_header
 
 #: safetensors dtypes a Hugging Face weight may have (the runtime casts them to the model's dtype).
@@ -112,7 +112,8 @@ def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) 
     """Runtime parameter name -> tensor gathered through `read`, after checking that the names match."""
     available = ckpt.names
     experts = expert_counts(ir)
-    sources = {name: source_of(plan, name, experts, available) for name in params}
+    layers = layer_configs(ir)
+    sources = {name: source_of(plan, name, experts, available, layers=layers) for name in params}
     used = {n for src in sources.values() for n in src.names}
     allowed = {"lm_head.weight"} if ir.tie_embeddings else set()  # some tied checkpoints repeat it
     skipped = tuple(plan.hf.get("unloaded", ()))  # modules transformers does not load either (DeepSeek-V3's MTP)
@@ -154,7 +155,8 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
 
 
 def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None) -> None:
-    """Fill every parameter of a runtime `model` built from `plan` with the checkpoint's tensors."""
+    """Fill every parameter and persistent buffer of a runtime `model` built from `plan` with the checkpoint's
+    tensors."""
     import torch
 
     from ltmdsl.runtime.checkpoint import stored_tensors, warn_nonfinite

@@ -52,6 +52,9 @@ NAMINGS = {
                    mixer_norm="operator_norm", ffn_norm="ffn_norm"),
     "xlstm": Naming(prefixes=("backbone.",), embed="embeddings", final_norm="out_norm", mixer_norm="norm_mlstm",
                     ffn_norm="norm_ffn", layers="blocks"),
+    "kimi_linear": _TRANSFORMER,
+    **dict.fromkeys(("qwen3_5", "qwen3_5_moe"), Naming(  # published: under model.language_model, beside a vision tower
+        ("model.", "model.language_model."), "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm")),
 }
 
 
@@ -68,11 +71,12 @@ def _prefix(naming: Naming, available: set[str] | None) -> str:
 
 
 def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str] | None = None,
-              *, fused: bool | None = None) -> Source:
+              *, fused: bool | None = None, layers: dict | None = None) -> Source:
     """The checkpoint tensor(s) behind runtime parameter `name`.
 
     `experts` maps a MoE sub-layer index to its expert count; `available` (the checkpoint's tensor names)
-    picks the prefix and each MoE layer's layout; `fused` forces a layout (export).
+    picks the prefix and each MoE layer's layout; `fused` forces a layout (export); `layers` maps a sub-layer
+    index to its IR config, for the kinds whose tensor transforms depend on its shape (`layer_configs`).
     """
     naming = NAMINGS[plan.family]
     prefix = _prefix(naming, available)
@@ -94,7 +98,8 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
     facet = hf_facet(sub.kind)
     if plan.family not in facet.modules:
         raise HFError(f"runtime parameter '{name}': {plan.family} has no {sub.kind} layers")
-    src = facet.source(rest, Site(plan.family, base, available, experts.get(sub.index, 0), fused))
+    layer = (layers or {}).get(sub.index)
+    src = facet.source(rest, Site(plan.family, base, available, experts.get(sub.index, 0), fused, layer))
     if src is None:
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
     return src
@@ -111,6 +116,11 @@ def expert_counts(ir_model) -> dict[int, int]:
         if "experts" in split:
             out[layer.index] = split["experts"]
     return out
+
+
+def layer_configs(ir_model) -> dict:
+    """Sub-layer index -> its IR config (what `source_of` passes to the kinds as `Site.layer`)."""
+    return {layer.index: layer.mixer for layer in ir_model.layers}
 
 
 def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -140,6 +150,12 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
             tensor = fused[:, :half] if src.op == "first_half" else fused[:, half:]
         elif src.op == "plus_one":  # a zero-centred (1 + w) norm weight as a plain one
             tensor = 1 + parts[0]
+        elif src.op == "rows":  # row blocks of several tensors, concatenated
+            for j, p in enumerate(parts):
+                if p.dim() == 0 or p.shape[0] != src.part_rows(j):
+                    raise HFError(f"tensor {src.names[j]} has shape {list(p.shape)}, expected {src.part_rows(j)} "
+                                  f"rows (for runtime parameter {target})")
+            tensor = torch.cat([parts[j][a:b] for j, a, b in src.rows], 0)
         else:
             tensor = parts[0]
         want = tuple(shapes[target])
@@ -151,15 +167,24 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
     return out
 
 
-def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = False) -> dict:
-    """HF tensors from a runtime state dict (the inverse of `gather`): per-expert layout unless `fused`."""
+def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = False,
+          layers: dict | None = None) -> dict:
+    """HF tensors from a runtime state dict (the inverse of `gather`): per-expert layout unless `fused`;
+    `layers` as for `source_of`."""
     import torch
 
     out: dict = {}
     halves: dict[str, dict[str, object]] = {}
     for name, tensor in state.items():
-        src = source_of(plan, name, experts, None, fused=fused)
-        if src.op == "copy":
+        src = source_of(plan, name, experts, None, fused=fused, layers=layers)
+        if src.op == "rows":
+            parts = [tensor.new_empty((src.part_rows(j), *tensor.shape[1:])) for j in range(len(src.names))]
+            offset = 0
+            for j, a, b in src.rows:
+                parts[j][a:b] = tensor[offset:offset + b - a]
+                offset += b - a
+            out.update(zip(src.names, parts))
+        elif src.op == "copy":
             out[src.names[0]] = tensor
         elif src.op == "plus_one":
             out[src.names[0]] = tensor - 1

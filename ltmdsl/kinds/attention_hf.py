@@ -20,6 +20,7 @@ import math
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source, copy_tensor
+from ltmdsl.kinds.gated_deltanet_hf import QWEN3_NEXT_STYLE
 from ltmdsl.hf.reader import Reader, dims, rope
 from ltmdsl.hf.spec import num, show_value
 
@@ -69,7 +70,7 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         bias = r.bool("attention_bias", False)
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, qkv_bias=bias, out_bias=bias,
                     rope_scaling=scaling, rope_dim=rope_dim)
-    if fam == "qwen3_next":
+    if fam in QWEN3_NEXT_STYLE:  # Qwen3.5's attention is Qwen3-Next's (its config reads the same keys)
         heads = r.int("num_attention_heads", 16)
         kv, head_dim = dims(r, d, heads, 256, 2)
         factor = r.cfg.get("partial_rotary_factor", 0.25)  # Qwen3NextConfig setdefaults 0.25 and honours another
@@ -181,7 +182,7 @@ def _qwen3_next_fields(a, d: int) -> dict:
 
 def write(a, fam: str, d: int) -> dict:
     """The family's attention fields (one attention setting per config: the family checks they agree)."""
-    if fam == "qwen3_next":
+    if fam in QWEN3_NEXT_STYLE:
         return _qwen3_next_fields(a, d)
     variants = unmapped_variants(a)
     if variants:
@@ -272,7 +273,7 @@ def unmapped_variants(a) -> list[str]:
 
 def misfit(a, fam: str) -> str | None:
     """Why family `fam` (its representative model_type) has no place for this attention."""
-    if fam == "qwen3_next":
+    if fam in QWEN3_NEXT_STYLE:
         try:
             _qwen3_next_fields(a, 1)
         except HFError as e:
@@ -315,7 +316,7 @@ _LFM2_NAMES = {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layer
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one";
     LFM2's `out_proj` / `q_layernorm` / `k_layernorm` renamed."""
-    if site.family == "qwen3_next" and rest in ("q_norm.weight", "k_norm.weight"):
+    if site.family in QWEN3_NEXT_STYLE and rest in ("q_norm.weight", "k_norm.weight"):
         return Source(copy_tensor(facet, rest, site).names, "plus_one")
     if site.family == "lfm2":
         module, _, tail = rest.partition(".")
@@ -325,8 +326,8 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 
 HF = HFFacet(
     name="attention", label="attention",
-    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next", "lfm2", "recurrent_gemma"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next", "lfm2")},
+    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "recurrent_gemma"),
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", *QWEN3_NEXT_STYLE, "lfm2")},
              "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, HFNotMappedYet, NoHFCounterpart
-from ltmdsl.kinds import (attention_hf, gated_deltanet_hf, mamba2_hf, mamba_hf, mla_hf, mlp_hf, mlstm_hf, moe_hf,
-                          rg_lru_hf, short_conv_hf)
+from ltmdsl.kinds import (attention_hf, gated_deltanet_hf, kda_hf, mamba2_hf, mamba_hf, mla_hf, mlp_hf, mlstm_hf,
+                          moe_hf, rg_lru_hf, short_conv_hf)
 
 #: kind name -> its HF facet, or the explicit statement that it has no Hugging Face counterpart.
 HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
     f.name: f for f in (
         attention_hf.HF, mamba_hf.HF, mamba2_hf.HF, mlp_hf.HF, moe_hf.HF,
-        mla_hf.HF,  # deepseek_v2, deepseek_v3; kimi_linear is not mapped yet
-        gated_deltanet_hf.HF,  # qwen3_next; qwen3_5 and qwen3_5_moe are not mapped yet
-        HFNotMappedYet("kda", ("kimi_linear",)),
+        mla_hf.HF,  # deepseek_v2, deepseek_v3, kimi_linear
+        gated_deltanet_hf.HF,  # qwen3_next, qwen3_5, qwen3_5_moe
+        kda_hf.HF,  # kimi_linear
         short_conv_hf.HF,
         HFNotMappedYet("lightning", ("minimax",)),
         rg_lru_hf.HF,

@@ -24,6 +24,11 @@ de-interleaved halves) is refused by name.
 Tensors keep the runtime's names (q_proj or q_a_proj / q_a_layernorm / q_b_proj, kv_a_proj_with_mqa,
 kv_a_layernorm, kv_b_proj, o_proj) under `self_attn`: copied as they are.
 A family with MLA registers here: its model_type in `FAMILIES`, its config-class defaults in `DEFAULTS`.
+
+Kimi-Linear (kimi_linear, transformers' KimiLinearAttention) has the same keys and tensors but no RoPE at all
+(`NOPE`: rope_theta = none; the qk_rope_head_dim channels of its shared key are not rotated), so its config's
+RoPE keys do not change what it computes: they are read and not used; `mla_use_nope` (the original code's
+switch) must be true, as transformers always computes NoPE.
 """
 
 from __future__ import annotations
@@ -36,12 +41,15 @@ from ltmdsl.hf.reader import MAX_INT, Reader, llama3, rope_number
 from ltmdsl.hf.spec import num, safe_text, show_value
 from ltmdsl.ir import RopeScaling
 
-FAMILIES = ("deepseek_v2", "deepseek_v3")
+FAMILIES = ("deepseek_v2", "deepseek_v3", "kimi_linear")
+#: The families whose MLA applies no RoPE.
+NOPE = ("kimi_linear",)
 #: model_type -> its config class's defaults (transformers 5): heads, q_lora_rank, kv_lora_rank,
 #: qk_nope_head_dim, qk_rope_head_dim, v_head_dim.
 DEFAULTS = {
     "deepseek_v2": dict(heads=32, q_lora_rank=1536, kv_lora_rank=512, nope=128, rope=64, v=128),
     "deepseek_v3": dict(heads=128, q_lora_rank=1536, kv_lora_rank=512, nope=128, rope=64, v=128),
+    "kimi_linear": dict(heads=32, q_lora_rank=None, kv_lora_rank=512, nope=128, rope=64, v=128),
 }
 #: The latent RMSNorms' eps: transformers builds them with its RMSNorm's default.
 LATENT_EPS = 1e-6
@@ -158,7 +166,7 @@ def read(r: Reader, ctx: ReadContext) -> dict:
     heads = r.int("num_attention_heads", dflt["heads"])
     r.expect("num_key_value_heads", lambda v: v is None or (v == heads and not isinstance(v, bool)),
              f"null or num_attention_heads ({heads}): MLA up-projects a key and a value for every head")
-    if "q_lora_rank" in r.cfg and r.cfg["q_lora_rank"] is None:
+    if r.cfg.get("q_lora_rank") is None and ("q_lora_rank" in r.cfg or dflt["q_lora_rank"] is None):
         r.used.add("q_lora_rank")
         q_lora = None
     else:
@@ -173,7 +181,13 @@ def read(r: Reader, ctx: ReadContext) -> dict:
     _derived(r, "qk_head_dim", nope + rope_dim, "qk_nope_head_dim + qk_rope_head_dim")
     r.expect("rope_interleave", lambda v: v in (None, True),
              "true (DeepSeek's interleaved RoPE pairs; the rotate_half layout of false is not mapped)")
-    theta, scaling = rope(r, 10000.0)
+    if ctx.family in NOPE:  # no RoPE: the RoPE keys are unused (module docstring)
+        r.expect("mla_use_nope", lambda v: v in (None, True), "true (transformers' Kimi-Linear MLA applies no RoPE)")
+        for key in ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor"):
+            r.raw(key, None)
+        theta, scaling = None, None
+    else:
+        theta, scaling = rope(r, 10000.0)
     return dict(heads=heads, q_lora_rank=q_lora, kv_lora_rank=kv_lora, qk_nope_head_dim=nope,
                 qk_rope_head_dim=rope_dim, v_head_dim=v, rope_theta=theta, rope_scaling=scaling,
                 bias=r.bool("attention_bias", False))
@@ -231,6 +245,10 @@ def rope_fields(s: RopeScaling | None) -> dict:
 def misfit(c, fam: str) -> str | None:
     if fam not in FAMILIES:
         return f"{fam} has no multi-head latent attention"
+    if fam in NOPE:
+        return "Kimi-Linear's MLA applies no RoPE (rope_theta = none)" if c.rope_theta is not None else \
+            f"Kimi-Linear's latent norms use eps {LATENT_EPS:g}, not {c.latent_eps:g}" if c.latent_eps != LATENT_EPS \
+            else None
     if c.rope_theta is None:
         return "DeepSeek's MLA always applies RoPE (rope_theta none is Kimi-Linear's NoPE MLA)"
     if c.latent_eps != LATENT_EPS:
@@ -246,8 +264,10 @@ def write(c, fam: str, d: int) -> dict:
         raise HFError(why)
     out = {"num_attention_heads": c.heads, "num_key_value_heads": c.heads, "q_lora_rank": c.q_lora_rank,
            "kv_lora_rank": c.kv_lora_rank, "qk_nope_head_dim": c.qk_nope_head_dim,
-           "qk_rope_head_dim": c.qk_rope_head_dim, "v_head_dim": c.v_head_dim, "attention_bias": c.bias,
-           "rope_theta": c.rope_theta, **rope_fields(c.rope_scaling)}
+           "qk_rope_head_dim": c.qk_rope_head_dim, "v_head_dim": c.v_head_dim, "attention_bias": c.bias}
+    if fam in NOPE:
+        return out
+    out.update(rope_theta=c.rope_theta, **rope_fields(c.rope_scaling))
     if fam == "deepseek_v3":
         out["rope_interleave"] = True
     return out

@@ -14,7 +14,8 @@ would skip both, is refused as transformers 5 refuses it);
 `block_ff_dim` (the original configs' name) replaces intermediate_size as Lfm2Config does. Its tensors sit
 under `feed_forward` as `w1` (gate), `w3` (up) and `w2` (down). RecurrentGemma's MLP (`mlp_block`) is a GeGLU
 with biases, intermediate_size // 2 wide, whose GELU is `hidden_activation` (tanh form: geglu_tanh). DeepSeek-V2 / V3's
-dense first layers (first_k_dense_replace) have a SwiGLU MLP of `intermediate_size` under `mlp`.
+dense first layers (first_k_dense_replace) have a SwiGLU MLP of `intermediate_size` under `mlp`; so do
+Qwen3.5's layers and Kimi-Linear's dense ones, which its published layout keeps under `block_sparse_moe`.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return dict(d_ff=ctx.shared["d_ff"], act="swiglu", bias=r.bool("mlp_bias", False) if fam == "llama" else False)
     if fam == "bamba":
         return dict(d_ff=r.int("intermediate_size", 14336), act="swiglu", bias=r.bool("mlp_bias", False))
-    if fam == "qwen3_next":  # the dense MLP of mlp_only_layers and of layers off decoder_sparse_step
+    if fam in ("qwen3_next", "qwen3_5"):  # Qwen3-Next's mlp_only_layers / off decoder_sparse_step; Qwen3.5's
         return dict(d_ff=r.int("intermediate_size", 5632), act="swiglu", bias=False)
     if fam in DEEPSEEK:  # the dense MLP of the first first_k_dense_replace layers
         return dict(d_ff=r.int("intermediate_size", DEEPSEEK[fam]), act="swiglu", bias=False)
+    if fam == "kimi_linear":  # KimiLinearMLP of the "dense" mlp_layer_types
+        return dict(d_ff=r.int("intermediate_size", 9216), act="swiglu", bias=False)
     if fam == "nemotron_h":
         r.expect("mlp_hidden_act", lambda v: v == "relu2", "'relu2'", "relu2")
         values = dict(d_ff=r.int("intermediate_size", 21504), act="relu2", bias=r.bool("mlp_bias", False)) \
@@ -119,13 +122,13 @@ def write(f, fam: str, d: int) -> dict:
         if fam in ("llama", "bamba"):
             out["mlp_bias"] = f.bias
         return out
-    if fam == "qwen3_next":
+    if fam in ("qwen3_next", "qwen3_5"):
         if f.activation != "swiglu" or f.bias:
             raise HFError("Qwen3-Next's MLPs use swiglu without biases")
         return {"intermediate_size": f.d_ff}
-    if fam in DEEPSEEK:
+    if fam in DEEPSEEK or fam == "kimi_linear":
         if f.activation != "swiglu" or f.bias:
-            raise HFError("DeepSeek's MLPs use swiglu without biases")
+            raise HFError("DeepSeek's and Kimi-Linear's MLPs use swiglu without biases")
         return {"intermediate_size": f.d_ff}
     if fam == "nemotron_h":
         if f.activation != "relu2":
@@ -144,10 +147,11 @@ def _xlstm_ffn(d_ff: int, d: int) -> dict:
 
 
 def misfit(f, fam: str) -> str | None:
-    if fam == "qwen3_next":
+    if fam in ("qwen3_next", "qwen3_5"):
         return None if f.activation == "swiglu" and not f.bias else "Qwen3-Next's MLPs use swiglu without biases"
-    if fam in DEEPSEEK:
-        return None if f.activation == "swiglu" and not f.bias else "DeepSeek's MLPs use swiglu without biases"
+    if fam in DEEPSEEK or fam == "kimi_linear":
+        return None if f.activation == "swiglu" and not f.bias else \
+            "DeepSeek's and Kimi-Linear's MLPs use swiglu without biases"
     if fam == "nemotron_h":
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
     if fam == "lfm2":
@@ -177,12 +181,16 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     if site.family in _NAMES:
         module, _, tail = rest.partition(".")
         rest = f"{_NAMES[site.family].get(module, module)}.{tail}"
+    if site.family == "kimi_linear":  # its original layout puts the dense MLP under block_sparse_moe too
+        own = site.fused if site.available is None else f"{site.block}mlp.{rest}" in site.available
+        return Source((f"{site.block}{'mlp' if own else 'block_sparse_moe'}.{rest}",))
     return copy_tensor(facet, rest, site)
 
 
-HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "lfm2", "recurrent_gemma",
-                                                                 "xlstm", *DEEPSEEK),
-             modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", *DEEPSEEK)},
+HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "qwen3_5", "lfm2",
+                                                                 "recurrent_gemma", "xlstm", *DEEPSEEK, "kimi_linear"),
+             modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_5", *DEEPSEEK,
+                                               "kimi_linear")},
                       "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
                       "lfm2": ("feed_forward",), "recurrent_gemma": ("mlp_block",), "xlstm": ("ffn",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

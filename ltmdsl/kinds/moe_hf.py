@@ -18,6 +18,11 @@ DeepSeek-V2 / V3 (`n_routed_experts`, `num_experts_per_tok`, `moe_intermediate_s
 `routed_scaling_factor`, and their routers' keys: `_deepseek`) keep the same per-expert or fused layout under
 `mlp`, with `mlp.gate.weight`, the shared experts as one MLP `mlp.shared_experts.*` and DeepSeek-V3's selection
 bias `mlp.gate.e_score_correction_bias` (the runtime's `selection_bias` buffer).
+Qwen3.5-MoE is Qwen3-Next's block with the top k always renormalised (its router has no `norm_topk_prob`).
+Kimi-Linear's MoE (`_kimi`: KimiLinearConfig's saved names `num_experts`, `num_experts_per_token`,
+`num_shared_experts`, `num_expert_group`, `moe_renormalize`, or their aliases) routes as DeepSeek-V3 does and
+is laid out as Mixtral's: per expert `block_sparse_moe.experts.{j}.w1/w3/w2.weight` or fused under `mlp`, with
+`gate.weight`, `gate.e_score_correction_bias` and `shared_experts.*`.
 The runtime stores `experts.gate_proj/up_proj [E, F, d]`, `experts.down_proj [E, d, F]` and `router.weight`
 (and `shared.*`, `shared_gate.weight`).
 Export writes the per-expert layout unless asked for the fused one.
@@ -28,11 +33,12 @@ from __future__ import annotations
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source
 from ltmdsl.hf.reader import Reader
-from ltmdsl.hf.spec import num
+from ltmdsl.hf.spec import num, show_value
 
 #: family -> (router module inside the MoE block, per-expert gate / up / down names)
 NAMES = {"mixtral": ("gate", ("w1", "w3", "w2")), "jamba": ("router", ("gate_proj", "up_proj", "down_proj")),
          "qwen3_next": ("gate", ("gate_proj", "up_proj", "down_proj")),
+         "qwen3_5_moe": ("gate", ("gate_proj", "up_proj", "down_proj")), "kimi_linear": ("gate", ("w1", "w3", "w2")),
          **{f: ("gate", ("gate_proj", "up_proj", "down_proj")) for f in ("deepseek_v2", "deepseek_v3")}}
 _WHICH = {"experts.gate_proj": 0, "experts.up_proj": 1, "experts.down_proj": 2}
 
@@ -45,16 +51,23 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         experts = r.int("num_experts", r.cfg.get("num_local_experts", 16))
         r.raw("num_local_experts", None)
         top_k, key, routing = r.int("num_experts_per_tok", 2), "num_experts", "softmax_topk"
-    elif ctx.family == "qwen3_next":
+    elif ctx.family in ("qwen3_next", "qwen3_5_moe"):
         experts = r.int("num_experts", 512, minimum=1 if ctx.present else 0)  # 0: no expert layers
         top_k, key = r.int("num_experts_per_tok", 10), "num_experts"
-        routing = "softmax_topk_renorm" if r.bool("norm_topk_prob", True) else "softmax_topk"
+        if ctx.family == "qwen3_5_moe":  # Qwen3_5MoeTopKRouter always renormalises; its config has no such key
+            r.expect("norm_topk_prob", lambda v: v in (None, True), "true (transformers' Qwen3.5 router always "
+                     "renormalises the top-k weights)")
+            routing = "softmax_topk_renorm"
+        else:
+            routing = "softmax_topk_renorm" if r.bool("norm_topk_prob", True) else "softmax_topk"
         d_ff, shared = r.int("moe_intermediate_size", 512), r.int("shared_expert_intermediate_size", 512)
         if ctx.present and top_k > experts:
             raise r.fail(f"num_experts_per_tok {top_k} > {key} {experts}")
         return dict(experts=experts, top_k=top_k, d_ff=d_ff, routing=routing, shared_d_ff=shared, shared_gate=True)
     elif ctx.family in DEEPSEEK:
         return _deepseek(r, ctx)
+    elif ctx.family == "kimi_linear":
+        return _kimi(r, ctx)
     else:
         raise HFError(f"internal: moe has no reader for {ctx.family}")
     if top_k > experts:
@@ -127,6 +140,55 @@ def _deepseek(r: Reader, ctx: ReadContext) -> dict:
     return v
 
 
+#: KimiLinearConfig's MoE keys: the name it saves (its attribute_map's target) -> (the alias, the default).
+_KIMI = {"num_experts": ("num_local_experts", 256), "num_experts_per_token": ("num_experts_per_tok", 8),
+         "num_shared_experts": ("n_shared_experts", 1), "num_expert_group": ("n_group", 1),
+         "moe_renormalize": ("norm_topk_prob", True)}
+
+
+def _kimi_key(r: Reader, key: str, read):
+    """A Kimi MoE key under its saved name or its alias (both stated: they must agree)."""
+    alias, default = _KIMI[key]
+    value = read(key, default) if r.present(key) or not r.present(alias) else read(alias, default)
+    if r.present(key) and r.present(alias) and read(alias, default) != value:
+        raise r.fail(f"'{alias}' ({show_value(r.cfg[alias])}) disagrees with '{key}' ({show_value(r.cfg[key])}); "
+                     "it is an alias")
+    r.raw(key, None)
+    r.raw(alias, None)
+    return value
+
+
+def _kimi(r: Reader, ctx: ReadContext) -> dict:
+    """Kimi-Linear's MoE (KimiLinearMoE: routed experts, `num_shared_experts` shared ones fused into one SwiGLU MLP
+    of moe_intermediate_size * num_shared_experts, ungated). Its router (KimiLinearTopkRouter) is DeepSeek-V3's:
+    sigmoid scores, the selection bias `e_score_correction_bias`, groups scored by their two best
+    (`num_expert_group`, `topk_group`), renormalised when `moe_renormalize`, times `routed_scaling_factor`. The
+    original code's `moe_router_activation_func` must be sigmoid and `use_grouped_topk` true wherever groups
+    matter: transformers always routes so."""
+    experts = _kimi_key(r, "num_experts", r.int)
+    top_k = _kimi_key(r, "num_experts_per_token", r.int)
+    shared = _kimi_key(r, "num_shared_experts", lambda k, dflt: r.int(k, dflt, minimum=0))
+    groups = _kimi_key(r, "num_expert_group", r.int)
+    renorm = _kimi_key(r, "moe_renormalize", r.bool)
+    top_groups = r.int("topk_group", 1)
+    d_ff, scale = r.int("moe_intermediate_size", 1024), r.float("routed_scaling_factor", 2.446)
+    r.expect("moe_router_activation_func", lambda v: v in (None, "sigmoid"), "'sigmoid' (transformers' Kimi router)")
+    r.expect("use_grouped_topk", lambda v: v in (None, True) or (v is False and groups == 1),
+             "true (transformers' Kimi router always selects by groups)")
+    if not ctx.present:
+        return {}
+    if top_k > experts:
+        raise r.fail(f"num_experts_per_token {top_k} > num_experts {experts}")
+    if experts % groups or top_groups > groups or (groups == 1 and top_groups != 1):
+        raise r.fail(f"'num_expert_group' ({groups}) must divide 'num_experts' ({experts}) and 'topk_group' "
+                     f"({top_groups}) must be at most the groups (1 without groups)")
+    v = dict(experts=experts, top_k=top_k, d_ff=d_ff, shared_d_ff=shared * d_ff, routed_scale=scale,
+             routing="sigmoid_topk_renorm" if renorm else "sigmoid_topk", selection_bias=True)
+    if groups > 1:
+        v.update(groups=groups, top_groups=top_groups, group_score="top2_sum")
+    return v
+
+
 def _routing_text(v: dict) -> str:
     """The routing variants' keywords (DeepSeek's groups, selection bias, scale), those off their defaults."""
     out = ""
@@ -176,6 +238,20 @@ def call(v: dict) -> str:
 def write(f, fam: str, d: int) -> dict:
     if fam in DEEPSEEK:
         return _deepseek_fields(f, fam)
+    if fam == "kimi_linear":  # DeepSeek-V3's router and shared experts, in KimiLinearConfig's saved key names
+        try:
+            fields = _deepseek_fields(f, "deepseek_v3")
+        except HFError as e:
+            raise HFError(f"Kimi-Linear's MoE is DeepSeek-V3's: {e.message}") from None
+        return {"num_experts": f.experts, "num_experts_per_token": f.top_k, "moe_intermediate_size": f.d_ff,
+                "num_shared_experts": fields["n_shared_experts"], "routed_scaling_factor": f.routed_scale,
+                "num_expert_group": f.groups, "topk_group": f.top_groups, "moe_renormalize": f.renormalise}
+    if fam == "qwen3_5_moe":
+        if f.activation != "swiglu" or f.routing != "softmax_topk_renorm" or not f.shared_d_ff or not f.shared_gate \
+                or set(f.variants()) - {"shared_d_ff", "shared_gate"}:
+            raise HFError("Qwen3.5's experts use swiglu, softmax_topk_renorm routing and a gated shared expert")
+        return {"num_experts": f.experts, "num_experts_per_tok": f.top_k, "moe_intermediate_size": f.d_ff,
+                "shared_expert_intermediate_size": f.shared_d_ff}
     if fam == "qwen3_next":
         if f.activation != "swiglu" or f.routing not in ("softmax_topk_renorm", "softmax_topk") \
                 or not f.shared_d_ff or not f.shared_gate:
@@ -196,7 +272,7 @@ def write(f, fam: str, d: int) -> dict:
 
 
 def misfit(f, fam: str) -> str | None:
-    if fam == "qwen3_next" or fam in DEEPSEEK:
+    if fam in ("qwen3_next", "qwen3_5_moe", "kimi_linear") or fam in DEEPSEEK:
         try:
             write(f, fam, 1)
         except HFError as e:
@@ -230,11 +306,11 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
     block = f"{site.block}{module}."
     if rest.startswith("router."):
         return Source((f"{block}{router}.{rest.split('.', 1)[1]}",))
-    if site.family in DEEPSEEK and rest.startswith("shared."):
+    if (site.family in DEEPSEEK or site.family == "kimi_linear") and rest.startswith("shared."):
         return Source((f"{block}shared_experts.{rest.split('.', 1)[1]}",))
     if rest == "selection_bias":
         return Source((f"{block}{router}.e_score_correction_bias",))
-    if site.family == "qwen3_next" and rest.startswith(("shared.", "shared_gate.")):
+    if site.family in ("qwen3_next", "qwen3_5_moe") and rest.startswith(("shared.", "shared_gate.")):
         head, tail = rest.split(".", 1)
         return Source((f"{block}{'shared_expert' if head == 'shared' else 'shared_expert_gate'}.{tail}",))
     which = _WHICH.get(rest)
@@ -247,7 +323,9 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
     return Source(tuple(f"{block}experts.{j}.{names[which]}.weight" for j in range(site.experts)), "stack")
 
 
-HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next", *DEEPSEEK),
+HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next", *DEEPSEEK, "qwen3_5_moe",
+                                                "kimi_linear"),
              modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
-                      **{f: ("mlp",) for f in DEEPSEEK}},
+                      **{f: ("mlp",) for f in DEEPSEEK}, "qwen3_5_moe": ("mlp",),
+                      "kimi_linear": ("block_sparse_moe", "mlp")},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

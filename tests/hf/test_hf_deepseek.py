@@ -324,8 +324,8 @@ def test_multi_token_prediction_tensors_are_skipped_as_transformers_skips_them(s
                 ltmdsl.from_hf(dest)
 
 
-def test_mla_is_refused_outside_deepseek_and_without_rope(tmp_path):
-    """MLA maps only to DeepSeek, and only with RoPE (Kimi-Linear's NoPE MLA is not mapped yet)."""
+def test_mla_maps_to_deepseek_with_rope_and_to_kimi_linear_without():
+    """MLA with RoPE maps to DeepSeek; without RoPE (Kimi-Linear's NoPE MLA) to Kimi-Linear."""
     from ltmdsl.hf.export import config_from_ir
 
     spec = ("model m {{\n vocab = 64\n d_model = 32\n layer a = mla(heads = 2, kv_lora_rank = 8, qk_nope_head_dim = 4,"
@@ -333,8 +333,7 @@ def test_mla_is_refused_outside_deepseek_and_without_rope(tmp_path):
             " stack {{ repeat 2 {{ a f }} }}\n}}\n")
     ir = ltmdsl.loads(spec.format(theta="10000")).model
     assert config_from_ir(ir)["model_type"] == "deepseek_v2"
-    with pytest.raises(HFError, match="DeepSeek's MLA always applies RoPE"):
-        config_from_ir(ltmdsl.loads(spec.format(theta="none")).model)
+    assert config_from_ir(ltmdsl.loads(spec.format(theta="none")).model)["model_type"] == "kimi_linear"
 
 
 def test_deepseek_v3_mtp_module_counts_apart_from_the_total():
