@@ -24,6 +24,7 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
+from ltmdsl.hf.families import qwen3_moe
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, to_hf
 from ltmdsl.ir import ModelIR
@@ -34,7 +35,7 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
-         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM"}
+         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM", "qwen3_moe": qwen3_moe.ARCH}
 
 
 def _one(values, what: str):
@@ -120,6 +121,7 @@ LAYOUTS = {
                          "gated shared expert; zero-centred norms)", "qwen3_next", True,
                          ("gated_deltanet", "attention"), ("mlp", "moe"),
                          "Qwen3-Next's mixers are Gated DeltaNet and gated attention", _SWIGLU_FFN),
+    "qwen3_moe": Layout(**qwen3_moe.LAYOUT),
 }
 
 
@@ -223,6 +225,8 @@ def _family_config(ir: ModelIR) -> dict:
         raise HFError("attention with rope_dim (partial rotary embeddings) maps back only to Bamba (Mamba-2 or "
                       "RoPE attention, each followed by a SwiGLU MLP); transformers' Llama-style families rotate "
                       "the whole head")
+    if qwen3_moe.fits(ir):
+        return qwen3_moe.config(ir, base, norm.eps)
     if LAYOUTS["llama"].holds(ir) and "no_rope" not in heads:
         return _transformer_config(ir, base, norm.eps)
     if LAYOUTS["jamba"].holds(ir) and "rope" not in heads:

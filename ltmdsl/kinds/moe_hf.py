@@ -28,7 +28,8 @@ from ltmdsl.hf.spec import num
 
 #: family -> (router module inside the MoE block, per-expert gate / up / down names)
 NAMES = {"mixtral": ("gate", ("w1", "w3", "w2")), "jamba": ("router", ("gate_proj", "up_proj", "down_proj")),
-         "qwen3_next": ("gate", ("gate_proj", "up_proj", "down_proj"))}
+         "qwen3_next": ("gate", ("gate_proj", "up_proj", "down_proj")),
+         "qwen3_moe": ("gate", ("gate_proj", "up_proj", "down_proj"))}
 _WHICH = {"experts.gate_proj": 0, "experts.up_proj": 1, "experts.down_proj": 2}
 
 
@@ -131,5 +132,6 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
 
 
 HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next"),
-             modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",)},
+             modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
+                      "qwen3_moe": ("mlp",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)
