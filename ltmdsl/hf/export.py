@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import qwen3_moe
+from ltmdsl.hf.families import gpt_oss, qwen3_moe
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, to_hf
 from ltmdsl.ir import ModelIR
@@ -35,7 +36,8 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
-         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM", "qwen3_moe": qwen3_moe.ARCH}
+         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM", "qwen3_moe": qwen3_moe.ARCH,
+         "gpt_oss": gpt_oss.ARCH}
 
 
 def _one(values, what: str):
@@ -76,6 +78,7 @@ class Layout:
     ffns: tuple[str, ...]
     not_mixer: str
     not_ffn: str
+    own: Callable[[object], str | None] | None = None  # a family module's own `misfit` (hf/families/<type>.py)
 
     def holds(self, ir: ModelIR) -> bool:
         """Whether every sub-layer's kind has a slot here (the kinds' own settings are not checked)."""
@@ -87,7 +90,7 @@ class Layout:
     def misfit(self, c, kinds: tuple[str, ...], otherwise: str) -> str | None:
         if c.kind not in kinds:
             return otherwise.format(kind=c.kind)
-        return hf_facet(c.kind).misfit(c, self.family)
+        return self.own(c) if self.own is not None else hf_facet(c.kind).misfit(c, self.family)
 
 
 _SWIGLU_FFN = "expected the MLP or MoE that follows each mixer"
@@ -122,6 +125,7 @@ LAYOUTS = {
                          ("gated_deltanet", "attention"), ("mlp", "moe"),
                          "Qwen3-Next's mixers are Gated DeltaNet and gated attention", _SWIGLU_FFN),
     "qwen3_moe": Layout(**qwen3_moe.LAYOUT),
+    "gpt_oss": Layout(**gpt_oss.LAYOUT),
 }
 
 
@@ -225,6 +229,8 @@ def _family_config(ir: ModelIR) -> dict:
         raise HFError("attention with rope_dim (partial rotary embeddings) maps back only to Bamba (Mamba-2 or "
                       "RoPE attention, each followed by a SwiGLU MLP); transformers' Llama-style families rotate "
                       "the whole head")
+    if gpt_oss.fits(ir):
+        return gpt_oss.config(ir, base, norm.eps)
     if qwen3_moe.fits(ir):
         return qwen3_moe.config(ir, base, norm.eps)
     if LAYOUTS["llama"].holds(ir) and "no_rope" not in heads:

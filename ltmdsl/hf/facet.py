@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 #: The transforms a checkpoint tensor may go through on its way to a runtime parameter (and back on export).
-OPS = ("copy", "stack", "first_half", "second_half", "plus_one")
+OPS = ("copy", "stack", "first_half", "second_half", "plus_one", "even", "odd", "even_t", "odd_t", "transpose",
+       "first_half_t", "second_half_t")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,11 @@ class Source:
 
     op "copy": the one tensor as is; "stack": per-expert tensors stacked on a new dim 0; "first_half" /
     "second_half": the halves of a fused tensor along dim 1 (gate, up); "plus_one": the tensor + 1 (a
-    zero-centred norm weight, which scales by 1 + w, into a plain one). Export applies the inverse.
+    zero-centred norm weight, which scales by 1 + w, into a plain one); "even" / "odd": the even / odd entries
+    of the last dim of an interleaved tensor (gpt-oss's gate_up_proj_bias [E, 2F]: gate, up, gate, ...), and
+    "even_t" / "odd_t" the same transposed in its last two dims ([E, d, 2F] -> [E, F, d]); "first_half_t" /
+    "second_half_t": the halves of the last dim, transposed (Llama-4's gate_up_proj [E, d, 2F]: gate, then
+    up); "transpose": the last two dims swapped ([E, F, d] <-> [E, d, F]). Export applies the inverse.
     """
 
     names: tuple[str, ...]

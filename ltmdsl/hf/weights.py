@@ -41,7 +41,7 @@ _HYBRID = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_l
 _SSM = Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f", mixer_norm="norm", ffn_norm="")
 NAMINGS = {
     "llama": _TRANSFORMER, "mistral": _TRANSFORMER, "qwen2": _TRANSFORMER, "qwen3": _TRANSFORMER,
-    "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "qwen3_moe": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
+    "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "qwen3_moe": _TRANSFORMER, "gpt_oss": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
     "mamba2": _SSM,
     "nemotron_h": Naming(prefixes=("backbone.", "model."), embed="embeddings", final_norm="norm_f",
                          mixer_norm="norm", ffn_norm="norm"),
@@ -139,6 +139,24 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
             tensor = fused[:, :half] if src.op == "first_half" else fused[:, half:]
         elif src.op == "plus_one":  # a zero-centred (1 + w) norm weight as a plain one
             tensor = 1 + parts[0]
+        elif src.op in ("even", "odd", "even_t", "odd_t"):  # one of the two interleaved halves of the last dim
+            fused = parts[0]
+            if fused.dim() < 2 or fused.shape[-1] % 2:
+                raise HFError(f"tensor {src.names[0]} has shape {list(fused.shape)}, expected an even last dim "
+                              "(gate and up interleaved)")
+            tensor = fused[..., 0::2] if src.op.startswith("even") else fused[..., 1::2]
+            tensor = tensor.transpose(-1, -2) if src.op.endswith("_t") else tensor
+        elif src.op in ("first_half_t", "second_half_t"):  # halves of the last dim, transposed
+            fused = parts[0]
+            if fused.dim() != 3 or fused.shape[-1] % 2:
+                raise HFError(f"tensor {src.names[0]} has shape {list(fused.shape)}, "
+                              "expected [experts, d_model, 2 * d_ff]")
+            half = fused.shape[-1] // 2
+            tensor = (fused[..., :half] if src.op == "first_half_t" else fused[..., half:]).transpose(-1, -2)
+        elif src.op == "transpose":
+            if parts[0].dim() < 2:
+                raise HFError(f"tensor {src.names[0]} has shape {list(parts[0].shape)}, expected a matrix")
+            tensor = parts[0].transpose(-1, -2)
         else:
             tensor = parts[0]
         want = tuple(shapes[target])
@@ -165,8 +183,16 @@ def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = Fal
         elif src.op == "stack":
             for j, hf_name in enumerate(src.names):
                 out[hf_name] = tensor[j]
-        else:
-            halves.setdefault(src.names[0], {})[src.op] = tensor
+        elif src.op == "transpose":
+            out[src.names[0]] = tensor.transpose(-1, -2)
+        else:  # one part of a fused tensor: assembled once both are there
+            halves.setdefault(src.names[0], {})[src.op] = tensor.transpose(-1, -2) if src.op.endswith("_t") else tensor
     for hf_name, parts in halves.items():
-        out[hf_name] = torch.cat([parts["first_half"], parts["second_half"]], dim=1)
+        if "first_half" in parts:
+            out[hf_name] = torch.cat([parts["first_half"], parts["second_half"]], dim=1)
+        elif "first_half_t" in parts:  # already transposed back to [E, d, F]
+            out[hf_name] = torch.cat([parts["first_half_t"], parts["second_half_t"]], dim=-1)
+        else:  # interleaved along the last dim: even, odd, even, ...
+            even, odd = (parts.get(op, parts.get(f"{op}_t")) for op in ("even", "odd"))
+            out[hf_name] = torch.stack([even, odd], dim=-1).flatten(-2)
     return {k: v.contiguous() for k, v in out.items()}

@@ -56,11 +56,22 @@ def read(r: Reader, ctx: ReadContext) -> dict:
     return dict(experts=experts, top_k=top_k, d_ff=ctx.shared["d_ff"], routing=routing)
 
 
+#: the activations a family's experts may have (identifiers that reach the spec text)
+ACTIVATIONS = ("swiglu", "swiglu_clamped")
+
+
 def call(v: dict) -> str:
-    shared = f", shared_d_ff = {num(v['shared_d_ff'])}" if v.get("shared_d_ff") else ""
-    shared += ", shared_gate = true" if v.get("shared_gate") else ""
-    return (f"moe(experts = {num(v['experts'])}, top_k = {num(v['top_k'])}, d_ff = {num(v['d_ff'])}, act = swiglu, "
-            f"routing = {v['routing']}{shared})")
+    """`moe(...)` from validated values: act (default swiglu), gpt-oss's clamp numbers, biases, a shared expert
+    (and its gate) and Llama-4's input weighting, each only when set."""
+    act = v.get("act", "swiglu")
+    if act not in ACTIVATIONS:
+        raise HFError(f"internal: expert activation {act!r}")
+    extra = "".join(f", {k} = {num(float(v[k]))}" for k in ("swiglu_limit", "swiglu_alpha") if v.get(k) is not None)
+    extra += f", shared_d_ff = {num(v['shared_d_ff'])}" if v.get("shared_d_ff") else ""
+    extra += "".join(f", {flag} = true" for flag in ("shared_gate", "router_bias", "expert_bias", "weight_input")
+                     if v.get(flag))
+    return (f"moe(experts = {num(v['experts'])}, top_k = {num(v['top_k'])}, d_ff = {num(v['d_ff'])}, act = {act}, "
+            f"routing = {v['routing']}{extra})")
 
 
 def write(f, fam: str, d: int) -> dict:
@@ -112,7 +123,36 @@ def _layout(modules: tuple[str, ...], gate: str, site: Site) -> tuple[str, bool]
     return modules[0], False
 
 
+#: Families whose experts exist only fused and transposed (gate_up_proj [E, d, 2F], down_proj [E, F, d]): the
+#: runtime's expert tensor -> (the checkpoint tensor under `experts.`, op). gpt-oss interleaves gate and up
+#: columns (gate, up, gate, ...) and has biases; Llama-4 puts the gate's columns first, then up's.
+FUSED_T = {
+    "gpt_oss": {"experts.gate_proj": ("gate_up_proj", "even_t"), "experts.up_proj": ("gate_up_proj", "odd_t"),
+                "experts.down_proj": ("down_proj", "transpose"), "experts.gate_bias": ("gate_up_proj_bias", "even"),
+                "experts.up_bias": ("gate_up_proj_bias", "odd"), "experts.down_bias": ("down_proj_bias", "copy")},
+    "llama4_text": {"experts.gate_proj": ("gate_up_proj", "first_half_t"),
+                    "experts.up_proj": ("gate_up_proj", "second_half_t"),
+                    "experts.down_proj": ("down_proj", "transpose")},
+}
+#: the router's and the shared expert's modules of those families
+_FUSED_T_MODULES = {"gpt_oss": ("router", None), "llama4_text": ("router", "shared_expert")}
+
+
+def _fused_t(facet: HFFacet, rest: str, site: Site) -> Source | None:
+    block = f"{site.block}{facet.modules[site.family][0]}."
+    router, shared = _FUSED_T_MODULES[site.family]
+    head, _, tail = rest.partition(".")
+    if head == "router":
+        return Source((f"{block}{router}.{tail}",))
+    if head == "shared" and shared:
+        return Source((f"{block}{shared}.{tail}",))
+    name, op = FUSED_T[site.family].get(rest, (None, None))
+    return None if name is None else Source((f"{block}experts.{name}",), op)
+
+
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
+    if site.family in FUSED_T:
+        return _fused_t(facet, rest, site)
     router, names = NAMES[site.family]
     module, fused = _layout(facet.modules[site.family], names[0], site)
     block = f"{site.block}{module}."
@@ -133,5 +173,5 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
 
 HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next"),
              modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
-                      "qwen3_moe": ("mlp",)},
+                      "qwen3_moe": ("mlp",), "gpt_oss": ("mlp",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)
