@@ -281,7 +281,9 @@ def rope(r: Reader, default: float, head_dim: int, partial: float | None = None,
     if not rp:  # absent, null or {}
         return theta, None, rotary_dim(r, where, factor, head_dim)
     if not isinstance(rp, dict) or any(isinstance(v, dict) for v in rp.values()):
-        r.unsupported(key, f"one dict for all layers with {ROPE_SUPPORTED}")
+        nested = [safe_text(k, 40) for k, v in rp.items() if isinstance(v, dict)] if isinstance(rp, dict) else []
+        r.unsupported(key, f"one dict for all layers with {ROPE_SUPPORTED}"
+                           + (f"; not a dict in '{key}.{nested[0]}'" if nested else ""))
         return theta, None, rotary_dim(r, where, factor, head_dim)
     if "partial_rotary_factor" in rp:  # the dict's own factor wins (transformers only setdefaults it)
         if partial is None and rp["partial_rotary_factor"] not in (1, 1.0):

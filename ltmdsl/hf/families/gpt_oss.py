@@ -13,7 +13,7 @@ Every HF layer is attention then a mixture of experts:
   `down_proj [E, F, d]` and `down_proj_bias [E, d]` (moe_hf.FUSED_T).
 `hidden_act` is not read by transformers' gpt-oss (the experts' activation is fixed); the original OpenAI keys
 `experts_per_token` and `initial_context_length` are not read either, and must agree with num_experts_per_tok
-and the YaRN original context when given. Published checkpoints are MXFP4-quantised (`quantization_config`):
+and (under YaRN) its original context when given. Published checkpoints are MXFP4-quantised (`quantization_config`):
 import-hf counts them; from_hf needs dequantised (bf16 / fp32) weights.
 """
 
@@ -87,9 +87,11 @@ def read(r: Reader) -> dict:
     r.raw("experts_per_token", None)
     if r.present("initial_context_length"):  # the original OpenAI config's YaRN context; transformers reads none
         stated = r.int("initial_context_length")
-        if scaling is None or scaling.original_context != stated:
+        if scaling is not None and scaling.original_context != stated:
+            key = "rope_scaling" if r.present("rope_scaling") else "rope_parameters"
             raise r.fail(f"'initial_context_length' {stated} disagrees with the YaRN original context "
-                         f"{scaling.original_context if scaling else None} transformers uses")
+                         f"{scaling.original_context} transformers uses ('{key}."
+                         "original_max_position_embeddings', else 'max_position_embeddings')")
     limit = r.float("swiglu_limit", SWIGLU_LIMIT)
     alpha = r.float("swiglu_alpha", SWIGLU_ALPHA)
     d_ff = r.int("intermediate_size", 2880)
