@@ -29,6 +29,7 @@ PUBLISHED = {
     "qwen1.5-moe-a2.7b.ltm": 14_315_784_192,  # transformers' Qwen2MoeConfig() defaults: this model's sizes
     "qwen3-next-80b-a3b.ltm": 79_674_391_296,  # transformers 5.24 on tests/hf/configs/Qwen3-Next-80B-A3B-Instruct.json
     "gpt-oss-20b.ltm": 20_914_757_184,  # transformers 5.24 on tests/hf/configs/gpt-oss-20b.json
+    "gemma-3-27b.ltm": 27_009_346_304,  # transformers 5.24, the text model of tests/hf/configs/gemma-3-27b-it.json
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",

@@ -25,7 +25,7 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import gpt_oss, qwen3_moe
+from ltmdsl.hf.families import gemma3, gpt_oss, qwen3_moe
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, to_hf
 from ltmdsl.ir import ModelIR
@@ -37,7 +37,7 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
          "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM", "qwen3_moe": qwen3_moe.ARCH,
-         "gpt_oss": gpt_oss.ARCH}
+         "gpt_oss": gpt_oss.ARCH, "gemma3_text": gemma3.ARCH}
 
 
 def _one(values, what: str):
@@ -126,6 +126,7 @@ LAYOUTS = {
                          "Qwen3-Next's mixers are Gated DeltaNet and gated attention", _SWIGLU_FFN),
     "qwen3_moe": Layout(**qwen3_moe.LAYOUT),
     "gpt_oss": Layout(**gpt_oss.LAYOUT),
+    "gemma3_text": Layout(**gemma3.LAYOUT),
 }
 
 
@@ -199,6 +200,8 @@ def _family_config(ir: ModelIR) -> dict:
         raise HFError(f"{norm.kind} has no Hugging Face counterpart among the supported families (all use rmsnorm)")
     base = {"vocab_size": ir.vocab, "hidden_size": ir.d_model, "tie_word_embeddings": ir.tie_embeddings,
             "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16")}
+    if gemma3.fits(ir):
+        return gemma3.config(ir, base, norm.eps)
     gdn = any(layer.kind == "gated_deltanet" for layer in layers)
     griffin = ir.logit_cap is not None or any(layer.kind == "rg_lru" for layer in layers)
     if norm.zero_centred and not gdn and griffin and LAYOUTS["recurrent_gemma"].holds(ir):

@@ -32,6 +32,8 @@ class Naming:
     mixer_norm: str
     ffn_norm: str
     layers: str = "layers"  # the decoder layers' module list (xLSTM: blocks)
+    mixer_post_norm: str = ""  # the norms of the sub-layers' outputs (post_norm; Gemma-3's sandwich norms)
+    ffn_post_norm: str = ""
 
 
 _TRANSFORMER = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="norm", mixer_norm="input_layernorm",
@@ -39,9 +41,12 @@ _TRANSFORMER = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="no
 _HYBRID = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
                  mixer_norm="input_layernorm", ffn_norm="pre_ff_layernorm")
 _SSM = Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f", mixer_norm="norm", ffn_norm="")
+_GEMMA3 = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="norm", mixer_norm="input_layernorm",
+                 ffn_norm="pre_feedforward_layernorm", mixer_post_norm="post_attention_layernorm",
+                 ffn_post_norm="post_feedforward_layernorm")
 NAMINGS = {
     "llama": _TRANSFORMER, "mistral": _TRANSFORMER, "qwen2": _TRANSFORMER, "qwen3": _TRANSFORMER,
-    "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "qwen3_moe": _TRANSFORMER, "gpt_oss": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
+    "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
     "mamba2": _SSM,
     "nemotron_h": Naming(prefixes=("backbone.", "model."), embed="embeddings", final_norm="norm_f",
                          mixer_norm="norm", ffn_norm="norm"),
@@ -51,10 +56,13 @@ NAMINGS = {
                    mixer_norm="operator_norm", ffn_norm="ffn_norm"),
     "xlstm": Naming(prefixes=("backbone.",), embed="embeddings", final_norm="out_norm", mixer_norm="norm_mlstm",
                     ffn_norm="norm_ffn", layers="blocks"),
+    "qwen3_moe": _TRANSFORMER, "gpt_oss": _TRANSFORMER,
+    "gemma3_text": _GEMMA3,
+    "gemma3": Naming(**{**_GEMMA3.__dict__, "prefixes": ("model.language_model.",)}),
 }
 
 
-_LAYER = re.compile(r"^layers\.(\d+)\.(norm|mixer)\.(.+)$")
+_LAYER = re.compile(r"^layers\.(\d+)\.(norm|post_norm|mixer)\.(.+)$")
 
 
 def _prefix(naming: Naming, available: set[str] | None) -> str:
@@ -90,6 +98,11 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
     base = f"{prefix}{naming.layers}.{sub.hf_layer}."
     if part == "norm":
         return Source((f"{base}{naming.mixer_norm if sub.role == 'mixer' else naming.ffn_norm}.{rest}",))
+    if part == "post_norm":
+        post = naming.mixer_post_norm if sub.role == "mixer" else naming.ffn_post_norm
+        if not post:
+            raise HFError(f"runtime parameter '{name}': {plan.family} has no norm on a sub-layer's output")
+        return Source((f"{base}{post}.{rest}",))
     facet = hf_facet(sub.kind)
     if plan.family not in facet.modules:
         raise HFError(f"runtime parameter '{name}': {plan.family} has no {sub.kind} layers")

@@ -356,7 +356,7 @@ _LFM2_NAMES = {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layer
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one";
     LFM2's `out_proj` / `q_layernorm` / `k_layernorm` renamed."""
-    if site.family == "qwen3_next" and rest in ("q_norm.weight", "k_norm.weight"):
+    if site.family in ("qwen3_next", "gemma3_text", "gemma3") and rest in ("q_norm.weight", "k_norm.weight"):
         return Source(copy_tensor(facet, rest, site).names, "plus_one")
     if site.family == "lfm2":
         module, _, tail = rest.partition(".")
@@ -367,7 +367,8 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 HF = HFFacet(
     name="attention", label="attention",
     families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next", "lfm2", "recurrent_gemma"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next", "lfm2", "qwen3_moe", "gpt_oss")},
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next", "lfm2", "qwen3_moe", "gpt_oss",
+                                              "gemma3_text", "gemma3")},
              "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )
