@@ -25,7 +25,7 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import gemma3, gpt_oss, qwen3_moe
+from ltmdsl.hf.families import gemma3, gpt_oss, llama4, qwen3_moe
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, to_hf
 from ltmdsl.ir import ModelIR
@@ -37,7 +37,8 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
          "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM", "qwen3_moe": qwen3_moe.ARCH,
-         "gpt_oss": gpt_oss.ARCH, "gemma3_text": gemma3.ARCH}
+         "gpt_oss": gpt_oss.ARCH, "gemma3_text": gemma3.ARCH,
+         "llama4_text": llama4.ARCH}
 
 
 def _one(values, what: str):
@@ -127,6 +128,7 @@ LAYOUTS = {
     "qwen3_moe": Layout(**qwen3_moe.LAYOUT),
     "gpt_oss": Layout(**gpt_oss.LAYOUT),
     "gemma3_text": Layout(**gemma3.LAYOUT),
+    "llama4_text": Layout(**llama4.LAYOUT),
 }
 
 
@@ -234,6 +236,8 @@ def _family_config(ir: ModelIR) -> dict:
                       "the whole head")
     if gpt_oss.fits(ir):
         return gpt_oss.config(ir, base, norm.eps)
+    if llama4.fits(ir):
+        return llama4.config(ir, base, norm.eps)
     if qwen3_moe.fits(ir):
         return qwen3_moe.config(ir, base, norm.eps)
     if LAYOUTS["llama"].holds(ir) and "no_rope" not in heads:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 #: The transforms a checkpoint tensor may go through on its way to a runtime parameter (and back on export).
 OPS = ("copy", "stack", "first_half", "second_half", "plus_one", "even", "odd", "even_t", "odd_t", "transpose",
-       "first_half_t", "second_half_t")
+       "first_half_t", "second_half_t", "rope_pairs")
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,21 @@ class Source:
     of the last dim of an interleaved tensor (gpt-oss's gate_up_proj_bias [E, 2F]: gate, up, gate, ...), and
     "even_t" / "odd_t" the same transposed in its last two dims ([E, d, 2F] -> [E, F, d]); "first_half_t" /
     "second_half_t": the halves of the last dim, transposed (Llama-4's gate_up_proj [E, d, 2F]: gate, then
-    up); "transpose": the last two dims swapped ([E, F, d] <-> [E, d, F]). Export applies the inverse.
+    up); "transpose": the last two dims swapped ([E, F, d] <-> [E, d, F]); "rope_pairs": the rows of each
+    head of `group` rows reordered from RoPE's interleaved pairs (2i, 2i + 1: Llama-4's complex rotation) to
+    the runtime's halves (i, i + group / 2), the even rows first, then the odd ones (q_proj / k_proj weights and
+    biases; q.k is unchanged by the same reordering of q and k). Export applies the inverse.
     """
 
     names: tuple[str, ...]
     op: str = "copy"
+    group: int = 0  # rope_pairs: the rows of one head (head_dim, even)
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"tensor transform must be one of {', '.join(OPS)}, not {self.op!r}")
+        if (self.op == "rope_pairs") != (self.group > 0) or self.group % 2:
+            raise ValueError(f"op rope_pairs needs an even group (head_dim), and only it takes one: {self!r}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Site:
     available: frozenset[str] | set[str] | None = None
     experts: int = 0
     fused: bool | None = None
+    hf: dict = field(default_factory=dict)  # the family's resolved settings (Plan.hf: Llama-4's head_dim)
 
 
 @dataclass(frozen=True)

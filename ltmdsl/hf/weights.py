@@ -56,7 +56,7 @@ NAMINGS = {
                    mixer_norm="operator_norm", ffn_norm="ffn_norm"),
     "xlstm": Naming(prefixes=("backbone.",), embed="embeddings", final_norm="out_norm", mixer_norm="norm_mlstm",
                     ffn_norm="norm_ffn", layers="blocks"),
-    "qwen3_moe": _TRANSFORMER, "gpt_oss": _TRANSFORMER,
+    "qwen3_moe": _TRANSFORMER, "gpt_oss": _TRANSFORMER, "llama4_text": _TRANSFORMER,
     "gemma3_text": _GEMMA3,
     "gemma3": Naming(**{**_GEMMA3.__dict__, "prefixes": ("model.language_model.",)}),
 }
@@ -106,7 +106,7 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
     facet = hf_facet(sub.kind)
     if plan.family not in facet.modules:
         raise HFError(f"runtime parameter '{name}': {plan.family} has no {sub.kind} layers")
-    src = facet.source(rest, Site(plan.family, base, available, experts.get(sub.index, 0), fused))
+    src = facet.source(rest, Site(plan.family, base, available, experts.get(sub.index, 0), fused, plan.hf))
     if src is None:
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
     return src
@@ -166,6 +166,11 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
                               "expected [experts, d_model, 2 * d_ff]")
             half = fused.shape[-1] // 2
             tensor = (fused[..., :half] if src.op == "first_half_t" else fused[..., half:]).transpose(-1, -2)
+        elif src.op == "rope_pairs":  # per head of D rows: (0, 1, 2, 3, ...) -> (0, 2, ..., 1, 3, ...)
+            rows, D = parts[0].shape[0], src.group
+            if rows % D:
+                raise HFError(f"tensor {src.names[0]} has {rows} rows, not a whole number of heads of {D}")
+            tensor = parts[0].reshape(rows // D, D // 2, 2, *parts[0].shape[1:]).transpose(1, 2).reshape(parts[0].shape)
         elif src.op == "transpose":
             if parts[0].dim() < 2:
                 raise HFError(f"tensor {src.names[0]} has shape {list(parts[0].shape)}, expected a matrix")
@@ -198,6 +203,10 @@ def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = Fal
                 out[hf_name] = tensor[j]
         elif src.op == "transpose":
             out[src.names[0]] = tensor.transpose(-1, -2)
+        elif src.op == "rope_pairs":  # halves back to interleaved pairs, per head
+            rows, D = tensor.shape[0], src.group
+            out[src.names[0]] = tensor.reshape(rows // D, 2, D // 2, *tensor.shape[1:]).transpose(1, 2).reshape(
+                tensor.shape)
         else:  # one part of a fused tensor: assembled once both are there
             halves.setdefault(src.names[0], {})[src.op] = tensor.transpose(-1, -2) if src.op.endswith("_t") else tensor
     for hf_name, parts in halves.items():

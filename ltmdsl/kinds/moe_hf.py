@@ -173,5 +173,5 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
 
 HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next"),
              modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
-                      "qwen3_moe": ("mlp",), "gpt_oss": ("mlp",)},
+                      "qwen3_moe": ("mlp",), "gpt_oss": ("mlp",), "llama4_text": ("feed_forward",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

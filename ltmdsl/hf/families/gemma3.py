@@ -196,7 +196,7 @@ def read_multimodal(r: Reader) -> dict:
         raise r.fail(f"'text_config' must be an object, got {show_value(text)}")
     if text.get("model_type", MODEL_TYPE) != MODEL_TYPE:
         raise r.fail(f"'text_config.model_type' must be '{MODEL_TYPE}', got {show_value(text.get('model_type'))}")
-    inner = Reader(text, r.family, r.source, r.ignore)
+    inner = Reader(text, f"{r.family} text_config", r.source, r.ignore)  # its messages say where the key is
     fields = read_text(inner)
     if r.present("tie_word_embeddings"):  # Gemma3Config's own, which the text model's head follows
         fields["tied"] = r.bool("tie_word_embeddings", True)
