@@ -12,6 +12,10 @@ names the output `out_proj` and the norms `q_layernorm`, `k_layernorm`.
 RecurrentGemma's local attention (`temporal_block`): a window (`attention_window_size`), RoPE on the first
 half of each head (partial_rotary_factor 0.5, as its config class sets), head_dim = hidden_size // heads, a
 q/k/v bias from `attention_bias` and always one on o_proj.
+The families of ltmdsl/hf/families/ (qwen3_moe, gpt_oss, gemma3_text, llama4_text) read and write their own
+attention fields; this facet names their tensors (`self_attn`): gpt-oss's `sinks` as is, Gemma-3's
+zero-centred q/k norms through "plus_one", Llama-4's q_proj / k_proj rows through "rope_pairs" (its RoPE
+rotates interleaved pairs). `call` writes every variant and any RoPE scaling (`scaling_text`).
 """
 
 from __future__ import annotations
@@ -300,9 +304,9 @@ def _lfm2_misfit(a) -> str | None:
 
 def unmapped_variants(a) -> list[str]:
     """The attention variants the Llama-style and SSM-hybrid families cannot carry (the gate maps only to
-    qwen3_next, see `_qwen3_next_fields`; the model types of the others, e.g. gpt_oss's sinks, gemma's soft
-    cap and query_pre_attn_scalar, llama4's L2 qk-norm and chunks, are not mapped yet); export refuses them
-    rather than writing plain attention."""
+    qwen3_next, see `_qwen3_next_fields`; sinks to gpt_oss, query_pre_attn_scalar to gemma3_text, the L2
+    qk-norm and chunks to llama4_text: ltmdsl/hf/families/); export refuses them rather than writing plain
+    attention."""
     out = [name for name, on in (("gate", a.gate), ("sinks", a.sinks), ("softcap", a.softcap is not None),
                                  ("qk_l2_norm", a.qk_l2_norm), ("chunk", a.chunk is not None),
                                  ("query_pre_attn_scalar", a.query_pre_attn_scalar is not None)) if on]

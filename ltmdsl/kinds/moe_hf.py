@@ -17,6 +17,11 @@ fused as above), `mlp.shared_expert.*` and `mlp.shared_expert_gate.weight`.
 The runtime stores `experts.gate_proj/up_proj [E, F, d]`, `experts.down_proj [E, d, F]` and `router.weight`
 (and `shared.*`, `shared_gate.weight`).
 Export writes the per-expert layout unless asked for the fused one.
+Qwen3-MoE names its experts as Qwen3-Next does, without a shared expert. gpt-oss and Llama-4 store their
+experts only fused and transposed (`FUSED_T`): gpt-oss `mlp.experts.gate_up_proj [E, d, 2F]` with gate and up
+columns interleaved, `gate_up_proj_bias [E, 2F]` likewise, `down_proj [E, F, d]`, `down_proj_bias [E, d]` and a
+biased `mlp.router`; Llama-4 `feed_forward.experts.gate_up_proj [E, d, 2F]` (gate columns, then up),
+`down_proj [E, F, d]`, `feed_forward.router` and `feed_forward.shared_expert`.
 """
 
 from __future__ import annotations
