@@ -172,7 +172,7 @@ def llama3(r: Reader, key: str, rp: dict) -> RopeScaling | None:
         return None
     factor = rope_number(r, rp, key, "factor", 1, False)
     low = rope_number(r, rp, key, "low_freq_factor", 0, True)
-    high = rope_number(r, rp, key, "high_freq_factor", low, True, minimum_from="low_freq_factor")
+    high = rope_number(r, rp, key, "high_freq_factor", low, False, minimum_from="low_freq_factor")  # equal: Llama-4
     # transformers falls back to max_position_embeddings (standardize_rope_params); a config stating neither
     # relies on a family default we would only guess, so it is an error here
     where, context = f"{key}.original_max_position_embeddings", rp.get("original_max_position_embeddings")

@@ -347,8 +347,8 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
     ({"factor": 0.5}, r"'rope_scaling.factor' must be a number >= 1 and <= 1e\+30, got 0.5"),
     ({"factor": None}, r"'rope_scaling.factor' must be a number >= 1 and <= 1e\+30, got None"),
     ({"low_freq_factor": 0}, r"'rope_scaling.low_freq_factor' must be a number > 0 and <= 1e\+30, got 0"),
-    ({"high_freq_factor": 1.0}, r"'rope_scaling.high_freq_factor' must be a number > "
-                                 r"'rope_scaling.low_freq_factor' \(1\) and <= 1e\+30, got 1.0"),
+    ({"high_freq_factor": 0.5}, r"'rope_scaling.high_freq_factor' must be a number >= "
+                                 r"'rope_scaling.low_freq_factor' \(1\) and <= 1e\+30, got 0.5"),
     ({"original_max_position_embeddings": 8192.5}, r"'rope_scaling.original_max_position_embeddings' must be an "
                                                    r"integer from 1 to 2,147,483,647 for rope_type 'llama3', got 8192.5"),
     ({"original_max_position_embeddings": None}, r"'max_position_embeddings' must be an integer from 1"),
