@@ -272,8 +272,9 @@ def _rope_scaling(node: ast.Call, scope: Scope) -> RopeScaling:
 
     The RoPE frequency scalings of `RopeScaling`. Keywords only; the required ones must all be given and each is
     checked, errors pointing at the offending keyword or value: factor >= 1 (1 leaves every frequency unchanged);
-    llama3: 0 < low_freq_factor < high_freq_factor (the wavelength thresholds original_context / low_freq_factor
-    and original_context / high_freq_factor must be ordered, or the interpolation divides by zero); yarn:
+    llama3: 0 < low_freq_factor <= high_freq_factor (the wavelength thresholds original_context / low_freq_factor
+    and original_context / high_freq_factor must be ordered; equal, as Llama-4's, there is no band to interpolate
+    and the scaling is a step, as transformers computes it); yarn:
     beta_fast > beta_slow > 0 (the extrapolated band must lie above the interpolated one), mscale and
     mscale_all_dim > 0, attention_factor > 0, truncate true or false; original_context a whole number >= 1.
     """
@@ -333,9 +334,9 @@ def _rope_scaling(node: ast.Call, scope: Scope) -> RopeScaling:
                            short_factor=lists["short_factor"], long_factor=lists["long_factor"])
     if name == "llama3":
         low, high = number("low_freq_factor"), number("high_freq_factor", -math.inf)
-        if high <= low:
-            raise EvalError(given["high_freq_factor"][1], f"llama3() high_freq_factor ({high:g}) must be greater "
-                            f"than low_freq_factor ({low:g})")
+        if high < low:
+            raise EvalError(given["high_freq_factor"][1], f"llama3() high_freq_factor ({high:g}) must be at least "
+                            f"low_freq_factor ({low:g})")
         return RopeScaling("llama3", factor, low, high, context)
     fast, slow = number("beta_fast"), number("beta_slow")
     if (fast if fast is not None else 32.0) <= (slow if slow is not None else 1.0):

@@ -109,7 +109,7 @@ class RopeScaling:
     kind: str  # "llama3" | "linear" | "dynamic" | "yarn" | "longrope"
     factor: float  # >= 1: the context is extended `factor` times
     low_freq_factor: float | None = None  # llama3: > 0
-    high_freq_factor: float | None = None  # llama3: > low_freq_factor
+    high_freq_factor: float | None = None  # llama3: >= low_freq_factor (equal: a step, Llama-4)
     original_context: int | None = None  # llama3, dynamic, yarn: the pre-training context
     beta_fast: float | None = None  # yarn: rotations bounding the extrapolated band (transformers' default 32)
     beta_slow: float | None = None  # yarn: rotations bounding the interpolated band (default 1)

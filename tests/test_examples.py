@@ -31,6 +31,8 @@ PUBLISHED = {
     "deepseek-v3.ltm": 671_026_404_352,  # transformers 5.24 on tests/hf/configs/DeepSeek-V3.json (no MTP module)
     "deepseek-v2-lite.ltm": 15_706_484_224,  # transformers 5.24 on tests/hf/configs/DeepSeek-V2-Lite.json
     "kimi-linear-48b-a3b.ltm": 49_133_074_464,  # transformers 5.24, KimiLinearConfig's defaults (tests/hf/configs)
+    "gpt-oss-20b.ltm": 20_914_757_184,  # transformers 5.24 on tests/hf/configs/gpt-oss-20b.json
+    "gemma-3-27b.ltm": 27_009_346_304,  # transformers 5.24, the text model of tests/hf/configs/gemma-3-27b-it.json
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import deepseek_v2, deepseek_v3, kimi_linear, qwen3_5
+from ltmdsl.hf.families import deepseek_v2, deepseek_v3, gemma3, gpt_oss, kimi_linear, llama4, qwen3_5, qwen3_moe
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, layer_configs, to_hf
 from ltmdsl.ir import ModelIR
@@ -37,7 +38,8 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
          "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM",
          "deepseek_v2": deepseek_v2.ARCH, "deepseek_v3": deepseek_v3.ARCH,
-         **dict(qwen3_5.ARCHITECTURES.values()), "kimi_linear": kimi_linear.ARCH}
+         **dict(qwen3_5.ARCHITECTURES.values()), "kimi_linear": kimi_linear.ARCH, "qwen3_moe": qwen3_moe.ARCH,
+         "gpt_oss": gpt_oss.ARCH, "gemma3_text": gemma3.ARCH, "llama4_text": llama4.ARCH}
 
 
 def _one(values, what: str):
@@ -78,6 +80,7 @@ class Layout:
     ffns: tuple[str, ...]
     not_mixer: str
     not_ffn: str
+    own: Callable[[object], str | None] | None = None  # a family module's own `misfit` (hf/families/<type>.py)
 
     def holds(self, ir: ModelIR) -> bool:
         """Whether every sub-layer's kind has a slot here (the kinds' own settings are not checked)."""
@@ -89,7 +92,7 @@ class Layout:
     def misfit(self, c, kinds: tuple[str, ...], otherwise: str) -> str | None:
         if c.kind not in kinds:
             return otherwise.format(kind=c.kind)
-        return hf_facet(c.kind).misfit(c, self.family)
+        return self.own(c) if self.own is not None else hf_facet(c.kind).misfit(c, self.family)
 
 
 _SWIGLU_FFN = "expected the MLP or MoE that follows each mixer"
@@ -137,6 +140,10 @@ LAYOUTS = {
     "kimi_linear": Layout("Kimi-Linear (KDA or MLA without RoPE, each followed by a SwiGLU MLP or a MoE with "
                           "DeepSeek-V3's router and shared experts)", "kimi_linear", True, ("kda", "mla"), ("mlp", "moe"),
                           "Kimi-Linear's mixers are KDA and MLA without RoPE", _SWIGLU_FFN),
+    "qwen3_moe": Layout(**qwen3_moe.LAYOUT),
+    "gpt_oss": Layout(**gpt_oss.LAYOUT),
+    "gemma3_text": Layout(**gemma3.LAYOUT),
+    "llama4_text": Layout(**llama4.LAYOUT),
 }
 
 
@@ -225,6 +232,8 @@ def _family_config(ir: ModelIR, family: str | None = None) -> dict:
         raise HFError(f"{norm.kind} has no Hugging Face counterpart among the supported families (all use rmsnorm)")
     base = {"vocab_size": ir.vocab, "hidden_size": ir.d_model, "tie_word_embeddings": ir.tie_embeddings,
             "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16")}
+    if gemma3.fits(ir):
+        return gemma3.config(ir, base, norm.eps)
     gdn = any(layer.kind == "gated_deltanet" for layer in layers)
     griffin = ir.logit_cap is not None or any(layer.kind == "rg_lru" for layer in layers)
     if norm.zero_centred and not gdn and griffin and LAYOUTS["recurrent_gemma"].holds(ir):
@@ -263,6 +272,12 @@ def _family_config(ir: ModelIR, family: str | None = None) -> dict:
         raise HFError("attention with rope_dim (partial rotary embeddings) maps back only to Bamba (Mamba-2 or "
                       "RoPE attention, each followed by a SwiGLU MLP); transformers' Llama-style families rotate "
                       "the whole head")
+    if gpt_oss.fits(ir):
+        return gpt_oss.config(ir, base, norm.eps)
+    if llama4.fits(ir):
+        return llama4.config(ir, base, norm.eps)
+    if qwen3_moe.fits(ir):
+        return qwen3_moe.config(ir, base, norm.eps)
     if LAYOUTS["llama"].holds(ir) and "no_rope" not in heads:
         return _transformer_config(ir, base, norm.eps)
     if LAYOUTS["jamba"].holds(ir) and "rope" not in heads:

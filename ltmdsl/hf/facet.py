@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 #: The transforms a checkpoint tensor may go through on its way to a runtime parameter (and back on export).
-OPS = ("copy", "stack", "first_half", "second_half", "plus_one", "rows")
+OPS = ("copy", "stack", "first_half", "second_half", "plus_one", "rows", "even", "odd", "even_t", "odd_t",
+       "transpose", "first_half_t", "second_half_t", "rope_pairs")
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,20 @@ class Source:
     zero-centred norm weight, which scales by 1 + w, into a plain one); "rows": the runtime tensor is the
     concatenation along dim 0 of the row blocks `rows` = ((part, start, stop), ...) of the tensors `names`
     (Qwen3.5's separate q/k/v and z projections regrouped by key head, Kimi's three convs as one), which
-    must cover each part's rows exactly once. Export applies the inverse.
+    must cover each part's rows exactly once. "even" / "odd": the even / odd entries
+    of the last dim of an interleaved tensor (gpt-oss's gate_up_proj_bias [E, 2F]: gate, up, gate, ...), and
+    "even_t" / "odd_t" the same transposed in its last two dims ([E, d, 2F] -> [E, F, d]); "first_half_t" /
+    "second_half_t": the halves of the last dim, transposed (Llama-4's gate_up_proj [E, d, 2F]: gate, then
+    up); "transpose": the last two dims swapped ([E, F, d] <-> [E, d, F]); "rope_pairs": the rows of each
+    head of `group` rows reordered from RoPE's interleaved pairs (2i, 2i + 1: Llama-4's complex rotation) to
+    the runtime's halves (i, i + group / 2), the even rows first, then the odd ones (q_proj / k_proj weights and
+    biases; q.k is unchanged by the same reordering of q and k). Export applies the inverse.
     """
 
     names: tuple[str, ...]
     op: str = "copy"
     rows: tuple[tuple[int, int, int], ...] = ()
+    group: int = 0  # rope_pairs: the rows of one head (head_dim, even)
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -54,6 +63,8 @@ class Source:
             ends = [0] + [b for _, b in blocks]
             if not blocks or any(a != end or b <= a for (a, b), end in zip(blocks, ends)):
                 raise ValueError(f"row blocks of {self.names[part]} must tile its rows from 0, got {blocks}")
+        if (self.op == "rope_pairs") != (self.group > 0) or self.group % 2:
+            raise ValueError(f"op rope_pairs needs an even group (head_dim), and only it takes one: {self!r}")
 
     def part_rows(self, part: int) -> int:
         """How many rows checkpoint tensor `names[part]` has under op "rows"."""
@@ -76,6 +87,7 @@ class Site:
     experts: int = 0
     fused: bool | None = None
     layer: Any = None
+    hf: dict = field(default_factory=dict)  # the family's resolved settings (Plan.hf: Llama-4's head_dim)
 
 
 @dataclass(frozen=True)

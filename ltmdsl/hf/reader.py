@@ -172,7 +172,7 @@ def llama3(r: Reader, key: str, rp: dict) -> RopeScaling | None:
         return None
     factor = rope_number(r, rp, key, "factor", 1, False)
     low = rope_number(r, rp, key, "low_freq_factor", 0, True)
-    high = rope_number(r, rp, key, "high_freq_factor", low, True, minimum_from="low_freq_factor")
+    high = rope_number(r, rp, key, "high_freq_factor", low, False, minimum_from="low_freq_factor")  # equal: Llama-4
     # transformers falls back to max_position_embeddings (standardize_rope_params); a config stating neither
     # relies on a family default we would only guess, so it is an error here
     where, context = f"{key}.original_max_position_embeddings", rp.get("original_max_position_embeddings")
@@ -186,15 +186,77 @@ def llama3(r: Reader, key: str, rp: dict) -> RopeScaling | None:
     return RopeScaling("llama3", factor, low, high, context)
 
 
-def rope(r: Reader, default: float, head_dim: int,
-          partial: float | None = None) -> tuple[float, RopeScaling | None, int | None]:
+def linear(r: Reader, key: str, rp: dict) -> RopeScaling | None:
+    """Position interpolation from a checked `rope_type: linear` dict (Gemma-3's global layers): every frequency
+    divided by `factor`; None when it was dropped on request."""
+    unknown = sorted(str(k) for k in rp if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor",
+                                                     "factor"))
+    if unknown:
+        r.unsupported(key, f"for rope_type 'linear' the keys rope_type, rope_theta, factor; not "
+                           f"{', '.join(safe_text(k) for k in unknown)}")
+        return None
+    return RopeScaling("linear", rope_number(r, rp, key, "factor", 1, False))
+
+
+_YARN_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
+              "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
+
+
+def yarn(r: Reader, key: str, rp: dict) -> RopeScaling | None:
+    """YaRN from a checked `rope_type: yarn` dict (gpt-oss, DeepSeek, Qwen long-context), read as transformers'
+    `_compute_yarn_parameters` reads it: `factor` (null: max_position_embeddings / original context), the
+    original context (the dict's, else max_position_embeddings, as `standardize_rope_params` fills it),
+    beta_fast / beta_slow (null or 0: 32 / 1), mscale, mscale_all_dim and attention_factor (null: unset) and
+    `truncate` (default true). None when it was dropped on request."""
+    unknown = sorted(str(k) for k in rp if k not in _YARN_KEYS)
+    if unknown:
+        r.unsupported(key, f"for rope_type 'yarn' the keys {', '.join(_YARN_KEYS)}; not "
+                           f"{', '.join(safe_text(k) for k in unknown)}")
+        return None
+    where, context = f"{key}.original_max_position_embeddings", rp.get("original_max_position_embeddings")
+    if context is None:
+        where, context = "max_position_embeddings", r.cfg.get("max_position_embeddings")
+    if isinstance(context, float) and context.is_integer() and abs(context) < 2**63:
+        context = int(context)
+    if not isinstance(context, int) or isinstance(context, bool) or not 1 <= context <= MAX_INT:
+        raise r.fail(f"'{where}' must be an integer from 1 to {MAX_INT:,} for rope_type 'yarn', "
+                     f"got {show_value(context)}")
+    if rp.get("factor") is None:
+        longest = r.cfg.get("max_position_embeddings")
+        if not isinstance(longest, int) or isinstance(longest, bool) or not context <= longest <= MAX_INT:
+            raise r.fail(f"'{key}.factor' is null, so transformers divides max_position_embeddings by the original "
+                         f"context {context}; 'max_position_embeddings' must then be an integer >= {context}, got "
+                         f"{show_value(longest)}")
+        factor = longest / context
+    else:
+        factor = rope_number(r, rp, key, "factor", 1, False)
+    optional = {name: (None if rp.get(name) is None else rope_number(r, rp, key, name, 0, True))
+                for name in ("mscale", "mscale_all_dim", "attention_factor")}
+    fast = rope_number(r, rp, key, "beta_fast", 0, True) if rp.get("beta_fast") else 32.0
+    slow = rope_number(r, rp, key, "beta_slow", 0, True) if rp.get("beta_slow") else 1.0
+    if not fast > slow:
+        raise r.fail(f"'{key}.beta_fast' ({fast:g}) must be greater than '{key}.beta_slow' ({slow:g})")
+    truncate = rp.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise r.fail(f"'{key}.truncate' must be true or false, got {show_value(truncate)}")
+    return RopeScaling("yarn", factor, original_context=context, beta_fast=fast, beta_slow=slow,
+                       truncate=truncate, **optional)
+
+
+#: The scaled RoPE types a family may accept besides llama3 (`rope(..., scalings=...)`), and their readers.
+SCALINGS = {"linear": linear, "yarn": yarn}
+
+
+def rope(r: Reader, default: float, head_dim: int, partial: float | None = None,
+         scalings: tuple[str, ...] = ()) -> tuple[float, RopeScaling | None, int | None]:
     """The RoPE base, its frequency scaling (plain, or Llama 3.1's llama3) and the rotated channels per head.
 
     transformers 4 configs say `rope_theta` and `rope_scaling`; transformers 5 writes one `rope_parameters`
     dict that holds rope_theta too. As transformers 5 does (`convert_rope_params_to_dict`), `rope_scaling`
     is read when it is set and `rope_parameters` otherwise, and a rope_theta inside the dict wins over the
     top-level one. Other rope types (linear, dynamic, yarn, longrope, ...) are refused, or dropped with a
-    NOTE when the key is ignored.
+    NOTE when the key is ignored; a family whose checkpoints use another type names it in `scalings`
+    ("linear", "yarn": `SCALINGS`).
 
     `partial` is the family's partial_rotary_factor where transformers applies partial rotary embeddings
     (Bamba: its config class always passes 0.5, which fills the dict unless the dict states its own factor);
@@ -219,7 +281,9 @@ def rope(r: Reader, default: float, head_dim: int,
     if not rp:  # absent, null or {}
         return theta, None, rotary_dim(r, where, factor, head_dim)
     if not isinstance(rp, dict) or any(isinstance(v, dict) for v in rp.values()):
-        r.unsupported(key, f"one dict for all layers with {ROPE_SUPPORTED}")
+        nested = [safe_text(k, 40) for k, v in rp.items() if isinstance(v, dict)] if isinstance(rp, dict) else []
+        r.unsupported(key, f"one dict for all layers with {ROPE_SUPPORTED}"
+                           + (f"; not a dict in '{key}.{nested[0]}'" if nested else ""))
         return theta, None, rotary_dim(r, where, factor, head_dim)
     if "partial_rotary_factor" in rp:  # the dict's own factor wins (transformers only setdefaults it)
         if partial is None and rp["partial_rotary_factor"] not in (1, 1.0):
@@ -238,7 +302,10 @@ def rope(r: Reader, default: float, head_dim: int,
         return theta, None, rope_dim
     if rope_type == "llama3":
         return theta, llama3(r, key, rp), rope_dim
-    r.unsupported(key, ROPE_SUPPORTED)
+    if rope_type in scalings:
+        return theta, SCALINGS[rope_type](r, key, rp), rope_dim
+    r.unsupported(key, ROPE_SUPPORTED if not scalings else
+                  f"rope_type 'default', 'llama3' or {' or '.join(map(repr, scalings))} ({r.family})")
     return theta, None, rope_dim
 
 

@@ -32,6 +32,8 @@ class Naming:
     mixer_norm: str
     ffn_norm: str
     layers: str = "layers"  # the decoder layers' module list (xLSTM: blocks)
+    mixer_post_norm: str = ""  # the norms of the sub-layers' outputs (post_norm; Gemma-3's sandwich norms)
+    ffn_post_norm: str = ""
 
 
 _TRANSFORMER = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="norm", mixer_norm="input_layernorm",
@@ -39,6 +41,9 @@ _TRANSFORMER = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="no
 _HYBRID = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
                  mixer_norm="input_layernorm", ffn_norm="pre_ff_layernorm")
 _SSM = Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f", mixer_norm="norm", ffn_norm="")
+_GEMMA3 = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="norm", mixer_norm="input_layernorm",
+                 ffn_norm="pre_feedforward_layernorm", mixer_post_norm="post_attention_layernorm",
+                 ffn_post_norm="post_feedforward_layernorm")
 NAMINGS = {
     "llama": _TRANSFORMER, "mistral": _TRANSFORMER, "qwen2": _TRANSFORMER, "qwen3": _TRANSFORMER,
     "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
@@ -55,10 +60,13 @@ NAMINGS = {
     "kimi_linear": _TRANSFORMER,
     **dict.fromkeys(("qwen3_5", "qwen3_5_moe"), Naming(  # published: under model.language_model, beside a vision tower
         ("model.", "model.language_model."), "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm")),
+    "qwen3_moe": _TRANSFORMER, "gpt_oss": _TRANSFORMER, "llama4_text": _TRANSFORMER,
+    "gemma3_text": _GEMMA3,
+    "gemma3": Naming(**{**_GEMMA3.__dict__, "prefixes": ("model.language_model.",)}),
 }
 
 
-_LAYER = re.compile(r"^layers\.(\d+)\.(norm|mixer)\.(.+)$")
+_LAYER = re.compile(r"^layers\.(\d+)\.(norm|post_norm|mixer)\.(.+)$")
 
 
 def _prefix(naming: Naming, available: set[str] | None) -> str:
@@ -95,11 +103,17 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
     base = f"{prefix}{naming.layers}.{sub.hf_layer}."
     if part == "norm":
         return Source((f"{base}{naming.mixer_norm if sub.role == 'mixer' else naming.ffn_norm}.{rest}",))
+    if part == "post_norm":
+        post = naming.mixer_post_norm if sub.role == "mixer" else naming.ffn_post_norm
+        if not post:
+            raise HFError(f"runtime parameter '{name}': {plan.family} has no norm on a sub-layer's output")
+        return Source((f"{base}{post}.{rest}",))
     facet = hf_facet(sub.kind)
     if plan.family not in facet.modules:
         raise HFError(f"runtime parameter '{name}': {plan.family} has no {sub.kind} layers")
     layer = (layers or {}).get(sub.index)
-    src = facet.source(rest, Site(plan.family, base, available, experts.get(sub.index, 0), fused, layer))
+    src = facet.source(rest, Site(plan.family, base, available, experts.get(sub.index, 0), fused, layer=layer,
+                                  hf=plan.hf))
     if src is None:
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
     return src
@@ -156,6 +170,29 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
                     raise HFError(f"tensor {src.names[j]} has shape {list(p.shape)}, expected {src.part_rows(j)} "
                                   f"rows (for runtime parameter {target})")
             tensor = torch.cat([parts[j][a:b] for j, a, b in src.rows], 0)
+        elif src.op in ("even", "odd", "even_t", "odd_t"):  # one of the two interleaved halves of the last dim
+            fused = parts[0]
+            if fused.dim() < 2 or fused.shape[-1] % 2:
+                raise HFError(f"tensor {src.names[0]} has shape {list(fused.shape)}, expected an even last dim "
+                              "(gate and up interleaved)")
+            tensor = fused[..., 0::2] if src.op.startswith("even") else fused[..., 1::2]
+            tensor = tensor.transpose(-1, -2) if src.op.endswith("_t") else tensor
+        elif src.op in ("first_half_t", "second_half_t"):  # halves of the last dim, transposed
+            fused = parts[0]
+            if fused.dim() != 3 or fused.shape[-1] % 2:
+                raise HFError(f"tensor {src.names[0]} has shape {list(fused.shape)}, "
+                              "expected [experts, d_model, 2 * d_ff]")
+            half = fused.shape[-1] // 2
+            tensor = (fused[..., :half] if src.op == "first_half_t" else fused[..., half:]).transpose(-1, -2)
+        elif src.op == "rope_pairs":  # per head of D rows: (0, 1, 2, 3, ...) -> (0, 2, ..., 1, 3, ...)
+            rows, D = parts[0].shape[0], src.group
+            if rows % D:
+                raise HFError(f"tensor {src.names[0]} has {rows} rows, not a whole number of heads of {D}")
+            tensor = parts[0].reshape(rows // D, D // 2, 2, *parts[0].shape[1:]).transpose(1, 2).reshape(parts[0].shape)
+        elif src.op == "transpose":
+            if parts[0].dim() < 2:
+                raise HFError(f"tensor {src.names[0]} has shape {list(parts[0].shape)}, expected a matrix")
+            tensor = parts[0].transpose(-1, -2)
         else:
             tensor = parts[0]
         want = tuple(shapes[target])
@@ -191,8 +228,20 @@ def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = Fal
         elif src.op == "stack":
             for j, hf_name in enumerate(src.names):
                 out[hf_name] = tensor[j]
-        else:
-            halves.setdefault(src.names[0], {})[src.op] = tensor
+        elif src.op == "transpose":
+            out[src.names[0]] = tensor.transpose(-1, -2)
+        elif src.op == "rope_pairs":  # halves back to interleaved pairs, per head
+            rows, D = tensor.shape[0], src.group
+            out[src.names[0]] = tensor.reshape(rows // D, 2, D // 2, *tensor.shape[1:]).transpose(1, 2).reshape(
+                tensor.shape)
+        else:  # one part of a fused tensor: assembled once both are there
+            halves.setdefault(src.names[0], {})[src.op] = tensor.transpose(-1, -2) if src.op.endswith("_t") else tensor
     for hf_name, parts in halves.items():
-        out[hf_name] = torch.cat([parts["first_half"], parts["second_half"]], dim=1)
+        if "first_half" in parts:
+            out[hf_name] = torch.cat([parts["first_half"], parts["second_half"]], dim=1)
+        elif "first_half_t" in parts:  # already transposed back to [E, d, F]
+            out[hf_name] = torch.cat([parts["first_half_t"], parts["second_half_t"]], dim=-1)
+        else:  # interleaved along the last dim: even, odd, even, ...
+            even, odd = (parts.get(op, parts.get(f"{op}_t")) for op in ("even", "odd"))
+            out[hf_name] = torch.stack([even, odd], dim=-1).flatten(-2)
     return {k: v.contiguous() for k, v in out.items()}

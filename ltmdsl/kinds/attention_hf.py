@@ -12,12 +12,17 @@ names the output `out_proj` and the norms `q_layernorm`, `k_layernorm`.
 RecurrentGemma's local attention (`temporal_block`): a window (`attention_window_size`), RoPE on the first
 half of each head (partial_rotary_factor 0.5, as its config class sets), head_dim = hidden_size // heads, a
 q/k/v bias from `attention_bias` and always one on o_proj.
+The families of ltmdsl/hf/families/ (qwen3_moe, gpt_oss, gemma3_text, llama4_text) read and write their own
+attention fields; this facet names their tensors (`self_attn`): gpt-oss's `sinks` as is, Gemma-3's
+zero-centred q/k norms through "plus_one", Llama-4's q_proj / k_proj rows through "rope_pairs" (its RoPE
+rotates interleaved pairs). `call` writes every variant and any RoPE scaling (`scaling_text`).
 """
 
 from __future__ import annotations
 
 import math
 
+from ltmdsl.evaluate import ROPE_SCALINGS
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source, copy_tensor
 from ltmdsl.kinds.gated_deltanet_hf import QWEN3_NEXT_STYLE
@@ -118,20 +123,39 @@ def call(v: dict) -> str:
             f"rope_theta = {'none' if v.get('rope_theta') is None else num(float(v['rope_theta']))}"]
     if v.get("rope_dim") is not None:
         args.append(f"rope_dim = {num(int(v['rope_dim']))}")
-    s = v.get("rope_scaling")
-    if s is not None:
-        if s.kind != "llama3":
-            raise HFError(f"internal: unknown rope scaling {s.kind!r}")
-        args.append(f"rope_scaling = llama3(factor = {num(float(s.factor))}, "
-                    f"low_freq_factor = {num(float(s.low_freq_factor))}, "
-                    f"high_freq_factor = {num(float(s.high_freq_factor))}, "
-                    f"original_context = {num(int(s.original_context))})")
-    if v.get("window") is not None:
-        args.append(f"window = {num(v['window'])}")
-    for flag in ("qkv_bias", "out_bias", "qk_norm", "gate"):
+    if v.get("rope_scaling") is not None:
+        args.append(f"rope_scaling = {scaling_text(v['rope_scaling'])}")
+    for size in ("window", "chunk"):
+        if v.get(size) is not None:
+            args.append(f"{size} = {num(int(v[size]))}")
+    for flag in ("qkv_bias", "out_bias", "qk_norm", "gate", "sinks", "qk_l2_norm"):
         if v.get(flag):
             args.append(f"{flag} = true")
+    for number in ("softcap", "query_pre_attn_scalar"):
+        if v.get(number) is not None:
+            args.append(f"{number} = {num(float(v[number]))}")
     return f"attention({', '.join(args)})"
+
+
+def scaling_text(s) -> str:
+    """A RopeScaling as its spec call (`llama3(...)`, `linear(...)`, `yarn(...)`, ...): the keywords the spec
+    language takes for that kind (ltmdsl.evaluate.ROPE_SCALINGS), those the scaling leaves unset omitted."""
+    if s.kind not in ROPE_SCALINGS:
+        raise HFError(f"internal: unknown rope scaling {s.kind!r}")
+    required, optional = ROPE_SCALINGS[s.kind]
+    args = []
+    for name in required + optional:
+        value = getattr(s, name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = f"factors({', '.join(num(float(x)) for x in value)})"
+        else:
+            text = num(int(value)) if name == "original_context" else num(float(value))
+        args.append(f"{name} = {text}")
+    return f"{s.kind}({', '.join(args)})"
 
 
 def _heads(a, d: int) -> dict:
@@ -153,6 +177,27 @@ def rope_scaling_fields(a) -> dict:
         return {}
     if s.kind != "llama3":
         raise HFError(f"rope scaling {s.kind} has no Hugging Face counterpart (supported: llama3)")
+    return scaling_fields(s)
+
+
+def scaling_fields(s) -> dict:
+    """Any RoPE scaling (llama3, linear, yarn) as `rope_scaling` in the transformers 4 form, plus a
+    `max_position_embeddings` of factor * original context where the scaling has one (see
+    `rope_scaling_fields`); {} for none. For the families whose transformers code applies every rope_type."""
+    if s is None:
+        return {}
+    if s.kind == "linear":
+        return {"rope_scaling": {"rope_type": "linear", "factor": s.factor}}
+    if s.kind == "yarn":
+        out = {"rope_type": "yarn", "factor": s.factor, "original_max_position_embeddings": s.original_context,
+               "beta_fast": 32.0 if s.beta_fast is None else s.beta_fast,
+               "beta_slow": 1.0 if s.beta_slow is None else s.beta_slow, "truncate": s.truncate is not False}
+        out.update({k: getattr(s, k) for k in ("mscale", "mscale_all_dim", "attention_factor")
+                    if getattr(s, k) is not None})
+        return {"rope_scaling": out,
+                "max_position_embeddings": max(s.original_context + 1, math.ceil(s.factor * s.original_context))}
+    if s.kind != "llama3":
+        raise HFError(f"rope scaling {s.kind} has no Hugging Face counterpart here (supported: llama3, linear, yarn)")
     return {"rope_scaling": {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                              "high_freq_factor": s.high_freq_factor,
                              "original_max_position_embeddings": s.original_context},
@@ -260,9 +305,9 @@ def _lfm2_misfit(a) -> str | None:
 
 def unmapped_variants(a) -> list[str]:
     """The attention variants the Llama-style and SSM-hybrid families cannot carry (the gate maps only to
-    qwen3_next, see `_qwen3_next_fields`; the model types of the others, e.g. gpt_oss's sinks, gemma's soft
-    cap and query_pre_attn_scalar, llama4's L2 qk-norm and chunks, are not mapped yet); export refuses them
-    rather than writing plain attention."""
+    qwen3_next, see `_qwen3_next_fields`; sinks to gpt_oss, query_pre_attn_scalar to gemma3_text, the L2
+    qk-norm and chunks to llama4_text: ltmdsl/hf/families/); export refuses them rather than writing plain
+    attention."""
     out = [name for name, on in (("gate", a.gate), ("sinks", a.sinks), ("softcap", a.softcap is not None),
                                  ("qk_l2_norm", a.qk_l2_norm), ("chunk", a.chunk is not None),
                                  ("query_pre_attn_scalar", a.query_pre_attn_scalar is not None)) if on]
@@ -314,10 +359,13 @@ _LFM2_NAMES = {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layer
 
 
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
-    """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one";
+    """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one"; Llama-4's
+    q_proj / k_proj rows through op "rope_pairs" (its RoPE rotates interleaved pairs, the runtime's halves);
     LFM2's `out_proj` / `q_layernorm` / `k_layernorm` renamed."""
-    if site.family in QWEN3_NEXT_STYLE and rest in ("q_norm.weight", "k_norm.weight"):
+    if site.family in (*QWEN3_NEXT_STYLE, "gemma3_text", "gemma3") and rest in ("q_norm.weight", "k_norm.weight"):
         return Source(copy_tensor(facet, rest, site).names, "plus_one")
+    if site.family == "llama4_text" and rest.split(".")[0] in ("q_proj", "k_proj"):
+        return Source(copy_tensor(facet, rest, site).names, "rope_pairs", group=site.hf["head_dim"])
     if site.family == "lfm2":
         module, _, tail = rest.partition(".")
         rest = f"{_LFM2_NAMES.get(module, module)}.{tail}"
@@ -327,7 +375,8 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 HF = HFFacet(
     name="attention", label="attention",
     families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "recurrent_gemma"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", *QWEN3_NEXT_STYLE, "lfm2")},
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "qwen3_moe",
+                                            "gpt_oss", "gemma3_text", "gemma3", "llama4_text")},
              "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

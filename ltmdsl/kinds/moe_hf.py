@@ -26,6 +26,11 @@ is laid out as Mixtral's: per expert `block_sparse_moe.experts.{j}.w1/w3/w2.weig
 The runtime stores `experts.gate_proj/up_proj [E, F, d]`, `experts.down_proj [E, d, F]` and `router.weight`
 (and `shared.*`, `shared_gate.weight`).
 Export writes the per-expert layout unless asked for the fused one.
+Qwen3-MoE names its experts as Qwen3-Next does, without a shared expert. gpt-oss and Llama-4 store their
+experts only fused and transposed (`FUSED_T`): gpt-oss `mlp.experts.gate_up_proj [E, d, 2F]` with gate and up
+columns interleaved, `gate_up_proj_bias [E, 2F]` likewise, `down_proj [E, F, d]`, `down_proj_bias [E, d]` and a
+biased `mlp.router`; Llama-4 `feed_forward.experts.gate_up_proj [E, d, 2F]` (gate columns, then up),
+`down_proj [E, F, d]`, `feed_forward.router` and `feed_forward.shared_expert`.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from ltmdsl.hf.spec import num, show_value
 NAMES = {"mixtral": ("gate", ("w1", "w3", "w2")), "jamba": ("router", ("gate_proj", "up_proj", "down_proj")),
          "qwen3_next": ("gate", ("gate_proj", "up_proj", "down_proj")),
          "qwen3_5_moe": ("gate", ("gate_proj", "up_proj", "down_proj")), "kimi_linear": ("gate", ("w1", "w3", "w2")),
-         **{f: ("gate", ("gate_proj", "up_proj", "down_proj")) for f in ("deepseek_v2", "deepseek_v3")}}
+         **{f: ("gate", ("gate_proj", "up_proj", "down_proj")) for f in ("deepseek_v2", "deepseek_v3")},
+         "qwen3_moe": ("gate", ("gate_proj", "up_proj", "down_proj"))}
 _WHICH = {"experts.gate_proj": 0, "experts.up_proj": 1, "experts.down_proj": 2}
 
 
@@ -227,12 +233,24 @@ def _deepseek_fields(f, fam: str) -> dict:
     return {**out, "n_group": f.groups, "topk_group": f.top_groups, "norm_topk_prob": f.renormalise}
 
 
+#: the activations a family's experts may have (identifiers that reach the spec text)
+ACTIVATIONS = ("swiglu", "swiglu_clamped")
+
+
 def call(v: dict) -> str:
-    shared = f", shared_d_ff = {num(v['shared_d_ff'])}" if v.get("shared_d_ff") else ""
-    shared += ", shared_gate = true" if v.get("shared_gate") else ""
-    shared = _routing_text(v) + shared
-    return (f"moe(experts = {num(v['experts'])}, top_k = {num(v['top_k'])}, d_ff = {num(v['d_ff'])}, act = swiglu, "
-            f"routing = {v['routing']}{shared})")
+    """`moe(...)` from validated values: act (default swiglu), gpt-oss's clamp numbers, the routing variants
+    (DeepSeek's groups, selection bias, scale), biases, a shared expert (and its gate) and Llama-4's input
+    weighting, each only when set."""
+    act = v.get("act", "swiglu")
+    if act not in ACTIVATIONS:
+        raise HFError(f"internal: expert activation {act!r}")
+    extra = "".join(f", {k} = {num(float(v[k]))}" for k in ("swiglu_limit", "swiglu_alpha") if v.get(k) is not None)
+    extra += _routing_text(v)
+    extra += f", shared_d_ff = {num(v['shared_d_ff'])}" if v.get("shared_d_ff") else ""
+    extra += "".join(f", {flag} = true" for flag in ("shared_gate", "router_bias", "expert_bias", "weight_input")
+                     if v.get(flag))
+    return (f"moe(experts = {num(v['experts'])}, top_k = {num(v['top_k'])}, d_ff = {num(v['d_ff'])}, act = {act}, "
+            f"routing = {v['routing']}{extra})")
 
 
 def write(f, fam: str, d: int) -> dict:
@@ -300,7 +318,36 @@ def _layout(modules: tuple[str, ...], gate: str, site: Site) -> tuple[str, bool]
     return modules[0], False
 
 
+#: Families whose experts exist only fused and transposed (gate_up_proj [E, d, 2F], down_proj [E, F, d]): the
+#: runtime's expert tensor -> (the checkpoint tensor under `experts.`, op). gpt-oss interleaves gate and up
+#: columns (gate, up, gate, ...) and has biases; Llama-4 puts the gate's columns first, then up's.
+FUSED_T = {
+    "gpt_oss": {"experts.gate_proj": ("gate_up_proj", "even_t"), "experts.up_proj": ("gate_up_proj", "odd_t"),
+                "experts.down_proj": ("down_proj", "transpose"), "experts.gate_bias": ("gate_up_proj_bias", "even"),
+                "experts.up_bias": ("gate_up_proj_bias", "odd"), "experts.down_bias": ("down_proj_bias", "copy")},
+    "llama4_text": {"experts.gate_proj": ("gate_up_proj", "first_half_t"),
+                    "experts.up_proj": ("gate_up_proj", "second_half_t"),
+                    "experts.down_proj": ("down_proj", "transpose")},
+}
+#: the router's and the shared expert's modules of those families
+_FUSED_T_MODULES = {"gpt_oss": ("router", None), "llama4_text": ("router", "shared_expert")}
+
+
+def _fused_t(facet: HFFacet, rest: str, site: Site) -> Source | None:
+    block = f"{site.block}{facet.modules[site.family][0]}."
+    router, shared = _FUSED_T_MODULES[site.family]
+    head, _, tail = rest.partition(".")
+    if head == "router":
+        return Source((f"{block}{router}.{tail}",))
+    if head == "shared" and shared:
+        return Source((f"{block}{shared}.{tail}",))
+    name, op = FUSED_T[site.family].get(rest, (None, None))
+    return None if name is None else Source((f"{block}experts.{name}",), op)
+
+
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
+    if site.family in FUSED_T:
+        return _fused_t(facet, rest, site)
     router, names = NAMES[site.family]
     module, fused = _layout(facet.modules[site.family], names[0], site)
     block = f"{site.block}{module}."
@@ -327,5 +374,6 @@ HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next"
                                                 "kimi_linear"),
              modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
                       **{f: ("mlp",) for f in DEEPSEEK}, "qwen3_5_moe": ("mlp",),
-                      "kimi_linear": ("block_sparse_moe", "mlp")},
+                      "kimi_linear": ("block_sparse_moe", "mlp"), "qwen3_moe": ("mlp",), "gpt_oss": ("mlp",),
+                      "llama4_text": ("feed_forward",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

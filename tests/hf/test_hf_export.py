@@ -19,6 +19,7 @@ from hf_tiny import CASES, LLAMA3_ROPE, load_hf, save_case  # noqa: E402
 
 from ltmdsl.cli import main  # noqa: E402
 from ltmdsl.hf import HFError  # noqa: E402
+from ltmdsl.hf.configs import spec_from_config  # noqa: E402
 from ltmdsl.hf.export import config_from_ir, export_hf  # noqa: E402
 
 
@@ -367,10 +368,9 @@ def test_misfits_name_index_definition_kind_and_reason(stack, family, misfit):
     assert misfit in refused.value.message  # the family's own reason, then the layers it has no place for
 
 
-@pytest.mark.parametrize("variant", ["gate = true", "sinks = true", "softcap = 30.0", "qk_l2_norm = true",
-                                     "chunk = 8", "query_pre_attn_scalar = 16.0",
+@pytest.mark.parametrize("variant", ["gate = true", "sinks = true", "softcap = 30.0", "query_pre_attn_scalar = 16.0",
                                      "rope_scaling = linear(factor = 2.0)"],
-                         ids=["gate", "sinks", "softcap", "qk_l2_norm", "chunk", "query_scalar", "linear-rope"])
+                         ids=["gate", "sinks", "softcap", "query_scalar", "linear-rope"])
 def test_attention_variants_are_refused_not_exported_as_plain_attention(variant):
     """An attention variant no supported family carries is refused by name, never written as plain attention."""
     text = f"""model m {{
@@ -383,6 +383,23 @@ def test_attention_variants_are_refused_not_exported_as_plain_attention(variant)
 """
     with pytest.raises(HFError, match="not mapped to Hugging Face yet"):
         config_from_ir(ltmdsl.loads(text).model)
+
+
+@pytest.mark.parametrize("variant", ["qk_l2_norm = true", "chunk = 8"], ids=["qk_l2_norm", "chunk"])
+def test_llama4_attention_variants_export_as_llama4(variant):
+    """Llama-4's L2 qk-norm and chunked attention map to llama4_text (tests/hf/test_hf_llama4.py has its parity)."""
+    text = f"""model m {{
+    vocab = 40
+    d_model = 32
+    layer attn = attention(heads = 2, {variant})
+    layer ffn = mlp(d_ff = 24)
+    stack {{ attn ffn }}
+}}
+"""
+    ir = ltmdsl.loads(text).model
+    cfg = config_from_ir(ir)
+    assert cfg["model_type"] == "llama4_text" and cfg["moe_layers"] == []
+    assert [x.mixer for x in ltmdsl.loads(spec_from_config(cfg)).model.layers] == [x.mixer for x in ir.layers]
 
 
 @pytest.mark.parametrize("setting", ["embed_scale = 8.0", "residual_scale = 0.5", "logit_scale = 0.25",

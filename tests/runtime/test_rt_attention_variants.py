@@ -35,7 +35,8 @@ KERNELS = pytest.mark.parametrize("kernels", [TORCH_KERNELS, REFERENCE_KERNELS],
 
 #: Published settings: DeepSeek-V3 (rope dims 64, theta 1e4, yarn 40x of 4096, mscale 1 / 1), gpt-oss (head 64,
 #: theta 150000, yarn 32x of 4096, truncate false), Qwen3 long context (head 128, theta 1e6, yarn 4x of 32768),
-#: DeepSeek-V2 style mscale 0.707 / 0.707 and a toy with an explicit attention factor, Gemma-3 linear 8x.
+#: DeepSeek-V2 style mscale 0.707 / 0.707 and a toy with an explicit attention factor, Gemma-3 linear 8x, Llama-4
+#: Scout's llama3 16x of 8192 with equal low and high frequency factors (a step: no band to interpolate).
 PUBLISHED = [
     (64, 10000.0, RopeScaling("yarn", 40.0, original_context=4096, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
                               mscale_all_dim=1.0)),
@@ -44,6 +45,7 @@ PUBLISHED = [
     (64, 10000.0, RopeScaling("yarn", 40.0, original_context=4096, mscale=0.707, mscale_all_dim=0.707)),
     (16, 100.0, RopeScaling("yarn", 8.0, original_context=16, beta_fast=8.0, beta_slow=0.5, attention_factor=1.3)),
     (128, 1e6, RopeScaling("linear", 8.0)),
+    (128, 5e5, RopeScaling("llama3", 16.0, 1.0, 1.0, 8192)),
 ]
 
 DYNAMIC = RopeScaling("dynamic", 2.0, original_context=16)
@@ -71,6 +73,9 @@ def rope_parameters(theta: float, s: RopeScaling | None) -> dict:
         if s.attention_factor is not None:
             out["attention_factor"] = s.attention_factor
         return out
+    if s.kind == "llama3":
+        out.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                   original_max_position_embeddings=s.original_context)
     if s.kind == "yarn":
         out["original_max_position_embeddings"] = s.original_context
         for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"):
@@ -81,7 +86,7 @@ def rope_parameters(theta: float, s: RopeScaling | None) -> dict:
 
 @pytest.mark.parametrize("dim, theta, scaling", PUBLISHED,
                          ids=["deepseek-v3-yarn", "gpt-oss-yarn", "qwen-yarn", "mscale-0.707", "toy-attn-factor",
-                              "gemma3-linear"])
+                              "gemma3-linear", "llama4-llama3-step"])
 def test_rope_frequencies_equal_transformers_init_functions(dim, theta, scaling):
     """inv_freq bitwise in fp32 and the attention factor exactly, against ROPE_INIT_FUNCTIONS."""
     from transformers import LlamaConfig
