@@ -27,7 +27,8 @@ PUBLISHED = {
     "xlstm-7b.ltm": 6_865_424_896,  # transformers 5.24, xLSTMConfig's defaults (xLSTM-7B's dimensions)
     "minimax-text-01.ltm": 456_089_655_296,  # transformers 5.24 on MiniMax-Text-01's dimensions
     "qwen1.5-moe-a2.7b.ltm": 14_315_784_192,  # transformers' Qwen2MoeConfig() defaults: this model's sizes
-    "qwen3-next-80b-a3b.ltm": 79_674_391_296,  # transformers 5.24 on tests/hf/configs/Qwen3-Next-80B-A3B-Instruct.json
+    "qwen3-next-80b-a3b.ltm": 79_674_391_296,
+    "nemotron-3-nano-30b-a3b.ltm": 31_577_937_344,  # transformers 5.24 on tests/hf/configs/NVIDIA-Nemotron-3-Nano-*.json  # transformers 5.24 on tests/hf/configs/Qwen3-Next-80B-A3B-Instruct.json
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",

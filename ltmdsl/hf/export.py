@@ -4,7 +4,7 @@
     ltmdsl.hf.export_hf("model.ltm", "out/", seed=0)   # a spec: the weights its `build(seed=...)` draws
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
-Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, Qwen3-Next, LFM2,
+Mixtral, Mamba, Mamba-2, Jamba, Nemotron-H (with MoE), Bamba, Qwen3-Next, LFM2,
 RecurrentGemma: `LAYOUTS`) and writes its model-level fields; each
 sub-layer's kind writes its own fields through its HF facet (ltmdsl/kinds/<kind>_hf.py). To be sure nothing
 is lost, the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and
@@ -100,9 +100,9 @@ LAYOUTS = {
     "bamba": Layout("Bamba (Mamba-2 or RoPE attention, each followed by a SwiGLU MLP)", "bamba", True,
                     ("mamba2", "attention"), ("mlp",), "Bamba's SSM layers are Mamba-2 (mamba2)",
                     "expected the MLP that follows each mixer"),
-    "nemotron_h": Layout("Nemotron-H (Mamba-2, attention without RoPE and relu2 MLPs in any order)", "nemotron_h",
-                         False, (), ("mamba2", "attention", "mlp"), "",
-                         "Nemotron-H has no {kind} layers (dense Mamba-2, attention and relu2 MLPs only)"),
+    "nemotron_h": Layout("Nemotron-H (Mamba-2, attention without RoPE, relu2 MLPs and relu2 MoEs in any order)",
+                         "nemotron_h", False, (), ("mamba2", "attention", "mlp", "moe"), "",
+                         "Nemotron-H has no {kind} layers (Mamba-2, attention, relu2 MLPs and MoEs only)"),
     "lfm2": Layout("LFM2 (short convolutions or RoPE attention with qk_norm, each followed by a SwiGLU MLP)", "lfm2",
                    True, ("short_conv", "attention"), ("mlp",), "LFM2's mixers are short convolutions and attention",
                    "expected the MLP that follows each mixer"),
@@ -345,7 +345,7 @@ def _jamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
 
 
 #: Nemotron-H's pattern character of each kind it has.
-_NEMOTRON_SYMBOL = {"mamba2": "M", "attention": "*", "mlp": "-"}
+_NEMOTRON_SYMBOL = {"mamba2": "M", "attention": "*", "mlp": "-", "moe": "E"}
 
 
 def _nemotron_config(ir: ModelIR, base: dict, eps: float) -> dict:
@@ -498,7 +498,9 @@ def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite:
 
         warn_nonfinite(model.named_parameters(), f"model {model.ir.name}")
     cfg, plan = hf_plan(model.ir)
-    state = {name: p.detach().cpu() for name, p in model.named_parameters()}
+    from ltmdsl.hf.load import weights_of
+
+    state = {name: p.detach().cpu() for name, p in weights_of(model).items()}
     tensors = to_hf(plan, state, expert_counts(model.ir), fused=fused)
     dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
     if len(dtypes) == 1:

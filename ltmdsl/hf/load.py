@@ -115,6 +115,8 @@ def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) 
     sources = {name: source_of(plan, name, experts, available) for name in params}
     used = {n for src in sources.values() for n in src.names}
     allowed = {"lm_head.weight"} if ir.tie_embeddings else set()  # some tied checkpoints repeat it
+    skipped = tuple(plan.hf.get("skip_tensors", ()))  # what transformers skips too (Nemotron-H's mtp.* layers)
+    allowed |= {n for n in available if skipped and n.startswith(skipped)}
     unexpected = sorted(available - used - allowed)
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -139,7 +141,7 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
         raise HFError(f"tensor {odd[0]} is {ckpt.infos[odd[0]].dtype}; weights must be one of "
                       f"{', '.join(FLOAT_DTYPES)}", ckpt.folder)
     with torch.device("meta"):
-        params = dict(LTModel(ir, kernels_for("torch", ir)).named_parameters())
+        params = weights_of(LTModel(ir, kernels_for("torch", ir)))
     _tensors(params, ir, plan, ckpt, ckpt.read_meta, ckpt.folder)
     itemsize = torch.empty((), dtype=dtype).element_size()
     # built in fp32, cast to dtype, and every checkpoint tensor read (and stacked) once while filling it
@@ -150,6 +152,15 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
         raise HFError(str(e), ckpt.folder) from None
 
 
+def weights_of(model) -> dict:
+    """A runtime model's weights by name: its parameters (tied ones once) and its persistent buffers (a MoE's
+    selection bias, which transformers also keeps as a buffer but stores in the checkpoint)."""
+    out = dict(model.named_parameters())
+    persistent = set(model.state_dict(keep_vars=True))
+    out.update({name: b for name, b in model.named_buffers() if name in persistent})
+    return out
+
+
 def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None) -> None:
     """Fill every parameter of a runtime `model` built from `plan` with the checkpoint's tensors."""
     import torch
@@ -157,7 +168,7 @@ def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None)
     from ltmdsl.runtime.checkpoint import warn_nonfinite
 
     ckpt = ckpt or Checkpoint(folder)
-    params = dict(model.named_parameters())  # tied weights appear once
+    params = weights_of(model)  # tied weights appear once
     read: list[tuple[str, object]] = []  # (checkpoint name, tensor): NaN warnings name the file's tensors
 
     def reading(name: str):

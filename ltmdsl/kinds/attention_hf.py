@@ -45,12 +45,17 @@ def read(r: Reader, ctx: ReadContext) -> dict:
             raise r.fail(f"hidden_size {d}, num_attention_heads {heads} and num_key_value_heads {kv} do not divide")
         r.expect("sliding_window", lambda v: v is None, "null")
         return dict(heads=heads, kv_heads=kv, head_dim=d // heads, rope_theta=None)
-    if fam == "nemotron_h":
+    if fam == "nemotron_h":  # NemotronHAttention: no RoPE, no biases (whatever attention_bias says), no window
         heads = r.int("num_attention_heads", 32)
         kv, head_dim = dims(r, d, heads, 128, 8)
+        if r.present("attention_head_dim") and r.int("attention_head_dim") != head_dim:
+            raise r.fail(f"'attention_head_dim' {r.cfg['attention_head_dim']} disagrees with the head_dim transformers "
+                         f"uses ({head_dim}, from 'head_dim' or its default 128); make them agree")
+        r.raw("attention_head_dim", None)  # the original configs' copy of head_dim
         r.expect("sliding_window", lambda v: v is None, "null")
-        bias = r.bool("attention_bias", False)
-        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=None, qkv_bias=bias, out_bias=bias)
+        r.expect("attention_bias", lambda v: v in (None, False), "false (transformers' NemotronHAttention has no "
+                 "biases whatever attention_bias says)", False)
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=None)
     if fam == "bamba":
         if not ctx.present:  # no attention layer: its settings, RoPE included, never reach the computation
             r.used.update({"num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling",
@@ -202,10 +207,10 @@ def write(a, fam: str, d: int) -> dict:
             raise HFError("Jamba attention has no window, biases, qk_norm or head_dim override")
         return _heads(a, d)
     if fam == "nemotron_h":
-        if a.rope_theta is not None or a.window is not None or a.qk_norm or a.qkv_bias != a.out_bias:
-            raise HFError("Nemotron-H attention has no RoPE, window or qk_norm")
+        if a.rope_theta is not None or a.window is not None or a.qk_norm or a.qkv_bias or a.out_bias:
+            raise HFError("Nemotron-H attention has no RoPE, window, qk_norm or biases")
         return dict(num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.head_dim,
-                    attention_bias=a.qkv_bias)
+                    attention_bias=False)
     if fam == "bamba":
         if a.window is not None or a.qk_norm or a.qkv_bias != a.out_bias:
             raise HFError("Bamba attention has no window or qk_norm, and its attention_bias covers q, k, v and o alike")
@@ -289,8 +294,8 @@ def misfit(a, fam: str) -> str | None:
     if fam == "bamba":
         return "Bamba attention has RoPE and no window" if a.rope_theta is None or a.window is not None else None
     if fam == "nemotron_h":
-        return "Nemotron-H attention has no RoPE and no window" if a.rope_theta is not None or a.window is not None \
-            else None
+        return "Nemotron-H attention has no RoPE, window or biases" \
+            if a.rope_theta is not None or a.window is not None or a.qkv_bias or a.out_bias else None
     if fam == "lfm2":
         return _lfm2_misfit(a)
     if fam == "recurrent_gemma":

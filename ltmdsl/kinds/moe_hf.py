@@ -14,6 +14,14 @@ Qwen3-Next (`num_experts`, `num_experts_per_tok`, `moe_intermediate_size`; softm
 renormalised when `norm_topk_prob`) adds a shared SwiGLU expert of `shared_expert_intermediate_size` gated by
 sigmoid(x . shared_expert_gate): `mlp.gate.weight`, `mlp.experts.{j}.gate_proj/up_proj/down_proj.weight` (or
 fused as above), `mlp.shared_expert.*` and `mlp.shared_expert_gate.weight`.
+Nemotron-H / Nemotron-3 (NemotronHMoE; `n_routed_experts`, alias `num_local_experts`, `num_experts_per_tok`,
+`moe_intermediate_size`, `moe_shared_expert_intermediate_size`): relu2 experts with up and down projections
+only, routed by sigmoid scores plus the `e_score_correction_bias` buffer (selection_bias) within the `topk_group`
+best of `n_group` groups (each scored by its two best), renormalised when `norm_topk_prob`, times
+`routed_scaling_factor`; one relu2 shared expert. Tensors under `mixer`: `gate.weight`,
+`gate.e_score_correction_bias`, `experts.{j}.up_proj/down_proj.weight` (fused: `experts.up_proj [E, F, d]`,
+`experts.down_proj`), `shared_experts.up_proj/down_proj.weight`. Its latent projections (`moe_latent_size`)
+are refused by name.
 The runtime stores `experts.gate_proj/up_proj [E, F, d]`, `experts.down_proj [E, d, F]` and `router.weight`
 (and `shared.*`, `shared_gate.weight`).
 Export writes the per-expert layout unless asked for the fused one.
@@ -48,6 +56,8 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         if ctx.present and top_k > experts:
             raise r.fail(f"num_experts_per_tok {top_k} > {key} {experts}")
         return dict(experts=experts, top_k=top_k, d_ff=d_ff, routing=routing, shared_d_ff=shared, shared_gate=True)
+    elif ctx.family == "nemotron_h":
+        return _nemotron_h(r, ctx)
     else:
         raise HFError(f"internal: moe has no reader for {ctx.family}")
     if top_k > experts:
@@ -55,14 +65,74 @@ def read(r: Reader, ctx: ReadContext) -> dict:
     return dict(experts=experts, top_k=top_k, d_ff=ctx.shared["d_ff"], routing=routing)
 
 
+def _nemotron_h(r: Reader, ctx: ReadContext) -> dict:
+    """NemotronHMoE's settings (module docstring); read and checked whether or not the pattern has MoE layers,
+    as NemotronHConfig holds them either way."""
+    experts = r.int("n_routed_experts", r.cfg.get("num_local_experts", 8))
+    if r.present("num_local_experts") and r.int("num_local_experts") != experts:
+        raise r.fail(f"'num_local_experts' {r.cfg['num_local_experts']} disagrees with 'n_routed_experts' {experts}")
+    r.raw("num_local_experts", None)
+    top_k = r.int("num_experts_per_tok", 2)
+    d_ff, shared = r.int("moe_intermediate_size", 7688), r.int("moe_shared_expert_intermediate_size", 7688)
+    r.expect("n_shared_experts", lambda v: v in (None, 1), "1 (NemotronHMoE has one shared expert of "
+             "moe_shared_expert_intermediate_size)", 1)
+    r.expect("moe_latent_size", lambda v: v is None, "null (the latent projections fc1_latent_proj / fc2_latent_proj "
+             "around the experts are not in ltmdsl's moe)")
+    r.bool("moe_shared_expert_overlap", True)  # overlaps the shared expert with dispatch: scheduling only
+    scale = r.float("routed_scaling_factor", 1.0)
+    groups, top_groups = r.int("n_group", 1), r.int("topk_group", 1)
+    renorm = r.bool("norm_topk_prob", True)
+    if not ctx.present:
+        return {}
+    if experts % groups or top_groups > groups:
+        raise r.fail(f"'n_group' {groups} must divide 'n_routed_experts' {experts} and be at least 'topk_group' "
+                     f"{top_groups}")
+    if experts // groups < 2:  # NemotronHTopkRouter scores each group by its two best experts
+        raise r.fail(f"'n_routed_experts' / 'n_group' = {experts // groups}; transformers scores each group by its "
+                     "two best experts, so it needs at least 2")
+    if top_k > top_groups * (experts // groups):
+        raise r.fail(f"num_experts_per_tok {top_k} > the {top_groups * (experts // groups)} experts that 'topk_group' "
+                     f"{top_groups} of 'n_group' {groups} groups of 'n_routed_experts' {experts} leave eligible")
+    return dict(experts=experts, top_k=top_k, d_ff=d_ff, act="relu2",
+                routing="sigmoid_topk_renorm" if renorm else "sigmoid_topk", shared_d_ff=shared,
+                selection_bias=True, routed_scale=scale, groups=groups, top_groups=top_groups)
+
+
 def call(v: dict) -> str:
-    shared = f", shared_d_ff = {num(v['shared_d_ff'])}" if v.get("shared_d_ff") else ""
-    shared += ", shared_gate = true" if v.get("shared_gate") else ""
-    return (f"moe(experts = {num(v['experts'])}, top_k = {num(v['top_k'])}, d_ff = {num(v['d_ff'])}, act = swiglu, "
-            f"routing = {v['routing']}{shared})")
+    """`moe(...)` from validated values (settings at their defaults left out)."""
+    extra = ""
+    if v.get("groups", 1) > 1:
+        extra += f", groups = {num(v['groups'])}, top_groups = {num(v['top_groups'])}"
+    if v.get("selection_bias"):
+        extra += ", selection_bias = true"
+    if v.get("routed_scale", 1.0) != 1.0:
+        extra += f", routed_scale = {num(float(v['routed_scale']))}"
+    extra += f", shared_d_ff = {num(v['shared_d_ff'])}" if v.get("shared_d_ff") else ""
+    extra += ", shared_gate = true" if v.get("shared_gate") else ""
+    return (f"moe(experts = {num(v['experts'])}, top_k = {num(v['top_k'])}, d_ff = {num(v['d_ff'])}, "
+            f"act = {v.get('act', 'swiglu')}, routing = {v['routing']}{extra})")
+
+
+def _nemotron_h_misfit(f) -> str | None:
+    if f.activation != "relu2" or f.routing not in ("sigmoid_topk_renorm", "sigmoid_topk") or not f.selection_bias \
+            or not f.shared_d_ff or f.shared_gate or f.group_score != "top2_sum" or f.router_bias or f.expert_bias \
+            or f.weight_input:
+        return ("Nemotron-H's MoE has relu2 experts, sigmoid_topk(_renorm) routing with selection_bias (grouped by "
+                "top2_sum, if at all) and an ungated relu2 shared expert; no biases, no weight_input")
+    if f.experts // f.groups < 2:
+        return "Nemotron-H's router scores each expert group by its two best experts, so groups need 2 experts"
+    return None
 
 
 def write(f, fam: str, d: int) -> dict:
+    if fam == "nemotron_h":
+        why = _nemotron_h_misfit(f)
+        if why:
+            raise HFError(why)
+        return {"n_routed_experts": f.experts, "num_experts_per_tok": f.top_k, "moe_intermediate_size": f.d_ff,
+                "moe_shared_expert_intermediate_size": f.shared_d_ff, "n_shared_experts": 1,
+                "routed_scaling_factor": f.routed_scale, "n_group": f.groups, "topk_group": f.top_groups,
+                "norm_topk_prob": f.renormalise, "mlp_hidden_act": "relu2"}
     if fam == "qwen3_next":
         if f.activation != "swiglu" or f.routing not in ("softmax_topk_renorm", "softmax_topk") \
                 or not f.shared_d_ff or not f.shared_gate:
@@ -83,6 +153,8 @@ def write(f, fam: str, d: int) -> dict:
 
 
 def misfit(f, fam: str) -> str | None:
+    if fam == "nemotron_h":
+        return _nemotron_h_misfit(f)
     if fam == "qwen3_next":
         try:
             write(f, fam, 1)
@@ -111,7 +183,26 @@ def _layout(modules: tuple[str, ...], gate: str, site: Site) -> tuple[str, bool]
     return modules[0], False
 
 
+def _nemotron_h_tensors(rest: str, site: Site) -> Source | None:
+    """NemotronHMoE's tensors under `mixer.`: router `gate`, per-expert or fused up/down, `shared_experts`."""
+    block = f"{site.block}mixer."
+    if rest in ("router.weight", "selection_bias"):
+        return Source((f"{block}gate.{'weight' if rest == 'router.weight' else 'e_score_correction_bias'}",))
+    if rest.startswith("shared."):
+        return Source((f"{block}shared_experts.{rest.split('.', 1)[1]}",))
+    which = {"experts.up_proj": "up_proj", "experts.down_proj": "down_proj"}.get(rest)
+    if which is None:
+        return None
+    fused = site.fused if site.fused is not None else \
+        site.available is not None and f"{block}experts.up_proj" in site.available
+    if fused:
+        return Source((f"{block}experts.{which}",))
+    return Source(tuple(f"{block}experts.{j}.{which}.weight" for j in range(site.experts)), "stack")
+
+
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
+    if site.family == "nemotron_h":
+        return _nemotron_h_tensors(rest, site)
     router, names = NAMES[site.family]
     module, fused = _layout(facet.modules[site.family], names[0], site)
     block = f"{site.block}{module}."
@@ -130,6 +221,7 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
     return Source(tuple(f"{block}experts.{j}.{names[which]}.weight" for j in range(site.experts)), "stack")
 
 
-HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next"),
-             modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",)},
+HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next", "nemotron_h"),
+             modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
+                      "nemotron_h": ("mixer",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

@@ -47,6 +47,15 @@ CASES = {
     "nemotron_h": ("nemotron_h", {**COMMON, **ATTN, "hybrid_override_pattern": "M*-M-*", "head_dim": 8,
                                   "mamba_num_heads": 6, "mamba_head_dim": 12, "n_groups": 2, "ssm_state_size": 6,
                                   "conv_kernel": 3, "chunk_size": 8}, False),
+    # Nemotron-3 (Nemotron-H with MoE): Mamba-2 with an inner width (6 heads of 8 = 48) that is not 2 * 36, MoE of
+    # 6 relu2 experts in 2 groups (top 1 group by its two best sigmoid scores plus the selection bias, then top 2,
+    # renormalised, times 1.5) with a relu2 shared expert of 10, beside a dense relu2 MLP and attention.
+    "nemotron_h_moe": ("nemotron_h", {**COMMON, **ATTN, "hybrid_override_pattern": "ME*-ME", "head_dim": 8,
+                                      "mamba_num_heads": 6, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 6,
+                                      "conv_kernel": 3, "chunk_size": 8, "n_routed_experts": 6,
+                                      "num_experts_per_tok": 2, "moe_intermediate_size": 14,
+                                      "moe_shared_expert_intermediate_size": 10, "n_group": 2, "topk_group": 1,
+                                      "routed_scaling_factor": 1.5}, False),
     # LFM2: short convolutions (3 taps) and attention with q/k RMSNorm at 0-based layers 1 and 3 of 5; d_ff 50 is
     # written as is (block_auto_adjust_ff_dim false); lfm2_adjusted sizes its MLP as Lfm2MLP does (2/3 of 90,
     # times 1.5, rounded up to a multiple of 16: 96) with conv biases, 4 taps, untied embeddings, head_dim 12.
@@ -133,6 +142,9 @@ def randomize(model, seed: int = 0) -> None:
                 p.copy_(0.3 * noise)
             else:
                 p.copy_(noise / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # selection bias: a buffer, but a weight of the model
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
 
 
 def hf_model(model_type: str, kwargs: dict, seed: int = 0):
@@ -140,7 +152,7 @@ def hf_model(model_type: str, kwargs: dict, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(model_type, **kwargs)
-    extra = {"experts_implementation": "eager"} if model_type in ("mixtral", "jamba", "qwen3_next") else {}
+    extra = {"experts_implementation": "eager"} if model_type in ("mixtral", "jamba", "qwen3_next", "nemotron_h") else {}
     model = AutoModelForCausalLM.from_config(cfg, **extra).float().eval()
     randomize(model, seed)
     return model
