@@ -24,6 +24,7 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
+from ltmdsl.hf.families import granitemoehybrid
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, to_hf
 from ltmdsl.ir import ModelIR
@@ -34,7 +35,8 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
-         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM"}
+         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM",
+         "granitemoehybrid": granitemoehybrid.ARCH}
 
 
 def _one(values, what: str):
@@ -120,6 +122,7 @@ LAYOUTS = {
                          "gated shared expert; zero-centred norms)", "qwen3_next", True,
                          ("gated_deltanet", "attention"), ("mlp", "moe"),
                          "Qwen3-Next's mixers are Gated DeltaNet and gated attention", _SWIGLU_FFN),
+    "granitemoehybrid": Layout(**granitemoehybrid.LAYOUT),
 }
 
 
@@ -206,6 +209,8 @@ def _family_config(ir: ModelIR) -> dict:
         return _qwen3_next_config(ir, norm.eps)
     mixers = [layer.mixer for layer in layers]
     n, d = len(layers), ir.d_model
+    if granitemoehybrid.fits(ir):
+        return granitemoehybrid.config(ir, base, norm.eps)
     if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
         return _xlstm_config(ir, base, norm.eps)
 

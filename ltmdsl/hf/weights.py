@@ -51,6 +51,7 @@ NAMINGS = {
                    mixer_norm="operator_norm", ffn_norm="ffn_norm"),
     "xlstm": Naming(prefixes=("backbone.",), embed="embeddings", final_norm="out_norm", mixer_norm="norm_mlstm",
                     ffn_norm="norm_ffn", layers="blocks"),
+    "granitemoehybrid": _TRANSFORMER,
 }
 
 
@@ -130,13 +131,13 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
             if len(shapes_seen) != 1:
                 raise HFError(f"experts of {src.names[0].replace('.0.', '.*.')} differ in shape: {sorted(shapes_seen)}")
             tensor = torch.stack(parts, 0)
-        elif src.op in ("first_half", "second_half"):
+        elif src.op in ("first_half", "second_half"):  # along dim -2: [E, 2F, d] experts, [2F, d] one MLP
             fused = parts[0]
-            if fused.dim() != 3 or fused.shape[1] % 2:
+            if fused.dim() not in (2, 3) or fused.shape[-2] % 2:
                 raise HFError(f"tensor {src.names[0]} has shape {list(fused.shape)}, "
-                              "expected [experts, 2 * d_ff, d_model]")
-            half = fused.shape[1] // 2
-            tensor = fused[:, :half] if src.op == "first_half" else fused[:, half:]
+                              "expected [experts, 2 * d_ff, d_model] or [2 * d_ff, d_model]")
+            half = fused.shape[-2] // 2
+            tensor = fused[..., :half, :] if src.op == "first_half" else fused[..., half:, :]
         elif src.op == "plus_one":  # a zero-centred (1 + w) norm weight as a plain one
             tensor = 1 + parts[0]
         else:
@@ -168,5 +169,5 @@ def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = Fal
         else:
             halves.setdefault(src.names[0], {})[src.op] = tensor
     for hf_name, parts in halves.items():
-        out[hf_name] = torch.cat([parts["first_half"], parts["second_half"]], dim=1)
+        out[hf_name] = torch.cat([parts["first_half"], parts["second_half"]], dim=-2)
     return {k: v.contiguous() for k, v in out.items()}

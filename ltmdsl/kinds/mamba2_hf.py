@@ -2,10 +2,11 @@
 
 Mamba-2 (SSD) appears in transformers' Mamba-2 (keys `num_heads`, `head_dim`, `state_size`, `n_groups`, ...),
 Nemotron-H (`mamba_num_heads`, `mamba_head_dim`, `ssm_state_size`; `mamba_d_conv` / `conv_kernel` and the like
-are aliases) and Bamba (`mamba_n_heads`, `mamba_d_head` ("auto": d_inner / heads), `mamba_*`). Mamba-2 and
-Bamba need d_inner = expand * d_model; Nemotron-H's inner width is mamba_num_heads * mamba_head_dim whatever
-`expand` says (Nemotron-3-Nano: 64 * 64 = 4096 beside hidden_size 2688), written `heads` in the spec then. Its tensors (`in_proj`, `conv1d`, `dt_bias`,
-`A_log`, `D`, `norm`, `out_proj`) carry the runtime's names under `mixer` (Bamba: `mamba`).
+are aliases), Bamba and Granite-4.0-H (granitemoehybrid; both `mamba_n_heads`, `mamba_d_head` ("auto":
+d_inner / heads), `mamba_*`). Mamba-2, Bamba and Granite need d_inner = expand * d_model; Nemotron-H's inner
+width is mamba_num_heads * mamba_head_dim whatever `expand` says (Nemotron-3-Nano: 64 * 64 = 4096 beside
+hidden_size 2688), written `heads` in the spec then. Its tensors (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`,
+`norm`, `out_proj`) carry the runtime's names under `mixer` (Bamba, Granite: `mamba`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def read(r: Reader, ctx: ReadContext) -> dict:
             values["heads"] = heads
         r.expect("mamba_proj_bias", lambda v: v in (None, False), "false")
         return values
-    if fam == "bamba":
+    if fam in ("bamba", "granitemoehybrid"):  # the same keys, defaults and layer (GraniteMoeHybridMambaLayer)
         r.expect("time_step_limit", time_step_limit_ok, "[0.0, inf]")
         n_heads = r.int("mamba_n_heads", 128)
         expand = int_expand(r, "mamba_expand", 2)
@@ -107,9 +108,10 @@ def write(m, fam: str, d: int) -> dict:
         return dict(mamba_num_heads=m.heads, mamba_head_dim=m.head_dim, ssm_state_size=m.d_state,
                     n_groups=m.n_groups, expand=m.expand, conv_kernel=m.d_conv, chunk_size=m.chunk,
                     use_conv_bias=m.conv_bias, use_bias=m.proj_bias)
-    if fam == "bamba":
+    if fam in ("bamba", "granitemoehybrid"):
         if m.d_inner != m.expand * d:
-            raise HFError(f"Bamba's Mamba-2 inner width is mamba_expand * hidden_size; heads * head_dim = {m.d_inner} "
+            raise HFError(f"{'Bamba' if fam == 'bamba' else 'Granite-4.0-H'}'s Mamba-2 inner width is mamba_expand * "
+                          f"hidden_size; heads * head_dim = {m.d_inner} "
                           f"is not {m.expand} * {d}")
         return dict(mamba_n_heads=m.heads, mamba_d_head=m.head_dim, mamba_n_groups=m.n_groups,
                     mamba_d_state=m.d_state, mamba_expand=m.expand, mamba_d_conv=m.d_conv,
@@ -118,13 +120,14 @@ def write(m, fam: str, d: int) -> dict:
 
 
 def misfit(m, fam: str) -> str | None:
-    return None if fam in ("mamba2", "nemotron_h", "bamba") else f"{fam} has no Mamba-2 layers"
+    return None if fam in ("mamba2", "nemotron_h", "bamba", "granitemoehybrid") else f"{fam} has no Mamba-2 layers"
 
 
 def traits(m) -> frozenset[str]:
     return frozenset()
 
 
-HF = HFFacet(name="mamba2", label="Mamba-2", families=("mamba2", "nemotron_h", "bamba"),
-             modules={"mamba2": ("mixer",), "nemotron_h": ("mixer",), "bamba": ("mamba",)},
+HF = HFFacet(name="mamba2", label="Mamba-2", families=("mamba2", "nemotron_h", "bamba", "granitemoehybrid"),
+             modules={"mamba2": ("mixer",), "nemotron_h": ("mixer",), "bamba": ("mamba",),
+                      "granitemoehybrid": ("mamba",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits)

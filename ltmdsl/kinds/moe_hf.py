@@ -22,6 +22,12 @@ best of `n_group` groups (each scored by its two best), renormalised when `norm_
 `gate.e_score_correction_bias`, `experts.{j}.up_proj/down_proj.weight` (fused: `experts.up_proj [E, F, d]`,
 `experts.down_proj`), `shared_experts.up_proj/down_proj.weight`. Its latent projections (`moe_latent_size`)
 are refused by name.
+Granite-4.0-H (granitemoehybrid; `num_local_experts` > 0, `num_experts_per_tok`, `intermediate_size`,
+`shared_intermediate_size`): SwiGLU experts routed by a softmax over the top-k logits (topk_softmax), plus the
+always-present SwiGLU `shared_mlp`, summed in its decoder layer. Its published tensors are fused:
+`block_sparse_moe.input_linear.weight [E, 2F, d]` (gate rows, then up), `block_sparse_moe.output_linear.weight`,
+`block_sparse_moe.router.layer.weight` (transformers 5 in memory: `experts.gate_up_proj`, `experts.down_proj`,
+`router.weight`), and `shared_mlp.input_linear.weight [2Fs, d]`, `shared_mlp.output_linear.weight`.
 The runtime stores `experts.gate_proj/up_proj [E, F, d]`, `experts.down_proj [E, d, F]` and `router.weight`
 (and `shared.*`, `shared_gate.weight`).
 Export writes the per-expert layout unless asked for the fused one.
@@ -58,6 +64,14 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return dict(experts=experts, top_k=top_k, d_ff=d_ff, routing=routing, shared_d_ff=shared, shared_gate=True)
     elif ctx.family == "nemotron_h":
         return _nemotron_h(r, ctx)
+    elif ctx.family == "granitemoehybrid":  # the family reads num_local_experts (0: a dense shared_mlp only)
+        top_k = r.int("num_experts_per_tok", 2)
+        d_ff, shared = r.int("intermediate_size", 11008), ctx.shared["shared_d_ff"]
+        experts = ctx.shared["experts"]
+        if ctx.present and top_k > experts:
+            raise r.fail(f"num_experts_per_tok {top_k} > num_local_experts {experts}")
+        return dict(experts=experts, top_k=top_k, d_ff=d_ff, routing="topk_softmax", shared_d_ff=shared) \
+            if ctx.present else {}
     else:
         raise HFError(f"internal: moe has no reader for {ctx.family}")
     if top_k > experts:
@@ -113,6 +127,13 @@ def call(v: dict) -> str:
             f"act = {v.get('act', 'swiglu')}, routing = {v['routing']}{extra})")
 
 
+def _granite_misfit(f) -> str | None:
+    if f.activation != "swiglu" or f.routing != "topk_softmax" or not f.shared_d_ff or f.variants() != ("shared_d_ff",):
+        return ("Granite-4.0-H's MoE has swiglu experts routed by topk_softmax and an ungated swiglu shared expert "
+                "(shared_mlp), and no other variant")
+    return None
+
+
 def _nemotron_h_misfit(f) -> str | None:
     if f.activation != "relu2" or f.routing not in ("sigmoid_topk_renorm", "sigmoid_topk") or not f.selection_bias \
             or not f.shared_d_ff or f.shared_gate or f.group_score != "top2_sum" or f.router_bias or f.expert_bias \
@@ -125,6 +146,12 @@ def _nemotron_h_misfit(f) -> str | None:
 
 
 def write(f, fam: str, d: int) -> dict:
+    if fam == "granitemoehybrid":
+        why = _granite_misfit(f)
+        if why:
+            raise HFError(why)
+        return {"num_local_experts": f.experts, "num_experts_per_tok": f.top_k, "intermediate_size": f.d_ff,
+                "shared_intermediate_size": f.shared_d_ff}
     if fam == "nemotron_h":
         why = _nemotron_h_misfit(f)
         if why:
@@ -155,6 +182,8 @@ def write(f, fam: str, d: int) -> dict:
 def misfit(f, fam: str) -> str | None:
     if fam == "nemotron_h":
         return _nemotron_h_misfit(f)
+    if fam == "granitemoehybrid":
+        return _granite_misfit(f)
     if fam == "qwen3_next":
         try:
             write(f, fam, 1)
@@ -200,9 +229,41 @@ def _nemotron_h_tensors(rest: str, site: Site) -> Source | None:
     return Source(tuple(f"{block}experts.{j}.{which}.weight" for j in range(site.experts)), "stack")
 
 
+#: Granite-4.0-H's names for the routed experts: (published, transformers 5) per runtime tensor.
+_GRANITE = {"router.weight": ("router.layer.weight", "router.weight"),
+            "experts.gate_proj": ("input_linear.weight", "experts.gate_up_proj"),
+            "experts.up_proj": ("input_linear.weight", "experts.gate_up_proj"),
+            "experts.down_proj": ("output_linear.weight", "experts.down_proj")}
+
+
+def granite_shared(rest: str, site: Site) -> Source:
+    """Granite-4.0-H's `shared_mlp` (a SwiGLU MLP whose gate and up rows share `input_linear`), behind runtime
+    `gate_proj.weight` / `up_proj.weight` / `down_proj.weight`; the dense MLP of its expert-free configs too
+    (another name keeps its own under shared_mlp, which no Granite checkpoint has: reported as missing)."""
+    module = {"gate_proj.weight": "input_linear.weight", "up_proj.weight": "input_linear.weight",
+              "down_proj.weight": "output_linear.weight"}.get(rest, rest)
+    op = {"gate_proj.weight": "first_half", "up_proj.weight": "second_half"}.get(rest, "copy")
+    return Source((f"{site.block}shared_mlp.{module}",), op)
+
+
+def _granite_tensors(rest: str, site: Site) -> Source | None:
+    if rest.startswith("shared."):
+        return granite_shared(rest.split(".", 1)[1], site)
+    names = _GRANITE.get(rest)
+    if names is None:
+        return None
+    fused = site.fused if site.fused is not None else \
+        site.available is not None and f"{site.block}block_sparse_moe.{names[1]}" in site.available \
+        and f"{site.block}block_sparse_moe.{names[0]}" not in site.available
+    op = {"experts.gate_proj": "first_half", "experts.up_proj": "second_half"}.get(rest, "copy")
+    return Source((f"{site.block}block_sparse_moe.{names[1 if fused else 0]}",), op)
+
+
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
     if site.family == "nemotron_h":
         return _nemotron_h_tensors(rest, site)
+    if site.family == "granitemoehybrid":
+        return _granite_tensors(rest, site)
     router, names = NAMES[site.family]
     module, fused = _layout(facet.modules[site.family], names[0], site)
     block = f"{site.block}{module}."
@@ -221,7 +282,7 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
     return Source(tuple(f"{block}experts.{j}.{names[which]}.weight" for j in range(site.experts)), "stack")
 
 
-HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next", "nemotron_h"),
+HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next", "nemotron_h", "granitemoehybrid"),
              modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
-                      "nemotron_h": ("mixer",)},
+                      "nemotron_h": ("mixer",), "granitemoehybrid": ("block_sparse_moe", "shared_mlp")},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)
