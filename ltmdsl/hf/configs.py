@@ -46,7 +46,9 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", 
 UNSUPPORTED_REASONS = {
     "zamba2": "its shared transformer blocks take the concatenation of the hidden state and the embeddings "
               "and carry per-use LoRA adapters",
-    "falcon_h1": "it scales every branch with muP multipliers and runs attention and Mamba-2 in parallel",
+    "falcon_h1": "its Mamba-2 mixer without a gated RMSNorm (mamba_rms_norm false), the muP multipliers inside its "
+                 "mixers and MLP (ssm_multipliers, mlp_multipliers, key_multiplier) and its projectors_bias are not "
+                 "mapped yet (the language's `parallel` layer runs its attention beside Mamba-2; see docs/LANGUAGE.md)",
 }
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",

@@ -102,3 +102,12 @@ def test_fmt_round_trips():
     assert "layer mix = parallel(a = attn, b = ssm, a_in = 0.5)" in out
     assert [(x.mixer, x.params) for x in ltmdsl.loads(out).model.layers] == \
         [(x.mixer, x.params) for x in ltmdsl.loads(text).model.layers]
+
+
+def test_falcon_h1_configs_are_refused_naming_what_is_missing():
+    """The frame exists; Falcon-H1's import is not built yet, and says what it lacks rather than importing wrong."""
+    from ltmdsl.hf import HFError
+    from ltmdsl.hf.configs import spec_from_config
+
+    with pytest.raises(HFError, match="falcon_h1' is not supported: its Mamba-2 mixer without a gated RMSNorm"):
+        spec_from_config({"model_type": "falcon_h1"})
