@@ -257,8 +257,36 @@ class ModelResolver:
                                 f" (parameters: {', '.join(names)})")
             if kw.name in values:
                 raise EvalError(kw.pos, f"parameter '{kw.name}' given twice")
+            if p.type == "layer":
+                values[kw.name] = self._branch(kw, owner, ctx)
+                continue
             values[kw.name] = coerce(evaluate(kw.value, self.scope), p, kw.value.pos, self.scope, owner)
         return values
+
+    def _branch(self, kw: ast.KwArg, owner: str, ctx: ModelContext):
+        """The config of the layer definition a `layer` parameter names (a parallel layer's branch): a plain
+        name of another definition that sets no norm of its own (the parallel sub-layer's norm applies)."""
+        what = f"{kw.name} of {owner}"
+        if not isinstance(kw.value, ast.Name):
+            raise EvalError(kw.value.pos, f"{what} must name a layer definition")
+        name = kw.value.id
+        d = self._find_layer(name)
+        if d is None:
+            cands = list(self.layer_defs) + list(self.g.layers)
+            raise EvalError(kw.value.pos, f"{what}: unknown layer '{name}'{did_you_mean(name, cands)}")
+        if f"layer '{name}'" == owner or REGISTRY.get(d.kind) is None or REGISTRY[d.kind].params[0].type == "layer":
+            raise EvalError(kw.value.pos, f"{what}: '{name}' is a parallel layer (or itself); a branch is one mixer")
+        own = [k.name for k in d.kwargs if k.name in ("norm", "post_norm")]
+        if own:
+            raise EvalError(kw.value.pos, f"{what}: '{name}' sets its own {own[0]}; a branch uses the parallel "
+                            "sub-layer's norm")
+        self.used_defs.add(name)
+        if name in self.g.layers and name not in self.layer_defs:
+            self.g.scope.used.add(f"layer:{name}")
+        try:
+            return self._build(name, (), ctx, kw.value.pos)[0]
+        except _Unresolved:
+            raise EvalError(kw.value.pos, f"{what}: layer '{name}' is invalid (reported at its definition)") from None
 
     def _build(self, name: str, overrides: tuple[ast.KwArg, ...], ctx: ModelContext, pos: SourcePos):
         """(config, norm, post_norm, params) of layer `name` with per-position overrides; memoised."""

@@ -55,6 +55,11 @@ class LayerCache(abc.ABC):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def by_component(self) -> dict[str, int]:
+        """Bytes per memory-model component: all of them under `component` (a parallel layer's cache, which
+        holds two branches' caches, splits them)."""
+        return {self.component: self.nbytes()}
+
     def zero_(self) -> None:
         for t in self.tensors():
             t.zero_()
@@ -88,7 +93,8 @@ class Cache:
         out = dict.fromkeys(COMPONENTS, 0)
         for e in self.layers:
             if e is not None:
-                out[e.component] += e.nbytes()
+                for component, n in e.by_component().items():
+                    out[component] += n
         return out
 
     def reset(self) -> None:

@@ -33,7 +33,8 @@ from typing import Callable
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import ReadContext
-from ltmdsl.hf.families import deepseek_v2, deepseek_v3, gemma3, gpt_oss, kimi_linear, llama4, qwen3_5, qwen3_moe
+from ltmdsl.hf.families import deepseek_v2, deepseek_v3, gemma3, gpt_oss, granitemoehybrid, kimi_linear, llama4,
+                                qwen3_5, qwen3_moe
 from ltmdsl.hf.reader import MAX_CONFIG_BYTES, MAX_HF_LAYERS, MAX_JSON_DEPTH, Reader
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
@@ -43,13 +44,15 @@ from ltmdsl.kinds.rg_lru_hf import hidden_activation
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
                       "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm",
                       "deepseek_v2", "deepseek_v3", *qwen3_5.MODEL_TYPES, "kimi_linear",
-                      "qwen3_moe", "gpt_oss", "gemma3_text", "gemma3", "llama4_text")
+                      "qwen3_moe", "gpt_oss", "gemma3_text", "gemma3", "llama4_text", "granitemoehybrid")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
     "zamba2": "its shared transformer blocks take the concatenation of the hidden state and the embeddings "
               "and carry per-use LoRA adapters",
-    "falcon_h1": "it scales every branch with muP multipliers and runs attention and Mamba-2 in parallel",
+    "falcon_h1": "its Mamba-2 mixer without a gated RMSNorm (mamba_rms_norm false), the muP multipliers inside its "
+                 "mixers and MLP (ssm_multipliers, mlp_multipliers, key_multiplier) and its projectors_bias are not "
+                 "mapped yet (the language's `parallel` layer runs its attention beside Mamba-2; see docs/LANGUAGE.md)",
 }
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
@@ -215,50 +218,74 @@ def _jamba(r: Reader) -> dict:
 #: Nemotron-H's pattern characters -> its layer types; and each type's kind and definition name.
 _NEMOTRON_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 _NEMOTRON_LAYERS = {"linear_attention": ("mamba2", "ssm", "M"), "full_attention": ("attention", "attn", "A"),
-                    "mlp": ("mlp", "ffn", "-")}
+                    "mlp": ("mlp", "ffn", "-"), "moe": ("moe", "moe", "E")}
+
+
+def _nemotron_types(r: Reader, key: str, pattern_key: str, default) -> list[str]:
+    """A Nemotron-H layer list from `pattern_key` (one character per layer, which wins as in NemotronHConfig)
+    or `key` (a list of layer types); `default` when neither is set."""
+    if r.present(pattern_key):
+        pattern = r.raw(pattern_key)
+        if not isinstance(pattern, str) or any(c not in _NEMOTRON_TYPES for c in pattern) or not pattern:
+            raise r.fail(f"'{pattern_key}' must be a string of M, *, - and E, got {show_value(pattern)}")
+        if len(pattern) > MAX_HF_LAYERS:
+            raise r.fail(f"'{pattern_key}' lists {len(pattern):,} layers; at most {MAX_HF_LAYERS:,} are supported")
+        r.raw(key, None)
+        return [_NEMOTRON_TYPES[c] for c in pattern]
+    types = r.raw(key, None)
+    if types is None:
+        return default
+    if isinstance(types, list):  # the legacy names transformers remaps (remap_legacy_layer_types)
+        types = [{"mamba": "linear_attention", "attention": "full_attention"}.get(t, t) if isinstance(t, str) else t
+                 for t in types]
+    if not isinstance(types, list) or not types or len(types) > MAX_HF_LAYERS or \
+            any(not isinstance(t, str) or t not in _NEMOTRON_TYPES.values() for t in types):
+        raise r.fail(f"'{key}' must list at most {MAX_HF_LAYERS:,} of linear_attention, full_attention, mlp and moe, "
+                     f"got {show_value(types)}")
+    return types
 
 
 def _nemotron_h(r: Reader) -> dict:
-    """Nemotron-H (dense): one block per HF layer, Mamba-2 (M), attention without RoPE (*) or a relu2 MLP (-),
-    from `hybrid_override_pattern` (one character per layer) or `layers_block_type`."""
+    """Nemotron-H and Nemotron-3: one block per HF layer, Mamba-2 (M), attention without RoPE (*), a relu2 MLP (-)
+    or a MoE of relu2 experts with a relu2 shared expert (E), from `hybrid_override_pattern` (one character per
+    layer) or `layers_block_type` (`layer_types`). The published configs' copies of other keys are accepted where
+    transformers' NemotronH does not read them and they agree with what it reads (`rms_norm_eps`,
+    `attention_head_dim`), or where they cannot change the computation (`time_step_rank`: Mamba-2 has no dt rank);
+    the multi-token-prediction layers (`num_nextn_predict_layers`, `mtp_*`) are neither built nor loaded by
+    transformers (it skips `mtp.*` tensors), so they do not change the logits and are not imported."""
     vocab = r.int("vocab_size", 131072)
     d = r.int("hidden_size", 4096)
     eps = r.eps("layer_norm_epsilon", 1e-5)
-    if r.present("hybrid_override_pattern"):
-        pattern = r.raw("hybrid_override_pattern")
-        if not isinstance(pattern, str) or any(c not in _NEMOTRON_TYPES for c in pattern) or not pattern:
-            raise r.fail("'hybrid_override_pattern' must be a string of M, *, - and E")
-        if len(pattern) > MAX_HF_LAYERS:
-            raise r.fail(f"'hybrid_override_pattern' lists {len(pattern):,} layers; at most {MAX_HF_LAYERS:,} are "
-                         "supported")
-        types = [_NEMOTRON_TYPES[c] for c in pattern]
-        r.raw("layers_block_type", None)
-        r.raw("layer_types", None)
-    else:
-        types = r.raw("layers_block_type", None) or r.raw("layer_types", None)
-        r.used.update({"layers_block_type", "layer_types"})
-        if not isinstance(types, list) or not types or len(types) > MAX_HF_LAYERS or \
-                any(not isinstance(t, str) or t not in _NEMOTRON_TYPES.values() for t in types):
-            raise r.fail("needs 'hybrid_override_pattern' or 'layers_block_type' (a list of at most "
-                         f"{MAX_HF_LAYERS:,} of linear_attention, full_attention, mlp)")
+    if r.present("rms_norm_eps") and r.eps("rms_norm_eps") != eps:
+        raise r.fail(f"'rms_norm_eps' {show_value(r.cfg['rms_norm_eps'])} disagrees with 'layer_norm_epsilon' {eps}, "
+                     "the epsilon transformers' NemotronH uses for every norm; make them agree")
+    r.raw("rms_norm_eps", None)
+    r.raw("time_step_rank", None)  # a Mamba-1 setting; the Mamba-2 forward pass has no dt rank
+    r.raw("layer_types", None)  # NemotronHConfig's alias of layers_block_type
+    alias = "layers_block_type" if r.present("layers_block_type") else "layer_types"
+    types = _nemotron_types(r, alias, "hybrid_override_pattern",
+                            ["linear_attention", "moe", "full_attention", "mlp"])  # NemotronHConfig's default
     if r.present("num_hidden_layers") and r.layers("num_hidden_layers") != len(types):
-        raise r.fail(f"'num_hidden_layers' {r.cfg['num_hidden_layers']} != {len(types)} layers in the pattern")
-    if "moe" in types:
-        raise r.fail("MoE layers ('E') are not supported: Nemotron-H experts add a shared expert and "
-                     "grouped routing that ltmdsl's moe cannot express (supported: M, * and -)")
-    for key in ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
-                "moe_latent_size", "moe_shared_expert_overlap", "num_experts_per_tok", "routed_scaling_factor",
-                "n_group", "topk_group", "norm_topk_prob", "mtp_layers_block_type", "mtp_hybrid_override_pattern"):
-        r.raw(key, None)  # MoE/MTP settings: unused by dense layers
-    r.expect("num_nextn_predict_layers", lambda v: v in (None, 0), "0")
-    # every kind's keys are read (and checked) whether or not the pattern uses it, as transformers does
+        raise r.fail(f"'num_hidden_layers' {r.cfg['num_hidden_layers']} != the {len(types)} layers of "
+                     "'hybrid_override_pattern' or 'layers_block_type' (NemotronHConfig's default: 4)")
+    r.raw("num_hidden_layers", None)
+    if r.int("num_nextn_predict_layers", 0, minimum=0) or r.present("mtp_layers_block_type") \
+            or r.present("mtp_hybrid_override_pattern"):
+        mtp = _nemotron_types(r, "mtp_layers_block_type", "mtp_hybrid_override_pattern", [])  # checked, not built
+        r.notes.append(f"{r.cfg.get('num_nextn_predict_layers') or 0} multi-token-prediction layer(s) "
+                       f"({', '.join(mtp) or 'none listed'}) not imported: transformers' NemotronH neither builds "
+                       "them nor loads their mtp.* tensors, so the logits do not depend on them")
     values = {t: _layer(kind, r, d, present=t in types) for t, (kind, _, _) in _NEMOTRON_LAYERS.items()}
+    if "moe" in types and r.bool("mlp_bias", False):
+        raise r.fail("'mlp_bias' = true gives Nemotron-H's shared experts biases, which ltmdsl's moe does not have "
+                     "(supported: false when there are MoE layers)")
     definitions, legend = {}, {}
     for t, (kind, name, symbol) in _NEMOTRON_LAYERS.items():
         if t in types:
             definitions[name], legend[symbol] = _define(kind, values[t]), name
     return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=r.bool("tie_word_embeddings", False),
-                definitions=definitions, legend=legend, tokens=tuple(_NEMOTRON_LAYERS[t][2] for t in types))
+                definitions=definitions, legend=legend, tokens=tuple(_NEMOTRON_LAYERS[t][2] for t in types),
+                hf=dict(unloaded=("mtp.",)))
 
 
 def _bamba(r: Reader) -> dict:
@@ -507,7 +534,7 @@ _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transfor
             "deepseek_v2": deepseek_v2.read, "deepseek_v3": deepseek_v3.read,
             **dict.fromkeys(qwen3_5.MODEL_TYPES, qwen3_5.read), "kimi_linear": kimi_linear.read,
             "qwen3_moe": qwen3_moe.read, "gpt_oss": gpt_oss.read, "gemma3_text": gemma3.read,
-            "gemma3": gemma3.read_multimodal, "llama4_text": llama4.read}
+            "gemma3": gemma3.read_multimodal, "llama4_text": llama4.read, "granitemoehybrid": granitemoehybrid.read}
 
 
 # ---------------------------------------------------------------------------------------------------------

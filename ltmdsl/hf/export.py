@@ -4,7 +4,7 @@
     ltmdsl.hf.export_hf("model.ltm", "out/", seed=0)   # a spec: the weights its `build(seed=...)` draws
 
 `config_from_ir` picks the one family whose layout the resolved model has (Llama, Mistral, Qwen2, Qwen3,
-Mixtral, Mamba, Mamba-2, Jamba, dense Nemotron-H, Bamba, Qwen3-Next, LFM2,
+Mixtral, Mamba, Mamba-2, Jamba, Nemotron-H (with MoE), Bamba, Qwen3-Next, LFM2,
 RecurrentGemma, DeepSeek-V2 / V3: `LAYOUTS`) and writes its model-level fields; each
 sub-layer's kind writes its own fields through its HF facet (ltmdsl/kinds/<kind>_hf.py). To be sure nothing
 is lost, the config is imported again (configs.py) and must resolve to exactly the same sub-layers, norms and
@@ -25,7 +25,8 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import deepseek_v2, deepseek_v3, gemma3, gpt_oss, kimi_linear, llama4, qwen3_5, qwen3_moe
+from ltmdsl.hf.families import deepseek_v2, deepseek_v3, gemma3, gpt_oss, granitemoehybrid, kimi_linear, llama4,
+                                qwen3_5, qwen3_moe
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, layer_configs, to_hf
 from ltmdsl.ir import ModelIR
@@ -39,7 +40,8 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM",
          "deepseek_v2": deepseek_v2.ARCH, "deepseek_v3": deepseek_v3.ARCH,
          **dict(qwen3_5.ARCHITECTURES.values()), "kimi_linear": kimi_linear.ARCH, "qwen3_moe": qwen3_moe.ARCH,
-         "gpt_oss": gpt_oss.ARCH, "gemma3_text": gemma3.ARCH, "llama4_text": llama4.ARCH}
+         "gpt_oss": gpt_oss.ARCH, "gemma3_text": gemma3.ARCH, "llama4_text": llama4.ARCH,
+         "granitemoehybrid": granitemoehybrid.ARCH}
 
 
 def _one(values, what: str):
@@ -106,9 +108,9 @@ LAYOUTS = {
     "bamba": Layout("Bamba (Mamba-2 or RoPE attention, each followed by a SwiGLU MLP)", "bamba", True,
                     ("mamba2", "attention"), ("mlp",), "Bamba's SSM layers are Mamba-2 (mamba2)",
                     "expected the MLP that follows each mixer"),
-    "nemotron_h": Layout("Nemotron-H (Mamba-2, attention without RoPE and relu2 MLPs in any order)", "nemotron_h",
-                         False, (), ("mamba2", "attention", "mlp"), "",
-                         "Nemotron-H has no {kind} layers (dense Mamba-2, attention and relu2 MLPs only)"),
+    "nemotron_h": Layout("Nemotron-H (Mamba-2, attention without RoPE, relu2 MLPs and relu2 MoEs in any order)",
+                         "nemotron_h", False, (), ("mamba2", "attention", "mlp", "moe"), "",
+                         "Nemotron-H has no {kind} layers (Mamba-2, attention, relu2 MLPs and MoEs only)"),
     "lfm2": Layout("LFM2 (short convolutions or RoPE attention with qk_norm, each followed by a SwiGLU MLP)", "lfm2",
                    True, ("short_conv", "attention"), ("mlp",), "LFM2's mixers are short convolutions and attention",
                    "expected the MLP that follows each mixer"),
@@ -144,6 +146,7 @@ LAYOUTS = {
     "gpt_oss": Layout(**gpt_oss.LAYOUT),
     "gemma3_text": Layout(**gemma3.LAYOUT),
     "llama4_text": Layout(**llama4.LAYOUT),
+    "granitemoehybrid": Layout(**granitemoehybrid.LAYOUT),
 }
 
 
@@ -255,6 +258,8 @@ def _family_config(ir: ModelIR, family: str | None = None) -> dict:
         return kimi_linear.config(ir, base, norm.eps)
     if any(layer.kind == "mla" for layer in layers) and LAYOUTS["deepseek_v2"].holds(ir):
         return (deepseek_v3 if deepseek_v3.claims(ir) else deepseek_v2).config(ir, base, norm.eps)
+    if granitemoehybrid.fits(ir):
+        return granitemoehybrid.config(ir, base, norm.eps)
     if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
         return _xlstm_config(ir, base, norm.eps)
 
@@ -400,7 +405,7 @@ def _jamba_config(ir: ModelIR, base: dict, eps: float) -> dict:
 
 
 #: Nemotron-H's pattern character of each kind it has.
-_NEMOTRON_SYMBOL = {"mamba2": "M", "attention": "*", "mlp": "-"}
+_NEMOTRON_SYMBOL = {"mamba2": "M", "attention": "*", "mlp": "-", "moe": "E"}
 
 
 def _nemotron_config(ir: ModelIR, base: dict, eps: float) -> dict:

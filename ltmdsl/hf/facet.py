@@ -34,7 +34,8 @@ class Source:
     """How one runtime tensor is made from checkpoint tensors.
 
     op "copy": the one tensor as is; "stack": per-expert tensors stacked on a new dim 0; "first_half" /
-    "second_half": the halves of a fused tensor along dim 1 (gate, up); "plus_one": the tensor + 1 (a
+    "second_half": the halves of a fused tensor along dim -2 (gate, up: [E, 2F, d] experts or [2F, d] one
+    MLP); "plus_one": the tensor + 1 (a
     zero-centred norm weight, which scales by 1 + w, into a plain one); "rows": the runtime tensor is the
     concatenation along dim 0 of the row blocks `rows` = ((part, start, stop), ...) of the tensors `names`
     (Qwen3.5's separate q/k/v and z projections regrouped by key head, Kimi's three convs as one), which

@@ -116,7 +116,8 @@ def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) 
     sources = {name: source_of(plan, name, experts, available, layers=layers) for name in params}
     used = {n for src in sources.values() for n in src.names}
     allowed = {"lm_head.weight"} if ir.tie_embeddings else set()  # some tied checkpoints repeat it
-    skipped = tuple(plan.hf.get("unloaded", ()))  # modules transformers does not load either (DeepSeek-V3's MTP)
+    skipped = tuple(plan.hf.get("unloaded", ()))  # modules transformers does not load either (DeepSeek-V3's and
+    # Nemotron-H's MTP layers, a vision tower)
     allowed |= {n for n in available if skipped and n.startswith(skipped)}
     unexpected = sorted(available - used - allowed)
     if unexpected:

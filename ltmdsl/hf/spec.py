@@ -99,6 +99,8 @@ class Plan:
     zero_centred: bool = False  # every norm scales by (1 + w) (Qwen3-Next, RecurrentGemma)
     embed_scale: float | None = None  # h = embed(ids) * embed_scale (RecurrentGemma: sqrt(d) rounded to bf16)
     logit_cap: float | None = None  # logits = cap * tanh(logits / cap) (RecurrentGemma: logits_soft_cap)
+    residual_scale: float | None = None  # h = h + residual_scale * branch (Granite: residual_multiplier)
+    logit_scale: float | None = None  # logits * logit_scale (Granite: 1 / logits_scaling)
 
     @property
     def sublayers(self) -> tuple[SubLayerMap, ...]:
@@ -126,7 +128,7 @@ class Plan:
         centred = ", zero_centred = true" if self.zero_centred else ""
         lines.append(f"    norm = rmsnorm(eps = {num(self.norm_eps)}{centred})")
         lines.append(f"    head = {'tied' if self.tied else 'untied'}")
-        for setting in ("embed_scale", "logit_cap"):
+        for setting in ("embed_scale", "residual_scale", "logit_scale", "logit_cap"):
             if getattr(self, setting) is not None:
                 lines.append(f"    {setting} = {num(float(getattr(self, setting)))}")
         lines.append("")

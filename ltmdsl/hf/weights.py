@@ -63,6 +63,7 @@ NAMINGS = {
     "qwen3_moe": _TRANSFORMER, "gpt_oss": _TRANSFORMER, "llama4_text": _TRANSFORMER,
     "gemma3_text": _GEMMA3,
     "gemma3": Naming(**{**_GEMMA3.__dict__, "prefixes": ("model.language_model.",)}),
+    "granitemoehybrid": _TRANSFORMER,
 }
 
 
@@ -155,13 +156,13 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
             if len(shapes_seen) != 1:
                 raise HFError(f"experts of {src.names[0].replace('.0.', '.*.')} differ in shape: {sorted(shapes_seen)}")
             tensor = torch.stack(parts, 0)
-        elif src.op in ("first_half", "second_half"):
+        elif src.op in ("first_half", "second_half"):  # along dim -2: [E, 2F, d] experts, [2F, d] one MLP
             fused = parts[0]
-            if fused.dim() != 3 or fused.shape[1] % 2:
+            if fused.dim() not in (2, 3) or fused.shape[-2] % 2:
                 raise HFError(f"tensor {src.names[0]} has shape {list(fused.shape)}, "
-                              "expected [experts, 2 * d_ff, d_model]")
-            half = fused.shape[1] // 2
-            tensor = fused[:, :half] if src.op == "first_half" else fused[:, half:]
+                              "expected [experts, 2 * d_ff, d_model] or [2 * d_ff, d_model]")
+            half = fused.shape[-2] // 2
+            tensor = fused[..., :half, :] if src.op == "first_half" else fused[..., half:, :]
         elif src.op == "plus_one":  # a zero-centred (1 + w) norm weight as a plain one
             tensor = 1 + parts[0]
         elif src.op == "rows":  # row blocks of several tensors, concatenated
@@ -238,7 +239,7 @@ def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = Fal
             halves.setdefault(src.names[0], {})[src.op] = tensor.transpose(-1, -2) if src.op.endswith("_t") else tensor
     for hf_name, parts in halves.items():
         if "first_half" in parts:
-            out[hf_name] = torch.cat([parts["first_half"], parts["second_half"]], dim=1)
+            out[hf_name] = torch.cat([parts["first_half"], parts["second_half"]], dim=-2)
         elif "first_half_t" in parts:  # already transposed back to [E, d, F]
             out[hf_name] = torch.cat([parts["first_half_t"], parts["second_half_t"]], dim=-1)
         else:  # interleaved along the last dim: even, odd, even, ...

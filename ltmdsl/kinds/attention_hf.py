@@ -9,6 +9,9 @@ Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `r
 runtime's, so they are copied as they are; except Qwen3-Next's q_norm / k_norm, which are zero-centred
 (they scale by 1 + w) where the runtime's scale by w: op "plus_one" adds 1 on import; and LFM2's, which
 names the output `out_proj` and the norms `q_layernorm`, `k_layernorm`.
+Granite-4.0-H (granitemoehybrid): q/k/v/o under `self_attn`, head_dim = hidden_size // heads, one
+`attention_bias` for all four, RoPE only with `position_embedding_type: "rope"` (its configs say "nope"), and the
+softmax scale `attention_multiplier` (muP), written `scale` (left out when it equals head_dim^-1/2).
 RecurrentGemma's local attention (`temporal_block`): a window (`attention_window_size`), RoPE on the first
 half of each head (partial_rotary_factor 0.5, as its config class sets), head_dim = hidden_size // heads, a
 q/k/v bias from `attention_bias` and always one on o_proj.
@@ -51,12 +54,17 @@ def read(r: Reader, ctx: ReadContext) -> dict:
             raise r.fail(f"hidden_size {d}, num_attention_heads {heads} and num_key_value_heads {kv} do not divide")
         r.expect("sliding_window", lambda v: v is None, "null")
         return dict(heads=heads, kv_heads=kv, head_dim=d // heads, rope_theta=None)
-    if fam == "nemotron_h":
+    if fam == "nemotron_h":  # NemotronHAttention: no RoPE, no biases (whatever attention_bias says), no window
         heads = r.int("num_attention_heads", 32)
         kv, head_dim = dims(r, d, heads, 128, 8)
+        if r.present("attention_head_dim") and r.int("attention_head_dim") != head_dim:
+            raise r.fail(f"'attention_head_dim' {r.cfg['attention_head_dim']} disagrees with the head_dim transformers "
+                         f"uses ({head_dim}, from 'head_dim' or its default 128); make them agree")
+        r.raw("attention_head_dim", None)  # the original configs' copy of head_dim
         r.expect("sliding_window", lambda v: v is None, "null")
-        bias = r.bool("attention_bias", False)
-        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=None, qkv_bias=bias, out_bias=bias)
+        r.expect("attention_bias", lambda v: v in (None, False), "false (transformers' NemotronHAttention has no "
+                 "biases whatever attention_bias says)", False)
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=None)
     if fam == "bamba":
         if not ctx.present:  # no attention layer: its settings, RoPE included, never reach the computation
             r.used.update({"num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling",
@@ -114,7 +122,64 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta,
                     rope_dim=rope_dim, window=r.int("attention_window_size", 2048),
                     qkv_bias=r.bool("attention_bias", False), out_bias=True)
+    if fam == "granitemoehybrid":
+        return _granite(r, d, ctx.present)
     raise HFError(f"internal: attention has no reader for {fam}")
+
+
+#: GraniteMoeHybrid's position_embedding_type: RoPE for "rope", none for null or "nope".
+GRANITE_POSITIONS = (None, "nope", "rope")
+
+
+def _granite(r: Reader, d: int, present: bool) -> dict:
+    """GraniteMoeHybridAttention's settings (module docstring)."""
+    heads = r.int("num_attention_heads", 32)
+    if d % heads:
+        raise r.fail(f"hidden_size {d} is not a multiple of num_attention_heads {heads}")
+    head_dim = d // heads
+    r.expect("head_dim", lambda v: v in (None, head_dim), f"null or hidden_size // num_attention_heads = {head_dim} "
+             "(GraniteMoeHybridAttention's head_dim)")
+    kv = r.int("num_key_value_heads", heads)
+    if heads % kv:
+        raise r.fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    position = r.raw("position_embedding_type", None)
+    if position not in GRANITE_POSITIONS:
+        raise r.fail(f"'position_embedding_type' must be null, 'nope' or 'rope', got {show_value(position)}")
+    if position == "rope":
+        theta, scaling, _ = rope(r, 10000.0, head_dim)
+    else:  # transformers builds no rotary embedding: its settings never reach the computation
+        r.used.update({"rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor"})
+        theta, scaling = None, None
+    multiplier = r.float("attention_multiplier", 1.0)
+    bias = r.bool("attention_bias", False)
+    if not present:
+        return {}
+    return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+                qkv_bias=bias, out_bias=bias, scale=None if multiplier == head_dim ** -0.5 else multiplier)
+
+
+def _granite_fields(a, d: int) -> dict:
+    why = _granite_misfit(a, d)
+    if why:
+        raise HFError(why)
+    out = {"num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads, "attention_bias": a.qkv_bias,
+           "attention_multiplier": a.score_scale, "position_embedding_type": "nope" if a.rope_theta is None else "rope"}
+    if a.rope_theta is not None:
+        scaled = rope_scaling_fields(a)
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": a.rope_theta, **scaled.get("rope_scaling", {})}
+        if scaled:
+            out["max_position_embeddings"] = scaled["max_position_embeddings"]
+    return out
+
+
+def _granite_misfit(a, d: int | None = None) -> str | None:
+    if a.window is not None or a.qk_norm or a.rope_dim is not None or a.qkv_bias != a.out_bias \
+            or a.query_pre_attn_scalar is not None:
+        return ("Granite-4.0-H attention has RoPE over the whole head or none, no window, no qk_norm, and one "
+                "attention_bias for q, k, v and o")
+    if d is not None and a.head_dim * a.heads != d:
+        return f"Granite-4.0-H's head_dim is hidden_size // heads ({d} // {a.heads}), not {a.head_dim}"
+    return None
 
 
 def call(v: dict) -> str:
@@ -128,6 +193,8 @@ def call(v: dict) -> str:
     for size in ("window", "chunk"):
         if v.get(size) is not None:
             args.append(f"{size} = {num(int(v[size]))}")
+    if v.get("scale") is not None:
+        args.append(f"scale = {num(float(v['scale']))}")
     for flag in ("qkv_bias", "out_bias", "qk_norm", "gate", "sinks", "qk_l2_norm"):
         if v.get(flag):
             args.append(f"{flag} = true")
@@ -229,6 +296,8 @@ def write(a, fam: str, d: int) -> dict:
     """The family's attention fields (one attention setting per config: the family checks they agree)."""
     if fam in QWEN3_NEXT_STYLE:
         return _qwen3_next_fields(a, d)
+    if fam != "granitemoehybrid" and a.scale is not None:
+        raise HFError(f"attention with scale = {a.scale:g} maps back only to Granite-4.0-H (attention_multiplier)")
     variants = unmapped_variants(a)
     if variants:
         raise HFError(f"attention variants ({', '.join(variants)}) are not mapped to Hugging Face yet")
@@ -248,10 +317,10 @@ def write(a, fam: str, d: int) -> dict:
             raise HFError("Jamba attention has no window, biases, qk_norm or head_dim override")
         return _heads(a, d)
     if fam == "nemotron_h":
-        if a.rope_theta is not None or a.window is not None or a.qk_norm or a.qkv_bias != a.out_bias:
-            raise HFError("Nemotron-H attention has no RoPE, window or qk_norm")
+        if a.rope_theta is not None or a.window is not None or a.qk_norm or a.qkv_bias or a.out_bias:
+            raise HFError("Nemotron-H attention has no RoPE, window, qk_norm or biases")
         return dict(num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.head_dim,
-                    attention_bias=a.qkv_bias)
+                    attention_bias=False)
     if fam == "bamba":
         if a.window is not None or a.qk_norm or a.qkv_bias != a.out_bias:
             raise HFError("Bamba attention has no window or qk_norm, and its attention_bias covers q, k, v and o alike")
@@ -282,6 +351,8 @@ def write(a, fam: str, d: int) -> dict:
         if why:
             raise HFError(why)
         return {"rope_theta": a.rope_theta, **rope_scaling_fields(a), **_heads(a, d)}
+    if fam == "granitemoehybrid":
+        return _granite_fields(a, d)
     raise HFError(f"{fam} has no attention layers")
 
 
@@ -327,6 +398,10 @@ def misfit(a, fam: str) -> str | None:
     variants = unmapped_variants(a)
     if variants:
         return f"its attention variants ({', '.join(variants)}) are not mapped to Hugging Face yet"
+    if fam == "granitemoehybrid":
+        return _granite_misfit(a)
+    if a.scale is not None:
+        return f"its scale ({a.scale:g}) maps only to Granite-4.0-H's attention_multiplier"
     if fam in TRANSFORMERS:
         return "this attention has no RoPE (rope_theta = none)" if a.rope_theta is None else None
     if fam == "jamba":
@@ -335,8 +410,8 @@ def misfit(a, fam: str) -> str | None:
     if fam == "bamba":
         return "Bamba attention has RoPE and no window" if a.rope_theta is None or a.window is not None else None
     if fam == "nemotron_h":
-        return "Nemotron-H attention has no RoPE and no window" if a.rope_theta is not None or a.window is not None \
-            else None
+        return "Nemotron-H attention has no RoPE, window or biases" \
+            if a.rope_theta is not None or a.window is not None or a.qkv_bias or a.out_bias else None
     if fam == "lfm2":
         return _lfm2_misfit(a)
     if fam == "recurrent_gemma":
@@ -350,7 +425,7 @@ def traits(a) -> frozenset[str]:
     flags = {"rope" if a.rope_theta is not None else "no_rope"}
     flags |= {name for name, on in (("partial_rope", a.rope_dim is not None), ("window", a.window is not None),
                                      ("qkv_bias", a.qkv_bias), ("out_bias", a.out_bias), ("qk_norm", a.qk_norm),
-                                     ("gate", a.gate)) if on}
+                                     ("gate", a.gate), ("scale", a.scale is not None)) if on}
     return frozenset(flags)
 
 
@@ -374,9 +449,10 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 
 HF = HFFacet(
     name="attention", label="attention",
-    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "recurrent_gemma"),
+    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "recurrent_gemma",
+              "granitemoehybrid"),
     modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "qwen3_moe",
-                                            "gpt_oss", "gemma3_text", "gemma3", "llama4_text")},
+                                            "gpt_oss", "gemma3_text", "gemma3", "llama4_text", "granitemoehybrid")},
              "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

@@ -43,7 +43,8 @@ CACHE_COMPONENTS = ("kv_cache", "recurrent_state")
 class Param:
     """One typed parameter of a layer kind.
 
-    type: "int" | "float" | "bool" | "enum" | "norm" | "rope_scaling" (a `llama3(...)` call); `nullable`
+    type: "int" | "float" | "bool" | "enum" | "norm" | "rope_scaling" (a `llama3(...)` call) | "layer" (the
+    name of another layer definition, resolved to its config: a parallel layer's branches); `nullable`
     admits `none`. `default` is the value used when the spec does not give one; `required` ones have none.
     """
 

@@ -26,6 +26,7 @@ HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
         HFNotMappedYet("lightning", ("minimax",)),
         rg_lru_hf.HF,
         mlstm_hf.HF,
+        HFNotMappedYet("parallel", ("falcon_h1",)),  # Falcon-H1's attention beside Mamba-2; Hymba is not in transformers
     )
 }
 

@@ -2,9 +2,11 @@
 
 Mamba-2 (SSD) appears in transformers' Mamba-2 (keys `num_heads`, `head_dim`, `state_size`, `n_groups`, ...),
 Nemotron-H (`mamba_num_heads`, `mamba_head_dim`, `ssm_state_size`; `mamba_d_conv` / `conv_kernel` and the like
-are aliases) and Bamba (`mamba_n_heads`, `mamba_d_head` ("auto": d_inner / heads), `mamba_*`). All three
-need d_inner = expand * d_model, as ltmdsl's mamba2 does. Its tensors (`in_proj`, `conv1d`, `dt_bias`,
-`A_log`, `D`, `norm`, `out_proj`) carry the runtime's names under `mixer` (Bamba: `mamba`).
+are aliases), Bamba and Granite-4.0-H (granitemoehybrid; both `mamba_n_heads`, `mamba_d_head` ("auto":
+d_inner / heads), `mamba_*`). Mamba-2, Bamba and Granite need d_inner = expand * d_model; Nemotron-H's inner
+width is mamba_num_heads * mamba_head_dim whatever `expand` says (Nemotron-3-Nano: 64 * 64 = 4096 beside
+hidden_size 2688), written `heads` in the spec then. Its tensors (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`,
+`norm`, `out_proj`) carry the runtime's names under `mixer` (Bamba, Granite: `mamba`).
 """
 
 from __future__ import annotations
@@ -35,29 +37,25 @@ def read(r: Reader, ctx: ReadContext) -> dict:
                     conv_bias=r.bool("use_conv_bias", True), proj_bias=r.bool("use_bias", False))
     if fam == "nemotron_h":
         heads, head_dim = r.int("mamba_num_heads", 128), r.int("mamba_head_dim", 64)
-        expand = int_expand(r, "mamba_expand", r.cfg.get("expand", 2))
-        r.raw("expand", None)
-        groups = r.int("mamba_n_groups", r.cfg.get("n_groups", 8))
-        r.raw("n_groups", None)
-        if heads * head_dim != expand * d:
-            raise r.fail(f"mamba_num_heads * mamba_head_dim = {heads * head_dim} != expand * hidden_size "
-                         f"= {expand * d} (ltmdsl's mamba2 needs d_inner = expand * d_model)")
+        expand = int_expand(r, *_alias(r, "mamba_expand", "expand"), 2)
+        groups = r.int(*_alias(r, "mamba_n_groups", "n_groups"), 8)
+        if heads % groups:
+            raise r.fail(f"mamba_num_heads {heads} is not a multiple of n_groups {groups}")
         r.act("mamba_hidden_act", "silu")
         r.expect("time_step_limit", time_step_limit_ok, "[0.0, inf]")
         r.expect("mamba_dt_limit", time_step_limit_ok, "[0.0, inf]")
         for alias in ("mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor"):
             r.raw(alias, None)
-        conv = r.int("mamba_d_conv", r.cfg.get("conv_kernel", 4))
-        r.raw("conv_kernel", None)
-        chunk = r.int("mamba_chunk_size", r.cfg.get("chunk_size", 128))
-        r.raw("chunk_size", None)
-        conv_bias = r.bool("mamba_conv_bias", r.cfg.get("use_conv_bias", True))
-        r.raw("use_conv_bias", None)
+        conv = r.int(*_alias(r, "mamba_d_conv", "conv_kernel"), 4)
+        chunk = r.int(*_alias(r, "mamba_chunk_size", "chunk_size"), 128)
+        conv_bias = r.bool(*_alias(r, "mamba_conv_bias", "use_conv_bias"), True)
         values = dict(d_state=r.int("ssm_state_size", 128), head_dim=head_dim, n_groups=groups, expand=expand,
                       d_conv=conv, chunk=chunk, conv_bias=conv_bias, proj_bias=r.bool("use_bias", False))
+        if heads * head_dim != expand * d:  # NemotronH's inner width is heads * head_dim, whatever expand says
+            values["heads"] = heads
         r.expect("mamba_proj_bias", lambda v: v in (None, False), "false")
         return values
-    if fam == "bamba":
+    if fam in ("bamba", "granitemoehybrid"):  # the same keys, defaults and layer (GraniteMoeHybridMambaLayer)
         r.expect("time_step_limit", time_step_limit_ok, "[0.0, inf]")
         n_heads = r.int("mamba_n_heads", 128)
         expand = int_expand(r, "mamba_expand", 2)
@@ -85,8 +83,18 @@ def read(r: Reader, ctx: ReadContext) -> dict:
     raise HFError(f"internal: mamba2 has no reader for {fam}")
 
 
+def _alias(r: Reader, alias: str, key: str) -> tuple[str]:
+    """The one of NemotronHConfig's two names for a setting to read (the `mamba_*` alias wins, as its
+    __post_init__ pops it into the other), the other marked read; so that an error names the key that is used."""
+    used, other = (alias, key) if r.present(alias) else (key, alias)
+    r.raw(other, None)
+    return (used,)
+
+
 def call(v: dict) -> str:
-    return (f"mamba2(d_state = {num(v['d_state'])}, head_dim = {num(v['head_dim'])}, n_groups = {num(v['n_groups'])}, "
+    heads = f"heads = {num(v['heads'])}, " if v.get("heads") is not None else ""
+    return (f"mamba2(d_state = {num(v['d_state'])}, head_dim = {num(v['head_dim'])}, {heads}"
+            f"n_groups = {num(v['n_groups'])}, "
             f"expand = {num(v['expand'])}, d_conv = {num(v['d_conv'])}, chunk = {num(v['chunk'])}, "
             f"conv_bias = {boolean(v['conv_bias'])}, proj_bias = {boolean(v['proj_bias'])})")
 
@@ -100,9 +108,10 @@ def write(m, fam: str, d: int) -> dict:
         return dict(mamba_num_heads=m.heads, mamba_head_dim=m.head_dim, ssm_state_size=m.d_state,
                     n_groups=m.n_groups, expand=m.expand, conv_kernel=m.d_conv, chunk_size=m.chunk,
                     use_conv_bias=m.conv_bias, use_bias=m.proj_bias)
-    if fam == "bamba":
+    if fam in ("bamba", "granitemoehybrid"):
         if m.d_inner != m.expand * d:
-            raise HFError(f"Bamba's Mamba-2 inner width is mamba_expand * hidden_size; heads * head_dim = {m.d_inner} "
+            raise HFError(f"{'Bamba' if fam == 'bamba' else 'Granite-4.0-H'}'s Mamba-2 inner width is mamba_expand * "
+                          f"hidden_size; heads * head_dim = {m.d_inner} "
                           f"is not {m.expand} * {d}")
         return dict(mamba_n_heads=m.heads, mamba_d_head=m.head_dim, mamba_n_groups=m.n_groups,
                     mamba_d_state=m.d_state, mamba_expand=m.expand, mamba_d_conv=m.d_conv,
@@ -111,13 +120,14 @@ def write(m, fam: str, d: int) -> dict:
 
 
 def misfit(m, fam: str) -> str | None:
-    return None if fam in ("mamba2", "nemotron_h", "bamba") else f"{fam} has no Mamba-2 layers"
+    return None if fam in ("mamba2", "nemotron_h", "bamba", "granitemoehybrid") else f"{fam} has no Mamba-2 layers"
 
 
 def traits(m) -> frozenset[str]:
     return frozenset()
 
 
-HF = HFFacet(name="mamba2", label="Mamba-2", families=("mamba2", "nemotron_h", "bamba"),
-             modules={"mamba2": ("mixer",), "nemotron_h": ("mixer",), "bamba": ("mamba",)},
+HF = HFFacet(name="mamba2", label="Mamba-2", families=("mamba2", "nemotron_h", "bamba", "granitemoehybrid"),
+             modules={"mamba2": ("mixer",), "nemotron_h": ("mixer",), "bamba": ("mamba",),
+                      "granitemoehybrid": ("mamba",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits)

@@ -4,7 +4,9 @@ A dense MLP follows each mixer in Llama, Mistral, Qwen2, Qwen3, Jamba and Bamba 
 Llama's and Bamba's `mlp_bias`), and is a layer of its own in Nemotron-H (relu2, `mlp_bias`). The
 Llama-style families and Jamba share `intermediate_size` with their experts, so the family reads it once
 (`ReadContext.shared["d_ff"]`). Its tensors `gate_proj`, `up_proj`, `down_proj` keep the runtime's names
-under `mlp` (Jamba, Bamba: `feed_forward`; Nemotron-H: `mixer`). Qwen3-Next's dense MLP (its layers without
+under `mlp` (Jamba, Bamba: `feed_forward`; Nemotron-H: `mixer`). Granite-4.0-H without experts
+(`num_local_experts` 0) has only its `shared_mlp`: a SwiGLU of `shared_intermediate_size` whose gate and up rows
+share `input_linear` (gate first), and `output_linear`. Qwen3-Next's dense MLP (its layers without
 experts) reads `intermediate_size` itself.
 
 LFM2 (SwiGLU after every mixer, no bias) sizes its MLP as transformers' Lfm2MLP does: with
@@ -56,6 +58,8 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return dict(d_ff=r.int("intermediate_size", 3 * 2560, minimum=2) // 2, act=ctx.shared["act"], bias=True)
     if fam == "xlstm":  # xLSTMFeedForward: SiLU-gated, hidden_size * ffn_proj_factor rounded up
         return dict(d_ff=_xlstm_d_ff(r, ctx.d_model), act="swiglu", bias=ctx.shared["bias"])
+    if fam == "granitemoehybrid":  # shared_mlp alone (num_local_experts 0): SwiGLU, no bias
+        return dict(d_ff=ctx.shared["shared_d_ff"], act="swiglu", bias=False)
     raise HFError(f"internal: mlp has no reader for {fam}")
 
 
@@ -134,6 +138,11 @@ def write(f, fam: str, d: int) -> dict:
         if f.activation != "relu2":
             raise HFError("Nemotron-H MLPs use relu2")
         return {"intermediate_size": f.d_ff, "mlp_bias": f.bias}
+    if fam == "granitemoehybrid":
+        why = misfit(f, fam)
+        if why:
+            raise HFError(why)
+        return {"shared_intermediate_size": f.d_ff, "num_local_experts": 0}
     raise HFError(f"{fam} has no dense MLP layers")
 
 
@@ -152,6 +161,8 @@ def misfit(f, fam: str) -> str | None:
     if fam in DEEPSEEK or fam == "kimi_linear":
         return None if f.activation == "swiglu" and not f.bias else \
             "DeepSeek's and Kimi-Linear's MLPs use swiglu without biases"
+    if fam == "granitemoehybrid":
+        return None if f.activation == "swiglu" and not f.bias else "Granite-4.0-H's shared_mlp is swiglu without bias"
     if fam == "nemotron_h":
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
     if fam == "lfm2":
@@ -178,6 +189,10 @@ _NAMES = {"lfm2": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
 def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     """`<block><module>.<rest>`; LFM2's `feed_forward.w1` / `w3` / `w2` and xLSTM's `ffn.proj_up_gate` /
     `proj_up` / `proj_down` for gate, up and down."""
+    if site.family == "granitemoehybrid":
+        from ltmdsl.kinds.moe_hf import granite_shared
+
+        return granite_shared(rest, site)
     if site.family in _NAMES:
         module, _, tail = rest.partition(".")
         rest = f"{_NAMES[site.family].get(module, module)}.{tail}"
@@ -188,9 +203,11 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 
 
 HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "qwen3_5", "lfm2",
-                                                                 "recurrent_gemma", "xlstm", *DEEPSEEK, "kimi_linear"),
+                                                                 "recurrent_gemma", "xlstm", *DEEPSEEK, "kimi_linear",
+                                                                 "granitemoehybrid"),
              modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_5", *DEEPSEEK,
                                                "kimi_linear", "qwen3_moe", "gemma3_text", "gemma3")},
                       "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
-                      "lfm2": ("feed_forward",), "llama4_text": ("feed_forward",), "recurrent_gemma": ("mlp_block",), "xlstm": ("ffn",)},
+                      "lfm2": ("feed_forward",), "llama4_text": ("feed_forward",), "recurrent_gemma": ("mlp_block",), "xlstm": ("ffn",),
+                      "granitemoehybrid": ("shared_mlp",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

@@ -79,8 +79,10 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
             new = runtime_kind(layer.kind).new_cache
             before = tl.live()
             entry = None if new is None else new(layer.mixer, req)
-            if entry is not None:
-                out[entry.component] += tl.live() - before
+            if entry is not None:  # traced bytes, shared out as the entry's components hold them
+                parts, live = entry.by_component(), tl.live() - before
+                for component, n in parts.items():
+                    out[component] += live * n // max(sum(parts.values()), 1)
             entries.append(entry)
         tl.mark("cache")
     cache = Cache(entries, b, T)

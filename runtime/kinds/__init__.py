@@ -97,10 +97,11 @@ class RuntimeKind:
 
 def _registry() -> dict[str, RuntimeKind]:
     from ltmdsl.runtime.kinds import (attention, gated_deltanet, kda, lightning, mamba, mamba2, mla, mlp, mlstm, moe,
-                                      rg_lru, short_conv)
+                                      parallel, rg_lru, short_conv)
 
     return {k.name: k for k in (attention.KIND, mla.KIND, mamba.KIND, mamba2.KIND, gated_deltanet.KIND, kda.KIND,
-                                short_conv.KIND, lightning.KIND, rg_lru.KIND, mlstm.KIND, mlp.KIND, moe.KIND)}
+                                short_conv.KIND, lightning.KIND, rg_lru.KIND, mlstm.KIND, parallel.KIND, mlp.KIND,
+                                moe.KIND)}
 
 
 RUNTIME_REGISTRY: Mapping[str, RuntimeKind] = MappingProxyType(_registry())

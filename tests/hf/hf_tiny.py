@@ -47,6 +47,45 @@ CASES = {
     "nemotron_h": ("nemotron_h", {**COMMON, **ATTN, "hybrid_override_pattern": "M*-M-*", "head_dim": 8,
                                   "mamba_num_heads": 6, "mamba_head_dim": 12, "n_groups": 2, "ssm_state_size": 6,
                                   "conv_kernel": 3, "chunk_size": 8}, False),
+    # Nemotron-3 (Nemotron-H with MoE): Mamba-2 with an inner width (6 heads of 8 = 48) that is not 2 * 36, MoE of
+    # 6 relu2 experts in 2 groups (top 1 group by its two best sigmoid scores plus the selection bias, then top 2,
+    # renormalised, times 1.5) with a relu2 shared expert of 10, beside a dense relu2 MLP and attention.
+    "nemotron_h_moe": ("nemotron_h", {**COMMON, **ATTN, "hybrid_override_pattern": "ME*-ME", "head_dim": 8,
+                                      "mamba_num_heads": 6, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 6,
+                                      "conv_kernel": 3, "chunk_size": 8, "n_routed_experts": 6,
+                                      "num_experts_per_tok": 2, "moe_intermediate_size": 14,
+                                      "moe_shared_expert_intermediate_size": 10, "n_group": 2, "topk_group": 1,
+                                      "routed_scaling_factor": 1.5}, False),
+    # Granite-4.0-H: Mamba-2 (2 groups) and attention without RoPE (GQA 3:1), each followed by 5 SwiGLU experts
+    # (softmax over the top 2 logits) plus the shared MLP of 20; muP scales on the embeddings (3), every residual
+    # branch (0.5), the attention scores (0.3, not head_dim^-1/2) and the logits (divided by 4); published layout
+    # (block_sparse_moe.input_linear); granitemoehybrid_fused: transformers 5's layout (experts.gate_up_proj), RoPE,
+    # biases, tied embeddings; granitemoehybrid_dense: no experts (the shared MLP alone), every layer attention.
+    "granitemoehybrid": ("granitemoehybrid", {**COMMON, **ATTN, "num_hidden_layers": 4,
+                                              "layer_types": ["mamba", "attention", "mamba", "mamba"],
+                                              "num_local_experts": 5, "num_experts_per_tok": 2, "intermediate_size": 14,
+                                              "shared_intermediate_size": 20, "mamba_n_heads": 6, "mamba_n_groups": 2,
+                                              "mamba_d_state": 6, "mamba_d_conv": 3, "mamba_chunk_size": 8,
+                                              "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                              "logits_scaling": 4.0, "attention_multiplier": 0.3,
+                                              "position_embedding_type": "nope"}, False),
+    "granitemoehybrid_fused": ("granitemoehybrid", {**COMMON, "num_attention_heads": 3, "num_key_value_heads": 3,
+                                                    "num_hidden_layers": 3,
+                                                    "layer_types": ["attention", "mamba", "attention"],
+                                                    "num_local_experts": 4, "num_experts_per_tok": 3,
+                                                    "intermediate_size": 10, "shared_intermediate_size": 12,
+                                                    "mamba_n_heads": 4, "mamba_d_state": 5, "mamba_chunk_size": 16,
+                                                    "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                                    "logits_scaling": 3.0, "attention_multiplier": 0.125,
+                                                    "position_embedding_type": "rope", "attention_bias": True,
+                                                    "tie_word_embeddings": True,
+                                                    "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+                               True),
+    "granitemoehybrid_dense": ("granitemoehybrid", {**COMMON, **ATTN, "num_hidden_layers": 2,
+                                                    "layer_types": ["attention", "attention"], "num_local_experts": 0,
+                                                    "shared_intermediate_size": 24, "residual_multiplier": 0.7,
+                                                    "mamba_n_heads": 4,  # checked by the config class, unused
+                                                    "attention_multiplier": 0.2}, False),
     # LFM2: short convolutions (3 taps) and attention with q/k RMSNorm at 0-based layers 1 and 3 of 5; d_ff 50 is
     # written as is (block_auto_adjust_ff_dim false); lfm2_adjusted sizes its MLP as Lfm2MLP does (2/3 of 90,
     # times 1.5, rounded up to a multiple of 16: 96) with conv biases, 4 taps, untied embeddings, head_dim 12.
@@ -133,6 +172,9 @@ def randomize(model, seed: int = 0) -> None:
                 p.copy_(0.3 * noise)
             else:
                 p.copy_(noise / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # selection bias: a buffer, but a weight of the model
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
 
 
 def hf_model(model_type: str, kwargs: dict, seed: int = 0):
@@ -140,7 +182,8 @@ def hf_model(model_type: str, kwargs: dict, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(model_type, **kwargs)
-    extra = {"experts_implementation": "eager"} if model_type in ("mixtral", "jamba", "qwen3_next") else {}
+    extra = {"experts_implementation": "eager"} if model_type in ("mixtral", "jamba", "qwen3_next", "nemotron_h",
+                                                                       "granitemoehybrid") else {}
     model = AutoModelForCausalLM.from_config(cfg, **extra).float().eval()
     randomize(model, seed)
     return model

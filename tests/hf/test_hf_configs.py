@@ -181,8 +181,7 @@ def test_nemotron_h_pattern_and_list():
     listed = {**base, "layers_block_type": ["linear_attention", "full_attention", "mlp"]}
     assert [layer.kind for layer in imported(listed).layers] == ["mamba2", "attention", "mlp"]
     assert imported(listed).layers[1].mixer.rope_theta is None
-    with pytest.raises(HFError, match="MoE layers"):
-        imported({**base, "hybrid_override_pattern": "ME"})
+    assert [layer.kind for layer in imported({**base, "hybrid_override_pattern": "ME"}).layers] == ["mamba2", "moe"]
 
 
 def test_qwen2_window_layers():

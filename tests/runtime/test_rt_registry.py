@@ -124,9 +124,20 @@ def _mlstm(rng: random.Random, d: int) -> str:
             f"bias = {rng.choice(['true', 'false'])}, chunk = {rng.choice([4, 64])})")
 
 
+def _parallel(rng: random.Random, d: int) -> str:
+    """Branches `pa` and `pb`, which `random_spec` defines for this kind (random attention / Mamba-2 / MLP)."""
+    scales = ", ".join(f"{n} = {rng.choice([1.0, 0.5, 2.0])}" for n in ("a_in", "b_in", "a_out", "b_out"))
+    return f"parallel(a = pa, b = pb, {scales})"
+
+
+#: extra definitions a kind's random configs refer to (a parallel layer's branches)
+RANDOM_DEFINITIONS = {"parallel": lambda rng, d: f"layer pa = {_attention(rng, d)}\n    layer pb = "
+                                                 f"{rng.choice([_mamba2, _mlp, _short_conv])(rng, d)}"}
+
+
 RANDOM_CONFIGS = {"attention": _attention, "mla": _mla, "mamba": _mamba, "mamba2": _mamba2, "gated_deltanet": _gated_deltanet,
                   "kda": _kda, "short_conv": _short_conv, "lightning": _lightning, "rg_lru": _rg_lru, "mlstm": _mlstm,
-                  "mlp": _mlp, "moe": _moe}
+                  "mlp": _mlp, "moe": _moe, "parallel": _parallel}
 
 
 def random_spec(kind: str, seed: int) -> str:
@@ -136,11 +147,13 @@ def random_spec(kind: str, seed: int) -> str:
     rng = random.Random(f"{kind}-{seed}")
     d = 32
     gen = RANDOM_CONFIGS[kind]
+    extra = RANDOM_DEFINITIONS[kind](rng, d) if kind in RANDOM_DEFINITIONS else ""
     return f"""
 model random_{kind} {{
     vocab = 16
     d_model = {d}
     dtype = fp32
+    {extra}
     layer a = {gen(rng, d)}
     layer b = {gen(rng, d)}
     layer f = mlp(d_ff = 8)
