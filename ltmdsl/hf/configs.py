@@ -32,6 +32,7 @@ from typing import Callable
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import ReadContext
+from ltmdsl.hf.families import minimax
 from ltmdsl.hf.reader import MAX_CONFIG_BYTES, MAX_HF_LAYERS, MAX_JSON_DEPTH, Reader
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
@@ -39,7 +40,7 @@ from ltmdsl.kinds.mlstm_hf import soft_cap
 from ltmdsl.kinds.rg_lru_hf import hidden_activation
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
-                      "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm")
+                      "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm", minimax.MODEL_TYPE)
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
@@ -499,7 +500,8 @@ def _xlstm(r: Reader) -> dict:
 _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transformer, "qwen2": _transformer,
             "qwen3": _transformer, "mamba": _mamba_family, "mamba2": _mamba2_family, "jamba": _jamba,
             "nemotron_h": _nemotron_h, "bamba": _bamba, "qwen3_next": _qwen3_next,
-            "lfm2": _lfm2, "recurrent_gemma": _recurrent_gemma, "xlstm": _xlstm}
+            "lfm2": _lfm2, "recurrent_gemma": _recurrent_gemma, "xlstm": _xlstm,
+            minimax.MODEL_TYPE: minimax.read}
 
 
 # ---------------------------------------------------------------------------------------------------------

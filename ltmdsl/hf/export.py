@@ -24,8 +24,9 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
+from ltmdsl.hf.families import minimax
 from ltmdsl.hf.spec import Plan
-from ltmdsl.hf.weights import expert_counts, to_hf
+from ltmdsl.hf.weights import buffers_of, expert_counts, to_hf
 from ltmdsl.ir import ModelIR
 from ltmdsl.kinds.hf import hf_facet
 
@@ -34,7 +35,8 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mamba": "MambaForCausalLM",
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
-         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM"}
+         "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM",
+         minimax.MODEL_TYPE: minimax.ARCH}
 
 
 def _one(values, what: str):
@@ -120,6 +122,7 @@ LAYOUTS = {
                          "gated shared expert; zero-centred norms)", "qwen3_next", True,
                          ("gated_deltanet", "attention"), ("mlp", "moe"),
                          "Qwen3-Next's mixers are Gated DeltaNet and gated attention", _SWIGLU_FFN),
+    minimax.MODEL_TYPE: Layout(**minimax.LAYOUT),
 }
 
 
@@ -193,6 +196,8 @@ def _family_config(ir: ModelIR) -> dict:
         raise HFError(f"{norm.kind} has no Hugging Face counterpart among the supported families (all use rmsnorm)")
     base = {"vocab_size": ir.vocab, "hidden_size": ir.d_model, "tie_word_embeddings": ir.tie_embeddings,
             "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16")}
+    if any(layer.kind == "lightning" or layer.residual.skip == "normed" for layer in layers):
+        return minimax.config(ir, base, norm.eps)
     gdn = any(layer.kind == "gated_deltanet" for layer in layers)
     griffin = ir.logit_cap is not None or any(layer.kind == "rg_lru" for layer in layers)
     if norm.zero_centred and not gdn and griffin and LAYOUTS["recurrent_gemma"].holds(ir):
@@ -501,6 +506,8 @@ def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite:
     state = {name: p.detach().cpu() for name, p in model.named_parameters()}
     tensors = to_hf(plan, state, expert_counts(model.ir), fused=fused)
     dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
+    computed = buffers_of(plan, model.ir)  # transformers saves them with the weights, in the weights' dtype
+    tensors.update({name: t.to(next(iter(tensors.values())).dtype) for name, t in computed.items()})
     if len(dtypes) == 1:
         cfg["torch_dtype"] = dtypes.pop()
     with atomic.directory(out_dir) as tmp:

@@ -19,7 +19,7 @@ import os
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config, read_config
 from ltmdsl.hf.spec import Plan
-from ltmdsl.hf.weights import expert_counts, gather, source_of
+from ltmdsl.hf.weights import buffers_of, expert_counts, gather, source_of
 from ltmdsl.tensorfile import TensorFileError, TensorInfo, check_fits, read_header
 
 #: safetensors dtypes a Hugging Face weight may have (the runtime casts them to the model's dtype).
@@ -115,6 +115,7 @@ def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) 
     sources = {name: source_of(plan, name, experts, available) for name in params}
     used = {n for src in sources.values() for n in src.names}
     allowed = {"lm_head.weight"} if ir.tie_embeddings else set()  # some tied checkpoints repeat it
+    allowed |= set(buffers_of(plan, ir))  # computed tensors transformers saves too: checked by load_weights
     unexpected = sorted(available - used - allowed)
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -150,6 +151,23 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
         raise HFError(str(e), ckpt.folder) from None
 
 
+def check_buffers(plan: Plan, ir, ckpt: Checkpoint, folder: str) -> None:
+    """The computed tensors a checkpoint holds (lightning's slopes and decay tables) must be the ones the runtime
+    computes for this config and stack (to the checkpoint dtype's rounding): another value would be a model the
+    language does not describe. Absent ones are fine (transformers recomputes them too)."""
+    import torch
+
+    for name, want in buffers_of(plan, ir).items():
+        if name not in ckpt.names:
+            continue
+        got = ckpt.read(name)
+        tol = 1e-5 if got.dtype in (torch.float32, torch.float64) else 1e-2
+        if tuple(got.shape) != tuple(want.shape) or not torch.allclose(got.double(), want.double(), rtol=tol,
+                                                                       atol=0):
+            raise HFError(f"tensor {name} (shape {list(got.shape)}) is not what this config computes (shape "
+                          f"{list(want.shape)}, from its heads, block_size and the layer's depth)", folder)
+
+
 def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None) -> None:
     """Fill every parameter of a runtime `model` built from `plan` with the checkpoint's tensors."""
     import torch
@@ -166,6 +184,7 @@ def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None)
 
     tensors = _tensors(params, model.ir, plan, ckpt, reading, folder)
     warn_nonfinite(read, folder)
+    check_buffers(plan, model.ir, ckpt, folder)
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].dtype))

@@ -9,6 +9,9 @@ Bamba (RoPE over the first head_dim * partial_rotary_factor channels, written `r
 runtime's, so they are copied as they are; except Qwen3-Next's q_norm / k_norm, which are zero-centred
 (they scale by 1 + w) where the runtime's scale by w: op "plus_one" adds 1 on import; and LFM2's, which
 names the output `out_proj` and the norms `q_layernorm`, `k_layernorm`.
+MiniMax's softmax layers (`full_attention`): GQA with RoPE over the whole head (transformers' MiniMaxAttention
+ignores MiniMax-Text-01's `rotary_dim`, so a rotary_dim below head_dim is refused by name), no biases, a
+window where `sliding_window` is set.
 RecurrentGemma's local attention (`temporal_block`): a window (`attention_window_size`), RoPE on the first
 half of each head (partial_rotary_factor 0.5, as its config class sets), head_dim = hidden_size // heads, a
 q/k/v bias from `attention_bias` and always one on o_proj.
@@ -20,7 +23,7 @@ import math
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source, copy_tensor
-from ltmdsl.hf.reader import Reader, dims, rope
+from ltmdsl.hf.reader import Reader, dims, rope, whole_head
 from ltmdsl.hf.spec import num, show_value
 
 TRANSFORMERS = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
@@ -90,6 +93,16 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         r.expect("use_pos_enc", lambda v: v in (None, True), "true (transformers' LFM2 always applies RoPE)")
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
                     qk_norm=True)
+    if fam == "minimax":
+        heads = r.int("num_attention_heads", 32)
+        explicit_null = "num_key_value_heads" in r.cfg and r.cfg["num_key_value_heads"] is None  # MiniMaxConfig: heads
+        kv, head_dim = dims(r, d, heads, None, heads if explicit_null else 8)
+        theta, scaling, _ = rope(r, 1e6, head_dim)  # MiniMaxRotaryEmbedding rotates the whole head
+        r.expect("rotary_dim", lambda v: v is None or v == head_dim,
+                 f"null or head_dim ({head_dim}): {whole_head('minimax')}, although MiniMax-Text-01's own code "
+                 "rotates only rotary_dim channels")
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+                    window=r.opt_int("sliding_window", None))
     if fam == "recurrent_gemma":  # local attention: RecurrentGemmaConfig fixes head_dim = hidden_size // heads
         heads = r.int("num_attention_heads", 10)
         if d % heads:
@@ -231,6 +244,12 @@ def write(a, fam: str, d: int) -> dict:
         return {"num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads, "attention_bias": a.qkv_bias,
                 "attention_window_size": a.window,
                 "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": factor}}
+    if fam == "minimax":
+        why = _minimax_misfit(a)
+        if why:
+            raise HFError(why)
+        return {"rope_theta": a.rope_theta, **rope_scaling_fields(a), **_heads(a, d), "head_dim": a.head_dim,
+                "sliding_window": a.window}
     if fam == "lfm2":
         why = _lfm2_misfit(a)
         if why:
@@ -246,6 +265,12 @@ def _recurrent_gemma_misfit(a, d: int | None = None) -> str | None:
         return "RecurrentGemma attention has no qk_norm and always a bias on its output projection"
     if d is not None and a.head_dim * a.heads != d:
         return f"RecurrentGemma's head_dim is hidden_size // heads ({d} // {a.heads}), not {a.head_dim}"
+    return None
+
+
+def _minimax_misfit(a) -> str | None:
+    if a.rope_theta is None or a.rope_dim is not None or a.qk_norm or a.qkv_bias or a.out_bias:
+        return "MiniMax attention has RoPE over the whole head, no qk_norm and no biases"
     return None
 
 
@@ -291,6 +316,8 @@ def misfit(a, fam: str) -> str | None:
     if fam == "nemotron_h":
         return "Nemotron-H attention has no RoPE and no window" if a.rope_theta is not None or a.window is not None \
             else None
+    if fam == "minimax":
+        return _minimax_misfit(a)
     if fam == "lfm2":
         return _lfm2_misfit(a)
     if fam == "recurrent_gemma":
@@ -325,8 +352,8 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 
 HF = HFFacet(
     name="attention", label="attention",
-    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next", "lfm2", "recurrent_gemma"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next", "lfm2")},
+    families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "minimax"),
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next", "lfm2", "minimax")},
              "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )
