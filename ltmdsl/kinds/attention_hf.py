@@ -23,7 +23,7 @@ import math
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, ReadContext, Site, Source, copy_tensor
-from ltmdsl.hf.reader import Reader, dims, rope, whole_head
+from ltmdsl.hf.reader import Reader, dims, rope
 from ltmdsl.hf.spec import num, show_value
 
 TRANSFORMERS = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
@@ -99,8 +99,8 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         kv, head_dim = dims(r, d, heads, None, heads if explicit_null else 8)
         theta, scaling, _ = rope(r, 1e6, head_dim)  # MiniMaxRotaryEmbedding rotates the whole head
         r.expect("rotary_dim", lambda v: v is None or v == head_dim,
-                 f"null or head_dim ({head_dim}): {whole_head('minimax')}, although MiniMax-Text-01's own code "
-                 "rotates only rotary_dim channels")
+                 f"null or head_dim ({head_dim}): transformers' MiniMaxAttention rotates the whole head and ignores "
+                 "rotary_dim, where MiniMax-Text-01's own code rotates only rotary_dim channels")
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
                     window=r.opt_int("sliding_window", None))
     if fam == "recurrent_gemma":  # local attention: RecurrentGemmaConfig fixes head_dim = hidden_size // heads
