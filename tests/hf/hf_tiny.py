@@ -126,10 +126,10 @@ CASES = {
                             "full_attn_alpha_factor": 1.3, "full_attn_beta_factor": 1.2, "mlp_alpha_factor": 1.4,
                             "mlp_beta_factor": 0.8}, False),
     # MiniMax with MiniMaxConfig's default alternation (full attention first), head_dim 12 (not d / heads), MQA,
-    # blocks of 4, the default factors (1), fused experts.
+    # a sliding window of 5 (shorter than the prompt), blocks of 4, the default factors (1), fused experts.
     "minimax_fused": ("minimax", {**COMMON, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 12,
                                   "num_hidden_layers": 3, "block_size": 4, "num_local_experts": 4,
-                                  "num_experts_per_tok": 3}, True),
+                                  "num_experts_per_tok": 3, "sliding_window": 5}, True),
 }
 
 
