@@ -41,7 +41,7 @@ _HYBRID = Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_l
 _SSM = Naming(prefixes=("backbone.",), embed="embeddings", final_norm="norm_f", mixer_norm="norm", ffn_norm="")
 NAMINGS = {
     "llama": _TRANSFORMER, "mistral": _TRANSFORMER, "qwen2": _TRANSFORMER, "qwen3": _TRANSFORMER,
-    "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "minimax": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
+    "mixtral": _TRANSFORMER, "qwen3_next": _TRANSFORMER, "jamba": _HYBRID, "bamba": _HYBRID, "mamba": _SSM,
     "mamba2": _SSM,
     "nemotron_h": Naming(prefixes=("backbone.", "model."), embed="embeddings", final_norm="norm_f",
                          mixer_norm="norm", ffn_norm="norm"),
@@ -51,6 +51,7 @@ NAMINGS = {
                    mixer_norm="operator_norm", ffn_norm="ffn_norm"),
     "xlstm": Naming(prefixes=("backbone.",), embed="embeddings", final_norm="out_norm", mixer_norm="norm_mlstm",
                     ffn_norm="norm_ffn", layers="blocks"),
+    "minimax": _TRANSFORMER,
 }
 
 

@@ -1,7 +1,8 @@
 """The Hugging Face facet of moe (see ltmdsl.hf.facet): config keys, expert layouts and export fields.
 
 Experts follow the mixer in Mixtral and MiniMax (`num_local_experts`, `num_experts_per_tok`; softmax, top k,
-renormalised; MiniMax's checkpoints use Mixtral's names) and on Jamba's expert layers (`num_experts`, alias `num_local_experts`; softmax then top k).
+renormalised; MiniMax's checkpoints use Mixtral's names) and on Jamba's expert layers (`num_experts`, alias
+`num_local_experts`; softmax then top k).
 Their weights come in two layouts, and both are read:
 - per expert, as published checkpoints and `save_pretrained` (by default) store them: Mixtral
   `block_sparse_moe.experts.{j}.w1/w3/w2.weight` (gate/up/down) and `block_sparse_moe.gate.weight`,

@@ -105,7 +105,8 @@ def test_pipeline_stages_compute_the_residuals_as_the_model():
     ("branch_scale = true", "branch_scale of layer 'f' must be a number, got a boolean"),
 ], ids=["skip", "skip_scale", "branch_scale"])
 def test_bad_residual_settings_are_errors_at_their_value(setting, message):
-    text = f"model m {{\n    vocab = 8\n    d_model = 8\n    layer f = mlp(d_ff = 8, {setting})\n    stack {{ f }}\n}}\n"
+    text = f"model m {{\n    vocab = 8\n    d_model = 8\n    layer f = mlp(d_ff = 8, {setting})\n" \
+           "    stack { f }\n}\n"
     with pytest.raises(SpecError) as e:
         ltmdsl.loads(text, name="r.ltm")
     out = str(e.value)
