@@ -438,7 +438,9 @@ def _same_model(a: ModelIR, b: ModelIR) -> str | None:
     if len(a.layers) != len(b.layers):
         return f"{len(a.layers)} sub-layers != {len(b.layers)}"
     for x, y in zip(a.layers, b.layers):
-        if (x.norm, x.mixer, x.post_norm, x.residual) != (y.norm, y.mixer, y.post_norm, y.residual):
+        if x.residual != y.residual:
+            return f"sub-layer {x.index}: residual {x.residual} != {y.residual} (the family has no such residual)"
+        if (x.norm, x.mixer, x.post_norm) != (y.norm, y.mixer, y.post_norm):
             return f"sub-layer {x.index}: {x.mixer} != {y.mixer}"
     return None
 

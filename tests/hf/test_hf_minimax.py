@@ -205,5 +205,5 @@ def test_scaled_residuals_outside_minimax_are_refused():
 
     ir = ltmdsl.loads("model m {\n vocab = 64\n d_model = 32\n layer a = attention(heads = 4, skip_scale = 2)\n"
                       " layer f = mlp(d_ff = 24)\n stack { a f a f }\n}\n").model
-    with pytest.raises(HFError, match="does not map back to llama exactly"):
+    with pytest.raises(HFError, match="does not map back to llama exactly: sub-layer 0: residual .*skip_scale=2.0"):
         hf_plan(ir)
