@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import assert_close
+from helpers import assert_close, rel_err
 from paths import EXAMPLES
 
 import ltmdsl
@@ -142,6 +142,7 @@ def test_decoder_layers_match_transformers_in_float64(tmp_path):
                                      position_ids=pos)  # lightning takes a padding mask [B, T] or none
             h, pending = ours.layers[2 * i].advance(x, None, None, 0, False, 1.0)
             h, pending = ours.layers[2 * i + 1].advance(h, pending, None, 0, False, 1.0)
+        print(f"decoder layer {i} ({kind}): {rel_err(h + pending, ref):.2e}")
         assert_close(h + pending, ref, HF_TOL, f"decoder layer {i} ({kind})")
 
 
