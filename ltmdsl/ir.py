@@ -122,9 +122,30 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """How a sub-layer's residual connection combines the stream with its branch (no parameters):
+
+        x' = skip_scale * s + branch_scale * residual_scale * post_norm(f(norm(x)))
+
+    with s = x (`skip = "input"`, the pre-norm residual) or s = norm(x) (`skip = "normed"`: the residual is
+    taken after the pre-norm, as MiniMax-01's decoder layer does). The default is the plain x + branch.
+    MiniMax-01 scales s by alpha = (2 * num_hidden_layers)^(1/4) and the branch by beta = 1.
+    """
+
+    skip: str = "input"  # "input" | "normed"
+    skip_scale: float = 1.0
+    branch_scale: float = 1.0
+
+    @property
+    def plain(self) -> bool:
+        return self == Residual()
+
+
+@dataclass(frozen=True)
 class SubLayer:
     """One residual sub-layer of the stack: x = x + mixer(norm(x)), or with a post-norm (Gemma-3's sandwich
-    norms) x = x + post_norm(mixer(norm(x))); the model's residual_scale multiplies what is added.
+    norms) x = x + post_norm(mixer(norm(x))); the model's residual_scale multiplies what is added, and
+    `residual` may scale either side and take the residual after the norm (MiniMax-01; see `Residual`).
 
     `definition` is the spec's layer name (`attn`, `ssm`); `tie_group` names the shared block whose
     weights this sub-layer reuses (Zamba-style), None when it owns its weights. `params` counts the
@@ -140,6 +161,7 @@ class SubLayer:
     tie_group: str | None = None
     tie_slot: int | None = None
     post_norm: NormConfig | None = None
+    residual: Residual = Residual()
 
     @property
     def kind(self) -> str:

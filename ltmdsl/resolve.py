@@ -17,8 +17,10 @@ from ltmdsl.evaluate import (
     ROPE_SCALINGS, EvalError, MTPValue, NormValue, Scope, Word, as_int, describe, did_you_mean, evaluate,
     rope_scaling_usage,
 )
-from ltmdsl.ir import Dtype, ModelIR, MTPConfig, NormConfig, RopeScaling, SourcePos, SubLayer
-from ltmdsl.kinds import NORM_PARAM, POST_NORM_PARAM, REGISTRY, CheckError, Kind, ModelContext, Param
+from ltmdsl.ir import Dtype, ModelIR, MTPConfig, NormConfig, Residual, RopeScaling, SourcePos, SubLayer
+from ltmdsl.kinds import (
+    NORM_PARAM, POST_NORM_PARAM, REGISTRY, RESIDUAL_PARAMS, CheckError, Kind, ModelContext, Param,
+)
 from ltmdsl.units import DTYPE_ALIASES, DTYPES, dtype as lookup_dtype
 
 MAX_SUBLAYERS = 100_000
@@ -27,6 +29,8 @@ MODEL_SETTINGS = ("vocab", "d_model", "dtype", "norm", "head", "embed_scale", "r
 #: Model-level scalars (ModelIR): name -> default; a number > 0 each (logit_cap: none = no cap).
 MODEL_SCALARS = {"embed_scale": 1.0, "residual_scale": 1.0, "logit_scale": 1.0, "logit_cap": None}
 DEFAULT_NORM = NormConfig("rmsnorm", 1e-5)
+#: The parameters every layer takes besides its kind's own: its norms and its residual connection.
+SUBLAYER_PARAMS = {p.name: p for p in (NORM_PARAM, POST_NORM_PARAM, *RESIDUAL_PARAMS)}
 ROPE_SCALING_USAGE = "llama3(...), linear(...), dynamic(...), yarn(...) or longrope(...)"
 
 
@@ -250,9 +254,9 @@ class ModelResolver:
         """Evaluate and type-check keyword arguments; missing required ones are reported."""
         values: dict[str, Any] = {}
         for kw in kwargs:
-            p = {"norm": NORM_PARAM, "post_norm": POST_NORM_PARAM}.get(kw.name) or kind.param_index.get(kw.name)
+            p = SUBLAYER_PARAMS.get(kw.name) or kind.param_index.get(kw.name)
             if p is None:
-                names = list(kind.param_index) + ["norm", "post_norm"]
+                names = list(kind.param_index) + list(SUBLAYER_PARAMS)
                 raise EvalError(kw.pos, f"unknown parameter '{kw.name}' of {kind.name}{did_you_mean(kw.name, names)}"
                                 f" (parameters: {', '.join(names)})")
             if kw.name in values:
@@ -289,7 +293,7 @@ class ModelResolver:
             raise EvalError(kw.value.pos, f"{what}: layer '{name}' is invalid (reported at its definition)") from None
 
     def _build(self, name: str, overrides: tuple[ast.KwArg, ...], ctx: ModelContext, pos: SourcePos):
-        """(config, norm, post_norm, params) of layer `name` with per-position overrides; memoised."""
+        """(config, norm, post_norm, residual, params) of layer `name` with per-position overrides; memoised."""
         key = (name, tuple((k.name, k.value) for k in overrides))
         if key in self._built:
             return self._built[key]
@@ -328,7 +332,8 @@ class ModelResolver:
         post = values.get("post_norm")
         params = kind.count(config, ctx.d_model) + norm.params_per_channel * ctx.d_model
         params += post.params_per_channel * ctx.d_model if post is not None else 0
-        self._built[key] = (config, norm, post, params)
+        residual = Residual(**{p.name: values.get(p.name, p.default) for p in RESIDUAL_PARAMS})
+        self._built[key] = (config, norm, post, residual, params)
         return self._built[key]
 
     # ---- stack expansion ----------------------------------------------------------------------
@@ -486,14 +491,14 @@ class ModelResolver:
             if i in overrides:
                 kw = kw + overrides[i].kwargs
             try:
-                config, lnorm, post, params = self._build(name, kw, ctx, pos)
+                config, lnorm, post, residual, params = self._build(name, kw, ctx, pos)
             except _Unresolved:
                 continue
             if group is not None:
-                first = tied_configs.setdefault((group, slot), (config, lnorm, post, name))
-                if first[:3] != (config, lnorm, post):
+                first = tied_configs.setdefault((group, slot), (config, lnorm, post, residual, name))
+                if first[:4] != (config, lnorm, post, residual):
                     self.rep.at(pos, f"shared block '{group}': slot {slot} differs between uses")
-            layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot, post))
+            layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot, post, residual))
         mtp, mtp_ok = self._mtp(ctx)
         settings_ok = settings_ok and mtp_ok
         for name, d in self.layer_defs.items():  # unused definitions are still checked

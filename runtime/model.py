@@ -1,8 +1,9 @@
 """The runnable model: embedding, the flat stack of pre-norm residual sub-layers, final norm, LM head.
 
     h = embed(ids) * embed_scale                     [B, T, d]
-    for each sub-layer i:  h = h + residual_scale * post_norm_i(mixer_i(norm_i(h)))
-                           (post_norm only where the layer has one; the add is fused into the next norm)
+    for each sub-layer i:  h = a_i * s_i + b_i * residual_scale * post_norm_i(mixer_i(norm_i(h)))
+                           (post_norm only where the layer has one; the add is fused into the next norm;
+                           s_i = h, or norm_i(h) with `skip = normed`; a_i, b_i its skip and branch scales)
     logits = lm_head(final_norm(h)) * logit_scale    [B, T, V]   (tied: embed.weight is the head)
     logits = logit_cap * tanh(logits / logit_cap)    when the model has a final-logit soft cap
 
@@ -40,13 +41,31 @@ def build_mixer(layer: SubLayer, d: int, kernels: Kernels, place: LayerPlace) ->
 
 class Block(nn.Module):
     """One residual sub-layer: `norm` (pre-norm, fused with the pending residual add), `mixer`, and
-    `post_norm` on the mixer's output when the layer has one (sandwich norms)."""
+    `post_norm` on the mixer's output when the layer has one (sandwich norms), joined to the stream as its
+    `residual` says (ltmdsl.ir.Residual). `advance` is the one place the residual stream is computed; every
+    loop over the stack (the model, pipeline stages, the measured traces) goes through it."""
 
     def __init__(self, layer: SubLayer, d: int, kernels: Kernels, place: LayerPlace):
         super().__init__()
         self.norm = Norm(layer.norm, d, kernels)
         self.mixer = build_mixer(layer, d, kernels, place)
         self.post_norm = Norm(layer.post_norm, d, kernels) if layer.post_norm is not None else None
+        self.residual = layer.residual
+
+    def advance(self, h: torch.Tensor, pending: torch.Tensor | None, state, pos0: int, decode: bool,
+                residual_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream h + pending [B, T, d] (pending None: nothing to add) through this sub-layer -> the new
+        (h, pending): h the scaled skip path, pending the branch, added by the next norm (or by the caller)."""
+        normed, h = self.norm(h, None) if pending is None else self.norm(pending, h)  # [B, T, d] each
+        if self.residual.skip == "normed":
+            h = normed
+        if self.residual.skip_scale != 1.0:
+            h = h * self.residual.skip_scale
+        if decode:
+            out = self.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
+        else:
+            out = self.mixer(normed, state, pos0)  # [B, T, d]
+        return h, self.branch(out, residual_scale)
 
     def init_weights(self, gen: torch.Generator) -> None:
         self.norm.init_weights(gen)
@@ -55,10 +74,12 @@ class Block(nn.Module):
             self.post_norm.init_weights(gen)
 
     def branch(self, out: torch.Tensor, residual_scale: float) -> torch.Tensor:
-        """What the sub-layer adds to the residual stream: residual_scale * post_norm(mixer output) [..., d]."""
+        """What the sub-layer adds to the residual stream: branch_scale * residual_scale * post_norm(mixer output)
+        [..., d]."""
         if self.post_norm is not None:
             out = self.post_norm(out, None)[0]
-        return out * residual_scale if residual_scale != 1.0 else out
+        scale = residual_scale * self.residual.branch_scale
+        return out * scale if scale != 1.0 else out
 
 
 class LTModel(nn.Module):
@@ -173,13 +194,8 @@ class LTModel(nn.Module):
             h = h * self.ir.embed_scale
         pending = None  # the previous mixer's output, added into h by the next norm
         for i, block in enumerate(self.layers):
-            normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)
             state = None if cache is None else cache.layers[i]
-            if decode:
-                pending = block.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
-            else:
-                pending = block.mixer(normed, state, pos0)  # [B, T, d]
-            pending = block.branch(pending, self.ir.residual_scale)  # [B, T, d]
+            h, pending = block.advance(h, pending, state, pos0, decode, self.ir.residual_scale)  # [B, T, d] each
         normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
         if cache is not None:
             cache.seen += T

@@ -25,7 +25,7 @@ PUBLISHED = {
     "lfm2-700m.ltm": 742_489_344,  # transformers 5.24 on LiquidAI/LFM2-700M's config
     "recurrentgemma-2b.ltm": 2_682_862_080,  # transformers 5.24 on google/recurrentgemma-2b's config
     "xlstm-7b.ltm": 6_865_424_896,  # transformers 5.24, xLSTMConfig's defaults (xLSTM-7B's dimensions)
-    "minimax-text-01.ltm": 456_089_655_296,  # transformers 5.24 on MiniMax-Text-01's dimensions
+    "minimax-text-01.ltm": 456_089_655_296,  # transformers 5.24 on tests/hf/configs/MiniMax-Text-01-hf.json (meta)
     "qwen1.5-moe-a2.7b.ltm": 14_315_784_192,  # transformers' Qwen2MoeConfig() defaults: this model's sizes
     "qwen3-next-80b-a3b.ltm": 79_674_391_296,  # transformers 5.24 on tests/hf/configs/Qwen3-Next-80B-A3B-Instruct.json
     "deepseek-v3.ltm": 671_026_404_352,  # transformers 5.24 on tests/hf/configs/DeepSeek-V3.json (no MTP module)

@@ -26,6 +26,12 @@ def norm_text(n) -> str:
     return n.kind + (" (1+w)" if n.zero_centred else "")
 
 
+def residual_text(r) -> str:
+    """A sub-layer's residual settings that differ from the plain x + f(norm(x)), e.g. ` skip=normed skip*3.56`."""
+    return ((" skip=normed" if r.skip == "normed" else "") + (f" skip*{r.skip_scale:g}" if r.skip_scale != 1.0 else "")
+            + (f" branch*{r.branch_scale:g}" if r.branch_scale != 1.0 else ""))
+
+
 def scalars(model: ModelIR) -> str:
     """The model-level scalars that differ from their defaults, e.g. `embed_scale=8 logit_cap=30`."""
     given = [(n, getattr(model, n)) for n in ("embed_scale", "residual_scale", "logit_scale")
@@ -39,6 +45,7 @@ def table(model: ModelIR) -> str:
     for layer in model.layers:
         tied = f" (tied: {layer.tie_group})" if layer.tie_group and layer not in model.unique_layers() else ""
         post = f" post_norm={norm_text(layer.post_norm)}" if layer.post_norm is not None else ""
+        post += residual_text(layer.residual)
         rows.append((str(layer.index), layer.kind, layer.definition, dims(layer.mixer) + post + tied,
                      f"{layer.params:,}"))
     rows.append(("", "norm", "final", norm_text(model.final_norm), f"{model.final_norm_params:,}"))

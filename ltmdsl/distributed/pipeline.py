@@ -72,8 +72,7 @@ class Stage(nn.Module):
         h = self.embed(x) if self.first else x  # [b, T, d]
         pending = None
         for block in self.layers.values():
-            normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)
-            pending = block.mixer(normed, None, 0)  # [b, T, d]
+            h, pending = block.advance(h, pending, None, 0, False, self.ir.residual_scale)  # [b, T, d] each
         if self.last:
             normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
             return self._head(normed)  # [b, T, V]

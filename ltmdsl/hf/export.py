@@ -26,9 +26,9 @@ from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
 from ltmdsl.hf.families import (deepseek_v2, deepseek_v3, gemma3, gpt_oss, granitemoehybrid, kimi_linear, llama4,
-                                qwen3_5, qwen3_moe)
+                                minimax, qwen3_5, qwen3_moe)
 from ltmdsl.hf.spec import Plan
-from ltmdsl.hf.weights import expert_counts, layer_configs, to_hf
+from ltmdsl.hf.weights import buffers_of, expert_counts, layer_configs, to_hf
 from ltmdsl.ir import ModelIR
 from ltmdsl.kinds.hf import hf_facet
 
@@ -41,7 +41,7 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "deepseek_v2": deepseek_v2.ARCH, "deepseek_v3": deepseek_v3.ARCH,
          **dict(qwen3_5.ARCHITECTURES.values()), "kimi_linear": kimi_linear.ARCH, "qwen3_moe": qwen3_moe.ARCH,
          "gpt_oss": gpt_oss.ARCH, "gemma3_text": gemma3.ARCH, "llama4_text": llama4.ARCH,
-         "granitemoehybrid": granitemoehybrid.ARCH}
+         "granitemoehybrid": granitemoehybrid.ARCH, minimax.MODEL_TYPE: minimax.ARCH}
 
 
 def _one(values, what: str):
@@ -147,6 +147,7 @@ LAYOUTS = {
     "gemma3_text": Layout(**gemma3.LAYOUT),
     "llama4_text": Layout(**llama4.LAYOUT),
     "granitemoehybrid": Layout(**granitemoehybrid.LAYOUT),
+    minimax.MODEL_TYPE: Layout(**minimax.LAYOUT),
 }
 
 
@@ -237,6 +238,8 @@ def _family_config(ir: ModelIR, family: str | None = None) -> dict:
             "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16")}
     if gemma3.fits(ir):
         return gemma3.config(ir, base, norm.eps)
+    if any(layer.kind == "lightning" or layer.residual.skip == "normed" for layer in layers):
+        return minimax.config(ir, base, norm.eps)
     gdn = any(layer.kind == "gated_deltanet" for layer in layers)
     griffin = ir.logit_cap is not None or any(layer.kind == "rg_lru" for layer in layers)
     if norm.zero_centred and not gdn and griffin and LAYOUTS["recurrent_gemma"].holds(ir):
@@ -493,6 +496,8 @@ def _same_model(a: ModelIR, b: ModelIR) -> str | None:
     if len(a.layers) != len(b.layers):
         return f"{len(a.layers)} sub-layers != {len(b.layers)}"
     for x, y in zip(a.layers, b.layers):
+        if x.residual != y.residual:
+            return f"sub-layer {x.index}: residual {x.residual} != {y.residual} (the family has no such residual)"
         if (x.norm, x.mixer, x.post_norm) != (y.norm, y.mixer, y.post_norm):
             return f"sub-layer {x.index}: {x.mixer} != {y.mixer}"
     return None
@@ -566,6 +571,8 @@ def export_hf(source, out_dir, *, fused: bool = False, seed: int = 0, overwrite:
     state = {name: p.detach().cpu() for name, p in stored_tensors(model).items()}  # with the persistent buffers
     tensors = to_hf(plan, state, expert_counts(model.ir), fused=fused, layers=layer_configs(model.ir))
     dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
+    computed = buffers_of(plan, model.ir)  # transformers saves them with the weights, in the weights' dtype
+    tensors.update({name: t.to(next(iter(tensors.values())).dtype) for name, t in computed.items()})
     if len(dtypes) == 1:
         cfg["torch_dtype"] = dtypes.pop()
     with atomic.directory(out_dir) as tmp:

@@ -13,6 +13,9 @@ Each kind declares, in `ltmdsl/kinds/<kind>_hf.py`, one `HFFacet` (pure: no torc
     modules                       family -> the module(s) inside an HF decoder layer holding its tensors
     tensors(rest, Site)           the checkpoint tensor(s) behind runtime parameter `rest` of this sub-layer,
                                   with the transform declared as data (`Source.op`), applied by weights.py
+    buffers(config, Site, place)  optional: the non-learned tensors transformers saves with the weights for this
+                                  sub-layer (lightning's decay tables), which the runtime computes from the config
+                                  and its place in the stack: accepted and checked on import, written on export
 
 A kind that no Hugging Face family has declares `NoHFCounterpart(reason)` instead; a kind with neither is
 refused where a facet is needed (`hf_facet` raises HFError naming the missing facet), and the registry
@@ -142,6 +145,7 @@ class HFFacet:
     misfit: Callable[[Any, str], "str | None"]
     traits: Callable[[Any], frozenset]
     tensors: Callable[["HFFacet", str, Site], Source] = copy_tensor
+    buffers: Callable[[Any, Site, Any], dict] | None = None
 
     def __post_init__(self) -> None:
         missing = [f for f in ("read", "call", "write", "misfit", "traits", "tensors")

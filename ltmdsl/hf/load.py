@@ -19,7 +19,7 @@ import os
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config, read_config
 from ltmdsl.hf.spec import Plan
-from ltmdsl.hf.weights import expert_counts, gather, layer_configs, source_of
+from ltmdsl.hf.weights import buffers_of, expert_counts, gather, layer_configs, source_of
 from ltmdsl.tensorfile import TensorFileError, TensorInfo, check_fits, read_header
 
 #: safetensors dtypes a Hugging Face weight may have (the runtime casts them to the model's dtype).
@@ -119,6 +119,7 @@ def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) 
     skipped = tuple(plan.hf.get("unloaded", ()))  # modules transformers does not load either (DeepSeek-V3's and
     # Nemotron-H's MTP layers, a vision tower)
     allowed |= {n for n in available if skipped and n.startswith(skipped)}
+    allowed |= set(buffers_of(plan, ir))  # computed tensors transformers saves too: checked by load_weights
     unexpected = sorted(available - used - allowed)
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -155,6 +156,23 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
         raise HFError(str(e), ckpt.folder) from None
 
 
+def check_buffers(plan: Plan, ir, ckpt: Checkpoint, folder: str) -> None:
+    """The computed tensors a checkpoint holds (lightning's slopes and decay tables) must be the ones the runtime
+    computes for this config and stack (to the checkpoint dtype's rounding): another value would be a model the
+    language does not describe. Absent ones are fine (transformers recomputes them too)."""
+    import torch
+
+    for name, want in buffers_of(plan, ir).items():
+        if name not in ckpt.names:
+            continue
+        got = ckpt.read(name)
+        tol = 1e-5 if got.dtype in (torch.float32, torch.float64) else 1e-2
+        if tuple(got.shape) != tuple(want.shape) or not torch.allclose(got.double(), want.double(), rtol=tol,
+                                                                       atol=0):
+            raise HFError(f"tensor {name} (shape {list(got.shape)}) is not what this config computes (shape "
+                          f"{list(want.shape)}, from its heads, block_size and the layer's depth)", folder)
+
+
 def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None) -> None:
     """Fill every parameter and persistent buffer of a runtime `model` built from `plan` with the checkpoint's
     tensors."""
@@ -172,6 +190,7 @@ def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None)
 
     tensors = _tensors(params, model.ir, plan, ckpt, reading, folder)
     warn_nonfinite(read, folder)
+    check_buffers(plan, model.ir, ckpt, folder)
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].dtype))

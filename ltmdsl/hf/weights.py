@@ -64,6 +64,7 @@ NAMINGS = {
     "gemma3_text": _GEMMA3,
     "gemma3": Naming(**{**_GEMMA3.__dict__, "prefixes": ("model.language_model.",)}),
     "granitemoehybrid": _TRANSFORMER,
+    "minimax": _TRANSFORMER,
 }
 
 
@@ -118,6 +119,25 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
     if src is None:
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
     return src
+
+
+def buffers_of(plan: Plan, ir_model) -> dict:
+    """Checkpoint name -> value (a float32 tensor) of every non-learned tensor transformers saves with the weights
+    of this model (the kinds' `buffers` facet, e.g. MiniMax's lightning decay tables), from the config and each
+    sub-layer's place in the stack; empty for families that save none."""
+    from ltmdsl.runtime.kinds import layer_places
+
+    naming = NAMINGS[plan.family]
+    out = {}
+    for sub, layer, place in zip(plan.sublayers, ir_model.layers, layer_places(ir_model.layers)):
+        facet = hf_facet(sub.kind)
+        if facet.buffers is None or plan.family not in facet.modules:
+            continue
+        base = f"{naming.prefixes[0]}{naming.layers}.{sub.hf_layer}."
+        site = Site(plan.family, base)
+        out.update({f"{base}{facet.modules[plan.family][0]}.{rest}": t
+                    for rest, t in facet.buffers(layer.mixer, site, place).items()})
+    return out
 
 
 def expert_counts(ir_model) -> dict[int, int]:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from ltmdsl.kinds import (attention, gated_deltanet, kda, lightning, mamba, mamba2, mla, mlp, mlstm, moe, parallel,
                           rg_lru, short_conv)
-from ltmdsl.kinds.base import NORM_PARAM, POST_NORM_PARAM, CheckError, Kind, KindError, ModelContext, Param
+from ltmdsl.kinds.base import (
+    NORM_PARAM, POST_NORM_PARAM, RESIDUAL_PARAMS, CheckError, Kind, KindError, ModelContext, Param,
+)
 
 #: Every kind a `layer NAME = KIND(...)` definition may use, in documentation order.
 REGISTRY: dict[str, Kind] = {
@@ -37,5 +39,6 @@ def count_params(config, d_model: int) -> int:
     return kind_of(config).count(config, d_model)
 
 
-__all__ = ["NORM_PARAM", "POST_NORM_PARAM", "REGISTRY", "CheckError", "Kind", "KindError", "ModelContext", "Param", "count_params",
+__all__ = ["NORM_PARAM", "POST_NORM_PARAM", "RESIDUAL_PARAMS", "REGISTRY",
+           "CheckError", "Kind", "KindError", "ModelContext", "Param", "count_params",
            "kind_of"]

@@ -12,6 +12,9 @@ names the output `out_proj` and the norms `q_layernorm`, `k_layernorm`.
 Granite-4.0-H (granitemoehybrid): q/k/v/o under `self_attn`, head_dim = hidden_size // heads, one
 `attention_bias` for all four, RoPE only with `position_embedding_type: "rope"` (its configs say "nope"), and the
 softmax scale `attention_multiplier` (muP), written `scale` (left out when it equals head_dim^-1/2).
+MiniMax's softmax layers (`full_attention`): GQA with RoPE over the whole head (transformers' MiniMaxAttention
+ignores MiniMax-Text-01's `rotary_dim`, so a rotary_dim below head_dim is refused by name), no biases, a
+window where `sliding_window` is set.
 RecurrentGemma's local attention (`temporal_block`): a window (`attention_window_size`), RoPE on the first
 half of each head (partial_rotary_factor 0.5, as its config class sets), head_dim = hidden_size // heads, a
 q/k/v bias from `attention_bias` and always one on o_proj.
@@ -104,6 +107,16 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         r.expect("use_pos_enc", lambda v: v in (None, True), "true (transformers' LFM2 always applies RoPE)")
         return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
                     qk_norm=True)
+    if fam == "minimax":
+        heads = r.int("num_attention_heads", 32)
+        explicit_null = "num_key_value_heads" in r.cfg and r.cfg["num_key_value_heads"] is None  # MiniMaxConfig: heads
+        kv, head_dim = dims(r, d, heads, None, heads if explicit_null else 8)
+        theta, scaling, _ = rope(r, 1e6, head_dim)  # MiniMaxRotaryEmbedding rotates the whole head
+        r.expect("rotary_dim", lambda v: v is None or v == head_dim,
+                 f"null or head_dim ({head_dim}): transformers' MiniMaxAttention rotates the whole head and ignores "
+                 "rotary_dim, where MiniMax-Text-01's own code rotates only rotary_dim channels")
+        return dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+                    window=r.opt_int("sliding_window", None))
     if fam == "recurrent_gemma":  # local attention: RecurrentGemmaConfig fixes head_dim = hidden_size // heads
         heads = r.int("num_attention_heads", 10)
         if d % heads:
@@ -346,6 +359,12 @@ def write(a, fam: str, d: int) -> dict:
         return {"num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads, "attention_bias": a.qkv_bias,
                 "attention_window_size": a.window,
                 "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": factor}}
+    if fam == "minimax":
+        why = _minimax_misfit(a)
+        if why:
+            raise HFError(why)
+        return {"rope_theta": a.rope_theta, **rope_scaling_fields(a), **_heads(a, d), "head_dim": a.head_dim,
+                "sliding_window": a.window}
     if fam == "lfm2":
         why = _lfm2_misfit(a)
         if why:
@@ -363,6 +382,12 @@ def _recurrent_gemma_misfit(a, d: int | None = None) -> str | None:
         return "RecurrentGemma attention has no qk_norm and always a bias on its output projection"
     if d is not None and a.head_dim * a.heads != d:
         return f"RecurrentGemma's head_dim is hidden_size // heads ({d} // {a.heads}), not {a.head_dim}"
+    return None
+
+
+def _minimax_misfit(a) -> str | None:
+    if a.rope_theta is None or a.rope_dim is not None or a.qk_norm or a.qkv_bias or a.out_bias:
+        return "MiniMax attention has RoPE over the whole head, no qk_norm and no biases"
     return None
 
 
@@ -412,6 +437,8 @@ def misfit(a, fam: str) -> str | None:
     if fam == "nemotron_h":
         return "Nemotron-H attention has no RoPE, window or biases" \
             if a.rope_theta is not None or a.window is not None or a.qkv_bias or a.out_bias else None
+    if fam == "minimax":
+        return _minimax_misfit(a)
     if fam == "lfm2":
         return _lfm2_misfit(a)
     if fam == "recurrent_gemma":
@@ -450,9 +477,10 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 HF = HFFacet(
     name="attention", label="attention",
     families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "recurrent_gemma",
-              "granitemoehybrid"),
+              "granitemoehybrid", "minimax"),
     modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "qwen3_moe",
-                                            "gpt_oss", "gemma3_text", "gemma3", "llama4_text", "granitemoehybrid")},
+                                            "gpt_oss", "gemma3_text", "gemma3", "llama4_text", "granitemoehybrid",
+                                            "minimax")},
              "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

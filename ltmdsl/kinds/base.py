@@ -62,6 +62,13 @@ class Param:
 NORM_PARAM = Param("norm", "norm", doc="pre-norm of this sub-layer (default: the model's norm)")
 #: ... and its post-norm, applied to the sub-layer's output before the residual add (Gemma-3's sandwich norms).
 POST_NORM_PARAM = Param("post_norm", "norm", nullable=True, doc="post-norm of this sub-layer's output (default: none)")
+#: ... and its residual connection (ltmdsl.ir.Residual): what the skip path carries and the two scales.
+RESIDUAL_PARAMS = (
+    Param("skip", "enum", "input", choices=("input", "normed"),
+          doc="what the residual carries: the sub-layer's input, or its pre-norm's output (MiniMax-01)"),
+    Param("skip_scale", "float", 1.0, min=0, doc="factor on the residual (MiniMax-01's alpha factors)"),
+    Param("branch_scale", "float", 1.0, min=0, doc="factor on the branch output (MiniMax-01's beta factors)"),
+)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,12 @@ stack (MiniMax's layer_idx of num_hidden_layers: one mixer per decoder layer). T
 runtime from the IR's stack order, so the config itself is position-free and shared by every use.
 
 Parameters: 3dHD + HD d + (gate) d HD + HD (the norm weight); the slopes are not learned.
-Recurrent state per sub-layer on one GPU (b = ceil(B/dp), constant in T): b * H/t * D * Dv * s_bytes.
+Recurrent state per sub-layer on one GPU (b = ceil(B/dp), constant in T): b * H/t * D * Dv * 4, in fp32
+whatever the budget's state_dtype (a wider one is kept): with a decay exp(-s) close to 1, S holds about
+1/s tokens' updates, so one token adds about s|S|, which is below bf16's relative precision (2^-8) for
+s < 2^-8 (MiniMax-01's slopes go down to 2^-8 times a depth factor near 1e-5): a state rounded to bf16
+after every token drops those updates, and the error grows with the tokens decoded. vLLM keeps MiniMax-01's
+linear-attention state in fp32 for the same reason.
 Prefill workspace for a chunk of Cc = min(C, T) tokens with blocks of L = min(chunk, Cc) (the block form
 of Lightning Attention-2, Qin et al. 2024): a * b * Cc/c * 5HD/t (qkv, o, gate) plus fp32 intra-block
 scores 4 * b * H/t * Cc * L and the per-block state contributions and carried states
@@ -39,6 +44,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.units import DTYPES
 
 R = sympy.Rational
 ACTIVATIONS = ("silu", "gelu", "relu")
@@ -82,10 +88,15 @@ def split(c: LightningConfig, d: int) -> Split:
     return Split(tp=(("lightning heads", c.heads),))
 
 
+def state_dtype(requested):
+    """The state's dtype: fp32, or the requested state dtype where it is wider (module docstring)."""
+    return requested if requested.bytes >= 4 else DTYPES["fp32"]
+
+
 def cache(c: LightningConfig, s) -> tuple[CacheTerm, ...]:
     b = per_replica(B, s.dp)
-    return (CacheTerm("recurrent_state", None, s.state_dtype,
-                      b * R(c.heads, s.tp) * c.head_dim * c.head_dim * s.state_dtype.bytes),)
+    dt = state_dtype(s.state_dtype)
+    return (CacheTerm("recurrent_state", None, dt, b * R(c.heads, s.tp) * c.head_dim * c.head_dim * dt.bytes),)
 
 
 def workspace(c: LightningConfig, d: int, s):

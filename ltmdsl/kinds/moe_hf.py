@@ -1,7 +1,8 @@
 """The Hugging Face facet of moe (see ltmdsl.hf.facet): config keys, expert layouts and export fields.
 
-Experts follow the mixer in Mixtral (`num_local_experts`, `num_experts_per_tok`; softmax over the top k,
-renormalised) and on Jamba's expert layers (`num_experts`, alias `num_local_experts`; softmax then top k).
+Experts follow the mixer in Mixtral and MiniMax (`num_local_experts`, `num_experts_per_tok`; softmax, top k,
+renormalised; MiniMax's checkpoints use Mixtral's names) and on Jamba's expert layers (`num_experts`, alias
+`num_local_experts`; softmax then top k).
 Their weights come in two layouts, and both are read:
 - per expert, as published checkpoints and `save_pretrained` (by default) store them: Mixtral
   `block_sparse_moe.experts.{j}.w1/w3/w2.weight` (gate/up/down) and `block_sparse_moe.gate.weight`,
@@ -59,12 +60,12 @@ NAMES = {"mixtral": ("gate", ("w1", "w3", "w2")), "jamba": ("router", ("gate_pro
          "qwen3_next": ("gate", ("gate_proj", "up_proj", "down_proj")),
          "qwen3_5_moe": ("gate", ("gate_proj", "up_proj", "down_proj")), "kimi_linear": ("gate", ("w1", "w3", "w2")),
          **{f: ("gate", ("gate_proj", "up_proj", "down_proj")) for f in ("deepseek_v2", "deepseek_v3")},
-         "qwen3_moe": ("gate", ("gate_proj", "up_proj", "down_proj"))}
+         "qwen3_moe": ("gate", ("gate_proj", "up_proj", "down_proj")), "minimax": ("gate", ("w1", "w3", "w2"))}
 _WHICH = {"experts.gate_proj": 0, "experts.up_proj": 1, "experts.down_proj": 2}
 
 
 def read(r: Reader, ctx: ReadContext) -> dict:
-    if ctx.family == "mixtral":
+    if ctx.family in ("mixtral", "minimax"):
         experts, top_k, key, routing = r.int("num_local_experts", 8), r.int("num_experts_per_tok", 2), \
             "num_local_experts", "softmax_topk_renorm"
     elif ctx.family == "jamba":
@@ -365,7 +366,7 @@ def write(f, fam: str, d: int) -> dict:
             raise HFError("Qwen3-Next's experts use swiglu, softmax_topk(_renorm) routing and a gated shared expert")
         return {"num_experts": f.experts, "num_experts_per_tok": f.top_k, "moe_intermediate_size": f.d_ff,
                 "shared_expert_intermediate_size": f.shared_d_ff, "norm_topk_prob": f.renormalise}
-    if fam == "mixtral":
+    if fam in ("mixtral", "minimax"):
         if f.routing not in ("softmax_topk_renorm", "topk_softmax") or f.activation != "swiglu":
             raise HFError("MoE after RoPE attention maps to Mixtral only with swiglu and softmax_topk_renorm routing")
         return {"intermediate_size": f.d_ff, "num_local_experts": f.experts, "num_experts_per_tok": f.top_k}
@@ -389,7 +390,7 @@ def misfit(f, fam: str) -> str | None:
         except HFError as e:
             return e.message
         return None
-    if fam in ("llama", "mixtral", "jamba"):
+    if fam in ("llama", "mixtral", "jamba", "minimax"):
         return None if f.activation == "swiglu" else f"its activation is {f.activation}; the family uses swiglu"
     return f"{fam} has no mixture-of-experts layers"
 
@@ -515,10 +516,11 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source | None:
 
 
 HF = HFFacet(name="moe", label="MoE", families=("mixtral", "jamba", "qwen3_next", *DEEPSEEK, "qwen3_5_moe",
-                                                "kimi_linear", "nemotron_h", "granitemoehybrid"),
+                                                "kimi_linear", "nemotron_h", "granitemoehybrid", "minimax"),
              modules={"mixtral": ("block_sparse_moe", "mlp"), "jamba": ("feed_forward",), "qwen3_next": ("mlp",),
                       **{f: ("mlp",) for f in DEEPSEEK}, "qwen3_5_moe": ("mlp",),
                       "kimi_linear": ("block_sparse_moe", "mlp"), "qwen3_moe": ("mlp",), "gpt_oss": ("mlp",),
                       "llama4_text": ("feed_forward",), "nemotron_h": ("mixer",),
-                      "granitemoehybrid": ("block_sparse_moe", "shared_mlp")},
+                      "granitemoehybrid": ("block_sparse_moe", "shared_mlp"),
+                      "minimax": ("block_sparse_moe", "mlp")},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

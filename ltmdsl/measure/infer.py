@@ -34,13 +34,8 @@ def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tens
     h = net.embed(x) if stage.first else x  # [b, t, d]
     pending = None
     for i in stage.layers:
-        block = net.layers[i]
-        normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)  # [b, t, d]
         state = cache.layers[i - stage.layers.start]
-        if decode:
-            pending = block.mixer.step(normed[:, 0], state, pos0)[:, None]  # [b, 1, d]
-        else:
-            pending = block.mixer(normed, state, pos0)  # [b, t, d]
+        h, pending = net.layers[i].advance(h, pending, state, pos0, decode, net.ir.residual_scale)  # [b, t, d] each
     if not stage.last:
         return h + pending
     normed, _ = net.final_norm(pending, h)

@@ -46,9 +46,7 @@ def _run_unit(stage: Stage, unit: list[int], h: torch.Tensor) -> torch.Tensor:
     """One checkpoint unit from a materialised residual h [b, s, d] to the next one [b, s, d]."""
     pending = None
     for i in unit:
-        block = stage.net.layers[i]
-        normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)  # [b, s, d] each
-        pending = block.mixer(normed, None, 0)  # [b, s, d]
+        h, pending = stage.net.layers[i].advance(h, pending, None, 0, False, stage.net.ir.residual_scale)
     return h + pending
 
 
@@ -65,9 +63,7 @@ def stack_forward(stage: Stage, x: torch.Tensor, recompute: str) -> tuple[torch.
             h = checkpoint(_run_unit, stage, unit, h, use_reentrant=False)  # [b, s, d]
             continue
         for i in unit:
-            block = net.layers[i]
-            normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)  # [b, s, d]
-            pending = block.mixer(normed, None, 0)  # [b, s, d]
+            h, pending = net.layers[i].advance(h, pending, None, 0, False, net.ir.residual_scale)  # [b, s, d] each
     return h, pending
 
 

@@ -10,8 +10,8 @@ in the stack with `depth_decay`: the kind is `placed`, so the model passes `plac
 stack's sequence mixers, as MiniMax's layer_idx) at build. They are a non-persistent buffer, not a
 parameter. With a cache the state S carries over; `step` is the one-token recurrence.
 
-The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `LinearState` allocation (S in the
-state dtype), the kernel ops it calls (lightning_attention, lightning_step) and its parameter names
+The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `LinearState` allocation (S in fp32,
+or a wider state dtype), the kernel ops it calls (lightning_attention, lightning_step) and its parameter names
 (transformers': qkv_proj, output_gate, norm, out_proj).
 """
 
@@ -39,7 +39,7 @@ ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 @dataclass
 class LinearState(LayerCache):
-    """The linear-attention state S [B, H, D, Dv] in the state dtype."""
+    """The linear-attention state S [B, H, D, Dv], in fp32 or a wider state dtype (`new_cache`)."""
 
     component: ClassVar[str] = "recurrent_state"
     kv: torch.Tensor
@@ -49,8 +49,11 @@ class LinearState(LayerCache):
 
 
 def new_cache(cfg: LightningConfig, req: CacheRequest) -> LinearState:
-    """A zeroed state [B, H, D, D] in the state dtype."""
-    return LinearState(torch.zeros(req.batch_size, cfg.heads, cfg.head_dim, cfg.head_dim, dtype=req.state_dtype,
+    """A zeroed state [B, H, D, D] in fp32, or in the requested state dtype where it is wider (fp64): a
+    decayed running sum whose slow heads lose their per-token updates to bf16 rounding (the memory facet,
+    ltmdsl.kinds.lightning.state_dtype, counts the same bytes)."""
+    dtype = torch.promote_types(req.state_dtype, torch.float32)
+    return LinearState(torch.zeros(req.batch_size, cfg.heads, cfg.head_dim, cfg.head_dim, dtype=dtype,
                                    device=req.device))  # [B, H, D, Dv]
 
 

@@ -155,6 +155,20 @@ CASES = {
                                        "linear_key_head_dim": 8, "linear_value_head_dim": 6, "num_experts": 3,
                                        "num_experts_per_tok": 1, "moe_intermediate_size": 10,
                                        "shared_expert_intermediate_size": 6}, False),
+    # MiniMax: lightning (blocks of 8, shorter than the prompt) and GQA attention in the order layer_types gives,
+    # each followed by Mixtral's MoE (5 experts, top 2); residuals after the norms, every factor off 1.
+    "minimax": ("minimax", {**COMMON, **ATTN, "num_hidden_layers": 4, "block_size": 8, "num_local_experts": 5,
+                            "num_experts_per_tok": 2, "rope_theta": 500.0,
+                            "layer_types": ["linear_attention", "full_attention", "linear_attention",
+                                            "linear_attention"],
+                            "linear_attn_alpha_factor": 1.6, "linear_attn_beta_factor": 0.7,
+                            "full_attn_alpha_factor": 1.3, "full_attn_beta_factor": 1.2, "mlp_alpha_factor": 1.4,
+                            "mlp_beta_factor": 0.8}, False),
+    # MiniMax with MiniMaxConfig's default alternation (full attention first), head_dim 12 (not d / heads), MQA,
+    # a sliding window of 5 (shorter than the prompt), blocks of 4, the default factors (1), fused experts.
+    "minimax_fused": ("minimax", {**COMMON, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 12,
+                                  "num_hidden_layers": 3, "block_size": 4, "num_local_experts": 4,
+                                  "num_experts_per_tok": 3, "sliding_window": 5}, True),
 }
 
 
@@ -183,7 +197,7 @@ def hf_model(model_type: str, kwargs: dict, seed: int = 0):
 
     cfg = AutoConfig.for_model(model_type, **kwargs)
     extra = {"experts_implementation": "eager"} if model_type in ("mixtral", "jamba", "qwen3_next", "nemotron_h",
-                                                                       "granitemoehybrid") else {}
+                                                                       "granitemoehybrid", "minimax") else {}
     model = AutoModelForCausalLM.from_config(cfg, **extra).float().eval()
     randomize(model, seed)
     return model

@@ -456,12 +456,15 @@ except ImportError:  # pragma: no cover - hypothesis is a dev requirement
     given = None
 
 CONFIG_NAMES = sorted(p.stem for p in CONFIGS.glob("*.json"))
+#: keys a published config is imported without (a value transformers ignores and we refuse by name; the example
+#: records each as a NOTE)
+IGNORED = {"MiniMax-Text-01-hf": ("rotary_dim",)}
 
 
 def _check_mutation(name: str, path: tuple[str, ...], label: str, value) -> None:
     cfg = _mutated(published(name), path, value)
     try:
-        text = spec_from_config(cfg, source=f"{name}.json")
+        text = spec_from_config(cfg, source=f"{name}.json", ignore=IGNORED.get(name, ()))
     except HFError as e:
         message = str(e)
         assert "please report" not in message

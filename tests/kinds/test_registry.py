@@ -134,7 +134,8 @@ def test_facets_work_on_random_small_configs(name, seed):
         for term in terms:
             assert isinstance(term, CacheTerm)
             assert term.component in ("kv_cache", "recurrent_state")
-            assert term.dtype in (s.kv_dtype, s.state_dtype)
+            # the budget's dtypes, or a wider state a kind needs for accuracy (lightning keeps fp32)
+            assert term.dtype in (s.kv_dtype, s.state_dtype) or term.dtype.bytes > s.state_dtype.bytes
             assert at(term.bytes) > 0
         assert at(kind.workspace(c, d, s)) > 0
         x = MicroBatch(model, s)

@@ -121,3 +121,54 @@ def test_layer_places_count_sequence_mixers_only():
     assert [(p.depth, p.depths) for p in places] == [(0, 3), (0, 3), (0, 3), (1, 3), (2, 3), (2, 3)]
     with pytest.raises(ValueError, match="outside a stack of 3 mixers"):
         LayerPlace(3, 3)
+
+
+def _decode_error(state_dtype: torch.dtype, slope: float, steps: int = 500) -> float:
+    """Relative error of `steps` one-token steps (fp32 work, the state stored in `state_dtype` after each
+    token) against the float64 token loop, for one head of slope `slope`."""
+    from ltmdsl.runtime.ops_lightning import lightning_attention_reference, lightning_step
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.rand(1, steps, 1, 16, generator=g, dtype=F64) for _ in range(3))  # [B, T, H, D]
+    s = torch.tensor([slope], dtype=F64)
+    ref, _ = lightning_attention_reference(q, k, v, s, state=None)  # [B, T, H, D]
+    state = torch.zeros(1, 1, 16, 16, dtype=state_dtype)
+    out = torch.stack([lightning_step(q[:, t].float(), k[:, t].float(), v[:, t].float(), s, state)
+                       for t in range(steps)], dim=1)  # [B, T, H, D]
+    from helpers import rel_err
+
+    return rel_err(out, ref)
+
+
+def test_a_bf16_state_loses_the_updates_of_slowly_decaying_heads():
+    """Why the state is fp32: with a decay exp(-s) near 1, S sums about 1/s tokens, so one token adds about
+    s|S|, under bf16's 2^-8 relative step for s < 2^-8. Rounding S to bf16 after every token then drops updates:
+    after 500 tokens at s = 1e-4 the bf16 state is off by 7.5e-2 (3.1e-2 at s = 1e-3), the fp32 one by 5e-6."""
+    assert _decode_error(torch.bfloat16, 1e-4) > 3e-2
+    assert _decode_error(torch.float32, 1e-4) < 1e-5
+    assert _decode_error(torch.bfloat16, 0.5) < 1e-2  # a fast decay keeps few tokens: bf16 rounding stays small
+
+
+@pytest.mark.parametrize("requested, kept", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float32, torch.float32), (torch.float64, torch.float64)],
+                         ids=["bf16", "fp16", "fp32", "fp64"])
+def test_state_is_fp32_or_wider_and_the_memory_model_agrees(requested, kept):
+    spec = ltmdsl.loads("""
+model m {
+    vocab = 32
+    d_model = 24
+    layer lit = lightning(heads = 3, chunk = 8)
+    layer ffn = mlp(d_ff = 16)
+    stack { lit ffn lit ffn }
+}
+""")
+    model = build(spec.model, dtype=torch.float32, seed=0)
+    cache = model.new_cache(batch_size=2, max_context=64, state_dtype=requested)
+    assert {t.dtype for layer in cache.layers if layer is not None for t in layer.tensors()} == {kept}
+    if requested != torch.float64:  # the memory model's dtypes stop at fp32
+        from ltmdsl.memory.inference import cache_bytes
+        from ltmdsl.units import dtype
+
+        name = str(requested).removeprefix("torch.")
+        predicted = cache_bytes(spec.model, batch=2, context=64, kv_dtype=dtype(name), state_dtype=dtype(name))
+        assert cache.nbytes() == 2 * 2 * 3 * 8 * 8 * 4 == int(predicted["recurrent_state"])
