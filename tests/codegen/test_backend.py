@@ -20,9 +20,12 @@ def test_model_specs_cover_every_layer_config():
     names = [s.name for s in model_specs(model, dtype="fp32", upcast=True)]
     assert len(names) == len(set(names))
     families = {s.family for s in model_specs(model, dtype="fp32")}
-    assert families == {"attention", "attention_decode", "conv", "selective_scan", "ssd", "rmsnorm"}
+    assert families == {"attention", "attention_decode", "conv", "selective_scan", "ssd", "rmsnorm", "gated_delta"}
     # the window layer (G = 4) and the global layer (G = 2) get different attention kernels
     assert "attention_g4_d16_causal_window_fp32_interp" in names and "attention_g2_d16_causal_fp32_interp" in names
+    # Gated DeltaNet (a decay per head) and KDA (a decay per key channel) get different delta-rule kernels
+    assert "gated_delta_d16_c16_l2norm_fp32_interp" in names
+    assert "gated_delta_d16_c16_per_channel_l2norm_fp32_interp" in names
     compiled = compile_model(model, dtype="fp32")
     assert all(ck.path.exists() for ck in compiled)
 
