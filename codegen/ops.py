@@ -523,6 +523,10 @@ def gated_delta_step(q, k, v, g, beta, state, *, l2norm: bool, scale: float | No
     if _delta_unsupported(q, k, v, g, beta):
         FALLBACKS["gated_delta_step:dtype"] += 1
         return _ref().gated_delta_step(q, k, v, g, beta, state, l2norm=l2norm, scale=scale)
+    return _gated_delta_step(q, k, v, g, beta, state, l2norm=l2norm, scale=scale)
+
+
+def _gated_delta_step(q, k, v, g, beta, state, *, l2norm, scale):
     from ltmdsl.runtime.ops_delta import L2NORM_EPS, _check_shapes
 
     _check_shapes(q, k, v, g, beta)
