@@ -285,8 +285,8 @@ def gated_delta_spec(*, head_dim: int, v_head_dim: int, chunk: int, per_channel:
 
     Rows of the chunk are one tile, head dims padded to powers of two (>= 16 for tl.dot); the state's Dv
     columns are split over programs in blocks of at most 64 (they are independent); KDA's exact per-channel
-    scores take [C, C, BLOCK_C] decays with C * C * BLOCK_C <= 8192 elements. Stages as the shared-memory
-    estimate allows."""
+    scores take [C, C, BLOCK_C] decays with C * C * BLOCK_C <= 8192 elements; 8 warps from C x D = 64 x 128
+    up (a guess until measured on a GPU). Stages as the shared-memory estimate allows."""
     return _gated_delta_spec(head_dim, v_head_dim, delta_kernel_chunk(chunk), bool(per_channel), bool(l2norm),
                              dtype, interpreting() if upcast is None else upcast)
 
@@ -295,9 +295,10 @@ def gated_delta_spec(*, head_dim: int, v_head_dim: int, chunk: int, per_channel:
 def _gated_delta_spec(head_dim: int, v_head_dim: int, chunk: int, per_channel: bool, l2norm: bool, dtype: str,
                       upcast: bool) -> KernelSpec:
     dpad, dvpad = max(16, next_pow2(head_dim)), max(16, next_pow2(v_head_dim))
+    heavy = chunk * max(dpad, dvpad) >= 64 * 128  # [C, D] fp32 tiles of 32 KiB: 8 warps keep them in registers
     base = dict(head_dim=head_dim, head_dim_pad=dpad, v_head_dim=v_head_dim, v_head_dim_pad=dvpad, chunk=chunk,
                 block_c=min(dpad, max(1, 8192 // (chunk * chunk))), per_channel=per_channel, l2norm=l2norm,
-                dtype=dtype, upcast=upcast, num_warps=4)
+                dtype=dtype, upcast=upcast, num_warps=8 if heavy else 4)
     bv = min(dvpad, 64)
     return fit_shared_memory("gated_delta", base, [dict(block_v=bv, num_stages=2), dict(block_v=bv, num_stages=1),
                                                    dict(block_v=16, num_stages=1)])

@@ -80,6 +80,10 @@ def test_features_change_the_code_not_just_the_header():
     per_channel = body(gated_delta_spec(per_channel=True, l2norm=True, **delta))
     assert "BLOCK_C" not in per_head and "seg = gam_c[:, None, :] - gam_c[None, :, :]" in per_channel
     assert "tl.sqrt" not in body(gated_delta_spec(per_channel=False, l2norm=False, **delta))
+    # fp32 dots: IEEE for fp32 models and under the interpreter, TF32 (exact for bf16 / fp16 inputs) otherwise
+    assert 'input_precision="tf32"' in per_head and 'input_precision="ieee"' not in per_head
+    for other in (dict(delta, dtype="fp32"), dict(delta, upcast=True)):
+        assert 'input_precision="tf32"' not in body(gated_delta_spec(per_channel=False, l2norm=True, **other))
 
 
 def test_delta_kernels_tile_by_a_power_of_two_chunk_of_at_least_16():
