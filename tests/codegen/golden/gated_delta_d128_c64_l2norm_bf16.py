@@ -54,7 +54,7 @@ def gated_delta_prepare(
     offs_t = tl.arange(0, CHUNK)  # [CHUNK] positions within the chunk
     offs_k = tl.arange(0, DK_PAD)  # [DK_PAD]
     offs_v = tl.arange(0, DV_PAD)  # [DV_PAD]
-    t = c * CHUNK + offs_t
+    t = (c * CHUNK + offs_t).to(tl.int64)  # [CHUNK] positions; int64: T * H * D may pass 2^31
     t_ok = t < T
     k_ok = offs_k < DK
     rows = offs_t[:, None]  # [CHUNK, 1] r
@@ -118,7 +118,7 @@ def gated_delta_forward(
                 mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # [DK_PAD, BLOCK_V]
     for c in range(0, n_chunks):
         base = pid_bh.to(tl.int64) * n_chunks + c
-        t = c * CHUNK + offs_t  # [CHUNK]
+        t = (c * CHUNK + offs_t).to(tl.int64)  # [CHUNK] positions; int64: T * H * D may pass 2^31
         t_ok = t < T
         qk_ptrs = b * stride_qb + t[:, None] * stride_qt + hk * stride_qh + offs_k[None, :]  # [CHUNK, DK_PAD]
         q = tl.load(Q + qk_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [CHUNK, DK_PAD]
