@@ -17,7 +17,8 @@ Within a chunk, with gamma_r the cumulative log-decay from the chunk start and S
      D = U - W S0;   O = (q exp(gamma)) S0 + QK D;   S <- exp(gamma_C) S0 + (k exp(gamma_C - gamma))^T D
 Every exponent is <= 0 (gamma never increases along a chunk), so no decay overflows. Positions past T load
 k = v = g = beta = 0 and leave the state alone.
-`gated_delta_step` is one token, the state read, updated and written in place.
+`gated_delta_step` is one token, the state read, updated and written in place. Forward only: under autograd
+the host wrapper (ltmdsl.codegen.ops) recomputes the reference op for the backward pass.
 Oracle: ltmdsl.runtime.ops_delta.gated_delta_reference (token loop); reference ops gated_delta_chunked and
 gated_delta_step.
 """
