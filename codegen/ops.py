@@ -473,9 +473,8 @@ def _gated_delta_chunked(q, k, v, g, beta, *, chunk, state, l2norm, scale):
     w = _empty(Bsz * Hv, nc, C, dkp, dtype=torch.float32, device=dev)  # the UT transform's W
     u = _empty(Bsz * Hv, nc, C, dvp, dtype=torch.float32, device=dev)  # and U
     qk = _empty(Bsz * Hv, nc, C, C, dtype=torch.float32, device=dev)  # decayed q.k scores within each chunk
-    g_head = g.stride(2)
-    mod.gated_delta_prepare[(Bsz * Hv, nc)](
-        q, k, v, g, beta, gamma, w, u, qk, *q.stride()[:3], *v.stride()[:3], g.stride(0), g.stride(1), g_head,
+    mod.gated_delta_prepare[(Bsz * Hv, nc)](  # q and k are contiguous with one shape: they share strides
+        q, k, v, g, beta, gamma, w, u, qk, *q.stride()[:3], *v.stride()[:3], g.stride(0), g.stride(1), g.stride(2),
         beta.stride(0), beta.stride(1), T, Hv, Hv // Hk, nc, scale, L2NORM_EPS, **pm)
     mod.gated_delta_forward[(Bsz * Hv, dvp // fm["BLOCK_V"])](
         q, k, gamma, w, u, qk, o, state_in, final, *q.stride()[:3], *o.stride()[:3], *state_in.stride()[:3],
@@ -533,7 +532,8 @@ def _gated_delta_step(q, k, v, g, beta, state, *, l2norm, scale):
     Bsz, Hv, Dv = v.shape
     Hk, Dk = q.shape[-2:]
     _check_device(q)
-    q, k, v, g, beta = (_rowmajor(t) for t in (q, k, v, g, beta))
+    q, k = q.contiguous(), k.contiguous()  # [B, Hk, Dk] each: the kernel reads both with q's strides
+    v, g, beta = (_rowmajor(t) for t in (v, g, beta))
     work = state if state.stride(-1) == 1 else state.contiguous()
     o = _empty(Bsz, Hv, Dv, dtype=q.dtype, device=q.device)
     mod = compile_spec(_delta_spec(q, v, g, 16, l2norm)).module

@@ -300,8 +300,10 @@ def test_gated_delta_chunked(per_channel, B, T, Hk, Hv, Dk, Dv, chunk, with_stat
 
 @KINDS
 def test_gated_delta_step(per_channel):
-    """One token on a given state (updated in place), GQA 2 and padded head dims, against the fp64 step."""
+    """One token on a given state (updated in place), GQA 2, padded head dims and a k laid out unlike q,
+    against the fp64 step."""
     q, k, v, g, beta = _delta_inputs(2, 1, 2, 4, 20, 24, per_channel, 9)
+    k = k.transpose(0, 2).contiguous().transpose(0, 2)  # k strided unlike q: each read with its own layout
     state = torch.randn(2, 4, 20, 24, generator=gen(10))
     ref_state = state.double().clone()
     o = ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, l2norm=True, scale=None)
