@@ -1,6 +1,6 @@
 """GPU check of the generated Triton kernels: correctness in bf16 and fp32, then timings.
 
-    python benchmarks/gpu_check.py [--skip-timing]        (run by benchmarks/gpu_check.sh)
+    python benchmarks/gpu_check.py [--skip-timing] [--only delta]        (run by benchmarks/gpu_check.sh)
 
 Imports only ltmdsl.codegen and the runtime's reference ops; shapes are built directly, so neither a spec
 file nor lark is needed (when lark is missing, a stand-in for the spec loader is installed). Correctness:
@@ -8,7 +8,10 @@ every kernel against its PyTorch oracle evaluated in float64 on the GPU (fp32 <=
 bf16 <= 1e-2). Timings (triton.testing.do_bench, ms) against torch SDPA's flash backend for attention
 and against the runtime's PyTorch ops for the rest, printed as TFLOP/s, GB/s and fractions of H100 peak
 (989 dense bf16 TFLOP/s, 3.35 TB/s). Targets: attention forward >= 0.9x SDPA at T 16K, D 128, bf16;
-decode attention >= 70% of HBM bandwidth at a 1M-token cache; SSD scan >= 50% of HBM bandwidth.
+decode attention >= 70% of HBM bandwidth at a 1M-token cache; SSD scan >= 50% of HBM bandwidth; the gated
+delta rule (Qwen3-Next's linear layer shape) >= 1.0x flash-linear-attention's `chunk_gated_delta_rule` when
+the `fla` package is importable, else timed against the runtime's torch chunked op (the output names the
+baseline). `--only delta` runs the delta-rule checks alone (a short device run).
 Results go to stdout and, when $OUT is set, to $OUT/gpu_check.txt.
 """
 
@@ -59,6 +62,7 @@ import torch.nn.functional as F  # noqa: E402
 from ltmdsl.codegen import ops  # noqa: E402
 from ltmdsl.runtime import ops_attention as RA  # noqa: E402
 from ltmdsl.runtime import ops_conv as RC  # noqa: E402
+from ltmdsl.runtime import ops_delta as RG  # noqa: E402
 from ltmdsl.runtime import ops_norm as RN  # noqa: E402
 from ltmdsl.runtime import ops_scan as RS  # noqa: E402
 from ltmdsl.runtime import ops_ssd as RD  # noqa: E402
@@ -93,6 +97,41 @@ def rn(*shape, dtype, scale=1.0):
 # ---------------------------------------------------------------------------------------------
 # correctness
 # ---------------------------------------------------------------------------------------------
+
+def delta_inputs(B, T, Hk, Hv, Dk, Dv, per_channel: bool, dtype):
+    """q, k, v in `dtype`; fp32 log-decays g <= 0 (per head, or per key channel for KDA) and beta, as the
+    layers compute them (-exp(A_log) * softplus(a + dt_bias) with A in [1, 16], sigmoid)."""
+    q, k, v = rn(B, T, Hk, Dk, dtype=dtype), rn(B, T, Hk, Dk, dtype=dtype), rn(B, T, Hv, Dv, dtype=dtype)
+    shape = (B, T, Hv, Dk) if per_channel else (B, T, Hv)
+    A = 1 + 15 * torch.rand(Hv, *((1,) if per_channel else ()), device=DEV)
+    g = -A * F.softplus(torch.randn(*shape, device=DEV) - 4)
+    beta = torch.sigmoid(torch.randn(B, T, Hv, device=DEV))
+    return q, k, v, g, beta
+
+
+#: B, T, Hk, Hv, D (= Dk = Dv), chunk, per_channel: Gated DeltaNet with GVA, KDA, padded head dims
+DELTA_CASES = [(2, 1000, 4, 8, 128, 64, False), (1, 777, 4, 4, 128, 64, True), (1, 300, 2, 4, 80, 32, False)]
+
+
+def correctness_delta(dtype: torch.dtype, cases=DELTA_CASES) -> None:
+    """The gated delta rule's kernels against the float64 token loop (chunked and step)."""
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    say(f"correctness, gated delta rule, {'fp32' if dtype == torch.float32 else 'bf16'}")
+    for (B, T, Hk, Hv, D, chunk, per_channel) in cases:
+        kind = "kda" if per_channel else "gdn"
+        q, k, v, g, beta = delta_inputs(B, T, Hk, Hv, D, D, per_channel, dtype)
+        s0 = rn(B, Hv, D, D, dtype=torch.float32, scale=0.1)
+        o, s = ops.gated_delta_chunked(q, k, v, g, beta, chunk=chunk, state=s0, l2norm=True, scale=None)
+        o_ref, s_ref = RG.gated_delta_reference(*d64(q, k, v, g, beta), state=s0.double(), l2norm=True, scale=None)
+        check(f"gated_delta {kind} o B{B} T{T} H{Hk}/{Hv} D{D} C{chunk}", o, o_ref, tol)
+        check(f"gated_delta {kind} state T{T}", s, s_ref, tol)
+        s_ref = s_ref.clone()
+        y = ops.gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s, l2norm=True, scale=None)
+        y_ref = RG.gated_delta_step(*d64(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]), s_ref, l2norm=True,
+                                    scale=None)
+        check(f"gated_delta_step {kind} o D{D}", y, y_ref, tol)
+        check(f"gated_delta_step {kind} state D{D}", s, s_ref, tol)
+
 
 def correctness(dtype: torch.dtype) -> None:
     tol = 1e-4 if dtype == torch.float32 else 1e-2
@@ -262,31 +301,95 @@ def timings() -> None:
         base_ms=base)
 
 
-def main() -> int:
+def fla_chunk_gated_delta_rule():
+    """flash-linear-attention's `chunk_gated_delta_rule`, or None when the `fla` package is not importable."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # not installed, or built for another torch / triton
+        return None
+    return chunk_gated_delta_rule
+
+
+def timings_delta() -> None:
+    """The gated delta rule at Qwen3-Next's linear-layer shape (Hk 16, Hv 32, Dk = Dv = 128, chunk 64), bf16,
+    against fla's chunk_gated_delta_rule when importable (given q, k repeated to Hv heads, as transformers'
+    Qwen3-Next does), else against the runtime's torch chunked op; then the decode step against the torch step."""
+    bf = torch.bfloat16
+    B, T, Hk, Hv, D, C = 1, 8192, 16, 32, 128, 64
+    q, k, v, g, beta = delta_inputs(B, T, Hk, Hv, D, D, False, bf)
+    nbytes = (q.numel() + k.numel() + 2 * v.numel()) * 2 + (g.numel() + beta.numel()) * 4 + B * Hv * D * D * 4
+    flops = B * T * Hv * (4 * C * D + C * 2 * D + 2 * C * D + 6 * D * D)  # the rule's, as ltmdsl.kinds.gated_deltanet counts
+    fla = fla_chunk_gated_delta_rule()
+    if fla is not None:
+        qr, kr = q.repeat_interleave(Hv // Hk, 2), k.repeat_interleave(Hv // Hk, 2)  # [B, T, Hv, D]
+        gb = g.to(bf)
+
+        def baseline():
+            return fla(qr, kr, v, g=gb, beta=beta.to(bf), initial_state=None, output_final_state=True,
+                       use_qk_l2norm_in_kernel=True)
+
+        name = "fla chunk_gated_delta_rule"
+        try:
+            o_fla = baseline()[0]
+            o_ours = ops.gated_delta_chunked(q, k, v, g, beta, chunk=C, state=None, l2norm=True, scale=None)[0]
+            say(f"    ours vs fla output: rel err {rel_err(o_ours, o_fla):.2e} (both bf16 out)")
+        except Exception as exc:  # an fla without use_qk_l2norm_in_kernel, say: fall back to the torch op
+            say(f"    fla chunk_gated_delta_rule failed ({type(exc).__name__}: {exc}); timing against torch instead")
+            fla = None
+    if fla is None:
+        def baseline():
+            return RG.gated_delta_chunked(q, k, v, g, beta, chunk=C, state=None, l2norm=True, scale=None)
+
+        name = "torch gated_delta_chunked (fla not importable)"
+    say(f"timings, gated delta rule (bf16; baseline = {name})")
+    base = row(f"{name[:30]} T8K H16/32 D128", bench(baseline), flops, nbytes)
+    ms = row("triton gated_delta_chunked T8K H16/32 D128 C64", bench(
+        lambda: ops.gated_delta_chunked(q, k, v, g, beta, chunk=C, state=None, l2norm=True, scale=None)),
+        flops, nbytes, base_ms=base)
+    say(f"    target >= 1.0x {'fla' if fla is not None else 'torch (fla absent: not the target baseline)'}: "
+        f"{'MET' if base / ms >= 1.0 else 'NOT MET'} ({base / ms:.2f}x)")
+    qp, kp, vp, gp, bp = delta_inputs(64, 1, Hk, Hv, D, D, False, bf)
+    s = torch.zeros(64, Hv, D, D, device=DEV)
+    sb = 2 * s.numel() * 4
+    base = row("torch gated_delta_step B64", bench(lambda: RG.gated_delta_step(
+        qp[:, 0], kp[:, 0], vp[:, 0], gp[:, 0], bp[:, 0], s, l2norm=True, scale=None)), nbytes=sb)
+    row("triton gated_delta_step B64 H16/32 D128", bench(lambda: ops.gated_delta_step(
+        qp[:, 0], kp[:, 0], vp[:, 0], gp[:, 0], bp[:, 0], s, l2norm=True, scale=None)), nbytes=sb, base_ms=base)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-timing", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--only", choices=["all", "delta"], default="all",
+                    help="run every kernel's checks (default), or only the gated delta rule's")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        say("gpu_check: no CUDA device here; nothing to check")
+        return 2
     import triton
 
     say(f"ltmdsl gpu_check: torch {torch.__version__}, triton {triton.__version__}, "
         f"python {sys.version.split()[0]}, device {torch.cuda.get_device_name()}")
     t0 = time.time()
     status = 0
+    checks = [correctness_delta] if args.only == "delta" else [correctness, correctness_delta]
     for dtype in (torch.float32, torch.bfloat16):
-        try:
-            correctness(dtype)
-        except Exception:  # keep going: report what broke and time the rest
-            say(traceback.format_exc())
-            RESULTS.append((f"correctness {dtype} raised", False, float("inf")))
+        for fn in checks:
+            try:
+                fn(dtype)
+            except Exception:  # keep going: report what broke and time the rest
+                say(traceback.format_exc())
+                RESULTS.append((f"{fn.__name__} {dtype} raised", False, float("inf")))
     say(f"correctness: {sum(ok for _, ok, _ in RESULTS)}/{len(RESULTS)} passed ({time.time() - t0:.0f} s)")
     if any(not ok for _, ok, _ in RESULTS):
         status = 1
     if not args.skip_timing:
-        try:
-            timings()
-        except Exception:
-            say(traceback.format_exc())
-            status = 1
+        for fn in [timings_delta] if args.only == "delta" else [timings, timings_delta]:
+            try:
+                fn()
+            except Exception:
+                say(traceback.format_exc())
+                status = 1
     say(f"fallbacks to torch ops: {dict(ops.FALLBACKS) or 'none'}; total {time.time() - t0:.0f} s")
     return status
 

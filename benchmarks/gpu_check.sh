@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # GPU check of ltmdsl's generated Triton kernels, in one go: correctness (bf16, fp32), then timings.
 #
-#   bash benchmarks/gpu_check.sh [--skip-timing]
+#   bash benchmarks/gpu_check.sh [--skip-timing] [--only delta]
+#
+# The gated delta rule is timed against flash-linear-attention's chunk_gated_delta_rule when `fla` imports
+# (put its wheel, flash_linear_attention-*.whl, in .whl/), else against the runtime's torch chunked op; the
+# output names the baseline.
 #
 # Written for an H100 with torch 2.11, Triton 3.6 and Python 3.12, no network and no lark: the package
 # is staged from this checkout (the package-dir layout of pyproject.toml, copied, nothing built) and any

@@ -8,6 +8,7 @@
 Kernel families, one template each: attention (prefill / chunked prefill, GQA-packed, causal, sliding
 window), attention_decode (split-KV over an unordered cache), conv (causal depthwise conv and step),
 selective_scan (Mamba-1 scan and step), ssd (Mamba-2 chunked scan in four kernels and step), rmsnorm
-(with the residual add fused). Each kernel's oracle is the PyTorch op of ltmdsl.runtime it replaces.
+(with the residual add fused), gated_delta (the delta rule of Gated DeltaNet and KDA: the chunked WY form
+in two kernels and the step). Each kernel's oracle is the PyTorch op of ltmdsl.runtime it replaces.
 Importing this package does not import triton or torch; ops.py and backend.py do.
 """

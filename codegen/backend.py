@@ -45,6 +45,8 @@ def triton_ops() -> dict:
         "ssd_scan": ops.ssd_scan,
         "ssd_step": ops.ssd_step,
         "add_rmsnorm": ops.add_rmsnorm,
+        "gated_delta_chunked": ops.gated_delta_chunked,
+        "gated_delta_step": ops.gated_delta_step,
     }
 
 

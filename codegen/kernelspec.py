@@ -46,11 +46,14 @@ FAMILIES: dict[str, dict[str, type]] = {
     "ssd": dict(_COMMON, head_dim=int, head_dim_pad=int, d_state=int, d_state_pad=int, chunk=int, block_m=int),
     # RMSNorm with the residual add fused
     "rmsnorm": dict(_COMMON, residual=bool, block_d=int),
+    # the gated delta rule (Gated DeltaNet; KDA with per_channel): chunked forward (two kernels) and its step
+    "gated_delta": dict(_COMMON, head_dim=int, head_dim_pad=int, v_head_dim=int, v_head_dim_pad=int, chunk=int,
+                        block_v=int, block_c=int, per_channel=bool, l2norm=bool),
 }
 
 # parameters that must be powers of two (they size tl.arange ranges or tiles)
 _POW2 = {"group_pad", "head_dim_pad", "v_head_dim_pad", "block_m", "block_n", "taps_pad", "block_t",
-         "block_c", "d_state_pad", "block_d", "chunk", "num_warps"}
+         "block_c", "d_state_pad", "block_d", "chunk", "block_v", "num_warps"}
 
 
 class KernelSpecError(ValueError):
@@ -136,7 +139,7 @@ class KernelSpec:
             parts.append(f"c{p['chunk']}")
         if "taps" in p:
             parts.append(f"k{p['taps']}")
-        for flag in ("causal", "window", "bias", "silu", "residual"):
+        for flag in ("causal", "window", "bias", "silu", "residual", "per_channel", "l2norm"):
             if p.get(flag):
                 parts.append(flag)
         parts.append(p["dtype"])
@@ -267,6 +270,40 @@ def rmsnorm_spec(*, d: int, residual: bool, dtype: str, upcast: bool | None = No
                            num_warps=min(16, max(1, block // 256)), num_stages=1)
 
 
+def delta_kernel_chunk(chunk: int) -> int:
+    """The chunk the gated delta rule's kernels tile by: the layer's chunk, which must be a power of two (the
+    language checks it: ltmdsl/kinds/gated_deltanet.py `check_chunk`), raised to 16, tl.dot's smallest tile.
+    The chunked form is exact for any chunk, so a layer with chunk 8 computes the same rule in tiles of 16."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not _is_pow2(chunk):
+        raise KernelSpecError(f"the gated delta rule's kernels need a chunk that is a power of two, not {chunk!r}")
+    return max(16, chunk)
+
+
+def gated_delta_spec(*, head_dim: int, v_head_dim: int, chunk: int, per_channel: bool, l2norm: bool, dtype: str,
+                     upcast: bool | None = None) -> KernelSpec:
+    """The gated delta rule: Gated DeltaNet (a decay per head) or KDA (`per_channel`: a decay per key channel).
+
+    Rows of the chunk are one tile, head dims padded to powers of two (>= 16 for tl.dot); the state's Dv
+    columns are split over programs in blocks of at most 64 (they are independent); KDA's exact per-channel
+    scores take [C, C, BLOCK_C] decays with C * C * BLOCK_C <= 8192 elements; 8 warps from C x D = 64 x 128
+    up (a guess until measured on a GPU). Stages as the shared-memory estimate allows."""
+    return _gated_delta_spec(head_dim, v_head_dim, delta_kernel_chunk(chunk), bool(per_channel), bool(l2norm),
+                             dtype, interpreting() if upcast is None else upcast)
+
+
+@functools.lru_cache(maxsize=256)
+def _gated_delta_spec(head_dim: int, v_head_dim: int, chunk: int, per_channel: bool, l2norm: bool, dtype: str,
+                      upcast: bool) -> KernelSpec:
+    dpad, dvpad = max(16, next_pow2(head_dim)), max(16, next_pow2(v_head_dim))
+    heavy = chunk * max(dpad, dvpad) >= 64 * 128  # [C, D] fp32 tiles of 32 KiB: 8 warps keep them in registers
+    base = dict(head_dim=head_dim, head_dim_pad=dpad, v_head_dim=v_head_dim, v_head_dim_pad=dvpad, chunk=chunk,
+                block_c=min(dpad, max(1, 8192 // (chunk * chunk))), per_channel=per_channel, l2norm=l2norm,
+                dtype=dtype, upcast=upcast, num_warps=8 if heavy else 4)
+    bv = min(dvpad, 64)
+    return fit_shared_memory("gated_delta", base, [dict(block_v=bv, num_stages=2), dict(block_v=bv, num_stages=1),
+                                                   dict(block_v=16, num_stages=1)])
+
+
 def _attention_specs(m, dtype: str, upcast: bool | None) -> list[KernelSpec]:
     """Attention (ltmdsl.ir AttentionConfig): prefill over the GQA group, and decode."""
     g = m.heads // m.kv_heads
@@ -288,6 +325,26 @@ def _mamba2_specs(m, dtype: str, upcast: bool | None) -> list[KernelSpec]:
             ssd_spec(head_dim=m.head_dim, d_state=m.d_state, chunk=m.chunk, dtype=dtype, upcast=upcast)]
 
 
+def _delta_rule_specs(dk: int, dv: int, chunk: int, per_channel: bool, dtype: str, upcast: bool | None):
+    """The delta rule's modules: the layer's chunk for prefill, and chunk 16 for the step (the decode op has
+    no chunk, codegen/ops.py `gated_delta_step`); one module when they coincide. Both kinds L2-normalise q, k."""
+    return list(dict.fromkeys(gated_delta_spec(head_dim=dk, v_head_dim=dv, chunk=c, per_channel=per_channel,
+                                               l2norm=True, dtype=dtype, upcast=upcast) for c in (chunk, 16)))
+
+
+def _gated_deltanet_specs(m, dtype: str, upcast: bool | None) -> list[KernelSpec]:
+    """Gated DeltaNet (ltmdsl.kinds.gated_deltanet): the causal conv over q, k, v (and its step) and the delta
+    rule with a decay per head, q and k L2-normalised (and its step)."""
+    return [conv_spec(taps=m.d_conv, bias=m.conv_bias, silu=True, dtype=dtype, upcast=upcast),
+            *_delta_rule_specs(m.head_dim, m.v_head_dim, m.chunk, False, dtype, upcast)]
+
+
+def _kda_specs(m, dtype: str, upcast: bool | None) -> list[KernelSpec]:
+    """KDA (ltmdsl.kinds.kda): the causal conv and the delta rule with a decay per key channel."""
+    return [conv_spec(taps=m.d_conv, bias=m.conv_bias, silu=True, dtype=dtype, upcast=upcast),
+            *_delta_rule_specs(m.head_dim, m.head_dim, m.chunk, True, dtype, upcast)]
+
+
 #: Layer kind name (the registry key, `SubLayer.kind`) -> the kernel specs a mixer of that kind runs on.
 #: A kind that is not listed has no generated kernels: its ops run their PyTorch reference on the triton
 #: back end (ltmdsl.codegen.backend), so a new kind needs no entry here until it gets a kernel.
@@ -295,6 +352,8 @@ KIND_SPECS = {
     "attention": _attention_specs,
     "mamba": _mamba_specs,
     "mamba2": _mamba2_specs,
+    "gated_deltanet": _gated_deltanet_specs,
+    "kda": _kda_specs,
 }
 
 #: Norm kinds with a generated kernel (the add_rmsnorm op); others run their PyTorch op.

@@ -16,7 +16,8 @@ kernel body. It reports:
 
 The shared-memory estimate, per kernel: for every tl.dot, its A operand once plus its B operand times
 num_stages when the dot sits in a loop (software pipelining buffers B; Hopper's wgmma reads A from
-registers or one buffer), elements of 2 bytes for bf16/fp16 kernels and 4 for fp32 ones; the dots
+registers or one buffer), elements of 2 bytes for bf16/fp16 kernels and 4 for fp32 ones (a module whose dots
+take fp32 operands whatever its data dtype says so with `DOT_ELEMENT_BYTES = 4` beside META); the dots
 outside loops add up, and of the top-level loops (which run one after another) the largest counts.
 """
 
@@ -291,6 +292,16 @@ def _meta(tree: ast.Module) -> dict:
     return {}
 
 
+def _dot_element_bytes(tree: ast.Module) -> int | None:
+    """The module's `DOT_ELEMENT_BYTES = n` (its dots' operand size whatever the data dtype), if it sets one."""
+    for st in tree.body:
+        if isinstance(st, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "DOT_ELEMENT_BYTES"
+                                              for t in st.targets):
+            value = st.value.value if isinstance(st.value, ast.Constant) else None
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return None
+
+
 def lint(source: str, dtype: str = "bf16") -> tuple[list[str], dict[str, KernelReport]]:
     """(problems, per-kernel reports) for one generated module; `dtype` sizes the shared-memory estimate."""
     problems: list[str] = []
@@ -302,7 +313,7 @@ def lint(source: str, dtype: str = "bf16") -> tuple[list[str], dict[str, KernelR
         meta = _meta(tree)
     except ValueError as e:
         return [f"META is not a literal dict: {e}"], {}
-    elem = 4 if dtype == "fp32" else 2
+    elem = _dot_element_bytes(tree) or (4 if dtype == "fp32" else 2)
     reports: dict[str, KernelReport] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr in _BLOCK_PTR:

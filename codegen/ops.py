@@ -7,8 +7,11 @@ allocates outputs and launches. Lengths, strides and pointers are run-time argum
 
 Fallbacks to the PyTorch reference, all explicit and counted in `FALLBACKS`:
   * dtypes without kernels (fp64, fp8, mixed input dtypes): the torch op runs instead;
-  * configurations whose kernels fail the lint (today only fp32 SSD with P x N >= 128 x 256, which
-    does not fit in shared memory): the torch op runs instead;
+  * configurations whose kernels fail the lint (fp32 SSD with P x N >= 128 x 256, which does not fit in
+    shared memory; the delta rule with a chunk of 128 and head dims of 128): the torch op runs instead,
+    the delta rule's with a RuntimeWarning saying why;
+  * the delta rule with a chunk that is not a power of two (the language refuses one; a direct call
+    may pass it): the torch op runs instead, with a RuntimeWarning;
   * backward passes: when autograd needs gradients, the forward still runs on the Triton kernel and
     the backward recomputes the reference op under autograd (`_ReferenceGrad`);
   * CPU tensors without TRITON_INTERPRET=1 raise (the interpreter must be chosen before triton loads).
@@ -20,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import warnings
 
 import torch
 
@@ -27,10 +31,13 @@ from ltmdsl.codegen.cache import compile_spec
 from ltmdsl.codegen.lint import LintError
 from ltmdsl.codegen.kernelspec import (
     DTYPES,
+    KernelSpecError,
     attention_decode_spec,
     attention_spec,
     conv_spec,
+    delta_kernel_chunk,
     dtype_name,
+    gated_delta_spec,
     interpreting,
     rmsnorm_spec,
     selective_scan_spec,
@@ -424,3 +431,117 @@ def _add_rmsnorm(x, residual, weight, *, eps):
 def add_rmsnorm(x, residual, weight, *, eps: float):
     """Generated fused residual add + RMSNorm -> (normed, summed); reference: ltmdsl.runtime.ops_norm.add_rmsnorm."""
     return _dispatch("add_rmsnorm", _add_rmsnorm, (x, residual, weight), dict(eps=eps), (x, residual))
+
+
+# ---------------------------------------------------------------------------------------------
+# The gated delta rule (Gated DeltaNet, KDA)
+# ---------------------------------------------------------------------------------------------
+
+def _delta_unsupported(q, k, v, g, beta) -> bool:
+    """True when the inputs have no kernel: q, k, v not one supported dtype, or fp64 gates (the oracle path)."""
+    return _supported(q, k, v) is None or torch.float64 in (g.dtype, beta.dtype)
+
+
+def _delta_spec(q, v, g, chunk: int, l2norm: bool):
+    """The spec of a call: head dims from the shapes, a decay per channel when g has one axis more than beta."""
+    return gated_delta_spec(head_dim=q.shape[-1], v_head_dim=v.shape[-1], chunk=chunk, per_channel=g.dim() == v.dim(),
+                            l2norm=bool(l2norm), dtype=dtype_name(q.dtype))
+
+
+def _gated_delta_chunked(q, k, v, g, beta, *, chunk, state, l2norm, scale):
+    from ltmdsl.runtime.ops_delta import L2NORM_EPS, _check_shapes
+
+    _check_shapes(q, k, v, g, beta)
+    Bsz, T, Hv, Dv = v.shape
+    Hk, Dk = q.shape[-2:]
+    _check_device(q)
+    q, k, v, g, beta = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v, g, beta))
+    dev = q.device
+    state_in = torch.zeros(Bsz, Hv, Dk, Dv, dtype=torch.float32, device=dev) if state is None else _rowmajor(state)
+    final = _empty(Bsz, Hv, Dk, Dv, dtype=torch.float32, device=dev)
+    o = _empty(Bsz, T, Hv, Dv, dtype=q.dtype, device=dev)
+    if T == 0 or Bsz == 0:
+        final.copy_(state_in)
+        return o, final
+    spec = _delta_spec(q, v, g, chunk, l2norm)
+    mod = compile_spec(spec).module
+    pm, fm = mod.META["gated_delta_prepare"], mod.META["gated_delta_forward"]
+    C, dkp, dvp = pm["CHUNK"], pm["DK_PAD"], pm["DV_PAD"]
+    nc = _cdiv(T, C)
+    scale = Dk ** -0.5 if scale is None else float(scale)
+    gamma = _empty(Bsz * Hv, nc, C, dkp if spec["per_channel"] else 1, dtype=torch.float32, device=dev)
+    w = _empty(Bsz * Hv, nc, C, dkp, dtype=torch.float32, device=dev)  # the UT transform's W
+    u = _empty(Bsz * Hv, nc, C, dvp, dtype=torch.float32, device=dev)  # and U
+    qk = _empty(Bsz * Hv, nc, C, C, dtype=torch.float32, device=dev)  # decayed q.k scores within each chunk
+    mod.gated_delta_prepare[(Bsz * Hv, nc)](  # q and k are contiguous with one shape: they share strides
+        q, k, v, g, beta, gamma, w, u, qk, *q.stride()[:3], *v.stride()[:3], g.stride(0), g.stride(1), g.stride(2),
+        beta.stride(0), beta.stride(1), T, Hv, Hv // Hk, nc, scale, L2NORM_EPS, **pm)
+    mod.gated_delta_forward[(Bsz * Hv, dvp // fm["BLOCK_V"])](
+        q, k, gamma, w, u, qk, o, state_in, final, *q.stride()[:3], *o.stride()[:3], *state_in.stride()[:3],
+        *final.stride()[:3], T, Hv, Hv // Hk, nc, scale, L2NORM_EPS, **fm)
+    return o, final
+
+
+def _delta_fallback(name: str, reason: str, chunk: int | None) -> None:
+    """Count and say why a delta-rule call runs the PyTorch reference instead of the generated kernels."""
+    FALLBACKS[f"{name}:{reason}"] += 1
+    why = {"chunk": f"chunk {chunk} is not a power of two, and the generated kernels tile by the chunk",
+           "lint": "its kernels fail the lint for this configuration (see ltmdsl.codegen.lint)"}[reason]
+    warnings.warn(f"{name}: {why}; running the PyTorch reference (ltmdsl.runtime.ops_delta) instead",
+                  RuntimeWarning, stacklevel=3)
+
+
+def gated_delta_chunked(q, k, v, g, beta, *, chunk: int, state, l2norm: bool, scale: float | None):
+    """Generated chunked gated delta rule -> (o in q's dtype, final fp32 state); reference:
+    ltmdsl.runtime.ops_delta.gated_delta_chunked (oracle: gated_delta_reference, the token loop).
+
+    Forward only: under autograd the forward runs here and the backward recomputes the reference op
+    (`_ReferenceGrad`), so gradients are the reference's. A chunk that is not a power of two, or a
+    configuration whose kernels fail the lint, runs the reference with a RuntimeWarning saying why."""
+    kwargs = dict(chunk=chunk, state=state, l2norm=l2norm, scale=scale)
+    if _delta_unsupported(q, k, v, g, beta):
+        FALLBACKS["gated_delta_chunked:dtype"] += 1
+        return _ref().gated_delta_chunked(q, k, v, g, beta, **kwargs)
+    try:
+        delta_kernel_chunk(chunk)
+    except KernelSpecError:
+        _delta_fallback("gated_delta_chunked", "chunk", chunk)
+        return _ref().gated_delta_chunked(q, k, v, g, beta, **kwargs)
+    try:
+        compile_spec(_delta_spec(q, v, g, chunk, l2norm))
+    except LintError:
+        _delta_fallback("gated_delta_chunked", "lint", chunk)
+        return _ref().gated_delta_chunked(q, k, v, g, beta, **kwargs)
+    return _dispatch("gated_delta_chunked", _gated_delta_chunked, (q, k, v, g, beta), kwargs, (q, k, v))
+
+
+def gated_delta_step(q, k, v, g, beta, state, *, l2norm: bool, scale: float | None):
+    """Generated one-token gated delta rule (state updated in place) -> o [B,Hv,Dv] in q's dtype; reference:
+    ltmdsl.runtime.ops_delta.gated_delta_step. The step kernel has no chunk, so it always compiles (it is
+    rendered with the module of chunk 16)."""
+    if _delta_unsupported(q, k, v, g, beta):
+        FALLBACKS["gated_delta_step:dtype"] += 1
+        return _ref().gated_delta_step(q, k, v, g, beta, state, l2norm=l2norm, scale=scale)
+    return _gated_delta_step(q, k, v, g, beta, state, l2norm=l2norm, scale=scale)
+
+
+def _gated_delta_step(q, k, v, g, beta, state, *, l2norm, scale):
+    from ltmdsl.runtime.ops_delta import L2NORM_EPS, _check_shapes
+
+    _check_shapes(q, k, v, g, beta)
+    Bsz, Hv, Dv = v.shape
+    Hk, Dk = q.shape[-2:]
+    _check_device(q)
+    q, k = q.contiguous(), k.contiguous()  # [B, Hk, Dk] each: the kernel reads both with q's strides
+    v, g, beta = (_rowmajor(t) for t in (v, g, beta))
+    work = state if state.stride(-1) == 1 else state.contiguous()
+    o = _empty(Bsz, Hv, Dv, dtype=q.dtype, device=q.device)
+    mod = compile_spec(_delta_spec(q, v, g, 16, l2norm)).module
+    meta = mod.META["gated_delta_step"]
+    mod.gated_delta_step[(Bsz * Hv, _cdiv(Dv, meta["BLOCK_V"]))](
+        q, k, v, g, beta, work, o, q.stride(0), q.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1),
+        beta.stride(0), *work.stride()[:3], o.stride(0), o.stride(1), Hv, Hv // Hk,
+        Dk ** -0.5 if scale is None else float(scale), L2NORM_EPS, **meta)
+    if work is not state:
+        state.copy_(work)
+    return o

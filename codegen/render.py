@@ -34,6 +34,7 @@ TEMPLATES = {
     "selective_scan": "selective_scan.jinja",
     "ssd": "ssd.jinja",
     "rmsnorm": "rmsnorm.jinja",
+    "gated_delta": "gated_delta.jinja",
 }
 
 

@@ -9,7 +9,8 @@ without a Triton kernel runs its PyTorch op on the triton back end, and a new ki
 edit. Asking a bundle for an op nobody declared is an error, never a silent default.
 
 Each reference op sits beside its oracle in its own module: ops_attention, ops_conv, ops_scan (Mamba-1),
-ops_ssd (Mamba-2), ops_norm. The signatures (sequence dimension explicit everywhere):
+ops_ssd (Mamba-2), ops_delta (the gated delta rule), ops_norm. The signatures (sequence dimension explicit
+everywhere):
 
     attention(q [B,Tq,H,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv], *, causal, window, scale) -> [B,Tq,H,Dv]
     attention_decode(q [B,H,D], k_cache [B,S,Hkv,D], v_cache [B,S,Hkv,Dv], *, n_valid, scale) -> [B,H,Dv]
@@ -20,6 +21,10 @@ ops_ssd (Mamba-2), ops_norm. The signatures (sequence dimension explicit everywh
     ssd_scan(x [B,T,Hs,P], dt [B,T,Hs], A [Hs], Bm, Cm [B,T,G,N], *, chunk, state) -> (y, state [B,Hs,P,N])
     ssd_step(x [B,Hs,P], dt [B,Hs], A [Hs], Bm, Cm [B,G,N], state [B,Hs,P,N]) -> [B,Hs,P] (state in place)
     add_rmsnorm(x [...,d], residual [...,d] | None, weight [d], *, eps) -> (normed, summed)
+    gated_delta_chunked(q, k [B,T,Hk,Dk], v [B,T,Hv,Dv], g [B,T,Hv(,Dk)], beta [B,T,Hv], *, chunk, state,
+                        l2norm, scale) -> (o [B,T,Hv,Dv], state [B,Hv,Dk,Dv])
+    gated_delta_step(q, k [B,Hk,Dk], v [B,Hv,Dv], g [B,Hv(,Dk)], beta [B,Hv], state, *, l2norm, scale)
+        -> [B,Hv,Dv]                                                                  (state in place)
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """End to end: a model built with backend="triton" gives the logits of backend="torch" (prefill and
 decode) on examples/tiny-hybrid.ltm, which has every mixer kind; plus the backend's compile step."""
 
+import collections
+
 import torch
 
 import ltmdsl
@@ -20,9 +22,12 @@ def test_model_specs_cover_every_layer_config():
     names = [s.name for s in model_specs(model, dtype="fp32", upcast=True)]
     assert len(names) == len(set(names))
     families = {s.family for s in model_specs(model, dtype="fp32")}
-    assert families == {"attention", "attention_decode", "conv", "selective_scan", "ssd", "rmsnorm"}
+    assert families == {"attention", "attention_decode", "conv", "selective_scan", "ssd", "rmsnorm", "gated_delta"}
     # the window layer (G = 4) and the global layer (G = 2) get different attention kernels
     assert "attention_g4_d16_causal_window_fp32_interp" in names and "attention_g2_d16_causal_fp32_interp" in names
+    # Gated DeltaNet (a decay per head) and KDA (a decay per key channel) get different delta-rule kernels
+    assert "gated_delta_d16_c16_l2norm_fp32_interp" in names
+    assert "gated_delta_d16_c16_per_channel_l2norm_fp32_interp" in names
     compiled = compile_model(model, dtype="fp32")
     assert all(ck.path.exists() for ck in compiled)
 
@@ -120,3 +125,45 @@ model scan_on_torch {
         c_ref, c_fast = ref.new_cache(1, 10), fast.new_cache(1, 10)
         fast(ids, c_fast), ref(ids, c_ref)
         assert_close(fast(ids[:, :1], c_fast), ref(ids[:, :1], c_ref), 1e-4, "decode logits")
+
+
+def test_delta_rule_layers_run_the_generated_kernels_prefill_and_cached_decode(monkeypatch):
+    """backend="triton" runs Gated DeltaNet and KDA on the generated delta-rule kernels: a cached prefill that
+    ends mid-chunk (batch 2), then cached decode steps, with the logits of backend="torch" (1e-4) and no
+    fallback (the tiny-hybrid test above covers the uncached prefill)."""
+    launched = collections.Counter()
+
+    def spy(name, launch):
+        def counted(q, k, v, g, *args, **kwargs):
+            launched[name, "per channel" if g.dim() == v.dim() else "per head"] += 1
+            return launch(q, k, v, g, *args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(ops, "_gated_delta_chunked", spy("chunked", ops._gated_delta_chunked))
+    monkeypatch.setattr(ops, "_gated_delta_step", spy("step", ops._gated_delta_step))
+    spec = ltmdsl.loads("""
+model delta_on_triton {
+    vocab = 64
+    d_model = 32
+    dtype = fp32
+    layer gdn = gated_deltanet(key_heads = 1, value_heads = 2, head_dim = 16, chunk = 16)
+    layer kda = kda(heads = 2, head_dim = 16, chunk = 8)
+    layer f = mlp(d_ff = 32)
+    stack { gdn f kda f }
+}
+""")
+    ref = ltmdsl.build(spec, backend="torch", seed=0)
+    fast = ltmdsl.build(spec, backend="triton", seed=0)
+    for layer in (fast.layers[0], fast.layers[2]):
+        assert layer.mixer.kernels.provider("gated_delta_chunked") == "triton"
+        assert layer.mixer.kernels.provider("gated_delta_step") == "triton"
+    ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1))
+    before = sum(ops.FALLBACKS.values())
+    with torch.no_grad():
+        c_ref, c_fast = ref.new_cache(2, 24), fast.new_cache(2, 24)
+        assert_close(fast(ids[:, :19], c_fast), ref(ids[:, :19], c_ref), 1e-4, "cached prefill logits")
+        assert launched == {("chunked", "per head"): 1, ("chunked", "per channel"): 1}  # KDA's chunk 8 tiles as 16
+        for t in (19, 20):
+            assert_close(fast(ids[:, t:t + 1], c_fast), ref(ids[:, t:t + 1], c_ref), 1e-4, f"decode logits {t}")
+    assert sum(ops.FALLBACKS.values()) == before
+    assert launched[("step", "per head")] == launched[("step", "per channel")] == 2  # one per decoded token

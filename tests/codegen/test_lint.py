@@ -41,6 +41,13 @@ def test_good_kernel_passes_and_estimates_shared_memory():
     assert reports["k"].smem_bytes == 64 * 64 * 2 + 64 * 64 * 2 * 3
 
 
+def test_a_module_with_fp32_dots_says_so_and_is_sized_at_4_bytes():
+    """The delta rule's dots take fp32 operands whatever the data dtype: DOT_ELEMENT_BYTES overrides it."""
+    src = module(GOOD).replace("META = {", "DOT_ELEMENT_BYTES = 4\n\nMETA = {")
+    _, reports = lint(src, "bf16")
+    assert reports["k"].smem_bytes == 64 * 64 * 4 + 64 * 64 * 4 * 3
+
+
 def test_small_dot_is_rejected():
     problems, _ = lint(module(GOOD, block=8), "bf16")
     assert any("below 16" in p for p in problems)

@@ -16,6 +16,8 @@ from ltmdsl.codegen.kernelspec import (
     attention_decode_spec,
     attention_spec,
     conv_spec,
+    delta_kernel_chunk,
+    gated_delta_spec,
     rmsnorm_spec,
     selective_scan_spec,
     ssd_spec,
@@ -42,6 +44,10 @@ def all_feature_specs():
         yield ssd_spec(head_dim=p, d_state=n, chunk=c, dtype=dtype, upcast=up)
     for d, res, dtype in itertools.product([64, 96, 4096], [True, False], ["bf16", "fp32"]):
         yield rmsnorm_spec(d=d, residual=res, dtype=dtype, upcast=False)
+    for dk, dv, c, per_channel in itertools.product([16, 128, 80], [None, 48], [8, 64], [False, True]):
+        # the dtype only names the module (every product is fp32): it alternates with l2norm
+        yield gated_delta_spec(head_dim=dk, v_head_dim=dv or dk, chunk=c, per_channel=per_channel, l2norm=c == 64,
+                               dtype="bf16" if dv else "fp32", upcast=False)
 
 
 def test_every_family_and_feature_renders_parses_and_lints():
@@ -69,6 +75,22 @@ def test_features_change_the_code_not_just_the_header():
     assert 'input_precision="ieee"' in body(attention_spec(causal=True, window=False, **dict(base, dtype="fp32")))
     assert ".to(tl.float32)" in body(attention_spec(causal=True, window=False, **dict(base, upcast=True)))
     assert "tl.sigmoid" not in body(conv_spec(taps=4, bias=False, silu=False, dtype="bf16", upcast=False))
+    delta = dict(head_dim=128, v_head_dim=128, chunk=64, dtype="bf16", upcast=False)
+    per_head = body(gated_delta_spec(per_channel=False, l2norm=True, **delta))
+    per_channel = body(gated_delta_spec(per_channel=True, l2norm=True, **delta))
+    assert "BLOCK_C" not in per_head and "seg = gam_c[:, None, :] - gam_c[None, :, :]" in per_channel
+    assert "tl.sqrt" not in body(gated_delta_spec(per_channel=False, l2norm=False, **delta))
+    # fp32 dots: IEEE for fp32 models and under the interpreter, TF32 (exact for bf16 / fp16 inputs) otherwise
+    assert 'input_precision="tf32"' in per_head and 'input_precision="ieee"' not in per_head
+    for other in (dict(delta, dtype="fp32"), dict(delta, upcast=True)):
+        assert 'input_precision="tf32"' not in body(gated_delta_spec(per_channel=False, l2norm=True, **other))
+
+
+def test_delta_kernels_tile_by_a_power_of_two_chunk_of_at_least_16():
+    assert [delta_kernel_chunk(c) for c in (1, 8, 16, 64, 128)] == [16, 16, 16, 64, 128]
+    for bad in (48, 0, -16, True, 16.0):
+        with pytest.raises(KernelSpecError, match="power of two"):
+            delta_kernel_chunk(bad)
 
 
 def test_same_spec_renders_byte_identical_and_keys_differ():
@@ -103,6 +125,10 @@ GOLDEN_SPECS = {
         group=4, head_dim=128, v_head_dim=128, dtype="bf16", upcast=False),
     "ssd_d64_n128_c256_bf16": lambda: ssd_spec(head_dim=64, d_state=128, chunk=256, dtype="bf16", upcast=False),
     "rmsnorm_residual_bf16": lambda: rmsnorm_spec(d=4096, residual=True, dtype="bf16", upcast=False),
+    "gated_delta_d128_c64_l2norm_bf16": lambda: gated_delta_spec(
+        head_dim=128, v_head_dim=128, chunk=64, per_channel=False, l2norm=True, dtype="bf16", upcast=False),
+    "gated_delta_d128_c64_per_channel_l2norm_bf16": lambda: gated_delta_spec(
+        head_dim=128, v_head_dim=128, chunk=64, per_channel=True, l2norm=True, dtype="bf16", upcast=False),
 }
 
 
@@ -135,13 +161,21 @@ HOSTILE = [
     ("attention", dict(evil_param=1)),
     ("rmsnorm", dict(block_d=float("nan"))),
     ("rmsnorm", dict(dtype="fp8")),
+    ("gated_delta", dict(chunk=48)),  # the kernels tile by the chunk: a power of two
+    ("gated_delta", dict(per_channel=1)),
+    ("gated_delta", dict(v_head_dim_pad=16)),  # smaller than v_head_dim
 ]
 
 
 @pytest.mark.parametrize("family,override", HOSTILE, ids=[f"{f}-{list(o)[0]}-{i}" for i, (f, o) in enumerate(HOSTILE)])
 def test_hostile_parameters_are_refused(family, override):
-    good = (attention_spec(group=4, head_dim=64, v_head_dim=64, causal=True, window=False, dtype="bf16", upcast=False)
-            if family == "attention" else rmsnorm_spec(d=64, residual=True, dtype="bf16", upcast=False))
+    good = {
+        "attention": lambda: attention_spec(group=4, head_dim=64, v_head_dim=64, causal=True, window=False,
+                                            dtype="bf16", upcast=False),
+        "rmsnorm": lambda: rmsnorm_spec(d=64, residual=True, dtype="bf16", upcast=False),
+        "gated_delta": lambda: gated_delta_spec(head_dim=64, v_head_dim=64, chunk=64, per_channel=False, l2norm=True,
+                                                dtype="bf16", upcast=False),
+    }[family]()
     params = dict(good.params)
     params.update(override)
     with pytest.raises(KernelSpecError):
