@@ -196,9 +196,10 @@ class OnStmt(Node):
 
 @dataclass(frozen=True)
 class Require(Node):
-    component: str
+    component: str  # the limited quantity as written canonically: "kv_cache" or "kv_cache + recurrent_state"
     op: str  # <= | <
     limit: Expr
+    parts: tuple[tuple[str, SourcePos], ...] = ()  # each summed name and where it is written
 
 
 BudgetStmt = Union[ModeStmt, OnStmt, Require]

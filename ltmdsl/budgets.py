@@ -14,11 +14,18 @@ from ltmdsl.evaluate import EvalError, Scope, Word, as_int, describe, did_you_me
 from ltmdsl.hardware import AMBIGUOUS, CATALOGUE, lookup as lookup_gpu
 from ltmdsl.ir import BudgetIR, GpuSpec, LimitIR, ModelIR, ParallelPlan
 from ltmdsl.kinds import kind_of
+from ltmdsl.memory.compute import FLOP_QUANTITIES as FLOP_QUANTITY_PARTS
 from ltmdsl.units import DTYPES, dtype as lookup_dtype
 
-#: Names a `require` line may limit.
+#: Byte quantities a `require` line may limit: memory components of one replica, their `total`, and the most
+#: loaded GPU (`per_gpu`).
 COMPONENTS = ("weights", "kv_cache", "recurrent_state", "activations", "logits", "gradients", "optimizer",
               "total", "per_gpu")
+#: FLOP quantities (ltmdsl.memory.compute, one sequence at the budget's context): every FLOP of a decoded
+#: token, its sequence-mixing FLOPs only (attention + ssm: what grows with the context), and the FLOPs to
+#: prefill the whole context.
+FLOP_QUANTITIES = tuple(FLOP_QUANTITY_PARTS)
+QUANTITIES = COMPONENTS + FLOP_QUANTITIES
 
 _MODE_KEYS = {
     "context": "int", "batch": "int", "chunk": "int", "dtype": "dtype", "kv_dtype": "dtype", "state_dtype": "dtype",
@@ -217,17 +224,9 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
 
     limits = []
     for r in requires:
-        if r.component not in COMPONENTS:
-            rep.at(r.pos, f"unknown component '{r.component}'{did_you_mean(r.component, COMPONENTS)}"
-                   f" (components: {', '.join(COMPONENTS)})")
-            continue
-        try:
-            limit = as_int(evaluate(r.limit, scope), r.limit.pos, "limit", 1)
-            require_bytes(r.limit, limit, scope, f"the limit of {r.component}")
-        except EvalError as e:
-            rep.at(e.pos, e.message)
-            continue
-        limits.append(LimitIR(r.component, limit - 1 if r.op == "<" else limit, r.pos))
+        limit_ir = resolve_require(r, scope, rep)
+        if limit_ir is not None:
+            limits.append(limit_ir)
 
     errors_after = sum(d.severity == "error" for d in rep.diagnostics)
     if errors_after > errors_before or model is None:
@@ -247,6 +246,52 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
         flash_attention=get("flash_attention", True), chunked_loss=get("chunked_loss", False),
         conv_taps=get("conv_taps", "full"), limits=tuple(limits), pos=node.pos,
     )
+
+
+def resolve_require(r: ast.Require, scope: Scope, rep: Reporter) -> LimitIR | None:
+    """One `require` line: known names, one measure (a sum of bytes and FLOPs means nothing), at most one
+    `per_gpu` (the most loaded GPU is not a part of one replica), no name twice, and a bound in the measure's
+    terms: bytes with a unit, FLOPs as a plain count."""
+    parts = r.parts or ((r.component, r.pos),)
+    ok = True
+    for name, pos in parts:
+        if name not in QUANTITIES:
+            rep.at(pos, f"unknown quantity '{name}'{did_you_mean(name, QUANTITIES)}"
+                   f" (bytes: {', '.join(COMPONENTS)}; FLOPs: {', '.join(FLOP_QUANTITIES)})")
+            ok = False
+    if not ok:
+        return None
+    names = [n for n, _ in parts]
+    measures = {"flops" if n in FLOP_QUANTITIES else "bytes" for n in names}
+    if len(measures) > 1:
+        rep.at(r.pos, f"'{r.component}' adds bytes to FLOPs; limit each in its own require line")
+        return None
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        rep.at(parts[names.index(twice, names.index(twice) + 1)][1], f"'{twice}' is summed twice")
+        return None
+    if len(names) > 1 and ({"per_gpu", "total"} & set(names)):
+        extra = next(n for n in names if n in ("per_gpu", "total"))
+        what = ("the most loaded GPU is not a part of one replica" if extra == "per_gpu"
+                else "total already sums every component")
+        rep.at(parts[names.index(extra)][1], f"'{extra}' cannot be summed with other quantities ({what})")
+        return None
+    if len(names) > 1 and measures == {"flops"}:
+        rep.at(r.pos, f"'{r.component}' sums FLOPs of different things (mixing_flops is part of decode_flops, "
+               "prefill_flops counts a whole prefill); limit each in its own require line")
+        return None
+    measure = measures.pop()
+    try:
+        limit = as_int(evaluate(r.limit, scope), r.limit.pos, "limit", 1)
+        if measure == "bytes":
+            require_bytes(r.limit, limit, scope, f"the limit of {r.component}")
+        elif has_unit(r.limit, scope):
+            raise EvalError(r.limit.pos, f"the limit of {r.component} is a number of FLOPs, not bytes; "
+                            "drop the byte unit")
+    except EvalError as e:
+        rep.at(e.pos, e.message)
+        return None
+    return LimitIR(r.component, limit - 1 if r.op == "<" else limit, r.pos, tuple(names), measure)
 
 
 def _check_plan(model: ModelIR, tp: int, pp: int, ep: int, dp: int, plan_vals, where, rep: Reporter) -> None:

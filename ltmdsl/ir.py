@@ -319,11 +319,22 @@ class ParallelPlan:
 
 @dataclass(frozen=True)
 class LimitIR:
-    """`require COMPONENT <= BYTES`: COMPONENT is a memory component name, `total` or `per_gpu`."""
+    """`require QUANTITY <= BOUND`: QUANTITY is one name or a sum of names of the same measure.
+
+    Bytes: memory components (one replica), `total` or `per_gpu` (the most loaded GPU); BOUND has a byte unit.
+    FLOPs: `decode_flops`, `mixing_flops` (sequence mixing per decoded token), `prefill_flops`; BOUND is a
+    count. `component` is the quantity as written ("kv_cache + recurrent_state"), `parts` its names.
+    """
 
     component: str
-    max_bytes: int
+    bound: int  # bytes or FLOPs, inclusive (`< X` is stored as X - 1)
     pos: SourcePos
+    parts: tuple[str, ...] = ()
+    measure: str = "bytes"  # bytes | flops
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            object.__setattr__(self, "parts", (self.component,))
 
 
 @dataclass(frozen=True)

@@ -369,8 +369,9 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def require_stmt(self, meta, children):
-        comp, op, limit = children
-        return ast.Require(self._pos(meta), self._end(meta), str(comp), str(op), limit)
+        *names, op, limit = children
+        parts = tuple((str(n), self._tpos(n)) for n in names)
+        return ast.Require(self._pos(meta), self._end(meta), " + ".join(n for n, _ in parts), str(op), limit, parts)
 
     @v_args(meta=True)
     def budget_def(self, meta, children):

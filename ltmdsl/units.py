@@ -57,3 +57,8 @@ def format_count(n: int) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{suffix}"
     return str(n)
+
+
+def format_flops(n: int | float) -> str:
+    """A FLOP count with four significant digits and its exponent: `4.223e+11 FLOPs`."""
+    return f"{float(n):.4g} FLOPs"

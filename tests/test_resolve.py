@@ -130,7 +130,7 @@ budget train for m {
     assert (b.parallel.tp, b.parallel.cp, b.parallel.dp, b.parallel.zero) == (2, 4, 8, 1)
     assert b.optimizer == "adamw" and b.recompute == "selective"
     assert b.kv_dtype.name == "bf16"
-    assert [(lim.component, lim.max_bytes) for lim in b.limits] == [("per_gpu", 80 * 10**9), ("activations", 10 * 2**30 - 1)]
+    assert [(lim.component, lim.bound) for lim in b.limits] == [("per_gpu", 80 * 10**9), ("activations", 10 * 2**30 - 1)]
 
 
 def test_budget_needs_mode_line():

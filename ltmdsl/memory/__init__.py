@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from ltmdsl.memory.assemble import INFERENCE_COMPONENTS, TRAINING_COMPONENTS
 from ltmdsl.memory.budgets import BudgetResult, LimitFailure, check_budget, check_budgets
-from ltmdsl.memory.compute import flops
+from ltmdsl.memory.compute import FLOP_QUANTITIES, flops
 from ltmdsl.memory.inference import cache_bytes, weights_bytes
 from ltmdsl.memory.report import MemoryReport, report
 from ltmdsl.memory.settings import Settings, resolve
 
 #: Every name a `require` line may use.
-LIMIT_NAMES = tuple(dict.fromkeys(INFERENCE_COMPONENTS + TRAINING_COMPONENTS + ("total", "per_gpu")))
+LIMIT_NAMES = tuple(dict.fromkeys(INFERENCE_COMPONENTS + TRAINING_COMPONENTS + ("total", "per_gpu")
+                                  + tuple(FLOP_QUANTITIES)))
 
 __all__ = [
     "BudgetResult", "INFERENCE_COMPONENTS", "LIMIT_NAMES", "LimitFailure", "MemoryReport", "Settings",

@@ -1,7 +1,7 @@
 """`check_budgets(spec_ir)`: evaluate every declared budget for `ltmdsl check` (exit 3 on a failure).
 
-A budget fails when one of its `require COMPONENT <= BYTES` lines does not hold at the budget's context
-and batch, or when its most loaded GPU exceeds the GPU's capacity (an implicit `require per_gpu <=
+A budget fails when one of its `require QUANTITY <= BOUND` lines does not hold at the budget's context
+and batch (a byte quantity, a sum of them such as `kv_cache + recurrent_state`, or a FLOP quantity), or when its most loaded GPU exceeds the GPU's capacity (an implicit `require per_gpu <=
 capacity`, reported at the budget's position). Each failure names the component, the excess, and the
 largest context at which that limit alone would hold; the message also gives the largest context at
 which the whole budget holds. Failing messages are one `file:line:col: error: ...` line per failure.
@@ -15,7 +15,7 @@ from ltmdsl.errors import Diagnostic
 from ltmdsl.ir import BudgetIR, SourcePos, SpecIR
 from ltmdsl.memory import solve
 from ltmdsl.memory.report import MemoryReport, report
-from ltmdsl.units import format_bytes
+from ltmdsl.units import format_bytes, format_flops
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,22 @@ class LimitFailure:
 
     component: str
     value: int
-    max_bytes: int
+    bound: int
     pos: SourcePos
     max_context: int | None  # the largest T at which this limit holds (None: at every T)
+    measure: str = "bytes"  # bytes | flops
 
     @property
     def over_by(self) -> int:
-        return self.value - self.max_bytes
+        return self.value - self.bound
 
     def describe(self) -> str:
         fit = ("it holds at no context" if self.max_context == 0 else
                "it holds at any context" if self.max_context is None else
                f"the largest context that fits is {self.max_context:,} tokens")
-        return (f"{self.component} is {_both(self.value)}, over the limit of {_both(self.max_bytes)} "
-                f"by {_both(self.over_by)}; {fit}")
+        amount = _both if self.measure == "bytes" else format_flops
+        return (f"{self.component} is {amount(self.value)}, over the limit of {amount(self.bound)} "
+                f"by {amount(self.over_by)}; {fit}")
 
 
 @dataclass
@@ -59,8 +61,8 @@ class BudgetResult:
         return {
             "budget": self.budget, "model": self.model, "ok": self.ok, "message": self.message,
             "pos": str(self.pos) if self.pos else None,
-            "failures": [{"component": f.component, "value": f.value, "max_bytes": f.max_bytes,
-                          "over_by": f.over_by, "max_context": f.max_context, "pos": str(f.pos)}
+            "failures": [{"component": f.component, "measure": f.measure, f"max_{f.measure}": f.bound,
+                          "value": f.value, "over_by": f.over_by, "max_context": f.max_context, "pos": str(f.pos)}
                          for f in self.failures],
             "per_gpu_bytes": self.report.per_gpu_bytes if self.report else None,
             "total_bytes": self.report.total_bytes if self.report else None,
@@ -81,13 +83,13 @@ def check_budget(spec_ir: SpecIR, budget: BudgetIR) -> BudgetResult:
     T, B = r.settings.context, r.settings.batch
     failures = []
     for lim in budget.limits:
-        value = ev.value(lim.component, T, B)
-        if value > lim.max_bytes:
-            mc = solve.largest_true(lambda t, lim=lim: ev.value(lim.component, t, B) <= lim.max_bytes)
-            failures.append(LimitFailure(lim.component, value, lim.max_bytes, lim.pos, mc))
+        value = ev.limit_value(lim, T, B)
+        if value > lim.bound:
+            mc = solve.largest_true(lambda t, lim=lim: ev.limit_value(lim, t, B) <= lim.bound)
+            failures.append(LimitFailure(lim.component, value, lim.bound, lim.pos, mc, lim.measure))
     cap = r.settings.gpu.memory_bytes
     # an explicit `require per_gpu <= X` with X <= capacity already says everything the capacity check would
-    stricter = any(lim.component == "per_gpu" and lim.max_bytes <= cap for lim in budget.limits)
+    stricter = any(lim.parts == ("per_gpu",) and lim.bound <= cap for lim in budget.limits)
     if r.per_gpu_bytes > cap and not stricter:
         mc = solve.largest_true(lambda t: ev.per_gpu_bytes(t, B) <= cap)
         failures.append(LimitFailure(f"per_gpu ({r.settings.gpu.name} capacity)", r.per_gpu_bytes, cap,

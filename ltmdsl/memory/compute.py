@@ -27,6 +27,15 @@ from ltmdsl.memory.symbols import T, ceil_bytes, compile_exact
 
 FLOP_COMPONENTS = ("projections", "head", "attention", "ssm")
 
+#: The FLOP quantities a budget's `require` may limit: (phase, components summed). `mixing_flops` is the
+#: sequence-mixing part of a decoded token (what grows with the context, or stays O(1) in a recurrent layer);
+#: `decode_flops` every FLOP of a decoded token; `prefill_flops` every FLOP of prefilling the context.
+FLOP_QUANTITIES = {
+    "decode_flops": ("per_token", FLOP_COMPONENTS),
+    "mixing_flops": ("per_token", ("attention", "ssm")),
+    "prefill_flops": ("prefill", FLOP_COMPONENTS),
+}
+
 
 def flops_exprs(model: ModelIR) -> dict[str, dict[str, sympy.Expr]]:
     """{"per_token": {component: expr}, "prefill": {component: expr}} as expressions in T."""
@@ -70,3 +79,16 @@ def flops(model: ModelIR, context: int, recompute: str = "none") -> dict:
     out["training_step_total"] = sum(out["training_step"].values())
     out["recompute"] = recompute
     return out
+
+
+class FlopQuantities:
+    """`value(name, T)`: a FLOP quantity of FLOP_QUANTITIES at context T, exactly as `flops()` counts it (each
+    component rounded up, then summed), for budget limits and for solving the largest context under one."""
+
+    def __init__(self, model: ModelIR):
+        exprs = flops_exprs(model)
+        self._fns = {(phase, c): compile_exact(e) for phase, comps in exprs.items() for c, e in comps.items()}
+
+    def value(self, name: str, context: int) -> int:
+        phase, components = FLOP_QUANTITIES[name]
+        return sum(ceil_bytes(self._fns[phase, c](context, 1, 1)) for c in components)

@@ -32,7 +32,7 @@ from ltmdsl.memory.assemble import assemble, components_for
 from ltmdsl.memory.settings import Settings, resolve
 from ltmdsl.memory.symbols import DP, ceil_bytes, compile_many, formula_text, growth_order
 from ltmdsl.memory.training import chunked_loss_advice
-from ltmdsl.units import format_bytes
+from ltmdsl.units import format_bytes, format_flops
 
 
 class Evaluator:
@@ -46,6 +46,7 @@ class Evaluator:
         self.single = solve.CompiledStages(self.single_stages, self.components)
         self.plan_stages = None
         self.plan = None
+        self._flops: compute.FlopQuantities | None = None  # compiled on the first FLOP limit
         if s.sharding == "plan":
             symbolic = dataclasses.replace(s, parallel=dataclasses.replace(s.parallel, dp=DP))
             self.plan_stages = assemble(model, symbolic)
@@ -70,16 +71,25 @@ class Evaluator:
         return self.plan.max_stage_total(T, B, s.chunk, s.dp if dp is None else dp)
 
     def value(self, name: str, T: int, B: int) -> int:
-        """A limit's measured quantity: a component, `total` or `per_gpu`."""
+        """One measured quantity: a component, `total` or `per_gpu` (bytes), or a FLOP quantity of one
+        sequence (compute.FLOP_QUANTITIES)."""
+        if name in compute.FLOP_QUANTITIES:
+            if self._flops is None:
+                self._flops = compute.FlopQuantities(self.model)
+            return self._flops.value(name, T)
         if name == "per_gpu":
             return self.per_gpu_bytes(T, B)
         totals = self.totals(T, B)
         return sum(totals.values()) if name == "total" else totals.get(name, 0)
 
+    def limit_value(self, limit, T: int, B: int) -> int:
+        """What a `require` line (a LimitIR) measures: the sum of its parts."""
+        return sum(self.value(name, T, B) for name in limit.parts)
+
     def fits(self, T: int, B: int, limits=()) -> bool:
         if self.per_gpu_bytes(T, B) > self.settings.gpu.memory_bytes:
             return False
-        return all(self.value(lim.component, T, B) <= lim.max_bytes for lim in limits)
+        return all(self.limit_value(lim, T, B) <= lim.bound for lim in limits)
 
 
 @dataclass
@@ -87,18 +97,23 @@ class LimitCheck:
     """One `require` line (or the GPU's own capacity) evaluated at the report's context and batch."""
 
     component: str
-    max_bytes: int
+    bound: int
     value: int
     pos: Any = None  # SourcePos of the require line; None for the implicit capacity check
     max_context: int | None = None  # the largest T at which this limit alone holds
+    measure: str = "bytes"  # bytes | flops
 
     @property
     def ok(self) -> bool:
-        return self.value <= self.max_bytes
+        return self.value <= self.bound
+
+    def amount(self, n: int) -> str:
+        """`n` in this limit's measure: decimal bytes, or FLOPs."""
+        return format_bytes(n, binary=False) if self.measure == "bytes" else format_flops(n)
 
     def to_json(self) -> dict:
-        return {"component": self.component, "max_bytes": self.max_bytes, "value": self.value,
-                "ok": self.ok, "over_by": max(0, self.value - self.max_bytes),
+        return {"component": self.component, "measure": self.measure, f"max_{self.measure}": self.bound,
+                "value": self.value, "ok": self.ok, "over_by": max(0, self.value - self.bound),
                 "max_context": self.max_context, "pos": str(self.pos) if self.pos else None}
 
 
@@ -201,9 +216,8 @@ class MemoryReport:
             lines.append(f"FLOPs per training step and sequence (forward + backward, recompute {f['recompute']}): "
                          f"{f['training_step_total']:.4g}")
         for lim in self.limits:
-            state = "ok" if lim.ok else f"FAILS by {format_bytes(lim.value - lim.max_bytes, binary=False)}"
-            lines.append(f"require {lim.component} <= {format_bytes(lim.max_bytes, binary=False)}: "
-                         f"{format_bytes(lim.value, binary=False)} {state}")
+            state = "ok" if lim.ok else f"FAILS by {lim.amount(lim.value - lim.bound)}"
+            lines.append(f"require {lim.component} <= {lim.amount(lim.bound)}: {lim.amount(lim.value)} {state}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -255,7 +269,7 @@ def report(model: ModelIR, budget: BudgetIR | None = None, *, user_gpus: dict[st
         ev.settings = s
     stage, per_gpu = ev.per_gpu(T, B)
     per_gpu_total = sum(per_gpu.values())
-    limits = [LimitCheck(lim.component, lim.max_bytes, ev.value(lim.component, T, B), lim.pos)
+    limits = [LimitCheck(lim.component, lim.bound, ev.limit_value(lim, T, B), lim.pos, measure=lim.measure)
               for lim in (budget.limits if budget is not None else ())]
     plan_limits = budget.limits if budget is not None else ()
     max_context = solve.largest_true(lambda t: ev.fits(t, B, plan_limits))

@@ -111,8 +111,8 @@ def budget(name="b", model="m", mode="inference", context=4096, batch=1, chunk=4
                     parallel or ParallelPlan(), limits=tuple(limits), pos=POS, **fields)
 
 
-def limit(component, max_bytes, line=7):
-    return LimitIR(component, max_bytes, SourcePos("test.ltm", line, 5))
+def limit(component, bound, line=7):
+    return LimitIR(component, bound, SourcePos("test.ltm", line, 5))
 
 
 def custom_gpu(name="MyGPU", memory_bytes=24 * 10**9):
