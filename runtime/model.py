@@ -166,6 +166,7 @@ class LTModel(nn.Module):
         pending = None  # the previous mixer's output, added into h by the next norm
         for i, block in enumerate(self.layers):
             normed, h = block.norm(h, None) if pending is None else block.norm(pending, h)
+            pending = None  # added into h: released before the mixer runs, so only h and normed stay live
             state = None if cache is None else cache.layers[i]
             if decode:
                 pending = block.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]

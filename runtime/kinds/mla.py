@@ -101,7 +101,8 @@ class MLA(nn.Module):
     def _rope(self, T: int, pos0: int, dtype: torch.dtype, device):
         positions = torch.arange(pos0, pos0 + T, device=device)  # [T]
         cfg = self.cfg
-        return rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)  # [T, Dr] x2
+        return rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, dtype, cfg.rope_scaling,
+                            seq_len=pos0 + T)  # [T, Dr] x2
 
     def _q_and_latent(self, x: torch.Tensor, pos0: int):
         """x [B,T,d] -> q_nope [B,T,H,Dn], q_rot [B,T,H,Dr] (rotated), c [B,T,Rkv] (normalised), kr [B,T,Dr]."""
