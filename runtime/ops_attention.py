@@ -196,10 +196,16 @@ def attention(
     key 0 (a prefill chunk against cached keys, a window) cannot use SDPA's `is_causal`, whose diagonal starts
     at the top left, and needs an explicit mask, which SDPA turns into an additive copy in the query dtype:
     those calls go in blocks of `mask_rows(Tk)` queries, so a mask holds at most max(Tk, MASK_ELEMENTS)
-    elements (1 + a bytes each, a the query's element size) rather than Tq x Tk.
+    elements (1 + a bytes each, a the query's element size) rather than Tq x Tk. Values narrower than the
+    queries (MLA's Dv < Dqk) are zero-padded to Dqk, as SDPA's fused kernels need equal head dims (otherwise
+    it falls back to its math kernel, which keeps fp32 copies and the scores).
     """
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
+    Dv = v.shape[-1]
+    if Dv < D:  # SDPA's fused kernels need Dv = D: zero-padded values (MLA), the output's first Dv channels
+        vp = F.pad(v, (0, D - Dv))  # [B, Tk, Hkv, D]
+        return attention(q, k, vp, causal=causal, window=window, scale=scale)[..., :Dv]  # [B, Tq, H, Dv]
     if window is not None and Tq > 2 * max(window, 128):
         return _by_query_blocks(q, k, v, max(window, 128), causal=causal, window=window, scale=scale)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T, D]

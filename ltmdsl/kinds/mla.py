@@ -20,10 +20,15 @@ on every tensor-parallel rank (the latent is shared by all heads, so tp does not
 Decode absorbs the up-projections (DeepSeek-V2, section 2.1.2): q_lat = W_uk^T q_nope [H, Rkv] scores against
 the cached c, and the output (sum_j p_j c_j) goes through W_uv, so no key or value is ever materialised.
 Prefill (and chunked prefill) up-projects the latent of every key it attends to.
-Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes, b sequences): the chunk's q and
-output, the keys and values of all T tokens it sees, the latents, and the fp32 log-sum-exp:
-    a * b * (Cc*(H*Dqk + H*Dv) + T*(H*Dqk + H*Dv)) / c / t + a * b * Cc/c * (Rkv + Dr + Rq) + 4 * b * Cc/c * H/t
-    without flash attention add the scores (a + 4) * b * H/t * Cc/c * T.
+Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes, b sequences), what the runtime
+holds while the attention runs: the up-projection of all T keys' latents kv [T, H*(Dn + Dv)] (the values are
+a view of it), the keys [T, H*Dqk], the values zero-padded to Dqk when Dv < Dqk (SDPA's fused kernels need
+equal head dims), the chunk's queries and (padded) output, the fp32 log-sum-exp and the causal mask of
+attention's query blocks (ltmdsl.kinds.attention `workspace`):
+    a * b * T/c * H*(Dn + Dv + Dqk + pad)/t + a * b * Cc/c * H*(Dqk + max(Dqk, Dv))/t + 4 * b * Cc/c * H/t
+    + (1 + a) * min(Cc, mask_rows(T)) * T/c once T > Cc,   pad = Dqk if Dv < Dqk else 0
+    without flash attention: a * b * (Cc + T)*(H*Dqk + H*Dv)/c/t + a * b * Cc/c * (Rkv + Dr + Rq)
+    + 4 * b * Cc/c * H/t and the scores (a + 4) * b * H/t * Cc/c * T.
 Training activations (per micro-batch; Korthikanti et al. 2022 as for attention): replicated the latents
 a*sb*(Rq + Rkv + Dr) (and the norm inputs); split q, k, v a*sb*H*(2*Dqk + Dv) and the output a*sb*H*Dv; core
 flash 4*sb*H, or eager a*H*b*s*T (with dropout (1 + a)*H*b*s*T more), dropped by selective recompute.
@@ -39,7 +44,7 @@ from typing import Any
 import sympy
 
 from ltmdsl.ir import LayerConfig, RopeScaling
-from ltmdsl.kinds.attention import check_longrope, yarn_mscale
+from ltmdsl.kinds.attention import check_longrope, mask_rows, yarn_mscale
 from ltmdsl.kinds.base import CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_inactive
 from ltmdsl.kinds.base import no_context_limit
 from ltmdsl.memory.symbols import B, C, T, per_replica
@@ -127,12 +132,17 @@ def workspace(c: MLAConfig, d: int, s):
     b = per_replica(B, s.dp)
     cc = sympy.Min(C, T) / R(s.cp)
     t = R(s.tp)
+    if s.flash_attention:
+        pad = c.qk_head_dim if c.v_head_dim < c.qk_head_dim else 0
+        keys = c.heads * (c.qk_nope_head_dim + c.v_head_dim + c.qk_head_dim + pad)
+        out = a * b * T / R(s.cp) * keys / t + a * b * cc * c.heads * (c.qk_head_dim + max(c.qk_head_dim, c.v_head_dim)) / t
+        out += 4 * b * cc * c.heads / t
+        Cc = sympy.Min(C, T)
+        return out + (1 + a) * sympy.Min(Cc, mask_rows(T)) * T / R(s.cp) * sympy.Min(1, T - Cc)
     heads = c.heads * (c.qk_head_dim + c.v_head_dim)
     out = a * b * (cc + T / R(s.cp)) * heads / t + a * b * cc * (c.latent + (c.q_lora_rank or 0))
     out += 4 * b * cc * c.heads / t
-    if not s.flash_attention:
-        out += (a + 4) * b * cc * c.heads / t * T
-    return out
+    return out + (a + 4) * b * cc * c.heads / t * T
 
 
 def stored(c: MLAConfig, x, selective: bool):
