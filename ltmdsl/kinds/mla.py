@@ -32,6 +32,10 @@ attention's query blocks (ltmdsl.kinds.attention `workspace`):
 Training activations (per micro-batch; Korthikanti et al. 2022 as for attention): replicated the latents
 a*sb*(Rq + Rkv + Dr) (and the norm inputs); split q, k, v a*sb*H*(2*Dqk + Dv) and the output a*sb*H*Dv; core
 flash 4*sb*H, or eager a*H*b*s*T (with dropout (1 + a)*H*b*s*T more), dropped by selective recompute.
+saved_by = "eager" (ltmdsl's runtime under autograd): each LoRA norm (Rq, Rkv) keeps what an eager RMSNorm
+keeps, (f + 2a)*sb*R + 4*sb with f = max(4, a), instead of the latents; RoPE its cos and sin, 2a*s*Dr; with
+flash attention and Dv < Dqk the values are saved zero-padded to Dqk and SDPA's Dqk-wide output besides the
+Dv channels o_proj reads: a*sb*H*(3*Dqk + Dqk + Dv) for q, k, v and the outputs.
 FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scores) + 2*H*Rkv*T (p.c);
 prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
 """
@@ -147,9 +151,22 @@ def workspace(c: MLAConfig, d: int, s):
 
 def stored(c: MLAConfig, x, selective: bool):
     a, tok = x.a, x.tok
-    out = x.base + x.rep(a * tok * (c.latent + (c.q_lora_rank or 0)))
-    out += x.split(a * tok * c.heads * (2 * c.qk_head_dim + c.v_head_dim))
+    out = x.base
+    padded = x.eager and x.flash_attention and c.v_head_dim < c.qk_head_dim
+    if x.eager:  # the LoRA norms keep what an eager RMSNorm keeps; RoPE its cos and sin
+        f = max(4, a)
+        for rank in (c.q_lora_rank, c.kv_lora_rank):
+            if rank:
+                out += x.rep((f + 2 * a) * tok * rank + 4 * tok)
+        if c.rope_theta is not None:
+            out += 2 * a * x.s * c.qk_rope_head_dim
+    else:
+        out += x.rep(a * tok * (c.latent + (c.q_lora_rank or 0)))
+    v_saved = c.qk_head_dim if padded else c.v_head_dim  # values zero-padded to Dqk for SDPA's fused kernel
+    out += x.split(a * tok * c.heads * (2 * c.qk_head_dim + v_saved))
     out += x.split(a * tok * c.heads * c.v_head_dim)
+    if padded:  # SDPA's own output, Dqk wide, beside the Dv channels o_proj reads
+        out += x.split(a * tok * c.heads * c.qk_head_dim)
     if x.dropout:
         out += x.rep(tok * x.h)
     if x.flash_attention:
