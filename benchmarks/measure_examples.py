@@ -1,4 +1,4 @@
-"""Predicted against traced for the published examples' budgets and a set of training budgets: each budget's step
+"""Predicted against traced for every published example's budgets and a set of training budgets: each budget's step
 run at full size on fake tensors (ltmdsl.measure), one rank. Prints a Markdown table (the README's
 "Predicted against traced" table) and, with --json FILE, writes every Measurement.
 
@@ -16,13 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
-#: (spec, budget or None, overrides, label): every example budget, then training budgets on Llama-3.1-8B
-CASES = [
-    ("tiny-hybrid.ltm", "cpu_test", {}, "tiny-hybrid cpu_test"),
-    ("llama-3.1-8b.ltm", "serve_128k", {}, "llama-3.1-8b serve_128k"),
-    ("mistral-7b-v0.1.ltm", None, {}, "mistral-7b first budget"),
-    ("llama-3.1-405b.ltm", None, {}, "llama-3.1-405b first budget"),
-    ("jamba-v0.1.ltm", None, {}, "jamba-v0.1 first budget"),
+#: (spec, budget or None, overrides, label): training budgets and single ranks the examples do not publish
+EXTRA = [
     ("llama-3.1-405b.ltm", None, dict(context=131072), "llama-3.1-405b 128K, one rank without tp"),
     ("jamba-v0.1.ltm", None, dict(context=262144), "jamba-v0.1 256K, one rank without tp"),
     ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, recompute="none"), "8b train 4K none"),
@@ -35,7 +30,24 @@ CASES = [
     ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, zero=1, gpus=8), "8b train 4K zero1 dp8"),
     ("llama-3.1-8b.ltm", None, dict(mode="training", context=4096, chunked_loss=True, chunk=1024),
      "8b train 4K chunked loss"),
+    ("gdn-hybrid.ltm", None, dict(mode="training", context=4096, recompute="none"), "gdn-hybrid train 4K none"),
+    ("kda-hybrid.ltm", None, dict(mode="training", context=4096, recompute="none"), "kda-hybrid train 4K none"),
+    ("lfm2-700m.ltm", None, dict(mode="training", context=4096, recompute="none"), "lfm2-700m train 4K none"),
+    ("recurrentgemma-2b.ltm", None, dict(mode="training", context=4096, recompute="none"),
+     "recurrentgemma-2b train 4K none"),
+    ("xlstm-7b.ltm", None, dict(mode="training", context=4096, recompute="none"), "xlstm-7b train 4K none"),
 ]
+
+
+def cases():
+    """Every published example's every budget, then EXTRA."""
+    import ltmdsl
+
+    out = []
+    for path in sorted(EXAMPLES.glob("*.ltm")):
+        for b in ltmdsl.load(path).budgets:
+            out.append((path.name, b.name, {}, f"{path.stem} {b.name}"))
+    return out + EXTRA
 
 
 def _pct(x):
@@ -52,7 +64,7 @@ def main(argv=None) -> int:
     from ltmdsl.units import format_bytes
 
     rows, out = [], []
-    for spec_name, budget_name, overrides, label in CASES:
+    for spec_name, budget_name, overrides, label in cases():
         if args.only and not any(o in label for o in args.only):
             continue
         spec = ltmdsl.load(EXAMPLES / spec_name)
@@ -62,7 +74,7 @@ def main(argv=None) -> int:
         try:
             m = measure(model, budget, **overrides)
         except (NotTraceable, TooLargeToTrace) as e:
-            rows.append(f"| {label} | not traced: {e} |||||||")
+            rows.append(f"| {label} | not traced: {e} |||||||||")
             print(rows[-1], file=sys.stderr)
             continue
         out.append({"label": label, **m.to_json()})

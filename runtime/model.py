@@ -55,12 +55,24 @@ class Block(nn.Module):
     def advance(self, h: torch.Tensor, pending: torch.Tensor | None, state, pos0: int, decode: bool,
                 residual_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The stream h + pending [B, T, d] (pending None: nothing to add) through this sub-layer -> the new
-        (h, pending): h the scaled skip path, pending the branch, added by the next norm (or by the caller)."""
+        (h, pending): h the scaled skip path, pending the branch, added by the next norm (or by the caller).
+        `enter` then `leave`; a caller that can drop its `pending` in between (LTModel.forward) calls them
+        itself, so the added tensor is freed before the mixer runs."""
+        normed, h = self.enter(h, pending)
+        return self.leave(normed, h, state, pos0, decode, residual_scale)
+
+    def enter(self, h: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed input of the mixer, skip path) [B, T, d] each, from the stream h + pending."""
         normed, h = self.norm(h, None) if pending is None else self.norm(pending, h)  # [B, T, d] each
         if self.residual.skip == "normed":
             h = normed
         if self.residual.skip_scale != 1.0:
             h = h * self.residual.skip_scale
+        return normed, h
+
+    def leave(self, normed: torch.Tensor, h: torch.Tensor, state, pos0: int, decode: bool,
+              residual_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixer on its normed input -> (h, the branch to add) [B, T, d] each."""
         if decode:
             out = self.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
         else:
@@ -194,8 +206,10 @@ class LTModel(nn.Module):
             h = h * self.ir.embed_scale
         pending = None  # the previous mixer's output, added into h by the next norm
         for i, block in enumerate(self.layers):
+            normed, h = block.enter(h, pending)  # [B, T, d] each
+            pending = None  # added into h: released before the mixer runs, so only h and normed stay live
             state = None if cache is None else cache.layers[i]
-            h, pending = block.advance(h, pending, state, pos0, decode, self.ir.residual_scale)  # [B, T, d] each
+            h, pending = block.leave(normed, h, state, pos0, decode, self.ir.residual_scale)  # [B, T, d] each
         normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
         if cache is not None:
             cache.seen += T

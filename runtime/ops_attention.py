@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ltmdsl.ir import RopeScaling
-from ltmdsl.kinds.attention import rope_attention_factor
+from ltmdsl.kinds.attention import mask_rows, rope_attention_factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,18 +109,22 @@ def _yarn_inv_freq(D: int, theta: float, s: RopeScaling, dtype: torch.dtype, dev
 
 
 def rope_cos_sin(positions: torch.Tensor, D: int, theta: float, dtype: torch.dtype,
-                 scaling: RopeScaling | None = None):
+                 scaling: RopeScaling | None = None, seq_len: int | None = None):
     """positions [T] (int) -> (cos, sin) each [T, D] in `dtype`; `scaling` rescales the frequencies.
 
     Frequencies are computed in fp32 (fp64 for fp64 inputs) and cast, as LlamaRotaryEmbedding does (see
     `rope_inv_freq`); cos and sin are multiplied by the scaling's attention factor (1 except for yarn and
     longrope). Dynamic NTK and LongRoPE take the frequencies of the last position given, as transformers' rotary
     embedding does for a sequence processed left to right (a cached key keeps the rotation of the call that
-    wrote it).
+    wrote it). `seq_len`, the last position + 1, is read off `positions` when not given; callers that know it
+    pass it, so that no value is read back from a tensor (fake tensors, for `ltmdsl memory --measure`, have none).
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
     by_length = scaling is not None and scaling.kind in ("dynamic", "longrope")
-    seq_len = int(positions.max()) + 1 if by_length else None
+    if not by_length:
+        seq_len = None
+    elif seq_len is None:
+        seq_len = int(positions.max()) + 1
     inv_freq = rope_inv_freq(D, theta, scaling, work, positions.device, seq_len)  # [D/2]
     freqs = positions.to(work)[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
@@ -180,6 +184,7 @@ def visibility_mask(Tq: int, Tk: int, *, causal: bool, window: int | None, devic
 # ---------------------------------------------------------------------------------------------
 
 
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None, scale: float
 ) -> torch.Tensor:
@@ -187,24 +192,47 @@ def attention(
 
     GQA/MQA through SDPA's `enable_gqa`; the oracle is `attention_reference`. With a window W and many
     queries, queries go in blocks of max(W, 128), each against only the keys its window can reach, so a
-    long chunk costs O(Tq * (block + W)) instead of O(Tq * Tk).
+    long chunk costs O(Tq * (block + W)) instead of O(Tq * Tk). Causal attention whose queries do not start at
+    key 0 (a prefill chunk against cached keys, a window) cannot use SDPA's `is_causal`, whose diagonal starts
+    at the top left, and needs an explicit mask, which SDPA turns into an additive copy in the query dtype:
+    those calls go in blocks of `mask_rows(Tk)` queries, so a mask holds at most max(Tk, MASK_ELEMENTS)
+    elements (1 + a bytes each, a the query's element size) rather than Tq x Tk. Values narrower than the
+    queries (MLA's Dv < Dqk) are zero-padded to Dqk, as SDPA's fused kernels need equal head dims (otherwise
+    it falls back to its math kernel, which keeps fp32 copies and the scores).
     """
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
+    Dv = v.shape[-1]
+    if Dv < D:  # SDPA's fused kernels need Dv = D: zero-padded values (MLA), the output's first Dv channels
+        vp = F.pad(v, (0, D - Dv))  # [B, Tk, Hkv, D]
+        return attention(q, k, vp, causal=causal, window=window, scale=scale)[..., :Dv]  # [B, Tq, H, Dv]
     if window is not None and Tq > 2 * max(window, 128):
-        blk, shift, outs = max(window, 128), Tk - Tq, []
-        for q0 in range(0, Tq, blk):
-            q1 = min(q0 + blk, Tq)
-            k0, k1 = max(0, shift + q0 - window + 1), shift + q1  # keys ending where this block's queries end
-            outs.append(attention(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], causal=causal, window=window, scale=scale))
-        return torch.cat(outs, dim=1)  # [B, Tq, H, Dv]
+        return _by_query_blocks(q, k, v, max(window, 128), causal=causal, window=window, scale=scale)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T, D]
     if causal and window is None and Tq == Tk:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=H != Hkv)
+    elif causal and Tq > mask_rows(Tk):  # a mask is needed: bound its rows
+        return _by_query_blocks(q, k, v, mask_rows(Tk), causal=causal, window=window, scale=scale)
     else:
         mask = visibility_mask(Tq, Tk, causal=causal, window=window, device=q.device)  # [Tq, Tk] | None
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
     return o.transpose(1, 2)  # [B, Tq, H, Dv]
+
+
+def _by_query_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk: int, *, causal: bool,
+                     window: int | None, scale: float) -> torch.Tensor:
+    """`attention` over blocks of `blk` queries, each against only the keys it can see (those up to its last
+    query, and within the window): q [B,Tq,H,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv] -> [B,Tq,H,Dv], written block
+    by block into one output, so no [Tq, Tk] mask or list of partial outputs ever exists at once."""
+    B, Tq, H, _ = q.shape
+    shift = k.shape[1] - Tq
+    out = q.new_empty(B, Tq, H, v.shape[-1])  # [B, Tq, H, Dv]
+    for q0 in range(0, Tq, blk):
+        q1 = min(q0 + blk, Tq)
+        k0 = 0 if window is None else max(0, shift + q0 - window + 1)
+        k1 = shift + q1  # keys ending where this block's queries end
+        out[:, q0:q1] = attention(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], causal=causal, window=window, scale=scale)
+    return out
 
 
 def attention_reference(

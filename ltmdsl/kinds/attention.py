@@ -7,7 +7,13 @@ parallelism t, context parallelism c and b = ceil(B/dp) sequences:
   a KV head is replicated when t > Hkv, hence the ceiling. fp8 KV is a 1-byte kv dtype.
 Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes):
     a * b * Cc/c * (H*D + Hkv*D + Hkv*Dv + H*Dv)/t + 4 * b * Cc/c * H/t     (q, k, v, out, fp32 lse)
-    without flash attention add the scores: (a + 4) * b * H/t * Cc/c * min(T, W)
+    without flash attention add the scores: (a + 4) * b * H/t * Cc/c * min(T, W); with flash, a chunk whose
+    queries do not start at key 0 needs a causal mask, materialised a few query rows at a time, r = min(Cc,
+    `mask_rows`(keys)), as booleans and SDPA's additive copy: (1 + a) * r * T/c once T > Cc for global
+    attention (a context-parallel rank attends over its T/c cached keys); with a window, keys = min(T, W + Cc):
+    (1 + a) * r * min(keys, r + W - 1), and the ring's keys read back in time order beside the chunk's,
+    a * b * keys * Hkv*(D + Dv). Not counted: a KV cache in a dtype other than a's is read back whole in a's
+    dtype by the PyTorch runtime (a * b * T * Hkv*(D + Dv)); the model assumes a kernel that converts tiles.
 Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA and Dv), per micro-batch:
     replicated  norm input and QKV input 2a*sbh, output dropout mask sbh (dropout only)
     split       q, k, v a*sb*(H*D + Hkv*D + Hkv*Dv); attention output a*sb*H*Dv
@@ -36,6 +42,19 @@ from ltmdsl.kinds.base import (
 from ltmdsl.memory.symbols import B, C, T, cdiv, per_replica
 
 R = sympy.Rational
+
+#: When the runtime must materialise a causal mask (runtime/ops_attention.py `attention`) it goes QUERY_BLOCK
+#: queries at a time, fewer when the keys are many, so that a mask holds about MASK_ELEMENTS (at least one row).
+QUERY_BLOCK = 256
+MASK_ELEMENTS = 1 << 23
+
+
+def mask_rows(keys):
+    """Query rows per masked SDPA call over `keys` keys: min(QUERY_BLOCK, max(1, floor(MASK_ELEMENTS / keys))),
+    for an int (the runtime) or a sympy expression (the memory model)."""
+    if isinstance(keys, int):
+        return min(QUERY_BLOCK, max(1, MASK_ELEMENTS // keys))
+    return sympy.Min(QUERY_BLOCK, sympy.Max(1, sympy.floor(MASK_ELEMENTS / keys)))
 
 
 @dataclass(frozen=True)
@@ -242,13 +261,24 @@ def cache(c: AttentionConfig, s) -> tuple[CacheTerm, ...]:
 
 def workspace(c: AttentionConfig, d: int, s):
     a = s.activation_dtype.bytes
-    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    b = per_replica(B, s.dp)
+    Cc = sympy.Min(C, T)
+    tok = b * Cc / R(s.cp)  # b * Cc / c
     t = R(s.tp)
     qkvo = c.heads * c.head_dim * (2 if c.gate else 1) + c.kv_heads * (c.head_dim + c.v_head_dim)
     qkvo += c.heads * c.v_head_dim
     out = a * tok * qkvo / t + 4 * tok * c.heads / t
     if not s.flash_attention or not c.plain_softmax:  # sinks and soft caps run the explicit-softmax path
-        out += (a + 4) * tok * c.heads / t * tokens_held(c)
+        return out + (a + 4) * tok * c.heads / t * tokens_held(c)
+    if c.chunk is None:
+        if c.window is None:  # the chunk's queries start past key 0 once T > Cc: a [rows, T] mask
+            rows = sympy.Min(Cc, mask_rows(T))
+            out += (1 + a) * rows * T / R(s.cp) * sympy.Min(1, T - Cc)  # Min(1, T - Cc): 1 when T > Cc, else 0
+        else:  # a window: a [rows, keys] mask, and the ring's keys read back in time order beside the chunk's
+            keys = sympy.Min(T, c.window + Cc)
+            rows = sympy.Min(Cc, mask_rows(keys))
+            out += (1 + a) * rows * sympy.Min(keys, rows + c.window - 1)
+            out += a * b * keys * cdiv(c.kv_heads, s.tp) * (c.head_dim + c.v_head_dim)
     return out
 
 

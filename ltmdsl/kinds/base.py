@@ -189,6 +189,12 @@ def ffn_width(activation: str, d_ff: int) -> int:
     return (3 if activation in GATED else 2) * d_ff
 
 
+def inference_ffn_width(activation: str, d_ff: int) -> int:
+    """Elements per token an MLP holds at once without autograd: 2F (act(gate) computed in place, then up; or
+    up and gelu(up)), F for relu and relu2 (in place on up), as the runtime's inference path computes it."""
+    return d_ff if activation in ("relu", "relu2") else 2 * d_ff
+
+
 def saved_ffn_width(activation: str, d_ff: int, eager: bool) -> int:
     """Elements per token an FFN keeps for backward. Fused (Korthikanti et al.): `ffn_width`. Eager PyTorch
     autograd: gated keeps gate, up, act(gate) and the product (4F); relu keeps its output once, shared by the

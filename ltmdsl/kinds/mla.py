@@ -20,13 +20,22 @@ on every tensor-parallel rank (the latent is shared by all heads, so tp does not
 Decode absorbs the up-projections (DeepSeek-V2, section 2.1.2): q_lat = W_uk^T q_nope [H, Rkv] scores against
 the cached c, and the output (sum_j p_j c_j) goes through W_uv, so no key or value is ever materialised.
 Prefill (and chunked prefill) up-projects the latent of every key it attends to.
-Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes, b sequences): the chunk's q and
-output, the keys and values of all T tokens it sees, the latents, and the fp32 log-sum-exp:
-    a * b * (Cc*(H*Dqk + H*Dv) + T*(H*Dqk + H*Dv)) / c / t + a * b * Cc/c * (Rkv + Dr + Rq) + 4 * b * Cc/c * H/t
-    without flash attention add the scores (a + 4) * b * H/t * Cc/c * T.
+Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes, b sequences), what the runtime
+holds while the attention runs: the up-projection of all T keys' latents kv [T, H*(Dn + Dv)] (the values are
+a view of it), the keys [T, H*Dqk], the values zero-padded to Dqk when Dv < Dqk (SDPA's fused kernels need
+equal head dims), the chunk's queries and (padded) output, the fp32 log-sum-exp and the causal mask of
+attention's query blocks (ltmdsl.kinds.attention `workspace`):
+    a * b * T/c * H*(Dn + Dv + Dqk + pad)/t + a * b * Cc/c * H*(Dqk + max(Dqk, Dv))/t + 4 * b * Cc/c * H/t
+    + (1 + a) * min(Cc, mask_rows(T)) * T/c once T > Cc,   pad = Dqk if Dv < Dqk else 0
+    without flash attention: a * b * (Cc + T)*(H*Dqk + H*Dv)/c/t + a * b * Cc/c * (Rkv + Dr + Rq)
+    + 4 * b * Cc/c * H/t and the scores (a + 4) * b * H/t * Cc/c * T.
 Training activations (per micro-batch; Korthikanti et al. 2022 as for attention): replicated the latents
 a*sb*(Rq + Rkv + Dr) (and the norm inputs); split q, k, v a*sb*H*(2*Dqk + Dv) and the output a*sb*H*Dv; core
 flash 4*sb*H, or eager a*H*b*s*T (with dropout (1 + a)*H*b*s*T more), dropped by selective recompute.
+saved_by = "eager" (ltmdsl's runtime under autograd): each LoRA norm (Rq, Rkv) keeps what an eager RMSNorm
+keeps, (f + 2a)*sb*R + 4*sb with f = max(4, a), instead of the latents; RoPE its cos and sin, 2a*s*Dr; with
+flash attention and Dv < Dqk the values are saved zero-padded to Dqk and SDPA's Dqk-wide output besides the
+Dv channels o_proj reads: a*sb*H*(3*Dqk + Dqk + Dv) for q, k, v and the outputs.
 FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scores) + 2*H*Rkv*T (p.c);
 prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
 """
@@ -39,7 +48,7 @@ from typing import Any
 import sympy
 
 from ltmdsl.ir import LayerConfig, RopeScaling
-from ltmdsl.kinds.attention import check_longrope, yarn_mscale
+from ltmdsl.kinds.attention import check_longrope, mask_rows, yarn_mscale
 from ltmdsl.kinds.base import CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_inactive
 from ltmdsl.kinds.base import no_context_limit
 from ltmdsl.memory.symbols import B, C, T, per_replica
@@ -127,19 +136,37 @@ def workspace(c: MLAConfig, d: int, s):
     b = per_replica(B, s.dp)
     cc = sympy.Min(C, T) / R(s.cp)
     t = R(s.tp)
+    if s.flash_attention:
+        pad = c.qk_head_dim if c.v_head_dim < c.qk_head_dim else 0
+        keys = c.heads * (c.qk_nope_head_dim + c.v_head_dim + c.qk_head_dim + pad)
+        out = a * b * T / R(s.cp) * keys / t + a * b * cc * c.heads * (c.qk_head_dim + max(c.qk_head_dim, c.v_head_dim)) / t
+        out += 4 * b * cc * c.heads / t
+        Cc = sympy.Min(C, T)
+        return out + (1 + a) * sympy.Min(Cc, mask_rows(T)) * T / R(s.cp) * sympy.Min(1, T - Cc)
     heads = c.heads * (c.qk_head_dim + c.v_head_dim)
     out = a * b * (cc + T / R(s.cp)) * heads / t + a * b * cc * (c.latent + (c.q_lora_rank or 0))
     out += 4 * b * cc * c.heads / t
-    if not s.flash_attention:
-        out += (a + 4) * b * cc * c.heads / t * T
-    return out
+    return out + (a + 4) * b * cc * c.heads / t * T
 
 
 def stored(c: MLAConfig, x, selective: bool):
     a, tok = x.a, x.tok
-    out = x.base + x.rep(a * tok * (c.latent + (c.q_lora_rank or 0)))
-    out += x.split(a * tok * c.heads * (2 * c.qk_head_dim + c.v_head_dim))
+    out = x.base
+    padded = x.eager and x.flash_attention and c.v_head_dim < c.qk_head_dim
+    if x.eager:  # the LoRA norms keep what an eager RMSNorm keeps; RoPE its cos and sin
+        f = max(4, a)
+        for rank in (c.q_lora_rank, c.kv_lora_rank):
+            if rank:
+                out += x.rep((f + 2 * a) * tok * rank + 4 * tok)
+        if c.rope_theta is not None:
+            out += 2 * a * x.s * c.qk_rope_head_dim
+    else:
+        out += x.rep(a * tok * (c.latent + (c.q_lora_rank or 0)))
+    v_saved = c.qk_head_dim if padded else c.v_head_dim  # values zero-padded to Dqk for SDPA's fused kernel
+    out += x.split(a * tok * c.heads * (2 * c.qk_head_dim + v_saved))
     out += x.split(a * tok * c.heads * c.v_head_dim)
+    if padded:  # SDPA's own output, Dqk wide, beside the Dv channels o_proj reads
+        out += x.split(a * tok * c.heads * c.qk_head_dim)
     if x.dropout:
         out += x.rep(tok * x.h)
     if x.flash_attention:

@@ -2,8 +2,9 @@
 
 It keeps nothing between decode steps (no cache), and its FLOPs are all projections (2 per parameter per
 token, counted by the compute model for every kind), so `cache` and `flops` are explicitly empty.
-Prefill workspace for a chunk of Cc = min(C, T) tokens: a * b * Cc/c * F * (3 if gated else 2)/t
-  (gate, up, product | up, activation).
+Prefill workspace for a chunk of Cc = min(C, T) tokens: a * b * Cc/c * 2F/t, a * b * Cc/c * F/t for relu and
+  relu2 (`inference_ffn_width`: without autograd the runtime computes act(gate) and the product in place, so
+  act(gate) and up, or up and gelu(up), are all that is live at once).
 Training activations (Korthikanti et al. 2022), per micro-batch:
     replicated  norm input and MLP input 2a*sbh, dropout mask sbh (dropout only)
     split       gated: gate, up, product 3a*sb*F; otherwise up, activation 2a*sb*F (Settings.saved_by = "fused");
@@ -19,7 +20,7 @@ import sympy
 
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
-    ACTIVATIONS, GATED, Flops, Kind, ModelContext, Param, Split, ffn_width, no_cache, no_context_limit,
+    ACTIVATIONS, GATED, Flops, Kind, ModelContext, Param, Split, inference_ffn_width, no_cache, no_context_limit,
     none_inactive, saved_ffn_width,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
@@ -58,7 +59,7 @@ def split(c: MLPConfig, d: int) -> Split:
 
 def workspace(c: MLPConfig, d: int, s):
     tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
-    return s.activation_dtype.bytes * tok * ffn_width(c.activation, c.d_ff) / R(s.tp)
+    return s.activation_dtype.bytes * tok * inference_ffn_width(c.activation, c.d_ff) / R(s.tp)
 
 
 def stored(c: MLPConfig, x, selective: bool):

@@ -64,6 +64,10 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
     notes = fakesafe.check(model)
     _supported(model, s)
     stage_index = r.most_loaded_stage
+    if s.mode == "inference" and s.kv_dtype.name != s.activation_dtype.name and any(
+            l.kind in ("attention", "mla") for l in model.layers):
+        notes.append(f"the {s.kv_dtype.name} KV cache is read back whole in {s.activation_dtype.name} by the runtime's "
+                     "prefill, which the memory model (a kernel converting tiles) does not count")
     cost.check(model, s, stage_index)
     if s.mode == "training" and s.recompute == "selective" and any(l.kind in ("mamba", "mamba2") for l in model.layers):
         notes.append("selective recompute of Mamba/Mamba-2 internals is not simulated: those layers trace as "
@@ -98,6 +102,9 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
         # MemTracker warns about the None gradients of parameters that have none yet
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
         st = stage_mod.materialise(net, model, s.pp, stage_index)
+        if st.buffer_bytes():
+            notes.append(f"the held modules' buffers ({st.buffer_bytes():,} B of computed constants) are live but "
+                         "not counted as weights")
         if s.mode == "training":
             mt = MemTracker()
             mt.track_external(*st.held())

@@ -1,8 +1,10 @@
 """Which layer kinds can run on fake tensors, and the static-shape paths some of them need for tracing.
 
 A fake tensor has a shape but no values, so nothing may depend on the data: no `nonzero`/`torch.where(mask)`
-whose output size depends on values, no Python branch on a tensor's contents. Attention, the MLP and the
-Mamba kinds satisfy this as they are. The MoE's token dispatch (`torch.where(idx == e)`) does not: for tracing
+whose output size depends on values, no Python branch on a tensor's contents, no `.item()`. Attention (RoPE
+scalings that depend on the length are given it as a number), the MLP, the Mamba kinds, MLA, Gated DeltaNet,
+KDA, the short convolution, Lightning attention, RG-LRU and mLSTM satisfy this as they are: their chunked
+scans loop over T/chunk chunks of static shapes, and nothing reads a value back. The MoE's token dispatch (`torch.where(idx == e)`) does not: for tracing
 its forward is replaced by a *balanced* dispatch with static shapes, the router still runs (its logits,
 softmax and top-k are traced) but assignment j = token*k + slot of the M*k goes to expert j mod E, so each
 expert receives ceil((M*k - e)/E) tokens: the memory of perfectly balanced routing, with no dropped tokens.
@@ -53,6 +55,13 @@ TRACE_PATHS = {
     "mamba": None,
     "mamba2": None,
     "moe": _balanced_moe_forward,
+    "mla": None,
+    "gated_deltanet": None,
+    "kda": None,
+    "short_conv": None,
+    "lightning": None,
+    "rg_lru": None,
+    "mlstm": None,
 }
 
 #: What the report says about each substitution.

@@ -32,10 +32,15 @@ def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tens
     net = stage.net
     decode = x.shape[1] == 1
     h = net.embed(x) if stage.first else x  # [b, t, d]
+    if stage.first and net.ir.embed_scale != 1.0:
+        h = h * net.ir.embed_scale
     pending = None
     for i in stage.layers:
+        block = net.layers[i]
+        normed, h = block.enter(h, pending)  # [b, t, d] each
+        pending = None  # added into h, released before the mixer runs (as LTModel.forward)
         state = cache.layers[i - stage.layers.start]
-        h, pending = net.layers[i].advance(h, pending, state, pos0, decode, net.ir.residual_scale)  # [b, t, d] each
+        h, pending = block.leave(normed, h, state, pos0, decode, net.ir.residual_scale)  # [b, t, d] each
     if not stage.last:
         return h + pending
     normed, _ = net.final_norm(pending, h)
@@ -66,7 +71,7 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
     out = dict.fromkeys(("weights", *COMPONENTS, "activations", "logits"), 0)
     with mt:
         tl = Timeline(mt)
-        out["weights"] = tl.mark("weights")
+        out["weights"] = tl.mark("weights") - stage.buffer_bytes()  # parameters; buffers are not weights
         req = CacheRequest(b, T, TORCH_DTYPES[s.kv_dtype.name], TORCH_DTYPES[s.state_dtype.name], s.conv_taps, "cpu")
         entries = []
         for i in stage.layers:

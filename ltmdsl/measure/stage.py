@@ -60,6 +60,17 @@ class Stage:
                     out.append(p)
         return out
 
+    def buffer_bytes(self) -> int:
+        """Bytes of the held modules' buffers (computed constants such as Lightning's decay slopes): live with
+        the weights but not weights, which the memory model counts as parameters x bytes."""
+        seen, total = set(), 0
+        for m in self.held():
+            for b in m.buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    total += b.untyped_storage().nbytes()
+        return total
+
     def expert_params(self) -> set[int]:
         """ids of the parameters expert parallelism shards (the MoE's stacked experts)."""
         out = set()

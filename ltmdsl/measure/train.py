@@ -94,7 +94,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     out: dict[str, int] = {}
     base = tl.mark("start")
     params = stage.params()
-    out["weights"] = base  # the held parameters are all that is live before setup
+    out["weights"] = base - stage.buffer_bytes()  # the held parameters (and buffers) are all that is live
     experts = stage.expert_params()
     for prm in params:
         prm.requires_grad_(True)

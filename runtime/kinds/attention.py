@@ -139,7 +139,8 @@ class Attention(nn.Module):
             q, k = self._l2(q), self._l2(k)
         if cfg.rope_theta is not None:
             positions = torch.arange(pos0, pos0 + T, device=x.device)  # [T]
-            cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling)  # [T, R]
+            cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling,
+                                    seq_len=pos0 + T)  # [T, R]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v, gate
 

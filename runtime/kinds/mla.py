@@ -101,7 +101,8 @@ class MLA(nn.Module):
     def _rope(self, T: int, pos0: int, dtype: torch.dtype, device):
         positions = torch.arange(pos0, pos0 + T, device=device)  # [T]
         cfg = self.cfg
-        return rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, dtype, cfg.rope_scaling)  # [T, Dr] x2
+        return rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, dtype, cfg.rope_scaling,
+                            seq_len=pos0 + T)  # [T, Dr] x2
 
     def _q_and_latent(self, x: torch.Tensor, pos0: int):
         """x [B,T,d] -> q_nope [B,T,H,Dn], q_rot [B,T,H,Dr] (rotated), c [B,T,Rkv] (normalised), kr [B,T,Dr]."""
@@ -137,10 +138,11 @@ class MLA(nn.Module):
             c, kr = state.latent[:, :end].to(x.dtype), state.rope_key[:, :end].to(x.dtype)  # [B, Tk, ...]
         Tk = c.shape[1]
         kv = self.kv_b_proj(c).view(B, Tk, cfg.heads, cfg.qk_nope_head_dim + cfg.v_head_dim)  # [B, Tk, H, Dn+Dv]
-        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # views of kv
         k = torch.cat([k_nope, kr[:, :, None].expand(-1, -1, cfg.heads, -1)], dim=-1)  # [B, Tk, H, Dqk]
         q = torch.cat([q_nope, q_rot], dim=-1)  # [B, T, H, Dqk]
-        o = self.kernels.attention(q, k, v.contiguous(), causal=True, window=None, scale=cfg.scale)  # [B, T, H, Dv]
+        del k_nope, q_nope, q_rot, c, kr  # only q, k and kv (holding v) stay live through the attention
+        o = self.kernels.attention(q, k, v, causal=True, window=None, scale=cfg.scale)  # [B, T, H, Dv]
         return self.o_proj(o.reshape(B, T, cfg.heads * cfg.v_head_dim))  # [B, T, d]
 
     def step(self, x: torch.Tensor, state: LatentCache, pos0: int) -> torch.Tensor:

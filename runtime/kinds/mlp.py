@@ -46,6 +46,27 @@ def activate(name: str, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Te
     raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
+def hidden_inplace(name: str, gate_proj: nn.Module | None, up_proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`activate(name, gate_proj(x), up_proj(x))` without autograd, in place where the activation allows:
+    x [..., d] -> [..., F], the same values with at most two [..., F] tensors live (act(gate) and up; for
+    gelu, up and gelu(up)) and one for relu and relu2, instead of gate, up, act(gate) and the product."""
+    if name in GATED:
+        h = gate_proj(x)  # [..., F]
+        if name == "swiglu":
+            F.silu(h, inplace=True)
+        else:  # GELU has no in-place form
+            h = F.gelu(h, approximate="tanh" if name == "geglu_tanh" else "none")  # [..., F]
+        return h.mul_(up_proj(x))  # [..., F]
+    h = up_proj(x)  # [..., F]
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "relu2":
+        return torch.relu_(h).square_()
+    if name == "relu":
+        return torch.relu_(h)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
 class MLP(nn.Module):
     """Dense FFN: x [..., d] -> [..., d]. gate_proj only for gated activations."""
 
@@ -62,6 +83,8 @@ class MLP(nn.Module):
                 init.linear_(lin, gen)
 
     def forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: at most two [..., F] tensors live
+            return self.down_proj(hidden_inplace(self.cfg.activation, self.gate_proj, self.up_proj, x))
         gate = self.gate_proj(x) if self.gate_proj is not None else None  # [..., F]
         return self.down_proj(activate(self.cfg.activation, gate, self.up_proj(x)))
 

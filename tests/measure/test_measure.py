@@ -97,16 +97,70 @@ def test_inference_weights_cache_and_logits_exact(dense):
     assert m.peak_phase in ("prefill", "decode")
 
 
-TRACEABLE_STACK = "ssm1 ffn ssm2 moe swa ffn attn ffn"  # tiny-hybrid's kinds that have a fake-tensor path
+INFERENCE_PEAK_TOL = 0.10  # issue 14's target for the traced peak against the per-GPU total
+
+INFERENCE = {
+    "whole-context": dict(),  # one chunk of T tokens: SDPA's is_causal, no mask
+    "chunk-on-cache": dict(chunk=128),  # the last 128 tokens against 384 cached ones: a mask in query blocks
+    "batch-1-long": dict(batch=1, context=2048, chunk=256),
+}
+
+
+#: The inference tests run at a Llama-like width (tracing costs no more): at d_model = 64 the transients the
+#: model leaves out (a norm's fp32 copies among them) are 7-9% of the traced workspace.
+WIDE = DENSE.replace("d_model = 64", "d_model = 1024").replace("d_ff = 176", "d_ff = 3584").replace(
+    "heads = 4, kv_heads = 2", "heads = 8, kv_heads = 2")
+
+
+@pytest.mark.parametrize("overrides", INFERENCE.values(), ids=INFERENCE.keys())
+def test_inference_activations_within_5_percent_and_peak_within_10(overrides):
+    spec = ltmdsl.loads(WIDE)
+    m = measure(spec.model, _budget(spec, "serve"), **overrides)
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    assert abs(m.peak_relative) <= INFERENCE_PEAK_TOL, m.to_text()
+
+
+WINDOWED = WIDE.replace("rope_theta = 10000)", "rope_theta = 10000, window = 64)")
+
+
+def test_windowed_inference_activations_within_5_percent():
+    spec = ltmdsl.loads(WINDOWED)
+    m = measure(spec.model, _budget(spec, "serve"), chunk=128)
+    assert m.measured["kv_cache"] == m.predicted["kv_cache"]
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+
+
+NEW_KINDS = {
+    "mla": "mla(heads = 4, q_lora_rank = 32, kv_lora_rank = 16, qk_nope_head_dim = 8, qk_rope_head_dim = 8, "
+           "v_head_dim = 16)",
+    "gated_deltanet": "gated_deltanet(key_heads = 2, value_heads = 4, head_dim = 16, chunk = 16)",
+    "kda": "kda(heads = 2, head_dim = 16, chunk = 16)",
+    "short_conv": "short_conv(kernel = 3)",
+    "lightning": "lightning(heads = 4, chunk = 16)",
+    "rg_lru": "rg_lru(heads = 4, chunk = 16)",
+    "mlstm": "mlstm(heads = 4, chunk = 16)",
+}
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS, ids=NEW_KINDS)
+def test_newer_kinds_trace_with_exact_states_and_caches(kind):
+    """Each kind traces on fake tensors (no value read back, static shapes): weights, caches, gradients and
+    optimizer states equal the prediction to the byte, in inference and training. Their activations are
+    compared in the README's table; not all are within 5% yet (README, "Predicted against traced")."""
+    spec = ltmdsl.loads(DENSE.replace("attention(heads = 4, kv_heads = 2, rope_theta = 10000)", NEW_KINDS[kind]))
+    serve = measure(spec.model, _budget(spec, "serve"), chunk=128)
+    for component in ("weights", "kv_cache", "recurrent_state", "logits"):
+        assert serve.measured[component] == serve.predicted[component], component
+    assert serve.measured["kv_cache"] + serve.measured["recurrent_state"] > 0
+    train = measure(spec.model, _budget(spec, "train"), recompute="none")
+    for component in ("weights", "gradients", "optimizer", "logits"):
+        assert train.measured[component] == train.predicted[component], component
+    assert train.measured["activations"] > 0
 
 
 def traceable_tiny_hybrid():
-    """tiny-hybrid's definitions with the stack of the kinds `ltmdsl.measure` traces today (the kinds added
-    since, Gated DeltaNet and after, are refused by name: see test_a_kind_without_a_fake_path_is_refused)."""
-    text = (EXAMPLES / "tiny-hybrid.ltm").read_text()
-    head, _, rest = text.partition("    stack {")
-    _, _, tail = rest.partition("    }\n}")
-    return ltmdsl.loads(f"{head}    stack {{ {TRACEABLE_STACK} }}\n}}{tail}")
+    """tiny-hybrid, every mixer kind of the runtime in one stack: all of them have a fake-tensor path."""
+    return ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm")
 
 
 def test_every_kind_of_the_tiny_hybrid_traces_its_caches_exactly():
@@ -179,11 +233,3 @@ def test_cli_measure_text_and_refusal(tmp_path, capsys, monkeypatch):
     monkeypatch.delitem(fakesafe.TRACE_PATHS, "attention")
     assert main(["memory", str(path), "--measure"]) == 3
     assert "layer kind 'attention' has no fake-tensor path" in capsys.readouterr().err
-
-
-def test_a_kind_without_a_fake_path_is_refused():
-    from ltmdsl.measure.fakesafe import NotTraceable
-
-    spec = ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm")
-    with pytest.raises(NotTraceable, match="layer kind 'gated_deltanet' has no fake-tensor path"):
-        measure(spec.model, spec.budgets[0], context=256)

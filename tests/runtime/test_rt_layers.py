@@ -326,3 +326,20 @@ def test_moe_jamba_weights_do_not_sum_to_one():
     with torch.no_grad():
         ratio = (a(x).norm() / b(x).norm()).item()
     assert ratio < 0.99
+
+
+@pytest.mark.parametrize("act", ["swiglu", "geglu", "geglu_tanh", "gelu", "relu2", "relu"])
+def test_mlp_inference_path_computes_in_place_to_the_same_values(act):
+    """Without autograd the MLP computes act(gate) and the product in place (`hidden_inplace`): the same float64
+    values as the autograd path (bitwise: the same elementwise operations), and its input is left untouched."""
+    from ltmdsl.runtime.kinds.mlp import MLP
+
+    torch.manual_seed(0)
+    m = MLP(mlp(24, act), 8).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    keep = x.clone()
+    with_grad = m(x)
+    with torch.no_grad():
+        without = m(x)
+    assert torch.equal(without, with_grad.detach()), act
+    assert torch.equal(x, keep)

@@ -83,6 +83,40 @@ def test_blocked_window_attention_matches_reference(Tq, Tk, W):
     assert_close(out, att.attention_reference(q, k, v, causal=True, window=W, scale=0.5), 1e-10, "blocked")
 
 
+@pytest.mark.parametrize("Tq,Tk,window", [(300, 300, 40), (300, 700, None), (257, 1000, None), (300, 800, 40)],
+                         ids=["window-prefill", "chunk-on-cache", "one-past-a-block", "window-chunk"])
+def test_masked_attention_goes_in_query_blocks_and_matches_reference(Tq, Tk, window, monkeypatch):
+    """A causal call whose queries do not start at key 0 takes `mask_rows(keys)` queries per SDPA call (a small
+    MASK_ELEMENTS forces fewer rows than QUERY_BLOCK); every mask stays within MASK_ELEMENTS and the result equals
+    the one-mask float64 reference (1e-10)."""
+    from ltmdsl.kinds import attention as kind
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(q, k, v, **kw):
+        calls.append((q.shape[2], k.shape[2], kw.get("attn_mask")))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(kind, "MASK_ELEMENTS", 100 * Tk)  # 100 rows per call over all Tk keys
+    g = gen(17)
+    q, k, v = randn(1, Tq, 4, 8, g=g), randn(1, Tk, 2, 8, g=g), randn(1, Tk, 2, 6, g=g)
+    out = att.attention(q, k, v, causal=True, window=window, scale=8**-0.5)
+    assert_close(out, att.attention_reference(q, k, v, causal=True, window=window, scale=8**-0.5), 1e-10, "blocked")
+    masks = [m for _, _, m in calls if m is not None]
+    assert masks and all(m.numel() <= max(100 * Tk, m.shape[1]) for m in masks)  # never a [Tq, Tk] mask
+    assert sum(tq for tq, _, _ in calls) == Tq
+
+
+def test_mask_rows_bound_the_mask():
+    from ltmdsl.kinds.attention import MASK_ELEMENTS, QUERY_BLOCK, mask_rows
+
+    assert mask_rows(1000) == QUERY_BLOCK
+    assert mask_rows(MASK_ELEMENTS // 8) == 8
+    assert mask_rows(10 * MASK_ELEMENTS) == 1  # one row at least, however many keys
+
+
 def test_attention_reference_masks_by_hand():
     """The reference's window semantics, checked against a per-query loop: query p sees keys (p - W, p]."""
     g = gen(2)
