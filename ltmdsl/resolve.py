@@ -230,10 +230,10 @@ class ModelResolver:
                 return None, False
             self.used_defs.add(word.name)
             try:
-                config, lnorm, post, params = self._build(word.name, (), ctx, word.pos)
+                config, lnorm, post, residual, params = self._build(word.name, (), ctx, word.pos)
             except _Unresolved:
                 return None, False
-            sub = SubLayer(j, word.name, lnorm, config, params, word.pos, post_norm=post)
+            sub = SubLayer(j, word.name, lnorm, config, params, word.pos, post_norm=post, residual=residual)
             if sub.is_ffn != (role == "ffn"):
                 want = "feed-forward" if role == "ffn" else "sequence-mixer"
                 self.rep.at(word.pos, f"mtp() {role} must name a {want} layer; '{word.name}' is {config.kind}")

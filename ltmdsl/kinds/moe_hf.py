@@ -224,7 +224,8 @@ def _routing_text(v: dict) -> str:
     """The routing variants' keywords (DeepSeek's groups, selection bias, scale), those off their defaults."""
     out = ""
     if v.get("groups", 1) > 1:
-        out += f", groups = {num(v['groups'])}, top_groups = {num(v['top_groups'])}, group_score = {v['group_score']}"
+        out += f", groups = {num(v['groups'])}, top_groups = {num(v['top_groups'])}"
+        out += f", group_score = {v['group_score']}" if v.get("group_score") else ""
     if v.get("selection_bias"):
         out += ", selection_bias = true"
     if v.get("routed_scale", 1.0) != 1.0:

@@ -321,7 +321,7 @@ def test_refusal_names_a_kind_whose_mapping_is_not_built(tmp_path, capsys):
     """tiny-hybrid has every kind; the first one transformers has but ltmdsl does not map yet is named."""
     assert main(["export-hf", str(EXAMPLES / "tiny-hybrid.ltm"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "layer 14 'lit': layer kind 'lightning' has Hugging Face counterparts (model types minimax" in err
+    assert "layer 22 'par': layer kind 'parallel' has Hugging Face counterparts (model types falcon_h1" in err
     assert "but ltmdsl does not map them yet" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
