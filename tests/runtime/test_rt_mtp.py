@@ -139,3 +139,17 @@ def test_mtp_has_no_hugging_face_counterpart():
 
     with pytest.raises(HFError, match="multi-token-prediction modules"):
         config_from_ir(ltmdsl.loads(SPEC.format(mtp=DEPTH2)).model)
+
+
+def test_mtp_modules_round_trip_through_a_runtime_checkpoint(tmp_path):
+    """The modules (selection bias included) are saved and loaded with the model; the head gives the same rows."""
+    from ltmdsl.checkpoints import load_checkpoint
+    from ltmdsl.runtime.checkpoint import save
+
+    model = _model().float()
+    path = save(model, tmp_path / "m.safetensors")
+    back = load_checkpoint(path)
+    ids = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for a, b in zip(model.mtp_logits(ids), back.mtp_logits(ids)):
+            assert torch.equal(a, b)
