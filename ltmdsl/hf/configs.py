@@ -32,7 +32,7 @@ from typing import Callable
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import ReadContext
-from ltmdsl.hf.families import granitemoehybrid
+from ltmdsl.hf.families import falcon_h1, granitemoehybrid
 from ltmdsl.hf.reader import MAX_CONFIG_BYTES, MAX_HF_LAYERS, MAX_JSON_DEPTH, Reader
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
@@ -40,15 +40,13 @@ from ltmdsl.kinds.mlstm_hf import soft_cap
 from ltmdsl.kinds.rg_lru_hf import hidden_activation
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
-                      "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm", "granitemoehybrid")
+                      "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm", "granitemoehybrid",
+                      "falcon_h1")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
     "zamba2": "its shared transformer blocks take the concatenation of the hidden state and the embeddings "
               "and carry per-use LoRA adapters",
-    "falcon_h1": "its Mamba-2 mixer without a gated RMSNorm (mamba_rms_norm false), the muP multipliers inside its "
-                 "mixers and MLP (ssm_multipliers, mlp_multipliers, key_multiplier) and its projectors_bias are not "
-                 "mapped yet (the language's `parallel` layer runs its attention beside Mamba-2; see docs/LANGUAGE.md)",
 }
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
@@ -527,7 +525,7 @@ _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transfor
             "qwen3": _transformer, "mamba": _mamba_family, "mamba2": _mamba2_family, "jamba": _jamba,
             "nemotron_h": _nemotron_h, "bamba": _bamba, "qwen3_next": _qwen3_next,
             "lfm2": _lfm2, "recurrent_gemma": _recurrent_gemma, "xlstm": _xlstm,
-            "granitemoehybrid": granitemoehybrid.read}
+            "granitemoehybrid": granitemoehybrid.read, "falcon_h1": falcon_h1.read}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import granitemoehybrid
+from ltmdsl.hf.families import falcon_h1, granitemoehybrid
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import expert_counts, to_hf
 from ltmdsl.ir import ModelIR
@@ -36,7 +36,7 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "mamba2": "Mamba2ForCausalLM", "jamba": "JambaForCausalLM", "nemotron_h": "NemotronHForCausalLM",
          "bamba": "BambaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "lfm2": "Lfm2ForCausalLM",
          "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM",
-         "granitemoehybrid": granitemoehybrid.ARCH}
+         "granitemoehybrid": granitemoehybrid.ARCH, "falcon_h1": falcon_h1.ARCH}
 
 
 def _one(values, what: str):
@@ -123,6 +123,7 @@ LAYOUTS = {
                          ("gated_deltanet", "attention"), ("mlp", "moe"),
                          "Qwen3-Next's mixers are Gated DeltaNet and gated attention", _SWIGLU_FFN),
     "granitemoehybrid": Layout(**granitemoehybrid.LAYOUT),
+    "falcon_h1": Layout(**falcon_h1.LAYOUT),
 }
 
 
@@ -211,6 +212,8 @@ def _family_config(ir: ModelIR) -> dict:
     n, d = len(layers), ir.d_model
     if granitemoehybrid.fits(ir):
         return granitemoehybrid.config(ir, base, norm.eps)
+    if falcon_h1.fits(ir):
+        return falcon_h1.config(ir, base, norm.eps)
     if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
         return _xlstm_config(ir, base, norm.eps)
 

@@ -40,10 +40,15 @@ class Source:
 
     names: tuple[str, ...]
     op: str = "copy"
+    #: (rows, factor) segments along dim 0 that multiply the tensor after `op` (export divides): muP multipliers
+    #: folded into the weights they follow (Falcon-H1's ssm_multipliers and mlp_multipliers); () = none.
+    scales: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"tensor transform must be one of {', '.join(OPS)}, not {self.op!r}")
+        if self.scales and self.op != "copy":
+            raise ValueError("scaled tensors are copied ones (op 'copy')")
 
 
 @dataclass(frozen=True)
