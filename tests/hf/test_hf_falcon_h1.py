@@ -27,8 +27,8 @@ TINY = dict(vocab_size=61, hidden_size=36, intermediate_size=50, num_hidden_laye
             ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.7], mlp_multipliers=[0.6, 1.3], mamba_rms_norm=False)
 CASES = {
     "muP": TINY,
-    "biased": {**TINY, "num_hidden_layers": 2, "mamba_d_ssm": None, "mamba_n_heads": 9, "mamba_n_groups": 3, "mamba_rms_norm": True,
-               "mamba_norm_before_gate": False, "attention_bias": True, "mlp_bias": True, "mamba_proj_bias": True,
+    "biased": {**TINY, "num_hidden_layers": 2, "mamba_d_ssm": None, "mamba_n_heads": 9, "mamba_n_groups": 3,
+               "mamba_rms_norm": True, "mamba_norm_before_gate": False, "attention_bias": True, "mlp_bias": True, "mamba_proj_bias": True,
                "projectors_bias": True, "tie_word_embeddings": True, "num_key_value_heads": 6},
     "plain": {**{k: v for k, v in TINY.items() if not k.endswith(("multiplier", "multipliers"))},
               "num_hidden_layers": 2},
@@ -117,7 +117,8 @@ def test_round_trip(case, tmp_path):
         assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("change", [{}, {"mamba_d_ssm": None}, {"mamba_rms_norm": True, "mamba_norm_before_gate": False},
+@pytest.mark.parametrize("change", [{}, {"mamba_d_ssm": None},
+                                    {"mamba_rms_norm": True, "mamba_norm_before_gate": False},
                                     {"attention_bias": True, "mlp_bias": True}],
                          ids=["defaults", "d_ssm-from-expand", "gated-norm", "biases"])
 def test_counts_are_what_transformers_counts(change):
