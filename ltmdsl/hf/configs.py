@@ -33,8 +33,8 @@ from typing import Callable
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import ReadContext
-from ltmdsl.hf.families import (deepseek_v2, deepseek_v3, gemma3, gpt_oss, granitemoehybrid, kimi_linear, llama4,
-                                minimax, qwen3_5, qwen3_moe)
+from ltmdsl.hf.families import (deepseek_v2, deepseek_v3, falcon_h1, gemma3, gpt_oss, granitemoehybrid, kimi_linear,
+                                llama4, minimax, qwen3_5, qwen3_moe)
 from ltmdsl.hf.reader import MAX_CONFIG_BYTES, MAX_HF_LAYERS, MAX_JSON_DEPTH, Reader
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 from ltmdsl.kinds.hf import hf_facet
@@ -44,15 +44,13 @@ from ltmdsl.kinds.rg_lru_hf import hidden_activation
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
                       "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm",
                       "deepseek_v2", "deepseek_v3", *qwen3_5.MODEL_TYPES, "kimi_linear",
-                      "qwen3_moe", "gpt_oss", "gemma3_text", "gemma3", "llama4_text", "granitemoehybrid", minimax.MODEL_TYPE)
+                      "qwen3_moe", "gpt_oss", "gemma3_text", "gemma3", "llama4_text", "granitemoehybrid", minimax.MODEL_TYPE,
+                      "falcon_h1")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
     "zamba2": "its shared transformer blocks take the concatenation of the hidden state and the embeddings "
               "and carry per-use LoRA adapters",
-    "falcon_h1": "its Mamba-2 mixer without a gated RMSNorm (mamba_rms_norm false), the muP multipliers inside its "
-                 "mixers and MLP (ssm_multipliers, mlp_multipliers, key_multiplier) and its projectors_bias are not "
-                 "mapped yet (the language's `parallel` layer runs its attention beside Mamba-2; see docs/LANGUAGE.md)",
 }
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
@@ -535,7 +533,7 @@ _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transfor
             **dict.fromkeys(qwen3_5.MODEL_TYPES, qwen3_5.read), "kimi_linear": kimi_linear.read,
             "qwen3_moe": qwen3_moe.read, "gpt_oss": gpt_oss.read, "gemma3_text": gemma3.read,
             "gemma3": gemma3.read_multimodal, "llama4_text": llama4.read, "granitemoehybrid": granitemoehybrid.read,
-            minimax.MODEL_TYPE: minimax.read}
+            minimax.MODEL_TYPE: minimax.read, "falcon_h1": falcon_h1.read}
 
 
 # ---------------------------------------------------------------------------------------------------------

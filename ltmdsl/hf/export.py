@@ -25,8 +25,8 @@ from ltmdsl import atomic
 from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
-from ltmdsl.hf.families import (deepseek_v2, deepseek_v3, gemma3, gpt_oss, granitemoehybrid, kimi_linear, llama4,
-                                minimax, qwen3_5, qwen3_moe)
+from ltmdsl.hf.families import (deepseek_v2, deepseek_v3, falcon_h1, gemma3, gpt_oss, granitemoehybrid, kimi_linear,
+                                llama4, minimax, qwen3_5, qwen3_moe)
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import buffers_of, expert_counts, layer_configs, to_hf
 from ltmdsl.ir import ModelIR
@@ -41,7 +41,8 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          "deepseek_v2": deepseek_v2.ARCH, "deepseek_v3": deepseek_v3.ARCH,
          **dict(qwen3_5.ARCHITECTURES.values()), "kimi_linear": kimi_linear.ARCH, "qwen3_moe": qwen3_moe.ARCH,
          "gpt_oss": gpt_oss.ARCH, "gemma3_text": gemma3.ARCH, "llama4_text": llama4.ARCH,
-         "granitemoehybrid": granitemoehybrid.ARCH, minimax.MODEL_TYPE: minimax.ARCH}
+         "granitemoehybrid": granitemoehybrid.ARCH, minimax.MODEL_TYPE: minimax.ARCH,
+         "falcon_h1": falcon_h1.ARCH}
 
 
 def _one(values, what: str):
@@ -148,6 +149,7 @@ LAYOUTS = {
     "llama4_text": Layout(**llama4.LAYOUT),
     "granitemoehybrid": Layout(**granitemoehybrid.LAYOUT),
     minimax.MODEL_TYPE: Layout(**minimax.LAYOUT),
+    "falcon_h1": Layout(**falcon_h1.LAYOUT),
 }
 
 
@@ -263,6 +265,8 @@ def _family_config(ir: ModelIR, family: str | None = None) -> dict:
         return (deepseek_v3 if deepseek_v3.claims(ir) else deepseek_v2).config(ir, base, norm.eps)
     if granitemoehybrid.fits(ir):
         return granitemoehybrid.config(ir, base, norm.eps)
+    if falcon_h1.fits(ir):
+        return falcon_h1.config(ir, base, norm.eps)
     if any(layer.kind == "mlstm" for layer in layers) and LAYOUTS["xlstm"].holds(ir):
         return _xlstm_config(ir, base, norm.eps)
 

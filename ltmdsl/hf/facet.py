@@ -56,6 +56,9 @@ class Source:
     op: str = "copy"
     rows: tuple[tuple[int, int, int], ...] = ()
     group: int = 0  # rope_pairs: the rows of one head (head_dim, even)
+    #: (rows, factor) segments along dim 0 that multiply the tensor after `op` (export divides): muP multipliers
+    #: folded into the weights they follow (Falcon-H1's ssm_multipliers and mlp_multipliers); () = none.
+    scales: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -69,6 +72,9 @@ class Source:
                 raise ValueError(f"row blocks of {self.names[part]} must tile its rows from 0, got {blocks}")
         if (self.op == "rope_pairs") != (self.group > 0) or self.group % 2:
             raise ValueError(f"op rope_pairs needs an even group (head_dim), and only it takes one: {self!r}")
+
+        if self.scales and self.op != "copy":
+            raise ValueError("scaled tensors are copied ones (op 'copy')")
 
     def part_rows(self, part: int) -> int:
         """How many rows checkpoint tensor `names[part]` has under op "rows"."""

@@ -65,6 +65,8 @@ NAMINGS = {
     "gemma3": Naming(**{**_GEMMA3.__dict__, "prefixes": ("model.language_model.",)}),
     "granitemoehybrid": _TRANSFORMER,
     "minimax": _TRANSFORMER,
+    "falcon_h1": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
+                        mixer_norm="input_layernorm", ffn_norm="pre_ff_layernorm"),
 }
 
 
@@ -118,7 +120,7 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
                                   hf=plan.hf))
     if src is None:
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
-    return src
+    return scaled(src, plan.hf.get("tensor_scales", {}))
 
 
 def buffers_of(plan: Plan, ir_model) -> dict:
@@ -156,6 +158,30 @@ def expert_counts(ir_model) -> dict[int, int]:
 def layer_configs(ir_model) -> dict:
     """Sub-layer index -> its IR config (what `source_of` passes to the kinds as `Site.layer`)."""
     return {layer.index: layer.mixer for layer in ir_model.layers}
+
+
+def _factors(src: Source, tensor):
+    """The per-row factors of a scaled source, shaped to broadcast over `tensor` [rows, ...]."""
+    import torch
+
+    rows = sum(n for n, _ in src.scales)
+    if tensor.dim() == 0 or tensor.shape[0] != rows:
+        raise HFError(f"tensor {src.names[0]} has {tensor.shape[0] if tensor.dim() else 0} rows; its multipliers "
+                      f"cover {rows}")
+    f = torch.cat([torch.full((n,), float(m), dtype=tensor.dtype, device=tensor.device)
+                   for n, m in src.scales])  # [rows]
+    return f.view(-1, *([1] * (tensor.dim() - 1)))
+
+
+def scaled(src: Source, scales: dict) -> Source:
+    """`src` with the multipliers the plan folds into it (`Plan.hf["tensor_scales"]`: checkpoint-name suffix ->
+    segments), when it is one copied tensor whose name ends with such a suffix."""
+    if not scales or src.op != "copy" or len(src.names) != 1:
+        return src
+    for suffix, segments in scales.items():
+        if src.names[0].endswith(suffix) and any(m != 1.0 for _, m in segments):
+            return Source(src.names, "copy", scales=tuple((int(n), float(m)) for n, m in segments))
+    return src
 
 
 def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -216,6 +242,8 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
             tensor = parts[0].transpose(-1, -2)
         else:
             tensor = parts[0]
+        if src.scales:
+            tensor = tensor * _factors(src, tensor)
         want = tuple(shapes[target])
         if tuple(tensor.shape) != want:
             what = src.names[0] if len(src.names) == 1 else f"{src.names[0].replace('.0.', '.*.')} (stacked)"
@@ -243,7 +271,7 @@ def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = Fal
                 offset += b - a
             out.update(zip(src.names, parts))
         elif src.op == "copy":
-            out[src.names[0]] = tensor
+            out[src.names[0]] = tensor / _factors(src, tensor) if src.scales else tensor
         elif src.op == "plus_one":
             out[src.names[0]] = tensor - 1
         elif src.op == "stack":

@@ -52,6 +52,7 @@ class Mamba2Config(LayerConfig):
     conv_bias: bool
     proj_bias: bool
     kind: str = field(default="mamba2", init=False)
+    gated_norm: bool = True  # RMSNorm(y * silu(z)); False: y * silu(z) alone (Falcon-H1's mamba_rms_norm false)
 
     @property
     def conv_dim(self) -> int:
@@ -71,6 +72,7 @@ def build(v: dict[str, Any], ctx: ModelContext) -> Mamba2Config:
     return Mamba2Config(
         d_state=v["d_state"], head_dim=v["head_dim"], heads=heads, n_groups=v["n_groups"], expand=v["expand"],
         d_inner=d_inner, d_conv=v["d_conv"], chunk=v["chunk"], conv_bias=v["conv_bias"], proj_bias=v["proj_bias"],
+        gated_norm=v["gated_norm"],
     )
 
 
@@ -79,7 +81,7 @@ def count(c: Mamba2Config, d: int) -> int:
     in_proj = d * proj_out + (proj_out if c.proj_bias else 0)
     conv = c.conv_dim * c.d_conv + (c.conv_dim if c.conv_bias else 0)
     out_proj = c.d_inner * d + (d if c.proj_bias else 0)
-    return in_proj + conv + 3 * c.heads + c.d_inner + out_proj
+    return in_proj + conv + 3 * c.heads + (c.d_inner if c.gated_norm else 0) + out_proj
 
 
 def split(c: Mamba2Config, d: int) -> Split:
@@ -144,6 +146,7 @@ KIND = Kind(
         Param("chunk", "int", 256, min=1, doc="SSD chunk length C"),
         Param("conv_bias", "bool", True),
         Param("proj_bias", "bool", False),
+        Param("gated_norm", "bool", True, doc="RMSNorm(y * silu(z)) before out_proj; false: y * silu(z) alone"),
     ),
     is_ffn=False,
     build=build,

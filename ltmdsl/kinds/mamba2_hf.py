@@ -96,10 +96,13 @@ def call(v: dict) -> str:
     return (f"mamba2(d_state = {num(v['d_state'])}, head_dim = {num(v['head_dim'])}, {heads}"
             f"n_groups = {num(v['n_groups'])}, "
             f"expand = {num(v['expand'])}, d_conv = {num(v['d_conv'])}, chunk = {num(v['chunk'])}, "
-            f"conv_bias = {boolean(v['conv_bias'])}, proj_bias = {boolean(v['proj_bias'])})")
+            f"conv_bias = {boolean(v['conv_bias'])}, proj_bias = {boolean(v['proj_bias'])}"
+            f"{', gated_norm = false' if v.get('gated_norm') is False else ''})")
 
 
 def write(m, fam: str, d: int) -> dict:
+    if not m.gated_norm:
+        raise HFError(misfit(m, fam))
     if fam == "mamba2":
         return {"num_heads": m.heads, "head_dim": m.head_dim, "state_size": m.d_state, "n_groups": m.n_groups,
                 "expand": m.expand, "conv_kernel": m.d_conv, "chunk_size": m.chunk, "use_conv_bias": m.conv_bias,
@@ -120,6 +123,8 @@ def write(m, fam: str, d: int) -> dict:
 
 
 def misfit(m, fam: str) -> str | None:
+    if not m.gated_norm:
+        return "its Mamba-2 has no gated RMSNorm (gated_norm = false), which only Falcon-H1 has"
     return None if fam in ("mamba2", "nemotron_h", "bamba", "granitemoehybrid") else f"{fam} has no Mamba-2 layers"
 
 

@@ -60,6 +60,8 @@ def read(r: Reader, ctx: ReadContext) -> dict:
         return dict(d_ff=_xlstm_d_ff(r, ctx.d_model), act="swiglu", bias=ctx.shared["bias"])
     if fam == "granitemoehybrid":  # shared_mlp alone (num_local_experts 0): SwiGLU, no bias
         return dict(d_ff=ctx.shared["shared_d_ff"], act="swiglu", bias=False)
+    if fam == "falcon_h1":  # FalconH1MLP: SwiGLU of intermediate_size, mlp_bias (its multipliers fold into weights)
+        return dict(d_ff=r.int("intermediate_size", 14336), act="swiglu", bias=r.bool("mlp_bias", False))
     raise HFError(f"internal: mlp has no reader for {fam}")
 
 
@@ -143,6 +145,11 @@ def write(f, fam: str, d: int) -> dict:
         if why:
             raise HFError(why)
         return {"shared_intermediate_size": f.d_ff, "num_local_experts": 0}
+    if fam == "falcon_h1":
+        why = misfit(f, fam)
+        if why:
+            raise HFError(why)
+        return {"intermediate_size": f.d_ff, "mlp_bias": f.bias}
     raise HFError(f"{fam} has no dense MLP layers")
 
 
@@ -163,6 +170,8 @@ def misfit(f, fam: str) -> str | None:
             "DeepSeek's and Kimi-Linear's MLPs use swiglu without biases"
     if fam == "granitemoehybrid":
         return None if f.activation == "swiglu" and not f.bias else "Granite-4.0-H's shared_mlp is swiglu without bias"
+    if fam == "falcon_h1":
+        return None if f.activation == "swiglu" else "Falcon-H1's MLPs are swiglu"
     if fam == "nemotron_h":
         return None if f.activation == "relu2" else f"its activation is {f.activation}; Nemotron-H MLPs use relu2"
     if fam == "lfm2":
@@ -204,10 +213,10 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 
 HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", "qwen3_next", "qwen3_5", "lfm2",
                                                                  "recurrent_gemma", "xlstm", *DEEPSEEK, "kimi_linear",
-                                                                 "granitemoehybrid"),
+                                                                 "granitemoehybrid", "falcon_h1"),
              modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_5", *DEEPSEEK,
                                                "kimi_linear", "qwen3_moe", "gemma3_text", "gemma3")},
                       "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
                       "lfm2": ("feed_forward",), "llama4_text": ("feed_forward",), "recurrent_gemma": ("mlp_block",), "xlstm": ("ffn",),
-                      "granitemoehybrid": ("shared_mlp",)},
+                      "granitemoehybrid": ("shared_mlp",), "falcon_h1": ("feed_forward",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

@@ -44,7 +44,9 @@ def new_cache(cfg: Mamba2Config, req: CacheRequest) -> ConvSSMState:
 
 def state_names(cfg: Mamba2Config) -> tuple[str, ...]:
     """The parameters a `Mamba2` owns (transformers' Mamba2Mixer names)."""
-    names = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"]
+    names = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "out_proj.weight"]
+    if cfg.gated_norm:
+        names.append("norm.weight")
     if cfg.proj_bias:
         names += ["in_proj.bias", "out_proj.bias"]
     if cfg.conv_bias:
@@ -77,7 +79,7 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(Hs))
         self.A_log = nn.Parameter(torch.empty(Hs))
         self.D = nn.Parameter(torch.empty(Hs))
-        self.norm = GatedNormWeight(Di)
+        self.norm = GatedNormWeight(Di) if cfg.gated_norm else None
         self.out_proj = nn.Linear(Di, d, bias=cfg.proj_bias)
 
     @torch.no_grad()
@@ -90,7 +92,8 @@ class Mamba2(nn.Module):
         init.dt_bias_(self.dt_bias, gen)
         init.assign_(self.A_log, torch.log(1 + 15 * torch.rand(cfg.heads, generator=gen)))
         init.ones_(self.D)
-        init.ones_(self.norm.weight)
+        if self.norm is not None:
+            init.ones_(self.norm.weight)
         init.linear_(self.out_proj, gen)
 
     def _split(self, zxbcdt: torch.Tensor):
@@ -104,12 +107,16 @@ class Mamba2(nn.Module):
         return F.softplus(dt.to(work) + self.dt_bias.to(work)), -torch.exp(self.A_log.to(work))
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """y, x [..., Hs, P], z [..., Di] -> out_proj(gated_norm(y + D x, z)) [..., d]."""
+        """y, x [..., Hs, P], z [..., Di] -> out_proj(gated_norm(y + D x, z)) [..., d] (without the norm:
+        out_proj((y + D x) * silu(z)))."""
         cfg = self.cfg
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = y.to(work) + x.to(work) * self.D.to(work)[:, None]  # [..., Hs, P]
         y = y.reshape(*y.shape[:-2], cfg.d_inner)  # [..., Di]
-        y = gated_rmsnorm(y, z, self.norm.weight.to(work), group_size=cfg.d_inner // cfg.n_groups, eps=self.eps)
+        if self.norm is None:  # gated_norm = false (Falcon-H1's mamba_rms_norm false): the gate alone
+            y = y * F.silu(z.to(work))  # [..., Di]
+        else:
+            y = gated_rmsnorm(y, z, self.norm.weight.to(work), group_size=cfg.d_inner // cfg.n_groups, eps=self.eps)
         return self.out_proj(y.to(x.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvSSMState | None = None, pos0: int = 0) -> torch.Tensor:

@@ -104,10 +104,10 @@ def test_fmt_round_trips():
         [(x.mixer, x.params) for x in ltmdsl.loads(text).model.layers]
 
 
-def test_falcon_h1_configs_are_refused_naming_what_is_missing():
-    """The frame exists; Falcon-H1's import is not built yet, and says what it lacks rather than importing wrong."""
-    from ltmdsl.hf import HFError
+def test_falcon_h1_imports_as_parallel_layers():
+    """A Falcon-H1 config is one parallel sub-layer (attention beside Mamba-2) then an MLP per HF layer."""
     from ltmdsl.hf.configs import spec_from_config
 
-    with pytest.raises(HFError, match="falcon_h1' is not supported: its Mamba-2 mixer without a gated RMSNorm"):
-        spec_from_config({"model_type": "falcon_h1"})
+    ir = ltmdsl.loads(spec_from_config({"model_type": "falcon_h1", "num_hidden_layers": 2})).model
+    assert [x.kind for x in ir.layers] == ["parallel", "mlp"] * 2
+    assert (ir.layers[0].mixer.a.kind, ir.layers[0].mixer.b.kind) == ("attention", "mamba2")

@@ -3,7 +3,7 @@
 The fp32 model is the oracle here; each lower precision must agree within bf16 <= 1e-2 and
 fp16 <= 5e-3 relative (max-abs over max-abs), for a one-shot forward and for prefill + decode steps, one
 kind at a time: every mixer kind of tiny-hybrid alone with an MLP, decoding with fp32 caches (a budget's
-`state_dtype = fp32`). The whole tiny-hybrid (20 sub-layers of random weights) decodes with caches in the
+`state_dtype = fp32`). The whole tiny-hybrid (24 sub-layers of random weights) decodes with caches in the
 model's dtype and compounds rounding through its depth: measured 1.28e-2 in bf16, it is held to twice the
 per-kind bounds. A lightning layer keeps its state in fp32 whatever cache dtype is asked for (a bf16 state
 reached 1.001e-2 after 10 decode steps here: a decay near 1 makes each token's update smaller than the
