@@ -5,8 +5,8 @@ combines its attention and Mamba-2 mixer:
 
 Each branch is the module its own kind builds (runtime registry), named `a.*` and `b.*` under the mixer; its
 cache is the pair of the branches' caches (`ParallelCache`), whose bytes count towards each branch's own
-component. A branch kind that depends on its place in the stack (lightning) is refused; tensor, context and
-expert parallelism are refused naming the kind (no plan yet).
+component. A branch kind that depends on its place in the stack (lightning) is refused; tensor and expert
+parallelism are refused naming the kind (no plan yet); context parallelism runs each branch's own form.
 """
 
 from __future__ import annotations
@@ -105,6 +105,21 @@ def state_names(cfg: ParallelConfig) -> tuple[str, ...]:
                  for n in runtime_kind(branch.kind).state_names(branch))
 
 
+def cp_forward(module: Parallel, x: torch.Tensor, cp) -> torch.Tensor:
+    """One context-parallel rank's tokens x [B, T/cp, d]: each branch runs its own kind's cp_forward on the
+    scaled input (what crosses ranks is each branch's business), and the scaled outputs are summed."""
+    out = None
+    for name, branch, m_in, m_out in module.cfg.branches:
+        fwd = runtime_kind(branch.kind).cp_forward
+        if fwd is None:
+            raise ValueError(f"the parallel layer's branch {name} ({branch.kind}) has no context-parallel form")
+        xin = x * m_in if m_in != 1.0 else x  # [B, T, d]
+        y = fwd(getattr(module, name), xin, cp)  # [B, T, d]
+        y = y * m_out if m_out != 1.0 else y
+        out = y if out is None else out + y
+    return out
+
+
 KIND = RuntimeKind(
     name="parallel",
     module=Parallel,
@@ -113,4 +128,5 @@ KIND = RuntimeKind(
     ops={},
     oracles={},
     state_names=state_names,
+    cp_forward=cp_forward,
 )
