@@ -111,8 +111,8 @@ class Mlstm(nn.Module):
         heads (xLSTM-7B's initialisation: start writing little and forgetting slowly); norm weight 1."""
         for lin in (self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact, self.out_proj):
             init.linear_(lin, gen)
-        self.igate_preact.bias.fill_(-10.0)
-        self.fgate_preact.bias.copy_(torch.linspace(3.0, 6.0, self.cfg.heads))
+        init.assign_(self.igate_preact.bias, torch.tensor(-10.0))
+        init.assign_(self.fgate_preact.bias, torch.linspace(3.0, 6.0, self.cfg.heads))
         init.ones_(self.multihead_norm.weight)
         init.zeros_(self.multihead_norm.bias)
 

@@ -119,7 +119,7 @@ class RecurrentBlock(nn.Module):
         init.zeros_(lru.input_gate_bias)
         init.zeros_(lru.recurrent_gate_bias)
         u = 0.9**2 + 1e-8 + (0.999**2 - 0.9**2) * torch.rand(self.cfg.width, generator=gen, dtype=torch.float64)
-        lru.recurrent_param.copy_(torch.log(u.pow(-0.5) - 1.0))
+        init.assign_(lru.recurrent_param, torch.log(u.pow(-0.5) - 1.0))
 
     def forward(self, u: torch.Tensor, state: ConvLruState | None = None, pos0: int = 0) -> torch.Tensor:
         cfg = self.cfg
