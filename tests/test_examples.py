@@ -30,7 +30,8 @@ PUBLISHED = {
     "qwen3-next-80b-a3b.ltm": 79_674_391_296,  # transformers 5.24 on tests/hf/configs/Qwen3-Next-80B-A3B-Instruct.json
     "deepseek-v3.ltm": 671_026_404_352,  # transformers 5.24 on tests/hf/configs/DeepSeek-V3.json (no MTP module)
     "deepseek-v2-lite.ltm": 15_706_484_224,  # transformers 5.24 on tests/hf/configs/DeepSeek-V2-Lite.json
-    "kimi-linear-48b-a3b.ltm": 49_133_074_464,  # transformers 5.24, KimiLinearConfig's defaults (tests/hf/configs)
+    "kimi-linear-48b-a3b.ltm": 49_133_074_464,
+    "qwen3.5-35b-a3b.ltm": 34_660_610_688,  # transformers 5.24, Qwen3_5MoeTextConfig's defaults (tests/hf/configs)  # transformers 5.24, KimiLinearConfig's defaults (tests/hf/configs)
     "gpt-oss-20b.ltm": 20_914_757_184,  # transformers 5.24 on tests/hf/configs/gpt-oss-20b.json
     "gemma-3-27b.ltm": 27_009_346_304,  # transformers 5.24, the text model of tests/hf/configs/gemma-3-27b-it.json
     "nemotron-3-nano-30b-a3b.ltm": 31_577_937_344,  # transformers 5.24 on tests/hf/configs/NVIDIA-Nemotron-3-Nano-*.json

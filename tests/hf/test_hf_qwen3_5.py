@@ -294,3 +294,23 @@ def test_row_blocks_must_tile_each_tensor():
     assert torch.equal(got, torch.cat([a[:2], b, a[2:]]))
     with pytest.raises(HFError, match="tensor b has shape \\[2, 2\\], expected 1 rows"):
         gather({"t": src}, {"a": a, "b": torch.zeros(2, 2)}.__getitem__, {"t": (4, 2)})
+
+
+def test_moe_defaults_are_the_example_with_transformers_count():
+    """Qwen3_5MoeTextConfig's defaults (documented by transformers as Qwen/Qwen3.5-35B-A3B) import to
+    examples/qwen3.5-35b-a3b.ltm: 30 Gated DeltaNet and 10 gated attention layers, each before a MoE with a
+    gated shared expert, 34,660,610,688 parameters as transformers builds them on the meta device."""
+    from pathlib import Path
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[2]
+    cfg = json.loads((root / "tests/hf/configs/Qwen3.5-35B-A3B-text-defaults.json").read_text())
+    ir = ltmdsl.loads(spec_from_config(cfg, name="qwen3_5_35b_a3b")).model
+    example = ltmdsl.load(root / "examples/qwen3.5-35b-a3b.ltm").model
+    assert [(x.norm, x.mixer) for x in ir.layers] == [(x.norm, x.mixer) for x in example.layers]
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(Qwen3_5MoeTextConfig())
+    assert example.params_total == sum(p.numel() for p in model.parameters()) == 34_660_610_688
