@@ -24,8 +24,9 @@ from ltmdsl.kinds.mla import MLAConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_attention, ops_mla
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
+from ltmdsl.runtime.tensor_parallel import copy_to_tp, mark_tp_group
 from ltmdsl.runtime.ops_attention import rope_cos_sin
 from ltmdsl.runtime.ops_mla import rope_interleaved
 
@@ -109,9 +110,12 @@ class MLA(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, cfg.heads, cfg.qk_head_dim)  # [B, T, H, Dqk]
+        q = q.view(B, T, q.shape[-1] // cfg.qk_head_dim, cfg.qk_head_dim)  # [B, T, H, Dqk] (H/t under tp)
         q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         c, kr = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        group = getattr(self.kv_a_proj_with_mqa, "tp_group", None)
+        if group is not None:  # every rank's heads use the shared RoPE key: sum its gradient over the ranks
+            kr = copy_to_tp(kr, group)
         c = self.kv_a_layernorm(c)  # [B, T, Rkv]
         if cfg.rope_theta is not None:  # NoPE (Kimi-Linear): the "rope" channels stay as they are
             cos, sin = self._rope(T, pos0, x.dtype, x.device)
@@ -137,13 +141,15 @@ class MLA(nn.Module):
             state.rope_key[:, pos0:end] = kr.to(state.rope_key.dtype)
             c, kr = state.latent[:, :end].to(x.dtype), state.rope_key[:, :end].to(x.dtype)  # [B, Tk, ...]
         Tk = c.shape[1]
-        kv = self.kv_b_proj(c).view(B, Tk, cfg.heads, cfg.qk_nope_head_dim + cfg.v_head_dim)  # [B, Tk, H, Dn+Dv]
+        kv = self.kv_b_proj(c)  # [B, Tk, H*(Dn+Dv)]
+        width = cfg.qk_nope_head_dim + cfg.v_head_dim
+        kv = kv.view(B, Tk, kv.shape[-1] // width, width)  # [B, Tk, H, Dn+Dv]
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # views of kv
-        k = torch.cat([k_nope, kr[:, :, None].expand(-1, -1, cfg.heads, -1)], dim=-1)  # [B, Tk, H, Dqk]
+        k = torch.cat([k_nope, kr[:, :, None].expand(-1, -1, k_nope.shape[2], -1)], dim=-1)  # [B, Tk, H, Dqk]
         q = torch.cat([q_nope, q_rot], dim=-1)  # [B, T, H, Dqk]
         del k_nope, q_nope, q_rot, c, kr  # only q, k and kv (holding v) stay live through the attention
         o = self.kernels.attention(q, k, v, causal=True, window=None, scale=cfg.scale)  # [B, T, H, Dv]
-        return self.o_proj(o.reshape(B, T, cfg.heads * cfg.v_head_dim))  # [B, T, d]
+        return self.o_proj(o.flatten(2))  # [B, T, d]
 
     def step(self, x: torch.Tensor, state: LatentCache, pos0: int) -> torch.Tensor:
         """One token per sequence at position pos0: x [B,d] -> [B,d]; writes its latent into the cache."""
@@ -170,12 +176,28 @@ def cp_forward(module: MLA, x: torch.Tensor, cp) -> torch.Tensor:
     q_nope, q_rot, c, kr = module._q_and_latent(x, offset)
     end = offset + T
     c, kr = cp.gather(c)[:, :end], cp.gather(kr)[:, :end]  # [B, end, ...]: every earlier token's latent
-    kv = module.kv_b_proj(c).view(B, end, cfg.heads, cfg.qk_nope_head_dim + cfg.v_head_dim)  # [B, end, H, Dn+Dv]
+    kv = module.kv_b_proj(c)  # [B, end, H*(Dn+Dv)]
+    width = cfg.qk_nope_head_dim + cfg.v_head_dim
+    kv = kv.view(B, end, kv.shape[-1] // width, width)  # [B, end, H, Dn+Dv]
     k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-    k = torch.cat([k_nope, kr[:, :, None].expand(-1, -1, cfg.heads, -1)], dim=-1)  # [B, end, H, Dqk]
+    k = torch.cat([k_nope, kr[:, :, None].expand(-1, -1, k_nope.shape[2], -1)], dim=-1)  # [B, end, H, Dqk]
     q = torch.cat([q_nope, q_rot], dim=-1)  # [B, T, H, Dqk]
     o = module.kernels.attention(q, k, v.contiguous(), causal=True, window=None, scale=cfg.scale)  # [B, T, H, Dv]
-    return module.o_proj(o.reshape(B, T, cfg.heads * cfg.v_head_dim))  # [B, T, d]
+    return module.o_proj(o.flatten(2))  # [B, T, d]
+
+def tp_plan(cfg: MLAConfig, tp: int) -> dict:
+    """Megatron-LM's MLA split: heads over tp, the up-projections (q_proj or q_b_proj, kv_b_proj) column-wise
+    and o_proj row-wise; the down-projections, their norms and the latent (what the cache keeps) replicated,
+    their gradients summed over the ranks (the latent through the column-wise kv_b_proj, the shared RoPE key
+    through `copy_to_tp`)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.heads % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the mla's {cfg.heads} heads")
+    q = "q_proj" if cfg.q_lora_rank is None else "q_b_proj"
+    return {q: ColwiseParallel(), "kv_b_proj": ColwiseParallel(), "o_proj": RowwiseParallel(),
+            "kv_a_proj_with_mqa": mark_tp_group()}
+
 
 KIND = RuntimeKind(
     name="mla",
@@ -186,4 +208,5 @@ KIND = RuntimeKind(
     oracles={"attention": ops_attention.attention_reference, "mla_decode": ops_mla.mla_decode_reference},
     state_names=state_names,
     cp_forward=cp_forward,
+    tp_plan=tp_plan,
 )

@@ -26,7 +26,8 @@ from ltmdsl.kinds.mlstm import MlstmConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_mlstm
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.tensor_parallel import local, shard_parameters
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.ops_mlstm import MlstmState
 
 if TYPE_CHECKING:
@@ -85,8 +86,8 @@ class MultiHeadNorm(nn.Module):
         x = h if dtype == torch.float64 else h.float()
         x = x - x.mean(-1, keepdim=True)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # the biased variance, as LayerNorm
-        x = x.to(dtype).flatten(-2) * self.weight  # [..., V]
-        return x if self.bias is None else x + self.bias
+        x = x.to(dtype).flatten(-2) * local(self.weight)  # [..., V] (V/t of them under tensor parallelism)
+        return x if self.bias is None else x + local(self.bias)
 
 
 class Mlstm(nn.Module):
@@ -120,8 +121,9 @@ class Mlstm(nn.Module):
         """u [..., d] -> q, k [..., H, Dqk]; v, o [..., H, Dv]; i, log f [..., H] in the work dtype."""
         cfg = self.cfg
         work = torch.float64 if u.dtype == torch.float64 else torch.float32
-        heads = (*u.shape[:-1], cfg.heads)
-        q, k = self.q(u).reshape(*heads, cfg.dqk), self.k(u).reshape(*heads, cfg.dqk)
+        q, k = self.q(u), self.k(u)  # [..., H*Dqk] (H/t heads under tensor parallelism)
+        heads = (*u.shape[:-1], q.shape[-1] // cfg.dqk)
+        q, k = q.reshape(*heads, cfg.dqk), k.reshape(*heads, cfg.dqk)
         v = self.v(u).reshape(*heads, cfg.dv)
         i, f = self.igate_preact(u).to(work), self.fgate_preact(u).to(work)  # [..., H]
         if cfg.soft_cap is not None:
@@ -183,6 +185,18 @@ def cp_forward(module: Mlstm, u: torch.Tensor, cp) -> torch.Tensor:
     return module._finish(h, u)  # [B, T, d]
 
 
+def tp_plan(cfg: MlstmConfig, tp: int) -> dict:
+    """Heads split over tp: q, k, v, the output gate and both gate pre-activations column-wise (each rank's
+    H/t heads, biases with them), the per-head norm's channels with their heads, out_proj row-wise (one
+    all-reduce). Every head's recurrence is its own, so nothing else crosses ranks."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.heads % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the mlstm's {cfg.heads} heads")
+    plan = {name: ColwiseParallel() for name in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")}
+    return plan | {"multihead_norm": shard_parameters(0), "out_proj": RowwiseParallel()}
+
+
 KIND = RuntimeKind(
     name="mlstm",
     module=Mlstm,
@@ -192,4 +206,5 @@ KIND = RuntimeKind(
     oracles={"mlstm_chunked": _mlstm_oracle},
     state_names=state_names,
     cp_forward=cp_forward,
+    tp_plan=tp_plan,
 )

@@ -28,6 +28,7 @@ from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mlp import MLP, activate
+from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, sum_over_tp
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -68,18 +69,13 @@ class Experts(nn.Module):
     def one(self, cfg: MoEConfig, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [m, d] -> [m, d] (under tensor parallelism: this rank's part of the sum
         over the expert's width, reduced by `MoE.forward`)."""
-        gate = x @ _local(self.gate_proj)[e].t() if self.gate_proj is not None else None  # [m, F]
-        up = x @ _local(self.up_proj)[e].t()  # [m, F]
+        gate = x @ local(self.gate_proj)[e].t() if self.gate_proj is not None else None  # [m, F]
+        up = x @ local(self.up_proj)[e].t()  # [m, F]
         if self.up_bias is not None:
             up = up + self.up_bias[e]
             gate = gate + self.gate_bias[e] if gate is not None else None
-        out = expert_activation(cfg, gate, up) @ _local(self.down_proj)[e].t()  # [m, d]
+        out = expert_activation(cfg, gate, up) @ local(self.down_proj)[e].t()  # [m, d]
         return out + self.down_bias[e] if self.down_bias is not None else out
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a tensor-parallel (DTensor) weight, differentiably; a plain tensor as it is."""
-    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def expert_width_parallel():
@@ -100,32 +96,6 @@ def expert_width_parallel():
             return module
 
     return ExpertWidthParallel()
-
-
-class _CopyToTp(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the tp ranks (Megatron's copy to the tensor-parallel
-    region): what enters the split experts gets only this rank's part of its gradient from them."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        import torch.distributed as dist
-
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def _sum_over_tp(partial: torch.Tensor, mesh) -> torch.Tensor:
-    """The sum of every tp rank's partial output [M, d], on every rank. Through DTensor (Partial ->
-    Replicate), so backward hands each rank the whole output gradient, as Megatron's reduce region does."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
-    return DTensor.from_local(partial, mesh, [Partial()]).redistribute(mesh, [Replicate()]).to_local()
 
 
 def route(logits: torch.Tensor, cfg: MoEConfig,
@@ -195,7 +165,7 @@ class MoE(nn.Module):
         xe = xf
         if self.experts.tp_mesh is not None:  # the experts' inputs get partial gradients from each rank
             group = self.experts.tp_mesh.get_group()
-            xe, w = _CopyToTp.apply(xf, group), _CopyToTp.apply(w, group)
+            xe, w = copy_to_tp(xf, group), copy_to_tp(w, group)
         out = torch.zeros_like(xf)  # [M, d]
         for e in range(cfg.experts):
             tok, slot = torch.where(idx == e)  # tokens routed to expert e, and which of their k slots
@@ -208,7 +178,7 @@ class MoE(nn.Module):
                 he = self.experts.one(cfg, e, xe[tok]) * we  # [m, d]
             out.index_add_(0, tok, he.to(out.dtype))
         if self.experts.tp_mesh is not None:
-            out = _sum_over_tp(out, self.experts.tp_mesh)  # [M, d]
+            out = sum_over_tp(out, self.experts.tp_mesh)  # [M, d]
         if self.shared is not None:
             shared = self.shared(xf)  # [M, d]
             if self.shared_gate is not None:
