@@ -41,7 +41,7 @@ from ltmdsl.kinds.rg_lru_hf import hidden_activation
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
                       "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm", "qwen3_moe", "gpt_oss", "gemma3_text", "gemma3",
-                      "llama4_text")
+                      "llama4_text", "llama4")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
@@ -503,7 +503,8 @@ _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transfor
             "nemotron_h": _nemotron_h, "bamba": _bamba, "qwen3_next": _qwen3_next,
             "lfm2": _lfm2, "recurrent_gemma": _recurrent_gemma, "xlstm": _xlstm,
             "qwen3_moe": qwen3_moe.read, "gpt_oss": gpt_oss.read, "gemma3_text": gemma3.read,
-            "gemma3": gemma3.read_multimodal, "llama4_text": llama4.read}
+            "gemma3": gemma3.read_multimodal, "llama4_text": llama4.read,
+            "llama4": llama4.read_multimodal}
 
 
 # ---------------------------------------------------------------------------------------------------------

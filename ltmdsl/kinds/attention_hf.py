@@ -124,13 +124,13 @@ def call(v: dict) -> str:
         args.append(f"rope_dim = {num(int(v['rope_dim']))}")
     if v.get("rope_scaling") is not None:
         args.append(f"rope_scaling = {scaling_text(v['rope_scaling'])}")
-    for size in ("window", "chunk"):
+    for size in ("window", "chunk", "temperature_floor"):
         if v.get(size) is not None:
             args.append(f"{size} = {num(int(v[size]))}")
     for flag in ("qkv_bias", "out_bias", "qk_norm", "gate", "sinks", "qk_l2_norm"):
         if v.get(flag):
             args.append(f"{flag} = true")
-    for number in ("softcap", "query_pre_attn_scalar"):
+    for number in ("softcap", "query_pre_attn_scalar", "temperature_scale"):
         if v.get(number) is not None:
             args.append(f"{number} = {num(float(v[number]))}")
     return f"attention({', '.join(args)})"
@@ -309,7 +309,8 @@ def unmapped_variants(a) -> list[str]:
     attention."""
     out = [name for name, on in (("gate", a.gate), ("sinks", a.sinks), ("softcap", a.softcap is not None),
                                  ("qk_l2_norm", a.qk_l2_norm), ("chunk", a.chunk is not None),
-                                 ("query_pre_attn_scalar", a.query_pre_attn_scalar is not None)) if on]
+                                 ("query_pre_attn_scalar", a.query_pre_attn_scalar is not None),
+                                 ("temperature_floor", a.temperature_floor is not None)) if on]
     if a.rope_scaling is not None and a.rope_scaling.kind != "llama3":
         out.append(f"rope_scaling = {a.rope_scaling.kind}(...)")
     return out

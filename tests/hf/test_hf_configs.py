@@ -47,7 +47,7 @@ def transformers_count(cfg: dict) -> int:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config = transformers.AutoConfig.for_model(**cfg)
-    if cfg.get("model_type") == "gemma3":  # multimodal: import-hf takes its text decoder
+    if cfg.get("model_type") in ("gemma3", "llama4"):  # multimodal: import-hf takes its text decoder
         config = config.text_config
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -68,8 +68,6 @@ def test_family_defaults_match_transformers(family):
     cfg = {"model_type": family}
     if family == "nemotron_h":  # its default layer list contains MoE, which we do not import
         cfg["hybrid_override_pattern"] = "M*-M"
-    if family == "llama4_text":  # the temperature tuning of its NoPE layers is refused (not in the language)
-        cfg["attn_temperature_tuning"] = False
     assert imported(cfg).params_total == transformers_count(cfg)
 
 

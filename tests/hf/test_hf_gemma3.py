@@ -49,7 +49,7 @@ def test_published_config_is_the_example():
     transformers' Gemma3ForCausalLM on its text_config (meta device); the multimodal model adds the vision part."""
     cfg = json.loads(CONFIG.read_text())
     text = spec_from_config(cfg)
-    assert text.count("# NOTE") == 1 and "vision_config" in text
+    assert text.count("# NOTE") == 1 and "vision_config" in text and "text decoder" in text
     ir, example = ltmdsl.loads(text).model, ltmdsl.load(EXAMPLES / "gemma-3-27b.ltm").model
     assert [(x.norm, x.mixer, x.post_norm) for x in ir.layers] == \
         [(x.norm, x.mixer, x.post_norm) for x in example.layers]

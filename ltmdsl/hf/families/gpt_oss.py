@@ -122,6 +122,7 @@ def misfit(c) -> str | None:
                                   ("qk_l2_norm", c.qk_l2_norm), ("chunk", c.chunk is not None),
                                   ("query_pre_attn_scalar", c.query_pre_attn_scalar is not None),
                                   ("scale", c.scale is not None), ("rope_dim", c.rope_dim is not None),
+                                  ("temperature_floor", c.temperature_floor is not None),
                                   ("v_head_dim", c.v_head_dim != c.head_dim), ("causal = false", not c.causal)) if on]
         if not c.sinks or c.rope_theta is None or others or c.qkv_bias != c.out_bias:
             return ("gpt-oss attention has sinks, RoPE over the whole head and one attention_bias on q, k, v and o"
