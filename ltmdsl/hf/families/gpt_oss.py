@@ -32,11 +32,6 @@ from ltmdsl.kinds.moe import SWIGLU_ALPHA, SWIGLU_LIMIT
 
 MODEL_TYPE = "gpt_oss"
 ARCH = "GptOssForCausalLM"
-LAYOUT = dict(description="gpt-oss (attention with sinks, global or sliding, each followed by a MoE with biases "
-                          "and clamped SwiGLU experts)",
-              family="mixtral", paired=True, mixers=("attention",), ffns=("moe",),
-              not_mixer="gpt-oss has attention mixers only", not_ffn="expected the MoE that follows each mixer",
-              own=lambda c: misfit(c))
 #: GptOssConfig's RoPE when the config states none
 DEFAULT_YARN = RopeScaling("yarn", 32.0, original_context=4096, beta_fast=32.0, beta_slow=1.0, truncate=False)
 _TYPES = ("sliding_attention", "full_attention")
@@ -136,6 +131,13 @@ def misfit(c) -> str | None:
                 f"swiglu_clamped, nothing else (this MoE: act = {c.activation}, routing = {c.routing}"
                 f"{''.join(', ' + v for v in sorted(variants))})")
     return None
+
+
+LAYOUT = dict(description="gpt-oss (attention with sinks, global or sliding, each followed by a MoE with biases "
+                          "and clamped SwiGLU experts)",
+              family="mixtral", paired=True, mixers=("attention",), ffns=("moe",),
+              not_mixer="gpt-oss has attention mixers only", not_ffn="expected the MoE that follows each mixer",
+              own=misfit)
 
 
 def config(ir, base: dict, eps: float) -> dict:
