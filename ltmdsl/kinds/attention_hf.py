@@ -362,7 +362,7 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one"; Llama-4's
     q_proj / k_proj rows through op "rope_pairs" (its RoPE rotates interleaved pairs, the runtime's halves);
     LFM2's `out_proj` / `q_layernorm` / `k_layernorm` renamed."""
-    if site.family in ("qwen3_next", "gemma3_text", "gemma3") and rest in ("q_norm.weight", "k_norm.weight"):
+    if site.family in ("qwen3_next", "gemma3_text") and rest in ("q_norm.weight", "k_norm.weight"):
         return Source(copy_tensor(facet, rest, site).names, "plus_one")
     if site.family == "llama4_text" and rest.split(".")[0] in ("q_proj", "k_proj"):
         return Source(copy_tensor(facet, rest, site).names, "rope_pairs", group=site.hf["head_dim"])
@@ -376,7 +376,7 @@ HF = HFFacet(
     name="attention", label="attention",
     families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next", "lfm2", "recurrent_gemma"),
     modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next", "lfm2", "qwen3_moe", "gpt_oss",
-                                              "gemma3_text", "gemma3", "llama4_text")},
+                                              "gemma3_text", "llama4_text")},
              "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

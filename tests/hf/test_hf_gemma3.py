@@ -122,6 +122,19 @@ def test_bad_fields_name_the_key(key, value, message):
     assert message in str(e.value)
 
 
+def test_multimodal_checkpoints_are_refused_by_name(tmp_path):
+    """from_hf of a gemma3 (text and vision) checkpoint folder: an error that says why, before any tensor is read."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    save_file({"model.vision_tower.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    cfg = json.loads(CONFIG.read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "text_config": {**cfg["text_config"], **{
+        k: v for k, v in SMALL.items() if k != "model_type"}}}))
+    with pytest.raises(HFError, match="gemma3 checkpoints \\(text and vision\\) are not loaded"):
+        ltmdsl.from_hf(tmp_path)
+
+
 def test_multimodal_text_config_keys_are_checked_too():
     """A gemma3 config's text_config is accounted for key by key; its model_type must be gemma3_text."""
     cfg = json.loads(CONFIG.read_text())

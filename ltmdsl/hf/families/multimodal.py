@@ -1,7 +1,9 @@
 """The text decoder of a multimodal Hugging Face config (gemma3, llama4): its `text_config`, read by the text
 family's reader through a Reader of its own (every key accounted for, messages naming `text_config`), the
 top-level `tie_word_embeddings` (the multimodal config's own) honoured, and the vision part (`vision_config`,
-the projector's and the image tokens' settings) left out with a NOTE: the imported model is the text decoder."""
+the projector's and the image tokens' settings) left out with a NOTE: the imported model is the text decoder.
+import-hf (and so the memory model) takes such configs; from_hf refuses their checkpoints by name
+(`weights.TEXT_ONLY`), whose tensors hold the vision part under the multimodal model's names."""
 
 from __future__ import annotations
 
