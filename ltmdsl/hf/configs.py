@@ -40,8 +40,8 @@ from ltmdsl.kinds.mlstm_hf import soft_cap
 from ltmdsl.kinds.rg_lru_hf import hidden_activation
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", "mamba2", "jamba", "nemotron_h",
-                      "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm", "qwen3_moe", "gpt_oss", "gemma3_text", "gemma3",
-                      "llama4_text", "llama4")
+                      "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm", "qwen3_moe", "gpt_oss", "gemma3_text",
+                      "gemma3", "llama4_text", "llama4")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {

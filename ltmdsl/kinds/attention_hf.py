@@ -375,8 +375,8 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
 HF = HFFacet(
     name="attention", label="attention",
     families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", "qwen3_next", "lfm2", "recurrent_gemma"),
-    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next", "lfm2", "qwen3_moe", "gpt_oss",
-                                              "gemma3_text", "llama4_text")},
+    modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", "qwen3_next", "lfm2", "qwen3_moe",
+                                              "gpt_oss", "gemma3_text", "llama4_text")},
              "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,
 )

@@ -173,5 +173,6 @@ HF = HFFacet(name="mlp", label="MLP", families=SWIGLU_FAMILIES + ("nemotron_h", 
              modules={**{f: ("mlp",) for f in ("llama", "mistral", "qwen2", "qwen3", "qwen3_next", "qwen3_moe",
                                                    "gemma3_text")},
                       "jamba": ("feed_forward",), "bamba": ("feed_forward",), "nemotron_h": ("mixer",),
-                      "lfm2": ("feed_forward",), "llama4_text": ("feed_forward",), "recurrent_gemma": ("mlp_block",), "xlstm": ("ffn",)},
+                      "lfm2": ("feed_forward",), "llama4_text": ("feed_forward",), "recurrent_gemma": ("mlp_block",),
+                      "xlstm": ("ffn",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors)

@@ -4,7 +4,7 @@ NOTE); per-layer-type RoPE (transformers 5's nested rope_parameters, or rope_the
 rope_scaling), sliding_window_pattern and every bad field named. Tiny random transformers checkpoints (sandwich
 zero-centred norms, zero-centred q/k norms, query_pre_attn_scalar, banded layers, linear-scaled global RoPE, a
 final soft cap) load through from_hf with fp32 logits within 1e-4 relative and the same greedy tokens through
-our cache as transformers' uncached decoding, and export back tensor for tensor."""
+our cache as transformers' uncached decoding and its own cached generate, and export back tensor for tensor."""
 
 from __future__ import annotations
 
@@ -147,7 +147,8 @@ def test_multimodal_text_config_keys_are_checked_too():
 @pytest.mark.parametrize("case", list(HF_TINY))
 def test_logits_generation_and_round_trip_match_transformers(tmp_path, case):
     """fp32 logits within 1e-4 relative, 10 greedy tokens through our cache equal to transformers' uncached
-    decoding, and the export is the same checkpoint (the zero-centred q/k norms to their scale 1 + w)."""
+    decoding and its cached generate, and the export is the same checkpoint (the zero-centred q/k norms to their
+    scale 1 + w)."""
     pytest.importorskip("transformers")
     from hf_parity import check_parity, check_round_trip, tiny
 

@@ -5,7 +5,7 @@ every bad field is an error naming its key. Tiny random transformers checkpoints
 reordered per head, L2 qk-norm, chunks shorter than the prompt, temperature tuning that grows within the
 prompt, sigmoid top-k experts on scaled inputs with a shared expert, fused transposed expert weights) load through
 from_hf with fp32 logits within 1e-4 relative and the same greedy tokens through our cache as transformers'
-uncached decoding, and export back tensor for tensor."""
+uncached decoding and its own cached generate, and export back tensor for tensor."""
 
 from __future__ import annotations
 
@@ -136,7 +136,8 @@ def test_null_chunk_with_chunked_layers_is_refused():
 @pytest.mark.parametrize("case", list(HF_TINY))
 def test_logits_generation_and_round_trip_match_transformers(tmp_path, case):
     """fp32 logits within 1e-4 relative, 10 greedy tokens through our cache (chunk rings included) equal to
-    transformers' uncached decoding, and the export is the same checkpoint (q/k rows back to interleaved pairs)."""
+    transformers' uncached decoding and its cached generate, and the export is the same checkpoint (q/k rows back
+    to interleaved pairs)."""
     pytest.importorskip("transformers")
     from hf_parity import check_parity, check_round_trip, tiny
 

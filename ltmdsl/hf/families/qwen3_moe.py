@@ -118,7 +118,8 @@ def misfit(c) -> str | None:
 
 LAYOUT = dict(description="Qwen3-MoE (RoPE attention with qk_norm, each followed by a SwiGLU MoE or MLP)",
               family="mixtral", paired=True, mixers=("attention",), ffns=("mlp", "moe"),
-              not_mixer="Qwen3-MoE has attention mixers only", not_ffn="expected the MLP or MoE that follows each mixer",
+              not_mixer="Qwen3-MoE has attention mixers only",
+              not_ffn="expected the MLP or MoE that follows each mixer",
               own=misfit)
 
 
