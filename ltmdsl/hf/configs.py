@@ -45,7 +45,7 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", 
                       "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm",
                       "deepseek_v2", "deepseek_v3", *qwen3_5.MODEL_TYPES, "kimi_linear",
                       "qwen3_moe", "gpt_oss", "gemma3_text", "gemma3", "llama4_text", "granitemoehybrid", minimax.MODEL_TYPE,
-                      "falcon_h1")
+                      "falcon_h1", "llama4")
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
 UNSUPPORTED_REASONS = {
@@ -533,7 +533,8 @@ _READERS = {"llama": _transformer, "mistral": _transformer, "mixtral": _transfor
             **dict.fromkeys(qwen3_5.MODEL_TYPES, qwen3_5.read), "kimi_linear": kimi_linear.read,
             "qwen3_moe": qwen3_moe.read, "gpt_oss": gpt_oss.read, "gemma3_text": gemma3.read,
             "gemma3": gemma3.read_multimodal, "llama4_text": llama4.read, "granitemoehybrid": granitemoehybrid.read,
-            minimax.MODEL_TYPE: minimax.read, "falcon_h1": falcon_h1.read}
+            minimax.MODEL_TYPE: minimax.read, "falcon_h1": falcon_h1.read,
+            "llama4": llama4.read_multimodal}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -62,12 +62,14 @@ NAMINGS = {
         ("model.", "model.language_model."), "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm")),
     "qwen3_moe": _TRANSFORMER, "gpt_oss": _TRANSFORMER, "llama4_text": _TRANSFORMER,
     "gemma3_text": _GEMMA3,
-    "gemma3": Naming(**{**_GEMMA3.__dict__, "prefixes": ("model.language_model.",)}),
     "granitemoehybrid": _TRANSFORMER,
     "minimax": _TRANSFORMER,
     "falcon_h1": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
                         mixer_norm="input_layernorm", ffn_norm="pre_ff_layernorm"),
 }
+#: Multimodal families whose config import-hf reads (its text decoder) but whose checkpoints from_hf does not
+#: (their tensors hold the vision tower and projector too, under the multimodal model's names).
+TEXT_ONLY = ("gemma3", "llama4")
 
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(norm|post_norm|mixer)\.(.+)$")
@@ -90,6 +92,9 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
     picks the prefix and each MoE layer's layout; `fused` forces a layout (export); `layers` maps a sub-layer
     index to its IR config, for the kinds whose tensor transforms depend on its shape (`layer_configs`).
     """
+    if plan.family in TEXT_ONLY:
+        raise HFError(f"{plan.family} checkpoints (text and vision) are not loaded: import-hf reads the text decoder "
+                      f"of their config; load a {plan.family}_text checkpoint (the language model alone)")
     naming = NAMINGS[plan.family]
     prefix = _prefix(naming, available)
     if name == "embed.weight":

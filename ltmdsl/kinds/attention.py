@@ -76,7 +76,10 @@ class AttentionConfig(LayerConfig):
     (Llama-4) divides each q and k head by its root mean square (sqrt(mean(x^2) + eps), no weights, before RoPE,
     which does not change it); `chunk` C (Llama-4's chunked attention) lets query p see keys j <= p with
     floor(j / C) = floor(p / C), and the cache keeps the last min(T, C) tokens like a window of C;
-    `query_pre_attn_scalar` s (Gemma-2/3) makes the softmax scale s^-1/2 instead of D^-1/2.
+    `query_pre_attn_scalar` s (Gemma-2/3) makes the softmax scale s^-1/2 instead of D^-1/2;
+    `temperature_floor` F with `temperature_scale` a (Llama-4's attention temperature tuning of its NoPE layers,
+    Nakanishi 2025) multiplies the query at position p by 1 + a * ln(1 + floor((p + 1) / F)), after RoPE and
+    the qk norm: 1 for the first F - 1 positions, growing with the log of the position beyond.
     """
 
     heads: int  # H
@@ -99,6 +102,8 @@ class AttentionConfig(LayerConfig):
     query_pre_attn_scalar: float | None = None  # Gemma-2/3: softmax scale s^-1/2 instead of D^-1/2
     kind: str = field(default="attention", init=False)
     scale: float | None = None  # the score scale; None = 1/sqrt(D) (Granite's attention_multiplier otherwise)
+    temperature_floor: int | None = None  # Llama-4: queries scaled by 1 + a * ln(1 + floor((p + 1) / F))
+    temperature_scale: float | None = None  # a; set (default 0.1) exactly when temperature_floor is
 
     @property
     def score_scale(self) -> float:
@@ -186,6 +191,9 @@ def build(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
                          "sinks")
     if v["scale"] is not None and v["query_pre_attn_scalar"] is not None:
         raise CheckError("scale and query_pre_attn_scalar both set the softmax scale; give one", "scale")
+    if v["temperature_scale"] is not None and v["temperature_floor"] is None:
+        raise CheckError("temperature_scale scales the query temperature that temperature_floor turns on; give "
+                         "temperature_floor too, or drop temperature_scale", "temperature_scale")
     return AttentionConfig(
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, window=v["window"],
         rope_theta=float(v["rope_theta"]) if v["rope_theta"] is not None else None, causal=v["causal"],
@@ -195,6 +203,9 @@ def build(v: dict[str, Any], ctx: ModelContext) -> AttentionConfig:
         softcap=float(v["softcap"]) if v["softcap"] is not None else None, qk_l2_norm=v["qk_l2_norm"],
         chunk=v["chunk"],
         query_pre_attn_scalar=float(v["query_pre_attn_scalar"]) if v["query_pre_attn_scalar"] is not None else None,
+        temperature_floor=v["temperature_floor"],
+        temperature_scale=None if v["temperature_floor"] is None else
+        float(v["temperature_scale"]) if v["temperature_scale"] is not None else 0.1,
     )
 
 
@@ -342,6 +353,8 @@ def dims(c: AttentionConfig) -> str:
     text += f" scale=1/sqrt({c.query_pre_attn_scalar:g})" if c.query_pre_attn_scalar is not None else ""
     if c.scale is not None:
         text += f" scale={c.scale:g}"
+    if c.temperature_floor is not None:
+        text += f" temperature={c.temperature_scale:g}@{c.temperature_floor}"
     return text
 
 
@@ -380,6 +393,11 @@ KIND = Kind(
               doc="softmax scale query_pre_attn_scalar^-1/2 (Gemma-2/3; default: none = head_dim)"),
         Param("scale", "float", None, nullable=True, min=1e-9,
               doc="attention score scale (default: none = 1/sqrt(head_dim)); Granite's attention_multiplier"),
+        Param("temperature_floor", "int", None, nullable=True, min=1,
+              doc="query temperature tuning (Llama-4's NoPE layers, floor_scale F): the query at position p is "
+                  "multiplied by 1 + temperature_scale * ln(1 + floor((p + 1) / F)) (default: none = off)"),
+        Param("temperature_scale", "float", None, nullable=True, min=1e-9,
+              doc="the temperature tuning's factor (Llama-4's attn_scale; default 0.1 with temperature_floor)"),
     ),
     is_ffn=False,
     build=build,

@@ -203,7 +203,7 @@ def call(v: dict) -> str:
         args.append(f"rope_dim = {num(int(v['rope_dim']))}")
     if v.get("rope_scaling") is not None:
         args.append(f"rope_scaling = {scaling_text(v['rope_scaling'])}")
-    for size in ("window", "chunk"):
+    for size in ("window", "chunk", "temperature_floor"):
         if v.get(size) is not None:
             args.append(f"{size} = {num(int(v[size]))}")
     if v.get("scale") is not None:
@@ -211,7 +211,7 @@ def call(v: dict) -> str:
     for flag in ("qkv_bias", "out_bias", "qk_norm", "gate", "sinks", "qk_l2_norm"):
         if v.get(flag):
             args.append(f"{flag} = true")
-    for number in ("softcap", "query_pre_attn_scalar"):
+    for number in ("softcap", "query_pre_attn_scalar", "temperature_scale"):
         if v.get(number) is not None:
             args.append(f"{number} = {num(float(v[number]))}")
     return f"attention({', '.join(args)})"
@@ -406,7 +406,8 @@ def unmapped_variants(a) -> list[str]:
     attention."""
     out = [name for name, on in (("gate", a.gate), ("sinks", a.sinks), ("softcap", a.softcap is not None),
                                  ("qk_l2_norm", a.qk_l2_norm), ("chunk", a.chunk is not None),
-                                 ("query_pre_attn_scalar", a.query_pre_attn_scalar is not None)) if on]
+                                 ("query_pre_attn_scalar", a.query_pre_attn_scalar is not None),
+                                 ("temperature_floor", a.temperature_floor is not None)) if on]
     if a.rope_scaling is not None and a.rope_scaling.kind != "llama3":
         out.append(f"rope_scaling = {a.rope_scaling.kind}(...)")
     return out
@@ -464,7 +465,7 @@ def tensors(facet: HFFacet, rest: str, site: Site) -> Source:
     """Names as the runtime's; Qwen3-Next's zero-centred q/k norm weights go through op "plus_one"; Llama-4's
     q_proj / k_proj rows through op "rope_pairs" (its RoPE rotates interleaved pairs, the runtime's halves);
     LFM2's `out_proj` / `q_layernorm` / `k_layernorm` renamed."""
-    if site.family in (*QWEN3_NEXT_STYLE, "gemma3_text", "gemma3") and rest in ("q_norm.weight", "k_norm.weight"):
+    if site.family in (*QWEN3_NEXT_STYLE, "gemma3_text") and rest in ("q_norm.weight", "k_norm.weight"):
         return Source(copy_tensor(facet, rest, site).names, "plus_one")
     if site.family == "llama4_text" and rest.split(".")[0] in ("q_proj", "k_proj"):
         return Source(copy_tensor(facet, rest, site).names, "rope_pairs", group=site.hf["head_dim"])
@@ -479,7 +480,7 @@ HF = HFFacet(
     families=(*TRANSFORMERS, "jamba", "nemotron_h", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "recurrent_gemma",
               "granitemoehybrid", "minimax"),
     modules={**{f: ("self_attn",) for f in (*TRANSFORMERS, "jamba", "bamba", *QWEN3_NEXT_STYLE, "lfm2", "qwen3_moe",
-                                            "gpt_oss", "gemma3_text", "gemma3", "llama4_text", "granitemoehybrid",
+                                            "gpt_oss", "gemma3_text", "llama4_text", "granitemoehybrid",
                                             "minimax")},
              "nemotron_h": ("mixer",), "recurrent_gemma": ("temporal_block",)},
     read=read, call=call, write=write, misfit=misfit, traits=traits, tensors=tensors,

@@ -10,7 +10,9 @@ Variants: `gate` (Qwen3NextAttention) splits q_proj's [B,T,H,2D] into q and a ga
 `qk_l2_norm` (Llama4TextL2Norm) scales q and k by rsqrt(mean(x^2) + eps) per head; `sinks` (GptOssAttention),
 `softcap` (Gemma2Attention) and `chunk` (Llama-4's chunked attention) run `attention_variant` /
 `attention_variant_decode` instead of the SDPA kernels. A chunked layer's cache is a ring of min(max_context, C)
-slots whose first p mod C + 1 slots hold the current chunk at position p.
+slots whose first p mod C + 1 slots hold the current chunk at position p. `temperature_floor` (Llama-4's NoPE
+layers) multiplies the query at position p by 1 + temperature_scale * log1p(floor((p + 1) / temperature_floor)),
+computed in fp32 (fp64 for fp64 models) as Llama4TextAttention computes it, after RoPE and the qk norm.
 
 With a cache, keys and values are written where their positions say: slot p for global attention, slot
 p % S of a ring buffer for a window (S = min(max_context, W)). Chunked prefill reads the cached keys back
@@ -121,8 +123,8 @@ class Attention(nn.Module):
             init.normal_(self.sinks, gen)
 
     def _qkv(self, x: torch.Tensor, pos0: int):
-        """x [B,T,d] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] with qk-norm and RoPE applied, and the
-        output gate [B,T,H*D] (None without `gate`)."""
+        """x [B,T,d] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] with qk-norm, RoPE and the query temperature
+        applied, and the output gate [B,T,H*D] (None without `gate`)."""
         cfg = self.cfg
         B, T, _ = x.shape
         gate = None
@@ -142,6 +144,11 @@ class Attention(nn.Module):
             cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling,
                                     seq_len=pos0 + T)  # [T, R]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cfg.temperature_floor is not None:  # Llama-4's temperature tuning: a growing query scale per position
+            work = torch.float64 if q.dtype == torch.float64 else torch.float32
+            p = torch.arange(pos0, pos0 + T, device=x.device, dtype=work)  # [T]
+            s = 1 + cfg.temperature_scale * torch.log1p(torch.floor((p + 1) / cfg.temperature_floor))  # [T]
+            q = (q * s[None, :, None, None]).to(q.dtype)  # [B, T, H, D]
         return q, k, v, gate
 
     def _l2(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 `tiny` builds a float32 transformers model with hf_tiny's non-trivial random weights (eager attention and
 eager experts, so that odd sizes run); `check_parity` saves it, loads it through `ltmdsl.from_hf` and asks for
 logits within 1e-4 relative (fp32) and the same greedy tokens through our cache as transformers' decoding
-without a cache; `check_round_trip` exports that model back and asks for the same tensors bit for bit and the
+without a cache and as transformers' own cached `generate`; `check_round_trip` exports that model back and asks
+for the same tensors bit for bit and the
 same logits from transformers.
 """
 
@@ -35,7 +36,9 @@ def load_hf(folder):
 
 
 def check_parity(hf, folder, what: str, *, length: int = 19, steps: int = 10, seed: int = 1, **save) -> object:
-    """Save `hf` to `folder`, load it with from_hf: logits within 1e-4 relative, greedy tokens equal.
+    """Save `hf` to `folder`, load it with from_hf: logits within 1e-4 relative, greedy tokens equal to
+    transformers' decoding without a cache, and 12 greedy tokens after a 9-token prompt equal to transformers'
+    own `generate` through its cache (windows, chunks and the temperature's positions cross inside).
     Returns our model."""
     hf.save_pretrained(folder, **save)
     ours = ltmdsl.from_hf(folder)
@@ -45,6 +48,10 @@ def check_parity(hf, folder, what: str, *, length: int = 19, steps: int = 10, se
         want, got = hf(ids).logits, ours(ids)  # [B, T, V]
     assert_close(got, want, 1e-4, f"{what} logits")
     assert ours.generate(ids[:1], steps).tolist() == greedy_no_cache(hf, ids[:1], steps).tolist(), what
+    prompt = ids[1:, :9]  # [1, 9]
+    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
+                       do_sample=False, eos_token_id=None, pad_token_id=0)  # the mask: token 0 is no padding
+    assert ours.generate(prompt, 12).tolist() == want.tolist(), f"{what}: transformers' cached generate"
     return ours
 
 

@@ -47,7 +47,7 @@ def transformers_count(cfg: dict) -> int:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config = transformers.AutoConfig.for_model(**cfg)
-    if cfg.get("model_type") == "gemma3":  # multimodal: import-hf takes its text decoder
+    if cfg.get("model_type") in ("gemma3", "llama4"):  # multimodal: import-hf takes its text decoder
         config = config.text_config
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -70,8 +70,6 @@ def test_family_defaults_match_transformers(family):
         cfg["hybrid_override_pattern"] = "M*-M"
     if family == "deepseek_v2":  # its default num_experts_per_tok is None, which its router cannot run
         cfg["num_experts_per_tok"] = 6
-    if family == "llama4_text":  # the temperature tuning of its NoPE layers is refused (not in the language)
-        cfg["attn_temperature_tuning"] = False
     assert imported(cfg).params_total == transformers_count(cfg)
 
 

@@ -4,7 +4,7 @@ NOTE); per-layer-type RoPE (transformers 5's nested rope_parameters, or rope_the
 rope_scaling), sliding_window_pattern and every bad field named. Tiny random transformers checkpoints (sandwich
 zero-centred norms, zero-centred q/k norms, query_pre_attn_scalar, banded layers, linear-scaled global RoPE, a
 final soft cap) load through from_hf with fp32 logits within 1e-4 relative and the same greedy tokens through
-our cache as transformers' uncached decoding, and export back tensor for tensor."""
+our cache as transformers' uncached decoding and its own cached generate, and export back tensor for tensor."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_published_config_is_the_example():
     transformers' Gemma3ForCausalLM on its text_config (meta device); the multimodal model adds the vision part."""
     cfg = json.loads(CONFIG.read_text())
     text = spec_from_config(cfg)
-    assert text.count("# NOTE") == 1 and "vision_config" in text
+    assert text.count("# NOTE") == 1 and "vision_config" in text and "text decoder" in text
     ir, example = ltmdsl.loads(text).model, ltmdsl.load(EXAMPLES / "gemma-3-27b.ltm").model
     assert [(x.norm, x.mixer, x.post_norm) for x in ir.layers] == \
         [(x.norm, x.mixer, x.post_norm) for x in example.layers]
@@ -122,6 +122,19 @@ def test_bad_fields_name_the_key(key, value, message):
     assert message in str(e.value)
 
 
+def test_multimodal_checkpoints_are_refused_by_name(tmp_path):
+    """from_hf of a gemma3 (text and vision) checkpoint folder: an error that says why, before any tensor is read."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    save_file({"model.vision_tower.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    cfg = json.loads(CONFIG.read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "text_config": {**cfg["text_config"], **{
+        k: v for k, v in SMALL.items() if k != "model_type"}}}))
+    with pytest.raises(HFError, match="gemma3 checkpoints \\(text and vision\\) are not loaded"):
+        ltmdsl.from_hf(tmp_path)
+
+
 def test_multimodal_text_config_keys_are_checked_too():
     """A gemma3 config's text_config is accounted for key by key; its model_type must be gemma3_text."""
     cfg = json.loads(CONFIG.read_text())
@@ -134,7 +147,8 @@ def test_multimodal_text_config_keys_are_checked_too():
 @pytest.mark.parametrize("case", list(HF_TINY))
 def test_logits_generation_and_round_trip_match_transformers(tmp_path, case):
     """fp32 logits within 1e-4 relative, 10 greedy tokens through our cache equal to transformers' uncached
-    decoding, and the export is the same checkpoint (the zero-centred q/k norms to their scale 1 + w)."""
+    decoding and its cached generate, and the export is the same checkpoint (the zero-centred q/k norms to their
+    scale 1 + w)."""
     pytest.importorskip("transformers")
     from hf_parity import check_parity, check_round_trip, tiny
 

@@ -3,7 +3,8 @@ transformers' exact parameter count; GptOssConfig's defaults (its YaRN when no R
 even indices) are ours; every bad field is an error naming its key. Tiny random transformers checkpoints (attention
 sinks, YaRN past its original context, banded layers, biased router and clamped SwiGLU experts whose fused
 gate_up_proj interleaves gate and up) load through from_hf with fp32 logits within 1e-4 relative and the same
-greedy tokens through our cache as transformers' uncached decoding, and export back tensor for tensor."""
+greedy tokens through our cache as transformers' uncached decoding and its own cached generate, and export back
+tensor for tensor."""
 
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def test_null_window_with_sliding_layers_is_refused():
 @pytest.mark.parametrize("case", list(HF_TINY))
 def test_logits_generation_and_round_trip_match_transformers(tmp_path, case):
     """fp32 logits within 1e-4 relative, 10 greedy tokens through our cache (ring buffers of the banded layers,
-    sinks in the cached decode) equal to transformers' uncached decoding, and the export is the same checkpoint."""
+    sinks in the cached decode) equal to transformers' uncached decoding and its cached generate, and the export
+    is the same checkpoint."""
     pytest.importorskip("transformers")
     from hf_parity import check_parity, check_round_trip, tiny
 
@@ -142,7 +144,8 @@ def test_example_exports_to_gpt_oss():
      "router_bias = true, expert_bias = true", "plain or yarn, not linear"),
     ("sinks = true", "act = swiglu, routing = topk_softmax, router_bias = true, expert_bias = true",
      "act = swiglu,"),
-    ("sinks = true", "act = swiglu_clamped, routing = topk_softmax, expert_bias = true", "topk_softmax with router_bias"),
+    ("sinks = true", "act = swiglu_clamped, routing = topk_softmax, expert_bias = true",
+     "topk_softmax with router_bias"),
 ], ids=["qk_norm", "linear_rope", "swiglu", "router_bias"])
 def test_export_refuses_what_gpt_oss_cannot_hold(attn, moe, message):
     from ltmdsl.hf.export import config_from_ir

@@ -111,7 +111,7 @@ def test_yarn_is_read_and_written_back():
                          ids=["window_bias", "window_bias_fused", "sparse_step"])
 def test_logits_generation_and_round_trip_match_transformers(tmp_path, case, fused):
     """fp32 logits within 1e-4 relative, 10 greedy tokens through our cache equal to transformers' uncached
-    decoding, and the export is the same checkpoint (per-expert or fused, as saved)."""
+    decoding and its cached generate, and the export is the same checkpoint (per-expert or fused, as saved)."""
     pytest.importorskip("transformers")
     from hf_parity import check_parity, check_round_trip, tiny
 

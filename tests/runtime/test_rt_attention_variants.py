@@ -331,6 +331,44 @@ def test_gemma3_local_and_global_layers_match(layer_type, kernels):
     check_layer(layer, x, ref, cfg, f"Gemma-3 {layer_type} vs Gemma3Attention", hf)
 
 
+@pytest.mark.parametrize("use_rope", [False, True], ids=["nope-temperature", "rope-chunk-l2"])
+@KERNELS
+def test_llama4_layers_match(use_rope, kernels):
+    """Llama4TextAttention in fp64: a NoPE layer with attention temperature tuning (floor_scale 4, attn_scale 0.5,
+    so the query scale grows within 40 tokens) and a RoPE layer (interleaved pairs: q/k rows reordered per head
+    as import does) with the L2 qk-norm and chunks of 8; whole and through our cache (prefill, chunk, decode)."""
+    from transformers.models.llama4.modeling_llama4 import (
+        Llama4TextAttention, Llama4TextConfig, Llama4TextRotaryEmbedding,
+    )
+
+    cfg = replace(attention(heads=4, kv_heads=2, head_dim=8, rope_theta=100.0 if use_rope else None, qkv_bias=True,
+                            out_bias=True), qk_l2_norm=use_rope, chunk=8 if use_rope else None,
+                  temperature_floor=None if use_rope else 4, temperature_scale=None if use_rope else 0.5)
+    layer = ours(Attention(cfg, D_MODEL, EPS, kernels))
+    perturb(layer)
+    hc = Llama4TextConfig(hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                          num_hidden_layers=1, vocab_size=16, rms_norm_eps=EPS, attention_bias=True,
+                          no_rope_layers=[int(use_rope)], attention_chunk_size=8, use_qk_norm=True,
+                          attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5,
+                          rope_parameters=rope_parameters(100.0, None))
+    hc._attn_implementation = "eager"
+    hf = Llama4TextAttention(hc, layer_idx=0).double().eval()
+    sd = dict(layer.state_dict())
+    for name in ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"):  # halves -> interleaved pairs
+        t = sd[name]
+        sd[name] = t.reshape(-1, 2, 4, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+    hf.load_state_dict(sd)
+    x = hidden(T=40)
+    T = 40
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    ok = (j <= i) & ((j // 8 == i // 8) if use_rope else True)
+    mask = torch.zeros(T, T, dtype=F64).masked_fill(~ok, float("-inf"))[None, None]
+    with torch.no_grad():
+        pe = Llama4TextRotaryEmbedding(hc)(x, torch.arange(T)[None]).to(torch.complex128)
+        ref, _ = hf(x, position_embeddings=pe, attention_mask=mask)
+    check_layer(layer, x, ref, cfg, f"Llama-4 {'RoPE' if use_rope else 'NoPE'} layer vs Llama4TextAttention", hf)
+
+
 @KERNELS
 def test_gated_output_matches_qwen3_next(kernels):
     """Qwen3NextAttention (gate, zero-centred qk-norm, partial RoPE 4 of 16) in fp64; its norms hold weight - 1."""
@@ -384,6 +422,9 @@ def token_loop(layer: Attention, x: torch.Tensor) -> torch.Tensor:
         if cfg.rope_theta is not None:
             cos, sin = rope_cos_sin(torch.arange(T), cfg.rotary_dim, cfg.rope_theta, F64, cfg.rope_scaling)
             t = apply_rope(t, cos, sin)
+        if name == "q" and cfg.temperature_floor is not None:  # 1 + a ln(1 + floor((p + 1) / F)) per position
+            t = t * torch.tensor([1 + cfg.temperature_scale * math.log1p((p + 1) // cfg.temperature_floor)
+                                  for p in range(T)], dtype=F64)[None, :, None, None]
         q, k = (t, k) if name == "q" else (q, t)
     out = torch.zeros(B, T, H, Dv, dtype=F64)
     for b in range(B):
@@ -407,7 +448,10 @@ def token_loop(layer: Attention, x: torch.Tensor) -> torch.Tensor:
     dict(chunk=8),
     dict(chunk=5, qk_l2_norm=True, sinks=True, softcap=3.0),
     dict(window=6, sinks=True, softcap=3.0, gate=True),
-], ids=["l2-qk-norm", "chunk8", "chunk5-l2-sinks-softcap", "window6-sinks-softcap-gate"])
+    dict(rope_theta=None, temperature_floor=4, temperature_scale=0.5),
+    dict(chunk=6, qk_l2_norm=True, temperature_floor=3, temperature_scale=0.2),
+], ids=["l2-qk-norm", "chunk8", "chunk5-l2-sinks-softcap", "window6-sinks-softcap-gate", "nope-temperature",
+        "chunk6-l2-temperature"])
 @KERNELS
 def test_variants_match_the_token_loop_with_cache(variant, kernels):
     """Each variant (and combinations) equals the float64 token loop to 1e-12, whole and through the cache

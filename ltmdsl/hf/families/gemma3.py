@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 from ltmdsl.hf import HFError
+from ltmdsl.hf.families.multimodal import text_decoder
 from ltmdsl.hf.reader import MAX_FLOAT, SCALINGS, Reader, dims, llama3
 from ltmdsl.hf.spec import num, safe_text, show_value
 from ltmdsl.kinds.attention_hf import scaling_fields
@@ -45,6 +46,7 @@ def misfit(c) -> str | None:
                                   ("softcap (transformers' Gemma-3 never applies attn_logit_softcapping)",
                                    c.softcap is not None),
                                   ("chunk", c.chunk is not None), ("scale", c.scale is not None),
+                                  ("temperature_floor", c.temperature_floor is not None),
                                   ("rope_dim", c.rope_dim is not None), ("v_head_dim", c.v_head_dim != c.head_dim),
                                   ("causal = false", not c.causal)) if on]
         if not c.qk_norm or c.rope_theta is None or others or c.qkv_bias != c.out_bias:
@@ -189,23 +191,8 @@ def read(r: Reader) -> dict:
 
 
 def read_multimodal(r: Reader) -> dict:
-    """gemma3: the text decoder of `text_config` (read as gemma3_text, its keys accounted for in turn); the vision
-    part is left out with a NOTE."""
-    text = r.raw("text_config", None) or {}
-    if not isinstance(text, dict):
-        raise r.fail(f"'text_config' must be an object, got {show_value(text)}")
-    if text.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-        raise r.fail(f"'text_config.model_type' must be '{MODEL_TYPE}', got {show_value(text.get('model_type'))}")
-    inner = Reader(text, f"{r.family} text_config", r.source, r.ignore)  # its messages say where the key is
-    fields = read_text(inner)
-    if r.present("tie_word_embeddings"):  # Gemma3Config's own, which the text model's head follows
-        fields["tied"] = r.bool("tie_word_embeddings", True)
-    r.notes.extend(inner.finish())
-    for key in _VISION_KEYS:
-        r.raw(key, None)
-    r.notes.append("the vision tower and projector ('vision_config', 'mm_tokens_per_image', image token ids) are "
-                   "left out: this model is the text decoder of the gemma3 config ('text_config')")
-    return fields
+    """gemma3: the text decoder of `text_config` (read as gemma3_text); the vision part left out with a NOTE."""
+    return text_decoder(r, read_text, MODEL_TYPE, _VISION_KEYS)
 
 
 def _whole(value: float, what: str) -> int:

@@ -32,11 +32,6 @@ from ltmdsl.kinds.moe import SWIGLU_ALPHA, SWIGLU_LIMIT
 
 MODEL_TYPE = "gpt_oss"
 ARCH = "GptOssForCausalLM"
-LAYOUT = dict(description="gpt-oss (attention with sinks, global or sliding, each followed by a MoE with biases "
-                          "and clamped SwiGLU experts)",
-              family="mixtral", paired=True, mixers=("attention",), ffns=("moe",),
-              not_mixer="gpt-oss has attention mixers only", not_ffn="expected the MoE that follows each mixer",
-              own=lambda c: misfit(c))
 #: GptOssConfig's RoPE when the config states none
 DEFAULT_YARN = RopeScaling("yarn", 32.0, original_context=4096, beta_fast=32.0, beta_slow=1.0, truncate=False)
 _TYPES = ("sliding_attention", "full_attention")
@@ -122,6 +117,7 @@ def misfit(c) -> str | None:
                                   ("qk_l2_norm", c.qk_l2_norm), ("chunk", c.chunk is not None),
                                   ("query_pre_attn_scalar", c.query_pre_attn_scalar is not None),
                                   ("scale", c.scale is not None), ("rope_dim", c.rope_dim is not None),
+                                  ("temperature_floor", c.temperature_floor is not None),
                                   ("v_head_dim", c.v_head_dim != c.head_dim), ("causal = false", not c.causal)) if on]
         if not c.sinks or c.rope_theta is None or others or c.qkv_bias != c.out_bias:
             return ("gpt-oss attention has sinks, RoPE over the whole head and one attention_bias on q, k, v and o"
@@ -135,6 +131,13 @@ def misfit(c) -> str | None:
                 f"swiglu_clamped, nothing else (this MoE: act = {c.activation}, routing = {c.routing}"
                 f"{''.join(', ' + v for v in sorted(variants))})")
     return None
+
+
+LAYOUT = dict(description="gpt-oss (attention with sinks, global or sliding, each followed by a MoE with biases "
+                          "and clamped SwiGLU experts)",
+              family="mixtral", paired=True, mixers=("attention",), ffns=("moe",),
+              not_mixer="gpt-oss has attention mixers only", not_ffn="expected the MoE that follows each mixer",
+              own=misfit)
 
 
 def config(ir, base: dict, eps: float) -> dict:

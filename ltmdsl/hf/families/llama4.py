@@ -9,14 +9,14 @@ Every HF layer is attention then a feed-forward block:
   Llama4TextL2Norm, eps rms_norm_eps: `qk_l2_norm`). Llama-4 rotates interleaved channel pairs (2i, 2i + 1)
   as complex numbers where the runtime rotates halves (i, i + head_dim / 2): q_proj and k_proj rows are
   reordered per head on import (op "rope_pairs") and back on export, which leaves every q.k unchanged.
-  `attn_temperature_tuning` scales the NoPE layers' queries by 1 + attn_scale * log(1 + floor((p + 1) /
-  floor_scale)) at position p, which the language cannot say: it is refused where a NoPE layer exists (it
-  changes nothing below floor_scale - 1 tokens, but a model's intent is its whole context).
+  `attn_temperature_tuning` (on by default) scales the NoPE layers' queries by 1 + attn_scale * ln(1 +
+  floor((p + 1) / floor_scale)) at position p: `temperature_floor` and `temperature_scale` there.
 - on the layers `moe_layers` lists (by default every `interleave_moe_layer_step`-th, 1-based) the MoE: a router
   whose top `num_experts_per_tok` logits pass a sigmoid (`sigmoid_topk`), each chosen expert's input scaled by
   its score (`weight_input`), SwiGLU experts of `intermediate_size` stored fused and transposed
   (`experts.gate_up_proj [E, d, 2F]`, gate columns then up; `experts.down_proj [E, F, d]`) and a shared expert of
   the same width (`shared_expert`); elsewhere a dense SwiGLU MLP of `intermediate_size_mlp`.
+A `llama4` (multimodal) config reads its `text_config` this way; the vision part is left out with a NOTE.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ltmdsl.hf import HFError
+from ltmdsl.hf.families.multimodal import text_decoder
 from ltmdsl.hf.families.qwen3_moe import read_layer_indices
 from ltmdsl.hf.reader import Reader, dims, rope
 from ltmdsl.hf.spec import show_value
@@ -48,6 +49,8 @@ def misfit(c) -> str | None:
                                                                                     if others else ""))
         if c.rope_theta is None and c.qk_l2_norm:
             return "Llama-4's NoPE layers have no qk_l2_norm (use_qk_norm applies to the RoPE layers)"
+        if c.rope_theta is not None and c.temperature_floor is not None:
+            return "Llama-4's temperature tuning applies to its NoPE layers only"
         if c.rope_scaling is not None and c.rope_scaling.kind not in ("llama3", "linear", "yarn"):
             return f"Llama-4's RoPE scalings are llama3, linear or yarn, not {c.rope_scaling.kind}"
         return None
@@ -109,14 +112,9 @@ def read(r: Reader) -> dict:
         raise r.fail("'attention_chunk_size' is null but 'layer_types' has chunked_attention layers")
     qk_norm = r.bool("use_qk_norm", True)
     tuning = r.raw("attn_temperature_tuning", True)
-    if not isinstance(tuning, (bool, int)) or isinstance(tuning, float):
+    if not isinstance(tuning, (bool, int)) or isinstance(tuning, float):  # published configs say true or 4
         raise r.fail(f"'attn_temperature_tuning' must be true or false, got {show_value(tuning)}")
-    r.float("attn_scale", 0.1)
-    r.int("floor_scale", 8192)
-    if tuning and not all(use_rope):
-        r.unsupported("attn_temperature_tuning", "false (or no NoPE layer): the position-dependent query scale "
-                      "1 + attn_scale * log(1 + floor((p + 1) / floor_scale)) of Llama-4's NoPE layers is not part of "
-                      "the language", True)
+    temperature = dict(temperature_floor=r.int("floor_scale", 8192), temperature_scale=r.float("attn_scale", 0.1))
     experts = r.int("num_local_experts", 16)
     top_k = r.int("num_experts_per_tok", 1)
     d_ff = r.int("intermediate_size", 8192)
@@ -137,7 +135,8 @@ def read(r: Reader) -> dict:
         if name not in definitions:
             values = dict(heads=heads, kv_heads=kv, head_dim=head_dim, rope_theta=theta if u else None,
                           rope_scaling=scaling if u else None, qkv_bias=bias, out_bias=bias, qk_l2_norm=qk_norm and u,
-                          chunk=chunk if t == "chunked_attention" else None)
+                          chunk=chunk if t == "chunked_attention" else None,
+                          **(temperature if tuning and not u else {}))
             definitions[name], legend[symbol] = ("attention", hf_facet("attention").call(values)), name
         symbols.append(symbol)
     if any(moe_at):
@@ -158,7 +157,8 @@ def fits(ir) -> bool:
             any(x.kind not in ("mlp", "moe") for x in layers[1::2]):
         return False
     return any(x.kind == "moe" and x.mixer.weight_input for x in layers) or \
-        any(x.mixer.chunk is not None or x.mixer.qk_l2_norm for x in layers[0::2])
+        any(x.mixer.chunk is not None or x.mixer.qk_l2_norm or x.mixer.temperature_floor is not None
+            for x in layers[0::2])
 
 
 def config(ir, base: dict, eps: float) -> dict:
@@ -170,8 +170,13 @@ def config(ir, base: dict, eps: float) -> dict:
         raise HFError(why)
     attns = [x.mixer for x in ir.layers[0::2]]
     ffns = [x.mixer for x in ir.layers[1::2]]
-    a = _one([replace(x, rope_theta=None, rope_scaling=None, qk_l2_norm=False, chunk=None) for x in attns],
-             "attention settings other than RoPE, qk_l2_norm and chunk (Llama-4 has one)")
+    a = _one([replace(x, rope_theta=None, rope_scaling=None, qk_l2_norm=False, chunk=None, temperature_floor=None,
+                      temperature_scale=None) for x in attns],
+             "attention settings other than RoPE, qk_l2_norm, chunk and temperature (Llama-4 has one)")
+    nope = [x for x in attns if x.rope_theta is None]
+    floor, temperature = _one([(x.temperature_floor, x.temperature_scale) for x in nope],
+                              "temperature tuning of the NoPE layers (attn_temperature_tuning, floor_scale and "
+                              "attn_scale are one setting)") if nope else (None, None)
     roped = [x for x in attns if x.rope_theta is not None]
     theta, scaling, qk_norm = _one([(x.rope_theta, x.rope_scaling, x.qk_l2_norm) for x in roped],
                                    "RoPE settings and qk_l2_norm of the RoPE layers") if roped else (5e5, None, False)
@@ -194,7 +199,19 @@ def config(ir, base: dict, eps: float) -> dict:
             "no_rope_layers": [int(x.rope_theta is not None) for x in attns],
             "attention_chunk_size": chunks[0] if chunks else None,
             "layer_types": ["chunked_attention" if x.chunk is not None else "full_attention" for x in attns],
-            "use_qk_norm": qk_norm, "attn_temperature_tuning": False,
+            "use_qk_norm": qk_norm, "attn_temperature_tuning": floor is not None,
+            **({"floor_scale": floor, "attn_scale": temperature} if floor is not None else {}),
             "moe_layers": [i for i, f in enumerate(ffns) if f.kind == "moe"],
             "num_local_experts": moe.experts if moe else 1, "num_experts_per_tok": moe.top_k if moe else 1,
             "intermediate_size": moe.d_ff if moe else 1, "intermediate_size_mlp": mlp.d_ff if mlp else 1}
+
+
+#: the multimodal llama4 config's keys that belong to the vision part or are image token ids
+_VISION_KEYS = ("vision_config", "boi_token_index", "eoi_token_index", "image_token_index", "boi_token_id",
+                "eoi_token_id", "image_token_id")
+
+
+def read_multimodal(r: Reader) -> dict:
+    """llama4 (Llama-4 Scout, Maverick): the text decoder of `text_config` (read as llama4_text); the vision part
+    left out with a NOTE."""
+    return text_decoder(r, read, MODEL_TYPE, _VISION_KEYS)

@@ -18,15 +18,11 @@ from ltmdsl.hf import HFError
 from ltmdsl.hf.reader import Reader, dims, rope
 from ltmdsl.hf.spec import show_value
 from ltmdsl.kinds.attention_hf import scaling_fields as rope_scaling_fields
+from ltmdsl.kinds.attention_hf import unmapped_variants
 from ltmdsl.kinds.hf import hf_facet
 
 MODEL_TYPE = "qwen3_moe"
 ARCH = "Qwen3MoeForCausalLM"
-#: export's Layout fields (ltmdsl.hf.export.Layout); misfits are explained in Mixtral's terms (RoPE attention
-#: and SwiGLU experts), the closest family whose facets say why a layer has no place.
-LAYOUT = dict(description="Qwen3-MoE (RoPE attention with qk_norm, each followed by a SwiGLU MoE or MLP)",
-              family="mixtral", paired=True, mixers=("attention",), ffns=("mlp", "moe"),
-              not_mixer="Qwen3-MoE has attention mixers only", not_ffn="expected the MLP or MoE that follows each mixer")
 
 
 def read_layer_indices(r: Reader, key: str, layers: int) -> list[int]:
@@ -99,23 +95,48 @@ def fits(ir) -> bool:
         all(x.mixer.qk_norm for x in layers[0::2])
 
 
+def misfit(c) -> str | None:
+    """Why a Qwen3-MoE layer cannot be this attention, MoE or MLP (None: it can)."""
+    if c.kind == "attention":
+        others = unmapped_variants(replace(c, rope_scaling=None))
+        if not c.qk_norm or c.rope_theta is None or others or c.rope_dim is not None or c.qkv_bias != c.out_bias:
+            return ("Qwen3-MoE attention has qk_norm, RoPE over the whole head and one attention_bias on q, k, v and o"
+                    + (f"; not {', '.join(others)}" if others else ""))
+        if c.rope_scaling is not None and c.rope_scaling.kind not in ("llama3", "yarn"):
+            return f"Qwen3-MoE's RoPE scalings are llama3 or yarn, not {c.rope_scaling.kind}"
+        return None
+    if c.kind == "moe":
+        if c.activation != "swiglu" or c.routing not in ("softmax_topk_renorm", "softmax_topk") or c.variants():
+            return ("Qwen3-MoE's experts are SwiGLU, routed by softmax_topk or softmax_topk_renorm, with no shared "
+                    f"expert, biases or other routing variant (this MoE: act = {c.activation}, routing = {c.routing}"
+                    f"{''.join(', ' + v for v in c.variants())})")
+        return None
+    if c.kind == "mlp":
+        return None if c.activation == "swiglu" and not c.bias else "Qwen3-MoE's dense MLPs are SwiGLU without biases"
+    return f"Qwen3-MoE has no {c.kind} layers"
+
+
+LAYOUT = dict(description="Qwen3-MoE (RoPE attention with qk_norm, each followed by a SwiGLU MoE or MLP)",
+              family="mixtral", paired=True, mixers=("attention",), ffns=("mlp", "moe"),
+              not_mixer="Qwen3-MoE has attention mixers only",
+              not_ffn="expected the MLP or MoE that follows each mixer",
+              own=misfit)
+
+
 def config(ir, base: dict, eps: float) -> dict:
     """The config.json fields of a model `fits` accepted (HFError for what Qwen3-MoE cannot hold)."""
     from ltmdsl.hf.export import _one
 
+    why = next((w for x in ir.layers for w in [misfit(x.mixer)] if w), None)
+    if why:
+        raise HFError(why)
     attn = _one([x.mixer for x in ir.layers[0::2]], "attention settings (Qwen3-MoE has one)")
     ffns = [x.mixer for x in ir.layers[1::2]]
-    # Qwen3's fields refuse every unmapped variant; the RoPE scaling (llama3 or yarn) is written here
+    # Qwen3's fields (heads, head_dim, bias, window); the RoPE scaling (llama3 or yarn) is written here
     fields = hf_facet("attention").write(replace(attn, rope_scaling=None), "qwen3", ir.d_model)
     fields.update(rope_scaling_fields(attn.rope_scaling))
-    if attn.qkv_bias != attn.out_bias or attn.rope_dim is not None:
-        raise HFError("Qwen3-MoE's attention_bias covers q, k, v and o alike, and it rotates the whole head")
     window = fields.pop("sliding_window")
     moe = _one([f for f in ffns if f.kind == "moe"], "MoE settings (Qwen3-MoE has one)")
-    if moe.activation != "swiglu" or moe.routing not in ("softmax_topk_renorm", "softmax_topk") or moe.variants():
-        raise HFError("Qwen3-MoE's experts are SwiGLU, routed by softmax_topk or softmax_topk_renorm, with no "
-                      f"shared expert, biases or other routing variant (this MoE: act = {moe.activation}, routing = "
-                      f"{moe.routing}{''.join(', ' + v for v in moe.variants())})")
     dense = [f for f in ffns if f.kind == "mlp"]
     out = {**base, "model_type": MODEL_TYPE, "num_hidden_layers": len(ffns), "rms_norm_eps": eps,
            "hidden_act": "silu", **fields, "head_dim": attn.head_dim, "use_sliding_window": window is not None,
@@ -123,8 +144,5 @@ def config(ir, base: dict, eps: float) -> dict:
            "moe_intermediate_size": moe.d_ff, "norm_topk_prob": moe.renormalise, "decoder_sparse_step": 1,
            "mlp_only_layers": [i for i, f in enumerate(ffns) if f.kind == "mlp"]}
     if dense:
-        mlp = _one(dense, "dense MLP settings (Qwen3-MoE has one intermediate_size)")
-        if mlp.activation != "swiglu" or mlp.bias:
-            raise HFError("Qwen3-MoE's dense MLPs are SwiGLU without biases")
-        out["intermediate_size"] = mlp.d_ff
+        out["intermediate_size"] = _one(dense, "dense MLP settings (Qwen3-MoE has one intermediate_size)").d_ff
     return out
