@@ -102,3 +102,47 @@ def test_a_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
 def test_vocab_too_small_names_both_numbers(tmp_path):
     with pytest.raises(VocabError, match="vocab is 32 but the hashhop task's character tokenizer needs 99"):
         run(tmp_path / "r", task="hashhop", options={"context": 128, "hash_length": 2, "hops": 1})
+
+
+def test_train_equals_a_plain_torch_loop_on_the_same_batches(tmp_path):
+    """The oracle of the whole loop: the same initial weights trained by hand on the same samples with
+    F.cross_entropy over full logits at the answer positions, torch's AdamW with decay on matrices only,
+    a hand-written warmup + cosine and clipping at 1 give the weights `train` writes (fp32: 1e-5)."""
+    import math
+
+    from torch.nn import functional as F
+
+    from ltmdsl.evals import get_task, make_batch
+    from ltmdsl.runtime.build import build
+
+    steps, batch, lr, warmup = 3, 4, 1e-2, 2
+    run(tmp_path / "r", steps=steps, batch=batch, lr=lr, warmup=warmup)
+    _, trained = weights(tmp_path / "r")
+    model = build(IR, dtype=torch.float32, seed=0)  # `train` builds with the run's seed, 0
+    params = dict(model.named_parameters())
+    matrices = [p for name, p in params.items() if p.ndim >= 2 and not name.endswith("_log")]
+    rest = [p for name, p in params.items() if not (p.ndim >= 2 and not name.endswith("_log"))]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+    def factor(step):  # linear warmup to the peak, then cosine to 0.1 of it
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+    task = get_task("mqar")
+    options = task.make_options(**MQAR)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * factor(step)
+        b = make_batch(task, options, 0, range(step * batch, (step + 1) * batch))
+        tokens = torch.from_numpy(b.tokens)  # [B, T]
+        answer = torch.from_numpy(b.answer_mask.copy())[:, 1:]  # [B, T-1]: token t is predicted at t - 1
+        logits = model(tokens)[:, :-1]  # [B, T-1, V]
+        loss = F.cross_entropy(logits[answer], tokens[:, 1:][answer])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    for name, p in model.state_dict().items():
+        assert torch.allclose(trained[name], p, rtol=0, atol=1e-5), name
