@@ -129,7 +129,9 @@ def rope(r: Reader, default_theta: float) -> tuple[float, RopeScaling | None]:
     if not rp:
         return theta, None
     if not isinstance(rp, dict) or any(isinstance(v, dict) for v in rp.values()):
-        r.unsupported(key, f"one dict for all layers with {ROPE_SUPPORTED}")
+        nested = [safe_text(k, 40) for k, v in rp.items() if isinstance(v, dict)] if isinstance(rp, dict) else []
+        r.unsupported(key, f"one dict for all layers with {ROPE_SUPPORTED}"
+                           + (f"; not a dict in '{key}.{nested[0]}'" if nested else ""))
         return theta, None
     if rp.get("partial_rotary_factor") not in (None, 1, 1.0):
         r.unsupported(key, "partial_rotary_factor 1.0 (MLA rotates all qk_rope_head_dim channels)")
