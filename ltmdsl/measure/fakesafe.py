@@ -62,6 +62,7 @@ TRACE_PATHS = {
     "lightning": None,
     "rg_lru": None,
     "mlstm": None,
+    "parallel": None,  # runs its branches as they are: each must be fake-safe as it is (`check`)
 }
 
 #: What the report says about each substitution.
@@ -80,6 +81,11 @@ def check(ir: ModelIR) -> list[str]:
             f"layer kind {missing[0]!r} has no fake-tensor path, so model {ir.name!r} cannot be traced "
             f"(traceable kinds: {', '.join(TRACE_PATHS)})"
         )
+    for layer in ir.layers:  # a parallel layer's branches run unsubstituted
+        for name, branch, _, _ in getattr(layer.mixer, "branches", ()):
+            if TRACE_PATHS.get(branch.kind, False) is not None:
+                raise NotTraceable(f"layer {layer.index} '{layer.definition}': branch {name} ({branch.kind}) of a "
+                                   "parallel layer has no fake-tensor path as it is")
     for layer in ir.layers:  # the balanced dispatch runs plain MoEs (no shared experts, biases, clamps)
         beyond = layer.mixer.beyond_plain() if TRACE_PATHS.get(layer.kind) is _balanced_moe_forward else ()
         if beyond:

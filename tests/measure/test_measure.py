@@ -233,3 +233,14 @@ def test_cli_measure_text_and_refusal(tmp_path, capsys, monkeypatch):
     monkeypatch.delitem(fakesafe.TRACE_PATHS, "attention")
     assert main(["memory", str(path), "--measure"]) == 3
     assert "layer kind 'attention' has no fake-tensor path" in capsys.readouterr().err
+
+
+def test_a_parallel_layer_with_a_moe_branch_is_refused_by_name():
+    """A parallel layer runs its branches unsubstituted, so a MoE branch (whose dispatch needs the balanced
+    tracing path) is refused naming the layer and the branch."""
+    from ltmdsl.measure.fakesafe import NotTraceable, check
+
+    ir = ltmdsl.loads("model m {\n vocab = 32\n d_model = 16\n layer a = attention(heads = 2)\n"
+                      " layer e = moe(experts = 2, d_ff = 16)\n layer p = parallel(a = a, b = e)\n stack { p }\n}\n").ir.model()
+    with pytest.raises(NotTraceable, match=r"layer 0 'p': branch b \(moe\) of a parallel layer"):
+        check(ir)
