@@ -20,8 +20,10 @@ Modules, one concept each:
     report     Measurement: per component predicted, traced, relative difference; the peak
 
 What is approximated (also in each Measurement's notes): tensor, context and expert parallelism and ZeRO-3
-are not traced (refused); sharded gradient and optimizer buffers hold ceil(P/N) elements and the collectives
-are not simulated; MoE routing is balanced; only the in-flight micro-batches of the 1F1B peak are run.
+are not traced (refused: the rank's shards of each layer are not built under fake tensors); sharded gradient
+and optimizer buffers hold ceil(P/N) elements and the collectives are not simulated; MoE routing is balanced;
+only the in-flight micro-batches of the 1F1B peak are run; non-learned buffers (Lightning's slopes) are live
+but not weights. Every mixer kind of the runtime traces (fakesafe.TRACE_PATHS).
 """
 
 from __future__ import annotations
