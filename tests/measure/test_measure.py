@@ -186,6 +186,20 @@ def test_moe_activations_within_5_percent_with_balanced_routing(recompute):
     assert any("balanced routing" in n for n in m.notes)
 
 
+SHARED_MOE = MOE.replace("moe(experts = 4, top_k = 2, d_ff = 64)",
+                         "moe(experts = 4, top_k = 2, d_ff = 64, shared_d_ff = 96, shared_gate = true)")
+
+
+def test_moe_with_a_gated_shared_expert_traces_with_exact_states():
+    """The balanced dispatch runs the runtime's expert maths and its shared expert (Qwen-MoE's)."""
+    spec = ltmdsl.loads(SHARED_MOE)
+    m = measure(spec.model, _budget(spec, "train"), recompute="none")
+    for component in ("weights", "gradients", "optimizer", "logits"):
+        assert m.measured[component] == m.predicted[component], component
+    serve = measure(spec.model, _budget(spec, "serve"))
+    assert serve.measured["weights"] == serve.predicted["weights"]
+
+
 def test_moe_training_states_exact_with_balanced_routing():
     spec = traceable_tiny_hybrid()
     attn_moe = spec.model  # every traceable kind; MoE dispatch static
