@@ -247,3 +247,17 @@ def test_cli_measure_text_and_refusal(tmp_path, capsys, monkeypatch):
     monkeypatch.delitem(fakesafe.TRACE_PATHS, "attention")
     assert main(["memory", str(path), "--measure"]) == 3
     assert "layer kind 'attention' has no fake-tensor path" in capsys.readouterr().err
+
+
+def test_trace_cost_counts_the_masked_query_blocks_of_a_chunk_on_a_long_cache():
+    """A chunk against cached keys runs `mask_rows(T)` queries per SDPA call: the estimate grows with T."""
+    from ltmdsl.kinds.attention import mask_rows
+    from ltmdsl.measure.cost import OPS_PER_STEP, estimate_ops
+    from ltmdsl.memory import report
+
+    model = ltmdsl.load(EXAMPLES / "llama-3.1-8b.ltm").model
+    whole = report(model, None, context=8192, chunk=8192).settings
+    cached = report(model, None, context=1 << 20, chunk=8192).settings
+    layers = sum(1 for layer in model.layers if layer.kind == "attention")
+    blocks = -(-8192 // mask_rows(1 << 20))
+    assert estimate_ops(model, cached, 0) - estimate_ops(model, whole, 0) == layers * OPS_PER_STEP * blocks
