@@ -172,6 +172,7 @@ class LTModel(nn.Module):
                 pending = block.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
             else:
                 pending = block.mixer(normed, state, pos0)  # [B, T, d]
+            normed = None  # read by the mixer only: released before the next norm runs
             pending = block.branch(pending, self.ir.residual_scale)  # [B, T, d]
         normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
         if cache is not None:

@@ -44,6 +44,7 @@ def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tens
             pending = block.mixer.step(normed[:, 0], state, pos0)[:, None]  # [b, 1, d]
         else:
             pending = block.mixer(normed, state, pos0)  # [b, t, d]
+        normed = None  # released before the next norm runs (as LTModel.forward)
         pending = block.branch(pending, net.ir.residual_scale)  # [b, t, d]
     if not stage.last:
         return h + pending
