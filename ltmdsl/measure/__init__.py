@@ -46,6 +46,12 @@ def _supported(ir, s) -> None:
                                "each layer is not built; measure the budget without it")
     if p.zero >= 3:
         raise NotTraceable("ZeRO-3 gathers weights layer by layer, which the traced step does not simulate")
+    from ltmdsl.runtime.build import TORCH_DTYPES
+
+    for what, key, dt in (("KV cache", "kv_dtype", s.kv_dtype), ("recurrent state", "state_dtype", s.state_dtype)):
+        if s.mode == "inference" and dt.name not in TORCH_DTYPES:
+            raise NotTraceable(f"the runtime keeps no {dt.name} {what} (it allocates {', '.join(TORCH_DTYPES)}); "
+                               f"measure the budget with another {key}")
     if s.weight_dtype.name != s.activation_dtype.name:
         raise NotTraceable(f"weights in {s.weight_dtype.name} with {s.activation_dtype.name} activations: the "
                            "runtime computes in its weights' dtype")

@@ -261,3 +261,8 @@ def test_trace_cost_counts_the_masked_query_blocks_of_a_chunk_on_a_long_cache():
     layers = sum(1 for layer in model.layers if layer.kind == "attention")
     blocks = -(-8192 // mask_rows(1 << 20))
     assert estimate_ops(model, cached, 0) - estimate_ops(model, whole, 0) == layers * OPS_PER_STEP * blocks
+
+
+def test_a_cache_dtype_the_runtime_does_not_allocate_is_refused_by_name(dense):
+    with pytest.raises(NotTraceable, match="no fp8_e4m3 KV cache"):
+        measure(dense.model, _budget(dense, "serve"), kv_dtype="fp8_e4m3")
