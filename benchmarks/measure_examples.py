@@ -92,13 +92,15 @@ def kind_spec(kind: str, example: str | None, layer: str | None):
                         f" stack {{ repeat 2 {{ x }} }}\n}}\n")
 
 
-def kind_rows() -> list[str]:
+def kind_rows(only=None) -> list[str]:
     """Per kind: inference (context 8192, chunk 2048, batch 1) and training (context 2048, batch 1, no
     recompute) of `kind_spec`, predicted against traced."""
     from ltmdsl.measure import measure
 
     rows = []
     for kind, example, layer in KINDS:
+        if only and kind not in only:
+            continue
         model = kind_spec(kind, example, layer).model
         serve = measure(model, None, mode="inference", context=8192, batch=1, chunk=2048)
         train = measure(model, None, mode="training", context=2048, batch=1, recompute="none")
@@ -122,12 +124,12 @@ def _pct(x):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", help="labels (substrings) to run")
+    ap.add_argument("--only", nargs="*", help="labels (substrings) to run; with --kinds, kind names")
     ap.add_argument("--json", help="write the measurements here")
     ap.add_argument("--kinds", action="store_true", help="per mixer kind at its example's width instead")
     args = ap.parse_args(argv)
     if args.kinds:
-        rows = kind_rows()
+        rows = kind_rows(args.only)
         print("| kind (width of) | weights, caches, states | inference activations predicted / traced | diff | "
               "training activations predicted / traced | diff |")
         print("|---|---|---|---|---|---|")

@@ -40,10 +40,16 @@ __all__ = ["Measurement", "NotTraceable", "TooLargeToTrace", "measure"]
 
 def _supported(ir, s) -> None:
     p = s.parallel
+    why = {
+        "tensor": "ltmdsl's tensor parallelism keeps the embedding, head and norms replicated where the memory "
+                  "model divides them by t (vocab-parallel), so a traced rank's weights could not match",
+        "context": "the all-gather of every rank's keys and values is not simulated",
+        "expert": "the all-to-all dispatch sizes depend on the routing, which fake tensors do not have",
+    }
     for name, value in (("tensor", p.tp), ("context", p.cp), ("expert", p.ep)):
         if value > 1:
-            raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) is not traced: the rank's shard of "
-                               "each layer is not built; measure the budget without it")
+            raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) is not traced: {why[name]}; measure "
+                               "the budget without it")
     if p.zero >= 3:
         raise NotTraceable("ZeRO-3 gathers weights layer by layer, which the traced step does not simulate")
     from ltmdsl.runtime.build import TORCH_DTYPES
