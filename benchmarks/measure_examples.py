@@ -3,6 +3,7 @@ run at full size on fake tensors (ltmdsl.measure), one rank. Prints a Markdown t
 "Predicted against traced" table) and, with --json FILE, writes every Measurement.
 
 Run: python benchmarks/measure_examples.py [--only NAME ...] [--json out.json]
+     python benchmarks/measure_examples.py --kinds   (each mixer kind alone, two sub-layers at its example's width)
 A budget that cannot be traced (a refused plan, a step too large to trace) gets a row saying why.
 """
 
@@ -50,15 +51,90 @@ def cases():
     return out + EXTRA
 
 
+#: (kind, example, layer name or definition): each mixer kind at its example's width, for `--kinds`
+KINDS = [
+    ("attention", "llama-3.1-8b.ltm", "attention(heads = 32, kv_heads = 8, rope_theta = 500000)"),
+    ("mla", None, None),
+    ("gated_deltanet", "gdn-hybrid.ltm", "gdn"),
+    ("kda", "kda-hybrid.ltm", "kda"),
+    ("short_conv", "lfm2-700m.ltm", "conv"),
+    ("lightning", "minimax-text-01.ltm", "lin"),
+    ("rg_lru", "recurrentgemma-2b.ltm", "rec"),
+    ("mlstm", "xlstm-7b.ltm", "cell"),
+    ("moe", "qwen1.5-moe-a2.7b.ltm", "moe"),
+]
+#: no example uses MLA: DeepSeek-V2-Lite's attention (d_model 2048)
+MLA = "mla(heads = 16, q_lora_rank = 768, kv_lora_rank = 512, qk_nope_head_dim = 128, qk_rope_head_dim = 64, " \
+      "v_head_dim = 128)"
+
+
+def kind_spec(kind: str, example: str | None, layer: str | None):
+    """Two sub-layers of one mixer kind, nothing else, at its example's d_model (bf16, vocab 1024): the
+    mixer's own workspace and activations decide the comparison."""
+    import ltmdsl
+
+    if example is None:
+        d, definition = 2048, MLA
+    else:
+        d = ltmdsl.load(EXAMPLES / example).model.d_model
+        text = (EXAMPLES / example).read_text() if "(" not in layer else f"    layer x = {layer}"
+        layer = "x" if "(" in layer else layer
+        head = f"    layer {layer} = "
+        start = text.index(head) + len(head)
+        depth, end = 0, start
+        for end in range(start, len(text)):  # the definition up to its closing parenthesis
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            if text[end] == ")" and depth == 0:
+                break
+        definition = text[start:end + 1]
+    return ltmdsl.loads(f"model {kind}_only {{\n vocab = 1024\n d_model = {d}\n dtype = bf16\n"
+                        f" norm = rmsnorm(eps = 1e-5)\n head = untied\n layer x = {definition}\n"
+                        f" stack {{ repeat 2 {{ x }} }}\n}}\n")
+
+
+def kind_rows(only=None) -> list[str]:
+    """Per kind: inference (context 8192, chunk 2048, batch 1) and training (context 2048, batch 1, no
+    recompute) of `kind_spec`, predicted against traced."""
+    from ltmdsl.measure import measure
+
+    rows = []
+    for kind, example, layer in KINDS:
+        if only and kind not in only:
+            continue
+        model = kind_spec(kind, example, layer).model
+        serve = measure(model, None, mode="inference", context=8192, batch=1, chunk=2048)
+        train = measure(model, None, mode="training", context=2048, batch=1, recompute="none")
+        exact = all(m.measured[c] == m.predicted[c] for m in (serve, train) for c in m.predicted if c != "activations")
+        rows.append(f"| {kind} ({example or 'DeepSeek-V2-Lite'}) | {'exact' if exact else 'differ'} | "
+                    f"{_mib(serve.predicted['activations'])} / {_mib(serve.measured['activations'])} | "
+                    f"{_pct(serve.relative['activations'])} | "
+                    f"{_mib(train.predicted['activations'])} / {_mib(train.measured['activations'])} | "
+                    f"{_pct(train.relative['activations'])} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def _mib(x):
+    return f"{x / 2**20:.1f} MiB"
+
+
 def _pct(x):
     return "n/a" if x is None else f"{100 * x:+.2f}%"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", help="labels (substrings) to run")
+    ap.add_argument("--only", nargs="*", help="labels (substrings) to run; with --kinds, kind names")
     ap.add_argument("--json", help="write the measurements here")
+    ap.add_argument("--kinds", action="store_true", help="per mixer kind at its example's width instead")
     args = ap.parse_args(argv)
+    if args.kinds:
+        rows = kind_rows(args.only)
+        print("| kind (width of) | weights, caches, states | inference activations predicted / traced | diff | "
+              "training activations predicted / traced | diff |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        return 0
     import ltmdsl
     from ltmdsl.measure import NotTraceable, TooLargeToTrace, measure
     from ltmdsl.units import format_bytes

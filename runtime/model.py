@@ -56,10 +56,10 @@ class Block(nn.Module):
                 residual_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The stream h + pending [B, T, d] (pending None: nothing to add) through this sub-layer -> the new
         (h, pending): h the scaled skip path, pending the branch, added by the next norm (or by the caller).
-        `enter` then `leave`; a caller that can drop its `pending` in between (LTModel.forward) calls them
-        itself, so the added tensor is freed before the mixer runs."""
+        `enter`, `mix`, `branch`; a caller that can drop its references in between (LTModel.forward) calls them
+        itself, so the added tensor is freed before the mixer runs and the normed input before the branch."""
         normed, h = self.enter(h, pending)
-        return self.leave(normed, h, state, pos0, decode, residual_scale)
+        return h, self.branch(self.mix(normed, state, pos0, decode), residual_scale)
 
     def enter(self, h: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(normed input of the mixer, skip path) [B, T, d] each, from the stream h + pending."""
@@ -70,14 +70,11 @@ class Block(nn.Module):
             h = h * self.residual.skip_scale
         return normed, h
 
-    def leave(self, normed: torch.Tensor, h: torch.Tensor, state, pos0: int, decode: bool,
-              residual_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mixer on its normed input -> (h, the branch to add) [B, T, d] each."""
+    def mix(self, normed: torch.Tensor, state, pos0: int, decode: bool) -> torch.Tensor:
+        """The mixer on its normed input [B, T, d] (one token's step when decoding) -> its output [B, T, d]."""
         if decode:
-            out = self.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
-        else:
-            out = self.mixer(normed, state, pos0)  # [B, T, d]
-        return h, self.branch(out, residual_scale)
+            return self.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
+        return self.mixer(normed, state, pos0)  # [B, T, d]
 
     def init_weights(self, gen: torch.Generator) -> None:
         self.norm.init_weights(gen)
@@ -209,7 +206,9 @@ class LTModel(nn.Module):
             normed, h = block.enter(h, pending)  # [B, T, d] each
             pending = None  # added into h: released before the mixer runs, so only h and normed stay live
             state = None if cache is None else cache.layers[i]
-            h, pending = block.leave(normed, h, state, pos0, decode, self.ir.residual_scale)  # [B, T, d] each
+            out = block.mix(normed, state, pos0, decode)  # [B, T, d]
+            normed = None  # read by the mixer only: released before the branch and the next norm run
+            pending = block.branch(out, self.ir.residual_scale)  # [B, T, d]
         normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
         if cache is not None:
             cache.seen += T

@@ -46,7 +46,7 @@ R = sympy.Rational
 #: When the runtime must materialise a causal mask (runtime/ops_attention.py `attention`) it goes QUERY_BLOCK
 #: queries at a time, fewer when the keys are many, so that a mask holds about MASK_ELEMENTS (at least one row).
 QUERY_BLOCK = 256
-MASK_ELEMENTS = 1 << 23
+MASK_ELEMENTS = 1 << 26
 
 
 def mask_rows(keys):

@@ -23,9 +23,12 @@ so it is stored but not counted):
 A token touches the router, the shared expert and k experts: the other E - k experts are `inactive`.
 Expert parallelism shards the routed experts (ep must divide E); the router and the shared expert are dense.
 It keeps nothing between decode steps (no cache), and its FLOPs are projections only.
-Prefill workspace for a chunk of Cc = min(C, T) tokens (n = b * Cc/c tokens):
-    a * n * (k * (2d + F*(3|2)/t) + Fs*(3|2)/t) + 4 * n * E * (2 if the selection scores differ else 1)
-    (dispatch + expert MLPs + shared MLP + fp32 router scores, and fp32 selection scores)
+Prefill workspace for a chunk of Cc = min(C, T) tokens (n = b * Cc/c tokens), as the runtime holds it: the
+largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
+    routing     a * n * E logits + 4 * n * E * (2 if the selection scores differ else 1) fp32 scores + 2w
+    experts     the output a * n * d + w, and one expert at a time on its m = ceil(n * k / E) tokens (balanced):
+                a * m * (3d + F*(4|2)/t)   (its input, output and weighted output; gate, up, act, product)
+    shared      a * n * d + w + a * n * max(`inference_ffn_width`(Fs)/t, 2d)   (the shared MLP in place)
 Training activations (dropless top-k, perfectly balanced routing so expert parallelism moves tokens but
 not bytes), per micro-batch:
     replicated  norm input and router input 2a*sbh; router logits and probabilities fp32 8*sb*E;
@@ -46,7 +49,8 @@ import sympy
 
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
-    ACTIVATIONS, GATED, CheckError, Flops, Kind, ModelContext, Param, Split, ffn_width, no_cache, no_context_limit,
+    ACTIVATIONS, GATED, CheckError, Flops, Kind, ModelContext, Param, Split, inference_ffn_width, no_cache,
+    no_context_limit,
     saved_ffn_width,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
@@ -200,10 +204,18 @@ def _second_scores(c: MoEConfig) -> bool:
 
 
 def workspace(c: MoEConfig, d: int, s):
-    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
-    a = s.activation_dtype.bytes
-    width = c.top_k * (2 * d + ffn_width(c.activation, c.d_ff) / R(s.tp)) + ffn_width(c.activation, c.shared_d_ff) / R(s.tp)
-    return a * tok * width + 4 * tok * c.experts * (2 if _second_scores(c) else 1)
+    n = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c tokens
+    a, t = s.activation_dtype.bytes, R(s.tp)
+    m = sympy.ceiling(n * c.top_k / c.experts)  # tokens per expert under balanced routing
+    weights = 4 * n * c.top_k  # the fp32 routing weights, live to the end
+    route = a * n * c.experts + 4 * n * c.experts * (2 if _second_scores(c) else 1) + 2 * weights
+    expert = (4 if c.activation in GATED else 2) * c.d_ff / t  # gate, up, act(gate), product | up, act(up)
+    loop = a * n * d + weights + a * m * (3 * d + expert)  # the output, and one expert's tokens at a time
+    out = sympy.Max(route, loop)
+    if c.shared_d_ff:
+        out = sympy.Max(out, a * n * d + weights + a * n * sympy.Max(inference_ffn_width(c.activation, c.shared_d_ff) / t,
+                                                                     2 * d))
+    return out
 
 
 def stored(c: MoEConfig, x, selective: bool):

@@ -13,8 +13,9 @@ Parameters: 2(dW + W) + (Wd + d) + (WK + W) + W + 2(W^2/H + W).
 Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
     conv  b * W/t * taps * s_bytes (taps = K "full" or K - 1 "minus_one", as RecurrentGemma keeps them)
     rg_lru  b * W/t * s_bytes
-Prefill workspace for a chunk of Cc = min(C, T) tokens: a * b * Cc/c * 6W/t (y, x, conv output, the two
-gates, h) plus the fp32 scan coefficients and states 12 * b * Cc/c * W/t.
+Prefill workspace for a chunk of Cc = min(C, T) tokens, as the runtime's chunked scan holds it at its peak
+(traced by `ltmdsl memory --measure`): a * b * Cc/c * 7W/t (y before and after its activation, x, the conv
+output, the two gates and the scan's output h) plus one fp32 tensor of the scan, 4 * b * Cc/c * W/t.
 Training activations per micro-batch:
     replicated  norm input and the projections' input 2a*sbh
     split       y and x pre-activation, conv output, the two gate pre-activations, h and h*y: 7a*sbW;
@@ -81,7 +82,7 @@ def cache(c: RgLruConfig, s) -> tuple[CacheTerm, ...]:
 
 def workspace(c: RgLruConfig, d: int, s):
     tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
-    return (s.activation_dtype.bytes * 6 + 12) * tok * c.width / R(s.tp)
+    return (s.activation_dtype.bytes * 7 + 4) * tok * c.width / R(s.tp)
 
 
 def stored(c: RgLruConfig, x, selective: bool):

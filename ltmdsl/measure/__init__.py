@@ -20,8 +20,10 @@ Modules, one concept each:
     report     Measurement: per component predicted, traced, relative difference; the peak
 
 What is approximated (also in each Measurement's notes): tensor, context and expert parallelism and ZeRO-3
-are not traced (refused); sharded gradient and optimizer buffers hold ceil(P/N) elements and the collectives
-are not simulated; MoE routing is balanced; only the in-flight micro-batches of the 1F1B peak are run.
+are not traced (refused: the rank's shards of each layer are not built under fake tensors); sharded gradient
+and optimizer buffers hold ceil(P/N) elements and the collectives are not simulated; MoE routing is balanced;
+only the in-flight micro-batches of the 1F1B peak are run; non-learned buffers (Lightning's slopes) are live
+but not weights. Every mixer kind of the runtime traces (fakesafe.TRACE_PATHS).
 """
 
 from __future__ import annotations
@@ -38,12 +40,24 @@ __all__ = ["Measurement", "NotTraceable", "TooLargeToTrace", "measure"]
 
 def _supported(ir, s) -> None:
     p = s.parallel
+    why = {
+        "tensor": "ltmdsl's tensor parallelism keeps the embedding, head and norms replicated where the memory "
+                  "model divides them by t (vocab-parallel), so a traced rank's weights could not match",
+        "context": "the all-gather of every rank's keys and values is not simulated",
+        "expert": "the all-to-all dispatch sizes depend on the routing, which fake tensors do not have",
+    }
     for name, value in (("tensor", p.tp), ("context", p.cp), ("expert", p.ep)):
         if value > 1:
-            raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) is not traced: the rank's shard of "
-                               "each layer is not built; measure the budget without it")
+            raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) is not traced: {why[name]}; measure "
+                               "the budget without it")
     if p.zero >= 3:
         raise NotTraceable("ZeRO-3 gathers weights layer by layer, which the traced step does not simulate")
+    from ltmdsl.runtime.build import TORCH_DTYPES
+
+    for what, key, dt in (("KV cache", "kv_dtype", s.kv_dtype), ("recurrent state", "state_dtype", s.state_dtype)):
+        if s.mode == "inference" and dt.name not in TORCH_DTYPES:
+            raise NotTraceable(f"the runtime keeps no {dt.name} {what} (it allocates {', '.join(TORCH_DTYPES)}); "
+                               f"measure the budget with another {key}")
     if s.weight_dtype.name != s.activation_dtype.name:
         raise NotTraceable(f"weights in {s.weight_dtype.name} with {s.activation_dtype.name} activations: the "
                            "runtime computes in its weights' dtype")

@@ -1,8 +1,9 @@
 """How long a trace would take, roughly, so that a budget too large to trace is refused with advice.
 
 On fake tensors time is Python dispatch: a fixed number of ops per sub-layer, plus the kinds whose reference
-code loops over the sequence (the Mamba-1 scan and the Mamba-2 SSD visit T/chunk chunks; windowed attention
-visits query blocks of max(W, 128)) and the MoE's loop over experts. `estimate_ops` counts those steps for
+code loops over the sequence (the Mamba-1 scan and the Mamba-2 SSD visit T/chunk chunks; attention that needs
+a causal mask, a window or a chunk against cached keys, visits query blocks of `mask_rows` queries) and the
+MoE's loop over experts. `estimate_ops` counts those steps for
 the traced step (forward; training adds the backward and recompute, about 3x) and `check` refuses more than
 OP_LIMIT, suggesting the largest context (a power of two) that fits.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 
 from ltmdsl.ir import ModelIR
+from ltmdsl.kinds.attention import mask_rows
 from ltmdsl.memory.assemble import stage_ranges
 from ltmdsl.memory.settings import Settings
 
@@ -24,14 +26,18 @@ class TooLargeToTrace(ValueError):
     """The trace would take too long; the message suggests a context that traces in reasonable time."""
 
 
-def _loop_steps(layer, tokens: int) -> int:
+def _loop_steps(layer, tokens: int, keys: int) -> int:
+    """Sequence-loop iterations of one sub-layer over `tokens` queries against `keys` keys."""
     m = layer.mixer
     if layer.kind == "mamba":
         return math.ceil(tokens / 64)  # runtime/ops_scan.py chunks of 64 tokens
     if layer.kind == "mamba2":
         return math.ceil(tokens / m.chunk)
-    if layer.kind == "attention" and m.window is not None and tokens > 2 * max(m.window, 128):
-        return math.ceil(tokens / max(m.window, 128))
+    if layer.kind in ("attention", "mla") and getattr(m, "window", None) is None and keys > tokens:
+        return math.ceil(tokens / mask_rows(keys))  # masked query blocks of a chunk against cached keys
+    if layer.kind == "attention" and m.window is not None:
+        reach = min(keys, tokens + m.window)
+        return math.ceil(tokens / mask_rows(reach)) if tokens > mask_rows(reach) else 0
     if layer.kind == "moe":
         return m.experts
     return 0
@@ -41,7 +47,7 @@ def estimate_ops(ir: ModelIR, s: Settings, stage: int) -> int:
     """Dispatches of the traced step on stage `stage` (module docstring)."""
     tokens = s.context if s.mode == "training" else min(s.chunk, s.context)
     layers = stage_ranges(len(ir.layers), s.pp)[stage]
-    ops = sum(OPS_PER_LAYER + OPS_PER_STEP * _loop_steps(ir.layers[i], tokens) for i in layers)
+    ops = sum(OPS_PER_LAYER + OPS_PER_STEP * _loop_steps(ir.layers[i], tokens, s.context) for i in layers)
     if s.mode == "training":
         ops *= 3 * s.parallel.pp  # backward and recompute; up to pp micro-batches in flight
     return ops

@@ -26,8 +26,9 @@ class NotTraceable(ValueError):
 
 
 def _balanced_moe_forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
-    """The MoE forward with static-shape balanced dispatch (module docstring); same maths per expert."""
-    from ltmdsl.runtime.kinds.mlp import activate
+    """The MoE forward (runtime/kinds/moe.py `MoE.forward`) with static-shape balanced dispatch (module
+    docstring) in place of `torch.where(idx == e)`: the same expert maths (biases, clamped SwiGLU, weighted
+    inputs) and the shared expert and its gate."""
     from ltmdsl.runtime.kinds.moe import route
 
     cfg = self.cfg
@@ -36,15 +37,21 @@ def _balanced_moe_forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> t
     M, k, E = xf.shape[0], cfg.top_k, cfg.experts
     w, _idx = route(self.router(xf), cfg, self.selection_bias)  # [M, k]; indices replaced by the balanced plan
     out = torch.zeros_like(xf)  # [M, d]
-    ex = self.experts
     j = torch.arange(M * k, device=x.device)  # [M*k] assignments
-    for e in range(E):
+    for e in range(min(E, M * k)):  # experts past M*k receive nothing
         sel = j[e::E]  # [m] static: ceil((M*k - e)/E) assignments
         tok, slot = sel // k, sel % k  # [m], [m]
-        xe = xf[tok]  # [m, d]
-        gate = xe @ ex.gate_proj[e].t() if ex.gate_proj is not None else None  # [m, F]
-        he = activate(cfg.activation, gate, xe @ ex.up_proj[e].t()) @ ex.down_proj[e].t()  # [m, d]
-        out.index_add_(0, tok, (he * w[tok, slot, None].to(he.dtype)).to(out.dtype))
+        we = w[tok, slot, None].to(xf.dtype)  # [m, 1]
+        if cfg.weight_input:
+            he = self.experts.one(cfg, e, xf[tok] * we)  # [m, d]
+        else:
+            he = self.experts.one(cfg, e, xf[tok]) * we  # [m, d]
+        out.index_add_(0, tok, he.to(out.dtype))
+    if self.shared is not None:
+        shared = self.shared(xf)  # [M, d]
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(xf)) * shared  # [M, 1] * [M, d]
+        out = out + shared
     return out.view(shape)
 
 
@@ -86,11 +93,6 @@ def check(ir: ModelIR) -> list[str]:
             if TRACE_PATHS.get(branch.kind, False) is not None:
                 raise NotTraceable(f"layer {layer.index} '{layer.definition}': branch {name} ({branch.kind}) of a "
                                    "parallel layer has no fake-tensor path as it is")
-    for layer in ir.layers:  # the balanced dispatch runs plain MoEs (no shared experts, biases, clamps)
-        beyond = layer.mixer.beyond_plain() if TRACE_PATHS.get(layer.kind) is _balanced_moe_forward else ()
-        if beyond:
-            raise NotTraceable(f"layer {layer.index} '{layer.definition}': the traced MoE dispatch runs plain MoEs; "
-                               f"this one uses {', '.join(beyond)}")
     return [TRACE_NOTES[k] for k in kinds if k in TRACE_NOTES]
 
 

@@ -139,7 +139,8 @@ def _inference(st: StageExprs, model: ModelIR, s: Settings, counts: dict, last: 
         workspaces[kind.name] = sympy.Max(workspaces[kind.name], ws) if kind.name in workspaces else ws
     residual = inference.residual_workspace(model, s)
     st.by_kind["activations"] = {"residual": residual, **workspaces}
-    st.combined["activations"] = residual + (sympy.Max(*workspaces.values()) if workspaces else ZERO)
+    layers = residual + (sympy.Max(*workspaces.values()) if workspaces else ZERO)
+    st.combined["activations"] = sympy.Max(layers, inference.norm_workspace(model, s))
     if last:
         st.add("logits", "head", inference.logits(model, s))
 

@@ -10,6 +10,10 @@ processed. Layers run one after another and free their workspace, so the stack n
 stream plus the *largest* sub-layer workspace:
     residual   2 * a * b * Cc/c * d                       (x and norm(x))
 
+The stack's activations are the larger of that and the moment a pre-norm runs (`norm_workspace`): the
+previous mixer's output, the residual and their sum, with the norm's fp32 working copies, (3a + 8)*b*Cc/c*d,
+which exceeds the layers' term only when no sub-layer's workspace is wider than about 5 model widths.
+
 Logits: fp32 logits of the last position of each sequence, 4 * b * V / t (sampling needs no more).
 Weights: params * weight_bytes / t (expert weights / (t * ep)); embeddings are vocab-parallel.
 """
@@ -30,6 +34,15 @@ R = sympy.Rational
 def residual_workspace(model: ModelIR, s: Settings):
     """The residual stream and its normalised copy for one chunk: 2 * a * b * Cc/c * d."""
     return 2 * s.activation_dtype.bytes * per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp) * model.d_model
+
+
+def norm_workspace(model: ModelIR, s: Settings):
+    """The moment a pre-norm runs: the previous mixer's output, the residual and their sum (3a per element)
+    with the norm's fp32 statistics input and its square or scaled copy (8 bytes; 4 when a is fp32, whose
+    input needs no copy), over b * Cc/c tokens of d: (3a + f) * b * Cc/c * d."""
+    a = s.activation_dtype.bytes
+    f = (4 if a < 4 else 0) + max(4, a)
+    return (3 * a + f) * per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp) * model.d_model
 
 
 def logits(model: ModelIR, s: Settings):

@@ -186,6 +186,20 @@ def test_moe_activations_within_5_percent_with_balanced_routing(recompute):
     assert any("balanced routing" in n for n in m.notes)
 
 
+SHARED_MOE = MOE.replace("moe(experts = 4, top_k = 2, d_ff = 64)",
+                         "moe(experts = 4, top_k = 2, d_ff = 64, shared_d_ff = 96, shared_gate = true)")
+
+
+def test_moe_with_a_gated_shared_expert_traces_with_exact_states():
+    """The balanced dispatch runs the runtime's expert maths and its shared expert (Qwen-MoE's)."""
+    spec = ltmdsl.loads(SHARED_MOE)
+    m = measure(spec.model, _budget(spec, "train"), recompute="none")
+    for component in ("weights", "gradients", "optimizer", "logits"):
+        assert m.measured[component] == m.predicted[component], component
+    serve = measure(spec.model, _budget(spec, "serve"))
+    assert serve.measured["weights"] == serve.predicted["weights"]
+
+
 def test_moe_training_states_exact_with_balanced_routing():
     spec = traceable_tiny_hybrid()
     attn_moe = spec.model  # every traceable kind; MoE dispatch static
@@ -244,3 +258,22 @@ def test_a_parallel_layer_with_a_moe_branch_is_refused_by_name():
                       " layer e = moe(experts = 2, d_ff = 16)\n layer p = parallel(a = a, b = e)\n stack { p }\n}\n").ir.model()
     with pytest.raises(NotTraceable, match=r"layer 0 'p': branch b \(moe\) of a parallel layer"):
         check(ir)
+
+
+def test_trace_cost_counts_the_masked_query_blocks_of_a_chunk_on_a_long_cache():
+    """A chunk against cached keys runs `mask_rows(T)` queries per SDPA call: the estimate grows with T."""
+    from ltmdsl.kinds.attention import mask_rows
+    from ltmdsl.measure.cost import OPS_PER_STEP, estimate_ops
+    from ltmdsl.memory import report
+
+    model = ltmdsl.load(EXAMPLES / "llama-3.1-8b.ltm").model
+    whole = report(model, None, context=8192, chunk=8192).settings
+    cached = report(model, None, context=1 << 20, chunk=8192).settings
+    layers = sum(1 for layer in model.layers if layer.kind == "attention")
+    blocks = -(-8192 // mask_rows(1 << 20))
+    assert estimate_ops(model, cached, 0) - estimate_ops(model, whole, 0) == layers * OPS_PER_STEP * blocks
+
+
+def test_a_cache_dtype_the_runtime_does_not_allocate_is_refused_by_name(dense):
+    with pytest.raises(NotTraceable, match="no fp8_e4m3 KV cache"):
+        measure(dense.model, _budget(dense, "serve"), kv_dtype="fp8_e4m3")
