@@ -206,9 +206,9 @@ class LTModel(nn.Module):
             normed, h = block.enter(h, pending)  # [B, T, d] each
             pending = None  # added into h: released before the mixer runs, so only h and normed stay live
             state = None if cache is None else cache.layers[i]
-            out = block.mix(normed, state, pos0, decode)  # [B, T, d]
+            pending = block.mix(normed, state, pos0, decode)  # [B, T, d]
             normed = None  # read by the mixer only: released before the branch and the next norm run
-            pending = block.branch(out, self.ir.residual_scale)  # [B, T, d]
+            pending = block.branch(pending, self.ir.residual_scale)  # [B, T, d]
         normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
         if cache is not None:
             cache.seen += T

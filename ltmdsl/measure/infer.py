@@ -40,9 +40,9 @@ def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tens
         normed, h = block.enter(h, pending)  # [b, t, d] each
         pending = None  # added into h, released before the mixer runs (as LTModel.forward)
         state = cache.layers[i - stage.layers.start]
-        out = block.mix(normed, state, pos0, decode)  # [b, t, d]
+        pending = block.mix(normed, state, pos0, decode)  # [b, t, d]
         normed = None  # released before the branch and the next norm run (as LTModel.forward)
-        pending = block.branch(out, net.ir.residual_scale)  # [b, t, d]
+        pending = block.branch(pending, net.ir.residual_scale)  # [b, t, d]
     if not stage.last:
         return h + pending
     normed, _ = net.final_norm(pending, h)
