@@ -181,8 +181,19 @@ class LTModel(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Normalised hidden states [..., d] -> logits [..., V], scaled and soft-capped as the model says."""
-        logits = h @ self.head_weight().t()  # [..., V]
+        """Normalised hidden states [..., d] -> logits [..., V], scaled and soft-capped as the model says.
+        Under tensor parallelism the weight is split by vocabulary rows: this rank's V/t logits, gathered."""
+        w = self.head_weight()
+        if hasattr(w, "device_mesh"):  # vocab-parallel (ltmdsl.distributed.tensor_parallel)
+            from torch.distributed.tensor import DTensor, Shard
+
+            from ltmdsl.runtime.tensor_parallel import copy_to_tp
+
+            mesh = w.device_mesh
+            part = copy_to_tp(h, mesh.get_group()) @ w.to_local().t()  # [..., V/t]
+            logits = DTensor.from_local(part, mesh, [Shard(part.dim() - 1)]).full_tensor()  # [..., V]
+        else:
+            logits = h @ w.t()  # [..., V]
         if self.ir.logit_scale != 1.0:
             logits = logits * self.ir.logit_scale
         if self.ir.logit_cap is not None:

@@ -3,9 +3,9 @@
 Every sub-layer's mixer is split by the plan its runtime kind declares (runtime/kinds/<kind>.py,
 `RuntimeKind.tp_plan`): attention heads and MLP widths column-wise in, row-wise out (Megatron-LM's split,
 one all-reduce per mixer in forward and one in backward). A kind without a plan, or a config its plan
-cannot split, is refused before any weight exists, naming the kind. Embedding, norms and the LM head stay
-replicated on the tensor-parallel ranks (they see the full, all-reduced activations, so their gradients
-agree on every rank without communication).
+cannot split, is refused before any weight exists, naming the kind. The embedding and the LM head are split
+by vocabulary rows (`apply_vocab_parallel`); the norms stay replicated (they see the full, all-reduced
+activations, so their gradients agree on every rank without communication).
 """
 
 from __future__ import annotations
@@ -42,3 +42,20 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
             continue
         done.add(id(block))
         parallelize_module(block.mixer, tp_mesh, plan)
+    apply_vocab_parallel(model, tp_mesh)
+
+
+def apply_vocab_parallel(model, tp_mesh) -> None:
+    """Embedding and LM head split by vocabulary rows over tp (Megatron's vocab-parallel embedding): the
+    embedding as torch's RowwiseParallel (each rank looks up its rows, one all-reduce), the head's weight
+    Shard(0) (tied: the embedding's), read by LTModel.head as this rank's V/t logits then gathered."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    from ltmdsl.runtime.tensor_parallel import shard_parameters
+
+    if model.ir.vocab % tp_mesh.size():
+        raise TensorParallelUnsupported(f"tp = {tp_mesh.size()} must divide the vocabulary of {model.ir.vocab}")
+    parallelize_module(model.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
+    if model.lm_head is not None:
+        parallelize_module(model.lm_head, tp_mesh, shard_parameters(0))

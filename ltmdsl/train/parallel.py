@@ -307,7 +307,9 @@ def _micro_step(ranked, tokens, mask, config) -> tuple[float, int, int]:
         if rows.shape[0]:
             if model.ir.logit_scale != 1.0:
                 rows = rows * model.ir.logit_scale
-            result = chunked_cross_entropy(rows, model.head_weight(), answers, config.loss_chunk, model.ir.logit_cap)
+            head_w = model.head_weight()  # [V, d]; vocab-parallel under tp: gathered (its gradient split back)
+            head_w = head_w.full_tensor() if hasattr(head_w, "full_tensor") else head_w
+            result = chunked_cross_entropy(rows, head_w, answers, config.loss_chunk, model.ir.logit_cap)
             summed = result.loss * result.count
             stats[0], stats[1] = float(summed.detach()), result.correct
         else:  # no answers here: a zero loss that still runs backward, so every collective of FSDP fires
