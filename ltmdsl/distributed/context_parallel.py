@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ltmdsl.runtime.kinds import runtime_kind
+from ltmdsl.runtime.tensor_parallel import local
 
 
 class ContextParallelUnsupported(ValueError):
@@ -63,7 +64,7 @@ class ContextShard:
         from the previous rank's last K-1 inputs (its halo): what one process computes at these positions."""
         K = conv.weight.shape[-1]
         prev = self.previous_tail(x, K - 1).transpose(1, 2) if K > 1 else None  # [B, C, K-1]
-        return kernels.causal_conv1d(x, conv.weight[:, 0], conv.bias, prev=prev, silu=silu)  # [B, T/cp, C]
+        return kernels.causal_conv1d(x, local(conv.weight)[:, 0], local(conv.bias), prev=prev, silu=silu)  # [B, T/cp, C]
 
     def carry_linear(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """State entering this rank of a recurrence with matrix transitions, S_t = A_t S_{t-1} + U_t (the

@@ -29,6 +29,7 @@ from ltmdsl.kinds.mamba import MambaConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_scan
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.tensor_parallel import local
 from ltmdsl.runtime.kinds import RuntimeKind
 from ltmdsl.runtime.norm import RMSNorm
 
@@ -82,7 +83,7 @@ def conv_with_state(
     prev = None
     if state is not None and K > 1:
         prev = state.conv[:, :, -(K - 1) :]  # [B, C, K-1]: the K-1 inputs before x
-    y = kernels.causal_conv1d(x, conv.weight[:, 0], conv.bias, prev=prev, silu=True)  # [B, T, C]
+    y = kernels.causal_conv1d(x, local(conv.weight)[:, 0], local(conv.bias), prev=prev, silu=True)  # [B, T, C]
     if state is not None and state.conv.shape[-1]:
         taps = state.conv.shape[-1]
         state.conv.copy_(torch.cat([state.conv, x.transpose(1, 2).to(state.conv.dtype)], dim=-1)[..., -taps:])
@@ -96,7 +97,7 @@ def conv_step_with_state(
     (vLLM's layout) convolve [taps ; x] and shift."""
     K = conv.weight.shape[-1]
     if state.conv.shape[-1] == K:
-        return kernels.conv_step(x, state.conv, conv.weight[:, 0], conv.bias, silu=True)
+        return kernels.conv_step(x, state.conv, local(conv.weight)[:, 0], local(conv.bias), silu=True)
     y = conv_with_state(kernels, x[:, None], conv, state)  # [B, 1, C]
     return y[:, 0]
 

@@ -28,7 +28,8 @@ from ltmdsl.kinds.rg_lru import RgLruConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_rglru
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.tensor_parallel import local, shard_parameters
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.short_conv import conv_step_with_taps, conv_with_taps, taps_for
 
 if TYPE_CHECKING:
@@ -84,9 +85,10 @@ class RgLru(nn.Module):
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., W] -> (input gate, recurrence gate) [..., W]: sigmoid of each block's x_h W_h + b_h."""
-        xb = x.reshape(*x.shape[:-1], self.heads, self.input_gate_bias.shape[-1])  # [..., H, W/H]
-        gx = torch.einsum("...hi,hij->...hj", xb, self.input_gate_weight) + self.input_gate_bias
-        ga = torch.einsum("...hi,hij->...hj", xb, self.recurrent_gate_weight) + self.recurrent_gate_bias
+        bx, ba = local(self.input_gate_bias), local(self.recurrent_gate_bias)  # [H, W/H] (H/t under tp)
+        xb = x.reshape(*x.shape[:-1], *bx.shape)  # [..., H, W/H]
+        gx = torch.einsum("...hi,hij->...hj", xb, local(self.input_gate_weight)) + bx
+        ga = torch.einsum("...hi,hij->...hj", xb, local(self.recurrent_gate_weight)) + ba
         return torch.sigmoid(gx).flatten(-2), torch.sigmoid(ga).flatten(-2)
 
 
@@ -129,7 +131,7 @@ class RecurrentBlock(nn.Module):
                            silu=False)  # [B, T, W]
         gate_x, gate_a = self.rg_lru.gates(x)  # [B, T, W] each
         reset = (pos0 + torch.arange(T, device=u.device) == 0).expand(Bsz, T)  # [B, T]
-        h, last = self.kernels.rglru_scan(x, gate_x, gate_a, self.rg_lru.recurrent_param, reset=reset,
+        h, last = self.kernels.rglru_scan(x, gate_x, gate_a, local(self.rg_lru.recurrent_param), reset=reset,
                                           state=None if state is None else state.h, chunk=cfg.chunk)  # [B,T,W]
         if state is not None:
             state.h.copy_(last)
@@ -141,7 +143,7 @@ class RecurrentBlock(nn.Module):
         x = conv_step_with_taps(self.kernels, self.linear_x(u), self.conv_1d, state.conv, silu=False)  # [B, W]
         gate_x, gate_a = self.rg_lru.gates(x)
         reset = torch.full((u.shape[0],), pos0 == 0, device=u.device)  # [B]
-        h = self.kernels.rglru_step(x, gate_x, gate_a, self.rg_lru.recurrent_param, state.h, reset=reset)
+        h = self.kernels.rglru_step(x, gate_x, gate_a, local(self.rg_lru.recurrent_param), state.h, reset=reset)
         return self.linear_out(h * y)
 
 
@@ -157,12 +159,25 @@ def cp_forward(module: RecurrentBlock, u: torch.Tensor, cp) -> torch.Tensor:
     gate_x, gate_a = lru.gates(x)  # [B, T, W] each
     reset = (cp.offset(T) + torch.arange(T, device=u.device) == 0).expand(Bsz, T)  # [B, T]
     scan = module.kernels.rglru_scan
-    _, h = scan(x, gate_x, gate_a, lru.recurrent_param, reset=reset, state=None, chunk=cfg.chunk)  # [B, W]
-    _, decay = scan(torch.zeros_like(x), gate_x, gate_a, lru.recurrent_param, reset=reset,
+    a_param = local(lru.recurrent_param)  # [W] (W/t under tensor parallelism)
+    _, h = scan(x, gate_x, gate_a, a_param, reset=reset, state=None, chunk=cfg.chunk)  # [B, W]
+    _, decay = scan(torch.zeros_like(x), gate_x, gate_a, a_param, reset=reset,
                     state=torch.ones_like(h), chunk=cfg.chunk)  # [B, W]: prod of a_t
     start = cp.carry(h, decay)  # [B, W]
-    out, _ = scan(x, gate_x, gate_a, lru.recurrent_param, reset=reset, state=start, chunk=cfg.chunk)
+    out, _ = scan(x, gate_x, gate_a, a_param, reset=reset, state=start, chunk=cfg.chunk)
     return module.linear_out(out * y)  # [B, T, d]
+
+def tp_plan(cfg: RgLruConfig, tp: int) -> dict:
+    """Width split over tp by whole gate blocks: linear_x and linear_y column-wise, the depthwise conv's
+    channels, the RG-LRU's a_param and its block-diagonal gates (one block per head) with them, linear_out
+    row-wise (one all-reduce). Every channel's recurrence is its own, so nothing else crosses ranks."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.heads % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the rg_lru's {cfg.heads} gate blocks (heads)")
+    return {"linear_x": ColwiseParallel(), "linear_y": ColwiseParallel(), "conv_1d": shard_parameters(0),
+            "rg_lru": shard_parameters(0), "linear_out": RowwiseParallel()}
+
 
 KIND = RuntimeKind(
     name="rg_lru",
@@ -174,4 +189,5 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "rglru_scan": _rglru_oracle},
     state_names=state_names,
     cp_forward=cp_forward,
+    tp_plan=tp_plan,
 )

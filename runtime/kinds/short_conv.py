@@ -25,6 +25,7 @@ from ltmdsl.kinds.short_conv import ShortConvConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.tensor_parallel import local
 from ltmdsl.runtime.kinds import RuntimeKind
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def conv_with_taps(kernels: "Kernels", x: torch.Tensor, conv: nn.Conv1d, taps: t
     prev = None
     if taps is not None and K > 1:
         prev = taps[:, :, -(K - 1):]  # [B, C, K-1]: the K-1 inputs before x
-    y = kernels.causal_conv1d(x, conv.weight[:, 0], conv.bias, prev=prev, silu=silu)  # [B, T, C]
+    y = kernels.causal_conv1d(x, local(conv.weight)[:, 0], local(conv.bias), prev=prev, silu=silu)  # [B, T, C]
     if taps is not None and taps.shape[-1]:
         n = taps.shape[-1]
         taps.copy_(torch.cat([taps, x.transpose(1, 2).to(taps.dtype)], dim=-1)[..., -n:])
@@ -84,7 +85,7 @@ def conv_step_with_taps(kernels: "Kernels", x: torch.Tensor, conv: nn.Conv1d, ta
     """One token x [B,C] -> conv [B,C]: K cached taps use the in-place `conv_step` kernel, K-1 taps
     convolve [taps ; x] and shift."""
     if taps.shape[-1] == conv.weight.shape[-1]:
-        return kernels.conv_step(x, taps, conv.weight[:, 0], conv.bias, silu=silu)
+        return kernels.conv_step(x, taps, local(conv.weight)[:, 0], local(conv.bias), silu=silu)
     return conv_with_taps(kernels, x[:, None], conv, taps, silu=silu)[:, 0]
 
 

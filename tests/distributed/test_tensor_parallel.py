@@ -81,6 +81,7 @@ def test_moe_tp_matches_one_process(world, degrees):
 
 HEAD_SPLIT = {
     "mlstm": "mlstm(heads = 4, chunk = 8)",
+    "rg_lru": "rg_lru(heads = 4, chunk = 8)",
     "mla-q-lora": "mla(heads = 4, q_lora_rank = 16, kv_lora_rank = 16, qk_nope_head_dim = 8, qk_rope_head_dim = 4, "
                   "v_head_dim = 8)",
     "mla": "mla(heads = 4, kv_lora_rank = 16, qk_nope_head_dim = 8, qk_rope_head_dim = 4, v_head_dim = 8)",
@@ -89,7 +90,8 @@ HEAD_SPLIT = {
 
 @pytest.mark.parametrize("layer", HEAD_SPLIT.values(), ids=HEAD_SPLIT.keys())
 def test_head_split_kinds_match_one_process(layer):
-    """mLSTM (every projection and gate by heads, the per-head norm's channels with them) and MLA (up-projections
+    """mLSTM (every projection and gate by heads, the per-head norm's channels with them), RG-LRU (the width by
+    whole gate blocks: conv channels, a_param and the block-diagonal gates with them) and MLA (up-projections
     by heads, the latent and the shared RoPE key replicated with their gradients summed over the ranks) at
     tp = 2: loss and gradients equal one process (1e-5; measured <= 6e-7)."""
     ir = ltmdsl.loads(f"model m {{\n vocab = 64\n d_model = 32\n dtype = fp32\n head = untied\n layer x = {layer}\n"
