@@ -5,10 +5,10 @@
                            for a replicated tensor that each rank consumes only in part
     sum_over_tp(x, mesh)   the sum of the ranks' partial outputs, on every rank (Megatron's "g"), through
                            DTensor Partial -> Replicate, so backward hands each rank the whole gradient
-    shard_parameters(dim)  a ParallelStyle splitting every parameter of a module along `dim` (a per-channel
-                           norm weight whose channels follow the heads)
-    mark_tp_group()        a ParallelStyle that leaves a module replicated and records the tp group on it
-                           (`module.tp_group`), for a forward that must call copy_to_tp
+    shard_parameters(dims) a ParallelStyle splitting a module's parameters along `dims` (a per-channel norm
+                           weight whose channels follow the heads; the experts' widths) and recording the
+                           mesh as `module.tp_mesh`
+    mark_tp()              the same with nothing split: a replicated module whose forward must know the mesh
 
 The kinds' `tp_plan` (runtime/kinds/<kind>.py) combine these with torch's ColwiseParallel / RowwiseParallel.
 """
@@ -50,9 +50,10 @@ def sum_over_tp(partial: torch.Tensor, mesh) -> torch.Tensor:
     return DTensor.from_local(partial, mesh, [Partial()]).redistribute(mesh, [Replicate()]).to_local()
 
 
-def shard_parameters(dim: int = 0):
-    """A torch ParallelStyle that splits every parameter of the module it is applied to along `dim` over the
-    tp mesh (the module's forward then reads `local(p)`)."""
+def shard_parameters(dims: int | dict[str, int] = 0):
+    """A torch ParallelStyle that splits the module's own parameters over the tp mesh, every one along `dims`
+    or each named one along `dims[name]` (the others stay replicated), and records the mesh as
+    `module.tp_mesh`; the module's forward then reads `local(p)`."""
     from torch import nn
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ParallelStyle
@@ -60,20 +61,16 @@ def shard_parameters(dim: int = 0):
     class ShardParameters(ParallelStyle):
         def _apply(self, module: nn.Module, device_mesh):
             for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, nn.Parameter(distribute_tensor(p, device_mesh, [Shard(dim)]),
-                                                   requires_grad=p.requires_grad))
+                dim = dims if isinstance(dims, int) else dims.get(name)
+                if dim is not None:
+                    setattr(module, name, nn.Parameter(distribute_tensor(p, device_mesh, [Shard(dim)]),
+                                                       requires_grad=p.requires_grad))
+            module.tp_mesh = device_mesh
             return module
 
     return ShardParameters()
 
 
-def mark_tp_group():
-    """A torch ParallelStyle that keeps the module replicated and sets `module.tp_group` to the tp group."""
-    from torch.distributed.tensor.parallel import ParallelStyle
-
-    class MarkTpGroup(ParallelStyle):
-        def _apply(self, module, device_mesh):
-            module.tp_group = device_mesh.get_group()
-            return module
-
-    return MarkTpGroup()
+def mark_tp():
+    """A torch ParallelStyle that keeps the module replicated and records the tp mesh as `module.tp_mesh`."""
+    return shard_parameters({})

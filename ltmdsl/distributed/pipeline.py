@@ -147,20 +147,27 @@ def build_stage(model, pp_mesh, microbatches: int, interleave: int = 1):
         microbatches, loss_fn=loss, scale_grads=True)
 
 
-def pipeline_loss(schedule, stage: Stage, pp_mesh, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Run forward and backward of one batch through the pipeline; the mean loss (a 0-d tensor) on
-    every pp rank (broadcast from the last stage)."""
-    import torch.distributed as dist
-
-    losses: list = []
+def _run_schedule(schedule, stage, input_ids: torch.Tensor, targets: torch.Tensor) -> list:
+    """One forward and backward of a batch: the first stage feeds the ids, the last the targets; returns
+    the last stage's per-micro-batch losses (empty elsewhere)."""
     if stage.first and stage.last:
         raise PipelineUnsupported("one stage is not a pipeline")
+    losses: list = []
     if stage.first:
         schedule.step(input_ids)
     elif stage.last:
         schedule.step(target=targets, losses=losses)
     else:
         schedule.step()
+    return losses
+
+
+def pipeline_loss(schedule, stage: Stage, pp_mesh, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Run forward and backward of one batch through the pipeline; the mean loss (a 0-d tensor) on
+    every pp rank (broadcast from the last stage)."""
+    import torch.distributed as dist
+
+    losses = _run_schedule(schedule, stage, input_ids, targets)
     loss = torch.stack(losses).mean().detach() if stage.last else torch.zeros((), dtype=torch.float32)
     last = dist.get_global_rank(pp_mesh.get_group(), pp_mesh.size() - 1)
     dist.broadcast(loss, src=last, group=pp_mesh.get_group())
@@ -172,16 +179,9 @@ def pipeline_step(schedule, stage: Stage, input_ids: torch.Tensor, targets: torc
     """Forward and backward of one batch whose loss is `weight` times the summed cross-entropy of the
     targets that are not IGNORE_INDEX; returns [summed loss, correct answers] (float64), non-zero on the
     last stage only."""
-    if stage.first and stage.last:
-        raise PipelineUnsupported("one stage is not a pipeline")
     stage.loss.weight, stage.loss.calls = weight, []
     try:
-        if stage.first:
-            schedule.step(input_ids)
-        elif stage.last:
-            schedule.step(target=targets, losses=[])
-        else:
-            schedule.step()
+        _run_schedule(schedule, stage, input_ids, targets)
         # The schedule's first step also runs the loss once while it infers shapes (on uninitialised
         # tensors); this step's micro-batches are the last `microbatches` calls.
         calls = stage.loss.calls[-stage.loss.microbatches:] if stage.last else []

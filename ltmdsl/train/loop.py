@@ -123,7 +123,7 @@ def train(ir: ModelIR, config: TrainConfig) -> Iterator[dict]:
         if found is None:
             raise state.CheckpointError(f"{out}: nothing to resume (no checkpoint yet)")
         start, where = found
-        if (where / "dcp").is_dir():
+        if (where / state.DCP).is_dir():
             raise state.CheckpointError(f"{where}: written by a distributed run (--nproc); resume it with --nproc "
                                         "(under any plan)")
         state.load_weights(model, where)

@@ -33,12 +33,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ltmdsl.distributed.plan import PlanError, check_plan, describe
+from ltmdsl.distributed.plan import PlanError, describe, plan_errors
 from ltmdsl.ir import ModelIR, ParallelPlan
 
 #: Target of a position that predicts no answer token (cross_entropy's default ignore_index).
 IGNORE = -100
-DCP = "dcp"
 
 
 def plan_errors_for_training(plan: ParallelPlan) -> list[str]:
@@ -53,14 +52,12 @@ def plan_errors_for_training(plan: ParallelPlan) -> list[str]:
 
 def check(ir: ModelIR, plan: ParallelPlan, world: int, *, batch: int, context: int) -> None:
     """Refuse, before any worker starts, a plan that cannot train `ir` on `world` ranks (every reason)."""
-    try:
-        check_plan(ir, plan, world, batch=batch, seq_len=context)
-    except PlanError as e:
-        extra = plan_errors_for_training(plan)
-        raise PlanError(str(e) + "".join(f"\n  {m}" for m in extra)) from None
-    extra = plan_errors_for_training(plan) + _kind_errors(ir, plan)
-    if extra:
-        raise PlanError(f"plan {describe(plan)} cannot train model '{ir.name}':\n  " + "\n  ".join(extra))
+    errors = plan_errors(ir, plan, world, batch=batch, seq_len=context)
+    kinds = [] if errors else _kind_errors(ir, plan)  # the kinds are asked only about a well-formed plan
+    errors += plan_errors_for_training(plan) + kinds
+    if errors:
+        raise PlanError(f"plan {describe(plan)} cannot train model '{ir.name}' on {world} workers:\n  "
+                        + "\n  ".join(errors))
 
 
 def _kind_errors(ir: ModelIR, plan: ParallelPlan) -> list[str]:
@@ -72,7 +69,7 @@ def _kind_errors(ir: ModelIR, plan: ParallelPlan) -> list[str]:
 
     errors = []
     for applies, probe in ((plan.tp > 1, lambda: tp_plans(ir, plan.tp)), (plan.cp > 1, lambda: cp_forwards(ir)),
-                           (plan.pp > 1, lambda: check_pipeline(ir, plan.pp))):
+                           (plan.pp > 1, lambda: check_pipeline(ir, plan.pp, plan.interleave))):
         if applies:
             try:
                 probe()
@@ -181,7 +178,7 @@ def train_rank(ir: ModelIR, config, plan: ParallelPlan):
     from ltmdsl.distributed.checkpoint import load as dcp_load
     from ltmdsl.distributed.data_parallel import make_optimizer
     from ltmdsl.train import groups, metrics, schedule, state
-    from ltmdsl.train.loop import check_resume, run_record, task_data
+    from ltmdsl.train.loop import run_record, task_data
 
     data = task_data(config)
     data.task.tokenizer(data.options).fits(ir.vocab)
@@ -201,10 +198,10 @@ def train_rank(ir: ModelIR, config, plan: ParallelPlan):
     start = _begin(out, current, config.resume, rank0, describe(plan))
     if start:
         where = out / state.checkpoint_name(start)
-        if not (where / DCP).is_dir():
-            raise state.CheckpointError(f"{where}: written by a single-process run (no {DCP}/); resume it "
+        if not (where / state.DCP).is_dir():
+            raise state.CheckpointError(f"{where}: written by a single-process run (no {state.DCP}/); resume it "
                                         "without --nproc")
-        dcp_load(ranked, optimizer, where / DCP)
+        dcp_load(ranked, optimizer, where / state.DCP)
         trainer = state.load_trainer(where)
         sched.load_state_dict(trainer.scheduler)
         torch.set_rng_state(trainer.rng)
@@ -382,7 +379,7 @@ def _save(out: Path, ranked, optimizer, sched, step: int) -> None:
         dist.broadcast_object_list(staging, src=0)
         if staging[0] is None:
             raise state.CheckpointError(f"{out / rel}: rank 0 could not prepare the checkpoint folder")
-        dcp_checkpoint.save(ranked, optimizer, Path(staging[0]) / DCP, step=step)
+        dcp_checkpoint.save(ranked, optimizer, Path(staging[0]) / state.DCP, step=step)
         dist.barrier()  # rank 0 has finished the folder and latest.json
         return
     (out / state.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
@@ -395,8 +392,8 @@ def _save(out: Path, ranked, optimizer, sched, step: int) -> None:
     try:
         staging[0] = str(tmp)
         dist.broadcast_object_list(staging, src=0)
-        dcp_checkpoint.save(ranked, optimizer, tmp / DCP, step=step)
-        dcp_checkpoint.export(tmp / DCP, ranked.model.ir, tmp / state.MODEL)
+        dcp_checkpoint.save(ranked, optimizer, tmp / state.DCP, step=step)
+        dcp_checkpoint.export(tmp / state.DCP, ranked.model.ir, tmp / state.MODEL)
         torch.save({"step": step, "optimizer": None, "scheduler": sched.state_dict(),
                     "rng": torch.get_rng_state()}, tmp / state.TRAINER)
     except BaseException:

@@ -4,6 +4,8 @@
     DIR/checkpoints/step-00000100/        one checkpoint per save, each written whole (ltmdsl.atomic.directory)
         model.safetensors                 weights + the spec text (ltmdsl.runtime.checkpoint)
         trainer.pt                        optimizer, scheduler, torch RNG, step (the data position)
+        dcp/                              a distributed run's (--nproc) model and optimizer shards
+                                          (torch.distributed.checkpoint; its trainer.pt holds no optimizer)
     DIR/latest.json                       {"step": 100, "checkpoint": "checkpoints/step-00000100"}, replaced
                                           atomically after the checkpoint folder is in place
     DIR/metrics.jsonl, DIR/training.png   (ltmdsl.train.metrics)
@@ -30,6 +32,7 @@ LATEST = "latest.json"
 CHECKPOINTS = "checkpoints"
 MODEL = "model.safetensors"
 TRAINER = "trainer.pt"
+DCP = "dcp"
 
 
 class CheckpointError(ValueError):

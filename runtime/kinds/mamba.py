@@ -184,10 +184,8 @@ def cp_forward(module: Mamba, u: torch.Tensor, cp) -> torch.Tensor:
     """One context-parallel rank's tokens u [B, T/cp, d]: the conv's K-1 halo from the previous rank, then
     the selective scan from a zero state (this rank's final state and total decay exp(A * sum delta)), and
     again from the state the earlier ranks carry in (`cp.carry`): exact, as one process."""
-    K = module.conv1d.weight.shape[-1]
     x, z = module.in_proj(u).chunk(2, dim=-1)  # [B, T, Di] each
-    prev = cp.previous_tail(x, K - 1).transpose(1, 2) if K > 1 else None  # [B, Di, K-1]
-    x = module.kernels.causal_conv1d(x, module.conv1d.weight[:, 0], module.conv1d.bias, prev=prev, silu=True)
+    x = cp.causal_conv(module.kernels, x, module.conv1d, silu=True)  # [B, T, Di]: the previous rank's halo first
     delta, Bm, Cm = module._ssm_inputs(x)  # [B,T,Di], [B,T,N], [B,T,N]
     A = module._A(x)  # [Di, N]
     _, h = module.kernels.selective_scan(x, delta, A, Bm, Cm, state=None)  # h [B, Di, N]

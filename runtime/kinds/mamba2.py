@@ -157,10 +157,9 @@ def cp_forward(module: Mamba2, u: torch.Tensor, cp) -> torch.Tensor:
     scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t composed over ranks): exact, as one process."""
     cfg = module.cfg
     B, T, _ = u.shape
-    G, N, K = cfg.n_groups, cfg.d_state, cfg.d_conv
+    G, N = cfg.n_groups, cfg.d_state
     z, xBC, dt = module._split(module.in_proj(u))  # [B,T,Di], [B,T,Di+2GN], [B,T,Hs]
-    prev = cp.previous_tail(xBC, K - 1).transpose(1, 2) if K > 1 else None  # [B, C, K-1]
-    xBC = module.kernels.causal_conv1d(xBC, module.conv1d.weight[:, 0], module.conv1d.bias, prev=prev, silu=True)
+    xBC = cp.causal_conv(module.kernels, xBC, module.conv1d, silu=True)  # [B, T, C]: the previous rank's halo first
     x, Bm, Cm = xBC.split([cfg.d_inner, G * N, G * N], dim=-1)
     x = x.reshape(B, T, cfg.heads, cfg.head_dim)  # [B, T, Hs, P]
     dt, A = module._dt_A(dt)  # [B, T, Hs], [Hs]

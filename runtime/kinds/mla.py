@@ -26,7 +26,7 @@ from ltmdsl.runtime import ops_attention, ops_mla
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
-from ltmdsl.runtime.tensor_parallel import copy_to_tp, mark_tp_group
+from ltmdsl.runtime.tensor_parallel import copy_to_tp, mark_tp
 from ltmdsl.runtime.ops_attention import rope_cos_sin
 from ltmdsl.runtime.ops_mla import rope_interleaved
 
@@ -113,9 +113,9 @@ class MLA(nn.Module):
         q = q.view(B, T, q.shape[-1] // cfg.qk_head_dim, cfg.qk_head_dim)  # [B, T, H, Dqk] (H/t under tp)
         q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         c, kr = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        group = getattr(self.kv_a_proj_with_mqa, "tp_group", None)
-        if group is not None:  # every rank's heads use the shared RoPE key: sum its gradient over the ranks
-            kr = copy_to_tp(kr, group)
+        mesh = getattr(self.kv_a_proj_with_mqa, "tp_mesh", None)
+        if mesh is not None:  # every rank's heads use the shared RoPE key: sum its gradient over the ranks
+            kr = copy_to_tp(kr, mesh.get_group())
         c = self.kv_a_layernorm(c)  # [B, T, Rkv]
         if cfg.rope_theta is not None:  # NoPE (Kimi-Linear): the "rope" channels stay as they are
             cos, sin = self._rope(T, pos0, x.dtype, x.device)
@@ -196,7 +196,7 @@ def tp_plan(cfg: MLAConfig, tp: int) -> dict:
         raise TensorParallelUnsupported(f"tp = {tp} must divide the mla's {cfg.heads} heads")
     q = "q_proj" if cfg.q_lora_rank is None else "q_b_proj"
     return {q: ColwiseParallel(), "kv_b_proj": ColwiseParallel(), "o_proj": RowwiseParallel(),
-            "kv_a_proj_with_mqa": mark_tp_group()}
+            "kv_a_proj_with_mqa": mark_tp()}
 
 
 KIND = RuntimeKind(

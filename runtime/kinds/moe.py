@@ -28,7 +28,7 @@ from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mlp import MLP, activate
-from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, sum_over_tp
+from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, shard_parameters, sum_over_tp
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -64,7 +64,7 @@ class Experts(nn.Module):
             if p is not None:
                 init.zeros_(p)
 
-    tp_mesh = None  # set by ExpertWidthParallel: the weights are this tp rank's F/t slice of every expert
+    tp_mesh = None  # set by tp_plan's style: the weights are this tp rank's F/t slice of every expert
 
     def one(self, cfg: MoEConfig, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [m, d] -> [m, d] (under tensor parallelism: this rank's part of the sum
@@ -76,26 +76,6 @@ class Experts(nn.Module):
             gate = gate + self.gate_bias[e] if gate is not None else None
         out = expert_activation(cfg, gate, up) @ local(self.down_proj)[e].t()  # [m, d]
         return out + self.down_bias[e] if self.down_bias is not None else out
-
-
-def expert_width_parallel():
-    """torch's ParallelStyle splitting every expert's width F over the tp ranks (Megatron's MoE tensor
-    parallelism): gate_proj and up_proj [E, F, d] by F (Shard(1)), down_proj [E, d, F] by F (Shard(2)).
-    Each rank then computes a partial sum of every expert's output, which `MoE.forward` reduces once."""
-    from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.tensor.parallel import ParallelStyle
-
-    class ExpertWidthParallel(ParallelStyle):
-        def _apply(self, module: Experts, device_mesh):
-            for name, dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
-                p = getattr(module, name)
-                if p is not None:
-                    setattr(module, name, nn.Parameter(distribute_tensor(p, device_mesh, [Shard(dim)]),
-                                                       requires_grad=p.requires_grad))
-            module.tp_mesh = device_mesh
-            return module
-
-    return ExpertWidthParallel()
 
 
 def route(logits: torch.Tensor, cfg: MoEConfig,
@@ -212,7 +192,7 @@ def state_names(cfg: MoEConfig) -> tuple[str, ...]:
 
 
 def tp_plan(cfg: MoEConfig, tp: int) -> dict:
-    """Every expert's width split over tp (`expert_width_parallel`), the shared expert split as an MLP
+    """Every expert's width split over tp (gate and up by F, down by F), the shared expert split as an MLP
     (column-wise in, row-wise out); router and shared gate replicated (same input, same gradient on every
     rank). Expert biases are refused: the down bias would be added once per rank."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
@@ -223,7 +203,7 @@ def tp_plan(cfg: MoEConfig, tp: int) -> dict:
     if cfg.expert_bias:
         raise TensorParallelUnsupported("a moe with expert biases has no tensor-parallel plan yet (the down "
                                         "bias would be added on every rank)")
-    plan = {"experts": expert_width_parallel()}
+    plan = {"experts": shard_parameters({"gate_proj": 1, "up_proj": 1, "down_proj": 2})}  # F of every expert
     if cfg.shared_d_ff:
         plan |= {"shared.up_proj": ColwiseParallel(), "shared.down_proj": RowwiseParallel()}
         if cfg.gated:

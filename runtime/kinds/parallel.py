@@ -73,16 +73,22 @@ class Parallel(nn.Module):
         self.a.init_weights(gen)
         self.b.init_weights(gen)
 
-    def _run(self, x: torch.Tensor, state: ParallelCache | None, pos0: int, step: bool) -> torch.Tensor:
+    def combine(self, x: torch.Tensor, run) -> torch.Tensor:
+        """sum over the branches of out * run(name, kind, module, in * x): x [..., d] -> [..., d]."""
         out = None
-        for name, _, m_in, m_out in self.cfg.branches:
-            module = getattr(self, name)
-            sub = None if state is None else getattr(state, name)
+        for name, branch, m_in, m_out in self.cfg.branches:
             xin = x * m_in if m_in != 1.0 else x  # [..., d]
-            y = module.step(xin, sub, pos0) if step else module(xin, sub, pos0)  # [..., d]
+            y = run(name, branch.kind, getattr(self, name), xin)  # [..., d]
             y = y * m_out if m_out != 1.0 else y
             out = y if out is None else out + y
         return out
+
+    def _run(self, x: torch.Tensor, state: ParallelCache | None, pos0: int, step: bool) -> torch.Tensor:
+        def run(name, _kind, module, xin):
+            sub = None if state is None else getattr(state, name)
+            return module.step(xin, sub, pos0) if step else module(xin, sub, pos0)
+
+        return self.combine(x, run)
 
     def forward(self, x: torch.Tensor, state: ParallelCache | None = None, pos0: int = 0) -> torch.Tensor:
         return self._run(x, state, pos0, step=False)  # [B, T, d]
@@ -108,16 +114,13 @@ def state_names(cfg: ParallelConfig) -> tuple[str, ...]:
 def cp_forward(module: Parallel, x: torch.Tensor, cp) -> torch.Tensor:
     """One context-parallel rank's tokens x [B, T/cp, d]: each branch runs its own kind's cp_forward on the
     scaled input (what crosses ranks is each branch's business), and the scaled outputs are summed."""
-    out = None
-    for name, branch, m_in, m_out in module.cfg.branches:
-        fwd = runtime_kind(branch.kind).cp_forward
+    def run(name, kind, branch, xin):
+        fwd = runtime_kind(kind).cp_forward
         if fwd is None:
-            raise ValueError(f"the parallel layer's branch {name} ({branch.kind}) has no context-parallel form")
-        xin = x * m_in if m_in != 1.0 else x  # [B, T, d]
-        y = fwd(getattr(module, name), xin, cp)  # [B, T, d]
-        y = y * m_out if m_out != 1.0 else y
-        out = y if out is None else out + y
-    return out
+            raise ValueError(f"the parallel layer's branch {name} ({kind}) has no context-parallel form")
+        return fwd(branch, xin, cp)  # [B, T, d]
+
+    return module.combine(x, run)
 
 
 KIND = RuntimeKind(

@@ -123,12 +123,10 @@ class ShortConv(nn.Module):
 
 def cp_forward(module: ShortConv, u: torch.Tensor, cp) -> torch.Tensor:
     """One context-parallel rank's tokens u [B, T/cp, d]: the gated input's causal conv takes the previous
-    rank's last L-1 gated inputs as its halo (`cp.previous_tail`); everything else is token-local."""
+    rank's last L-1 gated inputs as its halo (`cp.causal_conv`); everything else is token-local."""
     Bg, Cg, x = module.in_proj(u).chunk(3, dim=-1)  # [B, T, W] each
     bx = Bg * x  # [B, T, W]
-    L = module.cfg.kernel
-    prev = cp.previous_tail(bx, L - 1).transpose(1, 2) if L > 1 else None  # [B, W, L-1]
-    y = module.kernels.causal_conv1d(bx, module.conv.weight[:, 0], module.conv.bias, prev=prev, silu=False)
+    y = cp.causal_conv(module.kernels, bx, module.conv, silu=False)  # [B, T, W]: the previous rank's halo first
     return module.out_proj(Cg * y)  # [B, T, d]
 
 
