@@ -40,6 +40,7 @@ HARMLESS_KEYS = frozenset({
     "output_attentions", "output_hidden_states", "tokenizer_class", "pretraining_tp", "quantization_config",
     "torchscript", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "id2label", "label2id",
     "task_specific_params", "tie_encoder_decoder", "prefix", "finetuning_task", "mamba_ssm_cache_dtype",
+    "init_method",  # the initialisation scheme (Granite-4.0-H's "mup"): no weight it draws survives a load
 })
 
 

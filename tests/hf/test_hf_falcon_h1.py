@@ -177,10 +177,20 @@ SMALL = {"model_type": "falcon_h1", "vocab_size": 64, "hidden_size": 32, "num_hi
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
     ({"some_new_key": 1}, "some_new_key"),
+    ({"attn_layer_indices": [1]}, "'attn_layer_indices' = \\[1\\] is not supported"),
+    ({"mamba_use_mlp": False}, "'mamba_use_mlp' = False is not supported"),
+    ({"mlp_expansion_factor": "8"}, "'mlp_expansion_factor' must be a positive finite number"),
 ], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
 def test_hostile_fields_name_the_key(change, message):
     with pytest.raises(HFError, match=message):
         spec_from_config({**SMALL, **change})
+
+
+def test_original_code_keys_that_transformers_never_reads_are_accepted():
+    """The published configs' attn_layer_indices (null), mamba_use_mlp (true) and mlp_expansion_factor are read by
+    neither FalconH1Config nor the model: accepted, the same spec, no NOTE."""
+    extra = {"attn_layer_indices": None, "mamba_use_mlp": True, "mlp_expansion_factor": 8}
+    assert spec_from_config({**SMALL, **extra}) == spec_from_config(SMALL)
 
 
 #: tests/hf/configs/<name>.json -> parameters as transformers 5.24 builds them on the meta device. The configs

@@ -156,8 +156,8 @@ def test_export_refuses_what_granite_cannot_hold(tmp_path):
     ({"residual_multiplier": "0.2"}, "'residual_multiplier' must be a positive finite number"),
     ({"logits_scaling": 0}, "'logits_scaling' must be a positive finite number"),
     ({"num_local_experts": -1}, "'num_local_experts' must be an integer"),
-    ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 > num_local_experts 4"),
-    ({"num_experts_per_tok": 0}, "'num_experts_per_tok' must be an integer from 1"),  # 0 only without experts
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 must be from 1 to num_local_experts 4"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok 0 must be from 1 to num_local_experts 4"),  # 0: no experts
     ({"shared_intermediate_size": 0}, "'shared_intermediate_size' must be an integer"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"head_dim": 16}, "'head_dim' = 16 is not supported"),
@@ -203,3 +203,8 @@ def test_small_is_the_example():
     assert [(x.norm, x.mixer) for x in ir.layers] == [(x.norm, x.mixer) for x in example.layers]
     assert (example.tie_embeddings, example.vocab, example.d_model) == (True, 100352, 4096)
     assert [i for i, x in enumerate(example.layers[0::2]) if x.kind == "attention"] == [5, 15, 25, 35]
+
+
+def test_init_method_is_initialisation_only():
+    """Granite's `init_method` ("mup") says how weights were drawn for training: the same spec, no NOTE."""
+    assert spec_from_config({**SMALL, "init_method": "mup"}) == spec_from_config(SMALL)
