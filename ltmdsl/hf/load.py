@@ -152,7 +152,7 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
     check_copies(plan, ir, ckpt, ckpt.folder, values=False)
     itemsize = torch.empty((), dtype=dtype).element_size()
     # built in fp32, cast to dtype, and every checkpoint tensor read (and stacked) once while filling it
-    need = ir.params_total * (4 + (itemsize if dtype != torch.float32 else 0)) + 2 * ckpt.nbytes
+    need = (ir.params_total + ir.params_mtp) * (4 + (itemsize if dtype != torch.float32 else 0)) + 2 * ckpt.nbytes
     try:
         check_fits(need, f"model {ir.name}")
     except TensorFileError as e:
