@@ -321,8 +321,8 @@ def _mtp_tensors(case: str, folder, seed: int = 7) -> dict:
 
     model_type, kwargs, _ = CASES[case]
     n, d = kwargs["num_hidden_layers"], kwargs["hidden_size"]
-    deeper = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**kwargs, "num_hidden_layers": n + 1}),
-                                              experts_implementation="eager").float()
+    config = AutoConfig.for_model(model_type, **{**kwargs, "num_hidden_layers": n + 1})
+    deeper = AutoModelForCausalLM.from_config(config, experts_implementation="eager").float()
     randomize(deeper, seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
