@@ -172,6 +172,7 @@ SMALL = {"model_type": "falcon_h1", "vocab_size": 64, "hidden_size": 32, "num_hi
     ({"mamba_n_heads": 5}, "mamba_n_heads 5 does not divide the Mamba-2 inner width 64"),
     ({"mamba_d_head": 8}, "mamba_n_heads \\* mamba_d_head = 32 != the Mamba-2 inner width 64"),
     ({"mamba_n_groups": 3}, "mamba_n_heads 4 is not a multiple of mamba_n_groups 3"),
+    ({"mamba_d_ssm": None, "mamba_d_head": 8}, "inner width 64 \\('mamba_d_ssm', or mamba_expand \\* hidden_size\\)"),
     ({"layers_block_type": ["hybrid", "attention"]}, "'layers_block_type' must list 'hybrid'"),
     ({"time_step_limit": [0.0, 1.0]}, "time_step_limit"),
     ({"hidden_act": "gelu"}, "hidden_act"),

@@ -90,7 +90,8 @@ def read(r: Reader) -> dict:
     else:
         ssm_head_dim = r.int("mamba_d_head")
     if ssm_head_dim * ssm_heads != d_inner:
-        raise r.fail(f"mamba_n_heads * mamba_d_head = {ssm_heads * ssm_head_dim} != the Mamba-2 inner width {d_inner}")
+        raise r.fail(f"mamba_n_heads * mamba_d_head = {ssm_heads * ssm_head_dim} != the Mamba-2 inner width {d_inner} "
+                     "('mamba_d_ssm', or mamba_expand * hidden_size)")
     groups = r.int("mamba_n_groups", 1)
     if ssm_heads % groups:
         raise r.fail(f"mamba_n_heads {ssm_heads} is not a multiple of mamba_n_groups {groups}")
