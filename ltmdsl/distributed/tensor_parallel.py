@@ -59,3 +59,20 @@ def apply_vocab_parallel(model, tp_mesh) -> None:
     parallelize_module(model.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
     if model.lm_head is not None:
         parallelize_module(model.lm_head, tp_mesh, shard_parameters(0))
+
+
+def vocab_shard(weight):
+    """(this rank's rows [V/t, d] of a head weight, its VocabShard) under vocab-parallel tp (`weight` a DTensor
+    Shard(0) over the 1-D tp mesh, as apply_vocab_parallel leaves it and FSDP2 unshards it); (weight, None)
+    for a plain tensor. The local rows stay differentiable, so their gradient lands in this rank's shard."""
+    from ltmdsl.train.loss import VocabShard
+
+    if not hasattr(weight, "device_mesh"):
+        return weight, None
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or not weight.placements[0].is_shard(0):
+        raise TensorParallelUnsupported(f"the head weight is laid out as {weight.placements} over a {mesh.ndim}-D "
+                                        "mesh; the vocab-parallel loss needs Shard(0) over the tp ranks")
+    rows = weight.to_local()  # [V/t, d]
+    start = mesh.get_local_rank() * rows.shape[0]  # torch's Shard(0) of an evenly divided V: contiguous blocks
+    return rows, VocabShard(group=mesh.get_group(), start=start, vocab=weight.shape[0])

@@ -137,3 +137,43 @@ def test_chunked_loss_peaks_lower_than_plain():
     peaks = json.loads(out.stdout)
     rise = peaks["after_plain"] - peaks["after_chunked"]
     assert rise > 64 * 2**20, f"plain loss peaked only {rise / 2**20:.1f} MiB above the chunked one"
+
+
+# -- vocab-parallel: the head's rows split over tp ranks --------------------------------------------------
+
+
+def _vocab_parallel_rank(chunk, cap, tp):
+    """One tp rank: the chunked loss on its V/tp rows of the head -> (loss, correct, d rows, d its rows)."""
+    import torch.distributed as dist
+
+    from ltmdsl.train.loss import VocabShard
+
+    rows, weight, targets = _case()
+    rank, width = dist.get_rank(), weight.shape[0] // tp
+    mine = weight.detach()[rank * width:(rank + 1) * width].clone().requires_grad_(True)  # [V/tp, d]
+    shard = VocabShard(group=dist.group.WORLD, start=rank * width, vocab=weight.shape[0])
+    result = chunked_cross_entropy(rows, mine, targets, chunk, cap=cap, shard=shard)
+    g_rows, g_mine = torch.autograd.grad(result.loss * 3.0, (rows, mine))
+    return result.loss.detach(), result.correct, g_rows, g_mine
+
+
+@pytest.mark.parametrize("chunk, cap, tp", [(7, None, 2), (1000, None, 5), (7, 1.5, 2)],
+                         ids=["chunk7-tp2", "chunk1000-tp5", "capped-tp2"])
+def test_vocab_parallel_loss_equals_plain(chunk, cap, tp):
+    """Each of tp gloo ranks holds V/tp head rows (V = 50; some targets and argmaxes on every rank): loss,
+    argmax count, the rows' gradient (every rank the whole one) and each rank's rows of the weight gradient
+    equal F.cross_entropy on the full logits in float64 within 1e-12."""
+    from ltmdsl.distributed import launch
+
+    rows, weight, targets = _case()
+    logits = rows @ weight.t()
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    plain = F.cross_entropy(logits, targets)
+    g_rows, g_w = torch.autograd.grad(plain * 3.0, (rows, weight))
+    width = weight.shape[0] // tp
+    for rank, (loss, correct, c_rows, c_mine) in enumerate(launch(_vocab_parallel_rank, tp, (chunk, cap, tp))):
+        assert_close(loss, plain.detach(), 1e-12, f"rank {rank} loss")
+        assert correct == int((logits.argmax(-1) == targets).sum())
+        assert_close(c_rows, g_rows, 1e-12, f"rank {rank} d loss / d rows")
+        assert_close(c_mine, g_w[rank * width:(rank + 1) * width], 1e-12, f"rank {rank} d loss / d its rows")
