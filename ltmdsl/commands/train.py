@@ -53,6 +53,9 @@ def add_arguments(p) -> None:
     dist.add_argument("--microbatches", type=count, metavar="M", help="pipeline micro-batches per step")
     dist.add_argument("--interleave", type=count, metavar="V",
                       help="virtual pipeline stages per rank (interleaved 1F1B; default 1)")
+    dist.add_argument("--cp-split", choices=["balanced", "contiguous"],
+                      help="how cp splits a sequence: balanced (default: 2*cp chunks, rank r holds chunks r and "
+                           "2cp-1-r, so causal attention costs every rank the same) or contiguous")
     add_task_arguments(p)
 
 
@@ -123,7 +126,7 @@ def run(args) -> int:
     return EXIT_OK
 
 
-_DEGREES = ("tp", "pp", "cp", "dp", "ep", "zero", "microbatches", "interleave")
+_DEGREES = ("tp", "pp", "cp", "dp", "ep", "zero", "microbatches", "interleave", "cp_split")
 
 
 def plan_of(args, spec, ir, world: int):

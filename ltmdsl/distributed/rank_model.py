@@ -82,7 +82,7 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if plan.cp > 1:
-        apply_context_parallel(model, mesh["cp"])
+        apply_context_parallel(model, mesh["cp"], plan.cp_split)
     dp_sharded: set[int] = set()
     if plan.ep > 1:
         dp_sharded = apply_expert_parallel(model, mesh["dp"])

@@ -19,15 +19,15 @@ from ltmdsl.distributed.pipeline import pipeline_loss
 
 
 def shard_batch(batch: torch.Tensor, ranked) -> torch.Tensor:
-    """This rank's part of batch [B, T, ...]: its dp rank's B/dp rows and its cp rank's T/cp tokens
-    (tensor-parallel peers get the same)."""
+    """This rank's part of batch [B, T, ...]: its dp rank's B/dp rows and its cp rank's T/cp tokens (its two
+    chunks under the balanced split; tensor-parallel peers get the same)."""
     n, r = ranked.dp_mesh.size(), ranked.dp_mesh.get_local_rank()
     if batch.shape[0] % n:
         raise ValueError(f"dp = {n} does not divide the batch of {batch.shape[0]} sequences")
     rows = batch.shape[0] // n
     batch = batch[r * rows:(r + 1) * rows]
     if ranked.plan.cp > 1:
-        batch = shard_sequence(batch, ranked.cp_mesh.get_local_rank(), ranked.plan.cp)
+        batch = shard_sequence(batch, ranked.cp_mesh.get_local_rank(), ranked.plan.cp, ranked.plan.cp_split)
     return batch
 
 

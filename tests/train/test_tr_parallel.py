@@ -60,6 +60,7 @@ def assert_same_steps(got: list[dict], want: list[dict], rtol: float = 1e-5) -> 
     pytest.param({"zero": 2}, id="dp2-zero2"),
     pytest.param({"zero": 3}, id="dp2-zero3"),
     pytest.param({"cp": 2}, id="cp2"),
+    pytest.param({"cp": 2, "cp_split": "contiguous"}, id="cp2-contiguous"),
     pytest.param({"pp": 2, "microbatches": 2}, id="pp2-mb2"),
     pytest.param({"pp": 2, "microbatches": 2, "interleave": 2}, id="pp2-interleave2"),
     pytest.param({"ep": 2}, id="ep2"),
@@ -219,6 +220,7 @@ def test_cli_nproc_takes_the_budget_plan_and_prints_json(spec, tmp_path, capfd):
     pytest.param(("--nproc", "2", "--tp", "3"), "must equal the world size 2", id="product-not-world"),
     pytest.param(("--nproc", "2", "--zero", "1"), "zero = 1", id="zero1"),
     pytest.param(("--nproc", "2", "--cp", "2", "--context", "25"), "does not divide the sequence", id="cp-context"),
+    pytest.param(("--nproc", "2", "--cp", "2", "--context", "26"), "2*cp = 4 chunks", id="cp-balanced-context"),
     pytest.param(("--nproc", "2", "--budget", "nope"), "no budget 'nope'", id="unknown-budget"),
     pytest.param(("--nproc", "2", "--tp", "2"), "tensor", id="tp-unsplittable-kind"),
 ])
