@@ -13,6 +13,9 @@ With `interleave` = v > 1 the stack is cut into pp * v virtual stages, stage s o
 interleaved schedule), run by torch's ScheduleInterleaved1F1B; a rank's stages are one module for the
 optimizer and checkpoints (`RankStages`).
 
+Each stage's ranks may split it further by tp and cp (the split happens on the meta model before the cut)
+and shard it by ZeRO 2 / 3 (FSDP2 on the stage's modules, rank_model.parallelize).
+
 Refused: tied embeddings and tie groups spanning ranks (one parameter on two ranks).
 """
 

@@ -75,9 +75,12 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"ep = {plan.ep} runs as ep = dp with tp = 1, cp = 1 and zero 0 so far (experts split over "
                       f"the data-parallel ranks); this plan has dp = {plan.dp}, tp = {plan.tp}, cp = {plan.cp}, "
                       f"zero = {plan.zero}")
-    if plan.pp > 1 and (plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.zero > 0):
-        errors.append(f"pp = {plan.pp} runs with dp and zero 0 only so far (this plan: tp = {plan.tp}, cp = {plan.cp}, "
-                      f"ep = {plan.ep}, zero = {plan.zero})")
+    if plan.pp > 1 and plan.ep > 1:
+        errors.append(f"pp = {plan.pp} with ep = {plan.ep}: expert parallelism inside a pipeline stage is not "
+                      "supported yet (pp runs with dp, tp, cp and zero 0, 2, 3)")
+    if plan.pp > 1 and plan.zero == 1:
+        errors.append(f"pp = {plan.pp} with zero = 1: ZeroRedundancyOptimizer is not wired into the pipeline; "
+                      "use zero = 2 (FSDP2 shards the same gradients and optimizer state) or zero = 0")
     if plan.pp > 1 and batch is not None and (batch // max(plan.dp, 1)) % plan.microbatches:
         errors.append(f"{plan.microbatches} micro-batches do not divide the {batch // plan.dp} sequences of a "
                       "data-parallel rank")

@@ -64,6 +64,7 @@ def assert_same_steps(got: list[dict], want: list[dict], rtol: float = 1e-5) -> 
     pytest.param({"pp": 2, "microbatches": 2}, id="pp2-mb2"),
     pytest.param({"pp": 2, "microbatches": 2, "interleave": 2}, id="pp2-interleave2"),
     pytest.param({"ep": 2}, id="ep2"),
+    pytest.param({"pp": 2, "microbatches": 2, "zero": 2}, id="pp2-zero2"),
 ])
 def test_two_ranks_equal_one_process(tmp_path, degrees):
     ir = model()
@@ -75,6 +76,19 @@ def test_two_ranks_equal_one_process(tmp_path, degrees):
     got = metrics.read(tmp_path / "two" / metrics.METRICS)
     assert_same_steps(got, want)
     assert last["step"] == STEPS
+
+
+@pytest.mark.parametrize("text, degrees", [
+    pytest.param(TP_TINY, {"pp": 2, "tp": 2, "microbatches": 2}, id="pp2-tp2"),
+    pytest.param(TINY, {"pp": 2, "cp": 2, "microbatches": 2, "zero": 3}, id="pp2-cp2-zero3"),
+])
+def test_pipeline_with_tp_or_cp_on_four_ranks_equals_one_process(tmp_path, text, degrees):
+    ir = model(text)
+    want = single(ir, tmp_path / "one")
+    parallel.run(ir, config(tmp_path / "four"), plan_from(world=4, **degrees), nproc=4)
+    from ltmdsl.train import metrics
+
+    assert_same_steps(metrics.read(tmp_path / "four" / metrics.METRICS), want)
 
 
 def test_tensor_parallel_equals_one_process(tmp_path):
