@@ -48,7 +48,8 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
 def apply_vocab_parallel(model, tp_mesh) -> None:
     """Embedding and LM head split by vocabulary rows over tp (Megatron's vocab-parallel embedding): the
     embedding as torch's RowwiseParallel (each rank looks up its rows, one all-reduce), the head's weight
-    Shard(0) (tied: the embedding's), read by LTModel.head as this rank's V/t logits then gathered."""
+    Shard(0) (tied: the embedding's): the training losses read this rank's V/t rows (`vocab_shard`,
+    vocab-parallel cross-entropy), LTModel.head (inference) its V/t logits, then gathered."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 

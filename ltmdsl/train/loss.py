@@ -157,6 +157,28 @@ def chunked_cross_entropy(rows: torch.Tensor, weight: torch.Tensor, targets: tor
     return LossResult(loss=total / n, correct=int(correct), count=n)
 
 
+def summed_target_loss(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
+                       ignore: int = -100) -> tuple[torch.Tensor, int, int]:
+    """(summed cross-entropy [] differentiable, correct, count) of the model's head on hidden [..., d] (the
+    final norm's output) against per-position targets [...], positions whose target is `ignore` skipped:
+    chunked, with the model's logit scale and cap, and vocab-parallel when the head is split over tp (its
+    V/t rows; a collective over the tp ranks). With no targets, a zero loss still in hidden's graph, so
+    backward (and every collective it runs) still happens."""
+    keep = targets != ignore
+    rows, picked = hidden[keep], targets[keep]  # [n, d], [n]
+    if not rows.shape[0]:
+        return hidden.sum() * 0.0, 0, 0
+    if model.ir.logit_scale != 1.0:
+        rows = rows * model.ir.logit_scale  # (scale * h) . w = scale * (h . w)
+    weight, shard = model.head_weight(), None  # [V, d]
+    if hasattr(weight, "device_mesh"):  # vocab-parallel under tp: this rank's [V/t, d] rows
+        from ltmdsl.distributed.tensor_parallel import vocab_shard
+
+        weight, shard = vocab_shard(weight)
+    result = chunked_cross_entropy(rows, weight, picked, chunk, model.ir.logit_cap, shard)
+    return result.loss * result.count, result.correct, result.count
+
+
 def answer_loss(model, tokens: torch.Tensor, answer_mask: torch.Tensor, chunk: int = 1024) -> LossResult:
     """The answer-only loss of `model` (an LTModel) on tokens [B, T] with answer_mask [B, T]."""
     hidden = model(tokens, output="hidden")  # [B, T, d], normalised

@@ -281,8 +281,7 @@ def _micro_step(ranked, tokens, mask, config) -> tuple[float, int, int]:
     import torch.distributed as dist
 
     from ltmdsl.distributed import shard_batch
-    from ltmdsl.distributed.tensor_parallel import vocab_shard
-    from ltmdsl.train.loss import chunked_cross_entropy
+    from ltmdsl.train.loss import summed_target_loss
 
     targets = answer_targets(tokens, mask)  # [B, T]
     total = int((targets != IGNORE).sum())  # the global micro-batch's answers (every rank has all of it)
@@ -295,22 +294,13 @@ def _micro_step(ranked, tokens, mask, config) -> tuple[float, int, int]:
     if ranked.plan.pp > 1:
         from ltmdsl.distributed.pipeline import pipeline_step
 
-        stats += pipeline_step(ranked.schedule, ranked.model, ids, tgt, weight)
+        stats += pipeline_step(ranked.schedule, ranked.model, ids, tgt, weight, config.loss_chunk)
         dist.all_reduce(stats, group=ranked.pp_mesh.get_group())  # only the last stage has numbers
     else:
-        model = ranked.model
-        hidden = model(ids, output="hidden")  # [b, t, d]
-        keep = tgt != IGNORE  # [b, t]
-        rows, answers = hidden[keep], tgt[keep]  # [n, d], [n]
-        if rows.shape[0]:
-            if model.ir.logit_scale != 1.0:
-                rows = rows * model.ir.logit_scale
-            head_w, shard = vocab_shard(model.head_weight())  # [V, d], or this tp rank's [V/t, d] rows
-            result = chunked_cross_entropy(rows, head_w, answers, config.loss_chunk, model.ir.logit_cap, shard)
-            summed = result.loss * result.count
-            stats[0], stats[1] = float(summed.detach()), result.correct
-        else:  # no answers here: a zero loss that still runs backward, so every collective of FSDP fires
-            summed = hidden.sum() * 0.0
+        hidden = ranked.model(ids, output="hidden")  # [b, t, d]
+        # chunked, vocab-parallel under tp; no answers here: a zero loss whose backward still fires FSDP's collectives
+        summed, right, _ = summed_target_loss(ranked.model, hidden, tgt, config.loss_chunk, IGNORE)
+        stats[0], stats[1] = float(summed.detach()), right
         (summed * weight).backward()
     dist.all_reduce(stats, group=ranked.replica_mesh.get_group())
     return float(stats[0]) / total, int(stats[1]), total

@@ -79,6 +79,36 @@ def test_answer_loss_uses_the_models_logit_scale_and_cap():
     assert_close(answer_loss(model, tokens, mask, chunk=4).loss.detach(), plain.detach(), 1e-12, "answer loss")
 
 
+def test_summed_target_loss_skips_ignored_positions_through_the_models_head():
+    """summed_target_loss = the summed F.cross_entropy of the model's own logits (scale and cap) over the
+    positions whose target is not -100 (1e-12 in float64), with its gradient; none left: a zero in the graph."""
+    import ltmdsl
+    from ltmdsl.train.loss import summed_target_loss
+
+    model = ltmdsl.build(ltmdsl.loads("""model m {
+    vocab = 40
+    d_model = 16
+    dtype = fp32
+    logit_scale = 0.5
+    logit_cap = 3.0
+    layer f = mlp(d_ff = 24)
+    stack { f }
+}
+"""), seed=0).double()
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 9, 16, generator=gen, dtype=torch.float64, requires_grad=True)  # [B, T, d]
+    targets = torch.randint(0, 40, (2, 9), generator=gen)
+    targets[0, :4] = -100
+    plain = F.cross_entropy(model.head(hidden).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    want = torch.autograd.grad(plain, hidden)[0]
+    summed, correct, count = summed_target_loss(model, hidden, targets, chunk=4)
+    assert_close(summed.detach(), plain.detach(), 1e-12, "summed loss")
+    assert_close(torch.autograd.grad(summed, hidden)[0], want, 1e-12, "d loss / d hidden")
+    assert count == 14 and correct == int((model.head(hidden).argmax(-1) == targets).sum())
+    none, _, zero = summed_target_loss(model, hidden, torch.full_like(targets, -100))
+    assert zero == 0 and none.item() == 0.0 and none.requires_grad
+
+
 def test_bf16_autocast_close_to_fp32():
     rows, weight, targets = _case(dtype=torch.float32)
     plain = F.cross_entropy(rows @ weight.t(), targets)
