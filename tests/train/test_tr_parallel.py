@@ -246,6 +246,16 @@ def test_cli_refuses_a_bad_plan_before_launch(spec, tmp_path, capsys, extra, mes
     assert not out.exists()
 
 
+def test_cli_cp_split_reaches_the_plan(spec, tmp_path, capsys):
+    """--cp-split contiguous: the plan in the refusal says so, and the balanced split's 2*cp rule is not applied
+    (the run is refused for its tp only, before any worker starts)."""
+    out = tmp_path / "run"
+    assert main(cli_args(spec, out, "--nproc", "2", "--cp", "2", "--cp-split", "contiguous", "--tp", "3",
+                         "--context", "26")) == 2
+    err = capsys.readouterr().err
+    assert "cp_split=contiguous" in err and "must equal the world size 2" in err and "2*cp" not in err
+
+
 def test_cli_resume_of_another_spec_is_refused(spec, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(cli_args(spec, out, "--nproc", "2", "--dp", "2")) == 0
