@@ -173,6 +173,19 @@ def test_resume_under_another_plan_continues_the_run(tmp_path):
                                                      metrics.read(same / metrics.METRICS))]
 
 
+def test_resume_of_a_pipeline_zero2_run_under_zero3(tmp_path):
+    """Stopped after 2 steps under pp = 2 with ZeRO 2 (each stage's FSDP2 shards in the checkpoint), resumed
+    under dp = 2 with ZeRO 3: steps 3-4 equal the uninterrupted single-process run."""
+    ir = model()
+    want = single(ir, tmp_path / "one", steps=4)
+    run = tmp_path / "run"
+    parallel.run(ir, config(run, steps=4, stop_after=2), plan_from(world=2, pp=2, microbatches=2, zero=2), nproc=2)
+    parallel.run(ir, config(run, steps=4, resume=True), plan_from(world=2, zero=3), nproc=2)
+    from ltmdsl.train import metrics
+
+    assert_same_steps(metrics.read(run / metrics.METRICS), want)
+
+
 def test_a_rank_dying_mid_step_leaves_the_last_checkpoint(tmp_path, monkeypatch):
     """Rank 1 dies in step 3: the run ends with an error naming the rank (no hang), step 2's
     checkpoint is intact and latest.json still names it."""
