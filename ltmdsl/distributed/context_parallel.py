@@ -43,8 +43,6 @@ from ltmdsl.distributed.plan import CP_SPLITS
 from ltmdsl.runtime.kinds import runtime_kind
 from ltmdsl.runtime.tensor_parallel import local
 
-SPLITS = CP_SPLITS
-
 
 class ContextParallelUnsupported(ValueError):
     """A kind with no context-parallel form (the message names it)."""
@@ -53,8 +51,8 @@ class ContextParallelUnsupported(ValueError):
 def chunk_ids(rank: int, size: int, split: str) -> tuple[int, ...]:
     """The sequence chunks rank `rank` of `size` holds, in the order of its tokens: (r, 2cp-1-r) balanced,
     (r,) contiguous."""
-    if split not in SPLITS:
-        raise ValueError(f"cp_split must be one of {SPLITS}, got {split!r}")
+    if split not in CP_SPLITS:
+        raise ValueError(f"cp_split must be one of {CP_SPLITS}, got {split!r}")
     return (rank, 2 * size - 1 - rank) if split == "balanced" else (rank,)
 
 
@@ -87,12 +85,6 @@ class ContextShard:
     def offsets(self, tokens: int) -> tuple[int, ...]:
         """Each piece's first position when every chunk holds `tokens`."""
         return tuple(k * tokens for k in self.chunks)
-
-    def offset(self, tokens: int) -> int:
-        """The first position of this rank's only piece (a contiguous split)."""
-        if self.pieces != 1:
-            raise ValueError("a load-balanced rank holds two chunks: use offsets()")
-        return self.offsets(tokens)[0]
 
     def positions(self, rows: int, tokens: int, device=None) -> torch.Tensor:
         """The position of every token of the folded rows [rows, tokens] (rows = pieces * B)."""
