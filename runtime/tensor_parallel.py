@@ -9,8 +9,20 @@
                            weight whose channels follow the heads; the experts' widths) and recording the
                            mesh as `module.tp_mesh`
     mark_tp()              the same with nothing split: a replicated module whose forward must know the mesh
+    segmented(style, segs) a style whose Shard(0) split is of a fused tensor (Mamba-2's in_proj holds z, x, B,
+                           C and dt): each rank takes its 1/t of every segment (Megatron-LM's split), not one
+                           contiguous block of rows (below)
+    tp_size(module)        the tp degree a module was split over (1 when it was not)
 
-The kinds' `tp_plan` (runtime/kinds/<kind>.py) combine these with torch's ColwiseParallel / RowwiseParallel.
+A fused parameter keeps its name and its stored layout (the one checkpoints and the Hugging Face mapping
+share). Under tp its DTensor is Shard(0) of the rank-major reordering of its rows (rank 0's part of every
+segment, then rank 1's, ...), so each rank's local shard is [z_r, x_r, B_r, C_r, dt_r] and torch's
+ColwiseParallel, FSDP2 and the optimizer work on it unchanged. `segment_order` is that reordering: the
+seeded init draws in the stored layout and `runtime.initializers.assign_` reorders by it; `stored_layout`
+turns a full (gathered) tensor back. The module records `tp_segments = {parameter: (sizes, t)}`.
+
+The kinds' `tp_plan` (runtime/kinds/<kind>.py) combine these with torch's ColwiseParallel / RowwiseParallel;
+the plan's key "" names the mixer itself (its own parameters: Mamba-2's A_log, D and dt_bias).
 """
 
 from __future__ import annotations
@@ -48,6 +60,49 @@ def sum_over_tp(partial: torch.Tensor, mesh) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     return DTensor.from_local(partial, mesh, [Partial()]).redistribute(mesh, [Replicate()]).to_local()
+
+
+def segment_order(sizes: tuple[int, ...], t: int) -> torch.Tensor:
+    """Rows of a fused tensor with segments of `sizes` (each divisible by t) in tp order: rank 0's 1/t of
+    every segment, then rank 1's, ... (index into the stored layout)."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    rows = [torch.arange(start + r * (n // t), start + (r + 1) * (n // t))
+            for r in range(t) for start, n in zip(starts, sizes)]
+    return torch.cat(rows)
+
+
+def stored_layout(full: torch.Tensor, segments: tuple[tuple[int, ...], int]) -> torch.Tensor:
+    """A gathered fused tensor (tp order along dim 0) back in its stored layout; `segments` = (sizes, t)."""
+    order = segment_order(*segments).to(full.device)
+    out = torch.empty_like(full)
+    out[order] = full
+    return out
+
+
+def segmented(style, segments: dict[str, tuple[int, ...]]):
+    """`style` (ColwiseParallel, shard_parameters(0)) applied to a module whose parameters named in
+    `segments` are fused along dim 0 from segments of those sizes: records `module.tp_segments`, so that
+    each rank holds its 1/t of every segment (module docstring). Every size must be divisible by t."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class Segmented(ParallelStyle):
+        def _apply(self, module, device_mesh):
+            t = device_mesh.size()
+            bad = {name: sizes for name, sizes in segments.items() if any(n % t for n in sizes)}
+            if bad:
+                raise ValueError(f"tp = {t} does not divide the segments {bad}")
+            module = style._apply(module, device_mesh)
+            names = dict(module.named_parameters(recurse=False))
+            module.tp_segments = {name: (tuple(sizes), t) for name, sizes in segments.items() if name in names}
+            return module
+
+    return Segmented()
+
+
+def tp_size(module) -> int:
+    """The tp degree `module` was split over (its recorded `tp_mesh`), 1 when it was not."""
+    mesh = getattr(module, "tp_mesh", None)
+    return 1 if mesh is None else mesh.size()
 
 
 def shard_parameters(dims: int | dict[str, int] = 0):
