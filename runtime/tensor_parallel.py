@@ -13,6 +13,8 @@
                            C and dt): each rank takes its 1/t of every segment (Megatron-LM's split), not one
                            contiguous block of rows (below)
     tp_size(module)        the tp degree a module was split over (1 when it was not)
+    rmsnorm_over_tp(...)   an RMSNorm over a width whose channels are split over tp: the sum of squares
+                           all-reduced (lightning's norm over all heads at once)
 
 A fused parameter keeps its name and its stored layout (the one checkpoints and the Hugging Face mapping
 share). Under tp its DTensor is Shard(0) of the rank-major reordering of its rows (rank 0's part of every
@@ -129,3 +131,15 @@ def shard_parameters(dims: int | dict[str, int] = 0):
 def mark_tp():
     """A torch ParallelStyle that keeps the module replicated and records the tp mesh as `module.tp_mesh`."""
     return shard_parameters({})
+
+
+def rmsnorm_over_tp(x: torch.Tensor, weight: torch.Tensor, eps: float, mesh) -> torch.Tensor:
+    """x [..., W/t] (this rank's channels of a W-wide RMSNorm) -> weight * x / sqrt(mean over all W of x^2 +
+    eps), as runtime.ops_norm.rmsnorm computes it whole (fp32 statistics, fp64 kept). The rank's sum of
+    squares is summed over the tp ranks; its gradient, which every rank's channels feed, summed back."""
+    dtype = x.dtype
+    xf = x.float() if dtype != torch.float64 else x  # [..., W/t]
+    squares = sum_over_tp(xf.pow(2).sum(-1, keepdim=True), mesh)  # [..., 1]: over all W channels
+    squares = copy_to_tp(squares, mesh.get_group())
+    xf = xf * torch.rsqrt(squares / (xf.shape[-1] * mesh.size()) + eps)
+    return local(weight) * xf.to(dtype)
