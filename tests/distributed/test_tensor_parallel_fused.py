@@ -28,6 +28,7 @@ FUSED = {
     "mamba": "mamba(d_state = 8, d_conv = 4, expand = 2, proj_bias = true, conv_bias = true)",
     "mamba-inner-norms": "mamba(d_state = 8, expand = 2, dt_rank = 4, inner_norms = true)",
     "gated_deltanet": "gated_deltanet(key_heads = 4, value_heads = 8, head_dim = 8, chunk = 8, conv_bias = true)",
+    "kda": "kda(heads = 4, head_dim = 8, chunk = 8, conv_bias = true)",
     "short_conv": "short_conv(kernel = 3, bias = true)",
     "lightning": "lightning(heads = 4, chunk = 8)",
     "lightning-gate": "lightning(heads = 4, head_dim = 4, chunk = 8, gate = true)",
@@ -40,7 +41,7 @@ def model(layer: str):
                         f" layer x = {layer}\n layer f = mlp(d_ff = 64)\n stack {{ x f x f }}\n}}\n").ir.model()
 
 
-TP4 = ("mamba2", "mamba", "gated_deltanet", "short_conv", "lightning")  # the rest at tp = 2 only, to keep the file fast
+TP4 = ("mamba2", "mamba", "gated_deltanet", "kda", "short_conv", "lightning")  # the rest at tp = 2 only, to keep the file fast
 CASES = [(name, t) for name in FUSED for t in (2, 4) if t == 2 or name in TP4]
 
 
