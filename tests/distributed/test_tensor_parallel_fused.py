@@ -32,12 +32,19 @@ FUSED = {
     "short_conv": "short_conv(kernel = 3, bias = true)",
     "lightning": "lightning(heads = 4, chunk = 8)",
     "lightning-gate": "lightning(heads = 4, head_dim = 4, chunk = 8, gate = true)",
+    "parallel-attention-mamba2": "parallel(a = att, b = ssm, a_in = 0.5, b_out = 0.8)",  # Falcon-H1's
+    "parallel-mamba2-deltanet": "parallel(a = ssm, b = dn)",
 }
 
 
+BRANCHES = (" layer att = attention(heads = 4, kv_heads = 2, out_bias = true)\n"
+            " layer ssm = mamba2(d_state = 8, head_dim = 8, expand = 2, n_groups = 2, chunk = 8)\n"
+            " layer dn = gated_deltanet(key_heads = 2, value_heads = 4, head_dim = 8, chunk = 8)\n")
+
+
 def model(layer: str):
-    """The layer and an MLP, twice (d_model 32, untied head)."""
-    return ltmdsl.loads(f"model m {{\n vocab = 64\n d_model = 32\n dtype = fp32\n head = untied\n"
+    """The layer and an MLP, twice (d_model 32, untied head; `parallel` branches from BRANCHES)."""
+    return ltmdsl.loads(f"model m {{\n vocab = 64\n d_model = 32\n dtype = fp32\n head = untied\n{BRANCHES}"
                         f" layer x = {layer}\n layer f = mlp(d_ff = 64)\n stack {{ x f x f }}\n}}\n").ir.model()
 
 
