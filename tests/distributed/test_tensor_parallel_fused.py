@@ -17,6 +17,7 @@ from test_memory import _measure, _predicted
 
 import ltmdsl
 from ltmdsl.distributed import launch, plan_from
+from paths import EXAMPLES
 from ltmdsl.distributed.tensor_parallel import tp_plans
 from ltmdsl.runtime.kinds import TensorParallelUnsupported
 
@@ -66,6 +67,56 @@ def test_fused_kind_matches_one_process(name, tp):
 @pytest.mark.parametrize("name", FUSED, ids=FUSED.keys())
 def test_fused_kind_rank_bytes_equal_the_memory_model(name):
     ir = model(FUSED[name])
+    plan = plan_from(world=2, tp=2)
+    want = _predicted(ir, plan)
+    assert all(got == want for got, _ in launch(_measure, 2, (ir, plan)))
+
+
+@pytest.mark.parametrize("layer, tp, message", [
+    ("mamba2(d_state = 8, head_dim = 8, expand = 2, chunk = 8)", 2,
+     "layer 'x': tp = 2 must divide the mamba2's 8 heads and 1 groups"),
+    ("mamba2(d_state = 8, head_dim = 16, expand = 2, n_groups = 2, chunk = 8)", 8,
+     "layer 'x': tp = 8 must divide the mamba2's 4 heads and 2 groups"),
+    ("mamba(expand = 3, d_state = 8)", 64, "layer 'x': tp = 64 must divide the mamba's 96 inner channels"),
+    ("gated_deltanet(key_heads = 2, value_heads = 4, head_dim = 8)", 4,
+     "layer 'x': tp = 4 must divide the gated_deltanet's 2 key heads"),
+    ("kda(heads = 2, head_dim = 8)", 4, "layer 'x': tp = 4 must divide the kda's 2 heads"),
+    ("short_conv(kernel = 3)", 64, "layer 'x': tp = 64 must divide the short_conv's 32 channels"),
+    ("lightning(heads = 4)", 8, "layer 'x': tp = 8 must divide the lightning's 4 heads"),
+    ("parallel(a = ssm, b = dn)", 4, "layer 'x': branch a: tp = 4 must divide the mamba2's 8 heads and 2 groups"),
+], ids=["mamba2-groups", "mamba2-heads", "mamba-channels", "deltanet-key-heads", "kda-heads", "short-conv",
+        "lightning-heads", "parallel-branch"])
+def test_undividable_config_is_refused_by_name(layer, tp, message):
+    with pytest.raises(TensorParallelUnsupported, match=message):
+        tp_plans(model(layer), tp)
+
+
+def tiny_hybrid_splittable():
+    """examples/tiny-hybrid.ltm, every kind in its stack, with the two definitions tp = 2 cannot split made
+    splittable: the MQA window attention's 1 KV head -> 2, the Mamba-2's 1 group -> 2."""
+    text = (EXAMPLES / "tiny-hybrid.ltm").read_text()
+    for old, new in (("heads = 4, kv_heads = 1, window = 16", "heads = 4, kv_heads = 2, window = 16"),
+                     ("head_dim = 16, expand = 2, chunk = 16", "head_dim = 16, expand = 2, n_groups = 2, chunk = 16")):
+        assert old in text
+        text = text.replace(old, new)
+    return ltmdsl.loads(text).ir.model()
+
+
+def test_tiny_hybrid_every_kind_matches_one_process():
+    ir = tiny_hybrid_splittable()
+    assert {layer.kind for layer in ir.layers} >= {"attention", "mla", "mamba", "mamba2", "gated_deltanet", "kda",
+                                                   "short_conv", "lightning", "rg_lru", "mlstm", "parallel",
+                                                   "mlp", "moe"}
+    ref_losses, ref_grads = reference_run(ir, dtype=torch.float64)
+    losses, grads = launch(rank_run, 2, (ir, plan_from(world=2, tp=2), STEPS, torch.float64))[0]
+    for i, (got, want) in enumerate(zip(losses, ref_losses)):
+        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
+    for n, g in ref_grads.items():
+        assert_close(grads[n], g, RTOL, f"gradient of {n}")
+
+
+def test_tiny_hybrid_rank_bytes_equal_the_memory_model():
+    ir = tiny_hybrid_splittable()
     plan = plan_from(world=2, tp=2)
     want = _predicted(ir, plan)
     assert all(got == want for got, _ in launch(_measure, 2, (ir, plan)))
