@@ -88,6 +88,8 @@ def segmented(style, segments: dict[str, tuple[int, ...]]):
     from torch.distributed.tensor.parallel import ParallelStyle
 
     class Segmented(ParallelStyle):
+        fused = segments  # what ltmdsl.train.parallel.check looks for (no DCP checkpoint of these under tp yet)
+
         def _apply(self, module, device_mesh):
             t = device_mesh.size()
             bad = {name: sizes for name, sizes in segments.items() if any(n % t for n in sizes)}

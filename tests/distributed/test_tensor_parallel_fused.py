@@ -120,3 +120,23 @@ def test_tiny_hybrid_rank_bytes_equal_the_memory_model():
     plan = plan_from(world=2, tp=2)
     want = _predicted(ir, plan)
     assert all(got == want for got, _ in launch(_measure, 2, (ir, plan)))
+
+
+def _save_refused(ir, plan, path):
+    from ltmdsl.distributed import parallelize
+    from ltmdsl.distributed.checkpoint import CheckpointError, save
+
+    ranked = parallelize(ir, plan, seed=0)
+    try:
+        save(ranked, ranked.optimizer(lr=1e-3), path, step=0)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_checkpoint_of_segmented_weights_under_tp_is_refused(tmp_path):
+    """Their DTensors are in the rank-major order DCP would reshard as contiguous: refused, nothing written."""
+    ir = model(FUSED["short_conv"])
+    messages = launch(_save_refused, 2, (ir, plan_from(world=2, tp=2), tmp_path / "ckpt"))
+    assert all(m is not None and "layers.0.mixer.in_proj.bias" in m and "save with tp = 1" in m for m in messages)
+    assert not any(tmp_path.iterdir())
