@@ -112,7 +112,8 @@ def test_kind_without_a_plan_is_named(monkeypatch):
     from ltmdsl.runtime.kinds import runtime_kind
 
     planless = dataclasses.replace(runtime_kind("mamba"), tp_plan=None)
-    monkeypatch.setattr(tensor_parallel, "runtime_kind", lambda name: planless if name == "mamba" else runtime_kind(name))
+    monkeypatch.setattr(tensor_parallel, "runtime_kind",
+                        lambda name: planless if name == "mamba" else runtime_kind(name))
     with pytest.raises(TensorParallelUnsupported, match="no tensor-parallel plan for kind 'mamba'"):
         tp_plans(tiny_hybrid(), 2)
 

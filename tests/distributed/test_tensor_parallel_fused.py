@@ -24,7 +24,8 @@ from ltmdsl.runtime.kinds import TensorParallelUnsupported
 RTOL = 1e-5
 
 FUSED = {
-    "mamba2": "mamba2(d_state = 8, head_dim = 8, expand = 2, n_groups = 4, chunk = 8, proj_bias = true, conv_bias = true)",
+    "mamba2": "mamba2(d_state = 8, head_dim = 8, expand = 2, n_groups = 4, chunk = 8, proj_bias = true, "
+              "conv_bias = true)",
     "mamba2-ungated": "mamba2(d_state = 8, head_dim = 8, expand = 2, n_groups = 2, chunk = 8, gated_norm = false)",
     "mamba": "mamba(d_state = 8, d_conv = 4, expand = 2, proj_bias = true, conv_bias = true)",
     "mamba-inner-norms": "mamba(d_state = 8, expand = 2, dt_rank = 4, inner_norms = true)",
@@ -49,7 +50,7 @@ def model(layer: str):
                         f" layer x = {layer}\n layer f = mlp(d_ff = 64)\n stack {{ x f x f }}\n}}\n").ir.model()
 
 
-TP4 = ("mamba2", "mamba", "gated_deltanet", "kda", "short_conv", "lightning")  # the rest at tp = 2 only, to keep the file fast
+TP4 = ("mamba2", "mamba", "gated_deltanet", "kda", "short_conv", "lightning")  # the rest at tp = 2 only (fast)
 CASES = [(name, t) for name in FUSED for t in (2, 4) if t == 2 or name in TP4]
 
 
