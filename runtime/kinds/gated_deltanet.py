@@ -140,32 +140,30 @@ class GatedDeltaNet(nn.Module):
         (a tp rank's Hk/t key heads and their value heads: in_proj_qkvz and in_proj_ba are laid out by key
         head, so those are one block of rows)."""
         cfg = self.cfg
-        lead = u.shape[:-1]
         r = cfg.value_heads // cfg.key_heads  # value heads per key head
         Dk, Dv = cfg.head_dim, cfg.v_head_dim
-        qkvz = self.in_proj_qkvz(u).view(*lead, -1, 2 * Dk + 2 * r * Dv)  # [..., Hk, 2Dk + 2rDv]
+        qkvz = self.in_proj_qkvz(u).unflatten(-1, (-1, 2 * Dk + 2 * r * Dv))  # [..., Hk, 2Dk + 2rDv]
         q, k, v, z = qkvz.split([Dk, Dk, r * Dv, r * Dv], dim=-1)
-        b, a = self.in_proj_ba(u).view(*lead, -1, 2 * r).split([r, r], dim=-1)  # [..., Hk, r] each
-        qkv = torch.cat([q.reshape(*lead, -1), k.reshape(*lead, -1), v.reshape(*lead, -1)], dim=-1)
-        return qkv, z.reshape(*lead, -1, Dv), b.reshape(*lead, -1), a.reshape(*lead, -1)
+        b, a = self.in_proj_ba(u).unflatten(-1, (-1, 2 * r)).split([r, r], dim=-1)  # [..., Hk, r] each
+        qkv = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)  # [..., conv_dim]
+        return qkv, z.flatten(-2).unflatten(-1, (-1, Dv)), b.flatten(-2), a.flatten(-2)  # z [..., Hv, Dv]
 
     def _rule_inputs(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
         """qkv [..., conv_dim] (after the conv) -> q, k [..., Hk, Dk], v [..., Hv, Dv], g, beta [..., Hv]."""
         cfg = self.cfg
-        lead = qkv.shape[:-1]
         t = tp_size(self)
         q, k, v = qkv.split([cfg.key_dim // t, cfg.key_dim // t, cfg.value_dim // t], dim=-1)
         work = work_dtype(qkv)
         g = -torch.exp(local(self.A_log).to(work)) * F.softplus(a.to(work) + local(self.dt_bias).to(work))  # [..., Hv]
         beta = torch.sigmoid(b.to(work))  # [..., Hv]
-        return (q.reshape(*lead, -1, cfg.head_dim), k.reshape(*lead, -1, cfg.head_dim),
-                v.reshape(*lead, -1, cfg.v_head_dim), g, beta)
+        return (q.unflatten(-1, (-1, cfg.head_dim)), k.unflatten(-1, (-1, cfg.head_dim)),
+                v.unflatten(-1, (-1, cfg.v_head_dim)), g, beta)
 
     def _finish(self, o: torch.Tensor, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """o, z [..., Hv, Dv] -> out_proj(norm.weight * rmsnorm(o) * silu(z)) [..., d]. The norm's weight is
         shared by every head: on a tp rank, whose heads give only part of its gradient, that is summed."""
         y = norm_then_gate(o, z, shared_weight(self.norm), self.eps, F.silu)  # [..., Hv, Dv]
-        return self.out_proj(y.reshape(*y.shape[:-2], -1).to(like.dtype))
+        return self.out_proj(y.flatten(-2).to(like.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvDeltaState | None = None, pos0: int = 0) -> torch.Tensor:
         qkv, z, b, a = self._project(u)  # [B,T,conv_dim], [B,T,Hv,Dv], [B,T,Hv] x2

@@ -68,7 +68,7 @@ class ForgetGate(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         work = work_dtype(u)
         x = self.f_b_proj(self.f_a_proj(u)).to(work) + local(self.dt_bias).to(work)  # [..., H*Dh] (H/t on a tp rank)
-        x = x.view(*u.shape[:-1], -1, self.head_dim)  # [..., H, Dh]
+        x = x.unflatten(-1, (-1, self.head_dim))  # [..., H, Dh]
         return -torch.exp(local(self.A_log).to(work).view(-1, 1)) * F.softplus(x)
 
 
@@ -112,16 +112,16 @@ class KDA(nn.Module):
     def _rule_inputs(self, qkv: torch.Tensor, u: torch.Tensor):
         """qkv [..., 3*H*Dh] (after the conv), u [..., d] -> q, k, v [..., H, Dh], g [..., H, Dh], beta [..., H]."""
         cfg = self.cfg
-        q, k, v = (t.reshape(*t.shape[:-1], -1, cfg.head_dim) for t in qkv.chunk(3, dim=-1))  # H/t heads on a tp rank
+        q, k, v = (t.unflatten(-1, (-1, cfg.head_dim)) for t in qkv.chunk(3, dim=-1))  # H/t heads on a tp rank
         beta = torch.sigmoid(self.b_proj(u).to(work_dtype(u)))  # [..., H]
         return q, k, v, self.forget_gate(u), beta
 
     def _finish(self, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """o [..., H, Dh] -> o_proj(o_norm.weight * rmsnorm(o) * sigmoid(output gate)) [..., d]."""
         cfg = self.cfg
-        gate = self.g_b_proj(self.g_a_proj(u)).view(*u.shape[:-1], -1, cfg.head_dim)  # [..., H, Dh]
+        gate = self.g_b_proj(self.g_a_proj(u)).unflatten(-1, (-1, cfg.head_dim))  # [..., H, Dh]
         y = norm_then_gate(o, gate, shared_weight(self.o_norm), self.eps, torch.sigmoid)  # [..., H, Dh]
-        return self.o_proj(y.reshape(*y.shape[:-2], -1).to(u.dtype))
+        return self.o_proj(y.flatten(-2).to(u.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvDeltaState | None = None, pos0: int = 0) -> torch.Tensor:
         qkv = conv_with_state(self.kernels, self._qkv(u), self.conv1d, state)  # [B, T, 3*H*Dh]

@@ -117,12 +117,12 @@ class Lightning(nn.Module):
         (H/t heads on a tp rank)."""
         cfg = self.cfg
         qkv = ACT[cfg.act](self.qkv_proj(u))  # [..., 3HD]
-        return qkv.reshape(*u.shape[:-1], -1, 3 * cfg.head_dim).split(cfg.head_dim, dim=-1)
+        return qkv.unflatten(-1, (-1, 3 * cfg.head_dim)).split(cfg.head_dim, dim=-1)
 
     def _finish(self, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """o [..., H, D] -> out_proj(norm(o) * sigmoid(gate(u))) [..., d]. The norm spans all heads: on a
         tp rank its sum of squares is summed over the ranks."""
-        o = o.reshape(*o.shape[:-2], -1)  # [..., HD] (HD/t on a tp rank)
+        o = o.flatten(-2)  # [..., HD] (HD/t on a tp rank)
         if tp_size(self) > 1:
             o = rmsnorm_over_tp(o, self.norm.weight, self.norm.eps, self.tp_mesh)
         else:

@@ -119,7 +119,7 @@ class Mamba2(nn.Module):
         cfg = self.cfg
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = y.to(work) + x.to(work) * local(self.D).to(work)[:, None]  # [..., Hs, P]
-        y = y.reshape(*y.shape[:-2], -1)  # [..., Di] (Di/t on a tp rank: whole norm groups)
+        y = y.flatten(-2)  # [..., Di] (Di/t on a tp rank: whole norm groups)
         if self.norm is None:  # gated_norm = false (Falcon-H1's mamba_rms_norm false): the gate alone
             y = y * F.silu(z.to(work))  # [..., Di]
         else:
