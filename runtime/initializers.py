@@ -16,11 +16,22 @@ import torch
 STD = 0.02  # normal(0, 0.02) for linear and embedding weights, as GPT-2 / Llama do
 
 
+def segments_of(module: torch.nn.Module, name: str):
+    """(sizes, t) when tensor parallelism split `module`'s fused parameter `name` by segments
+    (runtime.tensor_parallel.segmented), else None."""
+    return getattr(module, "tp_segments", {}).get(name)
+
+
 @torch.no_grad()
-def assign_(p: torch.Tensor, full: torch.Tensor) -> None:
+def assign_(p: torch.Tensor, full: torch.Tensor, segments=None) -> None:
     """p <- full (broadcast to p's shape). A DTensor parameter takes its local shard of `full`, cut the
-    way its placements say, without communication (every rank drew the same `full`)."""
+    way its placements say, without communication (every rank drew the same `full`); a fused one split by
+    segments (`segments` = (sizes, t), `segments_of`) takes its rows of every segment."""
     full = full.expand(p.shape)
+    if segments is not None:
+        from ltmdsl.runtime.tensor_parallel import segment_order
+
+        full = full[segment_order(*segments)]  # the tp order of the rows, whose Shard(0) is each rank's part
     if _is_dtensor(p):
         from torch.distributed.tensor import distribute_tensor
 
@@ -39,13 +50,13 @@ def _is_dtensor(p: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def normal_(p: torch.Tensor, gen: torch.Generator, std: float = STD) -> None:
-    assign_(p, torch.randn(p.shape, generator=gen) * std)
+def normal_(p: torch.Tensor, gen: torch.Generator, std: float = STD, segments=None) -> None:
+    assign_(p, torch.randn(p.shape, generator=gen) * std, segments)
 
 
 @torch.no_grad()
-def uniform_(p: torch.Tensor, gen: torch.Generator, bound: float) -> None:
-    assign_(p, (torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+def uniform_(p: torch.Tensor, gen: torch.Generator, bound: float, segments=None) -> None:
+    assign_(p, (torch.rand(p.shape, generator=gen) * 2 - 1) * bound, segments)
 
 
 @torch.no_grad()
@@ -62,7 +73,7 @@ def zeros_(p: torch.Tensor | None) -> None:
 @torch.no_grad()
 def linear_(lin: torch.nn.Linear, gen: torch.Generator, std: float = STD) -> None:
     """normal(0, std) weight, zero bias."""
-    normal_(lin.weight, gen, std)
+    normal_(lin.weight, gen, std, segments_of(lin, "weight"))
     zeros_(lin.bias)
 
 

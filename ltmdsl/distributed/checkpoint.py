@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from ltmdsl.distributed.plan import describe
+from ltmdsl.distributed.step import fused_segments
 
 INFO = "ltmdsl.json"
 
@@ -36,6 +37,10 @@ def _state(ranked, optimizer):
     if ranked.plan.zero == 1 and ranked.dp_mesh.size() > 1:
         raise CheckpointError("zero = 1 (ZeroRedundancyOptimizer) has no distributed checkpoint: its state is "
                               "outside torch's state-dict API; use zero 0, 2 or 3")
+    fused = sorted(fused_segments(ranked.model))
+    if fused:  # their DTensors are in tp order (runtime.tensor_parallel): DCP would reshard them wrongly
+        raise CheckpointError(f"no distributed checkpoint under tp for fused projections split by segments "
+                              f"({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''}) yet; save with tp = 1")
     model_sd, optim_sd = get_state_dict(ranked.model, optimizer)
     return {"model": model_sd, "optimizer": optim_sd}
 

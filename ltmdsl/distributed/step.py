@@ -17,6 +17,7 @@ import torch
 from ltmdsl.distributed.context_parallel import shard_sequence
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, sync_gradients
 from ltmdsl.distributed.pipeline import pipeline_loss
+from ltmdsl.runtime.tensor_parallel import stored_layout
 from ltmdsl.train.loss import summed_target_loss
 
 
@@ -66,11 +67,27 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def fused_segments(model) -> dict[str, tuple]:
+    """name -> (sizes, t) of every fused parameter tensor parallelism split by segments (its gathered
+    tensor is in tp order: runtime.tensor_parallel)."""
+    return {f"{m}.{n}" if m else n: seg for m, mod in model.named_modules()
+            for n, seg in getattr(mod, "tp_segments", {}).items()}
+
+
+def _full(name: str, t: torch.Tensor, fused: dict) -> torch.Tensor:
+    full = full_tensor(t).detach().cpu()
+    return stored_layout(full, fused[name]) if name in fused else full
+
+
 def full_gradients(model) -> dict[str, torch.Tensor]:
-    """name -> the full gradient of every parameter (a collective: every rank must call it)."""
-    return {n: full_tensor(p.grad).detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    """name -> the full gradient of every parameter, in its stored layout (a collective: every rank must
+    call it)."""
+    fused = fused_segments(model)
+    return {n: _full(n, p.grad, fused) for n, p in model.named_parameters() if p.grad is not None}
 
 
 def full_parameters(model) -> dict[str, torch.Tensor]:
-    """name -> the full value of every parameter (a collective: every rank must call it)."""
-    return {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters()}
+    """name -> the full value of every parameter, in its stored layout (a collective: every rank must
+    call it)."""
+    fused = fused_segments(model)
+    return {n: _full(n, p, fused) for n, p in model.named_parameters()}

@@ -41,7 +41,10 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
         if id(block) in done:  # a tied block is one module: split it once
             continue
         done.add(id(block))
-        parallelize_module(block.mixer, tp_mesh, plan)
+        own = plan.get("")  # the mixer's own parameters (parallelize_module's keys name submodules only)
+        if own is not None:
+            parallelize_module(block.mixer, tp_mesh, own)
+        parallelize_module(block.mixer, tp_mesh, {k: v for k, v in plan.items() if k})
     apply_vocab_parallel(model, tp_mesh)
 
 

@@ -244,8 +244,9 @@ def count(c: AttentionConfig, d: int) -> int:
 
 
 def split(c: AttentionConfig, d: int) -> Split:
-    """Tensor parallelism splits the query and KV heads; the row-parallel o_proj's bias is replicated."""
-    return Split(tp=(("heads", c.heads),), replicated=d if c.out_bias else 0)
+    """Tensor parallelism splits the query and KV heads; the row-parallel o_proj's bias and the qk-norm
+    weights (one head_dim each, shared by every head) are replicated."""
+    return Split(tp=(("heads", c.heads),), replicated=(d if c.out_bias else 0) + (2 * c.head_dim if c.qk_norm else 0))
 
 
 def context_check(c: AttentionConfig, context: int) -> str | None:

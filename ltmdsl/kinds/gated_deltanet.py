@@ -106,8 +106,9 @@ def count(c: GatedDeltaNetConfig, d: int) -> int:
 
 
 def split(c: GatedDeltaNetConfig, d: int) -> Split:
-    """Tensor parallelism splits whole key heads (each with its value heads)."""
-    return Split(tp=(("key heads", c.key_heads),))
+    """Tensor parallelism splits whole key heads (each with its value heads); the output norm's weight,
+    shared by every head, is replicated."""
+    return Split(tp=(("key heads", c.key_heads),), replicated=c.v_head_dim)
 
 
 # ---- memory and compute (shared with KDA, ltmdsl/kinds/kda.py) ------------------------------------

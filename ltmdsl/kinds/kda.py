@@ -65,8 +65,9 @@ def count(c: KDAConfig, d: int) -> int:
 
 
 def split(c: KDAConfig, d: int) -> Split:
-    """Tensor parallelism splits whole heads."""
-    return Split(tp=(("heads", c.heads),))
+    """Tensor parallelism splits whole heads; the low-rank down-projections of the forget and output gates
+    (f_a_proj, g_a_proj) and the output norm's weight, shared by every head, are replicated."""
+    return Split(tp=(("heads", c.heads),), replicated=2 * d * c.head_dim + c.head_dim)
 
 
 def _proj(c: KDAConfig) -> int:

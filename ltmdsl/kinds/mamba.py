@@ -73,8 +73,10 @@ def count(c: MambaConfig, d: int) -> int:
 
 
 def split(c: MambaConfig, d: int) -> Split:
-    """d_inner splits over tp as a real number (the memory model's convention); nothing must divide."""
-    return Split()
+    """Inner channels split over tp (in_proj, conv, x_proj's input, dt_proj, A, D); the inner norms of dt, B
+    and C (after x_proj's all-reduce) and the row-parallel out_proj's bias are replicated."""
+    return Split(tp=(("inner channels", c.d_inner),),
+                 replicated=((c.dt_rank + 2 * c.d_state) if c.inner_norms else 0) + (d if c.proj_bias else 0))
 
 
 def cache(c: MambaConfig, s) -> tuple[CacheTerm, ...]:

@@ -85,8 +85,9 @@ def count(c: Mamba2Config, d: int) -> int:
 
 
 def split(c: Mamba2Config, d: int) -> Split:
-    """Heads and channels split over tp as real numbers (the memory model's convention); nothing must divide."""
-    return Split()
+    """Heads and groups split over tp (Megatron-LM's Mamba split); the row-parallel out_proj's bias is
+    replicated."""
+    return Split(tp=(("SSM heads", c.heads), ("groups", c.n_groups)), replicated=d if c.proj_bias else 0)
 
 
 def cache(c: Mamba2Config, s) -> tuple[CacheTerm, ...]:

@@ -57,8 +57,9 @@ def count(c: ShortConvConfig, d: int) -> int:
 
 
 def split(c: ShortConvConfig, d: int) -> Split:
-    """Channels split over tp as a real number (the memory model's convention); nothing must divide."""
-    return Split()
+    """Channels split over tp (in_proj's B, C and x, the conv); the row-parallel out_proj's bias is
+    replicated."""
+    return Split(tp=(("channels", c.width),), replicated=d if c.bias else 0)
 
 
 def cache(c: ShortConvConfig, s) -> tuple[CacheTerm, ...]:

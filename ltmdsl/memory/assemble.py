@@ -68,7 +68,8 @@ def stage_ranges(n_layers: int, pp: int) -> list[range]:
 
 
 def _groups(model: ModelIR, layers: range) -> tuple[dict, dict, int]:
-    """(mixer, norm, post_norm) -> count; owner params per kind (dense, expert, replicated); number of recompute checkpoints."""
+    """(mixer, norm, post_norm) -> count; owner params per kind (dense, expert, replicated); number of
+    recompute checkpoints."""
     counts: dict = {}
     params: dict[str, list[int]] = {}
     seen: set = set()

@@ -49,7 +49,8 @@ def split_params(layer: SubLayer, model: ModelIR) -> tuple[int, int, int]:
     parallelism shards; replicated ones every tp rank holds whole (its norms and the mixer's replicated
     parts); dense ones, the rest, tp splits."""
     split = kinds.kind_of(layer.mixer).split(layer.mixer, model.d_model)
-    norms = (layer.norm.params_per_channel + (layer.post_norm.params_per_channel if layer.post_norm else 0)) * model.d_model
+    post = layer.post_norm.params_per_channel if layer.post_norm else 0
+    norms = (layer.norm.params_per_channel + post) * model.d_model
     replicated = norms + split.replicated
     return layer.params - split.expert_params - replicated, split.expert_params, replicated
 

@@ -28,8 +28,9 @@ from ltmdsl.kinds.gated_deltanet import GatedDeltaNetConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_delta
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_taps, conv_with_state
+from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, mark_tp, segmented, shard_parameters, tp_size
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -127,7 +128,7 @@ class GatedDeltaNet(nn.Module):
         A_log = log(A) with A uniform in [0.01, 16], norm weight 1."""
         init.linear_(self.in_proj_qkvz, gen)
         init.linear_(self.in_proj_ba, gen)
-        init.normal_(self.conv1d.weight, gen)
+        init.normal_(self.conv1d.weight, gen, segments=init.segments_of(self.conv1d, "weight"))
         init.zeros_(self.conv1d.bias)
         init.ones_(self.dt_bias)
         init.assign_(self.A_log, torch.log(0.01 + (16 - 0.01) * torch.rand(self.cfg.value_heads, generator=gen)))
@@ -135,32 +136,34 @@ class GatedDeltaNet(nn.Module):
         init.linear_(self.out_proj, gen)
 
     def _project(self, u: torch.Tensor):
-        """u [..., d] -> qkv [..., conv_dim] (q, k, v concatenated for the conv), z [..., Hv, Dv], b, a [..., Hv]."""
+        """u [..., d] -> qkv [..., conv_dim] (q, k, v concatenated for the conv), z [..., Hv, Dv], b, a [..., Hv]
+        (a tp rank's Hk/t key heads and their value heads: in_proj_qkvz and in_proj_ba are laid out by key
+        head, so those are one block of rows)."""
         cfg = self.cfg
-        lead = u.shape[:-1]
         r = cfg.value_heads // cfg.key_heads  # value heads per key head
         Dk, Dv = cfg.head_dim, cfg.v_head_dim
-        qkvz = self.in_proj_qkvz(u).view(*lead, cfg.key_heads, 2 * Dk + 2 * r * Dv)  # [..., Hk, 2Dk + 2rDv]
+        qkvz = self.in_proj_qkvz(u).unflatten(-1, (-1, 2 * Dk + 2 * r * Dv))  # [..., Hk, 2Dk + 2rDv]
         q, k, v, z = qkvz.split([Dk, Dk, r * Dv, r * Dv], dim=-1)
-        b, a = self.in_proj_ba(u).view(*lead, cfg.key_heads, 2 * r).split([r, r], dim=-1)  # [..., Hk, r] each
-        qkv = torch.cat([q.reshape(*lead, -1), k.reshape(*lead, -1), v.reshape(*lead, -1)], dim=-1)
-        return qkv, z.reshape(*lead, cfg.value_heads, Dv), b.reshape(*lead, -1), a.reshape(*lead, -1)
+        b, a = self.in_proj_ba(u).unflatten(-1, (-1, 2 * r)).split([r, r], dim=-1)  # [..., Hk, r] each
+        qkv = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)  # [..., conv_dim]
+        return qkv, z.flatten(-2).unflatten(-1, (-1, Dv)), b.flatten(-2), a.flatten(-2)  # z [..., Hv, Dv]
 
     def _rule_inputs(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
         """qkv [..., conv_dim] (after the conv) -> q, k [..., Hk, Dk], v [..., Hv, Dv], g, beta [..., Hv]."""
         cfg = self.cfg
-        lead = qkv.shape[:-1]
-        q, k, v = qkv.split([cfg.key_dim, cfg.key_dim, cfg.value_dim], dim=-1)
+        t = tp_size(self)
+        q, k, v = qkv.split([cfg.key_dim // t, cfg.key_dim // t, cfg.value_dim // t], dim=-1)
         work = work_dtype(qkv)
-        g = -torch.exp(self.A_log.to(work)) * F.softplus(a.to(work) + self.dt_bias.to(work))  # [..., Hv]
+        g = -torch.exp(local(self.A_log).to(work)) * F.softplus(a.to(work) + local(self.dt_bias).to(work))  # [..., Hv]
         beta = torch.sigmoid(b.to(work))  # [..., Hv]
-        return (q.reshape(*lead, cfg.key_heads, cfg.head_dim), k.reshape(*lead, cfg.key_heads, cfg.head_dim),
-                v.reshape(*lead, cfg.value_heads, cfg.v_head_dim), g, beta)
+        return (q.unflatten(-1, (-1, cfg.head_dim)), k.unflatten(-1, (-1, cfg.head_dim)),
+                v.unflatten(-1, (-1, cfg.v_head_dim)), g, beta)
 
     def _finish(self, o: torch.Tensor, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """o, z [..., Hv, Dv] -> out_proj(norm.weight * rmsnorm(o) * silu(z)) [..., d]."""
-        y = norm_then_gate(o, z, self.norm.weight, self.eps, F.silu)  # [..., Hv, Dv]
-        return self.out_proj(y.reshape(*y.shape[:-2], self.cfg.value_dim).to(like.dtype))
+        """o, z [..., Hv, Dv] -> out_proj(norm.weight * rmsnorm(o) * silu(z)) [..., d]. The norm's weight is
+        shared by every head: on a tp rank, whose heads give only part of its gradient, that is summed."""
+        y = norm_then_gate(o, z, shared_weight(self.norm), self.eps, F.silu)  # [..., Hv, Dv]
+        return self.out_proj(y.flatten(-2).to(like.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvDeltaState | None = None, pos0: int = 0) -> torch.Tensor:
         qkv, z, b, a = self._project(u)  # [B,T,conv_dim], [B,T,Hv,Dv], [B,T,Hv] x2
@@ -210,6 +213,28 @@ def cp_forward(module: GatedDeltaNet, u: torch.Tensor, cp) -> torch.Tensor:
                                               l2norm=True, scale=None)  # [B, T, Hv, Dv]
     return module._finish(o, z, u)  # [B, T, d]
 
+def shared_weight(norm: nn.Module) -> torch.Tensor:
+    """A per-head norm's weight shared by every head (Gated DeltaNet's and KDA's): replicated on the tp
+    ranks, its gradient (each rank's heads' share) summed over them."""
+    mesh = getattr(norm, "tp_mesh", None)
+    return norm.weight if mesh is None else copy_to_tp(norm.weight, mesh.get_group())
+
+
+def tp_plan(cfg: GatedDeltaNetConfig, tp: int) -> dict:
+    """Whole key heads (each with its r value heads) over tp: in_proj_qkvz and in_proj_ba column-wise (laid
+    out by key head, so a rank's heads are one block of rows), the conv's q, k, v channels by segments
+    (`segmented`), dt_bias and A_log by value heads, the shared output-norm weight replicated (its gradient
+    summed), out_proj row-wise (one all-reduce). Every head's delta rule is its own."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.key_heads % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the gated_deltanet's {cfg.key_heads} key heads")
+    conv = (cfg.key_dim, cfg.key_dim, cfg.value_dim)
+    return {"": shard_parameters({"dt_bias": 0, "A_log": 0}), "in_proj_qkvz": ColwiseParallel(),
+            "in_proj_ba": ColwiseParallel(), "conv1d": segmented(shard_parameters(0), {"weight": conv, "bias": conv}),
+            "norm": mark_tp(), "out_proj": RowwiseParallel()}
+
+
 KIND = RuntimeKind(
     name="gated_deltanet",
     module=GatedDeltaNet,
@@ -219,4 +244,5 @@ KIND = RuntimeKind(
     oracles=DELTA_ORACLES,
     state_names=state_names,
     cp_forward=cp_forward,
+    tp_plan=tp_plan,
 )

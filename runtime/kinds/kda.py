@@ -24,12 +24,13 @@ from torch import nn
 from ltmdsl.kinds.kda import KDAConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import CacheRequest
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.gated_deltanet import (
     DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state, norm_then_gate,
-    work_dtype,
+    shared_weight, work_dtype,
 )
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_with_state
+from ltmdsl.runtime.tensor_parallel import local, mark_tp, segmented, shard_parameters
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -66,9 +67,9 @@ class ForgetGate(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         work = work_dtype(u)
-        x = self.f_b_proj(self.f_a_proj(u)).to(work) + self.dt_bias.to(work)  # [..., H*Dh]
-        x = x.view(*u.shape[:-1], self.heads, self.head_dim)  # [..., H, Dh]
-        return -torch.exp(self.A_log.to(work).view(self.heads, 1)) * F.softplus(x)
+        x = self.f_b_proj(self.f_a_proj(u)).to(work) + local(self.dt_bias).to(work)  # [..., H*Dh] (H/t on a tp rank)
+        x = x.unflatten(-1, (-1, self.head_dim))  # [..., H, Dh]
+        return -torch.exp(local(self.A_log).to(work).view(-1, 1)) * F.softplus(x)
 
 
 class KDA(nn.Module):
@@ -98,7 +99,7 @@ class KDA(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.forget_gate.f_a_proj, self.forget_gate.f_b_proj,
                     self.b_proj, self.g_a_proj, self.g_b_proj, self.o_proj):
             init.linear_(lin, gen)
-        init.normal_(self.conv1d.weight, gen)
+        init.normal_(self.conv1d.weight, gen, segments=init.segments_of(self.conv1d, "weight"))
         init.zeros_(self.conv1d.bias)
         init.assign_(self.forget_gate.A_log, torch.log(1 + 15 * torch.rand(self.forget_gate.A_log.shape, generator=gen)))
         init.dt_bias_(self.forget_gate.dt_bias, gen)
@@ -111,16 +112,16 @@ class KDA(nn.Module):
     def _rule_inputs(self, qkv: torch.Tensor, u: torch.Tensor):
         """qkv [..., 3*H*Dh] (after the conv), u [..., d] -> q, k, v [..., H, Dh], g [..., H, Dh], beta [..., H]."""
         cfg = self.cfg
-        q, k, v = (t.reshape(*t.shape[:-1], cfg.heads, cfg.head_dim) for t in qkv.split([cfg.inner] * 3, dim=-1))
+        q, k, v = (t.unflatten(-1, (-1, cfg.head_dim)) for t in qkv.chunk(3, dim=-1))  # H/t heads on a tp rank
         beta = torch.sigmoid(self.b_proj(u).to(work_dtype(u)))  # [..., H]
         return q, k, v, self.forget_gate(u), beta
 
     def _finish(self, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """o [..., H, Dh] -> o_proj(o_norm.weight * rmsnorm(o) * sigmoid(output gate)) [..., d]."""
         cfg = self.cfg
-        gate = self.g_b_proj(self.g_a_proj(u)).view(*u.shape[:-1], cfg.heads, cfg.head_dim)  # [..., H, Dh]
-        y = norm_then_gate(o, gate, self.o_norm.weight, self.eps, torch.sigmoid)  # [..., H, Dh]
-        return self.o_proj(y.reshape(*y.shape[:-2], cfg.inner).to(u.dtype))
+        gate = self.g_b_proj(self.g_a_proj(u)).unflatten(-1, (-1, cfg.head_dim))  # [..., H, Dh]
+        y = norm_then_gate(o, gate, shared_weight(self.o_norm), self.eps, torch.sigmoid)  # [..., H, Dh]
+        return self.o_proj(y.flatten(-2).to(u.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvDeltaState | None = None, pos0: int = 0) -> torch.Tensor:
         qkv = conv_with_state(self.kernels, self._qkv(u), self.conv1d, state)  # [B, T, 3*H*Dh]
@@ -151,6 +152,24 @@ def cp_forward(module: KDA, u: torch.Tensor, cp) -> torch.Tensor:
                                               l2norm=True, scale=None)  # [B, T, H, Dh]
     return module._finish(o, u)  # [B, T, d]
 
+def tp_plan(cfg: KDAConfig, tp: int) -> dict:
+    """Heads over tp: q, k, v, b and the up-projections of the forget and output gates (f_b_proj, g_b_proj)
+    column-wise, the conv's q, k, v channels by segments (`segmented`), dt_bias and A_log with their heads;
+    the rank-Dh down-projections f_a_proj and g_a_proj replicated (their outputs' gradients summed by the
+    column-wise up-projections), the shared o_norm weight replicated with its gradient summed, o_proj
+    row-wise (one all-reduce). Every head's delta rule is its own."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.heads % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the kda's {cfg.heads} heads")
+    conv = (cfg.inner,) * 3
+    plan = {name: ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj", "b_proj", "g_b_proj",
+                                                  "forget_gate.f_b_proj")}
+    return plan | {"forget_gate": shard_parameters({"dt_bias": 0, "A_log": 2}),
+                   "conv1d": segmented(shard_parameters(0), {"weight": conv, "bias": conv}),
+                   "o_norm": mark_tp(), "o_proj": RowwiseParallel()}
+
+
 KIND = RuntimeKind(
     name="kda",
     module=KDA,
@@ -160,4 +179,5 @@ KIND = RuntimeKind(
     oracles=DELTA_ORACLES,
     state_names=state_names,
     cp_forward=cp_forward,
+    tp_plan=tp_plan,
 )

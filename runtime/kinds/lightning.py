@@ -28,8 +28,9 @@ from ltmdsl.kinds.lightning import LightningConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_lightning
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import LayerPlace, RuntimeKind
+from ltmdsl.runtime.kinds import LayerPlace, RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
+from ltmdsl.runtime.tensor_parallel import mark_tp, rmsnorm_over_tp, shard_parameters, tp_size
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -102,22 +103,37 @@ class Lightning(nn.Module):
         self.slopes = slopes(self.cfg, self.place).to(self.qkv_proj.weight.device)
         return out
 
+    def local_slopes(self) -> torch.Tensor:
+        """The decay slopes [H] of the heads this module runs: all, or this tp rank's H/t (tp_plan)."""
+        t = tp_size(self)
+        if t == 1:
+            return self.slopes
+        n = self.cfg.heads // t
+        r = self.tp_mesh.get_local_rank()
+        return self.slopes[r * n:(r + 1) * n]  # [H/t]
+
     def _qkv(self, u: torch.Tensor):
-        """u [..., d] -> q, k, v [..., H, D] after the activation, split per head as MiniMax lays them out."""
+        """u [..., d] -> q, k, v [..., H, D] after the activation, split per head as MiniMax lays them out
+        (H/t heads on a tp rank)."""
         cfg = self.cfg
         qkv = ACT[cfg.act](self.qkv_proj(u))  # [..., 3HD]
-        return qkv.reshape(*u.shape[:-1], cfg.heads, 3 * cfg.head_dim).split(cfg.head_dim, dim=-1)
+        return qkv.unflatten(-1, (-1, 3 * cfg.head_dim)).split(cfg.head_dim, dim=-1)
 
     def _finish(self, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """o [..., H, D] -> out_proj(norm(o) * sigmoid(gate(u))) [..., d]."""
-        o = self.norm(o.reshape(*o.shape[:-2], self.cfg.inner))  # [..., HD]
+        """o [..., H, D] -> out_proj(norm(o) * sigmoid(gate(u))) [..., d]. The norm spans all heads: on a
+        tp rank its sum of squares is summed over the ranks."""
+        o = o.flatten(-2)  # [..., HD] (HD/t on a tp rank)
+        if tp_size(self) > 1:
+            o = rmsnorm_over_tp(o, self.norm.weight, self.norm.eps, self.tp_mesh)
+        else:
+            o = self.norm(o)
         if self.output_gate is not None:
             o = torch.sigmoid(self.output_gate(u)) * o
         return self.out_proj(o)
 
     def forward(self, u: torch.Tensor, state: LinearState | None = None, pos0: int = 0) -> torch.Tensor:
         q, k, v = self._qkv(u)  # [B, T, H, D] each
-        o, h = self.kernels.lightning_attention(q, k, v, self.slopes, chunk=self.cfg.chunk,
+        o, h = self.kernels.lightning_attention(q, k, v, self.local_slopes(), chunk=self.cfg.chunk,
                                                 state=None if state is None else state.kv)  # [B,T,H,D], [B,H,D,D]
         if state is not None:
             state.kv.copy_(h)
@@ -126,7 +142,7 @@ class Lightning(nn.Module):
     def step(self, u: torch.Tensor, state: LinearState, pos0: int) -> torch.Tensor:
         """One token: u [B,d] -> [B,d], advancing the state in place."""
         q, k, v = self._qkv(u)  # [B, H, D] each
-        o = self.kernels.lightning_step(q, k, v, self.slopes, state.kv)  # [B, H, D]
+        o = self.kernels.lightning_step(q, k, v, self.local_slopes(), state.kv)  # [B, H, D]
         return self._finish(o, u)
 
 
@@ -136,11 +152,25 @@ def cp_forward(module: Lightning, u: torch.Tensor, cp) -> torch.Tensor:
     decays by exp(-s_h) a token, so over the rank's n tokens by exp(-s_h n) (`cp.carry`): exact."""
     q, k, v = module._qkv(u)  # [B, T, H, D] each
     B, T = u.shape[:2]
-    _, h = module.kernels.lightning_attention(q, k, v, module.slopes, chunk=module.cfg.chunk, state=None)
-    decay = torch.exp(-module.slopes * T).to(h.dtype)[None, :, None, None]  # [1, H, 1, 1]
+    slopes = module.local_slopes()  # [H]
+    _, h = module.kernels.lightning_attention(q, k, v, slopes, chunk=module.cfg.chunk, state=None)
+    decay = torch.exp(-slopes * T).to(h.dtype)[None, :, None, None]  # [1, H, 1, 1]
     start = cp.carry(h, decay.expand(B, -1, -1, -1))  # [B, H, D, D]
-    o, _ = module.kernels.lightning_attention(q, k, v, module.slopes, chunk=module.cfg.chunk, state=start)
+    o, _ = module.kernels.lightning_attention(q, k, v, slopes, chunk=module.cfg.chunk, state=start)
     return module._finish(o, u)  # [B, T, d]
+
+
+def tp_plan(cfg: LightningConfig, tp: int) -> dict:
+    """Heads split over tp: qkv_proj column-wise (MiniMax lays q, k, v out per head, so a rank's heads are one
+    block of rows), the output gate column-wise, each rank's slopes those of its heads, the norm's weight by
+    channels with its sum of squares summed over the ranks (it spans all heads), out_proj row-wise (one
+    all-reduce)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.heads % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the lightning's {cfg.heads} heads")
+    plan = {"": mark_tp(), "qkv_proj": ColwiseParallel(), "norm": shard_parameters(0), "out_proj": RowwiseParallel()}
+    return plan | ({"output_gate": ColwiseParallel()} if cfg.gate else {})
 
 
 KIND = RuntimeKind(
@@ -153,4 +183,5 @@ KIND = RuntimeKind(
     state_names=state_names,
     cp_forward=cp_forward,
     placed=True,
+    tp_plan=tp_plan,
 )

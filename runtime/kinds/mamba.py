@@ -29,8 +29,8 @@ from ltmdsl.kinds.mamba import MambaConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_scan
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.tensor_parallel import local
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, segmented, shard_parameters, sum_over_tp
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
 
 if TYPE_CHECKING:
@@ -141,23 +141,34 @@ class Mamba(nn.Module):
                 n.init_weights(gen)
 
     def _ssm_inputs(self, x: torch.Tensor):
-        """x [..., Di] (after conv) -> delta [..., Di] (fp32, softplus'ed), Bm [..., N], Cm [..., N]."""
+        """x [..., Di] (after conv) -> delta [..., Di] (fp32, softplus'ed), Bm [..., N], Cm [..., N].
+
+        On a tp rank (tp_plan) x holds Di/t channels: x_proj's product is this rank's part of the sum over
+        channels, summed over the ranks; dt, B and C are then whole on every rank, and since each rank's
+        channels use them, their gradients are summed back (after the inner norms, whose weights then get
+        the whole gradient on every rank)."""
         cfg = self.cfg
-        dt, Bm, Cm = self.x_proj(x).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        mesh = getattr(self.x_proj, "tp_mesh", None)
+        proj = F.linear(x, local(self.x_proj.weight))  # [..., R + 2N] (a partial sum on a tp rank)
+        if mesh is not None:
+            proj = sum_over_tp(proj, mesh)
+        dt, Bm, Cm = proj.split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         if self.dt_layernorm is not None:
             dt, Bm, Cm = self.dt_layernorm(dt), self.b_layernorm(Bm), self.c_layernorm(Cm)
+        if mesh is not None:
+            dt, Bm, Cm = (copy_to_tp(v, mesh.get_group()) for v in (dt, Bm, Cm))
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dt = F.linear(dt, self.dt_proj.weight).to(work) + self.dt_proj.bias.to(work)  # [..., Di]
+        dt = F.linear(dt, local(self.dt_proj.weight)).to(work) + local(self.dt_proj.bias).to(work)  # [..., Di]
         return F.softplus(dt), Bm, Cm
 
     def _A(self, like: torch.Tensor) -> torch.Tensor:
         work = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return -torch.exp(self.A_log.to(work))  # [Di, N]
+        return -torch.exp(local(self.A_log).to(work))  # [Di, N] (Di/t on a tp rank)
 
     def _gate_out(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y [..., Di] -> out_proj((y + D x) * silu(z)) [..., d], the skip and gate in fp32 like HF."""
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y = (y.to(work) + x.to(work) * self.D.to(work)) * F.silu(z.to(work))
+        y = (y.to(work) + x.to(work) * local(self.D).to(work)) * F.silu(z.to(work))
         return self.out_proj(y.to(x.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvSSMState | None = None, pos0: int = 0) -> torch.Tensor:
@@ -195,6 +206,22 @@ def cp_forward(module: Mamba, u: torch.Tensor, cp) -> torch.Tensor:
     return module._gate_out(y, x, z)  # [B, T, d]
 
 
+def tp_plan(cfg: MambaConfig, tp: int) -> dict:
+    """Inner channels split over tp: in_proj column-wise by segments (x and z each by channels:
+    `segmented`), the conv's channels, x_proj by its input channels (its dt, B and C summed over the ranks,
+    then replicated with the inner norms), dt_proj's output channels, A_log and D with them, out_proj
+    row-wise (one all-reduce; its bias replicated). Every channel's scan is its own."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    Di = cfg.d_inner
+    if Di % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the mamba's {Di} inner channels")
+    return {"": shard_parameters({"A_log": 0, "D": 0}),
+            "in_proj": segmented(ColwiseParallel(), {"weight": (Di, Di), "bias": (Di, Di)}),
+            "conv1d": shard_parameters(0), "x_proj": shard_parameters({"weight": 1}),
+            "dt_proj": shard_parameters(0), "out_proj": RowwiseParallel()}
+
+
 KIND = RuntimeKind(
     name="mamba",
     module=Mamba,
@@ -205,4 +232,5 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "selective_scan": ops_scan.selective_scan_reference},
     state_names=state_names,
     cp_forward=cp_forward,
+    tp_plan=tp_plan,
 )

@@ -26,9 +26,10 @@ from ltmdsl.kinds.mamba2 import Mamba2Config
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_ssd
 from ltmdsl.runtime.cache import CacheRequest
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mamba import ConvSSMState, conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm import gated_rmsnorm
+from ltmdsl.runtime.tensor_parallel import local, segmented, shard_parameters, tp_size
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -87,7 +88,7 @@ class Mamba2(nn.Module):
         """Like state-spaces/mamba's Mamba2: A uniform in [1, 16], D = 1, dt log-uniform in [1e-3, 0.1]."""
         cfg = self.cfg
         init.linear_(self.in_proj, gen)
-        init.uniform_(self.conv1d.weight, gen, 1.0 / math.sqrt(cfg.d_conv))
+        init.uniform_(self.conv1d.weight, gen, 1.0 / math.sqrt(cfg.d_conv), init.segments_of(self.conv1d, "weight"))
         init.zeros_(self.conv1d.bias)
         init.dt_bias_(self.dt_bias, gen)
         init.assign_(self.A_log, torch.log(1 + 15 * torch.rand(cfg.heads, generator=gen)))
@@ -96,37 +97,44 @@ class Mamba2(nn.Module):
             init.ones_(self.norm.weight)
         init.linear_(self.out_proj, gen)
 
+    def sizes(self) -> tuple[int, int, int]:
+        """(Di, G, Hs) this module holds: the config's, or its 1/t on a tensor-parallel rank (tp_plan)."""
+        cfg, t = self.cfg, tp_size(self)
+        return cfg.d_inner // t, cfg.n_groups // t, cfg.heads // t
+
     def _split(self, zxbcdt: torch.Tensor):
-        cfg = self.cfg
-        GN = cfg.n_groups * cfg.d_state
-        return zxbcdt.split([cfg.d_inner, cfg.d_inner + 2 * GN, cfg.heads], dim=-1)
+        """in_proj's output [..., 2Di + 2GN + Hs] -> z [..., Di], xBC [..., Di + 2GN], dt [..., Hs]."""
+        Di, G, Hs = self.sizes()
+        GN = G * self.cfg.d_state
+        return zxbcdt.split([Di, Di + 2 * GN, Hs], dim=-1)
 
     def _dt_A(self, dt: torch.Tensor):
         """dt [..., Hs] -> softplus(dt + dt_bias) and A = -exp(A_log), in fp32 (fp64 for fp64 inputs)."""
         work = torch.float64 if dt.dtype == torch.float64 else torch.float32
-        return F.softplus(dt.to(work) + self.dt_bias.to(work)), -torch.exp(self.A_log.to(work))
+        return F.softplus(dt.to(work) + local(self.dt_bias).to(work)), -torch.exp(local(self.A_log).to(work))
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, x [..., Hs, P], z [..., Di] -> out_proj(gated_norm(y + D x, z)) [..., d] (without the norm:
         out_proj((y + D x) * silu(z)))."""
         cfg = self.cfg
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y = y.to(work) + x.to(work) * self.D.to(work)[:, None]  # [..., Hs, P]
-        y = y.reshape(*y.shape[:-2], cfg.d_inner)  # [..., Di]
+        y = y.to(work) + x.to(work) * local(self.D).to(work)[:, None]  # [..., Hs, P]
+        y = y.flatten(-2)  # [..., Di] (Di/t on a tp rank: whole norm groups)
         if self.norm is None:  # gated_norm = false (Falcon-H1's mamba_rms_norm false): the gate alone
             y = y * F.silu(z.to(work))  # [..., Di]
         else:
-            y = gated_rmsnorm(y, z, self.norm.weight.to(work), group_size=cfg.d_inner // cfg.n_groups, eps=self.eps)
+            y = gated_rmsnorm(y, z, local(self.norm.weight).to(work), group_size=cfg.d_inner // cfg.n_groups,
+                              eps=self.eps)
         return self.out_proj(y.to(x.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvSSMState | None = None, pos0: int = 0) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = u.shape
-        G, N = cfg.n_groups, cfg.d_state
+        (Di, G, Hs), N = self.sizes(), cfg.d_state
         z, xBC, dt = self._split(self.in_proj(u))  # [B,T,Di], [B,T,Di+2GN], [B,T,Hs]
         xBC = conv_with_state(self.kernels, xBC, self.conv1d, state)
-        x, Bm, Cm = xBC.split([cfg.d_inner, G * N, G * N], dim=-1)
-        x = x.reshape(B, T, cfg.heads, cfg.head_dim)  # [B, T, Hs, P]
+        x, Bm, Cm = xBC.split([Di, G * N, G * N], dim=-1)
+        x = x.reshape(B, T, Hs, cfg.head_dim)  # [B, T, Hs, P]
         dt, A = self._dt_A(dt)  # [B, T, Hs], [Hs]
         y, h = self.kernels.ssd_scan(
             x, dt, A, Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N),
@@ -140,11 +148,11 @@ class Mamba2(nn.Module):
         """One token: u [B,d] -> [B,d], advancing the conv taps and SSM state in place."""
         cfg = self.cfg
         B = u.shape[0]
-        G, N = cfg.n_groups, cfg.d_state
+        (Di, G, Hs), N = self.sizes(), cfg.d_state
         z, xBC, dt = self._split(self.in_proj(u))  # [B, Di], [B, Di+2GN], [B, Hs]
         xBC = conv_step_with_state(self.kernels, xBC, self.conv1d, state)
-        x, Bm, Cm = xBC.split([cfg.d_inner, G * N, G * N], dim=-1)
-        x = x.reshape(B, cfg.heads, cfg.head_dim)  # [B, Hs, P]
+        x, Bm, Cm = xBC.split([Di, G * N, G * N], dim=-1)
+        x = x.reshape(B, Hs, cfg.head_dim)  # [B, Hs, P]
         dt, A = self._dt_A(dt)  # [B, Hs], [Hs]
         y = self.kernels.ssd_step(x, dt, A, Bm.reshape(B, G, N), Cm.reshape(B, G, N), state.ssm)  # [B, Hs, P]
         return self._finish(y, x, z)
@@ -157,11 +165,11 @@ def cp_forward(module: Mamba2, u: torch.Tensor, cp) -> torch.Tensor:
     scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t composed over ranks): exact, as one process."""
     cfg = module.cfg
     B, T, _ = u.shape
-    G, N = cfg.n_groups, cfg.d_state
+    (Di, G, Hs), N = module.sizes(), cfg.d_state
     z, xBC, dt = module._split(module.in_proj(u))  # [B,T,Di], [B,T,Di+2GN], [B,T,Hs]
     xBC = cp.causal_conv(module.kernels, xBC, module.conv1d, silu=True)  # [B, T, C]: the previous rank's halo first
-    x, Bm, Cm = xBC.split([cfg.d_inner, G * N, G * N], dim=-1)
-    x = x.reshape(B, T, cfg.heads, cfg.head_dim)  # [B, T, Hs, P]
+    x, Bm, Cm = xBC.split([Di, G * N, G * N], dim=-1)
+    x = x.reshape(B, T, Hs, cfg.head_dim)  # [B, T, Hs, P]
     dt, A = module._dt_A(dt)  # [B, T, Hs], [Hs]
     Bm, Cm = Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N)
     _, h = module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=None)  # h [B, Hs, P, N]
@@ -169,6 +177,27 @@ def cp_forward(module: Mamba2, u: torch.Tensor, cp) -> torch.Tensor:
     start = cp.carry(h, decay)  # [B, Hs, P, N]
     y, _ = module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=start)  # [B, T, Hs, P]
     return module._finish(y, x, z)  # [B, T, d]
+
+
+def tp_plan(cfg: Mamba2Config, tp: int) -> dict:
+    """Megatron-LM's Mamba mixer split: heads and groups over tp. in_proj column-wise by segments (z and x
+    by heads, B and C by groups, dt by heads: `segmented`), the conv's x, B, C channels likewise, dt_bias,
+    A_log and D by heads, the gated norm's weight by channels (each rank holds whole groups, so the grouped
+    RMSNorm stays local), out_proj row-wise (one all-reduce; its bias replicated). Each head reads only its
+    own group's B and C, so nothing else crosses ranks."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.heads % tp or cfg.n_groups % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the mamba2's {cfg.heads} heads and {cfg.n_groups} "
+                                        "groups (n_groups; B and C shared by heads on different ranks are not "
+                                        "split)")
+    Di, GN = cfg.d_inner, cfg.n_groups * cfg.d_state
+    proj, conv = (Di, Di, GN, GN, cfg.heads), (Di, GN, GN)
+    plan = {"": shard_parameters({"dt_bias": 0, "A_log": 0, "D": 0}),
+            "in_proj": segmented(ColwiseParallel(), {"weight": proj, "bias": proj}),
+            "conv1d": segmented(shard_parameters(0), {"weight": conv, "bias": conv}),
+            "out_proj": RowwiseParallel()}
+    return plan | ({"norm": shard_parameters(0)} if cfg.gated_norm else {})
 
 
 KIND = RuntimeKind(
@@ -181,4 +210,5 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "ssd_scan": _ssd_scan_oracle},
     state_names=state_names,
     cp_forward=cp_forward,
+    tp_plan=tp_plan,
 )

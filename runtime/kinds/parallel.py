@@ -5,8 +5,8 @@ combines its attention and Mamba-2 mixer:
 
 Each branch is the module its own kind builds (runtime registry), named `a.*` and `b.*` under the mixer; its
 cache is the pair of the branches' caches (`ParallelCache`), whose bytes count towards each branch's own
-component. A branch kind that depends on its place in the stack (lightning) is refused; tensor and expert
-parallelism are refused naming the kind (no plan yet); context parallelism runs each branch's own form.
+component. A branch kind that depends on its place in the stack (lightning) is refused; expert parallelism
+is refused naming the kind (no plan yet); tensor and context parallelism run each branch's own plan / form.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from ltmdsl.kinds.parallel import ParallelConfig
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 
 
 def runtime_kind(name: str) -> RuntimeKind:
@@ -123,6 +123,24 @@ def cp_forward(module: Parallel, x: torch.Tensor, cp) -> torch.Tensor:
     return module.combine(x, run)
 
 
+def tp_plan(cfg: ParallelConfig, tp: int) -> dict:
+    """Each branch split by its own kind's plan, under its name (a.*, b.*; the branch's "" key, its own
+    parameters, becomes the branch itself). Each branch's output is whole after its own row-parallel
+    projection, so the scaled sum is too."""
+    plan = {}
+    for name, branch, _, _ in cfg.branches:
+        own = runtime_kind(branch.kind).tp_plan
+        if own is None:
+            raise TensorParallelUnsupported(f"the parallel layer's branch {name} ({branch.kind}) has no "
+                                            "tensor-parallel plan")
+        try:
+            sub = own(branch, tp)
+        except TensorParallelUnsupported as e:
+            raise TensorParallelUnsupported(f"branch {name}: {e}") from None
+        plan |= {f"{name}.{key}" if key else name: style for key, style in sub.items()}
+    return plan
+
+
 KIND = RuntimeKind(
     name="parallel",
     module=Parallel,
@@ -132,4 +150,5 @@ KIND = RuntimeKind(
     oracles={},
     state_names=state_names,
     cp_forward=cp_forward,
+    tp_plan=tp_plan,
 )

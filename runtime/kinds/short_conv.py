@@ -25,8 +25,8 @@ from ltmdsl.kinds.short_conv import ShortConvConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.tensor_parallel import local
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.tensor_parallel import local, segmented, shard_parameters
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -130,6 +130,19 @@ def cp_forward(module: ShortConv, u: torch.Tensor, cp) -> torch.Tensor:
     return module.out_proj(Cg * y)  # [B, T, d]
 
 
+def tp_plan(cfg: ShortConvConfig, tp: int) -> dict:
+    """Channels split over tp: in_proj column-wise by segments (B, C and x each by channels: `segmented`),
+    the depthwise conv's channels with them, out_proj row-wise (one all-reduce; its bias replicated).
+    Every channel's gate and conv are its own, so nothing else crosses ranks."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    W = cfg.width
+    if W % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the short_conv's {W} channels")
+    return {"in_proj": segmented(ColwiseParallel(), {"weight": (W, W, W), "bias": (W, W, W)}),
+            "conv": shard_parameters(0), "out_proj": RowwiseParallel()}
+
+
 KIND = RuntimeKind(
     name="short_conv",
     module=ShortConv,
@@ -139,4 +152,5 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference},
     state_names=state_names,
     cp_forward=cp_forward,
+    tp_plan=tp_plan,
 )

@@ -58,12 +58,13 @@ def batches(vocab: int, steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Te
     return out
 
 
-def reference_run(ir: ModelIR, steps: int = STEPS):
-    """Single process: (losses of each step, gradients of the first step {name: tensor})."""
+def reference_run(ir: ModelIR, steps: int = STEPS, dtype: torch.dtype | None = None):
+    """Single process: (losses of each step, gradients of the first step {name: tensor}); `dtype` overrides
+    the spec's."""
     from ltmdsl.runtime.build import build
 
     torch.manual_seed(0)
-    model = build(ir, seed=0)
+    model = build(ir, seed=0, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, grads = [], {}
     for i, (ids, tgt) in enumerate(batches(ir.vocab, steps)):
@@ -89,15 +90,15 @@ def rank_run_without_full_logits(ir: ModelIR, plan: ParallelPlan, steps: int = S
     return rank_run(ir, plan, steps)
 
 
-def rank_run(ir: ModelIR, plan: ParallelPlan, steps: int = STEPS):
-    """On every rank: the same steps under `plan`; (losses, first-step full gradients on rank 0 else None;
-    under pp every rank returns its stage's)."""
+def rank_run(ir: ModelIR, plan: ParallelPlan, steps: int = STEPS, dtype: torch.dtype = torch.float32):
+    """On every rank: the same steps under `plan` in `dtype`; (losses, first-step full gradients on rank 0
+    else None; under pp every rank returns its stage's)."""
     import torch.distributed as dist
 
     from ltmdsl.distributed import parallelize, shard_batch
     from ltmdsl.distributed.step import forward_backward, full_gradients
 
-    ranked = parallelize(ir, plan, seed=0)
+    ranked = parallelize(ir, plan, seed=0, dtype=dtype)
     opt = ranked.optimizer(lr=LR)
     losses, grads = [], None
     for i, (ids, tgt) in enumerate(batches(ir.vocab, steps)):

@@ -105,7 +105,16 @@ def test_head_split_kinds_match_one_process(layer):
         assert_close(grads[name], g, RTOL, f"gradient of {name}")
 
 
-def test_kind_without_a_plan_is_named():
+def test_kind_without_a_plan_is_named(monkeypatch):
+    """Every registered kind has a plan; one registered without (tp_plan None) is refused by name."""
+    import dataclasses
+
+    from ltmdsl.distributed import tensor_parallel
+    from ltmdsl.runtime.kinds import runtime_kind
+
+    planless = dataclasses.replace(runtime_kind("mamba"), tp_plan=None)
+    monkeypatch.setattr(tensor_parallel, "runtime_kind",
+                        lambda name: planless if name == "mamba" else runtime_kind(name))
     with pytest.raises(TensorParallelUnsupported, match="no tensor-parallel plan for kind 'mamba'"):
         tp_plans(tiny_hybrid(), 2)
 
