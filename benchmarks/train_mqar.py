@@ -52,7 +52,8 @@ def main() -> None:
     for label, folder in (("budget", within), ("final", run.checkpoint(run.steps))):
         results[label] = None if folder is None else cli_eval(folder, ["--context", "64", "256"], args.samples,
                                                               args.threads)
-    report = {"spec": str(Path(args.spec).relative_to(ROOT)) if Path(args.spec).is_relative_to(ROOT) else args.spec,
+    spec = Path(args.spec).resolve()
+    report = {"spec": str(spec.relative_to(ROOT)) if spec.is_relative_to(ROOT) else args.spec,
               "model": run.model, "params": run.params, "steps": run.steps, "batch": args.batch, "lr": args.lr,
               "warmup": args.warmup, "train_wall_s": round(run.wall_s, 1), "train_cpu_s": round(run.cpu_s, 1),
               "steps_per_s": round(run.steps_per_s, 2), "step_within_budget": run.step_at(args.budget_s),
