@@ -78,7 +78,7 @@ class Block(nn.Module):
         return self.mixer(normed, state, pos0)  # [B, T, d]
 
     def init_weights(self, gen: torch.Generator, branches: int) -> None:
-        """The kind's own init, then its output projections sized for a stack of `branches` residual
+        """The kind's own init, its output projections drawn scaled for a stack of `branches` residual
         branches (runtime.initializers: the stream at init stays of the embeddings' scale)."""
         self.norm.init_weights(gen)
         with init.residual_outputs(self.mixer, self.outputs, branches):
