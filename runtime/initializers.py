@@ -19,7 +19,8 @@ embeddings' scale:
   own embeddings start as a small part of what every later sub-layer reads.
 
 With N branches each adding at most about STD / sqrt(N), the stream's RMS after the stack is within a small
-factor of the embeddings' (tests/runtime/test_rt_init.py states and checks the factor for every kind).
+factor of the embeddings' (tests/runtime/test_rt_init.py states and checks the factor for every kind). A
+sub-layer with a post-norm (sandwich norms) adds what that norm makes of its output, whatever the scale.
 Only `init_weights` applies this: weights loaded from a checkpoint (`from_hf`, `load_checkpoint`) are
 never touched.
 
