@@ -1,4 +1,5 @@
-"""What the training benchmarks share: machine load, timing of a training run, and their RESULTS.md section.
+"""What the training benchmarks share: machine load, `ltmdsl train` / `ltmdsl eval` run as a user runs them,
+and their RESULTS.md section.
 
 Each benchmark owns one section of benchmarks/RESULTS.md between `<!-- NAME -->` and `<!-- /NAME -->`,
 replaced whole (the file written atomically) each time it runs, so reruns never pile up stale numbers.
@@ -6,30 +7,92 @@ replaced whole (the file written atomically) each time it runs, so reruns never 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import resource
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import ltmdsl
 from ltmdsl import atomic
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def machine() -> str:
+def machine(threads: int | None = None) -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    threads = torch.get_num_threads() if threads is None else threads
     return (f"{os.cpu_count()} CPUs, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min), "
-            f"torch {torch.__version__} with {torch.get_num_threads()} thread(s), Python {platform.python_version()}")
+            f"torch {torch.__version__} with {threads} thread(s), Python {platform.python_version()}")
 
 
-def timed_training(records_iter):
-    """Run a training iterator to the end; (records, wall seconds, process CPU seconds)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    records = list(records_iter)
-    return records, time.perf_counter() - wall, time.process_time() - cpu
+def _run_cli(argv: list[str], threads: int) -> tuple[str, float, float]:
+    """`ltmdsl ARGV` in a fresh interpreter with `threads` torch threads -> (stdout, wall s, child CPU s);
+    SystemExit naming the command when it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "ltmdsl.cli", *argv], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - wall
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"ltmdsl {' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return done.stdout, wall, (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """A finished `ltmdsl train` run: its folder, per-step metrics and what it cost."""
+
+    out: Path
+    model: str
+    params: int
+    records: list
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def steps(self) -> int:
+        return self.records[-1]["step"]
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.steps / self.records[-1]["seconds"]
+
+    def step_at(self, seconds: float) -> int:
+        """The last step finished within `seconds` of training (the run's own clock), 0 for none."""
+        return max((r["step"] for r in self.records if r["seconds"] <= seconds), default=0)
+
+    def checkpoint(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"step-{step:08d}"
+
+    def last_checkpoint_within(self, seconds: float) -> Path | None:
+        """The checkpoint of the last saved step finished within `seconds` of training, None for none."""
+        steps = [r["step"] for r in self.records if r["seconds"] <= seconds and self.checkpoint(r["step"]).is_dir()]
+        return self.checkpoint(max(steps)) if steps else None
+
+
+def cli_train(spec: str, task: str, flags: list[str], out: Path, threads: int) -> TrainRun:
+    """`ltmdsl train SPEC --task TASK FLAGS --out OUT --json`, timed; its metrics read back from OUT."""
+    _, wall, cpu = _run_cli(["train", str(spec), "--task", task, *flags, "--out", str(out), "--json"], threads)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    model = ltmdsl.load(spec).model
+    return TrainRun(out, model.name, model.params_total, records, wall, cpu)
+
+
+def cli_eval(run: Path, flags: list[str], samples: int, threads: int) -> dict:
+    """`ltmdsl eval RUN FLAGS --samples N --json` -> {context: accuracy}, or {(context, hops): accuracy}
+    when the task has hops."""
+    stdout, _, _ = _run_cli(["eval", str(run), *flags, "--samples", str(samples), "--json"], threads)
+    rows = json.loads(stdout)["results"]
+    return {(r["context"] if r["hops"] is None else (r["context"], r["hops"])): r["accuracy"] for r in rows}
 
 
 def write_section(name: str, body: str) -> None:

@@ -1,4 +1,28 @@
-"""Seeded weight initialisation helpers; every module's `init_weights(gen)` uses these.
+"""Seeded weight initialisation: the helpers every module's `init_weights(gen)` uses, and the one rule
+that sizes what each sub-layer writes into the residual stream.
+
+**The residual stream at init.** Embeddings and every matrix are drawn normal(0, STD), STD = 0.02 (GPT-2,
+Megatron, Llama), and each kind keeps its own published init for the rest (Mamba-2's A uniform in [1, 16]
+and dt log-uniform in [1e-3, 0.1]; xLSTM's gate biases; ...). The *output projections* of each sub-layer
+(the matrices that write into the stream, which each runtime kind names in `RuntimeKind.outputs`) are scaled
+as they are drawn (`residual_outputs`), so that the stream after all the sub-layers stays of the
+embeddings' scale:
+
+- a projection whose input is a plain product of small projections (attention's o_proj, an MLP's
+  down_proj, Mamba-1's out_proj, ...) is drawn at STD / sqrt(N), N the number of residual branches the
+  stack adds (the scaled init of GPT-2, Megatron's `scaled_init_method_normal` with N = 2 * num_layers,
+  and mamba_ssm's `rescale_prenorm_residual`);
+- a projection whose input is normalised to unit RMS (Mamba-2's gated RMSNorm, Gated DeltaNet's and KDA's
+  output norms, MiniMax's lightning norm, the mLSTM's head norm) is drawn at STD / sqrt(fan_in * N), so its
+  branch adds about STD / sqrt(N) RMS. Drawn at STD, such a projection adds STD * sqrt(fan_in) to the stream
+  (0.23 for fan_in 128: one Mamba-2 sub-layer made ltm-tiny's stream 9x its embeddings), so the tokens'
+  own embeddings start as a small part of what every later sub-layer reads.
+
+With N branches each adding at most about STD / sqrt(N), the stream's RMS after the stack is within a small
+factor of the embeddings' (tests/runtime/test_rt_init.py states and checks the factor for every kind). A
+sub-layer with a post-norm (sandwich norms) adds what that norm makes of its output, whatever the scale.
+Only `init_weights` applies this: weights loaded from a checkpoint (`from_hf`, `load_checkpoint`) are
+never touched.
 
 All draws come from an explicit `torch.Generator` (no global RNG state is touched), in fp32 on the CPU,
 so one seed gives the same weights on every machine and dtype. Every drawn value reaches its parameter
@@ -9,9 +33,12 @@ holding one full parameter at a time, never the full model.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator, Mapping
 
 import torch
+from torch import nn
 
 STD = 0.02  # normal(0, 0.02) for linear and embedding weights, as GPT-2 / Llama do
 
@@ -24,9 +51,13 @@ def segments_of(module: torch.nn.Module, name: str):
 
 @torch.no_grad()
 def assign_(p: torch.Tensor, full: torch.Tensor, segments=None) -> None:
-    """p <- full (broadcast to p's shape). A DTensor parameter takes its local shard of `full`, cut the
-    way its placements say, without communication (every rank drew the same `full`); a fused one split by
-    segments (`segments` = (sizes, t), `segments_of`) takes its rows of every segment."""
+    """p <- full (broadcast to p's shape), times the parameter's output scale while `residual_outputs`
+    names it. A DTensor parameter takes its local shard of `full`, cut the way its placements say, without
+    communication (every rank drew the same `full`); a fused one split by segments (`segments` = (sizes, t),
+    `segments_of`) takes its rows of every segment."""
+    scale = getattr(p, "_init_scale", None)  # set while `residual_outputs` is open
+    if scale is not None:
+        full = full * scale  # in fp32, before the cast: the same weights in every dtype
     full = full.expand(p.shape)
     if segments is not None:
         from ltmdsl.runtime.tensor_parallel import segment_order
@@ -83,3 +114,28 @@ def dt_bias_(p: torch.Tensor, gen: torch.Generator, dt_min: float = 1e-3, dt_max
     u = torch.rand(p.shape, generator=gen)
     dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
     assign_(p, dt + torch.log(-torch.expm1(-dt)))
+
+
+def output_scale(branches: int, fan_in: int, normalised: bool) -> float:
+    """The factor on an output projection drawn at STD (module docstring): 1 / sqrt(branches), and for a
+    projection reading unit-RMS features 1 / sqrt(fan_in * branches)."""
+    if branches < 1 or fan_in < 1:
+        raise ValueError(f"output_scale needs branches >= 1 and fan_in >= 1 (got {branches}, {fan_in})")
+    return 1.0 / math.sqrt(branches * (fan_in if normalised else 1))
+
+
+@contextlib.contextmanager
+def residual_outputs(mixer: nn.Module, outputs: Mapping[str, bool], branches: int) -> Iterator[None]:
+    """While open, every draw `assign_` writes into one of `mixer`'s output projections is scaled by
+    `output_scale` (in fp32, before the cast). `outputs` maps each one's parameter name (relative to the
+    mixer) to whether its input is normalised; its fan-in is the weight's last dimension ([out, in] for a
+    Linear, [E, d, F] for stacked experts). The kind's own `init_weights` runs inside, unchanged: the draw
+    order, and so every other parameter, is exactly what it was."""
+    scaled = [mixer.get_parameter(name) for name in outputs]
+    for p, normalised in zip(scaled, outputs.values()):
+        p._init_scale = output_scale(branches, p.shape[-1], normalised)
+    try:
+        yield
+    finally:
+        for p in scaled:
+            del p._init_scale

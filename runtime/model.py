@@ -51,6 +51,7 @@ class Block(nn.Module):
         self.mixer = build_mixer(layer, d, kernels, place)
         self.post_norm = Norm(layer.post_norm, d, kernels) if layer.post_norm is not None else None
         self.residual = layer.residual
+        self.outputs = runtime_kind(layer.kind).outputs(layer.mixer)  # {name: normalised}: what init rescales
 
     def advance(self, h: torch.Tensor, pending: torch.Tensor | None, state, pos0: int, decode: bool,
                 residual_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +77,12 @@ class Block(nn.Module):
             return self.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
         return self.mixer(normed, state, pos0)  # [B, T, d]
 
-    def init_weights(self, gen: torch.Generator) -> None:
+    def init_weights(self, gen: torch.Generator, branches: int) -> None:
+        """The kind's own init, its output projections drawn scaled for a stack of `branches` residual
+        branches (runtime.initializers: the stream at init stays of the embeddings' scale)."""
         self.norm.init_weights(gen)
-        self.mixer.init_weights(gen)
+        with init.residual_outputs(self.mixer, self.outputs, branches):
+            self.mixer.init_weights(gen)
         if self.post_norm is not None:
             self.post_norm.init_weights(gen)
 
@@ -122,14 +126,16 @@ class LTModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Seeded init (fp32 draws on the CPU, copied into the parameters whatever their dtype/device)."""
+        """Seeded init (fp32 draws on the CPU, copied into the parameters whatever their dtype/device); the
+        output projections are sized for the stack's residual branches, one per sub-layer applied (a tied
+        block counts each time it runs), as runtime.initializers describes."""
         gen = torch.Generator().manual_seed(seed)
         init.normal_(self.embed.weight, gen)
         done: set[int] = set()
         for block in self.layers:
             if id(block) not in done:  # tied blocks are initialised once
                 done.add(id(block))
-                block.init_weights(gen)
+                block.init_weights(gen, len(self.layers))
         self.final_norm.init_weights(gen)
         if self.lm_head is not None:
             init.normal_(self.lm_head.weight, gen)

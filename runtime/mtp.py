@@ -45,7 +45,7 @@ class MTPModule(nn.Module):
         self.norm_e.init_weights(gen)
         init.linear_(self.proj, gen)
         for block in self.layers:
-            block.init_weights(gen)
+            block.init_weights(gen, len(self.layers))
         self.norm_o.init_weights(gen)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,9 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
     ops          the reference kernel ops its module calls through `kernels.<op>` ({op: callable})
     oracles      plain oracle variants of some of those ops (REFERENCE_KERNELS), {} when none
     state_names  (config) -> the parameter names (relative to the mixer) its module owns, exactly
+    outputs      (config) -> {parameter name: normalised}: its output projections, the weights that write
+                 into the residual stream, each with whether its input is normalised to unit RMS; the
+                 model's init rescales them (runtime.initializers.residual_outputs_)
     placed       True when the module depends on its place in the stack (MiniMax's lightning attention
                  decays by depth): `build` then also takes `place=LayerPlace(...)`, which the model
                  derives from the IR's stack (`layer_places`). False for every position-free kind.
@@ -83,6 +86,7 @@ class RuntimeKind:
     ops: Mapping[str, Callable]
     oracles: Mapping[str, Callable]
     state_names: Callable[..., tuple[str, ...]]
+    outputs: Callable[..., Mapping[str, bool]]
     placed: bool = False
     tp_plan: Callable[..., Mapping[str, Any]] | None = None
     cp_forward: Callable[..., Any] | None = None

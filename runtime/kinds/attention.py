@@ -77,6 +77,11 @@ def new_cache(cfg: AttentionConfig, req: CacheRequest) -> KVCache:
     return KVCache(k, v, cfg.span, cfg.chunk)
 
 
+def outputs(cfg: AttentionConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): o_proj reads the attention output, no norm."""
+    return {"o_proj.weight": False}
+
+
 def state_names(cfg: AttentionConfig) -> tuple[str, ...]:
     """The parameters an `Attention` owns (docs/CONTRACTS.md names), biases and qk-norms as configured."""
     names = [f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -274,6 +279,7 @@ KIND = RuntimeKind(
          "attention_variant_decode": ops_attention.attention_variant_decode},
     oracles={"attention": ops_attention.attention_reference},
     state_names=state_names,
+    outputs=outputs,
     tp_plan=tp_plan,
     cp_forward=cp_forward,
 )

@@ -60,6 +60,11 @@ def new_cache(cfg: GatedDeltaNetConfig, req: CacheRequest) -> ConvDeltaState:
     return new_delta_state(req, cfg.conv_dim, cfg.d_conv, cfg.value_heads, cfg.head_dim, cfg.v_head_dim)
 
 
+def outputs(cfg: GatedDeltaNetConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): out_proj reads rmsnorm(o) * silu(z): normalised."""
+    return {"out_proj.weight": True}
+
+
 def state_names(cfg: GatedDeltaNetConfig) -> tuple[str, ...]:
     """The parameters a `GatedDeltaNet` owns (transformers' Qwen3NextGatedDeltaNet names)."""
     names = ["in_proj_qkvz.weight", "in_proj_ba.weight", "conv1d.weight", "dt_bias", "A_log", "norm.weight",
@@ -243,6 +248,7 @@ KIND = RuntimeKind(
     ops=DELTA_OPS,
     oracles=DELTA_ORACLES,
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

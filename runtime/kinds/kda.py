@@ -41,6 +41,11 @@ def new_cache(cfg: KDAConfig, req: CacheRequest) -> ConvDeltaState:
     return new_delta_state(req, cfg.conv_dim, cfg.d_conv, cfg.heads, cfg.head_dim, cfg.head_dim)
 
 
+def outputs(cfg: KDAConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): o_proj reads rmsnorm(o) * sigmoid(gate): normalised."""
+    return {"o_proj.weight": True}
+
+
 def state_names(cfg: KDAConfig) -> tuple[str, ...]:
     """The parameters a `KDA` owns (transformers' KimiDeltaAttention names)."""
     names = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "conv1d.weight", "forget_gate.f_a_proj.weight",
@@ -178,6 +183,7 @@ KIND = RuntimeKind(
     ops=DELTA_OPS,
     oracles=DELTA_ORACLES,
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -58,6 +58,11 @@ def new_cache(cfg: LightningConfig, req: CacheRequest) -> LinearState:
                                    device=req.device))  # [B, H, D, Dv]
 
 
+def outputs(cfg: LightningConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): out_proj reads norm(o) (times its output gate): normalised."""
+    return {"out_proj.weight": True}
+
+
 def state_names(cfg: LightningConfig) -> tuple[str, ...]:
     """The parameters a `Lightning` owns (transformers' MiniMaxLightningAttention names)."""
     return ("qkv_proj.weight", "out_proj.weight", "norm.weight") + (("output_gate.weight",) if cfg.gate else ())
@@ -181,6 +186,7 @@ KIND = RuntimeKind(
     ops={"lightning_attention": ops_lightning.lightning_attention, "lightning_step": ops_lightning.lightning_step},
     oracles={"lightning_attention": _lightning_oracle},
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     placed=True,
     tp_plan=tp_plan,

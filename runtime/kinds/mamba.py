@@ -62,6 +62,11 @@ def new_cache(cfg: MambaConfig, req: CacheRequest) -> ConvSSMState:
     return ConvSSMState(conv, ssm)
 
 
+def outputs(cfg: MambaConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): out_proj reads y * silu(z), no norm (Mamba-1)."""
+    return {"out_proj.weight": False}
+
+
 def state_names(cfg: MambaConfig) -> tuple[str, ...]:
     """The parameters a `Mamba` owns (transformers' MambaMixer / JambaMambaMixer names)."""
     names = ["in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D",
@@ -231,6 +236,7 @@ KIND = RuntimeKind(
          "selective_scan": ops_scan.selective_scan, "selective_step": ops_scan.selective_step},
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "selective_scan": ops_scan.selective_scan_reference},
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -55,6 +55,11 @@ def state_names(cfg: Mamba2Config) -> tuple[str, ...]:
     return tuple(names)
 
 
+def outputs(cfg: Mamba2Config) -> dict[str, bool]:
+    """out_proj reads the gated RMSNorm's unit-RMS output (the gate alone without the norm)."""
+    return {"out_proj.weight": cfg.gated_norm}
+
+
 def _ssd_scan_oracle(x, dt, A, Bm, Cm, *, chunk, state):
     """The token-loop SSD oracle behind the chunked op's signature (the oracle has no chunk length)."""
     return ops_ssd.ssd_scan_reference(x, dt, A, Bm, Cm, state=state)
@@ -209,6 +214,7 @@ KIND = RuntimeKind(
          "ssd_scan": ops_ssd.ssd_scan, "ssd_step": ops_ssd.ssd_step},
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "ssd_scan": _ssd_scan_oracle},
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -59,6 +59,11 @@ def new_cache(cfg: MLAConfig, req: CacheRequest) -> LatentCache:
     return LatentCache(c, kr)
 
 
+def outputs(cfg: MLAConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): o_proj reads the attention output, no norm."""
+    return {"o_proj.weight": False}
+
+
 def state_names(cfg: MLAConfig) -> tuple[str, ...]:
     """The parameters an `MLA` owns, with transformers' DeepseekV3Attention names."""
     if cfg.q_lora_rank is None:
@@ -212,6 +217,7 @@ KIND = RuntimeKind(
     ops={"attention": ops_attention.attention, "mla_decode": ops_mla.mla_decode},
     oracles={"attention": ops_attention.attention_reference, "mla_decode": ops_mla.mla_decode_reference},
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -97,6 +97,11 @@ def build(cfg: MLPConfig, d: int, eps: float, kernels: "Kernels") -> MLP:
     return MLP(cfg, d)
 
 
+def outputs(cfg: MLPConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): down_proj writes the stream; its input is the activation of two small projections."""
+    return {"down_proj.weight": False}
+
+
 def state_names(cfg: MLPConfig) -> tuple[str, ...]:
     """The parameters an `MLP` owns: gate_proj only when gated, biases when configured."""
     projs = (["gate_proj"] if cfg.gated else []) + ["up_proj", "down_proj"]
@@ -129,6 +134,7 @@ KIND = RuntimeKind(
     ops={},
     oracles={},
     state_names=state_names,
+    outputs=outputs,
     tp_plan=tp_plan,
     cp_forward=cp_forward,
 )

@@ -57,6 +57,11 @@ def new_cache(cfg: MlstmConfig, req: CacheRequest) -> MlstmCache:
     return MlstmCache(s.C, s.n, s.m)
 
 
+def outputs(cfg: MlstmConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): out_proj reads sigmoid(o) * the heads' LayerNorm: normalised."""
+    return {"out_proj.weight": True}
+
+
 def state_names(cfg: MlstmConfig) -> tuple[str, ...]:
     """The parameters an `Mlstm` owns (transformers' xLSTMLayer names, weight_mode "single")."""
     names = [f"{p}.weight" for p in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact", "out_proj")]
@@ -206,6 +211,7 @@ KIND = RuntimeKind(
     ops={"mlstm_chunked": ops_mlstm.mlstm_chunked, "mlstm_step": ops_mlstm.mlstm_step},
     oracles={"mlstm_chunked": _mlstm_oracle},
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -175,6 +175,15 @@ def build(cfg: MoEConfig, d: int, eps: float, kernels: "Kernels") -> MoE:
     return MoE(cfg, d)
 
 
+def outputs(cfg: MoEConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): the experts' down_proj [E, d, F] and the shared
+    expert's, each reading the activation of two small projections (no norm)."""
+    out = {"experts.down_proj": False}
+    if cfg.shared_d_ff:
+        out["shared.down_proj.weight"] = False
+    return out
+
+
 def state_names(cfg: MoEConfig) -> tuple[str, ...]:
     """The state a `MoE` owns: the router (and its bias), the stacked experts (gate_proj only when gated,
     biases with expert_bias), the selection-bias buffer, the shared expert and its gate."""
@@ -261,6 +270,7 @@ KIND = RuntimeKind(
     ops={},
     oracles={},
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     ep_forward=ep_forward,
     tp_plan=tp_plan,

@@ -105,6 +105,12 @@ def new_cache(cfg: ParallelConfig, req: CacheRequest) -> ParallelCache | None:
     return None if parts == [None, None] else ParallelCache(*parts)
 
 
+def outputs(cfg: ParallelConfig) -> dict[str, bool]:
+    """Both branches' output projections under `a.` and `b.` (each branch adds to the stream)."""
+    return {f"{name}.{n}": normalised for name, branch, _, _ in cfg.branches
+            for n, normalised in runtime_kind(branch.kind).outputs(branch).items()}
+
+
 def state_names(cfg: ParallelConfig) -> tuple[str, ...]:
     """The branches' parameter names under `a.` and `b.`."""
     return tuple(f"{name}.{n}" for name, branch, _, _ in cfg.branches
@@ -149,6 +155,7 @@ KIND = RuntimeKind(
     ops={},
     oracles={},
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -57,6 +57,11 @@ def new_cache(cfg: RgLruConfig, req: CacheRequest) -> ConvLruState:
     return ConvLruState(conv, torch.zeros(B, cfg.width, dtype=dt, device=dev))  # h [B, W]
 
 
+def outputs(cfg: RgLruConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): linear_out reads the recurrence times the gelu branch, no norm."""
+    return {"linear_out.weight": False}
+
+
 def state_names(cfg: RgLruConfig) -> tuple[str, ...]:
     """The parameters a `RecurrentBlock` owns (transformers' RecurrentGemmaRecurrentBlock names)."""
     linears = [f"{n}.{w}" for n in ("linear_y", "linear_x", "linear_out") for w in ("weight", "bias")]
@@ -188,6 +193,7 @@ KIND = RuntimeKind(
          "rglru_scan": ops_rglru.rglru_scan, "rglru_step": ops_rglru.rglru_step},
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "rglru_scan": _rglru_oracle},
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -55,6 +55,11 @@ def new_cache(cfg: ShortConvConfig, req: CacheRequest) -> ConvState:
     return ConvState(conv)
 
 
+def outputs(cfg: ShortConvConfig) -> dict[str, bool]:
+    """Output projections for the init (runtime.initializers): out_proj reads the gated convolution, no norm."""
+    return {"out_proj.weight": False}
+
+
 def state_names(cfg: ShortConvConfig) -> tuple[str, ...]:
     """The parameters a `ShortConv` owns (transformers' Lfm2ShortConv names)."""
     names = ["in_proj.weight", "conv.weight", "out_proj.weight"]
@@ -151,6 +156,7 @@ KIND = RuntimeKind(
     ops={"causal_conv1d": ops_conv.causal_conv1d, "conv_step": ops_conv.conv_step},
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference},
     state_names=state_names,
+    outputs=outputs,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )
