@@ -54,6 +54,9 @@ class Block(nn.Module):
         self.mixer = build_mixer(layer, d, kernels, place)
         self.post_norm = Norm(layer.post_norm, d, kernels) if layer.post_norm is not None else None
         self.residual = layer.residual
+        # True when the stream walk must carry more than (h, pending): embeddings, an injected branch, a use
+        self.wide = (layer.residual.input != "stream" or layer.residual.into != "residual"
+                     or runtime_kind(layer.kind).new_use is not None)
 
     def advance(self, h: torch.Tensor, pending: torch.Tensor | None, state, pos0: int, decode: bool,
                 residual_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +64,21 @@ class Block(nn.Module):
         (h, pending): h the scaled skip path, pending the branch, added by the next norm (or by the caller).
         `enter`, `mix`, `branch`; a caller that can drop its references in between (LTModel.forward) calls them
         itself, so the added tensor is freed before the mixer runs and the normed input before the branch."""
+        if self.wide:
+            raise ValueError("this sub-layer reads the embeddings, sends its output into the next input or has "
+                             "per-use parameters: run it with `flow`, which carries them")
         normed, h = self.enter(h, pending)
         return h, self.branch(self.mix(normed, state, pos0, decode), residual_scale)
+
+    def flow(self, h: torch.Tensor, pending: torch.Tensor | None, inject: torch.Tensor | None, state, pos0: int,
+             decode: bool, residual_scale: float, embeds: torch.Tensor | None = None,
+             use: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`advance` for every sub-layer: (h, pending, inject) -> (h, pending, inject) [B, T, d] each, with the
+        embeddings `embeds` (input = concat_embed) and the sub-layer's own parameters `use` (RuntimeKind.new_use);
+        under into = next_input the branch comes back as the next inject, else as the next pending."""
+        normed, h = self.enter(h, pending, inject, embeds)
+        out = self.branch(self.mix(normed, state, pos0, decode, use), residual_scale)
+        return (h, None, out) if self.residual.into == "next_input" else (h, out, None)
 
     def enter(self, h: torch.Tensor, pending: torch.Tensor | None, inject: torch.Tensor | None = None,
               embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,6 +85,11 @@ def check_pipeline(ir, pp: int, interleave: int = 1) -> list[range]:
     if ir.tie_embeddings and pp > 1:
         raise PipelineUnsupported("pp > 1 with tied embeddings (the head is the first stage's embedding) is not "
                                   "supported yet")
+    wide = next((x for x in ir.layers if x.residual.width != 1 or x.residual.into != "residual" or x.use_params), None)
+    if wide is not None and pp > 1:
+        raise PipelineUnsupported(f"pp > 1 with layer {wide.index} '{wide.definition}' (it reads the embeddings, sends "
+                                  "its output into the next input or has per-use parameters, which pipeline stages "
+                                  "do not carry yet)")
     stages = pp * interleave
     if stages > len(ir.layers):
         raise PipelineUnsupported(f"pp = {pp} x interleave = {interleave} stages exceed the {len(ir.layers)} "

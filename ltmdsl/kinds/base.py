@@ -21,7 +21,7 @@ Facet signatures (c is the kind's config, d the model width d_model):
     flops(c) -> dict[str, Flops]              per-token and prefill FLOPs by component, beyond projections
     dims(c) -> str                            the key dimensions `show` prints
     per_use(c, d) -> int                      of `count`, the parameters each use of a shared block owns
-                                              (per-use adapters); the one facet with a default, none_per_use
+                                              (per-use adapters); none_per_use for the others
 
 A sub-layer in a `shared block` shares `count - per_use` parameters with the other uses of its slot and owns
 `per_use` of its own (ltmdsl.ir.SubLayer.use_params).
@@ -182,7 +182,7 @@ class Kind:
     stored: Callable[[Any, Any, bool], sympy.Expr]
     flops: Callable[[Any], dict[str, Flops]]
     dims: Callable[[Any], str]
-    per_use: Callable[[Any, int], int] = none_per_use
+    per_use: Callable[[Any, int], int]
     param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
         rg_lru_hf.HF,
         mlstm_hf.HF,
         parallel_hf.HF,  # Falcon-H1's attention beside Mamba-2 (Hymba is not in transformers)
+        HFNotMappedYet("transformer_block", ("zamba2",)),
     )
 }
 
