@@ -1,6 +1,6 @@
 """transformer_block in shared blocks (Zamba2's shared transformer with per-use LoRA adapters, its input
-cat[h, embeddings] and its output into the next Mamba layer's input only): the whole model against
-transformers' Zamba2ForCausalLM in float64, cached decode against one pass, the count against transformers'
+cat[h, embeddings] and its output into the next Mamba layer's input only) and Mamba-2's dt_min: the whole model
+against transformers' Zamba2ForCausalLM in float64, cached decode against one pass, the count against transformers'
 and the KV cache (one per use) against the memory model."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ SPEC = """model tz {{
     d_model = {d}
     dtype = fp32
     head = tied
-    layer ssm = mamba2(d_state = 8, head_dim = 8, expand = 2, chunk = 4)
+    layer ssm = mamba2(d_state = 8, head_dim = 8, expand = 2, chunk = 4, dt_min = 0.001)
     layer sattn = attention(heads = {h}, head_dim = {hd}, scale = {scale}, rope_theta = 10000)
     layer smlp = mlp(d_ff = {f}, act = geglu)
     layer tf = transformer_block(attn = sattn, ffn = smlp, adapter_rank = {r}, attn_adapters = {attn_ad},
@@ -67,12 +67,15 @@ def _hf_model(attn_adapters: bool):
         num_attention_heads=H, num_key_value_heads=H, intermediate_size=F, hidden_act="gelu",
         num_mem_blocks=NMB, use_shared_attention_adapter=attn_adapters, adapter_rank=R, use_mem_rope=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
-        time_step_min=1e-9, tie_word_embeddings=True, pad_token_id=0)  # dt limit 1e-9: no clamp in practice
+        time_step_min=1e-3, tie_word_embeddings=True, pad_token_id=0)
     torch.manual_seed(0)
     hf = transformers.Zamba2ForCausalLM(cfg).double().eval()
     with torch.no_grad():
         for p in hf.parameters():  # every weight random, norms included, so each mapping is exercised
             p.add_(0.05 * torch.randn_like(p))
+        for name, p in hf.named_parameters():  # two heads with softplus(dt) well below time_step_min: the clamp acts
+            if name.endswith("mamba.dt_bias"):
+                p[:2] = -9.0
     return hf
 
 
