@@ -35,6 +35,7 @@ PUBLISHED = {
     "gpt-oss-20b.ltm": 20_914_757_184,  # transformers 5.24 on tests/hf/configs/gpt-oss-20b.json
     "gemma-3-27b.ltm": 27_009_346_304,  # transformers 5.24, the text model of tests/hf/configs/gemma-3-27b-it.json
     "nemotron-3-nano-30b-a3b.ltm": 31_577_937_344,  # transformers 5.24 on tests/hf/configs/NVIDIA-Nemotron-3-Nano-*.json
+    "zamba2-2.7b.ltm": 2_662_214_560,  # transformers 5.24 on tests/hf/configs/Zamba2-2.7B.json (meta; tests/hf/test_hf_zamba2.py)
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",
