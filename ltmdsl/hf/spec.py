@@ -101,6 +101,12 @@ class Plan:
     logit_cap: float | None = None  # logits = cap * tanh(logits / cap) (RecurrentGemma: logits_soft_cap)
     residual_scale: float | None = None  # h = h + residual_scale * branch (Granite: residual_multiplier)
     logit_scale: float | None = None  # logits * logit_scale (Granite: 1 / logits_scaling)
+    blocks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # shared block -> its layers (Zamba2)
+
+    def layers_of(self, symbol: str) -> tuple[str, ...]:
+        """The layer definitions a legend symbol stands for: one layer, or the layers of a shared block."""
+        target = self.legend[symbol]
+        return self.blocks.get(target, (target,))
 
     @property
     def sublayers(self) -> tuple[SubLayerMap, ...]:
@@ -108,10 +114,11 @@ class Plan:
 
         out = []
         for hf_layer, token in enumerate(self.tokens):
-            for j, symbol in enumerate(token):
-                kind = self.definitions[self.legend[symbol]][0]
-                role = "ffn" if REGISTRY[kind].is_ffn else "mixer"
-                out.append(SubLayerMap(len(out), hf_layer, role, kind))
+            for symbol in token:
+                for name in self.layers_of(symbol):
+                    kind = self.definitions[name][0]
+                    role = "ffn" if REGISTRY[kind].is_ffn else "mixer"
+                    out.append(SubLayerMap(len(out), hf_layer, role, kind))
         return tuple(out)
 
     def spec_text(self) -> str:
@@ -135,6 +142,8 @@ class Plan:
         width = max(len(n) for n in self.definitions)
         for name, (_, call) in self.definitions.items():
             lines.append(f"    layer {name:<{width}} = {call}")
+        for block, names in self.blocks.items():
+            lines.append(f"    shared block {block} {{ {' '.join(names)} }}")
         entries = ", ".join(f"{s if s.isalpha() else json.dumps(s)} = {n}" for s, n in self.legend.items())
         lines.append(f"    legend {{ {entries} }}")
         lines.append("    stack {")
