@@ -39,7 +39,7 @@ LAYOUT = dict(description="Zamba2 (Mamba-2 layers; before each hybrid one a shar
               not_mixer="Zamba2's layers are Mamba-2, each hybrid one preceded by a shared transformer block",
               not_ffn="Zamba2 has no feed-forward sub-layers outside its shared blocks")
 #: legend symbols of the shared blocks z0, z1, ... (the Mamba-2 layer is M)
-BLOCK_SYMBOLS = "XYZWVUTSRQ"
+BLOCK_SYMBOLS = "XYZWVUSRQPONLKJIHGFEDCBA"
 #: Zamba2's hidden_act -> the MLP's gated activation
 ACTS = {"gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh", "silu": "swiglu"}
 
@@ -149,21 +149,32 @@ def read(r: Reader) -> dict:
                              f"attn_adapters = {boolean(attn_adapters)}, input = concat_embed, into = next_input)")
     else:
         del definitions["sattn"], definitions["smlp"]
-    used = min(blocks, len(hybrid))
+    # transformers ties the blocks (its _tied_weights_keys) only when it ties the embeddings: untied, every
+    # hybrid layer owns its block
+    used = min(blocks, len(hybrid)) if tied else 0
     shared = {f"z{b}": ("tf",) for b in range(used)}
-    legend = {"M": "ssm", **{BLOCK_SYMBOLS[b]: f"z{b}" for b in range(used)}}
+    legend = {"M": "ssm", **({BLOCK_SYMBOLS[b]: f"z{b}" for b in range(used)} if tied else {"T": "tf"} if hybrid else {})}
+    if hybrid and not tied:
+        r.notes.append("tie_word_embeddings false: transformers' Zamba2 then ties no shared block either, so every "
+                       "hybrid layer owns its transformer block")
     tokens, u = [], 0
     for t in types:
         if t == "h":
-            tokens.append(BLOCK_SYMBOLS[u % blocks] + "M")
+            tokens.append((BLOCK_SYMBOLS[u % blocks] if tied else "T") + "M")
             u += 1
         else:
             tokens.append("M")
-    owners = {}  # block -> the HF layer that owns its weights (its first use)
-    for u, j in enumerate(hybrid):
-        owners.setdefault(u % blocks, j)
+    owners = [hybrid[u % blocks] if tied else j for u, j in enumerate(hybrid)]  # use -> the layer holding its block
     # a checkpoint may also hold the later uses' copies of the tied weights: transformers ties them to the owner
-    copies = tuple(f"model.layers.{j}.shared_transformer." for j in hybrid if j not in owners.values())
+    copies = tuple(f"model.layers.{j}.shared_transformer." for j in hybrid if j not in owners)
+    if not tied:  # each untied block also holds the adapters of the other uses of its block_id, which never run
+        lists = ["feed_forward.gate_up_proj_adapter_list"] + \
+            ([f"self_attn.linear_{x}_adapter_list" for x in "qkv"] if attn_adapters else [])
+        copies = tuple(f"model.layers.{j}.shared_transformer.{a}.{i}." for u, j in enumerate(hybrid)
+                       for i in range(len(hybrid)) if i != u and i % blocks == u % blocks for a in lists)
+        if copies:
+            r.notes.append(f"{len(copies)} adapter(s) transformers builds in untied blocks for other layers' uses, "
+                           "which never run, are not imported (its parameter count includes them)")
     return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=tied, definitions=definitions, legend=legend,
                 tokens=tuple(tokens), blocks=shared,
                 hf=dict(num_mem_blocks=blocks, hybrid_layer_ids=hybrid, owners=owners, tied_copies=copies))
@@ -194,7 +205,7 @@ def source(plan, name: str, sub, prefix: str) -> Source | None:
             return Source((f"{layer}mamba_decoder.input_layernorm.{rest}",))
         return Source((f"{layer}mamba_decoder.mamba.{rest}",))
     u = hybrid.index(j)
-    owner = f"{prefix}layers.{plan.hf['owners'][u % plan.hf['num_mem_blocks']]}.shared_transformer."
+    owner = f"{prefix}layers.{plan.hf['owners'][u]}.shared_transformer."
     if name.startswith("uses."):
         rest = name.split(".", 2)[2]
         if rest == "out_proj.weight":
@@ -247,13 +258,19 @@ def config(ir, base: dict, eps: float) -> dict:
                               "its output into the next layer's input (input = concat_embed, into = next_input)")
             if i + 1 >= len(layers) or layers[i + 1].kind != "mamba2":
                 raise HFError(f"layer {i} '{x.definition}': a Zamba2 shared block is followed by its Mamba-2 layer")
-            keys.append((x.tie_group, x.tie_slot) if x.tie_group is not None else ("", i))
+            keys.append((x.tie_group, x.tie_slot or 0) if x.tie_group is not None else ("", i))
             continue
         if x.residual != Residual():
             raise HFError(f"layer {i} '{x.definition}': Zamba2's Mamba-2 layers have the plain residual")
         types.append("hybrid" if i and layers[i - 1].kind == "transformer_block" else "mamba")
     blocks = list(dict.fromkeys(keys))
-    if any(k != blocks[u % len(blocks)] for u, k in enumerate(keys)):
+    if not ir.tie_embeddings:  # transformers ties the shared blocks only together with the embeddings
+        if len(blocks) != len(keys):
+            raise HFError("transformers' Zamba2 ties its shared blocks only when it ties the embeddings "
+                          "(tie_word_embeddings); with an untied head every hybrid layer owns its block")
+        # nothing is tied; with one block per use transformers builds no adapter a use does not run
+        blocks = blocks[:len(keys)]
+    elif any(k != blocks[u % len(blocks)] for u, k in enumerate(keys)):
         raise HFError("Zamba2 uses its num_mem_blocks shared blocks in turn (use u runs block u % num_mem_blocks); "
                       f"this stack uses them in another order ({', '.join(k[0] or f'layer {k[1]}' for k in keys)})")
     tf = _one([x.mixer for x in layers if x.kind == "transformer_block"],
