@@ -115,10 +115,10 @@ def apply_context_parallel(model, cp_mesh) -> None:
 
 
 def _cp_call(module, fwd, shard: ContextShard):
-    def forward(x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
+    def forward(x: torch.Tensor, state=None, pos0: int = 0, **use) -> torch.Tensor:
         if state is not None or pos0:
             raise ValueError("a context-parallel model runs whole training sequences: no cache, pos0 = 0")
-        return fwd(module, x, shard)
+        return fwd(module, x, shard, **use)  # use: a sub-layer's own parameters (RuntimeKind.new_use)
 
     return forward
 

@@ -90,9 +90,9 @@ def _kind(c: LayerConfig) -> Kind:
 def build(v: dict[str, Any], ctx: ModelContext) -> TransformerBlockConfig:
     attn, ffn = v["attn"], v["ffn"]
     if getattr(attn, "kind", None) != "attention":
-        raise CheckError(f"attn must name an attention layer, not a {getattr(attn, 'kind', '?')} layer", "attn")
+        raise CheckError(f"attn must name an attention layer; it names a {getattr(attn, 'kind', '?')} layer", "attn")
     if getattr(ffn, "kind", None) != "mlp":
-        raise CheckError(f"ffn must name an mlp layer, not a {getattr(ffn, 'kind', '?')} layer", "ffn")
+        raise CheckError(f"ffn must name an mlp layer; it names a {getattr(ffn, 'kind', '?')} layer", "ffn")
     rank = v["adapter_rank"]
     for flag in ("attn_adapters", "ffn_adapters"):
         if v[flag] is not None and v[flag] and not rank:

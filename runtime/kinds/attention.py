@@ -243,10 +243,11 @@ def tp_plan(cfg: AttentionConfig, tp: int) -> dict:
             "o_proj": RowwiseParallel()}
 
 
-def cp_forward(module: Attention, x: torch.Tensor, cp) -> torch.Tensor:
+def cp_forward(module: Attention, x: torch.Tensor, cp, delta=None) -> torch.Tensor:
     """One context-parallel rank's tokens x [B, T/cp, d] at positions cp.offset(T/cp) + t: the keys and values
     of every rank are all-gathered (as Megatron-LM's context parallelism does) and this rank's queries
-    attend over those up to its last token, causal and windowed as configured, exactly as in one process."""
+    attend over those up to its last token, causal and windowed as configured, exactly as in one process.
+    `delta`: adapters added to the projections, as in `forward` (transformer_block)."""
     cfg = module.cfg
     B, T, _ = x.shape
     if not cfg.causal:
@@ -254,7 +255,7 @@ def cp_forward(module: Attention, x: torch.Tensor, cp) -> torch.Tensor:
     if not cfg.plain_softmax or cfg.chunk is not None:
         raise ValueError("context parallelism supports plain softmax attention only (no sinks, soft cap or chunks)")
     offset = cp.offset(T)  # this rank's first position
-    q, k, v, gate = module._qkv(x, offset)  # [B, T, H|Hkv, D], gate [B, T, H*D] or None
+    q, k, v, gate = module._qkv(x, offset, delta)  # [B, T, H|Hkv, D], gate [B, T, H*D] or None
     end = offset + T
     k_all, v_all = cp.gather(k)[:, :end], cp.gather(v)[:, :end]  # [B, end, Hkv, D]: every earlier key
     o = module.kernels.attention(q, k_all, v_all, causal=True, window=cfg.window, scale=module.scale)

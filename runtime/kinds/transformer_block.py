@@ -119,6 +119,14 @@ class TransformerBlock(nn.Module):
         return self._finish(self.attn.step(u, state, pos0, delta=use.qkv), use)  # [B, d]
 
 
+def cp_forward(module: TransformerBlock, u: torch.Tensor, cp, use: Use | None = None) -> torch.Tensor:
+    """One context-parallel rank's tokens u [B, T/cp, d_in]: the attention's own context-parallel form (every
+    rank's keys and values gathered) with the use's adapters; the mid norm, MLP and out_proj are token-local."""
+    if use is None:
+        raise ValueError("a transformer_block runs with its use's parameters (use=...); LTModel passes them")
+    return module._finish(attention_kind.cp_forward(module.attn, u, cp, delta=use.qkv), use)  # [B, T/cp, d]
+
+
 def build(cfg: TransformerBlockConfig, d: int, eps: float, kernels: "Kernels") -> TransformerBlock:
     return TransformerBlock(cfg, d, eps, kernels)
 
@@ -143,5 +151,6 @@ KIND = RuntimeKind(
     ops={},
     oracles={},
     state_names=state_names,
+    cp_forward=cp_forward,
     new_use=new_use,
 )
