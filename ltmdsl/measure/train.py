@@ -65,7 +65,7 @@ def stack_forward(stage: Stage, x: torch.Tensor, recompute: str) -> tuple[torch.
             continue
         for i in unit:
             block = net.layers[i]
-            if block.wide:  # embeddings, an injected branch or per-use parameters (transformer_block)
+            if block.wide or inject is not None:  # embeddings, an injected branch or per-use parameters
                 use = net.uses[str(i)] if str(i) in net.uses else None
                 h, pending, inject = block.flow(h, pending, inject, None, 0, False, net.ir.residual_scale, embeds, use)
             else:
