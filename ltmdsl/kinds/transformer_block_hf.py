@@ -26,7 +26,8 @@ def misfit(c, fam: str) -> str | None:
         return f"{fam} has no shared transformer blocks"
     a, f = c.attn, c.ffn
     if a.heads * a.head_dim != c.d_in or a.v_head_dim != a.head_dim:
-        return "Zamba2's shared block reads cat[h, embeddings] (input = concat_embed) with heads * head_dim = 2 * d_model"
+        return ("Zamba2's shared block reads cat[h, embeddings] (input = concat_embed) with heads * head_dim = "
+                "2 * d_model")
     if a.window is not None or a.qk_norm or a.qkv_bias or a.out_bias or a.rope_dim is not None or a.gate \
             or a.sinks or a.softcap is not None or a.chunk is not None or a.qk_l2_norm \
             or a.temperature_floor is not None or a.query_pre_attn_scalar is not None or a.rope_scaling is not None:

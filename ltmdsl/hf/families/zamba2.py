@@ -153,7 +153,8 @@ def read(r: Reader) -> dict:
     # hybrid layer owns its block
     used = min(blocks, len(hybrid)) if tied else 0
     shared = {f"z{b}": ("tf",) for b in range(used)}
-    legend = {"M": "ssm", **({BLOCK_SYMBOLS[b]: f"z{b}" for b in range(used)} if tied else {"T": "tf"} if hybrid else {})}
+    blocks_legend = {BLOCK_SYMBOLS[b]: f"z{b}" for b in range(used)} if tied else {"T": "tf"} if hybrid else {}
+    legend = {"M": "ssm", **blocks_legend}
     if hybrid and not tied:
         r.notes.append("tie_word_embeddings false: transformers' Zamba2 then ties no shared block either, so every "
                        "hybrid layer owns its transformer block")
@@ -211,7 +212,8 @@ def source(plan, name: str, sub, prefix: str) -> Source | None:
         if rest == "out_proj.weight":
             return Source((f"{layer}linear.weight",))
         _, which, k, _ = rest.split(".")  # adapters.{q,k,v,gate_up}.{0,1}.weight
-        where = "feed_forward.gate_up_proj_adapter_list" if which == "gate_up" else f"self_attn.linear_{which}_adapter_list"
+        where = ("feed_forward.gate_up_proj_adapter_list" if which == "gate_up"
+                 else f"self_attn.linear_{which}_adapter_list")
         return Source((f"{owner}{where}.{u}.{k}.weight",))
     if m is None:
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {MODEL_TYPE}")
