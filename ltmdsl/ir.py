@@ -130,11 +130,24 @@ class Residual:
     with s = x (`skip = "input"`, the pre-norm residual) or s = norm(x) (`skip = "normed"`: the residual is
     taken after the pre-norm, as MiniMax-01's decoder layer does). The default is the plain x + branch.
     MiniMax-01 scales s by alpha = (2 * num_hidden_layers)^(1/4) and the branch by beta = 1.
+
+    Two settings say how the sub-layer reads and writes the stream (Zamba, Glorioso et al. 2024, eq. 6):
+    `input = "concat_embed"`: the pre-norm and the mixer read cat[x, e] (2 d_model wide; e the scaled embedding
+    output), not x. `into = "next_input"`: the branch is not added to the residual stream (x' = x) but to the
+    next sub-layer's input before that sub-layer's pre-norm, its residual still carrying x (transformers'
+    Zamba2 `transformer_hidden_states`, added to the following Mamba layer's input only).
     """
 
     skip: str = "input"  # "input" | "normed"
     skip_scale: float = 1.0
     branch_scale: float = 1.0
+    input: str = "stream"  # "stream" | "concat_embed"
+    into: str = "residual"  # "residual" | "next_input"
+
+    @property
+    def width(self) -> int:
+        """How many d_model-wide tensors the pre-norm and the mixer read: 2 for cat[x, e], else 1."""
+        return 2 if self.input == "concat_embed" else 1
 
     @property
     def plain(self) -> bool:
@@ -149,7 +162,8 @@ class SubLayer:
 
     `definition` is the spec's layer name (`attn`, `ssm`); `tie_group` names the shared block whose
     weights this sub-layer reuses (Zamba-style), None when it owns its weights. `params` counts the
-    mixer and its norms; sub-layers of one tie group with the same `tie_slot` share those parameters.
+    mixer and its norms; sub-layers of one tie group with the same `tie_slot` share those parameters, except
+    `use_params` of them (per-use adapters and projections, `Kind.per_use`), which every use owns.
     """
 
     index: int
@@ -162,6 +176,7 @@ class SubLayer:
     tie_slot: int | None = None
     post_norm: NormConfig | None = None
     residual: Residual = Residual()
+    use_params: int = 0  # of `params`, those every use owns even when tied (per-use adapters)
 
     @property
     def kind(self) -> str:
@@ -255,14 +270,21 @@ class ModelIR:
             out.append(layer)
         return tuple(out)
 
+    def per_use_params(self) -> int:
+        """Parameters that tied sub-layers own per use (their adapters), beyond the owner of each tie slot."""
+        owners = {id(layer) for layer in self.unique_layers()}
+        return sum(layer.use_params for layer in self.layers if id(layer) not in owners)
+
     @property
     def params_total(self) -> int:
-        """Every learned scalar, counted once (tied weights once), as `transformers` counts them."""
+        """Every learned scalar, counted once (tied weights once, per-use adapters once per use), as
+        `transformers` counts them."""
         return (
             self.embedding_params
             + self.head_params
             + self.final_norm_params
             + sum(layer.params for layer in self.unique_layers())
+            + self.per_use_params()
         )
 
     @property

@@ -320,6 +320,15 @@ class ModelResolver:
             raise _Unresolved() from None
         values = {**base, **extra}
         full = {p.name: values.get(p.name, p.default) for p in kind.params}
+        residual = Residual(**{p.name: values.get(p.name, p.default) for p in RESIDUAL_PARAMS})
+        if residual.width != 1:  # the mixer reads cat[x, embeddings]: only a kind with a `d_in` takes it
+            ctx = ModelContext(ctx.d_model, ctx.norm, residual.width * ctx.d_model)
+            if "d_in" not in kind.config.__dataclass_fields__:
+                where = next((k.pos for k in (*overrides, *d.kwargs) if k.name == "input"), d.kind_pos)
+                self._broken.add(name)
+                self.rep.at(where, f"layer '{name}': input = {residual.input} gives the mixer 2 * d_model channels; "
+                            f"a {kind.name} layer reads d_model (transformer_block takes a wider input)")
+                raise _Unresolved()
         try:
             config = kind.build(full, ctx)
         except CheckError as e:
@@ -330,9 +339,14 @@ class ModelResolver:
             raise _Unresolved() from None
         norm = values.get("norm", ctx.norm)
         post = values.get("post_norm")
-        params = kind.count(config, ctx.d_model) + norm.params_per_channel * ctx.d_model
+        params = kind.count(config, ctx.d_model) + norm.params_per_channel * ctx.width_in
         params += post.params_per_channel * ctx.d_model if post is not None else 0
-        residual = Residual(**{p.name: values.get(p.name, p.default) for p in RESIDUAL_PARAMS})
+        if residual.into == "next_input" and (residual.skip != "input" or residual.skip_scale != 1.0):
+            where = next((k.pos for k in (*overrides, *d.kwargs) if k.name in ("skip", "skip_scale")), d.kind_pos)
+            self._broken.add(name)
+            self.rep.at(where, f"layer '{name}': into = next_input leaves the residual stream as it is; "
+                        "skip and skip_scale do not apply")
+            raise _Unresolved()
         self._built[key] = (config, norm, post, residual, params)
         return self._built[key]
 
@@ -498,7 +512,11 @@ class ModelResolver:
                 first = tied_configs.setdefault((group, slot), (config, lnorm, post, residual, name))
                 if first[:4] != (config, lnorm, post, residual):
                     self.rep.at(pos, f"shared block '{group}': slot {slot} differs between uses")
-            layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot, post, residual))
+            use = REGISTRY[config.kind].per_use(config, d_model)
+            layers.append(SubLayer(i, name, lnorm, config, params, pos, group, slot, post, residual, use))
+        if layers and layers[-1].residual.into == "next_input" and len(layers) == len(entries):
+            self.rep.at(layers[-1].pos, f"sub-layer {layers[-1].index} '{layers[-1].definition}' sends its output "
+                        "into the next sub-layer's input (into = next_input), but it is the last one")
         mtp, mtp_ok = self._mtp(ctx)
         settings_ok = settings_ok and mtp_ok
         for name, d in self.layer_defs.items():  # unused definitions are still checked

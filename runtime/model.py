@@ -4,6 +4,9 @@
     for each sub-layer i:  h = a_i * s_i + b_i * residual_scale * post_norm_i(mixer_i(norm_i(h)))
                            (post_norm only where the layer has one; the add is fused into the next norm;
                            s_i = h, or norm_i(h) with `skip = normed`; a_i, b_i its skip and branch scales)
+                           `input = concat_embed`: norm_i and mixer_i read cat[h, e] (e = the scaled
+                           embeddings, [B, T, 2d]); `into = next_input`: h stays, and the branch is added to
+                           the next sub-layer's input before its norm only (Zamba2's transformer_hidden_states)
     logits = lm_head(final_norm(h)) * logit_scale    [B, T, V]   (tied: embed.weight is the head)
     logits = logit_cap * tanh(logits / logit_cap)    when the model has a final-logit soft cap
 
@@ -47,11 +50,14 @@ class Block(nn.Module):
 
     def __init__(self, layer: SubLayer, d: int, kernels: Kernels, place: LayerPlace):
         super().__init__()
-        self.norm = Norm(layer.norm, d, kernels)
+        self.norm = Norm(layer.norm, d * layer.residual.width, kernels)  # 2d wide over cat[h, e]
         self.mixer = build_mixer(layer, d, kernels, place)
         self.post_norm = Norm(layer.post_norm, d, kernels) if layer.post_norm is not None else None
         self.residual = layer.residual
         self.outputs = runtime_kind(layer.kind).outputs(layer.mixer)  # {name: normalised}: what init rescales
+        # True when the stream walk must carry more than (h, pending): embeddings, an injected branch, a use
+        self.wide = (layer.residual.input != "stream" or layer.residual.into != "residual"
+                     or runtime_kind(layer.kind).new_use is not None)
 
     def advance(self, h: torch.Tensor, pending: torch.Tensor | None, state, pos0: int, decode: bool,
                 residual_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,23 +65,49 @@ class Block(nn.Module):
         (h, pending): h the scaled skip path, pending the branch, added by the next norm (or by the caller).
         `enter`, `mix`, `branch`; a caller that can drop its references in between (LTModel.forward) calls them
         itself, so the added tensor is freed before the mixer runs and the normed input before the branch."""
+        if self.wide:
+            raise ValueError("this sub-layer reads the embeddings, sends its output into the next input or has "
+                             "per-use parameters: run it with `flow`, which carries them")
         normed, h = self.enter(h, pending)
         return h, self.branch(self.mix(normed, state, pos0, decode), residual_scale)
 
-    def enter(self, h: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normed input of the mixer, skip path) [B, T, d] each, from the stream h + pending."""
-        normed, h = self.norm(h, None) if pending is None else self.norm(pending, h)  # [B, T, d] each
+    def flow(self, h: torch.Tensor, pending: torch.Tensor | None, inject: torch.Tensor | None, state, pos0: int,
+             decode: bool, residual_scale: float, embeds: torch.Tensor | None = None,
+             use: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`advance` for every sub-layer: (h, pending, inject) -> (h, pending, inject) [B, T, d] each, with the
+        embeddings `embeds` (input = concat_embed) and the sub-layer's own parameters `use` (RuntimeKind.new_use);
+        under into = next_input the branch comes back as the next inject, else as the next pending."""
+        normed, h = self.enter(h, pending, inject, embeds)
+        out = self.branch(self.mix(normed, state, pos0, decode, use), residual_scale)
+        return (h, None, out) if self.residual.into == "next_input" else (h, out, None)
+
+    def enter(self, h: torch.Tensor, pending: torch.Tensor | None, inject: torch.Tensor | None = None,
+              embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed input of the mixer [B, T, d] or [B, T, 2d], skip path [B, T, d]), from the stream h + pending;
+        `inject` (the previous sub-layer's branch under into = next_input) joins the norm's input only, and
+        `embeds` [B, T, d] is concatenated to it under input = concat_embed."""
+        if inject is None and self.residual.input == "stream":
+            normed, h = self.norm(h, None) if pending is None else self.norm(pending, h)  # [B, T, d] each
+        else:
+            if pending is not None:
+                h = h + pending  # [B, T, d]
+            x = h if inject is None else h + inject  # [B, T, d]: the skip path keeps h
+            if self.residual.input == "concat_embed":
+                x = torch.cat([x, embeds], dim=-1)  # [B, T, 2d]
+            normed = self.norm(x, None)[0]  # [B, T, d or 2d]
         if self.residual.skip == "normed":
             h = normed
         if self.residual.skip_scale != 1.0:
             h = h * self.residual.skip_scale
         return normed, h
 
-    def mix(self, normed: torch.Tensor, state, pos0: int, decode: bool) -> torch.Tensor:
-        """The mixer on its normed input [B, T, d] (one token's step when decoding) -> its output [B, T, d]."""
+    def mix(self, normed: torch.Tensor, state, pos0: int, decode: bool, use: nn.Module | None = None) -> torch.Tensor:
+        """The mixer on its normed input [B, T, d] (one token's step when decoding) -> its output [B, T, d];
+        `use`: the sub-layer's own parameters for a kind that has per-use ones (RuntimeKind.new_use)."""
+        extra = {} if use is None else {"use": use}
         if decode:
-            return self.mixer.step(normed[:, 0], state, pos0)[:, None]  # [B, 1, d]
-        return self.mixer(normed, state, pos0)  # [B, T, d]
+            return self.mixer.step(normed[:, 0], state, pos0, **extra)[:, None]  # [B, 1, d]
+        return self.mixer(normed, state, pos0, **extra)  # [B, T, d]
 
     def init_weights(self, gen: torch.Generator, branches: int) -> None:
         """The kind's own init, its output projections drawn scaled for a stack of `branches` residual
@@ -114,6 +146,12 @@ class LTModel(nn.Module):
                 owners[key] = Block(layer, d, kernels, place)
             blocks.append(owners[key])  # later ones share the very same module objects
         self.layers = nn.ModuleList(blocks)
+        # Per-use parameters (LoRA adapters of a shared block's uses): one module per sub-layer, tied or not.
+        self.uses = nn.ModuleDict({
+            str(i): runtime_kind(layer.kind).new_use(layer.mixer, d)
+            for i, layer in enumerate(ir.layers) if runtime_kind(layer.kind).new_use is not None
+        })
+        self.embeds_needed = any(layer.residual.input == "concat_embed" for layer in ir.layers)
         self.final_norm = Norm(ir.final_norm, d, kernels)
         self.lm_head = None if ir.tie_embeddings else nn.Linear(d, ir.vocab, bias=False)
         self.mtp = None  # DeepSeek-V3's multi-token-prediction modules (runtime/mtp.py), where the spec has them
@@ -136,6 +174,8 @@ class LTModel(nn.Module):
             if id(block) not in done:  # tied blocks are initialised once
                 done.add(id(block))
                 block.init_weights(gen, len(self.layers))
+        for use in self.uses.values():  # a use's output projection writes the stream too
+            use.init_weights(gen, len(self.layers))
         self.final_norm.init_weights(gen)
         if self.lm_head is not None:
             init.normal_(self.lm_head.weight, gen)
@@ -218,14 +258,21 @@ class LTModel(nn.Module):
         h = self.embed(input_ids)  # [B, T, d]
         if self.ir.embed_scale != 1.0:
             h = h * self.ir.embed_scale
+        embeds = h if self.embeds_needed else None  # [B, T, d]: what `input = concat_embed` layers read beside h
         pending = None  # the previous mixer's output, added into h by the next norm
+        inject = None  # an `into = next_input` branch, added to the next norm's input only
         for i, block in enumerate(self.layers):
-            normed, h = block.enter(h, pending)  # [B, T, d] each
-            pending = None  # added into h: released before the mixer runs, so only h and normed stay live
+            normed, h = block.enter(h, pending, inject, embeds)  # [B, T, d or 2d], [B, T, d]
+            pending = inject = None  # added: released before the mixer runs, so only h and normed stay live
             state = None if cache is None else cache.layers[i]
-            pending = block.mix(normed, state, pos0, decode)  # [B, T, d]
+            out = block.mix(normed, state, pos0, decode, self.uses[str(i)] if str(i) in self.uses else None)
             normed = None  # read by the mixer only: released before the branch and the next norm run
-            pending = block.branch(pending, self.ir.residual_scale)  # [B, T, d]
+            out = block.branch(out, self.ir.residual_scale)  # [B, T, d]
+            if self.ir.layers[i].residual.into == "next_input":
+                inject = out
+            else:
+                pending = out
+            out = None
         normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
         if cache is not None:
             cache.seen += T

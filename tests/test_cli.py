@@ -14,7 +14,7 @@ TINY = str(EXAMPLES / "tiny-hybrid.ltm")
 
 def test_check_valid_file_exits_zero(capsys):
     assert main(["check", "--no-budgets", TINY]) == 0
-    assert "ok: model tiny_hybrid: 24 sub-layers" in capsys.readouterr().out
+    assert "ok: model tiny_hybrid: 26 sub-layers" in capsys.readouterr().out
 
 
 def test_check_invalid_file_exits_one(tmp_path, capsys):

@@ -37,6 +37,7 @@ PUBLISHED = {
     "nemotron-3-nano-30b-a3b.ltm": 31_577_937_344,  # transformers 5.24 on tests/hf/configs/NVIDIA-Nemotron-3-Nano-*.json
     "granite-4.0-h-small.ltm": 32_207_337_984,  # transformers 5.24 on tests/hf/configs/granite-4.0-h-small.json
     "falcon-h1-34b.ltm": 33_642_221_312,  # transformers 5.24 on tests/hf/configs/Falcon-H1-34B-Instruct.json
+    "zamba2-2.7b.ltm": 2_662_214_560,  # transformers 5.24 on tests/hf/configs/Zamba2-2.7B.json (meta; tests/hf/test_hf_zamba2.py)
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",

@@ -187,10 +187,11 @@ def apply_context_parallel(model, cp_mesh, split: str = "balanced") -> None:
 
 
 def _cp_call(module, fwd, shard: ContextShard):
-    def forward(x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
+    def forward(x: torch.Tensor, state=None, pos0: int = 0, **use) -> torch.Tensor:
         if state is not None or pos0:
             raise ValueError("a context-parallel model runs whole training sequences: no cache, pos0 = 0")
-        return shard.unfold(fwd(module, shard.fold(x), shard))  # [B, T/cp, d]; the kind sees [p*B, c, d]
+        # use: a sub-layer's own parameters (RuntimeKind.new_use); the kind sees [p*B, c, d]
+        return shard.unfold(fwd(module, shard.fold(x), shard, **use))  # [B, T/cp, d]
 
     return forward
 

@@ -71,15 +71,20 @@ class Stage(nn.Module):
         self.first, self.last = first, last
         self.embed = model.embed if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
+        self.uses = nn.ModuleDict({str(i): model.uses[str(i)] for i in layers if str(i) in model.uses})
         self.final_norm = model.final_norm if last else None
         self.lm_head = model.lm_head if last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ids [b, T] (first stage) or h [b, T, d] -> h [b, T, d]; on the last stage the normalised h."""
         h = self.embed(x) if self.first else x  # [b, T, d]
-        pending = None
-        for block in self.layers.values():
-            h, pending = block.advance(h, pending, None, 0, False, self.ir.residual_scale)  # [b, T, d] each
+        pending = inject = None
+        for i, block in self.layers.items():
+            if block.wide or inject is not None:  # an injected branch or per-use parameters (no embeddings)
+                use = self.uses[i] if i in self.uses else None
+                h, pending, inject = block.flow(h, pending, inject, None, 0, False, self.ir.residual_scale, None, use)
+            else:
+                h, pending = block.advance(h, pending, None, 0, False, self.ir.residual_scale)  # [b, T, d] each
         if self.last:
             normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
             return normed  # [b, T, d]: the head is applied by ScheduleLoss, chunked (never [b, T, V])
@@ -92,11 +97,19 @@ def check_pipeline(ir, pp: int, interleave: int = 1) -> list[range]:
     if ir.tie_embeddings and pp > 1:
         raise PipelineUnsupported("pp > 1 with tied embeddings (the head is the first stage's embedding) is not "
                                   "supported yet")
+    wide = next((x for x in ir.layers if x.residual.width != 1), None)
+    if wide is not None and pp > 1:
+        raise PipelineUnsupported(f"pp > 1 with layer {wide.index} '{wide.definition}', which reads the embeddings "
+                                  "(input = concat_embed): pipeline stages do not send them on yet")
     stages = pp * interleave
     if stages > len(ir.layers):
         raise PipelineUnsupported(f"pp = {pp} x interleave = {interleave} stages exceed the {len(ir.layers)} "
                                   "sub-layers of the model")
     ranges = stage_ranges(len(ir.layers), stages)
+    cut = next((ir.layers[r[-1]] for r in ranges[:-1] if ir.layers[r[-1]].residual.into != "residual"), None)
+    if cut is not None:
+        raise PipelineUnsupported(f"layer {cut.index} '{cut.definition}' sends its output into the next sub-layer's "
+                                  "input (into = next_input) across a pipeline stage boundary, which is not sent on")
     rank_of = {i: s % pp for s, r in enumerate(ranges) for i in r}
     groups: dict = {}
     for layer in ir.layers:
@@ -120,6 +133,7 @@ class RankStages(nn.Module):
         self.first, self.last = stages[0].first, stages[-1].last
         self.embed = stages[0].embed
         self.layers = nn.ModuleDict({k: v for st in stages for k, v in st.layers.items()})
+        self.uses = nn.ModuleDict({k: v for st in stages for k, v in st.uses.items()})
         self.final_norm = stages[-1].final_norm
         self.lm_head = stages[-1].lm_head
         self.loss = stages[-1].loss

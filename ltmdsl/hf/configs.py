@@ -26,7 +26,7 @@ import stat
 from ltmdsl.hf import HFError
 from ltmdsl.hf.families import (bamba, deepseek_v2, deepseek_v3, falcon_h1, gemma3, gpt_oss, granitemoehybrid, jamba,
                                 kimi_linear, lfm2, llama, llama4, mamba, mamba2, minimax, nemotron_h, qwen3_5,
-                                qwen3_moe, qwen3_next, recurrent_gemma, xlstm)
+                                qwen3_moe, qwen3_next, recurrent_gemma, xlstm, zamba2)
 from ltmdsl.hf.reader import MAX_CONFIG_BYTES, MAX_JSON_DEPTH, Reader, bf16  # noqa: F401  (bf16: re-exported)
 from ltmdsl.hf.spec import Plan, safe_text, sanitize_name, show_value
 
@@ -34,13 +34,10 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "mamba", 
                       "bamba", "qwen3_next", "lfm2", "recurrent_gemma", "xlstm",
                       "deepseek_v2", "deepseek_v3", *qwen3_5.MODEL_TYPES, "kimi_linear",
                       "qwen3_moe", "gpt_oss", "gemma3_text", "gemma3", "llama4_text", "granitemoehybrid", minimax.MODEL_TYPE,
-                      "falcon_h1", "llama4")
+                      "falcon_h1", "llama4", zamba2.MODEL_TYPE)
 
 #: Families we know of but cannot express exactly, and why (shown in the error).
-UNSUPPORTED_REASONS = {
-    "zamba2": "its shared transformer blocks take the concatenation of the hidden state and the embeddings "
-              "and carry per-use LoRA adapters",
-}
+UNSUPPORTED_REASONS: dict[str, str] = {}
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
            "fp32": "fp32", "half": "fp16", "float": "fp32"}
@@ -66,7 +63,7 @@ _READERS = {**dict.fromkeys(llama.MODEL_TYPES, llama.read), "mamba": mamba.read,
             "qwen3_moe": qwen3_moe.read, "gpt_oss": gpt_oss.read, "gemma3_text": gemma3.read,
             "gemma3": gemma3.read_multimodal, "llama4_text": llama4.read, "granitemoehybrid": granitemoehybrid.read,
             minimax.MODEL_TYPE: minimax.read, "falcon_h1": falcon_h1.read,
-            "llama4": llama4.read_multimodal}
+            "llama4": llama4.read_multimodal, zamba2.MODEL_TYPE: zamba2.read}
 
 
 # ---------------------------------------------------------------------------------------------------------

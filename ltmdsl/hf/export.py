@@ -27,7 +27,7 @@ from ltmdsl.tensorfile import TensorFileError, check_fits
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config
 from ltmdsl.hf.families import (deepseek_v2, deepseek_v3, falcon_h1, gemma3, gpt_oss, granitemoehybrid, kimi_linear,
-                                llama4, minimax, qwen3_5, qwen3_moe)
+                                llama4, minimax, qwen3_5, qwen3_moe, zamba2)
 from ltmdsl.hf.spec import Plan
 from ltmdsl.hf.weights import buffers_of, expert_counts, layer_configs, to_hf
 from ltmdsl.ir import ModelIR
@@ -43,7 +43,7 @@ _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral"
          **dict(qwen3_5.ARCHITECTURES.values()), "kimi_linear": kimi_linear.ARCH, "qwen3_moe": qwen3_moe.ARCH,
          "gpt_oss": gpt_oss.ARCH, "gemma3_text": gemma3.ARCH, "llama4_text": llama4.ARCH,
          "granitemoehybrid": granitemoehybrid.ARCH, minimax.MODEL_TYPE: minimax.ARCH,
-         "falcon_h1": falcon_h1.ARCH}
+         "falcon_h1": falcon_h1.ARCH, zamba2.MODEL_TYPE: zamba2.ARCH}
 
 
 def _one(values, what: str):
@@ -151,6 +151,7 @@ LAYOUTS = {
     "granitemoehybrid": Layout(**granitemoehybrid.LAYOUT),
     minimax.MODEL_TYPE: Layout(**minimax.LAYOUT),
     "falcon_h1": Layout(**falcon_h1.LAYOUT),
+    zamba2.MODEL_TYPE: Layout(**zamba2.LAYOUT),
 }
 
 
@@ -236,13 +237,16 @@ def _family_config(ir: ModelIR, family: str | None = None) -> dict:
                           f"(num_nextn_predict_layers); {cfg['model_type']} has none: drop the model's mtp setting "
                           "to export the main model")
         return {**cfg, "num_nextn_predict_layers": ir.mtp.depth}  # the block: checked by hf_plan's round trip
-    if any(layer.tie_group is not None for layer in layers):
-        raise HFError("shared (weight-tied) blocks have no Hugging Face counterpart among the supported families")
     norm = _one([layer.norm for layer in layers] + [ir.final_norm], "norm")
     if norm.kind != "rmsnorm":
         raise HFError(f"{norm.kind} has no Hugging Face counterpart among the supported families (all use rmsnorm)")
     base = {"vocab_size": ir.vocab, "hidden_size": ir.d_model, "tie_word_embeddings": ir.tie_embeddings,
             "torch_dtype": _TORCH_DTYPE.get(ir.dtype.name, "bfloat16")}
+    if zamba2.fits(ir):  # the one family with shared (weight-tied) blocks
+        return zamba2.config(ir, base, norm.eps)
+    if any(layer.tie_group is not None for layer in layers):
+        raise HFError("shared (weight-tied) blocks have no Hugging Face counterpart among the supported families "
+                      "but Zamba2 (Mamba-2 layers and shared transformer_blocks)")
     if gemma3.fits(ir):
         return gemma3.config(ir, base, norm.eps)
     if any(layer.kind == "lightning" or layer.residual.skip == "normed" for layer in layers):

@@ -120,6 +120,8 @@ def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) 
     skipped = tuple(plan.hf.get("unloaded", ()))  # modules transformers does not load either (DeepSeek-V3's and
     # Nemotron-H's MTP layers, a vision tower)
     allowed |= {n for n in available if skipped and n.startswith(skipped)}
+    copies = tuple(plan.hf.get("tied_copies", ()))  # copies of tied weights (Zamba2's later shared-block uses),
+    allowed |= {n for n in available if copies and n.startswith(copies)}  # which transformers ties to the first
     allowed |= set(buffers_of(plan, ir))  # computed tensors transformers saves too: checked by load_weights
     allowed |= set(mtp_copies(plan, available))  # the MTP layers' copies of the embedding and head: check_copies
     unexpected = sorted(available - used - allowed)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import Site, Source
 from ltmdsl.hf.families import deepseek_v3
+from ltmdsl.hf.families import zamba2
 from ltmdsl.hf.spec import Plan, SubLayerMap
 from ltmdsl.kinds.hf import hf_facet
 
@@ -67,11 +68,16 @@ NAMINGS = {
     "minimax": _TRANSFORMER,
     "falcon_h1": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
                         mixer_norm="input_layernorm", ffn_norm="pre_ff_layernorm"),
+    "zamba2": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
+                     mixer_norm="input_layernorm", ffn_norm=""),
 }
 #: Families whose checkpoints hold multi-token-prediction modules ltmdsl maps (`mtp`): runtime name inside
 #: `mtp.{k}.` -> the name inside HF decoder layer num_hidden_layers + k, and the copies of model-level tensors
 #: that layer holds (HF name -> runtime name).
 MTP_NAMINGS = {"deepseek_v3": (deepseek_v3.MTP_NAMES, deepseek_v3.MTP_COPIES)}
+#: Families whose hybrid layers hold more than one sub-layer of a role name their tensors in their own module:
+#: `source(plan, name, sub, prefix) -> Source | None` (None: the generic rule).
+FAMILY_SOURCES = {"zamba2": zamba2.source}
 #: Multimodal families whose config import-hf reads (its text decoder) but whose checkpoints from_hf does not
 #: (their tensors hold the vision tower and projector too, under the multimodal model's names).
 TEXT_ONLY = ("gemma3", "llama4")
@@ -79,6 +85,7 @@ TEXT_ONLY = ("gemma3", "llama4")
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(norm|post_norm|mixer)\.(.+)$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
+_USE = re.compile(r"^uses\.(\d+)\.()(.+)$")  # a sub-layer's per-use parameters (RuntimeKind.new_use)
 
 
 def _prefix(naming: Naming, available: set[str] | None) -> str:
@@ -124,12 +131,19 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
         if m:
             key = ("mtp", int(m.group(1)))
     else:
-        m = _LAYER.match(name)
+        m = _LAYER.match(name) or _USE.match(name)
         subs = plan.sublayers
     if not m or int(m.group(1)) >= len(subs):
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
     sub: SubLayerMap = subs[int(m.group(1))]
     key = sub.index if key is None else key
+    own_source = FAMILY_SOURCES.get(plan.family) if not mtp else None
+    src = own_source(plan, name, sub, prefix) if own_source is not None else None
+    if src is not None:
+        return src
+    if m.re is _USE:
+        raise HFError(f"runtime parameter '{name}' (a per-use parameter) has no Hugging Face counterpart for "
+                      f"{plan.family}")
     part, rest = m.group(2), m.group(3)
     base = f"{prefix}{naming.layers}.{sub.hf_layer}."
     if part == "norm":

@@ -11,7 +11,7 @@ here; docs/ADDING_A_KIND.md walks through it. Nothing here imports torch.
 from __future__ import annotations
 
 from ltmdsl.kinds import (attention, gated_deltanet, kda, lightning, mamba, mamba2, mla, mlp, mlstm, moe, parallel,
-                          rg_lru, short_conv)
+                          rg_lru, short_conv, transformer_block)
 from ltmdsl.kinds.base import (
     NORM_PARAM, POST_NORM_PARAM, RESIDUAL_PARAMS, CheckError, Kind, KindError, ModelContext, Param,
 )
@@ -19,7 +19,8 @@ from ltmdsl.kinds.base import (
 #: Every kind a `layer NAME = KIND(...)` definition may use, in documentation order.
 REGISTRY: dict[str, Kind] = {
     k.name: k for k in (attention.KIND, mla.KIND, mamba.KIND, mamba2.KIND, gated_deltanet.KIND, kda.KIND,
-                        short_conv.KIND, lightning.KIND, rg_lru.KIND, mlstm.KIND, parallel.KIND, mlp.KIND, moe.KIND)
+                        short_conv.KIND, lightning.KIND, rg_lru.KIND, mlstm.KIND, parallel.KIND, transformer_block.KIND,
+                        mlp.KIND, moe.KIND)
 }
 
 

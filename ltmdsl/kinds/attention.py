@@ -37,7 +37,7 @@ import sympy
 
 from ltmdsl.ir import LayerConfig, RopeScaling
 from ltmdsl.kinds.base import (
-    CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, divide, none_inactive,
+    CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, divide, none_inactive, none_per_use,
 )
 from ltmdsl.memory.symbols import B, C, T, cdiv, per_replica
 
@@ -411,4 +411,5 @@ KIND = Kind(
     stored=stored,
     flops=flops,
     dims=dims,
+    per_use=none_per_use,
 )

@@ -20,6 +20,11 @@ Facet signatures (c is the kind's config, d the model width d_model):
     stored(c, MicroBatch, selective) -> expr  training activations kept for backward, per micro-batch
     flops(c) -> dict[str, Flops]              per-token and prefill FLOPs by component, beyond projections
     dims(c) -> str                            the key dimensions `show` prints
+    per_use(c, d) -> int                      of `count`, the parameters each use of a shared block owns
+                                              (per-use adapters); none_per_use for the others
+
+A sub-layer in a `shared block` shares `count - per_use` parameters with the other uses of its slot and owns
+`per_use` of its own (ltmdsl.ir.SubLayer.use_params).
 """
 
 from __future__ import annotations
@@ -68,15 +73,26 @@ RESIDUAL_PARAMS = (
           doc="what the residual carries: the sub-layer's input, or its pre-norm's output (MiniMax-01)"),
     Param("skip_scale", "float", 1.0, min=0, doc="factor on the residual (MiniMax-01's alpha factors)"),
     Param("branch_scale", "float", 1.0, min=0, doc="factor on the branch output (MiniMax-01's beta factors)"),
+    Param("input", "enum", "stream", choices=("stream", "concat_embed"),
+          doc="what the pre-norm and the mixer read: the stream x, or cat[x, embeddings] (Zamba's shared block)"),
+    Param("into", "enum", "residual", choices=("residual", "next_input"),
+          doc="where the branch goes: the residual stream, or only the next sub-layer's input (Zamba)"),
 )
 
 
 @dataclass(frozen=True)
 class ModelContext:
-    """What a layer's defaults may depend on: the model width and its default norm."""
+    """What a layer's defaults may depend on: the model width, its default norm and the width the mixer reads
+    (`d_in`: 2 * d_model under `input = concat_embed`, else d_model; only kinds whose config has a `d_in` field
+    take a wider input)."""
 
     d_model: int
     norm: NormConfig
+    d_in: int | None = None
+
+    @property
+    def width_in(self) -> int:
+        return self.d_model if self.d_in is None else self.d_in
 
 
 class CheckError(Exception):
@@ -137,7 +153,14 @@ class Split:
     replicated: int = 0
 
 
-FACETS = ("build", "count", "inactive", "split", "context_check", "cache", "workspace", "stored", "flops", "dims")
+FACETS = ("build", "count", "inactive", "split", "context_check", "cache", "workspace", "stored", "flops", "dims",
+          "per_use")
+
+
+def none_per_use(c: Any, d_model: int) -> int:
+    """The per_use facet of a kind whose parameters all tie together in a shared block (every kind but one
+    with per-use adapters)."""
+    return 0
 
 
 @dataclass(frozen=True)
@@ -163,6 +186,7 @@ class Kind:
     stored: Callable[[Any, Any, bool], sympy.Expr]
     flops: Callable[[Any], dict[str, Flops]]
     dims: Callable[[Any], str]
+    per_use: Callable[[Any, int], int]
     param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

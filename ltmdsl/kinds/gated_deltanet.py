@@ -39,6 +39,7 @@ import sympy
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive,
+    none_per_use,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
@@ -203,4 +204,5 @@ KIND = Kind(
     stored=stored,
     flops=flops,
     dims=dims,
+    per_use=none_per_use,
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, HFNotMappedYet, NoHFCounterpart
 from ltmdsl.kinds import (attention_hf, gated_deltanet_hf, kda_hf, lightning_hf, mamba2_hf, mamba_hf, mla_hf, mlp_hf,
-                          mlstm_hf, moe_hf, parallel_hf, rg_lru_hf, short_conv_hf)
+                          mlstm_hf, moe_hf, parallel_hf, rg_lru_hf, short_conv_hf, transformer_block_hf)
 
 #: kind name -> its HF facet, or the explicit statement that it has no Hugging Face counterpart.
 HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
@@ -27,6 +27,7 @@ HF_REGISTRY: dict[str, HFFacet | NoHFCounterpart | HFNotMappedYet] = {
         rg_lru_hf.HF,
         mlstm_hf.HF,
         parallel_hf.HF,  # Falcon-H1's attention beside Mamba-2 (Hymba is not in transformers)
+        transformer_block_hf.HF,  # Zamba2's shared transformer blocks
     )
 }
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ltmdsl.ir import LayerConfig
-from ltmdsl.kinds.base import Flops, Kind, ModelContext, Param, Split, no_context_limit, none_inactive
+from ltmdsl.kinds.base import Flops, Kind, ModelContext, Param, Split, no_context_limit, none_inactive, none_per_use
 from ltmdsl.kinds.gated_deltanet import check_chunk, delta_cache, delta_flops, delta_stored, delta_workspace
 
 
@@ -117,4 +117,5 @@ KIND = Kind(
     stored=stored,
     flops=flops,
     dims=dims,
+    per_use=none_per_use,
 )

@@ -41,7 +41,7 @@ import sympy
 
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
-    CacheTerm, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive,
+    CacheTerm, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive, none_per_use,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
 from ltmdsl.units import DTYPES
@@ -157,4 +157,5 @@ KIND = Kind(
     stored=stored,
     flops=flops,
     dims=dims,
+    per_use=none_per_use,
 )

@@ -26,7 +26,7 @@ import sympy
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, divide, no_context_limit,
-    none_inactive,
+    none_inactive, none_per_use,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
@@ -53,6 +53,7 @@ class Mamba2Config(LayerConfig):
     proj_bias: bool
     kind: str = field(default="mamba2", init=False)
     gated_norm: bool = True  # RMSNorm(y * silu(z)); False: y * silu(z) alone (Falcon-H1's mamba_rms_norm false)
+    dt_min: float = 0.0  # the parallel (chunked) form clamps dt below at this (mamba_ssm's dt_limit; Zamba2: 1e-3)
 
     @property
     def conv_dim(self) -> int:
@@ -72,7 +73,7 @@ def build(v: dict[str, Any], ctx: ModelContext) -> Mamba2Config:
     return Mamba2Config(
         d_state=v["d_state"], head_dim=v["head_dim"], heads=heads, n_groups=v["n_groups"], expand=v["expand"],
         d_inner=d_inner, d_conv=v["d_conv"], chunk=v["chunk"], conv_bias=v["conv_bias"], proj_bias=v["proj_bias"],
-        gated_norm=v["gated_norm"],
+        gated_norm=v["gated_norm"], dt_min=float(v["dt_min"]),
     )
 
 
@@ -148,6 +149,7 @@ KIND = Kind(
         Param("conv_bias", "bool", True),
         Param("proj_bias", "bool", False),
         Param("gated_norm", "bool", True, doc="RMSNorm(y * silu(z)) before out_proj; false: y * silu(z) alone"),
+        Param("dt_min", "float", 0.0, min=0, doc="lower clamp of dt in the chunked (prefill) form, not in the step"),
     ),
     is_ffn=False,
     build=build,
@@ -160,4 +162,5 @@ KIND = Kind(
     stored=stored,
     flops=flops,
     dims=dims,
+    per_use=none_per_use,
 )

@@ -119,20 +119,28 @@ def write(m, fam: str, d: int) -> dict:
         return dict(mamba_n_heads=m.heads, mamba_d_head=m.head_dim, mamba_n_groups=m.n_groups,
                     mamba_d_state=m.d_state, mamba_expand=m.expand, mamba_d_conv=m.d_conv,
                     mamba_chunk_size=m.chunk, mamba_conv_bias=m.conv_bias, mamba_proj_bias=m.proj_bias)
+    if fam == "zamba2":
+        if m.d_inner != m.expand * d or m.proj_bias or not m.conv_bias:
+            raise HFError("Zamba2's Mamba-2 has the inner width mamba_expand * hidden_size, no projection biases "
+                          "(add_bias_linear false here) and conv biases")
+        return dict(n_mamba_heads=m.heads, mamba_ngroups=m.n_groups, mamba_d_state=m.d_state, mamba_expand=m.expand,
+                    mamba_d_conv=m.d_conv, chunk_size=m.chunk, use_conv_bias=m.conv_bias, time_step_min=m.dt_min)
     raise HFError(f"{fam} has no Mamba-2 layers")
 
 
 def misfit(m, fam: str) -> str | None:
     if not m.gated_norm:
         return "its Mamba-2 has no gated RMSNorm (gated_norm = false), which only Falcon-H1 has"
-    return None if fam in ("mamba2", "nemotron_h", "bamba", "granitemoehybrid") else f"{fam} has no Mamba-2 layers"
+    return None if fam in ("mamba2", "nemotron_h", "bamba", "granitemoehybrid", "zamba2") \
+        else f"{fam} has no Mamba-2 layers"
 
 
 def traits(m) -> frozenset[str]:
     return frozenset()
 
 
-HF = HFFacet(name="mamba2", label="Mamba-2", families=("mamba2", "nemotron_h", "bamba", "granitemoehybrid"),
+HF = HFFacet(name="mamba2", label="Mamba-2",
+             families=("mamba2", "nemotron_h", "bamba", "granitemoehybrid", "zamba2"),
              modules={"mamba2": ("mixer",), "nemotron_h": ("mixer",), "bamba": ("mamba",),
-                      "granitemoehybrid": ("mamba",)},
+                      "granitemoehybrid": ("mamba",), "zamba2": ("mamba",)},
              read=read, call=call, write=write, misfit=misfit, traits=traits)

@@ -49,7 +49,9 @@ import sympy
 
 from ltmdsl.ir import LayerConfig, RopeScaling
 from ltmdsl.kinds.attention import check_longrope, mask_rows, yarn_mscale
-from ltmdsl.kinds.base import CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_inactive
+from ltmdsl.kinds.base import (
+    CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_inactive, none_per_use,
+)
 from ltmdsl.kinds.base import no_context_limit
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
@@ -227,4 +229,5 @@ KIND = Kind(
     stored=stored,
     flops=flops,
     dims=dims,
+    per_use=none_per_use,
 )

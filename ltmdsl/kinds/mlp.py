@@ -21,7 +21,7 @@ import sympy
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     ACTIVATIONS, GATED, Flops, Kind, ModelContext, Param, Split, inference_ffn_width, no_cache, no_context_limit,
-    none_inactive, saved_ffn_width,
+    none_inactive, saved_ffn_width, none_per_use,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
@@ -97,4 +97,5 @@ KIND = Kind(
     stored=stored,
     flops=flops,
     dims=dims,
+    per_use=none_per_use,
 )

@@ -26,7 +26,7 @@ from typing import Any
 import sympy
 
 from ltmdsl.ir import LayerConfig
-from ltmdsl.kinds.base import CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split
+from ltmdsl.kinds.base import CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_per_use
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
 R = sympy.Rational
@@ -142,4 +142,5 @@ KIND = Kind(
     stored=stored,
     flops=flops,
     dims=dims,
+    per_use=none_per_use,
 )

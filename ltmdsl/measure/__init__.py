@@ -52,6 +52,11 @@ def _supported(ir, s) -> None:
                                "the budget without it")
     if p.zero >= 3:
         raise NotTraceable("ZeRO-3 gathers weights layer by layer, which the traced step does not simulate")
+    wide = next((x for x in ir.layers if x.residual.width != 1 or x.residual.into != "residual"), None)
+    if wide is not None and s.mode == "training" and s.recompute == "full":
+        raise NotTraceable(f"layer {wide.index} '{wide.definition}' reads the embeddings or sends its output into the "
+                           "next input, which full recompute's checkpoint units do not carry yet; measure it with "
+                           "recompute = none or selective")
     from ltmdsl.runtime.build import TORCH_DTYPES
 
     for what, key, dt in (("KV cache", "kv_dtype", s.kv_dtype), ("recurrent state", "state_dtype", s.state_dtype)):

@@ -70,6 +70,7 @@ TRACE_PATHS = {
     "rg_lru": None,
     "mlstm": None,
     "parallel": None,  # runs its branches as they are: each must be fake-safe as it is (`check`)
+    "transformer_block": None,  # an attention and an MLP, both fake-safe as they are
 }
 
 #: What the report says about each substitution.
@@ -88,6 +89,14 @@ def check(ir: ModelIR) -> list[str]:
             f"layer kind {missing[0]!r} has no fake-tensor path, so model {ir.name!r} cannot be traced "
             f"(traceable kinds: {', '.join(TRACE_PATHS)})"
         )
+    uses: dict = {}
+    for layer in ir.layers:  # a tied module runs once per use: MemTracker follows a module once per step
+        if layer.tie_group is not None:
+            uses[(layer.tie_group, layer.tie_slot or 0)] = uses.get((layer.tie_group, layer.tie_slot or 0), 0) + 1
+    repeated = next((key for key, n in uses.items() if n > 1), None)
+    if repeated is not None:
+        raise NotTraceable(f"shared block '{repeated[0]}' runs its weights {uses[repeated]} times in one step, and "
+                           "PyTorch's MemTracker cannot follow a module called more than once per step")
     for layer in ir.layers:  # a parallel layer's branches run unsubstituted
         for name, branch, _, _ in getattr(layer.mixer, "branches", ()):
             if TRACE_PATHS.get(branch.kind, False) is not None:

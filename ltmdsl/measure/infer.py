@@ -34,15 +34,21 @@ def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tens
     h = net.embed(x) if stage.first else x  # [b, t, d]
     if stage.first and net.ir.embed_scale != 1.0:
         h = h * net.ir.embed_scale
-    pending = None
+    embeds = h if getattr(net, "embeds_needed", False) else None  # [b, t, d], for input = concat_embed
+    pending = inject = None
     for i in stage.layers:
         block = net.layers[i]
-        normed, h = block.enter(h, pending)  # [b, t, d] each
-        pending = None  # added into h, released before the mixer runs (as LTModel.forward)
+        normed, h = block.enter(h, pending, inject, embeds)  # [b, t, d or 2d], [b, t, d]
+        pending = inject = None  # added into h, released before the mixer runs (as LTModel.forward)
         state = cache.layers[i - stage.layers.start]
-        pending = block.mix(normed, state, pos0, decode)  # [b, t, d]
+        out = block.mix(normed, state, pos0, decode, net.uses[str(i)] if str(i) in net.uses else None)  # [b, t, d]
         normed = None  # released before the branch and the next norm run (as LTModel.forward)
-        pending = block.branch(pending, net.ir.residual_scale)  # [b, t, d]
+        out = block.branch(out, net.ir.residual_scale)  # [b, t, d]
+        if net.ir.layers[i].residual.into == "next_input":
+            inject = out
+        else:
+            pending = out
+        out = None
     if not stage.last:
         return h + pending
     normed, _ = net.final_norm(pending, h)

@@ -40,6 +40,8 @@ class Stage:
         if self.first or (self.last and self.net.lm_head is None):
             out.append(self.net.embed)
         out += self.blocks
+        uses = getattr(self.net, "uses", {})  # per-use parameters of the held sub-layers (adapters)
+        out += [uses[str(i)] for i in self.layers if str(i) in uses]
         if self.last:
             out.append(self.net.final_norm)
             if self.net.lm_head is not None:

@@ -55,7 +55,8 @@ def stack_forward(stage: Stage, x: torch.Tensor, recompute: str) -> tuple[torch.
     and the last mixer's output not yet added (LTModel.forward's fused residual, unit by unit under full)."""
     net = stage.net
     h = net.embed(x) if stage.first else x  # [b, s, d]
-    pending = None
+    embeds = h if getattr(net, "embeds_needed", False) else None  # [b, s, d], for input = concat_embed
+    pending = inject = None
     for unit in stage.units:
         if recompute == "full":
             if pending is not None:
@@ -63,7 +64,12 @@ def stack_forward(stage: Stage, x: torch.Tensor, recompute: str) -> tuple[torch.
             h = checkpoint(_run_unit, stage, unit, h, use_reentrant=False)  # [b, s, d]
             continue
         for i in unit:
-            h, pending = net.layers[i].advance(h, pending, None, 0, False, net.ir.residual_scale)  # [b, s, d] each
+            block = net.layers[i]
+            if block.wide or inject is not None:  # embeddings, an injected branch or per-use parameters
+                use = net.uses[str(i)] if str(i) in net.uses else None
+                h, pending, inject = block.flow(h, pending, inject, None, 0, False, net.ir.residual_scale, embeds, use)
+            else:
+                h, pending = block.advance(h, pending, None, 0, False, net.ir.residual_scale)  # [b, s, d] each
     return h, pending
 
 

@@ -82,7 +82,8 @@ def _groups(model: ModelIR, layers: range) -> tuple[dict, dict, int]:
         if not (layer.is_ffn and prev_is_mixer and i - 1 in layers):
             checkpoints += 1
         owner = (layer.tie_group, layer.tie_slot or 0) if layer.tie_group is not None else i
-        if owner in seen:
+        if owner in seen:  # tied to an earlier use: only its per-use parameters (adapters) are its own
+            params.setdefault(layer.kind, [0, 0])[0] += layer.use_params
             continue
         seen.add(owner)
         acc = params.setdefault(layer.kind, [0, 0, 0])

@@ -26,6 +26,10 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
                  ContextShard). None: cp > 1 is refused naming the kind.
     ep_forward   (module, x, ep) -> out: the forward with the experts split over the ep ranks (ltmdsl.
                  distributed.expert_parallel); None for kinds without experts.
+    new_use      (config, d_model) -> nn.Module: the parameters one use of the layer owns even when a shared
+                 block ties the rest (per-use LoRA adapters, `Kind.per_use`); the model keeps one per
+                 sub-layer (`uses.{i}.*`) and passes it as `use=` to the module's forward and step. None: the
+                 kind has no per-use parameters (every kind but transformer_block).
 
 `LTModel`, `runtime.cache.allocate` and `runtime.kernels` only look entries up here; a kind with no entry
 is refused at build with its name. Importing this package imports torch.
@@ -91,6 +95,7 @@ class RuntimeKind:
     tp_plan: Callable[..., Mapping[str, Any]] | None = None
     cp_forward: Callable[..., Any] | None = None
     ep_forward: Callable[..., Any] | None = None
+    new_use: Callable[..., nn.Module] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.oracles) - set(self.ops))
@@ -102,11 +107,11 @@ class RuntimeKind:
 
 def _registry() -> dict[str, RuntimeKind]:
     from ltmdsl.runtime.kinds import (attention, gated_deltanet, kda, lightning, mamba, mamba2, mla, mlp, mlstm, moe,
-                                      parallel, rg_lru, short_conv)
+                                      parallel, rg_lru, short_conv, transformer_block)
 
     return {k.name: k for k in (attention.KIND, mla.KIND, mamba.KIND, mamba2.KIND, gated_deltanet.KIND, kda.KIND,
-                                short_conv.KIND, lightning.KIND, rg_lru.KIND, mlstm.KIND, parallel.KIND, mlp.KIND,
-                                moe.KIND)}
+                                short_conv.KIND, lightning.KIND, rg_lru.KIND, mlstm.KIND, parallel.KIND,
+                                transformer_block.KIND, mlp.KIND, moe.KIND)}
 
 
 RUNTIME_REGISTRY: Mapping[str, RuntimeKind] = MappingProxyType(_registry())

@@ -99,8 +99,10 @@ def state_names(cfg: AttentionConfig) -> tuple[str, ...]:
 class Attention(nn.Module):
     """forward(x [B,T,d], state: KVCache | None, pos0) -> [B,T,d]; step(x [B,d], state, pos0) -> [B,d]."""
 
-    def __init__(self, cfg: AttentionConfig, d: int, eps: float, kernels: "Kernels"):
+    def __init__(self, cfg: AttentionConfig, d: int, eps: float, kernels: "Kernels", d_in: int | None = None):
+        """`d_in`: the width q, k and v read (default d; 2d in Zamba's shared block, transformer_block)."""
         super().__init__()
+        d_in = d if d_in is None else d_in
         self.cfg, self.kernels = cfg, kernels
         H, Hkv, D, Dv = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
         R = cfg.rotary_dim
@@ -109,9 +111,9 @@ class Attention(nn.Module):
         self.scale = cfg.score_scale  # `scale`, query_pre_attn_scalar^-1/2 or D^-1/2
         if cfg.gate and Dv != D:
             raise ValueError(f"gate needs v_head_dim = head_dim, got {Dv} and {D}")
-        self.q_proj = nn.Linear(d, H * D * (2 if cfg.gate else 1), bias=cfg.qkv_bias)  # [q_h ; gate_h] per head
-        self.k_proj = nn.Linear(d, Hkv * D, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, Hkv * Dv, bias=cfg.qkv_bias)
+        self.q_proj = nn.Linear(d_in, H * D * (2 if cfg.gate else 1), bias=cfg.qkv_bias)  # [q_h ; gate_h] per head
+        self.k_proj = nn.Linear(d_in, Hkv * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d_in, Hkv * Dv, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * Dv, d, bias=cfg.out_bias)
         self.q_norm = RMSNorm(D, eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, eps) if cfg.qk_norm else None
@@ -127,19 +129,23 @@ class Attention(nn.Module):
         if self.sinks is not None:
             init.normal_(self.sinks, gen)
 
-    def _qkv(self, x: torch.Tensor, pos0: int):
+    def _qkv(self, x: torch.Tensor, pos0: int, delta=None):
         """x [B,T,d] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] with qk-norm, RoPE and the query temperature
-        applied, and the output gate [B,T,H*D] (None without `gate`)."""
+        applied, and the output gate [B,T,H*D] (None without `gate`). `delta(x)`, when given, returns what to add
+        to the three projections' outputs (a use's LoRA adapters, transformer_block), each [B,T,rows] or None."""
         cfg = self.cfg
         B, T, _ = x.shape
         gate = None
+        qp, kp, vp = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, rows] each
+        if delta is not None:
+            qp, kp, vp = (p if dp is None else p + dp for p, dp in zip((qp, kp, vp), delta(x)))
         if cfg.gate:
-            q, gate = self.q_proj(x).view(B, T, -1, 2 * cfg.head_dim).chunk(2, dim=-1)  # [B, T, H, D] each
+            q, gate = qp.view(B, T, -1, 2 * cfg.head_dim).chunk(2, dim=-1)  # [B, T, H, D] each
             gate = gate.reshape(B, T, -1)  # [B, T, H*D] (H/t heads per tp rank)
         else:
-            q = self.q_proj(x).view(B, T, -1, cfg.head_dim)  # [B, T, H, D] (H/t on a tp rank)
-        k = self.k_proj(x).view(B, T, -1, cfg.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).view(B, T, -1, cfg.v_head_dim)  # [B, T, Hkv, Dv]
+            q = qp.view(B, T, -1, cfg.head_dim)  # [B, T, H, D] (H/t on a tp rank)
+        k = kp.view(B, T, -1, cfg.head_dim)  # [B, T, Hkv, D]
+        v = vp.view(B, T, -1, cfg.v_head_dim)  # [B, T, Hkv, Dv]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.qk_l2_norm:  # rotations keep the mean square, so before or after RoPE is the same
@@ -165,10 +171,10 @@ class Attention(nn.Module):
         """o [..., H*Dv] -> o_proj(o * sigmoid(gate)) [..., d] (no gate: o_proj(o))."""
         return self.o_proj(o if gate is None else o * torch.sigmoid(gate))
 
-    def forward(self, x: torch.Tensor, state: KVCache | None = None, pos0: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: KVCache | None = None, pos0: int = 0, delta=None) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v, gate = self._qkv(x, pos0)
+        q, k, v, gate = self._qkv(x, pos0, delta)
         if state is not None:
             k, v = self._write_and_read(state, k, v, pos0)  # [B, Tk, Hkv, D] with Tk >= T
         if cfg.plain_softmax and cfg.chunk is None:
@@ -201,11 +207,11 @@ class Attention(nn.Module):
         vc[:, new_slots] = v[:, T - m :].to(vc.dtype)
         return k_all, v_all
 
-    def step(self, x: torch.Tensor, state: KVCache, pos0: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: KVCache, pos0: int, delta=None) -> torch.Tensor:
         """One token per sequence at position pos0: x [B,d] -> [B,d]; writes its key/value into the cache."""
         cfg = self.cfg
         B = x.shape[0]
-        q, k, v, gate = self._qkv(x[:, None], pos0)  # [B, 1, H|Hkv, D]
+        q, k, v, gate = self._qkv(x[:, None], pos0, delta)  # [B, 1, H|Hkv, D]
         S = state.slots
         if state.window is None and pos0 >= S:
             raise ValueError(f"cache holds {S} tokens; this step is at position {pos0}")
@@ -245,18 +251,19 @@ def tp_plan(cfg: AttentionConfig, tp: int) -> dict:
             "o_proj": RowwiseParallel()}
 
 
-def cp_forward(module: Attention, x: torch.Tensor, cp) -> torch.Tensor:
+def cp_forward(module: Attention, x: torch.Tensor, cp, delta=None) -> torch.Tensor:
     """One context-parallel rank's pieces x [p*B, c, d] (folded chunks, piece q at positions cp.offsets(c)[q] + t):
     the keys and values of every chunk are all-gathered in sequence order (as Megatron-LM's context
     parallelism does) and each piece's queries attend over those up to its last token, causal and windowed
-    as configured, exactly as in one process."""
+    as configured, exactly as in one process. `delta`: adapters added to the projections, as in `forward`
+    (transformer_block)."""
     cfg = module.cfg
     _, T, _ = x.shape
     if not cfg.causal:
         raise ValueError("context parallelism supports causal attention only")
     if not cfg.plain_softmax or cfg.chunk is not None:
         raise ValueError("context parallelism supports plain softmax attention only (no sinks, soft cap or chunks)")
-    pieces = [module._qkv(xp, offset) for xp, offset in zip(x.chunk(cp.pieces, dim=0), cp.offsets(T))]
+    pieces = [module._qkv(xp, offset, delta) for xp, offset in zip(x.chunk(cp.pieces, dim=0), cp.offsets(T))]
     k_all = cp.gather(torch.cat([p[1] for p in pieces], dim=0))  # [B, T_seq, Hkv, D]: every chunk's keys
     v_all = cp.gather(torch.cat([p[2] for p in pieces], dim=0))  # [B, T_seq, Hkv, D]
     outs = []

@@ -3,6 +3,8 @@
     z, xBC, dt = in_proj(u).split([Di, Di + 2GN, Hs])
     xBC = silu(causal_conv1d(xBC));  x, Bm, Cm = xBC.split([Di, GN, GN])
     dt = softplus(dt + dt_bias) [B,T,Hs];  A = -exp(A_log) [Hs]
+    (`dt_min` > 0: the parallel form clamps dt below, as mamba_ssm's chunked scan applies its dt_limit and its
+    one-token step does not; transformers' Zamba2 clamps at time_step_min the same way)
     y = ssd_scan(x [B,T,Hs,P], dt, A, Bm [B,T,G,N], Cm) + D * x
     y = rmsnorm_grouped(y * silu(z)) * norm.weight   (group size Di / G);  out_proj(y) -> [B,T,d]
 
@@ -141,6 +143,8 @@ class Mamba2(nn.Module):
         x, Bm, Cm = xBC.split([Di, G * N, G * N], dim=-1)
         x = x.reshape(B, T, Hs, cfg.head_dim)  # [B, T, Hs, P]
         dt, A = self._dt_A(dt)  # [B, T, Hs], [Hs]
+        if cfg.dt_min > 0:  # the chunked form's dt limit (mamba_ssm's dt_limit, Zamba2's time_step_min)
+            dt = dt.clamp(min=cfg.dt_min)
         y, h = self.kernels.ssd_scan(
             x, dt, A, Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N),
             chunk=cfg.chunk, state=None if state is None else state.ssm,
@@ -176,6 +180,8 @@ def cp_forward(module: Mamba2, u: torch.Tensor, cp) -> torch.Tensor:
     x, Bm, Cm = xBC.split([Di, G * N, G * N], dim=-1)
     x = x.reshape(B, T, Hs, cfg.head_dim)  # [B, T, Hs, P]
     dt, A = module._dt_A(dt)  # [B, T, Hs], [Hs]
+    if cfg.dt_min > 0:  # the parallel form's dt limit, as `forward`
+        dt = dt.clamp(min=cfg.dt_min)
     Bm, Cm = Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N)
     _, h = module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=None)  # h [B, Hs, P, N]
     decay = torch.exp(A * dt.sum(1))[..., None, None]  # [B, Hs, 1, 1]

@@ -368,7 +368,7 @@ def test_disagreeing_rope_scaling_and_rope_parameters_are_refused():
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"model_type": "zamba2"}, "model_type 'zamba2' is not supported: its shared transformer blocks"),
+    ({"model_type": "zamba2", "add_bias_linear": True}, "'add_bias_linear' = true"),
     ({"model_type": "gpt2"}, "supported: llama, mistral"),
     ({"model_type": "llama", "hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported .*'silu'"),
     ({"model_type": "llama", "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),

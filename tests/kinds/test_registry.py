@@ -50,6 +50,8 @@ def random_values(kind: Kind, rng: random.Random) -> dict:
             values[p.name] = rng.choice(p.choices)
         elif p.type == "rope_scaling":
             values[p.name] = RopeScaling("llama3", 8.0, 1.0, 4.0, 1024)
+        elif p.type == "norm":  # a norm setting of the kind itself (transformer_block's mid_norm)
+            values[p.name] = rng.choice([RMS, NormConfig("layernorm", 1e-5)])
         elif p.type == "layer":  # a parallel layer's branch: a random config of a plain mixer or MLP
             values[p.name] = random_config(REGISTRY[rng.choice(["attention", "mamba2", "short_conv", "mlp"])],
                                            rng.randint(0, 99))

@@ -277,3 +277,11 @@ def test_trace_cost_counts_the_masked_query_blocks_of_a_chunk_on_a_long_cache():
 def test_a_cache_dtype_the_runtime_does_not_allocate_is_refused_by_name(dense):
     with pytest.raises(NotTraceable, match="no fp8_e4m3 KV cache"):
         measure(dense.model, _budget(dense, "serve"), kv_dtype="fp8_e4m3")
+
+
+def test_shared_block_used_twice_is_refused_by_name():
+    """A shared block's module runs once per use; MemTracker follows a module once per step, so the trace is
+    refused naming the block rather than failing inside PyTorch."""
+    spec = ltmdsl.load(EXAMPLES / "zamba2-2.7b.ltm")
+    with pytest.raises(NotTraceable, match="shared block 'z0' runs its weights 5 times"):
+        measure(spec.model, spec.budgets[0], context=256)

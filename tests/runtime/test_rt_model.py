@@ -109,6 +109,7 @@ CONTRACT_NAMES = re.compile(
     r"^(embed\.weight|final_norm\.(weight|bias)|lm_head\.weight|layers\.\d+\.norm\.(weight|bias))$"
 )
 MIXER_NAME = re.compile(r"^layers\.(\d+)\.mixer\.(.+)$")
+USE_NAME = re.compile(r"^uses\.(\d+)\.(.+)$")
 CONTRACTS_DOC = (EXAMPLES.parent / "docs" / "CONTRACTS.md").read_text()
 
 
@@ -119,6 +120,13 @@ def test_parameter_names_follow_contract(model):
     bad = []
     for n in names:
         mixer = MIXER_NAME.match(n)
+        use = USE_NAME.match(n)
+        if use is not None:  # a sub-layer's per-use parameters (transformer_block's adapters), `uses.{i}.*`
+            layer = model.ir.layers[int(use.group(1))]
+            declared = set(runtime_kind(layer.kind).new_use(layer.mixer, model.ir.d_model).state_dict())
+            if use.group(2) not in declared or "uses.{i}." + use.group(2).split(".")[0] not in CONTRACTS_DOC:
+                bad.append(n)
+            continue
         if mixer is None:
             bad += [] if CONTRACT_NAMES.match(n) else [n]
             continue
@@ -215,7 +223,7 @@ def test_window_cache_is_a_ring_of_w_slots():
     m = build(ltmdsl.load(SPECS["tiny-hybrid"]))
     cache = m.new_cache(2, 4096)
     kv = [e for e in cache.layers if isinstance(e, KVCache)]
-    assert sorted(e.slots for e in kv) == [16, 4096]
+    assert sorted(e.slots for e in kv) == [16, 4096, 4096]  # swa, attn and tf's attention
     assert m.new_cache(2, 8).layers[4].slots == 8  # min(max_context, W)
     ssm = [e for e in cache.layers if isinstance(e, ConvSSMState)]
     assert [e.conv.shape[-1] for e in ssm] == [4, 4]

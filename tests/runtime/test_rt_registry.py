@@ -130,14 +130,23 @@ def _parallel(rng: random.Random, d: int) -> str:
     return f"parallel(a = pa, b = pb, {scales})"
 
 
-#: extra definitions a kind's random configs refer to (a parallel layer's branches)
+def _transformer_block(rng: random.Random, d: int) -> str:
+    """Its attention `ta` and MLP `tm`, which `random_spec` defines; half of them read cat[x, embeddings]."""
+    rank = rng.choice([0, 2, 4])
+    wide = ", input = concat_embed" if rng.random() < 0.5 else ""
+    return (f"transformer_block(attn = ta, ffn = tm, adapter_rank = {rank}, out_proj = {rng.choice(['true', 'false'])}"
+            f"{wide})")
+
+
+#: extra definitions a kind's random configs refer to (a parallel layer's branches, a transformer block's parts)
 RANDOM_DEFINITIONS = {"parallel": lambda rng, d: f"layer pa = {_attention(rng, d)}\n    layer pb = "
-                                                 f"{rng.choice([_mamba2, _mlp, _short_conv])(rng, d)}"}
+                                                 f"{rng.choice([_mamba2, _mlp, _short_conv])(rng, d)}",
+                      "transformer_block": lambda rng, d: f"layer ta = {_attention(rng, d)}\n    layer tm = {_mlp(rng, d)}"}
 
 
 RANDOM_CONFIGS = {"attention": _attention, "mla": _mla, "mamba": _mamba, "mamba2": _mamba2, "gated_deltanet": _gated_deltanet,
                   "kda": _kda, "short_conv": _short_conv, "lightning": _lightning, "rg_lru": _rg_lru, "mlstm": _mlstm,
-                  "mlp": _mlp, "moe": _moe, "parallel": _parallel}
+                  "mlp": _mlp, "moe": _moe, "parallel": _parallel, "transformer_block": _transformer_block}
 
 
 def random_spec(kind: str, seed: int) -> str:
