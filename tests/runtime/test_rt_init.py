@@ -36,6 +36,9 @@ LAYERS = {
     "parallel": "parallel(a = swa, b = ssm)",
     "mlp": "mlp(d_ff = 128, act = swiglu)",
     "moe": "moe(experts = 4, top_k = 2, d_ff = 64, act = swiglu, routing = softmax_topk)",
+    # without out_proj the MLP's down_proj writes the branch; the per-use out_proj: test_use_out_proj_is_scaled
+    "transformer_block": "transformer_block(attn = sat, ffn = ffn, adapter_rank = 4, out_proj = false, "
+                         "into = next_input)",
 }
 FFN_KINDS = ("mlp", "moe")
 
@@ -45,6 +48,8 @@ def spec_text(kind: str) -> str:
     if kind == "parallel":
         helpers = ("    layer swa = attention(heads = 4, kv_heads = 2, window = 16, rope_theta = 10000)\n"
                    "    layer ssm = mamba2(d_state = 16, head_dim = 16, expand = 2, chunk = 16)\n")
+    if kind == "transformer_block":  # Zamba style: its branch enters the next sub-layer's input
+        helpers = "    layer sat = attention(heads = 4, rope_theta = 10000)\n"
     stack = "x x x x x x x x" if kind in FFN_KINDS else "x ffn x ffn x ffn x ffn"
     return (f"model init_{kind} {{\n    vocab = 128\n    d_model = 64\n    dtype = fp32\n"
             f"    norm = rmsnorm(eps = 1e-5)\n    head = untied\n{helpers}"
@@ -121,3 +126,12 @@ def test_shared_blocks_count_each_application():
     assert len(model.layers) == 6 and model.layers[0] is model.layers[4]
     w = model.layers[1].mixer.down_proj.weight  # [d, d_ff]: 8192 draws, the std within 3% of its value
     assert w.std().item() == pytest.approx(init.STD / math.sqrt(6), rel=0.03)
+
+
+def test_use_out_proj_is_scaled():
+    """A transformer_block's per-use out_proj writes the branch (Zamba2): drawn at STD * output_scale."""
+    text = spec_text("transformer_block").replace("out_proj = false", "out_proj = true")
+    model = ltmdsl.build(ltmdsl.loads(text), seed=0)
+    assert not model.layers[0].outputs  # nothing shared writes the branch
+    w = model.uses["0"].out_proj.weight  # [d, d]: 4096 draws, the std within 5% of its value
+    assert w.std().item() == pytest.approx(init.STD * init.output_scale(len(model.layers), 64, False), rel=0.05)
