@@ -52,11 +52,12 @@ def _supported(ir, s) -> None:
                                "the budget without it")
     if p.zero >= 3:
         raise NotTraceable("ZeRO-3 gathers weights layer by layer, which the traced step does not simulate")
-    from ltmdsl.runtime.build import TORCH_DTYPES
+    from ltmdsl.runtime.build import KV_DTYPES, TORCH_DTYPES
 
-    for what, key, dt in (("KV cache", "kv_dtype", s.kv_dtype), ("recurrent state", "state_dtype", s.state_dtype)):
-        if s.mode == "inference" and dt.name not in TORCH_DTYPES:
-            raise NotTraceable(f"the runtime keeps no {dt.name} {what} (it allocates {', '.join(TORCH_DTYPES)}); "
+    for what, key, dt, held in (("KV cache", "kv_dtype", s.kv_dtype, KV_DTYPES),
+                                ("recurrent state", "state_dtype", s.state_dtype, TORCH_DTYPES)):
+        if s.mode == "inference" and dt.name not in held:
+            raise NotTraceable(f"the runtime keeps no {dt.name} {what} (it allocates {', '.join(held)}); "
                                f"measure the budget with another {key}")
     if s.weight_dtype.name != s.activation_dtype.name:
         raise NotTraceable(f"weights in {s.weight_dtype.name} with {s.activation_dtype.name} activations: the "
@@ -78,10 +79,6 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
     notes = fakesafe.check(model)
     _supported(model, s)
     stage_index = r.most_loaded_stage
-    if s.mode == "inference" and s.kv_dtype.name != s.activation_dtype.name and any(
-            l.kind in ("attention", "mla") for l in model.layers):
-        notes.append(f"the {s.kv_dtype.name} KV cache is read back whole in {s.activation_dtype.name} by the runtime's "
-                     "prefill, which the memory model (a kernel converting tiles) does not count")
     cost.check(model, s, stage_index)
     if s.mode == "training" and s.recompute == "selective" and any(l.kind in ("mamba", "mamba2") for l in model.layers):
         notes.append("selective recompute of Mamba/Mamba-2 internals is not simulated: those layers trace as "

@@ -275,5 +275,27 @@ def test_trace_cost_counts_the_masked_query_blocks_of_a_chunk_on_a_long_cache():
 
 
 def test_a_cache_dtype_the_runtime_does_not_allocate_is_refused_by_name(dense):
-    with pytest.raises(NotTraceable, match="no fp8_e4m3 KV cache"):
-        measure(dense.model, _budget(dense, "serve"), kv_dtype="fp8_e4m3")
+    with pytest.raises(NotTraceable, match="no fp8_e4m3 recurrent state"):
+        measure(dense.model, _budget(dense, "serve"), state_dtype="fp8_e4m3")
+
+
+FP8_KV = {  # a long context on one sequence, so that the attention's workspace (not the MLP's) is the largest
+    "global": (WIDE, dict(batch=1, context=32768, chunk=256)),
+    "global-batch-2": (WIDE, dict(batch=2, context=16384, chunk=128)),
+}
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("case", FP8_KV, ids=FP8_KV)
+def test_fp8_kv_cache_traces_exactly_and_its_read_back_is_counted(case, kv_dtype):
+    """The runtime keeps keys and values in fp8 and reads them back whole in the compute dtype for a chunk's
+    attention (runtime/kinds/attention.py); the attention's workspace facet counts that temporary."""
+    text, overrides = FP8_KV[case]
+    spec = ltmdsl.loads(text)
+    m = measure(spec.model, _budget(spec, "serve"), kv_dtype=kv_dtype, **overrides)
+    bf16 = measure(spec.model, _budget(spec, "serve"), **overrides)
+    assert m.measured["kv_cache"] == m.predicted["kv_cache"] == bf16.measured["kv_cache"] // 2
+    read_back = 2 * overrides["batch"] * overrides["context"] * 2 * (128 + 128)  # bf16 bytes, b, T, Hkv, D + Dv
+    assert m.predicted["activations"] - bf16.predicted["activations"] == read_back
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    assert abs(m.peak_relative) <= INFERENCE_PEAK_TOL, m.to_text()
