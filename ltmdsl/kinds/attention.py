@@ -24,6 +24,9 @@ Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA a
     split       q, k, v a*sb*(H*D + Hkv*D + Hkv*Dv); attention output a*sb*H*Dv
     core        flash: fp32 log-sum-exp 4*sb*H; eager: softmax output a*H*b*s*T, with dropout also its
                 mask and output (1 + a)*H*b*s*T; selective recompute drops the eager core.
+    context parallel (c > 1, global attention, flash): the most loaded (last) rank keeps every rank's keys and
+                values, all-gathered, a*b*(T - s)*(Hkv*(D + Dv)) beyond its own, and the causal mask of its
+                queries against them in a's dtype (SDPA's additive copy, saved for backward), a*s*T.
     saved_by = "eager" (ltmdsl's runtime under autograd) adds: RoPE's cos and sin 2a*s*R per layer (one copy
                 for the batch); without flash attention the explicit-softmax kernel's fp32 softmax 4*H*b*s*T,
                 its boolean mask s*T (one for the batch and heads) and the KV heads repeated to H,
@@ -333,6 +336,9 @@ def stored(c: AttentionConfig, x, selective: bool):
         out += 2 * a * x.s * c.rotary_dim
     if x.flash_attention and c.plain_softmax:
         out += x.split(4 * tok * c.heads)
+        if x.c > 1 and c.span is None:  # context parallel: the last rank's queries attend to every rank's keys
+            out += x.split(a * x.b * (T - x.s) * c.kv_heads * (c.head_dim + c.v_head_dim))
+            out += a * x.s * T
     elif not selective:
         scores = x.b * x.s * T * c.heads
         out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))

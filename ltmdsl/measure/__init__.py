@@ -28,9 +28,11 @@ but not weights. Every mixer kind of the runtime traces (fakesafe.TRACE_PATHS).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
+from ltmdsl.measure import ranks
 from ltmdsl.measure.cost import TooLargeToTrace
 from ltmdsl.measure.fakesafe import NotTraceable
 from ltmdsl.measure.report import Measurement
@@ -39,19 +41,19 @@ __all__ = ["Measurement", "NotTraceable", "TooLargeToTrace", "measure"]
 
 
 def _supported(ir, s) -> None:
+    """Refuse (NotTraceable, saying why) a budget the traced step cannot run as ltmdsl would run it."""
     p = s.parallel
-    why = {
-        "tensor": "ltmdsl's tensor parallelism keeps the embedding, head and norms replicated where the memory "
-                  "model divides them by t (vocab-parallel), so a traced rank's weights could not match",
-        "context": "the all-gather of every rank's keys and values is not simulated",
-        "expert": "the all-to-all dispatch sizes depend on the routing, which fake tensors do not have",
-    }
-    for name, value in (("tensor", p.tp), ("context", p.cp), ("expert", p.ep)):
-        if value > 1:
-            raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) is not traced: {why[name]}; measure "
-                               "the budget without it")
-    if p.zero >= 3:
-        raise NotTraceable("ZeRO-3 gathers weights layer by layer, which the traced step does not simulate")
+    if s.mode == "training" and (p.tp > 1 or p.cp > 1 or p.ep > 1 or p.zero >= 3):
+        from ltmdsl.distributed.plan import plan_errors
+
+        errors = plan_errors(ir, p, p.world)
+        if errors:
+            raise NotTraceable("ltmdsl.distributed does not run this plan, so one of its ranks cannot be traced: "
+                               + "; ".join(errors))
+    for name, value in (("context", p.cp), ("tensor", p.tp)):
+        if s.mode == "inference" and value > 1:
+            raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) in inference: ltmdsl runs it in training "
+                               "only (the runtime allocates no cache split over ranks); measure the budget without it")
     from ltmdsl.runtime.build import KV_DTYPES, TORCH_DTYPES
 
     for what, key, dt, held in (("KV cache", "kv_dtype", s.kv_dtype, KV_DTYPES),
@@ -83,12 +85,6 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
     if s.mode == "training" and s.recompute == "selective" and any(l.kind in ("mamba", "mamba2") for l in model.layers):
         notes.append("selective recompute of Mamba/Mamba-2 internals is not simulated: those layers trace as "
                      "recompute = none")
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from ltmdsl.measure import infer, stage as stage_mod, train
-    from ltmdsl.measure.timeline import Timeline
     from ltmdsl.runtime.build import TORCH_DTYPES, construct
     from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
 
@@ -109,10 +105,57 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
             kernels = TORCH_KERNELS.override("eager-selective", {"attention": recomputed})
     t0 = time.perf_counter()
     net = construct(model, kernels, dtype)
-    with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters are the only non-fake inputs
+    with contextlib.ExitStack() as group, warnings.catch_warnings():
         # MemTracker warns about the None gradients of parameters that have none yet
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
-        st = stage_mod.materialise(net, model, s.pp, stage_index)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecated collective names
+        sizes = None
+        if ranks.needs_group(s.parallel):
+            sizes = _split(net, model, s, stage_index, group, notes)
+        measured, peak, phase, phases = _trace(net, model, s, stage_index, sizes, dtype, notes)
+    predicted = dict(r.per_gpu_components)
+    if s.mode == "inference":
+        predicted = {c: predicted.get(c, 0) for c in ("weights", "kv_cache", "recurrent_state", "activations", "logits")}
+    measured = {c: measured.get(c, 0) for c in predicted}
+    return Measurement(model.name, s.budget, s.mode, predicted, measured, peak, phase, r.per_gpu_bytes,
+                       stage_index, time.perf_counter() - t0, notes, phases)
+
+
+def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: list[str]) -> dict[str, int]:
+    """Enter the plan's fake process group (closed with `group`) and split the meta model into the traced
+    rank's share as ltmdsl.distributed does; returns the parameters' sizes on this rank before ZeRO-3."""
+    from ltmdsl.distributed.context_parallel import ContextParallelUnsupported
+    from ltmdsl.distributed.data_parallel import apply_fsdp
+    from ltmdsl.distributed.mesh import replica_mesh
+    from ltmdsl.distributed.rank_model import split
+    from ltmdsl.measure import stage as stage_mod
+    from ltmdsl.runtime.kinds import TensorParallelUnsupported
+
+    p = s.parallel
+    mesh = group.enter_context(ranks.fake_group(p, stage_index))
+    try:
+        split(net, p, mesh, fsdp_stages=())
+    except (TensorParallelUnsupported, ContextParallelUnsupported, ValueError) as e:
+        raise NotTraceable(f"this rank cannot be built: {e}") from None
+    sizes = stage_mod.local_sizes(net)
+    if p.zero >= 3:
+        apply_fsdp(net, replica_mesh(mesh, p), 3)
+    notes.append(f"rank {ranks.traced_rank(p, stage_index)} of {p.world} built as ltmdsl.distributed builds it, under "
+                 "a fake process group (collectives allocate their outputs; nothing is communicated)"
+                 + ("; ZeRO-3 by FSDP2, weights gathered mixer by mixer" if p.zero >= 3 else ""))
+    return sizes
+
+
+def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str]):
+    """The traced step on fake tensors: (measured components, peak bytes, its phase, the phase marks)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from ltmdsl.measure import infer, stage as stage_mod, train
+    from ltmdsl.measure.timeline import Timeline
+
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters are the only non-fake inputs
+        st = stage_mod.materialise(net, model, s.pp, stage_index, sizes)
         if st.buffer_bytes():
             notes.append(f"the held modules' buffers ({st.buffer_bytes():,} B of computed constants) are live but "
                          "not counted as weights")
@@ -127,9 +170,4 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
             measured, peaks, phases = infer.run(st, model, s, dtype)
             phase = max(peaks, key=peaks.get)
             peak = peaks[phase]
-    predicted = dict(r.per_gpu_components)
-    if s.mode == "inference":
-        predicted = {c: predicted.get(c, 0) for c in ("weights", "kv_cache", "recurrent_state", "activations", "logits")}
-    measured = {c: measured.get(c, 0) for c in predicted}
-    return Measurement(model.name, s.budget, s.mode, predicted, measured, peak, phase, r.per_gpu_bytes,
-                       stage_index, time.perf_counter() - t0, notes, phases)
+    return measured, peak, phase, phases

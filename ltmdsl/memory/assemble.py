@@ -17,6 +17,8 @@ one at a time, so the component is residual + max over kinds of one sub-layer's 
 lists each kind's workspace). In training, full recompute adds a `working set` entry: the largest
 mixer's plus the largest FFN's un-recomputed activations, live while one checkpoint back-propagates; the
 last stage adds a `head` entry under saved_by = "eager", what the final norm keeps (as a pre-norm does).
+Under ZeRO-3 the weights add a `zero-3 gathered` entry: FSDP2's root parameters (everything outside the mixers),
+gathered whole for the step beside their shard, as ltmdsl.distributed shards a model.
 """
 
 from __future__ import annotations
@@ -122,11 +124,35 @@ def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: b
         head = model.head_params + model.final_norm_params
         for comp, expr in training.model_states(head, 0, s).items():
             st.add(comp, "head", expr)
+    if s.mode == "training" and s.parallel.zero >= 3:
+        st.add("weights", "zero-3 gathered", _fsdp_root_params(model, st.layers, first, last) * s.weight_dtype.bytes
+               / sympy.Integer(s.tp))
     if last and model.mtp is not None:  # DeepSeek-V3's multi-token-prediction modules, held beside the head
         d = model.d_model
         expert = model.mtp.depth * sum(kinds.kind_of(x.mixer).split(x.mixer, d).expert_params for x in model.mtp.block)
         for comp, expr in training.model_states(model.params_mtp - expert, expert, s).items():
             st.add(comp, "mtp", expr)
+
+
+def _fsdp_root_params(model: ModelIR, layers: range, first: bool, last: bool) -> int:
+    """Parameters ZeRO-3 keeps gathered from the forward through the backward: those outside every mixer
+    (ltmdsl.distributed shards each mixer on its own and the rest as FSDP2's root, which is not resharded after
+    the forward): the sub-layers' norms, the embedding, the final norm and the head held by this stage."""
+    d, seen, n = model.d_model, set(), 0
+    for i in layers:
+        layer = model.layers[i]
+        owner = (layer.tie_group, layer.tie_slot or 0) if layer.tie_group is not None else i
+        if owner in seen:
+            continue
+        seen.add(owner)
+        n += layer.norm.params_per_channel * d
+        if layer.post_norm is not None:
+            n += layer.post_norm.params_per_channel * d
+    if first or (last and model.tie_embeddings):
+        n += model.embedding_params
+    if last:
+        n += model.head_params + model.final_norm_params
+    return n
 
 
 def _inference(st: StageExprs, model: ModelIR, s: Settings, counts: dict, last: bool) -> None:

@@ -3,7 +3,8 @@
 Model states per GPU, for P parameters held by a pipeline stage (dense ones split over t, expert ones
 over t*ep), with w, g, o the weight, gradient and optimizer bytes per parameter:
 
-    weights    P*w / (N if ZeRO-3 else 1)
+    weights    P*w / (N if ZeRO-3 else 1); ZeRO-3 adds the parameters outside the mixers (embedding, norms,
+               head: FSDP2's root in ltmdsl.distributed), gathered whole from the forward through the backward
     gradients  P*g / (N if ZeRO >= 2 else 1)
     optimizer  P*o / (N if ZeRO >= 1 or Megatron's distributed optimizer else 1)
 

@@ -214,11 +214,53 @@ def test_kind_without_fake_safe_path_is_refused_by_name(dense, monkeypatch):
         measure(dense.model, _budget(dense, "train"))
 
 
-def test_untraced_plans_are_refused(dense):
-    with pytest.raises(NotTraceable, match="tensor parallelism"):
-        measure(dense.model, _budget(dense, "train"), tp=2, gpus=2)
-    with pytest.raises(NotTraceable, match="ZeRO-3"):
-        measure(dense.model, _budget(dense, "train"), zero=3, gpus=2)
+PARALLEL = {  # one rank of each plan, built by ltmdsl.distributed under a fake process group
+    "cp4": (DENSE, dict(cp=4, gpus=4)),
+    "cp2-zero2-dp2": (DENSE, dict(cp=2, zero=2, gpus=4)),
+    "cp2-full-recompute": (DENSE, dict(cp=2, gpus=2, recompute="full")),
+    "zero3-dp4": (DENSE, dict(zero=3, gpus=4)),
+    "zero3-dp2-cp2": (DENSE, dict(zero=3, cp=2, gpus=4)),
+    "ep2-moe": (MOE, dict(ep=2, gpus=2)),
+}
+
+
+@pytest.mark.parametrize("case", PARALLEL, ids=PARALLEL)
+def test_one_rank_of_a_parallel_plan_traces_states_exactly_and_activations_within_5_percent(case):
+    text, overrides = PARALLEL[case]
+    spec = ltmdsl.loads(text)
+    m = measure(spec.model, _budget(spec, "train"), **overrides)
+    for component in ("weights", "gradients", "optimizer", "logits"):
+        assert m.measured[component] == m.predicted[component], component
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    assert any("fake process group" in n for n in m.notes)
+
+
+def test_zero3_rank_holds_a_quarter_of_the_weights_and_context_parallel_ranks_a_share_of_the_tokens(dense):
+    whole = measure(dense.model, _budget(dense, "train"))
+    z3 = measure(dense.model, _budget(dense, "train"), zero=3, gpus=4)
+    root = 2 * 256 * 64 + 5 * 64  # embedding, head, four sub-layer norms and the final norm: FSDP2's root
+    assert z3.measured["weights"] == whole.measured["weights"] // 4 + 2 * root  # the shard + the root gathered (bf16)
+    assert z3.measured["optimizer"] * 4 == whole.measured["optimizer"]
+    cp = measure(dense.model, _budget(dense, "train"), cp=4, gpus=4)
+    assert cp.measured["logits"] * 4 == whole.measured["logits"]  # T/4 tokens' logits
+
+
+def test_expert_parallel_inference_activations_within_5_percent():
+    spec = ltmdsl.loads(MOE)
+    m = measure(spec.model, _budget(spec, "serve"), ep=2, gpus=2)
+    for component in ("weights", "kv_cache", "logits"):
+        assert m.measured[component] == m.predicted[component], component
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+
+
+def test_plans_ltmdsl_does_not_run_are_refused_saying_why(dense):
+    with pytest.raises(NotTraceable, match="ltmdsl.distributed does not run this plan.*ep = 2 runs as ep = dp"):
+        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), ep=2, zero=2, gpus=2)
+    with pytest.raises(NotTraceable, match=r"context parallelism \(cp = 2\) in inference"):
+        measure(dense.model, _budget(dense, "serve"), cp=2, gpus=2)
+    ssm = ltmdsl.loads(DENSE.replace("attention(heads = 4, kv_heads = 2, rope_theta = 10000)", "mamba(d_state = 4)"))
+    with pytest.raises(NotTraceable, match="no tensor-parallel plan for kind 'mamba'"):
+        measure(ssm.model, _budget(ssm, "train"), tp=2, gpus=2)
 
 
 def test_budget_too_large_to_trace_suggests_a_context():
