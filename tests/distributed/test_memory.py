@@ -9,6 +9,8 @@ Where torch's implementation and the memory model differ, the test says so rathe
   ep      (ep = dp = 2, zero 0) each rank holds the dense parameters and half the experts: exact
   cp, pp  (zero 0) cp ranks hold the whole model; the most loaded pipeline stage is the prediction: exact
   zero 2  FSDP2 keeps only the weight shard between steps (P*w/N) where the ZeRO paper keeps P*w
+  zero 3  the shard between steps; the model's per-step weights add FSDP2's root (everything outside the
+          mixers), which stays gathered from the forward through the backward
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ def _predicted(ir, plan) -> dict[str, int]:
     return {c: r.per_gpu_components[c] for c in COMPONENTS}
 
 
+def _fsdp_root(ir) -> int:
+    """Parameters outside every mixer (FSDP2's root under ZeRO-3): embedding, head, final norm, sub-layer norms."""
+    norms = sum((layer.norm.params_per_channel + (layer.post_norm.params_per_channel if layer.post_norm else 0))
+                * ir.d_model for layer in ir.unique_layers())
+    return ir.embedding_params + ir.head_params + ir.final_norm_params + norms
+
+
 @pytest.mark.parametrize("zero", [0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
 def test_rank_bytes_equal_the_memory_model(zero):
     ir = tiny_hybrid()
@@ -50,6 +59,8 @@ def test_rank_bytes_equal_the_memory_model(zero):
         assert got["gradients"] == want["gradients"]
         if zero == 2:
             assert want["weights"] == 4 * P and got["weights"] == 4 * P // 2  # FSDP2: sharded at rest
+        elif zero == 3:  # sharded at rest; during the step the model adds FSDP2's root, gathered whole
+            assert got["weights"] == 4 * P // 2 and want["weights"] == 4 * P // 2 + 4 * _fsdp_root(ir)
         else:
             assert got["weights"] == want["weights"]
         if zero != 1:
