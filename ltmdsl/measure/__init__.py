@@ -117,6 +117,8 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
     if s.mode == "inference":
         predicted = {c: predicted.get(c, 0) for c in ("weights", "kv_cache", "recurrent_state", "activations", "logits")}
     measured = {c: measured.get(c, 0) for c in predicted}
+    if "temporaries" in predicted:  # the traced peak beyond everything the step holds: the backward's transients
+        measured["temporaries"] = max(0, peak - sum(v for c, v in measured.items() if c != "temporaries"))
     return Measurement(model.name, s.budget, s.mode, predicted, measured, peak, phase, r.per_gpu_bytes,
                        stage_index, time.perf_counter() - t0, notes, phases)
 

@@ -8,7 +8,7 @@ pipelining there is one stage.
 
 Components (JSON names):
     inference  weights, kv_cache, recurrent_state, activations, logits
-    training   weights, gradients, optimizer, activations, logits
+    training   weights, gradients, optimizer, activations, logits, temporaries (the backward's transients)
 Kinds: the registered sub-layer kinds (ltmdsl.kinds.REGISTRY; every per-layer term comes from the
 kind's facets) plus `embedding` and `head` (final norm and output projection) for weights; a cache term's
 part gives `mamba/conv` and `mamba/ssm` style labels;
@@ -33,7 +33,7 @@ from ltmdsl.memory import activations, inference, training
 from ltmdsl.memory.settings import Settings
 
 INFERENCE_COMPONENTS = ("weights", "kv_cache", "recurrent_state", "activations", "logits")
-TRAINING_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits")
+TRAINING_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "temporaries")
 
 ZERO = sympy.Integer(0)
 
@@ -192,3 +192,13 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
         st.add("activations", "head", flight * activations.MicroBatch(model, s, model.final_norm).base)
     if last:
         st.add("logits", "head", training.loss_logits(model, s))
+    d, largest, recomputed = model.d_model, 0, []
+    for (mixer, norm, post), _n in counts.items():
+        largest = max(largest, kinds.kind_of(mixer).count(mixer, d))
+        if s.recompute == "selective":  # what selective recompute dropped, live again for one sub-layer's backward
+            recomputed.append(activations.stored(mixer, model, s, "none", norm, post)
+                              - activations.stored(mixer, model, s, "selective", norm, post))
+    temp = training.temporaries(model, s, last, largest)
+    if recomputed:
+        temp = sympy.Max(temp, *recomputed)
+    st.add("temporaries", "backward", temp)

@@ -23,6 +23,16 @@ Logits: the output layer's fp32 logits, 4*b*s*V/t (vocab-parallel), per micro-ba
 At long context they dominate (V = 128256, s = 1Mi: 538 GB per sequence), hence the option of a
 chunked loss (`chunked_loss`): logits for min(C, s) tokens at a time, 4*b*min(C, s)*V/t.
 
+Temporaries: what the backward allocates only for a moment, at the step's peak (all activations still live):
+the loss's backward, 8*b*s*V/t (the fp32 gradients of the log-softmax output and of the logits; with a chunked
+loss (a + 12)*b*min(C, s)*V/t, one chunk's recomputed logits and both gradients), and under ZeRO-3 two
+mixers' weights gathered whole (the one back-propagating and the next, prefetched), 2*P_mixer*w/t; under
+selective recompute what it dropped of one sub-layer, live again for that sub-layer's backward; the largest
+of these. Not counted: the gradients of an eager (no flash) attention core's scores while a recomputed core
+back-propagates (+17% at d_model = 64 under selective, +58% under full recompute; within 7% at d_model = 1024), one weight's gradient in the weight dtype before it is added into the fp32
+main gradient (largest matrix * w), the optimizer step's chunked temporaries (after the activations are
+freed, so below the peak), gradient-norm clipping (the traced step does not clip).
+
 Pipeline: with 1F1B, stage i keeps min(p - i, m) micro-batches in flight, so the first stage holds
 p micro-batches of L/p layers: L layers' worth. Interleaving (v > 1 virtual stages) multiplies the
 first stage's activations by 1 + (p - 1)/(p*m) (Korthikanti et al.).
@@ -91,6 +101,24 @@ def loss_logits(model: ModelIR, s: Settings):
         tokens = sympy.Min(C, tokens)
     copies = 2 if model.logit_cap is not None else 1
     return copies * 4 * b * tokens * model.vocab / R(p.tp)
+
+
+def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int):
+    """The backward's transient buffers at the step's peak, beyond everything held (module docstring): the
+    larger of the loss's backward (last stage) and, under ZeRO-3, two gathered mixers (the assembly adds
+    selective recompute's dropped tensors of one sub-layer)."""
+    p = s.parallel
+    b = per_replica(B, q(p.dp) * p.microbatches)
+    tokens = T / R(p.cp)
+    terms = []
+    if last:
+        if s.chunked_loss:  # one chunk recomputed: its logits (a and fp32) and the two fp32 gradients
+            terms.append((s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab / R(p.tp))
+        else:  # the fp32 gradients of the log-softmax output and of the logits
+            terms.append(8 * b * tokens * model.vocab / R(p.tp))
+    if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
+        terms.append(2 * largest_mixer * s.weight_dtype.bytes / R(p.tp))
+    return sympy.Max(*terms) if len(terms) > 1 else (terms[0] if terms else sympy.Integer(0))
 
 
 def in_flight(stage: int, s: Settings):

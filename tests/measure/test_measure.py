@@ -1,9 +1,9 @@
 """Predicted against traced (ltmdsl.measure): a budget's step run on fake tensors, compared with the memory model.
 
 Targets (issue 14): weights, gradients, optimizer states and caches traced == predicted exactly; training
-activations within 5%. Tiny shapes keep each trace to a second or two. The traced peak is not held to the
-predicted per-GPU total here: at tiny widths the loss's backward transients (the logits' gradients) are a large
-share of it (README, "Predicted against traced").
+activations within 5%; the traced peak within 10% of the predicted per-GPU total, which counts the backward's
+transients (`temporaries`: the loss's logit gradients, ZeRO-3's gathered mixers) even at d_model = 64, where
+they are a large share of it. Tiny shapes keep each trace to a second or two.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ltmdsl.measure import NotTraceable, TooLargeToTrace, fakesafe, measure
 from tests.paths import EXAMPLES
 
 ACTIVATIONS_TOL = 0.05  # issue 14's target for training activations
+PEAK_TOL = 0.10  # issue 14's target for the traced peak against the predicted per-GPU total
 
 DENSE = """
 model dense {
@@ -62,15 +63,37 @@ TRAINING = {
 }
 
 
-@pytest.mark.parametrize("overrides", TRAINING.values(), ids=TRAINING.keys())
-def test_training_states_exact_and_activations_within_5_percent(dense, overrides):
+#: Not met yet: the score gradients of a recomputed eager attention core are not counted (traced peak +17%
+#: under selective, +58% under full recompute at d_model = 64; ltmdsl/memory/training.py says so).
+PEAK_NOT_MET = {"selective-eager", "full-eager"}
+
+
+@pytest.mark.parametrize("case", TRAINING, ids=TRAINING)
+def test_training_states_exact_and_activations_within_5_percent(dense, case):
+    overrides = TRAINING[case]
     m = measure(dense.model, _budget(dense, "train"), **overrides)
     assert m.mode == "training"
     for component in ("weights", "gradients", "optimizer", "logits"):
         assert m.measured[component] == m.predicted[component], component
     assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
-    assert m.peak_bytes >= sum(m.measured[c] for c in ("weights", "gradients", "optimizer"))
+    if case not in PEAK_NOT_MET:
+        assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
     assert m.peak_phase is not None
+
+
+CHUNKED = {"whole-loss": dict(), "chunked-loss": dict(chunked_loss=True, chunk=64)}
+
+
+@pytest.mark.parametrize("overrides", CHUNKED.values(), ids=CHUNKED.keys())
+def test_the_loss_backward_transients_are_counted_at_tiny_width(dense, overrides):
+    """At d_model = 64 and V = 256 the loss's backward (the fp32 gradients of the log-softmax and of the logits,
+    8*b*s*V; a chunk's recomputed logits and gradients, (a + 12)*b*C*V) is what takes the step to its peak."""
+    m = measure(dense.model, _budget(dense, "train"), **overrides)
+    b, s, V = 2, 256, 256
+    want = 8 * b * s * V if not overrides else (2 + 12) * b * 64 * V
+    assert m.predicted["temporaries"] == want
+    assert abs(m.measured["temporaries"] - want) <= 0.05 * want, m.to_text()
+    assert m.peak_phase.endswith("backward")
 
 
 def test_sharded_states_shrink_as_the_model_says(dense):
@@ -232,6 +255,7 @@ def test_one_rank_of_a_parallel_plan_traces_states_exactly_and_activations_withi
     for component in ("weights", "gradients", "optimizer", "logits"):
         assert m.measured[component] == m.predicted[component], component
     assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
     assert any("fake process group" in n for n in m.notes)
 
 
@@ -275,7 +299,7 @@ def test_cli_measure_json(tmp_path, capsys):
     assert main(["memory", str(path), "--measure", "--budget", "train", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data["predicted"]) == set(data["measured"]) == {
-        "weights", "gradients", "optimizer", "activations", "logits"}
+        "weights", "gradients", "optimizer", "activations", "logits", "temporaries"}
     assert data["measured"]["weights"] == data["predicted"]["weights"] > 0
     assert data["peak_bytes"] > 0
 
