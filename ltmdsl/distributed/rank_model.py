@@ -21,7 +21,7 @@ from ltmdsl.distributed.context_parallel import apply_context_parallel, cp_forwa
 from ltmdsl.distributed.mesh import device_mesh, device_type, replica_mesh
 from ltmdsl.distributed.pipeline import build_stage, check_pipeline
 from ltmdsl.distributed.plan import check_plan
-from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel, tp_plans
+from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel, keep_gradient_placements, tp_plans
 from ltmdsl.ir import ModelIR, ParallelPlan
 
 
@@ -105,4 +105,6 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
         model.init_weights(seed)  # the whole draw order, kept where allocated
         return RankModel(stage, plan, mesh, frozenset(dp_sharded), make_schedule(device))
     materialize(model, device, seed)
+    if plan.tp > 1 and plan.zero not in FSDP_STAGES:
+        keep_gradient_placements(model)
     return RankModel(model, plan, mesh, frozenset(dp_sharded))

@@ -59,3 +59,16 @@ def apply_vocab_parallel(model, tp_mesh) -> None:
     parallelize_module(model.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
     if model.lm_head is not None:
         parallelize_module(model.lm_head, tp_mesh, shard_parameters(0))
+
+
+def keep_gradient_placements(model) -> None:
+    """Make every DTensor parameter's gradient arrive in the parameter's own placements. DTensor's embedding
+    backward returns the vocab-parallel embedding's gradient Replicate (the full V x d on every rank); cut
+    to this rank's rows (no communication) it is what the memory model counts. Call on the materialised
+    model (hooks live on the parameter objects); FSDP2 reduce-scatters gradients itself."""
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            p.register_hook(lambda g, p=p: g if g.placements == p.placements
+                            else g.redistribute(p.device_mesh, p.placements))

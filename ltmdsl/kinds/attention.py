@@ -252,8 +252,8 @@ def count(c: AttentionConfig, d: int) -> int:
 
 
 def split(c: AttentionConfig, d: int) -> Split:
-    """Tensor parallelism splits the query heads (KV heads are replicated when t > Hkv)."""
-    return Split(tp=(("heads", c.heads),))
+    """Tensor parallelism splits the query and KV heads; the row-parallel o_proj's bias is replicated."""
+    return Split(tp=(("heads", c.heads),), replicated=d if c.out_bias else 0)
 
 
 def context_check(c: AttentionConfig, context: int) -> str | None:

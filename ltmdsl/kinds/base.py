@@ -13,7 +13,7 @@ Facet signatures (c is the kind's config, d the model width d_model):
     build(values, ModelContext) -> c          raises CheckError (with the parameter to point at)
     count(c, d) -> int                        parameters of the mixer, its norm excluded
     inactive(c, d) -> int                     parameters a token does not touch (MoE: unrouted experts)
-    split(c, d) -> Split                      what tp / ep divide, and the expert-parallel parameters
+    split(c, d) -> Split                      what tp / ep divide, the expert-parallel and tp-replicated parameters
     context_check(c, context) -> str | None   why a budget's context does not suit this layer
     cache(c, Settings) -> tuple[CacheTerm]    per-sequence cache / state bytes on one GPU, symbolic in T, B
     workspace(c, d, Settings) -> expr         inference prefill workspace of one sub-layer, in T, B, C
@@ -124,13 +124,17 @@ class Split:
     """How a sub-layer splits under parallelism.
 
     tp: (what, count) pairs tensor parallelism must divide (attention heads); ep: the same for expert
-    parallelism (experts); expert_params: parameters sharded over tp * ep rather than tp (the experts).
-    Tensors split over tp as a real number otherwise (d_inner / t), as the memory model has always done.
+    parallelism (experts); expert_params: parameters sharded over tp * ep rather than tp (the experts);
+    replicated: parameters of the mixer (its norms excluded, as in `count`) that every tp rank holds whole,
+    as the kind's tensor-parallel plan keeps them (a row-parallel output bias, MLA's latent projections, the
+    MoE router, a norm weight shared by heads on different ranks). The rest, count - expert_params -
+    replicated, is split over tp (/ t); activations split as real numbers (d_inner / t).
     """
 
     tp: tuple[tuple[str, int], ...] = ()
     ep: tuple[tuple[str, int], ...] = ()
     expert_params: int = 0
+    replicated: int = 0
 
 
 FACETS = ("build", "count", "inactive", "split", "context_check", "cache", "workspace", "stored", "flops", "dims")

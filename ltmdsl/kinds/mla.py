@@ -122,8 +122,12 @@ def count(c: MLAConfig, d: int) -> int:
 
 
 def split(c: MLAConfig, d: int) -> Split:
-    """Tensor parallelism splits the heads; the latent is replicated."""
-    return Split(tp=(("heads", c.heads),))
+    """Tensor parallelism splits the heads; the down-projections, their norms and the latent (Megatron-LM's
+    MLA split) and the row-parallel o_proj's bias are replicated."""
+    b = c.bias
+    q = 0 if c.q_lora_rank is None else d * c.q_lora_rank + (c.q_lora_rank if b else 0) + c.q_lora_rank
+    kv = d * c.latent + (c.latent if b else 0) + c.kv_lora_rank  # kv_a_proj_with_mqa and kv_a_layernorm
+    return Split(tp=(("heads", c.heads),), replicated=q + kv + (d if b else 0))
 
 
 def cache(c: MLAConfig, s) -> tuple[CacheTerm, ...]:

@@ -53,8 +53,9 @@ def count(c: MLPConfig, d: int) -> int:
 
 
 def split(c: MLPConfig, d: int) -> Split:
-    """d_ff splits over tp as a real number (the memory model's convention); nothing must divide."""
-    return Split()
+    """d_ff splits over tp (the runtime's plan refuses a tp that does not divide it); the row-parallel
+    down_proj's bias is replicated."""
+    return Split(replicated=d if c.bias else 0)
 
 
 def workspace(c: MLPConfig, d: int, s):

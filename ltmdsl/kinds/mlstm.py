@@ -91,7 +91,7 @@ def count(c: MlstmConfig, d: int) -> int:
 
 def split(c: MlstmConfig, d: int) -> Split:
     """Heads split over tp (each head's memory is indivisible)."""
-    return Split(tp=(("mLSTM heads", c.heads),))
+    return Split(tp=(("mLSTM heads", c.heads),), replicated=d if c.bias else 0)  # out_proj's bias
 
 
 def cache(c: MlstmConfig, s) -> tuple[CacheTerm, ...]:

@@ -199,8 +199,11 @@ def inactive(c: MoEConfig, d: int) -> int:
 
 
 def split(c: MoEConfig, d: int) -> Split:
-    """Expert parallelism shards the routed experts (ep must divide E); the router and shared expert are dense."""
-    return Split(ep=(("experts", c.experts),), expert_params=c.experts * c.expert_params(d))
+    """Expert parallelism shards the routed experts (ep must divide E); the router and shared expert are dense.
+    Under tp the router and the shared gate are replicated (same input, same gradient on every rank)."""
+    router = d * c.experts + (c.experts if c.router_bias else 0)
+    return Split(ep=(("experts", c.experts),), expert_params=c.experts * c.expert_params(d),
+                 replicated=router + (d if c.shared_gate else 0))
 
 
 def _second_scores(c: MoEConfig) -> bool:

@@ -69,7 +69,7 @@ def count(c: RgLruConfig, d: int) -> int:
 
 def split(c: RgLruConfig, d: int) -> Split:
     """Gate blocks split over tp (a block-diagonal gate cannot be cut inside a block)."""
-    return Split(tp=(("RG-LRU gate blocks", c.heads),))
+    return Split(tp=(("RG-LRU gate blocks", c.heads),), replicated=d)  # the row-parallel linear_out's bias
 
 
 def cache(c: RgLruConfig, s) -> tuple[CacheTerm, ...]:

@@ -36,6 +36,7 @@ INFERENCE_COMPONENTS = ("weights", "kv_cache", "recurrent_state", "activations",
 TRAINING_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "temporaries")
 
 ZERO = sympy.Integer(0)
+R = sympy.Rational
 
 
 def components_for(mode: str) -> tuple[str, ...]:
@@ -70,7 +71,7 @@ def stage_ranges(n_layers: int, pp: int) -> list[range]:
 
 
 def _groups(model: ModelIR, layers: range) -> tuple[dict, dict, int]:
-    """(mixer, norm, post_norm) -> count; owner params per kind (dense, expert); number of recompute checkpoints."""
+    """(mixer, norm, post_norm) -> count; owner params per kind (dense, expert, replicated); number of recompute checkpoints."""
     counts: dict = {}
     params: dict[str, list[int]] = {}
     seen: set = set()
@@ -86,10 +87,9 @@ def _groups(model: ModelIR, layers: range) -> tuple[dict, dict, int]:
         if owner in seen:
             continue
         seen.add(owner)
-        dense, expert = training.split_params(layer, model)
-        acc = params.setdefault(layer.kind, [0, 0])
-        acc[0] += dense
-        acc[1] += expert
+        acc = params.setdefault(layer.kind, [0, 0, 0])
+        for slot, n in enumerate(training.split_params(layer, model)):  # dense, expert, replicated
+            acc[slot] += n
     return counts, params, checkpoints
 
 
@@ -114,30 +114,31 @@ def assemble(model: ModelIR, s: Settings) -> list[StageExprs]:
 
 
 def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: bool, last: bool) -> None:
-    for kind, (dense, expert) in params.items():
-        for comp, expr in training.model_states(dense, expert, s).items():
+    for kind, (dense, expert, replicated) in params.items():
+        for comp, expr in training.model_states(dense, expert, s, replicated).items():
             st.add(comp, kind, expr)
-    if first or (last and model.tie_embeddings):
+    if first or (last and model.tie_embeddings):  # vocab-parallel: split over tp
         for comp, expr in training.model_states(model.embedding_params, 0, s).items():
             st.add(comp, "embedding", expr)
-    if last:
-        head = model.head_params + model.final_norm_params
-        for comp, expr in training.model_states(head, 0, s).items():
+    if last:  # the vocab-parallel head split, the final norm replicated
+        for comp, expr in training.model_states(model.head_params, 0, s, model.final_norm_params).items():
             st.add(comp, "head", expr)
     if s.mode == "training" and s.parallel.zero >= 3:
-        st.add("weights", "zero-3 gathered", _fsdp_root_params(model, st.layers, first, last) * s.weight_dtype.bytes
-               / sympy.Integer(s.tp))
+        split, replicated = _fsdp_root_params(model, st.layers, first, last)
+        st.add("weights", "zero-3 gathered", (R(split, s.tp) + replicated) * s.weight_dtype.bytes)
     if last and model.mtp is not None:  # DeepSeek-V3's multi-token-prediction modules, held beside the head
-        d = model.d_model
-        expert = model.mtp.depth * sum(kinds.kind_of(x.mixer).split(x.mixer, d).expert_params for x in model.mtp.block)
-        for comp, expr in training.model_states(model.params_mtp - expert, expert, s).items():
+        mtp, d = model.mtp, model.d_model
+        parts = [training.split_params(x, model) for x in mtp.block]
+        expert = mtp.depth * sum(p[1] for p in parts)
+        replicated = mtp.depth * (3 * mtp.norm.params_per_channel * d + sum(p[2] for p in parts))  # + its 3 norms
+        for comp, expr in training.model_states(model.params_mtp - expert - replicated, expert, s, replicated).items():
             st.add(comp, "mtp", expr)
 
 
-def _fsdp_root_params(model: ModelIR, layers: range, first: bool, last: bool) -> int:
+def _fsdp_root_params(model: ModelIR, layers: range, first: bool, last: bool) -> tuple[int, int]:
     """Parameters ZeRO-3 keeps gathered from the forward through the backward: those outside every mixer
     (ltmdsl.distributed shards each mixer on its own and the rest as FSDP2's root, which is not resharded after
-    the forward): the sub-layers' norms, the embedding, the final norm and the head held by this stage."""
+    the forward), as (tp-split: the embedding and head held by this stage, tp-replicated: the norms)."""
     d, seen, n = model.d_model, set(), 0
     for i in layers:
         layer = model.layers[i]
@@ -148,11 +149,11 @@ def _fsdp_root_params(model: ModelIR, layers: range, first: bool, last: bool) ->
         n += layer.norm.params_per_channel * d
         if layer.post_norm is not None:
             n += layer.post_norm.params_per_channel * d
-    if first or (last and model.tie_embeddings):
-        n += model.embedding_params
+    split = model.embedding_params if first or (last and model.tie_embeddings) else 0
     if last:
-        n += model.head_params + model.final_norm_params
-    return n
+        split += model.head_params
+        n += model.final_norm_params
+    return split, n
 
 
 def _inference(st: StageExprs, model: ModelIR, s: Settings, counts: dict, last: bool) -> None:

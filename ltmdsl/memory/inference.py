@@ -15,7 +15,8 @@ previous mixer's output, the residual and their sum, with the norm's fp32 workin
 which exceeds the layers' term only when no sub-layer's workspace is wider than about 5 model widths.
 
 Logits: fp32 logits of the last position of each sequence, 4 * b * V / t (sampling needs no more).
-Weights: params * weight_bytes / t (expert weights / (t * ep)); embeddings are vocab-parallel.
+Weights: params * weight_bytes / t (expert weights / (t * ep)), except what tensor parallelism replicates
+(norms and each kind's `Split.replicated`), held whole on every tp rank; embeddings are vocab-parallel.
 """
 
 from __future__ import annotations

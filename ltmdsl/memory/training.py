@@ -1,7 +1,12 @@
 """Training model states (weights, gradients, optimizer), the loss logits and pipeline in-flight counts.
 
-Model states per GPU, for P parameters held by a pipeline stage (dense ones split over t, expert ones
-over t*ep), with w, g, o the weight, gradient and optimizer bytes per parameter:
+Model states per GPU, for P parameters held by a pipeline stage, with w, g, o the weight, gradient and
+optimizer bytes per parameter. Per tensor-parallel rank, P counts what the runtime's tp plan holds there:
+split parameters / t, expert ones / (t*ep), and the tp-replicated ones whole: every norm (pre-, post- and
+final norms; they see the full, all-reduced activations) and what each kind's `split` facet states as
+`replicated` (row-parallel output biases, MLA's latent projections, the MoE router, norm weights shared by
+heads on different ranks). Until the tp-replicated convention, every parameter was divided by t, so a tp
+rank was predicted slightly less than it holds; at t = 1 nothing changes.
 
     weights    P*w / (N if ZeRO-3 else 1); ZeRO-3 adds the parameters outside the mixers (embedding, norms,
                head: FSDP2's root in ltmdsl.distributed), gathered whole from the forward through the backward
@@ -50,10 +55,14 @@ from ltmdsl.memory.symbols import B, C, T, per_replica, q
 R = sympy.Rational
 
 
-def split_params(layer: SubLayer, model: ModelIR) -> tuple[int, int]:
-    """(dense, expert) parameters of a sub-layer: experts are what expert parallelism shards (`split` facet)."""
-    expert = kinds.kind_of(layer.mixer).split(layer.mixer, model.d_model).expert_params
-    return layer.params - expert, expert
+def split_params(layer: SubLayer, model: ModelIR) -> tuple[int, int, int]:
+    """(dense, expert, replicated) parameters of a sub-layer (`split` facet): experts are what expert
+    parallelism shards; replicated ones every tp rank holds whole (its norms and the mixer's replicated
+    parts); dense ones, the rest, tp splits."""
+    split = kinds.kind_of(layer.mixer).split(layer.mixer, model.d_model)
+    norms = (layer.norm.params_per_channel + (layer.post_norm.params_per_channel if layer.post_norm else 0)) * model.d_model
+    replicated = norms + split.replicated
+    return layer.params - split.expert_params - replicated, split.expert_params, replicated
 
 
 def _shards(s: Settings, expert: bool):
@@ -64,12 +73,13 @@ def _shards(s: Settings, expert: bool):
     return n
 
 
-def model_states(dense: int, expert: int, s: Settings) -> dict[str, sympy.Expr]:
-    """{"weights", "gradients", "optimizer"} bytes per GPU for parameters held by one stage.
+def model_states(dense: int, expert: int, s: Settings, replicated: int = 0) -> dict[str, sympy.Expr]:
+    """{"weights", "gradients", "optimizer"} bytes per GPU for parameters held by one stage: `dense` split
+    over tp, `expert` over tp * ep, `replicated` whole on every tp rank (ZeRO shards both like dense ones).
 
     In inference only "weights" is returned and nothing is sharded over data-parallel ranks.
     """
-    p_dense = R(dense, s.tp)
+    p_dense = R(dense, s.tp) + replicated
     p_expert = R(expert, s.tp * s.ep)
     w = s.weight_dtype.bytes
     if s.mode == "inference":

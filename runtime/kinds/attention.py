@@ -233,6 +233,9 @@ def tp_plan(cfg: AttentionConfig, tp: int) -> dict:
     if cfg.qk_norm:
         raise TensorParallelUnsupported("qk_norm attention has no tensor-parallel plan yet (its norm weights "
                                         "are shared by heads on different ranks)")
+    if cfg.sinks:
+        raise TensorParallelUnsupported("attention with sinks has no tensor-parallel plan yet (its per-head sink "
+                                        "logits would have to follow the heads)")
     return {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
             "o_proj": RowwiseParallel()}
 

@@ -11,6 +11,9 @@ Where torch's implementation and the memory model differ, the test says so rathe
   zero 2  FSDP2 keeps only the weight shard between steps (P*w/N) where the ZeRO paper keeps P*w
   zero 3  the shard between steps; the model's per-step weights add FSDP2's root (everything outside the
           mixers), which stays gathered from the forward through the backward
+  tp      a model per kind with a tensor-parallel plan (biases, post-norms and shared gates included): split
+          parameters / t, what the plan replicates (norms, row-parallel biases, MLA's latent projections, the
+          MoE router) whole on every rank: exact, on 2 ranks and dp x tp with zero 3 on 4
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import pytest
 from dist_cases import LR, batches, tiny_hybrid
 
+import ltmdsl
 from ltmdsl.distributed import launch, parallelize, plan_from, shard_batch, train_step
 from ltmdsl.distributed.memory import COMPONENTS, rank_state_bytes
 from ltmdsl.memory import report
@@ -39,11 +43,16 @@ def _predicted(ir, plan) -> dict[str, int]:
     return {c: r.per_gpu_components[c] for c in COMPONENTS}
 
 
+def _norms(ir) -> int:
+    """Parameters of every norm: the sub-layers' and the final one."""
+    return ir.final_norm_params + sum(
+        (layer.norm.params_per_channel + (layer.post_norm.params_per_channel if layer.post_norm else 0)) * ir.d_model
+        for layer in ir.unique_layers())
+
+
 def _fsdp_root(ir) -> int:
-    """Parameters outside every mixer (FSDP2's root under ZeRO-3): embedding, head, final norm, sub-layer norms."""
-    norms = sum((layer.norm.params_per_channel + (layer.post_norm.params_per_channel if layer.post_norm else 0))
-                * ir.d_model for layer in ir.unique_layers())
-    return ir.embedding_params + ir.head_params + ir.final_norm_params + norms
+    """Parameters outside every mixer (FSDP2's root under ZeRO-3): embedding, head and the norms."""
+    return ir.embedding_params + ir.head_params + _norms(ir)
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
@@ -82,3 +91,47 @@ def test_rank_bytes_under_ep_cp_pp_equal_the_memory_model(degrees):
         assert max(measured, key=lambda m: sum(m.values())) == want
     else:
         assert all(got == want for got in measured)
+
+
+TP_KINDS = {
+    "attention": "attention(heads = 4, kv_heads = 2, qkv_bias = true, out_bias = true, gate = true)",
+    "mla": "mla(heads = 4, q_lora_rank = 16, kv_lora_rank = 16, qk_nope_head_dim = 8, qk_rope_head_dim = 4, "
+           "v_head_dim = 8, bias = true)",
+    "mlp": "mlp(d_ff = 64, act = gelu, bias = true)",
+    "moe": "moe(experts = 4, top_k = 2, d_ff = 16, shared_d_ff = 24, shared_gate = true, router_bias = true)",
+    "mlstm": "mlstm(heads = 4, chunk = 8, bias = true)",
+    "rg_lru": "rg_lru(heads = 4, chunk = 8)",
+}
+
+
+def tp_model(layer: str):
+    """The kind's layer (with a post-norm) and a biased MLP, twice, untied head."""
+    return ltmdsl.loads(f"model m {{\n vocab = 64\n d_model = 32\n dtype = fp32\n head = untied\n"
+                        f" layer x = {layer[:-1]}, post_norm = rmsnorm(eps = 1e-6))\n"
+                        " layer f = mlp(d_ff = 64, bias = true)\n stack { x f x f }\n}\n").ir.model()
+
+
+@pytest.mark.parametrize("layer", TP_KINDS.values(), ids=TP_KINDS.keys())
+def test_rank_bytes_under_tp_equal_the_memory_model(layer):
+    """Each tp rank holds what the memory model predicts per GPU, exactly: the split parameters / t and the
+    replicated ones whole (and more than P / t, which the memory model predicted before)."""
+    ir = tp_model(layer)
+    plan = plan_from(world=2, tp=2)
+    want = _predicted(ir, plan)
+    measured = [got for got, _ in launch(_measure, 2, (ir, plan))]
+    assert all(got == want for got in measured), (measured, want)
+    assert want["weights"] > 4 * ir.params_total / 2
+
+
+def test_rank_bytes_under_dp_tp_zero3_equal_the_memory_model():
+    """dp 2 x tp 2, zero 3: FSDP2 cuts dim 0 with torch.chunk, so a tensor whose first dim dp does not divide
+    (the shared gate's [1, d]) leaves the dp ranks a few rows apart; their sum is the prediction exactly."""
+    ir = tp_model(TP_KINDS["moe"])
+    plan = plan_from(world=4, tp=2, zero=3)
+    want = _predicted(ir, plan)
+    measured = [got for got, _ in launch(_measure, 4, (ir, plan))]
+    # at rest (after the step) FSDP2 holds only the shards: the root it gathers for the step (the embedding and
+    # head / t, the norms whole) is the model's weights beyond them
+    at_rest = dict(want, weights=want["weights"] - 4 * ((ir.embedding_params + ir.head_params) // 2 + _norms(ir)))
+    for c in COMPONENTS:
+        assert sum(got[c] for got in measured) == 4 * at_rest[c], (c, measured, want)
