@@ -24,13 +24,14 @@ Bytes-per-parameter conventions (AdamW, mixed precision):
 Megatron's distributed optimizer gives 6 + 12/dp for the default: only o is sharded.
 ZeRO figure 1 check (P = 7.5e9, N = 64, w = g = 2, o = 12): 120, 31.4, 16.6, 1.9 GB for stages 0-3.
 
-Logits: the output layer's fp32 logits, 4*b*s*V/t (vocab-parallel), per micro-batch on the last stage.
+Logits: the output layer's fp32 logits, 4*b*s*V (the vocab-parallel head's logits gathered whole on every tp
+rank, as the runtime's loss reads them), per micro-batch on the last stage.
 At long context they dominate (V = 128256, s = 1Mi: 538 GB per sequence), hence the option of a
-chunked loss (`chunked_loss`): logits for min(C, s) tokens at a time, 4*b*min(C, s)*V/t.
+chunked loss (`chunked_loss`): logits for min(C, s) tokens at a time, 4*b*min(C, s)*V.
 
 Temporaries: what the backward allocates only for a moment, at the step's peak (all activations still live):
-the loss's backward, 8*b*s*V/t (the fp32 gradients of the log-softmax output and of the logits; with a chunked
-loss (a + 12)*b*min(C, s)*V/t, one chunk's recomputed logits and both gradients), and under ZeRO-3 two
+the loss's backward, 8*b*s*V (the fp32 gradients of the log-softmax output and of the logits; with a chunked
+loss (a + 12)*b*min(C, s)*V, one chunk's recomputed logits and both gradients), and under ZeRO-3 two
 mixers' weights gathered whole (the one back-propagating and the next, prefetched), 2*P_mixer*w/t; under
 selective recompute what it dropped of one sub-layer, live again for that sub-layer's backward; the largest
 of these. Not counted: the gradients of an eager (no flash) attention core's scores while a recomputed core
@@ -101,16 +102,18 @@ def model_states(dense: int, expert: int, s: Settings, replicated: int = 0) -> d
 
 
 def loss_logits(model: ModelIR, s: Settings):
-    """fp32 logits of one micro-batch on the last stage: 4*b*(min(C, s) if chunked else s)*V/t, twice with a
+    """fp32 logits of one micro-batch on the last stage: 4*b*(min(C, s) if chunked else s)*V, twice with a
     final-logit soft cap (its tanh output is kept for backward beside the capped logits the loss keeps;
-    measured with autograd's saved-tensor hooks: 2.00 logits-sized tensors instead of 1.00)."""
+    measured with autograd's saved-tensor hooks: 2.00 logits-sized tensors instead of 1.00). Whole V on every
+    tensor-parallel rank: the runtime's vocab-parallel head gathers its V/t logits (`LTModel.head`) and the loss
+    runs on all of them (no vocab-parallel cross-entropy); until the traced tp rank showed it, this was V/t."""
     p = s.parallel
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
     if s.chunked_loss:
         tokens = sympy.Min(C, tokens)
     copies = 2 if model.logit_cap is not None else 1
-    return copies * 4 * b * tokens * model.vocab / R(p.tp)
+    return copies * 4 * b * tokens * model.vocab
 
 
 def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int):
@@ -123,9 +126,9 @@ def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int):
     terms = []
     if last:
         if s.chunked_loss:  # one chunk recomputed: its logits (a and fp32) and the two fp32 gradients
-            terms.append((s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab / R(p.tp))
-        else:  # the fp32 gradients of the log-softmax output and of the logits
-            terms.append(8 * b * tokens * model.vocab / R(p.tp))
+            terms.append((s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab)
+        else:  # the fp32 gradients of the log-softmax output and of the logits (whole V: `loss_logits`)
+            terms.append(8 * b * tokens * model.vocab)
     if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
         terms.append(2 * largest_mixer * s.weight_dtype.bytes / R(p.tp))
     return sympy.Max(*terms) if len(terms) > 1 else (terms[0] if terms else sympy.Integer(0))
