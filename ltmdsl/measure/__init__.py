@@ -4,13 +4,17 @@
     m = measure(spec.model, budget)          # a Measurement
     m.predicted, m.measured, m.peak_bytes, m.to_json(), m.to_text()
 
-The model is built on the meta device in the budget's dtypes, the modules of one rank (the memory model's
-most loaded pipeline stage) get fake storage under `FakeTensorMode`, and the step runs for real on tensors that
-have shapes but no data, while `MemTracker` follows every storage. Nothing is allocated, so a 405B model at its
+The model is built on the meta device in the budget's dtypes; a plan with tensor, context or expert
+parallelism or ZeRO-3 is split into one rank's share by ltmdsl.distributed itself under a fake process group
+(`ranks`); the modules of that rank (the memory model's most loaded pipeline stage) get fake storage under
+`FakeTensorMode`, and the step runs for real on tensors that have shapes but no data, while `MemTracker`
+follows every storage. Nothing is allocated, so a 405B model at its
 budget's context traces on a laptop. Imports torch; `ltmdsl memory` without --measure never imports this.
 
 Modules, one concept each:
-    fakesafe   which kinds trace as they are, the MoE's static-shape balanced dispatch, refusal naming a kind
+    fakesafe   which kinds trace as they are, the MoE's static-shape balanced dispatch (expert parallel too),
+               refusal naming a kind
+    ranks      one rank of a parallel plan: the fake process group, its mesh, the traced rank
     stage      the modules one rank holds (pipeline stage) and the full-recompute units
     states     main gradients and AdamW states, sharded as the memory model says, and the AdamW step
     timeline   live bytes and named snapshots over a MemTracker; the peak and its phase
@@ -19,11 +23,13 @@ Modules, one concept each:
     cost       how long a trace would take; refusal with a smaller context to try
     report     Measurement: per component predicted, traced, relative difference; the peak
 
-What is approximated (also in each Measurement's notes): tensor, context and expert parallelism and ZeRO-3
-are not traced (refused: the rank's shards of each layer are not built under fake tensors); sharded gradient
-and optimizer buffers hold ceil(P/N) elements and the collectives are not simulated; MoE routing is balanced;
-only the in-flight micro-batches of the 1F1B peak are run; non-learned buffers (Lightning's slopes) are live
-but not weights. Every mixer kind of the runtime traces (fakesafe.TRACE_PATHS).
+What is approximated (also in each Measurement's notes): collectives allocate their outputs but communicate
+nothing; ZeRO 1/2 are Megatron's flat sharded buffers of ceil(P/N) elements (ZeRO-3 is FSDP2, as
+ltmdsl.distributed runs it); MoE routing is balanced; only the in-flight micro-batches of the 1F1B peak are run;
+non-learned buffers (Lightning's slopes) are live but not weights. Refused, saying why: a plan
+ltmdsl.distributed does not run (its plan check), sequence parallelism, and tensor or context parallelism in
+inference (the runtime runs them in training only). Every mixer kind of the runtime traces
+(fakesafe.TRACE_PATHS). Training adds `temporaries`: the traced peak beyond everything the step holds.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ def _supported(ir, s) -> None:
         if errors:
             raise NotTraceable("ltmdsl.distributed does not run this plan, so one of its ranks cannot be traced: "
                                + "; ".join(errors))
+    if p.tp > 1 and p.sequence_parallel:
+        raise NotTraceable("sequence parallelism (sp = true): ltmdsl.distributed's tensor-parallel ranks keep the whole "
+                           "sequence's residual and norms, so a traced rank could not be the prediction; measure the "
+                           "budget with sp = false")
     for name, value in (("context", p.cp), ("tensor", p.tp)):
         if s.mode == "inference" and value > 1:
             raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) in inference: ltmdsl runs it in training "

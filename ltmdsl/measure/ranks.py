@@ -10,6 +10,10 @@ allocate is traced; their contents are not computed (fake tensors have none anyw
 The traced rank is the most loaded one: the memory model's most loaded pipeline stage, data-parallel rank 0,
 the last context-parallel rank (its tokens attend to every key before them; all cp ranks gather the same
 keys and values), tensor-parallel rank 0 (tp ranks hold equal shares).
+
+Known issue: a tp x cp plan traced after another tensor-parallel trace in the same process can be handed a
+DeviceMesh of the earlier (destroyed) group by DTensor and fail ("Could not resolve the process group"); one
+trace per process (the CLI) is unaffected.
 """
 
 from __future__ import annotations
@@ -47,3 +51,4 @@ def fake_group(plan: ParallelPlan, stage: int):
         yield device_mesh(plan, "cpu")
     finally:
         dist.destroy_process_group()
+

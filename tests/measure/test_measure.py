@@ -244,6 +244,8 @@ PARALLEL = {  # one rank of each plan, built by ltmdsl.distributed under a fake 
     "zero3-dp4": (DENSE, dict(zero=3, gpus=4)),
     "zero3-dp2-cp2": (DENSE, dict(zero=3, cp=2, gpus=4)),
     "ep2-moe": (MOE, dict(ep=2, gpus=2)),
+    "tp2": (DENSE, dict(tp=2, gpus=2)),
+    "tp2-zero3-dp2": (DENSE, dict(tp=2, zero=3, gpus=4)),
 }
 
 
@@ -282,6 +284,8 @@ def test_plans_ltmdsl_does_not_run_are_refused_saying_why(dense):
         measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), ep=2, zero=2, gpus=2)
     with pytest.raises(NotTraceable, match=r"context parallelism \(cp = 2\) in inference"):
         measure(dense.model, _budget(dense, "serve"), cp=2, gpus=2)
+    with pytest.raises(NotTraceable, match=r"sequence parallelism \(sp = true\)"):
+        measure(dense.model, _budget(dense, "train"), tp=2, gpus=2, sequence_parallel=True)
     ssm = ltmdsl.loads(DENSE.replace("attention(heads = 4, kv_heads = 2, rope_theta = 10000)", "mamba(d_state = 4)"))
     with pytest.raises(NotTraceable, match="no tensor-parallel plan for kind 'mamba'"):
         measure(ssm.model, _budget(ssm, "train"), tp=2, gpus=2)
