@@ -44,13 +44,17 @@ PLANS = [  # (model, world, degrees)
     ("tiny-hybrid", 2, {"zero": 2}),
     ("tiny-hybrid", 2, {"zero": 3}),
     ("tiny-hybrid", 2, {"cp": 2}),
+    ("tiny-hybrid", 2, {"cp": 2, "cp_split": "contiguous"}),
     ("tiny-hybrid", 2, {"ep": 2}),
     ("tiny-hybrid", 2, {"pp": 2, "microbatches": 2}),
     ("tiny-hybrid", 2, {"pp": 2, "microbatches": 2, "interleave": 2}),
+    ("tiny-hybrid", 4, {"pp": 2, "dp": 2, "zero": 3, "microbatches": 2}),
+    ("tiny-hybrid", 4, {"pp": 2, "cp": 2, "microbatches": 2}),
     ("tp-bench", 1, {}),
     ("tp-bench", 2, {"tp": 2}),
     ("tp-bench", 2, {"zero": 3}),
     ("tp-bench", 4, {"tp": 2, "zero": 3}),
+    ("tp-bench", 4, {"pp": 2, "tp": 2, "microbatches": 2}),
 ]
 
 
@@ -116,12 +120,12 @@ def main(argv=None) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     mib = 2**20
-    print(f"{'model':12} {'N':>2} {'plan':40} {'tok/s':>8}  rank 0 weights/grads/optim MiB (memory model)  peak RSS MiB")
+    print(f"{'model':12} {'N':>2} {'plan':56} {'tok/s':>8}  rank 0 weights/grads/optim MiB (memory model)  peak RSS MiB")
     for r in rows:
         b, p = r["rank_bytes"][0], r["predicted_bytes"]
         held = "/".join(f"{b[c] / mib:.2f}" for c in ("weights", "gradients", "optimizer"))
         pred = "/".join(f"{p[c] / mib:.2f}" for c in ("weights", "gradients", "optimizer"))
-        print(f"{r['model']:12} {r['world']:>2} {r['plan']:40} {r['tokens_per_s']:8.0f}  {held:>20} ({pred})"
+        print(f"{r['model']:12} {r['world']:>2} {r['plan']:56} {r['tokens_per_s']:8.0f}  {held:>20} ({pred})"
               f"  {max(r['peak_rss']) / mib:.0f}")
     return 0
 

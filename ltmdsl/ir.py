@@ -311,6 +311,7 @@ class ParallelPlan:
     sequence_parallel: bool = False
     microbatches: int = 1  # m, pipeline micro-batches per step
     interleave: int = 1  # virtual pipeline stages per GPU
+    cp_split: str = "balanced"  # cp token split: 2*cp chunks, rank r holds r and 2cp-1-r | "contiguous"
 
     @property
     def world(self) -> int:

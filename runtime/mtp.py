@@ -10,7 +10,7 @@ norm, for k = 1) and the embeddings of the tokens k positions ahead, e [B, T', d
 Parameter names under `mtp.{k-1}.`: `norm_h`, `norm_e`, `proj.weight` [d, 2d], `layers.{j}.` (as the stack's
 sub-layers) and `norm_o`. DeepSeek's published checkpoints hold the same module with the two halves of the
 projection's input the other way round (`eh_proj` over [norm(e) ; norm(h)], `enorm`, `hnorm`,
-`shared_head.norm`); ltmdsl does not load them yet.
+`shared_head.norm`); ltmdsl.hf maps them (ltmdsl/hf/families/deepseek_v3.py).
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ PUBLISHED = {
     "gpt-oss-20b.ltm": 20_914_757_184,  # transformers 5.24 on tests/hf/configs/gpt-oss-20b.json
     "gemma-3-27b.ltm": 27_009_346_304,  # transformers 5.24, the text model of tests/hf/configs/gemma-3-27b-it.json
     "nemotron-3-nano-30b-a3b.ltm": 31_577_937_344,  # transformers 5.24 on tests/hf/configs/NVIDIA-Nemotron-3-Nano-*.json
+    "granite-4.0-h-small.ltm": 32_207_337_984,  # transformers 5.24 on tests/hf/configs/granite-4.0-h-small.json
+    "falcon-h1-34b.ltm": 33_642_221_312,  # transformers 5.24 on tests/hf/configs/Falcon-H1-34B-Instruct.json
 }
 
 REQUIRED = set(PUBLISHED) - {"nemotron-h-8b.ltm", "bamba-9b.ltm"} | {"ltm-100m.ltm", "tiny-hybrid.ltm",

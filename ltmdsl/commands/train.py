@@ -16,6 +16,7 @@ import sys
 from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_model
 from ltmdsl.commands.stream import count
 from ltmdsl.commands.task_options import add_task_arguments, given_options
+from ltmdsl.distributed.plan import CP_SPLITS
 
 
 def add_arguments(p) -> None:
@@ -53,6 +54,9 @@ def add_arguments(p) -> None:
     dist.add_argument("--microbatches", type=count, metavar="M", help="pipeline micro-batches per step")
     dist.add_argument("--interleave", type=count, metavar="V",
                       help="virtual pipeline stages per rank (interleaved 1F1B; default 1)")
+    dist.add_argument("--cp-split", choices=CP_SPLITS,
+                      help="how cp splits a sequence: balanced (default: 2*cp chunks, rank r holds chunks r and "
+                           "2cp-1-r, so causal attention costs every rank the same) or contiguous")
     add_task_arguments(p)
 
 
@@ -123,7 +127,7 @@ def run(args) -> int:
     return EXIT_OK
 
 
-_DEGREES = ("tp", "pp", "cp", "dp", "ep", "zero", "microbatches", "interleave")
+_DEGREES = ("tp", "pp", "cp", "dp", "ep", "zero", "microbatches", "interleave", "cp_split")
 
 
 def plan_of(args, spec, ir, world: int):

@@ -27,9 +27,9 @@ Modules, one concept each:
     checkpoint       DCP save / load under any plan (resharding), export to the single-file checkpoint
     memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
 
-Runs today: dp with zero 0-3, tp (attention and MLP kinds), dp x tp, cp (attention, Mamba-1/2, MLP, MoE),
-dp x cp, tp x cp, ep = dp (zero 0), pp (1F1B) and pp x dp (zero 0). Other combinations are refused with
-a message (docs/DISTRIBUTED.md).
+Runs today: dp with zero 0-3, tp, dp x tp, cp (every kind; load-balanced split by default), dp x cp,
+tp x cp, ep = dp (zero 0), pp (1F1B, interleaved) with dp, tp, cp and zero 0, 2, 3. Other combinations
+are refused with a message (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@
 
 FSDP2 wraps each sub-layer's mixer (one all-gather and one reduce-scatter per mixer: LTModel calls a
 block's norm and mixer directly, so the mixer is the unit whose forward hooks run), then the root
-(embedding, the small norms, final norm, head). With tensor parallelism the dp mesh is the outer axis of a 2-D mesh and
+(embedding, the small norms, final norm, head); under pp the root is each pipeline stage, and
+torch.distributed.pipelining defers the gradient reduce-scatter to the last micro-batch's backward. With tensor parallelism the dp mesh is the outer axis of a 2-D mesh and
 FSDP shards the tensor-parallel shards again (FSDP2 + DTensor "2-D").
 """
 
@@ -25,21 +26,26 @@ FSDP_STAGES = (2, 3)
 
 
 def apply_fsdp(model, dp_mesh, zero: int) -> None:
-    """Shard `model` (an LTModel, best still on the meta device) with FSDP2 for ZeRO stage 2 or 3."""
+    """Shard `model` with FSDP2 for ZeRO stage 2 or 3 (best still on the meta device): an LTModel, one
+    pipeline Stage (its mixers, then the stage as the root of its embedding, norms and head), or a rank's
+    interleaved stages (`RankStages`: each of its stages so)."""
     from torch.distributed.fsdp import fully_shard
 
     if zero not in FSDP_STAGES:
         raise ValueError(f"FSDP2 implements ZeRO stages {FSDP_STAGES}; stage {zero} uses sync_gradients")
+    roots = getattr(model, "stages", None) or [model]  # a rank's virtual pipeline stages are FSDP roots each
     reshard = zero == 3
     done: set[int] = set()
-    for block in model.layers:
-        if id(block) not in done:  # tied blocks are one module, sharded once
-            done.add(id(block))
-            fully_shard(block.mixer, mesh=dp_mesh, reshard_after_forward=reshard)
-    # The root (embedding, norms, head) stays gathered after forward under zero 3 too: backward needs it
-    # at once, and a loss that multiplies by the head weight outside forward (the chunked answer loss)
-    # must see the whole weight, not its shard.
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+    for root in roots:
+        blocks = root.layers.values() if isinstance(root.layers, torch.nn.ModuleDict) else root.layers
+        for block in blocks:
+            if id(block) not in done:  # tied blocks are one module, sharded once
+                done.add(id(block))
+                fully_shard(block.mixer, mesh=dp_mesh, reshard_after_forward=reshard)
+        # The root (embedding, norms, head) stays gathered after forward under zero 3 too: backward needs it
+        # at once, and a loss that multiplies by the head weight outside forward (the chunked answer loss)
+        # must see the whole weight, not its shard.
+        fully_shard(root, mesh=dp_mesh, reshard_after_forward=False)
 
 
 @torch.no_grad()

@@ -13,6 +13,9 @@ With `interleave` = v > 1 the stack is cut into pp * v virtual stages, stage s o
 interleaved schedule), run by torch's ScheduleInterleaved1F1B; a rank's stages are one module for the
 optimizer and checkpoints (`RankStages`).
 
+Each stage's ranks may split it further by tp and cp (the split happens on the meta model before the cut)
+and shard it by ZeRO 2 / 3 (FSDP2 on the stage's modules, rank_model.parallelize).
+
 Refused: tied embeddings and tie groups spanning ranks (one parameter on two ranks).
 """
 
@@ -33,29 +36,34 @@ IGNORE_INDEX = -100
 
 
 class ScheduleLoss:
-    """The loss the 1F1B schedule applies to a micro-batch's logits [b, T, V] and targets [b, T].
+    """The loss the 1F1B schedule applies to a micro-batch's last hidden states [b, T, d] (normalised) and
+    targets [b, T]: the model's head and cross-entropy together, chunked (ltmdsl.train.loss), so the last
+    stage never holds [b, T, V] logits, and vocab-parallel under tp (each rank's V/t rows of the head).
 
-    By default the micro-batch's mean cross-entropy (fp32 softmax), as LTModel.loss; the schedule averages
-    them. `pipeline_step` switches it to `weight` times the summed cross-entropy of the targets that are
-    not IGNORE_INDEX (the training loop's answer-only loss), and counts loss and correct answers."""
+    By default the micro-batch's mean cross-entropy over the targets that are not IGNORE_INDEX, as
+    LTModel.loss; the schedule averages them. `pipeline_step` switches it to `weight` times their summed
+    cross-entropy (the training loop's answer-only loss), and counts loss and correct answers."""
 
-    def __init__(self, microbatches: int):
+    def __init__(self, model, microbatches: int, chunk: int = 1024):
+        self.model = model  # the LTModel whose head the last stage holds (head_weight, logit scale and cap)
         self.microbatches = microbatches
+        self.chunk = chunk
         self.weight: float | None = None
         self.calls: list[tuple[float, int]] = []  # (summed loss, correct) of each call since the last reset
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        flat, t = logits.float().flatten(0, 1), targets.flatten()  # [b*T, V], [b*T]
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from ltmdsl.train.loss import summed_target_loss
+
+        summed, correct, count = summed_target_loss(self.model, hidden, targets, self.chunk, IGNORE_INDEX)
         if self.weight is None:
-            return nn.functional.cross_entropy(flat, t)
-        summed = nn.functional.cross_entropy(flat, t, ignore_index=IGNORE_INDEX, reduction="sum")
-        keep = t != IGNORE_INDEX
-        self.calls.append((float(summed.detach()), int((flat[keep].argmax(-1) == t[keep]).sum())))
+            return summed / max(count, 1)
+        self.calls.append((float(summed.detach()), correct))
         return summed * (self.weight * self.microbatches)  # the schedule (scale_grads) divides by micro-batches
 
 
 class Stage(nn.Module):
-    """Sub-layers `layers` of `model` (first stage: from token ids; last: to logits)."""
+    """Sub-layers `layers` of `model` (first stage: from token ids; last: to the final norm's output, which
+    ScheduleLoss takes through the head)."""
 
     def __init__(self, model, layers: range, first: bool, last: bool):
         super().__init__()
@@ -65,17 +73,16 @@ class Stage(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
         self.final_norm = model.final_norm if last else None
         self.lm_head = model.lm_head if last else None
-        self._head = model.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ids [b, T] (first stage) or h [b, T, d] -> h [b, T, d], or logits [b, T, V] on the last stage."""
+        """ids [b, T] (first stage) or h [b, T, d] -> h [b, T, d]; on the last stage the normalised h."""
         h = self.embed(x) if self.first else x  # [b, T, d]
         pending = None
         for block in self.layers.values():
             h, pending = block.advance(h, pending, None, 0, False, self.ir.residual_scale)  # [b, T, d] each
         if self.last:
             normed, _ = self.final_norm(h, None) if pending is None else self.final_norm(pending, h)
-            return self._head(normed)  # [b, T, V]
+            return normed  # [b, T, d]: the head is applied by ScheduleLoss, chunked (never [b, T, V])
         return h if pending is None else pending + h  # the residual add the next stage's norm would do
 
 
@@ -130,7 +137,7 @@ def build_stage(model, pp_mesh, microbatches: int, interleave: int = 1):
     pp = pp_mesh.size()
     ranges = check_pipeline(model.ir, pp, interleave)
     r, n = pp_mesh.get_local_rank(), len(ranges)
-    loss = ScheduleLoss(microbatches)
+    loss = ScheduleLoss(model, microbatches)
     if interleave == 1:
         stage = Stage(model, ranges[r], first=r == 0, last=r == n - 1)
         stage.loss = loss
@@ -175,11 +182,11 @@ def pipeline_loss(schedule, stage: Stage, pp_mesh, input_ids: torch.Tensor, targ
 
 
 def pipeline_step(schedule, stage: Stage, input_ids: torch.Tensor, targets: torch.Tensor,
-                  weight: float) -> torch.Tensor:
+                  weight: float, chunk: int = 1024) -> torch.Tensor:
     """Forward and backward of one batch whose loss is `weight` times the summed cross-entropy of the
-    targets that are not IGNORE_INDEX; returns [summed loss, correct answers] (float64), non-zero on the
-    last stage only."""
-    stage.loss.weight, stage.loss.calls = weight, []
+    targets that are not IGNORE_INDEX (`chunk` answer rows at a time); returns [summed loss, correct
+    answers] (float64), non-zero on the last stage only."""
+    stage.loss.weight, stage.loss.calls, stage.loss.chunk = weight, [], chunk
     try:
         _run_schedule(schedule, stage, input_ids, targets)
         # The schedule's first step also runs the loss once while it infers shapes (on uninitialised

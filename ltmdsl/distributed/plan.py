@@ -6,7 +6,7 @@ world size when not given. `check_plan` refuses, with every problem in one messa
 
   - does not multiply to the world size (tp*pp*cp*dp),
   - does not divide the model (heads, experts, layers: the memory model's own words, budgets.plan_problems),
-  - does not divide the batch over dp or the sequence over cp,
+  - does not divide the batch over dp or the sequence over cp (2*cp chunks under the balanced cp split),
   - combines degrees ltmdsl.distributed does not run together yet (docs/DISTRIBUTED.md).
 
 Pure: importing this module imports no torch, so a launcher can refuse a plan without starting anything.
@@ -18,6 +18,11 @@ import dataclasses
 
 from ltmdsl.budgets import plan_problems
 from ltmdsl.ir import BudgetIR, ModelIR, ParallelPlan
+
+#: How cp splits a sequence (ltmdsl.distributed.context_parallel): 2*cp chunks, rank r holding r and 2cp-1-r,
+#: or one contiguous block per rank.
+CP_SPLITS = ("balanced", "contiguous")
+
 
 class PlanError(ValueError):
     """A parallel plan that cannot run this model on this many workers (the message lists every reason)."""
@@ -60,13 +65,22 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"dp = {plan.dp} does not divide the batch of {batch} sequences")
     if seq_len is not None and seq_len % plan.cp:
         errors.append(f"cp = {plan.cp} does not divide the sequence of {seq_len} tokens")
+    elif seq_len is not None and plan.cp > 1 and plan.cp_split == "balanced" and seq_len % (2 * plan.cp):
+        errors.append(f"cp = {plan.cp} with the load-balanced split cuts the sequence into 2*cp = {2 * plan.cp} "
+                      f"chunks, which do not divide the sequence of {seq_len} tokens (cp_split = contiguous "
+                      "needs only cp to divide it)")
+    if plan.cp_split not in CP_SPLITS:
+        errors.append(f"cp_split is one of {', '.join(CP_SPLITS)}, got {plan.cp_split!r}")
     if plan.ep > 1 and (plan.ep != plan.dp or plan.tp > 1 or plan.cp > 1 or plan.zero > 0):
         errors.append(f"ep = {plan.ep} runs as ep = dp with tp = 1, cp = 1 and zero 0 so far (experts split over "
                       f"the data-parallel ranks); this plan has dp = {plan.dp}, tp = {plan.tp}, cp = {plan.cp}, "
                       f"zero = {plan.zero}")
-    if plan.pp > 1 and (plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.zero > 0):
-        errors.append(f"pp = {plan.pp} runs with dp and zero 0 only so far (this plan: tp = {plan.tp}, cp = {plan.cp}, "
-                      f"ep = {plan.ep}, zero = {plan.zero})")
+    if plan.pp > 1 and plan.ep > 1:
+        errors.append(f"pp = {plan.pp} with ep = {plan.ep}: expert parallelism inside a pipeline stage is not "
+                      "supported yet (pp runs with dp, tp, cp and zero 0, 2, 3)")
+    if plan.pp > 1 and plan.zero == 1:
+        errors.append(f"pp = {plan.pp} with zero = 1: ZeroRedundancyOptimizer is not wired into the pipeline; "
+                      "use zero = 2 (FSDP2 shards the same gradients and optimizer state) or zero = 0")
     if plan.pp > 1 and batch is not None and (batch // max(plan.dp, 1)) % plan.microbatches:
         errors.append(f"{plan.microbatches} micro-batches do not divide the {batch // plan.dp} sequences of a "
                       "data-parallel rank")
@@ -88,5 +102,7 @@ def check_plan(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | N
 
 
 def describe(plan: ParallelPlan) -> str:
-    """'dp=2 tp=1 ... zero=3': the degrees of a plan, for messages and benchmark rows."""
-    return " ".join(f"{k}={getattr(plan, k)}" for k in ("dp", "tp", "cp", "pp", "ep", "zero"))
+    """'dp=2 tp=1 ... zero=3': the degrees of a plan, for messages and benchmark rows (with the cp split when
+    cp > 1)."""
+    text = " ".join(f"{k}={getattr(plan, k)}" for k in ("dp", "tp", "cp", "pp", "ep", "zero"))
+    return f"{text} cp_split={plan.cp_split}" if plan.cp > 1 else text

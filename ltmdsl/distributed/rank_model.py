@@ -5,7 +5,8 @@
 
 The (pp, dp, cp, tp) mesh: pp cuts the stack into stages (pipeline.py), tp splits each mixer, ep splits the experts over the dp ranks, cp splits the sequence (context_parallel.py), and ZeRO
 shards over the dp x cp ranks that hold the same weights. Order matters: the model is built on the meta device, split by tensor parallelism, wrapped by FSDP2 (ZeRO
-2/3), and only then materialised, so each rank allocates exactly its shards (materialize.py).
+2/3; under pp this rank's stage only, once it is cut), and only then materialised, so each rank allocates
+exactly its shards (materialize.py).
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ def split(model, plan: ParallelPlan, mesh, *, fsdp_stages: tuple[int, ...] = FSD
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if plan.cp > 1:
-        apply_context_parallel(model, mesh["cp"])
+        apply_context_parallel(model, mesh["cp"], plan.cp_split)
     dp_sharded: set[int] = set()
     if plan.ep > 1:
         dp_sharded = apply_expert_parallel(model, mesh["dp"])
-    if plan.zero in fsdp_stages:
+    if plan.zero in fsdp_stages and plan.pp == 1:
         apply_fsdp(model, replica_mesh(mesh, plan), plan.zero)
     return dp_sharded
 
@@ -101,6 +102,8 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
         device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
     if plan.pp > 1:
         stage, make_schedule = build_stage(model, mesh["pp"], plan.microbatches, plan.interleave)
+        if plan.zero in FSDP_STAGES:  # FSDP2 on this rank's stage(s) only: the other stages never exist here
+            apply_fsdp(stage, replica_mesh(mesh, plan), plan.zero)
         stage.to_empty(device=device)  # only this stage's weights exist; the rest stay on meta
         model.init_weights(seed)  # the whole draw order, kept where allocated
         return RankModel(stage, plan, mesh, frozenset(dp_sharded), make_schedule(device))

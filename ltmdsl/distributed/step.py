@@ -5,7 +5,8 @@
 
 The loss of a step is the mean next-token cross-entropy over the global batch: each dp rank takes B/dp
 sequences, each cp rank T/cp of their tokens, and the mean of the ranks' means (equal token counts) is
-returned on every rank. Gradients are averaged over the dp x cp ranks by FSDP2's reduce-scatter (ZeRO
+returned on every rank. It is the model's head and cross-entropy together, chunked (ltmdsl.train.loss),
+vocab-parallel under tp: no rank holds [B, T, V] logits. Gradients are averaged over the dp x cp ranks by FSDP2's reduce-scatter (ZeRO
 2/3) or `sync_gradients` (ZeRO 0/1), so they equal the single-process gradients of the global batch.
 """
 
@@ -16,18 +17,19 @@ import torch
 from ltmdsl.distributed.context_parallel import shard_sequence
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, sync_gradients
 from ltmdsl.distributed.pipeline import pipeline_loss
+from ltmdsl.train.loss import summed_target_loss
 
 
 def shard_batch(batch: torch.Tensor, ranked) -> torch.Tensor:
-    """This rank's part of batch [B, T, ...]: its dp rank's B/dp rows and its cp rank's T/cp tokens
-    (tensor-parallel peers get the same)."""
+    """This rank's part of batch [B, T, ...]: its dp rank's B/dp rows and its cp rank's T/cp tokens (its two
+    chunks under the balanced split; tensor-parallel peers get the same)."""
     n, r = ranked.dp_mesh.size(), ranked.dp_mesh.get_local_rank()
     if batch.shape[0] % n:
         raise ValueError(f"dp = {n} does not divide the batch of {batch.shape[0]} sequences")
     rows = batch.shape[0] // n
     batch = batch[r * rows:(r + 1) * rows]
     if ranked.plan.cp > 1:
-        batch = shard_sequence(batch, ranked.cp_mesh.get_local_rank(), ranked.plan.cp)
+        batch = shard_sequence(batch, ranked.cp_mesh.get_local_rank(), ranked.plan.cp, ranked.plan.cp_split)
     return batch
 
 
@@ -39,7 +41,9 @@ def forward_backward(ranked, input_ids: torch.Tensor, targets: torch.Tensor) -> 
     if ranked.plan.pp > 1:  # the schedule runs forward and backward of every micro-batch
         loss = pipeline_loss(ranked.schedule, ranked.model, ranked.pp_mesh, input_ids, targets)
     else:
-        loss = ranked.model.loss(input_ids, targets)  # this rank's mean over its B/dp rows, T/cp tokens
+        hidden = ranked.model(input_ids, output="hidden")  # [B/dp, T/cp, d]
+        summed, _, count = summed_target_loss(ranked.model, hidden, targets)  # chunked; vocab-parallel under tp
+        loss = summed / count  # this rank's mean over its B/dp rows, T/cp tokens
         loss.backward()
     replicas = ranked.replica_mesh
     if ranked.plan.zero not in FSDP_STAGES:

@@ -48,7 +48,8 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
 def apply_vocab_parallel(model, tp_mesh) -> None:
     """Embedding and LM head split by vocabulary rows over tp (Megatron's vocab-parallel embedding): the
     embedding as torch's RowwiseParallel (each rank looks up its rows, one all-reduce), the head's weight
-    Shard(0) (tied: the embedding's), read by LTModel.head as this rank's V/t logits then gathered."""
+    Shard(0) (tied: the embedding's): the training losses read this rank's V/t rows (`vocab_shard`,
+    vocab-parallel cross-entropy), LTModel.head (inference) its V/t logits, then gathered."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
@@ -72,3 +73,18 @@ def keep_gradient_placements(model) -> None:
         if isinstance(p, DTensor):
             p.register_hook(lambda g, p=p: g if g.placements == p.placements
                             else g.redistribute(p.device_mesh, p.placements))
+def vocab_shard(weight):
+    """(this rank's rows [V/t, d] of a head weight, its VocabShard) under vocab-parallel tp (`weight` a DTensor
+    Shard(0) over the 1-D tp mesh, as apply_vocab_parallel leaves it and FSDP2 unshards it); (weight, None)
+    for a plain tensor. The local rows stay differentiable, so their gradient lands in this rank's shard."""
+    from ltmdsl.train.loss import VocabShard
+
+    if not hasattr(weight, "device_mesh"):
+        return weight, None
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or not weight.placements[0].is_shard(0):
+        raise TensorParallelUnsupported(f"the head weight is laid out as {weight.placements} over a {mesh.ndim}-D "
+                                        "mesh; the vocab-parallel loss needs Shard(0) over the tp ranks")
+    rows = weight.to_local()  # [V/t, d]
+    start = mesh.get_local_rank() * rows.shape[0]  # torch's Shard(0) of an evenly divided V: contiguous blocks
+    return rows, VocabShard(group=mesh.get_group(), start=start, vocab=weight.shape[0])

@@ -16,6 +16,7 @@ name next to the destination and renamed into place, so an error leaves nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -228,9 +229,13 @@ _NO_COUNTERPART = "this stack has no Hugging Face counterpart"
 def _family_config(ir: ModelIR, family: str | None = None) -> dict:
     """config_from_ir without the per-layer explanation of a refusal."""
     layers = ir.layers
-    if ir.mtp is not None:
-        raise HFError("multi-token-prediction modules (mtp) have no transformers counterpart (its DeepSeek-V3 "
-                      "builds none); drop the model's mtp setting to export the main model")
+    if ir.mtp is not None:  # only DeepSeek-V3's checkpoints hold them (beside what transformers builds)
+        cfg = _family_config(dataclasses.replace(ir, mtp=None), family)
+        if cfg["model_type"] != deepseek_v3.FAMILY:
+            raise HFError(f"multi-token-prediction modules (mtp) map only to DeepSeek-V3 checkpoints "
+                          f"(num_nextn_predict_layers); {cfg['model_type']} has none: drop the model's mtp setting "
+                          "to export the main model")
+        return {**cfg, "num_nextn_predict_layers": ir.mtp.depth}  # the block: checked by hf_plan's round trip
     if any(layer.tie_group is not None for layer in layers):
         raise HFError("shared (weight-tied) blocks have no Hugging Face counterpart among the supported families")
     norm = _one([layer.norm for layer in layers] + [ir.final_norm], "norm")
@@ -499,6 +504,10 @@ def _same_model(a: ModelIR, b: ModelIR) -> str | None:
             return f"{what} {getattr(a, what)} != {getattr(b, what)}"
     if len(a.layers) != len(b.layers):
         return f"{len(a.layers)} sub-layers != {len(b.layers)}"
+    if (a.mtp is None) != (b.mtp is None) or a.mtp is not None and (
+            a.mtp.depth != b.mtp.depth or [(x.norm, x.mixer) for x in a.mtp.block] !=
+            [(x.norm, x.mixer) for x in b.mtp.block]):
+        return "its multi-token-prediction modules (mtp) differ from what the config's layers give"
     for x, y in zip(a.layers, b.layers):
         if x.residual != y.residual:
             return f"sub-layer {x.index}: residual {x.residual} != {y.residual} (the family has no such residual)"

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 #: The transforms a checkpoint tensor may go through on its way to a runtime parameter (and back on export).
 OPS = ("copy", "stack", "first_half", "second_half", "plus_one", "rows", "even", "odd", "even_t", "odd_t",
-       "transpose", "first_half_t", "second_half_t", "rope_pairs")
+       "transpose", "first_half_t", "second_half_t", "rope_pairs", "swap_halves")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ class Source:
     up); "transpose": the last two dims swapped ([E, F, d] <-> [E, d, F]); "rope_pairs": the rows of each
     head of `group` rows reordered from RoPE's interleaved pairs (2i, 2i + 1: Llama-4's complex rotation) to
     the runtime's halves (i, i + group / 2), the even rows first, then the odd ones (q_proj / k_proj weights and
-    biases; q.k is unchanged by the same reordering of q and k). Export applies the inverse.
+    biases; q.k is unchanged by the same reordering of q and k); "swap_halves": the two halves of the last dim
+    exchanged (DeepSeek-V3's eh_proj over [embedding ; h], the runtime's MTP proj over [h ; embedding]).
+    Export applies the inverse.
     """
 
     names: tuple[str, ...]

@@ -8,7 +8,8 @@ weights.py. Reading is lazy (safetensors memory maps), shard by shard for `model
 Every checkpoint tensor must be used and every parameter filled with the right shape: anything else is an
 `HFError` naming the tensor, never a KeyError traceback. All of that is checked from the safetensors
 headers alone (ltmdsl/tensorfile.py) on a model built on the meta device, and the model's bytes are compared
-with the memory available, before a single weight is allocated.
+with the memory available, before a single weight is allocated. DeepSeek-V3's multi-token-prediction modules
+are loaded when the checkpoint holds them, and left out of the model when it holds none (`without_absent_mtp`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import plan_from_config, read_config
 from ltmdsl.hf.spec import Plan
-from ltmdsl.hf.weights import buffers_of, expert_counts, gather, layer_configs, source_of
+from ltmdsl.hf.weights import buffers_of, expert_counts, gather, layer_configs, mtp_copies, mtp_layers, source_of
 from ltmdsl.tensorfile import TensorFileError, TensorInfo, check_fits, read_header
 
 #: safetensors dtypes a Hugging Face weight may have (the runtime casts them to the model's dtype).
@@ -120,6 +121,7 @@ def _tensors(params: dict, ir, plan: Plan, ckpt: Checkpoint, read, folder: str) 
     # Nemotron-H's MTP layers, a vision tower)
     allowed |= {n for n in available if skipped and n.startswith(skipped)}
     allowed |= set(buffers_of(plan, ir))  # computed tensors transformers saves too: checked by load_weights
+    allowed |= set(mtp_copies(plan, available))  # the MTP layers' copies of the embedding and head: check_copies
     unexpected = sorted(available - used - allowed)
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -147,13 +149,33 @@ def check_weights(ir, plan: Plan, ckpt: Checkpoint, dtype) -> None:
     with torch.device("meta"):
         params = stored_tensors(LTModel(ir, kernels_for("torch", ir)))
     _tensors(params, ir, plan, ckpt, ckpt.read_meta, ckpt.folder)
+    check_copies(plan, ir, ckpt, ckpt.folder, values=False)
     itemsize = torch.empty((), dtype=dtype).element_size()
     # built in fp32, cast to dtype, and every checkpoint tensor read (and stacked) once while filling it
-    need = ir.params_total * (4 + (itemsize if dtype != torch.float32 else 0)) + 2 * ckpt.nbytes
+    need = (ir.params_total + ir.params_mtp) * (4 + (itemsize if dtype != torch.float32 else 0)) + 2 * ckpt.nbytes
     try:
         check_fits(need, f"model {ir.name}")
     except TensorFileError as e:
         raise HFError(str(e), ckpt.folder) from None
+
+
+def check_copies(plan: Plan, ir, ckpt: Checkpoint, folder: str, values: bool) -> None:
+    """The MTP layers' copies of the embedding and the head (DeepSeek-V3's embed_tokens, shared_head.head) must
+    be the main model's tensors, which ltmdsl's MTP modules share: their shapes from the headers, and with
+    `values` their contents, bit for bit."""
+    import torch
+
+    experts = expert_counts(ir)
+    for name, runtime in mtp_copies(plan, ckpt.names).items():
+        if name not in ckpt.names:
+            continue
+        main = source_of(plan, runtime, experts, ckpt.names).names[0]
+        if main not in ckpt.names:  # a tied checkpoint without lm_head.weight
+            main = source_of(plan, "embed.weight", experts, ckpt.names).names[0]
+        if ckpt.infos[name].shape != ckpt.infos[main].shape or values and not torch.equal(ckpt.read(name),
+                                                                                           ckpt.read(main)):
+            raise HFError(f"tensor {name} is not a copy of {main}: ltmdsl's multi-token-prediction modules share "
+                          "the main model's embedding and head", folder)
 
 
 def check_buffers(plan: Plan, ir, ckpt: Checkpoint, folder: str) -> None:
@@ -191,9 +213,24 @@ def load_weights(model, plan: Plan, folder: str, ckpt: Checkpoint | None = None)
     tensors = _tensors(params, model.ir, plan, ckpt, reading, folder)
     warn_nonfinite(read, folder)
     check_buffers(plan, model.ir, ckpt, folder)
+    check_copies(plan, model.ir, ckpt, folder, values=True)
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].dtype))
+
+
+def without_absent_mtp(plan: Plan, ckpt: Checkpoint) -> Plan:
+    """The plan without its MTP modules when the checkpoint holds no tensor of their layers (transformers saves
+    none: its DeepSeek-V3 builds no MTP module), with a NOTE saying so; a checkpoint with some of them must hold
+    them all (a missing one is an error naming it)."""
+    import dataclasses
+
+    layers = mtp_layers(plan)
+    if not layers or any(n.startswith(layers) for n in ckpt.names):
+        return plan
+    note = (f"the checkpoint holds no multi-token-prediction tensors ({layers[0]}*): the model is built without "
+            "its mtp modules")
+    return dataclasses.replace(plan, mtp=None, notes=(*plan.notes, note))
 
 
 def from_hf(path, dtype=None, *, ignore=(), name: str | None = None, device="cpu", backend: str = "torch"):
@@ -209,8 +246,9 @@ def from_hf(path, dtype=None, *, ignore=(), name: str | None = None, device="cpu
     cfg, cfg_path = read_config(path)
     folder = os.path.dirname(cfg_path) or "."
     plan = plan_from_config(cfg, name=name, source=cfg_path, ignore=ignore)
-    spec = ltmdsl.loads(plan.spec_text(), name=f"<{cfg_path}>")
     ckpt = Checkpoint(folder)
+    plan = without_absent_mtp(plan, ckpt)
+    spec = ltmdsl.loads(plan.spec_text(), name=f"<{cfg_path}>")
     check_weights(spec.model, plan, ckpt, dtype or torch.float32)
     model = ltmdsl.build(spec, backend=backend, dtype=dtype or torch.float32, device=device, init=False)
     load_weights(model, plan, folder, ckpt)

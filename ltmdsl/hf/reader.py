@@ -2,13 +2,14 @@
 that several layer kinds and families share (RoPE settings, attention dims, expansion factors).
 
 Pure (no torch, no transformers): `ltmdsl import-hf` runs on the core install. The family readers
-(configs.py) and each kind's HF facet (ltmdsl/kinds/<kind>_hf.py) read through one `Reader`, so that
+(ltmdsl/hf/families/<model_type>.py) and each kind's HF facet (ltmdsl/kinds/<kind>_hf.py) read through one `Reader`, so that
 `Reader.finish` can refuse any key nobody read. Defaults are those of the transformers 5 config classes.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any, Callable
 
 from ltmdsl.hf import HFError
@@ -40,6 +41,7 @@ HARMLESS_KEYS = frozenset({
     "output_attentions", "output_hidden_states", "tokenizer_class", "pretraining_tp", "quantization_config",
     "torchscript", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "id2label", "label2id",
     "task_specific_params", "tie_encoder_decoder", "prefix", "finetuning_task", "mamba_ssm_cache_dtype",
+    "init_method",  # the initialisation scheme (Granite-4.0-H's "mup"): no weight it draws survives a load
 })
 
 
@@ -371,3 +373,26 @@ def time_step_limit_ok(value: Any) -> bool:
         return False
     low, high = (json_float(v) for v in value)
     return low == 0 and high == float("inf")
+
+
+def kind_values(kind: str, r: Reader, d: int, present: bool = True, **shared) -> dict:
+    """One kind's spec values, read by its HF facet in this family's key names."""
+    from ltmdsl.hf.facet import ReadContext
+    from ltmdsl.kinds.hf import hf_facet  # the kinds' facets import this module
+
+    return hf_facet(kind).read(r, ReadContext(r.family, d, present, shared))
+
+
+def define(kind: str, values: dict) -> tuple[str, str]:
+    """A layer definition (kind, call text) from a kind's values."""
+    from ltmdsl.kinds.hf import hf_facet
+
+    return kind, hf_facet(kind).call(values)
+
+
+def bf16(x: float) -> float:
+    """x rounded to bfloat16 (through float32, to nearest even), as torch.tensor(x, dtype=torch.bfloat16) does."""
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+

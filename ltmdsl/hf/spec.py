@@ -101,6 +101,9 @@ class Plan:
     logit_cap: float | None = None  # logits = cap * tanh(logits / cap) (RecurrentGemma: logits_soft_cap)
     residual_scale: float | None = None  # h = h + residual_scale * branch (Granite: residual_multiplier)
     logit_scale: float | None = None  # logits * logit_scale (Granite: 1 / logits_scaling)
+    #: multi-token-prediction modules (DeepSeek-V3's num_nextn_predict_layers): (depth, mixer definition, ffn
+    #: definition); module k's tensors are HF decoder layer len(tokens) + k
+    mtp: tuple[int, str, str] | None = None
 
     @property
     def sublayers(self) -> tuple[SubLayerMap, ...]:
@@ -113,6 +116,15 @@ class Plan:
                 role = "ffn" if REGISTRY[kind].is_ffn else "mixer"
                 out.append(SubLayerMap(len(out), hf_layer, role, kind))
         return tuple(out)
+
+    def mtp_sublayers(self, k: int) -> tuple[SubLayerMap, ...]:
+        """Multi-token-prediction module k's block (0-based k): its mixer then its FFN, both parts of HF decoder
+        layer len(tokens) + k."""
+        if self.mtp is None or not 0 <= k < self.mtp[0]:
+            return ()
+        hf_layer = len(self.tokens) + k
+        return tuple(SubLayerMap(j, hf_layer, role, self.definitions[name][0])
+                     for j, (role, name) in enumerate((("mixer", self.mtp[1]), ("ffn", self.mtp[2]))))
 
     def spec_text(self) -> str:
         """The spec: header comment, settings, layer definitions, legend and a compressed stack."""
@@ -131,6 +143,9 @@ class Plan:
         for setting in ("embed_scale", "residual_scale", "logit_scale", "logit_cap"):
             if getattr(self, setting) is not None:
                 lines.append(f"    {setting} = {num(float(getattr(self, setting)))}")
+        if self.mtp is not None:
+            depth, mixer, ffn = self.mtp
+            lines.append(f"    mtp = mtp(depth = {num(depth)}, mixer = {mixer}, ffn = {ffn})")
         lines.append("")
         width = max(len(n) for n in self.definitions)
         for name, (_, call) in self.definitions.items():

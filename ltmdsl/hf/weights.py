@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import Site, Source
+from ltmdsl.hf.families import deepseek_v3
 from ltmdsl.hf.spec import Plan, SubLayerMap
 from ltmdsl.kinds.hf import hf_facet
 
@@ -67,12 +68,17 @@ NAMINGS = {
     "falcon_h1": Naming(prefixes=("model.",), embed="embed_tokens", final_norm="final_layernorm",
                         mixer_norm="input_layernorm", ffn_norm="pre_ff_layernorm"),
 }
+#: Families whose checkpoints hold multi-token-prediction modules ltmdsl maps (`mtp`): runtime name inside
+#: `mtp.{k}.` -> the name inside HF decoder layer num_hidden_layers + k, and the copies of model-level tensors
+#: that layer holds (HF name -> runtime name).
+MTP_NAMINGS = {"deepseek_v3": (deepseek_v3.MTP_NAMES, deepseek_v3.MTP_COPIES)}
 #: Multimodal families whose config import-hf reads (its text decoder) but whose checkpoints from_hf does not
 #: (their tensors hold the vision tower and projector too, under the multimodal model's names).
 TEXT_ONLY = ("gemma3", "llama4")
 
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(norm|post_norm|mixer)\.(.+)$")
+_MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
 
 
 def _prefix(naming: Naming, available: set[str] | None) -> str:
@@ -103,11 +109,27 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
         return Source((f"{prefix}{naming.final_norm}.{name.split('.', 1)[1]}",))
     if name == "lm_head.weight":
         return Source(("lm_head.weight",))
-    m = _LAYER.match(name)
-    subs = plan.sublayers
+    mtp = _MTP.match(name)
+    key = None  # the sub-layer's key in `experts` and `layers`: its index, or ("mtp", j) in an MTP block
+    if mtp:
+        k, inner = int(mtp.group(1)), mtp.group(2)
+        subs = plan.mtp_sublayers(k)
+        if not subs or plan.family not in MTP_NAMINGS:
+            raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
+        own, _, tail = inner.partition(".")
+        if own in MTP_NAMINGS[plan.family][0]:
+            hf_name = f"{prefix}{naming.layers}.{subs[0].hf_layer}.{MTP_NAMINGS[plan.family][0][own]}.{tail}"
+            return Source((hf_name,), "swap_halves" if own == "proj" else "copy")
+        m = _LAYER.match(inner)
+        if m:
+            key = ("mtp", int(m.group(1)))
+    else:
+        m = _LAYER.match(name)
+        subs = plan.sublayers
     if not m or int(m.group(1)) >= len(subs):
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
     sub: SubLayerMap = subs[int(m.group(1))]
+    key = sub.index if key is None else key
     part, rest = m.group(2), m.group(3)
     base = f"{prefix}{naming.layers}.{sub.hf_layer}."
     if part == "norm":
@@ -120,8 +142,8 @@ def source_of(plan: Plan, name: str, experts: dict[int, int], available: set[str
     facet = hf_facet(sub.kind)
     if plan.family not in facet.modules:
         raise HFError(f"runtime parameter '{name}': {plan.family} has no {sub.kind} layers")
-    layer = (layers or {}).get(sub.index)
-    src = facet.source(rest, Site(plan.family, base, available, experts.get(sub.index, 0), fused, layer=layer,
+    layer = (layers or {}).get(key)
+    src = facet.source(rest, Site(plan.family, base, available, experts.get(key, 0), fused, layer=layer,
                                   hf=plan.hf))
     if src is None:
         raise HFError(f"runtime parameter '{name}' has no Hugging Face counterpart for {plan.family}")
@@ -147,22 +169,53 @@ def buffers_of(plan: Plan, ir_model) -> dict:
     return out
 
 
-def expert_counts(ir_model) -> dict[int, int]:
-    """Sub-layer index -> number of experts, for the sub-layers whose kind splits experts over expert
-    parallelism (its `split` facet's `ep` says how many there are)."""
+def _keyed_layers(ir_model):
+    """(key, sub-layer) of the stack (key: its index) and of the MTP block (key: ("mtp", j)), if any."""
+    yield from ((layer.index, layer) for layer in ir_model.layers)
+    if ir_model.mtp is not None:
+        yield from ((("mtp", j), layer) for j, layer in enumerate(ir_model.mtp.block))
+
+
+def expert_counts(ir_model) -> dict:
+    """Sub-layer key (`_keyed_layers`) -> number of experts, for the sub-layers whose kind splits experts over
+    expert parallelism (its `split` facet's `ep` says how many there are)."""
     from ltmdsl.kinds import kind_of
 
     out = {}
-    for layer in ir_model.layers:
+    for key, layer in _keyed_layers(ir_model):
         split = dict(kind_of(layer.mixer).split(layer.mixer, ir_model.d_model).ep)
         if "experts" in split:
-            out[layer.index] = split["experts"]
+            out[key] = split["experts"]
     return out
 
 
 def layer_configs(ir_model) -> dict:
-    """Sub-layer index -> its IR config (what `source_of` passes to the kinds as `Site.layer`)."""
-    return {layer.index: layer.mixer for layer in ir_model.layers}
+    """Sub-layer key (`_keyed_layers`) -> its IR config (what `source_of` passes to the kinds as `Site.layer`)."""
+    return {key: layer.mixer for key, layer in _keyed_layers(ir_model)}
+
+
+def mtp_copies(plan: Plan, available: set[str] | None = None) -> dict[str, str]:
+    """The copies of model-level tensors that the MTP layers of the checkpoint hold (DeepSeek-V3's embed_tokens
+    and shared_head.head in each): HF name -> the runtime parameter they must equal (the embedding for a tied
+    head). Empty without MTP modules."""
+    if plan.mtp is None or plan.family not in MTP_NAMINGS:
+        return {}
+    naming = NAMINGS[plan.family]
+    prefix = _prefix(naming, available)
+    out = {}
+    for k in range(plan.mtp[0]):
+        for hf_name, runtime in MTP_NAMINGS[plan.family][1].items():
+            runtime = "embed.weight" if runtime == "lm_head.weight" and plan.tied else runtime
+            out[f"{prefix}{naming.layers}.{len(plan.tokens) + k}.{hf_name}"] = runtime
+    return out
+
+
+def mtp_layers(plan: Plan) -> tuple[str, ...]:
+    """The prefixes of the HF decoder layers that hold the plan's MTP modules (`model.layers.61.`)."""
+    if plan.mtp is None:
+        return ()
+    naming = NAMINGS[plan.family]
+    return tuple(f"{p}{naming.layers}.{len(plan.tokens) + k}." for p in naming.prefixes for k in range(plan.mtp[0]))
 
 
 def _factors(src: Source, tensor):
@@ -241,6 +294,10 @@ def gather(sources: dict[str, Source], read, shapes: dict[str, tuple[int, ...]])
             if rows % D:
                 raise HFError(f"tensor {src.names[0]} has {rows} rows, not a whole number of heads of {D}")
             tensor = parts[0].reshape(rows // D, D // 2, 2, *parts[0].shape[1:]).transpose(1, 2).reshape(parts[0].shape)
+        elif src.op == "swap_halves":  # [.., a | b] -> [.., b | a] along the last dim
+            if parts[0].dim() < 1 or parts[0].shape[-1] % 2:
+                raise HFError(f"tensor {src.names[0]} has shape {list(parts[0].shape)}, expected an even last dim")
+            tensor = parts[0].roll(parts[0].shape[-1] // 2, dims=-1)
         elif src.op == "transpose":
             if parts[0].dim() < 2:
                 raise HFError(f"tensor {src.names[0]} has shape {list(parts[0].shape)}, expected a matrix")
@@ -284,6 +341,8 @@ def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = Fal
                 out[hf_name] = tensor[j]
         elif src.op == "transpose":
             out[src.names[0]] = tensor.transpose(-1, -2)
+        elif src.op == "swap_halves":  # its own inverse
+            out[src.names[0]] = tensor.roll(tensor.shape[-1] // 2, dims=-1)
         elif src.op == "rope_pairs":  # halves back to interleaved pairs, per head
             rows, D = tensor.shape[0], src.group
             out[src.names[0]] = tensor.reshape(rows // D, 2, D // 2, *tensor.shape[1:]).transpose(1, 2).reshape(
@@ -298,4 +357,6 @@ def to_hf(plan: Plan, state: dict, experts: dict[int, int], *, fused: bool = Fal
         else:  # interleaved along the last dim: even, odd, even, ...
             even, odd = (parts.get(op, parts.get(f"{op}_t")) for op in ("even", "odd"))
             out[hf_name] = torch.stack([even, odd], dim=-1).flatten(-2)
+    for hf_name, runtime in mtp_copies(plan).items():  # the MTP layers' copies of the embedding and head
+        out[hf_name] = state[runtime].clone()  # its own storage: safetensors refuses shared ones
     return {k: v.contiguous() for k, v in out.items()}

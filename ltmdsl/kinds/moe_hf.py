@@ -92,11 +92,11 @@ def read(r: Reader, ctx: ReadContext) -> dict:
     elif ctx.family == "nemotron_h":
         return _nemotron_h(r, ctx)
     elif ctx.family == "granitemoehybrid":  # the family reads num_local_experts (0: a dense shared_mlp only)
-        top_k = r.int("num_experts_per_tok", 2)
+        top_k = r.int("num_experts_per_tok", 2, minimum=0)  # dense (num_local_experts 0, Micro): 0, unused
         d_ff, shared = r.int("intermediate_size", 11008), ctx.shared["shared_d_ff"]
         experts = ctx.shared["experts"]
-        if ctx.present and top_k > experts:
-            raise r.fail(f"num_experts_per_tok {top_k} > num_local_experts {experts}")
+        if ctx.present and not 1 <= top_k <= experts:
+            raise r.fail(f"num_experts_per_tok {top_k} must be from 1 to num_local_experts {experts}")
         return dict(experts=experts, top_k=top_k, d_ff=d_ff, routing="topk_softmax", shared_d_ff=shared) \
             if ctx.present else {}
     else:

@@ -9,6 +9,12 @@ never [B, T, V] in fp32, whatever the task marks as answers (every byte, for `te
 The result equals `F.cross_entropy(head(hidden)[rows].float(), targets)` and its gradients (tested to
 1e-12 in float64), the model's logit scale and soft cap included (logits = cap * tanh(scale * h.w / cap)). Under bf16 autocast the head matmul runs in the hidden states' dtype and the softmax in
 fp32, as autocast would do for the plain loss.
+
+Vocab-parallel (`VocabShard`, Megatron-LM's parallel cross-entropy, torch's loss_parallel): under tensor
+parallelism each rank holds V/t rows of the head weight and computes only its [chunk, V/t] logits; the
+row max, the softmax denominator, the target's logit and the argmax are reduced over the tp ranks (a few
+numbers per row), and the rows' gradient (softmax - one_hot) @ w is summed over them. No rank ever holds
+[chunk, V] logits or the whole head weight; loss and gradients equal the single-process ones.
 """
 
 from __future__ import annotations
@@ -16,6 +22,63 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows [start, start + V/t) of a head weight split by vocabulary over a tp process group."""
+
+    group: object  # torch.distributed ProcessGroup of the tp ranks
+    start: int  # the first vocabulary id of this rank's rows
+    vocab: int  # the whole vocabulary V
+
+
+class _Reduce:
+    """The row-wise reductions of the softmax, over the whole vocabulary: local, or over a VocabShard's ranks."""
+
+    def __init__(self, shard: VocabShard | None):
+        self.shard = shard
+
+    def _all(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        if self.shard is None:
+            return t
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=self.shard.group)
+        return t
+
+    def lse(self, logits: torch.Tensor) -> torch.Tensor:
+        """log sum exp over the whole vocabulary of logits [c, V/t] -> [c]."""
+        if self.shard is None:
+            return torch.logsumexp(logits, dim=-1)
+        top = self._all(logits.max(-1).values, "MAX")  # [c]
+        return top + torch.log(self._all(torch.exp(logits - top[:, None]).sum(-1), "SUM"))  # [c]
+
+    def targets(self, t: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(column of each target in this rank's logits [c], whether this rank holds it [c])."""
+        if self.shard is None:
+            return t, torch.ones_like(t, dtype=torch.bool)
+        col = t - self.shard.start  # [c]
+        mine = (col >= 0) & (col < width)  # [c]
+        return col.clamp(0, width - 1), mine
+
+    def picked(self, logits: torch.Tensor, col: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+        """The target's logit of each row [c] (summed over the ranks: exactly one holds it)."""
+        return self._all(logits.gather(1, col[:, None])[:, 0] * mine, "SUM")  # [c]
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The first index of each row's maximum over the whole vocabulary [c] (as torch.argmax)."""
+        idx = logits.argmax(-1)  # [c]
+        if self.shard is None:
+            return idx
+        best = logits.gather(1, idx[:, None])[:, 0]  # [c]
+        top = self._all(best.clone(), "MAX")  # [c]
+        ids = torch.where(best == top, idx + self.shard.start, torch.full_like(idx, self.shard.vocab))  # [c]
+        return self._all(ids, "MIN")  # [c]: the lowest id among the ranks holding the maximum
+
+    def rows_grad(self, partial: torch.Tensor) -> torch.Tensor:
+        """d loss / d rows [c, d]: each rank's (softmax - one_hot) @ w over its vocabulary rows, summed."""
+        return self._all(partial, "SUM")
 
 
 @dataclass(frozen=True)
@@ -39,8 +102,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropies of rows @ weight.T against targets, with gradients formed chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, rows, weight, targets, chunk: int, cap):  # rows [N, d], weight [V, d], targets [N]
+    def forward(ctx, rows, weight, targets, chunk: int, cap, shard):  # rows [N, d], weight [V(/t), d], targets [N]
         work = rows.dtype
+        reduce = _Reduce(shard)
         with torch.autocast(device_type=rows.device.type, enabled=False):
             w = weight.to(work)  # [V, d]
             acc = torch.float64 if work == torch.float64 else torch.float32  # the softmax's dtype
@@ -51,19 +115,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             for start in range(0, rows.shape[0], chunk):
                 h = rows[start:start + chunk]  # [c, d]
                 t = targets[start:start + chunk]  # [c]
-                logits = (h @ w.t()).to(total.dtype)  # [c, V] fp32 (fp64 for fp64 rows)
+                logits = (h @ w.t()).to(total.dtype)  # [c, V] fp32 (fp64 for fp64 rows); [c, V/t] on a shard
                 if cap is not None:
                     squashed = torch.tanh(logits / cap)  # [c, V]
                     logits = cap * squashed
-                lse = torch.logsumexp(logits, dim=-1)  # [c]
-                picked = logits.gather(1, t[:, None])[:, 0]  # [c]
+                lse = reduce.lse(logits)  # [c]
+                col, mine = reduce.targets(t, logits.shape[1])  # [c] each
+                picked = reduce.picked(logits, col, mine)  # [c]
                 total += (lse - picked).sum()
-                correct += (logits.argmax(-1) == t).sum()
+                correct += (reduce.argmax(logits) == t).sum()
                 probs = torch.exp(logits - lse[:, None])  # [c, V]: d loss / d logits = softmax - one_hot
-                probs.scatter_add_(1, t[:, None], torch.full_like(picked[:, None], -1.0))
+                probs.scatter_add_(1, col[:, None], -mine[:, None].to(probs.dtype))
                 if cap is not None:
                     probs *= 1 - squashed * squashed  # through the cap: d(cap tanh(x / cap)) / dx
-                grad_rows[start:start + chunk] = (probs.to(work) @ w).to(rows.dtype)  # [c, d]
+                grad_rows[start:start + chunk] = reduce.rows_grad(probs.to(work) @ w).to(rows.dtype)  # [c, d]
                 grad_w += probs.t() @ h.to(acc)  # [V, d]
         ctx.save_for_backward(grad_rows, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -74,20 +139,44 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_correct):
         grad_rows, grad_w = ctx.saved_tensors
         return ((grad_rows * grad_total).to(grad_rows.dtype),
-                (grad_w * grad_total).to(ctx.weight_dtype), None, None, None)
+                (grad_w * grad_total).to(ctx.weight_dtype), None, None, None, None)
 
 
 def chunked_cross_entropy(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = 1024, cap: float | None = None) -> LossResult:
+                          chunk: int = 1024, cap: float | None = None, shard: VocabShard | None = None) -> LossResult:
     """Mean cross-entropy of `rows @ weight.T` [N, V] (soft-capped to cap * tanh(x / cap) when `cap` is given)
-    against `targets` [N], never more than [chunk, V]."""
+    against `targets` [N], never more than [chunk, V]. With `shard`, `weight` is this rank's [V/t, d] rows of
+    the head (a collective over shard.group: every tp rank calls it with the same rows and targets), and the
+    gradient of `weight` is that of its rows."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 (got {chunk})")
     n = rows.shape[0]
     if n == 0:
         raise ValueError("no answer tokens in the batch: nothing to train on")
-    total, correct = _ChunkedCrossEntropy.apply(rows, weight, targets, chunk, cap)
+    total, correct = _ChunkedCrossEntropy.apply(rows, weight, targets, chunk, cap, shard)
     return LossResult(loss=total / n, correct=int(correct), count=n)
+
+
+def summed_target_loss(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
+                       ignore: int = -100) -> tuple[torch.Tensor, int, int]:
+    """(summed cross-entropy [] differentiable, correct, count) of the model's head on hidden [..., d] (the
+    final norm's output) against per-position targets [...], positions whose target is `ignore` skipped:
+    chunked, with the model's logit scale and cap, and vocab-parallel when the head is split over tp (its
+    V/t rows; a collective over the tp ranks). With no targets, a zero loss still in hidden's graph, so
+    backward (and every collective it runs) still happens."""
+    keep = targets != ignore
+    rows, picked = hidden[keep], targets[keep]  # [n, d], [n]
+    if not rows.shape[0]:
+        return hidden.sum() * 0.0, 0, 0
+    if model.ir.logit_scale != 1.0:
+        rows = rows * model.ir.logit_scale  # (scale * h) . w = scale * (h . w)
+    weight, shard = model.head_weight(), None  # [V, d]
+    if hasattr(weight, "device_mesh"):  # vocab-parallel under tp: this rank's [V/t, d] rows
+        from ltmdsl.distributed.tensor_parallel import vocab_shard
+
+        weight, shard = vocab_shard(weight)
+    result = chunked_cross_entropy(rows, weight, picked, chunk, model.ir.logit_cap, shard)
+    return result.loss * result.count, result.correct, result.count
 
 
 def answer_loss(model, tokens: torch.Tensor, answer_mask: torch.Tensor, chunk: int = 1024) -> LossResult:

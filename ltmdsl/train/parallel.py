@@ -11,8 +11,8 @@ data-parallel ranks by rows and over the context-parallel ranks by tokens.
 The loss is the single-process one, exactly: the mean cross-entropy over the answer tokens of the global
 micro-batch. Answers are first turned into per-position targets (position t predicts token t + 1 when it is
 an answer, else IGNORE), so a cp split cannot cut an answer from the position that predicts it. Each rank
-sums the cross-entropy of its answer rows (chunked, never [B, T, V] in fp32; on the last pipeline stage the
-schedule's loss over the stage's logits), and scales it by R / N, where N is the answer count of the global
+sums the cross-entropy of its answer rows (chunked, never [B, T, V] in fp32; under tp on its V/t logits,
+vocab-parallel, the head never gathered; on the last pipeline stage the schedule's loss over the stage's logits), and scales it by R / N, where N is the answer count of the global
 micro-batch and R the ranks that hold the same weights: their gradient average (FSDP2's reduce-scatter or
 `sync_gradients`) is then the gradient of sum / N. The global gradient norm is reduced across every shard
 before clipping. AdamW keeps the loop's decay groups; the schedule is the loop's warmup + cosine.
@@ -281,7 +281,7 @@ def _micro_step(ranked, tokens, mask, config) -> tuple[float, int, int]:
     import torch.distributed as dist
 
     from ltmdsl.distributed import shard_batch
-    from ltmdsl.train.loss import chunked_cross_entropy
+    from ltmdsl.train.loss import summed_target_loss
 
     targets = answer_targets(tokens, mask)  # [B, T]
     total = int((targets != IGNORE).sum())  # the global micro-batch's answers (every rank has all of it)
@@ -294,23 +294,13 @@ def _micro_step(ranked, tokens, mask, config) -> tuple[float, int, int]:
     if ranked.plan.pp > 1:
         from ltmdsl.distributed.pipeline import pipeline_step
 
-        stats += pipeline_step(ranked.schedule, ranked.model, ids, tgt, weight)
+        stats += pipeline_step(ranked.schedule, ranked.model, ids, tgt, weight, config.loss_chunk)
         dist.all_reduce(stats, group=ranked.pp_mesh.get_group())  # only the last stage has numbers
     else:
-        model = ranked.model
-        hidden = model(ids, output="hidden")  # [b, t, d]
-        keep = tgt != IGNORE  # [b, t]
-        rows, answers = hidden[keep], tgt[keep]  # [n, d], [n]
-        if rows.shape[0]:
-            if model.ir.logit_scale != 1.0:
-                rows = rows * model.ir.logit_scale
-            head_w = model.head_weight()  # [V, d]; vocab-parallel under tp: gathered (its gradient split back)
-            head_w = head_w.full_tensor() if hasattr(head_w, "full_tensor") else head_w
-            result = chunked_cross_entropy(rows, head_w, answers, config.loss_chunk, model.ir.logit_cap)
-            summed = result.loss * result.count
-            stats[0], stats[1] = float(summed.detach()), result.correct
-        else:  # no answers here: a zero loss that still runs backward, so every collective of FSDP fires
-            summed = hidden.sum() * 0.0
+        hidden = ranked.model(ids, output="hidden")  # [b, t, d]
+        # chunked, vocab-parallel under tp; no answers here: a zero loss whose backward still fires FSDP's collectives
+        summed, right, _ = summed_target_loss(ranked.model, hidden, tgt, config.loss_chunk, IGNORE)
+        stats[0], stats[1] = float(summed.detach()), right
         (summed * weight).backward()
     dist.all_reduce(stats, group=ranked.replica_mesh.get_group())
     return float(stats[0]) / total, int(stats[1]), total

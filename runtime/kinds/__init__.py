@@ -17,9 +17,10 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
                  module (ltmdsl.distributed.tensor_parallel applies it); raises TensorParallelUnsupported
                  for a config it cannot split. None declares "no tensor-parallel plan": tp > 1 is refused
                  naming the kind.
-    cp_forward   (module, x [B, T/cp, d], cp) -> [B, T/cp, d]: the module's forward on one context-parallel
-                 rank's tokens, exchanging what crosses the cut through `cp` (ltmdsl.distributed.
-                 context_parallel.ContextShard). None: cp > 1 is refused naming the kind.
+    cp_forward   (module, x [p*B, c, d], cp) -> [p*B, c, d]: the module's forward on one context-parallel
+                 rank's p chunks of the sequence (two under the load-balanced split), folded into the batch,
+                 exchanging what crosses the cuts through `cp` (ltmdsl.distributed.context_parallel.
+                 ContextShard). None: cp > 1 is refused naming the kind.
     ep_forward   (module, x, ep) -> out: the forward with the experts split over the ep ranks (ltmdsl.
                  distributed.expert_parallel); None for kinds without experts.
 

@@ -241,21 +241,27 @@ def tp_plan(cfg: AttentionConfig, tp: int) -> dict:
 
 
 def cp_forward(module: Attention, x: torch.Tensor, cp) -> torch.Tensor:
-    """One context-parallel rank's tokens x [B, T/cp, d] at positions cp.offset(T/cp) + t: the keys and values
-    of every rank are all-gathered (as Megatron-LM's context parallelism does) and this rank's queries
-    attend over those up to its last token, causal and windowed as configured, exactly as in one process."""
+    """One context-parallel rank's pieces x [p*B, c, d] (folded chunks, piece q at positions cp.offsets(c)[q] + t):
+    the keys and values of every chunk are all-gathered in sequence order (as Megatron-LM's context
+    parallelism does) and each piece's queries attend over those up to its last token, causal and windowed
+    as configured, exactly as in one process."""
     cfg = module.cfg
-    B, T, _ = x.shape
+    _, T, _ = x.shape
     if not cfg.causal:
         raise ValueError("context parallelism supports causal attention only")
     if not cfg.plain_softmax or cfg.chunk is not None:
         raise ValueError("context parallelism supports plain softmax attention only (no sinks, soft cap or chunks)")
-    offset = cp.offset(T)  # this rank's first position
-    q, k, v, gate = module._qkv(x, offset)  # [B, T, H|Hkv, D], gate [B, T, H*D] or None
-    end = offset + T
-    k_all, v_all = cp.gather(k)[:, :end], cp.gather(v)[:, :end]  # [B, end, Hkv, D]: every earlier key
-    o = module.kernels.attention(q, k_all, v_all, causal=True, window=cfg.window, scale=module.scale)
-    return module._out(o.reshape(B, T, -1), gate)  # [B, T, d]
+    pieces = [module._qkv(xp, offset) for xp, offset in zip(x.chunk(cp.pieces, dim=0), cp.offsets(T))]
+    k_all = cp.gather(torch.cat([p[1] for p in pieces], dim=0))  # [B, T_seq, Hkv, D]: every chunk's keys
+    v_all = cp.gather(torch.cat([p[2] for p in pieces], dim=0))  # [B, T_seq, Hkv, D]
+    outs = []
+    for (q, _, _, _), offset in zip(pieces, cp.offsets(T)):  # q [B, c, H, D]
+        end = offset + T  # every key up to this piece's last token
+        outs.append(module.kernels.attention(q, k_all[:, :end], v_all[:, :end], causal=True, window=cfg.window,
+                                             scale=module.scale))  # [B, c, H, D]
+    o = torch.cat(outs, dim=0)  # [p*B, c, H, D]
+    gate = None if pieces[0][3] is None else torch.cat([p[3] for p in pieces], dim=0)  # [p*B, c, H*D]
+    return module._out(o.reshape(x.shape[0], T, -1), gate)  # [p*B, c, d]
 
 
 KIND = RuntimeKind(

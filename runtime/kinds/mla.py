@@ -167,23 +167,28 @@ class MLA(nn.Module):
 
 
 def cp_forward(module: MLA, x: torch.Tensor, cp) -> torch.Tensor:
-    """One context-parallel rank's tokens x [B, T/cp, d] at positions cp.offset(T/cp) + t: the latent and the
-    RoPE key of every rank are all-gathered (the cache MLA keeps is what travels) and this rank's queries
-    attend over them up to its last token, exactly as in one process."""
+    """One context-parallel rank's pieces x [p*B, c, d] (folded chunks at positions cp.offsets(c)): the latent
+    and the RoPE key of every chunk are all-gathered in sequence order (the cache MLA keeps is what travels)
+    and each piece's queries attend over them up to its last token, exactly as in one process."""
     cfg = module.cfg
-    B, T, _ = x.shape
-    offset = cp.offset(T)
-    q_nope, q_rot, c, kr = module._q_and_latent(x, offset)
-    end = offset + T
-    c, kr = cp.gather(c)[:, :end], cp.gather(kr)[:, :end]  # [B, end, ...]: every earlier token's latent
-    kv = module.kv_b_proj(c)  # [B, end, H*(Dn+Dv)]
+    _, T, _ = x.shape
+    pieces = [module._q_and_latent(xp, offset) for xp, offset in zip(x.chunk(cp.pieces, dim=0), cp.offsets(T))]
+    c_all = cp.gather(torch.cat([p[2] for p in pieces], dim=0))  # [B, T_seq, ...]: every chunk's latent
+    kr_all = cp.gather(torch.cat([p[3] for p in pieces], dim=0))  # [B, T_seq, Dr]
     width = cfg.qk_nope_head_dim + cfg.v_head_dim
-    kv = kv.view(B, end, kv.shape[-1] // width, width)  # [B, end, H, Dn+Dv]
-    k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-    k = torch.cat([k_nope, kr[:, :, None].expand(-1, -1, k_nope.shape[2], -1)], dim=-1)  # [B, end, H, Dqk]
-    q = torch.cat([q_nope, q_rot], dim=-1)  # [B, T, H, Dqk]
-    o = module.kernels.attention(q, k, v.contiguous(), causal=True, window=None, scale=cfg.scale)  # [B, T, H, Dv]
-    return module.o_proj(o.flatten(2))  # [B, T, d]
+    outs = []
+    for (q_nope, q_rot, _, _), offset in zip(pieces, cp.offsets(T)):
+        end = offset + T  # every token up to this piece's last
+        kv = module.kv_b_proj(c_all[:, :end])  # [B, end, H*(Dn+Dv)]
+        B = kv.shape[0]
+        kv = kv.view(B, end, kv.shape[-1] // width, width)  # [B, end, H, Dn+Dv]
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        kr = kr_all[:, :end, None].expand(-1, -1, k_nope.shape[2], -1)  # [B, end, H, Dr]
+        k = torch.cat([k_nope, kr], dim=-1)  # [B, end, H, Dqk]
+        q = torch.cat([q_nope, q_rot], dim=-1)  # [B, c, H, Dqk]
+        outs.append(module.kernels.attention(q, k, v.contiguous(), causal=True, window=None,
+                                             scale=cfg.scale))  # [B, c, H, Dv]
+    return module.o_proj(torch.cat(outs, dim=0).flatten(2))  # [p*B, c, d]
 
 def tp_plan(cfg: MLAConfig, tp: int) -> dict:
     """Megatron-LM's MLA split: heads over tp, the up-projections (q_proj or q_b_proj, kv_b_proj) column-wise

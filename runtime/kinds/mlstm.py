@@ -151,12 +151,13 @@ class Mlstm(nn.Module):
 
 
 def cp_forward(module: Mlstm, u: torch.Tensor, cp) -> torch.Tensor:
-    """One context-parallel rank's tokens u [B, T/cp, d], exact as one process, the stabiliser included.
+    """One context-parallel rank's pieces u [p*B, c, d] (folded chunks), exact as one process, the stabiliser
+    included.
 
-    The true memory exp(m) C (and exp(m) n) is linear: leaving rank j it is exp(F_j) times the entering
-    one plus what rank j wrote, F_j the sum of its log forget gates. Each rank first runs from an empty
+    The true memory exp(m) C (and exp(m) n) is linear: leaving chunk j it is exp(F_j) times the entering
+    one plus what chunk j wrote, F_j the sum of its log forget gates. Each chunk first runs from an empty
     memory with m = -inf (so m_t is the running max of what it wrote alone), then the stabilised states
-    are composed over the earlier ranks in log space, starting from the model's empty state (C, n, m = 0):
+    are composed over the earlier chunks in log space (`cp.compose`), starting from the model's empty state (C, n, m = 0):
     m' = max(m + F_j, m_j), C' = exp(m + F_j - m') C + exp(m_j - m') C_j. Since max and + commute, the
     composed m equals the one-process m, which matters: eps enters the denominator at the scale exp(-m)."""
     q, k, v, i, log_f = module._inputs(u)  # [B, T, H, Dqk|Dv], [B, T, H]
@@ -168,19 +169,19 @@ def cp_forward(module: Mlstm, u: torch.Tensor, cp) -> torch.Tensor:
                        m=torch.full((Bsz, H), float("-inf"), dtype=work, device=u.device))
     run = module.kernels.mlstm_chunked
     _, last = run(q, k, v, i, log_f, chunk=module.cfg.chunk, state=fresh, eps=module.cfg.eps)
-    Cs, ns, ms = (cp.gather(t[:, None]) for t in last)  # [B, cp, H, ...] every rank's own writing
-    Fs = cp.gather(log_f.sum(1)[:, None])  # [B, cp, H]
-    keep = 0 * (Cs.sum() + ns.sum() + ms.sum() + Fs.sum())  # every gather stays in this rank's graph
-    C = torch.zeros_like(last.C) + keep
-    n = torch.zeros_like(last.n)
-    m = torch.zeros_like(last.m)
-    for j in range(cp.rank):
-        decayed = m + Fs[:, j]  # [B, H]
-        m_new = torch.maximum(decayed, ms[:, j])
-        old, new = torch.exp(decayed - m_new), torch.exp(ms[:, j] - m_new)  # [B, H]
-        C = old[..., None, None] * C + new[..., None, None] * Cs[:, j]
-        n = old[..., None] * n + new[..., None] * ns[:, j]
-        m = m_new
+    B = Bsz // cp.pieces  # sequences: every chunk's own writing is composed in sequence order
+
+    def step(state, C_j, n_j, m_j, F_j):  # the stabilised memory after chunk j, from the one before it
+        C, n, m = state
+        decayed = m + F_j  # [B, H]
+        m_new = torch.maximum(decayed, m_j)
+        old, new = torch.exp(decayed - m_new), torch.exp(m_j - m_new)  # [B, H]
+        return (old[..., None, None] * C + new[..., None, None] * C_j, old[..., None] * n + new[..., None] * n_j,
+                m_new)
+
+    empty = (torch.zeros(B, H, Dk, Dv, dtype=work, device=u.device), torch.zeros(B, H, Dk, dtype=work, device=u.device),
+             torch.zeros(B, H, dtype=work, device=u.device))  # the model's empty state (C, n, m = 0)
+    C, n, m = cp.compose(empty, (last.C, last.n, last.m, log_f.sum(1)), step)  # [p*B, ...] each
     h, _ = run(q, k, v, i, log_f, chunk=module.cfg.chunk, state=ops_mlstm.MlstmState(C, n, m), eps=module.cfg.eps)
     return module._finish(h, u)  # [B, T, d]
 

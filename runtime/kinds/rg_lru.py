@@ -148,16 +148,16 @@ class RecurrentBlock(nn.Module):
 
 
 def cp_forward(module: RecurrentBlock, u: torch.Tensor, cp) -> torch.Tensor:
-    """One context-parallel rank's tokens u [B, T/cp, d]: the conv continues from the previous rank's K-1
-    inputs; the RG-LRU h_t = a_t h_{t-1} + b_t runs from zero (this rank's final state), then from the state
-    the earlier ranks carry in (`cp.carry`, with the rank's total decay prod a_t: the same scan run on zero
-    inputs from a state of ones). Only global position 0 resets (rank 0's first token)."""
+    """One context-parallel rank's pieces u [p*B, c, d] (folded chunks): the conv continues from the previous
+    chunk's K-1 inputs; the RG-LRU h_t = a_t h_{t-1} + b_t runs from zero (each chunk's final state), then from
+    the state the earlier chunks carry in (`cp.carry`, with the chunk's total decay prod a_t: the same scan run
+    on zero inputs from a state of ones). Only global position 0 resets (the first chunk's first token)."""
     cfg, lru = module.cfg, module.rg_lru
     Bsz, T, _ = u.shape
     y = ACT[cfg.act](module.linear_y(u))  # [B, T, W]
     x = cp.causal_conv(module.kernels, module.linear_x(u), module.conv_1d, silu=False)  # [B, T, W]
     gate_x, gate_a = lru.gates(x)  # [B, T, W] each
-    reset = (cp.offset(T) + torch.arange(T, device=u.device) == 0).expand(Bsz, T)  # [B, T]
+    reset = cp.positions(Bsz, T, u.device) == 0  # [B, T]: only the sequence's first token resets
     scan = module.kernels.rglru_scan
     a_param = local(lru.recurrent_param)  # [W] (W/t under tensor parallelism)
     _, h = scan(x, gate_x, gate_a, a_param, reset=reset, state=None, chunk=cfg.chunk)  # [B, W]

@@ -77,6 +77,18 @@ def reference_run(ir: ModelIR, steps: int = STEPS):
     return losses, grads
 
 
+def rank_run_without_full_logits(ir: ModelIR, plan: ParallelPlan, steps: int = STEPS):
+    """rank_run with LTModel.head (which gathers [B, T, V] logits under tp) made to fail in this forked
+    worker: the training loss must go through the chunked, vocab-parallel head instead."""
+    from ltmdsl.runtime.model import LTModel
+
+    def refuse(self, h):
+        raise AssertionError("the training loss gathered [B, T, V] logits")
+
+    LTModel.head = refuse  # this forked worker's class only
+    return rank_run(ir, plan, steps)
+
+
 def rank_run(ir: ModelIR, plan: ParallelPlan, steps: int = STEPS):
     """On every rank: the same steps under `plan`; (losses, first-step full gradients on rank 0 else None;
     under pp every rank returns its stage's)."""

@@ -1,13 +1,14 @@
 """Per-rank weight, gradient and optimizer bytes of a real step equal the memory model's per-GPU
 prediction for the same plan (tiny-hybrid, fp32 weights and gradients, AdamW's m and v: 8 bytes of
-optimizer state per parameter), exactly, on 2 ranks.
+optimizer state per parameter), exactly, on 2 ranks (pp x dp x zero 3 on 4).
 
 Where torch's implementation and the memory model differ, the test says so rather than hides it:
   zero 1  ZeroRedundancyOptimizer assigns whole parameters to ranks, so one rank's optimizer bytes are
           not P*o/N; their sum over ranks is P*o exactly and the split is checked to be within the
           largest parameter of even
   ep      (ep = dp = 2, zero 0) each rank holds the dense parameters and half the experts: exact
-  cp, pp  (zero 0) cp ranks hold the whole model; the most loaded pipeline stage is the prediction: exact
+  cp, pp  (zero 0) cp ranks hold the whole model; the most loaded pipeline stage is the prediction: exact,
+          and under pp x dp x zero 3 (FSDP2 on each stage's modules) that stage's shard on each dp rank
   zero 2  FSDP2 keeps only the weight shard between steps (P*w/N) where the ZeRO paper keeps P*w
   zero 3  the shard between steps; the model's per-step weights add FSDP2's root (everything outside the
           mixers), which stays gathered from the forward through the backward
@@ -81,12 +82,14 @@ def test_rank_bytes_equal_the_memory_model(zero):
         assert all(abs(g["optimizer"] - want["optimizer"]) <= 8 * biggest for g in per_rank)
 
 
-@pytest.mark.parametrize("degrees", [{"ep": 2}, {"cp": 2}, {"pp": 2, "microbatches": 2}], ids=["ep2", "cp2", "pp2"])
-def test_rank_bytes_under_ep_cp_pp_equal_the_memory_model(degrees):
+@pytest.mark.parametrize("world, degrees", [(2, {"ep": 2}), (2, {"cp": 2}), (2, {"pp": 2, "microbatches": 2}),
+                                            (4, {"pp": 2, "dp": 2, "zero": 3, "microbatches": 2})],
+                         ids=["ep2", "cp2", "pp2", "pp2-dp2-zero3"])
+def test_rank_bytes_under_ep_cp_pp_equal_the_memory_model(world, degrees):
     ir = tiny_hybrid()
-    plan = plan_from(world=2, **degrees)
+    plan = plan_from(world=world, **degrees)
     want = _predicted(ir, plan)
-    measured = [got for got, _ in launch(_measure, 2, (ir, plan))]
+    measured = [got for got, _ in launch(_measure, world, (ir, plan))]
     if "pp" in degrees:  # the memory model reports the most loaded stage
         assert max(measured, key=lambda m: sum(m.values())) == want
     else:

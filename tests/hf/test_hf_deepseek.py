@@ -1,8 +1,9 @@
 """DeepSeek-V2 / V3 (model_types deepseek_v2, deepseek_v3): import-hf of the published configs (exact counts
 against transformers on the meta device), from_hf against transformers on tiny random checkpoints (fp32 logits
 within 1e-4 relative, greedy generation through our latent cache equal to transformers' uncached loop), the
-HF -> ltmdsl -> HF round trip, the multi-token-prediction tensors skipped as transformers skips them, and hostile
-config fields named in the error."""
+HF -> ltmdsl -> HF round trip, DeepSeek-V3's multi-token-prediction module loaded from its checkpoint layout
+(against a float64 computation from the HF tensors) and written back, and hostile config fields named in the
+error."""
 
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def test_published_config_counts_what_transformers_counts(name):
 def test_deepseek_v3_reads_every_published_setting():
     """61 layers, 3 dense; MLA with q-LoRA 1536, latent 512 + 64; YaRN x40 from 4096 with mscale_all_dim 1, so
     the softmax scale is 192^-1/2 * (0.1 ln 40 + 1)^2; 256 experts, top 8 of the 4 best of 8 groups, sigmoid
-    scores with the selection bias, renormalised, times 2.5, one shared expert; the MTP module is noted."""
+    scores with the selection bias, renormalised, times 2.5, one shared expert; num_nextn_predict_layers 1 is the
+    spec's mtp line (module 1 = layer 61: MLA, then the MoE, as layers past first_k_dense_replace are)."""
     text = spec_from_config(json.loads((CONFIGS / "DeepSeek-V3.json").read_text()))
     ir = ltmdsl.loads(text).model
     mla, moe = ir.layers[0].mixer, ir.layers[-1].mixer
@@ -124,7 +126,8 @@ def test_deepseek_v3_reads_every_published_setting():
     assert (moe.experts, moe.top_k, moe.groups, moe.top_groups, moe.group_score) == (256, 8, 8, 4, "top2_sum")
     assert (moe.routing, moe.selection_bias, moe.routed_scale, moe.shared_d_ff) == \
         ("sigmoid_topk_renorm", True, 2.5, 2048)
-    assert "NOTE: num_nextn_predict_layers = 1: the multi-token-prediction module (model.layers.61.*" in text
+    assert "# NOTE" not in text and "mtp = mtp(depth = 1, mixer = attn, ffn = moe)" in text
+    assert [(x.kind, x.mixer) for x in ir.mtp.block] == [("mla", mla), ("moe", moe)]  # layer 61: MLA, then MoE
 
 
 def test_deepseek_v2_lite_reads_every_published_setting():
@@ -303,25 +306,180 @@ def test_round_trip_is_exact(case, saved, tmp_path):
         assert torch.equal(load_hf(out)(ids).logits, load_hf(folder)(ids).logits)
 
 
-def test_multi_token_prediction_tensors_are_skipped_as_transformers_skips_them(saved, tmp_path):
-    """A DeepSeek-V3 checkpoint stores its MTP module as the layer after the last (num_nextn_predict_layers 1):
-    loaded without it; a tensor of any other extra layer is still an unexpected tensor."""
-    torch = pytest.importorskip("torch")
+# ---- the multi-token-prediction module in DeepSeek-V3's checkpoint layout ----------------------------------
+
+
+def _mtp_tensors(case: str, folder, seed: int = 7) -> dict:
+    """The tensors DeepSeek-V3 stores for MTP module 1 of a case's checkpoint, as decoder layer n (n =
+    num_hidden_layers): that layer's own tensors, drawn by transformers for a model one layer deeper (so in its
+    published names, the MoE's selection bias included), enorm, hnorm, eh_proj [d, 2d], shared_head.norm, and the
+    copies of the embedding and the head (embed_tokens, shared_head.head)."""
+    import torch
+    from hf_tiny import randomize
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, kwargs, _ = CASES[case]
+    n, d = kwargs["num_hidden_layers"], kwargs["hidden_size"]
+    config = AutoConfig.for_model(model_type, **{**kwargs, "num_hidden_layers": n + 1})
+    deeper = AutoModelForCausalLM.from_config(config, experts_implementation="eager").float()
+    randomize(deeper, seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, b in deeper.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
+    deeper.save_pretrained(folder / "deeper")
+    layer = f"model.layers.{n}."
+    out = {k: v for k, v in load_file(str(folder / "deeper" / "model.safetensors")).items() if k.startswith(layer)}
+    main = load_file(str(folder / "model.safetensors"))
+    out.update({f"{layer}enorm.weight": 1 + 0.3 * torch.randn(d, generator=gen),
+                f"{layer}hnorm.weight": 1 + 0.3 * torch.randn(d, generator=gen),
+                f"{layer}eh_proj.weight": torch.randn(d, 2 * d, generator=gen) / (2 * d) ** 0.5,
+                f"{layer}shared_head.norm.weight": 1 + 0.3 * torch.randn(d, generator=gen),
+                f"{layer}embed_tokens.weight": main["model.embed_tokens.weight"].clone(),
+                f"{layer}shared_head.head.weight": main["lm_head.weight"].clone()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def with_mtp(saved, tmp_path_factory):
+    """The "v3" checkpoint with its MTP module added in DeepSeek's names: (folder, the MTP tensors)."""
+    pytest.importorskip("torch")
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     folder, _ = saved("v3")
-    for extra, ok in (("model.layers.4.eh_proj.weight", True), ("model.layers.5.eh_proj.weight", False)):
-        dest = tmp_path / extra.split(".")[2]
-        shutil.copytree(folder, dest)
-        tensors = load_file(str(dest / "model.safetensors"))
-        save_file({**tensors, extra: torch.zeros(36, 72)}, str(dest / "model.safetensors"), metadata={"format": "pt"})
-        if ok:
-            ltmdsl.from_hf(dest)
-        else:
-            with pytest.raises(HFError, match="unexpected tensor model.layers.5.eh_proj.weight"):
-                ltmdsl.from_hf(dest)
+    dest = tmp_path_factory.mktemp("mtp") / "v3_mtp"
+    shutil.copytree(folder, dest)
+    extra = _mtp_tensors("v3", dest)
+    save_file({**load_file(str(dest / "model.safetensors")), **extra}, str(dest / "model.safetensors"),
+              metadata={"format": "pt"})
+    return dest, extra
+
+
+def _reference_mtp_logits(main_folder, mtp: dict, ids, order: str = "eh"):
+    """DeepSeek-V3's MTP module 1 in float64 from the HF tensors (technical report, section 2.2): h the main
+    model's last hidden state after its final norm (transformers' own model), e the embeddings of the next tokens;
+    x = eh_proj(cat[RMSNorm_e(e), RMSNorm_h(h)]) (order "eh", DeepSeek's inference code; "he" is the paper's
+    equation), then decoder layer n, shared_head.norm and shared_head.head: the layer, norm and head run as
+    transformers' own DeepseekV3 modules (a one-layer model given x as inputs_embeds), the rest by hand."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, kwargs, _ = CASES["v3"]
+    n, eps = kwargs["num_hidden_layers"], 1e-6  # DeepseekV3Config's rms_norm_eps
+    main = AutoModelForCausalLM.from_pretrained(main_folder, dtype=torch.float64, experts_implementation="eager")
+    layer = f"model.layers.{n}."
+    t = {k[len(layer):]: v.double() for k, v in mtp.items()}
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    with torch.no_grad():
+        h = main.model(ids).last_hidden_state[:, :-1]  # [B, T-1, d]
+        e = main.model.embed_tokens(ids)[:, 1:]  # [B, T-1, d]
+        halves = [rms(e, t["enorm.weight"]), rms(h, t["hnorm.weight"])]
+        x = torch.cat(halves if order == "eh" else halves[::-1], -1) @ t["eh_proj.weight"].T  # [B, T-1, d]
+        with tempfile.TemporaryDirectory() as tmp:  # layer n as the only layer (an MoE one) of a 1-layer model
+            cfg = AutoConfig.for_model(model_type, **{**kwargs, "num_hidden_layers": 1, "first_k_dense_replace": 0})
+            cfg.save_pretrained(tmp)
+            own = {"model.layers.0." + k: v for k, v in t.items()
+                   if not k.startswith(("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens"))}
+            save_file({**own, "model.norm.weight": t["shared_head.norm.weight"],
+                       "model.embed_tokens.weight": t["embed_tokens.weight"],
+                       "lm_head.weight": t["shared_head.head.weight"]}, f"{tmp}/model.safetensors",
+                      metadata={"format": "pt"})
+            block = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float64, experts_implementation="eager")
+            return block(inputs_embeds=x).logits  # [B, T-1, V]
+
+
+def test_mtp_logits_are_deepseek_v3s_from_the_hf_tensors(saved, with_mtp):
+    """from_hf loads the MTP module (layer n in DeepSeek's names) into the model's mtp, and model.mtp_logits in
+    float64 equals the reference computed from the HF tensors (relative 1e-6, the tolerance against transformers'
+    modules in float64: their RoPE cos/sin are computed in float32); the paper's order of the halves gives other
+    logits (relative error > 1e-2), so the test tells the two conventions apart."""
+    torch = pytest.importorskip("torch")
+    from helpers import assert_close, rel_err
+
+    folder, extra = with_mtp
+    ours = ltmdsl.from_hf(folder, dtype=torch.float64)
+    assert ours.ir.mtp.depth == 1 and [x.kind for x in ours.ir.mtp.block] == ["mla", "moe"]
+    assert ours.num_parameters() == ours.ir.params_total + ours.ir.params_mtp
+    ids = torch.randint(0, 61, (2, PROMPT), generator=torch.Generator().manual_seed(4))
+    want = _reference_mtp_logits(saved("v3")[0], extra, ids)
+    with torch.no_grad():
+        got = ours.mtp_logits(ids)[0]
+    print(f"deepseek_v3 MTP logits: relative error {rel_err(got, want):.2e}")
+    assert_close(got, want, 1e-6, "DeepSeek-V3 MTP logits")
+    assert rel_err(_reference_mtp_logits(saved("v3")[0], extra, ids, order="he"), want) > 1e-2
+
+
+def test_mtp_round_trips_exactly(with_mtp, tmp_path):
+    """HF -> ltmdsl -> HF: the same tensors under the same names (the MTP layer's included: eh_proj's halves
+    swapped back, the embedding and head copies rewritten), bit for bit, and num_nextn_predict_layers 1."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from ltmdsl.hf.export import export_hf
+
+    folder, _ = with_mtp
+    out = export_hf(ltmdsl.from_hf(folder), tmp_path / "out")
+    assert json.loads((Path(out) / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    before, after = load_file(str(folder / "model.safetensors")), load_file(str(Path(out) / "model.safetensors"))
+    assert sorted(after) == sorted(before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+def test_checkpoint_without_mtp_tensors_builds_no_mtp(saved):
+    """transformers' own saves hold no MTP tensors (num_nextn_predict_layers 1 by default): the model is built
+    without its mtp modules, and its spec says so."""
+    pytest.importorskip("torch")
+    model = ltmdsl.from_hf(saved("v3")[0])
+    assert model.mtp is None and model.ir.mtp is None
+    assert "NOTE: the checkpoint holds no multi-token-prediction tensors (model.layers.4.*)" in model.ir.source_text
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop:model.layers.4.hnorm.weight", "missing tensor model.layers.4.hnorm.weight"),
+    ("zero:model.layers.4.shared_head.head.weight",
+     "tensor model.layers.4.shared_head.head.weight is not a copy of lm_head.weight"),
+    ("add:model.layers.5.eh_proj.weight", "unexpected tensor model.layers.5.eh_proj.weight"),
+], ids=["missing", "copy-differs", "extra-layer"])
+def test_mtp_tensors_must_be_whole(with_mtp, tmp_path, change, message):
+    """Some MTP tensors but not all: the missing one is named; a head copy that is not the head, or a tensor of a
+    layer past the MTP modules: named too."""
+    torch = pytest.importorskip("torch")
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = with_mtp
+    dest = tmp_path / "bad"
+    shutil.copytree(folder, dest)
+    tensors = load_file(str(dest / "model.safetensors"))
+    op, name = change.split(":")
+    if op == "drop":
+        del tensors[name]
+    else:
+        tensors[name] = torch.zeros(tensors[name].shape if name in tensors else (36, 72))
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(HFError, match=message):
+        ltmdsl.from_hf(dest)
+
+
+def test_mtp_first_dense_inside_the_mtp_layers_is_refused():
+    """ltmdsl's mtp modules share one block: first_k_dense_replace between two MTP layers is refused by name."""
+    cfg = {**CASES["v3"][1], "model_type": "deepseek_v3", "num_nextn_predict_layers": 2, "first_k_dense_replace": 5}
+    with pytest.raises(HFError, match="first_k_dense_replace 5 falls among the multi-token-prediction layers 4 to 5"):
+        spec_from_config(cfg)
+    dense = ltmdsl.loads(spec_from_config({**cfg, "first_k_dense_replace": 6})).model
+    assert [x.kind for x in dense.mtp.block] == ["mla", "mlp"] and dense.mtp.depth == 2
 
 
 def test_mla_maps_to_deepseek_with_rope_and_to_kimi_linear_without():
@@ -340,9 +498,8 @@ def test_deepseek_v3_mtp_module_counts_apart_from_the_total():
     """DeepSeek-V3 with its one MTP module (`mtp = mtp(depth = 1, mixer = attn, ffn = moe)`): the total stays
     transformers' 671,026,404,352; the module adds 3 norms of 7168, the [7168, 14336] projection and one MLA +
     MoE layer: 11,610,067,968 (docs/LANGUAGE.md)."""
-    text = (EXAMPLES / "deepseek-v3.ltm").read_text().replace(
-        "    legend {", "    mtp = mtp(depth = 1, mixer = attn, ffn = moe)\n\n    legend {")
-    ir = ltmdsl.loads(text).model
+    ir = ltmdsl.load(EXAMPLES / "deepseek-v3.ltm").model
+    assert ir.mtp.depth == 1
     d = 7168
     assert ir.params_total == 671_026_404_352
     assert ir.params_mtp == 3 * d + 2 * d * d + ir.layers[-2].params + ir.layers[-1].params == 11_610_067_968

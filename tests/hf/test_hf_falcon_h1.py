@@ -9,6 +9,7 @@ tests/runtime/test_rt_parallel.py.)"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -171,12 +172,58 @@ SMALL = {"model_type": "falcon_h1", "vocab_size": 64, "hidden_size": 32, "num_hi
     ({"mamba_n_heads": 5}, "mamba_n_heads 5 does not divide the Mamba-2 inner width 64"),
     ({"mamba_d_head": 8}, "mamba_n_heads \\* mamba_d_head = 32 != the Mamba-2 inner width 64"),
     ({"mamba_n_groups": 3}, "mamba_n_heads 4 is not a multiple of mamba_n_groups 3"),
+    ({"mamba_d_ssm": None, "mamba_d_head": 8}, "inner width 64 \\('mamba_d_ssm', or mamba_expand \\* hidden_size\\)"),
     ({"layers_block_type": ["hybrid", "attention"]}, "'layers_block_type' must list 'hybrid'"),
     ({"time_step_limit": [0.0, 1.0]}, "time_step_limit"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
     ({"some_new_key": 1}, "some_new_key"),
+    ({"attn_layer_indices": [1]}, "'attn_layer_indices' = \\[1\\] is not supported"),
+    ({"mamba_use_mlp": False}, "'mamba_use_mlp' = False is not supported"),
+    ({"mlp_expansion_factor": "8"}, "'mlp_expansion_factor' must be a positive finite number"),
 ], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
 def test_hostile_fields_name_the_key(change, message):
     with pytest.raises(HFError, match=message):
         spec_from_config({**SMALL, **change})
+
+
+def test_original_code_keys_that_transformers_never_reads_are_accepted():
+    """The published configs' attn_layer_indices (null), mamba_use_mlp (true) and mlp_expansion_factor are read by
+    neither FalconH1Config nor the model: accepted, the same spec, no NOTE."""
+    extra = {"attn_layer_indices": None, "mamba_use_mlp": True, "mlp_expansion_factor": 8}
+    assert spec_from_config({**SMALL, **extra}) == spec_from_config(SMALL)
+
+
+#: tests/hf/configs/<name>.json -> parameters as transformers 5.24 builds them on the meta device. The configs
+#: hold Falcon-H1's published architecture (transformers' FalconH1 model table and the Falcon-H1 report: 34B
+#: 72 layers of 5120, 20 / 4 attention heads of 128, 32 Mamba-2 heads of 128 (mamba_d_ssm 4096), state 256; 7B
+#: 44 layers of 3072, 12 / 2 heads, 24 Mamba-2 heads (3072); RoPE base 1e11; 256K positions; untied), with
+#: FalconH1Config's defaults elsewhere. Less certain, stated here: the vocabularies (34B 261120, 7B 130049: the
+#: report's "261K" and "130K"), the MLP widths (34B 21504, 7B 12288) and the 34B's mamba_n_groups 2; the totals
+#: they give, 33.6B and 7.6B, are the model names' 34B and 7B. Left out as uncertain: every muP multiplier (they
+#: change no count).
+FALCON_PUBLISHED = {"Falcon-H1-34B-Instruct": 33_642_221_312, "Falcon-H1-7B-Instruct": 7_585_519_712}
+
+
+@pytest.mark.parametrize("name", sorted(FALCON_PUBLISHED))
+def test_published_configs_count_what_transformers_counts(name):
+    """Every key of the published configs is accounted for (no NOTE), and the count is transformers'."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = json.loads((Path(__file__).parent / "configs" / f"{name}.json").read_text())
+    text = spec_from_config(cfg)
+    assert "# NOTE" not in text
+    assert ltmdsl.loads(text).model.params_total == FALCON_PUBLISHED[name]
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    assert sum(p.numel() for p in model.parameters()) == FALCON_PUBLISHED[name]
+
+
+def test_34b_is_the_example():
+    """examples/falcon-h1-34b.ltm is the import of its published config, sub-layer for sub-layer."""
+    from paths import EXAMPLES
+
+    cfg = json.loads((Path(__file__).parent / "configs" / "Falcon-H1-34B-Instruct.json").read_text())
+    ir, example = ltmdsl.loads(spec_from_config(cfg)).model, ltmdsl.load(EXAMPLES / "falcon-h1-34b.ltm").model
+    assert [(x.norm, x.mixer) for x in ir.layers] == [(x.norm, x.mixer) for x in example.layers]
+    assert (example.tie_embeddings, example.vocab, example.d_model) == (False, 261120, 5120)

@@ -11,12 +11,16 @@ plus GraniteMoeHybridMLP in float64 in tests/runtime/test_rt_moe_variants.py.)""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from paths import EXAMPLES
 
 import ltmdsl
 from ltmdsl.hf import HFError
 from ltmdsl.hf.configs import spec_from_config
+
+CONFIGS = Path(__file__).parent / "configs"
 
 #: a small config stating what the tests vary
 SMALL = {"model_type": "granitemoehybrid", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 3,
@@ -152,7 +156,8 @@ def test_export_refuses_what_granite_cannot_hold(tmp_path):
     ({"residual_multiplier": "0.2"}, "'residual_multiplier' must be a positive finite number"),
     ({"logits_scaling": 0}, "'logits_scaling' must be a positive finite number"),
     ({"num_local_experts": -1}, "'num_local_experts' must be an integer"),
-    ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 > num_local_experts 4"),
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 must be from 1 to num_local_experts 4"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok 0 must be from 1 to num_local_experts 4"),  # 0: no experts
     ({"shared_intermediate_size": 0}, "'shared_intermediate_size' must be an integer"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"head_dim": 16}, "'head_dim' = 16 is not supported"),
@@ -165,3 +170,41 @@ def test_export_refuses_what_granite_cannot_hold(tmp_path):
 def test_hostile_fields_name_the_key(change, message):
     with pytest.raises(HFError, match=message):
         spec_from_config({**SMALL, **change})
+
+
+#: tests/hf/configs/<name>.json -> (parameters, active parameters), as transformers 5.24 builds them on the meta
+#: device. The configs hold Granite-4.0-H's published architecture (IBM's model cards: 40 layers, 4 of them
+#: attention at 0-based 5, 15, 25, 35 (9 Mamba-2 : 1 attention), NoPE, vocabulary 100352, tied embeddings;
+#: Small 4096 wide, 72 experts of 768, top 10, shared 1536; Tiny 1536 wide, 64 experts of 512, top 6, shared 1024;
+#: Micro 2048 wide, dense, shared MLP 8192, its num_local_experts and num_experts_per_tok 0) and
+#: GraniteMoeHybridConfig's defaults elsewhere. Uncertain, so left out: the muP multipliers (embedding_multiplier,
+#: residual_multiplier, attention_multiplier, logits_scaling), which change no count. The model cards' totals,
+#: 32B (9B active), 7B (1B active) and 3B, agree.
+GRANITE_PUBLISHED = {"granite-4.0-h-small": (32_207_337_984, 8_803_121_664),
+                     "granite-4.0-h-tiny": (6_939_037_248, 1_465_470_528),
+                     "granite-4.0-h-micro": (3_191_396_096, 3_191_396_096)}
+
+
+@pytest.mark.parametrize("name", sorted(GRANITE_PUBLISHED))
+def test_published_configs_count_what_transformers_counts(name):
+    """Every key of the published configs is accounted for (no NOTE), and the counts are transformers'."""
+    cfg = json.loads((CONFIGS / f"{name}.json").read_text())
+    text = spec_from_config(cfg)
+    assert "# NOTE" not in text
+    ir = ltmdsl.loads(text).model
+    assert (ir.params_total, ir.params_active) == GRANITE_PUBLISHED[name]
+    assert ir.params_total == transformers_count(cfg)
+
+
+def test_small_is_the_example():
+    """examples/granite-4.0-h-small.ltm is the import of its published config, sub-layer for sub-layer."""
+    cfg = json.loads((CONFIGS / "granite-4.0-h-small.json").read_text())
+    ir, example = imported(cfg), ltmdsl.load(EXAMPLES / "granite-4.0-h-small.ltm").model
+    assert [(x.norm, x.mixer) for x in ir.layers] == [(x.norm, x.mixer) for x in example.layers]
+    assert (example.tie_embeddings, example.vocab, example.d_model) == (True, 100352, 4096)
+    assert [i for i, x in enumerate(example.layers[0::2]) if x.kind == "attention"] == [5, 15, 25, 35]
+
+
+def test_init_method_is_initialisation_only():
+    """Granite's `init_method` ("mup") says how weights were drawn for training: the same spec, no NOTE."""
+    assert spec_from_config({**SMALL, "init_method": "mup"}) == spec_from_config(SMALL)

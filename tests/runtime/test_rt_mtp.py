@@ -133,12 +133,21 @@ def test_mtp_spec_errors(mtp, message):
         ltmdsl.loads(SPEC.format(mtp=mtp))
 
 
-def test_mtp_has_no_hugging_face_counterpart():
+def test_mtp_maps_only_to_deepseek_v3():
+    """A DeepSeek-V3-shaped model's mtp is its checkpoints' num_nextn_predict_layers (the tensors: test_hf_deepseek);
+    one whose block is not what DeepSeek's layer num_hidden_layers would be, or a model of another family, is
+    refused by name."""
     from ltmdsl.hf import HFError
-    from ltmdsl.hf.export import config_from_ir
+    from ltmdsl.hf.export import config_from_ir, hf_plan
 
-    with pytest.raises(HFError, match="multi-token-prediction modules"):
-        config_from_ir(ltmdsl.loads(SPEC.format(mtp=DEPTH2)).model)
+    cfg = config_from_ir(ltmdsl.loads(SPEC.format(mtp=DEPTH2)).model)
+    assert (cfg["model_type"], cfg["num_nextn_predict_layers"]) == ("deepseek_v3", 2)
+    with pytest.raises(HFError, match="does not map back to deepseek_v3 exactly: its multi-token-prediction"):
+        hf_plan(ltmdsl.loads(SPEC.format(mtp="mtp = mtp(depth = 2, mixer = attn, ffn = dense)")).model)
+    llama = ("model l {\n vocab = 64\n d_model = 32\n layer attn = attention(heads = 4)\n layer ffn = mlp(d_ff = 48)\n"
+             " mtp = mtp(mixer = attn, ffn = ffn)\n stack { repeat 2 { attn ffn } }\n}\n")
+    with pytest.raises(HFError, match="mtp\\) map only to DeepSeek-V3 checkpoints .*; llama has none"):
+        config_from_ir(ltmdsl.loads(llama).model)
 
 
 def test_mtp_modules_round_trip_through_a_runtime_checkpoint(tmp_path):

@@ -79,6 +79,36 @@ def test_answer_loss_uses_the_models_logit_scale_and_cap():
     assert_close(answer_loss(model, tokens, mask, chunk=4).loss.detach(), plain.detach(), 1e-12, "answer loss")
 
 
+def test_summed_target_loss_skips_ignored_positions_through_the_models_head():
+    """summed_target_loss = the summed F.cross_entropy of the model's own logits (scale and cap) over the
+    positions whose target is not -100 (1e-12 in float64), with its gradient; none left: a zero in the graph."""
+    import ltmdsl
+    from ltmdsl.train.loss import summed_target_loss
+
+    model = ltmdsl.build(ltmdsl.loads("""model m {
+    vocab = 40
+    d_model = 16
+    dtype = fp32
+    logit_scale = 0.5
+    logit_cap = 3.0
+    layer f = mlp(d_ff = 24)
+    stack { f }
+}
+"""), seed=0).double()
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 9, 16, generator=gen, dtype=torch.float64, requires_grad=True)  # [B, T, d]
+    targets = torch.randint(0, 40, (2, 9), generator=gen)
+    targets[0, :4] = -100
+    plain = F.cross_entropy(model.head(hidden).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    want = torch.autograd.grad(plain, hidden)[0]
+    summed, correct, count = summed_target_loss(model, hidden, targets, chunk=4)
+    assert_close(summed.detach(), plain.detach(), 1e-12, "summed loss")
+    assert_close(torch.autograd.grad(summed, hidden)[0], want, 1e-12, "d loss / d hidden")
+    assert count == 14 and correct == int((model.head(hidden).argmax(-1) == targets).sum())
+    none, _, zero = summed_target_loss(model, hidden, torch.full_like(targets, -100))
+    assert zero == 0 and none.item() == 0.0 and none.requires_grad
+
+
 def test_bf16_autocast_close_to_fp32():
     rows, weight, targets = _case(dtype=torch.float32)
     plain = F.cross_entropy(rows @ weight.t(), targets)
@@ -137,3 +167,43 @@ def test_chunked_loss_peaks_lower_than_plain():
     peaks = json.loads(out.stdout)
     rise = peaks["after_plain"] - peaks["after_chunked"]
     assert rise > 64 * 2**20, f"plain loss peaked only {rise / 2**20:.1f} MiB above the chunked one"
+
+
+# -- vocab-parallel: the head's rows split over tp ranks --------------------------------------------------
+
+
+def _vocab_parallel_rank(chunk, cap, tp):
+    """One tp rank: the chunked loss on its V/tp rows of the head -> (loss, correct, d rows, d its rows)."""
+    import torch.distributed as dist
+
+    from ltmdsl.train.loss import VocabShard
+
+    rows, weight, targets = _case()
+    rank, width = dist.get_rank(), weight.shape[0] // tp
+    mine = weight.detach()[rank * width:(rank + 1) * width].clone().requires_grad_(True)  # [V/tp, d]
+    shard = VocabShard(group=dist.group.WORLD, start=rank * width, vocab=weight.shape[0])
+    result = chunked_cross_entropy(rows, mine, targets, chunk, cap=cap, shard=shard)
+    g_rows, g_mine = torch.autograd.grad(result.loss * 3.0, (rows, mine))
+    return result.loss.detach(), result.correct, g_rows, g_mine
+
+
+@pytest.mark.parametrize("chunk, cap, tp", [(7, None, 2), (1000, None, 5), (7, 1.5, 2)],
+                         ids=["chunk7-tp2", "chunk1000-tp5", "capped-tp2"])
+def test_vocab_parallel_loss_equals_plain(chunk, cap, tp):
+    """Each of tp gloo ranks holds V/tp head rows (V = 50; some targets and argmaxes on every rank): loss,
+    argmax count, the rows' gradient (every rank the whole one) and each rank's rows of the weight gradient
+    equal F.cross_entropy on the full logits in float64 within 1e-12."""
+    from ltmdsl.distributed import launch
+
+    rows, weight, targets = _case()
+    logits = rows @ weight.t()
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    plain = F.cross_entropy(logits, targets)
+    g_rows, g_w = torch.autograd.grad(plain * 3.0, (rows, weight))
+    width = weight.shape[0] // tp
+    for rank, (loss, correct, c_rows, c_mine) in enumerate(launch(_vocab_parallel_rank, tp, (chunk, cap, tp))):
+        assert_close(loss, plain.detach(), 1e-12, f"rank {rank} loss")
+        assert correct == int((logits.argmax(-1) == targets).sum())
+        assert_close(c_rows, g_rows, 1e-12, f"rank {rank} d loss / d rows")
+        assert_close(c_mine, g_w[rank * width:(rank + 1) * width], 1e-12, f"rank {rank} d loss / d its rows")

@@ -60,9 +60,11 @@ def assert_same_steps(got: list[dict], want: list[dict], rtol: float = 1e-5) -> 
     pytest.param({"zero": 2}, id="dp2-zero2"),
     pytest.param({"zero": 3}, id="dp2-zero3"),
     pytest.param({"cp": 2}, id="cp2"),
+    pytest.param({"cp": 2, "cp_split": "contiguous"}, id="cp2-contiguous"),
     pytest.param({"pp": 2, "microbatches": 2}, id="pp2-mb2"),
     pytest.param({"pp": 2, "microbatches": 2, "interleave": 2}, id="pp2-interleave2"),
     pytest.param({"ep": 2}, id="ep2"),
+    pytest.param({"pp": 2, "microbatches": 2, "zero": 2}, id="pp2-zero2"),
 ])
 def test_two_ranks_equal_one_process(tmp_path, degrees):
     ir = model()
@@ -76,6 +78,19 @@ def test_two_ranks_equal_one_process(tmp_path, degrees):
     assert last["step"] == STEPS
 
 
+@pytest.mark.parametrize("text, degrees", [
+    pytest.param(TP_TINY, {"pp": 2, "tp": 2, "microbatches": 2}, id="pp2-tp2"),
+    pytest.param(TINY, {"pp": 2, "cp": 2, "microbatches": 2, "zero": 3}, id="pp2-cp2-zero3"),
+])
+def test_pipeline_with_tp_or_cp_on_four_ranks_equals_one_process(tmp_path, text, degrees):
+    ir = model(text)
+    want = single(ir, tmp_path / "one")
+    parallel.run(ir, config(tmp_path / "four"), plan_from(world=4, **degrees), nproc=4)
+    from ltmdsl.train import metrics
+
+    assert_same_steps(metrics.read(tmp_path / "four" / metrics.METRICS), want)
+
+
 def test_tensor_parallel_equals_one_process(tmp_path):
     ir = model(TP_TINY)
     want = single(ir, tmp_path / "one")
@@ -83,6 +98,40 @@ def test_tensor_parallel_equals_one_process(tmp_path):
     from ltmdsl.train import metrics
 
     assert_same_steps(metrics.read(tmp_path / "two" / metrics.METRICS), want)
+
+
+def _tp_answer_gradients(ir, tokens, mask, chunk):
+    """One tp rank: the answer loss of `tokens` through `_micro_step` (vocab-parallel under tp) and the full
+    gradients it leaves."""
+    from ltmdsl.distributed import parallelize
+    from ltmdsl.distributed.step import full_gradients
+
+    ranked = parallelize(ir, plan_from(world=2, tp=2), seed=0)
+    loss, correct, count = parallel._micro_step(ranked, tokens, mask, config("unused", loss_chunk=chunk))
+    return loss, correct, full_gradients(ranked.model)
+
+
+@pytest.mark.parametrize("head", ["untied", "tied"])
+def test_vocab_parallel_answer_loss_equals_one_process(head):
+    """tp = 2: the head's V/2 logits on each rank (never gathered) give the single-process answer loss
+    (1e-5 relative; the same sums in another order, ~1e-7 measured) and gradients (1e-5), tied and untied."""
+    from ltmdsl.runtime.build import build
+    from ltmdsl.train.loss import answer_loss
+
+    ir = model(TP_TINY.replace("head = untied", f"head = {head}"))
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, ir.vocab, (2, 12), generator=gen)  # [B, T]
+    mask = torch.rand(2, 12, generator=gen) < 0.5  # [B, T]
+    one = build(ir, seed=0)
+    want = answer_loss(one, tokens, mask, chunk=3)
+    want.loss.backward()
+    from ltmdsl.distributed import launch
+
+    for loss, correct, grads in launch(_tp_answer_gradients, 2, (ir, tokens, mask, 3)):
+        assert abs(loss - want.loss.item()) <= 1e-5 * abs(want.loss.item())
+        assert correct == want.correct
+        for name, p in one.named_parameters():
+            assert_close(grads[name], p.grad, 1e-5, f"gradient of {name}")
 
 
 def test_exported_weights_equal_the_single_process_run(tmp_path):
@@ -122,6 +171,19 @@ def test_resume_under_another_plan_continues_the_run(tmp_path):
     assert metrics.read(same / metrics.METRICS) == [
         {**r, "seconds": s["seconds"]} for r, s in zip(metrics.read(whole / metrics.METRICS),
                                                      metrics.read(same / metrics.METRICS))]
+
+
+def test_resume_of_a_pipeline_zero2_run_under_zero3(tmp_path):
+    """Stopped after 2 steps under pp = 2 with ZeRO 2 (each stage's FSDP2 shards in the checkpoint), resumed
+    under dp = 2 with ZeRO 3: steps 3-4 equal the uninterrupted single-process run."""
+    ir = model()
+    want = single(ir, tmp_path / "one", steps=4)
+    run = tmp_path / "run"
+    parallel.run(ir, config(run, steps=4, stop_after=2), plan_from(world=2, pp=2, microbatches=2, zero=2), nproc=2)
+    parallel.run(ir, config(run, steps=4, resume=True), plan_from(world=2, zero=3), nproc=2)
+    from ltmdsl.train import metrics
+
+    assert_same_steps(metrics.read(run / metrics.METRICS), want)
 
 
 def test_a_rank_dying_mid_step_leaves_the_last_checkpoint(tmp_path, monkeypatch):
@@ -185,6 +247,7 @@ def test_cli_nproc_takes_the_budget_plan_and_prints_json(spec, tmp_path, capfd):
     pytest.param(("--nproc", "2", "--tp", "3"), "must equal the world size 2", id="product-not-world"),
     pytest.param(("--nproc", "2", "--zero", "1"), "zero = 1", id="zero1"),
     pytest.param(("--nproc", "2", "--cp", "2", "--context", "25"), "does not divide the sequence", id="cp-context"),
+    pytest.param(("--nproc", "2", "--cp", "2", "--context", "26"), "2*cp = 4 chunks", id="cp-balanced-context"),
     pytest.param(("--nproc", "2", "--budget", "nope"), "no budget 'nope'", id="unknown-budget"),
     pytest.param(("--nproc", "2", "--tp", "2"), "tensor", id="tp-unsplittable-kind"),
 ])
@@ -194,6 +257,16 @@ def test_cli_refuses_a_bad_plan_before_launch(spec, tmp_path, capsys, extra, mes
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_cli_cp_split_reaches_the_plan(spec, tmp_path, capsys):
+    """--cp-split contiguous: the plan in the refusal says so, and the balanced split's 2*cp rule is not applied
+    (the run is refused for its tp only, before any worker starts)."""
+    out = tmp_path / "run"
+    assert main(cli_args(spec, out, "--nproc", "2", "--cp", "2", "--cp-split", "contiguous", "--tp", "3",
+                         "--context", "26")) == 2
+    err = capsys.readouterr().err
+    assert "cp_split=contiguous" in err and "must equal the world size 2" in err and "2*cp" not in err
 
 
 def test_cli_resume_of_another_spec_is_refused(spec, tmp_path, capsys):

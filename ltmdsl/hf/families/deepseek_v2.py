@@ -34,8 +34,10 @@ def _values(kind: str, r: Reader, d: int, present: bool = True) -> dict:
     return hf_facet(kind).read(r, ReadContext(r.family, d, present))
 
 
-def read_stack(r: Reader, vocab: int, d_model: int, layers: int, first_dense: int) -> dict:
-    """The plan fields of a DeepSeek config (module docstring), from its config class's defaults."""
+def read_stack(r: Reader, vocab: int, d_model: int, layers: int, first_dense: int, mtp: int = 0) -> dict:
+    """The plan fields of a DeepSeek config (module docstring), from its config class's defaults; with `mtp`
+    multi-token-prediction modules (DeepSeek-V3), their block: the MLA, then the FFN that HF decoder layer
+    num_hidden_layers + k would have (dense before first_k_dense_replace, the MoE from it on), one for all k."""
     vocab = r.int("vocab_size", vocab)
     d = r.int("hidden_size", d_model)
     n = r.layers("num_hidden_layers", layers)
@@ -48,15 +50,24 @@ def read_stack(r: Reader, vocab: int, d_model: int, layers: int, first_dense: in
     for key in HARMLESS:
         r.raw(key, None)
     moe_at = [i >= first for i in range(n)]
-    values = {"A": _values("mla", r, d), "E": _values("moe", r, d, present=any(moe_at)),
-              "-": _values("mlp", r, d, present=not all(moe_at))}
+    mtp_at = [n + k >= first for k in range(mtp)]
+    if len(set(mtp_at)) > 1:
+        raise r.fail(f"first_k_dense_replace {first} falls among the multi-token-prediction layers {n} to "
+                     f"{n + mtp - 1} (num_nextn_predict_layers {mtp}): ltmdsl's mtp modules share one block")
+    values = {"A": _values("mla", r, d), "E": _values("moe", r, d, present=any(moe_at + mtp_at)),
+              "-": _values("mlp", r, d, present=not all(moe_at + mtp_at))}
     used = {"A"} | ({"E"} if any(moe_at) else set()) | ({"-"} if not all(moe_at) else set())
     definitions, legend = {}, {}
     for symbol, (name, kind) in LEGEND.items():
+        if symbol in used or (mtp and symbol == ("E" if mtp_at[0] else "-")):
+            definitions[name] = (kind, hf_facet(kind).call(values[symbol]))
         if symbol in used:
-            definitions[name], legend[symbol] = (kind, hf_facet(kind).call(values[symbol])), name
-    return dict(vocab=vocab, d_model=d, norm_eps=eps, tied=tied, definitions=definitions, legend=legend,
-                tokens=tuple("A" + ("E" if e else "-") for e in moe_at), hf=dict(first_k_dense_replace=min(first, n)))
+            legend[symbol] = name
+    out = dict(vocab=vocab, d_model=d, norm_eps=eps, tied=tied, definitions=definitions, legend=legend,
+               tokens=tuple("A" + ("E" if e else "-") for e in moe_at), hf=dict(first_k_dense_replace=min(first, n)))
+    if mtp:
+        out["mtp"] = (mtp, LEGEND["A"][0], LEGEND["E" if mtp_at[0] else "-"][0])
+    return out
 
 
 def read(r: Reader) -> dict:

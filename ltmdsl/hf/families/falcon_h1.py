@@ -13,6 +13,8 @@ Its muP multipliers map as follows:
   before the activation, down_proj's output) are folded into those weights and biases as they load (op `copy`
   with `scales`); export writes the folded weights and multipliers of 1, so a round trip is the same model with
   the multipliers inside its weights.
+Keys of the published configs that transformers never reads are accepted where they agree with what it computes
+(`attn_layer_indices` null, `mamba_use_mlp` true; `mlp_expansion_factor`, whose width `intermediate_size` states).
 `projectors_bias` (the Mamba-2 out_proj bias) must equal `mamba_proj_bias` (its in_proj bias): the language's
 mamba2 has one `proj_bias` for both. Norms are RMSNorms of `rms_norm_eps`.
 """
@@ -52,6 +54,12 @@ def read(r: Reader) -> dict:
     eps = r.eps("rms_norm_eps", 1e-5)
     tied = r.bool("tie_word_embeddings", False)
     r.act()  # the Mamba-2 mixer's and the MLP's activation alike
+    # keys of the published configs that neither FalconH1Config nor the model reads (the original code's), accepted
+    # where they say what transformers computes anyway
+    r.expect("attn_layer_indices", lambda v: v is None, "null (transformers' Falcon-H1 has attention in every layer)")
+    r.expect("mamba_use_mlp", lambda v: v in (None, True), "true (every Falcon-H1 layer has its MLP)")
+    if r.present("mlp_expansion_factor"):
+        r.float("mlp_expansion_factor")  # the original code's width rule; intermediate_size is the width
     for key in ("layers_block_type", "layer_types"):  # a property of FalconH1Config: every layer is "hybrid"
         types = r.raw(key, None)
         if types is not None and types != ["hybrid"] * layers:
@@ -82,7 +90,8 @@ def read(r: Reader) -> dict:
     else:
         ssm_head_dim = r.int("mamba_d_head")
     if ssm_head_dim * ssm_heads != d_inner:
-        raise r.fail(f"mamba_n_heads * mamba_d_head = {ssm_heads * ssm_head_dim} != the Mamba-2 inner width {d_inner}")
+        raise r.fail(f"mamba_n_heads * mamba_d_head = {ssm_heads * ssm_head_dim} != the Mamba-2 inner width {d_inner} "
+                     "('mamba_d_ssm', or mamba_expand * hidden_size)")
     groups = r.int("mamba_n_groups", 1)
     if ssm_heads % groups:
         raise r.fail(f"mamba_n_heads {ssm_heads} is not a multiple of mamba_n_groups {groups}")
