@@ -8,8 +8,8 @@ over dp (ep), FSDP2 for ZeRO-3. The collectives' outputs have their real shapes,
 allocate is traced; their contents are not computed (fake tensors have none anyway).
 
 The traced rank is the most loaded one: the memory model's most loaded pipeline stage, data-parallel rank 0,
-the last context-parallel rank (its tokens attend to every key before them; all cp ranks gather the same
-keys and values), tensor-parallel rank 0 (tp ranks hold equal shares).
+the last context-parallel rank (every cp rank gathers the same keys and values; under the contiguous split the
+last one's queries see them all), tensor-parallel rank 0 (tp ranks hold equal shares).
 
 Known issue: a tp x cp plan traced after another tensor-parallel trace in the same process can be handed a
 DeviceMesh of the earlier (destroyed) group by DTensor and fail ("Could not resolve the process group"); one
