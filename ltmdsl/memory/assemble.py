@@ -124,7 +124,7 @@ def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: b
         for comp, expr in training.model_states(model.head_params, 0, s, model.final_norm_params).items():
             st.add(comp, "head", expr)
     if s.mode == "training" and s.parallel.zero >= 3:
-        split, replicated = _fsdp_root_params(model, st.layers, first, last)
+        split, replicated = fsdp_root_params(model, st.layers, first, last)
         st.add("weights", "zero-3 gathered", (R(split, s.tp) + replicated) * s.weight_dtype.bytes)
     if last and model.mtp is not None:  # DeepSeek-V3's multi-token-prediction modules, held beside the head
         mtp, d = model.mtp, model.d_model
@@ -135,7 +135,7 @@ def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: b
             st.add(comp, "mtp", expr)
 
 
-def _fsdp_root_params(model: ModelIR, layers: range, first: bool, last: bool) -> tuple[int, int]:
+def fsdp_root_params(model: ModelIR, layers: range, first: bool, last: bool) -> tuple[int, int]:
     """Parameters ZeRO-3 keeps gathered from the forward through the backward: those outside every mixer
     (ltmdsl.distributed shards each mixer on its own and the rest as FSDP2's root, which is not resharded after
     the forward), as (tp-split: the embedding and head held by this stage, tp-replicated: the norms)."""

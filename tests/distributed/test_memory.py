@@ -51,6 +51,17 @@ def _norms(ir) -> int:
         for layer in ir.unique_layers())
 
 
+def _gathered_root(ir, plan) -> int:
+    """fp32 bytes of the ZeRO-3 root (embedding, head, norms) of the memory model's most loaded stage."""
+    from ltmdsl.memory.assemble import fsdp_root_params, stage_ranges
+
+    r = report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, pp=plan.pp, microbatches=plan.microbatches,
+               zero=plan.zero, weight_dtype="fp32", grad_dtype="fp32", optimizer_bytes_per_param=8, context=64, batch=2)
+    i = r.most_loaded_stage
+    split, replicated = fsdp_root_params(ir, stage_ranges(len(ir.layers), plan.pp)[i], i == 0, i == plan.pp - 1)
+    return 4 * (split // plan.tp + replicated)
+
+
 def _fsdp_root(ir) -> int:
     """Parameters outside every mixer (FSDP2's root under ZeRO-3): embedding, head and the norms."""
     return ir.embedding_params + ir.head_params + _norms(ir)
@@ -90,6 +101,8 @@ def test_rank_bytes_under_ep_cp_pp_equal_the_memory_model(world, degrees):
     plan = plan_from(world=world, **degrees)
     want = _predicted(ir, plan)
     measured = [got for got, _ in launch(_measure, world, (ir, plan))]
+    if degrees.get("zero") == 3:  # at rest FSDP2 holds the shards; the model's step adds the root, gathered
+        want = dict(want, weights=want["weights"] - _gathered_root(ir, plan))
     if "pp" in degrees:  # the memory model reports the most loaded stage
         assert max(measured, key=lambda m: sum(m.values())) == want
     else:
