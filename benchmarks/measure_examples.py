@@ -4,6 +4,8 @@ run at full size on fake tensors (ltmdsl.measure), one rank. Prints a Markdown t
 
 Run: python benchmarks/measure_examples.py [--only NAME ...] [--json out.json]
      python benchmarks/measure_examples.py --kinds   (each mixer kind alone, two sub-layers at its example's width)
+     python benchmarks/measure_examples.py --plans   (one rank of parallel plans and fp8 KV at d_model 1024,
+                                                      and the tiny examples' training budgets)
 A budget that cannot be traced (a refused plan, a step too large to trace) gets a row saying why.
 """
 
@@ -114,6 +116,74 @@ def kind_rows(only=None) -> list[str]:
     return rows
 
 
+#: A Llama-shaped model at d_model 1024 (two attention + SwiGLU blocks) and its MoE twin, for `--plans`
+PLAN_SPEC = """
+model {name} {{
+    vocab = 256
+    d_model = 1024
+    dtype = bf16
+    norm = rmsnorm(eps = 1e-5)
+    head = untied
+    layer attn = attention(heads = 8, kv_heads = 2, rope_theta = 10000)
+    layer ffn = {ffn}
+    stack {{ repeat 2 {{ attn ffn }} }}
+}}
+budget train for {name} {{
+    training context = 256, batch = 2
+    on 1 x H100
+}}
+budget serve for {name} {{
+    inference context = 512, batch = 2
+    on 1 x H100
+}}
+"""
+DENSE_FFN = "mlp(d_ff = 3584, act = swiglu)"
+MOE_FFN = "moe(experts = 4, top_k = 2, d_ff = 1024)"
+
+#: (label, "dense" | "moe" | example file, budget, overrides)
+PLANS = [
+    ("d1024 train, cp 4", "dense", "train", dict(cp=4, gpus=4)),
+    ("d1024 train, cp 2, ZeRO-2, dp 2", "dense", "train", dict(cp=2, zero=2, gpus=4)),
+    ("d1024 train, ZeRO-3, dp 4", "dense", "train", dict(zero=3, gpus=4)),
+    ("d1024 train, tp 2", "dense", "train", dict(tp=2, gpus=2)),
+    ("d1024 train, tp 2, ZeRO-3, dp 2", "dense", "train", dict(tp=2, zero=3, gpus=4)),
+    ("d1024 MoE train, ep 2", "moe", "train", dict(ep=2, gpus=2)),
+    ("d1024 MoE serve, ep 2", "moe", "serve", dict(ep=2, gpus=2)),
+    ("d1024 serve 32K, fp8 KV", "dense", "serve", dict(batch=1, context=32768, chunk=256, kv_dtype="fp8_e4m3")),
+    ("ltm-tiny cpu_train", "ltm-tiny.ltm", "cpu_train", {}),
+    ("tiny-hybrid train 256, batch 2", "tiny-hybrid.ltm", None, dict(mode="training", context=256, batch=2,
+                                                                     recompute="none")),
+]
+
+
+def plan_rows(only=None) -> list[str]:
+    """`PLANS`, predicted against traced, with the training temporaries (the traced peak beyond what is held)."""
+    import ltmdsl
+    from ltmdsl.measure import measure
+    from ltmdsl.units import format_bytes
+
+    rows = []
+    for label, what, budget_name, overrides in PLANS:
+        if only and not any(o in label for o in only):
+            continue
+        if what in ("dense", "moe"):
+            spec = ltmdsl.loads(PLAN_SPEC.format(name=what, ffn=DENSE_FFN if what == "dense" else MOE_FFN))
+        else:
+            spec = ltmdsl.load(EXAMPLES / what)
+        budget = next((b for b in spec.budgets if b.name == budget_name), None)
+        m = measure(spec.model, budget, **overrides)
+        held = [c for c in m.predicted if c not in ("activations", "temporaries")]
+        exact = all(m.measured[c] == m.predicted[c] for c in held)
+        t = m.predicted.get("temporaries")
+        temp = "-" if t is None else f"{format_bytes(t)} / {format_bytes(m.measured['temporaries'])}"
+        rows.append(f"| {label} | {'exact' if exact else 'differ'} | {format_bytes(m.predicted['activations'])} / "
+                    f"{format_bytes(m.measured['activations'])} | {_pct(m.relative['activations'])} | {temp} | "
+                    f"{format_bytes(m.predicted_per_gpu)} | {format_bytes(m.peak_bytes)} "
+                    f"({m.peak_phase.split(': ')[-1]}) | {_pct(m.peak_relative)} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def _mib(x):
     return f"{x / 2**20:.1f} MiB"
 
@@ -127,7 +197,16 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="labels (substrings) to run; with --kinds, kind names")
     ap.add_argument("--json", help="write the measurements here")
     ap.add_argument("--kinds", action="store_true", help="per mixer kind at its example's width instead")
+    ap.add_argument("--plans", action="store_true", help="one rank of parallel plans (d_model 1024) and the tiny "
+                                                         "examples' training budgets instead")
     args = ap.parse_args(argv)
+    if args.plans:
+        rows = plan_rows(args.only)
+        print("| budget (one rank) | weights, grads, optimizer, caches, logits | activations predicted / traced | "
+              "diff | temporaries predicted / traced | per-GPU predicted | traced peak (phase) | diff |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        return 0
     if args.kinds:
         rows = kind_rows(args.only)
         print("| kind (width of) | weights, caches, states | inference activations predicted / traced | diff | "

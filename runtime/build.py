@@ -25,6 +25,9 @@ from ltmdsl.runtime.kernels import TORCH_KERNELS, Kernels
 from ltmdsl.runtime.model import LTModel
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+#: Dtypes a KV cache can be stored in: the compute dtypes and fp8 (the attention kinds write keys and values
+#: converted to the cache's dtype and read them back in the compute dtype; `model.new_cache(dtype=...)`).
+KV_DTYPES = {**TORCH_DTYPES, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 BACKENDS = ("torch", "triton")
 
 

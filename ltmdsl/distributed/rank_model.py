@@ -65,6 +65,23 @@ class RankModel:
         return make_optimizer(self.model, self.plan.zero, self.replica_mesh, lr, **adamw)
 
 
+def split(model, plan: ParallelPlan, mesh, *, fsdp_stages: tuple[int, ...] = FSDP_STAGES) -> set[int]:
+    """Split a meta LTModel into this rank's share, in parallelize's order: tensor parallelism, context
+    parallelism, expert parallelism, then FSDP2 when the plan's ZeRO stage is in `fsdp_stages` (the memory
+    trace keeps ZeRO 1/2 to itself, as Megatron's flat buffers). Returns the ids of the parameters split over dp
+    (experts under ep)."""
+    if plan.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if plan.cp > 1:
+        apply_context_parallel(model, mesh["cp"], plan.cp_split)
+    dp_sharded: set[int] = set()
+    if plan.ep > 1:
+        dp_sharded = apply_expert_parallel(model, mesh["dp"])
+    if plan.zero in fsdp_stages and plan.pp == 1:
+        apply_fsdp(model, replica_mesh(mesh, plan), plan.zero)
+    return dp_sharded
+
+
 def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.float32, seed: int = 0,
                 device: str | torch.device | None = None) -> RankModel:
     """This rank's model for `plan` (the process group must be up: launch() or init_from_env())."""
@@ -80,15 +97,7 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
     kind = device_type()
     mesh = device_mesh(plan, kind)
     model = build_meta(ir, dtype)
-    if plan.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
-    if plan.cp > 1:
-        apply_context_parallel(model, mesh["cp"], plan.cp_split)
-    dp_sharded: set[int] = set()
-    if plan.ep > 1:
-        dp_sharded = apply_expert_parallel(model, mesh["dp"])
-    if plan.zero in FSDP_STAGES and plan.pp == 1:
-        apply_fsdp(model, replica_mesh(mesh, plan), plan.zero)
+    dp_sharded = split(model, plan, mesh)
     if device is None:
         device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
     if plan.pp > 1:

@@ -12,13 +12,21 @@ Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes):
     `mask_rows`(keys)), as booleans and SDPA's additive copy: (1 + a) * r * T/c once T > Cc for global
     attention (a context-parallel rank attends over its T/c cached keys); with a window, keys = min(T, W + Cc):
     (1 + a) * r * min(keys, r + W - 1), and the ring's keys read back in time order beside the chunk's,
-    a * b * keys * Hkv*(D + Dv). Not counted: a KV cache in a dtype other than a's is read back whole in a's
-    dtype by the PyTorch runtime (a * b * T * Hkv*(D + Dv)); the model assumes a kernel that converts tiles.
+    a * b * keys * Hkv*(D + Dv). A global layer's KV cache in another dtype than a's (fp8) is read back whole
+    in a's dtype for the chunk's attention (the PyTorch runtime converts, it has no kernel reading fp8 tiles):
+    a * b * T/c * ceil(Hkv/t)*(D + Dv) beside the rest. A ring (window or chunk) reads its keys back in time
+    order in either case (counted above). The workspace is the larger of that and a decode step's over the
+    S = min(T, W)/c cached slots: the einsum's contiguous copy of the keys (then values) beside the scores,
+    b*S*max(a*ceil(Hkv/t)*D + a*H/t, (a + 8)*H/t, a*H/t + a*ceil(Hkv/t)*Dv), plus an fp8 cache read back
+    whole in a's dtype, a*b*S*ceil(Hkv/t)*(D + Dv).
 Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA and Dv), per micro-batch:
     replicated  norm input and QKV input 2a*sbh, output dropout mask sbh (dropout only)
     split       q, k, v a*sb*(H*D + Hkv*D + Hkv*Dv); attention output a*sb*H*Dv
     core        flash: fp32 log-sum-exp 4*sb*H; eager: softmax output a*H*b*s*T, with dropout also its
                 mask and output (1 + a)*H*b*s*T; selective recompute drops the eager core.
+    context parallel (c > 1, global attention, flash): the most loaded (last) rank keeps every rank's keys and
+                values, all-gathered, a*b*(T - s)*(Hkv*(D + Dv)) beyond its own, and the causal mask of its
+                queries against them in a's dtype (SDPA's additive copy, saved for backward), a*s*T.
     saved_by = "eager" (ltmdsl's runtime under autograd) adds: RoPE's cos and sin 2a*s*R per layer (one copy
                 for the batch); without flash attention the explicit-softmax kernel's fp32 softmax 4*H*b*s*T,
                 its boolean mask s*T (one for the batch and heads) and the KV heads repeated to H,
@@ -272,6 +280,27 @@ def cache(c: AttentionConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: AttentionConfig, d: int, s):
+    """The larger of a prefill chunk's workspace (`prefill_workspace`) and a decode step's (`decode_workspace`)."""
+    return sympy.Max(prefill_workspace(c, s), decode_workspace(c, s))
+
+
+def decode_workspace(c: AttentionConfig, s):
+    """One decode step over the S = tokens_held(T)/c cached slots (runtime `attention_decode`): the einsum
+    reading the keys (then the values) makes a contiguous copy, a*b*S*ceil(Hkv/t)*D, beside the scores (a, then
+    their fp32 copy and softmax, 8 bytes, per head and slot); a cache in another dtype than a's is first read
+    back whole in a's dtype, a*b*S*ceil(Hkv/t)*(D + Dv)."""
+    a = s.activation_dtype.bytes
+    b = per_replica(B, s.dp)
+    slots = tokens_held(c) / R(s.cp)
+    hkv, h = cdiv(c.kv_heads, s.tp), c.heads / R(s.tp)
+    out = b * slots * sympy.Max(a * hkv * c.head_dim + a * h, (a + 8) * h, a * h + a * hkv * c.v_head_dim)
+    if s.kv_dtype.name != s.activation_dtype.name:
+        out += a * b * slots * hkv * (c.head_dim + c.v_head_dim)
+    return out
+
+
+def prefill_workspace(c: AttentionConfig, s):
+    """The workspace of a prefill chunk (module docstring)."""
     a = s.activation_dtype.bytes
     b = per_replica(B, s.dp)
     Cc = sympy.Min(C, T)
@@ -280,6 +309,8 @@ def workspace(c: AttentionConfig, d: int, s):
     qkvo = c.heads * c.head_dim * (2 if c.gate else 1) + c.kv_heads * (c.head_dim + c.v_head_dim)
     qkvo += c.heads * c.v_head_dim
     out = a * tok * qkvo / t + 4 * tok * c.heads / t
+    if c.span is None and s.kv_dtype.name != s.activation_dtype.name:  # the cache read back in a's dtype
+        out += a * b * T / R(s.cp) * cdiv(c.kv_heads, s.tp) * (c.head_dim + c.v_head_dim)
     if not s.flash_attention or not c.plain_softmax:  # sinks and soft caps run the explicit-softmax path
         return out + (a + 4) * tok * c.heads / t * tokens_held(c)
     if c.chunk is None:
@@ -306,6 +337,9 @@ def stored(c: AttentionConfig, x, selective: bool):
         out += 2 * a * x.s * c.rotary_dim
     if x.flash_attention and c.plain_softmax:
         out += x.split(4 * tok * c.heads)
+        if x.c > 1 and c.span is None:  # context parallel: the last rank's queries attend to every rank's keys
+            out += x.split(a * x.b * (T - x.s) * c.kv_heads * (c.head_dim + c.v_head_dim))
+            out += a * x.s * T
     elif not selective:
         scores = x.b * x.s * T * c.heads
         out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))

@@ -29,6 +29,9 @@ largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
     experts     the output a * n * d + w, and one expert at a time on its m = ceil(n * k / E) tokens (balanced):
                 a * m * (3d + F*(4|2)/t)   (its input, output and weighted output; gate, up, act, product)
     shared      a * n * d + w + a * n * max(`inference_ffn_width`(Fs)/t, 2d)   (the shared MLP in place)
+    With expert parallelism (ep > 1, runtime `ep_forward`) the experts' moment is the rows received and the
+    results (two copies while index_add runs) 3a * n*k * d, plus one local expert's tokens from every rank,
+    a * ep*m * (3d + F*(4|2)/t), and w.
 Training activations (dropless top-k, perfectly balanced routing so expert parallelism moves tokens but
 not bytes), per micro-batch:
     replicated  norm input and router input 2a*sbh; router logits and probabilities fp32 8*sb*E;
@@ -37,6 +40,8 @@ not bytes), per micro-batch:
     split       each of the k expert MLPs as a dense MLP: k * (3|2) * a*sb*F; the shared MLP (3|2) * a*sb*Fs
     saved_by = "eager" (ltmdsl's runtime under autograd): the expert MLPs keep act(gate) too (4F gated), and
                 the scatter-add of the router-weighted expert outputs keeps its source, k*a*sbh more
+    expert parallel (ep > 1): the rows received back from the experts' ranks and their int64 token ids,
+                k*sb*(a*h + 8) (replicated)
 """
 
 from __future__ import annotations
@@ -213,6 +218,9 @@ def workspace(c: MoEConfig, d: int, s):
     route = a * n * c.experts + 4 * n * c.experts * (2 if _second_scores(c) else 1) + 2 * weights
     expert = (4 if c.activation in GATED else 2) * c.d_ff / t  # gate, up, act(gate), product | up, act(up)
     loop = a * n * d + weights + a * m * (3 * d + expert)  # the output, and one expert's tokens at a time
+    if s.ep > 1:  # expert parallel: the rows received and the results (two copies while index_add runs), [n*k, d]
+        # each, beside one local expert's ep*m tokens from every rank
+        loop = weights + 3 * a * n * c.top_k * d + a * s.ep * m * (3 * d + expert)
     out = sympy.Max(route, loop)
     if c.shared_d_ff:
         out = sympy.Max(out, a * n * d + weights + a * n * sympy.Max(inference_ffn_width(c.activation, c.shared_d_ff) / t,
@@ -228,6 +236,8 @@ def stored(c: MoEConfig, x, selective: bool):
         rep += c.top_k * a * tok * x.h
     if c.shared_gate:
         rep += a * tok * (x.h + 1)
+    if x.ep > 1:  # expert parallel: the rows received back from the experts' ranks, and their int64 token ids
+        rep += c.top_k * tok * (a * x.h + 8)
     split_ = (c.top_k * a * tok * saved_ffn_width(c.activation, c.d_ff, x.eager)
               + a * tok * saved_ffn_width(c.activation, c.shared_d_ff, x.eager))
     return x.base + x.rep(rep) + x.split(split_)

@@ -4,13 +4,17 @@
     m = measure(spec.model, budget)          # a Measurement
     m.predicted, m.measured, m.peak_bytes, m.to_json(), m.to_text()
 
-The model is built on the meta device in the budget's dtypes, the modules of one rank (the memory model's
-most loaded pipeline stage) get fake storage under `FakeTensorMode`, and the step runs for real on tensors that
-have shapes but no data, while `MemTracker` follows every storage. Nothing is allocated, so a 405B model at its
+The model is built on the meta device in the budget's dtypes; a plan with tensor, context or expert
+parallelism or ZeRO-3 is split into one rank's share by ltmdsl.distributed itself under a fake process group
+(`ranks`); the modules of that rank (the memory model's most loaded pipeline stage) get fake storage under
+`FakeTensorMode`, and the step runs for real on tensors that have shapes but no data, while `MemTracker`
+follows every storage. Nothing is allocated, so a 405B model at its
 budget's context traces on a laptop. Imports torch; `ltmdsl memory` without --measure never imports this.
 
 Modules, one concept each:
-    fakesafe   which kinds trace as they are, the MoE's static-shape balanced dispatch, refusal naming a kind
+    fakesafe   which kinds trace as they are, the MoE's static-shape balanced dispatch (expert parallel too),
+               refusal naming a kind
+    ranks      one rank of a parallel plan: the fake process group, its mesh, the traced rank
     stage      the modules one rank holds (pipeline stage) and the full-recompute units
     states     main gradients and AdamW states, sharded as the memory model says, and the AdamW step
     timeline   live bytes and named snapshots over a MemTracker; the peak and its phase
@@ -19,18 +23,22 @@ Modules, one concept each:
     cost       how long a trace would take; refusal with a smaller context to try
     report     Measurement: per component predicted, traced, relative difference; the peak
 
-What is approximated (also in each Measurement's notes): tensor, context and expert parallelism and ZeRO-3
-are not traced (refused: the rank's shards of each layer are not built under fake tensors); sharded gradient
-and optimizer buffers hold ceil(P/N) elements and the collectives are not simulated; MoE routing is balanced;
-only the in-flight micro-batches of the 1F1B peak are run; non-learned buffers (Lightning's slopes) are live
-but not weights. Every mixer kind of the runtime traces (fakesafe.TRACE_PATHS).
+What is approximated (also in each Measurement's notes): collectives allocate their outputs but communicate
+nothing; ZeRO 1/2 are Megatron's flat sharded buffers of ceil(P/N) elements (ZeRO-3 is FSDP2, as
+ltmdsl.distributed runs it); MoE routing is balanced; only the in-flight micro-batches of the 1F1B peak are run;
+non-learned buffers (Lightning's slopes) are live but not weights. Refused, saying why: a plan
+ltmdsl.distributed does not run (its plan check), sequence parallelism, and tensor or context parallelism in
+inference (the runtime runs them in training only). Every mixer kind of the runtime traces
+(fakesafe.TRACE_PATHS). Training adds `temporaries`: the traced peak beyond everything the step holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
+from ltmdsl.measure import ranks
 from ltmdsl.measure.cost import TooLargeToTrace
 from ltmdsl.measure.fakesafe import NotTraceable
 from ltmdsl.measure.report import Measurement
@@ -39,29 +47,34 @@ __all__ = ["Measurement", "NotTraceable", "TooLargeToTrace", "measure"]
 
 
 def _supported(ir, s) -> None:
+    """Refuse (NotTraceable, saying why) a budget the traced step cannot run as ltmdsl would run it."""
     p = s.parallel
-    why = {
-        "tensor": "ltmdsl's tensor parallelism keeps the embedding, head and norms replicated where the memory "
-                  "model divides them by t (vocab-parallel), so a traced rank's weights could not match",
-        "context": "the all-gather of every rank's keys and values is not simulated",
-        "expert": "the all-to-all dispatch sizes depend on the routing, which fake tensors do not have",
-    }
-    for name, value in (("tensor", p.tp), ("context", p.cp), ("expert", p.ep)):
-        if value > 1:
-            raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) is not traced: {why[name]}; measure "
-                               "the budget without it")
-    if p.zero >= 3:
-        raise NotTraceable("ZeRO-3 gathers weights layer by layer, which the traced step does not simulate")
+    if s.mode == "training" and (p.tp > 1 or p.cp > 1 or p.ep > 1 or p.zero >= 3):
+        from ltmdsl.distributed.plan import plan_errors
+
+        errors = plan_errors(ir, p, p.world)
+        if errors:
+            raise NotTraceable("ltmdsl.distributed does not run this plan, so one of its ranks cannot be traced: "
+                               + "; ".join(errors))
+    if p.tp > 1 and p.sequence_parallel:
+        raise NotTraceable("sequence parallelism (sp = true): ltmdsl.distributed's tensor-parallel ranks keep the whole "
+                           "sequence's residual and norms, so a traced rank could not be the prediction; measure the "
+                           "budget with sp = false")
+    for name, value in (("context", p.cp), ("tensor", p.tp)):
+        if s.mode == "inference" and value > 1:
+            raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) in inference: ltmdsl runs it in training "
+                               "only (the runtime allocates no cache split over ranks); measure the budget without it")
     wide = next((x for x in ir.layers if x.residual.width != 1 or x.residual.into != "residual"), None)
     if wide is not None and s.mode == "training" and s.recompute == "full":
         raise NotTraceable(f"layer {wide.index} '{wide.definition}' reads the embeddings or sends its output into the "
                            "next input, which full recompute's checkpoint units do not carry yet; measure it with "
                            "recompute = none or selective")
-    from ltmdsl.runtime.build import TORCH_DTYPES
+    from ltmdsl.runtime.build import KV_DTYPES, TORCH_DTYPES
 
-    for what, key, dt in (("KV cache", "kv_dtype", s.kv_dtype), ("recurrent state", "state_dtype", s.state_dtype)):
-        if s.mode == "inference" and dt.name not in TORCH_DTYPES:
-            raise NotTraceable(f"the runtime keeps no {dt.name} {what} (it allocates {', '.join(TORCH_DTYPES)}); "
+    for what, key, dt, held in (("KV cache", "kv_dtype", s.kv_dtype, KV_DTYPES),
+                                ("recurrent state", "state_dtype", s.state_dtype, TORCH_DTYPES)):
+        if s.mode == "inference" and dt.name not in held:
+            raise NotTraceable(f"the runtime keeps no {dt.name} {what} (it allocates {', '.join(held)}); "
                                f"measure the budget with another {key}")
     if s.weight_dtype.name != s.activation_dtype.name:
         raise NotTraceable(f"weights in {s.weight_dtype.name} with {s.activation_dtype.name} activations: the "
@@ -83,20 +96,10 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
     notes = fakesafe.check(model)
     _supported(model, s)
     stage_index = r.most_loaded_stage
-    if s.mode == "inference" and s.kv_dtype.name != s.activation_dtype.name and any(
-            l.kind in ("attention", "mla") for l in model.layers):
-        notes.append(f"the {s.kv_dtype.name} KV cache is read back whole in {s.activation_dtype.name} by the runtime's "
-                     "prefill, which the memory model (a kernel converting tiles) does not count")
     cost.check(model, s, stage_index)
     if s.mode == "training" and s.recompute == "selective" and any(l.kind in ("mamba", "mamba2") for l in model.layers):
         notes.append("selective recompute of Mamba/Mamba-2 internals is not simulated: those layers trace as "
                      "recompute = none")
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from ltmdsl.measure import infer, stage as stage_mod, train
-    from ltmdsl.measure.timeline import Timeline
     from ltmdsl.runtime.build import TORCH_DTYPES, construct
     from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
 
@@ -117,10 +120,59 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
             kernels = TORCH_KERNELS.override("eager-selective", {"attention": recomputed})
     t0 = time.perf_counter()
     net = construct(model, kernels, dtype)
-    with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters are the only non-fake inputs
+    with contextlib.ExitStack() as group, warnings.catch_warnings():
         # MemTracker warns about the None gradients of parameters that have none yet
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
-        st = stage_mod.materialise(net, model, s.pp, stage_index)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecated collective names
+        sizes = None
+        if ranks.needs_group(s.parallel):
+            sizes = _split(net, model, s, stage_index, group, notes)
+        measured, peak, phase, phases = _trace(net, model, s, stage_index, sizes, dtype, notes)
+    predicted = dict(r.per_gpu_components)
+    if s.mode == "inference":
+        predicted = {c: predicted.get(c, 0) for c in ("weights", "kv_cache", "recurrent_state", "activations", "logits")}
+    measured = {c: measured.get(c, 0) for c in predicted}
+    if "temporaries" in predicted:  # the traced peak beyond everything the step holds: the backward's transients
+        measured["temporaries"] = max(0, peak - sum(v for c, v in measured.items() if c != "temporaries"))
+    return Measurement(model.name, s.budget, s.mode, predicted, measured, peak, phase, r.per_gpu_bytes,
+                       stage_index, time.perf_counter() - t0, notes, phases)
+
+
+def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: list[str]) -> dict[str, int]:
+    """Enter the plan's fake process group (closed with `group`) and split the meta model into the traced
+    rank's share as ltmdsl.distributed does; returns the parameters' sizes on this rank before ZeRO-3."""
+    from ltmdsl.distributed.context_parallel import ContextParallelUnsupported
+    from ltmdsl.distributed.data_parallel import apply_fsdp
+    from ltmdsl.distributed.mesh import replica_mesh
+    from ltmdsl.distributed.rank_model import split
+    from ltmdsl.measure import stage as stage_mod
+    from ltmdsl.runtime.kinds import TensorParallelUnsupported
+
+    p = s.parallel
+    mesh = group.enter_context(ranks.fake_group(p, stage_index))
+    try:
+        split(net, p, mesh, fsdp_stages=())
+    except (TensorParallelUnsupported, ContextParallelUnsupported, ValueError) as e:
+        raise NotTraceable(f"this rank cannot be built: {e}") from None
+    sizes = stage_mod.local_sizes(net)
+    if p.zero >= 3:
+        apply_fsdp(net, replica_mesh(mesh, p), 3)
+    notes.append(f"rank {ranks.traced_rank(p, stage_index)} of {p.world} built as ltmdsl.distributed builds it, under "
+                 "a fake process group (collectives allocate their outputs; nothing is communicated)"
+                 + ("; ZeRO-3 by FSDP2, weights gathered mixer by mixer" if p.zero >= 3 else ""))
+    return sizes
+
+
+def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str]):
+    """The traced step on fake tensors: (measured components, peak bytes, its phase, the phase marks)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from ltmdsl.measure import infer, stage as stage_mod, train
+    from ltmdsl.measure.timeline import Timeline
+
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters are the only non-fake inputs
+        st = stage_mod.materialise(net, model, s.pp, stage_index, sizes)
         if st.buffer_bytes():
             notes.append(f"the held modules' buffers ({st.buffer_bytes():,} B of computed constants) are live but "
                          "not counted as weights")
@@ -135,9 +187,4 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
             measured, peaks, phases = infer.run(st, model, s, dtype)
             phase = max(peaks, key=peaks.get)
             peak = peaks[phase]
-    predicted = dict(r.per_gpu_components)
-    if s.mode == "inference":
-        predicted = {c: predicted.get(c, 0) for c in ("weights", "kv_cache", "recurrent_state", "activations", "logits")}
-    measured = {c: measured.get(c, 0) for c in predicted}
-    return Measurement(model.name, s.budget, s.mode, predicted, measured, peak, phase, r.per_gpu_bytes,
-                       stage_index, time.perf_counter() - t0, notes, phases)
+    return measured, peak, phase, phases

@@ -8,6 +8,7 @@ scans loop over T/chunk chunks of static shapes, and nothing reads a value back.
 its forward is replaced by a *balanced* dispatch with static shapes, the router still runs (its logits,
 softmax and top-k are traced) but assignment j = token*k + slot of the M*k goes to expert j mod E, so each
 expert receives ceil((M*k - e)/E) tokens: the memory of perfectly balanced routing, with no dropped tokens.
+Under expert parallelism the same plan gives the all-to-all split sizes in Python (`_balanced_ep_forward`).
 
 Kinds not listed in TRACE_PATHS have no known fake-safe path and are refused by `check`, naming the kind.
 """
@@ -31,6 +32,8 @@ def _balanced_moe_forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> t
     inputs) and the shared expert and its gate."""
     from ltmdsl.runtime.kinds.moe import route
 
+    if self.expert_parallel is not None:
+        return _balanced_ep_forward(self, x, self.expert_parallel)
     cfg = self.cfg
     shape = x.shape
     xf = x.reshape(-1, shape[-1])  # [M, d]
@@ -52,6 +55,48 @@ def _balanced_moe_forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> t
         if self.shared_gate is not None:
             shared = torch.sigmoid(self.shared_gate(xf)) * shared  # [M, 1] * [M, d]
         out = out + shared
+    return out.view(shape)
+
+
+def _balanced_ep_forward(self, x: torch.Tensor, ep) -> torch.Tensor:
+    """runtime/kinds/moe.py `ep_forward` with the balanced plan: assignment j goes to expert j mod E on every
+    rank, so the all-to-all split sizes are known in Python (no `bincount`, no count exchange) and each rank
+    receives, for each of its E/ep experts, the same rows from every rank. The same exchanges (rows out, results
+    back), the same per-expert maths and the same weighted sum."""
+    from ltmdsl.runtime.kinds.mlp import activate
+    from ltmdsl.runtime.kinds.moe import route
+
+    cfg = self.cfg
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])  # [M, d]
+    M, k, E = xf.shape[0], cfg.top_k, cfg.experts
+    per = E // ep.size
+    w, _idx = route(self.router(xf), cfg, self.selection_bias)  # [M, k]; indices replaced by the balanced plan
+    rows_of = [len(range(e, M * k, E)) for e in range(E)]  # assignments to expert e from one rank
+    order = torch.cat([torch.arange(e, M * k, E, device=x.device) for e in range(min(E, M * k))])  # [M*k] by expert
+    tok = order // k  # [M*k]
+    send = [sum(rows_of[r * per:(r + 1) * per]) for r in range(ep.size)]
+    recv = [send[ep.rank]] * ep.size  # every rank sends this rank's experts the same rows
+    rx = ep.exchange(xf[tok], send, recv)  # [R, d] rows for this rank's experts, by source rank then expert
+    gate_w = None if self.experts.gate_proj is None else ep.local(self.experts.gate_proj)  # [E/ep, F, d]
+    up_w, down_w = ep.local(self.experts.up_proj), ep.local(self.experts.down_proj)
+    ry = torch.zeros_like(rx)  # [R, d]
+    starts, at = [], 0
+    for _src in range(ep.size):
+        for e in range(per):
+            starts.append((e, at))
+            at += rows_of[ep.rank * per + e]
+    for e in range(per):
+        if rows_of[ep.rank * per + e] == 0:
+            continue
+        rows = torch.cat([torch.arange(a, a + rows_of[ep.rank * per + e], device=x.device)
+                          for j, a in starts if j == e])  # [m] this expert's rows from every rank
+        xe = rx[rows]  # [m, d]
+        gate = xe @ gate_w[e].t() if gate_w is not None else None  # [m, F]
+        ry = ry.index_add(0, rows, activate(cfg.activation, gate, xe @ up_w[e].t()) @ down_w[e].t())
+    back = ep.exchange(ry, recv, send)  # [M*k, d] in `order`
+    slot_w = w.flatten()[order, None].to(back.dtype)  # [M*k, 1]
+    out = torch.zeros_like(xf).index_add(0, tok, (back * slot_w).to(xf.dtype))  # [M, d]
     return out.view(shape)
 
 

@@ -22,7 +22,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from ltmdsl.measure.stage import Stage
 from ltmdsl.measure.timeline import Timeline
 from ltmdsl.memory.settings import Settings
-from ltmdsl.runtime.build import TORCH_DTYPES
+from ltmdsl.runtime.build import KV_DTYPES, TORCH_DTYPES
 from ltmdsl.runtime.cache import Cache, CacheRequest, COMPONENTS
 
 
@@ -80,7 +80,7 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
     with mt:
         tl = Timeline(mt)
         out["weights"] = tl.mark("weights") - stage.buffer_bytes()  # parameters; buffers are not weights
-        req = CacheRequest(b, T, TORCH_DTYPES[s.kv_dtype.name], TORCH_DTYPES[s.state_dtype.name], s.conv_taps, "cpu")
+        req = CacheRequest(b, T, KV_DTYPES[s.kv_dtype.name], TORCH_DTYPES[s.state_dtype.name], s.conv_taps, "cpu")
         entries = []
         for i in stage.layers:
             layer = ir.layers[i]

@@ -29,6 +29,17 @@ class Stage:
     first: bool
     last: bool
     units: list[list[int]]  # checkpoint units: sub-layer indices (a mixer and the FFN that follows it)
+    sizes: dict[str, int] | None = None  # parameter name -> elements on this rank before ZeRO-3 (tp/ep shards)
+
+    def numel(self, p: nn.Parameter) -> int:
+        """Elements of parameter p this rank's model states cover: its tensor/expert-parallel shard, before
+        ZeRO sharding (FSDP2 shards the weights of a ZeRO-3 rank; the memory model divides by N itself)."""
+        if self.sizes is None:
+            return p.numel()
+        return self._by_id()[id(p)]
+
+    def _by_id(self) -> dict[int, int]:
+        return {id(q): self.sizes[name] for name, q in self.net.named_parameters(remove_duplicate=False)}
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -96,12 +107,22 @@ def checkpoint_units(ir: ModelIR, layers: range) -> list[list[int]]:
     return units
 
 
-def materialise(net: nn.Module, ir: ModelIR, pp: int, index: int) -> Stage:
+def local_sizes(net: nn.Module) -> dict[str, int]:
+    """Parameter name -> elements held on this rank (a DTensor's local shard): call after tensor and expert
+    parallelism split the model and before FSDP2 shards it."""
+    return {name: (p.to_local() if hasattr(p, "to_local") else p).numel()
+            for name, p in net.named_parameters(remove_duplicate=False)}
+
+
+def materialise(net: nn.Module, ir: ModelIR, pp: int, index: int, sizes: dict[str, int] | None = None) -> Stage:
     """Give the modules of stage `index` storage (fake, under the caller's FakeTensorMode) and bind the
-    tracing paths of the kinds that need one."""
+    tracing paths of the kinds that need one. `sizes`: `local_sizes` of a split model."""
     layers = stage_ranges(len(ir.layers), pp)[index]
-    stage = Stage(net, index, layers, index == 0, index == pp - 1, checkpoint_units(ir, layers))
-    for m in stage.held():
-        m.to_empty(device=torch.device("cpu"), recurse=True)
+    stage = Stage(net, index, layers, index == 0, index == pp - 1, checkpoint_units(ir, layers), sizes)
+    if pp == 1:  # the whole model (FSDP2's root keeps its sharded parameters in step through the root's call)
+        net.to_empty(device=torch.device("cpu"), recurse=True)
+    else:
+        for m in stage.held():
+            m.to_empty(device=torch.device("cpu"), recurse=True)
     fakesafe.prepare(stage.blocks)
     return stage

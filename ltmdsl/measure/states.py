@@ -10,7 +10,8 @@ Dense parameters and expert parameters are separate buffers, each sharded as the
 over N ranks under ZeRO-2, optimizer states under ZeRO-1 or Megatron's distributed optimizer (N = dp*cp for
 dense, max(1, dp*cp/ep) for expert parameters); a shard holds ceil(P/N) elements. What a sharded rank does not
 simulate: the reduce-scatter (a sharded rank adds nothing into its shard, it only releases each gradient) and
-the all-gather of updated weights. ZeRO-3 (weights gathered layer by layer) is not traced.
+the all-gather of updated weights. Under ZeRO-3 the weights are FSDP2's shards (ltmdsl.distributed), gathered
+mixer by mixer by its hooks; the main gradients and optimizer states are these flat shards beside them.
 
 The AdamW step runs over the local flat shard in at most CHUNKS chunks (as multi-tensor kernels do), so its
 temporaries stay at two fp32 chunks (8/CHUNKS bytes per parameter); the updated fp32 master weights are copied back into the parameters when unsharded.
@@ -34,6 +35,7 @@ class FlatStates:
     """One group's (dense or expert) flat gradient and optimizer buffers on this rank."""
 
     params: list[torch.nn.Parameter]
+    sizes: list[int]  # elements of each parameter this rank covers
     grads: torch.Tensor  # [ceil(P/Ng)] in the gradient dtype
     optimizer: list[torch.Tensor]  # o/4 buffers of [ceil(P/No)] fp32: master, exp_avg, exp_avg_sq, ...
     grads_sharded: bool
@@ -41,7 +43,7 @@ class FlatStates:
 
     @property
     def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+        return sum(self.sizes)
 
 
 def _shards(s: Settings, expert: bool) -> int:
@@ -49,11 +51,11 @@ def _shards(s: Settings, expert: bool) -> int:
     return max(1, n // s.ep) if expert else n
 
 
-def allocate(dense: list, expert: list, s: Settings, grad_dtype: torch.dtype) -> list[FlatStates]:
-    """The flat gradient and optimizer buffers of the dense and expert parameter groups (module docstring)."""
+def allocate(dense: list, expert: list, s: Settings, grad_dtype: torch.dtype, numel=None) -> list[FlatStates]:
+    """The flat gradient and optimizer buffers of the dense and expert parameter groups (module docstring);
+    `numel(p)`: the elements of p this rank covers (its tensor/expert-parallel shard; default p.numel())."""
+    numel = numel or (lambda p: p.numel())
     z = s.parallel.zero
-    if z >= 3:
-        raise ValueError("ZeRO-3 gathers weights layer by layer; the traced step does not simulate it")
     o = 0 if s.optimizer == "none" else s.optimizer_bytes_per_param
     if o % 4:
         raise ValueError(f"{o} optimizer bytes per parameter is not a whole number of fp32 buffers")
@@ -62,15 +64,28 @@ def allocate(dense: list, expert: list, s: Settings, grad_dtype: torch.dtype) ->
         if not params:
             continue
         n = _shards(s, is_expert)
-        total = sum(p.numel() for p in params)
+        total = sum(numel(p) for p in params)
         g_sharded = z >= 2 and n > 1
         o_sharded = (z >= 1 or s.parallel.distributed_optimizer) and n > 1
         g_len = math.ceil(total / n) if g_sharded else total
         o_len = math.ceil(total / n) if o_sharded else total
         grads = torch.zeros(g_len, dtype=grad_dtype)  # [P or P/N]
         opt = [torch.zeros(o_len, dtype=torch.float32) for _ in range(o // 4)]  # each [P or P/N]
-        out.append(FlatStates(params, grads, opt, g_sharded, o_sharded))
+        out.append(FlatStates(params, [numel(p) for p in params], grads, opt, g_sharded, o_sharded))
     return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (tensor or expert parallelism), or t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _as_param(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A DTensor gradient laid out as its parameter (a replicated or partial gradient of a sharded weight is
+    redistributed: the collective tensor parallelism runs there)."""
+    if hasattr(grad, "placements") and tuple(grad.placements) != tuple(param.placements):
+        return grad.redistribute(param.device_mesh, param.placements)
+    return grad
 
 
 def install_grad_hooks(groups: list[FlatStates]) -> list:
@@ -79,16 +94,16 @@ def install_grad_hooks(groups: list[FlatStates]) -> list:
     handles = []
     for g in groups:
         offset = 0
-        for p in g.params:
-            view = None if g.grads_sharded else g.grads[offset:offset + p.numel()].view_as(p)
+        for p, n in zip(g.params, g.sizes):
+            view = None if g.grads_sharded else g.grads[offset:offset + n]
 
             def hook(param, view=view):
                 if view is not None:
-                    view.add_(param.grad)
+                    view.add_(_local(_as_param(param.grad, param)).reshape(-1))
                 param.grad = None
 
             handles.append(p.register_post_accumulate_grad_hook(hook))
-            offset += p.numel()
+            offset += n
     return handles
 
 
@@ -113,7 +128,8 @@ def adamw_step(groups: list[FlatStates], lr: float = 1e-4, betas=(0.9, 0.95), ep
             master[c0:c1].mul_(1 - lr * weight_decay).addcdiv_(m[c0:c1], denom, value=-lr / bc1)
         if not g.optimizer_sharded:
             offset = 0
-            for p in g.params:
-                p.copy_(master[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            for p, size in zip(g.params, g.sizes):
+                local = _local(p)
+                local.copy_(master[offset:offset + size].view_as(local))
+                offset += size
         g.grads.zero_()

@@ -73,6 +73,38 @@ def stack_forward(stage: Stage, x: torch.Tensor, recompute: str) -> tuple[torch.
     return h, pending
 
 
+def _final_norm(stage: Stage, h: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+    """The final norm of the residual h plus the last mixer's pending output -> normed [b, s, d]."""
+    normed, _ = stage.net.final_norm(h, None) if pending is None else stage.net.final_norm(pending, h)
+    return normed
+
+
+def _gather_root(stage: Stage) -> None:
+    """ZeRO-3: gather FSDP2's root parameters (everything outside the mixers) before the step, as its forward
+    does first; they stay gathered through the backward (not resharded after the forward), so they are weights
+    of the step, not activations. Nothing without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(stage.net, FSDPModule):
+        stage.net.unshard()
+
+
+def _as_root(stage: Stage, body, x: torch.Tensor) -> torch.Tensor:
+    """body(x), run as the model's forward when the model is FSDP2's root (ZeRO-3): its hooks gather the root's
+    weights (embedding, norms, head), initialise every mixer's sharding state and queue the reduce-scatters of
+    the backward, as `LTModel.loss` calling the model does. Otherwise body(x) as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    net = stage.net
+    if not isinstance(net, FSDPModule):
+        return body(x)
+    net.forward = body  # an instance attribute: nn.Module.__call__ runs it between the FSDP hooks
+    try:
+        return net(x)
+    finally:
+        del net.forward
+
+
 def _chunk_loss(net, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of one chunk: normed [b, c, d], targets [b, c] -> [] (fp32 logits, as LTModel.loss)."""
     logits = net.head(normed)  # [b, c, V]
@@ -95,9 +127,10 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     """The traced step (module docstring); returns the traced components, in bytes, and notes."""
     p = s.parallel
     b = math.ceil(s.batch / (p.dp * p.microbatches))
-    seq = s.context
+    seq = s.context // p.cp  # a context-parallel rank's tokens (the memory model's T/c)
     flight = int(in_flight(stage.index, s))
     out: dict[str, int] = {}
+    _gather_root(stage)
     base = tl.mark("start")
     params = stage.params()
     out["weights"] = base - stage.buffer_bytes()  # the held parameters (and buffers) are all that is live
@@ -106,7 +139,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
         prm.requires_grad_(True)
     grad_dtype = TORCH_DTYPES[s.grad_dtype.name]
     groups = st.allocate([q for q in params if id(q) not in experts], [q for q in params if id(q) in experts], s,
-                         grad_dtype)
+                         grad_dtype, stage.numel)
     after_grads = sum(g.grads.numel() * g.grads.element_size() for g in groups)
     live = tl.mark("gradients")
     out["gradients"] = after_grads
@@ -125,10 +158,8 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
             x = torch.zeros(b, seq, ir.d_model, dtype=dtype, requires_grad=True)  # [b, s, d] received
         start = tl.mark(f"micro-batch {k}: inputs ready")
         tl.tracker.reset_mod_stats()  # MemTracker refuses a second top-level call of a module otherwise
-        h, pending = stack_forward(stage, x, s.recompute)
         if stage.last:
-            normed, _ = stage.net.final_norm(h, None) if pending is None else stage.net.final_norm(pending, h)
-            del h, pending
+            normed = _as_root(stage, lambda ids: _final_norm(stage, *stack_forward(stage, ids, s.recompute)), x)
             stacked = tl.mark(f"micro-batch {k}: forward")
             targets = torch.zeros(b, seq, dtype=torch.long)  # [b, s]
             t0 = tl.mark(f"micro-batch {k}: targets")
@@ -136,6 +167,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
             logits = max(logits, tl.mark(f"micro-batch {k}: loss") - t0 - (0 if chunk else LOSS_SCALARS))
             pending_backward.append((loss, None))
         else:
+            h, pending = stack_forward(stage, x, s.recompute)
             y = h if pending is None else h + pending  # [b, s, d] sent to the next stage
             del h, pending
             stacked = tl.mark(f"micro-batch {k}: forward")

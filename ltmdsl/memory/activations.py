@@ -46,7 +46,7 @@ R = sympy.Rational
 class MicroBatch:
     """The per-micro-batch quantities every kind's `stored` facet shares (module docstring notation).
 
-    a activation bytes, b sequences, s local tokens T/c, tok = b*s, t the tp degree, sp whether
+    a activation bytes, b sequences, c the cp and ep the expert-parallel degree, s local tokens T/c, tok = b*s, t the tp degree, sp whether
     replicated tensors are split along the sequence, h = d_model, dropout, flash_attention.
     """
 
@@ -54,6 +54,8 @@ class MicroBatch:
         p = s.parallel
         self.a = s.activation_dtype.bytes
         self.b = per_replica(B, q(p.dp) * p.microbatches)
+        self.c = p.cp
+        self.ep = p.ep
         self.s = T / R(p.cp)
         self.tok = self.b * self.s
         self.t = R(p.tp)

@@ -8,7 +8,7 @@ pipelining there is one stage.
 
 Components (JSON names):
     inference  weights, kv_cache, recurrent_state, activations, logits
-    training   weights, gradients, optimizer, activations, logits
+    training   weights, gradients, optimizer, activations, logits, temporaries (the backward's transients)
 Kinds: the registered sub-layer kinds (ltmdsl.kinds.REGISTRY; every per-layer term comes from the
 kind's facets) plus `embedding` and `head` (final norm and output projection) for weights; a cache term's
 part gives `mamba/conv` and `mamba/ssm` style labels;
@@ -17,6 +17,8 @@ one at a time, so the component is residual + max over kinds of one sub-layer's 
 lists each kind's workspace). In training, full recompute adds a `working set` entry: the largest
 mixer's plus the largest FFN's un-recomputed activations, live while one checkpoint back-propagates; the
 last stage adds a `head` entry under saved_by = "eager", what the final norm keeps (as a pre-norm does).
+Under ZeRO-3 the weights add a `zero-3 gathered` entry: FSDP2's root parameters (everything outside the mixers),
+gathered whole for the step beside their shard, as ltmdsl.distributed shards a model.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from ltmdsl.memory import activations, inference, training
 from ltmdsl.memory.settings import Settings
 
 INFERENCE_COMPONENTS = ("weights", "kv_cache", "recurrent_state", "activations", "logits")
-TRAINING_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits")
+TRAINING_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "temporaries")
 
 ZERO = sympy.Integer(0)
+R = sympy.Rational
 
 
 def components_for(mode: str) -> tuple[str, ...]:
@@ -122,6 +125,9 @@ def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: b
     if last:  # the vocab-parallel head split, the final norm replicated
         for comp, expr in training.model_states(model.head_params, 0, s, model.final_norm_params).items():
             st.add(comp, "head", expr)
+    if s.mode == "training" and s.parallel.zero >= 3:
+        split, replicated = fsdp_root_params(model, st.layers, first, last)
+        st.add("weights", "zero-3 gathered", (R(split, s.tp) + replicated) * s.weight_dtype.bytes)
     if last and model.mtp is not None:  # DeepSeek-V3's multi-token-prediction modules, held beside the head
         mtp, d = model.mtp, model.d_model
         parts = [training.split_params(x, model) for x in mtp.block]
@@ -129,6 +135,27 @@ def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: b
         replicated = mtp.depth * (3 * mtp.norm.params_per_channel * d + sum(p[2] for p in parts))  # + its 3 norms
         for comp, expr in training.model_states(model.params_mtp - expert - replicated, expert, s, replicated).items():
             st.add(comp, "mtp", expr)
+
+
+def fsdp_root_params(model: ModelIR, layers: range, first: bool, last: bool) -> tuple[int, int]:
+    """Parameters ZeRO-3 keeps gathered from the forward through the backward: those outside every mixer
+    (ltmdsl.distributed shards each mixer on its own and the rest as FSDP2's root, which is not resharded after
+    the forward), as (tp-split: the embedding and head held by this stage, tp-replicated: the norms)."""
+    d, seen, n = model.d_model, set(), 0
+    for i in layers:
+        layer = model.layers[i]
+        owner = (layer.tie_group, layer.tie_slot or 0) if layer.tie_group is not None else i
+        if owner in seen:
+            continue
+        seen.add(owner)
+        n += layer.norm.params_per_channel * d
+        if layer.post_norm is not None:
+            n += layer.post_norm.params_per_channel * d
+    split = model.embedding_params if first or (last and model.tie_embeddings) else 0
+    if last:
+        split += model.head_params
+        n += model.final_norm_params
+    return split, n
 
 
 def _inference(st: StageExprs, model: ModelIR, s: Settings, counts: dict, last: bool) -> None:
@@ -168,3 +195,13 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
         st.add("activations", "head", flight * activations.MicroBatch(model, s, model.final_norm).base)
     if last:
         st.add("logits", "head", training.loss_logits(model, s))
+    d, largest, recomputed = model.d_model, 0, []
+    for (mixer, norm, post), _n in counts.items():
+        largest = max(largest, kinds.kind_of(mixer).count(mixer, d))
+        if s.recompute == "selective":  # what selective recompute dropped, live again for one sub-layer's backward
+            recomputed.append(activations.stored(mixer, model, s, "none", norm, post)
+                              - activations.stored(mixer, model, s, "selective", norm, post))
+    temp = training.temporaries(model, s, last, largest)
+    if recomputed:
+        temp = sympy.Max(temp, *recomputed)
+    st.add("temporaries", "backward", temp)

@@ -8,7 +8,8 @@ final norms; they see the full, all-reduced activations) and what each kind's `s
 heads on different ranks). Until the tp-replicated convention, every parameter was divided by t, so a tp
 rank was predicted slightly less than it holds; at t = 1 nothing changes.
 
-    weights    P*w / (N if ZeRO-3 else 1)
+    weights    P*w / (N if ZeRO-3 else 1); ZeRO-3 adds the parameters outside the mixers (embedding, norms,
+               head: FSDP2's root in ltmdsl.distributed), gathered whole from the forward through the backward
     gradients  P*g / (N if ZeRO >= 2 else 1)
     optimizer  P*o / (N if ZeRO >= 1 or Megatron's distributed optimizer else 1)
 
@@ -23,9 +24,20 @@ Bytes-per-parameter conventions (AdamW, mixed precision):
 Megatron's distributed optimizer gives 6 + 12/dp for the default: only o is sharded.
 ZeRO figure 1 check (P = 7.5e9, N = 64, w = g = 2, o = 12): 120, 31.4, 16.6, 1.9 GB for stages 0-3.
 
-Logits: the output layer's fp32 logits, 4*b*s*V/t (vocab-parallel), per micro-batch on the last stage.
+Logits: the output layer's fp32 logits, 4*b*s*V (the vocab-parallel head's logits gathered whole on every tp
+rank, as the runtime's loss reads them), per micro-batch on the last stage.
 At long context they dominate (V = 128256, s = 1Mi: 538 GB per sequence), hence the option of a
-chunked loss (`chunked_loss`): logits for min(C, s) tokens at a time, 4*b*min(C, s)*V/t.
+chunked loss (`chunked_loss`): logits for min(C, s) tokens at a time, 4*b*min(C, s)*V.
+
+Temporaries: what the backward allocates only for a moment, at the step's peak (all activations still live):
+the loss's backward, 8*b*s*V (the fp32 gradients of the log-softmax output and of the logits; with a chunked
+loss (a + 12)*b*min(C, s)*V, one chunk's recomputed logits and both gradients), and under ZeRO-3 two
+mixers' weights gathered whole (the one back-propagating and the next, prefetched), 2*P_mixer*w/t; under
+selective recompute what it dropped of one sub-layer, live again for that sub-layer's backward; the largest
+of these. Not counted: the gradients of an eager (no flash) attention core's scores while a recomputed core
+back-propagates (+17% at d_model = 64 under selective, +58% under full recompute; within 7% at d_model = 1024), one weight's gradient in the weight dtype before it is added into the fp32
+main gradient (largest matrix * w), the optimizer step's chunked temporaries (after the activations are
+freed, so below the peak), gradient-norm clipping (the traced step does not clip).
 
 Pipeline: with 1F1B, stage i keeps min(p - i, m) micro-batches in flight, so the first stage holds
 p micro-batches of L/p layers: L layers' worth. Interleaving (v > 1 virtual stages) multiplies the
@@ -91,16 +103,36 @@ def model_states(dense: int, expert: int, s: Settings, replicated: int = 0) -> d
 
 
 def loss_logits(model: ModelIR, s: Settings):
-    """fp32 logits of one micro-batch on the last stage: 4*b*(min(C, s) if chunked else s)*V/t, twice with a
+    """fp32 logits of one micro-batch on the last stage: 4*b*(min(C, s) if chunked else s)*V, twice with a
     final-logit soft cap (its tanh output is kept for backward beside the capped logits the loss keeps;
-    measured with autograd's saved-tensor hooks: 2.00 logits-sized tensors instead of 1.00)."""
+    measured with autograd's saved-tensor hooks: 2.00 logits-sized tensors instead of 1.00). Whole V on every
+    tensor-parallel rank: the runtime's vocab-parallel head gathers its V/t logits (`LTModel.head`) and the loss
+    runs on all of them (no vocab-parallel cross-entropy); until the traced tp rank showed it, this was V/t."""
     p = s.parallel
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
     if s.chunked_loss:
         tokens = sympy.Min(C, tokens)
     copies = 2 if model.logit_cap is not None else 1
-    return copies * 4 * b * tokens * model.vocab / R(p.tp)
+    return copies * 4 * b * tokens * model.vocab
+
+
+def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int):
+    """The backward's transient buffers at the step's peak, beyond everything held (module docstring): the
+    larger of the loss's backward (last stage) and, under ZeRO-3, two gathered mixers (the assembly adds
+    selective recompute's dropped tensors of one sub-layer)."""
+    p = s.parallel
+    b = per_replica(B, q(p.dp) * p.microbatches)
+    tokens = T / R(p.cp)
+    terms = []
+    if last:
+        if s.chunked_loss:  # one chunk recomputed: its logits (a and fp32) and the two fp32 gradients
+            terms.append((s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab)
+        else:  # the fp32 gradients of the log-softmax output and of the logits (whole V: `loss_logits`)
+            terms.append(8 * b * tokens * model.vocab)
+    if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
+        terms.append(2 * largest_mixer * s.weight_dtype.bytes / R(p.tp))
+    return sympy.Max(*terms) if len(terms) > 1 else (terms[0] if terms else sympy.Integer(0))
 
 
 def in_flight(stage: int, s: Settings):

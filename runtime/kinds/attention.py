@@ -227,7 +227,7 @@ class Attention(nn.Module):
             o = self.kernels.attention_variant_decode(q[:, 0], state.k.to(q.dtype), state.v.to(v.dtype),
                                                       n_valid=n_valid, scale=self.scale, softcap=cfg.softcap,
                                                       sinks=self.sinks)  # [B, H, Dv]
-        return self._out(o.reshape(B, cfg.heads * cfg.v_head_dim), None if gate is None else gate[:, 0])
+        return self._out(o.reshape(B, -1), None if gate is None else gate[:, 0])  # [B, H*Dv] (H/t heads per tp rank)
 
 
 def tp_plan(cfg: AttentionConfig, tp: int) -> dict:

@@ -1,9 +1,9 @@
 """Predicted against traced (ltmdsl.measure): a budget's step run on fake tensors, compared with the memory model.
 
 Targets (issue 14): weights, gradients, optimizer states and caches traced == predicted exactly; training
-activations within 5%. Tiny shapes keep each trace to a second or two. The traced peak is not held to the
-predicted per-GPU total here: at tiny widths the loss's backward transients (the logits' gradients) are a large
-share of it (README, "Predicted against traced").
+activations within 5%; the traced peak within 10% of the predicted per-GPU total, which counts the backward's
+transients (`temporaries`: the loss's logit gradients, ZeRO-3's gathered mixers) even at d_model = 64, where
+they are a large share of it. Tiny shapes keep each trace to a second or two.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ltmdsl.measure import NotTraceable, TooLargeToTrace, fakesafe, measure
 from tests.paths import EXAMPLES
 
 ACTIVATIONS_TOL = 0.05  # issue 14's target for training activations
+PEAK_TOL = 0.10  # issue 14's target for the traced peak against the predicted per-GPU total
 
 DENSE = """
 model dense {
@@ -62,15 +63,37 @@ TRAINING = {
 }
 
 
-@pytest.mark.parametrize("overrides", TRAINING.values(), ids=TRAINING.keys())
-def test_training_states_exact_and_activations_within_5_percent(dense, overrides):
+#: Not met yet: the score gradients of a recomputed eager attention core are not counted (traced peak +17%
+#: under selective, +58% under full recompute at d_model = 64; ltmdsl/memory/training.py says so).
+PEAK_NOT_MET = {"selective-eager", "full-eager"}
+
+
+@pytest.mark.parametrize("case", TRAINING, ids=TRAINING)
+def test_training_states_exact_and_activations_within_5_percent(dense, case):
+    overrides = TRAINING[case]
     m = measure(dense.model, _budget(dense, "train"), **overrides)
     assert m.mode == "training"
     for component in ("weights", "gradients", "optimizer", "logits"):
         assert m.measured[component] == m.predicted[component], component
     assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
-    assert m.peak_bytes >= sum(m.measured[c] for c in ("weights", "gradients", "optimizer"))
+    if case not in PEAK_NOT_MET:
+        assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
     assert m.peak_phase is not None
+
+
+CHUNKED = {"whole-loss": dict(), "chunked-loss": dict(chunked_loss=True, chunk=64)}
+
+
+@pytest.mark.parametrize("overrides", CHUNKED.values(), ids=CHUNKED.keys())
+def test_the_loss_backward_transients_are_counted_at_tiny_width(dense, overrides):
+    """At d_model = 64 and V = 256 the loss's backward (the fp32 gradients of the log-softmax and of the logits,
+    8*b*s*V; a chunk's recomputed logits and gradients, (a + 12)*b*C*V) is what takes the step to its peak."""
+    m = measure(dense.model, _budget(dense, "train"), **overrides)
+    b, s, V = 2, 256, 256
+    want = 8 * b * s * V if not overrides else (2 + 12) * b * 64 * V
+    assert m.predicted["temporaries"] == want
+    assert abs(m.measured["temporaries"] - want) <= 0.05 * want, m.to_text()
+    assert m.peak_phase.endswith("backward")
 
 
 def test_sharded_states_shrink_as_the_model_says(dense):
@@ -214,11 +237,58 @@ def test_kind_without_fake_safe_path_is_refused_by_name(dense, monkeypatch):
         measure(dense.model, _budget(dense, "train"))
 
 
-def test_untraced_plans_are_refused(dense):
-    with pytest.raises(NotTraceable, match="tensor parallelism"):
-        measure(dense.model, _budget(dense, "train"), tp=2, gpus=2)
-    with pytest.raises(NotTraceable, match="ZeRO-3"):
-        measure(dense.model, _budget(dense, "train"), zero=3, gpus=2)
+PARALLEL = {  # one rank of each plan, built by ltmdsl.distributed under a fake process group
+    "cp4": (DENSE, dict(cp=4, gpus=4)),
+    "cp2-zero2-dp2": (DENSE, dict(cp=2, zero=2, gpus=4)),
+    "cp2-full-recompute": (DENSE, dict(cp=2, gpus=2, recompute="full")),
+    "zero3-dp4": (DENSE, dict(zero=3, gpus=4)),
+    "zero3-dp2-cp2": (DENSE, dict(zero=3, cp=2, gpus=4)),
+    "ep2-moe": (MOE, dict(ep=2, gpus=2)),
+    "tp2": (DENSE, dict(tp=2, gpus=2)),
+    "tp2-zero3-dp2": (DENSE, dict(tp=2, zero=3, gpus=4)),
+}
+
+
+@pytest.mark.parametrize("case", PARALLEL, ids=PARALLEL)
+def test_one_rank_of_a_parallel_plan_traces_states_exactly_and_activations_within_5_percent(case):
+    text, overrides = PARALLEL[case]
+    spec = ltmdsl.loads(text)
+    m = measure(spec.model, _budget(spec, "train"), **overrides)
+    for component in ("weights", "gradients", "optimizer", "logits"):
+        assert m.measured[component] == m.predicted[component], component
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
+    assert any("fake process group" in n for n in m.notes)
+
+
+def test_zero3_rank_holds_a_quarter_of_the_weights_and_context_parallel_ranks_a_share_of_the_tokens(dense):
+    whole = measure(dense.model, _budget(dense, "train"))
+    z3 = measure(dense.model, _budget(dense, "train"), zero=3, gpus=4)
+    root = 2 * 256 * 64 + 5 * 64  # embedding, head, four sub-layer norms and the final norm: FSDP2's root
+    assert z3.measured["weights"] == whole.measured["weights"] // 4 + 2 * root  # the shard + the root gathered (bf16)
+    assert z3.measured["optimizer"] * 4 == whole.measured["optimizer"]
+    cp = measure(dense.model, _budget(dense, "train"), cp=4, gpus=4)
+    assert cp.measured["logits"] * 4 == whole.measured["logits"]  # T/4 tokens' logits
+
+
+def test_expert_parallel_inference_activations_within_5_percent():
+    spec = ltmdsl.loads(MOE)
+    m = measure(spec.model, _budget(spec, "serve"), ep=2, gpus=2)
+    for component in ("weights", "kv_cache", "logits"):
+        assert m.measured[component] == m.predicted[component], component
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+
+
+def test_plans_ltmdsl_does_not_run_are_refused_saying_why(dense):
+    with pytest.raises(NotTraceable, match="ltmdsl.distributed does not run this plan.*ep = 2 runs as ep = dp"):
+        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), ep=2, zero=2, gpus=2)
+    with pytest.raises(NotTraceable, match=r"context parallelism \(cp = 2\) in inference"):
+        measure(dense.model, _budget(dense, "serve"), cp=2, gpus=2)
+    with pytest.raises(NotTraceable, match=r"sequence parallelism \(sp = true\)"):
+        measure(dense.model, _budget(dense, "train"), tp=2, gpus=2, sequence_parallel=True)
+    ssm = ltmdsl.loads(DENSE.replace("attention(heads = 4, kv_heads = 2, rope_theta = 10000)", "mamba(d_state = 4)"))
+    with pytest.raises(NotTraceable, match="no tensor-parallel plan for kind 'mamba'"):
+        measure(ssm.model, _budget(ssm, "train"), tp=2, gpus=2)
 
 
 def test_budget_too_large_to_trace_suggests_a_context():
@@ -233,7 +303,7 @@ def test_cli_measure_json(tmp_path, capsys):
     assert main(["memory", str(path), "--measure", "--budget", "train", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data["predicted"]) == set(data["measured"]) == {
-        "weights", "gradients", "optimizer", "activations", "logits"}
+        "weights", "gradients", "optimizer", "activations", "logits", "temporaries"}
     assert data["measured"]["weights"] == data["predicted"]["weights"] > 0
     assert data["peak_bytes"] > 0
 
@@ -275,8 +345,30 @@ def test_trace_cost_counts_the_masked_query_blocks_of_a_chunk_on_a_long_cache():
 
 
 def test_a_cache_dtype_the_runtime_does_not_allocate_is_refused_by_name(dense):
-    with pytest.raises(NotTraceable, match="no fp8_e4m3 KV cache"):
-        measure(dense.model, _budget(dense, "serve"), kv_dtype="fp8_e4m3")
+    with pytest.raises(NotTraceable, match="no fp8_e4m3 recurrent state"):
+        measure(dense.model, _budget(dense, "serve"), state_dtype="fp8_e4m3")
+
+
+FP8_KV = {  # a long context on one sequence, so that the attention's workspace (not the MLP's) is the largest
+    "global": (WIDE, dict(batch=1, context=32768, chunk=256)),
+    "global-batch-2": (WIDE, dict(batch=2, context=16384, chunk=128)),
+}
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("case", FP8_KV, ids=FP8_KV)
+def test_fp8_kv_cache_traces_exactly_and_its_read_back_is_counted(case, kv_dtype):
+    """The runtime keeps keys and values in fp8 and reads them back whole in the compute dtype for a chunk's
+    attention (runtime/kinds/attention.py); the attention's workspace facet counts that temporary."""
+    text, overrides = FP8_KV[case]
+    spec = ltmdsl.loads(text)
+    m = measure(spec.model, _budget(spec, "serve"), kv_dtype=kv_dtype, **overrides)
+    bf16 = measure(spec.model, _budget(spec, "serve"), **overrides)
+    assert m.measured["kv_cache"] == m.predicted["kv_cache"] == bf16.measured["kv_cache"] // 2
+    read_back = 2 * overrides["batch"] * overrides["context"] * 2 * (128 + 128)  # bf16 bytes, b, T, Hkv, D + Dv
+    assert m.predicted["activations"] - bf16.predicted["activations"] == read_back
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    assert abs(m.peak_relative) <= INFERENCE_PEAK_TOL, m.to_text()
 
 
 def test_shared_block_used_twice_is_refused_by_name():

@@ -131,7 +131,9 @@ def test_chunked_loss_bounds_the_logits_and_is_advised(models):
 def test_zero3_gpu_count_under_the_plan(models):
     r = report(models["llama-3.1-8b"], None, mode="training", context=4096, batch=64, gpus=8, dp=8, zero=3,
                recompute="full")
-    assert r.gpus_needed_plan is not None and r.gpus_needed_plan <= 8
+    # 10, not 8: 8 sequences of 4096 tokens per GPU with an unchunked loss hold 16.8 GB of fp32 logits, and the
+    # loss's backward adds their two fp32 gradients (33.6 GB of temporaries)
+    assert r.gpus_needed_plan == 10
     p = r.evaluator
     dp = r.gpus_needed_plan
     assert p.per_gpu_bytes(4096, 64, dp) <= 80 * 10**9

@@ -1,0 +1,54 @@
+"""One rank of a parallel plan, built the way ltmdsl.distributed builds it, under a fake process group.
+
+torch ships a `fake` backend (torch.testing._internal.distributed.fake_pg): a process group of any size
+whose collectives return at once, without data or peers. Under it the plan's (pp, dp, cp, tp) device mesh
+exists, and `ltmdsl.distributed.rank_model.split` turns the meta model into this rank's share exactly as a
+training run does: DTensor tensor parallelism, each mixer's cp_forward (its all-gathers), experts sharded
+over dp (ep), FSDP2 for ZeRO-3. The collectives' outputs have their real shapes, so every buffer they
+allocate is traced; their contents are not computed (fake tensors have none anyway).
+
+The traced rank is the most loaded one: the memory model's most loaded pipeline stage, data-parallel rank 0,
+the last context-parallel rank (every cp rank gathers the same keys and values; under the contiguous split the
+last one's queries see them all), tensor-parallel rank 0 (tp ranks hold equal shares).
+
+Known issue: a tp x cp plan traced after another tensor-parallel trace in the same process can be handed a
+DeviceMesh of the earlier (destroyed) group by DTensor and fail ("Could not resolve the process group"); one
+trace per process (the CLI) is unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ltmdsl.ir import ParallelPlan
+
+
+def needs_group(plan: ParallelPlan) -> bool:
+    """Whether tracing one rank of `plan` needs its process group: tp, cp, ep or ZeRO-3 (FSDP2). ZeRO 1/2 and
+    pp are traced without one (flat sharded buffers; the stage's own layers)."""
+    return plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.zero >= 3
+
+
+def traced_rank(plan: ParallelPlan, stage: int) -> int:
+    """The global rank traced (module docstring): mesh order (pp, dp, cp, tp), tp innermost."""
+    pp_i, dp_i, cp_i, tp_i = stage, 0, plan.cp - 1, 0
+    return ((pp_i * plan.dp + dp_i) * plan.cp + cp_i) * plan.tp + tp_i
+
+
+@contextlib.contextmanager
+def fake_group(plan: ParallelPlan, stage: int):
+    """The plan's process group (fake backend) as the traced rank, and its device mesh; torn down on exit.
+    Refuses to run inside an existing process group (a real run's would be replaced)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from ltmdsl.distributed.mesh import device_mesh
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised; trace a parallel plan outside distributed runs")
+    dist.init_process_group("fake", store=FakeStore(), rank=traced_rank(plan, stage), world_size=plan.world)
+    try:
+        yield device_mesh(plan, "cpu")
+    finally:
+        dist.destroy_process_group()
+
