@@ -26,10 +26,10 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import CacheRequest
 from ltmdsl.runtime.kinds import RuntimeKind
 from ltmdsl.runtime.kinds.gated_deltanet import (
-    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state, norm_then_gate,
-    work_dtype,
+    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state, work_dtype,
 )
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_with_state
+from ltmdsl.runtime.ops_norm_gate import norm_then_gate
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -119,7 +119,7 @@ class KDA(nn.Module):
         """o [..., H, Dh] -> o_proj(o_norm.weight * rmsnorm(o) * sigmoid(output gate)) [..., d]."""
         cfg = self.cfg
         gate = self.g_b_proj(self.g_a_proj(u)).view(*u.shape[:-1], cfg.heads, cfg.head_dim)  # [..., H, Dh]
-        y = norm_then_gate(o, gate, self.o_norm.weight, self.eps, torch.sigmoid)  # [..., H, Dh]
+        y = norm_then_gate(o, gate, self.o_norm.weight, self.eps, torch.sigmoid, block=cfg.chunk)  # [..., H, Dh]
         return self.o_proj(y.reshape(*y.shape[:-2], cfg.inner).to(u.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvDeltaState | None = None, pos0: int = 0) -> torch.Tensor:
