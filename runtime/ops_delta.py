@@ -123,13 +123,15 @@ def _decayed_scores_per_channel(
     for i in range(0, C, SUB):
         rows = slice(i, min(i + SUB, C))
         seg = gamma[..., rows, None, :] - gamma[..., None, rows, :]  # [..., sub, sub, Dk]
-        decay = seg.masked_fill(~causal[rows, rows, None], float("-inf")).exp()
+        decay = seg.masked_fill_(~causal[rows, rows, None], float("-inf")).exp_()  # in place: one such tensor
         out[..., rows, rows] = torch.einsum("...rc,...sc,...rsc->...rs", a[..., rows, :], b[..., rows, :], decay)
+        del seg, decay
         if i > 0:
             pivot = gamma[..., i - 1 : i, :]  # [..., 1, Dk]   log-decay at the last position before the block
             left = a[..., rows, :] * (gamma[..., rows, :] - pivot).exp()  # [..., sub, Dk]
             right = b[..., :i, :] * (pivot - gamma[..., :i, :]).exp()  # [..., i, Dk]
             out[..., rows, :i] = left @ right.transpose(-1, -2)
+            del left, right
     return out
 
 
@@ -183,8 +185,9 @@ def _chunk_step(
     )
     d = u[:, :, 0] - w[:, :, 0] @ s  # [B, Hv, n, Dv]   the corrections d_r
     o = q_in[:, :, 0] @ s + intra[:, :, 0] @ d  # [B, Hv, n, Dv]
-    s = end_decay[:, :, 0] * s + k_out[:, :, 0].transpose(-1, -2) @ d  # [B, Hv, Dk, Dv]
-    return o.transpose(1, 2), s
+    nxt = end_decay[:, :, 0] * s  # [B, Hv, Dk, Dv]
+    nxt += k_out[:, :, 0].transpose(-1, -2) @ d  # in place: three states live at most (s, nxt, the product)
+    return o.transpose(1, 2), nxt
 
 
 def gated_delta_chunked(
@@ -213,15 +216,15 @@ def gated_delta_chunked(
     work = _work_dtype(q)
     Bsz, T, Hv, Dv = v.shape
     Dk = q.shape[-1]
-    start = None if state is None else state.to(work)
 
     def zeros() -> torch.Tensor:
         return torch.zeros(Bsz, Hv, Dk, Dv, dtype=work, device=q.device)  # [B, Hv, Dk, Dv]
 
     if T == 0:  # an empty prefill leaves the state as it was
-        return v.new_zeros(Bsz, 0, Hv, Dv, dtype=q.dtype), zeros() if start is None else start
+        return v.new_zeros(Bsz, 0, Hv, Dv, dtype=q.dtype), zeros() if state is None else state.to(work)
     step = functools.partial(_chunk_step, l2norm=l2norm, scale=scale)
-    return ops_recurrence.chunked(step, chunk, start, (q, k, v, g, beta), out_dtype=q.dtype, new_state=zeros)
+    return ops_recurrence.chunked(step, chunk, None if state is None else state.to(work), (q, k, v, g, beta),
+                                  out=(Hv, Dv), out_dtype=q.dtype, new_state=zeros)
 
 
 def gated_delta_step(

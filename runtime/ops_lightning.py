@@ -67,8 +67,9 @@ def _block_step(
     o = o + (qb * query_decay[..., None]) @ h  # [B, H, n, Dv]
     # The state after the block: lambda^n h + sum_j lambda^(n-1-j) k_j v_j^T
     key_decay = torch.exp(-s[:, None] * (n - 1 - pos)[None, :])  # [H, n]
-    h = torch.exp(-s * n)[:, None, None] * h + (kb * key_decay[..., None]).transpose(-1, -2) @ vb  # [B, H, D, Dv]
-    return o.transpose(1, 2), h
+    nxt = torch.exp(-s * n)[:, None, None] * h  # [B, H, D, Dv]
+    nxt += (kb * key_decay[..., None]).transpose(-1, -2) @ vb  # in place: three states live at most
+    return o.transpose(1, 2), nxt
 
 
 def lightning_attention(
@@ -92,14 +93,14 @@ def lightning_attention(
     work = _work_dtype(q)
     Bsz, T, H, D = q.shape
     Dv = v.shape[-1]
-    start = None if state is None else state.to(work)
 
     def zeros() -> torch.Tensor:
         return torch.zeros(Bsz, H, D, Dv, dtype=work, device=q.device)  # [B, H, D, Dv]
 
     if T == 0:  # an empty prefill leaves the state as it was
-        return q.new_zeros(Bsz, 0, H, Dv), zeros() if start is None else start
-    return ops_recurrence.chunked(_block_step, chunk, start, (q, k, v), (slope,), out_dtype=q.dtype, new_state=zeros)
+        return q.new_zeros(Bsz, 0, H, Dv), zeros() if state is None else state.to(work)
+    return ops_recurrence.chunked(_block_step, chunk, None if state is None else state.to(work), (q, k, v), (slope,),
+                                  out=(H, Dv), out_dtype=q.dtype, new_state=zeros)
 
 
 def lightning_step(

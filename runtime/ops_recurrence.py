@@ -35,16 +35,14 @@ def _chunks(seq: tuple[torch.Tensor, ...], lo: int, chunk: int) -> tuple[torch.T
 
 
 def run(step: Step, chunk: int, state: torch.Tensor, seq: tuple[torch.Tensor, ...], whole: tuple[torch.Tensor, ...],
-        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        out: tuple[int, ...], out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `step` chunk after chunk: seq inputs [B, T, ...] (sequence on dim 1), `whole` inputs given to every
-    step as they are, state in the work dtype -> (o [B, T, ...] in out_dtype, final state). Each chunk's output
-    is written into `o` as it is made."""
-    T = seq[0].shape[1]
-    o = None
+    step as they are, state in the work dtype -> (o [B, T, *out] in out_dtype, final state). The output is
+    allocated first and each chunk's part written into it as it is made."""
+    B, T = seq[0].shape[:2]
+    o = seq[0].new_empty(B, T, *out, dtype=out_dtype)  # [B, T, *out]
     for lo in range(0, T, chunk):
-        oc, state = step(state, *_chunks(seq, lo, chunk), *whole)  # [B, n, ...], the next state
-        if o is None:
-            o = oc.new_empty(oc.shape[0], T, *oc.shape[2:], dtype=out_dtype)  # [B, T, ...]
+        oc, state = step(state, *_chunks(seq, lo, chunk), *whole)  # [B, n, *out], the next state
         o[:, lo:lo + chunk] = oc
         del oc
     return o, state
@@ -68,13 +66,13 @@ class ChunkedRecurrence(torch.autograd.Function):
     gradients are summed over the chunks)."""
 
     @staticmethod
-    def forward(ctx, step: Step, chunk: int, out_dtype: torch.dtype, new_state: Callable[[], torch.Tensor],
-                n_seq: int, state: torch.Tensor | None, *inputs: torch.Tensor):
+    def forward(ctx, step: Step, chunk: int, out: tuple[int, ...], out_dtype: torch.dtype,
+                new_state: Callable[[], torch.Tensor], n_seq: int, state: torch.Tensor | None, *inputs: torch.Tensor):
         ctx.step, ctx.chunk, ctx.new_state, ctx.n_seq = step, chunk, new_state, n_seq
         ctx.has_state = state is not None
         ctx.save_for_backward(state, *inputs)
         seq, whole = inputs[:n_seq], inputs[n_seq:]
-        return run(step, chunk, new_state() if state is None else state, seq, whole, out_dtype)
+        return run(step, chunk, new_state() if state is None else state, seq, whole, out, out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -83,7 +81,7 @@ class ChunkedRecurrence(torch.autograd.Function):
         step, chunk, n = ctx.step, ctx.chunk, ctx.n_seq
         seq, whole = tuple(inputs[:n]), tuple(inputs[n:])
         starts = _starts(step, chunk, ctx.new_state() if state is None else state, seq, whole)
-        need = ctx.needs_input_grad[6:]
+        need = ctx.needs_input_grad[7:]
         grads = [torch.zeros_like(t) if wanted else None for wanted, t in zip(need, inputs)]
         ds = dfinal
         for c in range(len(starts) - 1, -1, -1):
@@ -103,16 +101,16 @@ class ChunkedRecurrence(torch.autograd.Function):
                 else:
                     g += d
             del oc, s1, got, leaves, s0
-        dstate = ds.to(state.dtype) if ctx.has_state and ctx.needs_input_grad[5] else None
-        return (None, None, None, None, None, dstate, *grads)
+        dstate = ds.to(state.dtype) if ctx.has_state and ctx.needs_input_grad[6] else None
+        return (None, None, None, None, None, None, dstate, *grads)
 
 
 def chunked(step: Step, chunk: int, state: torch.Tensor | None, seq: tuple[torch.Tensor, ...],
-            whole: tuple[torch.Tensor, ...] = (), *, out_dtype: torch.dtype,
+            whole: tuple[torch.Tensor, ...] = (), *, out: tuple[int, ...], out_dtype: torch.dtype,
             new_state: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, T, ...] in out_dtype, final state): `run` when nothing needs a gradient, else `ChunkedRecurrence`
+    """(o [B, T, *out] in out_dtype, final state): `run` when nothing needs a gradient, else `ChunkedRecurrence`
     (the inputs and the given start state saved, everything else recomputed in backward)."""
     tracked = [t for t in (state, *seq, *whole) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-        return ChunkedRecurrence.apply(step, chunk, out_dtype, new_state, len(seq), state, *seq, *whole)
-    return run(step, chunk, new_state() if state is None else state, seq, whole, out_dtype)
+        return ChunkedRecurrence.apply(step, chunk, out, out_dtype, new_state, len(seq), state, *seq, *whole)
+    return run(step, chunk, new_state() if state is None else state, seq, whole, out, out_dtype)

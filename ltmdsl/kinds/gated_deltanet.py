@@ -42,6 +42,8 @@ from ltmdsl.kinds.base import (
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
+SUB = 16  # row block of the per-channel decay's exact [SUB, SUB, Dk] tensors (runtime/ops_delta.py)
+
 R = sympy.Rational
 
 
@@ -122,26 +124,77 @@ def delta_cache(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, s) -> 
             CacheTerm("recurrent_state", "delta", s.state_dtype, b * R(heads, s.tp) * dk * dv * sb))
 
 
-def delta_workspace(proj: int, conv_dim: int, heads: int, dk: int, dv: int, chunk: int, s, decay: int = 1):
-    """Prefill workspace of one chunk (module docstring); `proj` is the width of the input projections and
-    `decay` the log-decays per head and token (1 for a scalar decay, Dk for KDA's per-channel one)."""
+@dataclass(frozen=True)
+class DeltaShape:
+    """The widths the memory facets of the two delta-rule kinds share (module docstring).
+
+    `beside_conv` is the activation-dtype elements per token a layer keeps beside the conv while the conv
+    runs (Gated DeltaNet: z, b, a, that is Hv*Dv + 2*Hv; KDA: none); `per_channel` is KDA's decay.
+    """
+
+    conv_dim: int
+    d_conv: int
+    heads: int  # Hv
+    dk: int
+    dv: int
+    chunk: int
+    per_channel: bool
+    beside_conv: int
+
+    @property
+    def decay(self) -> int:
+        """Log-decays per head and token: 1, or Dk per channel."""
+        return self.dk if self.per_channel else 1
+
+
+def rule_chunk_workspace(c: DeltaShape, b, heads, cw, copy, multi):
+    """fp32 working set of one chunk of cw tokens of the rule, for b sequences and `heads` local value heads;
+    `copy` is S when the start state is an fp32 copy of a cache in another dtype, `multi` 1 when a chunk
+    before this one left its state (module docstring)."""
+    S = 4 * b * heads * c.dk * c.dv
+    Xk, Xv = 4 * b * heads * cw * c.dk, 4 * b * heads * cw * c.dv
+    Q, G = 4 * b * heads * cw**2, 4 * b * heads * cw * c.decay
+    end = (2 + multi) * S + copy + 5 * Xk + 3 * Xv + 2 * Q + G + cw**2
+    if not c.per_channel:
+        return end
+    E = 4 * b * heads * sympy.Min(SUB, cw) ** 2 * c.dk
+    return sympy.Max(end, multi * S + copy + 4 * Xk + Xv + 2 * Q + G + 3 * E + 2 * E / c.dk + 5 * cw**2)
+
+
+def delta_workspace(c: DeltaShape, s, finish, extra=()):
+    """Prefill workspace of one chunk of Cc tokens (module docstring): the largest of the conv, the taps update,
+    the rule and the `finish` moments (and any `extra` ones the kind adds), each a function of (n, a)."""
     b = per_replica(B, s.dp)
-    tok = b * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    n = b * sympy.Min(C, T) / R(s.cp)  # b * Cc / c tokens
     t = R(s.tp)
-    chunks = sympy.ceiling(sympy.Min(C, T) / chunk)
-    a = s.activation_dtype.bytes
-    return (a * tok * (proj + conv_dim + heads * dv) / t + a * tok * heads / t * (dk + 2 * dv + chunk)
-            + 4 * tok * heads * decay / t + a * b * heads / t * dk * dv * chunks)
+    a, sb = s.activation_dtype.bytes, s.state_dtype.bytes
+    D = c.conv_dim
+    conv = (a * n * (4 * D + c.beside_conv) + a * b * (c.d_conv - 1) * D) / t
+    taps = conv_taps(c.d_conv, s.conv_taps)
+    cast = sb * n * D if s.state_dtype.name != s.activation_dtype.name else 0
+    update = (a * n * (2 * D + c.beside_conv) + cast + sb * D * (b * taps + n)) / t if taps else 0
+    n_cc = n / b  # Cc / c tokens per sequence
+    cw = sympy.Min(c.chunk, n_cc)
+    copy = 4 * b * R(c.heads, s.tp) * c.dk * c.dv if sb != 4 else 0
+    rule = ((a * n * (D + c.beside_conv + c.heads * c.dv) + 4 * n * c.heads * (c.decay + 1)) / t
+            + rule_chunk_workspace(c, b, R(c.heads, s.tp), cw, copy, sympy.Min(1, sympy.ceiling(n_cc / c.chunk) - 1)))
+    return sympy.Max(conv, update, rule, finish(n, a, b, cw), *extra)
 
 
-def delta_stored(proj: int, conv_dim: int, heads: int, dv: int, chunk: int, x, selective: bool, decay: int = 1):
-    """Training activations per micro-batch (module docstring); `proj` is the width of the input projections,
-    `decay` the log-decays per head and token (1 for a scalar decay, Dk for KDA's per-channel one)."""
-    a, tok = x.a, x.tok
-    out = x.base + x.split(a * tok * (proj + heads * dv))
-    if not selective:
-        out += x.split(a * tok * (conv_dim + heads * chunk + heads * dv) + 4 * tok * heads * (decay + 1))
-    return out
+def norm_gate_block(c: DeltaShape, b, cw, t):
+    """The gated norm's fp32 temporaries for one block of cw tokens: the input copy, the gate copy, act(gate)
+    and rstd."""
+    return 4 * b * cw * c.heads * (3 * c.dv + 1) / t
+
+
+def delta_stored(c: DeltaShape, x):
+    """Training activations per micro-batch, shared by both kinds (module docstring); the same under selective
+    recompute, as the rule already recomputes its internals."""
+    a, tok, D = x.a, x.tok, c.conv_dim
+    conv = a * tok * 2 * D + a * x.b * (x.s + c.d_conv - 1) * D  # silu input and output, the padded conv input
+    kept = a * tok * 3 * c.heads * c.dv  # the rule output o, the gate, the norm output (out_proj's input)
+    fp32 = 4 * tok * c.heads * (2 + 3 * c.decay)  # rstd, beta, g and softplus's input and output
+    return x.base + x.split(conv + kept + fp32)
 
 
 def delta_flops(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, chunk: int) -> dict[str, Flops]:
@@ -152,8 +205,10 @@ def delta_flops(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, chunk:
     return {"ssm": Flops(sympy.Integer(step), per_tok * T)}
 
 
-def _proj(c: GatedDeltaNetConfig) -> int:
-    return 2 * c.key_dim + 2 * c.value_dim + 2 * c.value_heads
+def shape(c: GatedDeltaNetConfig) -> DeltaShape:
+    """The shared widths; z, b and a are alive beside the conv."""
+    return DeltaShape(c.conv_dim, c.d_conv, c.value_heads, c.head_dim, c.v_head_dim, c.chunk, False,
+                      c.value_dim + 2 * c.value_heads)
 
 
 def cache(c: GatedDeltaNetConfig, s) -> tuple[CacheTerm, ...]:
@@ -161,11 +216,17 @@ def cache(c: GatedDeltaNetConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: GatedDeltaNetConfig, d: int, s):
-    return delta_workspace(_proj(c), c.conv_dim, c.value_heads, c.head_dim, c.v_head_dim, c.chunk, s)
+    sh, t, vd = shape(c), R(s.tp), c.value_dim
+
+    def finish(n, a, b, cw):
+        """z, o and the gated norm's output, with one norm block's temporaries or out_proj's output."""
+        return a * n * 3 * vd / t + sympy.Max(norm_gate_block(sh, b, cw, t), a * n * d)
+
+    return delta_workspace(sh, s, finish)
 
 
 def stored(c: GatedDeltaNetConfig, x, selective: bool):
-    return delta_stored(_proj(c), c.conv_dim, c.value_heads, c.v_head_dim, c.chunk, x, selective)
+    return delta_stored(shape(c), x)
 
 
 def flops(c: GatedDeltaNetConfig) -> dict[str, Flops]:

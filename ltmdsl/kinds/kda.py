@@ -23,9 +23,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
+
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import Flops, Kind, ModelContext, Param, Split, no_context_limit, none_inactive
-from ltmdsl.kinds.gated_deltanet import check_chunk, delta_cache, delta_flops, delta_stored, delta_workspace
+from ltmdsl.kinds.gated_deltanet import (
+    DeltaShape, check_chunk, delta_cache, delta_flops, delta_stored, delta_workspace, norm_gate_block,
+)
+from ltmdsl.memory.symbols import B, C, T, per_replica
+
+R = sympy.Rational
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,9 @@ def split(c: KDAConfig, d: int) -> Split:
     return Split(tp=(("heads", c.heads),))
 
 
-def _proj(c: KDAConfig) -> int:
-    """Elements per token of the input projections: q, k, v, decay and gate (with their rank-Dh inputs), beta."""
-    return 3 * c.inner + 2 * c.inner + 2 * c.head_dim + c.heads
+def shape(c: KDAConfig) -> DeltaShape:
+    """The shared widths: Hk = Hv = H, Dk = Dv = Dh, per-channel decay, nothing beside the conv."""
+    return DeltaShape(c.conv_dim, c.d_conv, c.heads, c.head_dim, c.head_dim, c.chunk, True, 0)
 
 
 def cache(c: KDAConfig, s):
@@ -79,11 +86,24 @@ def cache(c: KDAConfig, s):
 
 
 def workspace(c: KDAConfig, d: int, s):
-    return delta_workspace(_proj(c), c.conv_dim, c.heads, c.head_dim, c.head_dim, c.chunk, s, decay=c.head_dim)
+    sh, t, inner = shape(c), R(s.tp), c.inner
+
+    def finish(n, a, b, cw):
+        """o, the output gate and the gated norm's output, with one norm block's temporaries or o_proj's output."""
+        return a * n * 3 * inner / t + sympy.Max(norm_gate_block(sh, b, cw, t), a * n * d)
+
+    b = per_replica(B, s.dp)
+    n = b * sympy.Min(C, T) / R(s.cp)
+    a = s.activation_dtype.bytes
+    # the forget gate: q, k, v after the conv, beta, and in fp32 the gate's input, its softplus and g
+    gate = (a * n * c.conv_dim + 4 * n * c.heads + 12 * n * inner) / t
+    return delta_workspace(sh, s, finish, (gate,))
 
 
 def stored(c: KDAConfig, x, selective: bool):
-    return delta_stored(_proj(c), c.conv_dim, c.heads, c.head_dim, c.chunk, x, selective, decay=c.head_dim)
+    """The shared terms plus the gates' rank-Dh intermediates (f_a_proj's and g_a_proj's outputs, which every
+    tensor-parallel rank computes whole)."""
+    return delta_stored(shape(c), x) + x.a * x.tok * 2 * c.head_dim
 
 
 def flops(c: KDAConfig) -> dict[str, Flops]:

@@ -100,20 +100,33 @@ def cache(c: LightningConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: LightningConfig, d: int, s):
+    """Prefill workspace of one chunk of Cc tokens: the largest of the layer's moments (module docstring)."""
     b = per_replica(B, s.dp)
-    cc = sympy.Min(C, T) / R(s.cp)
-    L = sympy.Min(c.chunk, cc)
-    h = R(c.heads, s.tp)
-    return (s.activation_dtype.bytes * b * cc * 5 * c.inner / R(s.tp) + 4 * b * h * cc * L
-            + 8 * b * h * c.head_dim * c.head_dim * sympy.ceiling(cc / L))
+    cc = sympy.Min(C, T) / R(s.cp)  # tokens per sequence
+    n = b * cc
+    cw = sympy.Min(c.chunk, cc)  # the block length
+    h, t, hd = R(c.heads, s.tp), R(s.tp), c.inner
+    D = c.head_dim
+    a = s.activation_dtype.bytes
+    S = 4 * b * h * D * D  # one fp32 state
+    copies = 4 * b * cw * h * 3 * D  # one block's q, k, v in fp32
+    common = 4 * h * cw**2 + 4 * cw**2 + 4 * cw + 4 * h  # the decay mask [H, L, L], distances, positions, slopes
+    multi = sympy.Min(1, sympy.ceiling(cc / c.chunk) - 1)  # 1 when an earlier block left its state
+    scores = multi * S + copies + common + 8 * b * h * cw**2  # q k^T and its masked product
+    end = (2 + multi) * S + copies + common + 4 * b * h * cw * 2 * D + 8 * h * cw  # k * decay, the block's o
+    qkv = a * n * 6 * hd / t  # the projection and its activation
+    rule = a * n * 4 * hd / t + sympy.Max(scores, end)  # q, k, v and o beside one block's working set
+    norm = (a + 8 if a < 4 else 3 * a) * n * hd / t  # o and the norm's fp32 copies
+    gate = a * n * 4 * hd / t if c.gate else 0  # o, its norm, the gate's projection and sigmoid
+    out = a * n * (2 * hd / t + d)  # o, the gated norm and out_proj's output
+    return sympy.Max(qkv, rule, norm, gate, out)
 
 
 def stored(c: LightningConfig, x, selective: bool):
-    out = x.base + x.split(x.a * x.tok * 6 * c.inner)
-    out += x.split(4 * x.b * c.heads * c.head_dim * c.head_dim * sympy.ceiling(x.s / c.chunk))
-    if not selective:
-        out += x.split(x.a * x.tok * 4 * c.inner)
-    return out
+    """Training activations per micro-batch (module docstring); the same under selective recompute, as the
+    block form already recomputes its internals."""
+    f = max(4, x.a)  # the norm's fp32 copy of its input (the input itself when fp32 already)
+    return x.base + x.split(x.a * x.tok * 10 * c.inner + f * x.tok * c.inner) + 4 * x.tok
 
 
 def step_flops(c: LightningConfig) -> int:

@@ -159,8 +159,10 @@ class GatedDeltaNet(nn.Module):
             q, k, v, g, beta, chunk=self.cfg.chunk, state=None if state is None else state.delta,
             l2norm=True, scale=None,
         )  # [B, T, Hv, Dv], [B, Hv, Dk, Dv]
+        del qkv, q, k, v, g, beta, b, a  # released before the output norm, which reads o and z only
         if state is not None:
             state.delta.copy_(s)
+        del s
         return self._finish(o, z, u)  # [B, T, d]
 
     def step(self, u: torch.Tensor, state: ConvDeltaState, pos0: int) -> torch.Tensor:

@@ -129,8 +129,10 @@ class KDA(nn.Module):
             q, k, v, g, beta, chunk=self.cfg.chunk, state=None if state is None else state.delta,
             l2norm=True, scale=None,
         )  # [B, T, H, Dh], [B, H, Dh, Dh]
+        del qkv, q, k, v, g, beta  # released before the output gate and norm, which read o and u only
         if state is not None:
             state.delta.copy_(s)
+        del s
         return self._finish(o, u)  # [B, T, d]
 
     def step(self, u: torch.Tensor, state: ConvDeltaState, pos0: int) -> torch.Tensor:
