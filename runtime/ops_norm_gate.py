@@ -28,14 +28,16 @@ def _work(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _check_act(act: Act) -> None:
+    """The Function differentiates the two gates the delta-rule layers use: silu and sigmoid."""
+    if act is not F.silu and act is not torch.sigmoid:
+        raise ValueError(f"norm_then_gate: no derivative for the gate activation {act!r} (F.silu or torch.sigmoid)")
+
+
 def _act_grad(act: Act, z: torch.Tensor) -> torch.Tensor:
-    """act'(z) for the two gates the delta-rule layers use (silu, sigmoid)."""
+    """act'(z) for silu or sigmoid."""
     s = torch.sigmoid(z)
-    if act is F.silu:
-        return s * (1 + z * (1 - s))
-    if act is torch.sigmoid:
-        return s * (1 - s)
-    raise ValueError(f"norm_then_gate: no derivative for the gate activation {act!r} (silu or sigmoid)")
+    return s * (1 + z * (1 - s)) if act is F.silu else s * (1 - s)
 
 
 def _forward(o, gate, weight, eps: float, act: Act, block: int, rstd: torch.Tensor | None) -> torch.Tensor:
@@ -88,6 +90,7 @@ def norm_then_gate(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     `block` tokens at a time; under autograd through `NormThenGate`. act: F.silu or torch.sigmoid.
     Oracle: `norm_then_gate_reference`."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (o, gate, weight)):
+        _check_act(act)
         return NormThenGate.apply(o, gate, weight, eps, act, block)
     return _forward(o, gate, weight, eps, act, block, None)
 
