@@ -216,9 +216,7 @@ def gated_delta_chunked(
     work = _work_dtype(q)
     Bsz, T, Hv, Dv = v.shape
     Dk = q.shape[-1]
-
-    def zeros() -> torch.Tensor:
-        return torch.zeros(Bsz, Hv, Dk, Dv, dtype=work, device=q.device)  # [B, Hv, Dk, Dv]
+    zeros = functools.partial(torch.zeros, Bsz, Hv, Dk, Dv, dtype=work, device=q.device)  # [B, Hv, Dk, Dv]
 
     if T == 0:  # an empty prefill leaves the state as it was
         return v.new_zeros(Bsz, 0, Hv, Dv, dtype=q.dtype), zeros() if state is None else state.to(work)

@@ -28,6 +28,8 @@ MiniMax-01's (transformers' `MiniMaxLightningAttention.get_slope_rate`): s_h = 2
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ltmdsl.runtime import ops_recurrence
@@ -86,16 +88,15 @@ def lightning_attention(
     q, k [B,T,H,D]; v [B,T,H,Dv]; slope [H] (> 0, decay exp(-slope)); state [B,H,D,Dv] | None (zeros)
     -> (o [B,T,H,Dv] in q's dtype, final_state [B,H,D,Dv] in the work dtype).
     Block by block (`ops_recurrence.chunked`): the output is written as each block is done, and under
-    autograd only q, k, v, the slopes and the given state are saved; backward recomputes the rest. Oracle: `lightning_attention_reference`.
+    autograd only q, k, v, the slopes and the given state are saved; backward recomputes the rest.
+    Oracle: `lightning_attention_reference`.
     """
     if chunk < 1:
         raise ValueError(f"lightning_attention: chunk must be >= 1, got {chunk}")
     work = _work_dtype(q)
     Bsz, T, H, D = q.shape
     Dv = v.shape[-1]
-
-    def zeros() -> torch.Tensor:
-        return torch.zeros(Bsz, H, D, Dv, dtype=work, device=q.device)  # [B, H, D, Dv]
+    zeros = functools.partial(torch.zeros, Bsz, H, D, Dv, dtype=work, device=q.device)  # [B, H, D, Dv]
 
     if T == 0:  # an empty prefill leaves the state as it was
         return q.new_zeros(Bsz, 0, H, Dv), zeros() if state is None else state.to(work)

@@ -7,8 +7,8 @@ norm comes before the gate (Mamba-2's gated norm, ops_norm.gated_rmsnorm, gates 
 PyTorch (`norm_then_gate_reference`) autograd would keep five fp32 copies of o's size for backward; a fused
 kernel (flash-linear-attention's FusedRMSNormGated) keeps o, the gate and the fp32 rstd and writes y in the
 input dtype. `norm_then_gate` does that: `NormThenGate` computes y `block` tokens at a time into one output
-(fp32 temporaries of one block only) and saves o, gate, weight and rstd [..., 1]; its backward is analytic,
-with n = o * rstd and a = act(gate):
+(fp32 temporaries of one block only) and saves o, gate, weight and rstd [..., 1]; its backward is analytic and
+runs block by block too, with n = o * rstd and a = act(gate):
     dgate = dy * weight * n * act'(gate)     dweight = sum(dy * n * a)
     do    = rstd * (dn - n * mean(dn * n))   with dn = dy * weight * a
 """
@@ -65,7 +65,7 @@ class NormThenGate(torch.autograd.Function):
     def forward(ctx, o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, act: Act, block: int):
         rstd = torch.empty(*o.shape[:-1], 1, dtype=_work(o), device=o.device)  # [B, T, ..., 1]
         y = _forward(o, gate, weight, eps, act, block, rstd)
-        ctx.act = act
+        ctx.act, ctx.block = act, block
         ctx.save_for_backward(o, gate, weight, rstd)
         return y
 
@@ -73,15 +73,20 @@ class NormThenGate(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         o, gate, weight, rstd = ctx.saved_tensors
-        work = rstd.dtype
-        w, z, dyf = weight.to(work), gate.to(work), dy.to(work)  # [Dv], [..., Dv] x2
-        n = o.to(work) * rstd  # [..., Dv]   the normalised input
-        a = ctx.act(z)
-        dgate = dyf * w * n * _act_grad(ctx.act, z)  # [..., Dv]
-        dweight = (dyf * n * a).reshape(-1, n.shape[-1]).sum(0)  # [Dv]
-        dn = dyf * w * a  # [..., Dv]
-        do = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))  # [..., Dv]
-        return do.to(o.dtype), dgate.to(gate.dtype), dweight.to(weight.dtype), None, None, None
+        work, act = rstd.dtype, ctx.act
+        w = weight.to(work)  # [Dv]
+        do, dgate = torch.empty_like(o), torch.empty_like(gate)  # [B, T, ..., Dv]
+        dweight = torch.zeros_like(w)  # [Dv]
+        for lo in range(0, o.shape[1], ctx.block):  # the fp32 terms of one block at a time
+            part = slice(lo, lo + ctx.block)
+            r, z, g = rstd[:, part], gate[:, part].to(work), dy[:, part].to(work, copy=True)  # [B, n, ..., 1 | Dv]
+            n = o[:, part].to(work) * r  # [B, n, ..., Dv]   the normalised input
+            dgate[:, part] = g * w * n * _act_grad(act, z)
+            a = act(z)
+            dweight += (g * n * a).flatten(0, -2).sum(0)
+            dn = g.mul_(w).mul_(a)  # dy * weight * act(gate), in dy's block copy
+            do[:, part] = r * (dn - n * (dn * n).mean(-1, keepdim=True))
+        return do, dgate, dweight.to(weight.dtype), None, None, None
 
 
 def norm_then_gate(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, act: Act, *,

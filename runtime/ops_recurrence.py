@@ -10,9 +10,10 @@ one chunk's working set, whatever the number of tokens.
 `chunked` does the same under autograd through `ChunkedRecurrence`, a custom Function that saves only the
 sequence inputs and the start state (flash-linear-attention's chunk kernels likewise save q, k, v, g, beta
 and recompute the chunk states in backward: Yang et al., "Gated Delta Networks", ICLR 2025, and its
-`chunk_gated_delta_rule`). Its backward recomputes the chunk-start states S_0 .. S_{n-1} in one pass
-without autograd (a transient of n states, as the fused kernels' recomputed `h`), then walks the chunks
-backwards: each chunk's step is re-run under autograd from its start state and differentiated against
+`chunk_gated_delta_rule`). Its backward recomputes the chunk-start states without autograd, keeping one
+every ~sqrt(n) chunks, then walks the segments between them backwards: a segment's start states are
+recomputed (a transient of about 2 sqrt(n) states in all, where the fused kernels recompute all n), and each
+of its chunks, last first, is re-run under autograd from its start state and differentiated against
 (dL/do_c, dL/dS_{c+1}), giving the chunk's input gradients and dL/dS_c. Plain autograd through the chunked
 form would instead keep every chunk's fp32 intermediates until the backward reaches them.
 
@@ -22,6 +23,7 @@ whole (a layer's decay slopes), which get their gradients too; tensors it closes
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -49,13 +51,16 @@ def run(step: Step, chunk: int, state: torch.Tensor, seq: tuple[torch.Tensor, ..
 
 
 def _starts(step: Step, chunk: int, state: torch.Tensor, seq: tuple[torch.Tensor, ...],
-            whole: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """The start state of every chunk, S_0 .. S_{n-1}, recomputed without autograd."""
+            whole: tuple[torch.Tensor, ...], first: int, last: int, every: int = 1) -> list[torch.Tensor]:
+    """The start states of chunks first, first + every, ... below `last`, recomputed without autograd from
+    `state`, the start state of chunk `first`."""
     starts = []
     with torch.no_grad():
-        for lo in range(0, seq[0].shape[1], chunk):
-            starts.append(state)
-            _, state = step(state, *_chunks(seq, lo, chunk), *whole)
+        for c in range(first, last):
+            if (c - first) % every == 0:
+                starts.append(state)
+            if c + 1 < last:
+                _, state = step(state, *_chunks(seq, c * chunk, chunk), *whole)
     return starts
 
 
@@ -80,27 +85,34 @@ class ChunkedRecurrence(torch.autograd.Function):
         state, *inputs = ctx.saved_tensors
         step, chunk, n = ctx.step, ctx.chunk, ctx.n_seq
         seq, whole = tuple(inputs[:n]), tuple(inputs[n:])
-        starts = _starts(step, chunk, ctx.new_state() if state is None else state, seq, whole)
+        n_chunks = -(-seq[0].shape[1] // chunk)
+        every = math.isqrt(n_chunks - 1) + 1  # segments of about sqrt(n) chunks
+        marks = _starts(step, chunk, ctx.new_state() if state is None else state, seq, whole, 0, n_chunks, every)
         need = ctx.needs_input_grad[7:]
         grads = [torch.zeros_like(t) if wanted else None for wanted, t in zip(need, inputs)]
         ds = dfinal
-        for c in range(len(starts) - 1, -1, -1):
-            part = slice(c * chunk, (c + 1) * chunk)
-            leaves = [t[:, part].detach().requires_grad_() for t in seq] + [t.detach().requires_grad_() for t in whole]
-            s0 = starts[c].detach().requires_grad_()
-            starts[c] = None  # each start state is freed once its chunk is done
-            with torch.enable_grad():
-                oc, s1 = step(s0, *leaves)  # [B, n, ...], the next state
-            got = torch.autograd.grad((oc, s1), (s0, *leaves), (do[:, part].to(oc.dtype), ds), allow_unused=True)
-            ds = got[0]
-            for i, (g, d) in enumerate(zip(grads, got[1:])):
-                if g is None or d is None:
-                    continue
-                if i < n:
-                    g[:, part] = d
-                else:
-                    g += d
-            del oc, s1, got, leaves, s0
+        for j in range(len(marks) - 1, -1, -1):  # segments, last first: their start states, then each chunk
+            first = j * every
+            starts = _starts(step, chunk, marks[j], seq, whole, first, min(first + every, n_chunks))
+            marks[j] = None
+            for c in range(first + len(starts) - 1, first - 1, -1):
+                part = slice(c * chunk, (c + 1) * chunk)
+                leaves = [t[:, part].detach().requires_grad_() for t in seq]
+                leaves += [t.detach().requires_grad_() for t in whole]
+                s0 = starts[c - first].detach().requires_grad_()
+                starts[c - first] = None  # each start state is freed once its chunk is done
+                with torch.enable_grad():
+                    oc, s1 = step(s0, *leaves)  # [B, n, ...], the next state
+                got = torch.autograd.grad((oc, s1), (s0, *leaves), (do[:, part].to(oc.dtype), ds), allow_unused=True)
+                ds = got[0]
+                for i, (g, d) in enumerate(zip(grads, got[1:])):
+                    if g is None or d is None:
+                        continue
+                    if i < n:
+                        g[:, part] = d
+                    else:
+                        g += d
+                del oc, s1, got, leaves, s0
         dstate = ds.to(state.dtype) if ctx.has_state and ctx.needs_input_grad[6] else None
         return (None, None, None, None, None, None, dstate, *grads)
 

@@ -11,18 +11,37 @@ Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, c
     conv   b * conv_dim/t * taps * s_bytes           delta  b * Hv/t * Dk * Dv * s_bytes
   taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention; tp splits whole key heads
   (and with them their Hv/Hk value heads), so tp must divide Hk.
-Prefill workspace for a chunk of Cc = min(C, T) tokens (the chunked WY form, as flash-linear-attention's
-chunk_gated_delta_rule allocates it; L = chunk):
-    a * b * Cc/c * (qkvz + 2Hv + conv_dim + Hv*Dv)/t        projections, conv output, rule output
-  + a * b * Cc/c * Hv/t * (Dk + 2Dv + L)                    W, U, the corrected values and the triangular inverse
-  + 4 * b * Cc/c * Hv/t                                     the fp32 cumulative log-decay (KDA: * Dk)
-  + a * b * Hv/t * Dk * Dv * ceil(Cc/L)                     the chunk states h (in the input dtype, as fla)
-Training activations, per micro-batch (flash-linear-attention saves q, k, v, g, beta and the chunk's
-triangular inverse A; chunk states are recomputed in backward, so no O(T/L) term):
-    replicated  norm input and projection input 2a*sbh
-    split       projections a*sb*(qkvz + 2Hv) and the rule output a*sb*Hv*Dv, always; the conv output
-                a*sb*conv_dim, A a*sb*Hv*L, the gated-norm output a*sb*Hv*Dv and fp32 g, beta 8*sb*Hv
-                (KDA: 4*sb*Hv*(Dk + 1)) unless selective recompute recomputes them.
+Prefill workspace: what the runtime (runtime/kinds/gated_deltanet.py, runtime/ops_delta.py) holds at the
+largest moment of the layer's forward over a chunk of Cc = min(C, T) tokens, n = b * Cc/c of them on one GPU
+(a activation bytes, s_b state bytes, D = conv_dim, Cw = min(L, Cc/c) the rule's chunk, every width /t):
+    conv     a*n*(4D + beside) + a*b*(K-1)*D      the conv's input, its input after the K-1 cached taps, its
+                                                   output and silu(output), beside what the layer keeps
+                                                   meanwhile (beside: z, b, a = Hv*Dv + 2Hv; KDA: nothing)
+    taps     a*n*(2D + beside) + s_b*D*(b*taps + n)  (+ s_b*n*D when s_b != a, the cast input): the cache's
+                                                   taps updated from [taps ; input]
+    rule     a*n*(D + beside + Hv*Dv) + 4*n*Hv*(decay + 1) + one chunk's fp32 working set:
+                 (2 + m)*S + S' + 5*Xk + 3*Xv + 2*Q + G + Cw^2
+             q, k, v (the conv output), the rule output o, fp32 g and beta; S = 4b*Hv*Dk*Dv a state (the one
+             carried in when m = 1, i.e. an earlier chunk ran, the next one and k_out^T d), S' another when the
+             cache is not fp32 (its fp32 copy), Xk = 4b*Hv*Cw*Dk (q and k per value head, [U | W]'s W, q_in,
+             k_out), Xv = 4b*Hv*Cw*Dv (U, the corrections d, the chunk's output), Q = 4b*Hv*Cw^2 (the k.k and
+             q.k scores), G = 4b*Hv*Cw*decay (the cumulative log-decay) and the causal mask; KDA's per-channel
+             decay also peaks at a diagonal block of its scores: m*S + S' + 4Xk + Xv + 2Q + G + 3E + 2E/Dk +
+             5Cw^2 with E = 4b*Hv*min(16, Cw)^2*Dk (runtime/ops_delta.py `_decayed_scores_per_channel`)
+    finish   a*n*3*Hv*Dv + max(4b*Cw*Hv*(3Dv + 1), a*n*d): z, o and the gated norm's output beside one norm
+             block's fp32 temporaries or out_proj's output
+and the workspace is the largest of them (KDA adds the forget gate's moment). The projections (at most
+a*n*(3D + Hv*Dv + 2Hv)) and the decode step never exceed the conv's moment. Exact when Cc/c is a multiple
+of L; the last, shorter chunk of another length is counted as a full one.
+Training activations, per micro-batch: the rule (ops_recurrence.ChunkedRecurrence) saves q, k, v, g, beta
+and nothing it computes; the gated norm (ops_norm_gate.NormThenGate) saves o, the gate and rstd, as
+flash-linear-attention's fused kernels do. So:
+    replicated  what the pre-norm keeps and its output (MicroBatch.base)
+    split       the conv's padded input a*b*(s + K - 1)*D, its output and silu(output) 2a*sb*D, the rule
+                output o, the gate z and the norm output 3a*sb*Hv*Dv, and in fp32 rstd, beta, g and
+                softplus's input and output 4*sb*Hv*(2 + 3*decay) (decay = 1; KDA: Dk)
+the same under selective recompute (the rule's internals are already recomputed). The backward recomputes
+the chunk states into a transient of b*Hv/t*ceil(s/L) fp32 states, one layer at a time (not counted).
 FLOPs per value head: a recurrent step decays S (Dk*Dv), reads S^T k (2 Dk*Dv), writes k d^T (2 Dk*Dv) and
 reads out S^T q (2 Dk*Dv): 7*Dk*Dv, plus 2*conv_dim*K for the conv. Prefill in chunks of L = min(chunk, T),
 per token and value head: the k.k and q.k scores 4*L*Dk, the triangular solve for [U | W] L*(Dk + Dv), the

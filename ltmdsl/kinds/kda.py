@@ -11,11 +11,13 @@ Parameters: 3*d*H*Dh + 3*H*Dh*K (+ 3*H*Dh with conv_bias) + d*Dh + Dh*H*Dh + H*D
             + d*H (b_proj) + d*Dh + Dh*H*Dh (output gate) + Dh (o_norm) + H*Dh*d (o_proj).
 
 Memory and compute follow Gated DeltaNet's formulas (ltmdsl/kinds/gated_deltanet.py, which states them) with
-Hk = Hv = H, Dk = Dv = Dh, conv_dim = 3*H*Dh and the projection width 3*H*Dh + H*Dh + H + H*Dh + 2*Dh
-(q, k, v, the forget and output gates with their rank-Dh intermediates, beta): recurrent state
-b * (conv_dim/t * taps + H/t * Dh * Dh) * s_bytes, constant in T; tp splits whole heads. The fp32 log-decay
-kept in the workspace and for backward has Dh values per head and token instead of one. The per-channel
-decay's element-wise scaling inside the chunked form is not counted in the FLOPs (the matmuls are).
+Hk = Hv = H, Dk = Dv = Dh, conv_dim = 3*H*Dh, decay = Dh log-decays per head and token, and nothing kept beside
+the conv: recurrent state b * (conv_dim/t * taps + H/t * Dh * Dh) * s_bytes, constant in T; tp splits whole
+heads. The prefill workspace adds the forget gate's moment, a*n*conv_dim + 4*n*H + 12*n*H*Dh (q, k, v,
+beta, and in fp32 the gate's input, its softplus and g), and its finish keeps o, the output gate and the
+norm output. Training adds the gates' rank-Dh intermediates (f_a_proj's and g_a_proj's outputs, 2a*sb*Dh,
+whole on every tensor-parallel rank) to the shared terms. The per-channel decay's element-wise scaling
+inside the chunked form is not counted in the FLOPs (the matmuls are).
 """
 
 from __future__ import annotations

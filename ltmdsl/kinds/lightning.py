@@ -18,15 +18,24 @@ whatever the budget's state_dtype (a wider one is kept): with a decay exp(-s) cl
 s < 2^-8 (MiniMax-01's slopes go down to 2^-8 times a depth factor near 1e-5): a state rounded to bf16
 after every token drops those updates, and the error grows with the tokens decoded. vLLM keeps MiniMax-01's
 linear-attention state in fp32 for the same reason.
-Prefill workspace for a chunk of Cc = min(C, T) tokens with blocks of L = min(chunk, Cc) (the block form
-of Lightning Attention-2, Qin et al. 2024): a * b * Cc/c * 5HD/t (qkv, o, gate) plus fp32 intra-block
-scores 4 * b * H/t * Cc * L and the per-block state contributions and carried states
-2 * 4 * b * H/t * D * Dv * ceil(Cc/L).
-Training activations per micro-batch:
-    replicated  norm input and qkv_proj / output_gate input 2a*sbh
-    split       qkv pre-activation 3HD, attention output HD, gate pre-activation HD, out_proj input HD
-                (a*sb each per channel) and the fp32 state at each block start 4*b*H*D*Dv*ceil(s/chunk);
-                the activated q, k, v (3HD) and the normed output (HD) recomputed under selective recompute
+Prefill workspace: the largest moment of the runtime's forward (runtime/kinds/lightning.py,
+runtime/ops_lightning.py) over a chunk of Cc = min(C, T) tokens, n = b*Cc/c on one GPU, blocks of
+L = min(chunk, Cc/c), h = H/t, S = 4b*h*D*Dv one fp32 state, m = 1 when an earlier block left its state:
+    qkv      6a*n*HD/t                              the projection and its activation
+    rule     4a*n*HD/t + one block's fp32 working set (q, k, v and the output o beside it):
+                 scores  m*S + 12b*L*h*D + 8b*h*L^2 + M      q k^T and its masked product
+                 end     (2+m)*S + 12b*L*h*D + 8b*h*L*D + 8h*L + M   k*decay, the block's o, the next state
+             with the block's fp32 q, k, v (12b*L*h*D) and M = 4h*L^2 + 4L^2 + 4L + 4h (the decay mask,
+             distances, positions, slopes)
+    norm     (a + 8)*n*HD/t (3a when a >= 4): o and the RMSNorm's fp32 copy and its square
+    gate     4a*n*HD/t: o, its norm, the gate's projection and sigmoid
+    out      a*n*(2HD/t + d): o, the gated norm and out_proj's output
+Training activations per micro-batch (the block form, ops_recurrence.ChunkedRecurrence, saves q, k, v and
+the slopes only; its backward recomputes the block states and each block's terms):
+    replicated  what the pre-norm keeps and its output (MicroBatch.base), the norm's rstd 4*sb
+    split       qkv pre-activation and activation 6a*sb*HD, the norm's fp32 input copy max(4, a)*sb*HD, its
+                normalised value and output 2a*sb*HD, sigmoid(gate) a*sb*HD and out_proj's input a*sb*HD
+the same under selective recompute (the block form's internals are already recomputed).
 FLOPs beyond the projections: a step costs 5HDDv (decay, outer product and add; read-out 2HDDv); prefill
 in blocks of L = min(chunk, T) costs per token 2L H (D + Dv) (the full L x L block products) + 4HDDv
 (inter-block read-out and the block contribution), plus 2HDDv per block for the carried state.

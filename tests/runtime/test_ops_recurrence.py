@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.checkpoint import checkpoint
 
 from ltmdsl.runtime import ops_delta, ops_lightning, ops_recurrence
 
@@ -74,10 +76,12 @@ def grads(fn, args, cotangents):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_backward_matches_autograd_through_the_token_loop(case):
-    """Every input's gradient (the start state's and the slopes' too), from both outputs' cotangents."""
+@pytest.mark.parametrize("T", [7, 20], ids=["3-chunks", "7-chunks"])
+def test_backward_matches_autograd_through_the_token_loop(case, T):
+    """Every input's gradient (the start state's and the slopes' too), from both outputs' cotangents; 7 chunks
+    make three segments of recomputed start states (3 + 3 + 1)."""
     make, op, oracle = CASES[case]
-    args = make()
+    args = make(T=T)
     o, s = oracle(*args)
     gen = torch.Generator().manual_seed(1)
     cot = (torch.randn(o.shape, generator=gen, dtype=F64), torch.randn(s.shape, generator=gen, dtype=F64))
@@ -108,6 +112,26 @@ def test_forward_saves_only_its_inputs(case):
         o, s = op(*args)
     assert saved, "nothing saved: the op did not run under autograd"
     assert {t.untyped_storage().data_ptr() for t in saved} <= inputs
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_checkpointed_forward_keeps_nothing_alive(case):
+    """Under torch.utils.checkpoint (full recompute) nothing the op was given stays referenced after its forward
+    (a tensor held by the Function's context, outside save_for_backward, would leak through every layer)."""
+    make, op, _ = CASES[case]
+    args = make()
+    x = args[0].clone().requires_grad_()
+    refs = []
+
+    def fn(x, *rest):
+        q = x * 2  # an intermediate that only the op could keep alive
+        refs.append(StorageWeakRef(q.untyped_storage()))
+        return op(q, *rest)
+
+    o, s = checkpoint(fn, x, *args[1:], use_reentrant=False)
+    assert refs[0].expired()
+    (o.sum() + s.sum()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
