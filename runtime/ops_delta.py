@@ -35,10 +35,9 @@ chunk's terms (as flash-linear-attention's chunk kernels do). The scalar decay k
 [C, C]; the per-channel one takes exact [SUB, SUB, Dk] decays on the diagonal and matmuls below it (see
 `_decayed_scores_per_channel`).
 
-One chunk's working set, fp32 (work dtype, w = 4 bytes), per value head and sequence, n = C tokens:
-q, k after the L2 norm and the key-head repeat, v, beta, the cumulative log-decay (Dk values for the
-per-channel decay), the two score matrices [C, C] and the masked lower one, [U | W], the read-out terms;
-it does not grow with T.
+One chunk's fp32 working set (q and k per value head, v, beta, the cumulative log-decay, the score matrices,
+[U | W], the corrections, the read-out, three states) does not grow with T; ltmdsl/kinds/gated_deltanet.py
+counts it term by term for the prefill workspace.
 
 `gated_delta_step` is the decode form (one token, state updated in place); `gated_delta_reference` is the
 token-loop oracle of both (the plain recurrence above, in the inputs' dtype). The tests also hold these

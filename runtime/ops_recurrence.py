@@ -18,7 +18,9 @@ of its chunks, last first, is re-run under autograd from its start state and dif
 form would instead keep every chunk's fp32 intermediates until the backward reaches them.
 
 `step` must be a pure function of its tensor arguments: the chunk of each sequence input and the inputs given
-whole (a layer's decay slopes), which get their gradients too; tensors it closes over would not.
+whole (a layer's decay slopes), which get their gradients too; tensors it closes over would not. The
+Function's context holds no tensor outside save_for_backward (the zero start state is made by `new_state`,
+which must not close over one either), so under torch.utils.checkpoint nothing outlives the forward.
 """
 
 from __future__ import annotations
