@@ -27,11 +27,17 @@ and W = (I + L)^-1 (beta Kg), and D = U - W S0. Then
     o_r  = S0^T (q_r * exp(gamma_r)) + sum_{s <= r} Q[r, s] d_s
     S_C  = exp(gamma_C) * S0 + sum_s (k_s * exp(gamma_C - gamma_s)) d_s^T
 with Q[r, s] = sum_c q_r[c] k_s[c] exp(gamma_r[c] - gamma_s[c]).
-Every exponent is <= 0, so nothing overflows whatever the decay. The solves and the intra-chunk products
-are batched over groups of chunks; only the state crosses chunks, in a loop of T / C steps (never T). The
-scalar decay keeps its decay matrix [C, C]; the per-channel one takes exact [SUB, SUB, Dk] decays on the
-diagonal and matmuls below it (see `_decayed_scores_per_channel`). Chunks are prepared in groups of at most
-GROUP_ELEMENTS decay entries, so the working memory does not grow with T.
+Every exponent is <= 0, so nothing overflows whatever the decay. The chunks run one at a time
+(`ops_recurrence`: a loop of T / C steps, never T, the last chunk possibly shorter): one chunk's fp32
+terms exist at a time, each chunk's output is written into the output as it is made, and under autograd
+only q, k, v, g, beta and the given state are saved, the backward recomputing the chunk states and each
+chunk's terms (as flash-linear-attention's chunk kernels do). The scalar decay keeps its decay matrix
+[C, C]; the per-channel one takes exact [SUB, SUB, Dk] decays on the diagonal and matmuls below it (see
+`_decayed_scores_per_channel`).
+
+One chunk's fp32 working set (q and k per value head, v, beta, the cumulative log-decay, the score matrices,
+[U | W], the corrections, the read-out, three states) does not grow with T; ltmdsl/kinds/gated_deltanet.py
+counts it term by term for the prefill workspace.
 
 `gated_delta_step` is the decode form (one token, state updated in place); `gated_delta_reference` is the
 token-loop oracle of both (the plain recurrence above, in the inputs' dtype). The tests also hold these
@@ -40,12 +46,14 @@ to transformers' chunked and recurrent gated delta rule (qwen3_next) and KDA (ki
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
+
+from ltmdsl.runtime import ops_recurrence
 
 L2NORM_EPS = 1e-6  # flash-linear-attention's (and transformers') l2norm epsilon, added to the squared norm
 SUB = 16  # row block of the per-channel decay: its exact decay tensor is [SUB, SUB, Dk]
-GROUP_ELEMENTS = 1 << 22  # chunks are prepared in groups whose decay tensor stays under this many elements
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -114,13 +122,15 @@ def _decayed_scores_per_channel(
     for i in range(0, C, SUB):
         rows = slice(i, min(i + SUB, C))
         seg = gamma[..., rows, None, :] - gamma[..., None, rows, :]  # [..., sub, sub, Dk]
-        decay = seg.masked_fill(~causal[rows, rows, None], float("-inf")).exp()
+        decay = seg.masked_fill_(~causal[rows, rows, None], float("-inf")).exp_()  # in place: one such tensor
         out[..., rows, rows] = torch.einsum("...rc,...sc,...rsc->...rs", a[..., rows, :], b[..., rows, :], decay)
+        del seg, decay
         if i > 0:
             pivot = gamma[..., i - 1 : i, :]  # [..., 1, Dk]   log-decay at the last position before the block
             left = a[..., rows, :] * (gamma[..., rows, :] - pivot).exp()  # [..., sub, Dk]
             right = b[..., :i, :] * (pivot - gamma[..., :i, :]).exp()  # [..., i, Dk]
             out[..., rows, :i] = left @ right.transpose(-1, -2)
+            del left, right
     return out
 
 
@@ -151,6 +161,34 @@ def _within_chunks(
     return u, w, intra, q_in, k_out, end_decay
 
 
+def _chunk_step(
+    s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *,
+    l2norm: bool, scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of n <= C tokens from its start state: the UT transform, the read-out and the next state.
+
+    s [B,Hv,Dk,Dv] (work dtype); q, k [B,n,Hk,Dk]; v [B,n,Hv,Dv]; g [B,n,Hv(,Dk)]; beta [B,n,Hv]
+    -> (o [B,n,Hv,Dv] in the work dtype, the state after the chunk [B,Hv,Dk,Dv]).
+    """
+    work, n = s.dtype, v.shape[1]
+    qh, kh = _prepare_qk(q, k, v.shape[2], l2norm=l2norm, scale=scale, work=work)  # [B, n, Hv, Dk]
+
+    def heads_first(t: torch.Tensor) -> torch.Tensor:
+        """[B, n, Hv, ...] -> [B, Hv, 1, n, ...] in the work dtype (one chunk of a group of one)."""
+        return t.to(work).transpose(1, 2).unsqueeze(2)
+
+    causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()  # [n(r), n(s)]
+    gamma = torch.cumsum(heads_first(g), dim=3)  # [B, Hv, 1, n(, Dk)]   cumulative log-decay
+    u, w, intra, q_in, k_out, end_decay = _within_chunks(
+        heads_first(qh), heads_first(kh), heads_first(v), heads_first(beta)[..., None], gamma, causal
+    )
+    d = u[:, :, 0] - w[:, :, 0] @ s  # [B, Hv, n, Dv]   the corrections d_r
+    o = q_in[:, :, 0] @ s + intra[:, :, 0] @ d  # [B, Hv, n, Dv]
+    nxt = end_decay[:, :, 0] * s  # [B, Hv, Dk, Dv]
+    nxt += k_out[:, :, 0].transpose(-1, -2) @ d  # in place: three states live at most (s, nxt, the product)
+    return o.transpose(1, 2), nxt
+
+
 def gated_delta_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -168,6 +206,8 @@ def gated_delta_chunked(
     q, k [B,T,Hk,Dk]; v [B,T,Hv,Dv]; g [B,T,Hv] (Gated DeltaNet) or [B,T,Hv,Dk] (KDA), log-decays <= 0;
     beta [B,T,Hv]; state [B,Hv,Dk,Dv] | None (zeros); any chunk >= 1 (T need not be a multiple)
     -> (o [B,T,Hv,Dv] in q's dtype, final_state [B,Hv,Dk,Dv] in the work dtype). Oracle: `gated_delta_reference`.
+    Chunk by chunk (`ops_recurrence.chunked`): the output is written as each chunk is done, and under
+    autograd only q, k, v, g, beta and the given state are saved; backward recomputes the rest.
     """
     _check_shapes(q, k, v, g, beta)
     if chunk < 1:
@@ -175,37 +215,13 @@ def gated_delta_chunked(
     work = _work_dtype(q)
     Bsz, T, Hv, Dv = v.shape
     Dk = q.shape[-1]
-    qh, kh = _prepare_qk(q, k, Hv, l2norm=l2norm, scale=scale, work=work)  # [B, T, Hv, Dk]
-    C = chunk
-    pad = (C - T % C) % C  # zero padding: k = 0, beta = 0, g = 0 leave the state untouched
-    nc = (T + pad) // C
+    zeros = functools.partial(torch.zeros, Bsz, Hv, Dk, Dv, dtype=work, device=q.device)  # [B, Hv, Dk, Dv]
 
-    def chunks(t: torch.Tensor) -> torch.Tensor:
-        """[B, T, Hv, ...] -> [B, Hv, nc, C, ...], zero-padded to nc * C tokens."""
-        t = F.pad(t.to(work), (0, 0) * (t.dim() - 2) + (0, pad))
-        t = t.reshape(Bsz, nc, C, *t.shape[2:])
-        return t.movedim(3, 1) if t.dim() > 4 else t.permute(0, 3, 1, 2)
-
-    qc, kc, vc = chunks(qh), chunks(kh), chunks(v)  # [B, Hv, nc, C, Dk | Dv]
-    bc = chunks(beta)[..., None]  # [B, Hv, nc, C, 1]
-    gamma = torch.cumsum(chunks(g), dim=3)  # [B, Hv, nc, C] or [B, Hv, nc, C, Dk]   cumulative log-decay
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # [C(r), C(s)]
-    per_chunk = Bsz * Hv * C * C * (Dk if g.dim() == 4 else 1)  # elements of one chunk's decay tensor
-    group = max(1, GROUP_ELEMENTS // per_chunk)  # chunks whose local terms are built at once
-
-    s = torch.zeros(Bsz, Hv, Dk, Dv, dtype=work, device=q.device) if state is None else state.to(work)
-    outs = []
-    for lo in range(0, nc, group):
-        part = slice(lo, lo + group)
-        u, w, intra, q_in, k_out, end_decay = _within_chunks(
-            qc[:, :, part], kc[:, :, part], vc[:, :, part], bc[:, :, part], gamma[:, :, part], causal
-        )
-        for c in range(u.shape[2]):
-            d = u[:, :, c] - w[:, :, c] @ s  # [B, Hv, C, Dv]   the corrections d_r
-            outs.append(q_in[:, :, c] @ s + intra[:, :, c] @ d)  # [B, Hv, C, Dv]
-            s = end_decay[:, :, c] * s + k_out[:, :, c].transpose(-1, -2) @ d  # [B, Hv, Dk, Dv]
-    o = torch.stack(outs, dim=2).reshape(Bsz, Hv, nc * C, Dv)[:, :, :T]  # [B, Hv, T, Dv]
-    return o.transpose(1, 2).to(q.dtype), s
+    if T == 0:  # an empty prefill leaves the state as it was
+        return v.new_zeros(Bsz, 0, Hv, Dv, dtype=q.dtype), zeros() if state is None else state.to(work)
+    step = functools.partial(_chunk_step, l2norm=l2norm, scale=scale)
+    return ops_recurrence.chunked(step, chunk, None if state is None else state.to(work), (q, k, v, g, beta),
+                                  out=(Hv, Dv), out_dtype=q.dtype, new_state=zeros)
 
 
 def gated_delta_step(

@@ -13,9 +13,11 @@ A Free Lunch for Handling Unlimited Sequence Lengths in Large Language Models"; 
 tokens; inside a block the output is a masked quadratic product with the decay mask lambda^(i-j)
 (i >= j), across blocks it goes through the carried state, decayed to each position (lambda^(i+1) for
 the i-th token of a block). Every decay factor is
-lambda to a power >= 0, so nothing overflows whatever the slope or block length. The intra-block
-products of all blocks are one batched matmul; the state crosses block boundaries once per block
-(T/C Python steps, never T).
+lambda to a power >= 0, so nothing overflows whatever the slope or block length. The blocks run one at
+a time (`ops_recurrence`: T/C Python steps, never T, the last block possibly shorter): one block's fp32
+terms exist at a time, each block's output is written into the output as it is made, and under autograd
+only q, k, v and the given state are saved, the backward recomputing the block states and each block's
+terms (as a fused chunk kernel does).
 
 The decay enters as the per-head slope tensor s [H], so the layer computes it; `minimax_slopes` gives
 MiniMax-01's (transformers' `MiniMaxLightningAttention.get_slope_rate`): s_h = 2^(-8(h+1)/H) scaled by
@@ -26,8 +28,11 @@ MiniMax-01's (transformers' `MiniMaxLightningAttention.get_slope_rate`): s_h = 2
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
+
+from ltmdsl.runtime import ops_recurrence
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -46,6 +51,29 @@ def minimax_slopes(heads: int, layer: int, layers: int) -> torch.Tensor:
     return rate * (1.0 - layer / (layers - 1 + 1e-5) + 1e-5)
 
 
+def _block_step(
+    h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of n <= C tokens from its start state h [B,H,D,Dv] (work dtype); q, k [B,n,H,D]; v [B,n,H,Dv];
+    slope [H] -> (o [B,n,H,Dv] in the work dtype, the state after the block [B,H,D,Dv])."""
+    work, n = h.dtype, q.shape[1]
+    s = slope.to(work)  # [H]
+    qb, kb, vb = (t.to(work).transpose(1, 2) for t in (q, k, v))  # [B, H, n, D | Dv]
+    pos = torch.arange(n, device=h.device, dtype=work)  # [n]
+    dist = pos[:, None] - pos[None, :]  # [n(i), n(j)]
+    # Intra-block: o_i = sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j
+    mask = torch.exp(-s[:, None, None] * dist.clamp(min=0)).masked_fill(dist < 0, 0.0)  # [H, n, n]
+    o = ((qb @ kb.transpose(-1, -2)) * mask) @ vb  # [B, H, n, Dv]
+    # Inter-block: the carried-in state, decayed to position i by lambda^(i+1)
+    query_decay = torch.exp(-s[:, None] * (pos[None, :] + 1))  # [H, n]
+    o = o + (qb * query_decay[..., None]) @ h  # [B, H, n, Dv]
+    # The state after the block: lambda^n h + sum_j lambda^(n-1-j) k_j v_j^T
+    key_decay = torch.exp(-s[:, None] * (n - 1 - pos)[None, :])  # [H, n]
+    nxt = torch.exp(-s * n)[:, None, None] * h  # [B, H, D, Dv]
+    nxt += (kb * key_decay[..., None]).transpose(-1, -2) @ vb  # in place: three states live at most
+    return o.transpose(1, 2), nxt
+
+
 def lightning_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,6 +87,8 @@ def lightning_attention(
 
     q, k [B,T,H,D]; v [B,T,H,Dv]; slope [H] (> 0, decay exp(-slope)); state [B,H,D,Dv] | None (zeros)
     -> (o [B,T,H,Dv] in q's dtype, final_state [B,H,D,Dv] in the work dtype).
+    Block by block (`ops_recurrence.chunked`): the output is written as each block is done, and under
+    autograd only q, k, v, the slopes and the given state are saved; backward recomputes the rest.
     Oracle: `lightning_attention_reference`.
     """
     if chunk < 1:
@@ -66,48 +96,12 @@ def lightning_attention(
     work = _work_dtype(q)
     Bsz, T, H, D = q.shape
     Dv = v.shape[-1]
-    C = chunk
-    pad = (C - T % C) % C
-    nc = (T + pad) // C
-    s = slope.to(work)  # [H]
+    zeros = functools.partial(torch.zeros, Bsz, H, D, Dv, dtype=work, device=q.device)  # [B, H, D, Dv]
+
     if T == 0:  # an empty prefill leaves the state as it was
-        h = torch.zeros(Bsz, H, D, Dv, dtype=work, device=q.device) if state is None else state.to(work)
-        return q.new_zeros(Bsz, 0, H, Dv), h
-
-    def blocks(t: torch.Tensor) -> torch.Tensor:
-        t = F.pad(t.to(work), (0, 0, 0, 0, 0, pad))  # zero k, v in the padding add nothing
-        return t.reshape(Bsz, nc, C, H, t.shape[-1])
-
-    qb, kb, vb = blocks(q), blocks(k), blocks(v)  # [B, nc, C, H, D|Dv]
-
-    # Intra-block: o_i += sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j; the mask is the same for every block.
-    pos = torch.arange(C, device=q.device, dtype=work)  # [C]
-    dist = pos[:, None] - pos[None, :]  # [C(i), C(j)]
-    mask = torch.exp(-s[:, None, None] * dist.clamp(min=0))  # [H, C, C]
-    mask = mask.masked_fill(dist[None] < 0, 0.0)
-    scores = torch.einsum("bcihd,bcjhd->bchij", qb, kb) * mask  # [B, nc, H, C, C]
-    o = torch.einsum("bchij,bcjhv->bcihv", scores, vb)  # [B, nc, C, H, Dv]
-
-    # Each block's contribution to its end state: lambda^(L-1-j) k_j v_j for the block's L real tokens.
-    lengths = torch.full((nc,), C, device=q.device, dtype=work)  # [nc]
-    lengths[-1] = C - pad
-    to_end = lengths[:, None] - 1 - pos[None, :]  # [nc, C]   negative only in the padding
-    key_decay = torch.exp(-s[None, None, :] * to_end.clamp(min=0)[..., None])  # [nc, C, H]
-    contrib = torch.einsum("bcjhd,cjh,bcjhv->bchdv", kb, key_decay, vb)  # [B, nc, H, D, Dv]
-    block_decay = torch.exp(-s[None, :] * lengths[:, None])  # [nc, H]
-
-    h = torch.zeros(Bsz, H, D, Dv, dtype=work, device=q.device) if state is None else state.to(work)
-    starts = []
-    for c in range(nc):
-        starts.append(h)
-        h = block_decay[c, None, :, None, None] * h + contrib[:, c]  # [B, H, D, Dv]
-    start = torch.stack(starts, dim=1)  # [B, nc, H, D, Dv]
-
-    # Inter-block: the carried-in state, decayed to position i of the block by lambda^(i+1).
-    query_decay = torch.exp(-s[None, :] * (pos[:, None] + 1))  # [C, H]
-    o = o + torch.einsum("bcihd,ih,bchdv->bcihv", qb, query_decay, start)
-    o = o.reshape(Bsz, nc * C, H, Dv)[:, :T]  # [B, T, H, Dv]
-    return o.to(q.dtype), h
+        return q.new_zeros(Bsz, 0, H, Dv), zeros() if state is None else state.to(work)
+    return ops_recurrence.chunked(_block_step, chunk, None if state is None else state.to(work), (q, k, v), (slope,),
+                                  out=(H, Dv), out_dtype=q.dtype, new_state=zeros)
 
 
 def lightning_step(

@@ -11,18 +11,37 @@ Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, c
     conv   b * conv_dim/t * taps * s_bytes           delta  b * Hv/t * Dk * Dv * s_bytes
   taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention; tp splits whole key heads
   (and with them their Hv/Hk value heads), so tp must divide Hk.
-Prefill workspace for a chunk of Cc = min(C, T) tokens (the chunked WY form, as flash-linear-attention's
-chunk_gated_delta_rule allocates it; L = chunk):
-    a * b * Cc/c * (qkvz + 2Hv + conv_dim + Hv*Dv)/t        projections, conv output, rule output
-  + a * b * Cc/c * Hv/t * (Dk + 2Dv + L)                    W, U, the corrected values and the triangular inverse
-  + 4 * b * Cc/c * Hv/t                                     the fp32 cumulative log-decay (KDA: * Dk)
-  + a * b * Hv/t * Dk * Dv * ceil(Cc/L)                     the chunk states h (in the input dtype, as fla)
-Training activations, per micro-batch (flash-linear-attention saves q, k, v, g, beta and the chunk's
-triangular inverse A; chunk states are recomputed in backward, so no O(T/L) term):
-    replicated  norm input and projection input 2a*sbh
-    split       projections a*sb*(qkvz + 2Hv) and the rule output a*sb*Hv*Dv, always; the conv output
-                a*sb*conv_dim, A a*sb*Hv*L, the gated-norm output a*sb*Hv*Dv and fp32 g, beta 8*sb*Hv
-                (KDA: 4*sb*Hv*(Dk + 1)) unless selective recompute recomputes them.
+Prefill workspace: what the runtime (runtime/kinds/gated_deltanet.py, runtime/ops_delta.py) holds at the
+largest moment of the layer's forward over a chunk of Cc = min(C, T) tokens, n = b * Cc/c of them on one GPU
+(a activation bytes, s_b state bytes, D = conv_dim, Cw = min(L, Cc/c) the rule's chunk, every width /t):
+    conv     a*n*(4D + beside) + a*b*(K-1)*D      the conv's input, its input after the K-1 cached taps, its
+                                                   output and silu(output), beside what the layer keeps
+                                                   meanwhile (beside: z, b, a = Hv*Dv + 2Hv; KDA: nothing)
+    taps     a*n*(2D + beside) + s_b*D*(b*taps + n)  (+ s_b*n*D when s_b != a, the cast input): the cache's
+                                                   taps updated from [taps ; input]
+    rule     a*n*(D + beside + Hv*Dv) + 4*n*Hv*(decay + 1) + one chunk's fp32 working set:
+                 (2 + m)*S + S' + 5*Xk + 3*Xv + 2*Q + G + Cw^2
+             q, k, v (the conv output), the rule output o, fp32 g and beta; S = 4b*Hv*Dk*Dv a state (the one
+             carried in when m = 1, i.e. an earlier chunk ran, the next one and k_out^T d), S' another when the
+             cache is not fp32 (its fp32 copy), Xk = 4b*Hv*Cw*Dk (q and k per value head, [U | W]'s W, q_in,
+             k_out), Xv = 4b*Hv*Cw*Dv (U, the corrections d, the chunk's output), Q = 4b*Hv*Cw^2 (the k.k and
+             q.k scores), G = 4b*Hv*Cw*decay (the cumulative log-decay) and the causal mask; KDA's per-channel
+             decay also peaks at a diagonal block of its scores: m*S + S' + 4Xk + Xv + 2Q + G + 3E + 2E/Dk +
+             5Cw^2 with E = 4b*Hv*min(16, Cw)^2*Dk (runtime/ops_delta.py `_decayed_scores_per_channel`)
+    finish   a*n*3*Hv*Dv + max(4b*Cw*Hv*(3Dv + 1), a*n*d): z, o and the gated norm's output beside one norm
+             block's fp32 temporaries or out_proj's output
+and the workspace is the largest of them (KDA adds the forget gate's moment). The projections (at most
+a*n*(3D + Hv*Dv + 2Hv)) and the decode step never exceed the conv's moment. Exact when Cc/c is a multiple
+of L; the last, shorter chunk of another length is counted as a full one.
+Training activations, per micro-batch: the rule (ops_recurrence.ChunkedRecurrence) saves q, k, v, g, beta
+and nothing it computes; the gated norm (ops_norm_gate.NormThenGate) saves o, the gate and rstd, as
+flash-linear-attention's fused kernels do. So:
+    replicated  what the pre-norm keeps and its output (MicroBatch.base)
+    split       the conv's padded input a*b*(s + K - 1)*D, its output and silu(output) 2a*sb*D, the rule
+                output o, the gate z and the norm output 3a*sb*Hv*Dv, and in fp32 rstd, beta, g and
+                softplus's input and output 4*sb*Hv*(2 + 3*decay) (decay = 1; KDA: Dk)
+the same under selective recompute (the rule's internals are already recomputed). The backward recomputes
+the chunk states into a transient of b*Hv/t*ceil(s/L) fp32 states, one layer at a time (not counted).
 FLOPs per value head: a recurrent step decays S (Dk*Dv), reads S^T k (2 Dk*Dv), writes k d^T (2 Dk*Dv) and
 reads out S^T q (2 Dk*Dv): 7*Dk*Dv, plus 2*conv_dim*K for the conv. Prefill in chunks of L = min(chunk, T),
 per token and value head: the k.k and q.k scores 4*L*Dk, the triangular solve for [U | W] L*(Dk + Dv), the
@@ -42,6 +61,8 @@ from ltmdsl.kinds.base import (
     none_per_use,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
+
+SUB = 16  # row block of the per-channel decay's exact [SUB, SUB, Dk] tensors (runtime/ops_delta.py)
 
 R = sympy.Rational
 
@@ -124,26 +145,77 @@ def delta_cache(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, s) -> 
             CacheTerm("recurrent_state", "delta", s.state_dtype, b * R(heads, s.tp) * dk * dv * sb))
 
 
-def delta_workspace(proj: int, conv_dim: int, heads: int, dk: int, dv: int, chunk: int, s, decay: int = 1):
-    """Prefill workspace of one chunk (module docstring); `proj` is the width of the input projections and
-    `decay` the log-decays per head and token (1 for a scalar decay, Dk for KDA's per-channel one)."""
+@dataclass(frozen=True)
+class DeltaShape:
+    """The widths the memory facets of the two delta-rule kinds share (module docstring).
+
+    `beside_conv` is the activation-dtype elements per token a layer keeps beside the conv while the conv
+    runs (Gated DeltaNet: z, b, a, that is Hv*Dv + 2*Hv; KDA: none); `per_channel` is KDA's decay.
+    """
+
+    conv_dim: int
+    d_conv: int
+    heads: int  # Hv
+    dk: int
+    dv: int
+    chunk: int
+    per_channel: bool
+    beside_conv: int
+
+    @property
+    def decay(self) -> int:
+        """Log-decays per head and token: 1, or Dk per channel."""
+        return self.dk if self.per_channel else 1
+
+
+def rule_chunk_workspace(c: DeltaShape, b, heads, cw, copy, multi):
+    """fp32 working set of one chunk of cw tokens of the rule, for b sequences and `heads` local value heads;
+    `copy` is S when the start state is an fp32 copy of a cache in another dtype, `multi` 1 when a chunk
+    before this one left its state (module docstring)."""
+    S = 4 * b * heads * c.dk * c.dv
+    Xk, Xv = 4 * b * heads * cw * c.dk, 4 * b * heads * cw * c.dv
+    Q, G = 4 * b * heads * cw**2, 4 * b * heads * cw * c.decay
+    end = (2 + multi) * S + copy + 5 * Xk + 3 * Xv + 2 * Q + G + cw**2
+    if not c.per_channel:
+        return end
+    E = 4 * b * heads * sympy.Min(SUB, cw) ** 2 * c.dk
+    return sympy.Max(end, multi * S + copy + 4 * Xk + Xv + 2 * Q + G + 3 * E + 2 * E / c.dk + 5 * cw**2)
+
+
+def delta_workspace(c: DeltaShape, s, finish, extra=()):
+    """Prefill workspace of one chunk of Cc tokens (module docstring): the largest of the conv, the taps update,
+    the rule and the `finish` moments (and any `extra` ones the kind adds), each a function of (n, a)."""
     b = per_replica(B, s.dp)
-    tok = b * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    n = b * sympy.Min(C, T) / R(s.cp)  # b * Cc / c tokens
     t = R(s.tp)
-    chunks = sympy.ceiling(sympy.Min(C, T) / chunk)
-    a = s.activation_dtype.bytes
-    return (a * tok * (proj + conv_dim + heads * dv) / t + a * tok * heads / t * (dk + 2 * dv + chunk)
-            + 4 * tok * heads * decay / t + a * b * heads / t * dk * dv * chunks)
+    a, sb = s.activation_dtype.bytes, s.state_dtype.bytes
+    D = c.conv_dim
+    conv = (a * n * (4 * D + c.beside_conv) + a * b * (c.d_conv - 1) * D) / t
+    taps = conv_taps(c.d_conv, s.conv_taps)
+    cast = sb * n * D if s.state_dtype.name != s.activation_dtype.name else 0
+    update = (a * n * (2 * D + c.beside_conv) + cast + sb * D * (b * taps + n)) / t if taps else 0
+    n_cc = n / b  # Cc / c tokens per sequence
+    cw = sympy.Min(c.chunk, n_cc)
+    copy = 4 * b * R(c.heads, s.tp) * c.dk * c.dv if sb != 4 else 0
+    rule = ((a * n * (D + c.beside_conv + c.heads * c.dv) + 4 * n * c.heads * (c.decay + 1)) / t
+            + rule_chunk_workspace(c, b, R(c.heads, s.tp), cw, copy, sympy.Min(1, sympy.ceiling(n_cc / c.chunk) - 1)))
+    return sympy.Max(conv, update, rule, finish(n, a, b, cw), *extra)
 
 
-def delta_stored(proj: int, conv_dim: int, heads: int, dv: int, chunk: int, x, selective: bool, decay: int = 1):
-    """Training activations per micro-batch (module docstring); `proj` is the width of the input projections,
-    `decay` the log-decays per head and token (1 for a scalar decay, Dk for KDA's per-channel one)."""
-    a, tok = x.a, x.tok
-    out = x.base + x.split(a * tok * (proj + heads * dv))
-    if not selective:
-        out += x.split(a * tok * (conv_dim + heads * chunk + heads * dv) + 4 * tok * heads * (decay + 1))
-    return out
+def norm_gate_block(c: DeltaShape, b, cw, t):
+    """The gated norm's fp32 temporaries for one block of cw tokens: the input copy, the gate copy, act(gate)
+    and rstd."""
+    return 4 * b * cw * c.heads * (3 * c.dv + 1) / t
+
+
+def delta_stored(c: DeltaShape, x):
+    """Training activations per micro-batch, shared by both kinds (module docstring); the same under selective
+    recompute, as the rule already recomputes its internals."""
+    a, tok, D = x.a, x.tok, c.conv_dim
+    conv = a * tok * 2 * D + a * x.b * (x.s + c.d_conv - 1) * D  # silu input and output, the padded conv input
+    kept = a * tok * 3 * c.heads * c.dv  # the rule output o, the gate, the norm output (out_proj's input)
+    fp32 = 4 * tok * c.heads * (2 + 3 * c.decay)  # rstd, beta, g and softplus's input and output
+    return x.base + x.split(conv + kept + fp32)
 
 
 def delta_flops(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, chunk: int) -> dict[str, Flops]:
@@ -154,8 +226,10 @@ def delta_flops(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, chunk:
     return {"ssm": Flops(sympy.Integer(step), per_tok * T)}
 
 
-def _proj(c: GatedDeltaNetConfig) -> int:
-    return 2 * c.key_dim + 2 * c.value_dim + 2 * c.value_heads
+def shape(c: GatedDeltaNetConfig) -> DeltaShape:
+    """The shared widths; z, b and a are alive beside the conv."""
+    return DeltaShape(c.conv_dim, c.d_conv, c.value_heads, c.head_dim, c.v_head_dim, c.chunk, False,
+                      c.value_dim + 2 * c.value_heads)
 
 
 def cache(c: GatedDeltaNetConfig, s) -> tuple[CacheTerm, ...]:
@@ -163,11 +237,17 @@ def cache(c: GatedDeltaNetConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: GatedDeltaNetConfig, d: int, s):
-    return delta_workspace(_proj(c), c.conv_dim, c.value_heads, c.head_dim, c.v_head_dim, c.chunk, s)
+    sh, t, vd = shape(c), R(s.tp), c.value_dim
+
+    def finish(n, a, b, cw):
+        """z, o and the gated norm's output, with one norm block's temporaries or out_proj's output."""
+        return a * n * 3 * vd / t + sympy.Max(norm_gate_block(sh, b, cw, t), a * n * d)
+
+    return delta_workspace(sh, s, finish)
 
 
 def stored(c: GatedDeltaNetConfig, x, selective: bool):
-    return delta_stored(_proj(c), c.conv_dim, c.value_heads, c.v_head_dim, c.chunk, x, selective)
+    return delta_stored(shape(c), x)
 
 
 def flops(c: GatedDeltaNetConfig) -> dict[str, Flops]:

@@ -11,11 +11,13 @@ Parameters: 3*d*H*Dh + 3*H*Dh*K (+ 3*H*Dh with conv_bias) + d*Dh + Dh*H*Dh + H*D
             + d*H (b_proj) + d*Dh + Dh*H*Dh (output gate) + Dh (o_norm) + H*Dh*d (o_proj).
 
 Memory and compute follow Gated DeltaNet's formulas (ltmdsl/kinds/gated_deltanet.py, which states them) with
-Hk = Hv = H, Dk = Dv = Dh, conv_dim = 3*H*Dh and the projection width 3*H*Dh + H*Dh + H + H*Dh + 2*Dh
-(q, k, v, the forget and output gates with their rank-Dh intermediates, beta): recurrent state
-b * (conv_dim/t * taps + H/t * Dh * Dh) * s_bytes, constant in T; tp splits whole heads. The fp32 log-decay
-kept in the workspace and for backward has Dh values per head and token instead of one. The per-channel
-decay's element-wise scaling inside the chunked form is not counted in the FLOPs (the matmuls are).
+Hk = Hv = H, Dk = Dv = Dh, conv_dim = 3*H*Dh, decay = Dh log-decays per head and token, and nothing kept beside
+the conv: recurrent state b * (conv_dim/t * taps + H/t * Dh * Dh) * s_bytes, constant in T; tp splits whole
+heads. The prefill workspace adds the forget gate's moment, a*n*conv_dim + 4*n*H + 12*n*H*Dh (q, k, v,
+beta, and in fp32 the gate's input, its softplus and g), and its finish keeps o, the output gate and the
+norm output. Training adds the gates' rank-Dh intermediates (f_a_proj's and g_a_proj's outputs, 2a*sb*Dh,
+whole on every tensor-parallel rank) to the shared terms. The per-channel decay's element-wise scaling
+inside the chunked form is not counted in the FLOPs (the matmuls are).
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
+
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import Flops, Kind, ModelContext, Param, Split, no_context_limit, none_inactive, none_per_use
-from ltmdsl.kinds.gated_deltanet import check_chunk, delta_cache, delta_flops, delta_stored, delta_workspace
+from ltmdsl.kinds.gated_deltanet import (
+    DeltaShape, check_chunk, delta_cache, delta_flops, delta_stored, delta_workspace, norm_gate_block,
+)
+from ltmdsl.memory.symbols import B, C, T, per_replica
+
+R = sympy.Rational
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,9 @@ def split(c: KDAConfig, d: int) -> Split:
     return Split(tp=(("heads", c.heads),), replicated=2 * d * c.head_dim + c.head_dim)
 
 
-def _proj(c: KDAConfig) -> int:
-    """Elements per token of the input projections: q, k, v, decay and gate (with their rank-Dh inputs), beta."""
-    return 3 * c.inner + 2 * c.inner + 2 * c.head_dim + c.heads
+def shape(c: KDAConfig) -> DeltaShape:
+    """The shared widths: Hk = Hv = H, Dk = Dv = Dh, per-channel decay, nothing beside the conv."""
+    return DeltaShape(c.conv_dim, c.d_conv, c.heads, c.head_dim, c.head_dim, c.chunk, True, 0)
 
 
 def cache(c: KDAConfig, s):
@@ -80,11 +89,24 @@ def cache(c: KDAConfig, s):
 
 
 def workspace(c: KDAConfig, d: int, s):
-    return delta_workspace(_proj(c), c.conv_dim, c.heads, c.head_dim, c.head_dim, c.chunk, s, decay=c.head_dim)
+    sh, t, inner = shape(c), R(s.tp), c.inner
+
+    def finish(n, a, b, cw):
+        """o, the output gate and the gated norm's output, with one norm block's temporaries or o_proj's output."""
+        return a * n * 3 * inner / t + sympy.Max(norm_gate_block(sh, b, cw, t), a * n * d)
+
+    b = per_replica(B, s.dp)
+    n = b * sympy.Min(C, T) / R(s.cp)
+    a = s.activation_dtype.bytes
+    # the forget gate: q, k, v after the conv, beta, and in fp32 the gate's input, its softplus and g
+    gate = (a * n * c.conv_dim + 4 * n * c.heads + 12 * n * inner) / t
+    return delta_workspace(sh, s, finish, (gate,))
 
 
 def stored(c: KDAConfig, x, selective: bool):
-    return delta_stored(_proj(c), c.conv_dim, c.heads, c.head_dim, c.chunk, x, selective, decay=c.head_dim)
+    """The shared terms plus the gates' rank-Dh intermediates (f_a_proj's and g_a_proj's outputs, which every
+    tensor-parallel rank computes whole)."""
+    return delta_stored(shape(c), x) + x.a * x.tok * 2 * c.head_dim
 
 
 def flops(c: KDAConfig) -> dict[str, Flops]:

@@ -18,15 +18,24 @@ whatever the budget's state_dtype (a wider one is kept): with a decay exp(-s) cl
 s < 2^-8 (MiniMax-01's slopes go down to 2^-8 times a depth factor near 1e-5): a state rounded to bf16
 after every token drops those updates, and the error grows with the tokens decoded. vLLM keeps MiniMax-01's
 linear-attention state in fp32 for the same reason.
-Prefill workspace for a chunk of Cc = min(C, T) tokens with blocks of L = min(chunk, Cc) (the block form
-of Lightning Attention-2, Qin et al. 2024): a * b * Cc/c * 5HD/t (qkv, o, gate) plus fp32 intra-block
-scores 4 * b * H/t * Cc * L and the per-block state contributions and carried states
-2 * 4 * b * H/t * D * Dv * ceil(Cc/L).
-Training activations per micro-batch:
-    replicated  norm input and qkv_proj / output_gate input 2a*sbh
-    split       qkv pre-activation 3HD, attention output HD, gate pre-activation HD, out_proj input HD
-                (a*sb each per channel) and the fp32 state at each block start 4*b*H*D*Dv*ceil(s/chunk);
-                the activated q, k, v (3HD) and the normed output (HD) recomputed under selective recompute
+Prefill workspace: the largest moment of the runtime's forward (runtime/kinds/lightning.py,
+runtime/ops_lightning.py) over a chunk of Cc = min(C, T) tokens, n = b*Cc/c on one GPU, blocks of
+L = min(chunk, Cc/c), h = H/t, S = 4b*h*D*Dv one fp32 state, m = 1 when an earlier block left its state:
+    qkv      6a*n*HD/t                              the projection and its activation
+    rule     4a*n*HD/t + one block's fp32 working set (q, k, v and the output o beside it):
+                 scores  m*S + 12b*L*h*D + 8b*h*L^2 + M      q k^T and its masked product
+                 end     (2+m)*S + 12b*L*h*D + 8b*h*L*D + 8h*L + M   k*decay, the block's o, the next state
+             with the block's fp32 q, k, v (12b*L*h*D) and M = 4h*L^2 + 4L^2 + 4L + 4h (the decay mask,
+             distances, positions, slopes)
+    norm     (a + 8)*n*HD/t (3a when a >= 4): o and the RMSNorm's fp32 copy and its square
+    gate     4a*n*HD/t: o, its norm, the gate's projection and sigmoid
+    out      a*n*(2HD/t + d): o, the gated norm and out_proj's output
+Training activations per micro-batch (the block form, ops_recurrence.ChunkedRecurrence, saves q, k, v and
+the slopes only; its backward recomputes the block states and each block's terms):
+    replicated  what the pre-norm keeps and its output (MicroBatch.base), the norm's rstd 4*sb
+    split       qkv pre-activation and activation 6a*sb*HD, the norm's fp32 input copy max(4, a)*sb*HD, its
+                normalised value and output 2a*sb*HD, sigmoid(gate) a*sb*HD and out_proj's input a*sb*HD
+the same under selective recompute (the block form's internals are already recomputed).
 FLOPs beyond the projections: a step costs 5HDDv (decay, outer product and add; read-out 2HDDv); prefill
 in blocks of L = min(chunk, T) costs per token 2L H (D + Dv) (the full L x L block products) + 4HDDv
 (inter-block read-out and the block contribution), plus 2HDDv per block for the carried state.
@@ -100,20 +109,33 @@ def cache(c: LightningConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: LightningConfig, d: int, s):
+    """Prefill workspace of one chunk of Cc tokens: the largest of the layer's moments (module docstring)."""
     b = per_replica(B, s.dp)
-    cc = sympy.Min(C, T) / R(s.cp)
-    L = sympy.Min(c.chunk, cc)
-    h = R(c.heads, s.tp)
-    return (s.activation_dtype.bytes * b * cc * 5 * c.inner / R(s.tp) + 4 * b * h * cc * L
-            + 8 * b * h * c.head_dim * c.head_dim * sympy.ceiling(cc / L))
+    cc = sympy.Min(C, T) / R(s.cp)  # tokens per sequence
+    n = b * cc
+    cw = sympy.Min(c.chunk, cc)  # the block length
+    h, t, hd = R(c.heads, s.tp), R(s.tp), c.inner
+    D = c.head_dim
+    a = s.activation_dtype.bytes
+    S = 4 * b * h * D * D  # one fp32 state
+    copies = 4 * b * cw * h * 3 * D  # one block's q, k, v in fp32
+    common = 4 * h * cw**2 + 4 * cw**2 + 4 * cw + 4 * h  # the decay mask [H, L, L], distances, positions, slopes
+    multi = sympy.Min(1, sympy.ceiling(cc / c.chunk) - 1)  # 1 when an earlier block left its state
+    scores = multi * S + copies + common + 8 * b * h * cw**2  # q k^T and its masked product
+    end = (2 + multi) * S + copies + common + 4 * b * h * cw * 2 * D + 8 * h * cw  # k * decay, the block's o
+    qkv = a * n * 6 * hd / t  # the projection and its activation
+    rule = a * n * 4 * hd / t + sympy.Max(scores, end)  # q, k, v and o beside one block's working set
+    norm = (a + 8 if a < 4 else 3 * a) * n * hd / t  # o and the norm's fp32 copies
+    gate = a * n * 4 * hd / t if c.gate else 0  # o, its norm, the gate's projection and sigmoid
+    out = a * n * (2 * hd / t + d)  # o, the gated norm and out_proj's output
+    return sympy.Max(qkv, rule, norm, gate, out)
 
 
 def stored(c: LightningConfig, x, selective: bool):
-    out = x.base + x.split(x.a * x.tok * 6 * c.inner)
-    out += x.split(4 * x.b * c.heads * c.head_dim * c.head_dim * sympy.ceiling(x.s / c.chunk))
-    if not selective:
-        out += x.split(x.a * x.tok * 4 * c.inner)
-    return out
+    """Training activations per micro-batch (module docstring); the same under selective recompute, as the
+    block form already recomputes its internals."""
+    f = max(4, x.a)  # the norm's fp32 copy of its input (the input itself when fp32 already)
+    return x.base + x.split(x.a * x.tok * 10 * c.inner + f * x.tok * c.inner) + 4 * x.tok
 
 
 def step_flops(c: LightningConfig) -> int:

@@ -1,7 +1,8 @@
 """How long a trace would take, roughly, so that a budget too large to trace is refused with advice.
 
 On fake tensors time is Python dispatch: a fixed number of ops per sub-layer, plus the kinds whose reference
-code loops over the sequence (the Mamba-1 scan and the Mamba-2 SSD visit T/chunk chunks; attention that needs
+code loops over the sequence (the Mamba-1 scan, the Mamba-2 SSD, the gated delta rule and lightning attention
+visit T/chunk chunks; attention that needs
 a causal mask, a window or a chunk against cached keys, visits query blocks of `mask_rows` queries) and the
 MoE's loop over experts. `estimate_ops` counts those steps for
 the traced step (forward; training adds the backward and recompute, about 3x) and `check` refuses more than
@@ -31,7 +32,7 @@ def _loop_steps(layer, tokens: int, keys: int) -> int:
     m = layer.mixer
     if layer.kind == "mamba":
         return math.ceil(tokens / 64)  # runtime/ops_scan.py chunks of 64 tokens
-    if layer.kind == "mamba2":
+    if layer.kind in ("mamba2", "gated_deltanet", "kda", "lightning"):  # chunk by chunk (ops_recurrence for the last 3)
         return math.ceil(tokens / m.chunk)
     if layer.kind in ("attention", "mla") and getattr(m, "window", None) is None and keys > tokens:
         return math.ceil(tokens / mask_rows(keys))  # masked query blocks of a chunk against cached keys

@@ -199,7 +199,8 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
 
 def saved_bytes(fn, *args, exclude=()) -> tuple[int, object]:
     """Run fn(*args) and count what autograd keeps for its backward: the unique storages packed by saved-tensor
-    hooks, leaving out `exclude` (the parameters). Returns (bytes, fn's output)."""
+    hooks, leaving out `exclude` (the parameters). Returns (bytes, fn's output); everything fn kept is freed
+    with that output."""
     skip = {id(t.untyped_storage()) for t in exclude}
     kept: dict[int, object] = {}  # id -> storage, held so that ids stay unique while counting
 
@@ -207,7 +208,7 @@ def saved_bytes(fn, *args, exclude=()) -> tuple[int, object]:
         st_ = t.untyped_storage()
         if id(st_) not in skip:
             kept[id(st_)] = st_
-        return t
+        return t.detach()  # not t: a saved output packed as itself is a reference cycle through its grad_fn
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)

@@ -12,13 +12,14 @@ by name. With a cache the conv taps and the delta state [B, Hv, Dk, Dv] carry ov
 recurrence. The runtime entry `KIND` (runtime/kinds/__init__.py): the module, its `ConvDeltaState`
 allocation (conv taps [B, conv_dim, K or K-1], delta state [B, Hv, Dk, Dv], both in the state dtype), the
 kernel ops it calls (causal_conv1d, conv_step, gated_delta_chunked, gated_delta_step) and its parameter
-names. KDA (runtime/kinds/kda.py) shares the state class and the norm-then-gate RMSNorm.
+names. KDA (runtime/kinds/kda.py) shares the state class; both gate their output with the norm-then-gate
+RMSNorm of runtime/ops_norm_gate.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from ltmdsl.runtime import ops_conv, ops_delta
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_taps, conv_with_state
+from ltmdsl.runtime.ops_norm_gate import norm_then_gate
 from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, mark_tp, segmented, shard_parameters, tp_size
 
 if TYPE_CHECKING:
@@ -90,21 +92,8 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def norm_then_gate(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
-                   act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """weight * rmsnorm(o) * act(gate) over the last axis (each head's Dv), statistics in fp32 (fp64 stays).
-
-    o, gate [..., Dv] -> [..., Dv] in o's dtype. Qwen3-Next's Qwen3NextRMSNormGated (act = silu) and
-    Kimi-Linear's KimiLinearRMSNormGated (act = sigmoid): the norm comes before the gate.
-    """
-    work = work_dtype(o)
-    of = o.to(work)
-    of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)  # [..., Dv]
-    return (weight.to(work) * of * act(gate.to(work))).to(o.dtype)
-
-
 class GatedNormWeight(nn.Module):
-    """Holds `norm.weight` [Dv] of the gated RMSNorm (the math lives in `norm_then_gate`)."""
+    """Holds `norm.weight` [Dv] of the gated RMSNorm (the math lives in ops_norm_gate.norm_then_gate)."""
 
     def __init__(self, dv: int):
         super().__init__()
@@ -167,7 +156,7 @@ class GatedDeltaNet(nn.Module):
     def _finish(self, o: torch.Tensor, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """o, z [..., Hv, Dv] -> out_proj(norm.weight * rmsnorm(o) * silu(z)) [..., d]. The norm's weight is
         shared by every head: on a tp rank, whose heads give only part of its gradient, that is summed."""
-        y = norm_then_gate(o, z, shared_weight(self.norm), self.eps, F.silu)  # [..., Hv, Dv]
+        y = norm_then_gate(o, z, shared_weight(self.norm), self.eps, F.silu, block=self.cfg.chunk)  # [..., Hv, Dv]
         return self.out_proj(y.flatten(-2).to(like.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvDeltaState | None = None, pos0: int = 0) -> torch.Tensor:
@@ -178,8 +167,10 @@ class GatedDeltaNet(nn.Module):
             q, k, v, g, beta, chunk=self.cfg.chunk, state=None if state is None else state.delta,
             l2norm=True, scale=None,
         )  # [B, T, Hv, Dv], [B, Hv, Dk, Dv]
+        del qkv, q, k, v, g, beta, b, a  # released before the output norm, which reads o and z only
         if state is not None:
             state.delta.copy_(s)
+        del s
         return self._finish(o, z, u)  # [B, T, d]
 
     def step(self, u: torch.Tensor, state: ConvDeltaState, pos0: int) -> torch.Tensor:

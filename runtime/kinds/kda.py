@@ -26,10 +26,11 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import CacheRequest
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.gated_deltanet import (
-    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state, norm_then_gate,
-    shared_weight, work_dtype,
+    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state, shared_weight,
+    work_dtype,
 )
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_with_state
+from ltmdsl.runtime.ops_norm_gate import norm_then_gate
 from ltmdsl.runtime.tensor_parallel import local, mark_tp, segmented, shard_parameters
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ class KDA(nn.Module):
         """o [..., H, Dh] -> o_proj(o_norm.weight * rmsnorm(o) * sigmoid(output gate)) [..., d]."""
         cfg = self.cfg
         gate = self.g_b_proj(self.g_a_proj(u)).unflatten(-1, (-1, cfg.head_dim))  # [..., H, Dh]
-        y = norm_then_gate(o, gate, shared_weight(self.o_norm), self.eps, torch.sigmoid)  # [..., H, Dh]
+        y = norm_then_gate(o, gate, shared_weight(self.o_norm), self.eps, torch.sigmoid, block=cfg.chunk)  # [..., H, Dh]
         return self.o_proj(y.flatten(-2).to(u.dtype))
 
     def forward(self, u: torch.Tensor, state: ConvDeltaState | None = None, pos0: int = 0) -> torch.Tensor:
@@ -135,8 +136,10 @@ class KDA(nn.Module):
             q, k, v, g, beta, chunk=self.cfg.chunk, state=None if state is None else state.delta,
             l2norm=True, scale=None,
         )  # [B, T, H, Dh], [B, H, Dh, Dh]
+        del qkv, q, k, v, g, beta  # released before the output gate and norm, which read o and u only
         if state is not None:
             state.delta.copy_(s)
+        del s
         return self._finish(o, u)  # [B, T, d]
 
     def step(self, u: torch.Tensor, state: ConvDeltaState, pos0: int) -> torch.Tensor:

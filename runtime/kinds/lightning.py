@@ -140,8 +140,10 @@ class Lightning(nn.Module):
         q, k, v = self._qkv(u)  # [B, T, H, D] each
         o, h = self.kernels.lightning_attention(q, k, v, self.local_slopes(), chunk=self.cfg.chunk,
                                                 state=None if state is None else state.kv)  # [B,T,H,D], [B,H,D,D]
+        del q, k, v  # released before the output norm, which reads o only
         if state is not None:
             state.kv.copy_(h)
+        del h
         return self._finish(o, u)  # [B, T, d]
 
     def step(self, u: torch.Tensor, state: LinearState, pos0: int) -> torch.Tensor:

@@ -131,15 +131,22 @@ def test_workspace_and_stored_activations():
 }""").model
     s = resolve(model, None)
     ws = KIND.workspace(c, 2048, s).subs({T: 10**6, B: 1, C: 128})
-    proj, conv_dim = 2 * 2048 + 2 * 4096 + 64, 8192
-    expected = (2 * 128 * (proj + conv_dim + 4096) + 2 * 128 * 32 * (128 + 256 + 64) + 4 * 128 * 32
-                + 2 * 32 * 128 * 128 * 2)  # two chunks of 64 in a prefill chunk of 128
-    assert ws == expected
+    conv_dim, vd, hv = 8192, 4096, 32
+    S, Xk, Q = 4 * hv * 128 * 128, 4 * hv * 64 * 128, 4 * hv * 64 * 64  # a state, [C, Dk], [C, C] in fp32
+    # two chunks of 64: the rule's moment, q k v, z b a and o in bf16, g and beta in fp32, the chunk working set
+    # with four states (the fp32 copy of the bf16 cache, the previous state, the next one and k^T d)
+    rule = 2 * 128 * (conv_dim + vd + 2 * hv + vd) + 8 * 128 * hv + 4 * S + 8 * Xk + 2 * Q + 4 * hv * 64 + 64 * 64
+    assert ws == rule
+    # a prefill chunk of 2048: the conv's moment, its input, padded input, output and silu, beside z, b, a
+    conv = 2 * 2048 * (4 * conv_dim + vd + 2 * hv) + 2 * 3 * conv_dim
+    assert KIND.workspace(c, 2048, s).subs({T: 10**6, B: 1, C: 2048}) == conv
     from ltmdsl.memory.activations import MicroBatch
 
     x = MicroBatch(model, s)
     full, selective = KIND.stored(c, x, False), KIND.stored(c, x, True)
-    assert sympy.simplify(full - selective - x.split(2 * x.tok * (conv_dim + 32 * 64 + 4096) + 8 * x.tok * 32)) == 0
+    assert full == selective  # the rule already recomputes its internals: selective has nothing left to drop
+    kept = 2 * x.tok * 2 * conv_dim + 2 * x.b * (x.s + 3) * conv_dim + 2 * x.tok * 3 * vd + 4 * x.tok * hv * 5
+    assert sympy.simplify(full - x.base - kept) == 0
 
 
 def test_show_prints_the_dims():

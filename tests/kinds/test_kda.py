@@ -100,10 +100,15 @@ def test_per_channel_decay_adds_its_fp32_log_decays_to_the_workspace():
     s = resolve(model, None)
     c = build()
     ws = KIND.workspace(c, 2304, s).subs({T: 10**6, B: 1, C: 64})
-    proj = 3 * 4096 + 2 * 4096 + 2 * 128 + 32  # q, k, v, decay and gate with their rank-128 inputs, beta
-    expected = (2 * 64 * (proj + 12288 + 4096) + 2 * 64 * 32 * (128 + 256 + 64) + 4 * 64 * 32 * 128
-                + 2 * 32 * 128 * 128 * 1)
-    assert ws == expected
+    h, dh, n = 32, 128, 64
+    S, X, Q = 4 * h * dh * dh, 4 * h * n * dh, 4 * h * n * n  # a state, [C, Dh], [C, C] in fp32
+    E = 4 * h * 16 * 16 * dh  # one exact [SUB, SUB, Dh] decay block
+    # one chunk, at a diagonal block of the decayed scores: q k v and o in bf16, g [H, Dh] and beta in fp32,
+    # the bf16 cache's fp32 state copy, [k; q] stacked, q and k per value head, v, the cumulative decay
+    # (Dh per head and token), the two score matrices, the decay block and the einsum's two products
+    rule = (2 * n * (3 * h * dh + h * dh) + 4 * n * h * (dh + 1)
+            + S + 4 * X + X + 2 * Q + X + 3 * E + 2 * E // dh + 5 * n * n)
+    assert ws == rule
 
 
 def test_show_prints_the_dims():

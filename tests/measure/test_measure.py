@@ -344,6 +344,35 @@ def test_trace_cost_counts_the_masked_query_blocks_of_a_chunk_on_a_long_cache():
     assert estimate_ops(model, cached, 0) - estimate_ops(model, whole, 0) == layers * OPS_PER_STEP * blocks
 
 
+@pytest.mark.parametrize("layer", ["gated_deltanet(key_heads = 2, head_dim = 16, chunk = 16)",
+                                   "kda(heads = 2, head_dim = 16, chunk = 16)",
+                                   "lightning(heads = 2, chunk = 16)"], ids=["gated_deltanet", "kda", "lightning"])
+def test_trace_cost_counts_the_chunks_of_the_chunked_rules(layer):
+    """The gated delta rule and lightning attention run one chunk at a time: T/chunk loop steps per layer."""
+    from ltmdsl.measure.cost import OPS_PER_LAYER, OPS_PER_STEP, estimate_ops
+    from ltmdsl.memory import report
+
+    model = ltmdsl.loads(f"model m {{\n vocab = 32\n d_model = 32\n layer x = {layer}\n stack {{ x x }}\n}}\n").model
+    s = report(model, None, context=200, chunk=200).settings
+    assert estimate_ops(model, s, 0) == 2 * (OPS_PER_LAYER + OPS_PER_STEP * 13)  # ceil(200 / 16) chunks
+
+
+def test_counting_saved_tensors_keeps_nothing_alive():
+    """The working-set probe counts what autograd saves, then drops it: exp saves its own output, which a pack
+    hook returning the tensor itself would keep forever (a cycle through its grad_fn) and so inflate the peak."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from ltmdsl.measure.train import saved_bytes
+
+    x = torch.ones(4, 8, requires_grad=True)
+    kept, y = saved_bytes(lambda a: (a * 2).exp().sum(), x)
+    assert kept == 4 * 8 * 4  # exp's fp32 output (a * 2 by a scalar saves nothing)
+    ref = StorageWeakRef(y.grad_fn.next_functions[0][0]._saved_result.untyped_storage())
+    del y
+    assert ref.expired()
+
+
 def test_a_cache_dtype_the_runtime_does_not_allocate_is_refused_by_name(dense):
     with pytest.raises(NotTraceable, match="no fp8_e4m3 recurrent state"):
         measure(dense.model, _budget(dense, "serve"), state_dtype="fp8_e4m3")

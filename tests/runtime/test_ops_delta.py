@@ -96,21 +96,6 @@ def test_chunk_sizes_agree(decay, chunk):
 
 
 @pytest.mark.parametrize("decay", DECAYS)
-@pytest.mark.parametrize("budget", [1, 3], ids=["one-chunk-groups", "three-chunk-groups"])
-def test_chunk_groups_do_not_change_the_result(decay, budget, monkeypatch):
-    """Chunks are prepared in groups bounded by GROUP_ELEMENTS; groups of 1 and of 3 (5 chunks: 3 + 2) give
-    the one-group result."""
-    args, s0 = make_inputs(2, 65, 2, 4, decay, seed=12)
-    o, s = gated_delta_chunked(*args, chunk=16, state=s0, l2norm=True, scale=None)
-    per_chunk = 2 * 4 * 16 * 16 * (DK if decay == "kda" else 1)
-    assert ops_delta.GROUP_ELEMENTS >= 5 * per_chunk  # the default prepares all five chunks at once
-    monkeypatch.setattr(ops_delta, "GROUP_ELEMENTS", budget * per_chunk)
-    og, sg = gated_delta_chunked(*args, chunk=16, state=s0, l2norm=True, scale=None)
-    assert_close(og, o, 1e-12, "output")
-    assert_close(sg, s, 1e-12, "state")
-
-
-@pytest.mark.parametrize("decay", DECAYS)
 @pytest.mark.parametrize("split", [1, 30, 64], ids=lambda a: f"at{a}")
 def test_chunked_continues_from_its_own_state(decay, split):
     """Chunked prefill in two calls, the second starting from the first's state, equals one call."""
