@@ -21,7 +21,7 @@ model tiny_train {
 """
 
 #: a gated short conv then one NoPE attention layer (benchmarks/conv-attention.ltm at vocab 32): the conv
-#: hands each value its key, so one attention layer recalls; the smallest model that learns MQAR in ~100 steps
+#: hands each value its key, so one attention layer recalls; it learns MQAR in about 100 steps
 CONV_ATTENTION = """
 model conv_attention {
     vocab = 32
