@@ -1,6 +1,7 @@
 """The training loop: resume is bit-for-bit, accumulation matches a big batch, checkpoints are whole.
 
-Everything runs a tiny model (train_specs.TINY, every stateful kind) for a handful of steps.
+Everything runs a tiny model (train_specs.TINY, every stateful kind) for a handful of steps, except the one
+end-to-end check that a recall model (train_specs.CONV_ATTENTION) learns MQAR in 150 steps.
 """
 
 import json
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from ltmdsl.evals import VocabError
 from ltmdsl.train import state
 from ltmdsl.train.loop import TrainConfig, train
-from train_specs import MQAR, tiny_spec
+from train_specs import CONV_ATTENTION, MQAR, tiny_spec
 
 IR = tiny_spec().model
 
@@ -59,6 +60,27 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 def test_loss_falls_on_the_answers(tmp_path):
     records = run(tmp_path / "r", steps=12, batch=8, lr=3e-2)
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_a_recall_model_learns_mqar_and_answers_through_the_cache(tmp_path):
+    """End to end, the loop teaches recall: data, answer positions, loss, gradients and cache decoding must
+    all be right for a conv + attention model to answer held-out MQAR queries (2 pairs of 15 keys; chance
+    1/16). Measured: 0.95-0.98 answer-token accuracy by step 120-150 at lr 3e-3, batch 32; required > 0.8
+    exact match on 100 samples of the evaluation stream, decoded greedily through the cache."""
+    from ltmdsl.evals import get_task
+    from ltmdsl.runtime.build import build
+    from ltmdsl.train.data import EVAL_SEED
+    from ltmdsl.train.scoring import score
+
+    ir = tiny_spec(CONV_ATTENTION).model
+    records = list(train(ir, TrainConfig(task="mqar", out=str(tmp_path / "r"), steps=150, batch=32, lr=3e-3,
+                                         warmup=5, options=MQAR)))
+    assert records[-1]["loss"] < 0.5 < records[0]["loss"]
+    model = build(ir, dtype=torch.float32, seed=1)  # other weights, replaced by the checkpoint's
+    state.load_weights(model, state.latest(tmp_path / "r")[1])
+    task = get_task("mqar")
+    result = score(model, task, task.make_options(**MQAR), EVAL_SEED, samples=100)
+    assert result.accuracy > 0.8, f"exact match {result.accuracy:.2f} after 150 steps"
 
 
 def test_resume_refuses_other_settings_and_specs(tmp_path):

@@ -20,6 +20,21 @@ model tiny_train {
 }
 """
 
+#: a gated short conv then one NoPE attention layer (benchmarks/conv-attention.ltm at vocab 32): the conv
+#: hands each value its key, so one attention layer recalls; it learns MQAR in about 100 steps
+CONV_ATTENTION = """
+model conv_attention {
+    vocab = 32
+    d_model = 64
+    dtype = fp32
+    norm = rmsnorm(eps = 1e-5)
+    head = untied
+    layer conv = short_conv(kernel = 3)
+    layer attn = attention(heads = 2, kv_heads = 2, rope_theta = none)
+    stack { conv attn }
+}
+"""
+
 #: MQAR options that fit vocab 32 in a short context
 MQAR = {"context": 24, "num_kv_pairs": 2, "vocab_size": 32}
 
