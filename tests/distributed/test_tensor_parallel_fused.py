@@ -113,10 +113,15 @@ def test_undividable_config_is_refused_by_name(layer, tp, message):
 
 def tiny_hybrid_splittable():
     """examples/tiny-hybrid.ltm, every kind in its stack, with the two definitions tp = 2 cannot split made
-    splittable: the MQA window attention's 1 KV head -> 2, the Mamba-2's 1 group -> 2."""
+    splittable: the MQA window attention's 1 KV head -> 2, the Mamba-2's 1 group -> 2; and without its
+    transformer_block (Zamba2's shared block), which has no tensor-parallel plan yet
+    (test_transformer_block_is_refused_by_name)."""
     text = (EXAMPLES / "tiny-hybrid.ltm").read_text()
     for old, new in (("heads = 4, kv_heads = 1, window = 16", "heads = 4, kv_heads = 2, window = 16"),
-                     ("head_dim = 16, expand = 2, chunk = 16", "head_dim = 16, expand = 2, n_groups = 2, chunk = 16")):
+                     ("head_dim = 16, expand = 2, chunk = 16", "head_dim = 16, expand = 2, n_groups = 2, chunk = 16"),
+                     ("        tf ffn\n", ""),
+                     ("    layer tf = transformer_block(attn = sat, ffn = ffn, adapter_rank = 4, into = next_input)\n", ""),
+                     ("    layer sat = attention(heads = 4, rope_theta = 10000)\n", "")):
         assert old in text
         text = text.replace(old, new)
     return ltmdsl.loads(text).ir.model()
@@ -133,6 +138,14 @@ def test_tiny_hybrid_every_kind_matches_one_process():
         assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
     for n, g in ref_grads.items():
         assert_close(grads[n], g, RTOL, f"gradient of {n}")
+
+
+def test_transformer_block_is_refused_by_name():
+    """Its per-use adapters add to the attention's and MLP's split projections, and they live outside the
+    mixer's tp plan: refused before launch, naming the kind."""
+    ir = ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm").ir.model()
+    with pytest.raises(ValueError, match="transformer_block"):
+        tp_plans(ir, 2)
 
 
 def test_tiny_hybrid_rank_bytes_equal_the_memory_model():

@@ -286,9 +286,12 @@ def test_plans_ltmdsl_does_not_run_are_refused_saying_why(dense):
         measure(dense.model, _budget(dense, "serve"), cp=2, gpus=2)
     with pytest.raises(NotTraceable, match=r"sequence parallelism \(sp = true\)"):
         measure(dense.model, _budget(dense, "train"), tp=2, gpus=2, sequence_parallel=True)
-    ssm = ltmdsl.loads(DENSE.replace("attention(heads = 4, kv_heads = 2, rope_theta = 10000)", "mamba(d_state = 4)"))
-    with pytest.raises(NotTraceable, match="no tensor-parallel plan for kind 'mamba'"):
-        measure(ssm.model, _budget(ssm, "train"), tp=2, gpus=2)
+    zamba = ltmdsl.loads(DENSE.replace(  # Zamba2's block: no tensor-parallel plan yet
+        "    stack { repeat 2 { attn ffn } }",
+        "    layer tf = transformer_block(attn = attn, ffn = ffn, adapter_rank = 4, into = next_input)\n"
+        "    stack { repeat 2 { tf ffn } }"))
+    with pytest.raises(NotTraceable, match="no tensor-parallel plan for kind 'transformer_block'"):
+        measure(zamba.model, _budget(zamba, "train"), tp=2, gpus=2)
 
 
 def test_budget_too_large_to_trace_suggests_a_context():
