@@ -17,6 +17,11 @@ Recompute, as the memory model defines it (ltmdsl/memory/activations.py):
                is traced by running the largest unit once without the checkpoint
 Chunked loss: each chunk of C tokens computes its logits and loss under a checkpoint, so only one chunk's
 logits exist at a time (in the backward); the traced logits are then one chunk's loss run without checkpoint.
+Under tensor parallelism the loss is the one training runs there (`ltmdsl train`, the pipeline's last stage):
+the vocab-parallel cross-entropy of ltmdsl.train.loss on this rank's V/t head rows, b*C rows at a time with a
+chunked loss (whole otherwise); it forms its gradients in the forward and keeps those, no logits, so it needs
+no checkpoint and the traced "logits" are what it keeps. Until then the trace gathered the V/t logits into
+whole V through LTModel.head (inference's path), which no training rank runs.
 
 Traced components are differences of live bytes (`Timeline`): weights at setup, gradients and optimizer as
 their buffers are allocated, activations over the stack's forward, logits over the loss's forward.
@@ -40,6 +45,9 @@ from ltmdsl.runtime.build import TORCH_DTYPES
 
 #: what a loss call keeps besides its logits: its fp32 value and nll_loss's fp32 total weight
 LOSS_SCALARS = 8
+#: what the vocab-parallel loss keeps besides its two gradients: its fp32 mean (its sum and count of correct
+#: predictions are not held by the graph)
+VOCAB_PARALLEL_SCALARS = 4
 
 
 def _run_unit(stage: Stage, unit: list[int], h: torch.Tensor) -> torch.Tensor:
@@ -111,9 +119,33 @@ def _chunk_loss(net, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
 
+def vocab_parallel(net) -> bool:
+    """Whether the head is split by vocabulary over tp ranks (a DTensor weight), so training's loss is the
+    vocab-parallel one (ltmdsl.train.loss.summed_target_loss)."""
+    return hasattr(net.head_weight(), "device_mesh")
+
+
+def _vocab_parallel_loss(net, normed: torch.Tensor, targets: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Summed vocab-parallel cross-entropy on this rank's V/t head rows: normed [b, s, d], targets [b, s] -> [],
+    as summed_target_loss computes it (every position a target: no data-dependent selection on fake tensors)."""
+    from ltmdsl.distributed.tensor_parallel import vocab_shard
+    from ltmdsl.train.loss import summed_cross_entropy
+
+    rows = normed.flatten(0, 1)  # [b*s, d]
+    if net.ir.logit_scale != 1.0:
+        rows = rows * net.ir.logit_scale  # [b*s, d]
+    weight, shard = vocab_shard(net.head_weight())  # [V/t, d]
+    width = rows.shape[0] if chunk is None else normed.shape[0] * min(chunk, normed.shape[1])  # b*C rows
+    total, _ = summed_cross_entropy(rows, weight, targets.flatten(), width, net.ir.logit_cap, shard)
+    return total
+
+
 def loss_forward(net, normed: torch.Tensor, targets: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """Mean next-token loss; with `chunk`, chunk by chunk under checkpoints (module docstring)."""
+    """Mean next-token loss; with `chunk`, chunk by chunk under checkpoints (module docstring); vocab-parallel
+    under tp, chunk by chunk inside the loss."""
     n = targets.numel()
+    if vocab_parallel(net):
+        return _vocab_parallel_loss(net, normed, targets, chunk) / n
     if chunk is None or chunk >= normed.shape[1]:
         return _chunk_loss(net, normed, targets) / n
     total = None
@@ -146,6 +178,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     out["optimizer"] = live - base - after_grads
     handles = st.install_grad_hooks(groups)
     chunk = s.chunk if s.chunked_loss else None
+    split_head = stage.last and vocab_parallel(stage.net)
     pending_backward = []
     act, logits = 0, 0
     # full recompute: the working set, traced first (its modules' stats are reset by the step's forward)
@@ -164,7 +197,8 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
             targets = torch.zeros(b, seq, dtype=torch.long)  # [b, s]
             t0 = tl.mark(f"micro-batch {k}: targets")
             loss = loss_forward(stage.net, normed, targets, chunk)
-            logits = max(logits, tl.mark(f"micro-batch {k}: loss") - t0 - (0 if chunk else LOSS_SCALARS))
+            scalars = VOCAB_PARALLEL_SCALARS if split_head else (0 if chunk else LOSS_SCALARS)
+            logits = max(logits, tl.mark(f"micro-batch {k}: loss") - t0 - scalars)
             pending_backward.append((loss, None))
         else:
             h, pending = stack_forward(stage, x, s.recompute)
@@ -176,7 +210,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
         del x
         tl.mark(f"micro-batch {k}: inputs released")
         _ = before
-    if stage.last and chunk is not None:  # one chunk's logits, as its backward recomputes them
+    if stage.last and chunk is not None and not split_head:  # one chunk's logits, as its backward recomputes them
         t0 = tl.mark("loss chunk: start")
         probe = _chunk_loss(stage.net, normed[:, :chunk].detach(), targets[:, :chunk])
         logits = tl.mark("loss chunk: forward") - t0 - LOSS_SCALARS

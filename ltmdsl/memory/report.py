@@ -321,6 +321,8 @@ def _notes(r: MemoryReport) -> list[str]:
         notes.append(f"no parallel plan: per-GPU bytes spread the total evenly over {s.gpus} GPUs")
     if s.mode == "training":
         logits = r.per_gpu_components.get("logits", 0)
+        if s.parallel.tp > 1:  # the vocab-parallel loss keeps no logits: its fp32 [s, V/t] ones are temporaries
+            logits = r.per_gpu_components.get("temporaries", 0)
         if not s.chunked_loss:
             advice = chunked_loss_advice(logits, s.gpu.memory_bytes, r.per_gpu_bytes - logits)
             if advice:

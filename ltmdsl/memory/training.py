@@ -24,14 +24,20 @@ Bytes-per-parameter conventions (AdamW, mixed precision):
 Megatron's distributed optimizer gives 6 + 12/dp for the default: only o is sharded.
 ZeRO figure 1 check (P = 7.5e9, N = 64, w = g = 2, o = 12): 120, 31.4, 16.6, 1.9 GB for stages 0-3.
 
-Logits: the output layer's fp32 logits, 4*b*s*V (the vocab-parallel head's logits gathered whole on every tp
-rank, as the runtime's loss reads them), per micro-batch on the last stage.
+Logits: the output layer's fp32 logits, 4*b*s*V, per micro-batch on the last stage.
 At long context they dominate (V = 128256, s = 1Mi: 538 GB per sequence), hence the option of a
 chunked loss (`chunked_loss`): logits for min(C, s) tokens at a time, 4*b*min(C, s)*V.
+Under tensor parallelism (t > 1) training runs the vocab-parallel cross-entropy of ltmdsl.train.loss on each
+rank's V/t head rows (never [s, V] on a rank), which forms its gradients in the forward and keeps them
+instead of logits: d loss / d hidden, a*b*s*d, and d loss / d head rows in fp32, 4*d*V/t, whatever the chunk.
+(For a while this counted whole V on every tp rank, as the trace then gathered the head's V/t logits through
+LTModel.head, inference's path; the trace now runs training's loss, and so does this count.)
 
 Temporaries: what the backward allocates only for a moment, at the step's peak (all activations still live):
 the loss's backward, 8*b*s*V (the fp32 gradients of the log-softmax output and of the logits; with a chunked
-loss (a + 12)*b*min(C, s)*V, one chunk's recomputed logits and both gradients), and under ZeRO-3 two
+loss (a + 12)*b*min(C, s)*V, one chunk's recomputed logits and both gradients); under tp the vocab-parallel
+loss's working set instead (`vocab_parallel_working`), one chunk of c = b*min(C, s) rows (b*s unchunked) at a
+time on V/t columns; and under ZeRO-3 two
 mixers' weights gathered whole (the one back-propagating and the next, prefetched), 2*P_mixer*w/t; under
 selective recompute what it dropped of one sub-layer, live again for that sub-layer's backward; the largest
 of these. Not counted: the gradients of an eager (no flash) attention core's scores while a recomputed core
@@ -102,15 +108,24 @@ def model_states(dense: int, expert: int, s: Settings, replicated: int = 0) -> d
     }
 
 
+def _acc_bytes(s: Settings) -> int:
+    """Bytes of the vocab-parallel loss's softmax elements: fp32, fp64 for fp64 activations."""
+    return 8 if s.activation_dtype.bytes == 8 else 4
+
+
 def loss_logits(model: ModelIR, s: Settings):
     """fp32 logits of one micro-batch on the last stage: 4*b*(min(C, s) if chunked else s)*V, twice with a
     final-logit soft cap (its tanh output is kept for backward beside the capped logits the loss keeps;
-    measured with autograd's saved-tensor hooks: 2.00 logits-sized tensors instead of 1.00). Whole V on every
-    tensor-parallel rank: the runtime's vocab-parallel head gathers its V/t logits (`LTModel.head`) and the loss
-    runs on all of them (no vocab-parallel cross-entropy); until the traced tp rank showed it, this was V/t."""
+    measured with autograd's saved-tensor hooks: 2.00 logits-sized tensors instead of 1.00).
+
+    Under tensor parallelism, what the vocab-parallel loss keeps for its backward in their place (module
+    docstring): d loss / d hidden, a*b*s*d, and d loss / d head rows, 4*d*V/t (cap or not). Not whole-V logits:
+    that convention followed a trace of the gathered inference head, which no training rank runs."""
     p = s.parallel
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
+    if p.tp > 1:
+        return s.activation_dtype.bytes * b * tokens * model.d_model + _acc_bytes(s) * model.d_model * R(model.vocab, p.tp)
     if s.chunked_loss:
         tokens = sympy.Min(C, tokens)
     copies = 2 if model.logit_cap is not None else 1
@@ -125,14 +140,38 @@ def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int):
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
     terms = []
-    if last:
+    if last and p.tp > 1:
+        terms.append(vocab_parallel_working(model, s))
+    elif last:
         if s.chunked_loss:  # one chunk recomputed: its logits (a and fp32) and the two fp32 gradients
             terms.append((s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab)
-        else:  # the fp32 gradients of the log-softmax output and of the logits (whole V: `loss_logits`)
+        else:  # the fp32 gradients of the log-softmax output and of the logits
             terms.append(8 * b * tokens * model.vocab)
     if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
         terms.append(2 * largest_mixer * s.weight_dtype.bytes / R(p.tp))
     return sympy.Max(*terms) if len(terms) > 1 else (terms[0] if terms else sympy.Integer(0))
+
+
+def vocab_parallel_working(model: ModelIR, s: Settings):
+    """The vocab-parallel loss's transient bytes beyond what it keeps (`loss_logits`), one chunk of c rows on
+    V' = V/t columns at a time, f the softmax's element bytes (fp32): the largest of
+        its softmax       (3 + 2*cap)*f*c*V'   the logits, logits - max and its exp (and under a soft cap its
+                                               tanh, the capped logits and the cap's derivative)
+        its weight step   (2 + cap)*f*c*V' + f*V'*d + f*c*d   logits, softmax, the chunk's weight gradient
+                                               and its rows in fp32
+        its backward      a*b*s*d + (f + w)*V'*d   both saved gradients scaled, the weight's cast to w
+    plus, when the weight dtype is not the activations', the head rows cast to a (a*V'*d, the whole loss)."""
+    p = s.parallel
+    b = per_replica(B, q(p.dp) * p.microbatches)
+    tokens = T / R(p.cp)
+    rows = b * (sympy.Min(C, tokens) if s.chunked_loss else tokens)  # c
+    a, w, f, d = s.activation_dtype.bytes, s.weight_dtype.bytes, _acc_bytes(s), model.d_model
+    cols = R(model.vocab, p.tp)  # V'
+    cap = 1 if model.logit_cap is not None else 0
+    cast = a * cols * d if a != w else 0
+    return sympy.Max((3 + 2 * cap) * f * rows * cols + cast,
+                     (2 + cap) * f * rows * cols + f * cols * d + f * rows * d + cast,
+                     a * b * tokens * d + (f + w) * cols * d)
 
 
 def in_flight(stage: int, s: Settings):

@@ -130,6 +130,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     probs *= 1 - squashed * squashed  # through the cap: d(cap tanh(x / cap)) / dx
                 grad_rows[start:start + chunk] = reduce.rows_grad(probs.to(work) @ w).to(rows.dtype)  # [c, d]
                 grad_w += probs.t() @ h.to(acc)  # [V, d]
+                del logits, probs  # this chunk's [c, V] buffers go before the next chunk's are made
+                squashed = None
         ctx.save_for_backward(grad_rows, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)
@@ -148,13 +150,25 @@ def chunked_cross_entropy(rows: torch.Tensor, weight: torch.Tensor, targets: tor
     against `targets` [N], never more than [chunk, V]. With `shard`, `weight` is this rank's [V/t, d] rows of
     the head (a collective over shard.group: every tp rank calls it with the same rows and targets), and the
     gradient of `weight` is that of its rows."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be at least 1 (got {chunk})")
     n = rows.shape[0]
     if n == 0:
         raise ValueError("no answer tokens in the batch: nothing to train on")
-    total, correct = _ChunkedCrossEntropy.apply(rows, weight, targets, chunk, cap, shard)
+    total, correct = summed_cross_entropy(rows, weight, targets, chunk, cap, shard)
     return LossResult(loss=total / n, correct=int(correct), count=n)
+
+
+def summed_cross_entropy(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
+                         cap: float | None = None, shard: VocabShard | None = None):
+    """(summed cross-entropy [] differentiable, correct predictions [] int64 tensor) of `rows @ weight.T`
+    against `targets` [N], as `chunked_cross_entropy` computes it, without reading any value back to the host
+    (so it also runs on fake tensors, as `ltmdsl memory --measure` traces it).
+
+    What it keeps for the backward is the gradients it formed in the forward: d loss / d rows [N, d] in the
+    rows' dtype and d loss / d weight [V(/t), d] in fp32; no logits. While it runs, one chunk's fp32 logits
+    and softmax [chunk, V(/t)] and their element-wise temporaries exist at a time."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 (got {chunk})")
+    return _ChunkedCrossEntropy.apply(rows, weight, targets, chunk, cap, shard)
 
 
 def summed_target_loss(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,

@@ -128,6 +128,21 @@ def test_chunked_loss_bounds_the_logits_and_is_advised(models):
     assert chunked.components["logits"] == 4 * 4096 * 128256
 
 
+def test_tp_rank_counts_the_vocab_parallel_loss_gradients_and_its_chunk_working_set(models):
+    """Under tp the loss is vocab-parallel on V/t head rows: it keeps d loss / d hidden (a*s*d) and d loss /
+    d rows (fp32, d*V/t), no logits; its fp32 [c, V/t] softmax (3 such buffers) is a temporary, c bounded by the
+    chunk. Exact sympy arithmetic, so the tolerance is 0."""
+    m, t, s, d, v = models["llama-3.1-8b"], 8, 2**20, 4096, 128256
+    kw = dict(mode="training", context=s, batch=1, gpus=8, tp=t)
+    plain = report(m, None, **kw)
+    assert plain.per_gpu_components["logits"] == 2 * s * d + 4 * d * v // t
+    assert plain.per_gpu_components["temporaries"] == 3 * 4 * s * v // t
+    assert any("chunked loss" in n for n in plain.notes)  # 192 GiB of [s, V/t] softmax buffers
+    chunked = report(m, None, chunked_loss=True, chunk=4096, **kw)
+    assert chunked.per_gpu_components["logits"] == plain.per_gpu_components["logits"]
+    assert chunked.per_gpu_components["temporaries"] == max(3 * 4 * 4096 * v // t, 2 * s * d + 6 * d * v // t)
+
+
 def test_zero3_gpu_count_under_the_plan(models):
     r = report(models["llama-3.1-8b"], None, mode="training", context=4096, batch=64, gpus=8, dp=8, zero=3,
                recompute="full")
