@@ -143,8 +143,11 @@ def test_tiny_hybrid_every_kind_matches_one_process():
 def test_transformer_block_is_refused_by_name():
     """Its per-use adapters add to the attention's and MLP's split projections, and they live outside the
     mixer's tp plan: refused before launch, naming the kind."""
-    ir = ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm").ir.model()
-    with pytest.raises(ValueError, match="transformer_block"):
+    text = (EXAMPLES / "tiny-hybrid.ltm").read_text()  # splittable but for its transformer_block
+    text = text.replace("heads = 4, kv_heads = 1, window = 16", "heads = 4, kv_heads = 2, window = 16").replace(
+        "head_dim = 16, expand = 2, chunk = 16", "head_dim = 16, expand = 2, n_groups = 2, chunk = 16")
+    ir = ltmdsl.loads(text).ir.model()
+    with pytest.raises(ValueError, match="no tensor-parallel plan for kind 'transformer_block'"):
         tp_plans(ir, 2)
 
 
