@@ -115,7 +115,8 @@ BUDGET_MODEL = HEAD + "    stack { attn ffn ssm ffn }\n}\n"
 
 
 def test_budget_defaults_and_plan():
-    spec = ltmdsl.loads(BUDGET_MODEL + """
+    model = BUDGET_MODEL.replace("head_dim = 16)", "head_dim = 16, n_groups = 2)")  # tp must divide the groups
+    spec = ltmdsl.loads(model + """
 gpu big { memory = 96 GB, bf16_tflops = 1000, bandwidth = 4 TB }
 budget train for m {
     training context = 1Mi, batch = 8, recompute = selective
