@@ -54,6 +54,8 @@ def cases():
 #: (kind, example, layer name or definition): each mixer kind at its example's width, for `--kinds`
 KINDS = [
     ("attention", "llama-3.1-8b.ltm", "attention(heads = 32, kv_heads = 8, rope_theta = 500000)"),
+    ("mamba", "mamba-2.8b.ltm", "ssm"),
+    ("mamba2", "mamba2-2.7b.ltm", "ssd"),
     ("mla", None, None),
     ("gated_deltanet", "gdn-hybrid.ltm", "gdn"),
     ("kda", "kda-hybrid.ltm", "kda"),

@@ -1,4 +1,6 @@
-"""A chunked recurrence run one chunk at a time, whose backward recomputes each chunk from its saved start state.
+"""Backward by recomputation for the recurrent kinds: a chunked recurrence run one chunk at a time whose backward
+recomputes each chunk from its saved start state (`run_chunks`), and a region that keeps only its inputs
+(`recompute`).
 
 The chunked scans of the recurrent kinds (ops_scan, ops_ssd, ops_mlstm, ops_rglru) each define one *chunk
 step*: from the state entering a chunk and the chunk's slice of the per-token inputs, the chunk's outputs
@@ -15,6 +17,11 @@ and the state leaving it. `run_chunks` applies it chunk after chunk and is the w
                state), giving its inputs' gradient slice, the shared inputs' gradient (summed over
                chunks) and the gradient of its start state, which flows into the chunk before it; one
                chunk's internals are live at a time
+
+`recompute(fn, *inputs)` is the same idea for a layer's elementwise work around its scan (gates, the D skip,
+norms, computed in fp32): autograd keeps fn's inputs and nothing of its fp32 internals, and the backward
+runs fn again under autograd; the inputs are saved through `save_for_backward`, so saved-tensor hooks (and
+`ltmdsl memory --measure`) see them. Parameters used inside fn are passed as inputs to receive gradients.
 
 Without autograd (no input needs a gradient, or grad mode is off) nothing is saved. The gradient is that of
 the chunk step's own autograd graph, chunk by chunk: exactly what autograd through the whole chunked
@@ -134,3 +141,32 @@ def run_chunks(step: ChunkStep, seq: Sequence[torch.Tensor | None], shared: Sequ
     with torch.no_grad():
         y, final, _ = _forward(step, seq, shared, tuple(state), chunk, T, out_dtype, keep_starts=False)
     return y, final
+
+
+class _Recompute(torch.autograd.Function):
+    """The autograd node of `recompute`: saves fn's inputs, recomputes fn under autograd in backward."""
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        return fn(*inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        need = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            xs = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, need)]
+            out = ctx.fn(*xs)
+            wanted = [x for x in xs if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad(out, wanted, dout, allow_unused=True) if wanted else ())
+        return (None, *[next(got) if x is not None and x.requires_grad else None for x in xs])
+
+
+def recompute(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor | None) -> torch.Tensor:
+    """fn(*inputs) -> one tensor; under autograd only `inputs` are kept and fn runs again in the backward
+    (module docstring). Every tensor fn differentiates, parameters included, must be one of `inputs`."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _Recompute.apply(fn, *inputs)
+    return fn(*inputs)
