@@ -83,9 +83,6 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
         notes.append(f"the {s.kv_dtype.name} KV cache is read back whole in {s.activation_dtype.name} by the runtime's "
                      "prefill, which the memory model (a kernel converting tiles) does not count")
     cost.check(model, s, stage_index)
-    if s.mode == "training" and s.recompute == "selective" and any(l.kind in ("mamba", "mamba2") for l in model.layers):
-        notes.append("selective recompute of Mamba/Mamba-2 internals is not simulated: those layers trace as "
-                     "recompute = none")
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker

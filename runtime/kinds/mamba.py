@@ -190,7 +190,8 @@ class Mamba(nn.Module):
         region: autograd keeps x, dt/B/C and z (in xz), and the backward recomputes the fp32 delta, the scan
         and the gate, as state-spaces/mamba's mamba_inner_fn keeps xz, x_dbl and the conv output."""
         x, z = self.in_proj(u).chunk(2, dim=-1)  # [B, T, Di] each
-        x = conv_with_state(self.kernels, x, self.conv1d, state)  # [B, T, Di]
+        # [B, T, Di] in token-major memory: x_proj's input and the scan's are then one kept tensor at any batch
+        x = conv_with_state(self.kernels, x, self.conv1d, state).contiguous()
         dt, Bm, Cm = self._xdbl(x)  # [B,T,R], [B,T,N], [B,T,N]
         params = (self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D)
         if state is None:
