@@ -23,7 +23,8 @@ norms, computed in fp32): autograd keeps fn's inputs and nothing of its fp32 int
 runs fn again under autograd; the inputs are saved through `save_for_backward`, so saved-tensor hooks (and
 `ltmdsl memory --measure`) see them. Parameters used inside fn are passed as inputs to receive gradients.
 
-Without autograd (no input needs a gradient, or grad mode is off) nothing is saved. The gradient is that of
+Both recompute under the autocast state of their forward. Without autograd (no input needs a gradient, or grad
+mode is off) nothing is saved. The gradient is that of
 the chunk step's own autograd graph, chunk by chunk: exactly what autograd through the whole chunked
 form gives (tests/runtime/test_chunk_recompute.py checks both against the float64 token-loop oracles).
 """
@@ -36,6 +37,18 @@ import torch
 
 #: step(seq chunk inputs, shared inputs, state tensors) -> (chunk output [B, L, ...], state tensors)
 ChunkStep = Callable[[tuple, tuple, tuple], tuple[torch.Tensor, tuple]]
+
+
+def _autocast_state(tensors) -> tuple[str, bool, torch.dtype]:
+    """(device type, autocast enabled, its dtype) where the forward runs: the backward recomputes under the
+    same autocast state (as torch.utils.checkpoint does), so the recomputed graph is the forward's."""
+    device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def _autocast(state: tuple[str, bool, torch.dtype]):
+    device, enabled, dtype = state
+    return torch.autocast(device_type=device, dtype=dtype, enabled=enabled)
 
 
 def _slice(t: torch.Tensor | None, c0: int, c1: int) -> torch.Tensor | None:
@@ -77,6 +90,7 @@ class _ChunkRecompute(torch.autograd.Function):
         y, final, starts = _forward(step, seq, shared, state, chunk, T, out_dtype, keep_starts=True)
         ctx.step, ctx.chunk, ctx.T, ctx.n_seq, ctx.n_shared, ctx.n_state = step, chunk, T, n_seq, n_shared, len(state)
         ctx.none = [t is None for t in seq]
+        ctx.amp = _autocast_state(tensors)
         ctx.save_for_backward(*[t for t in seq if t is not None], *shared, *[s for st in starts for s in st])
         ctx.mark_non_differentiable(*[s for s in final if not s.is_floating_point()])
         return (y, *final)
@@ -98,7 +112,7 @@ class _ChunkRecompute(torch.autograd.Function):
         bounds = [(c0, min(c0 + ctx.chunk, ctx.T)) for c0 in range(0, ctx.T, ctx.chunk)]
         for k in reversed(range(len(bounds))):
             c0, c1 = bounds[k]
-            with torch.enable_grad():
+            with torch.enable_grad(), _autocast(ctx.amp):
                 xs = tuple(None if t is None else t[:, c0:c1].detach().requires_grad_(n)
                            for t, n in zip(seq, need_seq))
                 ps = tuple(t.detach().requires_grad_(n) for t, n in zip(shared, need_shared))
@@ -148,7 +162,7 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, *inputs):
-        ctx.fn = fn
+        ctx.fn, ctx.amp = fn, _autocast_state(inputs)
         ctx.save_for_backward(*inputs)
         return fn(*inputs)
 
@@ -156,7 +170,7 @@ class _Recompute(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         need = ctx.needs_input_grad[1:]
-        with torch.enable_grad():
+        with torch.enable_grad(), _autocast(ctx.amp):
             xs = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, need)]
             out = ctx.fn(*xs)
             wanted = [x for x in xs if x is not None and x.requires_grad]
