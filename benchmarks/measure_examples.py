@@ -6,6 +6,8 @@ Run: python benchmarks/measure_examples.py [--only NAME ...] [--json out.json]
      python benchmarks/measure_examples.py --kinds   (each mixer kind alone, two sub-layers at its example's width)
      python benchmarks/measure_examples.py --plans   (one rank of parallel plans and fp8 KV at d_model 1024,
                                                       and the tiny examples' training budgets)
+     python benchmarks/measure_examples.py --kinds --policies --only mamba   (training under each recompute
+                                                                             policy, with the traced peak)
 A budget that cannot be traced (a refused plan, a step too large to trace) gets a row saying why.
 """
 
@@ -56,6 +58,8 @@ def cases():
 #: (kind, example, layer name or definition): each mixer kind at its example's width, for `--kinds`
 KINDS = [
     ("attention", "llama-3.1-8b.ltm", "attention(heads = 32, kv_heads = 8, rope_theta = 500000)"),
+    ("mamba", "mamba-2.8b.ltm", "ssm"),
+    ("mamba2", "mamba2-2.7b.ltm", "ssd"),
     ("mla", None, None),
     ("gated_deltanet", "gdn-hybrid.ltm", "gdn"),
     ("kda", "kda-hybrid.ltm", "kda"),
@@ -184,6 +188,27 @@ def plan_rows(only=None) -> list[str]:
     return rows
 
 
+def policy_rows(only=None) -> list[str]:
+    """Per kind: training (context 2048, batch 1) of `kind_spec` under recompute none, selective and full, and
+    inference (context 8192, chunk 2048): activations and the traced peak against the per-GPU total."""
+    from ltmdsl.measure import measure
+
+    rows = []
+    for kind, example, layer in KINDS:
+        if only and kind not in only:
+            continue
+        model = kind_spec(kind, example, layer).model
+        steps = [("inference", dict(mode="inference", context=8192, batch=1, chunk=2048))]
+        steps += [(p, dict(mode="training", context=2048, batch=1, recompute=p)) for p in ("none", "selective", "full")]
+        for step, overrides in steps:
+            m = measure(model, None, **overrides)
+            rows.append(f"| {kind} | {step} | {_mib(m.predicted['activations'])} / {_mib(m.measured['activations'])} | "
+                        f"{_pct(m.relative['activations'])} | {_mib(m.predicted_per_gpu)} / {_mib(m.peak_bytes)} "
+                        f"({m.peak_phase}) | {_pct(m.peak_relative)} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def _mib(x):
     return f"{x / 2**20:.1f} MiB"
 
@@ -199,12 +224,19 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", action="store_true", help="per mixer kind at its example's width instead")
     ap.add_argument("--plans", action="store_true", help="one rank of parallel plans (d_model 1024) and the tiny "
                                                          "examples' training budgets instead")
+    ap.add_argument("--policies", action="store_true", help="with --kinds: training under each recompute policy")
     args = ap.parse_args(argv)
     if args.plans:
         rows = plan_rows(args.only)
         print("| budget (one rank) | weights, grads, optimizer, caches, logits | activations predicted / traced | "
               "diff | temporaries predicted / traced | per-GPU predicted | traced peak (phase) | diff |")
         print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        return 0
+    if args.kinds and args.policies:
+        rows = policy_rows(args.only)
+        print("| kind | step | activations predicted / traced | diff | per-GPU predicted / traced peak (phase) | diff |")
+        print("|---|---|---|---|---|---|")
         print("\n".join(rows))
         return 0
     if args.kinds:

@@ -21,16 +21,19 @@ output gate and the per-head norm are the layer's work.
 exp(log-weight - m_t) with m_t = max(b_t + m_0, max_{j<=t} (b_t - b_j + i_gate_j)) -- exactly the
 recurrent m_t, since max and + commute -- so every exponent is <= 0 and the result equals the recurrence,
 eps included. Inside a chunk: an attention-like masked product; the chunk's own contribution to its end
-state is one contraction, stabilised by its own max; the state crosses chunk boundaries once per chunk
-(T/C Python steps, never T). `mlstm_step` is the decode form; `mlstm_reference` is the token-loop oracle
+state is one contraction, stabilised by its own max; the chunks run one after another (T/C Python steps,
+never T). `mlstm_step` is the decode form; `mlstm_reference` is the token-loop oracle
 of both.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
+
+from ltmdsl.runtime.chunk_recompute import run_chunks
 
 
 class MlstmState(NamedTuple):
@@ -57,6 +60,42 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _mlstm_chunk(seq: tuple, shared: tuple, state: tuple, *, scale: float, eps: float) -> tuple[torch.Tensor, tuple]:
+    """One chunk of L tokens: (q, k [B,L,H,D], v [B,L,H,Dv], i_gate, log_f [B,L,H]), (), (C, n, m)
+    -> (h [B,L,H,Dv], (C, n, m) leaving the chunk), in the work dtype (module docstring's chunked form)."""
+    q, k, v, i_gate, log_f = seq
+    C0, n0, m0 = state  # [B, H, D, Dv], [B, H, D], [B, H]
+    work = C0.dtype
+    L = q.shape[1]
+    qc = (q.to(work) * scale).transpose(1, 2)  # [B, H, L, D]
+    kc, vc = k.to(work).transpose(1, 2), v.to(work).transpose(1, 2)  # [B, H, L, D|Dv]
+    ic = i_gate.to(work).transpose(1, 2)  # [B, H, L]
+    bc = torch.cumsum(log_f.to(work).transpose(1, 2), dim=-1)  # [B, H, L]   b_t = sum of log f up to t
+
+    # Log-weight of token j in the output at t (j <= t): b_t - b_j + i_gate_j.
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # [L(t), L(j)]
+    logw = (bc[..., :, None] - bc[..., None, :] + ic[..., None, :]).masked_fill(~causal, float("-inf"))  # [B,H,L,L]
+    m = torch.maximum(bc + m0[..., None], logw.amax(dim=-1))  # [B, H, L]   the recurrent m_t
+    w_start = torch.exp(bc + m0[..., None] - m)  # [B, H, L]
+    scores = (qc @ kc.transpose(-1, -2)) * torch.exp(logw - m[..., None])  # [B, H, L, L]
+    del logw
+    num = w_start[..., None] * (qc @ C0) + scores @ vc  # [B, H, L, Dv]
+    den = w_start * torch.einsum("bhtd,bhd->bht", qc, n0) + scores.sum(dim=-1)  # [B, H, L]
+    del scores
+    h = (num / (torch.maximum(den.abs(), torch.exp(-m)) + eps)[..., None]).transpose(1, 2)  # [B, L, H, Dv]
+
+    # The chunk's own contribution to its end state, stabilised by its own max A, then the carried state.
+    a = bc[..., -1:] - bc + ic  # [B, H, L]
+    A = a.amax(dim=-1)  # [B, H]
+    wa = torch.exp(a - A[..., None])  # [B, H, L]
+    b_end = bc[..., -1]  # [B, H]
+    m_new = torch.maximum(b_end + m0, A)  # [B, H]
+    carry, own = torch.exp(b_end + m0 - m_new), torch.exp(A - m_new)  # [B, H]
+    C1 = carry[..., None, None] * C0 + own[..., None, None] * torch.einsum("bhj,bhjd,bhjv->bhdv", wa, kc, vc)
+    n1 = carry[..., None] * n0 + own[..., None] * torch.einsum("bhj,bhjd->bhd", wa, kc)  # [B, H, D]
+    return h, (C1, n1, m_new)
+
+
 def mlstm_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -73,6 +112,11 @@ def mlstm_chunked(
 
     q, k [B,T,H,D]; v [B,T,H,Dv]; i_gate, log_f [B,T,H]; state MlstmState | None (the empty state)
     -> (h [B,T,H,Dv] in q's dtype, final MlstmState in the work dtype). Oracle: `mlstm_reference`.
+
+    Chunks run one at a time (runtime/chunk_recompute.py; a last chunk may be shorter, so no padding): one
+    chunk's [B,H,L,L] log-weights and scores are live at a time, and under autograd only the inputs and
+    each chunk's fp32 start state (C, n, m) are kept, the backward recomputing each chunk (as the xLSTM
+    kernels keep their inputs and chunk states).
     """
     if chunk < 1:
         raise ValueError(f"mlstm_chunked: chunk must be >= 1, got {chunk}")
@@ -82,58 +126,12 @@ def mlstm_chunked(
     scale = D**-0.5 if scale is None else scale
     if state is None:
         state = mlstm_empty_state(Bsz, H, D, Dv, dtype=work, device=q.device)
-    Cs, ns, ms = (s.to(work) for s in state)
+    start = tuple(s.to(work) for s in state)
     if T == 0:  # an empty prefill leaves the state as it was
-        return q.new_zeros(Bsz, 0, H, Dv), MlstmState(Cs, ns, ms)
-    L = chunk
-    pad = (L - T % L) % L
-    nc = (T + pad) // L
-
-    def chunks(t: torch.Tensor, fill: float) -> torch.Tensor:
-        """[B, T, H, ...] -> [B, nc, H, L, ...], padded with `fill`."""
-        t = t.to(work)
-        t = torch.cat([t, t.new_full((Bsz, pad, *t.shape[2:]), fill)], dim=1)
-        return t.reshape(Bsz, nc, L, *t.shape[2:]).transpose(2, 3)
-
-    # Padding tokens add nothing (input gate exp(-inf) = 0) and forget nothing (log f = 0).
-    qc, kc, vc = chunks(q * scale, 0.0), chunks(k, 0.0), chunks(v, 0.0)  # [B, nc, H, L, D|Dv]
-    ic = chunks(i_gate, float("-inf"))  # [B, nc, H, L]
-    bc = torch.cumsum(chunks(log_f, 0.0), dim=-1)  # [B, nc, H, L]   b_t = sum of log f up to t in the chunk
-
-    # Log-weight of token j in the output at t (j <= t): b_t - b_j + i_gate_j.
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # [L(t), L(j)]
-    logw = (bc[..., :, None] - bc[..., None, :] + ic[..., None, :]).masked_fill(~causal, float("-inf"))
-    m_intra = logw.amax(dim=-1)  # [B, nc, H, L]
-
-    # Each chunk's own contribution to its end state, stabilised by its own max A.
-    a = bc[..., -1:] - bc + ic  # [B, nc, H, L]
-    A = a.amax(dim=-1)  # [B, nc, H]
-    wa = torch.exp(a - A[..., None])  # [B, nc, H, L]
-    C_own = torch.einsum("bchj,bchjd,bchjv->bchdv", wa, kc, vc)  # [B, nc, H, D, Dv]
-    n_own = torch.einsum("bchj,bchjd->bchd", wa, kc)  # [B, nc, H, D]
-    b_end = bc[..., -1]  # [B, nc, H]
-
-    starts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for c in range(nc):
-        starts.append((Cs, ns, ms))
-        m_new = torch.maximum(b_end[:, c] + ms, A[:, c])  # [B, H]
-        carry = torch.exp(b_end[:, c] + ms - m_new)  # [B, H]
-        own = torch.exp(A[:, c] - m_new)
-        Cs = carry[..., None, None] * Cs + own[..., None, None] * C_own[:, c]  # [B, H, D, Dv]
-        ns = carry[..., None] * ns + own[..., None] * n_own[:, c]  # [B, H, D]
-        ms = m_new
-    C0 = torch.stack([s[0] for s in starts], dim=1)  # [B, nc, H, D, Dv]
-    n0 = torch.stack([s[1] for s in starts], dim=1)  # [B, nc, H, D]
-    m0 = torch.stack([s[2] for s in starts], dim=1)  # [B, nc, H]
-
-    m = torch.maximum(bc + m0[..., None], m_intra)  # [B, nc, H, L]   the recurrent m_t
-    w_start = torch.exp(bc + m0[..., None] - m)  # [B, nc, H, L]
-    scores = (qc @ kc.transpose(-1, -2)) * torch.exp(logw - m[..., None])  # [B, nc, H, L, L]
-    num = w_start[..., None] * (qc @ C0) + scores @ vc  # [B, nc, H, L, Dv]
-    den = w_start * torch.einsum("bchtd,bchd->bcht", qc, n0) + scores.sum(dim=-1)  # [B, nc, H, L]
-    h = num / (torch.maximum(den.abs(), torch.exp(-m)) + eps)[..., None]
-    h = h.transpose(2, 3).reshape(Bsz, nc * L, H, Dv)[:, :T]  # [B, T, H, Dv]
-    return h.to(q.dtype), MlstmState(Cs, ns, ms)
+        return q.new_zeros(Bsz, 0, H, Dv), MlstmState(*start)
+    step = functools.partial(_mlstm_chunk, scale=scale, eps=eps)
+    h, last = run_chunks(step, (q, k, v, i_gate, log_f), (), start, chunk=chunk, out_dtype=q.dtype)
+    return h, MlstmState(*last)
 
 
 def mlstm_step(

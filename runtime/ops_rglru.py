@@ -15,14 +15,18 @@ dropped (a_t -> 0) and the input is not scaled by sqrt(1 - a_t^2), so h_t = i_t 
 
 `rglru_scan` (chunks of C tokens): inside a chunk, a log-depth Hillis-Steele scan over the per-token
 (decay, input) pairs, (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2), which only multiplies decays in [0, 1)
-and so cannot overflow; the state crosses chunk boundaries once per chunk (T/C Python steps, never T).
+and so cannot overflow; the chunks run one after another (T/C Python steps, never T).
 `rglru_step` is the decode form; `rglru_scan_reference` is the token-loop oracle of both.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from ltmdsl.runtime.chunk_recompute import run_chunks
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -50,6 +54,22 @@ def _coefficients(
     return a, scale * gate_x.to(work) * x.to(work)
 
 
+def _rglru_chunk(seq: tuple, shared: tuple, state: tuple, *, c: float) -> tuple[torch.Tensor, tuple]:
+    """One chunk of L tokens: (x, gate_x, gate_a [B,L,W], reset [B,L] | None), (a_param [W],), (h [B,W],)
+    -> (h_t [B,L,W], (h_end,)) in the work dtype: the log-depth scan from the carried state."""
+    x, gate_x, gate_a, reset = seq
+    (a_param,), (h,) = shared, state
+    L = x.shape[1]
+    a, b = _coefficients(x, gate_x, gate_a, a_param, reset, c, h.dtype)  # [B, L, W]
+    off = 1
+    while off < L:  # after this loop a_t = prod_{s<=t} a_s and b_t = the zero-start state at t
+        b = torch.cat([b[:, :off], torch.addcmul(b[:, off:], a[:, off:], b[:, :-off])], dim=1)
+        a = torch.cat([a[:, :off], a[:, off:] * a[:, :-off]], dim=1)
+        off *= 2
+    hs = torch.addcmul(b, a, h[:, None])  # [B, L, W]   h_t including the carried-in state
+    return hs, (hs[:, -1],)
+
+
 def rglru_scan(
     x: torch.Tensor,
     gate_x: torch.Tensor,
@@ -65,28 +85,20 @@ def rglru_scan(
 
     x, gate_x (i_t), gate_a (r_t) [B,T,W]; a_param [W]; reset [B,T] bool | None; state [B,W] | None (zeros)
     -> (y [B,T,W] in x's dtype, final_state [B,W] in the work dtype). Oracle: `rglru_scan_reference`.
+
+    Chunks run one at a time (runtime/chunk_recompute.py): under autograd only the inputs and each chunk's
+    fp32 start state [B,W] are kept, the backward recomputing each chunk's scan.
     """
     if chunk < 1:
         raise ValueError(f"rglru_scan: chunk must be >= 1, got {chunk}")
     work = _work_dtype(x)
     Bsz, T, W = x.shape
     h = torch.zeros(Bsz, W, dtype=work, device=x.device) if state is None else state.to(work)  # [B, W]
-    ys = []
-    for c0 in range(0, T, chunk):
-        c1 = min(c0 + chunk, T)
-        L = c1 - c0
-        r = None if reset is None else reset[:, c0:c1]
-        a, b = _coefficients(x[:, c0:c1], gate_x[:, c0:c1], gate_a[:, c0:c1], a_param, r, c, work)  # [B, L, W]
-        off = 1
-        while off < L:  # after this loop a_t = prod_{s<=t} a_s and b_t = the zero-start state at t
-            b = torch.cat([b[:, :off], torch.addcmul(b[:, off:], a[:, off:], b[:, :-off])], dim=1)
-            a = torch.cat([a[:, :off], a[:, off:] * a[:, :-off]], dim=1)
-            off *= 2
-        hs = torch.addcmul(b, a, h[:, None])  # [B, L, W]   h_t including the carried-in state
-        ys.append(hs)
-        h = hs[:, -1]
-    y = torch.cat(ys, dim=1) if ys else x.new_zeros(Bsz, 0, W, dtype=work)
-    return y.to(x.dtype), h
+    if T == 0:
+        return x.new_zeros(Bsz, 0, W), h
+    step = functools.partial(_rglru_chunk, c=c)
+    y, (h,) = run_chunks(step, (x, gate_x, gate_a, reset), (a_param,), (h,), chunk=chunk, out_dtype=x.dtype)
+    return y, h
 
 
 def rglru_step(

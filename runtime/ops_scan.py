@@ -17,10 +17,33 @@ from __future__ import annotations
 
 import torch
 
+from ltmdsl.runtime.chunk_recompute import run_chunks
+
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
     """Scans run in fp32, or fp64 when given fp64 (the oracle precision)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _scan_chunk(seq: tuple, shared: tuple, state: tuple) -> tuple[torch.Tensor, tuple]:
+    """One chunk of L tokens: (u, delta, Bm, Cm) [B,L,*], (A,), (h [B,Di,N],) -> (y [B,L,Di], (h_end,)), in
+    the work dtype: the log-depth scan of the pairs (exp(delta A), delta B u) from the carried state."""
+    u, delta, Bm, Cm = seq
+    (A,), (h,) = shared, state
+    work = h.dtype
+    L = u.shape[1]
+    dt = delta.to(work)  # [B, L, Di]
+    a = torch.exp(dt[..., None] * A)  # [B, L, Di, N]   per-token decay
+    b = (dt * u.to(work))[..., None] * Bm[:, :, None, :].to(work)  # [B, L, Di, N]
+    off = 1
+    while off < L:  # after this loop a_t = prod_{s<=t} a_s and b_t = the zero-start state at t
+        b = torch.cat([b[:, :off], torch.addcmul(b[:, off:], a[:, off:], b[:, :-off])], dim=1)
+        a = torch.cat([a[:, :off], a[:, off:] * a[:, :-off]], dim=1)
+        off *= 2
+    hs = torch.addcmul(b, a, h[:, None])  # [B, L, Di, N]   h_t including the carried-in state
+    del a, b
+    y = torch.einsum("bldn,bln->bld", hs, Cm.to(work))  # [B, L, Di]
+    return y, (hs[:, -1],)
 
 
 def selective_scan(
@@ -42,30 +65,19 @@ def selective_scan(
     log-depth Hillis-Steele scan, (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2): log2(C) vectorised steps that
     only multiply decays <= 1, so no decay can overflow (an exp(-cumsum) factorisation overflows once a
     chunk's log-decay passes -88 in fp32). The carried state enters as h_t = A_t h_0 + b_t with A_t the
-    scanned decay product; the state crosses chunk boundaries once per chunk.
+    scanned decay product; the state crosses chunk boundaries once per chunk. Chunks run one at a time
+    (runtime/chunk_recompute.py): under autograd only the inputs and each chunk's fp32 start state
+    [B,Di,N] are kept, and the backward recomputes each chunk's scan, as state-spaces/mamba's
+    selective_scan keeps its inputs and chunk states.
     """
     work = _work_dtype(u)
     Bsz, T, Di = u.shape
     N = A.shape[1]
-    A = A.to(work)
     h = torch.zeros(Bsz, Di, N, dtype=work, device=u.device) if state is None else state.to(work)  # [B,Di,N]
-    ys = []
-    for c0 in range(0, T, chunk):
-        c1 = min(c0 + chunk, T)
-        L = c1 - c0
-        dt = delta[:, c0:c1].to(work)  # [B, L, Di]
-        a = torch.exp(dt[..., None] * A)  # [B, L, Di, N]   per-token decay
-        b = (dt * u[:, c0:c1].to(work))[..., None] * Bm[:, c0:c1, None, :].to(work)  # [B, L, Di, N]
-        off = 1
-        while off < L:  # after this loop a_t = prod_{s<=t} a_s and b_t = the zero-start state at t
-            b = torch.cat([b[:, :off], torch.addcmul(b[:, off:], a[:, off:], b[:, :-off])], dim=1)
-            a = torch.cat([a[:, :off], a[:, off:] * a[:, :-off]], dim=1)
-            off *= 2
-        hs = torch.addcmul(b, a, h[:, None])  # [B, L, Di, N]   h_t including the carried-in state
-        ys.append(torch.einsum("bldn,bln->bld", hs, Cm[:, c0:c1].to(work)))  # [B, L, Di]
-        h = hs[:, -1]
-    y = torch.cat(ys, dim=1) if ys else u.new_zeros(Bsz, 0, Di, dtype=work)
-    return y.to(u.dtype), h
+    if T == 0:
+        return u.new_zeros(Bsz, 0, Di), h
+    y, (h,) = run_chunks(_scan_chunk, (u, delta, Bm, Cm), (A.to(work),), (h,), chunk=chunk, out_dtype=u.dtype)
+    return y, h
 
 
 def selective_step(

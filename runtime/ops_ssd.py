@@ -6,15 +6,16 @@ Per head h (scalar decay a = dt * A[h]), with group g(h) = h // (Hs / G) supplyi
 
 `ssd_scan` is the chunked algorithm of Dao & Gu (2024) as in transformers' `mamba2_chunk_scan`: within
 each chunk of C tokens a masked decay matrix exp(segsum) turns the scan into attention-like matmuls
-(diagonal blocks); each chunk's end state comes from one contraction; chunk start states are passed along
-a loop over chunks (T/C steps, not T). dt is already softplus'ed and biased; no D skip, no gate.
+(diagonal block), the carried-in state adds its decayed read-out (off-diagonal block) and the chunk's end
+state comes from one contraction; the chunks run one after another (T/C steps, not T). dt is already softplus'ed and biased; no D skip, no gate.
 `ssd_step` is the decode form; `ssd_scan_reference` is the token-loop oracle of both.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ltmdsl.runtime.chunk_recompute import run_chunks
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -25,6 +26,33 @@ def _per_head(m: torch.Tensor, Hs: int) -> torch.Tensor:
     """Group-shared B or C [..., G, N] -> one copy per head [..., Hs, N]."""
     G = m.shape[-2]
     return m.repeat_interleave(Hs // G, dim=-2)
+
+
+def _ssd_chunk(seq: tuple, shared: tuple, state: tuple) -> tuple[torch.Tensor, tuple]:
+    """One chunk of L tokens: (x [B,L,Hs,P], dt [B,L,Hs], Bm, Cm [B,L,G,N]), (A [Hs],), (h [B,Hs,P,N],)
+    -> (y [B,L,Hs,P], (h_end,)) in the work dtype (the SSD block decomposition, module docstring)."""
+    x, dt, Bm, Cm = seq
+    (A,), (h,) = shared, state
+    work = h.dtype
+    Hs, L = x.shape[2], x.shape[1]
+    dtw = dt.to(work)  # [B, L, Hs]
+    xdt = x.to(work) * dtw[..., None]  # [B, L, Hs, P]   dt_s * x_s
+    b = _per_head(Bm.to(work), Hs)  # [B, L, Hs, N]
+    c = _per_head(Cm.to(work), Hs)  # [B, L, Hs, N]
+    acum = torch.cumsum(dtw * A, dim=1)  # [B, L, Hs]   cumulative log-decay a_t
+
+    # Diagonal block: y_t = sum_{s<=t} exp(a_t - a_s) (C_t . B_s) dt_s x_s.
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()  # [L(t), L(s)]
+    seg = acum[:, :, None, :] - acum[:, None, :, :]  # [B, L, L, Hs]
+    scores = torch.einsum("blhn,bshn->blsh", c, b) * seg.masked_fill(~causal[None, :, :, None], float("-inf")).exp()
+    del seg
+    y = torch.einsum("blsh,bshp->blhp", scores, xdt)  # [B, L, Hs, P]
+    del scores
+    # Off-diagonal: the carried-in state, decayed to each position; then the state leaving the chunk.
+    y = y + torch.einsum("blhn,bhpn->blhp", c, h) * acum.exp()[..., None]
+    to_end = (acum[:, -1:] - acum).exp()  # [B, L, Hs]
+    h = acum[:, -1].exp()[..., None, None] * h + torch.einsum("blhn,blh,blhp->bhpn", b, to_end, xdt)  # [B, Hs, P, N]
+    return y, (h,)
 
 
 def ssd_scan(
@@ -41,46 +69,20 @@ def ssd_scan(
 
     x [B,T,Hs,P], dt [B,T,Hs], A [Hs] (negative), Bm, Cm [B,T,G,N], state [B,Hs,P,N] | None
     -> (y [B,T,Hs,P] in x's dtype, final_state [B,Hs,P,N] in the work dtype). Oracle: `ssd_scan_reference`.
+
+    Chunks of C tokens run one at a time (runtime/chunk_recompute.py; a last chunk may be shorter, so no
+    padding): only one chunk's [B,C,C,Hs] decay and scores are ever live, and under autograd only the inputs
+    and each chunk's fp32 start state [B,Hs,P,N] are kept, the backward recomputing each chunk, as
+    state-spaces/mamba's ssd_combined keeps its inputs and chunk states.
     """
     work = _work_dtype(x)
     Bsz, T, Hs, P = x.shape
     N = Bm.shape[-1]
-    C = chunk
-    pad = (C - T % C) % C  # zero padding: dt = 0 leaves the state untouched
-    nc = (T + pad) // C
-
-    def chunks(t: torch.Tensor) -> torch.Tensor:
-        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(Bsz, nc, C, *t.shape[2:])
-
-    dtw = chunks(dt.to(work))  # [B, nc, C, Hs]
-    xdt = chunks(x.to(work)) * dtw[..., None]  # [B, nc, C, Hs, P]   dt_s * x_s
-    b = chunks(_per_head(Bm.to(work), Hs))  # [B, nc, C, Hs, N]
-    c = chunks(_per_head(Cm.to(work), Hs))  # [B, nc, C, Hs, N]
-    acum = torch.cumsum(dtw * A.to(work), dim=2)  # [B, nc, C, Hs]   cumulative log-decay a_t
-
-    # Diagonal blocks: y_t += sum_{s<=t} exp(a_t - a_s) (C_t . B_s) dt_s x_s.
-    causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()  # [C(t), C(s)]
-    seg = acum[:, :, :, None, :] - acum[:, :, None, :, :]  # [B, nc, C, C, Hs]
-    decay = seg.masked_fill(~causal[None, None, :, :, None], float("-inf")).exp()
-    scores = torch.einsum("bclhn,bcshn->bclsh", c, b) * decay  # [B, nc, C, C, Hs]
-    y = torch.einsum("bclsh,bcshp->bclhp", scores, xdt)  # [B, nc, C, Hs, P]
-
-    # Each chunk's own contribution to its end state, then the start state of every chunk.
-    to_end = (acum[:, :, -1:] - acum).exp()  # [B, nc, C, Hs]
-    contrib = torch.einsum("bclhn,bclh,bclhp->bchpn", b, to_end, xdt)  # [B, nc, Hs, P, N]
-    chunk_decay = acum[:, :, -1].exp()  # [B, nc, Hs]
     h = torch.zeros(Bsz, Hs, P, N, dtype=work, device=x.device) if state is None else state.to(work)
-    starts = []
-    for k in range(nc):
-        starts.append(h)
-        h = chunk_decay[:, k, :, None, None] * h + contrib[:, k]  # [B, Hs, P, N]
-    start = torch.stack(starts, dim=1)  # [B, nc, Hs, P, N]
-
-    # Off-diagonal blocks: the carried-in state, decayed to each position.
-    y = y + torch.einsum("bclhn,bchpn->bclhp", c, start) * acum.exp()[..., None]
-    y = y.reshape(Bsz, nc * C, Hs, P)[:, :T]  # [B, T, Hs, P]
-    return y.to(x.dtype), h
+    if T == 0:
+        return x.new_zeros(Bsz, 0, Hs, P), h
+    y, (h,) = run_chunks(_ssd_chunk, (x, dt, Bm, Cm), (A.to(work),), (h,), chunk=chunk, out_dtype=x.dtype)
+    return y, h
 
 
 def ssd_step(

@@ -3,14 +3,22 @@
 Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
     conv  b * Di/t * taps * s_bytes      SSM  b * Di/t * N * s_bytes
   taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention.
-Prefill workspace for a chunk of Cc = min(C, T) tokens: a * b * Cc/c * (5 Di/t + R + 2N)
-  (xz, conv output, delta, y; the x_proj output).
-Training activations (state-spaces/mamba `mamba_inner_fn`), per micro-batch:
-    replicated  norm input and in_proj input 2a*sbh; x_proj output a*sb*(R + 2N) (twice with Jamba's
-                inner dt/B/C norms, whose inputs are saved too)
-    split       xz 2a*sb*Di; scan output y and gated output a*sb*Di each; the scan's fp32 chunk states
-                4*b*Di*2N*ceil(s/2048) (2048-token kernel chunks); conv output and delta a*sb*Di each,
-                recomputed under selective recompute (as checkpoint_lvl=1 does)
+Prefill workspace for a chunk of Cc = min(C, T) tokens (tok = b * Cc/c, Di' = Di/t), as the runtime holds it
+(traced by `ltmdsl memory --measure`): xz, the conv output, the x_proj output and the scan output
+a * tok * (4 Di' + R + 2N) throughout, then the larger of two moments:
+    scan   the fp32 delta 4 * tok * Di' and one chunk of L = min(64, Cc/c) tokens of the log-depth scan:
+           four fp32 [b, L, Di', N] tensors (decays, inputs, their next level and its update, one token
+           short) 4 * b * Di' * N * (4L - 1), A 4 * Di' * N, the state's fp32 copy and a chunk's end state
+           8 * b * Di' * N
+    gate   (y + D x) * silu(z) in fp32: three fp32 tensors 12 * tok * Di' and the final state 4 * b * Di' * N
+Training activations per micro-batch (the runtime's scan keeps its inputs and recomputes the scan, the fp32
+delta, the skip and the gate in backward, as state-spaces/mamba's `mamba_inner_fn` does):
+    replicated  the pre-norm and the norm output fed to in_proj (`MicroBatch.base`)
+    split       xz 2a*sb*Di (z is kept), the conv's zero-padded input a*b*Di*(s + K - 1), the conv output
+                before and after its SiLU 2a*sb*Di, out_proj's input a*sb*Di;
+                x_proj's output a*sb*(R + 2N), or with Jamba's inner dt/B/C RMSNorms what each keeps
+                (eager: (f + 2a)*sb*(R + 2N) + 12*sb, f = max(4, a); fused: 2a*sb*(R + 2N))
+    Selective recompute drops nothing more: the runtime recomputes the scan's internals under every policy.
 FLOPs: a recurrent step costs 6*Di*N (discretise, update, read out) + 2*Di*K (the conv); prefill scans
 token by token, T steps.
 """
@@ -29,7 +37,7 @@ from ltmdsl.kinds.base import (
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
 R = sympy.Rational
-SCAN_CHUNK = 2048  # state-spaces/mamba selective_scan: tokens per saved fp32 chunk state
+SCAN_CHUNK = 64  # tokens per chunk of the runtime's selective_scan (ltmdsl/runtime/ops_scan.py)
 
 
 @dataclass(frozen=True)
@@ -88,18 +96,27 @@ def cache(c: MambaConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: MambaConfig, d: int, s):
-    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
-    return s.activation_dtype.bytes * tok * (5 * c.d_inner / R(s.tp) + c.dt_rank + 2 * c.d_state)
+    """The larger of the scan's and the gate's moments (module docstring)."""
+    b = per_replica(B, s.dp)
+    cc = sympy.Min(C, T) / R(s.cp)
+    tok, di, N = b * cc, c.d_inner / R(s.tp), c.d_state
+    L = sympy.Min(SCAN_CHUNK, cc)
+    held = s.activation_dtype.bytes * tok * (4 * di + c.dt_rank + 2 * N)
+    scan = 4 * tok * di + 4 * b * di * N * (4 * L - 1) + 4 * di * N + 8 * b * di * N
+    gate = 12 * tok * di + 4 * b * di * N
+    return held + sympy.Max(scan, gate)
 
 
 def stored(c: MambaConfig, x, selective: bool):
-    a, tok = x.a, x.tok
-    xdbl = (c.dt_rank + 2 * c.d_state) * (2 if c.inner_norms else 1)
-    out = x.base + a * tok * xdbl + x.split(a * tok * 4 * c.d_inner)
-    out += x.split(4 * x.b * c.d_inner * 2 * c.d_state * sympy.ceiling(x.s / SCAN_CHUNK))
-    if not selective:
-        out += x.split(2 * a * tok * c.d_inner)
-    return out
+    """Module docstring; the same under selective recompute."""
+    a, tok, N = x.a, x.tok, c.d_state
+    if not c.inner_norms:
+        xdbl = a * tok * (c.dt_rank + 2 * N)
+    elif x.eager:
+        xdbl = (max(4, a) + 2 * a) * tok * (c.dt_rank + 2 * N) + 12 * tok
+    else:
+        xdbl = 2 * a * tok * (c.dt_rank + 2 * N)
+    return x.base + xdbl + x.split(6 * a * tok * c.d_inner + a * x.b * c.d_inner * (c.d_conv - 1))
 
 
 def step_flops(c: MambaConfig) -> int:

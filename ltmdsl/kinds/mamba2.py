@@ -3,15 +3,22 @@
 Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
     conv  b * (Di + 2GN)/t * taps * s_bytes      SSM  b * Hs/t * P * N * s_bytes
   taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention.
-Prefill workspace for a chunk of Cc = min(C, T) tokens:
-    a * b * Cc/c * (4 Di + 4GN + Hs)/t + 4 * b * Hs/t * P * N * ceil(Cc/chunk_ssd)
-  (zxbcdt, conv output, y; the fp32 chunk states of the SSD scan)
-Training activations (`mamba_split_conv1d_scan_combined`), per micro-batch:
-    replicated  norm input and in_proj input 2a*sbh
-    split       zxbcdt a*sb*(2Di + 2GN + Hs); scan output a*sb*Di; conv output a*sb*(Di + 2GN), fp32 dt
-                4*sb*Hs and the gated-norm output a*sb*Di, the last three recomputed under selective
-                recompute (the fused kernel saves only zxbcdt, the scan output and rstd). SSD chunk
-                states are recomputed in the backward pass: no O(T/C) term.
+Prefill workspace for a chunk of Cc = min(C, T) tokens (tok = b * Cc/c; Di', Hs' and conv_dim' = Di + 2GN
+over t), as the runtime holds it (traced by `ltmdsl memory --measure`): zxbcdt, the conv output and the scan
+output a * tok * (2Di + 2GN + Hs + conv_dim + Di)/t and the fp32 dt 4 * tok * Hs' throughout, then the
+larger of two moments:
+    scan   one SSD chunk of L = min(chunk, Cc/c) tokens: four fp32 [b, L, L, Hs'] tensors (segment sums,
+           masked, exponentiated, C.B scores) 16 * b * L^2 * Hs', B and C per head 8 * b * L * Hs' * N,
+           dt * x 4 * b * L * Di', the fp32 state 4 * b * Hs' * P * N
+    gate   y + D x, y * silu(z), its normalised copy and the weighted output in fp32 16 * tok * Di' (12
+           without the gated norm: y + D x, silu(z) and the product) and the final state 4 * b * Hs' * P * N
+Training activations per micro-batch (the runtime's scan keeps its inputs and recomputes the scan, the
+fp32 dt, the skip and the gated norm in backward, as `mamba_split_conv1d_scan_combined` keeps zxbcdt):
+    replicated  the pre-norm and the norm output fed to in_proj (`MicroBatch.base`)
+    split       zxbcdt a*sb*(2Di + 2GN + Hs) (z and dt are kept), the conv's zero-padded input
+                a*b*conv_dim*(s + K - 1), the conv output before and after its SiLU 2a*sb*conv_dim,
+                out_proj's input a*sb*Di. No SSD chunk state is kept: no O(T/C) term.
+    Selective recompute drops nothing more: the runtime recomputes the scan's internals under every policy.
 FLOPs: a recurrent step costs 6*Hs*P*N + 2*conv_dim*K; prefill runs SSD in chunks of L = min(chunk, T):
 per token 2L*G*N (C.B^T) + 2L*Hs*P (masked mixing) + 4*Hs*P*N (chunk states, read-out) + the conv.
 """
@@ -100,22 +107,25 @@ def cache(c: Mamba2Config, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: Mamba2Config, d: int, s):
+    """The larger of the SSD chunk's and the gate's moments (module docstring)."""
     b = per_replica(B, s.dp)
-    tok = b * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
-    t = R(s.tp)
-    zxbcdt = 2 * c.d_inner + 2 * c.n_groups * c.d_state + c.heads
-    chunks = sympy.ceiling(sympy.Min(C, T) / c.chunk)
-    return s.activation_dtype.bytes * tok * (zxbcdt + c.conv_dim + c.d_inner) / t \
-        + 4 * b * c.heads / t * c.head_dim * c.d_state * chunks
+    cc = sympy.Min(C, T) / R(s.cp)
+    tok, t = b * cc, R(s.tp)
+    hs, di, N = c.heads / t, c.d_inner / t, c.d_state
+    L = sympy.Min(c.chunk, cc)
+    zxbcdt = 2 * c.d_inner + 2 * c.n_groups * N + c.heads
+    held = s.activation_dtype.bytes * tok * (zxbcdt + c.conv_dim + c.d_inner) / t + 4 * tok * hs
+    state = 4 * b * hs * c.head_dim * N
+    scan = 16 * b * L**2 * hs + 8 * b * L * hs * N + 4 * b * L * di + state
+    gate = (16 if c.gated_norm else 12) * tok * di + state
+    return held + sympy.Max(scan, gate)
 
 
 def stored(c: Mamba2Config, x, selective: bool):
+    """Module docstring; the same under selective recompute."""
     a, tok = x.a, x.tok
     zxbcdt = 2 * c.d_inner + 2 * c.n_groups * c.d_state + c.heads
-    out = x.base + x.split(a * tok * (zxbcdt + c.d_inner))
-    if not selective:
-        out += x.split(a * tok * (c.conv_dim + c.d_inner) + 4 * tok * c.heads)
-    return out
+    return x.base + x.split(a * tok * (zxbcdt + 3 * c.conv_dim + c.d_inner) + a * x.b * c.conv_dim * (c.d_conv - 1))
 
 
 def step_flops(c: Mamba2Config) -> int:

@@ -12,14 +12,21 @@ The layer (H heads; Qk = `qk_dim` total, Dqk = Qk/H per head; V = `v_dim`, Dv = 
 Parameters: 2dQk + 2dV + 2(dH + H) + V d + V, plus 2Qk + 2V + V + d with bias.
 Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
     C  b * H/t * Dqk * Dv * s_bytes      n  b * H/t * Dqk * s_bytes      m  b * H/t * s_bytes
-Prefill workspace for a chunk of Cc = min(C, T) tokens in mLSTM chunks of L = min(chunk, Cc):
-a * b * Cc/c * (2Qk + 3V + 2H)/t (q, k, v, o, gates, h) plus fp32 in-chunk log-weights and scores
-2 * 4 * b * H/t * Cc * L and the per-chunk states 2 * 4 * b * H/t * (Dqk Dv + Dqk + 1) * ceil(Cc/L).
-Training activations per micro-batch:
-    replicated  norm input and the projections' input 2a*sbh
-    split       q, k, v, o, the gate pre-activations, h and the out_proj input: a*sb*(2Qk + 3V + 2H) and
-                the fp32 state at each chunk start 4*b*H*(Dqk Dv + Dqk + 1)*ceil(s/chunk); the normed h
-                and sigmoid(o) (2a*sbV) recomputed under selective recompute
+Prefill workspace for a chunk of Cc = min(C, T) tokens (tok = b * Cc/c, H' = H/t, S = Dqk Dv + Dqk + 1 values
+of state per head), as the runtime holds it (traced by `ltmdsl memory --measure`): q, k, v, o, the gate
+pre-activations and h a * tok * (2Qk + 3V + 2H)/t and the fp32 gates 8 * tok * H' throughout, then the larger
+of two moments:
+    scan   one chunk of L = min(chunk, Cc/c) tokens: the state's fp32 copy, the chunk's own contribution
+           and the state leaving it 12 * b * H' * S; fp32 q, k, v, q.C, the numerator and h of the chunk
+           4 * b * L * (2Qk + 4V)/t; log-weights, scores and their weights 16 * b * H' * L^2
+    norm   sigmoid(o) a * tok * V/t, the per-head LayerNorm's two fp32 working copies 8 * tok * V/t and the
+           final state 4 * b * H' * S
+Training activations per micro-batch (the runtime's chunked mLSTM keeps its inputs and recomputes the fp32
+gates, the recurrence, the norm and the output gate in backward, as the xLSTM kernels keep their inputs):
+    replicated  the pre-norm and the norm output fed to the projections (`MicroBatch.base`)
+    split       q, k, v, o, the two gate pre-activations and out_proj's input a*sb*(2Qk + 3V + 2H); no
+                chunk state is kept
+    Selective recompute drops nothing more: the runtime recomputes the cell's internals under every policy.
 FLOPs beyond the parameters' 2 per token: a step costs 5H Dqk Dv + 5H Dqk (decay and update of C and n,
 read-out of both); prefill in chunks of L = min(chunk, T) costs per token 2L H (Dqk + Dv) (in-chunk
 products) + 4H Dqk Dv + 4H Dqk (inter-chunk read-out and the chunk's own contribution), plus
@@ -105,20 +112,22 @@ def cache(c: MlstmConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: MlstmConfig, d: int, s):
+    """The larger of the chunk's and the norm's moments (module docstring)."""
     b = per_replica(B, s.dp)
     cc = sympy.Min(C, T) / R(s.cp)
+    tok, t = b * cc, R(s.tp)
     L = sympy.Min(c.chunk, cc)
     h = R(c.heads, s.tp)
-    return (s.activation_dtype.bytes * b * cc * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads) / R(s.tp)
-            + 8 * b * h * cc * L + 8 * b * h * (c.dqk * c.dv + c.dqk + 1) * sympy.ceiling(cc / L))
+    S = c.dqk * c.dv + c.dqk + 1
+    held = s.activation_dtype.bytes * tok * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads) / t + 8 * tok * h
+    scan = 12 * b * h * S + 4 * b * L * (2 * c.qk_dim + 4 * c.v_dim) / t + 16 * b * h * L**2
+    norm = (s.activation_dtype.bytes + 8) * tok * c.v_dim / t + 4 * b * h * S
+    return held + sympy.Max(scan, norm)
 
 
 def stored(c: MlstmConfig, x, selective: bool):
-    out = x.base + x.split(x.a * x.tok * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads))
-    out += x.split(4 * x.b * c.heads * (c.dqk * c.dv + c.dqk + 1) * sympy.ceiling(x.s / c.chunk))
-    if not selective:
-        out += x.split(2 * x.a * x.tok * c.v_dim)
-    return out
+    """Module docstring; the same under selective recompute."""
+    return x.base + x.split(x.a * x.tok * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads))
 
 
 def step_flops(c: MlstmConfig) -> int:

@@ -13,13 +13,19 @@ Parameters: 2(dW + W) + (Wd + d) + (WK + W) + W + 2(W^2/H + W).
 Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
     conv  b * W/t * taps * s_bytes (taps = K "full" or K - 1 "minus_one", as RecurrentGemma keeps them)
     rg_lru  b * W/t * s_bytes
-Prefill workspace for a chunk of Cc = min(C, T) tokens, as the runtime's chunked scan holds it at its peak
-(traced by `ltmdsl memory --measure`): a * b * Cc/c * 7W/t (y before and after its activation, x, the conv
-output, the two gates and the scan's output h) plus one fp32 tensor of the scan, 4 * b * Cc/c * W/t.
-Training activations per micro-batch:
-    replicated  norm input and the projections' input 2a*sbh
-    split       y and x pre-activation, conv output, the two gate pre-activations, h and h*y: 7a*sbW;
-                the GeLU output and the two sigmoid gates (3a*sbW) recomputed under selective recompute
+Prefill workspace for a chunk of Cc = min(C, T) tokens (tok = b * Cc/c, W' = W/t), as the runtime holds it
+(traced by `ltmdsl memory --measure`): linear_y's output, the conv output, the two gates and the scan's output
+h a * tok * 5W' and the fp32 state 4 * b * W', then the larger of two moments:
+    scan   one chunk of L = min(chunk, Cc/c) tokens of the log-depth scan: six fp32 [b, L, W'] tensors
+           24 * b * L * W'
+    out    act(y) and h * act(y): 2a * tok * W'
+Training activations per micro-batch (the runtime's scan keeps its inputs and recomputes the activation, the
+gates and the recurrence in backward):
+    replicated  the pre-norm and the norm output fed to the projections (`MicroBatch.base`); the reset flags,
+                one byte per position s
+    split       linear_y's output, the conv output and linear_out's input 3a*sbW, the conv's zero-padded
+                input a*b*W*(s + K - 1)
+    Selective recompute drops nothing more: the runtime recomputes the block's internals under every policy.
 FLOPs beyond the parameters' 2 per token: a step costs 2WK (the conv) + 8W (decay, input scale, update
 and output gate); prefill counts the same work for each of the T tokens.
 """
@@ -82,15 +88,17 @@ def cache(c: RgLruConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: RgLruConfig, d: int, s):
-    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
-    return (s.activation_dtype.bytes * 7 + 4) * tok * c.width / R(s.tp)
+    """The larger of the scan chunk's and the output's moments (module docstring)."""
+    b = per_replica(B, s.dp)
+    cc = sympy.Min(C, T) / R(s.cp)
+    tok, w = b * cc, c.width / R(s.tp)
+    a = s.activation_dtype.bytes
+    return 5 * a * tok * w + 4 * b * w + sympy.Max(24 * b * sympy.Min(c.chunk, cc) * w, 2 * a * tok * w)
 
 
 def stored(c: RgLruConfig, x, selective: bool):
-    out = x.base + x.split(x.a * x.tok * 7 * c.width)
-    if not selective:
-        out += x.split(x.a * x.tok * 3 * c.width)
-    return out
+    """Module docstring; the same under selective recompute."""
+    return x.base + x.s + x.split(3 * x.a * x.tok * c.width + x.a * x.b * c.width * (x.s + c.d_conv - 1))
 
 
 def step_flops(c: RgLruConfig) -> int:

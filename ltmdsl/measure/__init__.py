@@ -97,9 +97,6 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
     _supported(model, s)
     stage_index = r.most_loaded_stage
     cost.check(model, s, stage_index)
-    if s.mode == "training" and s.recompute == "selective" and any(l.kind in ("mamba", "mamba2") for l in model.layers):
-        notes.append("selective recompute of Mamba/Mamba-2 internals is not simulated: those layers trace as "
-                     "recompute = none")
     from ltmdsl.runtime.build import TORCH_DTYPES, construct
     from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
 

@@ -10,8 +10,8 @@
 Recompute, as the memory model defines it (ltmdsl/memory/activations.py):
     none       plain autograd
     selective  without flash attention the attention core runs under torch.utils.checkpoint (its s*T scores
-               are recomputed); with flash there is nothing to drop. Mamba's and Mamba-2's internal
-               selective recompute is not simulated (traced as `none`, said in the notes)
+               are recomputed); with flash there is nothing to drop. The recurrent kinds' scans recompute
+               their internals under every policy (their ops do), so they trace as they run
     full       each unit (a mixer and the FFN after it) runs under torch.utils.checkpoint, which keeps only
                the unit's input; the working set (one unit's activations, live again while it back-propagates)
                is traced by running the largest unit once without the checkpoint

@@ -23,8 +23,9 @@ The paper's GPT block (MHA, a=2, dropout, no flash) is 13sbh + 5as^2b for attent
 GELU MLP; both together sbh(34 + 5as/h), with TP sbh(10 + 24/t + 5as/(ht)) (`korthikanti_per_layer`).
 Recompute:
     none       everything each kind's `stored` facet lists
-    selective  drops the attention core (eager: the s*T terms), Mamba's conv output and delta, and
-               Mamba-2's conv output, dt and norm output: all cheap to recompute
+    selective  drops the attention core (eager: the s*T terms); the recurrent kinds whose runtime op
+               recomputes its scan in backward (Mamba-1, Mamba-2, mLSTM, RG-LRU: ltmdsl/runtime/
+               chunk_recompute.py) already keep only its inputs, so selective drops nothing more there
     full       only each checkpoint's input a*sbh (replicated) is stored; a checkpoint is a mixer
                sub-layer together with the FFN that follows it (a GPT layer stores 2sbh, as in the paper).
                One checkpoint's full activations are live again while it back-propagates (the

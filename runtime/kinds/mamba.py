@@ -29,6 +29,7 @@ from ltmdsl.kinds.mamba import MambaConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_scan
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, segmented, shard_parameters, sum_over_tp
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
@@ -145,8 +146,8 @@ class Mamba(nn.Module):
             if n is not None:
                 n.init_weights(gen)
 
-    def _ssm_inputs(self, x: torch.Tensor):
-        """x [..., Di] (after conv) -> delta [..., Di] (fp32, softplus'ed), Bm [..., N], Cm [..., N].
+    def _xdbl(self, x: torch.Tensor):
+        """x [..., Di] (after conv) -> dt [..., R], Bm, Cm [..., N]: x_proj's output (Jamba: each RMSNorm'ed).
 
         On a tp rank (tp_plan) x holds Di/t channels: x_proj's product is this rank's part of the sum over
         channels, summed over the ranks; dt, B and C are then whole on every rank, and since each rank's
@@ -162,30 +163,64 @@ class Mamba(nn.Module):
             dt, Bm, Cm = self.dt_layernorm(dt), self.b_layernorm(Bm), self.c_layernorm(Cm)
         if mesh is not None:
             dt, Bm, Cm = (copy_to_tp(v, mesh.get_group()) for v in (dt, Bm, Cm))
+        return dt, Bm, Cm
+
+    @staticmethod
+    def _delta(dt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """dt [..., R] -> softplus(dt_proj(dt)) [..., Di] in fp32 (fp64 for fp64 inputs), the bias added in fp32."""
+        work = torch.float64 if dt.dtype == torch.float64 else torch.float32
+        return F.softplus(F.linear(dt, weight).to(work) + bias.to(work))
+
+    @staticmethod
+    def _A_of(A_log: torch.Tensor) -> torch.Tensor:
+        work = torch.float64 if A_log.dtype == torch.float64 else torch.float32
+        return -torch.exp(A_log.to(work))  # [Di, N]
+
+    @staticmethod
+    def _gate(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        """(y + D x) * silu(z) [..., Di], the skip and gate in fp32 like HF, cast back to x's dtype."""
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dt = F.linear(dt, local(self.dt_proj.weight)).to(work) + local(self.dt_proj.bias).to(work)  # [..., Di]
-        return F.softplus(dt), Bm, Cm
+        return ((y.to(work) + x.to(work) * D.to(work)) * F.silu(z.to(work))).to(x.dtype)
+
+    def _params(self) -> tuple:
+        """(dt_proj weight, dt_proj bias, A_log, D): this rank's channels under tp (`local`)."""
+        return local(self.dt_proj.weight), local(self.dt_proj.bias), local(self.A_log), local(self.D)
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x [..., Di] (after conv) -> delta [..., Di] (fp32, softplus'ed), Bm [..., N], Cm [..., N]."""
+        dt, Bm, Cm = self._xdbl(x)
+        weight, bias, _, _ = self._params()
+        return self._delta(dt, weight, bias), Bm, Cm
 
     def _A(self, like: torch.Tensor) -> torch.Tensor:
-        work = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return -torch.exp(local(self.A_log).to(work))  # [Di, N] (Di/t on a tp rank)
+        return self._A_of(local(self.A_log))  # [Di, N] (Di/t on a tp rank)
 
     def _gate_out(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """y [..., Di] -> out_proj((y + D x) * silu(z)) [..., d], the skip and gate in fp32 like HF."""
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y = (y.to(work) + x.to(work) * local(self.D).to(work)) * F.silu(z.to(work))
-        return self.out_proj(y.to(x.dtype))
+        """y [..., Di] -> out_proj((y + D x) * silu(z)) [..., d]."""
+        return self.out_proj(self._gate(y, x, z, local(self.D)))
+
+    def _core(self, x, dt, Bm, Cm, z, dt_weight, dt_bias, A_log, D, state=None):
+        """From the conv output and x_proj's dt, B, C to out_proj's input: delta, the scan, the D skip and the
+        z gate -> ((y + D x) * silu(z) [B,T,Di], final state [B,Di,N])."""
+        y, h = self.kernels.selective_scan(x, self._delta(dt, dt_weight, dt_bias), self._A_of(A_log), Bm, Cm,
+                                           state=state)  # [B, T, Di], [B, Di, N]
+        return self._gate(y, x, z, D), h
 
     def forward(self, u: torch.Tensor, state: ConvSSMState | None = None, pos0: int = 0) -> torch.Tensor:
+        """Without a cache (training) the scan and everything between x_proj and out_proj is one `recompute`
+        region: autograd keeps x, dt/B/C and z (in xz), and the backward recomputes the fp32 delta, the scan
+        and the gate, as state-spaces/mamba's mamba_inner_fn keeps xz, x_dbl and the conv output."""
         x, z = self.in_proj(u).chunk(2, dim=-1)  # [B, T, Di] each
-        x = conv_with_state(self.kernels, x, self.conv1d, state)  # [B, T, Di]
-        delta, Bm, Cm = self._ssm_inputs(x)  # [B,T,Di], [B,T,N], [B,T,N]
-        y, h = self.kernels.selective_scan(
-            x, delta, self._A(x), Bm, Cm, state=None if state is None else state.ssm
-        )  # [B, T, Di], [B, Di, N]
-        if state is not None:
+        # [B, T, Di] in token-major memory: x_proj's input and the scan's are then one kept tensor at any batch
+        x = conv_with_state(self.kernels, x, self.conv1d, state).contiguous()
+        dt, Bm, Cm = self._xdbl(x)  # [B,T,R], [B,T,N], [B,T,N]
+        params = self._params()
+        if state is None:
+            y = recompute(lambda *a: self._core(*a)[0], x, dt, Bm, Cm, z, *params)  # [B, T, Di]
+        else:
+            y, h = self._core(x, dt, Bm, Cm, z, *params, state=state.ssm)
             state.ssm.copy_(h)
-        return self._gate_out(y, x, z)  # [B, T, d]
+        return self.out_proj(y)  # [B, T, d]
 
     def step(self, u: torch.Tensor, state: ConvSSMState, pos0: int) -> torch.Tensor:
         """One token: u [B,d] -> [B,d], advancing the conv taps and SSM state in place."""

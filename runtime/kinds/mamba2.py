@@ -28,6 +28,7 @@ from ltmdsl.kinds.mamba2 import Mamba2Config
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_ssd
 from ltmdsl.runtime.cache import CacheRequest
+from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mamba import ConvSSMState, conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm import gated_rmsnorm
@@ -115,26 +116,53 @@ class Mamba2(nn.Module):
         GN = G * self.cfg.d_state
         return zxbcdt.split([Di, Di + 2 * GN, Hs], dim=-1)
 
-    def _dt_A(self, dt: torch.Tensor):
+    @staticmethod
+    def _dt_A_of(dt: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor):
         """dt [..., Hs] -> softplus(dt + dt_bias) and A = -exp(A_log), in fp32 (fp64 for fp64 inputs)."""
         work = torch.float64 if dt.dtype == torch.float64 else torch.float32
-        return F.softplus(dt.to(work) + local(self.dt_bias).to(work)), -torch.exp(local(self.A_log).to(work))
+        return F.softplus(dt.to(work) + dt_bias.to(work)), -torch.exp(A_log.to(work))
 
-    def _finish(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """y, x [..., Hs, P], z [..., Di] -> out_proj(gated_norm(y + D x, z)) [..., d] (without the norm:
-        out_proj((y + D x) * silu(z)))."""
+    def _dt_A(self, dt: torch.Tensor):
+        return self._dt_A_of(dt, local(self.dt_bias), local(self.A_log))
+
+    def _gated(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor,
+               norm_weight: torch.Tensor | None) -> torch.Tensor:
+        """y, x [..., Hs, P], z [..., Di] -> gated_norm(y + D x, z) [..., Di] in x's dtype (without the norm:
+        (y + D x) * silu(z))."""
         cfg = self.cfg
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y = y.to(work) + x.to(work) * local(self.D).to(work)[:, None]  # [..., Hs, P]
+        y = y.to(work) + x.to(work) * D.to(work)[:, None]  # [..., Hs, P]
         y = y.flatten(-2)  # [..., Di] (Di/t on a tp rank: whole norm groups)
-        if self.norm is None:  # gated_norm = false (Falcon-H1's mamba_rms_norm false): the gate alone
+        if norm_weight is None:  # gated_norm = false (Falcon-H1's mamba_rms_norm false): the gate alone
             y = y * F.silu(z.to(work))  # [..., Di]
         else:
-            y = gated_rmsnorm(y, z, local(self.norm.weight).to(work), group_size=cfg.d_inner // cfg.n_groups,
-                              eps=self.eps)
-        return self.out_proj(y.to(x.dtype))
+            y = gated_rmsnorm(y, z, norm_weight.to(work), group_size=cfg.d_inner // cfg.n_groups, eps=self.eps)
+        return y.to(x.dtype)
+
+    def _params(self) -> tuple:
+        """(dt_bias, A_log, D, norm weight or None): this rank's heads and channels under tp (`local`)."""
+        return (local(self.dt_bias), local(self.A_log), local(self.D),
+                None if self.norm is None else local(self.norm.weight))
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, x [..., Hs, P], z [..., Di] -> out_proj(gated_norm(y + D x, z)) [..., d]."""
+        _, _, D, norm_weight = self._params()
+        return self.out_proj(self._gated(y, x, z, D, norm_weight))
+
+    def _core(self, x, Bm, Cm, dt, z, dt_bias, A_log, D, norm_weight, state=None):
+        """From the conv output's x [B,T,Hs,P], B, C [B,T,G,N] and in_proj's dt [B,T,Hs], z [B,T,Di] to
+        out_proj's input: dt and A, the SSD scan, the D skip and the gated norm -> ([B,T,Di], final state).
+        The parallel (prefill) form: dt clamped at dt_min (mamba_ssm's dt_limit, Zamba2's time_step_min)."""
+        dt, A = self._dt_A_of(dt, dt_bias, A_log)  # [B, T, Hs], [Hs]
+        if self.cfg.dt_min > 0:
+            dt = dt.clamp(min=self.cfg.dt_min)
+        y, h = self.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=self.cfg.chunk, state=state)  # [B,T,Hs,P], [B,Hs,P,N]
+        return self._gated(y, x, z, D, norm_weight), h
 
     def forward(self, u: torch.Tensor, state: ConvSSMState | None = None, pos0: int = 0) -> torch.Tensor:
+        """Without a cache (training) everything between the conv and out_proj is one `recompute` region:
+        autograd keeps the conv output and zxbcdt (z and dt), and the backward recomputes the fp32 dt, the
+        scan and the gated norm, as state-spaces/mamba's mamba_split_conv1d_scan_combined keeps zxbcdt."""
         cfg = self.cfg
         B, T, _ = u.shape
         (Di, G, Hs), N = self.sizes(), cfg.d_state
@@ -142,16 +170,14 @@ class Mamba2(nn.Module):
         xBC = conv_with_state(self.kernels, xBC, self.conv1d, state)
         x, Bm, Cm = xBC.split([Di, G * N, G * N], dim=-1)
         x = x.reshape(B, T, Hs, cfg.head_dim)  # [B, T, Hs, P]
-        dt, A = self._dt_A(dt)  # [B, T, Hs], [Hs]
-        if cfg.dt_min > 0:  # the chunked form's dt limit (mamba_ssm's dt_limit, Zamba2's time_step_min)
-            dt = dt.clamp(min=cfg.dt_min)
-        y, h = self.kernels.ssd_scan(
-            x, dt, A, Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N),
-            chunk=cfg.chunk, state=None if state is None else state.ssm,
-        )  # [B, T, Hs, P], [B, Hs, P, N]
-        if state is not None:
+        Bm, Cm = Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N)
+        params = self._params()
+        if state is None:
+            y = recompute(lambda *a: self._core(*a)[0], x, Bm, Cm, dt, z, *params)  # [B, T, Di]
+        else:
+            y, h = self._core(x, Bm, Cm, dt, z, *params, state=state.ssm)
             state.ssm.copy_(h)
-        return self._finish(y, x, z)  # [B, T, d]
+        return self.out_proj(y)  # [B, T, d]
 
     def step(self, u: torch.Tensor, state: ConvSSMState, pos0: int) -> torch.Tensor:
         """One token: u [B,d] -> [B,d], advancing the conv taps and SSM state in place."""

@@ -26,6 +26,7 @@ from ltmdsl.kinds.mlstm import MlstmConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_mlstm
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.tensor_parallel import local, shard_parameters
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.ops_mlstm import MlstmState
@@ -87,12 +88,16 @@ class MultiHeadNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., H, Dv] -> [..., H*Dv]: statistics in fp32 (fp64 stays fp64), cast back, then weight (+bias)."""
+        return self.normalise(h, local(self.weight), None if self.bias is None else local(self.bias))
+
+    def normalise(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`forward` with the weight and bias given (V/t of them under tensor parallelism)."""
         dtype = h.dtype
         x = h if dtype == torch.float64 else h.float()
         x = x - x.mean(-1, keepdim=True)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # the biased variance, as LayerNorm
-        x = x.to(dtype).flatten(-2) * local(self.weight)  # [..., V] (V/t of them under tensor parallelism)
-        return x if self.bias is None else x + local(self.bias)
+        x = x.to(dtype).flatten(-2) * weight  # [..., V]
+        return x if bias is None else x + bias
 
 
 class Mlstm(nn.Module):
@@ -122,31 +127,60 @@ class Mlstm(nn.Module):
         init.ones_(self.multihead_norm.weight)
         init.zeros_(self.multihead_norm.bias)
 
-    def _inputs(self, u: torch.Tensor):
-        """u [..., d] -> q, k [..., H, Dqk]; v, o [..., H, Dv]; i, log f [..., H] in the work dtype."""
+    def _projections(self, u: torch.Tensor):
+        """u [..., d] -> q, k [..., H, Dqk]; v [..., H, Dv]; the gates' pre-activations i, f [..., H] (u's dtype)."""
         cfg = self.cfg
-        work = torch.float64 if u.dtype == torch.float64 else torch.float32
         q, k = self.q(u), self.k(u)  # [..., H*Dqk] (H/t heads under tensor parallelism)
         heads = (*u.shape[:-1], q.shape[-1] // cfg.dqk)
         q, k = q.reshape(*heads, cfg.dqk), k.reshape(*heads, cfg.dqk)
         v = self.v(u).reshape(*heads, cfg.dv)
-        i, f = self.igate_preact(u).to(work), self.fgate_preact(u).to(work)  # [..., H]
+        return q, k, v, self.igate_preact(u), self.fgate_preact(u)
+
+    def _gates(self, i: torch.Tensor, f: torch.Tensor):
+        """Pre-activations [..., H] -> (soft-capped i, log sigmoid of the soft-capped f) in the work dtype."""
+        cfg = self.cfg
+        work = torch.float64 if i.dtype == torch.float64 else torch.float32
+        i, f = i.to(work), f.to(work)
         if cfg.soft_cap is not None:
             i, f = cfg.soft_cap * torch.tanh(i / cfg.soft_cap), cfg.soft_cap * torch.tanh(f / cfg.soft_cap)
-        return q, k, v, i, F.logsigmoid(f)
+        return i, F.logsigmoid(f)
+
+    def _inputs(self, u: torch.Tensor):
+        """u [..., d] -> q, k [..., H, Dqk]; v, o [..., H, Dv]; i, log f [..., H] in the work dtype."""
+        q, k, v, i, f = self._projections(u)
+        return (q, k, v, *self._gates(i, f))
+
+    def _gated_norm(self, h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """h [..., H, Dv], o [..., V] (the output gate's pre-activation) -> sigmoid(o) * norm(h) [..., V]."""
+        return torch.sigmoid(o) * self.multihead_norm.normalise(h.to(o.dtype), weight, bias)
 
     def _finish(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """h [..., H, Dv] -> out_proj(sigmoid(o) * norm(h)) [..., d]."""
-        return self.out_proj(torch.sigmoid(self.ogate_preact(u)) * self.multihead_norm(h.to(u.dtype)))
+        norm = self.multihead_norm
+        return self.out_proj(self._gated_norm(h, self.ogate_preact(u), local(norm.weight), local(norm.bias)))
+
+    def _core(self, q, k, v, i, f, o, weight, bias, state=None):
+        """From the projections (gates before their cap) to out_proj's input: the gates, the chunked mLSTM,
+        the per-head norm and the output gate -> (sigmoid(o) * norm(h) [B,T,V], final MlstmState)."""
+        i, log_f = self._gates(i, f)  # [B, T, H]
+        h, last = self.kernels.mlstm_chunked(q, k, v, i, log_f, chunk=self.cfg.chunk, state=state, eps=self.cfg.eps)
+        return self._gated_norm(h, o, weight, bias), last
 
     def forward(self, u: torch.Tensor, state: MlstmCache | None = None, pos0: int = 0) -> torch.Tensor:
-        q, k, v, i, log_f = self._inputs(u)  # [B, T, H, D*], [B, T, H]
-        h, last = self.kernels.mlstm_chunked(q, k, v, i, log_f, chunk=self.cfg.chunk,
-                                             state=None if state is None else state.state(), eps=self.cfg.eps)
-        if state is not None:
+        """Without a cache (training) everything between the projections and out_proj is one `recompute`
+        region: autograd keeps q, k, v, o and the gates' pre-activations, and the backward recomputes the fp32
+        gates, the chunked mLSTM and the norm (the xLSTM kernels keep their inputs)."""
+        q, k, v, i, f = self._projections(u)  # [B, T, H, D*], [B, T, H]
+        o = self.ogate_preact(u)  # [B, T, V]
+        norm = self.multihead_norm
+        params = (local(norm.weight), None if norm.bias is None else local(norm.bias))
+        if state is None:
+            y = recompute(lambda *a: self._core(*a)[0], q, k, v, i, f, o, *params)  # [B, T, V]
+        else:
+            y, last = self._core(q, k, v, i, f, o, *params, state=state.state())
             for dst, src in zip(state.tensors(), last):
                 dst.copy_(src)
-        return self._finish(h, u)  # [B, T, d]
+        return self.out_proj(y)  # [B, T, d]
 
     def step(self, u: torch.Tensor, state: MlstmCache, pos0: int) -> torch.Tensor:
         """One token: u [B,d] -> [B,d], advancing C, n and m in place."""

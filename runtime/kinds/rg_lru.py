@@ -28,6 +28,7 @@ from ltmdsl.kinds.rg_lru import RgLruConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_rglru
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
+from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.tensor_parallel import local, shard_parameters
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.short_conv import conv_step_with_taps, conv_with_taps, taps_for
@@ -88,13 +89,23 @@ class RgLru(nn.Module):
         self.recurrent_gate_weight = nn.Parameter(torch.empty(heads, bw, bw))
         self.recurrent_gate_bias = nn.Parameter(torch.empty(heads, bw))
 
+    def params(self) -> tuple[torch.Tensor, ...]:
+        """(input gate weight, bias, recurrence gate weight, bias, a_param): this rank's shards under tp."""
+        return tuple(local(p) for p in (self.input_gate_weight, self.input_gate_bias, self.recurrent_gate_weight,
+                                         self.recurrent_gate_bias, self.recurrent_param))
+
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., W] -> (input gate, recurrence gate) [..., W]: sigmoid of each block's x_h W_h + b_h."""
-        bx, ba = local(self.input_gate_bias), local(self.recurrent_gate_bias)  # [H, W/H] (H/t under tp)
-        xb = x.reshape(*x.shape[:-1], *bx.shape)  # [..., H, W/H]
-        gx = torch.einsum("...hi,hij->...hj", xb, local(self.input_gate_weight)) + bx
-        ga = torch.einsum("...hi,hij->...hj", xb, local(self.recurrent_gate_weight)) + ba
-        return torch.sigmoid(gx).flatten(-2), torch.sigmoid(ga).flatten(-2)
+        return gates_of(x, *self.params()[:4])
+
+
+def gates_of(x: torch.Tensor, wx: torch.Tensor, bx: torch.Tensor, wa: torch.Tensor, ba: torch.Tensor):
+    """x [..., W] -> (sigmoid(x_h wx_h + bx_h), sigmoid(x_h wa_h + ba_h)) [..., W] over the H blocks of W/H
+    (weights [H, W/H, W/H], biases [H, W/H])."""
+    xb = x.reshape(*x.shape[:-1], *bx.shape)  # [..., H, W/H]
+    gx = torch.einsum("...hi,hij->...hj", xb, wx) + bx
+    ga = torch.einsum("...hi,hij->...hj", xb, wa) + ba
+    return torch.sigmoid(gx).flatten(-2), torch.sigmoid(ga).flatten(-2)
 
 
 class RecurrentBlock(nn.Module):
@@ -128,19 +139,29 @@ class RecurrentBlock(nn.Module):
         u = 0.9**2 + 1e-8 + (0.999**2 - 0.9**2) * torch.rand(self.cfg.width, generator=gen, dtype=torch.float64)
         init.assign_(lru.recurrent_param, torch.log(u.pow(-0.5) - 1.0))
 
+    def _core(self, y, x, reset, wx, bx, wa, ba, a_param, state=None):
+        """From linear_y's output and the conv output x [B,T,W] to linear_out's input: the activation, the
+        gates, the RG-LRU scan and the product -> (h * act(y) [B,T,W], final state [B,W])."""
+        gate_x, gate_a = gates_of(x, wx, bx, wa, ba)  # [B, T, W] each
+        h, last = self.kernels.rglru_scan(x, gate_x, gate_a, a_param, reset=reset, state=state,
+                                          chunk=self.cfg.chunk)  # [B, T, W], [B, W]
+        return h * ACT[self.cfg.act](y), last
+
     def forward(self, u: torch.Tensor, state: ConvLruState | None = None, pos0: int = 0) -> torch.Tensor:
-        cfg = self.cfg
+        """Without a cache (training) everything between the conv and linear_out is one `recompute` region:
+        autograd keeps linear_y's output and the conv output, and the backward recomputes the activation, the
+        gates and the scan."""
         Bsz, T, _ = u.shape
-        y = ACT[cfg.act](self.linear_y(u))  # [B, T, W]
+        y = self.linear_y(u)  # [B, T, W]
         x = conv_with_taps(self.kernels, self.linear_x(u), self.conv_1d, None if state is None else state.conv,
                            silu=False)  # [B, T, W]
-        gate_x, gate_a = self.rg_lru.gates(x)  # [B, T, W] each
         reset = (pos0 + torch.arange(T, device=u.device) == 0).expand(Bsz, T)  # [B, T]
-        h, last = self.kernels.rglru_scan(x, gate_x, gate_a, local(self.rg_lru.recurrent_param), reset=reset,
-                                          state=None if state is None else state.h, chunk=cfg.chunk)  # [B,T,W]
-        if state is not None:
+        if state is None:
+            out = recompute(lambda *a: self._core(*a)[0], y, x, reset, *self.rg_lru.params())  # [B, T, W]
+        else:
+            out, last = self._core(y, x, reset, *self.rg_lru.params(), state=state.h)
             state.h.copy_(last)
-        return self.linear_out(h * y)
+        return self.linear_out(out)
 
     def step(self, u: torch.Tensor, state: ConvLruState, pos0: int) -> torch.Tensor:
         """One token: u [B,d] -> [B,d], advancing the conv taps and h in place."""

@@ -181,6 +181,38 @@ def test_newer_kinds_trace_with_exact_states_and_caches(kind):
     assert train.measured["activations"] > 0
 
 
+SCAN_KINDS = {
+    "mamba": "mamba(d_state = 8, d_conv = 4, expand = 2)",
+    "mamba-inner-norms": "mamba(d_state = 8, d_conv = 4, expand = 2, dt_rank = 16, inner_norms = true)",
+    "mamba2": "mamba2(d_state = 16, head_dim = 16, n_groups = 2, chunk = 32)",
+    "mlstm": "mlstm(heads = 4, chunk = 16)",
+    "rg_lru": "rg_lru(heads = 4, chunk = 16)",
+}
+SCAN_STEPS = {
+    "prefill-on-cache": dict(mode="inference", chunk=128),
+    "train-none": dict(mode="training", recompute="none"),
+    "train-selective": dict(mode="training", recompute="selective"),
+    "train-full": dict(mode="training", recompute="full"),
+}
+
+
+@pytest.mark.parametrize("step", SCAN_STEPS, ids=SCAN_STEPS)
+@pytest.mark.parametrize("kind", SCAN_KINDS, ids=SCAN_KINDS)
+def test_scan_kinds_activations_within_5_percent(kind, step):
+    """The recurrent kinds whose ops recompute their scan in backward (runtime/chunk_recompute.py): the
+    activations each kind's facets state are what the runtime holds, within 5%, in a prefill chunk against a
+    cache and in training under every recompute policy (d_model 256: the stack's own terms stay small)."""
+    text = DENSE.replace("attention(heads = 4, kv_heads = 2, rope_theta = 10000)", SCAN_KINDS[kind]).replace(
+        "d_model = 64", "d_model = 256")
+    spec = ltmdsl.loads(text)
+    overrides = dict(SCAN_STEPS[step])
+    budget = _budget(spec, "serve" if overrides.pop("mode") == "inference" else "train")
+    m = measure(spec.model, budget, **overrides)
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    if m.mode == "inference":
+        assert abs(m.peak_relative) <= INFERENCE_PEAK_TOL, m.to_text()
+
+
 def traceable_tiny_hybrid():
     """tiny-hybrid, every mixer kind of the runtime in one stack: all of them have a fake-tensor path."""
     return ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm")
