@@ -165,12 +165,29 @@ def rope_number(r: Reader, rp: dict, key: str, name: str, minimum: float, strict
     return float(value)
 
 
+def unknown_rope_keys(r: Reader, key: str, rp: dict, rope_type: str, allowed: tuple[str, ...]) -> bool:
+    """Whether `rp` holds keys a `rope_type` dict may not: each is reported (`r.unsupported`, an error unless
+    dropped on request), and the caller then drops the scaling."""
+    unknown = sorted(str(k) for k in rp if k not in allowed)
+    if unknown:
+        r.unsupported(key, f"for rope_type '{rope_type}' the keys {', '.join(allowed)}; not "
+                           f"{', '.join(safe_text(k) for k in unknown)}")
+    return bool(unknown)
+
+
+def rope_context(r: Reader, where: str, value, rope_type: str) -> int:
+    """An original context length read from `where` (a whole float is accepted as transformers stores it)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INT:
+        raise r.fail(f"'{where}' must be an integer from 1 to {MAX_INT:,} for rope_type '{rope_type}', "
+                     f"got {show_value(value)}")
+    return value
+
+
 def llama3(r: Reader, key: str, rp: dict) -> RopeScaling | None:
     """Llama 3.1's scaling from a checked `rope_type: llama3` dict; None when it was dropped on request."""
-    unknown = sorted(str(k) for k in rp if k not in _LLAMA3_KEYS)
-    if unknown:
-        r.unsupported(key, f"for rope_type 'llama3' the keys {', '.join(_LLAMA3_KEYS)}; not "
-                           f"{', '.join(safe_text(k) for k in unknown)}")
+    if unknown_rope_keys(r, key, rp, "llama3", _LLAMA3_KEYS):
         return None
     factor = rope_number(r, rp, key, "factor", 1, False)
     low = rope_number(r, rp, key, "low_freq_factor", 0, True)
@@ -180,12 +197,7 @@ def llama3(r: Reader, key: str, rp: dict) -> RopeScaling | None:
     where, context = f"{key}.original_max_position_embeddings", rp.get("original_max_position_embeddings")
     if context is None:
         where, context = "max_position_embeddings", r.cfg.get("max_position_embeddings")
-    if isinstance(context, float) and context.is_integer() and abs(context) < 2**63:
-        context = int(context)
-    if not isinstance(context, int) or isinstance(context, bool) or not 1 <= context <= MAX_INT:
-        raise r.fail(f"'{where}' must be an integer from 1 to {MAX_INT:,} for rope_type 'llama3', "
-                     f"got {show_value(context)}")
-    return RopeScaling("llama3", factor, low, high, context)
+    return RopeScaling("llama3", factor, low, high, rope_context(r, where, context, "llama3"))
 
 
 def linear(r: Reader, key: str, rp: dict) -> RopeScaling | None:
@@ -200,7 +212,7 @@ def linear(r: Reader, key: str, rp: dict) -> RopeScaling | None:
     return RopeScaling("linear", rope_number(r, rp, key, "factor", 1, False))
 
 
-_YARN_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
+YARN_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
               "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
 
@@ -210,19 +222,12 @@ def yarn(r: Reader, key: str, rp: dict) -> RopeScaling | None:
     original context (the dict's, else max_position_embeddings, as `standardize_rope_params` fills it),
     beta_fast / beta_slow (null or 0: 32 / 1), mscale, mscale_all_dim and attention_factor (null: unset) and
     `truncate` (default true). None when it was dropped on request."""
-    unknown = sorted(str(k) for k in rp if k not in _YARN_KEYS)
-    if unknown:
-        r.unsupported(key, f"for rope_type 'yarn' the keys {', '.join(_YARN_KEYS)}; not "
-                           f"{', '.join(safe_text(k) for k in unknown)}")
+    if unknown_rope_keys(r, key, rp, "yarn", YARN_KEYS):
         return None
     where, context = f"{key}.original_max_position_embeddings", rp.get("original_max_position_embeddings")
     if context is None:
         where, context = "max_position_embeddings", r.cfg.get("max_position_embeddings")
-    if isinstance(context, float) and context.is_integer() and abs(context) < 2**63:
-        context = int(context)
-    if not isinstance(context, int) or isinstance(context, bool) or not 1 <= context <= MAX_INT:
-        raise r.fail(f"'{where}' must be an integer from 1 to {MAX_INT:,} for rope_type 'yarn', "
-                     f"got {show_value(context)}")
+    context = rope_context(r, where, context, "yarn")
     if rp.get("factor") is None:
         longest = r.cfg.get("max_position_embeddings")
         if not isinstance(longest, int) or isinstance(longest, bool) or not context <= longest <= MAX_INT:

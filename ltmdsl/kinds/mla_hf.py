@@ -37,7 +37,7 @@ import math
 
 from ltmdsl.hf import HFError
 from ltmdsl.hf.facet import HFFacet, ReadContext
-from ltmdsl.hf.reader import MAX_INT, Reader, llama3, rope_number
+from ltmdsl.hf.reader import YARN_KEYS, Reader, llama3, rope_context, rope_number, unknown_rope_keys
 from ltmdsl.hf.spec import num, safe_text, show_value
 from ltmdsl.ir import RopeScaling
 
@@ -56,8 +56,6 @@ LATENT_EPS = 1e-6
 
 ROPE_SUPPORTED = ("rope_type 'default' (plain RoPE), 'llama3' (Llama 3.1 frequency scaling) or 'yarn' (YaRN with "
                   "DeepSeek's mscale and mscale_all_dim)")
-_YARN_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
-              "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
 
 def _optional(r: Reader, key: str, rp: dict, name: str, zero_is_absent: bool) -> float | None:
@@ -75,23 +73,14 @@ def _context(r: Reader, key: str, rp: dict) -> int:
     for where, value in (("original_max_position_embeddings", r.cfg.get("original_max_position_embeddings")),
                          (f"{key}.original_max_position_embeddings", rp.get("original_max_position_embeddings")),
                          ("max_position_embeddings", r.cfg.get("max_position_embeddings"))):
-        if value is None:
-            continue
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INT:
-            raise r.fail(f"'{where}' must be an integer from 1 to {MAX_INT:,} for rope_type 'yarn', "
-                         f"got {show_value(value)}")
-        return value
+        if value is not None:
+            return rope_context(r, where, value, "yarn")
     raise r.fail(f"rope_type 'yarn' needs '{key}.original_max_position_embeddings' (or max_position_embeddings)")
 
 
 def yarn(r: Reader, key: str, rp: dict) -> RopeScaling | None:
     """YaRN from a checked `rope_type: yarn` dict (module docstring); None when it was dropped on request."""
-    unknown = sorted(str(k) for k in rp if k not in _YARN_KEYS)
-    if unknown:
-        r.unsupported(key, f"for rope_type 'yarn' the keys {', '.join(_YARN_KEYS)}; not "
-                           f"{', '.join(safe_text(k) for k in unknown)}")
+    if unknown_rope_keys(r, key, rp, "yarn", YARN_KEYS):
         return None
     if rp.get("factor") is None:
         raise r.fail(f"'{key}.factor' must be stated for rope_type 'yarn' (ltmdsl does not derive it from "
