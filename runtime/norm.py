@@ -41,12 +41,25 @@ class Norm(nn.Module):
         self.zero_centred = cfg.zero_centred
         self.weight = nn.Parameter(torch.zeros(d) if cfg.zero_centred else torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if HAS_BIAS[cfg.kind] else None
+        # The tp process group when the tokens are sequence-parallel (ltmdsl.distributed.sequence_parallel):
+        # each rank's tokens give part of the parameters' gradient, summed over the group in backward.
+        self.sequence_parallel = None
+
+    def _param(self, p: torch.Tensor) -> torch.Tensor:
+        """A parameter as the forward reads it: itself, or under sequence parallelism the same values whose
+        gradient is summed over the tp ranks."""
+        if self.sequence_parallel is None:
+            return p
+        from ltmdsl.runtime.tensor_parallel import copy_to_tp
+
+        return copy_to_tp(p, self.sequence_parallel)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        w = self._param(self.weight)  # [d]
         if self.bias is None:  # rmsnorm (HAS_BIAS)
-            weight = 1 + self.weight if self.zero_centred else self.weight  # [d]
+            weight = 1 + w if self.zero_centred else w  # [d]
             return self.kernels.add_rmsnorm(x, residual, weight, eps=self.eps)
-        return add_layernorm(x, residual, self.weight, self.bias, eps=self.eps)
+        return add_layernorm(x, residual, w, self._param(self.bias), eps=self.eps)
 
     def init_weights(self, gen: torch.Generator) -> None:
         (init.zeros_ if self.zero_centred else init.ones_)(self.weight)

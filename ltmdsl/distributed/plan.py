@@ -69,6 +69,13 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"cp = {plan.cp} with the load-balanced split cuts the sequence into 2*cp = {2 * plan.cp} "
                       f"chunks, which do not divide the sequence of {seq_len} tokens (cp_split = contiguous "
                       "needs only cp to divide it)")
+    if plan.sequence_parallel and plan.tp > 1 and seq_len is not None and seq_len % plan.cp == 0 \
+            and (seq_len // plan.cp) % plan.tp:
+        errors.append(f"sp = true splits each rank's {seq_len // plan.cp} tokens (the sequence of {seq_len} / cp = "
+                      f"{plan.cp}) over tp = {plan.tp}, which does not divide them")
+    if plan.sequence_parallel and plan.tp > 1 and plan.pp > 1:
+        errors.append(f"sp = true with pp = {plan.pp}: the pipeline's stages send the whole sequence between them; "
+                      "sequence-sharded stage boundaries are not wired yet (sp runs with tp, dp, cp and zero 0-3)")
     if plan.cp_split not in CP_SPLITS:
         errors.append(f"cp_split is one of {', '.join(CP_SPLITS)}, got {plan.cp_split!r}")
     if plan.ep > 1 and (plan.ep != plan.dp or plan.tp > 1 or plan.cp > 1 or plan.zero > 0):

@@ -22,6 +22,7 @@ from ltmdsl.distributed.context_parallel import apply_context_parallel, cp_forwa
 from ltmdsl.distributed.mesh import device_mesh, device_type, replica_mesh
 from ltmdsl.distributed.pipeline import build_stage, check_pipeline
 from ltmdsl.distributed.plan import check_plan
+from ltmdsl.distributed.sequence_parallel import check_sequence_parallel
 from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel, keep_gradient_placements, tp_plans
 from ltmdsl.ir import ModelIR, ParallelPlan
 
@@ -71,7 +72,8 @@ def split(model, plan: ParallelPlan, mesh, *, fsdp_stages: tuple[int, ...] = FSD
     trace keeps ZeRO 1/2 to itself, as Megatron's flat buffers). Returns the ids of the parameters split over dp
     (experts under ep)."""
     if plan.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=plan.sequence_parallel,
+                              folded_pieces=plan.cp > 1 and plan.cp_split == "balanced")
     if plan.cp > 1:
         apply_context_parallel(model, mesh["cp"], plan.cp_split)
     dp_sharded: set[int] = set()
@@ -90,6 +92,8 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
     check_plan(ir, plan, dist.get_world_size())
     if plan.tp > 1:
         tp_plans(ir, plan.tp)  # refuse an unsplittable kind before building anything
+        if plan.sequence_parallel:
+            check_sequence_parallel(ir)
     if plan.cp > 1:
         cp_forwards(ir)  # likewise a kind with no context-parallel form
     if plan.pp > 1:

@@ -31,11 +31,23 @@ def tp_plans(ir: ModelIR, tp: int) -> list[dict]:
     return plans
 
 
-def apply_tensor_parallel(model, tp_mesh) -> None:
-    """Split every mixer of `model` (an LTModel, meta or materialised) over the 1-D mesh `tp_mesh`."""
+def apply_tensor_parallel(model, tp_mesh, *, sequence_parallel: bool = False, folded_pieces: bool = False) -> None:
+    """Split every mixer of `model` (an LTModel, meta or materialised) over the 1-D mesh `tp_mesh`; with
+    `sequence_parallel`, the stream between the mixers sequence-sharded too (sequence_parallel.py).
+    `folded_pieces`: the mixers see a rank's context-parallel pieces folded into the batch (the balanced cp
+    split), so their output projections cannot reduce-scatter the rank's token order themselves."""
     from torch.distributed.tensor.parallel import parallelize_module
 
+    from ltmdsl.distributed.sequence_parallel import apply_sequence_parallel, sequence_sharded_outputs
+
     plans = tp_plans(model.ir, tp_mesh.size())
+    sharded_outputs = []
+    for layer, plan in zip(model.ir.layers, plans):
+        sharded = sequence_sharded_outputs(layer, plan) if sequence_parallel and not folded_pieces else None
+        sharded_outputs.append(sharded is not None)
+        if sharded is not None:
+            plan.clear()
+            plan.update(sharded)
     done: set[int] = set()
     for block, plan in zip(model.layers, plans):
         if id(block) in done:  # a tied block is one module: split it once
@@ -45,22 +57,26 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
         if own is not None:
             parallelize_module(block.mixer, tp_mesh, own)
         parallelize_module(block.mixer, tp_mesh, {k: v for k, v in plan.items() if k})
-    apply_vocab_parallel(model, tp_mesh)
+    apply_vocab_parallel(model, tp_mesh, sequence_parallel=sequence_parallel)
+    if sequence_parallel:
+        apply_sequence_parallel(model, tp_mesh, sharded_outputs)
 
 
-def apply_vocab_parallel(model, tp_mesh) -> None:
+def apply_vocab_parallel(model, tp_mesh, *, sequence_parallel: bool = False) -> None:
     """Embedding and LM head split by vocabulary rows over tp (Megatron's vocab-parallel embedding): the
-    embedding as torch's RowwiseParallel (each rank looks up its rows, one all-reduce), the head's weight
+    embedding as torch's RowwiseParallel (each rank looks up its rows, one all-reduce; under sequence
+    parallelism one reduce-scatter, each rank keeping its L/t tokens), the head's weight
     Shard(0) (tied: the embedding's): the training losses read this rank's V/t rows (`vocab_shard`,
     vocab-parallel cross-entropy), LTModel.head (inference) its V/t logits, then gathered."""
-    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
     from ltmdsl.runtime.tensor_parallel import shard_parameters
 
     if model.ir.vocab % tp_mesh.size():
         raise TensorParallelUnsupported(f"tp = {tp_mesh.size()} must divide the vocabulary of {model.ir.vocab}")
-    parallelize_module(model.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
+    rows = Shard(1) if sequence_parallel else Replicate()  # [B, L/t, d] or [B, L, d] on each rank
+    parallelize_module(model.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=rows))
     if model.lm_head is not None:
         parallelize_module(model.lm_head, tp_mesh, shard_parameters(0))
 
