@@ -12,7 +12,7 @@ from ltmdsl import ast
 from ltmdsl.errors import Reporter
 from ltmdsl.evaluate import EvalError, Scope, Word, as_int, describe, did_you_mean, evaluate
 from ltmdsl.hardware import AMBIGUOUS, CATALOGUE, lookup as lookup_gpu
-from ltmdsl.ir import BudgetIR, GpuSpec, LimitIR, ModelIR, ParallelPlan
+from ltmdsl.ir import CP_SPLITS, BudgetIR, GpuSpec, LimitIR, ModelIR, ParallelPlan
 from ltmdsl.kinds import kind_of
 from ltmdsl.memory.compute import FLOP_QUANTITIES as FLOP_QUANTITY_PARTS
 from ltmdsl.units import DTYPES, dtype as lookup_dtype
@@ -35,7 +35,7 @@ _MODE_KEYS = {
 }
 _PLAN_KEYS = {
     "tp": "int", "pp": "int", "cp": "int", "dp": "int", "ep": "int", "zero": "int", "sp": "bool",
-    "distributed_optimizer": "bool", "microbatches": "int", "interleave": "int",
+    "distributed_optimizer": "bool", "microbatches": "int", "interleave": "int", "cp_split": CP_SPLITS,
 }
 _GPU_KEYS = {"memory": "int", "bf16_tflops": "float", "bandwidth": "int"}
 
@@ -238,7 +238,7 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
         parallel=ParallelPlan(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, zero=zero,
                               distributed_optimizer=plan("distributed_optimizer", False),
                               sequence_parallel=plan("sp", False), microbatches=plan("microbatches", 1),
-                              interleave=plan("interleave", 1)),
+                              interleave=plan("interleave", 1), cp_split=plan("cp_split", "balanced")),
         weight_dtype=weight_dtype, kv_dtype=get("kv_dtype", weight_dtype), state_dtype=get("state_dtype", weight_dtype),
         grad_dtype=get("grad_dtype", lookup_dtype("fp32")),  # Megatron's mixed precision: fp32 gradients
         optimizer=get("optimizer", "adamw" if mode.mode == "training" else "none"),

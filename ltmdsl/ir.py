@@ -319,6 +319,11 @@ class GpuSpec:
     pos: SourcePos | None = None
 
 
+#: How context parallelism splits a sequence (a budget's `cp_split`; ltmdsl.distributed.context_parallel):
+#: 2*cp chunks, rank r holding chunks r and 2cp-1-r, or one contiguous block per rank.
+CP_SPLITS = ("balanced", "contiguous")
+
+
 @dataclass(frozen=True)
 class ParallelPlan:
     """Degrees of parallelism. dp = gpus / (tp*pp*cp) unless given; ep splits experts within dp*tp."""

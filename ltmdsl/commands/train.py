@@ -55,8 +55,9 @@ def add_arguments(p) -> None:
     dist.add_argument("--interleave", type=count, metavar="V",
                       help="virtual pipeline stages per rank (interleaved 1F1B; default 1)")
     dist.add_argument("--cp-split", choices=CP_SPLITS,
-                      help="how cp splits a sequence: balanced (default: 2*cp chunks, rank r holds chunks r and "
-                           "2cp-1-r, so causal attention costs every rank the same) or contiguous")
+                      help="how cp splits a sequence (overrides the budget's cp_split): balanced (the default: "
+                           "2*cp chunks, rank r holds chunks r and 2cp-1-r, so causal attention costs every rank "
+                           "the same) or contiguous")
     add_task_arguments(p)
 
 

@@ -17,11 +17,8 @@ from __future__ import annotations
 import dataclasses
 
 from ltmdsl.budgets import plan_problems
-from ltmdsl.ir import BudgetIR, ModelIR, ParallelPlan
+from ltmdsl.ir import CP_SPLITS, BudgetIR, ModelIR, ParallelPlan
 
-#: How cp splits a sequence (ltmdsl.distributed.context_parallel): 2*cp chunks, rank r holding r and 2cp-1-r,
-#: or one contiguous block per rank.
-CP_SPLITS = ("balanced", "contiguous")
 
 
 class PlanError(ValueError):

@@ -75,3 +75,36 @@ def test_tp_refusal_is_the_memory_models_message():
 def test_plan_module_imports_no_torch():
     code = "import sys, ltmdsl.distributed, ltmdsl.distributed.plan; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+CP_BUDGET = TP_SPEC + """
+budget long for tp_small {
+    training context = 48, batch = 4
+    on 2 x H100 with cp = 2, cp_split = contiguous
+}
+budget default for tp_small {
+    training context = 48, batch = 4
+    on 2 x H100 with cp = 2
+}
+"""
+
+
+def test_cp_split_is_a_budget_setting():
+    spec = ltmdsl.loads(CP_BUDGET)
+    assert plan_from(spec.budget("long")).cp_split == "contiguous"
+    assert plan_from(spec.budget("default")).cp_split == "balanced"
+
+
+@pytest.mark.parametrize("flag, budget, want", [(None, "long", "contiguous"), ("balanced", "long", "balanced"),
+                                                ("contiguous", "default", "contiguous")],
+                         ids=["budget", "flag-overrides-budget", "flag-over-default"])
+def test_cli_cp_split_flag_overrides_the_budget(flag, budget, want):
+    import argparse
+
+    from ltmdsl.commands.train import _DEGREES, plan_of
+
+    spec = ltmdsl.loads(CP_BUDGET)
+    args = argparse.Namespace(budget=budget, **{k: None for k in _DEGREES})
+    args.cp_split = flag
+    plan, source = plan_of(args, spec, spec.model, 2)
+    assert (plan.cp_split, plan.cp, source) == (want, 2, f"budget '{budget}'")
