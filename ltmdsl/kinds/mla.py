@@ -163,11 +163,11 @@ def stored(c: MLAConfig, x, selective: bool):
         f = max(4, a)
         for rank in (c.q_lora_rank, c.kv_lora_rank):
             if rank:
-                out += x.rep((f + 2 * a) * tok * rank + 4 * tok)
+                out += x.within((f + 2 * a) * tok * rank + 4 * tok)
         if c.rope_theta is not None:
             out += 2 * a * x.s * c.qk_rope_head_dim
     else:
-        out += x.rep(a * tok * (c.latent + (c.q_lora_rank or 0)))
+        out += x.within(a * tok * (c.latent + (c.q_lora_rank or 0)))
     v_saved = c.qk_head_dim if padded else c.v_head_dim  # values zero-padded to Dqk for SDPA's fused kernel
     out += x.split(a * tok * c.heads * (2 * c.qk_head_dim + v_saved))
     out += x.split(a * tok * c.heads * c.v_head_dim)

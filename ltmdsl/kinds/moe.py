@@ -240,7 +240,7 @@ def stored(c: MoEConfig, x, selective: bool):
         rep += c.top_k * tok * (a * x.h + 8)
     split_ = (c.top_k * a * tok * saved_ffn_width(c.activation, c.d_ff, x.eager)
               + a * tok * saved_ffn_width(c.activation, c.shared_d_ff, x.eager))
-    return x.base + x.rep(rep) + x.split(split_)
+    return x.base + x.within(rep) + x.split(split_)
 
 
 def flops(c: MoEConfig) -> dict[str, Flops]:

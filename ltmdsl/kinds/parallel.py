@@ -99,7 +99,7 @@ def workspace(c: ParallelConfig, d: int, s):
 def stored(c: ParallelConfig, x, selective: bool):
     out = sum(_kind(b).stored(b, x, selective) for _, b, _, _ in c.branches) - x.base
     scaled = sum(1 for _, _, m, _ in c.branches if m != 1.0)
-    return out + scaled * x.rep(x.a * x.tok * x.h)
+    return out + scaled * x.within(x.a * x.tok * x.h)
 
 
 def flops(c: ParallelConfig) -> dict[str, Flops]:

@@ -56,10 +56,6 @@ def _supported(ir, s) -> None:
         if errors:
             raise NotTraceable("ltmdsl.distributed does not run this plan, so one of its ranks cannot be traced: "
                                + "; ".join(errors))
-    if p.tp > 1 and p.sequence_parallel:
-        raise NotTraceable("sequence parallelism (sp = true): ltmdsl.distributed's tensor-parallel ranks keep the whole "
-                           "sequence's residual and norms, so a traced rank could not be the prediction; measure the "
-                           "budget with sp = false")
     for name, value in (("context", p.cp), ("tensor", p.tp)):
         if s.mode == "inference" and value > 1:
             raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) in inference: ltmdsl runs it in training "

@@ -182,7 +182,9 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     pending_backward = []
     act, logits = 0, 0
     # full recompute: the working set, traced first (its modules' stats are reset by the step's forward)
-    working = _working_set(stage, b, seq, dtype, tl) if s.recompute == "full" else 0
+    # under sequence parallelism the stream between the units holds a tp rank's T/(c*t) tokens
+    stream = seq // p.tp if p.sequence_parallel and p.tp > 1 else seq
+    working = _working_set(stage, b, stream, dtype, tl) if s.recompute == "full" else 0
     for k in range(flight):
         before = tl.mark(f"micro-batch {k}: inputs")
         if stage.first:
@@ -252,7 +254,7 @@ def saved_bytes(fn, *args, exclude=()) -> tuple[int, object]:
 def _working_set(stage: Stage, b: int, seq: int, dtype: torch.dtype, tl: Timeline) -> int:
     """Full recompute: the largest unit's activations (what is live again while it back-propagates), traced by
     running each distinct unit once without its checkpoint and counting what autograd keeps (saved-tensor
-    hooks)."""
+    hooks). `seq`: the tokens of the stream entering a unit (a tp rank's share under sequence parallelism)."""
     d = stage.net.ir.d_model
     params = stage.params()
     best, seen = 0, set()

@@ -17,7 +17,11 @@ Two conventions (Settings.saved_by):
                rmsnorm    f*sbh + 4*sb (rsqrt) + a*sbh (normalised, before the weight) + a*sbh (output)
                layernorm  f*sbh + 8*sb (mean, rstd)                               + a*sbh (output)
            and a gated FFN keeps act(gate) for the product's backward (4F per token, not 3F; ltmdsl.kinds.base
-           `saved_ffn_width`). This is the default: `ltmdsl memory --measure` traces these bytes.
+           `saved_ffn_width`). Under SP the norm's own terms are /t, but the output a*sbh is the mixer's input,
+           which ltmdsl.distributed all-gathers over the sequence and the mixer's projections keep whole (the
+           final norm's output likewise, gathered for the vocab-parallel loss); Megatron-LM instead keeps the
+           local shard and gathers again in backward, which the fused convention's 2a*sbh/t assumes.
+           This is the default: `ltmdsl memory --measure` traces these bytes.
 A sub-layer with a post-norm (Gemma-3's sandwich norms) also stores the post-norm's input, a*sbh (replicated).
 The paper's GPT block (MHA, a=2, dropout, no flash) is 13sbh + 5as^2b for attention and 21sbh for the
 GELU MLP; both together sbh(34 + 5as/h), with TP sbh(10 + 24/t + 5as/(ht)) (`korthikanti_per_layer`).
@@ -75,16 +79,24 @@ class MicroBatch:
         """A tensor tensor-parallelism splits."""
         return x / self.t
 
+    def within(self, x):
+        """A tensor tensor-parallelism replicates inside a mixer, which runs on every token of the rank's
+        sequence (under SP its input is all-gathered first): whole on each rank, SP or not (the router and
+        dispatched copies of a MoE, MLA's latent, a parallel layer's scaled inputs)."""
+        return x
+
     @property
     def base(self):
         """What every sub-layer's pre-norm keeps and the norm output fed to the mixer (module docstring):
-        2a*sbh fused; eager rmsnorm (f + 2a)*sbh + 4*sb, eager layernorm (f + a)*sbh + 8*sb, f = max(4, a)."""
+        2a*sbh fused; eager rmsnorm (f + 2a)*sbh + 4*sb, eager layernorm (f + a)*sbh + 8*sb, f = max(4, a).
+        Under SP eager, the mixer's a*sbh input is not /t: it is the all-gathered copy the mixer keeps."""
         if not self.eager:
             return self.rep(2 * self.a * self.tok * self.h)
         f = max(4, self.a)
+        mixer_input = self.a * self.tok * self.h  # the norm's output, kept by the mixer: whole under SP (gathered)
         if self.norm == "layernorm":
-            return self.rep((f + self.a) * self.tok * self.h + 8 * self.tok)
-        return self.rep((f + 2 * self.a) * self.tok * self.h + 4 * self.tok)
+            return self.rep(f * self.tok * self.h + 8 * self.tok) + mixer_input
+        return self.rep((f + self.a) * self.tok * self.h + 4 * self.tok) + mixer_input
 
 
 def stored(m, model: ModelIR, s: Settings, recompute: str | None = None, norm: NormConfig | None = None,
