@@ -100,6 +100,21 @@ def test_tensor_parallel_equals_one_process(tmp_path):
     assert_same_steps(metrics.read(tmp_path / "two" / metrics.METRICS), want)
 
 
+def test_sequence_parallel_budget_trains_as_one_process(tmp_path, capfd):
+    """`ltmdsl train --nproc 2 --budget` on a budget with sp = true runs its plan (tp = 2, the residual stream
+    and norms sequence-sharded) and logs the single-process run's steps (1e-5)."""
+    from ltmdsl.train import metrics
+
+    path = tmp_path / "tp.ltm"
+    path.write_text(TP_TINY + "budget sp2 for tp_train {\n    training context = 24, batch = 4\n"
+                    "    on 2 x H100 with tp = 2, sp = true\n}\n")
+    assert main(cli_args(str(path), tmp_path / "one")) == 0
+    assert main(cli_args(str(path), tmp_path / "two", "--nproc", "2", "--budget", "sp2")) == 0
+    capfd.readouterr()
+    assert json.loads((tmp_path / "two" / state.RUN).read_text())["plan"] == "dp=1 tp=2 cp=1 pp=1 ep=1 zero=0 sp"
+    assert_same_steps(metrics.read(tmp_path / "two" / metrics.METRICS), metrics.read(tmp_path / "one" / metrics.METRICS))
+
+
 def _tp_answer_gradients(ir, tokens, mask, chunk):
     """One tp rank: the answer loss of `tokens` through `_micro_step` (vocab-parallel under tp) and the full
     gradients it leaves."""
