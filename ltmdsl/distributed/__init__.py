@@ -18,6 +18,7 @@ Modules, one concept each:
     mesh             the (dp, tp) device mesh
     materialize      meta-device build, shard-by-shard seeded init
     tensor_parallel  DTensor parallelize_module with each kind's tp_plan
+    sequence_parallel under tp, the norms and residual stream on T/t tokens a rank; the mixers gather them
     context_parallel the sequence split over cp ranks; collectives for each kind's cp_forward
     expert_parallel  experts split over the dp ranks, all-to-all token exchange for the moe's ep_forward
     pipeline         stages at the memory model's cuts, torch.distributed.pipelining 1F1B (interleaved)
@@ -27,8 +28,9 @@ Modules, one concept each:
     checkpoint       DCP save / load under any plan (resharding), export to the single-file checkpoint
     memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
 
-Runs today: dp with zero 0-3, tp, dp x tp, cp (every kind; load-balanced split by default), dp x cp,
-tp x cp, ep = dp (zero 0), pp (1F1B, interleaved) with dp, tp, cp and zero 0, 2, 3. Other combinations
+Runs today: dp with zero 0-3, tp (with or without sp), dp x tp, cp (every kind; load-balanced split by
+default), dp x cp, tp x cp, ep = dp (zero 0), pp (1F1B, interleaved) with dp, tp (no sp), cp and zero 0, 2, 3.
+Other combinations
 are refused with a message (docs/DISTRIBUTED.md).
 """
 

@@ -27,7 +27,7 @@ What is approximated (also in each Measurement's notes): collectives allocate th
 nothing; ZeRO 1/2 are Megatron's flat sharded buffers of ceil(P/N) elements (ZeRO-3 is FSDP2, as
 ltmdsl.distributed runs it); MoE routing is balanced; only the in-flight micro-batches of the 1F1B peak are run;
 non-learned buffers (Lightning's slopes) are live but not weights. Refused, saying why: a plan
-ltmdsl.distributed does not run (its plan check), sequence parallelism, and tensor or context parallelism in
+ltmdsl.distributed does not run (its plan check), and tensor or context parallelism in
 inference (the runtime runs them in training only). Every mixer kind of the runtime traces
 (fakesafe.TRACE_PATHS). Training adds `temporaries`: the traced peak beyond everything the step holds.
 """
