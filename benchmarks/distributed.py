@@ -52,6 +52,7 @@ PLANS = [  # (model, world, degrees)
     ("tiny-hybrid", 4, {"pp": 2, "cp": 2, "microbatches": 2}),
     ("tp-bench", 1, {}),
     ("tp-bench", 2, {"tp": 2}),
+    ("tp-bench", 2, {"tp": 2, "sequence_parallel": True}),
     ("tp-bench", 2, {"zero": 3}),
     ("tp-bench", 4, {"tp": 2, "zero": 3}),
     ("tp-bench", 4, {"pp": 2, "tp": 2, "microbatches": 2}),
