@@ -22,7 +22,6 @@ from ltmdsl.distributed.context_parallel import apply_context_parallel, cp_forwa
 from ltmdsl.distributed.mesh import device_mesh, device_type, replica_mesh
 from ltmdsl.distributed.pipeline import build_stage, check_pipeline
 from ltmdsl.distributed.plan import check_plan
-from ltmdsl.distributed.sequence_parallel import check_sequence_parallel
 from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel, keep_gradient_placements, tp_plans
 from ltmdsl.ir import ModelIR, ParallelPlan
 
@@ -92,8 +91,6 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
     check_plan(ir, plan, dist.get_world_size())
     if plan.tp > 1:
         tp_plans(ir, plan.tp)  # refuse an unsplittable kind before building anything
-        if plan.sequence_parallel:
-            check_sequence_parallel(ir)
     if plan.cp > 1:
         cp_forwards(ir)  # likewise a kind with no context-parallel form
     if plan.pp > 1:

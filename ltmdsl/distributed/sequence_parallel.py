@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ltmdsl.runtime.kinds import TensorParallelUnsupported, runtime_kind
+from ltmdsl.runtime.kinds import runtime_kind
 
 
 def gather_sequence(x: torch.Tensor, mesh) -> torch.Tensor:
@@ -107,21 +107,12 @@ def sequence_sharded_outputs(layer, plan: dict) -> dict | None:
     return out
 
 
-def check_sequence_parallel(ir) -> None:
-    """TensorParallelUnsupported for what sequence parallelism cannot split yet: multi-token prediction
-    (its modules are not split over tp)."""
-    if ir.mtp is not None:
-        raise TensorParallelUnsupported("sequence parallelism: the multi-token-prediction modules are not split "
-                                        "over tp yet; train without sp")
-
-
 def apply_sequence_parallel(model, tp_mesh, mixer_outputs: list[bool]) -> None:
     """Make `model`'s stream sequence-sharded over the 1-D `tp_mesh` (module docstring). `mixer_outputs[i]`:
     whether layer i's output projections reduce-scatter already (`sequence_sharded_outputs`). The embedding
     is set up by tensor_parallel.apply_vocab_parallel."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    check_sequence_parallel(model.ir)
     done: set[int] = set()
     for block, sharded in zip(model.layers, mixer_outputs):
         if id(block) in done:  # a tied block is one module: hooked once

@@ -68,7 +68,7 @@ def _kind_errors(ir: ModelIR, plan: ParallelPlan) -> list[str]:
     from ltmdsl.distributed.pipeline import check_pipeline
 
     errors = []
-    for applies, probe in ((plan.tp > 1, lambda: _fused_checkpoints(ir, plan.tp, plan.sequence_parallel)),
+    for applies, probe in ((plan.tp > 1, lambda: _fused_checkpoints(ir, plan.tp)),
                            (plan.cp > 1, lambda: cp_forwards(ir)),
                            (plan.pp > 1, lambda: check_pipeline(ir, plan.pp, plan.interleave))):
         if applies:
@@ -79,16 +79,13 @@ def _kind_errors(ir: ModelIR, plan: ParallelPlan) -> list[str]:
     return errors
 
 
-def _fused_checkpoints(ir: ModelIR, tp: int, sequence_parallel: bool = False) -> None:
+def _fused_checkpoints(ir: ModelIR, tp: int) -> None:
     """The kinds' tp plans (refusing what cannot split), and a ValueError naming the layers whose fused
     weights tp splits by segments: training writes distributed checkpoints, which those do not have yet
     under tp (ltmdsl.distributed.checkpoint)."""
-    from ltmdsl.distributed.sequence_parallel import check_sequence_parallel
     from ltmdsl.distributed.tensor_parallel import tp_plans
 
     plans = tp_plans(ir, tp)
-    if sequence_parallel:
-        check_sequence_parallel(ir)
     fused = sorted({layer.definition for layer, plan in zip(ir.layers, plans)
                     if any(getattr(style, "fused", None) for style in plan.values())})
     if fused:
