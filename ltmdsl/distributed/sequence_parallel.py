@@ -24,7 +24,9 @@ in the rank's own token order, both chunks of the balanced split together), and 
 Every collective is a DTensor redistribution, so its backward is DTensor's: the gather's gradient is cut to
 the rank's tokens (the kinds already sum their input gradient over the tp ranks, as plain tp needs), a
 reduce-scatter's or a cut's gradient all-gathered. Exact against one process (tests/distributed/
-test_sequence_parallel.py).
+test_sequence_parallel.py). What a rank keeps for backward: its L/t tokens of the stream and the norms, and
+each mixer's gathered input whole (its projections save it; Megatron-LM keeps the local part and gathers it
+again in backward), as the memory model's eager convention counts (ltmdsl/memory/activations.py).
 """
 
 from __future__ import annotations
