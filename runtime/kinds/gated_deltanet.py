@@ -122,7 +122,7 @@ class GatedDeltaNet(nn.Module):
         A_log = log(A) with A uniform in [0.01, 16], norm weight 1."""
         init.linear_(self.in_proj_qkvz, gen)
         init.linear_(self.in_proj_ba, gen)
-        init.normal_(self.conv1d.weight, gen, segments=init.segments_of(self.conv1d, "weight"))
+        init.normal_(self.conv1d.weight, gen, layout=init.layout_of(self.conv1d, "weight"))
         init.zeros_(self.conv1d.bias)
         init.ones_(self.dt_bias)
         init.assign_(self.A_log, torch.log(0.01 + (16 - 0.01) * torch.rand(self.cfg.value_heads, generator=gen)))

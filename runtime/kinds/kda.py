@@ -105,7 +105,7 @@ class KDA(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.forget_gate.f_a_proj, self.forget_gate.f_b_proj,
                     self.b_proj, self.g_a_proj, self.g_b_proj, self.o_proj):
             init.linear_(lin, gen)
-        init.normal_(self.conv1d.weight, gen, segments=init.segments_of(self.conv1d, "weight"))
+        init.normal_(self.conv1d.weight, gen, layout=init.layout_of(self.conv1d, "weight"))
         init.zeros_(self.conv1d.bias)
         init.assign_(self.forget_gate.A_log, torch.log(1 + 15 * torch.rand(self.forget_gate.A_log.shape, generator=gen)))
         init.dt_bias_(self.forget_gate.dt_bias, gen)
