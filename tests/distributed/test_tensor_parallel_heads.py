@@ -11,6 +11,8 @@ memory model's message."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from dist_cases import STEPS, rank_run, reference_run
@@ -63,3 +65,58 @@ def test_matches_one_process(name, tp):
     assert set(grads) == set(ref_grads)
     for n, g in ref_grads.items():
         assert_close(grads[n], g, RTOL, f"gradient of {n}")
+
+
+def every_case():
+    """Every layer above in one model (one launch per plan)."""
+    layers = "".join(f" layer k{i} = {layer}\n" for i, layer in enumerate(LAYERS.values()))
+    stack = " ".join(f"k{i} f" for i in range(len(LAYERS)))
+    return ltmdsl.loads(f"model m {{\n vocab = 64\n d_model = 32\n dtype = fp32\n head = untied\n{SHARED}{layers}"
+                        f" layer f = mlp(d_ff = 64)\n stack {{ {stack} }}\n}}\n").ir.model()
+
+
+@pytest.mark.parametrize("tp", [2, 4], ids=["tp2", "tp4"])
+def test_rank_bytes_equal_the_memory_model(tp):
+    """At tp 4 the MQA layers' single KV head is on every rank (D * (d + 1) of k_proj, and of v_proj, whole);
+    the prediction is more than P / t by that much and by the replicated norms and qk-norm weights."""
+    ir = every_case()
+    plan = plan_from(world=tp, tp=tp)
+    want = _predicted(ir, plan)
+    assert all(got == want for got, _ in launch(_measure, tp, (ir, plan)))
+    assert want["weights"] > 4 * ir.params_total / tp
+
+
+def test_kv_heads_replicated_beyond_tp_in_the_memory_model():
+    """The memory model's own arithmetic: below t = Hkv K and V split over t; beyond, each rank holds one KV
+    head's rows, so an MQA layer's K/V weights are whole on each of 4 ranks and a GQA-2 layer's are halved
+    (the rest of the model is the same in every case)."""
+    from ltmdsl.memory import report
+
+    def weights(kv_heads: int, tp: int) -> int:
+        ir = model(f"attention(heads = 4, kv_heads = {kv_heads})")
+        r = report(ir, None, mode="inference", gpus=tp, tp=tp, weight_dtype="fp32", context=64, batch=1)
+        return r.per_gpu_components["weights"]
+
+    head_kv = 2 * 8 * 32 * 4 * 2  # k and v rows of one KV head (head_dim 8) x d_model 32 x fp32, two layers
+    assert weights(1, 4) - weights(4, 4) == 0  # one KV head per rank either way
+    assert weights(1, 2) - weights(2, 2) == 0
+    assert weights(2, 1) - weights(1, 1) == head_kv  # one process holds every head
+    assert weights(1, 2) - weights(2, 4) > 0 and weights(4, 2) - weights(4, 4) > 0
+
+
+REFUSED = {
+    "kv-heads-3-tp2": ("attention(heads = 6, kv_heads = 3, head_dim = 8)", 2,
+                       "tp = 2 neither divides nor is a multiple of the 3 kv heads of layer 'x'"),
+    "adapter-rank-3-tp2": ("transformer_block(attn = sat, ffn = sffn, adapter_rank = 3)", 2,
+                           "tp = 2 does not divide the 3 adapter channels (adapter_rank) of layer 't'"),
+}
+
+
+@pytest.mark.parametrize("layer, tp, message", REFUSED.values(), ids=REFUSED.keys())
+def test_what_cannot_split_is_refused_before_launch(layer, tp, message):
+    """The plan check says it in the memory model's words; the kind's own plan refuses it too."""
+    ir = model(layer)
+    with pytest.raises(PlanError, match=re.escape(message)):
+        check_plan(ir, plan_from(world=tp, tp=tp), tp)
+    with pytest.raises(TensorParallelUnsupported, match=r"layer '[xt]': tp = 2 must divide"):
+        tp_plans(ir, tp)
