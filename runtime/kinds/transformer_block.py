@@ -96,10 +96,11 @@ class TransformerBlock(nn.Module):
 
     def _ffn(self, m: torch.Tensor, use: Use) -> torch.Tensor:
         """The MLP on m [..., d] with the use's gate|up adapter added -> [..., d]."""
-        ffn, F = self.ffn, self.cfg.ffn.d_ff
+        ffn = self.ffn
         gate = ffn.gate_proj(m) if ffn.gate_proj is not None else None  # [..., F]
-        up = ffn.up_proj(m)  # [..., F]
-        dgu = use.delta("gate_up", m)  # [..., 2F] (gated) or [..., F]
+        up = ffn.up_proj(m)  # [..., F] (F/t on a tp rank)
+        F = up.shape[-1]
+        dgu = use.delta("gate_up", m)  # [..., 2F] (gated: this rank's gate rows, then its up rows) or [..., F]
         if dgu is not None:
             if gate is not None:
                 gate, up = gate + dgu[..., :F], up + dgu[..., F:]

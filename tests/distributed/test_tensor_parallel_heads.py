@@ -33,13 +33,13 @@ LAYERS = {
     "mqa": "attention(heads = 4, kv_heads = 1, qkv_bias = true)",
     "mqa-sinks-qk-norm": "attention(heads = 4, kv_heads = 1, sinks = true, qk_norm = true)",
     "transformer-block": "transformer_block(attn = sat, ffn = sffn, adapter_rank = 4)",
-    "transformer-block-concat-mqa": "transformer_block(attn = mqa, ffn = sffn, adapter_rank = 4, "
+    "transformer-block-concat-mqa": "transformer_block(attn = mqa, ffn = gffn, adapter_rank = 4, "
                                     "input = concat_embed, into = next_input)",
 }
 
 SHARED = (" layer sat = attention(heads = 4, rope_theta = 10000)\n"
           " layer mqa = attention(heads = 4, kv_heads = 1, qk_norm = true)\n"
-          " layer sffn = mlp(d_ff = 64, act = gelu)\n")
+          " layer sffn = mlp(d_ff = 64, act = swiglu)\n layer gffn = mlp(d_ff = 64, act = gelu)\n")
 
 
 def model(layer: str):
