@@ -320,10 +320,15 @@ def _clip(ranked, optimizer, clip: float) -> float:
     import torch
     import torch.distributed as dist
 
+    from ltmdsl.distributed.step import row_layouts
+
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    layouts = row_layouts(ranked.model)
+    # a tp-side tensor holding some stored rows several times (KV heads replicated over the ranks) counts each once
+    share = {id(p): layouts[n].stored / len(layouts[n].rows) for n, p in ranked.model.named_parameters() if n in layouts}
     squares = torch.zeros((), dtype=torch.float64)
     for p in params:
-        squares += _square_sum(p, ranked)
+        squares += _square_sum(p, ranked) * share.get(id(p), 1.0)
     if ranked.plan.pp > 1:  # each stage holds other parameters
         dist.all_reduce(squares, group=ranked.pp_mesh.get_group())
     norm = float(squares.sqrt())

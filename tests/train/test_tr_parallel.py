@@ -173,6 +173,23 @@ def test_resume_under_another_plan_continues_the_run(tmp_path):
                                                      metrics.read(same / metrics.METRICS))]
 
 
+def test_resume_of_a_tp_run_with_fused_and_replicated_rows_under_dp(tmp_path):
+    """The trainer's own stack under tp = 2: Mamba-1's and Mamba-2's fused in_proj split by segments, the MQA
+    layers' one KV head on both ranks. Stopped after 2 steps (its checkpoint in the stored layout), resumed
+    under dp = 2 with ZeRO 2: steps 3-4 equal the uninterrupted single-process run, and the exported weights
+    load as usual."""
+    ir = model(TINY.replace("expand = 2, chunk = 8", "expand = 2, n_groups = 2, chunk = 8"))
+    want = single(ir, tmp_path / "one", steps=4)
+    run = tmp_path / "run"
+    parallel.run(ir, config(run, steps=4, stop_after=2), plan_from(world=2, tp=2), nproc=2)
+    parallel.run(ir, config(run, steps=4, resume=True), plan_from(world=2, zero=2), nproc=2)
+    from ltmdsl.runtime import checkpoint
+    from ltmdsl.train import metrics
+
+    assert_same_steps(metrics.read(run / metrics.METRICS), want)
+    checkpoint.load(state.model_file(run), ir)
+
+
 def test_resume_of_a_pipeline_zero2_run_under_zero3(tmp_path):
     """Stopped after 2 steps under pp = 2 with ZeRO 2 (each stage's FSDP2 shards in the checkpoint), resumed
     under dp = 2 with ZeRO 3: steps 3-4 equal the uninterrupted single-process run."""
