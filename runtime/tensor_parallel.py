@@ -15,7 +15,7 @@
     head_replicas(heads)   a Linear whose output rows are `heads` KV heads, fewer than the tp ranks (MQA, GQA
                            at t > Hkv): each rank holds the one head its query heads use (Megatron-LM's
                            replicated KV heads), the copies' gradients summed (below)
-    shared_weight(module, p) a replicated weight of a tp-marked module whose uses are split over the ranks
+    shared_weight(module)  a replicated weight of a tp-marked module whose uses are split over the ranks
                            (a per-head norm's weight shared by heads on different ranks): its gradient summed
     tp_size(module)        the tp degree a module was split over (1 when it was not)
     rmsnorm_over_tp(...)   an RMSNorm over a width whose channels are split over tp: the sum of squares
@@ -136,8 +136,6 @@ def segmented(style, segments: dict[str, tuple[int, ...]]):
     from torch.distributed.tensor.parallel import ParallelStyle
 
     class Segmented(ParallelStyle):
-        fused = segments
-
         def _apply(self, module, device_mesh):
             t = device_mesh.size()
             bad = {name: sizes for name, sizes in segments.items() if any(n % t for n in sizes)}
@@ -193,8 +191,8 @@ def head_replicas(heads: int):
             for name, p in list(module.named_parameters(recurse=False)):
                 full = (torch.empty((t * rows, *p.shape[1:]), dtype=p.dtype, device=p.device) if p.is_meta
                         else tp_side(p.detach(), layout))  # [t * rows, ...]
-                setattr(module, name, nn.Parameter(distribute_tensor(full, device_mesh, [Shard(0)], src_data_rank=None),
-                                                   requires_grad=p.requires_grad))
+                shard = distribute_tensor(full, device_mesh, [Shard(0)], src_data_rank=None)  # [rows, ...] each
+                setattr(module, name, nn.Parameter(shard, requires_grad=p.requires_grad))
                 module.tp_layouts[name] = layout
             module.tp_mesh = device_mesh
             slot, group = device_mesh.get_local_rank() // (t // heads), device_mesh.get_group()
@@ -211,10 +209,12 @@ def head_replicas(heads: int):
     return HeadReplicas()
 
 
-def shared_weight(module, p: torch.Tensor) -> torch.Tensor:
-    """Parameter `p` of `module`, replicated on the tp ranks while the work that reads it is split (a per-head
-    norm's weight shared by heads on different ranks: Gated DeltaNet's, KDA's, attention's qk norms): its
-    gradient, each rank's share, summed over them. `p` as it is when `module` was not tp-marked (mark_tp)."""
+def shared_weight(module, p: torch.Tensor | None = None) -> torch.Tensor:
+    """Parameter `p` of `module` (default its `weight`), replicated on the tp ranks while the work that reads
+    it is split (a per-head norm's weight shared by heads on different ranks: Gated DeltaNet's, KDA's,
+    attention's qk norms): its gradient, each rank's share, summed over them. As it is when `module` was not
+    tp-marked (mark_tp)."""
+    p = module.weight if p is None else p
     mesh = getattr(module, "tp_mesh", None)
     return p if mesh is None else copy_to_tp(local(p), mesh.get_group())
 

@@ -49,13 +49,13 @@ def _state(ranked, optimizer):
         raise CheckpointError("zero = 1 (ZeroRedundancyOptimizer) has no distributed checkpoint: its state is "
                               "outside torch's state-dict API; use zero 0, 2 or 3")
     model_sd, optim_sd = get_state_dict(ranked.model, optimizer)
-    shards = {}  # (where, key) -> this plan's tensor, for each entry put in the stored layout
+    shards = {}  # (parameter, None or its moment's key) -> this plan's tensor, for each entry stored re-laid
     for name, layout in row_layouts(ranked.model).items():  # the same order on every rank (collectives)
-        shards[("model", name)] = model_sd[name]
+        shards[(name, None)] = model_sd[name]
         model_sd[name] = stored_layout(full_tensor(model_sd[name]).detach(), layout)
         moments = optim_sd["state"].get(name, {})
         for key, value in moments.items():
-            if isinstance(value, torch.Tensor) and value.shape == shards[("model", name)].shape:  # not `step`
+            if isinstance(value, torch.Tensor) and value.shape == shards[(name, None)].shape:  # not `step`
                 shards[(name, key)] = value
                 moments[key] = stored_layout(full_tensor(value).detach(), layout)
     return {"model": model_sd, "optimizer": optim_sd}, shards
@@ -65,10 +65,9 @@ def _reshard(state: dict, shards: dict, layouts: dict) -> None:
     """Put every stored-layout entry of a loaded `state` back as this plan's tensor (`_state`'s shards)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    for (where, key), like in shards.items():
-        name = key if where == "model" else where
-        holder = state["model"] if where == "model" else state["optimizer"]["state"][name]
-        full = tp_side(holder[key], layouts[name]).to(like.dtype)
+    for (name, moment), like in shards.items():
+        holder, key = (state["model"], name) if moment is None else (state["optimizer"]["state"][name], moment)
+        full = tp_side(holder[key], layouts[name]).to(like.dtype)  # this plan's tp-side rows, whole
         holder[key] = (distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
                        if isinstance(like, DTensor) else full)
 

@@ -151,7 +151,7 @@ def fsdp_root_params(model: ModelIR, layers: range, first: bool, last: bool) -> 
         if owner in seen:
             continue
         seen.add(owner)
-        n += layer.norm.params_per_channel * d
+        n += layer.norm.params_per_channel * d * layer.residual.width  # concat_embed: a 2d-wide pre-norm
         if layer.post_norm is not None:
             n += layer.post_norm.params_per_channel * d
     split = model.embedding_params if first or (last and model.tie_embeddings) else 0

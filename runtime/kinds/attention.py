@@ -149,8 +149,8 @@ class Attention(nn.Module):
         k = kp.view(B, T, -1, cfg.head_dim)  # [B, T, Hkv, D]
         v = vp.view(B, T, -1, cfg.v_head_dim)  # [B, T, Hkv, Dv]
         if self.q_norm is not None:  # one weight [D] for every head (under tp, heads on every rank)
-            q = rmsnorm(q, shared_weight(self.q_norm, self.q_norm.weight), self.q_norm.eps)  # [B, T, H, D]
-            k = rmsnorm(k, shared_weight(self.k_norm, self.k_norm.weight), self.k_norm.eps)  # [B, T, Hkv, D]
+            q = rmsnorm(q, shared_weight(self.q_norm), self.q_norm.eps)  # [B, T, H, D]
+            k = rmsnorm(k, shared_weight(self.k_norm), self.k_norm.eps)  # [B, T, Hkv, D]
         if cfg.qk_l2_norm:  # rotations keep the mean square, so before or after RoPE is the same
             q, k = self._l2(q), self._l2(k)
         if cfg.rope_theta is not None:

@@ -26,12 +26,12 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import CacheRequest
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.gated_deltanet import (
-    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state, shared_weight,
+    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state,
     work_dtype,
 )
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_with_state
 from ltmdsl.runtime.ops_norm_gate import norm_then_gate
-from ltmdsl.runtime.tensor_parallel import local, mark_tp, segmented, shard_parameters
+from ltmdsl.runtime.tensor_parallel import local, mark_tp, segmented, shard_parameters, shared_weight
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels

@@ -52,14 +52,19 @@ def model(layer: str):
     return ltmdsl.loads(f"model m {{\n vocab = 64\n d_model = 32\n dtype = fp32\n head = untied\n{body}}}\n").ir.model()
 
 
-CASES = [(name, 2) for name in LAYERS] + [("mqa", 4), ("transformer-block-concat-mqa", 4)]
+CASES = [(name, 2, {"tp": 2}) for name in LAYERS] + [("mqa", 4, {"tp": 4}),
+                                                    ("transformer-block-concat-mqa", 4, {"tp": 4}),
+                                                    ("transformer-block-concat-mqa", 4, {"tp": 2, "zero": 3})]
 
 
-@pytest.mark.parametrize("name, tp", CASES, ids=[f"{n}-tp{t}" for n, t in CASES])
-def test_matches_one_process(name, tp):
+@pytest.mark.parametrize("name, world, degrees", CASES,
+                         ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in d.items())}" for n, _, d in CASES])
+def test_matches_one_process(name, world, degrees):
+    """dp 2 x tp 2 with zero 3: FSDP2 shards the replicated KV head's rows and each use's split adapters
+    further along dp (the uses in its root)."""
     ir = model(LAYERS[name])
     ref_losses, ref_grads = reference_run(ir, dtype=torch.float64)
-    losses, grads = launch(rank_run, tp, (ir, plan_from(world=tp, tp=tp), STEPS, torch.float64))[0]
+    losses, grads = launch(rank_run, world, (ir, plan_from(world=world, **degrees), STEPS, torch.float64))[0]
     for i, (got, want) in enumerate(zip(losses, ref_losses)):
         assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
     assert set(grads) == set(ref_grads)
