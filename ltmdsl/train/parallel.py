@@ -325,7 +325,8 @@ def _clip(ranked, optimizer, clip: float) -> float:
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     layouts = row_layouts(ranked.model)
     # a tp-side tensor holding some stored rows several times (KV heads replicated over the ranks) counts each once
-    share = {id(p): layouts[n].stored / len(layouts[n].rows) for n, p in ranked.model.named_parameters() if n in layouts}
+    share = {id(p): layouts[n].stored / len(layouts[n].rows)
+             for n, p in ranked.model.named_parameters() if n in layouts}
     squares = torch.zeros((), dtype=torch.float64)
     for p in params:
         squares += _square_sum(p, ranked) * share.get(id(p), 1.0)

@@ -5,10 +5,10 @@ head its query heads use, Megatron-LM's replication; the copies' gradients summe
 (its attention and MLP split as their kinds, each use's LoRA adapters and out_proj split with what they feed).
 
 Each: the loss of the first 3 steps and the first step's gradients equal one process within 1e-5 relative,
-in float64 on 2 (or 4) forked gloo ranks (measured at tp 2: losses <= 1.2e-7, gradients <= 8.1e-8 of
-each tensor's largest entry, as for plain GQA attention at tp 2: 8.7e-8 and 5.7e-8); each rank's weight, gradient and optimizer bytes
-equal the memory model's per-GPU figures exactly; and what cannot split is refused before launch with the
-memory model's message."""
+in float64 on 2 (or 4) forked gloo ranks (measured at tp 2: losses <= 1.2e-7, gradients <= 8.1e-8 of each
+tensor's largest entry, as for plain GQA attention at tp 2: 8.7e-8 and 5.7e-8); each rank's weight, gradient
+and optimizer bytes equal the memory model's per-GPU figures exactly; and what cannot split is refused before
+launch with the memory model's message."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def model(layer: str):
         body = f"{SHARED} layer t = {layer}\n layer x = attention(heads = 4)\n layer f = mlp(d_ff = 64)\n{stack}"
     else:
         body = f" layer x = {layer}\n layer f = mlp(d_ff = 64)\n stack {{ x f x f }}\n"
-    return ltmdsl.loads(f"model m {{\n vocab = 64\n d_model = 32\n dtype = fp32\n head = untied\n{body}}}\n").ir.model()
+    text = f"model m {{\n vocab = 64\n d_model = 32\n dtype = fp32\n head = untied\n{body}}}\n"
+    return ltmdsl.loads(text).ir.model()
 
 
 CASES = [(name, 2, {"tp": 2}) for name in LAYERS] + [("mqa", 4, {"tp": 4}),
