@@ -312,6 +312,12 @@ def plan_problems(model: ModelIR, tp: int, pp: int, ep: int) -> list[tuple[str, 
     if bad_tp is not None:
         layer, what, n = bad_tp
         problems.append(("tp", f"tp = {tp} does not divide the {n} {what} of layer '{layer.definition}'"))
+    bad_group = next(((layer, what, n) for layer, sp in splits for what, n, _ in sp.grouped if n % tp and tp % n),
+                     None)
+    if bad_group is not None and bad_tp is None:
+        layer, what, n = bad_group
+        problems.append(("tp", f"tp = {tp} neither divides nor is a multiple of the {n} {what} of layer "
+                               f"'{layer.definition}' (beyond them each rank holds one of them)"))
     sharded = sorted({(n, what) for _layer, sp in splits for what, n in sp.ep})
     if ep > 1 and not sharded:
         problems.append(("ep", "ep > 1 but the model has no MoE layers (no layer splits over expert parallelism)"))

@@ -43,26 +43,31 @@ from torch import nn
 STD = 0.02  # normal(0, 0.02) for linear and embedding weights, as GPT-2 / Llama do
 
 
-def segments_of(module: torch.nn.Module, name: str):
-    """(sizes, t) when tensor parallelism split `module`'s fused parameter `name` by segments
-    (runtime.tensor_parallel.segmented), else None."""
-    return getattr(module, "tp_segments", {}).get(name)
+def layout_of(module: torch.nn.Module, name: str):
+    """The RowLayout of `module`'s parameter `name` when tensor parallelism laid its rows out apart from the
+    stored ones (a fused tensor split by segments, replicated KV heads: runtime.tensor_parallel), else None."""
+    return getattr(module, "tp_layouts", {}).get(name)
+
+
+def draw_shape(p: torch.Tensor, layout=None) -> tuple[int, ...]:
+    """The shape a parameter's values are drawn in: its stored shape (the single-process one)."""
+    return tuple(p.shape) if layout is None else layout.stored_shape(p.shape)
 
 
 @torch.no_grad()
-def assign_(p: torch.Tensor, full: torch.Tensor, segments=None) -> None:
-    """p <- full (broadcast to p's shape), times the parameter's output scale while `residual_outputs`
+def assign_(p: torch.Tensor, full: torch.Tensor, layout=None) -> None:
+    """p <- full (broadcast to p's stored shape), times the parameter's output scale while `residual_outputs`
     names it. A DTensor parameter takes its local shard of `full`, cut the way its placements say, without
-    communication (every rank drew the same `full`); a fused one split by segments (`segments` = (sizes, t),
-    `segments_of`) takes its rows of every segment."""
+    communication (every rank drew the same `full`); one whose tp rows are laid out apart from the stored
+    rows (`layout`, `layout_of`) takes `full`'s rows in that layout first."""
     scale = getattr(p, "_init_scale", None)  # set while `residual_outputs` is open
     if scale is not None:
         full = full * scale  # in fp32, before the cast: the same weights in every dtype
-    full = full.expand(p.shape)
-    if segments is not None:
-        from ltmdsl.runtime.tensor_parallel import segment_order
+    full = full.expand(draw_shape(p, layout))
+    if layout is not None:
+        from ltmdsl.runtime.tensor_parallel import tp_side
 
-        full = full[segment_order(*segments)]  # the tp order of the rows, whose Shard(0) is each rank's part
+        full = tp_side(full, layout)  # the tp-side rows, whose Shard(0) is each rank's part
     if _is_dtensor(p):
         from torch.distributed.tensor import distribute_tensor
 
@@ -81,13 +86,13 @@ def _is_dtensor(p: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def normal_(p: torch.Tensor, gen: torch.Generator, std: float = STD, segments=None) -> None:
-    assign_(p, torch.randn(p.shape, generator=gen) * std, segments)
+def normal_(p: torch.Tensor, gen: torch.Generator, std: float = STD, layout=None) -> None:
+    assign_(p, torch.randn(draw_shape(p, layout), generator=gen) * std, layout)
 
 
 @torch.no_grad()
-def uniform_(p: torch.Tensor, gen: torch.Generator, bound: float, segments=None) -> None:
-    assign_(p, (torch.rand(p.shape, generator=gen) * 2 - 1) * bound, segments)
+def uniform_(p: torch.Tensor, gen: torch.Generator, bound: float, layout=None) -> None:
+    assign_(p, (torch.rand(draw_shape(p, layout), generator=gen) * 2 - 1) * bound, layout)
 
 
 @torch.no_grad()
@@ -104,7 +109,7 @@ def zeros_(p: torch.Tensor | None) -> None:
 @torch.no_grad()
 def linear_(lin: torch.nn.Linear, gen: torch.Generator, std: float = STD) -> None:
     """normal(0, std) weight, zero bias."""
-    normal_(lin.weight, gen, std, segments_of(lin, "weight"))
+    normal_(lin.weight, gen, std, layout_of(lin, "weight"))
     zeros_(lin.bias)
 
 

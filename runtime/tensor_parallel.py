@@ -12,22 +12,37 @@
     segmented(style, segs) a style whose Shard(0) split is of a fused tensor (Mamba-2's in_proj holds z, x, B,
                            C and dt): each rank takes its 1/t of every segment (Megatron-LM's split), not one
                            contiguous block of rows (below)
+    head_replicas(heads)   a Linear whose output rows are `heads` KV heads, fewer than the tp ranks (MQA, GQA
+                           at t > Hkv): each rank holds the one head its query heads use (Megatron-LM's
+                           replicated KV heads), the copies' gradients summed (below)
+    shared_weight(module)  a replicated weight of a tp-marked module whose uses are split over the ranks
+                           (a per-head norm's weight shared by heads on different ranks): its gradient summed
     tp_size(module)        the tp degree a module was split over (1 when it was not)
     rmsnorm_over_tp(...)   an RMSNorm over a width whose channels are split over tp: the sum of squares
                            all-reduced (lightning's norm over all heads at once)
 
-A fused parameter keeps its name and its stored layout (the one checkpoints and the Hugging Face mapping
-share). Under tp its DTensor is Shard(0) of the rank-major reordering of its rows (rank 0's part of every
-segment, then rank 1's, ...), so each rank's local shard is [z_r, x_r, B_r, C_r, dt_r] and torch's
-ColwiseParallel, FSDP2 and the optimizer work on it unchanged. `segment_order` is that reordering: the
-seeded init draws in the stored layout and `runtime.initializers.assign_` reorders by it; `stored_layout`
-turns a full (gathered) tensor back. The module records `tp_segments = {parameter: (sizes, t)}`.
+**Row layouts.** A parameter keeps its name and its stored layout (the one checkpoints and the Hugging Face
+mapping share), but two splits need a tp-side global tensor whose rows are not the stored rows, so that
+torch's Shard(0) of it is what each rank holds and ColwiseParallel, FSDP2 and the optimizer work on it
+unchanged. Each is a `RowLayout`, recorded by its style as `module.tp_layouts = {parameter: RowLayout}`:
+
+  segments   a fused tensor, rows reordered rank-major (rank 0's part of every segment, then rank 1's, ...),
+             so each rank's local shard is [z_r, x_r, B_r, C_r, dt_r] (a permutation of the stored rows);
+  replicas   Hkv heads' rows repeated t / Hkv times (rank r holds head r // (t / Hkv)): the tp-side tensor
+             has t heads' rows, the stored one Hkv.
+
+`RowLayout.rows[i]` is the stored row of tp-side row i. The seeded init draws in the stored layout and
+`runtime.initializers.assign_` takes `full[rows]`; `stored_layout` turns a gathered tp-side tensor back (a
+replica's copies are equal: their gradients are summed before any update); distributed checkpoints store
+the stored layout (ltmdsl.distributed.checkpoint), so they reshard to any plan.
 
 The kinds' `tp_plan` (runtime/kinds/<kind>.py) combine these with torch's ColwiseParallel / RowwiseParallel;
 the plan's key "" names the mixer itself (its own parameters: Mamba-2's A_log, D and dt_bias).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -64,6 +79,22 @@ def sum_over_tp(partial: torch.Tensor, mesh) -> torch.Tensor:
     return DTensor.from_local(partial, mesh, [Partial()]).redistribute(mesh, [Replicate()]).to_local()
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """How a parameter's tp-side global rows map to its stored rows (module docstring): `rows[i]` is the
+    stored row of tp-side row i; `stored` the stored row count."""
+
+    rows: tuple[int, ...]
+    stored: int
+
+    def index(self, device=None) -> torch.Tensor:
+        return torch.tensor(self.rows, dtype=torch.long, device=device)
+
+    def stored_shape(self, shape) -> tuple[int, ...]:
+        """The stored shape of a parameter whose tp-side shape is `shape`."""
+        return (self.stored, *tuple(shape)[1:])
+
+
 def segment_order(sizes: tuple[int, ...], t: int) -> torch.Tensor:
     """Rows of a fused tensor with segments of `sizes` (each divisible by t) in tp order: rank 0's 1/t of
     every segment, then rank 1's, ... (index into the stored layout)."""
@@ -73,23 +104,38 @@ def segment_order(sizes: tuple[int, ...], t: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def stored_layout(full: torch.Tensor, segments: tuple[tuple[int, ...], int]) -> torch.Tensor:
-    """A gathered fused tensor (tp order along dim 0) back in its stored layout; `segments` = (sizes, t)."""
-    order = segment_order(*segments).to(full.device)
-    out = torch.empty_like(full)
-    out[order] = full
+def segments_layout(sizes: tuple[int, ...], t: int) -> RowLayout:
+    """The rank-major layout of a fused tensor of segments `sizes` over t ranks."""
+    return RowLayout(tuple(segment_order(sizes, t).tolist()), sum(sizes))
+
+
+def replicas_layout(heads: int, rows_per_head: int, t: int) -> RowLayout:
+    """`heads` heads of `rows_per_head` rows each, repeated so that rank r of t holds head r // (t / heads)."""
+    copies = t // heads
+    return RowLayout(tuple(h * rows_per_head + i for h in range(heads) for _ in range(copies)
+                           for i in range(rows_per_head)), heads * rows_per_head)
+
+
+def stored_layout(full: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """A gathered tp-side tensor (rows in `layout`'s order) back in its stored layout (a replicated row from
+    its last copy: the copies are equal)."""
+    out = full.new_empty(layout.stored_shape(full.shape))
+    out[layout.index(full.device)] = full
     return out
+
+
+def tp_side(stored: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """A stored-layout tensor's tp-side rows (what `layout`'s Shard(0) splits)."""
+    return stored[layout.index(stored.device)]
 
 
 def segmented(style, segments: dict[str, tuple[int, ...]]):
     """`style` (ColwiseParallel, shard_parameters(0)) applied to a module whose parameters named in
-    `segments` are fused along dim 0 from segments of those sizes: records `module.tp_segments`, so that
+    `segments` are fused along dim 0 from segments of those sizes: records `module.tp_layouts`, so that
     each rank holds its 1/t of every segment (module docstring). Every size must be divisible by t."""
     from torch.distributed.tensor.parallel import ParallelStyle
 
     class Segmented(ParallelStyle):
-        fused = segments  # what ltmdsl.train.parallel.check looks for (no DCP checkpoint of these under tp yet)
-
         def _apply(self, module, device_mesh):
             t = device_mesh.size()
             bad = {name: sizes for name, sizes in segments.items() if any(n % t for n in sizes)}
@@ -97,10 +143,80 @@ def segmented(style, segments: dict[str, tuple[int, ...]]):
                 raise ValueError(f"tp = {t} does not divide the segments {bad}")
             module = style._apply(module, device_mesh)
             names = dict(module.named_parameters(recurse=False))
-            module.tp_segments = {name: (tuple(sizes), t) for name, sizes in segments.items() if name in names}
+            layouts = {name: segments_layout(tuple(sizes), t) for name, sizes in segments.items() if name in names}
+            module.tp_layouts = {**getattr(module, "tp_layouts", {}), **layouts}
             return module
 
     return Segmented()
+
+
+class _SumOverCopies(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the ranks holding the same head (slot) of `slots`,
+    through one all-reduce over the tp group (each rank's gradient in its head's slot, zeros elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, slot: int, slots: int, group) -> torch.Tensor:
+        ctx.slot, ctx.slots, ctx.group = slot, slots, group
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        buf = grad.new_zeros((ctx.slots, *grad.shape))  # [heads, rows, ...]
+        buf[ctx.slot] = grad
+        dist.all_reduce(buf, group=ctx.group)
+        return buf[ctx.slot], None, None, None
+
+
+def head_replicas(heads: int):
+    """A ParallelStyle for an nn.Linear whose output rows are `heads` equal heads, fewer than the t tp ranks
+    (t a multiple of heads): Megatron-LM's replicated KV heads. Its weight (and bias) become the tp-side
+    tensor of `replicas_layout` split Shard(0), so rank r holds head r // (t / heads); the forward reads
+    replicated x (its gradient summed over the ranks, as a column-parallel input's is) and sums each weight's
+    gradient over the ranks holding the same head, so the copies stay equal and their gradient is the
+    single-process one."""
+    from torch import nn
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class HeadReplicas(ParallelStyle):
+        def _apply(self, module: nn.Module, device_mesh):
+            t = device_mesh.size()
+            if t % heads:
+                raise ValueError(f"tp = {t} is not a multiple of the {heads} heads to replicate")
+            rows = module.weight.shape[0] // heads
+            layout = replicas_layout(heads, rows, t)
+            module.tp_layouts = {}
+            for name, p in list(module.named_parameters(recurse=False)):
+                full = (torch.empty((t * rows, *p.shape[1:]), dtype=p.dtype, device=p.device) if p.is_meta
+                        else tp_side(p.detach(), layout))  # [t * rows, ...]
+                shard = distribute_tensor(full, device_mesh, [Shard(0)], src_data_rank=None)  # [rows, ...] each
+                setattr(module, name, nn.Parameter(shard, requires_grad=p.requires_grad))
+                module.tp_layouts[name] = layout
+            module.tp_mesh = device_mesh
+            slot, group = device_mesh.get_local_rank() // (t // heads), device_mesh.get_group()
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                x = copy_to_tp(x, group)  # [..., in]
+                w = _SumOverCopies.apply(local(module.weight), slot, heads, group)  # [rows, in]: this rank's head
+                b = None if module.bias is None else _SumOverCopies.apply(local(module.bias), slot, heads, group)
+                return torch.nn.functional.linear(x, w, b)  # [..., rows]
+
+            module.forward = forward
+            return module
+
+    return HeadReplicas()
+
+
+def shared_weight(module, p: torch.Tensor | None = None) -> torch.Tensor:
+    """Parameter `p` of `module` (default its `weight`), replicated on the tp ranks while the work that reads
+    it is split (a per-head norm's weight shared by heads on different ranks: Gated DeltaNet's, KDA's,
+    attention's qk norms): its gradient, each rank's share, summed over them. As it is when `module` was not
+    tp-marked (mark_tp)."""
+    p = module.weight if p is None else p
+    mesh = getattr(module, "tp_mesh", None)
+    return p if mesh is None else copy_to_tp(local(p), mesh.get_group())
 
 
 def tp_size(module) -> int:

@@ -11,6 +11,14 @@ them. Beside the shards, `ltmdsl.json` records the model name, its source hash, 
 directory renamed into place by rank 0 after every rank finished, so a rank dying mid-save leaves the
 previous checkpoint as it was. ZeRO 1 (ZeroRedundancyOptimizer) keeps its state outside torch's state-dict
 API and is refused.
+
+Tensor parallelism lays some parameters' rows out apart from their stored rows (a fused projection split by
+segments, rank-major; replicated KV heads, repeated: runtime.tensor_parallel.RowLayout). DCP would save and
+reshard those tp-side tensors as if their rows were the stored ones, so the state holds them (and their
+optimizer moments) in the stored layout instead: gathered whole, reordered, written once (DCP deduplicates a
+tensor every rank holds alike), and on load read whole and cut back into this plan's shards. A checkpoint is
+then the same whatever plan wrote it; each such tensor is whole on every rank only while it is saved or
+loaded, one at a time.
 """
 
 from __future__ import annotations
@@ -21,8 +29,11 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
+
 from ltmdsl.distributed.plan import describe
-from ltmdsl.distributed.step import fused_segments
+from ltmdsl.distributed.step import full_tensor, row_layouts
+from ltmdsl.runtime.tensor_parallel import stored_layout, tp_side
 
 INFO = "ltmdsl.json"
 
@@ -37,12 +48,28 @@ def _state(ranked, optimizer):
     if ranked.plan.zero == 1 and ranked.dp_mesh.size() > 1:
         raise CheckpointError("zero = 1 (ZeroRedundancyOptimizer) has no distributed checkpoint: its state is "
                               "outside torch's state-dict API; use zero 0, 2 or 3")
-    fused = sorted(fused_segments(ranked.model))
-    if fused:  # their DTensors are in tp order (runtime.tensor_parallel): DCP would reshard them wrongly
-        raise CheckpointError(f"no distributed checkpoint under tp for fused projections split by segments "
-                              f"({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''}) yet; save with tp = 1")
     model_sd, optim_sd = get_state_dict(ranked.model, optimizer)
-    return {"model": model_sd, "optimizer": optim_sd}
+    shards = {}  # (parameter, None or its moment's key) -> this plan's tensor, for each entry stored re-laid
+    for name, layout in row_layouts(ranked.model).items():  # the same order on every rank (collectives)
+        shards[(name, None)] = model_sd[name]
+        model_sd[name] = stored_layout(full_tensor(model_sd[name]).detach(), layout)
+        moments = optim_sd["state"].get(name, {})
+        for key, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.shape == shards[(name, None)].shape:  # not `step`
+                shards[(name, key)] = value
+                moments[key] = stored_layout(full_tensor(value).detach(), layout)
+    return {"model": model_sd, "optimizer": optim_sd}, shards
+
+
+def _reshard(state: dict, shards: dict, layouts: dict) -> None:
+    """Put every stored-layout entry of a loaded `state` back as this plan's tensor (`_state`'s shards)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for (name, moment), like in shards.items():
+        holder, key = (state["model"], name) if moment is None else (state["optimizer"]["state"][name], moment)
+        full = tp_side(holder[key], layouts[name]).to(like.dtype)  # this plan's tp-side rows, whole
+        holder[key] = (distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+                       if isinstance(like, DTensor) else full)
 
 
 def save(ranked, optimizer, path: str | os.PathLike, *, step: int) -> Path:
@@ -52,7 +79,7 @@ def save(ranked, optimizer, path: str | os.PathLike, *, step: int) -> Path:
 
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    state = _state(ranked, optimizer)
+    state, _ = _state(ranked, optimizer)
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
@@ -87,8 +114,9 @@ def load(ranked, optimizer, path: str | os.PathLike) -> int:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     info = read_info(path, ranked.model.ir)
-    state = _state(ranked, optimizer)
+    state, shards = _state(ranked, optimizer)
     dcp.load(state, checkpoint_id=str(path))
+    _reshard(state, shards, row_layouts(ranked.model))
     set_state_dict(ranked.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return int(info["step"])
 

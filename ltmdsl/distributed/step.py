@@ -17,7 +17,7 @@ import torch
 from ltmdsl.distributed.context_parallel import shard_sequence
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, sync_gradients
 from ltmdsl.distributed.pipeline import pipeline_loss
-from ltmdsl.runtime.tensor_parallel import stored_layout
+from ltmdsl.runtime.tensor_parallel import RowLayout, stored_layout
 from ltmdsl.train.loss import summed_target_loss
 
 
@@ -67,27 +67,28 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def fused_segments(model) -> dict[str, tuple]:
-    """name -> (sizes, t) of every fused parameter tensor parallelism split by segments (its gathered
-    tensor is in tp order: runtime.tensor_parallel)."""
-    return {f"{m}.{n}" if m else n: seg for m, mod in model.named_modules()
-            for n, seg in getattr(mod, "tp_segments", {}).items()}
+def row_layouts(model) -> dict[str, "RowLayout"]:
+    """name -> RowLayout of every parameter whose tp-side rows tensor parallelism laid out apart from its
+    stored rows (fused tensors split by segments, replicated KV heads: runtime.tensor_parallel); its
+    gathered tensor is in that order."""
+    return {f"{m}.{n}" if m else n: layout for m, mod in model.named_modules()
+            for n, layout in getattr(mod, "tp_layouts", {}).items()}
 
 
-def _full(name: str, t: torch.Tensor, fused: dict) -> torch.Tensor:
+def _full(name: str, t: torch.Tensor, layouts: dict) -> torch.Tensor:
     full = full_tensor(t).detach().cpu()
-    return stored_layout(full, fused[name]) if name in fused else full
+    return stored_layout(full, layouts[name]) if name in layouts else full
 
 
 def full_gradients(model) -> dict[str, torch.Tensor]:
     """name -> the full gradient of every parameter, in its stored layout (a collective: every rank must
     call it)."""
-    fused = fused_segments(model)
-    return {n: _full(n, p.grad, fused) for n, p in model.named_parameters() if p.grad is not None}
+    layouts = row_layouts(model)
+    return {n: _full(n, p.grad, layouts) for n, p in model.named_parameters() if p.grad is not None}
 
 
 def full_parameters(model) -> dict[str, torch.Tensor]:
     """name -> the full value of every parameter, in its stored layout (a collective: every rank must
     call it)."""
-    fused = fused_segments(model)
-    return {n: _full(n, p, fused) for n, p in model.named_parameters()}
+    layouts = row_layouts(model)
+    return {n: _full(n, p, layouts) for n, p in model.named_parameters()}

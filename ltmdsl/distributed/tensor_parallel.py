@@ -26,9 +26,21 @@ def tp_plans(ir: ModelIR, tp: int) -> list[dict]:
                 f"run it with tp = 1, or declare tp_plan in runtime/kinds/{layer.kind}.py")
         try:
             plans.append(kind.tp_plan(layer.mixer, tp))
+            if kind.use_tp_plan is not None:
+                kind.use_tp_plan(layer.mixer, tp)  # refuse a use it cannot split here too
         except TensorParallelUnsupported as e:
             raise TensorParallelUnsupported(f"layer '{layer.definition}': {e}") from None
     return plans
+
+
+def apply_use_parallel(model, tp_mesh) -> None:
+    """Split each use's own parameters (a shared block's per-use adapters and out_proj, `model.uses`) as its
+    kind's `use_tp_plan` says."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    for index, use in getattr(model, "uses", {}).items():
+        layer = model.ir.layers[int(index)]
+        parallelize_module(use, tp_mesh, runtime_kind(layer.kind).use_tp_plan(layer.mixer, tp_mesh.size()))
 
 
 def apply_tensor_parallel(model, tp_mesh, *, sequence_parallel: bool = False, folded_pieces: bool = False) -> None:
@@ -57,6 +69,7 @@ def apply_tensor_parallel(model, tp_mesh, *, sequence_parallel: bool = False, fo
         if own is not None:
             parallelize_module(block.mixer, tp_mesh, own)
         parallelize_module(block.mixer, tp_mesh, {k: v for k, v in plan.items() if k})
+    apply_use_parallel(model, tp_mesh)
     apply_vocab_parallel(model, tp_mesh, sequence_parallel=sequence_parallel)
     if sequence_parallel:
         apply_sequence_parallel(model, tp_mesh, sharded_outputs)

@@ -251,10 +251,19 @@ def count(c: AttentionConfig, d: int) -> int:
     return q + k + v + o + (2 * c.head_dim if c.qk_norm else 0) + (c.heads if c.sinks else 0)
 
 
+def kv_params(c: AttentionConfig, d_in: int) -> int:
+    """k_proj and v_proj reading d_in channels, with their biases."""
+    rows = c.kv_heads * (c.head_dim + c.v_head_dim)
+    return rows * d_in + (rows if c.qkv_bias else 0)
+
+
 def split(c: AttentionConfig, d: int) -> Split:
-    """Tensor parallelism splits the query and KV heads; the row-parallel o_proj's bias and the qk-norm
-    weights (one head_dim each, shared by every head) are replicated."""
-    return Split(tp=(("heads", c.heads),), replicated=(d if c.out_bias else 0) + (2 * c.head_dim if c.qk_norm else 0))
+    """Tensor parallelism splits the query heads (and the sink logits with them) and the KV heads, which
+    beyond t = Hkv it replicates (each rank holds the KV head its query heads use: `grouped`); the
+    row-parallel o_proj's bias and the qk-norm weights (one head_dim each, shared by every head) are
+    replicated."""
+    return Split(tp=(("heads", c.heads),), grouped=(("kv heads", c.kv_heads, kv_params(c, d)),),
+                 replicated=(d if c.out_bias else 0) + (2 * c.head_dim if c.qk_norm else 0))
 
 
 def context_check(c: AttentionConfig, context: int) -> str | None:

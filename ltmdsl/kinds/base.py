@@ -145,12 +145,20 @@ class Split:
     as the kind's tensor-parallel plan keeps them (a row-parallel output bias, MLA's latent projections, the
     MoE router, a norm weight shared by heads on different ranks). The rest, count - expert_params -
     replicated, is split over tp (/ t); activations split as real numbers (d_inner / t).
+
+    grouped: (what, n, params) for parameters split by n groups that tp splits while it divides n and
+    replicates beyond (attention's K/V projections by KV heads: at t > n each rank holds the one group its
+    other heads use, params / n, as Megatron-LM replicates KV heads); t must divide n or be a multiple of it.
+    They are part of the split rest, per rank params / min(t, n). use_grouped: the part of `grouped` that is
+    per use (`per_use`: a shared block's adapters onto K and V), which every tied use holds again.
     """
 
     tp: tuple[tuple[str, int], ...] = ()
     ep: tuple[tuple[str, int], ...] = ()
     expert_params: int = 0
     replicated: int = 0
+    grouped: tuple[tuple[str, int, int], ...] = ()
+    use_grouped: tuple[tuple[str, int, int], ...] = ()
 
 
 FACETS = ("build", "count", "inactive", "split", "context_check", "cache", "workspace", "stored", "flops", "dims",

@@ -121,8 +121,19 @@ def inactive(c: TransformerBlockConfig, d: int) -> int:
 
 
 def split(c: TransformerBlockConfig, d: int) -> Split:
-    parts = [_kind(x).split(x, d) for x in (c.attn, c.ffn)]
-    return Split(tp=tuple(p for s in parts for p in s.tp))
+    """The attention's and MLP's own splits (K/V grouped by KV heads over d_in input channels), the mid norm
+    replicated; each use's adapters split with what they feed (A by its rank r, which tp must divide; B as
+    the projection it adds to, K and V's grouped with the KV heads) and its out_proj split."""
+    from ltmdsl.kinds.attention import kv_params
+
+    a, f = c.attn, c.ffn
+    attn, ffn = _kind(a).split(a, d), _kind(f).split(f, d)
+    adapters = c.adapters(d)
+    kv_lora = c.adapter_rank * a.kv_heads * (a.head_dim + a.v_head_dim) if c.attn_adapters else 0
+    use_grouped = (("kv heads", a.kv_heads, kv_lora),) if kv_lora else ()
+    return Split(tp=attn.tp + ffn.tp + ((("adapter channels (adapter_rank)", c.adapter_rank),) if adapters else ()),
+                 replicated=attn.replicated + ffn.replicated + c.mid_norm.params_per_channel * d,
+                 grouped=(("kv heads", a.kv_heads, kv_params(a, c.d_in) + kv_lora),), use_grouped=use_grouped)
 
 
 def context_check(c: TransformerBlockConfig, context: int) -> str | None:

@@ -70,7 +70,7 @@ def stage_ranges(n_layers: int, pp: int) -> list[range]:
     return out
 
 
-def _groups(model: ModelIR, layers: range) -> tuple[dict, dict, int]:
+def _groups(model: ModelIR, layers: range, tp: int) -> tuple[dict, dict, int]:
     """(mixer, norm, post_norm) -> count; owner params per kind (dense, expert, replicated); number of
     recompute checkpoints."""
     counts: dict = {}
@@ -86,11 +86,14 @@ def _groups(model: ModelIR, layers: range) -> tuple[dict, dict, int]:
             checkpoints += 1
         owner = (layer.tie_group, layer.tie_slot or 0) if layer.tie_group is not None else i
         if owner in seen:  # tied to an earlier use: only its per-use parameters (adapters) are its own
-            params.setdefault(layer.kind, [0, 0])[0] += layer.use_params
+            dense, replicated = training.use_split(layer, model, tp)
+            acc = params.setdefault(layer.kind, [0, 0, 0])
+            acc[0] += dense
+            acc[2] += replicated
             continue
         seen.add(owner)
         acc = params.setdefault(layer.kind, [0, 0, 0])
-        for slot, n in enumerate(training.split_params(layer, model)):  # dense, expert, replicated
+        for slot, n in enumerate(training.split_params(layer, model, tp)):  # dense, expert, replicated
             acc[slot] += n
     return counts, params, checkpoints
 
@@ -102,7 +105,7 @@ def assemble(model: ModelIR, s: Settings) -> list[StageExprs]:
     for index, layers in enumerate(ranges):
         st = StageExprs(index, layers)
         first, last = index == 0, index == len(ranges) - 1
-        counts, params, checkpoints = _groups(model, layers)
+        counts, params, checkpoints = _groups(model, layers, s.tp)
         _weights(st, model, s, params, first, last)
         if s.mode == "inference":
             _inference(st, model, s, counts, last)
@@ -130,7 +133,7 @@ def _weights(st: StageExprs, model: ModelIR, s: Settings, params: dict, first: b
         st.add("weights", "zero-3 gathered", (R(split, s.tp) + replicated) * s.weight_dtype.bytes)
     if last and model.mtp is not None:  # DeepSeek-V3's multi-token-prediction modules, held beside the head
         mtp, d = model.mtp, model.d_model
-        parts = [training.split_params(x, model) for x in mtp.block]
+        parts = [training.split_params(x, model, s.tp) for x in mtp.block]
         expert = mtp.depth * sum(p[1] for p in parts)
         replicated = mtp.depth * (3 * mtp.norm.params_per_channel * d + sum(p[2] for p in parts))  # + its 3 norms
         for comp, expr in training.model_states(model.params_mtp - expert - replicated, expert, s, replicated).items():
@@ -148,7 +151,7 @@ def fsdp_root_params(model: ModelIR, layers: range, first: bool, last: bool) -> 
         if owner in seen:
             continue
         seen.add(owner)
-        n += layer.norm.params_per_channel * d
+        n += layer.norm.params_per_channel * d * layer.residual.width  # concat_embed: a 2d-wide pre-norm
         if layer.post_norm is not None:
             n += layer.post_norm.params_per_channel * d
     split = model.embedding_params if first or (last and model.tie_embeddings) else 0

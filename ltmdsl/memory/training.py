@@ -62,15 +62,34 @@ from ltmdsl.memory.symbols import B, C, T, per_replica, q
 R = sympy.Rational
 
 
-def split_params(layer: SubLayer, model: ModelIR) -> tuple[int, int, int]:
-    """(dense, expert, replicated) parameters of a sub-layer (`split` facet): experts are what expert
-    parallelism shards; replicated ones every tp rank holds whole (its norms and the mixer's replicated
-    parts); dense ones, the rest, tp splits."""
+def split_params(layer: SubLayer, model: ModelIR, tp: int = 1) -> tuple[int, int, int]:
+    """(dense, expert, replicated) parameters of a sub-layer (`split` facet) under tp degree `tp`: experts
+    are what expert parallelism shards; replicated ones every tp rank holds whole (its norms and the mixer's
+    replicated parts); dense ones, the rest, tp splits. Grouped parameters beyond their group count (KV
+    heads at t > Hkv) count as replicated for their params / n per rank, so dense / t + replicated is a
+    rank's share exactly."""
     split = kinds.kind_of(layer.mixer).split(layer.mixer, model.d_model)
     post = layer.post_norm.params_per_channel if layer.post_norm else 0
-    norms = (layer.norm.params_per_channel + post) * model.d_model
+    width = layer.residual.width  # the pre-norm of a concat_embed sub-layer normalises cat[x, e], 2d wide
+    norms = (layer.norm.params_per_channel * width + post) * model.d_model
     replicated = norms + split.replicated
-    return layer.params - split.expert_params - replicated, split.expert_params, replicated
+    dense, replicated = _grouped(layer.params - split.expert_params - replicated, replicated, split.grouped, tp)
+    return dense, split.expert_params, replicated
+
+
+def use_split(layer: SubLayer, model: ModelIR, tp: int = 1) -> tuple[int, int]:
+    """(dense, replicated) of the parameters a tied use of a shared block owns (`per_use`), under tp."""
+    split = kinds.kind_of(layer.mixer).split(layer.mixer, model.d_model)
+    return _grouped(layer.use_params, 0, split.use_grouped, tp)
+
+
+def _grouped(dense: int, replicated: int, grouped, tp: int) -> tuple[int, int]:
+    """Move every group-split part (Split.grouped) that tp replicates (t > n) from dense to params / n held
+    whole: a rank holds one group of it."""
+    for _what, n, params in grouped:
+        if tp > n:
+            dense, replicated = dense - params, replicated + params // n
+    return dense, replicated
 
 
 def _shards(s: Settings, expert: bool):

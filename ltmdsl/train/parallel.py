@@ -61,14 +61,14 @@ def check(ir: ModelIR, plan: ParallelPlan, world: int, *, batch: int, context: i
 
 
 def _kind_errors(ir: ModelIR, plan: ParallelPlan) -> list[str]:
-    """What the layer kinds refuse under this plan (no tensor-parallel plan, fused weights split by segments
-    whose checkpoints tp cannot write yet, no context-parallel form, a pipeline cut through a tie), asked
-    before any worker starts."""
+    """What the layer kinds refuse under this plan (no tensor-parallel plan or a config it cannot split, no
+    context-parallel form, a pipeline cut through a tie), asked before any worker starts."""
     from ltmdsl.distributed.context_parallel import cp_forwards
     from ltmdsl.distributed.pipeline import check_pipeline
+    from ltmdsl.distributed.tensor_parallel import tp_plans
 
     errors = []
-    for applies, probe in ((plan.tp > 1, lambda: _fused_checkpoints(ir, plan.tp)),
+    for applies, probe in ((plan.tp > 1, lambda: tp_plans(ir, plan.tp)),
                            (plan.cp > 1, lambda: cp_forwards(ir)),
                            (plan.pp > 1, lambda: check_pipeline(ir, plan.pp, plan.interleave))):
         if applies:
@@ -77,21 +77,6 @@ def _kind_errors(ir: ModelIR, plan: ParallelPlan) -> list[str]:
             except ValueError as e:
                 errors.append(str(e))
     return errors
-
-
-def _fused_checkpoints(ir: ModelIR, tp: int) -> None:
-    """The kinds' tp plans (refusing what cannot split), and a ValueError naming the layers whose fused
-    weights tp splits by segments: training writes distributed checkpoints, which those do not have yet
-    under tp (ltmdsl.distributed.checkpoint)."""
-    from ltmdsl.distributed.tensor_parallel import tp_plans
-
-    plans = tp_plans(ir, tp)
-    fused = sorted({layer.definition for layer, plan in zip(ir.layers, plans)
-                    if any(getattr(style, "fused", None) for style in plan.values())})
-    if fused:
-        raise ValueError(f"tp = {tp}: the fused projections of layer{'s' if len(fused) > 1 else ''} "
-                         f"{', '.join(repr(f) for f in fused)} are split by segments, which have no distributed "
-                         "checkpoint under tp yet; train them with tp = 1")
 
 
 def answer_targets(tokens, answer_mask):
@@ -335,10 +320,16 @@ def _clip(ranked, optimizer, clip: float) -> float:
     import torch
     import torch.distributed as dist
 
+    from ltmdsl.distributed.step import row_layouts
+
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    layouts = row_layouts(ranked.model)
+    # a tp-side tensor holding some stored rows several times (KV heads replicated over the ranks) counts each once
+    share = {id(p): layouts[n].stored / len(layouts[n].rows)
+             for n, p in ranked.model.named_parameters() if n in layouts}
     squares = torch.zeros((), dtype=torch.float64)
     for p in params:
-        squares += _square_sum(p, ranked)
+        squares += _square_sum(p, ranked) * share.get(id(p), 1.0)
     if ranked.plan.pp > 1:  # each stage holds other parameters
         dist.all_reduce(squares, group=ranked.pp_mesh.get_group())
     norm = float(squares.sqrt())

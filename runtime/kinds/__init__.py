@@ -30,6 +30,8 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
                  block ties the rest (per-use LoRA adapters, `Kind.per_use`); the model keeps one per
                  sub-layer (`uses.{i}.*`) and passes it as `use=` to the module's forward and step. None: the
                  kind has no per-use parameters (every kind but transformer_block).
+    use_tp_plan  (config, tp) -> {submodule of a use: torch ParallelStyle}: how tensor parallelism splits
+                 each use's parameters (applied to every `uses.{i}`); None for a kind without uses.
 
 `LTModel`, `runtime.cache.allocate` and `runtime.kernels` only look entries up here; a kind with no entry
 is refused at build with its name. Importing this package imports torch.
@@ -96,6 +98,7 @@ class RuntimeKind:
     cp_forward: Callable[..., Any] | None = None
     ep_forward: Callable[..., Any] | None = None
     new_use: Callable[..., nn.Module] | None = None
+    use_tp_plan: Callable[..., Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.oracles) - set(self.ops))

@@ -40,6 +40,8 @@ from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
 from ltmdsl.runtime.ops_attention import apply_rope, rope_cos_sin
+from ltmdsl.runtime.ops_norm import rmsnorm
+from ltmdsl.runtime.tensor_parallel import head_replicas, local, mark_tp, shard_parameters, shared_weight
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -146,8 +148,9 @@ class Attention(nn.Module):
             q = qp.view(B, T, -1, cfg.head_dim)  # [B, T, H, D] (H/t on a tp rank)
         k = kp.view(B, T, -1, cfg.head_dim)  # [B, T, Hkv, D]
         v = vp.view(B, T, -1, cfg.v_head_dim)  # [B, T, Hkv, Dv]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # one weight [D] for every head (under tp, heads on every rank)
+            q = rmsnorm(q, shared_weight(self.q_norm), self.q_norm.eps)  # [B, T, H, D]
+            k = rmsnorm(k, shared_weight(self.k_norm), self.k_norm.eps)  # [B, T, Hkv, D]
         if cfg.qk_l2_norm:  # rotations keep the mean square, so before or after RoPE is the same
             q, k = self._l2(q), self._l2(k)
         if cfg.rope_theta is not None:
@@ -161,6 +164,10 @@ class Attention(nn.Module):
             s = 1 + cfg.temperature_scale * torch.log1p(torch.floor((p + 1) / cfg.temperature_floor))  # [T]
             q = (q * s[None, :, None, None]).to(q.dtype)  # [B, T, H, D]
         return q, k, v, gate
+
+    def _sinks(self) -> torch.Tensor | None:
+        """The sink logits [H] of the heads this module runs (this tp rank's H/t), or None."""
+        return None if self.sinks is None else local(self.sinks)
 
     def _l2(self, x: torch.Tensor) -> torch.Tensor:
         """Llama-4's weightless qk norm: x [..., D] * rsqrt(mean(x^2) + eps), computed in fp32 (or fp64)."""
@@ -181,7 +188,7 @@ class Attention(nn.Module):
             o = self.kernels.attention(q, k, v, causal=cfg.causal, window=cfg.window, scale=self.scale)
         else:
             o = self.kernels.attention_variant(q, k, v, causal=cfg.causal, window=cfg.window, chunk=cfg.chunk,
-                                               scale=self.scale, softcap=cfg.softcap, sinks=self.sinks)
+                                               scale=self.scale, softcap=cfg.softcap, sinks=self._sinks())
         return self._out(o.reshape(B, T, -1), gate)  # [B, T, d] (o: [B, T, H*Dv], or H/t heads per tp rank)
 
     def _write_and_read(self, state: KVCache, k: torch.Tensor, v: torch.Tensor, pos0: int):
@@ -226,29 +233,39 @@ class Attention(nn.Module):
         else:
             o = self.kernels.attention_variant_decode(q[:, 0], state.k.to(q.dtype), state.v.to(v.dtype),
                                                       n_valid=n_valid, scale=self.scale, softcap=cfg.softcap,
-                                                      sinks=self.sinks)  # [B, H, Dv]
+                                                      sinks=self._sinks())  # [B, H, Dv]
         return self._out(o.reshape(B, -1), None if gate is None else gate[:, 0])  # [B, H*Dv] (H/t heads per tp rank)
 
 
 def tp_plan(cfg: AttentionConfig, tp: int) -> dict:
-    """Megatron's attention split: q/k/v column-wise (H/t query and Hkv/t KV heads per rank, biases with
-    them), o_proj row-wise (one all-reduce). KV heads that tp does not divide (MQA at t > 1) would need
-    replicated K/V projections whose gradients sum over ranks, and qk-norm weights are shared by heads on
-    different ranks: both are refused rather than run with per-rank partial gradients."""
+    """Megatron-LM's attention split: q/k/v column-wise (H/t query heads per rank, biases with them), o_proj
+    row-wise (one all-reduce). KV heads: Hkv/t per rank while tp divides them; with fewer KV heads than ranks
+    (MQA, GQA at t > Hkv; t a multiple of Hkv) each rank holds the one KV head its query heads use
+    (`head_replicas`: replicated, the copies' gradients summed). gpt-oss's sink logits split with their
+    heads; the qk-norm weights, one head_dim each shared by every head, are replicated with their gradients
+    summed over the ranks (`shared_weight`)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    if cfg.heads % tp or cfg.kv_heads % tp:
+    H, Hkv = cfg.heads, cfg.kv_heads
+    if H % tp or (Hkv % tp and tp % Hkv):
         raise TensorParallelUnsupported(
-            f"tp = {tp} must divide the attention's {cfg.heads} heads and {cfg.kv_heads} kv heads "
-            "(replicated KV heads under tensor parallelism are not implemented)")
-    if cfg.qk_norm:
-        raise TensorParallelUnsupported("qk_norm attention has no tensor-parallel plan yet (its norm weights "
-                                        "are shared by heads on different ranks)")
-    if cfg.sinks:
-        raise TensorParallelUnsupported("attention with sinks has no tensor-parallel plan yet (its per-head sink "
-                                        "logits would have to follow the heads)")
-    return {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
+            f"tp = {tp} must divide the attention's {H} heads, and divide its {Hkv} kv heads or be a multiple "
+            "of them (each rank then holds the kv head its query heads use)")
+    plan = {"q_proj": ColwiseParallel(), "k_proj": kv_style(Hkv, tp), "v_proj": kv_style(Hkv, tp),
             "o_proj": RowwiseParallel()}
+    if cfg.sinks:
+        plan[""] = shard_parameters({"sinks": 0})
+    if cfg.qk_norm:
+        plan |= {"q_norm": mark_tp(), "k_norm": mark_tp()}
+    return plan
+
+
+def kv_style(kv_heads: int, tp: int):
+    """How tp splits a Linear whose output rows are the KV heads (k_proj, v_proj, a LoRA adapter's B onto
+    them): column-wise while tp divides the heads, else `head_replicas`."""
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    return ColwiseParallel() if kv_heads % tp == 0 else head_replicas(kv_heads)
 
 
 def cp_forward(module: Attention, x: torch.Tensor, cp, delta=None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm_gate import norm_then_gate
-from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, mark_tp, segmented, shard_parameters, tp_size
+from ltmdsl.runtime.tensor_parallel import local, mark_tp, segmented, shard_parameters, shared_weight, tp_size
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -122,7 +122,7 @@ class GatedDeltaNet(nn.Module):
         A_log = log(A) with A uniform in [0.01, 16], norm weight 1."""
         init.linear_(self.in_proj_qkvz, gen)
         init.linear_(self.in_proj_ba, gen)
-        init.normal_(self.conv1d.weight, gen, segments=init.segments_of(self.conv1d, "weight"))
+        init.normal_(self.conv1d.weight, gen, layout=init.layout_of(self.conv1d, "weight"))
         init.zeros_(self.conv1d.bias)
         init.ones_(self.dt_bias)
         init.assign_(self.A_log, torch.log(0.01 + (16 - 0.01) * torch.rand(self.cfg.value_heads, generator=gen)))
@@ -208,13 +208,6 @@ def cp_forward(module: GatedDeltaNet, u: torch.Tensor, cp) -> torch.Tensor:
     o, _ = module.kernels.gated_delta_chunked(q, k, v, g, beta, chunk=module.cfg.chunk, state=start,
                                               l2norm=True, scale=None)  # [B, T, Hv, Dv]
     return module._finish(o, z, u)  # [B, T, d]
-
-def shared_weight(norm: nn.Module) -> torch.Tensor:
-    """A per-head norm's weight shared by every head (Gated DeltaNet's and KDA's): replicated on the tp
-    ranks, its gradient (each rank's heads' share) summed over them."""
-    mesh = getattr(norm, "tp_mesh", None)
-    return norm.weight if mesh is None else copy_to_tp(norm.weight, mesh.get_group())
-
 
 def tp_plan(cfg: GatedDeltaNetConfig, tp: int) -> dict:
     """Whole key heads (each with its r value heads) over tp: in_proj_qkvz and in_proj_ba column-wise (laid

@@ -26,12 +26,12 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import CacheRequest
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.gated_deltanet import (
-    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state, shared_weight,
+    DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state,
     work_dtype,
 )
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_with_state
 from ltmdsl.runtime.ops_norm_gate import norm_then_gate
-from ltmdsl.runtime.tensor_parallel import local, mark_tp, segmented, shard_parameters
+from ltmdsl.runtime.tensor_parallel import local, mark_tp, segmented, shard_parameters, shared_weight
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -105,7 +105,7 @@ class KDA(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.forget_gate.f_a_proj, self.forget_gate.f_b_proj,
                     self.b_proj, self.g_a_proj, self.g_b_proj, self.o_proj):
             init.linear_(lin, gen)
-        init.normal_(self.conv1d.weight, gen, segments=init.segments_of(self.conv1d, "weight"))
+        init.normal_(self.conv1d.weight, gen, layout=init.layout_of(self.conv1d, "weight"))
         init.zeros_(self.conv1d.bias)
         init.assign_(self.forget_gate.A_log, torch.log(1 + 15 * torch.rand(self.forget_gate.A_log.shape, generator=gen)))
         init.dt_bias_(self.forget_gate.dt_bias, gen)

@@ -96,7 +96,7 @@ class Mamba2(nn.Module):
         """Like state-spaces/mamba's Mamba2: A uniform in [1, 16], D = 1, dt log-uniform in [1e-3, 0.1]."""
         cfg = self.cfg
         init.linear_(self.in_proj, gen)
-        init.uniform_(self.conv1d.weight, gen, 1.0 / math.sqrt(cfg.d_conv), init.segments_of(self.conv1d, "weight"))
+        init.uniform_(self.conv1d.weight, gen, 1.0 / math.sqrt(cfg.d_conv), init.layout_of(self.conv1d, "weight"))
         init.zeros_(self.conv1d.bias)
         init.dt_bias_(self.dt_bias, gen)
         init.assign_(self.A_log, torch.log(1 + 15 * torch.rand(cfg.heads, generator=gen)))

@@ -27,7 +27,7 @@ from torch import nn
 from ltmdsl.kinds.transformer_block import TransformerBlockConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import CacheRequest
-from ltmdsl.runtime.kinds import RuntimeKind
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds import attention as attention_kind
 from ltmdsl.runtime.kinds import mlp as mlp_kind
 from ltmdsl.runtime.norm import HAS_BIAS, Norm
@@ -96,10 +96,11 @@ class TransformerBlock(nn.Module):
 
     def _ffn(self, m: torch.Tensor, use: Use) -> torch.Tensor:
         """The MLP on m [..., d] with the use's gate|up adapter added -> [..., d]."""
-        ffn, F = self.ffn, self.cfg.ffn.d_ff
+        ffn = self.ffn
         gate = ffn.gate_proj(m) if ffn.gate_proj is not None else None  # [..., F]
-        up = ffn.up_proj(m)  # [..., F]
-        dgu = use.delta("gate_up", m)  # [..., 2F] (gated) or [..., F]
+        up = ffn.up_proj(m)  # [..., F] (F/t on a tp rank)
+        F = up.shape[-1]
+        dgu = use.delta("gate_up", m)  # [..., 2F] (gated: this rank's gate rows, then its up rows) or [..., F]
         if dgu is not None:
             if gate is not None:
                 gate, up = gate + dgu[..., :F], up + dgu[..., F:]
@@ -153,6 +154,44 @@ def outputs(cfg: TransformerBlockConfig) -> dict[str, bool]:
     return {} if cfg.out_proj else {"ffn.down_proj.weight": False}
 
 
+def tp_plan(cfg: TransformerBlockConfig, tp: int) -> dict:
+    """The shared attention and MLP split as their own kinds split them (heads; d_ff), under `attn.` and
+    `ffn.`; the mid norm replicated (it reads the attention's all-reduced output, so its gradient agrees on
+    every rank)."""
+    attn = attention_kind.tp_plan(cfg.attn, tp)
+    plan = {f"attn.{k}" if k else "attn": v for k, v in attn.items()}
+    return plan | {f"ffn.{k}": v for k, v in mlp_kind.tp_plan(cfg.ffn, tp).items()}
+
+
+def use_tp_plan(cfg: TransformerBlockConfig, tp: int) -> dict:
+    """Each use's parameters split with what they feed. An adapter's B adds to a split projection's output,
+    so it is split as that projection is (q by heads, k and v by KV heads or replicated with them, gate|up by
+    segments: each rank its F/t of gate and of up); its A [r, in] by rank r, its output gathered (NeMo's LoRA
+    under tp: A column-parallel with a gathered output, B column-parallel). out_proj [d, d] column-wise, its
+    output gathered: every rank's out is the whole [.., d] again."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from ltmdsl.runtime.tensor_parallel import segmented
+
+    r = cfg.adapter_rank
+    if r and r % tp:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the transformer_block's adapter rank {r}")
+    plan = {}
+    for name, _, _ in cfg.adapters(1):  # the adapters' names (their widths do not matter here)
+        if name == "gate_up":
+            F = cfg.ffn.d_ff
+            b = segmented(ColwiseParallel(), {"weight": (F, F)}) if cfg.ffn_rows == 2 * F else ColwiseParallel()
+        elif name in ("k", "v"):
+            b = attention_kind.kv_style(cfg.attn.kv_heads, tp)
+        else:
+            b = ColwiseParallel()
+        plan |= {f"adapters.{name}.0": ColwiseParallel(output_layouts=Replicate()), f"adapters.{name}.1": b}
+    if cfg.out_proj:
+        plan["out_proj"] = ColwiseParallel(output_layouts=Replicate())
+    return plan
+
+
 KIND = RuntimeKind(
     name="transformer_block",
     module=TransformerBlock,
@@ -164,4 +203,6 @@ KIND = RuntimeKind(
     cp_forward=cp_forward,
     new_use=new_use,
     outputs=outputs,
+    tp_plan=tp_plan,
+    use_tp_plan=use_tp_plan,
 )

@@ -62,6 +62,66 @@ def test_resume_under_another_plan(tmp_path, saved, resumed):
         assert torch.equal(exported[name], p), name
 
 
+LAID_OUT = """
+model laid_out {
+    vocab = 64
+    d_model = 32
+    dtype = fp32
+    head = untied
+    layer ssm = mamba2(d_state = 8, head_dim = 8, expand = 2, n_groups = 2, chunk = 8, proj_bias = true)
+    layer dn = gated_deltanet(key_heads = 2, value_heads = 4, head_dim = 8, chunk = 8)
+    layer kda = kda(heads = 2, head_dim = 8, chunk = 8)
+    layer conv = short_conv(kernel = 3, bias = true)
+    layer mqa = attention(heads = 4, kv_heads = 1, qkv_bias = true, sinks = true)
+    layer f = mlp(d_ff = 64)
+    stack { ssm f dn f kda f conv f mqa f }
+}
+"""
+
+#: (world, saved plan, world, resumed plan): tp 2 lays fused rows out rank-major and repeats MQA's KV head
+LAID_OUT_PLANS = {"tp2-to-dp2": ((2, {"tp": 2}), (2, {"zero": 2})), "tp2-to-tp1": ((2, {"tp": 2}), (1, {})),
+                  "zero3-to-tp2": ((2, {"zero": 3}), (2, {"tp": 2})),
+                  "dp2-tp2-zero3-to-tp2": ((4, {"tp": 2, "zero": 3}), (2, {"tp": 2}))}
+
+
+def _train_and_save64(ir, plan, path):
+    ranked = parallelize(ir, plan, seed=0, dtype=torch.float64)
+    opt = ranked.optimizer(lr=LR)
+    losses = _steps(ranked, opt, {0, 1})
+    dcp_ckpt.save(ranked, opt, path, step=2)
+    return losses, full_parameters(ranked.model)
+
+
+def _resume64(ir, plan, path):
+    ranked = parallelize(ir, plan, seed=7, dtype=torch.float64)
+    opt = ranked.optimizer(lr=LR)
+    step = dcp_ckpt.load(ranked, opt, path)
+    return step, _steps(ranked, opt, {2})
+
+
+@pytest.mark.parametrize("saved, resumed", LAID_OUT_PLANS.values(), ids=LAID_OUT_PLANS.keys())
+def test_tp_laid_out_rows_resume_under_another_plan(tmp_path, saved, resumed):
+    """Fused projections split by segments (Mamba-2, Gated DeltaNet, KDA, short_conv) and MQA's KV head
+    replicated over the tp ranks are saved in their stored layout: the checkpoint resumes under another plan
+    with the uninterrupted run's third loss (1e-5 relative, float64), from 2 ranks to 1 and from 4 to 2, and
+    exports the saved weights (cast to the spec's fp32) exactly."""
+    ir = ltmdsl.loads(LAID_OUT).ir.model()
+    ref_losses, _ = reference_run(ir, dtype=torch.float64)
+    path = tmp_path / "step-2"
+    (world, degrees), (world2, degrees2) = saved, resumed
+    first, saved_weights = launch(_train_and_save64, world, (ir, plan_from(world=world, **degrees), path))[0]
+    assert first == pytest.approx(ref_losses[:2], rel=RTOL)
+    step, (third,) = launch(_resume64, world2, (ir, plan_from(world=world2, **degrees2), path))[0]
+    assert step == 2
+    assert abs(third - ref_losses[2]) <= RTOL * abs(ref_losses[2]), f"resumed loss {third} != {ref_losses[2]}"
+
+    out = dcp_ckpt.export(path, ir, tmp_path / "model.safetensors")
+    exported = dict(ltmdsl.load_checkpoint(out).named_parameters())
+    assert set(exported) == set(saved_weights)
+    for name, p in saved_weights.items():
+        assert torch.equal(exported[name], p.to(exported[name].dtype)), name  # the spec's fp32
+
+
 def test_checkpoint_of_another_spec_is_refused(tmp_path):
     ir = tp_small()
     path = tmp_path / "ck"

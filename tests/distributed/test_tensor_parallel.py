@@ -120,14 +120,13 @@ def test_kind_without_a_plan_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("layer, message", [
-    ("attention(heads = 4, kv_heads = 1)", "layer 'a': tp = 2 must divide the attention's 4 heads and 1 kv heads"),
-    ("attention(heads = 4, kv_heads = 2, qk_norm = true)", "qk_norm attention has no tensor-parallel plan"),
-    ("attention(heads = 4, kv_heads = 2, sinks = true)", "attention with sinks has no tensor-parallel plan"),
+    ("attention(heads = 6, kv_heads = 3, head_dim = 4)",
+     "layer 'a': tp = 2 must divide the attention's 6 heads, and divide its 3 kv heads or be a multiple of them"),
     ("mlp(d_ff = 30)", "tp = 4 does not divide the mlp's d_ff = 30"),
     ("moe(experts = 4, d_ff = 30)", "tp = 4 must divide the moe's expert width d_ff = 30"),
     ("moe(experts = 4, d_ff = 32, expert_bias = true)", "expert biases has no tensor-parallel plan"),
     ("mlstm(heads = 3, qk_dim = 24, v_dim = 24)", "tp = 2 must divide the mlstm's 3 heads"),
-], ids=["mqa-kv-heads", "qk-norm", "sinks", "mlp-width", "moe-width", "moe-expert-bias", "mlstm-heads"])
+], ids=["kv-heads-neither", "mlp-width", "moe-width", "moe-expert-bias", "mlstm-heads"])
 def test_unsplittable_config_is_refused(layer, message):
     ir = ltmdsl.loads(f"model m {{\n vocab = 32\n d_model = 16\n layer a = {layer}\n stack {{ a }}\n}}\n").ir.model()
     with pytest.raises(TensorParallelUnsupported, match=message):

@@ -188,6 +188,23 @@ def test_resume_under_another_plan_continues_the_run(tmp_path):
                                                      metrics.read(same / metrics.METRICS))]
 
 
+def test_resume_of_a_tp_run_with_fused_and_replicated_rows_under_dp(tmp_path):
+    """The trainer's own stack under tp = 2: Mamba-1's and Mamba-2's fused in_proj split by segments, the MQA
+    layers' one KV head on both ranks. Stopped after 2 steps (its checkpoint in the stored layout), resumed
+    under dp = 2 with ZeRO 2: steps 3-4 equal the uninterrupted single-process run, and the exported weights
+    load as usual."""
+    ir = model(TINY.replace("expand = 2, chunk = 8", "expand = 2, n_groups = 2, chunk = 8"))
+    want = single(ir, tmp_path / "one", steps=4)
+    run = tmp_path / "run"
+    parallel.run(ir, config(run, steps=4, stop_after=2), plan_from(world=2, tp=2), nproc=2)
+    parallel.run(ir, config(run, steps=4, resume=True), plan_from(world=2, zero=2), nproc=2)
+    from ltmdsl.runtime import checkpoint
+    from ltmdsl.train import metrics
+
+    assert_same_steps(metrics.read(run / metrics.METRICS), want)
+    checkpoint.load(state.model_file(run), ir)
+
+
 def test_resume_of_a_pipeline_zero2_run_under_zero3(tmp_path):
     """Stopped after 2 steps under pp = 2 with ZeRO 2 (each stage's FSDP2 shards in the checkpoint), resumed
     under dp = 2 with ZeRO 3: steps 3-4 equal the uninterrupted single-process run."""
@@ -302,14 +319,17 @@ def test_plan_errors_name_zero1():
         parallel.check(model(), plan_from(world=2, zero=1), 2, batch=4, context=24)
 
 
-def test_plan_errors_name_fused_layers_under_tp():
-    """tp splits short_conv's and Mamba-2's fused in_proj by segments, which have no distributed checkpoint
-    under tp yet: training (which writes them) refuses the plan before launch, naming the layers."""
-    ir = ltmdsl.loads("model m {\n vocab = 32\n d_model = 16\n layer c = short_conv(kernel = 3)\n"
-                      " layer s = mamba2(d_state = 8, head_dim = 8, expand = 2, n_groups = 2, chunk = 8)\n"
-                      " layer f = mlp(d_ff = 32)\n stack { c f s f }\n}\n").ir.model()
-    with pytest.raises(PlanError, match="fused projections of layers 'c', 's' are split by segments"):
-        parallel.check(ir, plan_from(world=2, tp=2), 2, batch=4, context=24)
+def test_fused_layers_train_under_tp_and_undividable_ones_are_refused():
+    """tp splits short_conv's and Mamba-2's fused in_proj by segments, whose distributed checkpoints are
+    written in the stored layout: training accepts the plan. One tp cannot divide is refused before launch
+    in the memory model's words."""
+    text = ("model m {\n vocab = 32\n d_model = 16\n layer c = short_conv(kernel = 3)\n"
+            " layer s = mamba2(d_state = 8, head_dim = 8, expand = 2, n_groups = N, chunk = 8)\n"
+            " layer f = mlp(d_ff = 32)\n stack { c f s f }\n}\n")
+    parallel.check(ltmdsl.loads(text.replace("N", "2")).ir.model(), plan_from(world=2, tp=2), 2, batch=4, context=24)
+    with pytest.raises(PlanError, match="tp = 2 does not divide the 1 groups of layer 's'"):
+        parallel.check(ltmdsl.loads(text.replace("N", "1")).ir.model(), plan_from(world=2, tp=2), 2, batch=4,
+                       context=24)
 
 
 def test_cli_under_torchrun_runs_as_one_rank_of_its_group(spec, tmp_path):

@@ -130,7 +130,7 @@ def read(r: Reader) -> dict:
     if not use_rope:
         theta, scaling = None, None
     act = r.raw("hidden_act", "gelu")
-    if act not in ACTS:
+    if not isinstance(act, str) or act not in ACTS:  # a list or a number is no activation name
         r.unsupported("hidden_act", ", ".join(repr(a) for a in ACTS), "gelu")
         act = "gelu"  # ignored on request: Zamba2Config's default
     d_ff = r.raw("intermediate_size", None)
