@@ -7,6 +7,9 @@ training run does: DTensor tensor parallelism, each mixer's cp_forward (its all-
 over dp (ep), FSDP2 for ZeRO-3. The collectives' outputs have their real shapes, so every buffer they
 allocate is traced; their contents are not computed (fake tensors have none anyway).
 
+Under pp the mesh has its pipeline axis and the traced rank is one of the most loaded stage's ranks (ZeRO-3
+shards that stage's modules: `stage.pipeline_root`).
+
 The traced rank is the most loaded one: the memory model's most loaded pipeline stage, data-parallel rank 0,
 the last context-parallel rank (every cp rank gathers the same keys and values; under the contiguous split the
 last one's queries see them all), tensor-parallel rank 0 (tp ranks hold equal shares).
