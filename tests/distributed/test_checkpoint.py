@@ -121,3 +121,47 @@ def test_resume_from_pp_x_ep_under_another_plan(tmp_path, resumed):
     assert set(exported) == set(weights) == {n for n, _ in ltmdsl.build(ir).named_parameters()}
     for name, p in weights.items():
         assert torch.equal(exported[name], p), name
+
+
+def _die_inside_a_stage(ir, plan, path):
+    """pp x ep: checkpoint after step 1; in step 2 rank 1 (first stage, dp rank 1) dies inside its MoE's
+    forward, between the all-to-alls its stage peer waits on."""
+    import os
+
+    import torch.distributed as dist
+
+    ranked = parallelize(ir, plan, seed=0)
+    opt = ranked.optimizer(lr=LR)
+    _steps(ranked, opt, {0})
+    dcp_ckpt.save(ranked, opt, path, step=1)
+    if dist.get_rank() == 1:
+        moe = next(m for m in ranked.model.modules() if type(m).__name__ == "MoE")
+        moe.router.register_forward_hook(lambda *_: os._exit(7))
+    _steps(ranked, opt, {1})
+    return "unreachable"
+
+
+def test_a_rank_dying_inside_a_pipeline_stage_ends_the_run_and_keeps_the_checkpoint(tmp_path):
+    """The others do not hang: the run ends within the timeout with an error naming a rank, and the step-1
+    checkpoint resumes (under ep alone) with the uninterrupted run's second loss."""
+    import time
+
+    ir = tiny_hybrid()
+    path = tmp_path / "latest"
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank 1 died without a result \(exit code 7\)|rank \d failed"):
+        launch(_die_inside_a_stage, 4, (ir, plan_from(world=4, pp=2, dp=2, ep=2, microbatches=2), path),
+               timeout_s=60)
+    assert time.monotonic() - start < 60
+    assert dcp_ckpt.read_info(path, ir)["step"] == 1
+    ref_losses, _ = reference_run(ir, steps=2)
+    step, (second,) = launch(_resume_at, 2, (ir, plan_from(world=2, ep=2), path, 1), timeout_s=120)[0]
+    assert step == 1
+    assert abs(second - ref_losses[1]) <= RTOL * abs(ref_losses[1])
+
+
+def _resume_at(ir, plan, path, step):
+    ranked = parallelize(ir, plan, seed=7)
+    opt = ranked.optimizer(lr=LR)
+    loaded = dcp_ckpt.load(ranked, opt, path)
+    return loaded, _steps(ranked, opt, {step})
