@@ -8,7 +8,8 @@ loaded rank holds (ltmdsl.distributed.memory; the rank with the most, so under p
 the memory model's per-GPU prediction for the same plan ("=" when all three are equal), plus the largest
 peak resident memory of a rank. tiny-hybrid (every mixer kind) runs the data-, context-, expert- and
 pipeline-parallel plans (pp with dp, ZeRO 1/3, cp and ep); tensor parallelism runs on an attention + MLP + MoE
-model (the kinds with a tensor-parallel plan), with ZeRO 1 and 3, inside pipeline stages, and pp x ep there.
+model (the kinds with a tensor-parallel plan), with ZeRO 1 and 3 and inside pipeline stages; tiny-jamba (a MoE
+in every pipeline stage) runs ep and pp x dp x ep.
 On a CPU the numbers measure overheads, not speed-ups: ranks share the cores.
 
 Where the runtime and the memory model differ by design, the row says so by not showing "=": ZeRO 2 (FSDP2
@@ -64,15 +65,16 @@ PLANS = [  # (model, world, degrees)
     ("tp-bench", 4, {"tp": 2, "zero": 1}),
     ("tp-bench", 4, {"tp": 2, "zero": 3}),
     ("tp-bench", 4, {"pp": 2, "tp": 2, "microbatches": 2}),
-    ("tp-bench", 4, {"pp": 2, "dp": 2, "ep": 2, "microbatches": 2}),
+    ("tiny-jamba", 2, {"ep": 2}),
+    ("tiny-jamba", 4, {"pp": 2, "dp": 2, "ep": 2, "microbatches": 2}),
 ]
 
 
 def _model(name: str):
     import ltmdsl
 
-    if name == "tiny-hybrid":
-        return ltmdsl.load(ROOT / "examples" / "tiny-hybrid.ltm").ir.model()
+    if name in ("tiny-hybrid", "tiny-jamba"):
+        return ltmdsl.load(ROOT / "examples" / f"{name}.ltm").ir.model()
     return ltmdsl.loads(TP_SPEC).ir.model()
 
 
