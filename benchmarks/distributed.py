@@ -3,10 +3,10 @@
     python benchmarks/distributed.py [--steps 5] [--batch 8] [--seq 256] [--json]
 
 For every plan: the global tokens per second of full training steps (forward, backward, gradient
-averaging, AdamW) after one warm-up step, and the bytes of weights, gradients and optimizer state the most
-loaded rank holds (ltmdsl.distributed.memory; the rank with the most, so under pp the heaviest stage) beside
-the memory model's per-GPU prediction for the same plan ("=" when all three are equal), plus the largest
-peak resident memory of a rank. tiny-hybrid (every mixer kind) runs the data-, context-, expert- and
+averaging, AdamW) after one warm-up step, and the bytes of weights, gradients and optimizer state held by the
+rank the memory model predicts (ltmdsl.distributed.memory on the first rank of its most loaded pipeline
+stage) beside that per-GPU prediction ("=" when all three are equal), plus the largest peak resident memory
+of a rank. tiny-hybrid (every mixer kind) runs the data-, context-, expert- and
 pipeline-parallel plans (pp with dp, ZeRO 1/3, cp and ep); tensor parallelism runs on an attention + MLP + MoE
 model (the kinds with a tensor-parallel plan), with ZeRO 1 and 3 and inside pipeline stages; tiny-jamba (a MoE
 in every pipeline stage) runs ep and pp x dp x ep.
@@ -14,7 +14,8 @@ On a CPU the numbers measure overheads, not speed-ups: ranks share the cores.
 
 Where the runtime and the memory model differ by design, the row says so by not showing "=": ZeRO 2 (FSDP2
 keeps only the weight shard between steps, P*w/N, where the model counts P*w) and ZeRO 3 (between steps
-FSDP2 holds the shard; the model adds the root it gathers for the step).
+FSDP2 holds the shard; the model adds the root it gathers for the step), and interleaved pipelines (a rank
+holds v non-contiguous virtual stages; the model counts one contiguous stage).
 """
 
 from __future__ import annotations
@@ -97,13 +98,15 @@ def _rank(ir, plan, steps: int, batch: int, seq: int):
     return seconds, rank_state_bytes(ranked.model, opt), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _predicted(ir, plan, seq: int, batch: int) -> dict[str, int]:
+def _predicted(ir, plan, seq: int, batch: int) -> tuple[dict[str, int], int]:
+    """The memory model's per-GPU model states for the plan, and the global rank they describe: the first rank
+    of its most loaded pipeline stage (the mesh is (pp, dp, cp, tp), so stage s holds ranks s*N/pp, ...)."""
     from ltmdsl.memory import report
 
     r = report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, cp=plan.cp, ep=plan.ep,
                pp=plan.pp, microbatches=plan.microbatches, zero=plan.zero,
                weight_dtype="fp32", grad_dtype="fp32", optimizer_bytes_per_param=8, context=seq, batch=batch)
-    return {c: r.per_gpu_components[c] for c in COMPONENTS}
+    return {c: r.per_gpu_components[c] for c in COMPONENTS}, r.most_loaded_stage * (plan.world // plan.pp)
 
 
 def main(argv=None) -> int:
@@ -122,10 +125,12 @@ def main(argv=None) -> int:
         plan = plan_from(world=world, **degrees)
         results = launch(_rank, world, (ir, plan, args.steps, args.batch, args.seq), timeout_s=600)
         seconds = max(r[0] for r in results)
+        predicted, rank = _predicted(ir, plan, args.seq, args.batch)
+        extra = "".join(f" {k}={getattr(plan, k)}" for k in ("interleave",) if getattr(plan, k) > 1)
         rows.append({
-            "model": name, "world": world, "plan": describe(plan),
+            "model": name, "world": world, "plan": describe(plan) + extra,
             "tokens_per_s": args.steps * args.batch * args.seq / seconds,
-            "rank_bytes": [r[1] for r in results], "predicted_bytes": _predicted(ir, plan, args.seq, args.batch),
+            "rank_bytes": [r[1] for r in results], "predicted_bytes": predicted, "predicted_rank": rank,
             "peak_rss": [r[2] for r in results],
         })
     if args.json:
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
     print(f"{'model':12} {'N':>2} {'plan':56} {'tok/s':>8}  most loaded rank's weights/grads/optim MiB "
           "(memory model)  peak RSS MiB")
     for r in rows:
-        b, p = most_loaded(r["rank_bytes"]), r["predicted_bytes"]
+        b, p = r["rank_bytes"][r["predicted_rank"]], r["predicted_bytes"]
         held = "/".join(f"{b[c] / mib:.3f}" for c in COMPONENTS)
         pred = "/".join(f"{p[c] / mib:.3f}" for c in COMPONENTS)
         same = "=" if all(b[c] == p[c] for c in COMPONENTS) else " "
@@ -145,11 +150,6 @@ def main(argv=None) -> int:
 
 
 COMPONENTS = ("weights", "gradients", "optimizer")
-
-
-def most_loaded(per_rank: list[dict[str, int]]) -> dict[str, int]:
-    """The rank holding the most model-state bytes (under pp the heaviest stage, which the model predicts)."""
-    return max(per_rank, key=lambda b: sum(b[c] for c in COMPONENTS))
 
 
 if __name__ == "__main__":
