@@ -28,7 +28,7 @@ Modules, one concept each:
     checkpoint       DCP save / load under any plan (resharding), export to the single-file checkpoint
     memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
 
-Runs today: dp with zero 0-3, tp (with zero 0-3), dp x tp, cp (every kind; load-balanced split by default),
+Runs today: dp with zero 0-3, tp, dp x tp (zero 0, 1, 3), cp (every kind; load-balanced split by default),
 dp x cp, tp x cp, ep = dp (zero 0), pp (1F1B, interleaved) with dp, tp, cp, ep = dp and zero 0-3. Other
 combinations are refused with a message (docs/DISTRIBUTED.md).
 """
