@@ -289,9 +289,11 @@ class LTModel(nn.Module):
         return mtp_logits(self, input_ids)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy: logits of input_ids [B, T] against targets [B, T] (fp32 softmax)."""
+        """Mean next-token cross-entropy: logits of input_ids [B, T] against targets [B, T] (an fp32 softmax, or
+        the model's own dtype when wider: a float64 model is a float64 oracle)."""
         logits = self(input_ids)  # [B, T, V]
-        return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [B, T, V]
+        return nn.functional.cross_entropy(wide.flatten(0, 1), targets.flatten())
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -22,16 +22,16 @@ Modules, one concept each:
     context_parallel the sequence split over cp ranks; collectives for each kind's cp_forward
     expert_parallel  experts split over the dp ranks, all-to-all token exchange for the moe's ep_forward
     pipeline         stages at the memory model's cuts, torch.distributed.pipelining 1F1B (interleaved)
-    data_parallel    ZeRO 0-3: gradient all-reduce, ZeroRedundancyOptimizer, FSDP2 fully_shard
+    data_parallel    ZeRO 0-3: gradient all-reduce, the distributed optimizer (ZeRO 1), FSDP2 fully_shard
+    distributed_optimizer  ZeRO 1 as Megatron-LM's distributed optimizer: state sharded over a flat index
     rank_model       one rank's model under a plan (the above, in order)
     step             train_step, shard_batch and full tensors gathered from shards
     checkpoint       DCP save / load under any plan (resharding), export to the single-file checkpoint
     memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
 
-Runs today: dp with zero 0-3, tp (with or without sp), dp x tp, cp (every kind; load-balanced split by
-default), dp x cp, tp x cp, ep = dp (zero 0), pp (1F1B, interleaved) with dp, tp (no sp), cp and zero 0, 2, 3.
-Other combinations
-are refused with a message (docs/DISTRIBUTED.md).
+Runs today: dp with zero 0-3, tp (with or without sp), dp x tp (zero 0, 1, 3), cp (every kind; load-balanced
+split by default), dp x cp, tp x cp, ep = dp (zero 0), pp (1F1B, interleaved) with dp, tp (no sp), cp, ep = dp
+and zero 0-3. Other combinations are refused with a message (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations

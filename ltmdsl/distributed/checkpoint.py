@@ -9,8 +9,8 @@ The state is the model's and the optimizer's state dicts in torch's plan-indepen
 them. Beside the shards, `ltmdsl.json` records the model name, its source hash, the step and the plan;
 `load` refuses a checkpoint of another spec before reading a tensor. A save goes to a temporary sibling
 directory renamed into place by rank 0 after every rank finished, so a rank dying mid-save leaves the
-previous checkpoint as it was. ZeRO 1 (ZeroRedundancyOptimizer) keeps its state outside torch's state-dict
-API and is refused.
+previous checkpoint as it was. ZeRO 1 (the distributed optimizer) keeps its flat state shards outside torch's
+state-dict API and is refused.
 
 Tensor parallelism lays some parameters' rows out apart from their stored rows (a fused projection split by
 segments, rank-major; replicated KV heads, repeated: runtime.tensor_parallel.RowLayout). DCP would save and
@@ -46,8 +46,8 @@ def _state(ranked, optimizer):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     if ranked.plan.zero == 1 and ranked.dp_mesh.size() > 1:
-        raise CheckpointError("zero = 1 (ZeroRedundancyOptimizer) has no distributed checkpoint: its state is "
-                              "outside torch's state-dict API; use zero 0, 2 or 3")
+        raise CheckpointError("zero = 1 (the distributed optimizer) has no distributed checkpoint yet: its flat "
+                              "state shards are outside torch's state-dict API; use zero 0, 2 or 3")
     model_sd, optim_sd = get_state_dict(ranked.model, optimizer)
     shards = {}  # (parameter, None or its moment's key) -> this plan's tensor, for each entry stored re-laid
     for name, layout in row_layouts(ranked.model).items():  # the same order on every rank (collectives)

@@ -2,8 +2,9 @@
 
     zero 0  replicated weights, gradients averaged over the dp ranks by an all-reduce after backward
             (what DDP does, without its bucketing), a full optimizer on every rank
-    zero 1  as zero 0, optimizer state sharded: torch's ZeroRedundancyOptimizer (parameters assigned
-            whole to ranks, each rank steps its own and broadcasts them)
+    zero 1  as zero 0, optimizer state sharded: Megatron-LM's distributed optimizer (distributed_optimizer:
+            the rank's parameters as one flat index cut into N contiguous shards, each rank steps its
+            shard and the shards are all-gathered); under pp each stage's parameters, under tp their shards
     zero 2  FSDP2 fully_shard(reshard_after_forward=False): weights gathered once per step and kept
             gathered through backward (no second all-gather), gradients reduce-scattered, optimizer on
             the shard. At rest (between steps) FSDP2 keeps only the weight shard: it has no mode holding
@@ -71,12 +72,11 @@ def sync_gradients(model, dp_mesh, dp_sharded: frozenset[int] = frozenset()) -> 
 
 def make_optimizer(model, zero: int, dp_mesh, lr: float, params=None, **adamw) -> torch.optim.Optimizer:
     """AdamW over the model's (local) parameters, or over `params` (a list of tensors or of parameter
-    groups); for ZeRO 1 wrapped by ZeroRedundancyOptimizer over dp."""
+    groups); for ZeRO 1 the distributed optimizer, its state sharded over `dp_mesh` (the replicas)."""
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     if zero == 1 and dp_mesh.size() > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+        from ltmdsl.distributed.distributed_optimizer import DistributedOptimizer
 
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
-                                       process_group=dp_mesh.get_group(), lr=lr, **adamw)
+        return DistributedOptimizer(params, dp_mesh.get_group(), lr=lr, **adamw)
     return torch.optim.AdamW(params, lr=lr, **adamw)

@@ -4,8 +4,8 @@
 
 Counted from this rank's local tensors (a DTensor's local shard, not its global size): parameters, their
 `.grad`, and the optimizer's per-parameter state tensors (AdamW's m and v; its one-element `step` counter
-is bookkeeping the memory model does not count). ZeroRedundancyOptimizer holds state for its own
-partition only, which is what is counted. Call it after a step, when gradients and state exist.
+is bookkeeping the memory model does not count). The distributed optimizer (ZeRO 1) holds state for its
+own shard only, which is what is counted. Call it after a step, when gradients and state exist.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _bytes(t: torch.Tensor) -> int:
 def rank_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of this rank's weights, gradients and optimizer state (module docstring)."""
     params = list(model.parameters())
-    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer wraps the local optimizer
+    inner = getattr(optimizer, "optim", optimizer)  # the distributed optimizer wraps the local one
     state = sum(_bytes(v) for s in inner.state.values() for k, v in s.items()
                 if k != "step" and isinstance(v, torch.Tensor))
     return {

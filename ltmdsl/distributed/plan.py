@@ -7,7 +7,8 @@ world size when not given. `check_plan` refuses, with every problem in one messa
   - does not multiply to the world size (tp*pp*cp*dp),
   - does not divide the model (heads, experts, layers: the memory model's own words, budgets.plan_problems),
   - does not divide the batch over dp or the sequence over cp (2*cp chunks under the balanced cp split),
-  - combines degrees ltmdsl.distributed does not run together yet (docs/DISTRIBUTED.md).
+  - combines degrees ltmdsl.distributed does not run together yet (ep other than ep = dp with tp = cp = 1 and
+    zero 0, interleaving without a pipeline: docs/DISTRIBUTED.md).
 
 Pure: importing this module imports no torch, so a launcher can refuse a plan without starting anything.
 """
@@ -79,20 +80,11 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"ep = {plan.ep} runs as ep = dp with tp = 1, cp = 1 and zero 0 so far (experts split over "
                       f"the data-parallel ranks); this plan has dp = {plan.dp}, tp = {plan.tp}, cp = {plan.cp}, "
                       f"zero = {plan.zero}")
-    if plan.pp > 1 and plan.ep > 1:
-        errors.append(f"pp = {plan.pp} with ep = {plan.ep}: expert parallelism inside a pipeline stage is not "
-                      "supported yet (pp runs with dp, tp, cp and zero 0, 2, 3)")
-    if plan.pp > 1 and plan.zero == 1:
-        errors.append(f"pp = {plan.pp} with zero = 1: ZeroRedundancyOptimizer is not wired into the pipeline; "
-                      "use zero = 2 (FSDP2 shards the same gradients and optimizer state) or zero = 0")
     if plan.pp > 1 and batch is not None and (batch // max(plan.dp, 1)) % plan.microbatches:
         errors.append(f"{plan.microbatches} micro-batches do not divide the {batch // plan.dp} sequences of a "
                       "data-parallel rank")
     if plan.interleave > 1 and plan.pp == 1:
         errors.append(f"interleave = {plan.interleave} needs a pipeline (pp > 1)")
-    if plan.zero == 1 and plan.tp > 1 and plan.dp > 1:
-        errors.append("zero = 1 with tp > 1: torch's ZeroRedundancyOptimizer cannot broadcast tensor-parallel "
-                      "(DTensor) parameters; use zero = 2 or 3 (FSDP2) with tensor parallelism")
     return errors
 
 

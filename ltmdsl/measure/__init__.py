@@ -6,7 +6,9 @@
 
 The model is built on the meta device in the budget's dtypes; a plan with tensor, context or expert
 parallelism or ZeRO-3 is split into one rank's share by ltmdsl.distributed itself under a fake process group
-(`ranks`); the modules of that rank (the memory model's most loaded pipeline stage) get fake storage under
+(`ranks`), with pipeline parallelism too (the rank of the memory model's most loaded stage, split inside its
+stage; under ZeRO-3 FSDP2 shards that stage alone, as a pipeline rank does); the modules of that rank get fake
+storage under
 `FakeTensorMode`, and the step runs for real on tensors that have shapes but no data, while `MemTracker`
 follows every storage. Nothing is allocated, so a 405B model at its
 budget's context traces on a laptop. Imports torch; `ltmdsl memory` without --measure never imports this.
@@ -117,10 +119,10 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
         # MemTracker warns about the None gradients of parameters that have none yet
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecated collective names
-        sizes = None
+        sizes, root = None, None
         if ranks.needs_group(s.parallel):
-            sizes = _split(net, model, s, stage_index, group, notes)
-        measured, peak, phase, phases = _trace(net, model, s, stage_index, sizes, dtype, notes)
+            sizes, root = _split(net, model, s, stage_index, group, notes)
+        measured, peak, phase, phases = _trace(net, model, s, stage_index, sizes, dtype, notes, root)
     predicted = dict(r.per_gpu_components)
     if s.mode == "inference":
         predicted = {c: predicted.get(c, 0) for c in ("weights", "kv_cache", "recurrent_state", "activations", "logits")}
@@ -131,9 +133,10 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
                        stage_index, time.perf_counter() - t0, notes, phases)
 
 
-def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: list[str]) -> dict[str, int]:
+def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: list[str]):
     """Enter the plan's fake process group (closed with `group`) and split the meta model into the traced
-    rank's share as ltmdsl.distributed does; returns the parameters' sizes on this rank before ZeRO-3."""
+    rank's share as ltmdsl.distributed does; returns (the parameters' sizes on this rank before ZeRO-3, FSDP2's
+    root under ZeRO-3: the model, or under pp the traced stage cut as the pipeline cuts it; else None)."""
     from ltmdsl.distributed.context_parallel import ContextParallelUnsupported
     from ltmdsl.distributed.data_parallel import apply_fsdp
     from ltmdsl.distributed.mesh import replica_mesh
@@ -148,15 +151,17 @@ def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: 
     except (TensorParallelUnsupported, ContextParallelUnsupported, ValueError) as e:
         raise NotTraceable(f"this rank cannot be built: {e}") from None
     sizes = stage_mod.local_sizes(net)
-    if p.zero >= 3:
-        apply_fsdp(net, replica_mesh(mesh, p), 3)
+    root = None
+    if p.zero >= 3:  # FSDP2 on the model, or under pp on this rank's pipeline stage only, as parallelize does
+        root = net if p.pp == 1 else stage_mod.pipeline_root(net, model, p.pp, stage_index)
+        apply_fsdp(root, replica_mesh(mesh, p), 3)
     notes.append(f"rank {ranks.traced_rank(p, stage_index)} of {p.world} built as ltmdsl.distributed builds it, under "
                  "a fake process group (collectives allocate their outputs; nothing is communicated)"
                  + ("; ZeRO-3 by FSDP2, weights gathered mixer by mixer" if p.zero >= 3 else ""))
-    return sizes
+    return sizes, root
 
 
-def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str]):
+def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str], root=None):
     """The traced step on fake tensors: (measured components, peak bytes, its phase, the phase marks)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -165,7 +170,7 @@ def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str]):
     from ltmdsl.measure.timeline import Timeline
 
     with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters are the only non-fake inputs
-        st = stage_mod.materialise(net, model, s.pp, stage_index, sizes)
+        st = stage_mod.materialise(net, model, s.pp, stage_index, sizes, root)
         if st.buffer_bytes():
             notes.append(f"the held modules' buffers ({st.buffer_bytes():,} B of computed constants) are live but "
                          "not counted as weights")

@@ -7,13 +7,17 @@ training run does: DTensor tensor parallelism, each mixer's cp_forward (its all-
 over dp (ep), FSDP2 for ZeRO-3. The collectives' outputs have their real shapes, so every buffer they
 allocate is traced; their contents are not computed (fake tensors have none anyway).
 
+Under pp the mesh has its pipeline axis and the traced rank is one of the most loaded stage's ranks (ZeRO-3
+shards that stage's modules: `stage.pipeline_root`).
+
 The traced rank is the most loaded one: the memory model's most loaded pipeline stage, data-parallel rank 0,
 the last context-parallel rank (every cp rank gathers the same keys and values; under the contiguous split the
 last one's queries see them all), tensor-parallel rank 0 (tp ranks hold equal shares).
 
-Known issue: a tp x cp plan traced after another tensor-parallel trace in the same process can be handed a
-DeviceMesh of the earlier (destroyed) group by DTensor and fail ("Could not resolve the process group"); one
-trace per process (the CLI) is unaffected.
+DTensor caches its sharding propagation by op schema (in Python and in its C++ dispatch fast path), and a schema's DeviceMesh compares equal to another
+plan's mesh of the same shape and names: a trace after another tensor-parallel trace in the same process was
+handed a mesh of the earlier (destroyed) group ("Could not resolve the process group"). `fake_group` clears
+those caches when it opens and closes a group, so each plan's DTensors carry its own mesh.
 """
 
 from __future__ import annotations
@@ -46,9 +50,22 @@ def fake_group(plan: ParallelPlan, stage: int):
 
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialised; trace a parallel plan outside distributed runs")
+    _clear_sharding_caches()
     dist.init_process_group("fake", store=FakeStore(), rank=traced_rank(plan, stage), world_size=plan.world)
     try:
         yield device_mesh(plan, "cpu")
     finally:
         dist.destroy_process_group()
+        _clear_sharding_caches()
+
+
+def _clear_sharding_caches() -> None:
+    """Forget DTensor's cached sharding propagation (module docstring: it would hand out another group's mesh)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()  # the Python cache
+    propagator._propagate_tensor_meta_cached.cache_clear()
+    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's
 

@@ -30,6 +30,12 @@ class Stage:
     last: bool
     units: list[list[int]]  # checkpoint units: sub-layer indices (a mixer and the FFN that follows it)
     sizes: dict[str, int] | None = None  # parameter name -> elements on this rank before ZeRO-3 (tp/ep shards)
+    fsdp_root: nn.Module | None = None  # FSDP2's root under ZeRO-3 (the net, or under pp its pipeline stage)
+
+    @property
+    def root(self) -> nn.Module:
+        """The module whose call runs the step's forward hooks: FSDP2's root under ZeRO-3, else the net."""
+        return self.net if self.fsdp_root is None else self.fsdp_root
 
     def numel(self, p: nn.Parameter) -> int:
         """Elements of parameter p this rank's model states cover: its tensor/expert-parallel shard, before
@@ -114,12 +120,26 @@ def local_sizes(net: nn.Module) -> dict[str, int]:
             for name, p in net.named_parameters(remove_duplicate=False)}
 
 
-def materialise(net: nn.Module, ir: ModelIR, pp: int, index: int, sizes: dict[str, int] | None = None) -> Stage:
-    """Give the modules of stage `index` storage (fake, under the caller's FakeTensorMode) and bind the
-    tracing paths of the kinds that need one. `sizes`: `local_sizes` of a split model."""
+def pipeline_root(net: nn.Module, ir: ModelIR, pp: int, index: int) -> nn.Module:
+    """Stage `index` of the meta model cut as ltmdsl.distributed's pipeline cuts it (its sub-layers, the
+    embedding on the first stage, the final norm and head on the last): the module FSDP2 shards as the root
+    of a ZeRO-3 pipeline rank."""
+    from ltmdsl.distributed.pipeline import Stage as PipelineStage
+
     layers = stage_ranges(len(ir.layers), pp)[index]
-    stage = Stage(net, index, layers, index == 0, index == pp - 1, checkpoint_units(ir, layers), sizes)
-    if pp == 1:  # the whole model (FSDP2's root keeps its sharded parameters in step through the root's call)
+    return PipelineStage(net, layers, first=index == 0, last=index == pp - 1)
+
+
+def materialise(net: nn.Module, ir: ModelIR, pp: int, index: int, sizes: dict[str, int] | None = None,
+                fsdp_root: nn.Module | None = None) -> Stage:
+    """Give the modules of stage `index` storage (fake, under the caller's FakeTensorMode) and bind the
+    tracing paths of the kinds that need one. `sizes`: `local_sizes` of a split model; `fsdp_root`: FSDP2's
+    root under ZeRO-3 (materialised through it, so that FSDP2 keeps its sharded parameters in step)."""
+    layers = stage_ranges(len(ir.layers), pp)[index]
+    stage = Stage(net, index, layers, index == 0, index == pp - 1, checkpoint_units(ir, layers), sizes, fsdp_root)
+    if fsdp_root is not None:  # the root's call keeps FSDP2's sharded parameters in step
+        fsdp_root.to_empty(device=torch.device("cpu"), recurse=True)
+    elif pp == 1:  # the whole model
         net.to_empty(device=torch.device("cpu"), recurse=True)
     else:
         for m in stage.held():

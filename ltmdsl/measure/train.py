@@ -93,8 +93,8 @@ def _gather_root(stage: Stage) -> None:
     of the step, not activations. Nothing without FSDP2."""
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(stage.net, FSDPModule):
-        stage.net.unshard()
+    if isinstance(stage.root, FSDPModule):
+        stage.root.unshard()
 
 
 def _as_root(stage: Stage, body, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ def _as_root(stage: Stage, body, x: torch.Tensor) -> torch.Tensor:
     the backward, as `LTModel.loss` calling the model does. Otherwise body(x) as it is."""
     from torch.distributed.fsdp import FSDPModule
 
-    net = stage.net
+    net = stage.root  # the model, or under pp the pipeline stage FSDP2 shards
     if not isinstance(net, FSDPModule):
         return body(x)
     net.forward = body  # an instance attribute: nn.Module.__call__ runs it between the FSDP hooks

@@ -20,7 +20,7 @@ before clipping. AdamW keeps the loop's decay groups; the schedule is the loop's
 Checkpoints (DIR/checkpoints/step-N/, as the single-process loop's, written whole or not at all):
 `dcp/` is the model and optimizer in torch.distributed.checkpoint's plan-independent form (so a run resumes
 under another plan, resharded), `trainer.pt` the step, scheduler and RNG, and `model.safetensors` the whole
-weights exported from dcp/ (what `ltmdsl eval` reads). ZeRO 1's optimizer (ZeroRedundancyOptimizer) is outside
+weights exported from dcp/ (what `ltmdsl eval` reads). ZeRO 1's optimizer (the distributed optimizer) is outside
 torch's state-dict API, so zero 1 is refused here; zero 2 shards the same state through FSDP2.
 """
 
@@ -44,9 +44,9 @@ def plan_errors_for_training(plan: ParallelPlan) -> list[str]:
     """What `ltmdsl train` cannot run on top of what `check_plan` refuses."""
     errors = []
     if plan.zero == 1 and plan.dp * plan.cp > 1:
-        errors.append("zero = 1: ZeroRedundancyOptimizer keeps its state outside torch's state-dict API, so its "
-                      "checkpoints cannot be written or resharded; use zero = 2 (FSDP2 shards the same gradients "
-                      "and optimizer state) or zero = 0")
+        errors.append("zero = 1: the distributed optimizer keeps its flat state shards outside torch's state-dict "
+                      "API, so its checkpoints cannot be written or resharded yet; use zero = 2 (FSDP2 shards the "
+                      "same gradients and optimizer state) or zero = 0")
     return errors
 
 

@@ -242,7 +242,11 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
     gate_w = None if module.experts.gate_proj is None else ep.local(module.experts.gate_proj)  # [E/ep, F, d]
     up_w, down_w = ep.local(module.experts.up_proj), ep.local(module.experts.down_proj)
-    ry = torch.zeros_like(rx)  # [R, d]
+    # [R, d]: tied to rx and this rank's expert weights even when no row comes here (R = 0), so that every
+    # rank's backward runs both all-to-alls (a rank whose graph skipped them would leave its peers waiting) and
+    # its experts get a (zero) gradient, as the stacked expert weights of one process do
+    held = sum(w_.sum() for w_ in (gate_w, up_w, down_w) if w_ is not None)
+    ry = rx * 0 + held * 0
     for e in range(per):
         rows = torch.where(re == e)[0]
         if rows.numel() == 0:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import LR, TP_SPEC, batches, reference_run, tp_small
+from dist_cases import LR, TP_SPEC, batches, reference_run, tiny_hybrid, tp_small
 
 import ltmdsl
 from ltmdsl.distributed import WorkerError, launch, parallelize, plan_from, shard_batch, train_step
@@ -155,3 +155,73 @@ def test_a_rank_dying_mid_save_leaves_the_last_checkpoint_intact(tmp_path):
     assert dcp_ckpt.read_info(path, ir)["step"] == 1
     step, _ = launch(_resume, 2, (ir, plan_from(world=2, zero=3), path))[0]
     assert step == 1
+
+
+EP_RESUMES = {"pp2-dp2-ep2-to-zero3": {"zero": 3}, "pp2-dp2-ep2-to-ep2": {"ep": 2}}
+
+
+@pytest.mark.parametrize("resumed", EP_RESUMES.values(), ids=EP_RESUMES.keys())
+def test_resume_from_pp_x_ep_under_another_plan(tmp_path, resumed):
+    """Saved under 2 stages x 2 dp ranks with each stage's experts split over them (tiny-hybrid's stack: a MoE
+    in the first stage), resumed on 2 ranks under ZeRO 3 or under ep alone: the third loss equals the
+    uninterrupted single-process run (1e-5), and the exported weights every stage saved."""
+    ir = tiny_hybrid()
+    ref_losses, _ = reference_run(ir)
+    path = tmp_path / "step-2"
+    saved = launch(_train_and_save, 4, (ir, plan_from(world=4, pp=2, dp=2, ep=2, microbatches=2), path),
+                   timeout_s=120)
+    assert saved[0][0] == pytest.approx(ref_losses[:2], rel=RTOL)
+    weights = {}
+    for _, w in saved:
+        weights.update(w)
+    step, (third,) = launch(_resume, 2, (ir, plan_from(world=2, **resumed), path), timeout_s=120)[0]
+    assert step == 2
+    assert abs(third - ref_losses[2]) <= RTOL * abs(ref_losses[2]), f"resumed loss {third} != {ref_losses[2]}"
+    exported = dict(ltmdsl.load_checkpoint(dcp_ckpt.export(path, ir, tmp_path / "m.safetensors")).named_parameters())
+    assert set(exported) == set(weights) == {n for n, _ in ltmdsl.build(ir).named_parameters()}
+    for name, p in weights.items():
+        assert torch.equal(exported[name], p), name
+
+
+def _die_inside_a_stage(ir, plan, path):
+    """pp x ep: checkpoint after step 1; in step 2 rank 1 (first stage, dp rank 1) dies inside its MoE's
+    forward, between the all-to-alls its stage peer waits on."""
+    import os
+
+    import torch.distributed as dist
+
+    ranked = parallelize(ir, plan, seed=0)
+    opt = ranked.optimizer(lr=LR)
+    _steps(ranked, opt, {0})
+    dcp_ckpt.save(ranked, opt, path, step=1)
+    if dist.get_rank() == 1:
+        moe = next(m for m in ranked.model.modules() if type(m).__name__ == "MoE")
+        moe.router.register_forward_hook(lambda *_: os._exit(7))
+    _steps(ranked, opt, {1})
+    return "unreachable"
+
+
+def test_a_rank_dying_inside_a_pipeline_stage_ends_the_run_and_keeps_the_checkpoint(tmp_path):
+    """The others do not hang: the run ends within the timeout with an error naming a rank, and the step-1
+    checkpoint resumes (under ep alone) with the uninterrupted run's second loss."""
+    import time
+
+    ir = tiny_hybrid()
+    path = tmp_path / "latest"
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank 1 died without a result \(exit code 7\)|rank \d failed"):
+        launch(_die_inside_a_stage, 4, (ir, plan_from(world=4, pp=2, dp=2, ep=2, microbatches=2), path),
+               timeout_s=60)
+    assert time.monotonic() - start < 60
+    assert dcp_ckpt.read_info(path, ir)["step"] == 1
+    ref_losses, _ = reference_run(ir, steps=2)
+    step, (second,) = launch(_resume_at, 2, (ir, plan_from(world=2, ep=2), path, 1), timeout_s=120)[0]
+    assert step == 1
+    assert abs(second - ref_losses[1]) <= RTOL * abs(ref_losses[1])
+
+
+def _resume_at(ir, plan, path, step):
+    ranked = parallelize(ir, plan, seed=7)
+    opt = ranked.optimizer(lr=LR)
+    loaded = dcp_ckpt.load(ranked, opt, path)
+    return loaded, _steps(ranked, opt, {step})

@@ -21,7 +21,7 @@ def hybrid():
     return ir, reference_run(ir)
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3], ids=["zero0-allreduce", "zero1-zero_redundancy", "zero2-fsdp",
+@pytest.mark.parametrize("zero", [0, 1, 2, 3], ids=["zero0-allreduce", "zero1-distributed-optimizer", "zero2-fsdp",
                                                     "zero3-fsdp"])
 def test_dp_matches_one_process(hybrid, zero):
     ir, (ref_losses, ref_grads) = hybrid

@@ -4,7 +4,7 @@ their experts and back all-to-all (uneven splits). Loss of the first 3 steps and
 
 from __future__ import annotations
 
-from dist_cases import rank_run, reference_run, tiny_hybrid
+from dist_cases import batches, rank_run, reference_run, tiny_hybrid
 from helpers import assert_close
 
 from ltmdsl.distributed import launch, plan_from
@@ -22,3 +22,51 @@ def test_ep_matches_one_process():
         assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
     for name, g in ref_grads.items():
         assert_close(grads[name], g, RTOL, f"gradient of {name}")
+
+
+ROUTE_BIAS = (10.0, 10.0, 0.0, 0.0)  # every token's top 2 are experts 0 and 1: all on rank 0 under ep = 2
+
+
+def _route_to_rank_0(model):
+    """Add ROUTE_BIAS to every router's logits (a forward hook: the router keeps its weights and gradients)."""
+    import torch
+
+    for m in model.modules():
+        if type(m).__name__ == "MoE":
+            m.router.register_forward_hook(lambda mod, args, out: out + torch.tensor(ROUTE_BIAS, dtype=out.dtype))
+
+
+def _skewed_rank(ir, plan):
+    from ltmdsl.distributed import parallelize, shard_batch
+    from ltmdsl.distributed.step import forward_backward, full_gradients
+
+    ranked = parallelize(ir, plan, seed=0)
+    _route_to_rank_0(ranked.model)
+    ids, tgt = batches(ir.vocab, 1)[0]
+    loss = forward_backward(ranked, shard_batch(ids, ranked), shard_batch(tgt, ranked))
+    return loss, full_gradients(ranked.model)
+
+
+def test_a_rank_receiving_no_tokens_takes_part_in_the_backward():
+    """Every token routed to rank 0's experts: rank 1 receives no rows, yet its backward still runs both
+    all-to-alls (it used to skip them and leave rank 0 waiting: a hang). Loss and gradients equal one process
+    (1e-5 relative); rank 1's experts a zero gradient, as the stacked expert weights of one process."""
+    import torch
+
+    from ltmdsl.runtime.build import build
+
+    ir = tiny_hybrid()
+    model = build(ir, seed=0)
+    _route_to_rank_0(model)
+    ids, tgt = batches(ir.vocab, 1)[0]
+    ref = model.loss(ids, tgt)
+    ref.backward()
+    results = launch(_skewed_rank, 2, (ir, plan_from(world=2, ep=2)), timeout_s=60)
+    (loss, grads), _ = results
+    assert abs(loss - ref.item()) <= RTOL * abs(ref.item())
+    assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close(grads[name], p.grad, RTOL, f"gradient of {name}")
+    up = grads[next(n for n in grads if n.endswith("experts.up_proj"))]
+    assert not torch.any(up[2:]), "experts 2 and 3 received tokens: the routing did not skew"

@@ -46,11 +46,9 @@ CASES = {
     "pp-layers": (tp_small, ParallelPlan(pp=8), 8, {}, "pp = 8 exceeds the 4 sub-layers"),
     "batch": (tp_small, ParallelPlan(dp=2), 2, {"batch": 3}, "dp = 2 does not divide the batch of 3 sequences"),
     "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),
-    "pp-with-ep": (tiny_hybrid, ParallelPlan(pp=2, dp=2, ep=2), 4, {}, "pp = 2 with ep = 2: expert parallelism"),
-    "pp-with-zero1": (tiny_hybrid, ParallelPlan(pp=2, dp=2, zero=1), 4, {}, "pp = 2 with zero = 1"),
+    "pp-ep-not-dp": (tiny_hybrid, ParallelPlan(pp=2, dp=2, ep=2, zero=1), 4, {}, "ep = 2 runs as ep = dp"),
     "interleave-without-pp": (tiny_hybrid, ParallelPlan(dp=2, interleave=2), 2, {}, "needs a pipeline"),
     "microbatches": (tp_small, ParallelPlan(pp=2, microbatches=3), 2, {"batch": 4}, "3 micro-batches do not divide"),
-    "zero1-tp": (tp_small, ParallelPlan(tp=2, dp=2, zero=1), 4, {}, "zero = 1 with tp > 1"),
     "zero-stage": (tp_small, ParallelPlan(dp=2, zero=4), 2, {}, "zero is a ZeRO stage 0 to 3, got 4"),
 }
 
