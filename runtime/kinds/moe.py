@@ -238,22 +238,34 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     send = torch.bincount(expert // per, minlength=ep.size)  # [ep]
     recv = ep.counts(send)
     send_l, recv_l = send.tolist(), recv.tolist()
-    rx = ep.exchange(xf[tok], send_l, recv_l)  # [R, d] rows for this rank's experts
     re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
-    gate_w = None if module.experts.gate_proj is None else ep.local(module.experts.gate_proj)  # [E/ep, F, d]
-    up_w, down_w = ep.local(module.experts.up_proj), ep.local(module.experts.down_proj)
+    out = ep_experts(module, xf, w.flatten()[order], tok, send_l, recv_l, lambda e: torch.where(re == e)[0], ep)
+    return out.view(shape)
+
+
+def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.Tensor, send: list[int],
+               recv: list[int], rows_of, ep) -> torch.Tensor:
+    """The exchanges and expert maths of `ep_forward`, given its plan: xf [M, d], the routing weight [M*k] and
+    the token [M*k] of each assignment in send order, the rows sent to and received from each rank, and
+    rows_of(e): the received rows [m] of local expert e. -> [M, d].
+
+    What is live at once (the memory model's expert-parallel moment, ltmdsl/kinds/moe.py `workspace`): the
+    rows received and their results (two [M*k, d] buffers, the results added in place) beside one expert's
+    input, its MLP and output; then the results sent back and, weighted, added in place into the output."""
+    cfg = module.cfg
+    rx = ep.exchange(xf[tok], send, recv)  # [R, d] rows for this rank's experts
     ry = torch.zeros_like(rx)  # [R, d]
-    for e in range(per):
-        rows = torch.where(re == e)[0]
+    for e in range(cfg.experts // ep.size):
+        rows = rows_of(e)  # [m]
         if rows.numel() == 0:
             continue
-        xe = rx[rows]  # [m, d]
-        gate = xe @ gate_w[e].t() if gate_w is not None else None  # [m, F]
-        ry = ry.index_add(0, rows, activate(cfg.activation, gate, xe @ up_w[e].t()) @ down_w[e].t())
-    back = ep.exchange(ry, recv_l, send_l)  # [M*k, d] in `order`
-    slot_w = w.flatten()[order, None].to(back.dtype)  # [M*k, 1]
-    out = torch.zeros_like(xf).index_add(0, tok, (back * slot_w).to(xf.dtype))  # [M, d]
-    return out.view(shape)
+        ry.index_add_(0, rows, module.experts.one(cfg, e, rx[rows]))  # [m, d] into [R, d]
+    del rx  # the received rows are read by the experts only (autograd keeps what it needs)
+    back = ep.exchange(ry, recv, send)  # [M*k, d] in send order
+    del ry
+    out = torch.zeros_like(xf)  # [M, d]
+    out.index_add_(0, tok, (back * slot_w[:, None].to(back.dtype)).to(xf.dtype))  # [M*k, d] summed per token
+    return out
 
 
 def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
