@@ -456,9 +456,42 @@ def test_fp8_kv_cache_traces_exactly_and_its_read_back_is_counted(case, kv_dtype
     assert abs(m.peak_relative) <= INFERENCE_PEAK_TOL, m.to_text()
 
 
-def test_shared_block_used_twice_is_refused_by_name():
-    """A shared block's module runs once per use; MemTracker follows a module once per step, so the trace is
-    refused naming the block rather than failing inside PyTorch."""
-    spec = ltmdsl.load(EXAMPLES / "zamba2-2.7b.ltm")
-    with pytest.raises(NotTraceable, match="shared block 'z0' runs its weights 5 times"):
-        measure(spec.model, spec.budgets[0], context=256)
+SHARED_BLOCKS = """
+model zamba_like {
+    vocab = 256
+    d_model = 64
+    dtype = bf16
+    norm = rmsnorm(eps = 1e-5)
+    head = tied
+    layer ssm = mamba2(d_state = 16, head_dim = 16, expand = 2, chunk = 32)
+    layer sattn = attention(heads = 4, head_dim = 32, rope_theta = none)
+    layer smlp = mlp(d_ff = 256, act = geglu)
+    layer tf = transformer_block(attn = sattn, ffn = smlp, adapter_rank = 8, attn_adapters = false,
+                                 input = concat_embed, into = next_input)
+    shared block z0 { tf }
+    shared block z1 { tf }
+    stack { ssm z0 ssm z1 ssm z0 ssm }
+}
+"""
+#: Not met yet: training activations of the sub-layers that read cat[h, embeddings] are +7% at this width
+#: (their 2d-wide pre-norm keeps twice what the memory model's per-sub-layer frame counts); held states exact.
+SHARED_STEPS = {
+    "inference": dict(mode="inference", context=256, batch=2, chunk=128),
+    "training": dict(mode="training", context=128, batch=2, recompute="none"),
+}
+
+
+@pytest.mark.parametrize("step", SHARED_STEPS.values(), ids=SHARED_STEPS.keys())
+def test_shared_blocks_used_in_turn_trace_like_zamba2(step):
+    """Zamba2's shape: two shared transformer blocks used in turn (z0 twice: its weights once, its adapters,
+    out_proj and KV cache per use), reading cat[h, embeddings] and sending their output into the next input.
+    Every forward runs inside one traced module call, so MemTracker follows the repeated modules: the held
+    components exactly as predicted (the shared weights counted once); inference activations within 5% (the
+    embeddings held through the stack are counted)."""
+    spec = ltmdsl.loads(SHARED_BLOCKS)
+    m = measure(spec.model, None, **step)
+    for component in m.predicted:
+        if component not in ("activations", "temporaries"):
+            assert m.measured[component] == m.predicted[component], (component, m.to_text())
+    if step["mode"] == "inference":
+        assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
