@@ -230,6 +230,8 @@ def main(argv=None) -> int:
                                                          "examples' training budgets instead")
     ap.add_argument("--policies", action="store_true", help="with --kinds: training under each recompute policy")
     ap.add_argument("--list", action="store_true", help="print the labels of the example rows and stop")
+    ap.add_argument("--context", type=int, help="trace the example rows at this context instead (a step too "
+                                                 "large to trace at the budget's; the row says so)")
     args = ap.parse_args(argv)
     if args.list:
         print("\n".join(label for *_, label in cases()))
@@ -265,6 +267,9 @@ def main(argv=None) -> int:
         spec = ltmdsl.load(EXAMPLES / spec_name)
         budget = next((b for b in spec.budgets if b.name == budget_name), None)
         model = spec.ir.model(budget.model) if budget else spec.model
+        if args.context:
+            overrides = {**overrides, "context": args.context}
+            label += f", traced at context {args.context:,}"
         try:
             m = measure(model, budget, **overrides)
         except (NotTraceable, TooLargeToTrace) as e:

@@ -163,10 +163,9 @@ def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: 
 def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str]):
     """The traced step on fake tensors: (measured components, peak bytes, its phase, the phase marks)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from ltmdsl.measure import infer, stage as stage_mod, train
-    from ltmdsl.measure.timeline import Timeline
+    from ltmdsl.measure.timeline import StepTracker, Timeline
 
     with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters are the only non-fake inputs
         st = stage_mod.materialise(net, model, s.pp, stage_index, sizes)
@@ -174,7 +173,7 @@ def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str]):
             notes.append(f"the held modules' buffers ({st.buffer_bytes():,} B of computed constants) are live but "
                          "not counted as weights")
         if s.mode == "training":
-            mt = MemTracker()
+            mt = StepTracker()
             mt.track_external(*st.held())
             with mt:
                 tl = Timeline(mt)

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ltmdsl.measure import states as st
 from ltmdsl.measure.stage import Stage
-from ltmdsl.measure.timeline import Timeline, tracked_call
+from ltmdsl.measure.timeline import Timeline
 from ltmdsl.memory.settings import Settings
 from ltmdsl.memory.training import in_flight
 from ltmdsl.runtime.build import TORCH_DTYPES
@@ -99,13 +99,12 @@ def _gather_root(stage: Stage) -> None:
 
 def _as_root(stage: Stage, body, x: torch.Tensor) -> torch.Tensor:
     """body(x), run as the model's forward when the model is FSDP2's root (ZeRO-3): its hooks gather the root's
-    the backward, as `LTModel.loss` calling the model does. Otherwise body(x) inside a module call of its own
-    (`tracked_call`: MemTracker then follows a shared block's every use)."""
+    the backward, as `LTModel.loss` calling the model does. Otherwise body(x) as it is."""
     from torch.distributed.fsdp import FSDPModule
 
     net = stage.net
     if not isinstance(net, FSDPModule):
-        return tracked_call(body, x)
+        return body(x)
     net.forward = body  # an instance attribute: nn.Module.__call__ runs it between the FSDP hooks
     try:
         return net(x)
@@ -181,7 +180,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     split_head = stage.last and vocab_parallel(stage.net)
     pending_backward = []
     act, logits = 0, 0
-    # full recompute: the working set, traced first (its modules' stats are reset by the step's forward)
+    # full recompute: the working set, traced first
     working = _working_set(stage, b, seq, dtype, tl) if s.recompute == "full" else 0
     for k in range(flight):
         before = tl.mark(f"micro-batch {k}: inputs")
@@ -190,7 +189,6 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
         else:
             x = torch.zeros(b, seq, ir.d_model, dtype=dtype, requires_grad=True)  # [b, s, d] received
         start = tl.mark(f"micro-batch {k}: inputs ready")
-        tl.tracker.reset_mod_stats()  # MemTracker refuses a second top-level call of a module otherwise
         if stage.last:
             normed = _as_root(stage, lambda ids: _final_norm(stage, *stack_forward(stage, ids, s.recompute)), x)
             stacked = tl.mark(f"micro-batch {k}: forward")
@@ -201,7 +199,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
             logits = max(logits, tl.mark(f"micro-batch {k}: loss") - t0 - scalars)
             pending_backward.append((loss, None))
         else:
-            h, pending = tracked_call(stack_forward, stage, x, s.recompute)  # [b, s, d] each
+            h, pending = stack_forward(stage, x, s.recompute)
             y = h if pending is None else h + pending  # [b, s, d] sent to the next stage
             del h, pending
             stacked = tl.mark(f"micro-batch {k}: forward")
@@ -262,8 +260,7 @@ def _working_set(stage: Stage, b: int, seq: int, dtype: torch.dtype, tl: Timelin
             continue
         seen.add(sig)
         h = torch.zeros(b, seq, d, dtype=dtype, requires_grad=True)  # [b, s, d]
-        tl.tracker.reset_mod_stats()
-        kept, y = saved_bytes(tracked_call, _run_unit, stage, unit, h, exclude=params)
+        kept, y = saved_bytes(_run_unit, stage, unit, h, exclude=params)
         best = max(best, kept)
         del y, h
     tl.mark("working set")
