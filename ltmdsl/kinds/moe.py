@@ -31,9 +31,9 @@ largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
     shared      a * n * d + w + a * n * max(`inference_ffn_width`(Fs)/t, 2d)   (the shared MLP in place)
     With expert parallelism (ep > 1, runtime `ep_experts`) the experts' moment is the rows received and their
     results (added in place) 2a * n*k * d, w and the weights in send order 2w, and the larger of one local
-    expert on the ep*m rows it gets from every rank, a * ep*m * (d + max(F*(4|2)/t, d + F*(3|2)/t)) (its input;
-    gate, up, act(gate) and the product, or at its down projection what it reads (act(gate) released) and its
-    output), and the combine, where the results sent back, weighted, are added into the output a * n * d.
+    expert on the ep*m rows it gets from every rank, a * ep*m * (d + max(F*(4|2)/t, d + F*(2|1)/t)) (its input;
+    gate, up, act(gate) and the product, or at its down projection the gate and the product (the act's input)
+    and its output), and the combine, where the results sent back, weighted, are added into the output a * n * d.
 Training activations (dropless top-k, perfectly balanced routing so expert parallelism moves tokens but
 not bytes), per micro-batch:
     replicated  norm input and router input 2a*sbh; router logits and probabilities fp32 8*sb*E;
@@ -224,9 +224,8 @@ def workspace(c: MoEConfig, d: int, s):
         # beside one local expert on its ep*m rows from every rank, then the results sent back and weighted
         # beside the output; the assignments' fp32 weights in send order beside w
         rows = 2 * a * n * c.top_k * d
-        gated = c.activation in GATED
-        one = d + sympy.Max(expert, d + expert - (c.d_ff / t if gated else 0))  # input; MLP, or what the down
-        loop = 2 * weights + rows + a * sympy.Max(s.ep * m * one, n * d)  # projection reads and its output
+        one = d + sympy.Max(expert, d + expert / 2)  # its input; the MLP, or the down projection's input and
+        loop = 2 * weights + rows + a * sympy.Max(s.ep * m * one, n * d)  # output beside gate (gated)
     out = sympy.Max(route, loop)
     if c.shared_d_ff:
         out = sympy.Max(out, a * n * d + weights + a * n * sympy.Max(inference_ffn_width(c.activation, c.shared_d_ff) / t,

@@ -243,6 +243,13 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     return out.view(shape)
 
 
+def _local_expert(cfg: MoEConfig, xe: torch.Tensor, gate_w: torch.Tensor | None, up_w: torch.Tensor,
+                  down_w: torch.Tensor) -> torch.Tensor:
+    """One local expert on its rows xe [m, d] -> [m, d]; its gate and input are released on return."""
+    gate = xe @ gate_w.t() if gate_w is not None else None  # [m, F]
+    return activate(cfg.activation, gate, xe @ up_w.t()) @ down_w.t()  # [m, d]
+
+
 def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.Tensor, send: list[int],
                recv: list[int], rows_of, ep) -> torch.Tensor:
     """The exchanges and expert maths of `ep_forward`, given its plan: xf [M, d], the routing weight [M*k] and
@@ -251,15 +258,20 @@ def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.T
 
     What is live at once (the memory model's expert-parallel moment, ltmdsl/kinds/moe.py `workspace`): the
     rows received and their results (two [M*k, d] buffers, the results added in place) beside one expert's
-    input, its MLP and output; then the results sent back and, weighted, added in place into the output."""
+    input, its MLP and output; then the results sent back and, weighted, added in place into the output.
+    The expert weights' local views are taken once (one view per weight: its backward sums every expert's
+    gradient into one [E/ep, ...] buffer, not one per expert)."""
     cfg = module.cfg
+    gate_w = None if module.experts.gate_proj is None else ep.local(module.experts.gate_proj)  # [E/ep, F, d]
+    up_w, down_w = ep.local(module.experts.up_proj), ep.local(module.experts.down_proj)  # one local view each
     rx = ep.exchange(xf[tok], send, recv)  # [R, d] rows for this rank's experts
     ry = torch.zeros_like(rx)  # [R, d]
     for e in range(cfg.experts // ep.size):
         rows = rows_of(e)  # [m]
         if rows.numel() == 0:
             continue
-        ry.index_add_(0, rows, module.experts.one(cfg, e, rx[rows]))  # [m, d] into [R, d]
+        gate_e = None if gate_w is None else gate_w[e]  # [F, d]
+        ry.index_add_(0, rows, _local_expert(cfg, rx[rows], gate_e, up_w[e], down_w[e]))  # [m, d] into [R, d]
     del rx  # the received rows are read by the experts only (autograd keeps what it needs)
     back = ep.exchange(ry, recv, send)  # [M*k, d] in send order
     del ry
