@@ -17,7 +17,8 @@ Modules, one concept each:
     ranks      one rank of a parallel plan: the fake process group, its mesh, the traced rank
     stage      the modules one rank holds (pipeline stage) and the full-recompute units
     states     main gradients and AdamW states, sharded as the memory model says, and the AdamW step
-    timeline   live bytes and named snapshots over a MemTracker; the peak and its phase
+    timeline   live bytes and named snapshots over a MemTracker (StepTracker: storages only, no per-module
+               statistics, so a shared block's repeated modules trace); the peak and its phase
     train      the training step: forward (recompute policy), chunked loss, backward, optimizer
     infer      the inference step: cache of the budget's context, a prefill chunk, a decode step
     cost       how long a trace would take; refusal with a smaller context to try
