@@ -8,8 +8,8 @@ step, on fake tensors.
     decode     one token at position T - 1
     logits     the fp32 logits of the last position, 4*b*V
 
-Each phase has its own tracker (timeline.StepTracker) (the weights and the cache given as external tensors), so the traced
-activations are that phase's peak above the weights and cache; the component is the larger of the two.
+Each phase has its own tracker (timeline.StepTracker; the weights and the cache given as external tensors), so
+the traced activations are that phase's peak above the weights and cache; the component is the larger of the two.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ Its "peak" snapshot is monotonic, so the phase of the peak is the last phase aft
 
 `StepTracker` is MemTracker counting storages only. Here only its totals are read (current and peak),
 never its per-module statistics, whose upkeep costs every dispatched op a walk over every module called so
-far (O(ops x modules): a third of tiny-hybrid's traced step under cProfile) and refuses a module called a second time at the
-top level of a step (taken for the next iteration), as a shared block's modules are, once per use. Its
-module hooks do nothing: the storages and their totals are tracked by the same dispatch mode as before.
+far (O(ops x modules): a third of tiny-hybrid's traced step under cProfile) and refuses a module called a
+second time at the top level of a step (taken for the next iteration), as a shared block's modules are, once
+per use. Its module hooks do nothing: the storages and their totals are tracked by the same dispatch mode.
 """
 
 from __future__ import annotations

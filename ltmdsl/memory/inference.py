@@ -54,7 +54,8 @@ def norm_workspace(model: ModelIR, s: Settings):
     (3a + f + a * held) * b * Cc/c * d."""
     a = s.activation_dtype.bytes
     f = (4 if a < 4 else 0) + max(4, a)
-    return (3 * a + f + a * held_embeddings(model)) * per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp) * model.d_model
+    tokens = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)
+    return (3 * a + f + a * held_embeddings(model)) * tokens * model.d_model
 
 
 def logits(model: ModelIR, s: Settings):
