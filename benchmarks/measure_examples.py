@@ -45,13 +45,17 @@ EXTRA = [
 
 
 def cases():
-    """Every published example's every budget, then EXTRA."""
+    """Every published example's every budget (an example without one: `ltmdsl memory`'s default, inference at
+    128Ki tokens, batch 1, chunk 4096, one GPU), then EXTRA."""
     import ltmdsl
 
     out = []
     for path in sorted(EXAMPLES.glob("*.ltm")):
-        for b in ltmdsl.load(path).budgets:
+        budgets = ltmdsl.load(path).budgets
+        for b in budgets:
             out.append((path.name, b.name, {}, f"{path.stem} {b.name}"))
+        if not budgets:
+            out.append((path.name, None, {}, f"{path.stem} default (inference 128Ki)"))
     return out + EXTRA
 
 
@@ -225,7 +229,13 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", action="store_true", help="one rank of parallel plans (d_model 1024) and the tiny "
                                                          "examples' training budgets instead")
     ap.add_argument("--policies", action="store_true", help="with --kinds: training under each recompute policy")
+    ap.add_argument("--list", action="store_true", help="print the labels of the example rows and stop")
+    ap.add_argument("--context", type=int, help="trace the example rows at this context instead (a step too "
+                                                 "large to trace at the budget's; the row says so)")
     args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(label for *_, label in cases()))
+        return 0
     if args.plans:
         rows = plan_rows(args.only)
         print("| budget (one rank) | weights, grads, optimizer, caches, logits | activations predicted / traced | "
@@ -255,9 +265,11 @@ def main(argv=None) -> int:
         if args.only and not any(o in label for o in args.only):
             continue
         spec = ltmdsl.load(EXAMPLES / spec_name)
-        budget = next((b for b in spec.budgets if b.name == budget_name), None) if budget_name else (
-            spec.budgets[0] if spec.budgets and not overrides else None)
+        budget = next((b for b in spec.budgets if b.name == budget_name), None)
         model = spec.ir.model(budget.model) if budget else spec.model
+        if args.context:
+            overrides = {**overrides, "context": args.context}
+            label += f", traced at context {args.context:,}"
         try:
             m = measure(model, budget, **overrides)
         except (NotTraceable, TooLargeToTrace) as e:

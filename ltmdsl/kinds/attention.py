@@ -294,15 +294,18 @@ def workspace(c: AttentionConfig, d: int, s):
 
 
 def decode_workspace(c: AttentionConfig, s):
-    """One decode step over the S = tokens_held(T)/c cached slots (runtime `attention_decode`): the einsum
-    reading the keys (then the values) makes a contiguous copy, a*b*S*ceil(Hkv/t)*D, beside the scores (a, then
-    their fp32 copy and softmax, 8 bytes, per head and slot); a cache in another dtype than a's is first read
-    back whole in a's dtype, a*b*S*ceil(Hkv/t)*(D + Dv)."""
+    """One decode step over the S = tokens_held(T)/c cached slots (runtime `attention_decode`): the scores (a,
+    then their fp32 copy and softmax, 8 bytes, per head and slot), and, when b > 1 and Hkv/t > 1, the einsum's
+    contiguous copy of the keys (then the values), a*b*S*ceil(Hkv/t)*D, beside them (its [b, Hkv] batch of
+    [S, D] matrices is one stride apart only for a single sequence or a single KV head: no copy then); a cache
+    in another dtype than a's is first read back whole in a's dtype, a*b*S*ceil(Hkv/t)*(D + Dv)."""
     a = s.activation_dtype.bytes
     b = per_replica(B, s.dp)
     slots = tokens_held(c) / R(s.cp)
     hkv, h = cdiv(c.kv_heads, s.tp), c.heads / R(s.tp)
-    out = b * slots * sympy.Max(a * hkv * c.head_dim + a * h, (a + 8) * h, a * h + a * hkv * c.v_head_dim)
+    copies = 0 if hkv == 1 else sympy.Min(1, b - 1)  # 1 when b > 1 (b is a whole number), else 0
+    out = b * slots * sympy.Max(copies * a * hkv * c.head_dim + a * h, (a + 8) * h,
+                                a * h + copies * a * hkv * c.v_head_dim)
     if s.kv_dtype.name != s.activation_dtype.name:
         out += a * b * slots * hkv * (c.head_dim + c.v_head_dim)
     return out

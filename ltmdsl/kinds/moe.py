@@ -29,9 +29,11 @@ largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
     experts     the output a * n * d + w, and one expert at a time on its m = ceil(n * k / E) tokens (balanced):
                 a * m * (3d + F*(4|2)/t)   (its input, output and weighted output; gate, up, act, product)
     shared      a * n * d + w + a * n * max(`inference_ffn_width`(Fs)/t, 2d)   (the shared MLP in place)
-    With expert parallelism (ep > 1, runtime `ep_forward`) the experts' moment is the rows received and the
-    results (two copies while index_add runs) 3a * n*k * d, plus one local expert's tokens from every rank,
-    a * ep*m * (3d + F*(4|2)/t), and w.
+    With expert parallelism (ep > 1, runtime `ep_experts`) the experts' moment is the rows received and their
+    results (added in place) 2a * n*k * d, w and the weights in send order 2w, and the larger of one local
+    expert on the ep*m rows it gets from every rank, a * ep*m * (d + max(F*(4|2)/t, d + F*(2|1)/t)) (its input;
+    gate, up, act(gate) and the product, or at its down projection the gate and the product (the act's input)
+    and its output), and the combine, where the results sent back, weighted, are added into the output a * n * d.
 Training activations (dropless top-k, perfectly balanced routing so expert parallelism moves tokens but
 not bytes), per micro-batch:
     replicated  norm input and router input 2a*sbh; router logits and probabilities fp32 8*sb*E;
@@ -218,9 +220,12 @@ def workspace(c: MoEConfig, d: int, s):
     route = a * n * c.experts + 4 * n * c.experts * (2 if _second_scores(c) else 1) + 2 * weights
     expert = (4 if c.activation in GATED else 2) * c.d_ff / t  # gate, up, act(gate), product | up, act(up)
     loop = a * n * d + weights + a * m * (3 * d + expert)  # the output, and one expert's tokens at a time
-    if s.ep > 1:  # expert parallel: the rows received and the results (two copies while index_add runs), [n*k, d]
-        # each, beside one local expert's ep*m tokens from every rank
-        loop = weights + 3 * a * n * c.top_k * d + a * s.ep * m * (3 * d + expert)
+    if s.ep > 1:  # expert parallel (runtime `ep_experts`): the rows received and their results, [n*k, d] each,
+        # beside one local expert on its ep*m rows from every rank, then the results sent back and weighted
+        # beside the output; the assignments' fp32 weights in send order beside w
+        rows = 2 * a * n * c.top_k * d
+        one = d + sympy.Max(expert, d + expert / 2)  # its input; the MLP, or the down projection's input and
+        loop = 2 * weights + rows + a * sympy.Max(s.ep * m * one, n * d)  # output beside gate (gated)
     out = sympy.Max(route, loop)
     if c.shared_d_ff:
         out = sympy.Max(out, a * n * d + weights + a * n * sympy.Max(inference_ffn_width(c.activation, c.shared_d_ff) / t,

@@ -27,7 +27,8 @@ use is its own sub-layer with its own keys). FLOPs: the attention's score FLOPs 
 token per use, as for every kind). Prefill workspace: the larger of the attention's and the MLP's, plus the
 d_in-wide input and the d-wide attention output held across (a * n * (d_in + d), n = b * Cc/c tokens).
 Training activations: the attention's and the MLP's (the MLP's norm term standing for the mid norm's input),
-plus out_proj's input a*sbh. These two are the sum of the parts' own formulas, with the attention's
+plus out_proj's input a*sbh, and what the sub-layer's pre-norm keeps beyond the frame's d channels when it
+reads d_in = 2d (`MicroBatch.base_at`). These two are the sum of the parts' own formulas, with the attention's
 d-wide terms taken at d (its d_in-wide q/k/v input is the sub-layer norm's output, counted by the frame).
 """
 
@@ -154,7 +155,8 @@ def workspace(c: TransformerBlockConfig, d: int, s):
 
 def stored(c: TransformerBlockConfig, x, selective: bool):
     out = _kind(c.attn).stored(c.attn, x, selective) + _kind(c.ffn).stored(c.ffn, x, selective)
-    return out + (x.rep(x.a * x.tok * x.h) if c.out_proj else 0)
+    wide = x.base_at(c.d_in) - x.base  # the sub-layer's pre-norm over d_in = 2d channels (concat_embed)
+    return out + wide + (x.rep(x.a * x.tok * x.h) if c.out_proj else 0)
 
 
 def flops(c: TransformerBlockConfig) -> dict[str, Flops]:

@@ -19,7 +19,8 @@ Modules, one concept each:
     ranks      one rank of a parallel plan: the fake process group, its mesh, the traced rank
     stage      the modules one rank holds (pipeline stage) and the full-recompute units
     states     main gradients and AdamW states, sharded as the memory model says, and the AdamW step
-    timeline   live bytes and named snapshots over a MemTracker; the peak and its phase
+    timeline   live bytes and named snapshots over a MemTracker (StepTracker: storages only, no per-module
+               statistics, so a shared block's repeated modules trace); the peak and its phase
     train      the training step: forward (recompute policy), chunked loss, backward, optimizer
     infer      the inference step: cache of the budget's context, a prefill chunk, a decode step
     cost       how long a trace would take; refusal with a smaller context to try
@@ -164,10 +165,9 @@ def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: 
 def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str], root=None):
     """The traced step on fake tensors: (measured components, peak bytes, its phase, the phase marks)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from ltmdsl.measure import infer, stage as stage_mod, train
-    from ltmdsl.measure.timeline import Timeline
+    from ltmdsl.measure.timeline import StepTracker, Timeline
 
     with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters are the only non-fake inputs
         st = stage_mod.materialise(net, model, s.pp, stage_index, sizes, root)
@@ -175,7 +175,7 @@ def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str], root
             notes.append(f"the held modules' buffers ({st.buffer_bytes():,} B of computed constants) are live but "
                          "not counted as weights")
         if s.mode == "training":
-            mt = MemTracker()
+            mt = StepTracker()
             mt.track_external(*st.held())
             with mt:
                 tl = Timeline(mt)

@@ -61,10 +61,9 @@ def _balanced_moe_forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> t
 def _balanced_ep_forward(self, x: torch.Tensor, ep) -> torch.Tensor:
     """runtime/kinds/moe.py `ep_forward` with the balanced plan: assignment j goes to expert j mod E on every
     rank, so the all-to-all split sizes are known in Python (no `bincount`, no count exchange) and each rank
-    receives, for each of its E/ep experts, the same rows from every rank. The same exchanges (rows out, results
-    back), the same per-expert maths and the same weighted sum."""
-    from ltmdsl.runtime.kinds.mlp import activate
-    from ltmdsl.runtime.kinds.moe import route
+    receives, for each of its E/ep experts, the same rows from every rank. The runtime's exchanges, expert
+    maths and weighted sum (`ep_experts`) on that plan."""
+    from ltmdsl.runtime.kinds.moe import ep_experts, route
 
     cfg = self.cfg
     shape = x.shape
@@ -74,29 +73,21 @@ def _balanced_ep_forward(self, x: torch.Tensor, ep) -> torch.Tensor:
     w, _idx = route(self.router(xf), cfg, self.selection_bias)  # [M, k]; indices replaced by the balanced plan
     rows_of = [len(range(e, M * k, E)) for e in range(E)]  # assignments to expert e from one rank
     order = torch.cat([torch.arange(e, M * k, E, device=x.device) for e in range(min(E, M * k))])  # [M*k] by expert
-    tok = order // k  # [M*k]
     send = [sum(rows_of[r * per:(r + 1) * per]) for r in range(ep.size)]
     recv = [send[ep.rank]] * ep.size  # every rank sends this rank's experts the same rows
-    rx = ep.exchange(xf[tok], send, recv)  # [R, d] rows for this rank's experts, by source rank then expert
-    gate_w = None if self.experts.gate_proj is None else ep.local(self.experts.gate_proj)  # [E/ep, F, d]
-    up_w, down_w = ep.local(self.experts.up_proj), ep.local(self.experts.down_proj)
-    ry = torch.zeros_like(rx)  # [R, d]
     starts, at = [], 0
     for _src in range(ep.size):
         for e in range(per):
             starts.append((e, at))
             at += rows_of[ep.rank * per + e]
-    for e in range(per):
-        if rows_of[ep.rank * per + e] == 0:
-            continue
-        rows = torch.cat([torch.arange(a, a + rows_of[ep.rank * per + e], device=x.device)
-                          for j, a in starts if j == e])  # [m] this expert's rows from every rank
-        xe = rx[rows]  # [m, d]
-        gate = xe @ gate_w[e].t() if gate_w is not None else None  # [m, F]
-        ry = ry.index_add(0, rows, activate(cfg.activation, gate, xe @ up_w[e].t()) @ down_w[e].t())
-    back = ep.exchange(ry, recv, send)  # [M*k, d] in `order`
-    slot_w = w.flatten()[order, None].to(back.dtype)  # [M*k, 1]
-    out = torch.zeros_like(xf).index_add(0, tok, (back * slot_w).to(xf.dtype))  # [M, d]
+
+    def rows(e: int) -> torch.Tensor:  # [m] this expert's rows from every rank
+        n = rows_of[ep.rank * per + e]
+        if n == 0:
+            return torch.empty(0, dtype=torch.long, device=x.device)
+        return torch.cat([torch.arange(a, a + n, device=x.device) for j, a in starts if j == e])
+
+    out = ep_experts(self, xf, w.flatten()[order], order // k, send, recv, rows, ep)  # [M, d]
     return out.view(shape)
 
 
@@ -134,14 +125,6 @@ def check(ir: ModelIR) -> list[str]:
             f"layer kind {missing[0]!r} has no fake-tensor path, so model {ir.name!r} cannot be traced "
             f"(traceable kinds: {', '.join(TRACE_PATHS)})"
         )
-    uses: dict = {}
-    for layer in ir.layers:  # a tied module runs once per use: MemTracker follows a module once per step
-        if layer.tie_group is not None:
-            uses[(layer.tie_group, layer.tie_slot or 0)] = uses.get((layer.tie_group, layer.tie_slot or 0), 0) + 1
-    repeated = next((key for key, n in uses.items() if n > 1), None)
-    if repeated is not None:
-        raise NotTraceable(f"shared block '{repeated[0]}' runs its weights {uses[repeated]} times in one step, and "
-                           "PyTorch's MemTracker cannot follow a module called more than once per step")
     for layer in ir.layers:  # a parallel layer's branches run unsubstituted
         for name, branch, _, _ in getattr(layer.mixer, "branches", ()):
             if TRACE_PATHS.get(branch.kind, False) is not None:

@@ -8,8 +8,8 @@ step, on fake tensors.
     decode     one token at position T - 1
     logits     the fp32 logits of the last position, 4*b*V
 
-Each phase has its own MemTracker (the weights and the cache given as external tensors), so the traced
-activations are that phase's peak above the weights and cache; the component is the larger of the two.
+Each phase has its own tracker (timeline.StepTracker; the weights and the cache given as external tensors), so
+the traced activations are that phase's peak above the weights and cache; the component is the larger of the two.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 
 from ltmdsl.measure.stage import Stage
-from ltmdsl.measure.timeline import Timeline
+from ltmdsl.measure.timeline import StepTracker, Timeline
 from ltmdsl.memory.settings import Settings
 from ltmdsl.runtime.build import KV_DTYPES, TORCH_DTYPES
 from ltmdsl.runtime.cache import Cache, CacheRequest, COMPONENTS
@@ -57,7 +56,7 @@ def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tens
 
 def _phase(stage: Stage, cache: Cache, x: torch.Tensor, pos0: int) -> tuple[int, int, torch.Tensor]:
     """(peak above the live start, live start, output) of one forward under its own tracker."""
-    mt = MemTracker()
+    mt = StepTracker()
     mt.track_external(*stage.held(), *[t for e in cache.layers if e is not None for t in e.tensors()], x)
     with mt:
         tl = Timeline(mt)
@@ -74,7 +73,7 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
     T, Cc = s.context, min(s.chunk, s.context)
     from ltmdsl.runtime.kinds import runtime_kind
 
-    mt = MemTracker()
+    mt = StepTracker()
     mt.track_external(*stage.held())
     out = dict.fromkeys(("weights", *COMPONENTS, "activations", "logits"), 0)
     with mt:
@@ -102,7 +101,7 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
     pre, start, y = _phase(stage, cache, ids, T - Cc)
     peaks["prefill"] = start + pre  # the last position's logits are part of the prefill's peak
     if stage.last:  # the fp32 logits sampling reads, the model-dtype ones released
-        lt = MemTracker()
+        lt = StepTracker()
         lt.track_external(y)
         with lt:
             lg = y.float()  # [b, 1, V]

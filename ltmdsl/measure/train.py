@@ -99,7 +99,6 @@ def _gather_root(stage: Stage) -> None:
 
 def _as_root(stage: Stage, body, x: torch.Tensor) -> torch.Tensor:
     """body(x), run as the model's forward when the model is FSDP2's root (ZeRO-3): its hooks gather the root's
-    weights (embedding, norms, head), initialise every mixer's sharding state and queue the reduce-scatters of
     the backward, as `LTModel.loss` calling the model does. Otherwise body(x) as it is."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -181,7 +180,7 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     split_head = stage.last and vocab_parallel(stage.net)
     pending_backward = []
     act, logits = 0, 0
-    # full recompute: the working set, traced first (its modules' stats are reset by the step's forward)
+    # full recompute: the working set, traced first
     # under sequence parallelism the stream between the units holds a tp rank's T/(c*t) tokens
     stream = seq // p.tp if p.sequence_parallel and p.tp > 1 else seq
     working = _working_set(stage, b, stream, dtype, tl) if s.recompute == "full" else 0
@@ -192,7 +191,6 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
         else:
             x = torch.zeros(b, seq, ir.d_model, dtype=dtype, requires_grad=True)  # [b, s, d] received
         start = tl.mark(f"micro-batch {k}: inputs ready")
-        tl.tracker.reset_mod_stats()  # MemTracker refuses a second top-level call of a module otherwise
         if stage.last:
             normed = _as_root(stage, lambda ids: _final_norm(stage, *stack_forward(stage, ids, s.recompute)), x)
             stacked = tl.mark(f"micro-batch {k}: forward")
@@ -264,7 +262,6 @@ def _working_set(stage: Stage, b: int, seq: int, dtype: torch.dtype, tl: Timelin
             continue
         seen.add(sig)
         h = torch.zeros(b, seq, d, dtype=dtype, requires_grad=True)  # [b, s, d]
-        tl.tracker.reset_mod_stats()
         kept, y = saved_bytes(_run_unit, stage, unit, h, exclude=params)
         best = max(best, kept)
         del y, h

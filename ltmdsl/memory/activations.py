@@ -90,13 +90,17 @@ class MicroBatch:
         """What every sub-layer's pre-norm keeps and the norm output fed to the mixer (module docstring):
         2a*sbh fused; eager rmsnorm (f + 2a)*sbh + 4*sb, eager layernorm (f + a)*sbh + 8*sb, f = max(4, a).
         Under SP eager, the mixer's a*sbh input is not /t: it is the all-gathered copy the mixer keeps."""
+        return self.base_at(self.h)
+
+    def base_at(self, width):
+        """`base` for a pre-norm over `width` channels (2h for a sub-layer reading cat[h, embeddings])."""
         if not self.eager:
-            return self.rep(2 * self.a * self.tok * self.h)
+            return self.rep(2 * self.a * self.tok * width)
         f = max(4, self.a)
-        mixer_input = self.a * self.tok * self.h  # the norm's output, kept by the mixer: whole under SP (gathered)
+        mixer_input = self.a * self.tok * width  # the norm's output, kept by the mixer: whole under SP (gathered)
         if self.norm == "layernorm":
-            return self.rep(f * self.tok * self.h + 8 * self.tok) + mixer_input
-        return self.rep((f + self.a) * self.tok * self.h + 4 * self.tok) + mixer_input
+            return self.rep(f * self.tok * width + 8 * self.tok) + mixer_input
+        return self.rep((f + self.a) * self.tok * width + 4 * self.tok) + mixer_input
 
 
 def stored(m, model: ModelIR, s: Settings, recompute: str | None = None, norm: NormConfig | None = None,

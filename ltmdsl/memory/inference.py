@@ -9,6 +9,8 @@ Prefill workspace: the transient tensors of one sub-layer while a chunk of Cc = 
 processed. Layers run one after another and free their workspace, so the stack needs the residual
 stream plus the *largest* sub-layer workspace:
     residual   2 * a * b * Cc/c * d                       (x and norm(x))
+               + a * b * Cc/c * d when a sub-layer reads `input = concat_embed` (Zamba2's shared blocks):
+               the embeddings, held through the whole stack for those sub-layers' cat[x, embeddings]
 
 The stack's activations are the larger of that and the moment a pre-norm runs (`norm_workspace`): the
 previous mixer's output, the residual and their sum, with the norm's fp32 working copies, (3a + 8)*b*Cc/c*d,
@@ -32,18 +34,28 @@ from ltmdsl.memory.symbols import B, C, T, ceil_bytes, compile_exact, per_replic
 R = sympy.Rational
 
 
+def held_embeddings(model: ModelIR) -> int:
+    """1 when a sub-layer reads cat[x, embeddings] (`input = concat_embed`): the runtime keeps the chunk's
+    embeddings [b, Cc/c, d] from the embedding to the last such sub-layer (LTModel.forward's `embeds`); else 0."""
+    return int(any(layer.residual.input == "concat_embed" for layer in model.layers))
+
+
 def residual_workspace(model: ModelIR, s: Settings):
-    """The residual stream and its normalised copy for one chunk: 2 * a * b * Cc/c * d."""
-    return 2 * s.activation_dtype.bytes * per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp) * model.d_model
+    """The residual stream and its normalised copy for one chunk, and the embeddings where a sub-layer reads
+    them: (2 + `held_embeddings`) * a * b * Cc/c * d."""
+    width = 2 + held_embeddings(model)
+    return width * s.activation_dtype.bytes * per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp) * model.d_model
 
 
 def norm_workspace(model: ModelIR, s: Settings):
     """The moment a pre-norm runs: the previous mixer's output, the residual and their sum (3a per element)
     with the norm's fp32 statistics input and its square or scaled copy (8 bytes; 4 when a is fp32, whose
-    input needs no copy), over b * Cc/c tokens of d: (3a + f) * b * Cc/c * d."""
+    input needs no copy), over b * Cc/c tokens of d, and the held embeddings (`held_embeddings`):
+    (3a + f + a * held) * b * Cc/c * d."""
     a = s.activation_dtype.bytes
     f = (4 if a < 4 else 0) + max(4, a)
-    return (3 * a + f) * per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp) * model.d_model
+    tokens = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)
+    return (3 * a + f + a * held_embeddings(model)) * tokens * model.d_model
 
 
 def logits(model: ModelIR, s: Settings):

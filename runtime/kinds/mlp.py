@@ -46,8 +46,9 @@ def activate(name: str, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Te
     raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
-def hidden_inplace(name: str, gate_proj: nn.Module | None, up_proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`activate(name, gate_proj(x), up_proj(x))` without autograd, in place where the activation allows:
+def hidden_inplace(name: str, gate_proj, up_proj, x: torch.Tensor) -> torch.Tensor:
+    """`activate(name, gate_proj(x), up_proj(x))` without autograd, in place where the activation allows
+    (gate_proj, up_proj: the projections, modules or callables; gate_proj None when not gated):
     x [..., d] -> [..., F], the same values with at most two [..., F] tensors live (act(gate) and up; for
     gelu, up and gelu(up)) and one for relu and relu2, instead of gate, up, act(gate) and the product."""
     if name in GATED:

@@ -238,26 +238,50 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     send = torch.bincount(expert // per, minlength=ep.size)  # [ep]
     recv = ep.counts(send)
     send_l, recv_l = send.tolist(), recv.tolist()
-    rx = ep.exchange(xf[tok], send_l, recv_l)  # [R, d] rows for this rank's experts
     re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
+    out = ep_experts(module, xf, w.flatten()[order], tok, send_l, recv_l, lambda e: torch.where(re == e)[0], ep)
+    return out.view(shape)
+
+
+def _local_expert(cfg: MoEConfig, xe: torch.Tensor, gate_w: torch.Tensor | None, up_w: torch.Tensor,
+                  down_w: torch.Tensor) -> torch.Tensor:
+    """One local expert on its rows xe [m, d] -> [m, d]; its gate and input are released on return."""
+    gate = xe @ gate_w.t() if gate_w is not None else None  # [m, F]
+    return activate(cfg.activation, gate, xe @ up_w.t()) @ down_w.t()  # [m, d]
+
+
+def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.Tensor, send: list[int],
+               recv: list[int], rows_of, ep) -> torch.Tensor:
+    """The exchanges and expert maths of `ep_forward`, given its plan: xf [M, d], the routing weight [M*k] and
+    the token [M*k] of each assignment in send order, the rows sent to and received from each rank, and
+    rows_of(e): the received rows [m] of local expert e. -> [M, d].
+
+    What is live at once (the memory model's expert-parallel moment, ltmdsl/kinds/moe.py `workspace`): the
+    rows received and their results (two [M*k, d] buffers, the results added in place) beside one expert's
+    input, its MLP and output; then the results sent back and, weighted, added in place into the output.
+    The expert weights' local views are taken once (one view per weight: its backward sums every expert's
+    gradient into one [E/ep, ...] buffer, not one per expert)."""
+    cfg = module.cfg
     gate_w = None if module.experts.gate_proj is None else ep.local(module.experts.gate_proj)  # [E/ep, F, d]
-    up_w, down_w = ep.local(module.experts.up_proj), ep.local(module.experts.down_proj)
+    up_w, down_w = ep.local(module.experts.up_proj), ep.local(module.experts.down_proj)  # one local view each
+    rx = ep.exchange(xf[tok], send, recv)  # [R, d] rows for this rank's experts
     # [R, d]: tied to rx and this rank's expert weights even when no row comes here (R = 0), so that every
     # rank's backward runs both all-to-alls (a rank whose graph skipped them would leave its peers waiting) and
     # its experts get a (zero) gradient, as the stacked expert weights of one process do
     held = sum(w_.sum() for w_ in (gate_w, up_w, down_w) if w_ is not None)
     ry = rx * 0 + held * 0
-    for e in range(per):
-        rows = torch.where(re == e)[0]
+    for e in range(cfg.experts // ep.size):
+        rows = rows_of(e)  # [m]
         if rows.numel() == 0:
             continue
-        xe = rx[rows]  # [m, d]
-        gate = xe @ gate_w[e].t() if gate_w is not None else None  # [m, F]
-        ry = ry.index_add(0, rows, activate(cfg.activation, gate, xe @ up_w[e].t()) @ down_w[e].t())
-    back = ep.exchange(ry, recv_l, send_l)  # [M*k, d] in `order`
-    slot_w = w.flatten()[order, None].to(back.dtype)  # [M*k, 1]
-    out = torch.zeros_like(xf).index_add(0, tok, (back * slot_w).to(xf.dtype))  # [M, d]
-    return out.view(shape)
+        gate_e = None if gate_w is None else gate_w[e]  # [F, d]
+        ry.index_add_(0, rows, _local_expert(cfg, rx[rows], gate_e, up_w[e], down_w[e]))  # [m, d] into [R, d]
+    del rx  # the received rows are read by the experts only (autograd keeps what it needs)
+    back = ep.exchange(ry, recv, send)  # [M*k, d] in send order
+    del ry
+    out = torch.zeros_like(xf)  # [M, d]
+    out.index_add_(0, tok, (back * slot_w[:, None].to(back.dtype)).to(xf.dtype))  # [M*k, d] summed per token
+    return out
 
 
 def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:

@@ -97,6 +97,10 @@ class TransformerBlock(nn.Module):
     def _ffn(self, m: torch.Tensor, use: Use) -> torch.Tensor:
         """The MLP on m [..., d] with the use's gate|up adapter added -> [..., d]."""
         ffn = self.ffn
+        # inference: at most two [..., F] tensors live, as the MLP's own path (one process: a tp rank's
+        # DTensor weights, which carry a device_mesh, take the graph path below)
+        if not torch.is_grad_enabled() and not hasattr(ffn.up_proj.weight, "device_mesh"):
+            return ffn.down_proj(self._hidden_inplace(m, use))
         gate = ffn.gate_proj(m) if ffn.gate_proj is not None else None  # [..., F]
         up = ffn.up_proj(m)  # [..., F] (F/t on a tp rank)
         F = up.shape[-1]
@@ -107,6 +111,28 @@ class TransformerBlock(nn.Module):
             else:
                 up = up + dgu
         return ffn.down_proj(mlp_kind.activate(self.cfg.ffn.activation, gate, up))
+
+    def _hidden_inplace(self, m: torch.Tensor, use: Use) -> torch.Tensor:
+        """Without autograd: the MLP's hidden activation [..., F] on m [..., d], each projection's adapter rows
+        B[rows] (A m) added into it in place (the rank-r A m computed once), by the MLP's in-place path
+        (`mlp.hidden_inplace`): the same values as `_ffn`'s graph, without its [..., 2F] adapter output and
+        the out-of-place sums beside gate and up."""
+        ffn, F = self.ffn, self.cfg.ffn.d_ff
+        seq = use.adapters["gate_up"] if "gate_up" in use.adapters else None
+        low = None if seq is None else seq[0](m).reshape(-1, self.cfg.adapter_rank)  # [N, r]
+
+        def adapted(lin: nn.Linear, rows: slice):
+            def project(x: torch.Tensor) -> torch.Tensor:
+                h = lin(x)  # [..., F]
+                if low is not None:
+                    h.view(-1, F).addmm_(low, seq[1].weight[rows].t())  # [N, F] += [N, r] @ [r, F]
+                return h
+            return project
+
+        gated = ffn.gate_proj is not None
+        gate = adapted(ffn.gate_proj, slice(0, F)) if gated else None
+        up = adapted(ffn.up_proj, slice(F, 2 * F) if gated else slice(0, F))
+        return mlp_kind.hidden_inplace(self.cfg.ffn.activation, gate, up, m)  # [..., F]
 
     def _finish(self, a: torch.Tensor, use: Use) -> torch.Tensor:
         """Attention output a [..., d] -> mid norm, MLP, the use's out_proj -> [..., d]."""

@@ -25,7 +25,7 @@ SPEC = """model tz {{
     head = tied
     layer ssm = mamba2(d_state = 8, head_dim = 8, expand = 2, chunk = 4, dt_min = 0.001)
     layer sattn = attention(heads = {h}, head_dim = {hd}, scale = {scale}, rope_theta = 10000)
-    layer smlp = mlp(d_ff = {f}, act = geglu)
+    layer smlp = mlp(d_ff = {f}, act = {act})
     layer tf = transformer_block(attn = sattn, ffn = smlp, adapter_rank = {r}, attn_adapters = {attn_ad},
                                  input = concat_embed, into = next_input)
     shared block z0 {{ tf }}
@@ -52,10 +52,10 @@ def _stack() -> tuple[str, list[tuple[int, int | None, int | None]]]:
     return " ".join(items), plan
 
 
-def _spec(attn_adapters: bool, dt_min: bool = True):
+def _spec(attn_adapters: bool, dt_min: bool = True, act: str = "geglu"):
     stack, _ = _stack()
     hd = 2 * D // H
-    text = SPEC.format(d=D, h=H, hd=hd, scale=(hd / 2) ** -0.5, f=F, r=R, stack=stack,
+    text = SPEC.format(d=D, h=H, hd=hd, scale=(hd / 2) ** -0.5, f=F, r=R, stack=stack, act=act,
                        attn_ad="true" if attn_adapters else "false")
     return ltmdsl.loads(text if dt_min else text.replace("dt_min = 0.001", "dt_min = 0"))
 
@@ -161,6 +161,22 @@ def test_chunked_prefill_and_decode_equal_one_pass():
         parts = [model(ids[:, :5], cache), model(ids[:, 5:9], cache)]
         parts += [model(ids[:, t:t + 1], cache) for t in range(9, 12)]
     assert_close(torch.cat(parts, dim=1), full, F64, "chunked prefill and decode")
+
+
+@pytest.mark.parametrize("act", ["geglu", "swiglu", "relu"])
+def test_inference_ffn_in_place_equals_the_autograd_path(act):
+    """Without autograd the block's MLP adds each adapter's rows into gate and up in place (two [.., F] tensors
+    live, as the memory model counts); with autograd it builds the graph of separate sums: the same values
+    (float64), and the graph's gradient reaches the adapters."""
+    spec = _spec(True, act=act)
+    model = ltmdsl.build(spec, seed=5).double()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        inplace = model(ids)
+    graph = model(ids)
+    assert_close(inplace, graph.detach(), F64, f"in-place inference MLP ({act}) against the autograd path")
+    graph.sum().backward()
+    assert model.uses["1"].adapters["gate_up"][1].weight.grad.abs().sum() > 0
 
 
 def test_kv_cache_is_per_use_and_equals_the_memory_model():
