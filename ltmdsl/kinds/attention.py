@@ -393,6 +393,17 @@ def dims(c: AttentionConfig) -> str:
     return text
 
 
+def backward(c: AttentionConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    a, tok = x.a, x.tok
+    grads = x.split(a * tok * (c.heads + c.kv_heads) * (c.head_dim + c.v_head_dim))
+    if not (x.flash_attention and c.plain_softmax):
+        grads += x.split((max(4, a) + a) * x.b * x.s * T * c.heads)
+    q_width = c.heads * c.head_dim * (2 if c.gate else 1)
+    weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * x.h * max(q_width, c.heads * c.v_head_dim))
+    return sympy.Max(grads, weight)
+
+
 KIND = Kind(
     name="attention",
     doc="Softmax attention: MHA, GQA (kv_heads < heads) or MQA (kv_heads = 1), global or sliding-window.",
@@ -443,6 +454,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

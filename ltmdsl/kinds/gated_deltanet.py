@@ -259,6 +259,25 @@ def dims(c: GatedDeltaNetConfig) -> str:
             f"C={c.chunk}")
 
 
+def delta_backward(c: DeltaShape, x):
+    """The delta rule's backward peak beyond `stored` and the output's gradient, shared by both kinds (module
+    docstring)."""
+    a, tok, b, h = x.a, x.tok, x.b, x.split(c.heads)
+    L = sympy.Min(c.chunk, x.s)
+    S = 4 * b * h * c.dk * c.dv
+    Xk, Xv, Q = 4 * b * h * L * c.dk, 4 * b * h * L * c.dv, 4 * b * h * L**2
+    n = sympy.ceiling(x.s / c.chunk)  # chunks
+    grads = x.split(a * tok * c.conv_dim + 4 * tok * c.heads * (c.decay + 1))
+    chunk = 2 * Xk + 2 * Xv + 12 * Q + (4 + 2 * sympy.ceiling(sympy.sqrt(n))) * S
+    if c.per_channel:
+        chunk += 6 * 4 * b * h * sympy.Min(SUB, L) ** 2 * c.dk
+    return grads + chunk
+
+
+def backward(c: GatedDeltaNetConfig, x):
+    return delta_backward(shape(c), x)
+
+
 KIND = Kind(
     name="gated_deltanet",
     doc="Gated DeltaNet (Qwen3-Next): the delta rule with a per-head scalar decay, output-gated RMSNorm.",
@@ -282,6 +301,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

@@ -155,6 +155,12 @@ def dims(c: LightningConfig) -> str:
     return f"H={c.heads} D={c.head_dim} C={c.chunk} " + " ".join(extras)
 
 
+def backward(c: LightningConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring): the gradients of q, k
+    and v, 3a*tok*inner, beside the output norm's fp32 gradient and its input's fp32 copy, 8*tok*inner."""
+    return x.split((3 * x.a + 8) * x.tok * c.inner)
+
+
 KIND = Kind(
     name="lightning",
     doc="MiniMax-01's lightning attention: decayed linear attention with an output norm and gate.",
@@ -177,6 +183,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

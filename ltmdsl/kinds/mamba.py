@@ -25,6 +25,7 @@ token by token, T steps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +134,17 @@ def dims(c: MambaConfig) -> str:
     return f"N={c.d_state} K={c.d_conv} d_inner={c.d_inner} dt_rank={c.dt_rank}" + (" +norms" if c.inner_norms else "")
 
 
+def backward(c: MambaConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    a, tok, N, di = x.a, x.tok, c.d_state, x.split(c.d_inner)
+    L = sympy.Min(SCAN_CHUNK, x.s)
+    levels = math.ceil(math.log2(SCAN_CHUNK))  # the log-depth scan's levels (L < 64 has fewer: counted as 64's)
+    region = (20 + a) * tok * di + 4 * tok * (c.dt_rank + 2 * N)
+    scan = 4 * x.b * di * N * L * (3 * levels + 1)
+    starts = 4 * x.b * di * N * sympy.ceiling(x.s / SCAN_CHUNK)
+    return region + scan + starts
+
+
 KIND = Kind(
     name="mamba",
     doc="Mamba-1 selective state-space layer (as in Mamba and Jamba).",
@@ -155,6 +167,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

@@ -144,6 +144,14 @@ def dims(c: Mamba2Config) -> str:
     return f"N={c.d_state} P={c.head_dim} heads={c.heads} G={c.n_groups} K={c.d_conv} C={c.chunk}"
 
 
+def backward(c: Mamba2Config, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    a, tok, di, N = x.a, x.tok, x.split(c.d_inner), c.d_state
+    region = (40 + a) * tok * di + 4 * tok * x.split(2 * c.n_groups * N + c.heads)
+    starts = 4 * x.b * di * N * sympy.ceiling(x.s / c.chunk)
+    return region + starts
+
+
 KIND = Kind(
     name="mamba2",
     doc="Mamba-2 state-space duality (SSD) layer.",
@@ -170,6 +178,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

@@ -199,6 +199,17 @@ def dims(c: MLAConfig) -> str:
     return text
 
 
+def backward(c: MLAConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    a, tok = x.a, x.tok
+    grads = x.split(2 * a * tok * c.heads * (c.qk_head_dim + c.v_head_dim))
+    if not x.flash_attention:
+        grads += x.split((max(4, a) + a) * x.b * x.s * T * c.heads)
+    q_in = c.q_lora_rank or x.h
+    weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * max(c.heads * c.qk_head_dim * q_in, x.h * c.heads * c.v_head_dim))
+    return sympy.Max(grads, weight)
+
+
 KIND = Kind(
     name="mla",
     doc="Multi-head latent attention (DeepSeek-V2/V3, Kimi-Linear): a cached low-rank latent with decoupled RoPE.",
@@ -227,6 +238,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

@@ -147,6 +147,13 @@ def dims(c: MlstmConfig) -> str:
     return f"H={c.heads} Dqk={c.dqk} Dv={c.dv} C={c.chunk} {cap}" + (" +bias" if c.bias else "")
 
 
+def backward(c: MlstmConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    h = x.split(c.heads)
+    starts = 4 * x.b * h * (c.dqk * c.dv + c.dqk + 1) * sympy.ceiling(x.s / c.chunk)
+    return x.split(x.a * x.tok * (2 * c.qk_dim + c.v_dim) + 26 * x.tok * c.v_dim) + starts
+
+
 KIND = Kind(
     name="mlstm",
     doc="xLSTM-7B's mLSTM layer: matrix memory with exponential input and sigmoid forget gates.",
@@ -170,6 +177,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

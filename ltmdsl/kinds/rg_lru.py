@@ -115,6 +115,12 @@ def dims(c: RgLruConfig) -> str:
     return f"W={c.width} H={c.heads} K={c.d_conv} {c.act}"
 
 
+def backward(c: RgLruConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    w = x.split(c.width)
+    return 20 * x.tok * w + 100 * x.b * sympy.Min(c.chunk, x.s) * w
+
+
 KIND = Kind(
     name="rg_lru",
     doc="RecurrentGemma's recurrent block: conv, RG-LRU with block-diagonal gates, GeLU-gated output.",
@@ -135,6 +141,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

@@ -181,8 +181,6 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     split_head = stage.last and vocab_parallel(stage.net)
     pending_backward = []
     act, logits = 0, 0
-    # full recompute: the working set, traced first (its modules' stats are reset by the step's forward)
-    working = _working_set(stage, b, seq, dtype, tl) if s.recompute == "full" else 0
     for k in range(flight):
         before = tl.mark(f"micro-batch {k}: inputs")
         if stage.first:
@@ -215,7 +213,6 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
         probe = _chunk_loss(stage.net, normed[:, :chunk].detach(), targets[:, :chunk])
         logits = tl.mark("loss chunk: forward") - t0 - LOSS_SCALARS
         del probe
-    out["activations"] = act + working
     out["logits"] = logits if stage.last else 0
     for k, (y, grad) in enumerate(pending_backward):
         torch.autograd.backward(y, grad)
@@ -226,6 +223,10 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     tl.mark("backward done")
     st.adamw_step(groups)
     tl.mark("optimizer step")
+    # full recompute: the working set, traced after the step: a graph through a custom Function (the recurrent
+    # kinds' recompute) is not freed with the probe's output, so traced first it stayed live through the step
+    working = _working_set(stage, b, seq, dtype, tl) if s.recompute == "full" else 0
+    out["activations"] = act + working
     for hd in handles:
         hd.remove()
     return out

@@ -47,13 +47,14 @@ R = sympy.Rational
 class MicroBatch:
     """The per-micro-batch quantities every kind's `stored` facet shares (module docstring notation).
 
-    a activation bytes, b sequences, c the cp and ep the expert-parallel degree, s local tokens T/c, tok = b*s, t the tp degree, sp whether
+    a activation bytes, w weight bytes, b sequences, c the cp and ep the expert-parallel degree, s local tokens T/c, tok = b*s, t the tp degree, sp whether
     replicated tensors are split along the sequence, h = d_model, dropout, flash_attention.
     """
 
     def __init__(self, model: ModelIR, s: Settings, norm: NormConfig | None = None):
         p = s.parallel
         self.a = s.activation_dtype.bytes
+        self.w = s.weight_dtype.bytes
         self.b = per_replica(B, q(p.dp) * p.microbatches)
         self.c = p.cp
         self.ep = p.ep

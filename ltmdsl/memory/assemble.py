@@ -195,13 +195,16 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
         st.add("activations", "head", flight * activations.MicroBatch(model, s, model.final_norm).base)
     if last:
         st.add("logits", "head", training.loss_logits(model, s))
-    d, largest, recomputed = model.d_model, 0, []
+    d, largest, layers = model.d_model, 0, []
     for (mixer, norm, post), _n in counts.items():
-        largest = max(largest, kinds.kind_of(mixer).count(mixer, d))
-        if s.recompute == "selective":  # what selective recompute dropped, live again for one sub-layer's backward
-            recomputed.append(activations.stored(mixer, model, s, "none", norm, post)
-                              - activations.stored(mixer, model, s, "selective", norm, post))
-    temp = training.temporaries(model, s, last, largest)
-    if recomputed:
-        temp = sympy.Max(temp, *recomputed)
+        kind = kinds.kind_of(mixer)
+        largest = max(largest, kind.count(mixer, d))
+        # one sub-layer back-propagating: its backward's own transients (the kind's `backward` facet), and under
+        # selective recompute what that dropped of it, live again for its backward
+        term = kind.backward(mixer, activations.MicroBatch(model, s, norm))
+        if s.recompute == "selective":
+            term += (activations.stored(mixer, model, s, "none", norm, post)
+                     - activations.stored(mixer, model, s, "selective", norm, post))
+        layers.append(term)
+    temp = training.temporaries(model, s, last, largest, layers)
     st.add("temporaries", "backward", temp)

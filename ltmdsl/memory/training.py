@@ -132,10 +132,11 @@ def loss_logits(model: ModelIR, s: Settings):
     return copies * 4 * b * tokens * model.vocab
 
 
-def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int):
+def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int, layers=()):
     """The backward's transient buffers at the step's peak, beyond everything held (module docstring): the
-    larger of the loss's backward (last stage) and, under ZeRO-3, two gathered mixers (the assembly adds
-    selective recompute's dropped tensors of one sub-layer)."""
+    largest of the loss's backward (last stage), under ZeRO-3 two gathered mixers, and one sub-layer's backward
+    (`layers`, each sub-layer group's `backward` facet plus what selective recompute dropped of it), which runs
+    after the loss has freed its logits."""
     p = s.parallel
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
@@ -149,6 +150,9 @@ def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int):
             terms.append(8 * b * tokens * model.vocab)
     if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
         terms.append(2 * largest_mixer * s.weight_dtype.bytes / R(p.tp))
+    if layers:
+        freed = loss_logits(model, s) if last else 0  # the loss's logits are gone when the stack back-propagates
+        terms.append(sympy.Max(0, sympy.Max(*layers) - freed))
     return sympy.Max(*terms) if len(terms) > 1 else (terms[0] if terms else sympy.Integer(0))
 
 
