@@ -33,6 +33,12 @@ Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA a
                 a*sb*(H - Hkv)*(D + Dv).
 FLOPs: decode 2*H*(D + Dv)*min(T, W) (q.k and p.v over the cached keys); prefill the causal sum over
 positions i = 1..T of 2*H*(D + Dv)*min(i, W).
+Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
+gradient, every width /t): the gradients of the core's inputs and output, dq and do (H*D, H*Dv) and dk and dv
+(Hkv*(D + Dv); SDPA's GQA path forms them per key head), a*tok*(H + Hkv)*(D + Dv); without flash attention (or
+with a softcap or sinks, the explicit-softmax variant) the scores' gradients too, (max(4, a) + a)*b*s*T*H: the
+probabilities' gradient in a and its fp32 copy through softmax's backward (traced: 5 bytes a score at a = 2, so
+this is 1 byte over); or o_proj's weight gradient in w beside its input's, when larger.
 """
 
 from __future__ import annotations

@@ -21,6 +21,14 @@ delta, the skip and the gate in backward, as state-spaces/mamba's `mamba_inner_f
     Selective recompute drops nothing more: the runtime recomputes the scan's internals under every policy.
 FLOPs: a recurrent step costs 6*Di*N (discretise, update, read out) + 2*Di*K (the conv); prefill scans
 token by token, T steps.
+Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
+gradient; L = min(64, s), Di' = Di/t): the `recompute` region runs again over the whole sequence under autograd,
+keeping softplus's fp32 input and output, x and z in fp32, silu(z) and y + D x (five fp32 [tok, Di'] tensors)
+beside the scan's output in a and the fp32 gradients of dt, B and C: (20 + a)*tok*Di' + 4*tok*(R + 2N); the
+scan's autograd node keeps each chunk's fp32 start state, 4*b*Di'*N*ceil(s/64); and one chunk's log-depth scan is
+re-run and differentiated: the decays and inputs each of its log2(64) = 6 levels keeps and their gradients,
+4*b*Di'*N*L*(3*6 + 1). Counted on the traced backward of one sub-layer at d_model 128 and 256, T 256 and 512:
+within 1.5%.
 """
 
 from __future__ import annotations

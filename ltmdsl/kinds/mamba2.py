@@ -21,6 +21,13 @@ fp32 dt, the skip and the gated norm in backward, as `mamba_split_conv1d_scan_co
     Selective recompute drops nothing more: the runtime recomputes the scan's internals under every policy.
 FLOPs: a recurrent step costs 6*Hs*P*N + 2*conv_dim*K; prefill runs SSD in chunks of L = min(chunk, T):
 per token 2L*G*N (C.B^T) + 2L*Hs*P (masked mixing) + 4*Hs*P*N (chunk states, read-out) + the conv.
+Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
+gradient): the `recompute` region runs again over the whole sequence under autograd: the fp32 dt, y + D x, the
+gated RMSNorm's fp32 input, gate, silu(gate) and normalised product, and their gradients, ten fp32 [tok, Di']
+tensors beside one in a, (40 + a)*tok*Di', and the fp32 B and C per group and dt per head 4*tok*(2GN + Hs)/t;
+the scan's autograd node keeps each chunk's fp32 start state, 4*b*Di'*N*ceil(s/C). One chunk's SSD graph
+([L, L, Hs] scores) stays below these. Counted on the traced backward of one sub-layer (chunk 32 and 64, N 16
+and 64, d_model 128 and 256): within 2%.
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ flash attention and Dv < Dqk the values are saved zero-padded to Dqk and SDPA's 
 Dv channels o_proj reads: a*sb*H*(3*Dqk + Dqk + Dv) for q, k, v and the outputs.
 FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scores) + 2*H*Rkv*T (p.c);
 prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
+Backward (the `backward` facet, every width /t): the gradients of the core's q, k, v and output,
+2a*tok*H*(Dqk + Dv) (the values zero-padded to Dqk for SDPA count in Dqk), plus without flash attention the
+scores' gradients (max(4, a) + a)*b*s*T*H as attention counts them; or the largest projection's weight
+gradient in w beside o_proj's input gradient, when larger.
 """
 
 from __future__ import annotations

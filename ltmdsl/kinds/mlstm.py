@@ -31,6 +31,12 @@ FLOPs beyond the parameters' 2 per token: a step costs 5H Dqk Dv + 5H Dqk (decay
 read-out of both); prefill in chunks of L = min(chunk, T) costs per token 2L H (Dqk + Dv) (in-chunk
 products) + 4H Dqk Dv + 4H Dqk (inter-chunk read-out and the chunk's own contribution), plus
 2H (Dqk Dv + Dqk) per chunk for the carried state.
+Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
+gradient): the gradients of q, k and v in a, a*tok*(2Qk + V)/t; the `recompute` region's fp32 work over the
+whole sequence (the gates' fp32 pre-activations and log-sigmoids, the cell output and its multi-head norm, and
+their gradients), 26*tok*V/t; and the chunk scan's autograd node's fp32 start states, one per chunk,
+4*b*H/t*(Dqk*Dv + Dqk + 1)*ceil(s/chunk). Counted on the traced backward at chunk 16 and 32, d_model 128 and
+256: within 1.5%.
 """
 
 from __future__ import annotations

@@ -28,6 +28,11 @@ gates and the recurrence in backward):
     Selective recompute drops nothing more: the runtime recomputes the block's internals under every policy.
 FLOPs beyond the parameters' 2 per token: a step costs 2WK (the conv) + 8W (decay, input scale, update
 and output gate); prefill counts the same work for each of the T tokens.
+Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
+gradient, W' = W/t): the `recompute` region runs again over the whole sequence: the fp32 gates, their log-decay
+and the gated input (five fp32 [tok, W'] tensors, 20*tok*W'); and one chunk of L = min(chunk, s) tokens of the
+scan re-run and differentiated, 25 fp32 [L, W'] tensors (100*b*L*W'). Counted on the traced backward at chunk
+16 and 32, d_model 128 and 256: within 3%.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ Recompute, as the memory model defines it (ltmdsl/memory/activations.py):
                their internals under every policy (their ops do), so they trace as they run
     full       each unit (a mixer and the FFN after it) runs under torch.utils.checkpoint, which keeps only
                the unit's input; the working set (one unit's activations, live again while it back-propagates)
-               is traced by running the largest unit once without the checkpoint
+               is traced by running each distinct unit once without the checkpoint, after the optimizer step
+               (a probe's graph through a custom Function is not freed with its output; traced before the step,
+               as until then, it stayed live through it and added a unit's activations to the traced peak)
 Chunked loss: each chunk of C tokens computes its logits and loss under a checkpoint, so only one chunk's
 logits exist at a time (in the backward); the traced logits are then one chunk's loss run without checkpoint.
 Under tensor parallelism the loss is the one training runs there (`ltmdsl train`, the pipeline's last stage):

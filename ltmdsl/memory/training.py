@@ -33,17 +33,24 @@ instead of logits: d loss / d hidden, a*b*s*d, and d loss / d head rows in fp32,
 (For a while this counted whole V on every tp rank, as the trace then gathered the head's V/t logits through
 LTModel.head, inference's path; the trace now runs training's loss, and so does this count.)
 
-Temporaries: what the backward allocates only for a moment, at the step's peak (all activations still live):
-the loss's backward, 8*b*s*V (the fp32 gradients of the log-softmax output and of the logits; with a chunked
-loss (a + 12)*b*min(C, s)*V, one chunk's recomputed logits and both gradients); under tp the vocab-parallel
-loss's working set instead (`vocab_parallel_working`), one chunk of c = b*min(C, s) rows (b*s unchunked) at a
-time on V/t columns; and under ZeRO-3 two
-mixers' weights gathered whole (the one back-propagating and the next, prefetched), 2*P_mixer*w/t; under
-selective recompute what it dropped of one sub-layer, live again for that sub-layer's backward; the largest
-of these. Not counted: the gradients of an eager (no flash) attention core's scores while a recomputed core
-back-propagates (+17% at d_model = 64 under selective, +58% under full recompute; within 7% at d_model = 1024), one weight's gradient in the weight dtype before it is added into the fp32
-main gradient (largest matrix * w), the optimizer step's chunked temporaries (after the activations are
-freed, so below the peak), gradient-norm clipping (the traced step does not clip).
+Temporaries: what the backward allocates only for a moment, at the step's peak (all activations still live),
+the largest of:
+    the loss's backward  8*b*s*V (the fp32 gradients of the log-softmax output and of the logits; with a chunked
+                         loss (a + 12)*b*min(C, s)*V, one chunk's recomputed logits and both gradients); under tp
+                         the vocab-parallel loss's working set instead (`vocab_parallel_working`), one chunk of
+                         c = b*min(C, s) rows (b*s unchunked) at a time on V/t columns
+    ZeRO-3               two mixers' weights gathered whole (the one back-propagating and the next, prefetched),
+                         2*P_mixer*w/t
+    one sub-layer's      its kind's `backward` facet (ltmdsl/kinds/<kind>.py: its inputs' gradients, a recomputed
+    backward             region's fp32 tensors, one chunk's re-run scan graph and the chunk start states its autograd
+                         node keeps, an eager attention core's score gradients, a weight's gradient in w before the
+                         hooks add it into the fp32 main gradient), under selective recompute plus what that dropped
+                         of the sub-layer, live again for its backward; less the loss's logits (last stage), which
+                         the loss's backward has freed by then
+(Until this convention the sub-layer's own backward was not counted, and the traced peak of two-layer stacks was
++9% (RG-LRU) to +43% (Mamba-1, full recompute) over the per-GPU total, +58% with a recomputed eager attention
+core.) Not counted: the optimizer step's chunked temporaries (after the activations are freed, so below the
+peak) and gradient-norm clipping (the traced step does not clip).
 
 Pipeline: with 1F1B, stage i keeps min(p - i, m) micro-batches in flight, so the first stage holds
 p micro-batches of L/p layers: L layers' worth. Interleaving (v > 1 virtual stages) multiplies the
