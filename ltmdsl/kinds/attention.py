@@ -36,9 +36,9 @@ positions i = 1..T of 2*H*(D + Dv)*min(i, W).
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
 gradient, every width /t): the gradients of the core's inputs and output, dq and do (H*D, H*Dv) and dk and dv
 (Hkv*(D + Dv); SDPA's GQA path forms them per key head), a*tok*(H + Hkv)*(D + Dv); without flash attention (or
-with a softcap or sinks, the explicit-softmax variant) the scores' gradients too, (max(4, a) + a)*b*s*T*H: the
-probabilities' gradient in a and its fp32 copy through softmax's backward (traced: 5 bytes a score at a = 2, so
-this is 1 byte over); or o_proj's weight gradient in w beside its input's, when larger.
+with a softcap or sinks, the explicit-softmax variant) the scores' gradients too, max(4, a)*b*s*T*H: softmax's
+fp32 gradient (the probabilities' gradient in a is freed as it is cast; traced at a = 2: 4 to 5 bytes a score,
+the fifth at d_model 128 only); or o_proj's weight gradient in w beside its input's, when larger.
 """
 
 from __future__ import annotations
@@ -404,7 +404,7 @@ def backward(c: AttentionConfig, x):
     a, tok = x.a, x.tok
     grads = x.split(a * tok * (c.heads + c.kv_heads) * (c.head_dim + c.v_head_dim))
     if not (x.flash_attention and c.plain_softmax):
-        grads += x.split((max(4, a) + a) * x.b * x.s * T * c.heads)
+        grads += x.split(max(4, a) * x.b * x.s * T * c.heads)
     q_width = c.heads * c.head_dim * (2 if c.gate else 1)
     weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * x.h * max(q_width, c.heads * c.v_head_dim))
     return sympy.Max(grads, weight)

@@ -40,7 +40,7 @@ FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scor
 prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
 Backward (the `backward` facet, every width /t): the gradients of the core's q, k, v and output,
 2a*tok*H*(Dqk + Dv) (the values zero-padded to Dqk for SDPA count in Dqk), plus without flash attention the
-scores' gradients (max(4, a) + a)*b*s*T*H as attention counts them; or the largest projection's weight
+scores' gradients max(4, a)*b*s*T*H as attention counts them; or the largest projection's weight
 gradient in w beside o_proj's input gradient, when larger.
 """
 
@@ -208,7 +208,7 @@ def backward(c: MLAConfig, x):
     a, tok = x.a, x.tok
     grads = x.split(2 * a * tok * c.heads * (c.qk_head_dim + c.v_head_dim))
     if not x.flash_attention:
-        grads += x.split((max(4, a) + a) * x.b * x.s * T * c.heads)
+        grads += x.split(max(4, a) * x.b * x.s * T * c.heads)
     q_in = c.q_lora_rank or x.h
     weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * max(c.heads * c.qk_head_dim * q_in, x.h * c.heads * c.v_head_dim))
     return sympy.Max(grads, weight)

@@ -87,6 +87,14 @@ class MicroBatch:
             return self.rep((f + self.a) * self.tok * self.h + 8 * self.tok)
         return self.rep((f + 2 * self.a) * self.tok * self.h + 4 * self.tok)
 
+    @property
+    def norm_backward(self):
+        """What a sub-layer's pre-norm (or the final norm) holds while it back-propagates, beyond what it keeps:
+        the output's gradient in fp32, times the weight, the normalised input's and the input's fp32 gradients
+        (four fp32 [tok, h] tensors) beside the stream's gradient in a, (16 + a)*sbh (replicated; traced: 18 bytes
+        a token and channel at a = 2, on one GPU and on a tp rank, whose norms see the whole width)."""
+        return self.rep((16 + self.a) * self.tok * self.h)
+
 
 def stored(m, model: ModelIR, s: Settings, recompute: str | None = None, norm: NormConfig | None = None,
            post_norm=None):

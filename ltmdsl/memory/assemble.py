@@ -186,6 +186,7 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
         working = (sympy.Max(*mixers) if mixers else ZERO) + (sympy.Max(*ffns) if ffns else ZERO)
         st.add("activations", "working set", working)
     else:
+        working = ZERO
         for (mixer, norm, post), n in counts.items():
             st.add("activations", mixer.kind,
                    flight * n * activations.stored(mixer, model, s, norm=norm, post_norm=post))
@@ -199,12 +200,13 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
     for (mixer, norm, post), _n in counts.items():
         kind = kinds.kind_of(mixer)
         largest = max(largest, kind.count(mixer, d))
-        # one sub-layer back-propagating: its backward's own transients (the kind's `backward` facet), and under
-        # selective recompute what that dropped of it, live again for its backward
-        term = kind.backward(mixer, activations.MicroBatch(model, s, norm))
+        # one sub-layer back-propagating: its backward's own transients (the kind's `backward` facet, or its
+        # pre-norm's when larger), and under selective recompute what that dropped of it, live again for its backward
+        x = activations.MicroBatch(model, s, norm)
+        term = sympy.Max(kind.backward(mixer, x), x.norm_backward)  # the mixer's, or its pre-norm's, moment
         if s.recompute == "selective":
             term += (activations.stored(mixer, model, s, "none", norm, post)
                      - activations.stored(mixer, model, s, "selective", norm, post))
         layers.append(term)
-    temp = training.temporaries(model, s, last, largest, layers)
+    temp = training.temporaries(model, s, last, largest, layers, working)
     st.add("temporaries", "backward", temp)

@@ -47,6 +47,8 @@ the largest of:
                          hooks add it into the fp32 main gradient), under selective recompute plus what that dropped
                          of the sub-layer, live again for its backward; less the loss's logits (last stage), which
                          the loss's backward has freed by then
+Under full recompute the loss back-propagates before any checkpoint is recomputed, so its term is less the
+working set (which the activations count for the checkpoint back-propagating).
 (Until this convention the sub-layer's own backward was not counted, and the traced peak of two-layer stacks was
 +9% (RG-LRU) to +43% (Mamba-1, full recompute) over the per-GPU total, +58% with a recomputed eager attention
 core.) Not counted: the optimizer step's chunked temporaries (after the activations are freed, so below the
@@ -139,22 +141,23 @@ def loss_logits(model: ModelIR, s: Settings):
     return copies * 4 * b * tokens * model.vocab
 
 
-def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int, layers=()):
+def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int, layers=(), working=0):
     """The backward's transient buffers at the step's peak, beyond everything held (module docstring): the
     largest of the loss's backward (last stage), under ZeRO-3 two gathered mixers, and one sub-layer's backward
     (`layers`, each sub-layer group's `backward` facet plus what selective recompute dropped of it), which runs
-    after the loss has freed its logits."""
+    after the loss has freed its logits. `working`: full recompute's working set, counted in the activations but
+    not yet recomputed while the loss back-propagates."""
     p = s.parallel
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
     terms = []
     if last and p.tp > 1:
-        terms.append(vocab_parallel_working(model, s))
+        terms.append(sympy.Max(0, vocab_parallel_working(model, s) - working))
     elif last:
         if s.chunked_loss:  # one chunk recomputed: its logits (a and fp32) and the two fp32 gradients
-            terms.append((s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab)
+            terms.append(sympy.Max(0, (s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab - working))
         else:  # the fp32 gradients of the log-softmax output and of the logits
-            terms.append(8 * b * tokens * model.vocab)
+            terms.append(sympy.Max(0, 8 * b * tokens * model.vocab - working))
     if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
         terms.append(2 * largest_mixer * s.weight_dtype.bytes / R(p.tp))
     if layers:
