@@ -89,7 +89,8 @@ class MicroBatch:
 
     @property
     def norm_backward(self):
-        """What a sub-layer's pre-norm (or the final norm) holds while it back-propagates, beyond what it keeps:
+        """What a norm (the final norm: `ltmdsl.memory.training.temporaries`) holds while it back-propagates, beyond
+        what it keeps:
         the output's gradient in fp32, times the weight, the normalised input's and the input's fp32 gradients
         (four fp32 [tok, h] tensors) beside the stream's gradient in a, (16 + a)*sbh (replicated; traced: 18 bytes
         a token and channel at a = 2, on one GPU and on a tp rank, whose norms see the whole width)."""

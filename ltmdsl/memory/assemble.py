@@ -200,13 +200,14 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
     for (mixer, norm, post), _n in counts.items():
         kind = kinds.kind_of(mixer)
         largest = max(largest, kind.count(mixer, d))
-        # one sub-layer back-propagating: its backward's own transients (the kind's `backward` facet, or its
-        # pre-norm's when larger), and under selective recompute what that dropped of it, live again for its backward
-        x = activations.MicroBatch(model, s, norm)
-        term = sympy.Max(kind.backward(mixer, x), x.norm_backward)  # the mixer's, or its pre-norm's, moment
+        # one sub-layer back-propagating: its backward's own transients (the kind's `backward` facet), and under
+        # selective recompute what that dropped of it, live again for its backward
+        term = kind.backward(mixer, activations.MicroBatch(model, s, norm))
         if s.recompute == "selective":
             term += (activations.stored(mixer, model, s, "none", norm, post)
                      - activations.stored(mixer, model, s, "selective", norm, post))
         layers.append(term)
-    temp = training.temporaries(model, s, last, largest, layers, working)
+    # the final norm back-propagating (last stage): every sub-layer's activations still live
+    final = activations.MicroBatch(model, s, model.final_norm).norm_backward if last else ZERO
+    temp = training.temporaries(model, s, last, largest, layers, working, final)
     st.add("temporaries", "backward", temp)

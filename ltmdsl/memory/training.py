@@ -47,8 +47,11 @@ the largest of:
                          hooks add it into the fp32 main gradient), under selective recompute plus what that dropped
                          of the sub-layer, live again for its backward; less the loss's logits (last stage), which
                          the loss's backward has freed by then
-Under full recompute the loss back-propagates before any checkpoint is recomputed, so its term is less the
-working set (which the activations count for the checkpoint back-propagating).
+    the final norm's    what the final norm holds while it back-propagates (`MicroBatch.norm_backward`: four
+    backward            fp32 [tok, d] tensors and the stream's gradient in a), every sub-layer's activations still
+                        live and the logits freed
+Under full recompute the loss and the final norm back-propagate before any checkpoint is recomputed, so their
+terms are less the working set (which the activations count for the checkpoint back-propagating).
 (Until this convention the sub-layer's own backward was not counted, and the traced peak of two-layer stacks was
 +9% (RG-LRU) to +43% (Mamba-1, full recompute) over the per-GPU total, +58% with a recomputed eager attention
 core.) Not counted: the optimizer step's chunked temporaries (after the activations are freed, so below the
@@ -141,12 +144,14 @@ def loss_logits(model: ModelIR, s: Settings):
     return copies * 4 * b * tokens * model.vocab
 
 
-def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int, layers=(), working=0):
+def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int, layers=(), working=0,
+                final_norm=0):
     """The backward's transient buffers at the step's peak, beyond everything held (module docstring): the
     largest of the loss's backward (last stage), under ZeRO-3 two gathered mixers, and one sub-layer's backward
     (`layers`, each sub-layer group's `backward` facet plus what selective recompute dropped of it), which runs
-    after the loss has freed its logits. `working`: full recompute's working set, counted in the activations but
-    not yet recomputed while the loss back-propagates."""
+    after the loss has freed its logits, as the final norm's backward (`final_norm`, last stage) does. `working`:
+    full recompute's working set, counted in the activations but not yet recomputed while the loss and the final
+    norm back-propagate."""
     p = s.parallel
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
@@ -160,9 +165,11 @@ def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int, lay
             terms.append(sympy.Max(0, 8 * b * tokens * model.vocab - working))
     if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
         terms.append(2 * largest_mixer * s.weight_dtype.bytes / R(p.tp))
+    freed = loss_logits(model, s) if last else 0  # the loss's logits are gone when the stack back-propagates
     if layers:
-        freed = loss_logits(model, s) if last else 0  # the loss's logits are gone when the stack back-propagates
         terms.append(sympy.Max(0, sympy.Max(*layers) - freed))
+    if last:
+        terms.append(sympy.Max(0, final_norm - freed - working))
     return sympy.Max(*terms) if len(terms) > 1 else (terms[0] if terms else sympy.Integer(0))
 
 
