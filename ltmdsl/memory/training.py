@@ -47,9 +47,9 @@ the largest of:
                          hooks add it into the fp32 main gradient), under selective recompute plus what that dropped
                          of the sub-layer, live again for its backward; less the loss's logits (last stage), which
                          the loss's backward has freed by then
-    the final norm's    what the final norm holds while it back-propagates (`MicroBatch.norm_backward`: four
-    backward            fp32 [tok, d] tensors and the stream's gradient in a), every sub-layer's activations still
-                        live and the logits freed
+    the final norm's     what the final norm holds while it back-propagates (`MicroBatch.norm_backward`: four
+    backward             fp32 [tok, d] tensors and the stream's gradient in a), every sub-layer's activations
+                         still live and the logits freed
 Under full recompute the loss and the final norm back-propagate before any checkpoint is recomputed, so their
 terms are less the working set (which the activations count for the checkpoint back-propagating).
 (Until this convention the sub-layer's own backward was not counted, and the traced peak of two-layer stacks was
