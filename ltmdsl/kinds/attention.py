@@ -33,6 +33,12 @@ Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA a
                 a*sb*(H - Hkv)*(D + Dv).
 FLOPs: decode 2*H*(D + Dv)*min(T, W) (q.k and p.v over the cached keys); prefill the causal sum over
 positions i = 1..T of 2*H*(D + Dv)*min(i, W).
+Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
+gradient, every width /t): the gradients of the core's inputs and output, dq and do (H*D, H*Dv) and dk and dv
+(Hkv*(D + Dv); SDPA's GQA path forms them per key head), a*tok*(H + Hkv)*(D + Dv); without flash attention (or
+with a softcap or sinks, the explicit-softmax variant) the scores' gradients too, max(4, a)*b*s*T*H: softmax's
+fp32 gradient (the probabilities' gradient in a is freed as it is cast; traced at a = 2: 4 to 5 bytes a score,
+the fifth at d_model 128 only); or o_proj's weight gradient in w beside its input's, when larger.
 """
 
 from __future__ import annotations
@@ -405,6 +411,17 @@ def dims(c: AttentionConfig) -> str:
     return text
 
 
+def backward(c: AttentionConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    a, tok = x.a, x.tok
+    grads = x.split(a * tok * (c.heads + c.kv_heads) * (c.head_dim + c.v_head_dim))
+    if not (x.flash_attention and c.plain_softmax):
+        grads += x.split(max(4, a) * x.b * x.s * T * c.heads)
+    q_width = c.heads * c.head_dim * (2 if c.gate else 1)
+    weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * x.h * max(q_width, c.heads * c.v_head_dim))
+    return sympy.Max(grads, weight)
+
+
 KIND = Kind(
     name="attention",
     doc="Softmax attention: MHA, GQA (kv_heads < heads) or MQA (kv_heads = 1), global or sliding-window.",
@@ -455,6 +472,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

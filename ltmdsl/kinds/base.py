@@ -18,6 +18,9 @@ Facet signatures (c is the kind's config, d the model width d_model):
     cache(c, Settings) -> tuple[CacheTerm]    per-sequence cache / state bytes on one GPU, symbolic in T, B
     workspace(c, d, Settings) -> expr         inference prefill workspace of one sub-layer, in T, B, C
     stored(c, MicroBatch, selective) -> expr  training activations kept for backward, per micro-batch
+    backward(c, MicroBatch) -> expr           what the sub-layer's backward holds at its peak beyond `stored`
+                                              and its output's gradient: its recomputed regions, one chunk's
+                                              scan graph, its inputs' gradients, a weight's gradient in w
     flops(c) -> dict[str, Flops]              per-token and prefill FLOPs by component, beyond projections
     dims(c) -> str                            the key dimensions `show` prints
     per_use(c, d) -> int                      of `count`, the parameters each use of a shared block owns
@@ -161,8 +164,8 @@ class Split:
     use_grouped: tuple[tuple[str, int, int], ...] = ()
 
 
-FACETS = ("build", "count", "inactive", "split", "context_check", "cache", "workspace", "stored", "flops", "dims",
-          "per_use")
+FACETS = ("build", "count", "inactive", "split", "context_check", "cache", "workspace", "stored", "backward", "flops",
+          "dims", "per_use")
 
 
 def none_per_use(c: Any, d_model: int) -> int:
@@ -192,6 +195,7 @@ class Kind:
     cache: Callable[[Any, Any], tuple[CacheTerm, ...]]
     workspace: Callable[[Any, int, Any], sympy.Expr]
     stored: Callable[[Any, Any, bool], sympy.Expr]
+    backward: Callable[[Any, Any], sympy.Expr]
     flops: Callable[[Any], dict[str, Flops]]
     dims: Callable[[Any], str]
     per_use: Callable[[Any, int], int]

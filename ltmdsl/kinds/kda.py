@@ -30,7 +30,7 @@ import sympy
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import Flops, Kind, ModelContext, Param, Split, no_context_limit, none_inactive, none_per_use
 from ltmdsl.kinds.gated_deltanet import (
-    DeltaShape, check_chunk, delta_cache, delta_flops, delta_stored, delta_workspace, norm_gate_block,
+    DeltaShape, check_chunk, delta_backward, delta_cache, delta_flops, delta_stored, delta_workspace, norm_gate_block,
 )
 from ltmdsl.memory.symbols import B, C, T, per_replica
 
@@ -117,6 +117,11 @@ def dims(c: KDAConfig) -> str:
     return f"H={c.heads} Dh={c.head_dim} K={c.d_conv} C={c.chunk} per-channel decay"
 
 
+def backward(c: KDAConfig, x):
+    """The shared terms plus the gradient of the layer's input from the gates' low-rank projections, a*tok*d."""
+    return delta_backward(shape(c), x) + x.a * x.tok * x.h
+
+
 KIND = Kind(
     name="kda",
     doc="Kimi Delta Attention (Kimi-Linear): the delta rule with a per-channel decay, sigmoid-gated RMSNorm.",
@@ -137,6 +142,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

@@ -39,6 +39,9 @@ the same under selective recompute (the block form's internals are already recom
 FLOPs beyond the projections: a step costs 5HDDv (decay, outer product and add; read-out 2HDDv); prefill
 in blocks of L = min(chunk, T) costs per token 2L H (D + Dv) (the full L x L block products) + 4HDDv
 (inter-block read-out and the block contribution), plus 2HDDv per block for the carried state.
+Backward (the `backward` facet): the gradients of q, k and v, 3a*tok*HD/t, beside the output norm's fp32
+gradient and its input's fp32 copy, 8*tok*HD/t; the block form's recomputed chunk is below these (traced at
+chunk 16 and 32 alike).
 """
 
 from __future__ import annotations
@@ -155,6 +158,12 @@ def dims(c: LightningConfig) -> str:
     return f"H={c.heads} D={c.head_dim} C={c.chunk} " + " ".join(extras)
 
 
+def backward(c: LightningConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring): the gradients of q, k
+    and v, 3a*tok*inner, beside the output norm's fp32 gradient and its input's fp32 copy, 8*tok*inner."""
+    return x.split((3 * x.a + 8) * x.tok * c.inner)
+
+
 KIND = Kind(
     name="lightning",
     doc="MiniMax-01's lightning attention: decayed linear attention with an output norm and gate.",
@@ -177,6 +186,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

@@ -38,6 +38,10 @@ flash attention and Dv < Dqk the values are saved zero-padded to Dqk and SDPA's 
 Dv channels o_proj reads: a*sb*H*(3*Dqk + Dqk + Dv) for q, k, v and the outputs.
 FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scores) + 2*H*Rkv*T (p.c);
 prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
+Backward (the `backward` facet, every width /t): the gradients of the core's q, k, v and output,
+2a*tok*H*(Dqk + Dv) (the values zero-padded to Dqk for SDPA count in Dqk), plus without flash attention the
+scores' gradients max(4, a)*b*s*T*H as attention counts them; or the largest projection's weight
+gradient in w beside o_proj's input gradient, when larger.
 """
 
 from __future__ import annotations
@@ -199,6 +203,17 @@ def dims(c: MLAConfig) -> str:
     return text
 
 
+def backward(c: MLAConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    a, tok = x.a, x.tok
+    grads = x.split(2 * a * tok * c.heads * (c.qk_head_dim + c.v_head_dim))
+    if not x.flash_attention:
+        grads += x.split(max(4, a) * x.b * x.s * T * c.heads)
+    q_in = c.q_lora_rank or x.h
+    weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * max(c.heads * c.qk_head_dim * q_in, x.h * c.heads * c.v_head_dim))
+    return sympy.Max(grads, weight)
+
+
 KIND = Kind(
     name="mla",
     doc="Multi-head latent attention (DeepSeek-V2/V3, Kimi-Linear): a cached low-rank latent with decoupled RoPE.",
@@ -227,6 +242,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

@@ -77,6 +77,16 @@ def dims(c: MLPConfig) -> str:
     return f"d_ff={c.d_ff} {c.activation}"
 
 
+def backward(c: MLPConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient: the gradients of the hidden activations,
+    a*tok*2F gated (of the gate and the up projection) or a*tok*F, or down_proj's weight gradient in w
+    beside the gradient of its input, a*tok*F + w*d*F (the larger)."""
+    F, a, tok = c.d_ff, x.a, x.tok
+    hidden = x.split(a * tok * (2 * F if c.gated else F))
+    weight = x.split(a * tok * F + x.w * x.h * F)
+    return sympy.Max(hidden, weight)
+
+
 KIND = Kind(
     name="mlp",
     doc="Dense feed-forward network.",
@@ -95,6 +105,7 @@ KIND = Kind(
     cache=no_cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

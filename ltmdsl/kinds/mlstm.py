@@ -31,6 +31,12 @@ FLOPs beyond the parameters' 2 per token: a step costs 5H Dqk Dv + 5H Dqk (decay
 read-out of both); prefill in chunks of L = min(chunk, T) costs per token 2L H (Dqk + Dv) (in-chunk
 products) + 4H Dqk Dv + 4H Dqk (inter-chunk read-out and the chunk's own contribution), plus
 2H (Dqk Dv + Dqk) per chunk for the carried state.
+Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
+gradient): the gradients of q, k and v in a, a*tok*(2Qk + V)/t; the `recompute` region's fp32 work over the
+whole sequence (the gates' fp32 pre-activations and log-sigmoids, the cell output and its multi-head norm, and
+their gradients), 26*tok*V/t; and the chunk scan's autograd node's fp32 start states, one per chunk,
+4*b*H/t*(Dqk*Dv + Dqk + 1)*ceil(s/chunk). Counted on the traced backward at chunk 16 and 32, d_model 128 and
+256: within 1.5%.
 """
 
 from __future__ import annotations
@@ -147,6 +153,13 @@ def dims(c: MlstmConfig) -> str:
     return f"H={c.heads} Dqk={c.dqk} Dv={c.dv} C={c.chunk} {cap}" + (" +bias" if c.bias else "")
 
 
+def backward(c: MlstmConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    h = x.split(c.heads)
+    starts = 4 * x.b * h * (c.dqk * c.dv + c.dqk + 1) * sympy.ceiling(x.s / c.chunk)
+    return x.split(x.a * x.tok * (2 * c.qk_dim + c.v_dim) + 26 * x.tok * c.v_dim) + starts
+
+
 KIND = Kind(
     name="mlstm",
     doc="xLSTM-7B's mLSTM layer: matrix memory with exponential input and sigmoid forget gates.",
@@ -170,6 +183,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

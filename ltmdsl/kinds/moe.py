@@ -272,6 +272,14 @@ def dims(c: MoEConfig) -> str:
     return " ".join(parts)
 
 
+def backward(c: MoEConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient: the experts' stacked weight gradients in
+    w, gate_up [E, 2F, d] (or up [E, F, d]) and down [E, d, F] on this rank's E/ep experts, formed before the
+    hooks add them into the fp32 main gradient, beside the gradient of the experts' hidden rows, a*tok*k*F."""
+    per_expert = (3 if c.gated else 2) * c.d_ff * x.h
+    return x.split(x.w * R(c.experts, x.ep) * per_expert + x.a * x.tok * c.top_k * c.d_ff)
+
+
 KIND = Kind(
     name="moe",
     doc="Sparse mixture of experts with a linear top-k router and optional shared experts.",
@@ -307,6 +315,7 @@ KIND = Kind(
     cache=no_cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

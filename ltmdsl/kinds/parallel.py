@@ -120,6 +120,12 @@ def dims(c: ParallelConfig) -> str:
     return " | ".join(parts)
 
 
+def backward(c: ParallelConfig, x):
+    """The larger branch's backward beside the other branch's output gradient, a*tok*d (replicated)."""
+    first, second = (_kind(b).backward(b, x) for _, b, _, _ in c.branches)
+    return sympy.Max(first, second) + x.rep(x.a * x.tok * x.h)
+
+
 KIND = Kind(
     name="parallel",
     doc="Two mixers on the same normed input, their scaled outputs summed in one residual (Falcon-H1, Hymba).",
@@ -141,6 +147,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

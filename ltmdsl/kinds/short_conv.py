@@ -94,6 +94,13 @@ def dims(c: ShortConvConfig) -> str:
     return f"L={c.kernel} width={c.width}" + (" +bias" if c.bias else "")
 
 
+def backward(c: ShortConvConfig, x):
+    """The backward's peak beyond `stored` and the output's gradient: two gradients of the gated
+    convolution's width, 2a*tok*W, or out_proj's weight gradient in w beside its input's, a*tok*W + w*W*d."""
+    a, tok = x.a, x.tok
+    return sympy.Max(x.split(2 * a * tok * c.width), x.split(a * tok * c.width + x.w * c.width * x.h))
+
+
 KIND = Kind(
     name="short_conv",
     doc="LFM2's gated short convolution: y = C * conv(B * x).",
@@ -111,6 +118,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=none_per_use,

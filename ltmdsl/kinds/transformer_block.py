@@ -173,6 +173,13 @@ def dims(c: TransformerBlockConfig) -> str:
     return (f"attn: {_kind(c.attn).dims(c.attn)} | ffn: {_kind(c.ffn).dims(c.ffn)} |{extra}")
 
 
+def backward(c: TransformerBlockConfig, x):
+    """The larger part's backward (attention or FFN) beside the gradient of the block's stream between them,
+    a*tok*d (replicated)."""
+    parts = sympy.Max(_kind(c.attn).backward(c.attn, x), _kind(c.ffn).backward(c.ffn, x))
+    return parts + x.rep(x.a * x.tok * x.h)
+
+
 KIND = Kind(
     name="transformer_block",
     doc="Attention, a norm and an MLP as one branch with per-use LoRA adapters and projection (Zamba's shared block).",
@@ -196,6 +203,7 @@ KIND = Kind(
     cache=cache,
     workspace=workspace,
     stored=stored,
+    backward=backward,
     flops=flops,
     dims=dims,
     per_use=per_use,

@@ -14,7 +14,9 @@ Recompute, as the memory model defines it (ltmdsl/memory/activations.py):
                their internals under every policy (their ops do), so they trace as they run
     full       each unit (a mixer and the FFN after it) runs under torch.utils.checkpoint, which keeps only
                the unit's input; the working set (one unit's activations, live again while it back-propagates)
-               is traced by running the largest unit once without the checkpoint
+               is traced by running each distinct unit once without the checkpoint, after the optimizer step
+               (a probe's graph through a custom Function is not freed with its output; traced before the step,
+               as until then, it stayed live through it and added a unit's activations to the traced peak)
 Chunked loss: each chunk of C tokens computes its logits and loss under a checkpoint, so only one chunk's
 logits exist at a time (in the backward); the traced logits are then one chunk's loss run without checkpoint.
 Under tensor parallelism the loss is the one training runs there (`ltmdsl train`, the pipeline's last stage):
@@ -180,10 +182,6 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     split_head = stage.last and vocab_parallel(stage.net)
     pending_backward = []
     act, logits = 0, 0
-    # full recompute: the working set, traced first
-    # under sequence parallelism the stream between the units holds a tp rank's T/(c*t) tokens
-    stream = seq // p.tp if p.sequence_parallel and p.tp > 1 else seq
-    working = _working_set(stage, b, stream, dtype, tl) if s.recompute == "full" else 0
     for k in range(flight):
         before = tl.mark(f"micro-batch {k}: inputs")
         if stage.first:
@@ -215,7 +213,6 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
         probe = _chunk_loss(stage.net, normed[:, :chunk].detach(), targets[:, :chunk])
         logits = tl.mark("loss chunk: forward") - t0 - LOSS_SCALARS
         del probe
-    out["activations"] = act + working
     out["logits"] = logits if stage.last else 0
     for k, (y, grad) in enumerate(pending_backward):
         torch.autograd.backward(y, grad)
@@ -226,6 +223,12 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     tl.mark("backward done")
     st.adamw_step(groups)
     tl.mark("optimizer step")
+    # full recompute: the working set, traced after the step: a graph through a custom Function (the recurrent
+    # kinds' recompute) is not freed with the probe's output, so traced first it stayed live through the step
+    # under sequence parallelism the stream between the units holds a tp rank's T/(c*t) tokens
+    stream = seq // p.tp if p.sequence_parallel and p.tp > 1 else seq
+    working = _working_set(stage, b, stream, dtype, tl) if s.recompute == "full" else 0
+    out["activations"] = act + working
     for hd in handles:
         hd.remove()
     return out

@@ -51,13 +51,14 @@ R = sympy.Rational
 class MicroBatch:
     """The per-micro-batch quantities every kind's `stored` facet shares (module docstring notation).
 
-    a activation bytes, b sequences, c the cp and ep the expert-parallel degree, s local tokens T/c, tok = b*s, t the tp degree, sp whether
+    a activation bytes, w weight bytes, b sequences, c the cp and ep the expert-parallel degree, s local tokens T/c, tok = b*s, t the tp degree, sp whether
     replicated tensors are split along the sequence, h = d_model, dropout, flash_attention.
     """
 
     def __init__(self, model: ModelIR, s: Settings, norm: NormConfig | None = None):
         p = s.parallel
         self.a = s.activation_dtype.bytes
+        self.w = s.weight_dtype.bytes
         self.b = per_replica(B, q(p.dp) * p.microbatches)
         self.c = p.cp
         self.ep = p.ep
@@ -101,6 +102,15 @@ class MicroBatch:
         if self.norm == "layernorm":
             return self.rep(f * self.tok * width + 8 * self.tok) + mixer_input
         return self.rep((f + self.a) * self.tok * width + 4 * self.tok) + mixer_input
+
+    @property
+    def norm_backward(self):
+        """What a norm (the final norm: `ltmdsl.memory.training.temporaries`) holds while it back-propagates, beyond
+        what it keeps:
+        the output's gradient in fp32, times the weight, the normalised input's and the input's fp32 gradients
+        (four fp32 [tok, h] tensors) beside the stream's gradient in a, (16 + a)*sbh (replicated; traced: 18 bytes
+        a token and channel at a = 2, on one GPU and on a tp rank, whose norms see the whole width)."""
+        return self.rep((16 + self.a) * self.tok * self.h)
 
 
 def stored(m, model: ModelIR, s: Settings, recompute: str | None = None, norm: NormConfig | None = None,

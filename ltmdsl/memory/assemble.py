@@ -189,6 +189,7 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
         working = (sympy.Max(*mixers) if mixers else ZERO) + (sympy.Max(*ffns) if ffns else ZERO)
         st.add("activations", "working set", working)
     else:
+        working = ZERO
         for (mixer, norm, post), n in counts.items():
             st.add("activations", mixer.kind,
                    flight * n * activations.stored(mixer, model, s, norm=norm, post_norm=post))
@@ -198,13 +199,28 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
         st.add("activations", "head", flight * activations.MicroBatch(model, s, model.final_norm).base)
     if last:
         st.add("logits", "head", training.loss_logits(model, s))
-    d, largest, recomputed = model.d_model, 0, []
+    d, largest, terms = model.d_model, 0, {}
     for (mixer, norm, post), _n in counts.items():
-        largest = max(largest, kinds.kind_of(mixer).count(mixer, d))
-        if s.recompute == "selective":  # what selective recompute dropped, live again for one sub-layer's backward
-            recomputed.append(activations.stored(mixer, model, s, "none", norm, post)
-                              - activations.stored(mixer, model, s, "selective", norm, post))
-    temp = training.temporaries(model, s, last, largest)
-    if recomputed:
-        temp = sympy.Max(temp, *recomputed)
+        kind = kinds.kind_of(mixer)
+        largest = max(largest, kind.count(mixer, d))
+        # one sub-layer back-propagating: its backward's own transients (the kind's `backward` facet), and under
+        # selective recompute what that dropped of it, live again for its backward
+        term = kind.backward(mixer, activations.MicroBatch(model, s, norm))
+        if s.recompute == "selective":
+            term += (activations.stored(mixer, model, s, "none", norm, post)
+                     - activations.stored(mixer, model, s, "selective", norm, post))
+        terms[(mixer, norm, post)] = term
+    # a sub-layer back-propagates after every later one of its micro-batch has, whose kept activations are freed
+    # by then: each configuration counts at its last place in the stage (least freed), less what follows it
+    layers, later = [], ZERO
+    for i in reversed(st.layers):
+        layer = model.layers[i]
+        key = (layer.mixer, layer.norm, layer.post_norm)
+        if key in terms:
+            layers.append(terms.pop(key) - later)
+        if s.recompute != "full":
+            later += activations.stored(layer.mixer, model, s, norm=layer.norm, post_norm=layer.post_norm)
+    # the final norm back-propagating (last stage): every sub-layer's activations still live
+    final = activations.MicroBatch(model, s, model.final_norm).norm_backward if last else ZERO
+    temp = training.temporaries(model, s, last, largest, layers, working, final)
     st.add("temporaries", "backward", temp)

@@ -19,6 +19,7 @@ instead of the milliseconds that `expr.subs` would.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from typing import Callable
 
@@ -43,6 +44,14 @@ def _ceil(x: int | Fraction) -> int:
 
 def _floor(x: int | Fraction) -> int:
     return x // 1
+
+
+def _ceil_sqrt(x: int | Fraction) -> int:
+    """Exact ceiling of the square root of a non-negative int or Fraction: the least k with k*k >= x (for an
+    integer k that is k*k >= ceil(x))."""
+    n = _ceil(x)
+    k = math.isqrt(n)
+    return k if k * k >= n else k + 1
 
 
 def ceil_bytes(x: int | Fraction) -> int:
@@ -76,6 +85,8 @@ def to_python(expr: sympy.Expr) -> str:
         return "min(" + ", ".join(to_python(a) for a in expr.args) + ")"
     if isinstance(expr, sympy.Max):
         return "max(" + ", ".join(to_python(a) for a in expr.args) + ")"
+    if isinstance(expr, sympy.ceiling) and expr.args[0].is_Pow and expr.args[0].args[1] == sympy.Rational(1, 2):
+        return f"_ceil_sqrt({to_python(expr.args[0].args[0])})"
     if isinstance(expr, sympy.ceiling):
         return f"_ceil({to_python(expr.args[0])})"
     if isinstance(expr, sympy.floor):
@@ -83,7 +94,7 @@ def to_python(expr: sympy.Expr) -> str:
     raise TypeError(f"cannot evaluate {expr!r} exactly")
 
 
-_NAMESPACE = {"_F": Fraction, "_ceil": _ceil, "_floor": _floor, "min": min, "max": max}
+_NAMESPACE = {"_F": Fraction, "_ceil": _ceil, "_ceil_sqrt": _ceil_sqrt, "_floor": _floor, "min": min, "max": max}
 
 
 def q(x) -> sympy.Expr:

@@ -33,17 +33,30 @@ instead of logits: d loss / d hidden, a*b*s*d, and d loss / d head rows in fp32,
 (For a while this counted whole V on every tp rank, as the trace then gathered the head's V/t logits through
 LTModel.head, inference's path; the trace now runs training's loss, and so does this count.)
 
-Temporaries: what the backward allocates only for a moment, at the step's peak (all activations still live):
-the loss's backward, 8*b*s*V (the fp32 gradients of the log-softmax output and of the logits; with a chunked
-loss (a + 12)*b*min(C, s)*V, one chunk's recomputed logits and both gradients); under tp the vocab-parallel
-loss's working set instead (`vocab_parallel_working`), one chunk of c = b*min(C, s) rows (b*s unchunked) at a
-time on V/t columns; and under ZeRO-3 two
-mixers' weights gathered whole (the one back-propagating and the next, prefetched), 2*P_mixer*w/t; under
-selective recompute what it dropped of one sub-layer, live again for that sub-layer's backward; the largest
-of these. Not counted: the gradients of an eager (no flash) attention core's scores while a recomputed core
-back-propagates (+17% at d_model = 64 under selective, +58% under full recompute; within 7% at d_model = 1024), one weight's gradient in the weight dtype before it is added into the fp32
-main gradient (largest matrix * w), the optimizer step's chunked temporaries (after the activations are
-freed, so below the peak), gradient-norm clipping (the traced step does not clip).
+Temporaries: what the backward allocates only for a moment, at the step's peak (all activations still live),
+the largest of:
+    the loss's backward  8*b*s*V (the fp32 gradients of the log-softmax output and of the logits; with a chunked
+                         loss (a + 12)*b*min(C, s)*V, one chunk's recomputed logits and both gradients); under tp
+                         the vocab-parallel loss's working set instead (`vocab_parallel_working`), one chunk of
+                         c = b*min(C, s) rows (b*s unchunked) at a time on V/t columns
+    ZeRO-3               two mixers' weights gathered whole (the one back-propagating and the next, prefetched),
+                         2*P_mixer*w/t
+    one sub-layer's      its kind's `backward` facet (ltmdsl/kinds/<kind>.py: its inputs' gradients, a recomputed
+    backward             region's fp32 tensors, one chunk's re-run scan graph and the chunk start states its autograd
+                         node keeps, an eager attention core's score gradients, a weight's gradient in w before the
+                         hooks add it into the fp32 main gradient), under selective recompute plus what that dropped
+                         of the sub-layer, live again for its backward; less the loss's logits (last stage), which
+                         the loss's backward has freed by then, and less the kept activations of the sub-layers
+                         after it in the stage, freed as they back-propagated (each configuration at its last place)
+    the final norm's     what the final norm holds while it back-propagates (`MicroBatch.norm_backward`: four
+    backward             fp32 [tok, d] tensors and the stream's gradient in a), every sub-layer's activations
+                         still live and the logits freed
+Under full recompute the loss and the final norm back-propagate before any checkpoint is recomputed, so their
+terms are less the working set (which the activations count for the checkpoint back-propagating).
+(Until this convention the sub-layer's own backward was not counted, and the traced peak of two-layer stacks was
++9% (RG-LRU) to +43% (Mamba-1, full recompute) over the per-GPU total, +58% with a recomputed eager attention
+core.) Not counted: the optimizer step's chunked temporaries (after the activations are freed, so below the
+peak) and gradient-norm clipping (the traced step does not clip).
 
 Pipeline: with 1F1B, stage i keeps min(p - i, m) micro-batches in flight, so the first stage holds
 p micro-batches of L/p layers: L layers' worth. Interleaving (v > 1 virtual stages) multiplies the
@@ -151,23 +164,32 @@ def loss_logits(model: ModelIR, s: Settings):
     return copies * 4 * b * tokens * model.vocab
 
 
-def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int):
+def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int, layers=(), working=0,
+                final_norm=0):
     """The backward's transient buffers at the step's peak, beyond everything held (module docstring): the
-    larger of the loss's backward (last stage) and, under ZeRO-3, two gathered mixers (the assembly adds
-    selective recompute's dropped tensors of one sub-layer)."""
+    largest of the loss's backward (last stage), under ZeRO-3 two gathered mixers, and one sub-layer's backward
+    (`layers`, each sub-layer group's `backward` facet plus what selective recompute dropped of it), which runs
+    after the loss has freed its logits, as the final norm's backward (`final_norm`, last stage) does. `working`:
+    full recompute's working set, counted in the activations but not yet recomputed while the loss and the final
+    norm back-propagate."""
     p = s.parallel
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
     terms = []
     if last and p.tp > 1:
-        terms.append(vocab_parallel_working(model, s))
+        terms.append(sympy.Max(0, vocab_parallel_working(model, s) - working))
     elif last:
         if s.chunked_loss:  # one chunk recomputed: its logits (a and fp32) and the two fp32 gradients
-            terms.append((s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab)
+            terms.append(sympy.Max(0, (s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab - working))
         else:  # the fp32 gradients of the log-softmax output and of the logits
-            terms.append(8 * b * tokens * model.vocab)
+            terms.append(sympy.Max(0, 8 * b * tokens * model.vocab - working))
     if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
         terms.append(2 * largest_mixer * s.weight_dtype.bytes / R(p.tp))
+    freed = loss_logits(model, s) if last else 0  # the loss's logits are gone when the stack back-propagates
+    if layers:
+        terms.append(sympy.Max(0, sympy.Max(*layers) - freed))
+    if last:
+        terms.append(sympy.Max(0, final_norm - freed - working))
     return sympy.Max(*terms) if len(terms) > 1 else (terms[0] if terms else sympy.Integer(0))
 
 

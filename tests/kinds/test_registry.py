@@ -143,6 +143,7 @@ def test_facets_work_on_random_small_configs(name, seed):
         x = MicroBatch(model, s)
         full, selective = at(kind.stored(c, x, False)), at(kind.stored(c, x, True))
         assert full >= selective > 0
+        assert at(kind.backward(c, x)) > 0  # every sub-layer's backward holds its inputs' gradients at least
     for component, f in kind.flops(c).items():
         assert component in FLOP_COMPONENTS and isinstance(f, Flops)
         assert at(f.per_token) > 0 and at(f.prefill) > 0
