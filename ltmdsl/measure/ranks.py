@@ -13,7 +13,9 @@ last one's queries see them all), tensor-parallel rank 0 (tp ranks hold equal sh
 
 Known issue: a tp x cp plan traced after another tensor-parallel trace in the same process can be handed a
 DeviceMesh of the earlier (destroyed) group by DTensor and fail ("Could not resolve the process group"); one
-trace per process (the CLI) is unaffected.
+trace per process (the CLI) is unaffected. On exit `fake_group` empties DTensor's sharding caches, whose
+entries would otherwise hand later DTensor ops in this process (and workers forked from it) the fake group's
+mesh, with the traced rank's coordinate.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def fake_group(plan: ParallelPlan, stage: int):
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from ltmdsl.distributed.launch import forget_dtensor_caches
     from ltmdsl.distributed.mesh import device_mesh
 
     if dist.is_initialized():
@@ -51,4 +54,5 @@ def fake_group(plan: ParallelPlan, stage: int):
         yield device_mesh(plan, "cpu")
     finally:
         dist.destroy_process_group()
+        forget_dtensor_caches()  # they hold this fake group's meshes, as the traced rank
 
