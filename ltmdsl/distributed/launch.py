@@ -8,7 +8,10 @@ rendezvous through a FileStore in a fresh temporary directory, so no TCP port is
 process group (gloo on CPUs, NCCL when `backend="nccl"`) with a timeout, so a dead peer becomes an error
 rather than a hang. Each worker returns fn(*args) (picklable) to the parent through a pipe, or its
 traceback; the first failure ends the others and raises WorkerError naming the rank. Workers leave with
-os._exit after destroy_process_group: forked children must not run the parent's exit handlers.
+os._exit after destroy_process_group: forked children must not run the parent's exit handlers. A worker
+starts with DTensor's sharding caches emptied (`forget_dtensor_caches`): a fork inherits the parent's, and
+an entry the parent made under another group (a memory trace's fake one) would hand this rank DTensors on
+that group's mesh, with the parent's rank coordinate.
 
 `init_from_env` is the same group for a process someone else started: it reads RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT as torchrun (and SLURM wrappers that export them) set them.
@@ -101,6 +104,7 @@ def _worker(fn, args, rank: int, world: int, store_path: str, backend: str, time
                           LOCAL_WORLD_SIZE=str(world))
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         torch.set_num_threads(threads)
+        forget_dtensor_caches()  # the parent's entries hold its meshes (another group, another rank)
         store = dist.FileStore(store_path, world)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
@@ -124,6 +128,22 @@ def _worker(fn, args, rank: int, world: int, store_path: str, backend: str, time
             dist.destroy_process_group()
     finally:
         os._exit(code)
+
+
+def forget_dtensor_caches() -> None:
+    """Empty DTensor's process-global sharding-propagation caches. They are keyed by DeviceMesh equality,
+    which ignores the process group and this rank's place in it, and their results carry the mesh they were
+    computed on: an entry made under another group (a fake-group trace; a forked parent's) gives later ops
+    outputs on that group's mesh, whose coordinate is the other rank's (a DCP save then has two ranks
+    writing one shard's offset and half a tensor missing)."""
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:  # an older torch: its Python cache only
+        from torch.distributed.tensor import DTensor
+
+        DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+        return
+    _clear_sharding_prop_cache()
 
 
 def _send(conn, message) -> None:

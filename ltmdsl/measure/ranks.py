@@ -16,8 +16,10 @@ last one's queries see them all), tensor-parallel rank 0 (tp ranks hold equal sh
 
 DTensor caches its sharding propagation by op schema (in Python and in its C++ dispatch fast path), and a schema's DeviceMesh compares equal to another
 plan's mesh of the same shape and names: a trace after another tensor-parallel trace in the same process was
-handed a mesh of the earlier (destroyed) group ("Could not resolve the process group"). `fake_group` clears
-those caches when it opens and closes a group, so each plan's DTensors carry its own mesh.
+handed a mesh of the earlier (destroyed) group ("Could not resolve the process group"), and workers forked
+from this process would inherit the fake group's meshes with the traced rank's coordinate. `fake_group` clears
+those caches when it opens and closes a group, so each plan's DTensors carry its own mesh (and launched workers
+clear them again: ltmdsl.distributed.launch.forget_dtensor_caches).
 """
 
 from __future__ import annotations

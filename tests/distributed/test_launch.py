@@ -10,6 +10,7 @@ import time
 import pytest
 
 from ltmdsl.distributed import WorkerError, init_from_env, launch
+from ltmdsl.distributed.launch import forget_dtensor_caches
 
 
 def _sum_of_ranks():
@@ -53,6 +54,47 @@ def test_a_dying_rank_ends_the_run_without_a_hang():
     with pytest.raises(WorkerError, match=r"rank (1 died without a result \(exit code 3\)|0 failed)"):
         launch(_die_mid_step, 2, timeout_s=20)
     assert time.monotonic() - start < 20
+
+
+def _leave_a_fake_group_entry() -> None:
+    """What an in-process tp trace (ltmdsl.measure) leaves behind: DTensor's sharding cache holding a fake
+    group's 2-rank mesh, seen as rank 0."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        torch.zeros_like(distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)], src_data_rank=None))
+    finally:
+        dist.destroy_process_group()
+
+
+def _save_sharded_zeros(path: str):
+    """AdamW's first moment of a Shard(0) parameter (zeros_like), saved by DCP; its mesh coordinate here."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    moment = torch.zeros_like(distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)], src_data_rank=None))
+    dcp.save({"exp_avg": moment}, checkpoint_id=path)
+    return list(moment.device_mesh.get_coordinate())
+
+
+def test_workers_do_not_inherit_the_parents_dtensor_meshes(tmp_path):
+    """A worker forked after a fake-group trace in the parent gets DTensors on its own group's mesh: each rank
+    its own coordinate, so DCP saves both halves (was: rank 1's zeros_like on the parent's mesh as rank 0,
+    "invalid fill tensor-volume: 32 chunks-volume: 16")."""
+    _leave_a_fake_group_entry()
+    try:
+        assert launch(_save_sharded_zeros, 2, (str(tmp_path / "ckpt"),)) == [[0], [1]]
+    finally:
+        forget_dtensor_caches()
 
 
 def test_init_from_env_refuses_without_a_launcher(monkeypatch):
