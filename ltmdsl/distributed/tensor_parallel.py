@@ -32,7 +32,8 @@ def tp_plans(ir: ModelIR, tp: int) -> list[dict]:
 
 
 def apply_tensor_parallel(model, tp_mesh) -> None:
-    """Split every mixer of `model` (an LTModel, meta or materialised) over the 1-D mesh `tp_mesh`."""
+    """Split every mixer of `model` (an LTModel, meta or materialised) over the 1-D mesh `tp_mesh`, and record
+    the mesh as `model.tp_mesh`: its `new_cache` then allocates one rank's heads (runtime.cache)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     plans = tp_plans(model.ir, tp_mesh.size())
@@ -46,6 +47,7 @@ def apply_tensor_parallel(model, tp_mesh) -> None:
             parallelize_module(block.mixer, tp_mesh, own)
         parallelize_module(block.mixer, tp_mesh, {k: v for k, v in plan.items() if k})
     apply_vocab_parallel(model, tp_mesh)
+    model.tp_mesh = tp_mesh
 
 
 def apply_vocab_parallel(model, tp_mesh) -> None:
