@@ -1,6 +1,6 @@
 """Inference on a tensor-parallel model (ltmdsl.distributed's tp split, 2 ranks, gloo, forked workers): a
 prefill in two chunks through the cache, then greedy decode steps, equal the single-process model in float64
-(logits within 1e-6 relative, the same tokens; measured <= 1e-13), on tiny-hybrid with every kind that has a
+(logits within 1e-6 relative, the same tokens; measured <= 6e-16), on tiny-hybrid with every kind that has a
 tp plan and on one small model per kind. Each rank's cache holds its own heads (KV heads / t, SSM heads / t,
 conv channels / t; MLA's replicated latent whole) and its bytes per component equal the memory model's
 per-GPU cache at tp = 2 exactly."""
