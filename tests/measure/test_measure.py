@@ -364,6 +364,8 @@ def test_plans_ltmdsl_does_not_run_are_refused_saying_why(dense):
         measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), ep=2, zero=2, gpus=2)
     with pytest.raises(NotTraceable, match=r"context parallelism \(cp = 2\) in inference"):
         measure(dense.model, _budget(dense, "serve"), cp=2, gpus=2)
+    with pytest.raises(NotTraceable, match="does not run this plan.*ep = 2 runs as ep = dp with tp = 1"):
+        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "serve"), tp=2, ep=2, gpus=4)  # minimax's tp x ep
     with pytest.raises(NotTraceable, match=r"sequence parallelism \(sp = true\)"):
         measure(dense.model, _budget(dense, "train"), tp=2, gpus=2, sequence_parallel=True)
     zamba = ltmdsl.loads(DENSE.replace(  # Zamba2's block: no tensor-parallel plan yet
