@@ -10,6 +10,11 @@ report.
 `Cache.nbytes()` is exactly `ltmdsl.memory.cache_bytes(...)` kv_cache + recurrent_state (docs/CONTRACTS.md),
 because each kind's allocation and its memory facet follow the same formulas. The cache advances in
 place: `seen` counts the tokens consumed.
+
+Under tensor parallelism (`tp` = t > 1, a model split by ltmdsl.distributed) each rank's cache holds its own
+heads only: every kind allocates from its local head or channel counts (`CacheRequest.per_rank`: KV heads / t,
+SSM heads / t, conv channels / t), and what its tp plan replicates (MLA's latent and shared RoPE key) whole,
+the memory model's per-GPU convention (its cache facets at tp = t).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ COMPONENTS = ("kv_cache", "recurrent_state")
 class CacheRequest:
     """What a kind needs to size its cache: batch B, max_context tokens, the two cache dtypes (KV and
     recurrent state), the conv-tap layout ("full": K taps as state-spaces/mamba, "minus_one": K-1 as
-    vLLM) and the device."""
+    vLLM), the device and the tensor-parallel degree t the module was split over (1: whole)."""
 
     batch_size: int
     max_context: int
@@ -40,6 +45,14 @@ class CacheRequest:
     state_dtype: torch.dtype
     conv_taps: str
     device: torch.device | str
+    tp: int = 1
+
+    def per_rank(self, n: int, what: str) -> int:
+        """This rank's share n / t of a width its kind's tp plan splits (heads, channels); ValueError naming
+        `what` when t does not divide it (the plan refuses such a model before it is split)."""
+        if n % self.tp:
+            raise ValueError(f"tp = {self.tp} does not divide the {n} {what} of this cache")
+        return n // self.tp
 
 
 class LayerCache(abc.ABC):
@@ -123,16 +136,18 @@ def allocate(
     state_dtype: torch.dtype,
     conv_taps: str = "full",
     device: torch.device | str = "cpu",
+    tp: int = 1,
 ) -> Cache:
     """Allocate a zeroed cache for `batch_size` sequences of at most `max_context` tokens: each sub-layer's
-    entry comes from its runtime kind (`new_cache`), None for kinds that keep no state."""
+    entry comes from its runtime kind (`new_cache`), None for kinds that keep no state; `tp`: the degree the
+    model was split over, each entry then holding one rank's heads (module docstring)."""
     from ltmdsl.runtime.kinds import runtime_kind
 
     if conv_taps not in CONV_TAPS:
         raise ValueError(f"conv_taps must be one of {CONV_TAPS}, not {conv_taps!r}")
-    if batch_size < 1 or max_context < 1:
-        raise ValueError("batch_size and max_context must be positive")
-    request = CacheRequest(batch_size, max_context, kv_dtype, state_dtype, conv_taps, device)
+    if batch_size < 1 or max_context < 1 or tp < 1:
+        raise ValueError("batch_size, max_context and tp must be positive")
+    request = CacheRequest(batch_size, max_context, kv_dtype, state_dtype, conv_taps, device, tp)
     entries: list[LayerCache | None] = []
     for layer in model.layers:
         new_cache = runtime_kind(layer.kind).new_cache

@@ -28,6 +28,7 @@ from ltmdsl.runtime.cache import Cache, allocate
 from ltmdsl.runtime.kernels import Kernels
 from ltmdsl.runtime.kinds import LayerPlace, layer_places, runtime_kind
 from ltmdsl.runtime.norm import Norm
+from ltmdsl.runtime.tensor_parallel import tp_size
 
 OUTPUTS = ("logits", "last", "hidden")
 
@@ -213,11 +214,13 @@ class LTModel(nn.Module):
 
         `dtype` is the KV dtype and, unless `state_dtype` is given, the recurrent-state dtype; both
         default to the model's dtype. Bytes equal ltmdsl.memory.cache_bytes(...) for the same arguments.
+        A model split by tensor parallelism (ltmdsl.distributed records its mesh as `tp_mesh`) gets this
+        rank's share: its own heads, as the memory model's per-GPU cache at that tp.
         """
         kv = dtype or self.dtype
         return allocate(
             self.ir, batch_size=batch_size, max_context=max_context, kv_dtype=kv,
-            state_dtype=state_dtype or kv, conv_taps=conv_taps, device=self.device,
+            state_dtype=state_dtype or kv, conv_taps=conv_taps, device=self.device, tp=tp_size(self),
         )
 
     # -- forward ------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ workspace of one chunk and the last position's logits) are added up and compared
 /proc/meminfo: when they would not fit (a global-attention KV cache at a long N, or a chunk whose
 activations are too large), the command refuses with exit code 3 and says which part is too large.
 
+`--nproc N` streams on N local workers (gloo; torch's forked launcher) with the model split by tensor
+parallelism over them (tp = N, each kind's tp plan, ltmdsl.distributed), and the same command started by
+torchrun runs as one rank of that group (tp = WORLD_SIZE). Every rank draws the same tokens; each holds its
+own heads' cache, so cache_bytes_measured and cache_bytes_predicted are one rank's (`cache_bytes(tp=N)`), and
+the up-front check compares the N local ranks' per-GPU predictions together with MemAvailable. A model that
+tensor parallelism cannot split is refused before launch (exit 2), naming the layer and why.
+
 The results (the summary lines, or one JSON object with --json) go to stdout whether or not it is a
 terminal; the progress bar goes to stderr and only when stderr is a terminal.
 Exit codes: 0 done, 1 invalid spec, 2 usage error, 3 would not fit in memory.
@@ -47,6 +54,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: the spec's)")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
+    p.add_argument("--nproc", type=count, metavar="N",
+                   help="stream on N local workers, the model split over them by tensor parallelism (tp = N); "
+                        "under torchrun the group's WORLD_SIZE")
 
 
 def mem_available() -> int | None:
@@ -76,6 +86,17 @@ def refusal(name: str, N: int, B: int, C: int, need: dict[str, int], avail: int,
             f"{format_bytes(sum(need.values()))}, but only {format_bytes(avail)} is available ({why}).")
 
 
+def tp_degree(args) -> int | None:
+    """The tensor-parallel degree of this run: --nproc N, or WORLD_SIZE under torchrun; None for one process."""
+    from ltmdsl.train.parallel import launched_by_torchrun
+
+    if launched_by_torchrun():
+        import os
+
+        return int(os.environ["WORLD_SIZE"])
+    return args.nproc
+
+
 def run(args) -> int:
     _, ir, code = load_model(args.file, args.model, show_warnings=not args.json)
     if ir is None:
@@ -88,26 +109,107 @@ def run(args) -> int:
     if dname not in ("fp32", "bf16", "fp16"):
         print(f"ltmdsl stream: model {ir.name} stores {dname} weights; pass --dtype bf16", file=sys.stderr)
         return EXIT_USAGE
+    tp = tp_degree(args)
+    if tp is not None and (args.nproc is not None and args.nproc != tp):
+        print(f"ltmdsl stream: error: --nproc {args.nproc} inside a group of WORLD_SIZE={tp} (started by torchrun "
+              "or a launcher): drop --nproc", file=sys.stderr)
+        return EXIT_USAGE
+    if tp is not None:
+        from ltmdsl.distributed.tensor_parallel import tp_plans
+        from ltmdsl.runtime.kinds import TensorParallelUnsupported
+
+        try:
+            tp_plans(ir, tp)
+            if ir.vocab % tp:
+                raise TensorParallelUnsupported(f"tp = {tp} must divide the vocabulary of {ir.vocab}")
+        except TensorParallelUnsupported as e:
+            print(f"ltmdsl stream: error: {ir.name} cannot be split over {tp} ranks: {e}", file=sys.stderr)
+            return EXIT_USAGE
     dt = DTYPES[dname]
     N, B, C = args.tokens, args.batch, min(args.chunk, args.tokens)
-    predicted = cache_bytes(ir, batch=B, context=N, kv_dtype=dt, state_dtype=dt, conv_taps="full")
+    t = tp or 1
+    predicted = cache_bytes(ir, batch=B, context=N, kv_dtype=dt, state_dtype=dt, conv_taps="full", tp=t)
     cache_pred = sum(predicted.values())
-    grows = cache_bytes(ir, batch=B, context=2 * N, kv_dtype=dt, state_dtype=dt)["kv_cache"] > predicted["kv_cache"]
-    need = memory_report(ir, None, context=N, batch=B, chunk=C, gpus=1, weight_dtype=dt, kv_dtype=dt,
-                         state_dtype=dt, activation_dtype=dt, conv_taps="full").components
+    grows = cache_bytes(ir, batch=B, context=2 * N, kv_dtype=dt, state_dtype=dt, tp=t)["kv_cache"] > predicted["kv_cache"]
+    plan = {} if tp is None else {"tp": tp, "sharding": "plan"}
+    r = memory_report(ir, None, context=N, batch=B, chunk=C, gpus=t, weight_dtype=dt, kv_dtype=dt,
+                      state_dtype=dt, activation_dtype=dt, conv_taps="full", **plan)
+    need = r.components if tp is None else {k: v * (args.nproc or 1) for k, v in r.per_gpu_components.items()}
     avail = mem_available()
     if avail is not None and sum(need.values()) > avail:
         print(refusal(ir.name, N, B, C, need, avail, grows), file=sys.stderr)
         return EXIT_BUDGET
 
+    show = not args.json and sys.stderr.isatty()
+    job = (ir, dname, N, B, C, args.seed, show)
+    if tp is None:
+        measured = _stream(*job)
+    elif args.nproc is None:  # one rank of a torchrun group
+        from ltmdsl.distributed.launch import init_from_env
+
+        rank, _ = init_from_env()
+        measured = _stream_rank(*job)
+        if rank != 0:
+            return EXIT_OK if measured["finite"] else 1
+    else:
+        from ltmdsl.distributed.launch import launch
+
+        measured = launch(_stream_rank, tp, job)[0]
+    seconds = measured["seconds"]
+    report = {
+        "model": ir.name,
+        "tokens": N,
+        "batch": B,
+        "chunk": C,
+        "dtype": dname,
+        "tp": t,
+        "seconds": round(seconds, 6),
+        "tokens_per_s": round(N * B / seconds, 3) if seconds > 0 else None,
+        "peak_rss_bytes": measured["peak_rss_bytes"],
+        "cache_bytes_measured": measured["cache_bytes"],  # one rank's under tp
+        "cache_bytes_predicted": cache_pred,
+        "cache_grows_with_tokens": grows,
+        "weights_bytes": measured["weights_bytes"],
+        "memory_predicted_bytes": need,  # what the up-front check compared with MemAvailable
+        "last_logits_finite": measured["finite"],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        ranks = f" on {t} tp ranks" if tp is not None else ""
+        print(f"{ir.name}: {N:,} tokens x batch {B}{ranks} in {seconds:.2f} s = {report['tokens_per_s']:,.0f} tokens/s")
+        per = " per rank" if tp is not None else ""
+        print(f"  cache {format_bytes(measured['cache_bytes'])}{per} (predicted {format_bytes(cache_pred)}), "
+              f"weights {format_bytes(report['weights_bytes'])}{per}, peak RSS {format_bytes(report['peak_rss_bytes'])}")
+    sys.stdout.flush()
+    return EXIT_OK if measured["finite"] else 1
+
+
+def _stream_rank(ir, dname: str, N: int, B: int, C: int, seed: int, show: bool) -> dict:
+    """One tensor-parallel rank (the process group up): this rank's share of the model, then `_stream`."""
+    import torch.distributed as dist
+
+    from ltmdsl.distributed import parallelize, plan_from
+    from ltmdsl.runtime.build import TORCH_DTYPES
+
+    world = dist.get_world_size()
+    model = parallelize(ir, plan_from(world=world, tp=world), dtype=TORCH_DTYPES[dname], seed=seed).model
+    return _stream(ir, dname, N, B, C, seed, show and dist.get_rank() == 0, model)
+
+
+def _stream(ir, dname: str, N: int, B: int, C: int, seed: int, show: bool, model=None) -> dict:
+    """Stream N seeded random tokens per sequence in chunks of C through `model` (built from the spec when
+    None) under inference_mode: seconds, cache bytes, weight bytes, peak RSS and whether the last logits are
+    finite."""
     import torch
     from tqdm import tqdm
 
     from ltmdsl.runtime.build import TORCH_DTYPES, build
 
-    model = build(ir, dtype=TORCH_DTYPES[dname], seed=args.seed).eval()
-    gen = torch.Generator().manual_seed(args.seed)
-    show = not args.json and sys.stderr.isatty()
+    if model is None:
+        model = build(ir, dtype=TORCH_DTYPES[dname], seed=seed)
+    model = model.eval()
+    gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         cache = model.new_cache(B, N)
         bar = tqdm(total=N, unit="tok", unit_scale=True, disable=not show, file=sys.stderr, desc=ir.name)
@@ -116,34 +218,13 @@ def run(args) -> int:
         logits = None
         while done < N:
             c = min(C, N - done)
-            ids = torch.randint(0, ir.vocab, (B, c), generator=gen)  # [B, c], drawn per chunk
+            ids = torch.randint(0, ir.vocab, (B, c), generator=gen)  # [B, c], drawn per chunk (alike on every rank)
             logits = model(ids, cache, output="last")  # [B, 1, V]: the head runs on one position only
             done += c
             bar.update(c)
         seconds = time.perf_counter() - start
         bar.close()
         finite = bool(torch.isfinite(logits).all())
-    report = {
-        "model": ir.name,
-        "tokens": N,
-        "batch": B,
-        "chunk": C,
-        "dtype": dname,
-        "seconds": round(seconds, 6),
-        "tokens_per_s": round(N * B / seconds, 3) if seconds > 0 else None,
-        "peak_rss_bytes": peak_rss(),
-        "cache_bytes_measured": cache.nbytes(),
-        "cache_bytes_predicted": cache_pred,
-        "cache_grows_with_tokens": grows,
-        "weights_bytes": model.parameter_bytes(),
-        "memory_predicted_bytes": need,  # what the up-front check compared with MemAvailable
-        "last_logits_finite": finite,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"{ir.name}: {N:,} tokens x batch {B} in {seconds:.2f} s = {report['tokens_per_s']:,.0f} tokens/s")
-        print(f"  cache {format_bytes(cache.nbytes())} (predicted {format_bytes(cache_pred)}), "
-              f"weights {format_bytes(report['weights_bytes'])}, peak RSS {format_bytes(report['peak_rss_bytes'])}")
-    sys.stdout.flush()
-    return EXIT_OK if finite else 1
+    weights = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in model.parameters())
+    return {"seconds": seconds, "cache_bytes": cache.nbytes(), "weights_bytes": weights, "peak_rss_bytes": peak_rss(),
+            "finite": finite}

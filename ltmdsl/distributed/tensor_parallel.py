@@ -73,6 +73,7 @@ def apply_tensor_parallel(model, tp_mesh, *, sequence_parallel: bool = False, fo
     apply_vocab_parallel(model, tp_mesh, sequence_parallel=sequence_parallel)
     if sequence_parallel:
         apply_sequence_parallel(model, tp_mesh, sharded_outputs)
+    model.tp_mesh = tp_mesh  # its new_cache then allocates one rank's heads (runtime.cache)
 
 
 def apply_vocab_parallel(model, tp_mesh, *, sequence_parallel: bool = False) -> None:

@@ -29,9 +29,10 @@ Modules, one concept each:
 What is approximated (also in each Measurement's notes): collectives allocate their outputs but communicate
 nothing; ZeRO 1/2 are Megatron's flat sharded buffers of ceil(P/N) elements (ZeRO-3 is FSDP2, as
 ltmdsl.distributed runs it); MoE routing is balanced; only the in-flight micro-batches of the 1F1B peak are run;
-non-learned buffers (Lightning's slopes) are live but not weights. Refused, saying why: a plan
-ltmdsl.distributed does not run (its plan check), and tensor or context parallelism in
-inference (the runtime runs them in training only). Every mixer kind of the runtime traces
+non-learned buffers (Lightning's slopes) are live but not weights. Tensor parallelism in inference traces one
+rank's cache as the runtime allocates it on a split model (each kind's own heads, runtime.cache). Refused,
+saying why: a plan ltmdsl.distributed does not run (its plan check), and context parallelism in inference
+(the runtime runs it in training only). Every mixer kind of the runtime traces
 (fakesafe.TRACE_PATHS). Training adds `temporaries`: the traced peak beyond everything the step holds.
 """
 
@@ -52,17 +53,16 @@ __all__ = ["Measurement", "NotTraceable", "TooLargeToTrace", "measure"]
 def _supported(ir, s) -> None:
     """Refuse (NotTraceable, saying why) a budget the traced step cannot run as ltmdsl would run it."""
     p = s.parallel
-    if s.mode == "training" and (p.tp > 1 or p.cp > 1 or p.ep > 1 or p.zero >= 3):
+    if (s.mode == "training" and (p.tp > 1 or p.cp > 1 or p.ep > 1 or p.zero >= 3)) or p.tp > 1:
         from ltmdsl.distributed.plan import plan_errors
 
         errors = plan_errors(ir, p, p.world)
         if errors:
             raise NotTraceable("ltmdsl.distributed does not run this plan, so one of its ranks cannot be traced: "
                                + "; ".join(errors))
-    for name, value in (("context", p.cp), ("tensor", p.tp)):
-        if s.mode == "inference" and value > 1:
-            raise NotTraceable(f"{name} parallelism ({name[0]}p = {value}) in inference: ltmdsl runs it in training "
-                               "only (the runtime allocates no cache split over ranks); measure the budget without it")
+    if s.mode == "inference" and p.cp > 1:
+        raise NotTraceable(f"context parallelism (cp = {p.cp}) in inference: ltmdsl runs it in training only (the "
+                           "runtime allocates no cache split over the sequence); measure the budget without it")
     wide = next((x for x in ir.layers if x.residual.width != 1 or x.residual.into != "residual"), None)
     if wide is not None and s.mode == "training" and s.recompute == "full":
         raise NotTraceable(f"layer {wide.index} '{wide.definition}' reads the embeddings or sends its output into the "

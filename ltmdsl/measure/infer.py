@@ -2,7 +2,7 @@
 step, on fake tensors.
 
     cache      each held sub-layer's cache entry for b = ceil(B/dp) sequences of T tokens, allocated by its
-               runtime kind; traced bytes per component (kv_cache, recurrent_state)
+               runtime kind (one tp rank's heads); traced bytes per component (kv_cache, recurrent_state)
     prefill    the last chunk of Cc = min(C, T) tokens, at positions T - Cc .. T - 1, against the cache (the
                attention reads every cached key); logits for the last position only
     decode     one token at position T - 1
@@ -79,7 +79,8 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
     with mt:
         tl = Timeline(mt)
         out["weights"] = tl.mark("weights") - stage.buffer_bytes()  # parameters; buffers are not weights
-        req = CacheRequest(b, T, KV_DTYPES[s.kv_dtype.name], TORCH_DTYPES[s.state_dtype.name], s.conv_taps, "cpu")
+        req = CacheRequest(b, T, KV_DTYPES[s.kv_dtype.name], TORCH_DTYPES[s.state_dtype.name], s.conv_taps, "cpu",
+                           s.tp)  # under tp this rank's heads, as LTModel.new_cache allocates them on a split model
         entries = []
         for i in stage.layers:
             layer = ir.layers[i]

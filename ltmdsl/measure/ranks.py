@@ -9,6 +9,11 @@ allocate is traced; their contents are not computed (fake tensors have none anyw
 
 Under pp the mesh has its pipeline axis and the traced rank is one of the most loaded stage's ranks (ZeRO-3
 shards that stage's modules: `stage.pipeline_root`).
+DTensor works out each op's output shapes by running the op on fake tensors of the global shapes (its sharding
+propagator), in the ambient FakeTensorMode when there is one. Under the trace that mode is ours, so MemTracker
+counted those global-shape tensors as the rank's activations (the first sub-layer of each shape, before the
+propagator's cache holds it: +68% on a tp = 2 prefill), though a real run allocates nothing for them (they are
+fake there too). `fake_group` gives the propagator a mode of its own (`private_shape_propagation`).
 
 The traced rank is the most loaded one: the memory model's most loaded pipeline stage, data-parallel rank 0,
 the last context-parallel rank (every cp rank gathers the same keys and values; under the contiguous split the
@@ -55,7 +60,8 @@ def fake_group(plan: ParallelPlan, stage: int):
     _clear_sharding_caches()
     dist.init_process_group("fake", store=FakeStore(), rank=traced_rank(plan, stage), world_size=plan.world)
     try:
-        yield device_mesh(plan, "cpu")
+        with private_shape_propagation():
+            yield device_mesh(plan, "cpu")
     finally:
         dist.destroy_process_group()
         _clear_sharding_caches()
@@ -70,4 +76,19 @@ def _clear_sharding_caches() -> None:
     propagator.propagate_op_sharding.cache_clear()  # the Python cache
     propagator._propagate_tensor_meta_cached.cache_clear()
     torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's
+
+
+@contextlib.contextmanager
+def private_shape_propagation():
+    """DTensor's sharding propagator runs its shape inference in a FakeTensorMode of its own, not in the
+    trace's (module docstring), while the context is open. It looks the ambient mode up through the module
+    global `detect_fake_mode` of torch.distributed.tensor._sharding_prop, which is what this replaces."""
+    from torch.distributed.tensor import _sharding_prop
+
+    saved = _sharding_prop.detect_fake_mode
+    _sharding_prop.detect_fake_mode = lambda *args: None
+    try:
+        yield
+    finally:
+        _sharding_prop.detect_fake_mode = saved
 

@@ -16,7 +16,10 @@ The stack's activations are the larger of that and the moment a pre-norm runs (`
 previous mixer's output, the residual and their sum, with the norm's fp32 working copies, (3a + 8)*b*Cc/c*d,
 which exceeds the layers' term only when no sub-layer's workspace is wider than about 5 model widths.
 
-Logits: fp32 logits of the last position of each sequence, 4 * b * V / t (sampling needs no more).
+Logits: fp32 logits of the last position of each sequence, 4 * b * V (sampling needs no more). Under tensor
+parallelism each rank computes V/t of them and they are gathered before sampling (the runtime's LTModel.head
+all-gathers them, as Megatron-LM's and vLLM's logits processors do), so every rank holds all V: until the
+runtime ran tp inference this counted 4 * b * V / t, which no rank holds.
 Weights: params * weight_bytes / t (expert weights / (t * ep)), except what tensor parallelism replicates
 (norms and each kind's `Split.replicated`), held whole on every tp rank; embeddings are vocab-parallel.
 """
@@ -59,13 +62,14 @@ def norm_workspace(model: ModelIR, s: Settings):
 
 
 def logits(model: ModelIR, s: Settings):
-    """fp32 logits of the last position of each sequence on one GPU: 4 * b * V / t."""
-    return 4 * per_replica(B, s.dp) * model.vocab / R(s.tp)
+    """fp32 logits of the last position of each sequence on one GPU, gathered over tp: 4 * b * V."""
+    return 4 * per_replica(B, s.dp) * model.vocab
 
 
 def cache_bytes(model: ModelIR, *, batch: int, context: int, kv_dtype: Dtype, state_dtype: Dtype,
-                conv_taps: str = "full") -> dict[str, int]:
-    """Exactly what `model.new_cache(batch, context, ...)` allocates (CONTRACTS.md), in bytes.
+                conv_taps: str = "full", tp: int = 1) -> dict[str, int]:
+    """Exactly what `model.new_cache(batch, context, ...)` allocates (CONTRACTS.md), in bytes; with `tp`, what
+    it allocates on one rank of the model split over tp ranks (the per-GPU cache of the report at that tp).
 
     {"kv_cache": ..., "recurrent_state": ...}: the sum over sub-layers of each kind's `cache` facet
     (attention KV, Mamba conv + SSM state; nothing for feed-forward networks). Tied sub-layers share
@@ -74,7 +78,7 @@ def cache_bytes(model: ModelIR, *, batch: int, context: int, kv_dtype: Dtype, st
     from ltmdsl.memory.settings import resolve
 
     s = resolve(model, None, batch=batch, context=context, kv_dtype=kv_dtype, state_dtype=state_dtype,
-                conv_taps=conv_taps)
+                conv_taps=conv_taps, **({"tp": tp, "gpus": tp} if tp > 1 else {}))
     totals = dict.fromkeys(CACHE_COMPONENTS, sympy.Integer(0))
     counts: dict = {}
     for layer in model.layers:

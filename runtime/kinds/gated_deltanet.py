@@ -51,8 +51,10 @@ class ConvDeltaState(LayerCache):
 
 
 def new_delta_state(req: CacheRequest, conv_dim: int, d_conv: int, heads: int, dk: int, dv: int) -> ConvDeltaState:
-    """Zeroed conv taps [B, conv_dim, taps] and delta state [B, Hv, Dk, Dv] in the state dtype."""
+    """Zeroed conv taps [B, conv_dim, taps] and delta state [B, Hv, Dk, Dv] in the state dtype (conv_dim / t
+    channels and Hv / t heads on a tensor-parallel rank)."""
     B, dt, dev = req.batch_size, req.state_dtype, req.device
+    conv_dim, heads = req.per_rank(conv_dim, "conv channels"), req.per_rank(heads, "heads")
     conv = torch.zeros(B, conv_dim, conv_taps(d_conv, req), dtype=dt, device=dev)  # [B, conv_dim, taps]
     delta = torch.zeros(B, heads, dk, dv, dtype=dt, device=dev)  # [B, Hv, Dk, Dv]
     return ConvDeltaState(conv, delta)

@@ -54,7 +54,8 @@ def new_cache(cfg: LightningConfig, req: CacheRequest) -> LinearState:
     decayed running sum whose slow heads lose their per-token updates to bf16 rounding (the memory facet,
     ltmdsl.kinds.lightning.state_dtype, counts the same bytes)."""
     dtype = torch.promote_types(req.state_dtype, torch.float32)
-    return LinearState(torch.zeros(req.batch_size, cfg.heads, cfg.head_dim, cfg.head_dim, dtype=dtype,
+    H = req.per_rank(cfg.heads, "heads")  # H / t on a tensor-parallel rank
+    return LinearState(torch.zeros(req.batch_size, H, cfg.head_dim, cfg.head_dim, dtype=dtype,
                                    device=req.device))  # [B, H, D, Dv]
 
 

@@ -56,10 +56,12 @@ def conv_taps(d_conv: int, req: CacheRequest) -> int:
 
 
 def new_cache(cfg: MambaConfig, req: CacheRequest) -> ConvSSMState:
-    """Zeroed conv taps [B, Di, taps] and SSM state [B, Di, N] in the state dtype."""
+    """Zeroed conv taps [B, Di, taps] and SSM state [B, Di, N] in the state dtype (Di / t inner channels on a
+    tensor-parallel rank)."""
     B, dt, dev = req.batch_size, req.state_dtype, req.device
-    conv = torch.zeros(B, cfg.d_inner, conv_taps(cfg.d_conv, req), dtype=dt, device=dev)  # [B, Di, taps]
-    ssm = torch.zeros(B, cfg.d_inner, cfg.d_state, dtype=dt, device=dev)  # [B, Di, N]
+    Di = req.per_rank(cfg.d_inner, "inner channels")
+    conv = torch.zeros(B, Di, conv_taps(cfg.d_conv, req), dtype=dt, device=dev)  # [B, Di, taps]
+    ssm = torch.zeros(B, Di, cfg.d_state, dtype=dt, device=dev)  # [B, Di, N]
     return ConvSSMState(conv, ssm)
 
 

@@ -39,10 +39,12 @@ if TYPE_CHECKING:
 
 
 def new_cache(cfg: Mamba2Config, req: CacheRequest) -> ConvSSMState:
-    """Zeroed conv taps [B, Di + 2GN, taps] and SSM state [B, Hs, P, N] in the state dtype."""
+    """Zeroed conv taps [B, Di + 2GN, taps] and SSM state [B, Hs, P, N] in the state dtype (a tensor-parallel
+    rank's Di/t + 2(G/t)N conv channels and Hs/t heads)."""
     B, dt, dev = req.batch_size, req.state_dtype, req.device
-    conv = torch.zeros(B, cfg.conv_dim, conv_taps(cfg.d_conv, req), dtype=dt, device=dev)  # [B, C, taps]
-    ssm = torch.zeros(B, cfg.heads, cfg.head_dim, cfg.d_state, dtype=dt, device=dev)  # [B, Hs, P, N]
+    C, Hs = req.per_rank(cfg.conv_dim, "conv channels"), req.per_rank(cfg.heads, "heads")
+    conv = torch.zeros(B, C, conv_taps(cfg.d_conv, req), dtype=dt, device=dev)  # [B, C, taps]
+    ssm = torch.zeros(B, Hs, cfg.head_dim, cfg.d_state, dtype=dt, device=dev)  # [B, Hs, P, N]
     return ConvSSMState(conv, ssm)
 
 

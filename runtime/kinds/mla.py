@@ -26,7 +26,7 @@ from ltmdsl.runtime import ops_attention, ops_mla
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
-from ltmdsl.runtime.tensor_parallel import copy_to_tp, mark_tp
+from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, mark_tp
 from ltmdsl.runtime.ops_attention import rope_cos_sin
 from ltmdsl.runtime.ops_mla import rope_interleaved
 
@@ -52,7 +52,8 @@ class LatentCache(LayerCache):
 
 
 def new_cache(cfg: MLAConfig, req: CacheRequest) -> LatentCache:
-    """Zeroed latents in the KV dtype, max_context slots."""
+    """Zeroed latents in the KV dtype, max_context slots; whole on every tensor-parallel rank (the tp plan
+    replicates the latent and the shared RoPE key, which every head reads)."""
     B, S = req.batch_size, req.max_context
     c = torch.zeros(B, S, cfg.kv_lora_rank, dtype=req.kv_dtype, device=req.device)  # [B, S, Rkv]
     kr = torch.zeros(B, S, cfg.qk_rope_head_dim, dtype=req.kv_dtype, device=req.device)  # [B, S, Dr]
@@ -129,9 +130,9 @@ class MLA(nn.Module):
         return q_nope, q_rot, c, kr
 
     def _up(self):
-        """kv_b_proj's weight as W_uk [H, Dn, Rkv] and W_uv [H, Dv, Rkv]."""
+        """kv_b_proj's weight as W_uk [H, Dn, Rkv] and W_uv [H, Dv, Rkv] (this rank's H/t heads under tp)."""
         cfg = self.cfg
-        w = self.kv_b_proj.weight.view(cfg.heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        w = local(self.kv_b_proj.weight).view(-1, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]
 
     def forward(self, x: torch.Tensor, state: LatentCache | None = None, pos0: int = 0) -> torch.Tensor:
@@ -168,7 +169,7 @@ class MLA(nn.Module):
         w_uk, w_uv = self._up()
         o = self.kernels.mla_decode(q_nope[:, 0], q_rot[:, 0], state.latent.to(x.dtype), state.rope_key.to(x.dtype),
                                     w_uk, w_uv, n_valid=pos0 + 1, scale=cfg.scale)  # [B, H, Dv]
-        return self.o_proj(o.reshape(B, cfg.heads * cfg.v_head_dim))
+        return self.o_proj(o.reshape(B, -1))  # [B, H*Dv] (H/t heads per tp rank) -> [B, d]
 
 
 def cp_forward(module: MLA, x: torch.Tensor, cp) -> torch.Tensor:

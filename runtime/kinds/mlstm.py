@@ -52,9 +52,9 @@ class MlstmCache(LayerCache):
 
 
 def new_cache(cfg: MlstmConfig, req: CacheRequest) -> MlstmCache:
-    """The empty state (zeros, m = 0) in the state dtype."""
-    s = ops_mlstm.mlstm_empty_state(req.batch_size, cfg.heads, cfg.dqk, cfg.dv, dtype=req.state_dtype,
-                                    device=req.device)
+    """The empty state (zeros, m = 0) in the state dtype (H / t heads on a tensor-parallel rank)."""
+    s = ops_mlstm.mlstm_empty_state(req.batch_size, req.per_rank(cfg.heads, "heads"), cfg.dqk, cfg.dv,
+                                    dtype=req.state_dtype, device=req.device)
     return MlstmCache(s.C, s.n, s.m)
 
 

@@ -52,10 +52,11 @@ class ConvLruState(LayerCache):
 
 
 def new_cache(cfg: RgLruConfig, req: CacheRequest) -> ConvLruState:
-    """Zeroed conv taps [B, W, taps] and h [B, W] in the state dtype."""
+    """Zeroed conv taps [B, W, taps] and h [B, W] in the state dtype (W / t channels on a tensor-parallel rank)."""
     B, dt, dev = req.batch_size, req.state_dtype, req.device
-    conv = torch.zeros(B, cfg.width, taps_for(cfg.d_conv, req), dtype=dt, device=dev)  # [B, W, taps]
-    return ConvLruState(conv, torch.zeros(B, cfg.width, dtype=dt, device=dev))  # h [B, W]
+    W = req.per_rank(cfg.width, "channels")
+    conv = torch.zeros(B, W, taps_for(cfg.d_conv, req), dtype=dt, device=dev)  # [B, W, taps]
+    return ConvLruState(conv, torch.zeros(B, W, dtype=dt, device=dev))  # h [B, W]
 
 
 def outputs(cfg: RgLruConfig) -> dict[str, bool]:

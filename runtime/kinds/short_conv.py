@@ -49,8 +49,9 @@ def taps_for(kernel: int, req: CacheRequest) -> int:
 
 
 def new_cache(cfg: ShortConvConfig, req: CacheRequest) -> ConvState:
-    """Zeroed conv taps [B, d, taps] in the state dtype."""
-    conv = torch.zeros(req.batch_size, cfg.width, taps_for(cfg.kernel, req), dtype=req.state_dtype,
+    """Zeroed conv taps [B, d, taps] in the state dtype (d / t channels on a tensor-parallel rank)."""
+    width = req.per_rank(cfg.width, "channels")
+    conv = torch.zeros(req.batch_size, width, taps_for(cfg.kernel, req), dtype=req.state_dtype,
                        device=req.device)  # [B, d, taps]
     return ConvState(conv)
 

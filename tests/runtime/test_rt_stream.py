@@ -122,3 +122,39 @@ def test_count_parser(text, value):
 def test_count_parser_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError):
         stream.count(text)
+
+
+SPLITTABLE = """
+model s {
+    vocab = 128
+    d_model = 32
+    dtype = fp32
+    norm = rmsnorm(eps = 1e-5)
+    head = tied
+    layer ssm = mamba2(d_state = 16, head_dim = 16, expand = 2, n_groups = 2, chunk = 64)
+    layer swa = attention(heads = 2, kv_heads = 2, window = 16)
+    layer ffn = mlp(d_ff = 64, act = swiglu)
+    stack { ssm ffn swa ffn }
+}
+"""
+
+
+def test_nproc_streams_on_tensor_parallel_ranks_each_holding_half_the_cache(tmp_path, capsys):
+    """`--nproc 2`: two forked gloo ranks, the model split by tp; rank 0's cache is its heads' share, the
+    memory model's cache_bytes(tp=2): Mamba-2's 4 heads and 2 groups and the window's 2 KV heads halve."""
+    spec = tmp_path / "s.ltm"
+    spec.write_text(SPLITTABLE)
+    code, out, err = run([str(spec), "--tokens", "96", "--chunk", "32", "--json"], capsys)
+    assert code == 0, err
+    whole = json.loads(out)
+    code, out, err = run([str(spec), "--tokens", "96", "--chunk", "32", "--nproc", "2", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["tp"] == 2 and r["last_logits_finite"] and r["tokens_per_s"] > 0
+    assert r["cache_bytes_measured"] == r["cache_bytes_predicted"] == whole["cache_bytes_measured"] // 2
+
+
+def test_nproc_refuses_a_model_tp_cannot_split_before_launch(capsys):
+    code, _, err = run([STREAM, "--tokens", "64", "--nproc", "2"], capsys)
+    assert code == 2
+    assert "stream_hybrid cannot be split over 2 ranks: layer 'ssm': tp = 2 must divide the mamba2's 4 heads" in err
