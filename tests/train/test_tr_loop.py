@@ -18,10 +18,10 @@ from train_specs import CONV_ATTENTION, MQAR, tiny_spec
 IR = tiny_spec().model
 
 
-def run(out, **kw):
+def run(out, until=None, **kw):
     settings = dict(task="mqar", out=str(out), steps=4, batch=2, options=MQAR, warmup=2, lr=1e-2)
     settings.update(kw)
-    return list(train(IR, TrainConfig(**settings)))
+    return list(train(IR, TrainConfig(**settings), until=until))
 
 
 def weights(out):
@@ -81,6 +81,47 @@ def test_a_recall_model_learns_mqar_and_answers_through_the_cache(tmp_path):
     task = get_task("mqar")
     result = score(model, task, task.make_options(**MQAR), EVAL_SEED, samples=100)
     assert result.accuracy > 0.8, f"exact match {result.accuracy:.2f} after 150 steps"
+
+
+def test_until_stops_at_the_first_true_step_with_a_checkpoint(tmp_path):
+    """`until(model, record)` is asked after every step; the first True ends the run there, checkpointed,
+    and the steps before it are exactly those of a run without the hook."""
+    asked = []
+
+    def until(model, record):
+        assert isinstance(model, torch.nn.Module)
+        asked.append(record["step"])
+        return record["step"] == 3
+
+    stopped = run(tmp_path / "a", steps=6, until=until)
+    assert asked == [1, 2, 3] and [r["step"] for r in stopped] == [1, 2, 3]
+    assert weights(tmp_path / "a")[0] == 3
+    full = run(tmp_path / "b", steps=6)
+    assert without_time(stopped) == without_time(full[:3])
+
+
+def test_teacher_forced_exact_match_counts_answers_guessed_after_the_true_tokens():
+    """The batched held-out score is the fraction of answer spans whose every token is the greedy guess
+    after the true tokens, recomputed here one sample at a time (across batches of 5, 5 and 2)."""
+    from ltmdsl.evals import get_task
+    from ltmdsl.runtime.build import build
+    from ltmdsl.train.heldout import teacher_forced_exact_match
+
+    ir = tiny_spec(CONV_ATTENTION).model
+    model = build(ir, dtype=torch.float32, seed=0)
+    task = get_task("mqar")
+    options = task.make_options(**MQAR)
+    got = teacher_forced_exact_match(model, task, options, seed=5, samples=12, batch=5)  # 3 batches
+    right = total = 0
+    with torch.no_grad():
+        for i in range(12):
+            sample = task.generate(options, 5, i)
+            logits = model(torch.from_numpy(sample.tokens.copy())[None])[0]  # [T, V]
+            for start, end in sample.answer_spans:
+                right += int(all(int(logits[t - 1].argmax()) == int(sample.tokens[t]) for t in range(start, end)))
+                total += 1
+    assert got == right / total
+    assert model.training  # restored
 
 
 def test_resume_refuses_other_settings_and_specs(tmp_path):
