@@ -9,8 +9,8 @@ ltm-tiny's width, depth and short convolutions with every attention layer replac
 width chosen so the parameter counts are as close as the sizes allow (both counts are printed). Numbers
 go to the `train_hashhop` section of benchmarks/RESULTS.md with the machine's load.
 
-    python benchmarks/train_hashhop.py [--spec examples/ltm-tiny.ltm] [--context 128] [--hash-length 2]
-                                       [--queries 4] [--cot] [--steps 600] [--batch 16] [--lr 3e-3]
+    python benchmarks/train_hashhop.py [--spec examples/ltm-tiny.ltm] [--context 192] [--hash-length 2]
+                                       [--queries 4] [--cot] [--steps 300] [--batch 16] [--lr 3e-3]
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def ssm_twin(hybrid_text: str, target: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default=str(ROOT / "examples" / "ltm-tiny.ltm"))
-    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--context", type=int, default=192)
     p.add_argument("--hash-length", type=int, default=2)
     p.add_argument("--queries", type=int, default=4)
     p.add_argument("--cot", action="store_true", help="chain of thought: the completion writes every hop")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=10)
