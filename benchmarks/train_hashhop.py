@@ -1,15 +1,16 @@
 """HashHop (Magic.dev) on the tiny hybrid against a pure-SSM model of (nearly) equal parameters.
 
 Each model trains through `ltmdsl train` (as a user runs it) for --steps AdamW steps of --batch samples on
-HashHop at --context tokens, once for 1 hop and once for 2 hops (a fresh model each time, same seed and
-data), then `ltmdsl eval` scores exact match of the answer hash, decoded greedily through the cache, at the
-trained context and at 4x it. The pure-SSM twin keeps
-ltm-tiny's width and depth with every attention layer replaced by Mamba-2 and its MLP width chosen so the
-parameter counts are as close as the sizes allow (both counts are printed). Numbers go to the
-`train_hashhop` section of benchmarks/RESULTS.md with the machine's load.
+HashHop at --context tokens, once for each of --hops (a fresh model each time, same seed and data), then
+`ltmdsl eval` scores exact match of the answers, decoded greedily through the cache, at the trained
+context and at 4x it. With --cot the completion writes every hop (`H1 = 'H2 = H3'`, Magic's chain of
+thought), so k hops are k lookups, each of a hash the model has just written. The pure-SSM twin keeps
+ltm-tiny's width, depth and short convolutions with every attention layer replaced by Mamba-2, and its MLP
+width chosen so the parameter counts are as close as the sizes allow (both counts are printed). Numbers
+go to the `train_hashhop` section of benchmarks/RESULTS.md with the machine's load.
 
-    python benchmarks/train_hashhop.py [--spec examples/ltm-tiny.ltm] [--context 256] [--hash-length 4]
-                                       [--steps 300] [--batch 16] [--lr 1e-3] [--threads 2]
+    python benchmarks/train_hashhop.py [--spec examples/ltm-tiny.ltm] [--context 192] [--hash-length 2]
+                                       [--queries 4] [--cot] [--steps 300] [--batch 16] [--lr 3e-3]
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def ssm_twin(hybrid_text: str, target: int):
-    """ltm-tiny with attention replaced by Mamba-2, its MLP width tuned to `target` parameters."""
+    """ltm-tiny with every attention layer (`swa`, `full`) replaced by its Mamba-2 layer `ssm`, its MLP
+    width tuned to `target` parameters."""
     text = re.sub(r"model (\w+) \{", r"model \1_ssm {", hybrid_text, count=1)
-    text = re.sub(r"\n    layer swa = .*\n", "\n", text)
-    text = re.sub(r"\n    layer full = .*\n", "\n", text)
-    text = text.replace("ssm ffn swa ffn", "ssm ffn ssm ffn").replace("ssm ffn full ffn", "ssm ffn ssm ffn")
+    text = re.sub(r"^    layer (swa|full) = .*\n", "", text, flags=re.M)
+    text = re.sub(r"\A(#.*\n)+", "# the pure-SSM twin of the hybrid: every attention layer replaced by Mamba-2\n", text)
+    text = re.sub(r"\b(swa|full)\b(?= [^=]*\})", "ssm", text)
     text = re.sub(r"budget .*", "", text, flags=re.S)
     best = None
     for d_ff in range(8, 257, 8):
@@ -47,12 +49,14 @@ def ssm_twin(hybrid_text: str, target: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default=str(ROOT / "examples" / "ltm-tiny.ltm"))
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--hash-length", type=int, default=4)
+    p.add_argument("--context", type=int, default=192)
+    p.add_argument("--hash-length", type=int, default=2)
+    p.add_argument("--queries", type=int, default=4)
+    p.add_argument("--cot", action="store_true", help="chain of thought: the completion writes every hop")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hops", type=int, nargs="+", default=[1, 2])
@@ -66,7 +70,7 @@ def main() -> None:
     for spec in (args.spec, str(ssm_path)):
         for hops in args.hops:
             flags = ["--context", str(args.context), "--hops", str(hops), "--hash-length", str(args.hash_length),
-                     "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
+                     "--queries", str(args.queries), "--cot", str(args.cot).lower(), "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
                      "--warmup", str(args.warmup)]
             run = cli_train(spec, "hashhop", flags, work / f"{Path(spec).stem}-{hops}", args.threads)
             acc = cli_eval(run.out, ["--context", str(args.context), str(4 * args.context), "--hops", str(hops)],
@@ -90,14 +94,16 @@ def main() -> None:
     verdict = ", ".join(f"{h}-hop {'-' if a is None else f'{a:.3f}'} ({'MET' if a is not None and a >= goal else 'NOT MET'})"
                         for h, a, goal in ((1, met[1], 0.95), (2, met[2], 0.8)))
     cmd = (f"python benchmarks/train_hashhop.py --context {args.context} --hash-length {args.hash_length} "
-           f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --threads {args.threads}")
+           f"--queries {args.queries}{' --cot' if args.cot else ''} --steps {args.steps} --batch {args.batch} "
+           f"--lr {args.lr} --warmup {args.warmup} --threads {args.threads}")
     body = f"""### {datetime.date.today()}: HashHop, hybrid against pure SSM, through `ltmdsl train` / `ltmdsl eval` (`{cmd}`)
 
 Each row a fresh model trained by `ltmdsl train` for {args.steps} AdamW steps of {args.batch} samples at context
-{args.context} ({args.hash_length}-letter hashes, one query, no chain of thought; lr {args.lr}, warmup {args.warmup}),
+{args.context} ({args.hash_length}-letter hashes, {args.queries} queries a sample, {'chain of thought: every hop written' if args.cot else 'no chain of thought'}; lr {args.lr}, warmup {args.warmup}),
 then scored by `ltmdsl eval`: exact match of the answer hash decoded through the cache on {args.samples}
 evaluation samples, at {args.context} and {4 * args.context} tokens. The pure-SSM model is the hybrid with every
 attention layer replaced by Mamba-2 and its MLP width set for an equal parameter count.
+Exact match is per answer (every character of the answer between the quotes), averaged over the queries.
 Machine: {machine(args.threads)}.
 
 | model | parameters | hops | final train loss | answer-token acc (last batch) | exact match @ {args.context} | @ {4 * args.context} | train wall / CPU |

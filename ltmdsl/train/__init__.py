@@ -10,6 +10,7 @@ One concept per module:
     metrics     metrics.jsonl lines and the loss / accuracy plot
     loop        the training loop (`TrainConfig`, `train`)
     scoring     exact-match accuracy through the cache: prefill, then greedy decode of each answer
+    heldout     a fast teacher-forced held-out exact match, the stopping rule of a run with a target
 
 Imports torch (unlike `ltmdsl.evals`, which generates the tasks without it).
 """

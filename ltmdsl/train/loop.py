@@ -6,7 +6,10 @@
 Each step: `accum` micro-batches (ltmdsl.train.data) through the answer-only chunked loss
 (ltmdsl.train.loss) under fp32 or bf16 autocast, each micro-batch's mean loss divided by `accum`;
 gradients clipped to a global norm of `clip` (0: measured, not clipped); one AdamW step; one schedule step.
-Checkpoints every `save_every` steps and at the end (ltmdsl.train.state). A run started with `resume=True`
+Checkpoints every `save_every` steps and at the end (ltmdsl.train.state). `until(model, record)`, when
+given, is asked after every step whether to stop there (a benchmark's held-out score crossing a target):
+True ends the run at that step with a checkpoint, and the time it spends is left out of the run's clock
+(`seconds`), which counts training only. A run started with `resume=True`
 loads the latest checkpoint of `out` and continues exactly as the uninterrupted run would have: same
 weights, optimizer moments, learning rate, RNG and samples.
 """
@@ -18,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -103,8 +106,10 @@ def check_resume(saved: dict, current: dict, out: str) -> None:
         raise state.CheckpointError(f"{out}: cannot resume with different settings ({detail})")
 
 
-def train(ir: ModelIR, config: TrainConfig) -> Iterator[dict]:
-    """Train a model of `ir` as `config` says, yielding one metrics dict per optimizer step."""
+def train(ir: ModelIR, config: TrainConfig,
+          until: Callable[[torch.nn.Module, dict], bool] | None = None) -> Iterator[dict]:
+    """Train a model of `ir` as `config` says, yielding one metrics dict per optimizer step; stop early
+    at the first step where `until(model, record)` is true (see the module docstring)."""
     from ltmdsl.runtime.build import build
 
     data = task_data(config)
@@ -148,6 +153,7 @@ def train(ir: ModelIR, config: TrainConfig) -> Iterator[dict]:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     stop = config.stop_after or config.steps
     began = time.perf_counter()
+    paused = 0.0  # seconds spent in `until`, not training
     try:
         model.train()
         for step in range(start, stop):
@@ -169,11 +175,16 @@ def train(ir: ModelIR, config: TrainConfig) -> Iterator[dict]:
             record = {"step": done, "loss": round(loss_sum, 6), "answer_token_acc": round(correct / count, 6),
                       "lr": lr, "grad_norm": round(float(norm), 6),
                       "samples": done * config.batch * config.accum,
-                      "seconds": round(time.perf_counter() - began, 3)}
+                      "seconds": round(time.perf_counter() - began - paused, 3)}
             log.write(record)
-            if (config.save_every and done % config.save_every == 0) or done == stop:
+            asked = time.perf_counter()
+            stopping = until is not None and bool(until(model, record))
+            paused += time.perf_counter() - asked
+            if (config.save_every and done % config.save_every == 0) or done == stop or stopping:
                 state.save(out, model, optimizer, sched, done)
             yield record
+            if stopping:
+                break
     finally:
         log.close()
     metrics.plot_training(metrics.read(out / metrics.METRICS), out / metrics.PLOT,

@@ -1,5 +1,7 @@
 """Tiny specs for the training tests: small enough that a few steps take a fraction of a second."""
 
+from pathlib import Path
+
 import ltmdsl
 
 #: every stateful kind the trainer must handle (attention, Mamba-1, Mamba-2, MoE), vocab 32
@@ -34,6 +36,11 @@ model conv_attention {
     stack { conv attn }
 }
 """
+
+#: examples/ltm-tiny.ltm (ltm-100m's tiny twin: Mamba-2, short conv, global NoPE attention, MLP, then the
+#: same with sliding-window attention) at vocab 32, read from the example so the test follows its design
+LTM_TINY = (Path(__file__).resolve().parents[2] / "examples" / "ltm-tiny.ltm").read_text(
+    encoding="utf-8").replace("vocab = 256", "vocab = 32")
 
 #: MQAR options that fit vocab 32 in a short context
 MQAR = {"context": 24, "num_kv_pairs": 2, "vocab_size": 32}
