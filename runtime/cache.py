@@ -54,6 +54,14 @@ class CacheRequest:
             raise ValueError(f"tp = {self.tp} does not divide the {n} {what} of this cache")
         return n // self.tp
 
+    def kv_per_rank(self, n: int) -> int:
+        """This rank's KV heads of `n`: n / t, or one when t is a multiple of n (fewer KV heads than ranks: each
+        rank holds the KV head its query heads use, as tp replicates them, Megatron-LM's convention); ValueError
+        otherwise (the plan refuses such a model before it is split)."""
+        if self.tp > n and self.tp % n == 0:
+            return 1
+        return self.per_rank(n, "KV heads")
+
 
 class LayerCache(abc.ABC):
     """One sub-layer's cache. Subclasses are dataclasses whose tensor fields `tensors()` lists; the

@@ -74,7 +74,7 @@ def new_cache(cfg: AttentionConfig, req: CacheRequest) -> KVCache:
     """Zeroed keys and values in the KV dtype: max_context slots, or a ring of min(max_context, W); Hkv / t KV
     heads on a tensor-parallel rank (its tp_plan splits them)."""
     S = req.max_context if cfg.span is None else min(req.max_context, cfg.span)
-    B, Hkv = req.batch_size, req.per_rank(cfg.kv_heads, "KV heads")
+    B, Hkv = req.batch_size, req.kv_per_rank(cfg.kv_heads)
     k = torch.zeros(B, S, Hkv, cfg.head_dim, dtype=req.kv_dtype, device=req.device)  # [B, S, Hkv, D]
     v = torch.zeros(B, S, Hkv, cfg.v_head_dim, dtype=req.kv_dtype, device=req.device)  # [B, S, Hkv, Dv]
     return KVCache(k, v, cfg.span, cfg.chunk)
