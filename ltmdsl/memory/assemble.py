@@ -197,6 +197,11 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
         # the final norm keeps what a sub-layer's pre-norm keeps, its output being the head's input (the
         # "fused" convention reproduces Korthikanti et al., whose count stops at the last layer)
         st.add("activations", "head", flight * activations.MicroBatch(model, s, model.final_norm).base)
+    if not last and s.parallel.pp > 1 and s.saved_by == "eager":
+        # torch.distributed.pipelining keeps each in-flight micro-batch's stage output (the residual stream the
+        # next stage receives) until that stage sends its gradient back
+        mb = activations.MicroBatch(model, s)
+        st.add("activations", "stage output", flight * mb.rep(mb.a * mb.tok * mb.h))
     if last:
         st.add("logits", "head", training.loss_logits(model, s))
     d, largest, terms = model.d_model, 0, {}
