@@ -131,19 +131,23 @@ def _worker(fn, args, rank: int, world: int, store_path: str, backend: str, time
 
 
 def forget_dtensor_caches() -> None:
-    """Empty DTensor's process-global sharding-propagation caches. They are keyed by DeviceMesh equality,
-    which ignores the process group and this rank's place in it, and their results carry the mesh they were
-    computed on: an entry made under another group (a fake-group trace; a forked parent's) gives later ops
-    outputs on that group's mesh, whose coordinate is the other rank's (a DCP save then has two ranks
-    writing one shard's offset and half a tensor missing)."""
-    try:
-        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-    except ImportError:  # an older torch: its Python cache only
-        from torch.distributed.tensor import DTensor
+    """Empty DTensor's process-global sharding-propagation caches (in Python, its tensor-meta cache and the C++
+    dispatch fast path's). They are keyed by DeviceMesh equality, which ignores the process group and this
+    rank's place in it, and their results carry the mesh they were computed on: an entry made under another
+    group (a fake-group trace; a forked parent's) gives later ops outputs on that group's mesh, whose
+    coordinate is the other rank's (a DCP save then has two ranks writing one shard's offset and half a
+    tensor missing)."""
+    import torch
+    from torch.distributed.tensor import DTensor
 
-        DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
-        return
-    _clear_sharding_prop_cache()
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()
+    meta = getattr(propagator, "_propagate_tensor_meta_cached", None)  # absent in some torch versions
+    if meta is not None:
+        meta.cache_clear()
+    fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if fast_path is not None:
+        fast_path()
 
 
 def _send(conn, message) -> None:

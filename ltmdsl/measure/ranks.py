@@ -23,8 +23,8 @@ DTensor caches its sharding propagation by op schema (in Python and in its C++ d
 plan's mesh of the same shape and names: a trace after another tensor-parallel trace in the same process was
 handed a mesh of the earlier (destroyed) group ("Could not resolve the process group"), and workers forked
 from this process would inherit the fake group's meshes with the traced rank's coordinate. `fake_group` clears
-those caches when it opens and closes a group, so each plan's DTensors carry its own mesh (and launched workers
-clear them again: ltmdsl.distributed.launch.forget_dtensor_caches).
+those caches when it opens and closes a group (ltmdsl.distributed.launch.forget_dtensor_caches, which launched
+workers also call), so each plan's DTensors carry its own mesh.
 """
 
 from __future__ import annotations
@@ -53,29 +53,19 @@ def fake_group(plan: ParallelPlan, stage: int):
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from ltmdsl.distributed.launch import forget_dtensor_caches
     from ltmdsl.distributed.mesh import device_mesh
 
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialised; trace a parallel plan outside distributed runs")
-    _clear_sharding_caches()
+    forget_dtensor_caches()
     dist.init_process_group("fake", store=FakeStore(), rank=traced_rank(plan, stage), world_size=plan.world)
     try:
         with private_shape_propagation():
             yield device_mesh(plan, "cpu")
     finally:
         dist.destroy_process_group()
-        _clear_sharding_caches()
-
-
-def _clear_sharding_caches() -> None:
-    """Forget DTensor's cached sharding propagation (module docstring: it would hand out another group's mesh)."""
-    import torch
-    from torch.distributed.tensor import DTensor
-
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    propagator.propagate_op_sharding.cache_clear()  # the Python cache
-    propagator._propagate_tensor_meta_cached.cache_clear()
-    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's
+        forget_dtensor_caches()
 
 
 @contextlib.contextmanager
