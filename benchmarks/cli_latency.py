@@ -23,6 +23,7 @@ COMMANDS = {
                                           "examples/llama-3.1-405b.ltm"],
     "show jamba-v0.1": [sys.executable, "-m", "ltmdsl.cli", "show", "examples/jamba-v0.1.ltm"],
     "memory ltm-100m": [sys.executable, "-m", "ltmdsl.cli", "memory", "examples/ltm-100m.ltm"],
+    "memory tiny-hybrid (every kind)": [sys.executable, "-m", "ltmdsl.cli", "memory", "examples/tiny-hybrid.ltm"],
     "memory llama-3.1-405b --json": [sys.executable, "-m", "ltmdsl.cli", "memory", "--json",
                                      "examples/llama-3.1-405b.ltm"],
 }

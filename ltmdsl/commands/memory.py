@@ -10,7 +10,9 @@ else the defaults of ltmdsl.memory.settings (inference, T = 128Ki, B = 1, H100 c
 `--measure` runs the budget's step at full size on fake tensors (ltmdsl.measure: imports torch, nothing is
 allocated) and prints, per component, the predicted bytes, the traced bytes and their relative difference,
 plus the traced peak and the phase in which it happens; with --json the keys `predicted` and `measured`
-({component: bytes}) and `peak_bytes`. Without --measure torch is never imported.
+({component: bytes}) and `peak_bytes`. `--measure --device cuda` runs the same step for real on the GPU
+(one-GPU plans) and adds the CUDA allocator's peak (`torch.cuda.max_memory_allocated`,
+`allocated_peak_bytes`). Without --measure torch is never imported.
 
 Exit codes, as `ltmdsl check`'s: 0 the report says it fits, 1 invalid spec, 2 usage error (unknown budget,
 GPU, bad number), 3 the report is printed but a `require` line fails or the most loaded GPU is over its
@@ -37,6 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", metavar="PNG", help="write a log-log plot of bytes against context")
     p.add_argument("--measure", action="store_true",
                    help="trace the budget's step on fake tensors and compare with the prediction (imports torch)")
+    p.add_argument("--device", metavar="DEV",
+                   help="with --measure: run the step for real on this device (cuda, cuda:1) instead of fake tensors, "
+                        "and report the CUDA allocator's peak")
 
 
 def _error(where: str, message: str) -> int:
@@ -57,6 +62,9 @@ def run(args) -> int:
         return _error("ltmdsl memory", str(e))
     if args.mode:
         overrides["mode"] = args.mode
+    device = getattr(args, "device", None)
+    if device is not None and not getattr(args, "measure", False):
+        return _error("ltmdsl memory", "--device runs the measured step on a device: give --measure too")
     if args.plot:  # refuse before any work when the 'plot' extra is missing (the CLI names it)
         import matplotlib  # noqa: F401
     from ltmdsl.memory import report  # sympy only once the arguments are known to be sane
@@ -82,7 +90,7 @@ def run(args) -> int:
         if args.gpu:
             extra["gpu"] = args.gpu
         if getattr(args, "measure", False):
-            code = _measure(path, spec, model, budget, extra, args.json)
+            code = _measure(path, spec, model, budget, extra, args.json, device)
             if code:
                 return code
             continue
@@ -109,12 +117,22 @@ def run(args) -> int:
     return EXIT_OK if all(r.fits for r in reports) else EXIT_BUDGET
 
 
-def _measure(path, spec, model, budget, overrides: dict, as_json: bool) -> int:
+def _measure(path, spec, model, budget, overrides: dict, as_json: bool, device: str | None = None) -> int:
     """`--measure`: trace and print one spec's comparison (module docstring); 0, or the exit code of a refusal."""
     from ltmdsl.measure import NotTraceable, TooLargeToTrace, measure
 
+    if device is not None:
+        import torch
+
+        try:
+            where = torch.device(device)
+        except RuntimeError as e:
+            return _error("ltmdsl memory", f"--device {device!r}: {e}")
+        if where.type == "cuda" and not torch.cuda.is_available():
+            return _error("ltmdsl memory", f"--device {device}: no CUDA device here; leave --device out to trace on "
+                          "fake tensors")
     try:
-        m = measure(model, budget, user_gpus={g.name: g for g in spec.ir.gpus}, **overrides)
+        m = measure(model, budget, user_gpus={g.name: g for g in spec.ir.gpus}, device=device, **overrides)
     except (NotTraceable, TooLargeToTrace) as e:
         print(f"{path}: error: {e}", file=sys.stderr)
         return 3

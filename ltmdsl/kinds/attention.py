@@ -53,7 +53,7 @@ from ltmdsl.ir import LayerConfig, RopeScaling
 from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, divide, none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, cdiv, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, cdiv, per_replica
 
 R = sympy.Rational
 
@@ -68,7 +68,7 @@ def mask_rows(keys):
     for an int (the runtime) or a sympy expression (the memory model)."""
     if isinstance(keys, int):
         return min(QUERY_BLOCK, max(1, MASK_ELEMENTS // keys))
-    return sympy.Min(QUERY_BLOCK, sympy.Max(1, sympy.floor(MASK_ELEMENTS / keys)))
+    return sympy.Min(QUERY_BLOCK, Largest(1, sympy.floor(MASK_ELEMENTS / keys)))
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ def cache(c: AttentionConfig, s) -> tuple[CacheTerm, ...]:
 
 def workspace(c: AttentionConfig, d: int, s):
     """The larger of a prefill chunk's workspace (`prefill_workspace`) and a decode step's (`decode_workspace`)."""
-    return sympy.Max(prefill_workspace(c, s), decode_workspace(c, s))
+    return Largest(prefill_workspace(c, s), decode_workspace(c, s))
 
 
 def decode_workspace(c: AttentionConfig, s):
@@ -310,7 +310,7 @@ def decode_workspace(c: AttentionConfig, s):
     slots = tokens_held(c) / R(s.cp)
     hkv, h = cdiv(c.kv_heads, s.tp), c.heads / R(s.tp)
     copies = 0 if hkv == 1 else sympy.Min(1, b - 1)  # 1 when b > 1 (b is a whole number), else 0
-    out = b * slots * sympy.Max(copies * a * hkv * c.head_dim + a * h, (a + 8) * h,
+    out = b * slots * Largest(copies * a * hkv * c.head_dim + a * h, (a + 8) * h,
                                 a * h + copies * a * hkv * c.v_head_dim)
     if s.kv_dtype.name != s.activation_dtype.name:
         out += a * b * slots * hkv * (c.head_dim + c.v_head_dim)
@@ -419,7 +419,7 @@ def backward(c: AttentionConfig, x):
         grads += x.split(max(4, a) * x.b * x.s * T * c.heads)
     q_width = c.heads * c.head_dim * (2 if c.gate else 1)
     weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * x.h * max(q_width, c.heads * c.v_head_dim))
-    return sympy.Max(grads, weight)
+    return Largest(grads, weight)
 
 
 KIND = Kind(

@@ -67,7 +67,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive,
     none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 SUB = 16  # row block of the per-channel decay's exact [SUB, SUB, Dk] tensors (runtime/ops_delta.py)
 
@@ -186,7 +186,7 @@ def rule_chunk_workspace(c: DeltaShape, b, heads, cw, copy, multi):
     if not c.per_channel:
         return end
     E = 4 * b * heads * sympy.Min(SUB, cw) ** 2 * c.dk
-    return sympy.Max(end, multi * S + copy + 4 * Xk + Xv + 2 * Q + G + 3 * E + 2 * E / c.dk + 5 * cw**2)
+    return Largest(end, multi * S + copy + 4 * Xk + Xv + 2 * Q + G + 3 * E + 2 * E / c.dk + 5 * cw**2)
 
 
 def delta_workspace(c: DeltaShape, s, finish, extra=()):
@@ -206,7 +206,7 @@ def delta_workspace(c: DeltaShape, s, finish, extra=()):
     copy = 4 * b * R(c.heads, s.tp) * c.dk * c.dv if sb != 4 else 0
     rule = ((a * n * (D + c.beside_conv + c.heads * c.dv) + 4 * n * c.heads * (c.decay + 1)) / t
             + rule_chunk_workspace(c, b, R(c.heads, s.tp), cw, copy, sympy.Min(1, sympy.ceiling(n_cc / c.chunk) - 1)))
-    return sympy.Max(conv, update, rule, finish(n, a, b, cw), *extra)
+    return Largest(conv, update, rule, finish(n, a, b, cw), *extra)
 
 
 def norm_gate_block(c: DeltaShape, b, cw, t):
@@ -248,7 +248,7 @@ def workspace(c: GatedDeltaNetConfig, d: int, s):
 
     def finish(n, a, b, cw):
         """z, o and the gated norm's output, with one norm block's temporaries or out_proj's output."""
-        return a * n * 3 * vd / t + sympy.Max(norm_gate_block(sh, b, cw, t), a * n * d)
+        return a * n * 3 * vd / t + Largest(norm_gate_block(sh, b, cw, t), a * n * d)
 
     return delta_workspace(sh, s, finish)
 

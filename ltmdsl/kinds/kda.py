@@ -32,7 +32,7 @@ from ltmdsl.kinds.base import Flops, Kind, ModelContext, Param, Split, no_contex
 from ltmdsl.kinds.gated_deltanet import (
     DeltaShape, check_chunk, delta_backward, delta_cache, delta_flops, delta_stored, delta_workspace, norm_gate_block,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 
@@ -93,7 +93,7 @@ def workspace(c: KDAConfig, d: int, s):
 
     def finish(n, a, b, cw):
         """o, the output gate and the gated norm's output, with one norm block's temporaries or o_proj's output."""
-        return a * n * 3 * inner / t + sympy.Max(norm_gate_block(sh, b, cw, t), a * n * d)
+        return a * n * 3 * inner / t + Largest(norm_gate_block(sh, b, cw, t), a * n * d)
 
     b = per_replica(B, s.dp)
     n = b * sympy.Min(C, T) / R(s.cp)

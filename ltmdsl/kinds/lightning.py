@@ -55,7 +55,7 @@ from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     CacheTerm, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 from ltmdsl.units import DTYPES
 
 R = sympy.Rational
@@ -127,11 +127,11 @@ def workspace(c: LightningConfig, d: int, s):
     scores = multi * S + copies + common + 8 * b * h * cw**2  # q k^T and its masked product
     end = (2 + multi) * S + copies + common + 4 * b * h * cw * 2 * D + 8 * h * cw  # k * decay, the block's o
     qkv = a * n * 6 * hd / t  # the projection and its activation
-    rule = a * n * 4 * hd / t + sympy.Max(scores, end)  # q, k, v and o beside one block's working set
+    rule = a * n * 4 * hd / t + Largest(scores, end)  # q, k, v and o beside one block's working set
     norm = (a + 8 if a < 4 else 3 * a) * n * hd / t  # o and the norm's fp32 copies
     gate = a * n * 4 * hd / t if c.gate else 0  # o, its norm, the gate's projection and sigmoid
     out = a * n * (2 * hd / t + d)  # o, the gated norm and out_proj's output
-    return sympy.Max(qkv, rule, norm, gate, out)
+    return Largest(qkv, rule, norm, gate, out)
 
 
 def stored(c: LightningConfig, x, selective: bool):

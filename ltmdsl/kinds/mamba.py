@@ -43,7 +43,7 @@ from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     CacheTerm, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 SCAN_CHUNK = 64  # tokens per chunk of the runtime's selective_scan (ltmdsl/runtime/ops_scan.py)
@@ -113,7 +113,7 @@ def workspace(c: MambaConfig, d: int, s):
     held = s.activation_dtype.bytes * tok * (4 * di + c.dt_rank + 2 * N)
     scan = 4 * tok * di + 4 * b * di * N * (4 * L - 1) + 4 * di * N + 8 * b * di * N
     gate = 12 * tok * di + 4 * b * di * N
-    return held + sympy.Max(scan, gate)
+    return held + Largest(scan, gate)
 
 
 def stored(c: MambaConfig, x, selective: bool):

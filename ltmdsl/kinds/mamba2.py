@@ -42,7 +42,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, divide, no_context_limit,
     none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 
@@ -125,7 +125,7 @@ def workspace(c: Mamba2Config, d: int, s):
     state = 4 * b * hs * c.head_dim * N
     scan = 16 * b * L**2 * hs + 8 * b * L * hs * N + 4 * b * L * di + state
     gate = (16 if c.gated_norm else 12) * tok * di + state
-    return held + sympy.Max(scan, gate)
+    return held + Largest(scan, gate)
 
 
 def stored(c: Mamba2Config, x, selective: bool):

@@ -57,7 +57,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_inactive, none_per_use,
 )
 from ltmdsl.kinds.base import no_context_limit
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 
@@ -211,7 +211,7 @@ def backward(c: MLAConfig, x):
         grads += x.split(max(4, a) * x.b * x.s * T * c.heads)
     q_in = c.q_lora_rank or x.h
     weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * max(c.heads * c.qk_head_dim * q_in, x.h * c.heads * c.v_head_dim))
-    return sympy.Max(grads, weight)
+    return Largest(grads, weight)
 
 
 KIND = Kind(

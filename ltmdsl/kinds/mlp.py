@@ -23,7 +23,7 @@ from ltmdsl.kinds.base import (
     ACTIVATIONS, GATED, Flops, Kind, ModelContext, Param, Split, inference_ffn_width, no_cache, no_context_limit,
     none_inactive, saved_ffn_width, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 
@@ -84,7 +84,7 @@ def backward(c: MLPConfig, x):
     F, a, tok = c.d_ff, x.a, x.tok
     hidden = x.split(a * tok * (2 * F if c.gated else F))
     weight = x.split(a * tok * F + x.w * x.h * F)
-    return sympy.Max(hidden, weight)
+    return Largest(hidden, weight)
 
 
 KIND = Kind(

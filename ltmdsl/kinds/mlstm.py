@@ -51,7 +51,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive,
     none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 
@@ -128,7 +128,7 @@ def workspace(c: MlstmConfig, d: int, s):
     held = s.activation_dtype.bytes * tok * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads) / t + 8 * tok * h
     scan = 12 * b * h * S + 4 * b * L * (2 * c.qk_dim + 4 * c.v_dim) / t + 16 * b * h * L**2
     norm = (s.activation_dtype.bytes + 8) * tok * c.v_dim / t + 4 * b * h * S
-    return held + sympy.Max(scan, norm)
+    return held + Largest(scan, norm)
 
 
 def stored(c: MlstmConfig, x, selective: bool):

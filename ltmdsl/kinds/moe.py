@@ -59,7 +59,7 @@ from ltmdsl.kinds.base import (
     ACTIVATIONS, GATED, CheckError, Flops, Kind, ModelContext, Param, Split, inference_ffn_width, no_cache,
     no_context_limit, saved_ffn_width, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 ROUTINGS = ("softmax_topk_renorm", "softmax_topk", "topk_softmax", "sigmoid_topk_renorm", "sigmoid_topk")
@@ -224,11 +224,11 @@ def workspace(c: MoEConfig, d: int, s):
         # beside one local expert on its ep*m rows from every rank, then the results sent back and weighted
         # beside the output; the assignments' fp32 weights in send order beside w
         rows = 2 * a * n * c.top_k * d
-        one = d + sympy.Max(expert, d + expert / 2)  # its input; the MLP, or the down projection's input and
-        loop = 2 * weights + rows + a * sympy.Max(s.ep * m * one, n * d)  # output beside gate (gated)
-    out = sympy.Max(route, loop)
+        one = d + Largest(expert, d + expert / 2)  # its input; the MLP, or the down projection's input and
+        loop = 2 * weights + rows + a * Largest(s.ep * m * one, n * d)  # output beside gate (gated)
+    out = Largest(route, loop)
     if c.shared_d_ff:
-        out = sympy.Max(out, a * n * d + weights + a * n * sympy.Max(inference_ffn_width(c.activation, c.shared_d_ff) / t,
+        out = Largest(out, a * n * d + weights + a * n * Largest(inference_ffn_width(c.activation, c.shared_d_ff) / t,
                                                                      2 * d))
     return out
 

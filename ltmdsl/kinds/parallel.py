@@ -27,7 +27,7 @@ import sympy
 
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_per_use
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 
@@ -94,7 +94,7 @@ def cache(c: ParallelConfig, s) -> tuple[CacheTerm, ...]:
 def workspace(c: ParallelConfig, d: int, s):
     tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
     first, second = (_kind(x).workspace(x, d, s) for _, x, _, _ in c.branches)
-    return sympy.Max(first, second) + s.activation_dtype.bytes * tok * d
+    return Largest(first, second) + s.activation_dtype.bytes * tok * d
 
 
 def stored(c: ParallelConfig, x, selective: bool):
@@ -123,7 +123,7 @@ def dims(c: ParallelConfig) -> str:
 def backward(c: ParallelConfig, x):
     """The larger branch's backward beside the other branch's output gradient, a*tok*d (replicated)."""
     first, second = (_kind(b).backward(b, x) for _, b, _, _ in c.branches)
-    return sympy.Max(first, second) + x.rep(x.a * x.tok * x.h)
+    return Largest(first, second) + x.rep(x.a * x.tok * x.h)
 
 
 KIND = Kind(

@@ -47,7 +47,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive,
     none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 ACTIVATIONS = ("gelu_tanh", "gelu")
@@ -98,7 +98,7 @@ def workspace(c: RgLruConfig, d: int, s):
     cc = sympy.Min(C, T) / R(s.cp)
     tok, w = b * cc, c.width / R(s.tp)
     a = s.activation_dtype.bytes
-    return 5 * a * tok * w + 4 * b * w + sympy.Max(24 * b * sympy.Min(c.chunk, cc) * w, 2 * a * tok * w)
+    return 5 * a * tok * w + 4 * b * w + Largest(24 * b * sympy.Min(c.chunk, cc) * w, 2 * a * tok * w)
 
 
 def stored(c: RgLruConfig, x, selective: bool):

@@ -30,7 +30,7 @@ from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     CacheTerm, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 
@@ -98,7 +98,7 @@ def backward(c: ShortConvConfig, x):
     """The backward's peak beyond `stored` and the output's gradient: two gradients of the gated
     convolution's width, 2a*tok*W, or out_proj's weight gradient in w beside its input's, a*tok*W + w*W*d."""
     a, tok = x.a, x.tok
-    return sympy.Max(x.split(2 * a * tok * c.width), x.split(a * tok * c.width + x.w * c.width * x.h))
+    return Largest(x.split(2 * a * tok * c.width), x.split(a * tok * c.width + x.w * c.width * x.h))
 
 
 KIND = Kind(

@@ -41,7 +41,7 @@ import sympy
 
 from ltmdsl.ir import LayerConfig, NormConfig
 from ltmdsl.kinds.base import GATED, CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split
-from ltmdsl.memory.symbols import B, C, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
 
 R = sympy.Rational
 
@@ -149,7 +149,7 @@ def cache(c: TransformerBlockConfig, s) -> tuple[CacheTerm, ...]:
 
 def workspace(c: TransformerBlockConfig, d: int, s):
     tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
-    parts = sympy.Max(_kind(c.attn).workspace(c.attn, d, s), _kind(c.ffn).workspace(c.ffn, d, s))
+    parts = Largest(_kind(c.attn).workspace(c.attn, d, s), _kind(c.ffn).workspace(c.ffn, d, s))
     return parts + s.activation_dtype.bytes * tok * (c.d_in + d)
 
 
@@ -176,7 +176,7 @@ def dims(c: TransformerBlockConfig) -> str:
 def backward(c: TransformerBlockConfig, x):
     """The larger part's backward (attention or FFN) beside the gradient of the block's stream between them,
     a*tok*d (replicated)."""
-    parts = sympy.Max(_kind(c.attn).backward(c.attn, x), _kind(c.ffn).backward(c.ffn, x))
+    parts = Largest(_kind(c.attn).backward(c.attn, x), _kind(c.ffn).backward(c.ffn, x))
     return parts + x.rep(x.a * x.tok * x.h)
 
 

@@ -80,9 +80,12 @@ def _supported(ir, s) -> None:
                            "runtime computes in its weights' dtype")
 
 
-def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
+def measure(model, budget=None, *, user_gpus=None, device: str | None = None, **overrides) -> Measurement:
     """Trace the budget's step for one rank and compare it with `ltmdsl.memory.report` (module docstring).
 
+    `device="cuda"` runs the same step for real on that GPU instead of on fake tensors (one-GPU plans only,
+    weights left uninitialised: only bytes are read) and also reports the CUDA caching allocator's own peak,
+    `torch.cuda.max_memory_allocated`, beside the tracked one.
     Raises NotTraceable (a kind without a fake-safe path, an untraced plan) or TooLargeToTrace.
     """
     from ltmdsl.memory import report
@@ -95,7 +98,11 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
     notes = fakesafe.check(model)
     _supported(model, s)
     stage_index = r.most_loaded_stage
-    cost.check(model, s, stage_index)
+    if device is not None and ranks.needs_group(s.parallel):
+        raise NotTraceable(f"a real run on {device} measures one GPU's plan; this budget's plan "
+                           f"({s.parallel.world} GPUs) needs its process group: trace it on fake tensors")
+    if device is None:
+        cost.check(model, s, stage_index)
     from ltmdsl.runtime.build import TORCH_DTYPES, construct
     from ltmdsl.runtime.kernels import REFERENCE_KERNELS, TORCH_KERNELS
 
@@ -123,7 +130,8 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
         sizes, root = None, None
         if ranks.needs_group(s.parallel):
             sizes, root = _split(net, model, s, stage_index, group, notes)
-        measured, peak, phase, phases = _trace(net, model, s, stage_index, sizes, dtype, notes, root)
+        measured, peak, phase, phases, allocated = _trace(net, model, s, stage_index, sizes, dtype, notes, root,
+                                                          device)
     predicted = dict(r.per_gpu_components)
     if s.mode == "inference":
         predicted = {c: predicted.get(c, 0) for c in ("weights", "kv_cache", "recurrent_state", "activations", "logits")}
@@ -131,7 +139,7 @@ def measure(model, budget=None, *, user_gpus=None, **overrides) -> Measurement:
     if "temporaries" in predicted:  # the traced peak beyond everything the step holds: the backward's transients
         measured["temporaries"] = max(0, peak - sum(v for c, v in measured.items() if c != "temporaries"))
     return Measurement(model.name, s.budget, s.mode, predicted, measured, peak, phase, r.per_gpu_bytes,
-                       stage_index, time.perf_counter() - t0, notes, phases)
+                       stage_index, time.perf_counter() - t0, notes, phases, device or "fake", allocated)
 
 
 def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: list[str]):
@@ -162,15 +170,33 @@ def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: 
     return sizes, root
 
 
-def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str], root=None):
-    """The traced step on fake tensors: (measured components, peak bytes, its phase, the phase marks)."""
+def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str], root=None, device: str | None = None):
+    """The traced step on fake tensors, or for real on `device`: (measured components, peak bytes, its phase,
+    the phase marks, the CUDA allocator's peak over the step or None)."""
+    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ltmdsl.measure import infer, stage as stage_mod, train
     from ltmdsl.measure.timeline import StepTracker, Timeline
 
-    with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters are the only non-fake inputs
-        st = stage_mod.materialise(net, model, s.pp, stage_index, sizes, root)
+    if device is None:  # the meta parameters are the only non-fake inputs
+        where = contextlib.ExitStack()
+        where.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+    else:  # a real run: the step's factory calls (inputs, states) allocate on the device
+        where = contextlib.ExitStack()
+        where.enter_context(torch.device(device))
+        cuda = torch.device(device).type == "cuda"
+        name = torch.cuda.get_device_name(device) if cuda else device
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        notes.append(f"run for real on {name} (weights uninitialised: bytes only"
+                     + ("; the allocator's peak is max_memory_allocated over the step, less what was allocated "
+                        "before)" if cuda else ")"))
+    allocated = None
+    with where:
+        st = stage_mod.materialise(net, model, s.pp, stage_index, sizes, root, device=device or "cpu")
         if st.buffer_bytes():
             notes.append(f"the held modules' buffers ({st.buffer_bytes():,} B of computed constants) are live but "
                          "not counted as weights")
@@ -185,4 +211,7 @@ def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str], root
             measured, peaks, phases = infer.run(st, model, s, dtype)
             phase = max(peaks, key=peaks.get)
             peak = peaks[phase]
-    return measured, peak, phase, phases
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+            allocated = torch.cuda.max_memory_allocated(device) - before
+    return measured, peak, phase, phases, allocated

@@ -36,6 +36,8 @@ class Measurement:
     seconds: float
     notes: list[str] = field(default_factory=list)
     phases: list[tuple[str, int, int]] = field(default_factory=list)  # (phase, live, peak so far)
+    device: str = "fake"  # "fake": traced on fake tensors; else the device the step ran on for real
+    allocated_peak: int | None = None  # a real CUDA run: torch.cuda.max_memory_allocated over the step
 
     @property
     def relative(self) -> dict[str, float | None]:
@@ -51,12 +53,16 @@ class Measurement:
             "predicted": dict(self.predicted), "measured": dict(self.measured), "relative": self.relative,
             "peak_bytes": self.peak_bytes, "peak_phase": self.peak_phase,
             "predicted_per_gpu_bytes": self.predicted_per_gpu, "peak_relative": self.peak_relative,
-            "seconds": round(self.seconds, 2), "notes": list(self.notes),
+            "seconds": round(self.seconds, 2), "notes": list(self.notes), "device": self.device,
+            **({} if self.allocated_peak is None else {
+                "allocated_peak_bytes": self.allocated_peak,
+                "allocated_peak_relative": rel(self.allocated_peak, self.predicted_per_gpu)}),
         }
 
     def to_text(self) -> str:
         head = f"model {self.model}, budget {self.budget or '(defaults)'}, {self.mode}"
-        head += f", traced on fake tensors in {self.seconds:.1f} s (one rank"
+        where = "traced on fake tensors" if self.device == "fake" else f"run on {self.device}"
+        head += f", {where} in {self.seconds:.1f} s (one rank"
         head += f", pipeline stage {self.stage})" if self.stage else ")"
         rows = [("component", "predicted", "traced", "difference")]
         for c, p in self.predicted.items():
@@ -66,6 +72,10 @@ class Measurement:
         pr = self.peak_relative
         rows.append(("per-GPU total / traced peak", format_bytes(self.predicted_per_gpu), format_bytes(self.peak_bytes),
                      "n/a" if pr is None else f"{100 * pr:+.2f}%"))
+        if self.allocated_peak is not None:
+            ar = rel(self.allocated_peak, self.predicted_per_gpu)
+            rows.append(("per-GPU total / CUDA allocator peak", format_bytes(self.predicted_per_gpu),
+                         format_bytes(self.allocated_peak), "n/a" if ar is None else f"{100 * ar:+.2f}%"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [head, ""]
         for r in rows:

@@ -131,18 +131,19 @@ def pipeline_root(net: nn.Module, ir: ModelIR, pp: int, index: int) -> nn.Module
 
 
 def materialise(net: nn.Module, ir: ModelIR, pp: int, index: int, sizes: dict[str, int] | None = None,
-                fsdp_root: nn.Module | None = None) -> Stage:
-    """Give the modules of stage `index` storage (fake, under the caller's FakeTensorMode) and bind the
-    tracing paths of the kinds that need one. `sizes`: `local_sizes` of a split model; `fsdp_root`: FSDP2's
-    root under ZeRO-3 (materialised through it, so that FSDP2 keeps its sharded parameters in step)."""
+                fsdp_root: nn.Module | None = None, device: str = "cpu") -> Stage:
+    """Give the modules of stage `index` storage (fake, under the caller's FakeTensorMode; real and
+    uninitialised on `device` otherwise) and bind the tracing paths of the kinds that need one. `sizes`:
+    `local_sizes` of a split model; `fsdp_root`: FSDP2's root under ZeRO-3 (materialised through it, so that
+    FSDP2 keeps its sharded parameters in step)."""
     layers = stage_ranges(len(ir.layers), pp)[index]
     stage = Stage(net, index, layers, index == 0, index == pp - 1, checkpoint_units(ir, layers), sizes, fsdp_root)
     if fsdp_root is not None:  # the root's call keeps FSDP2's sharded parameters in step
-        fsdp_root.to_empty(device=torch.device("cpu"), recurse=True)
+        fsdp_root.to_empty(device=torch.device(device), recurse=True)
     elif pp == 1:  # the whole model
-        net.to_empty(device=torch.device("cpu"), recurse=True)
+        net.to_empty(device=torch.device(device), recurse=True)
     else:
         for m in stage.held():
-            m.to_empty(device=torch.device("cpu"), recurse=True)
+            m.to_empty(device=torch.device(device), recurse=True)
     fakesafe.prepare(stage.blocks)
     return stage

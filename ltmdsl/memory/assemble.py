@@ -31,6 +31,7 @@ from ltmdsl import kinds
 from ltmdsl.ir import ModelIR
 from ltmdsl.memory import activations, inference, training
 from ltmdsl.memory.settings import Settings
+from ltmdsl.memory.symbols import Largest
 
 INFERENCE_COMPONENTS = ("weights", "kv_cache", "recurrent_state", "activations", "logits")
 TRAINING_COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "temporaries")
@@ -168,11 +169,11 @@ def _inference(st: StageExprs, model: ModelIR, s: Settings, counts: dict, last: 
         for term in kind.cache(mixer, s):
             st.add(term.component, kind.name if term.part is None else f"{kind.name}/{term.part}", n * term.bytes)
         ws = kind.workspace(mixer, model.d_model, s)
-        workspaces[kind.name] = sympy.Max(workspaces[kind.name], ws) if kind.name in workspaces else ws
+        workspaces[kind.name] = Largest(workspaces[kind.name], ws) if kind.name in workspaces else ws
     residual = inference.residual_workspace(model, s)
     st.by_kind["activations"] = {"residual": residual, **workspaces}
-    layers = residual + (sympy.Max(*workspaces.values()) if workspaces else ZERO)
-    st.combined["activations"] = sympy.Max(layers, inference.norm_workspace(model, s))
+    layers = residual + (Largest(*workspaces.values()) if workspaces else ZERO)
+    st.combined["activations"] = Largest(layers, inference.norm_workspace(model, s))
     if last:
         st.add("logits", "head", inference.logits(model, s))
 
@@ -186,7 +187,7 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
                   if not kinds.kind_of(m).is_ffn]
         ffns = [activations.stored(m, model, s, "none", nm, post) for (m, nm, post), _n in counts.items()
                 if kinds.kind_of(m).is_ffn]
-        working = (sympy.Max(*mixers) if mixers else ZERO) + (sympy.Max(*ffns) if ffns else ZERO)
+        working = (Largest(*mixers) if mixers else ZERO) + (Largest(*ffns) if ffns else ZERO)
         st.add("activations", "working set", working)
     else:
         working = ZERO

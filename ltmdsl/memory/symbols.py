@@ -59,6 +59,33 @@ def ceil_bytes(x: int | Fraction) -> int:
     return int(_ceil(x))
 
 
+class Largest(sympy.Function):
+    """max(a, b, ...) that stays unevaluated while an argument is symbolic, and is the number once all are.
+
+    `sympy.Max` proves which argument is largest by comparing every pair symbolically (factoring their
+    differences), seconds on a model of many kinds whose facets each take a max; the memory model never
+    needs that proof, since it evaluates exactly at numbers (`compile_exact`). Nested maxima are flattened,
+    repeated arguments dropped and the numeric ones folded into one.
+    """
+
+    @classmethod
+    def eval(cls, *args):
+        flat: list[sympy.Expr] = []
+        for a in args:
+            for x in (a.args if isinstance(a, Largest) else (a,)):
+                if x not in flat:
+                    flat.append(x)
+        numbers = [x for x in flat if x.is_number]
+        if len(numbers) == len(flat):
+            return sympy.Max(*flat)
+        keep = [x for x in flat if not x.is_number] + ([sympy.Max(*numbers)] if numbers else [])
+        if len(keep) == 1:
+            return keep[0]
+        if tuple(keep) != tuple(args):
+            return cls(*keep)
+        return None
+
+
 def to_python(expr: sympy.Expr) -> str:
     """Python source for `expr` using only int, Fraction, min, max and exact ceiling/floor.
 
@@ -83,7 +110,7 @@ def to_python(expr: sympy.Expr) -> str:
             return f"(_F(1) / ({to_python(base)} ** {-int(exp)}))"
     if isinstance(expr, sympy.Min):
         return "min(" + ", ".join(to_python(a) for a in expr.args) + ")"
-    if isinstance(expr, sympy.Max):
+    if isinstance(expr, (sympy.Max, Largest)):
         return "max(" + ", ".join(to_python(a) for a in expr.args) + ")"
     if isinstance(expr, sympy.ceiling) and expr.args[0].is_Pow and expr.args[0].args[1] == sympy.Rational(1, 2):
         return f"_ceil_sqrt({to_python(expr.args[0].args[0])})"
@@ -129,7 +156,8 @@ def cdiv(a: int, b: int) -> int:
 def formula_text(expr: sympy.Expr) -> str:
     """A compact human-readable formula: `min` and `ceil` spelled out, `*` kept for clarity."""
     text = sympy.sstr(sympy.sympify(expr), order="grlex")
-    return text.replace("Min(", "min(").replace("Max(", "max(").replace("ceiling(", "ceil(")
+    return (text.replace("Min(", "min(").replace("Max(", "max(").replace("Largest(", "max(")
+            .replace("ceiling(", "ceil("))
 
 
 def growth_order(fn: ExactFn, batch: int, chunk: int) -> str:

@@ -70,7 +70,7 @@ import sympy
 from ltmdsl import kinds
 from ltmdsl.ir import ModelIR, SubLayer
 from ltmdsl.memory.settings import Settings
-from ltmdsl.memory.symbols import B, C, T, per_replica, q
+from ltmdsl.memory.symbols import B, C, Largest, T, per_replica, q
 
 R = sympy.Rational
 
@@ -109,7 +109,7 @@ def _shards(s: Settings, expert: bool):
     """How many ranks share one copy of a parameter's ZeRO-sharded state (see module docstring)."""
     n = q(s.dp) * s.cp
     if expert:
-        n = sympy.Max(1, n / s.ep)
+        n = Largest(1, n / s.ep)
     return n
 
 
@@ -177,20 +177,20 @@ def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int, lay
     tokens = T / R(p.cp)
     terms = []
     if last and p.tp > 1:
-        terms.append(sympy.Max(0, vocab_parallel_working(model, s) - working))
+        terms.append(Largest(0, vocab_parallel_working(model, s) - working))
     elif last:
         if s.chunked_loss:  # one chunk recomputed: its logits (a and fp32) and the two fp32 gradients
-            terms.append(sympy.Max(0, (s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab - working))
+            terms.append(Largest(0, (s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab - working))
         else:  # the fp32 gradients of the log-softmax output and of the logits
-            terms.append(sympy.Max(0, 8 * b * tokens * model.vocab - working))
+            terms.append(Largest(0, 8 * b * tokens * model.vocab - working))
     if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
         terms.append(2 * largest_mixer * s.weight_dtype.bytes / R(p.tp))
     freed = loss_logits(model, s) if last else 0  # the loss's logits are gone when the stack back-propagates
     if layers:
-        terms.append(sympy.Max(0, sympy.Max(*layers) - freed))
+        terms.append(Largest(0, Largest(*layers) - freed))
     if last:
-        terms.append(sympy.Max(0, final_norm - freed - working))
-    return sympy.Max(*terms) if len(terms) > 1 else (terms[0] if terms else sympy.Integer(0))
+        terms.append(Largest(0, final_norm - freed - working))
+    return Largest(*terms) if len(terms) > 1 else (terms[0] if terms else sympy.Integer(0))
 
 
 def vocab_parallel_working(model: ModelIR, s: Settings):
@@ -210,7 +210,7 @@ def vocab_parallel_working(model: ModelIR, s: Settings):
     cols = R(model.vocab, p.tp)  # V'
     cap = 1 if model.logit_cap is not None else 0
     cast = a * cols * d if a != w else 0
-    return sympy.Max((3 + 2 * cap) * f * rows * cols + cast,
+    return Largest((3 + 2 * cap) * f * rows * cols + cast,
                      (2 + cap) * f * rows * cols + f * cols * d + f * rows * d + cast,
                      a * b * tokens * d + (f + w) * cols * d)
 

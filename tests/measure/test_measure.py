@@ -634,3 +634,39 @@ def test_shared_blocks_used_in_turn_trace_like_zamba2(step):
         if component not in ("activations", "temporaries"):
             assert m.measured[component] == m.predicted[component], (component, m.to_text())
     assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+
+
+REAL = {"training": "train", "inference": "serve"}
+
+
+@pytest.mark.parametrize("budget", REAL.values(), ids=REAL.keys())
+def test_a_real_run_tracks_what_the_fake_trace_tracks(dense, budget):
+    """`device=` runs the same step on real (uninitialised) tensors, as a GPU run does with its allocator's
+    peak beside: on the CPU every tracked component and the peak equal the fake trace's, to the byte."""
+    fake = measure(dense.model, _budget(dense, budget))
+    real = measure(dense.model, _budget(dense, budget), device="cpu")
+    assert (real.device, fake.device) == ("cpu", "fake")
+    assert real.measured == fake.measured
+    assert real.peak_bytes == fake.peak_bytes
+    assert real.allocated_peak is None  # the CUDA allocator's peak only on a CUDA device
+    assert "run on cpu" in real.to_text()
+
+
+def test_a_real_run_refuses_a_plan_that_needs_its_process_group(dense):
+    with pytest.raises(NotTraceable, match="one GPU's plan"):
+        measure(dense.model, _budget(dense, "train"), zero=3, gpus=4, device="cpu")
+
+
+def test_device_needs_measure_and_a_present_device(tmp_path, capsys):
+    spec = tmp_path / "dense.ltm"
+    spec.write_text(DENSE)
+    assert main(["memory", str(spec), "--device", "cpu"]) == 2
+    assert "give --measure too" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["memory", str(spec), "--measure", "--device", "cuda"]) == 2
+        assert "no CUDA device here" in capsys.readouterr().err
+    assert main(["memory", str(spec), "--measure", "--device", "cpu", "--budget", "serve", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device"] == "cpu" and out["measured"]["kv_cache"] == out["predicted"]["kv_cache"]
