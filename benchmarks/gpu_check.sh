@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check of ltmdsl's generated Triton kernels, in one go: correctness (bf16, fp32), then timings.
+# GPU check of ltmdsl, in one go: NCCL sanity of `ltmdsl train --nproc` (world size 1), each budget's step
+# run for real against the memory model (torch.cuda.max_memory_allocated, benchmarks/gpu_memory.py), then the
+# generated Triton kernels: correctness (bf16, fp32) and timings.
 #
-#   bash benchmarks/gpu_check.sh [--skip-timing] [--only delta]
+#   bash benchmarks/gpu_check.sh [--skip-timing] [--only delta]      (the flags are gpu_check.py's)
 #
 # The gated delta rule is timed against flash-linear-attention's chunk_gated_delta_rule when `fla` imports
 # (put its wheel, flash_linear_attention-*.whl, in .whl/), else against the runtime's torch chunked op; the
@@ -9,8 +11,9 @@
 #
 # Written for an H100 with torch 2.11, Triton 3.6 and Python 3.12, no network and no lark: the package
 # is staged from this checkout (the package-dir layout of pyproject.toml, copied, nothing built) and any
-# wheels in a carried .whl/ folder are installed offline first. Finishes in under ~6 minutes; results go
-# to stdout and, when $OUT is set, to $OUT/gpu_check.txt.
+# wheels in a carried .whl/ folder are installed offline first. Finishes in under ~9.5 minutes (each part
+# under its own timeout); results go to stdout and, when $OUT is set, to $OUT/gpu_check.txt (NCCL and
+# kernels) and $OUT/gpu_memory.txt / .json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,12 +36,17 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-timeout 340 "$PY" benchmarks/gpu_check.py "$@"
+# torch.distributed on the GPU: `ltmdsl train --nproc 1 --device cuda` (NCCL) against one process.
+timeout 100 "$PY" benchmarks/nccl_check.py 2>&1 | tee ${OUT:+-a "$OUT/gpu_check.txt"}
+nccl=${PIPESTATUS[0]}
+# the memory model against the GPU's own allocator, each budget's step run for real
+timeout 170 "$PY" benchmarks/gpu_memory.py --time-limit 120
+memory=$?
+timeout 290 "$PY" benchmarks/gpu_check.py "$@"
 status=$?
 if [ $status -eq 124 ]; then
-    echo "gpu_check: timed out after 340 s"
-    if [ -n "${OUT:-}" ]; then echo "gpu_check: timed out after 340 s" >>"$OUT/gpu_check.txt"; fi
+    echo "gpu_check: timed out after 290 s"
+    if [ -n "${OUT:-}" ]; then echo "gpu_check: timed out after 290 s" >>"$OUT/gpu_check.txt"; fi
 fi
-# torch.distributed on the GPU: `ltmdsl train --nproc 1 --device cuda` (NCCL) against one process.
-timeout 120 "$PY" benchmarks/nccl_check.py | tee ${OUT:+-a "$OUT/gpu_check.txt"}
-exit $status
+echo "gpu_check: nccl rc $nccl, memory rc $memory, kernels rc $status"
+[ $status -eq 0 ] && [ $nccl -eq 0 ] && [ $memory -eq 0 ]
