@@ -6,8 +6,8 @@ Imports only ltmdsl.codegen and the runtime's reference ops; shapes are built di
 file nor lark is needed (when lark is missing, a stand-in for the spec loader is installed). Correctness:
 every kernel against its PyTorch oracle evaluated in float64 on the GPU (fp32 <= 1e-4 with IEEE dots,
 bf16 <= 1e-2). Timings (triton.testing.do_bench, ms) against torch SDPA's flash backend for attention
-and against the runtime's PyTorch ops for the rest, printed as TFLOP/s, GB/s and fractions of H100 peak
-(989 dense bf16 TFLOP/s, 3.35 TB/s). Targets: attention forward >= 0.9x SDPA at T 16K, D 128, bf16;
+and against the runtime's PyTorch ops for the rest, printed as TFLOP/s, GB/s and fractions of the card's peak
+(H100: 989 dense bf16 TFLOP/s, 3.35 TB/s; H200: 989, 4.8 TB/s). Targets: attention forward >= 0.9x SDPA at T 16K, D 128, bf16;
 decode attention >= 70% of HBM bandwidth at a 1M-token cache; SSD scan >= 50% of HBM bandwidth; the gated
 delta rule (Qwen3-Next's linear layer shape) >= 1.0x flash-linear-attention's `chunk_gated_delta_rule` when
 the `fla` package is importable, else timed against the runtime's torch chunked op (the output names the
@@ -25,8 +25,18 @@ import time
 import traceback
 import types
 
-PEAK_TFLOPS = 989.0
-PEAK_GBS = 3350.0
+#: dense bf16 TFLOP/s and HBM GB/s of the cards this runs on (NVIDIA's datasheets, SXM parts); the peaks in use are
+#: the running card's (`set_peaks`), H100's when the name is unknown
+PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0)}
+PEAK_TFLOPS, PEAK_GBS = PEAKS["H100"]
+
+
+def set_peaks(device_name: str) -> str:
+    """Use the peaks of the card named `device_name` (e.g. "NVIDIA H200"); returns the card's key."""
+    global PEAK_TFLOPS, PEAK_GBS
+    card = next((k for k in PEAKS if k in device_name), "H100")
+    PEAK_TFLOPS, PEAK_GBS = PEAKS[card]
+    return card
 
 
 def say(text: str = "") -> None:
@@ -368,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
+    card = set_peaks(torch.cuda.get_device_name())
     say(f"ltmdsl gpu_check: torch {torch.__version__}, triton {triton.__version__}, "
-        f"python {sys.version.split()[0]}, device {torch.cuda.get_device_name()}")
+        f"python {sys.version.split()[0]}, device {torch.cuda.get_device_name()} (peaks of {card}: "
+        f"{PEAK_TFLOPS:.0f} TFLOP/s, {PEAK_GBS:.0f} GB/s)")
     t0 = time.time()
     status = 0
     checks = [correctness_delta] if args.only == "delta" else [correctness, correctness_delta]

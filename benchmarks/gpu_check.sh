@@ -37,16 +37,16 @@ unset TRITON_INTERPRET
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 # torch.distributed on the GPU: `ltmdsl train --nproc 1 --device cuda` (NCCL) against one process.
-timeout 100 "$PY" benchmarks/nccl_check.py 2>&1 | tee ${OUT:+-a "$OUT/gpu_check.txt"}
+timeout ${NCCL_S:-100} "$PY" benchmarks/nccl_check.py 2>&1 | tee ${OUT:+-a "$OUT/gpu_check.txt"}
 nccl=${PIPESTATUS[0]}
 # the memory model against the GPU's own allocator, each budget's step run for real
-timeout 170 "$PY" benchmarks/gpu_memory.py --time-limit 120
+timeout ${MEMORY_S:-170} "$PY" benchmarks/gpu_memory.py --time-limit $(( ${MEMORY_S:-170} - 50 ))
 memory=$?
-timeout 290 "$PY" benchmarks/gpu_check.py "$@"
+timeout ${KERNELS_S:-290} "$PY" benchmarks/gpu_check.py "$@"
 status=$?
 if [ $status -eq 124 ]; then
-    echo "gpu_check: timed out after 290 s"
-    if [ -n "${OUT:-}" ]; then echo "gpu_check: timed out after 290 s" >>"$OUT/gpu_check.txt"; fi
+    echo "gpu_check: timed out after ${KERNELS_S:-290} s"
+    if [ -n "${OUT:-}" ]; then echo "gpu_check: timed out after ${KERNELS_S:-290} s" >>"$OUT/gpu_check.txt"; fi
 fi
 echo "gpu_check: nccl rc $nccl, memory rc $memory, kernels rc $status"
 [ $status -eq 0 ] && [ $nccl -eq 0 ] && [ $memory -eq 0 ]

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     if args.only:
         cases = [c for c in cases if any(w in c[3] for w in args.only)]
     say("| case | predicted per-GPU | tracked peak | vs predicted | allocator peak | vs predicted | "
-        "activations pred / tracked | states exact | s |")
+        "activations pred / tracked | states: tracked - predicted | s |")
     say("|---|---|---|---|---|---|---|---|---|")
     t0, records, status = time.time(), [], 0
     for spec_path, budget, overrides, label in cases:
@@ -128,13 +128,15 @@ def main(argv=None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
         states = [c for c in ("weights", "gradients", "optimizer", "kv_cache", "recurrent_state") if c in m.predicted]
-        exact = all(m.measured.get(c) == m.predicted[c] for c in states)
+        # on CUDA MemTracker counts each storage in the caching allocator's 512-byte blocks, so the states are
+        # "exact" to that rounding: a few KiB over ~300 parameter tensors
+        diff = sum(m.measured.get(c, 0) - m.predicted[c] for c in states)
         act = f"{format_bytes(m.predicted.get('activations', 0))} / {format_bytes(m.measured.get('activations', 0))}"
         alloc = m.allocated_peak
         say(f"| {label} | {format_bytes(m.predicted_per_gpu)} | {format_bytes(m.peak_bytes)} | {pct(m.peak_relative)} | "
             f"{format_bytes(alloc) if alloc is not None else 'n/a'} | "
             f"{pct(None if alloc is None else (alloc - m.predicted_per_gpu) / m.predicted_per_gpu)} | {act} | "
-            f"{'yes' if exact else 'NO'} | {m.seconds:.1f} |")
+            f"{diff:+,} B | {m.seconds:.1f} |")
         records.append({"label": label, **m.to_json()})
     out = os.environ.get("OUT")
     if out:

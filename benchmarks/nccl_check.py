@@ -36,7 +36,7 @@ def main() -> int:
     ir = ltmdsl.load(ROOT / "examples" / "ltm-tiny.ltm").ir.model()
     with tempfile.TemporaryDirectory() as tmp:
         config = dict(task="mqar", options={"context": 64}, steps=args.steps, batch=8, device="cuda")
-        # The forked NCCL worker first: a process must not fork after it has initialised CUDA.
+        # NCCL ranks are spawned (ltmdsl.distributed.launch): this process has touched CUDA already.
         parallel.run(ir, TrainConfig(out=f"{tmp}/nccl", **config), plan_from(world=1, zero=3), nproc=1,
                      timeout_s=300)
         one = [r["loss"] for r in train(ir, TrainConfig(out=f"{tmp}/one", **config))]

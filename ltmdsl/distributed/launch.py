@@ -3,7 +3,9 @@
     results = launch(fn, nproc=2, args=(...))          # N local workers forked from this process
     rank, world = init_from_env()                       # inside a process started by torchrun / a cluster
 
-`launch` forks `nproc` workers (fork costs ~0.1 s a worker; spawn would re-import torch in each). They
+`launch` forks `nproc` workers (fork costs ~0.1 s a worker; spawn re-imports torch in each). NCCL workers
+are spawned instead: a forked child cannot use CUDA once the parent has touched it (even
+`torch.cuda.is_available()` can initialise it), which is how a GPU run first failed here. They
 rendezvous through a FileStore in a fresh temporary directory, so no TCP port is ever fixed, and join one
 process group (gloo on CPUs, NCCL when `backend="nccl"`) with a timeout, so a dead peer becomes an error
 rather than a hang. Each worker returns fn(*args) (picklable) to the parent through a pipe, or its
@@ -37,17 +39,22 @@ class WorkerError(RuntimeError):
 
 
 def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), *, backend: str = "gloo",
-           timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1) -> list[Any]:
-    """Run fn(*args) on `nproc` forked workers in one process group; [result of rank 0, rank 1, ...].
+           timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1, start_method: str | None = None) -> list[Any]:
+    """Run fn(*args) on `nproc` workers in one process group; [result of rank 0, rank 1, ...].
 
     `timeout_s` bounds both the process group's collectives and the whole run; `threads` is each
-    worker's torch thread count (1 keeps N workers from oversubscribing the cores).
+    worker's torch thread count (1 keeps N workers from oversubscribing the cores). `start_method`:
+    "fork" (the default for gloo) or "spawn" (the default for NCCL; fn and args must then be picklable
+    and fn importable by name).
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     import torch.distributed  # noqa: F401 - imported once here, inherited by every fork
 
-    ctx = multiprocessing.get_context("fork")
+    method = start_method or ("spawn" if backend == "nccl" else "fork")
+    if method not in ("fork", "spawn"):
+        raise ValueError(f"start_method must be 'fork' or 'spawn', got {method!r}")
+    ctx = multiprocessing.get_context(method)
     with tempfile.TemporaryDirectory(prefix="ltmdsl-dist-") as tmp:
         store_path = os.path.join(tmp, "store")
         procs, conns = [], []

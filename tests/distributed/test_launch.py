@@ -127,3 +127,39 @@ def test_torchrun_started_workers_join_from_the_environment(tmp_path):
                           str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "rank 0 of 2: 3.0" in out.stdout and "rank 1 of 2: 3.0" in out.stdout
+
+
+def test_spawned_workers_form_one_group_as_nccl_ones_do():
+    """NCCL workers are spawned (a fork cannot use CUDA once the parent touched it): the same group, results
+    and rank environment through the spawn start method, here on gloo."""
+    assert launch(_sum_of_ranks, 2, start_method="spawn", timeout_s=120) == [(0, 2, 3.0, "0"), (1, 2, 3.0, "1")]
+
+
+def test_a_raising_spawned_rank_is_named():
+    with pytest.raises(WorkerError, match=r"rank 1 failed:(.|\n)*bad shard on purpose"):
+        launch(_raise_on_rank_1, 2, start_method="spawn", timeout_s=120)
+
+
+def test_an_unknown_start_method_is_refused():
+    with pytest.raises(ValueError, match="start_method"):
+        launch(_sum_of_ranks, 1, start_method="forkserver-please")
+
+
+def test_a_training_rank_runs_spawned_as_on_a_gpu(tmp_path):
+    """`ltmdsl train --nproc N --device cuda` spawns its ranks: the rank's arguments (IR, config, plan) pickle,
+    and a spawned rank trains to the same losses as a forked one."""
+    import ltmdsl
+    from ltmdsl.distributed.plan import plan_from
+    from ltmdsl.train import metrics, parallel
+    from ltmdsl.train.loop import TrainConfig
+    from tests.paths import EXAMPLES
+
+    ir = ltmdsl.load(EXAMPLES / "ltm-tiny.ltm").ir.model()
+    losses = {}
+    for method in ("fork", "spawn"):
+        config = TrainConfig(out=str(tmp_path / method), task="mqar", options={"context": 64}, steps=2, batch=2)
+        status, _ = launch(parallel._rank_main, 1, (ir, config, plan_from(world=1), False, False),
+                           start_method=method, timeout_s=180)[0]
+        assert status == "ok"
+        losses[method] = [r["loss"] for r in metrics.read(tmp_path / method / metrics.METRICS)]
+    assert len(losses["spawn"]) == 2 and losses["spawn"] == losses["fork"]
