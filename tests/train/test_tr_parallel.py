@@ -81,6 +81,7 @@ def test_two_ranks_equal_one_process(tmp_path, degrees):
 
 @pytest.mark.parametrize("text, degrees", [
     pytest.param(TP_TINY, {"pp": 2, "tp": 2, "microbatches": 2}, id="pp2-tp2"),
+    pytest.param(TP_TINY, {"pp": 2, "tp": 2, "microbatches": 2, "sequence_parallel": True}, id="pp2-tp2-sp"),
     pytest.param(TINY, {"pp": 2, "cp": 2, "microbatches": 2, "zero": 3}, id="pp2-cp2-zero3"),
     pytest.param(TINY, {"pp": 2, "dp": 2, "ep": 2, "microbatches": 2}, id="pp2-dp2-ep2"),
 ])
