@@ -175,7 +175,8 @@ class DistributedOptimizer:
 
         first = _local(self.params[0])
         keys = ["exp_avg", "exp_avg_sq"] if template else self._moment_keys()
-        steps = torch.zeros(len(self.params), dtype=torch.float64)  # [n_params]: each parameter's step count
+        # [n_params]: each parameter's step count, on the parameters' device (NCCL reduces device tensors only)
+        steps = torch.zeros(len(self.params), dtype=torch.float64, device=first.device)
         step_dtype = _step_dtype()
         flats = {}
         if not template:

@@ -198,7 +198,9 @@ def pipeline_loss(schedule, stage: Stage, pp_mesh, input_ids: torch.Tensor, targ
 
     losses = _run_schedule(schedule, stage, input_ids, targets)
     # float64 on every stage: the last stage's loss is in the model's dtype, which the others do not know
-    loss = torch.stack(losses).mean().detach().double() if stage.last else torch.zeros((), dtype=torch.float64)
+    device = next(stage.parameters()).device  # NCCL broadcasts device tensors only
+    loss = (torch.stack(losses).mean().detach().double() if stage.last
+            else torch.zeros((), dtype=torch.float64, device=device))
     last = dist.get_global_rank(pp_mesh.get_group(), pp_mesh.size() - 1)
     dist.broadcast(loss, src=last, group=pp_mesh.get_group())
     return loss
