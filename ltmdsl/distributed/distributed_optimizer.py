@@ -142,10 +142,15 @@ class DistributedOptimizer:
 
     # ---- checkpoints: the single-process layout (module docstring) ----
 
+    def _adamw_keys(self) -> list[str]:
+        """The per-element state tensors AdamW keeps for these groups: exp_avg, exp_avg_sq (and max_exp_avg_sq
+        with amsgrad)."""
+        amsgrad = any(g.get("amsgrad") for g in self.optim.param_groups)
+        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+
     def _moment_keys(self) -> list[str]:
-        """The names of the per-element state tensors (AdamW: exp_avg, exp_avg_sq), agreed by every rank of
-        the group (a rank owning no piece, or none stepped yet, learns them from the others; AdamW's by
-        default)."""
+        """The names of the per-element state tensors, agreed by every rank of the group (a rank owning no
+        piece, or none stepped yet, learns them from the others; AdamW's when no rank has state yet)."""
         import torch.distributed as dist
 
         mine = sorted({k for s in self.optim.state.values() for k, v in s.items()
@@ -153,7 +158,7 @@ class DistributedOptimizer:
         everyone = [None] * self.size
         dist.all_gather_object(everyone, mine, group=self.group)
         keys = sorted({k for ks in everyone for k in ks})
-        return keys or ["exp_avg", "exp_avg_sq"]
+        return keys or self._adamw_keys()
 
     def _like_param(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """`local` (shaped like p's local tensor) as p is laid out: a DTensor with p's mesh and placements, or
@@ -174,7 +179,7 @@ class DistributedOptimizer:
         import torch.distributed as dist
 
         first = _local(self.params[0])
-        keys = ["exp_avg", "exp_avg_sq"] if template else self._moment_keys()
+        keys = self._adamw_keys() if template else self._moment_keys()
         # [n_params]: each parameter's step count, on the parameters' device (NCCL reduces device tensors only)
         steps = torch.zeros(len(self.params), dtype=torch.float64, device=first.device)
         step_dtype = _step_dtype()
