@@ -1,6 +1,6 @@
 """Training throughput and per-rank memory of each runnable parallel plan, on forked local gloo workers.
 
-    python benchmarks/distributed.py [--steps 5] [--batch 8] [--seq 256] [--json]
+    python benchmarks/distributed.py [--steps 5] [--batch 8] [--seq 256] [--only TEXT] [--json]
 
 For every plan: the global tokens per second of full training steps (forward, backward, gradient
 averaging, AdamW) after one warm-up step, and the bytes of weights, gradients and optimizer state held by the
@@ -67,6 +67,7 @@ PLANS = [  # (model, world, degrees)
     ("tp-bench", 4, {"tp": 2, "zero": 1}),
     ("tp-bench", 4, {"tp": 2, "zero": 3}),
     ("tp-bench", 4, {"pp": 2, "tp": 2, "microbatches": 2}),
+    ("tp-bench", 4, {"pp": 2, "tp": 2, "microbatches": 2, "sequence_parallel": True}),
     ("tiny-jamba", 2, {"ep": 2}),
     ("tiny-jamba", 4, {"pp": 2, "dp": 2, "ep": 2, "microbatches": 2}),
 ]
@@ -105,7 +106,7 @@ def _predicted(ir, plan, seq: int, batch: int) -> tuple[dict[str, int], int]:
     from ltmdsl.memory import report
 
     r = report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, cp=plan.cp, ep=plan.ep,
-               pp=plan.pp, microbatches=plan.microbatches, zero=plan.zero,
+               pp=plan.pp, microbatches=plan.microbatches, zero=plan.zero, sequence_parallel=plan.sequence_parallel,
                weight_dtype="fp32", grad_dtype="fp32", optimizer_bytes_per_param=8, context=seq, batch=batch)
     return {c: r.per_gpu_components[c] for c in COMPONENTS}, r.most_loaded_stage * (plan.world // plan.pp)
 
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--only", default="", help="run only the plans whose row ('model N plan') contains this text")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     from ltmdsl.distributed import launch, plan_from
@@ -124,10 +126,12 @@ def main(argv=None) -> int:
     for name, world, degrees in PLANS:
         ir = _model(name)
         plan = plan_from(world=world, **degrees)
+        extra = "".join(f" {k}={getattr(plan, k)}" for k in ("interleave",) if getattr(plan, k) > 1)
+        if args.only not in f"{name} {world} {describe(plan)}{extra}":
+            continue
         results = launch(_rank, world, (ir, plan, args.steps, args.batch, args.seq), timeout_s=600)
         seconds = max(r[0] for r in results)
         predicted, rank = _predicted(ir, plan, args.seq, args.batch)
-        extra = "".join(f" {k}={getattr(plan, k)}" for k in ("interleave",) if getattr(plan, k) > 1)
         rows.append({
             "model": name, "world": world, "plan": describe(plan) + extra,
             "tokens_per_s": args.steps * args.batch * args.seq / seconds,

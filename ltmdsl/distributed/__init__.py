@@ -30,7 +30,7 @@ Modules, one concept each:
     memory           per-rank parameter / gradient / optimizer bytes, to compare with the memory model
 
 Runs today: dp with zero 0-3, tp (with or without sp), dp x tp (zero 0, 1, 3), cp (every kind; load-balanced
-split by default), dp x cp, tp x cp, ep = dp (zero 0), pp (1F1B, interleaved) with dp, tp (no sp), cp, ep = dp
+split by default), dp x cp, tp x cp, ep = dp (zero 0), pp (1F1B, interleaved) with dp, tp (with or without sp), cp, ep = dp
 and zero 0-3. Other combinations are refused with a message (docs/DISTRIBUTED.md).
 """
 

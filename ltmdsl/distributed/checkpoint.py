@@ -9,8 +9,9 @@ The state is the model's and the optimizer's state dicts in torch's plan-indepen
 them. Beside the shards, `ltmdsl.json` records the model name, its source hash, the step and the plan;
 `load` refuses a checkpoint of another spec before reading a tensor. A save goes to a temporary sibling
 directory renamed into place by rank 0 after every rank finished, so a rank dying mid-save leaves the
-previous checkpoint as it was. ZeRO 1 (the distributed optimizer) keeps its flat state shards outside torch's
-state-dict API and is refused.
+previous checkpoint as it was. ZeRO 1 (the distributed optimizer) keeps its state in flat shards outside
+torch's state-dict API; it gives and takes the same plan-independent layout (per-parameter moments keyed by
+name: DistributedOptimizer.state_by_name), so its checkpoints reload under any plan and any plan's under it.
 
 Tensor parallelism lays some parameters' rows out apart from their stored rows (a fused projection split by
 segments, rank-major; replicated KV heads, repeated: runtime.tensor_parallel.RowLayout). DCP would save and
@@ -42,13 +43,28 @@ class CheckpointError(ValueError):
     """A distributed checkpoint that cannot be written or read here (the message says why)."""
 
 
-def _state(ranked, optimizer):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def _names(model) -> dict[int, str]:
+    """id(parameter) -> its name, as torch's state-dict API names it (named_parameters, a tied one once)."""
+    return {id(p): name for name, p in model.named_parameters()}
 
-    if ranked.plan.zero == 1 and ranked.dp_mesh.size() > 1:
-        raise CheckpointError("zero = 1 (the distributed optimizer) has no distributed checkpoint yet: its flat "
-                              "state shards are outside torch's state-dict API; use zero 0, 2 or 3")
-    model_sd, optim_sd = get_state_dict(ranked.model, optimizer)
+
+def _distributed(optimizer) -> bool:
+    """Whether `optimizer` is the distributed optimizer (ZeRO 1), whose state is not torch's state dict."""
+    from ltmdsl.distributed.distributed_optimizer import DistributedOptimizer
+
+    return isinstance(optimizer, DistributedOptimizer)
+
+
+def _state(ranked, optimizer, *, template: bool = False):
+    """({"model", "optimizer"} state dicts in the plan-independent form, the tp-side shards `_reshard` puts
+    back); `template`: for loading into (ZeRO 1's optimizer state as zeros, without gathering it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if _distributed(optimizer):  # ZeRO 1: the same layout, gathered from the flat shards
+        model_sd = get_model_state_dict(ranked.model)
+        optim_sd = optimizer.state_by_name(_names(ranked.model), template=template)
+    else:
+        model_sd, optim_sd = get_state_dict(ranked.model, optimizer)
     shards = {}  # (parameter, None or its moment's key) -> this plan's tensor, for each entry stored re-laid
     for name, layout in row_layouts(ranked.model).items():  # the same order on every rank (collectives)
         shards[(name, None)] = model_sd[name]
@@ -111,13 +127,17 @@ def read_info(path: str | os.PathLike, ir) -> dict:
 def load(ranked, optimizer, path: str | os.PathLike) -> int:
     """Fill this rank's model and optimizer shards from `path`, written under any plan; returns its step."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     info = read_info(path, ranked.model.ir)
-    state, shards = _state(ranked, optimizer)
+    state, shards = _state(ranked, optimizer, template=True)
     dcp.load(state, checkpoint_id=str(path))
     _reshard(state, shards, row_layouts(ranked.model))
-    set_state_dict(ranked.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if _distributed(optimizer):
+        set_model_state_dict(ranked.model, state["model"])
+        optimizer.load_state_by_name(state["optimizer"], _names(ranked.model))
+    else:
+        set_state_dict(ranked.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return int(info["step"])
 
 

@@ -16,6 +16,14 @@ optimizer and checkpoints (`RankStages`).
 Each stage's ranks may split it further by tp and cp (the split happens on the meta model before the cut)
 and shard it by ZeRO 2 / 3 (FSDP2 on the stage's modules, rank_model.parallelize).
 
+Under sequence parallelism (tp with sp) the stream a stage sends is its tp rank's T/t tokens [b, T/t, d], as
+it leaves the stage's last sub-layer, and the next stage's rank with the same tp coordinate receives exactly
+the tokens its norms take: Megatron-LM sends the sequence-sharded tensor. Gathering first would send t
+times the bytes over the stage boundary and keep t times the activation each in-flight micro-batch holds
+until its gradient returns (what the memory model counts, `rep` of the stage output), only to cut it again
+on the other side. The embedding's reduce-scatter and the final norm's all-gather stay where they are (first
+and last stage), so nothing else changes.
+
 Refused: tied embeddings and tie groups spanning ranks (one parameter on two ranks).
 """
 
@@ -190,7 +198,9 @@ def pipeline_loss(schedule, stage: Stage, pp_mesh, input_ids: torch.Tensor, targ
 
     losses = _run_schedule(schedule, stage, input_ids, targets)
     # float64 on every stage: the last stage's loss is in the model's dtype, which the others do not know
-    loss = torch.stack(losses).mean().detach().double() if stage.last else torch.zeros((), dtype=torch.float64)
+    device = next(stage.parameters()).device  # NCCL broadcasts device tensors only
+    loss = (torch.stack(losses).mean().detach().double() if stage.last
+            else torch.zeros((), dtype=torch.float64, device=device))
     last = dist.get_global_rank(pp_mesh.get_group(), pp_mesh.size() - 1)
     dist.broadcast(loss, src=last, group=pp_mesh.get_group())
     return loss

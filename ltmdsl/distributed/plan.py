@@ -71,9 +71,6 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
             and (seq_len // plan.cp) % plan.tp:
         errors.append(f"sp = true splits each rank's {seq_len // plan.cp} tokens (the sequence of {seq_len} / cp = "
                       f"{plan.cp}) over tp = {plan.tp}, which does not divide them")
-    if plan.sequence_parallel and plan.tp > 1 and plan.pp > 1:
-        errors.append(f"sp = true with pp = {plan.pp}: the pipeline's stages send the whole sequence between them; "
-                      "sequence-sharded stage boundaries are not wired yet (sp runs with tp, dp, cp and zero 0-3)")
     if plan.cp_split not in CP_SPLITS:
         errors.append(f"cp_split is one of {', '.join(CP_SPLITS)}, got {plan.cp_split!r}")
     if plan.ep > 1 and (plan.ep != plan.dp or plan.tp > 1 or plan.cp > 1 or plan.zero > 0):

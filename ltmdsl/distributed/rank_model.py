@@ -107,6 +107,8 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
             apply_fsdp(stage, replica_mesh(mesh, plan), plan.zero)
         stage.to_empty(device=device)  # only this stage's weights exist; the rest stay on meta
         model.init_weights(seed)  # the whole draw order, kept where allocated
+        if plan.tp > 1 and plan.zero not in FSDP_STAGES:
+            keep_gradient_placements(stage)  # the first stage's vocab-parallel embedding: its V/t rows' gradient
         return RankModel(stage, plan, mesh, frozenset(dp_sharded), make_schedule(device))
     materialize(model, device, seed)
     if plan.tp > 1 and plan.zero not in FSDP_STAGES:

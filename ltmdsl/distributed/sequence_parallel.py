@@ -18,6 +18,9 @@ its tokens instead of all of them.
     final norm    its output all-gathered over the sequence: the vocab-parallel loss (each rank's V/t logits
                   of every token) needs every token's hidden state, as Megatron gathers before its output layer
 
+Inside pipeline stages the stream crosses a stage boundary sequence-sharded, [B, L/t, d] (pipeline.py): the
+first stage's embedding scatters it, the last stage's final norm gathers it.
+
 L is the rank's tokens (T/cp under context parallelism: the sequence dimension sp splits is the one cp left,
 in the rank's own token order, both chunks of the balanced split together), and t must divide it.
 

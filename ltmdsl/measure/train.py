@@ -161,6 +161,9 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     p = s.parallel
     b = math.ceil(s.batch / (p.dp * p.microbatches))
     seq = s.context // p.cp  # a context-parallel rank's tokens (the memory model's T/c)
+    # under sequence parallelism the residual stream (between the units, across a stage boundary) holds a tp
+    # rank's T/(c*t) tokens
+    stream = seq // p.tp if p.sequence_parallel and p.tp > 1 else seq
     flight = int(in_flight(stage.index, s))
     out: dict[str, int] = {}
     _gather_root(stage)
@@ -187,7 +190,8 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
         if stage.first:
             x = torch.zeros(b, seq, dtype=torch.long)  # [b, s] token ids
         else:
-            x = torch.zeros(b, seq, ir.d_model, dtype=dtype, requires_grad=True)  # [b, s, d] received
+            # [b, s, d] received; under sequence parallelism the previous stage sends its tp rank's s/t tokens
+            x = torch.zeros(b, stream, ir.d_model, dtype=dtype, requires_grad=True)
         start = tl.mark(f"micro-batch {k}: inputs ready")
         if stage.last:
             normed = _as_root(stage, lambda ids: _final_norm(stage, *stack_forward(stage, ids, s.recompute)), x)
@@ -225,8 +229,6 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     tl.mark("optimizer step")
     # full recompute: the working set, traced after the step: a graph through a custom Function (the recurrent
     # kinds' recompute) is not freed with the probe's output, so traced first it stayed live through the step
-    # under sequence parallelism the stream between the units holds a tp rank's T/(c*t) tokens
-    stream = seq // p.tp if p.sequence_parallel and p.tp > 1 else seq
     working = _working_set(stage, b, stream, dtype, tl) if s.recompute == "full" else 0
     out["activations"] = act + working
     for hd in handles:

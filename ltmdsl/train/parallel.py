@@ -20,8 +20,9 @@ before clipping. AdamW keeps the loop's decay groups; the schedule is the loop's
 Checkpoints (DIR/checkpoints/step-N/, as the single-process loop's, written whole or not at all):
 `dcp/` is the model and optimizer in torch.distributed.checkpoint's plan-independent form (so a run resumes
 under another plan, resharded), `trainer.pt` the step, scheduler and RNG, and `model.safetensors` the whole
-weights exported from dcp/ (what `ltmdsl eval` reads). ZeRO 1's optimizer (the distributed optimizer) is outside
-torch's state-dict API, so zero 1 is refused here; zero 2 shards the same state through FSDP2.
+weights exported from dcp/ (what `ltmdsl eval` reads). ZeRO 1's optimizer (the distributed optimizer) writes its
+state in the same plan-independent layout (ltmdsl.distributed.checkpoint), and the schedule sets the learning
+rate of the AdamW stepping its shard.
 """
 
 from __future__ import annotations
@@ -40,21 +41,11 @@ from ltmdsl.ir import ModelIR, ParallelPlan
 IGNORE = -100
 
 
-def plan_errors_for_training(plan: ParallelPlan) -> list[str]:
-    """What `ltmdsl train` cannot run on top of what `check_plan` refuses."""
-    errors = []
-    if plan.zero == 1 and plan.dp * plan.cp > 1:
-        errors.append("zero = 1: the distributed optimizer keeps its flat state shards outside torch's state-dict "
-                      "API, so its checkpoints cannot be written or resharded yet; use zero = 2 (FSDP2 shards the "
-                      "same gradients and optimizer state) or zero = 0")
-    return errors
-
-
 def check(ir: ModelIR, plan: ParallelPlan, world: int, *, batch: int, context: int) -> None:
     """Refuse, before any worker starts, a plan that cannot train `ir` on `world` ranks (every reason)."""
     errors = plan_errors(ir, plan, world, batch=batch, seq_len=context)
     kinds = [] if errors else _kind_errors(ir, plan)  # the kinds are asked only about a well-formed plan
-    errors += plan_errors_for_training(plan) + kinds
+    errors += kinds
     if errors:
         raise PlanError(f"plan {describe(plan)} cannot train model '{ir.name}' on {world} workers:\n  "
                         + "\n  ".join(errors))
@@ -194,7 +185,8 @@ def train_rank(ir: ModelIR, config, plan: ParallelPlan):
     optimizer = make_optimizer(ranked.model, plan.zero, ranked.replica_mesh, config.lr,
                                params=groups.param_groups(ranked.model, config.weight_decay),
                                betas=config.betas, eps=1e-8)
-    sched = schedule.scheduler(optimizer, config.warmup, config.steps, config.min_lr_ratio)
+    # the distributed optimizer (ZeRO 1) steps its shard with an inner AdamW, whose groups are its param_groups
+    sched = schedule.scheduler(getattr(optimizer, "optim", optimizer), config.warmup, config.steps, config.min_lr_ratio)
     rank0 = dist.get_rank() == 0
     start = _begin(out, current, config.resume, rank0, describe(plan))
     if start:
@@ -221,7 +213,7 @@ def train_rank(ir: ModelIR, config, plan: ParallelPlan):
                 correct += right
                 count += n
             _sync(ranked)
-            norm = _clip(ranked, optimizer, config.clip)
+            norm = _clip(ranked, config.clip)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             sched.step()
@@ -315,14 +307,14 @@ def _sync(ranked) -> None:
         sync_gradients(ranked.model, ranked.replica_mesh, ranked.dp_sharded)
 
 
-def _clip(ranked, optimizer, clip: float) -> float:
+def _clip(ranked, clip: float) -> float:
     """Clip every gradient by the global norm (over all shards and stages); returns that norm."""
     import torch
     import torch.distributed as dist
 
     from ltmdsl.distributed.step import row_layouts
 
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    params = [p for p in ranked.model.parameters() if p.grad is not None]  # ZeRO 1's groups hold pieces of them
     layouts = row_layouts(ranked.model)
     # a tp-side tensor holding some stored rows several times (KV heads replicated over the ranks) counts each once
     share = {id(p): layouts[n].stored / len(layouts[n].rows)

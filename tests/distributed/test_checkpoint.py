@@ -1,6 +1,7 @@
-"""Distributed checkpoints: saved after 2 steps under one plan, resumed under another (resharded), the
-third step's loss equals the uninterrupted single-process run (1e-5 relative: it needs the optimizer
-state too); exported to one file, the weights equal (1e-5 of each tensor's largest entry) the single-process model after 2 steps; a
+"""Distributed checkpoints: saved after 2 steps under one plan, resumed under another (resharded) for two
+more steps, whose losses equal the uninterrupted single-process run's third and fourth (1e-5 relative: the
+third is the loaded weights' forward, the fourth follows the step that uses the loaded optimizer state, so a
+resume that lost the moments fails it); exported to one file, the weights equal (1e-5 of each tensor's largest entry) the single-process model after 2 steps; a
 checkpoint of another spec is refused before a tensor is read."""
 
 from __future__ import annotations
@@ -15,14 +16,23 @@ from ltmdsl.distributed import checkpoint as dcp_ckpt
 from ltmdsl.distributed.step import full_parameters
 
 RTOL = 1e-5
+#: the uninterrupted run: 2 steps before the checkpoint, 2 after
+STEPS = 4
 
 
 def _steps(ranked, opt, which):
     out = []
-    for i, (ids, tgt) in enumerate(batches(ranked.model.ir.vocab, 3)):
+    for i, (ids, tgt) in enumerate(batches(ranked.model.ir.vocab, STEPS)):
         if i in which:
             out.append(train_step(ranked, opt, shard_batch(ids, ranked), shard_batch(tgt, ranked)))
     return out
+
+
+def _assert_resumed(losses, want):
+    """The resumed run's losses equal the uninterrupted run's (RTOL relative each)."""
+    assert len(losses) == len(want) == 2
+    for i, (got, ref) in enumerate(zip(losses, want)):
+        assert abs(got - ref) <= RTOL * abs(ref), f"resumed step {i}: loss {got} != {ref}"
 
 
 def _train_and_save(ir, plan, path):
@@ -37,7 +47,7 @@ def _resume(ir, plan, path):
     ranked = parallelize(ir, plan, seed=7)  # other weights: the checkpoint must overwrite them all
     opt = ranked.optimizer(lr=LR)
     step = dcp_ckpt.load(ranked, opt, path)
-    return step, _steps(ranked, opt, {2})
+    return step, _steps(ranked, opt, {2, 3})
 
 
 PLANS = {"zero3-to-tp2": ({"zero": 3}, {"tp": 2}), "tp2-to-zero2": ({"tp": 2}, {"zero": 2})}
@@ -46,14 +56,14 @@ PLANS = {"zero3-to-tp2": ({"zero": 3}, {"tp": 2}), "tp2-to-zero2": ({"tp": 2}, {
 @pytest.mark.parametrize("saved, resumed", PLANS.values(), ids=PLANS.keys())
 def test_resume_under_another_plan(tmp_path, saved, resumed):
     ir = tp_small()
-    ref_losses, _ = reference_run(ir)
+    ref_losses, _ = reference_run(ir, STEPS)
     path = tmp_path / "step-2"
     first, saved_weights = launch(_train_and_save, 2, (ir, plan_from(world=2, **saved), path))[0]
     assert first == pytest.approx(ref_losses[:2], rel=RTOL)
     assert not (tmp_path / "step-2.partial").exists()
-    step, (third,) = launch(_resume, 2, (ir, plan_from(world=2, **resumed), path))[0]
+    step, resumed_losses = launch(_resume, 2, (ir, plan_from(world=2, **resumed), path))[0]
     assert step == 2
-    assert abs(third - ref_losses[2]) <= RTOL * abs(ref_losses[2]), f"resumed loss {third} != {ref_losses[2]}"
+    _assert_resumed(resumed_losses, ref_losses[2:])
 
     out = dcp_ckpt.export(path, ir, tmp_path / "model.safetensors")
     exported = dict(ltmdsl.load_checkpoint(out).named_parameters())
@@ -96,24 +106,24 @@ def _resume64(ir, plan, path):
     ranked = parallelize(ir, plan, seed=7, dtype=torch.float64)
     opt = ranked.optimizer(lr=LR)
     step = dcp_ckpt.load(ranked, opt, path)
-    return step, _steps(ranked, opt, {2})
+    return step, _steps(ranked, opt, {2, 3})
 
 
 @pytest.mark.parametrize("saved, resumed", LAID_OUT_PLANS.values(), ids=LAID_OUT_PLANS.keys())
 def test_tp_laid_out_rows_resume_under_another_plan(tmp_path, saved, resumed):
     """Fused projections split by segments (Mamba-2, Gated DeltaNet, KDA, short_conv) and MQA's KV head
     replicated over the tp ranks are saved in their stored layout: the checkpoint resumes under another plan
-    with the uninterrupted run's third loss (1e-5 relative, float64), from 2 ranks to 1 and from 4 to 2, and
-    exports the saved weights (cast to the spec's fp32) exactly."""
+    with the uninterrupted run's third and fourth losses (1e-5 relative, float64), from 2 ranks to 1 and from
+    4 to 2, and exports the saved weights (cast to the spec's fp32) exactly."""
     ir = ltmdsl.loads(LAID_OUT).ir.model()
-    ref_losses, _ = reference_run(ir, dtype=torch.float64)
+    ref_losses, _ = reference_run(ir, STEPS, dtype=torch.float64)
     path = tmp_path / "step-2"
     (world, degrees), (world2, degrees2) = saved, resumed
     first, saved_weights = launch(_train_and_save64, world, (ir, plan_from(world=world, **degrees), path))[0]
     assert first == pytest.approx(ref_losses[:2], rel=RTOL)
-    step, (third,) = launch(_resume64, world2, (ir, plan_from(world=world2, **degrees2), path))[0]
+    step, resumed_losses = launch(_resume64, world2, (ir, plan_from(world=world2, **degrees2), path))[0]
     assert step == 2
-    assert abs(third - ref_losses[2]) <= RTOL * abs(ref_losses[2]), f"resumed loss {third} != {ref_losses[2]}"
+    _assert_resumed(resumed_losses, ref_losses[2:])
 
     out = dcp_ckpt.export(path, ir, tmp_path / "model.safetensors")
     exported = dict(ltmdsl.load_checkpoint(out).named_parameters())
@@ -163,10 +173,10 @@ EP_RESUMES = {"pp2-dp2-ep2-to-zero3": {"zero": 3}, "pp2-dp2-ep2-to-ep2": {"ep": 
 @pytest.mark.parametrize("resumed", EP_RESUMES.values(), ids=EP_RESUMES.keys())
 def test_resume_from_pp_x_ep_under_another_plan(tmp_path, resumed):
     """Saved under 2 stages x 2 dp ranks with each stage's experts split over them (tiny-hybrid's stack: a MoE
-    in the first stage), resumed on 2 ranks under ZeRO 3 or under ep alone: the third loss equals the
+    in the first stage), resumed on 2 ranks under ZeRO 3 or under ep alone: the next two losses equal the
     uninterrupted single-process run (1e-5), and the exported weights every stage saved."""
     ir = tiny_hybrid()
-    ref_losses, _ = reference_run(ir)
+    ref_losses, _ = reference_run(ir, STEPS)
     path = tmp_path / "step-2"
     saved = launch(_train_and_save, 4, (ir, plan_from(world=4, pp=2, dp=2, ep=2, microbatches=2), path),
                    timeout_s=120)
@@ -174,9 +184,9 @@ def test_resume_from_pp_x_ep_under_another_plan(tmp_path, resumed):
     weights = {}
     for _, w in saved:
         weights.update(w)
-    step, (third,) = launch(_resume, 2, (ir, plan_from(world=2, **resumed), path), timeout_s=120)[0]
+    step, resumed_losses = launch(_resume, 2, (ir, plan_from(world=2, **resumed), path), timeout_s=120)[0]
     assert step == 2
-    assert abs(third - ref_losses[2]) <= RTOL * abs(ref_losses[2]), f"resumed loss {third} != {ref_losses[2]}"
+    _assert_resumed(resumed_losses, ref_losses[2:])
     exported = dict(ltmdsl.load_checkpoint(dcp_ckpt.export(path, ir, tmp_path / "m.safetensors")).named_parameters())
     assert set(exported) == set(weights) == {n for n, _ in ltmdsl.build(ir).named_parameters()}
     for name, p in weights.items():
@@ -203,7 +213,7 @@ def _die_inside_a_stage(ir, plan, path):
 
 def test_a_rank_dying_inside_a_pipeline_stage_ends_the_run_and_keeps_the_checkpoint(tmp_path):
     """The others do not hang: the run ends within the timeout with an error naming a rank, and the step-1
-    checkpoint resumes (under ep alone) with the uninterrupted run's second loss."""
+    checkpoint resumes (under ep alone) with the uninterrupted run's second and third losses."""
     import time
 
     ir = tiny_hybrid()
@@ -214,14 +224,74 @@ def test_a_rank_dying_inside_a_pipeline_stage_ends_the_run_and_keeps_the_checkpo
                timeout_s=60)
     assert time.monotonic() - start < 60
     assert dcp_ckpt.read_info(path, ir)["step"] == 1
-    ref_losses, _ = reference_run(ir, steps=2)
-    step, (second,) = launch(_resume_at, 2, (ir, plan_from(world=2, ep=2), path, 1), timeout_s=120)[0]
+    ref_losses, _ = reference_run(ir, steps=3)
+    step, resumed_losses = launch(_resume_at, 2, (ir, plan_from(world=2, ep=2), path, 1), timeout_s=120)[0]
     assert step == 1
-    assert abs(second - ref_losses[1]) <= RTOL * abs(ref_losses[1])
+    _assert_resumed(resumed_losses, ref_losses[1:3])
 
 
 def _resume_at(ir, plan, path, step):
     ranked = parallelize(ir, plan, seed=7)
     opt = ranked.optimizer(lr=LR)
     loaded = dcp_ckpt.load(ranked, opt, path)
-    return loaded, _steps(ranked, opt, {step})
+    return loaded, _steps(ranked, opt, {step, step + 1})
+
+
+#: (world, saved plan, world, resumed plan) under ZeRO 1 (the distributed optimizer): tiny-hybrid's stack, and
+#: the laid-out rows' model under tp (rank-major fused rows, the MQA KV head repeated)
+ZERO1_PLANS = {
+    "dp2-zero1-to-one-process": (tiny_hybrid, (2, {"zero": 1}), (1, {})),
+    "dp2-zero1-to-dp4-zero1": (tiny_hybrid, (2, {"zero": 1}), (4, {"zero": 1})),
+    "dp2-zero1-to-zero3": (tiny_hybrid, (2, {"zero": 1}), (2, {"zero": 3})),
+    "zero3-to-dp4-zero1": (tiny_hybrid, (2, {"zero": 3}), (4, {"zero": 1})),
+    "one-process-to-dp2-zero1": (tiny_hybrid, (1, {}), (2, {"zero": 1})),
+    "pp2-dp2-zero1-to-dp2-zero1": (tiny_hybrid, (4, {"pp": 2, "dp": 2, "zero": 1, "microbatches": 2}),
+                                   (2, {"zero": 1})),
+    "dp2-zero1-to-pp2-dp2-zero1": (tiny_hybrid, (2, {"zero": 1}),
+                                   (4, {"pp": 2, "dp": 2, "zero": 1, "microbatches": 2})),
+    "dp2-tp2-zero1-to-tp2": (lambda: ltmdsl.loads(LAID_OUT).ir.model(), (4, {"tp": 2, "zero": 1}), (2, {"tp": 2})),
+    "tp2-to-dp2-tp2-zero1": (lambda: ltmdsl.loads(LAID_OUT).ir.model(), (2, {"tp": 2}), (4, {"tp": 2, "zero": 1})),
+}
+
+
+@pytest.mark.parametrize("model, saved, resumed", ZERO1_PLANS.values(), ids=ZERO1_PLANS.keys())
+def test_zero1_checkpoint_resumes_under_another_plan(tmp_path, model, saved, resumed):
+    """ZeRO 1's state is saved in the single-process layout (each parameter's exp_avg / exp_avg_sq under its
+    name), so a checkpoint written under the distributed optimizer (alone, with tp, inside pipeline stages)
+    resumes under one process, more or fewer dp ranks, ZeRO 3, and the other way round, with the uninterrupted
+    run's third and fourth losses (float64, 1e-5 relative); and exports the saved weights."""
+    ir = model()
+    ref_losses, _ = reference_run(ir, STEPS, dtype=torch.float64)
+    path = tmp_path / "step-2"
+    (world, degrees), (world2, degrees2) = saved, resumed
+    saved_ranks = launch(_train_and_save64, world, (ir, plan_from(world=world, **degrees), path), timeout_s=120)
+    assert saved_ranks[0][0] == pytest.approx(ref_losses[:2], rel=RTOL)
+    weights = {}
+    for _, w in saved_ranks:  # under pp each stage its own
+        weights.update(w)
+    step, resumed_losses = launch(_resume64, world2, (ir, plan_from(world=world2, **degrees2), path), timeout_s=120)[0]
+    assert step == 2
+    _assert_resumed(resumed_losses, ref_losses[2:])
+
+    exported = dict(ltmdsl.load_checkpoint(dcp_ckpt.export(path, ir, tmp_path / "m.safetensors")).named_parameters())
+    assert set(exported) == set(weights)
+    for name, p in weights.items():
+        assert torch.equal(exported[name], p.to(exported[name].dtype)), name  # the spec's fp32
+
+
+def _saved_keys(path) -> dict[str, tuple]:
+    """Every entry of a DCP checkpoint: its key -> the whole tensor's size (None for a non-tensor)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k: tuple(getattr(m, "size", ())) or None for k, m in meta.items()}
+
+
+def test_zero1_checkpoint_has_the_single_process_layout(tmp_path):
+    """The entries (keys and whole sizes) a dp 2 x ZeRO 1 run writes are those of one process's plain AdamW."""
+    ir = tiny_hybrid()
+    launch(_train_and_save64, 1, (ir, plan_from(world=1), tmp_path / "one"))
+    launch(_train_and_save64, 2, (ir, plan_from(world=2, zero=1), tmp_path / "zero1"))
+    one, zero1 = _saved_keys(tmp_path / "one"), _saved_keys(tmp_path / "zero1")
+    assert any(k.startswith("optimizer.state.") and k.endswith(".exp_avg_sq") for k in one)
+    assert zero1 == one

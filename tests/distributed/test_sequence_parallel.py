@@ -90,7 +90,10 @@ def test_sp_needs_tp_to_divide_a_ranks_tokens():
                            seq_len=T)
 
 
-def test_sp_with_pp_is_refused():
-    errors = plan_errors(tp_small(), plan_from(world=4, tp=2, pp=2, sequence_parallel=True), 4, batch=B, seq_len=T)
-    assert errors == ["sp = true with pp = 2: the pipeline's stages send the whole sequence between them; "
-                      "sequence-sharded stage boundaries are not wired yet (sp runs with tp, dp, cp and zero 0-3)"]
+def test_sp_with_pp_is_a_plan_that_runs():
+    """Sequence parallelism inside pipeline stages runs (tests/distributed/test_pipeline.py); the plan check
+    asks of it only what sp asks alone: tp divides a rank's tokens."""
+    assert not plan_errors(tp_small(), plan_from(world=4, tp=2, pp=2, sequence_parallel=True), 4, batch=B, seq_len=T)
+    errors = plan_errors(tp_small(), plan_from(world=4, tp=2, pp=2, sequence_parallel=True), 4, batch=B, seq_len=23)
+    assert errors == ["sp = true splits each rank's 23 tokens (the sequence of 23 / cp = 1) over tp = 2, which does "
+                      "not divide them"]

@@ -279,6 +279,7 @@ PARALLEL = {  # one rank of each plan, built by ltmdsl.distributed under a fake 
     "tp2-sp-moe": (MOE, dict(tp=2, gpus=2, sequence_parallel=True)),
     # a pipeline rank (the most loaded stage: here the last, with the loss) split further inside its stage
     "pp2-tp2": (DENSE, dict(pp=2, tp=2, microbatches=2, gpus=4)),
+    "pp2-tp2-sp": (DENSE, dict(pp=2, tp=2, microbatches=2, gpus=4, sequence_parallel=True)),  # receives T/2 tokens
     "pp2-cp2": (DENSE, dict(pp=2, cp=2, microbatches=2, gpus=4)),
     "pp2-zero3-dp2": (DENSE, dict(pp=2, zero=3, microbatches=2, gpus=4)),
     "pp2-tp2-zero3-dp2": (DENSE, dict(pp=2, tp=2, zero=3, microbatches=2, gpus=8)),
