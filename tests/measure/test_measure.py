@@ -553,6 +553,36 @@ def test_counting_saved_tensors_keeps_nothing_alive():
     assert ref.expired()
 
 
+FULL_TP = {"tp2-full": dict(tp=2, gpus=2, recompute="full"),
+           "tp2-sp-full": dict(tp=2, gpus=2, sequence_parallel=True, recompute="full")}
+
+
+@pytest.mark.parametrize("overrides", FULL_TP.values(), ids=FULL_TP)
+def test_full_recompute_working_set_of_a_tp_rank_counts_its_local_shards(dense, overrides):
+    """The working-set probe counts a DTensor as its rank's local shard: its wrapper's storage has the global
+    shape's bytes, which counted a tp = 2 rank's working set up to twice over (+25%, +34% with sp)."""
+    m = measure(dense.model, _budget(dense, "train"), **overrides)
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
+
+
+def test_counting_saved_tensors_skips_what_the_function_freed():
+    """A storage saved by a graph that fn frees before returning (a chunk recomputed inside an op) is not
+    among what fn keeps."""
+    import torch
+
+    from ltmdsl.measure.train import saved_bytes
+
+    def fn(a):
+        inner = (a * 2).exp()  # exp saves its output, freed with `inner`
+        del inner
+        return (a * 3).exp().sum()  # this one is kept: 4 * 8 fp32
+
+    x = torch.ones(4, 8, requires_grad=True)
+    kept, y = saved_bytes(fn, x)
+    assert kept == 4 * 8 * 4
+
+
 def test_a_cache_dtype_the_runtime_does_not_allocate_is_refused_by_name(dense):
     with pytest.raises(NotTraceable, match="no fp8_e4m3 recurrent state"):
         measure(dense.model, _budget(dense, "serve"), state_dtype="fp8_e4m3")
