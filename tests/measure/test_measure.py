@@ -609,6 +609,20 @@ def test_mamba2_context_parallel_rank_keeps_what_the_model_counts(plan, recomput
     assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
 
 
+def test_windowed_attention_under_cp_keeps_the_gathered_keys_as_global_attention_does(dense):
+    """A cp rank's windowed attention saves views of every rank's all-gathered keys and values, as global
+    attention does: with a window as long as the rank's pieces the two trace the same bytes, and the memory
+    model now tells them apart only by the global layers' causal mask, a*s*T each (it counted no gathered keys
+    for a window; the window's own block masks are still not counted)."""
+    windowed = ltmdsl.loads(DENSE.replace("rope_theta = 10000)", "rope_theta = 10000, window = 64)"))
+    plan = dict(cp=2, gpus=2, recompute="none")
+    glob = measure(dense.model, _budget(dense, "train"), **plan)
+    win = measure(windowed.model, _budget(windowed, "train"), **plan)
+    assert win.measured["activations"] == glob.measured["activations"]
+    s, T, layers = 256 // 2, 256, 2
+    assert glob.predicted["activations"] - win.predicted["activations"] == layers * 2 * s * T
+
+
 def test_counting_saved_tensors_skips_what_the_function_freed():
     """A storage saved by a graph that fn frees before returning (a chunk recomputed inside an op) is not
     among what fn keeps."""
