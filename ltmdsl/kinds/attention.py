@@ -26,7 +26,12 @@ Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA a
                 mask and output (1 + a)*H*b*s*T; selective recompute drops the eager core.
     context parallel (c > 1, global attention, flash): the most loaded (last) rank keeps every rank's keys and
                 values, all-gathered, a*b*(T - s)*(Hkv*(D + Dv)) beyond its own, and the causal mask of its
-                queries against them in a's dtype (SDPA's additive copy, saved for backward), a*s*T.
+                queries against them in a's dtype (SDPA's additive copy, saved for backward), a*s*T. A window
+                does not shorten what is gathered: its queries' saved keys are views of the gathered keys, so
+                windowed attention keeps them too (counted since this convention; until then nothing, -8% on
+                a tp 8 x cp 8 rank of ltm-100m's working set); its masks, a query block against its window's
+                keys at a time, are not counted (not done: +9% to +21% on windowed attention's activations at
+                d_model 64, with or without cp).
     saved_by = "eager" (ltmdsl's runtime under autograd) adds: RoPE's cos and sin 2a*s*R per layer (one copy
                 for the batch); without flash attention the explicit-softmax kernel's fp32 softmax 4*H*b*s*T,
                 its boolean mask s*T (one for the batch and heads) and the KV heads repeated to H,
@@ -355,9 +360,11 @@ def stored(c: AttentionConfig, x, selective: bool):
         out += 2 * a * x.s * c.rotary_dim
     if x.flash_attention and c.plain_softmax:
         out += x.split(4 * tok * c.heads)
-        if x.c > 1 and c.span is None:  # context parallel: the last rank's queries attend to every rank's keys
+        if x.c > 1:  # context parallel: the last rank's queries attend to every rank's keys
+            # all-gathered (cp_forward), which the saved views of them keep whole, a window or not
             out += x.split(a * x.b * (T - x.s) * c.kv_heads * (c.head_dim + c.v_head_dim))
-            out += a * x.s * T
+            if c.span is None:
+                out += a * x.s * T
     elif not selective:
         scores = x.b * x.s * T * c.heads
         out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))

@@ -19,6 +19,13 @@ fp32 dt, the skip and the gated norm in backward, as `mamba_split_conv1d_scan_co
                 a*b*conv_dim*(s + K - 1), the conv output before and after its SiLU 2a*sb*conv_dim,
                 out_proj's input a*sb*Di. No SSD chunk state is kept: no O(T/C) term.
     Selective recompute drops nothing more: the runtime recomputes the scan's internals under every policy.
+    Context parallel (c > 1, the runtime's cp_forward, the same two recompute regions): the rank's p pieces
+    (p = 2 under the balanced split, 1 contiguous) each pad the conv's input with their own K - 1 halo,
+    a*b*conv_dim*(p - 1)*(K - 1) more; the state entering each piece, 4*b*p*Hs'*P*N (fp32), is the second
+    region's input; the ranks' exchange of states keeps the state entering each chunk before the rank's last
+    one, 4*b*Hs'*P*N per chunk (the last rank's last chunk is c under the balanced split, c - 1 contiguous),
+    and every chunk's gathered total decay, 4*b*n*Hs' (n = 2c or c chunks). Until this convention the form
+    kept the scans' fp32 internals, +64% over a rank's activations at cp = 2, and nothing of it was counted.
 FLOPs: a recurrent step costs 6*Hs*P*N + 2*conv_dim*K; prefill runs SSD in chunks of L = min(chunk, T):
 per token 2L*G*N (C.B^T) + 2L*Hs*P (masked mixing) + 4*Hs*P*N (chunk states, read-out) + the conv.
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
@@ -132,7 +139,12 @@ def stored(c: Mamba2Config, x, selective: bool):
     """Module docstring; the same under selective recompute."""
     a, tok = x.a, x.tok
     zxbcdt = 2 * c.d_inner + 2 * c.n_groups * c.d_state + c.heads
-    return x.base + x.split(a * tok * (zxbcdt + 3 * c.conv_dim + c.d_inner) + a * x.b * c.conv_dim * (c.d_conv - 1))
+    out = x.base + x.split(a * tok * (zxbcdt + 3 * c.conv_dim + c.d_inner) + a * x.b * c.conv_dim * (c.d_conv - 1))
+    if x.c > 1:  # context parallel: the pieces' halos, their entering states and the exchange's (module docstring)
+        state = 4 * x.b * x.split(c.heads * c.head_dim * c.d_state)  # one fp32 [b, Hs', P, N] state
+        out += x.split(a * x.b * c.conv_dim * (x.pieces - 1) * (c.d_conv - 1))
+        out += state * (x.pieces + x.last_chunk) + 4 * x.b * x.chunks * x.split(c.heads)
+    return out
 
 
 def step_flops(c: Mamba2Config) -> int:

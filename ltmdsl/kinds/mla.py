@@ -35,7 +35,13 @@ flash 4*sb*H, or eager a*H*b*s*T (with dropout (1 + a)*H*b*s*T more), dropped by
 saved_by = "eager" (ltmdsl's runtime under autograd): each LoRA norm (Rq, Rkv) keeps what an eager RMSNorm
 keeps, (f + 2a)*sb*R + 4*sb with f = max(4, a), instead of the latents; RoPE its cos and sin, 2a*s*Dr; with
 flash attention and Dv < Dqk the values are saved zero-padded to Dqk and SDPA's Dqk-wide output besides the
-Dv channels o_proj reads: a*sb*H*(3*Dqk + Dqk + Dv) for q, k, v and the outputs.
+Dv channels o_proj reads: a*sb*H*(3*Dqk + Dqk + Dv) for q, k, v and the outputs; where the core keeps v itself
+(flash with Dv >= Dqk, or the eager core under selective recompute, whose checkpoint keeps its inputs) v is a
+view of kv_b_proj's output [sb, H*(Dn + Dv)], which stays whole: a*sb*H*Dn more. Without flash attention and
+recompute the explicit-softmax core (`attention_reference`, as transformers' eager attention) keeps, as
+attention's does, its fp32 softmax beside the a-byte scores and its boolean causal mask, (a + 4)*H*b*s*T + s*T
+(the eager core copies v and k for its einsums: neither keeps kv). Until this convention MLA counted only the
+a-byte scores: DeepSeek-V2-Lite's MLA at 2048 tokens traced +110% over its activations without flash attention.
 FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scores) + 2*H*Rkv*T (p.c);
 prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
 Backward (the `backward` facet, every width /t): the gradients of the core's q, k, v and output,
@@ -177,6 +183,11 @@ def stored(c: MLAConfig, x, selective: bool):
     out += x.split(a * tok * c.heads * c.v_head_dim)
     if padded:  # SDPA's own output, Dqk wide, beside the Dv channels o_proj reads
         out += x.split(a * tok * c.heads * c.qk_head_dim)
+    if x.eager and (selective or x.flash_attention) and not padded:
+        # SDPA's saved v (or the recomputed eager core's checkpointed input) is a view of kv_b_proj's output
+        # [tok, H*(Dn + Dv)], which stays whole: its Dn key channels too (the eager core's repeat_interleave
+        # copies v instead, and F.pad does when Dv < Dqk)
+        out += x.split(a * tok * c.heads * c.qk_nope_head_dim)
     if x.dropout:
         out += x.rep(tok * x.h)
     if x.flash_attention:
@@ -184,6 +195,8 @@ def stored(c: MLAConfig, x, selective: bool):
     elif not selective:
         scores = x.b * x.s * T * c.heads
         out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))
+        if x.eager:  # the explicit-softmax core keeps its fp32 softmax and its boolean causal mask
+            out += x.split(4 * scores) + x.s * T
     return out
 
 

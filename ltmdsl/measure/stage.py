@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ltmdsl.ir import ModelIR
-from ltmdsl.memory.assemble import stage_ranges
+from ltmdsl.memory.assemble import checkpoint_units, stage_ranges
 from ltmdsl.measure import fakesafe
 
 
@@ -98,19 +98,6 @@ class Stage:
             if isinstance(experts, nn.Module):
                 out |= {id(p) for p in experts.parameters()}
         return out
-
-
-def checkpoint_units(ir: ModelIR, layers: range) -> list[list[int]]:
-    """A mixer sub-layer and the FFN right after it (in the same stage) form one unit; any other sub-layer is
-    a unit of its own (as the memory model's `_groups` counts checkpoints)."""
-    units: list[list[int]] = []
-    for i in layers:
-        prev_is_mixer = i > 0 and not ir.layers[i - 1].is_ffn
-        if ir.layers[i].is_ffn and prev_is_mixer and i - 1 in layers and units:
-            units[-1].append(i)
-        else:
-            units.append([i])
-    return units
 
 
 def local_sizes(net: nn.Module) -> dict[str, int]:

@@ -236,22 +236,35 @@ def run(stage: Stage, ir, s: Settings, tl: Timeline, dtype: torch.dtype) -> dict
     return out
 
 
+def rank_storage(t: torch.Tensor):
+    """The storage a tensor occupies on this rank: a DTensor's local shard's (the DTensor wrapper's own storage
+    has its global shape's size, which no rank allocates), a plain tensor's own."""
+    from torch.distributed.tensor import DTensor
+
+    return (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage()
+
+
 def saved_bytes(fn, *args, exclude=()) -> tuple[int, object]:
     """Run fn(*args) and count what autograd keeps for its backward: the unique storages packed by saved-tensor
-    hooks, leaving out `exclude` (the parameters). Returns (bytes, fn's output); everything fn kept is freed
-    with that output."""
-    skip = {id(t.untyped_storage()) for t in exclude}
-    kept: dict[int, object] = {}  # id -> storage, held so that ids stay unique while counting
+    hooks, leaving out `exclude` (the parameters), each DTensor counted as its rank's local shard (its wrapper
+    reports the global shape's bytes: a tensor-parallel rank's working set was counted up to t times over, +73%
+    on a tp 8 x cp 8 rank of ltm-100m). Returns (bytes, fn's output); everything fn kept is freed with that
+    output. Storages are followed by weak reference: one saved by a graph that fn frees before it returns (a
+    recurrent kind's chunk recomputed inside its op) is not counted, and counting keeps nothing alive."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    skip = {StorageWeakRef(rank_storage(t)).cdata for t in exclude}
+    kept: dict[int, tuple[StorageWeakRef, int]] = {}  # storage address -> (weak reference, bytes)
 
     def pack(t):
-        st_ = t.untyped_storage()
-        if id(st_) not in skip:
-            kept[id(st_)] = st_
+        ref = StorageWeakRef(rank_storage(t))
+        if ref.cdata not in skip and (ref.cdata not in kept or kept[ref.cdata][0].expired()):
+            kept[ref.cdata] = (ref, rank_storage(t).nbytes())
         return t.detach()  # not t: a saved output packed as itself is a reference cycle through its grad_fn
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)
-    return sum(x.nbytes() for x in kept.values()), out
+    return sum(n for ref, n in kept.values() if not ref.expired()), out
 
 
 def _working_set(stage: Stage, b: int, seq: int, dtype: torch.dtype, tl: Timeline) -> int:

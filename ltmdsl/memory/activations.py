@@ -51,7 +51,8 @@ R = sympy.Rational
 class MicroBatch:
     """The per-micro-batch quantities every kind's `stored` facet shares (module docstring notation).
 
-    a activation bytes, w weight bytes, b sequences, c the cp and ep the expert-parallel degree, s local tokens T/c, tok = b*s, t the tp degree, sp whether
+    a activation bytes, w weight bytes, b sequences, c the cp and ep the expert-parallel degree (under cp: `pieces`
+    of the rank, `chunks` of the sequence, the traced rank's `last_chunk`), s local tokens T/c, tok = b*s, t the tp degree, sp whether
     replicated tensors are split along the sequence, h = d_model, dropout, flash_attention.
     """
 
@@ -61,6 +62,13 @@ class MicroBatch:
         self.w = s.weight_dtype.bytes
         self.b = per_replica(B, q(p.dp) * p.microbatches)
         self.c = p.cp
+        # context parallelism's split of a sequence (ltmdsl.distributed.context_parallel): 2c chunks, a rank
+        # holding chunks r and 2c-1-r as two pieces (balanced), or c chunks, one a rank (contiguous); the traced
+        # (last) rank's last chunk is c or c - 1
+        balanced = p.cp > 1 and p.cp_split == "balanced"
+        self.pieces = 2 if balanced else 1
+        self.chunks = 2 * p.cp if balanced else p.cp
+        self.last_chunk = p.cp if balanced else p.cp - 1
         self.ep = p.ep
         self.s = T / R(p.cp)
         self.tok = self.b * self.s

@@ -14,8 +14,9 @@ kind's facets) plus `embedding` and `head` (final norm and output projection) fo
 part gives `mamba/conv` and `mamba/ssm` style labels;
 `residual` for the inference residual stream. Inference activations are not a sum over kinds: layers run
 one at a time, so the component is residual + max over kinds of one sub-layer's workspace (by_kind
-lists each kind's workspace). In training, full recompute adds a `working set` entry: the largest
-mixer's plus the largest FFN's un-recomputed activations, live while one checkpoint back-propagates; the
+lists each kind's workspace). In training, full recompute adds a `working set` entry: the un-recomputed
+activations of the largest checkpoint unit (`checkpoint_units`: a mixer and the FFN right after it, or a
+sub-layer alone), live while that checkpoint back-propagates; the
 last stage adds a `head` entry under saved_by = "eager", what the final norm keeps (as a pre-norm does).
 Under ZeRO-3 the weights add a `zero-3 gathered` entry: FSDP2's root parameters (everything outside the mixers),
 gathered whole for the step beside their shard, as ltmdsl.distributed shards a model.
@@ -69,6 +70,19 @@ def stage_ranges(n_layers: int, pp: int) -> list[range]:
         out.append(range(start, start + size))
         start += size
     return out
+
+
+def checkpoint_units(model: ModelIR, layers: range) -> list[list[int]]:
+    """Full recompute's checkpoints: a mixer sub-layer and the FFN right after it (in the same stage) form one
+    unit; any other sub-layer is a unit of its own (what `_groups` counts; the traced step runs these)."""
+    units: list[list[int]] = []
+    for i in layers:
+        prev_is_mixer = i > 0 and not model.layers[i - 1].is_ffn
+        if model.layers[i].is_ffn and prev_is_mixer and i - 1 in layers and units:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return units
 
 
 def _groups(model: ModelIR, layers: range, tp: int) -> tuple[dict, dict, int]:
@@ -183,11 +197,15 @@ def _training(st: StageExprs, model: ModelIR, s: Settings, counts: dict, checkpo
     flight = training.in_flight(st.index, s)
     if s.recompute == "full":
         st.add("activations", "checkpoints", flight * checkpoints * activations.checkpoint(model, s))
-        mixers = [activations.stored(m, model, s, "none", nm, post) for (m, nm, post), _n in counts.items()
-                  if not kinds.kind_of(m).is_ffn]
-        ffns = [activations.stored(m, model, s, "none", nm, post) for (m, nm, post), _n in counts.items()
-                if kinds.kind_of(m).is_ffn]
-        working = (Largest(*mixers) if mixers else ZERO) + (Largest(*ffns) if ffns else ZERO)
+        # the largest unit's activations, live again while it back-propagates: a mixer with the FFN after it,
+        # or a sub-layer alone (until this convention the largest mixer plus the largest FFN, which over-counted
+        # a stack whose largest mixer has no FFN after it: ltm-100m's Mamba-2 and short convolutions)
+        units = {}
+        for unit in checkpoint_units(model, st.layers):
+            key = tuple((model.layers[i].mixer, model.layers[i].norm, model.layers[i].post_norm) for i in unit)
+            if key not in units:
+                units[key] = sympy.Add(*(activations.stored(m, model, s, "none", nm, post) for m, nm, post in key))
+        working = Largest(*units.values()) if units else ZERO
         st.add("activations", "working set", working)
     else:
         working = ZERO

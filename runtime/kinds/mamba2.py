@@ -199,7 +199,14 @@ def cp_forward(module: Mamba2, u: torch.Tensor, cp) -> torch.Tensor:
     """One context-parallel rank's tokens u [B, T/cp, d]: the causal conv takes the previous rank's last
     K-1 inputs as its halo; the SSD scan runs twice, first from a zero state to get this rank's final state
     and total decay exp(A * sum dt), then from the state the earlier ranks carry into it (`cp.carry`, the
-    scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t composed over ranks): exact, as one process."""
+    scan S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t composed over ranks): exact, as one process.
+
+    As in `forward`, autograd keeps the conv output and in_proj's output and nothing of the fp32 work between
+    them and out_proj: the zero-start scan (its final state) and the scan from the carried state with the D
+    skip and the gated norm are two `recompute` regions; only the ranks' exchange of states (`cp.carry`, a few
+    [B, Hs, P, N] states and no token-length tensor) runs outside them, so no collective runs in the backward's
+    recomputation. (Until then this form kept the scans' fp32 dt and y, the skip and the gate: +64% over a
+    Mamba-2 rank's activations at cp = 2.)"""
     cfg = module.cfg
     B, T, _ = u.shape
     (Di, G, Hs), N = module.sizes(), cfg.d_state
@@ -207,15 +214,30 @@ def cp_forward(module: Mamba2, u: torch.Tensor, cp) -> torch.Tensor:
     xBC = cp.causal_conv(module.kernels, xBC, module.conv1d, silu=True)  # [B, T, C]: the previous rank's halo first
     x, Bm, Cm = xBC.split([Di, G * N, G * N], dim=-1)
     x = x.reshape(B, T, Hs, cfg.head_dim)  # [B, T, Hs, P]
-    dt, A = module._dt_A(dt)  # [B, T, Hs], [Hs]
-    if cfg.dt_min > 0:  # the parallel form's dt limit, as `forward`
-        dt = dt.clamp(min=cfg.dt_min)
     Bm, Cm = Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N)
-    _, h = module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=None)  # h [B, Hs, P, N]
-    decay = torch.exp(A * dt.sum(1))[..., None, None]  # [B, Hs, 1, 1]
-    start = cp.carry(h, decay)  # [B, Hs, P, N]
-    y, _ = module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=start)  # [B, T, Hs, P]
-    return module._finish(y, x, z)  # [B, T, d]
+    dt_bias, A_log, D, norm_weight = module._params()
+
+    def dt_A(dt, dt_bias, A_log):  # the fp32 dt and A, with the parallel form's dt limit, as `forward`
+        dt, A = module._dt_A_of(dt, dt_bias, A_log)  # [B, T, Hs], [Hs]
+        return (dt.clamp(min=cfg.dt_min) if cfg.dt_min > 0 else dt), A
+
+    def final_state(x, Bm, Cm, dt, dt_bias, A_log):  # the zero-start scan's final state [B, Hs, P, N]
+        dt, A = dt_A(dt, dt_bias, A_log)
+        return module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=None)[1]
+
+    def decay_of(dt, dt_bias, A_log):  # exp(A * sum dt) [B, Hs, 1, 1]
+        dt, A = dt_A(dt, dt_bias, A_log)
+        return torch.exp(A * dt.sum(1))[..., None, None]
+
+    def gated(x, Bm, Cm, dt, z, start, dt_bias, A_log, D, norm_weight):  # -> out_proj's input [B, T, Di]
+        dt, A = dt_A(dt, dt_bias, A_log)
+        y, _ = module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=start)  # [B, T, Hs, P]
+        return module._gated(y, x, z, D, norm_weight)
+
+    h = recompute(final_state, x, Bm, Cm, dt, dt_bias, A_log)  # [B, Hs, P, N]
+    start = cp.carry(h, recompute(decay_of, dt, dt_bias, A_log))  # [B, Hs, P, N]
+    y = recompute(gated, x, Bm, Cm, dt, z, start, dt_bias, A_log, D, norm_weight)  # [B, T, Di]
+    return module.out_proj(y)  # [B, T, d]
 
 
 def tp_plan(cfg: Mamba2Config, tp: int) -> dict:

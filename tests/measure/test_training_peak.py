@@ -38,7 +38,7 @@ LAYERS = {
 #: something (the eager attention core, the short convolution's gate products); eager attention under each
 CASES = [(k, p, True) for k in LAYERS for p in ("none", "full")]
 CASES += [("short_conv", "selective", True)]
-CASES += [("attention", p, False) for p in ("none", "selective", "full")]
+CASES += [(k, p, False) for k in ("attention", "mla") for p in ("none", "selective", "full")]
 
 
 def stack(layer: str, d_model: int = 64):
@@ -86,4 +86,28 @@ def test_tiny_hybrid_training_peak_within_10_percent(policy):
 
     spec = ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm")
     m = measure(spec.model, None, mode="training", context=128, batch=1, recompute=policy)
+    assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
+
+
+#: MLA with its values narrower than the query/key heads (Dv 16 < Dqk 24: zero-padded for SDPA's fused kernel)
+#: and as wide (Dv = Dqk = 16: SDPA keeps its v, a view of kv_b_proj's output, whole)
+MLA = {
+    "padded-values": "mla(heads = 4, q_lora_rank = 32, kv_lora_rank = 32, qk_nope_head_dim = 16, "
+                     "qk_rope_head_dim = 8, v_head_dim = 16)",
+    "equal-heads": LAYERS["mla"],
+}
+ACTIVATIONS_TOL = 0.05  # issue 14's target for training activations
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "eager"])
+@pytest.mark.parametrize("policy", ["none", "selective", "full"])
+@pytest.mark.parametrize("layer", MLA, ids=MLA)
+def test_mla_activations_within_5_percent_with_and_without_flash_attention(layer, policy, flash):
+    """What an MLA sub-layer keeps is what its `stored` facet counts: without flash attention the explicit-
+    softmax core's fp32 softmax and boolean causal mask beside its scores (until they were counted: +80% at
+    d_model 64 without recompute, +98% at DeepSeek-V2-Lite's widths), and kv_b_proj's whole output where SDPA's
+    saved v (or the checkpointed eager core's) is a view of it (+3.7%)."""
+    m = measure(stack(MLA[layer]), None, mode="training", context=128, batch=1, recompute=policy,
+                flash_attention=flash)
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
     assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
