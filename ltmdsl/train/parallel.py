@@ -312,7 +312,7 @@ def _sync(ranked) -> None:
     from ltmdsl.distributed.data_parallel import FSDP_STAGES, sync_gradients
 
     if ranked.plan.zero not in FSDP_STAGES:
-        sync_gradients(ranked.model, ranked.replica_mesh, ranked.dp_sharded)
+        sync_gradients(ranked.model, ranked.replica_mesh, ranked.dp_sharded, ranked.expert_replicas)
 
 
 def _clip(ranked, optimizer, clip: float) -> float:

@@ -66,6 +66,29 @@ class Experts(nn.Module):
 
     tp_mesh = None  # set by tp_plan's style: the weights are this tp rank's F/t slice of every expert
 
+    def forward(self, cfg: MoEConfig, rx: torch.Tensor, rows_of, ep) -> torch.Tensor:
+        """Expert parallelism's expert maths (`ep_experts`): this rank's E/ep experts on the rows rx [R, d]
+        received from the ep ranks, rows_of(e) the rows [m] of local expert e -> [R, d]. A module call, so that
+        FSDP2 (ZeRO 2/3 over the ranks holding the same experts) gathers the expert weights around it and
+        reduce-scatters their gradients after its backward.
+
+        Each expert weight's local view is taken once (its backward sums every expert's gradient into one
+        [E/ep, ...] buffer, not one per expert); the experts' results are added in place."""
+        gate_w = None if self.gate_proj is None else ep.local(self.gate_proj)  # [E/ep, F(/t), d]
+        up_w, down_w = ep.local(self.up_proj), ep.local(self.down_proj)  # one local view each
+        # [R, d]: tied to rx and this rank's expert weights even when no row comes here (R = 0), so that every
+        # rank's backward runs both all-to-alls (a rank whose graph skipped them would leave its peers waiting)
+        # and its experts get a (zero) gradient, as the stacked expert weights of one process do
+        held = sum(w_.sum() for w_ in (gate_w, up_w, down_w) if w_ is not None)
+        ry = rx * 0 + held * 0
+        for e in range(up_w.shape[0]):
+            rows = rows_of(e)  # [m]
+            if rows.numel() == 0:
+                continue
+            gate_e = None if gate_w is None else gate_w[e]  # [F(/t), d]
+            ry.index_add_(0, rows, _local_expert(cfg, rx[rows], gate_e, up_w[e], down_w[e]))  # [m, d] into [R, d]
+        return ry
+
     def one(self, cfg: MoEConfig, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [m, d] -> [m, d] (under tensor parallelism: this rank's part of the sum
         over the expert's width, reduced by `MoE.forward`)."""
@@ -259,29 +282,23 @@ def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.T
     What is live at once (the memory model's expert-parallel moment, ltmdsl/kinds/moe.py `workspace`): the
     rows received and their results (two [M*k, d] buffers, the results added in place) beside one expert's
     input, its MLP and output; then the results sent back and, weighted, added in place into the output.
-    The expert weights' local views are taken once (one view per weight: its backward sums every expert's
-    gradient into one [E/ep, ...] buffer, not one per expert)."""
+
+    Under tensor parallelism (Megatron's expert tensor parallelism) every tp rank routes the same tokens, holds
+    F/t of its experts' width and returns its part of their outputs: the weighted sum is summed over the tp
+    ranks, and the gradients of the inputs and routing weights, partial on each, are summed back, as
+    `MoE.forward` does."""
     cfg = module.cfg
-    gate_w = None if module.experts.gate_proj is None else ep.local(module.experts.gate_proj)  # [E/ep, F, d]
-    up_w, down_w = ep.local(module.experts.up_proj), ep.local(module.experts.down_proj)  # one local view each
+    tp_mesh = module.experts.tp_mesh
+    if tp_mesh is not None:  # the experts' inputs and weights get partial gradients from each tp rank
+        xf, slot_w = copy_to_tp(xf, tp_mesh.get_group()), copy_to_tp(slot_w, tp_mesh.get_group())
     rx = ep.exchange(xf[tok], send, recv)  # [R, d] rows for this rank's experts
-    # [R, d]: tied to rx and this rank's expert weights even when no row comes here (R = 0), so that every
-    # rank's backward runs both all-to-alls (a rank whose graph skipped them would leave its peers waiting) and
-    # its experts get a (zero) gradient, as the stacked expert weights of one process do
-    held = sum(w_.sum() for w_ in (gate_w, up_w, down_w) if w_ is not None)
-    ry = rx * 0 + held * 0
-    for e in range(cfg.experts // ep.size):
-        rows = rows_of(e)  # [m]
-        if rows.numel() == 0:
-            continue
-        gate_e = None if gate_w is None else gate_w[e]  # [F, d]
-        ry.index_add_(0, rows, _local_expert(cfg, rx[rows], gate_e, up_w[e], down_w[e]))  # [m, d] into [R, d]
+    ry = module.experts(cfg, rx, rows_of, ep)  # [R, d]
     del rx  # the received rows are read by the experts only (autograd keeps what it needs)
     back = ep.exchange(ry, recv, send)  # [M*k, d] in send order
     del ry
     out = torch.zeros_like(xf)  # [M, d]
     out.index_add_(0, tok, (back * slot_w[:, None].to(back.dtype)).to(xf.dtype))  # [M*k, d] summed per token
-    return out
+    return out if tp_mesh is None else sum_over_tp(out, tp_mesh)  # [M, d]
 
 
 def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
