@@ -79,9 +79,6 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
                       "sequence-sharded stage boundaries are not wired yet (sp runs with tp, dp, cp and zero 0-3)")
     if plan.cp_split not in CP_SPLITS:
         errors.append(f"cp_split is one of {', '.join(CP_SPLITS)}, got {plan.cp_split!r}")
-    if plan.ep > 1 and plan.cp > 1:
-        errors.append(f"ep = {plan.ep} runs with dp, ZeRO 0-3, tp and pp so far, not yet with cp; this plan has "
-                      f"cp = {plan.cp}")
     if plan.pp > 1 and batch is not None and (batch // max(plan.dp, 1)) % plan.microbatches:
         errors.append(f"{plan.microbatches} micro-batches do not divide the {batch // plan.dp} sequences of a "
                       "data-parallel rank")

@@ -1,6 +1,7 @@
 """Expert parallelism with data parallelism and ZeRO 0-3 on tiny-hybrid, 4 forked gloo ranks: dp = 4 with
 ep = 2 carved out of it (two ep groups of 2 ranks, each holding 2 of the MoE's 4 experts; ranks 0 and 2 hold
-the same experts, as do 1 and 3: the expert data-parallel ranks).
+the same experts, as do 1 and 3: the expert data-parallel ranks); the same inside pipeline stages, and with
+context parallelism (dp = cp = ep = 2: each cp rank's tokens dispatched within its ep group).
 
 Oracle: the single-process run on the whole batch. The loss of the first 3 AdamW steps and the first step's
 gradients (the experts' gathered from their ranks) equal it within 1e-5 relative in float64 (measured ~5e-15:
@@ -39,7 +40,11 @@ def hybrid():
 PLANS = {**{f"dp4-ep2-{k}": {"ep": 2, "zero": z} for k, z in ZEROS.items()},
          "dp4-ep4-zero3": {"ep": 4, "zero": 3},  # ep = dp: each expert on one rank, FSDP2 over one rank's group
          "pp2-dp2-ep2-zero3": {"pp": 2, "ep": 2, "zero": 3, "microbatches": 2},
-         "pp2-dp2-ep2-zero1": {"pp": 2, "ep": 2, "zero": 1, "microbatches": 2}}
+         "pp2-dp2-ep2-zero1": {"pp": 2, "ep": 2, "zero": 1, "microbatches": 2},
+         # cp: each ep group the dp ranks of one cp coordinate, dispatching their sequence shards' tokens; the
+         # experts' replicas are the edp x cp ranks (here the 2 cp ranks)
+         "dp2-cp2-ep2-zero0": {"cp": 2, "ep": 2, "zero": 0},
+         "dp2-cp2-ep2-zero3": {"cp": 2, "ep": 2, "zero": 3}}
 
 
 @pytest.mark.parametrize("degrees", PLANS.values(), ids=PLANS.keys())
@@ -59,16 +64,21 @@ def test_ep_within_dp_matches_one_process(hybrid, degrees):
         assert_close(grads[name], g, RTOL, f"gradient of {name}")
 
 
-@pytest.mark.parametrize("zero", ZEROS.values(), ids=ZEROS.keys())
-def test_ep_within_dp_rank_bytes_equal_the_memory_model(zero):
+MEMORY_PLANS = {**{f"dp4-ep2-{k}": {"ep": 2, "zero": z} for k, z in ZEROS.items()},
+                "dp2-cp2-ep2-zero1": {"cp": 2, "ep": 2, "zero": 1}, "dp2-cp2-ep2-zero3": {"cp": 2, "ep": 2, "zero": 3}}
+
+
+@pytest.mark.parametrize("degrees", MEMORY_PLANS.values(), ids=MEMORY_PLANS.keys())
+def test_ep_within_dp_rank_bytes_equal_the_memory_model(degrees):
     ir = tiny_hybrid()
-    plan = plan_from(world=4, ep=2, zero=zero)
+    plan = plan_from(world=4, **degrees)
+    zero = plan.zero
     want = _predicted(ir, plan)
     dense = ir.params_total - sum(p for layer in ir.layers if layer.kind == "moe"
                                   for p in [layer.mixer.experts * layer.mixer.expert_params(ir.d_model)])
     experts = ir.params_total - dense  # every MoE layer's routed experts (tiny-hybrid's one MoE, used once)
     held = dense + experts // 2  # a rank's parameters: the dense ones and its 2 of 4 experts
-    sharded = dense // 4 + experts // 2 // 2  # ... ZeRO-sharded: dense over dp = 4, its experts over dp/ep = 2
+    sharded = dense // 4 + experts // 2 // 2  # ... ZeRO-sharded: dense over dp*cp = 4, its experts over dp*cp/ep = 2
     assert want["optimizer"] == 8 * (held if zero == 0 else sharded)  # the memory model's arithmetic, stated
     assert want["gradients"] == 4 * (held if zero < 2 else sharded)
     if zero == 2:  # FSDP2 shards weights at rest where the model (the ZeRO paper) keeps them whole

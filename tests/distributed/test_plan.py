@@ -46,7 +46,6 @@ CASES = {
     "pp-layers": (tp_small, ParallelPlan(pp=8), 8, {}, "pp = 8 exceeds the 4 sub-layers"),
     "batch": (tp_small, ParallelPlan(dp=2), 2, {"batch": 3}, "dp = 2 does not divide the batch of 3 sequences"),
     "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),
-    "ep-cp": (tiny_hybrid, ParallelPlan(cp=2, dp=2, ep=2), 4, {}, "not yet with cp"),
     "interleave-without-pp": (tiny_hybrid, ParallelPlan(dp=2, interleave=2), 2, {}, "needs a pipeline"),
     "microbatches": (tp_small, ParallelPlan(pp=2, microbatches=3), 2, {"batch": 4}, "3 micro-batches do not divide"),
     "zero-stage": (tp_small, ParallelPlan(dp=2, zero=4), 2, {}, "zero is a ZeRO stage 0 to 3, got 4"),
