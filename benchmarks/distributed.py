@@ -9,7 +9,7 @@ stage) beside that per-GPU prediction ("=" when all three are equal), plus the l
 of a rank. tiny-hybrid (every mixer kind) runs the data-, context-, expert- and
 pipeline-parallel plans (pp with dp, ZeRO 1/3, cp and ep) and ep carved out of dp with ZeRO 1 and 3 and with
 cp; tensor parallelism runs on an attention + MLP + MoE model (the kinds with a tensor-parallel plan), with ZeRO
-1 and 3 and inside pipeline stages, and with ep (its MoE without the shared expert, ZeRO 1 and 3); tiny-jamba (a
+1 and 3 and inside pipeline stages, and with ep (ZeRO 1 and 3); tiny-jamba (a
 MoE in every pipeline stage) runs ep and pp x dp x ep.
 On a CPU the numbers measure overheads, not speed-ups: ranks share the cores.
 
@@ -73,8 +73,8 @@ PLANS = [  # (model, world, degrees)
     ("tp-bench", 4, {"pp": 2, "tp": 2, "microbatches": 2}),
     ("tiny-jamba", 2, {"ep": 2}),
     ("tiny-jamba", 4, {"pp": 2, "dp": 2, "ep": 2, "microbatches": 2}),
-    ("tp-moe-bench", 4, {"tp": 2, "ep": 2, "zero": 1}),
-    ("tp-moe-bench", 4, {"tp": 2, "ep": 2, "zero": 3}),
+    ("tp-bench", 4, {"tp": 2, "ep": 2, "zero": 1}),
+    ("tp-bench", 4, {"tp": 2, "ep": 2, "zero": 3}),
 ]
 
 
@@ -83,8 +83,6 @@ def _model(name: str):
 
     if name in ("tiny-hybrid", "tiny-jamba"):
         return ltmdsl.load(ROOT / "examples" / f"{name}.ltm").ir.model()
-    if name == "tp-moe-bench":  # a plain MoE (no shared expert): what expert parallelism runs
-        return ltmdsl.loads(TP_SPEC.replace(", shared_d_ff = 256", "")).ir.model()
     return ltmdsl.loads(TP_SPEC).ir.model()
 
 

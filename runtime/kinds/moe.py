@@ -182,12 +182,7 @@ class MoE(nn.Module):
             out.index_add_(0, tok, he.to(out.dtype))
         if self.experts.tp_mesh is not None:
             out = sum_over_tp(out, self.experts.tp_mesh)  # [M, d]
-        if self.shared is not None:
-            shared = self.shared(xf)  # [M, d]
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(xf)) * shared  # [M, 1] * [M, d]
-            out = out + shared
-        return out.view(shape)
+        return with_shared(self, xf, out).view(shape)
 
     def step(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
         return self.forward(x)
@@ -246,10 +241,12 @@ def tp_plan(cfg: MoEConfig, tp: int) -> dict:
 def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     """Expert parallelism (ltmdsl.distributed.expert_parallel.ExpertShard `ep`): x [..., d] -> [..., d].
     Each (token, slot) goes to the rank holding its expert, sorted by expert; that rank runs its E/ep
-    experts and returns the rows; they are weighted and summed per token in expert order, as forward does."""
+    experts and returns the rows; they are weighted and summed per token in expert order, as forward does
+    (every routing, the clamped SwiGLU, weighted inputs), and the shared expert (dense) added on this rank's
+    tokens. Expert biases are refused (not split over ep yet)."""
     cfg = module.cfg
-    if cfg.beyond_plain():
-        raise ValueError(f"expert parallelism runs plain MoEs only; this one uses {', '.join(cfg.beyond_plain())}")
+    if cfg.expert_bias:
+        raise ValueError("expert parallelism does not split expert biases yet (expert_bias = true)")
     shape = x.shape
     xf = x.reshape(-1, shape[-1])  # [M, d]
     M, k = xf.shape[0], cfg.top_k
@@ -263,14 +260,25 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     send_l, recv_l = send.tolist(), recv.tolist()
     re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
     out = ep_experts(module, xf, w.flatten()[order], tok, send_l, recv_l, lambda e: torch.where(re == e)[0], ep)
-    return out.view(shape)
+    return with_shared(module, xf, out).view(shape)
+
+
+def with_shared(module: MoE, xf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [M, d] plus the shared expert of the tokens xf [M, d] (dense, gated by sigmoid(shared_gate(x)) when
+    it has a gate), as `MoE.forward` adds it; out itself without a shared expert."""
+    if module.shared is None:
+        return out
+    shared = module.shared(xf)  # [M, d]
+    if module.shared_gate is not None:
+        shared = torch.sigmoid(module.shared_gate(xf)) * shared  # [M, 1] * [M, d]
+    return out + shared
 
 
 def _local_expert(cfg: MoEConfig, xe: torch.Tensor, gate_w: torch.Tensor | None, up_w: torch.Tensor,
                   down_w: torch.Tensor) -> torch.Tensor:
     """One local expert on its rows xe [m, d] -> [m, d]; its gate and input are released on return."""
     gate = xe @ gate_w.t() if gate_w is not None else None  # [m, F]
-    return activate(cfg.activation, gate, xe @ up_w.t()) @ down_w.t()  # [m, d]
+    return expert_activation(cfg, gate, xe @ up_w.t()) @ down_w.t()  # [m, d]
 
 
 def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.Tensor, send: list[int],
@@ -291,13 +299,17 @@ def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.T
     tp_mesh = module.experts.tp_mesh
     if tp_mesh is not None:  # the experts' inputs and weights get partial gradients from each tp rank
         xf, slot_w = copy_to_tp(xf, tp_mesh.get_group()), copy_to_tp(slot_w, tp_mesh.get_group())
-    rx = ep.exchange(xf[tok], send, recv)  # [R, d] rows for this rank's experts
+    rows = xf[tok] * slot_w[:, None].to(xf.dtype) if cfg.weight_input else xf[tok]  # [M*k, d] (Llama-4: weighted in)
+    rx = ep.exchange(rows, send, recv)  # [R, d] rows for this rank's experts
+    del rows
     ry = module.experts(cfg, rx, rows_of, ep)  # [R, d]
     del rx  # the received rows are read by the experts only (autograd keeps what it needs)
     back = ep.exchange(ry, recv, send)  # [M*k, d] in send order
     del ry
     out = torch.zeros_like(xf)  # [M, d]
-    out.index_add_(0, tok, (back * slot_w[:, None].to(back.dtype)).to(xf.dtype))  # [M*k, d] summed per token
+    if not cfg.weight_input:
+        back = back * slot_w[:, None].to(back.dtype)  # [M*k, d] weighted out
+    out.index_add_(0, tok, back.to(xf.dtype))  # [M*k, d] summed per token
     return out if tp_mesh is None else sum_over_tp(out, tp_mesh)  # [M, d]
 
 
