@@ -2,8 +2,8 @@
 
 The ep ranks are carved out of the data-parallel ranks, as Megatron-LM and DeepSpeed-MoE do: the dp ranks of
 the (pp, dp, cp, tp) mesh are unflattened into (edp, ep), ep innermost, so an ep group is ep neighbouring dp
-ranks and the dp/ep ranks holding the same experts (the "expert data-parallel" ranks, edp = dp/ep) are ep
-apart. Rank r of an ep group holds experts [r*E/ep, (r+1)*E/ep) of every MoE layer; under tensor parallelism
+ranks (with the same cp and tp coordinates) and the dp/ep ranks holding the same experts (the "expert
+data-parallel" ranks, edp = dp/ep) are ep apart; under cp the experts' replicas are the edp x cp ranks. Rank r of an ep group holds experts [r*E/ep, (r+1)*E/ep) of every MoE layer; under tensor parallelism
 each of those experts' width F is split over the tp ranks as well (Megatron's expert tensor parallelism with
 its default expert-tp = tp): the stacked expert weights are DTensors sharded on the expert axis over ep and on
 F over tp, initialised shard by shard like every other parameter. The router is replicated (dense).
@@ -20,7 +20,8 @@ Gradients and ZeRO, per parameter class (Megatron's expert data parallelism):
           means, and an expert's local gradient already sums its ep group's ep ranks' terms, so the expert
           weights' gradient is scaled by 1/ep as it leaves the experts (`ExpertShard.local`): averaged over
           the edp*cp replicas it is the dp*cp mean, as a dense gradient. (A gradient divide factor of dp*cp on
-          the experts' FSDP2 unit would do the same with one rank's group: there FSDP2 divides twice.)
+          the experts' FSDP2 unit would not: with a group of one rank torch 2.13's FSDP2 divides twice, and
+          the pre-multiplied sum it selects in fp32 is NCCL-only.)
 so each rank's expert state is (E/ep experts) / (dp*cp/ep): the memory model's expert parameters / (t*ep),
 ZeRO-sharded over max(1, dp*c/ep) (ltmdsl/memory/training.py).
 """
