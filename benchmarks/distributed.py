@@ -7,9 +7,10 @@ averaging, AdamW) after one warm-up step, and the bytes of weights, gradients an
 rank the memory model predicts (ltmdsl.distributed.memory on the first rank of its most loaded pipeline
 stage) beside that per-GPU prediction ("=" when all three are equal), plus the largest peak resident memory
 of a rank. tiny-hybrid (every mixer kind) runs the data-, context-, expert- and
-pipeline-parallel plans (pp with dp, ZeRO 1/3, cp and ep); tensor parallelism runs on an attention + MLP + MoE
-model (the kinds with a tensor-parallel plan), with ZeRO 1 and 3 and inside pipeline stages; tiny-jamba (a MoE
-in every pipeline stage) runs ep and pp x dp x ep.
+pipeline-parallel plans (pp with dp, ZeRO 1/3, cp and ep) and ep carved out of dp with ZeRO 1 and 3 and with
+cp; tensor parallelism runs on an attention + MLP + MoE model (the kinds with a tensor-parallel plan), with ZeRO
+1 and 3 and inside pipeline stages, and with ep (ZeRO 1 and 3); tiny-jamba (a
+MoE in every pipeline stage) runs ep and pp x dp x ep.
 On a CPU the numbers measure overheads, not speed-ups: ranks share the cores.
 
 Where the runtime and the memory model differ by design, the row says so by not showing "=": ZeRO 2 (FSDP2
@@ -60,6 +61,9 @@ PLANS = [  # (model, world, degrees)
     ("tiny-hybrid", 4, {"pp": 2, "cp": 2, "microbatches": 2}),
     ("tiny-hybrid", 4, {"pp": 2, "dp": 2, "zero": 1, "microbatches": 2}),
     ("tiny-hybrid", 4, {"pp": 2, "dp": 2, "ep": 2, "microbatches": 2}),
+    ("tiny-hybrid", 4, {"ep": 2, "zero": 1}),
+    ("tiny-hybrid", 4, {"ep": 2, "zero": 3}),
+    ("tiny-hybrid", 4, {"cp": 2, "ep": 2, "zero": 2}),
     ("tp-bench", 1, {}),
     ("tp-bench", 2, {"tp": 2}),
     ("tp-bench", 2, {"tp": 2, "sequence_parallel": True}),
@@ -70,6 +74,8 @@ PLANS = [  # (model, world, degrees)
     ("tp-bench", 4, {"pp": 2, "tp": 2, "microbatches": 2, "sequence_parallel": True}),
     ("tiny-jamba", 2, {"ep": 2}),
     ("tiny-jamba", 4, {"pp": 2, "dp": 2, "ep": 2, "microbatches": 2}),
+    ("tp-bench", 4, {"tp": 2, "ep": 2, "zero": 1}),
+    ("tp-bench", 4, {"tp": 2, "ep": 2, "zero": 3}),
 ]
 
 

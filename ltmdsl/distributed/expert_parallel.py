@@ -1,12 +1,29 @@
 """Expert parallelism: each MoE layer's experts split over the ep ranks, tokens sent to them all-to-all.
 
-The ep ranks are the data-parallel ranks (ep = dp): rank r holds experts [r*E/ep, (r+1)*E/ep) of every
-MoE layer (its expert weights are DTensors sharded on the expert axis, initialised shard by shard like
-every other parameter) and the router whole. In forward each rank routes its own tokens, sends each
-(token, slot) to the rank holding its expert (all_to_all with uneven splits), runs its experts on what
-it receives, and sends the results back, where they are weighted and summed as in one process
-(`ep_forward` on the moe runtime kind). Both all-to-alls are autograd functions, so an expert's gradient
-collects every rank's tokens; it is divided by dp, not all-reduced (no other rank holds that expert).
+The ep ranks are carved out of the data-parallel ranks, as Megatron-LM and DeepSpeed-MoE do: the dp ranks of
+the (pp, dp, cp, tp) mesh are unflattened into (edp, ep), ep innermost, so an ep group is ep neighbouring dp
+ranks (with the same cp and tp coordinates) and the dp/ep ranks holding the same experts (the "expert
+data-parallel" ranks, edp = dp/ep) are ep apart; under cp the experts' replicas are the edp x cp ranks. Rank r of an ep group holds experts [r*E/ep, (r+1)*E/ep) of every MoE layer; under tensor parallelism
+each of those experts' width F is split over the tp ranks as well (Megatron's expert tensor parallelism with
+its default expert-tp = tp): the stacked expert weights are DTensors sharded on the expert axis over ep and on
+F over tp, initialised shard by shard like every other parameter. The router is replicated (dense).
+
+In forward each rank routes its own tokens, sends each (token, slot) to the rank of its ep group holding its
+expert (all_to_all with uneven splits), runs its experts on what it receives, and sends the results back,
+where they are weighted and summed as in one process (`ep_forward` on the moe runtime kind). Both
+all-to-alls are autograd functions, so an expert's gradient collects every ep rank's tokens.
+
+Gradients and ZeRO, per parameter class (Megatron's expert data parallelism):
+  dense   replicated over the dp x cp ranks: averaged over them, ZeRO state sharded over them
+  expert  replicated over the edp x cp ranks only: averaged over them, ZeRO state (the distributed optimizer
+          for ZeRO 1, FSDP2 for ZeRO 2/3) sharded over them. The step's loss is the mean of the dp*cp ranks'
+          means, and an expert's local gradient already sums its ep group's ep ranks' terms, so the expert
+          weights' gradient is scaled by 1/ep as it leaves the experts (`ExpertShard.local`): averaged over
+          the edp*cp replicas it is the dp*cp mean, as a dense gradient. (A gradient divide factor of dp*cp on
+          the experts' FSDP2 unit would not: with a group of one rank torch 2.13's FSDP2 divides twice, and
+          the pre-multiplied sum it selects in fp32 is NCCL-only.)
+so each rank's expert state is (E/ep experts) / (dp*cp/ep): the memory model's expert parameters / (t*ep),
+ZeRO-sharded over max(1, dp*c/ep) (ltmdsl/memory/training.py).
 """
 
 from __future__ import annotations
@@ -15,18 +32,23 @@ from dataclasses import dataclass
 
 import torch
 
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
 
 @dataclass(frozen=True)
 class ExpertShard:
-    """This rank's place among the ep ranks and the token exchange of ep_forward."""
+    """This rank's place among the ep ranks, the ranks holding its experts, and the token exchange of
+    ep_forward."""
 
-    mesh: object  # 1-D DeviceMesh of the ep ranks
+    mesh: object  # 1-D DeviceMesh of the ep ranks (same tp and cp coordinates)
     rank: int
     size: int
+    replicas: object  # 1-D DeviceMesh of the ranks holding the same experts (edp x cp): gradient average, ZeRO
 
     def local(self, p: torch.Tensor) -> torch.Tensor:
-        """This rank's experts of a stacked expert weight [E, ...] -> [E/ep, ...] (differentiable)."""
-        return p.to_local() if hasattr(p, "to_local") else p
+        """This rank's experts of a stacked expert weight [E, ...] -> [E/ep, ...] (differentiable), its
+        gradient scaled by 1/ep (module docstring)."""
+        return _ScaleGradient.apply(p.to_local() if hasattr(p, "to_local") else p, 1.0 / self.size)
 
     def counts(self, send: torch.Tensor) -> torch.Tensor:
         """How many rows each rank sends here, given how many this rank sends to each: [ep] -> [ep]."""
@@ -54,14 +76,37 @@ class ExpertShard:
         return out
 
 
-def apply_expert_parallel(model, ep_mesh) -> set[int]:
-    """Shard the stacked expert weights of every MoE mixer over `ep_mesh` (meta model: before
-    materialise) and switch the mixers to ep_forward; returns the ids of the sharded parameters."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+class _ScaleGradient(torch.autograd.Function):
+    """x unchanged; its gradient times `scale` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def expert_mesh(mesh, plan):
+    """The plan's mesh with its dp dimension unflattened into (edp, ep), ep innermost:
+    ("pp", "edp", "ep", "cp", "tp"), the same ranks in the same order. Creates process groups: call once."""
+    return mesh._unflatten("dp", (plan.dp // plan.ep, plan.ep), ("edp", "ep"))
+
+
+def apply_expert_parallel(model, mesh, plan) -> set[int]:
+    """Shard the stacked expert weights of every MoE mixer over the ep ranks of `mesh` (the plan's (pp, dp,
+    cp, tp) mesh; the meta model, before FSDP2 and materialise; under tp after the tp split, which made them
+    DTensors over F) and switch the mixers to ep_forward; returns the ids of the sharded parameters."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     from ltmdsl.runtime.kinds import runtime_kind
 
-    shard = ExpertShard(ep_mesh, ep_mesh.get_local_rank(), ep_mesh.size())
+    experts_mesh = expert_mesh(mesh, plan)
+    ep_mesh = experts_mesh["ep"]
+    replicas = experts_mesh["edp"] if plan.cp == 1 else experts_mesh["edp", "cp"]._flatten("edp_cp")
+    shard = ExpertShard(ep_mesh, ep_mesh.get_local_rank(), ep_mesh.size(), replicas)
     sharded: set[int] = set()
     done: set[int] = set()
     for layer, block in zip(model.ir.layers, model.layers):
@@ -70,12 +115,32 @@ def apply_expert_parallel(model, ep_mesh) -> set[int]:
             continue
         done.add(id(block))
         experts = block.mixer.experts
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name in EXPERT_WEIGHTS:
             p = getattr(experts, name)
             if p is None:
                 continue
-            d = torch.nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)], src_data_rank=None))
+            if isinstance(p, DTensor):  # split over tp on F already: experts over ep, F over tp
+                whole = torch.empty(p.shape, dtype=p.dtype, device="meta")  # [E, ...] global
+                d = distribute_tensor(whole, experts_mesh["ep", "tp"], [Shard(0), *p.placements], src_data_rank=None)
+            else:
+                d = distribute_tensor(p.data, ep_mesh, [Shard(0)], src_data_rank=None)
+            d = torch.nn.Parameter(d, requires_grad=p.requires_grad)
             setattr(experts, name, d)
             sharded.add(id(d))
         block.mixer.expert_parallel = shard
     return sharded
+
+
+def expert_shard(model) -> ExpertShard | None:
+    """The ExpertShard of a model's (or pipeline stage's) MoE mixers; None without expert parallelism."""
+    return next((m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None),
+                None)
+
+
+def expert_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters expert parallelism split (the stacked expert weights of the MoE mixers under ep)."""
+    out = []
+    for m in model.modules():
+        if getattr(m, "expert_parallel", None) is not None:
+            out += [p for name in EXPERT_WEIGHTS if (p := getattr(m.experts, name)) is not None]
+    return out

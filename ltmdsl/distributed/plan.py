@@ -7,8 +7,10 @@ world size when not given. `check_plan` refuses, with every problem in one messa
   - does not multiply to the world size (tp*pp*cp*dp),
   - does not divide the model (heads, experts, layers: the memory model's own words, budgets.plan_problems),
   - does not divide the batch over dp or the sequence over cp (2*cp chunks under the balanced cp split),
-  - combines degrees ltmdsl.distributed does not run together yet (ep other than ep = dp with tp = cp = 1 and
-    zero 0, interleaving without a pipeline: docs/DISTRIBUTED.md).
+  - carves the expert-parallel ranks other than out of the data-parallel ones (ep must divide dp), or splits
+    experts with biases (not split over ep yet),
+  - combines degrees ltmdsl.distributed does not run together yet (ep with tp or cp, interleaving without a
+    pipeline: docs/DISTRIBUTED.md).
 
 Pure: importing this module imports no torch, so a launcher can refuse a plan without starting anything.
 """
@@ -57,8 +59,15 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"tp*pp*cp*dp = {plan.tp}*{plan.pp}*{plan.cp}*{plan.dp} = {plan.world} "
                       f"must equal the world size {world}")
     errors += [message for _key, message in plan_problems(model, plan.tp, plan.pp, plan.ep)]
-    if plan.ep > 1 and (plan.dp * plan.tp) % plan.ep:
-        errors.append(f"ep = {plan.ep} does not divide dp*tp = {plan.dp * plan.tp} (experts split within dp*tp)")
+    if plan.ep > 1:
+        biased = next((layer for layer in model.layers if layer.kind == "moe" and layer.mixer.expert_bias), None)
+        if biased is not None:
+            errors.append(f"ep = {plan.ep}: expert parallelism does not split expert biases yet; layer "
+                          f"'{biased.definition}' has expert_bias = true")
+    if plan.ep > 1 and plan.dp % plan.ep:
+        errors.append(f"ep = {plan.ep} does not divide dp = {plan.dp}: the expert-parallel ranks are carved out of "
+                      "the data-parallel ranks (Megatron-LM's expert parallelism; under tp each expert's width is "
+                      "split over the tp ranks as well, expert-tp = tp)")
     if batch is not None and batch % plan.dp:
         errors.append(f"dp = {plan.dp} does not divide the batch of {batch} sequences")
     if seq_len is not None and seq_len % plan.cp:
@@ -73,10 +82,6 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
                       f"{plan.cp}) over tp = {plan.tp}, which does not divide them")
     if plan.cp_split not in CP_SPLITS:
         errors.append(f"cp_split is one of {', '.join(CP_SPLITS)}, got {plan.cp_split!r}")
-    if plan.ep > 1 and (plan.ep != plan.dp or plan.tp > 1 or plan.cp > 1 or plan.zero > 0):
-        errors.append(f"ep = {plan.ep} runs as ep = dp with tp = 1, cp = 1 and zero 0 so far (experts split over "
-                      f"the data-parallel ranks); this plan has dp = {plan.dp}, tp = {plan.tp}, cp = {plan.cp}, "
-                      f"zero = {plan.zero}")
     if plan.pp > 1 and batch is not None and (batch // max(plan.dp, 1)) % plan.microbatches:
         errors.append(f"{plan.microbatches} micro-batches do not divide the {batch // plan.dp} sequences of a "
                       "data-parallel rank")

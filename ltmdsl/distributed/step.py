@@ -48,7 +48,7 @@ def forward_backward(ranked, input_ids: torch.Tensor, targets: torch.Tensor) -> 
         loss.backward()
     replicas = ranked.replica_mesh
     if ranked.plan.zero not in FSDP_STAGES:
-        sync_gradients(ranked.model, replicas, ranked.dp_sharded)
+        sync_gradients(ranked.model, replicas, ranked.dp_sharded, ranked.expert_replicas)
     total = loss.detach().clone()
     dist.all_reduce(total, group=replicas.get_group())
     return total.item() / replicas.size()

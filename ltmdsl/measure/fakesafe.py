@@ -62,8 +62,8 @@ def _balanced_ep_forward(self, x: torch.Tensor, ep) -> torch.Tensor:
     """runtime/kinds/moe.py `ep_forward` with the balanced plan: assignment j goes to expert j mod E on every
     rank, so the all-to-all split sizes are known in Python (no `bincount`, no count exchange) and each rank
     receives, for each of its E/ep experts, the same rows from every rank. The runtime's exchanges, expert
-    maths and weighted sum (`ep_experts`) on that plan."""
-    from ltmdsl.runtime.kinds.moe import ep_experts, route
+    maths and weighted sum (`ep_experts`) on that plan, and its shared expert (`with_shared`)."""
+    from ltmdsl.runtime.kinds.moe import ep_experts, route, with_shared
 
     cfg = self.cfg
     shape = x.shape
@@ -88,7 +88,7 @@ def _balanced_ep_forward(self, x: torch.Tensor, ep) -> torch.Tensor:
         return torch.cat([torch.arange(a, a + n, device=x.device) for j, a in starts if j == e])
 
     out = ep_experts(self, xf, w.flatten()[order], order // k, send, recv, rows, ep)  # [M, d]
-    return out.view(shape)
+    return with_shared(self, xf, out).view(shape)  # the shared expert, dense, as ep_forward adds it
 
 
 #: kind -> None (fake-safe as it is) or a forward to bind on its module for tracing.

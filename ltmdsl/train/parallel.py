@@ -304,7 +304,7 @@ def _sync(ranked) -> None:
     from ltmdsl.distributed.data_parallel import FSDP_STAGES, sync_gradients
 
     if ranked.plan.zero not in FSDP_STAGES:
-        sync_gradients(ranked.model, ranked.replica_mesh, ranked.dp_sharded)
+        sync_gradients(ranked.model, ranked.replica_mesh, ranked.dp_sharded, ranked.expert_replicas)
 
 
 def _clip(ranked, clip: float) -> float:
@@ -341,7 +341,8 @@ def _square_sum(param, ranked):
     if hasattr(grad, "to_local"):
         local = grad.to_local().detach().double().pow(2).sum()
         for dim, placement in enumerate(grad.placements):
-            if placement.is_shard() or placement.is_partial():
+            # not is_shard(): FSDP2's _StridedShard (dp over a tp-sharded dim, edp over ep's experts) is no Shard
+            if not placement.is_replicate():
                 dist.all_reduce(local, group=grad.device_mesh.get_group(dim))
         return local.cpu()
     local = grad.detach().double().pow(2).sum()

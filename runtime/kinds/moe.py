@@ -66,6 +66,29 @@ class Experts(nn.Module):
 
     tp_mesh = None  # set by tp_plan's style: the weights are this tp rank's F/t slice of every expert
 
+    def forward(self, cfg: MoEConfig, rx: torch.Tensor, rows_of, ep) -> torch.Tensor:
+        """Expert parallelism's expert maths (`ep_experts`): this rank's E/ep experts on the rows rx [R, d]
+        received from the ep ranks, rows_of(e) the rows [m] of local expert e -> [R, d]. A module call, so that
+        FSDP2 (ZeRO 2/3 over the ranks holding the same experts) gathers the expert weights around it and
+        reduce-scatters their gradients after its backward.
+
+        Each expert weight's local view is taken once (its backward sums every expert's gradient into one
+        [E/ep, ...] buffer, not one per expert); the experts' results are added in place."""
+        gate_w = None if self.gate_proj is None else ep.local(self.gate_proj)  # [E/ep, F(/t), d]
+        up_w, down_w = ep.local(self.up_proj), ep.local(self.down_proj)  # one local view each
+        # [R, d]: tied to rx and this rank's expert weights even when no row comes here (R = 0), so that every
+        # rank's backward runs both all-to-alls (a rank whose graph skipped them would leave its peers waiting)
+        # and its experts get a (zero) gradient, as the stacked expert weights of one process do
+        held = sum(w_.sum() for w_ in (gate_w, up_w, down_w) if w_ is not None)
+        ry = rx * 0 + held * 0
+        for e in range(up_w.shape[0]):
+            rows = rows_of(e)  # [m]
+            if rows.numel() == 0:
+                continue
+            gate_e = None if gate_w is None else gate_w[e]  # [F(/t), d]
+            ry.index_add_(0, rows, _local_expert(cfg, rx[rows], gate_e, up_w[e], down_w[e]))  # [m, d] into [R, d]
+        return ry
+
     def one(self, cfg: MoEConfig, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [m, d] -> [m, d] (under tensor parallelism: this rank's part of the sum
         over the expert's width, reduced by `MoE.forward`)."""
@@ -159,12 +182,7 @@ class MoE(nn.Module):
             out.index_add_(0, tok, he.to(out.dtype))
         if self.experts.tp_mesh is not None:
             out = sum_over_tp(out, self.experts.tp_mesh)  # [M, d]
-        if self.shared is not None:
-            shared = self.shared(xf)  # [M, d]
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(xf)) * shared  # [M, 1] * [M, d]
-            out = out + shared
-        return out.view(shape)
+        return with_shared(self, xf, out).view(shape)
 
     def step(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
         return self.forward(x)
@@ -223,10 +241,12 @@ def tp_plan(cfg: MoEConfig, tp: int) -> dict:
 def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     """Expert parallelism (ltmdsl.distributed.expert_parallel.ExpertShard `ep`): x [..., d] -> [..., d].
     Each (token, slot) goes to the rank holding its expert, sorted by expert; that rank runs its E/ep
-    experts and returns the rows; they are weighted and summed per token in expert order, as forward does."""
+    experts and returns the rows; they are weighted and summed per token in expert order, as forward does
+    (every routing, the clamped SwiGLU, weighted inputs), and the shared expert (dense) added on this rank's
+    tokens. Expert biases are refused (not split over ep yet)."""
     cfg = module.cfg
-    if cfg.beyond_plain():
-        raise ValueError(f"expert parallelism runs plain MoEs only; this one uses {', '.join(cfg.beyond_plain())}")
+    if cfg.expert_bias:
+        raise ValueError("expert parallelism does not split expert biases yet (expert_bias = true)")
     shape = x.shape
     xf = x.reshape(-1, shape[-1])  # [M, d]
     M, k = xf.shape[0], cfg.top_k
@@ -240,14 +260,25 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     send_l, recv_l = send.tolist(), recv.tolist()
     re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
     out = ep_experts(module, xf, w.flatten()[order], tok, send_l, recv_l, lambda e: torch.where(re == e)[0], ep)
-    return out.view(shape)
+    return with_shared(module, xf, out).view(shape)
+
+
+def with_shared(module: MoE, xf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [M, d] plus the shared expert of the tokens xf [M, d] (dense, gated by sigmoid(shared_gate(x)) when
+    it has a gate), as `MoE.forward` adds it; out itself without a shared expert."""
+    if module.shared is None:
+        return out
+    shared = module.shared(xf)  # [M, d]
+    if module.shared_gate is not None:
+        shared = torch.sigmoid(module.shared_gate(xf)) * shared  # [M, 1] * [M, d]
+    return out + shared
 
 
 def _local_expert(cfg: MoEConfig, xe: torch.Tensor, gate_w: torch.Tensor | None, up_w: torch.Tensor,
                   down_w: torch.Tensor) -> torch.Tensor:
     """One local expert on its rows xe [m, d] -> [m, d]; its gate and input are released on return."""
     gate = xe @ gate_w.t() if gate_w is not None else None  # [m, F]
-    return activate(cfg.activation, gate, xe @ up_w.t()) @ down_w.t()  # [m, d]
+    return expert_activation(cfg, gate, xe @ up_w.t()) @ down_w.t()  # [m, d]
 
 
 def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.Tensor, send: list[int],
@@ -259,29 +290,27 @@ def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.T
     What is live at once (the memory model's expert-parallel moment, ltmdsl/kinds/moe.py `workspace`): the
     rows received and their results (two [M*k, d] buffers, the results added in place) beside one expert's
     input, its MLP and output; then the results sent back and, weighted, added in place into the output.
-    The expert weights' local views are taken once (one view per weight: its backward sums every expert's
-    gradient into one [E/ep, ...] buffer, not one per expert)."""
+
+    Under tensor parallelism (Megatron's expert tensor parallelism) every tp rank routes the same tokens, holds
+    F/t of its experts' width and returns its part of their outputs: the weighted sum is summed over the tp
+    ranks, and the gradients of the inputs and routing weights, partial on each, are summed back, as
+    `MoE.forward` does."""
     cfg = module.cfg
-    gate_w = None if module.experts.gate_proj is None else ep.local(module.experts.gate_proj)  # [E/ep, F, d]
-    up_w, down_w = ep.local(module.experts.up_proj), ep.local(module.experts.down_proj)  # one local view each
-    rx = ep.exchange(xf[tok], send, recv)  # [R, d] rows for this rank's experts
-    # [R, d]: tied to rx and this rank's expert weights even when no row comes here (R = 0), so that every
-    # rank's backward runs both all-to-alls (a rank whose graph skipped them would leave its peers waiting) and
-    # its experts get a (zero) gradient, as the stacked expert weights of one process do
-    held = sum(w_.sum() for w_ in (gate_w, up_w, down_w) if w_ is not None)
-    ry = rx * 0 + held * 0
-    for e in range(cfg.experts // ep.size):
-        rows = rows_of(e)  # [m]
-        if rows.numel() == 0:
-            continue
-        gate_e = None if gate_w is None else gate_w[e]  # [F, d]
-        ry.index_add_(0, rows, _local_expert(cfg, rx[rows], gate_e, up_w[e], down_w[e]))  # [m, d] into [R, d]
+    tp_mesh = module.experts.tp_mesh
+    if tp_mesh is not None:  # the experts' inputs and weights get partial gradients from each tp rank
+        xf, slot_w = copy_to_tp(xf, tp_mesh.get_group()), copy_to_tp(slot_w, tp_mesh.get_group())
+    rows = xf[tok] * slot_w[:, None].to(xf.dtype) if cfg.weight_input else xf[tok]  # [M*k, d] (Llama-4: weighted in)
+    rx = ep.exchange(rows, send, recv)  # [R, d] rows for this rank's experts
+    del rows
+    ry = module.experts(cfg, rx, rows_of, ep)  # [R, d]
     del rx  # the received rows are read by the experts only (autograd keeps what it needs)
     back = ep.exchange(ry, recv, send)  # [M*k, d] in send order
     del ry
     out = torch.zeros_like(xf)  # [M, d]
-    out.index_add_(0, tok, (back * slot_w[:, None].to(back.dtype)).to(xf.dtype))  # [M*k, d] summed per token
-    return out
+    if not cfg.weight_input:
+        back = back * slot_w[:, None].to(back.dtype)  # [M*k, d] weighted out
+    out.index_add_(0, tok, back.to(xf.dtype))  # [M*k, d] summed per token
+    return out if tp_mesh is None else sum_over_tp(out, tp_mesh)  # [M, d]
 
 
 def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:

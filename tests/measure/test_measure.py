@@ -450,12 +450,27 @@ def test_expert_parallel_serving_at_width_1024_counts_the_moments_ep_experts_hol
 
 
 def test_plans_ltmdsl_does_not_run_are_refused_saying_why(dense):
-    with pytest.raises(NotTraceable, match="ltmdsl.distributed does not run this plan.*ep = 2 runs as ep = dp"):
-        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), ep=2, zero=2, gpus=2)
+    with pytest.raises(NotTraceable, match="ltmdsl.distributed does not run this plan.*ep = 4 does not divide dp = 2"):
+        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), ep=4, zero=2, gpus=2)
     with pytest.raises(NotTraceable, match=r"context parallelism \(cp = 2\) in inference"):
         measure(dense.model, _budget(dense, "serve"), cp=2, gpus=2)
-    with pytest.raises(NotTraceable, match="does not run this plan.*ep = 2 runs as ep = dp with tp = 1"):
-        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "serve"), tp=2, ep=2, gpus=4)  # minimax's tp x ep
+    with pytest.raises(NotTraceable, match="does not run this plan.*ep = 2 does not divide dp = 1"):
+        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "serve"), tp=2, ep=2, gpus=2)  # minimax's tp x ep
+
+
+@pytest.mark.parametrize("mode, plan", [("train", {"ep": 2, "zero": 3, "gpus": 4}),
+                                        ("train", {"ep": 2, "zero": 1, "gpus": 4}),
+                                        ("train", {"cp": 2, "ep": 2, "zero": 3, "gpus": 4}),
+                                        ("serve", {"tp": 2, "ep": 2, "gpus": 4})],
+                         ids=["dp4-ep2-zero3", "dp4-ep2-zero1", "dp2-cp2-ep2-zero3", "serve-tp2-dp2-ep2"])
+def test_expert_parallel_with_zero_and_tp_states_as_predicted(mode, plan):
+    """ep carved out of dp (expert state ZeRO-sharded over the dp*cp/ep ranks holding the same experts, with cp
+    too) and ep x tp (each expert's width split over tp as well): the traced rank's model states equal the
+    prediction exactly."""
+    spec = ltmdsl.loads(MOE)
+    m = measure(spec.model, _budget(spec, mode), **plan)
+    for component in ("weights", "gradients", "optimizer") if mode == "train" else ("weights",):
+        assert m.measured[component] == m.predicted[component], component
 
 
 def test_transformer_block_tp_rank_traces_as_predicted():
