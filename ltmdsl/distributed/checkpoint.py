@@ -49,10 +49,12 @@ def _names(model) -> dict[int, str]:
 
 
 def _distributed(optimizer) -> bool:
-    """Whether `optimizer` is the distributed optimizer (ZeRO 1), whose state is not torch's state dict."""
+    """Whether `optimizer` is the distributed optimizer (ZeRO 1; under ep its two halves), whose state is not
+    torch's state dict."""
     from ltmdsl.distributed.distributed_optimizer import DistributedOptimizer
+    from ltmdsl.distributed.expert_optimizer import ExpertDataParallelOptimizer
 
-    return isinstance(optimizer, DistributedOptimizer)
+    return isinstance(optimizer, (DistributedOptimizer, ExpertDataParallelOptimizer))
 
 
 def _state(ranked, optimizer, *, template: bool = False):

@@ -8,14 +8,16 @@ shards over those ranks; an expert parameter exists only on the edp x cp ranks h
 (expert_parallel.py), so its state is cut over those, dp*cp/ep of them. One flat index over both would give a
 rank state for elements it does not hold. Each half is `DistributedOptimizer` (a plain AdamW when its group is
 one rank); parameter groups keep their hyper-parameters (a group's dense and expert parameters each go to their
-half, a half keeping the groups it has parameters of).
+half, a half keeping the groups it has parameters of). Checkpoints see one optimizer in the single-process layout
+(`state_by_name` / `load_state_by_name`, as DistributedOptimizer's): per-parameter moments by name and the
+original parameter groups, so a run saved under ep x ZeRO 1 resumes under any plan and any plan's under it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ltmdsl.distributed.distributed_optimizer import DistributedOptimizer
+from ltmdsl.distributed.distributed_optimizer import DistributedOptimizer, _step_dtype
 
 
 def _half(groups: list[dict], group, **defaults):
@@ -37,15 +39,19 @@ class ExpertDataParallelOptimizer:
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         dense, expert = [], []
-        for g in groups:
+        origin: list[list[int]] = [[], []]  # per half, the original group each of its groups came from
+        for i, g in enumerate(groups):
             rest = {k: v for k, v in g.items() if k != "params"}
-            for out, mine in ((dense, False), (expert, True)):
+            for half, (out, mine) in enumerate(((dense, False), (expert, True))):
                 ps = [p for p in g["params"] if (id(p) in expert_ids) == mine]
                 if ps:
                     out.append({**rest, "params": ps})
+                    origin[half].append(i)
+        self._params = [list(g["params"]) for g in groups]  # the original groups' parameters, in order
         # every rank holds the same groups of both halves (same model, same classes), so the collectives match
-        self.halves = [h for h in (_half(dense, dense_group, **defaults), _half(expert, expert_group, **defaults))
-                       if h is not None]
+        built = [(_half(dense, dense_group, **defaults), origin[0]), (_half(expert, expert_group, **defaults), origin[1])]
+        self.halves = [h for h, _ in built if h is not None]
+        self._origin = [o for h, o in built if h is not None]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -65,3 +71,57 @@ class ExpertDataParallelOptimizer:
         """Each half steps its shard and gathers its own parameters (gradients already averaged)."""
         for h in self.halves:
             h.step()
+
+    # ---- checkpoints: one optimizer in the single-process layout ----
+
+    @torch.no_grad()
+    def state_by_name(self, names: dict[int, str], *, template: bool = False) -> dict:
+        """Both halves' state keyed by parameter name, in the original parameter groups (a collective over
+        each half's group). `template`: zeros to load into."""
+        state: dict = {}
+        hyper: dict[int, dict] = {}
+        for h, origin in zip(self.halves, self._origin):
+            part = h.state_by_name(names, template=template) if isinstance(h, DistributedOptimizer) else \
+                _plain_state(h, names, template)
+            state.update(part["state"])
+            for i, g in zip(origin, part["param_groups"]):
+                hyper.setdefault(i, {k: v for k, v in g.items() if k != "params"})
+        groups = [{**hyper[i], "params": [names[id(p)] for p in ps]} for i, ps in enumerate(self._params)]
+        return {"state": state, "param_groups": groups}
+
+    @torch.no_grad()
+    def load_state_by_name(self, loaded: dict, names: dict[int, str]) -> None:
+        """Each half keeps its parameters' entries of `loaded` and its groups' hyper-parameters."""
+        for h, origin in zip(self.halves, self._origin):
+            part = {"state": loaded["state"], "param_groups": [loaded["param_groups"][i] for i in origin]}
+            if isinstance(h, DistributedOptimizer):
+                h.load_state_by_name(part, names)
+            else:
+                _plain_load(h, part, names)
+
+
+def _plain_state(optim: torch.optim.Optimizer, names: dict[int, str], template: bool) -> dict:
+    """A one-rank half (torch's AdamW) in the single-process layout: moments shaped like the parameters (zeros
+    for a parameter without state yet, or for a template)."""
+    keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if any(g.get("amsgrad") for g in optim.param_groups) else [])
+    state = {}
+    for g in optim.param_groups:
+        for p in g["params"]:
+            mine = {} if template else optim.state.get(p, {})
+            entry = {"step": torch.as_tensor(mine.get("step", 0.0), dtype=_step_dtype()).detach().clone()}
+            for key in keys:
+                value = mine.get(key)
+                entry[key] = torch.zeros_like(p) if value is None else value.detach().clone()
+            state[names[id(p)]] = entry
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optim.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def _plain_load(optim: torch.optim.Optimizer, loaded: dict, names: dict[int, str]) -> None:
+    for mine, theirs in zip(optim.param_groups, loaded["param_groups"]):
+        mine.update({k: v for k, v in theirs.items() if k != "params"})
+        for p in mine["params"]:
+            entry = loaded["state"][names[id(p)]]
+            optim.state[p] = {k: (torch.as_tensor(v).detach().clone().to(_step_dtype()) if k == "step"
+                                  else v.detach().clone()) for k, v in entry.items()}
