@@ -36,7 +36,8 @@ it after a prefill) are broadcast, so every rank samples the same token.
 
 Refused, naming the kind: kinds with neither form here (MLA, `parallel`, `transformer_block`, whose caches
 mix keys and states or hold a latent), attention variants training's cp refuses too (non-causal, sinks, soft
-caps, chunked attention), and a tensor-parallel model (tp x cp in inference is not implemented).
+caps, chunked attention). Under tensor parallelism (a model split by ltmdsl.distributed's tp, cp ranks of the
+same tp coordinate) each rank holds its own heads' 1/cp, as the memory model's per-GPU cache at tp x cp.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ltmdsl.distributed.context_parallel import ContextShard
 from ltmdsl.runtime.cache import Cache, CacheRequest, LayerCache
@@ -63,10 +63,6 @@ class ContextParallelInferenceUnsupported(ValueError):
 
 def check_model(model: LTModel) -> None:
     """Refuse, naming the first offending layer, what context-parallel inference does not run."""
-    from ltmdsl.runtime.tensor_parallel import tp_size
-
-    if tp_size(model) > 1:
-        raise ContextParallelInferenceUnsupported("context parallelism in inference runs with tp = 1 only")
     for layer in model.ir.layers:
         if layer.kind in UNSUPPORTED:
             raise ContextParallelInferenceUnsupported(
@@ -91,8 +87,10 @@ def new_cache(model: LTModel, cp: int, batch_size: int, max_context: int, dtype:
               state_dtype: torch.dtype | None = None, conv_taps: str = "full") -> Cache:
     """One cp rank's cache (module docstring): tokens_held / cp slots of every attention layer, every other
     entry whole. Bytes: ltmdsl.memory.cache_bytes(..., cp=cp)."""
+    from ltmdsl.runtime.tensor_parallel import tp_size
+
     kv = dtype or model.dtype
-    req = CacheRequest(batch_size, max_context, kv, state_dtype or kv, conv_taps, model.device)
+    req = CacheRequest(batch_size, max_context, kv, state_dtype or kv, conv_taps, model.device, tp_size(model))
     entries: list[LayerCache | None] = []
     for layer in model.ir.layers:
         new = runtime_kind(layer.kind).new_cache
@@ -100,8 +98,9 @@ def new_cache(model: LTModel, cp: int, batch_size: int, max_context: int, dtype:
             c = layer.mixer
             held = max_context if c.span is None else min(max_context, c.span)
             S = kv_slots(held, cp, f"layer '{layer.definition}'")
-            k = torch.zeros(batch_size, S, c.kv_heads, c.head_dim, dtype=kv, device=model.device)  # [B, S, Hkv, D]
-            v = torch.zeros(batch_size, S, c.kv_heads, c.v_head_dim, dtype=kv, device=model.device)  # [B, S, Hkv, Dv]
+            Hkv = req.kv_per_rank(c.kv_heads)  # a tp rank's KV heads
+            k = torch.zeros(batch_size, S, Hkv, c.head_dim, dtype=kv, device=model.device)  # [B, S, Hkv, D]
+            v = torch.zeros(batch_size, S, Hkv, c.v_head_dim, dtype=kv, device=model.device)  # [B, S, Hkv, Dv]
             entries.append(KVCache(k, v, c.span, c.chunk))
         else:
             entries.append(None if new is None else new(layer.mixer, req))
@@ -161,19 +160,18 @@ class CPGroup:
     def of(cls, mesh) -> "CPGroup":
         return cls(mesh, mesh.get_local_rank(), mesh.size())
 
-    def global_rank(self, r: int) -> int:
-        return dist.get_global_rank(self.mesh.get_group(), r)
-
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
-        """t from cp rank `src` on every rank (in place where t is this rank's own), returned."""
-        t = t.contiguous()
-        dist.broadcast(t, src=self.global_rank(src), group=self.mesh.get_group())
-        return t
+        """t as cp rank `src` holds it, on every rank: a new tensor (torch's functional collective, which also
+        runs under a fake process group on fake tensors, as the memory trace runs it)."""
+        from torch.distributed import _functional_collectives as funcol
 
-    def all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        t = t.contiguous()
-        dist.all_reduce(t, op=op, group=self.mesh.get_group())
-        return t
+        return funcol.broadcast(t.contiguous(), src=src, group=self.mesh).wait()  # src: the rank in the cp group
+
+    def all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """t reduced over the cp ranks by `op` ("max" or "sum"): a new tensor."""
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.all_reduce(t.contiguous(), op, group=self.mesh).wait()
 
 
 class ContextParallelServer:
@@ -236,7 +234,7 @@ class ContextParallelServer:
         if decode:
             every = normed
         elif output == "last":
-            every = self.group.broadcast(normed[:, -1:].clone(), cp - 1)  # [B, 1, d]: the last rank's last token
+            every = self.group.broadcast(normed[:, -1:], cp - 1)  # [B, 1, d]: the last rank's last token
         else:
             every = self.shard.gather(normed)  # [B, L, d] in sequence order
         if output == "hidden":
@@ -252,7 +250,7 @@ class ContextParallelServer:
             if j == self.group.rank:
                 out = block.mix(normed, state, pos0 + j * n, False, use)  # [B, n, d]
             for t in state.tensors():
-                self.group.broadcast(t, j)  # the state after rank j's tokens, on every rank
+                t.copy_(self.group.broadcast(t, j))  # the state after rank j's tokens, on every rank
         return out
 
     def _attention(self, mod: Attention, x: torch.Tensor, state: KVCache, pos0: int, mine: int, L: int):
@@ -272,11 +270,11 @@ class ContextParallelServer:
             kpos = slot_positions(r, cp, S, pos0, ring, x.device)  # [S]
             o, lse = partial_attention(q, state.k.to(q.dtype), state.v.to(v.dtype),
                                        _allowed(qpos, kpos, W), mod.scale)  # [B, 1, H, Dv], [B, 1, H]
-            top = self.group.all_reduce(lse.clone(), dist.ReduceOp.MAX)
+            top = self.group.all_reduce(lse, "max")  # [B, 1, H]
             top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
             w = torch.exp(lse - top)  # [B, 1, H]
-            num = self.group.all_reduce(w[..., None] * o, dist.ReduceOp.SUM)  # [B, 1, H, Dv]
-            den = self.group.all_reduce(w, dist.ReduceOp.SUM)  # [B, 1, H]
+            num = self.group.all_reduce(w[..., None] * o, "sum")  # [B, 1, H, Dv]
+            den = self.group.all_reduce(w, "sum")  # [B, 1, H]
             o = num / den[..., None]
         else:
             k_all = self.shard.gather(k)  # [B, L, Hkv, D]: the chunk's keys in sequence order
@@ -285,8 +283,8 @@ class ContextParallelServer:
             parts = [partial_attention(q, k_all, v_all, _allowed(qpos, chunk_pos, W), mod.scale)]
             if pos0 > 0:  # the keys cached by earlier calls: each rank's shard in turn
                 for j in range(cp):
-                    kj = self.group.broadcast(state.k.clone() if j != r else state.k, j)  # [B, S, Hkv, D]
-                    vj = self.group.broadcast(state.v.clone() if j != r else state.v, j)
+                    kj = self.group.broadcast(state.k, j)  # [B, S, Hkv, D]: rank j's shard
+                    vj = self.group.broadcast(state.v, j)  # [B, S, Hkv, Dv]
                     kpos = slot_positions(j, cp, S, pos0 - 1, ring, x.device)  # [S]
                     parts.append(partial_attention(q, kj.to(q.dtype), vj.to(v.dtype), _allowed(qpos, kpos, W),
                                                    mod.scale))

@@ -87,6 +87,42 @@ def test_cp_inference_matches_one_process(hybrid, cp):
         assert got["bytes"]["recurrent_state"] == want["bytes"]["recurrent_state"]  # states whole
 
 
+#: cp_hybrid without Mamba-2, whose single group tp = 2 cannot split
+TP_STACK = "ssm1 ffn swa moe attn ffn gdn ffn kda ffn conv ffn lit ffn lru ffn mem ffn"
+
+
+def _tp_ranks(ir):
+    """On each of 4 ranks: the model split over tp = 2 (ltmdsl.distributed's tp plans), served over cp = 2."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ltmdsl.distributed.materialize import build_meta, materialize
+    from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
+    net = build_meta(ir, torch.float64)
+    apply_tensor_parallel(net, mesh["tp"])
+    server = serve(materialize(net, "cpu", 0), mesh["cp"])
+    return _infer(server, server.new_cache, _prompt(ir.vocab))
+
+
+def test_tp2_cp2_inference_matches_one_process():
+    """tp x cp on 4 ranks: each rank's cache holds its KV heads' 1/cp and its heads' states, the memory model's
+    per-GPU cache at tp = 2, cp = 2."""
+    text = (EXAMPLES / "tiny-hybrid.ltm").read_text().replace("window = 16", "window = 8")
+    head, _, rest = text.partition("    stack {")
+    _, _, tail = rest.partition("    }\n}")
+    ir = ltmdsl.loads(f"{head}    stack {{ {TP_STACK} }}\n}}{tail}").ir.model()
+    net = build(ir, seed=0, dtype=torch.float64)
+    want = _infer(net, net.new_cache, _prompt(ir.vocab))
+    f64 = dtype_ir(torch.float64)
+    predicted = cache_bytes(ir, batch=B, context=CONTEXT, kv_dtype=f64, state_dtype=f64, tp=2, cp=2)
+    for got in launch(_tp_ranks, 4, (ir,), timeout_s=600):
+        assert_close(got["prefill"], want["prefill"], RTOL, "prefill logits")
+        assert_close(got["steps"], want["steps"], RTOL, "decode logits")
+        assert torch.equal(got["generate"], want["tokens"]), "generate's tokens differ"
+        assert got["bytes"] == predicted
+
+
 def test_slot_positions_cover_the_window_once():
     """Cyclic ownership: at every last position the rings of 4 ranks of 2 slots hold exactly the last 8
     positions (fewer before 8 are written); a global cache's slots hold positions <= last."""
