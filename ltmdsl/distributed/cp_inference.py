@@ -91,20 +91,22 @@ def new_cache(model: LTModel, cp: int, batch_size: int, max_context: int, dtype:
 
     kv = dtype or model.dtype
     req = CacheRequest(batch_size, max_context, kv, state_dtype or kv, conv_taps, model.device, tp_size(model))
-    entries: list[LayerCache | None] = []
-    for layer in model.ir.layers:
-        new = runtime_kind(layer.kind).new_cache
-        if layer.kind == "attention":
-            c = layer.mixer
-            held = max_context if c.span is None else min(max_context, c.span)
-            S = kv_slots(held, cp, f"layer '{layer.definition}'")
-            Hkv = req.kv_per_rank(c.kv_heads)  # a tp rank's KV heads
-            k = torch.zeros(batch_size, S, Hkv, c.head_dim, dtype=kv, device=model.device)  # [B, S, Hkv, D]
-            v = torch.zeros(batch_size, S, Hkv, c.v_head_dim, dtype=kv, device=model.device)  # [B, S, Hkv, Dv]
-            entries.append(KVCache(k, v, c.span, c.chunk))
-        else:
-            entries.append(None if new is None else new(layer.mixer, req))
-    return Cache(entries, batch_size, max_context)
+    return Cache([new_entry(layer, req, cp) for layer in model.ir.layers], batch_size, max_context)
+
+
+def new_entry(layer, req: CacheRequest, cp: int) -> LayerCache | None:
+    """One sub-layer's entry on a cp rank: an attention layer's KVCache of tokens_held / cp slots (its tp
+    rank's KV heads), any other kind's own entry, whole."""
+    new = runtime_kind(layer.kind).new_cache
+    if layer.kind != "attention":
+        return None if new is None else new(layer.mixer, req)
+    c, B = layer.mixer, req.batch_size
+    held = req.max_context if c.span is None else min(req.max_context, c.span)
+    S = kv_slots(held, cp, f"layer '{layer.definition}'")
+    Hkv = req.kv_per_rank(c.kv_heads)  # a tp rank's KV heads
+    k = torch.zeros(B, S, Hkv, c.head_dim, dtype=req.kv_dtype, device=req.device)  # [B, S, Hkv, D]
+    v = torch.zeros(B, S, Hkv, c.v_head_dim, dtype=req.kv_dtype, device=req.device)  # [B, S, Hkv, Dv]
+    return KVCache(k, v, c.span, c.chunk)
 
 
 def slot_positions(rank: int, cp: int, slots: int, last: int, ring: bool, device=None) -> torch.Tensor:
@@ -204,7 +206,6 @@ class ContextParallelServer:
         if not decode and L % cp:
             raise ValueError(f"cp = {cp} must divide a prefill chunk's {L} tokens (each rank runs L/cp of them)")
         pos0, n = cache.seen, (1 if decode else L // cp)
-        mine = pos0 + (0 if decode else r * n)  # this rank's first position
         ids = input_ids if decode else input_ids[:, r * n:(r + 1) * n]  # [B, n]
         h = net.embed(ids)  # [B, n, d]
         if net.ir.embed_scale != 1.0:
@@ -214,14 +215,8 @@ class ContextParallelServer:
         for i, block in enumerate(net.layers):
             normed, h = block.enter(h, pending, inject, embeds)  # [B, n, d]
             pending = inject = None
-            state = cache.layers[i]
             use = net.uses[str(i)] if str(i) in net.uses else None
-            if isinstance(state, KVCache):
-                out = self._attention(block.mixer, normed, state, pos0, mine, L)  # [B, n, d]
-            elif state is None or decode:  # token-local, or one step on a replicated state
-                out = block.mix(normed, state, mine, decode, use)  # [B, n, d]
-            else:
-                out = self._passed(block, normed, state, pos0, n, use)  # [B, n, d]
+            out = self.mix(block, normed, cache.layers[i], pos0, L, use)  # [B, n, d]
             normed = None
             out = block.branch(out, net.ir.residual_scale)
             if net.ir.layers[i].residual.into == "next_input":
@@ -242,6 +237,18 @@ class ContextParallelServer:
         return net.head(every[:, -1:] if output == "last" else every)
 
     __call__ = forward
+
+    def mix(self, block, normed: torch.Tensor, state: LayerCache | None, pos0: int, L: int, use=None):
+        """One sub-layer's mixer on this rank's tokens normed [B, n, d] of a call of L tokens from pos0 (a decode
+        step: L = 1, the token on every rank) -> [B, n, d]: attention, a passed state, or the kind's own call."""
+        decode = L == 1
+        n = 1 if decode else L // self.group.size
+        mine = pos0 + (0 if decode else self.group.rank * n)
+        if isinstance(state, KVCache):
+            return self._attention(block.mixer, normed, state, pos0, mine, L)
+        if state is None or decode:  # token-local, or one step on a replicated state
+            return block.mix(normed, state, mine, decode, use)
+        return self._passed(block, normed, state, pos0, n, use)
 
     def _passed(self, block, normed: torch.Tensor, state: LayerCache, pos0: int, n: int, use) -> torch.Tensor:
         """A recurrent sub-layer over the chunk, its state passed from rank to rank (module docstring)."""
