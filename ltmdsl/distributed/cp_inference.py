@@ -167,13 +167,13 @@ class CPGroup:
         runs under a fake process group on fake tensors, as the memory trace runs it)."""
         from torch.distributed import _functional_collectives as funcol
 
-        return funcol.broadcast(t.contiguous(), src=src, group=self.mesh).wait()  # src: the rank in the cp group
+        return funcol.broadcast(t.contiguous(), src=src, group=self.mesh)  # src: the rank in the cp group
 
     def all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         """t reduced over the cp ranks by `op` ("max" or "sum"): a new tensor."""
         from torch.distributed import _functional_collectives as funcol
 
-        return funcol.all_reduce(t.contiguous(), op, group=self.mesh).wait()
+        return funcol.all_reduce(t.contiguous(), op, group=self.mesh)
 
 
 class ContextParallelServer:
@@ -297,7 +297,7 @@ class ContextParallelServer:
                                                    mod.scale))
                     kj = vj = None
             o, _ = merge(parts)  # [B, n, H, Dv]
-            own = torch.nonzero(chunk_pos % cp == r)[:, 0]  # [L/cp] chunk indices this rank stores
+            own = torch.arange((r - pos0) % cp, L, cp, device=x.device)  # [L/cp] chunk indices this rank stores
             if ring:  # only each rank's newest S positions survive
                 own = own[-S:]
             slots = (chunk_pos[own] // cp) % S if ring else chunk_pos[own] // cp
