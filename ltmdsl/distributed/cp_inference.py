@@ -141,13 +141,46 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed
     return o.reshape(B, Lq, H, -1), lse.permute(0, 3, 1, 2).reshape(B, Lq, H)
 
 
-def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial attentions (o [B, L, H, Dv], lse [B, L, H]) over disjoint key sets -> the attention over their
-    union (o, lse): o = sum_i exp(lse_i - lse) o_i, lse = log sum_i exp(lse_i)."""
-    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)  # [B, L, H]
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    o = sum(torch.exp(l_i - safe)[..., None] * o_i for o_i, l_i in parts)  # [B, L, H, Dv]
-    return o, lse
+def flash_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False):
+    """partial_attention without a mask, by a fused kernel where one returns the log-sum-exp (CPU's flash
+    attention: no [Lq, Lk] scores held), else the explicit form. q [B, Lq, H, D] over every key k [B, Lk, Hkv, D]
+    (causal: Lq = Lk, query i over keys <= i) -> (o [B, Lq, H, Dv], lse [B, Lq, H]). The query heads of a KV
+    head are folded into the query length, so the keys are not repeated (causal: they are, Lk = Lq tokens)."""
+    B, Lq, H, D = q.shape
+    Lk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    if q.device.type != "cpu" or D != Dv or q.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)  # [Lq, Lk]
+        return partial_attention(q, k, v, allowed.tril() if causal else allowed, scale)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if causal:
+        k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)  # [B, Lq, H, D]
+        o, lse = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, True, scale=scale)
+        return o.transpose(1, 2), lse.transpose(1, 2)  # [B, Lq, H, Dv], [B, Lq, H]
+    qf = q.view(B, Lq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Lq, D)  # [B, Hkv, G*Lq, D]
+    o, lse = flash(qf, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, scale=scale)  # [B, Hkv, G*Lq, Dv]
+    o = o.view(B, Hkv, G, Lq, Dv).permute(0, 3, 1, 2, 4).reshape(B, Lq, H, Dv)
+    return o, lse.view(B, Hkv, G, Lq).permute(0, 3, 1, 2).reshape(B, Lq, H)
+
+
+class Merged:
+    """A running merge of partial attentions over disjoint key sets (`add(o, lse)`, o [B, L, H, Dv], lse
+    [B, L, H]): o the attention over their union, in the log-sum-exp's dtype (fp32, fp64 for fp64)."""
+
+    def __init__(self):
+        self.o = self.lse = None
+
+    def add(self, o: torch.Tensor, lse: torch.Tensor) -> None:
+        """Merge one more part in place: the accumulator rescaled, the part added with its weight (no copy of
+        the part in the accumulator's dtype)."""
+        if self.o is None:
+            self.o, self.lse = o.to(lse.dtype), lse
+            return
+        new = torch.logaddexp(self.lse, lse)  # [B, L, H]
+        safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
+        self.o.mul_(torch.exp(self.lse - safe)[..., None])  # [B, L, H, Dv]
+        self.o.addcmul_(o, torch.exp(lse - safe)[..., None])
+        self.lse = new
 
 
 @dataclass(frozen=True)
@@ -287,16 +320,28 @@ class ContextParallelServer:
             k_all = self.shard.gather(k)  # [B, L, Hkv, D]: the chunk's keys in sequence order
             v_all = self.shard.gather(v)  # [B, L, Hkv, Dv]
             chunk_pos = torch.arange(pos0, pos0 + L, device=x.device)  # [L]
-            parts = [partial_attention(q, k_all, v_all, _allowed(qpos, chunk_pos, W), mod.scale)]
-            if pos0 > 0:  # the keys cached by earlier calls: each rank's shard in turn
-                for j in range(cp):
+            acc = Merged()
+            if W is None:  # global: no mask; earlier ranks' keys, this rank's causal block, the cached shards
+                if r:
+                    acc.add(*flash_partial(q, k_all[:, :r * n], v_all[:, :r * n], mod.scale))
+                acc.add(*flash_partial(q, k, v, mod.scale, causal=True))
+                for j in range(cp if pos0 else 0):  # the keys cached by earlier calls: each rank's shard in turn
+                    held = (pos0 - j + cp - 1) // cp  # rank j's positions j, j + cp, ... below pos0
                     kj = self.group.broadcast(state.k, j)  # [B, S, Hkv, D]: rank j's shard
                     vj = self.group.broadcast(state.v, j)  # [B, S, Hkv, Dv]
-                    kpos = slot_positions(j, cp, S, pos0 - 1, ring, x.device)  # [S]
-                    parts.append(partial_attention(q, kj.to(q.dtype), vj.to(v.dtype), _allowed(qpos, kpos, W),
-                                                   mod.scale))
+                    if held:
+                        acc.add(*flash_partial(q, kj[:, :held].to(q.dtype), vj[:, :held].to(v.dtype), mod.scale))
                     kj = vj = None
-            o, _ = merge(parts)  # [B, n, H, Dv]
+            else:  # a window: explicit scores masked by position
+                acc.add(*partial_attention(q, k_all, v_all, _allowed(qpos, chunk_pos, W), mod.scale))
+                for j in range(cp if pos0 else 0):
+                    kj = self.group.broadcast(state.k, j)  # [B, S, Hkv, D]
+                    vj = self.group.broadcast(state.v, j)  # [B, S, Hkv, Dv]
+                    kpos = slot_positions(j, cp, S, pos0 - 1, ring, x.device)  # [S]
+                    acc.add(*partial_attention(q, kj.to(q.dtype), vj.to(v.dtype), _allowed(qpos, kpos, W),
+                                               mod.scale))
+                    kj = vj = None
+            o = acc.o  # [B, n, H, Dv]
             own = torch.arange((r - pos0) % cp, L, cp, device=x.device)  # [L/cp] chunk indices this rank stores
             if ring:  # only each rank's newest S positions survive
                 own = own[-S:]

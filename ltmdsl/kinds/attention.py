@@ -317,8 +317,32 @@ def decode_workspace(c: AttentionConfig, s):
     return out
 
 
+def cp_prefill_workspace(c: AttentionConfig, s):
+    """A prefill chunk's workspace on one rank of context-parallel inference (ltmdsl.distributed.cp_inference):
+    the rank's tok = b*Cc/c queries, keys and values; the chunk's keys and values all-gathered, a*b*Cc*Hkv*(D + Dv);
+    while the cached keys are read (T > Cc), one rank's shard received, a*b*T/c*Hkv*(D + Dv); the merged output
+    in fp32 (fp64 for fp64), one part's output and the queries with their KV head's group folded together, each
+    tok*H*D; the parts' log-sum-exps, fp32 per query and head. A window reads explicit scores (fp32, exp and
+    mask) over the chunk's keys or a shard's slots, the larger. Heads per tp rank."""
+    a = s.activation_dtype.bytes
+    w = max(4, a)
+    b = per_replica(B, s.dp)
+    Cc = sympy.Min(C, T)
+    tok = b * Cc / R(s.cp)
+    hkv, h = cdiv(c.kv_heads, s.tp), c.heads / R(s.tp)
+    kv = hkv * (c.head_dim + c.v_head_dim)
+    out = a * tok * (h * c.head_dim + kv) + a * b * Cc * kv + tok * h * (w * c.v_head_dim + a * c.head_dim
+                                                                        + a * c.v_head_dim + 3 * 4)
+    out += a * b * tokens_held(c) / R(s.cp) * kv * sympy.Min(1, T - Cc)
+    if c.window is not None:
+        out += (2 * w + 1) * tok * h * sympy.Max(Cc, tokens_held(c) / R(s.cp))
+    return out
+
+
 def prefill_workspace(c: AttentionConfig, s):
-    """The workspace of a prefill chunk (module docstring)."""
+    """The workspace of a prefill chunk (module docstring); under context parallelism `cp_prefill_workspace`."""
+    if s.cp > 1 and s.mode == "inference":
+        return cp_prefill_workspace(c, s)
     a = s.activation_dtype.bytes
     b = per_replica(B, s.dp)
     Cc = sympy.Min(C, T)
