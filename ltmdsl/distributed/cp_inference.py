@@ -133,10 +133,10 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed
     B, Lq, H, D = q.shape
     Hkv = k.shape[2]
     qg = q.to(work).view(B, Lq, Hkv, H // Hkv, D)  # [B, Lq, Hkv, G, D]
-    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(work)) * scale  # [B, Hkv, G, Lq, Lk]
-    s = s.masked_fill(~allowed, float("-inf"))
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(work)).mul_(scale)  # [B, Hkv, G, Lq, Lk]
+    s.masked_fill_(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Lq]
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])  # [B, Hkv, G, Lq, Lk]
+    p = s.sub_(torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None]).exp_()  # in place: one score tensor
     o = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(work))  # [B, Lq, Hkv, G, Dv]
     return o.reshape(B, Lq, H, -1), lse.permute(0, 3, 1, 2).reshape(B, Lq, H)
 

@@ -322,8 +322,9 @@ def cp_prefill_workspace(c: AttentionConfig, s):
     the rank's tok = b*Cc/c queries, keys and values; the chunk's keys and values all-gathered, a*b*Cc*Hkv*(D + Dv);
     while the cached keys are read (T > Cc), one rank's shard received, a*b*T/c*Hkv*(D + Dv); the merged output
     in fp32 (fp64 for fp64), one part's output and the queries with their KV head's group folded together, each
-    tok*H*D; the parts' log-sum-exps, fp32 per query and head. A window reads explicit scores (fp32, exp and
-    mask) over the chunk's keys or a shard's slots, the larger. Heads per tp rank."""
+    tok*H*D; the parts' log-sum-exps, fp32 per query and head. A window reads explicit scores over the chunk's
+    keys or a shard's slots, the larger: one fp32 score tensor (masked and exponentiated in place) and the
+    log-sum-exp's working copy, with the [Cc/c, keys] mask and its negation. Heads per tp rank."""
     a = s.activation_dtype.bytes
     w = max(4, a)
     b = per_replica(B, s.dp)
@@ -335,7 +336,8 @@ def cp_prefill_workspace(c: AttentionConfig, s):
                                                                         + a * c.v_head_dim + 3 * 4)
     out += a * b * tokens_held(c) / R(s.cp) * kv * sympy.Min(1, T - Cc)
     if c.window is not None:
-        out += (2 * w + 1) * tok * h * sympy.Max(Cc, tokens_held(c) / R(s.cp))
+        keys = sympy.Max(Cc, tokens_held(c) / R(s.cp))
+        out += 2 * w * tok * h * keys + 2 * Cc / R(s.cp) * keys
     return out
 
 
