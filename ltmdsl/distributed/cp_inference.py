@@ -218,6 +218,14 @@ class ContextParallelServer:
         self.model, self.group = model, CPGroup.of(cp_mesh)
         self.shard = ContextShard(cp_mesh, self.group.rank, self.group.size, "contiguous")
 
+    def eval(self) -> "ContextParallelServer":
+        self.model.eval()
+        return self
+
+    def parameters(self):
+        """The served model's parameters (every cp rank holds them whole; a tp rank its shards)."""
+        return self.model.parameters()
+
     def new_cache(self, batch_size: int, max_context: int, dtype: torch.dtype | None = None,
                   state_dtype: torch.dtype | None = None, conv_taps: str = "full") -> Cache:
         return new_cache(self.model, self.group.size, batch_size, max_context, dtype, state_dtype, conv_taps)
