@@ -185,7 +185,7 @@ class Merged:
 
 @dataclass(frozen=True)
 class CPGroup:
-    """This rank's place among the cp ranks: its 1-D mesh, rank and size, and global ranks for broadcasts."""
+    """This rank's place among the cp ranks (its 1-D mesh, rank and size) and the collectives over them."""
 
     mesh: object
     rank: int
