@@ -287,6 +287,8 @@ def _softmax_with_variants(s: torch.Tensor, mask: torch.Tensor | None, softcap: 
     head in every row's denominator, whose probability is dropped (GptOssAttention):
         p_j = exp(s_j) / (exp(sink_h) + sum_k exp(s_k))
     """
+    if not (torch.is_grad_enabled() and s.requires_grad):  # inference: in place, one score tensor held
+        return _softmax_with_variants_(s, mask, softcap, sinks)
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     if mask is not None:
@@ -297,6 +299,26 @@ def _softmax_with_variants(s: torch.Tensor, mask: torch.Tensor | None, softcap: 
     both = torch.cat([s, sink], dim=-1)  # [B, H, Tq, Tk + 1]
     both = both - both.amax(dim=-1, keepdim=True)
     return torch.softmax(both, dim=-1)[..., :-1]  # [B, H, Tq, Tk]
+
+
+def _softmax_with_variants_(s: torch.Tensor, mask: torch.Tensor | None, softcap: float | None,
+                            sinks: torch.Tensor | None) -> torch.Tensor:
+    """`_softmax_with_variants` in place, where no gradient flows (inference): s becomes the probabilities, so a
+    query block holds one score tensor (the out-of-place form holds the capped or masked copy, the row with the
+    sink, its shifted copy and the softmax: four, 16 bytes a score in fp32)."""
+    if softcap is not None:
+        s.div_(softcap).tanh_().mul_(softcap)
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    top = s.amax(dim=-1, keepdim=True)  # [B, H, Tq, 1]
+    if sinks is not None:
+        top = torch.maximum(top, sinks.to(s.dtype)[None, :, None, None])
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # rows with nothing visible stay 0
+    s.sub_(top).exp_()
+    den = s.sum(dim=-1, keepdim=True)  # [B, H, Tq, 1]
+    if sinks is not None:
+        den = den + torch.exp(sinks.to(s.dtype)[None, :, None, None] - top)
+    return s.div_(den)
 
 
 def attention_variant(
@@ -318,7 +340,8 @@ def attention_variant(
     outs = []
     for q0 in range(0, Tq, 256):
         q1 = min(q0 + 256, Tq)
-        s = torch.einsum("bqhd,bkhd->bhqk", q[:, q0:q1].to(work), kr) * scale  # [B, H, q1-q0, Tk]
+        s = torch.einsum("bqhd,bkhd->bhqk", q[:, q0:q1].to(work), kr)  # [B, H, q1-q0, Tk]
+        s = s.mul_(scale) if not (torch.is_grad_enabled() and s.requires_grad) else s * scale
         p = _softmax_with_variants(s, None if full is None else full[q0:q1], softcap, sinks)
         outs.append(torch.einsum("bhqk,bkhd->bqhd", p, vr))  # [B, q1-q0, H, Dv]
     return torch.cat(outs, dim=1).to(q.dtype)  # [B, Tq, H, Dv]

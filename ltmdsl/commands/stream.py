@@ -17,7 +17,10 @@ parallelism over them (tp = N, each kind's tp plan, ltmdsl.distributed), and the
 torchrun runs as one rank of that group (tp = WORLD_SIZE). Every rank draws the same tokens; each holds its
 own heads' cache, so cache_bytes_measured and cache_bytes_predicted are one rank's (`cache_bytes(tp=N)`), and
 the up-front check compares the N local ranks' per-GPU predictions together with MemAvailable. A model that
-tensor parallelism cannot split is refused before launch (exit 2), naming the layer and why.
+tensor parallelism cannot split is refused before launch (exit 2), naming the layer and why. `--cp K` makes K
+of the N ranks context-parallel (ltmdsl.distributed.cp_inference; tp = N/K): each rank runs C/K tokens of a
+chunk and holds 1/K of every attention cache (`cache_bytes(tp=N/K, cp=K)`); K must divide N, C and the
+tokens, and a kind without a cp inference form is refused before launch (exit 2).
 
 The results (the summary lines, or one JSON object with --json) go to stdout whether or not it is a
 terminal; the progress bar goes to stderr and only when stderr is a terminal.
@@ -57,6 +60,9 @@ def add_arguments(p) -> None:
     p.add_argument("--nproc", type=count, metavar="N",
                    help="stream on N local workers, the model split over them by tensor parallelism (tp = N); "
                         "under torchrun the group's WORLD_SIZE")
+    p.add_argument("--cp", type=count, default=1, metavar="K",
+                   help="with --nproc (or torchrun): K of the ranks split the sequence (context parallelism), "
+                        "the rest tensor-parallel (tp = N/K)")
 
 
 def mem_available() -> int | None:
@@ -114,7 +120,15 @@ def run(args) -> int:
         print(f"ltmdsl stream: error: --nproc {args.nproc} inside a group of WORLD_SIZE={tp} (started by torchrun "
               "or a launcher): drop --nproc", file=sys.stderr)
         return EXIT_USAGE
-    if tp is not None:
+    cp = args.cp
+    world = tp
+    if cp > 1:
+        error = cp_error(ir, world, cp, args.tokens, min(args.chunk, args.tokens))
+        if error:
+            print(f"ltmdsl stream: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        tp = world // cp
+    if tp is not None and tp > 1:
         from ltmdsl.distributed.tensor_parallel import tp_plans
         from ltmdsl.runtime.kinds import TensorParallelUnsupported
 
@@ -128,11 +142,12 @@ def run(args) -> int:
     dt = DTYPES[dname]
     N, B, C = args.tokens, args.batch, min(args.chunk, args.tokens)
     t = tp or 1
-    predicted = cache_bytes(ir, batch=B, context=N, kv_dtype=dt, state_dtype=dt, conv_taps="full", tp=t)
+    predicted = cache_bytes(ir, batch=B, context=N, kv_dtype=dt, state_dtype=dt, conv_taps="full", tp=t, cp=cp)
     cache_pred = sum(predicted.values())
-    grows = cache_bytes(ir, batch=B, context=2 * N, kv_dtype=dt, state_dtype=dt, tp=t)["kv_cache"] > predicted["kv_cache"]
-    plan = {} if tp is None else {"tp": tp, "sharding": "plan"}
-    r = memory_report(ir, None, context=N, batch=B, chunk=C, gpus=t, weight_dtype=dt, kv_dtype=dt,
+    grows = cache_bytes(ir, batch=B, context=2 * N, kv_dtype=dt, state_dtype=dt, tp=t,
+                        cp=cp)["kv_cache"] > predicted["kv_cache"]
+    plan = {} if world is None else {"tp": t, "cp": cp, "sharding": "plan"}
+    r = memory_report(ir, None, context=N, batch=B, chunk=C, gpus=t * cp, weight_dtype=dt, kv_dtype=dt,
                       state_dtype=dt, activation_dtype=dt, conv_taps="full", **plan)
     need = r.components if tp is None else {k: v * (args.nproc or 1) for k, v in r.per_gpu_components.items()}
     avail = mem_available()
@@ -141,9 +156,9 @@ def run(args) -> int:
         return EXIT_BUDGET
 
     show = not args.json and sys.stderr.isatty()
-    job = (ir, dname, N, B, C, args.seed, show)
-    if tp is None:
-        measured = _stream(*job)
+    job = (ir, dname, N, B, C, args.seed, show, cp)
+    if world is None:
+        measured = _stream(*job[:-1])  # one process: no cp
     elif args.nproc is None:  # one rank of a torchrun group
         from ltmdsl.distributed.launch import init_from_env
 
@@ -154,7 +169,7 @@ def run(args) -> int:
     else:
         from ltmdsl.distributed.launch import launch
 
-        measured = launch(_stream_rank, tp, job)[0]
+        measured = launch(_stream_rank, world, job)[0]
     seconds = measured["seconds"]
     report = {
         "model": ir.name,
@@ -163,6 +178,7 @@ def run(args) -> int:
         "chunk": C,
         "dtype": dname,
         "tp": t,
+        "cp": cp,
         "seconds": round(seconds, 6),
         "tokens_per_s": round(N * B / seconds, 3) if seconds > 0 else None,
         "peak_rss_bytes": measured["peak_rss_bytes"],
@@ -176,24 +192,58 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        ranks = f" on {t} tp ranks" if tp is not None else ""
+        ranks = "" if world is None else f" on {t} tp ranks" if cp == 1 else f" on {t} tp x {cp} cp ranks"
         print(f"{ir.name}: {N:,} tokens x batch {B}{ranks} in {seconds:.2f} s = {report['tokens_per_s']:,.0f} tokens/s")
-        per = " per rank" if tp is not None else ""
+        per = " per rank" if world is not None else ""
         print(f"  cache {format_bytes(measured['cache_bytes'])}{per} (predicted {format_bytes(cache_pred)}), "
               f"weights {format_bytes(report['weights_bytes'])}{per}, peak RSS {format_bytes(report['peak_rss_bytes'])}")
     sys.stdout.flush()
     return EXIT_OK if measured["finite"] else 1
 
 
-def _stream_rank(ir, dname: str, N: int, B: int, C: int, seed: int, show: bool) -> dict:
-    """One tensor-parallel rank (the process group up): this rank's share of the model, then `_stream`."""
+def cp_error(ir, world: int | None, cp: int, N: int, C: int) -> str | None:
+    """Why `--cp cp` cannot stream this model on `world` ranks (None: it can)."""
+    from ltmdsl.distributed.cp_inference import UNSUPPORTED
+
+    if world is None:
+        return "--cp needs --nproc (or a torchrun group)"
+    if world % cp:
+        return f"--cp {cp} must divide the {world} ranks"
+    if N % cp or C % cp:
+        return f"--cp {cp} must divide the tokens ({N}) and the chunk ({C}): each rank runs 1/cp of every chunk"
+    bad = next((x for x in ir.layers if x.kind in UNSUPPORTED), None)
+    if bad is not None:
+        return (f"{ir.name} cannot run context-parallel inference: no form for kind {bad.kind!r} "
+                f"(layer '{bad.definition}')")
+    for x in ir.layers:
+        if x.kind == "attention" and min(N, x.mixer.span or N) % cp:
+            return f"--cp {cp} must divide the {min(N, x.mixer.span)} cached tokens of layer '{x.definition}'"
+    return None
+
+
+def _stream_rank(ir, dname: str, N: int, B: int, C: int, seed: int, show: bool, cp: int = 1) -> dict:
+    """One rank (the process group up): this rank's share of the model (tp = world / cp), served over the cp
+    ranks when cp > 1 (ltmdsl.distributed.cp_inference), then `_stream`."""
     import torch.distributed as dist
 
     from ltmdsl.distributed import parallelize, plan_from
     from ltmdsl.runtime.build import TORCH_DTYPES
 
     world = dist.get_world_size()
-    model = parallelize(ir, plan_from(world=world, tp=world), dtype=TORCH_DTYPES[dname], seed=seed).model
+    if cp == 1:
+        model = parallelize(ir, plan_from(world=world, tp=world), dtype=TORCH_DTYPES[dname], seed=seed).model
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from ltmdsl.distributed.cp_inference import serve
+        from ltmdsl.distributed.materialize import build_meta, materialize
+        from ltmdsl.distributed.tensor_parallel import apply_tensor_parallel
+
+        mesh = init_device_mesh("cpu", (cp, world // cp), mesh_dim_names=("cp", "tp"))
+        net = build_meta(ir, TORCH_DTYPES[dname])
+        if world > cp:
+            apply_tensor_parallel(net, mesh["tp"])
+        model = serve(materialize(net, "cpu", seed), mesh["cp"])
     return _stream(ir, dname, N, B, C, seed, show and dist.get_rank() == 0, model)
 
 
@@ -208,7 +258,7 @@ def _stream(ir, dname: str, N: int, B: int, C: int, seed: int, show: bool, model
 
     if model is None:
         model = build(ir, dtype=TORCH_DTYPES[dname], seed=seed)
-    model = model.eval()
+    model.eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         cache = model.new_cache(B, N)

@@ -20,6 +20,8 @@ Modules, one concept each:
     tensor_parallel  DTensor parallelize_module with each kind's tp_plan
     sequence_parallel under tp, the norms and residual stream on T/t tokens a rank; the mixers gather them
     context_parallel the sequence split over cp ranks; collectives for each kind's cp_forward
+    cp_inference     serving over cp ranks: 1/cp of each attention cache a rank, prefill and decode merged by
+                     log-sum-exp, recurrent states passed rank to rank
     expert_parallel  experts split over ep of the dp ranks (and over tp by width), all-to-all token exchange
     expert_optimizer ZeRO 1 under ep: dense and expert optimizer state sharded over their own replicas
     pipeline         stages at the memory model's cuts, torch.distributed.pipelining 1F1B (interleaved)
@@ -32,8 +34,8 @@ Modules, one concept each:
 
 Runs today: dp with zero 0-3, tp (with or without sp), dp x tp (zero 0, 1, 3), cp (every kind; load-balanced
 split by default), dp x cp, tp x cp, ep carved out of dp (ep dividing dp) with zero 0-3, tp (expert-tp = tp)
-and cp, pp (1F1B, interleaved) with dp, tp (with or without sp), cp, ep and zero 0-3. Other combinations are
-refused with a message (docs/DISTRIBUTED.md).
+and cp, pp (1F1B, interleaved) with dp, tp (with or without sp), cp, ep and zero 0-3; in inference tp, cp and
+tp x cp. Other combinations are refused with a message (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations

@@ -322,8 +322,48 @@ def decode_workspace(c: AttentionConfig, s):
     return out
 
 
+def cp_prefill_workspace(c: AttentionConfig, s):
+    """A prefill chunk's workspace on one rank of context-parallel inference (ltmdsl.distributed.cp_inference):
+    the rank's tok = b*Cc/c queries, keys and values; the chunk's keys and values all-gathered, a*b*Cc*Hkv*(D + Dv);
+    while the cached keys are read (T > Cc), one rank's shard received, a*b*T/c*Hkv*(D + Dv); the merged output
+    in fp32 (fp64 for fp64), one part's output and the queries with their KV head's group folded together, each
+    tok*H*D; the parts' log-sum-exps, fp32 per query and head. A window reads explicit scores over the chunk's
+    keys or a shard's slots, the larger: one fp32 score tensor (masked and exponentiated in place) and the
+    log-sum-exp's working copy, with the [Cc/c, keys] mask and its negation. Heads per tp rank."""
+    a = s.activation_dtype.bytes
+    w = max(4, a)
+    b = per_replica(B, s.dp)
+    Cc = sympy.Min(C, T)
+    tok = b * Cc / R(s.cp)
+    hkv, h = cdiv(c.kv_heads, s.tp), c.heads / R(s.tp)
+    kv = hkv * (c.head_dim + c.v_head_dim)
+    out = a * tok * (h * c.head_dim + kv) + a * b * Cc * kv + tok * h * (w * c.v_head_dim + a * c.head_dim
+                                                                        + a * c.v_head_dim + 3 * 4)
+    out += a * b * tokens_held(c) / R(s.cp) * kv * sympy.Min(1, T - Cc)
+    if c.window is not None:
+        keys = sympy.Max(Cc, tokens_held(c) / R(s.cp))
+        out += 2 * w * tok * h * keys + 2 * Cc / R(s.cp) * keys
+    return sympy.Max(out, rope_moment(c, s))
+
+
+def rope_moment(c: AttentionConfig, s):
+    """RoPE over a prefill chunk's projections (runtime `apply_rope`: x*cos + rotate_half(x)*sin holds three
+    temporaries of x's size): rotating q beside q_proj's output and k, v (three of q's size), then k beside
+    those and the rotated q (three of k's size), a*tok/t each. 0 without RoPE."""
+    if c.rope_theta is None:
+        return 0
+    a, t = s.activation_dtype.bytes, R(s.tp)
+    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)
+    hkv = cdiv(c.kv_heads, s.tp)
+    qp = c.heads / t * c.head_dim * (2 if c.gate else 1)  # q_proj's output (with the gate)
+    q, kv = c.heads / t * c.head_dim, hkv * (c.head_dim + c.v_head_dim)
+    return a * tok * sympy.Max(qp + kv + 3 * q, qp + q + kv + 3 * hkv * c.head_dim)
+
+
 def prefill_workspace(c: AttentionConfig, s):
-    """The workspace of a prefill chunk (module docstring)."""
+    """The workspace of a prefill chunk (module docstring); under context parallelism `cp_prefill_workspace`."""
+    if s.cp > 1 and s.mode == "inference":
+        return cp_prefill_workspace(c, s)
     a = s.activation_dtype.bytes
     b = per_replica(B, s.dp)
     Cc = sympy.Min(C, T)
@@ -331,21 +371,29 @@ def prefill_workspace(c: AttentionConfig, s):
     t = R(s.tp)
     qkvo = c.heads * c.head_dim * (2 if c.gate else 1) + c.kv_heads * (c.head_dim + c.v_head_dim)
     qkvo += c.heads * c.v_head_dim
-    out = a * tok * qkvo / t + 4 * tok * c.heads / t
+    readback = 0
     if c.span is None and s.kv_dtype.name != s.activation_dtype.name:  # the cache read back in a's dtype
-        out += a * b * T / R(s.cp) * cdiv(c.kv_heads, s.tp) * (c.head_dim + c.v_head_dim)
+        readback = a * b * T / R(s.cp) * cdiv(c.kv_heads, s.tp) * (c.head_dim + c.v_head_dim)
+    out = a * tok * qkvo / t + 4 * tok * c.heads / t + readback
     if not s.flash_attention or not c.plain_softmax:  # sinks and soft caps run the explicit-softmax path
-        return out + (a + 4) * tok * c.heads / t * tokens_held(c)
+        return sympy.Max(out + (a + 4) * tok * c.heads / t * tokens_held(c), rope_moment(c, s))
     if c.chunk is None:
         if c.window is None:  # the chunk's queries start past key 0 once T > Cc: a [rows, T] mask
+            # The kernel's moment: the queries, the output and the mask (bool and SDPA's additive copy, 1 + a
+            # bytes); the chunk's own keys and values were written to the cache and released. Beside it the
+            # projections' moment (`out`) and RoPE's (`rope_moment`). (The mask had been added to q, k, v and
+            # o, which at 128Ki over-counted Mixtral's GQA by 6% and happened to equal Llama-2-7B's RoPE
+            # moment; at 16Ki an MHA attention at d_model 4096 was under-predicted by 29%.)
             rows = sympy.Min(Cc, mask_rows(T))
-            out += (1 + a) * rows * T / R(s.cp) * sympy.Min(1, T - Cc)  # Min(1, T - Cc): 1 when T > Cc, else 0
+            mask = (1 + a) * rows * T / R(s.cp) * sympy.Min(1, T - Cc)  # Min(1, T - Cc): 1 when T > Cc, else 0
+            qo = c.heads * c.head_dim * (2 if c.gate else 1) + c.heads * c.v_head_dim
+            return sympy.Max(out, a * tok * qo / t + 4 * tok * c.heads / t + readback + mask, rope_moment(c, s))
         else:  # a window: a [rows, keys] mask, and the ring's keys read back in time order beside the chunk's
             keys = sympy.Min(T, c.window + Cc)
             rows = sympy.Min(Cc, mask_rows(keys))
             out += (1 + a) * rows * sympy.Min(keys, rows + c.window - 1)
             out += a * b * keys * cdiv(c.kv_heads, s.tp) * (c.head_dim + c.v_head_dim)
-    return out
+    return sympy.Max(out, rope_moment(c, s))
 
 
 def stored(c: AttentionConfig, x, selective: bool):

@@ -39,6 +39,7 @@ saying why: a plan ltmdsl.distributed does not run (its plan check), and context
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 
@@ -61,8 +62,7 @@ def _supported(ir, s) -> None:
             raise NotTraceable("ltmdsl.distributed does not run this plan, so one of its ranks cannot be traced: "
                                + "; ".join(errors))
     if s.mode == "inference" and p.cp > 1:
-        raise NotTraceable(f"context parallelism (cp = {p.cp}) in inference: ltmdsl runs it in training only (the "
-                           "runtime allocates no cache split over the sequence); measure the budget without it")
+        _cp_inference_supported(ir, s)
     wide = next((x for x in ir.layers if x.residual.width != 1 or x.residual.into != "residual"), None)
     if wide is not None and s.mode == "training" and s.recompute == "full":
         raise NotTraceable(f"layer {wide.index} '{wide.definition}' reads the embeddings or sends its output into the "
@@ -78,6 +78,25 @@ def _supported(ir, s) -> None:
     if s.weight_dtype.name != s.activation_dtype.name:
         raise NotTraceable(f"weights in {s.weight_dtype.name} with {s.activation_dtype.name} activations: the "
                            "runtime computes in its weights' dtype")
+
+
+def _cp_inference_supported(ir, s) -> None:
+    """Refuse what context-parallel inference (ltmdsl.distributed.cp_inference) does not run: a kind without its
+    form, a chunk or a cache cp does not divide."""
+    from ltmdsl.distributed.cp_inference import UNSUPPORTED
+
+    cp = s.parallel.cp
+    bad = next((x for x in ir.layers if x.kind in UNSUPPORTED), None)
+    if bad is not None:
+        raise NotTraceable(f"context parallelism (cp = {cp}) in inference has no form for kind {bad.kind!r} (layer "
+                           f"'{bad.definition}'); measure the budget without it")
+    if min(s.chunk, s.context) % cp:
+        raise NotTraceable(f"cp = {cp} does not divide the prefill chunk of {min(s.chunk, s.context)} tokens")
+    for x in ir.layers:
+        if x.kind == "attention":
+            held = s.context if x.mixer.span is None else min(s.context, x.mixer.span)
+            if held % cp:
+                raise NotTraceable(f"cp = {cp} does not divide the {held} cached tokens of layer '{x.definition}'")
 
 
 def measure(model, budget=None, *, user_gpus=None, device: str | None = None, **overrides) -> Measurement:
@@ -155,8 +174,11 @@ def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: 
 
     p = s.parallel
     mesh = group.enter_context(ranks.fake_group(p, stage_index))
+    # inference under cp: the mixers keep their own forward (ltmdsl.distributed.cp_inference runs them), not
+    # training's cp_forward
+    split_plan = dataclasses.replace(p, cp=1) if s.mode == "inference" else p
     try:
-        split(net, p, mesh, fsdp_stages=())
+        split(net, split_plan, mesh, fsdp_stages=())
     except (TensorParallelUnsupported, ContextParallelUnsupported, ValueError) as e:
         raise NotTraceable(f"this rank cannot be built: {e}") from None
     sizes = stage_mod.local_sizes(net)
@@ -167,6 +189,15 @@ def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: 
     notes.append(f"rank {ranks.traced_rank(p, stage_index)} of {p.world} built as ltmdsl.distributed builds it, under "
                  "a fake process group (collectives allocate their outputs; nothing is communicated)"
                  + ("; ZeRO-3 by FSDP2, weights gathered mixer by mixer" if p.zero >= 3 else ""))
+    if s.mode == "inference" and p.cp > 1:
+        from ltmdsl.distributed.cp_inference import ContextParallelInferenceUnsupported, serve
+
+        try:
+            net.cp_server = serve(net, mesh["cp"])  # infer.run's sub-layers go through it
+        except ContextParallelInferenceUnsupported as e:
+            raise NotTraceable(str(e)) from None
+        notes.append(f"context-parallel inference: rank {p.cp - 1} of cp = {p.cp} (the last: its queries see every "
+                     "key of the chunk), its tokens of the prefill chunk and 1/cp of each attention cache")
     return sizes, root
 
 

@@ -4,7 +4,10 @@ step, on fake tensors.
     cache      each held sub-layer's cache entry for b = ceil(B/dp) sequences of T tokens, allocated by its
                runtime kind (one tp rank's heads); traced bytes per component (kv_cache, recurrent_state)
     prefill    the last chunk of Cc = min(C, T) tokens, at positions T - Cc .. T - 1, against the cache (the
-               attention reads every cached key); logits for the last position only
+               attention reads every cached key); logits for the last position only. Under context
+               parallelism (cp > 1) the traced rank's Cc/cp tokens, each attention layer's cache 1/cp of its
+               slots, the sub-layers run by ltmdsl.distributed.cp_inference (the chunk's keys all-gathered,
+               the cached shards read one rank's at a time, recurrent states passed)
     decode     one token at position T - 1
     logits     the fp32 logits of the last position, 4*b*V
 
@@ -25,7 +28,16 @@ from ltmdsl.runtime.build import KV_DTYPES, TORCH_DTYPES
 from ltmdsl.runtime.cache import Cache, CacheRequest, COMPONENTS
 
 
-def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tensor:
+def _mix(stage: Stage, block, normed: torch.Tensor, state, pos0: int, calls: int, decode: bool, use):
+    """The sub-layer's mixer as the rank runs it: its own call, or under context parallelism (`net.cp_server`,
+    ltmdsl.distributed.cp_inference) its cp form over a call of `calls` tokens, this rank holding 1/cp."""
+    server = getattr(stage.net, "cp_server", None)
+    if server is None:
+        return block.mix(normed, state, pos0, decode, use)
+    return server.mix(block, normed, state, pos0, calls, use)
+
+
+def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int, calls: int | None = None) -> torch.Tensor:
     """LTModel.forward for the held sub-layers: ids [b, t] or hidden [b, t, d] -> last position's logits [b, 1, V]
     (last stage) or the hidden states [b, t, d]."""
     net = stage.net
@@ -40,7 +52,8 @@ def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tens
         normed, h = block.enter(h, pending, inject, embeds)  # [b, t, d or 2d], [b, t, d]
         pending = inject = None  # added into h, released before the mixer runs (as LTModel.forward)
         state = cache.layers[i - stage.layers.start]
-        out = block.mix(normed, state, pos0, decode, net.uses[str(i)] if str(i) in net.uses else None)  # [b, t, d]
+        use = net.uses[str(i)] if str(i) in net.uses else None
+        out = _mix(stage, block, normed, state, pos0, calls or x.shape[1], decode, use)  # [b, t, d]
         normed = None  # released before the branch and the next norm run (as LTModel.forward)
         out = block.branch(out, net.ir.residual_scale)  # [b, t, d]
         if net.ir.layers[i].residual.into == "next_input":
@@ -54,7 +67,7 @@ def _stack(stage: Stage, x: torch.Tensor, cache: Cache, pos0: int) -> torch.Tens
     return net.head(normed[:, -1:])  # [b, 1, V]
 
 
-def _phase(stage: Stage, cache: Cache, x: torch.Tensor, pos0: int) -> tuple[int, int, torch.Tensor]:
+def _phase(stage: Stage, cache: Cache, x: torch.Tensor, pos0: int, calls: int | None = None) -> tuple[int, int, torch.Tensor]:
     """(peak above the live start, live start, output) of one forward under its own tracker."""
     mt = StepTracker()
     mt.track_external(*stage.held(), *[t for e in cache.layers if e is not None for t in e.tensors()], x)
@@ -62,7 +75,7 @@ def _phase(stage: Stage, cache: Cache, x: torch.Tensor, pos0: int) -> tuple[int,
         tl = Timeline(mt)
         start = tl.mark("start")
         with torch.no_grad():
-            y = _stack(stage, x, cache, pos0)
+            y = _stack(stage, x, cache, pos0, calls)
         tl.mark("end")
         return tl.peak() - start, start, y
 
@@ -71,6 +84,8 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
     """Traced components, the phase peaks {phase: total live bytes at its peak} and the phase marks."""
     b = math.ceil(s.batch / s.dp)
     T, Cc = s.context, min(s.chunk, s.context)
+    cp = s.cp
+    from ltmdsl.distributed.cp_inference import new_entry
     from ltmdsl.runtime.kinds import runtime_kind
 
     mt = StepTracker()
@@ -86,7 +101,10 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
             layer = ir.layers[i]
             new = runtime_kind(layer.kind).new_cache
             before = tl.live()
-            entry = None if new is None else new(layer.mixer, req)
+            if cp > 1:  # 1/cp of each attention layer's slots, the rest whole (ltmdsl.distributed.cp_inference)
+                entry = new_entry(layer, req, cp)
+            else:
+                entry = None if new is None else new(layer.mixer, req)
             if entry is not None:  # traced bytes, shared out as the entry's components hold them
                 parts, live = entry.by_component(), tl.live() - before
                 for component, n in parts.items():
@@ -95,11 +113,12 @@ def run(stage: Stage, ir, s: Settings, dtype: torch.dtype) -> tuple[dict, dict, 
         tl.mark("cache")
     cache = Cache(entries, b, T)
     peaks = {}
+    n = Cc // cp  # this rank's tokens of the chunk (cp = 1: all of them)
     if stage.first:
-        ids = torch.zeros(b, Cc, dtype=torch.long)  # [b, Cc]
+        ids = torch.zeros(b, n, dtype=torch.long)  # [b, Cc/cp]
     else:
-        ids = torch.zeros(b, Cc, ir.d_model, dtype=dtype)  # [b, Cc, d] received hidden states
-    pre, start, y = _phase(stage, cache, ids, T - Cc)
+        ids = torch.zeros(b, n, ir.d_model, dtype=dtype)  # [b, Cc/cp, d] received hidden states
+    pre, start, y = _phase(stage, cache, ids, T - Cc, Cc)
     peaks["prefill"] = start + pre  # the last position's logits are part of the prefill's peak
     if stage.last:  # the fp32 logits sampling reads, the model-dtype ones released
         lt = StepTracker()

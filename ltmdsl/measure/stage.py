@@ -63,6 +63,8 @@ class Stage:
             out.append(self.net.final_norm)
             if self.net.lm_head is not None:
                 out.append(self.net.lm_head)
+            if getattr(self.net, "mtp", None) is not None:  # multi-token-prediction modules, beside the head
+                out.append(self.net.mtp)  # (the memory model's last stage holds them: memory/assemble.py)
         seen, unique = set(), []
         for m in out:
             if id(m) not in seen:

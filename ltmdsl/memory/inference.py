@@ -67,9 +67,11 @@ def logits(model: ModelIR, s: Settings):
 
 
 def cache_bytes(model: ModelIR, *, batch: int, context: int, kv_dtype: Dtype, state_dtype: Dtype,
-                conv_taps: str = "full", tp: int = 1) -> dict[str, int]:
+                conv_taps: str = "full", tp: int = 1, cp: int = 1) -> dict[str, int]:
     """Exactly what `model.new_cache(batch, context, ...)` allocates (CONTRACTS.md), in bytes; with `tp`, what
-    it allocates on one rank of the model split over tp ranks (the per-GPU cache of the report at that tp).
+    it allocates on one rank of the model split over tp ranks (the per-GPU cache of the report at that tp);
+    with `cp`, what one context-parallel rank allocates (ltmdsl.distributed.cp_inference: 1/cp of every
+    attention layer's slots, recurrent states whole).
 
     {"kv_cache": ..., "recurrent_state": ...}: the sum over sub-layers of each kind's `cache` facet
     (attention KV, Mamba conv + SSM state; nothing for feed-forward networks). Tied sub-layers share
@@ -78,7 +80,7 @@ def cache_bytes(model: ModelIR, *, batch: int, context: int, kv_dtype: Dtype, st
     from ltmdsl.memory.settings import resolve
 
     s = resolve(model, None, batch=batch, context=context, kv_dtype=kv_dtype, state_dtype=state_dtype,
-                conv_taps=conv_taps, **({"tp": tp, "gpus": tp} if tp > 1 else {}))
+                conv_taps=conv_taps, **({"tp": tp, "cp": cp, "gpus": tp * cp} if tp * cp > 1 else {}))
     totals = dict.fromkeys(CACHE_COMPONENTS, sympy.Integer(0))
     counts: dict = {}
     for layer in model.layers:

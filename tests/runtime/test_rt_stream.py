@@ -158,3 +158,41 @@ def test_nproc_refuses_a_model_tp_cannot_split_before_launch(capsys):
     code, _, err = run([STREAM, "--tokens", "64", "--nproc", "2"], capsys)
     assert code == 2
     assert "stream_hybrid cannot be split over 2 ranks: layer 'ssm': tp = 2 must divide the mamba2's 4 heads" in err
+
+
+#: a global attention beside SPLITTABLE's layers: context parallelism splits its cache, not the states
+CP_SPEC = SPLITTABLE.replace("    stack { ssm ffn swa ffn }",
+                             "    layer attn = attention(heads = 2, kv_heads = 2, rope_theta = 10000)\n"
+                             "    stack { ssm ffn swa ffn attn ffn }")
+
+
+@pytest.mark.parametrize("nproc, cp", [(2, 2), (4, 2)], ids=["cp2", "tp2-cp2"])
+def test_cp_streams_each_rank_holding_its_share_of_the_attention_cache(tmp_path, capsys, nproc, cp):
+    """`--nproc N --cp K`: K ranks split the sequence (ltmdsl.distributed.cp_inference), N/K split the heads;
+    rank 0's cache equals the memory model's cache_bytes(tp=N/K, cp=K): the attention caches 1/(tp*cp) of one
+    process's, Mamba-2's state 1/tp."""
+    from ltmdsl.memory import cache_bytes
+    from ltmdsl.units import DTYPES
+
+    spec = tmp_path / "s.ltm"
+    spec.write_text(CP_SPEC)
+    code, out, err = run([str(spec), "--tokens", "96", "--chunk", "32", "--nproc", str(nproc), "--cp", str(cp),
+                          "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["cp"] == cp and r["tp"] == nproc // cp and r["last_logits_finite"]
+    ir = ltmdsl.loads(CP_SPEC).model
+    tp = nproc // cp
+    want = cache_bytes(ir, batch=1, context=96, kv_dtype=DTYPES["fp32"], state_dtype=DTYPES["fp32"], tp=tp, cp=cp)
+    whole = cache_bytes(ir, batch=1, context=96, kv_dtype=DTYPES["fp32"], state_dtype=DTYPES["fp32"])
+    assert r["cache_bytes_measured"] == r["cache_bytes_predicted"] == sum(want.values())
+    assert want["kv_cache"] * tp * cp == whole["kv_cache"]
+    assert want["recurrent_state"] * tp == whole["recurrent_state"]
+
+
+def test_cp_refuses_what_it_cannot_split_before_launch(capsys):
+    code, _, err = run([TINY, "--tokens", "64", "--chunk", "32", "--nproc", "2", "--cp", "2"], capsys)
+    assert code == 2
+    assert "tiny_hybrid cannot run context-parallel inference: no form for kind 'mla'" in err
+    code, _, err = run([TINY, "--tokens", "64", "--chunk", "33", "--nproc", "2", "--cp", "2"], capsys)
+    assert code == 2 and "--cp 2 must divide the tokens (64) and the chunk (33)" in err
