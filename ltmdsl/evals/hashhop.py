@@ -10,8 +10,7 @@ The format is that of Magic's public generator (github.com/magicproduct/hash-hop
 
 `mixed_hops` is for training: sample i then has chains of 1 + i % hops links (its `Hops=` line says
 which; fewer links leave room for more chains), so every batch teaches every depth up to `hops` and one
-run is scored at each of them (with chain of thought, a k-hop answer is k lookups of the kind a 1-hop
-answer is, so the depths share what they teach). Evaluation scores one depth at a time:
+run is scored at each of them. Evaluation scores one depth at a time:
 `ltmdsl eval` leaves this option out of the trained options it starts from (`Task.train_only`).
 
 Here the prompt and the completion are one character-level sample, `bos prompt \\n completion pad...`,
@@ -30,7 +29,7 @@ import numpy as np
 
 from ltmdsl.evals.layout import char_sample
 from ltmdsl.evals.sample import Sample
-from ltmdsl.evals.task import Task, check, check_int, rng
+from ltmdsl.evals.task import Task, TaskError, check, check_int, rng
 from ltmdsl.evals.tokenizer import CharTokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -57,7 +56,11 @@ class HashHopOptions:
               f"mixed_hops must be true or false (got {self.mixed_hops!r})")
         if self.mixed_hops:
             for hops in range(1, self.hops):  # each depth a sample may have is checked as its own options
-                dataclasses.replace(self, hops=hops, mixed_hops=False)
+                try:
+                    dataclasses.replace(self, hops=hops, mixed_hops=False)
+                except TaskError as e:
+                    detail = str(e).removeprefix("hashhop: ")
+                    raise TaskError(f"hashhop: with mixed_hops, the {hops}-hop samples: {detail}") from None
         need = minimum_context(self)
         check("hashhop", self.context >= need,
               f"context {self.context} holds fewer than queries={self.queries} chains of {self.hops} hops "

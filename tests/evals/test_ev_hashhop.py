@@ -123,7 +123,8 @@ def test_hashes_are_letters_and_distinct():
     (dict(cot="yes"), "cot must be true or false"),
     (dict(mixed_hops=1), "mixed_hops must be true or false"),
     # 2-hop chains fit 52 one-letter hashes, but the 1-hop samples of the mix hold more chains than that
-    (dict(context=152, hops=2, hash_length=1, mixed_hops=True), "28 distinct hashes of 1 letters"),
+    (dict(context=152, hops=2, hash_length=1, mixed_hops=True),
+     "with mixed_hops, the 1-hop samples: 28 distinct hashes of 1 letters"),
 ], ids=["too-many-hops", "zero-hops", "zero-queries", "hash-space", "cot-type", "mixed-type",
         "mixed-shallow-depth-hash-space"])
 def test_bad_options_are_clear_errors(kwargs, needle):
