@@ -121,6 +121,7 @@ def run(args) -> int:
         task = get_task(task_name)
         for run, model, record in loaded:
             trained = record.get("options", {}) if record.get("task") == task_name else {}
+            trained = {k: v for k, v in trained.items() if k not in task.train_only}  # a training mix
             base = {**trained, **cli_options}
             for values in settings(task, base, args, trained.get("context")):
                 options = task.make_options(**values)

@@ -8,6 +8,11 @@ The format is that of Magic's public generator (github.com/magicproduct/hash-hop
 - the completion starts `COMPLETION:\\nHops={hops}\\n\\nCoT={True|False}\\n\\n` and lists one query per line,
   `H1 = 'H3'` without chain of thought, or every hop `H1 = 'H2 = H3'` with it, and ends with a newline.
 
+`mixed_hops` is for training: sample i then has chains of 1 + i % hops links (its `Hops=` line says
+which; fewer links leave room for more chains), so every batch teaches every depth up to `hops` and one
+run is scored at each of them. Evaluation scores one depth at a time:
+`ltmdsl eval` leaves this option out of the trained options it starts from (`Task.train_only`).
+
 Here the prompt and the completion are one character-level sample, `bos prompt \\n completion pad...`,
 sized in tokens (one token per character) rather than Magic's characters: the number of chains is as many
 as fit in `context` beside the completion. The answers, the text between a query's quotes, are the only
@@ -17,13 +22,14 @@ Random hashes cannot be compressed or guessed, so accuracy measures recall, not 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from ltmdsl.evals.layout import char_sample
 from ltmdsl.evals.sample import Sample
-from ltmdsl.evals.task import Task, check, check_int, rng
+from ltmdsl.evals.task import Task, TaskError, check, check_int, rng
 from ltmdsl.evals.tokenizer import CharTokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -38,6 +44,7 @@ class HashHopOptions:
     hash_length: int = 16
     queries: int = 1
     cot: bool = False
+    mixed_hops: bool = False
 
     def __post_init__(self) -> None:
         check_int("hashhop", "context", self.context, 2)
@@ -45,6 +52,15 @@ class HashHopOptions:
         check_int("hashhop", "hash_length", self.hash_length, 1)
         check_int("hashhop", "queries", self.queries, 1)
         check("hashhop", isinstance(self.cot, bool), f"cot must be true or false (got {self.cot!r})")
+        check("hashhop", isinstance(self.mixed_hops, bool),
+              f"mixed_hops must be true or false (got {self.mixed_hops!r})")
+        if self.mixed_hops:
+            for hops in range(1, self.hops):  # each depth a sample may have is checked as its own options
+                try:
+                    dataclasses.replace(self, hops=hops, mixed_hops=False)
+                except TaskError as e:
+                    detail = str(e).removeprefix("hashhop: ")
+                    raise TaskError(f"hashhop: with mixed_hops, the {hops}-hop samples: {detail}") from None
         need = minimum_context(self)
         check("hashhop", self.context >= need,
               f"context {self.context} holds fewer than queries={self.queries} chains of {self.hops} hops "
@@ -128,7 +144,15 @@ def texts(options: HashHopOptions, seed: int, index: int) -> HashHopText:
     return HashHopText(prompt=prompt, completion=completion, targets=targets)
 
 
+def sample_options(options: HashHopOptions, index: int) -> HashHopOptions:
+    """The options sample `index` is drawn with: `options` itself, or under `mixed_hops` its depth 1 + index % hops."""
+    if not options.mixed_hops:
+        return options
+    return dataclasses.replace(options, hops=1 + index % options.hops, mixed_hops=False)
+
+
 def generate(options: HashHopOptions, seed: int, index: int) -> Sample:
+    options = sample_options(options, index)
     problem = texts(options, seed, index)
     text = problem.prompt + "\n" + problem.completion
     spans = []
@@ -147,4 +171,4 @@ def tokenizer(options: HashHopOptions) -> CharTokenizer:
 
 
 TASK = Task("hashhop", "follow chains of random hashes through shuffled assignments (Magic.dev)",
-            HashHopOptions, generate, tokenizer)
+            HashHopOptions, generate, tokenizer, train_only=("mixed_hops",))

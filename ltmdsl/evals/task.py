@@ -73,6 +73,8 @@ class Task:
     generate: Callable[[Any, int, int], Sample]
     tokenizer: Callable[[Any], Tokenizer]
     accuracy: Callable[[Sequence[int], Sample], float] = span_accuracy
+    #: options that shape only the training stream (a mix of settings); evaluation starts without them
+    train_only: tuple[str, ...] = ()
 
     def make_options(self, **values: Any) -> Any:
         """Options from keyword values (as a command line gives them), refusing unknown names by name."""

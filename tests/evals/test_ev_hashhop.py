@@ -121,11 +121,32 @@ def test_hashes_are_letters_and_distinct():
     (dict(queries=0), "queries must be at least 1"),
     (dict(context=5000, hash_length=1), "raise hash_length"),
     (dict(cot="yes"), "cot must be true or false"),
-], ids=["too-many-hops", "zero-hops", "zero-queries", "hash-space", "cot-type"])
+    (dict(mixed_hops=1), "mixed_hops must be true or false"),
+    # 2-hop chains fit 52 one-letter hashes, but the 1-hop samples of the mix hold more chains than that
+    (dict(context=152, hops=2, hash_length=1, mixed_hops=True),
+     "with mixed_hops, the 1-hop samples: 28 distinct hashes of 1 letters"),
+], ids=["too-many-hops", "zero-hops", "zero-queries", "hash-space", "cot-type", "mixed-type",
+        "mixed-shallow-depth-hash-space"])
 def test_bad_options_are_clear_errors(kwargs, needle):
     with pytest.raises(TaskError, match=needle) as info:
         HashHopOptions(**kwargs)
     assert str(info.value).startswith("hashhop: ")
+
+
+def test_mixed_hops_gives_sample_i_depth_1_plus_i_mod_hops():
+    mixed = HashHopOptions(context=300, hops=3, hash_length=3, queries=2, cot=True, mixed_hops=True)
+    for index in range(6):
+        depth = 1 + index % 3
+        fixed = HashHopOptions(context=300, hops=depth, hash_length=3, queries=2, cot=True)
+        sample = TASK.generate(mixed, 7, index)
+        assert np.array_equal(sample.tokens, TASK.generate(fixed, 7, index).tokens)
+        assert sample.metadata["hops"] == depth
+        check_sample(fixed, 7, index)  # the header says `Hops={depth}` and the answers follow depth links
+
+
+def test_mixed_hops_is_training_only():
+    assert TASK.train_only == ("mixed_hops",)
+    assert HashHopOptions().mixed_hops is False
 
 
 def test_minimum_context_is_exact():

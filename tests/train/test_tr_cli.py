@@ -50,6 +50,32 @@ def test_train_then_eval_and_compare(spec, tmp_path, capsys):
     assert (tmp_path / "cmp.png").is_file()
 
 
+def test_a_mixed_hops_run_is_scored_one_depth_at_a_time(tmp_path, capsys, monkeypatch):
+    from train_specs import TINY
+
+    import ltmdsl.train.scoring as scoring
+
+    path = tmp_path / "chars.ltm"
+    path.write_text(TINY.replace("vocab = 32", "vocab = 128"))  # the character tokenizer needs 99
+    assert main(["train", str(path), "--task", "hashhop", "--context", "96", "--hops", "2", "--hash-length", "2",
+                 "--cot", "true", "--mixed-hops", "true", "--steps", "1", "--batch", "2",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["options"]["mixed_hops"] is True
+    scored = []
+    real = scoring.score
+
+    def recording(model, task, options, *rest):
+        scored.append(options)
+        return real(model, task, options, *rest)
+
+    monkeypatch.setattr(scoring, "score", recording)  # what `eval` scores
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r"), "--hops", "1", "2", "--samples", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["hops"] for r in rows] == [1, 2]
+    assert [(o.hops, o.mixed_hops, o.cot) for o in scored] == [(1, False, True), (2, False, True)]
+
+
 def test_eval_warns_when_windows_cannot_recall(tmp_path, capsys):
     local = tmp_path / "local.ltm"
     from train_specs import TINY
