@@ -341,9 +341,9 @@ def cp_prefill_workspace(c: AttentionConfig, s):
                                                                         + a * c.v_head_dim + 3 * 4)
     out += a * b * tokens_held(c) / R(s.cp) * kv * sympy.Min(1, T - Cc)
     if c.window is not None:
-        keys = sympy.Max(Cc, tokens_held(c) / R(s.cp))
+        keys = Largest(Cc, tokens_held(c) / R(s.cp))
         out += 2 * w * tok * h * keys + 2 * Cc / R(s.cp) * keys
-    return sympy.Max(out, rope_moment(c, s))
+    return Largest(out, rope_moment(c, s))
 
 
 def rope_moment(c: AttentionConfig, s):
@@ -357,7 +357,7 @@ def rope_moment(c: AttentionConfig, s):
     hkv = cdiv(c.kv_heads, s.tp)
     qp = c.heads / t * c.head_dim * (2 if c.gate else 1)  # q_proj's output (with the gate)
     q, kv = c.heads / t * c.head_dim, hkv * (c.head_dim + c.v_head_dim)
-    return a * tok * sympy.Max(qp + kv + 3 * q, qp + q + kv + 3 * hkv * c.head_dim)
+    return a * tok * Largest(qp + kv + 3 * q, qp + q + kv + 3 * hkv * c.head_dim)
 
 
 def prefill_workspace(c: AttentionConfig, s):
@@ -376,7 +376,7 @@ def prefill_workspace(c: AttentionConfig, s):
         readback = a * b * T / R(s.cp) * cdiv(c.kv_heads, s.tp) * (c.head_dim + c.v_head_dim)
     out = a * tok * qkvo / t + 4 * tok * c.heads / t + readback
     if not s.flash_attention or not c.plain_softmax:  # sinks and soft caps run the explicit-softmax path
-        return sympy.Max(out + (a + 4) * tok * c.heads / t * tokens_held(c), rope_moment(c, s))
+        return Largest(out + (a + 4) * tok * c.heads / t * tokens_held(c), rope_moment(c, s))
     if c.chunk is None:
         if c.window is None:  # the chunk's queries start past key 0 once T > Cc: a [rows, T] mask
             # The kernel's moment: the queries, the output and the mask (bool and SDPA's additive copy, 1 + a
@@ -387,13 +387,13 @@ def prefill_workspace(c: AttentionConfig, s):
             rows = sympy.Min(Cc, mask_rows(T))
             mask = (1 + a) * rows * T / R(s.cp) * sympy.Min(1, T - Cc)  # Min(1, T - Cc): 1 when T > Cc, else 0
             qo = c.heads * c.head_dim * (2 if c.gate else 1) + c.heads * c.v_head_dim
-            return sympy.Max(out, a * tok * qo / t + 4 * tok * c.heads / t + readback + mask, rope_moment(c, s))
+            return Largest(out, a * tok * qo / t + 4 * tok * c.heads / t + readback + mask, rope_moment(c, s))
         else:  # a window: a [rows, keys] mask, and the ring's keys read back in time order beside the chunk's
             keys = sympy.Min(T, c.window + Cc)
             rows = sympy.Min(Cc, mask_rows(keys))
             out += (1 + a) * rows * sympy.Min(keys, rows + c.window - 1)
             out += a * b * keys * cdiv(c.kv_heads, s.tp) * (c.head_dim + c.v_head_dim)
-    return sympy.Max(out, rope_moment(c, s))
+    return Largest(out, rope_moment(c, s))
 
 
 def stored(c: AttentionConfig, x, selective: bool):
