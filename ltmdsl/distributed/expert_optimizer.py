@@ -52,6 +52,7 @@ class ExpertDataParallelOptimizer:
         built = [(_half(dense, dense_group, **defaults), origin[0]), (_half(expert, expert_group, **defaults), origin[1])]
         self.halves = [h for h, _ in built if h is not None]
         self._origin = [o for h, o in built if h is not None]
+        self._scheduled = None
 
     @property
     def param_groups(self) -> list[dict]:
@@ -66,9 +67,19 @@ class ExpertDataParallelOptimizer:
         for h in self.halves:
             h.zero_grad(set_to_none=set_to_none)
 
+    def scheduled(self) -> torch.optim.Optimizer:
+        """Both halves' parameter groups as one torch optimizer, the one an lr scheduler drives (it sets each
+        group's lr and wraps this one's step, which `step` goes through)."""
+        if self._scheduled is None:
+            self._scheduled = _Groups(self)
+        return self._scheduled
+
     @torch.no_grad()
     def step(self) -> None:
         """Each half steps its shard and gathers its own parameters (gradients already averaged)."""
+        self.scheduled().step()
+
+    def _step_halves(self) -> None:
         for h in self.halves:
             h.step()
 
@@ -98,6 +109,18 @@ class ExpertDataParallelOptimizer:
                 h.load_state_by_name(part, names)
             else:
                 _plain_load(h, part, names)
+
+
+class _Groups(torch.optim.Optimizer):
+    """The halves' own parameter groups (the same dicts) under one torch optimizer, for an lr scheduler."""
+
+    def __init__(self, owner: ExpertDataParallelOptimizer):
+        super().__init__(owner.param_groups, {})
+        self._owner = owner
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._owner._step_halves()
 
 
 def _plain_state(optim: torch.optim.Optimizer, names: dict[int, str], template: bool) -> dict:

@@ -186,7 +186,10 @@ def train_rank(ir: ModelIR, config, plan: ParallelPlan):
                                params=groups.param_groups(ranked.model, config.weight_decay),
                                betas=config.betas, eps=1e-8)
     # the distributed optimizer (ZeRO 1) steps its shard with an inner AdamW, whose groups are its param_groups
-    sched = schedule.scheduler(getattr(optimizer, "optim", optimizer), config.warmup, config.steps, config.min_lr_ratio)
+    # the torch optimizer whose groups' lr the schedule sets: the distributed optimizer's inner one, both halves'
+    # groups under ep x ZeRO 1
+    target = optimizer.scheduled() if hasattr(optimizer, "scheduled") else getattr(optimizer, "optim", optimizer)
+    sched = schedule.scheduler(target, config.warmup, config.steps, config.min_lr_ratio)
     rank0 = dist.get_rank() == 0
     start = _begin(out, current, config.resume, rank0, describe(plan))
     if start:

@@ -16,6 +16,7 @@ TP_MOE = TP_TINY.replace("    stack { a f w f }", "    layer e = moe(experts = 4
 
 BUDGETS = {
     "ep2-zero3": (TINY, "tiny_train", "ep = 2, zero = 3", "dp=4 tp=1 cp=1 pp=1 ep=2 zero=3"),
+    "ep2-zero1": (TINY, "tiny_train", "ep = 2, zero = 1", "dp=4 tp=1 cp=1 pp=1 ep=2 zero=1"),
     "tp2-ep2-zero2": (TP_MOE, "tp_train", "tp = 2, ep = 2, zero = 2", "dp=2 tp=2 cp=1 pp=1 ep=2 zero=2"),
 }
 
