@@ -54,7 +54,7 @@ CITING_SUFFIXES = {".py", ".jinja", ".lark", ".md", ".ltm", ".toml", ".sh", ".cf
 
 
 def test_no_citation_of_files_outside_the_repository():
-    """Comments and docs cite papers and state facts; a REFERENCE.md that is not in the repository is no source."""
+    """Comments and docs cite papers and state facts; the shared reference notes outside the repository are no source."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout")
