@@ -294,7 +294,7 @@ def report(model: ModelIR, budget: BudgetIR | None = None, *, user_gpus: dict[st
         gpus_needed_plan=gpus_plan, max_context=max_context,
         max_batch=max_batch, dominant=solve.dominant(per_gpu), growth=growth, formulas=formulas,
         formulas_per_gpu=formulas_per_gpu, flops=compute.flops(model, T, s.recompute), limits=limits, evaluator=ev)
-    r.notes = _notes(r)
+    r.notes = _notes(r) + _runtime_notes(model, s)
     return r
 
 
@@ -312,6 +312,21 @@ def _by_kind(ev: Evaluator, T: int, B: int) -> dict[str, dict[str, int]]:
     for (c, k, _), v in zip(parts, values):
         out[c][k] = ceil_bytes(v)
     return out
+
+
+def _runtime_notes(model: ModelIR, s) -> list[str]:
+    """A training plan the runtime would refuse, said where it is planned: the memory model answers for plans
+    that ltmdsl.distributed does not run (its plan check, pure: no torch), and a user should learn that before
+    `ltmdsl train --budget` refuses it."""
+    p = s.parallel
+    if s.mode != "training" or s.sharding != "plan" or p.world == 1:
+        return []
+    from ltmdsl.distributed.plan import plan_errors
+
+    errors = plan_errors(model, p, p.world)
+    if not errors:
+        return []
+    return ["ltmdsl.distributed does not run this plan, so `ltmdsl train --budget` would refuse it: " + "; ".join(errors)]
 
 
 def _notes(r: MemoryReport) -> list[str]:

@@ -243,3 +243,38 @@ def test_training_step_flops(models, recompute, extra):
     pre = f["prefill"]
     added = {0: 0, "attention": pre["attention"], "all": f["prefill_total"]}[extra]
     assert f["training_step_total"] == 3 * f["prefill_total"] + added
+
+
+RUNTIME_PLAN = """
+model moe {
+    vocab = 256
+    d_model = 64
+    dtype = bf16
+    norm = rmsnorm(eps = 1e-5)
+    head = untied
+    layer attn = attention(heads = 4, kv_heads = 2, rope_theta = 10000)
+    layer e = moe(experts = 4, top_k = 2, d_ff = 32)
+    stack { repeat 2 { attn e } }
+}
+budget refused for moe {
+    training context = 256, batch = 8
+    on 4 x H100 with tp = 2, ep = 4
+}
+budget runs for moe {
+    training context = 256, batch = 8
+    on 4 x H100 with ep = 2, zero = 1
+}
+"""
+
+
+def test_a_training_plan_the_runtime_refuses_is_said_in_the_report():
+    """The memory model answers for plans ltmdsl.distributed does not run; the report says so (its plan check's
+    own message), so the user learns it when planning rather than at `ltmdsl train --budget`."""
+    import ltmdsl
+    from ltmdsl.memory import report
+
+    spec = ltmdsl.loads(RUNTIME_PLAN)
+    refused, runs = (report(spec.model, b) for b in spec.budgets)
+    assert any("ltmdsl.distributed does not run this plan" in n and "ep = 4 does not divide dp = 2" in n
+               for n in refused.notes), refused.notes
+    assert not any("does not run" in n for n in runs.notes)
