@@ -318,18 +318,26 @@ class LTModel(nn.Module):
         B, T = input_ids.shape
         if cache is None:
             cache = self.new_cache(B, T + max_new_tokens)
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator(device=input_ids.device)
-            gen.manual_seed(0 if seed is None else seed)
-        logits = self(input_ids, cache, output="last")[:, -1]  # [B, V]
-        out = [input_ids]
-        for i in range(max_new_tokens):
-            nxt = _pick(logits, temperature, top_k, gen)  # [B]
-            out.append(nxt[:, None])
-            if i + 1 < max_new_tokens:
-                logits = self(nxt[:, None], cache, output="last")[:, -1]
-        return torch.cat(out, dim=1)
+        return decode_tokens(self, input_ids, cache, max_new_tokens, temperature, top_k, seed)
+
+
+def decode_tokens(model, input_ids: torch.Tensor, cache, max_new_tokens: int, temperature: float,
+                  top_k: int | None, seed: int | None) -> torch.Tensor:
+    """Prefill `input_ids` [B, T] into `cache` with `model(ids, cache, output="last")`, then decode
+    `max_new_tokens` tokens one at a time (greedy at temperature 0, else sampled from a generator seeded by
+    `seed`); returns [B, T + max_new_tokens]. Shared by LTModel.generate and its context-parallel form."""
+    gen = None
+    if temperature > 0:
+        gen = torch.Generator(device=input_ids.device)
+        gen.manual_seed(0 if seed is None else seed)
+    logits = model(input_ids, cache, output="last")[:, -1]  # [B, V]
+    out = [input_ids]
+    for i in range(max_new_tokens):
+        nxt = _pick(logits, temperature, top_k, gen)  # [B]
+        out.append(nxt[:, None])
+        if i + 1 < max_new_tokens:
+            logits = model(nxt[:, None], cache, output="last")[:, -1]
+    return torch.cat(out, dim=1)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> torch.Tensor:

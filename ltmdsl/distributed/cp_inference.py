@@ -51,7 +51,7 @@ from ltmdsl.distributed.context_parallel import ContextShard
 from ltmdsl.runtime.cache import Cache, CacheRequest, LayerCache
 from ltmdsl.runtime.kinds import runtime_kind
 from ltmdsl.runtime.kinds.attention import Attention, KVCache
-from ltmdsl.runtime.model import OUTPUTS, LTModel, _pick
+from ltmdsl.runtime.model import OUTPUTS, LTModel, decode_tokens
 
 #: kinds with neither form in this module (module docstring): refused by name
 UNSUPPORTED = ("mla", "parallel", "transformer_block")
@@ -369,18 +369,7 @@ class ContextParallelServer:
         if cache is None:
             total = T + max_new_tokens
             cache = self.new_cache(B, math.ceil(total / self.group.size) * self.group.size)
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator(device=input_ids.device)
-            gen.manual_seed(0 if seed is None else seed)
-        logits = self(input_ids, cache, output="last")[:, -1]  # [B, V]
-        out = [input_ids]
-        for i in range(max_new_tokens):
-            nxt = _pick(logits, temperature, top_k, gen)  # [B]
-            out.append(nxt[:, None])
-            if i + 1 < max_new_tokens:
-                logits = self(nxt[:, None], cache, output="last")[:, -1]
-        return torch.cat(out, dim=1)
+        return decode_tokens(self, input_ids, cache, max_new_tokens, temperature, top_k, seed)
 
 
 def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
