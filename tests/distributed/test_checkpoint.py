@@ -115,13 +115,21 @@ def test_tp_laid_out_rows_resume_under_another_plan(tmp_path, saved, resumed):
     replicated over the tp ranks are saved in their stored layout: the checkpoint resumes under another plan
     with the uninterrupted run's third and fourth losses (1e-5 relative, float64), from 2 ranks to 1 and from
     4 to 2, and exports the saved weights (cast to the spec's fp32) exactly."""
-    ir = ltmdsl.loads(LAID_OUT).ir.model()
+    assert_resumes_and_exports64(tmp_path, ltmdsl.loads(LAID_OUT).ir.model(), saved, resumed)
+
+
+def assert_resumes_and_exports64(tmp_path, ir, saved, resumed, timeout_s: float = 60.0):
+    """Train 2 steps in float64 under `saved` = (world, plan degrees), save; resume under `resumed`: the first
+    two losses and the resumed two equal the single-process run's (RTOL), and the export holds exactly the
+    saved weights (cast to the spec's dtype)."""
     ref_losses, _ = reference_run(ir, STEPS, dtype=torch.float64)
     path = tmp_path / "step-2"
     (world, degrees), (world2, degrees2) = saved, resumed
-    first, saved_weights = launch(_train_and_save64, world, (ir, plan_from(world=world, **degrees), path))[0]
+    first, saved_weights = launch(_train_and_save64, world, (ir, plan_from(world=world, **degrees), path),
+                                  timeout_s=timeout_s)[0]
     assert first == pytest.approx(ref_losses[:2], rel=RTOL)
-    step, resumed_losses = launch(_resume64, world2, (ir, plan_from(world=world2, **degrees2), path))[0]
+    step, resumed_losses = launch(_resume64, world2, (ir, plan_from(world=world2, **degrees2), path),
+                                  timeout_s=timeout_s)[0]
     assert step == 2
     _assert_resumed(resumed_losses, ref_losses[2:])
 
@@ -129,7 +137,7 @@ def test_tp_laid_out_rows_resume_under_another_plan(tmp_path, saved, resumed):
     exported = dict(ltmdsl.load_checkpoint(out).named_parameters())
     assert set(exported) == set(saved_weights)
     for name, p in saved_weights.items():
-        assert torch.equal(exported[name], p.to(exported[name].dtype)), name  # the spec's fp32
+        assert torch.equal(exported[name], p.to(exported[name].dtype)), name  # the spec's dtype
 
 
 def test_checkpoint_of_another_spec_is_refused(tmp_path):

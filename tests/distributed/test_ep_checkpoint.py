@@ -7,15 +7,8 @@ the third and fourth steps' losses equal the uninterrupted single-process run's 
 from __future__ import annotations
 
 import pytest
-import torch
-from dist_cases import reference_run, tiny_hybrid
-from test_checkpoint import STEPS, _assert_resumed, _resume64, _train_and_save64
-
-import ltmdsl
-from ltmdsl.distributed import launch, plan_from
-from ltmdsl.distributed import checkpoint as dcp_ckpt
-
-RTOL = 1e-5
+from dist_cases import tiny_hybrid
+from test_checkpoint import assert_resumes_and_exports64
 
 #: (world, saved plan) -> (world, resumed plan)
 PLANS = {"dp4-ep2-zero3-to-dp2-ep2-zero2": ((4, {"ep": 2, "zero": 3}), (2, {"ep": 2, "zero": 2})),
@@ -27,19 +20,4 @@ PLANS = {"dp4-ep2-zero3-to-dp2-ep2-zero2": ((4, {"ep": 2, "zero": 3}), (2, {"ep"
 
 @pytest.mark.parametrize("saved, resumed", PLANS.values(), ids=PLANS.keys())
 def test_ep_zero_checkpoint_resumes_under_another_plan(tmp_path, saved, resumed):
-    ir = tiny_hybrid()
-    ref_losses, _ = reference_run(ir, STEPS, dtype=torch.float64)
-    path = tmp_path / "step-2"
-    (world, degrees), (world2, degrees2) = saved, resumed
-    first, saved_weights = launch(_train_and_save64, world, (ir, plan_from(world=world, **degrees), path),
-                                  timeout_s=300)[0]
-    assert first == pytest.approx(ref_losses[:2], rel=RTOL)
-    step, resumed_losses = launch(_resume64, world2, (ir, plan_from(world=world2, **degrees2), path), timeout_s=300)[0]
-    assert step == 2
-    _assert_resumed(resumed_losses, ref_losses[2:])
-
-    out = dcp_ckpt.export(path, ir, tmp_path / "model.safetensors")
-    exported = dict(ltmdsl.load_checkpoint(out).named_parameters())
-    assert set(exported) == set(saved_weights)
-    for name, p in saved_weights.items():
-        assert torch.equal(exported[name], p.to(exported[name].dtype)), name
+    assert_resumes_and_exports64(tmp_path, tiny_hybrid(), saved, resumed, timeout_s=300)
