@@ -34,7 +34,7 @@ _MODE_KEYS = {
     "conv_taps": ("full", "minus_one"),
 }
 _PLAN_KEYS = {
-    "tp": "int", "pp": "int", "cp": "int", "dp": "int", "ep": "int", "zero": "int", "sp": "bool",
+    "tp": "int", "pp": "int", "cp": "int", "dp": "int", "ep": "int", "etp": "int", "zero": "int", "sp": "bool",
     "distributed_optimizer": "bool", "microbatches": "int", "interleave": "int", "cp_split": CP_SPLITS,
 }
 _GPU_KEYS = {"memory": "int", "bf16_tflops": "float", "bandwidth": "int"}
@@ -196,7 +196,7 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
         return plan_vals[key][0] if key in plan_vals else default
 
     tp, pp, cp, ep = plan("tp", 1), plan("pp", 1), plan("cp", 1), plan("ep", 1)
-    for key in ("tp", "pp", "cp", "ep", "microbatches", "interleave"):
+    for key in ("tp", "pp", "cp", "ep", "etp", "microbatches", "interleave"):
         if key in plan_vals and plan_vals[key][0] < 1:
             rep.at(plan_vals[key][1], f"{key} must be at least 1")
             return None
@@ -214,8 +214,13 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
         dp = 1
     else:
         dp = count // model_par
+    parallel = ParallelPlan(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, zero=zero,
+                            distributed_optimizer=plan("distributed_optimizer", False),
+                            sequence_parallel=plan("sp", False), microbatches=plan("microbatches", 1),
+                            interleave=plan("interleave", 1), cp_split=plan("cp_split", "balanced"),
+                            etp=plan("etp", None))
     if model is not None:
-        _check_plan(model, tp, pp, ep, dp, plan_vals, where, rep)
+        _check_plan(model, parallel, plan_vals, where, rep)
         for layer in model.layers:
             problem = kind_of(layer.mixer).context_check(layer.mixer, context)
             if problem is not None:
@@ -235,10 +240,7 @@ def resolve_budget(node: ast.BudgetDef, model: ModelIR | None, scope: Scope, gpu
     return BudgetIR(
         name=node.name, model=node.model, mode=mode.mode, context=context, batch=batch, chunk=chunk, gpu=gpu,
         gpus=count,
-        parallel=ParallelPlan(tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, zero=zero,
-                              distributed_optimizer=plan("distributed_optimizer", False),
-                              sequence_parallel=plan("sp", False), microbatches=plan("microbatches", 1),
-                              interleave=plan("interleave", 1), cp_split=plan("cp_split", "balanced")),
+        parallel=parallel,
         weight_dtype=weight_dtype, kv_dtype=get("kv_dtype", weight_dtype), state_dtype=get("state_dtype", weight_dtype),
         grad_dtype=get("grad_dtype", lookup_dtype("fp32")),  # Megatron's mixed precision: fp32 gradients
         optimizer=get("optimizer", "adamw" if mode.mode == "training" else "none"),
@@ -294,18 +296,25 @@ def resolve_require(r: ast.Require, scope: Scope, rep: Reporter) -> LimitIR | No
     return LimitIR(r.component, limit - 1 if r.op == "<" else limit, r.pos, tuple(names), measure)
 
 
-def _check_plan(model: ModelIR, tp: int, pp: int, ep: int, dp: int, plan_vals, where, rep: Reporter) -> None:
+def _check_plan(model: ModelIR, plan: ParallelPlan, plan_vals, where, rep: Reporter) -> None:
     """Report each of `plan_problems` at the position of its plan key (else the `on` line)."""
     at = {k: v[1] for k, v in plan_vals.items()}
-    for key, message in plan_problems(model, tp, pp, ep):
+    for key, message in plan_problems(model, plan):
         rep.at(at.get(key, where), message)
 
 
-def plan_problems(model: ModelIR, tp: int, pp: int, ep: int) -> list[tuple[str, str]]:
+def plan_problems(model: ModelIR, plan: ParallelPlan) -> list[tuple[str, str]]:
     """(plan key, message) for each way the degrees do not fit the model: tp must divide what each layer's
-    `split` facet says it splits (attention heads), ep what expert parallelism shards (MoE experts); pp
-    cannot exceed the stack. One message per parallel setting. Also used by ltmdsl.distributed to refuse a
-    plan before launching workers, with the same words."""
+    `split` facet says it splits (attention heads), ep what expert parallelism shards (MoE experts), etp what
+    expert tensor parallelism splits (the experts' width); pp cannot exceed the stack. One message per
+    parallel setting. Also used by ltmdsl.distributed to refuse a plan before launching workers, with the
+    same words.
+
+    MoE parallel folding (Megatron-Core): the MoE layers lay the tp*cp*dp ranks of a pipeline stage out as
+    etp x ep x edp, so etp*ep must divide tp*cp*dp. A plan whose ep needs more ranks than that (tp = 8, ep = 8
+    on 8 GPUs: etp = tp = 8 would need 64) is refused, suggesting etp = 1 (whole experts on each rank) when it
+    fits, rather than the experts' bytes being divided by ranks that do not exist."""
+    tp, pp, ep, etp = plan.tp, plan.pp, plan.ep, plan.expert_tp
     problems = []
     splits = [(layer, kind_of(layer.mixer).split(layer.mixer, model.d_model)) for layer in model.layers]
     bad_tp = next(((layer, what, n) for layer, sp in splits for what, n in sp.tp if n % tp), None)
@@ -324,6 +333,49 @@ def plan_problems(model: ModelIR, tp: int, pp: int, ep: int) -> list[tuple[str, 
     bad_ep = next(((n, what) for n, what in sharded if n % ep), None)
     if bad_ep is not None:
         problems.append(("ep", f"ep = {ep} does not divide {bad_ep[0]} {bad_ep[1]}"))
+    given = {key for key, _ in problems}
+    problems += [(key, m) for key, m in _etp_problems(plan, splits, bool(sharded)) if key not in given]
     if pp > len(model.layers):
         problems.append(("pp", f"pp = {pp} exceeds the {len(model.layers)} sub-layers"))
     return problems
+
+
+def fold_problems(model: ModelIR, plan: ParallelPlan) -> list[tuple[str, str]]:
+    """MoE parallel folding's rank rule alone (etp*ep must divide the stage's tp*cp*dp ranks), for a plan given
+    as overrides (`report(model, None, tp=8, ep=8)`), which no budget check has seen: the memory model would
+    divide the experts' bytes by ranks that do not exist. (Widths that tp or etp do not divide are counted as
+    real numbers there, as heads are.)"""
+    splits = [(layer, kind_of(layer.mixer).split(layer.mixer, model.d_model)) for layer in model.layers]
+    return _etp_problems(plan, splits, any(sp.ep for _layer, sp in splits), widths=False)
+
+
+def _etp_problems(plan: ParallelPlan, splits, has_experts: bool, widths: bool = True) -> list[tuple[str, str]]:
+    """MoE parallel folding's rules (`plan_problems`): etp divides every expert width (unless not `widths`),
+    and etp*ep divides the tp*cp*dp ranks of a pipeline stage. Reported at `etp` when the plan gives it, else
+    at `ep` (or `tp`)."""
+    tp, cp, dp, ep, etp = plan.tp, plan.cp, plan.dp, plan.ep, plan.expert_tp
+    key = "etp" if plan.etp is not None else ("ep" if ep > 1 else "tp")
+    named = f"etp = {etp}" if plan.etp is not None else f"etp = tp = {etp}"
+    if not has_experts:
+        if plan.etp is not None and plan.etp > 1:
+            return [("etp", "etp > 1 but the model has no MoE layers (no experts to split)")]
+        return []
+    split = sorted({(n, what, layer.definition) for layer, sp in splits for what, n in sp.etp}) if widths else []
+    bad = next(((n, what, name) for n, what, name in split if n % etp), None)
+    if bad is not None:
+        return [(key, f"{named} does not divide the {bad[0]} {bad[1]} of layer '{bad[2]}' (expert tensor "
+                      "parallelism splits each expert's width)")]
+    stage = tp * cp * dp
+    if stage % (etp * ep) == 0:
+        return []
+    hint = (f"; etp = 1 fits (each rank holds {_experts_per_rank(splits, ep)})" if stage % ep == 0
+            else f"; even etp = 1 needs ep to divide tp*cp*dp = {stage}")
+    return [(key, f"{named}: etp*ep = {etp}*{ep} = {etp * ep} does not divide the tp*cp*dp = {tp}*{cp}*{dp} = "
+                  f"{stage} ranks of a pipeline stage (MoE parallel folding: the experts' etp x ep x edp ranks "
+                  f"are the stage's tp x cp x dp ranks){hint}")]
+
+
+def _experts_per_rank(splits, ep: int) -> str:
+    """'32/8 = 4 whole experts': the experts of the MoE layers over ep (the first layer's count when they differ)."""
+    n = next(n for _layer, sp in splits for _what, n in sp.ep)
+    return f"{n}/{ep} = {n // ep} whole expert{'s' if n // ep > 1 else ''}"

@@ -326,7 +326,13 @@ CP_SPLITS = ("balanced", "contiguous")
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    """Degrees of parallelism. dp = gpus / (tp*pp*cp) unless given; ep splits experts within dp*tp."""
+    """Degrees of parallelism. dp = gpus / (tp*pp*cp) unless given.
+
+    MoE layers fold their own layout over the same ranks (Megatron-Core's MoE parallel folding): the tp*cp*dp
+    ranks of a pipeline stage are etp x ep x edp for the routed experts, etp ranks splitting each expert's
+    width, ep ranks holding different experts and edp = tp*cp*dp / (etp*ep) holding the same ones. `etp` None
+    means etp = tp (Megatron's default, `expert_tp`), so a plan that changes tp keeps experts split like it.
+    """
 
     tp: int = 1
     pp: int = 1
@@ -339,10 +345,22 @@ class ParallelPlan:
     microbatches: int = 1  # m, pipeline micro-batches per step
     interleave: int = 1  # virtual pipeline stages per GPU
     cp_split: str = "balanced"  # cp token split: 2*cp chunks, rank r holds r and 2cp-1-r | "contiguous"
+    etp: int | None = None  # expert tensor parallel degree; None: tp
 
     @property
     def world(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def expert_tp(self) -> int:
+        """The ranks splitting each routed expert's width: etp, tp when not given."""
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def edp(self) -> int:
+        """The expert-data-parallel ranks, holding the same experts: tp*cp*dp / (etp*ep) (at least 1; the plan
+        checks refuse a plan where etp*ep does not divide tp*cp*dp)."""
+        return max(1, self.tp * self.cp * self.dp // (self.expert_tp * self.ep))
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
     for name in ("tp", "pp", "cp", "dp", "ep", "microbatches", "interleave"):
         if getattr(plan, name) < 1:
             errors.append(f"{name} must be at least 1, got {getattr(plan, name)}")
+    if plan.etp is not None and plan.etp < 1:
+        errors.append(f"etp must be at least 1, got {plan.etp}")
     if errors:
         return errors
     if plan.zero not in (0, 1, 2, 3):
@@ -58,16 +60,19 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
     if plan.world != world:
         errors.append(f"tp*pp*cp*dp = {plan.tp}*{plan.pp}*{plan.cp}*{plan.dp} = {plan.world} "
                       f"must equal the world size {world}")
-    errors += [message for _key, message in plan_problems(model, plan.tp, plan.pp, plan.ep)]
+    errors += [message for _key, message in plan_problems(model, plan)]
     if plan.ep > 1:
         biased = next((layer for layer in model.layers if layer.kind == "moe" and layer.mixer.expert_bias), None)
         if biased is not None:
             errors.append(f"ep = {plan.ep}: expert parallelism does not split expert biases yet; layer "
                           f"'{biased.definition}' has expert_bias = true")
-    if plan.ep > 1 and plan.dp % plan.ep:
-        errors.append(f"ep = {plan.ep} does not divide dp = {plan.dp}: the expert-parallel ranks are carved out of "
-                      "the data-parallel ranks (Megatron-LM's expert parallelism; under tp each expert's width is "
-                      "split over the tp ranks as well, expert-tp = tp)")
+    if plan.expert_tp != plan.tp:
+        errors.append(f"etp = {plan.expert_tp} with tp = {plan.tp}: ltmdsl.distributed splits each expert's width "
+                      "like the dense layers (etp = tp) only so far")
+    elif plan.ep > 1 and plan.dp % plan.ep:
+        errors.append(f"ep = {plan.ep} does not divide dp = {plan.dp}: with etp = tp the expert-parallel ranks are "
+                      "carved out of the data-parallel ranks (Megatron-LM's expert parallelism, each expert's width "
+                      "split over the tp ranks)")
     if batch is not None and batch % plan.dp:
         errors.append(f"dp = {plan.dp} does not divide the batch of {batch} sequences")
     if seq_len is not None and seq_len % plan.cp:

@@ -143,7 +143,9 @@ class Split:
     """How a sub-layer splits under parallelism.
 
     tp: (what, count) pairs tensor parallelism must divide (attention heads); ep: the same for expert
-    parallelism (experts); expert_params: parameters sharded over tp * ep rather than tp (the experts);
+    parallelism (experts); etp: the same for expert tensor parallelism (the routed experts' width, which etp
+    splits: tp unless the plan folds the experts otherwise); expert_params: parameters sharded over etp * ep
+    rather than tp (the routed experts);
     replicated: parameters of the mixer (its norms excluded, as in `count`) that every tp rank holds whole,
     as the kind's tensor-parallel plan keeps them (a row-parallel output bias, MLA's latent projections, the
     MoE router, a norm weight shared by heads on different ranks). The rest, count - expert_params -
@@ -158,6 +160,7 @@ class Split:
 
     tp: tuple[tuple[str, int], ...] = ()
     ep: tuple[tuple[str, int], ...] = ()
+    etp: tuple[tuple[str, int], ...] = ()
     expert_params: int = 0
     replicated: int = 0
     grouped: tuple[tuple[str, int, int], ...] = ()

@@ -21,9 +21,13 @@ so it is stored but not counted):
     router d*E (+ E router bias) + E * expert + shared (3|2)*d*Fs (+ d for the shared gate)
     expert = (3|2)*d*F (+ 2F + d | F + d with expert_bias)
 A token touches the router, the shared expert and k experts: the other E - k experts are `inactive`.
-Expert parallelism shards the routed experts (ep must divide E); the router and the shared expert are dense.
+Expert parallelism shards the routed experts (ep must divide E) and expert tensor parallelism their width
+(etp must divide F; etp = t unless the plan folds the experts otherwise, Megatron-Core's MoE parallel
+folding); the router and the shared expert are dense.
 It keeps nothing between decode steps (no cache), and its FLOPs are projections only.
-Prefill workspace for a chunk of Cc = min(C, T) tokens (n = b * Cc/c tokens), as the runtime holds it: the
+Prefill workspace for a chunk of Cc = min(C, T) tokens (n = b * Cc/c tokens, of which a rank routes n*etp/t:
+all at etp = t; below it the tp ranks route their parts, and n below means that part; the output a * n * d and
+the shared expert stay whole; F/t below is F/etp for the routed experts), as the runtime holds it: the
 largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
     routing     a * n * E logits + 4 * n * E * (2 if the selection scores differ else 1) fp32 scores + 2w
     experts     the output a * n * d + w, and one expert at a time on its m = ceil(n * k / E) tokens (balanced):
@@ -35,7 +39,9 @@ largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
     gate, up, act(gate) and the product, or at its down projection the gate and the product (the act's input)
     and its output), and the combine, where the results sent back, weighted, are added into the output a * n * d.
 Training activations (dropless top-k, perfectly balanced routing so expert parallelism moves tokens but
-not bytes), per micro-batch:
+not bytes), per micro-batch (under etp < t a rank routes tok*etp/t tokens: the router's, dispatch and
+expert-parallel terms scale by etp/t, not the norms' nor the shared gate's; the expert MLPs, F/etp wide on
+tok*etp/t*k rows, are still /t):
     replicated  norm input and router input 2a*sbh; router logits and probabilities fp32 8*sb*E;
                 k dispatched copies of the input and k expert outputs 2k*a*sbh; with weight_input the
                 k weighted copies k*a*sbh; with shared_gate the shared output and the gate a*sb*(h + 1)
@@ -200,10 +206,12 @@ def inactive(c: MoEConfig, d: int) -> int:
 
 
 def split(c: MoEConfig, d: int) -> Split:
-    """Expert parallelism shards the routed experts (ep must divide E); the router and shared expert are dense.
-    Under tp the router and the shared gate are replicated (same input, same gradient on every rank)."""
+    """Expert parallelism shards the routed experts (ep must divide E) and expert tensor parallelism their
+    width (etp must divide d_ff); the router and shared expert are dense. Under tp the router and the shared
+    gate are replicated (same input, same gradient on every rank)."""
     router = d * c.experts + (c.experts if c.router_bias else 0)
-    return Split(ep=(("experts", c.experts),), expert_params=c.experts * c.expert_params(d),
+    return Split(ep=(("experts", c.experts),), etp=(("expert width d_ff", c.d_ff),),
+                 expert_params=c.experts * c.expert_params(d),
                  replicated=router + (d if c.shared_gate else 0))
 
 
@@ -213,23 +221,24 @@ def _second_scores(c: MoEConfig) -> bool:
 
 
 def workspace(c: MoEConfig, d: int, s):
-    n = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c tokens
+    out_tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c tokens
+    n = out_tok * R(s.etp, s.tp)  # the tokens this rank routes: all, or its part under etp < tp (folding)
     a, t = s.activation_dtype.bytes, R(s.tp)
     m = sympy.ceiling(n * c.top_k / c.experts)  # tokens per expert under balanced routing
     weights = 4 * n * c.top_k  # the fp32 routing weights, live to the end
     route = a * n * c.experts + 4 * n * c.experts * (2 if _second_scores(c) else 1) + 2 * weights
-    expert = (4 if c.activation in GATED else 2) * c.d_ff / t  # gate, up, act(gate), product | up, act(up)
-    loop = a * n * d + weights + a * m * (3 * d + expert)  # the output, and one expert's tokens at a time
+    expert = (4 if c.activation in GATED else 2) * c.d_ff / R(s.etp)  # gate, up, act(gate), product | up, act(up)
+    loop = a * out_tok * d + weights + a * m * (3 * d + expert)  # the output, and one expert's tokens at a time
     if s.ep > 1:  # expert parallel (runtime `ep_experts`): the rows received and their results, [n*k, d] each,
         # beside one local expert on its ep*m rows from every rank, then the results sent back and weighted
         # beside the output; the assignments' fp32 weights in send order beside w
         rows = 2 * a * n * c.top_k * d
         one = d + Largest(expert, d + expert / 2)  # its input; the MLP, or the down projection's input and
-        loop = 2 * weights + rows + a * Largest(s.ep * m * one, n * d)  # output beside gate (gated)
+        loop = 2 * weights + rows + a * Largest(s.ep * m * one, out_tok * d)  # output beside gate (gated)
     out = Largest(route, loop)
-    if c.shared_d_ff:
-        out = Largest(out, a * n * d + weights + a * n * Largest(inference_ffn_width(c.activation, c.shared_d_ff) / t,
-                                                                     2 * d))
+    if c.shared_d_ff:  # dense: every token of the rank, its width split over tp
+        out = Largest(out, a * out_tok * d + weights + a * out_tok * Largest(
+            inference_ffn_width(c.activation, c.shared_d_ff) / t, 2 * d))
     return out
 
 
@@ -239,10 +248,11 @@ def stored(c: MoEConfig, x, selective: bool):
     rep = 8 * tok * c.experts + copies * c.top_k * a * tok * x.h
     if c.weight_input:
         rep += c.top_k * a * tok * x.h
-    if c.shared_gate:
-        rep += a * tok * (x.h + 1)
     if x.ep > 1:  # expert parallel: the rows received back from the experts' ranks, and their int64 token ids
         rep += c.top_k * tok * (a * x.h + 8)
+    rep *= x.etp / x.t  # what the router works on: under etp < tp each rank routes its part of the tokens
+    if c.shared_gate:
+        rep += a * tok * (x.h + 1)
     split_ = (c.top_k * a * tok * saved_ffn_width(c.activation, c.d_ff, x.eager)
               + a * tok * saved_ffn_width(c.activation, c.shared_d_ff, x.eager))
     return x.base + x.within(rep) + x.split(split_)
@@ -275,9 +285,10 @@ def dims(c: MoEConfig) -> str:
 def backward(c: MoEConfig, x):
     """The backward's peak beyond `stored` and the output's gradient: the experts' stacked weight gradients in
     w, gate_up [E, 2F, d] (or up [E, F, d]) and down [E, d, F] on this rank's E/ep experts, formed before the
-    hooks add them into the fp32 main gradient, beside the gradient of the experts' hidden rows, a*tok*k*F."""
+    hooks add them into the fp32 main gradient (F/etp wide), beside the gradient of the experts' hidden rows,
+    a*tok*k*F/t."""
     per_expert = (3 if c.gated else 2) * c.d_ff * x.h
-    return x.split(x.w * R(c.experts, x.ep) * per_expert + x.a * x.tok * c.top_k * c.d_ff)
+    return x.w * R(c.experts, x.ep) * per_expert / x.etp + x.split(x.a * x.tok * c.top_k * c.d_ff)
 
 
 KIND = Kind(

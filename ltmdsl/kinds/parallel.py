@@ -77,7 +77,7 @@ def inactive(c: ParallelConfig, d: int) -> int:
 def split(c: ParallelConfig, d: int) -> Split:
     parts = [_kind(x).split(x, d) for _, x, _, _ in c.branches]
     return Split(tp=tuple(p for s in parts for p in s.tp), ep=tuple(p for s in parts for p in s.ep),
-                 expert_params=sum(s.expert_params for s in parts), replicated=sum(s.replicated for s in parts),
+                 etp=tuple(p for s in parts for p in s.etp), expert_params=sum(s.expert_params for s in parts), replicated=sum(s.replicated for s in parts),
                  grouped=tuple(g for s in parts for g in s.grouped))
 
 

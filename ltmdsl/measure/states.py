@@ -48,7 +48,7 @@ class FlatStates:
 
 def _shards(s: Settings, expert: bool) -> int:
     n = s.dp * s.cp
-    return max(1, n // s.ep) if expert else n
+    return max(1, n * s.tp // (s.etp * s.ep)) if expert else n  # expert: edp, ltmdsl/memory/training.py
 
 
 def allocate(dense: list, expert: list, s: Settings, grad_dtype: torch.dtype, numel=None) -> list[FlatStates]:

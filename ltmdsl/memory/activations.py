@@ -51,7 +51,8 @@ R = sympy.Rational
 class MicroBatch:
     """The per-micro-batch quantities every kind's `stored` facet shares (module docstring notation).
 
-    a activation bytes, w weight bytes, b sequences, c the cp and ep the expert-parallel degree (under cp: `pieces`
+    a activation bytes, w weight bytes, b sequences, c the cp, ep and etp the expert-parallel and expert tensor
+    parallel degrees (under cp: `pieces`
     of the rank, `chunks` of the sequence, the traced rank's `last_chunk`), s local tokens T/c, tok = b*s, t the tp degree, sp whether
     replicated tensors are split along the sequence, h = d_model, dropout, flash_attention.
     """
@@ -70,6 +71,7 @@ class MicroBatch:
         self.chunks = 2 * p.cp if balanced else p.cp
         self.last_chunk = p.cp if balanced else p.cp - 1
         self.ep = p.ep
+        self.etp = R(p.expert_tp)
         self.s = T / R(p.cp)
         self.tok = self.b * self.s
         self.t = R(p.tp)

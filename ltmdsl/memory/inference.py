@@ -20,7 +20,7 @@ Logits: fp32 logits of the last position of each sequence, 4 * b * V (sampling n
 parallelism each rank computes V/t of them and they are gathered before sampling (the runtime's LTModel.head
 all-gathers them, as Megatron-LM's and vLLM's logits processors do), so every rank holds all V: until the
 runtime ran tp inference this counted 4 * b * V / t, which no rank holds.
-Weights: params * weight_bytes / t (expert weights / (t * ep)), except what tensor parallelism replicates
+Weights: params * weight_bytes / t (the routed experts' / (etp * ep)), except what tensor parallelism replicates
 (norms and each kind's `Split.replicated`), held whole on every tp rank; embeddings are vocab-parallel.
 """
 

@@ -241,6 +241,8 @@ def _plan_text(s: Settings) -> str:
     parts = [f"tp={p.tp}", f"pp={p.pp}", f"cp={p.cp}", f"dp={p.dp}"]
     if p.ep > 1:
         parts.append(f"ep={p.ep}")
+    if p.expert_tp != p.tp:
+        parts.append(f"etp={p.expert_tp}")
     if s.mode == "training":
         parts += [f"zero={p.zero}", f"m={p.microbatches}", f"recompute={s.recompute}"]
         if p.sequence_parallel:

@@ -92,6 +92,11 @@ class Settings:
     def ep(self) -> int:
         return self.parallel.ep
 
+    @property
+    def etp(self) -> int:
+        """The expert tensor parallel degree (tp unless the plan gives etp)."""
+        return self.parallel.expert_tp
+
     def to_json(self) -> dict:
         p = self.parallel
         return {
@@ -190,6 +195,12 @@ def resolve(model: ModelIR, budget: BudgetIR | None = None, *,
         values["parallel"] = _derive_dp(values["parallel"], values["gpus"])
     s = Settings(**values)
     _validate(s)
+    if plan_changes and s.sharding == "plan":
+        from ltmdsl.budgets import fold_problems  # (budgets imports the memory model)
+
+        problems = fold_problems(model, s.parallel)
+        if problems:  # the experts' bytes would be divided by ranks that do not exist
+            raise ValueError("; ".join(message for _key, message in problems))
     return s
 
 
@@ -211,5 +222,7 @@ def _validate(s: Settings) -> None:
     for name in ("tp", "pp", "cp", "dp", "ep", "microbatches", "interleave"):
         if getattr(p, name) < 1:
             raise ValueError(f"parallel degree {name} must be >= 1, not {getattr(p, name)}")
+    if p.etp is not None and p.etp < 1:
+        raise ValueError(f"parallel degree etp must be >= 1, not {p.etp}")
     if p.zero not in (0, 1, 2, 3):
         raise ValueError(f"zero stage must be 0..3, not {p.zero}")

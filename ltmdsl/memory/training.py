@@ -2,7 +2,9 @@
 
 Model states per GPU, for P parameters held by a pipeline stage, with w, g, o the weight, gradient and
 optimizer bytes per parameter. Per tensor-parallel rank, P counts what the runtime's tp plan holds there:
-split parameters / t, expert ones / (t*ep), and the tp-replicated ones whole: every norm (pre-, post- and
+split parameters / t, the routed experts' / (etp*ep) (MoE parallel folding: etp ranks split an expert's width,
+etp = t unless the plan says otherwise, as Megatron-Core's --expert-tensor-parallel-size), and the
+tp-replicated ones whole: every norm (pre-, post- and
 final norms; they see the full, all-reduced activations) and what each kind's `split` facet states as
 `replicated` (row-parallel output biases, MLA's latent projections, the MoE router, norm weights shared by
 heads on different ranks). Until the tp-replicated convention, every parameter was divided by t, so a tp
@@ -14,7 +16,10 @@ rank was predicted slightly less than it holds; at t = 1 nothing changes.
     optimizer  P*o / (N if ZeRO >= 1 or Megatron's distributed optimizer else 1)
 
 N = dp*c for dense parameters (Megatron shards the distributed optimizer over the data- and
-context-parallel ranks, which hold identical weights) and max(1, dp*c/ep) for expert parameters.
+context-parallel ranks, which hold identical weights) and edp = t*c*dp / (etp*ep) for expert parameters: the
+expert-data-parallel ranks, those of the stage's t*c*dp holding the same experts (dp*c/ep at etp = t; the
+budget checks refuse a plan whose etp*ep does not divide t*c*dp, which counted the experts over ranks that do
+not exist: tp = 8, ep = 8 on 8 GPUs divided them by 64).
 Bytes-per-parameter conventions (AdamW, mixed precision):
 
     16  ZeRO paper: fp16 weights and gradients (w = g = 2) + fp32 master, m, v (o = 12)
@@ -109,18 +114,18 @@ def _shards(s: Settings, expert: bool):
     """How many ranks share one copy of a parameter's ZeRO-sharded state (see module docstring)."""
     n = q(s.dp) * s.cp
     if expert:
-        n = Largest(1, n / s.ep)
+        n = Largest(1, n * R(s.tp, s.etp * s.ep))
     return n
 
 
 def model_states(dense: int, expert: int, s: Settings, replicated: int = 0) -> dict[str, sympy.Expr]:
     """{"weights", "gradients", "optimizer"} bytes per GPU for parameters held by one stage: `dense` split
-    over tp, `expert` over tp * ep, `replicated` whole on every tp rank (ZeRO shards both like dense ones).
+    over tp, `expert` over etp * ep, `replicated` whole on every tp rank (ZeRO shards it like dense ones).
 
     In inference only "weights" is returned and nothing is sharded over data-parallel ranks.
     """
     p_dense = R(dense, s.tp) + replicated
-    p_expert = R(expert, s.tp * s.ep)
+    p_expert = R(expert, s.etp * s.ep)
     w = s.weight_dtype.bytes
     if s.mode == "inference":
         return {"weights": (p_dense + p_expert) * w}

@@ -258,7 +258,7 @@ model moe {
 }
 budget refused for moe {
     training context = 256, batch = 8
-    on 4 x H100 with tp = 2, ep = 4
+    on 4 x H100 with cp = 4, ep = 2
 }
 budget runs for moe {
     training context = 256, batch = 8
@@ -275,6 +275,6 @@ def test_a_training_plan_the_runtime_refuses_is_said_in_the_report():
 
     spec = ltmdsl.loads(RUNTIME_PLAN)
     refused, runs = (report(spec.model, b) for b in spec.budgets)
-    assert any("ltmdsl.distributed does not run this plan" in n and "ep = 4 does not divide dp = 2" in n
+    assert any("ltmdsl.distributed does not run this plan" in n and "ep = 2 does not divide dp = 1" in n
                for n in refused.notes), refused.notes
     assert not any("does not run" in n for n in runs.notes)
