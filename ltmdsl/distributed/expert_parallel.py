@@ -24,6 +24,17 @@ Gradients and ZeRO, per parameter class (Megatron's expert data parallelism):
           the pre-multiplied sum it selects in fp32 is NCCL-only.)
 so each rank's expert state is (E/ep experts) / (dp*cp/ep): the memory model's expert parameters / (t*ep),
 ZeRO-sharded over max(1, dp*c/ep) (ltmdsl/memory/training.py).
+
+MoE parallel folding (Megatron-Core's, etp = 1 under tp > 1: `fold_expert_mesh`): the experts lay the
+tp*cp*dp ranks of a pipeline stage out on their own, the stage's ranks in mesh order (tp innermost) cut into
+(edp, ep) with ep innermost, as Megatron builds its expert groups (expert-tp 1, then ep, then expert-dp). Rank r
+of an ep group holds experts [r*E/ep, (r+1)*E/ep) whole (each E/ep of them, F wide). The tp ranks of one
+replica see the same tokens, so each routes all of them (the router's gradient is then whole on every tp
+rank, as a replicated weight's) but dispatches only its 1/t part of the rows, and the experts' outputs are
+all-gathered over tp (`ExpertShard.fold`; their gradients are cut back to the part). The expert replicas are
+the edp ranks; an expert's local gradient sums the parts of its ep group's ranks, so it is scaled by
+edp / (dp*cp) = t / ep (`grad_scale`: averaged over the edp replicas it is the dp*cp mean). Each rank's expert
+state is then (E/ep experts, whole) ZeRO-sharded over edp = t*c*dp / ep: the memory model's etp = 1 count.
 """
 
 from __future__ import annotations
@@ -40,15 +51,43 @@ class ExpertShard:
     """This rank's place among the ep ranks, the ranks holding its experts, and the token exchange of
     ep_forward."""
 
-    mesh: object  # 1-D DeviceMesh of the ep ranks (same tp and cp coordinates)
+    mesh: object  # 1-D DeviceMesh of the ep ranks (same tp and cp coordinates; folded: consecutive stage ranks)
     rank: int
     size: int
     replicas: object  # 1-D DeviceMesh of the ranks holding the same experts (edp x cp): gradient average, ZeRO
+    fold: object = None  # folded (etp = 1 < tp): the tp mesh whose ranks each dispatch 1/t of the tokens
+    grad_scale: float | None = None  # the experts' gradient factor; None: 1/ep (module docstring)
 
     def local(self, p: torch.Tensor) -> torch.Tensor:
         """This rank's experts of a stacked expert weight [E, ...] -> [E/ep, ...] (differentiable), its
         gradient scaled by 1/ep (module docstring)."""
-        return _ScaleGradient.apply(p.to_local() if hasattr(p, "to_local") else p, 1.0 / self.size)
+        scale = 1.0 / self.size if self.grad_scale is None else self.grad_scale
+        return _ScaleGradient.apply(p.to_local() if hasattr(p, "to_local") else p, scale)
+
+    def part(self, t: torch.Tensor) -> torch.Tensor:
+        """Folded: this tp rank's rows of t [M, ...], whole on every tp rank -> [M/t, ...] (backward: the
+        parts' gradients all-gathered, whole on every rank); t itself otherwise."""
+        if self.fold is None:
+            return t
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        if t.shape[0] % self.fold.size():
+            raise ValueError(f"etp = 1: tp = {self.fold.size()} does not divide the {t.shape[0]} tokens a rank "
+                             "dispatches to the experts")
+        if not t.is_floating_point():  # routed expert ids: no gradient
+            return t.chunk(self.fold.size())[self.fold.get_local_rank()]
+        return DTensor.from_local(t, self.fold, [Replicate()], run_check=False).redistribute(
+            self.fold, [Shard(0)]).to_local()
+
+    def whole(self, t: torch.Tensor) -> torch.Tensor:
+        """Folded: every tp rank's part [M/t, ...] all-gathered -> [M, ...] (backward: this rank's rows of the
+        gradient, whole on every rank); t itself otherwise."""
+        if self.fold is None:
+            return t
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        return DTensor.from_local(t, self.fold, [Shard(0)], run_check=False).redistribute(
+            self.fold, [Replicate()]).to_local()
 
     def counts(self, send: torch.Tensor) -> torch.Tensor:
         """How many rows each rank sends here, given how many this rank sends to each: [ep] -> [ep]."""
@@ -95,6 +134,15 @@ def expert_mesh(mesh, plan):
     return mesh._unflatten("dp", (plan.dp // plan.ep, plan.ep), ("edp", "ep"))
 
 
+def fold_expert_mesh(mesh, plan):
+    """MoE parallel folding at etp = 1 (module docstring): a ("pp", "edp", "ep") mesh over the same ranks, the
+    stage's dp x cp x tp ranks in mesh order cut into edp x ep. Creates process groups: call once."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    stage = plan.tp * plan.cp * plan.dp
+    return init_device_mesh(mesh.device_type, (plan.pp, stage // plan.ep, plan.ep), mesh_dim_names=("pp", "edp", "ep"))
+
+
 def apply_expert_parallel(model, mesh, plan) -> set[int]:
     """Shard the stacked expert weights of every MoE mixer over the ep ranks of `mesh` (the plan's (pp, dp,
     cp, tp) mesh; the meta model, before FSDP2 and materialise; under tp after the tp split, which made them
@@ -103,10 +151,17 @@ def apply_expert_parallel(model, mesh, plan) -> set[int]:
 
     from ltmdsl.runtime.kinds import runtime_kind
 
-    experts_mesh = expert_mesh(mesh, plan)
-    ep_mesh = experts_mesh["ep"]
-    replicas = experts_mesh["edp"] if plan.cp == 1 else experts_mesh["edp", "cp"]._flatten("edp_cp")
-    shard = ExpertShard(ep_mesh, ep_mesh.get_local_rank(), ep_mesh.size(), replicas)
+    folded = plan.expert_tp == 1 and plan.tp > 1
+    if folded:
+        experts_mesh = fold_expert_mesh(mesh, plan)
+        ep_mesh, replicas = experts_mesh["ep"], experts_mesh["edp"]
+        shard = ExpertShard(ep_mesh, ep_mesh.get_local_rank(), ep_mesh.size(), replicas, fold=mesh["tp"],
+                            grad_scale=replicas.size() / (plan.dp * plan.cp))
+    else:
+        experts_mesh = expert_mesh(mesh, plan)
+        ep_mesh = experts_mesh["ep"]
+        replicas = experts_mesh["edp"] if plan.cp == 1 else experts_mesh["edp", "cp"]._flatten("edp_cp")
+        shard = ExpertShard(ep_mesh, ep_mesh.get_local_rank(), ep_mesh.size(), replicas)
     sharded: set[int] = set()
     done: set[int] = set()
     for layer, block in zip(model.ir.layers, model.layers):
@@ -119,6 +174,9 @@ def apply_expert_parallel(model, mesh, plan) -> set[int]:
             p = getattr(experts, name)
             if p is None:
                 continue
+            if folded and isinstance(p, DTensor):  # etp = 1: whole experts, not the tp plan's F/t slices
+                p = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                       requires_grad=p.requires_grad)
             if isinstance(p, DTensor):  # split over tp on F already: experts over ep, F over tp
                 whole = torch.empty(p.shape, dtype=p.dtype, device="meta")  # [E, ...] global
                 d = distribute_tensor(whole, experts_mesh["ep", "tp"], [Shard(0), *p.placements], src_data_rank=None)
@@ -127,6 +185,8 @@ def apply_expert_parallel(model, mesh, plan) -> set[int]:
             d = torch.nn.Parameter(d, requires_grad=p.requires_grad)
             setattr(experts, name, d)
             sharded.add(id(d))
+        if folded:
+            experts.tp_mesh = None  # the experts' maths runs whole (no sum over tp)
         block.mixer.expert_parallel = shard
     return sharded
 

@@ -7,9 +7,10 @@ world size when not given. `check_plan` refuses, with every problem in one messa
   - does not multiply to the world size (tp*pp*cp*dp),
   - does not divide the model (heads, experts, layers: the memory model's own words, budgets.plan_problems),
   - does not divide the batch over dp or the sequence over cp (2*cp chunks under the balanced cp split),
-  - carves the expert-parallel ranks other than out of the data-parallel ones (ep must divide dp), or splits
-    experts with biases (not split over ep yet),
-  - combines degrees ltmdsl.distributed does not run together yet (ep with tp or cp, interleaving without a
+  - carves the expert-parallel ranks other than out of the data-parallel ones (ep must divide dp) at etp = tp,
+    folds them over the tp ranks other than at etp = 1 with ep > 1 (MoE parallel folding: expert_parallel.py),
+    or splits experts with biases (not split over ep yet),
+  - combines degrees ltmdsl.distributed does not run together yet (etp = 1 with cp or pp, interleaving without a
     pipeline: docs/DISTRIBUTED.md).
 
 Pure: importing this module imports no torch, so a launcher can refuse a plan without starting anything.
@@ -66,13 +67,23 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         if biased is not None:
             errors.append(f"ep = {plan.ep}: expert parallelism does not split expert biases yet; layer "
                           f"'{biased.definition}' has expert_bias = true")
-    if plan.expert_tp != plan.tp:
-        errors.append(f"etp = {plan.expert_tp} with tp = {plan.tp}: ltmdsl.distributed splits each expert's width "
-                      "like the dense layers (etp = tp) only so far")
-    elif plan.ep > 1 and plan.dp % plan.ep:
+    folded = plan.expert_tp != plan.tp
+    if folded and plan.expert_tp != 1:
+        errors.append(f"etp = {plan.expert_tp} with tp = {plan.tp}: ltmdsl.distributed runs each expert whole "
+                      "(etp = 1) or split like the dense layers (etp = tp), not other widths yet")
+    elif folded and plan.ep == 1:
+        errors.append(f"etp = 1 with tp = {plan.tp} and ep = 1 would replicate every expert over the tp ranks; "
+                      "ltmdsl.distributed folds the experts over the tp ranks with ep > 1 only (or write etp = tp)")
+    elif folded and (plan.cp > 1 or plan.pp > 1):
+        errors.append(f"etp = 1 (the experts folded over the tp ranks) does not run with "
+                      f"{'cp' if plan.cp > 1 else 'pp'} > 1 yet")
+    elif folded and seq_len is not None and seq_len % plan.tp:
+        errors.append(f"etp = 1: each tp rank dispatches 1/tp of a sequence's tokens to the experts, and tp = "
+                      f"{plan.tp} does not divide the sequence of {seq_len} tokens")
+    elif not folded and plan.ep > 1 and plan.dp % plan.ep:
         errors.append(f"ep = {plan.ep} does not divide dp = {plan.dp}: with etp = tp the expert-parallel ranks are "
                       "carved out of the data-parallel ranks (Megatron-LM's expert parallelism, each expert's width "
-                      "split over the tp ranks)")
+                      "split over the tp ranks); etp = 1 folds them over the tp ranks as well")
     if batch is not None and batch % plan.dp:
         errors.append(f"dp = {plan.dp} does not divide the batch of {batch} sequences")
     if seq_len is not None and seq_len % plan.cp:

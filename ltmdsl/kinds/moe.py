@@ -25,9 +25,11 @@ Expert parallelism shards the routed experts (ep must divide E) and expert tenso
 (etp must divide F; etp = t unless the plan folds the experts otherwise, Megatron-Core's MoE parallel
 folding); the router and the shared expert are dense.
 It keeps nothing between decode steps (no cache), and its FLOPs are projections only.
-Prefill workspace for a chunk of Cc = min(C, T) tokens (n = b * Cc/c tokens, of which a rank routes n*etp/t:
-all at etp = t; below it the tp ranks route their parts, and n below means that part; the output a * n * d and
-the shared expert stay whole; F/t below is F/etp for the routed experts), as the runtime holds it: the
+Prefill workspace for a chunk of Cc = min(C, T) tokens (n = b * Cc/c tokens, of which a rank dispatches n*etp/t:
+all at etp = t; at etp = 1 < t (the runtime's MoE parallel folding) each tp rank routes every token but
+dispatches its part, and n in the experts' moments below means that part, plus its fp32 weights 4*n*k beside w;
+routing, the output a * n * d and the shared expert stay whole; F/t below is F/etp for the routed experts), as
+the runtime holds it: the
 largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
     routing     a * n * E logits + 4 * n * E * (2 if the selection scores differ else 1) fp32 scores + 2w
     experts     the output a * n * d + w, and one expert at a time on its m = ceil(n * k / E) tokens (balanced):
@@ -39,9 +41,9 @@ largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
     gate, up, act(gate) and the product, or at its down projection the gate and the product (the act's input)
     and its output), and the combine, where the results sent back, weighted, are added into the output a * n * d.
 Training activations (dropless top-k, perfectly balanced routing so expert parallelism moves tokens but
-not bytes), per micro-batch (under etp < t a rank routes tok*etp/t tokens: the router's, dispatch and
-expert-parallel terms scale by etp/t, not the norms' nor the shared gate's; the expert MLPs, F/etp wide on
-tok*etp/t*k rows, are still /t):
+not bytes), per micro-batch (under etp < t a rank routes every token but dispatches tok*etp/t of them: the
+dispatch and expert-parallel terms scale by etp/t, not the norms', the router's nor the shared gate's; the
+expert MLPs, F/etp wide on tok*etp/t*k rows, are still /t):
     replicated  norm input and router input 2a*sbh; router logits and probabilities fp32 8*sb*E;
                 k dispatched copies of the input and k expert outputs 2k*a*sbh; with weight_input the
                 k weighted copies k*a*sbh; with shared_gate the shared output and the gate a*sb*(h + 1)
@@ -225,16 +227,17 @@ def workspace(c: MoEConfig, d: int, s):
     n = out_tok * R(s.etp, s.tp)  # the tokens this rank routes: all, or its part under etp < tp (folding)
     a, t = s.activation_dtype.bytes, R(s.tp)
     m = sympy.ceiling(n * c.top_k / c.experts)  # tokens per expert under balanced routing
-    weights = 4 * n * c.top_k  # the fp32 routing weights, live to the end
-    route = a * n * c.experts + 4 * n * c.experts * (2 if _second_scores(c) else 1) + 2 * weights
+    weights = 4 * out_tok * c.top_k  # the fp32 routing weights of every token, live to the end
+    route = a * out_tok * c.experts + 4 * out_tok * c.experts * (2 if _second_scores(c) else 1) + 2 * weights
     expert = (4 if c.activation in GATED else 2) * c.d_ff / R(s.etp)  # gate, up, act(gate), product | up, act(up)
     loop = a * out_tok * d + weights + a * m * (3 * d + expert)  # the output, and one expert's tokens at a time
     if s.ep > 1:  # expert parallel (runtime `ep_experts`): the rows received and their results, [n*k, d] each,
         # beside one local expert on its ep*m rows from every rank, then the results sent back and weighted
         # beside the output; the assignments' fp32 weights in send order beside w
         rows = 2 * a * n * c.top_k * d
+        sent = 4 * n * c.top_k * (2 if s.etp < s.tp else 1)  # in send order (folded: and the part cut from w)
         one = d + Largest(expert, d + expert / 2)  # its input; the MLP, or the down projection's input and
-        loop = 2 * weights + rows + a * Largest(s.ep * m * one, out_tok * d)  # output beside gate (gated)
+        loop = weights + sent + rows + a * Largest(s.ep * m * one, out_tok * d)  # output beside gate (gated)
     out = Largest(route, loop)
     if c.shared_d_ff:  # dense: every token of the rank, its width split over tp
         out = Largest(out, a * out_tok * d + weights + a * out_tok * Largest(
@@ -245,12 +248,14 @@ def workspace(c: MoEConfig, d: int, s):
 def stored(c: MoEConfig, x, selective: bool):
     a, tok = x.a, x.tok
     copies = 3 if x.eager else 2  # dispatched inputs, expert outputs (and eager: the weighted outputs)
-    rep = 8 * tok * c.experts + copies * c.top_k * a * tok * x.h
+    router = 8 * tok * c.experts  # every token's logits and scores, on every tp rank
+    rep = copies * c.top_k * a * tok * x.h
     if c.weight_input:
         rep += c.top_k * a * tok * x.h
     if x.ep > 1:  # expert parallel: the rows received back from the experts' ranks, and their int64 token ids
         rep += c.top_k * tok * (a * x.h + 8)
-    rep *= x.etp / x.t  # what the router works on: under etp < tp each rank routes its part of the tokens
+    rep *= x.etp / x.t  # what is dispatched: under etp < tp each rank sends its part of the tokens
+    rep += router
     if c.shared_gate:
         rep += a * tok * (x.h + 1)
     split_ = (c.top_k * a * tok * saved_ffn_width(c.activation, c.d_ff, x.eager)

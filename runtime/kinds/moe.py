@@ -243,14 +243,17 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     Each (token, slot) goes to the rank holding its expert, sorted by expert; that rank runs its E/ep
     experts and returns the rows; they are weighted and summed per token in expert order, as forward does
     (every routing, the clamped SwiGLU, weighted inputs), and the shared expert (dense) added on this rank's
-    tokens. Expert biases are refused (not split over ep yet)."""
+    tokens. Folded (MoE parallel folding, etp = 1 under tp: `ep.fold`) every tp rank routes its tokens but
+    dispatches only its 1/t part, and the parts' outputs are all-gathered over tp. Expert biases are refused
+    (not split over ep yet)."""
     cfg = module.cfg
     if cfg.expert_bias:
         raise ValueError("expert parallelism does not split expert biases yet (expert_bias = true)")
     shape = x.shape
-    xf = x.reshape(-1, shape[-1])  # [M, d]
+    whole = x.reshape(-1, shape[-1])  # [M, d]
+    w, idx = route(module.router(whole), cfg, module.selection_bias)  # [M, k], [M, k]
+    xf, w, idx = ep.part(whole), ep.part(w), ep.part(idx)  # folded (etp = 1 < tp): this tp rank's M/t rows
     M, k = xf.shape[0], cfg.top_k
-    w, idx = route(module.router(xf), cfg, module.selection_bias)  # [M, k], [M, k]
     per = cfg.experts // ep.size
     order = torch.argsort(idx.flatten(), stable=True)  # assignments grouped by expert (hence by rank)
     expert = idx.flatten()[order]  # [M*k]
@@ -260,7 +263,7 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     send_l, recv_l = send.tolist(), recv.tolist()
     re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
     out = ep_experts(module, xf, w.flatten()[order], tok, send_l, recv_l, lambda e: torch.where(re == e)[0], ep)
-    return with_shared(module, xf, out).view(shape)
+    return with_shared(module, whole, ep.whole(out)).view(shape)  # folded: the tp ranks' parts gathered
 
 
 def with_shared(module: MoE, xf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def _measure(ir, plan):
 
 
 def _report(ir, plan):
-    return report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, ep=plan.ep, cp=plan.cp,
+    return report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, ep=plan.ep, etp=plan.etp, cp=plan.cp,
                   pp=plan.pp, microbatches=plan.microbatches, zero=plan.zero,
                   weight_dtype="fp32", grad_dtype="fp32", optimizer_bytes_per_param=8, context=64, batch=2)
 

@@ -87,11 +87,12 @@ def test_minimax_serve_1m_holds_an_eighth_of_the_experts():
 
 
 def test_moe_activations_under_etp_one():
-    """Training activations, tp = 2 x ep = 2 (sp, eager): at etp = 1 a rank routes half the tokens, so the router's
-    fp32 logits and scores 8*tok*E, the 3 kept k-copies of the rows a*k*tok*h*3 and the rows received back with
-    their ids k*tok*(a*h + 8) halve; the expert MLPs (F/etp wide on tok*etp/t*k rows) do not change.
-    tok = 8 sequences / dp 1 * 256 = 2048, two MoE layers: per layer 8*2048*4 + 2*2*2048*64*3 + 2*2048*(2*64 + 8)."""
-    per_layer = 8 * 2048 * 4 + 2 * 2 * 2048 * 64 * 3 + 2 * 2048 * (2 * 64 + 8)
+    """Training activations, tp = 2 x ep = 2 (sp, eager): at etp = 1 a rank routes every token but dispatches
+    half of them (the runtime's folding), so the 3 kept k-copies of the rows a*k*tok*h*3 and the rows received
+    back with their ids k*tok*(a*h + 8) halve; the router's fp32 logits and scores and the expert MLPs (F/etp
+    wide on tok*etp/t*k rows) do not change. tok = 8 sequences / dp 1 * 256 = 2048, two MoE layers: per layer
+    2*2*2048*64*3 + 2*2048*(2*64 + 8)."""
+    per_layer = 2 * 2 * 2048 * 64 * 3 + 2 * 2048 * (2 * 64 + 8)
     folded = _states("2 x H100 with tp = 2, ep = 2, etp = 1, sp = true")
     m, b = _budget("4 x H100 with tp = 2, ep = 2, sp = true")
     default = report(m, dataclasses.replace(b, gpus=2, parallel=dataclasses.replace(b.parallel, dp=1)))
