@@ -50,6 +50,9 @@ def add_arguments(p) -> None:
     for degree, what in (("tp", "tensor"), ("pp", "pipeline"), ("cp", "context"), ("dp", "data"),
                          ("ep", "expert")):
         dist.add_argument(f"--{degree}", type=count, metavar="N", help=f"{what}-parallel degree")
+    dist.add_argument("--etp", type=count, metavar="N",
+                      help="expert tensor-parallel degree: the ranks splitting each expert's width (default tp; "
+                           "1 folds whole experts over the tp ranks, Megatron-Core's MoE parallel folding)")
     dist.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (0-3)")
     dist.add_argument("--microbatches", type=count, metavar="M", help="pipeline micro-batches per step")
     dist.add_argument("--interleave", type=count, metavar="V",
@@ -128,7 +131,7 @@ def run(args) -> int:
     return EXIT_OK
 
 
-_DEGREES = ("tp", "pp", "cp", "dp", "ep", "zero", "microbatches", "interleave", "cp_split")
+_DEGREES = ("tp", "pp", "cp", "dp", "ep", "etp", "zero", "microbatches", "interleave", "cp_split")
 
 
 def plan_of(args, spec, ir, world: int):

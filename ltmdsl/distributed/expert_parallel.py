@@ -64,16 +64,17 @@ class ExpertShard:
         scale = 1.0 / self.size if self.grad_scale is None else self.grad_scale
         return _ScaleGradient.apply(p.to_local() if hasattr(p, "to_local") else p, scale)
 
+    def folds(self, rows: int) -> bool:
+        """Whether this rank dispatches only its tp part of `rows` tokens: folded, and t divides them. (A decode
+        step's few tokens that t does not divide are dispatched by every tp rank, each getting all their results
+        back: the same output, no gradient; training's plan check makes t divide a rank's tokens.)"""
+        return self.fold is not None and rows % self.fold.size() == 0
+
     def part(self, t: torch.Tensor) -> torch.Tensor:
         """Folded: this tp rank's rows of t [M, ...], whole on every tp rank -> [M/t, ...] (backward: the
-        parts' gradients all-gathered, whole on every rank); t itself otherwise."""
-        if self.fold is None:
-            return t
+        parts' gradients all-gathered, whole on every rank)."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        if t.shape[0] % self.fold.size():
-            raise ValueError(f"etp = 1: tp = {self.fold.size()} does not divide the {t.shape[0]} tokens a rank "
-                             "dispatches to the experts")
         if not t.is_floating_point():  # routed expert ids: no gradient
             return t.chunk(self.fold.size())[self.fold.get_local_rank()]
         return DTensor.from_local(t, self.fold, [Replicate()], run_check=False).redistribute(
@@ -81,9 +82,7 @@ class ExpertShard:
 
     def whole(self, t: torch.Tensor) -> torch.Tensor:
         """Folded: every tp rank's part [M/t, ...] all-gathered -> [M, ...] (backward: this rank's rows of the
-        gradient, whole on every rank); t itself otherwise."""
-        if self.fold is None:
-            return t
+        gradient, whole on every rank)."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
         return DTensor.from_local(t, self.fold, [Shard(0)], run_check=False).redistribute(

@@ -116,9 +116,11 @@ def check_plan(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | N
 
 
 def describe(plan: ParallelPlan) -> str:
-    """'dp=2 tp=1 ... zero=3': the degrees of a plan, for messages and benchmark rows (with sp under sequence
-    parallelism and the cp split when cp > 1)."""
+    """'dp=2 tp=1 ... zero=3': the degrees of a plan, for messages and benchmark rows (with etp when the experts
+    fold otherwise than tp, sp under sequence parallelism and the cp split when cp > 1)."""
     text = " ".join(f"{k}={getattr(plan, k)}" for k in ("dp", "tp", "cp", "pp", "ep", "zero"))
+    if plan.expert_tp != plan.tp:
+        text += f" etp={plan.expert_tp}"
     if plan.sequence_parallel and plan.tp > 1:
         text += " sp"
     return f"{text} cp_split={plan.cp_split}" if plan.cp > 1 else text

@@ -67,10 +67,12 @@ def _balanced_ep_forward(self, x: torch.Tensor, ep) -> torch.Tensor:
 
     cfg = self.cfg
     shape = x.shape
-    xf = x.reshape(-1, shape[-1])  # [M, d]
+    whole = x.reshape(-1, shape[-1])  # [M, d]
+    w, _idx = route(self.router(whole), cfg, self.selection_bias)  # [M, k]; indices replaced by the balanced plan
+    fold = ep.folds(whole.shape[0])
+    xf, w = (ep.part(whole), ep.part(w)) if fold else (whole, w)  # folded (etp = 1 < tp): as ep_forward
     M, k, E = xf.shape[0], cfg.top_k, cfg.experts
     per = E // ep.size
-    w, _idx = route(self.router(xf), cfg, self.selection_bias)  # [M, k]; indices replaced by the balanced plan
     rows_of = [len(range(e, M * k, E)) for e in range(E)]  # assignments to expert e from one rank
     order = torch.cat([torch.arange(e, M * k, E, device=x.device) for e in range(min(E, M * k))])  # [M*k] by expert
     send = [sum(rows_of[r * per:(r + 1) * per]) for r in range(ep.size)]
@@ -88,7 +90,7 @@ def _balanced_ep_forward(self, x: torch.Tensor, ep) -> torch.Tensor:
         return torch.cat([torch.arange(a, a + n, device=x.device) for j, a in starts if j == e])
 
     out = ep_experts(self, xf, w.flatten()[order], order // k, send, recv, rows, ep)  # [M, d]
-    return with_shared(self, xf, out).view(shape)  # the shared expert, dense, as ep_forward adds it
+    return with_shared(self, whole, ep.whole(out) if fold else out).view(shape)  # shared expert as ep_forward
 
 
 #: kind -> None (fake-safe as it is) or a forward to bind on its module for tracing.

@@ -252,7 +252,8 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     shape = x.shape
     whole = x.reshape(-1, shape[-1])  # [M, d]
     w, idx = route(module.router(whole), cfg, module.selection_bias)  # [M, k], [M, k]
-    xf, w, idx = ep.part(whole), ep.part(w), ep.part(idx)  # folded (etp = 1 < tp): this tp rank's M/t rows
+    fold = ep.folds(whole.shape[0])
+    xf, w, idx = (ep.part(whole), ep.part(w), ep.part(idx)) if fold else (whole, w, idx)  # folded: M/t rows
     M, k = xf.shape[0], cfg.top_k
     per = cfg.experts // ep.size
     order = torch.argsort(idx.flatten(), stable=True)  # assignments grouped by expert (hence by rank)
@@ -263,7 +264,7 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     send_l, recv_l = send.tolist(), recv.tolist()
     re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
     out = ep_experts(module, xf, w.flatten()[order], tok, send_l, recv_l, lambda e: torch.where(re == e)[0], ep)
-    return with_shared(module, whole, ep.whole(out)).view(shape)  # folded: the tp ranks' parts gathered
+    return with_shared(module, whole, ep.whole(out) if fold else out).view(shape)  # folded: parts gathered
 
 
 def with_shared(module: MoE, xf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

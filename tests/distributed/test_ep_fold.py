@@ -16,6 +16,7 @@ import pytest
 import torch
 from dist_cases import rank_run, reference_run
 from helpers import assert_close
+from test_checkpoint import assert_resumes_and_exports64
 from test_ep_tp import moe_tp
 from test_memory import _measure, _predicted
 
@@ -75,3 +76,18 @@ def test_plans_the_runtime_does_not_fold_are_refused(degrees, message):
     world = 4
     errors = plan_errors(moe_tp(), plan_from(world=world, **degrees), world, seq_len=24)
     assert any(message in e for e in errors), errors
+
+
+#: (world, saved plan) -> (world, resumed plan)
+CHECKPOINTS = {
+    "tp2-dp2-ep4-etp1-zero1-to-tp2-dp2-ep2": ((4, {"tp": 2, "ep": 4, "etp": 1, "zero": 1}),
+                                             (4, {"tp": 2, "ep": 2, "zero": 0})),
+    "tp2-ep2-etp1-zero3-to-one-process": ((2, {"tp": 2, "ep": 2, "etp": 1, "zero": 3}), (1, {})),
+}
+
+
+@pytest.mark.parametrize("saved, resumed", CHECKPOINTS.values(), ids=CHECKPOINTS.keys())
+def test_folded_checkpoint_resumes_under_another_plan(tmp_path, saved, resumed):
+    """Saved with whole experts folded over the tp ranks, resumed with them split like tp (DCP reshards the
+    experts' DTensors) or in one process: the resumed losses equal the uninterrupted run's (test_checkpoint)."""
+    assert_resumes_and_exports64(tmp_path, moe_tp(), saved, resumed, timeout_s=300)
