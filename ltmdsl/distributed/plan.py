@@ -74,9 +74,6 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
     elif folded and plan.ep == 1:
         errors.append(f"etp = 1 with tp = {plan.tp} and ep = 1 would replicate every expert over the tp ranks; "
                       "ltmdsl.distributed folds the experts over the tp ranks with ep > 1 only (or write etp = tp)")
-    elif folded and (plan.cp > 1 or plan.pp > 1):
-        errors.append(f"etp = 1 (the experts folded over the tp ranks) does not run with "
-                      f"{'cp' if plan.cp > 1 else 'pp'} > 1 yet")
     elif folded and seq_len is not None and seq_len % plan.tp:
         errors.append(f"etp = 1: each tp rank dispatches 1/tp of a sequence's tokens to the experts, and tp = "
                       f"{plan.tp} does not divide the sequence of {seq_len} tokens")
