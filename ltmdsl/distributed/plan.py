@@ -10,8 +10,8 @@ world size when not given. `check_plan` refuses, with every problem in one messa
   - carves the expert-parallel ranks other than out of the data-parallel ones (ep must divide dp) at etp = tp,
     folds them over the tp ranks other than at etp = 1 with ep > 1 (MoE parallel folding: expert_parallel.py),
     or splits experts with biases (not split over ep yet),
-  - combines degrees ltmdsl.distributed does not run together yet (etp = 1 with cp or pp, interleaving without a
-    pipeline: docs/DISTRIBUTED.md).
+  - combines degrees ltmdsl.distributed does not run together yet (interleaving without a pipeline:
+    docs/DISTRIBUTED.md).
 
 Pure: importing this module imports no torch, so a launcher can refuse a plan without starting anything.
 """
@@ -74,9 +74,10 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
     elif folded and plan.ep == 1:
         errors.append(f"etp = 1 with tp = {plan.tp} and ep = 1 would replicate every expert over the tp ranks; "
                       "ltmdsl.distributed folds the experts over the tp ranks with ep > 1 only (or write etp = tp)")
-    elif folded and seq_len is not None and seq_len % plan.tp:
-        errors.append(f"etp = 1: each tp rank dispatches 1/tp of a sequence's tokens to the experts, and tp = "
-                      f"{plan.tp} does not divide the sequence of {seq_len} tokens")
+    elif folded and seq_len is not None and seq_len % plan.cp == 0 and (seq_len // plan.cp) % plan.tp:
+        errors.append(f"etp = 1: each tp rank dispatches 1/tp of its tokens to the experts, and tp = {plan.tp} "
+                      f"does not divide the {seq_len // plan.cp} tokens of a sequence on a rank (the sequence of "
+                      f"{seq_len} / cp = {plan.cp})")
     elif not folded and plan.ep > 1 and plan.dp % plan.ep:
         errors.append(f"ep = {plan.ep} does not divide dp = {plan.dp}: with etp = tp the expert-parallel ranks are "
                       "carved out of the data-parallel ranks (Megatron-LM's expert parallelism, each expert's width "

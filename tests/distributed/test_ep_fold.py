@@ -84,7 +84,7 @@ def test_folded_rank_bytes_equal_the_memory_model(degrees):
 
 @pytest.mark.parametrize("degrees, message", [
     ({"tp": 2, "ep": 1, "etp": 1}, "etp = 1 with tp = 2 and ep = 1"),
-    ({"tp": 2, "ep": 2, "etp": 1, "dp": 1, "pp": 2, "microbatches": 1}, "tp = 2 does not divide the sequence of 23"),
+    ({"tp": 2, "ep": 2, "etp": 1, "dp": 1, "pp": 2, "microbatches": 1}, "tp = 2 does not divide the 23 tokens of a sequence on a rank"),
     ({"tp": 4, "ep": 2, "etp": 2}, "etp = 2 with tp = 4"),
 ], ids=["no-ep", "uneven-tokens", "etp-between"])
 def test_plans_the_runtime_does_not_fold_are_refused(degrees, message):
