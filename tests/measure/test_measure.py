@@ -284,6 +284,9 @@ PARALLEL = {  # one rank of each plan, built by ltmdsl.distributed under a fake 
     "pp2-zero3-dp2": (DENSE, dict(pp=2, zero=3, microbatches=2, gpus=4)),
     "pp2-tp2-zero3-dp2": (DENSE, dict(pp=2, tp=2, zero=3, microbatches=2, gpus=8)),
     "pp2-ep2-moe": (MOE, dict(pp=2, ep=2, microbatches=2, gpus=4)),
+    # MoE parallel folding: whole experts over the tp ranks, each dispatching its half of the tokens
+    "tp2-ep2-etp1-moe": (MOE, dict(tp=2, ep=2, etp=1, gpus=2)),
+    "tp2-sp-ep2-etp1-moe": (MOE, dict(tp=2, ep=2, etp=1, gpus=2, sequence_parallel=True)),
 }
 
 
@@ -450,24 +453,30 @@ def test_expert_parallel_serving_at_width_1024_counts_the_moments_ep_experts_hol
 
 
 def test_plans_ltmdsl_does_not_run_are_refused_saying_why(dense):
-    with pytest.raises(NotTraceable, match="ltmdsl.distributed does not run this plan.*ep = 4 does not divide dp = 2"):
-        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), ep=4, zero=2, gpus=2)
+    with pytest.raises(NotTraceable, match="ltmdsl.distributed does not run this plan.*ep = 2 does not divide dp = 1"):
+        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), cp=2, ep=2, zero=2, gpus=2)
+    with pytest.raises(ValueError, match=r"etp\*ep = 1\*4 = 4 does not divide the tp\*cp\*dp = 1\*1\*2 = 2"):
+        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), ep=4, zero=2, gpus=2)  # no one runs it
     mla = ltmdsl.loads(DENSE.replace("attention(heads = 4, kv_heads = 2, rope_theta = 10000)", NEW_KINDS["mla"]))
     with pytest.raises(NotTraceable, match=r"context parallelism \(cp = 2\) in inference has no form for kind 'mla'"):
         measure(mla.model, _budget(mla, "serve"), cp=2, gpus=2)
-    with pytest.raises(NotTraceable, match="does not run this plan.*ep = 2 does not divide dp = 1"):
-        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "serve"), tp=2, ep=2, gpus=2)  # minimax's tp x ep
+    with pytest.raises(ValueError, match="etp = 1 fits"):  # minimax's old tp x ep: the experts over 4 ranks of 2
+        measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "serve"), tp=2, ep=2, gpus=2)
 
 
 @pytest.mark.parametrize("mode, plan", [("train", {"ep": 2, "zero": 3, "gpus": 4}),
                                         ("train", {"ep": 2, "zero": 1, "gpus": 4}),
                                         ("train", {"cp": 2, "ep": 2, "zero": 3, "gpus": 4}),
-                                        ("serve", {"tp": 2, "ep": 2, "gpus": 4})],
-                         ids=["dp4-ep2-zero3", "dp4-ep2-zero1", "dp2-cp2-ep2-zero3", "serve-tp2-dp2-ep2"])
+                                        ("serve", {"tp": 2, "ep": 2, "gpus": 4}),
+                                        ("train", {"tp": 2, "ep": 2, "etp": 1, "zero": 1, "gpus": 4}),
+                                        ("serve", {"tp": 2, "ep": 2, "etp": 1, "gpus": 2})],
+                         ids=["dp4-ep2-zero3", "dp4-ep2-zero1", "dp2-cp2-ep2-zero3", "serve-tp2-dp2-ep2",
+                              "tp2-dp2-ep2-etp1-zero1", "serve-tp2-ep2-etp1"])
 def test_expert_parallel_with_zero_and_tp_states_as_predicted(mode, plan):
     """ep carved out of dp (expert state ZeRO-sharded over the dp*cp/ep ranks holding the same experts, with cp
-    too) and ep x tp (each expert's width split over tp as well): the traced rank's model states equal the
-    prediction exactly."""
+    too), ep x tp (each expert's width split over tp as well) and folded (etp = 1: whole experts over the tp
+    ranks, their state ZeRO-sharded over edp = tp*dp/ep): the traced rank's model states equal the prediction
+    exactly."""
     spec = ltmdsl.loads(MOE)
     m = measure(spec.model, _budget(spec, mode), **plan)
     for component in ("weights", "gradients", "optimizer") if mode == "train" else ("weights",):
