@@ -42,6 +42,15 @@ recompute the explicit-softmax core (`attention_reference`, as transformers' eag
 attention's does, its fp32 softmax beside the a-byte scores and its boolean causal mask, (a + 4)*H*b*s*T + s*T
 (the eager core copies v and k for its einsums: neither keeps kv). Until this convention MLA counted only the
 a-byte scores: DeepSeek-V2-Lite's MLA at 2048 tokens traced +110% over its activations without flash attention.
+Context parallel (c > 1, the runtime's cp_forward, flash attention): every chunk's latent is all-gathered and
+each of the rank's p pieces (p = 2 balanced, 1 contiguous; cl = s/p tokens each) attends over the keys up to
+its own last token, e_k = (k + 1)*cl for chunk k; the traced (last) rank's pieces hold K = sum e_k keys a row,
+K = (p*l + 1)*cl with l its last chunk (c balanced, c - 1 contiguous). Beyond what one process keeps at s
+tokens, its pieces keep: the keys a*b*H*Dqk*(K - s); the values, a contiguous copy over the keys in place of
+the view of kv_b_proj's output, a*b*H*Dv*K - a*sb*H*(Dn + Dv); SDPA's bottom-right causal mask of each piece
+[cl, e_k], a*cl*K; kv_b_proj's input, the gathered latent up to each piece's end, a*b*Rkv*(K - s); and
+o_proj's input, the pieces' outputs concatenated, a*sb*H*Dv. Until this convention none of it was counted:
++18% over an MLA rank's activations at cp = 2.
 FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scores) + 2*H*Rkv*T (p.c);
 prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
 Backward (the `backward` facet, every width /t): the gradients of the core's q, k, v and output,
@@ -192,6 +201,13 @@ def stored(c: MLAConfig, x, selective: bool):
         out += x.rep(tok * x.h)
     if x.flash_attention:
         out += x.split(4 * tok * c.heads)
+        if x.c > 1:  # context parallel: the pieces' gathered keys and values, masks, latents (module docstring)
+            cl = x.s / x.pieces  # tokens of one piece
+            keys = (x.pieces * x.last_chunk + 1) * cl  # K: keys the rank's pieces attend over, per row
+            out += x.split(a * x.b * c.heads * (c.qk_head_dim * (keys - x.s) + c.v_head_dim * keys))  # k, v
+            out -= x.split(a * tok * c.heads * (c.qk_nope_head_dim + c.v_head_dim))  # no view of kv kept
+            out += x.split(a * tok * c.heads * c.v_head_dim)  # o_proj's input, the pieces' outputs concatenated
+            out += a * cl * keys + x.within(a * x.b * c.kv_lora_rank * (keys - x.s))
     elif not selective:
         scores = x.b * x.s * T * c.heads
         out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))
