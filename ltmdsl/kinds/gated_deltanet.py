@@ -40,7 +40,15 @@ flash-linear-attention's fused kernels do. So:
     split       the conv's padded input a*b*(s + K - 1)*D, its output and silu(output) 2a*sb*D, the rule
                 output o, the gate z and the norm output 3a*sb*Hv*Dv, and in fp32 rstd, beta, g and
                 softplus's input and output 4*sb*Hv*(2 + 3*decay) (decay = 1; KDA: Dk)
-the same under selective recompute (the rule's internals are already recomputed). The backward recomputes
+the same under selective recompute (the rule's internals are already recomputed). Context parallel (c > 1,
+the runtime's cp_forward, shared with KDA; Hv' = Hv/t): the rank's p pieces (p = 2 under the balanced split,
+1 contiguous) each pad the conv's input with their own K - 1 halo, a*b*D*(p - 1)*(K - 1) more; the state
+entering each piece, 4*b*p*Hv'*Dk*Dv (fp32), is the rule's input; the two runs that summarise each chunk (its
+own state H and transition M) are recompute regions over the rule's inputs and keep nothing more; and the
+composition S <- M_j S + H_j over the chunks before the rank's last one (the last rank's last chunk is c
+balanced, c - 1 contiguous) keeps, for each, the matrix product's inputs: the state S and a contiguous copy of
+the gathered M_j, 4*b*Hv'*Dk*(Dv + Dk). Until this convention the form kept M's zero values too, and none of
+it was counted: +8.4% over a Gated DeltaNet rank's activations at cp = 2, +6.5% KDA's. The backward recomputes
 the chunk states into a transient of b*Hv/t*ceil(s/L) fp32 states, one layer at a time (not counted).
 FLOPs per value head: a recurrent step decays S (Dk*Dv), reads S^T k (2 Dk*Dv), writes k d^T (2 Dk*Dv) and
 reads out S^T q (2 Dk*Dv): 7*Dk*Dv, plus 2*conv_dim*K for the conv. Prefill in chunks of L = min(chunk, T),
@@ -222,7 +230,11 @@ def delta_stored(c: DeltaShape, x):
     conv = a * tok * 2 * D + a * x.b * (x.s + c.d_conv - 1) * D  # silu input and output, the padded conv input
     kept = a * tok * 3 * c.heads * c.dv  # the rule output o, the gate, the norm output (out_proj's input)
     fp32 = 4 * tok * c.heads * (2 + 3 * c.decay)  # rstd, beta, g and softplus's input and output
-    return x.base + x.split(conv + kept + fp32)
+    out = x.base + x.split(conv + kept + fp32)
+    if x.c > 1:  # context parallel: the pieces' halos, their entering states, the composition's (docstring)
+        out += x.split(a * x.b * D * (x.pieces - 1) * (c.d_conv - 1))
+        out += 4 * x.b * x.split(c.heads) * c.dk * (c.dv * x.pieces + (c.dv + c.dk) * x.last_chunk)
+    return out
 
 
 def delta_flops(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, chunk: int) -> dict[str, Flops]:
