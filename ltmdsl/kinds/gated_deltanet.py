@@ -59,7 +59,9 @@ beyond `stored` and its output's gradient, Hv' = Hv/t, n = ceil(s/L) chunks): th
 q, k, v (the conv output) a*tok*D/t and the fp32 g and beta 4*tok*Hv'*(decay + 1); ChunkedRecurrence's backward
 keeps one start state every ceil(sqrt(n)) chunks and recomputes a segment's starts, with the state gradient and a
 chunk's own states about (4 + 2*ceil(sqrt(n)))*S; one chunk re-run under autograd and differentiated,
-2Xk + 2Xv + 12Q; KDA's per-channel decay adds 6E (its diagonal [16, 16, Dk] blocks). Counted on the traced
+2Xk + 2Xv + 12Q; KDA's per-channel decay adds 6E (its diagonal [16, 16, Dk] blocks). Under cp the rank's p
+pieces are rows of the batch: S, Xk, Xv, Q and E count b*p rows of pieces of s/p tokens (b rows of s tokens
+put a KDA cp rank's traced peak 36% above the prediction). Counted on the traced
 backward at chunk 16 and 32 and head dims 16 and 32: within 5% (KDA at chunk 32: 10% under).
 """
 
@@ -281,11 +283,12 @@ def dims(c: GatedDeltaNetConfig) -> str:
 def delta_backward(c: DeltaShape, x):
     """The delta rule's backward peak beyond `stored` and the output's gradient, shared by both kinds (module
     docstring)."""
-    a, tok, b, h = x.a, x.tok, x.b, x.split(c.heads)
-    L = sympy.Min(c.chunk, x.s)
+    a, tok, h = x.a, x.tok, x.split(c.heads)
+    b, piece = x.b * x.pieces, x.s / x.pieces  # rows: under cp the rank's pieces are folded into the batch
+    L = sympy.Min(c.chunk, piece)
     S = 4 * b * h * c.dk * c.dv
     Xk, Xv, Q = 4 * b * h * L * c.dk, 4 * b * h * L * c.dv, 4 * b * h * L**2
-    n = sympy.ceiling(x.s / c.chunk)  # chunks
+    n = sympy.ceiling(piece / c.chunk)  # chunks of a row
     grads = x.split(a * tok * c.conv_dim + 4 * tok * c.heads * (c.decay + 1))
     chunk = 2 * Xk + 2 * Xv + 12 * Q + (4 + 2 * sympy.ceiling(sympy.sqrt(n))) * S
     if c.per_channel:

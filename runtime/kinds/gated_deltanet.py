@@ -143,7 +143,11 @@ class GatedDeltaNet(nn.Module):
         q, k, v, z = qkvz.split([Dk, Dk, r * Dv, r * Dv], dim=-1)
         b, a = self.in_proj_ba(u).unflatten(-1, (-1, 2 * r)).split([r, r], dim=-1)  # [..., Hk, r] each
         qkv = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)  # [..., conv_dim]
-        return qkv, z.flatten(-2).unflatten(-1, (-1, Dv)), b.flatten(-2), a.flatten(-2)  # z [..., Hv, Dv]
+        # z [..., Hv, Dv] its own copy: with one key head (a tp rank holding Hk/t = 1) flattening the split is a
+        # view, and the norm's saved gate kept in_proj_qkvz's whole output alive (+6% of a tp = 2 rank's
+        # activations); otherwise reshape already copies it
+        z = z.flatten(-2).unflatten(-1, (-1, Dv)).contiguous()
+        return qkv, z, b.flatten(-2), a.flatten(-2)
 
     def _rule_inputs(self, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
         """qkv [..., conv_dim] (after the conv) -> q, k [..., Hk, Dk], v [..., Hv, Dv], g, beta [..., Hv]."""
