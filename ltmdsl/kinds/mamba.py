@@ -36,8 +36,8 @@ beside the scan's output in a and the fp32 gradients of dt, B and C: (20 + a)*to
 scan's autograd node keeps each chunk's fp32 start state, 4*b*Di'*N*ceil(s/64); and one chunk's log-depth scan is
 re-run and differentiated: the decays and inputs each of its log2(64) = 6 levels keeps and their gradients,
 4*b*Di'*N*L*(3*6 + 1). Under cp the rank's p pieces are rows of the batch: the last two terms count b*p rows
-of chunks of L = min(64, s/p) (b rows of L = min(64, s) had the cp form's backward 92% above its temporaries). Counted on the traced backward of one sub-layer at d_model 128 and 256, T 256 and 512:
-within 1.5%.
+of chunks of L = min(64, s/p) (b rows of L = min(64, s) had the cp form's backward 92% above its
+temporaries). Counted on the traced backward of one sub-layer at d_model 128 and 256, T 256 and 512: within 1.5%.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ Backward (the `backward` facet: what one sub-layer's backward holds at its peak 
 gradient): the gradients of q, k and v in a, a*tok*(2Qk + V)/t; the `recompute` region's fp32 work over the
 whole sequence (the gates' fp32 pre-activations and log-sigmoids, the cell output and its multi-head norm, and
 their gradients), 26*tok*V/t; and the chunk scan's autograd node's fp32 start states, one per chunk,
-4*b*H/t*(Dqk*Dv + Dqk + 1)*ceil(s/chunk) (under cp b*p rows of pieces of s/p tokens). Counted on the traced backward at chunk 16 and 32, d_model 128 and
-256: within 1.5%.
+4*b*H/t*(Dqk*Dv + Dqk + 1)*ceil(s/chunk) (under cp b*p rows of pieces of s/p tokens). Counted on the traced
+backward at chunk 16 and 32, d_model 128 and 256: within 1.5%.
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ Backward (the `backward` facet: what one sub-layer's backward holds at its peak 
 gradient, W' = W/t): the `recompute` region runs again over the whole sequence: the fp32 gates, their log-decay
 and the gated input (five fp32 [tok, W'] tensors, 20*tok*W'); and one chunk of L = min(chunk, s) tokens of the
 scan re-run and differentiated, 25 fp32 [L, W'] tensors (100*b*L*W'; under cp the rank's p pieces are rows of
-the batch, b*p rows of L = min(chunk, s/p): b rows of min(chunk, s) put the cp form's peak 17% above it). Counted on the traced backward at chunk
-16 and 32, d_model 128 and 256: within 3%.
+the batch, b*p rows of L = min(chunk, s/p): b rows of min(chunk, s) put the cp form's peak 17% above it).
+Counted on the traced backward at chunk 16 and 32, d_model 128 and 256: within 3%.
 """
 
 from __future__ import annotations
