@@ -40,7 +40,15 @@ flash-linear-attention's fused kernels do. So:
     split       the conv's padded input a*b*(s + K - 1)*D, its output and silu(output) 2a*sb*D, the rule
                 output o, the gate z and the norm output 3a*sb*Hv*Dv, and in fp32 rstd, beta, g and
                 softplus's input and output 4*sb*Hv*(2 + 3*decay) (decay = 1; KDA: Dk)
-the same under selective recompute (the rule's internals are already recomputed). The backward recomputes
+the same under selective recompute (the rule's internals are already recomputed). Context parallel (c > 1,
+the runtime's cp_forward, shared with KDA; Hv' = Hv/t): the rank's p pieces (p = 2 under the balanced split,
+1 contiguous) each pad the conv's input with their own K - 1 halo, a*b*D*(p - 1)*(K - 1) more; the state
+entering each piece, 4*b*p*Hv'*Dk*Dv (fp32), is the rule's input; the two runs that summarise each chunk (its
+own state H and transition M) are recompute regions over the rule's inputs and keep nothing more; and the
+composition S <- M_j S + H_j over the chunks before the rank's last one (the last rank's last chunk is c
+balanced, c - 1 contiguous) keeps, for each, the matrix product's inputs: the state S and a contiguous copy of
+the gathered M_j, 4*b*Hv'*Dk*(Dv + Dk). Until this convention the form kept M's zero values too, and none of
+it was counted: +8.4% over a Gated DeltaNet rank's activations at cp = 2, +6.5% KDA's. The backward recomputes
 the chunk states into a transient of b*Hv/t*ceil(s/L) fp32 states, one layer at a time (not counted).
 FLOPs per value head: a recurrent step decays S (Dk*Dv), reads S^T k (2 Dk*Dv), writes k d^T (2 Dk*Dv) and
 reads out S^T q (2 Dk*Dv): 7*Dk*Dv, plus 2*conv_dim*K for the conv. Prefill in chunks of L = min(chunk, T),
@@ -51,7 +59,9 @@ beyond `stored` and its output's gradient, Hv' = Hv/t, n = ceil(s/L) chunks): th
 q, k, v (the conv output) a*tok*D/t and the fp32 g and beta 4*tok*Hv'*(decay + 1); ChunkedRecurrence's backward
 keeps one start state every ceil(sqrt(n)) chunks and recomputes a segment's starts, with the state gradient and a
 chunk's own states about (4 + 2*ceil(sqrt(n)))*S; one chunk re-run under autograd and differentiated,
-2Xk + 2Xv + 12Q; KDA's per-channel decay adds 6E (its diagonal [16, 16, Dk] blocks). Counted on the traced
+2Xk + 2Xv + 12Q; KDA's per-channel decay adds 6E (its diagonal [16, 16, Dk] blocks). Under cp the rank's p
+pieces are rows of the batch: S, Xk, Xv, Q and E count b*p rows of pieces of s/p tokens (b rows of s tokens
+put a KDA cp rank's traced peak 36% above the prediction). Counted on the traced
 backward at chunk 16 and 32 and head dims 16 and 32: within 5% (KDA at chunk 32: 10% under).
 """
 
@@ -222,7 +232,11 @@ def delta_stored(c: DeltaShape, x):
     conv = a * tok * 2 * D + a * x.b * (x.s + c.d_conv - 1) * D  # silu input and output, the padded conv input
     kept = a * tok * 3 * c.heads * c.dv  # the rule output o, the gate, the norm output (out_proj's input)
     fp32 = 4 * tok * c.heads * (2 + 3 * c.decay)  # rstd, beta, g and softplus's input and output
-    return x.base + x.split(conv + kept + fp32)
+    out = x.base + x.split(conv + kept + fp32)
+    if x.c > 1:  # context parallel: the pieces' halos, their entering states, the composition's (docstring)
+        out += x.split(a * x.b * D * (x.pieces - 1) * (c.d_conv - 1))
+        out += 4 * x.b * x.split(c.heads) * c.dk * (c.dv * x.pieces + (c.dv + c.dk) * x.last_chunk)
+    return out
 
 
 def delta_flops(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, chunk: int) -> dict[str, Flops]:
@@ -269,11 +283,12 @@ def dims(c: GatedDeltaNetConfig) -> str:
 def delta_backward(c: DeltaShape, x):
     """The delta rule's backward peak beyond `stored` and the output's gradient, shared by both kinds (module
     docstring)."""
-    a, tok, b, h = x.a, x.tok, x.b, x.split(c.heads)
-    L = sympy.Min(c.chunk, x.s)
+    a, tok, h = x.a, x.tok, x.split(c.heads)
+    b, piece = x.b * x.pieces, x.s / x.pieces  # rows: under cp the rank's pieces are folded into the batch
+    L = sympy.Min(c.chunk, piece)
     S = 4 * b * h * c.dk * c.dv
     Xk, Xv, Q = 4 * b * h * L * c.dk, 4 * b * h * L * c.dv, 4 * b * h * L**2
-    n = sympy.ceiling(x.s / c.chunk)  # chunks
+    n = sympy.ceiling(piece / c.chunk)  # chunks of a row
     grads = x.split(a * tok * c.conv_dim + 4 * tok * c.heads * (c.decay + 1))
     chunk = 2 * Xk + 2 * Xv + 12 * Q + (4 + 2 * sympy.ceiling(sympy.sqrt(n))) * S
     if c.per_channel:

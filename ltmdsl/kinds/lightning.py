@@ -35,7 +35,12 @@ the slopes only; its backward recomputes the block states and each block's terms
     replicated  what the pre-norm keeps and its output (MicroBatch.base), the norm's rstd 4*sb
     split       qkv pre-activation and activation 6a*sb*HD, the norm's fp32 input copy max(4, a)*sb*HD, its
                 normalised value and output 2a*sb*HD, sigmoid(gate) a*sb*HD and out_proj's input a*sb*HD
-the same under selective recompute (the block form's internals are already recomputed).
+the same under selective recompute (the block form's internals are already recomputed). Context parallel
+(c > 1, the runtime's cp_forward): the state entering each of the rank's p pieces (p = 2 under the balanced
+split, 1 contiguous), 4*b*p*H'*D*D (fp32), is the block form's input, and the composition over the chunks
+keeps every chunk's gathered decay exp(-s_h * tokens), 4*b*n*H' (n = 2c or c chunks); the states entering the
+chunks are not kept (the decays depend on no parameter). Until this convention neither was counted: +1.5% over
+a Lightning rank's activations at cp = 2.
 FLOPs beyond the projections: a step costs 5HDDv (decay, outer product and add; read-out 2HDDv); prefill
 in blocks of L = min(chunk, T) costs per token 2L H (D + Dv) (the full L x L block products) + 4HDDv
 (inter-block read-out and the block contribution), plus 2HDDv per block for the carried state.
@@ -138,7 +143,10 @@ def stored(c: LightningConfig, x, selective: bool):
     """Training activations per micro-batch (module docstring); the same under selective recompute, as the
     block form already recomputes its internals."""
     f = max(4, x.a)  # the norm's fp32 copy of its input (the input itself when fp32 already)
-    return x.base + x.split(x.a * x.tok * 10 * c.inner + f * x.tok * c.inner) + 4 * x.tok
+    out = x.base + x.split(x.a * x.tok * 10 * c.inner + f * x.tok * c.inner) + 4 * x.tok
+    if x.c > 1:  # context parallel: the pieces' entering states and the gathered decays (module docstring)
+        out += 4 * x.b * x.split(c.heads) * (x.pieces * c.head_dim * c.head_dim + x.chunks)
+    return out
 
 
 def step_flops(c: LightningConfig) -> int:

@@ -19,6 +19,14 @@ delta, the skip and the gate in backward, as state-spaces/mamba's `mamba_inner_f
                 x_proj's output a*sb*(R + 2N), or with Jamba's inner dt/B/C RMSNorms what each keeps
                 (eager: (f + 2a)*sb*(R + 2N) + 12*sb, f = max(4, a); fused: 2a*sb*(R + 2N))
     Selective recompute drops nothing more: the runtime recomputes the scan's internals under every policy.
+    Context parallel (c > 1, the runtime's cp_forward, the same recompute regions as one process): the rank's
+    p pieces (p = 2 under the balanced split, 1 contiguous) each pad the conv's input with their own K - 1
+    halo, a*b*Di*(p - 1)*(K - 1) more; the state entering each piece, 4*b*p*Di'*N (fp32), is the last
+    region's input; the ranks' exchange of states (S <- S * decay_j + h_j over the chunks) keeps the state
+    entering each chunk before the rank's last one, 4*b*Di'*N per chunk (the last rank's last chunk is c under
+    the balanced split, c - 1 contiguous), and every chunk's gathered total decay exp(A * sum delta), one fp32
+    [b, Di', N] each, 4*b*n*Di'*N (n = 2c or c chunks). Until this convention the form kept the fp32 delta,
+    the scans' chunk states and the gate's fp32 work, +85% over a rank's activations at cp = 2, uncounted.
 FLOPs: a recurrent step costs 6*Di*N (discretise, update, read out) + 2*Di*K (the conv); prefill scans
 token by token, T steps.
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
@@ -27,8 +35,9 @@ keeping softplus's fp32 input and output, x and z in fp32, silu(z) and y + D x (
 beside the scan's output in a and the fp32 gradients of dt, B and C: (20 + a)*tok*Di' + 4*tok*(R + 2N); the
 scan's autograd node keeps each chunk's fp32 start state, 4*b*Di'*N*ceil(s/64); and one chunk's log-depth scan is
 re-run and differentiated: the decays and inputs each of its log2(64) = 6 levels keeps and their gradients,
-4*b*Di'*N*L*(3*6 + 1). Counted on the traced backward of one sub-layer at d_model 128 and 256, T 256 and 512:
-within 1.5%.
+4*b*Di'*N*L*(3*6 + 1). Under cp the rank's p pieces are rows of the batch: the last two terms count b*p rows
+of chunks of L = min(64, s/p) (b rows of L = min(64, s) had the cp form's backward 92% above its
+temporaries). Counted on the traced backward of one sub-layer at d_model 128 and 256, T 256 and 512: within 1.5%.
 """
 
 from __future__ import annotations
@@ -125,7 +134,12 @@ def stored(c: MambaConfig, x, selective: bool):
         xdbl = (max(4, a) + 2 * a) * tok * (c.dt_rank + 2 * N) + 12 * tok
     else:
         xdbl = 2 * a * tok * (c.dt_rank + 2 * N)
-    return x.base + xdbl + x.split(6 * a * tok * c.d_inner + a * x.b * c.d_inner * (c.d_conv - 1))
+    out = x.base + xdbl + x.split(6 * a * tok * c.d_inner + a * x.b * c.d_inner * (c.d_conv - 1))
+    if x.c > 1:  # context parallel: the pieces' halos, their entering states and the exchange's (module docstring)
+        state = 4 * x.b * x.split(c.d_inner * N)  # one fp32 [b, Di', N] state (or total decay)
+        out += x.split(a * x.b * c.d_inner * (x.pieces - 1) * (c.d_conv - 1))
+        out += state * (x.pieces + x.last_chunk + x.chunks)
+    return out
 
 
 def step_flops(c: MambaConfig) -> int:
@@ -145,11 +159,12 @@ def dims(c: MambaConfig) -> str:
 def backward(c: MambaConfig, x):
     """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
     a, tok, N, di = x.a, x.tok, c.d_state, x.split(c.d_inner)
-    L = sympy.Min(SCAN_CHUNK, x.s)
+    rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
+    L = sympy.Min(SCAN_CHUNK, piece)
     levels = math.ceil(math.log2(SCAN_CHUNK))  # the log-depth scan's levels (L < 64 has fewer: counted as 64's)
     region = (20 + a) * tok * di + 4 * tok * (c.dt_rank + 2 * N)
-    scan = 4 * x.b * di * N * L * (3 * levels + 1)
-    starts = 4 * x.b * di * N * sympy.ceiling(x.s / SCAN_CHUNK)
+    scan = 4 * rows * di * N * L * (3 * levels + 1)
+    starts = 4 * rows * di * N * sympy.ceiling(piece / SCAN_CHUNK)
     return region + scan + starts
 
 

@@ -42,6 +42,19 @@ recompute the explicit-softmax core (`attention_reference`, as transformers' eag
 attention's does, its fp32 softmax beside the a-byte scores and its boolean causal mask, (a + 4)*H*b*s*T + s*T
 (the eager core copies v and k for its einsums: neither keeps kv). Until this convention MLA counted only the
 a-byte scores: DeepSeek-V2-Lite's MLA at 2048 tokens traced +110% over its activations without flash attention.
+Context parallel (c > 1, the runtime's cp_forward, saved_by = "eager"): every chunk's latent is all-gathered and
+each of the rank's p pieces (p = 2 balanced, 1 contiguous; cl = s/p tokens each) attends over the keys up to
+its own last token, e_k = (k + 1)*cl for chunk k; the traced (last) rank's pieces hold K = sum e_k keys a row,
+K = (p*l + 1)*cl with l its last chunk (c balanced, c - 1 contiguous). Beyond what one process keeps at s
+tokens, its pieces keep: the keys a*b*H*Dqk*(K - s); the values, a contiguous copy over the keys in place of
+the view of kv_b_proj's output, a*b*H*Dv*K - a*sb*H*(Dn + Dv); SDPA's bottom-right causal mask of each piece
+[cl, e_k], a*cl*K; kv_b_proj's input, the gathered latent up to each piece's end, a*b*Rkv*(K - s); and
+o_proj's input, the pieces' outputs concatenated, a*sb*H*Dv (with flash attention; under selective recompute
+the same without the masks and o_proj's input). Without flash attention and recompute the eager core keeps
+its copy of v over the keys and its scores, fp32 softmax and mask over each piece's keys, (a + 4)*b*H*cl*K +
+cl*K, in place of one process's (a + 4)*H*b*s*T + s*T; its backward's score gradient is one piece's at a
+time, the last one's, cl*(l + 1)*cl pairs a row and head. Until this convention none of it was counted: +18%
+over an MLA rank's activations at cp = 2 with flash attention, -19% without.
 FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scores) + 2*H*Rkv*T (p.c);
 prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
 Backward (the `backward` facet, every width /t): the gradients of the core's q, k, v and output,
@@ -197,6 +210,26 @@ def stored(c: MLAConfig, x, selective: bool):
         out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))
         if x.eager:  # the explicit-softmax core keeps its fp32 softmax and its boolean causal mask
             out += x.split(4 * scores) + x.s * T
+    if x.c > 1 and x.eager:
+        out += _context_parallel(c, x, selective)
+    return out
+
+
+def _context_parallel(c: MLAConfig, x, selective: bool):
+    """What a cp rank's pieces keep beyond what `stored` counts for one process at s tokens (module docstring)."""
+    a, tok = x.a, x.tok
+    cl = x.s / x.pieces  # tokens of one piece
+    keys = (x.pieces * x.last_chunk + 1) * cl  # K: keys the rank's pieces attend over, per row
+    # k over every key; v a contiguous copy over every key; kv_b_proj's input, the gathered latents
+    out = x.split(a * x.b * c.heads * (c.qk_head_dim * (keys - x.s) + c.v_head_dim * keys))
+    out += x.within(a * x.b * c.kv_lora_rank * (keys - x.s))
+    if x.flash_attention or selective:  # the one-process core kept v as a view of kv_b_proj's output: not here
+        out -= x.split(a * tok * c.heads * (c.qk_nope_head_dim + c.v_head_dim))
+    else:  # the eager core's v copy, scores, softmax and mask over each piece's keys rather than s and s x T
+        out -= x.split(a * tok * c.heads * c.v_head_dim)
+        out += x.split((a + 4) * x.b * c.heads * (cl * keys - x.s * T)) + cl * keys - x.s * T
+    if x.flash_attention:  # SDPA's bottom-right causal mask of each piece; o_proj's input, the pieces' outputs
+        out += a * cl * keys + x.split(a * tok * c.heads * c.v_head_dim)
     return out
 
 
@@ -220,8 +253,10 @@ def backward(c: MLAConfig, x):
     """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
     a, tok = x.a, x.tok
     grads = x.split(2 * a * tok * c.heads * (c.qk_head_dim + c.v_head_dim))
-    if not x.flash_attention:
-        grads += x.split(max(4, a) * x.b * x.s * T * c.heads)
+    if not x.flash_attention:  # the eager core's score gradient; under cp one piece's at a time, the last's
+        # queries (s/p of them) against its keys, the (l + 1)*s/p up to its last token (l: its chunk)
+        pairs = x.s * T if x.c == 1 else (x.s / x.pieces) ** 2 * (x.last_chunk + 1)
+        grads += x.split(max(4, a) * x.b * pairs * c.heads)
     q_in = c.q_lora_rank or x.h
     weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * max(c.heads * c.qk_head_dim * q_in, x.h * c.heads * c.v_head_dim))
     return Largest(grads, weight)

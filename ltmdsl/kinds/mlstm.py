@@ -27,6 +27,13 @@ gates, the recurrence, the norm and the output gate in backward, as the xLSTM ke
     split       q, k, v, o, the two gate pre-activations and out_proj's input a*sb*(2Qk + 3V + 2H); no
                 chunk state is kept
     Selective recompute drops nothing more: the runtime recomputes the cell's internals under every policy.
+    Context parallel (c > 1, the runtime's cp_forward, the same recompute regions as one process; S values of
+    state per head as above): the memory entering each of the rank's p pieces (p = 2 under the balanced
+    split, 1 contiguous), 4*b*p*H'*S (fp32 C, n, m), is the last region's input; the composition over the
+    ranks keeps the memory entering each chunk before the rank's last one (the last rank's last chunk is c
+    under the balanced split, c - 1 contiguous), 4*b*H'*S each, and every chunk's gathered own memory and
+    total forget gate, 4*b*n*H'*(S + 1) (n = 2c or c chunks). Until this convention the form kept the fp32
+    gates, the norm's work and the chunks' start states, +24% over a rank's activations at cp = 2, uncounted.
 FLOPs beyond the parameters' 2 per token: a step costs 5H Dqk Dv + 5H Dqk (decay and update of C and n,
 read-out of both); prefill in chunks of L = min(chunk, T) costs per token 2L H (Dqk + Dv) (in-chunk
 products) + 4H Dqk Dv + 4H Dqk (inter-chunk read-out and the chunk's own contribution), plus
@@ -35,8 +42,8 @@ Backward (the `backward` facet: what one sub-layer's backward holds at its peak 
 gradient): the gradients of q, k and v in a, a*tok*(2Qk + V)/t; the `recompute` region's fp32 work over the
 whole sequence (the gates' fp32 pre-activations and log-sigmoids, the cell output and its multi-head norm, and
 their gradients), 26*tok*V/t; and the chunk scan's autograd node's fp32 start states, one per chunk,
-4*b*H/t*(Dqk*Dv + Dqk + 1)*ceil(s/chunk). Counted on the traced backward at chunk 16 and 32, d_model 128 and
-256: within 1.5%.
+4*b*H/t*(Dqk*Dv + Dqk + 1)*ceil(s/chunk) (under cp b*p rows of pieces of s/p tokens). Counted on the traced
+backward at chunk 16 and 32, d_model 128 and 256: within 1.5%.
 """
 
 from __future__ import annotations
@@ -133,7 +140,11 @@ def workspace(c: MlstmConfig, d: int, s):
 
 def stored(c: MlstmConfig, x, selective: bool):
     """Module docstring; the same under selective recompute."""
-    return x.base + x.split(x.a * x.tok * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads))
+    out = x.base + x.split(x.a * x.tok * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads))
+    if x.c > 1:  # context parallel: the memories entering the pieces and chunks, the gathered ones (docstring)
+        S = c.dqk * c.dv + c.dqk + 1  # fp32 values of C, n and m per head
+        out += 4 * x.b * x.split(c.heads) * (S * (x.pieces + x.last_chunk) + (S + 1) * x.chunks)
+    return out
 
 
 def step_flops(c: MlstmConfig) -> int:
@@ -156,7 +167,8 @@ def dims(c: MlstmConfig) -> str:
 def backward(c: MlstmConfig, x):
     """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
     h = x.split(c.heads)
-    starts = 4 * x.b * h * (c.dqk * c.dv + c.dqk + 1) * sympy.ceiling(x.s / c.chunk)
+    rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
+    starts = 4 * rows * h * (c.dqk * c.dv + c.dqk + 1) * sympy.ceiling(piece / c.chunk)
     return x.split(x.a * x.tok * (2 * c.qk_dim + c.v_dim) + 26 * x.tok * c.v_dim) + starts
 
 

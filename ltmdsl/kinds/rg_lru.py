@@ -26,13 +26,22 @@ gates and the recurrence in backward):
     split       linear_y's output, the conv output and linear_out's input 3a*sbW, the conv's zero-padded
                 input a*b*W*(s + K - 1)
     Selective recompute drops nothing more: the runtime recomputes the block's internals under every policy.
+    Context parallel (c > 1, the runtime's cp_forward, the same recompute regions as one process): the reset
+    flags of the rank's folded rows, b*s bytes rather than s; the rank's p pieces (p = 2 under the balanced
+    split, 1 contiguous) each pad the conv's input with their own K - 1 halo, a*b*W*(p - 1)*(K - 1) more; the
+    state entering each piece, 4*b*p*W' (fp32), is the last region's input; the ranks' exchange of states
+    (h <- h * decay_j + h_j over the chunks) keeps the state entering each chunk before the rank's last one
+    (the last rank's last chunk is c under the balanced split, c - 1 contiguous) and every chunk's gathered
+    total decay prod a_t, one fp32 [b, W'] each, 4*b*W'*n (n = 2c or c chunks). Until this convention the
+    form kept the fp32 gates and the scans' chunk states, +37% over a rank's activations at cp = 2, uncounted.
 FLOPs beyond the parameters' 2 per token: a step costs 2WK (the conv) + 8W (decay, input scale, update
 and output gate); prefill counts the same work for each of the T tokens.
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
 gradient, W' = W/t): the `recompute` region runs again over the whole sequence: the fp32 gates, their log-decay
 and the gated input (five fp32 [tok, W'] tensors, 20*tok*W'); and one chunk of L = min(chunk, s) tokens of the
-scan re-run and differentiated, 25 fp32 [L, W'] tensors (100*b*L*W'). Counted on the traced backward at chunk
-16 and 32, d_model 128 and 256: within 3%.
+scan re-run and differentiated, 25 fp32 [L, W'] tensors (100*b*L*W'; under cp the rank's p pieces are rows of
+the batch, b*p rows of L = min(chunk, s/p): b rows of min(chunk, s) put the cp form's peak 17% above it).
+Counted on the traced backward at chunk 16 and 32, d_model 128 and 256: within 3%.
 """
 
 from __future__ import annotations
@@ -103,7 +112,11 @@ def workspace(c: RgLruConfig, d: int, s):
 
 def stored(c: RgLruConfig, x, selective: bool):
     """Module docstring; the same under selective recompute."""
-    return x.base + x.s + x.split(3 * x.a * x.tok * c.width + x.a * x.b * c.width * (x.s + c.d_conv - 1))
+    out = x.base + x.s + x.split(3 * x.a * x.tok * c.width + x.a * x.b * c.width * (x.s + c.d_conv - 1))
+    if x.c > 1:  # context parallel: the rows' resets, the pieces' halos and states, the exchange's (docstring)
+        out += (x.b - 1) * x.s + x.split(x.a * x.b * c.width * (x.pieces - 1) * (c.d_conv - 1))
+        out += 4 * x.b * x.split(c.width) * (x.pieces + x.last_chunk + x.chunks)
+    return out
 
 
 def step_flops(c: RgLruConfig) -> int:
@@ -123,7 +136,8 @@ def dims(c: RgLruConfig) -> str:
 def backward(c: RgLruConfig, x):
     """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
     w = x.split(c.width)
-    return 20 * x.tok * w + 100 * x.b * sympy.Min(c.chunk, x.s) * w
+    rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
+    return 20 * x.tok * w + 100 * rows * sympy.Min(c.chunk, piece) * w
 
 
 KIND = Kind(

@@ -236,16 +236,34 @@ class Mamba(nn.Module):
 def cp_forward(module: Mamba, u: torch.Tensor, cp) -> torch.Tensor:
     """One context-parallel rank's tokens u [B, T/cp, d]: the conv's K-1 halo from the previous rank, then
     the selective scan from a zero state (this rank's final state and total decay exp(A * sum delta)), and
-    again from the state the earlier ranks carry in (`cp.carry`): exact, as one process."""
+    again from the state the earlier ranks carry in (`cp.carry`): exact, as one process.
+
+    As in `forward`, autograd keeps x, dt/B/C and z and nothing of the fp32 work between x_proj and out_proj:
+    the zero-start scan (its final state), the total decay and the scan from the carried state with the D
+    skip and the z gate are three `recompute` regions; only the ranks' exchange of states (`cp.carry`, a few
+    [B, Di, N] states and no token-length tensor) runs outside them, so no collective runs in the backward's
+    recomputation. (Until then this form kept the fp32 delta, the scans' chunk states and the skip and gate's
+    fp32 work: +85% over a Mamba-1 rank's activations at cp = 2.)"""
     x, z = module.in_proj(u).chunk(2, dim=-1)  # [B, T, Di] each
-    x = cp.causal_conv(module.kernels, x, module.conv1d, silu=True)  # [B, T, Di]: the previous rank's halo first
-    delta, Bm, Cm = module._ssm_inputs(x)  # [B,T,Di], [B,T,N], [B,T,N]
-    A = module._A(x)  # [Di, N]
-    _, h = module.kernels.selective_scan(x, delta, A, Bm, Cm, state=None)  # h [B, Di, N]
-    decay = torch.exp(delta.sum(1).to(h.dtype)[..., None] * A.to(h.dtype))  # [B, Di, N]
-    start = cp.carry(h, decay)
-    y, _ = module.kernels.selective_scan(x, delta, A, Bm, Cm, state=start)  # [B, T, Di]
-    return module._gate_out(y, x, z)  # [B, T, d]
+    # [B, T, Di] token-major, the previous rank's halo first: x_proj's input and the scans' are one kept tensor
+    x = cp.causal_conv(module.kernels, x, module.conv1d, silu=True).contiguous()
+    dt, Bm, Cm = module._xdbl(x)  # [B,T,R], [B,T,N], [B,T,N]
+    params = module._params()  # dt_proj weight, dt_proj bias, A_log, D
+    dt_weight, dt_bias, A_log, _ = params
+
+    def final_state(x, dt, Bm, Cm, dt_weight, dt_bias, A_log):  # the zero-start scan's final state [B, Di, N]
+        delta = module._delta(dt, dt_weight, dt_bias)  # [B, T, Di] fp32
+        return module.kernels.selective_scan(x, delta, module._A_of(A_log), Bm, Cm, state=None)[1]
+
+    def decay_of(dt, dt_weight, dt_bias, A_log):  # exp(A * sum delta) [B, Di, N]
+        delta = module._delta(dt, dt_weight, dt_bias)  # [B, T, Di] fp32
+        return torch.exp(delta.sum(1)[..., None] * module._A_of(A_log))
+
+    h = recompute(final_state, x, dt, Bm, Cm, dt_weight, dt_bias, A_log)  # [B, Di, N]
+    decay = recompute(decay_of, dt, dt_weight, dt_bias, A_log)  # [B, Di, N]
+    start = cp.carry(h, decay.to(h.dtype))  # [B, Di, N]
+    y = recompute(lambda *a: module._core(*a[:-1], state=a[-1])[0], x, dt, Bm, Cm, z, *params, start)  # [B, T, Di]
+    return module.out_proj(y)  # [B, T, d]
 
 
 def tp_plan(cfg: MambaConfig, tp: int) -> dict:
