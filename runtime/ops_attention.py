@@ -193,9 +193,10 @@ def attention(
     GQA/MQA through SDPA's `enable_gqa`; the oracle is `attention_reference`. With a window W the keys before
     the first query's window are dropped, and more than `window_rows`(W) queries (max(W, 128), fewer for a very
     long window) go in blocks of that many, each against only the keys its window can reach, so a long chunk
-    costs O(Tq * (block + W)) instead of O(Tq * Tk) and its masks (saved for backward) hold as many elements. Causal attention whose queries do not start at
-    key 0 (a prefill chunk against cached keys, a window) cannot use SDPA's `is_causal`, whose diagonal starts
-    at the top left, and needs an explicit mask, which SDPA turns into an additive copy in the query dtype:
+    costs O(Tq * (block + W)) instead of O(Tq * Tk) and its masks (saved for backward) hold as many elements
+    (the memory model's `window_mask_elements`). Causal attention whose queries do not start at key 0 (a
+    prefill chunk against cached keys, a window) cannot use SDPA's `is_causal`, whose diagonal starts at the
+    top left, and needs an explicit mask, which SDPA turns into an additive copy in the query dtype:
     those calls go in blocks of `mask_rows(Tk)` queries, so a mask holds at most max(Tk, MASK_ELEMENTS)
     elements (1 + a bytes each, a the query's element size) rather than Tq x Tk. Values narrower than the
     queries (MLA's Dv < Dqk) are zero-padded to Dqk, as SDPA's fused kernels need equal head dims (otherwise

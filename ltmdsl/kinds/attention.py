@@ -99,7 +99,7 @@ def window_mask_elements(window: int, tq, shift):
                   sequence start): with F = min(ceil(D/r), floor(tq/r)) whole such blocks,
                   r*F*D - r^2*F*(F - 1)/2 + (tq - F*r) * max(0, D - F*r)
     tq and shift may be sympy expressions in T (training's tokens per rank and a cp piece's offset)."""
-    W = window
+    W, tq, shift = window, sympy.sympify(tq), sympy.sympify(shift)  # exact division for ints too
     r = window_rows(W)
     whole = sympy.floor(tq / r)
     squares = r * r * whole + (tq - r * whole) ** 2
