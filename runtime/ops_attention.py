@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ltmdsl.ir import RopeScaling
-from ltmdsl.kinds.attention import mask_rows, rope_attention_factor
+from ltmdsl.kinds.attention import mask_rows, rope_attention_factor, window_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,11 +190,13 @@ def attention(
 ) -> torch.Tensor:
     """Softmax attention via torch SDPA: q [B,Tq,H,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv] -> [B,Tq,H,Dv].
 
-    GQA/MQA through SDPA's `enable_gqa`; the oracle is `attention_reference`. With a window W and many
-    queries, queries go in blocks of max(W, 128), each against only the keys its window can reach, so a
-    long chunk costs O(Tq * (block + W)) instead of O(Tq * Tk). Causal attention whose queries do not start at
-    key 0 (a prefill chunk against cached keys, a window) cannot use SDPA's `is_causal`, whose diagonal starts
-    at the top left, and needs an explicit mask, which SDPA turns into an additive copy in the query dtype:
+    GQA/MQA through SDPA's `enable_gqa`; the oracle is `attention_reference`. With a window W the keys before
+    the first query's window are dropped, and more than `window_rows`(W) queries (max(W, 128), fewer for a very
+    long window) go in blocks of that many, each against only the keys its window can reach, so a long chunk
+    costs O(Tq * (block + W)) instead of O(Tq * Tk) and its masks (saved for backward) hold as many elements
+    (the memory model's `window_mask_elements`). Causal attention whose queries do not start at key 0 (a
+    prefill chunk against cached keys, a window) cannot use SDPA's `is_causal`, whose diagonal starts at the
+    top left, and needs an explicit mask, which SDPA turns into an additive copy in the query dtype:
     those calls go in blocks of `mask_rows(Tk)` queries, so a mask holds at most max(Tk, MASK_ELEMENTS)
     elements (1 + a bytes each, a the query's element size) rather than Tq x Tk. Values narrower than the
     queries (MLA's Dv < Dqk) are zero-padded to Dqk, as SDPA's fused kernels need equal head dims (otherwise
@@ -206,8 +208,12 @@ def attention(
     if Dv < D:  # SDPA's fused kernels need Dv = D: zero-padded values (MLA), the output's first Dv channels
         vp = F.pad(v, (0, D - Dv))  # [B, Tk, Hkv, D]
         return attention(q, k, vp, causal=causal, window=window, scale=scale)[..., :Dv]  # [B, Tq, H, Dv]
-    if window is not None and Tq > 2 * max(window, 128):
-        return _by_query_blocks(q, k, v, max(window, 128), causal=causal, window=window, scale=scale)
+    if window is not None:
+        reach = Tq + window - 1  # the keys the window lets these queries see: the earlier ones are not read
+        if Tk > reach:
+            k, v, Tk = k[:, Tk - reach:], v[:, Tk - reach:], reach  # [B, reach, Hkv, D|Dv]
+        if Tq > window_rows(window):
+            return _by_query_blocks(q, k, v, window_rows(window), causal=causal, window=window, scale=scale)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T, D]
     if causal and window is None and Tq == Tk:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=H != Hkv)

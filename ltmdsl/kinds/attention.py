@@ -10,8 +10,9 @@ Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes):
     without flash attention add the scores: (a + 4) * b * H/t * Cc/c * min(T, W); with flash, a chunk whose
     queries do not start at key 0 needs a causal mask, materialised a few query rows at a time, r = min(Cc,
     `mask_rows`(keys)), as booleans and SDPA's additive copy: (1 + a) * r * T/c once T > Cc for global
-    attention (a context-parallel rank attends over its T/c cached keys); with a window, keys = min(T, W + Cc):
-    (1 + a) * r * min(keys, r + W - 1), and the ring's keys read back in time order beside the chunk's,
+    attention (a context-parallel rank attends over its T/c cached keys); with a window, keys = min(T, W + Cc),
+    r = min(Cc, `window_rows`(W)) queries a block: (1 + a) * r * min(keys, r + W - 1), and the ring's keys
+    read back in time order beside the chunk's,
     a * b * keys * Hkv*(D + Dv). A global layer's KV cache in another dtype than a's (fp8) is read back whole
     in a's dtype for the chunk's attention (the PyTorch runtime converts, it has no kernel reading fp8 tiles):
     a * b * T/c * ceil(Hkv/t)*(D + Dv) beside the rest. A ring (window or chunk) reads its keys back in time
@@ -29,9 +30,13 @@ Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA a
                 queries against them in a's dtype (SDPA's additive copy, saved for backward), a*s*T. A window
                 does not shorten what is gathered: its queries' saved keys are views of the gathered keys, so
                 windowed attention keeps them too (counted since this convention; until then nothing, -8% on
-                a tp 8 x cp 8 rank of ltm-100m's working set); its masks, a query block against its window's
-                keys at a time, are not counted (not done: +9% to +21% on windowed attention's activations at
-                d_model 64, with or without cp).
+                a tp 8 x cp 8 rank of ltm-100m's working set).
+    window (flash): SDPA's additive copy of each query block's mask, a * `window_mask_elements` (blocks of
+                r = `window_rows`(W) queries against the r + W - 1 keys their window reaches, fewer at the
+                sequence's start; per cp piece), shared by the batch and heads; and the output a second time,
+                a*sb*H*Dv, when it is formed in parts (the blocks' SDPA outputs, saved, copied into one tensor:
+                T > r, or always under cp, whose pieces are concatenated). Until this convention neither was
+                counted (+9% to +21% of windowed attention's activations at d_model 64, with or without cp).
     saved_by = "eager" (ltmdsl's runtime under autograd) adds: RoPE's cos and sin 2a*s*R per layer (one copy
                 for the batch); without flash attention the explicit-softmax kernel's fp32 softmax 4*H*b*s*T,
                 its boolean mask s*T (one for the batch and heads) and the KV heads repeated to H,
@@ -74,6 +79,34 @@ def mask_rows(keys):
     if isinstance(keys, int):
         return min(QUERY_BLOCK, max(1, MASK_ELEMENTS // keys))
     return sympy.Min(QUERY_BLOCK, Largest(1, sympy.floor(MASK_ELEMENTS / keys)))
+
+
+def window_rows(window: int) -> int:
+    """Query rows per SDPA call of a windowed attention (runtime/ops_attention.py `attention`): blocks of
+    max(W, 128) queries, fewer where a block's mask over the r + W - 1 keys its window reaches would pass
+    MASK_ELEMENTS (`mask_rows`), so that every block's mask is within the bound."""
+    blk = max(window, 128)
+    return min(blk, mask_rows(blk + window - 1))
+
+
+def window_mask_elements(window: int, tq, shift):
+    """Elements of the masks one windowed attention call makes, over all its query blocks: tq queries whose
+    first sits `shift` keys past the first key (the keys before the window's reach are dropped first,
+    shift' = min(shift, W - 1)). Blocks of r = `window_rows`(W) rows, block i (q0 = i*r, r_i rows) against
+    r_i + min(shift' + q0, W - 1) keys:
+        sum r_i^2 + tq*(W - 1) - deficit,   sum r_i^2 = r^2*floor(tq/r) + (tq - r*floor(tq/r))^2
+        deficit = sum over the first blocks of r_i * (D - q0), D = W - 1 - shift' (their keys before the
+                  sequence start): with F = min(ceil(D/r), floor(tq/r)) whole such blocks,
+                  r*F*D - r^2*F*(F - 1)/2 + (tq - F*r) * max(0, D - F*r)
+    tq and shift may be sympy expressions in T (training's tokens per rank and a cp piece's offset)."""
+    W, tq, shift = window, sympy.sympify(tq), sympy.sympify(shift)  # exact division for ints too
+    r = window_rows(W)
+    whole = sympy.floor(tq / r)
+    squares = r * r * whole + (tq - r * whole) ** 2
+    D = W - 1 - sympy.Min(shift, W - 1)
+    F = sympy.Min(sympy.ceiling(D / r), whole)
+    deficit = r * F * D - r * r * F * (F - 1) / 2 + (tq - F * r) * Largest(0, D - F * r)
+    return squares + tq * (W - 1) - deficit
 
 
 @dataclass(frozen=True)
@@ -390,7 +423,7 @@ def prefill_workspace(c: AttentionConfig, s):
             return Largest(out, a * tok * qo / t + 4 * tok * c.heads / t + readback + mask, rope_moment(c, s))
         else:  # a window: a [rows, keys] mask, and the ring's keys read back in time order beside the chunk's
             keys = sympy.Min(T, c.window + Cc)
-            rows = sympy.Min(Cc, mask_rows(keys))
+            rows = sympy.Min(Cc, window_rows(c.window))  # a query block, against the keys its window reaches
             out += (1 + a) * rows * sympy.Min(keys, rows + c.window - 1)
             out += a * b * keys * cdiv(c.kv_heads, s.tp) * (c.head_dim + c.v_head_dim)
     return Largest(out, rope_moment(c, s))
@@ -408,6 +441,12 @@ def stored(c: AttentionConfig, x, selective: bool):
         out += 2 * a * x.s * c.rotary_dim
     if x.flash_attention and c.plain_softmax:
         out += x.split(4 * tok * c.heads)
+        if c.window is not None:  # SDPA's additive copy of each query block's mask, saved for backward, and
+            # the output twice once it is formed in parts: the parts' SDPA outputs (saved) and the tensor they
+            # are copied into, under cp always (the pieces' concatenation), else when the queries go in blocks
+            out += a * window_masks(c, x)
+            parts = 1 if x.c > 1 else sympy.Min(1, sympy.floor(T / (window_rows(c.window) + 1)))
+            out += parts * x.split(a * tok * c.heads * c.v_head_dim)
         if x.c > 1:  # context parallel: the last rank's queries attend to every rank's keys
             # all-gathered (cp_forward), which the saved views of them keep whole, a window or not
             out += x.split(a * x.b * (T - x.s) * c.kv_heads * (c.head_dim + c.v_head_dim))
@@ -420,6 +459,16 @@ def stored(c: AttentionConfig, x, selective: bool):
             out += x.split(4 * scores + a * tok * (c.heads - c.kv_heads) * (c.head_dim + c.v_head_dim))
             out += x.s * T
     return out
+
+
+def window_masks(c: AttentionConfig, x):
+    """Mask elements a windowed attention's forward saves for backward (one [rows, keys] mask per query block,
+    shared by the batch and the heads, `window_mask_elements`): one call over the rank's T tokens, or under
+    context parallelism one per piece of T/chunks queries, piece k's first query k*T/chunks keys in (the
+    traced last rank holds the pieces ending at chunk `last_chunk`)."""
+    tq = T / R(x.chunks)
+    return sum(window_mask_elements(c.window, tq, k * tq)
+               for k in range(x.last_chunk - x.pieces + 1, x.last_chunk + 1))
 
 
 def _causal_sum(window: int | None, chunk: int | None = None):

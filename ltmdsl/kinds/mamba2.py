@@ -5,11 +5,18 @@ Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, c
   taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention.
 Prefill workspace for a chunk of Cc = min(C, T) tokens (tok = b * Cc/c; Di', Hs' and conv_dim' = Di + 2GN
 over t), as the runtime holds it (traced by `ltmdsl memory --measure`): zxbcdt, the conv output and the scan
-output a * tok * (2Di + 2GN + Hs + conv_dim + Di)/t and the fp32 dt 4 * tok * Hs' throughout, then the
-larger of two moments:
-    scan   one SSD chunk of L = min(chunk, Cc/c) tokens: four fp32 [b, L, L, Hs'] tensors (segment sums,
-           masked, exponentiated, C.B scores) 16 * b * L^2 * Hs', B and C per head 8 * b * L * Hs' * N,
-           dt * x 4 * b * L * Di', the fp32 state 4 * b * Hs' * P * N
+output a * tok * (2Di + 2GN + Hs + conv_dim + Di)/t and the fp32 dt 4 * tok * Hs' throughout (the scan
+output from the end of the scan's first chunk), then the largest of three moments:
+    scan   one SSD chunk of n tokens: four fp32 [b, n, n, Hs'] tensors (segment sums,
+           masked, exponentiated, C.B scores) 16 * b * n^2 * Hs', B and C per head 8 * b * n * Hs' * N,
+           dt * x 4 * b * n * Di', the cumulative log-decay 4 * b * n * Hs' and the boolean causal mask n^2:
+           the first chunk (L = min(chunk, Cc/c)) without the scan output, which is allocated after it, and
+           beside the cached state's fp32 copy when the state dtype is not fp32 (ssd_scan holds the state it
+           started from until the last chunk); a later chunk (the longest, min(chunk, Cc/c - chunk) tokens,
+           when there is one) beside the scan output, the fp32 state entering it 4 * b * Hs' * P * N and that
+           copy. Until this convention one moment was counted, with the output and one state, and without
+           the decay, the mask and the copy: 1.46 MiB under a six-sub-layer Zamba2 stack's traced moment at
+           Cc = 1024 tokens (+0.9%), +1.66% on one 2.7B-wide layer; -4.0% at Cc = 256 with an fp32 state.
     gate   y + D x, y * silu(z), its normalised copy and the weighted output in fp32 16 * tok * Di' (12
            without the gated norm: y + D x, silu(z) and the product) and the final state 4 * b * Hs' * P * N
 Training activations per micro-batch (the runtime's scan keeps its inputs and recomputes the scan, the
@@ -121,18 +128,26 @@ def cache(c: Mamba2Config, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: Mamba2Config, d: int, s):
-    """The larger of the SSD chunk's and the gate's moments (module docstring)."""
+    """The largest of the SSD chunks' and the gate's moments (module docstring)."""
     b = per_replica(B, s.dp)
     cc = sympy.Min(C, T) / R(s.cp)
     tok, t = b * cc, R(s.tp)
+    a = s.activation_dtype.bytes
     hs, di, N = c.heads / t, c.d_inner / t, c.d_state
-    L = sympy.Min(c.chunk, cc)
     zxbcdt = 2 * c.d_inner + 2 * c.n_groups * N + c.heads
-    held = s.activation_dtype.bytes * tok * (zxbcdt + c.conv_dim + c.d_inner) / t + 4 * tok * hs
+    held = a * tok * (zxbcdt + c.conv_dim) / t + 4 * tok * hs  # zxbcdt, the conv output, the fp32 dt
+    out = a * tok * di  # the scan output, allocated once its first chunk is done
     state = 4 * b * hs * c.head_dim * N
-    scan = 16 * b * L**2 * hs + 8 * b * L * hs * N + 4 * b * L * di + state
-    gate = (16 if c.gated_norm else 12) * tok * di + state
-    return held + Largest(scan, gate)
+    copy = state if s.state_dtype.name != ("fp64" if a == 8 else "fp32") else 0  # the cached state, in fp32
+
+    def chunk(n):  # one SSD chunk of n tokens: its fp32 temporaries (module docstring)
+        return 16 * b * n**2 * hs + 8 * b * n * hs * N + 4 * b * n * (di + hs) + n**2
+
+    later = sympy.Min(c.chunk, Largest(0, cc - c.chunk))  # the longest chunk after the first (0: there is none)
+    first = chunk(sympy.Min(c.chunk, cc)) + copy
+    after = sympy.Min(1, later) * (out + chunk(later) + state + copy)
+    gate = out + (16 if c.gated_norm else 12) * tok * di + state
+    return held + Largest(first, after, gate)
 
 
 def stored(c: Mamba2Config, x, selective: bool):

@@ -3,7 +3,8 @@
 On fake tensors time is Python dispatch: a fixed number of ops per sub-layer, plus the kinds whose reference
 code loops over the sequence (the Mamba-1 scan, the Mamba-2 SSD, the gated delta rule and lightning attention
 visit T/chunk chunks; attention that needs
-a causal mask, a window or a chunk against cached keys, visits query blocks of `mask_rows` queries) and the
+a causal mask or a chunk against cached keys, visits query blocks of `mask_rows` queries, a window blocks of
+`window_rows`) and the
 MoE's loop over experts. `estimate_ops` counts those steps for
 the traced step (forward; training adds the backward and recompute, about 3x) and `check` refuses more than
 OP_LIMIT, suggesting the largest context (a power of two) that fits.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 
 from ltmdsl.ir import ModelIR
-from ltmdsl.kinds.attention import mask_rows
+from ltmdsl.kinds.attention import mask_rows, window_rows
 from ltmdsl.memory.assemble import stage_ranges
 from ltmdsl.memory.settings import Settings
 
@@ -37,8 +38,8 @@ def _loop_steps(layer, tokens: int, keys: int) -> int:
     if layer.kind in ("attention", "mla") and getattr(m, "window", None) is None and keys > tokens:
         return math.ceil(tokens / mask_rows(keys))  # masked query blocks of a chunk against cached keys
     if layer.kind == "attention" and m.window is not None:
-        reach = min(keys, tokens + m.window)
-        return math.ceil(tokens / mask_rows(reach)) if tokens > mask_rows(reach) else 0
+        rows = window_rows(m.window)  # query blocks of a window (runtime/ops_attention.py `attention`)
+        return math.ceil(tokens / rows) if tokens > rows else 0
     if layer.kind == "moe":
         return m.experts
     return 0

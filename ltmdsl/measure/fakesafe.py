@@ -8,7 +8,7 @@ scans loop over T/chunk chunks of static shapes, and nothing reads a value back.
 its forward is replaced by a *balanced* dispatch with static shapes, the router still runs (its logits,
 softmax and top-k are traced) but assignment j = token*k + slot of the M*k goes to expert j mod E, so each
 expert receives ceil((M*k - e)/E) tokens: the memory of perfectly balanced routing, with no dropped tokens.
-Under expert parallelism the same plan gives the all-to-all split sizes in Python (`_balanced_ep_forward`).
+Under expert parallelism the same plan gives the all-to-all split sizes in Python (`_balanced_ep_routed`).
 
 Kinds not listed in TRACE_PATHS have no known fake-safe path and are refused by `check`, naming the kind.
 """
@@ -27,20 +27,31 @@ class NotTraceable(ValueError):
 
 
 def _balanced_moe_forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
-    """The MoE forward (runtime/kinds/moe.py `MoE.forward`) with static-shape balanced dispatch (module
-    docstring) in place of `torch.where(idx == e)`: the same expert maths (biases, clamped SwiGLU, weighted
-    inputs) and the shared expert and its gate."""
-    from ltmdsl.runtime.kinds.moe import route
+    """The MoE forward (runtime/kinds/moe.py `MoE.forward`, `ep_forward` under expert parallelism) with the
+    static-shape balanced dispatch (module docstring) in place of `torch.where(idx == e)`: the same expert maths
+    (biases, clamped SwiGLU, weighted inputs), and the shared expert and its gate (`with_shared`) once the
+    routed part has returned and released its temporaries, as the runtime runs them."""
+    from ltmdsl.runtime.kinds.moe import with_shared
 
-    if self.expert_parallel is not None:
-        return _balanced_ep_forward(self, x, self.expert_parallel)
-    cfg = self.cfg
     shape = x.shape
     xf = x.reshape(-1, shape[-1])  # [M, d]
+    if self.expert_parallel is not None:
+        out = _balanced_ep_routed(self, xf, self.expert_parallel)  # [M, d]
+    else:
+        out = _balanced_routed(self, xf)  # [M, d]
+    return with_shared(self, xf, out).view(shape)
+
+
+def _balanced_routed(self, xf: torch.Tensor) -> torch.Tensor:
+    """`MoE.routed` with the balanced plan: xf [M, d] -> [M, d]. The router still runs (its logits, softmax
+    and top-k are traced); assignment j = token*k + slot goes to expert j mod E."""
+    from ltmdsl.runtime.kinds.moe import route
+
+    cfg = self.cfg
     M, k, E = xf.shape[0], cfg.top_k, cfg.experts
     w, _idx = route(self.router(xf), cfg, self.selection_bias)  # [M, k]; indices replaced by the balanced plan
     out = torch.zeros_like(xf)  # [M, d]
-    j = torch.arange(M * k, device=x.device)  # [M*k] assignments
+    j = torch.arange(M * k, device=xf.device)  # [M*k] assignments
     for e in range(min(E, M * k)):  # experts past M*k receive nothing
         sel = j[e::E]  # [m] static: ceil((M*k - e)/E) assignments
         tok, slot = sel // k, sel % k  # [m], [m]
@@ -50,31 +61,25 @@ def _balanced_moe_forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> t
         else:
             he = self.experts.one(cfg, e, xf[tok]) * we  # [m, d]
         out.index_add_(0, tok, he.to(out.dtype))
-    if self.shared is not None:
-        shared = self.shared(xf)  # [M, d]
-        if self.shared_gate is not None:
-            shared = torch.sigmoid(self.shared_gate(xf)) * shared  # [M, 1] * [M, d]
-        out = out + shared
-    return out.view(shape)
+    return out
 
 
-def _balanced_ep_forward(self, x: torch.Tensor, ep) -> torch.Tensor:
-    """runtime/kinds/moe.py `ep_forward` with the balanced plan: assignment j goes to expert j mod E on every
-    rank, so the all-to-all split sizes are known in Python (no `bincount`, no count exchange) and each rank
-    receives, for each of its E/ep experts, the same rows from every rank. The runtime's exchanges, expert
-    maths and weighted sum (`ep_experts`) on that plan, and its shared expert (`with_shared`)."""
-    from ltmdsl.runtime.kinds.moe import ep_experts, route, with_shared
+def _balanced_ep_routed(self, whole: torch.Tensor, ep) -> torch.Tensor:
+    """runtime/kinds/moe.py `ep_routed` with the balanced plan: whole [M, d] -> [M, d] (folded, etp = 1 < tp:
+    this rank's 1/t part dispatched, the parts gathered, as `ep_routed`). Assignment j goes to
+    expert j mod E on every rank, so the all-to-all split sizes are known in Python (no `bincount`, no count
+    exchange) and each rank receives, for each of its E/ep experts, the same rows from every rank. The
+    runtime's exchanges, expert maths and weighted sum (`ep_experts`) on that plan."""
+    from ltmdsl.runtime.kinds.moe import ep_experts, route
 
     cfg = self.cfg
-    shape = x.shape
-    whole = x.reshape(-1, shape[-1])  # [M, d]
     w, _idx = route(self.router(whole), cfg, self.selection_bias)  # [M, k]; indices replaced by the balanced plan
     fold = ep.folds(whole.shape[0])
-    xf, w = (ep.part(whole), ep.part(w)) if fold else (whole, w)  # folded (etp = 1 < tp): as ep_forward
+    xf, w = (ep.part(whole), ep.part(w)) if fold else (whole, w)  # folded (etp = 1 < tp): as ep_routed
     M, k, E = xf.shape[0], cfg.top_k, cfg.experts
     per = E // ep.size
     rows_of = [len(range(e, M * k, E)) for e in range(E)]  # assignments to expert e from one rank
-    order = torch.cat([torch.arange(e, M * k, E, device=x.device) for e in range(min(E, M * k))])  # [M*k] by expert
+    order = torch.cat([torch.arange(e, M * k, E, device=xf.device) for e in range(min(E, M * k))])  # [M*k] by expert
     send = [sum(rows_of[r * per:(r + 1) * per]) for r in range(ep.size)]
     recv = [send[ep.rank]] * ep.size  # every rank sends this rank's experts the same rows
     starts, at = [], 0
@@ -86,11 +91,11 @@ def _balanced_ep_forward(self, x: torch.Tensor, ep) -> torch.Tensor:
     def rows(e: int) -> torch.Tensor:  # [m] this expert's rows from every rank
         n = rows_of[ep.rank * per + e]
         if n == 0:
-            return torch.empty(0, dtype=torch.long, device=x.device)
-        return torch.cat([torch.arange(a, a + n, device=x.device) for j, a in starts if j == e])
+            return torch.empty(0, dtype=torch.long, device=xf.device)
+        return torch.cat([torch.arange(a, a + n, device=xf.device) for j, a in starts if j == e])
 
     out = ep_experts(self, xf, w.flatten()[order], order // k, send, recv, rows, ep)  # [M, d]
-    return with_shared(self, whole, ep.whole(out) if fold else out).view(shape)  # shared expert as ep_forward
+    return ep.whole(out) if fold else out  # folded: parts gathered
 
 
 #: kind -> None (fake-safe as it is) or a forward to bind on its module for tracing.

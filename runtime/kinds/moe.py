@@ -78,9 +78,10 @@ class Experts(nn.Module):
         up_w, down_w = ep.local(self.up_proj), ep.local(self.down_proj)  # one local view each
         # [R, d]: tied to rx and this rank's expert weights even when no row comes here (R = 0), so that every
         # rank's backward runs both all-to-alls (a rank whose graph skipped them would leave its peers waiting)
-        # and its experts get a (zero) gradient, as the stacked expert weights of one process do
+        # and its experts get a (zero) gradient, as the stacked expert weights of one process do. The weights'
+        # zero is added in place: `rx * 0 + held * 0` held a third [R, d] buffer beside rx and ry for a moment
         held = sum(w_.sum() for w_ in (gate_w, up_w, down_w) if w_ is not None)
-        ry = rx * 0 + held * 0
+        ry = (rx * 0).add_(held * 0)  # [R, d]
         for e in range(up_w.shape[0]):
             rows = rows_of(e)  # [m]
             if rows.numel() == 0:
@@ -161,9 +162,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
         if self.expert_parallel is not None:
             return ep_forward(self, x, self.expert_parallel)
-        cfg = self.cfg
         shape = x.shape
         xf = x.reshape(-1, shape[-1])  # [M, d]
+        return with_shared(self, xf, self.routed(xf)).view(shape)
+
+    def routed(self, xf: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum over the tokens xf [M, d] -> [M, d]. A function of its own so that
+        the routing weights, the indices and the last expert's rows are released on return, before the shared
+        expert runs (`with_shared`): the loop's variables had held the last expert's [m, d] output through it."""
+        cfg = self.cfg
         w, idx = route(self.router(xf), cfg, self.selection_bias)  # [M, k], [M, k]
         xe = xf
         if self.experts.tp_mesh is not None:  # the experts' inputs get partial gradients from each rank
@@ -182,7 +189,7 @@ class MoE(nn.Module):
             out.index_add_(0, tok, he.to(out.dtype))
         if self.experts.tp_mesh is not None:
             out = sum_over_tp(out, self.experts.tp_mesh)  # [M, d]
-        return with_shared(self, xf, out).view(shape)
+        return out
 
     def step(self, x: torch.Tensor, state=None, pos0: int = 0) -> torch.Tensor:
         return self.forward(x)
@@ -246,11 +253,18 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     tokens. Folded (MoE parallel folding, etp = 1 under tp: `ep.fold`) every tp rank routes its tokens but
     dispatches only its 1/t part, and the parts' outputs are all-gathered over tp. Expert biases are refused
     (not split over ep yet)."""
-    cfg = module.cfg
-    if cfg.expert_bias:
+    if module.cfg.expert_bias:
         raise ValueError("expert parallelism does not split expert biases yet (expert_bias = true)")
     shape = x.shape
     whole = x.reshape(-1, shape[-1])  # [M, d]
+    return with_shared(module, whole, ep_routed(module, whole, ep)).view(shape)
+
+
+def ep_routed(module: MoE, whole: torch.Tensor, ep) -> torch.Tensor:
+    """`ep_forward`'s routed experts over the tokens whole [M, d] -> [M, d]: the routing, the plan and the
+    exchanges (`ep_experts`); folded, this rank's 1/t part of them, the parts gathered. Its routing weights and
+    int64 plan (indices, order, tokens, received experts) are released on return, before the shared expert runs."""
+    cfg = module.cfg
     w, idx = route(module.router(whole), cfg, module.selection_bias)  # [M, k], [M, k]
     fold = ep.folds(whole.shape[0])
     xf, w, idx = (ep.part(whole), ep.part(w), ep.part(idx)) if fold else (whole, w, idx)  # folded: M/t rows
@@ -258,13 +272,13 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     per = cfg.experts // ep.size
     order = torch.argsort(idx.flatten(), stable=True)  # assignments grouped by expert (hence by rank)
     expert = idx.flatten()[order]  # [M*k]
-    tok = torch.arange(M, device=x.device).repeat_interleave(k)[order]  # [M*k]
+    tok = torch.arange(M, device=xf.device).repeat_interleave(k)[order]  # [M*k]
     send = torch.bincount(expert // per, minlength=ep.size)  # [ep]
     recv = ep.counts(send)
     send_l, recv_l = send.tolist(), recv.tolist()
     re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
     out = ep_experts(module, xf, w.flatten()[order], tok, send_l, recv_l, lambda e: torch.where(re == e)[0], ep)
-    return with_shared(module, whole, ep.whole(out) if fold else out).view(shape)  # folded: parts gathered
+    return ep.whole(out) if fold else out  # folded: parts gathered
 
 
 def with_shared(module: MoE, xf: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -671,16 +671,15 @@ def test_mamba2_context_parallel_rank_keeps_what_the_model_counts(plan, recomput
 
 def test_windowed_attention_under_cp_keeps_the_gathered_keys_as_global_attention_does(dense):
     """A cp rank's windowed attention saves views of every rank's all-gathered keys and values, as global
-    attention does: with a window as long as the rank's pieces the two trace the same bytes, and the memory
-    model now tells them apart only by the global layers' causal mask, a*s*T each (it counted no gathered keys
-    for a window; the window's own block masks are still not counted)."""
+    attention does, and its pieces' masks, each over only the keys its window reaches: traced as the model counts
+    (it counted no gathered keys for a window, then no masks). Its masks are smaller than the global layers'
+    causal masks over every key (windows of 64 over pieces of 64 tokens)."""
     windowed = ltmdsl.loads(DENSE.replace("rope_theta = 10000)", "rope_theta = 10000, window = 64)"))
     plan = dict(cp=2, gpus=2, recompute="none")
     glob = measure(dense.model, _budget(dense, "train"), **plan)
     win = measure(windowed.model, _budget(windowed, "train"), **plan)
-    assert win.measured["activations"] == glob.measured["activations"]
-    s, T, layers = 256 // 2, 256, 2
-    assert glob.predicted["activations"] - win.predicted["activations"] == layers * 2 * s * T
+    assert win.measured["activations"] == win.predicted["activations"], win.to_text()
+    assert win.measured["activations"] < glob.measured["activations"]
 
 
 def test_counting_saved_tensors_skips_what_the_function_freed():
