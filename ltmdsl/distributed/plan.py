@@ -7,8 +7,7 @@ world size when not given. `check_plan` refuses, with every problem in one messa
   - does not multiply to the world size (tp*pp*cp*dp),
   - does not divide the model (heads, experts, layers: the memory model's own words, budgets.plan_problems),
   - does not divide the batch over dp or the sequence over cp (2*cp chunks under the balanced cp split),
-  - carves the expert-parallel ranks other than out of the data-parallel ones (ep must divide dp), or splits
-    experts with biases (not split over ep yet),
+  - carves the expert-parallel ranks other than out of the data-parallel ones (ep must divide dp),
   - combines degrees ltmdsl.distributed does not run together yet (ep with tp or cp, interleaving without a
     pipeline: docs/DISTRIBUTED.md).
 
@@ -59,11 +58,6 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"tp*pp*cp*dp = {plan.tp}*{plan.pp}*{plan.cp}*{plan.dp} = {plan.world} "
                       f"must equal the world size {world}")
     errors += [message for _key, message in plan_problems(model, plan.tp, plan.pp, plan.ep)]
-    if plan.ep > 1:
-        biased = next((layer for layer in model.layers if layer.kind == "moe" and layer.mixer.expert_bias), None)
-        if biased is not None:
-            errors.append(f"ep = {plan.ep}: expert parallelism does not split expert biases yet; layer "
-                          f"'{biased.definition}' has expert_bias = true")
     if plan.ep > 1 and plan.dp % plan.ep:
         errors.append(f"ep = {plan.ep} does not divide dp = {plan.dp}: the expert-parallel ranks are carved out of "
                       "the data-parallel ranks (Megatron-LM's expert parallelism; under tp each expert's width is "
