@@ -1,7 +1,8 @@
 """Mamba-2 state-space duality layer (Dao & Gu 2024): its IR config and every pure facet.
 
 Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
-    conv  b * (Di + 2GN)/t * taps * s_bytes      SSM  b * Hs/t * P * N * s_bytes
+    conv  b * (Di/t + 2*ceil(G/t)*N) * taps * s_bytes      SSM  b * Hs/t * P * N * s_bytes
+  (t > G: each tp rank holds the one group its heads read, replicated over the ranks sharing it)
   taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention.
 Prefill workspace for a chunk of Cc = min(C, T) tokens (tok = b * Cc/c; Di', Hs' and conv_dim' = Di + 2GN
 over t), as the runtime holds it (traced by `ltmdsl memory --measure`): zxbcdt, the conv output and the scan
@@ -49,7 +50,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, divide, no_context_limit,
     none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, cdiv, per_replica
 
 R = sympy.Rational
 
@@ -108,15 +109,20 @@ def count(c: Mamba2Config, d: int) -> int:
 
 def split(c: Mamba2Config, d: int) -> Split:
     """Heads and groups split over tp (Megatron-LM's Mamba split); the row-parallel out_proj's bias is
-    replicated."""
-    return Split(tp=(("SSM heads", c.heads), ("groups", c.n_groups)), replicated=d if c.proj_bias else 0)
+    replicated. Beyond n_groups ranks each holds the one group its heads read (B and C projection rows and
+    conv channels, with their biases), replicated over the ranks sharing it."""
+    GN = c.n_groups * c.d_state
+    group_params = 2 * GN * (d + (1 if c.proj_bias else 0) + c.d_conv + (1 if c.conv_bias else 0))
+    return Split(tp=(("SSM heads", c.heads),), grouped=(("groups", c.n_groups, group_params),),
+                 replicated=d if c.proj_bias else 0)
 
 
 def cache(c: Mamba2Config, s) -> tuple[CacheTerm, ...]:
     b = per_replica(B, s.dp)
     sb = s.state_dtype.bytes
+    channels = R(c.d_inner, s.tp) + 2 * cdiv(c.n_groups, s.tp) * c.d_state  # x; B and C: one group beyond G ranks
     return (CacheTerm("recurrent_state", "conv", s.state_dtype,
-                      b * R(c.conv_dim, s.tp) * conv_taps(c.d_conv, s.conv_taps) * sb),
+                      b * channels * conv_taps(c.d_conv, s.conv_taps) * sb),
             CacheTerm("recurrent_state", "ssm", s.state_dtype, b * R(c.heads, s.tp) * c.head_dim * c.d_state * sb))
 
 

@@ -297,7 +297,7 @@ def test_cli_nproc_takes_the_budget_plan_and_prints_json(spec, tmp_path, capfd):
     pytest.param(("--nproc", "2", "--cp", "2", "--context", "25"), "does not divide the sequence", id="cp-context"),
     pytest.param(("--nproc", "2", "--cp", "2", "--context", "26"), "2*cp = 4 chunks", id="cp-balanced-context"),
     pytest.param(("--nproc", "2", "--budget", "nope"), "no budget 'nope'", id="unknown-budget"),
-    pytest.param(("--nproc", "2", "--tp", "2"), "tp = 2 does not divide the 1 groups of layer 'm2'",
+    pytest.param(("--nproc", "4", "--tp", "4"), "tp = 4 does not divide the 2 heads of layer 'w'",
                  id="tp-unsplittable-kind"),
 ])
 def test_cli_refuses_a_bad_plan_before_launch(spec, tmp_path, capsys, extra, message):
@@ -332,14 +332,16 @@ def test_cli_resume_of_another_spec_is_refused(spec, tmp_path, capsys):
 
 def test_fused_layers_train_under_tp_and_undividable_ones_are_refused():
     """tp splits short_conv's and Mamba-2's fused in_proj by segments, whose distributed checkpoints are
-    written in the stored layout: training accepts the plan. One tp cannot divide is refused before launch
-    in the memory model's words."""
+    written in the stored layout: training accepts the plan, also with fewer Mamba-2 groups than ranks (each
+    rank holds its heads' group). One tp cannot divide is refused before launch in the memory model's words."""
     text = ("model m {\n vocab = 32\n d_model = 16\n layer c = short_conv(kernel = 3)\n"
             " layer s = mamba2(d_state = 8, head_dim = 8, expand = 2, n_groups = N, chunk = 8)\n"
             " layer f = mlp(d_ff = 32)\n stack { c f s f }\n}\n")
-    parallel.check(ltmdsl.loads(text.replace("N", "2")).ir.model(), plan_from(world=2, tp=2), 2, batch=4, context=24)
-    with pytest.raises(PlanError, match="tp = 2 does not divide the 1 groups of layer 's'"):
-        parallel.check(ltmdsl.loads(text.replace("N", "1")).ir.model(), plan_from(world=2, tp=2), 2, batch=4,
+    for groups in ("2", "1"):
+        parallel.check(ltmdsl.loads(text.replace("N", groups)).ir.model(), plan_from(world=2, tp=2), 2, batch=4,
+                       context=24)
+    with pytest.raises(PlanError, match="tp = 8 does not divide the 4 SSM heads of layer 's'"):
+        parallel.check(ltmdsl.loads(text.replace("N", "1")).ir.model(), plan_from(world=8, tp=8), 8, batch=4,
                        context=24)
 
 
