@@ -100,6 +100,13 @@ class RowLayout:
         """The stored shape of a parameter whose tp-side shape is `shape`."""
         return (self.stored, *tuple(shape)[1:])
 
+    def row_weights(self) -> torch.Tensor:
+        """1 / the copies of each tp-side row's stored row [rows] (float64): a sum over the tp-side rows so
+        weighted counts every stored row once (a gradient norm)."""
+        index = self.index()
+        copies = torch.bincount(index, minlength=self.stored).double()  # [stored]
+        return 1.0 / copies[index]  # [rows]
+
 
 def segment_order(sizes: tuple[int, ...], t: int, groups: tuple[int | None, ...] | None = None) -> torch.Tensor:
     """Rows of a fused tensor with segments of `sizes` (each divisible by t) in tp order: rank 0's 1/t of

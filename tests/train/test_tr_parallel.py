@@ -222,6 +222,30 @@ def test_resume_of_a_zero1_run_under_zero3(tmp_path):
     assert_same_steps(metrics.read(run / metrics.METRICS), want)
 
 
+@pytest.mark.parametrize("saved, resumed", [
+    pytest.param((2, {"cp": 2}), (2, {"zero": 1}), id="cp2-to-dp2-zero1"),
+    pytest.param((2, {"zero": 3}), (2, {"cp": 2, "zero": 1}), id="dp2-zero3-to-cp2-zero1"),
+    pytest.param((2, {"tp": 2}), (2, {"cp": 2}), id="tp2-one-mamba2-group-to-cp2"),
+    pytest.param((2, {"cp": 2}), (4, {"tp": 2, "zero": 3}), id="cp2-to-dp2-tp2-zero3-one-mamba2-group"),
+])
+def test_resume_with_context_parallelism_continues_the_run(tmp_path, saved, resumed):
+    """Stopped after 2 steps under cp = 2 (the load-balanced split: each rank two chunks of every sequence) and
+    resumed under dp = 2, or the other way round, or stopped under tp = 2 (the trainer's Mamba-2 has one group:
+    each rank holds it) and resumed under cp = 2, or from cp = 2 to dp 2 x tp 2 x ZeRO 3: steps 3-4 (loss,
+    gradient norm, answer accuracy, lr) equal the uninterrupted single-process run, so the data position, the
+    schedule and the optimizer state carry over, and the clipped gradient norm counts the B and C rows the tp
+    ranks share once (it counted them on every rank: steps 3-4 off by 3e-5 and 3e-4)."""
+    from ltmdsl.train import metrics
+
+    ir = model()
+    want = single(ir, tmp_path / "one", steps=4)
+    run = tmp_path / "run"
+    (world, degrees), (world2, degrees2) = saved, resumed
+    parallel.run(ir, config(run, steps=4, stop_after=2), plan_from(world=world, **degrees), nproc=world)
+    parallel.run(ir, config(run, steps=4, resume=True), plan_from(world=world2, **degrees2), nproc=world2)
+    assert_same_steps(metrics.read(run / metrics.METRICS), want)
+
+
 def test_resume_of_a_pipeline_zero2_run_under_zero3(tmp_path):
     """Stopped after 2 steps under pp = 2 with ZeRO 2 (each stage's FSDP2 shards in the checkpoint), resumed
     under dp = 2 with ZeRO 3: steps 3-4 equal the uninterrupted single-process run."""
