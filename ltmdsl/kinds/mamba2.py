@@ -5,7 +5,7 @@ Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, c
   (t > G: each tp rank holds the one group its heads read, replicated over the ranks sharing it)
   taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention.
 Prefill workspace for a chunk of Cc = min(C, T) tokens (tok = b * Cc/c; Di', Hs' and conv_dim' = Di + 2GN
-over t), as the runtime holds it (traced by `ltmdsl memory --measure`): zxbcdt, the conv output and the scan
+over t, whose 2GN/t is one group's 2N when t exceeds the groups), as the runtime holds it (traced by `ltmdsl memory --measure`): zxbcdt, the conv output and the scan
 output a * tok * (2Di + 2GN + Hs + conv_dim + Di)/t and the fp32 dt 4 * tok * Hs' throughout, then the
 larger of two moments:
     scan   one SSD chunk of L = min(chunk, Cc/c) tokens: four fp32 [b, L, L, Hs'] tensors (segment sums,
@@ -126,6 +126,12 @@ def cache(c: Mamba2Config, s) -> tuple[CacheTerm, ...]:
             CacheTerm("recurrent_state", "ssm", s.state_dtype, b * R(c.heads, s.tp) * c.head_dim * c.d_state * sb))
 
 
+def _bc_per_rank(c: Mamba2Config, t) -> sympy.Expr:
+    """The B and C channels a tp rank holds: 2GN/t, or one group's 2N when t exceeds the groups (each rank
+    holds the group its heads read)."""
+    return 2 * c.d_state * (R(c.n_groups, int(t)) if int(t) <= c.n_groups else 1)
+
+
 def workspace(c: Mamba2Config, d: int, s):
     """The larger of the SSD chunk's and the gate's moments (module docstring)."""
     b = per_replica(B, s.dp)
@@ -133,8 +139,9 @@ def workspace(c: Mamba2Config, d: int, s):
     tok, t = b * cc, R(s.tp)
     hs, di, N = c.heads / t, c.d_inner / t, c.d_state
     L = sympy.Min(c.chunk, cc)
-    zxbcdt = 2 * c.d_inner + 2 * c.n_groups * N + c.heads
-    held = s.activation_dtype.bytes * tok * (zxbcdt + c.conv_dim + c.d_inner) / t + 4 * tok * hs
+    bc = _bc_per_rank(c, t)
+    zxbcdt, conv = (2 * c.d_inner + c.heads) / t + bc, di + bc  # a rank's in_proj outputs and conv channels
+    held = s.activation_dtype.bytes * tok * (zxbcdt + conv + di) + 4 * tok * hs
     state = 4 * b * hs * c.head_dim * N
     scan = 16 * b * L**2 * hs + 8 * b * L * hs * N + 4 * b * L * di + state
     gate = (16 if c.gated_norm else 12) * tok * di + state
@@ -144,11 +151,12 @@ def workspace(c: Mamba2Config, d: int, s):
 def stored(c: Mamba2Config, x, selective: bool):
     """Module docstring; the same under selective recompute."""
     a, tok = x.a, x.tok
-    zxbcdt = 2 * c.d_inner + 2 * c.n_groups * c.d_state + c.heads
-    out = x.base + x.split(a * tok * (zxbcdt + 3 * c.conv_dim + c.d_inner) + a * x.b * c.conv_dim * (c.d_conv - 1))
+    bc = _bc_per_rank(c, x.t)
+    zxbcdt, conv = x.split(2 * c.d_inner + c.heads) + bc, x.split(c.d_inner) + bc  # a rank's widths
+    out = x.base + a * tok * (zxbcdt + 3 * conv + x.split(c.d_inner)) + a * x.b * conv * (c.d_conv - 1)
     if x.c > 1:  # context parallel: the pieces' halos, their entering states and the exchange's (module docstring)
         state = 4 * x.b * x.split(c.heads * c.head_dim * c.d_state)  # one fp32 [b, Hs', P, N] state
-        out += x.split(a * x.b * c.conv_dim * (x.pieces - 1) * (c.d_conv - 1))
+        out += a * x.b * conv * (x.pieces - 1) * (c.d_conv - 1)
         out += state * (x.pieces + x.last_chunk) + 4 * x.b * x.chunks * x.split(c.heads)
     return out
 
@@ -172,7 +180,7 @@ def dims(c: Mamba2Config) -> str:
 def backward(c: Mamba2Config, x):
     """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
     a, tok, di, N = x.a, x.tok, x.split(c.d_inner), c.d_state
-    region = (40 + a) * tok * di + 4 * tok * x.split(2 * c.n_groups * N + c.heads)
+    region = (40 + a) * tok * di + 4 * tok * (_bc_per_rank(c, x.t) + x.split(c.heads))
     starts = 4 * x.b * di * N * sympy.ceiling(x.s / c.chunk)
     return region + starts
 
