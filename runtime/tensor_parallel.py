@@ -15,6 +15,10 @@
     head_replicas(heads)   a Linear whose output rows are `heads` KV heads, fewer than the tp ranks (MQA, GQA
                            at t > Hkv): each rank holds the one head its query heads use (Megatron-LM's
                            replicated KV heads), the copies' gradients summed (below)
+    grouped_segments(...)  `segmented` where some segments are fewer groups than ranks (Mamba-2's B and C at
+                           n_groups < t): each rank holds its heads' group of those, the copies' gradients
+                           summed over the ranks sharing it (`tp_local`); sum_over_group sums an activation
+                           over them (a norm over a group split across those ranks)
     shared_weight(module)  a replicated weight of a tp-marked module whose uses are split over the ranks
                            (a per-head norm's weight shared by heads on different ranks): its gradient summed
     tp_size(module)        the tp degree a module was split over (1 when it was not)
@@ -30,6 +34,8 @@ unchanged. Each is a `RowLayout`, recorded by its style as `module.tp_layouts = 
              so each rank's local shard is [z_r, x_r, B_r, C_r, dt_r] (a permutation of the stored rows);
   replicas   Hkv heads' rows repeated t / Hkv times (rank r holds head r // (t / Hkv)): the tp-side tensor
              has t heads' rows, the stored one Hkv.
+  grouped    segments rank-major where some are fewer groups than ranks (`grouped_segments`): those rows
+             repeated as replicas are, inside each rank's part.
 
 `RowLayout.rows[i]` is the stored row of tp-side row i. The seeded init draws in the stored layout and
 `runtime.initializers.assign_` takes `full[rows]`; `stored_layout` turns a gathered tp-side tensor back (a
@@ -94,19 +100,35 @@ class RowLayout:
         """The stored shape of a parameter whose tp-side shape is `shape`."""
         return (self.stored, *tuple(shape)[1:])
 
+    def row_weights(self) -> torch.Tensor:
+        """1 / the copies of each tp-side row's stored row [rows] (float64): a sum over the tp-side rows so
+        weighted counts every stored row once (a gradient norm)."""
+        index = self.index()
+        copies = torch.bincount(index, minlength=self.stored).double()  # [stored]
+        return 1.0 / copies[index]  # [rows]
 
-def segment_order(sizes: tuple[int, ...], t: int) -> torch.Tensor:
+
+def segment_order(sizes: tuple[int, ...], t: int, groups: tuple[int | None, ...] | None = None) -> torch.Tensor:
     """Rows of a fused tensor with segments of `sizes` (each divisible by t) in tp order: rank 0's 1/t of
-    every segment, then rank 1's, ... (index into the stored layout)."""
+    every segment, then rank 1's, ... (index into the stored layout). `groups[i]`, where given and fewer than
+    t, makes segment i one of that many groups replicated beyond them: rank r holds group r // (t / groups[i])
+    whole (Mamba-2's B and C at n_groups < t), so its rows appear t / groups[i] times."""
+    groups = groups or (None,) * len(sizes)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    rows = [torch.arange(start + r * (n // t), start + (r + 1) * (n // t))
-            for r in range(t) for start, n in zip(starts, sizes)]
+    rows = []
+    for r in range(t):
+        for start, n, k in zip(starts, sizes, groups):
+            if k is not None and k < t:  # one of k groups, rank r's: group r // (t / k)
+                g = r // (t // k)
+                rows.append(torch.arange(start + g * (n // k), start + (g + 1) * (n // k)))
+            else:
+                rows.append(torch.arange(start + r * (n // t), start + (r + 1) * (n // t)))
     return torch.cat(rows)
 
 
-def segments_layout(sizes: tuple[int, ...], t: int) -> RowLayout:
-    """The rank-major layout of a fused tensor of segments `sizes` over t ranks."""
-    return RowLayout(tuple(segment_order(sizes, t).tolist()), sum(sizes))
+def segments_layout(sizes: tuple[int, ...], t: int, groups: tuple[int | None, ...] | None = None) -> RowLayout:
+    """The rank-major layout of a fused tensor of segments `sizes` over t ranks (`groups`: segment_order's)."""
+    return RowLayout(tuple(segment_order(sizes, t, groups).tolist()), sum(sizes))
 
 
 def replicas_layout(heads: int, rows_per_head: int, t: int) -> RowLayout:
@@ -161,12 +183,18 @@ class _SumOverCopies(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        import torch.distributed as dist
+        return _sum_in_slot(grad, ctx.slot, ctx.slots, ctx.group), None, None, None
 
-        buf = grad.new_zeros((ctx.slots, *grad.shape))  # [heads, rows, ...]
-        buf[ctx.slot] = grad
-        dist.all_reduce(buf, group=ctx.group)
-        return buf[ctx.slot], None, None, None
+
+def _sum_in_slot(x: torch.Tensor, slot: int, slots: int, group) -> torch.Tensor:
+    """The sum of x over the ranks of `group` in the same `slot` (of `slots`), through one all-reduce over the
+    group (each rank's x in its slot, zeros elsewhere)."""
+    import torch.distributed as dist
+
+    buf = x.new_zeros((slots, *x.shape))  # [slots, ...]
+    buf[slot] = x
+    dist.all_reduce(buf, group=group)
+    return buf[slot]
 
 
 def head_replicas(heads: int):
@@ -207,6 +235,116 @@ def head_replicas(heads: int):
             return module
 
     return HeadReplicas()
+
+
+@dataclass(frozen=True)
+class RowCopies:
+    """The rows of a rank's local shard that are copies of a group other ranks hold too (`grouped_segments`):
+    local row indices `rows`, the group `slot` of `slots` this rank holds, the tp group."""
+
+    rows: tuple[int, ...]
+    slot: int
+    slots: int
+    group: object
+
+
+class _SumCopiedRows(torch.autograd.Function):
+    """Identity forward; backward sums the gradient of the copied rows over the ranks holding the same group
+    (`_SumOverCopies` on those rows only; every other row's gradient is this rank's own)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, copies: RowCopies) -> torch.Tensor:
+        ctx.copies = copies
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        c = ctx.copies
+        index = torch.tensor(c.rows, device=grad.device)
+        grad = grad.clone()
+        grad[index] = _sum_in_slot(grad[index], c.slot, c.slots, c.group)  # [copied rows, ...]
+        return grad, None
+
+
+def sum_over_group(x: torch.Tensor, slot: int, slots: int, group) -> torch.Tensor:
+    """The sum of x over the tp ranks holding the same group (slot `slot` of `slots`) as this one, on each of
+    them; its backward the same sum of the gradient (each rank's output feeds only its own work). A norm over
+    a group of channels split over those ranks (Mamba-2's gated norm at n_groups < t) sums its squares so."""
+    return _SumOverGroup.apply(x, slot, slots, group)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slot: int, slots: int, group) -> torch.Tensor:
+        ctx.slot, ctx.slots, ctx.group = slot, slots, group
+        return _sum_in_slot(x, slot, slots, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _sum_in_slot(grad, ctx.slot, ctx.slots, ctx.group), None, None, None
+
+
+def grouped_segments(segments: dict[str, tuple[int, ...]], groups: tuple[int | None, ...], *, linear: bool):
+    """A ParallelStyle for a module whose parameters named in `segments` are fused along dim 0 from segments of
+    those sizes, some of them (`groups[i]` set) made of fewer groups than the t tp ranks: each rank holds its 1/t
+    of the other segments and the one group its heads read of those (segment_order), replicated over the t /
+    groups[i] ranks that share it (Mamba-2's B and C projections and conv channels at n_groups < t: Megatron-LM
+    and mamba_ssm refuse it). Each parameter becomes the tp-side tensor of that layout split Shard(0), as
+    `head_replicas` does; the copied rows' gradients are summed over the ranks sharing them (`tp_local`), so the
+    copies stay equal and their gradient is the single-process one. `linear`: the module is an nn.Linear whose
+    forward reads replicated x (its gradient summed over the ranks, as a column-parallel input's is)."""
+    from torch import nn
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class GroupedSegments(ParallelStyle):
+        def _apply(self, module: nn.Module, device_mesh):
+            t = device_mesh.size()
+            few = {k for k in groups if k is not None and k < t}
+            if len(few) > 1 or any(t % k for k in few):
+                raise ValueError(f"tp = {t} must be a multiple of the one group count of {groups} below it")
+            module.tp_layouts = dict(getattr(module, "tp_layouts", {}))
+            for name, p in list(module.named_parameters(recurse=False)):
+                if name not in segments:
+                    continue
+                sizes = segments[name]
+                layout = segments_layout(sizes, t, groups)
+                full = (torch.empty((len(layout.rows), *p.shape[1:]), dtype=p.dtype, device=p.device) if p.is_meta
+                        else tp_side(p.detach(), layout))  # [t * local rows, ...]
+                shard = distribute_tensor(full, device_mesh, [Shard(0)], src_data_rank=None)
+                setattr(module, name, nn.Parameter(shard, requires_grad=p.requires_grad))
+                module.tp_layouts[name] = layout
+            sizes = next(iter(segments.values()))
+            local_sizes = [n // k if k is not None and k < t else n // t for n, k in zip(sizes, groups)]
+            starts = [sum(local_sizes[:i]) for i in range(len(local_sizes))]
+            copied = tuple(i for start, n, k in zip(starts, local_sizes, groups) if k is not None and k < t
+                           for i in range(start, start + n))
+            k = next(iter(few), 1)
+            module.tp_copies = RowCopies(copied, device_mesh.get_local_rank() // (t // k), k,
+                                         device_mesh.get_group()) if few else None
+            module.tp_mesh = device_mesh
+            if linear:
+                group = device_mesh.get_group()
+
+                def forward(x: torch.Tensor) -> torch.Tensor:
+                    x = copy_to_tp(x, group)  # [..., in]
+                    return torch.nn.functional.linear(x, tp_local(module, "weight"), tp_local(module, "bias"))
+
+                module.forward = forward
+            return module
+
+    return GroupedSegments()
+
+
+def tp_local(module, name: str) -> torch.Tensor | None:
+    """Parameter `name` of `module` as its forward reads it: `local`, and where `grouped_segments` replicated
+    some of its rows over ranks, those rows' gradient summed over the ranks sharing them. None for an absent
+    parameter."""
+    p = getattr(module, name)
+    if p is None:
+        return None
+    copies = getattr(module, "tp_copies", None)
+    return local(p) if copies is None else _SumCopiedRows.apply(local(p), copies)
 
 
 def shared_weight(module, p: torch.Tensor | None = None) -> torch.Tensor:

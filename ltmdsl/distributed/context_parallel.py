@@ -41,7 +41,7 @@ import torch
 
 from ltmdsl.distributed.plan import CP_SPLITS
 from ltmdsl.runtime.kinds import runtime_kind
-from ltmdsl.runtime.tensor_parallel import local
+from ltmdsl.runtime.tensor_parallel import tp_local
 
 
 class ContextParallelUnsupported(ValueError):
@@ -121,7 +121,8 @@ class ContextShard:
         continuing from the previous chunk's last K-1 inputs (its halo): what one process computes there."""
         K = conv.weight.shape[-1]
         prev = self.previous_tail(x, K - 1).transpose(1, 2) if K > 1 else None  # [pB, C, K-1]
-        return kernels.causal_conv1d(x, local(conv.weight)[:, 0], local(conv.bias), prev=prev, silu=silu)  # [pB, c, C]
+        weight, bias = tp_local(conv, "weight")[:, 0], tp_local(conv, "bias")  # [C, K], [C] (tp: this rank's)
+        return kernels.causal_conv1d(x, weight, bias, prev=prev, silu=silu)  # [pB, c, C]
 
     def compose(self, start, parts: tuple[torch.Tensor, ...], step: Callable):
         """The state entering each of this rank's pieces of a recurrence, from the chunks before it.

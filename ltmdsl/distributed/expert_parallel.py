@@ -6,7 +6,9 @@ ranks (with the same cp and tp coordinates) and the dp/ep ranks holding the same
 data-parallel" ranks, edp = dp/ep) are ep apart; under cp the experts' replicas are the edp x cp ranks. Rank r of an ep group holds experts [r*E/ep, (r+1)*E/ep) of every MoE layer; under tensor parallelism
 each of those experts' width F is split over the tp ranks as well (Megatron's expert tensor parallelism with
 its default expert-tp = tp): the stacked expert weights are DTensors sharded on the expert axis over ep and on
-F over tp, initialised shard by shard like every other parameter. The router is replicated (dense).
+F over tp, initialised shard by shard like every other parameter; expert biases (gpt-oss) likewise, split with
+their experts (gate and up biases on F, the down bias on d under tp: runtime/kinds/moe.py `Experts.add_down_bias`)
+and treated as expert parameters by everything below. The router is replicated (dense).
 
 In forward each rank routes its own tokens, sends each (token, slot) to the rank of its ep group holding its
 expert (all_to_all with uneven splits), runs its experts on what it receives, and sends the results back,
@@ -43,7 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+#: the stacked expert parameters [E, ...] expert parallelism splits on the expert axis: the weights and, with
+#: expert_bias (gpt-oss), their biases [E, F] and [E, d], each on the rank holding its expert
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj", "gate_bias", "up_bias", "down_bias")
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,8 @@ def expert_shard(model) -> ExpertShard | None:
 
 
 def expert_parameters(model) -> list[torch.nn.Parameter]:
-    """The parameters expert parallelism split (the stacked expert weights of the MoE mixers under ep)."""
+    """The parameters expert parallelism split (the stacked expert weights and biases of the MoE mixers under
+    ep)."""
     out = []
     for m in model.modules():
         if getattr(m, "expert_parallel", None) is not None:

@@ -9,7 +9,6 @@ world size when not given. `check_plan` refuses, with every problem in one messa
   - does not divide the batch over dp or the sequence over cp (2*cp chunks under the balanced cp split),
   - carves the expert-parallel ranks other than out of the data-parallel ones (ep must divide dp) at etp = tp,
     folds them over the tp ranks other than at etp = 1 with ep > 1 (MoE parallel folding: expert_parallel.py),
-    or splits experts with biases (not split over ep yet),
   - combines degrees ltmdsl.distributed does not run together yet (interleaving without a pipeline:
     docs/DISTRIBUTED.md).
 
@@ -62,11 +61,6 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"tp*pp*cp*dp = {plan.tp}*{plan.pp}*{plan.cp}*{plan.dp} = {plan.world} "
                       f"must equal the world size {world}")
     errors += [message for _key, message in plan_problems(model, plan)]
-    if plan.ep > 1:
-        biased = next((layer for layer in model.layers if layer.kind == "moe" and layer.mixer.expert_bias), None)
-        if biased is not None:
-            errors.append(f"ep = {plan.ep}: expert parallelism does not split expert biases yet; layer "
-                          f"'{biased.definition}' has expert_bias = true")
     folded = plan.expert_tp != plan.tp
     if folded and plan.expert_tp != 1:
         errors.append(f"etp = {plan.expert_tp} with tp = {plan.tp}: ltmdsl.distributed runs each expert whole "

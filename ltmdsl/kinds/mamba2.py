@@ -1,10 +1,11 @@
 """Mamba-2 state-space duality layer (Dao & Gu 2024): its IR config and every pure facet.
 
 Recurrent state per sub-layer on one GPU (b = ceil(B/dp), state dtype s_bytes, constant in T):
-    conv  b * (Di + 2GN)/t * taps * s_bytes      SSM  b * Hs/t * P * N * s_bytes
+    conv  b * (Di/t + 2*ceil(G/t)*N) * taps * s_bytes      SSM  b * Hs/t * P * N * s_bytes
+  (t > G: each tp rank holds the one group its heads read, replicated over the ranks sharing it)
   taps = K ("full") or K - 1 ("minus_one"), the budget's conv_taps convention.
 Prefill workspace for a chunk of Cc = min(C, T) tokens (tok = b * Cc/c; Di', Hs' and conv_dim' = Di + 2GN
-over t), as the runtime holds it (traced by `ltmdsl memory --measure`): zxbcdt, the conv output and the scan
+over t, whose 2GN/t is one group's 2N when t exceeds the groups), as the runtime holds it (traced by `ltmdsl memory --measure`): zxbcdt, the conv output and the scan
 output a * tok * (2Di + 2GN + Hs + conv_dim + Di)/t and the fp32 dt 4 * tok * Hs' throughout (the scan
 output from the end of the scan's first chunk), then the largest of three moments:
     scan   one SSD chunk of n tokens: four fp32 [b, n, n, Hs'] tensors (segment sums,
@@ -56,7 +57,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, divide, no_context_limit,
     none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, T, cdiv, per_replica
 
 R = sympy.Rational
 
@@ -115,16 +116,27 @@ def count(c: Mamba2Config, d: int) -> int:
 
 def split(c: Mamba2Config, d: int) -> Split:
     """Heads and groups split over tp (Megatron-LM's Mamba split); the row-parallel out_proj's bias is
-    replicated."""
-    return Split(tp=(("SSM heads", c.heads), ("groups", c.n_groups)), replicated=d if c.proj_bias else 0)
+    replicated. Beyond n_groups ranks each holds the one group its heads read (B and C projection rows and
+    conv channels, with their biases), replicated over the ranks sharing it."""
+    GN = c.n_groups * c.d_state
+    group_params = 2 * GN * (d + (1 if c.proj_bias else 0) + c.d_conv + (1 if c.conv_bias else 0))
+    return Split(tp=(("SSM heads", c.heads),), grouped=(("groups", c.n_groups, group_params),),
+                 replicated=d if c.proj_bias else 0)
 
 
 def cache(c: Mamba2Config, s) -> tuple[CacheTerm, ...]:
     b = per_replica(B, s.dp)
     sb = s.state_dtype.bytes
+    channels = R(c.d_inner, s.tp) + 2 * cdiv(c.n_groups, s.tp) * c.d_state  # x; B and C: one group beyond G ranks
     return (CacheTerm("recurrent_state", "conv", s.state_dtype,
-                      b * R(c.conv_dim, s.tp) * conv_taps(c.d_conv, s.conv_taps) * sb),
+                      b * channels * conv_taps(c.d_conv, s.conv_taps) * sb),
             CacheTerm("recurrent_state", "ssm", s.state_dtype, b * R(c.heads, s.tp) * c.head_dim * c.d_state * sb))
+
+
+def _bc_per_rank(c: Mamba2Config, t) -> sympy.Expr:
+    """The B and C channels a tp rank holds: 2GN/t, or one group's 2N when t exceeds the groups (each rank
+    holds the group its heads read)."""
+    return 2 * c.d_state * (R(c.n_groups, int(t)) if int(t) <= c.n_groups else 1)
 
 
 def workspace(c: Mamba2Config, d: int, s):
@@ -134,8 +146,9 @@ def workspace(c: Mamba2Config, d: int, s):
     tok, t = b * cc, R(s.tp)
     a = s.activation_dtype.bytes
     hs, di, N = c.heads / t, c.d_inner / t, c.d_state
-    zxbcdt = 2 * c.d_inner + 2 * c.n_groups * N + c.heads
-    held = a * tok * (zxbcdt + c.conv_dim) / t + 4 * tok * hs  # zxbcdt, the conv output, the fp32 dt
+    bc = _bc_per_rank(c, t)
+    zxbcdt, conv = (2 * c.d_inner + c.heads) / t + bc, di + bc  # a rank's in_proj outputs and conv channels
+    held = a * tok * (zxbcdt + conv) + 4 * tok * hs  # zxbcdt, the conv output, the fp32 dt
     out = a * tok * di  # the scan output, allocated once its first chunk is done
     state = 4 * b * hs * c.head_dim * N
     copy = state if s.state_dtype.name != ("fp64" if a == 8 else "fp32") else 0  # the cached state, in fp32
@@ -153,11 +166,12 @@ def workspace(c: Mamba2Config, d: int, s):
 def stored(c: Mamba2Config, x, selective: bool):
     """Module docstring; the same under selective recompute."""
     a, tok = x.a, x.tok
-    zxbcdt = 2 * c.d_inner + 2 * c.n_groups * c.d_state + c.heads
-    out = x.base + x.split(a * tok * (zxbcdt + 3 * c.conv_dim + c.d_inner) + a * x.b * c.conv_dim * (c.d_conv - 1))
+    bc = _bc_per_rank(c, x.t)
+    zxbcdt, conv = x.split(2 * c.d_inner + c.heads) + bc, x.split(c.d_inner) + bc  # a rank's widths
+    out = x.base + a * tok * (zxbcdt + 3 * conv + x.split(c.d_inner)) + a * x.b * conv * (c.d_conv - 1)
     if x.c > 1:  # context parallel: the pieces' halos, their entering states and the exchange's (module docstring)
         state = 4 * x.b * x.split(c.heads * c.head_dim * c.d_state)  # one fp32 [b, Hs', P, N] state
-        out += x.split(a * x.b * c.conv_dim * (x.pieces - 1) * (c.d_conv - 1))
+        out += a * x.b * conv * (x.pieces - 1) * (c.d_conv - 1)
         out += state * (x.pieces + x.last_chunk) + 4 * x.b * x.chunks * x.split(c.heads)
     return out
 
@@ -181,7 +195,7 @@ def dims(c: Mamba2Config) -> str:
 def backward(c: Mamba2Config, x):
     """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
     a, tok, di, N = x.a, x.tok, x.split(c.d_inner), c.d_state
-    region = (40 + a) * tok * di + 4 * tok * x.split(2 * c.n_groups * N + c.heads)
+    region = (40 + a) * tok * di + 4 * tok * (_bc_per_rank(c, x.t) + x.split(c.heads))
     starts = 4 * x.b * di * N * sympy.ceiling(x.s / c.chunk)
     return region + starts
 

@@ -319,12 +319,12 @@ def _clip(ranked, clip: float) -> float:
 
     params = [p for p in ranked.model.parameters() if p.grad is not None]  # ZeRO 1's groups hold pieces of them
     layouts = row_layouts(ranked.model)
-    # a tp-side tensor holding some stored rows several times (KV heads replicated over the ranks) counts each once
-    share = {id(p): layouts[n].stored / len(layouts[n].rows)
-             for n, p in ranked.model.named_parameters() if n in layouts}
+    # a tp-side tensor holding some stored rows several times (KV heads, Mamba-2's B and C at n_groups < t,
+    # replicated over the ranks) counts each once: each tp-side row weighted by 1 / its copies
+    weights = {id(p): layouts[n].row_weights() for n, p in ranked.model.named_parameters() if n in layouts}
     squares = torch.zeros((), dtype=torch.float64)
     for p in params:
-        squares += _square_sum(p, ranked) * share.get(id(p), 1.0)
+        squares += _square_sum(p, ranked, weights.get(id(p)))
     if ranked.plan.pp > 1:  # each stage holds other parameters
         dist.all_reduce(squares, group=ranked.pp_mesh.get_group())
     norm = float(squares.sqrt())
@@ -335,14 +335,22 @@ def _clip(ranked, clip: float) -> float:
     return norm
 
 
-def _square_sum(param, ranked):
+def _square_sum(param, ranked, row_weights=None):
     """sum(grad ** 2) of the whole gradient of `param`: a DTensor's local shard summed over the mesh dims it
-    is sharded on; an expert parameter split over dp (ep) summed over dp; a replicated one as it is."""
+    is sharded on; an expert parameter split over dp (ep) summed over dp; a replicated one as it is.
+    `row_weights` [rows] (RowLayout.row_weights) weighs each row of a tp-side gradient (a DTensor)."""
     import torch.distributed as dist
 
     grad = param.grad
     if hasattr(grad, "to_local"):
-        local = grad.to_local().detach().double().pow(2).sum()
+        if row_weights is not None:
+            from torch.distributed.tensor import DTensor, Replicate
+
+            w = row_weights.view(-1, *[1] * (grad.ndim - 1)).to(grad.device)  # [rows, 1, ...]
+            w = DTensor.from_local(w, grad.device_mesh, [Replicate()] * grad.device_mesh.ndim, run_check=False)
+            local = (grad.detach().double().pow(2) * w).to_local().sum()  # this rank's rows, each / its copies
+        else:
+            local = grad.to_local().detach().double().pow(2).sum()
         for dim, placement in enumerate(grad.placements):
             # not is_shard(): FSDP2's _StridedShard (dp over a tp-sharded dim, edp over ep's experts) is no Shard
             if not placement.is_replicate():

@@ -30,7 +30,7 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_scan
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.chunk_recompute import recompute
-from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, segmented, shard_parameters, sum_over_tp
+from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, segmented, shard_parameters, sum_over_tp, tp_local
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
 
@@ -91,7 +91,8 @@ def conv_with_state(
     prev = None
     if state is not None and K > 1:
         prev = state.conv[:, :, -(K - 1) :]  # [B, C, K-1]: the K-1 inputs before x
-    y = kernels.causal_conv1d(x, local(conv.weight)[:, 0], local(conv.bias), prev=prev, silu=True)  # [B, T, C]
+    weight, bias = tp_local(conv, "weight")[:, 0], tp_local(conv, "bias")  # [C, K], [C] (tp: this rank's)
+    y = kernels.causal_conv1d(x, weight, bias, prev=prev, silu=True)  # [B, T, C]
     if state is not None and state.conv.shape[-1]:
         taps = state.conv.shape[-1]
         state.conv.copy_(torch.cat([state.conv, x.transpose(1, 2).to(state.conv.dtype)], dim=-1)[..., -taps:])

@@ -32,7 +32,8 @@ from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mamba import ConvSSMState, conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm import gated_rmsnorm
-from ltmdsl.runtime.tensor_parallel import local, segmented, shard_parameters, tp_size
+from ltmdsl.runtime.tensor_parallel import (grouped_segments, local, segmented, shard_parameters, sum_over_group,
+                                            tp_size)
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -40,9 +41,10 @@ if TYPE_CHECKING:
 
 def new_cache(cfg: Mamba2Config, req: CacheRequest) -> ConvSSMState:
     """Zeroed conv taps [B, Di + 2GN, taps] and SSM state [B, Hs, P, N] in the state dtype (a tensor-parallel
-    rank's Di/t + 2(G/t)N conv channels and Hs/t heads)."""
+    rank's Di/t + 2(G/t)N conv channels, one group's 2N at t > G, and Hs/t heads)."""
     B, dt, dev = req.batch_size, req.state_dtype, req.device
-    C, Hs = req.per_rank(cfg.conv_dim, "conv channels"), req.per_rank(cfg.heads, "heads")
+    C = req.per_rank(cfg.d_inner, "channels") + 2 * req.kv_per_rank(cfg.n_groups) * cfg.d_state  # x; B and C
+    Hs = req.per_rank(cfg.heads, "heads")
     conv = torch.zeros(B, C, conv_taps(cfg.d_conv, req), dtype=dt, device=dev)  # [B, C, taps]
     ssm = torch.zeros(B, Hs, cfg.head_dim, cfg.d_state, dtype=dt, device=dev)  # [B, Hs, P, N]
     return ConvSSMState(conv, ssm)
@@ -108,9 +110,10 @@ class Mamba2(nn.Module):
         init.linear_(self.out_proj, gen)
 
     def sizes(self) -> tuple[int, int, int]:
-        """(Di, G, Hs) this module holds: the config's, or its 1/t on a tensor-parallel rank (tp_plan)."""
+        """(Di, G, Hs) this module holds: the config's, or its 1/t on a tensor-parallel rank (tp_plan; one
+        group, its heads', when t exceeds the groups)."""
         cfg, t = self.cfg, tp_size(self)
-        return cfg.d_inner // t, cfg.n_groups // t, cfg.heads // t
+        return cfg.d_inner // t, max(1, cfg.n_groups // t), cfg.heads // t
 
     def _split(self, zxbcdt: torch.Tensor):
         """in_proj's output [..., 2Di + 2GN + Hs] -> z [..., Di], xBC [..., Di + 2GN], dt [..., Hs]."""
@@ -137,9 +140,22 @@ class Mamba2(nn.Module):
         y = y.flatten(-2)  # [..., Di] (Di/t on a tp rank: whole norm groups)
         if norm_weight is None:  # gated_norm = false (Falcon-H1's mamba_rms_norm false): the gate alone
             y = y * F.silu(z.to(work))  # [..., Di]
+        elif getattr(self.in_proj, "tp_copies", None) is not None:  # a norm group split over the ranks sharing it
+            y = self._gated_norm_over_ranks(y, z.to(work), norm_weight.to(work))
         else:
             y = gated_rmsnorm(y, z, norm_weight.to(work), group_size=cfg.d_inner // cfg.n_groups, eps=self.eps)
         return y.to(x.dtype)
+
+    def _gated_norm_over_ranks(self, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """gated_rmsnorm of y, z [..., Di/t] when this rank's channels are part of one norm group of Di/G
+        channels split over the t/G ranks sharing the group (n_groups < t): the sum of squares summed over
+        them (`sum_over_group`), divided by the group's size. It runs inside the training forms' `recompute`
+        regions, so the backward's recomputation repeats that all-reduce: every tp rank recomputes the same
+        regions in the same order, so the collectives match."""
+        copies = self.in_proj.tp_copies
+        h = y * F.silu(z)  # [..., Di/t]
+        squares = sum_over_group(h.pow(2).sum(-1, keepdim=True), copies.slot, copies.slots, copies.group)  # [..., 1]
+        return weight * (h * torch.rsqrt(squares / (self.cfg.d_inner // self.cfg.n_groups) + self.eps))
 
     def _params(self) -> tuple:
         """(dt_bias, A_log, D, norm weight or None): this rank's heads and channels under tp (`local`)."""
@@ -245,19 +261,27 @@ def tp_plan(cfg: Mamba2Config, tp: int) -> dict:
     by heads, B and C by groups, dt by heads: `segmented`), the conv's x, B, C channels likewise, dt_bias,
     A_log and D by heads, the gated norm's weight by channels (each rank holds whole groups, so the grouped
     RMSNorm stays local), out_proj row-wise (one all-reduce; its bias replicated). Each head reads only its
-    own group's B and C, so nothing else crosses ranks."""
+    own group's B and C, so nothing else crosses ranks.
+
+    Fewer groups than ranks (Mamba-2-2.7B's n_groups = 1; Megatron-LM and mamba_ssm refuse it): each rank holds
+    the B and C rows and conv channels of the one group its heads read, replicated over the t/G ranks sharing
+    it (`grouped_segments`: their gradients summed over those ranks), and its Di/t channels are part of that
+    group's norm, whose sum of squares is summed over them (`Mamba2._gated_norm_over_ranks`)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    if cfg.heads % tp or cfg.n_groups % tp:
-        raise TensorParallelUnsupported(f"tp = {tp} must divide the mamba2's {cfg.heads} heads and {cfg.n_groups} "
-                                        "groups (n_groups; B and C shared by heads on different ranks are not "
-                                        "split)")
-    Di, GN = cfg.d_inner, cfg.n_groups * cfg.d_state
+    G = cfg.n_groups
+    if cfg.heads % tp or (G % tp and tp % G):
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the mamba2's {cfg.heads} heads, and divide its "
+                                        f"{G} groups (n_groups) or be a multiple of them")
+    Di, GN = cfg.d_inner, G * cfg.d_state
     proj, conv = (Di, Di, GN, GN, cfg.heads), (Di, GN, GN)
-    plan = {"": shard_parameters({"dt_bias": 0, "A_log": 0, "D": 0}),
-            "in_proj": segmented(ColwiseParallel(), {"weight": proj, "bias": proj}),
-            "conv1d": segmented(shard_parameters(0), {"weight": conv, "bias": conv}),
-            "out_proj": RowwiseParallel()}
+    if G % tp:  # t a multiple of G: B and C replicated beyond the groups
+        plan = {"in_proj": grouped_segments({"weight": proj, "bias": proj}, (None, None, G, G, None), linear=True),
+                "conv1d": grouped_segments({"weight": conv, "bias": conv}, (None, G, G), linear=False)}
+    else:
+        plan = {"in_proj": segmented(ColwiseParallel(), {"weight": proj, "bias": proj}),
+                "conv1d": segmented(shard_parameters(0), {"weight": conv, "bias": conv})}
+    plan = {"": shard_parameters({"dt_bias": 0, "A_log": 0, "D": 0}), **plan, "out_proj": RowwiseParallel()}
     return plan | ({"norm": shard_parameters(0)} if cfg.gated_norm else {})
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ltmdsl.kinds.mlp import MLPConfig
@@ -74,20 +75,25 @@ class Experts(nn.Module):
 
         Each expert weight's local view is taken once (its backward sums every expert's gradient into one
         [E/ep, ...] buffer, not one per expert); the experts' results are added in place."""
-        gate_w = None if self.gate_proj is None else ep.local(self.gate_proj)  # [E/ep, F(/t), d]
-        up_w, down_w = ep.local(self.up_proj), ep.local(self.down_proj)  # one local view each
+        def mine(p):  # this rank's experts of a stacked weight or bias, None for an absent one
+            return None if p is None else ep.local(p)
+
+        gate_w, up_w, down_w = mine(self.gate_proj), mine(self.up_proj), mine(self.down_proj)  # [E/ep, F(/t), d] ..
+        biases = mine(self.gate_bias), mine(self.up_bias), mine(self.down_bias)  # [E/ep, F], [E/ep, F], [E/ep, d]
         # [R, d]: tied to rx and this rank's expert weights even when no row comes here (R = 0), so that every
         # rank's backward runs both all-to-alls (a rank whose graph skipped them would leave its peers waiting)
         # and its experts get a (zero) gradient, as the stacked expert weights of one process do. The weights'
         # zero is added in place: `rx * 0 + held * 0` held a third [R, d] buffer beside rx and ry for a moment
-        held = sum(w_.sum() for w_ in (gate_w, up_w, down_w) if w_ is not None)
+        held = sum(w_.sum() for w_ in (gate_w, up_w, down_w, *biases) if w_ is not None)
         ry = (rx * 0).add_(held * 0)  # [R, d]
         for e in range(up_w.shape[0]):
             rows = rows_of(e)  # [m]
             if rows.numel() == 0:
                 continue
             gate_e = None if gate_w is None else gate_w[e]  # [F(/t), d]
-            ry.index_add_(0, rows, _local_expert(cfg, rx[rows], gate_e, up_w[e], down_w[e]))  # [m, d] into [R, d]
+            bias_e = tuple(None if b is None else b[e] for b in biases)  # [F], [F], [d]
+            ry.index_add_(0, rows, _local_expert(cfg, rx[rows], gate_e, up_w[e], down_w[e], *bias_e,
+                                                 add_down_bias=self.add_down_bias))  # [m, d] into [R, d]
         return ry
 
     def one(self, cfg: MoEConfig, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -95,11 +101,24 @@ class Experts(nn.Module):
         over the expert's width, reduced by `MoE.forward`)."""
         gate = x @ local(self.gate_proj)[e].t() if self.gate_proj is not None else None  # [m, F]
         up = x @ local(self.up_proj)[e].t()  # [m, F]
-        if self.up_bias is not None:
-            up = up + self.up_bias[e]
-            gate = gate + self.gate_bias[e] if gate is not None else None
+        if self.up_bias is not None:  # [F(/t)] each: split over the expert's width like the weights
+            up = up + local(self.up_bias)[e]
+            gate = gate + local(self.gate_bias)[e] if gate is not None else None
         out = expert_activation(cfg, gate, up) @ local(self.down_proj)[e].t()  # [m, d]
-        return out + self.down_bias[e] if self.down_bias is not None else out
+        return out if self.down_bias is None else self.add_down_bias(out, local(self.down_bias)[e])
+
+    def add_down_bias(self, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """out [m, d] (under tensor parallelism this rank's partial sum over the expert's width) plus the down
+        projection's bias: the whole bias [d], or under tensor parallelism this rank's d/t slice of it [d/t]
+        (the bias split over d, Shard(1), like the weights' F) added into its columns only, so the sum over
+        the tp ranks adds it once, and its gradient (the reduced output's, the same on every rank) is exactly
+        its slice's. Megatron-LM adds a row-parallel bias after the reduction; the slice keeps it inside the
+        expert, where expert parallelism holds it."""
+        if self.tp_mesh is None:
+            return out + bias  # [m, d]
+        d, n = out.shape[-1], bias.shape[-1]
+        start = self.tp_mesh.get_local_rank() * -(-d // self.tp_mesh.size())  # torch's Shard(1): chunks of ceil
+        return out + F.pad(bias, (start, d - start - n))  # [m, d]: the slice at its columns, zeros elsewhere
 
 
 def route(logits: torch.Tensor, cfg: MoEConfig,
@@ -228,16 +247,18 @@ def state_names(cfg: MoEConfig) -> tuple[str, ...]:
 def tp_plan(cfg: MoEConfig, tp: int) -> dict:
     """Every expert's width split over tp (gate and up by F, down by F), the shared expert split as an MLP
     (column-wise in, row-wise out); router and shared gate replicated (same input, same gradient on every
-    rank). Expert biases are refused: the down bias would be added once per rank."""
+    rank). Expert biases (gpt-oss): gate and up biases by F with their weights, the down bias by d, each rank
+    adding its d/t slice into its partial output (`Experts.add_down_bias`), so it is added once and every
+    expert parameter is split over tp (the memory model's expert parameters / (t*ep))."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     if cfg.d_ff % tp or (cfg.shared_d_ff and cfg.shared_d_ff % tp):
         raise TensorParallelUnsupported(f"tp = {tp} must divide the moe's expert width d_ff = {cfg.d_ff}"
                                         + (f" and shared_d_ff = {cfg.shared_d_ff}" if cfg.shared_d_ff else ""))
+    widths = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}  # F of every expert
     if cfg.expert_bias:
-        raise TensorParallelUnsupported("a moe with expert biases has no tensor-parallel plan yet (the down "
-                                        "bias would be added on every rank)")
-    plan = {"experts": shard_parameters({"gate_proj": 1, "up_proj": 1, "down_proj": 2})}  # F of every expert
+        widths |= {"gate_bias": 1, "up_bias": 1, "down_bias": 1}  # [E, F], [E, F] by F; [E, d] by d
+    plan = {"experts": shard_parameters(widths)}
     if cfg.shared_d_ff:
         plan |= {"shared.up_proj": ColwiseParallel(), "shared.down_proj": RowwiseParallel()}
         if cfg.gated:
@@ -251,10 +272,8 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     experts and returns the rows; they are weighted and summed per token in expert order, as forward does
     (every routing, the clamped SwiGLU, weighted inputs), and the shared expert (dense) added on this rank's
     tokens. Folded (MoE parallel folding, etp = 1 under tp: `ep.fold`) every tp rank routes its tokens but
-    dispatches only its 1/t part, and the parts' outputs are all-gathered over tp. Expert biases are refused
-    (not split over ep yet)."""
-    if module.cfg.expert_bias:
-        raise ValueError("expert parallelism does not split expert biases yet (expert_bias = true)")
+    dispatches only its 1/t part, and the parts' outputs are all-gathered over tp. Expert biases (gpt-oss) are
+    split with their experts and added by the rank holding them."""
     shape = x.shape
     whole = x.reshape(-1, shape[-1])  # [M, d]
     return with_shared(module, whole, ep_routed(module, whole, ep)).view(shape)
@@ -293,10 +312,18 @@ def with_shared(module: MoE, xf: torch.Tensor, out: torch.Tensor) -> torch.Tenso
 
 
 def _local_expert(cfg: MoEConfig, xe: torch.Tensor, gate_w: torch.Tensor | None, up_w: torch.Tensor,
-                  down_w: torch.Tensor) -> torch.Tensor:
-    """One local expert on its rows xe [m, d] -> [m, d]; its gate and input are released on return."""
+                  down_w: torch.Tensor, gate_b: torch.Tensor | None = None, up_b: torch.Tensor | None = None,
+                  down_b: torch.Tensor | None = None, add_down_bias=None) -> torch.Tensor:
+    """One local expert on its rows xe [m, d] -> [m, d], with its biases (expert_bias: gate_b, up_b [F(/t)],
+    down_b [d or d/t], the latter added by `add_down_bias`, Experts.add_down_bias) as `Experts.one` adds them;
+    its gate and input are released on return."""
     gate = xe @ gate_w.t() if gate_w is not None else None  # [m, F]
-    return expert_activation(cfg, gate, xe @ up_w.t()) @ down_w.t()  # [m, d]
+    up = xe @ up_w.t()  # [m, F]
+    if up_b is not None:
+        up = up + up_b
+        gate = gate + gate_b if gate is not None else None
+    out = expert_activation(cfg, gate, up) @ down_w.t()  # [m, d]
+    return out if down_b is None else add_down_bias(out, down_b)
 
 
 def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.Tensor, send: list[int],

@@ -43,9 +43,6 @@ CASES = {
     "ep-no-moe": (tp_small, ParallelPlan(dp=2, ep=2), 2, {}, "ep > 1 but the model has no MoE layers"),
     "ep-experts": (tiny_hybrid, ParallelPlan(dp=3, ep=3), 3, {}, "ep = 3 does not divide 4 experts"),
     "ep-not-within-dp": (tiny_hybrid, ParallelPlan(dp=2, ep=4), 2, {}, "ep = 4 does not divide dp = 2"),
-    "ep-expert-bias": (lambda: ltmdsl.loads(TP_SPEC.replace("stack { attn ffn swa gelu }", "layer e = moe(experts = 2, "
-                       "top_k = 1, d_ff = 16, expert_bias = true)\n    stack { attn e }")).ir.model(),
-                       ParallelPlan(dp=2, ep=2), 2, {}, "does not split expert biases yet; layer 'e' has expert_bias"),
     "pp-layers": (tp_small, ParallelPlan(pp=8), 8, {}, "pp = 8 exceeds the 4 sub-layers"),
     "batch": (tp_small, ParallelPlan(dp=2), 2, {"batch": 3}, "dp = 2 does not divide the batch of 3 sequences"),
     "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),

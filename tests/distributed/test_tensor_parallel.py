@@ -125,9 +125,8 @@ def test_kind_without_a_plan_is_named(monkeypatch):
      "layer 'a': tp = 2 must divide the attention's 6 heads, and divide its 3 kv heads or be a multiple of them"),
     ("mlp(d_ff = 30)", "tp = 4 does not divide the mlp's d_ff = 30"),
     ("moe(experts = 4, d_ff = 30)", "tp = 4 must divide the moe's expert width d_ff = 30"),
-    ("moe(experts = 4, d_ff = 32, expert_bias = true)", "expert biases has no tensor-parallel plan"),
     ("mlstm(heads = 3, qk_dim = 24, v_dim = 24)", "tp = 2 must divide the mlstm's 3 heads"),
-], ids=["kv-heads-neither", "mlp-width", "moe-width", "moe-expert-bias", "mlstm-heads"])
+], ids=["kv-heads-neither", "mlp-width", "moe-width", "mlstm-heads"])
 def test_unsplittable_config_is_refused(layer, message):
     ir = ltmdsl.loads(f"model m {{\n vocab = 32\n d_model = 16\n layer a = {layer}\n stack {{ a }}\n}}\n").ir.model()
     with pytest.raises(TensorParallelUnsupported, match=message):

@@ -155,9 +155,10 @@ def test_nproc_streams_on_tensor_parallel_ranks_each_holding_half_the_cache(tmp_
 
 
 def test_nproc_refuses_a_model_tp_cannot_split_before_launch(capsys):
-    code, _, err = run([STREAM, "--tokens", "64", "--nproc", "2"], capsys)
+    """8 ranks for the Mamba-2's 4 heads (its one group of B and C no longer stops tp = 2: each rank holds it)."""
+    code, _, err = run([STREAM, "--tokens", "64", "--nproc", "8"], capsys)
     assert code == 2
-    assert "stream_hybrid cannot be split over 2 ranks: layer 'ssm': tp = 2 must divide the mamba2's 4 heads" in err
+    assert "stream_hybrid cannot be split over 8 ranks: layer 'ssm': tp = 8 must divide the mamba2's 4 heads" in err
 
 
 #: a global attention beside SPLITTABLE's layers: context parallelism splits its cache, not the states

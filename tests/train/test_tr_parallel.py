@@ -222,6 +222,30 @@ def test_resume_of_a_zero1_run_under_zero3(tmp_path):
     assert_same_steps(metrics.read(run / metrics.METRICS), want)
 
 
+@pytest.mark.parametrize("saved, resumed", [
+    pytest.param((2, {"cp": 2}), (2, {"zero": 1}), id="cp2-to-dp2-zero1"),
+    pytest.param((2, {"zero": 3}), (2, {"cp": 2, "zero": 1}), id="dp2-zero3-to-cp2-zero1"),
+    pytest.param((2, {"tp": 2}), (2, {"cp": 2}), id="tp2-one-mamba2-group-to-cp2"),
+    pytest.param((2, {"cp": 2}), (4, {"tp": 2, "zero": 3}), id="cp2-to-dp2-tp2-zero3-one-mamba2-group"),
+])
+def test_resume_with_context_parallelism_continues_the_run(tmp_path, saved, resumed):
+    """Stopped after 2 steps under cp = 2 (the load-balanced split: each rank two chunks of every sequence) and
+    resumed under dp = 2, or the other way round, or stopped under tp = 2 (the trainer's Mamba-2 has one group:
+    each rank holds it) and resumed under cp = 2, or from cp = 2 to dp 2 x tp 2 x ZeRO 3: steps 3-4 (loss,
+    gradient norm, answer accuracy, lr) equal the uninterrupted single-process run, so the data position, the
+    schedule and the optimizer state carry over, and the clipped gradient norm counts the B and C rows the tp
+    ranks share once (it counted them on every rank: steps 3-4 off by 3e-5 and 3e-4)."""
+    from ltmdsl.train import metrics
+
+    ir = model()
+    want = single(ir, tmp_path / "one", steps=4)
+    run = tmp_path / "run"
+    (world, degrees), (world2, degrees2) = saved, resumed
+    parallel.run(ir, config(run, steps=4, stop_after=2), plan_from(world=world, **degrees), nproc=world)
+    parallel.run(ir, config(run, steps=4, resume=True), plan_from(world=world2, **degrees2), nproc=world2)
+    assert_same_steps(metrics.read(run / metrics.METRICS), want)
+
+
 def test_resume_of_a_pipeline_zero2_run_under_zero3(tmp_path):
     """Stopped after 2 steps under pp = 2 with ZeRO 2 (each stage's FSDP2 shards in the checkpoint), resumed
     under dp = 2 with ZeRO 3: steps 3-4 equal the uninterrupted single-process run."""
@@ -297,7 +321,7 @@ def test_cli_nproc_takes_the_budget_plan_and_prints_json(spec, tmp_path, capfd):
     pytest.param(("--nproc", "2", "--cp", "2", "--context", "25"), "does not divide the sequence", id="cp-context"),
     pytest.param(("--nproc", "2", "--cp", "2", "--context", "26"), "2*cp = 4 chunks", id="cp-balanced-context"),
     pytest.param(("--nproc", "2", "--budget", "nope"), "no budget 'nope'", id="unknown-budget"),
-    pytest.param(("--nproc", "2", "--tp", "2"), "tp = 2 does not divide the 1 groups of layer 'm2'",
+    pytest.param(("--nproc", "4", "--tp", "4"), "tp = 4 does not divide the 2 heads of layer 'w'",
                  id="tp-unsplittable-kind"),
 ])
 def test_cli_refuses_a_bad_plan_before_launch(spec, tmp_path, capsys, extra, message):
@@ -332,14 +356,16 @@ def test_cli_resume_of_another_spec_is_refused(spec, tmp_path, capsys):
 
 def test_fused_layers_train_under_tp_and_undividable_ones_are_refused():
     """tp splits short_conv's and Mamba-2's fused in_proj by segments, whose distributed checkpoints are
-    written in the stored layout: training accepts the plan. One tp cannot divide is refused before launch
-    in the memory model's words."""
+    written in the stored layout: training accepts the plan, also with fewer Mamba-2 groups than ranks (each
+    rank holds its heads' group). One tp cannot divide is refused before launch in the memory model's words."""
     text = ("model m {\n vocab = 32\n d_model = 16\n layer c = short_conv(kernel = 3)\n"
             " layer s = mamba2(d_state = 8, head_dim = 8, expand = 2, n_groups = N, chunk = 8)\n"
             " layer f = mlp(d_ff = 32)\n stack { c f s f }\n}\n")
-    parallel.check(ltmdsl.loads(text.replace("N", "2")).ir.model(), plan_from(world=2, tp=2), 2, batch=4, context=24)
-    with pytest.raises(PlanError, match="tp = 2 does not divide the 1 groups of layer 's'"):
-        parallel.check(ltmdsl.loads(text.replace("N", "1")).ir.model(), plan_from(world=2, tp=2), 2, batch=4,
+    for groups in ("2", "1"):
+        parallel.check(ltmdsl.loads(text.replace("N", groups)).ir.model(), plan_from(world=2, tp=2), 2, batch=4,
+                       context=24)
+    with pytest.raises(PlanError, match="tp = 8 does not divide the 4 SSM heads of layer 's'"):
+        parallel.check(ltmdsl.loads(text.replace("N", "1")).ir.model(), plan_from(world=8, tp=8), 8, batch=4,
                        context=24)
 
 
