@@ -322,7 +322,9 @@ def _local_expert(cfg: MoEConfig, xe: torch.Tensor, gate_w: torch.Tensor | None,
     if up_b is not None:
         up = up + up_b
         gate = gate + gate_b if gate is not None else None
-    out = expert_activation(cfg, gate, up) @ down_w.t()  # [m, d]
+    act = expert_activation(cfg, gate, up)  # [m, F]
+    del up  # released before the down projection, as the one-expression form did (the memory model's moment)
+    out = act @ down_w.t()  # [m, d]
     return out if down_b is None else add_down_bias(out, down_b)
 
 
