@@ -16,8 +16,8 @@ threads each), as the CPU has two cores. Numbers go to the `train_hashhop` secti
 benchmarks/RESULTS.md with the machine's load.
 
     python benchmarks/train_hashhop.py [--spec examples/ltm-tiny.ltm] [--context 128] [--hash-length 2]
-                                       [--hops 1 2] [--queries 4 2] [--steps 1500 1000]
-                                       [--stop-after 700 600] [--batch 64] [--lr 1e-3] [--warmup 20]
+                                       [--hops 1 2] [--queries 4 2] [--steps 1500 600]
+                                       [--stop-after K1 K2] [--batch 64] [--lr 1e-3] [--warmup 20]
                                        [--threads 1]
 """
 
@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--hops", type=int, nargs="+", default=[1, 2], help="one stage per entry, in order")
     p.add_argument("--queries", type=int, nargs="+", default=[4, 2],
                    help="questions a sample, per stage (2-hop chains are longer: 3 fit beside 2 queries at 128)")
-    p.add_argument("--steps", type=int, nargs="+", default=[1500, 1000], help="schedule length per stage")
+    p.add_argument("--steps", type=int, nargs="+", default=[1500, 600], help="schedule length per stage")
     p.add_argument("--stop-after", type=int, nargs="+", help="steps run per stage (default: all of --steps)")
     p.add_argument("--cot", action=argparse.BooleanOptionalAction, default=True,
                    help="chain of thought: the completion writes every hop")
