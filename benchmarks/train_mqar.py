@@ -39,7 +39,7 @@ OPTIONS = {"context": 64, "num_kv_pairs": 4, "vocab_size": 256}
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default=str(ROOT / "examples" / "ltm-tiny.ltm"))
-    p.add_argument("--steps", type=int, default=500, help="most steps (the schedule's length)")
+    p.add_argument("--steps", type=int, default=700, help="most steps (the schedule's length)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=10)

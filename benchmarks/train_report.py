@@ -11,9 +11,9 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +34,23 @@ def machine(threads: int | None = None) -> str:
 
 
 def _run_cli(argv: list[str], threads: int) -> tuple[str, float, float]:
-    """`ltmdsl ARGV` in a fresh interpreter with `threads` torch threads -> (stdout, wall s, child CPU s);
-    SystemExit naming the command when it fails."""
+    """`ltmdsl ARGV` in a fresh interpreter with `threads` torch threads -> (stdout, wall s, its CPU s);
+    SystemExit naming the command when it fails. The CPU seconds are that child's own (os.wait4), so runs
+    started side by side from threads of one benchmark are each timed alone."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "ltmdsl.cli", *argv], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - wall
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"ltmdsl {' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return done.stdout, wall, (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        wall = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-m", "ltmdsl.cli", *argv], env=env, stdout=out, stderr=err,
+                                 text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait for it
+        wall = time.perf_counter() - wall
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if child.returncode != 0:
+        raise SystemExit(f"ltmdsl {' '.join(argv)} failed ({child.returncode}):\n{stderr[-2000:]}")
+    return stdout, wall, usage.ru_utime + usage.ru_stime
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Builds the spec's model (fp32 weights; `--dtype bf16` runs the forward under bf16 autocast), trains it with
 AdamW on the task's answer tokens (ltmdsl.train) and writes checkpoints, DIR/metrics.jsonl and a plot to
-DIR. `--resume` continues the run in DIR from its latest checkpoint exactly as if it had not stopped.
+DIR. `--resume` continues the run in DIR from its latest checkpoint exactly as if it had not stopped;
+`--init CKPT` starts a new run from a checkpoint's weights (fresh optimizer and schedule), e.g. 2-hop
+HashHop after a 1-hop run.
 A progress bar goes to stderr when it is a terminal; `--json` prints each step's metrics as a JSON line.
 
 Exit codes: 0 trained, 1 invalid spec, a checkpoint that cannot be resumed or a failed run,
@@ -37,6 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default: at the end)")
     p.add_argument("--stop-after", type=count, metavar="K", help="stop after K of the N steps (checkpointed; --resume continues)")
     p.add_argument("--resume", action="store_true", help="continue the run in DIR from its latest checkpoint")
+    p.add_argument("--init", metavar="CKPT",
+                   help="start a new run from these weights (a run folder, checkpoint folder or weights file of "
+                        "the same spec) with a fresh optimizer and schedule: a curriculum")
     p.add_argument("--model", help="which model of the file (default: the last one)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="print each step's metrics as one JSON line")
@@ -85,7 +90,7 @@ def run(args) -> int:
                              accum=args.accum, lr=args.lr, warmup=args.warmup, clip=args.clip,
                              weight_decay=args.weight_decay, dtype=args.dtype, seed=args.seed,
                              loss_chunk=args.loss_chunk, save_every=args.save_every, stop_after=args.stop_after,
-                             resume=args.resume, device=args.device)
+                             resume=args.resume, init=args.init, device=args.device)
     except ValueError as e:
         print(f"ltmdsl train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -103,6 +108,10 @@ def run(args) -> int:
     from ltmdsl.train.parallel import launched_by_torchrun
 
     if args.nproc is not None or launched_by_torchrun():
+        if args.init is not None:
+            print("ltmdsl train: error: --init is for single-process runs; it is not supported with --nproc or "
+                  "under torchrun", file=sys.stderr)
+            return EXIT_USAGE
         return _run_distributed(args, spec, ir, config, context, show)
     bar = tqdm(total=args.stop_after or args.steps, unit="step", disable=not show, file=sys.stderr, desc=ir.name)
     last = None

@@ -11,7 +11,9 @@ given, is asked after every step whether to stop there (a benchmark's held-out s
 True ends the run at that step with a checkpoint, and the time it spends is left out of the run's clock
 (`seconds`), which counts training only. A run started with `resume=True`
 loads the latest checkpoint of `out` and continues exactly as the uninterrupted run would have: same
-weights, optimizer moments, learning rate, RNG and samples.
+weights, optimizer moments, learning rate, RNG and samples. A run started with `init` (a training folder,
+a checkpoint folder or its weights file, of the same spec) starts from those weights instead of fresh ones,
+with a fresh optimizer and schedule: a curriculum, e.g. 2-hop HashHop continued from a 1-hop run.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end (and at stop_after)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps, to resume later
     resume: bool = False
+    init: str | None = None  # start from these weights (a run folder, checkpoint folder or file) on a new run
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -77,6 +80,9 @@ class TrainConfig:
             raise ValueError("--clip and --weight-decay must be non-negative")
         if self.dtype not in AUTOCAST:
             raise ValueError(f"--dtype must be one of {', '.join(AUTOCAST)} (got {self.dtype!r})")
+        if self.init is not None and self.resume:
+            raise ValueError("--init starts a new run from a checkpoint's weights and --resume continues a run; "
+                             "give one of them")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             raise ValueError(f"--stop-after must be in 1..{self.steps} (got {self.stop_after})")
 
@@ -93,6 +99,8 @@ def run_record(ir: ModelIR, config: TrainConfig, data: TaskData) -> dict:
     record["betas"] = list(config.betas)
     record["spec_hash"] = ir.source_hash
     record["model"] = ir.name
+    if config.init is not None:
+        record["init"] = str(config.init)  # for the reader; a resumed run starts from its own checkpoint
     return json.loads(json.dumps(record))  # what reading it back gives (tuples become lists)
 
 
@@ -146,6 +154,9 @@ def train(ir: ModelIR, config: TrainConfig,
         if (out / state.RUN).exists() or (out / state.LATEST).exists():
             raise state.CheckpointError(f"{out}: already holds a training run; pass --resume to continue it "
                                         "or choose another --out")
+        if config.init is not None:
+            state.load_weights(model, state.model_file(config.init),
+                               hint=f"--init needs weights of this spec ({ir.name}, source hash {ir.source_hash})")
         state.write_run(out, current)
     log = metrics.MetricsLog(out)
     autocast = AUTOCAST[config.dtype]

@@ -93,6 +93,8 @@ def run(ir: ModelIR, config, plan: ParallelPlan, nproc: int | None = None, *, js
     of a torchrun group)."""
     from ltmdsl.distributed.launch import init_from_env, launch
 
+    if config.init is not None:  # not silently ignored: the ranks would start from fresh weights
+        raise ValueError("TrainConfig.init (--init) is for single-process runs, not distributed ones")
     args = (ir, config, plan, json_lines, progress)
     if nproc is None:
         rank, _world = init_from_env(timeout_s=timeout_s)

@@ -118,9 +118,10 @@ def model_file(run: str | os.PathLike) -> Path:
     raise CheckpointError(f"{run}: neither a checkpoint file nor a training folder (no {LATEST} or {MODEL})")
 
 
-def load_weights(model, checkpoint: Path) -> None:
-    """Fill `model` with the weights of `checkpoint/model.safetensors`, checking they come from its spec."""
-    path = checkpoint / MODEL
+def load_weights(model, checkpoint: Path, hint: str = "resume with the spec the run was started with") -> None:
+    """Fill `model` with the weights of `checkpoint/model.safetensors` (or of `checkpoint` itself when it is
+    the weights file), checking they come from its spec; `hint` ends the message when they do not."""
+    path = checkpoint if checkpoint.is_file() else checkpoint / MODEL
     try:
         header = read_header(path)
     except (TensorFileError, OSError) as e:
@@ -128,7 +129,7 @@ def load_weights(model, checkpoint: Path) -> None:
     source = header.metadata.get("ltmdsl.source_hash")
     if source != model.ir.source_hash:
         raise CheckpointError(f"{path}: trained from another spec (source hash {source}, this spec's "
-                              f"{model.ir.source_hash}); resume with the spec the run was started with")
+                              f"{model.ir.source_hash}); {hint}")
     try:
         loaded = weights.load(path, model.ir, stored_dtype=model.dtype, header=header)
     except (TensorFileError, OSError, RuntimeError) as e:

@@ -140,3 +140,12 @@ def test_without_matplotlib_the_run_says_so(spec, tmp_path, capsys, monkeypatch)
     assert main(train_args(spec, tmp_path / "r")) == 0
     assert "matplotlib is not installed, so no plot was drawn" in capsys.readouterr().err
     assert not (tmp_path / "r" / "training.png").exists()
+
+
+def test_init_of_another_specs_run_exits_one(spec, tmp_path, capsys):
+    assert main(train_args(spec, tmp_path / "a")) == 0
+    other = tmp_path / "other.ltm"
+    other.write_text(open(spec).read().replace("d_ff = 32", "d_ff = 24"))
+    assert main(train_args(str(other), tmp_path / "b", "--init", str(tmp_path / "a"))) == 1
+    assert "--init needs weights of this spec" in capsys.readouterr().err
+    assert main(train_args(spec, tmp_path / "c", "--init", str(tmp_path / "a"))) == 0

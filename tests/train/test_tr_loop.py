@@ -226,3 +226,32 @@ def test_train_equals_a_plain_torch_loop_on_the_same_batches(tmp_path):
         opt.step()
     for name, p in model.state_dict().items():
         assert torch.allclose(trained[name], p, rtol=0, atol=1e-5), name
+
+
+def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
+    run(tmp_path / "first", steps=3)
+    _, trained = weights(tmp_path / "first")
+    # zero steps of learning rate would be ideal; one step at a tiny rate moves no weight by more than 1e-6
+    records = run(tmp_path / "next", steps=1, warmup=0, lr=1e-9, weight_decay=0.0, init=str(tmp_path / "first"))
+    fresh = run(tmp_path / "fresh", steps=1, warmup=0, lr=1e-9, weight_decay=0.0)
+    _, started = weights(tmp_path / "next")
+    for name in trained:
+        assert torch.allclose(started[name], trained[name], rtol=0, atol=1e-6), name  # Adam moves each <= lr
+    assert records[0]["loss"] != fresh[0]["loss"]  # it did not start from the seed's fresh weights
+    assert json.loads((tmp_path / "next" / state.RUN).read_text())["init"] == str(tmp_path / "first")
+    for where in (tmp_path / "first" / "checkpoints" / "step-00000003",
+                  tmp_path / "first" / "checkpoints" / "step-00000003" / state.MODEL):
+        run(tmp_path / where.name, steps=1, init=str(where))  # a checkpoint folder or its weights file
+
+
+def test_init_refuses_another_specs_weights_and_resume(tmp_path):
+    run(tmp_path / "first", steps=2)
+    other = tiny_spec(tiny_spec().text.replace("d_ff = 32", "d_ff = 24")).model
+    with pytest.raises(state.CheckpointError, match="trained from another spec .*--init needs weights of this spec"):
+        list(train(other, TrainConfig(task="mqar", out=str(tmp_path / "o"), steps=2, batch=2, options=MQAR,
+                                      init=str(tmp_path / "first"))))
+    assert not (tmp_path / "o" / state.RUN).exists()  # nothing written for a run that cannot start
+    with pytest.raises(ValueError, match="give one of them"):
+        run(tmp_path / "first", resume=True, init=str(tmp_path / "first"))
+    with pytest.raises(state.CheckpointError, match="no such file or folder"):
+        run(tmp_path / "n", init=str(tmp_path / "missing"))
