@@ -10,6 +10,7 @@ heads divisible by 2, a window, an untied head).
 from __future__ import annotations
 
 import torch
+from helpers import assert_close
 from paths import EXAMPLES
 
 import ltmdsl
@@ -110,3 +111,29 @@ def rank_run(ir: ModelIR, plan: ParallelPlan, steps: int = STEPS, dtype: torch.d
             grads = g if dist.get_rank() == 0 or plan.pp > 1 else None  # pp: each stage its own
         opt.step()
     return losses, grads
+
+
+def stage_grads(results) -> dict:
+    """The gradients the ranks returned, merged in rank order (under pp each stage's ranks return their own
+    stage's; a rank may return None)."""
+    grads = {}
+    for _, g in results:
+        grads.update(g or {})
+    return grads
+
+
+def assert_matches_reference(results, reference, rtol: float, *, grads: dict | None = None,
+                             same_names: bool = True) -> None:
+    """A distributed run against the one-process `reference` (losses, gradients): every rank's losses equal
+    rank 0's and are within `rtol` (relative) of the reference's, and `grads` (rank 0's by default) equal the
+    reference's within `rtol`; with `same_names`, they name the same parameters as well."""
+    ref_losses, ref_grads = reference
+    losses = results[0][0]
+    assert all(r[0] == losses for r in results), "ranks disagree on the global loss"
+    for i, (got, want) in enumerate(zip(losses, ref_losses)):
+        assert abs(got - want) <= rtol * abs(want), f"step {i}: loss {got} != {want}"
+    grads = results[0][1] if grads is None else grads
+    if same_names:
+        assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        assert_close(grads[name], g, rtol, f"gradient of {name}")

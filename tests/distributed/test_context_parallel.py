@@ -8,7 +8,7 @@ without a context-parallel form is refused by name."""
 from __future__ import annotations
 
 import pytest
-from dist_cases import rank_run, reference_run, tiny_hybrid, tp_small
+from dist_cases import assert_matches_reference, rank_run, reference_run, tiny_hybrid, tp_small
 from helpers import assert_close
 from paths import EXAMPLES
 
@@ -33,12 +33,7 @@ PLANS = {"cp2": (2, {"cp": 2}), "cp2-zero1": (2, {"cp": 2, "zero": 1}), "cp2-zer
 def test_cp_matches_one_process(hybrid, world, degrees):
     ir, (ref_losses, ref_grads) = hybrid
     results = launch(rank_run, world, (ir, plan_from(world=world, **degrees)))
-    losses, grads = results[0]
-    assert all(r[0] == losses for r in results), "ranks disagree on the global loss"
-    for i, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
-    for name, g in ref_grads.items():
-        assert_close(grads[name], g, RTOL, f"gradient of {name}")
+    assert_matches_reference(results, (ref_losses, ref_grads), RTOL, same_names=False)
 
 
 @pytest.fixture(scope="module")

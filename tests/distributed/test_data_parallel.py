@@ -7,7 +7,7 @@ Tolerance 1e-5 relative (fp32; measured ~1e-7: only the order of the dp sum of g
 from __future__ import annotations
 
 import pytest
-from dist_cases import rank_run, reference_run, tiny_hybrid
+from dist_cases import assert_matches_reference, rank_run, reference_run, tiny_hybrid
 from helpers import assert_close
 
 from ltmdsl.distributed import launch, plan_from
@@ -26,13 +26,7 @@ def hybrid():
 def test_dp_matches_one_process(hybrid, zero):
     ir, (ref_losses, ref_grads) = hybrid
     results = launch(rank_run, 2, (ir, plan_from(world=2, zero=zero)))
-    losses, grads = results[0]
-    assert results[1][0] == losses, "ranks disagree on the global loss"
-    for i, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
-    assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        assert_close(grads[name], g, RTOL, f"gradient of {name}")
+    assert_matches_reference(results, (ref_losses, ref_grads), RTOL)
 
 
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import rank_run, reference_run
-from helpers import assert_close
+from dist_cases import assert_matches_reference, rank_run, reference_run, stage_grads
 from test_checkpoint import assert_resumes_and_exports64
 from test_ep_tp import moe_tp
 from test_memory import _measure, _predicted
@@ -47,16 +46,7 @@ PLANS = {
 def test_folded_experts_match_one_process(reference, world, degrees):
     ir, (ref_losses, ref_grads) = reference
     results = launch(rank_run, world, (ir, plan_from(world=world, **degrees), 3, torch.float64), timeout_s=300)
-    losses = results[0][0]
-    assert all(r[0] == losses for r in results), "ranks disagree on the global loss"
-    for i, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
-    grads = {}
-    for _, g in results:  # rank 0's (under pp each stage's, merged)
-        grads.update(g or {})
-    assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        assert_close(grads[name], g, RTOL, f"gradient of {name}")
+    assert_matches_reference(results, (ref_losses, ref_grads), RTOL, grads=stage_grads(results))
 
 
 BYTES_PLANS = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import TP_SPEC, rank_run, reference_run
+from dist_cases import TP_SPEC, assert_matches_reference, rank_run, reference_run
 from helpers import assert_close
 from test_memory import _measure, _norms, _predicted
 
@@ -53,13 +53,7 @@ PLANS = {
 def test_ep_with_tp_matches_one_process(reference, degrees):
     ir, (ref_losses, ref_grads) = reference
     results = launch(rank_run, 4, (ir, plan_from(world=4, **degrees), 3, torch.float64), timeout_s=300)
-    losses, grads = results[0]
-    assert all(r[0] == losses for r in results), "ranks disagree on the global loss"
-    for i, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
-    assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        assert_close(grads[name], g, RTOL, f"gradient of {name}")
+    assert_matches_reference(results, (ref_losses, ref_grads), RTOL)
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import rank_run, reference_run, tiny_hybrid
-from helpers import assert_close
+from dist_cases import assert_matches_reference, rank_run, reference_run, tiny_hybrid
 from test_memory import _fsdp_root, _measure, _predicted
 
 from ltmdsl.distributed import launch, plan_from
@@ -52,16 +51,10 @@ def test_ep_within_dp_matches_one_process(hybrid, degrees):
     ir, (ref_losses, ref_grads) = hybrid
     plan = plan_from(world=4, **degrees)
     results = launch(rank_run, 4, (ir, plan, 3, torch.float64), timeout_s=300)
-    losses = results[0][0]
-    assert all(r[0] == losses for r in results), "ranks disagree on the global loss"
-    for i, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
     grads = {}  # rank 0's gradients; under pp each stage's first rank's
     for r in results[::4 // plan.pp]:
         grads |= r[1]
-    assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        assert_close(grads[name], g, RTOL, f"gradient of {name}")
+    assert_matches_reference(results, (ref_losses, ref_grads), RTOL, grads=grads)
 
 
 MEMORY_PLANS = {**{f"dp4-ep2-{k}": {"ep": 2, "zero": z} for k, z in ZEROS.items()},

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import B, STEPS, T, rank_run, rank_run_without_full_logits, reference_run, tiny_hybrid, tp_small
-from helpers import assert_close
+from dist_cases import (
+    B, STEPS, T, assert_matches_reference, rank_run, rank_run_without_full_logits, reference_run, stage_grads,
+    tiny_hybrid, tp_small)
 from paths import EXAMPLES
 from test_tensor_parallel_fused import tiny_hybrid_splittable
 
@@ -84,16 +85,7 @@ def _assert_pipeline_matches(ir, ref_losses, ref_grads, world, degrees, worker=r
 
 def _assert_same(ir, ref_losses, ref_grads, results):
     """Every rank's losses equal and within RTOL of the reference's; the stages' gradients, merged, too."""
-    losses = results[0][0]
-    assert all(r[0] == losses for r in results), "ranks disagree on the global loss"
-    for i, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
-    grads = {}
-    for _, g in results:
-        grads.update(g)
-    assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        assert_close(grads[name], g, RTOL, f"gradient of {name}")
+    assert_matches_reference(results, (ref_losses, ref_grads), RTOL, grads=stage_grads(results))
 
 
 def test_tied_embeddings_are_refused():

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import B, STEPS, T, rank_run, reference_run, tp_small
-from helpers import assert_close
+from dist_cases import B, STEPS, T, assert_matches_reference, rank_run, reference_run, tp_small
 from test_tensor_parallel import HEAD_SPLIT, MOE_SPEC
 from test_tensor_parallel_fused import FUSED, model, tiny_hybrid_splittable
 
@@ -24,12 +23,7 @@ def _assert_matches(ir, world: int, degrees: dict) -> None:
     ref_losses, ref_grads = reference_run(ir, dtype=torch.float64)
     plan = plan_from(world=world, sequence_parallel=True, **degrees)
     results = launch(rank_run, world, (ir, plan, STEPS, torch.float64))
-    losses, grads = results[0]
-    assert all(r[0] == losses for r in results), "ranks disagree on the global loss"
-    for i, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
-    for n, g in ref_grads.items():
-        assert_close(grads[n], g, RTOL, f"gradient of {n}")
+    assert_matches_reference(results, (ref_losses, ref_grads), RTOL, same_names=False)
 
 
 KINDS = {**{name: model(layer) for name, layer in FUSED.items() if name in (

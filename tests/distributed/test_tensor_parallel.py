@@ -5,7 +5,9 @@ Kinds without a plan, and configs a plan cannot split, are refused before any we
 from __future__ import annotations
 
 import pytest
-from dist_cases import TP_SPEC, rank_run, rank_run_without_full_logits, reference_run, tiny_hybrid, tp_small
+from dist_cases import (
+    TP_SPEC, assert_matches_reference, rank_run, rank_run_without_full_logits, reference_run, tiny_hybrid,
+    tp_small)
 from helpers import assert_close
 
 import ltmdsl
@@ -32,12 +34,7 @@ def test_tp_matches_one_process(small, world, degrees):
     """The loss is vocab-parallel: LTModel.head, which would gather [B, T, V] logits, fails in the workers."""
     ir, (ref_losses, ref_grads) = small
     results = launch(rank_run_without_full_logits, world, (ir, plan_from(world=world, **degrees)))
-    losses, grads = results[0]
-    assert all(r[0] == losses for r in results), "ranks disagree on the global loss"
-    for i, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
-    for name, g in ref_grads.items():
-        assert_close(grads[name], g, RTOL, f"gradient of {name}")
+    assert_matches_reference(results, (ref_losses, ref_grads), RTOL, same_names=False)
 
 
 MOE_SPEC = """

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import rank_run, reference_run
-from helpers import assert_close
+from dist_cases import assert_matches_reference, rank_run, reference_run
 from test_checkpoint import assert_resumes_and_exports64
 from test_memory import _measure, _predicted
 
@@ -59,13 +58,7 @@ PLANS = {"tp2": (2, {"tp": 2}), "tp4": (4, {"tp": 4}), "tp2-cp2": (4, {"tp": 2, 
 def test_fewer_groups_than_ranks_match_one_process(reference, world, degrees):
     ir, (ref_losses, ref_grads) = reference
     results = launch(rank_run, world, (ir, plan_from(world=world, **degrees), 3, torch.float64), timeout_s=300)
-    losses, grads = results[0]
-    assert all(r[0] == losses for r in results), "ranks disagree on the global loss"
-    for i, (got, want) in enumerate(zip(losses, ref_losses)):
-        assert abs(got - want) <= RTOL * abs(want), f"step {i}: loss {got} != {want}"
-    assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        assert_close(grads[name], g, RTOL, f"gradient of {name}")
+    assert_matches_reference(results, (ref_losses, ref_grads), RTOL)
 
 
 @pytest.mark.parametrize("world, degrees", [(2, {"tp": 2}), (4, {"tp": 4, "zero": 0})], ids=["tp2", "tp4"])
