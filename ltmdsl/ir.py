@@ -15,6 +15,7 @@ P SSM head dim, E, k experts and experts per token, C chunk, V vocabulary, d mod
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -307,6 +308,20 @@ class ModelIR:
 # Budgets and hardware.
 # ---------------------------------------------------------------------------------------------
 
+    @property
+    def structure_hash(self) -> str:
+        """sha256 of the model itself: its resolved IR as JSON without source positions, text or hash. Specs
+        that differ only in comments, layout, budgets or other models resolve to the same hash, so one's
+        checkpoints load into the other (`ltmdsl train --resume` / `--init`, distributed checkpoints)."""
+        text = json.dumps(_without_source(_jsonable(self)), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def is_model_of(self, source_hash: str | None, structure_hash: str | None = None) -> bool:
+        """Whether weights recorded with these hashes are this model's: the same spec text, or a spec that
+        resolves to the same model (`structure_hash`; checkpoints written before it carry only the first)."""
+        return source_hash == self.source_hash or (structure_hash is not None
+                                                   and structure_hash == self.structure_hash)
+
 
 @dataclass(frozen=True)
 class GpuSpec:
@@ -436,6 +451,15 @@ class SpecIR:
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable(self)
+
+
+def _without_source(obj: Any) -> Any:
+    """A `_jsonable` value without what only says where it was written (positions, spec text and hash)."""
+    if isinstance(obj, dict):
+        return {k: _without_source(v) for k, v in obj.items() if k not in ("pos", "source_hash", "source_text")}
+    if isinstance(obj, list):
+        return [_without_source(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

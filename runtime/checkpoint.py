@@ -7,7 +7,7 @@
 Tensors are stored under the parameter names of docs/CONTRACTS.md, each shared (tied) tensor once, under
 the first name `named_parameters()` gives it, and persistent buffers beside them (the MoE's selection bias: state
 that is not a parameter, as transformers counts it, yet part of the model). Metadata keys: ltmdsl.spec (the model's source text),
-ltmdsl.model (its name), ltmdsl.source_hash, ltmdsl.version, ltmdsl.dtype. The runtime never parses spec
+ltmdsl.model (its name), ltmdsl.source_hash, ltmdsl.structure_hash (the model without its source: `ModelIR.structure_hash`), ltmdsl.version, ltmdsl.dtype. The runtime never parses spec
 text: `load` takes the ModelIR (ltmdsl/checkpoints.py parses the embedded text and hands it over).
 Before anything is allocated, every tensor's name, shape and dtype in the header is compared with the
 model (built on the meta device, which allocates nothing) and the model's bytes with the memory available.
@@ -49,6 +49,7 @@ def save(model: LTModel, path: str | os.PathLike) -> Path:
         "ltmdsl.spec": ir.source_text,
         "ltmdsl.model": ir.name,
         "ltmdsl.source_hash": ir.source_hash,
+        "ltmdsl.structure_hash": ir.structure_hash,
         "ltmdsl.version": ltmdsl.__version__,
         "ltmdsl.dtype": str(model.dtype).removeprefix("torch."),
     }

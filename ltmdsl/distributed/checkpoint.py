@@ -104,7 +104,8 @@ def save(ranked, optimizer, path: str | os.PathLike, *, step: int) -> Path:
     dcp.save(state, checkpoint_id=str(tmp))
     if dist.get_rank() == 0:
         ir = ranked.model.ir
-        info = {"model": ir.name, "source_hash": ir.source_hash, "step": step, "plan": describe(ranked.plan)}
+        info = {"model": ir.name, "source_hash": ir.source_hash, "structure_hash": ir.structure_hash, "step": step,
+                "plan": describe(ranked.plan)}
         (tmp / INFO).write_text(json.dumps(info, indent=1))
         if path.exists():
             shutil.rmtree(path)
@@ -119,7 +120,7 @@ def read_info(path: str | os.PathLike, ir) -> dict:
     if not info_path.is_file():
         raise CheckpointError(f"{path}: not a complete ltmdsl distributed checkpoint (no {INFO})")
     info = json.loads(info_path.read_text())
-    if info.get("source_hash") != ir.source_hash or info.get("model") != ir.name:
+    if not ir.is_model_of(info.get("source_hash"), info.get("structure_hash")) or info.get("model") != ir.name:
         raise CheckpointError(f"{path}: a checkpoint of model '{info.get('model')}' (spec hash "
                               f"{str(info.get('source_hash'))[:12]}), not of model '{ir.name}' (spec hash "
                               f"{ir.source_hash[:12]})")

@@ -37,7 +37,7 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 #: Settings that change what a run computes; --resume refuses a run whose saved values differ.
 RESUME_KEYS = ("task", "options", "steps", "batch", "accum", "lr", "warmup", "clip", "weight_decay",
-               "betas", "dtype", "seed", "loss_chunk", "min_lr_ratio", "spec_hash")
+               "betas", "dtype", "seed", "loss_chunk", "min_lr_ratio")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ def run_record(ir: ModelIR, config: TrainConfig, data: TaskData) -> dict:
     record["options"] = {k: v for k, v in dataclasses.asdict(data.options).items()}
     record["betas"] = list(config.betas)
     record["spec_hash"] = ir.source_hash
+    record["structure_hash"] = ir.structure_hash  # the model itself: a spec edited only in comments resumes
     record["model"] = ir.name
     if config.init is not None:
         record["init"] = str(config.init)  # for the reader; a resumed run starts from its own checkpoint
@@ -105,7 +106,9 @@ def run_record(ir: ModelIR, config: TrainConfig, data: TaskData) -> dict:
 
 
 def check_resume(saved: dict, current: dict, out: str) -> None:
-    if saved.get("spec_hash") != current.get("spec_hash"):
+    same = saved.get("spec_hash") == current.get("spec_hash") or (
+        saved.get("structure_hash") is not None and saved.get("structure_hash") == current.get("structure_hash"))
+    if not same:
         raise state.CheckpointError(f"{out}: the run was trained from another spec (model {saved.get('model')!r}, "
                                     f"source hash {saved.get('spec_hash')}); resume it with that spec")
     differ = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]

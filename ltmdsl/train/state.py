@@ -127,7 +127,7 @@ def load_weights(model, checkpoint: Path, hint: str = "resume with the spec the 
     except (TensorFileError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt checkpoint ({e})") from None
     source = header.metadata.get("ltmdsl.source_hash")
-    if source != model.ir.source_hash:
+    if not model.ir.is_model_of(source, header.metadata.get("ltmdsl.structure_hash")):
         raise CheckpointError(f"{path}: trained from another spec (source hash {source}, this spec's "
                               f"{model.ir.source_hash}); {hint}")
     try:

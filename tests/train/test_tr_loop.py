@@ -153,6 +153,22 @@ def test_resume_refuses_other_settings_and_specs(tmp_path):
         run(tmp_path / "r")
 
 
+def test_resume_and_init_take_a_spec_edited_only_in_comments_and_layout(tmp_path):
+    """The checkpoint is the model's, not its text's: a comment and a reflowed line change the source hash
+    but not `ModelIR.structure_hash`, so --resume continues bit for bit and --init loads; a width does not."""
+    edited = tiny_spec("# edited after training\n" + tiny_spec().text.replace("d_ff = 32", "d_ff  =  32")).model
+    assert edited.source_hash != IR.source_hash and edited.structure_hash == IR.structure_hash
+    straight = run(tmp_path / "a")
+    first = run(tmp_path / "b", stop_after=2)
+    rest = list(train(edited, TrainConfig(task="mqar", out=str(tmp_path / "b"), steps=4, batch=2, options=MQAR,
+                                          warmup=2, lr=1e-2, resume=True)))
+    assert without_time(first + rest) == without_time(straight)
+    list(train(edited, TrainConfig(task="mqar", out=str(tmp_path / "c"), steps=1, batch=2, options=MQAR,
+                                   init=str(tmp_path / "a"))))
+    wider = tiny_spec(tiny_spec().text.replace("d_ff = 32", "d_ff = 24")).model
+    assert wider.structure_hash != IR.structure_hash
+
+
 def test_resume_refuses_a_corrupt_checkpoint(tmp_path):
     run(tmp_path / "r", stop_after=2)
     _, where = state.latest(tmp_path / "r")
