@@ -6,6 +6,7 @@ import json
 
 import pytest
 from memory_zoo import budget, custom_gpu, limit
+from test_memory_fold import MODEL as MOE
 
 from ltmdsl.ir import ParallelPlan, SpecIR
 from ltmdsl.memory import cache_bytes, check_budgets, report, weights_bytes
@@ -245,18 +246,7 @@ def test_training_step_flops(models, recompute, extra):
     assert f["training_step_total"] == 3 * f["prefill_total"] + added
 
 
-RUNTIME_PLAN = """
-model moe {
-    vocab = 256
-    d_model = 64
-    dtype = bf16
-    norm = rmsnorm(eps = 1e-5)
-    head = untied
-    layer attn = attention(heads = 4, kv_heads = 2, rope_theta = 10000)
-    layer e = moe(experts = 4, top_k = 2, d_ff = 32)
-    stack { repeat 2 { attn e } }
-}
-budget refused for moe {
+RUNTIME_PLAN = MOE + """budget refused for moe {
     training context = 256, batch = 8
     on 4 x H100 with cp = 4, ep = 2
 }
