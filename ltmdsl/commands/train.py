@@ -13,7 +13,10 @@ Exit codes: 0 trained, 1 invalid spec, a checkpoint that cannot be resumed or a 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 from ltmdsl.commands.common import EXIT_OK, EXIT_SPEC, EXIT_USAGE, load_model
 from ltmdsl.commands.stream import count
@@ -73,7 +76,6 @@ def run(args) -> int:
     spec, ir, code = load_model(args.file, args.model, show_warnings=not args.json)
     if ir is None:
         return code
-    import json
 
     from tqdm import tqdm
 
@@ -104,6 +106,9 @@ def run(args) -> int:
     warning = recall_warning(ir, args.task, context)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    repeated = _repeated_samples(config)
+    if repeated:
+        print(f"warning: {repeated}", file=sys.stderr)
     show = not args.json and sys.stderr.isatty()
     from ltmdsl.train.parallel import launched_by_torchrun
 
@@ -208,3 +213,21 @@ def _run_distributed(args, spec, ir, config, context: int, show: bool) -> int:
               f"{last['answer_token_acc']:.3f}, {last['seconds']:.1f} s on {world} ranks; checkpoints in "
               f"{args.out}")
     return EXIT_OK
+
+
+def _repeated_samples(config) -> str | None:
+    """The warning of `repeated_samples_warning` for `--init`, from the source run's record if it has one."""
+    if config.init is None:
+        return None
+    from ltmdsl.commands.eval import run_folder_of
+    from ltmdsl.train import state
+    from ltmdsl.train.data import repeated_samples_warning
+    from ltmdsl.train.loop import task_data
+
+    folder = run_folder_of(Path(config.init))
+    try:
+        record = state.read_run(folder) if folder is not None else {}
+    except state.CheckpointError:
+        return None  # an unreadable record is the loader's to report, with the weights
+    options = json.loads(json.dumps(dataclasses.asdict(task_data(config).options)))  # as run.json holds them
+    return repeated_samples_warning(config.task, options, config.seed, record)

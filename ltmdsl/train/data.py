@@ -38,3 +38,16 @@ class TaskData:
         b = make_batch(self.task, self.options, self.seed, range(start, start + self.batch))
         return (torch.from_numpy(b.tokens).to(device),  # [B, T]
                 torch.from_numpy(b.answer_mask.copy()).to(device))  # [B, T]
+
+
+def repeated_samples_warning(task: str, options: dict, seed: int, init_run: dict) -> str | None:
+    """A warning when a run started from `--init` would train on samples its source run already drew.
+
+    A run's samples are a function of its task, options, seed and step only, so a second stage of the same
+    task, options and seed begins again at sample 0: a curriculum stage meant to add data would repeat it.
+    `init_run` is the source run's record (its run.json), empty when the weights came without one."""
+    if init_run.get("task") != task or init_run.get("seed") != seed or init_run.get("options") != options:
+        return None
+    seen = init_run.get("steps", 0) * init_run.get("batch", 0) * init_run.get("accum", 1)
+    return (f"--init's run trained on the first {seen:,} samples of this task, options and seed {seed}; this "
+            f"run draws the same samples again from sample 0 (pass another --seed to train on new ones)")

@@ -149,3 +149,13 @@ def test_init_of_another_specs_run_exits_one(spec, tmp_path, capsys):
     assert main(train_args(str(other), tmp_path / "b", "--init", str(tmp_path / "a"))) == 1
     assert "--init needs weights of this spec" in capsys.readouterr().err
     assert main(train_args(spec, tmp_path / "c", "--init", str(tmp_path / "a"))) == 0
+
+
+def test_init_of_a_run_of_the_same_seed_warns_that_it_repeats_its_samples(spec, tmp_path, capsys):
+    assert main(train_args(spec, tmp_path / "a")) == 0
+    capsys.readouterr()
+    assert main(train_args(spec, tmp_path / "b", "--init", str(tmp_path / "a"))) == 0
+    err = capsys.readouterr().err
+    assert "draws the same samples again" in err and "another --seed" in err
+    assert main(train_args(spec, tmp_path / "c", "--init", str(tmp_path / "a"), "--seed", "1")) == 0
+    assert "same samples" not in capsys.readouterr().err
