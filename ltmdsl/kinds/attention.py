@@ -445,20 +445,77 @@ def stored(c: AttentionConfig, x, selective: bool):
             # the output twice once it is formed in parts: the parts' SDPA outputs (saved) and the tensor they
             # are copied into, under cp always (the pieces' concatenation), else when the queries go in blocks
             out += a * window_masks(c, x)
-            parts = 1 if x.c > 1 else sympy.Min(1, sympy.floor(T / (window_rows(c.window) + 1)))
-            out += parts * x.split(a * tok * c.heads * c.v_head_dim)
+            if x.c == 1:
+                out += sympy.Min(1, sympy.floor(T / (window_rows(c.window) + 1))) * x.split(a * tok * c.heads * c.v_head_dim)
         if x.c > 1:  # context parallel: the last rank's queries attend to every rank's keys
-            # all-gathered (cp_forward), which the saved views of them keep whole, a window or not
+            # all-gathered (cp_forward), which the saved views of them keep whole, a window or not; the pieces'
+            # outputs (saved) are concatenated into a second copy
             out += x.split(a * x.b * (T - x.s) * c.kv_heads * (c.head_dim + c.v_head_dim))
+            out += x.split(a * tok * c.heads * c.v_head_dim)
             if c.span is None:
-                out += a * x.s * T
+                out += a * causal_masks(x)
     elif not selective:
-        scores = x.b * x.s * T * c.heads
-        out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))
-        if x.eager:
-            out += x.split(4 * scores + a * tok * (c.heads - c.kv_heads) * (c.head_dim + c.v_head_dim))
-            out += x.s * T
+        out += eager_core(c, x, *eager_reach(x), own=x.s)
+    elif x.c > 1:  # selective under cp: the recomputed core's inputs, views of every rank's gathered keys and
+        # values, keep them whole
+        out += x.split(a * x.b * (T - x.s) * c.kv_heads * (c.head_dim + c.v_head_dim))
     return out
+
+
+def eager_core(c: AttentionConfig, x, pairs, keys, own=0):
+    """What the explicit-softmax core keeps over `pairs` query-key pairs and `keys` keys (a sequence and a head;
+    `eager_reach`): the probabilities in a (with dropout its mask and output), and under the eager convention
+    the fp32 softmax, the boolean mask and the keys and values with their KV heads repeated to H, less the `own`
+    tokens' keys and values at Hkv heads (`stored` counts the rank's own keys and values already; the runtime
+    keeps them as these copies)."""
+    a, scores = x.a, x.b * pairs * c.heads
+    out = x.split(a * scores + ((1 + a) * scores if x.dropout else 0))
+    if x.eager:
+        out += x.split(4 * scores + a * x.b * (keys * c.heads - own * c.kv_heads) * (c.head_dim + c.v_head_dim))
+        out += pairs
+    return out
+
+
+def eager_score_gradient_bytes(a: int) -> int:
+    """Bytes a score the eager core's backward holds at its peak beyond what it keeps (runtime
+    `attention_reference`): softmax's backward reads the probabilities' gradient cast to fp32 and writes the
+    scores' fp32 gradient, 8 bytes, while the probabilities in a it kept for the value product have been freed
+    (8 - a); in fp32 and fp64 the probabilities are the softmax's own output, kept until then, so 2a. Traced:
+    a one-process layer at T = 1024 held 6 bytes a score at a = 2 where the facet had counted max(4, a) (its
+    traced peak +16.9% over the per-GPU total; -1.4% since)."""
+    return 8 - a if a < 4 else 2 * a
+
+
+def eager_reach(x, largest_piece: bool = False):
+    """(query-key pairs, keys) the explicit-softmax core scores for one sequence and head on the traced rank: one
+    call over its s = T queries and T keys in one process, (T^2, T); under context parallelism (cp_forward) one
+    call per piece of L = T/chunks queries, piece k against the (k + 1)*L keys up to its last token, so
+    (L^2 * sum(k + 1), L * sum(k + 1)) over the rank's pieces: 5/8 of s*T on the last rank of cp 2 (balanced).
+    Until this convention the facet counted s*T under cp (-21% of the activations of attention at d_model 64).
+    `largest_piece`: the last piece's alone, L^2 * (l + 1) (l the rank's last chunk), what its backward holds at
+    once (each piece's call back-propagates and frees its gradients before the next)."""
+    L = T / R(x.chunks)
+    first = x.last_chunk if largest_piece else x.last_chunk - x.pieces + 1
+    reach = sum(k + 1 for k in range(first, x.last_chunk + 1))
+    return L * L * reach, L * reach
+
+
+def causal_masks(x):
+    """Mask elements a global attention's forward saves under context parallelism (SDPA's additive copy of each
+    call's mask, shared by the batch and the heads; the boolean mask is freed): piece k of L = T/chunks queries
+    attends to the (k + 1)*L keys up to its last token, its queries not starting at key 0, so with a mask, in
+    blocks of r = `mask_rows`((k + 1)*L) queries, block i against the keys up to its last query:
+        k*L*L + r^2*F*(F + 1)/2 + (L - F*r)*L,   F = floor(L/r) whole blocks
+    ((k + 1)*L^2 when L <= r). Until this convention s*T, which over-counted the balanced split's pieces (their
+    (2c + 1)/(4c) of it on the last rank) and left out the concatenated output (+0.9% at cp 2, d_model 64; the
+    contiguous split +3.6%)."""
+    L = T / R(x.chunks)
+    total = 0
+    for k in range(x.last_chunk - x.pieces + 1, x.last_chunk + 1):
+        r = mask_rows((k + 1) * L)
+        F = sympy.floor(L / r)
+        total += k * L * L + r * r * F * (F + 1) / 2 + (L - F * r) * L
+    return total
 
 
 def window_masks(c: AttentionConfig, x):
@@ -519,8 +576,15 @@ def backward(c: AttentionConfig, x):
     """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
     a, tok = x.a, x.tok
     grads = x.split(a * tok * (c.heads + c.kv_heads) * (c.head_dim + c.v_head_dim))
-    if not (x.flash_attention and c.plain_softmax):
+    if not c.plain_softmax:  # the explicit-softmax variant (sinks, soft cap): its fp32 score gradients
         grads += x.split(max(4, a) * x.b * x.s * T * c.heads)
+    elif not x.flash_attention:  # the eager core: the last piece's (or the one call's) score gradients
+        pairs, keys = eager_reach(x, largest_piece=True)
+        grads += x.split(eager_score_gradient_bytes(a) * x.b * pairs * c.heads)
+        if x.recompute == "selective" and x.pieces > 1:
+            # what selective dropped is live again one piece at a time (each call is its own checkpoint): the
+            # last piece's core, where the assembly adds every piece's (stored without recompute less with it)
+            grads += eager_core(c, x, pairs, keys) - (stored(c, x, False) - stored(c, x, True))
     q_width = c.heads * c.head_dim * (2 if c.gate else 1)
     weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * x.h * max(q_width, c.heads * c.v_head_dim))
     return Largest(grads, weight)
