@@ -23,14 +23,22 @@ Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes):
 Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA and Dv), per micro-batch:
     replicated  norm input and QKV input 2a*sbh, output dropout mask sbh (dropout only)
     split       q, k, v a*sb*(H*D + Hkv*D + Hkv*Dv); attention output a*sb*H*Dv
-    core        flash: fp32 log-sum-exp 4*sb*H; eager: softmax output a*H*b*s*T, with dropout also its
-                mask and output (1 + a)*H*b*s*T; selective recompute drops the eager core.
-    context parallel (c > 1, global attention, flash): the most loaded (last) rank keeps every rank's keys and
-                values, all-gathered, a*b*(T - s)*(Hkv*(D + Dv)) beyond its own, and the causal mask of its
-                queries against them in a's dtype (SDPA's additive copy, saved for backward), a*s*T. A window
-                does not shorten what is gathered: its queries' saved keys are views of the gathered keys, so
-                windowed attention keeps them too (counted since this convention; until then nothing, -8% on
-                a tp 8 x cp 8 rank of ltm-100m's working set).
+    core        flash: fp32 log-sum-exp 4*sb*H; eager: softmax output a*H*b*P, with dropout also its
+                mask and output (1 + a)*H*b*P; selective recompute drops the eager core. P, the query-key pairs
+                scored (`eager_reach`), is s*T in one process; under context parallelism each of the rank's
+                pieces of L = T/chunks queries is scored against the (k + 1)*L keys up to its last token,
+                P = L^2 * sum(k + 1) (5/8 of s*T on the last rank of cp 2, balanced; s*T had over-counted
+                eager attention's activations by 21% at d_model 64, global or windowed).
+    context parallel (c > 1, flash): the most loaded (last) rank keeps every rank's keys and
+                values, all-gathered, a*b*(T - s)*(Hkv*(D + Dv)) beyond its own, the pieces' outputs beside
+                their concatenation, a*sb*H*Dv, and for global attention each piece's causal mask in a's dtype
+                (SDPA's additive copy, saved for backward; in blocks of `mask_rows` queries: `causal_masks`;
+                until this convention a*s*T and one output, +0.9% balanced, +3.6% contiguous at d_model 64).
+                A window does not shorten what is gathered: its queries' saved keys are views of the gathered
+                keys, so windowed attention keeps them too (counted since this convention; until then nothing,
+                -8% on a tp 8 x cp 8 rank of ltm-100m's working set). Eager attention under cp keeps no
+                gathered keys without recompute (its repeated copies over each piece's keys, below), but
+                under selective recompute the checkpointed calls' inputs, views of them, keep them whole.
     window (flash): SDPA's additive copy of each query block's mask, a * `window_mask_elements` (blocks of
                 r = `window_rows`(W) queries against the r + W - 1 keys their window reaches, fewer at the
                 sequence's start; per cp piece), shared by the batch and heads; and the output a second time,
@@ -38,17 +46,22 @@ Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA a
                 T > r, or always under cp, whose pieces are concatenated). Until this convention neither was
                 counted (+9% to +21% of windowed attention's activations at d_model 64, with or without cp).
     saved_by = "eager" (ltmdsl's runtime under autograd) adds: RoPE's cos and sin 2a*s*R per layer (one copy
-                for the batch); without flash attention the explicit-softmax kernel's fp32 softmax 4*H*b*s*T,
-                its boolean mask s*T (one for the batch and heads) and the KV heads repeated to H,
-                a*sb*(H - Hkv)*(D + Dv).
+                for the batch); without flash attention the explicit-softmax kernel's fp32 softmax 4*H*b*P,
+                its boolean mask P (one for the batch and heads) and the KV heads repeated to H over the keys
+                each call reads, a*b*(H*K - Hkv*s)*(D + Dv) beyond the rank's own (K = T in one process, the
+                pieces' keys L * sum(k + 1) under cp; `eager_core`).
 FLOPs: decode 2*H*(D + Dv)*min(T, W) (q.k and p.v over the cached keys); prefill the causal sum over
 positions i = 1..T of 2*H*(D + Dv)*min(i, W).
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
 gradient, every width /t): the gradients of the core's inputs and output, dq and do (H*D, H*Dv) and dk and dv
-(Hkv*(D + Dv); SDPA's GQA path forms them per key head), a*tok*(H + Hkv)*(D + Dv); without flash attention (or
-with a softcap or sinks, the explicit-softmax variant) the scores' gradients too, max(4, a)*b*s*T*H: softmax's
-fp32 gradient (the probabilities' gradient in a is freed as it is cast; traced at a = 2: 4 to 5 bytes a score,
-the fifth at d_model 128 only); or o_proj's weight gradient in w beside its input's, when larger.
+(Hkv*(D + Dv); SDPA's GQA path forms them per key head), a*tok*(H + Hkv)*(D + Dv); without flash attention the
+scores' gradients too, of one piece at a time under cp (the last, whose keys are the most), (8 - a)*b*P'*H
+(`eager_score_gradient_bytes`: softmax's backward reads the probabilities' gradient cast to fp32 and writes
+the scores' fp32 gradient while the kept probabilities in a are freed; 2a in fp32 and fp64), P' = s*T in one
+process (until this convention max(4, a) bytes: a layer's traced peak at T = 1024 was +16.9% over the per-GPU
+total), and under selective recompute with two pieces only the last piece's core is live again (each call is
+its own checkpoint); with a softcap or sinks (the explicit-softmax variant) max(4, a)*b*s*T*H; or o_proj's
+weight gradient in w beside its input's, when larger.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ counted over s x T, -21% of a d_model 64 stack's activations at cp 2 (global or 
 recompute the gathered keys the recomputed calls read were not counted (+4% at cp 2, +12% at cp 4). With flash
 attention the global masks are the pieces' (in blocks of `mask_rows` queries) and the pieces' outputs are kept
 beside their concatenation (+0.9% balanced, +3.6% contiguous before). The eager backward holds 8 - a bytes a
-score of one piece at a time (the traced peak of a one-process layer at T = 1024 was +16.9% over the per-GPU
-total with max(4, a) for every piece; selective recompute at cp 2 -23.9%, every piece's core counted as live
-again at once).
+score of one piece at a time: with max(4, a) over every piece, and every piece's core live again at once under
+selective recompute, the traced peak at T = 1024 was +16.9% over the per-GPU total in one process, -51.4%
+(selective) and -40.0% (full recompute) at cp 2.
 
 Tolerances: activations 1% (the facets state every tensor the runtime keeps; traced +0.00% in every case here);
 the peak within issue 14's 10% target (traced within 4.1%).
