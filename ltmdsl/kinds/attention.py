@@ -513,22 +513,26 @@ def eager_reach(x, largest_piece: bool = False):
     return L * L * reach, L * reach
 
 
+def causal_mask_elements(tq, shift):
+    """Elements of the masks one global causal attention call makes when its tq queries start `shift` keys past
+    the first key (shift > 0: SDPA's `is_causal` cannot place the diagonal, runtime/ops_attention.py
+    `attention`): blocks of r = `mask_rows`(tq + shift) queries, block i against the keys up to its last query,
+        shift*tq + r^2*F*(F + 1)/2 + (tq - F*r)*tq,   F = floor(tq/r) whole blocks
+    (tq*(tq + shift) when tq <= r). tq and shift may be sympy expressions in T (a cp piece's queries, offset)."""
+    tq, shift = sympy.sympify(tq), sympy.sympify(shift)
+    r = mask_rows(tq + shift)
+    F = sympy.floor(tq / r)
+    return shift * tq + r * r * F * (F + 1) / 2 + (tq - F * r) * tq
+
+
 def causal_masks(x):
     """Mask elements a global attention's forward saves under context parallelism (SDPA's additive copy of each
     call's mask, shared by the batch and the heads; the boolean mask is freed): piece k of L = T/chunks queries
-    attends to the (k + 1)*L keys up to its last token, its queries not starting at key 0, so with a mask, in
-    blocks of r = `mask_rows`((k + 1)*L) queries, block i against the keys up to its last query:
-        k*L*L + r^2*F*(F + 1)/2 + (L - F*r)*L,   F = floor(L/r) whole blocks
-    ((k + 1)*L^2 when L <= r). Until this convention s*T, which over-counted the balanced split's pieces (their
-    (2c + 1)/(4c) of it on the last rank) and left out the concatenated output (+0.9% at cp 2, d_model 64; the
-    contiguous split +3.6%)."""
+    attends to the (k + 1)*L keys up to its last token, `causal_mask_elements`(L, k*L). Until this convention
+    s*T, which over-counted the balanced split's pieces ((2c + 1)/(4c) of it on the last rank) and left out the
+    concatenated output (+0.9% at cp 2, d_model 64; the contiguous split +3.6%)."""
     L = T / R(x.chunks)
-    total = 0
-    for k in range(x.last_chunk - x.pieces + 1, x.last_chunk + 1):
-        r = mask_rows((k + 1) * L)
-        F = sympy.floor(L / r)
-        total += k * L * L + r * r * F * (F + 1) / 2 + (L - F * r) * L
-    return total
+    return sum(causal_mask_elements(L, k * L) for k in range(x.last_chunk - x.pieces + 1, x.last_chunk + 1))
 
 
 def window_masks(c: AttentionConfig, x):

@@ -99,3 +99,34 @@ def test_eager_backward_peak_is_one_pieces_score_gradients(case):
     assert abs(m.relative["activations"]) <= EXACT_TOL, m.to_text()
     assert m.peak_phase.endswith("backward"), m.peak_phase
     assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
+
+
+@pytest.mark.parametrize("Tq, shift", [(64, 64), (64, 128), (512, 512), (300, 900), (1000, 37)],
+                         ids=["one-call", "one-call-later-piece", "two-blocks", "partial-block", "short-shift"])
+def test_causal_mask_elements_are_the_runtime_masks(Tq, shift, monkeypatch):
+    """`causal_mask_elements` is the sum over the runtime's SDPA calls of their masks' elements for queries that
+    start past key 0 (a cp piece): blocks of `mask_rows` queries, each against the keys up to its last query;
+    the result equals the float64 one-mask reference (1e-10)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ltmdsl.kinds.attention import causal_mask_elements
+    from ltmdsl.memory.symbols import compile_exact
+    from ltmdsl.runtime import ops_attention as att
+    from tests.helpers import assert_close
+
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(q, k, v, **kw):
+        masks.append(kw.get("attn_mask"))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention", counting)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, Tq, 2, 4, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, Tq + shift, 1, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    out = att.attention(q, k, v, causal=True, window=None, scale=0.5)
+    assert_close(out, att.attention_reference(q, k, v, causal=True, window=None, scale=0.5), 1e-10, "causal")
+    assert all(m is not None for m in masks)
+    assert sum(m.numel() for m in masks) == compile_exact(causal_mask_elements(Tq, shift))(1, 1, 1)
