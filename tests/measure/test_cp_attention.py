@@ -49,12 +49,14 @@ model m {{
 """).model
 
 
-def plan(cp: int, split: str, recompute: str, flash: bool) -> dict:
-    return dict(mode="training", context=256, batch=2, cp=cp, gpus=cp, cp_split=split, recompute=recompute,
-                flash_attention=flash)
+def plan(cp: int, split: str, recompute: str, flash: bool, tp: int = 1) -> dict:
+    """One rank's training settings; with tp > 1 under sequence parallelism."""
+    extra = dict(tp=tp, sequence_parallel=True) if tp > 1 else {}
+    return dict(mode="training", context=256, batch=2, cp=cp, gpus=cp * tp, cp_split=split, recompute=recompute,
+                flash_attention=flash, **extra)
 
 
-#: (mixer, cp, split, recompute, flash attention): pieces of 64 tokens (32 under cp 4's balanced split)
+#: (mixer, cp, split, recompute, flash attention[, tp]): pieces of 64 tokens (32 under cp 4's balanced split)
 CASES = {
     "eager-global-cp2-none": ("global", 2, "balanced", "none", False),
     "eager-global-cp2-selective": ("global", 2, "balanced", "selective", False),
@@ -65,6 +67,8 @@ CASES = {
     "eager-global-contiguous-cp2-none": ("global", 2, "contiguous", "none", False),
     "eager-global-contiguous-cp4-selective": ("global", 4, "contiguous", "selective", False),
     "eager-window-contiguous-cp2-full": ("window", 2, "contiguous", "full", False),
+    "eager-global-tp2-cp2-sp-selective": ("global", 2, "balanced", "selective", False, 2),
+    "eager-global-contiguous-tp2-cp2-sp-none": ("global", 2, "contiguous", "none", False, 2),
     "flash-global-cp2-none": ("global", 2, "balanced", "none", True),
     "flash-global-contiguous-cp2-none": ("global", 2, "contiguous", "none", True),
     "flash-global-contiguous-cp4-full": ("global", 4, "contiguous", "full", True),
@@ -76,8 +80,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES, ids=CASES)
 def test_cp_rank_activations_and_peak_as_predicted(case):
-    mixer, cp, split, recompute, flash = CASES[case]
-    m = measure(stack(mixer), None, **plan(cp, split, recompute, flash))
+    mixer, cp, split, recompute, flash, *tp = CASES[case]
+    m = measure(stack(mixer), None, **plan(cp, split, recompute, flash, *tp))
     assert any(f"the {split} split: cp rank {cp - 1} of {cp}" in note for note in m.notes), m.notes
     for component in ("weights", "gradients", "optimizer", "logits"):
         assert m.measured[component] == m.predicted[component], component
