@@ -23,14 +23,22 @@ Prefill workspace for a chunk of Cc = min(C, T) tokens (a = activation bytes):
 Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA and Dv), per micro-batch:
     replicated  norm input and QKV input 2a*sbh, output dropout mask sbh (dropout only)
     split       q, k, v a*sb*(H*D + Hkv*D + Hkv*Dv); attention output a*sb*H*Dv
-    core        flash: fp32 log-sum-exp 4*sb*H; eager: softmax output a*H*b*s*T, with dropout also its
-                mask and output (1 + a)*H*b*s*T; selective recompute drops the eager core.
-    context parallel (c > 1, global attention, flash): the most loaded (last) rank keeps every rank's keys and
-                values, all-gathered, a*b*(T - s)*(Hkv*(D + Dv)) beyond its own, and the causal mask of its
-                queries against them in a's dtype (SDPA's additive copy, saved for backward), a*s*T. A window
-                does not shorten what is gathered: its queries' saved keys are views of the gathered keys, so
-                windowed attention keeps them too (counted since this convention; until then nothing, -8% on
-                a tp 8 x cp 8 rank of ltm-100m's working set).
+    core        flash: fp32 log-sum-exp 4*sb*H; eager: softmax output a*H*b*P, with dropout also its
+                mask and output (1 + a)*H*b*P; selective recompute drops the eager core. P, the query-key pairs
+                scored (`eager_reach`), is s*T in one process; under context parallelism each of the rank's
+                pieces of L = T/chunks queries is scored against the (k + 1)*L keys up to its last token,
+                P = L^2 * sum(k + 1) (5/8 of s*T on the last rank of cp 2, balanced; s*T had over-counted
+                eager attention's activations by 21% at d_model 64, global or windowed).
+    context parallel (c > 1, flash): the most loaded (last) rank keeps every rank's keys and
+                values, all-gathered, a*b*(T - s)*(Hkv*(D + Dv)) beyond its own, the pieces' outputs beside
+                their concatenation, a*sb*H*Dv, and for global attention each piece's causal mask in a's dtype
+                (SDPA's additive copy, saved for backward; in blocks of `mask_rows` queries: `causal_masks`;
+                until this convention a*s*T and one output, +0.9% balanced, +3.6% contiguous at d_model 64).
+                A window does not shorten what is gathered: its queries' saved keys are views of the gathered
+                keys, so windowed attention keeps them too (counted since this convention; until then nothing,
+                -8% on a tp 8 x cp 8 rank of ltm-100m's working set). Eager attention under cp keeps no
+                gathered keys without recompute (its repeated copies over each piece's keys, below), but
+                under selective recompute the checkpointed calls' inputs, views of them, keep them whole.
     window (flash): SDPA's additive copy of each query block's mask, a * `window_mask_elements` (blocks of
                 r = `window_rows`(W) queries against the r + W - 1 keys their window reaches, fewer at the
                 sequence's start; per cp piece), shared by the batch and heads; and the output a second time,
@@ -38,17 +46,22 @@ Training activations (Korthikanti et al. 2022, section 4.1, generalised to GQA a
                 T > r, or always under cp, whose pieces are concatenated). Until this convention neither was
                 counted (+9% to +21% of windowed attention's activations at d_model 64, with or without cp).
     saved_by = "eager" (ltmdsl's runtime under autograd) adds: RoPE's cos and sin 2a*s*R per layer (one copy
-                for the batch); without flash attention the explicit-softmax kernel's fp32 softmax 4*H*b*s*T,
-                its boolean mask s*T (one for the batch and heads) and the KV heads repeated to H,
-                a*sb*(H - Hkv)*(D + Dv).
+                for the batch); without flash attention the explicit-softmax kernel's fp32 softmax 4*H*b*P,
+                its boolean mask P (one for the batch and heads) and the KV heads repeated to H over the keys
+                each call reads, a*b*(H*K - Hkv*s)*(D + Dv) beyond the rank's own (K = T in one process, the
+                pieces' keys L * sum(k + 1) under cp; `eager_core`).
 FLOPs: decode 2*H*(D + Dv)*min(T, W) (q.k and p.v over the cached keys); prefill the causal sum over
 positions i = 1..T of 2*H*(D + Dv)*min(i, W).
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
 gradient, every width /t): the gradients of the core's inputs and output, dq and do (H*D, H*Dv) and dk and dv
-(Hkv*(D + Dv); SDPA's GQA path forms them per key head), a*tok*(H + Hkv)*(D + Dv); without flash attention (or
-with a softcap or sinks, the explicit-softmax variant) the scores' gradients too, max(4, a)*b*s*T*H: softmax's
-fp32 gradient (the probabilities' gradient in a is freed as it is cast; traced at a = 2: 4 to 5 bytes a score,
-the fifth at d_model 128 only); or o_proj's weight gradient in w beside its input's, when larger.
+(Hkv*(D + Dv); SDPA's GQA path forms them per key head), a*tok*(H + Hkv)*(D + Dv); without flash attention the
+scores' gradients too, of one piece at a time under cp (the last, whose keys are the most), (8 - a)*b*P'*H
+(`eager_score_gradient_bytes`: softmax's backward reads the probabilities' gradient cast to fp32 and writes
+the scores' fp32 gradient while the kept probabilities in a are freed; 2a in fp32 and fp64), P' = s*T in one
+process (until this convention max(4, a) bytes: a layer's traced peak at T = 1024 was +16.9% over the per-GPU
+total), and under selective recompute with two pieces only the last piece's core is live again (each call is
+its own checkpoint); with a softcap or sinks (the explicit-softmax variant) max(4, a)*b*s*T*H; or o_proj's
+weight gradient in w beside its input's, when larger.
 """
 
 from __future__ import annotations
@@ -445,20 +458,81 @@ def stored(c: AttentionConfig, x, selective: bool):
             # the output twice once it is formed in parts: the parts' SDPA outputs (saved) and the tensor they
             # are copied into, under cp always (the pieces' concatenation), else when the queries go in blocks
             out += a * window_masks(c, x)
-            parts = 1 if x.c > 1 else sympy.Min(1, sympy.floor(T / (window_rows(c.window) + 1)))
-            out += parts * x.split(a * tok * c.heads * c.v_head_dim)
+            if x.c == 1:
+                out += sympy.Min(1, sympy.floor(T / (window_rows(c.window) + 1))) * x.split(a * tok * c.heads * c.v_head_dim)
         if x.c > 1:  # context parallel: the last rank's queries attend to every rank's keys
-            # all-gathered (cp_forward), which the saved views of them keep whole, a window or not
+            # all-gathered (cp_forward), which the saved views of them keep whole, a window or not; the pieces'
+            # outputs (saved) are concatenated into a second copy
             out += x.split(a * x.b * (T - x.s) * c.kv_heads * (c.head_dim + c.v_head_dim))
+            out += x.split(a * tok * c.heads * c.v_head_dim)
             if c.span is None:
-                out += a * x.s * T
+                out += a * causal_masks(x)
     elif not selective:
-        scores = x.b * x.s * T * c.heads
-        out += x.split(a * scores + ((1 + a) * scores if x.dropout else 0))
-        if x.eager:
-            out += x.split(4 * scores + a * tok * (c.heads - c.kv_heads) * (c.head_dim + c.v_head_dim))
-            out += x.s * T
+        out += eager_core(c, x, *eager_reach(x), own=x.s)
+    elif x.c > 1:  # selective under cp: the recomputed core's inputs, views of every rank's gathered keys and
+        # values, keep them whole
+        out += x.split(a * x.b * (T - x.s) * c.kv_heads * (c.head_dim + c.v_head_dim))
     return out
+
+
+def eager_core(c: AttentionConfig, x, pairs, keys, own=0):
+    """What the explicit-softmax core keeps over `pairs` query-key pairs and `keys` keys (a sequence and a head;
+    `eager_reach`): the probabilities in a (with dropout its mask and output), and under the eager convention
+    the fp32 softmax, the boolean mask and the keys and values with their KV heads repeated to H, less the `own`
+    tokens' keys and values at Hkv heads (`stored` counts the rank's own keys and values already; the runtime
+    keeps them as these copies)."""
+    a, scores = x.a, x.b * pairs * c.heads
+    out = x.split(a * scores + ((1 + a) * scores if x.dropout else 0))
+    if x.eager:
+        out += x.split(4 * scores + a * x.b * (keys * c.heads - own * c.kv_heads) * (c.head_dim + c.v_head_dim))
+        out += pairs
+    return out
+
+
+def eager_score_gradient_bytes(a: int) -> int:
+    """Bytes a score the eager core's backward holds at its peak beyond what it keeps (runtime
+    `attention_reference`): softmax's backward reads the probabilities' gradient cast to fp32 and writes the
+    scores' fp32 gradient, 8 bytes, while the probabilities in a it kept for the value product have been freed
+    (8 - a); in fp32 and fp64 the probabilities are the softmax's own output, kept until then, so 2a. Traced:
+    a one-process layer at T = 1024 held 6 bytes a score at a = 2 where the facet had counted max(4, a) (its
+    traced peak +16.9% over the per-GPU total; -1.4% since)."""
+    return 8 - a if a < 4 else 2 * a
+
+
+def eager_reach(x, largest_piece: bool = False):
+    """(query-key pairs, keys) the explicit-softmax core scores for one sequence and head on the traced rank: one
+    call over its s = T queries and T keys in one process, (T^2, T); under context parallelism (cp_forward) one
+    call per piece of L = T/chunks queries, piece k against the (k + 1)*L keys up to its last token, so
+    (L^2 * sum(k + 1), L * sum(k + 1)) over the rank's pieces: 5/8 of s*T on the last rank of cp 2 (balanced).
+    Until this convention the facet counted s*T under cp (-21% of the activations of attention at d_model 64).
+    `largest_piece`: the last piece's alone, L^2 * (l + 1) (l the rank's last chunk), what its backward holds at
+    once (each piece's call back-propagates and frees its gradients before the next)."""
+    L = T / R(x.chunks)
+    first = x.last_chunk if largest_piece else x.last_chunk - x.pieces + 1
+    reach = sum(k + 1 for k in range(first, x.last_chunk + 1))
+    return L * L * reach, L * reach
+
+
+def causal_mask_elements(tq, shift):
+    """Elements of the masks one global causal attention call makes when its tq queries start `shift` keys past
+    the first key (shift > 0: SDPA's `is_causal` cannot place the diagonal, runtime/ops_attention.py
+    `attention`): blocks of r = `mask_rows`(tq + shift) queries, block i against the keys up to its last query,
+        shift*tq + r^2*F*(F + 1)/2 + (tq - F*r)*tq,   F = floor(tq/r) whole blocks
+    (tq*(tq + shift) when tq <= r). tq and shift may be sympy expressions in T (a cp piece's queries, offset)."""
+    tq, shift = sympy.sympify(tq), sympy.sympify(shift)
+    r = mask_rows(tq + shift)
+    F = sympy.floor(tq / r)
+    return shift * tq + r * r * F * (F + 1) / 2 + (tq - F * r) * tq
+
+
+def causal_masks(x):
+    """Mask elements a global attention's forward saves under context parallelism (SDPA's additive copy of each
+    call's mask, shared by the batch and the heads; the boolean mask is freed): piece k of L = T/chunks queries
+    attends to the (k + 1)*L keys up to its last token, `causal_mask_elements`(L, k*L). Until this convention
+    s*T, which over-counted the balanced split's pieces ((2c + 1)/(4c) of it on the last rank) and left out the
+    concatenated output (+0.9% at cp 2, d_model 64; the contiguous split +3.6%)."""
+    L = T / R(x.chunks)
+    return sum(causal_mask_elements(L, k * L) for k in range(x.last_chunk - x.pieces + 1, x.last_chunk + 1))
 
 
 def window_masks(c: AttentionConfig, x):
@@ -519,8 +593,15 @@ def backward(c: AttentionConfig, x):
     """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
     a, tok = x.a, x.tok
     grads = x.split(a * tok * (c.heads + c.kv_heads) * (c.head_dim + c.v_head_dim))
-    if not (x.flash_attention and c.plain_softmax):
+    if not c.plain_softmax:  # the explicit-softmax variant (sinks, soft cap): its fp32 score gradients
         grads += x.split(max(4, a) * x.b * x.s * T * c.heads)
+    elif not x.flash_attention:  # the eager core: the last piece's (or the one call's) score gradients
+        pairs, keys = eager_reach(x, largest_piece=True)
+        grads += x.split(eager_score_gradient_bytes(a) * x.b * pairs * c.heads)
+        if x.recompute == "selective" and x.pieces > 1:
+            # what selective dropped is live again one piece at a time (each call is its own checkpoint): the
+            # last piece's core, where the assembly adds every piece's (stored without recompute less with it)
+            grads += eager_core(c, x, pairs, keys) - (stored(c, x, False) - stored(c, x, True))
     q_width = c.heads * c.head_dim * (2 if c.gate else 1)
     weight = x.split(a * tok * c.heads * c.v_head_dim + x.w * x.h * max(q_width, c.heads * c.v_head_dim))
     return Largest(grads, weight)

@@ -59,7 +59,8 @@ FLOPs beyond 2 per parameter: decode in the absorbed form 2*H*(Rkv + Dr)*T (scor
 prefill 2*H*(Dqk + Dv) * T(T+1)/2 over the up-projected keys and values.
 Backward (the `backward` facet, every width /t): the gradients of the core's q, k, v and output,
 2a*tok*H*(Dqk + Dv) (the values zero-padded to Dqk for SDPA count in Dqk), plus without flash attention the
-scores' gradients max(4, a)*b*s*T*H as attention counts them; or the largest projection's weight
+scores' gradients max(4, a)*b*s*T*H (attention's count before its 8 - a bytes a score of one piece,
+`eager_score_gradient_bytes`, which this facet has not taken yet); or the largest projection's weight
 gradient in w beside o_proj's input gradient, when larger.
 """
 

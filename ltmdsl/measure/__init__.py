@@ -189,6 +189,13 @@ def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: 
     notes.append(f"rank {ranks.traced_rank(p, stage_index)} of {p.world} built as ltmdsl.distributed builds it, under "
                  "a fake process group (collectives allocate their outputs; nothing is communicated)"
                  + ("; ZeRO-3 by FSDP2, weights gathered mixer by mixer" if p.zero >= 3 else ""))
+    if s.mode == "training" and p.cp > 1:
+        from ltmdsl.distributed.context_parallel import chunk_ids
+
+        chunks = chunk_ids(p.cp - 1, p.cp, p.cp_split)
+        notes.append(f"context parallelism, the {p.cp_split} split: cp rank {p.cp - 1} of {p.cp} (the last, whose "
+                     f"queries see every key) holds sequence chunk{'s' if len(chunks) > 1 else ''} "
+                     f"{' and '.join(map(str, chunks))} of {2 * p.cp if p.cp_split == 'balanced' else p.cp}")
     if s.mode == "inference" and p.cp > 1:
         from ltmdsl.distributed.cp_inference import ContextParallelInferenceUnsupported, serve
 

@@ -79,6 +79,7 @@ class MicroBatch:
         self.h = model.d_model
         self.dropout = s.dropout
         self.flash_attention = s.flash_attention
+        self.recompute = s.recompute  # the budget's policy (a kind's backward may depend on what it recomputes)
         self.eager = s.saved_by == "eager"
         self.norm = norm.kind if norm is not None else model.final_norm.kind
 

@@ -93,8 +93,8 @@ CASES = {f"{w}-{p}": (w, policy) for w, p, policy in [
 def test_windowed_attention_keeps_its_query_blocks_masks_as_counted(case):
     """A windowed attention's forward saves SDPA's additive copy of each query block's mask (and, formed in
     parts, its output twice); the activation facet counts them (`window_mask_elements`; +9% to +21% uncounted).
-    Eager attention (the explicit softmax over every key, no blocks) keeps what it kept. (Eager attention
-    under cp is over-predicted, global or windowed alike: -21% at d_model 64, not this facet's masks.)"""
+    Eager attention (the explicit softmax over every key, no blocks) keeps what it kept (eager
+    attention under cp: tests/measure/test_cp_attention.py)."""
     name, policy = CASES[case]
     window, context, plan = WINDOWS[name]
     spec = ltmdsl.loads(WINDOWED.format(window=window, context=context))
