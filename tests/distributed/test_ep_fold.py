@@ -44,6 +44,7 @@ PLANS = {
     "tp4-ep2-etp2-on-4": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 0}),
     "tp4-ep2-etp2-sp-zero1-on-4": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1, "sequence_parallel": True}),
     "tp4-ep2-etp2-zero3-on-4": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 3}),
+    "tp4-dp2-ep2-etp2-zero1-on-8": (8, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
 }
 
 
@@ -74,31 +75,33 @@ def test_folded_experts_need_only_etp_to_divide_their_width(width, world, degree
     assert_matches_reference(results, reference_run(ir, dtype=torch.float64), RTOL)
 
 
+#: (world, plan degrees)
 BYTES_PLANS = {
-    "tp2-dp2-ep2-zero0": {"tp": 2, "ep": 2, "etp": 1, "zero": 0},
-    "tp2-dp2-ep2-zero1": {"tp": 2, "ep": 2, "etp": 1, "zero": 1},
-    "tp2-dp2-ep4-zero1": {"tp": 2, "ep": 4, "etp": 1, "zero": 1},
-    "tp2-cp2-ep2-zero1": {"tp": 2, "cp": 2, "ep": 2, "etp": 1, "zero": 1},
-    "tp4-ep2-etp2-zero0": {"tp": 4, "ep": 2, "etp": 2, "zero": 0},
-    "tp4-ep2-etp2-zero1": {"tp": 4, "ep": 2, "etp": 2, "zero": 1},
+    "tp2-dp2-ep2-zero0": (4, {"tp": 2, "ep": 2, "etp": 1, "zero": 0}),
+    "tp2-dp2-ep2-zero1": (4, {"tp": 2, "ep": 2, "etp": 1, "zero": 1}),
+    "tp2-dp2-ep4-zero1": (4, {"tp": 2, "ep": 4, "etp": 1, "zero": 1}),
+    "tp2-cp2-ep2-zero1": (4, {"tp": 2, "cp": 2, "ep": 2, "etp": 1, "zero": 1}),
+    "tp4-ep2-etp2-zero0": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 0}),
+    "tp4-ep2-etp2-zero1": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
+    "tp4-dp2-ep2-etp2-zero1-on-8": (8, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
 }
 
 
-@pytest.mark.parametrize("degrees", BYTES_PLANS.values(), ids=BYTES_PLANS.keys())
-def test_folded_rank_bytes_equal_the_memory_model(degrees):
-    """On 4 ranks each rank holds E/ep experts F/etp wide, ZeRO 1 sharding their state over edp = tp*cp*dp /
-    (etp*ep) (2, 1, 2 and 1 here): the measured bytes equal the memory model's per-GPU figures, which differ
-    from the same plan's at etp = tp (experts / tp a rank) by the experts' share."""
+@pytest.mark.parametrize("world, degrees", BYTES_PLANS.values(), ids=BYTES_PLANS.keys())
+def test_folded_rank_bytes_equal_the_memory_model(world, degrees):
+    """Each rank holds E/ep experts F/etp wide, ZeRO 1 sharding their state over edp = tp*cp*dp / (etp*ep)
+    (2, 1, 2, 1 and, on 8 ranks, 2 here): the measured bytes equal the memory model's per-GPU figures, which
+    differ from the same plan's at etp = tp (experts / tp a rank) by the experts' share."""
     ir = moe_tp()
-    plan = plan_from(world=4, **degrees)
+    plan = plan_from(world=world, **degrees)
     want = _predicted(ir, plan)
     experts = sum(layer.mixer.experts * layer.mixer.expert_params(ir.d_model)
                   for layer in ir.layers if layer.kind == "moe")
     tp, etp, ep = degrees["tp"], degrees["etp"], degrees["ep"]
-    dense = _predicted(ir, plan_from(world=4, tp=tp, cp=degrees.get("cp", 1), zero=degrees["zero"]))
+    dense = _predicted(ir, plan_from(world=world, tp=tp, cp=degrees.get("cp", 1), zero=degrees["zero"]))
     assert want["weights"] - dense["weights"] == 4 * (experts // (etp * ep) - experts // tp)  # fp32
-    measured = [got for got, _ in launch(_measure, 4, (ir, plan))]
-    assert measured == [want] * 4, (measured, want)
+    measured = [got for got, _ in launch(_measure, world, (ir, plan))]
+    assert measured == [want] * world, (measured, want)
 
 
 @pytest.mark.parametrize("degrees, message", [
@@ -120,6 +123,7 @@ CHECKPOINTS = {
     "tp2-dp2-ep4-etp1-zero1-to-tp2-dp2-ep2": ((4, {"tp": 2, "ep": 4, "etp": 1, "zero": 1}),
                                              (4, {"tp": 2, "ep": 2, "zero": 0})),
     "tp2-ep2-etp1-zero3-to-one-process": ((2, {"tp": 2, "ep": 2, "etp": 1, "zero": 3}), (1, {})),
+    "tp4-ep2-etp2-zero1-to-one-process": ((4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}), (1, {})),
 }
 
 
