@@ -27,8 +27,8 @@ def tp_plans(ir: ModelIR, tp: int, expert_tp: int | None = None) -> list[dict]:
                 f"no tensor-parallel plan for kind {layer.kind!r} (layer '{layer.definition}'); "
                 f"run it with tp = 1, or declare tp_plan in runtime/kinds/{layer.kind}.py")
         try:
-            experts = kind.ep_forward is not None and expert_tp is not None
-            plans.append(kind.tp_plan(layer.mixer, tp, expert_tp=expert_tp) if experts else kind.tp_plan(layer.mixer, tp))
+            experts = {"expert_tp": expert_tp} if kind.ep_forward is not None and expert_tp is not None else {}
+            plans.append(kind.tp_plan(layer.mixer, tp, **experts))
             if kind.use_tp_plan is not None:
                 kind.use_tp_plan(layer.mixer, tp)  # refuse a use it cannot split here too
         except TensorParallelUnsupported as e:
