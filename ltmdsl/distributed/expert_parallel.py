@@ -168,8 +168,10 @@ def fold_parts_mesh(mesh, plan):
 
 def apply_expert_parallel(model, mesh, plan) -> set[int]:
     """Shard the stacked expert weights of every MoE mixer over the ep ranks of `mesh` (the plan's (pp, dp,
-    cp, tp) mesh; the meta model, before FSDP2 and materialise; under tp after the tp split, which made them
-    DTensors over F) and switch the mixers to ep_forward; returns the ids of the sharded parameters."""
+    cp, tp) mesh; the meta model, before FSDP2 and materialise; under tp after the tp split, which at etp = tp
+    made them DTensors over F and below it left them whole) as stacked [E, ...] DTensors, Shard(0) over ep and,
+    under (e)tp, Shard on their width (runtime/kinds/moe.py `EXPERT_WIDTHS`) over the (e)tp ranks, and switch
+    the mixers to ep_forward; returns the ids of the sharded parameters."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from ltmdsl.runtime.kinds import runtime_kind
