@@ -283,8 +283,10 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     Each (token, slot) goes to the rank holding its expert, sorted by expert; that rank runs its E/ep
     experts and returns the rows; they are weighted and summed per token in expert order, as forward does
     (every routing, the clamped SwiGLU, weighted inputs), and the shared expert (dense) added on this rank's
-    tokens. Folded (MoE parallel folding, etp = 1 under tp: `ep.fold`) every tp rank routes its tokens but
-    dispatches only its 1/t part, and the parts' outputs are all-gathered over tp. Expert biases (gpt-oss) are
+    tokens. Folded (MoE parallel folding, etp < tp: `ep.fold`) every tp rank routes its tokens but its etp
+    group dispatches only its etp/t part, and the parts' outputs are all-gathered over the tp ranks with its etp
+    coordinate (`ep.fold`; under etp > 1 the experts' partial outputs summed over the etp group first, as
+    `ep_experts` sums them over tp at etp = tp). Expert biases (gpt-oss) are
     split with their experts and added by the rank holding them."""
     shape = x.shape
     whole = x.reshape(-1, shape[-1])  # [M, d]
@@ -293,7 +295,7 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
 
 def ep_routed(module: MoE, whole: torch.Tensor, ep) -> torch.Tensor:
     """`ep_forward`'s routed experts over the tokens whole [M, d] -> [M, d]: the routing, the plan and the
-    exchanges (`ep_experts`); folded, this rank's 1/t part of them, the parts gathered. Its routing weights and
+    exchanges (`ep_experts`); folded, its etp group's part of them, the parts gathered. Its routing weights and
     int64 plan (indices, order, tokens, received experts) are released on return, before the shared expert runs."""
     cfg = module.cfg
     w, idx = route(module.router(whole), cfg, module.selection_bias)  # [M, k], [M, k]
@@ -353,7 +355,7 @@ def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.T
     Under tensor parallelism (Megatron's expert tensor parallelism) every tp rank routes the same tokens, holds
     F/t of its experts' width and returns its part of their outputs: the weighted sum is summed over the tp
     ranks, and the gradients of the inputs and routing weights, partial on each, are summed back, as
-    `MoE.forward` does."""
+    `MoE.forward` does; folded at 1 < etp < tp the same over the etp group (`Experts.tp_mesh`)."""
     cfg = module.cfg
     tp_mesh = module.experts.tp_mesh
     if tp_mesh is not None:  # the experts' inputs and weights get partial gradients from each tp rank
