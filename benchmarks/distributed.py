@@ -76,6 +76,8 @@ PLANS = [  # (model, world, degrees)
     ("tiny-jamba", 4, {"pp": 2, "dp": 2, "ep": 2, "microbatches": 2}),
     ("tp-bench", 4, {"tp": 2, "ep": 2, "zero": 1}),
     ("tp-bench", 4, {"tp": 2, "ep": 2, "zero": 3}),
+    ("tp-bench", 4, {"tp": 2, "ep": 4, "etp": 1, "zero": 1}),
+    ("tp-bench", 4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
 ]
 
 
@@ -112,7 +114,8 @@ def _predicted(ir, plan, seq: int, batch: int) -> tuple[dict[str, int], int]:
     from ltmdsl.memory import report
 
     r = report(ir, None, mode="training", gpus=plan.world, dp=plan.dp, tp=plan.tp, cp=plan.cp, ep=plan.ep,
-               pp=plan.pp, microbatches=plan.microbatches, zero=plan.zero, sequence_parallel=plan.sequence_parallel,
+               etp=plan.etp, pp=plan.pp, microbatches=plan.microbatches, zero=plan.zero,
+               sequence_parallel=plan.sequence_parallel,
                weight_dtype="fp32", grad_dtype="fp32", optimizer_bytes_per_param=8, context=seq, batch=batch)
     return {c: r.per_gpu_components[c] for c in COMPONENTS}, r.most_loaded_stage * (plan.world // plan.pp)
 

@@ -284,6 +284,38 @@ class _SumOverGroup(torch.autograd.Function):
         return _sum_in_slot(grad, ctx.slot, ctx.slots, ctx.group), None, None, None
 
 
+class GroupSumOnce:
+    """`sum_over_group` inside a `recompute` region (runtime.chunk_recompute), which runs its function in the
+    forward and again in the backward: the forward's all-reduced sum is kept (for Mamba-2's gated norm a
+    [..., 1] tensor of sums of squares, 1/(Di/t) of the region's output) and the backward's rerun returns it
+    with the same backward (the gradient summed over the group) instead of all-reducing the same values again,
+    so the backward issues one collective, the gradient's. One instance per region call, called once per run
+    of the region's function."""
+
+    def __init__(self):
+        self.value = None
+
+    def __call__(self, x: torch.Tensor, slot: int, slots: int, group) -> torch.Tensor:
+        if self.value is None:  # the forward's run: the all-reduce
+            out = sum_over_group(x, slot, slots, group)
+            self.value = out.detach()
+            return out
+        return _ReplayedSum.apply(x, self.value, slot, slots, group)  # the rerun: the kept sum
+
+
+class _ReplayedSum(torch.autograd.Function):
+    """`value` (the forward's sum over the group of x) as the sum of x, with sum_over_group's backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, value: torch.Tensor, slot: int, slots: int, group) -> torch.Tensor:
+        ctx.slot, ctx.slots, ctx.group = slot, slots, group
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _sum_in_slot(grad, ctx.slot, ctx.slots, ctx.group), None, None, None, None
+
+
 def grouped_segments(segments: dict[str, tuple[int, ...]], groups: tuple[int | None, ...], *, linear: bool):
     """A ParallelStyle for a module whose parameters named in `segments` are fused along dim 0 from segments of
     those sizes, some of them (`groups[i]` set) made of fewer groups than the t tp ranks: each rank holds its 1/t

@@ -27,16 +27,22 @@ Gradients and ZeRO, per parameter class (Megatron's expert data parallelism):
 so each rank's expert state is (E/ep experts) / (dp*cp/ep): the memory model's expert parameters / (t*ep),
 ZeRO-sharded over max(1, dp*c/ep) (ltmdsl/memory/training.py).
 
-MoE parallel folding (Megatron-Core's, etp = 1 under tp > 1: `fold_expert_mesh`): the experts lay the
-tp*cp*dp ranks of a pipeline stage out on their own, the stage's ranks in mesh order (tp innermost) cut into
-(edp, ep) with ep innermost, as Megatron builds its expert groups (expert-tp 1, then ep, then expert-dp). Rank r
-of an ep group holds experts [r*E/ep, (r+1)*E/ep) whole (each E/ep of them, F wide). The tp ranks of one
-replica see the same tokens, so each routes all of them (the router's gradient is then whole on every tp
-rank, as a replicated weight's) but dispatches only its 1/t part of the rows, and the experts' outputs are
-all-gathered over tp (`ExpertShard.fold`; their gradients are cut back to the part). The expert replicas are
-the edp ranks; an expert's local gradient sums the parts of its ep group's ranks, so it is scaled by
-edp / (dp*cp) = t / ep (`grad_scale`: averaged over the edp replicas it is the dp*cp mean). Each rank's expert
-state is then (E/ep experts, whole) ZeRO-sharded over edp = t*c*dp / ep: the memory model's etp = 1 count.
+MoE parallel folding (Megatron-Core's, etp < tp: `fold_expert_mesh`): the experts lay the tp*cp*dp ranks of a
+pipeline stage out on their own, the stage's ranks in mesh order (tp innermost) cut into (edp, ep, etp) with etp
+innermost, then ep, as Megatron-Core's parallel_state builds its expert groups (its expert rank generator's order
+"tp-ep-dp-pp" with the expert-tp degree as tp and cp folded into expert-dp). Since etp divides tp, an etp group
+is etp neighbouring ranks of one tp group; rank r of an ep group (the ranks with the same edp and etp
+coordinates) holds experts [r*E/ep, (r+1)*E/ep), each split over its etp group on the width F as the etp = tp
+path splits them (gate and up by F, down by F, the down bias by d); at etp = 1 they are whole. The tp ranks of
+one replica see the same tokens: they form t/etp etp groups, and etp group g (`fold`, the ranks of the tp group
+with the same etp coordinate) routes all of them (the router's gradient is then whole on every tp rank, as a
+replicated weight's) but dispatches only its part g of the rows, 1/(t/etp) of them, its etp ranks the same
+part; the experts' partial outputs are summed over the etp group (as at etp = tp) and the parts all-gathered
+over `fold` (`ExpertShard.whole`; their gradients are cut back to the part). The expert replicas are the edp
+ranks; an expert slice's local gradient sums the parts of its ep group's ranks, which with the edp replicas are
+every (replica, part) pair once, so it is scaled by edp / (dp*cp) = t / (etp*ep) (`grad_scale`: averaged over the
+edp replicas it is the dp*cp mean). Each rank's expert state is then E/ep experts F/etp wide, ZeRO-sharded over
+edp = t*c*dp / (etp*ep): the memory model's count.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ class ExpertShard:
     rank: int
     size: int
     replicas: object  # 1-D DeviceMesh of the ranks holding the same experts (edp x cp): gradient average, ZeRO
-    fold: object = None  # folded (etp = 1 < tp): the tp mesh whose ranks each dispatch 1/t of the tokens
+    fold: object = None  # folded (etp < tp): the t/etp ranks of the tp group with this etp coordinate, each
+    # dispatching its 1/(t/etp) part of the tokens (the tp mesh at etp = 1)
     grad_scale: float | None = None  # the experts' gradient factor; None: 1/ep (module docstring)
 
     def local(self, p: torch.Tensor) -> torch.Tensor:
@@ -69,13 +76,14 @@ class ExpertShard:
         return _ScaleGradient.apply(p.to_local() if hasattr(p, "to_local") else p, scale)
 
     def folds(self, rows: int) -> bool:
-        """Whether this rank dispatches only its tp part of `rows` tokens: folded, and t divides them. (A decode
-        step's few tokens that t does not divide are dispatched by every tp rank, each getting all their results
-        back: the same output, no gradient; training's plan check makes t divide a rank's tokens.)"""
+        """Whether this rank dispatches only its part of `rows` tokens: folded, and t/etp divides them. (A
+        decode step's few tokens that t/etp does not divide are dispatched by every etp group, each getting all
+        their results back: the same output, no gradient; training's plan check makes t/etp divide a rank's
+        tokens.)"""
         return self.fold is not None and rows % self.fold.size() == 0
 
     def part(self, t: torch.Tensor) -> torch.Tensor:
-        """Folded: this tp rank's rows of t [M, ...], whole on every tp rank -> [M/t, ...] (backward: the
+        """Folded: this etp group's rows of t [M, ...], whole on every tp rank -> [M*etp/t, ...] (backward: the
         parts' gradients all-gathered, whole on every rank)."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -85,8 +93,8 @@ class ExpertShard:
             self.fold, [Shard(0)]).to_local()
 
     def whole(self, t: torch.Tensor) -> torch.Tensor:
-        """Folded: every tp rank's part [M/t, ...] all-gathered -> [M, ...] (backward: this rank's rows of the
-        gradient, whole on every rank)."""
+        """Folded: every etp group's part [M*etp/t, ...] all-gathered -> [M, ...] (backward: this rank's rows of
+        the gradient, whole on every rank)."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
         return DTensor.from_local(t, self.fold, [Shard(0)], run_check=False).redistribute(
@@ -138,33 +146,50 @@ def expert_mesh(mesh, plan):
 
 
 def fold_expert_mesh(mesh, plan):
-    """MoE parallel folding at etp = 1 (module docstring): a ("pp", "edp", "ep") mesh over the same ranks, the
-    stage's dp x cp x tp ranks in mesh order cut into edp x ep. Creates process groups: call once."""
+    """MoE parallel folding at etp < tp (module docstring): a ("pp", "edp", "ep", "etp") mesh over the same
+    ranks, the stage's dp x cp x tp ranks in mesh order cut into edp x ep x etp, etp innermost. Creates process
+    groups: call once."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    stage = plan.tp * plan.cp * plan.dp
-    return init_device_mesh(mesh.device_type, (plan.pp, stage // plan.ep, plan.ep), mesh_dim_names=("pp", "edp", "ep"))
+    etp, stage = plan.expert_tp, plan.tp * plan.cp * plan.dp
+    return init_device_mesh(mesh.device_type, (plan.pp, stage // (etp * plan.ep), plan.ep, etp),
+                            mesh_dim_names=("pp", "edp", "ep", "etp"))
+
+
+def fold_parts_mesh(mesh, plan):
+    """The ranks of this rank's tp group whose etp groups own the other parts of its tokens (the tp ranks with
+    its etp coordinate: tp rank i owns part i // etp): the tp mesh itself at etp = 1. Creates process groups
+    (etp > 1): call once."""
+    etp = plan.expert_tp
+    if etp == 1:
+        return mesh["tp"]
+    return mesh._unflatten("tp", (plan.tp // etp, etp), ("tp_parts", "etp"))["tp_parts"]
 
 
 def apply_expert_parallel(model, mesh, plan) -> set[int]:
     """Shard the stacked expert weights of every MoE mixer over the ep ranks of `mesh` (the plan's (pp, dp,
-    cp, tp) mesh; the meta model, before FSDP2 and materialise; under tp after the tp split, which made them
-    DTensors over F) and switch the mixers to ep_forward; returns the ids of the sharded parameters."""
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    cp, tp) mesh; the meta model, before FSDP2 and materialise; under tp after the tp split, which at etp = tp
+    made them DTensors over F and below it left them whole) as stacked [E, ...] DTensors, Shard(0) over ep and,
+    under (e)tp, Shard on their width (runtime/kinds/moe.py `EXPERT_WIDTHS`) over the (e)tp ranks, and switch
+    the mixers to ep_forward; returns the ids of the sharded parameters."""
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     from ltmdsl.runtime.kinds import runtime_kind
+    from ltmdsl.runtime.kinds.moe import EXPERT_WIDTHS
 
-    folded = plan.expert_tp == 1 and plan.tp > 1
+    folded = plan.expert_tp < plan.tp
     if folded:
         experts_mesh = fold_expert_mesh(mesh, plan)
         ep_mesh, replicas = experts_mesh["ep"], experts_mesh["edp"]
-        shard = ExpertShard(ep_mesh, ep_mesh.get_local_rank(), ep_mesh.size(), replicas, fold=mesh["tp"],
-                            grad_scale=replicas.size() / (plan.dp * plan.cp))
+        shard = ExpertShard(ep_mesh, ep_mesh.get_local_rank(), ep_mesh.size(), replicas,
+                            fold=fold_parts_mesh(mesh, plan), grad_scale=replicas.size() / (plan.dp * plan.cp))
+        width_mesh = ("ep", "etp") if plan.expert_tp > 1 else None  # each expert's F split over its etp group
     else:
         experts_mesh = expert_mesh(mesh, plan)
         ep_mesh = experts_mesh["ep"]
         replicas = experts_mesh["edp"] if plan.cp == 1 else experts_mesh["edp", "cp"]._flatten("edp_cp")
         shard = ExpertShard(ep_mesh, ep_mesh.get_local_rank(), ep_mesh.size(), replicas)
+        width_mesh = ("ep", "tp") if plan.tp > 1 else None
     sharded: set[int] = set()
     done: set[int] = set()
     for layer, block in zip(model.ir.layers, model.layers):
@@ -177,19 +202,17 @@ def apply_expert_parallel(model, mesh, plan) -> set[int]:
             p = getattr(experts, name)
             if p is None:
                 continue
-            if folded and isinstance(p, DTensor):  # etp = 1: whole experts, not the tp plan's F/t slices
-                p = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                       requires_grad=p.requires_grad)
-            if isinstance(p, DTensor):  # split over tp on F already: experts over ep, F over tp
-                whole = torch.empty(p.shape, dtype=p.dtype, device="meta")  # [E, ...] global
-                d = distribute_tensor(whole, experts_mesh["ep", "tp"], [Shard(0), *p.placements], src_data_rank=None)
-            else:
-                d = distribute_tensor(p.data, ep_mesh, [Shard(0)], src_data_rank=None)
+            whole = torch.empty(p.shape, dtype=p.dtype, device="meta")  # [E, ...] global (a tp DTensor's too)
+            if width_mesh is None:  # whole experts over ep
+                d = distribute_tensor(whole, ep_mesh, [Shard(0)], src_data_rank=None)
+            else:  # experts over ep, each one's width over its (e)tp ranks
+                d = distribute_tensor(whole, experts_mesh[width_mesh], [Shard(0), Shard(EXPERT_WIDTHS[name])],
+                                      src_data_rank=None)
             d = torch.nn.Parameter(d, requires_grad=p.requires_grad)
             setattr(experts, name, d)
             sharded.add(id(d))
-        if folded:
-            experts.tp_mesh = None  # the experts' maths runs whole (no sum over tp)
+        if folded:  # the experts' partial sums over their etp group (none: whole at etp = 1)
+            experts.tp_mesh = experts_mesh["etp"] if plan.expert_tp > 1 else None
         block.mixer.expert_parallel = shard
     return sharded
 

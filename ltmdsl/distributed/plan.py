@@ -8,7 +8,8 @@ world size when not given. `check_plan` refuses, with every problem in one messa
   - does not divide the model (heads, experts, layers: the memory model's own words, budgets.plan_problems),
   - does not divide the batch over dp or the sequence over cp (2*cp chunks under the balanced cp split),
   - carves the expert-parallel ranks other than out of the data-parallel ones (ep must divide dp) at etp = tp,
-    folds them over the tp ranks other than at etp = 1 with ep > 1 (MoE parallel folding: expert_parallel.py),
+    folds the experts over the tp ranks (MoE parallel folding, etp < tp: expert_parallel.py) other than with an
+    etp that divides tp, ep > 1 and tp/etp dividing a rank's tokens, or asks etp > tp,
   - combines degrees ltmdsl.distributed does not run together yet (interleaving without a pipeline:
     docs/DISTRIBUTED.md).
 
@@ -61,21 +62,28 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"tp*pp*cp*dp = {plan.tp}*{plan.pp}*{plan.cp}*{plan.dp} = {plan.world} "
                       f"must equal the world size {world}")
     errors += [message for _key, message in plan_problems(model, plan)]
-    folded = plan.expert_tp != plan.tp
-    if folded and plan.expert_tp != 1:
-        errors.append(f"etp = {plan.expert_tp} with tp = {plan.tp}: ltmdsl.distributed runs each expert whole "
-                      "(etp = 1) or split like the dense layers (etp = tp), not other widths yet")
+    etp = plan.expert_tp
+    folded = etp < plan.tp
+    parts = plan.tp // etp if folded and plan.tp % etp == 0 else None  # the etp groups of a tp group
+    if etp > plan.tp:
+        errors.append(f"etp = {etp} with tp = {plan.tp}: ltmdsl.distributed splits each expert over at most the "
+                      "tp ranks (etp from 1 to tp, dividing tp), not over more ranks than the dense layers")
+    elif folded and parts is None:
+        errors.append(f"etp = {etp} does not divide tp = {plan.tp}: MoE parallel folding splits each tp group into "
+                      "tp/etp expert-tensor-parallel groups, each dispatching its part of the tokens")
     elif folded and plan.ep == 1:
-        errors.append(f"etp = 1 with tp = {plan.tp} and ep = 1 would replicate every expert over the tp ranks; "
-                      "ltmdsl.distributed folds the experts over the tp ranks with ep > 1 only (or write etp = tp)")
-    elif folded and seq_len is not None and seq_len % plan.cp == 0 and (seq_len // plan.cp) % plan.tp:
-        errors.append(f"etp = 1: each tp rank dispatches 1/tp of its tokens to the experts, and tp = {plan.tp} "
-                      f"does not divide the {seq_len // plan.cp} tokens of a sequence on a rank (the sequence of "
-                      f"{seq_len} / cp = {plan.cp})")
+        errors.append(f"etp = {etp} with tp = {plan.tp} and ep = 1 would replicate every expert over tp/etp = "
+                      f"{parts} ranks; ltmdsl.distributed folds the experts over the tp ranks with ep > 1 only "
+                      "(or write etp = tp)")
+    elif folded and seq_len is not None and seq_len % plan.cp == 0 and (seq_len // plan.cp) % parts:
+        errors.append(f"etp = {etp}: each of the tp/etp = {plan.tp}/{etp} = {parts} expert-tensor-parallel groups "
+                      f"of a tp group dispatches its part of the tokens, and {parts} does not divide the "
+                      f"{seq_len // plan.cp} tokens of a sequence on a rank (the sequence of {seq_len} / cp = "
+                      f"{plan.cp})")
     elif not folded and plan.ep > 1 and plan.dp % plan.ep:
         errors.append(f"ep = {plan.ep} does not divide dp = {plan.dp}: with etp = tp the expert-parallel ranks are "
                       "carved out of the data-parallel ranks (Megatron-LM's expert parallelism, each expert's width "
-                      "split over the tp ranks); etp = 1 folds them over the tp ranks as well")
+                      "split over the tp ranks); an etp below tp folds them over the tp ranks as well")
     if batch is not None and batch % plan.dp:
         errors.append(f"dp = {plan.dp} does not divide the batch of {batch} sequences")
     if seq_len is not None and seq_len % plan.cp:

@@ -78,7 +78,7 @@ def split(model, plan: ParallelPlan, mesh, *, fsdp_stages: tuple[int, ...] = FSD
     (experts under ep)."""
     if plan.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=plan.sequence_parallel,
-                              folded_pieces=plan.cp > 1 and plan.cp_split == "balanced")
+                              folded_pieces=plan.cp > 1 and plan.cp_split == "balanced", expert_tp=plan.expert_tp)
     if plan.cp > 1:
         apply_context_parallel(model, mesh["cp"], plan.cp_split)
     dp_sharded: set[int] = set()
@@ -96,7 +96,7 @@ def parallelize(ir: ModelIR, plan: ParallelPlan, *, dtype: torch.dtype = torch.f
 
     check_plan(ir, plan, dist.get_world_size())
     if plan.tp > 1:
-        tp_plans(ir, plan.tp)  # refuse an unsplittable kind before building anything
+        tp_plans(ir, plan.tp, plan.expert_tp)  # refuse an unsplittable kind before building anything
     if plan.cp > 1:
         cp_forwards(ir)  # likewise a kind with no context-parallel form
     if plan.pp > 1:

@@ -14,9 +14,11 @@ from ltmdsl.ir import ModelIR
 from ltmdsl.runtime.kinds import TensorParallelUnsupported, runtime_kind
 
 
-def tp_plans(ir: ModelIR, tp: int) -> list[dict]:
+def tp_plans(ir: ModelIR, tp: int, expert_tp: int | None = None) -> list[dict]:
     """The tensor-parallel plan of each sub-layer's mixer (in stack order); TensorParallelUnsupported
-    naming the layer and kind when one has none."""
+    naming the layer and kind when one has none. `expert_tp` (the plan's etp; None: tp) reaches the kinds with
+    experts (`RuntimeKind.ep_forward`): below tp their routed experts are left to expert parallelism
+    (expert_parallel.py), so tp need not divide the experts' width."""
     plans = []
     for layer in ir.layers:
         kind = runtime_kind(layer.kind)
@@ -25,7 +27,8 @@ def tp_plans(ir: ModelIR, tp: int) -> list[dict]:
                 f"no tensor-parallel plan for kind {layer.kind!r} (layer '{layer.definition}'); "
                 f"run it with tp = 1, or declare tp_plan in runtime/kinds/{layer.kind}.py")
         try:
-            plans.append(kind.tp_plan(layer.mixer, tp))
+            experts = {"expert_tp": expert_tp} if kind.ep_forward is not None and expert_tp is not None else {}
+            plans.append(kind.tp_plan(layer.mixer, tp, **experts))
             if kind.use_tp_plan is not None:
                 kind.use_tp_plan(layer.mixer, tp)  # refuse a use it cannot split here too
         except TensorParallelUnsupported as e:
@@ -43,16 +46,18 @@ def apply_use_parallel(model, tp_mesh) -> None:
         parallelize_module(use, tp_mesh, runtime_kind(layer.kind).use_tp_plan(layer.mixer, tp_mesh.size()))
 
 
-def apply_tensor_parallel(model, tp_mesh, *, sequence_parallel: bool = False, folded_pieces: bool = False) -> None:
+def apply_tensor_parallel(model, tp_mesh, *, sequence_parallel: bool = False, folded_pieces: bool = False,
+                          expert_tp: int | None = None) -> None:
     """Split every mixer of `model` (an LTModel, meta or materialised) over the 1-D mesh `tp_mesh`; with
     `sequence_parallel`, the stream between the mixers sequence-sharded too (sequence_parallel.py).
     `folded_pieces`: the mixers see a rank's context-parallel pieces folded into the batch (the balanced cp
-    split), so their output projections cannot reduce-scatter the rank's token order themselves."""
+    split), so their output projections cannot reduce-scatter the rank's token order themselves. `expert_tp`:
+    the plan's etp (`tp_plans`)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     from ltmdsl.distributed.sequence_parallel import apply_sequence_parallel, sequence_sharded_outputs
 
-    plans = tp_plans(model.ir, tp_mesh.size())
+    plans = tp_plans(model.ir, tp_mesh.size(), expert_tp)
     sharded_outputs = []
     for layer, plan in zip(model.ir.layers, plans):
         sharded = sequence_sharded_outputs(layer, plan) if sequence_parallel and not folded_pieces else None

@@ -59,7 +59,7 @@ def _kind_errors(ir: ModelIR, plan: ParallelPlan) -> list[str]:
     from ltmdsl.distributed.tensor_parallel import tp_plans
 
     errors = []
-    for applies, probe in ((plan.tp > 1, lambda: tp_plans(ir, plan.tp)),
+    for applies, probe in ((plan.tp > 1, lambda: tp_plans(ir, plan.tp, plan.expert_tp)),
                            (plan.cp > 1, lambda: cp_forwards(ir)),
                            (plan.pp > 1, lambda: check_pipeline(ir, plan.pp, plan.interleave))):
         if applies:

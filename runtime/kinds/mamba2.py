@@ -32,8 +32,8 @@ from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.kinds.mamba import ConvSSMState, conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm import gated_rmsnorm
-from ltmdsl.runtime.tensor_parallel import (grouped_segments, local, segmented, shard_parameters, sum_over_group,
-                                            tp_size)
+from ltmdsl.runtime.tensor_parallel import (GroupSumOnce, grouped_segments, local, segmented, shard_parameters,
+                                            sum_over_group, tp_size)
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -131,9 +131,10 @@ class Mamba2(nn.Module):
         return self._dt_A_of(dt, local(self.dt_bias), local(self.A_log))
 
     def _gated(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor,
-               norm_weight: torch.Tensor | None) -> torch.Tensor:
+               norm_weight: torch.Tensor | None, sums=sum_over_group) -> torch.Tensor:
         """y, x [..., Hs, P], z [..., Di] -> gated_norm(y + D x, z) [..., Di] in x's dtype (without the norm:
-        (y + D x) * silu(z))."""
+        (y + D x) * silu(z)). `sums`: how a norm group split over ranks sums its squares
+        (`_gated_norm_over_ranks`)."""
         cfg = self.cfg
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = y.to(work) + x.to(work) * D.to(work)[:, None]  # [..., Hs, P]
@@ -141,20 +142,21 @@ class Mamba2(nn.Module):
         if norm_weight is None:  # gated_norm = false (Falcon-H1's mamba_rms_norm false): the gate alone
             y = y * F.silu(z.to(work))  # [..., Di]
         elif getattr(self.in_proj, "tp_copies", None) is not None:  # a norm group split over the ranks sharing it
-            y = self._gated_norm_over_ranks(y, z.to(work), norm_weight.to(work))
+            y = self._gated_norm_over_ranks(y, z.to(work), norm_weight.to(work), sums)
         else:
             y = gated_rmsnorm(y, z, norm_weight.to(work), group_size=cfg.d_inner // cfg.n_groups, eps=self.eps)
         return y.to(x.dtype)
 
-    def _gated_norm_over_ranks(self, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _gated_norm_over_ranks(self, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                               sums=sum_over_group) -> torch.Tensor:
         """gated_rmsnorm of y, z [..., Di/t] when this rank's channels are part of one norm group of Di/G
         channels split over the t/G ranks sharing the group (n_groups < t): the sum of squares summed over
-        them (`sum_over_group`), divided by the group's size. It runs inside the training forms' `recompute`
-        regions, so the backward's recomputation repeats that all-reduce: every tp rank recomputes the same
-        regions in the same order, so the collectives match."""
+        them (`sum_over_group`), divided by the group's size. Inside the training forms' `recompute` regions
+        `sums` is a `GroupSumOnce`: the backward's recomputation reuses the forward's sums rather than repeating
+        their all-reduce, so the backward's one collective is the gradient's."""
         copies = self.in_proj.tp_copies
         h = y * F.silu(z)  # [..., Di/t]
-        squares = sum_over_group(h.pow(2).sum(-1, keepdim=True), copies.slot, copies.slots, copies.group)  # [..., 1]
+        squares = sums(h.pow(2).sum(-1, keepdim=True), copies.slot, copies.slots, copies.group)  # [..., 1]
         return weight * (h * torch.rsqrt(squares / (self.cfg.d_inner // self.cfg.n_groups) + self.eps))
 
     def _params(self) -> tuple:
@@ -167,7 +169,7 @@ class Mamba2(nn.Module):
         _, _, D, norm_weight = self._params()
         return self.out_proj(self._gated(y, x, z, D, norm_weight))
 
-    def _core(self, x, Bm, Cm, dt, z, dt_bias, A_log, D, norm_weight, state=None):
+    def _core(self, x, Bm, Cm, dt, z, dt_bias, A_log, D, norm_weight, state=None, sums=sum_over_group):
         """From the conv output's x [B,T,Hs,P], B, C [B,T,G,N] and in_proj's dt [B,T,Hs], z [B,T,Di] to
         out_proj's input: dt and A, the SSD scan, the D skip and the gated norm -> ([B,T,Di], final state).
         The parallel (prefill) form: dt clamped at dt_min (mamba_ssm's dt_limit, Zamba2's time_step_min)."""
@@ -175,7 +177,7 @@ class Mamba2(nn.Module):
         if self.cfg.dt_min > 0:
             dt = dt.clamp(min=self.cfg.dt_min)
         y, h = self.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=self.cfg.chunk, state=state)  # [B,T,Hs,P], [B,Hs,P,N]
-        return self._gated(y, x, z, D, norm_weight), h
+        return self._gated(y, x, z, D, norm_weight, sums), h
 
     def forward(self, u: torch.Tensor, state: ConvSSMState | None = None, pos0: int = 0) -> torch.Tensor:
         """Without a cache (training) everything between the conv and out_proj is one `recompute` region:
@@ -191,7 +193,8 @@ class Mamba2(nn.Module):
         Bm, Cm = Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N)
         params = self._params()
         if state is None:
-            y = recompute(lambda *a: self._core(*a)[0], x, Bm, Cm, dt, z, *params)  # [B, T, Di]
+            sums = GroupSumOnce()  # the region's rerun in backward reuses the forward's all-reduced norm sums
+            y = recompute(lambda *a: self._core(*a, sums=sums)[0], x, Bm, Cm, dt, z, *params)  # [B, T, Di]
         else:
             y, h = self._core(x, Bm, Cm, dt, z, *params, state=state.ssm)
             state.ssm.copy_(h)
@@ -248,8 +251,9 @@ def cp_forward(module: Mamba2, u: torch.Tensor, cp) -> torch.Tensor:
     def gated(x, Bm, Cm, dt, z, start, dt_bias, A_log, D, norm_weight):  # -> out_proj's input [B, T, Di]
         dt, A = dt_A(dt, dt_bias, A_log)
         y, _ = module.kernels.ssd_scan(x, dt, A, Bm, Cm, chunk=cfg.chunk, state=start)  # [B, T, Hs, P]
-        return module._gated(y, x, z, D, norm_weight)
+        return module._gated(y, x, z, D, norm_weight, sums)
 
+    sums = GroupSumOnce()  # as `forward`: the rerun of `gated` reuses the forward's all-reduced norm sums
     h = recompute(final_state, x, Bm, Cm, dt, dt_bias, A_log)  # [B, Hs, P, N]
     start = cp.carry(h, recompute(decay_of, dt, dt_bias, A_log))  # [B, Hs, P, N]
     y = recompute(gated, x, Bm, Cm, dt, z, start, dt_bias, A_log, D, norm_weight)  # [B, T, Di]

@@ -244,21 +244,33 @@ def state_names(cfg: MoEConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
-def tp_plan(cfg: MoEConfig, tp: int) -> dict:
+#: the dimension of each stacked expert parameter that (expert) tensor parallelism splits: the expert width F of
+#: gate_proj/up_proj [E, F, d], down_proj [E, d, F] and the gate and up biases [E, F]; d of the down bias [E, d]
+#: (`Experts.add_down_bias`)
+EXPERT_WIDTHS = {"gate_proj": 1, "up_proj": 1, "down_proj": 2, "gate_bias": 1, "up_bias": 1, "down_bias": 1}
+
+
+def tp_plan(cfg: MoEConfig, tp: int, expert_tp: int | None = None) -> dict:
     """Every expert's width split over tp (gate and up by F, down by F), the shared expert split as an MLP
     (column-wise in, row-wise out); router and shared gate replicated (same input, same gradient on every
     rank). Expert biases (gpt-oss): gate and up biases by F with their weights, the down bias by d, each rank
     adding its d/t slice into its partial output (`Experts.add_down_bias`), so it is added once and every
-    expert parameter is split over tp (the memory model's expert parameters / (t*ep))."""
+    expert parameter is split over tp (the memory model's expert parameters / (t*ep)).
+
+    `expert_tp` below tp (MoE parallel folding, ltmdsl.distributed.expert_parallel): the routed experts are
+    left whole here, for expert parallelism to split over its own etp ranks, so tp need not divide d_ff (etp
+    must: the plan check's rule); the shared expert, dense, is still split over tp."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    if cfg.d_ff % tp or (cfg.shared_d_ff and cfg.shared_d_ff % tp):
-        raise TensorParallelUnsupported(f"tp = {tp} must divide the moe's expert width d_ff = {cfg.d_ff}"
-                                        + (f" and shared_d_ff = {cfg.shared_d_ff}" if cfg.shared_d_ff else ""))
-    widths = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}  # F of every expert
-    if cfg.expert_bias:
-        widths |= {"gate_bias": 1, "up_bias": 1, "down_bias": 1}  # [E, F], [E, F] by F; [E, d] by d
-    plan = {"experts": shard_parameters(widths)}
+    folded = expert_tp is not None and expert_tp < tp
+    bad = ([f"expert width d_ff = {cfg.d_ff}"] if not folded and cfg.d_ff % tp else []) \
+        + ([f"shared_d_ff = {cfg.shared_d_ff}"] if cfg.shared_d_ff and cfg.shared_d_ff % tp else [])
+    if bad:
+        raise TensorParallelUnsupported(f"tp = {tp} must divide the moe's {' and '.join(bad)}")
+    plan = {}
+    if not folded:
+        plan["experts"] = shard_parameters({name: dim for name, dim in EXPERT_WIDTHS.items()
+                                            if cfg.expert_bias or not name.endswith("_bias")})
     if cfg.shared_d_ff:
         plan |= {"shared.up_proj": ColwiseParallel(), "shared.down_proj": RowwiseParallel()}
         if cfg.gated:
@@ -271,8 +283,10 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     Each (token, slot) goes to the rank holding its expert, sorted by expert; that rank runs its E/ep
     experts and returns the rows; they are weighted and summed per token in expert order, as forward does
     (every routing, the clamped SwiGLU, weighted inputs), and the shared expert (dense) added on this rank's
-    tokens. Folded (MoE parallel folding, etp = 1 under tp: `ep.fold`) every tp rank routes its tokens but
-    dispatches only its 1/t part, and the parts' outputs are all-gathered over tp. Expert biases (gpt-oss) are
+    tokens. Folded (MoE parallel folding, etp < tp: `ep.fold`) every tp rank routes its tokens but its etp
+    group dispatches only its etp/t part, and the parts' outputs are all-gathered over the tp ranks with its etp
+    coordinate (`ep.fold`; under etp > 1 the experts' partial outputs summed over the etp group first, as
+    `ep_experts` sums them over tp at etp = tp). Expert biases (gpt-oss) are
     split with their experts and added by the rank holding them."""
     shape = x.shape
     whole = x.reshape(-1, shape[-1])  # [M, d]
@@ -281,7 +295,7 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
 
 def ep_routed(module: MoE, whole: torch.Tensor, ep) -> torch.Tensor:
     """`ep_forward`'s routed experts over the tokens whole [M, d] -> [M, d]: the routing, the plan and the
-    exchanges (`ep_experts`); folded, this rank's 1/t part of them, the parts gathered. Its routing weights and
+    exchanges (`ep_experts`); folded, its etp group's part of them, the parts gathered. Its routing weights and
     int64 plan (indices, order, tokens, received experts) are released on return, before the shared expert runs."""
     cfg = module.cfg
     w, idx = route(module.router(whole), cfg, module.selection_bias)  # [M, k], [M, k]
@@ -341,7 +355,7 @@ def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.T
     Under tensor parallelism (Megatron's expert tensor parallelism) every tp rank routes the same tokens, holds
     F/t of its experts' width and returns its part of their outputs: the weighted sum is summed over the tp
     ranks, and the gradients of the inputs and routing weights, partial on each, are summed back, as
-    `MoE.forward` does."""
+    `MoE.forward` does; folded at 1 < etp < tp the same over the etp group (`Experts.tp_mesh`)."""
     cfg = module.cfg
     tp_mesh = module.experts.tp_mesh
     if tp_mesh is not None:  # the experts' inputs and weights get partial gradients from each tp rank

@@ -1,13 +1,14 @@
-"""MoE parallel folding (etp = 1 under tp, Megatron-Core's): the experts fold over the tp (and dp, cp) ranks on
-forked gloo ranks, within each pipeline stage. The stage's ranks in mesh order are cut into (edp, ep), ep innermost; each rank holds E/ep whole
-experts; each tp rank routes its replica's tokens and dispatches its 1/t part of them; the experts' outputs are
-all-gathered over tp. Attention and the MLPs are split over tp as without ep.
+"""MoE parallel folding (etp < tp, Megatron-Core's): the experts fold over the tp (and dp, cp) ranks on forked gloo
+ranks, within each pipeline stage. The stage's ranks in mesh order are cut into (edp, ep, etp), etp innermost;
+each rank holds E/ep experts, F/etp of each one's width (whole at etp = 1); each etp group of a tp group routes
+its replica's tokens and dispatches its etp/t part of them; the experts' partial outputs are summed over the
+etp group and the parts all-gathered over the tp group. Attention and the MLPs are split over tp as without ep.
 
 Oracle: the single-process run on the whole batch. Losses of the first 3 AdamW steps and the first step's
 gradients (gathered over ep and tp) within 1e-5 relative in float64.
 
-Per-rank weight, gradient and optimizer bytes (fp32, AdamW) equal the memory model's per-GPU prediction at
-etp = 1: expert parameters / ep, ZeRO-sharded over edp = tp*dp / ep (ltmdsl/memory/training.py).
+Per-rank weight, gradient and optimizer bytes (fp32, AdamW) equal the memory model's per-GPU prediction:
+expert parameters / (etp*ep), ZeRO-sharded over edp = tp*cp*dp / (etp*ep) (ltmdsl/memory/training.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_cases import assert_matches_reference, rank_run, reference_run, stage_grads
+from helpers import assert_close
 from test_checkpoint import assert_resumes_and_exports64
 from test_ep_tp import moe_tp
 from test_memory import _measure, _predicted
@@ -39,6 +41,10 @@ PLANS = {
     "tp2-cp2-ep4-etp1-on-4": (4, {"tp": 2, "cp": 2, "ep": 4, "etp": 1, "zero": 0}),
     "tp2-cp2-ep2-etp1-zero1-on-4": (4, {"tp": 2, "cp": 2, "ep": 2, "etp": 1, "zero": 1}),
     "tp2-pp2-ep2-etp1-m2-on-4": (4, {"tp": 2, "pp": 2, "ep": 2, "etp": 1, "microbatches": 2}),
+    "tp4-ep2-etp2-on-4": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 0}),
+    "tp4-ep2-etp2-sp-zero1-on-4": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1, "sequence_parallel": True}),
+    "tp4-ep2-etp2-zero3-on-4": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 3}),
+    "tp4-dp2-ep2-etp2-zero1-on-8": (8, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
 }
 
 
@@ -49,34 +55,63 @@ def test_folded_experts_match_one_process(reference, world, degrees):
     assert_matches_reference(results, (ref_losses, ref_grads), RTOL, grads=stage_grads(results))
 
 
-BYTES_PLANS = {
-    "tp2-dp2-ep2-zero0": {"tp": 2, "ep": 2, "zero": 0},
-    "tp2-dp2-ep2-zero1": {"tp": 2, "ep": 2, "zero": 1},
-    "tp2-dp2-ep4-zero1": {"tp": 2, "ep": 4, "zero": 1},
-    "tp2-cp2-ep2-zero1": {"tp": 2, "cp": 2, "ep": 2, "zero": 1},
+#: (experts' width, world, plan): widths the tp degree does not divide, which folded experts do not split over tp
+UNEVEN_WIDTHS = {
+    "d_ff31-tp2-ep2-etp1-on-2": (31, 2, {"tp": 2, "ep": 2, "etp": 1, "zero": 1}),
+    "d_ff30-tp4-ep2-etp2-on-4": (30, 4, {"tp": 4, "ep": 2, "etp": 2, "zero": 0}),
 }
 
 
-@pytest.mark.parametrize("degrees", BYTES_PLANS.values(), ids=BYTES_PLANS.keys())
-def test_folded_rank_bytes_equal_the_memory_model(degrees):
-    """At etp = 1 on 4 ranks each rank holds E/ep experts whole, ZeRO 1 sharding their state over edp =
-    tp*cp*dp / ep (2, 1 and 2 here): the measured bytes equal the memory model's per-GPU figures."""
+@pytest.mark.parametrize("width, world, degrees", UNEVEN_WIDTHS.values(), ids=UNEVEN_WIDTHS.keys())
+def test_folded_experts_need_only_etp_to_divide_their_width(width, world, degrees):
+    """Folded experts are split over etp, not tp: tp need not divide their width (etp must), and the run
+    matches one process. At etp = tp the same plan is refused with the memory model's words."""
+    ir = moe_tp(width)
+    plan = plan_from(world=world, **degrees)
+    assert plan_errors(ir, plan, world) == []
+    errors = plan_errors(ir, plan_from(world=world, **{**degrees, "etp": None}), world)
+    assert any(f"does not divide the {width} expert width d_ff" in e for e in errors), errors
+    results = launch(rank_run, world, (ir, plan, 3, torch.float64), timeout_s=300)
+    assert_matches_reference(results, reference_run(ir, dtype=torch.float64), RTOL)
+
+
+#: (world, plan degrees)
+BYTES_PLANS = {
+    "tp2-dp2-ep2-zero0": (4, {"tp": 2, "ep": 2, "etp": 1, "zero": 0}),
+    "tp2-dp2-ep2-zero1": (4, {"tp": 2, "ep": 2, "etp": 1, "zero": 1}),
+    "tp2-dp2-ep4-zero1": (4, {"tp": 2, "ep": 4, "etp": 1, "zero": 1}),
+    "tp2-cp2-ep2-zero1": (4, {"tp": 2, "cp": 2, "ep": 2, "etp": 1, "zero": 1}),
+    "tp4-ep2-etp2-zero0": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 0}),
+    "tp4-ep2-etp2-zero1": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
+    "tp4-dp2-ep2-etp2-zero1-on-8": (8, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
+}
+
+
+@pytest.mark.parametrize("world, degrees", BYTES_PLANS.values(), ids=BYTES_PLANS.keys())
+def test_folded_rank_bytes_equal_the_memory_model(world, degrees):
+    """Each rank holds E/ep experts F/etp wide, ZeRO 1 sharding their state over edp = tp*cp*dp / (etp*ep)
+    (2, 1, 2, 1 and, on 8 ranks, 2 here): the measured bytes equal the memory model's per-GPU figures, which
+    differ from the same plan's at etp = tp (experts / tp a rank) by the experts' share."""
     ir = moe_tp()
-    plan = plan_from(world=4, etp=1, **degrees)
+    plan = plan_from(world=world, **degrees)
     want = _predicted(ir, plan)
     experts = sum(layer.mixer.experts * layer.mixer.expert_params(ir.d_model)
                   for layer in ir.layers if layer.kind == "moe")
-    dense = _predicted(ir, plan_from(world=4, tp=2, cp=degrees.get("cp", 1), zero=degrees["zero"]))
-    assert want["weights"] - dense["weights"] == 4 * (experts // degrees["ep"] - experts // 2)  # fp32
-    measured = [got for got, _ in launch(_measure, 4, (ir, plan))]
-    assert measured == [want] * 4, (measured, want)
+    tp, etp, ep = degrees["tp"], degrees["etp"], degrees["ep"]
+    dense = _predicted(ir, plan_from(world=world, tp=tp, cp=degrees.get("cp", 1), zero=degrees["zero"]))
+    assert want["weights"] - dense["weights"] == 4 * (experts // (etp * ep) - experts // tp)  # fp32
+    measured = [got for got, _ in launch(_measure, world, (ir, plan))]
+    assert measured == [want] * world, (measured, want)
 
 
 @pytest.mark.parametrize("degrees, message", [
     ({"tp": 2, "ep": 1, "etp": 1}, "etp = 1 with tp = 2 and ep = 1"),
-    ({"tp": 2, "ep": 2, "etp": 1, "dp": 1, "pp": 2, "microbatches": 1}, "tp = 2 does not divide the 23 tokens of a sequence on a rank"),
-    ({"tp": 4, "ep": 2, "etp": 2}, "etp = 2 with tp = 4"),
-], ids=["no-ep", "uneven-tokens", "etp-between"])
+    ({"tp": 2, "ep": 2, "etp": 1, "dp": 1, "pp": 2, "microbatches": 1},
+     "2 does not divide the 23 tokens of a sequence on a rank"),
+    ({"tp": 4, "ep": 2, "etp": 2}, "tp/etp = 4/2 = 2 expert-tensor-parallel groups"),
+    ({"tp": 1, "ep": 2, "etp": 2, "dp": 4}, "etp = 2 with tp = 1"),
+    ({"tp": 4, "ep": 1, "etp": 3}, "etp = 3 does not divide tp = 4"),
+], ids=["no-ep", "uneven-tokens", "uneven-tokens-etp2", "etp-above-tp", "etp-not-dividing-tp"])
 def test_plans_the_runtime_does_not_fold_are_refused(degrees, message):
     world = 4
     errors = plan_errors(moe_tp(), plan_from(world=world, **degrees), world, seq_len=23)
@@ -88,6 +123,7 @@ CHECKPOINTS = {
     "tp2-dp2-ep4-etp1-zero1-to-tp2-dp2-ep2": ((4, {"tp": 2, "ep": 4, "etp": 1, "zero": 1}),
                                              (4, {"tp": 2, "ep": 2, "zero": 0})),
     "tp2-ep2-etp1-zero3-to-one-process": ((2, {"tp": 2, "ep": 2, "etp": 1, "zero": 3}), (1, {})),
+    "tp4-ep2-etp2-zero1-to-one-process": ((4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}), (1, {})),
 }
 
 
@@ -96,3 +132,47 @@ def test_folded_checkpoint_resumes_under_another_plan(tmp_path, saved, resumed):
     """Saved with whole experts folded over the tp ranks, resumed with them split like tp (DCP reshards the
     experts' DTensors) or in one process: the resumed losses equal the uninterrupted run's (test_checkpoint)."""
     assert_resumes_and_exports64(tmp_path, moe_tp(), saved, resumed, timeout_s=300)
+
+
+DECODE_B, PROMPT, NEW = 3, 8, 3  # sequences (a decode step's 3 tokens: tp/etp = 2 does not divide them), tokens
+
+
+@torch.no_grad()
+def _decode(net, ids: torch.Tensor) -> torch.Tensor:
+    """Prefill ids [B, T] through a fresh cache (B*T tokens: folded, each etp group dispatching its part),
+    then NEW greedy decode steps of B tokens each -> the last logits of the prefill and of each step
+    [NEW + 1, B, V]."""
+    cache = net.new_cache(ids.shape[0], ids.shape[1] + NEW)
+    out = [net(ids, cache)[:, -1]]  # [B, V]
+    for _ in range(NEW):
+        out.append(net(out[-1].argmax(-1)[:, None], cache, output="last")[:, -1])  # [B, V]
+    return torch.stack(out)
+
+
+def _prompt_ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (DECODE_B, PROMPT), generator=torch.Generator().manual_seed(7))  # [B, T]
+
+
+def _rank_decode(ir, plan) -> torch.Tensor:
+    from ltmdsl.distributed import parallelize
+
+    return _decode(parallelize(ir, plan, seed=0, dtype=torch.float64).model, _prompt_ids(ir.vocab))
+
+
+DECODE_PLANS = {
+    "tp2-ep2-etp1-on-2": (2, {"tp": 2, "ep": 2, "etp": 1}),
+    "tp4-ep2-etp2-on-4": (4, {"tp": 4, "ep": 2, "etp": 2}),
+}
+
+
+@pytest.mark.parametrize("world, degrees", DECODE_PLANS.values(), ids=DECODE_PLANS.keys())
+def test_folded_decode_of_tokens_tp_does_not_divide_matches_one_process(world, degrees):
+    """Serving a folded model: a decode step's 3 tokens, which its tp/etp = 2 etp groups cannot split, are
+    dispatched whole by every etp group (`ExpertShard.folds`); the prefill's 24 are split. The logits equal
+    the single-process model's within 1e-6 relative (float64) on every rank."""
+    from ltmdsl.runtime.build import build
+
+    ir = moe_tp()
+    want = _decode(build(ir, seed=0, dtype=torch.float64), _prompt_ids(ir.vocab))
+    for got in launch(_rank_decode, world, (ir, plan_from(world=world, **degrees)), timeout_s=300):
+        assert_close(got, want, 1e-6, "folded decode logits")

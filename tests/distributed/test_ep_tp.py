@@ -31,9 +31,9 @@ MOE_TP_SPEC = TP_SPEC.replace("    stack { attn ffn swa gelu }",
                               "    stack { attn moe swa gelu moe }")
 
 
-def moe_tp():
-    """tp_small with two plain MoE sub-layers (4 experts, top 2, width 32)."""
-    return ltmdsl.loads(MOE_TP_SPEC).ir.model()
+def moe_tp(width: int = 32):
+    """tp_small with two plain MoE sub-layers (4 experts, top 2, width `width`: 32 unless given)."""
+    return ltmdsl.loads(MOE_TP_SPEC.replace("d_ff = 32)", f"d_ff = {width})")).ir.model()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import assert_matches_reference, rank_run, reference_run
+from dist_cases import assert_matches_reference, batches, rank_run, reference_run
 from test_checkpoint import assert_resumes_and_exports64
 from test_memory import _measure, _predicted
 
@@ -140,3 +140,36 @@ def test_fewer_groups_traced_rank_equals_the_memory_model(tp):
     for component in ("weights", "gradients", "optimizer"):
         assert m.measured[component] == m.predicted[component], component
     assert abs(m.relative["activations"]) <= 0.01, m.to_text()
+
+
+def _norm_sums(ir, plan) -> tuple[int, int]:
+    """On each rank: (gated-norm sum all-reduces in one training forward, in its backward), counted by
+    wrapping the function that issues them (runtime.tensor_parallel._sum_in_slot) and keeping the calls on a
+    [B, T, 1] sum of squares (the others sum copied rows' weight gradients)."""
+    import ltmdsl.runtime.tensor_parallel as tensor_parallel
+    from ltmdsl.distributed import parallelize, shard_batch
+
+    calls = []
+    issue = tensor_parallel._sum_in_slot
+
+    def counted(x, slot, slots, group):
+        if x.dim() == 3 and x.shape[-1] == 1:
+            calls.append(x.shape)
+        return issue(x, slot, slots, group)
+
+    tensor_parallel._sum_in_slot = counted  # this forked worker's module only
+    ranked = parallelize(ir, plan, seed=0, dtype=torch.float64)
+    ids, tgt = batches(ir.vocab, 1)[0]
+    loss = ranked.model.loss(shard_batch(ids, ranked), shard_batch(tgt, ranked))
+    forward = len(calls)
+    loss.backward()
+    return forward, len(calls) - forward
+
+
+@pytest.mark.parametrize("world, degrees", [(2, {"tp": 2}), (4, {"tp": 2, "cp": 2})], ids=["tp2", "tp2-cp2"])
+def test_backward_all_reduces_the_gated_norm_once(world, degrees):
+    """At tp 2 one Mamba-2 layer (n_groups 1) splits its norm group over the ranks: its forward all-reduces
+    the sums of squares once, and its backward, which recomputes the region holding the norm, reuses them and
+    all-reduces only their gradient (it had repeated the forward's all-reduce as well)."""
+    got = launch(_norm_sums, world, (groups_model(), plan_from(world=world, **degrees)), timeout_s=300)
+    assert got == [(1, 1)] * world, got

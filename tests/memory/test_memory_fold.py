@@ -59,6 +59,20 @@ def test_experts_split_over_etp_times_ep(zero):
         assert folded[comp] - default[comp] == want_folded - want_default, comp
 
 
+@pytest.mark.parametrize("zero", [0, 1], ids=lambda z: f"zero{z}")
+def test_etp_between_one_and_tp(zero):
+    """tp = 4, ep = 2, etp = 2 on 8 GPUs (dp = 2): E/2 experts F/2 wide a GPU (1/4 of the experts' bytes),
+    ZeRO over edp = 4*2 / (2*2) = 2; against etp = 1 (1/2 of them, ZeRO over edp = 4). The runtime holds the
+    same (tests/distributed/test_ep_fold.py)."""
+    between = _states(f"8 x H100 with tp = 4, ep = 2, etp = 2, zero = {zero}")
+    folded = _states(f"8 x H100 with tp = 4, ep = 2, etp = 1, zero = {zero}")
+    for comp, per_param, stage in (("weights", 2, 3), ("gradients", 4, 2), ("optimizer", 12, 1)):
+        sharded = zero >= stage
+        want_between = EXPERT_PARAMS * per_param // 4 // (2 if sharded else 1)
+        want_folded = EXPERT_PARAMS * per_param // 2 // (4 if sharded else 1)
+        assert folded[comp] - between[comp] == want_folded - want_between, comp
+
+
 def test_zero_shards_of_the_experts_are_the_stage_whatever_etp():
     """Under ZeRO 1 a GPU's expert optimizer state is the experts' / (tp*cp*dp): etp x ep x edp is the stage."""
     folded = _states("4 x H100 with tp = 2, ep = 2, etp = 1, zero = 1")

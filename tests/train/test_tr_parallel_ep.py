@@ -1,5 +1,6 @@
 """`ltmdsl train --nproc 4 --budget NAME` on budgets whose plans combine expert parallelism with ZeRO and with
-tensor parallelism (the experts split like tp, or folded over the tp ranks whole at etp = 1): the plan the
+tensor parallelism (the experts split like tp, or folded over the tp ranks: whole at etp = 1, split over etp
+ranks at etp = 2 under tp = 4): the plan the
 budget states is the plan that runs (recorded in the run's record), and the
 logged steps equal the single-process run's (1e-5 relative on loss, gradient norm, accuracy and lr, as
 test_tr_parallel.py)."""
@@ -21,6 +22,8 @@ BUDGETS = {
     "tp2-ep2-zero2": (TP_MOE, "tp_train", "tp = 2, ep = 2, zero = 2", "dp=2 tp=2 cp=1 pp=1 ep=2 zero=2"),
     "tp2-ep4-etp1-zero1": (TP_MOE, "tp_train", "tp = 2, ep = 4, etp = 1, zero = 1",
                            "dp=2 tp=2 cp=1 pp=1 ep=4 zero=1 etp=1"),
+    "tp4-ep2-etp2-zero1": (TP_MOE, "tp_train", "tp = 4, ep = 2, etp = 2, zero = 1",
+                           "dp=1 tp=4 cp=1 pp=1 ep=2 zero=1 etp=2"),
 }
 
 
