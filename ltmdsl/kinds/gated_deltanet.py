@@ -290,10 +290,20 @@ def delta_backward(c: DeltaShape, x):
     Xk, Xv, Q = 4 * b * h * L * c.dk, 4 * b * h * L * c.dv, 4 * b * h * L**2
     n = sympy.ceiling(piece / c.chunk)  # chunks of a row
     grads = x.split(a * tok * c.conv_dim + 4 * tok * c.heads * (c.decay + 1))
-    chunk = 2 * Xk + 2 * Xv + 12 * Q + (4 + 2 * sympy.ceiling(sympy.sqrt(n))) * S
-    if c.per_channel:
-        chunk += 6 * 4 * b * h * sympy.Min(SUB, L) ** 2 * c.dk
-    return grads + chunk
+    if x.c > 1:  # a summary region (own state, transition) back-propagating beside the rule's unconsumed gradients
+        grads *= 2
+    starts = (4 + 2 * sympy.ceiling(sympy.sqrt(n))) * S
+    if not c.per_channel:  # fitted on the traced backward (module docstring)
+        return grads + 2 * Xk + 2 * Xv + 12 * Q + starts
+    E = 4 * b * h * sympy.Min(SUB, L) ** 2 * c.dk  # one diagonal block's [SUB, SUB, Dk] decay
+    nb = sympy.ceiling(L / SUB)  # diagonal blocks of a chunk
+    # the rule output's gradient and o_proj's input gradient, less what the gated norm and o_proj kept (o, the
+    # gate, the norm output and fp32 rstd, counted in `stored`), freed as they back-propagated before the rule
+    out = x.split(2 * a * tok * c.heads * c.dv) - x.split(3 * a * tok * c.heads * c.dv + 4 * tok * c.heads)
+    below = 3 * 4 * b * h * SUB * c.dk * ((nb - 1) + nb * (nb - 1) / 2)  # the blocks below the diagonal
+    start = 5 * Q + 3 * nb * E + 13 * Xk + 7 * Xv + below  # the chunk's whole graph, its first gradients
+    block = 2 * Q + 12 * Xk + 2 * Xv + (3 * nb + 5) * E  # a diagonal block's einsum back-propagating
+    return grads + out + starts + Largest(start, block)
 
 
 def backward(c: GatedDeltaNetConfig, x):
