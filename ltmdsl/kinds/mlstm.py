@@ -57,9 +57,9 @@ larger of two moments:
            (the quotient's gradient, its transposed copy and the division's own transients).
 Derived from the runtime code and checked per tensor on the trace's peak; traced within 2% at cp 2 and
 tp 2 x cp 2 x sp (chunk 16 to 64, d_model 64, value widths 64 and 128); on one process the prediction is 2.6
-to 5.3% over the trace (the norm's moment: out_proj's input, counted in `stored`, is freed by then). Until this convention the chunk's
-graph was not counted (a cp rank's peak +18.6% at cp 2 without recompute, +30.7% with full recompute) and
-the region's work was a fitted 26*tok*V/t.
+to 5.3% over the trace (the norm's moment: out_proj's input, counted in `stored`, is freed by then). Until
+this convention the chunk's graph was not counted (a cp rank's peak +18.6% at cp 2 without recompute, +30.7%
+with full recompute) and the region's work was a fitted 26*tok*V/t.
 """
 
 from __future__ import annotations
