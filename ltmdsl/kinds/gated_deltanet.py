@@ -56,13 +56,33 @@ per token and value head: the k.k and q.k scores 4*L*Dk, the triangular solve fo
 intra-chunk read-out 2*L*Dv, and the state products W S, (q*decay) S and the state update 6*Dk*Dv.
 Backward (the `backward` facet, `delta_backward` shared with KDA: what one sub-layer's backward holds at its peak
 beyond `stored` and its output's gradient, Hv' = Hv/t, n = ceil(s/L) chunks): the gradients of the rule's inputs,
-q, k, v (the conv output) a*tok*D/t and the fp32 g and beta 4*tok*Hv'*(decay + 1); ChunkedRecurrence's backward
-keeps one start state every ceil(sqrt(n)) chunks and recomputes a segment's starts, with the state gradient and a
-chunk's own states about (4 + 2*ceil(sqrt(n)))*S; one chunk re-run under autograd and differentiated,
-2Xk + 2Xv + 12Q; KDA's per-channel decay adds 6E (its diagonal [16, 16, Dk] blocks). Under cp the rank's p
-pieces are rows of the batch: S, Xk, Xv, Q and E count b*p rows of pieces of s/p tokens (b rows of s tokens
-put a KDA cp rank's traced peak 36% above the prediction). Counted on the traced
-backward at chunk 16 and 32 and head dims 16 and 32: within 5% (KDA at chunk 32: 10% under).
+q, k, v (the conv output) a*tok*D/t and the fp32 g and beta 4*tok*Hv'*(decay + 1), twice under cp (the summary
+regions, own state and transition, re-run their rule and back-propagate it while the main rule's input gradients
+wait to be summed with theirs: Gated DeltaNet's cp rank +4.1% -> +2.1%); ChunkedRecurrence's backward keeps one
+start state every ceil(sqrt(n)) chunks and recomputes a segment's starts, with the state gradient and a chunk's
+own states about (4 + 2*ceil(sqrt(n)))*S. Under cp the rank's p pieces are rows of the batch: S, Xk, Xv, Q and E
+count b*p rows of pieces of s/p tokens (b rows of s tokens put a KDA cp rank's traced peak 36% above the
+prediction). Then one chunk re-run under autograd and differentiated:
+    Gated DeltaNet  2Xk + 2Xv + 12Q, counted on the traced backward at chunk 16 and 32 and head dims 16 and 32
+                    (within 5%), not derived term by term
+    KDA             derived from the chunk step (runtime/ops_delta.py `_chunk_step`, per-channel decay by diagonal
+                    blocks of 16 rows, nb = ceil(L/16) of them, E = 4*b*Hv'*min(16, L)^2*Dk one block's decay),
+                    the larger of two moments:
+        start  the whole re-run graph with its first gradients: every block's decay and its (k, q) x k product,
+               3*nb*E; the stacked scores, the mask-filled lower triangle and I + L, and the scores' gradient 5Q;
+               q and k cast, their repeat copies, the stacked pair, the decayed keys, exp(gamma) and its uses,
+               13Xk; v, the UT transform's [U | W], the corrections, the output and its fp32 gradient 7Xv; the
+               blocks below the diagonal (each block's decayed rows for the stacked pair and their exp, its
+               decayed columns copied for the matmul and their exp) 3*4*b*Hv'*16*Dk*((nb - 1) + nb*(nb - 1)/2)
+        block  a diagonal block's einsum back-propagating: every block's decay nb*E, the products of the blocks
+               not yet back-propagated 2*(nb - 1)*E, the einsum's gradients (the product's, the decay's before and
+               after the sum over the pair, the matmul's) 7E, with 2Q + 12Xk + 2Xv of the graph still held
+               plus the rule output's gradient and o_proj's input gradient 2a*tok*Hv'*Dv, less what the gated norm
+               and o_proj kept (o, the gate, the norm output, rstd: 3a*tok*Hv'*Dv + 4*tok*Hv'), freed as they
+               back-propagated before the rule. Read per tensor off the trace's peak at 4 heads of 16, chunk 16,
+               32 and 64; traced within 4% (one process, cp 2, tp 2 x cp 2 x sp). Until this convention its chunk
+               term was the Gated DeltaNet count plus a fitted 6E (10% low at chunk 32 on one process, +12.3%
+               over a cp 2 rank's peak at the README's shape, +14.9% at chunk 32 and context 256).
 """
 
 from __future__ import annotations
@@ -290,10 +310,20 @@ def delta_backward(c: DeltaShape, x):
     Xk, Xv, Q = 4 * b * h * L * c.dk, 4 * b * h * L * c.dv, 4 * b * h * L**2
     n = sympy.ceiling(piece / c.chunk)  # chunks of a row
     grads = x.split(a * tok * c.conv_dim + 4 * tok * c.heads * (c.decay + 1))
-    chunk = 2 * Xk + 2 * Xv + 12 * Q + (4 + 2 * sympy.ceiling(sympy.sqrt(n))) * S
-    if c.per_channel:
-        chunk += 6 * 4 * b * h * sympy.Min(SUB, L) ** 2 * c.dk
-    return grads + chunk
+    if x.c > 1:  # a summary region (own state, transition) back-propagating beside the rule's unconsumed gradients
+        grads *= 2
+    starts = (4 + 2 * sympy.ceiling(sympy.sqrt(n))) * S
+    if not c.per_channel:  # fitted on the traced backward (module docstring)
+        return grads + 2 * Xk + 2 * Xv + 12 * Q + starts
+    E = 4 * b * h * sympy.Min(SUB, L) ** 2 * c.dk  # one diagonal block's [SUB, SUB, Dk] decay
+    nb = sympy.ceiling(L / SUB)  # diagonal blocks of a chunk
+    # the rule output's gradient and o_proj's input gradient, less what the gated norm and o_proj kept (o, the
+    # gate, the norm output and fp32 rstd, counted in `stored`), freed as they back-propagated before the rule
+    out = x.split(2 * a * tok * c.heads * c.dv) - x.split(3 * a * tok * c.heads * c.dv + 4 * tok * c.heads)
+    below = 3 * 4 * b * h * SUB * c.dk * ((nb - 1) + nb * (nb - 1) / 2)  # the blocks below the diagonal
+    start = 5 * Q + 3 * nb * E + 13 * Xk + 7 * Xv + below  # the chunk's whole graph, its first gradients
+    block = 2 * Q + 12 * Xk + 2 * Xv + (3 * nb + 5) * E  # a diagonal block's einsum back-propagating
+    return grads + out + starts + Largest(start, block)
 
 
 def backward(c: GatedDeltaNetConfig, x):

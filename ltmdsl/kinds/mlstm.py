@@ -39,11 +39,27 @@ read-out of both); prefill in chunks of L = min(chunk, T) costs per token 2L H (
 products) + 4H Dqk Dv + 4H Dqk (inter-chunk read-out and the chunk's own contribution), plus
 2H (Dqk Dv + Dqk) per chunk for the carried state.
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
-gradient): the gradients of q, k and v in a, a*tok*(2Qk + V)/t; the `recompute` region's fp32 work over the
-whole sequence (the gates' fp32 pre-activations and log-sigmoids, the cell output and its multi-head norm, and
-their gradients), 26*tok*V/t; and the chunk scan's autograd node's fp32 start states, one per chunk,
-4*b*H/t*(Dqk*Dv + Dqk + 1)*ceil(s/chunk) (under cp b*p rows of pieces of s/p tokens). Counted on the traced
-backward at chunk 16 and 32, d_model 128 and 256: within 1.5%.
+gradient; r = b*p rows, b under one process, the rank's p pieces folded into the batch under cp, of s/p tokens,
+L = min(chunk, s/p), n = ceil(s/(p*chunk)) chunks a row; A = a*tok*V/t, F = 4*tok*V/t, g = 4*tok*H/t; one fp32
+state St = 4*r*H/t*(Dqk*Dv + Dqk + 1); a chunk's fp32 Q = 4*r*H/t*L^2, Xk = 4*r*H/t*L*Dqk, Xv = 4*r*H/t*L*Dv).
+The `recompute` region's backward re-runs its function under autograd: throughout, the fp32 gates (i and f cast,
+tanh, the capped values, logsigmoid's output and buffer) 6g and the chunk op's saved start states n*St; then the
+larger of two moments:
+    norm   the per-head norm back-propagating: its centred input and five fp32 gradients 6F; the region's output
+           (held by the re-run), sigmoid(o), the normalised value's gradient and out_proj's input gradient 4A
+    chunk  the last chunk re-run and differentiated (runtime/chunk_recompute.py `_ChunkRecompute.backward`):
+           the region's output, out_proj's input gradient, h's and o's gradients 4A; the op's input gradients
+           a*tok*(2Qk + V)/t + 2g and the final state's zero gradient St; the chunk's graph (runtime/ops_mlstm.py
+           `_mlstm_chunk`): log-weights, q.k, their exp and the scores 4Q, q and k copied contiguous for q.k, q
+           for q.C and for the denominator 4Xk, v's copy, q.C, the numerator and h 4Xv, h's gradient in fp32 Xv
+           and the state leaving the chunk with the state entering it 2St; then the larger of the score
+           gradient's moment Q + 2Xv + Xk (the scores' gradient, v's and q.C's, q's) and the division's 6Xv
+           (the quotient's gradient, its transposed copy and the division's own transients).
+Derived from the runtime code and checked per tensor on the trace's peak; traced within 2% at cp 2 and
+tp 2 x cp 2 x sp (chunk 16 to 64, d_model 64, value widths 64 and 128); on one process the prediction is 2.6
+to 5.3% over the trace (the norm's moment: out_proj's input, counted in `stored`, is freed by then). Until
+this convention the chunk's graph was not counted (a cp rank's peak +18.6% at cp 2 without recompute, +30.7%
+with full recompute) and the region's work was a fitted 26*tok*V/t.
 """
 
 from __future__ import annotations
@@ -165,11 +181,19 @@ def dims(c: MlstmConfig) -> str:
 
 
 def backward(c: MlstmConfig, x):
-    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    """The backward's peak beyond `stored` and the output's gradient (module docstring): the fp32 gates and the
+    chunk start states throughout, then the larger of the norm's moment and the chunk's."""
     h = x.split(c.heads)
     rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
-    starts = 4 * rows * h * (c.dqk * c.dv + c.dqk + 1) * sympy.ceiling(piece / c.chunk)
-    return x.split(x.a * x.tok * (2 * c.qk_dim + c.v_dim) + 26 * x.tok * c.v_dim) + starts
+    L = sympy.Min(c.chunk, piece)
+    state = 4 * rows * h * (c.dqk * c.dv + c.dqk + 1)  # one fp32 (C, n, m)
+    Q, Xk, Xv = 4 * rows * h * L**2, 4 * rows * h * L * c.dqk, 4 * rows * h * L * c.dv  # one chunk's fp32 tensors
+    A, F, g = x.split(x.a * x.tok * c.v_dim), x.split(4 * x.tok * c.v_dim), x.split(4 * x.tok * c.heads)
+    held = 6 * g + state * sympy.ceiling(piece / c.chunk)
+    norm = 6 * F + 4 * A
+    graph = 4 * Q + 4 * Xk + 5 * Xv + 2 * state + Largest(Q + 2 * Xv + Xk, 6 * Xv)
+    chunk = 4 * A + x.split(x.a * x.tok * (2 * c.qk_dim + c.v_dim)) + 2 * g + state + graph
+    return held + Largest(norm, chunk)
 
 
 KIND = Kind(

@@ -52,7 +52,9 @@ the largest of:
                          hooks add it into the fp32 main gradient), under selective recompute plus what that dropped
                          of the sub-layer, live again for its backward; less the loss's logits (last stage), which
                          the loss's backward has freed by then, and less the kept activations of the sub-layers
-                         after it in the stage, freed as they back-propagated (each configuration at its last place)
+                         after it in the stage, freed as they back-propagated (each configuration at its last place);
+                         under full recompute less the rest of its checkpoint unit (a mixer's FFN), recomputed and
+                         back-propagated before it (ltmdsl/memory/assemble.py)
     the final norm's     what the final norm holds while it back-propagates (`MicroBatch.norm_backward`: four
     backward             fp32 [tok, d] tensors and the stream's gradient in a), every sub-layer's activations
                          still live and the logits freed

@@ -1,0 +1,48 @@
+"""mLSTM's and KDA's backward facets, derived from their chunk steps, against the traced training peak.
+
+Each kind's `backward` facet counts one chunk re-run and differentiated (ltmdsl/kinds/mlstm.py, and
+ltmdsl/kinds/gated_deltanet.py `delta_backward` for KDA), under context parallelism over the rank's rows (b times
+its pieces), not its tokens. Until these conventions a two-sub-layer stack's rank traced its peak over the per-GPU
+total by +18.6% (mLSTM, cp 2, no recompute) and +30.7% (full recompute) at context 256, batch 2, chunk 64; KDA's
+by +8.0% / +14.9% / +14.6% at chunk 16 / 32 / 64 (cp 2, context 256) with a fitted chunk term.
+
+Tolerances: issue 14's targets, the traced peak within 10% of the per-GPU total and the activations within 5%.
+Measured here: mLSTM -1.3% to -3.4%, KDA -3.8% to +0.2% (peaks), on shapes other than those the terms were read
+off (mLSTM qk_dim 32 and v_dim 96 here, read off at 32 / 64 and 64 / 128; KDA 2 heads of 32 here, read off at 4
+heads of 16).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ltmdsl.measure import measure
+from tests.measure.test_training_peak import stack
+
+PEAK_TOL = 0.10  # issue 14's target for the traced peak against the predicted per-GPU total
+ACTIVATIONS_TOL = 0.05  # issue 14's target for training activations
+
+#: one rank's plan: one process, cp 2 (two balanced pieces of the rank folded into the batch), tp 2 x cp 2 x sp
+PLANS = {"one": {}, "cp2": dict(cp=2, gpus=2), "tp2-cp2-sp": dict(cp=2, tp=2, gpus=4, sequence_parallel=True)}
+
+#: (mixer, context, batch, plan, recompute); mLSTM's README shape (chunk 64 = a cp piece), with and without recompute
+MLSTM = {f"c{chunk}-{plan}-{policy}": (f"mlstm(heads = 4, qk_dim = 32, v_dim = 96, chunk = {chunk})", ctx, batch,
+                                       plan, policy)
+         for chunk, ctx, batch, plan, policy in [
+             (64, 256, 2, "cp2", "none"), (64, 256, 2, "cp2", "full"), (64, 256, 2, "tp2-cp2-sp", "full"),
+             (32, 128, 1, "one", "full"), (16, 128, 1, "cp2", "selective")]}
+
+#: KDA at chunk 16, 32 and 64 (a cp piece is 64 tokens at context 256)
+KDA = {f"c{chunk}-{plan}": (f"kda(heads = 2, head_dim = 32, chunk = {chunk})", 256, 1, plan, "none")
+       for chunk, plan in [(16, "one"), (32, "cp2"), (64, "cp2"), (32, "tp2-cp2-sp")]}
+
+CASES = {f"mlstm-{k}": v for k, v in MLSTM.items()} | {f"kda-{k}": v for k, v in KDA.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASES)
+def test_recurrent_backward_peak_within_10_percent(case):
+    mixer, context, batch, plan, policy = CASES[case]
+    m = measure(stack(mixer), None, mode="training", context=context, batch=batch, recompute=policy, **PLANS[plan])
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+    assert abs(m.peak_relative) <= PEAK_TOL, m.to_text()
+    assert m.peak_phase.endswith("backward"), m.to_text()
