@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import pytest
 
-import ltmdsl
 from ltmdsl.measure import measure
+from measure_cases import stack as shared_stack
 
 EXACT_TOL = 0.01
 PEAK_TOL = 0.10  # issue 14's target for the traced peak against the predicted per-GPU total
@@ -34,19 +34,8 @@ MIXERS = {
 
 
 def stack(mixer: str):
-    """The mixer and a SwiGLU MLP, twice (d_model 64, bf16, vocabulary 256)."""
-    return ltmdsl.loads(f"""
-model m {{
-    vocab = 256
-    d_model = 64
-    dtype = bf16
-    norm = rmsnorm(eps = 1e-5)
-    head = untied
-    layer mix = {MIXERS[mixer]}
-    layer ffn = mlp(d_ff = 176, act = swiglu)
-    stack {{ repeat 2 {{ mix ffn }} }}
-}}
-""").model
+    """The named mixer and a SwiGLU MLP, twice (d_model 64, bf16, vocabulary 256)."""
+    return shared_stack(MIXERS[mixer])
 
 
 def plan(cp: int, split: str, recompute: str, flash: bool, tp: int = 1) -> dict:
@@ -111,26 +100,9 @@ def test_causal_mask_elements_are_the_runtime_masks(Tq, shift, monkeypatch):
     """`causal_mask_elements` is the sum over the runtime's SDPA calls of their masks' elements for queries that
     start past key 0 (a cp piece): blocks of `mask_rows` queries, each against the keys up to its last query;
     the result equals the float64 one-mask reference (1e-10)."""
-    import torch
-    import torch.nn.functional as F
-
     from ltmdsl.kinds.attention import causal_mask_elements
     from ltmdsl.memory.symbols import compile_exact
-    from ltmdsl.runtime import ops_attention as att
-    from tests.helpers import assert_close
+    from measure_cases import runtime_masks
 
-    masks = []
-    sdpa = F.scaled_dot_product_attention
-
-    def counting(q, k, v, **kw):
-        masks.append(kw.get("attn_mask"))
-        return sdpa(q, k, v, **kw)
-
-    monkeypatch.setattr(att.F, "scaled_dot_product_attention", counting)
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(1, Tq, 2, 4, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(1, Tq + shift, 1, 4, generator=g, dtype=torch.float64) for _ in range(2))
-    out = att.attention(q, k, v, causal=True, window=None, scale=0.5)
-    assert_close(out, att.attention_reference(q, k, v, causal=True, window=None, scale=0.5), 1e-10, "causal")
-    assert all(m is not None for m in masks)
+    masks = runtime_masks(monkeypatch, Tq, shift, None, seed=5)
     assert sum(m.numel() for m in masks) == compile_exact(causal_mask_elements(Tq, shift))(1, 1, 1)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-import ltmdsl
 from ltmdsl.measure import measure
+from measure_cases import stack
 
 ACTIVATIONS_TOL = 0.05  # issue 14's target for training activations
 
@@ -39,22 +39,6 @@ PLANS = {
     "cp2": dict(cp=2, gpus=2, recompute="none"),
     "tp2-cp2-sp-full": dict(cp=2, tp=2, gpus=4, sequence_parallel=True, recompute="full"),
 }
-
-
-def stack(mixer: str):
-    """The kind's mixer and a SwiGLU MLP, twice (bf16, vocabulary 256)."""
-    return ltmdsl.loads(f"""
-model m {{
-    vocab = 256
-    d_model = 64
-    dtype = bf16
-    norm = rmsnorm(eps = 1e-5)
-    head = untied
-    layer mix = {mixer}
-    layer ffn = mlp(d_ff = 176, act = swiglu)
-    stack {{ repeat 2 {{ mix ffn }} }}
-}}
-""").model
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=PLANS)

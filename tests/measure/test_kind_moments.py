@@ -112,28 +112,11 @@ def test_window_mask_elements_are_the_runtime_masks(Tq, shift, window, monkeypat
     """`window_mask_elements` is the sum over the runtime's SDPA calls of their masks' elements: the keys before
     the first query's window are dropped, then blocks of `window_rows` queries each against the keys its window
     reaches; the result equals the float64 one-mask reference (1e-10)."""
-    import torch
-    import torch.nn.functional as F
-
     from ltmdsl.kinds.attention import window_mask_elements
     from ltmdsl.memory.symbols import compile_exact
-    from ltmdsl.runtime import ops_attention as att
-    from tests.helpers import assert_close
+    from measure_cases import runtime_masks
 
-    masks = []
-    sdpa = F.scaled_dot_product_attention
-
-    def counting(q, k, v, **kw):
-        masks.append(kw.get("attn_mask"))
-        return sdpa(q, k, v, **kw)
-
-    monkeypatch.setattr(att.F, "scaled_dot_product_attention", counting)
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(1, Tq, 2, 4, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(1, Tq + shift, 1, 4, generator=g, dtype=torch.float64) for _ in range(2))
-    out = att.attention(q, k, v, causal=True, window=window, scale=0.5)
-    assert_close(out, att.attention_reference(q, k, v, causal=True, window=window, scale=0.5), 1e-10, "windowed")
-    assert all(m is not None for m in masks)
+    masks = runtime_masks(monkeypatch, Tq, shift, window, seed=3)
     assert sum(m.numel() for m in masks) == compile_exact(window_mask_elements(window, Tq, shift))(1, 1, 1)
 
 
