@@ -18,7 +18,7 @@ benchmarks/RESULTS.md with the machine's load.
 
 Each stage draws its own samples (data seed = the stage's index unless --seed says otherwise): a run's
 samples are a function of its seed and step, so stages of one seed would see the same samples again.
-The default is 4,200 steps at one hop (1500 at lr 1e-3, two of 1500 at 5e-4, 600 at 3e-4 with 128 a
+The default is 5,100 steps at one hop (1500 at lr 1e-3, two of 1500 at 5e-4, 600 at 3e-4 with 128 a
 step), then 600 at two hops.
 
     python benchmarks/train_hashhop.py [--spec examples/ltm-tiny.ltm] [--context 128] [--hash-length 2]
