@@ -31,7 +31,10 @@ import time
 import traceback
 from typing import Any, Callable
 
-DEFAULT_TIMEOUT_S = 60.0
+#: Seconds a collective may wait, and the whole run may take, unless the caller says otherwise. A rank that
+#: dies is seen by its exit at once, not by this; it bounds a hang. Three minutes, because 4 to 8 gloo ranks
+#: on a loaded 2-core machine can wait over a minute in one collective (an all-gather aborted at 60 s so).
+DEFAULT_TIMEOUT_S = 180.0
 
 
 class WorkerError(RuntimeError):
