@@ -99,14 +99,15 @@ def run(args) -> int:
     from ltmdsl.train.recall import recall_warning
 
     try:
-        context = task_data(config).options.context
+        task_options = task_data(config).options
+        context = task_options.context
     except (TaskError, VocabError) as e:
         print(f"ltmdsl train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     warning = recall_warning(ir, args.task, context)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    repeated = _repeated_samples(config)
+    repeated = _repeated_samples(config, task_options)
     if repeated:
         print(f"warning: {repeated}", file=sys.stderr)
     show = not args.json and sys.stderr.isatty()
@@ -215,19 +216,19 @@ def _run_distributed(args, spec, ir, config, context: int, show: bool) -> int:
     return EXIT_OK
 
 
-def _repeated_samples(config) -> str | None:
-    """The warning of `repeated_samples_warning` for `--init`, from the source run's record if it has one."""
+def _repeated_samples(config, task_options) -> str | None:
+    """The warning of `repeated_samples_warning` for `--init` (the run's resolved `task_options`), from the
+    source run's record if it has one."""
     if config.init is None:
         return None
     from ltmdsl.commands.eval import run_folder_of
     from ltmdsl.train import state
     from ltmdsl.train.data import repeated_samples_warning
-    from ltmdsl.train.loop import task_data
 
     folder = run_folder_of(Path(config.init))
     try:
         record = state.read_run(folder) if folder is not None else {}
     except state.CheckpointError:
         return None  # an unreadable record is the loader's to report, with the weights
-    options = json.loads(json.dumps(dataclasses.asdict(task_data(config).options)))  # as run.json holds them
+    options = json.loads(json.dumps(dataclasses.asdict(task_options)))  # as run.json holds them
     return repeated_samples_warning(config.task, options, config.seed, record)
