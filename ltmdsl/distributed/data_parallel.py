@@ -63,17 +63,18 @@ def sync_gradients(model, dp_mesh, dp_sharded: frozenset[int] = frozenset(), exp
     import torch.distributed as dist
 
     n = dp_mesh.size()
-    if n == 1:
+    m = 1 if expert_replicas is None else expert_replicas.size()  # folded experts: edp may exceed dp*cp
+    if n == 1 and m == 1:
         return
     group = dp_mesh.get_group()
-    m = 1 if expert_replicas is None else expert_replicas.size()
     for p in model.parameters():
         if p.grad is None:
             continue
         g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
         if id(p) not in dp_sharded:
-            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group)  # AVG is NCCL-only; gloo sums
-            g.div_(n)
+            if n > 1:
+                dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group)  # AVG is NCCL-only; gloo sums
+                g.div_(n)
         elif m > 1:
             dist.all_reduce(g, op=dist.ReduceOp.SUM, group=expert_replicas.get_group())
             g.div_(m)
@@ -85,12 +86,13 @@ def make_optimizer(model, zero: int, dp_mesh, lr: float, params=None, **adamw) -
     expert parallelism the experts' over their own replicas (expert_optimizer.py)."""
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
-    if zero == 1 and dp_mesh.size() > 1:
-        from ltmdsl.distributed.distributed_optimizer import DistributedOptimizer
-        from ltmdsl.distributed.expert_parallel import expert_parameters, expert_shard
+    from ltmdsl.distributed.expert_parallel import expert_parameters, expert_shard
 
-        ep = expert_shard(model)
-        if ep is not None:  # dense and expert state each sharded over their own replicas
+    ep = expert_shard(model)
+    if zero == 1 and (dp_mesh.size() > 1 or (ep is not None and ep.replicas.size() > 1)):
+        from ltmdsl.distributed.distributed_optimizer import DistributedOptimizer
+
+        if ep is not None:  # dense and expert state each sharded over their own replicas (folded: edp)
             from ltmdsl.distributed.expert_optimizer import ExpertDataParallelOptimizer
 
             experts = {id(p) for p in expert_parameters(model)}

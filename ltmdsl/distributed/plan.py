@@ -7,11 +7,15 @@ world size when not given. `check_plan` refuses, with every problem in one messa
   - does not multiply to the world size (tp*pp*cp*dp),
   - does not divide the model (heads, experts, layers: the memory model's own words, budgets.plan_problems),
   - does not divide the batch over dp or the sequence over cp (2*cp chunks under the balanced cp split),
-  - carves the expert-parallel ranks other than out of the data-parallel ones (ep must divide dp) at etp = tp,
-    folds the experts over the tp ranks (MoE parallel folding, etp < tp: expert_parallel.py) other than with an
-    etp that divides tp, ep > 1 and tp/etp dividing a rank's tokens, or asks etp > tp,
+  - folds the experts (MoE parallel folding: etp other than tp, or ep not dividing dp) over tp ranks that
+    do not divide a rank's tokens of a sequence (each tp rank dispatches its 1/tp part of them).
   - combines degrees ltmdsl.distributed does not run together yet (interleaving without a pipeline:
     docs/DISTRIBUTED.md).
+
+Every etp and ep whose product divides a pipeline stage's tp*cp*dp ranks (the memory model's rank rule,
+refused by it otherwise, in its own words: budgets.plan_problems) runs: ep carved out of the dp ranks at
+etp = tp with ep dividing dp, else the experts folded over the stage's ranks cut into (edp, ep, etp)
+(Megatron-Core's MoE parallel folding: expert_parallel.py).
 
 Pure: importing this module imports no torch, so a launcher can refuse a plan without starting anything.
 """
@@ -22,7 +26,7 @@ import dataclasses
 
 from ltmdsl.budgets import plan_problems
 from ltmdsl.ir import CP_SPLITS, BudgetIR, ModelIR, ParallelPlan
-
+from ltmdsl.kinds import kind_of
 
 
 class PlanError(ValueError):
@@ -62,28 +66,12 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
         errors.append(f"tp*pp*cp*dp = {plan.tp}*{plan.pp}*{plan.cp}*{plan.dp} = {plan.world} "
                       f"must equal the world size {world}")
     errors += [message for _key, message in plan_problems(model, plan)]
-    etp = plan.expert_tp
-    folded = etp < plan.tp
-    parts = plan.tp // etp if folded and plan.tp % etp == 0 else None  # the etp groups of a tp group
-    if etp > plan.tp:
-        errors.append(f"etp = {etp} with tp = {plan.tp}: ltmdsl.distributed splits each expert over at most the "
-                      "tp ranks (etp from 1 to tp, dividing tp), not over more ranks than the dense layers")
-    elif folded and parts is None:
-        errors.append(f"etp = {etp} does not divide tp = {plan.tp}: MoE parallel folding splits each tp group into "
-                      "tp/etp expert-tensor-parallel groups, each dispatching its part of the tokens")
-    elif folded and plan.ep == 1:
-        errors.append(f"etp = {etp} with tp = {plan.tp} and ep = 1 would replicate every expert over tp/etp = "
-                      f"{parts} ranks; ltmdsl.distributed folds the experts over the tp ranks with ep > 1 only "
-                      "(or write etp = tp)")
-    elif folded and seq_len is not None and seq_len % plan.cp == 0 and (seq_len // plan.cp) % parts:
-        errors.append(f"etp = {etp}: each of the tp/etp = {plan.tp}/{etp} = {parts} expert-tensor-parallel groups "
-                      f"of a tp group dispatches its part of the tokens, and {parts} does not divide the "
-                      f"{seq_len // plan.cp} tokens of a sequence on a rank (the sequence of {seq_len} / cp = "
-                      f"{plan.cp})")
-    elif not folded and plan.ep > 1 and plan.dp % plan.ep:
-        errors.append(f"ep = {plan.ep} does not divide dp = {plan.dp}: with etp = tp the expert-parallel ranks are "
-                      "carved out of the data-parallel ranks (Megatron-LM's expert parallelism, each expert's width "
-                      "split over the tp ranks); an etp below tp folds them over the tp ranks as well")
+    if folds_experts(plan) and _has_experts(model) and plan.tp > 1 and seq_len is not None \
+            and seq_len % plan.cp == 0 and (seq_len // plan.cp) % plan.tp:
+        errors.append(f"MoE parallel folding (etp = {plan.expert_tp}, ep = {plan.ep}): each of the tp = {plan.tp} "
+                      f"ranks of a tensor-parallel group dispatches its 1/tp part of the tokens, and {plan.tp} does "
+                      f"not divide the {seq_len // plan.cp} tokens of a sequence on a rank (the sequence of "
+                      f"{seq_len} / cp = {plan.cp})")
     if batch is not None and batch % plan.dp:
         errors.append(f"dp = {plan.dp} does not divide the batch of {batch} sequences")
     if seq_len is not None and seq_len % plan.cp:
@@ -104,6 +92,18 @@ def plan_errors(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | 
     if plan.interleave > 1 and plan.pp == 1:
         errors.append(f"interleave = {plan.interleave} needs a pipeline (pp > 1)")
     return errors
+
+
+def folds_experts(plan: ParallelPlan) -> bool:
+    """Whether `plan` lays the experts out by MoE parallel folding (expert_parallel.py): an etp other than tp,
+    or an ep that does not divide dp (the ep ranks then take tp or cp ranks too); otherwise, at etp = tp, the
+    ep ranks are carved out of the dp ranks."""
+    return plan.expert_tp != plan.tp or plan.dp % plan.ep != 0
+
+
+def _has_experts(model: ModelIR) -> bool:
+    """Whether any sub-layer has routed experts (its kind's Split names an expert-parallel count)."""
+    return any(kind_of(layer.mixer).split(layer.mixer, model.d_model).ep for layer in model.layers)
 
 
 def check_plan(model: ModelIR, plan: ParallelPlan, world: int, *, batch: int | None = None,

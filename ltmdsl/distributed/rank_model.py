@@ -3,7 +3,7 @@
     ranked = parallelize(ir, plan, seed=0)        # inside a worker (launch / torchrun), group initialised
     ranked.model, ranked.optimizer(lr=1e-3), ranked.mesh
 
-The (pp, dp, cp, tp) mesh: pp cuts the stack into stages (pipeline.py), tp splits each mixer, ep splits the experts over ep of the dp ranks (expert_parallel.py), cp splits the sequence (context_parallel.py), and ZeRO
+The (pp, dp, cp, tp) mesh: pp cuts the stack into stages (pipeline.py), tp splits each mixer, ep and etp split the experts over ep of the dp ranks or, folded, over the stage's ranks (expert_parallel.py), cp splits the sequence (context_parallel.py), and ZeRO
 shards over the dp x cp ranks that hold the same weights. Order matters: the model is built on the meta device, split by tensor parallelism, wrapped by FSDP2 (ZeRO
 2/3; under pp this rank's stage only, once it is cut), and only then materialised, so each rank allocates
 exactly its shards (materialize.py).
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ltmdsl.distributed.data_parallel import FSDP_STAGES, apply_fsdp, make_optimizer
-from ltmdsl.distributed.expert_parallel import apply_expert_parallel, expert_shard
+from ltmdsl.distributed.expert_parallel import apply_expert_parallel, expert_shard, runs_experts_apart
 from ltmdsl.distributed.materialize import build_meta, materialize
 from ltmdsl.distributed.context_parallel import apply_context_parallel, cp_forwards
 from ltmdsl.distributed.mesh import device_mesh, device_type, replica_mesh
@@ -67,7 +67,8 @@ class RankModel:
         return None if ep is None else ep.replicas
 
     def optimizer(self, lr: float, **adamw) -> torch.optim.Optimizer:
-        """AdamW on this rank's parameters, sharded over dp as the plan's ZeRO stage says."""
+        """AdamW on this rank's parameters, sharded over dp (the experts' over their replicas) as the plan's
+        ZeRO stage says."""
         return make_optimizer(self.model, self.plan.zero, self.replica_mesh, lr, **adamw)
 
 
@@ -82,7 +83,7 @@ def split(model, plan: ParallelPlan, mesh, *, fsdp_stages: tuple[int, ...] = FSD
     if plan.cp > 1:
         apply_context_parallel(model, mesh["cp"], plan.cp_split)
     dp_sharded: set[int] = set()
-    if plan.ep > 1:
+    if runs_experts_apart(plan):
         dp_sharded = apply_expert_parallel(model, mesh, plan)
     if plan.zero in fsdp_stages and plan.pp == 1:
         apply_fsdp(model, replica_mesh(mesh, plan), plan.zero)

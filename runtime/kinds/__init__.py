@@ -19,8 +19,8 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
     tp_plan      (config, tp) -> {submodule name: torch ParallelStyle}, how tensor parallelism splits its
                  module (ltmdsl.distributed.tensor_parallel applies it); raises TensorParallelUnsupported
                  for a config it cannot split. None declares "no tensor-parallel plan": tp > 1 is refused
-                 naming the kind. A kind with `ep_forward` also takes `expert_tp` (the plan's etp): below tp
-                 its routed experts are left for expert parallelism to split over etp ranks.
+                 naming the kind. A kind with `ep_forward` also takes `expert_tp` (the plan's etp): other than
+                 tp, its routed experts are left for expert parallelism to split over etp ranks.
     cp_forward   (module, x [p*B, c, d], cp) -> [p*B, c, d]: the module's forward on one context-parallel
                  rank's p chunks of the sequence (two under the load-balanced split), folded into the batch,
                  exchanging what crosses the cuts through `cp` (ltmdsl.distributed.context_parallel.

@@ -257,12 +257,12 @@ def tp_plan(cfg: MoEConfig, tp: int, expert_tp: int | None = None) -> dict:
     adding its d/t slice into its partial output (`Experts.add_down_bias`), so it is added once and every
     expert parameter is split over tp (the memory model's expert parameters / (t*ep)).
 
-    `expert_tp` below tp (MoE parallel folding, ltmdsl.distributed.expert_parallel): the routed experts are
-    left whole here, for expert parallelism to split over its own etp ranks, so tp need not divide d_ff (etp
-    must: the plan check's rule); the shared expert, dense, is still split over tp."""
+    `expert_tp` other than tp (MoE parallel folding, ltmdsl.distributed.expert_parallel): the routed experts
+    are left whole here, for expert parallelism to split over its own etp ranks, so tp need not divide d_ff
+    (etp must: the plan check's rule); the shared expert, dense, is still split over tp."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    folded = expert_tp is not None and expert_tp < tp
+    folded = expert_tp is not None and expert_tp != tp
     bad = ([f"expert width d_ff = {cfg.d_ff}"] if not folded and cfg.d_ff % tp else []) \
         + ([f"shared_d_ff = {cfg.shared_d_ff}"] if cfg.shared_d_ff and cfg.shared_d_ff % tp else [])
     if bad:
@@ -283,11 +283,11 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
     Each (token, slot) goes to the rank holding its expert, sorted by expert; that rank runs its E/ep
     experts and returns the rows; they are weighted and summed per token in expert order, as forward does
     (every routing, the clamped SwiGLU, weighted inputs), and the shared expert (dense) added on this rank's
-    tokens. Folded (MoE parallel folding, etp < tp: `ep.fold`) every tp rank routes its tokens but its etp
-    group dispatches only its etp/t part, and the parts' outputs are all-gathered over the tp ranks with its etp
-    coordinate (`ep.fold`; under etp > 1 the experts' partial outputs summed over the etp group first, as
-    `ep_experts` sums them over tp at etp = tp). Expert biases (gpt-oss) are
-    split with their experts and added by the rank holding them."""
+    tokens. Folded (MoE parallel folding: `ep.fold`, `ep.etp`) every tp rank routes its tokens but dispatches
+    only its 1/t part of them; at etp > 1 the rows each rank receives are all-gathered over its etp group, whose
+    ranks each hold F/etp of the experts' width, and the partial outputs reduce-scattered back; the parts are
+    all-gathered over the tp ranks. Expert biases (gpt-oss) are split with their experts and added by the rank
+    holding them."""
     shape = x.shape
     whole = x.reshape(-1, shape[-1])  # [M, d]
     return with_shared(module, whole, ep_routed(module, whole, ep)).view(shape)
@@ -295,7 +295,7 @@ def ep_forward(module: MoE, x: torch.Tensor, ep) -> torch.Tensor:
 
 def ep_routed(module: MoE, whole: torch.Tensor, ep) -> torch.Tensor:
     """`ep_forward`'s routed experts over the tokens whole [M, d] -> [M, d]: the routing, the plan and the
-    exchanges (`ep_experts`); folded, its etp group's part of them, the parts gathered. Its routing weights and
+    exchanges (`ep_experts`); folded, this rank's part of them, the parts gathered. Its routing weights and
     int64 plan (indices, order, tokens, received experts) are released on return, before the shared expert runs."""
     cfg = module.cfg
     w, idx = route(module.router(whole), cfg, module.selection_bias)  # [M, k], [M, k]
@@ -310,7 +310,11 @@ def ep_routed(module: MoE, whole: torch.Tensor, ep) -> torch.Tensor:
     recv = ep.counts(send)
     send_l, recv_l = send.tolist(), recv.tolist()
     re = ep.exchange_ids(expert - (expert // per) * per, send_l, recv_l)  # [R] local expert of each row
-    out = ep_experts(module, xf, w.flatten()[order], tok, send_l, recv_l, lambda e: torch.where(re == e)[0], ep)
+    gathered = ep.gathered(re.shape[0], re.device)  # folded at etp > 1: the etp group's received rows [etp]
+    if gathered is not None:
+        re = ep.gather_ids(re, gathered)  # [sum(gathered)] the etp group's rows, in etp-rank order
+    out = ep_experts(module, xf, w.flatten()[order], tok, send_l, recv_l, lambda e: torch.where(re == e)[0], ep,
+                     gathered)
     return ep.whole(out) if fold else out  # folded: parts gathered
 
 
@@ -343,28 +347,34 @@ def _local_expert(cfg: MoEConfig, xe: torch.Tensor, gate_w: torch.Tensor | None,
 
 
 def ep_experts(module: MoE, xf: torch.Tensor, slot_w: torch.Tensor, tok: torch.Tensor, send: list[int],
-               recv: list[int], rows_of, ep) -> torch.Tensor:
+               recv: list[int], rows_of, ep, gathered: list[int] | None = None) -> torch.Tensor:
     """The exchanges and expert maths of `ep_forward`, given its plan: xf [M, d], the routing weight [M*k] and
     the token [M*k] of each assignment in send order, the rows sent to and received from each rank, and
-    rows_of(e): the received rows [m] of local expert e. -> [M, d].
+    rows_of(e): the received rows [m] of local expert e (folded at etp > 1: of the rows gathered over the etp
+    group, `gathered` holding how many each etp rank received). -> [M, d].
 
     What is live at once (the memory model's expert-parallel moment, ltmdsl/kinds/moe.py `workspace`): the
     rows received and their results (two [M*k, d] buffers, the results added in place) beside one expert's
     input, its MLP and output; then the results sent back and, weighted, added in place into the output.
 
-    Under tensor parallelism (Megatron's expert tensor parallelism) every tp rank routes the same tokens, holds
-    F/t of its experts' width and returns its part of their outputs: the weighted sum is summed over the tp
-    ranks, and the gradients of the inputs and routing weights, partial on each, are summed back, as
-    `MoE.forward` does; folded at 1 < etp < tp the same over the etp group (`Experts.tp_mesh`)."""
+    Carved out of dp under tensor parallelism (Megatron's expert tensor parallelism) every tp rank routes the
+    same tokens, holds F/t of its experts' width and returns its part of their outputs: the weighted sum is
+    summed over the tp ranks, and the gradients of the inputs and routing weights, partial on each, are summed
+    back, as `MoE.forward` does. Folded at etp > 1 (`gathered`) the etp ranks hold different rows: the received
+    rows are all-gathered over the etp group and the experts' partial outputs reduce-scattered back instead."""
     cfg = module.cfg
-    tp_mesh = module.experts.tp_mesh
+    tp_mesh = module.experts.tp_mesh if gathered is None else None
     if tp_mesh is not None:  # the experts' inputs and weights get partial gradients from each tp rank
         xf, slot_w = copy_to_tp(xf, tp_mesh.get_group()), copy_to_tp(slot_w, tp_mesh.get_group())
     rows = xf[tok] * slot_w[:, None].to(xf.dtype) if cfg.weight_input else xf[tok]  # [M*k, d] (Llama-4: weighted in)
     rx = ep.exchange(rows, send, recv)  # [R, d] rows for this rank's experts
     del rows
-    ry = module.experts(cfg, rx, rows_of, ep)  # [R, d]
+    if gathered is not None:
+        rx = ep.gather_rows(rx, gathered)  # [sum(gathered), d] the etp group's rows
+    ry = module.experts(cfg, rx, rows_of, ep)  # [R, d] (folded at etp > 1: this rank's F/etp part of each)
     del rx  # the received rows are read by the experts only (autograd keeps what it needs)
+    if gathered is not None:
+        ry = ep.scatter_rows(ry, gathered)  # [R, d] this rank's rows, summed over the etp group
     back = ep.exchange(ry, recv, send)  # [M*k, d] in send order
     del ry
     out = torch.zeros_like(xf)  # [M, d]

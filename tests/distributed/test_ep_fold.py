@@ -1,11 +1,14 @@
-"""MoE parallel folding (etp < tp, Megatron-Core's): the experts fold over the tp (and dp, cp) ranks on forked gloo
-ranks, within each pipeline stage. The stage's ranks in mesh order are cut into (edp, ep, etp), etp innermost;
-each rank holds E/ep experts, F/etp of each one's width (whole at etp = 1); each etp group of a tp group routes
-its replica's tokens and dispatches its etp/t part of them; the experts' partial outputs are summed over the
-etp group and the parts all-gathered over the tp group. Attention and the MLPs are split over tp as without ep.
+"""MoE parallel folding (Megatron-Core's, arXiv 2504.14960) at every etp and ep whose product divides a stage's
+tp*cp*dp ranks, on forked gloo ranks: the stage's ranks in mesh order are cut into (edp, ep, etp), etp innermost;
+each rank holds E/ep experts, F/etp of each one's width (whole at etp = 1). Every rank keeps its 1/tp part of its
+tp group's tokens, dispatches it over its ep group, the received rows are all-gathered over the etp group, the
+experts' partial outputs reduce-scattered back over it, and the parts all-gathered over the tp group. Covered:
+etp < tp dividing it (with ep > 1 and ep = 1: the experts replicated over tp/etp groups), etp > tp (tp = 1 with
+dp = 4; tp 2 x cp 2 with etp = 4), etp = tp with ep not dividing dp (ep over the cp ranks), whole experts
+replicated over tp x dp (etp = 1, ep = 1). Attention and the MLPs are split over tp as without ep.
 
 Oracle: the single-process run on the whole batch. Losses of the first 3 AdamW steps and the first step's
-gradients (gathered over ep and tp) within 1e-5 relative in float64.
+gradients (gathered over ep and etp) within 1e-5 relative in float64.
 
 Per-rank weight, gradient and optimizer bytes (fp32, AdamW) equal the memory model's per-GPU prediction:
 expert parameters / (etp*ep), ZeRO-sharded over edp = tp*cp*dp / (etp*ep) (ltmdsl/memory/training.py).
@@ -45,6 +48,17 @@ PLANS = {
     "tp4-ep2-etp2-sp-zero1-on-4": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1, "sequence_parallel": True}),
     "tp4-ep2-etp2-zero3-on-4": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 3}),
     "tp4-dp2-ep2-etp2-zero1-on-8": (8, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
+    # etp > tp: an etp group spans tp groups (dp, cp ranks)
+    "tp1-dp4-ep2-etp2-on-4": (4, {"tp": 1, "ep": 2, "etp": 2, "zero": 0}),
+    "tp1-dp4-ep2-etp2-zero3-on-4": (4, {"tp": 1, "ep": 2, "etp": 2, "zero": 3}),
+    "tp2-cp2-ep1-etp4-on-4": (4, {"tp": 2, "cp": 2, "ep": 1, "etp": 4, "zero": 0}),
+    "tp2-dp2-ep1-etp4-zero1-on-4": (4, {"tp": 2, "ep": 1, "etp": 4, "zero": 1}),
+    # etp < tp with ep = 1: the experts replicated over the tp/etp = 2 etp groups of a tp group
+    "tp4-ep1-etp2-zero1-on-4": (4, {"tp": 4, "ep": 1, "etp": 2, "zero": 1}),
+    "tp4-ep1-etp2-sp-on-4": (4, {"tp": 4, "ep": 1, "etp": 2, "zero": 0, "sequence_parallel": True}),
+    # whole experts on every rank (etp = ep = 1 < tp), and etp = tp with ep over the cp ranks (ep does not divide dp)
+    "tp2-dp2-ep1-etp1-zero1-on-4": (4, {"tp": 2, "ep": 1, "etp": 1, "zero": 1}),
+    "tp2-cp2-ep2-etp2-on-4": (4, {"tp": 2, "cp": 2, "ep": 2, "zero": 0}),
 }
 
 
@@ -84,14 +98,21 @@ BYTES_PLANS = {
     "tp4-ep2-etp2-zero0": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 0}),
     "tp4-ep2-etp2-zero1": (4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
     "tp4-dp2-ep2-etp2-zero1-on-8": (8, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
+    "tp1-dp4-ep2-etp2-zero1": (4, {"tp": 1, "ep": 2, "etp": 2, "zero": 1}),
+    "tp2-cp2-ep1-etp4-zero1": (4, {"tp": 2, "cp": 2, "ep": 1, "etp": 4, "zero": 1}),
+    "tp2-dp2-ep1-etp4-zero1": (4, {"tp": 2, "ep": 1, "etp": 4, "zero": 1}),
+    "tp4-ep1-etp2-zero1": (4, {"tp": 4, "ep": 1, "etp": 2, "zero": 1}),
+    "tp2-dp2-ep1-etp1-zero1": (4, {"tp": 2, "ep": 1, "etp": 1, "zero": 1}),
+    "tp2-cp2-ep2-etp2-zero1": (4, {"tp": 2, "cp": 2, "ep": 2, "etp": 2, "zero": 1}),
 }
 
 
 @pytest.mark.parametrize("world, degrees", BYTES_PLANS.values(), ids=BYTES_PLANS.keys())
 def test_folded_rank_bytes_equal_the_memory_model(world, degrees):
     """Each rank holds E/ep experts F/etp wide, ZeRO 1 sharding their state over edp = tp*cp*dp / (etp*ep)
-    (2, 1, 2, 1 and, on 8 ranks, 2 here): the measured bytes equal the memory model's per-GPU figures, which
-    differ from the same plan's at etp = tp (experts / tp a rank) by the experts' share."""
+    (1, 2 or 4 ranks here: tp2-dp2-ep1-etp1's experts are whole on every rank, their state over 4): the measured bytes equal the memory
+    model's per-GPU figures, which differ from the same plan's dense ones by the experts' share
+    (experts / (etp*ep) a rank)."""
     ir = moe_tp()
     plan = plan_from(world=world, **degrees)
     want = _predicted(ir, plan)
@@ -105,14 +126,14 @@ def test_folded_rank_bytes_equal_the_memory_model(world, degrees):
 
 
 @pytest.mark.parametrize("degrees, message", [
-    ({"tp": 2, "ep": 1, "etp": 1}, "etp = 1 with tp = 2 and ep = 1"),
     ({"tp": 2, "ep": 2, "etp": 1, "dp": 1, "pp": 2, "microbatches": 1},
      "2 does not divide the 23 tokens of a sequence on a rank"),
-    ({"tp": 4, "ep": 2, "etp": 2}, "tp/etp = 4/2 = 2 expert-tensor-parallel groups"),
-    ({"tp": 1, "ep": 2, "etp": 2, "dp": 4}, "etp = 2 with tp = 1"),
-    ({"tp": 4, "ep": 1, "etp": 3}, "etp = 3 does not divide tp = 4"),
-], ids=["no-ep", "uneven-tokens", "uneven-tokens-etp2", "etp-above-tp", "etp-not-dividing-tp"])
-def test_plans_the_runtime_does_not_fold_are_refused(degrees, message):
+    ({"tp": 4, "ep": 2, "etp": 2}, "each of the tp = 4 ranks of a tensor-parallel group dispatches its 1/tp part"),
+    ({"tp": 2, "ep": 1, "etp": 4}, "MoE parallel folding (etp = 4, ep = 1): each of the tp = 2 ranks"),
+], ids=["uneven-tokens", "uneven-tokens-etp2", "uneven-tokens-etp-above-tp"])
+def test_folded_plans_whose_tp_does_not_divide_a_ranks_tokens_are_refused(degrees, message):
+    """Folded, each tp rank dispatches its 1/tp part of a rank's tokens: tp must divide a sequence's tokens on
+    a rank (23 here), as sequence parallelism's tp must."""
     world = 4
     errors = plan_errors(moe_tp(), plan_from(world=world, **degrees), world, seq_len=23)
     assert any(message in e for e in errors), errors
@@ -124,13 +145,17 @@ CHECKPOINTS = {
                                              (4, {"tp": 2, "ep": 2, "zero": 0})),
     "tp2-ep2-etp1-zero3-to-one-process": ((2, {"tp": 2, "ep": 2, "etp": 1, "zero": 3}), (1, {})),
     "tp4-ep2-etp2-zero1-to-one-process": ((4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}), (1, {})),
+    "tp1-dp4-ep2-etp2-zero1-to-one-process": ((4, {"tp": 1, "ep": 2, "etp": 2, "zero": 1}), (1, {})),
+    "tp4-ep1-etp2-zero1-to-tp2-dp2-ep2": ((4, {"tp": 4, "ep": 1, "etp": 2, "zero": 1}),
+                                         (4, {"tp": 2, "ep": 2, "zero": 0})),
 }
 
 
 @pytest.mark.parametrize("saved, resumed", CHECKPOINTS.values(), ids=CHECKPOINTS.keys())
 def test_folded_checkpoint_resumes_under_another_plan(tmp_path, saved, resumed):
-    """Saved with whole experts folded over the tp ranks, resumed with them split like tp (DCP reshards the
-    experts' DTensors) or in one process: the resumed losses equal the uninterrupted run's (test_checkpoint)."""
+    """Saved with the experts folded over the stage's ranks (whole, or split over etp groups below, above or
+    across tp), resumed with them split like tp (DCP reshards the experts' DTensors) or in one process: the
+    resumed losses equal the uninterrupted run's (test_checkpoint)."""
     assert_resumes_and_exports64(tmp_path, moe_tp(), saved, resumed, timeout_s=300)
 
 
