@@ -9,7 +9,8 @@ stage) beside that per-GPU prediction ("=" when all three are equal), plus the l
 of a rank. tiny-hybrid (every mixer kind) runs the data-, context-, expert- and
 pipeline-parallel plans (pp with dp, ZeRO 1/3, cp and ep) and ep carved out of dp with ZeRO 1 and 3 and with
 cp; tensor parallelism runs on an attention + MLP + MoE model (the kinds with a tensor-parallel plan), with ZeRO
-1 and 3 and inside pipeline stages, and with ep (ZeRO 1 and 3); tiny-jamba (a
+1 and 3 and inside pipeline stages, and with ep (ZeRO 1 and 3) and MoE parallel folding (etp 1 and 2 under tp,
+etp 2 above tp = 1); tiny-jamba (a
 MoE in every pipeline stage) runs ep and pp x dp x ep.
 On a CPU the numbers measure overheads, not speed-ups: ranks share the cores.
 
@@ -78,6 +79,7 @@ PLANS = [  # (model, world, degrees)
     ("tp-bench", 4, {"tp": 2, "ep": 2, "zero": 3}),
     ("tp-bench", 4, {"tp": 2, "ep": 4, "etp": 1, "zero": 1}),
     ("tp-bench", 4, {"tp": 4, "ep": 2, "etp": 2, "zero": 1}),
+    ("tp-bench", 4, {"tp": 1, "ep": 2, "etp": 2, "zero": 1}),  # etp > tp: each expert's width over 2 dp ranks
 ]
 
 

@@ -42,7 +42,8 @@ CASES = {
     "tp-heads": (tp_small, ParallelPlan(tp=3, dp=1), 3, {}, "tp = 3 does not divide the 4 heads of layer 'attn'"),
     "ep-no-moe": (tp_small, ParallelPlan(dp=2, ep=2), 2, {}, "ep > 1 but the model has no MoE layers"),
     "ep-experts": (tiny_hybrid, ParallelPlan(dp=3, ep=3), 3, {}, "ep = 3 does not divide 4 experts"),
-    "ep-not-within-dp": (tiny_hybrid, ParallelPlan(dp=2, ep=4), 2, {}, "ep = 4 does not divide dp = 2"),
+    "ep-beyond-the-stage": (tiny_hybrid, ParallelPlan(dp=2, ep=4), 2, {},
+                            "etp*ep = 1*4 = 4 does not divide the tp*cp*dp = 1*1*2 = 2 ranks of a pipeline stage"),
     "pp-layers": (tp_small, ParallelPlan(pp=8), 8, {}, "pp = 8 exceeds the 4 sub-layers"),
     "batch": (tp_small, ParallelPlan(dp=2), 2, {"batch": 3}, "dp = 2 does not divide the batch of 3 sequences"),
     "sequence": (tp_small, ParallelPlan(cp=4), 4, {"seq_len": 30}, "cp = 4 does not divide the sequence of 30"),
@@ -67,6 +68,52 @@ def test_tp_refusal_is_the_memory_models_message():
         ltmdsl.loads(bad)
     ours = plan_errors(tp_small(), ParallelPlan(tp=3), 3)
     assert ours[0] in str(err.value)
+
+
+MOE_SPEC = TP_SPEC.replace("    stack { attn ffn swa gelu }",
+                            "    layer moe = moe(experts = 4, top_k = 2, d_ff = 32)\n    stack { attn moe swa gelu moe }")
+
+#: plans the memory model's rank rule (etp*ep divides tp*cp*dp) accepts and ltmdsl.distributed once refused; each
+#: runs exactly in tests/distributed/test_ep_fold.py
+FOLDED = {
+    "etp-above-tp": "tp = 1, ep = 2, etp = 2",
+    "etp-above-tp-cp": "tp = 2, cp = 2, ep = 1, etp = 4",
+    "etp-below-tp-no-ep": "tp = 4, ep = 1, etp = 2",
+    "etp-not-dividing-tp": "tp = 2, ep = 1, etp = 4",
+    "whole-experts-no-ep": "tp = 2, ep = 1, etp = 1",
+    "ep-not-within-dp": "tp = 2, cp = 2, ep = 2",
+}
+
+
+@pytest.mark.parametrize("degrees", FOLDED.values(), ids=FOLDED.keys())
+def test_plans_the_memory_model_predicts_are_accepted(degrees):
+    """The budget's plan (so what was planned is what runs): the memory model accepts it and so does
+    check_plan, with the budget's batch and context."""
+    spec = ltmdsl.loads(MOE_SPEC + f"budget b for tp_small {{\n training context = 64, batch = 8\n "
+                                   f"on 4 x H100 with {degrees}\n}}\n")
+    budget = spec.budget("b")
+    check_plan(spec.model, plan_from(budget), 4, batch=budget.batch, seq_len=budget.context)
+
+
+RANK_RULE = {
+    "etp-tp-times-ep-above-the-stage": ("tp = 2, ep = 2", 2),
+    "etp-times-ep-not-dividing-the-stage": ("tp = 2, ep = 2, etp = 2", 2),
+    "ep-beyond-the-stage": ("tp = 2, ep = 4, etp = 1", 2),
+}
+
+
+@pytest.mark.parametrize("degrees, gpus", RANK_RULE.values(), ids=RANK_RULE.keys())
+def test_rank_rule_refusal_is_the_memory_models_message(degrees, gpus):
+    """A plan whose etp*ep does not divide the stage's tp*cp*dp ranks: `ltmdsl check` refuses the budget and
+    check_plan refuses the plan in the very same words."""
+    text = MOE_SPEC + f"budget b for tp_small {{\n training context = 64, batch = 8\n on {gpus} x H100 with {degrees}\n}}\n"
+    with pytest.raises(ltmdsl.SpecError) as err:
+        ltmdsl.loads(text)
+    plan = ParallelPlan(**{k.strip(): int(v) for k, v in (kv.split("=") for kv in degrees.split(","))})
+    ours = [e for e in plan_errors(ltmdsl.loads(MOE_SPEC).model, plan, gpus) if "etp*ep" in e]
+    assert len(ours) == 1 and ours[0] in str(err.value), (ours, str(err.value))
+    with pytest.raises(PlanError, match=r"etp\*ep"):
+        check_plan(ltmdsl.loads(MOE_SPEC).model, plan, gpus)
 
 
 def test_plan_module_imports_no_torch():
