@@ -248,7 +248,7 @@ def test_training_step_flops(models, recompute, extra):
 
 RUNTIME_PLAN = MOE + """budget refused for moe {
     training context = 256, batch = 8
-    on 4 x H100 with cp = 4, ep = 2
+    on 4 x H100 with cp = 4, ep = 2, interleave = 2
 }
 budget runs for moe {
     training context = 256, batch = 8
@@ -265,6 +265,6 @@ def test_a_training_plan_the_runtime_refuses_is_said_in_the_report():
 
     spec = ltmdsl.loads(RUNTIME_PLAN)
     refused, runs = (report(spec.model, b) for b in spec.budgets)
-    assert any("ltmdsl.distributed does not run this plan" in n and "ep = 2 does not divide dp = 1" in n
+    assert any("ltmdsl.distributed does not run this plan" in n and "interleave = 2 needs a pipeline (pp > 1)" in n
                for n in refused.notes), refused.notes
     assert not any("does not run" in n for n in runs.notes)
