@@ -110,9 +110,9 @@ BYTES_PLANS = {
 @pytest.mark.parametrize("world, degrees", BYTES_PLANS.values(), ids=BYTES_PLANS.keys())
 def test_folded_rank_bytes_equal_the_memory_model(world, degrees):
     """Each rank holds E/ep experts F/etp wide, ZeRO 1 sharding their state over edp = tp*cp*dp / (etp*ep)
-    (1, 2 or 4 ranks here: tp2-dp2-ep1-etp1's experts are whole on every rank, their state over 4): the measured bytes equal the memory
-    model's per-GPU figures, which differ from the same plan's dense ones by the experts' share
-    (experts / (etp*ep) a rank)."""
+    (1, 2 or 4 ranks here: tp2-dp2-ep1-etp1's experts are whole on every rank, their state over 4): the
+    measured bytes equal the memory model's per-GPU figures, which differ from the same plan's dense ones by
+    the experts' share (experts / (etp*ep) a rank)."""
     ir = moe_tp()
     plan = plan_from(world=world, **degrees)
     want = _predicted(ir, plan)

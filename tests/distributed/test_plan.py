@@ -71,7 +71,8 @@ def test_tp_refusal_is_the_memory_models_message():
 
 
 MOE_SPEC = TP_SPEC.replace("    stack { attn ffn swa gelu }",
-                            "    layer moe = moe(experts = 4, top_k = 2, d_ff = 32)\n    stack { attn moe swa gelu moe }")
+                            "    layer moe = moe(experts = 4, top_k = 2, d_ff = 32)\n"
+                            "    stack { attn moe swa gelu moe }")
 
 #: plans the memory model's rank rule (etp*ep divides tp*cp*dp) accepts and ltmdsl.distributed once refused; each
 #: runs exactly in tests/distributed/test_ep_fold.py
@@ -106,7 +107,8 @@ RANK_RULE = {
 def test_rank_rule_refusal_is_the_memory_models_message(degrees, gpus):
     """A plan whose etp*ep does not divide the stage's tp*cp*dp ranks: `ltmdsl check` refuses the budget and
     check_plan refuses the plan in the very same words."""
-    text = MOE_SPEC + f"budget b for tp_small {{\n training context = 64, batch = 8\n on {gpus} x H100 with {degrees}\n}}\n"
+    text = MOE_SPEC + (f"budget b for tp_small {{\n training context = 64, batch = 8\n on {gpus} x H100 with "
+                       f"{degrees}\n}}\n")
     with pytest.raises(ltmdsl.SpecError) as err:
         ltmdsl.loads(text)
     plan = ParallelPlan(**{k.strip(): int(v) for k, v in (kv.split("=") for kv in degrees.split(","))})

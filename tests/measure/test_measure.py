@@ -453,7 +453,7 @@ def test_expert_parallel_serving_at_width_1024_counts_the_moments_ep_experts_hol
 
 
 def test_plans_ltmdsl_does_not_run_are_refused_saying_why(dense):
-    with pytest.raises(NotTraceable, match="ltmdsl.distributed does not run this plan.*interleave = 2 needs a pipeline"):
+    with pytest.raises(NotTraceable, match="ltmdsl.distributed does not run this plan.*interleave = 2 needs a"):
         measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), cp=2, ep=2, zero=2, interleave=2, gpus=2)
     with pytest.raises(ValueError, match=r"etp\*ep = 1\*4 = 4 does not divide the tp\*cp\*dp = 1\*1\*2 = 2"):
         measure(ltmdsl.loads(MOE).model, _budget(ltmdsl.loads(MOE), "train"), ep=4, zero=2, gpus=2)  # no one runs it
