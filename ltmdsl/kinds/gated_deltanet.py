@@ -47,27 +47,65 @@ entering each piece, 4*b*p*Hv'*Dk*Dv (fp32), is the rule's input; the two runs t
 own state H and transition M) are recompute regions over the rule's inputs and keep nothing more; and the
 composition S <- M_j S + H_j over the chunks before the rank's last one (the last rank's last chunk is c
 balanced, c - 1 contiguous) keeps, for each, the matrix product's inputs: the state S and a contiguous copy of
-the gathered M_j, 4*b*Hv'*Dk*(Dv + Dk). Until this convention the form kept M's zero values too, and none of
-it was counted: +8.4% over a Gated DeltaNet rank's activations at cp = 2, +6.5% KDA's. The backward recomputes
-the chunk states into a transient of b*Hv/t*ceil(s/L) fp32 states, one layer at a time (not counted).
+the gathered M_j, 4*b*Hv'*Dk*(Dv + Dk); with one sequence a rank (b = 1) M_j is a contiguous view already, and
+the products keep the gathered M whole instead, 4*Hv'*Dk^2 for each of the n = 2c (or c) chunks (until this
+convention counted as copies: Gated DeltaNet's cp 2 rank at 2 heads of 32, b = 1, +4.7% over its predicted
+activations). Until the convention before, the form kept M's zero values too, and none of it was counted:
++8.4% over a Gated DeltaNet rank's activations at cp = 2, +6.5% KDA's. The backward recomputes
+the chunk states, about 2*sqrt(s/L) fp32 states at a time, one layer at a time (the `backward` facet below).
 FLOPs per value head: a recurrent step decays S (Dk*Dv), reads S^T k (2 Dk*Dv), writes k d^T (2 Dk*Dv) and
 reads out S^T q (2 Dk*Dv): 7*Dk*Dv, plus 2*conv_dim*K for the conv. Prefill in chunks of L = min(chunk, T),
 per token and value head: the k.k and q.k scores 4*L*Dk, the triangular solve for [U | W] L*(Dk + Dv), the
 intra-chunk read-out 2*L*Dv, and the state products W S, (q*decay) S and the state update 6*Dk*Dv.
-Backward (the `backward` facet, `delta_backward` shared with KDA: what one sub-layer's backward holds at its peak
-beyond `stored` and its output's gradient, Hv' = Hv/t, n = ceil(s/L) chunks): the gradients of the rule's inputs,
-q, k, v (the conv output) a*tok*D/t and the fp32 g and beta 4*tok*Hv'*(decay + 1), twice under cp (the summary
-regions, own state and transition, re-run their rule and back-propagate it while the main rule's input gradients
-wait to be summed with theirs: Gated DeltaNet's cp rank +4.1% -> +2.1%); ChunkedRecurrence's backward keeps one
-start state every ceil(sqrt(n)) chunks and recomputes a segment's starts, with the state gradient and a chunk's
-own states about (4 + 2*ceil(sqrt(n)))*S. Under cp the rank's p pieces are rows of the batch: S, Xk, Xv, Q and E
-count b*p rows of pieces of s/p tokens (b rows of s tokens put a KDA cp rank's traced peak 36% above the
-prediction). Then one chunk re-run under autograd and differentiated:
-    Gated DeltaNet  2Xk + 2Xv + 12Q, counted on the traced backward at chunk 16 and 32 and head dims 16 and 32
-                    (within 5%), not derived term by term
-    KDA             derived from the chunk step (runtime/ops_delta.py `_chunk_step`, per-channel decay by diagonal
-                    blocks of 16 rows, nb = ceil(L/16) of them, E = 4*b*Hv'*min(16, L)^2*Dk one block's decay),
-                    the larger of two moments:
+Backward (the `backward` facet, `delta_backward`: what one sub-layer's backward holds at its peak beyond `stored`
+and its output's gradient; Hv' = Hv/t, Hk' = Hk/t; under cp the rank's p pieces are rows of the batch, r = b*p rows
+of s/p tokens (b rows of s tokens put a KDA cp rank's traced peak 36% above the prediction), L = min(chunk, s/p),
+n = ceil(s/(p*chunk)) chunks a row; one chunk's fp32 scores Q = 4*r*Hv'*L^2, keys Xk = 4*r*Hv'*L*Dk and values
+Xv = 4*r*Hv'*L*Dv per value head, one fp32 state S = 4*r*Hv'*Dk*Dv, V = a*tok*Hv'*Dv):
+    Gated DeltaNet  `scalar_decay_backward`, from ChunkedRecurrence's backward (runtime/ops_recurrence.py) and the
+                    chunk step (runtime/ops_delta.py `_chunk_step`), read per tensor off the trace's peak at 2 key
+                    heads of 16 and 4 value heads of 24, chunk 16 and 32 (one process, and cp 2 with b = 2):
+        held    the rule's zeroed input gradients, q, k, v a*tok*D/t and g, beta in fp32 8*tok*Hv'; o's and the
+                gate's gradients (the gated norm's backward) 2V, less o, the gate, the norm output and rstd,
+                3V + 4*tok*Hv' counted in `stored` and freed once the norm and out_proj back-propagated
+        chunk   the chunk re-run and back-propagating, at its read-out's gradient: the decay matrix, the stacked
+                (k, q).k products and their decayed copy, the masked lower triangle, I + L and the scores' gradient
+                8Q; q and k per value head, their stacked pair and its transposed copy, W of [U | W], beta*k,
+                q*decay (or, over more than one row, its contiguous copy) and its gradient 10Xk; q and k cast to
+                fp32 per key head 2*4*r*L*Hk'*Dk; v in fp32, U, the corrections, the output, its fp32 gradient
+                and two of the read-out's gradients 7Xv, and over more than one row (r > 1) the output
+                gradient's contiguous copy Xv (the transposed [r, L, Hv', Dv] layout)
+        states  the start states ChunkedRecurrence's backward keeps, one every e = ceil(sqrt(n)) chunks (m =
+                ceil(n/e) of them), while it recomputes a segment's e starts, with the state gradient carried
+                from the chunk after: m - 1 + e states at most (one fewer when the first is the rule's input,
+                counted in `stored`); the final state's gradient, the chunk's end state and the state gradient
+                being summed 3S
+                    Under cp the peak is in the summary regions (runtime/kinds/gated_deltanet.py
+                `carried_delta_state`), which back-propagate after the rule and the composition: the own-state
+                region holds the rule's input gradients twice (its own, zeroed, beside the rule's, waiting to be
+                summed with them), the zero gradient of its unused output o in place of o's, a chunk and states
+                as above and its output H, S; the transition region its own gradients of q, k, g and beta, M's
+                zero values and their output's zero gradient 2*a*tok*Hv'*Dk, a chunk and states of values of
+                width Dk (S' = 4*r*Hv'*Dk^2, its start the given identity) and its output M, S'; both less what
+                the rule's start and the composition keep (`composition_kept`, counted in `stored`), freed by
+                then; the larger of the two.
+                    Traced at 2 heads of 32 (chunk 16, 32 and 64, context 256) and at 2 key heads of 24 with 4
+                value heads of 16 (chunk 32, context 128, b = 2), one process, cp 2 and tp 2 x cp 2 x sp, under
+                every recompute policy: the traced peak -2.9% to +0.4% of the per-GPU total (on one process the
+                prediction is over by the final norm's kept tensors, freed before the stack back-propagates, less
+                the stream's gradient, a convention every kind shares). Until this convention the chunk term was
+                counted on the traced backward, 2Xk + 2Xv + 12Q with (4 + 2*ceil(sqrt(n)))*S of states and the
+                input gradients twice under cp, and nothing freed: a cp 2 rank's peak +15.3% over the per-GPU
+                total (Dk 24, Dv 16, b = 2; +17.2% with full recompute), +6.6% at 2 heads of 32 and chunk 64.
+    KDA             the gradients of the rule's inputs, q, k, v (the conv output) a*tok*D/t and the fp32 g and
+                    beta 4*tok*Hv'*(Dk + 1), twice under cp (the summary regions, own state and transition, re-run
+                    their rule and back-propagate it while the main rule's input gradients wait to be summed with
+                    theirs); ChunkedRecurrence's backward keeps one start state every ceil(sqrt(n)) chunks and
+                    recomputes a segment's starts, with the state gradient and a chunk's own states about
+                    (4 + 2*ceil(sqrt(n)))*S; then one chunk re-run under autograd and differentiated, derived from
+                    the chunk step (runtime/ops_delta.py `_chunk_step`, per-channel decay by diagonal blocks of 16
+                    rows, nb = ceil(L/16) of them, E = 4*b*Hv'*min(16, L)^2*Dk one block's decay), the larger of
+                    two moments:
         start  the whole re-run graph with its first gradients: every block's decay and its (k, q) x k product,
                3*nb*E; the stacked scores, the mask-filled lower triangle and I + L, and the scores' gradient 5Q;
                q and k cast, their repeat copies, the stacked pair, the decayed keys, exp(gamma) and its uses,
@@ -245,6 +283,15 @@ def norm_gate_block(c: DeltaShape, b, cw, t):
     return 4 * b * cw * c.heads * (3 * c.dv + 1) / t
 
 
+def composition_kept(c: DeltaShape, x):
+    """Under cp, what the rule's start and the composition S <- M_j S + H_j keep (module docstring): the state
+    entering each piece and, for each chunk composed before the rank's last one, the state and M_j contiguous,
+    whose product keeps a view of the whole gathered M instead when b = 1 (M_j is contiguous then)."""
+    whole = 1 - sympy.Min(1, x.b - 1)  # 1 when b = 1
+    kept_m = x.last_chunk + (x.chunks - x.last_chunk) * whole  # M_j [b, Hv', Dk, Dk] the products keep
+    return 4 * x.b * x.split(c.heads) * c.dk * (c.dv * (x.pieces + x.last_chunk) + c.dk * kept_m)
+
+
 def delta_stored(c: DeltaShape, x):
     """Training activations per micro-batch, shared by both kinds (module docstring); the same under selective
     recompute, as the rule already recomputes its internals."""
@@ -255,7 +302,7 @@ def delta_stored(c: DeltaShape, x):
     out = x.base + x.split(conv + kept + fp32)
     if x.c > 1:  # context parallel: the pieces' halos, their entering states, the composition's (docstring)
         out += x.split(a * x.b * D * (x.pieces - 1) * (c.d_conv - 1))
-        out += 4 * x.b * x.split(c.heads) * c.dk * (c.dv * x.pieces + (c.dv + c.dk) * x.last_chunk)
+        out += composition_kept(c, x)
     return out
 
 
@@ -300,6 +347,44 @@ def dims(c: GatedDeltaNetConfig) -> str:
             f"C={c.chunk}")
 
 
+def scalar_decay_backward(c: DeltaShape, x):
+    """Gated DeltaNet's backward peak beyond `stored` and the output's gradient (module docstring): the rule's
+    backward on one process, and under cp the larger of the two summary regions' (own state, transition)."""
+    a, tok, h = x.a, x.tok, x.split(c.heads)
+    rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
+    L = sympy.Min(c.chunk, piece)
+    n = sympy.ceiling(piece / c.chunk)  # chunks of a row
+    every = sympy.ceiling(sympy.sqrt(n))  # ChunkedRecurrence's segments of ceil(sqrt(n)) chunks
+    segments = sympy.ceiling(n / every)
+    key_width = (c.conv_dim - c.heads * c.dv) // 2  # Hk*Dk, the width of q and of k
+    Q, Xk, Xq = 4 * rows * h * L**2, 4 * rows * h * L * c.dk, 4 * rows * L * x.split(key_width)
+    wide = sympy.Min(1, rows - 1)  # over more than one row a transposed chunk tensor is copied for its matmul
+    value = x.split(a * tok * c.heads * c.dv)  # one [tok, Hv'*Dv] tensor in the activation dtype
+    grads = x.split(a * tok * c.conv_dim + 8 * tok * c.heads)  # q, k, v in a; g and beta in fp32
+    # o's and the gate's gradients (the norm's), less o, the gate, the norm output and rstd, freed by then
+    out = 2 * value - 3 * value - x.split(4 * tok * c.heads)
+
+    def rule(dv, given):
+        """The chunk re-run and back-propagating, with ChunkedRecurrence's states, for values of width dv; given:
+        1 when the start state is the rule's input (not a zero state made in its backward)."""
+        Xw, Sw = 4 * rows * h * L * dv, 4 * rows * h * c.dk * dv
+        graph = 8 * Q + 10 * Xk + 2 * Xq + (7 + wide) * Xw
+        return graph + (segments - 1 + every + 3 - given) * Sw
+
+    if x.c == 1:
+        return grads + out + rule(c.dv, 0)
+    S, M = 4 * rows * h * c.dk * c.dv, 4 * rows * h * c.dk * c.dk  # the summaries H and M
+    # the rule's entering states and the composition's kept states and M copies (counted in `stored`), freed once
+    # the rule and the composition back-propagated, before the summary regions do
+    composed = composition_kept(c, x)
+    out -= composed
+    own = 2 * grads + out + rule(c.dv, 0) + S
+    no_values = x.split(a * tok * c.heads * c.dk)  # M's zero values and their output's zero gradient
+    transition = (grads + x.split(a * tok * 2 * key_width + 8 * tok * c.heads) + value + 2 * no_values
+                  - 3 * value - x.split(4 * tok * c.heads) - composed + rule(c.dk, 1) + M)
+    return Largest(own, transition)
+
+
 def delta_backward(c: DeltaShape, x):
     """The delta rule's backward peak beyond `stored` and the output's gradient, shared by both kinds (module
     docstring)."""
@@ -312,9 +397,9 @@ def delta_backward(c: DeltaShape, x):
     grads = x.split(a * tok * c.conv_dim + 4 * tok * c.heads * (c.decay + 1))
     if x.c > 1:  # a summary region (own state, transition) back-propagating beside the rule's unconsumed gradients
         grads *= 2
+    if not c.per_channel:  # Gated DeltaNet, derived term by term (module docstring)
+        return scalar_decay_backward(c, x)
     starts = (4 + 2 * sympy.ceiling(sympy.sqrt(n))) * S
-    if not c.per_channel:  # fitted on the traced backward (module docstring)
-        return grads + 2 * Xk + 2 * Xv + 12 * Q + starts
     E = 4 * b * h * sympy.Min(SUB, L) ** 2 * c.dk  # one diagonal block's [SUB, SUB, Dk] decay
     nb = sympy.ceiling(L / SUB)  # diagonal blocks of a chunk
     # the rule output's gradient and o_proj's input gradient, less what the gated norm and o_proj kept (o, the

@@ -37,11 +37,36 @@ gates and the recurrence in backward):
 FLOPs beyond the parameters' 2 per token: a step costs 2WK (the conv) + 8W (decay, input scale, update
 and output gate); prefill counts the same work for each of the T tokens.
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
-gradient, W' = W/t): the `recompute` region runs again over the whole sequence: the fp32 gates, their log-decay
-and the gated input (five fp32 [tok, W'] tensors, 20*tok*W'); and one chunk of L = min(chunk, s) tokens of the
-scan re-run and differentiated, 25 fp32 [L, W'] tensors (100*b*L*W'; under cp the rank's p pieces are rows of
-the batch, b*p rows of L = min(chunk, s/p): b rows of min(chunk, s) put the cp form's peak 17% above it).
-Counted on the traced backward at chunk 16 and 32, d_model 128 and 256: within 3%.
+gradient; r = b*p rows, b under one process, the rank's p pieces folded into the batch under cp, of s/p tokens,
+L = min(chunk, s/p), n = ceil(s/(p*chunk)) chunks a row, l = ceil(log2 L) doubling steps of the scan; A = a*tok*W'
+one [tok, W'] tensor in the activation dtype, St = 4*r*W' one fp32 state, X = 4*r*L*W' one chunk's fp32 tensor).
+The `recompute` region's backward (runtime/chunk_recompute.py `_Recompute`) re-runs `_core` under autograd and
+back-propagates it; its peak is in the scan node's chunk loop (`_ChunkRecompute.backward`), holding
+    region  the scan's three zeroed input gradients (x and the two gates) 3A; the gates' sigmoid outputs and,
+            over more than one gate block on the rank (H/t > 1), their flattened copies (the block einsum leaves
+            them head-major) 4A, else 2A; over more than one row (r > 1) the two gate einsums' contiguous copies of
+            x (the conv output is channel-major) 2A; the region's re-run output, linear_out's input gradient, h's
+            gradient and y's (the GeLU's backward runs before the scan's) 4A; less linear_out's input, counted
+            in `stored` and freed once linear_out back-propagated, A
+    states  the chunk start states n*St ((n - 1)*St under cp, where the first is the region's input, counted in
+            `stored`), the final state's zero gradient and the start-state gradients of this chunk and the one
+            after it 3St
+    chunk   the chunk re-run and back-propagating (runtime/ops_rglru.py `_rglru_chunk`): the coefficients' graph
+            (-c*r_t, log a_t's exp, expm1 and sqrt, the reset-masked a_t and scale, i_t's and x's fp32 copies,
+            scale*i_t and b_t) 10X; the decays and inputs of the doubling steps but the last, already
+            back-propagated, 2(l - 1)X; the chunk's output h_t and its output gradient in fp32 2X; the gradients
+            at their widest (h_t's with the end state's, the last decays', one step's two zero-padded slices and
+            their sum) 5X; and, after the first chunk back-propagated (n > 1), that chunk's three input gradients
+            in the activation dtype 3*a*r*L*W' (the loop's `got` iterator holds them until the next chunk's
+            replace them).
+The cp form's zero-start-scan and total-decay regions hold no more while they back-propagate (their scans'
+input gradients in place of the re-run output's and h's). Read per tensor off the trace's peak at width 128, 4
+blocks, chunk 16 (one process, b = 1; cp 2, b = 2). Traced at width 96 (2 blocks, chunk 32, context 256) and
+width 64 (4 blocks, chunk 8, context 128, b = 2), under every recompute policy: the prediction is 1.1% to 3.7%
+over the traced peak on one process, cp 2 and tp 2 x cp 2 x sp, by the same bytes for both shapes (b*s*d
+scaled: the final norm's kept tensors, freed before the stack back-propagates, less the stream's gradient; a
+convention shared by every kind), and the activations exact. Until this convention the term was counted on the
+traced backward, 20*tok*W' + 100*r*L*W' (traced -1.5% to +2.6%, its coefficients absorbing that shared slack).
 """
 
 from __future__ import annotations
@@ -134,10 +159,22 @@ def dims(c: RgLruConfig) -> str:
 
 
 def backward(c: RgLruConfig, x):
-    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    """The backward's peak beyond `stored` and the output's gradient (module docstring): the region's tensors
+    over the sequence, the chunk start states and one chunk's scan re-run and back-propagating."""
     w = x.split(c.width)
     rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
-    return 20 * x.tok * w + 100 * rows * sympy.Min(c.chunk, piece) * w
+    L = sympy.Min(c.chunk, piece)
+    n = sympy.ceiling(piece / c.chunk)  # chunks of a row
+    A = x.a * x.tok * w  # one [tok, W'] tensor in the activation dtype
+    St, X = 4 * rows * w, 4 * rows * L * w  # one fp32 state [rows, W'], one chunk's fp32 [rows, L, W']
+    gates = (4 if c.heads > x.t else 2) * A  # sigmoid's outputs, and their flattened copies over > 1 block
+    copies = 2 * A * sympy.Min(1, rows - 1)  # the gate einsums' contiguous copies of x over > 1 row
+    region = 3 * A + gates + copies + 4 * A - A  # (docstring) less linear_out's input, freed by then
+    # the scan's doubling steps but the first, l - 1: one for each offset 2, 4, ... below L (ceil(L/2^k) > 1)
+    later_steps = sympy.Add(*(sympy.Min(1, sympy.ceiling(L / 2**k) - 1) for k in range(1, (c.chunk - 1).bit_length())))
+    states = (n - (1 if x.c > 1 else 0) + 3) * St  # under cp the first start state is the region's input
+    graph = (10 + 2 * later_steps + 2 + 5) * X + 3 * x.a * rows * L * w * sympy.Min(1, n - 1)
+    return region + states + graph
 
 
 KIND = Kind(
