@@ -36,7 +36,27 @@ MLSTM = {f"c{chunk}-{plan}-{policy}": (f"mlstm(heads = 4, qk_dim = 32, v_dim = 9
 KDA = {f"c{chunk}-{plan}": (f"kda(heads = 2, head_dim = 32, chunk = {chunk})", 256, 1, plan, "none")
        for chunk, plan in [(16, "one"), (32, "cp2"), (64, "cp2"), (32, "tp2-cp2-sp")]}
 
-CASES = {f"mlstm-{k}": v for k, v in MLSTM.items()} | {f"kda-{k}": v for k, v in KDA.items()}
+#: Mamba-1: one process (L = 64, six scan levels), cp 2 with pieces of 32 tokens (five levels; the fitted facet
+#: traced 13% under the prediction here), tp 2 x cp 2 x sp, and a one-state scan over 512 tokens, where the
+#: gate's moment is larger than the chunk's
+MAMBA = {f"n{n}-{plan}-{policy}": (f"mamba(d_state = {n}, expand = {expand})", ctx, batch, plan, policy)
+         for n, expand, ctx, batch, plan, policy in [
+             (8, 2, 256, 2, "one", "none"), (32, 1, 128, 1, "cp2", "selective"), (8, 2, 256, 1, "tp2-cp2-sp", "full"),
+             (1, 2, 512, 1, "one", "none")]}
+
+#: Mamba-2: cp 2 with one 64-token chunk a piece (the chunk's moment the larger; the fitted facet, the norm's
+#: moment alone, traced +50%), one process at chunk 16 (the norm's), tp 2 x cp 2 x sp with one group over two
+#: ranks (the norm's sum of squares over the ranks), and without the gated norm
+MAMBA2 = {f"{name}-{plan}-{policy}": (f"mamba2(d_state = {n}, head_dim = {p}, n_groups = {g}, chunk = {chunk}{extra})",
+                                       ctx, batch, plan, policy)
+          for name, n, p, g, chunk, extra, ctx, batch, plan, policy in [
+              ("c64", 32, 16, 2, 64, "", 256, 1, "cp2", "none"), ("c64", 32, 16, 2, 64, "", 256, 1, "tp2-cp2-sp", "full"),
+              ("c16", 16, 32, 1, 16, "", 128, 2, "one", "selective"),
+              ("c16", 16, 32, 1, 16, "", 128, 2, "tp2-cp2-sp", "none"),
+              ("c32-no-norm", 16, 16, 1, 32, ", gated_norm = false", 256, 1, "one", "none")]}
+
+CASES = ({f"mlstm-{k}": v for k, v in MLSTM.items()} | {f"kda-{k}": v for k, v in KDA.items()}
+         | {f"mamba-{k}": v for k, v in MAMBA.items()} | {f"mamba2-{k}": v for k, v in MAMBA2.items()})
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASES)
