@@ -54,9 +54,9 @@ St*(ceil(s/(C*p)) - [c > 1]). Then the larger of two moments:
            z cast, y + D x, silu(z), the output gradient cast to fp32 and two gradients, 7F); out_proj's input
            gradient A; the fp32 dt (softplus's input and output) 8*tok*Hs'
     chunk  one SSD chunk re-run and differentiated (`_ChunkRecompute.backward`), after the norm has
-           back-propagated: of the region, the fp32 dt and its two kept copies 12*tok*Hs', out_proj's input
-           gradient, the scan output's, x's (the skip's part) and z's gradients in a 4A, the scan's input
-           gradients allocated whole (`dseq`): x's A, B's and C's a*tok*BC; of the chunk, five fp32
+           back-propagated: of the region, dt and softplus's input in fp32 8*tok*Hs', out_proj's input gradient,
+           the scan output's, x's (the skip's part) and z's gradients in a 4A, the scan's input gradients
+           allocated whole (`dseq`): x's A, dt's 4*tok*Hs', B's and C's a*tok*BC; of the chunk, five fp32
            [r, L, L, Hs'] tensors (C.B, the masked exp(segsum), the scores' gradient and the two products'
            gradients) 20*r*L^2*Hs', four fp32 [r, L, Hs', N] (B and C per head, kept by the contractions, and two
            of their gradients) 16*r*L*Hs'*N, four fp32 [r, L, Di'] (x cast, the chunk's y, y's gradient slice
