@@ -51,11 +51,11 @@ the scan's node, the first the re-run's zero state (under cp the carried state, 
            by the next level's products (the last level's decay products, kept by h_t's, freed once that has
            back-propagated; its partial sums are kept by none), the chunk's states h_t (held by the end state's
            view) and five gradients over the chunk (h_t's from y and from the end state, their sum, one
-           level's two operand gradients): 4*r*L*Di'*N*(2l + 6); u cast to fp32, delta*u, the chunk's y, y's gradient slice cast to fp32 and one
-           gradient, five fp32 [r, L, Di'] and u's gradient slice in a, (20 + a)*r*L*Di'; C and B's fp32 casts
-           and gradient slices (4 + 2a)*r*L*N; four fp32 [r, Di', N] states (the chunk's end state, the final
-           state's zero gradient, the start state's gradient and a broadcast sum) and A, its exp and its
-           gradient, 12*Di'*N
+           level's two operand gradients): 4*r*L*Di'*N*(2l + 6); u cast to fp32, delta*u, the chunk's y, y's
+           gradient slice cast to fp32 and one gradient, five fp32 [r, L, Di'], and u's gradient slice in a,
+           (20 + a)*r*L*Di'; C and B's fp32 casts and gradient slices (4 + 2a)*r*L*N; four fp32 [r, Di', N]
+           states (the chunk's end state, the final state's zero gradient, the start state's gradient and a
+           broadcast sum) and A, its exp and its gradient, 12*Di'*N
 Under cp the main region (the scan from the carried state, with the gate) is the larger of the three regions'
 backward: the zero-start scan's region re-runs the same chunk graph without out_proj's and the skip's gradients,
 and the total decay's region holds one [r, Di', N] state. Until this convention the facet was the sum of the
