@@ -68,7 +68,9 @@ regions' backward: the zero-start scan's region re-runs the same chunk graph wit
 gradients, and the total decay's region holds one [r, Hs'] decay. Until this convention the facet was the norm's
 moment alone, fitted on the traced backward of one sub-layer (chunk 32 and 64, N 16 and 64, d_model 128 and 256):
 a cp rank whose pieces are one chunk (64 tokens, N 32), where the chunk's moment is the larger, traced its peak
-50% over the per-GPU total (58% under full recompute).
+50% over the per-GPU total (58% under full recompute). Not counted: at small heads the chunk's backward can peak
+earlier, at its output contraction's, with the scores still held (a cp rank at P 8, N 32, chunk 32: one more
+[r, L, L, Hs'] and two more [r, L, Di'] tensors, +3.6% over the per-GPU total).
 """
 
 from __future__ import annotations
