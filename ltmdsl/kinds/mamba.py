@@ -30,14 +30,38 @@ delta, the skip and the gate in backward, as state-spaces/mamba's `mamba_inner_f
 FLOPs: a recurrent step costs 6*Di*N (discretise, update, read out) + 2*Di*K (the conv); prefill scans
 token by token, T steps.
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
-gradient; L = min(64, s), Di' = Di/t): the `recompute` region runs again over the whole sequence under autograd,
-keeping softplus's fp32 input and output, x and z in fp32, silu(z) and y + D x (five fp32 [tok, Di'] tensors)
-beside the scan's output in a and the fp32 gradients of dt, B and C: (20 + a)*tok*Di' + 4*tok*(R + 2N); the
-scan's autograd node keeps each chunk's fp32 start state, 4*b*Di'*N*ceil(s/64); and one chunk's log-depth scan is
-re-run and differentiated: the decays and inputs each of its log2(64) = 6 levels keeps and their gradients,
-4*b*Di'*N*L*(3*6 + 1). Under cp the rank's p pieces are rows of the batch: the last two terms count b*p rows
-of chunks of L = min(64, s/p) (b rows of L = min(64, s) had the cp form's backward 92% above its
-temporaries). Counted on the traced backward of one sub-layer at d_model 128 and 256, T 256 and 512: within 1.5%.
+gradient; read off the runtime code tensor by tensor: runtime/chunk_recompute.py's `_Recompute.backward` re-runs the
+`recompute` region under autograd, whose `selective_scan` is `_ChunkRecompute`, whose backward re-runs
+runtime/ops_scan.py's `_scan_chunk` one chunk at a time, last chunk first). Notation: r = b*p rows (b under one
+process; under cp the rank's p pieces are folded into the batch) of s/p tokens, L = min(64, s/p) tokens a chunk,
+l = ceil(log2 L) levels of the chunk's log-depth scan, Di' = Di/t, F = 4*tok*Di' (one fp32 [tok, Di'] tensor),
+A = a*tok*Di'. The re-run region's output (a*tok*Di') takes the place of out_proj's input, kept in `stored` and
+freed once out_proj has back-propagated, so it is not counted. Throughout: the state entering each chunk, kept by
+the scan's node, the first the re-run's zero state (under cp the carried state, counted in `stored`),
+4*r*Di'*N*(ceil(s/(64p)) - [c > 1]). Then the larger of two moments:
+    gate   the skip and gate back-propagating ((y + D x) * silu(z) in fp32, `Mamba._gate`): x and z cast to fp32,
+           y + D x and silu(z), each kept by the products; delta's fp32 linear output (softplus's input) and
+           delta (softplus's output), kept for the scan and softplus; the gate's output gradient cast to fp32
+           and the products' two gradients: 9F; out_proj's input gradient A: (36 + a)*tok*Di'
+    chunk  one chunk re-run and differentiated (`_ChunkRecompute.backward`), after the gate has back-propagated:
+           of the region, delta and softplus's input 2F, out_proj's input gradient, the scan output's, x's (the
+           skip's part) and z's gradients in a 4A, the scan's input gradients allocated whole (`dseq`): x's A,
+           delta's F, B's and C's 2a*tok*N; of the chunk, fp32 [r, L, Di', N] tensors: exp(delta A) and
+           delta B u, then each level's decay products and partial sums, l and l of them with those two, kept
+           by the next level's products (the last level's decay products, kept by h_t's, freed once that has
+           back-propagated; its partial sums are kept by none), the chunk's states h_t (held by the end state's
+           view) and five gradients over the chunk (h_t's from y and from the end state, their sum, one
+           level's two operand gradients): 4*r*L*Di'*N*(2l + 6); u cast to fp32, delta*u, the chunk's y, y's
+           gradient slice cast to fp32 and one gradient, five fp32 [r, L, Di'], and u's gradient slice in a,
+           (20 + a)*r*L*Di'; C and B's fp32 casts and gradient slices (4 + 2a)*r*L*N; four fp32 [r, Di', N]
+           states (the chunk's end state, the final state's zero gradient, the start state's gradient and a
+           broadcast sum) and A, its exp and its gradient, 12*Di'*N
+Under cp the main region (the scan from the carried state, with the gate) is the larger of the three regions'
+backward: the zero-start scan's region re-runs the same chunk graph without out_proj's and the skip's gradients,
+and the total decay's region holds one [r, Di', N] state. Until this convention the facet was the sum of the
+two moments, fitted on the traced backward of one sub-layer (d_model 128 and 256, T 256 and 512), with 19
+chunk tensors whatever the chunk's length: a cp rank with 32-token pieces traced 13% under it, and a small
+state over a long sequence (N 1, T 2048, where the gate's moment is the larger) 17.7% over it.
 """
 
 from __future__ import annotations
@@ -156,16 +180,26 @@ def dims(c: MambaConfig) -> str:
     return f"N={c.d_state} K={c.d_conv} d_inner={c.d_inner} dt_rank={c.dt_rank}" + (" +norms" if c.inner_norms else "")
 
 
+def _scan_levels(L):
+    """ceil(log2 L) for 1 <= L <= 64: the steps of the log-depth scan over a chunk of L tokens (ops_scan's
+    `_scan_chunk` doubles its offset from 1 while it is below L), as a sum of exact steps [L > 2^k]."""
+    return sympy.Add(*(sympy.Min(1, sympy.ceiling(Largest(0, L - 2**k))) for k in range(int(math.log2(SCAN_CHUNK)))))
+
+
 def backward(c: MambaConfig, x):
-    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    """The backward's peak beyond `stored` and the output's gradient (module docstring): the chunk start states,
+    then the larger of the gate's moment and one chunk's."""
     a, tok, N, di = x.a, x.tok, c.d_state, x.split(c.d_inner)
     rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
     L = sympy.Min(SCAN_CHUNK, piece)
-    levels = math.ceil(math.log2(SCAN_CHUNK))  # the log-depth scan's levels (L < 64 has fewer: counted as 64's)
-    region = (20 + a) * tok * di + 4 * tok * (c.dt_rank + 2 * N)
-    scan = 4 * rows * di * N * L * (3 * levels + 1)
-    starts = 4 * rows * di * N * sympy.ceiling(piece / SCAN_CHUNK)
-    return region + scan + starts
+    F, A = 4 * tok * di, a * tok * di  # one fp32 and one a-byte [tok, Di'] tensor
+    # the re-run's zero state and each later chunk's start (under cp the first is the carried state, in `stored`)
+    starts = 4 * rows * di * N * (sympy.ceiling(piece / SCAN_CHUNK) - (1 if x.c > 1 else 0))
+    gate = 9 * F + A
+    region = 3 * F + 5 * A + 2 * a * tok * N
+    graph = 4 * rows * L * di * N * (2 * _scan_levels(L) + 6)
+    chunk = region + graph + (20 + a) * rows * L * di + (4 + 2 * a) * rows * L * N + 16 * rows * di * N + 12 * di * N
+    return starts + Largest(gate, chunk)
 
 
 KIND = Kind(

@@ -37,12 +37,40 @@ fp32 dt, the skip and the gated norm in backward, as `mamba_split_conv1d_scan_co
 FLOPs: a recurrent step costs 6*Hs*P*N + 2*conv_dim*K; prefill runs SSD in chunks of L = min(chunk, T):
 per token 2L*G*N (C.B^T) + 2L*Hs*P (masked mixing) + 4*Hs*P*N (chunk states, read-out) + the conv.
 Backward (the `backward` facet: what one sub-layer's backward holds at its peak beyond `stored` and its output's
-gradient): the `recompute` region runs again over the whole sequence under autograd: the fp32 dt, y + D x, the
-gated RMSNorm's fp32 input, gate, silu(gate) and normalised product, and their gradients, ten fp32 [tok, Di']
-tensors beside one in a, (40 + a)*tok*Di', and the fp32 B and C per group and dt per head 4*tok*(2GN + Hs)/t;
-the scan's autograd node keeps each chunk's fp32 start state, 4*b*Di'*N*ceil(s/C). One chunk's SSD graph
-([L, L, Hs] scores) stays below these. Counted on the traced backward of one sub-layer (chunk 32 and 64, N 16
-and 64, d_model 128 and 256): within 2%.
+gradient; read off the runtime code tensor by tensor: runtime/chunk_recompute.py's `_Recompute.backward` re-runs the
+`recompute` region under autograd, whose `ssd_scan` is `_ChunkRecompute`, whose backward re-runs
+runtime/ops_ssd.py's `_ssd_chunk` one chunk at a time, last chunk first). Notation: r = b*p rows (b under one
+process; under cp the rank's p pieces are folded into the batch) of s/p tokens, L = min(C, s/p) tokens a chunk,
+Hs' = Hs/t heads, Di' = Di/t, BC = the rank's B and C channels (2GN/t, or one group's 2N beyond G ranks),
+F = 4*tok*Di' and A = a*tok*Di' (one fp32 and one a-byte [tok, Di'] tensor), one fp32 state St = 4*r*Hs'*P*N.
+The re-run region's output (a*tok*Di') takes the place of out_proj's input, kept in `stored` and freed once
+out_proj has back-propagated, so it is not counted. Throughout: the state entering each chunk, kept by the scan's
+node, the first the re-run's zero state (under cp the carried state, counted in `stored`),
+St*(ceil(s/(C*p)) - [c > 1]). Then the larger of two moments:
+    norm   the skip and gated RMSNorm back-propagating (`Mamba2._gated`, ops_norm's `gated_rmsnorm`): x cast to
+           fp32 (kept by the skip's product), y + D x, z cast to fp32 and silu(z) (kept by the gate's product
+           and silu), their product h (kept by its square and its normalisation) and five fp32 gradients (two
+           products', the square's, the mean's and its scale's): 10F (without the norm, y * silu(z) alone: x and
+           z cast, y + D x, silu(z), the output gradient cast to fp32 and two gradients, 7F); out_proj's input
+           gradient A; the fp32 dt (softplus's input and output) 8*tok*Hs'
+    chunk  one SSD chunk re-run and differentiated (`_ChunkRecompute.backward`), after the norm has
+           back-propagated: of the region, dt and softplus's input in fp32 8*tok*Hs', out_proj's input gradient,
+           the scan output's, x's (the skip's part) and z's gradients in a 4A, the scan's input gradients
+           allocated whole (`dseq`): x's A, dt's 4*tok*Hs', B's and C's a*tok*BC; of the chunk, five fp32
+           [r, L, L, Hs'] tensors (C.B, the masked exp(segsum), the scores' gradient and the two products'
+           gradients) 20*r*L^2*Hs', four fp32 [r, L, Hs', N] (B and C per head, kept by the contractions, and two
+           of their gradients) 16*r*L*Hs'*N, four fp32 [r, L, Di'] (x cast, the chunk's y, y's gradient slice
+           cast to fp32 and one gradient) and x's gradient slice in a, (16 + a)*r*L*Di'; B's and C's gradient
+           slices a*r*L*BC, dt's two fp32 [r, L, Hs'] gradients, the causal mask and its negation 2L^2; four
+           states (the chunk's end state, the final state's zero gradient and two state gradients) 4St
+Under cp the main region (the scan from the carried state, with the gated norm) is the larger of the three
+regions' backward: the zero-start scan's region re-runs the same chunk graph without out_proj's and the skip's
+gradients, and the total decay's region holds one [r, Hs'] decay. Until this convention the facet was the norm's
+moment alone, fitted on the traced backward of one sub-layer (chunk 32 and 64, N 16 and 64, d_model 128 and 256):
+a cp rank whose pieces are one chunk (64 tokens, N 32), where the chunk's moment is the larger, traced its peak
+50% over the per-GPU total (58% under full recompute). Not counted: at small heads the chunk's backward can peak
+earlier, at its output contraction's, with the scores still held (a cp rank at P 8, N 32, chunk 32: one more
+[r, L, L, Hs'] and two more [r, L, Di'] tensors, +3.6% over the per-GPU total).
 """
 
 from __future__ import annotations
@@ -193,11 +221,21 @@ def dims(c: Mamba2Config) -> str:
 
 
 def backward(c: Mamba2Config, x):
-    """The backward's peak beyond `stored` and the output's gradient (module docstring)."""
+    """The backward's peak beyond `stored` and the output's gradient (module docstring): the chunk start states,
+    then the larger of the gated norm's moment and one SSD chunk's."""
     a, tok, di, N = x.a, x.tok, x.split(c.d_inner), c.d_state
-    region = (40 + a) * tok * di + 4 * tok * (_bc_per_rank(c, x.t) + x.split(c.heads))
-    starts = 4 * x.b * di * N * sympy.ceiling(x.s / c.chunk)
-    return region + starts
+    hs, bc = x.split(c.heads), _bc_per_rank(c, x.t)
+    rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
+    L = sympy.Min(c.chunk, piece)
+    F, A = 4 * tok * di, a * tok * di  # one fp32 and one a-byte [tok, Di'] tensor
+    state = 4 * rows * hs * c.head_dim * N  # one fp32 [r, Hs', P, N] state
+    # the re-run's zero state and each later chunk's start (under cp the first is the carried state, in `stored`)
+    starts = state * (sympy.ceiling(piece / c.chunk) - (1 if x.c > 1 else 0))
+    norm = (10 if c.gated_norm else 7) * F + A + 8 * tok * hs
+    region = 12 * tok * hs + 5 * A + a * tok * bc
+    graph = (20 * rows * L**2 * hs + 16 * rows * L * hs * N + (16 + a) * rows * L * di + a * rows * L * bc
+             + 8 * rows * L * hs + 2 * L**2 + 4 * state)
+    return starts + Largest(norm, region + graph)
 
 
 KIND = Kind(

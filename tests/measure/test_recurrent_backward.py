@@ -1,18 +1,24 @@
 """The recurrent kinds' backward facets, derived from their chunk steps, against the traced training peak.
 
 Each kind's `backward` facet counts one chunk re-run and differentiated (ltmdsl/kinds/mlstm.py, ltmdsl/kinds/rg_lru.py,
-and ltmdsl/kinds/gated_deltanet.py `delta_backward` for KDA and Gated DeltaNet), under context parallelism over the
-rank's rows (b times its pieces), not its tokens. Until these conventions a two-sub-layer stack's rank traced its
-peak over the per-GPU total by +18.6% (mLSTM, cp 2, no recompute) and +30.7% (full recompute) at context 256, batch
-2, chunk 64; KDA's by +8.0% / +14.9% / +14.6% at chunk 16 / 32 / 64 (cp 2, context 256) with a fitted chunk term;
-Gated DeltaNet's by +15.3% (cp 2, Dk 24, Dv 16, b = 2) with a counted one, and its cp activations +4.7% (b = 1).
+ltmdsl/kinds/mamba.py, ltmdsl/kinds/mamba2.py, and ltmdsl/kinds/gated_deltanet.py `delta_backward` for KDA and Gated
+DeltaNet), under context parallelism over the rank's rows (b times its pieces), not its tokens. Until these
+conventions a two-sub-layer stack's rank traced its peak over the per-GPU total by +18.6% (mLSTM, cp 2, no recompute)
+and +30.7% (full recompute) at context 256, batch 2, chunk 64; KDA's by +8.0% / +14.9% / +14.6% at chunk 16 / 32 / 64
+(cp 2, context 256) with a fitted chunk term; Gated DeltaNet's by +15.3% (cp 2, Dk 24, Dv 16, b = 2) with a counted
+one, and its cp activations +4.7% (b = 1); Mamba-2's by +49.9% (cp 2, one 64-token chunk a piece, N 32, context 256,
+batch 1; +57.8% under full recompute), and Mamba-1's 13.1% under it (cp 2, 32-token pieces: five scan levels counted
+as six).
 
 Tolerances: issue 14's targets, the traced peak within 10% of the per-GPU total and the activations within 5%.
-Measured here: mLSTM -1.3% to -3.4%, KDA -3.8% to +0.2%, RG-LRU -3.7% to -1.1%, Gated DeltaNet -2.9% to +0.4%
-(peaks; RG-LRU and Gated DeltaNet activations within 0.01%), on shapes other than those the terms were read off
-(mLSTM qk_dim 32 and v_dim 96 here, read off at 32 / 64 and 64 / 128; KDA 2 heads of 32 here, read off at 4 heads
-of 16; RG-LRU widths 96 and 64 here, read off at 128; Gated DeltaNet 2 heads of 32 and 2 key heads of 24 with 4
-value heads of 16 here, read off at 2 key heads of 16 with 4 value heads of 24).
+Measured here: mLSTM -1.3% to -3.4%, KDA -3.8% to +0.2%, RG-LRU -3.7% to -1.1%, Gated DeltaNet -2.9% to +0.4%,
+Mamba-1 -0.8% to -2.1%, Mamba-2 -1.6% to +0.2% (peaks; activations within 0.22%), on shapes other than those the
+terms were read off (mLSTM qk_dim 32 and v_dim 96 here, read off at 32 / 64 and 64 / 128; KDA 2 heads of 32 here,
+read off at 4 heads of 16; RG-LRU widths 96 and 64 here, read off at 128; Gated DeltaNet 2 heads of 32 and 2 key
+heads of 24 with 4 value heads of 16 here, read off at 2 key heads of 16 with 4 value heads of 24; Mamba-1 (N,
+context) (8, 256), (32, 128) and (1, 512) here, read off at (16, 256), (16, 128) at cp 2, (4, 1024) and (1, 2048);
+Mamba-2 (N, P, chunk) (48, 16, 64), (16, 32, 16) and (32, 8, 32) without the norm here, read off at (16, 16, 32),
+(24, 8, 32) and (32, 16, 64) at cp 2, context 256 / 128 / 256).
 """
 
 from __future__ import annotations
@@ -55,8 +61,29 @@ GATED_DELTANET = {f"c{chunk}-{plan}-{policy}": (f"gated_deltanet(key_heads = 2, 
     "dk24-dv16-cp2-none": ("gated_deltanet(key_heads = 2, value_heads = 4, head_dim = 24, v_head_dim = 16, chunk = 32)",
                            128, 2, "cp2", "none")}
 
+#: Mamba-1: one process (L = 64, six scan levels), cp 2 with pieces of 32 tokens (five levels; the fitted facet
+#: traced 13% under the prediction here), tp 2 x cp 2 x sp, and a one-state scan over 512 tokens, where the
+#: gate's moment is larger than the chunk's
+MAMBA = {f"n{n}-{plan}-{policy}": (f"mamba(d_state = {n}, expand = {expand})", ctx, batch, plan, policy)
+         for n, expand, ctx, batch, plan, policy in [
+             (8, 2, 256, 2, "one", "none"), (32, 1, 128, 1, "cp2", "selective"), (8, 2, 256, 1, "tp2-cp2-sp", "full"),
+             (1, 2, 512, 1, "one", "none")]}
+
+#: Mamba-2: cp 2 with one 64-token chunk a piece (the chunk's moment the larger; the fitted facet, the norm's
+#: moment alone, traced +50%), one process at chunk 16 (the norm's), tp 2 x cp 2 x sp with one group over two
+#: ranks (the norm's sum of squares over the ranks), and without the gated norm
+MAMBA2 = {f"{name}-{plan}-{policy}": (f"mamba2(d_state = {n}, head_dim = {p}, n_groups = {g}, chunk = {chunk}{extra})",
+                                       ctx, batch, plan, policy)
+          for name, n, p, g, chunk, extra, ctx, batch, plan, policy in [
+              ("c64", 48, 16, 2, 64, "", 256, 1, "cp2", "none"),
+              ("c64", 48, 16, 2, 64, "", 256, 1, "tp2-cp2-sp", "full"),
+              ("c16", 16, 32, 1, 16, "", 128, 2, "one", "selective"),
+              ("c16", 16, 32, 1, 16, "", 128, 2, "tp2-cp2-sp", "none"),
+              ("c32-no-norm", 32, 8, 1, 32, ", gated_norm = false", 256, 1, "one", "none")]}
+
 CASES = ({f"mlstm-{k}": v for k, v in MLSTM.items()} | {f"kda-{k}": v for k, v in KDA.items()}
-         | {f"rg_lru-{k}": v for k, v in RG_LRU.items()} | {f"gated_deltanet-{k}": v for k, v in GATED_DELTANET.items()})
+         | {f"rg_lru-{k}": v for k, v in RG_LRU.items()} | {f"gated_deltanet-{k}": v for k, v in GATED_DELTANET.items()}
+         | {f"mamba-{k}": v for k, v in MAMBA.items()} | {f"mamba2-{k}": v for k, v in MAMBA2.items()})
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASES)
