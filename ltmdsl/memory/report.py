@@ -23,6 +23,7 @@ Definitions used in the report and its JSON:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from ltmdsl.ir import BudgetIR, GpuSpec, ModelIR
 from ltmdsl.memory import compute, solve
 from ltmdsl.memory.assemble import assemble, components_for
 from ltmdsl.memory.settings import Settings, resolve
-from ltmdsl.memory.symbols import DP, ceil_bytes, compile_many, formula_text, growth_order
+from ltmdsl.memory.symbols import DP, compile_bytes, compile_exact, formula_text, growth_order
 from ltmdsl.memory.training import chunked_loss_advice
 from ltmdsl.units import format_bytes, format_flops
 
@@ -136,8 +137,6 @@ class MemoryReport:
     max_batch: int | None
     dominant: str | None
     growth: dict[str, str]
-    formulas: dict[str, str]
-    formulas_per_gpu: dict[str, str]
     flops: dict
     limits: list[LimitCheck]
     notes: list[str] = field(default_factory=list)
@@ -146,6 +145,22 @@ class MemoryReport:
     @property
     def fits(self) -> bool:
         return self.per_gpu_bytes <= self.settings.gpu.memory_bytes and all(x.ok for x in self.limits)
+
+    @functools.cached_property
+    def formulas(self) -> dict[str, str]:
+        """Each component of one replica as a formula in T, B, C. Printed on first use: sympy's printer took a
+        third of `ltmdsl check`'s budget evaluation, which shows no formula."""
+        stage = self.evaluator.single_stages[0]
+        return {c: formula_text(stage.combined[c]) for c in self.components}
+
+    @functools.cached_property
+    def formulas_per_gpu(self) -> dict[str, str]:
+        """The same for the most loaded GPU under the budget's plan (the formulas above without a plan)."""
+        ev = self.evaluator
+        if ev.plan_stages is None:
+            return self.formulas
+        stage = ev.plan_stages[self.most_loaded_stage]
+        return {c: formula_text(stage.combined[c].subs(DP, self.settings.dp)) for c in self.components}
 
     def sweep(self, contexts: list[int]) -> dict[str, list[int]]:
         """Component bytes (one replica) and per-GPU bytes at each context, batch fixed."""
@@ -283,36 +298,26 @@ def report(model: ModelIR, budget: BudgetIR | None = None, *, user_gpus: dict[st
         dp = solve.smallest_true(lambda d: ev.per_gpu_bytes(T, B, d) <= s.gpu.memory_bytes, 1, hi)
         gpus_plan = None if dp is None else p.tp * p.pp * p.cp * dp
     by_kind = _by_kind(ev, T, B)
-    growth = {c: growth_order(_one(ev.single_stages[0].combined[c]), B, s.chunk) for c in ev.components}
-    formulas = {c: formula_text(ev.single_stages[0].combined[c]) for c in ev.components}
-    formulas_per_gpu = (formulas if ev.plan_stages is None else
-                        {c: formula_text(ev.plan_stages[stage].combined[c].subs(DP, s.dp))
-                         for c in ev.components})
+    growth = {c: growth_order(compile_exact(ev.single_stages[0].combined[c]), B, s.chunk) for c in ev.components}
     r = MemoryReport(
         model=model.name, settings=s, components=components, by_kind=by_kind, total_bytes=total,
         per_gpu_components=per_gpu, per_gpu_bytes=per_gpu_total, most_loaded_stage=stage,
         gpus_needed=gpus_needed,
         gpus_needed_by_component={c: -(-v // s.gpu.memory_bytes) for c, v in components.items()},
         gpus_needed_plan=gpus_plan, max_context=max_context,
-        max_batch=max_batch, dominant=solve.dominant(per_gpu), growth=growth, formulas=formulas,
-        formulas_per_gpu=formulas_per_gpu, flops=compute.flops(model, T, s.recompute), limits=limits, evaluator=ev)
+        max_batch=max_batch, dominant=solve.dominant(per_gpu), growth=growth,
+        flops=compute.flops(model, T, s.recompute), limits=limits, evaluator=ev)
     r.notes = _notes(r) + _runtime_notes(model, s)
     return r
-
-
-def _one(expr):
-    """A single expression compiled to a function returning one value."""
-    fn = compile_many([expr])
-    return lambda T, B, C, dp=1: fn(T, B, C, dp)[0]
 
 
 def _by_kind(ev: Evaluator, T: int, B: int) -> dict[str, dict[str, int]]:
     """component -> kind -> bytes for one replica (see assemble.py for how activations combine)."""
     parts = [(c, k, e) for c, kinds in ev.single_stages[0].by_kind.items() for k, e in kinds.items()]
-    values = compile_many([e for _, _, e in parts])(T, B, ev.settings.chunk) if parts else ()
+    values = compile_bytes([e for _, _, e in parts])(T, B, ev.settings.chunk) if parts else ()
     out: dict[str, dict[str, int]] = {c: {} for c in ev.components}
     for (c, k, _), v in zip(parts, values):
-        out[c][k] = ceil_bytes(v)
+        out[c][k] = v
     return out
 
 
