@@ -27,9 +27,11 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
+
 from ltmdsl.ir import BudgetIR, GpuSpec, ModelIR
 from ltmdsl.memory import compute, solve
-from ltmdsl.memory.assemble import assemble, components_for
+from ltmdsl.memory.assemble import StageExprs, assemble, components_for
 from ltmdsl.memory.settings import Settings, resolve
 from ltmdsl.memory.symbols import DP, compile_bytes, compile_exact, formula_text, growth_order
 from ltmdsl.memory.training import chunked_loss_advice
@@ -37,21 +39,31 @@ from ltmdsl.units import format_bytes, format_flops
 
 
 class Evaluator:
-    """Compiled exact formulas of one model under one Settings, for evaluation and solving."""
+    """Compiled exact formulas of one model under one Settings, for evaluation and solving.
+
+    The expressions it evaluates are assembled unevaluated (`sympy.evaluate(False)`): sympy then builds each
+    sum, product and minimum as written instead of putting it in canonical form, which for a `Min` means
+    proving which argument is least by comparing them pairwise under the symbols' assumptions, most of a
+    budget check's time. The values are the same, since the compiled functions evaluate every node exactly;
+    the canonical forms are built only for what shows them (`shown_stages`: the report's formulas).
+    """
 
     def __init__(self, model: ModelIR, s: Settings):
         self.model = model
         self.settings = s
         self.components = components_for(s.mode)
-        self.single_stages = assemble(model, s.single)
+        with sympy.evaluate(False):
+            self.single_stages = assemble(model, s.single)
+            self.plan_stages = assemble(model, _symbolic_dp(s)) if s.sharding == "plan" else None
         self.single = solve.CompiledStages(self.single_stages, self.components)
-        self.plan_stages = None
-        self.plan = None
+        self.plan = None if self.plan_stages is None else solve.CompiledStages(self.plan_stages, self.components)
         self._flops: compute.FlopQuantities | None = None  # compiled on the first FLOP limit
-        if s.sharding == "plan":
-            symbolic = dataclasses.replace(s, parallel=dataclasses.replace(s.parallel, dp=DP))
-            self.plan_stages = assemble(model, symbolic)
-            self.plan = solve.CompiledStages(self.plan_stages, self.components)
+
+    @functools.cached_property
+    def shown_stages(self) -> tuple[list[StageExprs], list[StageExprs] | None]:
+        """(single, plan) stages as above, in sympy's canonical forms: what the formulas print."""
+        s = self.settings
+        return assemble(self.model, s.single), assemble(self.model, _symbolic_dp(s)) if s.sharding == "plan" else None
 
     def totals(self, T: int, B: int) -> dict[str, int]:
         return self.single.values(T, B, self.settings.chunk)[0]
@@ -76,7 +88,8 @@ class Evaluator:
         sequence (compute.FLOP_QUANTITIES)."""
         if name in compute.FLOP_QUANTITIES:
             if self._flops is None:
-                self._flops = compute.FlopQuantities(self.model)
+                with sympy.evaluate(False):  # evaluated exactly at numbers, as the memory expressions are
+                    self._flops = compute.FlopQuantities(self.model)
             return self._flops.value(name, T)
         if name == "per_gpu":
             return self.per_gpu_bytes(T, B)
@@ -148,18 +161,18 @@ class MemoryReport:
 
     @functools.cached_property
     def formulas(self) -> dict[str, str]:
-        """Each component of one replica as a formula in T, B, C. Printed on first use: sympy's printer took a
-        third of `ltmdsl check`'s budget evaluation, which shows no formula."""
-        stage = self.evaluator.single_stages[0]
+        """Each component of one replica as a formula in T, B, C. Built and printed on first use: sympy's
+        canonical forms and its printer took most of `ltmdsl check`'s budget evaluation, which shows none."""
+        stage = self.evaluator.shown_stages[0][0]
         return {c: formula_text(stage.combined[c]) for c in self.components}
 
     @functools.cached_property
     def formulas_per_gpu(self) -> dict[str, str]:
         """The same for the most loaded GPU under the budget's plan (the formulas above without a plan)."""
-        ev = self.evaluator
-        if ev.plan_stages is None:
+        plan = self.evaluator.shown_stages[1]
+        if plan is None:
             return self.formulas
-        stage = ev.plan_stages[self.most_loaded_stage]
+        stage = plan[self.most_loaded_stage]
         return {c: formula_text(stage.combined[c].subs(DP, self.settings.dp)) for c in self.components}
 
     def sweep(self, contexts: list[int]) -> dict[str, list[int]]:
@@ -298,6 +311,8 @@ def report(model: ModelIR, budget: BudgetIR | None = None, *, user_gpus: dict[st
         dp = solve.smallest_true(lambda d: ev.per_gpu_bytes(T, B, d) <= s.gpu.memory_bytes, 1, hi)
         gpus_plan = None if dp is None else p.tp * p.pp * p.cp * dp
     by_kind = _by_kind(ev, T, B)
+    with sympy.evaluate(False):  # counted at one context: the FLOP expressions need no canonical form either
+        flops = compute.flops(model, T, s.recompute)
     growth = {c: growth_order(compile_exact(ev.single_stages[0].combined[c]), B, s.chunk) for c in ev.components}
     r = MemoryReport(
         model=model.name, settings=s, components=components, by_kind=by_kind, total_bytes=total,
@@ -306,9 +321,14 @@ def report(model: ModelIR, budget: BudgetIR | None = None, *, user_gpus: dict[st
         gpus_needed_by_component={c: -(-v // s.gpu.memory_bytes) for c, v in components.items()},
         gpus_needed_plan=gpus_plan, max_context=max_context,
         max_batch=max_batch, dominant=solve.dominant(per_gpu), growth=growth,
-        flops=compute.flops(model, T, s.recompute), limits=limits, evaluator=ev)
+        flops=flops, limits=limits, evaluator=ev)
     r.notes = _notes(r) + _runtime_notes(model, s)
     return r
+
+
+def _symbolic_dp(s: Settings) -> Settings:
+    """The settings with the data-parallel degree the symbol dp, to solve for the smallest GPU count."""
+    return dataclasses.replace(s, parallel=dataclasses.replace(s.parallel, dp=DP))
 
 
 def _by_kind(ev: Evaluator, T: int, B: int) -> dict[str, dict[str, int]]:

@@ -137,6 +137,8 @@ class _ScaledIntegers:
         if e.is_Symbol:
             return e.name, 1, ()
         if e.is_Add or isinstance(e, (sympy.Min, sympy.Max, Largest)):
+            if len(e.args) == 1:  # an unevaluated Largest(x) or Add(x) is x
+                return self.node(e.args[0])
             scaled, const, runtime = self._common([self.node(a) for a in e.args])
             if e.is_Add:
                 return self._var(" + ".join(scaled)), const, runtime
@@ -150,6 +152,9 @@ class _ScaledIntegers:
             (n, c, r), k = self.node(e.args[0]), int(e.args[1])
             if k > 0:
                 return self._var(f"{n} ** {k}"), c ** k, tuple(sorted(r * k))
+            if k < 0 and e.args[0].is_Rational:  # a number's reciprocal (an unevaluated 1/8): a constant
+                inverse = Fraction(int(e.args[0].p), int(e.args[0].q)) ** k
+                return str(inverse.numerator), inverse.denominator, ()
             if k < 0:  # (n / D) ** -k = D**k / n**k, with the sign carried by the numerator
                 power = self._var(f"{n} ** {-k}")
                 den = self._var(f"abs({power})")
