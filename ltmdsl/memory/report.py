@@ -45,7 +45,7 @@ class Evaluator:
     sum, product and minimum as written instead of putting it in canonical form, which for a `Min` means
     proving which argument is least by comparing them pairwise under the symbols' assumptions, most of a
     budget check's time. The values are the same, since the compiled functions evaluate every node exactly;
-    the canonical forms are built only for what shows them (`shown_stages`: the report's formulas).
+    the canonical forms are built only for what shows them (`shown_single`, `shown_plan`: the formulas).
     """
 
     def __init__(self, model: ModelIR, s: Settings):
@@ -60,10 +60,14 @@ class Evaluator:
         self._flops: compute.FlopQuantities | None = None  # compiled on the first FLOP limit
 
     @functools.cached_property
-    def shown_stages(self) -> tuple[list[StageExprs], list[StageExprs] | None]:
-        """(single, plan) stages as above, in sympy's canonical forms: what the formulas print."""
-        s = self.settings
-        return assemble(self.model, s.single), assemble(self.model, _symbolic_dp(s)) if s.sharding == "plan" else None
+    def shown_single(self) -> list[StageExprs]:
+        """The single-device stages as above, in sympy's canonical forms: what the formulas print."""
+        return assemble(self.model, self.settings.single)
+
+    @functools.cached_property
+    def shown_plan(self) -> list[StageExprs] | None:
+        """The plan's stages (dp symbolic) in canonical forms, for the per-GPU formulas; None without a plan."""
+        return assemble(self.model, _symbolic_dp(self.settings)) if self.settings.sharding == "plan" else None
 
     def totals(self, T: int, B: int) -> dict[str, int]:
         return self.single.values(T, B, self.settings.chunk)[0]
@@ -163,13 +167,13 @@ class MemoryReport:
     def formulas(self) -> dict[str, str]:
         """Each component of one replica as a formula in T, B, C. Built and printed on first use: sympy's
         canonical forms and its printer took most of `ltmdsl check`'s budget evaluation, which shows none."""
-        stage = self.evaluator.shown_stages[0][0]
+        stage = self.evaluator.shown_single[0]
         return {c: formula_text(stage.combined[c]) for c in self.components}
 
     @functools.cached_property
     def formulas_per_gpu(self) -> dict[str, str]:
         """The same for the most loaded GPU under the budget's plan (the formulas above without a plan)."""
-        plan = self.evaluator.shown_stages[1]
+        plan = self.evaluator.shown_plan
         if plan is None:
             return self.formulas
         stage = plan[self.most_loaded_stage]

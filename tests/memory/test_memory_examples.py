@@ -113,7 +113,7 @@ def test_compiled_bytes_equal_sympy_on_every_budget(name):
         model = spec.model if budget is None else spec.ir.model(budget.model)
         ev = report(model, budget, user_gpus=gpus).evaluator
         s = ev.settings
-        single, plan = ev.shown_stages
+        single, plan = ev.shown_single, ev.shown_plan
         for t in (s.context, 10**8):
             point = (t, s.batch, s.chunk)
             assert ev.single.values(*point)[0] == {c: _sympy_bytes(single[0].combined[c], *point, 1)
@@ -129,6 +129,6 @@ def test_bytes_above_2_to_the_53_stay_exact():
     spec = ltmdsl.load(EXAMPLES / "llama-3.1-405b.ltm")
     r = report(spec.model, None, context=10**8, batch=100_000)
     assert r.components["kv_cache"] == 51_609_600_000_000 * 100_000 > 2**53
-    single = r.evaluator.shown_stages[0][0]
+    single = r.evaluator.shown_single[0]
     assert r.components == {c: _sympy_bytes(single.combined[c], 10**8, 100_000, r.settings.chunk, 1)
                             for c in r.components}
