@@ -23,34 +23,51 @@ Definitions used in the report and its JSON:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
+
 from ltmdsl.ir import BudgetIR, GpuSpec, ModelIR
 from ltmdsl.memory import compute, solve
-from ltmdsl.memory.assemble import assemble, components_for
+from ltmdsl.memory.assemble import StageExprs, assemble, components_for
 from ltmdsl.memory.settings import Settings, resolve
-from ltmdsl.memory.symbols import DP, ceil_bytes, compile_many, formula_text, growth_order
+from ltmdsl.memory.symbols import DP, compile_bytes, compile_exact, formula_text, growth_order
 from ltmdsl.memory.training import chunked_loss_advice
 from ltmdsl.units import format_bytes, format_flops
 
 
 class Evaluator:
-    """Compiled exact formulas of one model under one Settings, for evaluation and solving."""
+    """Compiled exact formulas of one model under one Settings, for evaluation and solving.
+
+    The expressions it evaluates are assembled unevaluated (`sympy.evaluate(False)`): sympy then builds each
+    sum, product and minimum as written instead of putting it in canonical form, which for a `Min` means
+    proving which argument is least by comparing them pairwise under the symbols' assumptions, most of a
+    budget check's time. The values are the same, since the compiled functions evaluate every node exactly;
+    the canonical forms are built only for what shows them (`shown_single`, `shown_plan`: the formulas).
+    """
 
     def __init__(self, model: ModelIR, s: Settings):
         self.model = model
         self.settings = s
         self.components = components_for(s.mode)
-        self.single_stages = assemble(model, s.single)
+        with sympy.evaluate(False):
+            self.single_stages = assemble(model, s.single)
+            self.plan_stages = assemble(model, _symbolic_dp(s)) if s.sharding == "plan" else None
         self.single = solve.CompiledStages(self.single_stages, self.components)
-        self.plan_stages = None
-        self.plan = None
+        self.plan = None if self.plan_stages is None else solve.CompiledStages(self.plan_stages, self.components)
         self._flops: compute.FlopQuantities | None = None  # compiled on the first FLOP limit
-        if s.sharding == "plan":
-            symbolic = dataclasses.replace(s, parallel=dataclasses.replace(s.parallel, dp=DP))
-            self.plan_stages = assemble(model, symbolic)
-            self.plan = solve.CompiledStages(self.plan_stages, self.components)
+
+    @functools.cached_property
+    def shown_single(self) -> list[StageExprs]:
+        """The single-device stages as above, in sympy's canonical forms: what the formulas print."""
+        return assemble(self.model, self.settings.single)
+
+    @functools.cached_property
+    def shown_plan(self) -> list[StageExprs] | None:
+        """The plan's stages (dp symbolic) in canonical forms, for the per-GPU formulas; None without a plan."""
+        return assemble(self.model, _symbolic_dp(self.settings)) if self.settings.sharding == "plan" else None
 
     def totals(self, T: int, B: int) -> dict[str, int]:
         return self.single.values(T, B, self.settings.chunk)[0]
@@ -75,7 +92,8 @@ class Evaluator:
         sequence (compute.FLOP_QUANTITIES)."""
         if name in compute.FLOP_QUANTITIES:
             if self._flops is None:
-                self._flops = compute.FlopQuantities(self.model)
+                with sympy.evaluate(False):  # evaluated exactly at numbers, as the memory expressions are
+                    self._flops = compute.FlopQuantities(self.model)
             return self._flops.value(name, T)
         if name == "per_gpu":
             return self.per_gpu_bytes(T, B)
@@ -136,8 +154,6 @@ class MemoryReport:
     max_batch: int | None
     dominant: str | None
     growth: dict[str, str]
-    formulas: dict[str, str]
-    formulas_per_gpu: dict[str, str]
     flops: dict
     limits: list[LimitCheck]
     notes: list[str] = field(default_factory=list)
@@ -146,6 +162,22 @@ class MemoryReport:
     @property
     def fits(self) -> bool:
         return self.per_gpu_bytes <= self.settings.gpu.memory_bytes and all(x.ok for x in self.limits)
+
+    @functools.cached_property
+    def formulas(self) -> dict[str, str]:
+        """Each component of one replica as a formula in T, B, C. Built and printed on first use: sympy's
+        canonical forms and its printer took most of `ltmdsl check`'s budget evaluation, which shows none."""
+        stage = self.evaluator.shown_single[0]
+        return {c: formula_text(stage.combined[c]) for c in self.components}
+
+    @functools.cached_property
+    def formulas_per_gpu(self) -> dict[str, str]:
+        """The same for the most loaded GPU under the budget's plan (the formulas above without a plan)."""
+        plan = self.evaluator.shown_plan
+        if plan is None:
+            return self.formulas
+        stage = plan[self.most_loaded_stage]
+        return {c: formula_text(stage.combined[c].subs(DP, self.settings.dp)) for c in self.components}
 
     def sweep(self, contexts: list[int]) -> dict[str, list[int]]:
         """Component bytes (one replica) and per-GPU bytes at each context, batch fixed."""
@@ -283,36 +315,33 @@ def report(model: ModelIR, budget: BudgetIR | None = None, *, user_gpus: dict[st
         dp = solve.smallest_true(lambda d: ev.per_gpu_bytes(T, B, d) <= s.gpu.memory_bytes, 1, hi)
         gpus_plan = None if dp is None else p.tp * p.pp * p.cp * dp
     by_kind = _by_kind(ev, T, B)
-    growth = {c: growth_order(_one(ev.single_stages[0].combined[c]), B, s.chunk) for c in ev.components}
-    formulas = {c: formula_text(ev.single_stages[0].combined[c]) for c in ev.components}
-    formulas_per_gpu = (formulas if ev.plan_stages is None else
-                        {c: formula_text(ev.plan_stages[stage].combined[c].subs(DP, s.dp))
-                         for c in ev.components})
+    with sympy.evaluate(False):  # counted at one context: the FLOP expressions need no canonical form either
+        flops = compute.flops(model, T, s.recompute)
+    growth = {c: growth_order(compile_exact(ev.single_stages[0].combined[c]), B, s.chunk) for c in ev.components}
     r = MemoryReport(
         model=model.name, settings=s, components=components, by_kind=by_kind, total_bytes=total,
         per_gpu_components=per_gpu, per_gpu_bytes=per_gpu_total, most_loaded_stage=stage,
         gpus_needed=gpus_needed,
         gpus_needed_by_component={c: -(-v // s.gpu.memory_bytes) for c, v in components.items()},
         gpus_needed_plan=gpus_plan, max_context=max_context,
-        max_batch=max_batch, dominant=solve.dominant(per_gpu), growth=growth, formulas=formulas,
-        formulas_per_gpu=formulas_per_gpu, flops=compute.flops(model, T, s.recompute), limits=limits, evaluator=ev)
+        max_batch=max_batch, dominant=solve.dominant(per_gpu), growth=growth,
+        flops=flops, limits=limits, evaluator=ev)
     r.notes = _notes(r) + _runtime_notes(model, s)
     return r
 
 
-def _one(expr):
-    """A single expression compiled to a function returning one value."""
-    fn = compile_many([expr])
-    return lambda T, B, C, dp=1: fn(T, B, C, dp)[0]
+def _symbolic_dp(s: Settings) -> Settings:
+    """The settings with the data-parallel degree the symbol dp, to solve for the smallest GPU count."""
+    return dataclasses.replace(s, parallel=dataclasses.replace(s.parallel, dp=DP))
 
 
 def _by_kind(ev: Evaluator, T: int, B: int) -> dict[str, dict[str, int]]:
     """component -> kind -> bytes for one replica (see assemble.py for how activations combine)."""
     parts = [(c, k, e) for c, kinds in ev.single_stages[0].by_kind.items() for k, e in kinds.items()]
-    values = compile_many([e for _, _, e in parts])(T, B, ev.settings.chunk) if parts else ()
+    values = compile_bytes([e for _, _, e in parts])(T, B, ev.settings.chunk) if parts else ()
     out: dict[str, dict[str, int]] = {c: {} for c in ev.components}
     for (c, k, _), v in zip(parts, values):
-        out[c][k] = ceil_bytes(v)
+        out[c][k] = v
     return out
 
 

@@ -10,31 +10,33 @@ T = W is simply reported as unbounded (None) when it fits at the search cap.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from ltmdsl.memory.assemble import StageExprs
-from ltmdsl.memory.symbols import ceil_bytes, compile_many
+from ltmdsl.memory.symbols import compile_bytes
 
 #: Contexts and batches beyond this are "unbounded" (2^62 tokens is far past any real context).
 SEARCH_CAP = 2**62
 
 
 class CompiledStages:
-    """All stages' combined component expressions compiled into one exact function.
+    """All stages' combined component expressions compiled into one exact integer function.
 
-    `values(T, B, C, dp)` -> one {component: bytes} dict per stage, each value rounded up to bytes.
+    `values(T, B, C, dp)` -> one {component: bytes} dict per stage, each value rounded up to bytes. The last
+    points evaluated are remembered: checking a budget's limits at one context asks for the same point once
+    per limit and once for the GPU's capacity.
     """
 
     def __init__(self, stages: list[StageExprs], components: tuple[str, ...]):
         self.components = components
         self.n_stages = len(stages)
-        self._fn = compile_many([st.combined[c] for st in stages for c in components])
+        self._fn = functools.lru_cache(maxsize=16)(compile_bytes([st.combined[c] for st in stages for c in components]))
 
     def values(self, T: int, B: int, C: int, dp: int = 1) -> list[dict[str, int]]:
         flat = self._fn(T, B, C, dp)
         k = len(self.components)
-        return [{c: ceil_bytes(v) for c, v in zip(self.components, flat[i * k:(i + 1) * k])}
-                for i in range(self.n_stages)]
+        return [dict(zip(self.components, flat[i * k:(i + 1) * k])) for i in range(self.n_stages)]
 
     def stage_totals(self, T: int, B: int, C: int, dp: int = 1) -> list[int]:
         return [sum(v.values()) for v in self.values(T, B, C, dp)]

@@ -12,9 +12,11 @@ data-parallel degree may also be the symbol `dp`, to solve for the smallest GPU 
 Sliding windows make components piecewise in T: `Min(T, W)` keeps that exact.
 
 Evaluation never goes through floats. `compile_exact` turns an expression into a Python function whose
-arithmetic uses `int` and `fractions.Fraction` only (`Min` -> `min`, `ceiling` -> exact ceiling), and
-`ceil_bytes` rounds a value up to whole bytes. This is what makes a 100-point sweep cost microseconds
-instead of the milliseconds that `expr.subs` would.
+arithmetic is `int` only (each value a numerator over a denominator known when compiling; `Min` -> `min`,
+`ceiling` -> an exact floor division), `compile_bytes` rounds each value up to whole bytes in the same
+integers, and `ceil_bytes` rounds an exact value. The symbolic expression stays what `ltmdsl memory` shows
+(`formula_text`); the compiled function is what the solver evaluates hundreds of times, tens of microseconds
+each where `expr.subs` takes milliseconds.
 """
 
 from __future__ import annotations
@@ -37,26 +39,9 @@ ARGS = (T, B, C, DP)
 ExactFn = Callable[..., "int | Fraction"]
 
 
-def _ceil(x: int | Fraction) -> int:
-    """Exact ceiling of an int or Fraction."""
-    return -((-x) // 1)
-
-
-def _floor(x: int | Fraction) -> int:
-    return x // 1
-
-
-def _ceil_sqrt(x: int | Fraction) -> int:
-    """Exact ceiling of the square root of a non-negative int or Fraction: the least k with k*k >= x (for an
-    integer k that is k*k >= ceil(x))."""
-    n = _ceil(x)
-    k = math.isqrt(n)
-    return k if k * k >= n else k + 1
-
-
 def ceil_bytes(x: int | Fraction) -> int:
     """Round a byte count up to an integer (a fractional byte is still a byte to allocate)."""
-    return int(_ceil(x))
+    return int(-((-x) // 1))
 
 
 class Largest(sympy.Function):
@@ -86,42 +71,132 @@ class Largest(sympy.Function):
         return None
 
 
-def to_python(expr: sympy.Expr) -> str:
-    """Python source for `expr` using only int, Fraction, min, max and exact ceiling/floor.
+class _ScaledIntegers:
+    """Straight-line Python that evaluates sympy expressions exactly in `int` arithmetic, no Fraction.
 
-    Raises TypeError on anything else (floats, functions we do not evaluate exactly), so a formula
-    can never silently lose precision.
+    Each distinct subexpression becomes one local variable holding an integer numerator n over a denominator
+    D that is fixed when compiling: a constant (the lcm of the Rational coefficients below it) times, for a
+    negative power such as 1/dp or 1/T, runtime variables holding positive integers. A value is n / D; sums,
+    Min and max bring their terms to one D, ceiling and floor divide once with `//` (exact), and
+    `fractions.Fraction` appears only in a result that is not a whole number. An int operation costs tens of
+    nanoseconds where a Fraction operation (a gcd each) costs microseconds, and a repeated subexpression (the
+    same layer term in several stages or under several maxima) is evaluated once.
+
+    Raises TypeError on anything else (floats, functions not evaluated exactly), so a formula can never
+    silently lose precision.
     """
-    if expr.is_Integer:
-        return str(int(expr))
-    if expr.is_Rational:
-        return f"_F({expr.p}, {expr.q})"
-    if expr.is_Symbol:
-        return expr.name
-    if expr.is_Add:
-        return "(" + " + ".join(to_python(a) for a in expr.args) + ")"
-    if expr.is_Mul:
-        return "(" + " * ".join(to_python(a) for a in expr.args) + ")"
-    if expr.is_Pow:
-        base, exp = expr.args
-        if exp.is_Integer and exp > 0:
-            return f"({to_python(base)} ** {int(exp)})"
-        if exp.is_Integer and exp < 0:
-            return f"(_F(1) / ({to_python(base)} ** {-int(exp)}))"
-    if isinstance(expr, sympy.Min):
-        return "min(" + ", ".join(to_python(a) for a in expr.args) + ")"
-    if isinstance(expr, (sympy.Max, Largest)):
-        return "max(" + ", ".join(to_python(a) for a in expr.args) + ")"
-    if isinstance(expr, sympy.ceiling) and expr.args[0].is_Pow and expr.args[0].args[1] == sympy.Rational(1, 2):
-        return f"_ceil_sqrt({to_python(expr.args[0].args[0])})"
-    if isinstance(expr, sympy.ceiling):
-        return f"_ceil({to_python(expr.args[0])})"
-    if isinstance(expr, sympy.floor):
-        return f"_floor({to_python(expr.args[0])})"
-    raise TypeError(f"cannot evaluate {expr!r} exactly")
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._memo: dict = {}
+
+    def _var(self, code: str) -> str:
+        name = f"v{len(self.lines)}"
+        self.lines.append(f"{name} = {code}")
+        return name
+
+    @staticmethod
+    def den_code(const: int, runtime: tuple[str, ...]) -> str:
+        """Python for the denominator const * runtime[0] * ..."""
+        return " * ".join(([str(const)] if const != 1 or not runtime else []) + list(runtime))
+
+    def _common(self, parts: list[tuple[str, int, tuple[str, ...]]]) -> tuple[list[str], int, tuple[str, ...]]:
+        """The numerators of `parts` scaled to one denominator (lcm of the constants, union of the runtime
+        factors), with that denominator."""
+        const = math.lcm(*(c for _, c, _ in parts))
+        runtime: list[str] = []
+        for _, _, r in parts:
+            have = list(runtime)
+            for name in r:
+                if name in have:
+                    have.remove(name)
+                else:
+                    runtime.append(name)
+        runtime.sort()
+        scaled = []
+        for n, c, r in parts:
+            missing = list(runtime)
+            for name in r:
+                missing.remove(name)
+            factor = self.den_code(const // c, tuple(missing))
+            scaled.append(n if factor == "1" else f"{n} * {factor}")
+        return scaled, const, tuple(runtime)
+
+    def node(self, e: sympy.Expr) -> tuple[str, int, tuple[str, ...]]:
+        """(numerator: a literal, argument or local variable, constant denominator, runtime denominators)."""
+        hit = self._memo.get(e)
+        if hit is None:
+            hit = self._memo[e] = self._build(e)
+        return hit
+
+    def _build(self, e: sympy.Expr) -> tuple[str, int, tuple[str, ...]]:
+        if e.is_Integer:
+            return str(int(e)), 1, ()
+        if e.is_Rational:
+            return str(e.p), e.q, ()
+        if e.is_Symbol:
+            return e.name, 1, ()
+        if e.is_Add or isinstance(e, (sympy.Min, sympy.Max, Largest)):
+            if len(e.args) == 1:  # an unevaluated Largest(x) or Add(x) is x
+                return self.node(e.args[0])
+            scaled, const, runtime = self._common([self.node(a) for a in e.args])
+            if e.is_Add:
+                return self._var(" + ".join(scaled)), const, runtime
+            fn = "min" if isinstance(e, sympy.Min) else "max"
+            return self._var(f"{fn}({', '.join(scaled)})"), const, runtime
+        if e.is_Mul:
+            parts = [self.node(a) for a in e.args]
+            return (self._var(" * ".join(n for n, _, _ in parts)), math.prod(c for _, c, _ in parts),
+                    tuple(sorted(name for _, _, r in parts for name in r)))
+        if e.is_Pow and e.args[1].is_Integer:
+            (n, c, r), k = self.node(e.args[0]), int(e.args[1])
+            if k > 0:
+                return self._var(f"{n} ** {k}"), c ** k, tuple(sorted(r * k))
+            if k < 0 and e.args[0].is_Rational:  # a number's reciprocal (an unevaluated 1/8): a constant
+                inverse = Fraction(int(e.args[0].p), int(e.args[0].q)) ** k
+                return str(inverse.numerator), inverse.denominator, ()
+            if k < 0:  # (n / D) ** -k = D**k / n**k, with the sign carried by the numerator
+                power = self._var(f"{n} ** {-k}")
+                den = self._var(f"abs({power})")
+                top = self.den_code(c ** -k, tuple(x for x in r for _ in range(-k)))
+                return self._var(f"({top}) if {power} > 0 else -({top})"), 1, (den,)
+        if isinstance(e, sympy.ceiling) and e.args[0].is_Pow and e.args[0].args[1] == sympy.Rational(1, 2):
+            n, c, r = self.node(e.args[0].args[0])
+            return self._var(f"_ceil_sqrt(-(-{n} // ({self.den_code(c, r)})))"), 1, ()
+        if isinstance(e, (sympy.ceiling, sympy.floor)):
+            n, c, r = self.node(e.args[0])
+            if c == 1 and not r:
+                return n, 1, ()
+            division = f"{n} // ({self.den_code(c, r)})"
+            return self._var(f"-(-{division})" if isinstance(e, sympy.ceiling) else division), 1, ()
+        raise TypeError(f"cannot evaluate {e!r} exactly")
 
 
-_NAMESPACE = {"_F": Fraction, "_ceil": _ceil, "_ceil_sqrt": _ceil_sqrt, "_floor": _floor, "min": min, "max": max}
+def _ceil_sqrt(n: int) -> int:
+    """The least k with k*k >= n, for an integer n >= 0 (the ceiling of its square root)."""
+    k = math.isqrt(n)
+    return k if k * k >= n else k + 1
+
+
+def _exact(n: int, d: int) -> int | Fraction:
+    """n / d as an int when it is whole, else a Fraction."""
+    return n // d if n % d == 0 else Fraction(n, d)
+
+
+def _compile(exprs: list, rounded: bool, name: str) -> Callable[..., tuple]:
+    """One function (T, B, C, dp=1) -> a tuple of the values of `exprs`: exact (int or Fraction), or each
+    rounded up to an integer (`rounded`)."""
+    emit = _ScaledIntegers()
+    results = []
+    for e in exprs:
+        n, c, r = emit.node(sympy.sympify(e))
+        d = emit.den_code(c, r)
+        results.append(n if d == "1" else f"-(-{n} // ({d}))" if rounded else f"_exact({n}, {d})")
+    body = "".join(f"    {line}\n" for line in emit.lines)
+    code = f"def formulas(T, B, C, dp=1):\n{body}    return ({', '.join(results)}{',' if len(results) == 1 else ''})\n"
+    namespace = {"_ceil_sqrt": _ceil_sqrt, "_exact": _exact, "min": min, "max": max, "abs": abs}
+    exec(compile(code, name, "exec"), namespace)  # noqa: S102
+    return namespace["formulas"]
 
 
 def q(x) -> sympy.Expr:
@@ -136,16 +211,19 @@ def per_replica(batch, replicas):
 
 def compile_exact(expr: sympy.Expr | int) -> ExactFn:
     """A function (T, B, C, dp=1) -> exact value of `expr` (an int or a Fraction)."""
-    expr = sympy.sympify(expr)
-    code = f"lambda T, B, C, dp=1: {to_python(expr)}"
-    return eval(compile(code, "<ltmdsl.memory formula>", "eval"), dict(_NAMESPACE))  # noqa: S307
+    fn = _compile([expr], rounded=False, name="<ltmdsl.memory formula>")
+    return lambda T, B, C, dp=1: fn(T, B, C, dp)[0]
 
 
-def compile_many(exprs: list[sympy.Expr]) -> Callable[[int, int, int], tuple]:
-    """One function evaluating several expressions at once (one Python call per sweep point)."""
-    body = ", ".join(to_python(sympy.sympify(e)) for e in exprs)
-    code = f"lambda T, B, C, dp=1: ({body}{',' if len(exprs) == 1 else ''})"
-    return eval(compile(code, "<ltmdsl.memory formulas>", "eval"), dict(_NAMESPACE))  # noqa: S307
+def compile_many(exprs: list[sympy.Expr]) -> Callable[..., tuple]:
+    """One function evaluating several expressions at once, exactly (one Python call per sweep point)."""
+    return _compile(exprs, rounded=False, name="<ltmdsl.memory formulas>")
+
+
+def compile_bytes(exprs: list[sympy.Expr]) -> Callable[..., tuple[int, ...]]:
+    """One function (T, B, C, dp=1) -> each of `exprs` rounded up to whole bytes (`ceil_bytes` of its exact
+    value, computed in integers: what the evaluator and the solver call hundreds of times)."""
+    return _compile(exprs, rounded=True, name="<ltmdsl.memory byte formulas>")
 
 
 def cdiv(a: int, b: int) -> int:

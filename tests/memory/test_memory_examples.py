@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import sympy
 
 import ltmdsl
 from ltmdsl.cli import main
 from ltmdsl.memory import check_budgets, report
+from ltmdsl.memory.symbols import B, C, DP, T
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ALL = sorted(p.name for p in EXAMPLES.glob("*.ltm"))
@@ -91,3 +93,42 @@ def test_memory_command_imports_neither_torch_nor_triton():
     assert out.returncode == 0, out.stderr[-2000:]
     modules = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     assert not {m for m in modules if m.split(".")[0] in ("torch", "triton", "matplotlib")}
+
+
+def _sympy_bytes(expr, t: int, b: int, c: int, dp: int) -> int:
+    """The oracle: sympy's own exact rational arithmetic on a canonical expression, rounded up to bytes."""
+    value = sympy.ceiling(expr.xreplace({T: t, B: b, C: c, DP: dp}))
+    assert value.is_Integer, value
+    return int(value)
+
+
+@pytest.mark.parametrize("name", ALL, ids=[n.removesuffix(".ltm") for n in ALL])
+def test_compiled_bytes_equal_sympy_on_every_budget(name):
+    """Every example's budgets (and its defaults), at the budget's context and at 100M tokens: the compiled
+    integer functions, built from unevaluated expressions, give exactly the bytes sympy computes from the
+    canonical expressions the report prints, for one replica and for every pipeline stage of the plan."""
+    spec = ltmdsl.load(EXAMPLES / name)
+    gpus = {g.name: g for g in spec.ir.gpus}
+    for budget in (None, *spec.ir.budgets):
+        model = spec.model if budget is None else spec.ir.model(budget.model)
+        ev = report(model, budget, user_gpus=gpus).evaluator
+        s = ev.settings
+        single, plan = ev.shown_single, ev.shown_plan
+        for t in (s.context, 10**8):
+            point = (t, s.batch, s.chunk)
+            assert ev.single.values(*point)[0] == {c: _sympy_bytes(single[0].combined[c], *point, 1)
+                                                    for c in ev.components}, (budget, t)
+            if plan is not None:
+                assert ev.plan.values(*point, s.dp) == [
+                    {c: _sympy_bytes(st.combined[c], *point, s.dp) for c in ev.components} for st in plan], (budget, t)
+
+
+def test_bytes_above_2_to_the_53_stay_exact():
+    """Llama-3.1-405B at 100M tokens and a batch of 100,000: a KV cache of 5.16e18 bytes, past float64's exact
+    integers (2^53 ~ 9.0e15), is exactly 100,000 times the 51,609,600,000,000 bytes of one sequence."""
+    spec = ltmdsl.load(EXAMPLES / "llama-3.1-405b.ltm")
+    r = report(spec.model, None, context=10**8, batch=100_000)
+    assert r.components["kv_cache"] == 51_609_600_000_000 * 100_000 > 2**53
+    single = r.evaluator.shown_single[0]
+    assert r.components == {c: _sympy_bytes(single.combined[c], 10**8, 100_000, r.settings.chunk, 1)
+                            for c in r.components}
