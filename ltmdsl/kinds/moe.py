@@ -250,16 +250,37 @@ def workspace(c: MoEConfig, d: int, s):
     return out
 
 
+def _dispatch(plan, tokens):
+    """How the runtime (`ep_routed`) dispatches a rank's `tokens` when the experts run apart from the dense layers
+    (ep > 1, or folded: Megatron-Core's MoE parallel folding, an etp other than tp or an ep not dividing dp):
+    (n, r), the tokens this rank dispatches and the rows its experts compute per slot. Folded, each tp rank
+    dispatches its 1/t part (n = tokens/t) and at etp > 1 the rows received are all-gathered over the etp group
+    (r = etp*n); carved out of dp every tp rank dispatches every token (n = r = tokens). None: not apart."""
+    folded = plan.expert_tp != plan.tp or plan.dp % plan.ep != 0
+    if plan.ep == 1 and not folded:
+        return None
+    n = tokens / R(plan.tp) if folded else tokens
+    return n, (n * plan.expert_tp if folded else n)
+
+
 def stored(c: MoEConfig, x, selective: bool):
     a, tok = x.a, x.tok
     copies = 3 if x.eager else 2  # dispatched inputs, expert outputs (and eager: the weighted outputs)
     router = 8 * tok * c.experts  # every token's logits and scores, on every tp rank
-    rep = copies * c.top_k * a * tok * x.h
-    if c.weight_input:
-        rep += c.top_k * a * tok * x.h
-    if x.ep > 1:  # expert parallel: the rows received back from the experts' ranks, and their int64 token ids
-        rep += c.top_k * tok * (a * x.h + 8)
-    rep *= x.etp / x.t  # what is dispatched: under etp < tp each rank sends its part of the tokens
+    apart = _dispatch(x.plan, tok)
+    if apart is None:
+        rep = copies * c.top_k * a * tok * x.h
+        if c.weight_input:
+            rep += c.top_k * a * tok * x.h
+    else:  # `ep_experts`: n*k assignments sent, r*k rows at the experts (module docstring)
+        n, r = apart
+        k = c.top_k
+        rep = (2 * r * k * a * x.h  # each expert's input and its output (the in-place add's source)
+               + (copies - 1) * n * k * a * x.h  # the rows sent back (the weight's product), eager: weighted
+               + n * k * (16 + a)  # the int64 tokens and send order, and the weights in send order
+               + 8 * r * k)  # each local expert's int64 row ids
+        if c.weight_input:
+            rep += k * a * n * x.h
     rep += router
     if c.shared_gate:
         rep += a * tok * (x.h + 1)

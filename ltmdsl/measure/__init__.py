@@ -54,7 +54,7 @@ __all__ = ["Measurement", "NotTraceable", "TooLargeToTrace", "measure"]
 def _supported(ir, s) -> None:
     """Refuse (NotTraceable, saying why) a budget the traced step cannot run as ltmdsl would run it."""
     p = s.parallel
-    if (s.mode == "training" and (p.tp > 1 or p.cp > 1 or p.ep > 1 or p.zero >= 3)) or p.tp > 1:
+    if (s.mode == "training" and ranks.needs_group(p)) or p.tp > 1:  # a rank that ltmdsl.distributed builds
         from ltmdsl.distributed.plan import plan_errors
 
         errors = plan_errors(ir, p, p.world)
