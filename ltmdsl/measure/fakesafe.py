@@ -8,7 +8,8 @@ scans loop over T/chunk chunks of static shapes, and nothing reads a value back.
 its forward is replaced by a *balanced* dispatch with static shapes, the router still runs (its logits,
 softmax and top-k are traced) but assignment j = token*k + slot of the M*k goes to expert j mod E, so each
 expert receives ceil((M*k - e)/E) tokens: the memory of perfectly balanced routing, with no dropped tokens.
-Under expert parallelism the same plan gives the all-to-all split sizes in Python (`_balanced_ep_routed`).
+Under expert parallelism the same plan gives the all-to-all split sizes in Python (`_balanced_ep_routed`),
+and folded at etp > 1 the counts of the rows gathered over the etp group (every etp rank receives as many).
 
 Kinds not listed in TRACE_PATHS have no known fake-safe path and are refused by `check`, naming the kind.
 """
