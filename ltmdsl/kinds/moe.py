@@ -25,11 +25,12 @@ Expert parallelism shards the routed experts (ep must divide E) and expert tenso
 (etp must divide F; etp = t unless the plan folds the experts otherwise, Megatron-Core's MoE parallel
 folding); the router and the shared expert are dense.
 It keeps nothing between decode steps (no cache), and its FLOPs are projections only.
-Prefill workspace for a chunk of Cc = min(C, T) tokens (n = b * Cc/c tokens, of which a rank dispatches n*etp/t:
-all at etp = t; at etp = 1 < t (the runtime's MoE parallel folding) each tp rank routes every token but
-dispatches its part, and n in the experts' moments below means that part, plus its fp32 weights 4*n*k beside w;
-routing, the output a * n * d and the shared expert stay whole; F/t below is F/etp for the routed experts), as
-the runtime holds it: the
+Prefill workspace for a chunk of Cc = min(C, T) tokens (n = b * Cc/c tokens; with the experts apart, ep > 1 or
+folded, n in the experts' moments below means the rows a slot at this rank's experts, n*etp/t folded (each tp
+rank dispatching its n/t part, the received rows gathered over the etp group), n carved out of dp, plus the
+dispatched part's fp32 weights beside w (folded under tp: and the part cut from w); routing, the output
+a * n * d and the shared expert stay whole; F/t below is F/etp for the routed experts), as the runtime holds
+it: the
 largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
     routing     a * n * E logits + 4 * n * E * (2 if the selection scores differ else 1) fp32 scores + 2w
     experts     the output a * n * d + w, and one expert at a time on its m = ceil(n * k / E) tokens (balanced):
@@ -37,25 +38,34 @@ largest of three moments, each with the fp32 routing weights w = 4 * n * k live,
     shared      a * n * d + a * n * max(`inference_ffn_width`(Fs)/t, 2d)   (the routed output beside the shared
                 MLP in place; the routed part, a function of its own, has released w, its indices and its last
                 expert's rows: its loop's variables had held that expert's [m, d] output, +6.7% at d_model 512)
-    With expert parallelism (ep > 1, runtime `ep_experts`) the experts' moment is the rows received and their
+    With the experts apart (ep > 1 or folded, runtime `ep_experts`) the experts' moment is the rows received and their
     results (added in place) 2a * n*k * d, w and the weights in send order 2w, and the larger of one local
     expert on the ep*m rows it gets from every rank, a * ep*m * (d + max(F*(4|2)/t, d + F*(2|1)/t)) (its input;
     gate, up, act(gate) and the product, or at its down projection the gate and the product (the act's input)
-    and its output), and the combine, where the results sent back, weighted, are added into the output a * n * d.
+    and its output), and the combine, where the results sent back, weighted, are added into the output a * n * d;
+    folded at etp > 1 also the gather, the received rows, a padded copy and the etp ranks' rows before their
+    concatenation, 2a * (n/etp)*k * d beyond the two buffers.
     (The experts' zero result tied to their weights is made in place: `rx * 0 + held * 0` had held a third
     [n*k, d] buffer, +27% on Qwen1.5-MoE's serve_32k.)
 Training activations (dropless top-k, perfectly balanced routing so expert parallelism moves tokens but
-not bytes), per micro-batch (under etp < t a rank routes every token but dispatches tok*etp/t of them: the
-dispatch and expert-parallel terms scale by etp/t, not the norms', the router's nor the shared gate's; the
-expert MLPs, F/etp wide on tok*etp/t*k rows, are still /t):
+not bytes), per micro-batch:
     replicated  norm input and router input 2a*sbh; router logits and probabilities fp32 8*sb*E;
                 k dispatched copies of the input and k expert outputs 2k*a*sbh; with weight_input the
                 k weighted copies k*a*sbh; with shared_gate the shared output and the gate a*sb*(h + 1)
     split       each of the k expert MLPs as a dense MLP: k * (3|2) * a*sb*F; the shared MLP (3|2) * a*sb*Fs
     saved_by = "eager" (ltmdsl's runtime under autograd): the expert MLPs keep act(gate) too (4F gated), and
                 the scatter-add of the router-weighted expert outputs keeps its source, k*a*sbh more
-    expert parallel (ep > 1): the rows received back from the experts' ranks and their int64 token ids,
-                k*sb*(a*h + 8) (replicated)
+    experts apart (ep > 1, or folded: runtime `ep_routed`, `ep_experts`): a rank dispatches n of its tok = sb
+                tokens, n = tok/t folded (each tp rank its part; all of them carved out of dp), and its experts
+                compute r = etp*n rows a slot folded (the received rows all-gathered over the etp group; r = n
+                carved out of dp): each expert's input and its output (the in-place add's source) 2k*a*r*h,
+                the rows sent back (the weight's product) k*a*n*h and eager their weighted copy k*a*n*h (with
+                weight_input the unweighted copies k*a*n*h), the int64 tokens and send order and the weights
+                in send order k*n*(16 + a), each local expert's int64 row ids 8k*r (replicated). The expert
+                MLPs, F/etp wide on k*r rows, are k*tok*F/t as above.
+    (Approximate: the runtime's router keeps its fp32 scores 4*sb*E, its int64 indices and fp32 weights
+    12*sb*k and, renormalising, their sum 4*sb, on every tp rank; 8*sb*E stands for them: -2.1% activations
+    on a tp 4 rank at d_model 64, E 4, k 2.)
 """
 
 from __future__ import annotations
@@ -228,20 +238,27 @@ def _second_scores(c: MoEConfig) -> bool:
 
 def workspace(c: MoEConfig, d: int, s):
     out_tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c tokens
-    n = out_tok * R(s.etp, s.tp)  # the tokens this rank routes: all, or its part under etp < tp (folding)
+    apart = _dispatch(s.parallel, out_tok)  # experts apart (ep > 1 or folded): (tokens dispatched, rows a slot)
+    n = out_tok if apart is None else apart[1]  # the rows a slot at this rank's experts
     a, t = s.activation_dtype.bytes, R(s.tp)
     m = sympy.ceiling(n * c.top_k / c.experts)  # tokens per expert under balanced routing
     weights = 4 * out_tok * c.top_k  # the fp32 routing weights of every token, live to the end
     route = a * out_tok * c.experts + 4 * out_tok * c.experts * (2 if _second_scores(c) else 1) + 2 * weights
     expert = (4 if c.activation in GATED else 2) * c.d_ff / R(s.etp)  # gate, up, act(gate), product | up, act(up)
     loop = a * out_tok * d + weights + a * m * (3 * d + expert)  # the output, and one expert's tokens at a time
-    if s.ep > 1:  # expert parallel (runtime `ep_experts`): the rows received and their results, [n*k, d] each,
-        # beside one local expert on its ep*m rows from every rank, then the results sent back and weighted
-        # beside the output; the assignments' fp32 weights in send order beside w
+    if apart is not None:  # experts apart (runtime `ep_experts`): the rows at the experts and their results,
+        # [n*k, d] each (folded at etp > 1: gathered over the etp group), beside one local expert on its ep*m
+        # rows, then the results sent back and weighted beside the output; the dispatched assignments' fp32
+        # weights in send order beside w (folded under tp: and the part cut from w)
         rows = 2 * a * n * c.top_k * d
-        sent = 4 * n * c.top_k * (2 if s.etp < s.tp else 1)  # in send order (folded: and the part cut from w)
+        sent = 4 * apart[0] * c.top_k * (2 if apart[0] != out_tok else 1)
         one = d + Largest(expert, d + expert / 2)  # its input; the MLP, or the down projection's input and
-        loop = weights + sent + rows + a * Largest(s.ep * m * one, out_tok * d)  # output beside gate (gated)
+        moments = [s.ep * m * one, out_tok * d]  # output beside gate (gated); the combine's output
+        if n != apart[0]:  # gathered over the etp group (runtime `_all_gather_rows`): beside the rows received,
+            # a padded copy of them, the etp ranks' padded rows and their concatenation: 2 + 2*etp times the
+            # received [n*k, d] where the experts' moment holds 2*etp (+75% at tp 1 x ep 1 x etp 2 uncounted)
+            moments.append(2 * apart[0] * c.top_k * d)
+        loop = weights + sent + rows + a * Largest(*moments)
     out = Largest(route, loop)
     if c.shared_d_ff:  # dense, on every token of the rank (width split over tp): the routed output beside the
         # shared MLP; the routing weights were released with the routed part (runtime `MoE.routed`, `ep_routed`)
@@ -250,16 +267,37 @@ def workspace(c: MoEConfig, d: int, s):
     return out
 
 
+def _dispatch(plan, tokens):
+    """How the runtime (`ep_routed`) dispatches a rank's `tokens` when the experts run apart from the dense layers
+    (ep > 1, or folded: Megatron-Core's MoE parallel folding, an etp other than tp or an ep not dividing dp):
+    (n, r), the tokens this rank dispatches and the rows its experts compute per slot. Folded, each tp rank
+    dispatches its 1/t part (n = tokens/t) and at etp > 1 the rows received are all-gathered over the etp group
+    (r = etp*n); carved out of dp every tp rank dispatches every token (n = r = tokens). None: not apart."""
+    folded = plan.expert_tp != plan.tp or plan.dp % plan.ep != 0
+    if plan.ep == 1 and not folded:
+        return None
+    n = tokens / R(plan.tp) if folded else tokens
+    return n, (n * plan.expert_tp if folded else n)
+
+
 def stored(c: MoEConfig, x, selective: bool):
     a, tok = x.a, x.tok
     copies = 3 if x.eager else 2  # dispatched inputs, expert outputs (and eager: the weighted outputs)
     router = 8 * tok * c.experts  # every token's logits and scores, on every tp rank
-    rep = copies * c.top_k * a * tok * x.h
-    if c.weight_input:
-        rep += c.top_k * a * tok * x.h
-    if x.ep > 1:  # expert parallel: the rows received back from the experts' ranks, and their int64 token ids
-        rep += c.top_k * tok * (a * x.h + 8)
-    rep *= x.etp / x.t  # what is dispatched: under etp < tp each rank sends its part of the tokens
+    apart = _dispatch(x.plan, tok)
+    if apart is None:
+        rep = copies * c.top_k * a * tok * x.h
+        if c.weight_input:
+            rep += c.top_k * a * tok * x.h
+    else:  # `ep_experts`: n*k assignments sent, r*k rows at the experts (module docstring)
+        n, r = apart
+        k = c.top_k
+        rep = (2 * r * k * a * x.h  # each expert's input and its output (the in-place add's source)
+               + (copies - 1) * n * k * a * x.h  # the rows sent back (the weight's product), eager: weighted
+               + n * k * (16 + a)  # the int64 tokens and send order, and the weights in send order
+               + 8 * r * k)  # each local expert's int64 row ids
+        if c.weight_input:
+            rep += k * a * n * x.h
     rep += router
     if c.shared_gate:
         rep += a * tok * (x.h + 1)

@@ -5,7 +5,8 @@
     m.predicted, m.measured, m.peak_bytes, m.to_json(), m.to_text()
 
 The model is built on the meta device in the budget's dtypes; a plan with tensor, context or expert
-parallelism or ZeRO-3 is split into one rank's share by ltmdsl.distributed itself under a fake process group
+parallelism (the experts folded apart from the dense layers too: tp 1 x etp 2) or ZeRO-3 is split into one
+rank's share by ltmdsl.distributed itself under a fake process group
 (`ranks`), with pipeline parallelism too (the rank of the memory model's most loaded stage, split inside its
 stage; under ZeRO-3 FSDP2 shards that stage alone, as a pipeline rank does); the modules of that rank get fake
 storage under
@@ -54,7 +55,7 @@ __all__ = ["Measurement", "NotTraceable", "TooLargeToTrace", "measure"]
 def _supported(ir, s) -> None:
     """Refuse (NotTraceable, saying why) a budget the traced step cannot run as ltmdsl would run it."""
     p = s.parallel
-    if (s.mode == "training" and (p.tp > 1 or p.cp > 1 or p.ep > 1 or p.zero >= 3)) or p.tp > 1:
+    if (s.mode == "training" and ranks.needs_group(p)) or p.tp > 1:  # a rank that ltmdsl.distributed builds
         from ltmdsl.distributed.plan import plan_errors
 
         errors = plan_errors(ir, p, p.world)

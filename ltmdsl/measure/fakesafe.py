@@ -8,7 +8,8 @@ scans loop over T/chunk chunks of static shapes, and nothing reads a value back.
 its forward is replaced by a *balanced* dispatch with static shapes, the router still runs (its logits,
 softmax and top-k are traced) but assignment j = token*k + slot of the M*k goes to expert j mod E, so each
 expert receives ceil((M*k - e)/E) tokens: the memory of perfectly balanced routing, with no dropped tokens.
-Under expert parallelism the same plan gives the all-to-all split sizes in Python (`_balanced_ep_routed`).
+Under expert parallelism the same plan gives the all-to-all split sizes in Python (`_balanced_ep_routed`),
+and folded at etp > 1 the counts of the rows gathered over the etp group (every etp rank receives as many).
 
 Kinds not listed in TRACE_PATHS have no known fake-safe path and are refused by `check`, naming the kind.
 """
@@ -65,36 +66,41 @@ def _balanced_routed(self, xf: torch.Tensor) -> torch.Tensor:
 
 
 def _balanced_ep_routed(self, whole: torch.Tensor, ep) -> torch.Tensor:
-    """runtime/kinds/moe.py `ep_routed` with the balanced plan: whole [M, d] -> [M, d] (folded, etp = 1 < tp:
-    this rank's 1/t part dispatched, the parts gathered, as `ep_routed`). Assignment j goes to
+    """runtime/kinds/moe.py `ep_routed` with the balanced plan: whole [M, d] -> [M, d]. Assignment j goes to
     expert j mod E on every rank, so the all-to-all split sizes are known in Python (no `bincount`, no count
     exchange) and each rank receives, for each of its E/ep experts, the same rows from every rank. The
-    runtime's exchanges, expert maths and weighted sum (`ep_experts`) on that plan."""
+    runtime's exchanges, expert maths and weighted sum (`ep_experts`) on that plan, folded as `ep_routed` folds:
+    under tp this rank's 1/t part dispatched and the parts gathered; at etp > 1 the received rows all-gathered
+    over the etp group (each of its ranks receives as many: the same plan on the same number of tokens) and the
+    partial outputs reduce-scattered back, so a local expert's rows are its rows of every etp rank's block."""
     from ltmdsl.runtime.kinds.moe import ep_experts, route
 
     cfg = self.cfg
     w, _idx = route(self.router(whole), cfg, self.selection_bias)  # [M, k]; indices replaced by the balanced plan
     fold = ep.folds(whole.shape[0])
-    xf, w = (ep.part(whole), ep.part(w)) if fold else (whole, w)  # folded (etp = 1 < tp): as ep_routed
+    xf, w = (ep.part(whole), ep.part(w)) if fold else (whole, w)  # folded under tp: this rank's M/t rows
     M, k, E = xf.shape[0], cfg.top_k, cfg.experts
     per = E // ep.size
     rows_of = [len(range(e, M * k, E)) for e in range(E)]  # assignments to expert e from one rank
     order = torch.cat([torch.arange(e, M * k, E, device=xf.device) for e in range(min(E, M * k))])  # [M*k] by expert
     send = [sum(rows_of[r * per:(r + 1) * per]) for r in range(ep.size)]
     recv = [send[ep.rank]] * ep.size  # every rank sends this rank's experts the same rows
+    received = sum(recv)
+    gathered = None if ep.etp is None else [received] * ep.etp.size()  # folded at etp > 1: the etp group's rows
     starts, at = [], 0
-    for _src in range(ep.size):
-        for e in range(per):
-            starts.append((e, at))
-            at += rows_of[ep.rank * per + e]
+    for block in range(1 if gathered is None else len(gathered)):  # the etp ranks' rows, in etp-rank order
+        for _src in range(ep.size):
+            for e in range(per):
+                starts.append((e, at))
+                at += rows_of[ep.rank * per + e]
 
-    def rows(e: int) -> torch.Tensor:  # [m] this expert's rows from every rank
+    def rows(e: int) -> torch.Tensor:  # [m] this expert's rows from every rank (folded at etp > 1: of every block)
         n = rows_of[ep.rank * per + e]
         if n == 0:
             return torch.empty(0, dtype=torch.long, device=xf.device)
         return torch.cat([torch.arange(a, a + n, device=xf.device) for j, a in starts if j == e])
 
-    out = ep_experts(self, xf, w.flatten()[order], order // k, send, recv, rows, ep)  # [M, d]
+    out = ep_experts(self, xf, w.flatten()[order], order // k, send, recv, rows, ep, gathered)  # [M, d]
     return ep.whole(out) if fold else out  # folded: parts gathered
 
 

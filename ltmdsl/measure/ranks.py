@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import contextlib
 
+from ltmdsl.distributed.plan import folds_experts
 from ltmdsl.ir import ParallelPlan
 
 
 def needs_group(plan: ParallelPlan) -> bool:
-    """Whether tracing one rank of `plan` needs its process group: tp, cp, ep or ZeRO-3 (FSDP2). ZeRO 1/2 and
-    pp are traced without one (flat sharded buffers; the stage's own layers)."""
-    return plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or plan.zero >= 3
+    """Whether tracing one rank of `plan` needs its process group: tp, cp, ep, the experts folded apart from the
+    dense layers (MoE parallel folding: an etp other than tp, e.g. tp 1 x etp 2, whose etp ranks split each
+    expert's width and exchange its rows) or ZeRO-3 (FSDP2). ZeRO 1/2 and pp are traced without one (flat
+    sharded buffers; the stage's own layers)."""
+    return plan.tp > 1 or plan.cp > 1 or plan.ep > 1 or folds_experts(plan) or plan.zero >= 3
 
 
 def traced_rank(plan: ParallelPlan, stage: int) -> int:

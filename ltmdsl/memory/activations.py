@@ -71,6 +71,7 @@ class MicroBatch:
         self.chunks = 2 * p.cp if balanced else p.cp
         self.last_chunk = p.cp if balanced else p.cp - 1
         self.ep = p.ep
+        self.plan = p  # the whole plan, for a layout that depends on more than the degrees (MoE parallel folding)
         self.etp = R(p.expert_tp)
         self.s = T / R(p.cp)
         self.tok = self.b * self.s

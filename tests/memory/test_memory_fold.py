@@ -101,16 +101,17 @@ def test_minimax_serve_1m_holds_an_eighth_of_the_experts():
 
 
 def test_moe_activations_under_etp_one():
-    """Training activations, tp = 2 x ep = 2 (sp, eager): at etp = 1 a rank routes every token but dispatches
-    half of them (the runtime's folding), so the 3 kept k-copies of the rows a*k*tok*h*3 and the rows received
-    back with their ids k*tok*(a*h + 8) halve; the router's fp32 logits and scores and the expert MLPs (F/etp
-    wide on tok*etp/t*k rows) do not change. tok = 8 sequences / dp 1 * 256 = 2048, two MoE layers: per layer
-    2*2*2048*64*3 + 2*2048*(2*64 + 8)."""
-    per_layer = 2 * 2 * 2048 * 64 * 3 + 2 * 2048 * (2 * 64 + 8)
+    """Training activations, tp = 2 x ep = 2 on 2 GPUs (sp, eager): both plans fold (dp = 1 does not take ep =
+    2), so each tp rank dispatches half of its tokens, n = tok/2, whose rows sent back, weighted, and their ids
+    are the same; at etp = tp = 2 the rows received are all-gathered over the etp group, so its experts see
+    r = 2n rows a slot, at etp = 1 r = n: each expert's input and output 2*k*a*r*h and its int64 row ids 8*k*r
+    halve; the router and the expert MLPs (F/etp wide on k*r rows) do not change. tok = 8 sequences / dp 1 * 256
+    = 2048, two MoE layers: per layer (2*2*2*64 + 8*2) * 2048/2."""
+    per_layer = (2 * 2 * 2 * 64 + 8 * 2) * 2048 // 2
     folded = _states("2 x H100 with tp = 2, ep = 2, etp = 1, sp = true")
     m, b = _budget("4 x H100 with tp = 2, ep = 2, sp = true")
     default = report(m, dataclasses.replace(b, gpus=2, parallel=dataclasses.replace(b.parallel, dp=1)))
-    assert default.per_gpu_components["activations"] - folded["activations"] == 2 * per_layer // 2
+    assert default.per_gpu_components["activations"] - folded["activations"] == 2 * per_layer
 
 
 def test_an_override_plan_that_does_not_fold_is_refused():
