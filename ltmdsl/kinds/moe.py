@@ -251,10 +251,10 @@ def workspace(c: MoEConfig, d: int, s):
         # rows, then the results sent back and weighted beside the output; the dispatched assignments' fp32
         # weights in send order beside w (folded under tp: and the part cut from w)
         rows = 2 * a * n * c.top_k * d
-        sent = 4 * apart[0] * c.top_k * (2 if apart[0] != out_tok else 1)
+        sent = 4 * apart[0] * c.top_k * (2 if apart[2] else 1)
         one = d + Largest(expert, d + expert / 2)  # its input; the MLP, or the down projection's input and
         moments = [s.ep * m * one, out_tok * d]  # output beside gate (gated); the combine's output
-        if n != apart[0]:  # gathered over the etp group (runtime `_all_gather_rows`): beside the rows received,
+        if apart[3]:  # gathered over the etp group (runtime `_all_gather_rows`): beside the rows received,
             # a padded copy of them, the etp ranks' padded rows and their concatenation: 2 + 2*etp times the
             # received [n*k, d] where the experts' moment holds 2*etp (+75% at tp 1 x ep 1 x etp 2 uncounted)
             moments.append(2 * apart[0] * c.top_k * d)
@@ -272,12 +272,15 @@ def _dispatch(plan, tokens):
     (ep > 1, or folded: Megatron-Core's MoE parallel folding, an etp other than tp or an ep not dividing dp):
     (n, r), the tokens this rank dispatches and the rows its experts compute per slot. Folded, each tp rank
     dispatches its 1/t part (n = tokens/t) and at etp > 1 the rows received are all-gathered over the etp group
-    (r = etp*n); carved out of dp every tp rank dispatches every token (n = r = tokens). None: not apart."""
+    (r = etp*n); carved out of dp every tp rank dispatches every token (n = r = tokens). Also whether n is a part
+    of the tokens (cut, folded at tp > 1) and whether r is gathered (folded at etp > 1), read off the plan's
+    integers: the expressions themselves may be built unevaluated, so comparing them says nothing. None: not
+    apart."""
     folded = plan.expert_tp != plan.tp or plan.dp % plan.ep != 0
     if plan.ep == 1 and not folded:
         return None
     n = tokens / R(plan.tp) if folded else tokens
-    return n, (n * plan.expert_tp if folded else n)
+    return n, (n * plan.expert_tp if folded else n), folded and plan.tp > 1, folded and plan.expert_tp > 1
 
 
 def stored(c: MoEConfig, x, selective: bool):
@@ -290,7 +293,7 @@ def stored(c: MoEConfig, x, selective: bool):
         if c.weight_input:
             rep += c.top_k * a * tok * x.h
     else:  # `ep_experts`: n*k assignments sent, r*k rows at the experts (module docstring)
-        n, r = apart
+        n, r = apart[:2]
         k = c.top_k
         rep = (2 * r * k * a * x.h  # each expert's input and its output (the in-place add's source)
                + (copies - 1) * n * k * a * x.h  # the rows sent back (the weight's product), eager: weighted

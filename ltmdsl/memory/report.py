@@ -41,33 +41,30 @@ from ltmdsl.units import format_bytes, format_flops
 class Evaluator:
     """Compiled exact formulas of one model under one Settings, for evaluation and solving.
 
-    The expressions it evaluates are assembled unevaluated (`sympy.evaluate(False)`): sympy then builds each
-    sum, product and minimum as written instead of putting it in canonical form, which for a `Min` means
-    proving which argument is least by comparing them pairwise under the symbols' assumptions, most of a
-    budget check's time. The values are the same, since the compiled functions evaluate every node exactly;
-    the canonical forms are built only for what shows them (`shown_single`, `shown_plan`: the formulas).
+    The expressions are assembled in sympy's canonical forms: the facets and the assembly test some of them in
+    Python (which of two counts is larger, whether a term is zero), and unevaluated forms changed those answers
+    (a one-process MoE's activations +8.7% when the stages were assembled under `sympy.evaluate(False)`).
     """
 
     def __init__(self, model: ModelIR, s: Settings):
         self.model = model
         self.settings = s
         self.components = components_for(s.mode)
-        with sympy.evaluate(False):
-            self.single_stages = assemble(model, s.single)
-            self.plan_stages = assemble(model, _symbolic_dp(s)) if s.sharding == "plan" else None
+        self.single_stages = assemble(model, s.single)
+        self.plan_stages = assemble(model, _symbolic_dp(s)) if s.sharding == "plan" else None
         self.single = solve.CompiledStages(self.single_stages, self.components)
         self.plan = None if self.plan_stages is None else solve.CompiledStages(self.plan_stages, self.components)
         self._flops: compute.FlopQuantities | None = None  # compiled on the first FLOP limit
 
-    @functools.cached_property
+    @property
     def shown_single(self) -> list[StageExprs]:
-        """The single-device stages as above, in sympy's canonical forms: what the formulas print."""
-        return assemble(self.model, self.settings.single)
+        """The single-device stages: what the formulas print."""
+        return self.single_stages
 
-    @functools.cached_property
+    @property
     def shown_plan(self) -> list[StageExprs] | None:
-        """The plan's stages (dp symbolic) in canonical forms, for the per-GPU formulas; None without a plan."""
-        return assemble(self.model, _symbolic_dp(self.settings)) if self.settings.sharding == "plan" else None
+        """The plan's stages (dp symbolic), for the per-GPU formulas; None without a plan."""
+        return self.plan_stages
 
     def totals(self, T: int, B: int) -> dict[str, int]:
         return self.single.values(T, B, self.settings.chunk)[0]
@@ -92,8 +89,7 @@ class Evaluator:
         sequence (compute.FLOP_QUANTITIES)."""
         if name in compute.FLOP_QUANTITIES:
             if self._flops is None:
-                with sympy.evaluate(False):  # evaluated exactly at numbers, as the memory expressions are
-                    self._flops = compute.FlopQuantities(self.model)
+                self._flops = compute.FlopQuantities(self.model)
             return self._flops.value(name, T)
         if name == "per_gpu":
             return self.per_gpu_bytes(T, B)
@@ -315,8 +311,7 @@ def report(model: ModelIR, budget: BudgetIR | None = None, *, user_gpus: dict[st
         dp = solve.smallest_true(lambda d: ev.per_gpu_bytes(T, B, d) <= s.gpu.memory_bytes, 1, hi)
         gpus_plan = None if dp is None else p.tp * p.pp * p.cp * dp
     by_kind = _by_kind(ev, T, B)
-    with sympy.evaluate(False):  # counted at one context: the FLOP expressions need no canonical form either
-        flops = compute.flops(model, T, s.recompute)
+    flops = compute.flops(model, T, s.recompute)
     growth = {c: growth_order(compile_exact(ev.single_stages[0].combined[c]), B, s.chunk) for c in ev.components}
     r = MemoryReport(
         model=model.name, settings=s, components=components, by_kind=by_kind, total_bytes=total,
