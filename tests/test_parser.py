@@ -110,3 +110,28 @@ def test_bad_command_line_counts(text):
 
     with pytest.raises(ValueError):
         parse_count(text)
+
+
+@pytest.mark.parametrize("state", ["fresh", "corrupt", "disabled"])
+def test_grammar_cache_is_the_users_and_never_in_the_way(state, tmp_path):
+    """The analysed grammar is kept in $XDG_CACHE_HOME/ltmdsl (60 ms of every run); a damaged cache is rebuilt
+    and LTMDSL_NO_CACHE leaves none. Each case in a fresh interpreter, since the parser is built once a process."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "ltmdsl" / "ltm-grammar.lark-cache"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("LTMDSL_NO_CACHE", None)
+    if state == "corrupt":
+        cache.parent.mkdir()
+        cache.write_bytes(b"not a cache\n\x80\x04garbage")
+    if state == "disabled":
+        env["LTMDSL_NO_CACHE"] = "1"
+    code = "from ltmdsl.parser import parse; print(type(parse('model m { d_model = 8 }', 'x.ltm')).__name__)"
+    for _ in range(2):  # the second run reads what the first wrote
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "SpecFile" and not out.stderr
+    if state == "disabled":
+        assert not cache.exists()
+    else:
+        assert cache.read_bytes()[:64].split(b"\n")[0].isalnum()  # Lark's header: the grammar's hash

@@ -76,7 +76,7 @@ from ltmdsl.ir import LayerConfig, RopeScaling
 from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, divide, none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, cdiv, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, cdiv, per_replica
 
 R = sympy.Rational
 
@@ -91,7 +91,7 @@ def mask_rows(keys):
     for an int (the runtime) or a sympy expression (the memory model)."""
     if isinstance(keys, int):
         return min(QUERY_BLOCK, max(1, MASK_ELEMENTS // keys))
-    return sympy.Min(QUERY_BLOCK, Largest(1, sympy.floor(MASK_ELEMENTS / keys)))
+    return Smallest(QUERY_BLOCK, Largest(1, sympy.floor(MASK_ELEMENTS / keys)))
 
 
 def window_rows(window: int) -> int:
@@ -116,8 +116,8 @@ def window_mask_elements(window: int, tq, shift):
     r = window_rows(W)
     whole = sympy.floor(tq / r)
     squares = r * r * whole + (tq - r * whole) ** 2
-    D = W - 1 - sympy.Min(shift, W - 1)
-    F = sympy.Min(sympy.ceiling(D / r), whole)
+    D = W - 1 - Smallest(shift, W - 1)
+    F = Smallest(sympy.ceiling(D / r), whole)
     deficit = r * F * D - r * r * F * (F - 1) / 2 + (tq - F * r) * Largest(0, D - F * r)
     return squares + tq * (W - 1) - deficit
 
@@ -336,7 +336,7 @@ def context_check(c: AttentionConfig, context: int) -> str | None:
 
 def tokens_held(c: AttentionConfig):
     """Tokens an attention layer keeps in its cache at context T: min(T, W) (or the chunk C), T when global."""
-    return T if c.span is None else sympy.Min(T, c.span)
+    return T if c.span is None else Smallest(T, c.span)
 
 
 def cache(c: AttentionConfig, s) -> tuple[CacheTerm, ...]:
@@ -360,7 +360,7 @@ def decode_workspace(c: AttentionConfig, s):
     b = per_replica(B, s.dp)
     slots = tokens_held(c) / R(s.cp)
     hkv, h = cdiv(c.kv_heads, s.tp), c.heads / R(s.tp)
-    copies = 0 if hkv == 1 else sympy.Min(1, b - 1)  # 1 when b > 1 (b is a whole number), else 0
+    copies = 0 if hkv == 1 else Smallest(1, b - 1)  # 1 when b > 1 (b is a whole number), else 0
     out = b * slots * Largest(copies * a * hkv * c.head_dim + a * h, (a + 8) * h,
                                 a * h + copies * a * hkv * c.v_head_dim)
     if s.kv_dtype.name != s.activation_dtype.name:
@@ -379,13 +379,13 @@ def cp_prefill_workspace(c: AttentionConfig, s):
     a = s.activation_dtype.bytes
     w = max(4, a)
     b = per_replica(B, s.dp)
-    Cc = sympy.Min(C, T)
+    Cc = Smallest(C, T)
     tok = b * Cc / R(s.cp)
     hkv, h = cdiv(c.kv_heads, s.tp), c.heads / R(s.tp)
     kv = hkv * (c.head_dim + c.v_head_dim)
     out = a * tok * (h * c.head_dim + kv) + a * b * Cc * kv + tok * h * (w * c.v_head_dim + a * c.head_dim
                                                                         + a * c.v_head_dim + 3 * 4)
-    out += a * b * tokens_held(c) / R(s.cp) * kv * sympy.Min(1, T - Cc)
+    out += a * b * tokens_held(c) / R(s.cp) * kv * Smallest(1, T - Cc)
     if c.window is not None:
         keys = Largest(Cc, tokens_held(c) / R(s.cp))
         out += 2 * w * tok * h * keys + 2 * Cc / R(s.cp) * keys
@@ -399,7 +399,7 @@ def rope_moment(c: AttentionConfig, s):
     if c.rope_theta is None:
         return 0
     a, t = s.activation_dtype.bytes, R(s.tp)
-    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)
+    tok = per_replica(B, s.dp) * Smallest(C, T) / R(s.cp)
     hkv = cdiv(c.kv_heads, s.tp)
     qp = c.heads / t * c.head_dim * (2 if c.gate else 1)  # q_proj's output (with the gate)
     q, kv = c.heads / t * c.head_dim, hkv * (c.head_dim + c.v_head_dim)
@@ -412,7 +412,7 @@ def prefill_workspace(c: AttentionConfig, s):
         return cp_prefill_workspace(c, s)
     a = s.activation_dtype.bytes
     b = per_replica(B, s.dp)
-    Cc = sympy.Min(C, T)
+    Cc = Smallest(C, T)
     tok = b * Cc / R(s.cp)  # b * Cc / c
     t = R(s.tp)
     qkvo = c.heads * c.head_dim * (2 if c.gate else 1) + c.kv_heads * (c.head_dim + c.v_head_dim)
@@ -430,14 +430,14 @@ def prefill_workspace(c: AttentionConfig, s):
             # projections' moment (`out`) and RoPE's (`rope_moment`). (The mask had been added to q, k, v and
             # o, which at 128Ki over-counted Mixtral's GQA by 6% and happened to equal Llama-2-7B's RoPE
             # moment; at 16Ki an MHA attention at d_model 4096 was under-predicted by 29%.)
-            rows = sympy.Min(Cc, mask_rows(T))
-            mask = (1 + a) * rows * T / R(s.cp) * sympy.Min(1, T - Cc)  # Min(1, T - Cc): 1 when T > Cc, else 0
+            rows = Smallest(Cc, mask_rows(T))
+            mask = (1 + a) * rows * T / R(s.cp) * Smallest(1, T - Cc)  # min(1, T - Cc): 1 when T > Cc, else 0
             qo = c.heads * c.head_dim * (2 if c.gate else 1) + c.heads * c.v_head_dim
             return Largest(out, a * tok * qo / t + 4 * tok * c.heads / t + readback + mask, rope_moment(c, s))
         else:  # a window: a [rows, keys] mask, and the ring's keys read back in time order beside the chunk's
-            keys = sympy.Min(T, c.window + Cc)
-            rows = sympy.Min(Cc, window_rows(c.window))  # a query block, against the keys its window reaches
-            out += (1 + a) * rows * sympy.Min(keys, rows + c.window - 1)
+            keys = Smallest(T, c.window + Cc)
+            rows = Smallest(Cc, window_rows(c.window))  # a query block, against the keys its window reaches
+            out += (1 + a) * rows * Smallest(keys, rows + c.window - 1)
             out += a * b * keys * cdiv(c.kv_heads, s.tp) * (c.head_dim + c.v_head_dim)
     return Largest(out, rope_moment(c, s))
 
@@ -459,7 +459,7 @@ def stored(c: AttentionConfig, x, selective: bool):
             # are copied into, under cp always (the pieces' concatenation), else when the queries go in blocks
             out += a * window_masks(c, x)
             if x.c == 1:
-                out += sympy.Min(1, sympy.floor(T / (window_rows(c.window) + 1))) * x.split(a * tok * c.heads * c.v_head_dim)
+                out += Smallest(1, sympy.floor(T / (window_rows(c.window) + 1))) * x.split(a * tok * c.heads * c.v_head_dim)
         if x.c > 1:  # context parallel: the last rank's queries attend to every rank's keys
             # all-gathered (cp_forward), which the saved views of them keep whole, a window or not; the pieces'
             # outputs (saved) are concatenated into a second copy
@@ -555,13 +555,13 @@ def _causal_sum(window: int | None, chunk: int | None = None):
         return full * chunk * (chunk + 1) / 2 + r * (r + 1) / 2
     if window is None:
         return T * (T + 1) / 2
-    m = sympy.Min(T, window)
+    m = Smallest(T, window)
     return m * (m + 1) / 2 + (T - m) * window
 
 
 def flops(c: AttentionConfig) -> dict[str, Flops]:
     width = 2 * c.heads * (c.head_dim + c.v_head_dim)
-    per_token = T if c.window is None else sympy.Min(T, c.window)  # decode: the keys of the newest query
+    per_token = T if c.window is None else Smallest(T, c.window)  # decode: the keys of the newest query
     if c.chunk is not None:  # the newest query at position T - 1 sees (T - 1) mod C + 1 keys
         per_token = T - c.chunk * sympy.floor((T - 1) / c.chunk)
     return {"attention": Flops(width * per_token, width * _causal_sum(c.window, c.chunk))}

@@ -135,7 +135,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive,
     none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 SUB = 16  # row block of the per-channel decay's exact [SUB, SUB, Dk] tensors (runtime/ops_delta.py)
 
@@ -253,7 +253,7 @@ def rule_chunk_workspace(c: DeltaShape, b, heads, cw, copy, multi):
     end = (2 + multi) * S + copy + 5 * Xk + 3 * Xv + 2 * Q + G + cw**2
     if not c.per_channel:
         return end
-    E = 4 * b * heads * sympy.Min(SUB, cw) ** 2 * c.dk
+    E = 4 * b * heads * Smallest(SUB, cw) ** 2 * c.dk
     return Largest(end, multi * S + copy + 4 * Xk + Xv + 2 * Q + G + 3 * E + 2 * E / c.dk + 5 * cw**2)
 
 
@@ -261,7 +261,7 @@ def delta_workspace(c: DeltaShape, s, finish, extra=()):
     """Prefill workspace of one chunk of Cc tokens (module docstring): the largest of the conv, the taps update,
     the rule and the `finish` moments (and any `extra` ones the kind adds), each a function of (n, a)."""
     b = per_replica(B, s.dp)
-    n = b * sympy.Min(C, T) / R(s.cp)  # b * Cc / c tokens
+    n = b * Smallest(C, T) / R(s.cp)  # b * Cc / c tokens
     t = R(s.tp)
     a, sb = s.activation_dtype.bytes, s.state_dtype.bytes
     D = c.conv_dim
@@ -270,10 +270,10 @@ def delta_workspace(c: DeltaShape, s, finish, extra=()):
     cast = sb * n * D if s.state_dtype.name != s.activation_dtype.name else 0
     update = (a * n * (2 * D + c.beside_conv) + cast + sb * D * (b * taps + n)) / t if taps else 0
     n_cc = n / b  # Cc / c tokens per sequence
-    cw = sympy.Min(c.chunk, n_cc)
+    cw = Smallest(c.chunk, n_cc)
     copy = 4 * b * R(c.heads, s.tp) * c.dk * c.dv if sb != 4 else 0
     rule = ((a * n * (D + c.beside_conv + c.heads * c.dv) + 4 * n * c.heads * (c.decay + 1)) / t
-            + rule_chunk_workspace(c, b, R(c.heads, s.tp), cw, copy, sympy.Min(1, sympy.ceiling(n_cc / c.chunk) - 1)))
+            + rule_chunk_workspace(c, b, R(c.heads, s.tp), cw, copy, Smallest(1, sympy.ceiling(n_cc / c.chunk) - 1)))
     return Largest(conv, update, rule, finish(n, a, b, cw), *extra)
 
 
@@ -287,7 +287,7 @@ def composition_kept(c: DeltaShape, x):
     """Under cp, what the rule's start and the composition S <- M_j S + H_j keep (module docstring): the state
     entering each piece and, for each chunk composed before the rank's last one, the state and M_j contiguous,
     whose product keeps a view of the whole gathered M instead when b = 1 (M_j is contiguous then)."""
-    whole = 1 - sympy.Min(1, x.b - 1)  # 1 when b = 1
+    whole = 1 - Smallest(1, x.b - 1)  # 1 when b = 1
     kept_m = x.last_chunk + (x.chunks - x.last_chunk) * whole  # M_j [b, Hv', Dk, Dk] the products keep
     return 4 * x.b * x.split(c.heads) * c.dk * (c.dv * (x.pieces + x.last_chunk) + c.dk * kept_m)
 
@@ -309,7 +309,7 @@ def delta_stored(c: DeltaShape, x):
 def delta_flops(conv_dim: int, d_conv: int, heads: int, dk: int, dv: int, chunk: int) -> dict[str, Flops]:
     """The delta rule and the conv beyond the projections, in the "ssm" (recurrent mixer) component."""
     step = 7 * heads * dk * dv + 2 * conv_dim * d_conv
-    L = sympy.Min(chunk, T)
+    L = Smallest(chunk, T)
     per_tok = heads * (4 * L * dk + L * (dk + dv) + 2 * L * dv + 6 * dk * dv) + 2 * conv_dim * d_conv
     return {"ssm": Flops(sympy.Integer(step), per_tok * T)}
 
@@ -352,13 +352,13 @@ def scalar_decay_backward(c: DeltaShape, x):
     backward on one process, and under cp the larger of the two summary regions' (own state, transition)."""
     a, tok, h = x.a, x.tok, x.split(c.heads)
     rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
-    L = sympy.Min(c.chunk, piece)
+    L = Smallest(c.chunk, piece)
     n = sympy.ceiling(piece / c.chunk)  # chunks of a row
     every = sympy.ceiling(sympy.sqrt(n))  # ChunkedRecurrence's segments of ceil(sqrt(n)) chunks
     segments = sympy.ceiling(n / every)
     key_width = (c.conv_dim - c.heads * c.dv) // 2  # Hk*Dk, the width of q and of k
     Q, Xk, Xq = 4 * rows * h * L**2, 4 * rows * h * L * c.dk, 4 * rows * L * x.split(key_width)
-    wide = sympy.Min(1, rows - 1)  # over more than one row a transposed chunk tensor is copied for its matmul
+    wide = Smallest(1, rows - 1)  # over more than one row a transposed chunk tensor is copied for its matmul
     value = x.split(a * tok * c.heads * c.dv)  # one [tok, Hv'*Dv] tensor in the activation dtype
     grads = x.split(a * tok * c.conv_dim + 8 * tok * c.heads)  # q, k, v in a; g and beta in fp32
     # o's and the gate's gradients (the norm's), less o, the gate, the norm output and rstd, freed by then
@@ -390,7 +390,7 @@ def delta_backward(c: DeltaShape, x):
     docstring)."""
     a, tok, h = x.a, x.tok, x.split(c.heads)
     b, piece = x.b * x.pieces, x.s / x.pieces  # rows: under cp the rank's pieces are folded into the batch
-    L = sympy.Min(c.chunk, piece)
+    L = Smallest(c.chunk, piece)
     S = 4 * b * h * c.dk * c.dv
     Xk, Xv, Q = 4 * b * h * L * c.dk, 4 * b * h * L * c.dv, 4 * b * h * L**2
     n = sympy.ceiling(piece / c.chunk)  # chunks of a row
@@ -400,7 +400,7 @@ def delta_backward(c: DeltaShape, x):
     if not c.per_channel:  # Gated DeltaNet, derived term by term (module docstring)
         return scalar_decay_backward(c, x)
     starts = (4 + 2 * sympy.ceiling(sympy.sqrt(n))) * S
-    E = 4 * b * h * sympy.Min(SUB, L) ** 2 * c.dk  # one diagonal block's [SUB, SUB, Dk] decay
+    E = 4 * b * h * Smallest(SUB, L) ** 2 * c.dk  # one diagonal block's [SUB, SUB, Dk] decay
     nb = sympy.ceiling(L / SUB)  # diagonal blocks of a chunk
     # the rule output's gradient and o_proj's input gradient, less what the gated norm and o_proj kept (o, the
     # gate, the norm output and fp32 rstd, counted in `stored`), freed as they back-propagated before the rule

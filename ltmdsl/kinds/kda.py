@@ -32,7 +32,7 @@ from ltmdsl.kinds.base import Flops, Kind, ModelContext, Param, Split, no_contex
 from ltmdsl.kinds.gated_deltanet import (
     DeltaShape, check_chunk, delta_backward, delta_cache, delta_flops, delta_stored, delta_workspace, norm_gate_block,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 
@@ -96,7 +96,7 @@ def workspace(c: KDAConfig, d: int, s):
         return a * n * 3 * inner / t + Largest(norm_gate_block(sh, b, cw, t), a * n * d)
 
     b = per_replica(B, s.dp)
-    n = b * sympy.Min(C, T) / R(s.cp)
+    n = b * Smallest(C, T) / R(s.cp)
     a = s.activation_dtype.bytes
     # the forget gate: q, k, v after the conv, beta, and in fp32 the gate's input, its softplus and g
     gate = (a * n * c.conv_dim + 4 * n * c.heads + 12 * n * inner) / t

@@ -60,7 +60,7 @@ from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     CacheTerm, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 from ltmdsl.units import DTYPES
 
 R = sympy.Rational
@@ -119,16 +119,16 @@ def cache(c: LightningConfig, s) -> tuple[CacheTerm, ...]:
 def workspace(c: LightningConfig, d: int, s):
     """Prefill workspace of one chunk of Cc tokens: the largest of the layer's moments (module docstring)."""
     b = per_replica(B, s.dp)
-    cc = sympy.Min(C, T) / R(s.cp)  # tokens per sequence
+    cc = Smallest(C, T) / R(s.cp)  # tokens per sequence
     n = b * cc
-    cw = sympy.Min(c.chunk, cc)  # the block length
+    cw = Smallest(c.chunk, cc)  # the block length
     h, t, hd = R(c.heads, s.tp), R(s.tp), c.inner
     D = c.head_dim
     a = s.activation_dtype.bytes
     S = 4 * b * h * D * D  # one fp32 state
     copies = 4 * b * cw * h * 3 * D  # one block's q, k, v in fp32
     common = 4 * h * cw**2 + 4 * cw**2 + 4 * cw + 4 * h  # the decay mask [H, L, L], distances, positions, slopes
-    multi = sympy.Min(1, sympy.ceiling(cc / c.chunk) - 1)  # 1 when an earlier block left its state
+    multi = Smallest(1, sympy.ceiling(cc / c.chunk) - 1)  # 1 when an earlier block left its state
     scores = multi * S + copies + common + 8 * b * h * cw**2  # q k^T and its masked product
     end = (2 + multi) * S + copies + common + 4 * b * h * cw * 2 * D + 8 * h * cw  # k * decay, the block's o
     qkv = a * n * 6 * hd / t  # the projection and its activation
@@ -156,7 +156,7 @@ def step_flops(c: LightningConfig) -> int:
 
 def flops(c: LightningConfig) -> dict[str, Flops]:
     H, D = c.heads, c.head_dim
-    L = sympy.Min(c.chunk, T)
+    L = Smallest(c.chunk, T)
     prefill = (2 * L * H * 2 * D + 4 * H * D * D) * T + 2 * H * D * D * sympy.ceiling(T / L)
     return {"ssm": Flops(sympy.Integer(step_flops(c)), prefill)}
 

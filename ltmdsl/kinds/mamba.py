@@ -76,7 +76,7 @@ from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     CacheTerm, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 SCAN_CHUNK = 64  # tokens per chunk of the runtime's selective_scan (ltmdsl/runtime/ops_scan.py)
@@ -140,9 +140,9 @@ def cache(c: MambaConfig, s) -> tuple[CacheTerm, ...]:
 def workspace(c: MambaConfig, d: int, s):
     """The larger of the scan's and the gate's moments (module docstring)."""
     b = per_replica(B, s.dp)
-    cc = sympy.Min(C, T) / R(s.cp)
+    cc = Smallest(C, T) / R(s.cp)
     tok, di, N = b * cc, c.d_inner / R(s.tp), c.d_state
-    L = sympy.Min(SCAN_CHUNK, cc)
+    L = Smallest(SCAN_CHUNK, cc)
     held = s.activation_dtype.bytes * tok * (4 * di + c.dt_rank + 2 * N)
     scan = 4 * tok * di + 4 * b * di * N * (4 * L - 1) + 4 * di * N + 8 * b * di * N
     gate = 12 * tok * di + 4 * b * di * N
@@ -183,7 +183,7 @@ def dims(c: MambaConfig) -> str:
 def _scan_levels(L):
     """ceil(log2 L) for 1 <= L <= 64: the steps of the log-depth scan over a chunk of L tokens (ops_scan's
     `_scan_chunk` doubles its offset from 1 while it is below L), as a sum of exact steps [L > 2^k]."""
-    return sympy.Add(*(sympy.Min(1, sympy.ceiling(Largest(0, L - 2**k))) for k in range(int(math.log2(SCAN_CHUNK)))))
+    return sympy.Add(*(Smallest(1, sympy.ceiling(Largest(0, L - 2**k))) for k in range(int(math.log2(SCAN_CHUNK)))))
 
 
 def backward(c: MambaConfig, x):
@@ -191,7 +191,7 @@ def backward(c: MambaConfig, x):
     then the larger of the gate's moment and one chunk's."""
     a, tok, N, di = x.a, x.tok, c.d_state, x.split(c.d_inner)
     rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
-    L = sympy.Min(SCAN_CHUNK, piece)
+    L = Smallest(SCAN_CHUNK, piece)
     F, A = 4 * tok * di, a * tok * di  # one fp32 and one a-byte [tok, Di'] tensor
     # the re-run's zero state and each later chunk's start (under cp the first is the carried state, in `stored`)
     starts = 4 * rows * di * N * (sympy.ceiling(piece / SCAN_CHUNK) - (1 if x.c > 1 else 0))

@@ -85,7 +85,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, divide, no_context_limit,
     none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, cdiv, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, cdiv, per_replica
 
 R = sympy.Rational
 
@@ -170,7 +170,7 @@ def _bc_per_rank(c: Mamba2Config, t) -> sympy.Expr:
 def workspace(c: Mamba2Config, d: int, s):
     """The largest of the SSD chunks' and the gate's moments (module docstring)."""
     b = per_replica(B, s.dp)
-    cc = sympy.Min(C, T) / R(s.cp)
+    cc = Smallest(C, T) / R(s.cp)
     tok, t = b * cc, R(s.tp)
     a = s.activation_dtype.bytes
     hs, di, N = c.heads / t, c.d_inner / t, c.d_state
@@ -184,9 +184,9 @@ def workspace(c: Mamba2Config, d: int, s):
     def chunk(n):  # one SSD chunk of n tokens: its fp32 temporaries (module docstring)
         return 16 * b * n**2 * hs + 8 * b * n * hs * N + 4 * b * n * (di + hs) + n**2
 
-    later = sympy.Min(c.chunk, Largest(0, cc - c.chunk))  # the longest chunk after the first (0: there is none)
-    first = chunk(sympy.Min(c.chunk, cc)) + copy
-    after = sympy.Min(1, later) * (out + chunk(later) + state + copy)
+    later = Smallest(c.chunk, Largest(0, cc - c.chunk))  # the longest chunk after the first (0: there is none)
+    first = chunk(Smallest(c.chunk, cc)) + copy
+    after = Smallest(1, later) * (out + chunk(later) + state + copy)
     gate = out + (16 if c.gated_norm else 12) * tok * di + state
     return held + Largest(first, after, gate)
 
@@ -210,7 +210,7 @@ def step_flops(c: Mamba2Config) -> int:
 
 
 def flops(c: Mamba2Config) -> dict[str, Flops]:
-    L = sympy.Min(c.chunk, T)
+    L = Smallest(c.chunk, T)
     per_tok = (2 * L * c.n_groups * c.d_state + 2 * L * c.heads * c.head_dim
                + 4 * c.heads * c.head_dim * c.d_state + 2 * c.conv_dim * c.d_conv)
     return {"ssm": Flops(sympy.Integer(step_flops(c)), per_tok * T)}
@@ -226,7 +226,7 @@ def backward(c: Mamba2Config, x):
     a, tok, di, N = x.a, x.tok, x.split(c.d_inner), c.d_state
     hs, bc = x.split(c.heads), _bc_per_rank(c, x.t)
     rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
-    L = sympy.Min(c.chunk, piece)
+    L = Smallest(c.chunk, piece)
     F, A = 4 * tok * di, a * tok * di  # one fp32 and one a-byte [tok, Di'] tensor
     state = 4 * rows * hs * c.head_dim * N  # one fp32 [r, Hs', P, N] state
     # the re-run's zero state and each later chunk's start (under cp the first is the carried state, in `stored`)

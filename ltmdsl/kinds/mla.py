@@ -77,7 +77,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_inactive, none_per_use,
 )
 from ltmdsl.kinds.base import no_context_limit
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 
@@ -164,15 +164,15 @@ def cache(c: MLAConfig, s) -> tuple[CacheTerm, ...]:
 def workspace(c: MLAConfig, d: int, s):
     a = s.activation_dtype.bytes
     b = per_replica(B, s.dp)
-    cc = sympy.Min(C, T) / R(s.cp)
+    cc = Smallest(C, T) / R(s.cp)
     t = R(s.tp)
     if s.flash_attention:
         pad = c.qk_head_dim if c.v_head_dim < c.qk_head_dim else 0
         keys = c.heads * (c.qk_nope_head_dim + c.v_head_dim + c.qk_head_dim + pad)
         out = a * b * T / R(s.cp) * keys / t + a * b * cc * c.heads * (c.qk_head_dim + max(c.qk_head_dim, c.v_head_dim)) / t
         out += 4 * b * cc * c.heads / t
-        Cc = sympy.Min(C, T)
-        return out + (1 + a) * sympy.Min(Cc, mask_rows(T)) * T / R(s.cp) * sympy.Min(1, T - Cc)
+        Cc = Smallest(C, T)
+        return out + (1 + a) * Smallest(Cc, mask_rows(T)) * T / R(s.cp) * Smallest(1, T - Cc)
     heads = c.heads * (c.qk_head_dim + c.v_head_dim)
     out = a * b * (cc + T / R(s.cp)) * heads / t + a * b * cc * (c.latent + (c.q_lora_rank or 0))
     out += 4 * b * cc * c.heads / t

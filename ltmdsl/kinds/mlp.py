@@ -23,7 +23,7 @@ from ltmdsl.kinds.base import (
     ACTIVATIONS, GATED, Flops, Kind, ModelContext, Param, Split, inference_ffn_width, no_cache, no_context_limit,
     none_inactive, saved_ffn_width, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 
@@ -59,7 +59,7 @@ def split(c: MLPConfig, d: int) -> Split:
 
 
 def workspace(c: MLPConfig, d: int, s):
-    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    tok = per_replica(B, s.dp) * Smallest(C, T) / R(s.cp)  # b * Cc / c
     return s.activation_dtype.bytes * tok * inference_ffn_width(c.activation, c.d_ff) / R(s.tp)
 
 

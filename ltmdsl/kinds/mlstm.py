@@ -74,7 +74,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, divide, no_context_limit, none_inactive,
     none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 
@@ -143,9 +143,9 @@ def cache(c: MlstmConfig, s) -> tuple[CacheTerm, ...]:
 def workspace(c: MlstmConfig, d: int, s):
     """The larger of the chunk's and the norm's moments (module docstring)."""
     b = per_replica(B, s.dp)
-    cc = sympy.Min(C, T) / R(s.cp)
+    cc = Smallest(C, T) / R(s.cp)
     tok, t = b * cc, R(s.tp)
-    L = sympy.Min(c.chunk, cc)
+    L = Smallest(c.chunk, cc)
     h = R(c.heads, s.tp)
     S = c.dqk * c.dv + c.dqk + 1
     held = s.activation_dtype.bytes * tok * (2 * c.qk_dim + 3 * c.v_dim + 2 * c.heads) / t + 8 * tok * h
@@ -170,7 +170,7 @@ def step_flops(c: MlstmConfig) -> int:
 
 def flops(c: MlstmConfig) -> dict[str, Flops]:
     H, Dk, Dv = c.heads, c.dqk, c.dv
-    L = sympy.Min(c.chunk, T)
+    L = Smallest(c.chunk, T)
     per_tok = 2 * L * H * (Dk + Dv) + 4 * H * Dk * Dv + 4 * H * Dk
     return {"ssm": Flops(sympy.Integer(step_flops(c)), per_tok * T + 2 * H * (Dk * Dv + Dk) * sympy.ceiling(T / L))}
 
@@ -185,7 +185,7 @@ def backward(c: MlstmConfig, x):
     chunk start states throughout, then the larger of the norm's moment and the chunk's."""
     h = x.split(c.heads)
     rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
-    L = sympy.Min(c.chunk, piece)
+    L = Smallest(c.chunk, piece)
     state = 4 * rows * h * (c.dqk * c.dv + c.dqk + 1)  # one fp32 (C, n, m)
     Q, Xk, Xv = 4 * rows * h * L**2, 4 * rows * h * L * c.dqk, 4 * rows * h * L * c.dv  # one chunk's fp32 tensors
     A, F, g = x.split(x.a * x.tok * c.v_dim), x.split(4 * x.tok * c.v_dim), x.split(4 * x.tok * c.heads)

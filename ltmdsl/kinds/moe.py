@@ -81,7 +81,7 @@ from ltmdsl.kinds.base import (
     ACTIVATIONS, GATED, CheckError, Flops, Kind, ModelContext, Param, Split, inference_ffn_width, no_cache,
     no_context_limit, saved_ffn_width, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 ROUTINGS = ("softmax_topk_renorm", "softmax_topk", "topk_softmax", "sigmoid_topk_renorm", "sigmoid_topk")
@@ -237,7 +237,7 @@ def _second_scores(c: MoEConfig) -> bool:
 
 
 def workspace(c: MoEConfig, d: int, s):
-    out_tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c tokens
+    out_tok = per_replica(B, s.dp) * Smallest(C, T) / R(s.cp)  # b * Cc / c tokens
     apart = _dispatch(s.parallel, out_tok)  # experts apart (ep > 1 or folded): (tokens dispatched, rows a slot)
     n = out_tok if apart is None else apart[1]  # the rows a slot at this rank's experts
     a, t = s.activation_dtype.bytes, R(s.tp)

@@ -27,7 +27,7 @@ import sympy
 
 from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, none_per_use
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 
@@ -92,7 +92,7 @@ def cache(c: ParallelConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: ParallelConfig, d: int, s):
-    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    tok = per_replica(B, s.dp) * Smallest(C, T) / R(s.cp)  # b * Cc / c
     first, second = (_kind(x).workspace(x, d, s) for _, x, _, _ in c.branches)
     return Largest(first, second) + s.activation_dtype.bytes * tok * d
 

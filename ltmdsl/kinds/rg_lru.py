@@ -81,7 +81,7 @@ from ltmdsl.kinds.base import (
     CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive,
     none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 ACTIVATIONS = ("gelu_tanh", "gelu")
@@ -129,10 +129,10 @@ def cache(c: RgLruConfig, s) -> tuple[CacheTerm, ...]:
 def workspace(c: RgLruConfig, d: int, s):
     """The larger of the scan chunk's and the output's moments (module docstring)."""
     b = per_replica(B, s.dp)
-    cc = sympy.Min(C, T) / R(s.cp)
+    cc = Smallest(C, T) / R(s.cp)
     tok, w = b * cc, c.width / R(s.tp)
     a = s.activation_dtype.bytes
-    return 5 * a * tok * w + 4 * b * w + Largest(24 * b * sympy.Min(c.chunk, cc) * w, 2 * a * tok * w)
+    return 5 * a * tok * w + 4 * b * w + Largest(24 * b * Smallest(c.chunk, cc) * w, 2 * a * tok * w)
 
 
 def stored(c: RgLruConfig, x, selective: bool):
@@ -163,17 +163,17 @@ def backward(c: RgLruConfig, x):
     over the sequence, the chunk start states and one chunk's scan re-run and back-propagating."""
     w = x.split(c.width)
     rows, piece = x.b * x.pieces, x.s / x.pieces  # under cp the rank's pieces are folded into the batch
-    L = sympy.Min(c.chunk, piece)
+    L = Smallest(c.chunk, piece)
     n = sympy.ceiling(piece / c.chunk)  # chunks of a row
     A = x.a * x.tok * w  # one [tok, W'] tensor in the activation dtype
     St, X = 4 * rows * w, 4 * rows * L * w  # one fp32 state [rows, W'], one chunk's fp32 [rows, L, W']
     gates = (4 if c.heads > x.t else 2) * A  # sigmoid's outputs, and their flattened copies over > 1 block
-    copies = 2 * A * sympy.Min(1, rows - 1)  # the gate einsums' contiguous copies of x over > 1 row
+    copies = 2 * A * Smallest(1, rows - 1)  # the gate einsums' contiguous copies of x over > 1 row
     region = 3 * A + gates + copies + 4 * A - A  # (docstring) less linear_out's input, freed by then
     # the scan's doubling steps but the first, l - 1: one for each offset 2, 4, ... below L (ceil(L/2^k) > 1)
-    later_steps = sympy.Add(*(sympy.Min(1, sympy.ceiling(L / 2**k) - 1) for k in range(1, (c.chunk - 1).bit_length())))
+    later_steps = sympy.Add(*(Smallest(1, sympy.ceiling(L / 2**k) - 1) for k in range(1, (c.chunk - 1).bit_length())))
     states = (n - (1 if x.c > 1 else 0) + 3) * St  # under cp the first start state is the region's input
-    graph = (10 + 2 * later_steps + 2 + 5) * X + 3 * x.a * rows * L * w * sympy.Min(1, n - 1)
+    graph = (10 + 2 * later_steps + 2 + 5) * X + 3 * x.a * rows * L * w * Smallest(1, n - 1)
     return region + states + graph
 
 

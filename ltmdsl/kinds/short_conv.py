@@ -30,7 +30,7 @@ from ltmdsl.ir import LayerConfig
 from ltmdsl.kinds.base import (
     CacheTerm, Flops, Kind, ModelContext, Param, Split, conv_taps, no_context_limit, none_inactive, none_per_use,
 )
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 
@@ -69,7 +69,7 @@ def cache(c: ShortConvConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: ShortConvConfig, d: int, s):
-    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    tok = per_replica(B, s.dp) * Smallest(C, T) / R(s.cp)  # b * Cc / c
     return s.activation_dtype.bytes * tok * 6 * c.width / R(s.tp)
 
 

@@ -41,7 +41,7 @@ import sympy
 
 from ltmdsl.ir import LayerConfig, NormConfig
 from ltmdsl.kinds.base import GATED, CacheTerm, CheckError, Flops, Kind, ModelContext, Param, Split
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica
 
 R = sympy.Rational
 
@@ -148,7 +148,7 @@ def cache(c: TransformerBlockConfig, s) -> tuple[CacheTerm, ...]:
 
 
 def workspace(c: TransformerBlockConfig, d: int, s):
-    tok = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)  # b * Cc / c
+    tok = per_replica(B, s.dp) * Smallest(C, T) / R(s.cp)  # b * Cc / c
     parts = Largest(_kind(c.attn).workspace(c.attn, d, s), _kind(c.ffn).workspace(c.ffn, d, s))
     return parts + s.activation_dtype.bytes * tok * (c.d_in + d)
 

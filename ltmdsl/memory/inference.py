@@ -32,7 +32,7 @@ from ltmdsl import kinds
 from ltmdsl.ir import Dtype, ModelIR
 from ltmdsl.kinds.base import CACHE_COMPONENTS
 from ltmdsl.memory.settings import Settings
-from ltmdsl.memory.symbols import B, C, T, ceil_bytes, compile_exact, per_replica
+from ltmdsl.memory.symbols import B, C, Smallest, T, ceil_bytes, compile_exact, per_replica
 
 R = sympy.Rational
 
@@ -47,7 +47,7 @@ def residual_workspace(model: ModelIR, s: Settings):
     """The residual stream and its normalised copy for one chunk, and the embeddings where a sub-layer reads
     them: (2 + `held_embeddings`) * a * b * Cc/c * d."""
     width = 2 + held_embeddings(model)
-    return width * s.activation_dtype.bytes * per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp) * model.d_model
+    return width * s.activation_dtype.bytes * per_replica(B, s.dp) * Smallest(C, T) / R(s.cp) * model.d_model
 
 
 def norm_workspace(model: ModelIR, s: Settings):
@@ -57,7 +57,7 @@ def norm_workspace(model: ModelIR, s: Settings):
     (3a + f + a * held) * b * Cc/c * d."""
     a = s.activation_dtype.bytes
     f = (4 if a < 4 else 0) + max(4, a)
-    tokens = per_replica(B, s.dp) * sympy.Min(C, T) / R(s.cp)
+    tokens = per_replica(B, s.dp) * Smallest(C, T) / R(s.cp)
     return (3 * a + f + a * held_embeddings(model)) * tokens * model.d_model
 
 

@@ -9,7 +9,7 @@ Every memory component is a sympy expression in three symbols:
 The parallel degrees (tp, pp, cp, ep, micro-batches m) are known integers when a report is built, so
 they enter the expressions as exact `Rational` coefficients (e.g. `24/t` with t = 8 becomes `3`). The
 data-parallel degree may also be the symbol `dp`, to solve for the smallest GPU count of a plan.
-Sliding windows make components piecewise in T: `Min(T, W)` keeps that exact.
+Sliding windows make components piecewise in T: `Smallest(T, W)` keeps that exact.
 
 Evaluation never goes through floats. `compile_exact` turns an expression into a Python function whose
 arithmetic is `int` only (each value a numerator over a denominator known when compiling; `Min` -> `min`,
@@ -44,31 +44,47 @@ def ceil_bytes(x: int | Fraction) -> int:
     return int(-((-x) // 1))
 
 
-class Largest(sympy.Function):
-    """max(a, b, ...) that stays unevaluated while an argument is symbolic, and is the number once all are.
+class _Extremum(sympy.Function):
+    """max or min of its arguments, unevaluated while an argument is symbolic and the number once all are.
 
-    `sympy.Max` proves which argument is largest by comparing every pair symbolically (factoring their
-    differences), seconds on a model of many kinds whose facets each take a max; the memory model never
-    needs that proof, since it evaluates exactly at numbers (`compile_exact`). Nested maxima are flattened,
-    repeated arguments dropped and the numeric ones folded into one.
+    `sympy.Max` and `sympy.Min` prove which argument is extreme by comparing every pair symbolically
+    (assumption queries and factored differences), most of the time `ltmdsl check` spends on a model of many
+    kinds whose facets each take a max or a min; the memory model never needs that proof, since it
+    evaluates exactly at numbers (`compile_exact`). Nested extrema of the same kind are flattened, repeated
+    arguments dropped and the numeric ones folded into one.
     """
+
+    _numeric: type  # sympy.Max or sympy.Min, for the numbers
 
     @classmethod
     def eval(cls, *args):
         flat: list[sympy.Expr] = []
         for a in args:
-            for x in (a.args if isinstance(a, Largest) else (a,)):
+            for x in (a.args if isinstance(a, cls) else (a,)):
                 if x not in flat:
                     flat.append(x)
         numbers = [x for x in flat if x.is_number]
         if len(numbers) == len(flat):
-            return sympy.Max(*flat)
-        keep = [x for x in flat if not x.is_number] + ([sympy.Max(*numbers)] if numbers else [])
+            return cls._numeric(*flat)
+        keep = [x for x in flat if not x.is_number] + ([cls._numeric(*numbers)] if numbers else [])
         if len(keep) == 1:
             return keep[0]
         if tuple(keep) != tuple(args):
             return cls(*keep)
         return None
+
+
+class Largest(_Extremum):
+    """max(a, b, ...) without sympy's proof of which is largest (`_Extremum`)."""
+
+    _numeric = sympy.Max
+
+
+class Smallest(_Extremum):
+    """min(a, b, ...) without sympy's proof of which is smallest (`_Extremum`): a window `Smallest(T, W)`
+    stays exact and piecewise in T."""
+
+    _numeric = sympy.Min
 
 
 class _ScaledIntegers:
@@ -136,13 +152,13 @@ class _ScaledIntegers:
             return str(e.p), e.q, ()
         if e.is_Symbol:
             return e.name, 1, ()
-        if e.is_Add or isinstance(e, (sympy.Min, sympy.Max, Largest)):
+        if e.is_Add or isinstance(e, (sympy.Min, sympy.Max, _Extremum)):
             if len(e.args) == 1:  # an unevaluated Largest(x) or Add(x) is x
                 return self.node(e.args[0])
             scaled, const, runtime = self._common([self.node(a) for a in e.args])
             if e.is_Add:
                 return self._var(" + ".join(scaled)), const, runtime
-            fn = "min" if isinstance(e, sympy.Min) else "max"
+            fn = "min" if isinstance(e, (sympy.Min, Smallest)) else "max"
             return self._var(f"{fn}({', '.join(scaled)})"), const, runtime
         if e.is_Mul:
             parts = [self.node(a) for a in e.args]
@@ -234,7 +250,7 @@ def cdiv(a: int, b: int) -> int:
 def formula_text(expr: sympy.Expr) -> str:
     """A compact human-readable formula: `min` and `ceil` spelled out, `*` kept for clarity."""
     text = sympy.sstr(sympy.sympify(expr), order="grlex")
-    return (text.replace("Min(", "min(").replace("Max(", "max(").replace("Largest(", "max(")
+    return (text.replace("Min(", "min(").replace("Max(", "max(").replace("Largest(", "max(").replace("Smallest(", "min(")
             .replace("ceiling(", "ceil("))
 
 

@@ -77,7 +77,7 @@ import sympy
 from ltmdsl import kinds
 from ltmdsl.ir import ModelIR, SubLayer
 from ltmdsl.memory.settings import Settings
-from ltmdsl.memory.symbols import B, C, Largest, T, per_replica, q
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, per_replica, q
 
 R = sympy.Rational
 
@@ -166,7 +166,7 @@ def loss_logits(model: ModelIR, s: Settings):
     if p.tp > 1:
         return s.activation_dtype.bytes * b * tokens * model.d_model + _acc_bytes(s) * model.d_model * R(model.vocab, p.tp)
     if s.chunked_loss:
-        tokens = sympy.Min(C, tokens)
+        tokens = Smallest(C, tokens)
     copies = 2 if model.logit_cap is not None else 1
     return copies * 4 * b * tokens * model.vocab
 
@@ -187,7 +187,7 @@ def temporaries(model: ModelIR, s: Settings, last: bool, largest_mixer: int, lay
         terms.append(Largest(0, vocab_parallel_working(model, s) - working))
     elif last:
         if s.chunked_loss:  # one chunk recomputed: its logits (a and fp32) and the two fp32 gradients
-            terms.append(Largest(0, (s.activation_dtype.bytes + 12) * b * sympy.Min(C, tokens) * model.vocab - working))
+            terms.append(Largest(0, (s.activation_dtype.bytes + 12) * b * Smallest(C, tokens) * model.vocab - working))
         else:  # the fp32 gradients of the log-softmax output and of the logits
             terms.append(Largest(0, 8 * b * tokens * model.vocab - working))
     if p.zero >= 3:  # the mixer back-propagating and the next one, prefetched, gathered whole
@@ -212,7 +212,7 @@ def vocab_parallel_working(model: ModelIR, s: Settings):
     p = s.parallel
     b = per_replica(B, q(p.dp) * p.microbatches)
     tokens = T / R(p.cp)
-    rows = b * (sympy.Min(C, tokens) if s.chunked_loss else tokens)  # c
+    rows = b * (Smallest(C, tokens) if s.chunked_loss else tokens)  # c
     a, w, f, d = s.activation_dtype.bytes, s.weight_dtype.bytes, _acc_bytes(s), model.d_model
     cols = R(model.vocab, p.tp)  # V'
     cap = 1 if model.logit_cap is not None else 0

@@ -9,7 +9,7 @@ import sympy
 import ltmdsl
 from ltmdsl.errors import SpecError
 from ltmdsl.kinds import REGISTRY
-from ltmdsl.memory.symbols import B, C, Largest, T
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T
 
 BASE = """model m {{
     vocab = 64
@@ -56,7 +56,7 @@ def test_workspace_stored_and_flops_formulas():
     kind, a, b = REGISTRY["parallel"], REGISTRY["attention"], REGISTRY["mamba2"]
     s = resolve(ir, spec.budget("b"))
     ws = kind.workspace(mix, 32, s)
-    held = s.activation_dtype.bytes * B * sympy.Min(C, T) * 32  # the first branch's output [b, Cc, d]
+    held = s.activation_dtype.bytes * B * Smallest(C, T) * 32  # the first branch's output [b, Cc, d]
     want = Largest(a.workspace(mix.a, 32, s), b.workspace(mix.b, 32, s)) + held
     assert sympy.simplify(ws - want) == 0
     x = MicroBatch(ir, resolve(ir, spec.budget("t")), ir.layers[0].norm)

@@ -1,6 +1,7 @@
-"""The memory model's symbolic maxima (`symbols.Largest`): exact at numbers, flattened while symbolic, and the
-only maximum the model builds (sympy.Max compares its arguments pairwise by symbolic proof: a model holding
-every kind took 13 CPU seconds to report, against a contract of well under one)."""
+"""The memory model's symbolic extrema (`symbols.Largest`, `symbols.Smallest`): exact at numbers, flattened while
+symbolic, and the only maximum and minimum the model builds (sympy.Max and sympy.Min compare their arguments
+pairwise by symbolic proof: a model holding every kind took 13 CPU seconds to report with sympy.Max, against a
+contract of well under one, and sympy.Min was half of what `ltmdsl check` spent on ltm-100m's budgets)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import sympy
 
-from ltmdsl.memory.symbols import B, C, Largest, T, compile_exact, formula_text
+from ltmdsl.memory.symbols import B, C, Largest, Smallest, T, compile_exact, formula_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,9 +31,32 @@ def test_largest_flattens_drops_repeats_and_folds_numbers():
     assert formula_text(Largest(T * B, C)).startswith("max(")
 
 
-@pytest.mark.parametrize("package", ["ltmdsl/memory", "ltmdsl/kinds"])
-def test_the_model_takes_no_sympy_max(package):
+def test_smallest_is_the_number_once_every_argument_is():
+    assert Smallest(3, 7, 5) == 3
+    window = Smallest(T, 4096)  # a sliding window's keys: piecewise in T
+    assert window.subs(T, 100) == 100 and window.subs(T, 10**6) == 4096
+    fn = compile_exact(2 * window + Smallest(1, T - C))
+    assert fn(100, 1, 100) == 200 and fn(10**6, 1, 1024) == 8193
+    assert fn(10**6, 1, 1024) == (2 * window + Smallest(1, T - C)).subs({T: 10**6, C: 1024})
+
+
+def test_smallest_flattens_drops_repeats_and_folds_numbers():
+    nested = Smallest(Smallest(T, 5), Smallest(T, B, 9), 20)
+    assert set(nested.args) == {T, B, sympy.Integer(5)}
+    assert Smallest(T) == T and Smallest(T, T) == T
+    assert formula_text(Smallest(T * B, C)).startswith("min(")
+    # a min inside a max stays itself: only the same extremum flattens
+    mixed = Largest(Smallest(T, 4), B)
+    assert set(mixed.args) == {Smallest(T, 4), B}
+    assert compile_exact(mixed)(10, 2, 1) == 4 and compile_exact(mixed)(3, 2, 1) == 3
+
+
+@pytest.mark.parametrize(("package", "call", "ours"), [
+    ("ltmdsl/memory", "Max", "Largest"), ("ltmdsl/kinds", "Max", "Largest"),
+    ("ltmdsl/memory", "Min", "Smallest"), ("ltmdsl/kinds", "Min", "Smallest"),
+], ids=["memory-max", "kinds-max", "memory-min", "kinds-min"])
+def test_the_model_takes_no_sympy_extremum(package, call, ours):
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / package).glob("*.py"))
-            for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bsympy\.Max\(", line)
+            for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(rf"\bsympy\.{call}\(", line)
             and p.name != "symbols.py"]
-    assert not hits, f"use symbols.Largest, not sympy.Max: {hits}"
+    assert not hits, f"use symbols.{ours}, not sympy.{call}: {hits}"
