@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import linecache
 import os
-import stat
 import sys
 import threading
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ltmdsl import atomic
+from ltmdsl.atomic import CacheDirError, private_dir
 from ltmdsl.codegen.kernelspec import KernelSpec
 from ltmdsl.codegen.lint import lint_or_raise
 from ltmdsl.codegen.render import render
@@ -58,27 +58,6 @@ def kernel_key(source: str) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
-
-
-class CacheDirError(PermissionError):
-    """A kernel cache directory that others could write into: generated code there cannot be trusted."""
-
-
-def private_dir(path: Path) -> Path:
-    """Create `path` as a 0700 directory, or check an existing one: it must be a real directory owned by
-    this user; group/world access is removed (repaired). CacheDirError otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise CacheDirError(f"kernel cache {path} is not a directory (a symlink or a file); refusing to use it")
-    if st.st_uid != os.getuid():
-        raise CacheDirError(f"kernel cache {path} is owned by uid {st.st_uid}, not by this user; refusing to "
-                            "execute code from it (set LTMDSL_CACHE_DIR to a directory of your own)")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-    return path
 
 
 def _digest(text: str) -> str:
@@ -151,7 +130,7 @@ def compile_spec(spec: KernelSpec) -> CompiledKernel:
             lint_or_raise(source, spec)
             if os.environ.get("LTMDSL_PRINT_CODE", "") not in ("", "0"):
                 print(f"# ---- ltmdsl: compiling {spec.name} (key {key[:16]}) ----\n{source}", file=sys.stderr)
-            path = private_dir(Path(where)) / f"{spec.name}_{key[:16]}.py"
+            path = private_dir(Path(where), "kernel cache") / f"{spec.name}_{key[:16]}.py"
             write_atomic(path, source)
             module = _execute(path, f"_ltmdsl_kernel_{spec.name}_{key[:16]}", source)
             hit = CompiledKernel(spec, source, key, path, module)

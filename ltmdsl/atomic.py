@@ -249,3 +249,25 @@ def directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class CacheDirError(PermissionError):
+    """A cache folder that others could write into: code or pickles read from it cannot be trusted."""
+
+
+def private_dir(path: Path, what: str = "cache") -> Path:
+    """Create `path` as a 0700 directory, or check an existing one: it must be a real directory owned by
+    this user; group/world access is removed (repaired). CacheDirError otherwise. `what` names the cache in
+    the message (the kernel cache executes the files it holds; Lark unpickles the grammar cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheDirError(f"{what} {path} is not a directory (a symlink or a file); refusing to use it")
+    if st.st_uid != os.getuid():
+        raise CacheDirError(f"{what} {path} is owned by uid {st.st_uid}, not by this user; refusing to "
+                            "execute code from it (set LTMDSL_CACHE_DIR to a directory of your own)")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path

@@ -15,7 +15,7 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from ltmdsl import ast
+from ltmdsl import ast, atomic
 from ltmdsl.errors import Diagnostic, SpecError, source_line, split_lines
 from ltmdsl.ir import SourcePos
 
@@ -36,21 +36,21 @@ _TERMINAL_TEXT = {
 
 
 def _grammar_cache() -> str | bool:
-    """Where Lark keeps the analysed grammar between runs: a file in the user's cache folder
-    ($XDG_CACHE_HOME/ltmdsl, else ~/.cache/ltmdsl), or False (no cache) where that folder cannot be made.
+    """Where Lark keeps the analysed grammar between runs: a file in the user's private cache folder
+    ($XDG_CACHE_HOME/ltmdsl/grammar, else ~/.cache/ltmdsl/grammar, 0700 and theirs), or False (no cache)
+    where that folder cannot be made or trusted, or LTMDSL_NO_CACHE is set.
 
     Building the LALR tables takes about 60 ms of every `ltmdsl check`; Lark names the cache by the
     grammar's and its options' hash and rebuilds (and rewrites) it when they change or it cannot be read.
-    The user's own folder, not the shared temporary one that `cache=True` uses, since Lark unpickles it.
+    A private folder, as for the kernel cache, since Lark unpickles the file.
     """
     if os.environ.get("LTMDSL_NO_CACHE"):
         return False
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ltmdsl"
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ltmdsl" / "grammar"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
+        return str(atomic.private_dir(root, "grammar cache") / "ltm.lark-cache")
+    except OSError:  # CacheDirError included: parse without a cache rather than fail
         return False
-    return str(root / "ltm-grammar.lark-cache")
 
 
 @functools.lru_cache(maxsize=1)

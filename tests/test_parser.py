@@ -1,6 +1,7 @@
 """Literals, units and hostile input: the parser either returns a tree or raises SpecError, fast."""
 
 import os
+import stat
 import time
 
 import pytest
@@ -114,16 +115,16 @@ def test_bad_command_line_counts(text):
 
 @pytest.mark.parametrize("state", ["fresh", "corrupt", "disabled"])
 def test_grammar_cache_is_the_users_and_never_in_the_way(state, tmp_path):
-    """The analysed grammar is kept in $XDG_CACHE_HOME/ltmdsl (60 ms of every run); a damaged cache is rebuilt
-    and LTMDSL_NO_CACHE leaves none. Each case in a fresh interpreter, since the parser is built once a process."""
+    """The analysed grammar is kept in $XDG_CACHE_HOME/ltmdsl/grammar, private (60 ms of every run); a damaged
+    cache is rebuilt and LTMDSL_NO_CACHE leaves none. Each case in a fresh interpreter, since the parser is built once a process."""
     import subprocess
     import sys
 
-    cache = tmp_path / "ltmdsl" / "ltm-grammar.lark-cache"
+    cache = tmp_path / "ltmdsl" / "grammar" / "ltm.lark-cache"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     env.pop("LTMDSL_NO_CACHE", None)
     if state == "corrupt":
-        cache.parent.mkdir()
+        cache.parent.mkdir(parents=True)
         cache.write_bytes(b"not a cache\n\x80\x04garbage")
     if state == "disabled":
         env["LTMDSL_NO_CACHE"] = "1"
@@ -135,3 +136,4 @@ def test_grammar_cache_is_the_users_and_never_in_the_way(state, tmp_path):
         assert not cache.exists()
     else:
         assert cache.read_bytes()[:64].split(b"\n")[0].isalnum()  # Lark's header: the grammar's hash
+        assert stat.S_IMODE(cache.parent.stat().st_mode) == 0o700
