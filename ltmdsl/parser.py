@@ -46,10 +46,10 @@ def _grammar_cache() -> str | bool:
     """
     if os.environ.get("LTMDSL_NO_CACHE"):
         return False
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ltmdsl" / "grammar"
     try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ltmdsl" / "grammar"
         return str(atomic.private_dir(root, "grammar cache") / "ltm.lark-cache")
-    except OSError:  # CacheDirError included: parse without a cache rather than fail
+    except (OSError, RuntimeError):  # CacheDirError, or no home folder: parse without a cache rather than fail
         return False
 
 
