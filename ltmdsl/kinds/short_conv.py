@@ -13,8 +13,10 @@ There is no other state: the layer's memory of the past is its last L - 1 gated 
 Prefill workspace for a chunk of Cc = min(C, T) tokens: a * b * Cc/c * 6d/t (BCx, B*x, conv output, y).
 Training activations per micro-batch:
     replicated  norm input and in_proj input 2a*sbh
-    split       BCx 3a*sbd and y (out_proj input) a*sbd; B*x and the conv output a*sbd each, recomputed
-                under selective recompute (two elementwise products and a depthwise conv)
+    split       BCx 3a*sbd, B*x and the conv output a*sbd each, and y (out_proj input) a*sbd; selective
+                recompute keeps them all, as the runtime does (it recomputes the attention core only,
+                Megatron-LM's definition). (Until 2026-12 the model dropped B*x and the conv output under
+                selective, which the runtime never did: a short conv traced +20% over its prediction there.)
 FLOPs beyond the projections (the compute model's recurrent-mixer component "ssm"): 2 L d (the conv) + 2d
 (the two gates) per token, prefill T times that.
 """
@@ -74,10 +76,8 @@ def workspace(c: ShortConvConfig, d: int, s):
 
 
 def stored(c: ShortConvConfig, x, selective: bool):
-    out = x.base + x.split(x.a * x.tok * 4 * c.width)
-    if not selective:
-        out += x.split(x.a * x.tok * 2 * c.width)
-    return out
+    """The same under every policy but full recompute: nothing of a short conv is the attention core."""
+    return x.base + x.split(x.a * x.tok * 6 * c.width)
 
 
 def step_flops(c: ShortConvConfig) -> int:

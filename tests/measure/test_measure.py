@@ -208,6 +208,17 @@ def test_scan_kinds_activations_within_5_percent(kind, step):
         assert abs(m.peak_relative) <= INFERENCE_PEAK_TOL, m.to_text()
 
 
+@pytest.mark.parametrize("policy", ["none", "selective", "full"])
+def test_short_conv_activations_within_5_percent_under_every_policy(policy):
+    """Selective recompute drops only the attention core, so a short convolution keeps its gate products under
+    it as under none (the model dropped them until 2026-12: +20% traced over the prediction)."""
+    text = DENSE.replace("attention(heads = 4, kv_heads = 2, rope_theta = 10000)", NEW_KINDS["short_conv"]).replace(
+        "d_model = 64", "d_model = 256")
+    spec = ltmdsl.loads(text)
+    m = measure(spec.model, _budget(spec, "train"), recompute=policy)
+    assert abs(m.relative["activations"]) <= ACTIVATIONS_TOL, m.to_text()
+
+
 def traceable_tiny_hybrid():
     """tiny-hybrid, every mixer kind of the runtime in one stack: all of them have a fake-tensor path."""
     return ltmdsl.load(EXAMPLES / "tiny-hybrid.ltm")

@@ -35,7 +35,8 @@ LAYERS = {
 }
 
 #: (kind, policy, flash attention): every kind under none and full recompute; selective where it drops
-#: something (the eager attention core, the short convolution's gate products); eager attention under each
+#: something (the eager attention core) and the short convolution, whose gate products it keeps; eager attention
+#: under each
 CASES = [(k, p, True) for k in LAYERS for p in ("none", "full")]
 CASES += [("short_conv", "selective", True)]
 CASES += [(k, p, False) for k in ("attention", "mla") for p in ("none", "selective", "full")]
