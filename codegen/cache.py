@@ -130,7 +130,8 @@ def compile_spec(spec: KernelSpec) -> CompiledKernel:
             lint_or_raise(source, spec)
             if os.environ.get("LTMDSL_PRINT_CODE", "") not in ("", "0"):
                 print(f"# ---- ltmdsl: compiling {spec.name} (key {key[:16]}) ----\n{source}", file=sys.stderr)
-            path = private_dir(Path(where), "kernel cache") / f"{spec.name}_{key[:16]}.py"
+            folder = private_dir(Path(where), "kernel cache", "set LTMDSL_CACHE_DIR to a directory of your own")
+            path = folder / f"{spec.name}_{key[:16]}.py"
             write_atomic(path, source)
             module = _execute(path, f"_ltmdsl_kernel_{spec.name}_{key[:16]}", source)
             hit = CompiledKernel(spec, source, key, path, module)

@@ -255,10 +255,10 @@ class CacheDirError(PermissionError):
     """A cache folder that others could write into: code or pickles read from it cannot be trusted."""
 
 
-def private_dir(path: Path, what: str = "cache") -> Path:
+def private_dir(path: Path, what: str = "cache", hint: str = "") -> Path:
     """Create `path` as a 0700 directory, or check an existing one: it must be a real directory owned by
-    this user; group/world access is removed (repaired). CacheDirError otherwise. `what` names the cache in
-    the message (the kernel cache executes the files it holds; Lark unpickles the grammar cache)."""
+    this user; group/world access is removed (repaired). CacheDirError otherwise, naming the cache (`what`:
+    the kernel cache executes the files it holds, Lark unpickles the grammar cache) and how to move it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
@@ -267,7 +267,7 @@ def private_dir(path: Path, what: str = "cache") -> Path:
         raise CacheDirError(f"{what} {path} is not a directory (a symlink or a file); refusing to use it")
     if st.st_uid != os.getuid():
         raise CacheDirError(f"{what} {path} is owned by uid {st.st_uid}, not by this user; refusing to "
-                            "execute code from it (set LTMDSL_CACHE_DIR to a directory of your own)")
+                            f"execute code from it{f' ({hint})' if hint else ''}")
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path

@@ -250,8 +250,10 @@ def cdiv(a: int, b: int) -> int:
 def formula_text(expr: sympy.Expr) -> str:
     """A compact human-readable formula: `min` and `ceil` spelled out, `*` kept for clarity."""
     text = sympy.sstr(sympy.sympify(expr), order="grlex")
-    return (text.replace("Min(", "min(").replace("Max(", "max(").replace("Largest(", "max(").replace("Smallest(", "min(")
-            .replace("ceiling(", "ceil("))
+    for name, shown in (("Min(", "min("), ("Max(", "max("), ("Largest(", "max("), ("Smallest(", "min("),
+                        ("ceiling(", "ceil(")):
+        text = text.replace(name, shown)
+    return text
 
 
 def growth_order(fn: ExactFn, batch: int, chunk: int) -> str:
