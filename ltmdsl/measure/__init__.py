@@ -25,6 +25,7 @@ Modules, one concept each:
     train      the training step: forward (recompute policy), chunked loss, backward, optimizer
     infer      the inference step: cache of the budget's context, a prefill chunk, a decode step
     cost       how long a trace would take; refusal with a smaller context to try
+    progress   a counter of the step's dispatched ops, their rate and the time so far (a terminal only)
     report     Measurement: per component predicted, traced, relative difference; the peak
 
 What is approximated (also in each Measurement's notes): collectives allocate their outputs but communicate
@@ -100,12 +101,14 @@ def _cp_inference_supported(ir, s) -> None:
                 raise NotTraceable(f"cp = {cp} does not divide the {held} cached tokens of layer '{x.definition}'")
 
 
-def measure(model, budget=None, *, user_gpus=None, device: str | None = None, **overrides) -> Measurement:
+def measure(model, budget=None, *, user_gpus=None, device: str | None = None, progress: bool = False,
+            **overrides) -> Measurement:
     """Trace the budget's step for one rank and compare it with `ltmdsl.memory.report` (module docstring).
 
     `device="cuda"` runs the same step for real on that GPU instead of on fake tensors (one-GPU plans only,
     weights left uninitialised: only bytes are read) and also reports the CUDA caching allocator's own peak,
-    `torch.cuda.max_memory_allocated`, beside the tracked one.
+    `torch.cuda.max_memory_allocated`, beside the tracked one. `progress` counts the step's
+    dispatched ops on stderr when it is a terminal (`ltmdsl memory --measure` does).
     Raises NotTraceable (a kind without a fake-safe path, an untraced plan) or TooLargeToTrace.
     """
     from ltmdsl.memory import report
@@ -150,8 +153,13 @@ def measure(model, budget=None, *, user_gpus=None, device: str | None = None, **
         sizes, root = None, None
         if ranks.needs_group(s.parallel):
             sizes, root = _split(net, model, s, stage_index, group, notes)
+        bar = None
+        if progress:
+            from ltmdsl.measure.progress import OpProgress
+
+            bar = OpProgress(f"tracing {model.name} ({s.mode}, {s.context:,} tokens)")
         measured, peak, phase, phases, allocated = _trace(net, model, s, stage_index, sizes, dtype, notes, root,
-                                                          device)
+                                                          device, bar)
     predicted = dict(r.per_gpu_components)
     if s.mode == "inference":
         predicted = {c: predicted.get(c, 0) for c in ("weights", "kv_cache", "recurrent_state", "activations", "logits")}
@@ -209,9 +217,11 @@ def _split(net, model, s, stage_index: int, group: contextlib.ExitStack, notes: 
     return sizes, root
 
 
-def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str], root=None, device: str | None = None):
+def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str], root=None, device: str | None = None,
+           bar=None):
     """The traced step on fake tensors, or for real on `device`: (measured components, peak bytes, its phase,
-    the phase marks, the CUDA allocator's peak over the step or None)."""
+    the phase marks, the CUDA allocator's peak over the step or None). `bar`, a progress.OpProgress, counts
+    the step's ops."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -234,6 +244,8 @@ def _trace(net, model, s, stage_index: int, sizes, dtype, notes: list[str], root
                      + ("; the allocator's peak is max_memory_allocated over the step, less what was allocated "
                         "before)" if cuda else ")"))
     allocated = None
+    if bar is not None:  # inside the fake mode: it sees the ops as they are dispatched, before MemTracker's
+        where.enter_context(bar)
     with where:
         st = stage_mod.materialise(net, model, s.pp, stage_index, sizes, root, device=device or "cpu")
         if st.buffer_bytes():
