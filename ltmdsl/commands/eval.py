@@ -84,6 +84,7 @@ def settings(task, base: dict, args, trained_context: int | None) -> list[dict]:
 
 def run(args) -> int:
     import torch  # noqa: F401  (the runtime)
+    from tqdm import tqdm
 
     import ltmdsl
     from ltmdsl.evals import TaskError, VocabError, get_task
@@ -119,6 +120,7 @@ def run(args) -> int:
     warned: set[str] = set()
     try:
         task = get_task(task_name)
+        work = []  # (run, model, its training options, one setting's options), every one checked before scoring
         for run, model, record in loaded:
             trained = record.get("options", {}) if record.get("task") == task_name else {}
             trained = {k: v for k, v in trained.items() if k not in task.train_only}  # a training mix
@@ -126,19 +128,26 @@ def run(args) -> int:
             for values in settings(task, base, args, trained.get("context")):
                 options = task.make_options(**values)
                 task.tokenizer(options).fits(model.ir.vocab)
-                warning = recall_warning(model.ir, task_name, options.context)
-                if warning and run not in warned:  # once per run, at its first context past the windows
-                    warned.add(run)
-                    print(f"warning: {run}: {warning}", file=sys.stderr)
-                seed = EVAL_SEED if args.seed is None else args.seed
-                result = score(model, task, options, seed, args.samples, args.chunk)
-                rows.append({"run": run, "model": model.ir.name, "task": task_name, "context": options.context,
-                             "hops": getattr(options, "hops", None), "samples": result.samples,
-                             "accuracy": round(result.accuracy, 6),
-                             "trained_context": trained.get("context")})
+                work.append((run, model, trained, options))
     except (TaskError, VocabError) as e:
         print(f"ltmdsl eval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    # a bar over every sample of every setting, on a terminal and without --json (as `ltmdsl train`)
+    bar = tqdm(total=len(work) * args.samples, unit="sample", disable=args.json or not sys.stderr.isatty(),
+               file=sys.stderr, desc=task_name)
+    seed = EVAL_SEED if args.seed is None else args.seed
+    with bar:
+        for run, model, trained, options in work:
+            warning = recall_warning(model.ir, task_name, options.context)
+            if warning and run not in warned:  # once per run, at its first context past the windows
+                warned.add(run)
+                tqdm.write(f"warning: {run}: {warning}", file=sys.stderr)
+            bar.set_postfix(context=f"{options.context:,}", refresh=False)
+            result = score(model, task, options, seed, args.samples, args.chunk, on_sample=bar.update)
+            rows.append({"run": run, "model": model.ir.name, "task": task_name, "context": options.context,
+                         "hops": getattr(options, "hops", None), "samples": result.samples,
+                         "accuracy": round(result.accuracy, 6),
+                         "trained_context": trained.get("context")})
     if args.json:
         print(json.dumps({"task": task_name, "results": rows}, indent=2))
     else:

@@ -132,8 +132,8 @@ def _measure(path, spec, model, budget, overrides: dict, as_json: bool, device: 
             return _error("ltmdsl memory", f"--device {device}: no CUDA device here; leave --device out to trace on "
                           "fake tensors")
     try:
-        m = measure(model, budget, user_gpus={g.name: g for g in spec.ir.gpus}, device=device, progress=True,
-                    **overrides)
+        m = measure(model, budget, user_gpus={g.name: g for g in spec.ir.gpus}, device=device,
+                    progress=not as_json, **overrides)  # the counter: on a terminal, without --json
     except (NotTraceable, TooLargeToTrace) as e:
         print(f"{path}: error: {e}", file=sys.stderr)
         return 3

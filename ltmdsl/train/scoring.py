@@ -14,7 +14,7 @@ sample's own bytes are fed after each guess (teacher forcing) instead of the mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -60,8 +60,10 @@ def decode_answers(model, sample: Sample, chunk: int = 4096, teacher_forced: boo
     return np.asarray(answers, dtype=np.int64)
 
 
-def score(model, task: Task, options: Any, seed: int, samples: int, chunk: int = 4096) -> Score:
-    """Mean exact-match accuracy of `model` on samples 0..samples-1 of `task` under `options` and `seed`."""
+def score(model, task: Task, options: Any, seed: int, samples: int, chunk: int = 4096,
+          on_sample: Callable[[], object] | None = None) -> Score:
+    """Mean exact-match accuracy of `model` on samples 0..samples-1 of `task` under `options` and `seed`;
+    `on_sample` is called after each (a progress bar's update)."""
     was_training = model.training
     model.eval()
     try:
@@ -70,6 +72,8 @@ def score(model, task: Task, options: Any, seed: int, samples: int, chunk: int =
             sample = task.generate(options, seed, index)
             answers = decode_answers(model, sample, chunk, teacher_forced=task.name in TEACHER_FORCED)
             per.append(float(task.accuracy(answers, sample)))
+            if on_sample is not None:
+                on_sample()
     finally:
         model.train(was_training)
     return Score(accuracy=float(np.mean(per)), samples=samples, per_sample=tuple(per))

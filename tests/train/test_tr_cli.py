@@ -64,9 +64,9 @@ def test_a_mixed_hops_run_is_scored_one_depth_at_a_time(tmp_path, capsys, monkey
     scored = []
     real = scoring.score
 
-    def recording(model, task, options, *rest):
+    def recording(model, task, options, *rest, **kwargs):
         scored.append(options)
-        return real(model, task, options, *rest)
+        return real(model, task, options, *rest, **kwargs)
 
     monkeypatch.setattr(scoring, "score", recording)  # what `eval` scores
     capsys.readouterr()
@@ -159,3 +159,18 @@ def test_init_of_a_run_of_the_same_seed_warns_that_it_repeats_its_samples(spec, 
     assert "draws the same samples again" in err and "another --seed" in err
     assert main(train_args(spec, tmp_path / "c", "--init", str(tmp_path / "a"), "--seed", "1")) == 0
     assert "same samples" not in capsys.readouterr().err
+
+
+def test_eval_counts_every_sample_of_every_setting_on_a_terminal(spec, tmp_path, capsys, monkeypatch):
+    """On a terminal `ltmdsl eval` shows a bar over (runs x settings x samples); with --json, or off a
+    terminal, none (as `ltmdsl train`)."""
+    import sys
+
+    assert main(train_args(spec, tmp_path / "a")) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert main(["eval", str(tmp_path / "a"), "--samples", "3", "--context", "24", "48"]) == 0
+    err = capsys.readouterr().err
+    assert "mqar: 100%" in err and "6/6" in err, err
+    assert main(["eval", str(tmp_path / "a"), "--samples", "3", "--json"]) == 0
+    assert "mqar:" not in capsys.readouterr().err
