@@ -9,9 +9,11 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 
+import lark
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
@@ -48,7 +50,9 @@ def _grammar_cache() -> str | bool:
         return False
     try:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ltmdsl" / "grammar"
-        return str(atomic.private_dir(root, "grammar cache") / "ltm.lark-cache")
+        # one file per Lark and Python version, so that two environments sharing the folder do not rewrite it
+        name = f"ltm-lark{lark.__version__}-py{sys.version_info[0]}{sys.version_info[1]}.lark-cache"
+        return str(atomic.private_dir(root, "grammar cache") / name)
     except (OSError, RuntimeError):  # CacheDirError, or no home folder: parse without a cache rather than fail
         return False
 

@@ -115,12 +115,16 @@ def test_bad_command_line_counts(text):
 
 @pytest.mark.parametrize("state", ["fresh", "corrupt", "disabled"])
 def test_grammar_cache_is_the_users_and_never_in_the_way(state, tmp_path):
-    """The analysed grammar is kept in $XDG_CACHE_HOME/ltmdsl/grammar, private (60 ms of every run); a damaged
-    cache is rebuilt and LTMDSL_NO_CACHE leaves none. Each case in a fresh interpreter, since the parser is built once a process."""
+    """The analysed grammar is kept in $XDG_CACHE_HOME/ltmdsl/grammar, private (60 ms of every run), one file per
+    Lark and Python version; a damaged cache is rebuilt and LTMDSL_NO_CACHE leaves none. Each case in a fresh
+    interpreter, since the parser is built once a process."""
     import subprocess
     import sys
 
-    cache = tmp_path / "ltmdsl" / "grammar" / "ltm.lark-cache"
+    import lark
+
+    version = f"lark{lark.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    cache = tmp_path / "ltmdsl" / "grammar" / f"ltm-{version}.lark-cache"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     env.pop("LTMDSL_NO_CACHE", None)
     if state == "corrupt":
