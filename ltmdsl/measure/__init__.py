@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 import warnings
 
@@ -154,7 +155,7 @@ def measure(model, budget=None, *, user_gpus=None, device: str | None = None, pr
         if ranks.needs_group(s.parallel):
             sizes, root = _split(net, model, s, stage_index, group, notes)
         bar = None
-        if progress:
+        if progress and sys.stderr.isatty():
             from ltmdsl.measure.progress import OpProgress
 
             bar = OpProgress(f"tracing {model.name} ({s.mode}, {s.context:,} tokens)")

@@ -22,11 +22,14 @@ class OpProgress(TorchDispatchMode):
 
     def __init__(self, desc: str):
         super().__init__()
+        self.desc, self.pending, self.bar = desc, 0, None
+
+    def __enter__(self):
         from tqdm import tqdm
 
-        self.pending = 0
-        self.bar = tqdm(desc=desc, unit="op", unit_scale=True, file=sys.stderr, disable=None, leave=False,
+        self.bar = tqdm(desc=self.desc, unit="op", unit_scale=True, file=sys.stderr, disable=None, leave=False,
                         dynamic_ncols=True)
+        return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.pending += 1
