@@ -1,7 +1,7 @@
 """A progress counter over the traced step: the aten ops it has dispatched, their rate and the time so far.
 
-A trace can take from seconds to an hour (a 52-layer hybrid at 256Ki tokens on one rank of tp 2), all of it
-fake-tensor dispatch, so the count of dispatched ops is the step's progress. `OpProgress` is a dispatch mode
+A trace can take from seconds to over an hour (Jamba-v0.1's serve_256k, one rank of tp 2: 71 minutes), all of
+it fake-tensor dispatch, so the count of dispatched ops is the step's progress. `OpProgress` is a dispatch mode
 entered inside the FakeTensorMode, under the MemTracker: it counts each op and passes it on unchanged (it
 creates no tensor and keeps none, so the traced bytes are the same with it or without). It shows no total:
 `cost.estimate_ops`, which refuses steps too large to trace, counts a sub-layer's work in coarser steps
