@@ -46,6 +46,10 @@ def _scan_chunk(seq: tuple, shared: tuple, state: tuple) -> tuple[torch.Tensor, 
     return y, (hs[:, -1],)
 
 
+#: tokens per chunk of `selective_scan` (the layer calls it with this default)
+SCAN_CHUNK = 64
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -54,7 +58,7 @@ def selective_scan(
     Cm: torch.Tensor,
     *,
     state: torch.Tensor | None,
-    chunk: int = 64,
+    chunk: int = SCAN_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked parallel selective scan.
 

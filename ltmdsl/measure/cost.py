@@ -1,13 +1,11 @@
 """How long a trace would take, roughly, so that a budget too large to trace is refused with advice.
 
-On fake tensors time is Python dispatch: a fixed number of ops per sub-layer, plus the kinds whose reference
-code loops over the sequence (the Mamba-1 scan, the Mamba-2 SSD, the gated delta rule and lightning attention
-visit T/chunk chunks; attention that needs
-a causal mask or a chunk against cached keys, visits query blocks of `mask_rows` queries, a window blocks of
-`window_rows`) and the
-MoE's loop over experts. `estimate_ops` counts those steps for
-the traced step (forward; training adds the backward and recompute, about 3x) and `check` refuses more than
-OP_LIMIT, suggesting the largest context (a power of two) that fits.
+On fake tensors time is Python dispatch: a fixed number of ops per sub-layer, plus the iterations of the loops
+its reference code runs, which each runtime kind states (`RuntimeKind.trace_loops`: the chunked scans and
+rules visit T/chunk chunks, attention a chunk's query blocks against cached keys or a window's, the MoE its
+experts). `estimate_ops` counts those steps for the traced step (forward; training adds the backward and
+recompute, about 3x) and `check` refuses more than OP_LIMIT, suggesting the largest context (a power of two)
+that fits.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from __future__ import annotations
 import math
 
 from ltmdsl.ir import ModelIR
-from ltmdsl.kinds.attention import mask_rows, window_rows
 from ltmdsl.memory.assemble import stage_ranges
 from ltmdsl.memory.settings import Settings
 
@@ -29,20 +26,11 @@ class TooLargeToTrace(ValueError):
 
 
 def _loop_steps(layer, tokens: int, keys: int) -> int:
-    """Sequence-loop iterations of one sub-layer over `tokens` queries against `keys` keys."""
-    m = layer.mixer
-    if layer.kind == "mamba":
-        return math.ceil(tokens / 64)  # runtime/ops_scan.py chunks of 64 tokens
-    if layer.kind in ("mamba2", "gated_deltanet", "kda", "lightning"):  # chunk by chunk (ops_recurrence for the last 3)
-        return math.ceil(tokens / m.chunk)
-    if layer.kind in ("attention", "mla") and getattr(m, "window", None) is None and keys > tokens:
-        return math.ceil(tokens / mask_rows(keys))  # masked query blocks of a chunk against cached keys
-    if layer.kind == "attention" and m.window is not None:
-        rows = window_rows(m.window)  # query blocks of a window (runtime/ops_attention.py `attention`)
-        return math.ceil(tokens / rows) if tokens > rows else 0
-    if layer.kind == "moe":
-        return m.experts
-    return 0
+    """Sequence-loop iterations of one sub-layer over `tokens` queries against `keys` keys: its runtime kind's
+    `trace_loops` facet."""
+    from ltmdsl.runtime.kinds import runtime_kind
+
+    return runtime_kind(layer.kind).trace_loops(layer.mixer, tokens, keys)
 
 
 def estimate_ops(ir: ModelIR, s: Settings, stage: int) -> int:

@@ -13,6 +13,9 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
     outputs      (config) -> {parameter name: normalised}: its output projections, the weights that write
                  into the residual stream, each with whether its input is normalised to unit RMS; the
                  model's init rescales them (runtime.initializers.residual_outputs_)
+    trace_loops  (config, tokens, keys) -> int: iterations of the sequence loops its reference code runs over
+                 `tokens` queries against `keys` keys (chunks, query blocks, experts; 0 for straight-line
+                 code), which ltmdsl.measure.cost counts to refuse a step too long to trace
     placed       True when the module depends on its place in the stack (MiniMax's lightning attention
                  decays by depth): `build` then also takes `place=LayerPlace(...)`, which the model
                  derives from the IR's stack (`layer_places`). False for every position-free kind.
@@ -94,6 +97,7 @@ class RuntimeKind:
     oracles: Mapping[str, Callable]
     state_names: Callable[..., tuple[str, ...]]
     outputs: Callable[..., Mapping[str, bool]]
+    trace_loops: Callable[[Any, int, int], int]
     placed: bool = False
     tp_plan: Callable[..., Mapping[str, Any]] | None = None
     cp_forward: Callable[..., Any] | None = None

@@ -27,13 +27,14 @@ projections' output, so the same code runs whole or as one rank's heads).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from ltmdsl.kinds.attention import AttentionConfig
+from ltmdsl.kinds.attention import AttentionConfig, mask_rows, window_rows
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_attention
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
@@ -294,6 +295,16 @@ def cp_forward(module: Attention, x: torch.Tensor, cp, delta=None) -> torch.Tens
     return module._out(o.reshape(x.shape[0], T, -1), gate)  # [p*B, c, d]
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Query blocks `ops_attention.attention` runs `tokens` queries in: a chunk against more cached keys goes
+    `mask_rows(keys)` queries at a time, a window `window_rows(W)` at a time; a whole causal sequence in one
+    call (ltmdsl.measure.cost counts these to refuse a step too long to trace)."""
+    if c.window is not None:
+        rows = window_rows(c.window)
+        return math.ceil(tokens / rows) if tokens > rows else 0
+    return math.ceil(tokens / mask_rows(keys)) if keys > tokens else 0
+
+
 KIND = RuntimeKind(
     name="attention",
     module=Attention,
@@ -305,6 +316,7 @@ KIND = RuntimeKind(
     oracles={"attention": ops_attention.attention_reference},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     tp_plan=tp_plan,
     cp_forward=cp_forward,
 )

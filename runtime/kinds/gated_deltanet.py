@@ -18,6 +18,7 @@ RMSNorm of runtime/ops_norm_gate.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -242,6 +243,12 @@ def tp_plan(cfg: GatedDeltaNetConfig, tp: int) -> dict:
             "norm": mark_tp(), "out_proj": RowwiseParallel()}
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
+    refuse a step too long to trace)."""
+    return math.ceil(tokens / c.chunk)
+
+
 KIND = RuntimeKind(
     name="gated_deltanet",
     module=GatedDeltaNet,
@@ -251,6 +258,7 @@ KIND = RuntimeKind(
     oracles=DELTA_ORACLES,
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

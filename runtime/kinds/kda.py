@@ -15,6 +15,7 @@ parameter names.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -178,6 +179,12 @@ def tp_plan(cfg: KDAConfig, tp: int) -> dict:
                    "o_norm": mark_tp(), "o_proj": RowwiseParallel()}
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
+    refuse a step too long to trace)."""
+    return math.ceil(tokens / c.chunk)
+
+
 KIND = RuntimeKind(
     name="kda",
     module=KDA,
@@ -187,6 +194,7 @@ KIND = RuntimeKind(
     oracles=DELTA_ORACLES,
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

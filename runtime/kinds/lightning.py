@@ -17,6 +17,7 @@ or a wider state dtype), the kernel ops it calls (lightning_attention, lightning
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -181,6 +182,12 @@ def tp_plan(cfg: LightningConfig, tp: int) -> dict:
     return plan | ({"output_gate": ColwiseParallel()} if cfg.gate else {})
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
+    refuse a step too long to trace)."""
+    return math.ceil(tokens / c.chunk)
+
+
 KIND = RuntimeKind(
     name="lightning",
     module=Lightning,
@@ -190,6 +197,7 @@ KIND = RuntimeKind(
     oracles={"lightning_attention": _lightning_oracle},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     placed=True,
     tp_plan=tp_plan,

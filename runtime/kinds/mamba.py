@@ -283,6 +283,11 @@ def tp_plan(cfg: MambaConfig, tp: int) -> dict:
             "dt_proj": shard_parameters(0), "out_proj": RowwiseParallel()}
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Chunks of `ops_scan.SCAN_CHUNK` tokens the selective scan runs one at a time (ltmdsl.measure.cost)."""
+    return math.ceil(tokens / ops_scan.SCAN_CHUNK)
+
+
 KIND = RuntimeKind(
     name="mamba",
     module=Mamba,
@@ -293,6 +298,7 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "selective_scan": ops_scan.selective_scan_reference},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -289,6 +289,12 @@ def tp_plan(cfg: Mamba2Config, tp: int) -> dict:
     return plan | ({"norm": shard_parameters(0)} if cfg.gated_norm else {})
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
+    refuse a step too long to trace)."""
+    return math.ceil(tokens / c.chunk)
+
+
 KIND = RuntimeKind(
     name="mamba2",
     module=Mamba2,
@@ -299,6 +305,7 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "ssd_scan": _ssd_scan_oracle},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -14,12 +14,14 @@ up-projects [cached ; new] to attend over them. Parameter names are transformers
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
+from ltmdsl.kinds.attention import mask_rows
 from ltmdsl.kinds.mla import MLAConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_attention, ops_mla
@@ -210,6 +212,12 @@ def tp_plan(cfg: MLAConfig, tp: int) -> dict:
             "kv_a_proj_with_mqa": mark_tp()}
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Query blocks of `mask_rows(keys)` queries when a chunk runs against more cached keys, as attention's
+    (ltmdsl.measure.cost counts these to refuse a step too long to trace)."""
+    return math.ceil(tokens / mask_rows(keys)) if keys > tokens else 0
+
+
 KIND = RuntimeKind(
     name="mla",
     module=MLA,
@@ -219,6 +227,7 @@ KIND = RuntimeKind(
     oracles={"attention": ops_attention.attention_reference, "mla_decode": ops_mla.mla_decode_reference},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

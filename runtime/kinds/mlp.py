@@ -127,6 +127,11 @@ def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
     return type(module).forward(module, x)
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """No sequence loop: straight-line code over the tokens (ltmdsl.measure.cost)."""
+    return 0
+
+
 KIND = RuntimeKind(
     name="mlp",
     module=MLP,
@@ -136,6 +141,7 @@ KIND = RuntimeKind(
     oracles={},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     tp_plan=tp_plan,
     cp_forward=cp_forward,
 )

@@ -390,6 +390,12 @@ def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
     return type(module).forward(module, x)
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """One pass of the expert loop per expert (ltmdsl.measure.cost counts these to refuse a step too long to
+    trace)."""
+    return c.experts
+
+
 KIND = RuntimeKind(
     name="moe",
     module=MoE,
@@ -399,6 +405,7 @@ KIND = RuntimeKind(
     oracles={},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     ep_forward=ep_forward,
     tp_plan=tp_plan,

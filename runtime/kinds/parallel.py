@@ -147,6 +147,11 @@ def tp_plan(cfg: ParallelConfig, tp: int) -> dict:
     return plan
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Both branches' loops, run one after the other (ltmdsl.measure.cost)."""
+    return sum(runtime_kind(x.kind).trace_loops(x, tokens, keys) for x in (c.a, c.b))
+
+
 KIND = RuntimeKind(
     name="parallel",
     module=Parallel,
@@ -156,6 +161,7 @@ KIND = RuntimeKind(
     oracles={},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -222,6 +222,12 @@ def tp_plan(cfg: RgLruConfig, tp: int) -> dict:
             "rg_lru": shard_parameters(0), "linear_out": RowwiseParallel()}
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
+    refuse a step too long to trace)."""
+    return math.ceil(tokens / c.chunk)
+
+
 KIND = RuntimeKind(
     name="rg_lru",
     module=RecurrentBlock,
@@ -232,6 +238,7 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "rglru_scan": _rglru_oracle},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

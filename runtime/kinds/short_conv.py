@@ -149,6 +149,11 @@ def tp_plan(cfg: ShortConvConfig, tp: int) -> dict:
             "conv": shard_parameters(0), "out_proj": RowwiseParallel()}
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """No sequence loop: straight-line code over the tokens (ltmdsl.measure.cost)."""
+    return 0
+
+
 KIND = RuntimeKind(
     name="short_conv",
     module=ShortConv,
@@ -158,6 +163,7 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference},
     state_names=state_names,
     outputs=outputs,
+    trace_loops=trace_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

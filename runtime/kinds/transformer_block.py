@@ -218,6 +218,11 @@ def use_tp_plan(cfg: TransformerBlockConfig, tp: int) -> dict:
     return plan
 
 
+def trace_loops(c, tokens: int, keys: int) -> int:
+    """Its attention's and its MLP's loops (ltmdsl.measure.cost)."""
+    return attention_kind.trace_loops(c.attn, tokens, keys) + mlp_kind.trace_loops(c.ffn, tokens, keys)
+
+
 KIND = RuntimeKind(
     name="transformer_block",
     module=TransformerBlock,
@@ -229,6 +234,7 @@ KIND = RuntimeKind(
     cp_forward=cp_forward,
     new_use=new_use,
     outputs=outputs,
+    trace_loops=trace_loops,
     tp_plan=tp_plan,
     use_tp_plan=use_tp_plan,
 )

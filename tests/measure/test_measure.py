@@ -595,17 +595,39 @@ def test_trace_cost_counts_the_masked_query_blocks_of_a_chunk_on_a_long_cache():
     assert estimate_ops(model, cached, 0) - estimate_ops(model, whole, 0) == layers * OPS_PER_STEP * blocks
 
 
-@pytest.mark.parametrize("layer", ["gated_deltanet(key_heads = 2, head_dim = 16, chunk = 16)",
-                                   "kda(heads = 2, head_dim = 16, chunk = 16)",
-                                   "lightning(heads = 2, chunk = 16)"], ids=["gated_deltanet", "kda", "lightning"])
+CHUNKED = {
+    "gated_deltanet": "gated_deltanet(key_heads = 2, head_dim = 16, chunk = 16)",
+    "kda": "kda(heads = 2, head_dim = 16, chunk = 16)",
+    "lightning": "lightning(heads = 2, chunk = 16)",
+    "mamba2": "mamba2(d_state = 16, head_dim = 16, chunk = 16)",
+    "mlstm": "mlstm(heads = 2, chunk = 16)",
+    "rg_lru": "rg_lru(heads = 2, chunk = 16)",
+}
+
+
+@pytest.mark.parametrize("layer", CHUNKED.values(), ids=CHUNKED)
 def test_trace_cost_counts_the_chunks_of_the_chunked_rules(layer):
-    """The gated delta rule and lightning attention run one chunk at a time: T/chunk loop steps per layer."""
+    """The chunked scans and rules run one chunk at a time: T/chunk loop steps per layer (each runtime kind's
+    `trace_loops`; mLSTM and RG-LRU were counted as straight-line code until 2026-12)."""
     from ltmdsl.measure.cost import OPS_PER_LAYER, OPS_PER_STEP, estimate_ops
     from ltmdsl.memory import report
 
     model = ltmdsl.loads(f"model m {{\n vocab = 32\n d_model = 32\n layer x = {layer}\n stack {{ x x }}\n}}\n").model
     s = report(model, None, context=200, chunk=200).settings
     assert estimate_ops(model, s, 0) == 2 * (OPS_PER_LAYER + OPS_PER_STEP * 13)  # ceil(200 / 16) chunks
+
+
+def test_trace_cost_of_a_parallel_layer_counts_both_branches():
+    """A parallel layer runs both branches, so its loops are theirs together (a Mamba-2 branch's chunks here;
+    until 2026-12 a composite was counted as straight-line code)."""
+    from ltmdsl.measure.cost import OPS_PER_LAYER, OPS_PER_STEP, estimate_ops
+    from ltmdsl.memory import report
+
+    model = ltmdsl.loads("model m {\n vocab = 32\n d_model = 32\n layer a = attention(heads = 2)\n"
+                         " layer s = mamba2(d_state = 16, head_dim = 16, chunk = 16)\n"
+                         " layer p = parallel(a = a, b = s)\n stack { p }\n}\n").model
+    s = report(model, None, context=200, chunk=200).settings
+    assert estimate_ops(model, s, 0) == OPS_PER_LAYER + OPS_PER_STEP * 13  # the attention runs in one call
 
 
 def test_counting_saved_tensors_keeps_nothing_alive():
