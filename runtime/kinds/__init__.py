@@ -16,6 +16,7 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
     trace_loops  (config, tokens, keys) -> int: iterations of the sequence loops its reference code runs over
                  `tokens` queries against `keys` keys (chunks, query blocks, experts; 0 for straight-line
                  code), which ltmdsl.measure.cost counts to refuse a step too long to trace
+                 (`chunk_loops` and `no_loops` below serve the chunked kinds and the loop-free ones)
     placed       True when the module depends on its place in the stack (MiniMax's lightning attention
                  decays by depth): `build` then also takes `place=LayerPlace(...)`, which the model
                  derives from the IR's stack (`layer_places`). False for every position-free kind.
@@ -75,6 +76,16 @@ def layer_places(layers) -> list[LayerPlace]:
             places.append(LayerPlace(before, mixers))
             before += 1
     return places
+
+
+def chunk_loops(c, tokens: int, keys: int) -> int:
+    """`trace_loops` of a kind whose chunked form runs `c.chunk` tokens at a time, one chunk after another."""
+    return -(-tokens // c.chunk)
+
+
+def no_loops(c, tokens: int, keys: int) -> int:
+    """`trace_loops` of a kind without a sequence loop: straight-line code over the tokens."""
+    return 0
 
 
 class NoRuntimeModule(LookupError):

@@ -18,7 +18,6 @@ RMSNorm of runtime/ops_norm_gate.py.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -31,7 +30,7 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_delta
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.chunk_recompute import recompute
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm_gate import norm_then_gate
 from ltmdsl.runtime.tensor_parallel import local, mark_tp, segmented, shard_parameters, shared_weight, tp_size
@@ -243,12 +242,6 @@ def tp_plan(cfg: GatedDeltaNetConfig, tp: int) -> dict:
             "norm": mark_tp(), "out_proj": RowwiseParallel()}
 
 
-def trace_loops(c, tokens: int, keys: int) -> int:
-    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
-    refuse a step too long to trace)."""
-    return math.ceil(tokens / c.chunk)
-
-
 KIND = RuntimeKind(
     name="gated_deltanet",
     module=GatedDeltaNet,
@@ -258,7 +251,7 @@ KIND = RuntimeKind(
     oracles=DELTA_ORACLES,
     state_names=state_names,
     outputs=outputs,
-    trace_loops=trace_loops,
+    trace_loops=chunk_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

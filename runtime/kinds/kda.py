@@ -15,7 +15,6 @@ parameter names.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +24,7 @@ from torch import nn
 from ltmdsl.kinds.kda import KDAConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import CacheRequest
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
 from ltmdsl.runtime.kinds.gated_deltanet import (
     DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state,
     work_dtype,
@@ -179,12 +178,6 @@ def tp_plan(cfg: KDAConfig, tp: int) -> dict:
                    "o_norm": mark_tp(), "o_proj": RowwiseParallel()}
 
 
-def trace_loops(c, tokens: int, keys: int) -> int:
-    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
-    refuse a step too long to trace)."""
-    return math.ceil(tokens / c.chunk)
-
-
 KIND = RuntimeKind(
     name="kda",
     module=KDA,
@@ -194,7 +187,7 @@ KIND = RuntimeKind(
     oracles=DELTA_ORACLES,
     state_names=state_names,
     outputs=outputs,
-    trace_loops=trace_loops,
+    trace_loops=chunk_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -17,7 +17,6 @@ or a wider state dtype), the kernel ops it calls (lightning_attention, lightning
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -29,7 +28,7 @@ from ltmdsl.kinds.lightning import LightningConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_lightning
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import LayerPlace, RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import LayerPlace, RuntimeKind, TensorParallelUnsupported, chunk_loops
 from ltmdsl.runtime.norm import RMSNorm
 from ltmdsl.runtime.tensor_parallel import mark_tp, rmsnorm_over_tp, shard_parameters, tp_size
 
@@ -182,12 +181,6 @@ def tp_plan(cfg: LightningConfig, tp: int) -> dict:
     return plan | ({"output_gate": ColwiseParallel()} if cfg.gate else {})
 
 
-def trace_loops(c, tokens: int, keys: int) -> int:
-    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
-    refuse a step too long to trace)."""
-    return math.ceil(tokens / c.chunk)
-
-
 KIND = RuntimeKind(
     name="lightning",
     module=Lightning,
@@ -197,7 +190,7 @@ KIND = RuntimeKind(
     oracles={"lightning_attention": _lightning_oracle},
     state_names=state_names,
     outputs=outputs,
-    trace_loops=trace_loops,
+    trace_loops=chunk_loops,
     cp_forward=cp_forward,
     placed=True,
     tp_plan=tp_plan,

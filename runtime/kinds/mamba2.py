@@ -29,7 +29,7 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_ssd
 from ltmdsl.runtime.cache import CacheRequest
 from ltmdsl.runtime.chunk_recompute import recompute
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
 from ltmdsl.runtime.kinds.mamba import ConvSSMState, conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm import gated_rmsnorm
 from ltmdsl.runtime.tensor_parallel import (GroupSumOnce, grouped_segments, local, segmented, shard_parameters,
@@ -289,12 +289,6 @@ def tp_plan(cfg: Mamba2Config, tp: int) -> dict:
     return plan | ({"norm": shard_parameters(0)} if cfg.gated_norm else {})
 
 
-def trace_loops(c, tokens: int, keys: int) -> int:
-    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
-    refuse a step too long to trace)."""
-    return math.ceil(tokens / c.chunk)
-
-
 KIND = RuntimeKind(
     name="mamba2",
     module=Mamba2,
@@ -305,7 +299,7 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "ssd_scan": _ssd_scan_oracle},
     state_names=state_names,
     outputs=outputs,
-    trace_loops=trace_loops,
+    trace_loops=chunk_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

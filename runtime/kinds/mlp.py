@@ -20,7 +20,7 @@ from torch import nn
 
 from ltmdsl.kinds.mlp import MLPConfig
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, no_loops
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -127,11 +127,6 @@ def cp_forward(module, x: torch.Tensor, cp) -> torch.Tensor:
     return type(module).forward(module, x)
 
 
-def trace_loops(c, tokens: int, keys: int) -> int:
-    """No sequence loop: straight-line code over the tokens (ltmdsl.measure.cost)."""
-    return 0
-
-
 KIND = RuntimeKind(
     name="mlp",
     module=MLP,
@@ -141,7 +136,7 @@ KIND = RuntimeKind(
     oracles={},
     state_names=state_names,
     outputs=outputs,
-    trace_loops=trace_loops,
+    trace_loops=no_loops,
     tp_plan=tp_plan,
     cp_forward=cp_forward,
 )

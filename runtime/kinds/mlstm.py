@@ -15,7 +15,6 @@ dtype), the kernel ops it calls (mlstm_chunked, mlstm_step) and its parameter na
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -29,7 +28,7 @@ from ltmdsl.runtime import ops_mlstm
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.tensor_parallel import local, shard_parameters
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
 from ltmdsl.runtime.ops_mlstm import MlstmState
 
 if TYPE_CHECKING:
@@ -264,12 +263,6 @@ def tp_plan(cfg: MlstmConfig, tp: int) -> dict:
     return plan | {"multihead_norm": shard_parameters(0), "out_proj": RowwiseParallel()}
 
 
-def trace_loops(c, tokens: int, keys: int) -> int:
-    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
-    refuse a step too long to trace)."""
-    return math.ceil(tokens / c.chunk)
-
-
 KIND = RuntimeKind(
     name="mlstm",
     module=Mlstm,
@@ -279,7 +272,7 @@ KIND = RuntimeKind(
     oracles={"mlstm_chunked": _mlstm_oracle},
     state_names=state_names,
     outputs=outputs,
-    trace_loops=trace_loops,
+    trace_loops=chunk_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -30,7 +30,7 @@ from ltmdsl.runtime import ops_conv, ops_rglru
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.tensor_parallel import local, shard_parameters
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
 from ltmdsl.runtime.kinds.short_conv import conv_step_with_taps, conv_with_taps, taps_for
 
 if TYPE_CHECKING:
@@ -222,12 +222,6 @@ def tp_plan(cfg: RgLruConfig, tp: int) -> dict:
             "rg_lru": shard_parameters(0), "linear_out": RowwiseParallel()}
 
 
-def trace_loops(c, tokens: int, keys: int) -> int:
-    """Chunks of `c.chunk` tokens its chunked form runs one at a time (ltmdsl.measure.cost counts these to
-    refuse a step too long to trace)."""
-    return math.ceil(tokens / c.chunk)
-
-
 KIND = RuntimeKind(
     name="rg_lru",
     module=RecurrentBlock,
@@ -238,7 +232,7 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference, "rglru_scan": _rglru_oracle},
     state_names=state_names,
     outputs=outputs,
-    trace_loops=trace_loops,
+    trace_loops=chunk_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

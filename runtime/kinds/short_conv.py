@@ -26,7 +26,7 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.tensor_parallel import local, segmented, shard_parameters
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, no_loops
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -149,11 +149,6 @@ def tp_plan(cfg: ShortConvConfig, tp: int) -> dict:
             "conv": shard_parameters(0), "out_proj": RowwiseParallel()}
 
 
-def trace_loops(c, tokens: int, keys: int) -> int:
-    """No sequence loop: straight-line code over the tokens (ltmdsl.measure.cost)."""
-    return 0
-
-
 KIND = RuntimeKind(
     name="short_conv",
     module=ShortConv,
@@ -163,7 +158,7 @@ KIND = RuntimeKind(
     oracles={"causal_conv1d": ops_conv.causal_conv1d_reference},
     state_names=state_names,
     outputs=outputs,
-    trace_loops=trace_loops,
+    trace_loops=no_loops,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -220,7 +220,7 @@ def use_tp_plan(cfg: TransformerBlockConfig, tp: int) -> dict:
 
 def trace_loops(c, tokens: int, keys: int) -> int:
     """Its attention's and its MLP's loops (ltmdsl.measure.cost)."""
-    return attention_kind.trace_loops(c.attn, tokens, keys) + mlp_kind.trace_loops(c.ffn, tokens, keys)
+    return attention_kind.KIND.trace_loops(c.attn, tokens, keys) + mlp_kind.KIND.trace_loops(c.ffn, tokens, keys)
 
 
 KIND = RuntimeKind(

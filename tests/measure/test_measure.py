@@ -630,6 +630,17 @@ def test_trace_cost_of_a_parallel_layer_counts_both_branches():
     assert estimate_ops(model, s, 0) == OPS_PER_LAYER + OPS_PER_STEP * 13  # the attention runs in one call
 
 
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.ltm")), ids=lambda p: p.stem)
+def test_trace_cost_is_counted_for_every_example(path):
+    """Every kind of every example states its loops (composites through their parts' registry entries)."""
+    from ltmdsl.measure.cost import OPS_PER_LAYER, estimate_ops
+    from ltmdsl.memory import report
+
+    model = ltmdsl.load(path).models[0]
+    s = report(model, None, mode="training", context=4096, sharding="plan").settings
+    assert estimate_ops(model, s, 0) >= 3 * OPS_PER_LAYER * len(model.layers)
+
+
 def test_counting_saved_tensors_keeps_nothing_alive():
     """The working-set probe counts what autograd saves, then drops it: exp saves its own output, which a pack
     hook returning the tensor itself would keep forever (a cycle through its grad_fn) and so inflate the peak."""

@@ -56,4 +56,3 @@ def test_no_counter_off_a_terminal(spec, capsys):
     b = next(x for x in spec.budgets if x.name == "serve")
     measure(spec.model, b, progress=True)  # pytest's captured stderr is not a terminal
     assert "tracing" not in capsys.readouterr().err
-
