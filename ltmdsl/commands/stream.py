@@ -203,7 +203,7 @@ def run(args) -> int:
 
 def cp_error(ir, world: int | None, cp: int, N: int, C: int) -> str | None:
     """Why `--cp cp` cannot stream this model on `world` ranks (None: it can)."""
-    from ltmdsl.distributed.cp_inference import UNSUPPORTED
+    from ltmdsl.distributed.cp_inference import ContextParallelInferenceUnsupported, form, sharded_tokens
 
     if world is None:
         return "--cp needs --nproc (or a torchrun group)"
@@ -211,13 +211,14 @@ def cp_error(ir, world: int | None, cp: int, N: int, C: int) -> str | None:
         return f"--cp {cp} must divide the {world} ranks"
     if N % cp or C % cp:
         return f"--cp {cp} must divide the tokens ({N}) and the chunk ({C}): each rank runs 1/cp of every chunk"
-    bad = next((x for x in ir.layers if x.kind in UNSUPPORTED), None)
-    if bad is not None:
-        return (f"{ir.name} cannot run context-parallel inference: no form for kind {bad.kind!r} "
-                f"(layer '{bad.definition}')")
     for x in ir.layers:
-        if x.kind == "attention" and min(N, x.mixer.span or N) % cp:
-            return f"--cp {cp} must divide the {min(N, x.mixer.span)} cached tokens of layer '{x.definition}'"
+        try:
+            form(x)
+        except ContextParallelInferenceUnsupported as e:
+            return f"{ir.name} cannot run context-parallel inference: {e}"
+    for x, held in sharded_tokens(ir, N):
+        if held % cp:
+            return f"--cp {cp} must divide the {held} cached tokens of layer '{x.definition}'"
     return None
 
 

@@ -34,10 +34,12 @@ its own shard, and the partial outputs are combined with their log-sum-exp (flas
 an all-reduce of the maximum, then of the weighted sums). The last position's logits (the last rank holds
 it after a prefill) are broadcast, so every rank samples the same token.
 
-Refused, naming the kind: kinds with neither form here (MLA, `parallel`, `transformer_block`, whose caches
-mix keys and states or hold a latent), attention variants training's cp refuses too (non-causal, sinks, soft
-caps, chunked attention). Under tensor parallelism (a model split by ltmdsl.distributed's tp, cp ranks of the
-same tp coordinate) each rank holds its own heads' 1/cp, as the memory model's per-GPU cache at tp x cp.
+Each kind says its form (`RuntimeKind.cp_inference`: "sharded" as attention, "passed" as the recurrent
+kinds, "local" as the stateless ones). Refused, naming the kind: kinds with no form here (today MLA,
+`parallel` and `transformer_block`, whose caches mix keys and states or hold a latent), and configs a kind
+refuses (attention: non-causal, sinks, soft caps, chunked attention, as training's cp). Under tensor
+parallelism (a model split by ltmdsl.distributed's tp, cp ranks of the same tp coordinate) each rank holds
+its own heads' 1/cp, as the memory model's per-GPU cache at tp x cp.
 """
 
 from __future__ import annotations
@@ -49,31 +51,45 @@ import torch
 
 from ltmdsl.distributed.context_parallel import ContextShard
 from ltmdsl.runtime.cache import Cache, CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import runtime_kind
+from ltmdsl.runtime.kinds import CP_FORMS, ContextParallelInferenceUnsupported, runtime_kind
 from ltmdsl.runtime.kinds.attention import Attention, KVCache
 from ltmdsl.runtime.model import OUTPUTS, LTModel, decode_tokens
 
-#: kinds with neither form in this module (module docstring): refused by name
-UNSUPPORTED = ("mla", "parallel", "transformer_block")
+def form(layer) -> str:
+    """The form a sub-layer takes here (its kind's `RuntimeKind.cp_inference`: "sharded", "passed" or "local");
+    ContextParallelInferenceUnsupported naming the kind and layer when its kind has none or refuses its config."""
+    of = runtime_kind(layer.kind).cp_inference
+    if of is None:
+        raise ContextParallelInferenceUnsupported(f"no form for kind {layer.kind!r} (layer '{layer.definition}')")
+    try:
+        found = of(layer.mixer)
+    except ContextParallelInferenceUnsupported as e:
+        raise ContextParallelInferenceUnsupported(f"layer '{layer.definition}' (kind {layer.kind!r}): {e}") from None
+    if found not in CP_FORMS:
+        raise ValueError(f"kind {layer.kind!r}: cp_inference gave {found!r}, not one of {CP_FORMS}")
+    return found
 
 
-class ContextParallelInferenceUnsupported(ValueError):
-    """A model this module cannot serve under cp (the message names the kind or the reason)."""
+def check_ir(ir) -> None:
+    """Refuse, naming the first offending layer, what context-parallel inference does not run."""
+    for layer in ir.layers:
+        try:
+            form(layer)
+        except ContextParallelInferenceUnsupported as e:
+            raise ContextParallelInferenceUnsupported(
+                f"context-parallel inference: {e}; serve it with cp = 1") from None
 
 
 def check_model(model: LTModel) -> None:
-    """Refuse, naming the first offending layer, what context-parallel inference does not run."""
-    for layer in model.ir.layers:
-        if layer.kind in UNSUPPORTED:
-            raise ContextParallelInferenceUnsupported(
-                f"no context-parallel inference form for kind {layer.kind!r} (layer '{layer.definition}'); "
-                "serve it with cp = 1")
-        if layer.kind == "attention":
-            c = layer.mixer
-            if not c.causal or not c.plain_softmax or c.chunk is not None:
-                raise ContextParallelInferenceUnsupported(
-                    f"layer '{layer.definition}': context-parallel inference runs causal plain-softmax "
-                    "attention only (no sinks, soft cap or chunks)")
+    """check_ir of the model's IR."""
+    check_ir(model.ir)
+
+
+def sharded_tokens(ir, context: int) -> list[tuple[object, int]]:
+    """(sub-layer, tokens its cache holds at `context`: the context, or its span when shorter) for each
+    position-sharded layer of `ir`, whose tokens cp must divide; the IR's layers must pass check_ir."""
+    return [(x, context if x.mixer.span is None else min(context, x.mixer.span)) for x in ir.layers
+            if form(x) == "sharded"]
 
 
 def kv_slots(tokens_held: int, cp: int, what: str) -> int:
@@ -95,10 +111,10 @@ def new_cache(model: LTModel, cp: int, batch_size: int, max_context: int, dtype:
 
 
 def new_entry(layer, req: CacheRequest, cp: int) -> LayerCache | None:
-    """One sub-layer's entry on a cp rank: an attention layer's KVCache of tokens_held / cp slots (its tp
-    rank's KV heads), any other kind's own entry, whole."""
+    """One sub-layer's entry on a cp rank: a sharded layer's KVCache of tokens_held / cp slots (its tp rank's
+    KV heads), any other kind's own entry, whole."""
     new = runtime_kind(layer.kind).new_cache
-    if layer.kind != "attention":
+    if form(layer) != "sharded":
         return None if new is None else new(layer.mixer, req)
     c, B = layer.mixer, req.batch_size
     held = req.max_context if c.span is None else min(req.max_context, c.span)

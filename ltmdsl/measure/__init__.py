@@ -86,20 +86,20 @@ def _supported(ir, s) -> None:
 def _cp_inference_supported(ir, s) -> None:
     """Refuse what context-parallel inference (ltmdsl.distributed.cp_inference) does not run: a kind without its
     form, a chunk or a cache cp does not divide."""
-    from ltmdsl.distributed.cp_inference import UNSUPPORTED
+    from ltmdsl.distributed.cp_inference import ContextParallelInferenceUnsupported, form, sharded_tokens
 
     cp = s.parallel.cp
-    bad = next((x for x in ir.layers if x.kind in UNSUPPORTED), None)
-    if bad is not None:
-        raise NotTraceable(f"context parallelism (cp = {cp}) in inference has no form for kind {bad.kind!r} (layer "
-                           f"'{bad.definition}'); measure the budget without it")
+    for x in ir.layers:
+        try:
+            form(x)
+        except ContextParallelInferenceUnsupported as e:
+            raise NotTraceable(f"context parallelism (cp = {cp}) in inference: {e}; measure the budget without it") \
+                from None
     if min(s.chunk, s.context) % cp:
         raise NotTraceable(f"cp = {cp} does not divide the prefill chunk of {min(s.chunk, s.context)} tokens")
-    for x in ir.layers:
-        if x.kind == "attention":
-            held = s.context if x.mixer.span is None else min(s.context, x.mixer.span)
-            if held % cp:
-                raise NotTraceable(f"cp = {cp} does not divide the {held} cached tokens of layer '{x.definition}'")
+    for x, held in sharded_tokens(ir, s.context):
+        if held % cp:
+            raise NotTraceable(f"cp = {cp} does not divide the {held} cached tokens of layer '{x.definition}'")
 
 
 def measure(model, budget=None, *, user_gpus=None, device: str | None = None, progress: bool = False,

@@ -17,6 +17,13 @@ written once, in its kind's module (runtime/kinds/<kind>.py), and says everythin
                  `tokens` queries against `keys` keys (chunks, query blocks, experts; 0 for straight-line
                  code), which ltmdsl.measure.cost counts to refuse a step too long to trace
                  (`chunk_loops` and `no_loops` below serve the chunked kinds and the loop-free ones)
+    cp_inference (config) -> its form under context-parallel inference (ltmdsl.distributed.cp_inference):
+                 "sharded" (its cache is a position-sharded KVCache of `tokens_held` slots and its module offers
+                 attention's `_qkv`, `_out`, `scale` and `cfg.window`), "passed" (its cache is a state, run one
+                 rank after another and broadcast) or "local" (token-local, no cache); raises
+                 ContextParallelInferenceUnsupported for a config it cannot serve. None: cp > 1 inference is
+                 refused naming the kind. `cp_passed` and `cp_local` below serve the state kinds and the
+                 token-local ones.
     placed       True when the module depends on its place in the stack (MiniMax's lightning attention
                  decays by depth): `build` then also takes `place=LayerPlace(...)`, which the model
                  derives from the IR's stack (`layer_places`). False for every position-free kind.
@@ -88,12 +95,31 @@ def no_loops(c, tokens: int, keys: int) -> int:
     return 0
 
 
+#: the forms a kind can take under context-parallel inference (`RuntimeKind.cp_inference`)
+CP_FORMS = ("sharded", "passed", "local")
+
+
+def cp_passed(c) -> str:
+    """`cp_inference` of a kind whose cache is a state: the state is passed from cp rank to cp rank."""
+    return "passed"
+
+
+def cp_local(c) -> str:
+    """`cp_inference` of a token-local kind (no cache): each cp rank runs its own tokens."""
+    return "local"
+
+
 class NoRuntimeModule(LookupError):
     """A layer kind has no runtime entry: the model cannot be built or its cache allocated."""
 
 
 class TensorParallelUnsupported(ValueError):
     """A kind (or one config of it) that tensor parallelism cannot split; the message names it and why."""
+
+
+class ContextParallelInferenceUnsupported(ValueError):
+    """A model (a kind, or one config of it) that context-parallel inference cannot serve; the message names
+    the kind or the reason."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +135,7 @@ class RuntimeKind:
     state_names: Callable[..., tuple[str, ...]]
     outputs: Callable[..., Mapping[str, bool]]
     trace_loops: Callable[[Any, int, int], int]
+    cp_inference: Callable[[Any], str] | None
     placed: bool = False
     tp_plan: Callable[..., Mapping[str, Any]] | None = None
     cp_forward: Callable[..., Any] | None = None

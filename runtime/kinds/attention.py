@@ -38,7 +38,7 @@ from ltmdsl.kinds.attention import AttentionConfig, mask_rows, window_rows
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_attention
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import ContextParallelInferenceUnsupported, RuntimeKind, TensorParallelUnsupported
 from ltmdsl.runtime.norm import RMSNorm
 from ltmdsl.runtime.ops_attention import apply_rope, rope_cos_sin
 from ltmdsl.runtime.ops_norm import rmsnorm
@@ -305,6 +305,15 @@ def trace_loops(c, tokens: int, keys: int) -> int:
     return math.ceil(tokens / mask_rows(keys)) if keys > tokens else 0
 
 
+def cp_inference(cfg: AttentionConfig) -> str:
+    """Sharded by position under context-parallel inference (each rank holds 1/cp of the KV cache), for the
+    variants whose partial attentions merge by their log-sum-exp: causal plain softmax, not chunked."""
+    if not cfg.causal or not cfg.plain_softmax or cfg.chunk is not None:
+        raise ContextParallelInferenceUnsupported(
+            "context-parallel inference runs causal plain-softmax attention only (no sinks, soft cap or chunks)")
+    return "sharded"
+
+
 KIND = RuntimeKind(
     name="attention",
     module=Attention,
@@ -317,6 +326,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=trace_loops,
+    cp_inference=cp_inference,
     tp_plan=tp_plan,
     cp_forward=cp_forward,
 )

@@ -30,7 +30,7 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_delta
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.chunk_recompute import recompute
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops, cp_passed
 from ltmdsl.runtime.kinds.mamba import conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm_gate import norm_then_gate
 from ltmdsl.runtime.tensor_parallel import local, mark_tp, segmented, shard_parameters, shared_weight, tp_size
@@ -252,6 +252,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=chunk_loops,
+    cp_inference=cp_passed,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

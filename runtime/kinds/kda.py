@@ -24,7 +24,7 @@ from torch import nn
 from ltmdsl.kinds.kda import KDAConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime.cache import CacheRequest
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops, cp_passed
 from ltmdsl.runtime.kinds.gated_deltanet import (
     DELTA_OPS, DELTA_ORACLES, ConvDeltaState, GatedNormWeight, carried_delta_state, new_delta_state,
     work_dtype,
@@ -188,6 +188,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=chunk_loops,
+    cp_inference=cp_passed,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -28,7 +28,7 @@ from ltmdsl.kinds.lightning import LightningConfig
 from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_lightning
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
-from ltmdsl.runtime.kinds import LayerPlace, RuntimeKind, TensorParallelUnsupported, chunk_loops
+from ltmdsl.runtime.kinds import LayerPlace, RuntimeKind, TensorParallelUnsupported, chunk_loops, cp_passed
 from ltmdsl.runtime.norm import RMSNorm
 from ltmdsl.runtime.tensor_parallel import mark_tp, rmsnorm_over_tp, shard_parameters, tp_size
 
@@ -191,6 +191,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=chunk_loops,
+    cp_inference=cp_passed,
     cp_forward=cp_forward,
     placed=True,
     tp_plan=tp_plan,

@@ -31,7 +31,7 @@ from ltmdsl.runtime import ops_conv, ops_scan
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, segmented, shard_parameters, sum_over_tp, tp_local
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, cp_passed
 from ltmdsl.runtime.norm import RMSNorm
 
 if TYPE_CHECKING:
@@ -299,6 +299,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=trace_loops,
+    cp_inference=cp_passed,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -29,7 +29,7 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv, ops_ssd
 from ltmdsl.runtime.cache import CacheRequest
 from ltmdsl.runtime.chunk_recompute import recompute
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops, cp_passed
 from ltmdsl.runtime.kinds.mamba import ConvSSMState, conv_step_with_state, conv_taps, conv_with_state
 from ltmdsl.runtime.ops_norm import gated_rmsnorm
 from ltmdsl.runtime.tensor_parallel import (GroupSumOnce, grouped_segments, local, segmented, shard_parameters,
@@ -300,6 +300,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=chunk_loops,
+    cp_inference=cp_passed,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -228,6 +228,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=trace_loops,
+    cp_inference=None,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -20,7 +20,7 @@ from torch import nn
 
 from ltmdsl.kinds.mlp import MLPConfig
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, no_loops
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, cp_local, no_loops
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -137,6 +137,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=no_loops,
+    cp_inference=cp_local,
     tp_plan=tp_plan,
     cp_forward=cp_forward,
 )

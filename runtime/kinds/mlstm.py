@@ -28,7 +28,7 @@ from ltmdsl.runtime import ops_mlstm
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.tensor_parallel import local, shard_parameters
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops, cp_passed
 from ltmdsl.runtime.ops_mlstm import MlstmState
 
 if TYPE_CHECKING:
@@ -273,6 +273,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=chunk_loops,
+    cp_inference=cp_passed,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -27,7 +27,7 @@ from torch import nn
 from ltmdsl.kinds.mlp import MLPConfig
 from ltmdsl.kinds.moe import MoEConfig
 from ltmdsl.runtime import initializers as init
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, cp_local
 from ltmdsl.runtime.kinds.mlp import MLP, activate
 from ltmdsl.runtime.tensor_parallel import copy_to_tp, local, shard_parameters, sum_over_tp
 
@@ -406,6 +406,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=trace_loops,
+    cp_inference=cp_local,
     cp_forward=cp_forward,
     ep_forward=ep_forward,
     tp_plan=tp_plan,

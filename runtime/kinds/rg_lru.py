@@ -30,7 +30,7 @@ from ltmdsl.runtime import ops_conv, ops_rglru
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.chunk_recompute import recompute
 from ltmdsl.runtime.tensor_parallel import local, shard_parameters
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, chunk_loops, cp_passed
 from ltmdsl.runtime.kinds.short_conv import conv_step_with_taps, conv_with_taps, taps_for
 
 if TYPE_CHECKING:
@@ -233,6 +233,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=chunk_loops,
+    cp_inference=cp_passed,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

@@ -26,7 +26,7 @@ from ltmdsl.runtime import initializers as init
 from ltmdsl.runtime import ops_conv
 from ltmdsl.runtime.cache import CacheRequest, LayerCache
 from ltmdsl.runtime.tensor_parallel import local, segmented, shard_parameters
-from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, no_loops
+from ltmdsl.runtime.kinds import RuntimeKind, TensorParallelUnsupported, cp_passed, no_loops
 
 if TYPE_CHECKING:
     from ltmdsl.runtime.kernels import Kernels
@@ -159,6 +159,7 @@ KIND = RuntimeKind(
     state_names=state_names,
     outputs=outputs,
     trace_loops=no_loops,
+    cp_inference=cp_passed,
     cp_forward=cp_forward,
     tp_plan=tp_plan,
 )

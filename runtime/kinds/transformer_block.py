@@ -235,6 +235,7 @@ KIND = RuntimeKind(
     new_use=new_use,
     outputs=outputs,
     trace_loops=trace_loops,
+    cp_inference=None,
     tp_plan=tp_plan,
     use_tp_plan=use_tp_plan,
 )

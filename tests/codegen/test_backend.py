@@ -79,7 +79,8 @@ def test_a_kind_without_a_triton_kernel_runs_its_reference_op(monkeypatch):
 
     newcomer = kinds.RuntimeKind(name="newcomer", module=MLP_KIND.module, build=MLP_KIND.build, new_cache=None,
                                  ops={"newcomer_scan": new_op}, oracles={}, state_names=MLP_KIND.state_names,
-                                 outputs=MLP_KIND.outputs, trace_loops=MLP_KIND.trace_loops)
+                                 outputs=MLP_KIND.outputs, trace_loops=MLP_KIND.trace_loops,
+                                 cp_inference=None)
     monkeypatch.setattr(kinds, "RUNTIME_REGISTRY", {**kinds.RUNTIME_REGISTRY, "newcomer": newcomer})
     k = triton_kernels()
     assert k.newcomer_scan is new_op and k.provider("newcomer_scan") == "torch"

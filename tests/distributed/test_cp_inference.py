@@ -15,7 +15,8 @@ from paths import EXAMPLES
 
 import ltmdsl
 from ltmdsl.distributed import launch
-from ltmdsl.distributed.cp_inference import ContextParallelInferenceUnsupported, check_model, serve, slot_positions
+from ltmdsl.distributed.cp_inference import (ContextParallelInferenceUnsupported, check_ir, check_model, serve,
+                                              slot_positions)
 from ltmdsl.memory import cache_bytes
 from ltmdsl.runtime.build import build, dtype_ir
 
@@ -142,3 +143,15 @@ def test_kinds_without_a_form_are_named(name):
     kind = {"lat": "mla", "par": "parallel", "tf": "transformer_block"}[name]
     with pytest.raises(ContextParallelInferenceUnsupported, match=f"kind '{kind}'"):
         check_model(build(ir, seed=0, device="meta"))
+
+
+@pytest.mark.parametrize("variant", ["sinks = true", "causal = false", "softcap = 30.0", "chunk = 8"])
+def test_attention_variants_without_a_merge_are_refused_naming_the_layer(variant):
+    """Only causal plain-softmax attention's partial results merge by their log-sum-exp across ranks."""
+    text = (EXAMPLES / "tiny-hybrid.ltm").read_text()
+    spec = text.replace("attention(heads = 4, kv_heads = 2, rope_theta = 10000)",
+                        f"attention(heads = 4, kv_heads = 2, rope_theta = 10000, {variant})")
+    assert spec != text
+    with pytest.raises(ContextParallelInferenceUnsupported,
+                       match=r"layer 'attn' \(kind 'attention'\): .*causal plain-softmax attention only"):
+        check_ir(ltmdsl.loads(spec).ir.model())

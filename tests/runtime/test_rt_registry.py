@@ -21,7 +21,9 @@ from ltmdsl.memory import cache_bytes
 from ltmdsl.runtime.build import build
 from ltmdsl.runtime.cache import Cache, LayerCache, allocate
 from ltmdsl.runtime.kernels import TORCH_KERNELS
-from ltmdsl.runtime.kinds import RUNTIME_REGISTRY, NoRuntimeModule, RuntimeKind, layer_places, runtime_kind
+from ltmdsl.runtime.kinds import (CP_FORMS, RUNTIME_REGISTRY, ContextParallelInferenceUnsupported, NoRuntimeModule,
+                                  RuntimeKind, layer_places, runtime_kind)
+from ltmdsl.runtime.kinds.attention import KVCache
 from ltmdsl.units import DTYPES
 
 SEEDS = range(6)
@@ -217,6 +219,27 @@ def test_random_config_cache_bytes_equal_memory_model(kind, seed):
     for layer, entry in zip(ir.layers, cache.layers):
         stateless = runtime_kind(layer.kind).new_cache is None
         assert (entry is None) == stateless, f"{layer.kind}: cache entry {entry!r}"
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("kind", KINDS)
+def test_context_parallel_inference_form_agrees_with_the_cache(kind, seed):
+    """ltmdsl.distributed.cp_inference trusts the form: "local" keeps no cache, "passed" a state it can
+    broadcast, "sharded" a KVCache it splits by position."""
+    ir = load_text(random_spec(kind, seed)).model
+    cache = build(ir, init=False).new_cache(1, 8)
+    for layer, entry in zip(ir.layers, cache.layers):
+        of = runtime_kind(layer.kind).cp_inference
+        if of is None:
+            continue
+        try:
+            form = of(layer.mixer)
+        except ContextParallelInferenceUnsupported:
+            continue
+        assert form in CP_FORMS, f"{layer.kind}: {form!r}"
+        expected = {"local": lambda e: e is None, "passed": lambda e: e is not None and not isinstance(e, KVCache),
+                    "sharded": lambda e: isinstance(e, KVCache)}[form]
+        assert expected(entry), f"{layer.kind}: form {form!r} with cache entry {type(entry).__name__}"
 
 
 # -- parameter names -----------------------------------------------------------------------------------
