@@ -18,13 +18,12 @@ benchmarks/RESULTS.md with the machine's load.
 
 Each stage draws its own samples (data seed = the stage's index unless --seed says otherwise): a run's
 samples are a function of its seed and step, so stages of one seed would see the same samples again.
-The default is 5,100 steps at one hop (1500 at lr 1e-3, two of 1500 at 5e-4, 600 at 3e-4 with 128 a
-step), then 600 at two hops.
+The default is 1500 steps at one hop, then 1000 at two hops (64 samples a step at lr 1e-3 each).
 
     python benchmarks/train_hashhop.py [--spec examples/ltm-tiny.ltm] [--context 128] [--hash-length 2]
-                                       [--hops 1 1 1 1 2] [--queries 4 4 4 4 2]
-                                       [--steps 1500 1500 1500 600 600] [--stop-after K ...]
-                                       [--lr 1e-3 5e-4 5e-4 3e-4 1e-3] [--batch 64 64 64 128 64]
+                                       [--hops 1 2] [--queries 4 2]
+                                       [--steps 1500 1000] [--stop-after K ...]
+                                       [--lr 1e-3 1e-3] [--batch 64 64]
                                        [--weight-decay 0.1] [--seed S ...] [--warmup 20] [--samples 100]
                                        [--threads 1]
 """
@@ -144,11 +143,11 @@ def main() -> None:
     p.add_argument("--spec", default=str(ROOT / "examples" / "ltm-tiny.ltm"))
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--hash-length", type=int, default=2)
-    p.add_argument("--hops", type=int, nargs="+", default=[1, 1, 1, 1, 2],
+    p.add_argument("--hops", type=int, nargs="+", default=[1, 2],
                    help="one stage per entry, in order")
-    p.add_argument("--queries", type=int, nargs="+", default=[4, 4, 4, 4, 2],
+    p.add_argument("--queries", type=int, nargs="+", default=[4, 2],
                    help="questions a sample, per stage (2-hop chains are longer: 3 fit beside 2 queries at 128)")
-    p.add_argument("--steps", type=int, nargs="+", default=[1500, 1500, 1500, 600, 600],
+    p.add_argument("--steps", type=int, nargs="+", default=[1500, 1000],
                    help="schedule length per stage")
     p.add_argument("--stop-after", type=int, nargs="+", help="steps run per stage (default: all of --steps)")
     p.add_argument("--cot", action=argparse.BooleanOptionalAction, default=True,
@@ -158,9 +157,9 @@ def main() -> None:
     p.add_argument("--mixed-hops", action="store_true",
                    help="instead of stages, one run per model on a mix of 1..max(--hops) hops (the task's "
                         "mixed_hops), scored at each depth")
-    p.add_argument("--batch", type=int, nargs="+", default=[64, 64, 64, 128, 64],
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 64],
                    help="samples a step, per stage")
-    p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 5e-4, 5e-4, 3e-4, 1e-3],
+    p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 1e-3],
                    help="peak learning rate, per stage")
     p.add_argument("--weight-decay", type=float, nargs="+", default=[0.1], help="AdamW decay, per stage")
     p.add_argument("--seed", type=int, nargs="+",
