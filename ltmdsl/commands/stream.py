@@ -203,7 +203,7 @@ def run(args) -> int:
 
 def cp_error(ir, world: int | None, cp: int, N: int, C: int) -> str | None:
     """Why `--cp cp` cannot stream this model on `world` ranks (None: it can)."""
-    from ltmdsl.distributed.cp_inference import ContextParallelInferenceUnsupported, form, sharded_tokens
+    from ltmdsl.distributed.cp_inference import refusal, sharded_tokens
 
     if world is None:
         return "--cp needs --nproc (or a torchrun group)"
@@ -211,11 +211,9 @@ def cp_error(ir, world: int | None, cp: int, N: int, C: int) -> str | None:
         return f"--cp {cp} must divide the {world} ranks"
     if N % cp or C % cp:
         return f"--cp {cp} must divide the tokens ({N}) and the chunk ({C}): each rank runs 1/cp of every chunk"
-    for x in ir.layers:
-        try:
-            form(x)
-        except ContextParallelInferenceUnsupported as e:
-            return f"{ir.name} cannot run context-parallel inference: {e}"
+    why = refusal(ir)
+    if why is not None:
+        return f"{ir.name} cannot run context-parallel inference: {why}"
     for x, held in sharded_tokens(ir, N):
         if held % cp:
             return f"--cp {cp} must divide the {held} cached tokens of layer '{x.definition}'"

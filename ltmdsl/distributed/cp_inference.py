@@ -70,14 +70,21 @@ def form(layer) -> str:
     return found
 
 
-def check_ir(ir) -> None:
-    """Refuse, naming the first offending layer, what context-parallel inference does not run."""
+def refusal(ir) -> str | None:
+    """Why context-parallel inference cannot serve `ir`, naming the first offending layer (None: it can)."""
     for layer in ir.layers:
         try:
             form(layer)
         except ContextParallelInferenceUnsupported as e:
-            raise ContextParallelInferenceUnsupported(
-                f"context-parallel inference: {e}; serve it with cp = 1") from None
+            return str(e)
+    return None
+
+
+def check_ir(ir) -> None:
+    """Refuse, naming the first offending layer, what context-parallel inference does not run."""
+    why = refusal(ir)
+    if why is not None:
+        raise ContextParallelInferenceUnsupported(f"context-parallel inference: {why}; serve it with cp = 1")
 
 
 def check_model(model: LTModel) -> None:

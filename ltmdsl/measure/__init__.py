@@ -86,15 +86,12 @@ def _supported(ir, s) -> None:
 def _cp_inference_supported(ir, s) -> None:
     """Refuse what context-parallel inference (ltmdsl.distributed.cp_inference) does not run: a kind without its
     form, a chunk or a cache cp does not divide."""
-    from ltmdsl.distributed.cp_inference import ContextParallelInferenceUnsupported, form, sharded_tokens
+    from ltmdsl.distributed.cp_inference import refusal, sharded_tokens
 
     cp = s.parallel.cp
-    for x in ir.layers:
-        try:
-            form(x)
-        except ContextParallelInferenceUnsupported as e:
-            raise NotTraceable(f"context parallelism (cp = {cp}) in inference: {e}; measure the budget without it") \
-                from None
+    why = refusal(ir)
+    if why is not None:
+        raise NotTraceable(f"context parallelism (cp = {cp}) in inference: {why}; measure the budget without it")
     if min(s.chunk, s.context) % cp:
         raise NotTraceable(f"cp = {cp} does not divide the prefill chunk of {min(s.chunk, s.context)} tokens")
     for x, held in sharded_tokens(ir, s.context):
